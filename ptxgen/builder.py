@@ -1,0 +1,551 @@
+"""A typed PTX builder: virtual registers, one method per instruction, exact immediates.
+
+Registers are virtual (ptxas allocates); every instruction checks its operand types when it is
+built, so a wrong-typed operand fails here with a message naming the instruction, not later in
+ptxas. Float immediates are written by their bits (f32 ``0fXXXXXXXX``, f64 ``0dXXXXXXXXXXXXXXXX``)
+so the value in the text is exactly the value used.
+"""
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Sequence, Union
+
+
+class PtxBuildError(TypeError):
+    """A PTX instruction was built with operands it cannot take."""
+
+
+class T(enum.Enum):
+    """PTX fundamental types: value is the PTX spelling, then (class, bytes)."""
+
+    PRED = "pred"
+    B16 = "b16"
+    B32 = "b32"
+    B64 = "b64"
+    U16 = "u16"
+    U32 = "u32"
+    U64 = "u64"
+    S16 = "s16"
+    S32 = "s32"
+    S64 = "s64"
+    F16 = "f16"
+    BF16 = "bf16"
+    F32 = "f32"
+    F64 = "f64"
+
+    @property
+    def cls(self) -> str:
+        """'pred', 'b', 'u', 's', 'f' or 'bf'."""
+        return self.value.rstrip("0123456789")
+
+    @property
+    def bits(self) -> int:
+        return 1 if self is T.PRED else int(self.value.lstrip("bfsu"))
+
+    @property
+    def is_float(self) -> bool:
+        return self.cls in ("f", "bf")
+
+    @property
+    def is_int(self) -> bool:
+        return self.cls in ("u", "s")
+
+
+# Register name prefix per type: one prefix per exact type keeps declarations one line each.
+_PREFIX = {
+    T.PRED: "p", T.B16: "bh", T.B32: "b", T.B64: "bd", T.U16: "h", T.U32: "r", T.U64: "rd",
+    T.S16: "sh", T.S32: "s", T.S64: "sd", T.F16: "hf", T.BF16: "hb", T.F32: "f", T.F64: "fd",
+}
+
+
+@dataclass(frozen=True)
+class Reg:
+    name: str
+    type: T
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __invert__(self) -> "Guard":
+        if self.type is not T.PRED:
+            raise PtxBuildError(f"~{self.name}: only a .pred register can be negated")
+        return Guard(self, negated=True)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """An instruction predicate: ``@p`` or ``@!p``."""
+
+    pred: Reg
+    negated: bool = False
+
+    def __str__(self) -> str:
+        return f"@{'!' if self.negated else ''}{self.pred.name}"
+
+
+@dataclass(frozen=True)
+class Label:
+    name: str
+
+
+@dataclass(frozen=True)
+class Symbol:
+    """A module- or kernel-scope variable (shared array, initialised global table)."""
+
+    name: str
+    space: str
+    type: T
+    count: int
+
+
+@dataclass(frozen=True)
+class Addr:
+    """A memory operand ``[base+offset]``; base is a 32/64-bit register or a symbol."""
+
+    base: Union[Reg, Symbol]
+    offset: int = 0
+
+    def __str__(self) -> str:
+        base = self.base.name
+        return f"[{base}]" if self.offset == 0 else f"[{base}{self.offset:+d}]"
+
+
+Operand = Union[Reg, int, float]
+GuardLike = Union[Reg, Guard, None]
+
+
+def f32_hex(value: float) -> str:
+    """Exact f32 immediate: the value rounded to the nearest f32, written by its bits."""
+    try:
+        bits = struct.unpack(">I", struct.pack(">f", value))[0]
+    except OverflowError:
+        raise PtxBuildError(f"{value!r} overflows f32") from None
+    return f"0f{bits:08X}"
+
+
+def f64_hex(value: float) -> str:
+    bits = struct.unpack(">Q", struct.pack(">d", value))[0]
+    return f"0d{bits:016X}"
+
+
+def _int_range(t: T) -> tuple[int, int]:
+    if t.cls == "s":
+        return -(1 << (t.bits - 1)), (1 << (t.bits - 1)) - 1
+    return 0 if t.cls == "u" else -(1 << (t.bits - 1)), (1 << t.bits) - 1
+
+
+def immediate(value: object, t: T) -> str:
+    """Format a Python number as an immediate of PTX type ``t``, refusing lossy or ill-typed ones."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PtxBuildError(f"immediate {value!r} is not a number for .{t.value}")
+    if t in (T.F32, T.F64):
+        if isinstance(value, int) and float(value) != value:
+            raise PtxBuildError(f"integer immediate {value} is not exact as .{t.value}")
+        return f32_hex(float(value)) if t is T.F32 else f64_hex(float(value))
+    if t.is_float:
+        raise PtxBuildError(f".{t.value} immediates are not supported; convert from f32")
+    if isinstance(value, float):
+        raise PtxBuildError(f"float immediate {value!r} given for integer type .{t.value}")
+    lo, hi = _int_range(t)
+    if not lo <= value <= hi:
+        raise PtxBuildError(f"immediate {value} out of range for .{t.value}")
+    return str(value)
+
+
+def compatible(want: T, have: T) -> bool:
+    """PTX operand compatibility: same type, same-size integers, or a bit type of the same size."""
+    if want is have:
+        return True
+    if T.PRED in (want, have) or want.bits != have.bits:
+        return False
+    return "b" in (want.cls, have.cls) or (want.is_int and have.is_int)
+
+
+_SPECIAL = {"%tid.x", "%tid.y", "%tid.z", "%ntid.x", "%ntid.y", "%ntid.z", "%ctaid.x", "%ctaid.y",
+            "%ctaid.z", "%nctaid.x", "%nctaid.y", "%nctaid.z", "%laneid", "%warpid"}
+_CMP = {"eq", "ne", "lt", "le", "gt", "ge"}
+# The float functions PTX has, per type, with the rounding modes each exists in.
+_FN_MODES = {
+    ("rsqrt", T.F32): ("approx",), ("rsqrt", T.F64): ("approx",),
+    ("sqrt", T.F32): ("approx", "rn"), ("sqrt", T.F64): ("rn",),
+    ("rcp", T.F32): ("approx", "rn"), ("rcp", T.F64): ("rn",),
+    ("ex2", T.F32): ("approx",), ("lg2", T.F32): ("approx",),
+    ("sin", T.F32): ("approx",), ("cos", T.F32): ("approx",),
+}
+
+
+class KernelBuilder:
+    """Builds one ``.entry`` and the module-scope data it uses, then renders the module text."""
+
+    def __init__(self, name: str, arch: str, ptx_version: tuple[int, int],
+                 params: Sequence[tuple[str, T]]):
+        self.name = name
+        self.arch = arch
+        self.ptx_version = ptx_version
+        self.params = tuple(params)
+        self._param_types = dict(self.params)
+        if len(self._param_types) != len(self.params):
+            raise PtxBuildError(f"{name}: duplicate parameter names")
+        self._counts: dict[T, int] = {}
+        self._body: list[str] = []
+        self._module_vars: list[str] = []
+        self._kernel_vars: list[str] = []
+        self._names: set[str] = set()
+        self._labels = 0
+
+    # -- registers, names, operands -------------------------------------------------------
+    def reg(self, t: T) -> Reg:
+        n = self._counts.get(t, 0) + 1
+        self._counts[t] = n
+        return Reg(f"%{_PREFIX[t]}{n}", t)
+
+    def _unique(self, base: str) -> str:
+        name, i = base, 1
+        while name in self._names:
+            i += 1
+            name = f"{base}_{i}"
+        self._names.add(name)
+        return name
+
+    def _op(self, ins: str, value: object, t: T, what: str) -> str:
+        if isinstance(value, Reg):
+            if not compatible(t, value.type):
+                raise PtxBuildError(f"{ins}: {what} is {value.name} of type .{value.type.value}, "
+                                    f"expected .{t.value}")
+            return value.name
+        try:
+            return immediate(value, t)
+        except PtxBuildError as e:
+            raise PtxBuildError(f"{ins}: {what}: {e}") from None
+
+    def _emit(self, text: str, guard: GuardLike = None) -> None:
+        if guard is not None:
+            g = guard if isinstance(guard, Guard) else Guard(guard)
+            if g.pred.type is not T.PRED:
+                raise PtxBuildError(f"{text.split()[0]}: guard {g.pred.name} is not a .pred register")
+            text = f"{g} {text}"
+        self._body.append(f"\t{text};")
+
+    @staticmethod
+    def _type_of(ins: str, *values: object, t: T | None = None) -> T:
+        if t is not None:
+            return t
+        for v in values:
+            if isinstance(v, Reg):
+                return v.type
+        raise PtxBuildError(f"{ins}: cannot infer the type from immediates alone; pass t=")
+
+    def _dst(self, ins: str, out: Reg | None, t: T) -> Reg:
+        if out is None:
+            return self.reg(t)
+        if not compatible(t, out.type):
+            raise PtxBuildError(f"{ins}: destination {out.name} is .{out.type.value}, expected .{t.value}")
+        return out
+
+    # -- parameters, special registers, moves -----------------------------------------------
+    def ld_param(self, name: str) -> Reg:
+        if name not in self._param_types:
+            raise PtxBuildError(f"ld.param: {self.name} has no parameter {name!r}")
+        t = self._param_types[name]
+        d = self.reg(t)
+        self._emit(f"ld.param.{t.value} {d}, [{self.name}_param_{name}]")
+        return d
+
+    def special(self, sreg: str) -> Reg:
+        if sreg not in _SPECIAL:
+            raise PtxBuildError(f"mov: unknown special register {sreg}")
+        d = self.reg(T.U32)
+        self._emit(f"mov.u32 {d}, {sreg}")
+        return d
+
+    def mov(self, src: Operand, t: T | None = None, *, out: Reg | None = None,
+            guard: GuardLike = None) -> Reg:
+        t = self._type_of("mov", out, src, t=t)
+        d = self._dst("mov", out, t)
+        self._emit(f"mov.{t.value} {d}, {self._op('mov', src, t, 'source')}", guard)
+        return d
+
+    def addr_of(self, sym: Symbol) -> Reg:
+        """Address of a variable: 32-bit for shared memory, 64-bit generic-to-space otherwise."""
+        t = T.U32 if sym.space == "shared" else T.U64
+        d = self.reg(t)
+        self._emit(f"mov.{t.value} {d}, {sym.name}")
+        return d
+
+    def cvta_global(self, ptr: Reg) -> Reg:
+        d = self.reg(T.U64)
+        self._emit(f"cvta.to.global.u64 {d}, {self._op('cvta', ptr, T.U64, 'address')}")
+        return d
+
+    # -- arithmetic ---------------------------------------------------------------------------
+    def _binary(self, op: str, a: Operand, b: Operand, t: T | None, out: Reg | None,
+                guard: GuardLike, float_mod: str = ".rn", int_mod: str = "") -> Reg:
+        t = self._type_of(op, a, b, out, t=t)
+        mod = float_mod if t.is_float else int_mod
+        ins = f"{op}{mod}.{t.value}"
+        d = self._dst(ins, out, t)
+        self._emit(f"{ins} {d}, {self._op(ins, a, t, 'a')}, {self._op(ins, b, t, 'b')}", guard)
+        return d
+
+    def add(self, a: Operand, b: Operand, t: T | None = None, *, out: Reg | None = None,
+            guard: GuardLike = None) -> Reg:
+        return self._binary("add", a, b, t, out, guard)
+
+    def sub(self, a: Operand, b: Operand, t: T | None = None, *, out: Reg | None = None,
+            guard: GuardLike = None) -> Reg:
+        return self._binary("sub", a, b, t, out, guard)
+
+    def mul(self, a: Operand, b: Operand, t: T | None = None, *, out: Reg | None = None,
+            guard: GuardLike = None) -> Reg:
+        return self._binary("mul", a, b, t, out, guard, int_mod=".lo")
+
+    def div(self, a: Operand, b: Operand, t: T | None = None, *, approx: bool = False,
+            out: Reg | None = None, guard: GuardLike = None) -> Reg:
+        return self._binary("div", a, b, t, out, guard, float_mod=".approx" if approx else ".rn")
+
+    def rem(self, a: Operand, b: Operand, t: T | None = None, *, out: Reg | None = None) -> Reg:
+        t = self._type_of("rem", a, b, out, t=t)
+        if not t.is_int:
+            raise PtxBuildError(f"rem.{t.value}: rem takes integer types")
+        return self._binary("rem", a, b, t, out, None)
+
+    def min(self, a: Operand, b: Operand, t: T | None = None, *, out: Reg | None = None) -> Reg:
+        return self._binary("min", a, b, t, out, None, float_mod="")
+
+    def max(self, a: Operand, b: Operand, t: T | None = None, *, out: Reg | None = None) -> Reg:
+        return self._binary("max", a, b, t, out, None, float_mod="")
+
+    def _bitwise(self, op: str, a: Operand, b: Operand, t: T | None, out: Reg | None) -> Reg:
+        t = self._type_of(op, a, b, out, t=t)
+        if t.is_float or t is T.PRED and op not in ("and", "or", "xor"):
+            raise PtxBuildError(f"{op}.{t.value}: bitwise ops take integer, bit or pred types")
+        bt = t if t is T.PRED else T(f"b{t.bits}")
+        ins = f"{op}.{bt.value}"
+        d = self._dst(ins, out, t)
+        self._emit(f"{ins} {d}, {self._op(ins, a, t, 'a')}, {self._op(ins, b, t, 'b')}")
+        return d
+
+    def and_(self, a: Operand, b: Operand, t: T | None = None, *, out: Reg | None = None) -> Reg:
+        return self._bitwise("and", a, b, t, out)
+
+    def or_(self, a: Operand, b: Operand, t: T | None = None, *, out: Reg | None = None) -> Reg:
+        return self._bitwise("or", a, b, t, out)
+
+    def xor(self, a: Operand, b: Operand, t: T | None = None, *, out: Reg | None = None) -> Reg:
+        return self._bitwise("xor", a, b, t, out)
+
+    def _shift(self, op: str, a: Reg, n: Operand) -> Reg:
+        if not a.type.is_int and a.type.cls != "b":
+            raise PtxBuildError(f"{op}: shifts take integer or bit registers, got .{a.type.value}")
+        t = a.type if op == "shr" else T(f"b{a.type.bits}")
+        ins = f"{op}.{t.value}"
+        d = self.reg(a.type)
+        self._emit(f"{ins} {d}, {self._op(ins, a, t, 'a')}, {self._op(ins, n, T.U32, 'shift')}")
+        return d
+
+    def shl(self, a: Reg, n: Operand) -> Reg:
+        return self._shift("shl", a, n)
+
+    def shr(self, a: Reg, n: Operand) -> Reg:
+        return self._shift("shr", a, n)
+
+    def mul_wide(self, a: Operand, b: Operand) -> Reg:
+        """32 x 32 -> 64-bit product (u32 -> u64, s32 -> s64), for byte offsets."""
+        t = self._type_of("mul.wide", a, b)
+        if t not in (T.U32, T.S32):
+            raise PtxBuildError(f"mul.wide.{t.value}: takes .u32 or .s32")
+        ins = f"mul.wide.{t.value}"
+        d = self.reg(T.U64 if t is T.U32 else T.S64)
+        self._emit(f"{ins} {d}, {self._op(ins, a, t, 'a')}, {self._op(ins, b, t, 'b')}")
+        return d
+
+    def mad(self, a: Operand, b: Operand, c: Operand, t: T | None = None, *,
+            out: Reg | None = None) -> Reg:
+        """Integer a*b+c (low half)."""
+        t = self._type_of("mad", a, b, c, out, t=t)
+        if not t.is_int:
+            raise PtxBuildError(f"mad.lo.{t.value}: use fma for floats")
+        ins = f"mad.lo.{t.value}"
+        d = self._dst(ins, out, t)
+        self._emit(f"{ins} {d}, {self._op(ins, a, t, 'a')}, {self._op(ins, b, t, 'b')}, "
+                   f"{self._op(ins, c, t, 'c')}")
+        return d
+
+    def fma(self, a: Operand, b: Operand, c: Operand, t: T | None = None, *,
+            out: Reg | None = None, guard: GuardLike = None) -> Reg:
+        """Float a*b+c with one rounding."""
+        t = self._type_of("fma", a, b, c, out, t=t)
+        if t not in (T.F32, T.F64):
+            raise PtxBuildError(f"fma.rn.{t.value}: fma takes .f32 or .f64")
+        ins = f"fma.rn.{t.value}"
+        d = self._dst(ins, out, t)
+        self._emit(f"{ins} {d}, {self._op(ins, a, t, 'a')}, {self._op(ins, b, t, 'b')}, "
+                   f"{self._op(ins, c, t, 'c')}", guard)
+        return d
+
+    def _unary(self, ins: str, a: Reg, t: T, out: Reg | None = None) -> Reg:
+        d = self._dst(ins, out, t)
+        self._emit(f"{ins} {d}, {self._op(ins, a, t, 'a')}")
+        return d
+
+    def neg(self, a: Reg, *, out: Reg | None = None) -> Reg:
+        return self._unary(f"neg.{a.type.value}", a, a.type, out)
+
+    def abs(self, a: Reg, *, out: Reg | None = None) -> Reg:
+        return self._unary(f"abs.{a.type.value}", a, a.type, out)
+
+    def fn(self, name: str, a: Reg, mode: str = "approx", *, out: Reg | None = None) -> Reg:
+        """Float functions: rsqrt, sqrt, rcp, ex2, lg2, sin, cos, in the modes PTX has them."""
+        modes = _FN_MODES.get((name, a.type))
+        if modes is None:
+            raise PtxBuildError(f"{name}.{a.type.value} does not exist in PTX")
+        if mode not in modes:
+            raise PtxBuildError(f"{name}.{mode}.{a.type.value} does not exist; modes: {modes}")
+        return self._unary(f"{name}.{mode}.{a.type.value}", a, a.type, out)
+
+    # -- comparisons, selection, conversion ----------------------------------------------------
+    def setp(self, cmp: str, a: Operand, b: Operand, t: T | None = None) -> Reg:
+        if cmp not in _CMP:
+            raise PtxBuildError(f"setp: unknown comparison {cmp!r}")
+        t = self._type_of("setp", a, b, t=t)
+        ins = f"setp.{cmp}.{t.value}"
+        d = self.reg(T.PRED)
+        self._emit(f"{ins} {d}, {self._op(ins, a, t, 'a')}, {self._op(ins, b, t, 'b')}")
+        return d
+
+    def selp(self, a: Operand, b: Operand, p: Reg, t: T | None = None) -> Reg:
+        """``p ? a : b``."""
+        t = self._type_of("selp", a, b, t=t)
+        ins = f"selp.{t.value}"
+        d = self.reg(t)
+        self._emit(f"{ins} {d}, {self._op(ins, a, t, 'a')}, {self._op(ins, b, t, 'b')}, "
+                   f"{self._op(ins, p, T.PRED, 'predicate')}")
+        return d
+
+    def cvt(self, to: T, a: Reg, rnd: str | None = None) -> Reg:
+        """Conversion; the rounding PTX requires (float narrowing, int<->float) is filled in."""
+        src = a.type
+        if rnd is None:
+            if to.is_float and (src.is_int or to.bits < src.bits):
+                rnd = "rn"
+            elif to.is_int and src.is_float:
+                rnd = "rzi"
+        ins = f"cvt{'.' + rnd if rnd else ''}.{to.value}.{src.value}"
+        d = self.reg(to)
+        self._emit(f"{ins} {d}, {a}")
+        return d
+
+    # -- memory --------------------------------------------------------------------------------
+    def shared_array(self, base: str, t: T, count: int, align: int | None = None) -> Symbol:
+        name = self._unique(base)
+        align = align or max(4, t.bits // 8)
+        self._kernel_vars.append(f"\t.shared .align {align} .{t.value} {name}[{count}];")
+        return Symbol(name, "shared", t, count)
+
+    def global_table(self, base: str, t: T, values: Iterable[float | int]) -> Symbol:
+        """An initialised, read-only module-scope table (e.g. RoPE frequencies)."""
+        vals = [immediate(v, t) for v in values]
+        if not vals:
+            raise PtxBuildError(f"{base}: a table needs at least one value")
+        name = self._unique(base)
+        body = ", ".join(vals)
+        self._module_vars.append(
+            f".global .align {max(8, t.bits // 8)} .{t.value} {name}[{len(vals)}] = {{{body}}};")
+        return Symbol(name, "global", t, len(vals))
+
+    @staticmethod
+    def _check_addr(ins: str, addr: Addr, space: str) -> None:
+        base = addr.base
+        if isinstance(base, Symbol):
+            if base.space != space:
+                raise PtxBuildError(f"{ins}: {base.name} is in .{base.space}, not .{space}")
+            return
+        want = (T.U32, T.U64) if space == "shared" else (T.U64,)
+        if not any(compatible(w, base.type) for w in want):
+            raise PtxBuildError(f"{ins}: address register {base.name} is .{base.type.value}")
+
+    def ld(self, space: str, t: T, addr: Addr, vec: int = 1, *, nc: bool = False,
+           out: Sequence[Reg] | None = None, guard: GuardLike = None) -> Reg | tuple[Reg, ...]:
+        if vec not in (1, 2, 4):
+            raise PtxBuildError(f"ld: vector width {vec} is not 1, 2 or 4")
+        ins = f"ld.{space}{'.nc' if nc else ''}{f'.v{vec}' if vec > 1 else ''}.{t.value}"
+        self._check_addr(ins, addr, space)
+        regs = tuple(out) if out is not None else tuple(self.reg(t) for _ in range(vec))
+        if len(regs) != vec:
+            raise PtxBuildError(f"{ins}: {len(regs)} destinations for a .v{vec} load")
+        for r in regs:
+            self._dst(ins, r, t)
+        dst = regs[0].name if vec == 1 else "{" + ", ".join(r.name for r in regs) + "}"
+        self._emit(f"{ins} {dst}, {addr}", guard)
+        return regs[0] if vec == 1 else regs
+
+    def st(self, space: str, addr: Addr, values: Operand | Sequence[Operand], t: T | None = None,
+           guard: GuardLike = None) -> None:
+        vals = list(values) if isinstance(values, (list, tuple)) else [values]
+        if len(vals) not in (1, 2, 4):
+            raise PtxBuildError(f"st: vector width {len(vals)} is not 1, 2 or 4")
+        t = self._type_of("st", *vals, t=t)
+        vec = len(vals)
+        ins = f"st.{space}{f'.v{vec}' if vec > 1 else ''}.{t.value}"
+        self._check_addr(ins, addr, space)
+        ops = [self._op(ins, v, t, "value") for v in vals]
+        src = ops[0] if vec == 1 else "{" + ", ".join(ops) + "}"
+        self._emit(f"{ins} {addr}, {src}", guard)
+
+    def atom(self, space: str, op: str, addr: Addr, value: Operand, t: T | None = None) -> Reg:
+        t = self._type_of("atom", value, t=t)
+        ins = f"atom.{space}.{op}.{t.value}"
+        self._check_addr(ins, addr, space)
+        d = self.reg(t)
+        self._emit(f"{ins} {d}, {addr}, {self._op(ins, value, t, 'value')}")
+        return d
+
+    def red(self, space: str, op: str, addr: Addr, value: Operand, t: T | None = None,
+            guard: GuardLike = None) -> None:
+        t = self._type_of("red", value, t=t)
+        ins = f"red.{space}.{op}.{t.value}"
+        self._check_addr(ins, addr, space)
+        self._emit(f"{ins} {addr}, {self._op(ins, value, t, 'value')}", guard)
+
+    # -- warps, barriers, control flow ----------------------------------------------------------
+    def shfl(self, mode: str, value: Reg, b: Operand, c: int = 0x1F,
+             membermask: int = 0xFFFFFFFF) -> Reg:
+        if mode not in ("up", "down", "bfly", "idx"):
+            raise PtxBuildError(f"shfl.sync: unknown mode {mode!r}")
+        if value.type.bits != 32:
+            raise PtxBuildError(f"shfl.sync.{mode}.b32: value {value.name} is .{value.type.value}")
+        ins = f"shfl.sync.{mode}.b32"
+        d = self.reg(value.type)
+        self._emit(f"{ins} {d}, {value}, {self._op(ins, b, T.U32, 'lane')}, "
+                   f"{self._op(ins, c, T.U32, 'clamp')}, {self._op(ins, membermask, T.U32, 'mask')}")
+        return d
+
+    def bar_sync(self, barrier: int = 0) -> None:
+        self._emit(f"bar.sync {barrier}")
+
+    def new_label(self, base: str) -> Label:
+        self._labels += 1
+        return Label(f"$L_{base}_{self._labels}")
+
+    def place(self, label: Label) -> None:
+        self._body.append(f"{label.name}:")
+
+    def bra(self, label: Label, guard: GuardLike = None) -> None:
+        self._emit(f"bra.uni {label.name}" if guard is None else f"bra {label.name}", guard)
+
+    def ret(self) -> None:
+        self._emit("ret")
+
+    # -- output --------------------------------------------------------------------------------
+    def text(self) -> str:
+        major, minor = self.ptx_version
+        params = ",\n".join(f"\t.param .{t.value} {self.name}_param_{n}" for n, t in self.params)
+        regs = [f"\t.reg .{t.value} %{_PREFIX[t]}<{n + 1}>;"
+                for t, n in sorted(self._counts.items(), key=lambda kv: kv[0].value)]
+        lines = [f".version {major}.{minor}", f".target {self.arch}", ".address_size 64", "",
+                 *self._module_vars, *([""] if self._module_vars else []),
+                 f".visible .entry {self.name}(", params, ")", "{", *regs, *self._kernel_vars, "",
+                 *self._body, "}", ""]
+        return "\n".join(lines)

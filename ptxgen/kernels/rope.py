@@ -1,0 +1,93 @@
+"""RoPE (NeoX rotate-half) forward over a [tokens, heads, head_dim] fp32 tensor.
+
+Pairs (i, i + head_dim/2) are rotated by angle pos * theta^(-2i/head_dim). theta reaches the PTX
+as a table of exact f64 frequencies; positions are a kernel argument (int32 per token). The angle
+is formed and reduced modulo 2*pi in f64, so the f32 sin/cos see |angle| <= pi whatever the position.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ..builder import Addr, KernelBuilder, T
+from ..registry import register
+from ..spec import KernelSpec, SpecError
+from .common import check_block_size, check_positive
+
+TWO_PI = 2.0 * math.pi
+TWO_PI_LO = 2.4492935982947064e-16  # 2*pi - fl(2*pi): the second term of the Cody-Waite reduction
+
+
+def inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
+    """theta^(-2i/head_dim) for i < head_dim/2, float64: the kernel's table and the reference's."""
+    return theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+
+
+@register
+@dataclass(frozen=True)
+class RopeSpec(KernelSpec):
+    kind: ClassVar[str] = "rope"
+    heads: int
+    head_dim: int
+    theta: float
+    block_size: int = 256
+
+    def validate(self) -> None:
+        check_positive("heads", self.heads)
+        check_positive("head_dim", self.head_dim)
+        if self.head_dim % 2:
+            raise SpecError(f"head_dim must be even, got {self.head_dim}")
+        check_positive("theta", self.theta)
+        check_block_size(self.block_size)
+
+    def params(self) -> tuple[tuple[str, T], ...]:
+        return (("x", T.U64), ("y", T.U64), ("positions", T.U64), ("n_tokens", T.U32))
+
+    def build(self, b: KernelBuilder) -> None:
+        half = self.head_dim // 2
+        table = b.global_table("inv_freq", T.F64, inverse_frequencies(self.head_dim, self.theta).tolist())
+        x, y, positions = (b.cvta_global(b.ld_param(n)) for n in ("x", "y", "positions"))
+        n_tokens = b.ld_param("n_tokens")
+        idx = b.mad(b.special("%ctaid.x"), self.block_size, b.special("%tid.x"))
+        done = b.new_label("done")
+        b.bra(done, guard=b.setp("ge", idx, b.mul(n_tokens, self.heads * half)))
+
+        i = b.rem(idx, half)
+        token_head = b.div(idx, half)
+        token = b.div(token_head, self.heads)
+        pos = b.ld("global", T.S32, Addr(b.add(positions, b.mul_wide(token, 4))), nc=True)
+        inv_freq = b.ld("global", T.F64, Addr(b.add(b.addr_of(table), b.mul_wide(i, 8))), nc=True)
+        angle = b.mul(b.cvt(T.F64, pos), inv_freq)
+        turns = b.neg(b.cvt(T.F64, b.mul(angle, 1.0 / TWO_PI), rnd="rni"))
+        reduced = b.fma(turns, TWO_PI_LO, b.fma(turns, TWO_PI, angle))
+        r32 = b.cvt(T.F32, reduced)
+        cos, sin = b.fn("cos", r32), b.fn("sin", r32)
+
+        elem = b.mul_wide(b.mad(token_head, self.head_dim, i), 4)
+        src, dst = b.add(x, elem), b.add(y, elem)
+        x1 = b.ld("global", T.F32, Addr(src))
+        x2 = b.ld("global", T.F32, Addr(src, 4 * half))
+        y1 = b.fma(x1, cos, b.neg(b.mul(x2, sin)))
+        y2 = b.fma(x1, sin, b.mul(x2, cos))
+        b.st("global", Addr(dst), y1)
+        b.st("global", Addr(dst, 4 * half), y2)
+        b.place(done)
+
+    @classmethod
+    def examples(cls) -> list["RopeSpec"]:
+        return [cls(heads=14, head_dim=64, theta=1e6), cls(heads=2, head_dim=64, theta=1e4),
+                cls(heads=3, head_dim=6, theta=1e4, block_size=32),
+                cls(heads=16, head_dim=128, theta=5e5, block_size=128)]
+
+
+def rope_reference(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
+    """float64 reference for x of shape [tokens, heads, head_dim]."""
+    x64 = np.asarray(x, dtype=np.float64)
+    half = x64.shape[-1] // 2
+    angle = np.asarray(positions, dtype=np.float64)[:, None] * inverse_frequencies(x64.shape[-1], theta)
+    cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
+    x1, x2 = x64[..., :half], x64[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

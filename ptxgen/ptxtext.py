@@ -1,0 +1,80 @@
+"""Read facts back out of PTX text: entries, params, registers, shared memory, float immediates."""
+from __future__ import annotations
+
+import re
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_ENTRY = re.compile(r"\.entry\s+([A-Za-z_$][\w$]*)\s*\((.*?)\)", re.S)
+_PARAM = re.compile(r"\.param\s+\.(\w+)\s+(?:\.ptr\S*\s+)?(?:\.align\s+\d+\s+)?([\w$]+)")
+_REG = re.compile(r"\.reg\s+\.(\w+)\s+%([A-Za-z_]\w*)<(\d+)>")
+_VAR = re.compile(r"\.(shared|global|const)\s+(?:\.align\s+(\d+)\s+)?\.(\w+)\s+([\w$]+)\[(\d+)\]")
+_F32 = re.compile(r"\b0[fF]([0-9A-Fa-f]{8})\b")
+_F64 = re.compile(r"\b0[dD]([0-9A-Fa-f]{16})\b")
+_VERSION = re.compile(r"^\s*\.version\s+(\d+\.\d+)", re.M)
+_TARGET = re.compile(r"^\s*\.target\s+([\w, ]+)", re.M)
+_BYTES = {"b8": 1, "u8": 1, "s8": 1, "b16": 2, "u16": 2, "s16": 2, "f16": 2, "bf16": 2,
+          "b32": 4, "u32": 4, "s32": 4, "f32": 4, "b64": 8, "u64": 8, "s64": 8, "f64": 8}
+
+
+@dataclass(frozen=True)
+class Immediate:
+    text: str
+    type: str
+    value: str  # shortest decimal that round-trips in its own precision: 0f358637BD -> 1e-06
+    count: int
+
+
+@dataclass(frozen=True)
+class Variable:
+    space: str
+    name: str
+    type: str
+    count: int
+
+    @property
+    def bytes(self) -> int:
+        return self.count * _BYTES.get(self.type, 0)
+
+
+@dataclass
+class PtxFacts:
+    version: str | None
+    target: str | None
+    entries: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    registers: dict[str, int] = field(default_factory=dict)
+    variables: list[Variable] = field(default_factory=list)
+    immediates: list[Immediate] = field(default_factory=list)
+
+    @property
+    def shared_bytes(self) -> int:
+        return sum(v.bytes for v in self.variables if v.space == "shared")
+
+
+def decode_f32(hex8: str) -> str:
+    return str(np.float32(struct.unpack(">f", bytes.fromhex(hex8))[0]))
+
+
+def decode_f64(hex16: str) -> str:
+    return repr(struct.unpack(">d", bytes.fromhex(hex16))[0])
+
+
+def parse(text: str) -> PtxFacts:
+    """Facts of a PTX module; raises ValueError when the text has no ``.entry``."""
+    entries = {name: [(n, t) for t, n in _PARAM.findall(params)] for name, params in _ENTRY.findall(text)}
+    if not entries:
+        raise ValueError("no .entry found: not a PTX kernel module")
+    version, target = _VERSION.search(text), _TARGET.search(text)
+    registers: Counter[str] = Counter()
+    for t, _prefix, n in _REG.findall(text):
+        registers[t] += int(n)
+    variables = [Variable(space, name, t, int(n)) for space, _a, t, name, n in _VAR.findall(text)]
+    imms = [Immediate(f"0f{h.upper()}", "f32", decode_f32(h), c)
+            for h, c in Counter(m.upper() for m in _F32.findall(text)).items()]
+    imms += [Immediate(f"0d{h.upper()}", "f64", decode_f64(h), c)
+             for h, c in Counter(m.upper() for m in _F64.findall(text)).items()]
+    return PtxFacts(version[1] if version else None, target[1].strip() if target else None,
+                    entries, dict(sorted(registers.items())), variables, imms)

@@ -1,0 +1,90 @@
+import pytest
+
+from ptxgen.builder import Addr, KernelBuilder, PtxBuildError, T, f32_hex, f64_hex, immediate
+
+
+def builder(params=(("p", T.U64), ("n", T.U32))):
+    return KernelBuilder("k", "sm_90", (8, 5), params)
+
+
+def test_float_immediates_are_exact_bits():
+    assert f32_hex(1e-6) == "0f358637BD"
+    assert f32_hex(1e-5) == "0f3727C5AC"
+    assert f32_hex(-0.0) == "0f80000000" and f32_hex(0.0) == "0f00000000"
+    assert f64_hex(1.0) == "0d3FF0000000000000"
+    assert f64_hex(1e6) == "0d412E848000000000"
+    assert f32_hex(float("-inf")) == "0fFF800000"
+
+
+def test_integer_immediates_are_range_checked_and_float_ones_refused():
+    assert immediate(7, T.U32) == "7"
+    assert immediate(1, T.F32) == "0f3F800000"
+    with pytest.raises(PtxBuildError, match="out of range"):
+        immediate(-1, T.U32)
+    with pytest.raises(PtxBuildError, match="float immediate"):
+        immediate(1.5, T.S32)
+    with pytest.raises(PtxBuildError, match="not a number"):
+        immediate(True, T.U32)
+    with pytest.raises(PtxBuildError, match="overflows f32"):
+        f32_hex(1e39)
+
+
+def test_module_header_params_and_register_declarations():
+    b = builder()
+    n = b.ld_param("n")
+    b.add(n, 1)
+    b.ret()
+    text = b.text()
+    assert text.startswith(".version 8.5\n.target sm_90\n.address_size 64\n")
+    assert ".visible .entry k(\n\t.param .u64 k_param_p,\n\t.param .u32 k_param_n\n)" in text
+    assert "\t.reg .u32 %r<3>;" in text
+    assert "\tadd.u32 %r2, %r1, 1;" in text
+
+
+def test_wrong_typed_operands_fail_at_build_time_naming_the_instruction():
+    b = builder()
+    n = b.ld_param("n")
+    x = b.mov(1.0, T.F32)
+    with pytest.raises(PtxBuildError, match=r"add.rn.f32: b is %r1 of type .u32, expected .f32"):
+        b.add(x, n)
+    with pytest.raises(PtxBuildError, match="address register"):
+        b.ld("global", T.F32, Addr(n))
+    with pytest.raises(PtxBuildError, match="not a .pred register"):
+        b.bra(b.new_label("x"), guard=n)
+    with pytest.raises(PtxBuildError, match="has no parameter"):
+        b.ld_param("q")
+    with pytest.raises(PtxBuildError, match="sin.f64 does not exist"):
+        b.fn("sin", b.mov(1.0, T.F64))
+    with pytest.raises(PtxBuildError, match="cannot infer"):
+        b.add(1, 2)
+
+
+def test_same_size_integer_and_bit_registers_are_compatible():
+    b = builder()
+    n = b.ld_param("n")
+    s = b.mov(3, T.S32)
+    b.add(n, s)  # add.u32 with an s32 operand: PTX allows same-size integers
+    f = b.mov(1.0, T.F32)
+    b.shfl("bfly", f, 16)  # .b32 shuffle of an f32 value
+
+
+def test_predicated_vector_loads_and_guards():
+    b = builder()
+    p = b.cvta_global(b.ld_param("p"))
+    pred = b.setp("lt", b.ld_param("n"), 4)
+    vals = b.ld("global", T.F32, Addr(p, 16), 4, guard=pred)
+    b.st("global", Addr(p), list(vals), guard=~pred)
+    text = b.text()
+    assert "@%p1 ld.global.v4.f32 {%f1, %f2, %f3, %f4}, [%rd2+16];" in text
+    assert "@!%p1 st.global.v4.f32 [%rd2], {%f1, %f2, %f3, %f4};" in text
+
+
+def test_shared_and_table_symbols_get_unique_names():
+    b = builder()
+    a = b.shared_array("buf", T.F32, 8)
+    c = b.shared_array("buf", T.F32, 8)
+    t = b.global_table("tbl", T.F64, [1.0, 0.5])
+    assert a.name != c.name
+    text = b.text()
+    assert ".global .align 8 .f64 tbl[2] = {0d3FF0000000000000, 0d3FE0000000000000};" in text
+    assert f".shared .align 4 .f32 {c.name}[8];" in text

@@ -1,0 +1,88 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ptxgen.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_list_shows_kinds_fields_types_and_defaults(capsys):
+    code, out, _ = run(capsys, "list")
+    assert code == 0
+    assert "rmsnorm:" in out and "rope:" in out
+    assert "--eps          float  (required)" in out
+    assert "--block-size   int    = 256" in out
+
+
+def test_dump_writes_ptx_that_assembles(capsys, tmp_path):
+    from ptxgen.assemble import assemble
+    path = tmp_path / "rms.ptx"
+    code, _, _ = run(capsys, "dump", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "-o", str(path))
+    assert code == 0
+    text = path.read_text()
+    assert "0f358637BD" in text
+    assert assemble(text, "sm_90").cubin
+
+
+def test_dump_to_stdout_and_underscore_spelling(capsys):
+    code, out, _ = run(capsys, "dump", "rope", "--heads", "2", "--head_dim", "8", "--theta", "10000")
+    assert code == 0 and out.startswith(".version 8.5\n.target sm_90")
+
+
+def test_inspect_spec_decodes_eps_and_shows_key_and_ptxas(capsys):
+    code, out, _ = run(capsys, "inspect", "rmsnorm", "--hidden", "896", "--eps", "1e-6")
+    assert code == 0
+    assert "0f358637BD  .f32  1e-06" in out
+    assert "key          " in out and "text sha256  " in out
+    assert "ptxas        sm_90: " in out and "registers" in out
+
+
+def test_inspect_ptx_file_as_json(capsys, tmp_path):
+    path = tmp_path / "rope.ptx"
+    run(capsys, "dump", "rope", "--heads", "2", "--head-dim", "64", "--theta", "1e6", "-o", str(path))
+    code, out, _ = run(capsys, "inspect", str(path), "--json")
+    report = json.loads(out)
+    assert code == 0
+    assert list(report["entries"]) == ["rope"]
+    assert report["variables"] == [".global .f64 inv_freq[32] (256 bytes)"]
+    assert {"text": "0d3FF0000000000000", "type": "f64", "value": "1.0", "count": 1} in report["immediates"]
+    assert report["ptxas"]["registers"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["dump", "nope"], "unknown kernel kind 'nope'"),
+    (["dump", "rmsnorm", "--hidden", "896"], "required: --eps"),
+    (["dump", "rmsnorm", "--hidden", "896", "--eps", "0"], "eps must be > 0"),
+    (["dump", "rmsnorm", "--hidden", "x", "--eps", "1e-6"], "invalid int value"),
+    (["dump", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "--bogus", "1"], "unrecognized arguments"),
+    (["dump", "rmsnorm", "--hid", "896", "--eps", "1e-6"], "required: --hidden"),
+    (["dump", "rope", "--heads", "2", "--head-dim", "7", "--theta", "1e4"], "head_dim must be even"),
+    (["dump", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "--arch", "sm90"], "arch must look like"),
+    (["inspect", "/no/such/file.ptx"], "cannot read /no/such/file.ptx"),
+    (["frob"], "unknown command 'frob'"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and message in err and err.startswith("ptxgen: error: ")
+
+
+def test_a_file_that_is_not_ptx_is_refused(capsys, tmp_path):
+    path = tmp_path / "junk.ptx"
+    path.write_text("hello")
+    code, _, err = run(capsys, "inspect", str(path))
+    assert code == 2 and "no .entry found" in err
+
+
+def test_console_entry_point_exits_2_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "ptxgen.cli", "dump", "rmsnorm", "--hidden", "8"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
