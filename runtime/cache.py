@@ -1,0 +1,189 @@
+"""ModuleCache: the only way to obtain a kernel. Memory map + on-disk cubins, keyed by spec digest."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from cuda.bindings import driver as cu
+
+from ptxgen.assemble import AssemblerUnavailable, AssemblyError, assemble
+from ptxgen.spec import KernelSpec, Target, sha256_hex
+
+from . import entry
+from .driver import CudaError, Device, call, device
+from .launch import Kernel
+
+log = logging.getLogger(__name__)
+
+
+class StrictMissError(RuntimeError):
+    """A kernel was asked for in strict mode that was not pre-warmed."""
+
+
+class KeyCollisionError(RuntimeError):
+    """Two different PTX texts under one key: the key or an emitter is broken. Never loaded."""
+
+
+class JitError(RuntimeError):
+    """The driver rejected the PTX of a spec."""
+
+
+@dataclass
+class CacheStats:
+    memory_hits: int = 0
+    disk_hits: int = 0
+    jit_compiles: int = 0
+    rejected: int = 0
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("PTXGEN_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "ptxgen"
+
+
+def toolchain_of(dev: Device) -> dict[str, Any]:
+    """What a cubin depends on beyond the PTX: the device's compute capability and the driver."""
+    return {"compute_capability": list(dev.compute_capability), "driver_version": dev.driver_version}
+
+
+def toolchain_dir(root: Path, toolchain: dict[str, Any]) -> Path:
+    major, minor = toolchain["compute_capability"]
+    return root / entry.LAYOUT / f"cc{major}{minor}-driver{toolchain['driver_version']}"
+
+
+def jit_link(ptx: str) -> bytes:
+    """PTX -> cubin with the driver's own JIT linker (the cubin is what goes to disk)."""
+    state = call("cuLinkCreate", 0, [], [])
+    try:
+        data = ptx.encode() + b"\0"
+        call("cuLinkAddData", state, cu.CUjitInputType.CU_JIT_INPUT_PTX, data, len(data),
+             b"kernel.ptx", 0, [], [])
+        image, size = call("cuLinkComplete", state)
+        return ctypes.string_at(int(image), size)
+    finally:
+        call("cuLinkDestroy", state)
+
+
+class ModuleCache:
+    """Kernels by spec. Miss: emit, JIT, load, keep, write the cubin; hit: one dict lookup.
+
+    ``directory=None`` uses $PTXGEN_CACHE_DIR or the XDG cache dir; ``use_disk=False`` keeps
+    modules in memory only.
+    """
+
+    def __init__(self, directory: str | Path | None = None, *, target: Target | None = None,
+                 use_disk: bool = True, strict: bool = False, device_ordinal: int = 0):
+        self.device = device(device_ordinal)
+        self.target = target or Target(self.device.arch)
+        self.toolchain = toolchain_of(self.device)
+        self.root = Path(directory) if directory is not None else default_cache_dir()
+        self.use_disk = use_disk
+        self.strict = strict
+        self.stats = CacheStats()
+        self.rejections: list[tuple[Path, str]] = []
+        self._kernels: dict[str, Kernel] = {}
+
+    @property
+    def directory(self) -> Path:
+        return toolchain_dir(self.root, self.toolchain)
+
+    def entry_path(self, key: str) -> Path:
+        return self.directory / key[:2] / (key + entry.SUFFIX)
+
+    def get(self, spec: KernelSpec) -> Kernel:
+        key = spec.key(self.target)
+        kernel = self._kernels.get(key)
+        if kernel is not None:
+            self.stats.memory_hits += 1
+            return kernel
+        if self.strict:
+            raise StrictMissError(f"strict mode: {spec!r} was not pre-warmed")
+        kernel = self._kernels[key] = self._load(spec, key)
+        return kernel
+
+    def prewarm(self, specs: Iterable[KernelSpec]) -> list[Kernel]:
+        """Load every spec through ``get``; follow with ``strict_mode()`` to prove nothing else runs."""
+        return [self.get(s) for s in specs]
+
+    @contextlib.contextmanager
+    def strict_mode(self) -> Iterator["ModuleCache"]:
+        saved, self.strict = self.strict, True
+        try:
+            yield self
+        finally:
+            self.strict = saved
+
+    def __contains__(self, spec: KernelSpec) -> bool:
+        return spec.key(self.target) in self._kernels
+
+    # -- miss path ---------------------------------------------------------------------------
+    def _load(self, spec: KernelSpec, key: str) -> Kernel:
+        ptx = spec.emit(self.target)
+        cubin = self._read_disk(spec, key, ptx) if self.use_disk else None
+        if cubin is None:
+            cubin = self._compile(spec, ptx)
+            self.stats.jit_compiles += 1
+            if self.use_disk:
+                self._write_disk(spec, key, ptx, cubin)
+        else:
+            self.stats.disk_hits += 1
+        module = call("cuModuleLoadData", cubin)
+        function = call("cuModuleGetFunction", module, spec.entry.encode())
+        return Kernel(spec, module, function)
+
+    def _compile(self, spec: KernelSpec, ptx: str) -> bytes:
+        try:
+            return jit_link(ptx)
+        except CudaError as e:
+            detail = ""
+            try:
+                assemble(ptx, self.target.arch)
+            except AssemblyError as ae:
+                detail = "; " + " ".join(str(ae).split())[:2000]
+            except AssemblerUnavailable:
+                pass
+            raise JitError(f"{spec!r}: {e}{detail}") from e
+
+    def _reject(self, path: Path, reason: str) -> None:
+        self.stats.rejected += 1
+        self.rejections.append((path, reason))
+        log.warning("ptxgen cache: rejected %s: %s; rebuilding", path, reason)
+
+    def _read_disk(self, spec: KernelSpec, key: str, ptx: str) -> bytes | None:
+        path = self.entry_path(key)
+        try:
+            blob = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            self._reject(path, f"unreadable: {e}")
+            return None
+        try:
+            meta, cubin = entry.decode(blob)
+        except entry.EntryError as e:
+            self._reject(path, str(e))
+            return None
+        why = entry.mismatch(meta, spec, self.target, key, self.toolchain)
+        if why is not None:
+            self._reject(path, why)
+            return None
+        if meta["ptx_sha256"] != sha256_hex(ptx):
+            raise KeyCollisionError(f"{path}: key {key} holds PTX {meta['ptx_sha256'][:16]} but "
+                                    f"{spec!r} emits {sha256_hex(ptx)[:16]}: an emitter is impure or "
+                                    f"the key misses a parameter")
+        return cubin
+
+    def _write_disk(self, spec: KernelSpec, key: str, ptx: str, cubin: bytes) -> None:
+        meta = entry.metadata(spec, self.target, key, ptx, cubin, self.toolchain)
+        try:
+            entry.write_atomic(self.entry_path(key), entry.encode(meta, cubin))
+        except OSError as e:  # a read-only or full cache directory must not stop the program
+            log.warning("ptxgen cache: could not write %s: %s", self.entry_path(key), e)

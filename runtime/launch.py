@@ -1,0 +1,83 @@
+"""Kernel handles and launches with arguments packed once, ahead of the hot path."""
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Sequence
+
+from cuda.bindings import driver as cu
+
+from ptxgen.builder import T
+from ptxgen.spec import KernelSpec
+
+from .driver import CudaError, call
+from .memory import DeviceArray, Stream
+
+_CTYPES = {T.U64: ctypes.c_uint64, T.S64: ctypes.c_int64, T.U32: ctypes.c_uint32,
+           T.S32: ctypes.c_int32, T.F32: ctypes.c_float, T.F64: ctypes.c_double}
+_STATIC_SHARED_LIMIT = 48 * 1024
+
+
+def _dims(d: int | Sequence[int]) -> tuple[int, int, int]:
+    t = (d,) if isinstance(d, int) else tuple(d)
+    if not 1 <= len(t) <= 3 or any(not isinstance(v, int) or v < 1 for v in t):
+        raise ValueError(f"launch dimensions must be 1-3 positive ints, got {d!r}")
+    return (t + (1, 1))[:3]
+
+
+class Launch:
+    """One prepared launch: calling it issues cuLaunchKernel with prepacked arguments."""
+
+    __slots__ = ("_fn", "_grid", "_block", "_shared", "_stream", "_values", "_array", "_ptr")
+
+    def __init__(self, fn: Any, grid: tuple[int, int, int], block: tuple[int, int, int],
+                 shared: int, stream: Any, values: list[Any]):
+        self._fn, self._grid, self._block, self._shared, self._stream = fn, grid, block, shared, stream
+        self._values = values  # keeps the ctypes values alive while the pointer array points at them
+        self._array = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
+        self._ptr = ctypes.addressof(self._array)
+
+    def __call__(self) -> None:
+        g, b = self._grid, self._block
+        err, = cu.cuLaunchKernel(self._fn, g[0], g[1], g[2], b[0], b[1], b[2], self._shared,
+                                 self._stream, self._ptr, 0)
+        if err != cu.CUresult.CUDA_SUCCESS:
+            raise CudaError("cuLaunchKernel", err, "launch failed")
+
+
+class Kernel:
+    """A loaded kernel function, known by its spec; obtain it only through ModuleCache.get."""
+
+    def __init__(self, spec: KernelSpec, module: Any, function: Any):
+        self.spec, self.module, self.function = spec, module, function
+        self.params = spec.params()
+        self._shared_limit = _STATIC_SHARED_LIMIT
+
+    def pack(self, args: Sequence[Any]) -> list[Any]:
+        if len(args) != len(self.params):
+            names = ", ".join(n for n, _ in self.params)
+            raise TypeError(f"{self.spec.entry} takes {len(self.params)} arguments ({names}), got {len(args)}")
+        values = []
+        for (name, t), a in zip(self.params, args):
+            if isinstance(a, DeviceArray):
+                if t is not T.U64:
+                    raise TypeError(f"{self.spec.entry}: {name} is .{t.value}, got a device array")
+                a = a.ptr
+            values.append(_CTYPES[t](a))
+        return values
+
+    def bind(self, grid: int | Sequence[int], block: int | Sequence[int], *args: Any,
+             shared: int = 0, stream: Stream | None = None) -> Launch:
+        if shared > self._shared_limit:
+            call("cuFuncSetAttribute", self.function,
+                 cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
+            self._shared_limit = shared
+        handle = cu.CUstream(0) if stream is None else stream.handle
+        return Launch(self.function, _dims(grid), _dims(block), shared, handle, self.pack(args))
+
+    def __call__(self, grid: int | Sequence[int], block: int | Sequence[int], *args: Any,
+                 shared: int = 0, stream: Stream | None = None) -> None:
+        self.bind(grid, block, *args, shared=shared, stream=stream)()
+
+    @property
+    def registers(self) -> int:
+        return call("cuFuncGetAttribute", cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NUM_REGS, self.function)

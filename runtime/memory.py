@@ -1,0 +1,170 @@
+"""Device arrays, streams and events on the primary context."""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+from cuda.bindings import driver as cu
+
+from .driver import call, device
+
+# dtype name -> host numpy dtype. bf16 has no numpy dtype: on the host it is its uint16 bit pattern.
+DTYPES: dict[str, np.dtype] = {
+    "f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "bf16": np.dtype(np.uint16),
+    "i32": np.dtype(np.int32), "i64": np.dtype(np.int64), "u8": np.dtype(np.uint8),
+}
+_FROM_NUMPY = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.int32): "i32",
+               np.dtype(np.int64): "i64", np.dtype(np.uint8): "u8"}
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), round to nearest even; NaN stays NaN."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return np.where(np.isnan(x), np.uint32(0x7FC0), rounded).astype(np.uint16)
+
+
+def from_bf16(bits: np.ndarray) -> np.ndarray:
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+class Stream:
+    """A CUDA stream. ``Stream.null()`` is the legacy default stream."""
+
+    def __init__(self, handle: Any = None):
+        if handle is None:
+            device()
+            handle = call("cuStreamCreate", cu.CUstream_flags.CU_STREAM_NON_BLOCKING)
+            self._owned = True
+        else:
+            self._owned = False
+        self.handle = handle
+        self._keepalive: list[np.ndarray] = []  # host buffers of async copies still in flight
+
+    @classmethod
+    def null(cls) -> "Stream":
+        return cls(cu.CUstream(0))
+
+    def synchronize(self) -> None:
+        call("cuStreamSynchronize", self.handle)
+        self._keepalive.clear()
+
+    def destroy(self) -> None:
+        if self._owned and self.handle is not None:
+            self.synchronize()
+            call("cuStreamDestroy", self.handle)
+        self.handle = None
+
+
+def _stream_handle(stream: Stream | None) -> Any:
+    return cu.CUstream(0) if stream is None else stream.handle
+
+
+class Event:
+    def __init__(self) -> None:
+        device()
+        self.handle = call("cuEventCreate", cu.CUevent_flags.CU_EVENT_DEFAULT)
+
+    def record(self, stream: Stream | None = None) -> "Event":
+        call("cuEventRecord", self.handle, _stream_handle(stream))
+        return self
+
+    def synchronize(self) -> None:
+        call("cuEventSynchronize", self.handle)
+
+    def elapsed_ms(self, end: "Event") -> float:
+        """Milliseconds from this event to ``end`` (both recorded; waits for ``end``)."""
+        end.synchronize()
+        return call("cuEventElapsedTime", self.handle, end.handle)
+
+    def destroy(self) -> None:
+        if self.handle is not None:
+            call("cuEventDestroy", self.handle)
+            self.handle = None
+
+
+class DeviceArray:
+    """A device allocation with a shape and dtype. Free it with ``free()`` or a ``with`` block."""
+
+    def __init__(self, shape: int | Sequence[int], dtype: str = "f32"):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.shape = (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
+        if any(s < 0 for s in self.shape):
+            raise ValueError(f"negative dimension in shape {self.shape}")
+        self.dtype = dtype
+        self.nbytes = math.prod(self.shape) * DTYPES[dtype].itemsize
+        device()
+        self.ptr = int(call("cuMemAlloc", max(self.nbytes, 1)))
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @classmethod
+    def from_numpy(cls, host: np.ndarray, dtype: str | None = None) -> "DeviceArray":
+        """Copy ``host`` to a new device array (bf16 arrays are given as uint16 bits)."""
+        host = np.ascontiguousarray(host)
+        if dtype is None:
+            if host.dtype not in _FROM_NUMPY:
+                raise ValueError(f"no device dtype for numpy {host.dtype}; pass dtype=")
+            dtype = _FROM_NUMPY[host.dtype]
+        arr = cls(host.shape, dtype)
+        arr.upload(host)
+        return arr
+
+    def _checked_host(self, host: np.ndarray) -> np.ndarray:
+        host = np.ascontiguousarray(host, dtype=DTYPES[self.dtype])
+        if host.nbytes != self.nbytes:
+            raise ValueError(f"host array of {host.nbytes} bytes for a device array of {self.nbytes}")
+        return host
+
+    def upload(self, host: np.ndarray, stream: Stream | None = None) -> None:
+        """Host -> device; synchronous unless a stream is given (then keep host alive: we do)."""
+        host = self._checked_host(host)
+        if stream is None:
+            call("cuMemcpyHtoD", self.ptr, host.ctypes.data, self.nbytes)
+        else:
+            stream._keepalive.append(host)
+            call("cuMemcpyHtoDAsync", self.ptr, host.ctypes.data, self.nbytes, stream.handle)
+
+    def download(self, out: np.ndarray | None = None, stream: Stream | None = None) -> np.ndarray:
+        """Device -> host. With a stream the copy is async: synchronize before reading ``out``."""
+        out = np.empty(self.shape, DTYPES[self.dtype]) if out is None else out
+        if not (out.flags.c_contiguous and out.nbytes == self.nbytes):
+            raise ValueError("download target must be contiguous and the same size")
+        if stream is None:
+            call("cuMemcpyDtoH", out.ctypes.data, self.ptr, self.nbytes)
+        else:
+            call("cuMemcpyDtoHAsync", out.ctypes.data, self.ptr, self.nbytes, stream.handle)
+        return out
+
+    def to_numpy(self) -> np.ndarray:
+        return self.download()
+
+    def fill_u32(self, bits: int, stream: Stream | None = None) -> None:
+        """Set every 32-bit word (e.g. 0x7FC00000 = NaN to poison an output before a test)."""
+        if self.nbytes % 4:
+            raise ValueError("fill_u32 needs a size that is a multiple of 4 bytes")
+        call("cuMemsetD32Async", self.ptr, bits, self.nbytes // 4, _stream_handle(stream))
+
+    def free(self) -> None:
+        if self.ptr:
+            call("cuMemFree", self.ptr)
+            self.ptr = 0
+
+    def __enter__(self) -> "DeviceArray":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.free()
+
+    def __del__(self) -> None:
+        try:
+            self.free()
+        except Exception:  # interpreter shutdown: the context may already be gone
+            pass
+
+    def __repr__(self) -> str:
+        return f"DeviceArray(shape={self.shape}, dtype={self.dtype!r}, ptr=0x{self.ptr:x})"
