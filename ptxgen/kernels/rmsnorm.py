@@ -47,6 +47,10 @@ class RMSNormSpec(KernelSpec):
     def vectors_per_thread(self) -> int:
         return math.ceil(self.hidden // self.vector_width / self.block_size)
 
+    def launch_dims(self, rows: int) -> tuple[int, int]:
+        """(grid, block) for ``rows`` rows: one block per row."""
+        return rows, self.block_size
+
     def params(self) -> tuple[tuple[str, T], ...]:
         names = ("x", "gamma", "y") + (("rstd",) if self.save_rstd else ())
         return tuple((n, T.U64) for n in names)

@@ -43,6 +43,13 @@ class RopeSpec(KernelSpec):
         check_positive("theta", self.theta)
         check_block_size(self.block_size)
 
+    def launch_dims(self, n_tokens: int) -> tuple[int, int]:
+        """(grid, block): one thread per rotated pair."""
+        pairs = n_tokens * self.heads * (self.head_dim // 2)
+        if pairs >= 2**32:
+            raise ValueError(f"{n_tokens} tokens x {self.heads} heads overflow the kernel's 32-bit index")
+        return max(1, -(-pairs // self.block_size)), self.block_size
+
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("x", T.U64), ("y", T.U64), ("positions", T.U64), ("n_tokens", T.U32))
 
