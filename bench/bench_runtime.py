@@ -4,12 +4,20 @@
 
 1. Host cost of one launch: a cache hit (``cache.get(spec)`` + prepared launch) against a raw
    ``cuLaunchKernel`` with prepacked arguments; median of batches of launches (queue never full).
-2. RMSNorm module: cold (emit + driver JIT + load + disk write) vs disk (emit + read + verify + load).
+2. RMSNorm module: cold (emit + driver JIT + load + disk write) vs disk (emit + read + verify + load),
+   with the driver's own JIT cache disabled.
 3. RMSNorm and RoPE beside their torch equivalents, GB/s against a measured device copy.
 """
 from __future__ import annotations
 
-import argparse
+import os
+
+# Before any CUDA call: the driver's own PTX JIT cache (~/.nv/ComputeCache) would turn the "cold"
+# JIT below into a read of the driver's cache, hiding what a first compile costs.
+os.environ.setdefault("CUDA_CACHE_DISABLE", "1")
+
+import argparse  # noqa: E402  (after the CUDA_CACHE_DISABLE default)
+import ctypes
 import json
 import statistics
 import tempfile
@@ -34,7 +42,9 @@ def launch_overhead() -> dict[str, float]:
     cache = ModuleCache(use_disk=False)
     kernel = cache.get(spec)
     launch = kernel.bind(1, 32, x.data_ptr(), g.data_ptr(), y.data_ptr())
-    raw_args = launch._ptr  # the same prepacked void** array
+    values = [ctypes.c_uint64(t.data_ptr()) for t in (x, g, y)]
+    array = (ctypes.c_void_p * 3)(*(ctypes.addressof(v) for v in values))
+    raw_args = ctypes.addressof(array)  # prepacked void** for the raw baseline
     fn, stream = kernel.function, cu.CUstream(0)
 
     def raw() -> None:

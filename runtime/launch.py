@@ -15,6 +15,7 @@ from .memory import DeviceArray, Stream
 _CTYPES = {T.U64: ctypes.c_uint64, T.S64: ctypes.c_int64, T.U32: ctypes.c_uint32,
            T.S32: ctypes.c_int32, T.F32: ctypes.c_float, T.F64: ctypes.c_double}
 _STATIC_SHARED_LIMIT = 48 * 1024
+_cuLaunchKernel = cu.cuLaunchKernel  # bound once: the launch hot path does no attribute lookups
 
 
 def _dims(d: int | Sequence[int]) -> tuple[int, int, int]:
@@ -27,20 +28,17 @@ def _dims(d: int | Sequence[int]) -> tuple[int, int, int]:
 class Launch:
     """One prepared launch: calling it issues cuLaunchKernel with prepacked arguments."""
 
-    __slots__ = ("_fn", "_grid", "_block", "_shared", "_stream", "_values", "_array", "_ptr")
+    __slots__ = ("_args", "_values", "_array")
 
     def __init__(self, fn: Any, grid: tuple[int, int, int], block: tuple[int, int, int],
                  shared: int, stream: Any, values: list[Any]):
-        self._fn, self._grid, self._block, self._shared, self._stream = fn, grid, block, shared, stream
         self._values = values  # keeps the ctypes values alive while the pointer array points at them
         self._array = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
-        self._ptr = ctypes.addressof(self._array)
+        self._args = (fn, *grid, *block, shared, stream, ctypes.addressof(self._array), 0)
 
     def __call__(self) -> None:
-        g, b = self._grid, self._block
-        err, = cu.cuLaunchKernel(self._fn, g[0], g[1], g[2], b[0], b[1], b[2], self._shared,
-                                 self._stream, self._ptr, 0)
-        if err != cu.CUresult.CUDA_SUCCESS:
+        err, = _cuLaunchKernel(*self._args)
+        if err:  # CUresult is an int enum; CUDA_SUCCESS is 0
             raise CudaError("cuLaunchKernel", err, "launch failed")
 
 
