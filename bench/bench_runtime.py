@@ -16,7 +16,7 @@ import os
 # JIT below into a read of the driver's cache, hiding what a first compile costs.
 os.environ.setdefault("CUDA_CACHE_DISABLE", "1")
 
-import argparse  # noqa: E402  (after the CUDA_CACHE_DISABLE default)
+import argparse
 import ctypes
 import json
 import statistics
