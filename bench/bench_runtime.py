@@ -57,17 +57,17 @@ def launch_overhead() -> dict[str, float]:
     def hit_and_pack() -> None:
         cache.get(spec).bind(1, 32, x.data_ptr(), g.data_ptr(), y.data_ptr())()
 
-    out = {}
-    for name, fn_ in (("raw cuLaunchKernel", raw), ("cache hit + prepared launch", hit),
-                      ("cache hit + pack + launch", hit_and_pack)):
-        samples = []
-        for _ in range(BATCHES):
+    variants = {"raw cuLaunchKernel": raw, "cache hit + prepared launch": hit,
+                "cache hit + pack + launch": hit_and_pack}
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(BATCHES):  # variants interleaved batch by batch, so drift hits all alike
+        for name, fn_ in variants.items():
             synchronize()
             t0 = time.perf_counter()
             for _ in range(BATCH):
                 fn_()
-            samples.append((time.perf_counter() - t0) / BATCH * 1e6)
-        out[name] = statistics.median(samples)
+            samples[name].append((time.perf_counter() - t0) / BATCH * 1e6)
+    out = {name: statistics.median(v) for name, v in samples.items()}
     synchronize()
     return out
 

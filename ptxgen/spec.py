@@ -135,6 +135,7 @@ class KernelSpec:
             object.__setattr__(self, f.name, value)
         self.validate()
         object.__setattr__(self, "_keys", {})
+        object.__setattr__(self, "_last_key", (None, ""))
 
     # -- what subclasses provide -------------------------------------------------------------
     def validate(self) -> None:
@@ -173,11 +174,19 @@ class KernelSpec:
                 "fields": [[name, encode_value(v)] for name, v in self.fields().items()]}
 
     def key(self, target: Target) -> str:
-        """The cache key; computed once per (spec instance, target)."""
+        """The cache key; computed once per (spec instance, target).
+
+        The last target is remembered by identity, so a cache asking with its own Target object
+        pays neither the hashing of the spec nor of the target on a hit.
+        """
+        last_target, last_key = self._last_key  # type: ignore[attr-defined]
+        if last_target is target:
+            return last_key
         keys: dict[Target, str] = self._keys  # type: ignore[attr-defined]
         k = keys.get(target)
         if k is None:
             k = keys[target] = spec_key(self, target)
+        object.__setattr__(self, "_last_key", (target, k))
         return k
 
 

@@ -88,3 +88,21 @@ def test_shared_and_table_symbols_get_unique_names():
     text = b.text()
     assert ".global .align 8 .f64 tbl[2] = {0d3FF0000000000000, 0d3FE0000000000000};" in text
     assert f".shared .align 4 .f32 {c.name}[8];" in text
+
+
+def test_atomics_conversions_and_float_functions_render_as_ptx():
+    b = builder()
+    p = b.cvta_global(b.ld_param("p"))
+    x = b.mov(2.0, T.F32)
+    old = b.atom("global", "add", Addr(p), x)
+    b.red("global", "add", Addr(p, 4), old)
+    wide = b.cvt(T.F64, x)
+    back = b.cvt(T.F32, wide)
+    i = b.cvt(T.S32, back)
+    b.fn("rsqrt", back)
+    b.fn("sqrt", back, "rn")
+    text = b.text()
+    for line in ("atom.global.add.f32 %f2, [%rd2], %f1;", "red.global.add.f32 [%rd2+4], %f2;",
+                 "cvt.f64.f32 %fd1, %f1;", "cvt.rn.f32.f64 %f3, %fd1;", f"cvt.rzi.s32.f32 {i}, %f3;",
+                 "rsqrt.approx.f32 %f4, %f3;", "sqrt.rn.f32 %f5, %f3;"):
+        assert line in text

@@ -1,4 +1,4 @@
-"""The on-disk entry format and the disk audit: all checkable without a GPU (fake cubins)."""
+"""The runtime without a GPU: on-disk entries, the disk audit and its CLI, bf16 bits, no-GPU errors."""
 import dataclasses
 
 import pytest
@@ -119,3 +119,11 @@ def test_bf16_conversion_rounds_to_nearest_even():
     assert back[4] == 1.0 and back[5] == 1 + 2 ** -6  # ties go to even
     np.testing.assert_allclose(back, x, rtol=2 ** -8)
     assert np.isnan(from_bf16(to_bf16(np.array([np.nan], dtype=np.float32))))[0]
+
+
+def test_without_a_gpu_the_cache_fails_at_first_use_naming_cuinit():
+    from runtime import CudaUnavailable, ModuleCache, available
+    if available()[0]:
+        pytest.skip("a GPU is present")
+    with pytest.raises(CudaUnavailable, match="cuInit failed"):
+        ModuleCache()
