@@ -56,7 +56,7 @@ class T(enum.Enum):
 # Register name prefix per type: one prefix per exact type keeps declarations one line each.
 _PREFIX = {
     T.PRED: "p", T.B16: "bh", T.B32: "b", T.B64: "bd", T.U16: "h", T.U32: "r", T.U64: "rd",
-    T.S16: "sh", T.S32: "s", T.S64: "sd", T.F16: "hf", T.BF16: "hb", T.F32: "f", T.F64: "fd",
+    T.S16: "sh", T.S32: "s", T.S64: "sd", T.F16: "hf", T.F32: "f", T.F64: "fd",
 }
 
 
@@ -110,6 +110,26 @@ class Addr:
     def __str__(self) -> str:
         base = self.base.name
         return f"[{base}]" if self.offset == 0 else f"[{base}{self.offset:+d}]"
+
+
+class _Loop:
+    def __init__(self, b: "KernelBuilder", count: Reg, base: str):
+        self.b, self.count = b, count
+        self.top, self.end = b.new_label(base), b.new_label(base + "_end")
+
+    def __enter__(self) -> Reg:
+        b = self.b
+        self.i = b.mov(0, T.U32)
+        b.place(self.top)
+        b.bra(self.end, guard=b.setp("ge", self.i, self.count))
+        return self.i
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        if exc_type is None:
+            b = self.b
+            b.add(self.i, 1, out=self.i)
+            b.bra(self.top)
+            b.place(self.end)
 
 
 Operand = Union[Reg, int, float]
@@ -197,6 +217,8 @@ class KernelBuilder:
 
     # -- registers, names, operands -------------------------------------------------------
     def reg(self, t: T) -> Reg:
+        if t is T.BF16:  # PTX holds bf16 values in .b16 registers
+            t = T.B16
         n = self._counts.get(t, 0) + 1
         self._counts[t] = n
         return Reg(f"%{_PREFIX[t]}{n}", t)
@@ -424,9 +446,14 @@ class KernelBuilder:
                    f"{self._op(ins, p, T.PRED, 'predicate')}")
         return d
 
-    def cvt(self, to: T, a: Reg, rnd: str | None = None) -> Reg:
-        """Conversion; the rounding PTX requires (float narrowing, int<->float) is filled in."""
-        src = a.type
+    def cvt(self, to: T, a: Reg, rnd: str | None = None, *, src: T | None = None) -> Reg:
+        """Conversion; the rounding PTX requires (float narrowing, int<->float) is filled in.
+
+        ``src`` names the source type when the register is a bit type (bf16 lives in .b16).
+        """
+        src = src or a.type
+        if not compatible(src, a.type):
+            raise PtxBuildError(f"cvt: {a.name} is .{a.type.value}, not .{src.value}")
         if rnd is None:
             if to.is_float and (src.is_int or to.bits < src.bits):
                 rnd = "rn"
@@ -435,6 +462,26 @@ class KernelBuilder:
         ins = f"cvt{'.' + rnd if rnd else ''}.{to.value}.{src.value}"
         d = self.reg(to)
         self._emit(f"{ins} {d}, {a}")
+        return d
+
+    def cvt_bf16x2(self, hi: Reg, lo: Reg) -> Reg:
+        """Two f32 -> one .b32 holding two bf16 (``lo`` in the low half), round to nearest."""
+        ins = "cvt.rn.bf16x2.f32"
+        d = self.reg(T.B32)
+        self._emit(f"{ins} {d}, {self._op(ins, hi, T.F32, 'hi')}, {self._op(ins, lo, T.F32, 'lo')}")
+        return d
+
+    def unpack(self, word: Reg) -> tuple[Reg, Reg]:
+        """A 32-bit register -> its (low, high) 16-bit halves."""
+        ins = "mov.b32"
+        lo, hi = self.reg(T.B16), self.reg(T.B16)
+        self._emit(f"{ins} {{{lo}, {hi}}}, {self._op(ins, word, T.B32, 'word')}")
+        return lo, hi
+
+    def pack(self, lo: Reg, hi: Reg) -> Reg:
+        ins = "mov.b32"
+        d = self.reg(T.B32)
+        self._emit(f"{ins} {d}, {{{self._op(ins, lo, T.B16, 'lo')}, {self._op(ins, hi, T.B16, 'hi')}}}")
         return d
 
     # -- memory --------------------------------------------------------------------------------
@@ -537,6 +584,13 @@ class KernelBuilder:
 
     def ret(self) -> None:
         self._emit("ret")
+
+    def loop(self, count: Reg, base: str = "loop"):
+        """Context manager for ``for i in range(count)`` with a runtime u32 ``count``; yields ``i``.
+
+        The body runs zero times when ``count`` is 0 (the test is at the top).
+        """
+        return _Loop(self, count, base)
 
     # -- output --------------------------------------------------------------------------------
     def text(self) -> str:

@@ -17,12 +17,14 @@ def warp_allreduce(b: KernelBuilder, value: Reg, op: str) -> Reg:
     return value
 
 
-def block_allreduce(b: KernelBuilder, value: Reg, op: str, block_size: int, tid: Reg) -> Reg:
+def block_allreduce(b: KernelBuilder, value: Reg, op: str, block_size: int, tid: Reg,
+                    in_loop: bool = False) -> Reg:
     """Every thread of a ``block_size``-thread block gets the reduction of all threads' values.
 
     Warps reduce by shuffle, lane 0 of each warp writes its partial to shared memory, then every
     warp reduces the partials by shuffle again, so the result needs no broadcast step.
-    Each call owns its shared array, so several calls in one kernel need no extra barrier.
+    Each call owns its shared array, so several calls in one kernel need no extra barrier; a call
+    inside a loop (``in_loop``) adds one after the read, before the next iteration writes again.
     """
     if op not in _IDENTITY:
         raise ValueError(f"block_allreduce: op must be one of {sorted(_IDENTITY)}")
@@ -42,4 +44,6 @@ def block_allreduce(b: KernelBuilder, value: Reg, op: str, block_size: int, tid:
     gathered = b.mov(_IDENTITY[op], value.type)
     has_partial = b.setp("lt", lane, warps)
     b.ld("shared", value.type, Addr(b.add(base, b.shl(lane, 2))), out=[gathered], guard=has_partial)
+    if in_loop:
+        b.bar_sync()
     return warp_allreduce(b, gathered, op)

@@ -1,11 +1,11 @@
-"""RMSNorm forward over rows: y = x * rsqrt(mean(x^2) + eps) * gamma (fp32).
+"""RMSNorm over rows: y = h * rsqrt(mean(h^2) + eps) * gamma, h = x (+ residual), and its backward.
 
 One block per row; hidden size and eps are baked in. Each thread keeps its slice of the row in
-registers (16-byte loads where the row allows), so x is read from device memory once.
+registers (16-byte accesses where the row allows), so each input is read from memory once.
+Storage f32 or bf16, arithmetic f32; gamma is f32 (master weights).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -15,9 +15,17 @@ from ..builder import Addr, KernelBuilder, T
 from ..reductions import block_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError
+from ..vecio import DType, RowSlices, offset, vector_width
 from .common import check_block_size, check_positive
 
 MAX_VALUES_PER_THREAD = 64  # beyond this the row slice no longer fits in registers
+
+
+def _check_row_fit(hidden: int, dtype: DType, block_size: int) -> None:
+    per_thread = RowSlices.values_per_thread(hidden, vector_width(hidden, dtype), block_size)
+    if per_thread > MAX_VALUES_PER_THREAD:
+        raise SpecError(f"hidden {hidden} needs {per_thread} values per thread at block_size "
+                        f"{block_size} (max {MAX_VALUES_PER_THREAD}); raise block_size")
 
 
 @register
@@ -26,78 +34,122 @@ class RMSNormSpec(KernelSpec):
     kind: ClassVar[str] = "rmsnorm"
     hidden: int
     eps: float
+    dtype: DType = DType.F32
+    residual: bool = False   # h = x + residual, written to h_out, normalized: the per-layer pattern
+    save_rstd: bool = False  # also write rsqrt(mean(h^2) + eps) per row, for the backward
     block_size: int = 256
-    save_rstd: bool = False  # also write rsqrt(mean(x^2) + eps) per row, for the backward
 
     def validate(self) -> None:
         check_positive("hidden", self.hidden)
         check_positive("eps", self.eps)
         check_block_size(self.block_size)
-        per_thread = self.vectors_per_thread * self.vector_width
-        if per_thread > MAX_VALUES_PER_THREAD:
-            raise SpecError(f"hidden {self.hidden} needs {per_thread} values per thread at block_size "
-                            f"{self.block_size} (max {MAX_VALUES_PER_THREAD}); raise block_size")
-
-    @property
-    def vector_width(self) -> int:
-        """Elements per load: 4 (16 bytes) when rows stay 16-byte aligned, else 2 or 1."""
-        return 4 if self.hidden % 4 == 0 else 2 if self.hidden % 2 == 0 else 1
-
-    @property
-    def vectors_per_thread(self) -> int:
-        return math.ceil(self.hidden // self.vector_width / self.block_size)
+        _check_row_fit(self.hidden, self.dtype, self.block_size)
 
     def launch_dims(self, rows: int) -> tuple[int, int]:
         """(grid, block) for ``rows`` rows: one block per row."""
         return rows, self.block_size
 
     def params(self) -> tuple[tuple[str, T], ...]:
-        names = ("x", "gamma", "y") + (("rstd",) if self.save_rstd else ())
+        names = (("x",) + (("residual",) if self.residual else ()) + ("gamma", "y") +
+                 (("h_out",) if self.residual else ()) + (("rstd",) if self.save_rstd else ()))
         return tuple((n, T.U64) for n in names)
 
     def build(self, b: KernelBuilder) -> None:
-        vec, block = self.vector_width, self.block_size
-        nvec = self.hidden // vec
-        x, gamma, y = (b.cvta_global(b.ld_param(n)) for n in ("x", "gamma", "y"))
+        dt, size = self.dtype, self.dtype.size
+        ptr = {n: b.cvta_global(b.ld_param(n)) for n, _ in self.params()}
         row, tid = b.special("%ctaid.x"), b.special("%tid.x")
-        row_off = b.mul_wide(row, 4 * self.hidden)
-        thread_off = b.mul_wide(tid, 4 * vec)
-        x_t = b.add(b.add(x, row_off), thread_off)
-        y_t = b.add(b.add(y, row_off), thread_off)
-        g_t = b.add(gamma, thread_off)
-        stride = 4 * vec * block
+        rows = RowSlices(b, self.hidden, vector_width(self.hidden, dt), self.block_size, tid)
+        hs = rows.load(b, dt, rows.base(b, ptr["x"], row, size))
+        if self.residual:
+            res = rows.load(b, dt, rows.base(b, ptr["residual"], row, size))
+            hs = [[b.add(h, r) for h, r in zip(hv, rv)] for hv, rv in zip(hs, res)]
+            if dt is DType.BF16:  # normalize the h that is stored, as the backward will see it
+                hs = [[b.cvt(T.F32, b.cvt(T.BF16, h), src=T.BF16) for h in hv] for hv in hs]
+            rows.store(b, dt, rows.base(b, ptr["h_out"], row, size), hs)
 
-        # Only the last slice can run past the row end; it is predicated, the rest is not.
-        guards = [b.setp("lt", tid, nvec - j * block) if (j + 1) * block > nvec else None
-                  for j in range(self.vectors_per_thread)]
-        xs = []
         sumsq = b.mov(0.0, T.F32)
-        for j, guard in enumerate(guards):
-            regs = [b.mov(0.0, T.F32) for _ in range(vec)] if guard is not None else None
-            vals = b.ld("global", T.F32, Addr(x_t, j * stride), vec, out=regs, guard=guard)
-            vals = (vals,) if vec == 1 else vals
-            for v in vals:
-                b.fma(v, v, sumsq, out=sumsq)
-            xs.append(vals)
-
-        total = block_allreduce(b, sumsq, "add", block, tid)
+        for h in (h for hv in hs for h in hv):
+            b.fma(h, h, sumsq, out=sumsq)
+        total = block_allreduce(b, sumsq, "add", self.block_size, tid)
         rstd = b.fn("rsqrt", b.fma(total, 1.0 / self.hidden, self.eps))
         if self.save_rstd:
-            rstd_ptr = b.cvta_global(b.ld_param("rstd"))
-            first = b.setp("eq", tid, 0)
-            b.st("global", Addr(b.add(rstd_ptr, b.mul_wide(row, 4))), rstd, guard=first)
+            b.st("global", Addr(offset(b, ptr["rstd"], row, 4)), rstd, guard=b.setp("eq", tid, 0))
 
-        for j, (guard, vals) in enumerate(zip(guards, xs)):
-            gs = b.ld("global", T.F32, Addr(g_t, j * stride), vec, nc=True, guard=guard)
-            gs = (gs,) if vec == 1 else gs
-            out = [b.mul(b.mul(v, rstd), g) for v, g in zip(vals, gs)]
-            b.st("global", Addr(y_t, j * stride), out, guard=guard)
+        gs = rows.load(b, DType.F32, rows.base(b, ptr["gamma"], None, 4), nc=True)
+        ys = [[b.mul(b.mul(h, rstd), g) for h, g in zip(hv, gv)] for hv, gv in zip(hs, gs)]
+        rows.store(b, dt, rows.base(b, ptr["y"], row, size), ys)
 
     @classmethod
     def examples(cls) -> list["RMSNormSpec"]:
         return [cls(hidden=896, eps=1e-6), cls(hidden=897, eps=1e-5, block_size=128),
                 cls(hidden=4096, eps=1e-6, block_size=512, save_rstd=True),
-                cls(hidden=64, eps=1e-6, block_size=32)]
+                cls(hidden=64, eps=1e-6, block_size=32),
+                cls(hidden=896, eps=1e-6, dtype=DType.BF16, residual=True, save_rstd=True)]
+
+
+@register
+@dataclass(frozen=True)
+class RMSNormBackwardSpec(KernelSpec):
+    """dx for each row, and dgamma partial sums per block of ``rows_per_block`` rows (f32).
+
+    dgamma is finished by a column sum over the partials (ColumnSumSpec): fixed order, no atomics,
+    so it is deterministic run to run.
+    """
+
+    kind: ClassVar[str] = "rmsnorm_bwd"
+    hidden: int
+    rows_per_block: int = 16
+    block_size: int = 256
+
+    def validate(self) -> None:
+        check_positive("hidden", self.hidden)
+        check_positive("rows_per_block", self.rows_per_block)
+        check_block_size(self.block_size)
+        _check_row_fit(self.hidden, DType.F32, self.block_size)
+
+    def launch_dims(self, rows: int) -> tuple[int, int]:
+        return self.partial_rows(rows), self.block_size
+
+    def partial_rows(self, rows: int) -> int:
+        """Rows of the dgamma partials buffer [partial_rows, hidden] for ``rows`` input rows."""
+        return max(1, -(-rows // self.rows_per_block))
+
+    def params(self) -> tuple[tuple[str, T], ...]:
+        return tuple((n, T.U64) for n in ("x", "gamma", "dy", "rstd", "dx", "dgamma_partial")) + \
+            (("n_rows", T.U32),)
+
+    def build(self, b: KernelBuilder) -> None:
+        ptr = {n: b.cvta_global(b.ld_param(n)) for n, t in self.params() if t is T.U64}
+        n_rows = b.ld_param("n_rows")
+        chunk, tid = b.special("%ctaid.x"), b.special("%tid.x")
+        rows = RowSlices(b, self.hidden, vector_width(self.hidden, DType.F32), self.block_size, tid)
+        gs = rows.load(b, DType.F32, rows.base(b, ptr["gamma"], None, 4), nc=True)
+        acc = [[b.mov(0.0, T.F32) for _ in gv] for gv in gs]
+        first = b.mul(chunk, self.rows_per_block)
+        count = b.min(b.sub(n_rows, first), self.rows_per_block)
+        with b.loop(count, "row") as i:
+            row = b.add(first, i)
+            xs = rows.load(b, DType.F32, rows.base(b, ptr["x"], row, 4))
+            dys = rows.load(b, DType.F32, rows.base(b, ptr["dy"], row, 4))
+            r = b.ld("global", T.F32, Addr(offset(b, ptr["rstd"], row, 4)))
+            gdy = [[b.mul(g, d) for g, d in zip(gv, dv)] for gv, dv in zip(gs, dys)]
+            dot = b.mov(0.0, T.F32)
+            for gd, x in zip((v for gv in gdy for v in gv), (v for xv in xs for v in xv)):
+                b.fma(gd, x, dot, out=dot)
+            dot = block_allreduce(b, dot, "add", self.block_size, tid, in_loop=True)
+            # dx = r*g*dy - x * r^3 * dot / hidden
+            c = b.mul(b.mul(b.mul(r, r), r), b.mul(dot, 1.0 / self.hidden))
+            dxs = [[b.fma(b.neg(x), c, b.mul(r, gd)) for x, gd in zip(xv, gv)] for xv, gv in zip(xs, gdy)]
+            rows.store(b, DType.F32, rows.base(b, ptr["dx"], row, 4), dxs)
+            for av, dv, xv in zip(acc, dys, xs):
+                for a, d, x in zip(av, dv, xv):
+                    b.fma(b.mul(d, x), r, a, out=a)
+        rows.store(b, DType.F32, rows.base(b, ptr["dgamma_partial"], chunk, 4), acc)
+
+    @classmethod
+    def examples(cls) -> list["RMSNormBackwardSpec"]:
+        return [cls(hidden=896), cls(hidden=897, rows_per_block=3, block_size=128),
+                cls(hidden=4864, rows_per_block=8, block_size=512)]
 
 
 def rmsnorm_reference(x: np.ndarray, gamma: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -105,3 +157,14 @@ def rmsnorm_reference(x: np.ndarray, gamma: np.ndarray, eps: float) -> tuple[np.
     x64 = np.asarray(x, dtype=np.float64)
     rstd = 1.0 / np.sqrt(np.mean(x64 * x64, axis=-1) + eps)
     return x64 * rstd[..., None] * np.asarray(gamma, dtype=np.float64), rstd
+
+
+def rmsnorm_backward_reference(x: np.ndarray, gamma: np.ndarray, dy: np.ndarray,
+                               eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """float64 reference gradients (dx, dgamma) of sum(y * dy)."""
+    x64, g64, dy64 = (np.asarray(a, dtype=np.float64) for a in (x, gamma, dy))
+    _, rstd = rmsnorm_reference(x64, g64, eps)
+    r = rstd[:, None]
+    dot = np.sum(g64 * dy64 * x64, axis=-1, keepdims=True)
+    dx = r * g64 * dy64 - x64 * r ** 3 * dot / x64.shape[-1]
+    return dx, np.sum(dy64 * x64 * r, axis=0)

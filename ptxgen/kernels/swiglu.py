@@ -1,0 +1,108 @@
+"""SwiGLU: out = silu(gate) * up, silu(g) = g * sigmoid(g), and its backward (f32).
+
+sigmoid(g) = 1 / (1 + 2^(-g * log2 e)) with ex2.approx and a correctly rounded reciprocal.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ..builder import Addr, KernelBuilder, Reg, T
+from ..registry import register
+from ..spec import KernelSpec
+from ..vecio import DType, flat_elementwise, flat_grid, load_f32, offset, store_f32, vector_width
+from .common import check_block_size
+
+LOG2E = 1.0 / math.log(2.0)
+
+
+def sigmoid(b: KernelBuilder, g: Reg) -> Reg:
+    return b.fn("rcp", b.add(b.fn("ex2", b.mul(g, -LOG2E)), 1.0), "rn")
+
+
+def _elementwise(spec: "SwiGLUSpec | SwiGLUBackwardSpec", b: KernelBuilder, inputs: tuple[str, ...],
+                 outputs: tuple[str, ...], fn) -> None:
+    """Shared driver: load ``inputs``, ``fn(*values) -> outputs``, store, vector by vector."""
+    ptr = {name: b.cvta_global(b.ld_param(name)) for name in inputs + outputs}
+    size = spec.dtype.size
+
+    def body(e, width, guard):
+        vals = [load_f32(b, spec.dtype, Addr(offset(b, ptr[n], e, size)), width, guard=guard) for n in inputs]
+        results = [fn(*column) for column in zip(*vals)]  # one tuple of outputs per element
+        for k, name in enumerate(outputs):
+            store_f32(b, spec.dtype, Addr(offset(b, ptr[name], e, size)), [r[k] for r in results], guard=guard)
+
+    flat_elementwise(b, b.ld_param("n"), vector_width(16, spec.dtype), spec.block_size, body)
+
+
+@register
+@dataclass(frozen=True)
+class SwiGLUSpec(KernelSpec):
+    kind: ClassVar[str] = "swiglu"
+    dtype: DType = DType.F32
+    block_size: int = 256
+
+    def validate(self) -> None:
+        check_block_size(self.block_size)
+
+    def launch_dims(self, n: int) -> tuple[int, int]:
+        return flat_grid(n, vector_width(16, self.dtype), self.block_size), self.block_size
+
+    def params(self) -> tuple[tuple[str, T], ...]:
+        return (("gate", T.U64), ("up", T.U64), ("out", T.U64), ("n", T.U32))
+
+    def build(self, b: KernelBuilder) -> None:
+        _elementwise(self, b, ("gate", "up"), ("out",), lambda g, u: (b.mul(b.mul(g, sigmoid(b, g)), u),))
+
+    @classmethod
+    def examples(cls) -> list["SwiGLUSpec"]:
+        return [cls(), cls(dtype=DType.BF16), cls(block_size=128)]
+
+
+@register
+@dataclass(frozen=True)
+class SwiGLUBackwardSpec(KernelSpec):
+    """dgate = dout * up * s * (1 + g * (1 - s)), dup = dout * g * s, with s = sigmoid(g)."""
+
+    kind: ClassVar[str] = "swiglu_bwd"
+    block_size: int = 256
+
+    @property
+    def dtype(self) -> DType:
+        return DType.F32
+
+    def validate(self) -> None:
+        check_block_size(self.block_size)
+
+    def launch_dims(self, n: int) -> tuple[int, int]:
+        return flat_grid(n, 4, self.block_size), self.block_size
+
+    def params(self) -> tuple[tuple[str, T], ...]:
+        return (("gate", T.U64), ("up", T.U64), ("dout", T.U64), ("dgate", T.U64), ("dup", T.U64), ("n", T.U32))
+
+    def build(self, b: KernelBuilder) -> None:
+        def grads(g, u, d):
+            s = sigmoid(b, g)
+            silu = b.mul(g, s)
+            dsilu = b.mul(s, b.fma(g, b.sub(1.0, s, T.F32), 1.0))
+            return b.mul(b.mul(d, u), dsilu), b.mul(d, silu)
+
+        _elementwise(self, b, ("gate", "up", "dout"), ("dgate", "dup"), grads)
+
+    @classmethod
+    def examples(cls) -> list["SwiGLUBackwardSpec"]:
+        return [cls(), cls(block_size=512)]
+
+
+def swiglu_reference(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    g = np.asarray(gate, dtype=np.float64)
+    return g / (1 + np.exp(-g)) * np.asarray(up, dtype=np.float64)
+
+
+def swiglu_backward_reference(gate: np.ndarray, up: np.ndarray, dout: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    g, u, d = (np.asarray(a, dtype=np.float64) for a in (gate, up, dout))
+    s = 1 / (1 + np.exp(-g))
+    return d * u * s * (1 + g * (1 - s)), d * g * s
