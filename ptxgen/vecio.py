@@ -13,7 +13,7 @@ import enum
 import math
 from typing import Callable, Sequence
 
-from .builder import Addr, KernelBuilder, Reg, T
+from .builder import Addr, GuardLike, KernelBuilder, Reg, T
 
 
 class DType(enum.Enum):
@@ -41,7 +41,7 @@ def _split(addr: Addr, n: int, dtype: DType) -> list[tuple[Addr, int]]:
     return [(Addr(addr.base, addr.offset + k * dtype.size), per) for k in range(0, n, per)]
 
 
-def load_f32(b: KernelBuilder, dtype: DType, addr: Addr, n: int, *, guard: Reg | None = None,
+def load_f32(b: KernelBuilder, dtype: DType, addr: Addr, n: int, *, guard: GuardLike = None,
              nc: bool = False) -> list[Reg]:
     """Load ``n`` contiguous ``dtype`` elements as f32; guarded-off lanes read as 0."""
     if n * dtype.size > 16:
@@ -64,7 +64,7 @@ def load_f32(b: KernelBuilder, dtype: DType, addr: Addr, n: int, *, guard: Reg |
 
 
 def store_f32(b: KernelBuilder, dtype: DType, addr: Addr, vals: Sequence[Reg], *,
-              guard: Reg | None = None) -> None:
+              guard: GuardLike = None) -> None:
     """Store f32 registers as ``dtype`` (bf16: round to nearest even)."""
     if len(vals) * dtype.size > 16:
         for k, (a, m) in enumerate(_split(addr, len(vals), dtype)):
@@ -114,6 +114,29 @@ class RowSlices:
     def store(self, b: KernelBuilder, dtype: DType, base: Reg, slices: Sequence[Sequence[Reg]]) -> None:
         for j, (g, vals) in enumerate(zip(self.guards, slices)):
             store_f32(b, dtype, self.addr(base, j, dtype.size), vals, guard=g)
+
+
+def row_sweep(b: KernelBuilder, width: int, vec: int, block: int, tid: Reg, unroll: int,
+              body: Callable[[Reg, "Reg | None"], None]) -> None:
+    """Visit this thread's ``vec``-element slices of a row too wide for registers, in a loop.
+
+    ``body(first_column, guard)`` sees the same slices as RowSlices: ``unroll`` per loop trip
+    (independent loads in flight), then leftover full slices, then the one guarded tail slice.
+    """
+    nvec = width // vec
+    full, tail = divmod(nvec, block)
+    trips, leftover = divmod(full, unroll)
+    step = block * vec
+    col = b.mul(tid, vec)
+    if trips:
+        with b.loop(b.mov(trips, T.U32), "sweep"):
+            for k in range(unroll):
+                body(b.add(col, k * step), None)
+            b.add(col, unroll * step, out=col)
+    for k in range(leftover):
+        body(b.add(col, k * step), None)
+    if tail:
+        body(b.add(col, leftover * step), b.setp("lt", tid, tail))
 
 
 Body = Callable[[Reg, int, "Reg | None"], None]

@@ -1,2 +1,2 @@
 """Kernel families; importing this package registers every kind."""
-from . import bias, colsum, embedding, rmsnorm, rope, swiglu  # noqa: F401  (registration side effect)
+from . import adamw, bias, colsum, cross_entropy, embedding, rmsnorm, rope, swiglu  # noqa: F401

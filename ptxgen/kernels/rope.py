@@ -1,4 +1,4 @@
-"""RoPE (NeoX rotate-half) forward over a [tokens, heads, head_dim] fp32 tensor.
+"""RoPE (NeoX rotate-half) forward and backward over a [tokens, heads, head_dim] tensor (f32 or bf16).
 
 Pairs (i, i + head_dim/2) are rotated by angle pos * theta^(-2i/head_dim). theta reaches the PTX
 as a table of exact f64 frequencies; positions are a kernel argument (int32 per token). The angle
@@ -15,6 +15,7 @@ import numpy as np
 from ..builder import Addr, KernelBuilder, T
 from ..registry import register
 from ..spec import KernelSpec, SpecError
+from ..vecio import DType, load_f32, offset, store_f32, vector_width
 from .common import check_block_size, check_positive
 
 TWO_PI = 2.0 * math.pi
@@ -33,6 +34,8 @@ class RopeSpec(KernelSpec):
     heads: int
     head_dim: int
     theta: float
+    dtype: DType = DType.F32
+    inverse: bool = False  # rotate by -angle: the backward (the transpose of a rotation)
     block_size: int = 256
 
     def validate(self) -> None:
@@ -43,58 +46,68 @@ class RopeSpec(KernelSpec):
         check_positive("theta", self.theta)
         check_block_size(self.block_size)
 
+    @property
+    def vec(self) -> int:
+        """Pairs per thread: contiguous i's, so x1 and x2 are each one vector access."""
+        return vector_width(self.head_dim // 2, self.dtype)
+
     def launch_dims(self, n_tokens: int) -> tuple[int, int]:
-        """(grid, block): one thread per rotated pair."""
+        """(grid, block): one thread per ``vec`` rotated pairs."""
         pairs = n_tokens * self.heads * (self.head_dim // 2)
         if pairs >= 2**32:
             raise ValueError(f"{n_tokens} tokens x {self.heads} heads overflow the kernel's 32-bit index")
-        return max(1, -(-pairs // self.block_size)), self.block_size
+        return max(1, -(-pairs // (self.vec * self.block_size))), self.block_size
 
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("x", T.U64), ("y", T.U64), ("positions", T.U64), ("n_tokens", T.U32))
 
     def build(self, b: KernelBuilder) -> None:
-        half = self.head_dim // 2
+        half, vec, size = self.head_dim // 2, self.vec, self.dtype.size
+        groups = half // vec  # vectors of pairs per head
         table = b.global_table("inv_freq", T.F64, inverse_frequencies(self.head_dim, self.theta).tolist())
         x, y, positions = (b.cvta_global(b.ld_param(n)) for n in ("x", "y", "positions"))
         n_tokens = b.ld_param("n_tokens")
         idx = b.mad(b.special("%ctaid.x"), self.block_size, b.special("%tid.x"))
         done = b.new_label("done")
-        b.bra(done, guard=b.setp("ge", idx, b.mul(n_tokens, self.heads * half)))
+        b.bra(done, guard=b.setp("ge", idx, b.mul(n_tokens, self.heads * groups)))
 
-        i = b.rem(idx, half)
-        token_head = b.div(idx, half)
+        i0 = b.mul(b.rem(idx, groups), vec)
+        token_head = b.div(idx, groups)
         token = b.div(token_head, self.heads)
-        pos = b.ld("global", T.S32, Addr(b.add(positions, b.mul_wide(token, 4))), nc=True)
-        inv_freq = b.ld("global", T.F64, Addr(b.add(b.addr_of(table), b.mul_wide(i, 8))), nc=True)
-        angle = b.mul(b.cvt(T.F64, pos), inv_freq)
-        turns = b.neg(b.cvt(T.F64, b.mul(angle, 1.0 / TWO_PI), rnd="rni"))
-        reduced = b.fma(turns, TWO_PI_LO, b.fma(turns, TWO_PI, angle))
-        r32 = b.cvt(T.F32, reduced)
-        cos, sin = b.fn("cos", r32), b.fn("sin", r32)
-
-        elem = b.mul_wide(b.mad(token_head, self.head_dim, i), 4)
-        src, dst = b.add(x, elem), b.add(y, elem)
-        x1 = b.ld("global", T.F32, Addr(src))
-        x2 = b.ld("global", T.F32, Addr(src, 4 * half))
-        y1 = b.fma(x1, cos, b.neg(b.mul(x2, sin)))
-        y2 = b.fma(x1, sin, b.mul(x2, cos))
-        b.st("global", Addr(dst), y1)
-        b.st("global", Addr(dst, 4 * half), y2)
+        pos = b.cvt(T.F64, b.ld("global", T.S32, Addr(offset(b, positions, token, 4)), nc=True))
+        freqs = offset(b, b.addr_of(table), i0, 8)
+        elem = b.mad(token_head, self.head_dim, i0)
+        src, dst = offset(b, x, elem, size), offset(b, y, elem, size)
+        x1 = load_f32(b, self.dtype, Addr(src), vec)
+        x2 = load_f32(b, self.dtype, Addr(src, size * half), vec)
+        y1, y2 = [], []
+        for k in range(vec):
+            angle = b.mul(pos, b.ld("global", T.F64, Addr(freqs, 8 * k), nc=True))
+            turns = b.neg(b.cvt(T.F64, b.mul(angle, 1.0 / TWO_PI), rnd="rni"))
+            r32 = b.cvt(T.F32, b.fma(turns, TWO_PI_LO, b.fma(turns, TWO_PI, angle)))
+            cos, sin = b.fn("cos", r32), b.fn("sin", r32)
+            if self.inverse:
+                sin = b.neg(sin)
+            y1.append(b.fma(x1[k], cos, b.neg(b.mul(x2[k], sin))))
+            y2.append(b.fma(x1[k], sin, b.mul(x2[k], cos)))
+        store_f32(b, self.dtype, Addr(dst), y1)
+        store_f32(b, self.dtype, Addr(dst, size * half), y2)
         b.place(done)
 
     @classmethod
     def examples(cls) -> list["RopeSpec"]:
         return [cls(heads=14, head_dim=64, theta=1e6), cls(heads=2, head_dim=64, theta=1e4),
                 cls(heads=3, head_dim=6, theta=1e4, block_size=32),
-                cls(heads=16, head_dim=128, theta=5e5, block_size=128)]
+                cls(heads=16, head_dim=128, theta=5e5, block_size=128),
+                cls(heads=2, head_dim=64, theta=1e6, dtype=DType.BF16, inverse=True)]
 
 
-def rope_reference(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
-    """float64 reference for x of shape [tokens, heads, head_dim]."""
+def rope_reference(x: np.ndarray, positions: np.ndarray, theta: float, inverse: bool = False) -> np.ndarray:
+    """float64 reference for x of shape [tokens, heads, head_dim]; ``inverse`` rotates by -angle."""
     x64 = np.asarray(x, dtype=np.float64)
     half = x64.shape[-1] // 2
-    angle = np.asarray(positions, dtype=np.float64)[:, None] * inverse_frequencies(x64.shape[-1], theta)
+    sign = -1.0 if inverse else 1.0
+    angle = sign * np.asarray(positions, dtype=np.float64)[:, None] * inverse_frequencies(x64.shape[-1], theta)
     cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
     x1, x2 = x64[..., :half], x64[..., half:]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

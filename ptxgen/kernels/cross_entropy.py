@@ -1,0 +1,123 @@
+"""Softmax cross-entropy fused: per-row loss and dlogits over a [rows, vocab] logits matrix.
+
+One block per row. Pass 1 keeps a running (max, sum of exp) per thread (online softmax), then
+block-reduces them; pass 2 writes dlogits = (softmax - onehot(target)) * grad_scale. Rows whose
+target is ``ignore_index`` get loss 0 and zero gradient. ``grad_scale`` (e.g. 1 / valid rows) is
+an argument; vocab and ignore_index are baked in. Targets are checked on the host.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ..builder import Addr, KernelBuilder, T
+from ..reductions import block_allreduce
+from ..registry import register
+from ..spec import KernelSpec
+from ..vecio import DType, load_f32, offset, row_sweep, store_f32, vector_width
+from .common import check_block_size, check_positive
+
+LOG2E = 1.0 / math.log(2.0)
+LN2 = math.log(2.0)
+UNROLL = 4
+
+
+@register
+@dataclass(frozen=True)
+class CrossEntropySpec(KernelSpec):
+    kind: ClassVar[str] = "cross_entropy"
+    vocab: int
+    ignore_index: int = -100
+    dtype: DType = DType.F32  # storage of logits and dlogits
+    block_size: int = 1024
+
+    def validate(self) -> None:
+        check_positive("vocab", self.vocab)
+        check_block_size(self.block_size)
+
+    def launch_dims(self, rows: int) -> tuple[int, int]:
+        return rows, self.block_size
+
+    def params(self) -> tuple[tuple[str, T], ...]:
+        return (("logits", T.U64), ("targets", T.U64), ("loss", T.U64), ("dlogits", T.U64),
+                ("grad_scale", T.F32))
+
+    def build(self, b: KernelBuilder) -> None:
+        dt, size, vec = self.dtype, self.dtype.size, vector_width(self.vocab, self.dtype)
+        logits, targets, loss, dlogits = (b.cvta_global(b.ld_param(n))
+                                          for n in ("logits", "targets", "loss", "dlogits"))
+        grad_scale = b.ld_param("grad_scale")
+        row, tid = b.special("%ctaid.x"), b.special("%tid.x")
+        row_in = offset(b, logits, row, self.vocab * size)
+        row_out = offset(b, dlogits, row, self.vocab * size)
+
+        def exp(v):  # e^v as 2^(v log2 e)
+            return b.fn("ex2", b.mul(v, LOG2E))
+
+        m, s = b.mov(float("-inf"), T.F32), b.mov(0.0, T.F32)
+
+        def accumulate(col, guard):
+            vals = load_f32(b, dt, Addr(offset(b, row_in, col, size)), vec, guard=guard)
+            if guard is not None:  # lanes past the row end must not count
+                vals = [b.selp(v, float("-inf"), guard) for v in vals]
+            local = vals[0]
+            for v in vals[1:]:
+                local = b.max(local, v)
+            new_m = b.max(m, local)
+            # fully masked slices keep m = -inf: exp(-inf - -inf) would be NaN, so scale by 0 instead
+            total = b.mul(s, exp(b.sub(m, new_m)))
+            total = b.selp(total, 0.0, b.setp("eq", new_m, float("-inf")))
+            for v in vals:
+                total = b.add(total, exp(b.sub(v, new_m)))
+            b.mov(total, out=s)
+            b.mov(new_m, out=m)
+
+        row_sweep(b, self.vocab, vec, self.block_size, tid, UNROLL, accumulate)
+        row_max = block_allreduce(b, m, "max", self.block_size, tid)
+        scaled = b.selp(b.mul(s, exp(b.sub(m, row_max))), 0.0, b.setp("eq", m, float("-inf")))
+        row_sum = block_allreduce(b, scaled, "add", self.block_size, tid)
+
+        target = b.ld("global", T.S32, Addr(offset(b, targets, row, 4)), nc=True)
+        ignored = b.setp("eq", target, self.ignore_index)
+        target_logit = load_f32(b, dt, Addr(offset(b, row_in, target, size)), 1, guard=~ignored)[0]
+        row_loss = b.sub(b.fma(b.fn("lg2", row_sum), LN2, row_max), target_logit)
+        b.st("global", Addr(offset(b, loss, row, 4)), b.selp(0.0, row_loss, ignored, T.F32),
+             guard=b.setp("eq", tid, 0))
+
+        scale = b.selp(0.0, grad_scale, ignored, T.F32)
+        inv_sum = b.fn("rcp", row_sum, "rn")
+
+        def gradient(col, guard):
+            vals = load_f32(b, dt, Addr(offset(b, row_in, col, size)), vec, guard=guard)
+            grads = []
+            for k, v in enumerate(vals):
+                p = b.mul(exp(b.sub(v, row_max)), inv_sum)
+                is_target = b.setp("eq", b.add(col, k), target)
+                grads.append(b.mul(b.sub(p, b.selp(1.0, 0.0, is_target, T.F32)), scale))
+            store_f32(b, dt, Addr(offset(b, row_out, col, size)), grads, guard=guard)
+
+        row_sweep(b, self.vocab, vec, self.block_size, tid, UNROLL, gradient)
+
+    @classmethod
+    def examples(cls) -> list["CrossEntropySpec"]:
+        return [cls(vocab=151936), cls(vocab=256, block_size=128), cls(vocab=1001, ignore_index=0),
+                cls(vocab=151936, dtype=DType.BF16)]
+
+
+def cross_entropy_reference(logits: np.ndarray, targets: np.ndarray, ignore_index: int,
+                            grad_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (loss per row, dlogits) with dlogits = (softmax - onehot) * grad_scale."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    logsumexp = np.log(np.exp(z).sum(axis=1))
+    t = np.asarray(targets)
+    valid = t != ignore_index
+    safe = np.where(valid, t, 0)
+    rows = np.arange(len(t))
+    loss = np.where(valid, logsumexp - z[rows, safe], 0.0)
+    grad = np.exp(z - logsumexp[:, None])
+    grad[rows[valid], safe[valid]] -= 1.0
+    return loss, grad * np.where(valid, grad_scale, 0.0)[:, None]
