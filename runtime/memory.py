@@ -15,7 +15,8 @@ DTYPES: dict[str, np.dtype] = {
     "i32": np.dtype(np.int32), "i64": np.dtype(np.int64), "u8": np.dtype(np.uint8),
 }
 _FROM_NUMPY = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.int32): "i32",
-               np.dtype(np.int64): "i64", np.dtype(np.uint8): "u8"}
+               np.dtype(np.int64): "i64", np.dtype(np.uint8): "u8",
+               np.dtype(np.uint16): "bf16"}  # uint16 on the host is bf16 bits (see to_bf16)
 
 
 def to_bf16(x: np.ndarray) -> np.ndarray:

@@ -88,6 +88,7 @@ def test_shared_and_table_symbols_get_unique_names():
     text = b.text()
     assert ".global .align 8 .f64 tbl[2] = {0d3FF0000000000000, 0d3FE0000000000000};" in text
     assert f".shared .align 4 .f32 {c.name}[8];" in text
+    assert t.name == "tbl" and t.count == 2
 
 
 def test_atomics_conversions_and_float_functions_render_as_ptx():

@@ -1,0 +1,233 @@
+"""Kernel library parity on the GPU: every kernel against its numpy reference at odd and Qwen2 shapes.
+
+Tolerances (stated once, used below):
+* f32 elementwise: rtol 1e-5 (ex2/sin/cos .approx after exact range reduction, rn elsewhere).
+* f32 reductions: max error <= 1e-5 x max |reference| (and RMSNorm <= 1e-4 absolute at model scale).
+* bf16 storage: the reference is computed from the bf16-rounded inputs in float64; the output
+  differs by one bf16 rounding: rtol 2^-8 (plus f32 arithmetic), atol 1e-6.
+"""
+import numpy as np
+import pytest
+
+from cudacall import call, poison
+from ptxgen.kernels.adamw import (AdamWSpec, GradNormFinalSpec, GradNormPartialSpec, adamw_reference,
+                                  grad_norm_reference)
+from ptxgen.kernels.bias import BiasAddSpec
+from ptxgen.kernels.colsum import ColumnSumSpec
+from ptxgen.kernels.cross_entropy import CrossEntropySpec, cross_entropy_reference
+from ptxgen.kernels.embedding import (EmbeddingBackwardSpec, EmbeddingSpec, embedding_backward_plan,
+                                      embedding_backward_reference)
+from ptxgen.kernels.rmsnorm import RMSNormBackwardSpec, RMSNormSpec, rmsnorm_backward_reference, rmsnorm_reference
+from ptxgen.kernels.rope import RopeSpec, rope_reference
+from ptxgen.kernels.swiglu import SwiGLUBackwardSpec, SwiGLUSpec, swiglu_backward_reference, swiglu_reference
+from ptxgen.vecio import DType
+from runtime import ModuleCache, from_bf16, to_bf16
+
+pytestmark = pytest.mark.cuda
+BF16_RTOL = 2.0 ** -8 + 1e-5
+rng = np.random.default_rng(7)
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return ModuleCache(use_disk=False)
+
+
+def f32(*shape, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def bf16_round(x):
+    return from_bf16(to_bf16(x))
+
+
+def assert_rel(actual, ref, rel=1e-5):
+    assert np.isfinite(actual).all(), "an output element was never written"
+    err = np.abs(np.asarray(actual, np.float64) - ref).max()
+    assert err <= rel * max(1.0, np.abs(ref).max()), f"max error {err:.3g}"
+
+
+# -- RMSNorm ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows, hidden", [(1, 896), (3, 897), (4, 896), (2, 4864)])
+def test_rmsnorm_bf16_with_fused_residual(cache, rows, hidden):
+    x, res = bf16_round(f32(rows, hidden, scale=0.02)), bf16_round(f32(rows, hidden, scale=0.02))
+    gamma = 1 + f32(hidden, scale=0.1)
+    spec = RMSNormSpec(hidden=hidden, eps=1e-6, dtype=DType.BF16, residual=True, save_rstd=True)
+    _, _, _, y, h, rstd = call(cache, spec, spec.launch_dims(rows), to_bf16(x), to_bf16(res), gamma,
+                               poison((rows, hidden), np.uint16), poison((rows, hidden), np.uint16),
+                               poison(rows))
+    h_ref = bf16_round(x + res)
+    np.testing.assert_array_equal(from_bf16(h), h_ref)
+    y_ref, rstd_ref = rmsnorm_reference(h_ref, gamma, 1e-6)
+    np.testing.assert_allclose(from_bf16(y), y_ref, rtol=BF16_RTOL, atol=1e-6)
+    np.testing.assert_allclose(rstd, rstd_ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows, hidden, per_block", [(1, 896, 16), (37, 897, 5), (64, 896, 16), (9, 4864, 4)])
+def test_rmsnorm_backward_dx_and_deterministic_dgamma(cache, rows, hidden, per_block):
+    x, dy, gamma = f32(rows, hidden, scale=0.02), f32(rows, hidden), 1 + f32(hidden, scale=0.1)
+    _, rstd = rmsnorm_reference(x, gamma, 1e-6)
+    spec = RMSNormBackwardSpec(hidden=hidden, rows_per_block=per_block)
+    chunks = spec.partial_rows(rows)
+    colsum = ColumnSumSpec()
+
+    def run():
+        *_, dx, partial = call(cache, spec, spec.launch_dims(rows), x, gamma, dy, rstd.astype(np.float32),
+                               poison((rows, hidden)), poison((chunks, hidden)), rows)
+        _, dgamma = call(cache, colsum, colsum.launch_dims(chunks, hidden, chunks), partial,
+                         poison(hidden), chunks, hidden, chunks)
+        return dx, dgamma
+
+    (dx, dgamma), (dx2, dgamma2) = run(), run()
+    dx_ref, dgamma_ref = rmsnorm_backward_reference(x, gamma, dy, 1e-6)
+    assert_rel(dx, dx_ref)
+    assert_rel(dgamma, dgamma_ref)
+    assert np.array_equal(dgamma, dgamma2) and np.array_equal(dx, dx2)
+
+
+# -- column sums, bias -----------------------------------------------------------------------------
+@pytest.mark.parametrize("rows, cols, per_chunk", [(1, 1, 1), (1000, 896, 1000), (16384, 128, 512), (77, 33, 10)])
+def test_column_sums_in_one_or_two_stages(cache, rows, cols, per_chunk):
+    x = f32(rows, cols)
+    spec = ColumnSumSpec()
+    chunks = -(-rows // per_chunk)
+    _, partial = call(cache, spec, spec.launch_dims(rows, cols, per_chunk), x, poison((chunks, cols)),
+                      rows, cols, per_chunk)
+    _, total = call(cache, spec, spec.launch_dims(chunks, cols, chunks), partial, poison(cols), chunks, cols, chunks)
+    assert np.abs(total - x.astype(np.float64).sum(0)).max() <= 1e-5 * np.abs(x).sum(0).max()
+
+
+@pytest.mark.parametrize("rows, cols, dtype", [(3, 896, DType.F32), (5, 128, DType.BF16), (4, 7, DType.F32),
+                                               (1000, 896, DType.BF16)])
+def test_bias_add(cache, rows, cols, dtype):
+    x, bias = f32(rows, cols), f32(cols)
+    spec = BiasAddSpec(cols=cols, dtype=dtype)
+    if dtype is DType.BF16:
+        x = bf16_round(x)
+        _, _, y = call(cache, spec, spec.launch_dims(rows), to_bf16(x), bias, poison((rows, cols), np.uint16), rows)
+        np.testing.assert_allclose(from_bf16(y), x + bias.astype(np.float64), rtol=BF16_RTOL, atol=1e-6)
+    else:
+        _, _, y = call(cache, spec, spec.launch_dims(rows), x, bias, poison((rows, cols)), rows)
+        np.testing.assert_array_equal(y, x + bias)  # one f32 rounding, same as numpy
+
+
+# -- RoPE ------------------------------------------------------------------------------------------
+def test_rope_for_q_and_k_with_gqa_head_counts_forward_and_backward(cache):
+    tokens = 1000
+    positions = rng.integers(0, 32768, tokens)
+    for heads in (14, 2):  # Qwen2-0.5B: 14 query heads, 2 KV heads
+        x = f32(tokens, heads, 64)
+        fwd = RopeSpec(heads=heads, head_dim=64, theta=1e6)
+        bwd = RopeSpec(heads=heads, head_dim=64, theta=1e6, inverse=True)
+        _, y, _ = call(cache, fwd, fwd.launch_dims(tokens), x, poison(x.shape), positions.astype(np.int32), tokens)
+        np.testing.assert_allclose(y, rope_reference(x, positions, 1e6), atol=1e-5, rtol=1e-5)
+        _, dx, _ = call(cache, bwd, bwd.launch_dims(tokens), y, poison(x.shape), positions.astype(np.int32), tokens)
+        np.testing.assert_allclose(dx, rope_reference(y, positions, 1e6, inverse=True), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens, heads, dim", [(3, 3, 6), (257, 14, 64), (5, 2, 128)])
+def test_rope_bf16(cache, tokens, heads, dim):
+    x = bf16_round(f32(tokens, heads, dim))
+    positions = np.arange(tokens, dtype=np.int32) * 7
+    spec = RopeSpec(heads=heads, head_dim=dim, theta=1e4, dtype=DType.BF16)
+    _, y, _ = call(cache, spec, spec.launch_dims(tokens), to_bf16(x), poison(x.shape, np.uint16), positions, tokens)
+    np.testing.assert_allclose(from_bf16(y), rope_reference(x, positions, 1e4), rtol=BF16_RTOL, atol=2e-5)
+
+
+# -- SwiGLU ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 7, 4864 * 3, 1001])
+def test_swiglu_forward_f32_and_bf16_and_backward(cache, n):
+    gate, up, dout = f32(n, scale=3), f32(n), f32(n)
+    spec = SwiGLUSpec()
+    *_, out = call(cache, spec, spec.launch_dims(n), gate, up, poison(n), n)
+    np.testing.assert_allclose(out, swiglu_reference(gate, up), rtol=1e-5, atol=1e-7)
+
+    spec16 = SwiGLUSpec(dtype=DType.BF16)
+    g16, u16 = bf16_round(gate), bf16_round(up)
+    *_, out16 = call(cache, spec16, spec16.launch_dims(n), to_bf16(g16), to_bf16(u16), poison(n, np.uint16), n)
+    np.testing.assert_allclose(from_bf16(out16), swiglu_reference(g16, u16), rtol=BF16_RTOL, atol=1e-6)
+
+    bwd = SwiGLUBackwardSpec()
+    *_, dgate, dup = call(cache, bwd, bwd.launch_dims(n), gate, up, dout, poison(n), poison(n), n)
+    dgate_ref, dup_ref = swiglu_backward_reference(gate, up, dout)
+    np.testing.assert_allclose(dgate, dgate_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dup, dup_ref, rtol=1e-5, atol=1e-6)
+
+
+# -- embedding -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("vocab, dim, tokens, dtype", [(151936, 896, 37, DType.F32), (256, 5, 3, DType.F32),
+                                                      (1000, 896, 64, DType.BF16)])
+def test_embedding_gather(cache, vocab, dim, tokens, dtype):
+    table = f32(vocab, dim)
+    ids = rng.integers(0, vocab, tokens).astype(np.int32)
+    spec = EmbeddingSpec(dim=dim, dtype=dtype)
+    if dtype is DType.BF16:
+        _, _, out = call(cache, spec, spec.launch_dims(tokens), to_bf16(table), ids, poison((tokens, dim), np.uint16), tokens)
+        np.testing.assert_array_equal(out, to_bf16(table)[ids])
+    else:
+        _, _, out = call(cache, spec, spec.launch_dims(tokens), table, ids, poison((tokens, dim)), tokens)
+        np.testing.assert_array_equal(out, table[ids])
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_embedding_backward_accumulates_duplicate_ids_deterministically(cache, accumulate):
+    vocab, dim, tokens = 300, 896, 512
+    ids = rng.integers(0, 20, tokens).astype(np.int32)  # heavy duplication
+    dout = f32(tokens, dim)
+    base = f32(vocab, dim) if accumulate else np.zeros((vocab, dim), np.float32)
+    order, seg_start, seg_id = embedding_backward_plan(ids)
+    spec = EmbeddingBackwardSpec(dim=dim, accumulate=accumulate)
+    runs = [call(cache, spec, spec.launch_dims(len(seg_id)), dout, order, seg_start, seg_id, base.copy())[-1]
+            for _ in range(2)]
+    ref = embedding_backward_reference(ids, dout, vocab) + base
+    assert_rel(runs[0], ref)
+    assert np.array_equal(runs[0], runs[1])
+
+
+# -- cross-entropy ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows, vocab, dtype", [(3, 151936, DType.F32), (1, 256, DType.F32), (5, 1001, DType.F32),
+                                                (4, 151936, DType.BF16)])
+def test_cross_entropy_loss_and_dlogits_with_ignore_index(cache, rows, vocab, dtype):
+    logits = f32(rows, vocab, scale=4)
+    targets = rng.integers(0, vocab, rows).astype(np.int32)
+    targets[rows // 2] = -100 if rows > 1 else targets[0]
+    scale = 1.0 / max(1, int((targets != -100).sum()))
+    spec = CrossEntropySpec(vocab=vocab, dtype=dtype)
+    if dtype is DType.BF16:
+        logits = bf16_round(logits)
+        _, _, loss, grad = call(cache, spec, spec.launch_dims(rows), to_bf16(logits), targets, poison(rows),
+                                poison((rows, vocab), np.uint16), np.float32(scale))
+        grad = from_bf16(grad)
+    else:
+        _, _, loss, grad = call(cache, spec, spec.launch_dims(rows), logits, targets, poison(rows),
+                                poison((rows, vocab)), np.float32(scale))
+    loss_ref, grad_ref = cross_entropy_reference(logits, targets, -100, scale)
+    np.testing.assert_allclose(loss, loss_ref, atol=1e-4)
+    tol = BF16_RTOL if dtype is DType.BF16 else 1e-5
+    np.testing.assert_allclose(grad, grad_ref, rtol=tol, atol=1e-5 * scale)
+
+
+# -- AdamW and the gradient norm -------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 5, 1 << 20])
+def test_grad_norm_clip_and_adamw_steps(cache, n):
+    p, g = f32(n), f32(n)
+    m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
+    partial_spec, final_spec = GradNormPartialSpec(), GradNormFinalSpec()
+    _, partial = call(cache, partial_spec, partial_spec.launch_dims(), g, poison(partial_spec.blocks), n)
+    max_norm = 0.5 * float(np.linalg.norm(g))
+    _, norm_out = call(cache, final_spec, final_spec.launch_dims(), partial, poison(2), np.float32(max_norm))
+    norm_ref, clip_ref = grad_norm_reference(g, max_norm)
+    assert norm_out[0] == pytest.approx(norm_ref, rel=1e-5)
+    assert norm_out[1] == pytest.approx(clip_ref, rel=1e-5)
+
+    spec = AdamWSpec(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    ref = (p.astype(np.float64), m.astype(np.float64), v.astype(np.float64))
+    for step in (1, 2, 3):
+        lr = 1e-3 * step
+        p, _, m, v, _ = call(cache, spec, spec.launch_dims(n), p, g, m, v, norm_out[1:2].copy(), n, np.float32(lr),
+                             np.float32(1 - 0.9 ** step), np.float32(1 - 0.95 ** step))
+        ref = adamw_reference(*ref[:1], g, *ref[1:], lr=lr, beta1=0.9, beta2=0.95, eps=1e-8,
+                              weight_decay=0.1, step=step, clip=float(norm_out[1]))
+    np.testing.assert_allclose(p, ref[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m, ref[1], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(v, ref[2], rtol=1e-5, atol=1e-9)
