@@ -107,7 +107,6 @@ def main() -> None:
         add(f"cross-entropy fwd+bwd {dt.value} {CE_ROWS}x{V}", 2 * CE_ROWS * V * sz + 8 * CE_ROWS,
             launch(spec, spec.launch_dims(CE_ROWS), p(logits), p(targets), p(loss), p(dlogits),
                    1.0 / CE_ROWS), torch_ce)
-        del table, out, logits, dlogits, lt
 
     # f32 backward kernels
     x, dy, g = torch.randn(T, H, device="cuda") * 0.02, torch.randn(T, H, device="cuda"), torch.randn(H, device="cuda")
@@ -159,7 +158,6 @@ def main() -> None:
     ids64 = ids.long()
     add(f"embedding bwd (zero + scatter) f32 {T}x{H}", V * H * 4 + T * H * 4, lambda: (dtable.zero_(), k()),
         lambda: torch.ops.aten.embedding_dense_backward(dout, ids64, V, -1, False))
-    del dtable
 
     n = 64 << 20
     param, grad, m, v = (torch.randn(n, device="cuda") for _ in range(4))
