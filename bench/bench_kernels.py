@@ -30,6 +30,7 @@ from runtime import ModuleCache
 
 T, H, HEADS, KV, D, I, V, CE_ROWS = 16384, 896, 14, 2, 64, 4864, 151936, 4096
 DT = {DType.F32: torch.float32, DType.BF16: torch.bfloat16}
+TUNABLE = ("block_size", "rows_per_block", "row_groups")
 
 
 def p(t: torch.Tensor) -> int:
@@ -47,8 +48,18 @@ def main() -> None:
     def add(name, nbytes, ours, theirs):
         rows.append(Row(name, int(nbytes), time_ms(ours), time_ms(theirs), copy))
 
+    def add_best(name, nbytes, specs, make, theirs):
+        """Time ``make(spec)`` for each candidate spec (the tunable fields), report the fastest."""
+        timed = sorted((time_ms(make(s)), i) for i, s in enumerate(specs))
+        best = specs[timed[0][1]]
+        tuned = ", ".join(f"{k}={v}" for k, v in best.fields().items() if k in TUNABLE)
+        rows.append(Row(f"{name} [{tuned}]", int(nbytes), timed[0][0], time_ms(theirs), copy))
+
     def launch(spec, dims, *args):
         return cache.get(spec).bind(*dims, *args)
+
+    def blocks(make_spec, sizes=(128, 256, 512)):
+        return [make_spec(bs) for bs in sizes]
 
     for dt in (DType.F32, DType.BF16):
         tdt, sz = DT[dt], dt.size
@@ -56,37 +67,39 @@ def main() -> None:
         table = torch.randn(V, H, device="cuda").to(tdt)
         ids = torch.randint(0, V, (T,), device="cuda", dtype=torch.int32)
         out = torch.empty(T, H, device="cuda", dtype=tdt)
-        spec = EmbeddingSpec(dim=H, dtype=dt)
-        add(f"embedding fwd {dt.value} {T}x{H}", 2 * T * H * sz + 4 * T,
-            launch(spec, spec.launch_dims(T), p(table), p(ids), p(out), T), lambda: F.embedding(ids, table))
+        add_best(f"embedding fwd {dt.value} {T}x{H}", 2 * T * H * sz + 4 * T,
+                 blocks(lambda bs: EmbeddingSpec(dim=H, dtype=dt, block_size=bs)),
+                 lambda s: launch(s, s.launch_dims(T), p(table), p(ids), p(out), T), lambda: F.embedding(ids, table))
         # RMSNorm, plain and with the fused residual
         x, r = (torch.randn(T, H, device="cuda") * 0.02).to(tdt), (torch.randn(T, H, device="cuda") * 0.02).to(tdt)
         g = torch.randn(H, device="cuda")
         gt, y, h = g.to(tdt), torch.empty_like(x), torch.empty_like(x)
-        spec = RMSNormSpec(hidden=H, eps=1e-6, dtype=dt)
-        add(f"rmsnorm fwd {dt.value} {T}x{H}", 2 * T * H * sz + 4 * H,
-            launch(spec, spec.launch_dims(T), p(x), p(g), p(y)), lambda: F.rms_norm(x, (H,), gt, 1e-6))
-        spec = RMSNormSpec(hidden=H, eps=1e-6, dtype=dt, residual=True)
-        add(f"residual+rmsnorm fwd {dt.value} {T}x{H}", 4 * T * H * sz + 4 * H,
-            launch(spec, spec.launch_dims(T), p(x), p(r), p(g), p(y), p(h)),
-            lambda: F.rms_norm(x + r, (H,), gt, 1e-6))
+        add_best(f"rmsnorm fwd {dt.value} {T}x{H}", 2 * T * H * sz + 4 * H,
+                 blocks(lambda bs: RMSNormSpec(hidden=H, eps=1e-6, dtype=dt, block_size=bs), (64, 128, 224, 256)),
+                 lambda s: launch(s, s.launch_dims(T), p(x), p(g), p(y)), lambda: F.rms_norm(x, (H,), gt, 1e-6))
+        add_best(f"residual+rmsnorm fwd {dt.value} {T}x{H}", 4 * T * H * sz + 4 * H,
+                 blocks(lambda bs: RMSNormSpec(hidden=H, eps=1e-6, dtype=dt, residual=True, block_size=bs),
+                        (64, 128, 224, 256)),
+                 lambda s: launch(s, s.launch_dims(T), p(x), p(r), p(g), p(y), p(h)),
+                 lambda: F.rms_norm(x + r, (H,), gt, 1e-6))
         # bias add
         b = torch.randn(H, device="cuda")
-        spec = BiasAddSpec(cols=H, dtype=dt)
         bt = b.to(tdt)
-        add(f"bias add {dt.value} {T}x{H}", 2 * T * H * sz + 4 * H,
-            launch(spec, spec.launch_dims(T), p(x), p(b), p(y), T), lambda: x + bt)
+        add_best(f"bias add {dt.value} {T}x{H}", 2 * T * H * sz + 4 * H,
+                 blocks(lambda bs: BiasAddSpec(cols=H, dtype=dt, block_size=bs)),
+                 lambda s: launch(s, s.launch_dims(T), p(x), p(b), p(y), T), lambda: x + bt)
         # RoPE on Q (14 heads); torch with cos/sin precomputed once, as HF does per forward
         q = torch.randn(T, HEADS, D, device="cuda").to(tdt)
         qo = torch.empty_like(q)
         pos = torch.arange(T, device="cuda", dtype=torch.int32) % 1024
-        spec = RopeSpec(heads=HEADS, head_dim=D, theta=1e6, dtype=dt)
         ang = pos.float()[:, None] * (1e6 ** -(torch.arange(0, D, 2, device="cuda") / D))
         cos = torch.cat([ang.cos()] * 2, -1)[:, None].to(tdt)
         sin = torch.cat([ang.sin()] * 2, -1)[:, None].to(tdt)
-        add(f"rope fwd {dt.value} {T}x{HEADS}x{D}", 2 * q.numel() * sz + 4 * T,
-            launch(spec, spec.launch_dims(T), p(q), p(qo), p(pos), T),
-            lambda: q * cos + torch.cat([-q[..., D // 2:], q[..., :D // 2]], -1) * sin)
+        add_best(f"rope fwd {dt.value} {T}x{HEADS}x{D}", 2 * q.numel() * sz + 4 * T,
+                 blocks(lambda bs: RopeSpec(heads=HEADS, head_dim=D, theta=1e6, dtype=dt, block_size=bs),
+                        (64, 128, 256)),
+                 lambda s: launch(s, s.launch_dims(T), p(q), p(qo), p(pos), T),
+                 lambda: q * cos + torch.cat([-q[..., D // 2:], q[..., :D // 2]], -1) * sin)
         # SwiGLU
         gate, up = torch.randn(T, I, device="cuda").to(tdt), torch.randn(T, I, device="cuda").to(tdt)
         act = torch.empty_like(gate)
@@ -97,48 +110,59 @@ def main() -> None:
         logits = (torch.randn(CE_ROWS, V, device="cuda") * 2).to(tdt)
         targets = torch.randint(0, V, (CE_ROWS,), device="cuda", dtype=torch.int32)
         loss, dlogits = torch.empty(CE_ROWS, device="cuda"), torch.empty_like(logits)
-        spec = CrossEntropySpec(vocab=V, dtype=dt)
         lt = logits.detach().requires_grad_()
         targets64 = targets.long()
 
         def torch_ce():
             return torch.autograd.grad(F.cross_entropy(lt, targets64), lt)
 
-        add(f"cross-entropy fwd+bwd {dt.value} {CE_ROWS}x{V}", 2 * CE_ROWS * V * sz + 8 * CE_ROWS,
-            launch(spec, spec.launch_dims(CE_ROWS), p(logits), p(targets), p(loss), p(dlogits),
-                   1.0 / CE_ROWS), torch_ce)
+        add_best(f"cross-entropy fwd+bwd {dt.value} {CE_ROWS}x{V}", 2 * CE_ROWS * V * sz + 8 * CE_ROWS,
+                 blocks(lambda bs: CrossEntropySpec(vocab=V, dtype=dt, block_size=bs), (256, 512, 1024)),
+                 lambda s: launch(s, s.launch_dims(CE_ROWS), p(logits), p(targets), p(loss), p(dlogits),
+                                  1.0 / CE_ROWS), torch_ce)
 
     # f32 backward kernels
     x, dy, g = torch.randn(T, H, device="cuda") * 0.02, torch.randn(T, H, device="cuda"), torch.randn(H, device="cuda")
     rstd = torch.rsqrt(x.pow(2).mean(-1) + 1e-6)
     dx = torch.empty_like(x)
-    bwd = RMSNormBackwardSpec(hidden=H, rows_per_block=16)
-    chunks = bwd.partial_rows(T)
-    partial, dgamma = torch.empty(chunks, H, device="cuda"), torch.empty(H, device="cuda")
     colsum = ColumnSumSpec()
-    k1 = launch(bwd, bwd.launch_dims(T), p(x), p(g), p(dy), p(rstd), p(dx), p(partial), T)
-    k2 = launch(colsum, colsum.launch_dims(chunks, H, chunks), p(partial), p(dgamma), chunks, H, chunks)
+    partial, dgamma = torch.empty(T, H, device="cuda"), torch.empty(H, device="cuda")
+
+    def rmsnorm_bwd(bwd):
+        chunks = bwd.partial_rows(T)
+        k1 = launch(bwd, bwd.launch_dims(T), p(x), p(g), p(dy), p(rstd), p(dx), p(partial), T)
+        k2 = launch(colsum, colsum.launch_dims(chunks, H, chunks), p(partial), p(dgamma), chunks, H, chunks)
+        return lambda: (k1(), k2())
+
     xr, gr = x.detach().requires_grad_(), g.detach().requires_grad_()
     yr = F.rms_norm(xr, (H,), gr, 1e-6)
-    add(f"rmsnorm bwd (dx+dgamma) f32 {T}x{H}", 3 * T * H * 4 + 4 * T, lambda: (k1(), k2()),
-        lambda: torch.autograd.grad(yr, (xr, gr), dy, retain_graph=True))
+    add_best(f"rmsnorm bwd (dx+dgamma) f32 {T}x{H}", 3 * T * H * 4 + 4 * T,
+             [RMSNormBackwardSpec(hidden=H, rows_per_block=r, block_size=bs) for r in (2, 4, 8, 16)
+              for bs in (128, 256)], rmsnorm_bwd,
+             lambda: torch.autograd.grad(yr, (xr, gr), dy, retain_graph=True))
 
     per_chunk = 256
     chunks = -(-T // per_chunk)
     part, db = torch.empty(chunks, H, device="cuda"), torch.empty(H, device="cuda")
-    c1 = launch(colsum, colsum.launch_dims(T, H, per_chunk), p(dy), p(part), T, H, per_chunk)
-    c2 = launch(colsum, colsum.launch_dims(chunks, H, chunks), p(part), p(db), chunks, H, chunks)
-    add(f"bias bwd (column sum) f32 {T}x{H}", T * H * 4, lambda: (c1(), c2()), lambda: dy.sum(0))
+
+    def bias_bwd(cs):
+        c1 = launch(cs, cs.launch_dims(T, H, per_chunk), p(dy), p(part), T, H, per_chunk)
+        c2 = launch(cs, cs.launch_dims(chunks, H, chunks), p(part), p(db), chunks, H, chunks)
+        return lambda: (c1(), c2())
+
+    add_best(f"bias bwd (column sum) f32 {T}x{H}", T * H * 4, [ColumnSumSpec(row_groups=g) for g in (4, 8, 16)],
+             bias_bwd, lambda: dy.sum(0))
 
     q = torch.randn(T, HEADS, D, device="cuda")
     dq = torch.empty_like(q)
     pos = torch.arange(T, device="cuda", dtype=torch.int32) % 1024
-    spec = RopeSpec(heads=HEADS, head_dim=D, theta=1e6, inverse=True)
     ang = pos.float()[:, None] * (1e6 ** -(torch.arange(0, D, 2, device="cuda") / D))
     cos, sin = torch.cat([ang.cos()] * 2, -1)[:, None], torch.cat([ang.sin()] * 2, -1)[:, None]
-    add(f"rope bwd f32 {T}x{HEADS}x{D}", 2 * q.numel() * 4 + 4 * T,
-        launch(spec, spec.launch_dims(T), p(q), p(dq), p(pos), T),
-        lambda: q * cos - torch.cat([-q[..., D // 2:], q[..., :D // 2]], -1) * sin)
+    add_best(f"rope bwd f32 {T}x{HEADS}x{D}", 2 * q.numel() * 4 + 4 * T,
+             blocks(lambda bs: RopeSpec(heads=HEADS, head_dim=D, theta=1e6, inverse=True, block_size=bs),
+                    (64, 128, 256)),
+             lambda s: launch(s, s.launch_dims(T), p(q), p(dq), p(pos), T),
+             lambda: q * cos - torch.cat([-q[..., D // 2:], q[..., :D // 2]], -1) * sin)
 
     gate, up, dout = (torch.randn(T, I, device="cuda") for _ in range(3))
     dgate, dup = torch.empty_like(gate), torch.empty_like(up)

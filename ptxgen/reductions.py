@@ -10,6 +10,14 @@ def _combine(b: KernelBuilder, op: str, x: Reg, y: Reg) -> Reg:
     return b.add(x, y) if op == "add" else b.max(x, y)
 
 
+def tree_sum(b: KernelBuilder, values: list[Reg]) -> Reg:
+    """Pairwise sum in a fixed order (so the rounding, and the result, never vary)."""
+    while len(values) > 1:
+        pairs = [b.add(values[k], values[k + 1]) for k in range(0, len(values) - 1, 2)]
+        values = pairs + values[len(values) - len(values) % 2:]
+    return values[0]
+
+
 def warp_allreduce(b: KernelBuilder, value: Reg, op: str) -> Reg:
     """Butterfly shuffle: every lane ends with the reduction of all 32 lanes."""
     for offset in (16, 8, 4, 2, 1):

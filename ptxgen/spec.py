@@ -159,6 +159,11 @@ class KernelSpec:
     def entry(self) -> str:
         return self.kind
 
+    @property
+    def pointer_alignment(self) -> int:
+        """Bytes every pointer argument must be aligned to (16: kernels use 16-byte accesses)."""
+        return 16
+
     def emit(self, target: Target) -> str:
         """The PTX module text: a pure function of (spec, target)."""
         b = KernelBuilder(self.entry, target.arch, target.ptx_version, self.params())

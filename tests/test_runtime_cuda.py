@@ -242,3 +242,10 @@ def test_wrong_argument_count_is_refused_before_launch(cache):
     kernel = cache.get(RMSNormSpec(hidden=64, eps=1e-6, block_size=32))
     with pytest.raises(TypeError, match="takes 3 arguments"):
         kernel(1, 32, 0, 0)
+
+
+def test_misaligned_pointers_are_refused_at_bind(cache):
+    kernel = cache.get(RMSNormSpec(hidden=64, eps=1e-6, block_size=32))
+    with DeviceArray(256) as d:
+        with pytest.raises(ValueError, match="not 16-byte aligned"):
+            kernel.bind(1, 32, d.ptr + 4, d, d)

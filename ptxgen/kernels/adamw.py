@@ -13,13 +13,14 @@ from typing import ClassVar
 import numpy as np
 
 from ..builder import Addr, KernelBuilder, T
-from ..reductions import block_allreduce
+from ..reductions import block_allreduce, tree_sum
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from ..vecio import DType, flat_elementwise, flat_grid, load_f32, offset, store_f32
 from .common import check_block_size, check_positive
 
 VEC = 4
+UNROLL = 4  # independent accumulators (and loads in flight) per thread; fixed, so the sum is too
 NORM_EPS = 1e-6  # clip scale = min(1, max_norm / (norm + NORM_EPS)), as torch's clip_grad_norm_
 
 
@@ -86,10 +87,14 @@ class AdamWSpec(KernelSpec):
 @register
 @dataclass(frozen=True)
 class GradNormPartialSpec(KernelSpec):
-    """Stage 1: block k writes the sum of squares of its grid-stride share of a flat f32 buffer."""
+    """Stage 1: block k writes the sum of squares of its grid-stride share of a flat f32 buffer.
+
+    The buffer is read as 16-byte vectors (its base must be 16-byte aligned); the last n % 4
+    elements are added by thread 0 of block 0.
+    """
 
     kind: ClassVar[str] = "grad_norm_partial"
-    blocks: int = 264  # the grid, baked: the partition (and so the sum) never depends on the device
+    blocks: int = 1056  # the grid, baked: the partition (and so the sum) never depends on the device
     block_size: int = 256
 
     def validate(self) -> None:
@@ -105,19 +110,25 @@ class GradNormPartialSpec(KernelSpec):
     def build(self, b: KernelBuilder) -> None:
         grad, partial = (b.cvta_global(b.ld_param(n)) for n in ("grad", "partial"))
         n = b.ld_param("n")
-        tid = b.special("%tid.x")
-        block = b.special("%ctaid.x")
-        stride = self.blocks * self.block_size
-        acc = b.mov(0.0, T.F32)
-        first = b.mad(block, self.block_size, tid)
-        # elements first, first + stride, ... < n
-        count = b.selp(b.div(b.add(b.sub(n, first), stride - 1), stride), 0, b.setp("lt", first, n))
-        e = b.mov(first)
-        with b.loop(count, "elements"):
-            v = b.ld("global", T.F32, Addr(offset(b, grad, e, 4)))
-            b.fma(v, v, acc, out=acc)
-            b.add(e, stride, out=e)
-        total = block_allreduce(b, acc, "add", self.block_size, tid)
+        tid, block = b.special("%tid.x"), b.special("%ctaid.x")
+        stride = self.blocks * self.block_size  # in vectors of VEC elements
+        n_vec = b.shr(n, 2)
+        trips = b.div(b.add(n_vec, UNROLL * stride - 1), UNROLL * stride)
+        v = b.mad(block, self.block_size, tid)
+        accs = [b.mov(0.0, T.F32) for _ in range(UNROLL)]
+        with b.loop(trips, "vectors"):
+            for u, acc in enumerate(accs):
+                vi = b.add(v, u * stride)
+                for x in load_f32(b, DType.F32, Addr(offset(b, grad, vi, 4 * VEC)), VEC,
+                                  guard=b.setp("lt", vi, n_vec)):
+                    b.fma(x, x, acc, out=acc)
+            b.add(v, UNROLL * stride, out=v)
+        # the last n % 4 elements: thread 0 of block 0
+        tail = b.add(b.shl(n_vec, 2), tid)
+        last = b.and_(b.setp("lt", tail, n), b.setp("eq", block, 0))
+        x = load_f32(b, DType.F32, Addr(offset(b, grad, tail, 4)), 1, guard=last)[0]
+        b.fma(x, x, accs[0], out=accs[0])
+        total = block_allreduce(b, tree_sum(b, accs), "add", self.block_size, tid)
         b.st("global", Addr(offset(b, partial, block, 4)), total, guard=b.setp("eq", tid, 0))
 
     @classmethod
@@ -131,7 +142,7 @@ class GradNormFinalSpec(KernelSpec):
     """Stage 2 (one block): out[0] = sqrt(sum of partials), out[1] = min(1, max_norm / (norm + 1e-6))."""
 
     kind: ClassVar[str] = "grad_norm_final"
-    partials: int = 264
+    partials: int = 1056
     block_size: int = 256
 
     def validate(self) -> None:

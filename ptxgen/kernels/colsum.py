@@ -13,11 +13,13 @@ from typing import ClassVar
 import numpy as np
 
 from ..builder import Addr, KernelBuilder, T
+from ..reductions import tree_sum
 from ..registry import register
 from ..spec import KernelSpec, SpecError
-from ..vecio import offset
+from ..vecio import DType, load_f32, offset
 
 COLS_PER_BLOCK = 32
+UNROLL = 4  # rows per trip; fixed, so the summation order (and the result) is too
 
 
 @register
@@ -48,17 +50,22 @@ class ColumnSumSpec(KernelSpec):
         in_cols = b.setp("lt", col, n_cols)
         start = b.mul(chunk, per_chunk)
         end = b.min(b.add(start, per_chunk), n_rows)
-        acc = b.mov(0.0, T.F32)
-        # rows start+ty, start+ty+G, ... < end: count = ceil((end - start - ty) / G) when positive
+        # rows start+ty, start+ty+G, ... < end, UNROLL per trip into independent accumulators
         span = b.sub(end, b.add(start, ty), T.S32)
-        count = b.selp(b.div(b.add(span, self.row_groups - 1, T.S32), self.row_groups, T.S32), 0,
+        per_trip = self.row_groups * UNROLL
+        trips = b.selp(b.div(b.add(span, per_trip - 1, T.S32), per_trip, T.S32), 0,
                        b.setp("gt", span, 0, T.S32), T.S32)
-        count = b.selp(count, 0, in_cols, T.S32)
+        trips = b.selp(trips, 0, in_cols, T.S32)
         row = b.add(start, ty)
-        with b.loop(count, "rows"):
-            v = b.ld("global", T.F32, Addr(offset(b, src, b.mad(row, n_cols, col), 4)))
-            b.add(acc, v, out=acc)
-            b.add(row, self.row_groups, out=row)
+        accs = [b.mov(0.0, T.F32) for _ in range(UNROLL)]
+        with b.loop(trips, "rows"):
+            for u, acc in enumerate(accs):
+                r = b.add(row, u * self.row_groups)
+                v = load_f32(b, DType.F32, Addr(offset(b, src, b.mad(r, n_cols, col), 4)), 1,
+                             guard=b.setp("lt", r, end))[0]
+                b.add(acc, v, out=acc)
+            b.add(row, per_trip, out=row)
+        acc = tree_sum(b, accs)
         if self.row_groups == 1:
             total = acc
         else:

@@ -68,8 +68,7 @@ class CrossEntropySpec(KernelSpec):
                 local = b.max(local, v)
             new_m = b.max(m, local)
             # fully masked slices keep m = -inf: exp(-inf - -inf) would be NaN, so scale by 0 instead
-            total = b.mul(s, exp(b.sub(m, new_m)))
-            total = b.selp(total, 0.0, b.setp("eq", new_m, float("-inf")))
+            total = b.selp(0.0, b.mul(s, exp(b.sub(m, new_m))), b.setp("eq", new_m, float("-inf")), T.F32)
             for v in vals:
                 total = b.add(total, exp(b.sub(v, new_m)))
             b.mov(total, out=s)
@@ -77,7 +76,7 @@ class CrossEntropySpec(KernelSpec):
 
         row_sweep(b, self.vocab, vec, self.block_size, tid, UNROLL, accumulate)
         row_max = block_allreduce(b, m, "max", self.block_size, tid)
-        scaled = b.selp(b.mul(s, exp(b.sub(m, row_max))), 0.0, b.setp("eq", m, float("-inf")))
+        scaled = b.selp(0.0, b.mul(s, exp(b.sub(m, row_max))), b.setp("eq", m, float("-inf")), T.F32)
         row_sum = block_allreduce(b, scaled, "add", self.block_size, tid)
 
         target = b.ld("global", T.S32, Addr(offset(b, targets, row, 4)), nc=True)

@@ -19,6 +19,7 @@ from ..vecio import DType, load_f32, offset, store_f32, vector_width
 from .common import check_block_size, check_positive
 
 TWO_PI = 2.0 * math.pi
+MAX_HEADS = 128
 TWO_PI_LO = 2.4492935982947064e-16  # 2*pi - fl(2*pi): the second term of the Cody-Waite reduction
 
 
@@ -40,6 +41,8 @@ class RopeSpec(KernelSpec):
 
     def validate(self) -> None:
         check_positive("heads", self.heads)
+        if self.heads > MAX_HEADS:
+            raise SpecError(f"heads must be <= {MAX_HEADS} (the head loop is unrolled), got {self.heads}")
         check_positive("head_dim", self.head_dim)
         if self.head_dim % 2:
             raise SpecError(f"head_dim must be even, got {self.head_dim}")
@@ -48,50 +51,50 @@ class RopeSpec(KernelSpec):
 
     @property
     def vec(self) -> int:
-        """Pairs per thread: contiguous i's, so x1 and x2 are each one vector access."""
+        """Pairs per thread and head: contiguous i's, so x1 and x2 are each one vector access."""
         return vector_width(self.head_dim // 2, self.dtype)
 
     def launch_dims(self, n_tokens: int) -> tuple[int, int]:
-        """(grid, block): one thread per ``vec`` rotated pairs."""
-        pairs = n_tokens * self.heads * (self.head_dim // 2)
-        if pairs >= 2**32:
+        """(grid, block): one thread per token and group of ``vec`` pairs, looping over the heads."""
+        threads = n_tokens * (self.head_dim // 2 // self.vec)
+        if n_tokens * self.heads * self.head_dim >= 2**32:
             raise ValueError(f"{n_tokens} tokens x {self.heads} heads overflow the kernel's 32-bit index")
-        return max(1, -(-pairs // (self.vec * self.block_size))), self.block_size
+        return max(1, -(-threads // self.block_size)), self.block_size
 
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("x", T.U64), ("y", T.U64), ("positions", T.U64), ("n_tokens", T.U32))
 
     def build(self, b: KernelBuilder) -> None:
         half, vec, size = self.head_dim // 2, self.vec, self.dtype.size
-        groups = half // vec  # vectors of pairs per head
+        groups = half // vec
         table = b.global_table("inv_freq", T.F64, inverse_frequencies(self.head_dim, self.theta).tolist())
         x, y, positions = (b.cvta_global(b.ld_param(n)) for n in ("x", "y", "positions"))
         n_tokens = b.ld_param("n_tokens")
         idx = b.mad(b.special("%ctaid.x"), self.block_size, b.special("%tid.x"))
         done = b.new_label("done")
-        b.bra(done, guard=b.setp("ge", idx, b.mul(n_tokens, self.heads * groups)))
+        b.bra(done, guard=b.setp("ge", idx, b.mul(n_tokens, groups)))
 
-        i0 = b.mul(b.rem(idx, groups), vec)
-        token_head = b.div(idx, groups)
-        token = b.div(token_head, self.heads)
+        # The angles depend on (token, i) only: computed once, applied to every head.
+        token, i0 = b.div(idx, groups), b.mul(b.rem(idx, groups), vec)
         pos = b.cvt(T.F64, b.ld("global", T.S32, Addr(offset(b, positions, token, 4)), nc=True))
         freqs = offset(b, b.addr_of(table), i0, 8)
-        elem = b.mad(token_head, self.head_dim, i0)
-        src, dst = offset(b, x, elem, size), offset(b, y, elem, size)
-        x1 = load_f32(b, self.dtype, Addr(src), vec)
-        x2 = load_f32(b, self.dtype, Addr(src, size * half), vec)
-        y1, y2 = [], []
+        cos, sin = [], []
         for k in range(vec):
             angle = b.mul(pos, b.ld("global", T.F64, Addr(freqs, 8 * k), nc=True))
             turns = b.neg(b.cvt(T.F64, b.mul(angle, 1.0 / TWO_PI), rnd="rni"))
             r32 = b.cvt(T.F32, b.fma(turns, TWO_PI_LO, b.fma(turns, TWO_PI, angle)))
-            cos, sin = b.fn("cos", r32), b.fn("sin", r32)
-            if self.inverse:
-                sin = b.neg(sin)
-            y1.append(b.fma(x1[k], cos, b.neg(b.mul(x2[k], sin))))
-            y2.append(b.fma(x1[k], sin, b.mul(x2[k], cos)))
-        store_f32(b, self.dtype, Addr(dst), y1)
-        store_f32(b, self.dtype, Addr(dst, size * half), y2)
+            cos.append(b.fn("cos", r32))
+            sin.append(b.neg(b.fn("sin", r32)) if self.inverse else b.fn("sin", r32))
+        elem = b.mad(token, self.heads * self.head_dim, i0)
+        src, dst = offset(b, x, elem, size), offset(b, y, elem, size)
+        for h in range(self.heads):
+            at = h * self.head_dim * size
+            x1 = load_f32(b, self.dtype, Addr(src, at), vec)
+            x2 = load_f32(b, self.dtype, Addr(src, at + size * half), vec)
+            y1 = [b.fma(a, c, b.neg(b.mul(z, s_))) for a, z, c, s_ in zip(x1, x2, cos, sin)]
+            y2 = [b.fma(a, s_, b.mul(z, c)) for a, z, c, s_ in zip(x1, x2, cos, sin)]
+            store_f32(b, self.dtype, Addr(dst, at), y1)
+            store_f32(b, self.dtype, Addr(dst, at + size * half), y2)
         b.place(done)
 
     @classmethod
