@@ -30,7 +30,7 @@ from runtime import ModuleCache
 
 T, H, HEADS, KV, D, I, V, CE_ROWS = 16384, 896, 14, 2, 64, 4864, 151936, 4096
 DT = {DType.F32: torch.float32, DType.BF16: torch.bfloat16}
-TUNABLE = ("block_size", "rows_per_block", "row_groups")
+TUNABLE = ("block_size", "rows_per_block", "row_groups", "warp_per_row")
 
 
 def p(t: torch.Tensor) -> int:
@@ -74,13 +74,14 @@ def main() -> None:
         x, r = (torch.randn(T, H, device="cuda") * 0.02).to(tdt), (torch.randn(T, H, device="cuda") * 0.02).to(tdt)
         g = torch.randn(H, device="cuda")
         gt, y, h = g.to(tdt), torch.empty_like(x), torch.empty_like(x)
+        norm_configs = [(w, bs) for w in (False, True) for bs in (64, 128, 224, 256)]
         add_best(f"rmsnorm fwd {dt.value} {T}x{H}", 2 * T * H * sz + 4 * H,
-                 blocks(lambda bs: RMSNormSpec(hidden=H, eps=1e-6, dtype=dt, block_size=bs), (64, 128, 224, 256)),
-                 lambda s: launch(s, s.launch_dims(T), p(x), p(g), p(y)), lambda: F.rms_norm(x, (H,), gt, 1e-6))
+                 [RMSNormSpec(hidden=H, eps=1e-6, dtype=dt, warp_per_row=w, block_size=bs) for w, bs in norm_configs],
+                 lambda s: launch(s, s.launch_dims(T), p(x), p(g), p(y), T), lambda: F.rms_norm(x, (H,), gt, 1e-6))
         add_best(f"residual+rmsnorm fwd {dt.value} {T}x{H}", 4 * T * H * sz + 4 * H,
-                 blocks(lambda bs: RMSNormSpec(hidden=H, eps=1e-6, dtype=dt, residual=True, block_size=bs),
-                        (64, 128, 224, 256)),
-                 lambda s: launch(s, s.launch_dims(T), p(x), p(r), p(g), p(y), p(h)),
+                 [RMSNormSpec(hidden=H, eps=1e-6, dtype=dt, residual=True, warp_per_row=w, block_size=bs)
+                  for w, bs in norm_configs],
+                 lambda s: launch(s, s.launch_dims(T), p(x), p(r), p(g), p(y), p(h), T),
                  lambda: F.rms_norm(x + r, (H,), gt, 1e-6))
         # bias add
         b = torch.randn(H, device="cuda")

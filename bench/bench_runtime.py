@@ -39,9 +39,9 @@ def launch_overhead() -> dict[str, float]:
     g, y = torch.ones(64, device="cuda"), torch.empty(1, 64, device="cuda")
     cache = ModuleCache(use_disk=False)
     kernel = cache.get(spec)
-    launch = kernel.bind(1, 32, x.data_ptr(), g.data_ptr(), y.data_ptr())
-    values = [ctypes.c_uint64(t.data_ptr()) for t in (x, g, y)]
-    array = (ctypes.c_void_p * 3)(*(ctypes.addressof(v) for v in values))
+    launch = kernel.bind(1, 32, x.data_ptr(), g.data_ptr(), y.data_ptr(), 1)
+    values = [ctypes.c_uint64(t.data_ptr()) for t in (x, g, y)] + [ctypes.c_uint32(1)]
+    array = (ctypes.c_void_p * 4)(*(ctypes.addressof(v) for v in values))
     raw_args = ctypes.addressof(array)  # prepacked void** for the raw baseline
     fn, stream = kernel.function, cu.CUstream(0)
 
@@ -53,7 +53,7 @@ def launch_overhead() -> dict[str, float]:
         launch()
 
     def hit_and_pack() -> None:
-        cache.get(spec).bind(1, 32, x.data_ptr(), g.data_ptr(), y.data_ptr())()
+        cache.get(spec).bind(1, 32, x.data_ptr(), g.data_ptr(), y.data_ptr(), 1)()
 
     variants = {"raw cuLaunchKernel": raw, "cache hit + prepared launch": hit,
                 "cache hit + pack + launch": hit_and_pack}

@@ -72,15 +72,14 @@ def check_completeness(target: Target = Target(), key_fn: KeyFn = spec_key,
     findings: list[Finding] = []
     rng = random.Random(seed)
     for kind, cls in kinds().items():
+        perturbed: dict[str, bool] = {}
         moves_text: dict[str, bool] = {}
         for base in cls.examples():
             text, key = base.emit(target), key_fn(base, target)
             for f in dataclasses.fields(base):
                 variants = neighbours(base, f.name)
+                perturbed[f.name] = perturbed.get(f.name, False) or bool(variants)
                 moves_text.setdefault(f.name, False)
-                if not variants:
-                    findings.append(Finding("completeness", f"{kind}.{f.name}",
-                                            f"no legal perturbation of {getattr(base, f.name)!r}"))
                 for v in variants:
                     if v.emit(target) != text:
                         moves_text[f.name] = True
@@ -88,9 +87,13 @@ def check_completeness(target: Target = Target(), key_fn: KeyFn = spec_key,
                             findings.append(Finding("completeness", f"{kind}.{f.name}",
                                                     f"{base} -> {f.name}={getattr(v, f.name)!r} changes "
                                                     f"the PTX but not the key"))
-        findings += [Finding("completeness", f"{kind}.{name}", "no change of this field changes the PTX "
-                                                               "of any example: not an emit parameter")
-                     for name, moved in moves_text.items() if not moved]
+        for name, moved in moves_text.items():
+            if not perturbed[name]:
+                findings.append(Finding("completeness", f"{kind}.{name}",
+                                        "no example has a legal perturbation of this field"))
+            elif not moved:
+                findings.append(Finding("completeness", f"{kind}.{name}", "no change of this field changes "
+                                                                          "the PTX of any example: not an emit parameter"))
         findings += _random_collisions(kind, cls, target, key_fn, random_specs, rng)
     return findings
 

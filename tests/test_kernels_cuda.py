@@ -55,7 +55,7 @@ def test_rmsnorm_bf16_with_fused_residual(cache, rows, hidden):
     spec = RMSNormSpec(hidden=hidden, eps=1e-6, dtype=DType.BF16, residual=True, save_rstd=True)
     _, _, _, y, h, rstd = call(cache, spec, spec.launch_dims(rows), to_bf16(x), to_bf16(res), gamma,
                                poison((rows, hidden), np.uint16), poison((rows, hidden), np.uint16),
-                               poison(rows))
+                               poison(rows), rows)
     h_ref = bf16_round(x + res)
     np.testing.assert_array_equal(from_bf16(h), h_ref)
     y_ref, rstd_ref = rmsnorm_reference(h_ref, gamma, 1e-6)

@@ -36,7 +36,7 @@ def run_rmsnorm(cache, spec, x, gamma):
         dy.fill_u32(NAN_BITS)
         dr.fill_u32(NAN_BITS)
         grid, block = spec.launch_dims(rows)
-        cache.get(spec)(grid, block, dx, dg, dy, *([dr] if spec.save_rstd else []))
+        cache.get(spec)(grid, block, dx, dg, dy, *([dr] if spec.save_rstd else []), rows)
         synchronize()
         return dy.to_numpy(), dr.to_numpy()
 
@@ -87,12 +87,14 @@ def test_rmsnorm_eps_1e5_then_1e6_in_one_process_gives_two_entries(cache):
     assert not np.array_equal(ys[0], ys[1])  # at std 0.02, eps 1e-5 vs 1e-6 moves y by ~1%
 
 
-@pytest.mark.parametrize("rows, hidden, block, save", [
-    (1, 896, 256, True), (3, 897, 128, True), (3, 898, 256, False), (5, 4096, 512, True),
-    (2, 64, 32, False), (7, 4864, 1024, True), (1, 1, 32, True)])
-def test_rmsnorm_odd_shapes_and_saved_rstd(cache, rows, hidden, block, save):
+@pytest.mark.parametrize("rows, hidden, block, save, warp", [
+    (1, 896, 256, True, False), (3, 897, 128, True, False), (3, 898, 256, False, False),
+    (5, 4096, 512, True, False), (2, 64, 32, False, False), (7, 4864, 1024, True, False),
+    (1, 1, 32, True, False), (1, 896, 256, True, True), (13, 897, 128, True, True), (9, 1, 64, True, True),
+    (33, 2048, 256, False, True)])
+def test_rmsnorm_odd_shapes_and_saved_rstd(cache, rows, hidden, block, save, warp):
     x, gamma = qwen_activations(rows, hidden, seed=hidden)
-    spec = RMSNormSpec(hidden=hidden, eps=1e-6, block_size=block, save_rstd=save)
+    spec = RMSNormSpec(hidden=hidden, eps=1e-6, block_size=block, save_rstd=save, warp_per_row=warp)
     y, rstd = run_rmsnorm(cache, spec, x, gamma)
     ref, ref_rstd = rmsnorm_reference(x, gamma, 1e-6)
     assert np.isfinite(y).all(), "an output element was never written"
@@ -240,7 +242,7 @@ def test_driver_errors_name_the_call_and_the_result():
 
 def test_wrong_argument_count_is_refused_before_launch(cache):
     kernel = cache.get(RMSNormSpec(hidden=64, eps=1e-6, block_size=32))
-    with pytest.raises(TypeError, match="takes 3 arguments"):
+    with pytest.raises(TypeError, match="takes 4 arguments"):
         kernel(1, 32, 0, 0)
 
 
@@ -248,4 +250,4 @@ def test_misaligned_pointers_are_refused_at_bind(cache):
     kernel = cache.get(RMSNormSpec(hidden=64, eps=1e-6, block_size=32))
     with DeviceArray(256) as d:
         with pytest.raises(ValueError, match="not 16-byte aligned"):
-            kernel.bind(1, 32, d.ptr + 4, d, d)
+            kernel.bind(1, 32, d.ptr + 4, d, d, 1)

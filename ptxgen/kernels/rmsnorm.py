@@ -12,7 +12,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..builder import Addr, KernelBuilder, T
-from ..reductions import block_allreduce
+from ..reductions import block_allreduce, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from ..vecio import DType, RowSlices, offset, vector_width
@@ -37,28 +37,39 @@ class RMSNormSpec(KernelSpec):
     dtype: DType = DType.F32
     residual: bool = False   # h = x + residual, written to h_out, normalized: the per-layer pattern
     save_rstd: bool = False  # also write rsqrt(mean(h^2) + eps) per row, for the backward
+    warp_per_row: bool = False  # a warp per row (shuffles only, block_size/32 rows a block), else a block
     block_size: int = 256
+
+    @property
+    def row_threads(self) -> int:
+        return 32 if self.warp_per_row else self.block_size
 
     def validate(self) -> None:
         check_positive("hidden", self.hidden)
         check_positive("eps", self.eps)
         check_block_size(self.block_size)
-        _check_row_fit(self.hidden, self.dtype, self.block_size)
+        _check_row_fit(self.hidden, self.dtype, self.row_threads)
 
     def launch_dims(self, rows: int) -> tuple[int, int]:
-        """(grid, block) for ``rows`` rows: one block per row."""
-        return rows, self.block_size
+        """(grid, block) for ``rows`` rows."""
+        return max(1, -(-rows // (self.block_size // self.row_threads))), self.block_size
 
     def params(self) -> tuple[tuple[str, T], ...]:
         names = (("x",) + (("residual",) if self.residual else ()) + ("gamma", "y") +
                  (("h_out",) if self.residual else ()) + (("rstd",) if self.save_rstd else ()))
-        return tuple((n, T.U64) for n in names)
+        return tuple((n, T.U64) for n in names) + (("n_rows", T.U32),)
 
     def build(self, b: KernelBuilder) -> None:
         dt, size = self.dtype, self.dtype.size
-        ptr = {n: b.cvta_global(b.ld_param(n)) for n, _ in self.params()}
-        row, tid = b.special("%ctaid.x"), b.special("%tid.x")
-        rows = RowSlices(b, self.hidden, vector_width(self.hidden, dt), self.block_size, tid)
+        ptr = {n: b.cvta_global(b.ld_param(n)) for n, t in self.params() if t is T.U64}
+        done = b.new_label("done")
+        if self.warp_per_row:
+            tid = b.and_(b.special("%tid.x"), 31)
+            row = b.mad(b.special("%ctaid.x"), self.block_size // 32, b.shr(b.special("%tid.x"), 5))
+        else:
+            row, tid = b.special("%ctaid.x"), b.special("%tid.x")
+        b.bra(done, guard=b.setp("ge", row, b.ld_param("n_rows")))  # uniform per warp / block
+        rows = RowSlices(b, self.hidden, vector_width(self.hidden, dt), self.row_threads, tid)
         hs = rows.load(b, dt, rows.base(b, ptr["x"], row, size))
         if self.residual:
             res = rows.load(b, dt, rows.base(b, ptr["residual"], row, size))
@@ -70,7 +81,8 @@ class RMSNormSpec(KernelSpec):
         sumsq = b.mov(0.0, T.F32)
         for h in (h for hv in hs for h in hv):
             b.fma(h, h, sumsq, out=sumsq)
-        total = block_allreduce(b, sumsq, "add", self.block_size, tid)
+        total = (warp_allreduce(b, sumsq, "add") if self.warp_per_row
+                 else block_allreduce(b, sumsq, "add", self.block_size, tid))
         rstd = b.fn("rsqrt", b.fma(total, 1.0 / self.hidden, self.eps))
         if self.save_rstd:
             b.st("global", Addr(offset(b, ptr["rstd"], row, 4)), rstd, guard=b.setp("eq", tid, 0))
@@ -78,13 +90,15 @@ class RMSNormSpec(KernelSpec):
         gs = rows.load(b, DType.F32, rows.base(b, ptr["gamma"], None, 4), nc=True)
         ys = [[b.mul(b.mul(h, rstd), g) for h, g in zip(hv, gv)] for hv, gv in zip(hs, gs)]
         rows.store(b, dt, rows.base(b, ptr["y"], row, size), ys)
+        b.place(done)
 
     @classmethod
     def examples(cls) -> list["RMSNormSpec"]:
         return [cls(hidden=896, eps=1e-6), cls(hidden=897, eps=1e-5, block_size=128),
                 cls(hidden=4096, eps=1e-6, block_size=512, save_rstd=True),
                 cls(hidden=64, eps=1e-6, block_size=32),
-                cls(hidden=896, eps=1e-6, dtype=DType.BF16, residual=True, save_rstd=True)]
+                cls(hidden=896, eps=1e-6, dtype=DType.BF16, residual=True, save_rstd=True),
+                cls(hidden=896, eps=1e-6, warp_per_row=True, save_rstd=True)]
 
 
 @register

@@ -20,6 +20,7 @@ from .common import check_block_size, check_positive
 
 TWO_PI = 2.0 * math.pi
 MAX_HEADS = 128
+MAX_VALUES_IN_FLIGHT = 64  # loaded values per thread before the first store
 TWO_PI_LO = 2.4492935982947064e-16  # 2*pi - fl(2*pi): the second term of the Cody-Waite reduction
 
 
@@ -87,14 +88,19 @@ class RopeSpec(KernelSpec):
             sin.append(b.neg(b.fn("sin", r32)) if self.inverse else b.fn("sin", r32))
         elem = b.mad(token, self.heads * self.head_dim, i0)
         src, dst = offset(b, x, elem, size), offset(b, y, elem, size)
-        for h in range(self.heads):
-            at = h * self.head_dim * size
-            x1 = load_f32(b, self.dtype, Addr(src, at), vec)
-            x2 = load_f32(b, self.dtype, Addr(src, at + size * half), vec)
-            y1 = [b.fma(a, c, b.neg(b.mul(z, s_))) for a, z, c, s_ in zip(x1, x2, cos, sin)]
-            y2 = [b.fma(a, s_, b.mul(z, c)) for a, z, c, s_ in zip(x1, x2, cos, sin)]
-            store_f32(b, self.dtype, Addr(dst, at), y1)
-            store_f32(b, self.dtype, Addr(dst, at + size * half), y2)
+        # Loads of a batch of heads go first: y may alias x (in-place), so ptxas cannot hoist
+        # a head's loads above the previous head's stores by itself.
+        batch = max(1, MAX_VALUES_IN_FLIGHT // (2 * vec))
+        for first in range(0, self.heads, batch):
+            heads = range(first, min(first + batch, self.heads))
+            at = {h: h * self.head_dim * size for h in heads}
+            xs = {h: (load_f32(b, self.dtype, Addr(src, at[h]), vec),
+                      load_f32(b, self.dtype, Addr(src, at[h] + size * half), vec)) for h in heads}
+            for h, (x1, x2) in xs.items():
+                y1 = [b.fma(a, c, b.neg(b.mul(z, s_))) for a, z, c, s_ in zip(x1, x2, cos, sin)]
+                y2 = [b.fma(a, s_, b.mul(z, c)) for a, z, c, s_ in zip(x1, x2, cos, sin)]
+                store_f32(b, self.dtype, Addr(dst, at[h]), y1)
+                store_f32(b, self.dtype, Addr(dst, at[h] + size * half), y2)
         b.place(done)
 
     @classmethod
