@@ -45,15 +45,18 @@ def main() -> None:
     cache = ModuleCache()
     rows: list[Row] = []
 
+    def row(name, nbytes, ours_ms, theirs):
+        rows.append(Row(name, int(nbytes), ours_ms, time_ms(theirs), copy, copy_bandwidth_gbs(int(nbytes))))
+
     def add(name, nbytes, ours, theirs):
-        rows.append(Row(name, int(nbytes), time_ms(ours), time_ms(theirs), copy))
+        row(name, nbytes, time_ms(ours), theirs)
 
     def add_best(name, nbytes, specs, make, theirs):
         """Time ``make(spec)`` for each candidate spec (the tunable fields), report the fastest."""
         timed = sorted((time_ms(make(s)), i) for i, s in enumerate(specs))
         best = specs[timed[0][1]]
         tuned = ", ".join(f"{k}={v}" for k, v in best.fields().items() if k in TUNABLE)
-        rows.append(Row(f"{name} [{tuned}]", int(nbytes), timed[0][0], time_ms(theirs), copy))
+        row(f"{name} [{tuned}]", nbytes, timed[0][0], theirs)
 
     def launch(spec, dims, *args):
         return cache.get(spec).bind(*dims, *args)
