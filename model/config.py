@@ -1,0 +1,118 @@
+"""Model configuration: one dataclass, presets, and HF ``config.json`` in and out.
+
+eps and theta live here and nowhere else: every kernel spec the model builds takes them from the
+config (no kernel constructor has a default for either).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a model; one line for the user."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    rope_theta: float
+    rms_norm_eps: float
+    qkv_bias: bool
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("int", int) and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+                raise ConfigError(f"{f.name} must be a positive integer, got {v!r}")
+        for name in ("rope_theta", "rms_norm_eps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"{name} must be a positive number, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # -- HF config.json ----------------------------------------------------------------------
+    def to_hf(self) -> dict[str, Any]:
+        return {
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads, "intermediate_size": self.intermediate_size,
+            "rope_theta": self.rope_theta, "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_dropout": 0.0, "use_sliding_window": False, "torch_dtype": "float32",
+            "initializer_range": 0.02,
+            # Qwen2 in transformers always has Q/K/V biases; a bias-free model exports zeros there.
+            "ptxgen_qkv_bias": self.qkv_bias,
+        }
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        try:
+            return cls(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                       num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+                       num_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+                       intermediate_size=hf["intermediate_size"], rope_theta=hf["rope_theta"],
+                       rms_norm_eps=hf["rms_norm_eps"], qkv_bias=hf.get("ptxgen_qkv_bias", True),
+                       tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                       max_position_embeddings=hf.get("max_position_embeddings", 32768))
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks {e.args[0]!r}") from None
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_hf(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelConfig":
+        try:
+            return cls.from_hf(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"cannot read {path}: {e}") from None
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "qwen2-0.5b": ModelConfig(vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14,
+                              num_kv_heads=2, intermediate_size=4864, rope_theta=1e6, rms_norm_eps=1e-6,
+                              qkv_bias=True, tie_word_embeddings=True, max_position_embeddings=32768),
+    "llama-style": ModelConfig(vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12,
+                               num_kv_heads=12, intermediate_size=2048, rope_theta=1e4, rms_norm_eps=1e-5,
+                               qkv_bias=False, tie_word_embeddings=False, max_position_embeddings=4096),
+    # Untied head: with tied weights a random-init model already scores its own input token at
+    # |e|*sqrt(hidden), which lifts the initial loss above ln(vocab).
+    "tiny": ModelConfig(vocab_size=256, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                        intermediate_size=352, rope_theta=1e4, rms_norm_eps=1e-6, qkv_bias=True,
+                        tie_word_embeddings=False, max_position_embeddings=512),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None

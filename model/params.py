@@ -1,0 +1,51 @@
+"""Parameters by their HF Qwen2 tensor names: shapes, initialisation, and the flat-buffer layout."""
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ModelConfig
+
+INIT_STD = 0.02  # HF initializer_range
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, c.hidden_size)}
+    for i in range(c.num_layers):
+        p = layer_prefix(i)
+        shapes[p + "input_layernorm.weight"] = (c.hidden_size,)
+        for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            shapes[p + f"self_attn.{name}.weight"] = (rows, c.hidden_size)
+            if c.qkv_bias:
+                shapes[p + f"self_attn.{name}.bias"] = (rows,)
+        shapes[p + "self_attn.o_proj.weight"] = (c.hidden_size, q)
+        shapes[p + "post_attention_layernorm.weight"] = (c.hidden_size,)
+        shapes[p + "mlp.gate_proj.weight"] = (c.intermediate_size, c.hidden_size)
+        shapes[p + "mlp.up_proj.weight"] = (c.intermediate_size, c.hidden_size)
+        shapes[p + "mlp.down_proj.weight"] = (c.hidden_size, c.intermediate_size)
+    shapes["model.norm.weight"] = (c.hidden_size,)
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
+    return shapes
+
+
+def init_params(c: ModelConfig, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Normal(0, 0.02) matrices, zero biases, unit norm weights (as HF initialises Qwen2)."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(c).items():
+        if name.endswith("norm.weight"):
+            params[name] = np.ones(shape, dtype)
+        elif name.endswith(".bias"):
+            params[name] = np.zeros(shape, dtype)
+        else:
+            params[name] = (INIT_STD * rng.standard_normal(shape)).astype(dtype)
+    return params
+
+
+def lm_head_name(c: ModelConfig) -> str:
+    return "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"

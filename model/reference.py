@@ -1,0 +1,172 @@
+"""The numpy reference of the whole decoder, forward and backward, in float64: the ground truth.
+
+Embedding, RMSNorm, Q/K/V projections with optional bias, RoPE NeoX, GQA causal attention,
+SwiGLU MLP, final norm, LM head, cross-entropy. The per-op math is the kernels' own numpy
+references, so the model and the kernels cannot drift apart. Forward also runs incrementally with
+a KV cache (for generation).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ptxgen.kernels.cross_entropy import cross_entropy_reference
+from ptxgen.kernels.rmsnorm import rmsnorm_backward_reference, rmsnorm_reference
+from ptxgen.kernels.rope import rope_reference
+from ptxgen.kernels.swiglu import swiglu_backward_reference, swiglu_reference
+
+from .config import ModelConfig
+from .params import layer_prefix, lm_head_name
+
+IGNORE_INDEX = -100
+
+
+def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """GQA causal attention. q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]; query i sits at position start + i.
+
+    Returns (out [B, Sq, Hq, D], probabilities [B, Hq, Sq, Sk]). Scale 1/sqrt(D), explicit mask.
+    """
+    group = q.shape[2] // k.shape[2]
+    k_rep, v_rep = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k_rep) / np.sqrt(q.shape[-1])
+    visible = np.arange(k.shape[1])[None, :] <= start + np.arange(q.shape[1])[:, None]
+    scores = np.where(visible, scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", p, v_rep), p
+
+
+def causal_attention_backward(q, k, v, p, dout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients (dq, dk, dv) of ``causal_attention`` (start 0), k/v grads summed over each group."""
+    b, s, hkv, d = k.shape
+    group = q.shape[2] // hkv
+    k_rep, v_rep = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    scale = 1.0 / np.sqrt(d)
+    dv = np.einsum("bhqk,bqhd->bkhd", p, dout)
+    dp = np.einsum("bqhd,bkhd->bhqk", dout, v_rep)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    dq = np.einsum("bhqk,bkhd->bqhd", ds, k_rep) * scale
+    dk = np.einsum("bhqk,bqhd->bkhd", ds, q) * scale
+    return dq, dk.reshape(b, s, hkv, group, d).sum(3), dv.reshape(b, s, hkv, group, d).sum(3)
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values seen so far (after RoPE), for incremental decoding."""
+
+    keys: list[np.ndarray] = field(default_factory=list)
+    values: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[1] if self.keys else 0
+
+
+class ReferenceModel:
+    """float64 forward/backward over a parameter dict with HF names."""
+
+    def __init__(self, config: ModelConfig, params: dict[str, np.ndarray]):
+        self.c = config
+        self.p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+
+    def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
+        y = x @ self.p[name + ".weight"].T
+        return y + self.p[name + ".bias"] if name + ".bias" in self.p else y
+
+    def forward(self, ids: np.ndarray, cache: KVCache | None = None, tape: list | None = None) -> np.ndarray:
+        """Logits [B, S, V] for token ids [B, S]; with ``cache``, continue after the cached tokens."""
+        c = self.c
+        ids = np.asarray(ids)
+        b, s = ids.shape
+        start = cache.length if cache is not None else 0
+        positions = np.tile(np.arange(start, start + s), b)
+        x = self.p["model.embed_tokens.weight"][ids.reshape(-1)]
+        for i in range(c.num_layers):
+            p = layer_prefix(i)
+            h, rstd1 = rmsnorm_reference(x, self.p[p + "input_layernorm.weight"], c.rms_norm_eps)
+            q = self._linear(h, p + "self_attn.q_proj").reshape(b * s, c.num_heads, c.head_dim)
+            k = self._linear(h, p + "self_attn.k_proj").reshape(b * s, c.num_kv_heads, c.head_dim)
+            v = self._linear(h, p + "self_attn.v_proj").reshape(b, s, c.num_kv_heads, c.head_dim)
+            q = rope_reference(q, positions, c.rope_theta).reshape(b, s, c.num_heads, c.head_dim)
+            k = rope_reference(k, positions, c.rope_theta).reshape(b, s, c.num_kv_heads, c.head_dim)
+            if cache is not None:
+                if len(cache.keys) <= i:
+                    cache.keys.append(k[:, :0])
+                    cache.values.append(v[:, :0])
+                k = cache.keys[i] = np.concatenate([cache.keys[i], k], axis=1)
+                v = cache.values[i] = np.concatenate([cache.values[i], v], axis=1)
+            o, probs = causal_attention(q, k, v, start)
+            attn = o.reshape(b * s, -1) @ self.p[p + "self_attn.o_proj.weight"].T
+            x_mid = x + attn
+            h2, rstd2 = rmsnorm_reference(x_mid, self.p[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
+            gate, up = h2 @ self.p[p + "mlp.gate_proj.weight"].T, h2 @ self.p[p + "mlp.up_proj.weight"].T
+            act = swiglu_reference(gate, up)
+            x_out = x_mid + act @ self.p[p + "mlp.down_proj.weight"].T
+            if tape is not None:
+                tape.append(dict(x=x, h=h, q=q, k=k, v=v, o=o, probs=probs, x_mid=x_mid, h2=h2,
+                                 gate=gate, up=up, act=act))
+            x = x_out
+        hf, _ = rmsnorm_reference(x, self.p["model.norm.weight"], c.rms_norm_eps)
+        if tape is not None:
+            tape.append(dict(x=x, hf=hf, positions=positions, shape=(b, s)))
+        return (hf @ self.p[lm_head_name(c)].T).reshape(b, s, -1)
+
+    def loss(self, ids: np.ndarray, targets: np.ndarray) -> float:
+        logits = self.forward(ids)
+        t = np.asarray(targets).reshape(-1)
+        losses, _ = cross_entropy_reference(logits.reshape(len(t), -1), t, IGNORE_INDEX, 1.0)
+        return float(losses.sum() / max(1, int((t != IGNORE_INDEX).sum())))
+
+    def loss_and_grads(self, ids: np.ndarray, targets: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        """Mean cross-entropy over non-ignored targets and its gradient for every parameter."""
+        c = self.c
+        tape: list[dict[str, Any]] = []
+        logits = self.forward(ids, tape=tape)
+        t = np.asarray(targets).reshape(-1)
+        n_valid = max(1, int((t != IGNORE_INDEX).sum()))
+        losses, dlogits = cross_entropy_reference(logits.reshape(len(t), -1), t, IGNORE_INDEX, 1.0 / n_valid)
+        top = tape.pop()
+        b, s = top["shape"]
+        positions = top["positions"]
+        g = {name: np.zeros_like(v) for name, v in self.p.items()}
+
+        head = lm_head_name(c)
+        g[head] += dlogits.T @ top["hf"]
+        dhf = dlogits @ self.p[head]
+        dx, dgamma = rmsnorm_backward_reference(top["x"], self.p["model.norm.weight"], dhf, c.rms_norm_eps)
+        g["model.norm.weight"] += dgamma
+        for i in reversed(range(c.num_layers)):
+            p, a = layer_prefix(i), tape[i]
+            # MLP: x_out = x_mid + down(silu(gate) * up)
+            wd = self.p[p + "mlp.down_proj.weight"]
+            g[p + "mlp.down_proj.weight"] += dx.T @ a["act"]
+            dgate, dup = swiglu_backward_reference(a["gate"], a["up"], dx @ wd)
+            g[p + "mlp.gate_proj.weight"] += dgate.T @ a["h2"]
+            g[p + "mlp.up_proj.weight"] += dup.T @ a["h2"]
+            dh2 = dgate @ self.p[p + "mlp.gate_proj.weight"] + dup @ self.p[p + "mlp.up_proj.weight"]
+            dmid, dgamma = rmsnorm_backward_reference(a["x_mid"], self.p[p + "post_attention_layernorm.weight"],
+                                                      dh2, c.rms_norm_eps)
+            g[p + "post_attention_layernorm.weight"] += dgamma
+            dx_mid = dx + dmid
+            # attention: x_mid = x + o_proj(attn(rope(q), rope(k), v))
+            o2d = a["o"].reshape(b * s, -1)
+            g[p + "self_attn.o_proj.weight"] += dx_mid.T @ o2d
+            do = (dx_mid @ self.p[p + "self_attn.o_proj.weight"]).reshape(a["o"].shape)
+            dq, dk, dv = causal_attention_backward(a["q"], a["k"], a["v"], a["probs"], do)
+            dq = rope_reference(dq.reshape(b * s, c.num_heads, -1), positions, c.rope_theta, inverse=True)
+            dk = rope_reference(dk.reshape(b * s, c.num_kv_heads, -1), positions, c.rope_theta, inverse=True)
+            dh = np.zeros_like(a["h"])
+            for name, d in (("q_proj", dq), ("k_proj", dk), ("v_proj", dv)):
+                d = d.reshape(b * s, -1)
+                g[p + f"self_attn.{name}.weight"] += d.T @ a["h"]
+                if c.qkv_bias:
+                    g[p + f"self_attn.{name}.bias"] += d.sum(0)
+                dh += d @ self.p[p + f"self_attn.{name}.weight"]
+            dxn, dgamma = rmsnorm_backward_reference(a["x"], self.p[p + "input_layernorm.weight"], dh,
+                                                     c.rms_norm_eps)
+            g[p + "input_layernorm.weight"] += dgamma
+            dx = dx_mid + dxn
+        np.add.at(g["model.embed_tokens.weight"], np.asarray(ids).reshape(-1), dx)
+        return float(losses.sum() / n_valid), g
