@@ -104,7 +104,7 @@ PRESETS: dict[str, ModelConfig] = {
                                num_kv_heads=12, intermediate_size=2048, rope_theta=1e4, rms_norm_eps=1e-5,
                                qkv_bias=False, tie_word_embeddings=False, max_position_embeddings=4096),
     # Untied head: with tied weights a random-init model already scores its own input token at
-    # |e|*sqrt(hidden), which lifts the initial loss above ln(vocab).
+    # |e|*sqrt(hidden), which lifts the initial loss above ln(vocab) (see init_params).
     "tiny": ModelConfig(vocab_size=256, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                         intermediate_size=352, rope_theta=1e4, rms_norm_eps=1e-6, qkv_bias=True,
                         tie_word_embeddings=False, max_position_embeddings=512),

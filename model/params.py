@@ -34,7 +34,12 @@ def param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def init_params(c: ModelConfig, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
-    """Normal(0, 0.02) matrices, zero biases, unit norm weights (as HF initialises Qwen2)."""
+    """Normal(0, 0.02) matrices, zero biases, unit norm weights (as HF initialises Qwen2).
+
+    An untied LM head is drawn with std 0.02 / sqrt(hidden) instead: its input is RMS-normalized,
+    so HF's 0.02 gives logits of std 0.02 * sqrt(hidden), and an initial loss that depends on the
+    draw; scaled, the first loss is ln(vocab) within a few thousandths, as an untrained model's should be.
+    """
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in param_shapes(c).items():
@@ -43,7 +48,8 @@ def init_params(c: ModelConfig, seed: int = 0, dtype=np.float32) -> dict[str, np
         elif name.endswith(".bias"):
             params[name] = np.zeros(shape, dtype)
         else:
-            params[name] = (INIT_STD * rng.standard_normal(shape)).astype(dtype)
+            std = INIT_STD / np.sqrt(c.hidden_size) if name == "lm_head.weight" else INIT_STD
+            params[name] = (std * rng.standard_normal(shape)).astype(dtype)
     return params
 
 

@@ -23,33 +23,41 @@ from .params import layer_prefix, lm_head_name
 IGNORE_INDEX = -100
 
 
+def _heads_first(x: np.ndarray, group: int = 1) -> np.ndarray:
+    """[B, S, H, D] -> [B, H * group, S, D], each head repeated ``group`` times (GQA)."""
+    return np.repeat(x, group, axis=2).transpose(0, 2, 1, 3)
+
+
 def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """GQA causal attention. q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]; query i sits at position start + i.
 
     Returns (out [B, Sq, Hq, D], probabilities [B, Hq, Sq, Sk]). Scale 1/sqrt(D), explicit mask.
     """
     group = q.shape[2] // k.shape[2]
-    k_rep, v_rep = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
-    scores = np.einsum("bqhd,bkhd->bhqk", q, k_rep) / np.sqrt(q.shape[-1])
+    scores = _heads_first(q) @ _heads_first(k, group).transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
     visible = np.arange(k.shape[1])[None, :] <= start + np.arange(q.shape[1])[:, None]
     scores = np.where(visible, scores, -np.inf)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    return np.einsum("bhqk,bkhd->bqhd", p, v_rep), p
+    return (p @ _heads_first(v, group)).transpose(0, 2, 1, 3), p
 
 
 def causal_attention_backward(q, k, v, p, dout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Gradients (dq, dk, dv) of ``causal_attention`` (start 0), k/v grads summed over each group."""
     b, s, hkv, d = k.shape
     group = q.shape[2] // hkv
-    k_rep, v_rep = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
     scale = 1.0 / np.sqrt(d)
-    dv = np.einsum("bhqk,bqhd->bkhd", p, dout)
-    dp = np.einsum("bqhd,bkhd->bhqk", dout, v_rep)
+    do = _heads_first(dout)
+    dv = p.transpose(0, 1, 3, 2) @ do
+    dp = do @ _heads_first(v, group).transpose(0, 1, 3, 2)
     ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-    dq = np.einsum("bhqk,bkhd->bqhd", ds, k_rep) * scale
-    dk = np.einsum("bhqk,bqhd->bkhd", ds, q) * scale
-    return dq, dk.reshape(b, s, hkv, group, d).sum(3), dv.reshape(b, s, hkv, group, d).sum(3)
+    dq = (ds @ _heads_first(k, group)).transpose(0, 2, 1, 3) * scale
+    dk = (ds.transpose(0, 1, 3, 2) @ _heads_first(q)) * scale
+
+    def per_kv_head(x: np.ndarray) -> np.ndarray:  # [B, Hq, S, D] -> [B, S, Hkv, D], summed per group
+        return x.reshape(b, hkv, group, s, d).sum(2).transpose(0, 2, 1, 3)
+
+    return dq, per_kv_head(dk), per_kv_head(dv)
 
 
 @dataclass

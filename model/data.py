@@ -1,0 +1,139 @@
+"""Training data: tokenizers, the corpus (default: the Python standard library's own source), batches.
+
+Everything is deterministic: files in sorted order, a fixed train/validation split by file, and
+batches taken in order from the token stream, so a data position (one integer) is enough to resume.
+"""
+from __future__ import annotations
+
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+
+VAL_EVERY = 20  # every 20th file (in sorted order) is validation data: about 5%
+
+
+class DataError(ValueError):
+    """Data that cannot be trained on; one line for the user."""
+
+
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int
+
+    def encode(self, text: bytes) -> np.ndarray: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """One token per byte: vocab 256, nothing to train or ship."""
+
+    name = "byte"
+    vocab_size = 256
+
+    def encode(self, text: bytes) -> np.ndarray:
+        return np.frombuffer(text, dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` (through the ``tokenizers`` library)."""
+
+    name = "tokenizer.json"
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as _Tokenizer
+
+        self.path = Path(path)
+        try:
+            self._tok = _Tokenizer.from_file(str(self.path))
+        except Exception as e:  # the library raises its own types for unreadable and malformed files
+            raise DataError(f"cannot load tokenizer {self.path}: {str(e).splitlines()[0]}") from None
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def encode(self, text: bytes) -> np.ndarray:
+        ids = self._tok.encode(text.decode("utf-8", errors="replace"), add_special_tokens=False).ids
+        return np.asarray(ids, dtype=np.int32)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's ``.py`` files (third-party site-packages excluded), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files named, and every file under directories named (hidden ones skipped), sorted per argument."""
+    files: list[Path] = []
+    for arg in paths:
+        p = Path(arg)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file()
+                            and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"no such file or directory: {p}")
+    return files
+
+
+@dataclass(frozen=True)
+class Corpus:
+    train: np.ndarray  # int32 token ids, files concatenated in order
+    val: np.ndarray
+    n_files: int
+
+    @classmethod
+    def from_files(cls, files: Sequence[Path], tokenizer: Tokenizer) -> "Corpus":
+        train: list[np.ndarray] = []
+        val: list[np.ndarray] = []
+        for i, path in enumerate(files):
+            try:
+                ids = tokenizer.encode(path.read_bytes())
+            except OSError as e:
+                raise DataError(f"cannot read {path}: {e.strerror}") from None
+            (val if i % VAL_EVERY == VAL_EVERY - 1 else train).append(ids)
+        if not files or not sum(len(t) for t in train):
+            raise DataError("the corpus is empty: no tokens in the files given")
+        if not val:  # too few files for a split by file: hold out the stream's tail instead
+            stream = np.concatenate(train)
+            cut = len(stream) - max(1, len(stream) // VAL_EVERY)
+            return cls(stream[:cut], stream[cut:], len(files))
+        return cls(np.concatenate(train), np.concatenate(val), len(files))
+
+    def check_fits(self, batch: int, seq: int, vocab_size: int) -> None:
+        if len(self.train) < batch * seq + 1:
+            raise DataError(f"the corpus has {len(self.train)} training tokens; a batch of "
+                            f"{batch}x{seq} needs {batch * seq + 1}")
+        if len(self.val) < seq + 1:
+            raise DataError(f"the corpus has {len(self.val)} validation tokens; seq_len {seq} needs {seq + 1}")
+        top = int(max(self.train.max(), self.val.max()))
+        if top >= vocab_size:
+            raise DataError(f"token id {top} does not fit the model's vocab_size {vocab_size}")
+
+
+def batch_at(stream: np.ndarray, position: int, batch: int, seq: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(inputs [batch, seq], next-token targets, next position): consecutive windows, wrapping around."""
+    n = batch * seq
+    if position + n + 1 > len(stream):
+        position = 0
+    window = stream[position:position + n + 1]
+    return window[:-1].reshape(batch, seq), window[1:].reshape(batch, seq), position + n
+
+
+def val_batches(stream: np.ndarray, batch: int, seq: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A fixed set of validation batches spread evenly over the validation stream."""
+    windows = (len(stream) - 1) // seq
+    rows = np.unique(np.linspace(0, windows - 1, min(windows, batch * count)).astype(np.int64))
+    starts = rows * seq
+    xs = np.stack([stream[s:s + seq] for s in starts])
+    ys = np.stack([stream[s + 1:s + seq + 1] for s in starts])
+    return [(xs[i:i + batch], ys[i:i + batch]) for i in range(0, len(starts), batch)]

@@ -1,0 +1,30 @@
+"""The optimizer settings and learning-rate schedule shared by every training backend."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AdamWSettings:
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0  # global-norm clipping; 0 disables it
+
+
+def decays(name: str) -> bool:
+    """Weight decay applies to matrices only, not to norm weights or biases."""
+    return not (name.endswith(".bias") or name.endswith("norm.weight"))
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
+    """Linear warmup over ``warmup`` steps to ``peak``, then cosine decay to ``peak * min_ratio``.
+
+    ``step`` counts from 1 (the step about to be taken).
+    """
+    if warmup and step <= warmup:
+        return peak * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -1,0 +1,85 @@
+"""Data: tokenizers, the default corpus, the deterministic split and batches."""
+import numpy as np
+import pytest
+
+from model.data import (VAL_EVERY, ByteTokenizer, Corpus, DataError, HFTokenizer, batch_at, expand_paths,
+                        stdlib_files, val_batches)
+
+
+def test_byte_tokenizer_round_trips_utf8():
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo →".encode())
+    assert ids.dtype == np.int32 and ids.max() < tok.vocab_size == 256
+    assert tok.decode(ids) == "héllo →"
+
+
+def test_default_corpus_is_the_stdlib_source_in_sorted_order():
+    files = stdlib_files()
+    assert len(files) > 100 and files == sorted(files)
+    assert any(f.name == "os.py" for f in files)
+    assert not any("site-packages" in f.parts for f in files)
+
+
+def test_split_is_by_file_and_deterministic(tmp_path):
+    for i in range(2 * VAL_EVERY):
+        (tmp_path / f"f{i:02d}.txt").write_bytes(bytes([i]) * 10)
+    corpus = Corpus.from_files(expand_paths([tmp_path]), ByteTokenizer())
+    assert sorted(set(corpus.val.tolist())) == [VAL_EVERY - 1, 2 * VAL_EVERY - 1]
+    assert len(corpus.train) == 10 * (2 * VAL_EVERY - 2)
+    again = Corpus.from_files(expand_paths([tmp_path]), ByteTokenizer())
+    np.testing.assert_array_equal(again.train, corpus.train)
+
+
+def test_a_single_file_holds_out_its_tail(tmp_path):
+    (tmp_path / "a.py").write_bytes(bytes(range(200)))
+    corpus = Corpus.from_files([tmp_path / "a.py"], ByteTokenizer())
+    assert np.concatenate([corpus.train, corpus.val]).tolist() == list(range(200))
+    assert len(corpus.val) == 200 // VAL_EVERY
+
+
+def test_empty_and_missing_inputs_are_clear_errors(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(DataError, match="empty"):
+        Corpus.from_files([tmp_path / "empty.txt"], ByteTokenizer())
+    with pytest.raises(DataError, match="no such file"):
+        expand_paths([tmp_path / "nope"])
+    data = tmp_path / "data.bin"
+    data.write_bytes(bytes(range(200)))
+    corpus = Corpus.from_files([data], ByteTokenizer())
+    with pytest.raises(DataError, match="training tokens"):
+        corpus.check_fits(batch=16, seq=16, vocab_size=256)
+    with pytest.raises(DataError, match="vocab_size"):
+        corpus.check_fits(batch=1, seq=2, vocab_size=10)
+
+
+def test_batches_are_consecutive_next_token_windows_that_wrap():
+    stream = np.arange(23, dtype=np.int32)
+    x, y, pos = batch_at(stream, 0, 2, 5)
+    assert x.tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]] and (y == x + 1).all() and pos == 10
+    x, _, pos = batch_at(stream, pos, 2, 5)
+    assert x[0, 0] == 10 and pos == 20
+    x, _, pos = batch_at(stream, pos, 2, 5)  # 20 + 11 > 23: back to the start
+    assert x[0, 0] == 0 and pos == 10
+
+
+def test_validation_batches_are_fixed_and_cover_the_stream():
+    stream = np.arange(1000, dtype=np.int32)
+    batches = val_batches(stream, batch=4, seq=10, count=3)
+    assert len(batches) == 3 and all(x.shape == (4, 10) for x, _ in batches)
+    assert all((y == x + 1).all() for x, y in batches)
+    assert batches[0][0][0, 0] == 0 and batches[-1][0][-1, -1] >= 980
+
+
+def test_hf_tokenizer_json_is_used_when_given(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "def": 1, "main": 2, "(": 3, ")": 4, ":": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    hf = HFTokenizer(tmp_path / "tokenizer.json")
+    assert hf.vocab_size == 6
+    assert hf.encode(b"def main ( ) : nope").tolist() == [1, 2, 3, 4, 5, 0]
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DataError, match="cannot load tokenizer"):
+        HFTokenizer(tmp_path / "bad.json")

@@ -1,0 +1,153 @@
+"""Checkpoints, the training loop (numpy backend) and the train / generate command line."""
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.cli import main
+from model.config import ModelConfig, preset
+from model.data import ByteTokenizer, Corpus, stdlib_files
+from model.numpy_backend import NumpyBackend
+from model.optim import AdamWSettings, lr_at
+from model.params import init_params, param_shapes
+from model.train import TrainSettings, train
+
+MICRO = ModelConfig(vocab_size=256, hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2,
+                    intermediate_size=24, rope_theta=1e4, rms_norm_eps=1e-6, qkv_bias=True,
+                    tie_word_embeddings=False, max_position_embeddings=64)
+SETTINGS = TrainSettings(steps=20, batch_size=2, seq_len=16, lr=1e-2, warmup=4, eval_every=10,
+                         eval_batches=2)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return Corpus.from_files(stdlib_files()[:60], ByteTokenizer())
+
+
+def run(corpus, out, **kw):
+    return train(MICRO, kw.pop("settings", SETTINGS), AdamWSettings(), corpus, NumpyBackend, out,
+                 log=lambda m: None, progress=False, **kw)
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    lrs = [lr_at(s, 100, 1.0, 10, 0.1) for s in range(1, 101)]
+    assert lrs[:10] == pytest.approx([0.1 * k for k in range(1, 11)])
+    assert lrs[54] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lrs[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_random_init_val_loss_is_within_005_of_ln_vocab():
+    corpus = Corpus.from_files(stdlib_files()[:200], ByteTokenizer())
+    config = preset("tiny")
+    settings = TrainSettings(steps=1, batch_size=8, seq_len=128, eval_batches=8)
+    result = train(config, settings, AdamWSettings(), corpus, NumpyBackend, None, log=lambda m: None,
+                   progress=False)
+    assert abs(result.val_losses[0] - math.log(config.vocab_size)) <= 0.05
+
+
+def test_training_lowers_the_loss_and_two_runs_are_bit_identical(corpus, tmp_path):
+    a, b = run(corpus, tmp_path / "a"), run(corpus, tmp_path / "b")
+    assert a.train_losses == b.train_losses and a.val_losses == b.val_losses
+    assert a.val_losses[20] < a.val_losses[0] - 1.0
+    wa, wb = (load_file(str(r.checkpoint / "model.safetensors")) for r in (a, b))
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_run_resumed_at_step_10_matches_the_uninterrupted_run_bit_for_bit(corpus, tmp_path):
+    full = run(corpus, tmp_path / "full", settings=dataclasses.replace(SETTINGS, checkpoint_every=10))
+    # stopped at step 10: a fresh run directory whose latest checkpoint is the run's step 10
+    resumed_dir = tmp_path / "resumed"
+    save_checkpoint(resumed_dir, 10, *_state(tmp_path / "full" / "step-0000010"))
+    resumed = run(corpus, resumed_dir, resume=True)
+    assert resumed.train_losses == full.train_losses[10:]
+    assert resumed.val_losses[20] == full.val_losses[20]
+    wa, wb = (load_file(str(r.checkpoint / "model.safetensors")) for r in (full, resumed))
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+def _state(path):
+    c = load_checkpoint(path)
+    return c.config, c.params, c.optimizer, c.trainer
+
+
+def test_checkpoint_round_trips_with_hf_names_and_atomic_latest(tmp_path):
+    params = init_params(MICRO, seed=3)
+    opt = {f"exp_avg.{k}": v + 1 for k, v in params.items()}
+    p1 = save_checkpoint(tmp_path, 5, MICRO, params, opt, {"step": 5, "data_position": 7})
+    p2 = save_checkpoint(tmp_path, 6, MICRO, params, opt, {"step": 6, "data_position": 9})
+    p3 = save_checkpoint(tmp_path, 7, MICRO, params, opt, {"step": 7, "data_position": 11})
+    assert not p1.exists() and p2.exists() and (tmp_path / "latest").read_text().strip() == p3.name
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".")]  # no temporaries left
+    back = load_checkpoint(tmp_path)
+    assert back.path == p3 and back.config == MICRO and back.trainer["data_position"] == 11
+    assert set(back.params) == set(param_shapes(MICRO))
+    assert all(np.array_equal(back.params[k], params[k]) for k in params)
+    assert all(np.array_equal(back.optimizer[k], opt[k]) for k in opt)
+    assert json.loads((p3 / "config.json").read_text())["model_type"] == "qwen2"
+    assert "model.layers.0.self_attn.q_proj.bias" in load_file(str(p3 / "model.safetensors"))
+
+
+def test_a_bias_free_model_exports_zero_biases_for_transformers_and_drops_them_on_load(tmp_path):
+    config = MICRO.replace(qkv_bias=False)
+    path = save_checkpoint(tmp_path, 1, config, init_params(config), {}, {})
+    stored = load_file(str(path / "model.safetensors"))
+    assert not stored["model.layers.0.self_attn.k_proj.bias"].any()
+    assert not any(k.endswith(".bias") for k in load_checkpoint(path).params)
+
+
+def test_mismatched_damaged_and_missing_checkpoints_are_refused(tmp_path):
+    path = save_checkpoint(tmp_path, 1, MICRO, init_params(MICRO), {}, {})
+    MICRO.replace(intermediate_size=32).save(path / "config.json")
+    with pytest.raises(CheckpointError, match="config/weights mismatch"):
+        load_checkpoint(path)
+    MICRO.save(path / "config.json")
+    (path / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "nothing")
+
+
+def test_cli_trains_resumes_and_generates(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.py").write_text("def add(a, b):\n    return a + b\n" * 200)
+    cfg = tmp_path / "config.json"
+    MICRO.save(cfg)
+    common = ["--config", str(cfg), "--data", str(data), "--out", str(tmp_path / "run"), "--device", "numpy",
+              "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1"]
+    assert main(["train", *common, "--steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("device: numpy") and "val_loss" in out and "step-0000004" in out
+    assert main(["train", *common, "--steps", "6", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out and (tmp_path / "run" / "step-0000006").exists()
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def", "--max-new-tokens", "5",
+                 "--device", "numpy"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("def") and len(text.encode()) >= 4
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "x", "--max-new-tokens", "3",
+                 "--temperature", "0.8", "--top-k", "5", "--device", "numpy"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--preset", "huge"], "unknown preset 'huge'"),
+    (["train", "--data", "/nonexistent/dir", "--device", "numpy"], "no such file or directory"),
+    (["train", "--steps", "0"], "steps must be at least 1"),
+    (["generate", "--checkpoint", "/nonexistent", "--prompt", "x"], "no checkpoint at"),
+    (["generate", "--prompt", "x"], "required: --checkpoint"),
+    (["bogus"], "unknown command 'bogus'"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_empty_corpus_is_refused(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    assert main(["train", "--data", str(tmp_path), "--device", "numpy", "--out", str(tmp_path / "r")]) == 2
+    assert "corpus is empty" in capsys.readouterr().err
