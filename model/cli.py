@@ -41,15 +41,14 @@ def select_backend(device: str) -> tuple[str, BackendFactory]:
     from runtime.driver import available
 
     ok, why = available()
+    if device == "cuda" and not ok:
+        raise UsageError(f"--device cuda: no CUDA GPU ({why})")
     if device == "cuda" or (device == "auto" and ok):
-        if not ok:
-            raise UsageError(f"--device cuda: no CUDA GPU ({why})")
-        if device == "cuda":
-            raise UsageError("--device cuda: the CUDA model is not built yet; use --device numpy")
-        return "device: numpy (float64 reference on the CPU): a GPU is present but the CUDA model is not built yet", \
-            NumpyBackend
+        from .cuda_model import CudaBackend
+
+        return f"device: {CudaBackend.description}", CudaBackend
     reason = "as asked" if device == "numpy" else f"no CUDA GPU: {why}"
-    return f"device: numpy (float64 reference on the CPU), {reason}", NumpyBackend
+    return f"device: {NumpyBackend.description}, {reason}", NumpyBackend
 
 
 def _tokenizer(path: str | None) -> Tokenizer:
@@ -127,8 +126,9 @@ def cmd_generate(argv: Sequence[str]) -> int:
     prompt = tokenizer.encode(ns.prompt.encode())
     if not len(prompt):
         raise UsageError("--prompt is empty")
-    line, _ = select_backend(ns.device)
-    print(line, file=sys.stderr, flush=True)
+    if ns.device == "cuda":
+        raise UsageError("--device cuda: generation on the GPU is not built yet; use --device numpy or auto")
+    print(f"device: {NumpyBackend.description} with a KV cache", file=sys.stderr, flush=True)
     out = list(prompt)
     sys.stdout.write(ns.prompt)
     shown = len(tokenizer.decode(out))

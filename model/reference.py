@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from ptxgen.kernels.attention import attention_backward_reference, attention_reference
 from ptxgen.kernels.cross_entropy import cross_entropy_reference
 from ptxgen.kernels.rmsnorm import rmsnorm_backward_reference, rmsnorm_reference
 from ptxgen.kernels.rope import rope_reference
@@ -21,43 +22,6 @@ from .config import ModelConfig
 from .params import layer_prefix, lm_head_name
 
 IGNORE_INDEX = -100
-
-
-def _heads_first(x: np.ndarray, group: int = 1) -> np.ndarray:
-    """[B, S, H, D] -> [B, H * group, S, D], each head repeated ``group`` times (GQA)."""
-    return np.repeat(x, group, axis=2).transpose(0, 2, 1, 3)
-
-
-def causal_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """GQA causal attention. q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D]; query i sits at position start + i.
-
-    Returns (out [B, Sq, Hq, D], probabilities [B, Hq, Sq, Sk]). Scale 1/sqrt(D), explicit mask.
-    """
-    group = q.shape[2] // k.shape[2]
-    scores = _heads_first(q) @ _heads_first(k, group).transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
-    visible = np.arange(k.shape[1])[None, :] <= start + np.arange(q.shape[1])[:, None]
-    scores = np.where(visible, scores, -np.inf)
-    p = np.exp(scores - scores.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return (p @ _heads_first(v, group)).transpose(0, 2, 1, 3), p
-
-
-def causal_attention_backward(q, k, v, p, dout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Gradients (dq, dk, dv) of ``causal_attention`` (start 0), k/v grads summed over each group."""
-    b, s, hkv, d = k.shape
-    group = q.shape[2] // hkv
-    scale = 1.0 / np.sqrt(d)
-    do = _heads_first(dout)
-    dv = p.transpose(0, 1, 3, 2) @ do
-    dp = do @ _heads_first(v, group).transpose(0, 1, 3, 2)
-    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-    dq = (ds @ _heads_first(k, group)).transpose(0, 2, 1, 3) * scale
-    dk = (ds.transpose(0, 1, 3, 2) @ _heads_first(q)) * scale
-
-    def per_kv_head(x: np.ndarray) -> np.ndarray:  # [B, Hq, S, D] -> [B, S, Hkv, D], summed per group
-        return x.reshape(b, hkv, group, s, d).sum(2).transpose(0, 2, 1, 3)
-
-    return dq, per_kv_head(dk), per_kv_head(dv)
 
 
 @dataclass
@@ -105,7 +69,7 @@ class ReferenceModel:
                     cache.values.append(v[:, :0])
                 k = cache.keys[i] = np.concatenate([cache.keys[i], k], axis=1)
                 v = cache.values[i] = np.concatenate([cache.values[i], v], axis=1)
-            o, probs = causal_attention(q, k, v, start)
+            o, probs, _ = attention_reference(q, k, v, start)
             attn = o.reshape(b * s, -1) @ self.p[p + "self_attn.o_proj.weight"].T
             x_mid = x + attn
             h2, rstd2 = rmsnorm_reference(x_mid, self.p[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
@@ -162,7 +126,7 @@ class ReferenceModel:
             o2d = a["o"].reshape(b * s, -1)
             g[p + "self_attn.o_proj.weight"] += dx_mid.T @ o2d
             do = (dx_mid @ self.p[p + "self_attn.o_proj.weight"]).reshape(a["o"].shape)
-            dq, dk, dv = causal_attention_backward(a["q"], a["k"], a["v"], a["probs"], do)
+            dq, dk, dv = attention_backward_reference(a["q"], a["k"], a["v"], a["probs"], do)
             dq = rope_reference(dq.reshape(b * s, c.num_heads, -1), positions, c.rope_theta, inverse=True)
             dk = rope_reference(dk.reshape(b * s, c.num_kv_heads, -1), positions, c.rope_theta, inverse=True)
             dh = np.zeros_like(a["h"])

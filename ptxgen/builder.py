@@ -513,11 +513,17 @@ class KernelBuilder:
         if not any(compatible(w, base.type) for w in want):
             raise PtxBuildError(f"{ins}: address register {base.name} is .{base.type.value}")
 
-    def ld(self, space: str, t: T, addr: Addr, vec: int = 1, *, nc: bool = False,
+    def ld(self, space: str, t: T, addr: Addr, vec: int = 1, *, nc: bool = False, volatile: bool = False,
            out: Sequence[Reg] | None = None, guard: GuardLike = None) -> Reg | tuple[Reg, ...]:
+        """``volatile``: the load is issued where it stands (ptxas may not merge or hoist it), which
+        keeps a value that is cheap to re-read from being held in a register across a long loop."""
         if vec not in (1, 2, 4):
             raise PtxBuildError(f"ld: vector width {vec} is not 1, 2 or 4")
-        ins = f"ld.{space}{'.nc' if nc else ''}{f'.v{vec}' if vec > 1 else ''}.{t.value}"
+        if nc and volatile:
+            raise PtxBuildError("ld: .nc and .volatile exclude each other")
+        qual = ".nc" if nc else ".volatile" if volatile else ""
+        ins = f"ld{qual if qual == '.volatile' else ''}.{space}{qual if qual == '.nc' else ''}" \
+              f"{f'.v{vec}' if vec > 1 else ''}.{t.value}"
         self._check_addr(ins, addr, space)
         regs = tuple(out) if out is not None else tuple(self.reg(t) for _ in range(vec))
         if len(regs) != vec:

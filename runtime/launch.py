@@ -36,6 +36,10 @@ class Launch:
         self._array = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
         self._args = (fn, *grid, *block, shared, stream, ctypes.addressof(self._array), 0)
 
+    def set_arg(self, position: int, value: float | int) -> None:
+        """Change one scalar argument (say a learning rate) of this prepared launch in place."""
+        self._values[position].value = value
+
     def __call__(self) -> None:
         err, = _cuLaunchKernel(*self._args)
         if err:  # CUresult is an int enum; CUDA_SUCCESS is 0

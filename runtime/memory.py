@@ -85,6 +85,11 @@ class Event:
             self.handle = None
 
 
+def fill_u32(ptr: int, bits: int, count: int, stream: Stream | None = None) -> None:
+    """Set ``count`` 32-bit words from device address ``ptr`` (a region inside a larger array)."""
+    call("cuMemsetD32Async", ptr, bits, count, _stream_handle(stream))
+
+
 class DeviceArray:
     """A device allocation with a shape and dtype. Free it with ``free()`` or a ``with`` block."""
 
@@ -148,7 +153,7 @@ class DeviceArray:
         """Set every 32-bit word (e.g. 0x7FC00000 = NaN to poison an output before a test)."""
         if self.nbytes % 4:
             raise ValueError("fill_u32 needs a size that is a multiple of 4 bytes")
-        call("cuMemsetD32Async", self.ptr, bits, self.nbytes // 4, _stream_handle(stream))
+        fill_u32(self.ptr, bits, self.nbytes // 4, stream)
 
     def free(self) -> None:
         if self.ptr:

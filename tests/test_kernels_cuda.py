@@ -21,7 +21,7 @@ from ptxgen.kernels.rmsnorm import RMSNormBackwardSpec, RMSNormSpec, rmsnorm_bac
 from ptxgen.kernels.rope import RopeSpec, rope_reference
 from ptxgen.kernels.swiglu import SwiGLUBackwardSpec, SwiGLUSpec, swiglu_backward_reference, swiglu_reference
 from ptxgen.vecio import DType
-from runtime import ModuleCache, from_bf16, to_bf16
+from runtime import DeviceArray, ModuleCache, from_bf16, to_bf16
 
 pytestmark = pytest.mark.cuda
 BF16_RTOL = 2.0 ** -8 + 1e-5
@@ -83,6 +83,22 @@ def test_rmsnorm_backward_dx_and_deterministic_dgamma(cache, rows, hidden, per_b
     assert_rel(dx, dx_ref)
     assert_rel(dgamma, dgamma_ref)
     assert np.array_equal(dgamma, dgamma2) and np.array_equal(dx, dx2)
+
+
+@pytest.mark.parametrize("rows, hidden", [(3, 897), (40, 896)])
+def test_rmsnorm_backward_adds_the_residual_gradient_in_place(cache, rows, hidden):
+    x, dy, dres = f32(rows, hidden, scale=0.02), f32(rows, hidden), f32(rows, hidden)
+    gamma = 1 + f32(hidden, scale=0.1)
+    _, rstd = rmsnorm_reference(x, gamma, 1e-6)
+    spec = RMSNormBackwardSpec(hidden=hidden, residual=True, rows_per_block=4)
+    arrays = [DeviceArray.from_numpy(a) for a in (x, gamma, dy, rstd.astype(np.float32), dres,
+                                                   poison((spec.partial_rows(rows), hidden)))]
+    x_d, g_d, dy_d, r_d, res_d, part_d = arrays
+    cache.get(spec)(*spec.launch_dims(rows), x_d, g_d, dy_d, r_d, res_d, res_d, part_d, rows)  # dx over dres
+    dx = res_d.to_numpy()
+    for a in arrays:
+        a.free()
+    assert_rel(dx, rmsnorm_backward_reference(x, gamma, dy, 1e-6)[0] + dres)
 
 
 # -- column sums, bias -----------------------------------------------------------------------------

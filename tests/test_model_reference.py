@@ -4,7 +4,8 @@ import pytest
 
 from model.config import ModelConfig, preset
 from model.params import init_params
-from model.reference import KVCache, ReferenceModel, causal_attention
+from model.reference import KVCache, ReferenceModel
+from ptxgen.kernels.attention import attention_reference
 
 MICRO = ModelConfig(vocab_size=11, hidden_size=16, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=12, rope_theta=1e4, rms_norm_eps=1e-6, qkv_bias=True,
@@ -50,10 +51,10 @@ def test_incremental_decoding_with_kv_cache_matches_full_forward():
 def test_attention_is_causal():
     rng = np.random.default_rng(0)
     q, k, v = rng.standard_normal((1, 4, 2, 8)), rng.standard_normal((1, 4, 1, 8)), rng.standard_normal((1, 4, 1, 8))
-    out, _ = causal_attention(q, k, v)
+    out, _, _ = attention_reference(q, k, v)
     v2 = v.copy()
     v2[:, 3] += 100.0  # the last key/value must not reach earlier queries
-    out2, _ = causal_attention(q, k, v2)
+    out2, _, _ = attention_reference(q, k, v2)
     np.testing.assert_allclose(out[:, :3], out2[:, :3])
     assert not np.allclose(out[:, 3], out2[:, 3])
 

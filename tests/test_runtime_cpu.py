@@ -91,7 +91,7 @@ def test_disk_audit_reports_and_prunes_bad_entries(tmp_path):
 
 def test_audit_cli_exit_codes(tmp_path, capsys):
     write_entry(tmp_path, RMSNormSpec(hidden=896, eps=1e-6))
-    assert audit_main(["--cache-dir", str(tmp_path)]) == 0
+    assert audit_main(["--cache-dir", str(tmp_path), "--check", "disk", "--check", "source"]) == 0
     assert "clean" in capsys.readouterr().out
     bad, _ = write_entry(tmp_path, RMSNormSpec(hidden=64, eps=1e-6, block_size=32))
     bad.write_bytes(b"junk")

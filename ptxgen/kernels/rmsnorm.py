@@ -107,11 +107,13 @@ class RMSNormBackwardSpec(KernelSpec):
     """dx for each row, and dgamma partial sums per block of ``rows_per_block`` rows (f32).
 
     dgamma is finished by a column sum over the partials (ColumnSumSpec): fixed order, no atomics,
-    so it is deterministic run to run.
+    so it is deterministic run to run. With ``residual``, dx also adds the gradient that reached
+    the norm's input along the residual stream (``dres``; may be the same buffer as dx).
     """
 
     kind: ClassVar[str] = "rmsnorm_bwd"
     hidden: int
+    residual: bool = False
     rows_per_block: int = 16
     block_size: int = 256
 
@@ -129,8 +131,8 @@ class RMSNormBackwardSpec(KernelSpec):
         return max(1, -(-rows // self.rows_per_block))
 
     def params(self) -> tuple[tuple[str, T], ...]:
-        return tuple((n, T.U64) for n in ("x", "gamma", "dy", "rstd", "dx", "dgamma_partial")) + \
-            (("n_rows", T.U32),)
+        names = ("x", "gamma", "dy", "rstd") + (("dres",) if self.residual else ()) + ("dx", "dgamma_partial")
+        return tuple((n, T.U64) for n in names) + (("n_rows", T.U32),)
 
     def build(self, b: KernelBuilder) -> None:
         ptr = {n: b.cvta_global(b.ld_param(n)) for n, t in self.params() if t is T.U64}
@@ -154,6 +156,9 @@ class RMSNormBackwardSpec(KernelSpec):
             # dx = r*g*dy - x * r^3 * dot / hidden
             c = b.mul(b.mul(b.mul(r, r), r), b.mul(dot, 1.0 / self.hidden))
             dxs = [[b.fma(b.neg(x), c, b.mul(r, gd)) for x, gd in zip(xv, gv)] for xv, gv in zip(xs, gdy)]
+            if self.residual:
+                dres = rows.load(b, DType.F32, rows.base(b, ptr["dres"], row, 4))
+                dxs = [[b.add(g, d) for g, d in zip(gv, dv)] for gv, dv in zip(dxs, dres)]
             rows.store(b, DType.F32, rows.base(b, ptr["dx"], row, 4), dxs)
             for av, dv, xv in zip(acc, dys, xs):
                 for a, d, x in zip(av, dv, xv):
@@ -162,7 +167,7 @@ class RMSNormBackwardSpec(KernelSpec):
 
     @classmethod
     def examples(cls) -> list["RMSNormBackwardSpec"]:
-        return [cls(hidden=896), cls(hidden=897, rows_per_block=3, block_size=128),
+        return [cls(hidden=896), cls(hidden=897, rows_per_block=3, block_size=128, residual=True),
                 cls(hidden=4864, rows_per_block=8, block_size=512)]
 
 

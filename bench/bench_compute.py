@@ -1,0 +1,110 @@
+"""GEMM and attention benchmark (GPU machine): our fp32 kernels beside torch in the same process.
+
+    PYTHONPATH=$PWD python3 bench/bench_compute.py [--json FILE]
+
+fp32 GEMM is compared with torch.matmul with TF32 disabled (the same arithmetic); attention with
+F.scaled_dot_product_attention in fp32 (causal, GQA through repeated K/V heads). Figures are
+TFLOP/s of the useful work: 2*M*N*K for a GEMM; for causal attention forward 4*B*H*S^2*D/2,
+backward 2.5x that (the convention FlashAttention's benchmarks use).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from harness import time_ms, write_json
+from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
+from ptxgen.kernels.gemm import GemmSpec
+from runtime import ModuleCache
+
+TOKENS = 16384  # Qwen2-0.5B layer shapes: M = batch * seq tokens
+LAYERS = [("q_proj", 896, 896), ("k/v_proj", 896, 128), ("o_proj", 896, 896), ("gate/up", 896, 4864),
+          ("down", 4864, 896)]
+TILES = [dict(), dict(block_m=128, block_n=64), dict(block_m=64, block_n=128),
+         dict(block_m=64, block_n=64, thread_m=4, thread_n=8)]
+
+
+@dataclass
+class Row:
+    name: str
+    flops: float
+    ours_ms: float
+    torch_ms: float
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "ours_TFLOPs": self.flops / self.ours_ms / 1e9,
+                "torch_TFLOPs": self.flops / self.torch_ms / 1e9, "ratio_vs_torch": self.torch_ms / self.ours_ms}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", type=Path)
+    ns = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cache = ModuleCache()
+    rows: list[Row] = []
+
+    def gemm(name: str, m: int, n: int, k: int, trans_a: bool, trans_b: bool) -> None:
+        a = torch.randn(*((k, m) if trans_a else (m, k)), device="cuda")
+        b = torch.randn(*((n, k) if trans_b else (k, n)), device="cuda")
+        c = torch.empty(m, n, device="cuda")
+        best = None
+        for tile in TILES:
+            spec = GemmSpec(trans_a=trans_a, trans_b=trans_b, **tile)
+            launch = cache.get(spec).bind(*spec.launch_dims(m, n),
+                                          *spec.arguments(a.data_ptr(), b.data_ptr(), c.data_ptr(), m, n, k))
+            ms = time_ms(launch, reps=10, warmup=2)
+            best = min(best or (ms, spec), (ms, spec), key=lambda t: t[0])
+        at, bt = (a.t() if trans_a else a), (b.t() if trans_b else b)
+        theirs = time_ms(lambda: torch.matmul(at, bt, out=c), reps=10, warmup=2)
+        s = best[1]
+        rows.append(Row(f"{name} {m}x{n}x{k} [{s.block_m}x{s.block_n}/{s.thread_m}x{s.thread_n}]",
+                        2.0 * m * n * k, best[0], theirs))
+
+    for size in (4096, 8192):
+        gemm("gemm NT (Y = X W^T)", size, size, size, False, True)
+    for lname, k_in, n_out in LAYERS:
+        gemm(f"{lname} fwd", TOKENS, n_out, k_in, False, True)
+        gemm(f"{lname} dX", TOKENS, k_in, n_out, False, False)
+        gemm(f"{lname} dW", n_out, k_in, TOKENS, True, False)
+
+    bsz, s, h, hkv, d = 8, 2048, 14, 2, 64
+    q = torch.randn(bsz, s, h, d, device="cuda")
+    k, v = torch.randn(bsz, s, hkv, d, device="cuda"), torch.randn(bsz, s, hkv, d, device="cuda")
+    o, do, dq = torch.empty_like(q), torch.randn_like(q), torch.empty_like(q)
+    lse, delta = torch.empty(bsz, h, s, device="cuda"), torch.empty(bsz, h, s, device="cuda")
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    fwd, bq, bkv = (cls(heads=h, kv_heads=hkv, head_dim=d)
+                    for cls in (AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec))
+    p = lambda t: t.data_ptr()  # noqa: E731
+    run_fwd = cache.get(fwd).bind(*fwd.launch_dims(bsz, s), p(q), p(k), p(v), p(o), p(lse), s)
+    run_bq = cache.get(bq).bind(*bq.launch_dims(bsz, s), p(q), p(k), p(v), p(o), p(do), p(lse), p(dq), p(delta), s)
+    run_bkv = cache.get(bkv).bind(*bkv.launch_dims(bsz, s), p(q), p(k), p(v), p(do), p(lse), p(delta), p(dk), p(dv), s)
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k.repeat_interleave(h // hkv, 2),
+                                                         v.repeat_interleave(h // hkv, 2)))
+    flops = 4.0 * bsz * h * s * s * d / 2
+    rows.append(Row(f"attention fwd f32 b{bsz} h{h}/{hkv} s{s} d{d}", flops, time_ms(run_fwd, reps=5, warmup=1),
+                    time_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), reps=5, warmup=1)))
+    qg, kg, vg = (x.detach().requires_grad_() for x in (qt, kt, vt))
+    out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+    gt = torch.randn_like(out)
+    rows.append(Row(f"attention bwd f32 b{bsz} h{h}/{hkv} s{s} d{d}", 2.5 * flops,
+                    time_ms(lambda: (run_bq(), run_bkv()), reps=3, warmup=1),
+                    time_ms(lambda: torch.autograd.grad(out, (qg, kg, vg), gt, retain_graph=True), reps=3, warmup=1)))
+
+    print("\n== compute-bound kernels vs torch (fp32, TF32 off)")
+    print(f"  {'kernel':<64} {'ours ms':>9} {'ours TFLOP/s':>13} {'torch TFLOP/s':>14} {'ours/torch':>10}")
+    for r in rows:
+        x = r.as_dict()
+        print(f"  {r.name:<64} {r.ours_ms:9.3f} {x['ours_TFLOPs']:13.1f} {x['torch_TFLOPs']:14.1f} "
+              f"{x['ratio_vs_torch']:9.2f}x")
+    write_json(ns.json, {"rows": [r.as_dict() for r in rows]})
+
+
+if __name__ == "__main__":
+    main()

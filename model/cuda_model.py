@@ -1,0 +1,362 @@
+"""The model on the GPU: forward, backward and AdamW built only from ``ModuleCache.get(spec)`` kernels.
+
+Every spec comes from ``ModelKernels`` (config + optimizer settings), is pre-warmed when the
+backend is built, and each step runs in strict mode: a kernel that was not pre-warmed is an error.
+Parameters, gradients and AdamW moments are four flat f32 buffers with one layout (each tensor
+16-byte aligned, matrices first so weight decay covers one contiguous range). For each batch shape
+the backend allocates the activations once and prepares every launch with its arguments packed;
+a step then uploads the token ids, sets the few per-step scalars (learning rate, bias corrections,
+loss scale) and issues the launches. All reductions are fixed-order, so runs repeat bit for bit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ptxgen.kernels.embedding import embedding_backward_plan
+from ptxgen.kernels.gemm import GemmSpec
+from runtime import DeviceArray, ModuleCache, fill_u32
+
+from .config import ModelConfig
+from .kernels import LinearKernels, ModelKernels
+from .optim import AdamWSettings, decays
+from .params import layer_prefix, lm_head_name, param_shapes
+from .reference import IGNORE_INDEX
+
+COLSUM_CHUNK = 256  # rows per first-stage chunk of a two-stage column sum
+
+
+class ParamLayout:
+    """Offsets (in f32 elements) of every parameter in the flat buffers; decayed tensors first."""
+
+    def __init__(self, config: ModelConfig):
+        self.shapes = param_shapes(config)
+        decayed = [n for n in self.shapes if decays(n)]
+        self.offsets: dict[str, int] = {}
+        at = 0
+        for i, name in enumerate(decayed + [n for n in self.shapes if not decays(n)]):
+            if i == len(decayed):
+                self.decay_end = at
+            self.offsets[name] = at
+            at += -(-math.prod(self.shapes[name]) // 4) * 4  # 16-byte aligned starts
+        self.total = at
+        if len(decayed) == len(self.shapes):
+            self.decay_end = at
+
+    def flatten(self, tensors: dict[str, np.ndarray]) -> np.ndarray:
+        flat = np.zeros(self.total, np.float32)
+        for name, off in self.offsets.items():
+            flat[off:off + math.prod(self.shapes[name])] = np.asarray(tensors[name], np.float32).reshape(-1)
+        return flat
+
+    def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: flat[off:off + math.prod(self.shapes[name])].reshape(self.shapes[name]).copy()
+                for name, off in self.offsets.items()}
+
+
+class _Arrays:
+    """Named device arrays of one batch shape, freed together."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, DeviceArray] = {}
+
+    def new(self, name: str, shape: tuple[int, ...], dtype: str = "f32") -> int:
+        self._arrays[name] = DeviceArray(shape, dtype)
+        return self._arrays[name].ptr
+
+    def __getitem__(self, name: str) -> DeviceArray:
+        return self._arrays[name]
+
+    def free(self) -> None:
+        for a in self._arrays.values():
+            a.free()
+
+
+@dataclass
+class _Step:
+    forward: list[Callable[[], None]]
+    backward: list[Callable[[], None]]
+    arrays: _Arrays
+    set_loss_scale: Callable[[float], None]
+    embed_bwd: Callable[[np.ndarray], None]
+
+
+class CudaBackend:
+    name = "cuda"
+    description = "cuda (raw PTX kernels through the CUDA driver API, fp32)"
+
+    def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], adamw: AdamWSettings,
+                 cache: ModuleCache | None = None):
+        self.config, self.adamw = config, adamw
+        self.kernels = ModelKernels.of(config, adamw, IGNORE_INDEX)
+        self.cache = cache if cache is not None else ModuleCache()
+        self.cache.prewarm(self.kernels.specs())
+        self.layout = ParamLayout(config)
+        n = self.layout.total
+        self.weights = DeviceArray.from_numpy(self.layout.flatten(params))
+        self.grads, self.exp_avg, self.exp_avg_sq = (DeviceArray(n) for _ in range(3))
+        for buf in (self.grads, self.exp_avg, self.exp_avg_sq):
+            buf.fill_u32(0)
+        self.norm_partial = DeviceArray(self.kernels.grad_norm_partial.blocks)
+        self.norm_out = DeviceArray(2)  # [global norm, clip scale]
+        self.step = 0
+        self._steps: dict[tuple[int, int], _Step] = {}
+        with self.cache.strict_mode():
+            self._optimizer = self._optimizer_launches()
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        return self.layout.unflatten(self.weights.to_numpy())
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        m, v = (self.layout.unflatten(b.to_numpy()) for b in (self.exp_avg, self.exp_avg_sq))
+        return {**{f"exp_avg.{k}": x for k, x in m.items()}, **{f"exp_avg_sq.{k}": x for k, x in v.items()}}
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray], step: int) -> None:
+        for prefix, buf in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+            buf.upload(self.layout.flatten({k: state[f"{prefix}.{k}"] for k in self.layout.shapes}))
+        self.step = step
+
+    def close(self) -> None:
+        for s in self._steps.values():
+            s.arrays.free()
+        self._steps.clear()
+        for buf in (self.weights, self.grads, self.exp_avg, self.exp_avg_sq, self.norm_partial, self.norm_out):
+            buf.free()
+
+    # -- public steps -----------------------------------------------------------------------
+    def logits(self, ids: np.ndarray) -> np.ndarray:
+        step = self._run_forward(ids, None)
+        b, s = np.asarray(ids).shape
+        return step.arrays["logits"].to_numpy().reshape(b, s, -1)
+
+    def loss(self, ids: np.ndarray, targets: np.ndarray) -> float:
+        step = self._run_forward(ids, targets)
+        return self._mean_loss(step, targets)
+
+    def loss_and_grads(self, ids: np.ndarray, targets: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        """Mean loss and every parameter's gradient (the numpy reference's interface, for parity)."""
+        step = self._forward_backward(ids, targets)
+        return self._mean_loss(step, targets), self.layout.unflatten(self.grads.to_numpy())
+
+    def train_step(self, ids: np.ndarray, targets: np.ndarray, lr: float) -> tuple[float, float]:
+        step = self._forward_backward(ids, targets)
+        self.step += 1
+        a = self.adamw
+        with self.cache.strict_mode():
+            for launch in self._optimizer:
+                launch.set_arg(6, lr)
+                launch.set_arg(7, 1.0 - a.beta1 ** self.step)
+                launch.set_arg(8, 1.0 - a.beta2 ** self.step)
+            for launch in self._norm + self._optimizer:
+                launch()
+        return self._mean_loss(step, targets), float(self.norm_out.to_numpy()[0])
+
+    def _forward_backward(self, ids: np.ndarray, targets: np.ndarray) -> _Step:
+        step = self._run_forward(ids, targets)
+        with self.cache.strict_mode():
+            for launch in step.backward:
+                launch()
+            step.embed_bwd(np.asarray(ids))
+        return step
+
+    # -- internals ----------------------------------------------------------------------------
+    def _run_forward(self, ids: np.ndarray, targets: np.ndarray | None) -> _Step:
+        ids = np.asarray(ids)
+        if ids.ndim != 2:
+            raise ValueError(f"ids must be [batch, seq], got shape {ids.shape}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ValueError(f"a token id is outside [0, {self.config.vocab_size})")
+        if ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {ids.shape[1]} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        with self.cache.strict_mode():
+            step = self._steps.get(ids.shape) or self._build(*ids.shape)
+            step.arrays["ids"].upload(ids.astype(np.int32).reshape(-1))
+            t = np.full(ids.size, IGNORE_INDEX, np.int32) if targets is None else \
+                np.asarray(targets, np.int32).reshape(-1)
+            if t.size != ids.size:
+                raise ValueError("targets must have the shape of ids")
+            valid = t != IGNORE_INDEX
+            if np.any((t[valid] < 0) | (t[valid] >= self.config.vocab_size)):
+                raise ValueError(f"a target is outside [0, {self.config.vocab_size})")
+            step.arrays["targets"].upload(t)
+            step.set_loss_scale(1.0 / max(1, int(valid.sum())))
+            for launch in step.forward:
+                launch()
+        return step
+
+    @staticmethod
+    def _mean_loss(step: _Step, targets: np.ndarray) -> float:
+        losses = step.arrays["losses"].to_numpy().astype(np.float64)
+        return float(losses.sum() / max(1, int((np.asarray(targets) != IGNORE_INDEX).sum())))
+
+    def _bind(self, spec, dims, *args):
+        grid, block = dims
+        return self.cache.get(spec).bind(grid, block, *args)
+
+    def _optimizer_launches(self) -> list:
+        k, lay = self.kernels, self.layout
+        g = self.grads.ptr
+        max_norm = self.adamw.max_grad_norm if self.adamw.max_grad_norm > 0 else math.inf
+        self._norm = [
+            self._bind(k.grad_norm_partial, k.grad_norm_partial.launch_dims(), g, self.norm_partial.ptr, lay.total),
+            self._bind(k.grad_norm_final, k.grad_norm_final.launch_dims(), self.norm_partial.ptr,
+                       self.norm_out.ptr, max_norm)]
+        clip = self.norm_out.ptr + 4
+        out = []
+        for spec, start, end in ((k.adamw_decay, 0, lay.decay_end), (k.adamw_no_decay, lay.decay_end, lay.total)):
+            if end > start:
+                ptrs = [buf.ptr + 4 * start for buf in (self.weights, self.grads, self.exp_avg, self.exp_avg_sq)]
+                out.append(self._bind(spec, spec.launch_dims(end - start), *ptrs, clip, end - start, 0.0, 1.0, 1.0))
+        return out
+
+    def _build(self, batch: int, seq: int) -> _Step:
+        """Allocate one batch shape's activations and prepare its launches."""
+        c, k, lay = self.config, self.kernels, self.layout
+        T, H, I, V = batch * seq, c.hidden_size, c.intermediate_size, c.vocab_size
+        D, Q, KV = c.head_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        A = _Arrays()
+        w = lambda name: self.weights.ptr + 4 * lay.offsets[name]  # noqa: E731
+        gr = lambda name: self.grads.ptr + 4 * lay.offsets[name]  # noqa: E731
+        ids, targets, pos = A.new("ids", (T,), "i32"), A.new("targets", (T,), "i32"), A.new("pos", (T,), "i32")
+        A["pos"].upload(np.tile(np.arange(seq, dtype=np.int32), batch))
+        L = c.num_layers
+        xs = [A.new(f"x{i}", (T, H)) for i in range(L + 1)]          # residual stream into layer i
+        mids = [A.new(f"mid{i}", (T, H)) for i in range(L)]          # after attention
+        h1s, h2s = [A.new(f"h1_{i}", (T, H)) for i in range(L)], [A.new(f"h2_{i}", (T, H)) for i in range(L)]
+        r1s, r2s = [A.new(f"r1_{i}", (T,)) for i in range(L)], [A.new(f"r2_{i}", (T,)) for i in range(L)]
+        qs, ks, vs = ([A.new(f"{n}{i}", (T, dim)) for i in range(L)] for n, dim in (("q", Q), ("k", KV), ("v", KV)))
+        os_, lses = [A.new(f"o{i}", (T, Q)) for i in range(L)], [A.new(f"lse{i}", (batch, c.num_heads, seq))
+                                                                    for i in range(L)]
+        gates, ups, acts = ([A.new(f"{n}{i}", (T, I)) for i in range(L)] for n in ("gate", "up", "act"))
+        tmp, hf, rf = A.new("tmp", (T, H)), A.new("hf", (T, H)), A.new("rf", (T,))
+        logits, dlogits, losses = A.new("logits", (T, V)), A.new("dlogits", (T, V)), A.new("losses", (T,))
+        fwd: list = []
+        bind = self._bind
+
+        def linear(lk: LinearKernels, x: int, weight: str, y: int, d_in: int, d_out: int, bias: str | None = None):
+            spec = lk.forward
+            fwd.append(bind(spec, spec.launch_dims(T, d_out),
+                            *spec.arguments(x, w(weight), y, T, d_out, d_in, bias=w(bias) if bias else None)))
+
+        fwd.append(bind(k.embed, k.embed.launch_dims(T), w("model.embed_tokens.weight"), ids, xs[0], T))
+        for i in range(L):
+            p = layer_prefix(i)
+            if i == 0:
+                fwd.append(bind(k.norm, k.norm.launch_dims(T), xs[0], w(p + "input_layernorm.weight"), h1s[0],
+                                r1s[0], T))
+            else:  # x_i = mid_{i-1} + mlp_{i-1}, normalized into h1_i
+                fwd.append(bind(k.norm_residual, k.norm_residual.launch_dims(T), tmp, mids[i - 1],
+                                w(p + "input_layernorm.weight"), h1s[i], xs[i], r1s[i], T))
+            bias = (lambda n: p + f"self_attn.{n}.bias") if c.qkv_bias else (lambda n: None)
+            linear(k.q, h1s[i], p + "self_attn.q_proj.weight", qs[i], H, Q, bias("q_proj"))
+            linear(k.kv, h1s[i], p + "self_attn.k_proj.weight", ks[i], H, KV, bias("k_proj"))
+            linear(k.kv, h1s[i], p + "self_attn.v_proj.weight", vs[i], H, KV, bias("v_proj"))
+            fwd.append(bind(k.rope_q, k.rope_q.launch_dims(T), qs[i], qs[i], pos, T))
+            fwd.append(bind(k.rope_k, k.rope_k.launch_dims(T), ks[i], ks[i], pos, T))
+            fwd.append(bind(k.attention, k.attention.launch_dims(batch, seq), qs[i], ks[i], vs[i], os_[i],
+                            lses[i], seq))
+            linear(k.o, os_[i], p + "self_attn.o_proj.weight", tmp, Q, H)
+            fwd.append(bind(k.norm_residual, k.norm_residual.launch_dims(T), tmp, xs[i],
+                            w(p + "post_attention_layernorm.weight"), h2s[i], mids[i], r2s[i], T))
+            linear(k.gate_up, h2s[i], p + "mlp.gate_proj.weight", gates[i], H, I)
+            linear(k.gate_up, h2s[i], p + "mlp.up_proj.weight", ups[i], H, I)
+            fwd.append(bind(k.swiglu, k.swiglu.launch_dims(T * I), gates[i], ups[i], acts[i], T * I))
+            linear(k.down, acts[i], p + "mlp.down_proj.weight", tmp, I, H)
+        fwd.append(bind(k.norm_residual, k.norm_residual.launch_dims(T), tmp, mids[L - 1], w("model.norm.weight"),
+                        hf, xs[L], rf, T))
+        linear(k.head, hf, lm_head_name(c), logits, H, V)
+        ce = bind(k.cross_entropy, k.cross_entropy.launch_dims(T), logits, targets, losses, dlogits, 1.0)
+        fwd.append(ce)
+
+        # -- backward ------------------------------------------------------------------------
+        bwd: list = []
+        g = A.new("g", (T, H))            # gradient of the residual stream, updated in place
+        dh = A.new("dh", (T, H))
+        d_act, d_gate, d_up = A.new("d_act", (T, I)), A.new("d_gate", (T, I)), A.new("d_up", (T, I))
+        d_o, dq = A.new("d_o", (T, Q)), A.new("dq", (T, Q))
+        dk, dv = A.new("dk", (T, KV)), A.new("dv", (T, KV))
+        delta = A.new("delta", (batch, c.num_heads, seq))
+        nb = k.norm_bwd_residual
+        partial = A.new("gamma_partial", (nb.partial_rows(T), H))
+        col_scratch = A.new("col_scratch", (-(-T // COLSUM_CHUNK), max(Q, KV)))
+
+        def grad_input(lk: LinearKernels, dy: int, weight: str, dx: int, d_in: int, d_out: int, acc: bool = False):
+            spec = lk.grad_input_acc if acc else lk.grad_input
+            bwd.append(bind(spec, spec.launch_dims(T, d_in), *spec.arguments(dy, w(weight), dx, T, d_in, d_out)))
+
+        def grad_weight(lk: LinearKernels, dy: int, x: int, weight: str, d_in: int, d_out: int):
+            spec: GemmSpec = lk.grad_weight
+            bwd.append(bind(spec, spec.launch_dims(d_out, d_in), *spec.arguments(dy, x, gr(weight), d_out, d_in, T)))
+
+        def column_sum(src: int, dst: int, cols: int):
+            """dst[cols] = sum over the T rows of src, in one or two fixed-order stages."""
+            cs = k.colsum
+            if T <= COLSUM_CHUNK:
+                bwd.append(bind(cs, cs.launch_dims(T, cols, T), src, dst, T, cols, T))
+                return
+            chunks = -(-T // COLSUM_CHUNK)
+            bwd.append(bind(cs, cs.launch_dims(T, cols, COLSUM_CHUNK), src, col_scratch, T, cols, COLSUM_CHUNK))
+            bwd.append(bind(cs, cs.launch_dims(chunks, cols, chunks), col_scratch, dst, chunks, cols, chunks))
+
+        def norm_backward(spec, x: int, gamma: str, dy: int, rstd: int, dx: int, residual: bool):
+            args = (x, w(gamma), dy, rstd) + ((dx,) if residual else ()) + (dx, partial, T)
+            bwd.append(bind(spec, spec.launch_dims(T), *args))
+            rows = spec.partial_rows(T)
+            bwd.append(bind(k.colsum, k.colsum.launch_dims(rows, H, rows), partial, gr(gamma), rows, H, rows))
+
+        head = lm_head_name(c)
+        grad_weight(k.head, dlogits, hf, head, H, V)
+        grad_input(k.head, dlogits, head, dh, H, V)
+        norm_backward(k.norm_bwd, xs[L], "model.norm.weight", dh, rf, g, residual=False)
+        for i in reversed(range(L)):
+            p = layer_prefix(i)
+            # MLP: x_{i+1} = mid_i + down(silu(gate) * up); g is the gradient of x_{i+1}
+            grad_weight(k.down, g, acts[i], p + "mlp.down_proj.weight", I, H)
+            grad_input(k.down, g, p + "mlp.down_proj.weight", d_act, I, H)
+            bwd.append(bind(k.swiglu_bwd, k.swiglu_bwd.launch_dims(T * I), gates[i], ups[i], d_act, d_gate, d_up,
+                            T * I))
+            grad_weight(k.gate_up, d_gate, h2s[i], p + "mlp.gate_proj.weight", H, I)
+            grad_weight(k.gate_up, d_up, h2s[i], p + "mlp.up_proj.weight", H, I)
+            grad_input(k.gate_up, d_gate, p + "mlp.gate_proj.weight", dh, H, I)
+            grad_input(k.gate_up, d_up, p + "mlp.up_proj.weight", dh, H, I, acc=True)
+            norm_backward(nb, mids[i], p + "post_attention_layernorm.weight", dh, r2s[i], g, residual=True)
+            # attention: mid_i = x_i + o_proj(attn(rope(q), rope(k), v)); g is now the gradient of mid_i
+            grad_weight(k.o, g, os_[i], p + "self_attn.o_proj.weight", Q, H)
+            grad_input(k.o, g, p + "self_attn.o_proj.weight", d_o, Q, H)
+            bwd.append(bind(k.attention_bwd_q, k.attention_bwd_q.launch_dims(batch, seq), qs[i], ks[i], vs[i],
+                            os_[i], d_o, lses[i], dq, delta, seq))
+            bwd.append(bind(k.attention_bwd_kv, k.attention_bwd_kv.launch_dims(batch, seq), qs[i], ks[i], vs[i],
+                            d_o, lses[i], delta, dk, dv, seq))
+            bwd.append(bind(k.rope_q_bwd, k.rope_q_bwd.launch_dims(T), dq, dq, pos, T))
+            bwd.append(bind(k.rope_k_bwd, k.rope_k_bwd.launch_dims(T), dk, dk, pos, T))
+            for name, d, lk, width in (("q_proj", dq, k.q, Q), ("k_proj", dk, k.kv, KV), ("v_proj", dv, k.kv, KV)):
+                if c.qkv_bias:
+                    column_sum(d, gr(p + f"self_attn.{name}.bias"), width)
+                grad_weight(lk, d, h1s[i], p + f"self_attn.{name}.weight", H, width)
+                grad_input(lk, d, p + f"self_attn.{name}.weight", dh, H, width, acc=name != "q_proj")
+            norm_backward(nb, xs[i], p + "input_layernorm.weight", dh, r1s[i], g, residual=True)
+
+        # embedding: its plan (rows grouped by token id) changes with every batch
+        order, seg_start, seg_id = (A.new(n, (size,), "i32") for n, size in
+                                    (("order", T), ("seg_start", T + 1), ("seg_id", T)))
+        emb, tied = gr("model.embed_tokens.weight"), c.tie_word_embeddings
+
+        def embed_backward(batch_ids: np.ndarray) -> None:
+            """After the rest of the backward (a tied head has already written its gradient there)."""
+            o, starts, rows = embedding_backward_plan(batch_ids)
+            A["order"].upload(o)
+            A["seg_start"].upload(np.pad(starts, (0, T + 1 - len(starts))))
+            A["seg_id"].upload(np.pad(rows, (0, T - len(rows))))
+            if not tied:
+                fill_u32(emb, 0, V * H)
+            bind(k.embed_bwd, k.embed_bwd.launch_dims(len(rows)), g, order, seg_start, seg_id, emb)()
+
+        step = _Step(fwd, bwd, A, lambda scale: ce.set_arg(4, scale), embed_backward)
+        self._steps[(batch, seq)] = step
+        return step

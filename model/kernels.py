@@ -1,0 +1,118 @@
+"""Every kernel spec the CUDA model runs, derived from the config and the optimizer settings alone.
+
+This is the one place the model turns its config into kernels: eps and theta are read from the
+config here (no spec has a default for them), and nothing depends on the batch shape, so the whole
+set is known, and pre-warmed, before the first step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ptxgen.kernels.adamw import AdamWSpec, GradNormFinalSpec, GradNormPartialSpec
+from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
+from ptxgen.kernels.colsum import ColumnSumSpec
+from ptxgen.kernels.cross_entropy import CrossEntropySpec
+from ptxgen.kernels.embedding import EmbeddingBackwardSpec, EmbeddingSpec
+from ptxgen.kernels.gemm import GemmSpec, widest_vec
+from ptxgen.kernels.rmsnorm import RMSNormBackwardSpec, RMSNormSpec
+from ptxgen.kernels.rope import RopeSpec
+from ptxgen.kernels.swiglu import SwiGLUBackwardSpec, SwiGLUSpec
+from ptxgen.spec import KernelSpec
+
+from .config import ModelConfig
+from .optim import AdamWSettings
+
+SMALL_TILE = dict(block_m=64, block_n=64, thread_m=4, thread_n=8)
+WIDE_OUTPUT = 512  # outputs at least this wide fill the GPU with 128x128 tiles at training batch sizes
+
+
+@dataclass(frozen=True)
+class LinearKernels:
+    """The three GEMMs of ``y = x W^T (+ b)`` for W of shape [out, in]."""
+
+    forward: GemmSpec          # y = x W^T (+ b)
+    grad_input: GemmSpec       # dx = dy W
+    grad_input_acc: GemmSpec   # dx += dy W (the next of several projections of one input)
+    grad_weight: GemmSpec      # dW = dy^T x
+
+    @classmethod
+    def of(cls, d_in: int, d_out: int, bias: bool = False) -> "LinearKernels":
+        def tile(width: int) -> dict[str, int]:
+            return {} if width >= WIDE_OUTPUT else SMALL_TILE
+
+        fwd = GemmSpec(trans_a=False, trans_b=True, bias=bias, vec=widest_vec(d_in, d_out), **tile(d_out))
+        dx = GemmSpec(trans_a=False, trans_b=False, vec=widest_vec(d_in, d_out), **tile(d_in))
+        dw = GemmSpec(trans_a=True, trans_b=False, vec=widest_vec(d_in, d_out), **tile(min(d_in, d_out)))
+        return cls(fwd, dx, dataclasses.replace(dx, accumulate=True), dw)
+
+    def specs(self) -> list[KernelSpec]:
+        return [self.forward, self.grad_input, self.grad_input_acc, self.grad_weight]
+
+
+@dataclass(frozen=True)
+class ModelKernels:
+    embed: EmbeddingSpec
+    embed_bwd: EmbeddingBackwardSpec
+    norm: RMSNormSpec            # the first layer's input norm
+    norm_residual: RMSNormSpec   # h = x + residual, normalized: every later norm
+    norm_bwd: RMSNormBackwardSpec           # the final norm's backward
+    norm_bwd_residual: RMSNormBackwardSpec  # the layers' norms: dx adds the residual stream's gradient
+    q: LinearKernels
+    kv: LinearKernels
+    o: LinearKernels
+    gate_up: LinearKernels
+    down: LinearKernels
+    head: LinearKernels
+    rope_q: RopeSpec
+    rope_k: RopeSpec
+    rope_q_bwd: RopeSpec
+    rope_k_bwd: RopeSpec
+    attention: AttentionSpec
+    attention_bwd_q: AttentionBackwardQSpec
+    attention_bwd_kv: AttentionBackwardKVSpec
+    swiglu: SwiGLUSpec
+    swiglu_bwd: SwiGLUBackwardSpec
+    cross_entropy: CrossEntropySpec
+    colsum: ColumnSumSpec
+    grad_norm_partial: GradNormPartialSpec
+    grad_norm_final: GradNormFinalSpec
+    adamw_decay: AdamWSpec
+    adamw_no_decay: AdamWSpec
+
+    @classmethod
+    def of(cls, c: ModelConfig, adamw: AdamWSettings, ignore_index: int) -> "ModelKernels":
+        h, d, q_dim, kv_dim = c.hidden_size, c.head_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        rope = dict(head_dim=d, theta=c.rope_theta)
+        attn = dict(heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=d)
+        norm = RMSNormSpec(hidden=h, eps=c.rms_norm_eps, save_rstd=True)
+        partial = GradNormPartialSpec()
+        return cls(
+            embed=EmbeddingSpec(dim=h), embed_bwd=EmbeddingBackwardSpec(dim=h, accumulate=c.tie_word_embeddings),
+            norm=norm, norm_residual=dataclasses.replace(norm, residual=True),
+            norm_bwd=RMSNormBackwardSpec(hidden=h), norm_bwd_residual=RMSNormBackwardSpec(hidden=h, residual=True),
+            q=LinearKernels.of(h, q_dim, bias=c.qkv_bias), kv=LinearKernels.of(h, kv_dim, bias=c.qkv_bias),
+            o=LinearKernels.of(q_dim, h), gate_up=LinearKernels.of(h, c.intermediate_size),
+            down=LinearKernels.of(c.intermediate_size, h), head=LinearKernels.of(h, c.vocab_size),
+            rope_q=RopeSpec(heads=c.num_heads, **rope), rope_k=RopeSpec(heads=c.num_kv_heads, **rope),
+            rope_q_bwd=RopeSpec(heads=c.num_heads, inverse=True, **rope),
+            rope_k_bwd=RopeSpec(heads=c.num_kv_heads, inverse=True, **rope),
+            attention=AttentionSpec(**attn), attention_bwd_q=AttentionBackwardQSpec(**attn),
+            attention_bwd_kv=AttentionBackwardKVSpec(**attn),
+            swiglu=SwiGLUSpec(), swiglu_bwd=SwiGLUBackwardSpec(),
+            cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index),
+            colsum=ColumnSumSpec(), grad_norm_partial=partial,
+            grad_norm_final=GradNormFinalSpec(partials=partial.blocks),
+            adamw_decay=AdamWSpec(beta1=adamw.beta1, beta2=adamw.beta2, eps=adamw.eps,
+                                  weight_decay=adamw.weight_decay),
+            adamw_no_decay=AdamWSpec(beta1=adamw.beta1, beta2=adamw.beta2, eps=adamw.eps, weight_decay=0.0))
+
+    def specs(self) -> list[KernelSpec]:
+        """Every spec, once: what the CUDA model pre-warms and then runs in strict mode."""
+        out: list[KernelSpec] = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            for spec in (v.specs() if isinstance(v, LinearKernels) else [v]):
+                if spec not in out:
+                    out.append(spec)
+        return out

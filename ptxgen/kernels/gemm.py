@@ -1,0 +1,314 @@
+"""fp32 GEMM on the SIMT cores: C[M, N] (+)= op(A)[M, K] @ op(B)[K, N] (+ bias[N]), batched.
+
+The three layouts a linear layer needs are the two transpose flags: Y = X W^T (``trans_b``),
+dX = dY W (neither), dW = dY^T X (``trans_a``). M, N, K and the leading dimensions are arguments;
+the tile shape, the vector width and the epilogue (bias, accumulate) are baked in.
+
+Each block computes a ``block_m x block_n`` tile of C from ``block_k``-deep slices of A and B staged
+in shared memory, double-buffered: while the threads multiply one slice, the next one is already in
+flight from global memory. Each thread owns ``thread_m x thread_n`` outputs, laid out as 4x4
+sub-tiles strided across the block tile, so its operands come from shared memory in 16-byte
+broadcast reads without bank conflicts. Edges are masked (zeros loaded, stores guarded), so any
+M, N, K >= 1 works, given that every dimension an operand is contiguous along is a multiple of
+``vec`` (checked by ``check_shapes``).
+
+Batches (grid z) address their matrices as ``base + (z // inner) * outer_stride + (z % inner) //
+group * inner_stride`` per operand: plain strided batches, and the [batch, seq, heads, dim] views
+of attention with grouped K/V heads, are both this form.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from ..builder import Addr, KernelBuilder, Reg, T
+from ..registry import register
+from ..spec import KernelSpec, SpecError
+from ..vecio import DType, load_f32, store_f32
+from .common import check_positive
+
+PAD = 4  # floats of padding per shared row: the transposing stores then hit distinct banks
+
+
+@dataclass(frozen=True)
+class _Operand:
+    """How one operand's ``outer x block_k`` slices travel from global to shared memory.
+
+    ``k_contig``: the operand is stored with K contiguous (A not transposed, B transposed), so a
+    thread's vector runs along K and is transposed on its way into shared memory, which always
+    holds slices as [block_k][outer + PAD].
+    """
+
+    name: str
+    outer: int   # block_m for A, block_n for B
+    k_contig: bool
+
+
+class _TileLoader:
+    def __init__(self, spec: "GemmSpec", b: KernelBuilder, op: _Operand, ptr: Reg, ld: Reg,
+                 extent: Reg, k_total: Reg, block_outer: Reg, tid: Reg, smem: Reg):
+        self.b, self.op, self.vec, self.bk = b, op, spec.vec, spec.block_k
+        per_row = (spec.block_k if op.k_contig else op.outer) // spec.vec
+        count = op.outer * spec.block_k // (spec.vec * spec.threads)
+        self.row_bytes = (op.outer + PAD) * 4
+        # the k step between slices, in bytes of global memory: along a row, or over block_k rows
+        self.k_step = b.mul_wide(ld, spec.block_k * 4) if not op.k_contig else None
+        self.slots = []
+        for i in range(count):
+            idx = b.add(tid, i * spec.threads)
+            first, second = b.div(idx, per_row), b.mul(b.rem(idx, per_row), spec.vec)
+            outer, kk = (first, second) if op.k_contig else (second, first)
+            g_outer = b.add(block_outer, outer)
+            row, col = (g_outer, kk) if op.k_contig else (kk, g_outer)
+            index = b.add(b.mul_wide(row, ld), b.cvt(T.U64, col))
+            addr = b.add(ptr, b.shl(index, 2))
+            in_outer = b.setp("lt", g_outer, extent)
+            shared = b.add(smem, b.mad(kk, self.row_bytes, b.mul(outer, 4)))
+            self.slots.append((addr, kk, in_outer, shared))
+        self.k_total = k_total
+
+    def fetch(self, k0: Reg) -> list[list[Reg]]:
+        """This thread's vectors of the slice starting at ``k0``; zeros outside the matrix."""
+        b, out = self.b, []
+        for addr, kk, in_outer, _ in self.slots:
+            in_k = b.setp("lt", b.add(k0, kk), self.k_total)
+            ok = b.and_(in_outer, in_k)
+            out.append(load_f32(b, DType.F32, Addr(addr), self.vec, guard=ok))
+        return out
+
+    def advance(self) -> None:
+        b = self.b
+        for addr, *_ in self.slots:
+            if self.op.k_contig:
+                b.add(addr, self.bk * 4, out=addr)
+            else:
+                b.add(addr, self.k_step, out=addr)
+
+    def stash(self, values: list[list[Reg]], buffer: Reg) -> None:
+        """Into shared memory at [k][outer] (``buffer`` = byte offset of the buffer being filled)."""
+        b = self.b
+        for (_, _, _, shared), vals in zip(self.slots, values):
+            base = b.add(shared, buffer)
+            if self.op.k_contig:
+                for j, v in enumerate(vals):
+                    b.st("shared", Addr(base, j * self.row_bytes), v)
+            else:
+                b.st("shared", Addr(base), vals if len(vals) > 1 else vals[0])
+
+
+@dataclass(frozen=True)
+class Strides:
+    """One operand's batch addressing: z -> (z // inner) * outer + ((z % inner) // group) * inner_stride."""
+
+    outer: int = 0
+    inner: int = 0
+    group: int = 1
+
+
+@dataclass(frozen=True)
+class Batch:
+    count: int = 1
+    inner: int = 1  # z = outer_index * inner + inner_index
+    a: Strides = Strides()
+    b: Strides = Strides()
+    c: Strides = Strides()
+
+    def strides(self) -> tuple[int, ...]:
+        if self.inner < 1 or min(s.group for s in (self.a, self.b, self.c)) < 1:
+            raise ValueError("batch inner count and groups must be >= 1")
+        return tuple(v for s in (self.a, self.b, self.c) for v in (s.outer, s.inner, s.group))
+
+
+@register
+@dataclass(frozen=True)
+class GemmSpec(KernelSpec):
+    kind: ClassVar[str] = "gemm_f32"
+    trans_a: bool = False
+    trans_b: bool = True
+    bias: bool = False        # C += bias[n] (broadcast over rows)
+    accumulate: bool = False  # C = C_old + A@B: gradient accumulation
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 8
+    thread_m: int = 8
+    thread_n: int = 8
+    vec: int = 4              # elements per global access; contiguous dimensions must divide by it
+
+    @property
+    def threads_m(self) -> int:
+        return self.block_m // self.thread_m
+
+    @property
+    def threads_n(self) -> int:
+        return self.block_n // self.thread_n
+
+    @property
+    def threads(self) -> int:
+        return self.threads_m * self.threads_n
+
+    def validate(self) -> None:
+        for name in ("block_m", "block_n", "block_k", "thread_m", "thread_n", "vec"):
+            check_positive(name, getattr(self, name))
+        if self.thread_m % 4 or self.thread_n % 4:
+            raise SpecError("thread_m and thread_n must be multiples of 4 (16-byte shared reads)")
+        if self.block_m % self.thread_m or self.block_n % self.thread_n:
+            raise SpecError("block_m / block_n must be multiples of thread_m / thread_n")
+        if self.vec not in (1, 2, 4):
+            raise SpecError(f"vec must be 1, 2 or 4, got {self.vec}")
+        if not 32 <= self.threads <= 1024 or self.threads % 32:
+            raise SpecError(f"the tile needs {self.threads} threads; must be a multiple of 32 in [32, 1024]")
+        for outer in (self.block_m, self.block_n):
+            if (outer * self.block_k) % (self.vec * self.threads) or self.block_k % self.vec or outer % self.vec:
+                raise SpecError(f"a {outer}x{self.block_k} slice does not split into {self.threads} "
+                                f"threads' vectors of {self.vec}")
+        smem = 2 * self.block_k * (self.block_m + self.block_n + 2 * PAD) * 4
+        if smem > 48 * 1024:
+            raise SpecError(f"tiles need {smem} bytes of shared memory (max 49152)")
+
+    def params(self) -> tuple[tuple[str, T], ...]:
+        ptrs = ("a", "b", "c") + (("bias",) if self.bias else ())
+        dims = ("m", "n", "k", "lda", "ldb", "ldc", "inner")
+        strides = tuple(f"{x}_{s}" for x in "abc" for s in ("outer", "inner", "group"))
+        return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims + strides)
+
+    def launch_dims(self, m: int, n: int, batches: int = 1) -> tuple[tuple[int, int, int], int]:
+        return (-(-n // self.block_n), -(-m // self.block_m), batches), self.threads
+
+    def arguments(self, a: int, b: int, c: int, m: int, n: int, k: int, *, bias: int | None = None,
+                  lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
+                  batch: "Batch | None" = None) -> tuple[int, ...]:
+        """The kernel's arguments in order (pointers as ints), after refusing what it cannot serve.
+
+        Leading dimensions default to the dense ones. Every contiguous extent, leading dimension
+        and batch stride must be a multiple of ``vec`` (else a vector access would straddle rows
+        or be misaligned): a ValueError before the launch, never a wrong answer.
+        """
+        if min(m, n, k) < 1:
+            raise ValueError(f"gemm_f32: M, N, K must be >= 1, got {m}, {n}, {k}")
+        lda = lda if lda is not None else (m if self.trans_a else k)
+        ldb = ldb if ldb is not None else (k if self.trans_b else n)
+        ldc = ldc if ldc is not None else n
+        batch = batch or Batch()
+        if (bias is not None) != self.bias:
+            raise ValueError(f"gemm_f32: this spec {'needs' if self.bias else 'has no'} a bias")
+        contiguous = {"M (A transposed)": m if self.trans_a else None,
+                      "K": k if not self.trans_a or self.trans_b else None,
+                      "N": n, "lda": lda, "ldb": ldb, "ldc": ldc,
+                      **{f"batch stride {i}": s for i, s in enumerate(batch.strides()) if i % 3 != 2}}
+        for name, value in contiguous.items():
+            if value is not None and value % self.vec:
+                raise ValueError(f"gemm_f32 with vec={self.vec}: {name}={value} is not a multiple of {self.vec}")
+        ptrs = (a, b, c) + ((bias,) if self.bias else ())
+        return (*ptrs, m, n, k, lda, ldb, ldc, batch.inner, *batch.strides())
+
+    def build(self, b: KernelBuilder) -> None:
+        bm, bn, bk, tm, tn = self.block_m, self.block_n, self.block_k, self.thread_m, self.thread_n
+        m, n, k = (b.ld_param(x) for x in "mnk")
+        tid = b.special("%tid.x")
+        tx, ty = b.rem(tid, self.threads_n), b.div(tid, self.threads_n)
+        z = b.special("%ctaid.z")
+        inner = b.ld_param("inner")
+        z_outer, z_inner = b.div(z, inner), b.rem(z, inner)
+
+        def matrix(name: str) -> Reg:
+            """This batch's matrix: base + z_outer * outer_stride + (z_inner // group) * inner_stride."""
+            base = b.cvta_global(b.ld_param(name))
+            group = b.ld_param(f"{name}_group")
+            elems = b.add(b.mul_wide(z_outer, b.ld_param(f"{name}_outer")),
+                          b.mul_wide(b.div(z_inner, group), b.ld_param(f"{name}_inner")))
+            return b.add(base, b.shl(elems, 2))
+
+        a_ptr, b_ptr, c_ptr = matrix("a"), matrix("b"), matrix("c")
+        row0 = b.mul(b.special("%ctaid.y"), bm)
+        col0 = b.mul(b.special("%ctaid.x"), bn)
+
+        a_rows = (bk * (bm + PAD)) * 4
+        b_rows = (bk * (bn + PAD)) * 4
+        smem_a = b.addr_of(b.shared_array("tile_a", T.F32, 2 * a_rows // 4, align=16))
+        smem_b = b.addr_of(b.shared_array("tile_b", T.F32, 2 * b_rows // 4, align=16))
+        op_a = _Operand("a", bm, k_contig=not self.trans_a)
+        op_b = _Operand("b", bn, k_contig=self.trans_b)
+        load_a = _TileLoader(self, b, op_a, a_ptr, b.ld_param("lda"), m, k, row0, tid, smem_a)
+        load_b = _TileLoader(self, b, op_b, b_ptr, b.ld_param("ldb"), n, k, col0, tid, smem_b)
+
+        acc = [[b.mov(0.0, T.F32) for _ in range(tn)] for _ in range(tm)]
+        buf_a, buf_b = b.mov(0, T.U32), b.mov(0, T.U32)
+        k0 = b.mov(0, T.U32)
+        load_a.stash(load_a.fetch(k0), buf_a)
+        load_b.stash(load_b.fetch(k0), buf_b)
+        b.bar_sync()
+        frag_a = b.add(smem_a, b.mul(ty, 16))
+        frag_b = b.add(smem_b, b.mul(tx, 16))
+        tiles = b.div(b.add(k, bk - 1), bk)
+        with b.loop(tiles, "ktile"):
+            # the next slice is in flight while this one is multiplied (past K it loads zeros)
+            b.add(k0, bk, out=k0)
+            load_a.advance()
+            load_b.advance()
+            next_a, next_b = load_a.fetch(k0), load_b.fetch(k0)
+            pa, pb = b.add(frag_a, buf_a), b.add(frag_b, buf_b)
+            for kk in range(bk):
+                av = [v for g in range(tm // 4) for v in
+                      b.ld("shared", T.F32, Addr(pa, kk * (bm + PAD) * 4 + g * self.threads_m * 16), 4)]
+                bv = [v for g in range(tn // 4) for v in
+                      b.ld("shared", T.F32, Addr(pb, kk * (bn + PAD) * 4 + g * self.threads_n * 16), 4)]
+                for i in range(tm):
+                    for j in range(tn):
+                        b.fma(av[i], bv[j], acc[i][j], out=acc[i][j])
+            b.xor(buf_a, a_rows, out=buf_a)
+            b.xor(buf_b, b_rows, out=buf_b)
+            load_a.stash(next_a, buf_a)
+            load_b.stash(next_b, buf_b)
+            b.bar_sync()
+        self._epilogue(b, acc, c_ptr, m, n, row0, col0, tx, ty)
+
+    def _epilogue(self, b: KernelBuilder, acc: list[list[Reg]], c_ptr: Reg, m: Reg, n: Reg,
+                  row0: Reg, col0: Reg, tx: Reg, ty: Reg) -> None:
+        ldc = b.ld_param("ldc")
+        bias_ptr = b.cvta_global(b.ld_param("bias")) if self.bias else None
+        chunks = []  # (column, guard, bias values) per vec-wide chunk of this thread's columns
+        for g in range(self.thread_n // 4):
+            for c in range(0, 4, self.vec):
+                col = b.add(col0, b.add(b.mul(tx, 4), g * self.threads_n * 4 + c))
+                ok = b.setp("lt", col, n)
+                bias = (load_f32(b, DType.F32, Addr(b.add(bias_ptr, b.shl(b.cvt(T.U64, col), 2))), self.vec,
+                                 guard=ok) if bias_ptr is not None else None)
+                chunks.append((g * 4 + c, col, ok, bias))
+        for g in range(self.thread_m // 4):
+            for r in range(4):
+                row = b.add(row0, b.add(b.mul(ty, 4), g * self.threads_m * 4 + r))
+                row_ok = b.setp("lt", row, m)
+                row_ptr = b.add(c_ptr, b.shl(b.mul_wide(row, ldc), 2))
+                for j, col, ok, bias in chunks:
+                    vals = acc[g * 4 + r][j:j + self.vec]
+                    if bias is not None:
+                        vals = [b.add(v, x) for v, x in zip(vals, bias)]
+                    guard = b.and_(row_ok, ok)
+                    addr = Addr(b.add(row_ptr, b.shl(b.cvt(T.U64, col), 2)))
+                    if self.accumulate:
+                        old = load_f32(b, DType.F32, addr, self.vec, guard=guard)
+                        vals = [b.add(v, o) for v, o in zip(vals, old)]
+                    store_f32(b, DType.F32, addr, vals, guard=guard)
+
+    @classmethod
+    def examples(cls) -> list["GemmSpec"]:
+        return [cls(), cls(trans_a=False, trans_b=False), cls(trans_a=True, trans_b=False, accumulate=True),
+                cls(bias=True), cls(block_m=64, block_n=64, thread_m=4, thread_n=4, vec=1),
+                cls(trans_a=True, trans_b=True, block_m=32, block_n=64, thread_m=4, thread_n=4, vec=2)]
+
+
+def widest_vec(*extents: int) -> int:
+    """The widest vector (4, 2 or 1 elements) that divides every contiguous extent given."""
+    return next(v for v in (4, 2, 1) if all(e % v == 0 for e in extents))
+
+
+def gemm_reference(a: np.ndarray, b: np.ndarray, trans_a: bool, trans_b: bool, bias: np.ndarray | None = None,
+                   c: np.ndarray | None = None) -> np.ndarray:
+    """float64 op(A) @ op(B) (+ bias) (+ c)."""
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    out = (a64.T if trans_a else a64) @ (b64.T if trans_b else b64)
+    if bias is not None:
+        out = out + np.asarray(bias, np.float64)
+    return out if c is None else out + np.asarray(c, np.float64)

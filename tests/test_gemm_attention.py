@@ -1,0 +1,67 @@
+"""GEMM and attention specs without a GPU: argument checks, validation, the references."""
+import math
+
+import numpy as np
+import pytest
+
+from ptxgen.kernels.attention import AttentionSpec, attention_backward_reference, attention_reference
+from ptxgen.kernels.gemm import Batch, GemmSpec, Strides, widest_vec
+from ptxgen.spec import SpecError
+
+
+def test_gemm_refuses_shapes_its_vectors_cannot_serve():
+    with pytest.raises(ValueError, match="K=6 is not a multiple of 4"):
+        GemmSpec().arguments(0, 0, 0, 8, 8, 6)
+    with pytest.raises(ValueError, match="M \\(A transposed\\)=1"):
+        GemmSpec(trans_a=True, trans_b=False).arguments(0, 0, 0, 1, 8, 8)
+    with pytest.raises(ValueError, match="needs a bias"):
+        GemmSpec(bias=True).arguments(0, 0, 0, 8, 8, 8)
+    with pytest.raises(ValueError, match="batch stride"):
+        GemmSpec().arguments(0, 0, 0, 8, 8, 8, batch=Batch(2, 1, a=Strides(6)))
+    assert GemmSpec(vec=1).arguments(1, 2, 3, 1, 5, 7)[:9] == (1, 2, 3, 1, 5, 7, 7, 7, 5)
+
+
+def test_gemm_tiles_must_split_into_thread_vectors():
+    with pytest.raises(SpecError, match="does not split"):
+        GemmSpec(block_m=64, block_n=64, thread_m=4, thread_n=4)
+    with pytest.raises(SpecError, match="multiples of 4"):
+        GemmSpec(thread_m=6)
+    assert widest_vec(896, 4864) == 4 and widest_vec(6, 8) == 2 and widest_vec(7) == 1
+
+
+def test_attention_specs_validate_heads_and_head_dim():
+    with pytest.raises(SpecError, match="multiple of kv_heads"):
+        AttentionSpec(heads=14, kv_heads=3, head_dim=64)
+    with pytest.raises(SpecError, match="head_dim"):
+        AttentionSpec(heads=2, kv_heads=1, head_dim=128)
+    assert AttentionSpec(heads=14, kv_heads=2, head_dim=64).launch_dims(2, 1000) == ((16, 14, 2), 64)
+
+
+def test_attention_reference_is_an_explicit_loop_over_visible_keys():
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((1, 5, 4, 8)), rng.standard_normal((1, 5, 2, 8)), rng.standard_normal((1, 5, 2, 8))
+    o, _, lse = attention_reference(q, k, v)
+    for h in range(4):
+        for i in range(5):
+            s = np.array([q[0, i, h] @ k[0, j, h // 2] / math.sqrt(8) for j in range(i + 1)])
+            w = np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+            np.testing.assert_allclose(o[0, i, h], w @ v[0, :i + 1, h // 2], rtol=1e-12)
+            assert lse[0, h, i] == pytest.approx(np.log(np.exp(s).sum()))
+
+
+def test_attention_backward_reference_matches_finite_differences():
+    rng = np.random.default_rng(1)
+    q, k, v = rng.standard_normal((1, 4, 2, 4)), rng.standard_normal((1, 4, 1, 4)), rng.standard_normal((1, 4, 1, 4))
+    do = rng.standard_normal(q.shape)
+    o, p, _ = attention_reference(q, k, v)
+    grads = attention_backward_reference(q, k, v, p, do)
+    h = 1e-6
+    for x, g in zip((q, k, v), grads):
+        for idx in [(0, 1, 0, 2), (0, 3, 0, 0)]:
+            old = x[idx]
+            x[idx] = old + h
+            up = np.sum(attention_reference(q, k, v)[0] * do)
+            x[idx] = old - h
+            down = np.sum(attention_reference(q, k, v)[0] * do)
+            x[idx] = old
+            assert g[idx] == pytest.approx((up - down) / (2 * h), rel=1e-6, abs=1e-8)

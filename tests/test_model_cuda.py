@@ -1,0 +1,165 @@
+"""The CUDA model against the numpy reference (and HF transformers) on the same weights, fp32.
+
+Tolerances: logits within 1e-4 absolute with the same argmax at every position; the loss within
+1e-5 relative; gradients within 1e-4 of each tensor's largest reference magnitude.
+"""
+import math
+
+import numpy as np
+import pytest
+
+from model.config import ModelConfig, preset
+from model.data import ByteTokenizer, Corpus, stdlib_files
+from model.optim import AdamWSettings
+from model.params import init_params
+from model.reference import ReferenceModel
+from model.train import TrainSettings, train
+from runtime import ModuleCache
+
+pytestmark = pytest.mark.cuda
+QWEN_SHAPED = preset("qwen2-0.5b").replace(num_layers=2)
+CONFIGS = {"tiny": preset("tiny"), "qwen2-shaped-2-layer": QWEN_SHAPED}
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return ModuleCache(use_disk=False)
+
+
+def live_params(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Init weights with nonzero biases and norm weights away from 1, so every path carries signal."""
+    params = init_params(config, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    for name, p in params.items():
+        if name.endswith(".bias"):
+            params[name] = (0.1 * rng.standard_normal(p.shape)).astype(np.float32)
+        elif name.endswith("norm.weight"):
+            params[name] = (1 + 0.1 * rng.standard_normal(p.shape)).astype(np.float32)
+    return params
+
+
+def backend(cache, config, params, **adamw):
+    from model.cuda_model import CudaBackend
+    return CudaBackend(config, params, AdamWSettings(**adamw), cache=cache)
+
+
+def batch(config, b=2, s=37, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, config.vocab_size, (b, s))
+    targets = rng.integers(0, config.vocab_size, (b, s))
+    targets[0, 3] = -100
+    return ids, targets
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_numpy_with_the_same_argmax_everywhere(cache, name):
+    config = CONFIGS[name]
+    params = live_params(config)
+    ids, _ = batch(config)
+    model = backend(cache, config, params)
+    try:
+        ours = model.logits(ids)
+    finally:
+        model.close()
+    ref = ReferenceModel(config, params).forward(ids)
+    assert np.abs(ours - ref).max() <= 1e-4
+    assert np.array_equal(ours.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.parametrize("config", [preset("tiny"), preset("tiny").replace(qkv_bias=False, tie_word_embeddings=True)])
+def test_loss_and_every_gradient_match_numpy(cache, config):
+    params = live_params(config)
+    ids, targets = batch(config, b=3, s=29)
+    model = backend(cache, config, params)
+    try:
+        loss, grads = model.loss_and_grads(ids, targets)
+    finally:
+        model.close()
+    ref_loss, ref_grads = ReferenceModel(config, params).loss_and_grads(ids, targets)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        scale = np.abs(ref_grads[name]).max()
+        assert np.abs(g - ref_grads[name]).max() <= 1e-4 * max(scale, 1e-3), name
+
+
+def test_biases_theta_and_eps_each_change_the_gpu_logits(cache):
+    config = preset("tiny")
+    params = live_params(config)
+    ids, _ = batch(config)
+
+    def logits(cfg, p):
+        model = backend(cache, cfg, p)
+        try:
+            return model.logits(ids)
+        finally:
+            model.close()
+
+    base = logits(config, params)
+    no_bias = {k: v for k, v in params.items() if not k.endswith(".bias")}
+    assert np.abs(logits(config.replace(qkv_bias=False), no_bias) - base).max() > 1e-3
+    assert np.abs(logits(config.replace(rope_theta=1e6), params) - base).max() > 1e-3
+    assert np.abs(logits(config.replace(rms_norm_eps=1e-2), params) - base).max() > 1e-3
+
+
+def test_steps_run_in_strict_mode_with_no_compiles_after_construction(cache):
+    config = preset("tiny")
+    model = backend(cache, config, live_params(config))
+    try:
+        before = (cache.stats.jit_compiles, cache.stats.disk_hits)
+        ids, targets = batch(config)
+        model.train_step(ids, targets, 1e-3)
+        model.loss(ids, targets)
+        assert (cache.stats.jit_compiles, cache.stats.disk_hits) == before
+        assert all(spec in cache for spec in model.kernels.specs())
+    finally:
+        model.close()
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return Corpus.from_files(stdlib_files()[:80], ByteTokenizer())
+
+
+def run(cache, corpus, out, resume=False):
+    from model.cuda_model import CudaBackend
+    settings = TrainSettings(steps=20, batch_size=4, seq_len=64, lr=3e-3, warmup=5, eval_every=10,
+                             eval_batches=2, checkpoint_every=10)
+    return train(preset("tiny"), settings, AdamWSettings(), corpus,
+                 lambda c, p, a: CudaBackend(c, p, a, cache=cache), out, log=lambda m: None, progress=False,
+                 resume=resume)
+
+
+def test_two_runs_are_bit_identical_and_a_resumed_run_matches(cache, corpus, tmp_path):
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    a = run(cache, corpus, tmp_path / "a")
+    b = run(cache, corpus, tmp_path / "b")
+    assert a.train_losses == b.train_losses and len(a.train_losses) == 20
+    assert abs(a.val_losses[0] - math.log(256)) <= 0.05
+    assert a.val_losses[20] < a.val_losses[0] - 0.5
+    ckpt = load_checkpoint(tmp_path / "a" / "step-0000010")
+    save_checkpoint(tmp_path / "r", 10, ckpt.config, ckpt.params, ckpt.optimizer, ckpt.trainer)
+    resumed = run(cache, corpus, tmp_path / "r", resume=True)
+    assert resumed.train_losses == a.train_losses[10:]
+
+
+def test_hf_transformers_gives_the_same_logits_from_our_checkpoint(cache, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from model.checkpoint import save_checkpoint
+    config = ModelConfig(vocab_size=320, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         intermediate_size=96, rope_theta=1e6, rms_norm_eps=1e-6, qkv_bias=True,
+                         tie_word_embeddings=False, max_position_embeddings=128)
+    params = live_params(config)
+    path = save_checkpoint(tmp_path, 1, config, params, {}, {})
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(path, torch_dtype=torch.float32,
+                                                       attn_implementation="eager").eval()
+    ids, _ = batch(config)
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids)).logits.numpy()
+    model = backend(cache, config, params)
+    try:
+        ours = model.logits(ids)
+    finally:
+        model.close()
+    assert np.abs(ours - theirs).max() <= 1e-4

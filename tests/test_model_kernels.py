@@ -1,0 +1,57 @@
+"""The model's kernel set comes from its config alone: eps and theta reach every spec that uses them."""
+import dataclasses
+
+import pytest
+
+from model.config import preset
+from model.cuda_model import ParamLayout
+from model.kernels import ModelKernels
+from model.optim import AdamWSettings, decays
+from ptxgen.kernels.adamw import AdamWSpec
+from ptxgen.kernels.attention import AttentionSpec
+from ptxgen.kernels.gemm import GemmSpec
+from ptxgen.kernels.rmsnorm import RMSNormSpec
+from ptxgen.kernels.rope import RopeSpec
+
+
+@pytest.mark.parametrize("name", ["tiny", "qwen2-0.5b", "llama-style"])
+def test_eps_and_theta_from_the_config_reach_every_spec(name):
+    config = preset(name)
+    for eps, theta in ((1e-5, 1e4), (1e-6, 1e6), (3e-7, 5e5)):
+        specs = ModelKernels.of(config.replace(rms_norm_eps=eps, rope_theta=theta), AdamWSettings(), -100).specs()
+        norms = [s for s in specs if isinstance(s, RMSNormSpec)]
+        ropes = [s for s in specs if isinstance(s, RopeSpec)]
+        assert norms and all(s.eps == eps for s in norms)
+        assert {s.inverse for s in ropes} == {False, True} and all(s.theta == theta for s in ropes)
+
+
+def test_a_config_change_changes_the_spec_set_and_every_affected_key():
+    base = ModelKernels.of(preset("qwen2-0.5b"), AdamWSettings(), -100)
+    other = ModelKernels.of(preset("qwen2-0.5b").replace(rope_theta=1e4), AdamWSettings(), -100)
+    changed = set(base.specs()) ^ set(other.specs())
+    assert {type(s) for s in changed} == {RopeSpec}
+
+
+def test_biases_gqa_and_optimizer_settings_are_carried():
+    qwen = ModelKernels.of(preset("qwen2-0.5b"), AdamWSettings(weight_decay=0.05), -100)
+    assert qwen.q.forward.bias and qwen.kv.forward.bias and not qwen.o.forward.bias
+    assert not ModelKernels.of(preset("llama-style"), AdamWSettings(), -100).q.forward.bias
+    attn = next(s for s in qwen.specs() if isinstance(s, AttentionSpec))
+    assert (attn.heads, attn.kv_heads, attn.head_dim) == (14, 2, 64)
+    adamw = [s for s in qwen.specs() if isinstance(s, AdamWSpec)]
+    assert sorted(s.weight_decay for s in adamw) == [0.0, 0.05]
+    for s in qwen.specs():  # every GEMM's vector width divides the model's dimensions
+        if isinstance(s, GemmSpec):
+            assert 896 % s.vec == 0 and 128 % s.vec == 0
+
+
+def test_parameter_layout_is_aligned_and_puts_decayed_tensors_first():
+    layout = ParamLayout(preset("tiny"))
+    assert all(off % 4 == 0 for off in layout.offsets.values())
+    for name, off in layout.offsets.items():
+        assert (off < layout.decay_end) == decays(name)
+    import numpy as np
+    from model.params import init_params
+    params = init_params(preset("tiny"), seed=1)
+    back = layout.unflatten(layout.flatten(params))
+    assert all(np.array_equal(back[k], params[k]) for k in params)
