@@ -159,9 +159,8 @@ class KernelSpec:
     def entry(self) -> str:
         return self.kind
 
-    @property
-    def pointer_alignment(self) -> int:
-        """Bytes every pointer argument must be aligned to (16: kernels use 16-byte accesses)."""
+    def pointer_alignment(self, param: str) -> int:
+        """Bytes the pointer argument ``param`` must be aligned to (16: kernels use 16-byte accesses)."""
         return 16
 
     def emit(self, target: Target) -> str:

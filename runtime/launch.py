@@ -59,14 +59,14 @@ class Kernel:
             names = ", ".join(n for n, _ in self.params)
             raise TypeError(f"{self.spec.entry} takes {len(self.params)} arguments ({names}), got {len(args)}")
         values = []
-        align = self.spec.pointer_alignment
         for (name, t), a in zip(self.params, args):
             if isinstance(a, DeviceArray):
                 if t is not T.U64:
                     raise TypeError(f"{self.spec.entry}: {name} is .{t.value}, got a device array")
                 a = a.ptr
-            if t is T.U64 and int(a) % align:
-                raise ValueError(f"{self.spec.entry}: pointer {name}=0x{int(a):x} is not {align}-byte aligned")
+            if t is T.U64 and int(a) % self.spec.pointer_alignment(name):
+                raise ValueError(f"{self.spec.entry}: pointer {name}=0x{int(a):x} is not "
+                                 f"{self.spec.pointer_alignment(name)}-byte aligned")
             values.append(_CTYPES[t](a))
         return values
 
