@@ -143,10 +143,17 @@ def cmd_generate(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate}
+def cmd_contracts(argv: Sequence[str]) -> int:
+    from contracts.runner import main as contracts_main
+
+    return contracts_main(argv)
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "contracts": cmd_contracts}
 USAGE = ptxgen_cli.USAGE + """
   train [--preset tiny] [--data PATH ...] [--device auto|cuda|numpy] [--out DIR] [--resume] ...
-  generate --checkpoint DIR --prompt TEXT [--temperature T] [--top-k K] [--max-new-tokens N]"""
+  generate --checkpoint DIR --prompt TEXT [--temperature T] [--top-k K] [--max-new-tokens N]
+  contracts validate|check [--root REPO]"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

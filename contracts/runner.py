@@ -1,0 +1,91 @@
+"""`ptxgen contracts validate | check`: is every promise bound to a real test, and did it hold?
+
+``validate`` checks the schema, duplicate ids and that every bound test exists (collected by
+pytest); errors print one per line and exit 2. ``check`` runs the bound tests and the
+planted-defect tests and prints one row per falsifier: discharged, falsified, or not run (needs a
+GPU); it exits 1 when any falsifier that could run was falsified (or its planted defect went unseen).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .schema import Falsifier, load, missing_tests
+
+HERE = Path(__file__).resolve().parent
+# a verbose result line: "tests/f.py::name[params] OUTCOME [ 50%]"; params may hold spaces
+OUTCOME = re.compile(r"^(tests/[^\s\[]+)(?:\[.*?\])? (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
+
+
+def _pytest(root: Path, args: Sequence[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=root,
+                          capture_output=True, text=True)
+
+
+def collect(root: Path) -> set[str]:
+    proc = _pytest(root, ["--collect-only", "-q"])
+    return {line.strip() for line in proc.stdout.splitlines() if "::" in line}
+
+
+def outcomes(root: Path, nodes: Sequence[str]) -> dict[str, list[str]]:
+    """Outcome of every item of each node (a parametrized test has several), by node id."""
+    proc = _pytest(root, ["-v", "--no-header", *sorted(set(nodes))])
+    found: dict[str, list[str]] = {}
+    for line in proc.stdout.splitlines():
+        m = OUTCOME.match(line.strip())
+        if m:
+            found.setdefault(m[1], []).append(m[2])
+    return found
+
+
+def verdict(f: Falsifier, results: dict[str, list[str]]) -> str:
+    test = results.get(f.test, [])
+    planted = [results.get(p, []) for p in f.planted]
+    if not test or all(r == "SKIPPED" for r in test):
+        return "not run (needs GPU)" if f.gpu else "not run"
+    if any(r in ("FAILED", "ERROR") for r in test):
+        return "falsified"
+    if any(not r or any(x in ("FAILED", "ERROR") for x in r) for r in planted):
+        return "falsified (planted defect not caught)"
+    return "discharged"
+
+
+def cmd_validate(root: Path, directory: Path) -> int:
+    c = load(directory)
+    errors = c.errors + missing_tests(c.falsifiers, collect(root))
+    for e in errors:
+        print(f"contracts: {e}", file=sys.stderr)
+    if errors:
+        return 2
+    print(f"contracts: {len(c.contracts)} contracts, {len(c.falsifiers)} falsifiers, all bound to existing tests")
+    return 0
+
+
+def cmd_check(root: Path, directory: Path) -> int:
+    if cmd_validate(root, directory):
+        return 2
+    c = load(directory)
+    results = outcomes(root, [n for f in c.falsifiers for n in (f.test, *f.planted)])
+    rows = [(f, verdict(f, results)) for f in c.falsifiers]
+    print(f"\n  {'falsifier':<18} {'contract':<26} {'gpu':<4} {'release':<8} verdict")
+    for f, v in rows:
+        print(f"  {f.id:<18} {f.contract:<26} {'yes' if f.gpu else 'no':<4} {'blocks' if f.blocks_release else '-':<8} {v}")
+    counts = {v: sum(1 for _, x in rows if x == v) for v in sorted({x for _, x in rows})}
+    print("\n  " + ", ".join(f"{n} {v}" for v, n in counts.items()))
+    return 1 if any(v.startswith("falsified") for _, v in rows) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ptxgen contracts", description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=("validate", "check"))
+    p.add_argument("--root", type=Path, default=HERE.parent, help="the repository (holds tests/)")
+    p.add_argument("--dir", type=Path, default=HERE, help="the contract files (default: this package)")
+    ns = p.parse_args(argv)
+    if not (ns.root / "tests").is_dir():
+        print(f"contracts: error: {ns.root} has no tests/ directory; pass --root", file=sys.stderr)
+        return 2
+    return (cmd_validate if ns.command == "validate" else cmd_check)(ns.root, ns.dir)

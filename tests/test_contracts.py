@@ -1,0 +1,72 @@
+"""The contracts validator rejects broken contracts with a clear message; the real ones are valid."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from contracts.runner import main
+from contracts.schema import Falsifier, load, missing_tests
+from contracts.runner import verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = {
+    "id": "demo", "version": 1, "status": "active", "description": "d", "references": ["r"],
+    "invariants": ["i"],
+    "falsifiers": [{"id": "FALSIFY-DEMO-001", "rule": "r", "prediction": "p",
+                    "test": "tests/test_contracts.py::test_the_projects_contracts_are_valid",
+                    "planted": ["tests/test_contracts.py::test_a_planted_broken_contract_is_rejected"],
+                    "tolerance": "exact", "gpu": False, "blocks_release": True}],
+}
+
+
+def write(tmp_path, name, data):
+    (tmp_path / name).write_text(yaml.safe_dump(data))
+
+
+def test_the_projects_contracts_are_valid(capsys):
+    assert main(["validate", "--root", str(ROOT)]) == 0
+    assert "all bound to existing tests" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda c: c["falsifiers"][0].update(test="tests/test_contracts.py::test_that_does_not_exist"),
+     "test tests/test_contracts.py::test_that_does_not_exist does not exist"),
+    (lambda c: c["falsifiers"].append(dict(c["falsifiers"][0])), "duplicate falsifier id"),
+    (lambda c: c.pop("invariants"), "missing field 'invariants'"),
+    (lambda c: c["falsifiers"][0].pop("planted"), "missing field 'planted'"),
+    (lambda c: c["falsifiers"][0].update(id="FALSIFY-1"), "must look like FALSIFY-<AREA>-NNN"),
+    (lambda c: c["falsifiers"][0].update(gpu="no"), "'gpu' must be bool"),
+    (lambda c: c.update(status="maybe"), "status must be one of"),
+])
+def test_a_planted_broken_contract_is_rejected(tmp_path, capsys, break_it, message):
+    import copy
+    data = copy.deepcopy(GOOD)
+    break_it(data)
+    write(tmp_path, "demo.yaml", data)
+    assert main(["validate", "--root", str(ROOT), "--dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_duplicate_contract_ids_across_files_are_rejected(tmp_path):
+    write(tmp_path, "a.yaml", GOOD)
+    other = dict(GOOD, falsifiers=[dict(GOOD["falsifiers"][0], id="FALSIFY-DEMO-002")])
+    write(tmp_path, "b.yaml", other)
+    assert any("duplicate contract id 'demo'" in e for e in load(tmp_path).errors)
+
+
+def test_parametrized_tests_count_by_name():
+    f = Falsifier("FALSIFY-X-001", "c", "r", "p", "tests/t.py::test_a", ("tests/t.py::test_b",), "exact", False, True)
+    assert missing_tests([f], {"tests/t.py::test_a[1-2]", "tests/t.py::test_b"}) == []
+
+
+@pytest.mark.parametrize("test, planted, gpu, expected", [
+    (["PASSED", "PASSED"], [["PASSED"]], False, "discharged"),
+    (["PASSED", "FAILED"], [["PASSED"]], False, "falsified"),
+    (["SKIPPED"], [["PASSED"]], True, "not run (needs GPU)"),
+    (["PASSED"], [["FAILED"]], False, "falsified (planted defect not caught)"),
+    (["PASSED"], [[]], False, "falsified (planted defect not caught)"),
+])
+def test_verdicts(test, planted, gpu, expected):
+    f = Falsifier("FALSIFY-X-001", "c", "r", "p", "tests/t.py::a", ("tests/t.py::b",), "exact", gpu, True)
+    assert verdict(f, {"tests/t.py::a": test, "tests/t.py::b": planted[0]}) == expected

@@ -1,0 +1,102 @@
+"""Planted defects: each falsifier's check, at its stated tolerance, catches the bug it guards.
+
+A falsifier that could never fail proves nothing. These tests plant the defects this project
+exists for (theta, eps or biases lost on the way to the GPU; a resume that drops state; a
+nondeterministic reduction) and show the comparison each falsifier makes would see them.
+"""
+
+import numpy as np
+import pytest
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import ModelConfig
+from model.data import ByteTokenizer, Corpus, stdlib_files
+from model.numpy_backend import NumpyBackend
+from model.optim import AdamWSettings
+from model.params import init_params
+from model.reference import ReferenceModel
+from model.train import TrainSettings, train
+from ptxgen.kernels.rmsnorm import rmsnorm_reference
+from ptxgen.kernels.rope import rope_reference
+
+LOGITS_TOL = 1e-4   # FALSIFY-FWD-001
+RMS_TOL = 1e-4      # FALSIFY-NORM-001
+QWEN_LIKE = ModelConfig(vocab_size=256, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                        intermediate_size=352, rope_theta=1e6, rms_norm_eps=1e-6, qkv_bias=True,
+                        tie_word_embeddings=True, max_position_embeddings=512)
+
+
+def live_params(config):
+    params = init_params(config, seed=0)
+    rng = np.random.default_rng(1)
+    for name, p in params.items():
+        if name.endswith(".bias"):
+            params[name] = (0.1 * rng.standard_normal(p.shape)).astype(np.float32)
+    return params
+
+
+@pytest.mark.parametrize("defect", ["qkv biases dropped", "eps defaulted to 1e-5", "Llama theta 1e4 served"])
+def test_a_gpu_path_with_a_seed_defect_fails_the_logits_parity_check(defect):
+    params = live_params(QWEN_LIKE)
+    ids = np.random.default_rng(0).integers(0, 256, (2, 37))
+    truth = ReferenceModel(QWEN_LIKE, params).forward(ids)
+    if defect == "qkv biases dropped":
+        wrong = ReferenceModel(QWEN_LIKE, {k: v for k, v in params.items() if not k.endswith(".bias")})
+    elif defect == "eps defaulted to 1e-5":
+        wrong = ReferenceModel(QWEN_LIKE.replace(rms_norm_eps=1e-5), params)
+    else:
+        wrong = ReferenceModel(QWEN_LIKE.replace(rope_theta=1e4), params)
+    assert np.abs(wrong.forward(ids) - truth).max() > LOGITS_TOL
+
+
+def test_an_rmsnorm_with_the_wrong_eps_fails_the_eps_parity_check():
+    rng = np.random.default_rng(0)  # the falsifier's inputs: 4x896, std 0.02, gamma around 1
+    x = (0.02 * rng.standard_normal((4, 896))).astype(np.float32)
+    gamma = (1 + 0.1 * rng.standard_normal(896)).astype(np.float32)
+    right, _ = rmsnorm_reference(x, gamma, 1e-6)
+    wrong, _ = rmsnorm_reference(x, gamma, 1e-5)
+    assert np.abs(wrong - right).max() > RMS_TOL
+
+
+def test_a_cache_serving_the_other_theta_fails_the_rope_check():
+    rng = np.random.default_rng(1)  # the falsifier's inputs: 257 tokens x 14 heads x 64, positions to 4096
+    x = rng.standard_normal((257, 14, 64))
+    positions = np.arange(257) * 16
+    assert np.abs(rope_reference(x, positions, 1e4) - rope_reference(x, positions, 1e6)).max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return Corpus.from_files(stdlib_files()[:40], ByteTokenizer())
+
+
+@pytest.mark.parametrize("defect", ["optimizer moments lost", "data position lost"])
+def test_a_resume_that_drops_state_fails_the_bit_equality_check(corpus, tmp_path, defect):
+    settings = TrainSettings(steps=12, batch_size=2, seq_len=16, lr=1e-2, warmup=2, eval_every=6,
+                             eval_batches=1, checkpoint_every=6)
+    config = QWEN_LIKE.replace(hidden_size=16, intermediate_size=24, num_layers=1)
+
+    def run(out, resume=False):
+        return train(config, settings, AdamWSettings(), corpus, NumpyBackend, out, resume=resume,
+                     log=lambda m: None, progress=False)
+
+    full = run(tmp_path / "full")
+    ckpt = load_checkpoint(tmp_path / "full" / "step-0000006")
+    optimizer, trainer = ckpt.optimizer, dict(ckpt.trainer)
+    if defect == "optimizer moments lost":
+        optimizer = {k: np.zeros_like(v) for k, v in optimizer.items()}
+    else:
+        trainer["data_position"] = 0
+    save_checkpoint(tmp_path / "broken", 6, ckpt.config, ckpt.params, optimizer, trainer)
+    assert run(tmp_path / "broken", resume=True).train_losses != full.train_losses[6:]
+
+
+def test_a_reduction_in_another_order_changes_the_bits_the_determinism_check_compares():
+    values = np.random.default_rng(0).standard_normal(4096).astype(np.float32) * 1e-3
+    forward = np.float32(0)
+    for v in values:
+        forward += v
+    backward = np.float32(0)
+    for v in values[::-1]:
+        backward += v
+    assert forward != backward  # so atomics (arrival-order sums) would show up as differing losses
