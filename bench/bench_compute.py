@@ -82,7 +82,7 @@ def main() -> None:
     fwd, bq, bkv = (cls(heads=h, kv_heads=hkv, head_dim=d)
                     for cls in (AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec))
     p = lambda t: t.data_ptr()  # noqa: E731
-    run_fwd = cache.get(fwd).bind(*fwd.launch_dims(bsz, s), p(q), p(k), p(v), p(o), p(lse), s)
+    run_fwd = cache.get(fwd).bind(*fwd.launch_dims(bsz, s), p(q), p(k), p(v), p(o), p(lse), s, s, s, 0)
     run_bq = cache.get(bq).bind(*bq.launch_dims(bsz, s), p(q), p(k), p(v), p(o), p(do), p(lse), p(dq), p(delta), s)
     run_bkv = cache.get(bkv).bind(*bkv.launch_dims(bsz, s), p(q), p(k), p(v), p(do), p(lse), p(delta), p(dk), p(dv), s)
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k.repeat_interleave(h // hkv, 2),

@@ -126,14 +126,23 @@ def cmd_generate(argv: Sequence[str]) -> int:
     prompt = tokenizer.encode(ns.prompt.encode())
     if not len(prompt):
         raise UsageError("--prompt is empty")
-    if ns.device == "cuda":
-        raise UsageError("--device cuda: generation on the GPU is not built yet; use --device numpy or auto")
-    print(f"device: {NumpyBackend.description} with a KV cache", file=sys.stderr, flush=True)
+    if len(prompt) > ckpt.config.max_position_embeddings:
+        raise UsageError(f"--prompt has {len(prompt)} tokens; the model takes at most "
+                         f"{ckpt.config.max_position_embeddings}")
+    line, factory = select_backend(ns.device)
+    print(f"{line}, with a KV cache", file=sys.stderr, flush=True)
+    max_len = min(ckpt.config.max_position_embeddings, len(prompt) + ns.max_new_tokens)
+    if factory is NumpyBackend:
+        decoder = NumpyDecoder(ckpt.config, ckpt.params)
+    else:
+        from .cuda_model import CudaDecoder
+
+        decoder = CudaDecoder(factory(ckpt.config, ckpt.params, AdamWSettings()), max(max_len, len(prompt)))
     out = list(prompt)
     sys.stdout.write(ns.prompt)
     shown = len(tokenizer.decode(out))
-    for token in generate(NumpyDecoder(ckpt.config, ckpt.params), prompt, ns.max_new_tokens, ns.temperature,
-                          ns.top_k, ns.seed, max_length=ckpt.config.max_position_embeddings):
+    for token in generate(decoder, prompt, ns.max_new_tokens, ns.temperature, ns.top_k, ns.seed,
+                          max_length=ckpt.config.max_position_embeddings):
         out.append(token)
         text = tokenizer.decode(out)
         sys.stdout.write(text[shown:])  # decode the whole so multi-byte characters come out whole

@@ -76,6 +76,13 @@ class _Arrays:
 
 
 @dataclass
+class _Forward:
+    launches: list
+    kv_writes: list   # per layer: (k GEMM, v GEMM, RoPE of k, k base, v base), moved by decoding
+    attention: list   # per layer: the attention launch (kv_len, q_start set by decoding)
+
+
+@dataclass
 class _Step:
     forward: list[Callable[[], None]]
     backward: list[Callable[[], None]]
@@ -215,34 +222,41 @@ class CudaBackend:
                 out.append(self._bind(spec, spec.launch_dims(end - start), *ptrs, clip, end - start, 0.0, 1.0, 1.0))
         return out
 
-    def _build(self, batch: int, seq: int) -> _Step:
-        """Allocate one batch shape's activations and prepare its launches."""
-        c, k, lay = self.config, self.kernels, self.layout
+    def _w(self, name: str) -> int:
+        return self.weights.ptr + 4 * self.layout.offsets[name]
+
+    def _forward(self, A: _Arrays, batch: int, seq: int, kv: list[tuple[int, int]], kv_stride: int,
+                 last_row_logits: bool) -> _Forward:
+        """The forward launches for ``batch x seq`` new tokens into arrays of ``A``.
+
+        Layer i writes its keys and values (after RoPE) at ``kv[i]`` (rows of ``kv_stride`` per
+        batch) and attends over them: the training tensors themselves, or a KV cache whose write
+        position moves with every call (``_Forward.move``). Logits for every row, or the last only.
+        """
+        c, k, w = self.config, self.kernels, self._w
         T, H, I, V = batch * seq, c.hidden_size, c.intermediate_size, c.vocab_size
-        D, Q, KV = c.head_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        A = _Arrays()
-        w = lambda name: self.weights.ptr + 4 * lay.offsets[name]  # noqa: E731
-        gr = lambda name: self.grads.ptr + 4 * lay.offsets[name]  # noqa: E731
-        ids, targets, pos = A.new("ids", (T,), "i32"), A.new("targets", (T,), "i32"), A.new("pos", (T,), "i32")
-        A["pos"].upload(np.tile(np.arange(seq, dtype=np.int32), batch))
-        L = c.num_layers
+        Q, KV, L = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_layers
+        ids, pos = A.new("ids", (T,), "i32"), A.new("pos", (T,), "i32")
         xs = [A.new(f"x{i}", (T, H)) for i in range(L + 1)]          # residual stream into layer i
         mids = [A.new(f"mid{i}", (T, H)) for i in range(L)]          # after attention
         h1s, h2s = [A.new(f"h1_{i}", (T, H)) for i in range(L)], [A.new(f"h2_{i}", (T, H)) for i in range(L)]
         r1s, r2s = [A.new(f"r1_{i}", (T,)) for i in range(L)], [A.new(f"r2_{i}", (T,)) for i in range(L)]
-        qs, ks, vs = ([A.new(f"{n}{i}", (T, dim)) for i in range(L)] for n, dim in (("q", Q), ("k", KV), ("v", KV)))
+        qs = [A.new(f"q{i}", (T, Q)) for i in range(L)]
         os_, lses = [A.new(f"o{i}", (T, Q)) for i in range(L)], [A.new(f"lse{i}", (batch, c.num_heads, seq))
                                                                     for i in range(L)]
         gates, ups, acts = ([A.new(f"{n}{i}", (T, I)) for i in range(L)] for n in ("gate", "up", "act"))
         tmp, hf, rf = A.new("tmp", (T, H)), A.new("hf", (T, H)), A.new("rf", (T,))
-        logits, dlogits, losses = A.new("logits", (T, V)), A.new("dlogits", (T, V)), A.new("losses", (T,))
-        fwd: list = []
-        bind = self._bind
+        head_rows = 1 if last_row_logits else T
+        logits = A.new("logits", (head_rows, V))
+        out = _Forward([], [], [])
+        fwd, bind = out.launches, self._bind
 
-        def linear(lk: LinearKernels, x: int, weight: str, y: int, d_in: int, d_out: int, bias: str | None = None):
+        def linear(lk: LinearKernels, x: int, weight: str, y: int, d_in: int, d_out: int,
+                   bias: str | None = None, rows: int = T):
             spec = lk.forward
-            fwd.append(bind(spec, spec.launch_dims(T, d_out),
-                            *spec.arguments(x, w(weight), y, T, d_out, d_in, bias=w(bias) if bias else None)))
+            fwd.append(bind(spec, spec.launch_dims(rows, d_out),
+                            *spec.arguments(x, w(weight), y, rows, d_out, d_in, bias=w(bias) if bias else None)))
+            return fwd[-1]
 
         fwd.append(bind(k.embed, k.embed.launch_dims(T), w("model.embed_tokens.weight"), ids, xs[0], T))
         for i in range(L):
@@ -254,13 +268,18 @@ class CudaBackend:
                 fwd.append(bind(k.norm_residual, k.norm_residual.launch_dims(T), tmp, mids[i - 1],
                                 w(p + "input_layernorm.weight"), h1s[i], xs[i], r1s[i], T))
             bias = (lambda n: p + f"self_attn.{n}.bias") if c.qkv_bias else (lambda n: None)
+            k_at, v_at = kv[i]
             linear(k.q, h1s[i], p + "self_attn.q_proj.weight", qs[i], H, Q, bias("q_proj"))
-            linear(k.kv, h1s[i], p + "self_attn.k_proj.weight", ks[i], H, KV, bias("k_proj"))
-            linear(k.kv, h1s[i], p + "self_attn.v_proj.weight", vs[i], H, KV, bias("v_proj"))
+            k_gemm = linear(k.kv, h1s[i], p + "self_attn.k_proj.weight", k_at, H, KV, bias("k_proj"))
+            v_gemm = linear(k.kv, h1s[i], p + "self_attn.v_proj.weight", v_at, H, KV, bias("v_proj"))
             fwd.append(bind(k.rope_q, k.rope_q.launch_dims(T), qs[i], qs[i], pos, T))
-            fwd.append(bind(k.rope_k, k.rope_k.launch_dims(T), ks[i], ks[i], pos, T))
-            fwd.append(bind(k.attention, k.attention.launch_dims(batch, seq), qs[i], ks[i], vs[i], os_[i],
-                            lses[i], seq))
+            rope_k = bind(k.rope_k, k.rope_k.launch_dims(T), k_at, k_at, pos, T)
+            fwd.append(rope_k)
+            attention = bind(k.attention, k.attention.launch_dims(batch, seq), qs[i], k_at, v_at, os_[i],
+                             lses[i], seq, seq, kv_stride, 0)
+            fwd.append(attention)
+            out.kv_writes.append((k_gemm, v_gemm, rope_k, k_at, v_at))
+            out.attention.append(attention)
             linear(k.o, os_[i], p + "self_attn.o_proj.weight", tmp, Q, H)
             fwd.append(bind(k.norm_residual, k.norm_residual.launch_dims(T), tmp, xs[i],
                             w(p + "post_attention_layernorm.weight"), h2s[i], mids[i], r2s[i], T))
@@ -270,7 +289,28 @@ class CudaBackend:
             linear(k.down, acts[i], p + "mlp.down_proj.weight", tmp, I, H)
         fwd.append(bind(k.norm_residual, k.norm_residual.launch_dims(T), tmp, mids[L - 1], w("model.norm.weight"),
                         hf, xs[L], rf, T))
-        linear(k.head, hf, lm_head_name(c), logits, H, V)
+        linear(k.head, hf + 4 * H * (T - head_rows), lm_head_name(c), logits, H, V, rows=head_rows)
+        return out
+
+    def _build(self, batch: int, seq: int) -> _Step:
+        """Allocate one batch shape's activations and prepare its training launches."""
+        c, k, lay = self.config, self.kernels, self.layout
+        T, H, I, V = batch * seq, c.hidden_size, c.intermediate_size, c.vocab_size
+        Q, KV, L = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_layers
+        A = _Arrays()
+        w, gr = self._w, (lambda name: self.grads.ptr + 4 * lay.offsets[name])
+        ks, vs = [A.new(f"k{i}", (T, KV)) for i in range(L)], [A.new(f"v{i}", (T, KV)) for i in range(L)]
+        out = self._forward(A, batch, seq, list(zip(ks, vs)), seq, last_row_logits=False)
+        A["pos"].upload(np.tile(np.arange(seq, dtype=np.int32), batch))
+        fwd, bind = out.launches, self._bind
+        ptr = lambda name: A[name].ptr  # noqa: E731
+        xs, mids = [ptr(f"x{i}") for i in range(L + 1)], [ptr(f"mid{i}") for i in range(L)]
+        h1s, h2s = [ptr(f"h1_{i}") for i in range(L)], [ptr(f"h2_{i}") for i in range(L)]
+        r1s, r2s = [ptr(f"r1_{i}") for i in range(L)], [ptr(f"r2_{i}") for i in range(L)]
+        qs, os_, lses = ([ptr(f"{n}{i}") for i in range(L)] for n in ("q", "o", "lse"))
+        gates, ups, acts = ([ptr(f"{n}{i}") for i in range(L)] for n in ("gate", "up", "act"))
+        hf, rf, logits, pos = ptr("hf"), ptr("rf"), ptr("logits"), ptr("pos")
+        targets, dlogits, losses = A.new("targets", (T,), "i32"), A.new("dlogits", (T, V)), A.new("losses", (T,))
         ce = bind(k.cross_entropy, k.cross_entropy.launch_dims(T), logits, targets, losses, dlogits, 1.0)
         fwd.append(ce)
 
@@ -360,3 +400,64 @@ class CudaBackend:
         step = _Step(fwd, bwd, A, lambda scale: ce.set_arg(4, scale), embed_backward)
         self._steps[(batch, seq)] = step
         return step
+
+
+class CudaDecoder:
+    """Incremental decoding of one sequence on the GPU, with per-layer K/V caches on the device.
+
+    Uses the backend's weights and its pre-warmed kernels (strict mode): the same forward launches
+    as training, with keys and values written into the caches at the current length and attention
+    over the cached rows. ``prefill`` resets the cache; each call returns the last position's logits.
+    """
+
+    def __init__(self, backend: CudaBackend, max_len: int):
+        c = backend.config
+        if not 1 <= max_len <= c.max_position_embeddings:
+            raise ValueError(f"max_len must be in [1, {c.max_position_embeddings}], got {max_len}")
+        self.backend, self.max_len, self.length = backend, max_len, 0
+        kv = c.num_kv_heads * c.head_dim
+        self._cache = _Arrays()
+        self._kv = [(self._cache.new(f"k{i}", (max_len, kv)), self._cache.new(f"v{i}", (max_len, kv)))
+                    for i in range(c.num_layers)]
+        self._row_bytes = 4 * kv
+        self._plans: dict[int, tuple[_Arrays, _Forward]] = {}
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        self.length = 0
+        return self._run(np.asarray(ids).reshape(-1))
+
+    def decode(self, token: int) -> np.ndarray:
+        return self._run(np.array([token]))
+
+    def close(self) -> None:
+        for arrays, _ in self._plans.values():
+            arrays.free()
+        self._cache.free()
+
+    def _run(self, ids: np.ndarray) -> np.ndarray:
+        new = len(ids)
+        if self.length + new > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions; {self.length + new} needed")
+        be = self.backend
+        if ids.min() < 0 or ids.max() >= be.config.vocab_size:
+            raise ValueError(f"a token id is outside [0, {be.config.vocab_size})")
+        with be.cache.strict_mode():
+            if new not in self._plans:
+                arrays = _Arrays()
+                self._plans[new] = arrays, be._forward(arrays, 1, new, self._kv, self.max_len, last_row_logits=True)
+            arrays, fwd = self._plans[new]
+            arrays["ids"].upload(ids.astype(np.int32))
+            arrays["pos"].upload(np.arange(self.length, self.length + new, dtype=np.int32))
+            shift = self.length * self._row_bytes
+            for (k_gemm, v_gemm, rope_k, k_at, v_at), attention in zip(fwd.kv_writes, fwd.attention):
+                k_gemm.set_arg(2, k_at + shift)
+                v_gemm.set_arg(2, v_at + shift)
+                rope_k.set_arg(0, k_at + shift)
+                rope_k.set_arg(1, k_at + shift)
+                attention.set_arg(6, self.length + new)  # kv_len
+                attention.set_arg(8, self.length)        # q_start
+            for launch in fwd.launches:
+                launch()
+        self.length += new
+        return arrays["logits"].to_numpy()[0]
+

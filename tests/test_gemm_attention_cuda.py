@@ -111,7 +111,8 @@ ATTN_SHAPES = [(1, 1, 2, 1, 8), (2, 37, 4, 2, 32), (1, 130, 14, 2, 64), (2, 1000
 def test_attention_forward_and_backward_match_the_masked_softmax(cache, bsz, s, h, hkv, d):
     q, k, v, do = f32(bsz, s, h, d), f32(bsz, s, hkv, d), f32(bsz, s, hkv, d), f32(bsz, s, h, d)
     fwd = AttentionSpec(heads=h, kv_heads=hkv, head_dim=d)
-    *_, o, lse = call(cache, fwd, fwd.launch_dims(bsz, s), q, k, v, poison(q.shape), poison((bsz, h, s)), s)
+    *_, o, lse = call(cache, fwd, fwd.launch_dims(bsz, s), q, k, v, poison(q.shape), poison((bsz, h, s)),
+                      s, s, s, 0)
     o_ref, p, lse_ref = attention_reference(q, k, v)
     assert_close(o, o_ref)
     np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
@@ -133,5 +134,20 @@ def test_non_causal_attention(cache):
     bsz, s, h, hkv, d = 1, 21, 3, 3, 8
     q, k, v = f32(bsz, s, h, d), f32(bsz, s, hkv, d), f32(bsz, s, hkv, d)
     spec = AttentionSpec(heads=h, kv_heads=hkv, head_dim=d, causal=False, block=32, tile=8)
-    *_, o, _ = call(cache, spec, spec.launch_dims(bsz, s), q, k, v, poison(q.shape), poison((bsz, h, s)), s)
+    *_, o, _ = call(cache, spec, spec.launch_dims(bsz, s), q, k, v, poison(q.shape), poison((bsz, h, s)),
+                    s, s, s, 0)
     assert_close(o, attention_reference(q, k, v, causal=False)[0])
+
+
+@pytest.mark.parametrize("q_start, new", [(0, 7), (9, 1), (40, 3)])
+def test_attention_forward_over_a_kv_cache_for_decoding(cache, q_start, new):
+    """New queries at positions q_start.. attend to the first q_start + new rows of a larger cache."""
+    bsz, capacity, h, hkv, d = 2, 64, 4, 2, 16
+    k_cache, v_cache = f32(bsz, capacity, hkv, d), f32(bsz, capacity, hkv, d)
+    q = f32(bsz, new, h, d)
+    kv_len = q_start + new
+    spec = AttentionSpec(heads=h, kv_heads=hkv, head_dim=d)
+    *_, o, _ = call(cache, spec, spec.launch_dims(bsz, new), q, k_cache, v_cache, poison(q.shape),
+                    poison((bsz, h, new)), new, kv_len, capacity, q_start)
+    ref, _, _ = attention_reference(q, k_cache[:, :kv_len], v_cache[:, :kv_len], start=q_start)
+    assert_close(o, ref)

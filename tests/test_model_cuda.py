@@ -163,3 +163,37 @@ def test_hf_transformers_gives_the_same_logits_from_our_checkpoint(cache, tmp_pa
     finally:
         model.close()
     assert np.abs(ours - theirs).max() <= 1e-4
+
+
+def test_gpu_decoding_with_a_kv_cache_matches_the_full_numpy_forward(cache):
+    from model.cuda_model import CudaDecoder
+    from model.generate import generate
+    from model.numpy_backend import NumpyDecoder
+    config = preset("tiny")
+    params = live_params(config)
+    ids = np.random.default_rng(5).integers(0, 256, 23)
+    model = backend(cache, config, params)
+    decoder = CudaDecoder(model, max_len=40)
+    try:
+        steps = [decoder.prefill(ids[:17])] + [decoder.decode(int(t)) for t in ids[17:]]
+        full = ReferenceModel(config, params).forward(ids[None, :])[0]
+        for n, logits in zip(range(17, 24), steps):
+            assert np.abs(logits - full[n - 1]).max() <= 1e-4
+        ours = list(generate(decoder, ids[:5], 30))
+        assert ours == list(generate(NumpyDecoder(config, params), ids[:5], 30))
+        with pytest.raises(ValueError, match="KV cache holds 40"):
+            decoder.prefill(np.zeros(41, np.int64))
+    finally:
+        decoder.close()
+        model.close()
+
+
+def test_cli_generates_on_the_gpu(cache, tmp_path, capsys):
+    from model.checkpoint import save_checkpoint
+    from model.cli import main
+    config = preset("tiny")
+    save_checkpoint(tmp_path, 1, config, live_params(config), {}, {})
+    assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "def f(", "--max-new-tokens", "12",
+                 "--device", "cuda"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("def f(") and "device: cuda" in captured.err

@@ -1,5 +1,4 @@
 """The model's kernel set comes from its config alone: eps and theta reach every spec that uses them."""
-import dataclasses
 
 import pytest
 

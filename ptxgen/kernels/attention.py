@@ -44,10 +44,11 @@ class _Geometry:
         self.seq = b.ld_param("seq")
         self.batch = b.special("%ctaid.z")
 
-    def row(self, ptr: Reg, heads: int, head: Reg, row: Reg) -> Reg:
-        """Address of row ``row`` of head ``head`` in this block's batch."""
+    def row(self, ptr: Reg, heads: int, head: Reg, row: Reg, per_batch: Reg | None = None) -> Reg:
+        """Address of row ``row`` of head ``head`` in this block's batch (``per_batch`` rows each,
+        default seq: a KV cache has room for more rows than it holds)."""
         b = self.b
-        index = b.mad(b.mad(self.batch, self.seq, row), heads, head)
+        index = b.mad(b.mad(self.batch, self.seq if per_batch is None else per_batch, row), heads, head)
         return b.add(ptr, b.mul_wide(index, self.d * 4))
 
     def stat(self, ptr: Reg, heads: int, head: Reg, row: Reg) -> Reg:
@@ -63,15 +64,17 @@ class _Geometry:
         return self.b.addr_of(sym), stride
 
     def stage(self, dst: Reg, stride: int, ptr: Reg, heads: int, head: Reg, row0: Reg, tid: Reg,
-              rows: int) -> None:
-        """Copy rows row0 .. row0+rows of ``head`` into shared ``dst``, zeros past the sequence end."""
+              rows: int, limit: Reg | None = None, per_batch: Reg | None = None) -> None:
+        """Copy rows row0 .. row0+rows of ``head`` into shared ``dst``, zeros from row ``limit``
+        (default seq) on."""
         b = self.b
         per_row = self.d // self.vec
         for i in range(-(-rows * per_row // self.block)):
             idx = b.add(tid, i * self.block)
             r, c = b.div(idx, per_row), b.mul(b.rem(idx, per_row), self.vec)
-            ok = b.and_(b.setp("lt", idx, rows * per_row), b.setp("lt", b.add(row0, r), self.seq))
-            vals = load_f32(b, DType.F32, Addr(b.add(self.row(ptr, heads, head, b.add(row0, r)),
+            ok = b.and_(b.setp("lt", idx, rows * per_row),
+                        b.setp("lt", b.add(row0, r), self.seq if limit is None else limit))
+            vals = load_f32(b, DType.F32, Addr(b.add(self.row(ptr, heads, head, b.add(row0, r), per_batch),
                                                      b.mul_wide(c, 4))), self.vec, guard=ok)
             at = b.add(dst, b.mad(r, stride, b.mul(c, 4)))
             in_tile = b.setp("lt", idx, rows * per_row)
@@ -157,9 +160,11 @@ class _AttentionBase(KernelSpec):
         row = b.add(first, tid)
         return g, tid, row, b.setp("lt", row, g.seq), first
 
-    def _masked(self, b: KernelBuilder, g: _Geometry, s: Reg, query: Reg, key: Reg) -> Reg:
-        """-inf where the query or key is past the sequence end or (causal) the key after the query."""
-        off = b.setp("ge", b.max(query, key), g.seq)
+    def _masked(self, b: KernelBuilder, s: Reg, query: Reg, key: Reg, keys: Reg, queries: Reg | None = None) -> Reg:
+        """-inf where key >= keys, query >= queries (when given) or (causal) the key is after the query."""
+        off = b.setp("ge", key, keys)
+        if queries is not None:
+            off = b.or_(off, b.setp("ge", query, queries))
         if self.causal:
             off = b.or_(off, b.setp("gt", key, query))
         return b.selp(float("-inf"), s, off, T.F32)
@@ -168,12 +173,18 @@ class _AttentionBase(KernelSpec):
 @register
 @dataclass(frozen=True)
 class AttentionSpec(_AttentionBase):
-    """o = softmax(q k^T * scale, causal) v per head; lse = log-sum-exp of each score row."""
+    """o = softmax(q k^T * scale, causal) v per head; lse = log-sum-exp of each score row.
+
+    ``seq`` query rows at positions q_start .. q_start+seq-1 attend to ``kv_len`` key rows; k and v
+    hold ``kv_stride`` rows per batch. Training passes kv_len = kv_stride = seq, q_start = 0;
+    decoding with a KV cache passes the cache's length and capacity.
+    """
 
     kind: ClassVar[str] = "attention_fwd"
 
     def params(self) -> tuple[tuple[str, T], ...]:
-        return tuple((n, T.U64) for n in ("q", "k", "v", "o", "lse")) + (("seq", T.U32),)
+        return tuple((n, T.U64) for n in ("q", "k", "v", "o", "lse")) + \
+            tuple((n, T.U32) for n in ("seq", "kv_len", "kv_stride", "q_start"))
 
     def build(self, b: KernelBuilder) -> None:
         q, k, v, o, lse = (b.cvta_global(b.ld_param(n)) for n in ("q", "k", "v", "o", "lse"))
@@ -186,13 +197,15 @@ class AttentionSpec(_AttentionBase):
         m, l = b.mov(float("-inf"), T.F32), b.mov(0.0, T.F32)
         ks, stride = g.shared_rows("k_tile", self.tile, 0)
         vs, _ = g.shared_rows("v_tile", self.tile, 0)
-        end = b.min(g.seq, b.add(first, self.block)) if self.causal else g.seq
+        kv_len, kv_stride, q_start = (b.ld_param(n) for n in ("kv_len", "kv_stride", "q_start"))
+        position = b.add(q_start, row)
+        end = b.min(kv_len, b.add(q_start, b.add(first, self.block))) if self.causal else kv_len
         key0 = b.mov(0, T.U32)
         with b.loop(b.div(b.add(end, self.tile - 1), self.tile), "kv_tile"):
-            g.stage(ks, stride, k, self.kv_heads, kv_head, key0, tid, self.tile)
-            g.stage(vs, stride, v, self.kv_heads, kv_head, key0, tid, self.tile)
+            g.stage(ks, stride, k, self.kv_heads, kv_head, key0, tid, self.tile, kv_len, kv_stride)
+            g.stage(vs, stride, v, self.kv_heads, kv_head, key0, tid, self.tile, kv_len, kv_stride)
             b.bar_sync()
-            s = [self._masked(b, g, dot_shared(b, qs, ks, j * stride, self.head_dim), row, b.add(key0, j))
+            s = [self._masked(b, dot_shared(b, qs, ks, j * stride, self.head_dim), position, b.add(key0, j), kv_len)
                  for j in range(self.tile)]
             m_new = m
             for x in s:
@@ -255,7 +268,7 @@ class AttentionBackwardQSpec(_AttentionBase):
             b.bar_sync()
             for j in range(self.tile):
                 s = dot_shared(b, q_row, ks, j * stride, self.head_dim)
-                p = b.fn("ex2", b.sub(self._masked(b, g, s, row, b.add(key0, j)), lse2))
+                p = b.fn("ex2", b.sub(self._masked(b, s, row, b.add(key0, j), g.seq), lse2))
                 dp = dot_shared(b, dos, vs, j * stride, self.head_dim)
                 axpy_shared(b, acc, b.mul(p, b.sub(dp, d_i)), ks, j * stride)
             b.add(key0, self.tile, out=key0)
@@ -320,7 +333,7 @@ class AttentionBackwardKVSpec(_AttentionBase):
                 b.bar_sync()
                 for j in range(self.tile):
                     s = dot_shared(b, k_row, qt, j * stride, d)
-                    s = self._masked(b, g, b.mul(s, c), b.add(query0, j), key)
+                    s = self._masked(b, b.mul(s, c), b.add(query0, j), key, g.seq, g.seq)
                     p = b.fn("ex2", b.sub(s, b.ld("shared", T.F32, Addr(stats, 4 * j))))
                     axpy_shared(b, dvs, p, dot_, j * stride)
                     dp = dot_shared(b, v_row, dot_, j * stride, d)
