@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from harness import time_ms, write_json
 from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
 from ptxgen.kernels.gemm import GemmSpec
+from ptxgen.spec import SpecError
 from runtime import ModuleCache
 
 TOKENS = 16384  # Qwen2-0.5B layer shapes: M = batch * seq tokens
@@ -38,6 +39,49 @@ class Row:
     def as_dict(self) -> dict:
         return {**self.__dict__, "ours_TFLOPs": self.flops / self.ours_ms / 1e9,
                 "torch_TFLOPs": self.flops / self.torch_ms / 1e9, "ratio_vs_torch": self.torch_ms / self.ours_ms}
+
+
+ATTN_LAYOUTS = [dict(lanes=1, block=64), dict(lanes=2, block=128), dict(lanes=2, block=256),
+                dict(lanes=4, block=128), dict(lanes=4, block=256)]
+
+
+def attention(cache: ModuleCache, rows: list, bsz: int, s: int, h: int, hkv: int, d: int) -> None:
+    """Forward and backward, each at its fastest (lanes, block) layout, beside SDPA in fp32."""
+    p = lambda t: t.data_ptr()  # noqa: E731
+    q = torch.randn(bsz, s, h, d, device="cuda")
+    k, v = torch.randn(bsz, s, hkv, d, device="cuda"), torch.randn(bsz, s, hkv, d, device="cuda")
+    o, do, dq = torch.empty_like(q), torch.randn_like(q), torch.empty_like(q)
+    lse, delta = torch.empty(bsz, h, s, device="cuda"), torch.empty(bsz, h, s, device="cuda")
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    fwd_best, bwd_best = None, None
+    for layout in ATTN_LAYOUTS:
+        try:
+            fwd, bq, bkv = (cls(heads=h, kv_heads=hkv, head_dim=d, **layout)
+                            for cls in (AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec))
+        except SpecError:
+            continue
+        run_fwd = cache.get(fwd).bind(*fwd.launch_dims(bsz, s), p(q), p(k), p(v), p(o), p(lse), s, s, s, 0)
+        run_bq = cache.get(bq).bind(*bq.launch_dims(bsz, s), p(q), p(k), p(v), p(o), p(do), p(lse), p(dq),
+                                    p(delta), s)
+        run_bkv = cache.get(bkv).bind(*bkv.launch_dims(bsz, s), p(q), p(k), p(v), p(do), p(lse), p(delta),
+                                      p(dk), p(dv), s)
+        tf = (time_ms(run_fwd, reps=5, warmup=1), layout)
+        tb = (time_ms(lambda: (run_bq(), run_bkv()), reps=3, warmup=1), layout)
+        fwd_best = min(fwd_best or tf, tf, key=lambda t: t[0])
+        bwd_best = min(bwd_best or tb, tb, key=lambda t: t[0])
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k.repeat_interleave(h // hkv, 2),
+                                                         v.repeat_interleave(h // hkv, 2)))
+    flops = 4.0 * bsz * h * s * s * d / 2
+    tag = f"f32 b{bsz} h{h}/{hkv} s{s} d{d}"
+    rows.append(Row(f"attention fwd {tag} [lanes {fwd_best[1]['lanes']}, block {fwd_best[1]['block']}]", flops,
+                    fwd_best[0], time_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True),
+                                         reps=5, warmup=1)))
+    qg, kg, vg = (x.detach().requires_grad_() for x in (qt, kt, vt))
+    out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+    gt = torch.randn_like(out)
+    rows.append(Row(f"attention bwd {tag} [lanes {bwd_best[1]['lanes']}, block {bwd_best[1]['block']}]",
+                    2.5 * flops, bwd_best[0],
+                    time_ms(lambda: torch.autograd.grad(out, (qg, kg, vg), gt, retain_graph=True), reps=3, warmup=1)))
 
 
 def main() -> None:
@@ -73,29 +117,8 @@ def main() -> None:
         gemm(f"{lname} dX", TOKENS, k_in, n_out, False, False)
         gemm(f"{lname} dW", n_out, k_in, TOKENS, True, False)
 
-    bsz, s, h, hkv, d = 8, 2048, 14, 2, 64
-    q = torch.randn(bsz, s, h, d, device="cuda")
-    k, v = torch.randn(bsz, s, hkv, d, device="cuda"), torch.randn(bsz, s, hkv, d, device="cuda")
-    o, do, dq = torch.empty_like(q), torch.randn_like(q), torch.empty_like(q)
-    lse, delta = torch.empty(bsz, h, s, device="cuda"), torch.empty(bsz, h, s, device="cuda")
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    fwd, bq, bkv = (cls(heads=h, kv_heads=hkv, head_dim=d)
-                    for cls in (AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec))
-    p = lambda t: t.data_ptr()  # noqa: E731
-    run_fwd = cache.get(fwd).bind(*fwd.launch_dims(bsz, s), p(q), p(k), p(v), p(o), p(lse), s, s, s, 0)
-    run_bq = cache.get(bq).bind(*bq.launch_dims(bsz, s), p(q), p(k), p(v), p(o), p(do), p(lse), p(dq), p(delta), s)
-    run_bkv = cache.get(bkv).bind(*bkv.launch_dims(bsz, s), p(q), p(k), p(v), p(do), p(lse), p(delta), p(dk), p(dv), s)
-    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k.repeat_interleave(h // hkv, 2),
-                                                         v.repeat_interleave(h // hkv, 2)))
-    flops = 4.0 * bsz * h * s * s * d / 2
-    rows.append(Row(f"attention fwd f32 b{bsz} h{h}/{hkv} s{s} d{d}", flops, time_ms(run_fwd, reps=5, warmup=1),
-                    time_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), reps=5, warmup=1)))
-    qg, kg, vg = (x.detach().requires_grad_() for x in (qt, kt, vt))
-    out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
-    gt = torch.randn_like(out)
-    rows.append(Row(f"attention bwd f32 b{bsz} h{h}/{hkv} s{s} d{d}", 2.5 * flops,
-                    time_ms(lambda: (run_bq(), run_bkv()), reps=3, warmup=1),
-                    time_ms(lambda: torch.autograd.grad(out, (qg, kg, vg), gt, retain_graph=True), reps=3, warmup=1)))
+    for d in (64, 128):
+        attention(cache, rows, 8, 2048, 14, 2, d)
 
     print("\n== compute-bound kernels vs torch (fp32, TF32 off)")
     print(f"  {'kernel':<64} {'ours ms':>9} {'ours TFLOP/s':>13} {'torch TFLOP/s':>14} {'ours/torch':>10}")

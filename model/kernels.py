@@ -27,6 +27,13 @@ SMALL_TILE = dict(block_m=64, block_n=64, thread_m=4, thread_n=8)
 WIDE_OUTPUT = 512  # outputs at least this wide fill the GPU with 128x128 tiles at training batch sizes
 
 
+def _lanes(head_dim: int) -> int:
+    lanes = max(1, min(8, head_dim // 32))
+    while head_dim % (4 * lanes):
+        lanes //= 2
+    return lanes
+
+
 @dataclass(frozen=True)
 class LinearKernels:
     """The three GEMMs of ``y = x W^T (+ b)`` for W of shape [out, in]."""
@@ -84,7 +91,8 @@ class ModelKernels:
     def of(cls, c: ModelConfig, adamw: AdamWSettings, ignore_index: int) -> "ModelKernels":
         h, d, q_dim, kv_dim = c.hidden_size, c.head_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         rope = dict(head_dim=d, theta=c.rope_theta)
-        attn = dict(heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=d)
+        # a row over lanes threads: about 32 of its values per thread (64 -> 2 lanes, 128 -> 4)
+        attn = dict(heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=d, lanes=_lanes(d))
         norm = RMSNormSpec(hidden=h, eps=c.rms_norm_eps, save_rstd=True)
         partial = GradNormPartialSpec()
         return cls(

@@ -18,10 +18,15 @@ def tree_sum(b: KernelBuilder, values: list[Reg]) -> Reg:
     return values[0]
 
 
-def warp_allreduce(b: KernelBuilder, value: Reg, op: str) -> Reg:
-    """Butterfly shuffle: every lane ends with the reduction of all 32 lanes."""
-    for offset in (16, 8, 4, 2, 1):
+def warp_allreduce(b: KernelBuilder, value: Reg, op: str, width: int = 32) -> Reg:
+    """Butterfly shuffle: every lane ends with the reduction over its aligned group of ``width``
+    consecutive lanes (32: the whole warp)."""
+    if width not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"warp_allreduce: width {width} is not a power of two <= 32")
+    offset = width // 2
+    while offset:
         value = _combine(b, op, value, b.shfl("bfly", value, offset))
+        offset //= 2
     return value
 
 

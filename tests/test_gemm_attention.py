@@ -32,9 +32,13 @@ def test_gemm_tiles_must_split_into_thread_vectors():
 def test_attention_specs_validate_heads_and_head_dim():
     with pytest.raises(SpecError, match="multiple of kv_heads"):
         AttentionSpec(heads=14, kv_heads=3, head_dim=64)
-    with pytest.raises(SpecError, match="head_dim"):
-        AttentionSpec(heads=2, kv_heads=1, head_dim=128)
-    assert AttentionSpec(heads=14, kv_heads=2, head_dim=64).launch_dims(2, 1000) == ((16, 14, 2), 64)
+    with pytest.raises(SpecError, match="use more lanes"):
+        AttentionSpec(heads=2, kv_heads=1, head_dim=256, lanes=2)
+    with pytest.raises(SpecError, match="multiple of 16"):
+        AttentionSpec(heads=2, kv_heads=1, head_dim=24, lanes=4)
+    assert AttentionSpec(heads=2, kv_heads=1, head_dim=256, lanes=4).launch_dims(1, 5) == ((1, 2, 1), 128)
+    # two lanes per row: 64 rows of a 128-thread block
+    assert AttentionSpec(heads=14, kv_heads=2, head_dim=64).launch_dims(2, 1000) == ((16, 14, 2), 128)
 
 
 def test_attention_reference_is_an_explicit_loop_over_visible_keys():

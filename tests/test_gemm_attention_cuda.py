@@ -104,13 +104,15 @@ def test_gemm_batches_address_grouped_heads(cache):
         x.free()
 
 
-ATTN_SHAPES = [(1, 1, 2, 1, 8), (2, 37, 4, 2, 32), (1, 130, 14, 2, 64), (2, 1000, 14, 2, 64)]
+ATTN_SHAPES = [(1, 1, 2, 1, 8, 2), (2, 37, 4, 2, 32, 1), (1, 130, 14, 2, 64, 2), (2, 1000, 14, 2, 64, 2),
+               (1, 77, 14, 2, 128, 4), (2, 100, 4, 4, 64, 8)]
 
 
-@pytest.mark.parametrize("bsz, s, h, hkv, d", ATTN_SHAPES)
-def test_attention_forward_and_backward_match_the_masked_softmax(cache, bsz, s, h, hkv, d):
+@pytest.mark.parametrize("bsz, s, h, hkv, d, lanes", ATTN_SHAPES)
+def test_attention_forward_and_backward_match_the_masked_softmax(cache, bsz, s, h, hkv, d, lanes):
     q, k, v, do = f32(bsz, s, h, d), f32(bsz, s, hkv, d), f32(bsz, s, hkv, d), f32(bsz, s, h, d)
-    fwd = AttentionSpec(heads=h, kv_heads=hkv, head_dim=d)
+    layout = dict(heads=h, kv_heads=hkv, head_dim=d, lanes=lanes, block=256 if lanes > 2 else 128)
+    fwd = AttentionSpec(**layout)
     *_, o, lse = call(cache, fwd, fwd.launch_dims(bsz, s), q, k, v, poison(q.shape), poison((bsz, h, s)),
                       s, s, s, 0)
     o_ref, p, lse_ref = attention_reference(q, k, v)
@@ -118,12 +120,12 @@ def test_attention_forward_and_backward_match_the_masked_softmax(cache, bsz, s, 
     np.testing.assert_allclose(lse, lse_ref, rtol=1e-5, atol=1e-5)
 
     dq_ref, dk_ref, dv_ref = attention_backward_reference(q, k, v, p, do)
-    bq = AttentionBackwardQSpec(heads=h, kv_heads=hkv, head_dim=d)
+    bq = AttentionBackwardQSpec(**layout)
     *_, dq, delta = call(cache, bq, bq.launch_dims(bsz, s), q, k, v, o, do, lse, poison(q.shape),
                          poison((bsz, h, s)), s)
     assert_close(dq, dq_ref)
     np.testing.assert_allclose(delta, np.einsum("bshd,bshd->bhs", do.astype(np.float64), o), rtol=1e-4, atol=1e-5)
-    bkv = AttentionBackwardKVSpec(heads=h, kv_heads=hkv, head_dim=d)
+    bkv = AttentionBackwardKVSpec(**layout)
     *_, dk, dv = call(cache, bkv, bkv.launch_dims(bsz, s), q, k, v, do, lse, delta, poison(k.shape),
                       poison(v.shape), s)
     assert_close(dk, dk_ref)

@@ -11,8 +11,9 @@ h // (heads / kv_heads). The scale 1/sqrt(head_dim) is baked in; batch and seq a
 * Backward dK/dV: a thread per key row of a K/V head, looping over every query head of its group
   and every query at or after it; so the group's sum needs no atomics and is deterministic.
 
-Each thread's row lives in registers, or, where three rows would not fit in registers, in its own
-row of shared memory padded by one float (so a warp reading its 32 rows hits 32 banks).
+A row is shared by ``lanes`` consecutive threads, each holding every lanes-th 4-float chunk of it
+in registers (dot products finish with a shuffle across the lanes); interleaved chunks make the
+lanes' broadcast reads of a staged row hit different banks. More lanes: fewer registers per thread.
 """
 from __future__ import annotations
 
@@ -23,29 +24,37 @@ from typing import ClassVar
 import numpy as np
 
 from ..builder import Addr, KernelBuilder, Reg, T
-from ..reductions import tree_sum
+from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError
-from ..vecio import DType, load_f32, store_f32, vector_width
+from ..vecio import DType, load_f32, store_f32
 from .common import check_block_size, check_positive
 
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
-MAX_HEAD_DIM = 64  # three rows of registers per thread at most (the backward's q, dO and dQ)
-PARTIALS = 4       # independent accumulators per dot product (shorter dependency chains)
+MAX_REGS_PER_THREAD = 128  # row values held per thread (the dK/dV kernel holds four rows' shares)
+PARTIALS = 4               # independent accumulators per dot product (shorter dependency chains)
+CHUNK = 4                  # floats per 16-byte access
 
 
-class _Geometry:
-    """Row addressing in a [batch, seq, heads, head_dim] tensor and staging of row tiles."""
+class _Rows:
+    """This thread's share of a row, row addressing in [batch, seq, heads, head_dim] tensors, and
+    staging of row tiles into shared memory."""
 
     def __init__(self, b: KernelBuilder, spec: "_AttentionBase"):
-        self.b, self.d, self.block, self.tile = b, spec.head_dim, spec.block, spec.tile
-        self.vec = vector_width(spec.head_dim, DType.F32)
+        self.b, self.d, self.lanes, self.block = b, spec.head_dim, spec.lanes, spec.block
         self.seq = b.ld_param("seq")
         self.batch = b.special("%ctaid.z")
+        self.tid = b.special("%tid.x")
+        self.part_bytes = b.mul(b.rem(self.tid, self.lanes), CHUNK * 4)  # this lane's first chunk
+        self.first = b.mul(b.special("%ctaid.x"), spec.rows_per_block)
+        self.row = b.add(self.first, b.div(self.tid, self.lanes))
+        self.valid = b.setp("lt", self.row, self.seq)
+        self.offsets = [i * self.lanes * CHUNK * 4 for i in range(self.d // (CHUNK * self.lanes))]
+        self.is_lead = b.setp("eq", b.rem(self.tid, self.lanes), 0)  # one lane writes a row's statistic
 
-    def row(self, ptr: Reg, heads: int, head: Reg, row: Reg, per_batch: Reg | None = None) -> Reg:
-        """Address of row ``row`` of head ``head`` in this block's batch (``per_batch`` rows each,
+    def row_ptr(self, ptr: Reg, heads: int, head: Reg, row: Reg, per_batch: Reg | None = None) -> Reg:
+        """Address of row ``row`` of ``head`` in this block's batch (``per_batch`` rows each,
         default seq: a KV cache has room for more rows than it holds)."""
         b = self.b
         index = b.mad(b.mad(self.batch, self.seq if per_batch is None else per_batch, row), heads, head)
@@ -57,64 +66,56 @@ class _Geometry:
         index = b.mad(b.mad(self.batch, heads, head), self.seq, row)
         return b.add(ptr, b.mul_wide(index, 4))
 
-    def shared_rows(self, name: str, rows: int, pad: int) -> tuple[Reg, int]:
-        """A [rows][head_dim + pad] f32 array: (address, row stride in bytes)."""
-        stride = (self.d + pad) * 4
-        sym = self.b.shared_array(name, T.F32, rows * (self.d + pad), align=16)
-        return self.b.addr_of(sym), stride
+    def load(self, row_ptr: Reg, guard: Reg, scale: float | None = None) -> list[Reg]:
+        """This lane's chunks of a global row (zeros where ``guard`` is off)."""
+        base = self.b.add(row_ptr, self.b.cvt(T.U64, self.part_bytes))
+        vals = [v for off in self.offsets for v in load_f32(self.b, DType.F32, Addr(base, off), CHUNK, guard=guard)]
+        return vals if scale is None else [self.b.mul(v, scale) for v in vals]
 
-    def stage(self, dst: Reg, stride: int, ptr: Reg, heads: int, head: Reg, row0: Reg, tid: Reg,
-              rows: int, limit: Reg | None = None, per_batch: Reg | None = None) -> None:
-        """Copy rows row0 .. row0+rows of ``head`` into shared ``dst``, zeros from row ``limit``
-        (default seq) on."""
+    def store(self, row_ptr: Reg, vals: list[Reg], guard: Reg) -> None:
+        base = self.b.add(row_ptr, self.b.cvt(T.U64, self.part_bytes))
+        for k, off in enumerate(self.offsets):
+            store_f32(self.b, DType.F32, Addr(base, off), vals[k * CHUNK:(k + 1) * CHUNK], guard=guard)
+
+    def shared_rows(self, name: str, rows: int) -> Reg:
+        """A [rows][head_dim] f32 shared array; returns this lane's address in its first row."""
+        sym = self.b.shared_array(name, T.F32, rows * self.d, align=16)
+        return self.b.add(self.b.addr_of(sym), self.part_bytes)
+
+    def stage(self, dst: Reg, ptr: Reg, heads: int, head: Reg, row0: Reg, rows: int,
+              limit: Reg | None = None, per_batch: Reg | None = None) -> None:
+        """Copy rows row0 .. row0+rows of ``head`` into shared ``dst`` (a lane address from
+        ``shared_rows``), zeros from row ``limit`` (default seq) on. Every thread takes part."""
         b = self.b
-        per_row = self.d // self.vec
+        base = b.sub(dst, self.part_bytes)
+        per_row = self.d // CHUNK
         for i in range(-(-rows * per_row // self.block)):
-            idx = b.add(tid, i * self.block)
-            r, c = b.div(idx, per_row), b.mul(b.rem(idx, per_row), self.vec)
-            ok = b.and_(b.setp("lt", idx, rows * per_row),
-                        b.setp("lt", b.add(row0, r), self.seq if limit is None else limit))
-            vals = load_f32(b, DType.F32, Addr(b.add(self.row(ptr, heads, head, b.add(row0, r), per_batch),
-                                                     b.mul_wide(c, 4))), self.vec, guard=ok)
-            at = b.add(dst, b.mad(r, stride, b.mul(c, 4)))
+            idx = b.add(self.tid, i * self.block)
+            r, c = b.div(idx, per_row), b.mul(b.rem(idx, per_row), CHUNK)
             in_tile = b.setp("lt", idx, rows * per_row)
-            if stride % 16 == 0:
-                b.st("shared", Addr(at), vals if len(vals) > 1 else vals[0], guard=in_tile)
-            else:
-                for j, v in enumerate(vals):
-                    b.st("shared", Addr(at, 4 * j), v, guard=in_tile)
+            ok = b.and_(in_tile, b.setp("lt", b.add(row0, r), self.seq if limit is None else limit))
+            src = b.add(self.row_ptr(ptr, heads, head, b.add(row0, r), per_batch), b.mul_wide(c, 4))
+            vals = load_f32(b, DType.F32, Addr(src), CHUNK, guard=ok)
+            b.st("shared", Addr(b.add(base, b.mad(r, self.d * 4, b.mul(c, 4)))), vals, guard=in_tile)
 
-    def own_row(self, dst: Reg, stride: int, tid: Reg, vals: list[Reg]) -> Reg:
-        """Store this thread's row into its padded shared row; returns that row's address."""
+    def dot(self, xs: list[Reg], row: Reg, j: int) -> Reg:
+        """sum_i x[i] * row_j[i] over the whole row: this lane's chunks, then across the lanes."""
         b = self.b
-        at = b.add(dst, b.mul(tid, stride))
-        for j, v in enumerate(vals):
-            b.st("shared", Addr(at, 4 * j), v)
-        return at
+        partial = [b.mov(0.0, T.F32) for _ in range(PARTIALS)]
+        for k, off in enumerate(self.offsets):
+            ys = b.ld("shared", T.F32, Addr(row, j * self.d * 4 + off), CHUNK, volatile=True)
+            for m, y in enumerate(ys):
+                i = k * CHUNK + m
+                b.fma(xs[i], y, partial[i % PARTIALS], out=partial[i % PARTIALS])
+        return warp_allreduce(b, tree_sum(b, partial), "add", self.lanes)
 
-    def load_row(self, ptr: Reg, guard: Reg) -> list[Reg]:
-        return load_f32(self.b, DType.F32, Addr(ptr), self.d, guard=guard)
-
-
-def dot_shared(b: KernelBuilder, xs: list[Reg] | Reg, row: Reg, offset: int, d: int) -> Reg:
-    """sum_i x[i] * row[i]: ``row`` is a shared row every thread reads (16-byte broadcast reads);
-    x is registers, or (a single address) this thread's own padded shared row, re-read each time
-    (volatile) so that it is not promoted into registers the thread does not have."""
-    partial = [b.mov(0.0, T.F32) for _ in range(PARTIALS)]
-    for i0 in range(0, d, 4):
-        ys = b.ld("shared", T.F32, Addr(row, offset + 4 * i0), 4, volatile=True)
-        for j, y in enumerate(ys):
-            i = i0 + j
-            x = xs[i] if isinstance(xs, list) else b.ld("shared", T.F32, Addr(xs, 4 * i), volatile=True)
-            b.fma(x, y, partial[i % PARTIALS], out=partial[i % PARTIALS])
-    return tree_sum(b, partial)
-
-
-def axpy_shared(b: KernelBuilder, acc: list[Reg], scale: Reg, row: Reg, offset: int) -> None:
-    """acc[i] += scale * row[i] for a broadcast shared row."""
-    for i0 in range(0, len(acc), 4):
-        for j, y in enumerate(b.ld("shared", T.F32, Addr(row, offset + 4 * i0), 4, volatile=True)):
-            b.fma(scale, y, acc[i0 + j], out=acc[i0 + j])
+    def axpy(self, acc: list[Reg], scale: Reg, row: Reg, j: int) -> None:
+        """acc[i] += scale * row_j[i] over this lane's chunks."""
+        b = self.b
+        for k, off in enumerate(self.offsets):
+            ys = b.ld("shared", T.F32, Addr(row, j * self.d * 4 + off), CHUNK, volatile=True)
+            for m, y in enumerate(ys):
+                b.fma(scale, y, acc[k * CHUNK + m], out=acc[k * CHUNK + m])
 
 
 @dataclass(frozen=True)
@@ -123,8 +124,11 @@ class _AttentionBase(KernelSpec):
     kv_heads: int
     head_dim: int
     causal: bool = True
-    block: int = 64  # rows (threads) per block
-    tile: int = 16   # rows staged in shared memory per step
+    lanes: int = 2    # threads per row
+    block: int = 128  # threads per block
+    tile: int = 16    # rows staged in shared memory per step
+
+    rows_held: ClassVar[int] = 2  # rows whose share each thread keeps in registers
 
     @property
     def group(self) -> int:
@@ -134,31 +138,34 @@ class _AttentionBase(KernelSpec):
     def scale(self) -> float:
         return 1.0 / math.sqrt(self.head_dim)
 
+    @property
+    def rows_per_block(self) -> int:
+        return self.block // self.lanes
+
     def validate(self) -> None:
         for name in ("heads", "kv_heads", "head_dim", "tile"):
             check_positive(name, getattr(self, name))
         if self.heads % self.kv_heads:
             raise SpecError(f"heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
-        if self.head_dim % 4 or self.head_dim > MAX_HEAD_DIM:
-            raise SpecError(f"head_dim must be a multiple of 4 and <= {MAX_HEAD_DIM}, got {self.head_dim}")
+        if self.lanes not in (1, 2, 4, 8):
+            raise SpecError(f"lanes must be 1, 2, 4 or 8, got {self.lanes}")
+        if self.head_dim % (CHUNK * self.lanes):
+            raise SpecError(f"head_dim {self.head_dim} must be a multiple of {CHUNK * self.lanes} "
+                            f"({self.lanes} lanes of 4-float chunks)")
+        if self.rows_held * self.head_dim // self.lanes > MAX_REGS_PER_THREAD:
+            raise SpecError(f"head_dim {self.head_dim} over {self.lanes} lanes holds "
+                            f"{self.rows_held * self.head_dim // self.lanes} values per thread "
+                            f"(max {MAX_REGS_PER_THREAD}); use more lanes")
         check_block_size(self.block)
-        if self.tile > self.block:
-            raise SpecError(f"tile {self.tile} must be <= block {self.block}")
+        if self.tile > self.rows_per_block:
+            raise SpecError(f"tile {self.tile} must be <= the {self.rows_per_block} rows of a block")
 
     @property
     def grid_heads(self) -> int:
         return self.heads
 
     def launch_dims(self, batch: int, seq: int) -> tuple[tuple[int, int, int], int]:
-        return (-(-seq // self.block), self.grid_heads, batch), self.block
-
-    def _row_setup(self, b: KernelBuilder) -> tuple[_Geometry, Reg, Reg, Reg, Reg]:
-        """(geometry, tid, this thread's row, whether it is in the sequence, the block's first row)."""
-        g = _Geometry(b, self)
-        tid = b.special("%tid.x")
-        first = b.mul(b.special("%ctaid.x"), self.block)
-        row = b.add(first, tid)
-        return g, tid, row, b.setp("lt", row, g.seq), first
+        return (-(-seq // self.rows_per_block), self.grid_heads, batch), self.block
 
     def _masked(self, b: KernelBuilder, s: Reg, query: Reg, key: Reg, keys: Reg, queries: Reg | None = None) -> Reg:
         """-inf where key >= keys, query >= queries (when given) or (causal) the key is after the query."""
@@ -188,25 +195,22 @@ class AttentionSpec(_AttentionBase):
 
     def build(self, b: KernelBuilder) -> None:
         q, k, v, o, lse = (b.cvta_global(b.ld_param(n)) for n in ("q", "k", "v", "o", "lse"))
-        g, tid, row, valid, first = self._row_setup(b)
+        r = _Rows(b, self)
         head = b.special("%ctaid.y")
         kv_head = b.div(head, self.group)
-        c = self.scale * LOG2E  # scores in base 2
-        qs = [b.mul(x, c) for x in g.load_row(g.row(q, self.heads, head, row), valid)]
-        acc = [b.mov(0.0, T.F32) for _ in range(self.head_dim)]
+        qs = r.load(r.row_ptr(q, self.heads, head, r.row), r.valid, scale=self.scale * LOG2E)  # base-2 scores
+        acc = [b.mov(0.0, T.F32) for _ in qs]
         m, l = b.mov(float("-inf"), T.F32), b.mov(0.0, T.F32)
-        ks, stride = g.shared_rows("k_tile", self.tile, 0)
-        vs, _ = g.shared_rows("v_tile", self.tile, 0)
+        ks, vs = r.shared_rows("k_tile", self.tile), r.shared_rows("v_tile", self.tile)
         kv_len, kv_stride, q_start = (b.ld_param(n) for n in ("kv_len", "kv_stride", "q_start"))
-        position = b.add(q_start, row)
-        end = b.min(kv_len, b.add(q_start, b.add(first, self.block))) if self.causal else kv_len
+        position = b.add(q_start, r.row)
+        end = b.min(kv_len, b.add(q_start, b.add(r.first, self.rows_per_block))) if self.causal else kv_len
         key0 = b.mov(0, T.U32)
         with b.loop(b.div(b.add(end, self.tile - 1), self.tile), "kv_tile"):
-            g.stage(ks, stride, k, self.kv_heads, kv_head, key0, tid, self.tile, kv_len, kv_stride)
-            g.stage(vs, stride, v, self.kv_heads, kv_head, key0, tid, self.tile, kv_len, kv_stride)
+            r.stage(ks, k, self.kv_heads, kv_head, key0, self.tile, kv_len, kv_stride)
+            r.stage(vs, v, self.kv_heads, kv_head, key0, self.tile, kv_len, kv_stride)
             b.bar_sync()
-            s = [self._masked(b, dot_shared(b, qs, ks, j * stride, self.head_dim), position, b.add(key0, j), kv_len)
-                 for j in range(self.tile)]
+            s = [self._masked(b, r.dot(qs, ks, j), position, b.add(key0, j), kv_len) for j in range(self.tile)]
             m_new = m
             for x in s:
                 m_new = b.max(m_new, x)
@@ -216,18 +220,19 @@ class AttentionSpec(_AttentionBase):
             for a in acc:
                 b.mul(a, alpha, out=a)
             for j, pj in enumerate(p):
-                axpy_shared(b, acc, pj, vs, j * stride)
+                r.axpy(acc, pj, vs, j)
             b.mov(m_new, out=m)
             b.add(key0, self.tile, out=key0)
             b.bar_sync()
         inv = b.fn("rcp", l, "rn")
-        store_f32(b, DType.F32, Addr(g.row(o, self.heads, head, row)), [b.mul(a, inv) for a in acc], guard=valid)
+        r.store(r.row_ptr(o, self.heads, head, r.row), [b.mul(a, inv) for a in acc], r.valid)
         log_l = b.mul(b.add(m, b.fn("lg2", l)), LN2)
-        b.st("global", Addr(g.stat(lse, self.heads, head, row)), log_l, guard=valid)
+        b.st("global", Addr(r.stat(lse, self.heads, head, r.row)), log_l, guard=b.and_(r.valid, r.is_lead))
 
     @classmethod
     def examples(cls) -> list["AttentionSpec"]:
-        return [cls(heads=14, kv_heads=2, head_dim=64), cls(heads=4, kv_heads=2, head_dim=32),
+        return [cls(heads=14, kv_heads=2, head_dim=64), cls(heads=4, kv_heads=2, head_dim=32, lanes=1, block=64),
+                cls(heads=14, kv_heads=2, head_dim=128, lanes=4, block=256),
                 cls(heads=3, kv_heads=3, head_dim=8, causal=False, block=32, tile=8)]
 
 
@@ -237,6 +242,7 @@ class AttentionBackwardQSpec(_AttentionBase):
     """dq = scale * sum_j ds_ij k_j, ds = p * (dp - delta), dp = do v^T; writes delta = rowsum(do * o)."""
 
     kind: ClassVar[str] = "attention_bwd_q"
+    rows_held: ClassVar[int] = 3  # q, dO, dQ
 
     def params(self) -> tuple[tuple[str, T], ...]:
         return tuple((n, T.U64) for n in ("q", "k", "v", "o", "do", "lse", "dq", "delta")) + (("seq", T.U32),)
@@ -244,42 +250,36 @@ class AttentionBackwardQSpec(_AttentionBase):
     def build(self, b: KernelBuilder) -> None:
         q, k, v, o, do, lse, dq, delta = (b.cvta_global(b.ld_param(n))
                                           for n in ("q", "k", "v", "o", "do", "lse", "dq", "delta"))
-        g, tid, row, valid, first = self._row_setup(b)
+        r = _Rows(b, self)
         head = b.special("%ctaid.y")
         kv_head = b.div(head, self.group)
-        c = self.scale * LOG2E
-        own_q, own_stride = g.shared_rows("q_own", self.block, 1)
-        q_row = g.own_row(own_q, own_stride, tid,
-                          [b.mul(x, c) for x in g.load_row(g.row(q, self.heads, head, row), valid)])
-        dos = g.load_row(g.row(do, self.heads, head, row), valid)
-        os_ = g.load_row(g.row(o, self.heads, head, row), valid)
-        d_i = tree_sum(b, [b.mul(x, y) for x, y in zip(dos, os_)])
-        b.st("global", Addr(g.stat(delta, self.heads, head, row)), d_i, guard=valid)
-        lse2 = b.mul(b.ld("global", T.F32, Addr(g.stat(lse, self.heads, head, row)), guard=valid,
+        qs = r.load(r.row_ptr(q, self.heads, head, r.row), r.valid, scale=self.scale * LOG2E)
+        dos = r.load(r.row_ptr(do, self.heads, head, r.row), r.valid)
+        os_ = r.load(r.row_ptr(o, self.heads, head, r.row), r.valid)
+        d_i = warp_allreduce(b, tree_sum(b, [b.mul(x, y) for x, y in zip(dos, os_)]), "add", self.lanes)
+        b.st("global", Addr(r.stat(delta, self.heads, head, r.row)), d_i, guard=b.and_(r.valid, r.is_lead))
+        lse2 = b.mul(b.ld("global", T.F32, Addr(r.stat(lse, self.heads, head, r.row)), guard=r.valid,
                           out=[b.mov(0.0, T.F32)]), LOG2E)
-        acc = [b.mov(0.0, T.F32) for _ in range(self.head_dim)]
-        ks, stride = g.shared_rows("k_tile", self.tile, 0)
-        vs, _ = g.shared_rows("v_tile", self.tile, 0)
-        end = b.min(g.seq, b.add(first, self.block)) if self.causal else g.seq
+        acc = [b.mov(0.0, T.F32) for _ in qs]
+        ks, vs = r.shared_rows("k_tile", self.tile), r.shared_rows("v_tile", self.tile)
+        end = b.min(r.seq, b.add(r.first, self.rows_per_block)) if self.causal else r.seq
         key0 = b.mov(0, T.U32)
         with b.loop(b.div(b.add(end, self.tile - 1), self.tile), "kv_tile"):
-            g.stage(ks, stride, k, self.kv_heads, kv_head, key0, tid, self.tile)
-            g.stage(vs, stride, v, self.kv_heads, kv_head, key0, tid, self.tile)
+            r.stage(ks, k, self.kv_heads, kv_head, key0, self.tile)
+            r.stage(vs, v, self.kv_heads, kv_head, key0, self.tile)
             b.bar_sync()
             for j in range(self.tile):
-                s = dot_shared(b, q_row, ks, j * stride, self.head_dim)
-                p = b.fn("ex2", b.sub(self._masked(b, s, row, b.add(key0, j), g.seq), lse2))
-                dp = dot_shared(b, dos, vs, j * stride, self.head_dim)
-                axpy_shared(b, acc, b.mul(p, b.sub(dp, d_i)), ks, j * stride)
+                p = b.fn("ex2", b.sub(self._masked(b, r.dot(qs, ks, j), r.row, b.add(key0, j), r.seq), lse2))
+                dp = r.dot(dos, vs, j)
+                r.axpy(acc, b.mul(p, b.sub(dp, d_i)), ks, j)
             b.add(key0, self.tile, out=key0)
             b.bar_sync()
-        store_f32(b, DType.F32, Addr(g.row(dq, self.heads, head, row)), [b.mul(a, self.scale) for a in acc],
-                  guard=valid)
+        r.store(r.row_ptr(dq, self.heads, head, r.row), [b.mul(a, self.scale) for a in acc], r.valid)
 
     @classmethod
     def examples(cls) -> list["AttentionBackwardQSpec"]:
-        return [cls(heads=14, kv_heads=2, head_dim=64), cls(heads=3, kv_heads=3, head_dim=8, causal=False,
-                                                               block=32, tile=8)]
+        return [cls(heads=14, kv_heads=2, head_dim=64), cls(heads=14, kv_heads=2, head_dim=128, lanes=4, block=256),
+                cls(heads=3, kv_heads=3, head_dim=8, causal=False, block=32, tile=8)]
 
 
 @register
@@ -288,6 +288,7 @@ class AttentionBackwardKVSpec(_AttentionBase):
     """dv_j = sum p_ij do_i, dk_j = scale * sum ds_ij q_i, summed over the group's query heads."""
 
     kind: ClassVar[str] = "attention_bwd_kv"
+    rows_held: ClassVar[int] = 4  # k, v, dK, dV
 
     @property
     def grid_heads(self) -> int:
@@ -299,56 +300,49 @@ class AttentionBackwardKVSpec(_AttentionBase):
     def build(self, b: KernelBuilder) -> None:
         q, k, v, do, lse, delta, dk, dv = (b.cvta_global(b.ld_param(n))
                                            for n in ("q", "k", "v", "do", "lse", "delta", "dk", "dv"))
-        g, tid, key, valid, first = self._row_setup(b)
-        kv_head = b.special("%ctaid.y")
-        d = self.head_dim
-        own_k, own_stride = g.shared_rows("k_own", self.block, 1)
-        own_v, _ = g.shared_rows("v_own", self.block, 1)
-        k_row = g.own_row(own_k, own_stride, tid, g.load_row(g.row(k, self.kv_heads, kv_head, key), valid))
-        v_row = g.own_row(own_v, own_stride, tid, g.load_row(g.row(v, self.kv_heads, kv_head, key), valid))
-        dks = [b.mov(0.0, T.F32) for _ in range(d)]
-        dvs = [b.mov(0.0, T.F32) for _ in range(d)]
-        qt, stride = g.shared_rows("q_tile", self.tile, 0)
-        dot_, _ = g.shared_rows("do_tile", self.tile, 0)
-        stats = b.addr_of(b.shared_array("stats", T.F32, 2 * self.tile, align=16))  # lse*log2e, delta
+        r = _Rows(b, self)
+        key, kv_head = r.row, b.special("%ctaid.y")
         c = self.scale * LOG2E
-        start = first if self.causal else b.mov(0, T.U32)  # (causal) earlier queries see none of these keys
-        tiles = b.div(b.add(b.sub(g.seq, start), self.tile - 1), self.tile)
+        k_row = r.load(r.row_ptr(k, self.kv_heads, kv_head, key), r.valid, scale=c)
+        v_row = r.load(r.row_ptr(v, self.kv_heads, kv_head, key), r.valid)
+        dks, dvs = [b.mov(0.0, T.F32) for _ in k_row], [b.mov(0.0, T.F32) for _ in v_row]
+        qt, dot_ = r.shared_rows("q_tile", self.tile), r.shared_rows("do_tile", self.tile)
+        stats = b.addr_of(b.shared_array("stats", T.F32, 2 * self.tile, align=16))  # lse*log2e, delta
+        start = r.first if self.causal else b.mov(0, T.U32)  # (causal) earlier queries see none of these keys
+        tiles = b.div(b.add(b.sub(r.seq, start), self.tile - 1), self.tile)
+        is_stat_thread = b.setp("lt", r.tid, self.tile)
         with b.loop(b.mov(self.group, T.U32), "group") as member:
             head = b.mad(kv_head, self.group, member)
             query0 = b.mov(start, T.U32)
             with b.loop(tiles, "q_tile"):
-                g.stage(qt, stride, q, self.heads, head, query0, tid, self.tile)
-                g.stage(dot_, stride, do, self.heads, head, query0, tid, self.tile)
-                i = b.add(query0, tid)
-                in_tile = b.and_(b.setp("lt", tid, self.tile), b.setp("lt", i, g.seq))
-                lse_i = b.ld("global", T.F32, Addr(g.stat(lse, self.heads, head, i)), guard=in_tile,
+                r.stage(qt, q, self.heads, head, query0, self.tile)
+                r.stage(dot_, do, self.heads, head, query0, self.tile)
+                i = b.add(query0, r.tid)
+                in_tile = b.and_(is_stat_thread, b.setp("lt", i, r.seq))
+                lse_i = b.ld("global", T.F32, Addr(r.stat(lse, self.heads, head, i)), guard=in_tile,
                              out=[b.mov(0.0, T.F32)])
-                delta_i = b.ld("global", T.F32, Addr(g.stat(delta, self.heads, head, i)), guard=in_tile,
+                delta_i = b.ld("global", T.F32, Addr(r.stat(delta, self.heads, head, i)), guard=in_tile,
                                out=[b.mov(0.0, T.F32)])
-                is_stat_thread = b.setp("lt", tid, self.tile)
-                st = b.add(stats, b.mul(tid, 4))
+                st = b.add(stats, b.mul(r.tid, 4))
                 b.st("shared", Addr(st), b.mul(lse_i, LOG2E), guard=is_stat_thread)
                 b.st("shared", Addr(st, 4 * self.tile), delta_i, guard=is_stat_thread)
                 b.bar_sync()
                 for j in range(self.tile):
-                    s = dot_shared(b, k_row, qt, j * stride, d)
-                    s = self._masked(b, b.mul(s, c), b.add(query0, j), key, g.seq, g.seq)
+                    s = self._masked(b, r.dot(k_row, qt, j), b.add(query0, j), key, r.seq, r.seq)
                     p = b.fn("ex2", b.sub(s, b.ld("shared", T.F32, Addr(stats, 4 * j))))
-                    axpy_shared(b, dvs, p, dot_, j * stride)
-                    dp = dot_shared(b, v_row, dot_, j * stride, d)
+                    r.axpy(dvs, p, dot_, j)
+                    dp = r.dot(v_row, dot_, j)
                     ds = b.mul(p, b.sub(dp, b.ld("shared", T.F32, Addr(stats, 4 * (self.tile + j)))))
-                    axpy_shared(b, dks, ds, qt, j * stride)
+                    r.axpy(dks, ds, qt, j)
                 b.add(query0, self.tile, out=query0)
                 b.bar_sync()
-        store_f32(b, DType.F32, Addr(g.row(dk, self.kv_heads, kv_head, key)), [b.mul(x, self.scale) for x in dks],
-                  guard=valid)
-        store_f32(b, DType.F32, Addr(g.row(dv, self.kv_heads, kv_head, key)), dvs, guard=valid)
+        r.store(r.row_ptr(dk, self.kv_heads, kv_head, key), [b.mul(x, self.scale) for x in dks], r.valid)
+        r.store(r.row_ptr(dv, self.kv_heads, kv_head, key), dvs, r.valid)
 
     @classmethod
     def examples(cls) -> list["AttentionBackwardKVSpec"]:
-        return [cls(heads=14, kv_heads=2, head_dim=64), cls(heads=3, kv_heads=3, head_dim=8, causal=False,
-                                                               block=32, tile=8)]
+        return [cls(heads=14, kv_heads=2, head_dim=64), cls(heads=14, kv_heads=2, head_dim=128, lanes=4, block=256),
+                cls(heads=3, kv_heads=3, head_dim=8, causal=False, block=32, tile=8)]
 
 
 def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int = 0, causal: bool = True
