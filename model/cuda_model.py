@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from ptxgen.kernels.embedding import embedding_backward_plan
-from ptxgen.kernels.gemm import GemmSpec
+from ptxgen.kernels.gemm import Batch, GemmSpec, Strides
 from runtime import DeviceArray, ModuleCache, fill_u32
 
 from .config import ModelConfig
@@ -27,6 +27,8 @@ from .params import layer_prefix, lm_head_name, param_shapes
 from .reference import IGNORE_INDEX
 
 COLSUM_CHUNK = 256  # rows per first-stage chunk of a two-stage column sum
+SPLIT_K_TILES = 264     # a dW GEMM with fewer output tiles than two per SM splits its contraction
+SPLIT_K_MIN_ROWS = 256  # ... into parts of at least this many tokens
 
 
 class ParamLayout:
@@ -326,13 +328,38 @@ class CudaBackend:
         partial = A.new("gamma_partial", (nb.partial_rows(T), H))
         col_scratch = A.new("col_scratch", (-(-T // COLSUM_CHUNK), max(Q, KV)))
 
+        def split_k(spec: GemmSpec, m: int, n: int) -> int:
+            """Splits of the T-long contraction that give the GPU enough tiles (1: none needed)."""
+            tiles = -(-m // spec.block_m) * -(-n // spec.block_n)
+            splits = 1
+            while tiles * splits < SPLIT_K_TILES and T % (2 * splits) == 0 and T // (2 * splits) >= SPLIT_K_MIN_ROWS:
+                splits *= 2
+            return splits
+
+        shapes = [(k.q, Q, H), (k.kv, KV, H), (k.o, H, Q), (k.gate_up, I, H), (k.down, H, I), (k.head, V, H)]
+        partials = [split_k(lk.grad_weight, m, n) * m * n for lk, m, n in shapes if split_k(lk.grad_weight, m, n) > 1]
+        split_scratch = A.new("split_scratch", (max(partials, default=1),))
+
         def grad_input(lk: LinearKernels, dy: int, weight: str, dx: int, d_in: int, d_out: int, acc: bool = False):
             spec = lk.grad_input_acc if acc else lk.grad_input
             bwd.append(bind(spec, spec.launch_dims(T, d_in), *spec.arguments(dy, w(weight), dx, T, d_in, d_out)))
 
         def grad_weight(lk: LinearKernels, dy: int, x: int, weight: str, d_in: int, d_out: int):
+            """dW = dy^T x. A small dW leaves most SMs idle: then the token dimension is split
+            over batches whose partial dWs a fixed-order column sum adds (deterministic)."""
             spec: GemmSpec = lk.grad_weight
-            bwd.append(bind(spec, spec.launch_dims(d_out, d_in), *spec.arguments(dy, x, gr(weight), d_out, d_in, T)))
+            splits = split_k(spec, d_out, d_in)
+            if splits == 1:
+                bwd.append(bind(spec, spec.launch_dims(d_out, d_in),
+                                *spec.arguments(dy, x, gr(weight), d_out, d_in, T)))
+                return
+            rows = T // splits
+            batch = Batch(count=splits, a=Strides(outer=rows * d_out), b=Strides(outer=rows * d_in),
+                          c=Strides(outer=d_out * d_in))
+            bwd.append(bind(spec, spec.launch_dims(d_out, d_in, splits),
+                            *spec.arguments(dy, x, split_scratch, d_out, d_in, rows, batch=batch)))
+            cs, cols = k.colsum, d_out * d_in
+            bwd.append(bind(cs, cs.launch_dims(splits, cols, splits), split_scratch, gr(weight), splits, cols, splits))
 
         def column_sum(src: int, dst: int, cols: int):
             """dst[cols] = sum over the T rows of src, in one or two fixed-order stages."""
