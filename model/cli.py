@@ -11,7 +11,7 @@ import math
 import sys
 import typing
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ptxgen import cli as ptxgen_cli
 
@@ -158,30 +158,29 @@ def cmd_contracts(argv: Sequence[str]) -> int:
     return contracts_main(argv)
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "contracts": cmd_contracts}
-USAGE = ptxgen_cli.USAGE + """
+def _guarded(name: str, command: Callable[[Sequence[str]], int]) -> Callable[[Sequence[str]], int]:
+    """The model's bad-input errors as one line and exit 2 (the generator's are handled by ptxgen.cli)."""
+
+    def run(argv: Sequence[str]) -> int:
+        try:
+            return command(argv)
+        except (UsageError, ConfigError, CheckpointError, DataError) as e:
+            print(f"ptxgen {name}: error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"ptxgen {name}: interrupted", file=sys.stderr)
+            return 130
+
+    return run
+
+
+COMMANDS = {name: _guarded(name, cmd) for name, cmd in
+            (("train", cmd_train), ("generate", cmd_generate), ("contracts", cmd_contracts))}
+USAGE = """
   train [--preset tiny] [--data PATH ...] [--device auto|cuda|numpy] [--out DIR] [--resume] ...
   generate --checkpoint DIR --prompt TEXT [--temperature T] [--top-k K] [--max-new-tokens N]
   contracts validate|check [--root REPO]"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
-        return 0
-    command = COMMANDS.get(argv[0])
-    if command is None:
-        if argv[0] not in ptxgen_cli.COMMANDS:
-            print(f"ptxgen: error: unknown command {argv[0]!r}; commands: "
-                  f"{', '.join([*ptxgen_cli.COMMANDS, *COMMANDS])}", file=sys.stderr)
-            return 2
-        return ptxgen_cli.main(argv)
-    try:
-        return command(argv[1:])
-    except (UsageError, ConfigError, CheckpointError, DataError) as e:
-        print(f"ptxgen {argv[0]}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"ptxgen {argv[0]}: interrupted", file=sys.stderr)
-        return 130
+    return ptxgen_cli.main(argv, more=COMMANDS, more_usage=USAGE)

@@ -521,9 +521,8 @@ class KernelBuilder:
             raise PtxBuildError(f"ld: vector width {vec} is not 1, 2 or 4")
         if nc and volatile:
             raise PtxBuildError("ld: .nc and .volatile exclude each other")
-        qual = ".nc" if nc else ".volatile" if volatile else ""
-        ins = f"ld{qual if qual == '.volatile' else ''}.{space}{qual if qual == '.nc' else ''}" \
-              f"{f'.v{vec}' if vec > 1 else ''}.{t.value}"
+        ins = f"ld{'.volatile' if volatile else ''}.{space}{'.nc' if nc else ''}{f'.v{vec}' if vec > 1 else ''}" \
+              f".{t.value}"
         self._check_addr(ins, addr, space)
         regs = tuple(out) if out is not None else tuple(self.reg(t) for _ in range(vec))
         if len(regs) != vec:

@@ -12,7 +12,7 @@ import json
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import __version__
 from .assemble import AssemblerUnavailable, AssemblyError, assemble
@@ -182,15 +182,18 @@ USAGE = f"""usage: ptxgen COMMAND ...   (ptxgen {__version__})
   inspect (KIND --FIELD VALUE ... | FILE.ptx) [--json]"""
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, more: dict[str, Callable[[Sequence[str]], int]] | None = None,
+         more_usage: str = "") -> int:
+    """Run one command; ``more`` adds commands of packages built on this one (train, generate, ...)."""
+    commands = {**COMMANDS, **(more or {})}
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(USAGE + more_usage)
         return 0
-    command = COMMANDS.get(argv[0])
+    command = commands.get(argv[0])
     try:
         if command is None:
-            raise UsageError(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}")
+            raise UsageError(f"unknown command {argv[0]!r}; commands: {', '.join(commands)}")
         return command(argv[1:])
     except (UsageError, SpecError, PtxBuildError, OSError) as e:
         print(f"ptxgen: error: {e}", file=sys.stderr)

@@ -129,6 +129,14 @@ class _AttentionBase(KernelSpec):
     tile: int = 16    # rows staged in shared memory per step
 
     rows_held: ClassVar[int] = 2  # rows whose share each thread keeps in registers
+    pointers: ClassVar[tuple[str, ...]]
+    scalars: ClassVar[tuple[str, ...]] = ("seq",)
+
+    def params(self) -> tuple[tuple[str, T], ...]:
+        return tuple((n, T.U64) for n in self.pointers) + tuple((n, T.U32) for n in self.scalars)
+
+    def _global_pointers(self, b: KernelBuilder) -> list[Reg]:
+        return [b.cvta_global(b.ld_param(n)) for n in self.pointers]
 
     @property
     def group(self) -> int:
@@ -188,13 +196,11 @@ class AttentionSpec(_AttentionBase):
     """
 
     kind: ClassVar[str] = "attention_fwd"
-
-    def params(self) -> tuple[tuple[str, T], ...]:
-        return tuple((n, T.U64) for n in ("q", "k", "v", "o", "lse")) + \
-            tuple((n, T.U32) for n in ("seq", "kv_len", "kv_stride", "q_start"))
+    pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "lse")
+    scalars: ClassVar[tuple[str, ...]] = ("seq", "kv_len", "kv_stride", "q_start")
 
     def build(self, b: KernelBuilder) -> None:
-        q, k, v, o, lse = (b.cvta_global(b.ld_param(n)) for n in ("q", "k", "v", "o", "lse"))
+        q, k, v, o, lse = self._global_pointers(b)
         r = _Rows(b, self)
         head = b.special("%ctaid.y")
         kv_head = b.div(head, self.group)
@@ -243,13 +249,10 @@ class AttentionBackwardQSpec(_AttentionBase):
 
     kind: ClassVar[str] = "attention_bwd_q"
     rows_held: ClassVar[int] = 3  # q, dO, dQ
-
-    def params(self) -> tuple[tuple[str, T], ...]:
-        return tuple((n, T.U64) for n in ("q", "k", "v", "o", "do", "lse", "dq", "delta")) + (("seq", T.U32),)
+    pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "do", "lse", "dq", "delta")
 
     def build(self, b: KernelBuilder) -> None:
-        q, k, v, o, do, lse, dq, delta = (b.cvta_global(b.ld_param(n))
-                                          for n in ("q", "k", "v", "o", "do", "lse", "dq", "delta"))
+        q, k, v, o, do, lse, dq, delta = self._global_pointers(b)
         r = _Rows(b, self)
         head = b.special("%ctaid.y")
         kv_head = b.div(head, self.group)
@@ -289,17 +292,14 @@ class AttentionBackwardKVSpec(_AttentionBase):
 
     kind: ClassVar[str] = "attention_bwd_kv"
     rows_held: ClassVar[int] = 4  # k, v, dK, dV
+    pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "do", "lse", "delta", "dk", "dv")
 
     @property
     def grid_heads(self) -> int:
         return self.kv_heads
 
-    def params(self) -> tuple[tuple[str, T], ...]:
-        return tuple((n, T.U64) for n in ("q", "k", "v", "do", "lse", "delta", "dk", "dv")) + (("seq", T.U32),)
-
     def build(self, b: KernelBuilder) -> None:
-        q, k, v, do, lse, delta, dk, dv = (b.cvta_global(b.ld_param(n))
-                                           for n in ("q", "k", "v", "do", "lse", "delta", "dk", "dv"))
+        q, k, v, do, lse, delta, dk, dv = self._global_pointers(b)
         r = _Rows(b, self)
         key, kv_head = r.row, b.special("%ctaid.y")
         c = self.scale * LOG2E
