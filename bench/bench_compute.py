@@ -1,8 +1,9 @@
-"""GEMM and attention benchmark (GPU machine): our fp32 kernels beside torch in the same process.
+"""GEMM and attention benchmark (GPU machine): our kernels beside torch in the same process.
 
     PYTHONPATH=$PWD python3 bench/bench_compute.py [--json FILE]
 
-fp32 GEMM is compared with torch.matmul with TF32 disabled (the same arithmetic); attention with
+fp32 GEMM is compared with torch.matmul with TF32 disabled (the same arithmetic), the bf16/fp16
+tensor-core GEMM (fp32 accumulate) with torch.matmul in that type; attention with
 F.scaled_dot_product_attention in fp32 (causal, GQA through repeated K/V heads). Figures are
 TFLOP/s of the useful work: 2*M*N*K for a GEMM; for causal attention forward 4*B*H*S^2*D/2,
 backward 2.5x that (the convention FlashAttention's benchmarks use).
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from harness import time_ms, write_json
 from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
 from ptxgen.kernels.gemm import GemmSpec
+from ptxgen.kernels.gemm_tc import GemmTCSpec, MmaType
 from ptxgen.spec import SpecError
 from runtime import ModuleCache
 
@@ -39,6 +41,30 @@ class Row:
     def as_dict(self) -> dict:
         return {**self.__dict__, "ours_TFLOPs": self.flops / self.ours_ms / 1e9,
                 "torch_TFLOPs": self.flops / self.torch_ms / 1e9, "ratio_vs_torch": self.torch_ms / self.ours_ms}
+
+
+TC_TILES = [dict(), dict(block_n=256, stages=2), dict(block_m=256, warps_m=4, warps_n=2, stages=2),
+            dict(block_k=16, stages=4)]
+TORCH_16 = {MmaType.BF16: torch.bfloat16, MmaType.F16: torch.float16}
+
+
+def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: int) -> None:
+    """Y = X W^T on tensor cores at its fastest tile, beside torch.matmul (cuBLAS) in the same type."""
+    a = torch.randn(m, k, device="cuda", dtype=TORCH_16[dtype])
+    b = torch.randn(n, k, device="cuda", dtype=TORCH_16[dtype])
+    c = torch.empty(m, n, device="cuda")
+    best = None
+    for tile in TC_TILES:
+        spec = GemmTCSpec(dtype=dtype, **tile)
+        launch = cache.get(spec).bind(*spec.launch_dims(m, n),
+                                      *spec.arguments(a.data_ptr(), b.data_ptr(), c.data_ptr(), m, n, k))
+        best = min(best or (time_ms(launch, reps=10, warmup=2), spec),
+                   (time_ms(launch, reps=10, warmup=2), spec), key=lambda t: t[0])
+    bt = b.t()
+    theirs = time_ms(lambda: torch.matmul(a, bt), reps=10, warmup=2)
+    s = best[1]
+    rows.append(Row(f"gemm_tc {dtype.value} NT {m}x{n}x{k} [{s.block_m}x{s.block_n}x{s.block_k}, {s.stages} st]",
+                    2.0 * m * n * k, best[0], theirs))
 
 
 ATTN_LAYOUTS = [dict(lanes=1, block=64), dict(lanes=2, block=128), dict(lanes=2, block=256),
@@ -112,6 +138,10 @@ def main() -> None:
 
     for size in (4096, 8192):
         gemm("gemm NT (Y = X W^T)", size, size, size, False, True)
+    for dtype in (MmaType.BF16, MmaType.F16):
+        for size in (4096, 8192):
+            gemm_tc(cache, rows, dtype, size, size, size)
+    gemm_tc(cache, rows, MmaType.BF16, TOKENS, 4864, 896)  # gate/up forward at Qwen2-0.5B shapes
     for lname, k_in, n_out in LAYERS:
         gemm(f"{lname} fwd", TOKENS, n_out, k_in, False, True)
         gemm(f"{lname} dX", TOKENS, k_in, n_out, False, False)
@@ -120,7 +150,7 @@ def main() -> None:
     for d in (64, 128):
         attention(cache, rows, 8, 2048, 14, 2, d)
 
-    print("\n== compute-bound kernels vs torch (fp32, TF32 off)")
+    print("\n== compute-bound kernels vs torch (fp32 rows with TF32 off; gemm_tc rows in their 16-bit type)")
     print(f"  {'kernel':<64} {'ours ms':>9} {'ours TFLOP/s':>13} {'torch TFLOP/s':>14} {'ours/torch':>10}")
     for r in rows:
         x = r.as_dict()

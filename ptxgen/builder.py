@@ -561,6 +561,43 @@ class KernelBuilder:
         self._check_addr(ins, addr, space)
         self._emit(f"{ins} {addr}, {self._op(ins, value, t, 'value')}", guard)
 
+    # -- asynchronous copies and tensor cores (sm_80+) ------------------------------------------
+    def cp_async(self, dst: Reg, src: Reg, src_bytes: Operand) -> None:
+        """16 bytes global -> shared without a register stop; bytes past ``src_bytes`` are zero-filled
+        (0: the whole chunk, so an out-of-range tile edge loads zeros)."""
+        ins = "cp.async.cg.shared.global"
+        self._emit(f"{ins} [{self._op(ins, dst, T.U32, 'shared address')}], "
+                   f"[{self._op(ins, src, T.U64, 'global address')}], 16, {self._op(ins, src_bytes, T.U32, 'src-size')}")
+
+    def cp_async_commit(self) -> None:
+        self._emit("cp.async.commit_group")
+
+    def cp_async_wait(self, pending: int) -> None:
+        """Wait until at most ``pending`` of this thread's committed groups are still in flight."""
+        self._emit(f"cp.async.wait_group {immediate(pending, T.U32)}")
+
+    def ldmatrix(self, addr: Reg, count: int = 4, trans: bool = False) -> tuple[Reg, ...]:
+        """``count`` 8x8 16-bit matrices from shared memory into mma fragment order (.b32 each)."""
+        if count not in (1, 2, 4):
+            raise PtxBuildError(f"ldmatrix: .x{count} does not exist; use 1, 2 or 4")
+        ins = f"ldmatrix.sync.aligned.m8n8.x{count}{'.trans' if trans else ''}.shared.b16"
+        regs = tuple(self.reg(T.B32) for _ in range(count))
+        self._emit(f"{ins} {{{', '.join(r.name for r in regs)}}}, [{self._op(ins, addr, T.U32, 'address')}]")
+        return regs
+
+    def mma_m16n8k16(self, acc: Sequence[Reg], a: Sequence[Reg], b: Sequence[Reg], dtype: str) -> None:
+        """acc (4 x f32) += A (16x16, 4 x b32 of ``dtype`` pairs, row) @ B (16x8, 2 x b32, col)."""
+        if dtype not in ("bf16", "f16"):
+            raise PtxBuildError(f"mma.m16n8k16: input type {dtype} is not bf16 or f16")
+        ins = f"mma.sync.aligned.m16n8k16.row.col.f32.{dtype}.{dtype}.f32"
+        for regs, n, t, what in ((acc, 4, T.F32, "accumulator"), (a, 4, T.B32, "A"), (b, 2, T.B32, "B")):
+            if len(regs) != n:
+                raise PtxBuildError(f"{ins}: {what} takes {n} registers, got {len(regs)}")
+            for r in regs:
+                self._op(ins, r, t, what)
+        c = ", ".join(r.name for r in acc)
+        self._emit(f"{ins} {{{c}}}, {{{', '.join(r.name for r in a)}}}, {{{', '.join(r.name for r in b)}}}, {{{c}}}")
+
     # -- warps, barriers, control flow ----------------------------------------------------------
     def shfl(self, mode: str, value: Reg, b: Operand, c: int = 0x1F,
              membermask: int = 0xFFFFFFFF) -> Reg:

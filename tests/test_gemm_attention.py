@@ -69,3 +69,22 @@ def test_attention_backward_reference_matches_finite_differences():
             down = np.sum(attention_reference(q, k, v)[0] * do)
             x[idx] = old
             assert g[idx] == pytest.approx((up - down) / (2 * h), rel=1e-6, abs=1e-8)
+
+
+def test_tensor_core_gemm_refuses_what_its_16_byte_copies_cannot_serve():
+    from ptxgen.kernels.gemm_tc import GemmTCSpec, swizzle
+    with pytest.raises(ValueError, match="K=12 is not a multiple of 8"):
+        GemmTCSpec().arguments(0, 0, 0, 8, 8, 12)
+    with pytest.raises(ValueError, match="N \\(B not transposed\\)=12"):
+        GemmTCSpec(trans_b=False).arguments(0, 0, 0, 8, 12, 16)
+    with pytest.raises(ValueError, match="must be even"):
+        GemmTCSpec().arguments(0, 0, 0, 8, 7, 16)
+    with pytest.raises(SpecError, match="shared memory"):
+        GemmTCSpec(stages=4)
+    assert GemmTCSpec().arguments(1, 2, 3, 1, 8, 16) == (1, 2, 3, 1, 8, 16, 16, 16, 8)
+    # any 8 consecutive rows put a chunk into 8 different 16-byte bank groups
+    for chunks in (2, 4, 8, 16):
+        shift, mask = swizzle(chunks)
+        for c in range(chunks):
+            units = {(r * chunks + (c ^ ((r >> shift) & mask))) % 8 for r in range(8)}
+            assert len(units) == 8, (chunks, c)

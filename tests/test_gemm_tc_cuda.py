@@ -1,0 +1,89 @@
+"""bf16/fp16 tensor-core GEMM on the GPU against float64 numpy of the same 16-bit inputs.
+
+Tolerance: products of 16-bit inputs are exact in fp32, the sums are fp32 (mma accumulates in f32):
+within 1e-4 of the largest reference magnitude (at least 1e-4 absolute).
+"""
+import numpy as np
+import pytest
+
+from ptxgen.kernels.gemm import gemm_reference
+from ptxgen.kernels.gemm_tc import GemmTCSpec, MmaType
+from runtime import DeviceArray, ModuleCache, from_bf16, to_bf16
+from runtime.driver import synchronize
+
+pytestmark = pytest.mark.cuda
+rng = np.random.default_rng(3)
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return ModuleCache(use_disk=False)
+
+
+def sixteen(x, dtype):
+    """(device bits, the values they hold as float64)."""
+    if dtype is MmaType.F16:
+        h = x.astype(np.float16)
+        return h.view(np.uint16), h.astype(np.float64)
+    bits = to_bf16(x.astype(np.float32))
+    return bits, from_bf16(bits).astype(np.float64)
+
+
+def run(cache, spec, a, b, m, n, k, bias=None, c=None):
+    a_bits, a64 = sixteen(a, spec.dtype)
+    b_bits, b64 = sixteen(b, spec.dtype)
+    arrays = [DeviceArray.from_numpy(a_bits, "bf16"), DeviceArray.from_numpy(b_bits, "bf16"),
+              DeviceArray.from_numpy(c if c is not None else np.full((m, n), np.nan, np.float32))]
+    extra = [DeviceArray.from_numpy(bias)] if bias is not None else []
+    try:
+        args = spec.arguments(*(x.ptr for x in arrays), m, n, k, bias=extra[0].ptr if extra else None)
+        cache.get(spec)(*spec.launch_dims(m, n), *args)
+        synchronize()
+        out = arrays[2].to_numpy()
+    finally:
+        for x in arrays + extra:
+            x.free()
+    return out, gemm_reference(a64, b64, spec.trans_a, spec.trans_b, bias=bias, c=c)
+
+
+def assert_close(actual, ref, rel=1e-4):
+    assert np.isfinite(actual).all(), "an output element was never written"
+    err = np.abs(actual - ref).max()
+    assert err <= rel * max(1.0, np.abs(ref).max()), f"max error {err:.3g}, max |ref| {np.abs(ref).max():.3g}"
+
+
+LAYOUTS = [(False, True), (False, False), (True, False), (True, True)]
+SHAPES = [(8, 8, 16), (72, 136, 40), (128, 128, 32), (264, 4864, 896), (1000, 128, 4864)]
+
+
+@pytest.mark.parametrize("trans_a, trans_b", LAYOUTS)
+@pytest.mark.parametrize("m, n, k", SHAPES)
+def test_layouts_match_float64(cache, trans_a, trans_b, m, n, k):
+    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+    assert_close(*run(cache, GemmTCSpec(trans_a=trans_a, trans_b=trans_b), a, b, m, n, k))
+
+
+@pytest.mark.parametrize("m", [1, 3, 77])
+def test_rows_that_are_not_a_tile_multiple(cache, m):
+    n, k = 136, 72
+    a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    assert_close(*run(cache, GemmTCSpec(), a, b, m, n, k))
+
+
+def test_fp16_bias_and_accumulate(cache):
+    m, n, k = 130, 200, 64
+    a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    assert_close(*run(cache, GemmTCSpec(dtype=MmaType.F16, bias=True), a, b, m, n, k, bias=bias))
+    old = rng.standard_normal((m, n)).astype(np.float32)
+    assert_close(*run(cache, GemmTCSpec(accumulate=True), a, b, m, n, k, c=old))
+
+
+@pytest.mark.parametrize("tile", [dict(block_m=64, block_n=64, warps_m=2, warps_n=2, block_k=64),
+                                  dict(block_k=16, stages=4), dict(stages=2)])
+def test_other_tiles_and_pipeline_depths(cache, tile):
+    m, n, k = 200, 264, 168
+    a = rng.standard_normal((k, m)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    assert_close(*run(cache, GemmTCSpec(trans_a=True, trans_b=False, **tile), a, b, m, n, k))
