@@ -98,6 +98,40 @@ class _TileLoader:
                 b.st("shared", Addr(base), vals if len(vals) > 1 else vals[0])
 
 
+class Epilogue:
+    """Writes accumulators into an f32 C with ``ldc`` columns per row: + bias[col] when the spec
+    has one (loaded once per column chunk), + the old C when it accumulates; rows >= m and columns
+    >= n are not written. Shared by the SIMT and the tensor-core GEMMs."""
+
+    def __init__(self, b: KernelBuilder, c_ptr: Reg, m: Reg, n: Reg, bias: bool, accumulate: bool):
+        self.b, self.c_ptr, self.m, self.n, self.accumulate = b, c_ptr, m, n, accumulate
+        self.ldc = b.ld_param("ldc")
+        self.bias_ptr = b.cvta_global(b.ld_param("bias")) if bias else None
+
+    def column(self, col: Reg, width: int) -> tuple[Reg, Reg, list[Reg] | None, int]:
+        """A chunk of ``width`` columns from ``col`` (never straddling n): (col, in range, bias, width)."""
+        b = self.b
+        ok = b.setp("lt", col, self.n)
+        bias = (load_f32(b, DType.F32, Addr(b.add(self.bias_ptr, b.shl(b.cvt(T.U64, col), 2))), width, guard=ok)
+                if self.bias_ptr is not None else None)
+        return col, ok, bias, width
+
+    def row(self, row: Reg) -> tuple[Reg, Reg]:
+        b = self.b
+        return b.setp("lt", row, self.m), b.add(self.c_ptr, b.shl(b.mul_wide(row, self.ldc), 2))
+
+    def store(self, row: tuple[Reg, Reg], column: tuple[Reg, Reg, list[Reg] | None, int], vals: list[Reg]) -> None:
+        b = self.b
+        (row_ok, row_ptr), (col, ok, bias, width) = row, column
+        if bias is not None:
+            vals = [b.add(v, x) for v, x in zip(vals, bias)]
+        guard = b.and_(row_ok, ok)
+        addr = Addr(b.add(row_ptr, b.shl(b.cvt(T.U64, col), 2)))
+        if self.accumulate:
+            vals = [b.add(v, o) for v, o in zip(vals, load_f32(b, DType.F32, addr, width, guard=guard))]
+        store_f32(b, DType.F32, addr, vals, guard=guard)
+
+
 @dataclass(frozen=True)
 class Strides:
     """One operand's batch addressing: z -> (z // inner) * outer + ((z % inner) // group) * inner_stride."""
@@ -266,31 +300,17 @@ class GemmSpec(KernelSpec):
 
     def _epilogue(self, b: KernelBuilder, acc: list[list[Reg]], c_ptr: Reg, m: Reg, n: Reg,
                   row0: Reg, col0: Reg, tx: Reg, ty: Reg) -> None:
-        ldc = b.ld_param("ldc")
-        bias_ptr = b.cvta_global(b.ld_param("bias")) if self.bias else None
-        chunks = []  # (column, guard, bias values) per vec-wide chunk of this thread's columns
+        out = Epilogue(b, c_ptr, m, n, self.bias, self.accumulate)
+        chunks = []  # (first accumulator column, column) per vec-wide chunk of this thread's columns
         for g in range(self.thread_n // 4):
             for c in range(0, 4, self.vec):
-                col = b.add(col0, b.add(b.mul(tx, 4), g * self.threads_n * 4 + c))
-                ok = b.setp("lt", col, n)
-                bias = (load_f32(b, DType.F32, Addr(b.add(bias_ptr, b.shl(b.cvt(T.U64, col), 2))), self.vec,
-                                 guard=ok) if bias_ptr is not None else None)
-                chunks.append((g * 4 + c, col, ok, bias))
+                col = out.column(b.add(col0, b.add(b.mul(tx, 4), g * self.threads_n * 4 + c)), self.vec)
+                chunks.append((g * 4 + c, col))
         for g in range(self.thread_m // 4):
             for r in range(4):
-                row = b.add(row0, b.add(b.mul(ty, 4), g * self.threads_m * 4 + r))
-                row_ok = b.setp("lt", row, m)
-                row_ptr = b.add(c_ptr, b.shl(b.mul_wide(row, ldc), 2))
-                for j, col, ok, bias in chunks:
-                    vals = acc[g * 4 + r][j:j + self.vec]
-                    if bias is not None:
-                        vals = [b.add(v, x) for v, x in zip(vals, bias)]
-                    guard = b.and_(row_ok, ok)
-                    addr = Addr(b.add(row_ptr, b.shl(b.cvt(T.U64, col), 2)))
-                    if self.accumulate:
-                        old = load_f32(b, DType.F32, addr, self.vec, guard=guard)
-                        vals = [b.add(v, o) for v, o in zip(vals, old)]
-                    store_f32(b, DType.F32, addr, vals, guard=guard)
+                row = out.row(b.add(row0, b.add(b.mul(ty, 4), g * self.threads_m * 4 + r)))
+                for j, col in chunks:
+                    out.store(row, col, acc[g * 4 + r][j:j + self.vec])
 
     @classmethod
     def examples(cls) -> list["GemmSpec"]:

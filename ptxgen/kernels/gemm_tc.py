@@ -15,11 +15,11 @@ import enum
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..builder import Addr, KernelBuilder, Reg, T
+from ..builder import KernelBuilder, Reg, T
 from ..registry import register
 from ..spec import KernelSpec, SpecError
-from ..vecio import DType, load_f32, store_f32
 from .common import check_positive
+from .gemm import Epilogue
 
 CHUNK = 16        # bytes per cp.async / per ldmatrix row
 ELEMS = CHUNK // 2  # 16-bit elements per chunk
@@ -247,32 +247,16 @@ class GemmTCSpec(KernelSpec):
                   warp_m: Reg, warp_n: Reg, lane: Reg) -> None:
         """Accumulator q of tile (mt, nt) is C[row + 8 * (q >> 1), col + (q & 1)] with row = group,
         col = 2 * (lane % 4): stored in pairs."""
-        ldc = b.ld_param("ldc")
+        out = Epilogue(b, c_ptr, m, n, self.bias, self.accumulate)
         group, pair = b.shr(lane, 2), b.shl(b.and_(lane, 3), 1)
         rows = b.add(row0, b.add(b.mul(warp_m, self.m_tiles * 16), group))
         cols = b.add(col0, b.add(b.mul(warp_n, self.n_tiles * 8), pair))
-        bias_ptr = b.cvta_global(b.ld_param("bias")) if self.bias else None
-        col_info = []
-        for nt in range(self.n_tiles):
-            col = b.add(cols, nt * 8)
-            ok = b.setp("lt", col, n)
-            bias = (load_f32(b, DType.F32, Addr(b.add(bias_ptr, b.shl(b.cvt(T.U64, col), 2))), 2, guard=ok)
-                    if bias_ptr is not None else None)
-            col_info.append((col, ok, bias))
+        columns = [out.column(b.add(cols, nt * 8), 2) for nt in range(self.n_tiles)]
         for mt in range(self.m_tiles):
             for half in range(2):
-                row = b.add(rows, mt * 16 + 8 * half)
-                row_ok = b.setp("lt", row, m)
-                row_ptr = b.add(c_ptr, b.shl(b.mul_wide(row, ldc), 2))
-                for nt, (col, ok, bias) in enumerate(col_info):
-                    vals = acc[mt][nt][2 * half:2 * half + 2]
-                    if bias is not None:
-                        vals = [b.add(v, x) for v, x in zip(vals, bias)]
-                    guard = b.and_(row_ok, ok)
-                    addr = Addr(b.add(row_ptr, b.shl(b.cvt(T.U64, col), 2)))
-                    if self.accumulate:
-                        vals = [b.add(v, o) for v, o in zip(vals, load_f32(b, DType.F32, addr, 2, guard=guard))]
-                    store_f32(b, DType.F32, addr, vals, guard=guard)
+                row = out.row(b.add(rows, mt * 16 + 8 * half))
+                for nt, col in enumerate(columns):
+                    out.store(row, col, acc[mt][nt][2 * half:2 * half + 2])
 
     @classmethod
     def examples(cls) -> list["GemmTCSpec"]:
