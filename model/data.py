@@ -133,6 +133,8 @@ def val_batches(stream: np.ndarray, batch: int, seq: int, count: int) -> list[tu
     """A fixed set of validation batches spread evenly over the validation stream."""
     windows = (len(stream) - 1) // seq
     rows = np.unique(np.linspace(0, windows - 1, min(windows, batch * count)).astype(np.int64))
+    if len(rows) >= batch:  # whole batches only: a GPU backend then needs no second batch shape
+        rows = rows[:len(rows) // batch * batch]
     starts = rows * seq
     xs = np.stack([stream[s:s + seq] for s in starts])
     ys = np.stack([stream[s + 1:s + seq + 1] for s in starts])

@@ -68,6 +68,8 @@ def test_validation_batches_are_fixed_and_cover_the_stream():
     assert len(batches) == 3 and all(x.shape == (4, 10) for x, _ in batches)
     assert all((y == x + 1).all() for x, y in batches)
     assert batches[0][0][0, 0] == 0 and batches[-1][0][-1, -1] >= 980
+    short = val_batches(np.arange(101, dtype=np.int32), batch=4, seq=10, count=3)  # 10 windows
+    assert [x.shape for x, _ in short] == [(4, 10), (4, 10)]
 
 
 def test_hf_tokenizer_json_is_used_when_given(tmp_path):

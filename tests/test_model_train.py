@@ -151,3 +151,53 @@ def test_empty_corpus_is_refused(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     assert main(["train", "--data", str(tmp_path), "--device", "numpy", "--out", str(tmp_path / "r")]) == 2
     assert "corpus is empty" in capsys.readouterr().err
+
+
+def test_a_run_with_an_hf_tokenizer_keeps_it_with_the_checkpoint(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["def", "return", "self", "(", ")", ":", "a", "b", "+", ","]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.py").write_text("def add ( a , b ) : return a + b\n" * 300)
+    cfg = tmp_path / "config.json"
+    MICRO.save(cfg)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--data", str(data), "--tokenizer", str(tmp_path / "tokenizer.json"),
+                 "--out", str(run), "--device", "numpy", "--steps", "3", "--batch-size", "2", "--seq-len", "8",
+                 "--eval-batches", "1"]) == 0
+    assert "(tokenizer.json)" in capsys.readouterr().out
+    assert (run / "step-0000003" / "tokenizer.json").exists()
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "def add", "--max-new-tokens", "4",
+                 "--device", "numpy"]) == 0
+    assert capsys.readouterr().out.startswith("def add")
+
+
+def test_resuming_with_another_config_is_refused(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.py").write_text("x = 1\n" * 500)
+    cfg, other = tmp_path / "config.json", tmp_path / "other.json"
+    MICRO.save(cfg)
+    MICRO.replace(intermediate_size=32).save(other)
+    common = ["--data", str(data), "--out", str(tmp_path / "run"), "--device", "numpy", "--batch-size", "2",
+              "--seq-len", "8", "--eval-batches", "1"]
+    assert main(["train", "--config", str(cfg), *common, "--steps", "2"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", str(other), *common, "--steps", "4", "--resume"]) == 2
+    assert "another config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["train", "--device", "cuda", "--steps", "1"],
+                                  ["generate", "--checkpoint", "x", "--prompt", "y", "--device", "cuda"]])
+def test_asking_for_the_gpu_without_one_is_a_clear_error(argv, capsys, tmp_path):
+    from runtime.driver import available
+    if available()[0]:
+        pytest.skip("a GPU is present")
+    if argv[0] == "generate":
+        save_checkpoint(tmp_path, 1, MICRO, init_params(MICRO), {}, {})
+        argv = [a if a != "x" else str(tmp_path) for a in argv]
+    assert main(argv) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
