@@ -21,14 +21,12 @@ from ptxgen.kernels.gemm import Batch, GemmSpec, Strides
 from runtime import DeviceArray, ModuleCache, fill_u32
 
 from .config import ModelConfig
-from .kernels import LinearKernels, ModelKernels
+from .kernels import LinearKernels, ModelKernels, split_k
 from .optim import AdamWSettings, decays
 from .params import layer_prefix, lm_head_name, param_shapes
 from .reference import IGNORE_INDEX
 
 COLSUM_CHUNK = 256  # rows per first-stage chunk of a two-stage column sum
-SPLIT_K_TILES = 264     # a dW GEMM with fewer output tiles than two per SM splits its contraction
-SPLIT_K_MIN_ROWS = 256  # ... into parts of at least this many tokens
 
 
 class ParamLayout:
@@ -36,17 +34,14 @@ class ParamLayout:
 
     def __init__(self, config: ModelConfig):
         self.shapes = param_shapes(config)
-        decayed = [n for n in self.shapes if decays(n)]
         self.offsets: dict[str, int] = {}
-        at = 0
-        for i, name in enumerate(decayed + [n for n in self.shapes if not decays(n)]):
-            if i == len(decayed):
-                self.decay_end = at
-            self.offsets[name] = at
-            at += -(-math.prod(self.shapes[name]) // 4) * 4  # 16-byte aligned starts
-        self.total = at
-        if len(decayed) == len(self.shapes):
-            self.decay_end = at
+        self.total = 0
+        for decayed in (True, False):
+            if not decayed:
+                self.decay_end = self.total
+            for name in (n for n in self.shapes if decays(n) == decayed):
+                self.offsets[name] = self.total
+                self.total += -(-math.prod(self.shapes[name]) // 4) * 4  # 16-byte aligned starts
 
     def flatten(self, tensors: dict[str, np.ndarray]) -> np.ndarray:
         flat = np.zeros(self.total, np.float32)
@@ -328,16 +323,9 @@ class CudaBackend:
         partial = A.new("gamma_partial", (nb.partial_rows(T), H))
         col_scratch = A.new("col_scratch", (-(-T // COLSUM_CHUNK), max(Q, KV)))
 
-        def split_k(spec: GemmSpec, m: int, n: int) -> int:
-            """Splits of the T-long contraction that give the GPU enough tiles (1: none needed)."""
-            tiles = -(-m // spec.block_m) * -(-n // spec.block_n)
-            splits = 1
-            while tiles * splits < SPLIT_K_TILES and T % (2 * splits) == 0 and T // (2 * splits) >= SPLIT_K_MIN_ROWS:
-                splits *= 2
-            return splits
-
         shapes = [(k.q, Q, H), (k.kv, KV, H), (k.o, H, Q), (k.gate_up, I, H), (k.down, H, I), (k.head, V, H)]
-        partials = [split_k(lk.grad_weight, m, n) * m * n for lk, m, n in shapes if split_k(lk.grad_weight, m, n) > 1]
+        partials = [split_k(lk.grad_weight, m, n, T) * m * n for lk, m, n in shapes
+                    if split_k(lk.grad_weight, m, n, T) > 1]
         split_scratch = A.new("split_scratch", (max(partials, default=1),))
 
         def grad_input(lk: LinearKernels, dy: int, weight: str, dx: int, d_in: int, d_out: int, acc: bool = False):
@@ -348,7 +336,7 @@ class CudaBackend:
             """dW = dy^T x. A small dW leaves most SMs idle: then the token dimension is split
             over batches whose partial dWs a fixed-order column sum adds (deterministic)."""
             spec: GemmSpec = lk.grad_weight
-            splits = split_k(spec, d_out, d_in)
+            splits = split_k(spec, d_out, d_in, T)
             if splits == 1:
                 bwd.append(bind(spec, spec.launch_dims(d_out, d_in),
                                 *spec.arguments(dy, x, gr(weight), d_out, d_in, T)))

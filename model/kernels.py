@@ -24,7 +24,20 @@ from .config import ModelConfig
 from .optim import AdamWSettings
 
 SMALL_TILE = dict(block_m=64, block_n=64, thread_m=4, thread_n=8)
+SPLIT_K_TILES = 264     # a dW GEMM with fewer output tiles than two per SM (H100: 132) splits its contraction
+SPLIT_K_MIN_ROWS = 256  # ... into parts of at least this many tokens
 WIDE_OUTPUT = 512  # outputs at least this wide fill the GPU with 128x128 tiles at training batch sizes
+
+
+def split_k(spec: GemmSpec, m: int, n: int, tokens: int) -> int:
+    """Parts to split a dW GEMM's ``tokens``-long contraction into so the GPU has enough output
+    tiles (1: none needed); a power of two dividing ``tokens``, each part >= SPLIT_K_MIN_ROWS."""
+    tiles = -(-m // spec.block_m) * -(-n // spec.block_n)
+    splits = 1
+    while (tiles * splits < SPLIT_K_TILES and tokens % (2 * splits) == 0
+           and tokens // (2 * splits) >= SPLIT_K_MIN_ROWS):
+        splits *= 2
+    return splits
 
 
 def _lanes(head_dim: int) -> int:

@@ -54,3 +54,13 @@ def test_parameter_layout_is_aligned_and_puts_decayed_tensors_first():
     params = init_params(preset("tiny"), seed=1)
     back = layout.unflatten(layout.flatten(params))
     assert all(np.array_equal(back[k], params[k]) for k in params)
+
+
+def test_small_weight_gradients_split_their_token_contraction():
+    from model.kernels import split_k
+    qwen = ModelKernels.of(preset("qwen2-0.5b"), AdamWSettings(), -100)
+    assert split_k(qwen.kv.grad_weight, 128, 896, 16384) == 16       # 2 x 14 tiles of 64 -> 448
+    assert split_k(qwen.q.grad_weight, 896, 896, 16384) == 8         # 7 x 7 tiles of 128 -> 392
+    assert split_k(qwen.gate_up.grad_weight, 4864, 896, 16384) == 1  # 532 tiles: enough
+    assert split_k(qwen.kv.grad_weight, 128, 896, 87) == 1           # odd token count: no split
+    assert split_k(qwen.kv.grad_weight, 128, 896, 512) == 2          # parts stay >= 256 tokens
