@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .schema import Falsifier, load, missing_tests
+from .schema import Contracts, Falsifier, load, missing_tests
 
 HERE = Path(__file__).resolve().parent
 # a verbose result line: "tests/f.py::name[params] OUTCOME [ 50%]"; params may hold spaces
@@ -54,21 +54,26 @@ def verdict(f: Falsifier, results: dict[str, list[str]]) -> str:
     return "discharged"
 
 
-def cmd_validate(root: Path, directory: Path) -> int:
+def _validated(root: Path, directory: Path) -> Contracts | None:
+    """The contracts, or None after printing every error (schema, ids, tests pytest cannot find)."""
     c = load(directory)
     errors = c.errors + missing_tests(c.falsifiers, collect(root))
     for e in errors:
         print(f"contracts: {e}", file=sys.stderr)
     if errors:
-        return 2
+        return None
     print(f"contracts: {len(c.contracts)} contracts, {len(c.falsifiers)} falsifiers, all bound to existing tests")
-    return 0
+    return c
+
+
+def cmd_validate(root: Path, directory: Path) -> int:
+    return 0 if _validated(root, directory) is not None else 2
 
 
 def cmd_check(root: Path, directory: Path) -> int:
-    if cmd_validate(root, directory):
+    c = _validated(root, directory)
+    if c is None:
         return 2
-    c = load(directory)
     results = outcomes(root, [n for f in c.falsifiers for n in (f.test, *f.planted)])
     rows = [(f, verdict(f, results)) for f in c.falsifiers]
     print(f"\n  {'falsifier':<18} {'contract':<26} {'gpu':<4} {'release':<8} verdict")

@@ -25,7 +25,6 @@ from .config import ConfigError, ModelConfig
 from .params import param_shapes
 
 LATEST = "latest"
-HF_BIAS_NAMES = ("q_proj", "k_proj", "v_proj")
 
 
 class CheckpointError(ValueError):

@@ -51,16 +51,15 @@ def select_backend(device: str) -> tuple[str, BackendFactory]:
     return f"device: {NumpyBackend.description}, {reason}", NumpyBackend
 
 
-def _tokenizer(path: str | None) -> Tokenizer:
+def _tokenizer(path: str | Path | None) -> Tokenizer:
     return HFTokenizer(Path(path)) if path else ByteTokenizer()
 
 
-def _add_settings(p: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+def _add_settings(p: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name not in skip:
-            p.add_argument("--" + f.name.replace("_", "-"), type=hints[f.name], default=f.default,
-                           help=f"(default {f.default})")
+        p.add_argument("--" + f.name.replace("_", "-"), type=hints[f.name], default=f.default,
+                       help=f"(default {f.default})")
 
 
 def cmd_train(argv: Sequence[str]) -> int:
@@ -122,7 +121,7 @@ def cmd_generate(argv: Sequence[str]) -> int:
     if ns.temperature < 0 or ns.top_k < 0 or ns.max_new_tokens < 0:
         raise UsageError("--temperature, --top-k and --max-new-tokens must be >= 0")
     ckpt = load_checkpoint(ns.checkpoint)
-    tokenizer = HFTokenizer(ckpt.tokenizer_path) if ckpt.tokenizer_path else ByteTokenizer()
+    tokenizer = _tokenizer(ckpt.tokenizer_path)
     prompt = tokenizer.encode(ns.prompt.encode())
     if not len(prompt):
         raise UsageError("--prompt is empty")
@@ -137,7 +136,7 @@ def cmd_generate(argv: Sequence[str]) -> int:
     else:
         from .cuda_model import CudaDecoder
 
-        decoder = CudaDecoder(factory(ckpt.config, ckpt.params, AdamWSettings()), max(max_len, len(prompt)))
+        decoder = CudaDecoder(factory(ckpt.config, ckpt.params, AdamWSettings()), max_len)
     out = list(prompt)
     sys.stdout.write(ns.prompt)
     shown = len(tokenizer.decode(out))
