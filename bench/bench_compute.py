@@ -43,8 +43,9 @@ class Row:
                 "torch_TFLOPs": self.flops / self.torch_ms / 1e9, "ratio_vs_torch": self.torch_ms / self.ours_ms}
 
 
-TC_TILES = [dict(), dict(block_n=256, stages=2), dict(block_m=256, warps_m=4, warps_n=2, stages=2),
-            dict(block_k=16, stages=4)]
+TC_TILES = [dict(), dict(min_blocks=2), dict(block_k=64, stages=3), dict(block_k=64, stages=3, min_blocks=2),
+            dict(block_n=256), dict(block_n=256, stages=3), dict(block_n=256, block_k=64, stages=3),
+            dict(block_m=256, warps_m=4, warps_n=2)]
 TORCH_16 = {MmaType.BF16: torch.bfloat16, MmaType.F16: torch.float16}
 
 
@@ -58,8 +59,9 @@ def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: i
         spec = GemmTCSpec(dtype=dtype, **tile)
         launch = cache.get(spec).bind(*spec.launch_dims(m, n),
                                       *spec.arguments(a.data_ptr(), b.data_ptr(), c.data_ptr(), m, n, k))
-        best = min(best or (time_ms(launch, reps=10, warmup=2), spec),
-                   (time_ms(launch, reps=10, warmup=2), spec), key=lambda t: t[0])
+        ms = time_ms(launch, reps=10, warmup=2)
+        print(f"  gemm_tc {dtype.value} {m}x{n}x{k} {tile or 'default'}: {2e-9 * m * n * k / ms:.1f} TFLOP/s")
+        best = min(best or (ms, spec), (ms, spec), key=lambda t: t[0])
     bt = b.t()
     theirs = time_ms(lambda: torch.matmul(a, bt), reps=10, warmup=2)
     s = best[1]

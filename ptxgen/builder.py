@@ -21,6 +21,7 @@ class T(enum.Enum):
     """PTX fundamental types: value is the PTX spelling, then (class, bytes)."""
 
     PRED = "pred"
+    B8 = "b8"  # shared byte arrays only: no register of this type is declared
     B16 = "b16"
     B32 = "b32"
     B64 = "b64"
@@ -212,6 +213,7 @@ class KernelBuilder:
         self._body: list[str] = []
         self._module_vars: list[str] = []
         self._kernel_vars: list[str] = []
+        self._directives: list[str] = []
         self._names: set[str] = set()
         self._labels = 0
 
@@ -491,6 +493,13 @@ class KernelBuilder:
         self._kernel_vars.append(f"\t.shared .align {align} .{t.value} {name}[{count}];")
         return Symbol(name, "shared", t, count)
 
+    def dynamic_shared(self, base: str, align: int = 16) -> Symbol:
+        """The block's dynamic shared memory (bytes given at launch; the spec's
+        ``dynamic_shared_bytes``): the only way past the 48 KB a static array may take."""
+        name = self._unique(base)
+        self._module_vars.append(f".extern .shared .align {align} .{T.B8.value} {name}[];")  # module scope only
+        return Symbol(name, "shared", T.B8, 0)
+
     def global_table(self, base: str, t: T, values: Iterable[float | int]) -> Symbol:
         """An initialised, read-only module-scope table (e.g. RoPE frequencies)."""
         vals = [immediate(v, t) for v in values]
@@ -562,11 +571,12 @@ class KernelBuilder:
         self._emit(f"{ins} {addr}, {self._op(ins, value, t, 'value')}", guard)
 
     # -- asynchronous copies and tensor cores (sm_80+) ------------------------------------------
-    def cp_async(self, dst: Reg, src: Reg, src_bytes: Operand) -> None:
-        """16 bytes global -> shared without a register stop; bytes past ``src_bytes`` are zero-filled
-        (0: the whole chunk, so an out-of-range tile edge loads zeros)."""
+    def cp_async(self, dst: Reg, src: Reg, src_bytes: Operand, dst_offset: int = 0) -> None:
+        """16 bytes global -> shared ``[dst+dst_offset]`` without a register stop; bytes past
+        ``src_bytes`` are zero-filled (0: the whole chunk, so an out-of-range tile edge loads zeros)."""
         ins = "cp.async.cg.shared.global"
-        self._emit(f"{ins} [{self._op(ins, dst, T.U32, 'shared address')}], "
+        self._op(ins, dst, T.U32, "shared address")
+        self._emit(f"{ins} {Addr(dst, dst_offset)}, "
                    f"[{self._op(ins, src, T.U64, 'global address')}], 16, {self._op(ins, src_bytes, T.U32, 'src-size')}")
 
     def cp_async_commit(self) -> None:
@@ -576,13 +586,21 @@ class KernelBuilder:
         """Wait until at most ``pending`` of this thread's committed groups are still in flight."""
         self._emit(f"cp.async.wait_group {immediate(pending, T.U32)}")
 
-    def ldmatrix(self, addr: Reg, count: int = 4, trans: bool = False) -> tuple[Reg, ...]:
-        """``count`` 8x8 16-bit matrices from shared memory into mma fragment order (.b32 each)."""
+    def ldmatrix(self, addr: Reg, count: int = 4, trans: bool = False, offset: int = 0,
+                 out: Sequence[Reg] | None = None) -> tuple[Reg, ...]:
+        """``count`` 8x8 16-bit matrices from shared memory at ``[addr+offset]`` into mma fragment
+        order (.b32 each)."""
         if count not in (1, 2, 4):
             raise PtxBuildError(f"ldmatrix: .x{count} does not exist; use 1, 2 or 4")
         ins = f"ldmatrix.sync.aligned.m8n8.x{count}{'.trans' if trans else ''}.shared.b16"
-        regs = tuple(self.reg(T.B32) for _ in range(count))
-        self._emit(f"{ins} {{{', '.join(r.name for r in regs)}}}, [{self._op(ins, addr, T.U32, 'address')}]")
+        regs = tuple(out) if out is not None else tuple(self.reg(T.B32) for _ in range(count))
+        if len(regs) != count:
+            raise PtxBuildError(f"{ins}: {len(regs)} destinations for {count} matrices")
+        for r in regs:
+            self._dst(ins, r, T.B32)
+        at = Addr(addr, offset)
+        self._check_addr(ins, at, "shared")
+        self._emit(f"{ins} {{{', '.join(r.name for r in regs)}}}, {at}")
         return regs
 
     def mma_m16n8k16(self, acc: Sequence[Reg], a: Sequence[Reg], b: Sequence[Reg], dtype: str) -> None:
@@ -634,6 +652,11 @@ class KernelBuilder:
         """
         return _Loop(self, count, base)
 
+    def launch_bounds(self, threads: int, min_blocks: int | None = None) -> None:
+        """Promise ptxas at most ``threads`` per block (and ask for ``min_blocks`` resident per SM),
+        so it can budget registers for that occupancy."""
+        self._directives = [f".maxntid {threads}, 1, 1"] + ([f".minnctapersm {min_blocks}"] if min_blocks else [])
+
     # -- output --------------------------------------------------------------------------------
     def text(self) -> str:
         major, minor = self.ptx_version
@@ -642,6 +665,6 @@ class KernelBuilder:
                 for t, n in sorted(self._counts.items(), key=lambda kv: kv[0].value)]
         lines = [f".version {major}.{minor}", f".target {self.arch}", ".address_size 64", "",
                  *self._module_vars, *([""] if self._module_vars else []),
-                 f".visible .entry {self.name}(", params, ")", "{", *regs, *self._kernel_vars, "",
+                 f".visible .entry {self.name}(", params, ")", *self._directives, "{", *regs, *self._kernel_vars, "",
                  *self._body, "}", ""]
         return "\n".join(lines)

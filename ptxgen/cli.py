@@ -129,7 +129,7 @@ def cmd_inspect(argv: Sequence[str]) -> int:
         spec, ns = spec_from_args(first, argv[1:])
         target = Target.parse(ns.arch, ns.ptx_version)
         text = spec.emit(target)
-        report = {"source": repr(spec), "key": spec.key(target)}
+        report = {"source": repr(spec), "key": spec.key(target), "dynamic_shared_bytes": spec.dynamic_shared_bytes()}
         arch = target.arch
     try:
         facts = parse(text)
@@ -161,7 +161,8 @@ def _print_report(r: dict[str, Any]) -> None:
     print("registers    " + ", ".join(f".{t} x{n}" for t, n in r["registers"].items()))
     for v in r["variables"]:
         print(f"variable     {v}")
-    print(f"shared       {r['shared_bytes']} bytes (static)")
+    dynamic = f", {r['dynamic_shared_bytes']} bytes dynamic" if r.get("dynamic_shared_bytes") else ""
+    print(f"shared       {r['shared_bytes']} bytes (static){dynamic}")
     for i in r["immediates"]:
         print(f"immediate    {i['text']}  .{i['type']}  {i['value']}" + (f"  (x{i['count']})" if i["count"] > 1 else ""))
     if "key" in r:

@@ -163,6 +163,10 @@ class KernelSpec:
         """Bytes the pointer argument ``param`` must be aligned to (16: kernels use 16-byte accesses)."""
         return 16
 
+    def dynamic_shared_bytes(self) -> int:
+        """Bytes of dynamic shared memory every launch of this kernel needs (0: static only)."""
+        return 0
+
     def emit(self, target: Target) -> str:
         """The PTX module text: a pure function of (spec, target)."""
         b = KernelBuilder(self.entry, target.arch, target.ptx_version, self.params())

@@ -71,7 +71,9 @@ class Kernel:
         return values
 
     def bind(self, grid: int | Sequence[int], block: int | Sequence[int], *args: Any,
-             shared: int = 0, stream: Stream | None = None) -> Launch:
+             shared: int | None = None, stream: Stream | None = None) -> Launch:
+        """``shared``: dynamic shared bytes, by default what the spec says its kernel needs."""
+        shared = self.spec.dynamic_shared_bytes() if shared is None else shared
         if shared > self._shared_limit:
             call("cuFuncSetAttribute", self.function,
                  cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
@@ -80,7 +82,7 @@ class Kernel:
         return Launch(self.function, _dims(grid), _dims(block), shared, handle, self.pack(args))
 
     def __call__(self, grid: int | Sequence[int], block: int | Sequence[int], *args: Any,
-                 shared: int = 0, stream: Stream | None = None) -> None:
+                 shared: int | None = None, stream: Stream | None = None) -> None:
         self.bind(grid, block, *args, shared=shared, stream=stream)()
 
     @property

@@ -81,9 +81,18 @@ def test_fp16_bias_and_accumulate(cache):
 
 
 @pytest.mark.parametrize("tile", [dict(block_m=64, block_n=64, warps_m=2, warps_n=2, block_k=64),
-                                  dict(block_k=16, stages=4), dict(stages=2)])
+                                  dict(block_k=16, stages=4), dict(stages=2), dict(block_n=256, stages=3),
+                                  dict(block_m=256, warps_m=4, warps_n=2, block_k=64, stages=3, group_m=1)])
 def test_other_tiles_and_pipeline_depths(cache, tile):
     m, n, k = 200, 264, 168
     a = rng.standard_normal((k, m)).astype(np.float32)
     b = rng.standard_normal((k, n)).astype(np.float32)
     assert_close(*run(cache, GemmTCSpec(trans_a=True, trans_b=False, **tile), a, b, m, n, k))
+
+
+@pytest.mark.parametrize("group_m", [1, 3, 8])
+def test_grouped_tile_order_covers_every_tile_once(cache, group_m):
+    """8 x 5 tiles of 128: bands of group_m tile rows, the last one short (3 -> 3, 3, 2)."""
+    m, n, k = 1000, 600, 40
+    a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    assert_close(*run(cache, GemmTCSpec(group_m=group_m), a, b, m, n, k))

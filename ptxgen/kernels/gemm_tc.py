@@ -4,7 +4,8 @@ The layouts are the fp32 GEMM's (``trans_a``, ``trans_b``). A block computes a `
 block_n`` tile with ``warps_m x warps_n`` warps; each warp owns a (16 * mt) x (8 * nt) piece as
 mt x nt ``mma.sync.m16n8k16`` accumulators. Operand slices of ``block_k`` travel global -> shared
 with ``cp.async`` (16 bytes, zero-filled past the matrix edge) ``stages`` deep, so copies of later
-slices overlap the math on this one. Shared rows are XOR-swizzled by 16-byte chunk, so that the
+slices overlap the math on this one; the stages live in dynamic shared memory (more than the 48 KB a
+static array may take), each holding one slice of A then one of B. Shared rows are XOR-swizzled by 16-byte chunk, so that the
 eight row addresses of each ``ldmatrix`` hit eight different bank groups. An operand stored with K
 contiguous is read by ``ldmatrix``; one stored with M (or N) contiguous by ``ldmatrix.trans``,
 which hands out the same fragments from the transposed storage.
@@ -23,7 +24,7 @@ from .gemm import Epilogue
 
 CHUNK = 16        # bytes per cp.async / per ldmatrix row
 ELEMS = CHUNK // 2  # 16-bit elements per chunk
-SHARED_LIMIT = 48 * 1024
+SHARED_LIMIT = 227 * 1024  # dynamic shared memory one block may have on sm_90
 
 
 class MmaType(enum.Enum):
@@ -42,48 +43,59 @@ def swizzle(chunks_per_row: int) -> tuple[int, int]:
 
 
 class _Operand:
-    """One operand's slices: cp.async issue into a stage, and ldmatrix addresses for fragments."""
+    """One operand's slices: cp.async issue into a stage, and ldmatrix addresses for fragments.
+
+    ``base`` is the operand's byte offset inside a stage (A first, then B); a stage holds one
+    slice of each, so a single rotating offset addresses both."""
 
     def __init__(self, spec: "GemmTCSpec", b: KernelBuilder, ptr: Reg, ld: Reg, extent: Reg,
-                 k_total: Reg, outer0: Reg, outer: int, k_contig: bool, tid: Reg, smem: Reg):
-        self.b, self.k_contig, self.outer, self.bk = b, k_contig, outer, spec.block_k
+                 k_total: Reg, outer0: Reg, outer: int, k_contig: bool, tid: Reg, base: int):
+        self.b, self.k_contig, self.outer, self.bk, self.base = b, k_contig, outer, spec.block_k, base
         rows, row_elems = (outer, spec.block_k) if k_contig else (spec.block_k, outer)
         self.row_bytes = row_elems * 2
         self.stage_bytes = rows * self.row_bytes
         self.chunks = row_elems // ELEMS
         self.shift, self.mask = swizzle(self.chunks)
-        self.smem, self.ptr, self.k_total = smem, ptr, k_total
-        self.k_step = b.mul_wide(ld, spec.block_k * 2) if not k_contig else None
-        self.slots = []
-        for i in range(rows * self.chunks // spec.threads):
-            idx = b.add(tid, i * spec.threads)
-            row, chunk = b.div(idx, self.chunks), b.rem(idx, self.chunks)
-            g_outer, k_off = (b.add(outer0, row), b.mul(chunk, ELEMS)) if k_contig else \
-                (b.add(outer0, b.mul(chunk, ELEMS)), row)
-            r, c = (g_outer, k_off) if k_contig else (k_off, g_outer)
-            src = b.add(ptr, b.shl(b.add(b.mul_wide(r, ld), b.cvt(T.U64, c)), 1))
-            dst = b.add(smem, b.mad(row, self.row_bytes, b.shl(self._swizzled(row, chunk), 4)))
-            self.slots.append((src, dst, k_off, b.setp("lt", g_outer, extent)))
-
-    def _swizzled(self, row: Reg, chunk: Reg) -> Reg:
-        b = self.b
-        return b.xor(chunk, b.and_(b.shr(row, self.shift), self.mask))
+        # the block's threads copy pass_rows whole rows per pass (validate: a multiple of 8, so a
+        # pass moves a thread's chunk by whole swizzle periods: compile-time shared offsets)
+        self.pass_rows = spec.threads // self.chunks
+        self.passes = rows // self.pass_rows
+        self.ptr, self.k_total, self.extent = ptr, k_total, extent
+        row, chunk = b.div(tid, self.chunks), b.rem(tid, self.chunks)
+        self.outer_at, self.k_off = (b.add(outer0, row), b.mul(chunk, ELEMS)) if k_contig else \
+            (b.add(outer0, b.mul(chunk, ELEMS)), row)
+        r, c = (self.outer_at, self.k_off) if k_contig else (self.k_off, self.outer_at)
+        self.src = b.add(ptr, b.shl(b.add(b.mul_wide(r, ld), b.cvt(T.U64, c)), 1))  # pass 0 of the next slice
+        self.pass_step = b.mul_wide(ld, self.pass_rows * 2)
+        self.slice_step = b.mul_wide(ld, spec.block_k * 2) if not k_contig else spec.block_k * 2
+        self.dst = b.mad(row, self.row_bytes, b.shl(b.xor(chunk, b.and_(b.shr(row, self.shift), self.mask)), 4))
+        self.outer_ok = None if k_contig else b.setp("lt", self.outer_at, extent)
 
     def issue(self, k0: Reg, stage: Reg) -> None:
-        """cp.async this thread's chunks of the slice at k0 into ``stage`` (a byte offset)."""
+        """cp.async this thread's chunks of the slice at k0 into ``stage`` (a shared address)."""
         b = self.b
-        for src, dst, k_off, in_outer in self.slots:
-            ok = b.and_(in_outer, b.setp("lt", b.add(k0, k_off), self.k_total))
-            b.cp_async(b.add(dst, stage), b.selp(src, self.ptr, ok, T.U64), b.selp(CHUNK, 0, ok, T.U32))
+        at = b.add(stage, self.dst)
+        k_at = b.add(k0, self.k_off)
+        k_ok = b.setp("lt", k_at, self.k_total) if self.k_contig else None
+        src = self.src
+        for i in range(self.passes):
+            step = i * self.pass_rows  # rows of this pass: outer rows (K contiguous) or k rows
             if self.k_contig:
-                b.add(src, self.bk * 2, out=src)
+                ok = b.and_(k_ok, b.setp("lt", b.add(self.outer_at, step), self.extent))
             else:
-                b.add(src, self.k_step, out=src)
+                ok = b.and_(self.outer_ok, b.setp("lt", b.add(k_at, step), self.k_total))
+            if i:
+                src = b.add(src, self.pass_step)
+            b.cp_async(at, b.selp(src, self.ptr, ok, T.U64), b.selp(CHUNK, 0, ok, T.U32),
+                       dst_offset=self.base + step * self.row_bytes)
+        b.add(self.src, self.slice_step, out=self.src)
 
-    def lane_address(self, lane: Reg, outer_base: Reg, outer_bit: int, k_bit: int) -> tuple[Reg, Reg]:
-        """Per lane, for x4 ldmatrix: (byte offset of its row without the compile-time row part,
-        the runtime part of its chunk XOR its swizzle). ``outer_bit``/``k_bit``: which bit of the
-        lane's matrix index (lane >> 3) steps 8 along the outer / the k dimension."""
+    def lane_offsets(self, lane: Reg, outer_base: Reg, outer_bit: int, k_bit: int,
+                     chunks: list[int]) -> dict[int, Reg]:
+        """Per lane, for x4 ldmatrix: for each compile-time chunk offset c, the lane's byte offset
+        in a stage at row offset 0 and chunk offset c (its chunk XOR its swizzle, shifted), so a
+        fragment is one ``[stage + offset + row * row_bytes]``. ``outer_bit``/``k_bit``: which
+        bit of the lane's matrix index (lane >> 3) steps 8 along the outer / the k dimension."""
         b = self.b
         i, j = b.and_(lane, 7), b.shr(lane, 3)
         outer_step = b.and_(b.shr(j, outer_bit), 1)
@@ -91,17 +103,16 @@ class _Operand:
         swz = b.and_(b.shr(i, self.shift), self.mask)  # depends on row bits below 8 only: i's
         if self.k_contig:  # rows are outer, chunks are k: row = outer_base + i + 8 * outer_step
             row = b.add(outer_base, b.add(i, b.shl(outer_step, 3)))
-            return b.mul(row, self.row_bytes), b.xor(k_step, swz)
-        # rows are k (i + 8 * k_step), chunks are outer: outer_base / 8 + outer_step
-        row = b.add(i, b.shl(k_step, 3))
-        return b.mul(row, self.row_bytes), b.xor(b.add(b.shr(outer_base, 3), outer_step), swz)
+            lane_chunk = b.xor(k_step, swz)
+        else:  # rows are k (i + 8 * k_step), chunks are outer: outer_base / 8 + outer_step
+            row = b.add(i, b.shl(k_step, 3))
+            lane_chunk = b.xor(b.add(b.shr(outer_base, 3), outer_step), swz)
+        lane_row = b.mad(row, self.row_bytes, self.base)
+        return {c: b.add(lane_row, b.shl(b.xor(lane_chunk, c), 4)) for c in chunks}
 
-    def fragment(self, stage: Reg, lane_row: Reg, lane_chunk: Reg, row: int, chunk: int) -> tuple[Reg, ...]:
-        """ldmatrix.x4 at compile-time row / chunk offsets on top of the lane's (disjoint bits)."""
-        b = self.b
-        col = b.shl(b.xor(lane_chunk, chunk), 4) if chunk else b.shl(lane_chunk, 4)
-        addr = b.add(b.add(self.smem, stage), b.add(lane_row, col))
-        return b.ldmatrix(b.add(addr, row * self.row_bytes) if row else addr, 4, trans=not self.k_contig)
+    def fragment(self, at: dict[int, Reg], row: int, chunk: int, out: list[Reg]) -> None:
+        """ldmatrix.x4 at compile-time row / chunk offsets (``at``: the lane's stage addresses by chunk)."""
+        self.b.ldmatrix(at[chunk], 4, trans=not self.k_contig, offset=row * self.row_bytes, out=out)
 
 
 @register
@@ -118,7 +129,9 @@ class GemmTCSpec(KernelSpec):
     block_k: int = 32
     warps_m: int = 2
     warps_n: int = 4
-    stages: int = 3
+    stages: int = 4
+    group_m: int = 8
+    min_blocks: int = 1  # blocks per SM the registers must allow (ptxas .minnctapersm)
 
     @property
     def threads(self) -> int:
@@ -133,10 +146,10 @@ class GemmTCSpec(KernelSpec):
         return self.block_n // self.warps_n // 8
 
     def validate(self) -> None:
-        for name in ("block_m", "block_n", "block_k", "warps_m", "warps_n", "stages"):
+        for name in ("block_m", "block_n", "block_k", "warps_m", "warps_n", "stages", "group_m", "min_blocks"):
             check_positive(name, getattr(self, name))
-        if self.block_k % 16 or self.block_k > 64:
-            raise SpecError(f"block_k must be 16, 32, 48 or 64, got {self.block_k}")
+        if self.block_k not in (16, 32, 64):  # a power-of-two count of 16-byte chunks per row
+            raise SpecError(f"block_k must be 16, 32 or 64, got {self.block_k}")
         if self.block_m % (16 * self.warps_m) or self.block_n % (16 * self.warps_n):
             raise SpecError("each warp needs a whole number of 16-row and 16-column (two n8) tiles")
         for tiles, what in ((self.m_tiles, "m16"), (self.n_tiles // 2, "n16")):
@@ -145,20 +158,27 @@ class GemmTCSpec(KernelSpec):
         if not 1 <= self.warps_m * self.warps_n <= 32:
             raise SpecError("1 to 32 warps per block")
         for outer in (self.block_m, self.block_n):
-            if (outer * self.block_k // ELEMS) % self.threads:
-                raise SpecError(f"a {outer}x{self.block_k} slice does not split into {self.threads} threads' chunks")
+            if outer & (outer - 1):
+                raise SpecError(f"tile sides must be powers of two, got {outer}")
+            for chunks, rows in ((self.block_k // ELEMS, outer), (outer // ELEMS, self.block_k)):
+                if self.threads % chunks or rows % (self.threads // chunks) or (self.threads // chunks) % 8:
+                    raise SpecError(f"{self.threads} threads do not copy a {outer}x{self.block_k} slice in "
+                                    f"passes of whole rows, a multiple of 8 each")
         if self.stages < 2:
             raise SpecError("stages must be >= 2 (one slice in flight while one is multiplied)")
-        smem = self.stages * (self.block_m + self.block_n) * self.block_k * 2
-        if smem > SHARED_LIMIT:
-            raise SpecError(f"{self.stages} stages need {smem} bytes of shared memory (max {SHARED_LIMIT})")
+        if self.dynamic_shared_bytes() > SHARED_LIMIT:
+            raise SpecError(f"{self.stages} stages need {self.dynamic_shared_bytes()} bytes of shared memory "
+                            f"(max {SHARED_LIMIT})")
+
+    def dynamic_shared_bytes(self) -> int:
+        return self.stages * (self.block_m + self.block_n) * self.block_k * 2
 
     def params(self) -> tuple[tuple[str, T], ...]:
         ptrs = ("a", "b", "c") + (("bias",) if self.bias else ())
         return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in ("m", "n", "k", "lda", "ldb", "ldc"))
 
-    def launch_dims(self, m: int, n: int) -> tuple[tuple[int, int], int]:
-        return (-(-n // self.block_n), -(-m // self.block_m)), self.threads
+    def launch_dims(self, m: int, n: int) -> tuple[int, int]:
+        return -(-n // self.block_n) * -(-m // self.block_m), self.threads
 
     def arguments(self, a: int, b: int, c: int, m: int, n: int, k: int, *, bias: int | None = None,
                   lda: int | None = None, ldb: int | None = None, ldc: int | None = None) -> tuple[int, ...]:
@@ -181,67 +201,106 @@ class GemmTCSpec(KernelSpec):
         return (a, b, c) + ((bias,) if self.bias else ()) + (m, n, k, lda, ldb, ldc)
 
     def build(self, b: KernelBuilder) -> None:
+        b.launch_bounds(self.threads, self.min_blocks)
         m, n, k = (b.ld_param(x) for x in "mnk")
         tid = b.special("%tid.x")
         lane, warp = b.and_(tid, 31), b.shr(tid, 5)
         warp_m, warp_n = b.rem(warp, self.warps_m), b.div(warp, self.warps_m)
-        row0, col0 = b.mul(b.special("%ctaid.y"), self.block_m), b.mul(b.special("%ctaid.x"), self.block_n)
+        row0, col0 = self._tile_origin(b, m, n)
         a_stage = self.block_m * self.block_k * 2
-        b_stage = self.block_n * self.block_k * 2
-        smem_a = b.addr_of(b.shared_array("tile_a", T.B16, self.stages * a_stage // 2, align=128))
-        smem_b = b.addr_of(b.shared_array("tile_b", T.B16, self.stages * b_stage // 2, align=128))
+        stage = a_stage + self.block_n * self.block_k * 2
+        smem = b.addr_of(b.dynamic_shared("tiles", align=128))
         ptr = {x: b.cvta_global(b.ld_param(x)) for x in "abc"}
         op_a = _Operand(self, b, ptr["a"], b.ld_param("lda"), m, k, row0, self.block_m,
-                        not self.trans_a, tid, smem_a)
+                        not self.trans_a, tid, 0)
         op_b = _Operand(self, b, ptr["b"], b.ld_param("ldb"), n, k, col0, self.block_n,
-                        self.trans_b, tid, smem_b)
+                        self.trans_b, tid, a_stage)
 
-        # fragments: A's matrix index bit 0 steps the rows (m) by 8, bit 1 the k chunk;
-        # B's (two n8 tiles per x4) bit 1 steps n by 8, bit 0 the k chunk
-        wm, wn = self.m_tiles * 16, self.n_tiles * 8
-        a_row, a_chunk = op_a.lane_address(lane, b.mul(warp_m, wm), outer_bit=0, k_bit=1)
-        b_row, b_chunk = op_b.lane_address(lane, b.mul(warp_n, wn), outer_bit=1, k_bit=0)
+        # which ldmatrix.x4 (compile-time row, chunk) each fragment is, per k16 step kk: A's matrix
+        # index bit 0 steps the rows (m) by 8, bit 1 the k chunk; B's (two n8 tiles per x4) bit 1
+        # steps n by 8, bit 0 the k chunk
+        steps = range(self.block_k // 16)
+
+        def places(op: _Operand, tiles: int) -> list[list[tuple[int, int]]]:
+            return [[(t * 16, 2 * kk) if op.k_contig else (16 * kk, 2 * t) for t in range(tiles)] for kk in steps]
+
+        place_a, place_b = places(op_a, self.m_tiles), places(op_b, self.n_tiles // 2)
+        chunks = lambda place: sorted({c for row in place for _, c in row})  # noqa: E731
+        lane_a = op_a.lane_offsets(lane, b.mul(warp_m, self.m_tiles * 16), 0, 1, chunks(place_a))
+        lane_b = op_b.lane_offsets(lane, b.mul(warp_n, self.n_tiles * 8), 1, 0, chunks(place_b))
 
         acc = [[[b.mov(0.0, T.F32) for _ in range(4)] for _ in range(self.n_tiles)] for _ in range(self.m_tiles)]
         k_issue = b.mov(0, T.U32)
-        write_a, write_b = b.mov(0, T.U32), b.mov(0, T.U32)
+        end = b.add(smem, self.stages * stage)
+        write, read = b.mov(smem), b.mov(smem)
 
-        def issue() -> None:  # the next slice into the next stage, then advance both
-            op_a.issue(k_issue, write_a)
-            op_b.issue(k_issue, write_b)
+        def advance(at: Reg) -> None:  # to the next stage, wrapping around
+            b.add(at, stage, out=at)
+            b.mov(b.selp(smem, at, b.setp("eq", at, end), T.U32), out=at)
+
+        def issue() -> None:  # the next slice into the next stage
+            op_a.issue(k_issue, write)
+            op_b.issue(k_issue, write)
             b.cp_async_commit()
             b.add(k_issue, self.block_k, out=k_issue)
-            for reg, size in ((write_a, a_stage), (write_b, b_stage)):
-                b.add(reg, size, out=reg)
-                b.mov(b.selp(0, reg, b.setp("eq", reg, self.stages * size), T.U32), out=reg)
+            advance(write)
+
+        def landed() -> None:  # the slice at ``read`` is in shared memory, for every thread
+            b.cp_async_wait(self.stages - 2)
+            b.bar_sync()
+
+        # fragments in two register sets: those of step kk + 1 load while step kk's mmas run
+        sets = [([[b.reg(T.B32) for _ in range(4)] for _ in range(self.m_tiles)],
+                 [[b.reg(T.B32) for _ in range(4)] for _ in range(self.n_tiles // 2)]) for _ in range(2)]
+
+        def load(kk: int, into: int) -> None:
+            at_a = {c: b.add(read, off) for c, off in lane_a.items()}
+            at_b = {c: b.add(read, off) for c, off in lane_b.items()}
+            for (row, c), regs in zip(place_a[kk], sets[into][0]):
+                op_a.fragment(at_a, row, c, regs)
+            for (row, c), regs in zip(place_b[kk], sets[into][1]):
+                op_b.fragment(at_b, row, c, regs)
 
         for _ in range(self.stages - 1):
             issue()
-        read_a, read_b = b.mov(0, T.U32), b.mov(0, T.U32)
+        landed()
+        load(0, 0)
+        last = len(steps) - 1
         with b.loop(b.div(b.add(k, self.block_k - 1), self.block_k), "ktile"):
-            b.cp_async_wait(self.stages - 2)  # this slice has landed (for this thread) ...
-            b.bar_sync()                      # ... and for every thread; the oldest stage is free
-            issue()
-            for kk in range(self.block_k // 16):
-                if op_a.k_contig:  # compile-time parts: rows step 16 per m tile, chunks 2 per k16
-                    frags_a = [op_a.fragment(read_a, a_row, a_chunk, mt * 16, 2 * kk) for mt in range(self.m_tiles)]
-                else:
-                    frags_a = [op_a.fragment(read_a, a_row, a_chunk, 16 * kk, 2 * mt) for mt in range(self.m_tiles)]
-                frags_b = []
-                for pair in range(self.n_tiles // 2):
-                    if op_b.k_contig:
-                        r = op_b.fragment(read_b, b_row, b_chunk, pair * 16, 2 * kk)
-                    else:
-                        r = op_b.fragment(read_b, b_row, b_chunk, 16 * kk, 2 * pair)
-                    frags_b += [r[0:2], r[2:4]]
+            for kk in steps:
+                if kk == 0:     # into the stage every warp finished reading before the last barrier
+                    issue()
+                if kk == last:  # the next slice: its first fragments load under this step's mmas
+                    landed()
+                    advance(read)
+                load((kk + 1) % len(steps), (kk + 1) % 2)
+                frags_a, pairs_b = sets[kk % 2]
+                frags_b = [half for r in pairs_b for half in (r[0:2], r[2:4])]
                 for mt in range(self.m_tiles):
                     for nt in range(self.n_tiles):
                         b.mma_m16n8k16(acc[mt][nt], frags_a[mt], frags_b[nt], self.dtype.value)
-            for reg, size in ((read_a, a_stage), (read_b, b_stage)):
-                b.add(reg, size, out=reg)
-                b.mov(b.selp(0, reg, b.setp("eq", reg, self.stages * size), T.U32), out=reg)
+            if len(steps) % 2:  # an odd step count leaves the next slice's first fragments in set 1
+                for into, src in zip(sets[0], sets[1]):
+                    for regs_to, regs_from in zip(into, src):
+                        for x, y in zip(regs_to, regs_from):
+                            b.mov(y, out=x)
         b.cp_async_wait(0)
         self._epilogue(b, acc, ptr["c"], m, n, row0, col0, warp_m, warp_n, lane)
+
+    def _tile_origin(self, b: KernelBuilder, m: Reg, n: Reg) -> tuple[Reg, Reg]:
+        """(row0, col0) of this block's C tile. Consecutive blocks walk down a band of ``group_m``
+        tile rows, column by column, so the blocks running at once share A rows and B columns in
+        L2 (plain row-major order would stream all of B through L2 once per tile row)."""
+        tiles_m = b.div(b.add(m, self.block_m - 1), self.block_m)
+        tiles_n = b.div(b.add(n, self.block_n - 1), self.block_n)
+        pid = b.special("%ctaid.x")
+        width = b.mul(tiles_n, self.group_m)
+        group = b.div(pid, width)
+        first = b.mul(group, self.group_m)
+        size = b.min(b.sub(tiles_m, first), self.group_m)
+        within = b.sub(pid, b.mul(group, width))
+        tile_m, tile_n = b.add(first, b.rem(within, size)), b.div(within, size)
+        return b.mul(tile_m, self.block_m), b.mul(tile_n, self.block_n)
 
     def _epilogue(self, b: KernelBuilder, acc, c_ptr: Reg, m: Reg, n: Reg, row0: Reg, col0: Reg,
                   warp_m: Reg, warp_n: Reg, lane: Reg) -> None:
@@ -262,4 +321,5 @@ class GemmTCSpec(KernelSpec):
     def examples(cls) -> list["GemmTCSpec"]:
         return [cls(), cls(trans_a=False, trans_b=False), cls(trans_a=True, trans_b=False, accumulate=True),
                 cls(bias=True, dtype=MmaType.F16), cls(block_m=64, block_n=64, warps_m=2, warps_n=2, block_k=64),
-                cls(trans_a=True, trans_b=True, block_k=16, stages=4)]
+                cls(trans_a=True, trans_b=True, block_k=16, stages=4),
+                cls(block_n=256, trans_b=False, group_m=4)]
