@@ -81,7 +81,9 @@ def test_tensor_core_gemm_refuses_what_its_16_byte_copies_cannot_serve():
         GemmTCSpec().arguments(0, 0, 0, 8, 7, 16)
     with pytest.raises(SpecError, match="shared memory"):
         GemmTCSpec(block_n=256, block_k=64, stages=8)
-    assert GemmTCSpec().arguments(1, 2, 3, 1, 8, 16) == (1, 2, 3, 1, 8, 16, 16, 16, 8)
+    assert GemmTCSpec().arguments(1, 2, 3, 1, 8, 16)[:9] == (1, 2, 3, 1, 8, 16, 16, 16, 8)
+    with pytest.raises(ValueError, match="batch stride 0=12"):
+        GemmTCSpec().arguments(0, 0, 0, 8, 8, 16, batch=Batch(count=2, a=Strides(outer=12)))
     # any 8 consecutive rows put a chunk into 8 different 16-byte bank groups
     for chunks in (2, 4, 8, 16):
         shift, mask = swizzle(chunks)

@@ -6,7 +6,7 @@ within 1e-4 of the largest reference magnitude (at least 1e-4 absolute).
 import numpy as np
 import pytest
 
-from ptxgen.kernels.gemm import gemm_reference
+from ptxgen.kernels.gemm import Batch, Strides, gemm_reference
 from ptxgen.kernels.gemm_tc import GemmTCSpec, MmaType
 from runtime import DeviceArray, ModuleCache, from_bf16, to_bf16
 from runtime.driver import synchronize
@@ -96,3 +96,26 @@ def test_grouped_tile_order_covers_every_tile_once(cache, group_m):
     m, n, k = 1000, 600, 40
     a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
     assert_close(*run(cache, GemmTCSpec(group_m=group_m), a, b, m, n, k))
+
+
+def test_batches_split_a_weight_gradient_over_token_chunks(cache):
+    """dW = dy^T x as 4 batches of 96 tokens each (the model's split-K), one partial dW per batch."""
+    tokens, m, n, parts = 384, 136, 200, 4
+    rows = tokens // parts
+    dy, x = rng.standard_normal((tokens, m)).astype(np.float32), rng.standard_normal((tokens, n)).astype(np.float32)
+    spec = GemmTCSpec(trans_a=True, trans_b=False)
+    (dy_bits, dy64), (x_bits, x64) = sixteen(dy, spec.dtype), sixteen(x, spec.dtype)
+    arrays = [DeviceArray.from_numpy(dy_bits, "bf16"), DeviceArray.from_numpy(x_bits, "bf16"),
+              DeviceArray.from_numpy(np.full((parts, m, n), np.nan, np.float32))]
+    batch = Batch(count=parts, a=Strides(outer=rows * m), b=Strides(outer=rows * n), c=Strides(outer=m * n))
+    try:
+        cache.get(spec)(*spec.launch_dims(m, n, parts),
+                        *spec.arguments(*(a.ptr for a in arrays), m, n, rows, batch=batch))
+        synchronize()
+        out = arrays[2].to_numpy()
+    finally:
+        for a in arrays:
+            a.free()
+    for z in range(parts):
+        chunk = slice(z * rows, (z + 1) * rows)
+        assert_close(out[z], gemm_reference(dy64[chunk], x64[chunk], True, False))

@@ -155,6 +155,24 @@ class Batch:
         return tuple(v for s in (self.a, self.b, self.c) for v in (s.outer, s.inner, s.group))
 
 
+BATCH_PARAMS = ("inner",) + tuple(f"{x}_{s}" for x in "abc" for s in ("outer", "inner", "group"))
+
+
+def batch_matrices(b: KernelBuilder, z: Reg, elem_bytes: dict[str, int]) -> list[Reg]:
+    """Batch ``z``'s matrix of each operand (name -> element size): the global base pointer plus
+    z_outer * outer_stride + (z_inner // group) * inner_stride elements (the BATCH_PARAMS)."""
+    inner = b.ld_param("inner")
+    z_outer, z_inner = b.div(z, inner), b.rem(z, inner)
+    out = []
+    for name, size in elem_bytes.items():
+        base = b.cvta_global(b.ld_param(name))
+        group = b.ld_param(f"{name}_group")
+        elems = b.add(b.mul_wide(z_outer, b.ld_param(f"{name}_outer")),
+                      b.mul_wide(b.div(z_inner, group), b.ld_param(f"{name}_inner")))
+        out.append(b.add(base, b.shl(elems, size.bit_length() - 1)))
+    return out
+
+
 @register
 @dataclass(frozen=True)
 class GemmSpec(KernelSpec):
@@ -203,9 +221,8 @@ class GemmSpec(KernelSpec):
 
     def params(self) -> tuple[tuple[str, T], ...]:
         ptrs = ("a", "b", "c") + (("bias",) if self.bias else ())
-        dims = ("m", "n", "k", "lda", "ldb", "ldc", "inner")
-        strides = tuple(f"{x}_{s}" for x in "abc" for s in ("outer", "inner", "group"))
-        return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims + strides)
+        dims = ("m", "n", "k", "lda", "ldb", "ldc") + BATCH_PARAMS
+        return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
 
     def launch_dims(self, m: int, n: int, batches: int = 1) -> tuple[tuple[int, int, int], int]:
         return (-(-n // self.block_n), -(-m // self.block_m), batches), self.threads
@@ -242,19 +259,7 @@ class GemmSpec(KernelSpec):
         m, n, k = (b.ld_param(x) for x in "mnk")
         tid = b.special("%tid.x")
         tx, ty = b.rem(tid, self.threads_n), b.div(tid, self.threads_n)
-        z = b.special("%ctaid.z")
-        inner = b.ld_param("inner")
-        z_outer, z_inner = b.div(z, inner), b.rem(z, inner)
-
-        def matrix(name: str) -> Reg:
-            """This batch's matrix: base + z_outer * outer_stride + (z_inner // group) * inner_stride."""
-            base = b.cvta_global(b.ld_param(name))
-            group = b.ld_param(f"{name}_group")
-            elems = b.add(b.mul_wide(z_outer, b.ld_param(f"{name}_outer")),
-                          b.mul_wide(b.div(z_inner, group), b.ld_param(f"{name}_inner")))
-            return b.add(base, b.shl(elems, 2))
-
-        a_ptr, b_ptr, c_ptr = matrix("a"), matrix("b"), matrix("c")
+        a_ptr, b_ptr, c_ptr = batch_matrices(b, b.special("%ctaid.z"), {"a": 4, "b": 4, "c": 4})
         row0 = b.mul(b.special("%ctaid.y"), bm)
         col0 = b.mul(b.special("%ctaid.x"), bn)
 

@@ -20,7 +20,7 @@ from ..builder import KernelBuilder, Reg, T
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from .common import check_positive
-from .gemm import Epilogue
+from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices
 
 CHUNK = 16        # bytes per cp.async / per ldmatrix row
 ELEMS = CHUNK // 2  # 16-bit elements per chunk
@@ -175,30 +175,36 @@ class GemmTCSpec(KernelSpec):
 
     def params(self) -> tuple[tuple[str, T], ...]:
         ptrs = ("a", "b", "c") + (("bias",) if self.bias else ())
-        return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in ("m", "n", "k", "lda", "ldb", "ldc"))
+        dims = ("m", "n", "k", "lda", "ldb", "ldc") + BATCH_PARAMS
+        return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
 
-    def launch_dims(self, m: int, n: int) -> tuple[int, int]:
-        return -(-n // self.block_n) * -(-m // self.block_m), self.threads
+    def launch_dims(self, m: int, n: int, batches: int = 1) -> tuple[tuple[int, int], int]:
+        return (-(-n // self.block_n) * -(-m // self.block_m), batches), self.threads
 
     def arguments(self, a: int, b: int, c: int, m: int, n: int, k: int, *, bias: int | None = None,
-                  lda: int | None = None, ldb: int | None = None, ldc: int | None = None) -> tuple[int, ...]:
+                  lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
+                  batch: Batch | None = None) -> tuple[int, ...]:
         """The kernel's arguments in order, after refusing shapes its 16-byte copies cannot serve:
-        each operand's contiguous extent and leading dimension a multiple of 8 elements, N even."""
+        each operand's contiguous extent, leading dimension and batch strides a multiple of 8
+        elements; N, ldc and C's batch strides even. Batches are the fp32 GEMM's (``Batch``)."""
         if min(m, n, k) < 1:
             raise ValueError(f"gemm_tc: M, N, K must be >= 1, got {m}, {n}, {k}")
         lda = lda if lda is not None else (m if self.trans_a else k)
         ldb = ldb if ldb is not None else (k if self.trans_b else n)
         ldc = ldc if ldc is not None else n
+        batch = batch or Batch()
+        strides = batch.strides()
         if (bias is not None) != self.bias:
             raise ValueError(f"gemm_tc: this spec {'needs' if self.bias else 'has no'} a bias")
         eight = {"M (A transposed)": m if self.trans_a else None, "K": k if not self.trans_a or self.trans_b else None,
-                 "N (B not transposed)": None if self.trans_b else n, "lda": lda, "ldb": ldb}
+                 "N (B not transposed)": None if self.trans_b else n, "lda": lda, "ldb": ldb,
+                 **{f"batch stride {i}": v for i, v in enumerate(strides[:6]) if i % 3 != 2}}
         for name, value in eight.items():
             if value is not None and value % ELEMS:
                 raise ValueError(f"gemm_tc: {name}={value} is not a multiple of {ELEMS}")
-        if n % 2 or ldc % 2:
-            raise ValueError(f"gemm_tc: N={n} and ldc={ldc} must be even (C is stored in pairs)")
-        return (a, b, c) + ((bias,) if self.bias else ()) + (m, n, k, lda, ldb, ldc)
+        if n % 2 or ldc % 2 or strides[6] % 2 or strides[7] % 2:
+            raise ValueError(f"gemm_tc: N={n}, ldc={ldc} and C's batch strides must be even (C is stored in pairs)")
+        return (a, b, c) + ((bias,) if self.bias else ()) + (m, n, k, lda, ldb, ldc, batch.inner, *strides)
 
     def build(self, b: KernelBuilder) -> None:
         b.launch_bounds(self.threads, self.min_blocks)
@@ -210,7 +216,7 @@ class GemmTCSpec(KernelSpec):
         a_stage = self.block_m * self.block_k * 2
         stage = a_stage + self.block_n * self.block_k * 2
         smem = b.addr_of(b.dynamic_shared("tiles", align=128))
-        ptr = {x: b.cvta_global(b.ld_param(x)) for x in "abc"}
+        ptr = dict(zip("abc", batch_matrices(b, b.special("%ctaid.y"), {"a": 2, "b": 2, "c": 4})))
         op_a = _Operand(self, b, ptr["a"], b.ld_param("lda"), m, k, row0, self.block_m,
                         not self.trans_a, tid, 0)
         op_b = _Operand(self, b, ptr["b"], b.ld_param("ldb"), n, k, col0, self.block_n,
