@@ -576,8 +576,8 @@ class KernelBuilder:
         ``src_bytes`` are zero-filled (0: the whole chunk, so an out-of-range tile edge loads zeros)."""
         ins = "cp.async.cg.shared.global"
         self._op(ins, dst, T.U32, "shared address")
-        self._emit(f"{ins} {Addr(dst, dst_offset)}, "
-                   f"[{self._op(ins, src, T.U64, 'global address')}], 16, {self._op(ins, src_bytes, T.U32, 'src-size')}")
+        size = self._op(ins, src_bytes, T.U32, "src-size")
+        self._emit(f"{ins} {Addr(dst, dst_offset)}, [{self._op(ins, src, T.U64, 'global address')}], 16, {size}")
 
     def cp_async_commit(self) -> None:
         self._emit("cp.async.commit_group")

@@ -13,6 +13,8 @@ import enum
 import math
 from typing import Callable, Sequence
 
+import numpy as np
+
 from .builder import Addr, GuardLike, KernelBuilder, Reg, T
 
 
@@ -25,6 +27,23 @@ class DType(enum.Enum):
     @property
     def size(self) -> int:
         return 4 if self is DType.F32 else 2
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), round to nearest even (as ``cvt.rn.bf16.f32``); NaN stays NaN."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return np.where(np.isnan(x), np.uint32(0x7FC0), rounded).astype(np.uint16)
+
+
+def from_bf16(bits: np.ndarray) -> np.ndarray:
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def round_to(x: np.ndarray, dtype: DType) -> np.ndarray:
+    """The values ``x`` takes when stored as ``dtype`` (through f32, as the kernels store them), float64."""
+    x32 = np.asarray(x, np.float32)
+    return (from_bf16(to_bf16(x32)) if dtype is DType.BF16 else x32).astype(np.float64)
 
 
 def vector_width(n: int, dtype: DType) -> int:
@@ -164,6 +183,27 @@ def flat_elementwise(b: KernelBuilder, n: Reg, vec: int, block: int, body: Body)
             element = b.add(first, k)
             body(element, 1, b.setp("lt", element, n))
     b.place(done)
+
+
+def elementwise_vec(*dtypes: DType) -> int:
+    """Elements per thread of ``elementwise``: 16 bytes of the narrowest type."""
+    return 16 // min(d.size for d in dtypes)
+
+
+def elementwise(b: KernelBuilder, block: int, inputs: dict[str, DType], outputs: dict[str, DType],
+                fn: Callable[..., Sequence[Reg]]) -> None:
+    """The flat elementwise kernel over params ``inputs``, ``outputs`` (pointers) and ``n``: load
+    every input, ``fn(*values) -> outputs`` per element (f32 registers), store, vector by vector."""
+    ptr = {name: b.cvta_global(b.ld_param(name)) for name in (*inputs, *outputs)}
+
+    def body(e: Reg, width: int, guard: "Reg | None") -> None:
+        vals = [load_f32(b, dt, Addr(offset(b, ptr[name], e, dt.size)), width, guard=guard)
+                for name, dt in inputs.items()]
+        results = [fn(*column) for column in zip(*vals)]  # one tuple of outputs per element
+        for k, (name, dt) in enumerate(outputs.items()):
+            store_f32(b, dt, Addr(offset(b, ptr[name], e, dt.size)), [r[k] for r in results], guard=guard)
+
+    flat_elementwise(b, b.ld_param("n"), elementwise_vec(*inputs.values(), *outputs.values()), block, body)
 
 
 def flat_grid(n: int, vec: int, block: int) -> int:

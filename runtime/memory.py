@@ -7,6 +7,8 @@ from typing import Any, Sequence
 import numpy as np
 from cuda.bindings import driver as cu
 
+from ptxgen.vecio import from_bf16, to_bf16  # noqa: F401 (the host's bf16 conversions, re-exported)
+
 from .driver import call, device
 
 # dtype name -> host numpy dtype. bf16 has no numpy dtype: on the host it is its uint16 bit pattern.
@@ -17,17 +19,6 @@ DTYPES: dict[str, np.dtype] = {
 _FROM_NUMPY = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.int32): "i32",
                np.dtype(np.int64): "i64", np.dtype(np.uint8): "u8",
                np.dtype(np.uint16): "bf16"}  # uint16 on the host is bf16 bits (see to_bf16)
-
-
-def to_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 -> bf16 bits (uint16), round to nearest even; NaN stays NaN."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return np.where(np.isnan(x), np.uint32(0x7FC0), rounded).astype(np.uint16)
-
-
-def from_bf16(bits: np.ndarray) -> np.ndarray:
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 class Stream:

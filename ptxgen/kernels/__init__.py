@@ -1,2 +1,2 @@
 """Kernel families; importing this package registers every kind."""
-from . import adamw, attention, bias, colsum, cross_entropy, embedding, gemm, gemm_tc, rmsnorm, rope, swiglu  # noqa: F401
+from . import adamw, attention, bias, cast, colsum, cross_entropy, embedding, gemm, gemm_tc, rmsnorm, rope, swiglu  # noqa: F401

@@ -5,10 +5,12 @@ block_n`` tile with ``warps_m x warps_n`` warps; each warp owns a (16 * mt) x (8
 mt x nt ``mma.sync.m16n8k16`` accumulators. Operand slices of ``block_k`` travel global -> shared
 with ``cp.async`` (16 bytes, zero-filled past the matrix edge) ``stages`` deep, so copies of later
 slices overlap the math on this one; the stages live in dynamic shared memory (more than the 48 KB a
-static array may take), each holding one slice of A then one of B. Shared rows are XOR-swizzled by 16-byte chunk, so that the
-eight row addresses of each ``ldmatrix`` hit eight different bank groups. An operand stored with K
-contiguous is read by ``ldmatrix``; one stored with M (or N) contiguous by ``ldmatrix.trans``,
-which hands out the same fragments from the transposed storage.
+static array may take), each holding one slice of A then one of B. Fragments are double-buffered in
+registers: step k + 1's ldmatrix loads run under step k's mmas, also across slices. Blocks walk the
+C tiles in bands of ``group_m`` tile rows for L2 reuse. Shared rows are XOR-swizzled by 16-byte
+chunk, so that the eight row addresses of each ``ldmatrix`` hit eight different bank groups. An
+operand stored with K contiguous is read by ``ldmatrix``; one stored with M (or N) contiguous by
+``ldmatrix.trans``, which hands out the same fragments from the transposed storage.
 """
 from __future__ import annotations
 

@@ -10,10 +10,10 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..builder import Addr, KernelBuilder, Reg, T
+from ..builder import KernelBuilder, Reg, T
 from ..registry import register
 from ..spec import KernelSpec
-from ..vecio import DType, flat_elementwise, flat_grid, load_f32, offset, store_f32, vector_width
+from ..vecio import DType, elementwise, flat_grid, vector_width
 from .common import check_block_size
 
 LOG2E = 1.0 / math.log(2.0)
@@ -21,21 +21,6 @@ LOG2E = 1.0 / math.log(2.0)
 
 def sigmoid(b: KernelBuilder, g: Reg) -> Reg:
     return b.fn("rcp", b.add(b.fn("ex2", b.mul(g, -LOG2E)), 1.0), "rn")
-
-
-def _elementwise(spec: "SwiGLUSpec | SwiGLUBackwardSpec", b: KernelBuilder, inputs: tuple[str, ...],
-                 outputs: tuple[str, ...], fn) -> None:
-    """Shared driver: load ``inputs``, ``fn(*values) -> outputs``, store, vector by vector."""
-    ptr = {name: b.cvta_global(b.ld_param(name)) for name in inputs + outputs}
-    size = spec.dtype.size
-
-    def body(e, width, guard):
-        vals = [load_f32(b, spec.dtype, Addr(offset(b, ptr[n], e, size)), width, guard=guard) for n in inputs]
-        results = [fn(*column) for column in zip(*vals)]  # one tuple of outputs per element
-        for k, name in enumerate(outputs):
-            store_f32(b, spec.dtype, Addr(offset(b, ptr[name], e, size)), [r[k] for r in results], guard=guard)
-
-    flat_elementwise(b, b.ld_param("n"), vector_width(16, spec.dtype), spec.block_size, body)
 
 
 @register
@@ -55,7 +40,8 @@ class SwiGLUSpec(KernelSpec):
         return (("gate", T.U64), ("up", T.U64), ("out", T.U64), ("n", T.U32))
 
     def build(self, b: KernelBuilder) -> None:
-        _elementwise(self, b, ("gate", "up"), ("out",), lambda g, u: (b.mul(b.mul(g, sigmoid(b, g)), u),))
+        elementwise(b, self.block_size, {"gate": self.dtype, "up": self.dtype}, {"out": self.dtype},
+                    lambda g, u: (b.mul(b.mul(g, sigmoid(b, g)), u),))
 
     @classmethod
     def examples(cls) -> list["SwiGLUSpec"]:
@@ -69,10 +55,6 @@ class SwiGLUBackwardSpec(KernelSpec):
 
     kind: ClassVar[str] = "swiglu_bwd"
     block_size: int = 256
-
-    @property
-    def dtype(self) -> DType:
-        return DType.F32
 
     def validate(self) -> None:
         check_block_size(self.block_size)
@@ -90,7 +72,8 @@ class SwiGLUBackwardSpec(KernelSpec):
             dsilu = b.mul(s, b.fma(g, b.sub(1.0, s, T.F32), 1.0))
             return b.mul(b.mul(d, u), dsilu), b.mul(d, silu)
 
-        _elementwise(self, b, ("gate", "up", "dout"), ("dgate", "dup"), grads)
+        f32 = DType.F32
+        elementwise(b, self.block_size, {"gate": f32, "up": f32, "dout": f32}, {"dgate": f32, "dup": f32}, grads)
 
     @classmethod
     def examples(cls) -> list["SwiGLUBackwardSpec"]:
