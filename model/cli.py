@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
 import typing
@@ -22,9 +23,11 @@ from .generate import generate
 from .numpy_backend import NumpyBackend, NumpyDecoder
 from .optim import AdamWSettings
 from .params import param_shapes
+from .precision import Precision
 from .train import BackendFactory, TrainSettings, train
 
 DEVICES = ("auto", "cuda", "numpy")
+PRECISIONS = tuple(p.value for p in Precision)
 
 
 class UsageError(Exception):
@@ -36,19 +39,21 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def select_backend(device: str) -> tuple[str, BackendFactory]:
-    """The backend for ``--device``, and the line that says plainly which one runs and why."""
+def select_backend(device: str, precision: Precision = Precision.FP32) -> tuple[str, type]:
+    """The backend class for ``--device``, and the line that says plainly which one runs (with
+    ``--precision``) and why."""
     from runtime.driver import available
 
     ok, why = available()
     if device == "cuda" and not ok:
         raise UsageError(f"--device cuda: no CUDA GPU ({why})")
+    gemms = f"{precision.value} GEMMs" + (" (fp32 master weights)" if precision is Precision.BF16 else "")
     if device == "cuda" or (device == "auto" and ok):
         from .cuda_model import CudaBackend
 
-        return f"device: {CudaBackend.description}", CudaBackend
+        return f"device: {CudaBackend.description}, {gemms}", CudaBackend
     reason = "as asked" if device == "numpy" else f"no CUDA GPU: {why}"
-    return f"device: {NumpyBackend.description}, {reason}", NumpyBackend
+    return f"device: {NumpyBackend.description}, {gemms}, {reason}", NumpyBackend
 
 
 def _tokenizer(path: str | Path | None) -> Tokenizer:
@@ -70,6 +75,8 @@ def cmd_train(argv: Sequence[str]) -> int:
     p.add_argument("--data", nargs="+", metavar="PATH", help="files or directories (default: the stdlib's .py files)")
     p.add_argument("--tokenizer", help="an HF tokenizer.json (default: bytes, vocab 256)")
     p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="bf16: the linear layers' GEMMs read bf16 operands (fp32 master weights); default fp32")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     _add_settings(p, TrainSettings)
@@ -91,7 +98,9 @@ def cmd_train(argv: Sequence[str]) -> int:
     if tokenizer.vocab_size > config.vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens; the model's vocab_size is "
                          f"{config.vocab_size}")
-    line, factory = select_backend(ns.device)
+    precision = Precision(ns.precision)
+    line, backend = select_backend(ns.device, precision)
+    factory: BackendFactory = functools.partial(backend, precision=precision)
     print(line, flush=True)
     files = expand_paths(ns.data) if ns.data else stdlib_files()
     corpus = Corpus.from_files(files, tokenizer)
@@ -117,6 +126,7 @@ def cmd_generate(argv: Sequence[str]) -> int:
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="the GEMMs' operands (default fp32)")
     ns = p.parse_args(argv)
     if ns.temperature < 0 or ns.top_k < 0 or ns.max_new_tokens < 0:
         raise UsageError("--temperature, --top-k and --max-new-tokens must be >= 0")
@@ -128,15 +138,16 @@ def cmd_generate(argv: Sequence[str]) -> int:
     if len(prompt) > ckpt.config.max_position_embeddings:
         raise UsageError(f"--prompt has {len(prompt)} tokens; the model takes at most "
                          f"{ckpt.config.max_position_embeddings}")
-    line, factory = select_backend(ns.device)
+    precision = Precision(ns.precision)
+    line, backend = select_backend(ns.device, precision)
     print(f"{line}, with a KV cache", file=sys.stderr, flush=True)
     max_len = min(ckpt.config.max_position_embeddings, len(prompt) + ns.max_new_tokens)
-    if factory is NumpyBackend:
-        decoder = NumpyDecoder(ckpt.config, ckpt.params)
+    if backend is NumpyBackend:
+        decoder = NumpyDecoder(ckpt.config, ckpt.params, precision)
     else:
         from .cuda_model import CudaDecoder
 
-        decoder = CudaDecoder(factory(ckpt.config, ckpt.params, AdamWSettings()), max_len)
+        decoder = CudaDecoder(backend(ckpt.config, ckpt.params, AdamWSettings(), precision=precision), max_len)
     out = list(prompt)
     sys.stdout.write(ns.prompt)
     shown = len(tokenizer.decode(out))
@@ -176,8 +187,9 @@ def _guarded(name: str, command: Callable[[Sequence[str]], int]) -> Callable[[Se
 COMMANDS = {name: _guarded(name, cmd) for name, cmd in
             (("train", cmd_train), ("generate", cmd_generate), ("contracts", cmd_contracts))}
 USAGE = """
-  train [--preset tiny] [--data PATH ...] [--device auto|cuda|numpy] [--out DIR] [--resume] ...
-  generate --checkpoint DIR --prompt TEXT [--temperature T] [--top-k K] [--max-new-tokens N]
+  train [--preset tiny] [--data PATH ...] [--device auto|cuda|numpy] [--precision fp32|bf16] [--out DIR]
+        [--resume] ...
+  generate --checkpoint DIR --prompt TEXT [--temperature T] [--top-k K] [--max-new-tokens N] [--precision P]
   contracts validate|check [--root REPO]"""
 
 

@@ -1,15 +1,18 @@
 """The model on the GPU: forward, backward and AdamW built only from ``ModuleCache.get(spec)`` kernels.
 
-Every spec comes from ``ModelKernels`` (config + optimizer settings), is pre-warmed when the
-backend is built, and each step runs in strict mode: a kernel that was not pre-warmed is an error.
+Every spec comes from ``ModelKernels`` (config + optimizer settings + precision), is pre-warmed when
+the backend is built, and each step runs in strict mode: a kernel that was not pre-warmed is an error.
 Parameters, gradients and AdamW moments are four flat f32 buffers with one layout (each tensor
-16-byte aligned, matrices first so weight decay covers one contiguous range). For each batch shape
+32-byte aligned, matrices first so weight decay covers one contiguous range). In bf16 precision the
+matrices also have a bf16 copy (refreshed by one cast after each optimizer step), and each GEMM
+operand of a linear layer is cast to bf16 once, right after it is computed. For each batch shape
 the backend allocates the activations once and prepares every launch with its arguments packed;
 a step then uploads the token ids, sets the few per-step scalars (learning rate, bias corrections,
 loss scale) and issues the launches. All reductions are fixed-order, so runs repeat bit for bit.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -17,13 +20,14 @@ from typing import Callable
 import numpy as np
 
 from ptxgen.kernels.embedding import embedding_backward_plan
-from ptxgen.kernels.gemm import Batch, GemmSpec, Strides
+from ptxgen.kernels.gemm import Batch, Strides
 from runtime import DeviceArray, ModuleCache, fill_u32
 
 from .config import ModelConfig
-from .kernels import LinearKernels, ModelKernels, split_k
+from .kernels import Gemm, LinearKernels, ModelKernels, split_k
 from .optim import AdamWSettings, decays
 from .params import layer_prefix, lm_head_name, param_shapes
+from .precision import Precision
 from .reference import IGNORE_INDEX
 
 COLSUM_CHUNK = 256  # rows per first-stage chunk of a two-stage column sum
@@ -41,7 +45,7 @@ class ParamLayout:
                 self.decay_end = self.total
             for name in (n for n in self.shapes if decays(n) == decayed):
                 self.offsets[name] = self.total
-                self.total += -(-math.prod(self.shapes[name]) // 4) * 4  # 16-byte aligned starts
+                self.total += -(-math.prod(self.shapes[name]) // 8) * 8  # 16-byte aligned starts in bf16 too
 
     def flatten(self, tensors: dict[str, np.ndarray]) -> np.ndarray:
         flat = np.zeros(self.total, np.float32)
@@ -90,12 +94,12 @@ class _Step:
 
 class CudaBackend:
     name = "cuda"
-    description = "cuda (raw PTX kernels through the CUDA driver API, fp32)"
+    description = "cuda (raw PTX kernels through the CUDA driver API)"
 
     def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], adamw: AdamWSettings,
-                 cache: ModuleCache | None = None):
-        self.config, self.adamw = config, adamw
-        self.kernels = ModelKernels.of(config, adamw, IGNORE_INDEX)
+                 cache: ModuleCache | None = None, precision: Precision = Precision.FP32):
+        self.config, self.adamw, self.precision = config, adamw, precision
+        self.kernels = ModelKernels.of(config, adamw, IGNORE_INDEX, precision)
         self.cache = cache if cache is not None else ModuleCache()
         self.cache.prewarm(self.kernels.specs())
         self.layout = ParamLayout(config)
@@ -108,8 +112,14 @@ class CudaBackend:
         self.norm_out = DeviceArray(2)  # [global norm, clip scale]
         self.step = 0
         self._steps: dict[tuple[int, int], _Step] = {}
+        # bf16: the matrices' bf16 copy (they are the decayed range [0, decay_end) of the layout)
+        self.weights16 = DeviceArray(self.layout.decay_end, "bf16") if self.kernels.to_bf16 else None
+        self._gemm_bytes = 4 if self.weights16 is None else 2  # per element of a GEMM operand
         with self.cache.strict_mode():
             self._optimizer = self._optimizer_launches()
+            if self.weights16 is not None:
+                self._optimizer.append(self._cast(self.weights.ptr, self.weights16.ptr, self.layout.decay_end))
+                self._optimizer[-1]()
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -129,8 +139,10 @@ class CudaBackend:
         for s in self._steps.values():
             s.arrays.free()
         self._steps.clear()
-        for buf in (self.weights, self.grads, self.exp_avg, self.exp_avg_sq, self.norm_partial, self.norm_out):
-            buf.free()
+        for buf in (self.weights, self.grads, self.exp_avg, self.exp_avg_sq, self.norm_partial, self.norm_out,
+                    self.weights16):
+            if buf is not None:
+                buf.free()
 
     # -- public steps -----------------------------------------------------------------------
     def logits(self, ids: np.ndarray) -> np.ndarray:
@@ -159,6 +171,13 @@ class CudaBackend:
             for launch in self._norm + self._optimizer:
                 launch()
         return self._mean_loss(step, targets), float(self.norm_out.to_numpy()[0])
+
+    def step_launches(self, batch: int, seq: int) -> list:
+        """Every prepared launch of a training step on ``batch x seq`` tokens, in order (for a
+        profile; the embedding backward is left out: it is planned per batch)."""
+        with self.cache.strict_mode():
+            step = self._steps.get((batch, seq)) or self._build(batch, seq)
+        return step.forward + step.backward + self._norm + self._optimizer
 
     def _forward_backward(self, ids: np.ndarray, targets: np.ndarray) -> _Step:
         step = self._run_forward(ids, targets)
@@ -222,6 +241,25 @@ class CudaBackend:
     def _w(self, name: str) -> int:
         return self.weights.ptr + 4 * self.layout.offsets[name]
 
+    def _gemm_w(self, name: str) -> int:
+        """A weight as the linear layers' GEMMs read it: fp32, or its bf16 copy."""
+        if self.weights16 is None:
+            return self._w(name)
+        return self.weights16.ptr + 2 * self.layout.offsets[name]
+
+    def _cast(self, src: int, dst: int, count: int):
+        spec = self.kernels.to_bf16
+        return self._bind(spec, spec.launch_dims(count), src, dst, count)
+
+    def _gemm_input(self, launches: list, A: "_Arrays", name: str, shape: tuple[int, ...]) -> int:
+        """Activation ``name`` as the GEMMs read it: itself (fp32), or a bf16 copy ``name16`` that
+        a cast appended to ``launches`` makes."""
+        if self.weights16 is None:
+            return A[name].ptr
+        copy = A.new(name + "16", shape, "bf16")
+        launches.append(self._cast(A[name].ptr, copy, math.prod(shape)))
+        return copy
+
     def _forward(self, A: _Arrays, batch: int, seq: int, kv: list[tuple[int, int]], kv_stride: int,
                  last_row_logits: bool) -> _Forward:
         """The forward launches for ``batch x seq`` new tokens into arrays of ``A``.
@@ -247,12 +285,13 @@ class CudaBackend:
         logits = A.new("logits", (head_rows, V))
         out = _Forward([], [], [])
         fwd, bind = out.launches, self._bind
+        gemm_input = functools.partial(self._gemm_input, fwd, A)
 
         def linear(lk: LinearKernels, x: int, weight: str, y: int, d_in: int, d_out: int,
                    bias: str | None = None, rows: int = T):
             spec = lk.forward
-            fwd.append(bind(spec, spec.launch_dims(rows, d_out),
-                            *spec.arguments(x, w(weight), y, rows, d_out, d_in, bias=w(bias) if bias else None)))
+            fwd.append(bind(spec, spec.launch_dims(rows, d_out), *spec.arguments(
+                x, self._gemm_w(weight), y, rows, d_out, d_in, bias=w(bias) if bias else None)))
             return fwd[-1]
 
         fwd.append(bind(k.embed, k.embed.launch_dims(T), w("model.embed_tokens.weight"), ids, xs[0], T))
@@ -266,9 +305,10 @@ class CudaBackend:
                                 w(p + "input_layernorm.weight"), h1s[i], xs[i], r1s[i], T))
             bias = (lambda n: p + f"self_attn.{n}.bias") if c.qkv_bias else (lambda n: None)
             k_at, v_at = kv[i]
-            linear(k.q, h1s[i], p + "self_attn.q_proj.weight", qs[i], H, Q, bias("q_proj"))
-            k_gemm = linear(k.kv, h1s[i], p + "self_attn.k_proj.weight", k_at, H, KV, bias("k_proj"))
-            v_gemm = linear(k.kv, h1s[i], p + "self_attn.v_proj.weight", v_at, H, KV, bias("v_proj"))
+            h1 = gemm_input(f"h1_{i}", (T, H))
+            linear(k.q, h1, p + "self_attn.q_proj.weight", qs[i], H, Q, bias("q_proj"))
+            k_gemm = linear(k.kv, h1, p + "self_attn.k_proj.weight", k_at, H, KV, bias("k_proj"))
+            v_gemm = linear(k.kv, h1, p + "self_attn.v_proj.weight", v_at, H, KV, bias("v_proj"))
             fwd.append(bind(k.rope_q, k.rope_q.launch_dims(T), qs[i], qs[i], pos, T))
             rope_k = bind(k.rope_k, k.rope_k.launch_dims(T), k_at, k_at, pos, T)
             fwd.append(rope_k)
@@ -277,16 +317,18 @@ class CudaBackend:
             fwd.append(attention)
             out.kv_writes.append((k_gemm, v_gemm, rope_k, k_at, v_at))
             out.attention.append(attention)
-            linear(k.o, os_[i], p + "self_attn.o_proj.weight", tmp, Q, H)
+            linear(k.o, gemm_input(f"o{i}", (T, Q)), p + "self_attn.o_proj.weight", tmp, Q, H)
             fwd.append(bind(k.norm_residual, k.norm_residual.launch_dims(T), tmp, xs[i],
                             w(p + "post_attention_layernorm.weight"), h2s[i], mids[i], r2s[i], T))
-            linear(k.gate_up, h2s[i], p + "mlp.gate_proj.weight", gates[i], H, I)
-            linear(k.gate_up, h2s[i], p + "mlp.up_proj.weight", ups[i], H, I)
+            h2 = gemm_input(f"h2_{i}", (T, H))
+            linear(k.gate_up, h2, p + "mlp.gate_proj.weight", gates[i], H, I)
+            linear(k.gate_up, h2, p + "mlp.up_proj.weight", ups[i], H, I)
             fwd.append(bind(k.swiglu, k.swiglu.launch_dims(T * I), gates[i], ups[i], acts[i], T * I))
-            linear(k.down, acts[i], p + "mlp.down_proj.weight", tmp, I, H)
+            linear(k.down, gemm_input(f"act{i}", (T, I)), p + "mlp.down_proj.weight", tmp, I, H)
         fwd.append(bind(k.norm_residual, k.norm_residual.launch_dims(T), tmp, mids[L - 1], w("model.norm.weight"),
                         hf, xs[L], rf, T))
-        linear(k.head, hf + 4 * H * (T - head_rows), lm_head_name(c), logits, H, V, rows=head_rows)
+        linear(k.head, gemm_input("hf", (T, H)) + self._gemm_bytes * H * (T - head_rows), lm_head_name(c), logits,
+               H, V, rows=head_rows)
         return out
 
     def _build(self, batch: int, seq: int) -> _Step:
@@ -302,11 +344,13 @@ class CudaBackend:
         fwd, bind = out.launches, self._bind
         ptr = lambda name: A[name].ptr  # noqa: E731
         xs, mids = [ptr(f"x{i}") for i in range(L + 1)], [ptr(f"mid{i}") for i in range(L)]
-        h1s, h2s = [ptr(f"h1_{i}") for i in range(L)], [ptr(f"h2_{i}") for i in range(L)]
         r1s, r2s = [ptr(f"r1_{i}") for i in range(L)], [ptr(f"r2_{i}") for i in range(L)]
         qs, os_, lses = ([ptr(f"{n}{i}") for i in range(L)] for n in ("q", "o", "lse"))
         gates, ups, acts = ([ptr(f"{n}{i}") for i in range(L)] for n in ("gate", "up", "act"))
-        hf, rf, logits, pos = ptr("hf"), ptr("rf"), ptr("logits"), ptr("pos")
+        rf, logits, pos = ptr("rf"), ptr("logits"), ptr("pos")
+        # the GEMMs' copies of activations (``_gemm_input``) and of output gradients (one scratch)
+        gin = (lambda name: A[name + "16"].ptr) if self.weights16 is not None else ptr
+        dy16 = A.new("dy16", (T * max(V, I, H, Q),), "bf16") if self.weights16 is not None else 0
         targets, dlogits, losses = A.new("targets", (T,), "i32"), A.new("dlogits", (T, V)), A.new("losses", (T,))
         ce = bind(k.cross_entropy, k.cross_entropy.launch_dims(T), logits, targets, losses, dlogits, 1.0)
         fwd.append(ce)
@@ -328,14 +372,22 @@ class CudaBackend:
                     if split_k(lk.grad_weight, m, n, T) > 1]
         split_scratch = A.new("split_scratch", (max(partials, default=1),))
 
+        def gemm_dy(dy: int, width: int) -> int:
+            """An output gradient as the GEMMs read it: itself (fp32), or cast into the bf16 scratch."""
+            if not dy16:
+                return dy
+            bwd.append(self._cast(dy, dy16, T * width))
+            return dy16
+
         def grad_input(lk: LinearKernels, dy: int, weight: str, dx: int, d_in: int, d_out: int, acc: bool = False):
             spec = lk.grad_input_acc if acc else lk.grad_input
-            bwd.append(bind(spec, spec.launch_dims(T, d_in), *spec.arguments(dy, w(weight), dx, T, d_in, d_out)))
+            bwd.append(bind(spec, spec.launch_dims(T, d_in),
+                            *spec.arguments(dy, self._gemm_w(weight), dx, T, d_in, d_out)))
 
         def grad_weight(lk: LinearKernels, dy: int, x: int, weight: str, d_in: int, d_out: int):
             """dW = dy^T x. A small dW leaves most SMs idle: then the token dimension is split
             over batches whose partial dWs a fixed-order column sum adds (deterministic)."""
-            spec: GemmSpec = lk.grad_weight
+            spec: Gemm = lk.grad_weight
             splits = split_k(spec, d_out, d_in, T)
             if splits == 1:
                 bwd.append(bind(spec, spec.launch_dims(d_out, d_in),
@@ -366,24 +418,27 @@ class CudaBackend:
             bwd.append(bind(k.colsum, k.colsum.launch_dims(rows, H, rows), partial, gr(gamma), rows, H, rows))
 
         head = lm_head_name(c)
-        grad_weight(k.head, dlogits, hf, head, H, V)
-        grad_input(k.head, dlogits, head, dh, H, V)
+        dy = gemm_dy(dlogits, V)
+        grad_weight(k.head, dy, gin("hf"), head, H, V)
+        grad_input(k.head, dy, head, dh, H, V)
         norm_backward(k.norm_bwd, xs[L], "model.norm.weight", dh, rf, g, residual=False)
         for i in reversed(range(L)):
             p = layer_prefix(i)
             # MLP: x_{i+1} = mid_i + down(silu(gate) * up); g is the gradient of x_{i+1}
-            grad_weight(k.down, g, acts[i], p + "mlp.down_proj.weight", I, H)
-            grad_input(k.down, g, p + "mlp.down_proj.weight", d_act, I, H)
+            dy = gemm_dy(g, H)
+            grad_weight(k.down, dy, gin(f"act{i}"), p + "mlp.down_proj.weight", I, H)
+            grad_input(k.down, dy, p + "mlp.down_proj.weight", d_act, I, H)
             bwd.append(bind(k.swiglu_bwd, k.swiglu_bwd.launch_dims(T * I), gates[i], ups[i], d_act, d_gate, d_up,
                             T * I))
-            grad_weight(k.gate_up, d_gate, h2s[i], p + "mlp.gate_proj.weight", H, I)
-            grad_weight(k.gate_up, d_up, h2s[i], p + "mlp.up_proj.weight", H, I)
-            grad_input(k.gate_up, d_gate, p + "mlp.gate_proj.weight", dh, H, I)
-            grad_input(k.gate_up, d_up, p + "mlp.up_proj.weight", dh, H, I, acc=True)
+            for name, d in (("gate_proj", d_gate), ("up_proj", d_up)):
+                dy = gemm_dy(d, I)
+                grad_weight(k.gate_up, dy, gin(f"h2_{i}"), p + f"mlp.{name}.weight", H, I)
+                grad_input(k.gate_up, dy, p + f"mlp.{name}.weight", dh, H, I, acc=name == "up_proj")
             norm_backward(nb, mids[i], p + "post_attention_layernorm.weight", dh, r2s[i], g, residual=True)
             # attention: mid_i = x_i + o_proj(attn(rope(q), rope(k), v)); g is now the gradient of mid_i
-            grad_weight(k.o, g, os_[i], p + "self_attn.o_proj.weight", Q, H)
-            grad_input(k.o, g, p + "self_attn.o_proj.weight", d_o, Q, H)
+            dy = gemm_dy(g, H)
+            grad_weight(k.o, dy, gin(f"o{i}"), p + "self_attn.o_proj.weight", Q, H)
+            grad_input(k.o, dy, p + "self_attn.o_proj.weight", d_o, Q, H)
             bwd.append(bind(k.attention_bwd_q, k.attention_bwd_q.launch_dims(batch, seq), qs[i], ks[i], vs[i],
                             os_[i], d_o, lses[i], dq, delta, seq))
             bwd.append(bind(k.attention_bwd_kv, k.attention_bwd_kv.launch_dims(batch, seq), qs[i], ks[i], vs[i],
@@ -393,8 +448,9 @@ class CudaBackend:
             for name, d, lk, width in (("q_proj", dq, k.q, Q), ("k_proj", dk, k.kv, KV), ("v_proj", dv, k.kv, KV)):
                 if c.qkv_bias:
                     column_sum(d, gr(p + f"self_attn.{name}.bias"), width)
-                grad_weight(lk, d, h1s[i], p + f"self_attn.{name}.weight", H, width)
-                grad_input(lk, d, p + f"self_attn.{name}.weight", dh, H, width, acc=name != "q_proj")
+                dy = gemm_dy(d, width)
+                grad_weight(lk, dy, gin(f"h1_{i}"), p + f"self_attn.{name}.weight", H, width)
+                grad_input(lk, dy, p + f"self_attn.{name}.weight", dh, H, width, acc=name != "q_proj")
             norm_backward(nb, xs[i], p + "input_layernorm.weight", dh, r1s[i], g, residual=True)
 
         # embedding: its plan (rows grouped by token id) changes with every batch

@@ -7,14 +7,17 @@ set is known, and pre-warmed, before the first step.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 from ptxgen.kernels.adamw import AdamWSpec, GradNormFinalSpec, GradNormPartialSpec
 from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
+from ptxgen.kernels.cast import CastSpec
 from ptxgen.kernels.colsum import ColumnSumSpec
 from ptxgen.kernels.cross_entropy import CrossEntropySpec
 from ptxgen.kernels.embedding import EmbeddingBackwardSpec, EmbeddingSpec
 from ptxgen.kernels.gemm import GemmSpec, widest_vec
+from ptxgen.kernels.gemm_tc import GemmTCSpec
 from ptxgen.kernels.rmsnorm import RMSNormBackwardSpec, RMSNormSpec
 from ptxgen.kernels.rope import RopeSpec
 from ptxgen.kernels.swiglu import SwiGLUBackwardSpec, SwiGLUSpec
@@ -22,14 +25,19 @@ from ptxgen.spec import KernelSpec
 
 from .config import ModelConfig
 from .optim import AdamWSettings
+from .precision import Precision
 
 SMALL_TILE = dict(block_m=64, block_n=64, thread_m=4, thread_n=8)
+WIDE_TC_TILE = dict(block_n=256, block_k=64, stages=3)  # the fastest tensor-core tile in bench_compute
 SPLIT_K_TILES = 264     # a dW GEMM with fewer output tiles than two per SM (H100: 132) splits its contraction
 SPLIT_K_MIN_ROWS = 256  # ... into parts of at least this many tokens
 WIDE_OUTPUT = 512  # outputs at least this wide fill the GPU with 128x128 tiles at training batch sizes
 
 
-def split_k(spec: GemmSpec, m: int, n: int, tokens: int) -> int:
+Gemm = GemmSpec | GemmTCSpec
+
+
+def split_k(spec: Gemm, m: int, n: int, tokens: int) -> int:
     """Parts to split a dW GEMM's ``tokens``-long contraction into so the GPU has enough output
     tiles (1: none needed); a power of two dividing ``tokens``, each part >= SPLIT_K_MIN_ROWS."""
     tiles = -(-m // spec.block_m) * -(-n // spec.block_n)
@@ -49,21 +57,24 @@ def _lanes(head_dim: int) -> int:
 
 @dataclass(frozen=True)
 class LinearKernels:
-    """The three GEMMs of ``y = x W^T (+ b)`` for W of shape [out, in]."""
+    """The three GEMMs of ``y = x W^T (+ b)`` for W of shape [out, in]: fp32 SIMT, or tensor-core
+    GEMMs of bf16 operands (fp32 accumulate and output) in bf16 precision."""
 
-    forward: GemmSpec          # y = x W^T (+ b)
-    grad_input: GemmSpec       # dx = dy W
-    grad_input_acc: GemmSpec   # dx += dy W (the next of several projections of one input)
-    grad_weight: GemmSpec      # dW = dy^T x
+    forward: Gemm          # y = x W^T (+ b)
+    grad_input: Gemm       # dx = dy W
+    grad_input_acc: Gemm   # dx += dy W (the next of several projections of one input)
+    grad_weight: Gemm      # dW = dy^T x
 
     @classmethod
-    def of(cls, d_in: int, d_out: int, bias: bool = False) -> "LinearKernels":
-        def tile(width: int) -> dict[str, int]:
-            return {} if width >= WIDE_OUTPUT else SMALL_TILE
-
-        fwd = GemmSpec(trans_a=False, trans_b=True, bias=bias, vec=widest_vec(d_in, d_out), **tile(d_out))
-        dx = GemmSpec(trans_a=False, trans_b=False, vec=widest_vec(d_in, d_out), **tile(d_in))
-        dw = GemmSpec(trans_a=True, trans_b=False, vec=widest_vec(d_in, d_out), **tile(min(d_in, d_out)))
+    def of(cls, d_in: int, d_out: int, bias: bool = False, precision: Precision = Precision.FP32) -> "LinearKernels":
+        if precision is Precision.BF16:
+            make, tile = GemmTCSpec, (lambda width: WIDE_TC_TILE if width >= 2048 else {})
+        else:
+            make = functools.partial(GemmSpec, vec=widest_vec(d_in, d_out))
+            tile = lambda width: {} if width >= WIDE_OUTPUT else SMALL_TILE  # noqa: E731
+        fwd = make(trans_a=False, trans_b=True, bias=bias, **tile(d_out))
+        dx = make(trans_a=False, trans_b=False, **tile(d_in))
+        dw = make(trans_a=True, trans_b=False, **tile(min(d_in, d_out)))
         return cls(fwd, dx, dataclasses.replace(dx, accumulate=True), dw)
 
     def specs(self) -> list[KernelSpec]:
@@ -99,22 +110,25 @@ class ModelKernels:
     grad_norm_final: GradNormFinalSpec
     adamw_decay: AdamWSpec
     adamw_no_decay: AdamWSpec
+    to_bf16: CastSpec | None  # bf16 precision: GEMM operands' bf16 copies
 
     @classmethod
-    def of(cls, c: ModelConfig, adamw: AdamWSettings, ignore_index: int) -> "ModelKernels":
+    def of(cls, c: ModelConfig, adamw: AdamWSettings, ignore_index: int,
+           precision: Precision = Precision.FP32) -> "ModelKernels":
         h, d, q_dim, kv_dim = c.hidden_size, c.head_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         rope = dict(head_dim=d, theta=c.rope_theta)
         # a row over lanes threads: about 32 of its values per thread (64 -> 2 lanes, 128 -> 4)
         attn = dict(heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=d, lanes=_lanes(d))
         norm = RMSNormSpec(hidden=h, eps=c.rms_norm_eps, save_rstd=True)
         partial = GradNormPartialSpec()
+        linear = functools.partial(LinearKernels.of, precision=precision)
         return cls(
             embed=EmbeddingSpec(dim=h), embed_bwd=EmbeddingBackwardSpec(dim=h, accumulate=c.tie_word_embeddings),
             norm=norm, norm_residual=dataclasses.replace(norm, residual=True),
             norm_bwd=RMSNormBackwardSpec(hidden=h), norm_bwd_residual=RMSNormBackwardSpec(hidden=h, residual=True),
-            q=LinearKernels.of(h, q_dim, bias=c.qkv_bias), kv=LinearKernels.of(h, kv_dim, bias=c.qkv_bias),
-            o=LinearKernels.of(q_dim, h), gate_up=LinearKernels.of(h, c.intermediate_size),
-            down=LinearKernels.of(c.intermediate_size, h), head=LinearKernels.of(h, c.vocab_size),
+            q=linear(h, q_dim, bias=c.qkv_bias), kv=linear(h, kv_dim, bias=c.qkv_bias),
+            o=linear(q_dim, h), gate_up=linear(h, c.intermediate_size),
+            down=linear(c.intermediate_size, h), head=linear(h, c.vocab_size),
             rope_q=RopeSpec(heads=c.num_heads, **rope), rope_k=RopeSpec(heads=c.num_kv_heads, **rope),
             rope_q_bwd=RopeSpec(heads=c.num_heads, inverse=True, **rope),
             rope_k_bwd=RopeSpec(heads=c.num_kv_heads, inverse=True, **rope),
@@ -126,14 +140,15 @@ class ModelKernels:
             grad_norm_final=GradNormFinalSpec(partials=partial.blocks),
             adamw_decay=AdamWSpec(beta1=adamw.beta1, beta2=adamw.beta2, eps=adamw.eps,
                                   weight_decay=adamw.weight_decay),
-            adamw_no_decay=AdamWSpec(beta1=adamw.beta1, beta2=adamw.beta2, eps=adamw.eps, weight_decay=0.0))
+            adamw_no_decay=AdamWSpec(beta1=adamw.beta1, beta2=adamw.beta2, eps=adamw.eps, weight_decay=0.0),
+            to_bf16=CastSpec() if precision is Precision.BF16 else None)
 
     def specs(self) -> list[KernelSpec]:
         """Every spec, once: what the CUDA model pre-warms and then runs in strict mode."""
         out: list[KernelSpec] = []
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            for spec in (v.specs() if isinstance(v, LinearKernels) else [v]):
+            for spec in (v.specs() if isinstance(v, LinearKernels) else [v] if v is not None else []):
                 if spec not in out:
                     out.append(spec)
         return out

@@ -13,6 +13,7 @@ from ptxgen.kernels.adamw import NORM_EPS, adamw_reference
 
 from .config import ModelConfig
 from .optim import AdamWSettings, decays
+from .precision import Precision
 from .reference import KVCache, ReferenceModel
 
 
@@ -20,15 +21,16 @@ class NumpyBackend:
     name = "numpy"
     description = "numpy (float64 reference on the CPU)"
 
-    def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], adamw: AdamWSettings):
-        self.config, self.adamw = config, adamw
+    def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], adamw: AdamWSettings,
+                 precision: Precision = Precision.FP32):
+        self.config, self.adamw, self.precision = config, adamw, precision
         self.params = {k: np.asarray(v, dtype=np.float32).copy() for k, v in params.items()}
         self.exp_avg = {k: np.zeros_like(v) for k, v in self.params.items()}
         self.exp_avg_sq = {k: np.zeros_like(v) for k, v in self.params.items()}
         self.step = 0
 
     def _model(self) -> ReferenceModel:
-        return ReferenceModel(self.config, self.params)
+        return ReferenceModel(self.config, self.params, self.precision)
 
     def loss(self, ids: np.ndarray, targets: np.ndarray) -> float:
         return self._model().loss(ids, targets)
@@ -67,8 +69,8 @@ class NumpyBackend:
 class NumpyDecoder:
     """Incremental decoding on the numpy reference with its KV cache."""
 
-    def __init__(self, config: ModelConfig, params: dict[str, np.ndarray]):
-        self.model = ReferenceModel(config, params)
+    def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], precision: Precision = Precision.FP32):
+        self.model = ReferenceModel(config, params, precision)
         self.cache = KVCache()
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:

@@ -20,6 +20,7 @@ from ptxgen.kernels.swiglu import swiglu_backward_reference, swiglu_reference
 
 from .config import ModelConfig
 from .params import layer_prefix, lm_head_name
+from .precision import Precision
 
 IGNORE_INDEX = -100
 
@@ -37,14 +38,16 @@ class KVCache:
 
 
 class ReferenceModel:
-    """float64 forward/backward over a parameter dict with HF names."""
+    """float64 forward/backward over a parameter dict with HF names. With ``Precision.BF16`` every
+    linear layer's GEMM (forward, input and weight gradients) reads bf16-rounded operands."""
 
-    def __init__(self, config: ModelConfig, params: dict[str, np.ndarray]):
+    def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], precision: Precision = Precision.FP32):
         self.c = config
         self.p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+        self.mm = precision.matmul
 
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
-        y = x @ self.p[name + ".weight"].T
+        y = self.mm(x, self.p[name + ".weight"].T)
         return y + self.p[name + ".bias"] if name + ".bias" in self.p else y
 
     def forward(self, ids: np.ndarray, cache: KVCache | None = None, tape: list | None = None) -> np.ndarray:
@@ -70,12 +73,13 @@ class ReferenceModel:
                 k = cache.keys[i] = np.concatenate([cache.keys[i], k], axis=1)
                 v = cache.values[i] = np.concatenate([cache.values[i], v], axis=1)
             o, probs, _ = attention_reference(q, k, v, start)
-            attn = o.reshape(b * s, -1) @ self.p[p + "self_attn.o_proj.weight"].T
+            attn = self.mm(o.reshape(b * s, -1), self.p[p + "self_attn.o_proj.weight"].T)
             x_mid = x + attn
             h2, rstd2 = rmsnorm_reference(x_mid, self.p[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
-            gate, up = h2 @ self.p[p + "mlp.gate_proj.weight"].T, h2 @ self.p[p + "mlp.up_proj.weight"].T
+            gate = self.mm(h2, self.p[p + "mlp.gate_proj.weight"].T)
+            up = self.mm(h2, self.p[p + "mlp.up_proj.weight"].T)
             act = swiglu_reference(gate, up)
-            x_out = x_mid + act @ self.p[p + "mlp.down_proj.weight"].T
+            x_out = x_mid + self.mm(act, self.p[p + "mlp.down_proj.weight"].T)
             if tape is not None:
                 tape.append(dict(x=x, h=h, q=q, k=k, v=v, o=o, probs=probs, x_mid=x_mid, h2=h2,
                                  gate=gate, up=up, act=act))
@@ -83,7 +87,7 @@ class ReferenceModel:
         hf, _ = rmsnorm_reference(x, self.p["model.norm.weight"], c.rms_norm_eps)
         if tape is not None:
             tape.append(dict(x=x, hf=hf, positions=positions, shape=(b, s)))
-        return (hf @ self.p[lm_head_name(c)].T).reshape(b, s, -1)
+        return self.mm(hf, self.p[lm_head_name(c)].T).reshape(b, s, -1)
 
     def loss(self, ids: np.ndarray, targets: np.ndarray) -> float:
         logits = self.forward(ids)
@@ -105,37 +109,37 @@ class ReferenceModel:
         g = {name: np.zeros_like(v) for name, v in self.p.items()}
 
         head = lm_head_name(c)
-        g[head] += dlogits.T @ top["hf"]
-        dhf = dlogits @ self.p[head]
+        g[head] += self.mm(dlogits.T, top["hf"])
+        dhf = self.mm(dlogits, self.p[head])
         dx, dgamma = rmsnorm_backward_reference(top["x"], self.p["model.norm.weight"], dhf, c.rms_norm_eps)
         g["model.norm.weight"] += dgamma
         for i in reversed(range(c.num_layers)):
             p, a = layer_prefix(i), tape[i]
             # MLP: x_out = x_mid + down(silu(gate) * up)
             wd = self.p[p + "mlp.down_proj.weight"]
-            g[p + "mlp.down_proj.weight"] += dx.T @ a["act"]
-            dgate, dup = swiglu_backward_reference(a["gate"], a["up"], dx @ wd)
-            g[p + "mlp.gate_proj.weight"] += dgate.T @ a["h2"]
-            g[p + "mlp.up_proj.weight"] += dup.T @ a["h2"]
-            dh2 = dgate @ self.p[p + "mlp.gate_proj.weight"] + dup @ self.p[p + "mlp.up_proj.weight"]
+            g[p + "mlp.down_proj.weight"] += self.mm(dx.T, a["act"])
+            dgate, dup = swiglu_backward_reference(a["gate"], a["up"], self.mm(dx, wd))
+            g[p + "mlp.gate_proj.weight"] += self.mm(dgate.T, a["h2"])
+            g[p + "mlp.up_proj.weight"] += self.mm(dup.T, a["h2"])
+            dh2 = self.mm(dgate, self.p[p + "mlp.gate_proj.weight"]) + self.mm(dup, self.p[p + "mlp.up_proj.weight"])
             dmid, dgamma = rmsnorm_backward_reference(a["x_mid"], self.p[p + "post_attention_layernorm.weight"],
                                                       dh2, c.rms_norm_eps)
             g[p + "post_attention_layernorm.weight"] += dgamma
             dx_mid = dx + dmid
             # attention: x_mid = x + o_proj(attn(rope(q), rope(k), v))
             o2d = a["o"].reshape(b * s, -1)
-            g[p + "self_attn.o_proj.weight"] += dx_mid.T @ o2d
-            do = (dx_mid @ self.p[p + "self_attn.o_proj.weight"]).reshape(a["o"].shape)
+            g[p + "self_attn.o_proj.weight"] += self.mm(dx_mid.T, o2d)
+            do = self.mm(dx_mid, self.p[p + "self_attn.o_proj.weight"]).reshape(a["o"].shape)
             dq, dk, dv = attention_backward_reference(a["q"], a["k"], a["v"], a["probs"], do)
             dq = rope_reference(dq.reshape(b * s, c.num_heads, -1), positions, c.rope_theta, inverse=True)
             dk = rope_reference(dk.reshape(b * s, c.num_kv_heads, -1), positions, c.rope_theta, inverse=True)
             dh = np.zeros_like(a["h"])
             for name, d in (("q_proj", dq), ("k_proj", dk), ("v_proj", dv)):
                 d = d.reshape(b * s, -1)
-                g[p + f"self_attn.{name}.weight"] += d.T @ a["h"]
+                g[p + f"self_attn.{name}.weight"] += self.mm(d.T, a["h"])
                 if c.qkv_bias:
                     g[p + f"self_attn.{name}.bias"] += d.sum(0)
-                dh += d @ self.p[p + f"self_attn.{name}.weight"]
+                dh += self.mm(d, self.p[p + f"self_attn.{name}.weight"])
             dxn, dgamma = rmsnorm_backward_reference(a["x"], self.p[p + "input_layernorm.weight"], dh,
                                                      c.rms_norm_eps)
             g[p + "input_layernorm.weight"] += dgamma

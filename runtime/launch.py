@@ -28,10 +28,12 @@ def _dims(d: int | Sequence[int]) -> tuple[int, int, int]:
 class Launch:
     """One prepared launch: calling it issues cuLaunchKernel with prepacked arguments."""
 
-    __slots__ = ("_args", "_values", "_array")
+    __slots__ = ("_args", "_values", "_array", "kernel")
 
-    def __init__(self, fn: Any, grid: tuple[int, int, int], block: tuple[int, int, int],
+    def __init__(self, kernel: "Kernel", grid: tuple[int, int, int], block: tuple[int, int, int],
                  shared: int, stream: Any, values: list[Any]):
+        self.kernel = kernel  # what it launches (a profile groups launches by kernel.spec)
+        fn = kernel.function
         self._values = values  # keeps the ctypes values alive while the pointer array points at them
         self._array = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
         self._args = (fn, *grid, *block, shared, stream, ctypes.addressof(self._array), 0)
@@ -79,7 +81,7 @@ class Kernel:
                  cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
             self._shared_limit = shared
         handle = cu.CUstream(0) if stream is None else stream.handle
-        return Launch(self.function, _dims(grid), _dims(block), shared, handle, self.pack(args))
+        return Launch(self, _dims(grid), _dims(block), shared, handle, self.pack(args))
 
     def __call__(self, grid: int | Sequence[int], block: int | Sequence[int], *args: Any,
                  shared: int | None = None, stream: Stream | None = None) -> None:

@@ -6,18 +6,23 @@ from model.config import preset
 from model.cuda_model import ParamLayout
 from model.kernels import ModelKernels
 from model.optim import AdamWSettings, decays
+from model.precision import Precision
 from ptxgen.kernels.adamw import AdamWSpec
 from ptxgen.kernels.attention import AttentionSpec
+from ptxgen.kernels.cast import CastSpec
 from ptxgen.kernels.gemm import GemmSpec
+from ptxgen.kernels.gemm_tc import GemmTCSpec
 from ptxgen.kernels.rmsnorm import RMSNormSpec
 from ptxgen.kernels.rope import RopeSpec
 
 
+@pytest.mark.parametrize("precision", list(Precision))
 @pytest.mark.parametrize("name", ["tiny", "qwen2-0.5b", "llama-style"])
-def test_eps_and_theta_from_the_config_reach_every_spec(name):
+def test_eps_and_theta_from_the_config_reach_every_spec(name, precision):
     config = preset(name)
     for eps, theta in ((1e-5, 1e4), (1e-6, 1e6), (3e-7, 5e5)):
-        specs = ModelKernels.of(config.replace(rms_norm_eps=eps, rope_theta=theta), AdamWSettings(), -100).specs()
+        specs = ModelKernels.of(config.replace(rms_norm_eps=eps, rope_theta=theta), AdamWSettings(), -100,
+                                precision).specs()
         norms = [s for s in specs if isinstance(s, RMSNormSpec)]
         ropes = [s for s in specs if isinstance(s, RopeSpec)]
         assert norms and all(s.eps == eps for s in norms)
@@ -46,7 +51,7 @@ def test_biases_gqa_and_optimizer_settings_are_carried():
 
 def test_parameter_layout_is_aligned_and_puts_decayed_tensors_first():
     layout = ParamLayout(preset("tiny"))
-    assert all(off % 4 == 0 for off in layout.offsets.values())
+    assert all(off % 8 == 0 for off in layout.offsets.values())  # 16 bytes in bf16 too
     for name, off in layout.offsets.items():
         assert (off < layout.decay_end) == decays(name)
     import numpy as np
@@ -64,3 +69,17 @@ def test_small_weight_gradients_split_their_token_contraction():
     assert split_k(qwen.gate_up.grad_weight, 4864, 896, 16384) == 1  # 532 tiles: enough
     assert split_k(qwen.kv.grad_weight, 128, 896, 87) == 1           # odd token count: no split
     assert split_k(qwen.kv.grad_weight, 128, 896, 512) == 2          # parts stay >= 256 tokens
+
+
+def test_bf16_precision_puts_every_linear_gemm_on_tensor_cores_and_adds_the_cast():
+    fp32 = ModelKernels.of(preset("qwen2-0.5b"), AdamWSettings(), -100)
+    bf16 = ModelKernels.of(preset("qwen2-0.5b"), AdamWSettings(), -100, Precision.BF16)
+    gemms = lambda kernels: [s for s in kernels.specs() if isinstance(s, (GemmSpec, GemmTCSpec))]  # noqa: E731
+    assert all(isinstance(s, GemmSpec) for s in gemms(fp32)) and fp32.to_bf16 is None
+    assert all(isinstance(s, GemmTCSpec) for s in gemms(bf16)) and len(gemms(bf16)) >= 8
+    assert bf16.to_bf16 == CastSpec() and CastSpec() in bf16.specs() and CastSpec() not in fp32.specs()
+    assert bf16.q.forward.bias and not bf16.o.forward.bias
+    assert bf16.gate_up.forward.block_n == 256 and bf16.q.forward.block_n == 128  # wide outputs, wide tiles
+    # everything but the GEMMs and the cast is the same kernel in both precisions
+    same = lambda kernels: {s for s in kernels.specs() if not isinstance(s, (GemmSpec, GemmTCSpec, CastSpec))}  # noqa: E731
+    assert same(fp32) == same(bf16)

@@ -75,3 +75,21 @@ def test_bias_theta_and_eps_each_change_the_logits():
     assert not np.allclose(ReferenceModel(MICRO.replace(qkv_bias=False), no_bias).forward(ids), base)
     assert not np.allclose(ReferenceModel(MICRO.replace(rope_theta=1e6), model.p).forward(ids), base)
     assert not np.allclose(ReferenceModel(MICRO.replace(rms_norm_eps=1e-2), model.p).forward(ids), base)
+
+
+def test_bf16_precision_rounds_the_linear_layers_operands_only():
+    from model.precision import Precision
+    config = preset("tiny")
+    params = init_params(config, seed=3)
+    ids = np.random.default_rng(4).integers(0, 256, (2, 9))
+    targets = np.roll(ids, -1, axis=1)
+    fp32 = ReferenceModel(config, params)
+    bf16 = ReferenceModel(config, params, Precision.BF16)
+    l32, g32 = fp32.loss_and_grads(ids, targets)
+    l16, g16 = bf16.loss_and_grads(ids, targets)
+    assert l16 != l32 and l16 == pytest.approx(l32, rel=1e-2)  # rounded, and close
+    for name in g32:
+        assert np.abs(g16[name] - g32[name]).max() <= 0.05 * np.abs(g32[name]).max() + 1e-7, name
+    x = np.array([1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, -3.1415926])  # two ties to even, then plain rounding
+    assert list(Precision.BF16.round(x)) == [1.0, 1.0 + 2.0 ** -6, -3.140625]
+    assert Precision.FP32.round(x) is x

@@ -133,6 +133,22 @@ def test_cli_trains_resumes_and_generates(tmp_path, capsys):
                  "--temperature", "0.8", "--top-k", "5", "--device", "numpy"]) == 0
 
 
+def test_cli_trains_and_generates_with_bf16_gemm_operands(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.py").write_text("def add(a, b):\n    return a + b\n" * 200)
+    cfg = tmp_path / "config.json"
+    MICRO.save(cfg)
+    assert main(["train", "--config", str(cfg), "--data", str(data), "--out", str(tmp_path / "run"), "--device",
+                 "numpy", "--precision", "bf16", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
+                 "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("device: numpy") and "bf16 GEMMs (fp32 master weights)" in out
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def", "--max-new-tokens", "3",
+                 "--device", "numpy", "--precision", "bf16"]) == 0
+    assert capsys.readouterr().out.startswith("def")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--preset", "huge"], "unknown preset 'huge'"),
     (["train", "--data", "/nonexistent/dir", "--device", "numpy"], "no such file or directory"),
@@ -140,6 +156,7 @@ def test_cli_trains_resumes_and_generates(tmp_path, capsys):
     (["generate", "--checkpoint", "/nonexistent", "--prompt", "x"], "no checkpoint at"),
     (["generate", "--prompt", "x"], "required: --checkpoint"),
     (["bogus"], "unknown command 'bogus'"),
+    (["train", "--precision", "fp8"], "invalid choice: 'fp8'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2

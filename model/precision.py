@@ -1,0 +1,25 @@
+"""What the linear layers' GEMMs read: fp32, or bf16 copies of their operands (mixed precision).
+
+In bf16 the weights stay fp32 (the master copy AdamW updates) and every other op stays fp32; only
+the operands of the linear layers' GEMMs (activations, output gradients, weights) are rounded to
+bf16, and their products are accumulated in fp32. ``round`` is that rounding for the references.
+"""
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+from ptxgen.vecio import DType, round_to
+
+
+class Precision(enum.Enum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+    def round(self, x: np.ndarray) -> np.ndarray:
+        """A GEMM operand as that GEMM reads it (float64 values)."""
+        return round_to(x, DType.BF16) if self is Precision.BF16 else x
+
+    def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self.round(a) @ self.round(b)
