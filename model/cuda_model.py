@@ -117,9 +117,11 @@ class CudaBackend:
         self._gemm_bytes = 4 if self.weights16 is None else 2  # per element of a GEMM operand
         with self.cache.strict_mode():
             self._optimizer = self._optimizer_launches()
-            if self.weights16 is not None:
-                self._optimizer.append(self._cast(self.weights.ptr, self.weights16.ptr, self.layout.decay_end))
-                self._optimizer[-1]()
+            # after each optimizer step: the matrices' bf16 copy
+            self._refresh = [] if self.weights16 is None else \
+                [self._cast(self.weights.ptr, self.weights16.ptr, self.layout.decay_end)]
+            for launch in self._refresh:
+                launch()
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -168,7 +170,7 @@ class CudaBackend:
                 launch.set_arg(6, lr)
                 launch.set_arg(7, 1.0 - a.beta1 ** self.step)
                 launch.set_arg(8, 1.0 - a.beta2 ** self.step)
-            for launch in self._norm + self._optimizer:
+            for launch in self._norm + self._optimizer + self._refresh:
                 launch()
         return self._mean_loss(step, targets), float(self.norm_out.to_numpy()[0])
 
@@ -177,7 +179,7 @@ class CudaBackend:
         profile; the embedding backward is left out: it is planned per batch)."""
         with self.cache.strict_mode():
             step = self._steps.get((batch, seq)) or self._build(batch, seq)
-        return step.forward + step.backward + self._norm + self._optimizer
+        return step.forward + step.backward + self._norm + self._optimizer + self._refresh
 
     def _forward_backward(self, ids: np.ndarray, targets: np.ndarray) -> _Step:
         step = self._run_forward(ids, targets)
