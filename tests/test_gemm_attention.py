@@ -72,7 +72,8 @@ def test_attention_backward_reference_matches_finite_differences():
 
 
 def test_tensor_core_gemm_refuses_what_its_16_byte_copies_cannot_serve():
-    from ptxgen.kernels.gemm_tc import GemmTCSpec, swizzle
+    from ptxgen.kernels.gemm_tc import GemmTCSpec
+    from ptxgen.kernels.mma_tile import swizzle
     with pytest.raises(ValueError, match="K=12 is not a multiple of 8"):
         GemmTCSpec().arguments(0, 0, 0, 8, 8, 12)
     with pytest.raises(ValueError, match="N \\(B not transposed\\)=12"):

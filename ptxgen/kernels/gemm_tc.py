@@ -14,7 +14,6 @@ operand stored with K contiguous is read by ``ldmatrix``; one stored with M (or 
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,25 +22,9 @@ from ..registry import register
 from ..spec import KernelSpec, SpecError
 from .common import check_positive
 from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices
+from .mma_tile import CHUNK, ELEMS, MmaType, SharedTile
 
-CHUNK = 16        # bytes per cp.async / per ldmatrix row
-ELEMS = CHUNK // 2  # 16-bit elements per chunk
 SHARED_LIMIT = 227 * 1024  # dynamic shared memory one block may have on sm_90
-
-
-class MmaType(enum.Enum):
-    BF16 = "bf16"
-    F16 = "f16"
-
-
-def swizzle(chunks_per_row: int) -> tuple[int, int]:
-    """(shift, mask): chunk c of row r is stored at c ^ ((r >> shift) & mask).
-
-    Chosen so that any 8 consecutive rows put a given chunk in 8 different 16-byte bank groups
-    (a 128-byte line holds 8 chunks): rows of 8+ chunks XOR with r & 7, of 4 with (r >> 1) & 3,
-    of 2 with (r >> 2) & 1.
-    """
-    return {2: (2, 1), 4: (1, 3)}.get(chunks_per_row, (0, 7))
 
 
 class _Operand:
@@ -54,10 +37,8 @@ class _Operand:
                  k_total: Reg, outer0: Reg, outer: int, k_contig: bool, tid: Reg, base: int):
         self.b, self.k_contig, self.outer, self.bk, self.base = b, k_contig, outer, spec.block_k, base
         rows, row_elems = (outer, spec.block_k) if k_contig else (spec.block_k, outer)
-        self.row_bytes = row_elems * 2
-        self.stage_bytes = rows * self.row_bytes
-        self.chunks = row_elems // ELEMS
-        self.shift, self.mask = swizzle(self.chunks)
+        self.tile = SharedTile(b, row_elems, k_contig, base)
+        self.row_bytes, self.chunks = self.tile.row_bytes, self.tile.chunks
         # the block's threads copy pass_rows whole rows per pass (validate: a multiple of 8, so a
         # pass moves a thread's chunk by whole swizzle periods: compile-time shared offsets)
         self.pass_rows = spec.threads // self.chunks
@@ -70,7 +51,7 @@ class _Operand:
         self.src = b.add(ptr, b.shl(b.add(b.mul_wide(r, ld), b.cvt(T.U64, c)), 1))  # pass 0 of the next slice
         self.pass_step = b.mul_wide(ld, self.pass_rows * 2)
         self.slice_step = b.mul_wide(ld, spec.block_k * 2) if not k_contig else spec.block_k * 2
-        self.dst = b.mad(row, self.row_bytes, b.shl(b.xor(chunk, b.and_(b.shr(row, self.shift), self.mask)), 4))
+        self.dst = self.tile.offset(row, chunk)
         self.outer_ok = None if k_contig else b.setp("lt", self.outer_at, extent)
 
     def issue(self, k0: Reg, stage: Reg) -> None:
@@ -94,27 +75,10 @@ class _Operand:
 
     def lane_offsets(self, lane: Reg, outer_base: Reg, outer_bit: int, k_bit: int,
                      chunks: list[int]) -> dict[int, Reg]:
-        """Per lane, for x4 ldmatrix: for each compile-time chunk offset c, the lane's byte offset
-        in a stage at row offset 0 and chunk offset c (its chunk XOR its swizzle, shifted), so a
-        fragment is one ``[stage + offset + row * row_bytes]``. ``outer_bit``/``k_bit``: which
-        bit of the lane's matrix index (lane >> 3) steps 8 along the outer / the k dimension."""
-        b = self.b
-        i, j = b.and_(lane, 7), b.shr(lane, 3)
-        outer_step = b.and_(b.shr(j, outer_bit), 1)
-        k_step = b.and_(b.shr(j, k_bit), 1)
-        swz = b.and_(b.shr(i, self.shift), self.mask)  # depends on row bits below 8 only: i's
-        if self.k_contig:  # rows are outer, chunks are k: row = outer_base + i + 8 * outer_step
-            row = b.add(outer_base, b.add(i, b.shl(outer_step, 3)))
-            lane_chunk = b.xor(k_step, swz)
-        else:  # rows are k (i + 8 * k_step), chunks are outer: outer_base / 8 + outer_step
-            row = b.add(i, b.shl(k_step, 3))
-            lane_chunk = b.xor(b.add(b.shr(outer_base, 3), outer_step), swz)
-        lane_row = b.mad(row, self.row_bytes, self.base)
-        return {c: b.add(lane_row, b.shl(b.xor(lane_chunk, c), 4)) for c in chunks}
+        return self.tile.lane_offsets(lane, outer_base, outer_bit, k_bit, chunks)
 
     def fragment(self, at: dict[int, Reg], row: int, chunk: int, out: list[Reg]) -> None:
-        """ldmatrix.x4 at compile-time row / chunk offsets (``at``: the lane's stage addresses by chunk)."""
-        self.b.ldmatrix(at[chunk], 4, trans=not self.k_contig, offset=row * self.row_bytes, out=out)
+        self.tile.fragment(at, row, chunk, out)
 
 
 @register
