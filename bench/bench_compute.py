@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from harness import time_ms, write_json
 from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
+from ptxgen.kernels.attention_tc import AttentionTCSpec
 from ptxgen.kernels.gemm import GemmSpec
 from ptxgen.kernels.gemm_tc import GemmTCSpec, MmaType
 from ptxgen.spec import SpecError
@@ -112,6 +113,31 @@ def attention(cache: ModuleCache, rows: list, bsz: int, s: int, h: int, hkv: int
                     time_ms(lambda: torch.autograd.grad(out, (qg, kg, vg), gt, retain_graph=True), reps=3, warmup=1)))
 
 
+TC_ATTN_LAYOUTS = [dict(), dict(warps=8), dict(block_kv=128), dict(warps=8, block_kv=128), dict(block_kv=32)]
+
+
+def attention_tc(cache: ModuleCache, rows: list, bsz: int, s: int, h: int, hkv: int, d: int) -> None:
+    """Tensor-core forward in bf16 at its fastest layout, beside SDPA in bf16 (causal, GQA)."""
+    p = lambda t: t.data_ptr()  # noqa: E731
+    q = torch.randn(bsz, s, h, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(bsz, s, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    o, lse = torch.empty_like(q), torch.empty(bsz, h, s, device="cuda")
+    best = None
+    for layout in TC_ATTN_LAYOUTS:
+        spec = AttentionTCSpec(heads=h, kv_heads=hkv, head_dim=d, **layout)
+        launch = cache.get(spec).bind(*spec.launch_dims(bsz, s), p(q), p(k), p(v), p(o), p(lse), s, s, s, 0)
+        ms = time_ms(launch, reps=10, warmup=2)
+        print(f"  attention_tc bf16 b{bsz} h{h}/{hkv} s{s} d{d} {layout or 'default'}: "
+              f"{4.0 * bsz * h * s * s * d / 2 / ms / 1e9:.1f} TFLOP/s")
+        best = min(best or (ms, spec), (ms, spec), key=lambda t: t[0])
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k.repeat_interleave(h // hkv, 2),
+                                                         v.repeat_interleave(h // hkv, 2)))
+    theirs = time_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), reps=10, warmup=2)
+    spec = best[1]
+    rows.append(Row(f"attention_tc fwd bf16 b{bsz} h{h}/{hkv} s{s} d{d} [{spec.warps} warps, kv {spec.block_kv}]",
+                    4.0 * bsz * h * s * s * d / 2, best[0], theirs))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", type=Path)
@@ -151,8 +177,9 @@ def main() -> None:
 
     for d in (64, 128):
         attention(cache, rows, 8, 2048, 14, 2, d)
+        attention_tc(cache, rows, 8, 2048, 14, 2, d)
 
-    print("\n== compute-bound kernels vs torch (fp32 rows with TF32 off; gemm_tc rows in their 16-bit type)")
+    print("\n== compute-bound kernels vs torch (fp32 rows with TF32 off; gemm_tc and attention_tc rows in bf16/f16)")
     print(f"  {'kernel':<64} {'ours ms':>9} {'ours TFLOP/s':>13} {'torch TFLOP/s':>14} {'ours/torch':>10}")
     for r in rows:
         x = r.as_dict()

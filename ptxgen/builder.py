@@ -468,7 +468,13 @@ class KernelBuilder:
 
     def cvt_bf16x2(self, hi: Reg, lo: Reg) -> Reg:
         """Two f32 -> one .b32 holding two bf16 (``lo`` in the low half), round to nearest."""
-        ins = "cvt.rn.bf16x2.f32"
+        return self.cvt_x2(T.BF16, hi, lo)
+
+    def cvt_x2(self, to: T, hi: Reg, lo: Reg) -> Reg:
+        """Two f32 -> one .b32 holding two ``to`` (bf16 or f16; ``lo`` in the low half), round to nearest."""
+        if to not in (T.BF16, T.F16):
+            raise PtxBuildError(f"cvt.rn.{to.value}x2.f32 does not exist; bf16 or f16")
+        ins = f"cvt.rn.{to.value}x2.f32"
         d = self.reg(T.B32)
         self._emit(f"{ins} {d}, {self._op(ins, hi, T.F32, 'hi')}, {self._op(ins, lo, T.F32, 'lo')}")
         return d

@@ -1,2 +1,3 @@
 """Kernel families; importing this package registers every kind."""
-from . import adamw, attention, bias, cast, colsum, cross_entropy, embedding, gemm, gemm_tc, rmsnorm, rope, swiglu  # noqa: F401
+from . import (adamw, attention, attention_tc, bias, cast, colsum, cross_entropy, embedding,  # noqa: F401
+               gemm, gemm_tc, rmsnorm, rope, swiglu)
