@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from harness import time_ms, write_json
 from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
-from ptxgen.kernels.attention_tc import AttentionTCSpec
+from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
 from ptxgen.kernels.gemm import GemmSpec
 from ptxgen.kernels.gemm_tc import GemmTCSpec, MmaType
 from ptxgen.spec import SpecError
@@ -113,15 +113,20 @@ def attention(cache: ModuleCache, rows: list, bsz: int, s: int, h: int, hkv: int
                     time_ms(lambda: torch.autograd.grad(out, (qg, kg, vg), gt, retain_graph=True), reps=3, warmup=1)))
 
 
-TC_ATTN_LAYOUTS = [dict(), dict(warps=8), dict(block_kv=128), dict(warps=8, block_kv=128), dict(block_kv=32)]
+TC_ATTN_LAYOUTS = [dict(), dict(warps=8), dict(tile=128), dict(warps=8, tile=128), dict(tile=32)]
+TC_ATTN_BWD_LAYOUTS = [dict(), dict(tile=32), dict(warps=8, tile=32), dict(warps=2, tile=32)]
 
 
 def attention_tc(cache: ModuleCache, rows: list, bsz: int, s: int, h: int, hkv: int, d: int) -> None:
-    """Tensor-core forward in bf16 at its fastest layout, beside SDPA in bf16 (causal, GQA)."""
+    """Tensor-core forward and backward in bf16, each at its fastest layout, beside SDPA in bf16 (causal,
+    GQA through repeated K/V heads)."""
     p = lambda t: t.data_ptr()  # noqa: E731
     q = torch.randn(bsz, s, h, d, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(bsz, s, hkv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     o, lse = torch.empty_like(q), torch.empty(bsz, h, s, device="cuda")
+    do = torch.randn_like(q)
+    dq, delta = torch.empty(bsz, s, h, d, device="cuda"), torch.empty(bsz, h, s, device="cuda")
+    dk, dv = (torch.empty(bsz, s, hkv, d, device="cuda") for _ in range(2))
     best = None
     for layout in TC_ATTN_LAYOUTS:
         spec = AttentionTCSpec(heads=h, kv_heads=hkv, head_dim=d, **layout)
@@ -134,8 +139,31 @@ def attention_tc(cache: ModuleCache, rows: list, bsz: int, s: int, h: int, hkv: 
                                                          v.repeat_interleave(h // hkv, 2)))
     theirs = time_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), reps=10, warmup=2)
     spec = best[1]
-    rows.append(Row(f"attention_tc fwd bf16 b{bsz} h{h}/{hkv} s{s} d{d} [{spec.warps} warps, kv {spec.block_kv}]",
+    rows.append(Row(f"attention_tc fwd bf16 b{bsz} h{h}/{hkv} s{s} d{d} [{spec.warps} warps, tile {spec.tile}]",
                     4.0 * bsz * h * s * s * d / 2, best[0], theirs))
+    launch = cache.get(spec).bind(*spec.launch_dims(bsz, s), p(q), p(k), p(v), p(o), p(lse), s, s, s, 0)
+    launch()  # o and lse for the backward
+    bwd_best = None
+    for layout in TC_ATTN_BWD_LAYOUTS:
+        try:
+            bq, bkv = (cls(heads=h, kv_heads=hkv, head_dim=d, **layout)
+                       for cls in (AttentionTCBackwardQSpec, AttentionTCBackwardKVSpec))
+        except SpecError:
+            continue
+        run_q = cache.get(bq).bind(*bq.launch_dims(bsz, s), p(q), p(k), p(v), p(o), p(do), p(lse), p(dq),
+                                   p(delta), s)
+        run_kv = cache.get(bkv).bind(*bkv.launch_dims(bsz, s), p(q), p(k), p(v), p(do), p(lse), p(delta),
+                                     p(dk), p(dv), s)
+        ms = time_ms(lambda: (run_q(), run_kv()), reps=5, warmup=1)
+        print(f"  attention_tc bwd bf16 b{bsz} h{h}/{hkv} s{s} d{d} {layout or 'default'}: "
+              f"{2.5 * 4.0 * bsz * h * s * s * d / 2 / ms / 1e9:.1f} TFLOP/s")
+        bwd_best = min(bwd_best or (ms, layout), (ms, layout), key=lambda t: t[0])
+    qg, kg, vg = (x.detach().requires_grad_() for x in (qt, kt, vt))
+    out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+    gt = torch.randn_like(out)
+    rows.append(Row(f"attention_tc bwd bf16 b{bsz} h{h}/{hkv} s{s} d{d} {bwd_best[1] or 'default'}",
+                    2.5 * 4.0 * bsz * h * s * s * d / 2, bwd_best[0],
+                    time_ms(lambda: torch.autograd.grad(out, (qg, kg, vg), gt, retain_graph=True), reps=5, warmup=1)))
 
 
 def main() -> None:

@@ -1,15 +1,17 @@
-"""Tensor-core attention forward against the float64 masked softmax of the same 16-bit inputs.
+"""Tensor-core attention against the float64 masked softmax of the same 16-bit inputs.
 
 Tolerance: S = Q K^T is exact products summed in fp32, so the log-sum-exp is within 1e-4; P is
 rounded to 16 bits before P V (as FlashAttention does), so O is within 1e-2 absolute for inputs of
-unit scale (|O| stays below the largest |V|), with 16-bit output rounding on top.
+unit scale (|O| stays below the largest |V|), with 16-bit output rounding on top. The backward
+rounds P and dS to 16 bits for its products and takes delta from the 16-bit O: dQ, dK and dV are
+within 2e-2 of each one's largest reference magnitude, delta within 1e-4 of rowsum(dO * O).
 """
 import numpy as np
 import pytest
 
 from cudacall import call, poison
-from ptxgen.kernels.attention import attention_reference
-from ptxgen.kernels.attention_tc import AttentionTCSpec
+from ptxgen.kernels.attention import attention_backward_reference, attention_reference
+from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
 from ptxgen.kernels.mma_tile import MmaType
 from ptxgen.vecio import from_bf16, to_bf16
 from runtime import ModuleCache
@@ -71,3 +73,30 @@ def test_non_causal_and_over_a_kv_cache(cache):
     # 5 new queries at positions 40..44 over a cache holding 45 keys; then one decoding step
     check(*run(cache, AttentionTCSpec(heads=4, kv_heads=2, head_dim=64), 2, 5, kv_len=45, q_start=40))
     check(*run(cache, AttentionTCSpec(heads=4, kv_heads=2, head_dim=128), 1, 1, kv_len=300, q_start=299))
+
+
+@pytest.mark.parametrize("bsz, s, h, hkv, d, tile", [(1, 1, 2, 1, 64, 64), (2, 37, 4, 2, 64, 64),
+                                                     (2, 1000, 14, 2, 64, 64), (1, 77, 14, 2, 128, 32),
+                                                     (2, 100, 4, 4, 32, 32)])
+def test_backward_matches_the_reference_gradients(cache, bsz, s, h, hkv, d, tile):
+    layout = dict(heads=h, kv_heads=hkv, head_dim=d, tile=tile)
+    fwd = AttentionTCSpec(**layout)
+    dtype = fwd.dtype
+    (q, q64), (k, k64), (v, v64), (do, do64) = (
+        sixteen(rng.standard_normal(shape).astype(np.float32), dtype)
+        for shape in ((bsz, s, h, d), (bsz, s, hkv, d), (bsz, s, hkv, d), (bsz, s, h, d)))
+    o, lse = call(cache, fwd, fwd.launch_dims(bsz, s), q, k, v, poison(q.shape, np.uint16), poison((bsz, h, s)),
+                  s, s, s, 0)[3:]
+    _, p, _ = attention_reference(q64, k64, v64)
+    dq_ref, dk_ref, dv_ref = attention_backward_reference(q64, k64, v64, p, do64)
+    bq = AttentionTCBackwardQSpec(**layout)
+    dq, delta = call(cache, bq, bq.launch_dims(bsz, s), q, k, v, o, do, lse, poison(q.shape),
+                     poison((bsz, h, s)), s)[6:]
+    np.testing.assert_allclose(delta, np.einsum("bshd,bshd->bhs", do64, values(o, dtype)), rtol=1e-4, atol=1e-4)
+    bkv = AttentionTCBackwardKVSpec(**layout)
+    dk, dv = call(cache, bkv, bkv.launch_dims(bsz, s), q, k, v, do, lse, delta, poison(k.shape), poison(v.shape),
+                  s)[6:]
+    for name, ours, ref in (("dq", dq, dq_ref), ("dk", dk, dk_ref), ("dv", dv, dv_ref)):
+        assert np.isfinite(ours).all(), f"{name}: an element was never written"
+        err = np.abs(ours - ref).max() / np.abs(ref).max()
+        assert err <= 2e-2, f"{name}: {err:.3g} of the largest |{name}|"

@@ -1,26 +1,35 @@
-"""Causal GQA attention forward on tensor cores (FlashAttention-2 style): bf16/f16 in, fp32 math.
+"""Causal GQA attention on tensor cores (FlashAttention-2 style): bf16/f16 in, fp32 math.
 
-The tensors are the fp32 attention's (``attention.py``): q, k, v, o [batch, seq, heads, head_dim]
-in ``dtype``, lse [batch, heads, seq] f32 (natural log), the same parameters (a KV cache too).
+The tensors are the fp32 attention's (``attention.py``): q, k, v, o, do [batch, seq, heads,
+head_dim] in ``dtype``; lse and delta [batch, heads, seq] f32 (lse in natural log); the gradients
+dq, dk, dv are written in f32. The scale 1/sqrt(head_dim) is baked in.
 
-A block takes ``16 * warps`` query rows of one head, a warp 16 of them, and walks the keys in
-tiles of ``block_kv``. K and V tiles travel global -> shared by cp.async, double-buffered (the next
-tile is in flight under this one's math). Q is read into mma fragments once. Per tile, S = Q K^T
-and O += P V run on ``mma.sync.m16n8k16`` with fp32 accumulators; the softmax runs online in base
-2 on the S accumulators themselves (a row's values sit in the 4 lanes of a quad), and P goes into
-the PV product without a trip through shared memory: an m16n8 accumulator tile holds exactly half
-an m16k16 A fragment, so two of them repacked to 16-bit pairs are one. Masking (causal, past
-kv_len) is applied only on the tiles that need it. Blocks run from the last query tile down:
-under the causal mask those carry the most work.
+A block takes ``16 * warps`` rows (queries, or for dK/dV keys), a warp 16 of them, and walks the
+other side in tiles of ``tile`` rows, which travel global -> shared by cp.async, double-buffered
+(the next tile is in flight under this one's math). The block's own rows are read into mma
+fragments once. Every product runs on ``mma.sync.m16n8k16`` with fp32 accumulators, and a product
+by P (or dS) takes it straight from the accumulators of the product that made it: an m16n8
+accumulator tile holds half an m16k16 A fragment, so two of them repacked to 16-bit pairs are one.
+Masking (causal, past the sequence) is applied only on the tiles that need it.
+
+* Forward: S = Q K^T, online softmax in base 2 on the S accumulators (a row's values sit in the 4
+  lanes of a quad), O += P V; writes O and the log-sum-exp. Queries at q_start.. over kv_len keys
+  (a KV cache) as the fp32 forward.
+* Backward dQ (run first): delta = rowsum(dO * O) (written for dK/dV), then per key tile S and P
+  again, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
+* Backward dK/dV: a block owns keys and loops over the query heads of its group and every query
+  tile at or after its keys: S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q; the
+  group's sum needs no atomics, so the result is deterministic.
+Blocks with the most causal work start first.
 """
 from __future__ import annotations
 
 import functools
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
-from ..builder import Addr, KernelBuilder, Reg, T
+from ..builder import Addr, Guard, KernelBuilder, Reg, T
 from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError
@@ -31,25 +40,140 @@ from .mma_tile import CHUNK, ELEMS, MmaType, SharedTile
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
 
+Tiles = list[list[Reg]]  # accumulator tiles: [n8 tile][4 f32]
 
-@register
+
+class _Flash:
+    """What the three kernels share: indices, cp.async row copies into swizzled tiles, and the two
+    mma products (rows x tile^T, and accumulators x tile) over a head_dim-wide tile."""
+
+    def __init__(self, spec: "_FlashBase", b: KernelBuilder):
+        self.b, self.spec, self.d = b, spec, spec.head_dim
+        self.tid = b.special("%tid.x")
+        self.lane, self.warp = b.and_(self.tid, 31), b.shr(self.tid, 5)
+        self.group, self.quad = b.shr(self.lane, 2), b.and_(self.lane, 3)  # accumulator row, column pair
+        self.batch = b.special("%ctaid.z")
+        self.smem = b.addr_of(b.dynamic_shared("tiles", align=128))
+        self.rows, self.cols = SharedTile(b, self.d, k_contig=True), SharedTile(b, self.d, k_contig=False)
+        chunks = self.d // ELEMS
+        self.pass_rows = spec.threads // chunks  # rows one pass of the block's 16-byte copies covers
+        self.my_row, my_chunk = b.div(self.tid, chunks), b.rem(self.tid, chunks)
+        self.my_dst = b.add(self.smem, self.rows.offset(self.my_row, my_chunk))  # one swizzle for every pass
+        self.my_col = b.mul_wide(my_chunk, CHUNK)
+        self.steps_d = range(self.d // 16)
+        chunks_d = [2 * kk for kk in self.steps_d]
+        self.a_lane = self.rows.lane_offsets(self.lane, b.mul(self.warp, 16), 0, 1, chunks_d)
+        self.b_lane = self.rows.lane_offsets(self.lane, b.mov(0, T.U32), 1, 0, chunks_d)
+        self.t_lane = self.cols.lane_offsets(self.lane, b.mov(0, T.U32), 1, 0, chunks_d)
+        self.mma = functools.partial(b.mma_m16n8k16, dtype=spec.dtype.value)
+        self.to = T(spec.dtype.value)
+
+    def row_ptr(self, name: str, per_batch: Reg, row0: Reg, heads: int, head: Reg) -> Reg:
+        """Address of row ``row0`` of ``head`` in this block's batch of a [batch, rows, heads, d] tensor."""
+        b = self.b
+        index = b.mad(b.mad(self.batch, per_batch, row0), heads, head)
+        return b.add(b.cvta_global(b.ld_param(name)), b.mul_wide(index, self.d * 2))
+
+    def stat_ptr(self, name: str, heads: int, head: Reg, seq: Reg, row0: Reg) -> Reg:
+        """Address of element row0 of a [batch, heads, seq] f32 statistic."""
+        b = self.b
+        return b.add(b.cvta_global(b.ld_param(name)), b.mul_wide(b.mad(b.mad(self.batch, heads, head), seq, row0), 4))
+
+    def copy_rows(self, at: Reg, heads: int, dst: Reg, row0: Reg, limit: Reg, rows: int) -> None:
+        """Rows row0.. of a tensor with ``heads`` heads (``at``: row row0 of the head) into the tile at
+        shared address ``dst``, zeros from row ``limit`` on; cp.async, not committed."""
+        b, stride = self.b, heads * self.d * 2
+        src = b.add(at, b.add(b.mul_wide(self.my_row, stride), self.my_col))
+        base = b.add(self.my_dst, b.sub(dst, self.smem))
+        first = b.add(row0, self.my_row)
+        for i in range(rows // self.pass_rows):
+            ok = b.setp("lt", b.add(first, i * self.pass_rows), limit)
+            b.cp_async(base, b.selp(src, at, ok, T.U64), b.selp(CHUNK, 0, ok, T.U32),
+                       dst_offset=i * self.pass_rows * self.d * 2)
+            if i + 1 < rows // self.pass_rows:
+                src = b.add(src, self.pass_rows * stride)
+
+    def a_fragments(self, tile: Reg) -> Tiles:
+        """This warp's 16 rows of a row tile at shared address ``tile``, as A fragments per k16 of d."""
+        frags = [[self.b.reg(T.B32) for _ in range(4)] for _ in self.steps_d]
+        for kk in self.steps_d:
+            self.rows.fragment({2 * kk: self.b.add(tile, self.a_lane[2 * kk])}, 0, 2 * kk, frags[kk])
+        return frags
+
+    def zeros(self, tiles: int) -> Tiles:
+        return [[self.b.mov(0.0, T.F32) for _ in range(4)] for _ in range(tiles)]
+
+    def products(self, acc: Tiles, a: Tiles, tile: Reg, n: int) -> None:
+        """acc[16 x n] += A (16 x d fragments) times the n-row tile at ``tile``, transposed."""
+        at = {c: self.b.add(tile, off) for c, off in self.b_lane.items()}
+        for kk in self.steps_d:
+            for pair in range(n // 16):
+                frag = [self.b.reg(T.B32) for _ in range(4)]
+                self.rows.fragment(at, pair * 16, 2 * kk, frag)
+                self.mma(acc[2 * pair], a[kk], frag[0:2])
+                self.mma(acc[2 * pair + 1], a[kk], frag[2:4])
+
+    def accumulate(self, out: Tiles, p: Tiles, tile: Reg, n: int) -> None:
+        """out[16 x d] += P (16 x n accumulator tiles, rounded to 16 bits) times the n-row tile at ``tile``."""
+        b = self.b
+        at = {c: b.add(tile, off) for c, off in self.t_lane.items()}
+        for kk in range(n // 16):  # P's k16 step kk: accumulator tiles 2kk and 2kk+1
+            lo, hi = p[2 * kk], p[2 * kk + 1]
+            a = [b.cvt_x2(self.to, lo[1], lo[0]), b.cvt_x2(self.to, lo[3], lo[2]),
+                 b.cvt_x2(self.to, hi[1], hi[0]), b.cvt_x2(self.to, hi[3], hi[2])]
+            for pair in self.steps_d:
+                frag = [b.reg(T.B32) for _ in range(4)]
+                self.cols.fragment(at, 16 * kk, 2 * pair, frag)
+                self.mma(out[2 * pair], a, frag[0:2])
+                self.mma(out[2 * pair + 1], a, frag[2:4])
+
+    def mask(self, s: Tiles, col0: Reg, needed: Reg, off: Callable[[Reg, int], Reg]) -> None:
+        """-inf where ``off(column, h)`` (h: the row group + 8h), on tiles where ``needed`` only."""
+        b = self.b
+        skip = b.new_label("unmasked")
+        b.bra(skip, guard=Guard(needed, negated=True))
+        col = b.add(col0, b.shl(self.quad, 1))
+        for j, tile in enumerate(s):
+            for q, value in enumerate(tile):
+                b.mov(b.selp(float("-inf"), value, off(b.add(col, 8 * j + (q & 1)), q >> 1), T.F32), out=value)
+        b.place(skip)
+
+    def rows_of_warp(self, first: Reg) -> list[Reg]:
+        """The block-level rows of this lane's accumulator rows: group and group + 8 of its warp's 16."""
+        b = self.b
+        return [b.add(b.add(first, b.mad(self.warp, 16, self.group)), 8 * h) for h in range(2)]
+
+    def swap(self, x: Reg, y: Reg) -> None:
+        t = self.b.mov(x)
+        self.b.mov(y, out=x)
+        self.b.mov(t, out=y)
+
+    def store_f32(self, acc: Tiles, h: int, row_at: Reg, valid: Reg, scale: float = 1.0) -> None:
+        """Row group + 8h of a [16 x d] accumulator into the f32 row at ``row_at`` (d floats)."""
+        b = self.b
+        at = b.add(row_at, b.mul_wide(self.quad, 8))
+        for j, tile in enumerate(acc):
+            vals = [tile[2 * h], tile[2 * h + 1]]
+            b.st("global", Addr(at, 32 * j), [b.mul(v, scale) for v in vals] if scale != 1.0 else vals,
+                 guard=valid)
+
+
 @dataclass(frozen=True)
-class AttentionTCSpec(KernelSpec):
-    kind: ClassVar[str] = "attention_tc_fwd"
+class _FlashBase(KernelSpec):
     heads: int
     kv_heads: int
     head_dim: int
     causal: bool = True
     dtype: MmaType = MmaType.BF16
-    warps: int = 4       # 16 query rows each
-    block_kv: int = 64   # keys per tile
+    warps: int = 4  # 16 rows each
+    tile: int = 64  # rows of the other side per step
 
     @property
     def threads(self) -> int:
         return 32 * self.warps
 
     @property
-    def block_q(self) -> int:
+    def block_rows(self) -> int:
         return 16 * self.warps
 
     @property
@@ -61,189 +185,345 @@ class AttentionTCSpec(KernelSpec):
         return 1.0 / math.sqrt(self.head_dim)
 
     def validate(self) -> None:
-        for name in ("heads", "kv_heads", "head_dim", "warps", "block_kv"):
+        for name in ("heads", "kv_heads", "head_dim", "warps", "tile"):
             check_positive(name, getattr(self, name))
         if self.heads % self.kv_heads:
             raise SpecError(f"heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
         if self.head_dim not in (32, 64, 128):
             raise SpecError(f"head_dim must be 32, 64 or 128, got {self.head_dim}")
-        if self.block_kv not in (16, 32, 64, 128):
-            raise SpecError(f"block_kv must be 16, 32, 64 or 128, got {self.block_kv}")
+        if self.tile not in (16, 32, 64, 128):
+            raise SpecError(f"tile must be 16, 32, 64 or 128, got {self.tile}")
         if self.warps > 8:
             raise SpecError(f"1 to 8 warps, got {self.warps}")
         chunks = self.head_dim // ELEMS
-        rows = self.threads // chunks  # rows one pass of the block's 16-byte copies covers
-        if self.threads % chunks or rows % 8 or self.block_q % rows or self.block_kv % rows:
-            raise SpecError(f"{self.threads} threads do not copy {self.head_dim}-wide rows in passes of "
-                            f"whole rows, a multiple of 8 that divides {self.block_q} and {self.block_kv}")
+        rows = self.threads // chunks
+        if self.threads % chunks or rows % 8 or self.block_rows % rows or self.tile % rows:
+            raise SpecError(f"{self.threads} threads do not copy {self.head_dim}-wide rows in passes of whole rows, "
+                            f"a multiple of 8 that divides {self.block_rows} and {self.tile}")
         if self.dynamic_shared_bytes() > SHARED_LIMIT:
             raise SpecError(f"{self.dynamic_shared_bytes()} bytes of shared memory (max {SHARED_LIMIT})")
 
+    def _reversed_first(self, b: KernelBuilder) -> Reg:
+        """This block's first row, blocks taken from the last row tile down (the most causal work first)."""
+        return b.mul(b.sub(b.sub(b.special("%nctaid.x"), 1), b.special("%ctaid.x")), self.block_rows)
+
+
+@register
+@dataclass(frozen=True)
+class AttentionTCSpec(_FlashBase):
+    """o = softmax(q k^T * scale, causal) v per head and lse, over ``kv_len`` keys (a cache of
+    ``kv_stride`` rows per batch) for ``seq`` queries at positions q_start.."""
+
+    kind: ClassVar[str] = "attention_tc_fwd"
+
     def dynamic_shared_bytes(self) -> int:
-        return (self.block_q + 4 * self.block_kv) * self.head_dim * 2  # Q, then K and V twice
+        return (self.block_rows + 4 * self.tile) * self.head_dim * 2  # Q, then K and V twice
 
     def params(self) -> tuple[tuple[str, T], ...]:
         return tuple((n, T.U64) for n in ("q", "k", "v", "o", "lse")) + \
             tuple((n, T.U32) for n in ("seq", "kv_len", "kv_stride", "q_start"))
 
     def launch_dims(self, batch: int, seq: int) -> tuple[tuple[int, int, int], int]:
-        return (-(-seq // self.block_q), self.heads, batch), self.threads
+        return (-(-seq // self.block_rows), self.heads, batch), self.threads
 
     def build(self, b: KernelBuilder) -> None:
         b.launch_bounds(self.threads)
-        d, bq, bkv = self.head_dim, self.block_q, self.block_kv
+        f = _Flash(self, b)
+        d, bq, bkv = self.head_dim, self.block_rows, self.tile
         seq, kv_len, kv_stride, q_start = (b.ld_param(n) for n in ("seq", "kv_len", "kv_stride", "q_start"))
-        tid = b.special("%tid.x")
-        lane, warp = b.and_(tid, 31), b.shr(tid, 5)
-        group, quad = b.shr(lane, 2), b.and_(lane, 3)  # an accumulator's row (and row + 8), column pair
-        first = b.mul(b.sub(b.sub(b.special("%nctaid.x"), 1), b.special("%ctaid.x")), bq)
-        head, batch = b.special("%ctaid.y"), b.special("%ctaid.z")
+        first = self._reversed_first(b)
+        head = b.special("%ctaid.y")
         kv_head = b.div(head, self.group)
-        q_row, kv_row = self.heads * d * 2, self.kv_heads * d * 2  # bytes from one token's row to the next
-        q_ptr, k_ptr, v_ptr, o_ptr = (b.cvta_global(b.ld_param(n)) for n in "qkvo")
-
-        def rows_of(ptr: Reg, per_batch: Reg, row0: Reg, heads: int, h: Reg) -> Reg:
-            return b.add(ptr, b.mul_wide(b.mad(b.mad(batch, per_batch, row0), heads, h), d * 2))
-
-        q_at = rows_of(q_ptr, seq, first, self.heads, head)
-        k_at = rows_of(k_ptr, kv_stride, b.mov(0, T.U32), self.kv_heads, kv_head)
-        v_at = rows_of(v_ptr, kv_stride, b.mov(0, T.U32), self.kv_heads, kv_head)
-
-        smem = b.addr_of(b.dynamic_shared("tiles", align=128))
-        rows_tile, cols_tile = SharedTile(b, d, k_contig=True), SharedTile(b, d, k_contig=False)
-        q_bytes, kv_bytes = bq * d * 2, bkv * d * 2
-
-        # cp.async: a thread copies one 16-byte chunk column of every pass_rows-th row
-        chunks = d // ELEMS
-        pass_rows = self.threads // chunks
-        my_row, my_chunk = b.div(tid, chunks), b.rem(tid, chunks)
-        my_dst = b.add(smem, rows_tile.offset(my_row, my_chunk))  # one swizzle for every pass
-        my_q, my_kv = (b.add(b.mul_wide(my_row, stride), b.mul_wide(my_chunk, CHUNK)) for stride in (q_row, kv_row))
-
-        def copy_rows(at: Reg, mine: Reg, stride: int, dst: int | Reg, row0: Reg, limit: Reg, rows: int) -> None:
-            """rows row0.. of a tensor (``at``: its row 0) into the tile at smem + ``dst``; zeros from ``limit``."""
-            src = b.add(at, mine)
-            base = my_dst if isinstance(dst, int) else b.add(my_dst, dst)
-            for i in range(rows // pass_rows):
-                ok = b.setp("lt", b.add(b.add(row0, my_row), i * pass_rows), limit)
-                b.cp_async(base, b.selp(src, at, ok, T.U64), b.selp(CHUNK, 0, ok, T.U32),
-                           dst_offset=(dst if isinstance(dst, int) else 0) + i * pass_rows * d * 2)
-                if i + 1 < rows // pass_rows:
-                    src = b.add(src, pass_rows * stride)
-
+        zero = b.mov(0, T.U32)
+        k_at = f.row_ptr("k", kv_stride, zero, self.kv_heads, kv_head)
+        v_at = f.row_ptr("v", kv_stride, zero, self.kv_heads, kv_head)
+        kv_row, kv_bytes = self.kv_heads * d * 2, bkv * d * 2
         # keys this block needs: all kv_len, or (causal) up to its last query's position
         end = b.min(kv_len, b.add(q_start, b.add(first, bq))) if self.causal else kv_len
         key0 = b.mov(0, T.U32)
-        stage = b.add(smem, q_bytes)
+        stage = b.add(f.smem, bq * d * 2)
         other = b.add(stage, 2 * kv_bytes)
 
         def copy_kv(dst: Reg, key: Reg) -> None:  # keys key.. of K and V into the stage at ``dst``
-            offset = b.sub(dst, smem)
-            copy_rows(b.add(k_at, b.mul_wide(key, kv_row)), my_kv, kv_row, offset, key, end, bkv)
-            copy_rows(b.add(v_at, b.mul_wide(key, kv_row)), my_kv, kv_row, b.add(offset, kv_bytes), key, end, bkv)
+            f.copy_rows(b.add(k_at, b.mul_wide(key, kv_row)), self.kv_heads, dst, key, end, bkv)
+            f.copy_rows(b.add(v_at, b.mul_wide(key, kv_row)), self.kv_heads, b.add(dst, kv_bytes), key, end, bkv)
 
-        copy_rows(q_at, my_q, q_row, 0, first, seq, bq)
+        f.copy_rows(f.row_ptr("q", seq, first, self.heads, head), self.heads, f.smem, first, seq, bq)
         copy_kv(stage, key0)
         b.cp_async_commit()
         b.cp_async_wait(0)
         b.bar_sync()
-
-        steps_d, steps_kv = range(d // 16), range(bkv // 16)
-        q_lane = rows_tile.lane_offsets(lane, b.mul(warp, 16), 0, 1, [2 * kk for kk in steps_d])
-        q_frags = [[b.reg(T.B32) for _ in range(4)] for _ in steps_d]
-        for kk in steps_d:
-            rows_tile.fragment({2 * kk: b.add(smem, q_lane[2 * kk])}, 0, 2 * kk, q_frags[kk])
-        k_lane = rows_tile.lane_offsets(lane, b.mov(0, T.U32), 1, 0, [2 * kk for kk in steps_d])
-        v_lane = cols_tile.lane_offsets(lane, b.mov(0, T.U32), 1, 0, [2 * p for p in steps_d])
+        q = f.a_fragments(f.smem)
 
         c = self.scale * LOG2E  # scores in base 2
         m = [b.mov(float("-inf"), T.F32) for _ in range(2)]  # rows group and group + 8 (scaled)
         l_part = [b.mov(0.0, T.F32) for _ in range(2)]       # this lane's share of the row sums
-        o = [[b.mov(0.0, T.F32) for _ in range(4)] for _ in range(d // 8)]
-        rows = [b.add(b.add(first, b.mad(warp, 16, group)), 8 * h) for h in range(2)]
+        o = f.zeros(d // 8)
+        rows = f.rows_of_warp(first)
         positions = [b.add(q_start, r) for r in rows]
         last_free = b.min(kv_len, b.add(q_start, b.add(first, 1))) if self.causal else kv_len
+
+        def off(key: Reg, h: int) -> Reg:  # past the keys, or (causal) after the row's position
+            out = b.setp("ge", key, kv_len)
+            return b.or_(out, b.setp("gt", key, positions[h])) if self.causal else out
 
         with b.loop(b.div(b.add(end, bkv - 1), bkv), "kv_tile"):
             copy_kv(other, b.add(key0, bkv))  # the next tile (past ``end``: zero-size copies)
             b.cp_async_commit()
-
-            s = [[b.mov(0.0, T.F32) for _ in range(4)] for _ in range(bkv // 8)]
-            at_k = {ch: b.add(stage, off) for ch, off in k_lane.items()}
-            for kk in steps_d:
-                for pair in range(bkv // 16):
-                    frag = [b.reg(T.B32) for _ in range(4)]
-                    rows_tile.fragment(at_k, pair * 16, 2 * kk, frag)
-                    b.mma_m16n8k16(s[2 * pair], q_frags[kk], frag[0:2], self.dtype.value)
-                    b.mma_m16n8k16(s[2 * pair + 1], q_frags[kk], frag[2:4], self.dtype.value)
-            self._mask(b, s, key0, quad, positions, kv_len, last_free)
-
+            s = f.zeros(bkv // 8)
+            f.products(s, q, stage, bkv)
+            f.mask(s, key0, b.setp("gt", b.add(key0, bkv), last_free), off)
             p = [[None] * 4 for _ in s]
             for h in range(2):  # this lane's values of row group + 8h: accumulator entries 2h, 2h+1
-                mine = [(j, q) for j in range(len(s)) for q in (2 * h, 2 * h + 1)]
-                row_max = functools.reduce(b.max, [s[j][q] for j, q in mine])
+                mine = [(j, e) for j in range(len(s)) for e in (2 * h, 2 * h + 1)]
+                row_max = functools.reduce(b.max, [s[j][e] for j, e in mine])
                 m_new = b.max(m[h], b.mul(warp_allreduce(b, row_max, "max", 4), c))
                 alpha = b.fn("ex2", b.sub(m[h], m_new))
                 neg = b.neg(m_new)
-                for j, q in mine:
-                    p[j][q] = b.fn("ex2", b.fma(s[j][q], c, neg))
-                b.fma(l_part[h], alpha, tree_sum(b, [p[j][q] for j, q in mine]), out=l_part[h])
+                for j, e in mine:
+                    p[j][e] = b.fn("ex2", b.fma(s[j][e], c, neg))
+                b.fma(l_part[h], alpha, tree_sum(b, [p[j][e] for j, e in mine]), out=l_part[h])
                 for acc in o:
-                    for q in (2 * h, 2 * h + 1):
-                        b.mul(acc[q], alpha, out=acc[q])
+                    for e in (2 * h, 2 * h + 1):
+                        b.mul(acc[e], alpha, out=acc[e])
                 b.mov(m_new, out=m[h])
-
-            to = T(self.dtype.value)
-            at_v = {ch: b.add(stage, b.add(off, kv_bytes)) for ch, off in v_lane.items()}
-            for kk in steps_kv:  # P's k16 step kk: accumulator tiles 2kk and 2kk+1
-                lo, hi = p[2 * kk], p[2 * kk + 1]
-                a = [b.cvt_x2(to, lo[1], lo[0]), b.cvt_x2(to, lo[3], lo[2]),
-                     b.cvt_x2(to, hi[1], hi[0]), b.cvt_x2(to, hi[3], hi[2])]
-                for pair in range(d // 16):
-                    frag = [b.reg(T.B32) for _ in range(4)]
-                    cols_tile.fragment(at_v, 16 * kk, 2 * pair, frag)
-                    b.mma_m16n8k16(o[2 * pair], a, frag[0:2], self.dtype.value)
-                    b.mma_m16n8k16(o[2 * pair + 1], a, frag[2:4], self.dtype.value)
-
+            f.accumulate(o, p, b.add(stage, kv_bytes), bkv)
             b.cp_async_wait(0)  # the next tile has landed, and every warp is done with this one
             b.bar_sync()
-            swap = b.mov(stage)
-            b.mov(other, out=stage)
-            b.mov(swap, out=other)
+            f.swap(stage, other)
             b.add(key0, bkv, out=key0)
 
-        lse_ptr = b.cvta_global(b.ld_param("lse"))
-        to = T(self.dtype.value)
         for h in range(2):
             l_row = warp_allreduce(b, l_part[h], "add", 4)
             inv = b.fn("rcp", l_row, "rn")
             valid = b.setp("lt", rows[h], seq)
-            out = b.add(rows_of(o_ptr, seq, rows[h], self.heads, head), b.mul_wide(quad, 4))
+            out = b.add(f.row_ptr("o", seq, rows[h], self.heads, head), b.mul_wide(f.quad, 4))
             for j, acc in enumerate(o):
-                b.st("global", Addr(out, 16 * j), b.cvt_x2(to, b.mul(acc[2 * h + 1], inv), b.mul(acc[2 * h], inv)),
+                b.st("global", Addr(out, 16 * j), b.cvt_x2(f.to, b.mul(acc[2 * h + 1], inv), b.mul(acc[2 * h], inv)),
                      t=T.B32, guard=valid)
-            stat = b.add(lse_ptr, b.mul_wide(b.mad(b.mad(batch, self.heads, head), seq, rows[h]), 4))
-            b.st("global", Addr(stat), b.mul(b.add(m[h], b.fn("lg2", l_row)), LN2),
-                 guard=b.and_(valid, b.setp("eq", quad, 0)))
-
-    def _mask(self, b: KernelBuilder, s: list[list[Reg]], key0: Reg, quad: Reg, positions: list[Reg],
-              kv_len: Reg, last_free: Reg) -> None:
-        """-inf for keys past kv_len and (causal) after the row's position, on the tiles that reach
-        past ``last_free`` (the first key some row of the block may not see) only."""
-        skip = b.new_label("unmasked")
-        b.bra(skip, guard=b.setp("le", b.add(key0, self.block_kv), last_free))
-        col = b.add(key0, b.shl(quad, 1))
-        for j, tile in enumerate(s):
-            for q, value in enumerate(tile):
-                key = b.add(col, 8 * j + (q & 1))
-                off = b.setp("ge", key, kv_len)
-                if self.causal:
-                    off = b.or_(off, b.setp("gt", key, positions[q >> 1]))
-                b.mov(b.selp(float("-inf"), value, off, T.F32), out=value)
-        b.place(skip)
+            b.st("global", Addr(f.stat_ptr("lse", self.heads, head, seq, rows[h])),
+                 b.mul(b.add(m[h], b.fn("lg2", l_row)), LN2), guard=b.and_(valid, b.setp("eq", f.quad, 0)))
 
     @classmethod
     def examples(cls) -> list["AttentionTCSpec"]:
         return [cls(heads=14, kv_heads=2, head_dim=64), cls(heads=14, kv_heads=2, head_dim=128),
-                cls(heads=4, kv_heads=4, head_dim=32, causal=False, dtype=MmaType.F16, warps=2, block_kv=32),
-                cls(heads=8, kv_heads=2, head_dim=64, warps=8, block_kv=128)]
+                cls(heads=4, kv_heads=4, head_dim=32, causal=False, dtype=MmaType.F16, warps=2, tile=32),
+                cls(heads=8, kv_heads=2, head_dim=64, warps=8, tile=128)]
+
+
+@register
+@dataclass(frozen=True)
+class AttentionTCBackwardQSpec(_FlashBase):
+    """dq = scale * sum_j ds_ij k_j with ds = p * (dp - delta), dp = do v^T; writes delta = rowsum(do * o)."""
+
+    kind: ClassVar[str] = "attention_tc_bwd_q"
+
+    def dynamic_shared_bytes(self) -> int:
+        return (3 * self.block_rows + 4 * self.tile) * self.head_dim * 2  # Q, dO, O, then K and V twice
+
+    def params(self) -> tuple[tuple[str, T], ...]:
+        return tuple((n, T.U64) for n in ("q", "k", "v", "o", "do", "lse", "dq", "delta")) + (("seq", T.U32),)
+
+    def launch_dims(self, batch: int, seq: int) -> tuple[tuple[int, int, int], int]:
+        return (-(-seq // self.block_rows), self.heads, batch), self.threads
+
+    def build(self, b: KernelBuilder) -> None:
+        b.launch_bounds(self.threads)
+        f = _Flash(self, b)
+        d, bq, bkv = self.head_dim, self.block_rows, self.tile
+        seq = b.ld_param("seq")
+        first = self._reversed_first(b)
+        head = b.special("%ctaid.y")
+        kv_head = b.div(head, self.group)
+        zero = b.mov(0, T.U32)
+        k_at = f.row_ptr("k", seq, zero, self.kv_heads, kv_head)
+        v_at = f.row_ptr("v", seq, zero, self.kv_heads, kv_head)
+        kv_row, kv_bytes, q_bytes = self.kv_heads * d * 2, bkv * d * 2, bq * d * 2
+        end = b.min(seq, b.add(first, bq)) if self.causal else seq
+        key0 = b.mov(0, T.U32)
+        stage = b.add(f.smem, 3 * q_bytes)
+        other = b.add(stage, 2 * kv_bytes)
+
+        def copy_kv(dst: Reg, key: Reg) -> None:
+            f.copy_rows(b.add(k_at, b.mul_wide(key, kv_row)), self.kv_heads, dst, key, end, bkv)
+            f.copy_rows(b.add(v_at, b.mul_wide(key, kv_row)), self.kv_heads, b.add(dst, kv_bytes), key, end, bkv)
+
+        for i, name in enumerate(("q", "do", "o")):
+            f.copy_rows(f.row_ptr(name, seq, first, self.heads, head), self.heads, b.add(f.smem, i * q_bytes),
+                        first, seq, bq)
+        copy_kv(stage, key0)
+        b.cp_async_commit()
+        b.cp_async_wait(0)
+        b.bar_sync()
+        q, do = f.a_fragments(f.smem), f.a_fragments(b.add(f.smem, q_bytes))
+        rows = f.rows_of_warp(first)
+        delta = self._delta(b, f, first, seq, head, q_bytes)
+        lse2 = [b.mul(b.ld("global", T.F32, Addr(f.stat_ptr("lse", self.heads, head, seq, r)),
+                           guard=b.setp("lt", r, seq), out=[b.mov(0.0, T.F32)]), LOG2E) for r in rows]
+        neg_lse2 = [b.neg(x) for x in lse2]
+        c = self.scale * LOG2E
+        dq = f.zeros(d // 8)
+        last_free = b.min(seq, b.add(first, 1)) if self.causal else seq
+
+        def off(key: Reg, h: int) -> Reg:
+            out = b.setp("ge", key, seq)
+            return b.or_(out, b.setp("gt", key, rows[h])) if self.causal else out
+
+        with b.loop(b.div(b.add(end, bkv - 1), bkv), "kv_tile"):
+            copy_kv(other, b.add(key0, bkv))
+            b.cp_async_commit()
+            s = f.zeros(bkv // 8)
+            f.products(s, q, stage, bkv)
+            f.mask(s, key0, b.setp("gt", b.add(key0, bkv), last_free), off)
+            dp = f.zeros(bkv // 8)
+            f.products(dp, do, b.add(stage, kv_bytes), bkv)
+            ds = [[b.mul(b.fn("ex2", b.fma(s[j][e], c, neg_lse2[e >> 1])), b.sub(dp[j][e], delta[e >> 1]))
+                   for e in range(4)] for j in range(len(s))]
+            f.accumulate(dq, ds, stage, bkv)
+            b.cp_async_wait(0)
+            b.bar_sync()
+            f.swap(stage, other)
+            b.add(key0, bkv, out=key0)
+
+        dq_ptr = b.cvta_global(b.ld_param("dq"))
+        for h in range(2):
+            index = b.mad(b.mad(f.batch, seq, rows[h]), self.heads, head)
+            f.store_f32(dq, h, b.add(dq_ptr, b.mul_wide(index, d * 4)), b.setp("lt", rows[h], seq), self.scale)
+
+    def _delta(self, b: KernelBuilder, f: _Flash, first: Reg, seq: Reg, head: Reg, q_bytes: int) -> list[Reg]:
+        """delta = rowsum(dO * O) of this warp's 16 rows from the staged tiles: two lanes per row, each
+        half of it; written to global and returned for this lane's accumulator rows (group, group + 8)."""
+        row = b.add(b.mul(f.warp, 16), b.shr(f.lane, 1))
+        half = b.and_(f.lane, 1)
+        chunks = self.head_dim // ELEMS
+        parts = []
+        for i in range(chunks // 2):
+            chunk = b.add(b.mul(half, chunks // 2), i)
+            at = b.add(f.smem, f.rows.offset(row, chunk))
+            dos = b.ld("shared", T.B32, Addr(at, q_bytes), 4)
+            os_ = b.ld("shared", T.B32, Addr(at, 2 * q_bytes), 4)
+            for x, y in zip(dos, os_):
+                for u, v in zip(b.unpack(x), b.unpack(y)):
+                    parts.append(b.mul(b.cvt(T.F32, u, src=self.dtype_t), b.cvt(T.F32, v, src=self.dtype_t)))
+        mine = warp_allreduce(b, tree_sum(b, parts), "add", 2)
+        global_row = b.add(first, row)
+        b.st("global", Addr(f.stat_ptr("delta", self.heads, head, seq, global_row)), mine,
+             guard=b.and_(b.setp("lt", global_row, seq), b.setp("eq", half, 0)))
+        return [b.shfl("idx", mine, b.shl(b.add(f.group, 8 * h), 1)) for h in range(2)]
+
+    @property
+    def dtype_t(self) -> T:
+        return T(self.dtype.value)
+
+    @classmethod
+    def examples(cls) -> list["AttentionTCBackwardQSpec"]:
+        return [cls(heads=14, kv_heads=2, head_dim=64), cls(heads=14, kv_heads=2, head_dim=128, tile=32),
+                cls(heads=4, kv_heads=4, head_dim=32, causal=False, dtype=MmaType.F16, warps=2, tile=32)]
+
+
+@register
+@dataclass(frozen=True)
+class AttentionTCBackwardKVSpec(_FlashBase):
+    """dk = scale * sum ds^T q, dv = sum p^T do over the query heads of each K/V head's group."""
+
+    kind: ClassVar[str] = "attention_tc_bwd_kv"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.tile > self.threads:
+            raise SpecError(f"tile {self.tile} exceeds the {self.threads} threads that load its lse and delta")
+
+    def dynamic_shared_bytes(self) -> int:  # K, V, then twice: Q, dO and the lse and delta rows
+        return 2 * self.block_rows * self.head_dim * 2 + 2 * (2 * self.tile * self.head_dim * 2 + 2 * self.tile * 4)
+
+    def params(self) -> tuple[tuple[str, T], ...]:
+        return tuple((n, T.U64) for n in ("q", "k", "v", "do", "lse", "delta", "dk", "dv")) + (("seq", T.U32),)
+
+    def launch_dims(self, batch: int, seq: int) -> tuple[tuple[int, int, int], int]:
+        return (-(-seq // self.block_rows), self.kv_heads, batch), self.threads
+
+    def build(self, b: KernelBuilder) -> None:
+        b.launch_bounds(self.threads)
+        f = _Flash(self, b)
+        d, bk, bq = self.head_dim, self.block_rows, self.tile
+        seq = b.ld_param("seq")
+        first = b.mul(b.special("%ctaid.x"), bk)  # key tiles from the first: the most causal work
+        kv_head = b.special("%ctaid.y")
+        kv_bytes, q_bytes = bk * d * 2, bq * d * 2
+        for i, name in enumerate(("k", "v")):
+            f.copy_rows(f.row_ptr(name, seq, first, self.kv_heads, kv_head), self.kv_heads,
+                        b.add(f.smem, i * kv_bytes), first, seq, bk)
+        b.cp_async_commit()
+        b.cp_async_wait(0)
+        b.bar_sync()
+        keys = f.rows_of_warp(first)
+        dk, dv = f.zeros(d // 8), f.zeros(d // 8)
+        c = self.scale * LOG2E
+        q_begin = b.mul(b.div(first, bq), bq) if self.causal else b.mov(0, T.U32)  # queries that see these keys
+        stage_bytes = 2 * q_bytes + 2 * bq * 4
+        stage = b.add(f.smem, 2 * kv_bytes)
+        other = b.add(stage, stage_bytes)
+        tid_ok = b.setp("lt", f.tid, bq)
+
+        with b.loop(b.mov(self.group, T.U32), "head") as hq:
+            head = b.mad(kv_head, self.group, hq)
+            q_at = f.row_ptr("q", seq, b.mov(0, T.U32), self.heads, head)
+            do_at = f.row_ptr("do", seq, b.mov(0, T.U32), self.heads, head)
+            lse_at, delta_at = (f.stat_ptr(n, self.heads, head, seq, b.mov(0, T.U32)) for n in ("lse", "delta"))
+            q_row = self.heads * d * 2
+            q0 = b.mov(q_begin)
+
+            def copy_q(dst: Reg, row0: Reg) -> None:
+                """Q and dO rows row0.. (cp.async), and their lse (in base 2) and delta (plain loads)."""
+                f.copy_rows(b.add(q_at, b.mul_wide(row0, q_row)), self.heads, dst, row0, seq, bq)
+                f.copy_rows(b.add(do_at, b.mul_wide(row0, q_row)), self.heads, b.add(dst, q_bytes), row0, seq, bq)
+                row = b.add(row0, f.tid)
+                ok = b.and_(tid_ok, b.setp("lt", row, seq))
+                for i, (at, scale) in enumerate(((lse_at, LOG2E), (delta_at, 1.0))):
+                    x = b.ld("global", T.F32, Addr(b.add(at, b.mul_wide(row, 4))), guard=ok, out=[b.mov(0.0, T.F32)])
+                    b.st("shared", Addr(b.add(dst, b.shl(f.tid, 2)), 2 * q_bytes + i * bq * 4),
+                         b.mul(x, scale) if scale != 1.0 else x, guard=tid_ok)
+
+            copy_q(stage, q0)
+            b.cp_async_commit()
+            b.cp_async_wait(0)
+            b.bar_sync()
+
+            def off(query: Reg, h: int) -> Reg:  # past the sequence, or (causal) before the key
+                out = b.setp("ge", query, seq)
+                return b.or_(out, b.setp("gt", keys[h], query)) if self.causal else out
+
+            with b.loop(b.div(b.add(b.sub(seq, q_begin), bq - 1), bq), "q_tile"):
+                copy_q(other, b.add(q0, bq))
+                b.cp_async_commit()
+                st = f.zeros(bq // 8)
+                f.products(st, f.a_fragments(f.smem), stage, bq)  # K's fragments: re-read, not held
+                needed = b.setp("gt", b.add(q0, bq), seq)  # the tile passes the sequence's end ...
+                if self.causal:  # ... or some query comes before some key
+                    needed = b.or_(needed, b.setp("lt", q0, b.add(first, bk)))
+                f.mask(st, q0, needed, off)
+                stats = b.add(stage, b.add(b.shl(f.quad, 3), 2 * q_bytes))  # this lane's column pair's lse
+                lse2 = [b.ld("shared", T.F32, Addr(stats, 32 * j), 2) for j in range(bq // 8)]
+                dlt = [b.ld("shared", T.F32, Addr(stats, 32 * j + bq * 4), 2) for j in range(bq // 8)]
+                p = [[b.fn("ex2", b.fma(st[j][e], c, b.neg(lse2[j][e & 1]))) for e in range(4)]
+                     for j in range(bq // 8)]
+                f.accumulate(dv, p, b.add(stage, q_bytes), bq)
+                dpt = f.zeros(bq // 8)
+                f.products(dpt, f.a_fragments(b.add(f.smem, kv_bytes)), b.add(stage, q_bytes), bq)
+                ds = [[b.mul(p[j][e], b.sub(dpt[j][e], dlt[j][e & 1])) for e in range(4)] for j in range(bq // 8)]
+                f.accumulate(dk, ds, stage, bq)
+                b.cp_async_wait(0)
+                b.bar_sync()
+                f.swap(stage, other)
+                b.add(q0, bq, out=q0)
+
+        for name, acc, scale in (("dk", dk, self.scale), ("dv", dv, 1.0)):
+            ptr = b.cvta_global(b.ld_param(name))
+            for h in range(2):
+                index = b.mad(b.mad(f.batch, seq, keys[h]), self.kv_heads, kv_head)
+                f.store_f32(acc, h, b.add(ptr, b.mul_wide(index, d * 4)), b.setp("lt", keys[h], seq), scale)
+
+    @classmethod
+    def examples(cls) -> list["AttentionTCBackwardKVSpec"]:
+        return [cls(heads=14, kv_heads=2, head_dim=64), cls(heads=14, kv_heads=2, head_dim=128, tile=32),
+                cls(heads=4, kv_heads=4, head_dim=32, causal=False, dtype=MmaType.F16, warps=2, tile=32)]
