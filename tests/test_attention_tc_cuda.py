@@ -4,7 +4,8 @@ Tolerance: S = Q K^T is exact products summed in fp32, so the log-sum-exp is wit
 rounded to 16 bits before P V (as FlashAttention does), so O is within 1e-2 absolute for inputs of
 unit scale (|O| stays below the largest |V|), with 16-bit output rounding on top. The backward
 rounds P and dS to 16 bits for its products and takes delta from the 16-bit O: dQ, dK and dV are
-within 2e-2 of each one's largest reference magnitude, delta within 1e-4 of rowsum(dO * O).
+within 2e-2 of each one's largest reference magnitude (at least 0.1), delta within 1e-4 of
+rowsum(dO * O).
 """
 import numpy as np
 import pytest
@@ -62,8 +63,8 @@ def test_causal_forward_matches_the_masked_softmax(cache, bsz, s, h, hkv, d):
     check(*run(cache, AttentionTCSpec(heads=h, kv_heads=hkv, head_dim=d), bsz, s))
 
 
-@pytest.mark.parametrize("layout", [dict(warps=8, block_kv=128), dict(warps=2, block_kv=32),
-                                    dict(warps=4, block_kv=16), dict(dtype=MmaType.F16)])
+@pytest.mark.parametrize("layout", [dict(warps=8, tile=128), dict(warps=2, tile=32),
+                                    dict(warps=4, tile=16), dict(dtype=MmaType.F16)])
 def test_other_layouts_and_fp16(cache, layout):
     check(*run(cache, AttentionTCSpec(heads=6, kv_heads=2, head_dim=64, **layout), 2, 203))
 
@@ -98,5 +99,5 @@ def test_backward_matches_the_reference_gradients(cache, bsz, s, h, hkv, d, tile
                   s)[6:]
     for name, ours, ref in (("dq", dq, dq_ref), ("dk", dk, dk_ref), ("dv", dv, dv_ref)):
         assert np.isfinite(ours).all(), f"{name}: an element was never written"
-        err = np.abs(ours - ref).max() / np.abs(ref).max()
+        err = np.abs(ours - ref).max() / max(np.abs(ref).max(), 0.1)  # one query alone has dq = 0
         assert err <= 2e-2, f"{name}: {err:.3g} of the largest |{name}|"
