@@ -22,6 +22,7 @@ import numpy as np
 from ptxgen.kernels.embedding import embedding_backward_plan
 from ptxgen.kernels.gemm import Batch, Strides
 from runtime import DeviceArray, ModuleCache, fill_u32
+from runtime.launch import Launch
 
 from .config import ModelConfig
 from .kernels import Gemm, LinearKernels, ModelKernels, split_k
@@ -77,10 +78,38 @@ class _Arrays:
 
 
 @dataclass
+class _LayerKV:
+    """Where a layer writes its keys and values: f32 (GEMM outputs, RoPE in place) and, in bf16
+    precision, the bf16 copies its attention reads (0: none)."""
+
+    k: int
+    v: int
+    k16: int = 0
+    v16: int = 0
+
+
+class _KVWrite:
+    """The arguments of one layer's launches that point at the rows its new keys and values go
+    to: a decoding step moves them to the cache's current length."""
+
+    def __init__(self, row_elems: int):
+        self.row_elems = row_elems
+        self.args: list[tuple[Launch, int, int, int]] = []  # launch, argument position, base, element bytes
+
+    def add(self, launch: Launch, position: int, base: int, elem_bytes: int) -> Launch:
+        self.args.append((launch, position, base, elem_bytes))
+        return launch
+
+    def move(self, rows: int) -> None:
+        for launch, position, base, size in self.args:
+            launch.set_arg(position, base + rows * self.row_elems * size)
+
+
+@dataclass
 class _Forward:
     launches: list
-    kv_writes: list   # per layer: (k GEMM, v GEMM, RoPE of k, k base, v base), moved by decoding
-    attention: list   # per layer: the attention launch (kv_len, q_start set by decoding)
+    kv_writes: list[_KVWrite]  # per layer
+    attention: list            # per layer: the attention launch (kv_len, q_start set by decoding)
 
 
 @dataclass
@@ -262,13 +291,15 @@ class CudaBackend:
         launches.append(self._cast(A[name].ptr, copy, math.prod(shape)))
         return copy
 
-    def _forward(self, A: _Arrays, batch: int, seq: int, kv: list[tuple[int, int]], kv_stride: int,
+    def _forward(self, A: _Arrays, batch: int, seq: int, kv: list[_LayerKV], kv_stride: int,
                  last_row_logits: bool) -> _Forward:
         """The forward launches for ``batch x seq`` new tokens into arrays of ``A``.
 
         Layer i writes its keys and values (after RoPE) at ``kv[i]`` (rows of ``kv_stride`` per
         batch) and attends over them: the training tensors themselves, or a KV cache whose write
-        position moves with every call (``_Forward.move``). Logits for every row, or the last only.
+        position moves with every call (``_KVWrite.move``). Logits for every row, or the last only.
+        In bf16 precision the attention reads bf16 copies of q, k, v and writes o in bf16: the
+        o projection's operand as it is.
         """
         c, k, w = self.config, self.kernels, self._w
         T, H, I, V = batch * seq, c.hidden_size, c.intermediate_size, c.vocab_size
@@ -279,8 +310,9 @@ class CudaBackend:
         h1s, h2s = [A.new(f"h1_{i}", (T, H)) for i in range(L)], [A.new(f"h2_{i}", (T, H)) for i in range(L)]
         r1s, r2s = [A.new(f"r1_{i}", (T,)) for i in range(L)], [A.new(f"r2_{i}", (T,)) for i in range(L)]
         qs = [A.new(f"q{i}", (T, Q)) for i in range(L)]
-        os_, lses = [A.new(f"o{i}", (T, Q)) for i in range(L)], [A.new(f"lse{i}", (batch, c.num_heads, seq))
-                                                                    for i in range(L)]
+        bf16 = self.weights16 is not None
+        os_ = [A.new(f"o{i}16", (T, Q), "bf16") if bf16 else A.new(f"o{i}", (T, Q)) for i in range(L)]
+        lses = [A.new(f"lse{i}", (batch, c.num_heads, seq)) for i in range(L)]
         gates, ups, acts = ([A.new(f"{n}{i}", (T, I)) for i in range(L)] for n in ("gate", "up", "act"))
         tmp, hf, rf = A.new("tmp", (T, H)), A.new("hf", (T, H)), A.new("rf", (T,))
         head_rows = 1 if last_row_logits else T
@@ -306,20 +338,25 @@ class CudaBackend:
                 fwd.append(bind(k.norm_residual, k.norm_residual.launch_dims(T), tmp, mids[i - 1],
                                 w(p + "input_layernorm.weight"), h1s[i], xs[i], r1s[i], T))
             bias = (lambda n: p + f"self_attn.{n}.bias") if c.qkv_bias else (lambda n: None)
-            k_at, v_at = kv[i]
+            at, moves = kv[i], _KVWrite(KV)
             h1 = gemm_input(f"h1_{i}", (T, H))
             linear(k.q, h1, p + "self_attn.q_proj.weight", qs[i], H, Q, bias("q_proj"))
-            k_gemm = linear(k.kv, h1, p + "self_attn.k_proj.weight", k_at, H, KV, bias("k_proj"))
-            v_gemm = linear(k.kv, h1, p + "self_attn.v_proj.weight", v_at, H, KV, bias("v_proj"))
+            moves.add(linear(k.kv, h1, p + "self_attn.k_proj.weight", at.k, H, KV, bias("k_proj")), 2, at.k, 4)
+            moves.add(linear(k.kv, h1, p + "self_attn.v_proj.weight", at.v, H, KV, bias("v_proj")), 2, at.v, 4)
             fwd.append(bind(k.rope_q, k.rope_q.launch_dims(T), qs[i], qs[i], pos, T))
-            rope_k = bind(k.rope_k, k.rope_k.launch_dims(T), k_at, k_at, pos, T)
-            fwd.append(rope_k)
-            attention = bind(k.attention, k.attention.launch_dims(batch, seq), qs[i], k_at, v_at, os_[i],
-                             lses[i], seq, seq, kv_stride, 0)
+            fwd.append(moves.add(moves.add(bind(k.rope_k, k.rope_k.launch_dims(T), at.k, at.k, pos, T),
+                                           0, at.k, 4), 1, at.k, 4))
+            inputs = (qs[i], at.k, at.v)
+            if bf16:
+                inputs = (gemm_input(f"q{i}", (T, Q)), at.k16, at.v16)
+                for src, dst in ((at.k, at.k16), (at.v, at.v16)):
+                    fwd.append(moves.add(moves.add(self._cast(src, dst, T * KV), 0, src, 4), 1, dst, 2))
+            attention = bind(k.attention, k.attention.launch_dims(batch, seq), *inputs, os_[i], lses[i],
+                             seq, seq, kv_stride, 0)
             fwd.append(attention)
-            out.kv_writes.append((k_gemm, v_gemm, rope_k, k_at, v_at))
+            out.kv_writes.append(moves)
             out.attention.append(attention)
-            linear(k.o, gemm_input(f"o{i}", (T, Q)), p + "self_attn.o_proj.weight", tmp, Q, H)
+            linear(k.o, os_[i], p + "self_attn.o_proj.weight", tmp, Q, H)
             fwd.append(bind(k.norm_residual, k.norm_residual.launch_dims(T), tmp, xs[i],
                             w(p + "post_attention_layernorm.weight"), h2s[i], mids[i], r2s[i], T))
             h2 = gemm_input(f"h2_{i}", (T, H))
@@ -340,19 +377,22 @@ class CudaBackend:
         Q, KV, L = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_layers
         A = _Arrays()
         w, gr = self._w, (lambda name: self.grads.ptr + 4 * lay.offsets[name])
-        ks, vs = [A.new(f"k{i}", (T, KV)) for i in range(L)], [A.new(f"v{i}", (T, KV)) for i in range(L)]
-        out = self._forward(A, batch, seq, list(zip(ks, vs)), seq, last_row_logits=False)
+        bf16 = self.weights16 is not None
+        kv = [_LayerKV(*(A.new(f"{n}{i}", (T, KV)) for n in "kv"),
+                       *((A.new(f"{n}{i}16", (T, KV), "bf16") for n in "kv") if bf16 else ())) for i in range(L)]
+        out = self._forward(A, batch, seq, kv, seq, last_row_logits=False)
         A["pos"].upload(np.tile(np.arange(seq, dtype=np.int32), batch))
         fwd, bind = out.launches, self._bind
         ptr = lambda name: A[name].ptr  # noqa: E731
         xs, mids = [ptr(f"x{i}") for i in range(L + 1)], [ptr(f"mid{i}") for i in range(L)]
         r1s, r2s = [ptr(f"r1_{i}") for i in range(L)], [ptr(f"r2_{i}") for i in range(L)]
-        qs, os_, lses = ([ptr(f"{n}{i}") for i in range(L)] for n in ("q", "o", "lse"))
+        lses = [ptr(f"lse{i}") for i in range(L)]
         gates, ups, acts = ([ptr(f"{n}{i}") for i in range(L)] for n in ("gate", "up", "act"))
         rf, logits, pos = ptr("rf"), ptr("logits"), ptr("pos")
-        # the GEMMs' copies of activations (``_gemm_input``) and of output gradients (one scratch)
-        gin = (lambda name: A[name + "16"].ptr) if self.weights16 is not None else ptr
-        dy16 = A.new("dy16", (T * max(V, I, H, Q),), "bf16") if self.weights16 is not None else 0
+        # the copies the GEMMs and the attention read (``_gemm_input``; bf16: name16) and the scratch
+        # the output gradients are cast into
+        gin = (lambda name: A[name + "16"].ptr) if bf16 else ptr
+        dy16 = A.new("dy16", (T * max(V, I, H, Q),), "bf16") if bf16 else 0
         targets, dlogits, losses = A.new("targets", (T,), "i32"), A.new("dlogits", (T, V)), A.new("losses", (T,))
         ce = bind(k.cross_entropy, k.cross_entropy.launch_dims(T), logits, targets, losses, dlogits, 1.0)
         fwd.append(ce)
@@ -441,10 +481,12 @@ class CudaBackend:
             dy = gemm_dy(g, H)
             grad_weight(k.o, dy, gin(f"o{i}"), p + "self_attn.o_proj.weight", Q, H)
             grad_input(k.o, dy, p + "self_attn.o_proj.weight", d_o, Q, H)
-            bwd.append(bind(k.attention_bwd_q, k.attention_bwd_q.launch_dims(batch, seq), qs[i], ks[i], vs[i],
-                            os_[i], d_o, lses[i], dq, delta, seq))
-            bwd.append(bind(k.attention_bwd_kv, k.attention_bwd_kv.launch_dims(batch, seq), qs[i], ks[i], vs[i],
-                            d_o, lses[i], delta, dk, dv, seq))
+            qkv = [gin(f"{n}{i}") for n in "qkv"]
+            d_o_in = gemm_dy(d_o, Q)  # the attention reads dO as it reads q, k, v
+            bwd.append(bind(k.attention_bwd_q, k.attention_bwd_q.launch_dims(batch, seq), *qkv, gin(f"o{i}"),
+                            d_o_in, lses[i], dq, delta, seq))
+            bwd.append(bind(k.attention_bwd_kv, k.attention_bwd_kv.launch_dims(batch, seq), *qkv, d_o_in, lses[i],
+                            delta, dk, dv, seq))
             bwd.append(bind(k.rope_q_bwd, k.rope_q_bwd.launch_dims(T), dq, dq, pos, T))
             bwd.append(bind(k.rope_k_bwd, k.rope_k_bwd.launch_dims(T), dk, dk, pos, T))
             for name, d, lk, width in (("q_proj", dq, k.q, Q), ("k_proj", dk, k.kv, KV), ("v_proj", dv, k.kv, KV)):
@@ -490,9 +532,10 @@ class CudaDecoder:
         self.backend, self.max_len, self.length = backend, max_len, 0
         kv = c.num_kv_heads * c.head_dim
         self._cache = _Arrays()
-        self._kv = [(self._cache.new(f"k{i}", (max_len, kv)), self._cache.new(f"v{i}", (max_len, kv)))
+        bf16 = backend.weights16 is not None  # the attention's bf16 copies of the caches too
+        self._kv = [_LayerKV(*(self._cache.new(f"{n}{i}", (max_len, kv)) for n in "kv"),
+                             *((self._cache.new(f"{n}{i}16", (max_len, kv), "bf16") for n in "kv") if bf16 else ()))
                     for i in range(c.num_layers)]
-        self._row_bytes = 4 * kv
         self._plans: dict[int, tuple[_Arrays, _Forward]] = {}
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
@@ -521,12 +564,8 @@ class CudaDecoder:
             arrays, fwd = self._plans[new]
             arrays["ids"].upload(ids.astype(np.int32))
             arrays["pos"].upload(np.arange(self.length, self.length + new, dtype=np.int32))
-            shift = self.length * self._row_bytes
-            for (k_gemm, v_gemm, rope_k, k_at, v_at), attention in zip(fwd.kv_writes, fwd.attention):
-                k_gemm.set_arg(2, k_at + shift)
-                v_gemm.set_arg(2, v_at + shift)
-                rope_k.set_arg(0, k_at + shift)
-                rope_k.set_arg(1, k_at + shift)
+            for moves, attention in zip(fwd.kv_writes, fwd.attention):
+                moves.move(self.length)
                 attention.set_arg(6, self.length + new)  # kv_len
                 attention.set_arg(8, self.length)        # q_start
             for launch in fwd.launches:

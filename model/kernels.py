@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ptxgen.kernels.adamw import AdamWSpec, GradNormFinalSpec, GradNormPartialSpec
 from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
+from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
 from ptxgen.kernels.cast import CastSpec
 from ptxgen.kernels.colsum import ColumnSumSpec
 from ptxgen.kernels.cross_entropy import CrossEntropySpec
@@ -99,9 +100,9 @@ class ModelKernels:
     rope_k: RopeSpec
     rope_q_bwd: RopeSpec
     rope_k_bwd: RopeSpec
-    attention: AttentionSpec
-    attention_bwd_q: AttentionBackwardQSpec
-    attention_bwd_kv: AttentionBackwardKVSpec
+    attention: AttentionSpec | AttentionTCSpec  # bf16: tensor cores, on bf16 copies of q, k, v
+    attention_bwd_q: AttentionBackwardQSpec | AttentionTCBackwardQSpec
+    attention_bwd_kv: AttentionBackwardKVSpec | AttentionTCBackwardKVSpec
     swiglu: SwiGLUSpec
     swiglu_bwd: SwiGLUBackwardSpec
     cross_entropy: CrossEntropySpec
@@ -117,8 +118,12 @@ class ModelKernels:
            precision: Precision = Precision.FP32) -> "ModelKernels":
         h, d, q_dim, kv_dim = c.hidden_size, c.head_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         rope = dict(head_dim=d, theta=c.rope_theta)
-        # a row over lanes threads: about 32 of its values per thread (64 -> 2 lanes, 128 -> 4)
-        attn = dict(heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=d, lanes=_lanes(d))
+        attn = dict(heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=d)
+        if precision is Precision.BF16:
+            attention = (AttentionTCSpec(**attn), AttentionTCBackwardQSpec(**attn), AttentionTCBackwardKVSpec(**attn))
+        else:  # a row over lanes threads: about 32 of its values per thread (64 -> 2 lanes, 128 -> 4)
+            attention = tuple(cls(**attn, lanes=_lanes(d))
+                              for cls in (AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec))
         norm = RMSNormSpec(hidden=h, eps=c.rms_norm_eps, save_rstd=True)
         partial = GradNormPartialSpec()
         linear = functools.partial(LinearKernels.of, precision=precision)
@@ -132,8 +137,7 @@ class ModelKernels:
             rope_q=RopeSpec(heads=c.num_heads, **rope), rope_k=RopeSpec(heads=c.num_kv_heads, **rope),
             rope_q_bwd=RopeSpec(heads=c.num_heads, inverse=True, **rope),
             rope_k_bwd=RopeSpec(heads=c.num_kv_heads, inverse=True, **rope),
-            attention=AttentionSpec(**attn), attention_bwd_q=AttentionBackwardQSpec(**attn),
-            attention_bwd_kv=AttentionBackwardKVSpec(**attn),
+            attention=attention[0], attention_bwd_q=attention[1], attention_bwd_kv=attention[2],
             swiglu=SwiGLUSpec(), swiglu_bwd=SwiGLUBackwardSpec(),
             cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index),
             colsum=ColumnSumSpec(), grad_norm_partial=partial,

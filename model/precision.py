@@ -1,8 +1,9 @@
-"""What the linear layers' GEMMs read: fp32, or bf16 copies of their operands (mixed precision).
+"""What the tensor-core work reads: fp32, or bf16 copies of its operands (mixed precision).
 
-In bf16 the weights stay fp32 (the master copy AdamW updates) and every other op stays fp32; only
-the operands of the linear layers' GEMMs (activations, output gradients, weights) are rounded to
-bf16, and their products are accumulated in fp32. ``round`` is that rounding for the references.
+In bf16 the weights stay fp32 (the master copy AdamW updates) and the norms, RoPE, SwiGLU,
+cross-entropy and optimizer stay fp32; the operands of the linear layers' GEMMs (activations,
+output gradients, weights) and of the attention (q, k, v, dO; it writes o in bf16) are rounded to
+bf16, and every product is accumulated in fp32. ``round`` is that rounding for the references.
 """
 from __future__ import annotations
 

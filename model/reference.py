@@ -39,12 +39,13 @@ class KVCache:
 
 class ReferenceModel:
     """float64 forward/backward over a parameter dict with HF names. With ``Precision.BF16`` every
-    linear layer's GEMM (forward, input and weight gradients) reads bf16-rounded operands."""
+    linear layer's GEMM (forward, input and weight gradients) reads bf16-rounded operands, and the
+    attention bf16-rounded q, k, v (and dO); its output is rounded as the o projection's operand."""
 
     def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], precision: Precision = Precision.FP32):
         self.c = config
         self.p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
-        self.mm = precision.matmul
+        self.mm, self.round = precision.matmul, precision.round
 
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
         y = self.mm(x, self.p[name + ".weight"].T)
@@ -72,7 +73,7 @@ class ReferenceModel:
                     cache.values.append(v[:, :0])
                 k = cache.keys[i] = np.concatenate([cache.keys[i], k], axis=1)
                 v = cache.values[i] = np.concatenate([cache.values[i], v], axis=1)
-            o, probs, _ = attention_reference(q, k, v, start)
+            o, probs, _ = attention_reference(self.round(q), self.round(k), self.round(v), start)
             attn = self.mm(o.reshape(b * s, -1), self.p[p + "self_attn.o_proj.weight"].T)
             x_mid = x + attn
             h2, rstd2 = rmsnorm_reference(x_mid, self.p[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
@@ -130,7 +131,7 @@ class ReferenceModel:
             o2d = a["o"].reshape(b * s, -1)
             g[p + "self_attn.o_proj.weight"] += self.mm(dx_mid.T, o2d)
             do = self.mm(dx_mid, self.p[p + "self_attn.o_proj.weight"]).reshape(a["o"].shape)
-            dq, dk, dv = attention_backward_reference(a["q"], a["k"], a["v"], a["probs"], do)
+            dq, dk, dv = attention_backward_reference(*(self.round(a[n]) for n in "qkv"), a["probs"], self.round(do))
             dq = rope_reference(dq.reshape(b * s, c.num_heads, -1), positions, c.rope_theta, inverse=True)
             dk = rope_reference(dk.reshape(b * s, c.num_kv_heads, -1), positions, c.rope_theta, inverse=True)
             dh = np.zeros_like(a["h"])

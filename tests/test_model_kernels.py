@@ -8,7 +8,8 @@ from model.kernels import ModelKernels
 from model.optim import AdamWSettings, decays
 from model.precision import Precision
 from ptxgen.kernels.adamw import AdamWSpec
-from ptxgen.kernels.attention import AttentionSpec
+from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
+from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
 from ptxgen.kernels.cast import CastSpec
 from ptxgen.kernels.gemm import GemmSpec
 from ptxgen.kernels.gemm_tc import GemmTCSpec
@@ -71,7 +72,7 @@ def test_small_weight_gradients_split_their_token_contraction():
     assert split_k(qwen.kv.grad_weight, 128, 896, 512) == 2          # parts stay >= 256 tokens
 
 
-def test_bf16_precision_puts_every_linear_gemm_on_tensor_cores_and_adds_the_cast():
+def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_cast():
     fp32 = ModelKernels.of(preset("qwen2-0.5b"), AdamWSettings(), -100)
     bf16 = ModelKernels.of(preset("qwen2-0.5b"), AdamWSettings(), -100, Precision.BF16)
     gemms = lambda kernels: [s for s in kernels.specs() if isinstance(s, (GemmSpec, GemmTCSpec))]  # noqa: E731
@@ -80,6 +81,10 @@ def test_bf16_precision_puts_every_linear_gemm_on_tensor_cores_and_adds_the_cast
     assert bf16.to_bf16 == CastSpec() and CastSpec() in bf16.specs() and CastSpec() not in fp32.specs()
     assert bf16.q.forward.bias and not bf16.o.forward.bias
     assert bf16.gate_up.forward.block_n == 256 and bf16.q.forward.block_n == 128  # wide outputs, wide tiles
-    # everything but the GEMMs and the cast is the same kernel in both precisions
-    same = lambda kernels: {s for s in kernels.specs() if not isinstance(s, (GemmSpec, GemmTCSpec, CastSpec))}  # noqa: E731
-    assert same(fp32) == same(bf16)
+    assert isinstance(bf16.attention, AttentionTCSpec) and isinstance(bf16.attention_bwd_kv, AttentionTCBackwardKVSpec)
+    assert (bf16.attention.heads, bf16.attention.kv_heads, bf16.attention.head_dim) == (14, 2, 64)
+    # everything else is the same kernel in both precisions
+    tensor_cores = (GemmSpec, GemmTCSpec, CastSpec, AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec,
+                    AttentionTCSpec, AttentionTCBackwardQSpec, AttentionTCBackwardKVSpec)
+    same = lambda kernels: {s for s in kernels.specs() if not isinstance(s, tensor_cores)}  # noqa: E731
+    assert same(fp32) == same(bf16) and len(same(fp32)) >= 10
