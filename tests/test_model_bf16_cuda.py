@@ -1,13 +1,15 @@
-"""The CUDA model with bf16 GEMM operands (fp32 master weights) against the numpy reference.
+"""The CUDA model in bf16 precision (tensor-core GEMMs and attention on bf16 operands, fp32 master
+weights) against the numpy reference.
 
-The reference that rounds exactly the linear layers' GEMM operands to bf16 (``Precision.BF16``) is
-the one to match. It cannot be matched to fp32 precision: where the GPU's fp32 value and the float64
-reference's sit on two sides of a bf16 rounding boundary they round one bf16 step apart, and later
-layers carry that on (measured on the H100: logits 2.4e-3 / 3.1e-3 of the largest logit for tiny /
-the 2-layer Qwen2 shape, the bf16 reference itself 3.8e-3 / 7.6e-3 from the fp32 one). So the
-logits must be nearer the bf16 reference than the fp32 one, within 5e-3 of the largest logit of it
-and 2e-2 of the fp32 one; the loss within 1e-4 relative; every gradient within 1e-2 of its largest
-reference magnitude (measured 3.0e-3 at worst).
+The reference that rounds the same operands to bf16 (``Precision.BF16``) is the one to match. It
+cannot be matched to fp32 precision: where the GPU's fp32 value and the float64 reference's sit on
+two sides of a bf16 rounding boundary they round one bf16 step apart and later layers carry that
+on, and the attention rounds its probabilities to bf16 inside (as FlashAttention does), which the
+reference does not. Measured on the H100: logits 3.7e-3 / 5.0e-3 of the largest logit from the
+bf16 reference for tiny / the 2-layer Qwen2 shape, 4.8e-3 / 6.9e-3 from the fp32 one; gradients
+1.3e-2 of their largest magnitude at worst. So: the logits nearer the bf16 reference than the fp32
+one, within 1e-2 of the largest logit of it and 2e-2 of the fp32 one; the loss within 1e-4
+relative; every gradient within 3e-2 of its largest reference magnitude.
 """
 import numpy as np
 import pytest
@@ -49,7 +51,7 @@ def test_logits_match_the_reference_that_rounds_the_same_operands(cache, name):
         model.close()
     to_bf16_reference = scaled_error(ours, ReferenceModel(config, params, BF16).forward(ids))
     to_fp32_reference = scaled_error(ours, ReferenceModel(config, params).forward(ids))
-    assert to_bf16_reference <= 5e-3 and to_fp32_reference <= 2e-2
+    assert to_bf16_reference <= 1e-2 and to_fp32_reference <= 2e-2
     assert to_bf16_reference < to_fp32_reference  # it rounds what the bf16 reference rounds
 
 
@@ -66,7 +68,7 @@ def test_loss_and_every_gradient_match_the_bf16_reference(cache, config, shape):
     assert loss == pytest.approx(ref_loss, rel=1e-4)
     assert loss == pytest.approx(ReferenceModel(config, params).loss(ids, targets), rel=1e-2)
     for name, g in grads.items():
-        assert scaled_error(g, ref_grads[name]) <= 1e-2, name
+        assert scaled_error(g, ref_grads[name]) <= 3e-2, name
 
 
 def test_a_step_refreshes_the_bf16_weights_and_repeats_bit_for_bit(cache):
@@ -101,4 +103,4 @@ def test_gpu_decoding_in_bf16_matches_the_bf16_reference(cache):
         model.close()
     full = ReferenceModel(config, params, BF16).forward(ids[None, :])[0]
     for n, logits in zip(range(17, 24), steps):
-        assert scaled_error(logits, full[n - 1]) <= 5e-3
+        assert scaled_error(logits, full[n - 1]) <= 1e-2
