@@ -71,15 +71,22 @@ def print_breakdown(title: str, launches: list) -> None:
         launch()
         end.record()
     totals: dict[str, float] = {}
+    shapes: dict[tuple, list[float]] = {}  # (kind, grid) -> [ms, launches]
     for launch, start, end in zip(launches, events, events[1:]):
-        kind = launch.kernel.spec.kind
-        totals[kind] = totals.get(kind, 0.0) + start.elapsed_ms(end)
+        kind, ms = launch.kernel.spec.kind, start.elapsed_ms(end)
+        totals[kind] = totals.get(kind, 0.0) + ms
+        entry = shapes.setdefault((kind, launch.grid), [0.0, 0])
+        entry[0] += ms
+        entry[1] += 1
     for e in events:
         e.destroy()
     whole = sum(totals.values())
     print(f"\n== where the step goes: {title}, {len(launches)} launches, {whole:.2f} ms")
     for kind, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {kind:<24} {ms:9.3f} ms {100 * ms / whole:6.1f}%")
+    print("  the ten costliest (kind, grid) groups:")
+    for (kind, grid), (ms, count) in sorted(shapes.items(), key=lambda kv: -kv[1][0])[:10]:
+        print(f"    {kind:<22} grid {str(grid):<16} x{count:<4} {ms:9.3f} ms {100 * ms / whole:6.1f}%")
 
 
 def theirs(config, batch, seq, ids, reps, bf16: bool):
@@ -108,6 +115,8 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=list(SHAPES))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--breakdown", action="store_true", help="time our step's launches by kernel kind")
+    names = [p.value for p in Precision]
+    ap.add_argument("--precisions", nargs="+", choices=names, default=names)
     ns = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
@@ -119,6 +128,8 @@ def main() -> None:
         targets = np.roll(ids, -1, axis=1)
         tokens = batch * seq
         for precision, label in ((Precision.FP32, "fp32"), (Precision.BF16, "bf16 autocast")):
+            if precision.value not in ns.precisions:
+                continue
             o_dt, o_mem = ours(name, config, batch, seq, ids, targets, ns.reps, precision, ns.breakdown)
             t_dt, t_mem = theirs(config, batch, seq, ids, ns.reps, precision is Precision.BF16)
             torch.cuda.empty_cache()  # the model and optimizer died with theirs()

@@ -28,11 +28,11 @@ def _dims(d: int | Sequence[int]) -> tuple[int, int, int]:
 class Launch:
     """One prepared launch: calling it issues cuLaunchKernel with prepacked arguments."""
 
-    __slots__ = ("_args", "_values", "_array", "kernel")
+    __slots__ = ("_args", "_values", "_array", "kernel", "grid")
 
     def __init__(self, kernel: "Kernel", grid: tuple[int, int, int], block: tuple[int, int, int],
                  shared: int, stream: Any, values: list[Any]):
-        self.kernel = kernel  # what it launches (a profile groups launches by kernel.spec)
+        self.kernel, self.grid = kernel, grid  # what it launches, on how many blocks (for a profile)
         fn = kernel.function
         self._values = values  # keeps the ctypes values alive while the pointer array points at them
         self._array = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
