@@ -278,6 +278,10 @@ class CudaBackend:
             return self._w(name)
         return self.weights16.ptr + 2 * self.layout.offsets[name]
 
+    def _split_k(self, spec: Gemm, m: int, n: int, tokens: int) -> int:
+        """``split_k`` for this GPU's wave of ``spec``'s blocks."""
+        return split_k(spec, m, n, tokens, self.cache.get(spec).resident_blocks(spec.threads))
+
     def _cast(self, src: int, dst: int, count: int):
         spec = self.kernels.to_bf16
         return self._bind(spec, spec.launch_dims(count), src, dst, count)
@@ -410,8 +414,8 @@ class CudaBackend:
         col_scratch = A.new("col_scratch", (-(-T // COLSUM_CHUNK), max(Q, KV)))
 
         shapes = [(k.q, Q, H), (k.kv, KV, H), (k.o, H, Q), (k.gate_up, I, H), (k.down, H, I), (k.head, V, H)]
-        partials = [split_k(lk.grad_weight, m, n, T) * m * n for lk, m, n in shapes
-                    if split_k(lk.grad_weight, m, n, T) > 1]
+        splits = {(m, n): self._split_k(lk.grad_weight, m, n, T) for lk, m, n in shapes}
+        partials = [parts * m * n for (m, n), parts in splits.items() if parts > 1]
         split_scratch = A.new("split_scratch", (max(partials, default=1),))
 
         def gemm_dy(dy: int, width: int) -> int:
@@ -430,7 +434,7 @@ class CudaBackend:
             """dW = dy^T x. A small dW leaves most SMs idle: then the token dimension is split
             over batches whose partial dWs a fixed-order column sum adds (deterministic)."""
             spec: Gemm = lk.grad_weight
-            splits = split_k(spec, d_out, d_in, T)
+            splits = self._split_k(spec, d_out, d_in, T)
             if splits == 1:
                 bwd.append(bind(spec, spec.launch_dims(d_out, d_in),
                                 *spec.arguments(dy, x, gr(weight), d_out, d_in, T)))

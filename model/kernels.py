@@ -30,23 +30,32 @@ from .precision import Precision
 
 SMALL_TILE = dict(block_m=64, block_n=64, thread_m=4, thread_n=8)
 WIDE_TC_TILE = dict(block_n=256, block_k=64, stages=3)  # the fastest tensor-core tile in bench_compute
-SPLIT_K_TILES = 264     # a dW GEMM with fewer output tiles than two per SM (H100: 132) splits its contraction
-SPLIT_K_MIN_ROWS = 256  # ... into parts of at least this many tokens
+SPLIT_K_MIN_ROWS = 256  # a dW GEMM splits its token contraction into parts of at least this many tokens
+SPLIT_K_MAX = 16
+SPLIT_K_GAIN = 1.05     # ... each doubling of the parts must fill the waves 5% better
 WIDE_OUTPUT = 512  # outputs at least this wide fill the GPU with 128x128 tiles at training batch sizes
 
 
 Gemm = GemmSpec | GemmTCSpec
 
 
-def split_k(spec: Gemm, m: int, n: int, tokens: int) -> int:
-    """Parts to split a dW GEMM's ``tokens``-long contraction into so the GPU has enough output
-    tiles (1: none needed); a power of two dividing ``tokens``, each part >= SPLIT_K_MIN_ROWS."""
+def split_k(spec: Gemm, m: int, n: int, tokens: int, wave: int) -> int:
+    """Parts to split a dW GEMM's ``tokens``-long contraction into (1: none), so that its output
+    tiles times the parts fill the GPU's waves of ``wave`` resident blocks: 266 tiles on 264 slots
+    run as two waves, the second all but empty. A power of two dividing ``tokens``, each part at
+    least SPLIT_K_MIN_ROWS; a doubling is taken when it fills the waves SPLIT_K_GAIN times better
+    (the partial sums cost a pass over the output each)."""
     tiles = -(-m // spec.block_m) * -(-n // spec.block_n)
-    splits = 1
-    while (tiles * splits < SPLIT_K_TILES and tokens % (2 * splits) == 0
-           and tokens // (2 * splits) >= SPLIT_K_MIN_ROWS):
-        splits *= 2
-    return splits
+
+    def filled(parts: int) -> float:
+        return tiles * parts / (-(-tiles * parts // wave) * wave)
+
+    best, parts = 1, 1
+    while parts < SPLIT_K_MAX and tokens % (2 * parts) == 0 and tokens // (2 * parts) >= SPLIT_K_MIN_ROWS:
+        parts *= 2
+        if filled(parts) >= filled(best) * SPLIT_K_GAIN:
+            best = parts
+    return best
 
 
 def _lanes(head_dim: int) -> int:

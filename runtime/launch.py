@@ -9,7 +9,7 @@ from cuda.bindings import driver as cu
 from ptxgen.builder import T
 from ptxgen.spec import KernelSpec
 
-from .driver import CudaError, call
+from .driver import CudaError, call, device
 from .memory import DeviceArray, Stream
 
 _CTYPES = {T.U64: ctypes.c_uint64, T.S64: ctypes.c_int64, T.U32: ctypes.c_uint32,
@@ -75,17 +75,28 @@ class Kernel:
     def bind(self, grid: int | Sequence[int], block: int | Sequence[int], *args: Any,
              shared: int | None = None, stream: Stream | None = None) -> Launch:
         """``shared``: dynamic shared bytes, by default what the spec says its kernel needs."""
-        shared = self.spec.dynamic_shared_bytes() if shared is None else shared
-        if shared > self._shared_limit:
-            call("cuFuncSetAttribute", self.function,
-                 cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
-            self._shared_limit = shared
+        shared = self._allow_shared(self.spec.dynamic_shared_bytes() if shared is None else shared)
         handle = cu.CUstream(0) if stream is None else stream.handle
         return Launch(self, _dims(grid), _dims(block), shared, handle, self.pack(args))
 
     def __call__(self, grid: int | Sequence[int], block: int | Sequence[int], *args: Any,
                  shared: int | None = None, stream: Stream | None = None) -> None:
         self.bind(grid, block, *args, shared=shared, stream=stream)()
+
+    def _allow_shared(self, shared: int) -> int:
+        """Raise the function's dynamic shared memory limit to ``shared`` bytes when past the default."""
+        if shared > self._shared_limit:
+            call("cuFuncSetAttribute", self.function,
+                 cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
+            self._shared_limit = shared
+        return shared
+
+    def resident_blocks(self, threads: int) -> int:
+        """Blocks of ``threads`` (with the spec's dynamic shared memory) the whole GPU runs at once:
+        the occupancy per SM times the SM count, i.e. the blocks in one wave."""
+        shared = self._allow_shared(self.spec.dynamic_shared_bytes())
+        per_sm = call("cuOccupancyMaxActiveBlocksPerMultiprocessor", self.function, threads, shared)
+        return per_sm * device().attribute(cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
 
     @property
     def registers(self) -> int:
