@@ -32,30 +32,34 @@ SMALL_TILE = dict(block_m=64, block_n=64, thread_m=4, thread_n=8)
 WIDE_TC_TILE = dict(block_n=256, block_k=64, stages=3)  # the fastest tensor-core tile in bench_compute
 SPLIT_K_MIN_ROWS = 256  # a dW GEMM splits its token contraction into parts of at least this many tokens
 SPLIT_K_MAX = 16
-SPLIT_K_GAIN = 1.05     # ... each doubling of the parts must fill the waves 5% better
+# FLOPs a GEMM does in the time one byte moves through memory, as measured on the H100 by
+# bench_compute / bench_kernels (fp32 SIMT ~47 TFLOP/s, tensor cores ~460, copy ~3 TB/s): what a
+# split's partial sums cost, in the GEMM's own currency.
+FLOPS_PER_BYTE = {GemmSpec: 16, GemmTCSpec: 150}
 WIDE_OUTPUT = 512  # outputs at least this wide fill the GPU with 128x128 tiles at training batch sizes
-
 
 Gemm = GemmSpec | GemmTCSpec
 
 
 def split_k(spec: Gemm, m: int, n: int, tokens: int, wave: int) -> int:
-    """Parts to split a dW GEMM's ``tokens``-long contraction into (1: none), so that its output
-    tiles times the parts fill the GPU's waves of ``wave`` resident blocks: 266 tiles on 264 slots
-    run as two waves, the second all but empty. A power of two dividing ``tokens``, each part at
-    least SPLIT_K_MIN_ROWS; a doubling is taken when it fills the waves SPLIT_K_GAIN times better
-    (the partial sums cost a pass over the output each)."""
+    """Parts to split a dW GEMM's ``tokens``-long contraction into (1: none). A GPU runs ``wave``
+    blocks at once, so 266 tiles on 264 slots take two full waves' time, the second all but idle;
+    more parts fill the waves, but each writes an m x n partial sum that a column sum reads back.
+    The count (a power of two dividing ``tokens``, parts of at least SPLIT_K_MIN_ROWS tokens) is
+    the one with the least estimated time: the waves' FLOPs, idle slots included, plus the
+    partial sums' bytes at FLOPS_PER_BYTE."""
     tiles = -(-m // spec.block_m) * -(-n // spec.block_n)
 
-    def filled(parts: int) -> float:
-        return tiles * parts / (-(-tiles * parts // wave) * wave)
+    def cost(parts: int) -> float:
+        waves = -(-tiles * parts // wave)
+        flops = waves * wave * 2.0 * spec.block_m * spec.block_n * tokens / parts
+        return flops + (FLOPS_PER_BYTE[type(spec)] * 4.0 * m * n * (2 * parts + 1) if parts > 1 else 0.0)
 
-    best, parts = 1, 1
-    while parts < SPLIT_K_MAX and tokens % (2 * parts) == 0 and tokens // (2 * parts) >= SPLIT_K_MIN_ROWS:
-        parts *= 2
-        if filled(parts) >= filled(best) * SPLIT_K_GAIN:
-            best = parts
-    return best
+    options = [1]
+    while (options[-1] < SPLIT_K_MAX and tokens % (2 * options[-1]) == 0
+           and tokens // (2 * options[-1]) >= SPLIT_K_MIN_ROWS):
+        options.append(2 * options[-1])
+    return min(options, key=cost)
 
 
 def _lanes(head_dim: int) -> int:

@@ -62,16 +62,18 @@ def test_parameter_layout_is_aligned_and_puts_decayed_tensors_first():
     assert all(np.array_equal(back[k], params[k]) for k in params)
 
 
-def test_weight_gradients_split_their_token_contraction_to_fill_the_waves():
+def test_weight_gradients_split_their_token_contraction_when_it_pays():
     from model.kernels import split_k
-    qwen = ModelKernels.of(preset("qwen2-0.5b"), AdamWSettings(), -100)
-    gate = qwen.gate_up.grad_weight  # 38 x 7 = 266 tiles of 128
-    assert split_k(gate, 4864, 896, 8192, wave=264) == 16  # 2 waves, the second all but empty: split
-    assert split_k(gate, 4864, 896, 8192, wave=266) == 1   # one full wave: leave it
-    assert split_k(gate, 4864, 896, 8192, wave=532) == 2   # half a wave -> one
-    assert split_k(qwen.q.grad_weight, 896, 896, 8192, wave=264) == 16  # 49 tiles
-    assert split_k(qwen.kv.grad_weight, 128, 896, 87, wave=792) == 1    # odd token count: no split
-    assert split_k(qwen.kv.grad_weight, 128, 896, 512, wave=792) == 2   # parts stay >= 256 tokens
+    fp32 = ModelKernels.of(preset("qwen2-0.5b"), AdamWSettings(), -100)
+    bf16 = ModelKernels.of(preset("qwen2-0.5b"), AdamWSettings(), -100, Precision.BF16)
+    # 38 x 7 = 266 tiles of 128 on 264 (fp32) or 132 (bf16) slots: a second wave all but idle
+    assert split_k(fp32.gate_up.grad_weight, 4864, 896, 8192, wave=264) == 8
+    assert split_k(fp32.gate_up.grad_weight, 4864, 896, 8192, wave=266) == 1   # one full wave: leave it
+    # tensor cores are 10x faster for the same partial-sum traffic: fewer parts pay
+    assert split_k(bf16.gate_up.grad_weight, 4864, 896, 8192, wave=132) == 2
+    assert split_k(fp32.kv.grad_weight, 128, 896, 8192, wave=792) == 16        # 28 tiles of 64
+    assert split_k(fp32.kv.grad_weight, 128, 896, 87, wave=792) == 1           # odd token count: no split
+    assert split_k(fp32.kv.grad_weight, 128, 896, 512, wave=792) == 2          # parts stay >= 256 tokens
 
 
 def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_cast():
