@@ -431,8 +431,8 @@ class CudaBackend:
                             *spec.arguments(dy, self._gemm_w(weight), dx, T, d_in, d_out)))
 
         def grad_weight(lk: LinearKernels, dy: int, x: int, weight: str, d_in: int, d_out: int):
-            """dW = dy^T x. A small dW leaves most SMs idle: then the token dimension is split
-            over batches whose partial dWs a fixed-order column sum adds (deterministic)."""
+            """dW = dy^T x. A dW whose tiles fill the GPU's waves badly splits the token dimension
+            over batches whose partial dWs a fixed-order sum adds (deterministic)."""
             spec: Gemm = lk.grad_weight
             splits = self._split_k(spec, d_out, d_in, T)
             if splits == 1:
@@ -444,8 +444,9 @@ class CudaBackend:
                           c=Strides(outer=d_out * d_in))
             bwd.append(bind(spec, spec.launch_dims(d_out, d_in, splits),
                             *spec.arguments(dy, x, split_scratch, d_out, d_in, rows, batch=batch)))
-            cs, cols = k.colsum, d_out * d_in
-            bwd.append(bind(cs, cs.launch_dims(splits, cols, splits), split_scratch, gr(weight), splits, cols, splits))
+            ps = k.parts_sum
+            bwd.append(bind(ps, ps.launch_dims(d_out * d_in), *ps.arguments(split_scratch, gr(weight), splits,
+                                                                          d_out * d_in)))
 
         def column_sum(src: int, dst: int, cols: int):
             """dst[cols] = sum over the T rows of src, in one or two fixed-order stages."""

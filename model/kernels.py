@@ -14,7 +14,7 @@ from ptxgen.kernels.adamw import AdamWSpec, GradNormFinalSpec, GradNormPartialSp
 from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
 from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
 from ptxgen.kernels.cast import CastSpec
-from ptxgen.kernels.colsum import ColumnSumSpec
+from ptxgen.kernels.colsum import ColumnSumSpec, PartsSumSpec
 from ptxgen.kernels.cross_entropy import CrossEntropySpec
 from ptxgen.kernels.embedding import EmbeddingBackwardSpec, EmbeddingSpec
 from ptxgen.kernels.gemm import GemmSpec, widest_vec
@@ -120,6 +120,7 @@ class ModelKernels:
     swiglu_bwd: SwiGLUBackwardSpec
     cross_entropy: CrossEntropySpec
     colsum: ColumnSumSpec
+    parts_sum: PartsSumSpec  # split-K partial weight gradients
     grad_norm_partial: GradNormPartialSpec
     grad_norm_final: GradNormFinalSpec
     adamw_decay: AdamWSpec
@@ -153,7 +154,7 @@ class ModelKernels:
             attention=attention[0], attention_bwd_q=attention[1], attention_bwd_kv=attention[2],
             swiglu=SwiGLUSpec(), swiglu_bwd=SwiGLUBackwardSpec(),
             cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index),
-            colsum=ColumnSumSpec(), grad_norm_partial=partial,
+            colsum=ColumnSumSpec(), parts_sum=PartsSumSpec(), grad_norm_partial=partial,
             grad_norm_final=GradNormFinalSpec(partials=partial.blocks),
             adamw_decay=AdamWSpec(beta1=adamw.beta1, beta2=adamw.beta2, eps=adamw.eps,
                                   weight_decay=adamw.weight_decay),

@@ -13,7 +13,7 @@ from cudacall import call, poison
 from ptxgen.kernels.adamw import (AdamWSpec, GradNormFinalSpec, GradNormPartialSpec, adamw_reference,
                                   grad_norm_reference)
 from ptxgen.kernels.bias import BiasAddSpec
-from ptxgen.kernels.colsum import ColumnSumSpec
+from ptxgen.kernels.colsum import ColumnSumSpec, PartsSumSpec
 from ptxgen.kernels.cross_entropy import CrossEntropySpec, cross_entropy_reference
 from ptxgen.kernels.embedding import (EmbeddingBackwardSpec, EmbeddingSpec, embedding_backward_plan,
                                       embedding_backward_reference)
@@ -111,6 +111,19 @@ def test_column_sums_in_one_or_two_stages(cache, rows, cols, per_chunk):
                       rows, cols, per_chunk)
     _, total = call(cache, spec, spec.launch_dims(chunks, cols, chunks), partial, poison(cols), chunks, cols, chunks)
     assert np.abs(total - x.astype(np.float64).sum(0)).max() <= 1e-5 * np.abs(x).sum(0).max()
+
+
+@pytest.mark.parametrize("parts, n", [(1, 4), (2, 4864 * 896), (16, 128 * 896 + 4), (3, 12)])
+def test_parts_sum_adds_split_k_partials_in_order(cache, parts, n):
+    x = f32(parts, n)
+    spec = PartsSumSpec()
+    _, total = call(cache, spec, spec.launch_dims(n), x, poison(n), *spec.arguments(0, 0, parts, n)[2:])
+    expected = np.zeros(n, np.float32)
+    for z in range(parts):  # the kernel's order, in f32: bit for bit
+        expected += x[z]
+    assert np.array_equal(total, expected)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        spec.arguments(0, 0, 2, 6)
 
 
 @pytest.mark.parametrize("rows, cols, dtype", [(3, 896, DType.F32), (5, 128, DType.BF16), (4, 7, DType.F32),

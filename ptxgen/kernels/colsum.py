@@ -1,4 +1,5 @@
 """Column sums of a [rows, cols] f32 matrix, deterministic: fixed partition, fixed order, no atomics.
+(And the parts sum: the same for a few very long rows.)
 
 Block (x: 32 columns, y: a chunk of rows) has 32 x ``row_groups`` threads; group g sums rows
 g, g + row_groups, ... of the chunk in order, then group 0 adds the groups' sums in order and
@@ -12,14 +13,16 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..builder import Addr, KernelBuilder, T
+from ..builder import Addr, KernelBuilder, Reg, T
 from ..reductions import tree_sum
 from ..registry import register
 from ..spec import KernelSpec, SpecError
-from ..vecio import DType, load_f32, offset
+from ..vecio import DType, flat_elementwise, flat_grid, load_f32, offset, store_f32
+from .common import check_block_size
 
 COLS_PER_BLOCK = 32
 UNROLL = 4  # rows per trip; fixed, so the summation order (and the result) is too
+VEC = 4     # floats per thread of the parts sum
 
 
 @register
@@ -87,3 +90,48 @@ class ColumnSumSpec(KernelSpec):
 
 def column_sum_reference(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float64).sum(axis=0)
+
+
+@register
+@dataclass(frozen=True)
+class PartsSumSpec(KernelSpec):
+    """dst[i] = sum over z < parts of src[z * n + i], in order z = 0, 1, ...: the split-K partial sums
+    (a few long rows, which the column sum's column blocks would serve poorly), 4 floats a thread."""
+
+    kind: ClassVar[str] = "parts_sum"
+    block_size: int = 256
+
+    def validate(self) -> None:
+        check_block_size(self.block_size)
+
+    def launch_dims(self, n: int) -> tuple[int, int]:
+        return flat_grid(n, VEC, self.block_size), self.block_size
+
+    def params(self) -> tuple[tuple[str, T], ...]:
+        return (("src", T.U64), ("dst", T.U64), ("parts", T.U32), ("n", T.U32))
+
+    def arguments(self, src: int, dst: int, parts: int, n: int) -> tuple[int, ...]:
+        if parts < 1 or n % VEC:
+            raise ValueError(f"parts_sum: parts must be >= 1 and n a multiple of {VEC} (16-byte rows), "
+                             f"got {parts}, {n}")
+        return src, dst, parts, n
+
+    def build(self, b: KernelBuilder) -> None:
+        src, dst = (b.cvta_global(b.ld_param(n)) for n in ("src", "dst"))
+        parts, n = b.ld_param("parts"), b.ld_param("n")
+        row = b.mul_wide(n, 4)
+
+        def body(e: Reg, width: int, guard: Reg | None) -> None:
+            at = offset(b, src, e, 4)
+            acc = load_f32(b, DType.F32, Addr(at), width, guard=guard)
+            with b.loop(b.sub(parts, 1), "part"):
+                b.add(at, row, out=at)
+                for a, v in zip(acc, load_f32(b, DType.F32, Addr(at), width, guard=guard)):
+                    b.add(a, v, out=a)
+            store_f32(b, DType.F32, Addr(offset(b, dst, e, 4)), acc, guard=guard)
+
+        flat_elementwise(b, n, VEC, self.block_size, body)
+
+    @classmethod
+    def examples(cls) -> list["PartsSumSpec"]:
+        return [cls(), cls(block_size=512)]
