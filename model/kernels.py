@@ -30,6 +30,7 @@ from .precision import Precision
 
 SMALL_TILE = dict(block_m=64, block_n=64, thread_m=4, thread_n=8)
 WIDE_TC_TILE = dict(block_n=256, block_k=64, stages=3)  # the fastest tensor-core tile in bench_compute
+NARROW_TC_TILE = dict(min_blocks=2)  # 128x128: two blocks an SM hide latency better (bench_compute sweep)
 SPLIT_K_MIN_ROWS = 256  # a dW GEMM splits its token contraction into parts of at least this many tokens
 SPLIT_K_MAX = 16
 # FLOPs a GEMM does in the time one byte moves through memory, as measured on the H100 by
@@ -82,7 +83,7 @@ class LinearKernels:
     @classmethod
     def of(cls, d_in: int, d_out: int, bias: bool = False, precision: Precision = Precision.FP32) -> "LinearKernels":
         if precision is Precision.BF16:
-            make, tile = GemmTCSpec, (lambda width: WIDE_TC_TILE if width >= 2048 else {})
+            make, tile = GemmTCSpec, (lambda width: WIDE_TC_TILE if width >= 2048 else NARROW_TC_TILE)
         else:
             make = functools.partial(GemmSpec, vec=widest_vec(d_in, d_out))
             tile = lambda width: {} if width >= WIDE_OUTPUT else SMALL_TILE  # noqa: E731

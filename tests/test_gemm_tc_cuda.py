@@ -82,6 +82,7 @@ def test_fp16_bias_and_accumulate(cache):
 
 @pytest.mark.parametrize("tile", [dict(block_m=64, block_n=64, warps_m=2, warps_n=2, block_k=64),
                                   dict(block_k=16, stages=4), dict(stages=2), dict(block_n=256, stages=3),
+                                  dict(min_blocks=2), dict(block_n=256, block_k=64, stages=3),
                                   dict(block_m=256, warps_m=4, warps_n=2, block_k=64, stages=3, group_m=1)])
 def test_other_tiles_and_pipeline_depths(cache, tile):
     m, n, k = 200, 264, 168
