@@ -107,7 +107,7 @@ def main() -> None:
         # SwiGLU
         gate, up = torch.randn(T, I, device="cuda").to(tdt), torch.randn(T, I, device="cuda").to(tdt)
         act = torch.empty_like(gate)
-        spec = SwiGLUSpec(dtype=dt)
+        spec = SwiGLUSpec(dtype=dt, out_dtype=dt)
         add(f"swiglu fwd {dt.value} {T}x{I}", 3 * T * I * sz,
             launch(spec, spec.launch_dims(T * I), p(gate), p(up), p(act), T * I), lambda: F.silu(gate) * up)
         # cross-entropy, loss + dlogits in one pass

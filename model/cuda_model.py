@@ -317,7 +317,8 @@ class CudaBackend:
         bf16 = self.weights16 is not None
         os_ = [A.new(f"o{i}16", (T, Q), "bf16") if bf16 else A.new(f"o{i}", (T, Q)) for i in range(L)]
         lses = [A.new(f"lse{i}", (batch, c.num_heads, seq)) for i in range(L)]
-        gates, ups, acts = ([A.new(f"{n}{i}", (T, I)) for i in range(L)] for n in ("gate", "up", "act"))
+        gates, ups = ([A.new(f"{n}{i}", (T, I)) for i in range(L)] for n in ("gate", "up"))
+        acts = [A.new(f"act{i}16", (T, I), "bf16") if bf16 else A.new(f"act{i}", (T, I)) for i in range(L)]
         tmp, hf, rf = A.new("tmp", (T, H)), A.new("hf", (T, H)), A.new("rf", (T,))
         head_rows = 1 if last_row_logits else T
         logits = A.new("logits", (head_rows, V))
@@ -367,7 +368,7 @@ class CudaBackend:
             linear(k.gate_up, h2, p + "mlp.gate_proj.weight", gates[i], H, I)
             linear(k.gate_up, h2, p + "mlp.up_proj.weight", ups[i], H, I)
             fwd.append(bind(k.swiglu, k.swiglu.launch_dims(T * I), gates[i], ups[i], acts[i], T * I))
-            linear(k.down, gemm_input(f"act{i}", (T, I)), p + "mlp.down_proj.weight", tmp, I, H)
+            linear(k.down, acts[i], p + "mlp.down_proj.weight", tmp, I, H)
         fwd.append(bind(k.norm_residual, k.norm_residual.launch_dims(T), tmp, mids[L - 1], w("model.norm.weight"),
                         hf, xs[L], rf, T))
         linear(k.head, gemm_input("hf", (T, H)) + self._gemm_bytes * H * (T - head_rows), lm_head_name(c), logits,
@@ -391,7 +392,7 @@ class CudaBackend:
         xs, mids = [ptr(f"x{i}") for i in range(L + 1)], [ptr(f"mid{i}") for i in range(L)]
         r1s, r2s = [ptr(f"r1_{i}") for i in range(L)], [ptr(f"r2_{i}") for i in range(L)]
         lses = [ptr(f"lse{i}") for i in range(L)]
-        gates, ups, acts = ([ptr(f"{n}{i}") for i in range(L)] for n in ("gate", "up", "act"))
+        gates, ups = ([ptr(f"{n}{i}") for i in range(L)] for n in ("gate", "up"))
         rf, logits, pos = ptr("rf"), ptr("logits"), ptr("pos")
         # the copies the GEMMs and the attention read (``_gemm_input``; bf16: name16) and the scratch
         # the output gradients are cast into
@@ -405,7 +406,9 @@ class CudaBackend:
         bwd: list = []
         g = A.new("g", (T, H))            # gradient of the residual stream, updated in place
         dh = A.new("dh", (T, H))
-        d_act, d_gate, d_up = A.new("d_act", (T, I)), A.new("d_gate", (T, I)), A.new("d_up", (T, I))
+        d_act = A.new("d_act", (T, I))
+        # the GEMMs' operands as the SwiGLU backward writes them (bf16: no cast)
+        d_gate, d_up = (A.new(n, (T, I), "bf16" if bf16 else "f32") for n in ("d_gate", "d_up"))
         d_o, dq = A.new("d_o", (T, Q)), A.new("dq", (T, Q))
         dk, dv = A.new("dk", (T, KV)), A.new("dv", (T, KV))
         delta = A.new("delta", (batch, c.num_heads, seq))
@@ -478,9 +481,8 @@ class CudaBackend:
             bwd.append(bind(k.swiglu_bwd, k.swiglu_bwd.launch_dims(T * I), gates[i], ups[i], d_act, d_gate, d_up,
                             T * I))
             for name, d in (("gate_proj", d_gate), ("up_proj", d_up)):
-                dy = gemm_dy(d, I)
-                grad_weight(k.gate_up, dy, gin(f"h2_{i}"), p + f"mlp.{name}.weight", H, I)
-                grad_input(k.gate_up, dy, p + f"mlp.{name}.weight", dh, H, I, acc=name == "up_proj")
+                grad_weight(k.gate_up, d, gin(f"h2_{i}"), p + f"mlp.{name}.weight", H, I)
+                grad_input(k.gate_up, d, p + f"mlp.{name}.weight", dh, H, I, acc=name == "up_proj")
             norm_backward(nb, mids[i], p + "post_attention_layernorm.weight", dh, r2s[i], g, residual=True)
             # attention: mid_i = x_i + o_proj(attn(rope(q), rope(k), v)); g is now the gradient of mid_i
             dy = gemm_dy(g, H)

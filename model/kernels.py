@@ -23,6 +23,7 @@ from ptxgen.kernels.rmsnorm import RMSNormBackwardSpec, RMSNormSpec
 from ptxgen.kernels.rope import RopeSpec
 from ptxgen.kernels.swiglu import SwiGLUBackwardSpec, SwiGLUSpec
 from ptxgen.spec import KernelSpec
+from ptxgen.vecio import DType
 
 from .config import ModelConfig
 from .optim import AdamWSettings
@@ -117,8 +118,8 @@ class ModelKernels:
     attention: AttentionSpec | AttentionTCSpec  # bf16: tensor cores, on bf16 copies of q, k, v
     attention_bwd_q: AttentionBackwardQSpec | AttentionTCBackwardQSpec
     attention_bwd_kv: AttentionBackwardKVSpec | AttentionTCBackwardKVSpec
-    swiglu: SwiGLUSpec
-    swiglu_bwd: SwiGLUBackwardSpec
+    swiglu: SwiGLUSpec               # bf16: writes the down projection's bf16 operand itself
+    swiglu_bwd: SwiGLUBackwardSpec   # bf16: writes dgate and dup, the GEMMs' bf16 operands
     cross_entropy: CrossEntropySpec
     colsum: ColumnSumSpec
     parts_sum: PartsSumSpec  # split-K partial weight gradients
@@ -142,6 +143,7 @@ class ModelKernels:
         norm = RMSNormSpec(hidden=h, eps=c.rms_norm_eps, save_rstd=True)
         partial = GradNormPartialSpec()
         linear = functools.partial(LinearKernels.of, precision=precision)
+        gemm_operand = DType.BF16 if precision is Precision.BF16 else DType.F32
         return cls(
             embed=EmbeddingSpec(dim=h), embed_bwd=EmbeddingBackwardSpec(dim=h, accumulate=c.tie_word_embeddings),
             norm=norm, norm_residual=dataclasses.replace(norm, residual=True),
@@ -153,7 +155,7 @@ class ModelKernels:
             rope_q_bwd=RopeSpec(heads=c.num_heads, inverse=True, **rope),
             rope_k_bwd=RopeSpec(heads=c.num_kv_heads, inverse=True, **rope),
             attention=attention[0], attention_bwd_q=attention[1], attention_bwd_kv=attention[2],
-            swiglu=SwiGLUSpec(), swiglu_bwd=SwiGLUBackwardSpec(),
+            swiglu=SwiGLUSpec(out_dtype=gemm_operand), swiglu_bwd=SwiGLUBackwardSpec(out_dtype=gemm_operand),
             cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index),
             colsum=ColumnSumSpec(), parts_sum=PartsSumSpec(), grad_norm_partial=partial,
             grad_norm_final=GradNormFinalSpec(partials=partial.blocks),

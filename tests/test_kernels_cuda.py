@@ -171,7 +171,7 @@ def test_swiglu_forward_f32_and_bf16_and_backward(cache, n):
     *_, out = call(cache, spec, spec.launch_dims(n), gate, up, poison(n), n)
     np.testing.assert_allclose(out, swiglu_reference(gate, up), rtol=1e-5, atol=1e-7)
 
-    spec16 = SwiGLUSpec(dtype=DType.BF16)
+    spec16 = SwiGLUSpec(dtype=DType.BF16, out_dtype=DType.BF16)
     g16, u16 = bf16_round(gate), bf16_round(up)
     *_, out16 = call(cache, spec16, spec16.launch_dims(n), to_bf16(g16), to_bf16(u16), poison(n, np.uint16), n)
     np.testing.assert_allclose(from_bf16(out16), swiglu_reference(g16, u16), rtol=BF16_RTOL, atol=1e-6)
@@ -181,6 +181,16 @@ def test_swiglu_forward_f32_and_bf16_and_backward(cache, n):
     dgate_ref, dup_ref = swiglu_backward_reference(gate, up, dout)
     np.testing.assert_allclose(dgate, dgate_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dup, dup_ref, rtol=1e-5, atol=1e-6)
+
+    # f32 in, bf16 out: the bf16 model's GEMM operands straight from the SwiGLU (no cast)
+    mixed = SwiGLUSpec(out_dtype=DType.BF16)
+    *_, act16 = call(cache, mixed, mixed.launch_dims(n), gate, up, poison(n, np.uint16), n)
+    np.testing.assert_allclose(from_bf16(act16), swiglu_reference(gate, up), rtol=BF16_RTOL, atol=1e-6)
+    bwd16 = SwiGLUBackwardSpec(out_dtype=DType.BF16)
+    *_, dgate16, dup16 = call(cache, bwd16, bwd16.launch_dims(n), gate, up, dout, poison(n, np.uint16),
+                              poison(n, np.uint16), n)
+    np.testing.assert_allclose(from_bf16(dgate16), dgate_ref, rtol=BF16_RTOL, atol=1e-6)
+    np.testing.assert_allclose(from_bf16(dup16), dup_ref, rtol=BF16_RTOL, atol=1e-6)
 
 
 # -- embedding -------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from ptxgen.kernels.gemm import GemmSpec
 from ptxgen.kernels.gemm_tc import GemmTCSpec
 from ptxgen.kernels.rmsnorm import RMSNormSpec
 from ptxgen.kernels.rope import RopeSpec
+from ptxgen.kernels.swiglu import SwiGLUBackwardSpec, SwiGLUSpec
+from ptxgen.vecio import DType
 
 
 @pytest.mark.parametrize("precision", list(Precision))
@@ -88,7 +90,9 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert isinstance(bf16.attention, AttentionTCSpec) and isinstance(bf16.attention_bwd_kv, AttentionTCBackwardKVSpec)
     assert (bf16.attention.heads, bf16.attention.kv_heads, bf16.attention.head_dim) == (14, 2, 64)
     # everything else is the same kernel in both precisions
-    tensor_cores = (GemmSpec, GemmTCSpec, CastSpec, AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec,
-                    AttentionTCSpec, AttentionTCBackwardQSpec, AttentionTCBackwardKVSpec)
-    same = lambda kernels: {s for s in kernels.specs() if not isinstance(s, tensor_cores)}  # noqa: E731
+    assert bf16.swiglu.out_dtype is DType.BF16 and bf16.swiglu_bwd.out_dtype is DType.BF16  # write GEMM operands
+    assert fp32.swiglu.out_dtype is DType.F32
+    differ = (GemmSpec, GemmTCSpec, CastSpec, AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec,
+              AttentionTCSpec, AttentionTCBackwardQSpec, AttentionTCBackwardKVSpec, SwiGLUSpec, SwiGLUBackwardSpec)
+    same = lambda kernels: {s for s in kernels.specs() if not isinstance(s, differ)}  # noqa: E731
     assert same(fp32) == same(bf16) and len(same(fp32)) >= 10

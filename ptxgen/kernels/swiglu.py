@@ -13,7 +13,7 @@ import numpy as np
 from ..builder import KernelBuilder, Reg, T
 from ..registry import register
 from ..spec import KernelSpec
-from ..vecio import DType, elementwise, flat_grid, vector_width
+from ..vecio import DType, elementwise, elementwise_vec, flat_grid
 from .common import check_block_size
 
 LOG2E = 1.0 / math.log(2.0)
@@ -27,25 +27,26 @@ def sigmoid(b: KernelBuilder, g: Reg) -> Reg:
 @dataclass(frozen=True)
 class SwiGLUSpec(KernelSpec):
     kind: ClassVar[str] = "swiglu"
-    dtype: DType = DType.F32
+    dtype: DType = DType.F32      # gate and up
+    out_dtype: DType = DType.F32  # out (bf16 from f32: the down projection's bf16 operand, no cast)
     block_size: int = 256
 
     def validate(self) -> None:
         check_block_size(self.block_size)
 
     def launch_dims(self, n: int) -> tuple[int, int]:
-        return flat_grid(n, vector_width(16, self.dtype), self.block_size), self.block_size
+        return flat_grid(n, elementwise_vec(self.dtype, self.out_dtype), self.block_size), self.block_size
 
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("gate", T.U64), ("up", T.U64), ("out", T.U64), ("n", T.U32))
 
     def build(self, b: KernelBuilder) -> None:
-        elementwise(b, self.block_size, {"gate": self.dtype, "up": self.dtype}, {"out": self.dtype},
+        elementwise(b, self.block_size, {"gate": self.dtype, "up": self.dtype}, {"out": self.out_dtype},
                     lambda g, u: (b.mul(b.mul(g, sigmoid(b, g)), u),))
 
     @classmethod
     def examples(cls) -> list["SwiGLUSpec"]:
-        return [cls(), cls(dtype=DType.BF16), cls(block_size=128)]
+        return [cls(), cls(dtype=DType.BF16, out_dtype=DType.BF16), cls(out_dtype=DType.BF16), cls(block_size=128)]
 
 
 @register
@@ -54,13 +55,14 @@ class SwiGLUBackwardSpec(KernelSpec):
     """dgate = dout * up * s * (1 + g * (1 - s)), dup = dout * g * s, with s = sigmoid(g)."""
 
     kind: ClassVar[str] = "swiglu_bwd"
+    out_dtype: DType = DType.F32  # dgate and dup (bf16: the GEMMs' operands, no cast); inputs are f32
     block_size: int = 256
 
     def validate(self) -> None:
         check_block_size(self.block_size)
 
     def launch_dims(self, n: int) -> tuple[int, int]:
-        return flat_grid(n, 4, self.block_size), self.block_size
+        return flat_grid(n, elementwise_vec(DType.F32, self.out_dtype), self.block_size), self.block_size
 
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("gate", T.U64), ("up", T.U64), ("dout", T.U64), ("dgate", T.U64), ("dup", T.U64), ("n", T.U32))
@@ -72,12 +74,12 @@ class SwiGLUBackwardSpec(KernelSpec):
             dsilu = b.mul(s, b.fma(g, b.sub(1.0, s, T.F32), 1.0))
             return b.mul(b.mul(d, u), dsilu), b.mul(d, silu)
 
-        f32 = DType.F32
-        elementwise(b, self.block_size, {"gate": f32, "up": f32, "dout": f32}, {"dgate": f32, "dup": f32}, grads)
+        f32, out = DType.F32, self.out_dtype
+        elementwise(b, self.block_size, {"gate": f32, "up": f32, "dout": f32}, {"dgate": out, "dup": out}, grads)
 
     @classmethod
     def examples(cls) -> list["SwiGLUBackwardSpec"]:
-        return [cls(), cls(block_size=512)]
+        return [cls(), cls(out_dtype=DType.BF16), cls(block_size=512)]
 
 
 def swiglu_reference(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
