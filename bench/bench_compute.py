@@ -22,6 +22,7 @@ from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQ
 from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
 from ptxgen.kernels.gemm import GemmSpec
 from ptxgen.kernels.gemm_tc import GemmTCSpec, MmaType
+from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
 from ptxgen.spec import SpecError
 from runtime import ModuleCache
 
@@ -50,23 +51,27 @@ TC_TILES = [dict(), dict(min_blocks=2), dict(block_k=64, stages=3), dict(block_k
 TORCH_16 = {MmaType.BF16: torch.bfloat16, MmaType.F16: torch.float16}
 
 
-def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: int) -> None:
-    """Y = X W^T on tensor cores at its fastest tile, beside torch.matmul (cuBLAS) in the same type."""
+WGMMA_TILES = [dict(), dict(stages=3), dict(block_n=128), dict(block_n=128, stages=6), dict(group_m=16)]
+
+
+def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: int, wgmma: bool = False) -> None:
+    """Y = X W^T on tensor cores (mma.sync, or ``wgmma``) at its fastest tile, beside torch.matmul
+    (cuBLAS) in the same type."""
     a = torch.randn(m, k, device="cuda", dtype=TORCH_16[dtype])
     b = torch.randn(n, k, device="cuda", dtype=TORCH_16[dtype])
     c = torch.empty(m, n, device="cuda")
     best = None
-    for tile in TC_TILES:
-        spec = GemmTCSpec(dtype=dtype, **tile)
+    for tile in WGMMA_TILES if wgmma else TC_TILES:
+        spec = (GemmWgmmaSpec if wgmma else GemmTCSpec)(dtype=dtype, **tile)
         launch = cache.get(spec).bind(*spec.launch_dims(m, n),
                                       *spec.arguments(a.data_ptr(), b.data_ptr(), c.data_ptr(), m, n, k))
         ms = time_ms(launch, reps=10, warmup=2)
-        print(f"  gemm_tc {dtype.value} {m}x{n}x{k} {tile or 'default'}: {2e-9 * m * n * k / ms:.1f} TFLOP/s")
+        print(f"  {spec.kind} {dtype.value} {m}x{n}x{k} {tile or 'default'}: {2e-9 * m * n * k / ms:.1f} TFLOP/s")
         best = min(best or (ms, spec), (ms, spec), key=lambda t: t[0])
     bt = b.t()
     theirs = time_ms(lambda: torch.matmul(a, bt), reps=10, warmup=2)
     s = best[1]
-    rows.append(Row(f"gemm_tc {dtype.value} NT {m}x{n}x{k} [{s.block_m}x{s.block_n}x{s.block_k}, {s.stages} st]",
+    rows.append(Row(f"{s.kind} {dtype.value} NT {m}x{n}x{k} [{s.block_m}x{s.block_n}x{s.block_k}, {s.stages} st]",
                     2.0 * m * n * k, best[0], theirs))
 
 
@@ -198,6 +203,9 @@ def main() -> None:
         for size in (4096, 8192):
             gemm_tc(cache, rows, dtype, size, size, size)
     gemm_tc(cache, rows, MmaType.BF16, TOKENS, 4864, 896)  # gate/up forward at Qwen2-0.5B shapes
+    for size in (4096, 8192):
+        gemm_tc(cache, rows, MmaType.BF16, size, size, size, wgmma=True)
+    gemm_tc(cache, rows, MmaType.BF16, TOKENS, 4864, 896, wgmma=True)
     for lname, k_in, n_out in LAYERS:
         gemm(f"{lname} fwd", TOKENS, n_out, k_in, False, True)
         gemm(f"{lname} dX", TOKENS, k_in, n_out, False, False)

@@ -623,6 +623,40 @@ class KernelBuilder:
         self._emit(f"{ins} {{{c}}}, {{{', '.join(r.name for r in a)}}}, {{{', '.join(r.name for r in b)}}}, {{{c}}}")
 
     # -- warps, barriers, control flow ----------------------------------------------------------
+    # -- warpgroup MMA (sm_90a) -----------------------------------------------------------------
+    def fence_proxy_async(self) -> None:
+        """Make this thread's generic-proxy shared-memory writes (st, cp.async) visible to the async
+        proxy that wgmma reads shared memory through."""
+        self._emit("fence.proxy.async.shared::cta")
+
+    def wgmma_fence(self) -> None:
+        """Order register accesses to the accumulators before the wgmma that follow."""
+        self._emit("wgmma.fence.sync.aligned")
+
+    def wgmma_commit(self) -> None:
+        self._emit("wgmma.commit_group.sync.aligned")
+
+    def wgmma_wait(self, pending: int) -> None:
+        """Wait until at most ``pending`` of this warpgroup's committed wgmma groups are in flight."""
+        self._emit(f"wgmma.wait_group.sync.aligned {immediate(pending, T.U32)}")
+
+    def wgmma(self, acc: Sequence[Reg], desc_a: Reg, desc_b: Reg, dtype: str, n: int, scale_d: Reg) -> None:
+        """acc (64 x n f32 over the warpgroup: n / 2 registers a thread) (+)= A (64 x 16) @ B (16 x n),
+        both from shared memory by matrix descriptors (K-major); ``scale_d`` false: acc = A @ B."""
+        if dtype not in ("bf16", "f16"):
+            raise PtxBuildError(f"wgmma: input type {dtype} is not bf16 or f16")
+        if n % 8 or not 8 <= n <= 256:
+            raise PtxBuildError(f"wgmma: N={n} is not a multiple of 8 in [8, 256]")
+        ins = f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{dtype}.{dtype}"
+        if len(acc) != n // 2:
+            raise PtxBuildError(f"{ins}: {n // 2} accumulator registers, got {len(acc)}")
+        for r in acc:
+            self._op(ins, r, T.F32, "accumulator")
+        for r, what in ((desc_a, "A descriptor"), (desc_b, "B descriptor")):
+            self._op(ins, r, T.U64, what)
+        self._op(ins, scale_d, T.PRED, "scale-d")
+        self._emit(f"{ins} {{{', '.join(r.name for r in acc)}}}, {desc_a}, {desc_b}, {scale_d}, 1, 1, 0, 0")
+
     def shfl(self, mode: str, value: Reg, b: Operand, c: int = 0x1F,
              membermask: int = 0xFFFFFFFF) -> Reg:
         if mode not in ("up", "down", "bfly", "idx"):

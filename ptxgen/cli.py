@@ -130,7 +130,7 @@ def cmd_inspect(argv: Sequence[str]) -> int:
         target = Target.parse(ns.arch, ns.ptx_version)
         text = spec.emit(target)
         report = {"source": repr(spec), "key": spec.key(target), "dynamic_shared_bytes": spec.dynamic_shared_bytes()}
-        arch = target.arch
+        arch = spec.arch(target)
     try:
         facts = parse(text)
     except ValueError as e:

@@ -167,9 +167,14 @@ class KernelSpec:
         """Bytes of dynamic shared memory every launch of this kernel needs (0: static only)."""
         return 0
 
+    def arch(self, target: Target) -> str:
+        """The architecture the module is written and assembled for: the target's, or (a kernel
+        using sm_90a-only instructions such as wgmma) its architecture-specific variant."""
+        return target.arch
+
     def emit(self, target: Target) -> str:
         """The PTX module text: a pure function of (spec, target)."""
-        b = KernelBuilder(self.entry, target.arch, target.ptx_version, self.params())
+        b = KernelBuilder(self.entry, self.arch(target), target.ptx_version, self.params())
         self.build(b)
         b.ret()
         return b.text()

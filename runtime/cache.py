@@ -59,9 +59,15 @@ def toolchain_dir(root: Path, toolchain: dict[str, Any]) -> Path:
     return root / entry.LAYOUT / f"cc{major}{minor}-driver{toolchain['driver_version']}"
 
 
-def jit_link(ptx: str) -> bytes:
-    """PTX -> cubin with the driver's own JIT linker (the cubin is what goes to disk)."""
-    state = call("cuLinkCreate", 0, [], [])
+def jit_link(ptx: str, arch: str) -> bytes:
+    """PTX -> cubin with the driver's own JIT linker (the cubin is what goes to disk). The
+    context's device is the target, except that an architecture-specific ``arch`` (sm_90a: wgmma)
+    is asked for by name."""
+    if arch.endswith("a"):
+        target = getattr(cu.CUjit_target, f"CU_TARGET_COMPUTE_{arch[3:-1]}A")
+        state = call("cuLinkCreate", 1, [cu.CUjit_option.CU_JIT_TARGET], [target])
+    else:
+        state = call("cuLinkCreate", 0, [], [])
     try:
         data = ptx.encode() + b"\0"
         call("cuLinkAddData", state, cu.CUjitInputType.CU_JIT_INPUT_PTX, data, len(data),
@@ -141,11 +147,11 @@ class ModuleCache:
 
     def _compile(self, spec: KernelSpec, ptx: str) -> bytes:
         try:
-            return jit_link(ptx)
+            return jit_link(ptx, spec.arch(self.target))
         except CudaError as e:
             detail = ""
             try:
-                assemble(ptx, self.target.arch)
+                assemble(ptx, spec.arch(self.target))
             except AssemblyError as ae:
                 detail = "; " + " ".join(str(ae).split())[:2000]
             except AssemblerUnavailable:

@@ -10,7 +10,7 @@ CASES = [(kind, spec) for kind, cls in kinds().items() for spec in cls.examples(
 
 @pytest.mark.parametrize("kind, spec", CASES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(CASES)])
 def test_registered_kernel_assembles_for_sm90(kind, spec):
-    result = assemble(spec.emit(Target("sm_90")), "sm_90")
+    result = assemble(spec.emit(Target("sm_90")), spec.arch(Target("sm_90")))
     assert result.cubin[:4] == b"\x7fELF", "nvJitLink did not return an ELF cubin"
     assert result.registers and result.registers > 0
     assert result.spill_stores == 0 and result.spill_loads == 0, result.log

@@ -120,3 +120,26 @@ def test_batches_split_a_weight_gradient_over_token_chunks(cache):
     for z in range(parts):
         chunk = slice(z * rows, (z + 1) * rows)
         assert_close(out[z], gemm_reference(dy64[chunk], x64[chunk], True, False))
+
+
+WGMMA_CASES = [(dict(), (77, 136, 40)), (dict(), (1, 264, 896)), (dict(), (1000, 4864, 896)),
+               (dict(block_n=128, stages=3), (300, 200, 200)), (dict(warpgroups=1, block_n=64), (70, 72, 136)),
+               (dict(dtype=MmaType.F16), (130, 256, 64))]
+
+
+@pytest.mark.parametrize("fields, shape", WGMMA_CASES)
+def test_wgmma_gemm_matches_float64(cache, fields, shape):
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    m, n, k = shape
+    a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    assert_close(*run(cache, GemmWgmmaSpec(**fields), a, b, m, n, k))
+
+
+def test_wgmma_gemm_bias_and_accumulate(cache):
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    m, n, k = 130, 200, 72
+    a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    assert_close(*run(cache, GemmWgmmaSpec(bias=True), a, b, m, n, k, bias=bias))
+    old = rng.standard_normal((m, n)).astype(np.float32)
+    assert_close(*run(cache, GemmWgmmaSpec(accumulate=True, block_n=128), a, b, m, n, k, c=old))

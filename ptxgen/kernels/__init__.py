@@ -1,3 +1,3 @@
 """Kernel families; importing this package registers every kind."""
 from . import (adamw, attention, attention_tc, bias, cast, colsum, cross_entropy, embedding,  # noqa: F401
-               gemm, gemm_tc, rmsnorm, rope, swiglu)
+               gemm, gemm_tc, gemm_wgmma, rmsnorm, rope, swiglu)

@@ -81,6 +81,66 @@ class _Operand:
         self.tile.fragment(at, row, chunk, out)
 
 
+def tensor_core_arguments(spec, a: int, b: int, c: int, m: int, n: int, k: int, *, bias: int | None = None,
+                          lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
+                          batch: Batch | None = None) -> tuple[int, ...]:
+    """A 16-bit tensor-core GEMM's arguments in order, after refusing shapes its 16-byte copies cannot
+    serve: each operand's contiguous extent, leading dimension and batch strides a multiple of 8
+    elements; N, ldc and C's batch strides even. Batches are the fp32 GEMM's (``Batch``)."""
+    name = spec.kind
+    if min(m, n, k) < 1:
+        raise ValueError(f"{name}: M, N, K must be >= 1, got {m}, {n}, {k}")
+    lda = lda if lda is not None else (m if spec.trans_a else k)
+    ldb = ldb if ldb is not None else (k if spec.trans_b else n)
+    ldc = ldc if ldc is not None else n
+    batch = batch or Batch()
+    strides = batch.strides()
+    if (bias is not None) != spec.bias:
+        raise ValueError(f"{name}: this spec {'needs' if spec.bias else 'has no'} a bias")
+    eight = {"M (A transposed)": m if spec.trans_a else None, "K": k if not spec.trans_a or spec.trans_b else None,
+             "N (B not transposed)": None if spec.trans_b else n, "lda": lda, "ldb": ldb,
+             **{f"batch stride {i}": v for i, v in enumerate(strides[:6]) if i % 3 != 2}}
+    for what, value in eight.items():
+        if value is not None and value % ELEMS:
+            raise ValueError(f"{name}: {what}={value} is not a multiple of {ELEMS}")
+    if n % 2 or ldc % 2 or strides[6] % 2 or strides[7] % 2:
+        raise ValueError(f"{name}: N={n}, ldc={ldc} and C's batch strides must be even (C is stored in pairs)")
+    return (a, b, c) + ((bias,) if spec.bias else ()) + (m, n, k, lda, ldb, ldc, batch.inner, *strides)
+
+
+def tile_origin(b: KernelBuilder, spec: "GemmTCSpec", m: Reg, n: Reg) -> tuple[Reg, Reg]:
+    """(row0, col0) of this block's C tile. Consecutive blocks walk down a band of ``group_m``
+    tile rows, column by column, so the blocks running at once share A rows and B columns in
+    L2 (plain row-major order would stream all of B through L2 once per tile row)."""
+    tiles_m = b.div(b.add(m, spec.block_m - 1), spec.block_m)
+    tiles_n = b.div(b.add(n, spec.block_n - 1), spec.block_n)
+    pid = b.special("%ctaid.x")
+    width = b.mul(tiles_n, spec.group_m)
+    group = b.div(pid, width)
+    first = b.mul(group, spec.group_m)
+    size = b.min(b.sub(tiles_m, first), spec.group_m)
+    within = b.sub(pid, b.mul(group, width))
+    tile_m, tile_n = b.add(first, b.rem(within, size)), b.div(within, size)
+    return b.mul(tile_m, spec.block_m), b.mul(tile_n, spec.block_n)
+
+
+def store_accumulators(b: KernelBuilder, spec: "GemmTCSpec", acc, c_ptr: Reg, m: Reg, n: Reg, row0: Reg, col0: Reg,
+                       warp_m: Reg, warp_n: Reg, lane: Reg) -> None:
+    """A warp's m_tiles x n_tiles m16n8 accumulator tiles into C through the shared epilogue:
+    accumulator q of tile (mt, nt) is C[row + 8 * (q >> 1), col + (q & 1)] with row = group,
+    col = 2 * (lane % 4), stored in pairs."""
+    out = Epilogue(b, c_ptr, m, n, spec.bias, spec.accumulate)
+    group, pair = b.shr(lane, 2), b.shl(b.and_(lane, 3), 1)
+    rows = b.add(row0, b.add(b.mul(warp_m, spec.m_tiles * 16), group))
+    cols = b.add(col0, b.add(b.mul(warp_n, spec.n_tiles * 8), pair))
+    columns = [out.column(b.add(cols, nt * 8), 2) for nt in range(spec.n_tiles)]
+    for mt in range(spec.m_tiles):
+        for half in range(2):
+            row = out.row(b.add(rows, mt * 16 + 8 * half))
+            for nt, col in enumerate(columns):
+                out.store(row, col, acc[mt][nt][2 * half:2 * half + 2])
+
+
 @register
 @dataclass(frozen=True)
 class GemmTCSpec(KernelSpec):
@@ -150,27 +210,7 @@ class GemmTCSpec(KernelSpec):
     def arguments(self, a: int, b: int, c: int, m: int, n: int, k: int, *, bias: int | None = None,
                   lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
                   batch: Batch | None = None) -> tuple[int, ...]:
-        """The kernel's arguments in order, after refusing shapes its 16-byte copies cannot serve:
-        each operand's contiguous extent, leading dimension and batch strides a multiple of 8
-        elements; N, ldc and C's batch strides even. Batches are the fp32 GEMM's (``Batch``)."""
-        if min(m, n, k) < 1:
-            raise ValueError(f"gemm_tc: M, N, K must be >= 1, got {m}, {n}, {k}")
-        lda = lda if lda is not None else (m if self.trans_a else k)
-        ldb = ldb if ldb is not None else (k if self.trans_b else n)
-        ldc = ldc if ldc is not None else n
-        batch = batch or Batch()
-        strides = batch.strides()
-        if (bias is not None) != self.bias:
-            raise ValueError(f"gemm_tc: this spec {'needs' if self.bias else 'has no'} a bias")
-        eight = {"M (A transposed)": m if self.trans_a else None, "K": k if not self.trans_a or self.trans_b else None,
-                 "N (B not transposed)": None if self.trans_b else n, "lda": lda, "ldb": ldb,
-                 **{f"batch stride {i}": v for i, v in enumerate(strides[:6]) if i % 3 != 2}}
-        for name, value in eight.items():
-            if value is not None and value % ELEMS:
-                raise ValueError(f"gemm_tc: {name}={value} is not a multiple of {ELEMS}")
-        if n % 2 or ldc % 2 or strides[6] % 2 or strides[7] % 2:
-            raise ValueError(f"gemm_tc: N={n}, ldc={ldc} and C's batch strides must be even (C is stored in pairs)")
-        return (a, b, c) + ((bias,) if self.bias else ()) + (m, n, k, lda, ldb, ldc, batch.inner, *strides)
+        return tensor_core_arguments(self, a, b, c, m, n, k, bias=bias, lda=lda, ldb=ldb, ldc=ldc, batch=batch)
 
     def build(self, b: KernelBuilder) -> None:
         b.launch_bounds(self.threads, self.min_blocks)
@@ -178,7 +218,7 @@ class GemmTCSpec(KernelSpec):
         tid = b.special("%tid.x")
         lane, warp = b.and_(tid, 31), b.shr(tid, 5)
         warp_m, warp_n = b.rem(warp, self.warps_m), b.div(warp, self.warps_m)
-        row0, col0 = self._tile_origin(b, m, n)
+        row0, col0 = tile_origin(b, self, m, n)
         a_stage = self.block_m * self.block_k * 2
         stage = a_stage + self.block_n * self.block_k * 2
         smem = b.addr_of(b.dynamic_shared("tiles", align=128))
@@ -257,37 +297,7 @@ class GemmTCSpec(KernelSpec):
                         for x, y in zip(regs_to, regs_from):
                             b.mov(y, out=x)
         b.cp_async_wait(0)
-        self._epilogue(b, acc, ptr["c"], m, n, row0, col0, warp_m, warp_n, lane)
-
-    def _tile_origin(self, b: KernelBuilder, m: Reg, n: Reg) -> tuple[Reg, Reg]:
-        """(row0, col0) of this block's C tile. Consecutive blocks walk down a band of ``group_m``
-        tile rows, column by column, so the blocks running at once share A rows and B columns in
-        L2 (plain row-major order would stream all of B through L2 once per tile row)."""
-        tiles_m = b.div(b.add(m, self.block_m - 1), self.block_m)
-        tiles_n = b.div(b.add(n, self.block_n - 1), self.block_n)
-        pid = b.special("%ctaid.x")
-        width = b.mul(tiles_n, self.group_m)
-        group = b.div(pid, width)
-        first = b.mul(group, self.group_m)
-        size = b.min(b.sub(tiles_m, first), self.group_m)
-        within = b.sub(pid, b.mul(group, width))
-        tile_m, tile_n = b.add(first, b.rem(within, size)), b.div(within, size)
-        return b.mul(tile_m, self.block_m), b.mul(tile_n, self.block_n)
-
-    def _epilogue(self, b: KernelBuilder, acc, c_ptr: Reg, m: Reg, n: Reg, row0: Reg, col0: Reg,
-                  warp_m: Reg, warp_n: Reg, lane: Reg) -> None:
-        """Accumulator q of tile (mt, nt) is C[row + 8 * (q >> 1), col + (q & 1)] with row = group,
-        col = 2 * (lane % 4): stored in pairs."""
-        out = Epilogue(b, c_ptr, m, n, self.bias, self.accumulate)
-        group, pair = b.shr(lane, 2), b.shl(b.and_(lane, 3), 1)
-        rows = b.add(row0, b.add(b.mul(warp_m, self.m_tiles * 16), group))
-        cols = b.add(col0, b.add(b.mul(warp_n, self.n_tiles * 8), pair))
-        columns = [out.column(b.add(cols, nt * 8), 2) for nt in range(self.n_tiles)]
-        for mt in range(self.m_tiles):
-            for half in range(2):
-                row = out.row(b.add(rows, mt * 16 + 8 * half))
-                for nt, col in enumerate(columns):
-                    out.store(row, col, acc[mt][nt][2 * half:2 * half + 2])
+        store_accumulators(b, self, acc, ptr["c"], m, n, row0, col0, warp_m, warp_n, lane)
 
     @classmethod
     def examples(cls) -> list["GemmTCSpec"]:
