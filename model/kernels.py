@@ -19,6 +19,7 @@ from ptxgen.kernels.cross_entropy import CrossEntropySpec
 from ptxgen.kernels.embedding import EmbeddingBackwardSpec, EmbeddingSpec
 from ptxgen.kernels.gemm import GemmSpec, widest_vec
 from ptxgen.kernels.gemm_tc import GemmTCSpec
+from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
 from ptxgen.kernels.rmsnorm import RMSNormBackwardSpec, RMSNormSpec
 from ptxgen.kernels.rope import RopeSpec
 from ptxgen.kernels.swiglu import SwiGLUBackwardSpec, SwiGLUSpec
@@ -40,7 +41,7 @@ SPLIT_K_MAX = 16
 FLOPS_PER_BYTE = {GemmSpec: 16, GemmTCSpec: 150}
 WIDE_OUTPUT = 512  # outputs at least this wide fill the GPU with 128x128 tiles at training batch sizes
 
-Gemm = GemmSpec | GemmTCSpec
+Gemm = GemmSpec | GemmTCSpec | GemmWgmmaSpec
 
 
 def split_k(spec: Gemm, m: int, n: int, tokens: int, wave: int) -> int:
@@ -74,7 +75,8 @@ def _lanes(head_dim: int) -> int:
 @dataclass(frozen=True)
 class LinearKernels:
     """The three GEMMs of ``y = x W^T (+ b)`` for W of shape [out, in]: fp32 SIMT, or tensor-core
-    GEMMs of bf16 operands (fp32 accumulate and output) in bf16 precision."""
+    GEMMs of bf16 operands (fp32 accumulate and output) in bf16 precision: wgmma for the forward,
+    mma.sync for the two transposed layouts of the backward."""
 
     forward: Gemm          # y = x W^T (+ b)
     grad_input: Gemm       # dx = dy W
@@ -85,10 +87,12 @@ class LinearKernels:
     def of(cls, d_in: int, d_out: int, bias: bool = False, precision: Precision = Precision.FP32) -> "LinearKernels":
         if precision is Precision.BF16:
             make, tile = GemmTCSpec, (lambda width: WIDE_TC_TILE if width >= 2048 else NARROW_TC_TILE)
+            # the forward's layout (both operands K-contiguous) runs on Hopper's warpgroup MMA
+            fwd = GemmWgmmaSpec(bias=bias, block_n=256 if d_out >= 2048 else 128)
         else:
             make = functools.partial(GemmSpec, vec=widest_vec(d_in, d_out))
             tile = lambda width: {} if width >= WIDE_OUTPUT else SMALL_TILE  # noqa: E731
-        fwd = make(trans_a=False, trans_b=True, bias=bias, **tile(d_out))
+            fwd = make(trans_a=False, trans_b=True, bias=bias, **tile(d_out))
         dx = make(trans_a=False, trans_b=False, **tile(d_in))
         dw = make(trans_a=True, trans_b=False, **tile(min(d_in, d_out)))
         return cls(fwd, dx, dataclasses.replace(dx, accumulate=True), dw)

@@ -13,6 +13,7 @@ from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBa
 from ptxgen.kernels.cast import CastSpec
 from ptxgen.kernels.gemm import GemmSpec
 from ptxgen.kernels.gemm_tc import GemmTCSpec
+from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
 from ptxgen.kernels.rmsnorm import RMSNormSpec
 from ptxgen.kernels.rope import RopeSpec
 from ptxgen.kernels.swiglu import SwiGLUBackwardSpec, SwiGLUSpec
@@ -81,18 +82,20 @@ def test_weight_gradients_split_their_token_contraction_when_it_pays():
 def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_cast():
     fp32 = ModelKernels.of(preset("qwen2-0.5b"), AdamWSettings(), -100)
     bf16 = ModelKernels.of(preset("qwen2-0.5b"), AdamWSettings(), -100, Precision.BF16)
-    gemms = lambda kernels: [s for s in kernels.specs() if isinstance(s, (GemmSpec, GemmTCSpec))]  # noqa: E731
+    gemms = lambda kernels: [s for s in kernels.specs() if isinstance(s, (GemmSpec, GemmTCSpec, GemmWgmmaSpec))]  # noqa
     assert all(isinstance(s, GemmSpec) for s in gemms(fp32)) and fp32.to_bf16 is None
-    assert all(isinstance(s, GemmTCSpec) for s in gemms(bf16)) and len(gemms(bf16)) >= 8
+    assert all(isinstance(s, (GemmTCSpec, GemmWgmmaSpec)) for s in gemms(bf16)) and len(gemms(bf16)) >= 8
+    assert all(isinstance(lk.forward, GemmWgmmaSpec) for lk in (bf16.q, bf16.kv, bf16.o, bf16.gate_up, bf16.head))
     assert bf16.to_bf16 == CastSpec() and CastSpec() in bf16.specs() and CastSpec() not in fp32.specs()
     assert bf16.q.forward.bias and not bf16.o.forward.bias
     assert bf16.gate_up.forward.block_n == 256 and bf16.q.forward.block_n == 128  # wide outputs, wide tiles
+    assert bf16.down.grad_input.block_n == 256 and bf16.gate_up.grad_input.block_n == 128  # dX is d_in wide
     assert isinstance(bf16.attention, AttentionTCSpec) and isinstance(bf16.attention_bwd_kv, AttentionTCBackwardKVSpec)
     assert (bf16.attention.heads, bf16.attention.kv_heads, bf16.attention.head_dim) == (14, 2, 64)
     # everything else is the same kernel in both precisions
-    assert bf16.swiglu.out_dtype is DType.BF16 and bf16.swiglu_bwd.out_dtype is DType.BF16  # write GEMM operands
+    assert bf16.swiglu.out_dtype is DType.BF16 and bf16.swiglu_bwd.out_dtype is DType.BF16  # GEMM operands
     assert fp32.swiglu.out_dtype is DType.F32
-    differ = (GemmSpec, GemmTCSpec, CastSpec, AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec,
+    differ = (GemmSpec, GemmTCSpec, GemmWgmmaSpec, CastSpec, AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec,
               AttentionTCSpec, AttentionTCBackwardQSpec, AttentionTCBackwardKVSpec, SwiGLUSpec, SwiGLUBackwardSpec)
     same = lambda kernels: {s for s in kernels.specs() if not isinstance(s, differ)}  # noqa: E731
     assert same(fp32) == same(bf16) and len(same(fp32)) >= 10
