@@ -95,7 +95,8 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     # everything else is the same kernel in both precisions
     assert bf16.swiglu.out_dtype is DType.BF16 and bf16.swiglu_bwd.out_dtype is DType.BF16  # GEMM operands
     assert fp32.swiglu.out_dtype is DType.F32
-    differ = (GemmSpec, GemmTCSpec, GemmWgmmaSpec, CastSpec, AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec,
+    differ = (GemmSpec, GemmTCSpec, GemmWgmmaSpec, CastSpec, AttentionSpec, AttentionBackwardQSpec,
+              AttentionBackwardKVSpec,
               AttentionTCSpec, AttentionTCBackwardQSpec, AttentionTCBackwardKVSpec, SwiGLUSpec, SwiGLUBackwardSpec)
     same = lambda kernels: {s for s in kernels.specs() if not isinstance(s, differ)}  # noqa: E731
     assert same(fp32) == same(bf16) and len(same(fp32)) >= 10
