@@ -81,31 +81,44 @@ class _Operand:
         self.tile.fragment(at, row, chunk, out)
 
 
-def tensor_core_arguments(spec, a: int, b: int, c: int, m: int, n: int, k: int, *, bias: int | None = None,
-                          lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
-                          batch: Batch | None = None) -> tuple[int, ...]:
-    """A 16-bit tensor-core GEMM's arguments in order, after refusing shapes its 16-byte copies cannot
-    serve: each operand's contiguous extent, leading dimension and batch strides a multiple of 8
-    elements; N, ldc and C's batch strides even. Batches are the fp32 GEMM's (``Batch``)."""
-    name = spec.kind
-    if min(m, n, k) < 1:
-        raise ValueError(f"{name}: M, N, K must be >= 1, got {m}, {n}, {k}")
-    lda = lda if lda is not None else (m if spec.trans_a else k)
-    ldb = ldb if ldb is not None else (k if spec.trans_b else n)
-    ldc = ldc if ldc is not None else n
-    batch = batch or Batch()
-    strides = batch.strides()
-    if (bias is not None) != spec.bias:
-        raise ValueError(f"{name}: this spec {'needs' if spec.bias else 'has no'} a bias")
-    eight = {"M (A transposed)": m if spec.trans_a else None, "K": k if not spec.trans_a or spec.trans_b else None,
-             "N (B not transposed)": None if spec.trans_b else n, "lda": lda, "ldb": ldb,
-             **{f"batch stride {i}": v for i, v in enumerate(strides[:6]) if i % 3 != 2}}
-    for what, value in eight.items():
-        if value is not None and value % ELEMS:
-            raise ValueError(f"{name}: {what}={value} is not a multiple of {ELEMS}")
-    if n % 2 or ldc % 2 or strides[6] % 2 or strides[7] % 2:
-        raise ValueError(f"{name}: N={n}, ldc={ldc} and C's batch strides must be even (C is stored in pairs)")
-    return (a, b, c) + ((bias,) if spec.bias else ()) + (m, n, k, lda, ldb, ldc, batch.inner, *strides)
+class TensorCoreGemm:
+    """What the 16-bit tensor-core GEMM specs (mma.sync and wgmma) share: parameters, launch
+    shape and argument checks. Their blocks walk C in ``tile_origin``'s order."""
+
+    def params(self) -> tuple[tuple[str, T], ...]:
+        ptrs = ("a", "b", "c") + (("bias",) if self.bias else ())
+        dims = ("m", "n", "k", "lda", "ldb", "ldc") + BATCH_PARAMS
+        return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
+
+    def launch_dims(self, m: int, n: int, batches: int = 1) -> tuple[tuple[int, int], int]:
+        return (-(-n // self.block_n) * -(-m // self.block_m), batches), self.threads
+
+    def arguments(self, a: int, b: int, c: int, m: int, n: int, k: int, *, bias: int | None = None,
+                  lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
+                  batch: Batch | None = None) -> tuple[int, ...]:
+        """The kernel's arguments in order, after refusing shapes its 16-byte copies cannot serve:
+        each operand's contiguous extent, leading dimension and batch strides a multiple of 8
+        elements; N, ldc and C's batch strides even. Batches are the fp32 GEMM's (``Batch``)."""
+        name = self.kind
+        if min(m, n, k) < 1:
+            raise ValueError(f"{name}: M, N, K must be >= 1, got {m}, {n}, {k}")
+        lda = lda if lda is not None else (m if self.trans_a else k)
+        ldb = ldb if ldb is not None else (k if self.trans_b else n)
+        ldc = ldc if ldc is not None else n
+        batch = batch or Batch()
+        strides = batch.strides()
+        if (bias is not None) != self.bias:
+            raise ValueError(f"{name}: this spec {'needs' if self.bias else 'has no'} a bias")
+        eight = {"M (A transposed)": m if self.trans_a else None,
+                 "K": k if not self.trans_a or self.trans_b else None,
+                 "N (B not transposed)": None if self.trans_b else n, "lda": lda, "ldb": ldb,
+                 **{f"batch stride {i}": v for i, v in enumerate(strides[:6]) if i % 3 != 2}}
+        for what, value in eight.items():
+            if value is not None and value % ELEMS:
+                raise ValueError(f"{name}: {what}={value} is not a multiple of {ELEMS}")
+        if n % 2 or ldc % 2 or strides[6] % 2 or strides[7] % 2:
+            raise ValueError(f"{name}: N={n}, ldc={ldc} and C's batch strides must be even (C is stored in pairs)")
+        return (a, b, c) + ((bias,) if self.bias else ()) + (m, n, k, lda, ldb, ldc, batch.inner, *strides)
 
 
 def tile_origin(b: KernelBuilder, spec: "GemmTCSpec", m: Reg, n: Reg) -> tuple[Reg, Reg]:
@@ -143,7 +156,7 @@ def store_accumulators(b: KernelBuilder, spec: "GemmTCSpec", acc, c_ptr: Reg, m:
 
 @register
 @dataclass(frozen=True)
-class GemmTCSpec(KernelSpec):
+class GemmTCSpec(TensorCoreGemm, KernelSpec):
     kind: ClassVar[str] = "gemm_tc"
     dtype: MmaType = MmaType.BF16
     trans_a: bool = False
@@ -198,19 +211,6 @@ class GemmTCSpec(KernelSpec):
 
     def dynamic_shared_bytes(self) -> int:
         return self.stages * (self.block_m + self.block_n) * self.block_k * 2
-
-    def params(self) -> tuple[tuple[str, T], ...]:
-        ptrs = ("a", "b", "c") + (("bias",) if self.bias else ())
-        dims = ("m", "n", "k", "lda", "ldb", "ldc") + BATCH_PARAMS
-        return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
-
-    def launch_dims(self, m: int, n: int, batches: int = 1) -> tuple[tuple[int, int], int]:
-        return (-(-n // self.block_n) * -(-m // self.block_m), batches), self.threads
-
-    def arguments(self, a: int, b: int, c: int, m: int, n: int, k: int, *, bias: int | None = None,
-                  lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
-                  batch: Batch | None = None) -> tuple[int, ...]:
-        return tensor_core_arguments(self, a, b, c, m, n, k, bias=bias, lda=lda, ldb=ldb, ldc=ldc, batch=batch)
 
     def build(self, b: KernelBuilder) -> None:
         b.launch_bounds(self.threads, self.min_blocks)

@@ -19,8 +19,8 @@ from ..builder import KernelBuilder, Reg, T
 from ..registry import register
 from ..spec import KernelSpec, SpecError, Target
 from .common import check_positive
-from .gemm import BATCH_PARAMS, Batch, batch_matrices
-from .gemm_tc import SHARED_LIMIT, _Operand, store_accumulators, tensor_core_arguments, tile_origin
+from .gemm import batch_matrices
+from .gemm_tc import SHARED_LIMIT, TensorCoreGemm, _Operand, store_accumulators, tile_origin
 from .mma_tile import MmaType
 
 BLOCK_K = 64        # 128 bytes of 16-bit elements: one swizzle atom's row
@@ -32,7 +32,7 @@ DESCRIPTOR = (1 << 62) | ((ATOM_BYTES >> 4) << 32) | (1 << 16)
 
 @register
 @dataclass(frozen=True)
-class GemmWgmmaSpec(KernelSpec):
+class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
     kind: ClassVar[str] = "gemm_wgmma"
     dtype: MmaType = MmaType.BF16
     bias: bool = False
@@ -79,19 +79,6 @@ class GemmWgmmaSpec(KernelSpec):
 
     def dynamic_shared_bytes(self) -> int:
         return self.stages * (self.block_m + self.block_n) * BLOCK_K * 2
-
-    def params(self) -> tuple[tuple[str, T], ...]:
-        ptrs = ("a", "b", "c") + (("bias",) if self.bias else ())
-        return tuple((p, T.U64) for p in ptrs) + \
-            tuple((d, T.U32) for d in ("m", "n", "k", "lda", "ldb", "ldc") + BATCH_PARAMS)
-
-    def launch_dims(self, m: int, n: int, batches: int = 1) -> tuple[tuple[int, int], int]:
-        return (-(-n // self.block_n) * -(-m // self.block_m), batches), self.threads
-
-    def arguments(self, a: int, b: int, c: int, m: int, n: int, k: int, *, bias: int | None = None,
-                  lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
-                  batch: Batch | None = None) -> tuple[int, ...]:
-        return tensor_core_arguments(self, a, b, c, m, n, k, bias=bias, lda=lda, ldb=ldb, ldc=ldc, batch=batch)
 
     def build(self, b: KernelBuilder) -> None:
         b.launch_bounds(self.threads)
