@@ -641,13 +641,15 @@ class KernelBuilder:
         self._emit(f"wgmma.wait_group.sync.aligned {immediate(pending, T.U32)}")
 
     def wgmma(self, acc: Sequence[Reg], desc_a: Reg, desc_b: Reg, dtype: str, n: int, scale_d: Reg) -> None:
-        """acc (64 x n f32 over the warpgroup: n / 2 registers a thread) (+)= A (64 x 16) @ B (16 x n),
-        both from shared memory by matrix descriptors (K-major); ``scale_d`` false: acc = A @ B."""
-        if dtype not in ("bf16", "f16"):
-            raise PtxBuildError(f"wgmma: input type {dtype} is not bf16 or f16")
+        """acc (64 x n f32 over the warpgroup: n / 2 registers a thread) (+)= A (64 x k) @ B (k x n),
+        both from shared memory by matrix descriptors (K-major); k is 32 bytes of ``dtype`` (16 of
+        bf16/f16, 8 of tf32); ``scale_d`` false: acc = A @ B."""
+        if dtype not in ("bf16", "f16", "tf32"):
+            raise PtxBuildError(f"wgmma: input type {dtype} is not bf16, f16 or tf32")
         if n % 8 or not 8 <= n <= 256:
             raise PtxBuildError(f"wgmma: N={n} is not a multiple of 8 in [8, 256]")
-        ins = f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{dtype}.{dtype}"
+        k, layout = (8, "") if dtype == "tf32" else (16, ", 0, 0")  # tf32: K-major only, no transpose flags
+        ins = f"wgmma.mma_async.sync.aligned.m64n{n}k{k}.f32.{dtype}.{dtype}"
         if len(acc) != n // 2:
             raise PtxBuildError(f"{ins}: {n // 2} accumulator registers, got {len(acc)}")
         for r in acc:
@@ -655,7 +657,7 @@ class KernelBuilder:
         for r, what in ((desc_a, "A descriptor"), (desc_b, "B descriptor")):
             self._op(ins, r, T.U64, what)
         self._op(ins, scale_d, T.PRED, "scale-d")
-        self._emit(f"{ins} {{{', '.join(r.name for r in acc)}}}, {desc_a}, {desc_b}, {scale_d}, 1, 1, 0, 0")
+        self._emit(f"{ins} {{{', '.join(r.name for r in acc)}}}, {desc_a}, {desc_b}, {scale_d}, 1, 1{layout}")
 
     def shfl(self, mode: str, value: Reg, b: Operand, c: int = 0x1F,
              membermask: int = 0xFFFFFFFF) -> Reg:

@@ -143,3 +143,28 @@ def test_wgmma_gemm_bias_and_accumulate(cache):
     assert_close(*run(cache, GemmWgmmaSpec(bias=True), a, b, m, n, k, bias=bias))
     old = rng.standard_normal((m, n)).astype(np.float32)
     assert_close(*run(cache, GemmWgmmaSpec(accumulate=True, block_n=128), a, b, m, n, k, c=old))
+
+
+def tf32_truncated(x: np.ndarray) -> np.ndarray:
+    """fp32 values with the 13 low mantissa bits cleared (what the TF32 tensor-core path reads)."""
+    return (np.ascontiguousarray(x, np.float32).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+
+
+@pytest.mark.parametrize("m, n, k", [(77, 136, 44), (1000, 896, 896)])
+def test_wgmma_tf32_gemm_reads_fp32_with_a_tf32_mantissa(cache, m, n, k):
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    spec = GemmWgmmaSpec(dtype=MmaType.TF32, block_n=128)
+    arrays = [DeviceArray.from_numpy(a), DeviceArray.from_numpy(b), DeviceArray.from_numpy(np.full((m, n), np.nan, np.float32))]
+    try:
+        cache.get(spec)(*spec.launch_dims(m, n), *spec.arguments(*(x.ptr for x in arrays), m, n, k))
+        synchronize()
+        out = arrays[2].to_numpy()
+    finally:
+        for x in arrays:
+            x.free()
+    exact = gemm_reference(a.astype(np.float64), b.astype(np.float64), False, True)
+    truncated = gemm_reference(tf32_truncated(a).astype(np.float64), tf32_truncated(b).astype(np.float64), False, True)
+    print(f"tf32 {m}x{n}x{k}: vs exact {np.abs(out - exact).max() / np.abs(exact).max():.2e}, "
+          f"vs truncated {np.abs(out - truncated).max() / np.abs(exact).max():.2e}")
+    assert_close(out, exact, rel=2e-3)

@@ -187,6 +187,8 @@ class _FlashBase(KernelSpec):
     def validate(self) -> None:
         for name in ("heads", "kv_heads", "head_dim", "warps", "tile"):
             check_positive(name, getattr(self, name))
+        if self.dtype is MmaType.TF32:
+            raise SpecError("the tensor-core attention (mma.sync m16n8k16) takes bf16 or f16")
         if self.heads % self.kv_heads:
             raise SpecError(f"heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
         if self.head_dim not in (32, 64, 128):

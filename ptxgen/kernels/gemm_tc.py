@@ -97,8 +97,8 @@ class TensorCoreGemm:
                   lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
                   batch: Batch | None = None) -> tuple[int, ...]:
         """The kernel's arguments in order, after refusing shapes its 16-byte copies cannot serve:
-        each operand's contiguous extent, leading dimension and batch strides a multiple of 8
-        elements; N, ldc and C's batch strides even. Batches are the fp32 GEMM's (``Batch``)."""
+        each operand's contiguous extent, leading dimension and batch strides a multiple of 16
+        bytes (8 16-bit or 4 tf32 elements); N, ldc and C's batch strides even. Batches are the fp32 GEMM's (``Batch``)."""
         name = self.kind
         if min(m, n, k) < 1:
             raise ValueError(f"{name}: M, N, K must be >= 1, got {m}, {n}, {k}")
@@ -113,9 +113,10 @@ class TensorCoreGemm:
                  "K": k if not self.trans_a or self.trans_b else None,
                  "N (B not transposed)": None if self.trans_b else n, "lda": lda, "ldb": ldb,
                  **{f"batch stride {i}": v for i, v in enumerate(strides[:6]) if i % 3 != 2}}
+        chunk = CHUNK // self.dtype.bytes  # elements per 16-byte copy
         for what, value in eight.items():
-            if value is not None and value % ELEMS:
-                raise ValueError(f"{name}: {what}={value} is not a multiple of {ELEMS}")
+            if value is not None and value % chunk:
+                raise ValueError(f"{name}: {what}={value} is not a multiple of {chunk}")
         if n % 2 or ldc % 2 or strides[6] % 2 or strides[7] % 2:
             raise ValueError(f"{name}: N={n}, ldc={ldc} and C's batch strides must be even (C is stored in pairs)")
         return (a, b, c) + ((bias,) if self.bias else ()) + (m, n, k, lda, ldb, ldc, batch.inner, *strides)
@@ -187,6 +188,8 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
     def validate(self) -> None:
         for name in ("block_m", "block_n", "block_k", "warps_m", "warps_n", "stages", "group_m", "min_blocks"):
             check_positive(name, getattr(self, name))
+        if self.dtype is MmaType.TF32:
+            raise SpecError("gemm_tc (mma.sync m16n8k16) takes bf16 or f16; tf32 is gemm_wgmma's")
         if self.block_k not in (16, 32, 64):  # a power-of-two count of 16-byte chunks per row
             raise SpecError(f"block_k must be 16, 32 or 64, got {self.block_k}")
         if self.block_m % (16 * self.warps_m) or self.block_n % (16 * self.warps_n):

@@ -1,10 +1,12 @@
-"""bf16 / fp16 GEMM on Hopper's warpgroup MMA (``wgmma``, sm_90a): C[M, N] (+)= A @ B^T (+ bias), f32 C.
+"""GEMM on Hopper's warpgroup MMA (``wgmma``, sm_90a): C[M, N] (+)= A @ B^T (+ bias), f32 C, with
+bf16 / fp16 operands, or fp32 operands multiplied as TF32 (10-bit mantissa, fp32 accumulate).
 
 The layout a linear layer's forward needs (Y = X W^T): A [M, K] and B [N, K], both K-contiguous.
 A block of ``warpgroups`` x 128 threads computes a (64 * warpgroups) x ``block_n`` tile, each
 warpgroup 64 rows of it with ``wgmma.mma_async m64n{block_n}k16`` reading both operands straight
 from shared memory through matrix descriptors (no ldmatrix, no register fragments for A or B).
-Slices of 64 K (one 128-byte row each) travel global -> shared by cp.async ``stages`` deep, into
+Slices of 128 bytes of K (64 16-bit or 32 tf32 elements: one row of the swizzle) travel global ->
+shared by cp.async ``stages`` deep (a tf32 row is copied as if of 16-bit units), into
 the tensor-core GEMM's swizzled tiles: chunk c of row r at c ^ (r % 8) is exactly the 128-byte
 swizzle the descriptors name, given 1024-byte aligned tiles. A fence makes the copies visible to
 the async proxy wgmma reads through. The accumulators come out in the mma.sync m16n8 layout, so
@@ -23,7 +25,7 @@ from .gemm import batch_matrices
 from .gemm_tc import SHARED_LIMIT, TensorCoreGemm, _Operand, store_accumulators, tile_origin
 from .mma_tile import MmaType
 
-BLOCK_K = 64        # 128 bytes of 16-bit elements: one swizzle atom's row
+BLOCK_K = 64        # a slice's K in 16-bit units: 128 bytes, one swizzle atom's row
 ATOM_BYTES = 1024   # 8 rows of 128 bytes: the swizzle period, and a descriptor's stride between 8-row groups
 # descriptor bits 62-63: 1 = 128-byte swizzle; 32-45: stride between 8-row groups (16-byte units);
 # 16-29: leading offset (unused by swizzled K-major operands, 1 by convention)
@@ -90,9 +92,13 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         a_stage = self.block_m * BLOCK_K * 2
         stage = a_stage + self.block_n * BLOCK_K * 2
         smem = b.addr_of(b.dynamic_shared("tiles", align=ATOM_BYTES))
-        ptr = dict(zip("abc", batch_matrices(b, b.special("%ctaid.y"), {"a": 2, "b": 2, "c": 4})))
-        op_a = _Operand(self, b, ptr["a"], b.ld_param("lda"), m, k, row0, self.block_m, True, tid, 0)
-        op_b = _Operand(self, b, ptr["b"], b.ld_param("ldb"), n, k, col0, self.block_n, True, tid, a_stage)
+        size = self.dtype.bytes
+        ptr = dict(zip("abc", batch_matrices(b, b.special("%ctaid.y"), {"a": size, "b": size, "c": 4})))
+        # the copies count K in 16-bit units: a tf32 element is two of them
+        units = size // 2
+        lda, ldb, k = (b.mul(x, units) if units > 1 else x for x in (b.ld_param("lda"), b.ld_param("ldb"), k))
+        op_a = _Operand(self, b, ptr["a"], lda, m, k, row0, self.block_m, True, tid, 0)
+        op_b = _Operand(self, b, ptr["b"], ldb, n, k, col0, self.block_n, True, tid, a_stage)
 
         acc = [b.mov(0.0, T.F32) for _ in range(self.block_n // 2)]
         scale_d = b.setp("ne", b.mov(1, T.U32), 0)  # accumulate into acc
@@ -124,7 +130,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
             issue()
             b.wgmma_fence()
             desc_a, desc_b = descriptor(b.add(read, a_rows)), descriptor(b.add(read, a_stage))
-            for kk in range(BLOCK_K // 16):  # 32 bytes further along the swizzled rows per k16
+            for kk in range(BLOCK_K // 16):  # 32 bytes further along the swizzled rows per MMA
                 b.wgmma(acc, b.add(desc_a, 2 * kk, T.U64), b.add(desc_b, 2 * kk, T.U64), self.dtype.value,
                         self.block_n, scale_d)
             b.wgmma_commit()
@@ -136,4 +142,5 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
 
     @classmethod
     def examples(cls) -> list["GemmWgmmaSpec"]:
-        return [cls(), cls(bias=True, dtype=MmaType.F16, block_n=128), cls(accumulate=True, warpgroups=1, stages=3)]
+        return [cls(), cls(bias=True, dtype=MmaType.F16, block_n=128), cls(accumulate=True, warpgroups=1, stages=3),
+                cls(dtype=MmaType.TF32, block_n=128)]
