@@ -48,7 +48,7 @@ class Row:
 TC_TILES = [dict(), dict(min_blocks=2), dict(block_k=64, stages=3), dict(block_k=64, stages=3, min_blocks=2),
             dict(block_n=256), dict(block_n=256, stages=3), dict(block_n=256, block_k=64, stages=3),
             dict(block_m=256, warps_m=4, warps_n=2)]
-TORCH_16 = {MmaType.BF16: torch.bfloat16, MmaType.F16: torch.float16}
+TORCH_16 = {MmaType.BF16: torch.bfloat16, MmaType.F16: torch.float16, MmaType.TF32: torch.float32}
 
 
 WGMMA_TILES = [dict(), dict(stages=3), dict(block_n=128), dict(block_n=128, stages=6), dict(group_m=16)]
@@ -69,7 +69,9 @@ def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: i
         print(f"  {spec.kind} {dtype.value} {m}x{n}x{k} {tile or 'default'}: {2e-9 * m * n * k / ms:.1f} TFLOP/s")
         best = min(best or (ms, spec), (ms, spec), key=lambda t: t[0])
     bt = b.t()
+    torch.backends.cuda.matmul.allow_tf32 = dtype is MmaType.TF32  # cuBLAS TF32 beside ours
     theirs = time_ms(lambda: torch.matmul(a, bt), reps=10, warmup=2)
+    torch.backends.cuda.matmul.allow_tf32 = False
     s = best[1]
     rows.append(Row(f"{s.kind} {dtype.value} NT {m}x{n}x{k} [{s.block_m}x{s.block_n}x{s.block_k}, {s.stages} st]",
                     2.0 * m * n * k, best[0], theirs))
@@ -206,6 +208,8 @@ def main() -> None:
     for size in (4096, 8192):
         gemm_tc(cache, rows, MmaType.BF16, size, size, size, wgmma=True)
     gemm_tc(cache, rows, MmaType.BF16, TOKENS, 4864, 896, wgmma=True)
+    for size in (4096, 8192):
+        gemm_tc(cache, rows, MmaType.TF32, size, size, size, wgmma=True)
     for lname, k_in, n_out in LAYERS:
         gemm(f"{lname} fwd", TOKENS, n_out, k_in, False, True)
         gemm(f"{lname} dX", TOKENS, k_in, n_out, False, False)

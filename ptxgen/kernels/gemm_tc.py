@@ -98,7 +98,8 @@ class TensorCoreGemm:
                   batch: Batch | None = None) -> tuple[int, ...]:
         """The kernel's arguments in order, after refusing shapes its 16-byte copies cannot serve:
         each operand's contiguous extent, leading dimension and batch strides a multiple of 16
-        bytes (8 16-bit or 4 tf32 elements); N, ldc and C's batch strides even. Batches are the fp32 GEMM's (``Batch``)."""
+        bytes (8 16-bit or 4 tf32 elements); N, ldc and C's batch strides even. Batches are the
+        fp32 GEMM's (``Batch``)."""
         name = self.kind
         if min(m, n, k) < 1:
             raise ValueError(f"{name}: M, N, K must be >= 1, got {m}, {n}, {k}")
