@@ -73,7 +73,8 @@ def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: i
     theirs = time_ms(lambda: torch.matmul(a, bt), reps=10, warmup=2)
     torch.backends.cuda.matmul.allow_tf32 = False
     s = best[1]
-    rows.append(Row(f"{s.kind} {dtype.value} NT {m}x{n}x{k} [{s.block_m}x{s.block_n}x{s.block_k}, {s.stages} st]",
+    k_tile = s.block_k * 2 // dtype.bytes  # gemm_wgmma counts its slice in 16-bit units
+    rows.append(Row(f"{s.kind} {dtype.value} NT {m}x{n}x{k} [{s.block_m}x{s.block_n}x{k_tile}, {s.stages} st]",
                     2.0 * m * n * k, best[0], theirs))
 
 

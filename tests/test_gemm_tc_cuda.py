@@ -155,7 +155,7 @@ def test_wgmma_tf32_gemm_reads_fp32_with_a_tf32_mantissa(cache, m, n, k):
     from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
     a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
     spec = GemmWgmmaSpec(dtype=MmaType.TF32, block_n=128)
-    arrays = [DeviceArray.from_numpy(a), DeviceArray.from_numpy(b), DeviceArray.from_numpy(np.full((m, n), np.nan, np.float32))]
+    arrays = [DeviceArray.from_numpy(x) for x in (a, b, np.full((m, n), np.nan, np.float32))]
     try:
         cache.get(spec)(*spec.launch_dims(m, n), *spec.arguments(*(x.ptr for x in arrays), m, n, k))
         synchronize()
@@ -163,8 +163,8 @@ def test_wgmma_tf32_gemm_reads_fp32_with_a_tf32_mantissa(cache, m, n, k):
     finally:
         for x in arrays:
             x.free()
-    exact = gemm_reference(a.astype(np.float64), b.astype(np.float64), False, True)
-    truncated = gemm_reference(tf32_truncated(a).astype(np.float64), tf32_truncated(b).astype(np.float64), False, True)
-    print(f"tf32 {m}x{n}x{k}: vs exact {np.abs(out - exact).max() / np.abs(exact).max():.2e}, "
-          f"vs truncated {np.abs(out - truncated).max() / np.abs(exact).max():.2e}")
-    assert_close(out, exact, rel=2e-3)
+    # measured on the H100: 1.8e-7 / 2.6e-6 of the largest |C| from the truncated inputs' product,
+    # 8e-4 from the exact fp32 inputs' (what TF32 costs)
+    assert_close(out, gemm_reference(tf32_truncated(a).astype(np.float64), tf32_truncated(b).astype(np.float64),
+                                     False, True))
+    assert_close(out, gemm_reference(a.astype(np.float64), b.astype(np.float64), False, True), rel=2e-3)
