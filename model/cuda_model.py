@@ -4,8 +4,9 @@ Every spec comes from ``ModelKernels`` (config + optimizer settings + precision)
 the backend is built, and each step runs in strict mode: a kernel that was not pre-warmed is an error.
 Parameters, gradients and AdamW moments are four flat f32 buffers with one layout (each tensor
 32-byte aligned, matrices first so weight decay covers one contiguous range). In bf16 precision the
-matrices also have a bf16 copy (refreshed by one cast after each optimizer step), and each GEMM
-operand of a linear layer is cast to bf16 once, right after it is computed. For each batch shape
+matrices also have a bf16 copy (refreshed by one cast after each optimizer step), the GEMMs and the
+attention read bf16 operands: cast once right after they are computed, or written in bf16 by the
+kernel that makes them (the attention's output, the SwiGLU's both ways). For each batch shape
 the backend allocates the activations once and prepares every launch with its arguments packed;
 a step then uploads the token ids, sets the few per-step scalars (learning rate, bias corrections,
 loss scale) and issues the launches. All reductions are fixed-order, so runs repeat bit for bit.
@@ -127,7 +128,7 @@ class CudaBackend:
 
     def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], adamw: AdamWSettings,
                  cache: ModuleCache | None = None, precision: Precision = Precision.FP32):
-        self.config, self.adamw, self.precision = config, adamw, precision
+        self.config, self.adamw = config, adamw
         self.kernels = ModelKernels.of(config, adamw, IGNORE_INDEX, precision)
         self.cache = cache if cache is not None else ModuleCache()
         self.cache.prewarm(self.kernels.specs())
@@ -142,13 +143,14 @@ class CudaBackend:
         self.step = 0
         self._steps: dict[tuple[int, int], _Step] = {}
         # bf16: the matrices' bf16 copy (they are the decayed range [0, decay_end) of the layout)
-        self.weights16 = DeviceArray(self.layout.decay_end, "bf16") if self.kernels.to_bf16 else None
-        self._gemm_bytes = 4 if self.weights16 is None else 2  # per element of a GEMM operand
+        self.bf16 = precision is Precision.BF16
+        self.weights16 = DeviceArray(self.layout.decay_end, "bf16") if self.bf16 else None
+        self._gemm_bytes = 2 if self.bf16 else 4  # per element of a GEMM operand
         with self.cache.strict_mode():
             self._optimizer = self._optimizer_launches()
             # after each optimizer step: the matrices' bf16 copy
-            self._refresh = [] if self.weights16 is None else \
-                [self._cast(self.weights.ptr, self.weights16.ptr, self.layout.decay_end)]
+            self._refresh = [self._cast(self.weights.ptr, self.weights16.ptr, self.layout.decay_end)] \
+                if self.bf16 else []
             for launch in self._refresh:
                 launch()
 
@@ -274,7 +276,7 @@ class CudaBackend:
 
     def _gemm_w(self, name: str) -> int:
         """A weight as the linear layers' GEMMs read it: fp32, or its bf16 copy."""
-        if self.weights16 is None:
+        if not self.bf16:
             return self._w(name)
         return self.weights16.ptr + 2 * self.layout.offsets[name]
 
@@ -289,7 +291,7 @@ class CudaBackend:
     def _gemm_input(self, launches: list, A: "_Arrays", name: str, shape: tuple[int, ...]) -> int:
         """Activation ``name`` as the GEMMs read it: itself (fp32), or a bf16 copy ``name16`` that
         a cast appended to ``launches`` makes."""
-        if self.weights16 is None:
+        if not self.bf16:
             return A[name].ptr
         copy = A.new(name + "16", shape, "bf16")
         launches.append(self._cast(A[name].ptr, copy, math.prod(shape)))
@@ -314,7 +316,7 @@ class CudaBackend:
         h1s, h2s = [A.new(f"h1_{i}", (T, H)) for i in range(L)], [A.new(f"h2_{i}", (T, H)) for i in range(L)]
         r1s, r2s = [A.new(f"r1_{i}", (T,)) for i in range(L)], [A.new(f"r2_{i}", (T,)) for i in range(L)]
         qs = [A.new(f"q{i}", (T, Q)) for i in range(L)]
-        bf16 = self.weights16 is not None
+        bf16 = self.bf16
         os_ = [A.new(f"o{i}16", (T, Q), "bf16") if bf16 else A.new(f"o{i}", (T, Q)) for i in range(L)]
         lses = [A.new(f"lse{i}", (batch, c.num_heads, seq)) for i in range(L)]
         gates, ups = ([A.new(f"{n}{i}", (T, I)) for i in range(L)] for n in ("gate", "up"))
@@ -382,7 +384,7 @@ class CudaBackend:
         Q, KV, L = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_layers
         A = _Arrays()
         w, gr = self._w, (lambda name: self.grads.ptr + 4 * lay.offsets[name])
-        bf16 = self.weights16 is not None
+        bf16 = self.bf16
         kv = [_LayerKV(*(A.new(f"{n}{i}", (T, KV)) for n in "kv"),
                        *((A.new(f"{n}{i}16", (T, KV), "bf16") for n in "kv") if bf16 else ())) for i in range(L)]
         out = self._forward(A, batch, seq, kv, seq, last_row_logits=False)
@@ -539,7 +541,7 @@ class CudaDecoder:
         self.backend, self.max_len, self.length = backend, max_len, 0
         kv = c.num_kv_heads * c.head_dim
         self._cache = _Arrays()
-        bf16 = backend.weights16 is not None  # the attention's bf16 copies of the caches too
+        bf16 = backend.bf16  # the attention's bf16 copies of the caches too
         self._kv = [_LayerKV(*(self._cache.new(f"{n}{i}", (max_len, kv)) for n in "kv"),
                              *((self._cache.new(f"{n}{i}16", (max_len, kv), "bf16") for n in "kv") if bf16 else ()))
                     for i in range(c.num_layers)]
