@@ -107,3 +107,45 @@ def test_atomics_conversions_and_float_functions_render_as_ptx():
                  "cvt.f64.f32 %fd1, %f1;", "cvt.rn.f32.f64 %f3, %fd1;", f"cvt.rzi.s32.f32 {i}, %f3;",
                  "rsqrt.approx.f32 %f4, %f3;", "sqrt.rn.f32 %f5, %f3;"):
         assert line in text
+
+
+def test_dynamic_shared_memory_is_a_module_scope_extern_and_launch_bounds_precede_the_body():
+    b = builder()
+    tiles = b.dynamic_shared("tiles", align=1024)
+    b.addr_of(tiles)
+    b.launch_bounds(256, 2)
+    b.ret()
+    text = b.text()
+    assert text.index(".extern .shared .align 1024 .b8 tiles[];") < text.index(".visible .entry k(")
+    assert text.index(".maxntid 256, 1, 1") < text.index(".minnctapersm 2") < text.index("{")
+
+
+def test_ldmatrix_and_cp_async_take_offsets_and_ldmatrix_fills_given_registers():
+    b = builder()
+    at = b.mov(0, T.U32)
+    src = b.cvta_global(b.ld_param("p"))
+    b.cp_async(at, src, 16, dst_offset=1024)
+    out = [b.reg(T.B32) for _ in range(4)]
+    assert b.ldmatrix(at, 4, trans=True, offset=256, out=out) == tuple(out)
+    text = b.text()
+    assert f"cp.async.cg.shared.global [{at.name}+1024], [{src.name}], 16, 16;" in text
+    assert f"ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {{{', '.join(r.name for r in out)}}}, [{at.name}+256];" \
+        in text
+    with pytest.raises(PtxBuildError, match="2 destinations for 4 matrices"):
+        b.ldmatrix(at, 4, out=out[:2])
+
+
+def test_wgmma_checks_its_operands_and_drops_the_transpose_flags_for_tf32():
+    b = builder()
+    desc = b.mov(0, T.U64)
+    scale = b.setp("ne", b.mov(1, T.U32), 0)
+    acc = [b.mov(0.0, T.F32) for _ in range(32)]
+    b.wgmma(acc, desc, desc, "bf16", 64, scale)
+    b.wgmma(acc, desc, desc, "tf32", 64, scale)
+    text = b.text()
+    assert f"m64n64k16.f32.bf16.bf16 {{{acc[0].name}," in text and f"{scale.name}, 1, 1, 0, 0;" in text
+    assert f"m64n64k8.f32.tf32.tf32 {{{acc[0].name}," in text and f"{scale.name}, 1, 1;" in text
+    with pytest.raises(PtxBuildError, match="32 accumulator registers, got 31"):
+        b.wgmma(acc[:31], desc, desc, "bf16", 64, scale)
+    with pytest.raises(PtxBuildError, match="not bf16, f16 or tf32"):
+        b.wgmma(acc, desc, desc, "f32", 64, scale)
