@@ -121,7 +121,7 @@ def main() -> None:
             return torch.autograd.grad(F.cross_entropy(lt, targets64), lt)
 
         add_best(f"cross-entropy fwd+bwd {dt.value} {CE_ROWS}x{V}", 2 * CE_ROWS * V * sz + 8 * CE_ROWS,
-                 blocks(lambda bs: CrossEntropySpec(vocab=V, dtype=dt, block_size=bs), (256, 512, 1024)),
+                 blocks(lambda bs: CrossEntropySpec(vocab=V, dtype=dt, grad_dtype=dt, block_size=bs), (256, 512, 1024)),
                  lambda s: launch(s, s.launch_dims(CE_ROWS), p(logits), p(targets), p(loss), p(dlogits),
                                   1.0 / CE_ROWS), torch_ce)
 

@@ -399,8 +399,9 @@ class CudaBackend:
         # the copies the GEMMs and the attention read (``_gemm_input``; bf16: name16) and the scratch
         # the output gradients are cast into
         gin = (lambda name: A[name + "16"].ptr) if bf16 else ptr
-        dy16 = A.new("dy16", (T * max(V, I, H, Q),), "bf16") if bf16 else 0
-        targets, dlogits, losses = A.new("targets", (T,), "i32"), A.new("dlogits", (T, V)), A.new("losses", (T,))
+        dy16 = A.new("dy16", (T * max(H, Q),), "bf16") if bf16 else 0
+        targets, losses = A.new("targets", (T,), "i32"), A.new("losses", (T,))
+        dlogits = A.new("dlogits", (T, V), "bf16" if bf16 else "f32")  # the LM head's GEMM operand as it is
         ce = bind(k.cross_entropy, k.cross_entropy.launch_dims(T), logits, targets, losses, dlogits, 1.0)
         fwd.append(ce)
 
@@ -470,9 +471,8 @@ class CudaBackend:
             bwd.append(bind(k.colsum, k.colsum.launch_dims(rows, H, rows), partial, gr(gamma), rows, H, rows))
 
         head = lm_head_name(c)
-        dy = gemm_dy(dlogits, V)
-        grad_weight(k.head, dy, gin("hf"), head, H, V)
-        grad_input(k.head, dy, head, dh, H, V)
+        grad_weight(k.head, dlogits, gin("hf"), head, H, V)
+        grad_input(k.head, dlogits, head, dh, H, V)
         norm_backward(k.norm_bwd, xs[L], "model.norm.weight", dh, rf, g, residual=False)
         for i in reversed(range(L)):
             p = layer_prefix(i)

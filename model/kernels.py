@@ -160,7 +160,7 @@ class ModelKernels:
             rope_k_bwd=RopeSpec(heads=c.num_kv_heads, inverse=True, **rope),
             attention=attention[0], attention_bwd_q=attention[1], attention_bwd_kv=attention[2],
             swiglu=SwiGLUSpec(out_dtype=gemm_operand), swiglu_bwd=SwiGLUBackwardSpec(out_dtype=gemm_operand),
-            cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index),
+            cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index, grad_dtype=gemm_operand),
             colsum=ColumnSumSpec(), parts_sum=PartsSumSpec(), grad_norm_partial=partial,
             grad_norm_final=GradNormFinalSpec(partials=partial.blocks),
             adamw_decay=AdamWSpec(beta1=adamw.beta1, beta2=adamw.beta2, eps=adamw.eps,

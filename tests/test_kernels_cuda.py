@@ -231,7 +231,7 @@ def test_cross_entropy_loss_and_dlogits_with_ignore_index(cache, rows, vocab, dt
     targets = rng.integers(0, vocab, rows).astype(np.int32)
     targets[rows // 2] = -100 if rows > 1 else targets[0]
     scale = 1.0 / max(1, int((targets != -100).sum()))
-    spec = CrossEntropySpec(vocab=vocab, dtype=dtype)
+    spec = CrossEntropySpec(vocab=vocab, dtype=dtype, grad_dtype=dtype)
     if dtype is DType.BF16:
         logits = bf16_round(logits)
         _, _, loss, grad = call(cache, spec, spec.launch_dims(rows), to_bf16(logits), targets, poison(rows),
@@ -244,6 +244,11 @@ def test_cross_entropy_loss_and_dlogits_with_ignore_index(cache, rows, vocab, dt
     np.testing.assert_allclose(loss, loss_ref, atol=1e-4)
     tol = BF16_RTOL if dtype is DType.BF16 else 1e-5
     np.testing.assert_allclose(grad, grad_ref, rtol=tol, atol=1e-5 * scale)
+    if dtype is DType.F32:  # f32 logits, bf16 dlogits: the bf16 model's LM-head operand
+        mixed = CrossEntropySpec(vocab=vocab, grad_dtype=DType.BF16)
+        *_, grad16 = call(cache, mixed, mixed.launch_dims(rows), logits, targets, poison(rows),
+                          poison((rows, vocab), np.uint16), np.float32(scale))
+        np.testing.assert_allclose(from_bf16(grad16), grad_ref, rtol=BF16_RTOL, atol=1e-5 * scale)
 
 
 # -- AdamW and the gradient norm -------------------------------------------------------------------

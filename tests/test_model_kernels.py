@@ -11,6 +11,7 @@ from ptxgen.kernels.adamw import AdamWSpec
 from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
 from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
 from ptxgen.kernels.cast import CastSpec
+from ptxgen.kernels.cross_entropy import CrossEntropySpec
 from ptxgen.kernels.gemm import GemmSpec
 from ptxgen.kernels.gemm_tc import GemmTCSpec
 from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
@@ -95,8 +96,10 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     # everything else is the same kernel in both precisions
     assert bf16.swiglu.out_dtype is DType.BF16 and bf16.swiglu_bwd.out_dtype is DType.BF16  # GEMM operands
     assert fp32.swiglu.out_dtype is DType.F32
+    assert bf16.cross_entropy.grad_dtype is DType.BF16 and fp32.cross_entropy.grad_dtype is DType.F32
     differ = (GemmSpec, GemmTCSpec, GemmWgmmaSpec, CastSpec, AttentionSpec, AttentionBackwardQSpec,
               AttentionBackwardKVSpec,
-              AttentionTCSpec, AttentionTCBackwardQSpec, AttentionTCBackwardKVSpec, SwiGLUSpec, SwiGLUBackwardSpec)
+              AttentionTCSpec, AttentionTCBackwardQSpec, AttentionTCBackwardKVSpec, SwiGLUSpec, SwiGLUBackwardSpec,
+              CrossEntropySpec)
     same = lambda kernels: {s for s in kernels.specs() if not isinstance(s, differ)}  # noqa: E731
     assert same(fp32) == same(bf16) and len(same(fp32)) >= 10

@@ -31,7 +31,8 @@ class CrossEntropySpec(KernelSpec):
     kind: ClassVar[str] = "cross_entropy"
     vocab: int
     ignore_index: int = -100
-    dtype: DType = DType.F32  # storage of logits and dlogits
+    dtype: DType = DType.F32       # storage of logits
+    grad_dtype: DType = DType.F32  # storage of dlogits (bf16: the LM head's GEMM operand, no cast)
     block_size: int = 1024
 
     def validate(self) -> None:
@@ -52,7 +53,7 @@ class CrossEntropySpec(KernelSpec):
         grad_scale = b.ld_param("grad_scale")
         row, tid = b.special("%ctaid.x"), b.special("%tid.x")
         row_in = offset(b, logits, row, self.vocab * size)
-        row_out = offset(b, dlogits, row, self.vocab * size)
+        row_out = offset(b, dlogits, row, self.vocab * self.grad_dtype.size)
 
         def exp(v):  # e^v as 2^(v log2 e)
             return b.fn("ex2", b.mul(v, LOG2E))
@@ -96,14 +97,14 @@ class CrossEntropySpec(KernelSpec):
                 p = b.mul(exp(b.sub(v, row_max)), inv_sum)
                 is_target = b.setp("eq", b.add(col, k), target)
                 grads.append(b.mul(b.sub(p, b.selp(1.0, 0.0, is_target, T.F32)), scale))
-            store_f32(b, dt, Addr(offset(b, row_out, col, size)), grads, guard=guard)
+            store_f32(b, self.grad_dtype, Addr(offset(b, row_out, col, self.grad_dtype.size)), grads, guard=guard)
 
         row_sweep(b, self.vocab, vec, self.block_size, tid, UNROLL, gradient)
 
     @classmethod
     def examples(cls) -> list["CrossEntropySpec"]:
         return [cls(vocab=151936), cls(vocab=256, block_size=128), cls(vocab=1001, ignore_index=0),
-                cls(vocab=151936, dtype=DType.BF16)]
+                cls(vocab=151936, dtype=DType.BF16, grad_dtype=DType.BF16), cls(vocab=151936, grad_dtype=DType.BF16)]
 
 
 def cross_entropy_reference(logits: np.ndarray, targets: np.ndarray, ignore_index: int,
