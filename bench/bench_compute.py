@@ -25,6 +25,7 @@ from ptxgen.kernels.gemm_tc import GemmTCSpec, MmaType
 from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
 from ptxgen.spec import SpecError
 from runtime import ModuleCache
+from runtime.tensormap import tiled_tensor_map
 
 TOKENS = 16384  # Qwen2-0.5B layer shapes: M = batch * seq tokens
 LAYERS = [("q_proj", 896, 896), ("k/v_proj", 896, 128), ("o_proj", 896, 896), ("gate/up", 896, 4864),
@@ -51,7 +52,8 @@ TC_TILES = [dict(), dict(min_blocks=2), dict(block_k=64, stages=3), dict(block_k
 TORCH_16 = {MmaType.BF16: torch.bfloat16, MmaType.F16: torch.float16, MmaType.TF32: torch.float32}
 
 
-WGMMA_TILES = [dict(), dict(stages=3), dict(block_n=128), dict(block_n=128, stages=6), dict(group_m=16)]
+WGMMA_TILES = [dict(), dict(stages=3), dict(block_n=128), dict(group_m=16), dict(tma=True), dict(tma=True, stages=3),
+               dict(tma=True, group_m=16)]
 
 
 def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: int, wgmma: bool = False) -> None:
@@ -61,20 +63,28 @@ def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: i
     b = torch.randn(n, k, device="cuda", dtype=TORCH_16[dtype])
     c = torch.empty(m, n, device="cuda")
     best = None
+    maps = []
     for tile in WGMMA_TILES if wgmma else TC_TILES:
         spec = (GemmWgmmaSpec if wgmma else GemmTCSpec)(dtype=dtype, **tile)
-        launch = cache.get(spec).bind(*spec.launch_dims(m, n),
-                                      *spec.arguments(a.data_ptr(), b.data_ptr(), c.data_ptr(), m, n, k))
+        operands = a.data_ptr(), b.data_ptr()
+        if tile.get("tma"):  # the operands' tensor maps instead of their addresses
+            maps = [tiled_tensor_map(x.data_ptr(), rows, k, k, dtype, box)
+                    for x, rows, box in zip((a, b), (m, n), spec.tma_boxes)]
+            operands = tuple(x.ptr for x in maps)
+        launch = cache.get(spec).bind(*spec.launch_dims(m, n), *spec.arguments(*operands, c.data_ptr(), m, n, k))
         ms = time_ms(launch, reps=10, warmup=2)
         print(f"  {spec.kind} {dtype.value} {m}x{n}x{k} {tile or 'default'}: {2e-9 * m * n * k / ms:.1f} TFLOP/s")
         best = min(best or (ms, spec), (ms, spec), key=lambda t: t[0])
+    for x in maps:
+        x.free()
     bt = b.t()
     torch.backends.cuda.matmul.allow_tf32 = dtype is MmaType.TF32  # cuBLAS TF32 beside ours
     theirs = time_ms(lambda: torch.matmul(a, bt), reps=10, warmup=2)
     torch.backends.cuda.matmul.allow_tf32 = False
     s = best[1]
     k_tile = s.block_k * 2 // dtype.bytes  # gemm_wgmma counts its slice in 16-bit units
-    rows.append(Row(f"{s.kind} {dtype.value} NT {m}x{n}x{k} [{s.block_m}x{s.block_n}x{k_tile}, {s.stages} st]",
+    feed = ", tma" if getattr(s, "tma", False) else ""
+    rows.append(Row(f"{s.kind} {dtype.value} NT {m}x{n}x{k} [{s.block_m}x{s.block_n}x{k_tile}, {s.stages} st{feed}]",
                     2.0 * m * n * k, best[0], theirs))
 
 

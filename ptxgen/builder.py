@@ -659,6 +659,40 @@ class KernelBuilder:
         self._op(ins, scale_d, T.PRED, "scale-d")
         self._emit(f"{ins} {{{', '.join(r.name for r in acc)}}}, {desc_a}, {desc_b}, {scale_d}, 1, 1{layout}")
 
+    # -- mbarriers and TMA bulk tensor copies (sm_90) ---------------------------------------------
+    def mbarrier_init(self, bar: Reg, count: int, guard: GuardLike = None) -> None:
+        """Initialise the shared-memory mbarrier at ``bar`` to expect ``count`` arrivals a phase."""
+        ins = "mbarrier.init.shared::cta.b64"
+        self._emit(f"{ins} [{self._op(ins, bar, T.U32, 'barrier address')}], {immediate(count, T.U32)}", guard)
+
+    def fence_mbarrier_init(self, guard: GuardLike = None) -> None:
+        """Make initialised mbarriers visible to the async proxy (the TMA units that complete them)."""
+        self._emit("fence.mbarrier_init.release.cluster", guard)
+
+    def mbarrier_expect_tx(self, bar: Reg, nbytes: int, guard: GuardLike = None) -> None:
+        """Arrive on ``bar`` and add ``nbytes`` to the bytes its current phase waits for."""
+        ins = "mbarrier.arrive.expect_tx.shared::cta.b64"
+        state = self.reg(T.B64)
+        self._emit(f"{ins} {state}, [{self._op(ins, bar, T.U32, 'barrier address')}], {immediate(nbytes, T.U32)}",
+                   guard)
+
+    def mbarrier_wait(self, bar: Reg, parity: Reg) -> None:
+        """Spin until phase ``parity`` (0/1) of the mbarrier at ``bar`` has completed."""
+        ins = "mbarrier.try_wait.parity.shared::cta.b64"
+        done, again = self.reg(T.PRED), self.new_label("mbarrier_wait")
+        self.place(again)
+        self._emit(f"{ins} {done}, [{self._op(ins, bar, T.U32, 'barrier address')}], "
+                   f"{self._op(ins, parity, T.U32, 'parity')}")
+        self.bra(again, guard=Guard(done, negated=True))
+
+    def tma_load_2d(self, dst: Reg, tensor_map: Reg, x: Reg, y: Reg, bar: Reg, guard: GuardLike = None) -> None:
+        """The box of ``tensor_map`` at element coordinates (x innermost, y) into shared ``dst``;
+        completes its bytes on the mbarrier at ``bar``. Out-of-bounds elements arrive as zeros."""
+        ins = "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+        ops = [self._op(ins, dst, T.U32, "shared address"), self._op(ins, tensor_map, T.U64, "tensor map"),
+               self._op(ins, x, T.S32, "x"), self._op(ins, y, T.S32, "y"), self._op(ins, bar, T.U32, "barrier")]
+        self._emit(f"{ins} [{ops[0]}], [{ops[1]}, {{{ops[2]}, {ops[3]}}}], [{ops[4]}]", guard)
+
     def shfl(self, mode: str, value: Reg, b: Operand, c: int = 0x1F,
              membermask: int = 0xFFFFFFFF) -> Reg:
         if mode not in ("up", "down", "bfly", "idx"):

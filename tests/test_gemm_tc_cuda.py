@@ -168,3 +168,35 @@ def test_wgmma_tf32_gemm_reads_fp32_with_a_tf32_mantissa(cache, m, n, k):
     assert_close(out, gemm_reference(tf32_truncated(a).astype(np.float64), tf32_truncated(b).astype(np.float64),
                                      False, True))
     assert_close(out, gemm_reference(a.astype(np.float64), b.astype(np.float64), False, True), rel=2e-3)
+
+
+@pytest.mark.parametrize("dtype, shape, bias", [(MmaType.BF16, (77, 136, 40), False),
+                                                (MmaType.BF16, (1, 264, 896), True),
+                                                (MmaType.BF16, (1000, 4864, 896), False),
+                                                (MmaType.TF32, (130, 200, 44), True)])
+def test_wgmma_gemm_fed_by_tma_bulk_copies(cache, dtype, shape, bias):
+    """The same GEMM with its slices brought by TMA (tensor maps, mbarriers): zeros past every edge."""
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    from runtime.tensormap import tiled_tensor_map
+    m, n, k = shape
+    spec = GemmWgmmaSpec(tma=True, dtype=dtype, bias=bias, block_n=128 if dtype is MmaType.TF32 else 256)
+    a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    if dtype is MmaType.TF32:
+        (a_dev, a64), (b_dev, b64) = ((x, tf32_truncated(x).astype(np.float64)) for x in (a, b))
+    else:
+        (a_dev, a64), (b_dev, b64) = sixteen(a, dtype), sixteen(b, dtype)
+    bias_values = rng.standard_normal(n).astype(np.float32) if bias else None
+    arrays = [DeviceArray.from_numpy(x) for x in (a_dev, b_dev, np.full((m, n), np.nan, np.float32))]
+    extra = [DeviceArray.from_numpy(bias_values)] if bias else []
+    (box_a, box_b) = spec.tma_boxes
+    maps = [tiled_tensor_map(arrays[0].ptr, m, k, k, dtype, box_a),
+            tiled_tensor_map(arrays[1].ptr, n, k, k, dtype, box_b)]
+    try:
+        cache.get(spec)(*spec.launch_dims(m, n), *spec.arguments(maps[0].ptr, maps[1].ptr, arrays[2].ptr, m, n, k,
+                                                                 bias=extra[0].ptr if bias else None))
+        synchronize()
+        out = arrays[2].to_numpy()
+    finally:
+        for x in arrays + extra + maps:
+            x.free()
+    assert_close(out, gemm_reference(a64, b64, False, True, bias=bias_values))

@@ -1,0 +1,33 @@
+"""TMA tensor maps: the driver's description of a 2-D operand that a kernel's bulk tensor copies read.
+
+A map is encoded on the host (``cuTensorMapEncodeTiled``) and handed to the kernel by the device
+address of a 128-byte copy of it in global memory, so it is an ordinary pointer argument.
+"""
+from __future__ import annotations
+
+import numpy as np
+from cuda.bindings import driver as cu
+
+from ptxgen.kernels.mma_tile import MmaType
+
+from .driver import call
+from .memory import DeviceArray
+
+_TYPES = {MmaType.BF16: cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+          MmaType.F16: cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+          MmaType.TF32: cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_TFLOAT32}
+
+
+def tiled_tensor_map(ptr: int, rows: int, cols: int, row_stride: int, dtype: MmaType,
+                     box: tuple[int, int]) -> DeviceArray:
+    """A row-major [rows, cols] matrix of ``dtype`` at ``ptr`` (``row_stride`` elements apart), read
+    in boxes of ``box`` = (rows, cols) into 128-byte-swizzled shared tiles, zeros past the edges.
+    The returned device array holds the map; free it after the launches that use it."""
+    if (row_stride * dtype.bytes) % 16 or ptr % 16:
+        raise ValueError(f"a tensor map needs 16-byte aligned rows: stride {row_stride} x {dtype.bytes} bytes")
+    tensor_map = call("cuTensorMapEncodeTiled", _TYPES[dtype], 2, ptr, [cols, rows], [row_stride * dtype.bytes],
+                      [box[1], box[0]], [1, 1], cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+                      cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+                      cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                      cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+    return DeviceArray.from_numpy(np.array(tensor_map.opaque, dtype=np.uint64).view(np.uint8))
