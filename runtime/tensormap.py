@@ -25,8 +25,10 @@ def tiled_tensor_map(ptr: int, rows: int, cols: int, row_stride: int, dtype: Mma
     The returned device array holds the map; free it after the launches that use it."""
     if (row_stride * dtype.bytes) % 16 or ptr % 16:
         raise ValueError(f"a tensor map needs 16-byte aligned rows: stride {row_stride} x {dtype.bytes} bytes")
-    tensor_map = call("cuTensorMapEncodeTiled", _TYPES[dtype], 2, ptr, [cols, rows], [row_stride * dtype.bytes],
-                      [box[1], box[0]], [1, 1], cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+    u64, u32 = cu.cuuint64_t, cu.cuuint32_t
+    tensor_map = call("cuTensorMapEncodeTiled", _TYPES[dtype], u32(2), ptr, [u64(cols), u64(rows)],
+                      [u64(row_stride * dtype.bytes)], [u32(box[1]), u32(box[0])], [u32(1), u32(1)],
+                      cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
                       cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
                       cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                       cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
