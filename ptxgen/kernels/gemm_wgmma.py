@@ -80,8 +80,14 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
             raise SpecError(f"{self.stages} stages need {self.dynamic_shared_bytes()} bytes of shared memory "
                             f"(max {SHARED_LIMIT})")
 
+    @property
+    def stage_bytes(self) -> int:
+        return (self.block_m + self.block_n) * BLOCK_K * 2
+
     def dynamic_shared_bytes(self) -> int:
-        return self.stages * (self.block_m + self.block_n) * BLOCK_K * 2
+        # with tma, a stage's mbarrier (8 bytes) each after the stages: static shared memory would
+        # move the dynamic base off the 1024-byte alignment the swizzled tiles need
+        return self.stages * (self.stage_bytes + (8 if self.tma else 0))
 
 
     def params(self) -> tuple[tuple[str, T], ...]:
@@ -118,9 +124,9 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         warpgroup = b.shr(tid, 7)
         row0, col0 = tile_origin(b, self, m, n)
         a_stage = self.block_m * BLOCK_K * 2
-        stage = a_stage + self.block_n * BLOCK_K * 2
+        stage = self.stage_bytes
         smem = b.addr_of(b.dynamic_shared("tiles", align=ATOM_BYTES))
-        slices = (_TmaSlices if self.tma else _CopySlices)(self, b, m, n, k, row0, col0, tid, a_stage)
+        slices = (_TmaSlices if self.tma else _CopySlices)(self, b, m, n, k, row0, col0, tid, a_stage, smem)
         c_ptr = b.cvta_global(b.ld_param("c")) if self.tma else slices.c_ptr
 
         acc = [b.mov(0.0, T.F32) for _ in range(self.block_n // 2)]
@@ -167,7 +173,7 @@ class _CopySlices:
     row is copied as if of 16-bit units (a tf32 element is two of them)."""
 
     def __init__(self, spec: GemmWgmmaSpec, b: KernelBuilder, m: Reg, n: Reg, k: Reg, row0: Reg, col0: Reg,
-                 tid: Reg, a_stage: int):
+                 tid: Reg, a_stage: int, smem: Reg):
         self.b, self.stages = b, spec.stages
         size = spec.dtype.bytes
         ptr = dict(zip("abc", batch_matrices(b, b.special("%ctaid.y"), {"a": size, "b": size, "c": 4})))
@@ -204,14 +210,14 @@ class _TmaSlices:
     thread waits on before reading the stage."""
 
     def __init__(self, spec: GemmWgmmaSpec, b: KernelBuilder, m: Reg, n: Reg, k: Reg, row0: Reg, col0: Reg,
-                 tid: Reg, a_stage: int):
+                 tid: Reg, a_stage: int, smem: Reg):
         self.b, self.stages, self.a_stage = b, spec.stages, a_stage
-        self.bytes = spec.dynamic_shared_bytes() // spec.stages
+        self.bytes = spec.stage_bytes
         self.k_step = 2 * BLOCK_K // spec.dtype.bytes  # elements of K per slice
         self.maps = [b.cvta_global(b.ld_param(x)) for x in ("tmap_a", "tmap_b")]
         self.rows = [row0, col0]
         self.count = b.div(b.add(k, self.k_step - 1), self.k_step)
-        self.bars = b.addr_of(b.shared_array("slice_full", T.B64, spec.stages, align=8))
+        self.bars = b.add(smem, spec.stages * spec.stage_bytes)
         self.leader = b.setp("eq", tid, 0)
         for s in range(spec.stages):
             b.mbarrier_init(b.add(self.bars, 8 * s), 1, guard=self.leader)
