@@ -15,7 +15,9 @@ from .memory import DeviceArray
 
 _TYPES = {MmaType.BF16: cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
           MmaType.F16: cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-          MmaType.TF32: cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_TFLOAT32}
+          # raw fp32 bits, as the cp.async feed copies them: the tensor cores read a truncated mantissa
+          # (the TFLOAT32 type would round on the way instead)
+          MmaType.TF32: cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT32}
 
 
 def tiled_tensor_map(ptr: int, rows: int, cols: int, row_stride: int, dtype: MmaType,
