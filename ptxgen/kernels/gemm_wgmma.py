@@ -6,11 +6,14 @@ A block of ``warpgroups`` x 128 threads computes a (64 * warpgroups) x ``block_n
 warpgroup 64 rows of it with ``wgmma.mma_async m64n{block_n}k16`` reading both operands straight
 from shared memory through matrix descriptors (no ldmatrix, no register fragments for A or B).
 Slices of 128 bytes of K (64 16-bit or 32 tf32 elements: one row of the swizzle) travel global ->
-shared by cp.async ``stages`` deep (a tf32 row is copied as if of 16-bit units), into
-the tensor-core GEMM's swizzled tiles: chunk c of row r at c ^ (r % 8) is exactly the 128-byte
-swizzle the descriptors name, given 1024-byte aligned tiles. A fence makes the copies visible to
-the async proxy wgmma reads through. The accumulators come out in the mma.sync m16n8 layout, so
-the store, bias and accumulate are the tensor-core GEMM's.
+shared ``stages`` deep, fed one of two ways. By cp.async (default): every thread copies 16-byte
+chunks into the tensor-core GEMM's swizzled tiles (chunk c of row r at c ^ (r % 8) is exactly the
+128-byte swizzle the descriptors name, given 1024-byte aligned tiles; a tf32 row is copied as if of
+16-bit units), and a fence makes them visible to the async proxy wgmma reads through. By TMA
+(``tma``): one thread issues a bulk tensor copy per operand from a tensor map (runtime.tensormap),
+the unit swizzling and zero-filling past the edges itself, completing on the stage's mbarrier.
+The accumulators come out in the mma.sync m16n8 layout, so the store, bias and accumulate are the
+tensor-core GEMM's.
 """
 from __future__ import annotations
 
