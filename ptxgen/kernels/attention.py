@@ -118,8 +118,35 @@ class _Rows:
                 b.fma(scale, y, acc[k * CHUNK + m], out=acc[k * CHUNK + m])
 
 
+class AttentionGrid:
+    """What every attention spec (fp32 and tensor-core) shares: the GQA grouping, the baked scale,
+    the parameters (``pointers`` then ``scalars``) and the launch grid: (row tiles of
+    ``rows_per_block``, ``grid_heads``, batch) blocks of ``threads``."""
+
+    pointers: ClassVar[tuple[str, ...]]
+    scalars: ClassVar[tuple[str, ...]] = ("seq",)
+
+    def params(self) -> tuple[tuple[str, T], ...]:
+        return tuple((n, T.U64) for n in self.pointers) + tuple((n, T.U32) for n in self.scalars)
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def grid_heads(self) -> int:
+        return self.heads
+
+    def launch_dims(self, batch: int, seq: int) -> tuple[tuple[int, int, int], int]:
+        return (-(-seq // self.rows_per_block), self.grid_heads, batch), self.threads
+
+
 @dataclass(frozen=True)
-class _AttentionBase(KernelSpec):
+class _AttentionBase(AttentionGrid, KernelSpec):
     heads: int
     kv_heads: int
     head_dim: int
@@ -129,22 +156,13 @@ class _AttentionBase(KernelSpec):
     tile: int = 16    # rows staged in shared memory per step
 
     rows_held: ClassVar[int] = 2  # rows whose share each thread keeps in registers
-    pointers: ClassVar[tuple[str, ...]]
-    scalars: ClassVar[tuple[str, ...]] = ("seq",)
-
-    def params(self) -> tuple[tuple[str, T], ...]:
-        return tuple((n, T.U64) for n in self.pointers) + tuple((n, T.U32) for n in self.scalars)
 
     def _global_pointers(self, b: KernelBuilder) -> list[Reg]:
         return [b.cvta_global(b.ld_param(n)) for n in self.pointers]
 
     @property
-    def group(self) -> int:
-        return self.heads // self.kv_heads
-
-    @property
-    def scale(self) -> float:
-        return 1.0 / math.sqrt(self.head_dim)
+    def threads(self) -> int:
+        return self.block
 
     @property
     def rows_per_block(self) -> int:
@@ -167,13 +185,6 @@ class _AttentionBase(KernelSpec):
         check_block_size(self.block)
         if self.tile > self.rows_per_block:
             raise SpecError(f"tile {self.tile} must be <= the {self.rows_per_block} rows of a block")
-
-    @property
-    def grid_heads(self) -> int:
-        return self.heads
-
-    def launch_dims(self, batch: int, seq: int) -> tuple[tuple[int, int, int], int]:
-        return (-(-seq // self.rows_per_block), self.grid_heads, batch), self.block
 
     def _masked(self, b: KernelBuilder, s: Reg, query: Reg, key: Reg, keys: Reg, queries: Reg | None = None) -> Reg:
         """-inf where key >= keys, query >= queries (when given) or (causal) the key is after the query."""

@@ -33,6 +33,7 @@ from ..builder import Addr, Guard, KernelBuilder, Reg, T
 from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError
+from .attention import AttentionGrid
 from .common import check_positive
 from .gemm_tc import SHARED_LIMIT
 from .mma_tile import CHUNK, ELEMS, MmaType, SharedTile
@@ -159,7 +160,7 @@ class _Flash:
 
 
 @dataclass(frozen=True)
-class _FlashBase(KernelSpec):
+class _FlashBase(AttentionGrid, KernelSpec):
     heads: int
     kv_heads: int
     head_dim: int
@@ -173,16 +174,8 @@ class _FlashBase(KernelSpec):
         return 32 * self.warps
 
     @property
-    def block_rows(self) -> int:
+    def rows_per_block(self) -> int:
         return 16 * self.warps
-
-    @property
-    def group(self) -> int:
-        return self.heads // self.kv_heads
-
-    @property
-    def scale(self) -> float:
-        return 1.0 / math.sqrt(self.head_dim)
 
     def validate(self) -> None:
         for name in ("heads", "kv_heads", "head_dim", "warps", "tile"):
@@ -199,15 +192,15 @@ class _FlashBase(KernelSpec):
             raise SpecError(f"1 to 8 warps, got {self.warps}")
         chunks = self.head_dim // ELEMS
         rows = self.threads // chunks
-        if self.threads % chunks or rows % 8 or self.block_rows % rows or self.tile % rows:
+        if self.threads % chunks or rows % 8 or self.rows_per_block % rows or self.tile % rows:
             raise SpecError(f"{self.threads} threads do not copy {self.head_dim}-wide rows in passes of whole rows, "
-                            f"a multiple of 8 that divides {self.block_rows} and {self.tile}")
+                            f"a multiple of 8 that divides {self.rows_per_block} and {self.tile}")
         if self.dynamic_shared_bytes() > SHARED_LIMIT:
             raise SpecError(f"{self.dynamic_shared_bytes()} bytes of shared memory (max {SHARED_LIMIT})")
 
     def _reversed_first(self, b: KernelBuilder) -> Reg:
         """This block's first row, blocks taken from the last row tile down (the most causal work first)."""
-        return b.mul(b.sub(b.sub(b.special("%nctaid.x"), 1), b.special("%ctaid.x")), self.block_rows)
+        return b.mul(b.sub(b.sub(b.special("%nctaid.x"), 1), b.special("%ctaid.x")), self.rows_per_block)
 
 
 @register
@@ -217,21 +210,16 @@ class AttentionTCSpec(_FlashBase):
     ``kv_stride`` rows per batch) for ``seq`` queries at positions q_start.."""
 
     kind: ClassVar[str] = "attention_tc_fwd"
+    pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "lse")
+    scalars: ClassVar[tuple[str, ...]] = ("seq", "kv_len", "kv_stride", "q_start")
 
     def dynamic_shared_bytes(self) -> int:
-        return (self.block_rows + 4 * self.tile) * self.head_dim * 2  # Q, then K and V twice
-
-    def params(self) -> tuple[tuple[str, T], ...]:
-        return tuple((n, T.U64) for n in ("q", "k", "v", "o", "lse")) + \
-            tuple((n, T.U32) for n in ("seq", "kv_len", "kv_stride", "q_start"))
-
-    def launch_dims(self, batch: int, seq: int) -> tuple[tuple[int, int, int], int]:
-        return (-(-seq // self.block_rows), self.heads, batch), self.threads
+        return (self.rows_per_block + 4 * self.tile) * self.head_dim * 2  # Q, then K and V twice
 
     def build(self, b: KernelBuilder) -> None:
         b.launch_bounds(self.threads)
         f = _Flash(self, b)
-        d, bq, bkv = self.head_dim, self.block_rows, self.tile
+        d, bq, bkv = self.head_dim, self.rows_per_block, self.tile
         seq, kv_len, kv_stride, q_start = (b.ld_param(n) for n in ("seq", "kv_len", "kv_stride", "q_start"))
         first = self._reversed_first(b)
         head = b.special("%ctaid.y")
@@ -319,20 +307,15 @@ class AttentionTCBackwardQSpec(_FlashBase):
     """dq = scale * sum_j ds_ij k_j with ds = p * (dp - delta), dp = do v^T; writes delta = rowsum(do * o)."""
 
     kind: ClassVar[str] = "attention_tc_bwd_q"
+    pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "do", "lse", "dq", "delta")
 
     def dynamic_shared_bytes(self) -> int:
-        return (3 * self.block_rows + 4 * self.tile) * self.head_dim * 2  # Q, dO, O, then K and V twice
-
-    def params(self) -> tuple[tuple[str, T], ...]:
-        return tuple((n, T.U64) for n in ("q", "k", "v", "o", "do", "lse", "dq", "delta")) + (("seq", T.U32),)
-
-    def launch_dims(self, batch: int, seq: int) -> tuple[tuple[int, int, int], int]:
-        return (-(-seq // self.block_rows), self.heads, batch), self.threads
+        return (3 * self.rows_per_block + 4 * self.tile) * self.head_dim * 2  # Q, dO, O, then K and V twice
 
     def build(self, b: KernelBuilder) -> None:
         b.launch_bounds(self.threads)
         f = _Flash(self, b)
-        d, bq, bkv = self.head_dim, self.block_rows, self.tile
+        d, bq, bkv = self.head_dim, self.rows_per_block, self.tile
         seq = b.ld_param("seq")
         first = self._reversed_first(b)
         head = b.special("%ctaid.y")
@@ -429,6 +412,11 @@ class AttentionTCBackwardKVSpec(_FlashBase):
     """dk = scale * sum ds^T q, dv = sum p^T do over the query heads of each K/V head's group."""
 
     kind: ClassVar[str] = "attention_tc_bwd_kv"
+    pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "do", "lse", "delta", "dk", "dv")
+
+    @property
+    def grid_heads(self) -> int:
+        return self.kv_heads
 
     def validate(self) -> None:
         super().validate()
@@ -436,18 +424,12 @@ class AttentionTCBackwardKVSpec(_FlashBase):
             raise SpecError(f"tile {self.tile} exceeds the {self.threads} threads that load its lse and delta")
 
     def dynamic_shared_bytes(self) -> int:  # K, V, then twice: Q, dO and the lse and delta rows
-        return 2 * self.block_rows * self.head_dim * 2 + 2 * (2 * self.tile * self.head_dim * 2 + 2 * self.tile * 4)
-
-    def params(self) -> tuple[tuple[str, T], ...]:
-        return tuple((n, T.U64) for n in ("q", "k", "v", "do", "lse", "delta", "dk", "dv")) + (("seq", T.U32),)
-
-    def launch_dims(self, batch: int, seq: int) -> tuple[tuple[int, int, int], int]:
-        return (-(-seq // self.block_rows), self.kv_heads, batch), self.threads
+        return 2 * self.rows_per_block * self.head_dim * 2 + 2 * (2 * self.tile * self.head_dim * 2 + 2 * self.tile * 4)
 
     def build(self, b: KernelBuilder) -> None:
         b.launch_bounds(self.threads)
         f = _Flash(self, b)
-        d, bk, bq = self.head_dim, self.block_rows, self.tile
+        d, bk, bq = self.head_dim, self.rows_per_block, self.tile
         seq = b.ld_param("seq")
         first = b.mul(b.special("%ctaid.x"), bk)  # key tiles from the first: the most causal work
         kv_head = b.special("%ctaid.y")
