@@ -112,14 +112,19 @@ def test_mismatched_damaged_and_missing_checkpoints_are_refused(tmp_path):
         load_checkpoint(tmp_path / "nothing")
 
 
-def test_cli_trains_resumes_and_generates(tmp_path, capsys):
+def micro_run_args(tmp_path) -> list[str]:
+    """``train`` arguments for the micro config on a one-file corpus, numpy, into tmp_path / run."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "a.py").write_text("def add(a, b):\n    return a + b\n" * 200)
     cfg = tmp_path / "config.json"
     MICRO.save(cfg)
-    common = ["--config", str(cfg), "--data", str(data), "--out", str(tmp_path / "run"), "--device", "numpy",
-              "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1"]
+    return ["--config", str(cfg), "--data", str(data), "--out", str(tmp_path / "run"), "--device", "numpy",
+            "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1"]
+
+
+def test_cli_trains_resumes_and_generates(tmp_path, capsys):
+    common = micro_run_args(tmp_path)
     assert main(["train", *common, "--steps", "4"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("device: numpy") and "val_loss" in out and "step-0000004" in out
@@ -134,14 +139,7 @@ def test_cli_trains_resumes_and_generates(tmp_path, capsys):
 
 
 def test_cli_trains_and_generates_with_bf16_gemm_operands(tmp_path, capsys):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "a.py").write_text("def add(a, b):\n    return a + b\n" * 200)
-    cfg = tmp_path / "config.json"
-    MICRO.save(cfg)
-    assert main(["train", "--config", str(cfg), "--data", str(data), "--out", str(tmp_path / "run"), "--device",
-                 "numpy", "--precision", "bf16", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
-                 "--steps", "3"]) == 0
+    assert main(["train", *micro_run_args(tmp_path), "--precision", "bf16", "--steps", "3"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("device: numpy") and "bf16 GEMMs (fp32 master weights)" in out
     assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def", "--max-new-tokens", "3",
