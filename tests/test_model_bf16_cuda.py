@@ -15,11 +15,10 @@ import numpy as np
 import pytest
 
 from model.config import preset
-from model.optim import AdamWSettings
 from model.precision import Precision
 from model.reference import ReferenceModel
 from runtime import ModuleCache
-from test_model_cuda import CONFIGS, batch, live_params
+from test_model_cuda import CONFIGS, backend, batch, gpu_logits, live_params
 
 pytestmark = pytest.mark.cuda
 BF16 = Precision.BF16
@@ -30,9 +29,8 @@ def cache():
     return ModuleCache(use_disk=False)
 
 
-def backend(cache, config, params):
-    from model.cuda_model import CudaBackend
-    return CudaBackend(config, params, AdamWSettings(), cache=cache, precision=BF16)
+def bf16_backend(cache, config, params):
+    return backend(cache, config, params, BF16)
 
 
 def scaled_error(actual, ref) -> float:
@@ -44,11 +42,7 @@ def test_logits_match_the_reference_that_rounds_the_same_operands(cache, name):
     config = CONFIGS[name]
     params = live_params(config)
     ids, _ = batch(config)
-    model = backend(cache, config, params)
-    try:
-        ours = model.logits(ids)
-    finally:
-        model.close()
+    ours = gpu_logits(cache, config, params, ids, BF16)
     to_bf16_reference = scaled_error(ours, ReferenceModel(config, params, BF16).forward(ids))
     to_fp32_reference = scaled_error(ours, ReferenceModel(config, params).forward(ids))
     assert to_bf16_reference <= 1e-2 and to_fp32_reference <= 2e-2
@@ -59,7 +53,7 @@ def test_logits_match_the_reference_that_rounds_the_same_operands(cache, name):
 def test_loss_and_every_gradient_match_the_bf16_reference(cache, config, shape):
     params = live_params(config)
     ids, targets = batch(config, *shape)
-    model = backend(cache, config, params)
+    model = bf16_backend(cache, config, params)
     try:
         loss, grads = model.loss_and_grads(ids, targets)
     finally:
@@ -77,7 +71,7 @@ def test_a_step_refreshes_the_bf16_weights_and_repeats_bit_for_bit(cache):
     ids, targets = batch(config)
     runs = []
     for _ in range(2):
-        model = backend(cache, config, params)
+        model = bf16_backend(cache, config, params)
         try:
             before = model.logits(ids)
             losses = [model.train_step(ids, targets, 1e-2)[0] for _ in range(3)]
@@ -94,7 +88,7 @@ def test_gpu_decoding_in_bf16_matches_the_bf16_reference(cache):
     config = preset("tiny")
     params = live_params(config)
     ids = np.random.default_rng(5).integers(0, 256, 23)
-    model = backend(cache, config, params)
+    model = bf16_backend(cache, config, params)
     decoder = CudaDecoder(model, max_len=40)
     try:
         steps = [decoder.prefill(ids[:17])] + [decoder.decode(int(t)) for t in ids[17:]]

@@ -12,6 +12,7 @@ from model.config import ModelConfig, preset
 from model.data import ByteTokenizer, Corpus, stdlib_files
 from model.optim import AdamWSettings
 from model.params import init_params
+from model.precision import Precision
 from model.reference import ReferenceModel
 from model.train import TrainSettings, train
 from runtime import ModuleCache
@@ -38,9 +39,18 @@ def live_params(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     return params
 
 
-def backend(cache, config, params, **adamw):
+def backend(cache, config, params, precision=Precision.FP32, **adamw):
     from model.cuda_model import CudaBackend
-    return CudaBackend(config, params, AdamWSettings(**adamw), cache=cache)
+    return CudaBackend(config, params, AdamWSettings(**adamw), cache=cache, precision=precision)
+
+
+def gpu_logits(cache, config, params, ids, precision=Precision.FP32):
+    """The CUDA model's logits for ``ids`` from a backend built for this call alone."""
+    model = backend(cache, config, params, precision)
+    try:
+        return model.logits(ids)
+    finally:
+        model.close()
 
 
 def batch(config, b=2, s=37, seed=0):
@@ -56,11 +66,7 @@ def test_logits_match_numpy_with_the_same_argmax_everywhere(cache, name):
     config = CONFIGS[name]
     params = live_params(config)
     ids, _ = batch(config)
-    model = backend(cache, config, params)
-    try:
-        ours = model.logits(ids)
-    finally:
-        model.close()
+    ours = gpu_logits(cache, config, params, ids)
     ref = ReferenceModel(config, params).forward(ids)
     assert np.abs(ours - ref).max() <= 1e-4
     assert np.array_equal(ours.argmax(-1), ref.argmax(-1))
@@ -93,11 +99,7 @@ def test_biases_theta_and_eps_each_change_the_gpu_logits(cache):
     ids, _ = batch(config)
 
     def logits(cfg, p):
-        model = backend(cache, cfg, p)
-        try:
-            return model.logits(ids)
-        finally:
-            model.close()
+        return gpu_logits(cache, cfg, p, ids)
 
     base = logits(config, params)
     no_bias = {k: v for k, v in params.items() if not k.endswith(".bias")}
@@ -161,12 +163,7 @@ def test_hf_transformers_gives_the_same_logits_from_our_checkpoint(cache, tmp_pa
     ids, _ = batch(config)
     with torch.no_grad():
         theirs = hf(torch.tensor(ids)).logits.numpy()
-    model = backend(cache, config, params)
-    try:
-        ours = model.logits(ids)
-    finally:
-        model.close()
-    assert np.abs(ours - theirs).max() <= 1e-4
+    assert np.abs(gpu_logits(cache, config, params, ids) - theirs).max() <= 1e-4
 
 
 def test_gpu_decoding_with_a_kv_cache_matches_the_full_numpy_forward(cache):
