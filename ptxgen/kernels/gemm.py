@@ -19,7 +19,7 @@ of attention with grouped K/V heads, are both this form.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -155,6 +155,19 @@ class Batch:
         return tuple(v for s in (self.a, self.b, self.c) for v in (s.outer, s.inner, s.group))
 
 
+def leading_dims(spec: Any, m: int, n: int, k: int, lda: int | None, ldb: int | None, ldc: int | None,
+                 bias: int | None) -> tuple[int, int, int]:
+    """(lda, ldb, ldc), dense by default, after the checks every GEMM's arguments share: M, N, K
+    positive, and a bias pointer exactly when the spec adds a bias."""
+    if min(m, n, k) < 1:
+        raise ValueError(f"{spec.kind}: M, N, K must be >= 1, got {m}, {n}, {k}")
+    if (bias is not None) != spec.bias:
+        raise ValueError(f"{spec.kind}: this spec {'needs' if spec.bias else 'has no'} a bias")
+    return (lda if lda is not None else (m if spec.trans_a else k),
+            ldb if ldb is not None else (k if spec.trans_b else n),
+            ldc if ldc is not None else n)
+
+
 BATCH_PARAMS = ("inner",) + tuple(f"{x}_{s}" for x in "abc" for s in ("outer", "inner", "group"))
 
 
@@ -236,14 +249,8 @@ class GemmSpec(KernelSpec):
         and batch stride must be a multiple of ``vec`` (else a vector access would straddle rows
         or be misaligned): a ValueError before the launch, never a wrong answer.
         """
-        if min(m, n, k) < 1:
-            raise ValueError(f"gemm_f32: M, N, K must be >= 1, got {m}, {n}, {k}")
-        lda = lda if lda is not None else (m if self.trans_a else k)
-        ldb = ldb if ldb is not None else (k if self.trans_b else n)
-        ldc = ldc if ldc is not None else n
+        lda, ldb, ldc = leading_dims(self, m, n, k, lda, ldb, ldc, bias)
         batch = batch or Batch()
-        if (bias is not None) != self.bias:
-            raise ValueError(f"gemm_f32: this spec {'needs' if self.bias else 'has no'} a bias")
         contiguous = {"M (A transposed)": m if self.trans_a else None,
                       "K": k if not self.trans_a or self.trans_b else None,
                       "N": n, "lda": lda, "ldb": ldb, "ldc": ldc,

@@ -21,7 +21,7 @@ from ..builder import KernelBuilder, Reg, T
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from .common import check_positive
-from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices
+from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices, leading_dims
 from .mma_tile import CHUNK, ELEMS, MmaType, SharedTile
 
 SHARED_LIMIT = 227 * 1024  # dynamic shared memory one block may have on sm_90
@@ -101,15 +101,9 @@ class TensorCoreGemm:
         bytes (8 16-bit or 4 tf32 elements); N, ldc and C's batch strides even. Batches are the
         fp32 GEMM's (``Batch``)."""
         name = self.kind
-        if min(m, n, k) < 1:
-            raise ValueError(f"{name}: M, N, K must be >= 1, got {m}, {n}, {k}")
-        lda = lda if lda is not None else (m if self.trans_a else k)
-        ldb = ldb if ldb is not None else (k if self.trans_b else n)
-        ldc = ldc if ldc is not None else n
+        lda, ldb, ldc = leading_dims(self, m, n, k, lda, ldb, ldc, bias)
         batch = batch or Batch()
         strides = batch.strides()
-        if (bias is not None) != self.bias:
-            raise ValueError(f"{name}: this spec {'needs' if self.bias else 'has no'} a bias")
         eight = {"M (A transposed)": m if self.trans_a else None,
                  "K": k if not self.trans_a or self.trans_b else None,
                  "N (B not transposed)": None if self.trans_b else n, "lda": lda, "ldb": ldb,
