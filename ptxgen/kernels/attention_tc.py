@@ -94,6 +94,20 @@ class _Flash:
             if i + 1 < rows // self.pass_rows:
                 src = b.add(src, self.pass_rows * stride)
 
+    def kv_copier(self, kv_head: Reg, per_batch: Reg, rows: int) -> Callable[[Reg, Reg, Reg], None]:
+        """``copy(dst, key, end)``: keys key.. (``rows`` of them) of K, then of V, of ``kv_head``
+        (``per_batch`` rows a batch) into the stage at shared address ``dst``, zeros from ``end``."""
+        b, heads = self.b, self.spec.kv_heads
+        zero = b.mov(0, T.U32)
+        k_at, v_at = (self.row_ptr(name, per_batch, zero, heads, kv_head) for name in "kv")
+        row_bytes, tile_bytes = heads * self.d * 2, rows * self.d * 2
+
+        def copy(dst: Reg, key: Reg, end: Reg) -> None:
+            self.copy_rows(b.add(k_at, b.mul_wide(key, row_bytes)), heads, dst, key, end, rows)
+            self.copy_rows(b.add(v_at, b.mul_wide(key, row_bytes)), heads, b.add(dst, tile_bytes), key, end, rows)
+
+        return copy
+
     def a_fragments(self, tile: Reg) -> Tiles:
         """This warp's 16 rows of a row tile at shared address ``tile``, as A fragments per k16 of d."""
         frags = [[self.b.reg(T.B32) for _ in range(4)] for _ in self.steps_d]
@@ -224,22 +238,16 @@ class AttentionTCSpec(_FlashBase):
         first = self._reversed_first(b)
         head = b.special("%ctaid.y")
         kv_head = b.div(head, self.group)
-        zero = b.mov(0, T.U32)
-        k_at = f.row_ptr("k", kv_stride, zero, self.kv_heads, kv_head)
-        v_at = f.row_ptr("v", kv_stride, zero, self.kv_heads, kv_head)
-        kv_row, kv_bytes = self.kv_heads * d * 2, bkv * d * 2
+        copy_kv = f.kv_copier(kv_head, kv_stride, bkv)
+        kv_bytes = bkv * d * 2
         # keys this block needs: all kv_len, or (causal) up to its last query's position
         end = b.min(kv_len, b.add(q_start, b.add(first, bq))) if self.causal else kv_len
         key0 = b.mov(0, T.U32)
         stage = b.add(f.smem, bq * d * 2)
         other = b.add(stage, 2 * kv_bytes)
 
-        def copy_kv(dst: Reg, key: Reg) -> None:  # keys key.. of K and V into the stage at ``dst``
-            f.copy_rows(b.add(k_at, b.mul_wide(key, kv_row)), self.kv_heads, dst, key, end, bkv)
-            f.copy_rows(b.add(v_at, b.mul_wide(key, kv_row)), self.kv_heads, b.add(dst, kv_bytes), key, end, bkv)
-
         f.copy_rows(f.row_ptr("q", seq, first, self.heads, head), self.heads, f.smem, first, seq, bq)
-        copy_kv(stage, key0)
+        copy_kv(stage, key0, end)
         b.cp_async_commit()
         b.cp_async_wait(0)
         b.bar_sync()
@@ -258,7 +266,7 @@ class AttentionTCSpec(_FlashBase):
             return b.or_(out, b.setp("gt", key, positions[h])) if self.causal else out
 
         with b.loop(b.div(b.add(end, bkv - 1), bkv), "kv_tile"):
-            copy_kv(other, b.add(key0, bkv))  # the next tile (past ``end``: zero-size copies)
+            copy_kv(other, b.add(key0, bkv), end)  # the next tile (past ``end``: zero-size copies)
             b.cp_async_commit()
             s = f.zeros(bkv // 8)
             f.products(s, q, stage, bkv)
@@ -320,23 +328,17 @@ class AttentionTCBackwardQSpec(_FlashBase):
         first = self._reversed_first(b)
         head = b.special("%ctaid.y")
         kv_head = b.div(head, self.group)
-        zero = b.mov(0, T.U32)
-        k_at = f.row_ptr("k", seq, zero, self.kv_heads, kv_head)
-        v_at = f.row_ptr("v", seq, zero, self.kv_heads, kv_head)
-        kv_row, kv_bytes, q_bytes = self.kv_heads * d * 2, bkv * d * 2, bq * d * 2
+        copy_kv = f.kv_copier(kv_head, seq, bkv)
+        kv_bytes, q_bytes = bkv * d * 2, bq * d * 2
         end = b.min(seq, b.add(first, bq)) if self.causal else seq
         key0 = b.mov(0, T.U32)
         stage = b.add(f.smem, 3 * q_bytes)
         other = b.add(stage, 2 * kv_bytes)
 
-        def copy_kv(dst: Reg, key: Reg) -> None:
-            f.copy_rows(b.add(k_at, b.mul_wide(key, kv_row)), self.kv_heads, dst, key, end, bkv)
-            f.copy_rows(b.add(v_at, b.mul_wide(key, kv_row)), self.kv_heads, b.add(dst, kv_bytes), key, end, bkv)
-
         for i, name in enumerate(("q", "do", "o")):
             f.copy_rows(f.row_ptr(name, seq, first, self.heads, head), self.heads, b.add(f.smem, i * q_bytes),
                         first, seq, bq)
-        copy_kv(stage, key0)
+        copy_kv(stage, key0, end)
         b.cp_async_commit()
         b.cp_async_wait(0)
         b.bar_sync()
@@ -355,7 +357,7 @@ class AttentionTCBackwardQSpec(_FlashBase):
             return b.or_(out, b.setp("gt", key, rows[h])) if self.causal else out
 
         with b.loop(b.div(b.add(end, bkv - 1), bkv), "kv_tile"):
-            copy_kv(other, b.add(key0, bkv))
+            copy_kv(other, b.add(key0, bkv), end)
             b.cp_async_commit()
             s = f.zeros(bkv // 8)
             f.products(s, q, stage, bkv)
