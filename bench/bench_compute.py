@@ -1,6 +1,6 @@
 """GEMM and attention benchmark (GPU machine): our kernels beside torch in the same process.
 
-    PYTHONPATH=$PWD python3 bench/bench_compute.py [--json FILE]
+    PYTHONPATH=$PWD python3 bench/bench_compute.py [--json FILE] [--only SECTION ...]
 
 fp32 GEMM is compared with torch.matmul with TF32 disabled (the same arithmetic), the bf16/fp16
 tensor-core GEMM (fp32 accumulate) with torch.matmul in that type; attention with
@@ -53,7 +53,8 @@ TORCH_16 = {MmaType.BF16: torch.bfloat16, MmaType.F16: torch.float16, MmaType.TF
 
 
 WGMMA_TILES = [dict(), dict(stages=3), dict(block_n=128), dict(group_m=16), dict(tma=True), dict(tma=True, stages=3),
-               dict(tma=True, group_m=16)]
+               dict(tma=True, group_m=16), dict(tma=True, specialized=True), dict(tma=True, specialized=True, stages=3),
+               dict(tma=True, specialized=True, group_m=16), dict(tma=True, specialized=True, block_n=128, stages=6)]
 
 
 def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: int, wgmma: bool = False) -> None:
@@ -71,7 +72,10 @@ def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: i
             maps = [tiled_tensor_map(x.data_ptr(), rows, k, k, dtype, box)
                     for x, rows, box in zip((a, b), (m, n), spec.tma_boxes)]
             operands = tuple(x.ptr for x in maps)
-        launch = cache.get(spec).bind(*spec.launch_dims(m, n), *spec.arguments(*operands, c.data_ptr(), m, n, k))
+        kernel = cache.get(spec)
+        dims = spec.launch_dims(m, n, resident=kernel.resident_blocks(spec.threads)) if wgmma else \
+            spec.launch_dims(m, n)
+        launch = kernel.bind(*dims, *spec.arguments(*operands, c.data_ptr(), m, n, k))
         ms = time_ms(launch, reps=10, warmup=2)
         print(f"  {spec.kind} {dtype.value} {m}x{n}x{k} {tile or 'default'}: {2e-9 * m * n * k / ms:.1f} TFLOP/s")
         best = min(best or (ms, spec), (ms, spec), key=lambda t: t[0])
@@ -83,7 +87,7 @@ def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: i
     torch.backends.cuda.matmul.allow_tf32 = False
     s = best[1]
     k_tile = s.block_k * 2 // dtype.bytes  # gemm_wgmma counts its slice in 16-bit units
-    feed = ", tma" if getattr(s, "tma", False) else ""
+    feed = (", tma" if getattr(s, "tma", False) else "") + (", specialized" if getattr(s, "specialized", False) else "")
     rows.append(Row(f"{s.kind} {dtype.value} NT {m}x{n}x{k} [{s.block_m}x{s.block_n}x{k_tile}, {s.stages} st{feed}]",
                     2.0 * m * n * k, best[0], theirs))
 
@@ -184,9 +188,13 @@ def attention_tc(cache: ModuleCache, rows: list, bsz: int, s: int, h: int, hkv: 
                     time_ms(lambda: torch.autograd.grad(out, (qg, kg, vg), gt, retain_graph=True), reps=5, warmup=1)))
 
 
+SECTIONS = ["fp32", "mma", "wgmma", "layers", "attention"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS, help="the sections to run")
     ns = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -210,25 +218,29 @@ def main() -> None:
         rows.append(Row(f"{name} {m}x{n}x{k} [{s.block_m}x{s.block_n}/{s.thread_m}x{s.thread_n}]",
                         2.0 * m * n * k, best[0], theirs))
 
-    for size in (4096, 8192):
-        gemm("gemm NT (Y = X W^T)", size, size, size, False, True)
-    for dtype in (MmaType.BF16, MmaType.F16):
+    if "fp32" in ns.only:
         for size in (4096, 8192):
-            gemm_tc(cache, rows, dtype, size, size, size)
-    gemm_tc(cache, rows, MmaType.BF16, TOKENS, 4864, 896)  # gate/up forward at Qwen2-0.5B shapes
-    for size in (4096, 8192):
-        gemm_tc(cache, rows, MmaType.BF16, size, size, size, wgmma=True)
-    gemm_tc(cache, rows, MmaType.BF16, TOKENS, 4864, 896, wgmma=True)
-    for size in (4096, 8192):
-        gemm_tc(cache, rows, MmaType.TF32, size, size, size, wgmma=True)
-    for lname, k_in, n_out in LAYERS:
-        gemm(f"{lname} fwd", TOKENS, n_out, k_in, False, True)
-        gemm(f"{lname} dX", TOKENS, k_in, n_out, False, False)
-        gemm(f"{lname} dW", n_out, k_in, TOKENS, True, False)
-
-    for d in (64, 128):
-        attention(cache, rows, 8, 2048, 14, 2, d)
-        attention_tc(cache, rows, 8, 2048, 14, 2, d)
+            gemm("gemm NT (Y = X W^T)", size, size, size, False, True)
+    if "mma" in ns.only:
+        for dtype in (MmaType.BF16, MmaType.F16):
+            for size in (4096, 8192):
+                gemm_tc(cache, rows, dtype, size, size, size)
+        gemm_tc(cache, rows, MmaType.BF16, TOKENS, 4864, 896)  # gate/up forward at Qwen2-0.5B shapes
+    if "wgmma" in ns.only:
+        for size in (4096, 8192):
+            gemm_tc(cache, rows, MmaType.BF16, size, size, size, wgmma=True)
+        gemm_tc(cache, rows, MmaType.BF16, TOKENS, 4864, 896, wgmma=True)
+        for size in (4096, 8192):
+            gemm_tc(cache, rows, MmaType.TF32, size, size, size, wgmma=True)
+    if "layers" in ns.only:
+        for lname, k_in, n_out in LAYERS:
+            gemm(f"{lname} fwd", TOKENS, n_out, k_in, False, True)
+            gemm(f"{lname} dX", TOKENS, k_in, n_out, False, False)
+            gemm(f"{lname} dW", n_out, k_in, TOKENS, True, False)
+    if "attention" in ns.only:
+        for d in (64, 128):
+            attention(cache, rows, 8, 2048, 14, 2, d)
+            attention_tc(cache, rows, 8, 2048, 14, 2, d)
 
     print("\n== compute-bound kernels vs torch (fp32 rows with TF32 off; gemm_tc and attention_tc rows in bf16/f16)")
     print(f"  {'kernel':<64} {'ours ms':>9} {'ours TFLOP/s':>13} {'torch TFLOP/s':>14} {'ours/torch':>10}")

@@ -676,6 +676,12 @@ class KernelBuilder:
         self._emit(f"{ins} {state}, [{self._op(ins, bar, T.U32, 'barrier address')}], {immediate(nbytes, T.U32)}",
                    guard)
 
+    def mbarrier_arrive(self, bar: Reg, guard: GuardLike = None) -> None:
+        """Count this thread's arrival on the mbarrier at ``bar`` (its phase completes when all have)."""
+        ins = "mbarrier.arrive.shared::cta.b64"
+        state = self.reg(T.B64)
+        self._emit(f"{ins} {state}, [{self._op(ins, bar, T.U32, 'barrier address')}]", guard)
+
     def mbarrier_wait(self, bar: Reg, parity: Reg) -> None:
         """Spin until phase ``parity`` (0/1) of the mbarrier at ``bar`` has completed."""
         ins = "mbarrier.try_wait.parity.shared::cta.b64"
@@ -704,6 +710,13 @@ class KernelBuilder:
         self._emit(f"{ins} {d}, {value}, {self._op(ins, b, T.U32, 'lane')}, "
                    f"{self._op(ins, c, T.U32, 'clamp')}, {self._op(ins, membermask, T.U32, 'mask')}")
         return d
+
+    def setmaxnreg(self, count: int, grow: bool) -> None:
+        """Move this warpgroup's per-thread register allocation up (``grow``) or down to ``count``
+        (sm_90a; every thread of the warpgroup executes it): producers hand registers to consumers."""
+        if count % 8 or not 24 <= count <= 256:
+            raise PtxBuildError(f"setmaxnreg: {count} is not a multiple of 8 in [24, 256]")
+        self._emit(f"setmaxnreg.{'inc' if grow else 'dec'}.sync.aligned.u32 {count}")
 
     def bar_sync(self, barrier: int = 0) -> None:
         self._emit(f"bar.sync {barrier}")

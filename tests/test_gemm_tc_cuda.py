@@ -170,6 +170,35 @@ def test_wgmma_tf32_gemm_reads_fp32_with_a_tf32_mantissa(cache, m, n, k):
     assert_close(out, gemm_reference(a.astype(np.float64), b.astype(np.float64), False, True), rel=2e-3)
 
 
+def run_tma(cache, spec, m, n, k, bias=False, accumulate=False, resident=None):
+    """A tma-fed wgmma GEMM on random operands (tensor maps of ``spec.tma_boxes``), beside its float64
+    reference; ``resident`` caps a specialized kernel's persistent blocks."""
+    from runtime.tensormap import tiled_tensor_map
+    dtype = spec.dtype
+    a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    if dtype is MmaType.TF32:
+        (a_dev, a64), (b_dev, b64) = ((x, tf32_truncated(x).astype(np.float64)) for x in (a, b))
+    else:
+        (a_dev, a64), (b_dev, b64) = sixteen(a, dtype), sixteen(b, dtype)
+    bias_values = rng.standard_normal(n).astype(np.float32) if bias else None
+    old = rng.standard_normal((m, n)).astype(np.float32) if accumulate else np.full((m, n), np.nan, np.float32)
+    arrays = [DeviceArray.from_numpy(x) for x in (a_dev, b_dev, old)]
+    extra = [DeviceArray.from_numpy(bias_values)] if bias else []
+    (box_a, box_b) = spec.tma_boxes
+    maps = [tiled_tensor_map(arrays[0].ptr, m, k, k, dtype, box_a),
+            tiled_tensor_map(arrays[1].ptr, n, k, k, dtype, box_b)]
+    try:
+        cache.get(spec)(*spec.launch_dims(m, n, resident=resident),
+                        *spec.arguments(maps[0].ptr, maps[1].ptr, arrays[2].ptr, m, n, k,
+                                        bias=extra[0].ptr if bias else None))
+        synchronize()
+        out = arrays[2].to_numpy()
+    finally:
+        for x in arrays + extra + maps:
+            x.free()
+    return out, gemm_reference(a64, b64, False, True, bias=bias_values, c=old if accumulate else None)
+
+
 @pytest.mark.parametrize("dtype, shape, bias", [(MmaType.BF16, (77, 136, 40), False),
                                                 (MmaType.BF16, (1, 264, 896), True),
                                                 (MmaType.BF16, (1000, 4864, 896), False),
@@ -177,26 +206,19 @@ def test_wgmma_tf32_gemm_reads_fp32_with_a_tf32_mantissa(cache, m, n, k):
 def test_wgmma_gemm_fed_by_tma_bulk_copies(cache, dtype, shape, bias):
     """The same GEMM with its slices brought by TMA (tensor maps, mbarriers): zeros past every edge."""
     from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
-    from runtime.tensormap import tiled_tensor_map
-    m, n, k = shape
     spec = GemmWgmmaSpec(tma=True, dtype=dtype, bias=bias, block_n=128 if dtype is MmaType.TF32 else 256)
-    a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
-    if dtype is MmaType.TF32:
-        (a_dev, a64), (b_dev, b64) = ((x, tf32_truncated(x).astype(np.float64)) for x in (a, b))
-    else:
-        (a_dev, a64), (b_dev, b64) = sixteen(a, dtype), sixteen(b, dtype)
-    bias_values = rng.standard_normal(n).astype(np.float32) if bias else None
-    arrays = [DeviceArray.from_numpy(x) for x in (a_dev, b_dev, np.full((m, n), np.nan, np.float32))]
-    extra = [DeviceArray.from_numpy(bias_values)] if bias else []
-    (box_a, box_b) = spec.tma_boxes
-    maps = [tiled_tensor_map(arrays[0].ptr, m, k, k, dtype, box_a),
-            tiled_tensor_map(arrays[1].ptr, n, k, k, dtype, box_b)]
-    try:
-        cache.get(spec)(*spec.launch_dims(m, n), *spec.arguments(maps[0].ptr, maps[1].ptr, arrays[2].ptr, m, n, k,
-                                                                 bias=extra[0].ptr if bias else None))
-        synchronize()
-        out = arrays[2].to_numpy()
-    finally:
-        for x in arrays + extra + maps:
-            x.free()
-    assert_close(out, gemm_reference(a64, b64, False, True, bias=bias_values))
+    assert_close(*run_tma(cache, spec, *shape, bias=bias))
+
+
+@pytest.mark.parametrize("fields, shape, resident", [
+    (dict(), (77, 136, 40), None), (dict(bias=True), (1, 264, 896), None),
+    (dict(), (1000, 4864, 896), 7),             # 8 x 19 tiles over 7 blocks: the rings go on across tiles
+    (dict(block_n=128, stages=3), (300, 520, 1000), 5),
+    (dict(accumulate=True, block_n=128), (130, 200, 72), 2),
+    (dict(dtype=MmaType.TF32, block_n=128, bias=True), (130, 200, 44), 1)])
+def test_specialized_persistent_wgmma_gemm(cache, fields, shape, resident):
+    """The warp-specialized kernel (a TMA producer warpgroup, full/empty mbarriers, persistent blocks
+    each walking several tiles) gives the plain kernel's results."""
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    spec = GemmWgmmaSpec(tma=True, specialized=True, **fields)
+    assert_close(*run_tma(cache, spec, *shape, bias=spec.bias, accumulate=spec.accumulate, resident=resident))

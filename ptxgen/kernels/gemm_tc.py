@@ -117,13 +117,13 @@ class TensorCoreGemm:
         return (a, b, c) + ((bias,) if self.bias else ()) + (m, n, k, lda, ldb, ldc, batch.inner, *strides)
 
 
-def tile_origin(b: KernelBuilder, spec: "GemmTCSpec", m: Reg, n: Reg) -> tuple[Reg, Reg]:
-    """(row0, col0) of this block's C tile. Consecutive blocks walk down a band of ``group_m``
-    tile rows, column by column, so the blocks running at once share A rows and B columns in
-    L2 (plain row-major order would stream all of B through L2 once per tile row)."""
+def tile_origin(b: KernelBuilder, spec: "GemmTCSpec", m: Reg, n: Reg, pid: Reg | None = None) -> tuple[Reg, Reg]:
+    """(row0, col0) of C tile ``pid`` (default: this block's). Consecutive tiles walk down a band
+    of ``group_m`` tile rows, column by column, so the blocks running at once share A rows and B
+    columns in L2 (plain row-major order would stream all of B through L2 once per tile row)."""
     tiles_m = b.div(b.add(m, spec.block_m - 1), spec.block_m)
     tiles_n = b.div(b.add(n, spec.block_n - 1), spec.block_n)
-    pid = b.special("%ctaid.x")
+    pid = pid if pid is not None else b.special("%ctaid.x")
     width = b.mul(tiles_n, spec.group_m)
     group = b.div(pid, width)
     first = b.mul(group, spec.group_m)

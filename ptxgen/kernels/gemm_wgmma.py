@@ -47,6 +47,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
     stages: int = 4
     group_m: int = 8
     tma: bool = False  # slices by TMA bulk tensor copies (tensor maps as arguments), not cp.async
+    specialized: bool = False  # tma only: a producer warpgroup copies, the others multiply; blocks persist
 
     trans_a: ClassVar[bool] = False
     trans_b: ClassVar[bool] = True
@@ -55,7 +56,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
 
     @property
     def threads(self) -> int:
-        return 128 * self.warpgroups
+        return 128 * (self.warpgroups + self.specialized)
 
     @property
     def block_m(self) -> int:
@@ -79,6 +80,8 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
             raise SpecError(f"block_n must be 64, 128 or 256, got {self.block_n}")
         if self.stages < 2:
             raise SpecError("stages must be >= 2 (one slice in flight while one is multiplied)")
+        if self.specialized and not self.tma:
+            raise SpecError("specialized (a producer warpgroup) needs tma: its one thread issues bulk copies")
         if self.dynamic_shared_bytes() > SHARED_LIMIT:
             raise SpecError(f"{self.stages} stages need {self.dynamic_shared_bytes()} bytes of shared memory "
                             f"(max {SHARED_LIMIT})")
@@ -88,10 +91,19 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         return (self.block_m + self.block_n) * BLOCK_K * 2
 
     def dynamic_shared_bytes(self) -> int:
-        # with tma, a stage's mbarrier (8 bytes) each after the stages: static shared memory would
-        # move the dynamic base off the 1024-byte alignment the swizzled tiles need
-        return self.stages * (self.stage_bytes + (8 if self.tma else 0))
+        # with tma, a stage's mbarriers (8 bytes each: full; empty too when specialized) after the
+        # stages: static shared memory would move the dynamic base off the 1024-byte alignment the
+        # swizzled tiles need
+        return self.stages * (self.stage_bytes + 8 * (self.tma + self.specialized))
 
+    def launch_dims(self, m: int, n: int, batches: int = 1, *, resident: int | None = None
+                    ) -> tuple[tuple[int, int], int]:
+        """As the tensor-core GEMM's; a specialized kernel's blocks persist, each walking tiles
+        ``resident`` apart, so it takes at most ``resident`` blocks (``Kernel.resident_blocks``)."""
+        (tiles, batches), threads = super().launch_dims(m, n, batches)
+        if self.specialized and resident:
+            tiles = min(tiles, resident)
+        return (tiles, batches), threads
 
     def params(self) -> tuple[tuple[str, T], ...]:
         if not self.tma:
@@ -120,6 +132,8 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         return (self.block_m, k_elems), (self.block_n, k_elems)
 
     def build(self, b: KernelBuilder) -> None:
+        if self.specialized:
+            return _Specialized(self, b).build()
         b.launch_bounds(self.threads)
         m, n, k = (b.ld_param(x) for x in "mnk")
         tid = b.special("%tid.x")
@@ -142,9 +156,6 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
             b.add(at, stage, out=at)
             b.mov(b.selp(smem, at, b.setp("eq", at, end), T.U32), out=at)
 
-        def descriptor(addr: Reg) -> Reg:
-            return b.or_(b.cvt(T.U64, b.shr(addr, 4)), DESCRIPTOR, T.B64)
-
         for _ in range(self.stages - 1):
             slices.issue(write)
             advance(write)
@@ -153,12 +164,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
             slices.issue(write)
             advance(write)
             slices.before_read()   # this slice has landed, visible to wgmma's reads
-            b.wgmma_fence()
-            desc_a, desc_b = descriptor(b.add(read, a_rows)), descriptor(b.add(read, a_stage))
-            for kk in range(BLOCK_K // 16):  # 32 bytes further along the swizzled rows per MMA
-                b.wgmma(acc, b.add(desc_a, 2 * kk, T.U64), b.add(desc_b, 2 * kk, T.U64), self.dtype.value,
-                        self.block_n, scale_d)
-            b.wgmma_commit()
+            multiply(self, b, acc, b.add(read, a_rows), b.add(read, a_stage), scale_d)
             b.wgmma_wait(0)
             advance(read)
         slices.finish()
@@ -168,7 +174,135 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
     @classmethod
     def examples(cls) -> list["GemmWgmmaSpec"]:
         return [cls(), cls(bias=True, dtype=MmaType.F16, block_n=128), cls(accumulate=True, warpgroups=1, stages=3),
-                cls(dtype=MmaType.TF32, block_n=128), cls(tma=True), cls(tma=True, dtype=MmaType.TF32, bias=True)]
+                cls(dtype=MmaType.TF32, block_n=128), cls(tma=True), cls(tma=True, dtype=MmaType.TF32, bias=True),
+                cls(tma=True, specialized=True), cls(tma=True, specialized=True, accumulate=True, block_n=128)]
+
+
+def multiply(spec: GemmWgmmaSpec, b: KernelBuilder, acc: list[Reg], a_tile: Reg, b_tile: Reg, scale_d: Reg) -> None:
+    """acc += the slice's A rows at shared ``a_tile`` @ its B tile at ``b_tile``^T: one committed
+    group of BLOCK_K / 16 wgmmas, each 32 bytes further along the swizzled rows."""
+    b.wgmma_fence()
+    desc_a, desc_b = (b.or_(b.cvt(T.U64, b.shr(x, 4)), DESCRIPTOR, T.B64) for x in (a_tile, b_tile))
+    for kk in range(BLOCK_K // 16):
+        b.wgmma(acc, b.add(desc_a, 2 * kk, T.U64), b.add(desc_b, 2 * kk, T.U64), spec.dtype.value, spec.block_n,
+                scale_d)
+    b.wgmma_commit()
+
+
+class _Ring:
+    """Which stage a slice counter is at and the parity of its mbarriers' current phase, advanced
+    slice by slice (each stage's barriers complete once per trip around the ring)."""
+
+    def __init__(self, b: KernelBuilder, stages: int):
+        self.b, self.stages = b, stages
+        self.at, self.phase = b.mov(0, T.U32), b.mov(0, T.U32)
+
+    def advance(self) -> None:
+        b = self.b
+        b.add(self.at, 1, out=self.at)
+        wrapped = b.setp("eq", self.at, self.stages)
+        b.mov(b.selp(0, self.at, wrapped, T.U32), out=self.at)
+        b.mov(b.selp(b.xor(self.phase, 1), self.phase, wrapped, T.U32), out=self.phase)
+
+
+class _Specialized:
+    """The warp-specialized persistent kernel: warpgroup 0 is the producer, of which one thread
+    issues the TMA copies of every slice of every tile this block owns, as far ahead as the stages
+    allow; warpgroups 1.. multiply. Two mbarriers a stage: ``full`` (the copies' bytes landed) and
+    ``empty`` (every consumer thread's wgmmas that read the stage have completed). The consumers
+    keep one wgmma group in flight (wait_group 1), so the tensor cores never wait for a barrier
+    between slices, and while they store one tile the producer is already filling the stages
+    with the next. Blocks walk tiles ``%nctaid.x`` apart in ``tile_origin``'s order."""
+
+    PRODUCER_REGS, CONSUMER_REGS = 40, 232  # setmaxnreg: 128 x 40 + 256 x 232 <= 64K registers
+
+    def __init__(self, spec: GemmWgmmaSpec, b: KernelBuilder):
+        self.spec, self.b = spec, b
+
+    def build(self) -> None:
+        spec, b = self.spec, self.b
+        b.launch_bounds(spec.threads, 1)  # the register cap setmaxnreg redistributes
+        self.m, self.n, self.k = (b.ld_param(x) for x in "mnk")
+        tid = b.special("%tid.x")
+        self.warpgroup = b.shr(tid, 7)
+        self.smem = b.addr_of(b.dynamic_shared("tiles", align=ATOM_BYTES))
+        self.full = b.add(self.smem, spec.stages * spec.stage_bytes)
+        self.empty = b.add(self.full, 8 * spec.stages)
+        leader = b.setp("eq", tid, 0)
+        for s in range(spec.stages):
+            b.mbarrier_init(b.add(self.full, 8 * s), 1, guard=leader)
+            b.mbarrier_init(b.add(self.empty, 8 * s), 128 * spec.warpgroups, guard=leader)
+        b.fence_mbarrier_init(guard=leader)
+        b.bar_sync()
+        k_step = 2 * BLOCK_K // spec.dtype.bytes  # elements of K per slice
+        self.slices = b.div(b.add(self.k, k_step - 1), k_step)
+        tiles = b.mul(b.div(b.add(self.m, spec.block_m - 1), spec.block_m),
+                      b.div(b.add(self.n, spec.block_n - 1), spec.block_n))
+        self.first, self.stride = b.special("%ctaid.x"), b.special("%nctaid.x")
+        # tiles first, first + stride, ... below tiles
+        self.mine = b.div(b.add(b.sub(b.max(tiles, self.first), self.first), b.sub(self.stride, 1)), self.stride)
+        end, consumer = b.new_label("end"), b.new_label("consumer")
+        b.bra(consumer, guard=b.setp("ne", self.warpgroup, 0))
+        b.setmaxnreg(self.PRODUCER_REGS, grow=False)
+        b.bra(end, guard=~leader)
+        self.produce(k_step)
+        b.bra(end)
+        b.place(consumer)
+        b.setmaxnreg(self.CONSUMER_REGS, grow=True)
+        self.consume(tid)
+        b.place(end)
+
+    def tiles(self):
+        """Loop over this block's tiles; yields (row0, col0)."""
+        b = self.b
+        with b.loop(self.mine, "tile") as i:
+            yield tile_origin(b, self.spec, self.m, self.n, b.mad(i, self.stride, self.first))
+
+    def stage(self, ring: _Ring) -> tuple[Reg, Reg, Reg]:
+        """(shared address, full barrier, empty barrier) of the ring's stage."""
+        b = self.b
+        return (b.mad(ring.at, self.spec.stage_bytes, self.smem), b.mad(ring.at, 8, self.full),
+                b.mad(ring.at, 8, self.empty))
+
+    def produce(self, k_step: int) -> None:
+        spec, b = self.spec, self.b
+        maps = [b.cvta_global(b.ld_param(x)) for x in ("tmap_a", "tmap_b")]
+        ring = _Ring(b, spec.stages)
+        for row0, col0 in self.tiles():
+            k_at = b.mov(0, T.U32)
+            with b.loop(self.slices, "slice"):
+                at, full, empty = self.stage(ring)
+                b.mbarrier_wait(empty, b.xor(ring.phase, 1))  # the first trip finds every stage free
+                b.mbarrier_expect_tx(full, spec.stage_bytes)
+                for tensor_map, row, offset in zip(maps, (row0, col0), (0, spec.block_m * BLOCK_K * 2)):
+                    b.tma_load_2d(b.add(at, offset), tensor_map, k_at, row, full)
+                b.add(k_at, k_step, out=k_at)
+                ring.advance()
+
+    def consume(self, tid: Reg) -> None:
+        spec, b = self.spec, self.b
+        c_ptr = b.cvta_global(b.ld_param("c"))
+        warp, lane = b.sub(b.shr(tid, 5), 4), b.and_(tid, 31)  # the consumers' warps 0..
+        a_rows = b.mul(b.sub(self.warpgroup, 1), 64 * BLOCK_K * 2)  # this warpgroup's 64 rows of A
+        acc = [b.reg(T.F32) for _ in range(spec.block_n // 2)]
+        scale_d = b.setp("ne", b.mov(1, T.U32), 0)
+        ring = _Ring(b, spec.stages)
+        freed = b.reg(T.U32)  # the empty barrier of the slice before
+        for row0, col0 in self.tiles():
+            for r in acc:
+                b.mov(0.0, out=r)
+            with b.loop(self.slices, "slice") as i:
+                at, full, empty = self.stage(ring)
+                b.mbarrier_wait(full, ring.phase)
+                multiply(spec, b, acc, b.add(at, a_rows), b.add(at, spec.block_m * BLOCK_K * 2), scale_d)
+                b.wgmma_wait(1)  # the slice before's wgmmas are done: its stage is free
+                b.mbarrier_arrive(freed, guard=b.setp("ne", i, 0))
+                b.mov(empty, out=freed)
+                ring.advance()
+            b.wgmma_wait(0)
+            b.mbarrier_arrive(freed, guard=b.setp("ne", self.slices, 0))
+            tiles = [[acc[4 * j:4 * j + 4] for j in range(spec.n_tiles)]]  # m16n8 tiles of this warp's 16 rows
+            store_accumulators(b, spec, tiles, c_ptr, self.m, self.n, row0, col0, warp, b.mov(0, T.U32), lane)
 
 
 class _CopySlices:
