@@ -25,7 +25,7 @@ from ptxgen.kernels.gemm_tc import GemmTCSpec, MmaType
 from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
 from ptxgen.spec import SpecError
 from runtime import ModuleCache
-from runtime.tensormap import tiled_tensor_map
+from runtime.tensormap import gemm_tensor_maps
 
 TOKENS = 16384  # Qwen2-0.5B layer shapes: M = batch * seq tokens
 LAYERS = [("q_proj", 896, 896), ("k/v_proj", 896, 128), ("o_proj", 896, 896), ("gate/up", 896, 4864),
@@ -52,44 +52,45 @@ TC_TILES = [dict(), dict(min_blocks=2), dict(block_k=64, stages=3), dict(block_k
 TORCH_16 = {MmaType.BF16: torch.bfloat16, MmaType.F16: torch.float16, MmaType.TF32: torch.float32}
 
 
-WGMMA_TILES = [dict(), dict(stages=3), dict(block_n=128), dict(group_m=16), dict(tma=True), dict(tma=True, stages=3),
-               dict(tma=True, group_m=16), dict(tma=True, specialized=True), dict(tma=True, specialized=True, stages=3),
-               dict(tma=True, specialized=True, group_m=16), dict(tma=True, specialized=True, block_n=128, stages=6)]
+WGMMA_TILES = [dict(), dict(block_n=128), dict(tma=True), dict(tma=True, stages=3), dict(tma=True, group_m=16),
+               dict(tma=True, block_n=128, stages=6)]
+LAYOUT_NAMES = {(False, True): "NT", (False, False): "NN", (True, False): "TN", (True, True): "TT"}
 
 
-def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: int, wgmma: bool = False) -> None:
-    """Y = X W^T on tensor cores (mma.sync, or ``wgmma``) at its fastest tile, beside torch.matmul
-    (cuBLAS) in the same type."""
-    a = torch.randn(m, k, device="cuda", dtype=TORCH_16[dtype])
-    b = torch.randn(n, k, device="cuda", dtype=TORCH_16[dtype])
+def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: int, wgmma: bool = False,
+            trans_a: bool = False, trans_b: bool = True, label: str = "") -> None:
+    """C = op(A) op(B) on tensor cores (mma.sync, or ``wgmma``) at its fastest tile, beside
+    torch.matmul (cuBLAS) in the same type. The cp.async wgmma kernel serves only NT."""
+    a = torch.randn(*((k, m) if trans_a else (m, k)), device="cuda", dtype=TORCH_16[dtype])
+    b = torch.randn(*((n, k) if trans_b else (k, n)), device="cuda", dtype=TORCH_16[dtype])
     c = torch.empty(m, n, device="cuda")
     best = None
-    maps = []
     for tile in WGMMA_TILES if wgmma else TC_TILES:
-        spec = (GemmWgmmaSpec if wgmma else GemmTCSpec)(dtype=dtype, **tile)
-        operands = a.data_ptr(), b.data_ptr()
-        if tile.get("tma"):  # the operands' tensor maps instead of their addresses
-            maps = [tiled_tensor_map(x.data_ptr(), rows, k, k, dtype, box)
-                    for x, rows, box in zip((a, b), (m, n), spec.tma_boxes)]
-            operands = tuple(x.ptr for x in maps)
+        try:
+            spec = (GemmWgmmaSpec if wgmma else GemmTCSpec)(dtype=dtype, trans_a=trans_a, trans_b=trans_b, **tile)
+        except SpecError:
+            continue
+        # a tma kernel reads the operands through tensor maps, and its blocks persist
+        maps = gemm_tensor_maps(spec, a.data_ptr(), b.data_ptr(), m, n, k) if tile.get("tma") else ()
+        operands = tuple(x.ptr for x in maps) or (a.data_ptr(), b.data_ptr())
         kernel = cache.get(spec)
         dims = spec.launch_dims(m, n, resident=kernel.resident_blocks(spec.threads)) if wgmma else \
             spec.launch_dims(m, n)
         launch = kernel.bind(*dims, *spec.arguments(*operands, c.data_ptr(), m, n, k))
         ms = time_ms(launch, reps=10, warmup=2)
+        for x in maps:
+            x.free()
         print(f"  {spec.kind} {dtype.value} {m}x{n}x{k} {tile or 'default'}: {2e-9 * m * n * k / ms:.1f} TFLOP/s")
         best = min(best or (ms, spec), (ms, spec), key=lambda t: t[0])
-    for x in maps:
-        x.free()
-    bt = b.t()
+    at, bt = (a.t() if trans_a else a), (b.t() if trans_b else b)
     torch.backends.cuda.matmul.allow_tf32 = dtype is MmaType.TF32  # cuBLAS TF32 beside ours
-    theirs = time_ms(lambda: torch.matmul(a, bt), reps=10, warmup=2)
+    theirs = time_ms(lambda: torch.matmul(at, bt), reps=10, warmup=2)
     torch.backends.cuda.matmul.allow_tf32 = False
     s = best[1]
     k_tile = s.block_k * 2 // dtype.bytes  # gemm_wgmma counts its slice in 16-bit units
-    feed = (", tma" if getattr(s, "tma", False) else "") + (", specialized" if getattr(s, "specialized", False) else "")
-    rows.append(Row(f"{s.kind} {dtype.value} NT {m}x{n}x{k} [{s.block_m}x{s.block_n}x{k_tile}, {s.stages} st{feed}]",
-                    2.0 * m * n * k, best[0], theirs))
+    feed = ", tma" if getattr(s, "tma", False) else ""
+    rows.append(Row(f"{label}{s.kind} {dtype.value} {LAYOUT_NAMES[trans_a, trans_b]} {m}x{n}x{k} "
+                    f"[{s.block_m}x{s.block_n}x{k_tile}, {s.stages} st{feed}]", 2.0 * m * n * k, best[0], theirs))
 
 
 ATTN_LAYOUTS = [dict(lanes=1, block=64), dict(lanes=2, block=128), dict(lanes=2, block=256),
@@ -188,7 +189,7 @@ def attention_tc(cache: ModuleCache, rows: list, bsz: int, s: int, h: int, hkv: 
                     time_ms(lambda: torch.autograd.grad(out, (qg, kg, vg), gt, retain_graph=True), reps=5, warmup=1)))
 
 
-SECTIONS = ["fp32", "mma", "wgmma", "layers", "attention"]
+SECTIONS = ["fp32", "mma", "wgmma", "layers", "bf16-layers", "attention"]
 
 
 def main() -> None:
@@ -237,6 +238,13 @@ def main() -> None:
             gemm(f"{lname} fwd", TOKENS, n_out, k_in, False, True)
             gemm(f"{lname} dX", TOKENS, k_in, n_out, False, False)
             gemm(f"{lname} dW", n_out, k_in, TOKENS, True, False)
+    if "bf16-layers" in ns.only:  # the same shapes in bf16 on both tensor-core paths
+        for lname, k_in, n_out in LAYERS:
+            for what, (m, n, k), layout in (("fwd", (TOKENS, n_out, k_in), (False, True)),
+                                            ("dX", (TOKENS, k_in, n_out), (False, False)),
+                                            ("dW", (n_out, k_in, TOKENS), (True, False))):
+                for wgmma in (False, True):
+                    gemm_tc(cache, rows, MmaType.BF16, m, n, k, wgmma, *layout, label=f"{lname} {what}: ")
     if "attention" in ns.only:
         for d in (64, 128):
             attention(cache, rows, 8, 2048, 14, 2, d)

@@ -640,15 +640,20 @@ class KernelBuilder:
         """Wait until at most ``pending`` of this warpgroup's committed wgmma groups are in flight."""
         self._emit(f"wgmma.wait_group.sync.aligned {immediate(pending, T.U32)}")
 
-    def wgmma(self, acc: Sequence[Reg], desc_a: Reg, desc_b: Reg, dtype: str, n: int, scale_d: Reg) -> None:
+    def wgmma(self, acc: Sequence[Reg], desc_a: Reg, desc_b: Reg, dtype: str, n: int, scale_d: Reg,
+              mn_major: tuple[bool, bool] = (False, False)) -> None:
         """acc (64 x n f32 over the warpgroup: n / 2 registers a thread) (+)= A (64 x k) @ B (k x n),
-        both from shared memory by matrix descriptors (K-major); k is 32 bytes of ``dtype`` (16 of
+        both from shared memory by matrix descriptors, K-major unless ``mn_major`` says otherwise
+        for A, B (the transpose flags; 16-bit types only); k is 32 bytes of ``dtype`` (16 of
         bf16/f16, 8 of tf32); ``scale_d`` false: acc = A @ B."""
         if dtype not in ("bf16", "f16", "tf32"):
             raise PtxBuildError(f"wgmma: input type {dtype} is not bf16, f16 or tf32")
         if n % 8 or not 8 <= n <= 256:
             raise PtxBuildError(f"wgmma: N={n} is not a multiple of 8 in [8, 256]")
-        k, layout = (8, "") if dtype == "tf32" else (16, ", 0, 0")  # tf32: K-major only, no transpose flags
+        if dtype == "tf32" and any(mn_major):
+            raise PtxBuildError("wgmma: tf32 operands are K-major only")
+        # tf32 takes no transpose flags at all
+        k, layout = (8, "") if dtype == "tf32" else (16, f", {int(mn_major[0])}, {int(mn_major[1])}")
         ins = f"wgmma.mma_async.sync.aligned.m64n{n}k{k}.f32.{dtype}.{dtype}"
         if len(acc) != n // 2:
             raise PtxBuildError(f"{ins}: {n // 2} accumulator registers, got {len(acc)}")

@@ -35,3 +35,12 @@ def tiled_tensor_map(ptr: int, rows: int, cols: int, row_stride: int, dtype: Mma
                       cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                       cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
     return DeviceArray.from_numpy(np.array(tensor_map.opaque, dtype=np.uint64).view(np.uint8))
+
+
+def gemm_tensor_maps(spec, a: int, b: int, m: int, n: int, k: int, lda: int | None = None,
+                     ldb: int | None = None) -> tuple[DeviceArray, DeviceArray]:
+    """The tensor maps a TMA-fed GEMM spec (``gemm_wgmma`` with ``tma``) reads A at ``a`` and B at
+    ``b`` through, for C[m, n] over a contraction of ``k`` (every split part's together)."""
+    (rows_a, cols_a, ld_a, box_a), (rows_b, cols_b, ld_b, box_b) = spec.tma_operands(m, n, k, lda, ldb)
+    first = tiled_tensor_map(a, rows_a, cols_a, ld_a, spec.dtype, box_a)
+    return first, tiled_tensor_map(b, rows_b, cols_b, ld_b, spec.dtype, box_b)

@@ -141,10 +141,14 @@ def test_wgmma_checks_its_operands_and_drops_the_transpose_flags_for_tf32():
     scale = b.setp("ne", b.mov(1, T.U32), 0)
     acc = [b.mov(0.0, T.F32) for _ in range(32)]
     b.wgmma(acc, desc, desc, "bf16", 64, scale)
+    b.wgmma(acc, desc, desc, "f16", 64, scale, mn_major=(True, False))
     b.wgmma(acc, desc, desc, "tf32", 64, scale)
     text = b.text()
     assert f"m64n64k16.f32.bf16.bf16 {{{acc[0].name}," in text and f"{scale.name}, 1, 1, 0, 0;" in text
+    assert f"m64n64k16.f32.f16.f16 {{{acc[0].name}," in text and f"{scale.name}, 1, 1, 1, 0;" in text
     assert f"m64n64k8.f32.tf32.tf32 {{{acc[0].name}," in text and f"{scale.name}, 1, 1;" in text
+    with pytest.raises(PtxBuildError, match="tf32 operands are K-major only"):
+        b.wgmma(acc, desc, desc, "tf32", 64, scale, mn_major=(False, True))
     with pytest.raises(PtxBuildError, match="32 accumulator registers, got 31"):
         b.wgmma(acc[:31], desc, desc, "bf16", 64, scale)
     with pytest.raises(PtxBuildError, match="not bf16, f16 or tf32"):

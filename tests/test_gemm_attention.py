@@ -91,3 +91,36 @@ def test_tensor_core_gemm_refuses_what_its_16_byte_copies_cannot_serve():
         for c in range(chunks):
             units = {(r * chunks + (c ^ ((r >> shift) & mask))) % 8 for r in range(8)}
             assert len(units) == 8, (chunks, c)
+
+
+def test_split_k_is_batches_that_step_along_k():
+    """splits=s: part z reads A and B z*k further along K and writes C z*m*ldc further on."""
+    from ptxgen.kernels.gemm_tc import GemmTCSpec
+    dw = GemmTCSpec(trans_a=True, trans_b=False)  # dW = dy^T x: A [K, M], B [K, N]
+    explicit = Batch(count=4, a=Strides(outer=96 * 136), b=Strides(outer=96 * 200), c=Strides(outer=136 * 200))
+    assert dw.arguments(1, 2, 3, 136, 200, 96, splits=4) == dw.arguments(1, 2, 3, 136, 200, 96, batch=explicit)
+    fwd = GemmSpec(trans_a=False, trans_b=True)  # K contiguous in both: K itself is the stride
+    assert fwd.arguments(1, 2, 3, 8, 8, 16, splits=2)[-9:] == (16, 0, 1, 16, 0, 1, 64, 0, 1)
+    with pytest.raises(ValueError, match="cannot combine with batches"):
+        dw.arguments(1, 2, 3, 136, 200, 96, splits=2, batch=explicit)
+
+
+def test_tma_wgmma_gemm_describes_its_tensor_maps_and_refuses_what_they_cannot_serve():
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    from ptxgen.kernels.mma_tile import MmaType
+    nt, dw = GemmWgmmaSpec(tma=True), GemmWgmmaSpec(tma=True, trans_a=True, trans_b=False, block_n=128)
+    # K-major: the stored [rows, K] matrix in [block rows, 64 K] boxes; MN-major: [K, cols] in [64 K, 64] boxes
+    assert nt.tma_operands(300, 520, 1000) == ((300, 1000, 1000, (128, 64)), (520, 1000, 1000, (256, 64)))
+    assert dw.tma_operands(136, 200, 384) == ((384, 136, 136, (64, 64)), (384, 200, 200, (64, 64)))
+    assert nt.threads == 384 and nt.launch_dims(4096, 4096, resident=132) == ((132, 1), 384)
+    assert nt.launch_dims(1000, 1000, resident=132) == ((32, 1), 384)  # 8 x 4 tiles: one block each
+    assert dw.launch_dims(136, 200, 4) == ((16, 1), 384)  # 2 x 2 tiles x 4 splits, one block each
+    assert dw.arguments(1, 2, 3, 136, 200, 192, splits=4) == (1, 2, 3, 136, 200, 192, 200, 4)
+    with pytest.raises(ValueError, match="K=96 is not a multiple of 64"):
+        dw.arguments(1, 2, 3, 136, 200, 96, splits=4)
+    with pytest.raises(ValueError, match="no batch, lda, ldb"):
+        nt.arguments(1, 2, 3, 8, 8, 16, lda=32)
+    with pytest.raises(SpecError, match="only the tma feed"):
+        GemmWgmmaSpec(trans_b=False)
+    with pytest.raises(SpecError, match="tf32 operands must be stored with K contiguous"):
+        GemmWgmmaSpec(tma=True, trans_a=True, dtype=MmaType.TF32)

@@ -99,8 +99,8 @@ def test_grouped_tile_order_covers_every_tile_once(cache, group_m):
     assert_close(*run(cache, GemmTCSpec(group_m=group_m), a, b, m, n, k))
 
 
-def test_batches_split_a_weight_gradient_over_token_chunks(cache):
-    """dW = dy^T x as 4 batches of 96 tokens each (the model's split-K), one partial dW per batch."""
+def test_split_k_cuts_a_weight_gradient_into_token_chunks(cache):
+    """dW = dy^T x as 4 parts of 96 tokens each (the model's split-K), one partial dW per part."""
     tokens, m, n, parts = 384, 136, 200, 4
     rows = tokens // parts
     dy, x = rng.standard_normal((tokens, m)).astype(np.float32), rng.standard_normal((tokens, n)).astype(np.float32)
@@ -108,10 +108,9 @@ def test_batches_split_a_weight_gradient_over_token_chunks(cache):
     (dy_bits, dy64), (x_bits, x64) = sixteen(dy, spec.dtype), sixteen(x, spec.dtype)
     arrays = [DeviceArray.from_numpy(dy_bits, "bf16"), DeviceArray.from_numpy(x_bits, "bf16"),
               DeviceArray.from_numpy(np.full((parts, m, n), np.nan, np.float32))]
-    batch = Batch(count=parts, a=Strides(outer=rows * m), b=Strides(outer=rows * n), c=Strides(outer=m * n))
     try:
         cache.get(spec)(*spec.launch_dims(m, n, parts),
-                        *spec.arguments(*(a.ptr for a in arrays), m, n, rows, batch=batch))
+                        *spec.arguments(*(a.ptr for a in arrays), m, n, rows, splits=parts))
         synchronize()
         out = arrays[2].to_numpy()
     finally:
@@ -170,44 +169,37 @@ def test_wgmma_tf32_gemm_reads_fp32_with_a_tf32_mantissa(cache, m, n, k):
     assert_close(out, gemm_reference(a.astype(np.float64), b.astype(np.float64), False, True), rel=2e-3)
 
 
-def run_tma(cache, spec, m, n, k, bias=False, accumulate=False, resident=None):
-    """A tma-fed wgmma GEMM on random operands (tensor maps of ``spec.tma_boxes``), beside its float64
-    reference; ``resident`` caps a specialized kernel's persistent blocks."""
-    from runtime.tensormap import tiled_tensor_map
+def run_tma(cache, spec, m, n, k, splits=1, resident=None):
+    """A tma-fed wgmma GEMM (``spec``'s layout, bias and accumulate) on random operands through the
+    tensor maps of ``gemm_tensor_maps``, beside its float64 reference; ``splits`` parts of ``k``
+    each give consecutive partial C matrices; ``resident`` caps the persistent blocks."""
+    from runtime.tensormap import gemm_tensor_maps
     dtype = spec.dtype
-    a, b = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((n, k)).astype(np.float32)
+    a = rng.standard_normal((k * splits, m) if spec.trans_a else (m, k * splits)).astype(np.float32)
+    b = rng.standard_normal((n, k * splits) if spec.trans_b else (k * splits, n)).astype(np.float32)
     if dtype is MmaType.TF32:
         (a_dev, a64), (b_dev, b64) = ((x, tf32_truncated(x).astype(np.float64)) for x in (a, b))
     else:
         (a_dev, a64), (b_dev, b64) = sixteen(a, dtype), sixteen(b, dtype)
-    bias_values = rng.standard_normal(n).astype(np.float32) if bias else None
-    old = rng.standard_normal((m, n)).astype(np.float32) if accumulate else np.full((m, n), np.nan, np.float32)
+    bias = rng.standard_normal(n).astype(np.float32) if spec.bias else None
+    old = (rng.standard_normal((splits, m, n)) if spec.accumulate else np.full((splits, m, n), np.nan)).astype(np.float32)
     arrays = [DeviceArray.from_numpy(x) for x in (a_dev, b_dev, old)]
-    extra = [DeviceArray.from_numpy(bias_values)] if bias else []
-    (box_a, box_b) = spec.tma_boxes
-    maps = [tiled_tensor_map(arrays[0].ptr, m, k, k, dtype, box_a),
-            tiled_tensor_map(arrays[1].ptr, n, k, k, dtype, box_b)]
+    extra = [DeviceArray.from_numpy(bias)] if spec.bias else []
+    maps = gemm_tensor_maps(spec, arrays[0].ptr, arrays[1].ptr, m, n, k * splits)
     try:
-        cache.get(spec)(*spec.launch_dims(m, n, resident=resident),
+        cache.get(spec)(*spec.launch_dims(m, n, splits, resident=resident),
                         *spec.arguments(maps[0].ptr, maps[1].ptr, arrays[2].ptr, m, n, k,
-                                        bias=extra[0].ptr if bias else None))
+                                        bias=extra[0].ptr if spec.bias else None, splits=splits))
         synchronize()
         out = arrays[2].to_numpy()
     finally:
-        for x in arrays + extra + maps:
+        for x in arrays + extra + list(maps):
             x.free()
-    return out, gemm_reference(a64, b64, False, True, bias=bias_values, c=old if accumulate else None)
-
-
-@pytest.mark.parametrize("dtype, shape, bias", [(MmaType.BF16, (77, 136, 40), False),
-                                                (MmaType.BF16, (1, 264, 896), True),
-                                                (MmaType.BF16, (1000, 4864, 896), False),
-                                                (MmaType.TF32, (130, 200, 44), True)])
-def test_wgmma_gemm_fed_by_tma_bulk_copies(cache, dtype, shape, bias):
-    """The same GEMM with its slices brought by TMA (tensor maps, mbarriers): zeros past every edge."""
-    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
-    spec = GemmWgmmaSpec(tma=True, dtype=dtype, bias=bias, block_n=128 if dtype is MmaType.TF32 else 256)
-    assert_close(*run_tma(cache, spec, *shape, bias=bias))
+    part = lambda x, z, k_axis: np.take(x, range(z * k, (z + 1) * k), axis=k_axis)  # noqa: E731
+    ref = np.stack([gemm_reference(part(a64, z, 0 if spec.trans_a else 1), part(b64, z, 1 if spec.trans_b else 0),
+                                   spec.trans_a, spec.trans_b, bias=bias, c=old[z] if spec.accumulate else None)
+                    for z in range(splits)])
+    return out, ref
 
 
 @pytest.mark.parametrize("fields, shape, resident", [
@@ -215,10 +207,28 @@ def test_wgmma_gemm_fed_by_tma_bulk_copies(cache, dtype, shape, bias):
     (dict(), (1000, 4864, 896), 7),             # 8 x 19 tiles over 7 blocks: the rings go on across tiles
     (dict(block_n=128, stages=3), (300, 520, 1000), 5),
     (dict(accumulate=True, block_n=128), (130, 200, 72), 2),
+    (dict(dtype=MmaType.F16, warpgroups=1, block_n=64), (70, 72, 136), None),
     (dict(dtype=MmaType.TF32, block_n=128, bias=True), (130, 200, 44), 1)])
-def test_specialized_persistent_wgmma_gemm(cache, fields, shape, resident):
-    """The warp-specialized kernel (a TMA producer warpgroup, full/empty mbarriers, persistent blocks
-    each walking several tiles) gives the plain kernel's results."""
+def test_tma_wgmma_gemm_matches_float64(cache, fields, shape, resident):
+    """The warp-specialized persistent kernel (a TMA producer warpgroup, full/empty mbarriers, blocks
+    each walking several tiles), zeros past every edge."""
     from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
-    spec = GemmWgmmaSpec(tma=True, specialized=True, **fields)
-    assert_close(*run_tma(cache, spec, *shape, bias=spec.bias, accumulate=spec.accumulate, resident=resident))
+    assert_close(*run_tma(cache, GemmWgmmaSpec(tma=True, **fields), *shape, resident=resident))
+
+
+@pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("fields, shape", [(dict(), (77, 136, 40)), (dict(block_n=128), (300, 520, 1000)),
+                                           (dict(warpgroups=1, block_n=64, dtype=MmaType.F16), (70, 72, 136))])
+def test_tma_wgmma_gemm_reads_operands_stored_m_or_n_contiguous(cache, trans_a, trans_b, fields, shape):
+    """dX = dY W (B [K, N]) and dW = dY^T X (A [K, M]): MN-major boxes, wgmma's transpose flags."""
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    spec = GemmWgmmaSpec(tma=True, trans_a=trans_a, trans_b=trans_b, **fields)
+    assert_close(*run_tma(cache, spec, *shape, resident=3))
+
+
+@pytest.mark.parametrize("fields", [dict(trans_a=True, trans_b=False), dict(trans_a=True, trans_b=False,
+                                                                            accumulate=True, block_n=128)])
+def test_tma_wgmma_split_k_writes_each_parts_product(cache, fields):
+    """A dW-shaped GEMM with its 4 x 192-long contraction split in four: four partial matrices."""
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    assert_close(*run_tma(cache, GemmWgmmaSpec(tma=True, **fields), 200, 136, 192, splits=4, resident=5))

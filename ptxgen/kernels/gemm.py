@@ -168,6 +168,18 @@ def leading_dims(spec: Any, m: int, n: int, k: int, lda: int | None, ldb: int | 
             ldc if ldc is not None else n)
 
 
+def split_batch(spec: Any, m: int, k: int, lda: int, ldb: int, ldc: int, splits: int, batch: Batch | None) -> Batch:
+    """``batch``, or the batches that cut the contraction into ``splits`` consecutive parts of
+    ``k`` (split-K): part z reads A and B z*k further along K and writes its partial product
+    z*m*ldc elements further into C. The two do not combine."""
+    if splits == 1:
+        return batch or Batch()
+    if splits < 1 or batch is not None:
+        raise ValueError(f"{spec.kind}: splits must be >= 1 and cannot combine with batches, got {splits}")
+    return Batch(count=splits, a=Strides(outer=k * (lda if spec.trans_a else 1)),
+                 b=Strides(outer=k * (1 if spec.trans_b else ldb)), c=Strides(outer=m * ldc))
+
+
 BATCH_PARAMS = ("inner",) + tuple(f"{x}_{s}" for x in "abc" for s in ("outer", "inner", "group"))
 
 
@@ -242,15 +254,16 @@ class GemmSpec(KernelSpec):
 
     def arguments(self, a: int, b: int, c: int, m: int, n: int, k: int, *, bias: int | None = None,
                   lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
-                  batch: "Batch | None" = None) -> tuple[int, ...]:
+                  batch: "Batch | None" = None, splits: int = 1) -> tuple[int, ...]:
         """The kernel's arguments in order (pointers as ints), after refusing what it cannot serve.
 
         Leading dimensions default to the dense ones. Every contiguous extent, leading dimension
         and batch stride must be a multiple of ``vec`` (else a vector access would straddle rows
-        or be misaligned): a ValueError before the launch, never a wrong answer.
+        or be misaligned): a ValueError before the launch, never a wrong answer. ``splits``:
+        split-K (``split_batch``), launched as that many batches.
         """
         lda, ldb, ldc = leading_dims(self, m, n, k, lda, ldb, ldc, bias)
-        batch = batch or Batch()
+        batch = split_batch(self, m, k, lda, ldb, ldc, splits, batch)
         contiguous = {"M (A transposed)": m if self.trans_a else None,
                       "K": k if not self.trans_a or self.trans_b else None,
                       "N": n, "lda": lda, "ldb": ldb, "ldc": ldc,

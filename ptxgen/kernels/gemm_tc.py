@@ -21,7 +21,7 @@ from ..builder import KernelBuilder, Reg, T
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from .common import check_positive
-from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices, leading_dims
+from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices, leading_dims, split_batch
 from .mma_tile import CHUNK, ELEMS, MmaType, SharedTile
 
 SHARED_LIMIT = 227 * 1024  # dynamic shared memory one block may have on sm_90
@@ -90,19 +90,26 @@ class TensorCoreGemm:
         dims = ("m", "n", "k", "lda", "ldb", "ldc") + BATCH_PARAMS
         return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
 
+    def split_k_multiple(self) -> int:
+        """What a split-K part's contraction length must be a multiple of."""
+        return 1
+
     def launch_dims(self, m: int, n: int, batches: int = 1) -> tuple[tuple[int, int], int]:
         return (-(-n // self.block_n) * -(-m // self.block_m), batches), self.threads
 
     def arguments(self, a: int, b: int, c: int, m: int, n: int, k: int, *, bias: int | None = None,
                   lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
-                  batch: Batch | None = None) -> tuple[int, ...]:
+                  batch: Batch | None = None, splits: int = 1) -> tuple[int, ...]:
         """The kernel's arguments in order, after refusing shapes its 16-byte copies cannot serve:
         each operand's contiguous extent, leading dimension and batch strides a multiple of 16
         bytes (8 16-bit or 4 tf32 elements); N, ldc and C's batch strides even. Batches are the
-        fp32 GEMM's (``Batch``)."""
+        fp32 GEMM's (``Batch``), ``splits`` its split-K (``split_batch``); a part's K must be a
+        multiple of ``split_k_multiple()``."""
         name = self.kind
         lda, ldb, ldc = leading_dims(self, m, n, k, lda, ldb, ldc, bias)
-        batch = batch or Batch()
+        if splits > 1 and k % self.split_k_multiple():
+            raise ValueError(f"{name}: a split part's K={k} is not a multiple of {self.split_k_multiple()}")
+        batch = split_batch(self, m, k, lda, ldb, ldc, splits, batch)
         strides = batch.strides()
         eight = {"M (A transposed)": m if self.trans_a else None,
                  "K": k if not self.trans_a or self.trans_b else None,
