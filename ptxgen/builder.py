@@ -716,13 +716,6 @@ class KernelBuilder:
                    f"{self._op(ins, c, T.U32, 'clamp')}, {self._op(ins, membermask, T.U32, 'mask')}")
         return d
 
-    def setmaxnreg(self, count: int, grow: bool) -> None:
-        """Move this warpgroup's per-thread register allocation up (``grow``) or down to ``count``
-        (sm_90a; every thread of the warpgroup executes it): producers hand registers to consumers."""
-        if count % 8 or not 24 <= count <= 256:
-            raise PtxBuildError(f"setmaxnreg: {count} is not a multiple of 8 in [24, 256]")
-        self._emit(f"setmaxnreg.{'inc' if grow else 'dec'}.sync.aligned.u32 {count}")
-
     def bar_sync(self, barrier: int = 0) -> None:
         self._emit(f"bar.sync {barrier}")
 
