@@ -21,9 +21,10 @@ from typing import Callable
 import numpy as np
 
 from ptxgen.kernels.embedding import embedding_backward_plan
-from ptxgen.kernels.gemm import Batch, Strides
+from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
 from runtime import DeviceArray, ModuleCache, fill_u32
 from runtime.launch import Launch
+from runtime.tensormap import gemm_tensor_maps
 
 from .config import ModelConfig
 from .kernels import Gemm, LinearKernels, ModelKernels, split_k
@@ -61,20 +62,25 @@ class ParamLayout:
 
 
 class _Arrays:
-    """Named device arrays of one batch shape, freed together."""
+    """Named device arrays of one batch shape, and the tensor maps that describe them, freed together."""
 
     def __init__(self) -> None:
         self._arrays: dict[str, DeviceArray] = {}
+        self._kept: list[DeviceArray] = []
 
     def new(self, name: str, shape: tuple[int, ...], dtype: str = "f32") -> int:
         self._arrays[name] = DeviceArray(shape, dtype)
         return self._arrays[name].ptr
 
+    def keep(self, array: DeviceArray) -> int:
+        self._kept.append(array)
+        return array.ptr
+
     def __getitem__(self, name: str) -> DeviceArray:
         return self._arrays[name]
 
     def free(self) -> None:
-        for a in self._arrays.values():
+        for a in [*self._arrays.values(), *self._kept]:
             a.free()
 
 
@@ -280,6 +286,19 @@ class CudaBackend:
             return self._w(name)
         return self.weights16.ptr + 2 * self.layout.offsets[name]
 
+    def _gemm(self, A: _Arrays, spec: Gemm, a: int, b: int, c: int, m: int, n: int, k: int,
+              bias: int | None = None, splits: int = 1) -> Launch:
+        """C = op(A) op(B) (+ bias) over ``splits`` parts of a ``k``-long contraction each. A
+        TMA-fed kernel reads A and B through tensor maps (made here, freed with ``A``) and its
+        persistent blocks fill the GPU once."""
+        kernel = self.cache.get(spec)
+        if isinstance(spec, GemmWgmmaSpec) and spec.tma:
+            a, b = (A.keep(x) for x in gemm_tensor_maps(spec, a, b, m, n, k * splits))
+            dims = spec.launch_dims(m, n, splits, resident=kernel.resident_blocks(spec.threads))
+        else:
+            dims = spec.launch_dims(m, n, splits)
+        return kernel.bind(*dims, *spec.arguments(a, b, c, m, n, k, bias=bias, splits=splits))
+
     def _split_k(self, spec: Gemm, m: int, n: int, tokens: int) -> int:
         """``split_k`` for this GPU's wave of ``spec``'s blocks."""
         return split_k(spec, m, n, tokens, self.cache.get(spec).resident_blocks(spec.threads))
@@ -330,9 +349,8 @@ class CudaBackend:
 
         def linear(lk: LinearKernels, x: int, weight: str, y: int, d_in: int, d_out: int,
                    bias: str | None = None, rows: int = T):
-            spec = lk.forward
-            fwd.append(bind(spec, spec.launch_dims(rows, d_out), *spec.arguments(
-                x, self._gemm_w(weight), y, rows, d_out, d_in, bias=w(bias) if bias else None)))
+            fwd.append(self._gemm(A, lk.forward, x, self._gemm_w(weight), y, rows, d_out, d_in,
+                                  bias=w(bias) if bias else None))
             return fwd[-1]
 
         fwd.append(bind(k.embed, k.embed.launch_dims(T), w("model.embed_tokens.weight"), ids, xs[0], T))
@@ -432,24 +450,18 @@ class CudaBackend:
             return dy16
 
         def grad_input(lk: LinearKernels, dy: int, weight: str, dx: int, d_in: int, d_out: int, acc: bool = False):
-            spec = lk.grad_input_acc if acc else lk.grad_input
-            bwd.append(bind(spec, spec.launch_dims(T, d_in),
-                            *spec.arguments(dy, self._gemm_w(weight), dx, T, d_in, d_out)))
+            bwd.append(self._gemm(A, lk.grad_input_acc if acc else lk.grad_input, dy, self._gemm_w(weight), dx,
+                                  T, d_in, d_out))
 
         def grad_weight(lk: LinearKernels, dy: int, x: int, weight: str, d_in: int, d_out: int):
             """dW = dy^T x. A dW whose tiles fill the GPU's waves badly splits the token dimension
-            over batches whose partial dWs a fixed-order sum adds (deterministic)."""
+            into parts whose partial dWs a fixed-order sum adds (deterministic)."""
             spec: Gemm = lk.grad_weight
             splits = self._split_k(spec, d_out, d_in, T)
             if splits == 1:
-                bwd.append(bind(spec, spec.launch_dims(d_out, d_in),
-                                *spec.arguments(dy, x, gr(weight), d_out, d_in, T)))
+                bwd.append(self._gemm(A, spec, dy, x, gr(weight), d_out, d_in, T))
                 return
-            rows = T // splits
-            batch = Batch(count=splits, a=Strides(outer=rows * d_out), b=Strides(outer=rows * d_in),
-                          c=Strides(outer=d_out * d_in))
-            bwd.append(bind(spec, spec.launch_dims(d_out, d_in, splits),
-                            *spec.arguments(dy, x, split_scratch, d_out, d_in, rows, batch=batch)))
+            bwd.append(self._gemm(A, spec, dy, x, split_scratch, d_out, d_in, T // splits, splits=splits))
             ps = k.parts_sum
             bwd.append(bind(ps, ps.launch_dims(d_out * d_in), *ps.arguments(split_scratch, gr(weight), splits,
                                                                           d_out * d_in)))

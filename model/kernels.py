@@ -18,7 +18,6 @@ from ptxgen.kernels.colsum import ColumnSumSpec, PartsSumSpec
 from ptxgen.kernels.cross_entropy import CrossEntropySpec
 from ptxgen.kernels.embedding import EmbeddingBackwardSpec, EmbeddingSpec
 from ptxgen.kernels.gemm import GemmSpec, widest_vec
-from ptxgen.kernels.gemm_tc import GemmTCSpec
 from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
 from ptxgen.kernels.rmsnorm import RMSNormBackwardSpec, RMSNormSpec
 from ptxgen.kernels.rope import RopeSpec
@@ -31,26 +30,28 @@ from .optim import AdamWSettings
 from .precision import Precision
 
 SMALL_TILE = dict(block_m=64, block_n=64, thread_m=4, thread_n=8)
-WIDE_TC_TILE = dict(block_n=256, block_k=64, stages=3)  # the fastest tensor-core tile in bench_compute
-NARROW_TC_TILE = dict(min_blocks=2)  # 128x128: two blocks an SM hide latency better (bench_compute sweep)
+# the fastest wgmma tiles at the Qwen2-0.5B layer shapes (bench_compute bf16-layers): 128 x 256 tiles
+# for outputs at least 2048 wide, else 128 x 128 with 6 stages (dW always: its tiles are few)
+WIDE_WGMMA_TILE = dict(block_n=256, stages=4)
+NARROW_WGMMA_TILE = dict(block_n=128, stages=6)
 SPLIT_K_MIN_ROWS = 256  # a dW GEMM splits its token contraction into parts of at least this many tokens
 SPLIT_K_MAX = 16
 # FLOPs a GEMM does in the time one byte moves through memory, as measured on the H100 by
-# bench_compute / bench_kernels (fp32 SIMT ~47 TFLOP/s, tensor cores ~460, copy ~3 TB/s): what a
-# split's partial sums cost, in the GEMM's own currency.
-FLOPS_PER_BYTE = {GemmSpec: 16, GemmTCSpec: 150}
+# bench_compute / bench_kernels (fp32 SIMT ~47 TFLOP/s, wgmma ~600, copy ~3 TB/s):
+# what a split's partial sums cost, in the GEMM's own currency.
+FLOPS_PER_BYTE = {GemmSpec: 16, GemmWgmmaSpec: 200}
 WIDE_OUTPUT = 512  # outputs at least this wide fill the GPU with 128x128 tiles at training batch sizes
 
-Gemm = GemmSpec | GemmTCSpec | GemmWgmmaSpec
+Gemm = GemmSpec | GemmWgmmaSpec
 
 
 def split_k(spec: Gemm, m: int, n: int, tokens: int, wave: int) -> int:
     """Parts to split a dW GEMM's ``tokens``-long contraction into (1: none). A GPU runs ``wave``
     blocks at once, so 266 tiles on 264 slots take two full waves' time, the second all but idle;
     more parts fill the waves, but each writes an m x n partial sum that a column sum reads back.
-    The count (a power of two dividing ``tokens``, parts of at least SPLIT_K_MIN_ROWS tokens) is
-    the one with the least estimated time: the waves' FLOPs, idle slots included, plus the
-    partial sums' bytes at FLOPS_PER_BYTE."""
+    The count (a power of two dividing ``tokens``, parts of at least SPLIT_K_MIN_ROWS tokens and a
+    multiple of the spec's ``split_k_multiple``) is the one with the least estimated time: the
+    waves' FLOPs, idle slots included, plus the partial sums' bytes at FLOPS_PER_BYTE."""
     tiles = -(-m // spec.block_m) * -(-n // spec.block_n)
 
     def cost(parts: int) -> float:
@@ -60,7 +61,8 @@ def split_k(spec: Gemm, m: int, n: int, tokens: int, wave: int) -> int:
 
     options = [1]
     while (options[-1] < SPLIT_K_MAX and tokens % (2 * options[-1]) == 0
-           and tokens // (2 * options[-1]) >= SPLIT_K_MIN_ROWS):
+           and tokens // (2 * options[-1]) >= SPLIT_K_MIN_ROWS
+           and tokens // (2 * options[-1]) % spec.split_k_multiple() == 0):
         options.append(2 * options[-1])
     return min(options, key=cost)
 
@@ -74,9 +76,9 @@ def _lanes(head_dim: int) -> int:
 
 @dataclass(frozen=True)
 class LinearKernels:
-    """The three GEMMs of ``y = x W^T (+ b)`` for W of shape [out, in]: fp32 SIMT, or tensor-core
-    GEMMs of bf16 operands (fp32 accumulate and output) in bf16 precision: wgmma for the forward,
-    mma.sync for the two transposed layouts of the backward."""
+    """The three GEMMs of ``y = x W^T (+ b)`` for W of shape [out, in]: fp32 SIMT, or in bf16
+    precision Hopper's warpgroup MMA on bf16 operands (fp32 accumulate and output), fed by TMA:
+    the warp-specialized persistent kernel, in all three layouts."""
 
     forward: Gemm          # y = x W^T (+ b)
     grad_input: Gemm       # dx = dy W
@@ -86,15 +88,15 @@ class LinearKernels:
     @classmethod
     def of(cls, d_in: int, d_out: int, bias: bool = False, precision: Precision = Precision.FP32) -> "LinearKernels":
         if precision is Precision.BF16:
-            make, tile = GemmTCSpec, (lambda width: WIDE_TC_TILE if width >= 2048 else NARROW_TC_TILE)
-            # the forward's layout (both operands K-contiguous) runs on Hopper's warpgroup MMA
-            fwd = GemmWgmmaSpec(bias=bias, block_n=256 if d_out >= 2048 else 128)
+            make = functools.partial(GemmWgmmaSpec, tma=True)
+            tile = lambda width: WIDE_WGMMA_TILE if width >= 2048 else NARROW_WGMMA_TILE  # noqa: E731
+            dw = make(trans_a=True, trans_b=False, **NARROW_WGMMA_TILE)
         else:
             make = functools.partial(GemmSpec, vec=widest_vec(d_in, d_out))
             tile = lambda width: {} if width >= WIDE_OUTPUT else SMALL_TILE  # noqa: E731
-            fwd = make(trans_a=False, trans_b=True, bias=bias, **tile(d_out))
+            dw = make(trans_a=True, trans_b=False, **tile(min(d_in, d_out)))
+        fwd = make(trans_a=False, trans_b=True, bias=bias, **tile(d_out))
         dx = make(trans_a=False, trans_b=False, **tile(d_in))
-        dw = make(trans_a=True, trans_b=False, **tile(min(d_in, d_out)))
         return cls(fwd, dx, dataclasses.replace(dx, accumulate=True), dw)
 
     def specs(self) -> list[KernelSpec]:

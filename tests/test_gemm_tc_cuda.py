@@ -217,10 +217,11 @@ def test_tma_wgmma_gemm_matches_float64(cache, fields, shape, resident):
 
 
 @pytest.mark.parametrize("trans_a, trans_b", [(False, False), (True, False), (True, True)])
-@pytest.mark.parametrize("fields, shape", [(dict(), (77, 136, 40)), (dict(block_n=128), (300, 520, 1000)),
-                                           (dict(warpgroups=1, block_n=64, dtype=MmaType.F16), (70, 72, 136))])
+@pytest.mark.parametrize("fields, shape", [(dict(), (80, 136, 40)), (dict(block_n=128), (304, 520, 1000)),
+                                           (dict(warpgroups=1, block_n=64, dtype=MmaType.F16), (72, 72, 136))])
 def test_tma_wgmma_gemm_reads_operands_stored_m_or_n_contiguous(cache, trans_a, trans_b, fields, shape):
-    """dX = dY W (B [K, N]) and dW = dY^T X (A [K, M]): MN-major boxes, wgmma's transpose flags."""
+    """dX = dY W (B [K, N]) and dW = dY^T X (A [K, M]): MN-major boxes, wgmma's transpose flags.
+    (A stored [K, M] needs M a multiple of 8: its rows are 16-byte aligned.)"""
     from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
     spec = GemmWgmmaSpec(tma=True, trans_a=trans_a, trans_b=trans_b, **fields)
     assert_close(*run_tma(cache, spec, *shape, resident=3))

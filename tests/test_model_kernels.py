@@ -13,7 +13,6 @@ from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBa
 from ptxgen.kernels.cast import CastSpec
 from ptxgen.kernels.cross_entropy import CrossEntropySpec
 from ptxgen.kernels.gemm import GemmSpec
-from ptxgen.kernels.gemm_tc import GemmTCSpec
 from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
 from ptxgen.kernels.rmsnorm import RMSNormSpec
 from ptxgen.kernels.rope import RopeSpec
@@ -75,6 +74,10 @@ def test_weight_gradients_split_their_token_contraction_when_it_pays():
     assert split_k(fp32.gate_up.grad_weight, 4864, 896, 8192, wave=266) == 1   # one full wave: leave it
     # tensor cores are 10x faster for the same partial-sum traffic: fewer parts pay
     assert split_k(bf16.gate_up.grad_weight, 4864, 896, 8192, wave=132) == 2
+    assert split_k(bf16.kv.grad_weight, 128, 896, 8192, wave=132) == 16       # 7 tiles on 132 blocks
+    # a TMA-fed part must be a whole number of 64-long slices: 8320 tokens = 2 x 4160 = 65 x 64 x 2
+    assert split_k(bf16.kv.grad_weight, 128, 896, 8320, wave=132) == 2
+    assert split_k(fp32.kv.grad_weight, 128, 896, 8320, wave=792) == 16
     assert split_k(fp32.kv.grad_weight, 128, 896, 8192, wave=792) == 16        # 28 tiles of 64
     assert split_k(fp32.kv.grad_weight, 128, 896, 87, wave=792) == 1           # odd token count: no split
     assert split_k(fp32.kv.grad_weight, 128, 896, 512, wave=792) == 2          # parts stay >= 256 tokens
@@ -83,10 +86,11 @@ def test_weight_gradients_split_their_token_contraction_when_it_pays():
 def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_cast():
     fp32 = ModelKernels.of(preset("qwen2-0.5b"), AdamWSettings(), -100)
     bf16 = ModelKernels.of(preset("qwen2-0.5b"), AdamWSettings(), -100, Precision.BF16)
-    gemms = lambda kernels: [s for s in kernels.specs() if isinstance(s, (GemmSpec, GemmTCSpec, GemmWgmmaSpec))]  # noqa
+    gemms = lambda kernels: [s for s in kernels.specs() if isinstance(s, (GemmSpec, GemmWgmmaSpec))]  # noqa
     assert all(isinstance(s, GemmSpec) for s in gemms(fp32)) and fp32.to_bf16 is None
-    assert all(isinstance(s, (GemmTCSpec, GemmWgmmaSpec)) for s in gemms(bf16)) and len(gemms(bf16)) >= 8
-    assert all(isinstance(lk.forward, GemmWgmmaSpec) for lk in (bf16.q, bf16.kv, bf16.o, bf16.gate_up, bf16.head))
+    # every bf16 GEMM, all three layouts, on the TMA-fed warpgroup MMA kernel
+    assert all(isinstance(s, GemmWgmmaSpec) and s.tma for s in gemms(bf16)) and len(gemms(bf16)) >= 8
+    assert {(s.trans_a, s.trans_b) for s in gemms(bf16)} == {(False, True), (False, False), (True, False)}
     assert bf16.to_bf16 == CastSpec() and CastSpec() in bf16.specs() and CastSpec() not in fp32.specs()
     assert bf16.q.forward.bias and not bf16.o.forward.bias
     assert bf16.gate_up.forward.block_n == 256 and bf16.q.forward.block_n == 128  # wide outputs, wide tiles
@@ -97,7 +101,7 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert bf16.swiglu.out_dtype is DType.BF16 and bf16.swiglu_bwd.out_dtype is DType.BF16  # GEMM operands
     assert fp32.swiglu.out_dtype is DType.F32
     assert bf16.cross_entropy.grad_dtype is DType.BF16 and fp32.cross_entropy.grad_dtype is DType.F32
-    differ = (GemmSpec, GemmTCSpec, GemmWgmmaSpec, CastSpec, AttentionSpec, AttentionBackwardQSpec,
+    differ = (GemmSpec, GemmWgmmaSpec, CastSpec, AttentionSpec, AttentionBackwardQSpec,
               AttentionBackwardKVSpec,
               AttentionTCSpec, AttentionTCBackwardQSpec, AttentionTCBackwardKVSpec, SwiGLUSpec, SwiGLUBackwardSpec,
               CrossEntropySpec)

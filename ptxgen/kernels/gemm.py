@@ -252,6 +252,10 @@ class GemmSpec(KernelSpec):
     def launch_dims(self, m: int, n: int, batches: int = 1) -> tuple[tuple[int, int, int], int]:
         return (-(-n // self.block_n), -(-m // self.block_m), batches), self.threads
 
+    def split_k_multiple(self) -> int:
+        """What a split-K part's contraction length must be a multiple of: any (edges are masked)."""
+        return 1
+
     def arguments(self, a: int, b: int, c: int, m: int, n: int, k: int, *, bias: int | None = None,
                   lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
                   batch: "Batch | None" = None, splits: int = 1) -> tuple[int, ...]:
