@@ -45,7 +45,7 @@ class MmaPeakSpec(KernelSpec):
         return (("out", T.U64), ("iters", T.U32))
 
     def dynamic_shared_bytes(self) -> int:
-        return 2 * 64 * 64 * 2 if self.wgmma else 0  # an A (64 x 64) and a B tile (64 x 64), never written
+        return 256 * 128 if self.wgmma else 0  # 256 rows of 64 K: the B tile, whose first 64 rows are A's
 
     def build(self, b: KernelBuilder) -> None:
         b.launch_bounds(32 * self.warps)
