@@ -48,7 +48,9 @@ class Row:
 
 TC_TILES = [dict(), dict(min_blocks=2), dict(block_k=64, stages=3), dict(block_k=64, stages=3, min_blocks=2),
             dict(block_n=256), dict(block_n=256, stages=3), dict(block_n=256, block_k=64, stages=3),
-            dict(block_m=256, warps_m=4, warps_n=2)]
+            dict(block_m=256, warps_m=4, warps_n=2), dict(tma=True, block_n=256, block_k=64, stages=3),
+            dict(tma=True, block_n=256, block_k=64, stages=4), dict(tma=True, block_k=64, stages=6),
+            dict(tma=True, block_n=256, block_k=64, stages=4, warps_m=4, warps_n=2)]
 TORCH_16 = {MmaType.BF16: torch.bfloat16, MmaType.F16: torch.float16, MmaType.TF32: torch.float32}
 
 
@@ -60,7 +62,8 @@ LAYOUT_NAMES = {(False, True): "NT", (False, False): "NN", (True, False): "TN", 
 def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: int, wgmma: bool = False,
             trans_a: bool = False, trans_b: bool = True, label: str = "") -> None:
     """C = op(A) op(B) on tensor cores (mma.sync, or ``wgmma``) at its fastest tile, beside
-    torch.matmul (cuBLAS) in the same type. The cp.async wgmma kernel serves only NT."""
+    torch.matmul (cuBLAS) in the same type. The cp.async wgmma and the tma mma.sync kernels serve
+    only NT."""
     a = torch.randn(*((k, m) if trans_a else (m, k)), device="cuda", dtype=TORCH_16[dtype])
     b = torch.randn(*((n, k) if trans_b else (k, n)), device="cuda", dtype=TORCH_16[dtype])
     c = torch.empty(m, n, device="cuda")
@@ -74,8 +77,7 @@ def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: i
         maps = gemm_tensor_maps(spec, a.data_ptr(), b.data_ptr(), m, n, k) if tile.get("tma") else ()
         operands = tuple(x.ptr for x in maps) or (a.data_ptr(), b.data_ptr())
         kernel = cache.get(spec)
-        dims = spec.launch_dims(m, n, resident=kernel.resident_blocks(spec.threads)) if wgmma else \
-            spec.launch_dims(m, n)
+        dims = spec.launch_dims(m, n, resident=kernel.resident_blocks(spec.threads))
         launch = kernel.bind(*dims, *spec.arguments(*operands, c.data_ptr(), m, n, k))
         ms = time_ms(launch, reps=10, warmup=2)
         for x in maps:
@@ -87,10 +89,9 @@ def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: i
     theirs = time_ms(lambda: torch.matmul(at, bt), reps=10, warmup=2)
     torch.backends.cuda.matmul.allow_tf32 = False
     s = best[1]
-    k_tile = s.block_k * 2 // dtype.bytes  # gemm_wgmma counts its slice in 16-bit units
-    feed = ", tma" if getattr(s, "tma", False) else ""
+    feed = ", tma" if s.tma else ""
     rows.append(Row(f"{label}{s.kind} {dtype.value} {LAYOUT_NAMES[trans_a, trans_b]} {m}x{n}x{k} "
-                    f"[{s.block_m}x{s.block_n}x{k_tile}, {s.stages} st{feed}]", 2.0 * m * n * k, best[0], theirs))
+                    f"[{s.block_m}x{s.block_n}x{s.k_elems}, {s.stages} st{feed}]", 2.0 * m * n * k, best[0], theirs))
 
 
 ATTN_LAYOUTS = [dict(lanes=1, block=64), dict(lanes=2, block=128), dict(lanes=2, block=256),

@@ -6,6 +6,7 @@ import pytest
 
 from ptxgen.kernels.attention import AttentionSpec, attention_backward_reference, attention_reference
 from ptxgen.kernels.gemm import Batch, GemmSpec, Strides, widest_vec
+from ptxgen.builder import T
 from ptxgen.spec import SpecError
 
 
@@ -112,9 +113,9 @@ def test_tma_wgmma_gemm_describes_its_tensor_maps_and_refuses_what_they_cannot_s
     # K-major: the stored [rows, K] matrix in [block rows, 64 K] boxes; MN-major: [K, cols] in [64 K, 64] boxes
     assert nt.tma_operands(300, 520, 1000) == ((300, 1000, 1000, (128, 64)), (520, 1000, 1000, (256, 64)))
     assert dw.tma_operands(136, 200, 384) == ((384, 136, 136, (64, 64)), (384, 200, 200, (64, 64)))
-    assert nt.threads == 384 and nt.launch_dims(4096, 4096, resident=132) == ((132, 1), 384)
-    assert nt.launch_dims(1000, 1000, resident=132) == ((32, 1), 384)  # 8 x 4 tiles: one block each
-    assert dw.launch_dims(136, 200, 4) == ((16, 1), 384)  # 2 x 2 tiles x 4 splits, one block each
+    assert nt.threads == 288 and nt.launch_dims(4096, 4096, resident=132) == ((132, 1), 288)  # + a producer warp
+    assert nt.launch_dims(1000, 1000, resident=132) == ((32, 1), 288)  # 8 x 4 tiles: one block each
+    assert dw.launch_dims(136, 200, 4) == ((16, 1), 288)  # 2 x 2 tiles x 4 splits, one block each
     assert dw.arguments(1, 2, 3, 136, 200, 192, splits=4) == (1, 2, 3, 136, 200, 192, 200, 4)
     with pytest.raises(ValueError, match="K=96 is not a multiple of 64"):
         dw.arguments(1, 2, 3, 136, 200, 96, splits=4)
@@ -124,3 +125,13 @@ def test_tma_wgmma_gemm_describes_its_tensor_maps_and_refuses_what_they_cannot_s
         GemmWgmmaSpec(trans_b=False)
     with pytest.raises(SpecError, match="tf32 operands must be stored with K contiguous"):
         GemmWgmmaSpec(tma=True, trans_a=True, dtype=MmaType.TF32)
+
+
+def test_tma_mma_sync_gemm_takes_128_byte_rows_of_k_contiguous_operands():
+    from ptxgen.kernels.gemm_tc import GemmTCSpec
+    spec = GemmTCSpec(tma=True, block_n=256, block_k=64, stages=3)
+    assert spec.threads == 288 and spec.params()[:3] == (("tmap_a", T.U64), ("tmap_b", T.U64), ("c", T.U64))
+    assert spec.tma_operands(300, 520, 1000) == ((300, 1000, 1000, (128, 64)), (520, 1000, 1000, (256, 64)))
+    for bad in (dict(block_k=32), dict(block_k=64, trans_b=False), dict(block_k=64, min_blocks=2)):
+        with pytest.raises(SpecError, match="gemm_tc with tma"):
+            GemmTCSpec(tma=True, **bad)

@@ -6,7 +6,7 @@ within 1e-4 of the largest reference magnitude (at least 1e-4 absolute).
 import numpy as np
 import pytest
 
-from ptxgen.kernels.gemm import Batch, Strides, gemm_reference
+from ptxgen.kernels.gemm import gemm_reference
 from ptxgen.kernels.gemm_tc import GemmTCSpec, MmaType
 from runtime import DeviceArray, ModuleCache, from_bf16, to_bf16
 from runtime.driver import synchronize
@@ -182,7 +182,8 @@ def run_tma(cache, spec, m, n, k, splits=1, resident=None):
     else:
         (a_dev, a64), (b_dev, b64) = sixteen(a, dtype), sixteen(b, dtype)
     bias = rng.standard_normal(n).astype(np.float32) if spec.bias else None
-    old = (rng.standard_normal((splits, m, n)) if spec.accumulate else np.full((splits, m, n), np.nan)).astype(np.float32)
+    old = rng.standard_normal((splits, m, n)) if spec.accumulate else np.full((splits, m, n), np.nan)
+    old = old.astype(np.float32)
     arrays = [DeviceArray.from_numpy(x) for x in (a_dev, b_dev, old)]
     extra = [DeviceArray.from_numpy(bias)] if spec.bias else []
     maps = gemm_tensor_maps(spec, arrays[0].ptr, arrays[1].ptr, m, n, k * splits)
@@ -233,3 +234,19 @@ def test_tma_wgmma_split_k_writes_each_parts_product(cache, fields):
     """A dW-shaped GEMM with its 4 x 192-long contraction split in four: four partial matrices."""
     from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
     assert_close(*run_tma(cache, GemmWgmmaSpec(tma=True, **fields), 200, 136, 192, splits=4, resident=5))
+
+
+@pytest.mark.parametrize("fields, shape, resident", [
+    (dict(block_n=256), (77, 136, 40), None), (dict(bias=True), (1, 264, 896), None),
+    (dict(block_n=256, stages=3), (1000, 4864, 896), 7),   # several tiles a block: the ring goes on
+    (dict(accumulate=True, warps_m=4, warps_n=2), (300, 520, 1000), 5),
+    (dict(dtype=MmaType.F16, block_m=64, block_n=64, warps_m=2, warps_n=2), (70, 72, 136), 3)])
+def test_tma_mma_sync_gemm_matches_float64(cache, fields, shape, resident):
+    """The mma.sync GEMM in the warp-specialized persistent form: slices by TMA into the same
+    swizzled tiles its ldmatrix addressing reads (the copy unit's 128-byte swizzle)."""
+    spec = GemmTCSpec(tma=True, block_k=64, **fields)
+    assert_close(*run_tma(cache, spec, *shape, resident=resident))
+
+
+def test_tma_mma_sync_split_k_writes_each_parts_product(cache):
+    assert_close(*run_tma(cache, GemmTCSpec(tma=True, block_k=64), 200, 136, 192, splits=4, resident=5))

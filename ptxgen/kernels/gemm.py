@@ -180,6 +180,22 @@ def split_batch(spec: Any, m: int, k: int, lda: int, ldb: int, ldc: int, splits:
                  b=Strides(outer=k * (1 if spec.trans_b else ldb)), c=Strides(outer=m * ldc))
 
 
+def tile_origin(b: KernelBuilder, spec: Any, m: Reg, n: Reg, pid: Reg | None = None) -> tuple[Reg, Reg]:
+    """(row0, col0) of C tile ``pid`` (default: this block's). Consecutive tiles walk down a band
+    of ``group_m`` tile rows, column by column, so the blocks running at once share A rows and B
+    columns in L2 (plain row-major order would stream all of B through L2 once per tile row)."""
+    tiles_m = b.div(b.add(m, spec.block_m - 1), spec.block_m)
+    tiles_n = b.div(b.add(n, spec.block_n - 1), spec.block_n)
+    pid = pid if pid is not None else b.special("%ctaid.x")
+    width = b.mul(tiles_n, spec.group_m)
+    group = b.div(pid, width)
+    first = b.mul(group, spec.group_m)
+    size = b.min(b.sub(tiles_m, first), spec.group_m)
+    within = b.sub(pid, b.mul(group, width))
+    tile_m, tile_n = b.add(first, b.rem(within, size)), b.div(within, size)
+    return b.mul(tile_m, spec.block_m), b.mul(tile_n, spec.block_n)
+
+
 BATCH_PARAMS = ("inner",) + tuple(f"{x}_{s}" for x in "abc" for s in ("outer", "inner", "group"))
 
 

@@ -21,8 +21,9 @@ from ..builder import KernelBuilder, Reg, T
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from .common import check_positive
-from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices, leading_dims, split_batch
+from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices, leading_dims, split_batch, tile_origin
 from .mma_tile import CHUNK, ELEMS, MmaType, SharedTile
+from .tma_pipeline import ROW, Ring, TmaPipeline
 
 SHARED_LIMIT = 227 * 1024  # dynamic shared memory one block may have on sm_90
 
@@ -73,29 +74,93 @@ class _Operand:
                        dst_offset=self.base + step * self.row_bytes)
         b.add(self.src, self.slice_step, out=self.src)
 
-    def lane_offsets(self, lane: Reg, outer_base: Reg, outer_bit: int, k_bit: int,
-                     chunks: list[int]) -> dict[int, Reg]:
-        return self.tile.lane_offsets(lane, outer_base, outer_bit, k_bit, chunks)
 
-    def fragment(self, at: dict[int, Reg], row: int, chunk: int, out: list[Reg]) -> None:
-        self.tile.fragment(at, row, chunk, out)
+class _Fragments:
+    """A warp's ldmatrix fragments of A and B for each k16 step of a slice, in two register sets
+    (step kk + 1's loads run under step kk's mmas), and the mmas of a step. Which ldmatrix.x4
+    (compile-time row, chunk) each fragment is, per step kk: A's matrix index bit 0 steps the rows
+    (m) by 8, bit 1 the k chunk; B's (two n8 tiles per x4) bit 1 steps n by 8, bit 0 the k chunk."""
+
+    def __init__(self, spec: "GemmTCSpec", b: KernelBuilder, tile_a: SharedTile, tile_b: SharedTile, lane: Reg,
+                 warp_m: Reg, warp_n: Reg):
+        self.spec, self.b, self.tiles = spec, b, (tile_a, tile_b)
+        self.steps = spec.block_k // 16
+
+        def places(tile: SharedTile, count: int) -> list[list[tuple[int, int]]]:
+            return [[(t * 16, 2 * kk) if tile.k_contig else (16 * kk, 2 * t) for t in range(count)]
+                    for kk in range(self.steps)]
+
+        self.places = places(tile_a, spec.m_tiles), places(tile_b, spec.n_tiles // 2)
+        chunks = lambda place: sorted({c for row in place for _, c in row})  # noqa: E731
+        self.lanes = (tile_a.lane_offsets(lane, b.mul(warp_m, spec.m_tiles * 16), 0, 1, chunks(self.places[0])),
+                      tile_b.lane_offsets(lane, b.mul(warp_n, spec.n_tiles * 8), 1, 0, chunks(self.places[1])))
+        self.sets = [([[b.reg(T.B32) for _ in range(4)] for _ in range(spec.m_tiles)],
+                      [[b.reg(T.B32) for _ in range(4)] for _ in range(spec.n_tiles // 2)]) for _ in range(2)]
+
+    def load(self, stage: Reg, kk: int, into: int) -> None:
+        """Step ``kk``'s fragments of the slice at shared ``stage`` into register set ``into``."""
+        b = self.b
+        for tile, lanes, place, regs in zip(self.tiles, self.lanes, self.places, self.sets[into]):
+            at = {c: b.add(stage, off) for c, off in lanes.items()}
+            for (row, c), out in zip(place[kk], regs):
+                tile.fragment(at, row, c, out)
+
+    def multiply(self, acc: list, kk: int) -> None:
+        frags_a, pairs_b = self.sets[kk % 2]
+        frags_b = [half for r in pairs_b for half in (r[0:2], r[2:4])]
+        for mt in range(self.spec.m_tiles):
+            for nt in range(self.spec.n_tiles):
+                self.b.mma_m16n8k16(acc[mt][nt], frags_a[mt], frags_b[nt], self.spec.dtype.value)
+
+    def carry(self) -> None:
+        """Set 1 into set 0 (after an odd number of steps, the next slice's first fragments)."""
+        for into, src in zip(self.sets[0], self.sets[1]):
+            for regs_to, regs_from in zip(into, src):
+                for x, y in zip(regs_to, regs_from):
+                    self.b.mov(y, out=x)
 
 
 class TensorCoreGemm:
     """What the 16-bit tensor-core GEMM specs (mma.sync and wgmma) share: parameters, launch
-    shape and argument checks. Their blocks walk C in ``tile_origin``'s order."""
+    shape, argument checks, and the TMA-fed persistent form (``tma``: ``tma_pipeline``), whose
+    operands are tensor maps (``tma_operands``). Their blocks walk C in ``tile_origin``'s order.
+    A spec provides tma, block_m, block_n, k_elems (K elements a slice), stages, threads."""
+
+    @property
+    def mn_major(self) -> tuple[bool, bool]:
+        """Whether A, B are stored with M, N contiguous."""
+        return self.trans_a, not self.trans_b
+
+    @property
+    def stage_bytes(self) -> int:  # a slice of A then one of B
+        return (self.block_m + self.block_n) * self.k_elems * self.dtype.bytes
+
+    def dynamic_shared_bytes(self) -> int:
+        # with tma, a stage's two mbarriers (8 bytes each) after the stages: static shared memory
+        # would move the dynamic base off the 1024-byte alignment the swizzled tiles need
+        return self.stages * (self.stage_bytes + (16 if self.tma else 0))
 
     def params(self) -> tuple[tuple[str, T], ...]:
+        if self.tma:
+            ptrs = ("tmap_a", "tmap_b", "c") + (("bias",) if self.bias else ())
+            return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in ("m", "n", "k", "ldc", "splits"))
         ptrs = ("a", "b", "c") + (("bias",) if self.bias else ())
         dims = ("m", "n", "k", "lda", "ldb", "ldc") + BATCH_PARAMS
         return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
 
     def split_k_multiple(self) -> int:
-        """What a split-K part's contraction length must be a multiple of."""
-        return 1
+        """What a split-K part's contraction length must be a multiple of: with tma, whole slices
+        (a part's last one would read the next part's K: TMA zero-fills only past the matrix)."""
+        return self.k_elems if self.tma else 1
 
-    def launch_dims(self, m: int, n: int, batches: int = 1) -> tuple[tuple[int, int], int]:
-        return (-(-n // self.block_n) * -(-m // self.block_m), batches), self.threads
+    def launch_dims(self, m: int, n: int, batches: int = 1, *, resident: int | None = None
+                    ) -> tuple[tuple[int, int], int]:
+        """(grid, block). A tma kernel's blocks persist, each walking (split, tile) pairs
+        ``%nctaid.x`` apart: at most ``resident`` of them (``Kernel.resident_blocks``)."""
+        tiles = -(-n // self.block_n) * -(-m // self.block_m)
+        if self.tma:
+            return (min(tiles * batches, resident or tiles * batches), 1), self.threads
+        return (tiles, batches), self.threads
 
     def arguments(self, a: int, b: int, c: int, m: int, n: int, k: int, *, bias: int | None = None,
                   lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
@@ -104,8 +169,11 @@ class TensorCoreGemm:
         each operand's contiguous extent, leading dimension and batch strides a multiple of 16
         bytes (8 16-bit or 4 tf32 elements); N, ldc and C's batch strides even. Batches are the
         fp32 GEMM's (``Batch``), ``splits`` its split-K (``split_batch``); a part's K must be a
-        multiple of ``split_k_multiple()``."""
+        multiple of ``split_k_multiple()``. With ``tma``, ``a`` and ``b`` are the device addresses
+        of the operands' tensor maps, which carry their layout: no lda, ldb or batches."""
         name = self.kind
+        if self.tma and (batch is not None or lda is not None or ldb is not None):
+            raise ValueError(f"{name} with tma: the tensor maps carry the operands' layout; no batch, lda, ldb")
         lda, ldb, ldc = leading_dims(self, m, n, k, lda, ldb, ldc, bias)
         if splits > 1 and k % self.split_k_multiple():
             raise ValueError(f"{name}: a split part's K={k} is not a multiple of {self.split_k_multiple()}")
@@ -121,40 +189,38 @@ class TensorCoreGemm:
                 raise ValueError(f"{name}: {what}={value} is not a multiple of {chunk}")
         if n % 2 or ldc % 2 or strides[6] % 2 or strides[7] % 2:
             raise ValueError(f"{name}: N={n}, ldc={ldc} and C's batch strides must be even (C is stored in pairs)")
-        return (a, b, c) + ((bias,) if self.bias else ()) + (m, n, k, lda, ldb, ldc, batch.inner, *strides)
+        ptrs = (a, b, c) + ((bias,) if self.bias else ())
+        if self.tma:
+            return (*ptrs, m, n, k, ldc, splits)
+        return (*ptrs, m, n, k, lda, ldb, ldc, batch.inner, *strides)
 
-
-def tile_origin(b: KernelBuilder, spec: "GemmTCSpec", m: Reg, n: Reg, pid: Reg | None = None) -> tuple[Reg, Reg]:
-    """(row0, col0) of C tile ``pid`` (default: this block's). Consecutive tiles walk down a band
-    of ``group_m`` tile rows, column by column, so the blocks running at once share A rows and B
-    columns in L2 (plain row-major order would stream all of B through L2 once per tile row)."""
-    tiles_m = b.div(b.add(m, spec.block_m - 1), spec.block_m)
-    tiles_n = b.div(b.add(n, spec.block_n - 1), spec.block_n)
-    pid = pid if pid is not None else b.special("%ctaid.x")
-    width = b.mul(tiles_n, spec.group_m)
-    group = b.div(pid, width)
-    first = b.mul(group, spec.group_m)
-    size = b.min(b.sub(tiles_m, first), spec.group_m)
-    within = b.sub(pid, b.mul(group, width))
-    tile_m, tile_n = b.add(first, b.rem(within, size)), b.div(within, size)
-    return b.mul(tile_m, spec.block_m), b.mul(tile_n, spec.block_n)
+    def tma_operands(self, m: int, n: int, k: int, lda: int | None = None, ldb: int | None = None
+                     ) -> tuple[tuple[int, int, int, tuple[int, int]], ...]:
+        """(rows, columns, row stride, box) of A's and B's tensor maps (``runtime.tensormap``): the
+        matrices as stored ([M or N, K] K-major, else [K, M or N]; ``k`` all of K, every split's),
+        and the (rows, columns) box one copy brings."""
+        out = []
+        for outer, block, mn, ld in zip((m, n), (self.block_m, self.block_n), self.mn_major, (lda, ldb)):
+            rows, cols, box = (k, outer, (self.k_elems, 64)) if mn else (outer, k, (block, self.k_elems))
+            out.append((rows, cols, ld if ld is not None else cols, box))
+        return tuple(out)
 
 
 def store_accumulators(b: KernelBuilder, spec: "GemmTCSpec", acc, c_ptr: Reg, m: Reg, n: Reg, row0: Reg, col0: Reg,
                        warp_m: Reg, warp_n: Reg, lane: Reg) -> None:
     """A warp's m_tiles x n_tiles m16n8 accumulator tiles into C through the shared epilogue:
     accumulator q of tile (mt, nt) is C[row + 8 * (q >> 1), col + (q & 1)] with row = group,
-    col = 2 * (lane % 4), stored in pairs."""
+    col = 2 * (lane % 4), stored in pairs. Column by column, so that only one column's bias is
+    live at a time (a wgmma warp's 32 columns of bias would crowd out its accumulators)."""
     out = Epilogue(b, c_ptr, m, n, spec.bias, spec.accumulate)
     group, pair = b.shr(lane, 2), b.shl(b.and_(lane, 3), 1)
-    rows = b.add(row0, b.add(b.mul(warp_m, spec.m_tiles * 16), group))
+    first = b.add(row0, b.add(b.mul(warp_m, spec.m_tiles * 16), group))
     cols = b.add(col0, b.add(b.mul(warp_n, spec.n_tiles * 8), pair))
-    columns = [out.column(b.add(cols, nt * 8), 2) for nt in range(spec.n_tiles)]
-    for mt in range(spec.m_tiles):
-        for half in range(2):
-            row = out.row(b.add(rows, mt * 16 + 8 * half))
-            for nt, col in enumerate(columns):
-                out.store(row, col, acc[mt][nt][2 * half:2 * half + 2])
+    rows = [(mt, half, out.row(b.add(first, mt * 16 + 8 * half))) for mt in range(spec.m_tiles) for half in range(2)]
+    for nt in range(spec.n_tiles):
+        col = out.column(b.add(cols, nt * 8), 2)
+        for mt, half, row in rows:
+            out.store(row, col, acc[mt][nt][2 * half:2 * half + 2])
 
 
 @register
@@ -174,10 +240,15 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
     stages: int = 4
     group_m: int = 8
     min_blocks: int = 1  # blocks per SM the registers must allow (ptxas .minnctapersm)
+    tma: bool = False  # the warp-specialized persistent kernel fed by TMA (NT, block_k 64)
 
     @property
     def threads(self) -> int:
-        return 32 * self.warps_m * self.warps_n
+        return 32 * (self.warps_m * self.warps_n + self.tma)  # with tma, a producer warp after the others
+
+    @property
+    def k_elems(self) -> int:
+        return self.block_k
 
     @property
     def m_tiles(self) -> int:  # m16 tiles per warp
@@ -204,20 +275,24 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
         for outer in (self.block_m, self.block_n):
             if outer & (outer - 1):
                 raise SpecError(f"tile sides must be powers of two, got {outer}")
-            for chunks, rows in ((self.block_k // ELEMS, outer), (outer // ELEMS, self.block_k)):
+            copies = () if self.tma else ((self.block_k // ELEMS, outer), (outer // ELEMS, self.block_k))
+            for chunks, rows in copies:  # cp.async passes
                 if self.threads % chunks or rows % (self.threads // chunks) or (self.threads // chunks) % 8:
                     raise SpecError(f"{self.threads} threads do not copy a {outer}x{self.block_k} slice in "
                                     f"passes of whole rows, a multiple of 8 each")
         if self.stages < 2:
             raise SpecError("stages must be >= 2 (one slice in flight while one is multiplied)")
+        if self.tma and (self.block_k != 64 or any(self.mn_major) or self.min_blocks != 1):
+            raise SpecError("gemm_tc with tma: block_k 64 (128-byte rows: the copy unit's swizzle), A [M, K] and "
+                            "B [N, K], one block an SM")
         if self.dynamic_shared_bytes() > SHARED_LIMIT:
             raise SpecError(f"{self.stages} stages need {self.dynamic_shared_bytes()} bytes of shared memory "
                             f"(max {SHARED_LIMIT})")
 
-    def dynamic_shared_bytes(self) -> int:
-        return self.stages * (self.block_m + self.block_n) * self.block_k * 2
-
     def build(self, b: KernelBuilder) -> None:
+        if self.tma:
+            TmaPipeline(self, b).build(self._consume)
+            return
         b.launch_bounds(self.threads, self.min_blocks)
         m, n, k = (b.ld_param(x) for x in "mnk")
         tid = b.special("%tid.x")
@@ -232,19 +307,7 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
                         not self.trans_a, tid, 0)
         op_b = _Operand(self, b, ptr["b"], b.ld_param("ldb"), n, k, col0, self.block_n,
                         self.trans_b, tid, a_stage)
-
-        # which ldmatrix.x4 (compile-time row, chunk) each fragment is, per k16 step kk: A's matrix
-        # index bit 0 steps the rows (m) by 8, bit 1 the k chunk; B's (two n8 tiles per x4) bit 1
-        # steps n by 8, bit 0 the k chunk
-        steps = range(self.block_k // 16)
-
-        def places(op: _Operand, tiles: int) -> list[list[tuple[int, int]]]:
-            return [[(t * 16, 2 * kk) if op.k_contig else (16 * kk, 2 * t) for t in range(tiles)] for kk in steps]
-
-        place_a, place_b = places(op_a, self.m_tiles), places(op_b, self.n_tiles // 2)
-        chunks = lambda place: sorted({c for row in place for _, c in row})  # noqa: E731
-        lane_a = op_a.lane_offsets(lane, b.mul(warp_m, self.m_tiles * 16), 0, 1, chunks(place_a))
-        lane_b = op_b.lane_offsets(lane, b.mul(warp_n, self.n_tiles * 8), 1, 0, chunks(place_b))
+        frags = _Fragments(self, b, op_a.tile, op_b.tile, lane, warp_m, warp_n)
 
         acc = [[[b.mov(0.0, T.F32) for _ in range(4)] for _ in range(self.n_tiles)] for _ in range(self.m_tiles)]
         k_issue = b.mov(0, T.U32)
@@ -266,47 +329,55 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
             b.cp_async_wait(self.stages - 2)
             b.bar_sync()
 
-        # fragments in two register sets: those of step kk + 1 load while step kk's mmas run
-        sets = [([[b.reg(T.B32) for _ in range(4)] for _ in range(self.m_tiles)],
-                 [[b.reg(T.B32) for _ in range(4)] for _ in range(self.n_tiles // 2)]) for _ in range(2)]
-
-        def load(kk: int, into: int) -> None:
-            at_a = {c: b.add(read, off) for c, off in lane_a.items()}
-            at_b = {c: b.add(read, off) for c, off in lane_b.items()}
-            for (row, c), regs in zip(place_a[kk], sets[into][0]):
-                op_a.fragment(at_a, row, c, regs)
-            for (row, c), regs in zip(place_b[kk], sets[into][1]):
-                op_b.fragment(at_b, row, c, regs)
-
         for _ in range(self.stages - 1):
             issue()
         landed()
-        load(0, 0)
-        last = len(steps) - 1
+        frags.load(read, 0, 0)
+        last = frags.steps - 1
         with b.loop(b.div(b.add(k, self.block_k - 1), self.block_k), "ktile"):
-            for kk in steps:
+            for kk in range(frags.steps):
                 if kk == 0:     # into the stage every warp finished reading before the last barrier
                     issue()
                 if kk == last:  # the next slice: its first fragments load under this step's mmas
                     landed()
                     advance(read)
-                load((kk + 1) % len(steps), (kk + 1) % 2)
-                frags_a, pairs_b = sets[kk % 2]
-                frags_b = [half for r in pairs_b for half in (r[0:2], r[2:4])]
-                for mt in range(self.m_tiles):
-                    for nt in range(self.n_tiles):
-                        b.mma_m16n8k16(acc[mt][nt], frags_a[mt], frags_b[nt], self.dtype.value)
-            if len(steps) % 2:  # an odd step count leaves the next slice's first fragments in set 1
-                for into, src in zip(sets[0], sets[1]):
-                    for regs_to, regs_from in zip(into, src):
-                        for x, y in zip(regs_to, regs_from):
-                            b.mov(y, out=x)
+                frags.load(read, (kk + 1) % frags.steps, (kk + 1) % 2)
+                frags.multiply(acc, kk)
+            if frags.steps % 2:  # an odd step count leaves the next slice's first fragments in set 1
+                frags.carry()
         b.cp_async_wait(0)
         store_accumulators(b, self, acc, ptr["c"], m, n, row0, col0, warp_m, warp_n, lane)
+
+    def _consume(self, p: TmaPipeline, tid: Reg) -> None:
+        """The TMA-fed consumers: each slice, once its copies have landed, through the two fragment
+        sets step by step; then every thread frees the stage (its ldmatrix reads fed mmas that
+        have issued, so they are done)."""
+        b = p.b
+        lane, warp = b.and_(tid, 31), b.shr(tid, 5)
+        warp_m, warp_n = b.rem(warp, self.warps_m), b.div(warp, self.warps_m)
+        tiles = (SharedTile(b, self.block_k, True, 0), SharedTile(b, self.block_k, True, self.block_m * ROW))
+        frags = _Fragments(self, b, *tiles, lane, warp_m, warp_n)
+        acc = [[[b.reg(T.F32) for _ in range(4)] for _ in range(self.n_tiles)] for _ in range(self.m_tiles)]
+        ring = Ring(b, self.stages)
+        for split, row0, col0 in p.work():
+            for r in (r for row in acc for tile in row for r in tile):
+                b.mov(0.0, out=r)
+            with b.loop(p.slices, "slice"):
+                at, full, empty = p.stage(ring)
+                b.mbarrier_wait(full, ring.phase)
+                frags.load(at, 0, 0)
+                for kk in range(frags.steps):
+                    if kk + 1 < frags.steps:
+                        frags.load(at, kk + 1, (kk + 1) % 2)
+                    frags.multiply(acc, kk)
+                b.mbarrier_arrive(empty)
+                ring.advance()
+            store_accumulators(b, self, acc, p.split_c(split), p.m, p.n, row0, col0, warp_m, warp_n, lane)
 
     @classmethod
     def examples(cls) -> list["GemmTCSpec"]:
         return [cls(), cls(trans_a=False, trans_b=False), cls(trans_a=True, trans_b=False, accumulate=True),
                 cls(bias=True, dtype=MmaType.F16), cls(block_m=64, block_n=64, warps_m=2, warps_n=2, block_k=64),
                 cls(trans_a=True, trans_b=True, block_k=16, stages=4),
-                cls(block_n=256, trans_b=False, group_m=4)]
+                cls(block_n=256, trans_b=False, group_m=4), cls(tma=True, block_n=256, block_k=64, stages=3),
+                cls(tma=True, block_k=64, bias=True, accumulate=True, warps_m=4, warps_n=2)]

@@ -36,14 +36,12 @@ from ..builder import KernelBuilder, Reg, T
 from ..registry import register
 from ..spec import KernelSpec, SpecError, Target
 from .common import check_positive
-from .gemm import Batch, batch_matrices
-from .gemm_tc import SHARED_LIMIT, TensorCoreGemm, _Operand, store_accumulators, tile_origin
+from .gemm import batch_matrices, tile_origin
+from .gemm_tc import SHARED_LIMIT, TensorCoreGemm, _Operand, store_accumulators
 from .mma_tile import MmaType
+from .tma_pipeline import ATOM_BYTES, MN_CHUNK, ROW, Ring, TmaPipeline
 
 BLOCK_K = 64        # a slice's K in 16-bit units: 128 bytes, one swizzle atom's row
-ROW = 128           # bytes of a swizzled row: a K-major operand's slice row, an MN-major one's 64 elements
-ATOM_BYTES = 1024   # 8 rows of 128 bytes: the swizzle period, and the descriptors' stride between 8-row groups
-MN_CHUNK = BLOCK_K * ROW  # an MN-major operand's [64 K][64 M or N] box: the stride between its 64-wide chunks
 
 
 def descriptor_bits(mn_major: bool) -> int:
@@ -73,7 +71,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
 
     @property
     def threads(self) -> int:
-        return 128 * (self.warpgroups + self.tma)
+        return 128 * self.warpgroups + 32 * self.tma  # with tma, a producer warp after the warpgroups
 
     @property
     def block_m(self) -> int:
@@ -82,11 +80,6 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
     @property
     def n_tiles(self) -> int:  # ... by every n8 column tile of block_n
         return self.block_n // 8
-
-    @property
-    def mn_major(self) -> tuple[bool, bool]:
-        """Whether A, B are stored with M, N contiguous (wgmma's transpose flags)."""
-        return self.trans_a, not self.trans_b
 
     @property
     def k_elems(self) -> int:  # K elements per slice
@@ -114,67 +107,42 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
             raise SpecError(f"{self.stages} stages need {self.dynamic_shared_bytes()} bytes of shared memory "
                             f"(max {SHARED_LIMIT})")
 
-    @property
-    def stage_bytes(self) -> int:
-        return (self.block_m + self.block_n) * BLOCK_K * 2
-
-    def dynamic_shared_bytes(self) -> int:
-        # with tma, a stage's two mbarriers (8 bytes each) after the stages: static shared memory
-        # would move the dynamic base off the 1024-byte alignment the swizzled tiles need
-        return self.stages * (self.stage_bytes + (16 if self.tma else 0))
-
-    def split_k_multiple(self) -> int:
-        # a part's last slice would read the next part's K: TMA zero-fills only past the matrix
-        return self.k_elems if self.tma else 1
-
-    def params(self) -> tuple[tuple[str, T], ...]:
-        if not self.tma:
-            return super().params()
-        ptrs = ("tmap_a", "tmap_b", "c") + (("bias",) if self.bias else ())
-        return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in ("m", "n", "k", "ldc", "splits"))
-
-    def launch_dims(self, m: int, n: int, batches: int = 1, *, resident: int | None = None
-                    ) -> tuple[tuple[int, int], int]:
-        """As the tensor-core GEMM's; the tma kernel's blocks persist, each walking (split, tile)
-        pairs ``%nctaid.x`` apart, so it takes at most ``resident`` blocks (``Kernel.resident_blocks``)."""
-        if not self.tma:
-            return super().launch_dims(m, n, batches)
-        (tiles, _), threads = super().launch_dims(m, n)
-        return (min(tiles * batches, resident or tiles * batches), 1), threads
-
-    def arguments(self, a: int, b: int, c: int, m: int, n: int, k: int, *, bias: int | None = None,
-                  lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
-                  batch: Batch | None = None, splits: int = 1) -> tuple[int, ...]:
-        """As the tensor-core GEMM's; with ``tma``, ``a`` and ``b`` are the device addresses of
-        the operands' tensor maps (``tma_operands``) and there are no leading dimensions or
-        batches to pass, only ``splits``."""
-        if not self.tma:
-            return super().arguments(a, b, c, m, n, k, bias=bias, lda=lda, ldb=ldb, ldc=ldc, batch=batch,
-                                     splits=splits)
-        if batch is not None or lda is not None or ldb is not None:
-            raise ValueError("gemm_wgmma with tma: the tensor maps carry the operands' layout; no batch, lda, ldb")
-        ldc = ldc if ldc is not None else n
-        super().arguments(a, b, c, m, n, k, bias=bias, ldc=ldc, splits=splits)  # the same shape checks
-        return (a, b, c) + ((bias,) if self.bias else ()) + (m, n, k, ldc, splits)
-
-    def tma_operands(self, m: int, n: int, k: int, lda: int | None = None, ldb: int | None = None
-                     ) -> tuple[tuple[int, int, int, tuple[int, int]], ...]:
-        """(rows, columns, row stride, box) of A's and B's tensor maps (``runtime.tensormap``): the
-        matrices as stored ([M or N, K] K-major, else [K, M or N]; ``k`` all of K, every split's),
-        and the (rows, columns) box one copy brings."""
-        out = []
-        for outer, block, mn, ld in ((m, self.block_m, self.trans_a, lda), (n, self.block_n, not self.trans_b, ldb)):
-            rows, cols, box = (k, outer, (self.k_elems, ROW // 2)) if mn else (outer, k, (block, self.k_elems))
-            out.append((rows, cols, ld if ld is not None else cols, box))
-        return tuple(out)
-
     def build(self, b: KernelBuilder) -> None:
-        (_Persistent if self.tma else _CopyFed)(self, b).build()
+        if self.tma:
+            TmaPipeline(self, b).build(self._consume)
+        else:
+            _CopyFed(self, b).build()
+
+    def _consume(self, p: TmaPipeline, tid: Reg) -> None:
+        """The TMA-fed consumer warpgroups: one wgmma group a slice, the one before it awaited
+        (wait_group 1) and its stage freed, so the tensor cores never wait between slices."""
+        b = p.b
+        warp, lane = b.shr(tid, 5), b.and_(tid, 31)
+        # this warpgroup's 64 rows of A: 64 K-major rows, or the MN-major chunk of them
+        a_rows = b.mul(b.shr(tid, 7), 64 * ROW)
+        acc = [b.reg(T.F32) for _ in range(self.block_n // 2)]
+        scale_d = b.setp("ne", b.mov(1, T.U32), 0)
+        ring = Ring(b, self.stages)
+        freed = b.reg(T.U32)  # the empty barrier of the slice before
+        for split, row0, col0 in p.work():
+            for r in acc:
+                b.mov(0.0, out=r)
+            with b.loop(p.slices, "slice") as i:
+                at, full, empty = p.stage(ring)
+                b.mbarrier_wait(full, ring.phase)
+                multiply(self, b, acc, b.add(at, a_rows), b.add(at, self.block_m * ROW), scale_d)
+                b.wgmma_wait(1)  # the slice before's wgmmas are done: its stage is free
+                b.mbarrier_arrive(freed, guard=b.setp("ne", i, 0))
+                b.mov(empty, out=freed)
+                ring.advance()
+            b.wgmma_wait(0)
+            b.mbarrier_arrive(freed, guard=b.setp("ne", p.slices, 0))
+            store(self, b, acc, p.split_c(split), p.m, p.n, row0, col0, warp, lane)
 
     @classmethod
     def examples(cls) -> list["GemmWgmmaSpec"]:
         return [cls(), cls(bias=True, dtype=MmaType.F16, block_n=128), cls(accumulate=True, warpgroups=1, stages=3),
-                cls(dtype=MmaType.TF32, block_n=128), cls(tma=True), cls(tma=True, dtype=MmaType.TF32, bias=True, block_n=128),
+                cls(dtype=MmaType.TF32, block_n=128), cls(tma=True), cls(tma=True, dtype=MmaType.TF32, bias=True),
                 cls(tma=True, trans_b=False, accumulate=True), cls(tma=True, trans_a=True, trans_b=False, block_n=128),
                 cls(tma=True, trans_a=True, warpgroups=1, block_n=64, stages=6)]
 
@@ -252,124 +220,3 @@ class _CopyFed:
             advance(read)
         b.cp_async_wait(0)
         store(spec, b, acc, ptr["c"], m, n, row0, col0, warp, lane)
-
-
-class _Ring:
-    """Which stage a slice counter is at and the parity of its mbarriers' current phase, advanced
-    slice by slice (each stage's barriers complete once per trip around the ring)."""
-
-    def __init__(self, b: KernelBuilder, stages: int):
-        self.b, self.stages = b, stages
-        self.at, self.phase = b.mov(0, T.U32), b.mov(0, T.U32)
-
-    def advance(self) -> None:
-        b = self.b
-        b.add(self.at, 1, out=self.at)
-        wrapped = b.setp("eq", self.at, self.stages)
-        b.mov(b.selp(0, self.at, wrapped, T.U32), out=self.at)
-        b.mov(b.selp(b.xor(self.phase, 1), self.phase, wrapped, T.U32), out=self.phase)
-
-
-class _Persistent:
-    """The warp-specialized persistent kernel (the module docstring's TMA feed)."""
-
-    def __init__(self, spec: GemmWgmmaSpec, b: KernelBuilder):
-        self.spec, self.b = spec, b
-
-    def build(self) -> None:
-        spec, b = self.spec, self.b
-        # one block an SM: 65536 / 384 threads caps a thread at 168 registers, the consumers'
-        # 128 accumulators (block_n 256) included. (setmaxnreg could move the producer's unused
-        # ones to the consumers, but the driver's JIT linker compiles separately and ignores it.)
-        b.launch_bounds(spec.threads, 1)
-        self.m, self.n, self.k = (b.ld_param(x) for x in "mnk")
-        tid = b.special("%tid.x")
-        self.warpgroup = b.shr(tid, 7)
-        self.smem = b.addr_of(b.dynamic_shared("tiles", align=ATOM_BYTES))
-        self.full = b.add(self.smem, spec.stages * spec.stage_bytes)
-        self.empty = b.add(self.full, 8 * spec.stages)
-        leader = b.setp("eq", tid, 0)
-        for s in range(spec.stages):
-            b.mbarrier_init(b.add(self.full, 8 * s), 1, guard=leader)
-            b.mbarrier_init(b.add(self.empty, 8 * s), 128 * spec.warpgroups, guard=leader)
-        b.fence_mbarrier_init(guard=leader)
-        b.bar_sync()
-        self.slices = b.div(b.add(self.k, spec.k_elems - 1), spec.k_elems)
-        self.tiles = b.mul(b.div(b.add(self.m, spec.block_m - 1), spec.block_m),
-                           b.div(b.add(self.n, spec.block_n - 1), spec.block_n))
-        work = b.mul(self.tiles, b.ld_param("splits"))
-        self.first, self.stride = b.special("%ctaid.x"), b.special("%nctaid.x")
-        # (split, tile) pairs first, first + stride, ... below work
-        self.mine = b.div(b.add(b.sub(b.max(work, self.first), self.first), b.sub(self.stride, 1)), self.stride)
-        end, consumer = b.new_label("end"), b.new_label("consumer")
-        b.bra(consumer, guard=b.setp("ne", self.warpgroup, 0))
-        b.bra(end, guard=~leader)
-        self.produce()
-        b.bra(end)
-        b.place(consumer)
-        self.consume(tid)
-        b.place(end)
-
-    def work(self):
-        """Loop over this block's (split, tile) pairs; yields (split, row0, col0)."""
-        b = self.b
-        with b.loop(self.mine, "tile") as i:
-            index = b.mad(i, self.stride, self.first)
-            split = b.div(index, self.tiles)
-            yield (split, *tile_origin(b, self.spec, self.m, self.n, b.sub(index, b.mul(split, self.tiles))))
-
-    def stage(self, ring: _Ring) -> tuple[Reg, Reg, Reg]:
-        """(shared address, full barrier, empty barrier) of the ring's stage."""
-        b = self.b
-        return (b.mad(ring.at, self.spec.stage_bytes, self.smem), b.mad(ring.at, 8, self.full),
-                b.mad(ring.at, 8, self.empty))
-
-    def produce(self) -> None:
-        """One thread: for each slice, wait for its stage to be free, then copy A's and B's boxes
-        into it. A K-major operand is one box [rows][K] at (k, row0); an MN-major one is a box
-        [64 K][64] per 64 of its rows, at (row0 + 64 j, k), MN_CHUNK apart."""
-        spec, b = self.spec, self.b
-        maps = [b.cvta_global(b.ld_param(x)) for x in ("tmap_a", "tmap_b")]
-        ring = _Ring(b, spec.stages)
-        for split, row0, col0 in self.work():
-            k_at = b.mul(split, self.k)
-            with b.loop(self.slices, "slice"):
-                at, full, empty = self.stage(ring)
-                b.mbarrier_wait(empty, b.xor(ring.phase, 1))  # the first trip finds every stage free
-                b.mbarrier_expect_tx(full, spec.stage_bytes)
-                for tensor_map, outer0, rows, offset, mn in zip(maps, (row0, col0), (spec.block_m, spec.block_n),
-                                                                (0, spec.block_m * ROW), spec.mn_major):
-                    if not mn:
-                        b.tma_load_2d(b.add(at, offset), tensor_map, k_at, outer0, full)
-                    for j in range(rows // 64 if mn else 0):
-                        b.tma_load_2d(b.add(at, offset + j * MN_CHUNK), tensor_map, b.add(outer0, 64 * j), k_at,
-                                      full)
-                b.add(k_at, spec.k_elems, out=k_at)
-                ring.advance()
-
-    def consume(self, tid: Reg) -> None:
-        spec, b = self.spec, self.b
-        c_base = b.cvta_global(b.ld_param("c"))
-        split_bytes = b.shl(b.mul_wide(self.m, b.ld_param("ldc")), 2)  # one split's C matrix
-        warp, lane = b.sub(b.shr(tid, 5), 4), b.and_(tid, 31)  # the consumers' warps 0..
-        # this warpgroup's 64 rows of A: 64 K-major rows, or the MN-major chunk of them
-        a_rows = b.mul(b.sub(self.warpgroup, 1), 64 * ROW)
-        acc = [b.reg(T.F32) for _ in range(spec.block_n // 2)]
-        scale_d = b.setp("ne", b.mov(1, T.U32), 0)
-        ring = _Ring(b, spec.stages)
-        freed = b.reg(T.U32)  # the empty barrier of the slice before
-        for split, row0, col0 in self.work():
-            for r in acc:
-                b.mov(0.0, out=r)
-            with b.loop(self.slices, "slice") as i:
-                at, full, empty = self.stage(ring)
-                b.mbarrier_wait(full, ring.phase)
-                multiply(spec, b, acc, b.add(at, a_rows), b.add(at, spec.block_m * ROW), scale_d)
-                b.wgmma_wait(1)  # the slice before's wgmmas are done: its stage is free
-                b.mbarrier_arrive(freed, guard=b.setp("ne", i, 0))
-                b.mov(empty, out=freed)
-                ring.advance()
-            b.wgmma_wait(0)
-            b.mbarrier_arrive(freed, guard=b.setp("ne", self.slices, 0))
-            c_ptr = b.add(c_base, b.mul(b.cvt(T.U64, split), split_bytes))
-            store(spec, b, acc, c_ptr, self.m, self.n, row0, col0, warp, lane)

@@ -1,0 +1,127 @@
+"""The warp-specialized persistent GEMM skeleton that the TMA-fed tensor-core GEMMs share.
+
+The block's last warp is the producer: its first thread issues TMA bulk tensor copies of every
+slice of every (split, tile) pair the block owns, as far ahead as the stages allow. The warps
+before it are the consumers: a spec-specific loop (wgmma or ldmatrix + mma.sync) multiplies each
+slice as it lands and stores each tile, while the producer is already filling the stages with
+the next. Each stage has two mbarriers: ``full`` (the copies' bytes have landed: one arrival with
+the byte count, completed by the copy unit) and ``empty`` (every consumer thread is done reading
+it). Persistent blocks walk the (split, tile) pairs ``%nctaid.x`` apart, tiles in
+``tile_origin``'s order, so the stores of one tile overlap the copies of the next, and there is
+no block-wide barrier after the setup.
+
+A slice is 128 bytes of K. A K-major operand (K contiguous) lands as one [rows][128 bytes] box; an
+MN-major one as [64 K rows][64 elements] boxes side by side, MN_CHUNK apart; both in the 128-byte
+swizzle (16-byte chunk c of row r at c ^ (r % 8) within 1024-byte aligned atoms).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+from ..builder import KernelBuilder, Reg, T
+from .gemm import tile_origin
+
+ROW = 128           # bytes of a swizzled row: a K-major operand's slice row, an MN-major one's 64 elements
+ATOM_BYTES = 1024   # 8 rows of 128 bytes: the swizzle period
+MN_CHUNK = 64 * ROW  # an MN-major operand's [64 K][64 M or N] box: the stride between its 64-wide chunks
+
+
+class Ring:
+    """Which stage a slice counter is at and the parity of its mbarriers' current phase, advanced
+    slice by slice (each stage's barriers complete once per trip around the ring)."""
+
+    def __init__(self, b: KernelBuilder, stages: int):
+        self.b, self.stages = b, stages
+        self.at, self.phase = b.mov(0, T.U32), b.mov(0, T.U32)
+
+    def advance(self) -> None:
+        b = self.b
+        b.add(self.at, 1, out=self.at)
+        wrapped = b.setp("eq", self.at, self.stages)
+        b.mov(b.selp(0, self.at, wrapped, T.U32), out=self.at)
+        b.mov(b.selp(b.xor(self.phase, 1), self.phase, wrapped, T.U32), out=self.phase)
+
+
+class TmaPipeline:
+    """The skeleton for ``spec`` (a TensorCoreGemm with ``tma``: block_m, block_n, k_elems,
+    stage_bytes, stages, mn_major, threads). ``build(consume)`` emits the setup and the producer,
+    and calls ``consume(pipeline, tid)`` for the consumer warps' code."""
+
+    def __init__(self, spec: Any, b: KernelBuilder):
+        self.spec, self.b = spec, b
+        self.consumers = spec.threads - 32
+
+    def build(self, consume: Callable[["TmaPipeline", Reg], None]) -> None:
+        spec, b = self.spec, self.b
+        # one block an SM, with every register it can have (.minnctapersm 1 would budget for a
+        # thread count rounded up to whole warpgroups: 168 for the 288 threads of 8 consumer warps
+        # and the producer, where 224 fit)
+        b.launch_bounds(spec.threads, max_registers=min(255, 65536 // spec.threads // 8 * 8))
+        self.m, self.n, self.k = (b.ld_param(x) for x in "mnk")
+        tid = b.special("%tid.x")
+        self.smem = b.addr_of(b.dynamic_shared("tiles", align=ATOM_BYTES))
+        self.full = b.add(self.smem, spec.stages * spec.stage_bytes)
+        self.empty = b.add(self.full, 8 * spec.stages)
+        leader = b.setp("eq", tid, 0)
+        for s in range(spec.stages):
+            b.mbarrier_init(b.add(self.full, 8 * s), 1, guard=leader)
+            b.mbarrier_init(b.add(self.empty, 8 * s), self.consumers, guard=leader)
+        b.fence_mbarrier_init(guard=leader)
+        b.bar_sync()
+        self.slices = b.div(b.add(self.k, spec.k_elems - 1), spec.k_elems)
+        self.tiles = b.mul(b.div(b.add(self.m, spec.block_m - 1), spec.block_m),
+                           b.div(b.add(self.n, spec.block_n - 1), spec.block_n))
+        work = b.mul(self.tiles, b.ld_param("splits"))
+        self.first, self.stride = b.special("%ctaid.x"), b.special("%nctaid.x")
+        # (split, tile) pairs first, first + stride, ... below work
+        self.mine = b.div(b.add(b.sub(b.max(work, self.first), self.first), b.sub(self.stride, 1)), self.stride)
+        end, consumer = b.new_label("end"), b.new_label("consumer")
+        b.bra(consumer, guard=b.setp("lt", tid, self.consumers))
+        b.bra(end, guard=b.setp("ne", tid, self.consumers))  # the producer warp's first thread issues
+        self.produce()
+        b.bra(end)
+        b.place(consumer)
+        consume(self, tid)
+        b.place(end)
+
+    def work(self) -> Iterator[tuple[Reg, Reg, Reg]]:
+        """Loop over this block's (split, tile) pairs; yields (split, row0, col0)."""
+        b = self.b
+        with b.loop(self.mine, "tile") as i:
+            index = b.mad(i, self.stride, self.first)
+            split = b.div(index, self.tiles)
+            yield (split, *tile_origin(b, self.spec, self.m, self.n, b.sub(index, b.mul(split, self.tiles))))
+
+    def stage(self, ring: Ring) -> tuple[Reg, Reg, Reg]:
+        """(shared address, full barrier, empty barrier) of the ring's stage."""
+        b = self.b
+        return (b.mad(ring.at, self.spec.stage_bytes, self.smem), b.mad(ring.at, 8, self.full),
+                b.mad(ring.at, 8, self.empty))
+
+    def produce(self) -> None:
+        """For each slice: wait for its stage to be free, then copy A's and B's boxes into it (a
+        K-major operand's at (k, row0), an MN-major one's at (row0 + 64 j, k))."""
+        spec, b = self.spec, self.b
+        maps = [b.cvta_global(b.ld_param(x)) for x in ("tmap_a", "tmap_b")]
+        ring = Ring(b, spec.stages)
+        for split, row0, col0 in self.work():
+            k_at = b.mul(split, self.k)
+            with b.loop(self.slices, "slice"):
+                at, full, empty = self.stage(ring)
+                b.mbarrier_wait(empty, b.xor(ring.phase, 1))  # the first trip finds every stage free
+                b.mbarrier_expect_tx(full, spec.stage_bytes)
+                for tensor_map, outer0, rows, offset, mn in zip(maps, (row0, col0), (spec.block_m, spec.block_n),
+                                                                (0, spec.block_m * ROW), spec.mn_major):
+                    if not mn:
+                        b.tma_load_2d(b.add(at, offset), tensor_map, k_at, outer0, full)
+                    for j in range(rows // 64 if mn else 0):
+                        b.tma_load_2d(b.add(at, offset + j * MN_CHUNK), tensor_map, b.add(outer0, 64 * j), k_at,
+                                      full)
+                b.add(k_at, spec.k_elems, out=k_at)
+                ring.advance()
+
+    def split_c(self, split: Reg) -> Reg:
+        """C's address for ``split``'s partial product (consecutive m x ldc matrices)."""
+        b = self.b
+        c_bytes = b.shl(b.mul_wide(self.m, b.ld_param("ldc")), 2)
+        return b.add(b.cvta_global(b.ld_param("c")), b.mul(b.cvt(T.U64, split), c_bytes))
