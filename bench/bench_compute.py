@@ -48,9 +48,8 @@ class Row:
 
 TC_TILES = [dict(), dict(min_blocks=2), dict(block_k=64, stages=3), dict(block_k=64, stages=3, min_blocks=2),
             dict(block_n=256), dict(block_n=256, stages=3), dict(block_n=256, block_k=64, stages=3),
-            dict(block_m=256, warps_m=4, warps_n=2), dict(tma=True, block_n=256, block_k=64, stages=3),
-            dict(tma=True, block_n=256, block_k=64, stages=4), dict(tma=True, block_k=64, stages=6),
-            dict(tma=True, block_n=256, block_k=64, stages=4, warps_m=4, warps_n=2)]
+            dict(block_m=256, warps_m=4, warps_n=2), dict(tma=True, block_k=64, stages=4),
+            dict(tma=True, block_k=64, stages=6), dict(tma=True, block_k=64, stages=6, warps_m=4, warps_n=2)]
 TORCH_16 = {MmaType.BF16: torch.bfloat16, MmaType.F16: torch.float16, MmaType.TF32: torch.float32}
 
 

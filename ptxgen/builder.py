@@ -739,11 +739,10 @@ class KernelBuilder:
         """
         return _Loop(self, count, base)
 
-    def launch_bounds(self, threads: int, min_blocks: int | None = None, max_registers: int | None = None) -> None:
+    def launch_bounds(self, threads: int, min_blocks: int | None = None) -> None:
         """Promise ptxas at most ``threads`` per block (and ask for ``min_blocks`` resident per SM),
-        so it can budget registers for that occupancy; or cap a thread's registers outright."""
-        self._directives = ([f".maxntid {threads}, 1, 1"] + ([f".minnctapersm {min_blocks}"] if min_blocks else [])
-                            + ([f".maxnreg {max_registers}"] if max_registers else []))
+        so it can budget registers for that occupancy."""
+        self._directives = [f".maxntid {threads}, 1, 1"] + ([f".minnctapersm {min_blocks}"] if min_blocks else [])
 
     # -- output --------------------------------------------------------------------------------
     def text(self) -> str:

@@ -237,8 +237,8 @@ def test_tma_wgmma_split_k_writes_each_parts_product(cache, fields):
 
 
 @pytest.mark.parametrize("fields, shape, resident", [
-    (dict(block_n=256), (77, 136, 40), None), (dict(bias=True), (1, 264, 896), None),
-    (dict(block_n=256, stages=3), (1000, 4864, 896), 7),   # several tiles a block: the ring goes on
+    (dict(), (77, 136, 40), None), (dict(bias=True), (1, 264, 896), None),
+    (dict(stages=6), (1000, 4864, 896), 7),   # several tiles a block: the ring goes on
     (dict(accumulate=True, warps_m=4, warps_n=2), (300, 520, 1000), 5),
     (dict(dtype=MmaType.F16, block_m=64, block_n=64, warps_m=2, warps_n=2), (70, 72, 136), 3)])
 def test_tma_mma_sync_gemm_matches_float64(cache, fields, shape, resident):

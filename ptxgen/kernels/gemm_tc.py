@@ -285,6 +285,11 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
         if self.tma and (self.block_k != 64 or any(self.mn_major) or self.min_blocks != 1):
             raise SpecError("gemm_tc with tma: block_k 64 (128-byte rows: the copy unit's swizzle), A [M, K] and "
                             "B [N, K], one block an SM")
+        if self.tma and self.m_tiles * self.n_tiles * 4 > 64:
+            # the producer warp makes a block's warps a count the register file rounds up to whole
+            # warpgroups: 8 + 1 warps get 168 registers a thread, which fit 64 accumulators a warp
+            raise SpecError(f"gemm_tc with tma: a warp's {16 * self.m_tiles}x{8 * self.n_tiles} tile is "
+                            f"{self.m_tiles * self.n_tiles * 4} accumulators a thread; at most 64 fit")
         if self.dynamic_shared_bytes() > SHARED_LIMIT:
             raise SpecError(f"{self.stages} stages need {self.dynamic_shared_bytes()} bytes of shared memory "
                             f"(max {SHARED_LIMIT})")
@@ -379,5 +384,5 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
         return [cls(), cls(trans_a=False, trans_b=False), cls(trans_a=True, trans_b=False, accumulate=True),
                 cls(bias=True, dtype=MmaType.F16), cls(block_m=64, block_n=64, warps_m=2, warps_n=2, block_k=64),
                 cls(trans_a=True, trans_b=True, block_k=16, stages=4),
-                cls(block_n=256, trans_b=False, group_m=4), cls(tma=True, block_n=256, block_k=64, stages=3),
+                cls(block_n=256, trans_b=False, group_m=4), cls(tma=True, block_k=64, stages=6),
                 cls(tma=True, block_k=64, bias=True, accumulate=True, warps_m=4, warps_n=2)]

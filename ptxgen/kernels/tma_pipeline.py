@@ -53,10 +53,7 @@ class TmaPipeline:
 
     def build(self, consume: Callable[["TmaPipeline", Reg], None]) -> None:
         spec, b = self.spec, self.b
-        # one block an SM, with every register it can have (.minnctapersm 1 would budget for a
-        # thread count rounded up to whole warpgroups: 168 for the 288 threads of 8 consumer warps
-        # and the producer, where 224 fit)
-        b.launch_bounds(spec.threads, max_registers=min(255, 65536 // spec.threads // 8 * 8))
+        b.launch_bounds(spec.threads, 1)  # one block an SM: every register is the consumers'
         self.m, self.n, self.k = (b.ld_param(x) for x in "mnk")
         tid = b.special("%tid.x")
         self.smem = b.addr_of(b.dynamic_shared("tiles", align=ATOM_BYTES))
