@@ -625,8 +625,9 @@ class KernelBuilder:
     # -- warps, barriers, control flow ----------------------------------------------------------
     # -- warpgroup MMA (sm_90a) -----------------------------------------------------------------
     def fence_proxy_async(self) -> None:
-        """Make this thread's generic-proxy shared-memory writes (st, cp.async) visible to the async
-        proxy that wgmma reads shared memory through."""
+        """Order this thread's generic-proxy shared-memory accesses before later async-proxy ones
+        (wgmma's reads, TMA's writes): writes by st / cp.async that wgmma will read, or reads by
+        ld / ldmatrix of a buffer a bulk copy will refill."""
         self._emit("fence.proxy.async.shared::cta")
 
     def wgmma_fence(self) -> None:

@@ -355,8 +355,10 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
 
     def _consume(self, p: TmaPipeline, tid: Reg) -> None:
         """The TMA-fed consumers: each slice, once its copies have landed, through the two fragment
-        sets step by step; then every thread frees the stage (its ldmatrix reads fed mmas that
-        have issued, so they are done)."""
+        sets step by step; then every thread frees the stage. Its ldmatrix reads are generic-proxy
+        accesses and the copies that refill the stage async-proxy writes: without a proxy fence
+        between them (release and acquire through the mbarrier order the generic proxy only) the
+        copy unit overwrote stages still being read, on the GPU, whenever blocks walked several tiles."""
         b = p.b
         lane, warp = b.and_(tid, 31), b.shr(tid, 5)
         warp_m, warp_n = b.rem(warp, self.warps_m), b.div(warp, self.warps_m)
@@ -375,6 +377,7 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
                     if kk + 1 < frags.steps:
                         frags.load(at, kk + 1, (kk + 1) % 2)
                     frags.multiply(acc, kk)
+                b.fence_proxy_async()
                 b.mbarrier_arrive(empty)
                 ring.advance()
             store_accumulators(b, self, acc, p.split_c(split), p.m, p.n, row0, col0, warp_m, warp_n, lane)
