@@ -48,8 +48,7 @@ class Row:
 
 TC_TILES = [dict(), dict(min_blocks=2), dict(block_k=64, stages=3), dict(block_k=64, stages=3, min_blocks=2),
             dict(block_n=256), dict(block_n=256, stages=3), dict(block_n=256, block_k=64, stages=3),
-            dict(block_m=256, warps_m=4, warps_n=2), dict(tma=True, block_k=64, stages=4),
-            dict(tma=True, block_k=64, stages=6), dict(tma=True, block_k=64, stages=6, warps_m=4, warps_n=2)]
+            dict(block_m=256, warps_m=4, warps_n=2)]
 TORCH_16 = {MmaType.BF16: torch.bfloat16, MmaType.F16: torch.float16, MmaType.TF32: torch.float32}
 
 
@@ -61,8 +60,7 @@ LAYOUT_NAMES = {(False, True): "NT", (False, False): "NN", (True, False): "TN", 
 def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: int, wgmma: bool = False,
             trans_a: bool = False, trans_b: bool = True, label: str = "") -> None:
     """C = op(A) op(B) on tensor cores (mma.sync, or ``wgmma``) at its fastest tile, beside
-    torch.matmul (cuBLAS) in the same type. The cp.async wgmma and the tma mma.sync kernels serve
-    only NT."""
+    torch.matmul (cuBLAS) in the same type. The cp.async wgmma kernel serves only NT."""
     a = torch.randn(*((k, m) if trans_a else (m, k)), device="cuda", dtype=TORCH_16[dtype])
     b = torch.randn(*((n, k) if trans_b else (k, n)), device="cuda", dtype=TORCH_16[dtype])
     c = torch.empty(m, n, device="cuda")

@@ -6,7 +6,6 @@ import pytest
 
 from ptxgen.kernels.attention import AttentionSpec, attention_backward_reference, attention_reference
 from ptxgen.kernels.gemm import Batch, GemmSpec, Strides, widest_vec
-from ptxgen.builder import T
 from ptxgen.spec import SpecError
 
 
@@ -126,14 +125,3 @@ def test_tma_wgmma_gemm_describes_its_tensor_maps_and_refuses_what_they_cannot_s
     with pytest.raises(SpecError, match="tf32 operands must be stored with K contiguous"):
         GemmWgmmaSpec(tma=True, trans_a=True, dtype=MmaType.TF32)
 
-
-def test_tma_mma_sync_gemm_takes_128_byte_rows_of_k_contiguous_operands():
-    from ptxgen.kernels.gemm_tc import GemmTCSpec
-    spec = GemmTCSpec(tma=True, block_k=64, stages=6)
-    assert spec.threads == 288 and spec.params()[:3] == (("tmap_a", T.U64), ("tmap_b", T.U64), ("c", T.U64))
-    assert spec.tma_operands(300, 520, 1000) == ((300, 1000, 1000, (128, 64)), (520, 1000, 1000, (128, 64)))
-    for bad in (dict(block_k=32), dict(block_k=64, trans_b=False), dict(block_k=64, min_blocks=2)):
-        with pytest.raises(SpecError, match="gemm_tc with tma"):
-            GemmTCSpec(tma=True, **bad)
-    with pytest.raises(SpecError, match="64x64 tile is 128 accumulators a thread; at most 64 fit"):
-        GemmTCSpec(tma=True, block_k=64, block_n=256)

@@ -235,18 +235,3 @@ def test_tma_wgmma_split_k_writes_each_parts_product(cache, fields):
     from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
     assert_close(*run_tma(cache, GemmWgmmaSpec(tma=True, **fields), 200, 136, 192, splits=4, resident=5))
 
-
-@pytest.mark.parametrize("fields, shape, resident", [
-    (dict(), (77, 136, 40), None), (dict(bias=True), (1, 264, 896), None),
-    (dict(stages=6), (1000, 4864, 896), 7),   # several tiles a block: the ring goes on
-    (dict(accumulate=True, warps_m=4, warps_n=2), (300, 520, 1000), 5),
-    (dict(dtype=MmaType.F16, block_m=64, block_n=64, warps_m=2, warps_n=2), (70, 72, 136), 3)])
-def test_tma_mma_sync_gemm_matches_float64(cache, fields, shape, resident):
-    """The mma.sync GEMM in the warp-specialized persistent form: slices by TMA into the same
-    swizzled tiles its ldmatrix addressing reads (the copy unit's 128-byte swizzle)."""
-    spec = GemmTCSpec(tma=True, block_k=64, **fields)
-    assert_close(*run_tma(cache, spec, *shape, resident=resident))
-
-
-def test_tma_mma_sync_split_k_writes_each_parts_product(cache):
-    assert_close(*run_tma(cache, GemmTCSpec(tma=True, block_k=64), 200, 136, 192, splits=4, resident=5))

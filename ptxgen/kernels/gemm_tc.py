@@ -23,7 +23,6 @@ from ..spec import KernelSpec, SpecError
 from .common import check_positive
 from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices, leading_dims, split_batch, tile_origin
 from .mma_tile import CHUNK, ELEMS, MmaType, SharedTile
-from .tma_pipeline import ROW, Ring, TmaPipeline
 
 SHARED_LIMIT = 227 * 1024  # dynamic shared memory one block may have on sm_90
 
@@ -240,11 +239,16 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
     stages: int = 4
     group_m: int = 8
     min_blocks: int = 1  # blocks per SM the registers must allow (ptxas .minnctapersm)
-    tma: bool = False  # the warp-specialized persistent kernel fed by TMA (NT, block_k 64)
+
+    # Not TMA-fed: tried, a producer warp beside 8 mma.sync warps leaves 168 registers a thread
+    # (the register file counts a block's warps in fours), so 64 accumulators a warp, and the proxy
+    # fence its ldmatrix reads need before each stage is refilled: 390-430 TFLOP/s against this
+    # kernel's 450-460 at 4096^3 and 8192^3.
+    tma: ClassVar[bool] = False
 
     @property
     def threads(self) -> int:
-        return 32 * (self.warps_m * self.warps_n + self.tma)  # with tma, a producer warp after the others
+        return 32 * self.warps_m * self.warps_n
 
     @property
     def k_elems(self) -> int:
@@ -275,29 +279,17 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
         for outer in (self.block_m, self.block_n):
             if outer & (outer - 1):
                 raise SpecError(f"tile sides must be powers of two, got {outer}")
-            copies = () if self.tma else ((self.block_k // ELEMS, outer), (outer // ELEMS, self.block_k))
-            for chunks, rows in copies:  # cp.async passes
+            for chunks, rows in ((self.block_k // ELEMS, outer), (outer // ELEMS, self.block_k)):
                 if self.threads % chunks or rows % (self.threads // chunks) or (self.threads // chunks) % 8:
                     raise SpecError(f"{self.threads} threads do not copy a {outer}x{self.block_k} slice in "
                                     f"passes of whole rows, a multiple of 8 each")
         if self.stages < 2:
             raise SpecError("stages must be >= 2 (one slice in flight while one is multiplied)")
-        if self.tma and (self.block_k != 64 or any(self.mn_major) or self.min_blocks != 1):
-            raise SpecError("gemm_tc with tma: block_k 64 (128-byte rows: the copy unit's swizzle), A [M, K] and "
-                            "B [N, K], one block an SM")
-        if self.tma and self.m_tiles * self.n_tiles * 4 > 64:
-            # the producer warp makes a block's warps a count the register file rounds up to whole
-            # warpgroups: 8 + 1 warps get 168 registers a thread, which fit 64 accumulators a warp
-            raise SpecError(f"gemm_tc with tma: a warp's {16 * self.m_tiles}x{8 * self.n_tiles} tile is "
-                            f"{self.m_tiles * self.n_tiles * 4} accumulators a thread; at most 64 fit")
         if self.dynamic_shared_bytes() > SHARED_LIMIT:
             raise SpecError(f"{self.stages} stages need {self.dynamic_shared_bytes()} bytes of shared memory "
                             f"(max {SHARED_LIMIT})")
 
     def build(self, b: KernelBuilder) -> None:
-        if self.tma:
-            TmaPipeline(self, b).build(self._consume)
-            return
         b.launch_bounds(self.threads, self.min_blocks)
         m, n, k = (b.ld_param(x) for x in "mnk")
         tid = b.special("%tid.x")
@@ -353,39 +345,9 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
         b.cp_async_wait(0)
         store_accumulators(b, self, acc, ptr["c"], m, n, row0, col0, warp_m, warp_n, lane)
 
-    def _consume(self, p: TmaPipeline, tid: Reg) -> None:
-        """The TMA-fed consumers: each slice, once its copies have landed, through the two fragment
-        sets step by step; then every thread frees the stage. Its ldmatrix reads are generic-proxy
-        accesses and the copies that refill the stage async-proxy writes: without a proxy fence
-        between them (release and acquire through the mbarrier order the generic proxy only) the
-        copy unit overwrote stages still being read, on the GPU, whenever blocks walked several tiles."""
-        b = p.b
-        lane, warp = b.and_(tid, 31), b.shr(tid, 5)
-        warp_m, warp_n = b.rem(warp, self.warps_m), b.div(warp, self.warps_m)
-        tiles = (SharedTile(b, self.block_k, True, 0), SharedTile(b, self.block_k, True, self.block_m * ROW))
-        frags = _Fragments(self, b, *tiles, lane, warp_m, warp_n)
-        acc = [[[b.reg(T.F32) for _ in range(4)] for _ in range(self.n_tiles)] for _ in range(self.m_tiles)]
-        ring = Ring(b, self.stages)
-        for split, row0, col0 in p.work():
-            for r in (r for row in acc for tile in row for r in tile):
-                b.mov(0.0, out=r)
-            with b.loop(p.slices, "slice"):
-                at, full, empty = p.stage(ring)
-                b.mbarrier_wait(full, ring.phase)
-                frags.load(at, 0, 0)
-                for kk in range(frags.steps):
-                    if kk + 1 < frags.steps:
-                        frags.load(at, kk + 1, (kk + 1) % 2)
-                    frags.multiply(acc, kk)
-                b.fence_proxy_async()
-                b.mbarrier_arrive(empty)
-                ring.advance()
-            store_accumulators(b, self, acc, p.split_c(split), p.m, p.n, row0, col0, warp_m, warp_n, lane)
-
     @classmethod
     def examples(cls) -> list["GemmTCSpec"]:
         return [cls(), cls(trans_a=False, trans_b=False), cls(trans_a=True, trans_b=False, accumulate=True),
                 cls(bias=True, dtype=MmaType.F16), cls(block_m=64, block_n=64, warps_m=2, warps_n=2, block_k=64),
                 cls(trans_a=True, trans_b=True, block_k=16, stages=4),
-                cls(block_n=256, trans_b=False, group_m=4), cls(tma=True, block_k=64, stages=6),
-                cls(tma=True, block_k=64, bias=True, accumulate=True, warps_m=4, warps_n=2)]
+                cls(block_n=256, trans_b=False, group_m=4)]

@@ -1,14 +1,16 @@
-"""The warp-specialized persistent GEMM skeleton that the TMA-fed tensor-core GEMMs share.
+"""The warp-specialized persistent GEMM skeleton of the TMA-fed tensor-core GEMM (gemm_wgmma).
 
 The block's last warp is the producer: its first thread issues TMA bulk tensor copies of every
 slice of every (split, tile) pair the block owns, as far ahead as the stages allow. The warps
-before it are the consumers: a spec-specific loop (wgmma or ldmatrix + mma.sync) multiplies each
-slice as it lands and stores each tile, while the producer is already filling the stages with
-the next. Each stage has two mbarriers: ``full`` (the copies' bytes have landed: one arrival with
-the byte count, completed by the copy unit) and ``empty`` (every consumer thread is done reading
-it). Persistent blocks walk the (split, tile) pairs ``%nctaid.x`` apart, tiles in
-``tile_origin``'s order, so the stores of one tile overlap the copies of the next, and there is
-no block-wide barrier after the setup.
+before it are the consumers: the spec's loop multiplies each slice as it lands and stores each
+tile, while the producer is already filling the stages with the next. Each stage has two
+mbarriers: ``full`` (the copies' bytes have landed: one arrival with the byte count, completed by
+the copy unit) and ``empty`` (every consumer thread is done reading it). Persistent blocks walk
+the (split, tile) pairs ``%nctaid.x`` apart, tiles in ``tile_origin``'s order, so the stores of
+one tile overlap the copies of the next, and there is no block-wide barrier after the setup.
+Consumers that read a stage through the generic proxy (ld, ldmatrix) must fence it into the async
+proxy before releasing it (``fence_proxy_async``): the copies that refill it are async-proxy
+writes, which the mbarrier's release and acquire do not order after generic reads.
 
 A slice is 128 bytes of K. A K-major operand (K contiguous) lands as one [rows][128 bytes] box; an
 MN-major one as [64 K rows][64 elements] boxes side by side, MN_CHUNK apart; both in the 128-byte
