@@ -95,6 +95,9 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert bf16.q.forward.bias and not bf16.o.forward.bias
     assert bf16.gate_up.forward.block_n == 256 and bf16.q.forward.block_n == 128  # wide outputs, wide tiles
     assert bf16.down.grad_input.block_n == 256 and bf16.gate_up.grad_input.block_n == 128  # dX is d_in wide
+    # the LM head's backward contracts over (dX) or runs down (dW) the vocabulary: 128x256, 3 stages
+    assert {(s.block_n, s.stages) for s in (bf16.head.grad_input, bf16.head.grad_weight)} == {(256, 3)}
+    assert (bf16.q.grad_weight.block_n, bf16.q.grad_weight.stages) == (128, 6)
     assert isinstance(bf16.attention, AttentionTCSpec) and isinstance(bf16.attention_bwd_kv, AttentionTCBackwardKVSpec)
     assert (bf16.attention.heads, bf16.attention.kv_heads, bf16.attention.head_dim) == (14, 2, 64)
     # everything else is the same kernel in both precisions
