@@ -158,6 +158,41 @@ class _Flash:
         b = self.b
         return [b.add(b.add(first, b.mad(self.warp, 16, self.group)), 8 * h) for h in range(2)]
 
+    def online_softmax(self, s: Tiles, m: list[Reg], l_part: list[Reg], o: Tiles, c: float) -> Tiles:
+        """One key tile's step of the online softmax, in base 2 (``c``: the scale times log2 e), on
+        the S accumulators: the row maxima ``m`` move up, the lane's shares of the row sums
+        ``l_part`` and the output accumulators ``o`` are rescaled to them; returns P."""
+        b = self.b
+        p = [[None] * 4 for _ in s]
+        for h in range(2):  # this lane's values of row group + 8h: accumulator entries 2h, 2h+1
+            mine = [(j, e) for j in range(len(s)) for e in (2 * h, 2 * h + 1)]
+            row_max = functools.reduce(b.max, [s[j][e] for j, e in mine])
+            m_new = b.max(m[h], b.mul(warp_allreduce(b, row_max, "max", 4), c))
+            alpha = b.fn("ex2", b.sub(m[h], m_new))
+            neg = b.neg(m_new)
+            for j, e in mine:
+                p[j][e] = b.fn("ex2", b.fma(s[j][e], c, neg))
+            b.fma(l_part[h], alpha, tree_sum(b, [p[j][e] for j, e in mine]), out=l_part[h])
+            for acc in o:
+                for e in (2 * h, 2 * h + 1):
+                    b.mul(acc[e], alpha, out=acc[e])
+            b.mov(m_new, out=m[h])
+        return p
+
+    def store_output(self, o: Tiles, m: list[Reg], l_part: list[Reg], rows: list[Reg], seq: Reg, head: Reg) -> None:
+        """O / l in 16 bits and the log-sum-exp (natural log) of this lane's two rows."""
+        b, spec = self.b, self.spec
+        for h in range(2):
+            l_row = warp_allreduce(b, l_part[h], "add", 4)
+            inv = b.fn("rcp", l_row, "rn")
+            valid = b.setp("lt", rows[h], seq)
+            out = b.add(self.row_ptr("o", seq, rows[h], spec.heads, head), b.mul_wide(self.quad, 4))
+            for j, acc in enumerate(o):
+                b.st("global", Addr(out, 16 * j), b.cvt_x2(self.to, b.mul(acc[2 * h + 1], inv), b.mul(acc[2 * h], inv)),
+                     t=T.B32, guard=valid)
+            b.st("global", Addr(self.stat_ptr("lse", spec.heads, head, seq, rows[h])),
+                 b.mul(b.add(m[h], b.fn("lg2", l_row)), LN2), guard=b.and_(valid, b.setp("eq", self.quad, 0)))
+
     def swap(self, x: Reg, y: Reg) -> None:
         t = self.b.mov(x)
         self.b.mov(y, out=x)
@@ -271,36 +306,13 @@ class AttentionTCSpec(_FlashBase):
             s = f.zeros(bkv // 8)
             f.products(s, q, stage, bkv)
             f.mask(s, key0, b.setp("gt", b.add(key0, bkv), last_free), off)
-            p = [[None] * 4 for _ in s]
-            for h in range(2):  # this lane's values of row group + 8h: accumulator entries 2h, 2h+1
-                mine = [(j, e) for j in range(len(s)) for e in (2 * h, 2 * h + 1)]
-                row_max = functools.reduce(b.max, [s[j][e] for j, e in mine])
-                m_new = b.max(m[h], b.mul(warp_allreduce(b, row_max, "max", 4), c))
-                alpha = b.fn("ex2", b.sub(m[h], m_new))
-                neg = b.neg(m_new)
-                for j, e in mine:
-                    p[j][e] = b.fn("ex2", b.fma(s[j][e], c, neg))
-                b.fma(l_part[h], alpha, tree_sum(b, [p[j][e] for j, e in mine]), out=l_part[h])
-                for acc in o:
-                    for e in (2 * h, 2 * h + 1):
-                        b.mul(acc[e], alpha, out=acc[e])
-                b.mov(m_new, out=m[h])
+            p = f.online_softmax(s, m, l_part, o, c)
             f.accumulate(o, p, b.add(stage, kv_bytes), bkv)
             b.cp_async_wait(0)  # the next tile has landed, and every warp is done with this one
             b.bar_sync()
             f.swap(stage, other)
             b.add(key0, bkv, out=key0)
-
-        for h in range(2):
-            l_row = warp_allreduce(b, l_part[h], "add", 4)
-            inv = b.fn("rcp", l_row, "rn")
-            valid = b.setp("lt", rows[h], seq)
-            out = b.add(f.row_ptr("o", seq, rows[h], self.heads, head), b.mul_wide(f.quad, 4))
-            for j, acc in enumerate(o):
-                b.st("global", Addr(out, 16 * j), b.cvt_x2(f.to, b.mul(acc[2 * h + 1], inv), b.mul(acc[2 * h], inv)),
-                     t=T.B32, guard=valid)
-            b.st("global", Addr(f.stat_ptr("lse", self.heads, head, seq, rows[h])),
-                 b.mul(b.add(m[h], b.fn("lg2", l_row)), LN2), guard=b.and_(valid, b.setp("eq", f.quad, 0)))
+        f.store_output(o, m, l_part, rows, seq, head)
 
     @classmethod
     def examples(cls) -> list["AttentionTCSpec"]:
