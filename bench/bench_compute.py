@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from harness import time_ms, write_json
 from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
 from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
+from ptxgen.kernels.attention_wgmma import AttentionWgmmaSpec
 from ptxgen.kernels.gemm import GemmSpec
 from ptxgen.kernels.gemm_tc import GemmTCSpec, MmaType
 from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
@@ -135,6 +136,7 @@ def attention(cache: ModuleCache, rows: list, bsz: int, s: int, h: int, hkv: int
 
 
 TC_ATTN_LAYOUTS = [dict(), dict(warps=8), dict(tile=128), dict(warps=8, tile=128), dict(tile=32)]
+WGMMA_ATTN_LAYOUTS = [dict(), dict(tile=128), dict(warps=8), dict(warps=8, tile=128)]
 TC_ATTN_BWD_LAYOUTS = [dict(), dict(tile=32), dict(warps=8, tile=32), dict(warps=2, tile=32)]
 
 
@@ -159,9 +161,18 @@ def attention_tc(cache: ModuleCache, rows: list, bsz: int, s: int, h: int, hkv: 
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k.repeat_interleave(h // hkv, 2),
                                                          v.repeat_interleave(h // hkv, 2)))
     theirs = time_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), reps=10, warmup=2)
+    wg_best = None
+    for layout in WGMMA_ATTN_LAYOUTS:
+        spec = AttentionWgmmaSpec(heads=h, kv_heads=hkv, head_dim=d, **layout)
+        launch = cache.get(spec).bind(*spec.launch_dims(bsz, s), p(q), p(k), p(v), p(o), p(lse), s, s, s, 0)
+        ms = time_ms(launch, reps=10, warmup=2)
+        print(f"  attention_wgmma bf16 b{bsz} h{h}/{hkv} s{s} d{d} {layout or 'default'}: "
+              f"{4.0 * bsz * h * s * s * d / 2 / ms / 1e9:.1f} TFLOP/s")
+        wg_best = min(wg_best or (ms, spec), (ms, spec), key=lambda t: t[0])
+    for kind, (ms, spec) in (("attention_tc", best), ("attention_wgmma", wg_best)):
+        rows.append(Row(f"{kind} fwd bf16 b{bsz} h{h}/{hkv} s{s} d{d} [{spec.warps} warps, tile {spec.tile}]",
+                        4.0 * bsz * h * s * s * d / 2, ms, theirs))
     spec = best[1]
-    rows.append(Row(f"attention_tc fwd bf16 b{bsz} h{h}/{hkv} s{s} d{d} [{spec.warps} warps, tile {spec.tile}]",
-                    4.0 * bsz * h * s * s * d / 2, best[0], theirs))
     launch = cache.get(spec).bind(*spec.launch_dims(bsz, s), p(q), p(k), p(v), p(o), p(lse), s, s, s, 0)
     launch()  # o and lse for the backward
     bwd_best = None

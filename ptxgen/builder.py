@@ -641,12 +641,15 @@ class KernelBuilder:
         """Wait until at most ``pending`` of this warpgroup's committed wgmma groups are in flight."""
         self._emit(f"wgmma.wait_group.sync.aligned {immediate(pending, T.U32)}")
 
-    def wgmma(self, acc: Sequence[Reg], desc_a: Reg, desc_b: Reg, dtype: str, n: int, scale_d: Reg,
+    def wgmma(self, acc: Sequence[Reg], desc_a: Reg | Sequence[Reg], desc_b: Reg, dtype: str, n: int, scale_d: Reg,
               mn_major: tuple[bool, bool] = (False, False)) -> None:
         """acc (64 x n f32 over the warpgroup: n / 2 registers a thread) (+)= A (64 x k) @ B (k x n),
         both from shared memory by matrix descriptors, K-major unless ``mn_major`` says otherwise
         for A, B (the transpose flags; 16-bit types only); k is 32 bytes of ``dtype`` (16 of
-        bf16/f16, 8 of tf32); ``scale_d`` false: acc = A @ B."""
+        bf16/f16, 8 of tf32); ``scale_d`` false: acc = A @ B. A may instead be 4 .b32 registers a
+        thread (16-bit pairs; each warp's 16 rows in mma.m16n8k16's A fragment layout)."""
+        if not isinstance(desc_a, Reg):
+            return self._wgmma_register_a(acc, list(desc_a), desc_b, dtype, n, scale_d, mn_major[1])
         if dtype not in ("bf16", "f16", "tf32"):
             raise PtxBuildError(f"wgmma: input type {dtype} is not bf16, f16 or tf32")
         if n % 8 or not 8 <= n <= 256:
@@ -664,6 +667,24 @@ class KernelBuilder:
             self._op(ins, r, T.U64, what)
         self._op(ins, scale_d, T.PRED, "scale-d")
         self._emit(f"{ins} {{{', '.join(r.name for r in acc)}}}, {desc_a}, {desc_b}, {scale_d}, 1, 1{layout}")
+
+    def _wgmma_register_a(self, acc: Sequence[Reg], a: list[Reg], desc_b: Reg, dtype: str, n: int, scale_d: Reg,
+                          b_mn_major: bool) -> None:
+        if dtype not in ("bf16", "f16"):
+            raise PtxBuildError(f"wgmma with A in registers: input type {dtype} is not bf16 or f16")
+        if n % 8 or not 8 <= n <= 256:
+            raise PtxBuildError(f"wgmma: N={n} is not a multiple of 8 in [8, 256]")
+        ins = f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{dtype}.{dtype}"
+        if len(acc) != n // 2 or len(a) != 4:
+            raise PtxBuildError(f"{ins}: {n // 2} accumulator and 4 A registers, got {len(acc)} and {len(a)}")
+        for r in acc:
+            self._op(ins, r, T.F32, "accumulator")
+        for r in a:
+            self._op(ins, r, T.B32, "A")
+        self._op(ins, desc_b, T.U64, "B descriptor")
+        self._op(ins, scale_d, T.PRED, "scale-d")
+        self._emit(f"{ins} {{{', '.join(r.name for r in acc)}}}, {{{', '.join(r.name for r in a)}}}, {desc_b}, "
+                   f"{scale_d}, 1, 1, {int(b_mn_major)}")
 
     # -- mbarriers and TMA bulk tensor copies (sm_90) ---------------------------------------------
     def mbarrier_init(self, bar: Reg, count: int, guard: GuardLike = None) -> None:

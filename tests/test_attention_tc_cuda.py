@@ -13,6 +13,7 @@ import pytest
 from cudacall import call, poison
 from ptxgen.kernels.attention import attention_backward_reference, attention_reference
 from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
+from ptxgen.kernels.attention_wgmma import AttentionWgmmaSpec
 from ptxgen.kernels.mma_tile import MmaType
 from ptxgen.vecio import from_bf16, to_bf16
 from runtime import ModuleCache
@@ -39,7 +40,7 @@ def values(bits: np.ndarray, dtype: MmaType) -> np.ndarray:
     return bits.view(np.float16).astype(np.float64) if dtype is MmaType.F16 else from_bf16(bits).astype(np.float64)
 
 
-def run(cache, spec: AttentionTCSpec, bsz: int, s: int, kv_len: int | None = None, q_start: int = 0):
+def run(cache, spec: AttentionTCSpec | AttentionWgmmaSpec, bsz: int, s: int, kv_len: int | None = None, q_start: int = 0):
     """Queries at q_start.. over kv_len keys (a KV cache of kv_len rows when q_start > 0)."""
     kv_len = kv_len or s
     shape_q, shape_kv = (bsz, s, spec.heads, spec.head_dim), (bsz, kv_len, spec.kv_heads, spec.head_dim)
@@ -67,6 +68,22 @@ def test_causal_forward_matches_the_masked_softmax(cache, bsz, s, h, hkv, d):
                                     dict(warps=4, tile=16), dict(dtype=MmaType.F16)])
 def test_other_layouts_and_fp16(cache, layout):
     check(*run(cache, AttentionTCSpec(heads=6, kv_heads=2, head_dim=64, **layout), 2, 203))
+
+
+@pytest.mark.parametrize("bsz, s, h, hkv, d, layout", [
+    (1, 1, 2, 1, 64, dict()), (2, 37, 4, 2, 64, dict()), (2, 1000, 14, 2, 64, dict()),
+    (1, 77, 14, 2, 128, dict()), (2, 203, 6, 2, 64, dict(warps=8, tile=128)),
+    (1, 300, 4, 2, 128, dict(warps=8)), (2, 130, 6, 2, 64, dict(dtype=MmaType.F16, tile=128))])
+def test_wgmma_forward_matches_the_masked_softmax(cache, bsz, s, h, hkv, d, layout):
+    """The forward with both products on wgmma: Q and K (and V, transposed) read from shared memory
+    by descriptors, P from registers."""
+    check(*run(cache, AttentionWgmmaSpec(heads=h, kv_heads=hkv, head_dim=d, **layout), bsz, s))
+
+
+def test_wgmma_forward_non_causal_and_over_a_kv_cache(cache):
+    check(*run(cache, AttentionWgmmaSpec(heads=4, kv_heads=2, head_dim=64, causal=False), 1, 91))
+    check(*run(cache, AttentionWgmmaSpec(heads=4, kv_heads=2, head_dim=64), 2, 5, kv_len=45, q_start=40))
+    check(*run(cache, AttentionWgmmaSpec(heads=4, kv_heads=2, head_dim=128), 1, 1, kv_len=300, q_start=299))
 
 
 def test_non_causal_and_over_a_kv_cache(cache):

@@ -149,6 +149,11 @@ def test_wgmma_checks_its_operands_and_drops_the_transpose_flags_for_tf32():
     assert f"m64n64k8.f32.tf32.tf32 {{{acc[0].name}," in text and f"{scale.name}, 1, 1;" in text
     with pytest.raises(PtxBuildError, match="tf32 operands are K-major only"):
         b.wgmma(acc, desc, desc, "tf32", 64, scale, mn_major=(False, True))
+    a = [b.mov(0, T.B32) for _ in range(4)]  # A from registers: no A transpose flag
+    b.wgmma(acc, a, desc, "bf16", 64, scale, mn_major=(False, True))
+    assert f"{{{', '.join(r.name for r in a)}}}, {desc.name}, {scale.name}, 1, 1, 1;" in b.text()
+    with pytest.raises(PtxBuildError, match="4 A registers, got 32 and 3"):
+        b.wgmma(acc, a[:3], desc, "bf16", 64, scale)
     with pytest.raises(PtxBuildError, match="32 accumulator registers, got 31"):
         b.wgmma(acc[:31], desc, desc, "bf16", 64, scale)
     with pytest.raises(PtxBuildError, match="not bf16, f16 or tf32"):

@@ -1,3 +1,3 @@
 """Kernel families; importing this package registers every kind."""
-from . import (adamw, attention, attention_tc, bias, cast, colsum, cross_entropy, embedding,  # noqa: F401
+from . import (adamw, attention, attention_tc, attention_wgmma, bias, cast, colsum, cross_entropy, embedding,  # noqa: F401
                gemm, gemm_tc, gemm_wgmma, rmsnorm, rope, swiglu)

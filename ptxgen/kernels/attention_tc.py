@@ -48,13 +48,13 @@ class _Flash:
     """What the three kernels share: indices, cp.async row copies into swizzled tiles, and the two
     mma products (rows x tile^T, and accumulators x tile) over a head_dim-wide tile."""
 
-    def __init__(self, spec: "_FlashBase", b: KernelBuilder):
+    def __init__(self, spec: "_FlashBase", b: KernelBuilder, align: int = 128):
         self.b, self.spec, self.d = b, spec, spec.head_dim
         self.tid = b.special("%tid.x")
         self.lane, self.warp = b.and_(self.tid, 31), b.shr(self.tid, 5)
         self.group, self.quad = b.shr(self.lane, 2), b.and_(self.lane, 3)  # accumulator row, column pair
         self.batch = b.special("%ctaid.z")
-        self.smem = b.addr_of(b.dynamic_shared("tiles", align=128))
+        self.smem = b.addr_of(b.dynamic_shared("tiles", align=align))
         self.rows, self.cols = SharedTile(b, self.d, k_contig=True), SharedTile(b, self.d, k_contig=False)
         chunks = self.d // ELEMS
         self.pass_rows = spec.threads // chunks  # rows one pass of the block's 16-byte copies covers
@@ -80,17 +80,20 @@ class _Flash:
         b = self.b
         return b.add(b.cvta_global(b.ld_param(name)), b.mul_wide(b.mad(b.mad(self.batch, heads, head), seq, row0), 4))
 
-    def copy_rows(self, at: Reg, heads: int, dst: Reg, row0: Reg, limit: Reg, rows: int) -> None:
+    def copy_rows(self, at: Reg, heads: int, dst: Reg, row0: Reg, limit: Reg, rows: int,
+                  mine: Reg | None = None, row_bytes: int | None = None) -> None:
         """Rows row0.. of a tensor with ``heads`` heads (``at``: row row0 of the head) into the tile at
-        shared address ``dst``, zeros from row ``limit`` on; cp.async, not committed."""
+        shared address ``dst``, zeros from row ``limit`` on; cp.async, not committed. The tile is a
+        ``rows`` tile, row-major and swizzled, unless ``mine`` (this thread's first chunk's shared
+        address) and ``row_bytes`` (between a pass's rows) say where another layout puts them."""
         b, stride = self.b, heads * self.d * 2
         src = b.add(at, b.add(b.mul_wide(self.my_row, stride), self.my_col))
-        base = b.add(self.my_dst, b.sub(dst, self.smem))
+        base = mine if mine is not None else b.add(self.my_dst, b.sub(dst, self.smem))
         first = b.add(row0, self.my_row)
         for i in range(rows // self.pass_rows):
             ok = b.setp("lt", b.add(first, i * self.pass_rows), limit)
             b.cp_async(base, b.selp(src, at, ok, T.U64), b.selp(CHUNK, 0, ok, T.U32),
-                       dst_offset=i * self.pass_rows * self.d * 2)
+                       dst_offset=i * self.pass_rows * (row_bytes or self.d * 2))
             if i + 1 < rows // self.pass_rows:
                 src = b.add(src, self.pass_rows * stride)
 

@@ -44,11 +44,12 @@ from .tma_pipeline import ATOM_BYTES, MN_CHUNK, ROW, Ring, TmaPipeline
 BLOCK_K = 64        # a slice's K in 16-bit units: 128 bytes, one swizzle atom's row
 
 
-def descriptor_bits(mn_major: bool) -> int:
+def descriptor_bits(mn_major: bool, chunk_bytes: int = MN_CHUNK) -> int:
     """A matrix descriptor's constant part. Bits 62-63: 1 = 128-byte swizzle; 32-45: the stride
     between 8-row groups (16-byte units): of M/N rows (K-major) or of k rows (MN-major); 16-29:
-    the stride between 64-element chunks of M/N (MN-major; unused by K-major, 1 by convention)."""
-    return (1 << 62) | ((ATOM_BYTES >> 4) << 32) | ((MN_CHUNK >> 4 if mn_major else 1) << 16)
+    the stride between 64-element chunks of M/N, ``chunk_bytes`` (MN-major; unused by K-major, 1
+    by convention)."""
+    return (1 << 62) | ((ATOM_BYTES >> 4) << 32) | ((chunk_bytes >> 4 if mn_major else 1) << 16)
 
 
 @register
