@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ptxgen.kernels.adamw import AdamWSpec, GradNormFinalSpec, GradNormPartialSpec
 from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
 from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
+from ptxgen.kernels.attention_wgmma import AttentionWgmmaSpec
 from ptxgen.kernels.cast import CastSpec
 from ptxgen.kernels.colsum import ColumnSumSpec, PartsSumSpec
 from ptxgen.kernels.cross_entropy import CrossEntropySpec
@@ -127,7 +128,7 @@ class ModelKernels:
     rope_k: RopeSpec
     rope_q_bwd: RopeSpec
     rope_k_bwd: RopeSpec
-    attention: AttentionSpec | AttentionTCSpec  # bf16: tensor cores, on bf16 copies of q, k, v
+    attention: AttentionSpec | AttentionTCSpec | AttentionWgmmaSpec  # bf16: tensor cores, on bf16 q, k, v
     attention_bwd_q: AttentionBackwardQSpec | AttentionTCBackwardQSpec
     attention_bwd_kv: AttentionBackwardKVSpec | AttentionTCBackwardKVSpec
     swiglu: SwiGLUSpec               # bf16: writes the down projection's bf16 operand itself
@@ -148,7 +149,11 @@ class ModelKernels:
         rope = dict(head_dim=d, theta=c.rope_theta)
         attn = dict(heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=d)
         if precision is Precision.BF16:
-            attention = (AttentionTCSpec(**attn), AttentionTCBackwardQSpec(**attn), AttentionTCBackwardKVSpec(**attn))
+            # the forward on wgmma where its 64-wide column chunks fit (head_dim 64, 128), at its
+            # fastest layout in bench_compute, else on mma.sync; the backward on mma.sync
+            forward = (AttentionWgmmaSpec(**attn, tile=128, warps=8 if d == 128 else 4) if d in (64, 128)
+                       else AttentionTCSpec(**attn))
+            attention = (forward, AttentionTCBackwardQSpec(**attn), AttentionTCBackwardKVSpec(**attn))
         else:  # a row over lanes threads: about 32 of its values per thread (64 -> 2 lanes, 128 -> 4)
             attention = tuple(cls(**attn, lanes=_lanes(d))
                               for cls in (AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec))

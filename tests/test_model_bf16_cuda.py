@@ -49,7 +49,8 @@ def test_logits_match_the_reference_that_rounds_the_same_operands(cache, name):
     assert to_bf16_reference < to_fp32_reference  # it rounds what the bf16 reference rounds
 
 
-@pytest.mark.parametrize("config, shape", [(preset("tiny"), (3, 29)), (preset("tiny"), (4, 128))])
+@pytest.mark.parametrize("config, shape", [(preset("tiny"), (3, 29)), (preset("tiny"), (4, 128)),
+                                           (CONFIGS["qwen2-shaped-2-layer"], (2, 24))])  # head_dim 64: wgmma forward
 def test_loss_and_every_gradient_match_the_bf16_reference(cache, config, shape):
     params = live_params(config)
     ids, targets = batch(config, *shape)

@@ -10,6 +10,7 @@ from model.precision import Precision
 from ptxgen.kernels.adamw import AdamWSpec
 from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
 from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
+from ptxgen.kernels.attention_wgmma import AttentionWgmmaSpec
 from ptxgen.kernels.cast import CastSpec
 from ptxgen.kernels.cross_entropy import CrossEntropySpec
 from ptxgen.kernels.gemm import GemmSpec
@@ -98,15 +99,17 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     # the LM head's backward contracts over (dX) or runs down (dW) the vocabulary: 128x256, 3 stages
     assert {(s.block_n, s.stages) for s in (bf16.head.grad_input, bf16.head.grad_weight)} == {(256, 3)}
     assert (bf16.q.grad_weight.block_n, bf16.q.grad_weight.stages) == (128, 6)
-    assert isinstance(bf16.attention, AttentionTCSpec) and isinstance(bf16.attention_bwd_kv, AttentionTCBackwardKVSpec)
+    assert isinstance(bf16.attention, AttentionWgmmaSpec)  # the forward on wgmma, the backward on mma.sync
+    assert isinstance(bf16.attention_bwd_kv, AttentionTCBackwardKVSpec)
+    tiny = ModelKernels.of(preset("tiny"), AdamWSettings(), -100, Precision.BF16)  # head_dim 32: mma.sync
+    assert isinstance(tiny.attention, AttentionTCSpec) and tiny.attention.head_dim == 32
     assert (bf16.attention.heads, bf16.attention.kv_heads, bf16.attention.head_dim) == (14, 2, 64)
     # everything else is the same kernel in both precisions
     assert bf16.swiglu.out_dtype is DType.BF16 and bf16.swiglu_bwd.out_dtype is DType.BF16  # GEMM operands
     assert fp32.swiglu.out_dtype is DType.F32
     assert bf16.cross_entropy.grad_dtype is DType.BF16 and fp32.cross_entropy.grad_dtype is DType.F32
-    differ = (GemmSpec, GemmWgmmaSpec, CastSpec, AttentionSpec, AttentionBackwardQSpec,
-              AttentionBackwardKVSpec,
-              AttentionTCSpec, AttentionTCBackwardQSpec, AttentionTCBackwardKVSpec, SwiGLUSpec, SwiGLUBackwardSpec,
-              CrossEntropySpec)
+    differ = (GemmSpec, GemmWgmmaSpec, CastSpec, AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec,
+              AttentionTCSpec, AttentionWgmmaSpec, AttentionTCBackwardQSpec, AttentionTCBackwardKVSpec, SwiGLUSpec,
+              SwiGLUBackwardSpec, CrossEntropySpec)
     same = lambda kernels: {s for s in kernels.specs() if not isinstance(s, differ)}  # noqa: E731
     assert same(fp32) == same(bf16) and len(same(fp32)) >= 10
