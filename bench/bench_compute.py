@@ -150,27 +150,23 @@ def attention_tc(cache: ModuleCache, rows: list, bsz: int, s: int, h: int, hkv: 
     do = torch.randn_like(q)
     dq, delta = torch.empty(bsz, s, h, d, device="cuda"), torch.empty(bsz, h, s, device="cuda")
     dk, dv = (torch.empty(bsz, s, hkv, d, device="cuda") for _ in range(2))
-    best = None
-    for layout in TC_ATTN_LAYOUTS:
-        spec = AttentionTCSpec(heads=h, kv_heads=hkv, head_dim=d, **layout)
-        launch = cache.get(spec).bind(*spec.launch_dims(bsz, s), p(q), p(k), p(v), p(o), p(lse), s, s, s, 0)
-        ms = time_ms(launch, reps=10, warmup=2)
-        print(f"  attention_tc bf16 b{bsz} h{h}/{hkv} s{s} d{d} {layout or 'default'}: "
-              f"{4.0 * bsz * h * s * s * d / 2 / ms / 1e9:.1f} TFLOP/s")
-        best = min(best or (ms, spec), (ms, spec), key=lambda t: t[0])
+    def fastest(cls, layouts: list[dict]) -> tuple[float, AttentionTCSpec | AttentionWgmmaSpec]:
+        best = None
+        for layout in layouts:
+            spec = cls(heads=h, kv_heads=hkv, head_dim=d, **layout)
+            launch = cache.get(spec).bind(*spec.launch_dims(bsz, s), p(q), p(k), p(v), p(o), p(lse), s, s, s, 0)
+            ms = time_ms(launch, reps=10, warmup=2)
+            print(f"  {spec.kind} bf16 b{bsz} h{h}/{hkv} s{s} d{d} {layout or 'default'}: "
+                  f"{4.0 * bsz * h * s * s * d / 2 / ms / 1e9:.1f} TFLOP/s")
+            best = min(best or (ms, spec), (ms, spec), key=lambda t: t[0])
+        return best
+
+    best = fastest(AttentionTCSpec, TC_ATTN_LAYOUTS)
     qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k.repeat_interleave(h // hkv, 2),
                                                          v.repeat_interleave(h // hkv, 2)))
     theirs = time_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), reps=10, warmup=2)
-    wg_best = None
-    for layout in WGMMA_ATTN_LAYOUTS:
-        spec = AttentionWgmmaSpec(heads=h, kv_heads=hkv, head_dim=d, **layout)
-        launch = cache.get(spec).bind(*spec.launch_dims(bsz, s), p(q), p(k), p(v), p(o), p(lse), s, s, s, 0)
-        ms = time_ms(launch, reps=10, warmup=2)
-        print(f"  attention_wgmma bf16 b{bsz} h{h}/{hkv} s{s} d{d} {layout or 'default'}: "
-              f"{4.0 * bsz * h * s * s * d / 2 / ms / 1e9:.1f} TFLOP/s")
-        wg_best = min(wg_best or (ms, spec), (ms, spec), key=lambda t: t[0])
-    for kind, (ms, spec) in (("attention_tc", best), ("attention_wgmma", wg_best)):
-        rows.append(Row(f"{kind} fwd bf16 b{bsz} h{h}/{hkv} s{s} d{d} [{spec.warps} warps, tile {spec.tile}]",
+    for ms, spec in (best, fastest(AttentionWgmmaSpec, WGMMA_ATTN_LAYOUTS)):
+        rows.append(Row(f"{spec.kind} bf16 b{bsz} h{h}/{hkv} s{s} d{d} [{spec.warps} warps, tile {spec.tile}]",
                         4.0 * bsz * h * s * s * d / 2, ms, theirs))
     spec = best[1]
     launch = cache.get(spec).bind(*spec.launch_dims(bsz, s), p(q), p(k), p(v), p(o), p(lse), s, s, s, 0)

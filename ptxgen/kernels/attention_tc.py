@@ -97,17 +97,20 @@ class _Flash:
             if i + 1 < rows // self.pass_rows:
                 src = b.add(src, self.pass_rows * stride)
 
-    def kv_copier(self, kv_head: Reg, per_batch: Reg, rows: int) -> Callable[[Reg, Reg, Reg], None]:
+    def kv_copier(self, kv_head: Reg, per_batch: Reg, rows: int,
+                  copy_rows: Callable | None = None) -> Callable[[Reg, Reg, Reg], None]:
         """``copy(dst, key, end)``: keys key.. (``rows`` of them) of K, then of V, of ``kv_head``
-        (``per_batch`` rows a batch) into the stage at shared address ``dst``, zeros from ``end``."""
+        (``per_batch`` rows a batch) into the stage at shared address ``dst``, zeros from ``end``,
+        by ``copy_rows`` (default ``self.copy_rows``: the row-major swizzled tiles)."""
         b, heads = self.b, self.spec.kv_heads
+        copy_rows = copy_rows or self.copy_rows
         zero = b.mov(0, T.U32)
         k_at, v_at = (self.row_ptr(name, per_batch, zero, heads, kv_head) for name in "kv")
         row_bytes, tile_bytes = heads * self.d * 2, rows * self.d * 2
 
         def copy(dst: Reg, key: Reg, end: Reg) -> None:
-            self.copy_rows(b.add(k_at, b.mul_wide(key, row_bytes)), heads, dst, key, end, rows)
-            self.copy_rows(b.add(v_at, b.mul_wide(key, row_bytes)), heads, b.add(dst, tile_bytes), key, end, rows)
+            copy_rows(b.add(k_at, b.mul_wide(key, row_bytes)), heads, dst, key, end, rows)
+            copy_rows(b.add(v_at, b.mul_wide(key, row_bytes)), heads, b.add(dst, tile_bytes), key, end, rows)
 
         return copy
 
@@ -160,6 +163,31 @@ class _Flash:
         """The block-level rows of this lane's accumulator rows: group and group + 8 of its warp's 16."""
         b = self.b
         return [b.add(b.add(first, b.mad(self.warp, 16, self.group)), 8 * h) for h in range(2)]
+
+    def key_end(self, first: Reg, q_start: Reg, kv_len: Reg) -> Reg:
+        """The keys a forward block of queries first.. needs: all kv_len, or (causal) up to its last
+        query's position."""
+        b, spec = self.b, self.spec
+        return b.min(kv_len, b.add(q_start, b.add(first, spec.rows_per_block))) if spec.causal else kv_len
+
+    def softmax_state(self) -> tuple[list[Reg], list[Reg]]:
+        """(row maxima, this lane's shares of the row sums) of rows group and group + 8, empty."""
+        b = self.b
+        return [b.mov(float("-inf"), T.F32) for _ in range(2)], [b.mov(0.0, T.F32) for _ in range(2)]
+
+    def forward_masking(self, first: Reg, q_start: Reg, kv_len: Reg) -> tuple[list[Reg], Reg, Callable]:
+        """(this lane's two rows, the last key every row of the block sees (key tiles past it need
+        masking), ``off(key, h)``: key past kv_len, or (causal) after row h's position)."""
+        b, causal = self.b, self.spec.causal
+        rows = self.rows_of_warp(first)
+        positions = [b.add(q_start, r) for r in rows]
+        last_free = b.min(kv_len, b.add(q_start, b.add(first, 1))) if causal else kv_len
+
+        def off(key: Reg, h: int) -> Reg:
+            out = b.setp("ge", key, kv_len)
+            return b.or_(out, b.setp("gt", key, positions[h])) if causal else out
+
+        return rows, last_free, off
 
     def online_softmax(self, s: Tiles, m: list[Reg], l_part: list[Reg], o: Tiles, c: float) -> Tiles:
         """One key tile's step of the online softmax, in base 2 (``c``: the scale times log2 e), on
@@ -278,8 +306,7 @@ class AttentionTCSpec(_FlashBase):
         kv_head = b.div(head, self.group)
         copy_kv = f.kv_copier(kv_head, kv_stride, bkv)
         kv_bytes = bkv * d * 2
-        # keys this block needs: all kv_len, or (causal) up to its last query's position
-        end = b.min(kv_len, b.add(q_start, b.add(first, bq))) if self.causal else kv_len
+        end = f.key_end(first, q_start, kv_len)
         key0 = b.mov(0, T.U32)
         stage = b.add(f.smem, bq * d * 2)
         other = b.add(stage, 2 * kv_bytes)
@@ -292,17 +319,9 @@ class AttentionTCSpec(_FlashBase):
         q = f.a_fragments(f.smem)
 
         c = self.scale * LOG2E  # scores in base 2
-        m = [b.mov(float("-inf"), T.F32) for _ in range(2)]  # rows group and group + 8 (scaled)
-        l_part = [b.mov(0.0, T.F32) for _ in range(2)]       # this lane's share of the row sums
+        m, l_part = f.softmax_state()
         o = f.zeros(d // 8)
-        rows = f.rows_of_warp(first)
-        positions = [b.add(q_start, r) for r in rows]
-        last_free = b.min(kv_len, b.add(q_start, b.add(first, 1))) if self.causal else kv_len
-
-        def off(key: Reg, h: int) -> Reg:  # past the keys, or (causal) after the row's position
-            out = b.setp("ge", key, kv_len)
-            return b.or_(out, b.setp("gt", key, positions[h])) if self.causal else out
-
+        rows, last_free, off = f.forward_masking(first, q_start, kv_len)
         with b.loop(b.div(b.add(end, bkv - 1), bkv), "kv_tile"):
             copy_kv(other, b.add(key0, bkv), end)  # the next tile (past ``end``: zero-size copies)
             b.cp_async_commit()

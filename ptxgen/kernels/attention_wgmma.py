@@ -83,20 +83,15 @@ class AttentionWgmmaSpec(_FlashBase):
         first = self._reversed_first(b)
         head = b.special("%ctaid.y")
         kv_head = b.div(head, self.group)
-        zero = b.mov(0, T.U32)
-        k_at, v_at = (f.row_ptr(name, kv_stride, zero, self.kv_heads, kv_head) for name in "kv")
-        row_bytes, kv_bytes = self.kv_heads * d * 2, bkv * d * 2
-
-        def copy_kv(dst: Reg, key: Reg, end: Reg) -> None:
-            for at, offset in ((k_at, 0), (v_at, kv_bytes)):
-                tiles.copy(b.add(at, b.mul_wide(key, row_bytes)), self.kv_heads, b.add(dst, offset), key, end, bkv)
+        copy_kv = f.kv_copier(kv_head, kv_stride, bkv, tiles.copy)
+        kv_bytes = bkv * d * 2
 
         def landed() -> None:  # every thread's copies, visible to the async proxy, for every thread
             b.cp_async_wait(0)
             b.fence_proxy_async()
             b.bar_sync()
 
-        end = b.min(kv_len, b.add(q_start, b.add(first, bq))) if self.causal else kv_len
+        end = f.key_end(first, q_start, kv_len)
         key0 = b.mov(0, T.U32)
         stage = b.add(f.smem, bq * d * 2)
         other = b.add(stage, 2 * kv_bytes)
@@ -110,18 +105,10 @@ class AttentionWgmmaSpec(_FlashBase):
         desc = lambda addr, bits: b.or_(b.cvt(T.U64, b.shr(addr, 4)), bits, T.B64)  # noqa: E731
         overwrite, accumulate = (b.setp("ne", b.mov(x, T.U32), 0) for x in (0, 1))
         c = self.scale * LOG2E
-        m = [b.mov(float("-inf"), T.F32) for _ in range(2)]
-        l_part = [b.mov(0.0, T.F32) for _ in range(2)]
+        m, l_part = f.softmax_state()
         o_acc = [b.mov(0.0, T.F32) for _ in range(d // 2)]
         o: Tiles = [o_acc[4 * j:4 * j + 4] for j in range(d // 8)]
-        rows = f.rows_of_warp(first)
-        positions = [b.add(q_start, r) for r in rows]
-        last_free = b.min(kv_len, b.add(q_start, b.add(first, 1))) if self.causal else kv_len
-
-        def off(key: Reg, h: int) -> Reg:  # past the keys, or (causal) after the row's position
-            out = b.setp("ge", key, kv_len)
-            return b.or_(out, b.setp("gt", key, positions[h])) if self.causal else out
-
+        rows, last_free, off = f.forward_masking(first, q_start, kv_len)
         with b.loop(b.div(b.add(end, bkv - 1), bkv), "kv_tile"):
             copy_kv(other, b.add(key0, bkv), end)  # the next tile (past ``end``: zero-size copies)
             b.cp_async_commit()
