@@ -54,7 +54,8 @@ TORCH_16 = {MmaType.BF16: torch.bfloat16, MmaType.F16: torch.float16, MmaType.TF
 
 
 WGMMA_TILES = [dict(), dict(block_n=128), dict(tma=True), dict(tma=True, stages=3), dict(tma=True, group_m=16),
-               dict(tma=True, block_n=128, stages=6)]
+               dict(tma=True, block_n=128, stages=6), dict(tma=True, pingpong=True, block_n=128, stages=6),
+               dict(tma=True, pingpong=True, block_n=128, stages=4)]
 LAYOUT_NAMES = {(False, True): "NT", (False, False): "NN", (True, False): "TN", (True, True): "TT"}
 
 
@@ -87,7 +88,7 @@ def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: i
     theirs = time_ms(lambda: torch.matmul(at, bt), reps=10, warmup=2)
     torch.backends.cuda.matmul.allow_tf32 = False
     s = best[1]
-    feed = ", tma" if s.tma else ""
+    feed = (", tma" if s.tma else "") + (", pingpong" if getattr(s, "pingpong", False) else "")
     rows.append(Row(f"{label}{s.kind} {dtype.value} {LAYOUT_NAMES[trans_a, trans_b]} {m}x{n}x{k} "
                     f"[{s.block_m}x{s.block_n}x{s.k_elems}, {s.stages} st{feed}]", 2.0 * m * n * k, best[0], theirs))
 

@@ -738,8 +738,16 @@ class KernelBuilder:
                    f"{self._op(ins, c, T.U32, 'clamp')}, {self._op(ins, membermask, T.U32, 'mask')}")
         return d
 
-    def bar_sync(self, barrier: int = 0) -> None:
-        self._emit(f"bar.sync {barrier}")
+    def bar_sync(self, barrier: Operand = 0, threads: int | None = None) -> None:
+        """Wait at named barrier ``barrier`` (a register or a number) until ``threads`` (default:
+        the whole block) have arrived or waited there."""
+        count = f", {immediate(threads, T.U32)}" if threads is not None else ""
+        self._emit(f"bar.sync {self._op('bar.sync', barrier, T.U32, 'barrier')}{count}")
+
+    def bar_arrive(self, barrier: Operand, threads: int) -> None:
+        """Count this warp's arrival at named barrier ``barrier`` without waiting (the other
+        ``threads`` minus these wait there with ``bar_sync``)."""
+        self._emit(f"bar.arrive {self._op('bar.arrive', barrier, T.U32, 'barrier')}, {immediate(threads, T.U32)}")
 
     def new_label(self, base: str) -> Label:
         self._labels += 1

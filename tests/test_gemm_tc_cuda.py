@@ -228,8 +228,23 @@ def test_tma_wgmma_gemm_reads_operands_stored_m_or_n_contiguous(cache, trans_a, 
     assert_close(*run_tma(cache, spec, *shape, resident=3))
 
 
+@pytest.mark.parametrize("fields, shape, resident", [
+    (dict(), (77, 136, 40), None),                 # one tile: warpgroup 1 has none
+    (dict(bias=True), (300, 520, 1000), 5),        # 3 x 5 tiles over 5 blocks: 3 each, turns of 2 and 1
+    (dict(accumulate=True), (1000, 4864, 896), 7),
+    (dict(trans_b=False), (304, 520, 1000), 4),
+    (dict(trans_a=True, trans_b=False, stages=4), (304, 520, 1000), 3),
+    (dict(dtype=MmaType.F16, block_n=64), (130, 200, 72), 1)])
+def test_pingpong_wgmma_gemm_matches_float64(cache, fields, shape, resident):
+    """Two warpgroups taking whole tiles in turn, handing the tensor cores over at named barriers."""
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    spec = GemmWgmmaSpec(tma=True, pingpong=True, **{"block_n": 128, "stages": 6, **fields})
+    assert_close(*run_tma(cache, spec, *shape, resident=resident))
+
+
 @pytest.mark.parametrize("fields", [dict(trans_a=True, trans_b=False), dict(trans_a=True, trans_b=False,
-                                                                            accumulate=True, block_n=128)])
+                                                                            accumulate=True, block_n=128),
+                                    dict(trans_a=True, trans_b=False, pingpong=True, block_n=128)])
 def test_tma_wgmma_split_k_writes_each_parts_product(cache, fields):
     """A dW-shaped GEMM with its 4 x 192-long contraction split in four: four partial matrices."""
     from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec

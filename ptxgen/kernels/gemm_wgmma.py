@@ -66,6 +66,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
     stages: int = 4
     group_m: int = 8
     tma: bool = False  # the warp-specialized persistent kernel fed by TMA (tensor maps as arguments)
+    pingpong: bool = False  # tma, 2 warpgroups: each takes whole tiles in turn (else both share each tile)
 
     block_k: ClassVar[int] = BLOCK_K
     m_tiles: ClassVar[int] = 1  # per warp: 16 rows of the m64 tile ...
@@ -102,6 +103,9 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
             raise SpecError("stages must be >= 2 (one slice in flight while one is multiplied)")
         if any(self.mn_major) and not self.tma:
             raise SpecError("gemm_wgmma: only the tma feed reads operands stored with M or N contiguous")
+        if self.pingpong and not (self.tma and self.warpgroups == 2 and self.block_n <= 128):
+            raise SpecError("gemm_wgmma pingpong: tma, 2 warpgroups, block_n <= 128 (a warpgroup holds a whole "
+                            "128-row tile: block_n accumulators a thread)")
         if any(self.mn_major) and self.dtype is MmaType.TF32:
             raise SpecError("gemm_wgmma: tf32 operands must be stored with K contiguous (A [M, K], B [N, K])")
         if self.dynamic_shared_bytes() > SHARED_LIMIT:
@@ -109,55 +113,78 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                             f"(max {SHARED_LIMIT})")
 
     def build(self, b: KernelBuilder) -> None:
-        if self.tma:
+        if self.pingpong:  # one warpgroup reads each stage
+            TmaPipeline(self, b, readers=128).build(self._consume_pingpong)
+        elif self.tma:
             TmaPipeline(self, b).build(self._consume)
         else:
             _CopyFed(self, b).build()
 
     def _consume(self, p: TmaPipeline, tid: Reg) -> None:
-        """The TMA-fed consumer warpgroups: one wgmma group a slice, the one before it awaited
-        (wait_group 1) and its stage freed, so the tensor cores never wait between slices."""
+        """The TMA-fed consumer warpgroups, together on each tile, 64 rows each."""
         b = p.b
         warp, lane = b.shr(tid, 5), b.and_(tid, 31)
-        # this warpgroup's 64 rows of A: 64 K-major rows, or the MN-major chunk of them
-        a_rows = b.mul(b.shr(tid, 7), 64 * ROW)
         acc = [b.reg(T.F32) for _ in range(self.block_n // 2)]
-        scale_d = b.setp("ne", b.mov(1, T.U32), 0)
-        ring = Ring(b, self.stages)
-        freed = b.reg(T.U32)  # the empty barrier of the slice before
+        # this warpgroup's 64 rows of A: 64 K-major rows, or the MN-major chunk of them
+        rows = [(acc, b.mul(b.shr(tid, 7), 64 * ROW))]
+        mainloop = _Mainloop(self, p)
         for split, row0, col0 in p.work():
-            for r in acc:
-                b.mov(0.0, out=r)
-            with b.loop(p.slices, "slice") as i:
-                at, full, empty = p.stage(ring)
-                b.mbarrier_wait(full, ring.phase)
-                multiply(self, b, acc, b.add(at, a_rows), b.add(at, self.block_m * ROW), scale_d)
-                b.wgmma_wait(1)  # the slice before's wgmmas are done: its stage is free
-                b.mbarrier_arrive(freed, guard=b.setp("ne", i, 0))
-                b.mov(empty, out=freed)
-                ring.advance()
-            b.wgmma_wait(0)
-            b.mbarrier_arrive(freed, guard=b.setp("ne", p.slices, 0))
+            mainloop.run(rows)
             store(self, b, acc, p.split_c(split), p.m, p.n, row0, col0, warp, lane)
+
+    def _consume_pingpong(self, p: TmaPipeline, tid: Reg) -> None:
+        """The TMA-fed consumer warpgroups taking turns: warpgroup w multiplies the block's
+        tiles w, w + 2, ..., all 128 rows of each (two m64 accumulators), and the two hand the
+        tensor cores to each other at named barriers (1: warpgroup 0's turn is over, 2: 1's),
+        so that one stores its tile while the other multiplies."""
+        b = p.b
+        group, lane = b.shr(tid, 7), b.and_(tid, 31)
+        warp = b.and_(b.shr(tid, 5), 3)  # within the warpgroup
+        halves = [([b.reg(T.F32) for _ in range(self.block_n // 2)], h * 64 * ROW) for h in range(2)]
+        mainloop = _Mainloop(self, p)
+        turns = b.div(b.add(b.sub(p.mine, group), 1), 2)  # tiles group, group + 2, ... below mine
+        mine_wait, other_go = b.sub(2, group), b.add(group, 1)  # barrier ids: 2 or 1, 1 or 2
+        with b.loop(turns, "turn") as t:
+            j = b.mad(t, 2, group)
+            split, row0, col0 = p.item(j)
+            mainloop.ring.seek(b.mul(j, p.slices))
+            go = b.new_label("go")
+            b.bra(go, guard=b.setp("eq", j, 0))  # the very first tile waits for no one
+            b.bar_sync(mine_wait, 256)
+            b.place(go)
+            mainloop.run(halves)
+            done = b.new_label("handed")
+            b.bra(done, guard=b.setp("ge", b.add(j, 1), p.mine))  # no next tile: no one to hand to
+            b.bar_arrive(other_go, 256)
+            b.place(done)
+            for h, (acc, _) in enumerate(halves):
+                store(self, b, acc, p.split_c(split), p.m, p.n, b.add(row0, 64 * h), col0, warp, lane)
 
     @classmethod
     def examples(cls) -> list["GemmWgmmaSpec"]:
         return [cls(), cls(bias=True, dtype=MmaType.F16, block_n=128), cls(accumulate=True, warpgroups=1, stages=3),
                 cls(dtype=MmaType.TF32, block_n=128), cls(tma=True), cls(tma=True, dtype=MmaType.TF32, bias=True),
                 cls(tma=True, trans_b=False, accumulate=True), cls(tma=True, trans_a=True, trans_b=False, block_n=128),
-                cls(tma=True, trans_a=True, warpgroups=1, block_n=64, stages=6)]
+                cls(tma=True, trans_a=True, warpgroups=1, block_n=64, stages=6),
+                cls(tma=True, pingpong=True, block_n=128, stages=6, bias=True),
+                cls(tma=True, pingpong=True, block_n=128, stages=6, trans_a=True, trans_b=False)]
 
 
-def multiply(spec: GemmWgmmaSpec, b: KernelBuilder, acc: list[Reg], a_tile: Reg, b_tile: Reg, scale_d: Reg) -> None:
-    """acc += the slice's A rows at shared ``a_tile`` @ its B tile at ``b_tile``: one committed group
-    of BLOCK_K / 16 wgmmas, each 16 k further on (32 bytes along K-major rows, 16 rows of 128 bytes
-    down MN-major ones)."""
+def multiply(spec: GemmWgmmaSpec, b: KernelBuilder, accs: list[tuple[list[Reg], Reg]], b_tile: Reg,
+             scale_d: Reg) -> None:
+    """Each acc += the slice's A rows at its shared ``a_tile`` @ the B tile at ``b_tile``: one
+    committed group of BLOCK_K / 16 wgmmas an accumulator, each 16 k further on (32 bytes along
+    K-major rows, 16 rows of 128 bytes down MN-major ones)."""
     b.wgmma_fence()
-    descs = [b.or_(b.cvt(T.U64, b.shr(x, 4)), descriptor_bits(mn), T.B64) for x, mn in zip((a_tile, b_tile),
-                                                                                            spec.mn_major)]
+    a_mn, b_mn = spec.mn_major
+    desc = lambda x, mn: b.or_(b.cvt(T.U64, b.shr(x, 4)), descriptor_bits(mn), T.B64)  # noqa: E731
+    step = lambda mn, kk: (16 * ROW if mn else 32) * kk >> 4  # noqa: E731
+    descs_a, desc_b = [desc(a_tile, a_mn) for _, a_tile in accs], desc(b_tile, b_mn)
     for kk in range(BLOCK_K // 16):
-        desc_a, desc_b = (b.add(d, (16 * ROW if mn else 32) * kk >> 4, T.U64) for d, mn in zip(descs, spec.mn_major))
-        b.wgmma(acc, desc_a, desc_b, spec.dtype.value, spec.block_n, scale_d, spec.mn_major)
+        at_b = b.add(desc_b, step(b_mn, kk), T.U64)
+        for (acc, _), desc_a in zip(accs, descs_a):
+            b.wgmma(acc, b.add(desc_a, step(a_mn, kk), T.U64), at_b, spec.dtype.value, spec.block_n, scale_d,
+                    spec.mn_major)
     b.wgmma_commit()
 
 
@@ -166,6 +193,36 @@ def store(spec: GemmWgmmaSpec, b: KernelBuilder, acc: list[Reg], c_ptr: Reg, m: 
     """The accumulators of consumer warp ``warp`` (16 rows of the block tile each) into C."""
     tiles = [[acc[4 * j:4 * j + 4] for j in range(spec.n_tiles)]]  # m16n8 tiles of this warp's 16 rows
     store_accumulators(b, spec, tiles, c_ptr, m, n, row0, col0, warp, b.mov(0, T.U32), lane)
+
+
+class _Mainloop:
+    """One tile's slices through the ring: wait for each slice, multiply it into every (acc, A
+    rows' offset in the stage), keep that group in flight while the one before completes
+    (wait_group 1), and release the stage before; at the end, wait for all and release the last."""
+
+    def __init__(self, spec: GemmWgmmaSpec, p: TmaPipeline):
+        b = p.b
+        self.spec, self.p, self.b = spec, p, b
+        self.scale_d = b.setp("ne", b.mov(1, T.U32), 0)
+        self.ring = Ring(b, spec.stages)
+        self.freed = b.reg(T.U32)  # the empty barrier of the slice before
+
+    def run(self, accs: list[tuple[list[Reg], Reg | int]]) -> None:
+        spec, p, b = self.spec, self.p, self.b
+        for acc, _ in accs:
+            for r in acc:
+                b.mov(0.0, out=r)
+        with b.loop(p.slices, "slice") as i:
+            at, full, empty = p.stage(self.ring)
+            b.mbarrier_wait(full, self.ring.phase)
+            multiply(spec, b, [(acc, b.add(at, rows)) for acc, rows in accs], b.add(at, spec.block_m * ROW),
+                     self.scale_d)
+            b.wgmma_wait(1)  # the slice before's wgmmas are done: its stage is free
+            b.mbarrier_arrive(self.freed, guard=b.setp("ne", i, 0))
+            b.mov(empty, out=self.freed)
+            self.ring.advance()
+        b.wgmma_wait(0)
+        b.mbarrier_arrive(self.freed, guard=b.setp("ne", p.slices, 0))
 
 
 class _CopyFed:
@@ -216,7 +273,7 @@ class _CopyFed:
             b.fence_proxy_async()             # ... visible to the async proxy wgmma reads through ...
             b.bar_sync()                      # ... for every thread, who are all done with the oldest stage
             issue()
-            multiply(spec, b, acc, b.add(read, a_rows), b.add(read, a_stage), scale_d)
+            multiply(spec, b, [(acc, b.add(read, a_rows))], b.add(read, a_stage), scale_d)
             b.wgmma_wait(0)
             advance(read)
         b.cp_async_wait(0)

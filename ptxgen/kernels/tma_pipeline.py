@@ -36,6 +36,12 @@ class Ring:
         self.b, self.stages = b, stages
         self.at, self.phase = b.mov(0, T.U32), b.mov(0, T.U32)
 
+    def seek(self, count: Reg) -> None:
+        """To the ``count``-th slice since the start."""
+        b = self.b
+        b.rem(count, self.stages, out=self.at)
+        b.and_(b.div(count, self.stages), 1, out=self.phase)
+
     def advance(self) -> None:
         b = self.b
         b.add(self.at, 1, out=self.at)
@@ -47,11 +53,13 @@ class Ring:
 class TmaPipeline:
     """The skeleton for ``spec`` (a TensorCoreGemm with ``tma``: block_m, block_n, k_elems,
     stage_bytes, stages, mn_major, threads). ``build(consume)`` emits the setup and the producer,
-    and calls ``consume(pipeline, tid)`` for the consumer warps' code."""
+    and calls ``consume(pipeline, tid)`` for the consumer warps' code; ``readers`` consumer threads
+    (default all) release each stage."""
 
-    def __init__(self, spec: Any, b: KernelBuilder):
+    def __init__(self, spec: Any, b: KernelBuilder, readers: int | None = None):
         self.spec, self.b = spec, b
         self.consumers = spec.threads - 32
+        self.readers = readers or self.consumers
 
     def build(self, consume: Callable[["TmaPipeline", Reg], None]) -> None:
         spec, b = self.spec, self.b
@@ -64,7 +72,7 @@ class TmaPipeline:
         leader = b.setp("eq", tid, 0)
         for s in range(spec.stages):
             b.mbarrier_init(b.add(self.full, 8 * s), 1, guard=leader)
-            b.mbarrier_init(b.add(self.empty, 8 * s), self.consumers, guard=leader)
+            b.mbarrier_init(b.add(self.empty, 8 * s), self.readers, guard=leader)
         b.fence_mbarrier_init(guard=leader)
         b.bar_sync()
         self.slices = b.div(b.add(self.k, spec.k_elems - 1), spec.k_elems)
@@ -85,11 +93,15 @@ class TmaPipeline:
 
     def work(self) -> Iterator[tuple[Reg, Reg, Reg]]:
         """Loop over this block's (split, tile) pairs; yields (split, row0, col0)."""
+        with self.b.loop(self.mine, "tile") as i:
+            yield self.item(i)
+
+    def item(self, i: Reg) -> tuple[Reg, Reg, Reg]:
+        """(split, row0, col0) of this block's ``i``-th (split, tile) pair."""
         b = self.b
-        with b.loop(self.mine, "tile") as i:
-            index = b.mad(i, self.stride, self.first)
-            split = b.div(index, self.tiles)
-            yield (split, *tile_origin(b, self.spec, self.m, self.n, b.sub(index, b.mul(split, self.tiles))))
+        index = b.mad(i, self.stride, self.first)
+        split = b.div(index, self.tiles)
+        return (split, *tile_origin(b, self.spec, self.m, self.n, b.sub(index, b.mul(split, self.tiles))))
 
     def stage(self, ring: Ring) -> tuple[Reg, Reg, Reg]:
         """(shared address, full barrier, empty barrier) of the ring's stage."""
