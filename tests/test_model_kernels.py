@@ -98,7 +98,7 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert bf16.down.grad_input.block_n == 256 and bf16.gate_up.grad_input.block_n == 128  # dX is d_in wide
     # the LM head's backward contracts over (dX) or runs down (dW) the vocabulary: 128x256, 3 stages
     assert {(s.block_n, s.stages) for s in (bf16.head.grad_input, bf16.head.grad_weight)} == {(256, 3)}
-    assert (bf16.q.grad_weight.block_n, bf16.q.grad_weight.stages) == (128, 6)
+    assert (bf16.q.grad_weight.block_n, bf16.q.grad_weight.stages, bf16.q.grad_weight.pingpong) == (128, 6, True)
     assert isinstance(bf16.attention, AttentionWgmmaSpec)  # the forward on wgmma, the backward on mma.sync
     assert isinstance(bf16.attention_bwd_kv, AttentionTCBackwardKVSpec)
     tiny = ModelKernels.of(preset("tiny"), AdamWSettings(), -100, Precision.BF16)  # head_dim 32: mma.sync
