@@ -40,7 +40,8 @@ def values(bits: np.ndarray, dtype: MmaType) -> np.ndarray:
     return bits.view(np.float16).astype(np.float64) if dtype is MmaType.F16 else from_bf16(bits).astype(np.float64)
 
 
-def run(cache, spec: AttentionTCSpec | AttentionWgmmaSpec, bsz: int, s: int, kv_len: int | None = None, q_start: int = 0):
+def run(cache, spec: AttentionTCSpec | AttentionWgmmaSpec, bsz: int, s: int, kv_len: int | None = None,
+        q_start: int = 0):
     """Queries at q_start.. over kv_len keys (a KV cache of kv_len rows when q_start > 0)."""
     kv_len = kv_len or s
     shape_q, shape_kv = (bsz, s, spec.heads, spec.head_dim), (bsz, kv_len, spec.kv_heads, spec.head_dim)

@@ -12,15 +12,15 @@ after the consumer warpgroups is the producer, of which one thread issues bulk t
 (tensor maps as arguments, runtime.tensormap: the unit swizzles and zero-fills past the edges) of
 every slice of every tile the block owns, as far ahead as the stages allow; the warpgroups
 multiply, keeping one wgmma group in flight, so the tensor cores never wait on a barrier between
-slices, and while they store one tile the producer already fills the stages with the next. Each stage has a ``full`` mbarrier (the copies' bytes
-landed) and an ``empty`` one (every consumer thread's wgmmas reading it completed). All four
-layouts of the 16-bit types: an operand stored with K contiguous ("K-major") is copied as [rows][64
-K] boxes; one stored with M or N contiguous ("MN-major": A of dW = dY^T X, B of dX = dY W) as
-[64 K][64 M or N] boxes side by side, which wgmma reads with its transpose flag. ``splits`` cuts
-the contraction into parts whose partial products land in consecutive C matrices (split-K). With
-``pingpong`` the two consumer warpgroups do not share a tile: each takes whole tiles in turn and
-they hand the tensor cores to each other at named barriers, so one stores while the other
-multiplies.
+slices, and while they store one tile the producer already fills the stages with the next. Each
+stage has a ``full`` mbarrier (the copies' bytes landed) and an ``empty`` one (every consumer
+thread's wgmmas reading it completed). All four layouts of the 16-bit types: an operand stored
+with K contiguous ("K-major") is copied as [rows][64 K] boxes; one stored with M or N contiguous
+("MN-major": A of dW = dY^T X, B of dX = dY W) as [64 K][64 M or N] boxes side by side, which wgmma
+reads with its transpose flag. ``splits`` cuts the contraction into parts whose partial products
+land in consecutive C matrices (split-K). With ``pingpong`` the two consumer warpgroups do not
+share a tile: each takes whole tiles in turn and they hand the tensor cores to each other at named
+barriers, so one stores while the other multiplies.
 
 By cp.async (no tensor maps needed; Y = X W^T only, with the fp32 GEMM's batches): every thread
 copies 16-byte chunks into the tensor-core GEMM's swizzled tiles (chunk c of row r at c ^ (r % 8)
