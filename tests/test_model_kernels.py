@@ -113,3 +113,17 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
               SwiGLUBackwardSpec, CrossEntropySpec)
     same = lambda kernels: {s for s in kernels.specs() if not isinstance(s, differ)}  # noqa: E731
     assert same(fp32) == same(bf16) and len(same(fp32)) >= 10
+
+
+def test_every_kernel_a_preset_runs_assembles_without_spilling():
+    """The exact specs the model launches (not only the registry's examples): each assembles for
+    sm_90 with nvJitLink, its registers within budget (a spill would be slow, not wrong)."""
+    from model.config import PRESETS
+    from ptxgen.assemble import assemble
+    from ptxgen.spec import Target
+    specs = {s for config in PRESETS.values() for precision in Precision
+             for s in ModelKernels.of(config, AdamWSettings(), -100, precision).specs()}
+    assert len(specs) >= 40
+    for spec in specs:
+        result = assemble(spec.emit(Target()), spec.arch(Target()))
+        assert result.spill_stores == 0 and result.spill_loads == 0, (spec, result.log)
