@@ -129,6 +129,13 @@ class AttentionGrid:
     def params(self) -> tuple[tuple[str, T], ...]:
         return tuple((n, T.U64) for n in self.pointers) + tuple((n, T.U32) for n in self.scalars)
 
+    def check_heads(self, *fields: str) -> None:
+        """heads, kv_heads, head_dim and ``fields`` positive; heads a multiple of kv_heads (GQA)."""
+        for name in ("heads", "kv_heads", "head_dim", *fields):
+            check_positive(name, getattr(self, name))
+        if self.heads % self.kv_heads:
+            raise SpecError(f"heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
+
     @property
     def group(self) -> int:
         return self.heads // self.kv_heads
@@ -169,10 +176,7 @@ class _AttentionBase(AttentionGrid, KernelSpec):
         return self.block // self.lanes
 
     def validate(self) -> None:
-        for name in ("heads", "kv_heads", "head_dim", "tile"):
-            check_positive(name, getattr(self, name))
-        if self.heads % self.kv_heads:
-            raise SpecError(f"heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
+        self.check_heads("tile")
         if self.lanes not in (1, 2, 4, 8):
             raise SpecError(f"lanes must be 1, 2, 4 or 8, got {self.lanes}")
         if self.head_dim % (CHUNK * self.lanes):

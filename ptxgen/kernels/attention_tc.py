@@ -34,7 +34,6 @@ from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from .attention import AttentionGrid
-from .common import check_positive
 from .gemm_tc import SHARED_LIMIT
 from .mma_tile import CHUNK, ELEMS, MmaType, SharedTile
 
@@ -258,12 +257,9 @@ class _FlashBase(AttentionGrid, KernelSpec):
         return 16 * self.warps
 
     def validate(self) -> None:
-        for name in ("heads", "kv_heads", "head_dim", "warps", "tile"):
-            check_positive(name, getattr(self, name))
+        self.check_heads("warps", "tile")
         if self.dtype is MmaType.TF32:
             raise SpecError("the tensor-core attention (mma.sync m16n8k16) takes bf16 or f16")
-        if self.heads % self.kv_heads:
-            raise SpecError(f"heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
         if self.head_dim not in (32, 64, 128):
             raise SpecError(f"head_dim must be 32, 64 or 128, got {self.head_dim}")
         if self.tile not in (16, 32, 64, 128):
