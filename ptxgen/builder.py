@@ -648,43 +648,34 @@ class KernelBuilder:
         for A, B (the transpose flags; 16-bit types only); k is 32 bytes of ``dtype`` (16 of
         bf16/f16, 8 of tf32); ``scale_d`` false: acc = A @ B. A may instead be 4 .b32 registers a
         thread (16-bit pairs; each warp's 16 rows in mma.m16n8k16's A fragment layout)."""
-        if not isinstance(desc_a, Reg):
-            return self._wgmma_register_a(acc, list(desc_a), desc_b, dtype, n, scale_d, mn_major[1])
+        in_regs = not isinstance(desc_a, Reg)
+        if in_regs and dtype not in ("bf16", "f16"):
+            raise PtxBuildError(f"wgmma with A in registers: input type {dtype} is not bf16 or f16")
         if dtype not in ("bf16", "f16", "tf32"):
             raise PtxBuildError(f"wgmma: input type {dtype} is not bf16, f16 or tf32")
         if n % 8 or not 8 <= n <= 256:
             raise PtxBuildError(f"wgmma: N={n} is not a multiple of 8 in [8, 256]")
         if dtype == "tf32" and any(mn_major):
             raise PtxBuildError("wgmma: tf32 operands are K-major only")
-        # tf32 takes no transpose flags at all
-        k, layout = (8, "") if dtype == "tf32" else (16, f", {int(mn_major[0])}, {int(mn_major[1])}")
+        # tf32 takes no transpose flags at all, A in registers none of its own
+        k, layout = (8, "") if dtype == "tf32" else (16, f", {int(mn_major[1])}" if in_regs else
+                                                      f", {int(mn_major[0])}, {int(mn_major[1])}")
         ins = f"wgmma.mma_async.sync.aligned.m64n{n}k{k}.f32.{dtype}.{dtype}"
+        if in_regs and (len(acc) != n // 2 or len(desc_a) != 4):
+            raise PtxBuildError(f"{ins}: {n // 2} accumulator and 4 A registers, got {len(acc)} and {len(desc_a)}")
         if len(acc) != n // 2:
             raise PtxBuildError(f"{ins}: {n // 2} accumulator registers, got {len(acc)}")
         for r in acc:
             self._op(ins, r, T.F32, "accumulator")
-        for r, what in ((desc_a, "A descriptor"), (desc_b, "B descriptor")):
-            self._op(ins, r, T.U64, what)
-        self._op(ins, scale_d, T.PRED, "scale-d")
-        self._emit(f"{ins} {{{', '.join(r.name for r in acc)}}}, {desc_a}, {desc_b}, {scale_d}, 1, 1{layout}")
-
-    def _wgmma_register_a(self, acc: Sequence[Reg], a: list[Reg], desc_b: Reg, dtype: str, n: int, scale_d: Reg,
-                          b_mn_major: bool) -> None:
-        if dtype not in ("bf16", "f16"):
-            raise PtxBuildError(f"wgmma with A in registers: input type {dtype} is not bf16 or f16")
-        if n % 8 or not 8 <= n <= 256:
-            raise PtxBuildError(f"wgmma: N={n} is not a multiple of 8 in [8, 256]")
-        ins = f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{dtype}.{dtype}"
-        if len(acc) != n // 2 or len(a) != 4:
-            raise PtxBuildError(f"{ins}: {n // 2} accumulator and 4 A registers, got {len(acc)} and {len(a)}")
-        for r in acc:
-            self._op(ins, r, T.F32, "accumulator")
-        for r in a:
-            self._op(ins, r, T.B32, "A")
+        if in_regs:
+            for r in desc_a:
+                self._op(ins, r, T.B32, "A")
+            a_operand = f"{{{', '.join(r.name for r in desc_a)}}}"
+        else:
+            a_operand = self._op(ins, desc_a, T.U64, "A descriptor")
         self._op(ins, desc_b, T.U64, "B descriptor")
         self._op(ins, scale_d, T.PRED, "scale-d")
-        self._emit(f"{ins} {{{', '.join(r.name for r in acc)}}}, {{{', '.join(r.name for r in a)}}}, {desc_b}, "
-                   f"{scale_d}, 1, 1, {int(b_mn_major)}")
+        self._emit(f"{ins} {{{', '.join(r.name for r in acc)}}}, {a_operand}, {desc_b}, {scale_d}, 1, 1{layout}")
 
     # -- mbarriers and TMA bulk tensor copies (sm_90) ---------------------------------------------
     def mbarrier_init(self, bar: Reg, count: int, guard: GuardLike = None) -> None:
