@@ -137,15 +137,20 @@ class _Flash:
         """out[16 x d] += P (16 x n accumulator tiles, rounded to 16 bits) times the n-row tile at ``tile``."""
         b = self.b
         at = {c: b.add(tile, off) for c, off in self.t_lane.items()}
-        for kk in range(n // 16):  # P's k16 step kk: accumulator tiles 2kk and 2kk+1
-            lo, hi = p[2 * kk], p[2 * kk + 1]
-            a = [b.cvt_x2(self.to, lo[1], lo[0]), b.cvt_x2(self.to, lo[3], lo[2]),
-                 b.cvt_x2(self.to, hi[1], hi[0]), b.cvt_x2(self.to, hi[3], hi[2])]
+        for kk in range(n // 16):
+            a = self.p_fragment(p, kk)
             for pair in self.steps_d:
                 frag = [b.reg(T.B32) for _ in range(4)]
                 self.cols.fragment(at, 16 * kk, 2 * pair, frag)
                 self.mma(out[2 * pair], a, frag[0:2])
                 self.mma(out[2 * pair + 1], a, frag[2:4])
+
+    def p_fragment(self, p: Tiles, kk: int) -> list[Reg]:
+        """P's k16 step kk as an m16k16 A fragment: accumulator tiles 2kk and 2kk + 1 (columns
+        16kk.. and 16kk + 8..) rounded to 16-bit pairs."""
+        b, lo, hi = self.b, p[2 * kk], p[2 * kk + 1]
+        return [b.cvt_x2(self.to, lo[1], lo[0]), b.cvt_x2(self.to, lo[3], lo[2]),
+                b.cvt_x2(self.to, hi[1], hi[0]), b.cvt_x2(self.to, hi[3], hi[2])]
 
     def mask(self, s: Tiles, col0: Reg, needed: Reg, off: Callable[[Reg, int], Reg]) -> None:
         """-inf where ``off(column, h)`` (h: the row group + 8h), on tiles where ``needed`` only."""
@@ -279,58 +284,92 @@ class _FlashBase(AttentionGrid, KernelSpec):
         return b.mul(b.sub(b.sub(b.special("%nctaid.x"), 1), b.special("%ctaid.x")), self.rows_per_block)
 
 
-@register
-@dataclass(frozen=True)
-class AttentionTCSpec(_FlashBase):
-    """o = softmax(q k^T * scale, causal) v per head and lse, over ``kv_len`` keys (a cache of
-    ``kv_stride`` rows per batch) for ``seq`` queries at positions q_start.."""
+class _ForwardBase(_FlashBase):
+    """What the tensor-core forwards share: o = softmax(q k^T * scale, causal) v per head and lse,
+    over ``kv_len`` keys (a cache of ``kv_stride`` rows per batch) for ``seq`` queries at positions
+    q_start... The block copies its queries and the first key/value tile, then per tile: the next
+    tile's copies, S, the mask, the online softmax, O += P V, and a barrier once the next tile has
+    landed. A kernel provides its tile layout (``_align``, ``_copy_rows``), whether its copies are
+    read through the async proxy (``_fenced``), and its two products (``_start``, ``_output``,
+    ``_scores``, ``_accumulate``)."""
 
-    kind: ClassVar[str] = "attention_tc_fwd"
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "lse")
     scalars: ClassVar[tuple[str, ...]] = ("seq", "kv_len", "kv_stride", "q_start")
+    _align: ClassVar[int] = 128
+    _fenced: ClassVar[bool] = False
 
     def dynamic_shared_bytes(self) -> int:
         return (self.rows_per_block + 4 * self.tile) * self.head_dim * 2  # Q, then K and V twice
 
     def build(self, b: KernelBuilder) -> None:
         b.launch_bounds(self.threads)
-        f = _Flash(self, b)
+        f = _Flash(self, b, align=self._align)
+        copy_rows = self._copy_rows(f)
         d, bq, bkv = self.head_dim, self.rows_per_block, self.tile
         seq, kv_len, kv_stride, q_start = (b.ld_param(n) for n in ("seq", "kv_len", "kv_stride", "q_start"))
         first = self._reversed_first(b)
         head = b.special("%ctaid.y")
         kv_head = b.div(head, self.group)
-        copy_kv = f.kv_copier(kv_head, kv_stride, bkv)
+        copy_kv = f.kv_copier(kv_head, kv_stride, bkv, copy_rows)
         kv_bytes = bkv * d * 2
+
+        def landed() -> None:  # every thread's copies (visible to the async proxy), for every thread
+            b.cp_async_wait(0)
+            if self._fenced:
+                b.fence_proxy_async()
+            b.bar_sync()
+
         end = f.key_end(first, q_start, kv_len)
         key0 = b.mov(0, T.U32)
         stage = b.add(f.smem, bq * d * 2)
         other = b.add(stage, 2 * kv_bytes)
-
-        f.copy_rows(f.row_ptr("q", seq, first, self.heads, head), self.heads, f.smem, first, seq, bq)
+        copy_rows(f.row_ptr("q", seq, first, self.heads, head), self.heads, f.smem, first, seq, bq)
         copy_kv(stage, key0, end)
         b.cp_async_commit()
-        b.cp_async_wait(0)
-        b.bar_sync()
-        q = f.a_fragments(f.smem)
+        landed()
+        queries = self._start(f)
 
         c = self.scale * LOG2E  # scores in base 2
         m, l_part = f.softmax_state()
-        o = f.zeros(d // 8)
+        o = self._output(f)
         rows, last_free, off = f.forward_masking(first, q_start, kv_len)
         with b.loop(b.div(b.add(end, bkv - 1), bkv), "kv_tile"):
             copy_kv(other, b.add(key0, bkv), end)  # the next tile (past ``end``: zero-size copies)
             b.cp_async_commit()
-            s = f.zeros(bkv // 8)
-            f.products(s, q, stage, bkv)
+            s = self._scores(f, queries, stage)
             f.mask(s, key0, b.setp("gt", b.add(key0, bkv), last_free), off)
             p = f.online_softmax(s, m, l_part, o, c)
-            f.accumulate(o, p, b.add(stage, kv_bytes), bkv)
-            b.cp_async_wait(0)  # the next tile has landed, and every warp is done with this one
-            b.bar_sync()
+            self._accumulate(f, queries, o, p, b.add(stage, kv_bytes))
+            landed()  # the next tile has landed, and every warp is done with this one
             f.swap(stage, other)
             b.add(key0, bkv, out=key0)
         f.store_output(o, m, l_part, rows, seq, head)
+
+    def _copy_rows(self, f: _Flash) -> Callable:
+        return f.copy_rows
+
+
+@register
+@dataclass(frozen=True)
+class AttentionTCSpec(_ForwardBase):
+    """The forward on mma.sync: the block's queries read into A fragments once, S from them and
+    the key tile by ldmatrix, P V from the S accumulators repacked."""
+
+    kind: ClassVar[str] = "attention_tc_fwd"
+
+    def _start(self, f: _Flash) -> Tiles:
+        return f.a_fragments(f.smem)
+
+    def _output(self, f: _Flash) -> Tiles:
+        return f.zeros(self.head_dim // 8)
+
+    def _scores(self, f: _Flash, q: Tiles, stage: Reg) -> Tiles:
+        s = f.zeros(self.tile // 8)
+        f.products(s, q, stage, self.tile)
+        return s
+
+    def _accumulate(self, f: _Flash, q: Tiles, o: Tiles, p: Tiles, values: Reg) -> None:
+        f.accumulate(o, p, values, self.tile)
 
     @classmethod
     def examples(cls) -> list["AttentionTCSpec"]:

@@ -13,22 +13,20 @@ double-buffered, and fenced into the async proxy wgmma reads through.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar, NamedTuple
 
-from ..builder import KernelBuilder, Reg, T
+from ..builder import Reg, T
 from ..registry import register
 from ..spec import SpecError, Target
-from .attention_tc import LOG2E, Tiles, _Flash, _FlashBase
-from .gemm_wgmma import descriptor_bits
+from .attention_tc import Tiles, _Flash, _ForwardBase
+from .gemm_wgmma import descriptor, descriptor_bits
 from .mma_tile import CHUNK, MmaType
 from .tma_pipeline import ATOM_BYTES, ROW
-
-COLUMNS = ROW // 2  # 16-bit elements of a column chunk's row
 
 
 class _ChunkedRows:
     """Where _Flash's cp.async row copies land in a tile of head_dim / 64 column chunks of [rows][128
-    bytes], swizzled, and the shared addresses of a k16 step of such a tile."""
+    bytes], swizzled."""
 
     def __init__(self, f: _Flash):
         b = f.b
@@ -43,23 +41,28 @@ class _ChunkedRows:
         mine = self.b.add(dst, self.b.mad(self.column, rows * ROW, self.in_row))
         self.f.copy_rows(at, heads, dst, row0, limit, rows, mine=mine, row_bytes=ROW)
 
-    @staticmethod
-    def k_major(kk: int, rows: int) -> int:
-        """Byte offset of k16 step ``kk`` of a K-major tile of ``rows`` rows: 32 bytes along a row,
-        the next column chunk every 4 steps."""
-        return (kk // 4) * rows * ROW + (kk % 4) * 32
+
+def _k_major(kk: int, rows: int) -> int:
+    """Byte offset of k16 step ``kk`` of a K-major chunked tile of ``rows`` rows: 32 bytes along a
+    row, the next column chunk every 4 steps."""
+    return (kk // 4) * rows * ROW + (kk % 4) * 32
+
+
+class _Queries(NamedTuple):
+    rows: Reg  # this warpgroup's 64 rows of the Q tile in shared memory
+    overwrite: Reg  # scale-d false: the first k16 step of S
+    accumulate: Reg
 
 
 @register
 @dataclass(frozen=True)
-class AttentionWgmmaSpec(_FlashBase):
-    """o = softmax(q k^T * scale, causal) v per head and lse, over ``kv_len`` keys (a cache of
-    ``kv_stride`` rows per batch) for ``seq`` queries at positions q_start..; ``warps`` 4 or 8 (64
-    query rows a warpgroup), ``tile`` 64 or 128 keys a step."""
+class AttentionWgmmaSpec(_ForwardBase):
+    """The forward on wgmma; ``warps`` 4 or 8 (64 query rows a warpgroup), ``tile`` 64 or 128 keys
+    a step."""
 
     kind: ClassVar[str] = "attention_wgmma_fwd"
-    pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "lse")
-    scalars: ClassVar[tuple[str, ...]] = ("seq", "kv_len", "kv_stride", "q_start")
+    _align: ClassVar[int] = ATOM_BYTES
+    _fenced: ClassVar[bool] = True  # cp.async writes, wgmma reads through the async proxy
 
     def arch(self, target: Target) -> str:
         if target.arch not in ("sm_90", "sm_90a"):
@@ -71,72 +74,43 @@ class AttentionWgmmaSpec(_FlashBase):
         if self.warps not in (4, 8) or self.tile not in (64, 128) or self.head_dim not in (64, 128):
             raise SpecError("attention_wgmma_fwd: warps 4 or 8 (whole warpgroups), tile 64 or 128, head_dim 64 or 128")
 
-    def dynamic_shared_bytes(self) -> int:
-        return (self.rows_per_block + 4 * self.tile) * self.head_dim * 2  # Q, then K and V twice
+    def _copy_rows(self, f: _Flash) -> Callable:
+        return _ChunkedRows(f).copy
 
-    def build(self, b: KernelBuilder) -> None:
-        b.launch_bounds(self.threads)
-        f = _Flash(self, b, align=ATOM_BYTES)
-        tiles = _ChunkedRows(f)
-        d, bq, bkv = self.head_dim, self.rows_per_block, self.tile
-        seq, kv_len, kv_stride, q_start = (b.ld_param(n) for n in ("seq", "kv_len", "kv_stride", "q_start"))
-        first = self._reversed_first(b)
-        head = b.special("%ctaid.y")
-        kv_head = b.div(head, self.group)
-        copy_kv = f.kv_copier(kv_head, kv_stride, bkv, tiles.copy)
-        kv_bytes = bkv * d * 2
-
-        def landed() -> None:  # every thread's copies, visible to the async proxy, for every thread
-            b.cp_async_wait(0)
-            b.fence_proxy_async()
-            b.bar_sync()
-
-        end = f.key_end(first, q_start, kv_len)
-        key0 = b.mov(0, T.U32)
-        stage = b.add(f.smem, bq * d * 2)
-        other = b.add(stage, 2 * kv_bytes)
-        tiles.copy(f.row_ptr("q", seq, first, self.heads, head), self.heads, f.smem, first, seq, bq)
-        copy_kv(stage, key0, end)
-        b.cp_async_commit()
-        landed()
-
-        q_rows = b.add(f.smem, b.mul(b.shr(f.tid, 7), 64 * ROW))  # this warpgroup's 64 rows of Q
-        k_bits, v_bits = descriptor_bits(False), descriptor_bits(True, bkv * ROW)
-        desc = lambda addr, bits: b.or_(b.cvt(T.U64, b.shr(addr, 4)), bits, T.B64)  # noqa: E731
+    def _start(self, f: _Flash) -> _Queries:
+        b = f.b
+        rows = b.add(f.smem, b.mul(b.shr(f.tid, 7), 64 * ROW))
         overwrite, accumulate = (b.setp("ne", b.mov(x, T.U32), 0) for x in (0, 1))
-        c = self.scale * LOG2E
-        m, l_part = f.softmax_state()
-        o_acc = [b.mov(0.0, T.F32) for _ in range(d // 2)]
-        o: Tiles = [o_acc[4 * j:4 * j + 4] for j in range(d // 8)]
-        rows, last_free, off = f.forward_masking(first, q_start, kv_len)
-        with b.loop(b.div(b.add(end, bkv - 1), bkv), "kv_tile"):
-            copy_kv(other, b.add(key0, bkv), end)  # the next tile (past ``end``: zero-size copies)
-            b.cp_async_commit()
-            s_acc = [b.reg(T.F32) for _ in range(bkv // 2)]
-            b.wgmma_fence()
-            for kk in range(d // 16):
-                b.wgmma(s_acc, desc(b.add(q_rows, tiles.k_major(kk, bq)), k_bits),
-                        desc(b.add(stage, tiles.k_major(kk, bkv)), k_bits), self.dtype.value, bkv,
-                        accumulate if kk else overwrite)
-            b.wgmma_commit()
-            b.wgmma_wait(0)
-            s: Tiles = [s_acc[4 * j:4 * j + 4] for j in range(bkv // 8)]
-            f.mask(s, key0, b.setp("gt", b.add(key0, bkv), last_free), off)
-            p = f.online_softmax(s, m, l_part, o, c)
-            frags = [[b.cvt_x2(f.to, lo[1], lo[0]), b.cvt_x2(f.to, lo[3], lo[2]),
-                      b.cvt_x2(f.to, hi[1], hi[0]), b.cvt_x2(f.to, hi[3], hi[2])]
-                     for lo, hi in zip(p[0::2], p[1::2])]  # P's k16 steps: accumulator tiles 2kk, 2kk+1
-            values = b.add(stage, kv_bytes)
-            b.wgmma_fence()
-            for kk, frag in enumerate(frags):  # V's 16 keys of step kk: 16 rows of 128 bytes further
-                b.wgmma(o_acc, frag, desc(b.add(values, kk * 16 * ROW), v_bits), self.dtype.value, d, accumulate,
-                        (False, True))
-            b.wgmma_commit()
-            b.wgmma_wait(0)
-            landed()  # the next tile, and every warpgroup is done with this one
-            f.swap(stage, other)
-            b.add(key0, bkv, out=key0)
-        f.store_output(o, m, l_part, rows, seq, head)
+        return _Queries(rows, overwrite, accumulate)
+
+    def _output(self, f: _Flash) -> Tiles:
+        acc = [f.b.mov(0.0, T.F32) for _ in range(self.head_dim // 2)]
+        return [acc[4 * j:4 * j + 4] for j in range(self.head_dim // 8)]
+
+    def _scores(self, f: _Flash, q: _Queries, stage: Reg) -> Tiles:
+        """S = Q K^T, both K-major from shared memory."""
+        b, bits = f.b, descriptor_bits(False)
+        acc = [b.reg(T.F32) for _ in range(self.tile // 2)]
+        b.wgmma_fence()
+        for kk in range(self.head_dim // 16):
+            b.wgmma(acc, descriptor(b, b.add(q.rows, _k_major(kk, self.rows_per_block)), bits),
+                    descriptor(b, b.add(stage, _k_major(kk, self.tile)), bits), self.dtype.value, self.tile,
+                    q.accumulate if kk else q.overwrite)
+        b.wgmma_commit()
+        b.wgmma_wait(0)
+        return [acc[4 * j:4 * j + 4] for j in range(self.tile // 8)]
+
+    def _accumulate(self, f: _Flash, q: _Queries, o: Tiles, p: Tiles, values: Reg) -> None:
+        """O += P V: P from registers, V MN-major (its 16 keys of step kk are 16 rows of 128 bytes further)."""
+        b, bits = f.b, descriptor_bits(True, self.tile * ROW)
+        frags = [f.p_fragment(p, kk) for kk in range(self.tile // 16)]
+        acc = [r for tile in o for r in tile]
+        b.wgmma_fence()
+        for kk, frag in enumerate(frags):
+            b.wgmma(acc, frag, descriptor(b, b.add(values, kk * 16 * ROW), bits), self.dtype.value, self.head_dim,
+                    q.accumulate, (False, True))
+        b.wgmma_commit()
+        b.wgmma_wait(0)
 
     @classmethod
     def examples(cls) -> list["AttentionWgmmaSpec"]:

@@ -55,6 +55,11 @@ def descriptor_bits(mn_major: bool, chunk_bytes: int = MN_CHUNK) -> int:
     return (1 << 62) | ((ATOM_BYTES >> 4) << 32) | ((chunk_bytes >> 4 if mn_major else 1) << 16)
 
 
+def descriptor(b: KernelBuilder, addr: Reg, bits: int) -> Reg:
+    """The matrix descriptor of the tile at shared ``addr`` (``descriptor_bits``' layout)."""
+    return b.or_(b.cvt(T.U64, b.shr(addr, 4)), bits, T.B64)
+
+
 @register
 @dataclass(frozen=True)
 class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
@@ -180,9 +185,9 @@ def multiply(spec: GemmWgmmaSpec, b: KernelBuilder, accs: list[tuple[list[Reg], 
     K-major rows, 16 rows of 128 bytes down MN-major ones)."""
     b.wgmma_fence()
     a_mn, b_mn = spec.mn_major
-    desc = lambda x, mn: b.or_(b.cvt(T.U64, b.shr(x, 4)), descriptor_bits(mn), T.B64)  # noqa: E731
     step = lambda mn, kk: (16 * ROW if mn else 32) * kk >> 4  # noqa: E731
-    descs_a, desc_b = [desc(a_tile, a_mn) for _, a_tile in accs], desc(b_tile, b_mn)
+    descs_a = [descriptor(b, a_tile, descriptor_bits(a_mn)) for _, a_tile in accs]
+    desc_b = descriptor(b, b_tile, descriptor_bits(b_mn))
     for kk in range(BLOCK_K // 16):
         at_b = b.add(desc_b, step(b_mn, kk), T.U64)
         for (acc, _), desc_a in zip(accs, descs_a):
