@@ -33,7 +33,7 @@ from .precision import Precision
 SMALL_TILE = dict(block_m=64, block_n=64, thread_m=4, thread_n=8)
 # the fastest wgmma tiles at the Qwen2-0.5B layer shapes (bench_compute bf16-layers): 128 x 256 tiles
 # for outputs at least 2048 wide, else 128 x 128 with 6 stages, the two warpgroups taking tiles in
-# turn (6-9% over sharing each tile where K is 896 or 4864, even on the dW GEMMs), except where the
+# turn (6-9% over sharing each tile where K is 896 or 4864, no worse on the dW GEMMs), except where the
 # LM head's vocabulary is the contraction (dX) or the rows (dW): there 128 x 256 with 3 stages ran
 # 1.5x faster (604 and 550 against 375 and 367 TFLOP/s)
 WIDE_WGMMA_TILE = dict(block_n=256, stages=4)
