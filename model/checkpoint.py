@@ -1,9 +1,12 @@
 """Checkpoints a run can resume from and Hugging Face transformers can load.
 
 A run directory holds ``step-NNNNNNN/`` checkpoints and a ``latest`` file naming the newest. Each
-checkpoint directory has ``config.json`` (HF Qwen2), ``model.safetensors`` (HF tensor names, f32),
-``optimizer.safetensors`` (AdamW moments by parameter name), ``trainer.json`` (step, data position,
-training settings) and, when the run used one, ``tokenizer.json``. A checkpoint is written into a
+checkpoint directory has ``config.json`` (HF Qwen2, or Llama for a model without Q/K/V biases),
+``model.safetensors`` (HF tensor names, f32 or, with ``save_dtype="bf16"``, bf16 beside an f32
+``master.safetensors`` so a resume stays exact), ``optimizer.safetensors`` (AdamW moments by
+parameter name), ``trainer.json`` (step, data position, training settings) and, when the run has
+them, ``tokenizer.json`` and ``generation_config.json``. ``load_checkpoint`` also reads directories
+transformers wrote (model/hf.py). A checkpoint is written into a
 temporary directory and renamed into place, then ``latest`` is replaced atomically, so a crash at
 any point leaves the previous checkpoint whole and ``latest`` naming a complete one.
 """
@@ -18,17 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from .config import ConfigError, ModelConfig
-from .params import param_shapes
+from .config import ModelConfig
+from .hf import (MASTER, SAVE_DTYPES, CheckpointError, copy_json, eos_token_ids, model_params, read_config,
+                 read_tensors, read_weights, write_weights)
 
 LATEST = "latest"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, damaged or does not match its config; one line for the user."""
+__all__ = ["Checkpoint", "CheckpointError", "LATEST", "load_checkpoint", "resolve", "save_checkpoint"]
 
 
 @dataclass
@@ -38,39 +38,45 @@ class Checkpoint:
     params: dict[str, np.ndarray]          # f32, our parameter set (no exported zero biases)
     optimizer: dict[str, np.ndarray]       # "exp_avg.<name>" / "exp_avg_sq.<name>", f32
     trainer: dict[str, Any]                # step, data position, settings, tokenizer
+    eos_token_ids: tuple[int, ...] = ()    # generation stops at these (generation_config.json)
 
     @property
     def tokenizer_path(self) -> Path | None:
         p = self.path / "tokenizer.json"
         return p if p.exists() else None
 
-
-def _hf_weights(config: ModelConfig, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """transformers' Qwen2 always has Q/K/V biases: a bias-free model exports them as zeros."""
-    out = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()}
-    if not config.qkv_bias:
-        for name, shape in param_shapes(config.replace(qkv_bias=True)).items():
-            if name.endswith(".bias"):
-                out[name] = np.zeros(shape, np.float32)
-    return out
+    @property
+    def generation_config_path(self) -> Path | None:
+        p = self.path / "generation_config.json"
+        return p if p.exists() else None
 
 
 def save_checkpoint(run_dir: Path, step: int, config: ModelConfig, params: dict[str, np.ndarray],
                     optimizer: dict[str, np.ndarray], trainer: dict[str, Any],
-                    tokenizer_file: Path | None = None, keep: int = 2) -> Path:
-    """Write ``run_dir/step-NNNNNNN`` atomically, point ``latest`` at it, keep the newest ``keep``."""
+                    tokenizer_file: Path | None = None, keep: int = 2, save_dtype: str = "fp32",
+                    generation_config: Path | None = None) -> Path:
+    """Write ``run_dir/step-NNNNNNN`` atomically, point ``latest`` at it, keep the newest ``keep``.
+
+    ``save_dtype`` bf16 writes the model's weights in bf16 (as Qwen releases ship) and the f32
+    master weights beside them, so a resume continues bit for bit."""
+    if save_dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step-{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=run_dir))
     try:
-        config.save(tmp / "config.json")
-        save_file(_hf_weights(config, params), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config.to_hf(SAVE_DTYPES[save_dtype][1]), indent=2) + "\n")
+        write_weights(tmp / "model.safetensors", params, save_dtype)
+        if save_dtype != "fp32":
+            write_weights(tmp / MASTER, params, "fp32")
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in optimizer.items()},
                   str(tmp / "optimizer.safetensors"))
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        if generation_config is not None:
+            copy_json(generation_config, tmp / "generation_config.json")
         if final.exists():  # a re-run of the same step replaces it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -96,36 +102,13 @@ def resolve(path: Path) -> Path:
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
+    """A checkpoint of ours or a directory transformers wrote: config through the closed key table,
+    weights in their stored dtype (single or sharded), checked against the config."""
     path = resolve(path)
-    try:
-        config = ModelConfig.load(path / "config.json")
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    weights = _read_tensors(path / "model.safetensors")
-    expected = param_shapes(config)
-    if not config.qkv_bias:
-        for name in [n for n in weights if n.endswith(".bias")]:
-            if np.any(weights.pop(name)):
-                raise CheckpointError(f"config/weights mismatch: {name} is not zero but the config has no Q/K/V bias")
-    missing = sorted(set(expected) - set(weights))
-    extra = sorted(set(weights) - set(expected))
-    if missing or extra:
-        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
-        raise CheckpointError(f"config/weights mismatch in {path}: {what} "
-                              f"({len(missing)} missing, {len(extra)} unexpected)")
-    for name, shape in expected.items():
-        if weights[name].shape != shape:
-            raise CheckpointError(f"config/weights mismatch: {name} has shape {weights[name].shape}, "
-                                  f"config says {shape}")
-    optimizer = _read_tensors(path / "optimizer.safetensors") if (path / "optimizer.safetensors").exists() else {}
+    hf = read_config(path)
+    config = hf.config
+    params = model_params(config, read_weights(path), path, zero_biases_exported=not config.qkv_bias)
+    optimizer = read_tensors(path / "optimizer.safetensors") if (path / "optimizer.safetensors").exists() else {}
     trainer = json.loads((path / "trainer.json").read_text()) if (path / "trainer.json").exists() else {}
-    return Checkpoint(path, config, {k: weights[k].astype(np.float32) for k in expected}, optimizer, trainer)
-
-
-def _read_tensors(path: Path) -> dict[str, np.ndarray]:
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    return Checkpoint(path, config, {k: v.astype(np.float32) for k, v in params.items()}, optimizer, trainer,
+                      eos_token_ids(path, hf))

@@ -16,10 +16,11 @@ from typing import Callable, Sequence
 
 from ptxgen import cli as ptxgen_cli
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from .config import ConfigError, ModelConfig, preset
 from .data import ByteTokenizer, Corpus, DataError, HFTokenizer, Tokenizer, expand_paths, stdlib_files
 from .generate import generate
+from .hf import SAVE_DTYPES
 from .numpy_backend import NumpyBackend, NumpyDecoder
 from .optim import AdamWSettings
 from .params import param_shapes
@@ -60,6 +61,18 @@ def _tokenizer(path: str | Path | None) -> Tokenizer:
     return HFTokenizer(Path(path)) if path else ByteTokenizer()
 
 
+def checkpoint_tokenizer(ckpt: Checkpoint) -> Path | None:
+    """The tokenizer a checkpoint was trained with: its tokenizer.json, or bytes when it says so.
+
+    A model with another vocabulary and no tokenizer.json (a transformers directory copied without
+    it) is refused rather than fed bytes it was never trained on."""
+    if ckpt.tokenizer_path is not None:
+        return ckpt.tokenizer_path
+    if ckpt.trainer.get("tokenizer", "byte") == "byte" and (ckpt.trainer or ckpt.config.vocab_size == 256):
+        return None
+    raise UsageError(f"{ckpt.path} has no tokenizer.json; copy the model's tokenizer.json into it")
+
+
 def _add_settings(p: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -78,7 +91,12 @@ def cmd_train(argv: Sequence[str]) -> int:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="bf16: the linear layers' GEMMs read bf16 operands (fp32 master weights); default fp32")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<preset>)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    start.add_argument("--init", type=Path, metavar="CHECKPOINT",
+                       help="start from these weights (ours or a transformers directory), fresh optimizer")
+    p.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), default="fp32",
+                   help="the checkpoints' model weights (bf16: as Qwen releases ship; f32 masters kept)")
     _add_settings(p, TrainSettings)
     _add_settings(p, AdamWSettings)
     ns = p.parse_args(argv)
@@ -88,13 +106,24 @@ def cmd_train(argv: Sequence[str]) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     config = ModelConfig.load(ns.config) if ns.config else preset(ns.preset or "tiny")
-    out = ns.out or Path("runs") / (ns.preset or (ns.config.parent.name if ns.config else "tiny"))
+    init = load_checkpoint(ns.init) if ns.init else None
+    tokenizer_file = Path(ns.tokenizer) if ns.tokenizer else None
+    if init is not None:
+        if (ns.preset or ns.config) and config != init.config:
+            raise UsageError(f"--init: the checkpoint in {ns.init} has another config than the "
+                             f"{'--preset' if ns.preset else '--config'} given (drop it: the checkpoint's is used)")
+        if ns.tokenizer and init.tokenizer_path is not None:
+            raise UsageError(f"--init: {init.path} brings its own tokenizer.json; drop --tokenizer")
+        config, tokenizer_file = init.config, tokenizer_file or checkpoint_tokenizer(init)
+    out = ns.out or Path("runs") / (ns.preset or (ns.config.parent.name if ns.config else
+                                                  init.path.name if init else "tiny"))
+    generation_config = init.generation_config_path if init else None
     if ns.resume:
         saved = load_checkpoint(out)
         if saved.config != config and (ns.preset or ns.config):
             raise UsageError(f"--resume: the checkpoint in {out} has another config than the one given")
-        config = saved.config
-    tokenizer = _tokenizer(ns.tokenizer)
+        config, generation_config = saved.config, saved.generation_config_path
+    tokenizer = _tokenizer(tokenizer_file)
     if tokenizer.vocab_size > config.vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens; the model's vocab_size is "
                          f"{config.vocab_size}")
@@ -108,9 +137,12 @@ def cmd_train(argv: Sequence[str]) -> int:
     print(f"data: {corpus.n_files} files, {len(corpus.train)} train / {len(corpus.val)} validation tokens "
           f"({tokenizer.name}); model: {n_params / 1e6:.2f}M parameters, hidden {config.hidden_size}, "
           f"{config.num_layers} layers; run: {out}", flush=True)
+    if init is not None:
+        print(f"init: weights from {init.path}, fresh optimizer state", flush=True)
     result = train(config, settings, adamw, corpus, factory, out, resume=ns.resume,
-                   tokenizer_file=Path(ns.tokenizer) if ns.tokenizer else None, tokenizer_name=tokenizer.name,
-                   log=lambda m: print(m, flush=True))
+                   tokenizer_file=tokenizer_file, tokenizer_name=tokenizer.name,
+                   log=lambda m: print(m, flush=True), initial=init.params if init else None,
+                   save_dtype=ns.save_dtype, generation_config=generation_config)
     last_val = result.val_losses[max(result.val_losses)] if result.val_losses else float("nan")
     print(f"done: step {result.step}, val_loss {last_val:.4f}, {result.tokens_per_s:.0f} tokens/s, "
           f"checkpoint {result.checkpoint}")
@@ -131,7 +163,7 @@ def cmd_generate(argv: Sequence[str]) -> int:
     if ns.temperature < 0 or ns.top_k < 0 or ns.max_new_tokens < 0:
         raise UsageError("--temperature, --top-k and --max-new-tokens must be >= 0")
     ckpt = load_checkpoint(ns.checkpoint)
-    tokenizer = _tokenizer(ckpt.tokenizer_path)
+    tokenizer = _tokenizer(checkpoint_tokenizer(ckpt))
     prompt = tokenizer.encode(ns.prompt.encode())
     if not len(prompt):
         raise UsageError("--prompt is empty")
@@ -151,8 +183,9 @@ def cmd_generate(argv: Sequence[str]) -> int:
     out = list(prompt)
     sys.stdout.write(ns.prompt)
     shown = len(tokenizer.decode(out))
+    eos = frozenset(ckpt.eos_token_ids)  # from generation_config.json, as transformers stops
     for token in generate(decoder, prompt, ns.max_new_tokens, ns.temperature, ns.top_k, ns.seed,
-                          max_length=ckpt.config.max_position_embeddings):
+                          max_length=ckpt.config.max_position_embeddings, stop=eos.__contains__):
         out.append(token)
         text = tokenizer.decode(out)
         sys.stdout.write(text[shown:])  # decode the whole so multi-byte characters come out whole

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 class ConfigError(ValueError):
@@ -37,9 +40,11 @@ class ModelConfig:
                 raise ConfigError(f"{f.name} must be a positive integer, got {v!r}")
         for name in ("rope_theta", "rms_norm_eps"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ConfigError(f"{name} must be a positive number, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ConfigError(f"{name} must be a finite positive number, got {v!r}")
             object.__setattr__(self, name, float(v))
+        if not np.float32(self.rms_norm_eps) >= np.finfo(np.float32).tiny:
+            raise ConfigError(f"rms_norm_eps {self.rms_norm_eps!r} underflows in float32 (the norm kernels add it in f32)")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -54,46 +59,32 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-    # -- HF config.json ----------------------------------------------------------------------
-    def to_hf(self) -> dict[str, Any]:
-        return {
-            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads, "intermediate_size": self.intermediate_size,
-            "rope_theta": self.rope_theta, "rms_norm_eps": self.rms_norm_eps,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "max_position_embeddings": self.max_position_embeddings,
-            "attention_dropout": 0.0, "use_sliding_window": False, "torch_dtype": "float32",
-            "initializer_range": 0.02,
-            # Qwen2 in transformers always has Q/K/V biases; a bias-free model exports zeros there.
-            "ptxgen_qkv_bias": self.qkv_bias,
-        }
+    # -- HF config.json (the closed key table lives in model/hf_config.py) -----------------
+    def to_hf(self, dtype: str = "float32") -> dict[str, Any]:
+        from .hf_config import to_hf_config
+
+        return to_hf_config(self, dtype)
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
-        try:
-            return cls(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                       num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-                       num_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
-                       intermediate_size=hf["intermediate_size"], rope_theta=hf["rope_theta"],
-                       rms_norm_eps=hf["rms_norm_eps"], qkv_bias=hf.get("ptxgen_qkv_bias", True),
-                       tie_word_embeddings=hf.get("tie_word_embeddings", False),
-                       max_position_embeddings=hf.get("max_position_embeddings", 32768))
-        except KeyError as e:
-            raise ConfigError(f"config.json lacks {e.args[0]!r}") from None
+    def from_hf(cls, hf: Any) -> "ModelConfig":
+        from .hf_config import parse_hf_config
+
+        return parse_hf_config(hf).config
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_hf(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "ModelConfig":
-        try:
-            return cls.from_hf(json.loads(Path(path).read_text()))
-        except (OSError, ValueError) as e:
-            if isinstance(e, ConfigError):
-                raise
-            raise ConfigError(f"cannot read {path}: {e}") from None
+        return cls.from_hf(read_json(path))
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file, or one line saying why it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 PRESETS: dict[str, ModelConfig] = {

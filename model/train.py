@@ -82,8 +82,14 @@ def evaluate(backend: Backend, batches: list[tuple[np.ndarray, np.ndarray]]) -> 
 def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, corpus: Corpus,
           make_backend: BackendFactory, out_dir: Path | None, *, resume: bool = False,
           tokenizer_file: Path | None = None, tokenizer_name: str = "byte",
-          log: Callable[[str], None] = print, progress: bool | None = None) -> TrainResult:
-    """Train to ``settings.steps`` (from the latest checkpoint in ``out_dir`` when ``resume``)."""
+          log: Callable[[str], None] = print, progress: bool | None = None,
+          initial: dict[str, np.ndarray] | None = None, save_dtype: str = "fp32",
+          generation_config: Path | None = None) -> TrainResult:
+    """Train to ``settings.steps`` (from the latest checkpoint in ``out_dir`` when ``resume``).
+
+    ``initial``: populated weights to start from (fresh optimizer state) instead of a random init.
+    ``save_dtype``: the dtype of the checkpoints' model weights (fp32, or bf16 beside f32 masters);
+    ``generation_config``: a generation_config.json copied into every checkpoint."""
     s = settings
     corpus.check_fits(s.batch_size, s.seq_len, config.vocab_size)
     position, start = 0, 0
@@ -94,7 +100,7 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
         backend.load_optimizer_state(ckpt.optimizer, start)
         log(f"resumed from {ckpt.path} at step {start}")
     else:
-        backend = make_backend(config, init_params(config, seed=s.seed), adamw)
+        backend = make_backend(config, init_params(config, seed=s.seed) if initial is None else initial, adamw)
     val = val_batches(corpus.val, s.batch_size, s.seq_len, s.eval_batches)
     result = TrainResult(step=start)
 
@@ -102,9 +108,10 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
         trainer: dict[str, Any] = {"step": step, "data_position": position, "backend": backend.name,
                                    "tokenizer": tokenizer_name, "settings": dataclasses.asdict(s),
                                    "adamw": dataclasses.asdict(adamw),
-                                   "val_loss": result.val_losses.get(step)}
+                                   "val_loss": result.val_losses.get(step), "save_dtype": save_dtype}
         result.checkpoint = save_checkpoint(out_dir, step, config, backend.params,
-                                            backend.optimizer_state(), trainer, tokenizer_file)
+                                            backend.optimizer_state(), trainer, tokenizer_file,
+                                            save_dtype=save_dtype, generation_config=generation_config)
 
     if start == 0:
         result.val_losses[0] = evaluate(backend, val)

@@ -91,12 +91,13 @@ def test_checkpoint_round_trips_with_hf_names_and_atomic_latest(tmp_path):
     assert "model.layers.0.self_attn.q_proj.bias" in load_file(str(p3 / "model.safetensors"))
 
 
-def test_a_bias_free_model_exports_zero_biases_for_transformers_and_drops_them_on_load(tmp_path):
+def test_a_bias_free_model_is_saved_as_llama_without_biases_and_loads_back(tmp_path):
     config = MICRO.replace(qkv_bias=False)
     path = save_checkpoint(tmp_path, 1, config, init_params(config), {}, {})
-    stored = load_file(str(path / "model.safetensors"))
-    assert not stored["model.layers.0.self_attn.k_proj.bias"].any()
-    assert not any(k.endswith(".bias") for k in load_checkpoint(path).params)
+    hf = json.loads((path / "config.json").read_text())
+    assert hf["model_type"] == "llama" and hf["attention_bias"] is False
+    assert not any(k.endswith(".bias") for k in load_file(str(path / "model.safetensors")))
+    assert load_checkpoint(path).config == config
 
 
 def test_mismatched_damaged_and_missing_checkpoints_are_refused(tmp_path):

@@ -1,0 +1,168 @@
+"""Weights as transformers writes them: safetensors in F32, BF16 or F16, one file or sharded.
+
+The safetensors library parses and checks each file's header and offsets (``deserialize``); numpy
+and ``ml_dtypes`` turn the bytes into arrays (numpy has no bfloat16, so ``safetensors.numpy``
+cannot read the files every Qwen2 release ships). Weights are read in the dtype they were saved in
+and widened exactly to float32; a checkpoint whose tensors do not match its config is refused.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, deserialize
+from safetensors.numpy import save_file
+
+from .config import ConfigError, ModelConfig, read_json
+from .hf_config import HFConfig, parse_hf_config
+from .params import param_shapes
+
+# safetensors dtype name -> numpy dtype, for the dtypes a checkpoint's weights may be stored in
+STORED = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16)}
+# --save-dtype -> (safetensors name, config.json name)
+SAVE_DTYPES = {"fp32": ("F32", "float32"), "bf16": ("BF16", "bfloat16")}
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+MASTER = "master.safetensors"  # this project's f32 weights beside a model.safetensors saved narrower
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged or does not match its config; one line for the user."""
+
+
+def read_config(path: Path) -> HFConfig:
+    try:
+        return parse_hf_config(read_json(path / "config.json"))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def weight_files(path: Path) -> dict[Path, set[str] | None]:
+    """Each weight file of a checkpoint with the tensor names its index assigns it (None: unsharded)."""
+    if (path / MASTER).is_file():
+        return {path / MASTER: None}
+    if (path / SINGLE).is_file():
+        return {path / SINGLE: None}
+    if not (path / INDEX).is_file():
+        raise CheckpointError(f"{path} has no {SINGLE} and no {INDEX}")
+    try:
+        index = read_json(path / INDEX)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{path / INDEX}: no weight_map of tensor names to file names")
+    files: dict[Path, set[str] | None] = {}
+    for name, file in weight_map.items():
+        if Path(file).name != file:  # a shard named by the index lives beside it, nowhere else
+            raise CheckpointError(f"{path / INDEX}: shard {file!r} is not a file name")
+        names = files.setdefault(path / file, set())
+        assert names is not None
+        names.add(name)
+    return files
+
+
+def read_tensors(file: Path) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file, in its stored dtype (F32, BF16 or F16)."""
+    try:
+        raw = deserialize(file.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    out = {}
+    for name, t in raw:
+        if t["dtype"] not in STORED:
+            raise CheckpointError(f"{file}: {name} is stored as {t['dtype']}; weights must be F32, BF16 or F16")
+        out[name] = np.frombuffer(t["data"], dtype=STORED[t["dtype"]]).reshape(t["shape"])
+    return out
+
+
+def read_weights(path: Path) -> dict[str, np.ndarray]:
+    """All weight tensors of a checkpoint directory, widened exactly to float32."""
+    weights: dict[str, np.ndarray] = {}
+    for file, expected in weight_files(path).items():
+        tensors = read_tensors(file)
+        if expected is not None and set(tensors) != expected:
+            odd = sorted(set(tensors) ^ expected)[0]
+            raise CheckpointError(f"{file} does not hold what {INDEX} says (first difference: {odd})")
+        for name, t in tensors.items():
+            if name in weights:
+                raise CheckpointError(f"{name} is stored twice ({file.name} and another shard)")
+            weights[name] = t.astype(np.float32)
+    for name, w in weights.items():
+        if not np.isfinite(w).all():
+            raise CheckpointError(f"{path}: {name} holds non-finite values (NaN or infinity)")
+    return weights
+
+
+def model_params(config: ModelConfig, weights: dict[str, np.ndarray], path: Path,
+                 zero_biases_exported: bool = False) -> dict[str, np.ndarray]:
+    """The model's parameters from a checkpoint's tensors, checked name by name against the config.
+
+    A tied model may also store ``lm_head.weight`` (transformers 4.x did); it must then equal the
+    embedding. ``zero_biases_exported``: this project's older bias-free checkpoints wrote zeros.
+    """
+    weights = dict(weights)
+    expected = param_shapes(config)
+    if config.tie_word_embeddings and "lm_head.weight" in weights:
+        head = weights.pop("lm_head.weight")
+        embed = weights.get("model.embed_tokens.weight")
+        if embed is None or head.shape != embed.shape or not np.array_equal(head, embed):
+            raise CheckpointError(f"{path}: tie_word_embeddings is true but lm_head.weight differs from "
+                                  "model.embed_tokens.weight")
+    if zero_biases_exported:
+        for name in [n for n in weights if n.endswith(".bias") and n not in expected]:
+            if np.any(weights.pop(name)):
+                raise CheckpointError(f"config/weights mismatch: {name} is not zero but the config has no "
+                                      "Q/K/V bias")
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        hint = " (the config says no Q/K/V bias)" if not missing and extra[0].endswith(".bias") else ""
+        raise CheckpointError(f"config/weights mismatch in {path}: {what}{hint} "
+                              f"({len(missing)} missing, {len(extra)} unexpected)")
+    for name, shape in expected.items():
+        if weights[name].shape != shape:
+            raise CheckpointError(f"config/weights mismatch: {name} has shape {weights[name].shape}, "
+                                  f"config says {shape}")
+    return {name: weights[name] for name in expected}
+
+
+def eos_token_ids(path: Path, hf: HFConfig) -> tuple[int, ...]:
+    """The ids that end generation: generation_config.json's, else config.json's, else none."""
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return hf.eos_token_ids
+    try:
+        gen = read_json(file)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    ids = gen.get("eos_token_id") if isinstance(gen, dict) else None
+    ids = [ids] if isinstance(ids, int) else ids if ids is not None else list(hf.eos_token_ids)
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise CheckpointError(f"{file}: eos_token_id must be a token id or a list of them")
+    return tuple(ids)
+
+
+def write_weights(file: Path, tensors: dict[str, np.ndarray], save_dtype: str) -> None:
+    """Write float32 ``tensors`` as one safetensors file in ``save_dtype`` (fp32 or bf16, rounded
+    to nearest even), with the metadata transformers expects."""
+    stored, _ = SAVE_DTYPES[save_dtype]
+    out: dict[str, np.ndarray] = {}
+    for name, t in tensors.items():
+        out[name] = np.ascontiguousarray(t, dtype=np.float32).astype(STORED[stored])
+        if not np.isfinite(out[name].astype(np.float32)).all():
+            raise CheckpointError(f"{name} does not fit in {save_dtype} (non-finite after rounding)")
+    save_file(out, str(file), metadata={"format": "pt"})  # bf16 through ml_dtypes: safetensors >= 0.8
+
+
+def copy_json(src: Path, dst: Path) -> None:
+    """Copy a small JSON file through (generation_config.json), checked to be JSON first."""
+    try:
+        data = read_json(src)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    dst.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,279 @@
+"""HF ``config.json`` through one closed table: every key consumed, known to have no effect, or refused.
+
+A key the model does not implement, silently ignored, is a GPU path that silently defaults (a yarn
+RoPE run as plain RoPE, a gelu MLP run as SiLU). So each key an HF Qwen2 or Llama config can hold
+is listed in ``KEYS`` with what it does here; a key not in the table, or a value the model cannot
+honour, is refused with one line that names the key and the value. Both transformers layouts map to
+the same ``ModelConfig``: 4.x (``rope_theta`` at the top level, ``torch_dtype``) and 5.x
+(``rope_parameters``, ``dtype``, ``layer_types``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import ConfigError, ModelConfig
+
+MODEL_TYPES = ("qwen2", "llama")
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class HFConfig:
+    """What a config.json says: the model, plus what only generation and saving need."""
+
+    config: ModelConfig
+    model_type: str
+    dtype: str | None             # the dtype the weights were saved in, as the file says
+    eos_token_ids: tuple[int, ...]
+
+
+def _fail(key: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"config.json: {key} = {value!r}: {why}")
+
+
+# -- value checks: each returns the value the model uses, or raises one line naming key and value --
+def _int(key: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise _fail(key, v, "must be a positive integer")
+    return v
+
+
+def _bool(key: str, v: Any) -> bool:
+    if not isinstance(v, bool):  # "false" is a non-empty string: truthy, the opposite of what it says
+        raise _fail(key, v, "must be true or false (a JSON boolean)")
+    return v
+
+
+def _positive_float(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise _fail(key, v, "must be a finite positive number")
+    return float(v)
+
+
+def _eps(key: str, v: Any) -> float:
+    eps = _positive_float(key, v)
+    if not np.float32(eps) >= np.finfo(np.float32).tiny:  # the kernels add eps in f32
+        raise _fail(key, v, "underflows in float32 (the norm kernels add it in f32)")
+    return eps
+
+
+def _token_ids(key: str, v: Any) -> tuple[int, ...]:
+    ids = v if isinstance(v, list) else [] if v is None else [v]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise _fail(key, v, "must be a token id, a list of them, or null")
+    return tuple(ids)
+
+
+def _equals(*allowed: Any) -> Callable[[str, Any], Any]:
+    def check(key: str, v: Any) -> Any:
+        if not any(type(v) is type(a) and v == a for a in allowed):
+            raise _fail(key, v, "not implemented here (supported: "
+                        + ", ".join(repr(a) for a in allowed) + ")")
+        return v
+    return check
+
+
+def _any(key: str, v: Any) -> Any:
+    return v
+
+
+def _rope_scaling(key: str, v: Any) -> None:
+    if v is None:
+        return
+    kind = v.get("rope_type", v.get("type")) if isinstance(v, dict) else v
+    if kind != "default":
+        raise _fail(key, v, "RoPE scaling is not implemented here (only plain RoPE)")
+
+
+def _rope_parameters(key: str, v: Any) -> float | None:
+    """5.x: {"rope_type": "default", "rope_theta": ...}; anything else changes the frequencies."""
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise _fail(key, v, "must be an object")
+    for k, x in v.items():
+        if k == "rope_type" and x != "default":
+            raise _fail(f"{key}.rope_type", x, "RoPE scaling is not implemented here (only 'default')")
+        if k == "partial_rotary_factor" and x != 1.0:
+            raise _fail(f"{key}.{k}", x, "partial RoPE is not implemented here")
+        if k not in ("rope_type", "rope_theta", "partial_rotary_factor"):
+            raise _fail(f"{key}.{k}", x, "unknown RoPE parameter (not implemented here)")
+    return _positive_float(f"{key}.rope_theta", v["rope_theta"]) if "rope_theta" in v else None
+
+
+def _layer_types(key: str, v: Any) -> Any:
+    if v is not None and (not isinstance(v, list) or any(t != "full_attention" for t in v)):
+        raise _fail(key, v, "only full attention in every layer is implemented here (no sliding window)")
+    return v
+
+
+def _dtype(key: str, v: Any) -> str | None:
+    if v is not None and v not in DTYPES:
+        raise _fail(key, v, f"must be one of {', '.join(DTYPES)}")
+    return v
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: ``check`` validates the value and returns what the model takes from it."""
+
+    check: Callable[[str, Any], Any]
+    effect: str   # "model" (consumed), "none" (no effect on the math, said why) or "generation"
+    why: str
+
+
+NO_EFFECT = "none"
+KEYS: dict[str, Key] = {
+    # consumed: the model's shape and math
+    "vocab_size": Key(_int, "model", "embedding and LM head rows"),
+    "hidden_size": Key(_int, "model", "model width"),
+    "intermediate_size": Key(_int, "model", "MLP width"),
+    "num_hidden_layers": Key(_int, "model", "decoder layers"),
+    "num_attention_heads": Key(_int, "model", "query heads"),
+    "num_key_value_heads": Key(lambda k, v: None if v is None else _int(k, v), "model",
+                               "KV heads (null: as many as query heads)"),
+    "head_dim": Key(_int, "model", "must equal hidden_size / num_attention_heads"),
+    "rms_norm_eps": Key(_eps, "model", "RMSNorm eps, baked into the norm kernels"),
+    "rope_theta": Key(_positive_float, "model", "RoPE base (4.x layout), baked into the RoPE kernels"),
+    "rope_parameters": Key(_rope_parameters, "model", "RoPE base and type (5.x layout)"),
+    "rope_scaling": Key(_rope_scaling, "model", "must be null or default"),
+    "tie_word_embeddings": Key(_bool, "model", "LM head shares the embedding"),
+    "max_position_embeddings": Key(_int, "model", "longest sequence (plain RoPE does not depend on it)"),
+    "attention_bias": Key(_bool, "model", "Q/K/V biases (Llama); Qwen2 always has them"),
+    "ptxgen_qkv_bias": Key(_bool, "model", "this project's older checkpoints: Q/K/V biases or exported zeros"),
+    "model_type": Key(_equals(*MODEL_TYPES), "model", "qwen2 or llama"),
+    "architectures": Key(lambda k, v: v, "model", "one causal-LM class matching model_type"),
+    # allowed only at the value the model implements
+    "hidden_act": Key(_equals("silu"), "model", "the MLP's activation: SwiGLU"),
+    "mlp_bias": Key(_equals(False), "model", "no MLP biases here"),
+    "attention_dropout": Key(_equals(0, 0.0), "model", "no dropout here"),
+    "use_sliding_window": Key(lambda k, v: _equals(False)(k, _bool(k, v)), "model", "no sliding window here"),
+    "layer_types": Key(_layer_types, "model", "every layer full attention"),
+    "use_mrope": Key(_equals(False), "model", "no multimodal RoPE here"),
+    "is_encoder_decoder": Key(_equals(False), "model", "a decoder only"),
+    # read for generation (stop tokens) and saving (dtype)
+    "eos_token_id": Key(lambda k, v: _token_ids(k, v), "generation", "stop tokens (generation_config.json first)"),
+    "dtype": Key(_dtype, NO_EFFECT, "the stored weights' dtype (5.x); read per tensor, computed in f32"),
+    "torch_dtype": Key(_dtype, NO_EFFECT, "the stored weights' dtype (4.x); read per tensor, computed in f32"),
+    # no effect on the math
+    "sliding_window": Key(_any, NO_EFFECT, "unused while use_sliding_window is false"),
+    "max_window_layers": Key(_any, NO_EFFECT, "unused while use_sliding_window is false"),
+    "bos_token_id": Key(_token_ids, NO_EFFECT, "a tokenizer matter"),
+    "pad_token_id": Key(_token_ids, NO_EFFECT, "a tokenizer matter"),
+    "use_cache": Key(_bool, NO_EFFECT, "transformers' inference switch"),
+    "initializer_range": Key(_any, NO_EFFECT, "random init of a new model; this project's init is its own"),
+    "transformers_version": Key(_any, NO_EFFECT, "provenance"),
+    "_name_or_path": Key(_any, NO_EFFECT, "provenance"),
+    "pretraining_tp": Key(_int, NO_EFFECT, "tensor-parallel slicing of the same products"),
+    "output_attentions": Key(_any, NO_EFFECT, "transformers' output switch"),
+    "output_hidden_states": Key(_any, NO_EFFECT, "transformers' output switch"),
+    "return_dict": Key(_any, NO_EFFECT, "transformers' output switch"),
+    "chunk_size_feed_forward": Key(_any, NO_EFFECT, "chunking of the same products"),
+    "id2label": Key(_any, NO_EFFECT, "classification heads only"),
+    "label2id": Key(_any, NO_EFFECT, "classification heads only"),
+    "problem_type": Key(_any, NO_EFFECT, "classification heads only"),
+}
+DEFAULTS = {  # transformers' own defaults where a config leaves a key out
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+}
+MAX_POSITIONS = {"qwen2": 32768, "llama": 2048}
+
+
+def parse_hf_config(hf: Any) -> HFConfig:
+    """The ``ModelConfig`` an HF config describes, or one line naming the first key it cannot honour."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"config.json must hold a JSON object, got {type(hf).__name__}")
+    for key in hf:
+        if key not in KEYS:
+            raise _fail(key, hf[key], "unknown key: this project cannot tell whether it changes the model")
+    v = {key: KEYS[key].check(key, value) for key, value in hf.items()}
+    model_type = v.get("model_type")
+    if model_type is None:
+        raise ConfigError("config.json lacks 'model_type' (qwen2 or llama)")
+    arch = v.get("architectures")
+    if arch is not None and arch != [ARCHITECTURES[model_type]]:
+        raise _fail("architectures", arch, f"a {model_type} config must name [{ARCHITECTURES[model_type]!r}]")
+
+    def need(key: str) -> Any:
+        if v.get(key) is None:
+            raise ConfigError(f"config.json lacks {key!r}")
+        return v[key]
+
+    heads, hidden = need("num_attention_heads"), need("hidden_size")
+    if "head_dim" in v and v["head_dim"] * heads != hidden:
+        raise _fail("head_dim", v["head_dim"], f"differs from hidden_size / num_attention_heads = "
+                    f"{hidden / heads:g} (not implemented here)")
+    theta = _theta(v)
+    qkv_bias = _qkv_bias(model_type, v)
+    kv_heads = v.get("num_key_value_heads")
+    if kv_heads is None:
+        if "num_key_value_heads" not in hf and model_type == "qwen2":
+            raise ConfigError("config.json lacks 'num_key_value_heads' (transformers' Qwen2 default is 32, "
+                              "not the number of query heads: say which)")
+        kv_heads = heads
+    layers = need("num_hidden_layers")
+    if v.get("layer_types") is not None and len(v["layer_types"]) != layers:
+        raise _fail("layer_types", v["layer_types"], f"names {len(v['layer_types'])} layers, not {layers}")
+    config = ModelConfig(
+        vocab_size=need("vocab_size"), hidden_size=hidden, num_layers=layers, num_heads=heads,
+        num_kv_heads=kv_heads, intermediate_size=need("intermediate_size"), rope_theta=theta,
+        rms_norm_eps=need("rms_norm_eps"), qkv_bias=qkv_bias,
+        tie_word_embeddings=v.get("tie_word_embeddings", DEFAULTS["tie_word_embeddings"]),
+        max_position_embeddings=v.get("max_position_embeddings", MAX_POSITIONS[model_type]))
+    stored = v.get("dtype") or v.get("torch_dtype")
+    return HFConfig(config, model_type, stored, v.get("eos_token_id", ()))
+
+
+def _theta(v: dict[str, Any]) -> float:
+    top, nested = v.get("rope_theta"), v.get("rope_parameters")
+    if top is not None and nested is not None and top != nested:
+        raise _fail("rope_theta", top, f"disagrees with rope_parameters.rope_theta = {nested!r}")
+    theta = nested if nested is not None else top
+    if theta is None:
+        raise ConfigError("config.json lacks 'rope_theta' (or 'rope_parameters.rope_theta')")
+    return theta
+
+
+def _qkv_bias(model_type: str, v: dict[str, Any]) -> bool:
+    if model_type == "qwen2":
+        if v.get("attention_bias") is False:
+            raise _fail("attention_bias", False, "transformers' Qwen2 always has Q/K/V biases")
+        return v.get("ptxgen_qkv_bias", True)
+    if "ptxgen_qkv_bias" in v:
+        raise _fail("ptxgen_qkv_bias", v["ptxgen_qkv_bias"], "belongs to qwen2 configs only")
+    if v.get("attention_bias"):  # Llama's attention_bias also puts a bias on o_proj, which this model lacks
+        raise _fail("attention_bias", True, "Llama's attention_bias adds an o_proj bias, not implemented here")
+    return False
+
+
+def to_hf_config(config: ModelConfig, dtype: str = "float32",
+                 eos_token_ids: tuple[int, ...] = ()) -> dict[str, Any]:
+    """The config.json transformers 4.x and 5.x both read as this model: qwen2 with Q/K/V biases,
+    llama without. RoPE theta is written in both layouts (4.x reads only the top-level key)."""
+    model_type = "qwen2" if config.qkv_bias else "llama"
+    hf: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[model_type]], "model_type": model_type, "hidden_act": "silu",
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads, "intermediate_size": config.intermediate_size,
+        "head_dim": config.head_dim,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rms_norm_eps": config.rms_norm_eps, "tie_word_embeddings": config.tie_word_embeddings,
+        "max_position_embeddings": config.max_position_embeddings, "attention_dropout": 0.0,
+        "dtype": dtype, "torch_dtype": dtype, "initializer_range": 0.02, "use_cache": True,
+    }
+    if model_type == "qwen2":
+        hf["use_sliding_window"] = False
+        hf.pop("head_dim")  # not a Qwen2Config field in 4.x
+    else:
+        hf.update(attention_bias=False, mlp_bias=False)
+    if eos_token_ids:
+        hf["eos_token_id"] = list(eos_token_ids)
+    return hf

@@ -1,0 +1,295 @@
+"""Checkpoints as transformers writes them, and HF config.json through the closed key table.
+
+The fixtures in tests/fixtures/hf were saved by transformers 5.17 itself (make_fixtures.py beside
+them): Qwen2 in f32, bf16 (sharded) and f16, in the 5.x config layout and rewritten into the 4.x
+one, and a bias-free Llama; each with the logits transformers computed for a fixed input.
+Tolerance: our float64 numpy forward within 1e-4 of transformers' float32 logits (measured: 7.7e-7).
+"""
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.cli import main
+from model.config import ConfigError, ModelConfig
+from model.hf_config import KEYS, parse_hf_config
+from model.params import init_params
+from model.reference import ReferenceModel
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+NAMES = sorted(d.name for d in FIXTURES.iterdir() if d.is_dir())
+LOGITS_TOL = 1e-4
+
+
+def fixture_copy(name: str, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(FIXTURES / name, tmp_path / name))
+
+
+def hf_config(name: str = "qwen2-v5-f32-tied") -> dict:
+    return json.loads((FIXTURES / name / "config.json").read_text())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_our_forward_gives_the_logits_transformers_computed_from_its_own_checkpoint(name):
+    ckpt = load_checkpoint(FIXTURES / name)
+    ids = np.load(FIXTURES / name / "input_ids.npy")
+    theirs = np.load(FIXTURES / name / "logits.npy")
+    ours = ReferenceModel(ckpt.config, ckpt.params).forward(ids)
+    assert np.abs(ours - theirs).max() <= LOGITS_TOL
+    assert np.array_equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+def test_the_4x_and_5x_config_layouts_describe_the_same_model():
+    v5 = load_checkpoint(FIXTURES / "qwen2-v5-f32-tied").config
+    v4 = load_checkpoint(FIXTURES / "qwen2-v4-f16-tied").config
+    assert v4 == v5 and v5.rope_theta == 1e6 and v5.rms_norm_eps == 1e-6 and v5.qkv_bias
+
+
+def test_llama_configs_load_without_qkv_biases():
+    config = load_checkpoint(FIXTURES / "llama-v5-f32").config
+    assert not config.qkv_bias and config.rope_theta == 1e4 and config.rms_norm_eps == 1e-5
+
+
+@pytest.mark.parametrize("name, dtype", [("qwen2-v4-bf16-tied", ml_dtypes.bfloat16),
+                                         ("qwen2-v4-f16-tied", np.float16)])
+def test_narrow_weights_are_widened_exactly(name, dtype):
+    params = load_checkpoint(FIXTURES / name).params
+    stored = load_file(str(FIXTURES / name / "model.safetensors"))  # (ml_dtypes registers bfloat16)
+    for key, p in params.items():
+        assert p.dtype == np.float32 and stored[key].dtype == dtype
+        assert np.array_equal(p, stored[key].astype(np.float32))
+
+
+def test_generation_config_gives_the_stop_tokens():
+    assert load_checkpoint(FIXTURES / "qwen2-v5-f32-tied").eos_token_ids == (300, 299)
+
+
+def rewrite(path: Path, change) -> None:
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_a_tied_checkpoint_may_store_the_head_only_if_it_equals_the_embedding(tmp_path):
+    path = fixture_copy("qwen2-v5-f32-tied", tmp_path)
+    file = path / "model.safetensors"
+    rewrite(file, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].copy()))
+    assert "lm_head.weight" not in load_checkpoint(path).params
+    rewrite(file, lambda t: t.__setitem__("lm_head.weight", t["lm_head.weight"] + 1))
+    with pytest.raises(CheckpointError, match="lm_head.weight differs"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: (p / "model-00002-of-00004.safetensors").unlink(), "model-00002-of-00004.safetensors is missing"),
+    (lambda p: (p / "model-00003-of-00004.safetensors").write_bytes(b"\0" * 64), "cannot read"),
+    (lambda p: (p / "model.safetensors.index.json").write_text("{"), "cannot read"),
+    (lambda p: (p / "model.safetensors.index.json").write_text('{"weight_map": {"a": "../x"}}'), "not a file name"),
+    (lambda p: rewrite(p / "model-00004-of-00004.safetensors", lambda t: t.__setitem__("extra", np.zeros(2, np.float32))),
+     "does not hold what"),
+    (lambda p: rewrite(p / "model-00001-of-00004.safetensors",
+                       lambda t: t.__setitem__("model.embed_tokens.weight", t["model.embed_tokens.weight"].astype(np.float64))),
+     "stored as F64"),
+    (lambda p: rewrite(p / "model-00001-of-00004.safetensors",
+                       lambda t: t["model.embed_tokens.weight"].__setitem__((3, 5), np.nan)), "non-finite"),
+])
+def test_damaged_sharded_checkpoints_are_refused_with_one_line(tmp_path, damage, message):
+    path = fixture_copy("qwen2-v5-bf16-sharded", tmp_path)
+    damage(path)
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_checkpoint(path)
+    assert "\n" not in str(e.value)
+
+
+def test_a_bf16_save_loads_in_bf16_and_keeps_f32_masters_for_an_exact_resume(tmp_path):
+    config = ModelConfig.from_hf(hf_config())
+    params = init_params(config, seed=3)
+    path = save_checkpoint(tmp_path, 1, config, params, {}, {}, save_dtype="bf16")
+    assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
+    stored = load_file(str(path / "model.safetensors"))
+    assert all(t.dtype == ml_dtypes.bfloat16 for t in stored.values())
+    for name, p in load_checkpoint(path).params.items():
+        assert np.array_equal(p, params[name])  # the f32 masters
+    (path / "master.safetensors").unlink()    # what transformers sees: the bf16 weights
+    for name, p in load_checkpoint(path).params.items():
+        assert np.array_equal(p, params[name].astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+# -- the closed key table, key by key ----------------------------------------------------------
+# Each key of the table: a value it accepts and one it refuses (None: every well-typed value is fine).
+KEY_CASES = {
+    "vocab_size": (320, 0), "hidden_size": (64, 64.0), "intermediate_size": (96, -1),
+    "num_hidden_layers": (2, True), "num_attention_heads": (4, "4"), "num_key_value_heads": (2, 0),
+    "head_dim": (16, 32), "rms_norm_eps": (1e-6, 1e-50), "rope_theta": (1e6, float("inf")),
+    "rope_parameters": ({"rope_type": "default", "rope_theta": 1e6}, {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}),
+    "rope_scaling": (None, {"type": "linear", "factor": 2.0}), "tie_word_embeddings": (True, "false"),
+    "max_position_embeddings": (128, 0), "attention_bias": (True, False), "ptxgen_qkv_bias": (True, "true"),
+    "model_type": ("qwen2", "mistral"), "architectures": (["Qwen2ForCausalLM"], ["LlamaForCausalLM"]),
+    "hidden_act": ("silu", "gelu"), "mlp_bias": (False, True), "attention_dropout": (0.0, 0.1),
+    "use_sliding_window": (False, True), "layer_types": (["full_attention"] * 2, ["full_attention", "sliding_attention"]),
+    "use_mrope": (False, True), "is_encoder_decoder": (False, True), "eos_token_id": ([1, 2], "eos"),
+    "dtype": ("bfloat16", "float8"), "torch_dtype": ("float16", "int8"), "sliding_window": (4096, None),
+    "max_window_layers": (28, None), "bos_token_id": (1, -1), "pad_token_id": (None, 1.5), "use_cache": (True, "yes"),
+    "initializer_range": (0.02, None), "transformers_version": ("4.43.1", None), "_name_or_path": ("x", None),
+    "pretraining_tp": (1, 0), "output_attentions": (False, None), "output_hidden_states": (False, None),
+    "return_dict": (True, None), "chunk_size_feed_forward": (0, None), "id2label": ({}, None),
+    "label2id": ({}, None), "problem_type": (None, None),
+}
+
+
+def test_every_key_of_the_table_has_a_case():
+    assert set(KEY_CASES) == set(KEYS)
+
+
+@pytest.mark.parametrize("key", sorted(KEY_CASES))
+def test_each_key_is_consumed_or_refused_with_a_line_naming_key_and_value(key):
+    ok, bad = KEY_CASES[key]
+    parse_hf_config({**hf_config(), key: ok})
+    if bad is None:
+        return
+    with pytest.raises(ConfigError) as e:
+        parse_hf_config({**hf_config(), key: bad})
+    assert key in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_scaling_factor": 2.0}, "unknown key"),
+    ({"quantization_config": {"bits": 4}}, "unknown key"),
+    ({"rope_theta": 1e4}, "disagrees with rope_parameters"),
+    ({"rope_parameters": None}, "lacks 'rope_theta'"),
+    ({"layer_types": ["full_attention"] * 3}, "names 3 layers"),
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "attention_bias": True}, "o_proj bias"),
+])
+def test_configs_the_model_cannot_honour_are_refused(change, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_hf_config({**hf_config(), **change})
+
+
+@pytest.mark.parametrize("text", ["null", "[]", '"qwen2"', "{", "\xff"])
+def test_a_config_that_is_not_a_json_object_is_refused(tmp_path, text):
+    (tmp_path / "config.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(ConfigError):
+        ModelConfig.load(tmp_path / "config.json")
+
+
+def test_a_missing_required_key_is_named_not_defaulted():
+    for key in ("rms_norm_eps", "vocab_size", "num_key_value_heads"):
+        hf = {k: v for k, v in hf_config().items() if k != key}
+        with pytest.raises(ConfigError, match=key):
+            parse_hf_config(hf)
+
+
+def test_our_export_reads_back_through_the_table_for_every_preset():
+    from model.config import PRESETS
+    for config in PRESETS.values():
+        assert parse_hf_config(config.to_hf()).config == config
+
+
+@pytest.mark.parametrize("change", [{"hidden_act": "gelu"}, {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}},
+                                    {"use_sliding_window": True}, {"head_dim": 32}, {"tie_word_embeddings": "false"},
+                                    {"rms_norm_eps": 1e-50}, {"attention_bias": False}])
+def test_a_refused_config_is_one_line_exit_2_and_builds_no_kernel(tmp_path, capsys, monkeypatch, change):
+    from ptxgen.spec import KernelSpec
+    built = []
+    original = KernelSpec.__post_init__
+    monkeypatch.setattr(KernelSpec, "__post_init__", lambda self: (built.append(self), original(self))[1])
+    path = fixture_copy("qwen2-v5-f32-tied", tmp_path)
+    (path / "config.json").write_text(json.dumps({**hf_config(), **change}))
+    for argv in (["generate", "--checkpoint", str(path), "--prompt", "def"],
+                 ["train", "--config", str(path / "config.json"), "--steps", "1"],
+                 ["train", "--init", str(path), "--steps", "1"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and next(iter(change)) in err and "Traceback" not in err
+    assert built == []
+
+
+# -- train --init ----------------------------------------------------------------------------
+def data_dir(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.py").write_text("def add(a, b):\n    return a + b\n" * 200)
+    return data
+
+
+def test_train_init_fine_tunes_a_transformers_checkpoint_with_its_tokenizer(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--init", str(FIXTURES / "qwen2-v5-bf16-sharded"), "--data", str(data_dir(tmp_path)),
+                 "--out", str(out), "--device", "numpy", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+                 "--eval-batches", "1", "--save-dtype", "bf16"]) == 0
+    printed = capsys.readouterr().out
+    assert "(tokenizer.json)" in printed and "init: weights from" in printed
+    ckpt = load_checkpoint(out)
+    assert ckpt.config == load_checkpoint(FIXTURES / "qwen2-v5-bf16-sharded").config
+    assert ckpt.eos_token_ids == (300, 299) and ckpt.tokenizer_path is not None
+    assert ckpt.trainer["step"] == 2
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "def add", "--max-new-tokens", "4",
+                 "--device", "numpy"]) == 0
+    assert capsys.readouterr().out.startswith("def add")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--preset", "tiny"], "another config than the --preset"),
+    (["--resume"], "not allowed with argument"),
+    (["--tokenizer", str(FIXTURES / "llama-v5-f32" / "tokenizer.json")], "brings its own tokenizer.json"),
+])
+def test_train_init_refuses_what_contradicts_the_checkpoint(tmp_path, capsys, extra, message):
+    assert main(["train", "--init", str(FIXTURES / "qwen2-v5-f32-tied"), "--device", "numpy",
+                 "--out", str(tmp_path / "r"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_checkpoint_without_a_tokenizer_is_not_fed_bytes(tmp_path, capsys):
+    path = fixture_copy("qwen2-v5-f32-tied", tmp_path)
+    (path / "tokenizer.json").unlink()
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "x", "--device", "numpy"]) == 2
+    assert "has no tokenizer.json" in capsys.readouterr().err
+
+
+def greedy_text(path: Path, capsys) -> str:
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "def", "--max-new-tokens", "8",
+                 "--device", "numpy"]) == 0
+    return capsys.readouterr().out
+
+
+def test_generation_stops_at_the_checkpoints_eos_tokens(tmp_path, capsys):
+    path = fixture_copy("qwen2-v5-f32-tied", tmp_path)
+    (path / "generation_config.json").write_text('{"eos_token_id": []}')
+    full = greedy_text(path, capsys)
+    ckpt = load_checkpoint(path)
+    from model.data import HFTokenizer
+    from model.generate import generate
+    from model.numpy_backend import NumpyDecoder
+    tok = HFTokenizer(ckpt.tokenizer_path)
+    first = next(generate(NumpyDecoder(ckpt.config, ckpt.params), tok.encode(b"def"), 8))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [first]}))
+    stopped = greedy_text(path, capsys).rstrip("\n")
+    assert stopped == "def" + tok.decode([first]) and full.startswith(stopped) and len(full) > len(stopped) + 1
+
+
+# -- populated weights (FALSIFY-INIT-001) ---------------------------------------------------------
+def test_training_from_populated_weights_starts_well_below_ln_vocab(tmp_path, capsys):
+    from model.data import ByteTokenizer, Corpus
+    from model.numpy_backend import NumpyBackend
+    from model.optim import AdamWSettings
+    from model.train import TrainSettings, train
+    config = ModelConfig(vocab_size=256, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                         intermediate_size=48, rope_theta=1e4, rms_norm_eps=1e-6, qkv_bias=True,
+                         tie_word_embeddings=False, max_position_embeddings=64)
+    corpus = Corpus.from_files(sorted(data_dir(tmp_path).iterdir()) * 2, ByteTokenizer())
+    settings = TrainSettings(steps=60, batch_size=4, seq_len=32, lr=1e-2, warmup=5, eval_every=60, eval_batches=1)
+    trained = train(config, settings, AdamWSettings(), corpus, NumpyBackend, tmp_path / "trained",
+                    log=lambda m: None, progress=False)
+    ckpt = load_checkpoint(tmp_path / "trained")
+    again = train(config, dataclasses.replace(settings, steps=1), AdamWSettings(), corpus, NumpyBackend,
+                  None, log=lambda m: None, progress=False, initial=ckpt.params)
+    assert again.val_losses[0] == trained.val_losses[60]          # the same weights, the same loss
+    assert again.val_losses[0] < math.log(config.vocab_size) - 2  # far from an untrained model's ln(vocab)
