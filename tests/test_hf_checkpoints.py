@@ -293,3 +293,17 @@ def test_training_from_populated_weights_starts_well_below_ln_vocab(tmp_path, ca
                   None, log=lambda m: None, progress=False, initial=ckpt.params)
     assert again.val_losses[0] == trained.val_losses[60]          # the same weights, the same loss
     assert again.val_losses[0] < math.log(config.vocab_size) - 2  # far from an untrained model's ln(vocab)
+
+
+def test_the_config_qwen2_5_0_5b_instruct_ships_is_our_qwen2_0_5b_preset():
+    from model.config import preset
+    released = {  # Qwen/Qwen2.5-0.5B-Instruct config.json, as published (transformers 4.x layout)
+        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+        "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+        "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 21,
+        "model_type": "qwen2", "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16", "transformers_version": "4.43.1", "use_cache": True,
+        "use_sliding_window": False, "vocab_size": 151936}
+    parsed = parse_hf_config(released)
+    assert parsed.config == preset("qwen2-0.5b") and parsed.eos_token_ids == (151645,)

@@ -149,17 +149,39 @@ def test_two_runs_are_bit_identical_and_a_resumed_run_matches(cache, corpus, tmp
     assert resumed.train_losses == a.train_losses[10:]
 
 
-def test_hf_transformers_gives_the_same_logits_from_our_checkpoint(cache, tmp_path):
+def test_training_from_populated_weights_starts_well_below_ln_vocab_on_the_gpu(cache, corpus, tmp_path):
+    """FALSIFY-INIT-002: the GPU backend takes populated weights (train --init), not a fresh init."""
+    from model.checkpoint import load_checkpoint
+    from model.cuda_model import CudaBackend
+    settings = TrainSettings(steps=150, batch_size=8, seq_len=64, lr=3e-3, warmup=10, eval_every=150,
+                             eval_batches=2)
+    factory = lambda c, p, a: CudaBackend(c, p, a, cache=cache)  # noqa: E731
+    trained = train(preset("tiny"), settings, AdamWSettings(), corpus, factory, tmp_path, log=lambda m: None,
+                    progress=False)
+    again = train(preset("tiny"), TrainSettings(steps=1, batch_size=8, seq_len=64, eval_batches=2),
+                  AdamWSettings(), corpus, factory, None, log=lambda m: None, progress=False,
+                  initial=load_checkpoint(tmp_path).params)
+    assert again.val_losses[0] == trained.val_losses[150]
+    assert again.val_losses[0] < math.log(256) - 2
+
+
+@pytest.mark.parametrize("qkv_bias, save_dtype", [(True, "fp32"), (False, "fp32"), (True, "bf16")])
+def test_hf_transformers_gives_the_same_logits_from_our_checkpoint(cache, tmp_path, qkv_bias, save_dtype):
+    """Qwen2 with biases, Llama without; a bf16 save is compared on the bf16-rounded weights."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
+    import ml_dtypes
     from model.checkpoint import save_checkpoint
     config = ModelConfig(vocab_size=320, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                         intermediate_size=96, rope_theta=1e6, rms_norm_eps=1e-6, qkv_bias=True,
+                         intermediate_size=96, rope_theta=1e6, rms_norm_eps=1e-6, qkv_bias=qkv_bias,
                          tie_word_embeddings=False, max_position_embeddings=128)
     params = live_params(config)
-    path = save_checkpoint(tmp_path, 1, config, params, {}, {})
-    hf = transformers.Qwen2ForCausalLM.from_pretrained(path, torch_dtype=torch.float32,
-                                                       attn_implementation="eager").eval()
+    path = save_checkpoint(tmp_path, 1, config, params, {}, {}, save_dtype=save_dtype)
+    if save_dtype == "bf16":
+        params = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in params.items()}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                           attn_implementation="eager").eval()
+    assert type(hf).__name__ == ("Qwen2ForCausalLM" if qkv_bias else "LlamaForCausalLM")
     ids, _ = batch(config)
     with torch.no_grad():
         theirs = hf(torch.tensor(ids)).logits.numpy()

@@ -100,3 +100,57 @@ def test_a_reduction_in_another_order_changes_the_bits_the_determinism_check_com
     for v in values[::-1]:
         backward += v
     assert forward != backward  # so atomics (arrival-order sums) would show up as differing losses
+
+
+# -- real checkpoints (issue 13) -------------------------------------------------------------------
+HF_FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "hf"
+
+
+def test_a_config_table_that_lets_rope_scaling_through_is_caught_by_the_refusal_check(monkeypatch):
+    import json
+    from model import hf_config
+    yarn = {**json.loads((HF_FIXTURES / "qwen2-v5-f32-tied" / "config.json").read_text()),
+            "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}
+    monkeypatch.setitem(hf_config.KEYS, "rope_scaling", hf_config.Key(lambda k, v: v, "none", "planted"))
+    hf_config.parse_hf_config(yarn)  # accepted: the refusal falsifier's pytest.raises would fail
+
+
+@pytest.mark.parametrize("defect", ["bf16 read as f16", "4.x rope_theta ignored (default 1e4)"])
+def test_a_loader_defect_fails_the_transformers_logits_check(defect):
+    import ml_dtypes
+    name = "qwen2-v4-bf16-tied"
+    ckpt = load_checkpoint(HF_FIXTURES / name)
+    ids = np.load(HF_FIXTURES / name / "input_ids.npy")
+    theirs = np.load(HF_FIXTURES / name / "logits.npy")
+    config, params = ckpt.config, ckpt.params
+    if defect == "bf16 read as f16":
+        params = {k: v.astype(ml_dtypes.bfloat16).view(np.float16).astype(np.float32) for k, v in params.items()}
+        params = {k: np.nan_to_num(v, posinf=0, neginf=0) for k, v in params.items()}
+    else:
+        config = config.replace(rope_theta=1e4)
+    assert np.abs(ReferenceModel(config, params).forward(ids) - theirs).max() > LOGITS_TOL
+
+
+def test_training_from_random_weights_fails_the_populated_weights_check():
+    import math
+    # What --init must not do: start from a fresh init. Its step-0 loss is about ln(vocab).
+    config = QWEN_LIKE.replace(hidden_size=32, intermediate_size=48, num_layers=1)
+    ids = np.random.default_rng(0).integers(0, 256, (4, 32))
+    loss = NumpyBackend(config, init_params(config, seed=0), AdamWSettings()).loss(ids[:, :-1], ids[:, 1:])
+    assert not loss < math.log(config.vocab_size) - 2
+
+
+def test_a_decoder_that_loses_its_kv_cache_fails_the_greedy_token_equality_check():
+    """Forward parity is not generation parity: this decoder's prefill is right, its decode steps
+    see only the newest token (a KV cache reset at every step)."""
+    from model.generate import generate
+    from model.numpy_backend import NumpyDecoder
+    ckpt = load_checkpoint(HF_FIXTURES / "qwen2-v5-f32-tied")
+    prompt = np.load(HF_FIXTURES / "qwen2-v5-f32-tied" / "input_ids.npy")[0, :11]
+
+    class CacheLost(NumpyDecoder):
+        def decode(self, token):
+            return self.prefill(np.array([token]))
+
+    right = list(generate(NumpyDecoder(ckpt.config, ckpt.params), prompt, 64))
+    assert list(generate(CacheLost(ckpt.config, ckpt.params), prompt, 64)) != right
