@@ -144,3 +144,21 @@ def test_bf16_greedy_decoding_passes_mutual_top5_at_the_first_divergence(cache, 
     top5 = lambda logits: set(np.argsort(logits)[-5:].tolist())  # noqa: E731
     assert ours[diverged] in top5(hf_logits), f"diverged at token {diverged}"
     assert theirs[diverged] in top5(our_logits[diverged]), f"diverged at token {diverged}"
+
+
+def test_train_init_fine_tunes_a_transformers_checkpoint_on_the_gpu(tmp_path, capsys):
+    from model.checkpoint import load_checkpoint
+    from model.cli import main
+    fixture = Path(__file__).parent / "fixtures" / "hf" / "qwen2-v5-bf16-sharded"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.py").write_text("def add(a, b):\n    return a + b\n" * 200)
+    out = tmp_path / "run"
+    assert main(["train", "--init", str(fixture), "--data", str(data), "--out", str(out), "--device", "cuda",
+                 "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("device: cuda") and "init: weights from" in printed
+    assert load_checkpoint(out).config == load_checkpoint(fixture).config
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "def add", "--max-new-tokens", "4",
+                 "--device", "cuda"]) == 0
+    assert capsys.readouterr().out.startswith("def add")
