@@ -24,6 +24,7 @@ STORED = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F1
 # --save-dtype -> (safetensors name, config.json name)
 SAVE_DTYPES = {"fp32": ("F32", "float32"), "bf16": ("BF16", "bfloat16")}
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+ROTARY = ".self_attn.rotary_emb.inv_freq"  # a buffer older transformers versions saved
 MASTER = "master.safetensors"  # this project's f32 weights beside a model.safetensors saved narrower
 
 
@@ -112,6 +113,8 @@ def model_params(config: ModelConfig, weights: dict[str, np.ndarray], path: Path
         if embed is None or head.shape != embed.shape or not np.array_equal(head, embed):
             raise CheckpointError(f"{path}: tie_word_embeddings is true but lm_head.weight differs from "
                                   "model.embed_tokens.weight")
+    for name in [n for n in weights if n.endswith(ROTARY)]:
+        check_rotary_buffer(config, name, weights.pop(name), path)
     if zero_biases_exported:
         for name in [n for n in weights if n.endswith(".bias") and n not in expected]:
             if np.any(weights.pop(name)):
@@ -129,6 +132,19 @@ def model_params(config: ModelConfig, weights: dict[str, np.ndarray], path: Path
             raise CheckpointError(f"config/weights mismatch: {name} has shape {weights[name].shape}, "
                                   f"config says {shape}")
     return {name: weights[name] for name in expected}
+
+
+def check_rotary_buffer(config: ModelConfig, name: str, stored: np.ndarray, path: Path) -> None:
+    """Older transformers saved each layer's RoPE ``inv_freq`` buffer: it must say the config's theta.
+
+    A checkpoint whose buffer and config disagree is the theta bug this project exists for, written
+    down in the file itself; it is refused, not resolved in favour of either."""
+    from ptxgen.kernels.rope import inverse_frequencies
+
+    expected = inverse_frequencies(config.head_dim, config.rope_theta)
+    if stored.shape != expected.shape or not np.allclose(stored, expected, rtol=1e-5, atol=0):
+        raise CheckpointError(f"{path}: {name} is not the RoPE frequencies of rope_theta "
+                              f"{config.rope_theta:g} and head_dim {config.head_dim}")
 
 
 def eos_token_ids(path: Path, hf: HFConfig) -> tuple[int, ...]:

@@ -87,6 +87,19 @@ def test_a_tied_checkpoint_may_store_the_head_only_if_it_equals_the_embedding(tm
         load_checkpoint(path)
 
 
+def test_a_stored_rope_buffer_must_say_the_configs_theta(tmp_path):
+    """Llama checkpoints of older transformers carry each layer's inv_freq: a second statement of theta."""
+    from ptxgen.kernels.rope import inverse_frequencies
+    path = fixture_copy("llama-v5-f32", tmp_path)
+    name = "model.layers.1.self_attn.rotary_emb.inv_freq"
+    as_torch_computed_it = (1.0 / 1e4 ** (np.arange(0, 16, 2, dtype=np.float32) / 16)).astype(np.float32)
+    rewrite(path / "model.safetensors", lambda t: t.__setitem__(name, as_torch_computed_it))
+    assert name not in load_checkpoint(path).params
+    rewrite(path / "model.safetensors", lambda t: t.__setitem__(name, inverse_frequencies(16, 1e6).astype(np.float32)))
+    with pytest.raises(CheckpointError, match="not the RoPE frequencies of rope_theta 10000"):
+        load_checkpoint(path)
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda p: (p / "model-00002-of-00004.safetensors").unlink(), "model-00002-of-00004.safetensors is missing"),
     (lambda p: (p / "model-00003-of-00004.safetensors").write_bytes(b"\0" * 64), "cannot read"),
