@@ -17,6 +17,7 @@ import numpy as np
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig
 from .data import Corpus, batch_at, val_batches
+from .metrics import MetricsLog, plot_losses
 from .optim import AdamWSettings, lr_at
 from .params import init_params
 
@@ -71,11 +72,15 @@ class TrainResult:
     val_losses: dict[int, float] = field(default_factory=dict)
     tokens_per_s: float = 0.0
     checkpoint: Path | None = None
+    backend: Backend | None = field(default=None, repr=False)  # the trained model, for a sample
 
 
 def evaluate(backend: Backend, batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
     """Mean validation loss over a fixed set of batches (token-weighted)."""
-    total = sum(backend.loss(x, y) * x.size for x, y in batches)
+    from tqdm import tqdm
+
+    total = sum(backend.loss(x, y) * x.size
+                for x, y in tqdm(batches, desc="validation", unit="batch", leave=False, disable=None))
     return total / sum(x.size for x, _ in batches)
 
 
@@ -113,9 +118,22 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
                                             backend.optimizer_state(), trainer, tokenizer_file,
                                             save_dtype=save_dtype, generation_config=generation_config)
 
+    metrics = None
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        metrics = MetricsLog(out_dir, start)
+    started = time.perf_counter()
+
+    def record(step: int, loss: float | None = None, lr: float | None = None, norm: float | None = None) -> None:
+        if metrics is not None:
+            metrics.record(step=step, train_loss=loss, val_loss=result.val_losses.get(step), lr=lr, grad_norm=norm,
+                           tokens_per_s=result.tokens_per_s if loss is not None else None,
+                           elapsed_s=round(time.perf_counter() - started, 3))
+
     if start == 0:
         result.val_losses[0] = evaluate(backend, val)
         log(f"step 0: val_loss {result.val_losses[0]:.4f} (ln vocab = {math.log(config.vocab_size):.4f})")
+        record(0)
 
     from tqdm import tqdm  # the progress bar; silent when stderr is not a terminal
 
@@ -141,7 +159,12 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
             result.val_losses[step] = evaluate(backend, val)
             say(f"step {step}: train_loss {loss:.4f} val_loss {result.val_losses[step]:.4f} "
                       f"grad_norm {norm:.3f} lr {lr:.2e} tokens/s {result.tokens_per_s:.0f}")
+        record(step, loss, lr, norm)
         if out_dir is not None and ((s.checkpoint_every and step % s.checkpoint_every == 0) or step == s.steps):
             checkpoint(step)
     bar.close()
+    if metrics is not None:
+        metrics.close()
+        plot_losses(out_dir)
+    result.backend = backend
     return result

@@ -1,0 +1,84 @@
+"""A run's record: ``metrics.jsonl`` (one row a step) and, with matplotlib, ``loss.png``.
+
+Every row has every field, so a reader never guesses: ``val_loss`` is null on steps without a
+validation pass. A resumed run keeps the rows up to the step it resumes from and appends after them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS, PLOT, SAMPLE = "metrics.jsonl", "loss.png", "sample.txt"
+FIELDS = ("step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s")
+
+
+class MetricsLog:
+    """Appends one JSON row a step to ``run_dir/metrics.jsonl``."""
+
+    def __init__(self, run_dir: Path, start_step: int = 0):
+        self.path = Path(run_dir) / METRICS
+        kept = [row for row in read_metrics(self.path) if row["step"] <= start_step] if start_step else []
+        tmp = self.path.with_name(f".{METRICS}.{os.getpid()}")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        os.replace(tmp, self.path)
+        self._file = self.path.open("a")
+
+    def record(self, **row: Any) -> None:
+        assert tuple(row) == FIELDS, f"a metrics row has exactly {FIELDS}"
+        self._file.write(json.dumps({k: _finite_or_none(v) for k, v in row.items()}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _finite_or_none(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl (none if it does not exist); a damaged line ends the read."""
+    rows = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return rows
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(row, dict) or set(row) != set(FIELDS) or not isinstance(row["step"], int):
+            break
+        rows.append(row)
+    return rows
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """``loss.png``: train loss every step and validation loss where measured; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(Path(run_dir) / METRICS)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot([r["step"] for r in rows], [r["train_loss"] for r in rows], lw=0.8, alpha=0.7, label="train")
+    val = [r for r in rows if r["val_loss"] is not None]
+    ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", ms=3, label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / PLOT
+    tmp = out.with_name(f".{PLOT}.{os.getpid()}.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
