@@ -184,6 +184,10 @@ class CudaBackend:
                 buf.free()
 
     # -- public steps -----------------------------------------------------------------------
+    def decoder(self, max_len: int) -> "CudaDecoder":
+        """Incremental decoding on the GPU from the current weights, KV caches of ``max_len``."""
+        return CudaDecoder(self, max_len)
+
     def logits(self, ids: np.ndarray) -> np.ndarray:
         step = self._run_forward(ids, None)
         b, s = np.asarray(ids).shape

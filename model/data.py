@@ -121,12 +121,19 @@ class Corpus:
 
 
 def batch_at(stream: np.ndarray, position: int, batch: int, seq: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(inputs [batch, seq], next-token targets, next position): consecutive windows, wrapping around."""
-    n = batch * seq
-    if position + n + 1 > len(stream):
+    """(inputs [batch, seq], next-token targets, next position).
+
+    The stream is cut into ``batch`` lanes, one row of each batch per lane, and ``position`` walks
+    the lanes together (wrapping to their start): a batch's rows come from places far apart in the
+    corpus (not from one file), every token is seen once an epoch, and one integer still says where
+    a resumed run continues.
+    """
+    lane = (len(stream) - 1) // batch
+    if position + seq > lane:
         position = 0
-    window = stream[position:position + n + 1]
-    return window[:-1].reshape(batch, seq), window[1:].reshape(batch, seq), position + n
+    starts = np.arange(batch) * lane + position
+    rows = np.stack([stream[s:s + seq + 1] for s in starts])
+    return rows[:, :-1], rows[:, 1:], position + seq
 
 
 def val_batches(stream: np.ndarray, batch: int, seq: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:

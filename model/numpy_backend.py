@@ -38,6 +38,10 @@ class NumpyBackend:
     def logits(self, ids: np.ndarray) -> np.ndarray:
         return self._model().forward(ids)
 
+    def decoder(self, max_len: int) -> "NumpyDecoder":
+        """Incremental decoding from the current weights (the cache grows as needed)."""
+        return NumpyDecoder(self.config, self.params, self.precision)
+
     def train_step(self, ids: np.ndarray, targets: np.ndarray, lr: float) -> tuple[float, float]:
         """One AdamW step on the mean cross-entropy; returns (loss, gradient global norm)."""
         a = self.adamw

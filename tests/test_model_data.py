@@ -52,14 +52,14 @@ def test_empty_and_missing_inputs_are_clear_errors(tmp_path):
         corpus.check_fits(batch=1, seq=2, vocab_size=10)
 
 
-def test_batches_are_consecutive_next_token_windows_that_wrap():
-    stream = np.arange(23, dtype=np.int32)
+def test_batch_rows_walk_lanes_far_apart_and_wrap_together():
+    stream = np.arange(23, dtype=np.int32)  # two lanes of 11: [0, 11) and [11, 22) (+1 target)
     x, y, pos = batch_at(stream, 0, 2, 5)
-    assert x.tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]] and (y == x + 1).all() and pos == 10
+    assert x.tolist() == [[0, 1, 2, 3, 4], [11, 12, 13, 14, 15]] and (y == x + 1).all() and pos == 5
     x, _, pos = batch_at(stream, pos, 2, 5)
-    assert x[0, 0] == 10 and pos == 20
-    x, _, pos = batch_at(stream, pos, 2, 5)  # 20 + 11 > 23: back to the start
-    assert x[0, 0] == 0 and pos == 10
+    assert x[:, 0].tolist() == [5, 16] and pos == 10
+    x, _, pos = batch_at(stream, pos, 2, 5)  # 10 + 5 > 11: both lanes back to their start
+    assert x[:, 0].tolist() == [0, 11] and pos == 5
 
 
 def test_validation_batches_are_fixed_and_cover_the_stream():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from model.config import preset
+from model.config import PRESETS, preset
 from model.cuda_model import ParamLayout
 from model.kernels import ModelKernels
 from model.optim import AdamWSettings, decays
@@ -22,7 +22,7 @@ from ptxgen.vecio import DType
 
 
 @pytest.mark.parametrize("precision", list(Precision))
-@pytest.mark.parametrize("name", ["tiny", "qwen2-0.5b", "llama-style"])
+@pytest.mark.parametrize("name", sorted(PRESETS))
 def test_eps_and_theta_from_the_config_reach_every_spec(name, precision):
     config = preset(name)
     for eps, theta in ((1e-5, 1e4), (1e-6, 1e6), (3e-7, 5e5)):
