@@ -1,0 +1,58 @@
+"""What a run leaves for its user: metrics.jsonl (every field, every step) and loss.png."""
+import json
+
+import pytest
+
+from model.config import ModelConfig
+from model.data import ByteTokenizer, Corpus
+from model.metrics import FIELDS, METRICS, PLOT, read_metrics
+from model.numpy_backend import NumpyBackend
+from model.optim import AdamWSettings
+from model.train import TrainSettings, train
+
+MICRO = ModelConfig(vocab_size=256, hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2,
+                    intermediate_size=24, rope_theta=1e4, rms_norm_eps=1e-6, qkv_bias=True,
+                    tie_word_embeddings=False, max_position_embeddings=64)
+SETTINGS = TrainSettings(steps=6, batch_size=2, seq_len=16, lr=1e-2, warmup=2, eval_every=3, eval_batches=1,
+                         checkpoint_every=3)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    for i in range(3):
+        (data / f"m{i}.py").write_text(f"def f{i}(a, b):\n    return a * b + {i}\n" * 40)
+    return Corpus.from_files(sorted(data.iterdir()), ByteTokenizer())
+
+
+def run(corpus, out, **kw):
+    return train(MICRO, kw.pop("settings", SETTINGS), AdamWSettings(), corpus, NumpyBackend, out,
+                 log=lambda m: None, progress=False, **kw)
+
+
+def test_a_run_writes_a_metrics_row_for_every_step_with_every_field(corpus, tmp_path):
+    result = run(corpus, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / METRICS).read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(7)) and all(tuple(r) == FIELDS for r in rows)
+    assert rows[0]["val_loss"] == result.val_losses[0] and rows[0]["train_loss"] is None
+    assert [r["train_loss"] for r in rows[1:]] == result.train_losses
+    assert {r["step"] for r in rows if r["val_loss"] is not None} == {0, 3, 6}
+    assert all(r["lr"] > 0 and r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in rows[1:])
+    assert all(a["elapsed_s"] <= b["elapsed_s"] for a, b in zip(rows, rows[1:]))
+
+
+def test_a_resumed_run_keeps_the_rows_up_to_its_checkpoint_and_appends(corpus, tmp_path):
+    full = run(corpus, tmp_path / "full")
+    run(corpus, tmp_path / "r")  # then as if it had died after step 3's checkpoint: rows 4.. are redone
+    (tmp_path / "r" / "step-0000006").rename(tmp_path / "r" / "gone")
+    (tmp_path / "r" / "latest").write_text("step-0000003\n")
+    run(corpus, tmp_path / "r", resume=True)
+    rows = read_metrics(tmp_path / "r" / METRICS)
+    assert [r["step"] for r in rows] == list(range(7))
+    assert [r["train_loss"] for r in rows[1:]] == full.train_losses
+
+
+def test_loss_png_is_drawn_when_matplotlib_is_installed(corpus, tmp_path):
+    pytest.importorskip("matplotlib")
+    run(corpus, tmp_path)
+    assert (tmp_path / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
