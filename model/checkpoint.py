@@ -24,7 +24,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from .config import ModelConfig
-from .hf import (MASTER, SAVE_DTYPES, CheckpointError, copy_json, eos_token_ids, model_params, read_config,
+from .generation_config import Sampling
+from .hf import (MASTER, SAVE_DTYPES, CheckpointError, copy_json, generation_defaults, model_params, read_config,
                  read_tensors, read_weights, write_weights)
 
 LATEST = "latest"
@@ -38,12 +39,16 @@ class Checkpoint:
     params: dict[str, np.ndarray]          # f32, our parameter set (no exported zero biases)
     optimizer: dict[str, np.ndarray]       # "exp_avg.<name>" / "exp_avg_sq.<name>", f32
     trainer: dict[str, Any]                # step, data position, settings, tokenizer
-    eos_token_ids: tuple[int, ...] = ()    # generation stops at these (generation_config.json)
+    sampling: Sampling = Sampling()        # generate's defaults and stop tokens (generation_config.json)
 
     @property
     def tokenizer_path(self) -> Path | None:
         p = self.path / "tokenizer.json"
         return p if p.exists() else None
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.sampling.eos_token_ids
 
     @property
     def generation_config_path(self) -> Path | None:
@@ -111,4 +116,4 @@ def load_checkpoint(path: Path) -> Checkpoint:
     optimizer = read_tensors(path / "optimizer.safetensors") if (path / "optimizer.safetensors").exists() else {}
     trainer = json.loads((path / "trainer.json").read_text()) if (path / "trainer.json").exists() else {}
     return Checkpoint(path, config, {k: v.astype(np.float32) for k, v in params.items()}, optimizer, trainer,
-                      eos_token_ids(path, hf))
+                      generation_defaults(path, hf))

@@ -14,30 +14,46 @@ class Decoder(Protocol):
         """Logits [V] after appending one token to the KV cache."""
 
 
-def choose(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0; otherwise sample from the top ``top_k`` (0: all) at ``temperature``."""
+def choose(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator, top_p: float = 1.0,
+           history: np.ndarray | None = None, repetition_penalty: float = 1.0) -> int:
+    """The next token, as transformers' ``generate`` picks it: the repetition penalty on every token
+    seen so far (scores above 0 divided by it, below multiplied), then greedy at temperature 0, else
+    a sample after temperature, top-k (0: all) and top-p (the smallest set holding ``top_p``)."""
+    z = np.asarray(logits, dtype=np.float64).copy()
+    if repetition_penalty != 1.0 and history is not None and len(history):
+        seen = np.unique(history)
+        z[seen] = np.where(z[seen] > 0, z[seen] / repetition_penalty, z[seen] * repetition_penalty)
     if temperature == 0:
-        return int(np.argmax(logits))
-    z = np.asarray(logits, dtype=np.float64) / temperature
+        return int(np.argmax(z))
+    z /= temperature
     if 0 < top_k < len(z):
         z = np.where(z >= np.partition(z, -top_k)[-top_k], z, -np.inf)
     p = np.exp(z - z.max())
-    return int(rng.choice(len(p), p=p / p.sum()))
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        above = np.cumsum(p[order]) - p[order]  # the mass of the tokens more likely than each
+        p[order[above >= top_p]] = 0.0
+        p /= p.sum()
+    return int(rng.choice(len(p), p=p))
 
 
 def generate(decoder: Decoder, prompt: np.ndarray, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, seed: int = 0, max_length: int | None = None,
-             stop: Callable[[int], bool] | None = None) -> Iterator[int]:
+             stop: Callable[[int], bool] | None = None, top_p: float = 1.0,
+             repetition_penalty: float = 1.0) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` tokens after ``prompt`` (never past ``max_length`` in all)."""
-    if temperature < 0 or top_k < 0:
-        raise ValueError("temperature and top_k must be >= 0")
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1 or not repetition_penalty > 0:
+        raise ValueError("temperature and top_k must be >= 0, top_p in (0, 1], repetition_penalty > 0")
     rng = np.random.default_rng(seed)
     budget = max_new_tokens if max_length is None else min(max_new_tokens, max_length - len(prompt))
     if budget <= 0:
         return
+    history = list(np.asarray(prompt).tolist())
     logits = decoder.prefill(np.asarray(prompt))
     for i in range(budget):
-        token = choose(logits, temperature, top_k, rng)
+        token = choose(logits, temperature, top_k, rng, top_p, np.asarray(history), repetition_penalty)
+        history.append(token)
         yield token
         if (stop is not None and stop(token)) or i == budget - 1:
             return

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, deserialize
 from safetensors.numpy import save_file
 
 from .config import ConfigError, ModelConfig, read_json
+from .generation_config import Sampling, read_generation_config
 from .hf_config import HFConfig, parse_hf_config
 from .params import param_shapes
 
@@ -147,20 +148,12 @@ def check_rotary_buffer(config: ModelConfig, name: str, stored: np.ndarray, path
                               f"{config.rope_theta:g} and head_dim {config.head_dim}")
 
 
-def eos_token_ids(path: Path, hf: HFConfig) -> tuple[int, ...]:
-    """The ids that end generation: generation_config.json's, else config.json's, else none."""
-    file = path / "generation_config.json"
-    if not file.is_file():
-        return hf.eos_token_ids
+def generation_defaults(path: Path, hf: HFConfig) -> Sampling:
+    """generation_config.json's decoding defaults (its eos ids, else config.json's)."""
     try:
-        gen = read_json(file)
+        return read_generation_config(path / "generation_config.json", hf.eos_token_ids)
     except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-    ids = gen.get("eos_token_id") if isinstance(gen, dict) else None
-    ids = [ids] if isinstance(ids, int) else ids if ids is not None else list(hf.eos_token_ids)
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise CheckpointError(f"{file}: eos_token_id must be a token id or a list of them")
-    return tuple(ids)
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def write_weights(file: Path, tensors: dict[str, np.ndarray], save_dtype: str) -> None:

@@ -1,0 +1,79 @@
+"""Choosing the next token as transformers does, and generation_config.json through a closed table."""
+import json
+
+import numpy as np
+import pytest
+
+from model.config import ConfigError
+from model.generate import choose
+from model.generation_config import KEYS, Sampling, read_generation_config
+
+
+def test_temperature_zero_is_argmax_and_top_k_1_is_argmax_at_any_temperature():
+    logits = np.random.default_rng(0).standard_normal(300)
+    rng = np.random.default_rng(1)
+    assert choose(logits, 0.0, 0, rng) == int(np.argmax(logits))
+    assert all(choose(logits, 2.0, 1, rng) == int(np.argmax(logits)) for _ in range(20))
+
+
+def test_top_p_keeps_the_smallest_set_holding_p_of_the_mass():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    rng = np.random.default_rng(0)
+    drawn = {choose(logits, 1.0, 0, rng, top_p=0.7) for _ in range(400)}
+    assert drawn == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3: the first two; never the tail
+    assert {choose(logits, 1.0, 0, rng, top_p=0.5) for _ in range(100)} == {0}
+
+
+def test_the_repetition_penalty_divides_positive_scores_and_multiplies_negative_ones():
+    logits = np.array([2.0, 1.9, -1.0, -1.1])
+    rng = np.random.default_rng(0)
+    assert choose(logits, 0.0, 0, rng) == 0
+    assert choose(logits, 0.0, 0, rng, history=np.array([0]), repetition_penalty=1.1) == 1  # 2/1.1 < 1.9
+    assert choose(np.array([-1.0, -1.05]), 0.0, 0, rng, history=np.array([0]), repetition_penalty=1.1) == 1
+
+
+def write(tmp_path, data) -> object:
+    (tmp_path / "generation_config.json").write_text(json.dumps(data))
+    return tmp_path / "generation_config.json"
+
+
+def test_qwen2_5_instruct_generation_config_is_read_with_transformers_meaning(tmp_path):
+    released = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643],
+                "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
+                "transformers_version": "4.37.0"}  # Qwen/Qwen2.5-0.5B-Instruct, as published
+    s = read_generation_config(write(tmp_path, released))
+    assert s == Sampling(True, 0.7, 20, 0.8, 1.05, None, (151645, 151643))
+
+
+def test_without_the_file_generation_is_greedy_with_the_configs_eos(tmp_path):
+    assert read_generation_config(tmp_path / "missing.json", (2,)) == Sampling(eos_token_ids=(2,))
+    assert read_generation_config(write(tmp_path, {"do_sample": True}), (2,)).top_k == 50  # transformers' default
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"num_beams": 4}, "num_beams"), ({"no_repeat_ngram_size": 3}, "no_repeat_ngram_size"),
+    ({"min_p": 0.1}, "min_p"), ({"do_sample": "true"}, "do_sample"), ({"top_p": 0}, "top_p"),
+    ({"temperature": -1}, "temperature"), ({"watermarking_config": {}}, "watermarking_config"),
+    ({"eos_token_id": -1}, "eos_token_id"), ({"top_k": 1.5}, "top_k"),
+])
+def test_decoding_features_not_implemented_here_are_refused_with_one_line(tmp_path, data, key):
+    with pytest.raises(ConfigError) as e:
+        read_generation_config(write(tmp_path, data))
+    assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_key_of_the_table_reads_at_its_off_value(tmp_path):
+    off = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
+           "max_new_tokens": 20, "eos_token_id": 2, "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None,
+           "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "min_new_tokens": None, "min_length": 0,
+           "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None, "diversity_penalty": 0.0,
+           "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+           "forced_bos_token_id": None, "forced_eos_token_id": None, "guidance_scale": None,
+           "renormalize_logits": False, "sequence_bias": None, "exponential_decay_length_penalty": None,
+           "bos_token_id": 1, "pad_token_id": None, "decoder_start_token_id": None, "max_length": 20,
+           "length_penalty": 1.0, "early_stopping": False, "num_return_sequences": 1, "use_cache": True,
+           "transformers_version": "5.17.0", "_from_model_config": True, "output_scores": False,
+           "output_logits": None, "output_attentions": False, "output_hidden_states": False,
+           "return_dict_in_generate": False}
+    assert set(off) == set(KEYS)
+    assert read_generation_config(write(tmp_path, off)).greedy
