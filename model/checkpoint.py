@@ -3,16 +3,26 @@
 A run directory holds ``step-NNNNNNN/`` checkpoints and a ``latest`` file naming the newest. Each
 checkpoint directory has ``config.json`` (HF Qwen2), ``model.safetensors`` (HF tensor names, f32),
 ``optimizer.safetensors`` (AdamW moments by parameter name), ``trainer.json`` (step, data position,
-training settings) and, when the run used one, ``tokenizer.json``. A checkpoint is written into a
-temporary directory and renamed into place, then ``latest`` is replaced atomically, so a crash at
-any point leaves the previous checkpoint whole and ``latest`` naming a complete one.
+training settings), when the run used one ``tokenizer.json``, and ``manifest.json`` (written last:
+the size and sha256 of every other file). A checkpoint is written into a temporary directory and
+renamed into place, then ``latest`` is replaced atomically, so a crash at any point leaves the
+previous checkpoint whole and ``latest`` naming a complete one. Rotation removes only checkpoints
+older than the one just written, never the one ``latest`` names.
+
+Loading verifies the manifest when there is one (checkpoints other tools wrote have none), refuses
+non-finite weights and optimizer moments, and checks the trainer state's types: a damaged file is
+one ``CheckpointError`` line, never loaded.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +35,15 @@ from .config import ConfigError, ModelConfig
 from .params import param_shapes
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"step-(\d{7,})")
+_HOST = socket.gethostname().replace(".", "_")
+_ASIDE = ".aside."
+# .step-NNNNNNN.<host>.<pid>.<random> (a checkpoint being written), .aside.step-NNNNNNN.<host>.<pid>.<random>
+# (one moved aside for a same-step rewrite), .latest.<host>.<pid>.<random>; older versions: .step-N.<random>
+_TEMP = re.compile(r"(?:(?P<aside>\.aside\.)|\.)(?P<name>step-\d{7,}|latest)\."
+                   r"(?:(?P<host>[^.]+)\.(?P<pid>\d+)\.)?[A-Za-z0-9_]+")
+_UNOWNED_GRACE_S = 3600
 
 
 class CheckpointError(ValueError):
@@ -58,45 +77,240 @@ def _hf_weights(config: ModelConfig, params: dict[str, np.ndarray]) -> dict[str,
 def save_checkpoint(run_dir: Path, step: int, config: ModelConfig, params: dict[str, np.ndarray],
                     optimizer: dict[str, np.ndarray], trainer: dict[str, Any],
                     tokenizer_file: Path | None = None, keep: int = 2) -> Path:
-    """Write ``run_dir/step-NNNNNNN`` atomically, point ``latest`` at it, keep the newest ``keep``."""
+    """Write ``run_dir/step-NNNNNNN`` atomically with its manifest, point ``latest`` at it, and keep
+    it and the newest ``keep - 1`` older ones (``keep`` <= 0: keep all)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=run_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_owner()}.", dir=run_dir))
     try:
         config.save(tmp / "config.json")
         save_file(_hf_weights(config, params), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in optimizer.items()},
-                  str(tmp / "optimizer.safetensors"))
-        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
+        if optimizer:
+            save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in optimizer.items()},
+                      str(tmp / "optimizer.safetensors"))
+        if trainer:
+            (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-        if final.exists():  # a re-run of the same step replaces it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        write_manifest(tmp)
+        if final.exists():  # a re-run of the same step replaces it; moved aside first, restored if we die here
+            old = Path(tempfile.mkdtemp(prefix=f"{_ASIDE}{final.name}.{_owner()}.", dir=run_dir))
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    pointer = run_dir / f".{LATEST}.{os.getpid()}"
-    pointer.write_text(final.name + "\n")
+    fd, pointer = tempfile.mkstemp(prefix=f".{LATEST}.{_owner()}.", dir=run_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write(final.name + "\n")
     os.replace(pointer, run_dir / LATEST)
-    for old in sorted(run_dir.glob("step-*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    _rotate(run_dir, final, keep)
+    remove_stale_temporaries(run_dir)
     return final
+
+
+def _owner() -> str:
+    """In every temporary's name, so that a cleanup can tell live writers from dead ones."""
+    return f"{_HOST}.{os.getpid()}"
+
+
+def _step_of(name: str) -> int | None:
+    m = _STEP_DIR.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def _rotate(run_dir: Path, final: Path, keep: int) -> None:
+    """Remove checkpoints older than ``final`` beyond the newest ``keep - 1`` of them; never one
+    ``latest`` names and never one newer than ``final`` (another run's history may live there)."""
+    if keep <= 0:
+        return
+    current = _step_of(final.name)
+    older = sorted((s, d) for d in run_dir.iterdir() if (s := _step_of(d.name)) is not None and s < current)
+    latest = read_latest(run_dir)
+    for _, old in older[:max(0, len(older) - (keep - 1))]:
+        if old.name != latest:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(host: str, pid: int) -> bool:
+    if host != _HOST:
+        return True  # another machine's process: we cannot tell, so it is left alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Remove the temporaries (``.step-NNNNNNN.*``, ``.latest.*``) that crashed writers left behind.
+
+    A temporary names its writer (host and pid): one whose writer is alive on this host, or runs on
+    another host, is left alone. A checkpoint moved aside for a same-step rewrite is put back when
+    its writer died before the new one took its place. Temporaries of older versions, which carry no
+    owner, are removed once they are an hour old. Returns what was removed."""
+    removed = []
+    for entry in Path(run_dir).iterdir():
+        m = _TEMP.fullmatch(entry.name)
+        if m is None:
+            continue
+        if m.group("host") is not None:
+            if _alive(m.group("host"), int(m.group("pid"))) or int(m.group("pid")) == os.getpid():
+                continue
+        else:
+            try:
+                if time.time() - entry.lstat().st_mtime < _UNOWNED_GRACE_S:
+                    continue
+            except FileNotFoundError:
+                continue
+        target = Path(run_dir) / m.group("name")
+        if m.group("aside") and _step_of(target.name) is not None and not target.exists():
+            os.replace(entry, target)
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def read_latest(run_dir: Path) -> str | None:
+    """The checkpoint name ``latest`` holds, checked to be one (None when there is no ``latest``)."""
+    path = Path(run_dir) / LATEST
+    if not path.exists():
+        return None
+    try:
+        name = path.read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if _step_of(name) is None:
+        raise CheckpointError(f"{path} is damaged: it does not name a step-NNNNNNN checkpoint")
+    return name
 
 
 def resolve(path: Path) -> Path:
     """A checkpoint directory, or a run directory whose ``latest`` names one."""
     path = Path(path)
-    if (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
+    if (path / LATEST).exists():
+        named = path / read_latest(path)
+        if not named.is_dir():
+            raise CheckpointError(f"{path / LATEST} names {named.name}, which does not exist")
+        path = named
     if not (path / "config.json").is_file():
         raise CheckpointError(f"no checkpoint at {path} (no config.json)")
     return path
 
 
+# -- integrity: each check a small function the load path calls -----------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(path: Path) -> None:
+    """Record the size and sha256 of every file in checkpoint ``path``; written last."""
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(Path(path).iterdir()) if f.is_file() and f.name != MANIFEST}
+    tmp = Path(path) / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"format": 1, "files": files}, indent=2) + "\n")
+    os.replace(tmp, Path(path) / MANIFEST)
+
+
+def verify_manifest(path: Path) -> bool:
+    """Check every file of checkpoint ``path`` against its manifest; False when there is none
+    (a checkpoint another tool wrote). A file missing, changed or not listed is refused."""
+    manifest = Path(path) / MANIFEST
+    if not manifest.exists():
+        return False
+    data = _read_json(manifest)
+    if not isinstance(data, dict) or data.get("format") != 1:
+        raise CheckpointError(f"{manifest} is damaged: not a format-1 manifest")
+    files = data.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("sha256"), str) and type(v.get("bytes")) is int
+            for v in files.values()):
+        raise CheckpointError(f"{manifest} is damaged: 'files' is not a map of name -> bytes, sha256")
+    for name in sorted(files):
+        f = Path(path) / name
+        if "/" in name or name in ("", ".", "..") or not f.is_file():
+            raise CheckpointError(f"{f} is missing (listed in {MANIFEST})")
+        if f.stat().st_size != files[name]["bytes"] or _sha256(f) != files[name]["sha256"]:
+            raise CheckpointError(f"{f} is damaged: its sha256 differs from the one in {MANIFEST}")
+    extra = sorted(f.name for f in Path(path).iterdir()
+                   if f.is_file() and f.name != MANIFEST and f.name not in files and not f.name.startswith("."))
+    if extra:
+        raise CheckpointError(f"{Path(path) / extra[0]} is not listed in {MANIFEST}")
+    return True
+
+
+def check_finite(name: str, array: np.ndarray) -> None:
+    if not np.all(np.isfinite(array)):
+        raise CheckpointError(f"{name} holds non-finite values (NaN or infinity)")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:  # not UTF-8, not JSON
+        raise CheckpointError(f"{path} is damaged: {str(e).splitlines()[0]}") from None
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """``trainer.json`` as a dict whose step and data position are non-negative integers and whose
+    settings, when present, are JSON objects ({} when the checkpoint has none)."""
+    file = Path(path) / "trainer.json"
+    if not file.exists():
+        return {}
+    state = _read_json(file)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} is damaged: not a JSON object")
+    for key in ("step", "data_position"):
+        v = state.get(key)
+        if type(v) is not int or v < 0:
+            raise CheckpointError(f"{file} is damaged: {key} must be a non-negative integer, got {v!r}")
+    for key in ("settings", "adamw"):
+        if key in state and not isinstance(state[key], dict):
+            raise CheckpointError(f"{file} is damaged: {key} must be a JSON object")
+    return state
+
+
+def read_optimizer_state(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """``optimizer.safetensors``: both AdamW moments of every parameter, f32, of its shape, finite,
+    the second moment non-negative ({} when the checkpoint has none)."""
+    file = Path(path) / "optimizer.safetensors"
+    if not file.exists():
+        return {}
+    state = _read_tensors(file)
+    names = {f"{m}.{k}": shape for k, shape in expected.items() for m in ("exp_avg", "exp_avg_sq")}
+    missing, extra = sorted(set(names) - set(state)), sorted(set(state) - set(names))
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"has an unexpected {extra[0]}"
+        raise CheckpointError(f"{file} does not match the model: it {what}")
+    for name, shape in names.items():
+        t = state[name]
+        if t.dtype != np.float32 or t.shape != shape:
+            raise CheckpointError(f"{file}: {name} is {t.dtype}{list(t.shape)}, expected float32{list(shape)}")
+        check_finite(f"{file}: {name}", t)
+        if name.startswith("exp_avg_sq.") and np.any(t < 0):
+            raise CheckpointError(f"{file}: {name} holds negative values")
+    return state
+
+
 def load_checkpoint(path: Path) -> Checkpoint:
     path = resolve(path)
+    verify_manifest(path)
     try:
         config = ModelConfig.load(path / "config.json")
     except ConfigError as e:
@@ -117,8 +331,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
         if weights[name].shape != shape:
             raise CheckpointError(f"config/weights mismatch: {name} has shape {weights[name].shape}, "
                                   f"config says {shape}")
-    optimizer = _read_tensors(path / "optimizer.safetensors") if (path / "optimizer.safetensors").exists() else {}
-    trainer = json.loads((path / "trainer.json").read_text()) if (path / "trainer.json").exists() else {}
+        check_finite(f"{path / 'model.safetensors'}: {name}", weights[name])
+    optimizer = read_optimizer_state(path, expected)
+    trainer = read_trainer_state(path)
     return Checkpoint(path, config, {k: weights[k].astype(np.float32) for k in expected}, optimizer, trainer)
 
 
@@ -127,5 +342,5 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
         return load_file(str(path))
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing") from None
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"cannot read {path}: {str(e).splitlines()[0]}") from None

@@ -5,6 +5,7 @@ batches taken in order from the token stream, so a data position (one integer) i
 """
 from __future__ import annotations
 
+import hashlib
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,15 @@ class Corpus:
             cut = len(stream) - max(1, len(stream) // VAL_EVERY)
             return cls(stream[:cut], stream[cut:], len(files))
         return cls(np.concatenate(train), np.concatenate(val), len(files))
+
+    @property
+    def sha256(self) -> str:
+        """Of the token streams: a resumed run checks it trains on the same data."""
+        h = hashlib.sha256()
+        for stream in (self.train, self.val):
+            h.update(len(stream).to_bytes(8, "little"))
+            h.update(np.ascontiguousarray(stream, dtype="<i4").tobytes())
+        return h.hexdigest()
 
     def check_fits(self, batch: int, seq: int, vocab_size: int) -> None:
         if len(self.train) < batch * seq + 1:

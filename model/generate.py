@@ -1,9 +1,25 @@
 """Text generation from a trained model: greedy or temperature / top-k sampling over a KV cache."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
+
+from .settings import check_types, require
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    max_new_tokens: int = 200
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0            # sample from the k most likely (0: all)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        for name in ("max_new_tokens", "temperature", "top_k", "seed"):
+            require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
 
 
 class Decoder(Protocol):

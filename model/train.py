@@ -14,11 +14,12 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import ModelConfig
 from .data import Corpus, batch_at, val_batches
 from .optim import AdamWSettings, lr_at
 from .params import init_params
+from .settings import check_types, require
 
 
 @dataclass(frozen=True)
@@ -35,15 +36,39 @@ class TrainSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"{f.name} must be a non-negative number, got {v!r}")
+        check_types(self)
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("lr must be > 0 and min_lr_ratio in [0, 1]")
+            require(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
+        for name in ("warmup", "checkpoint_every", "seed"):
+            require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+        require(self.lr > 0, "lr", "> 0", self.lr)
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+
+
+# Settings a resumed run may change: neither alters a step, so the run stays bit for bit. Every other
+# one is refused when it contradicts the saved run (``steps`` too: the cosine schedule is a function
+# of the total, so extending a run would change the learning rates it has not taken yet).
+RESUME_MAY_CHANGE = ("eval_every", "checkpoint_every")
+
+
+def saved_settings(ckpt: Checkpoint) -> tuple[TrainSettings, AdamWSettings]:
+    """The settings a checkpoint's run trained with, checked as the command line's are."""
+    where = ckpt.path / "trainer.json"
+    if "settings" not in ckpt.trainer or "adamw" not in ckpt.trainer or not ckpt.optimizer:
+        raise CheckpointError(f"cannot resume from {ckpt.path}: it holds no trainer settings or optimizer state")
+    try:
+        return TrainSettings(**ckpt.trainer["settings"]), AdamWSettings(**ckpt.trainer["adamw"])
+    except (TypeError, ValueError) as e:  # a key missing or unknown, a value out of type or range
+        raise CheckpointError(f"{where} is damaged: {e}") from None
+
+
+def resume_conflict(saved: object, given: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first of ``given``'s settings that a resumed run may not change from ``saved``:
+    (name, saved value, given value)."""
+    for name, value in given.items():
+        if name not in RESUME_MAY_CHANGE and getattr(saved, name) != value:
+            return name, getattr(saved, name), value
+    return None
 
 
 class Backend(Protocol):
@@ -80,17 +105,28 @@ def evaluate(backend: Backend, batches: list[tuple[np.ndarray, np.ndarray]]) -> 
 
 
 def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, corpus: Corpus,
-          make_backend: BackendFactory, out_dir: Path | None, *, resume: bool = False,
-          tokenizer_file: Path | None = None, tokenizer_name: str = "byte",
+          make_backend: BackendFactory, out_dir: Path | None, *, resume: bool | Checkpoint = False,
+          tokenizer_file: Path | None = None, tokenizer_name: str = "byte", run_state: dict[str, Any] | None = None,
           log: Callable[[str], None] = print, progress: bool | None = None) -> TrainResult:
-    """Train to ``settings.steps`` (from the latest checkpoint in ``out_dir`` when ``resume``)."""
+    """Train to ``settings.steps`` (from the latest checkpoint in ``out_dir``, or the one given, when
+    ``resume``; with the settings it was saved with). ``run_state`` goes into every checkpoint's
+    trainer state (what the command line needs to restore the run: precision, data)."""
     s = settings
     corpus.check_fits(s.batch_size, s.seq_len, config.vocab_size)
+    if out_dir is not None and Path(out_dir).is_dir():
+        remove_stale_temporaries(out_dir)  # crashed runs' left-overs
     position, start = 0, 0
     if resume:
-        ckpt = load_checkpoint(out_dir)
+        ckpt = resume if isinstance(resume, Checkpoint) else load_checkpoint(out_dir)
+        saved, saved_adamw = saved_settings(ckpt)
+        clash = resume_conflict(saved, dataclasses.asdict(s)) or resume_conflict(saved_adamw, dataclasses.asdict(adamw))
+        if clash:
+            raise CheckpointError(f"cannot resume {ckpt.path} with {clash[0]} {clash[2]!r}: the run was saved "
+                                  f"with {clash[1]!r}")
+        if ckpt.trainer["step"] >= s.steps:
+            raise CheckpointError(f"{ckpt.path} is at step {ckpt.trainer['step']}: nothing left of {s.steps} steps")
         backend = make_backend(config, ckpt.params, adamw)
-        start, position = int(ckpt.trainer["step"]), int(ckpt.trainer["data_position"])
+        start, position = ckpt.trainer["step"], ckpt.trainer["data_position"]
         backend.load_optimizer_state(ckpt.optimizer, start)
         log(f"resumed from {ckpt.path} at step {start}")
     else:
@@ -102,7 +138,7 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
         trainer: dict[str, Any] = {"step": step, "data_position": position, "backend": backend.name,
                                    "tokenizer": tokenizer_name, "settings": dataclasses.asdict(s),
                                    "adamw": dataclasses.asdict(adamw),
-                                   "val_loss": result.val_losses.get(step)}
+                                   "val_loss": result.val_losses.get(step), **(run_state or {})}
         result.checkpoint = save_checkpoint(out_dir, step, config, backend.params,
                                             backend.optimizer_state(), trainer, tokenizer_file)
 
