@@ -37,6 +37,7 @@ from .params import param_shapes
 LATEST = "latest"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"step-(\d{7,})")
+_LATEST_TEXT = re.compile(rb"(step-\d{7,})\n?")  # exactly as written: any other byte is damage
 _HOST = socket.gethostname().replace(".", "_")
 _ASIDE = ".aside."
 # .step-NNNNNNN.<host>.<pid>.<random> (a checkpoint being written), .aside.step-NNNNNNN.<host>.<pid>.<random>
@@ -187,12 +188,12 @@ def read_latest(run_dir: Path) -> str | None:
     if not path.exists():
         return None
     try:
-        name = path.read_bytes().decode("ascii").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    if _step_of(name) is None:
-        raise CheckpointError(f"{path} is damaged: it does not name a step-NNNNNNN checkpoint")
-    return name
+        m = _LATEST_TEXT.fullmatch(path.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if m is None:
+        raise CheckpointError(f"{path} is damaged: it does not hold one step-NNNNNNN name")
+    return m.group(1).decode()
 
 
 def resolve(path: Path) -> Path:
@@ -263,8 +264,8 @@ def _read_json(path: Path) -> Any:
         return json.loads(Path(path).read_bytes())
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
-    except ValueError as e:  # not UTF-8, not JSON
-        raise CheckpointError(f"{path} is damaged: {str(e).splitlines()[0]}") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deep
+        raise CheckpointError(f"{path} is damaged: {(str(e).splitlines() or ['not JSON'])[0]}") from None
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,8 @@ class ModelConfig:
                 raise ConfigError(f"{f.name} must be a positive integer, got {v!r}")
         for name in ("rope_theta", "rms_norm_eps"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ConfigError(f"{name} must be a positive number, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ConfigError(f"{name} must be a positive finite number, got {v!r}")
             object.__setattr__(self, name, float(v))
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
@@ -72,6 +73,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(hf, dict):
+            raise ConfigError(f"config.json must hold a JSON object, not {type(hf).__name__}")
         try:
             return cls(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
                        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
@@ -90,7 +93,7 @@ class ModelConfig:
     def load(cls, path: Path) -> "ModelConfig":
         try:
             return cls.from_hf(json.loads(Path(path).read_text()))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError(f"cannot read {path}: {e}") from None
