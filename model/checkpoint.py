@@ -15,7 +15,6 @@ one ``CheckpointError`` line, never loaded.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -30,6 +29,8 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
+
+from ptxgen.spec import sha256_hex
 
 from .config import ConfigError, ModelConfig
 from .params import param_shapes
@@ -211,11 +212,7 @@ def resolve(path: Path) -> Path:
 
 # -- integrity: each check a small function the load path calls -----------------------------------
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_hex(Path(path).read_bytes())  # released before the tensors are read
 
 
 def write_manifest(path: Path) -> None:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import hashlib
 import sys
 import typing
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ptxgen import cli as ptxgen_cli
+from ptxgen.spec import sha256_hex
 
 from . import rundir
 from .checkpoint import LATEST, Checkpoint, CheckpointError, load_checkpoint, resolve
@@ -85,7 +85,7 @@ def _given(ns: argparse.Namespace, cls: type) -> dict:
 
 def _sha256_file(path: Path) -> str:
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return sha256_hex(Path(path).read_bytes())
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
@@ -180,10 +180,10 @@ def cmd_train(argv: Sequence[str]) -> int:
     check_fits(train_bytes(config, settings.batch_size, settings.seq_len, on_gpu, precision is Precision.BF16),
                on_gpu, f"training {n_params(config) / 1e6:.1f}M parameters at batch {settings.batch_size}x"
                        f"{settings.seq_len}")
+    files = expand_paths(ns.data) if ns.data else stdlib_files()
     rundir.prepare(out)
     factory: BackendFactory = functools.partial(backend, precision=precision)
     print(line, flush=True)
-    files = expand_paths(ns.data) if ns.data else stdlib_files()
     corpus = Corpus.from_files(files, tokenizer)
     if ckpt is not None and ckpt.trainer.get("data_sha256", corpus.sha256) != corpus.sha256:
         raise UsageError(f"--resume: the data the run was saved with has changed since (its tokens' sha256 differs)")

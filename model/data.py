@@ -5,13 +5,14 @@ batches taken in order from the token stream, so a data position (one integer) i
 """
 from __future__ import annotations
 
-import hashlib
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
 
 import numpy as np
+
+from ptxgen.spec import sha256_hex
 
 VAL_EVERY = 20  # every 20th file (in sorted order) is validation data: about 5%
 
@@ -81,6 +82,8 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
                             and not any(part.startswith(".") for part in f.relative_to(p).parts))
         elif p.is_file():
             files.append(p)
+        elif p.exists():  # a device or a pipe: reading it could block or never end
+            raise DataError(f"not a regular file or directory: {p}")
         else:
             raise DataError(f"no such file or directory: {p}")
     return files
@@ -113,11 +116,8 @@ class Corpus:
     @property
     def sha256(self) -> str:
         """Of the token streams: a resumed run checks it trains on the same data."""
-        h = hashlib.sha256()
-        for stream in (self.train, self.val):
-            h.update(len(stream).to_bytes(8, "little"))
-            h.update(np.ascontiguousarray(stream, dtype="<i4").tobytes())
-        return h.hexdigest()
+        return sha256_hex(b"".join(len(s).to_bytes(8, "little") + np.ascontiguousarray(s, dtype="<i4").tobytes()
+                                   for s in (self.train, self.val)))
 
     def check_fits(self, batch: int, seq: int, vocab_size: int) -> None:
         if len(self.train) < batch * seq + 1:

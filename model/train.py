@@ -100,7 +100,8 @@ class TrainResult:
 
 def evaluate(backend: Backend, batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
     """Mean validation loss over a fixed set of batches (token-weighted)."""
-    total = sum(backend.loss(x, y) * x.size for x, y in batches)
+    with np.errstate(all="ignore"):  # non-finite losses are reported by the caller
+        total = sum(backend.loss(x, y) * x.size for x, y in batches)
     return total / sum(x.size for x, _ in batches)
 
 
@@ -139,7 +140,10 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
                                    "tokenizer": tokenizer_name, "settings": dataclasses.asdict(s),
                                    "adamw": dataclasses.asdict(adamw),
                                    "val_loss": result.val_losses.get(step), **(run_state or {})}
-        result.checkpoint = save_checkpoint(out_dir, step, config, backend.params,
+        params = backend.params
+        if not all(np.isfinite(v).all() for v in params.values()):  # never rotate good checkpoints out for it
+            raise FloatingPointError(f"the weights are not finite at step {step}")
+        result.checkpoint = save_checkpoint(out_dir, step, config, params,
                                             backend.optimizer_state(), trainer, tokenizer_file)
 
     if start == 0:
@@ -156,7 +160,8 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
         t0 = time.perf_counter()
         ids, targets, position = batch_at(corpus.train, position, s.batch_size, s.seq_len)
         lr = lr_at(step, s.steps, s.lr, s.warmup, s.min_lr_ratio)
-        loss, norm = backend.train_step(ids, targets, lr)
+        with np.errstate(all="ignore"):  # a diverging run is one error below, not pages of warnings
+            loss, norm = backend.train_step(ids, targets, lr)
         train_time += time.perf_counter() - t0
         result.train_losses.append(loss)
         result.step = step

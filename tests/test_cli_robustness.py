@@ -430,3 +430,12 @@ def test_the_device_line_says_plainly_why_there_is_no_gpu():
     assert _no_gpu('cuInit failed: CUDA_ERROR_NO_DRIVER: no CUDA driver found: "cuda" is ...') == \
         "no CUDA GPU found (driver not installed)"
     assert "--device cuda" in _no_gpu("cuInit failed: CUDA_ERROR_UNKNOWN: ...")
+
+
+def test_a_diverging_run_is_one_line_and_keeps_only_finite_checkpoints(base, tmp_path):
+    code, out, err = cli("train", "--config", base["root"] / "config.json", "--out", tmp_path / "r",
+                         *base["common"], "--lr", "1e30", "--warmup", "0", "--max-grad-norm", "0", "--steps", "30",
+                         "--checkpoint-every", "1")
+    refused((code, out, err), "not finite", "diverged")
+    for ckpt in (tmp_path / "r").glob("step-*"):
+        load_checkpoint(ckpt)  # every checkpoint left loads: finite weights and moments
