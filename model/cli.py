@@ -227,8 +227,9 @@ def cmd_generate(argv: Sequence[str]) -> int:
     path = resolve(ns.checkpoint)
     config = ModelConfig.load(path / "config.json")
     max_len = config.max_position_embeddings
-    check_fits(generate_bytes(config, max_len, on_gpu), on_gpu,
-               f"generating with {n_params(config) / 1e6:.1f}M parameters")
+    bound = min(max_len, len(text) + gs.max_new_tokens)  # tokenizers give at most about a token per byte
+    check_fits(generate_bytes(config, bound, on_gpu), on_gpu,
+               f"generating {bound} tokens with {n_params(config) / 1e6:.1f}M parameters")
     ckpt = load_checkpoint(path)
     tokenizer = _tokenizer(ckpt.tokenizer_path)
     if tokenizer.vocab_size > ckpt.config.vocab_size:
