@@ -95,7 +95,7 @@ def generate_on(run: Path, *more: str):
                "numpy", *more)
 
 
-def resume_on(run: Path, base: dict, *more: str):
+def resume_on(run: Path, *more: str):
     return cli("train", "--resume", "--out", run, "--device", "numpy", *more)
 
 
@@ -196,7 +196,7 @@ def test_any_flipped_bit_in_any_checkpoint_file_is_refused_and_changes_nothing(b
         shutil.copytree(base["run"], run)
         _flip(run / "step-0000002" / name, index, bit)
         before = tree(run)
-        refused(generate_on(run) if verb == "generate" else resume_on(run, base))
+        refused(generate_on(run) if verb == "generate" else resume_on(run))
         assert tree(run) == before
 
 
@@ -214,7 +214,7 @@ def test_a_truncated_checkpoint_file_is_refused_with_or_without_the_manifest(bas
         data = (ckpt / name).read_bytes()
         (ckpt / name).write_bytes(data[:int(cut * (len(data) - 2))])  # at least the closing brace / last byte
         before = tree(run)
-        refused(generate_on(run) if verb == "generate" else resume_on(run, base))
+        refused(generate_on(run) if verb == "generate" else resume_on(run))
         assert tree(run) == before
 
 
@@ -228,7 +228,7 @@ def test_a_damaged_latest_is_refused(base, content):
         (run / "latest").write_bytes(content)
         before = tree(run)
         refused(generate_on(run))
-        refused(resume_on(run, base))
+        refused(resume_on(run))
         assert tree(run) == before
 
 
@@ -272,7 +272,7 @@ def test_trainer_json_with_wrong_types_is_refused_on_resume(base, key, value):
         assume(_wrong_type(key, value))
         (ckpt / "trainer.json").write_text(json.dumps(state))
         before = tree(run)
-        refused(resume_on(run, base))
+        refused(resume_on(run))
         assert tree(run) == before
 
 
@@ -296,7 +296,7 @@ def test_an_optimizer_state_that_does_not_fit_the_model_is_refused(run_copy, bas
         state["exp_avg.bogus"] = np.zeros(2, np.float32)
     save_file(state, str(ckpt / "optimizer.safetensors"))
     before = tree(run_copy)
-    refused(resume_on(run_copy, base), "optimizer.safetensors")
+    refused(resume_on(run_copy), "optimizer.safetensors")
     refused(generate_on(run_copy), "optimizer.safetensors")
     assert tree(run_copy) == before
 
@@ -308,7 +308,7 @@ def test_a_config_json_that_is_not_an_object_is_refused(run_copy, base, tmp_path
     (run_copy / "step-0000002" / "config.json").write_bytes(text)
     before = tree(run_copy)
     refused(generate_on(run_copy), "config.json")
-    refused(resume_on(run_copy, base))
+    refused(resume_on(run_copy))
     (tmp_path / "c.json").write_bytes(text)
     refused(cli("train", "--config", tmp_path / "c.json", "--out", tmp_path / "new", *base["common"]))
     assert tree(run_copy) == before and not (tmp_path / "new").exists()
@@ -387,7 +387,7 @@ def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path, ba
 
 
 def test_a_resumed_run_restores_its_saved_settings_and_matches_the_uninterrupted_run(run_copy, base):
-    code, out, err = resume_on(run_copy, base)  # no --steps, --lr, --data, --tokenizer: all from the run
+    code, out, err = resume_on(run_copy)  # no --steps, --lr, --data, --tokenizer: all from the run
     assert code == 0, err
     assert "resumed from" in out and "step 4" in out
     assert tree(run_copy)["step-0000004/model.safetensors"] == base["final"]
@@ -407,20 +407,20 @@ def test_a_resumed_run_restores_its_saved_settings_and_matches_the_uninterrupted
 ])
 def test_resume_refuses_flags_that_contradict_the_saved_run(run_copy, base, argv, words):
     before = tree(run_copy)
-    refused(resume_on(run_copy, base, *argv), *words)
+    refused(resume_on(run_copy, *argv), *words)
     assert tree(run_copy) == before
 
 
 def test_resume_without_a_checkpoint_or_after_the_end_is_one_line(tmp_path, run_copy, base):
     refused(cli("train", "--resume", "--out", tmp_path / "none", "--device", "numpy"), "no checkpoint")
     (run_copy / "latest").write_text("step-0000004\n")
-    refused(resume_on(run_copy, base), "already finished")
+    refused(resume_on(run_copy), "already finished")
 
 
 def test_a_second_run_into_a_held_directory_is_refused(run_copy, base):
     before = tree(run_copy)
     with rundir.hold(run_copy):
-        refused(resume_on(run_copy, base), "another run", str(os.getpid()))
+        refused(resume_on(run_copy), "another run", str(os.getpid()))
     assert {k: v for k, v in tree(run_copy).items() if k != ".lock"} == \
         {k: v for k, v in before.items() if k != ".lock"}
 
