@@ -78,7 +78,7 @@ def _hf_weights(config: ModelConfig, params: dict[str, np.ndarray]) -> dict[str,
 
 def save_checkpoint(run_dir: Path, step: int, config: ModelConfig, params: dict[str, np.ndarray],
                     optimizer: dict[str, np.ndarray], trainer: dict[str, Any],
-                    tokenizer_file: Path | None = None, keep: int = 2) -> Path:
+                    tokenizer_file: Path | bytes | None = None, keep: int = 2) -> Path:
     """Write ``run_dir/step-NNNNNNN`` atomically with its manifest, point ``latest`` at it, and keep
     it and the newest ``keep - 1`` older ones (``keep`` <= 0: keep all)."""
     run_dir = Path(run_dir)
@@ -93,7 +93,9 @@ def save_checkpoint(run_dir: Path, step: int, config: ModelConfig, params: dict[
                       str(tmp / "optimizer.safetensors"))
         if trainer:
             (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
-        if tokenizer_file is not None:
+        if isinstance(tokenizer_file, bytes):  # as read when the run started
+            (tmp / "tokenizer.json").write_bytes(tokenizer_file)
+        elif tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         write_manifest(tmp)
         if final.exists():  # a re-run of the same step replaces it; moved aside first, restored if we die here

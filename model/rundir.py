@@ -52,6 +52,8 @@ def hold(out: Path) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise RunDirError(f"another run (pid {holder}) is writing to {out}") from None
+        except OSError as e:  # a file system without locks
+            raise RunDirError(f"--out {out} cannot be locked: {e.strerror or e}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield

@@ -16,7 +16,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import ModelConfig
-from .data import Corpus, batch_at, val_batches
+from .data import Corpus, DataError, batch_at, val_batches
 from .optim import AdamWSettings, lr_at
 from .params import init_params
 from .settings import check_types, require
@@ -114,6 +114,10 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
     trainer state (what the command line needs to restore the run: precision, data)."""
     s = settings
     corpus.check_fits(s.batch_size, s.seq_len, config.vocab_size)
+    try:  # read once: the file (or the checkpoint it came from, rotated out later) may be gone by the next save
+        tokenizer_json = Path(tokenizer_file).read_bytes() if tokenizer_file is not None else None
+    except OSError as e:
+        raise DataError(f"cannot read {tokenizer_file}: {e.strerror or e}") from None
     if out_dir is not None and Path(out_dir).is_dir():
         remove_stale_temporaries(out_dir)  # crashed runs' left-overs
     position, start = 0, 0
@@ -144,7 +148,7 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
         if not all(np.isfinite(v).all() for v in params.values()):  # never rotate good checkpoints out for it
             raise FloatingPointError(f"the weights are not finite at step {step}")
         result.checkpoint = save_checkpoint(out_dir, step, config, params,
-                                            backend.optimizer_state(), trainer, tokenizer_file)
+                                            backend.optimizer_state(), trainer, tokenizer_json)
 
     if start == 0:
         result.val_losses[0] = evaluate(backend, val)

@@ -393,6 +393,26 @@ def test_a_resumed_run_restores_its_saved_settings_and_matches_the_uninterrupted
     assert tree(run_copy)["step-0000004/model.safetensors"] == base["final"]
 
 
+def test_a_resumed_run_keeps_its_tokenizer_after_the_checkpoint_it_came_from_is_rotated_out(base, tmp_path,
+                                                                                           monkeypatch):
+    import model.train
+
+    def save_then_stop(*args, **kw):  # the run is interrupted right after its step-2 checkpoint
+        save_checkpoint(*args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model.train, "save_checkpoint", save_then_stop)
+    args = ["--config", base["root"] / "config.json", "--tokenizer", base["root"] / "tokenizer.json",
+            "--out", tmp_path / "r", *base["common"]]
+    assert cli("train", *args, "--steps", "6", "--checkpoint-every", "2")[0] == 130
+    monkeypatch.undo()
+    code, _, err = resume_on(tmp_path / "r", "--checkpoint-every", "1")  # step 2 is rotated out at step 4
+    assert code == 0, err
+    assert not (tmp_path / "r" / "step-0000002").exists()
+    assert (tmp_path / "r" / "step-0000006" / "tokenizer.json").read_bytes() == \
+        (base["root"] / "tokenizer.json").read_bytes()
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--lr", "0.02"], ["--lr 0.02", "saved 0.01"]),
     (["--batch-size", "4"], ["--batch-size 4", "saved 2"]),
