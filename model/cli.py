@@ -8,24 +8,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import math
 import sys
 import typing
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ptxgen import cli as ptxgen_cli
+from ptxgen.spec import sha256_hex
 
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
+from . import rundir
+from .checkpoint import LATEST, Checkpoint, CheckpointError, load_checkpoint, resolve
 from .config import ConfigError, ModelConfig, preset
 from .data import ByteTokenizer, Corpus, DataError, HFTokenizer, Tokenizer, expand_paths, stdlib_files
-from .generate import generate
+from .defaults import default_run
+from .footprint import MemoryTooSmall, check_fits, generate_bytes, n_params, train_bytes
+from .generate import GenerateSettings, generate
+from .generation_config import OUR_DEFAULTS, read_generation_config
 from .hf import SAVE_DTYPES
+from .metrics import SAMPLE
 from .numpy_backend import NumpyBackend, NumpyDecoder
 from .optim import AdamWSettings
-from .params import param_shapes
 from .precision import Precision
-from .train import BackendFactory, TrainSettings, train
+from .settings import SettingsError, flag
+from .train import RESUME_MAY_CHANGE, BackendFactory, TrainSettings, resume_conflict, saved_settings, train
 
 DEVICES = ("auto", "cuda", "numpy")
 PRECISIONS = tuple(p.value for p in Precision)
@@ -38,6 +43,15 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         raise UsageError(f"{self.prog}: {message}")
+
+
+def _no_gpu(why: str) -> str:
+    """The driver's reason as a plain sentence (``--device cuda`` shows the driver's own words)."""
+    if "CUDA_ERROR_NO_DRIVER" in why:
+        return "no CUDA GPU found (driver not installed)"
+    if "CUDA_ERROR_NO_DEVICE" in why:
+        return "no CUDA GPU found (the driver sees no device)"
+    return "no usable CUDA GPU (--device cuda shows the driver's reason)"
 
 
 def select_backend(device: str, precision: Precision = Precision.FP32) -> tuple[str, type]:
@@ -53,7 +67,7 @@ def select_backend(device: str, precision: Precision = Precision.FP32) -> tuple[
         from .cuda_model import CudaBackend
 
         return f"device: {CudaBackend.description}, {gemms}", CudaBackend
-    reason = "as asked" if device == "numpy" else f"no CUDA GPU: {why}"
+    reason = "as asked" if device == "numpy" else _no_gpu(why)
     return f"device: {NumpyBackend.description}, {gemms}, {reason}", NumpyBackend
 
 
@@ -73,11 +87,81 @@ def checkpoint_tokenizer(ckpt: Checkpoint) -> Path | None:
     raise UsageError(f"{ckpt.path} has no tokenizer.json; copy the model's tokenizer.json into it")
 
 
+def _on_gpu(device: str) -> bool:
+    from runtime.driver import available
+
+    return device == "cuda" or (device == "auto" and available()[0])
+
+
+def _read_bytes(path: Path | None) -> bytes | None:
+    try:
+        return Path(path).read_bytes() if path is not None else None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def _add_settings(p: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field; a flag not given stays out of the namespace, so that a resumed run can
+    tell the flags given from its saved settings."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        p.add_argument("--" + f.name.replace("_", "-"), type=hints[f.name], default=f.default,
-                       help=f"(default {f.default})")
+        p.add_argument(flag(f.name), type=hints[f.name], default=argparse.SUPPRESS, help=f"(default {f.default})")
+
+
+def _given(ns: argparse.Namespace, cls: type) -> dict:
+    return {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
+
+
+def _sha256_file(path: Path) -> str:
+    try:
+        return sha256_hex(Path(path).read_bytes())
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _resume_settings(ns: argparse.Namespace, ckpt: Checkpoint) -> tuple[TrainSettings, AdamWSettings]:
+    """The saved run's settings, with the flags given checked against them (one line naming the
+    first that contradicts)."""
+    saved, saved_adamw = saved_settings(ckpt)
+    given = _given(ns, TrainSettings)
+    step = ckpt.trainer["step"]
+    if "steps" in given and given["steps"] <= step:
+        raise UsageError(f"--resume: --steps {given['steps']} is at or below the checkpoint's step {step} "
+                         f"({ckpt.path})")
+    clash = resume_conflict(saved, given) or resume_conflict(saved_adamw, _given(ns, AdamWSettings))
+    if clash:
+        name, old, new = clash
+        raise UsageError(f"--resume: {flag(name)} {new} contradicts the run's saved {old} (a resumed run keeps "
+                         f"its settings; only {', '.join(map(flag, RESUME_MAY_CHANGE))} may change)")
+    if step >= saved.steps:
+        raise UsageError(f"--resume: the run in {ckpt.path.parent} already finished (step {step} of {saved.steps})")
+    safe = {k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}
+    return dataclasses.replace(saved, **safe), saved_adamw
+
+
+def _resume_inputs(ns: argparse.Namespace, ckpt: Checkpoint) -> None:
+    """Fill ``--data``, ``--tokenizer`` and ``--precision`` from the saved run, refusing ones given
+    that differ from it."""
+    t = ckpt.trainer
+    data = [str(Path(d).resolve()) for d in ns.data] if ns.data else None
+    if "data" in t:
+        if not (t["data"] is None or (isinstance(t["data"], list) and all(isinstance(d, str) for d in t["data"]))):
+            raise CheckpointError(f"{ckpt.path / 'trainer.json'} is damaged: data must be a list of paths or null")
+        if ns.data and data != t["data"]:
+            raise UsageError(f"--resume: --data {' '.join(ns.data)} contradicts the run's saved "
+                             f"{' '.join(t['data'] or ['(the stdlib)'])}")
+        ns.data = t["data"]
+    saved_tok = ckpt.tokenizer_path
+    if ns.tokenizer:
+        if saved_tok is None or _sha256_file(Path(ns.tokenizer)) != _sha256_file(saved_tok):
+            raise UsageError(f"--resume: --tokenizer {ns.tokenizer} is not the tokenizer the run was saved with")
+    ns.tokenizer = saved_tok
+    saved_precision = t.get("precision")
+    if saved_precision is not None and saved_precision not in PRECISIONS:
+        raise CheckpointError(f"{ckpt.path / 'trainer.json'} is damaged: unknown precision {saved_precision!r}")
+    if getattr(ns, "precision", None) and saved_precision and ns.precision != saved_precision:
+        raise UsageError(f"--resume: --precision {ns.precision} contradicts the run's saved {saved_precision}")
+    ns.precision = getattr(ns, "precision", None) or saved_precision or "fp32"
 
 
 def cmd_train(argv: Sequence[str]) -> int:
@@ -88,11 +172,13 @@ def cmd_train(argv: Sequence[str]) -> int:
     p.add_argument("--data", nargs="+", metavar="PATH", help="files or directories (default: the stdlib's .py files)")
     p.add_argument("--tokenizer", help="an HF tokenizer.json (default: bytes, vocab 256)")
     p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+    p.add_argument("--precision", choices=PRECISIONS, default=argparse.SUPPRESS,
                    help="bf16: the linear layers' GEMMs read bf16 operands (fp32 master weights); default fp32")
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<preset>)")
     start = p.add_mutually_exclusive_group()
-    start.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in --out, with the run's saved settings, data, "
+                            "tokenizer and precision (flags that contradict them are refused)")
     start.add_argument("--init", type=Path, metavar="CHECKPOINT",
                        help="start from these weights (ours or a transformers directory), fresh optimizer")
     p.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), default="fp32",
@@ -100,14 +186,12 @@ def cmd_train(argv: Sequence[str]) -> int:
     _add_settings(p, TrainSettings)
     _add_settings(p, AdamWSettings)
     ns = p.parse_args(argv)
-    try:
-        settings = TrainSettings(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainSettings)})
-        adamw = AdamWSettings(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(AdamWSettings)})
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    config = ModelConfig.load(ns.config) if ns.config else preset(ns.preset or "tiny")
+    # a bare `ptxgen train`: the run this machine finishes in about two minutes (model/defaults.py)
+    plan = None if (ns.preset or ns.config or ns.init or ns.resume) else default_run(_on_gpu(ns.device))
+    config = ModelConfig.load(ns.config) if ns.config else preset(ns.preset or (plan.preset if plan else "tiny"))
     init = load_checkpoint(ns.init) if ns.init else None
     tokenizer_file = Path(ns.tokenizer) if ns.tokenizer else None
+    generation_config = None  # what our checkpoints say generate should do (transformers' format)
     if init is not None:
         if (ns.preset or ns.config) and config != init.config:
             raise UsageError(f"--init: the checkpoint in {ns.init} has another config than the "
@@ -115,65 +199,142 @@ def cmd_train(argv: Sequence[str]) -> int:
         if ns.tokenizer and init.tokenizer_path is not None:
             raise UsageError(f"--init: {init.path} brings its own tokenizer.json; drop --tokenizer")
         config, tokenizer_file = init.config, tokenizer_file or checkpoint_tokenizer(init)
-    out = ns.out or Path("runs") / (ns.preset or (ns.config.parent.name if ns.config else
-                                                  init.path.name if init else "tiny"))
-    generation_config = init.generation_config_path if init else None
+        generation_config = _read_bytes(init.generation_config_path)
+    name = ns.preset or (plan.preset if plan else None) or (ns.config.parent.name if ns.config else None)
+    out = ns.out or Path("runs") / (name or (init.path.parent.name if init and (init.path.parent / LATEST).exists()
+                                             else init.path.name if init else "tiny"))
     if ns.resume:
-        saved = load_checkpoint(out)
-        if saved.config != config and (ns.preset or ns.config):
+        if not (out / LATEST).exists():
+            raise UsageError(f"--resume: no checkpoint in {out} (no {LATEST} file)")
+        ckpt = load_checkpoint(out)
+        if ckpt.config != config and (ns.preset or ns.config):
             raise UsageError(f"--resume: the checkpoint in {out} has another config than the one given")
-        config, generation_config = saved.config, saved.generation_config_path
+        config = ckpt.config
+        settings, adamw = _resume_settings(ns, ckpt)
+        _resume_inputs(ns, ckpt)
+        tokenizer_file = Path(ns.tokenizer) if ns.tokenizer else None
+        generation_config = _read_bytes(ckpt.generation_config_path)
+    else:
+        ckpt = None
+        settings = TrainSettings(**{**(plan.settings if plan else {}), **_given(ns, TrainSettings)})
+        adamw = AdamWSettings(**_given(ns, AdamWSettings))
+        ns.precision = getattr(ns, "precision", plan.precision if plan else "fp32")
+    if generation_config is None:
+        generation_config = OUR_DEFAULTS
+    if settings.seq_len > config.max_position_embeddings:
+        raise UsageError(f"--seq-len {settings.seq_len} is above the model's max_position_embeddings "
+                         f"{config.max_position_embeddings}")
     tokenizer = _tokenizer(tokenizer_file)
     if tokenizer.vocab_size > config.vocab_size:
         raise UsageError(f"the tokenizer has {tokenizer.vocab_size} tokens; the model's vocab_size is "
                          f"{config.vocab_size}")
     precision = Precision(ns.precision)
     line, backend = select_backend(ns.device, precision)
+    on_gpu = backend is not NumpyBackend
+    check_fits(train_bytes(config, settings.batch_size, settings.seq_len, on_gpu, precision is Precision.BF16),
+               on_gpu, f"training {n_params(config) / 1e6:.1f}M parameters at batch {settings.batch_size}x"
+                       f"{settings.seq_len}")
+    files = expand_paths(ns.data) if ns.data else stdlib_files()
+    rundir.prepare(out)
     factory: BackendFactory = functools.partial(backend, precision=precision)
     print(line, flush=True)
-    files = expand_paths(ns.data) if ns.data else stdlib_files()
+    if plan is not None:
+        print(f"plan: the default run here, --preset {plan.preset} --precision {ns.precision} "
+              + " ".join(f"{flag(k)} {getattr(settings, k)}" for k in plan.settings)
+              + f": {plan.expect}", flush=True)
     corpus = Corpus.from_files(files, tokenizer)
-    n_params = sum(math.prod(shape) for shape in param_shapes(config).values())
+    if ckpt is not None and ckpt.trainer.get("data_sha256", corpus.sha256) != corpus.sha256:
+        raise UsageError("--resume: the data the run was saved with has changed since (its tokens' sha256 differs)")
     print(f"data: {corpus.n_files} files, {len(corpus.train)} train / {len(corpus.val)} validation tokens "
-          f"({tokenizer.name}); model: {n_params / 1e6:.2f}M parameters, hidden {config.hidden_size}, "
+          f"({tokenizer.name}); model: {n_params(config) / 1e6:.2f}M parameters, hidden {config.hidden_size}, "
           f"{config.num_layers} layers; run: {out}", flush=True)
+    run_state = {"precision": precision.value, "data_sha256": corpus.sha256,
+                 "data": [str(Path(d).resolve()) for d in ns.data] if ns.data else None}
     if init is not None:
         print(f"init: weights from {init.path}, fresh optimizer state", flush=True)
-    result = train(config, settings, adamw, corpus, factory, out, resume=ns.resume,
-                   tokenizer_file=tokenizer_file, tokenizer_name=tokenizer.name,
-                   log=lambda m: print(m, flush=True), initial=init.params if init else None,
-                   save_dtype=ns.save_dtype, generation_config=generation_config)
+    with rundir.hold(out):
+        result = train(config, settings, adamw, corpus, factory, out, resume=ckpt or False,
+                       tokenizer_file=tokenizer_file, tokenizer_name=tokenizer.name,
+                       run_state=run_state, log=lambda m: print(m, flush=True),
+                       initial=init.params if init else None, save_dtype=ns.save_dtype,
+                       generation_config=generation_config)
+    if result.checkpoint is None or not result.checkpoint.is_dir():
+        raise CheckpointError(f"the run ended at step {result.step} but its checkpoint {result.checkpoint} is missing")
     last_val = result.val_losses[max(result.val_losses)] if result.val_losses else float("nan")
     print(f"done: step {result.step}, val_loss {last_val:.4f}, {result.tokens_per_s:.0f} tokens/s, "
           f"checkpoint {result.checkpoint}")
+    sample = sample_text(result.backend, tokenizer, read_generation_config(result.checkpoint / "generation_config.json"))
+    (out / SAMPLE).write_text(sample)
+    print(f"sample ({out / SAMPLE}):\n{sample}")
     return 0
+
+
+SAMPLE_PROMPT, SAMPLE_TOKENS = "def ", 200
+
+
+def sample_text(backend, tokenizer: Tokenizer, sampling) -> str:
+    """A continuation of a fixed prompt from the trained model, decoded as its checkpoint says."""
+    gs = GenerateSettings.of(sampling, {"max_new_tokens": SAMPLE_TOKENS})
+    prompt = tokenizer.encode(SAMPLE_PROMPT.encode())
+    decoder = backend.decoder(min(backend.config.max_position_embeddings, len(prompt) + SAMPLE_TOKENS))
+    try:
+        tokens = list(generate(decoder, prompt, gs.max_new_tokens, gs.temperature, gs.top_k, gs.seed,
+                               max_length=backend.config.max_position_embeddings,
+                               stop=frozenset(sampling.eos_token_ids).__contains__, top_p=gs.top_p,
+                               repetition_penalty=gs.repetition_penalty))
+    finally:
+        getattr(decoder, "close", lambda: None)()
+    return tokenizer.decode(list(prompt) + tokens)
+
+
+def _prompt_bytes(prompt: str) -> bytes:
+    try:
+        return prompt.encode("utf-8")  # argv bytes that are not UTF-8 arrive as lone surrogates
+    except UnicodeEncodeError:
+        raise UsageError("--prompt is not valid UTF-8") from None
 
 
 def cmd_generate(argv: Sequence[str]) -> int:
     p = _Parser(prog="ptxgen generate", description="Continue a prompt with a trained checkpoint.")
     p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint or run directory")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0: all)")
-    p.add_argument("--seed", type=int, default=0)
+    hints = typing.get_type_hints(GenerateSettings)
+    for f in dataclasses.fields(GenerateSettings):
+        p.add_argument(flag(f.name), type=hints[f.name], default=argparse.SUPPRESS,
+                       help="(default: the checkpoint's generation_config.json, else greedy)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="the GEMMs' operands (default fp32)")
     ns = p.parse_args(argv)
-    if ns.temperature < 0 or ns.top_k < 0 or ns.max_new_tokens < 0:
-        raise UsageError("--temperature, --top-k and --max-new-tokens must be >= 0")
-    ckpt = load_checkpoint(ns.checkpoint)
-    tokenizer = _tokenizer(checkpoint_tokenizer(ckpt))
-    prompt = tokenizer.encode(ns.prompt.encode())
-    if not len(prompt):
-        raise UsageError("--prompt is empty")
-    if len(prompt) > ckpt.config.max_position_embeddings:
-        raise UsageError(f"--prompt has {len(prompt)} tokens; the model takes at most "
-                         f"{ckpt.config.max_position_embeddings}")
+    given = _given(ns, GenerateSettings)
+    GenerateSettings(**given)  # the flags' own ranges, before any file is read
+    text = _prompt_bytes(ns.prompt)
     precision = Precision(ns.precision)
     line, backend = select_backend(ns.device, precision)
-    print(f"{line}, with a KV cache", file=sys.stderr, flush=True)
-    max_len = min(ckpt.config.max_position_embeddings, len(prompt) + ns.max_new_tokens)
+    on_gpu = backend is not NumpyBackend
+    path = resolve(ns.checkpoint)
+    config = ModelConfig.load(path / "config.json")
+    max_len = config.max_position_embeddings
+    bound = min(max_len, len(text) + given.get("max_new_tokens", GenerateSettings.max_new_tokens))  # tokenizers give at most about a token per byte
+    check_fits(generate_bytes(config, bound, on_gpu), on_gpu,
+               f"generating {bound} tokens with {n_params(config) / 1e6:.1f}M parameters")
+    ckpt = load_checkpoint(path)
+    gs = GenerateSettings.of(ckpt.sampling, given)
+    tokenizer = _tokenizer(checkpoint_tokenizer(ckpt))
+    if tokenizer.vocab_size > ckpt.config.vocab_size:
+        raise CheckpointError(f"{ckpt.tokenizer_path} has {tokenizer.vocab_size} tokens; the model's vocab_size "
+                              f"is {ckpt.config.vocab_size}")
+    prompt = tokenizer.encode(text)
+    if not len(prompt):
+        raise UsageError("--prompt is empty" if not text else
+                         f"the tokenizer drops every character of --prompt {ns.prompt!r} (no tokens)")
+    if len(prompt) > max_len:
+        raise UsageError(f"--prompt has {len(prompt)} tokens; the model takes at most {max_len}")
+    how = "greedy" if gs.temperature == 0 else (f"sampling at temperature {gs.temperature:g}, top-k {gs.top_k}"
+                                                + (f", top-p {gs.top_p:g}" if gs.top_p < 1 else ""))
+    if gs.repetition_penalty != 1:
+        how += f", repetition penalty {gs.repetition_penalty:g}"
+    print(f"{line}, with a KV cache; {how}", file=sys.stderr, flush=True)
+    max_len = min(max_len, len(prompt) + gs.max_new_tokens)
     if backend is NumpyBackend:
         decoder = NumpyDecoder(ckpt.config, ckpt.params, precision)
     else:
@@ -183,14 +344,15 @@ def cmd_generate(argv: Sequence[str]) -> int:
     out = list(prompt)
     sys.stdout.write(ns.prompt)
     shown = len(tokenizer.decode(out))
-    eos = frozenset(ckpt.eos_token_ids)  # from generation_config.json, as transformers stops
-    for token in generate(decoder, prompt, ns.max_new_tokens, ns.temperature, ns.top_k, ns.seed,
-                          max_length=ckpt.config.max_position_embeddings, stop=eos.__contains__):
+    for token in generate(decoder, prompt, gs.max_new_tokens, gs.temperature, gs.top_k, gs.seed,
+                          max_length=ckpt.config.max_position_embeddings,
+                          stop=frozenset(ckpt.eos_token_ids).__contains__,  # as transformers stops
+                          top_p=gs.top_p, repetition_penalty=gs.repetition_penalty):
         out.append(token)
-        text = tokenizer.decode(out)
-        sys.stdout.write(text[shown:])  # decode the whole so multi-byte characters come out whole
+        decoded = tokenizer.decode(out)
+        sys.stdout.write(decoded[shown:])  # decode the whole so multi-byte characters come out whole
         sys.stdout.flush()
-        shown = len(text)
+        shown = len(decoded)
     sys.stdout.write("\n")
     return 0
 
@@ -207,8 +369,15 @@ def _guarded(name: str, command: Callable[[Sequence[str]], int]) -> Callable[[Se
     def run(argv: Sequence[str]) -> int:
         try:
             return command(argv)
-        except (UsageError, ConfigError, CheckpointError, DataError) as e:
+        except (UsageError, ConfigError, CheckpointError, DataError, SettingsError, rundir.RunDirError,
+                MemoryTooSmall) as e:
             print(f"ptxgen {name}: error: {e}", file=sys.stderr)
+            return 2
+        except FloatingPointError as e:  # the loss diverged: the checkpoints written so far stay
+            print(f"ptxgen {name}: error: {e} (training diverged; try a lower --lr)", file=sys.stderr)
+            return 2
+        except MemoryError:  # an estimate that was too low: still one line
+            print(f"ptxgen {name}: error: out of memory", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(f"ptxgen {name}: interrupted", file=sys.stderr)
@@ -220,11 +389,16 @@ def _guarded(name: str, command: Callable[[Sequence[str]], int]) -> Callable[[Se
 COMMANDS = {name: _guarded(name, cmd) for name, cmd in
             (("train", cmd_train), ("generate", cmd_generate), ("contracts", cmd_contracts))}
 USAGE = """
-  train [--preset tiny] [--data PATH ...] [--device auto|cuda|numpy] [--precision fp32|bf16] [--out DIR]
-        [--resume] ...
-  generate --checkpoint DIR --prompt TEXT [--temperature T] [--top-k K] [--max-new-tokens N] [--precision P]
+  train [--preset P | --config config.json | --init CHECKPOINT] [--data PATH ...] [--device auto|cuda|numpy]
+        [--precision fp32|bf16] [--out DIR] [--resume] [--save-dtype fp32|bf16] ...
+  generate --checkpoint DIR --prompt TEXT [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R]
+           [--max-new-tokens N] [--precision P]
   contracts validate|check [--root REPO]"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     return ptxgen_cli.main(argv, more=COMMANDS, more_usage=USAGE)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

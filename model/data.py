@@ -12,6 +12,8 @@ from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
+from ptxgen.spec import sha256_hex
+
 VAL_EVERY = 20  # every 20th file (in sorted order) is validation data: about 5%
 
 
@@ -80,6 +82,8 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
                             and not any(part.startswith(".") for part in f.relative_to(p).parts))
         elif p.is_file():
             files.append(p)
+        elif p.exists():  # a device or a pipe: reading it could block or never end
+            raise DataError(f"not a regular file or directory: {p}")
         else:
             raise DataError(f"no such file or directory: {p}")
     return files
@@ -108,6 +112,12 @@ class Corpus:
             cut = len(stream) - max(1, len(stream) // VAL_EVERY)
             return cls(stream[:cut], stream[cut:], len(files))
         return cls(np.concatenate(train), np.concatenate(val), len(files))
+
+    @property
+    def sha256(self) -> str:
+        """Of the token streams: a resumed run checks it trains on the same data."""
+        return sha256_hex(b"".join(len(s).to_bytes(8, "little") + np.ascontiguousarray(s, dtype="<i4").tobytes()
+                                   for s in (self.train, self.val)))
 
     def check_fits(self, batch: int, seq: int, vocab_size: int) -> None:
         if len(self.train) < batch * seq + 1:

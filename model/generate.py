@@ -1,9 +1,40 @@
 """Text generation from a trained model: greedy or temperature / top-k sampling over a KV cache."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
+
+from .generation_config import Sampling
+from .settings import check_types, require
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    max_new_tokens: int = 200
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0            # sample from the k most likely (0: all)
+    seed: int = 0
+    top_p: float = 1.0        # sample from the smallest set holding this much probability
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        for name in ("max_new_tokens", "temperature", "top_k", "seed"):
+            require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+        require(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
+        require(0 < self.repetition_penalty <= 100, "repetition_penalty", "in (0, 100]", self.repetition_penalty)
+
+    @classmethod
+    def of(cls, sampling: "Sampling", given: dict) -> "GenerateSettings":
+        """A checkpoint's generation defaults (transformers' meaning), with the flags given on top."""
+        from_file = {"max_new_tokens": sampling.max_new_tokens or cls.max_new_tokens,
+                     "temperature": sampling.temperature if sampling.do_sample else 0.0,
+                     "top_k": sampling.top_k if sampling.do_sample else 0,
+                     "top_p": sampling.top_p if sampling.do_sample else 1.0,
+                     "repetition_penalty": sampling.repetition_penalty}
+        return cls(**{**from_file, **given})
 
 
 class Decoder(Protocol):

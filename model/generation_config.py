@@ -125,3 +125,8 @@ def read_generation_config(path: Path, fallback_eos: tuple[int, ...] = ()) -> Sa
                     repetition_penalty=v.get("repetition_penalty", defaults.repetition_penalty),
                     max_new_tokens=v.get("max_new_tokens"),
                     eos_token_ids=v["eos_token_id"] if "eos_token_id" in v else fallback_eos)
+
+
+# What this project's own checkpoints tell `generate` (and transformers) to do: sample, as a byte-level
+# model trained for two minutes repeats itself under greedy decoding.
+OUR_DEFAULTS = b'{\n  "do_sample": true,\n  "temperature": 0.8,\n  "top_k": 40\n}\n'

@@ -7,7 +7,6 @@ and widened exactly to float32; a checkpoint whose tensors do not match its conf
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import ml_dtypes
@@ -166,12 +165,3 @@ def write_weights(file: Path, tensors: dict[str, np.ndarray], save_dtype: str) -
         if not np.isfinite(out[name].astype(np.float32)).all():
             raise CheckpointError(f"{name} does not fit in {save_dtype} (non-finite after rounding)")
     save_file(out, str(file), metadata={"format": "pt"})  # bf16 through ml_dtypes: safetensors >= 0.8
-
-
-def copy_json(src: Path, dst: Path) -> None:
-    """Copy a small JSON file through (generation_config.json), checked to be JSON first."""
-    try:
-        data = read_json(src)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-    dst.write_text(json.dumps(data, indent=2) + "\n")

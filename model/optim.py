@@ -4,6 +4,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
+from .settings import check_types, require
+
 
 @dataclass(frozen=True)
 class AdamWSettings:
@@ -12,6 +16,17 @@ class AdamWSettings:
     eps: float = 1e-8
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0  # global-norm clipping; 0 disables it
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        for name in ("beta1", "beta2"):
+            require(0 <= getattr(self, name) < 1, name, "in [0, 1)", getattr(self, name))
+        # the GPU optimizer adds eps in f32: it must not round to 0 there
+        with np.errstate(over="ignore"):
+            eps32 = np.float32(self.eps)
+        require(0 < eps32 < np.inf, "eps", "> 0 and representable in f32", self.eps)
+        require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
+        require(self.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 turns clipping off)", self.max_grad_norm)
 
 
 def decays(name: str) -> bool:

@@ -14,12 +14,13 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import ModelConfig
-from .data import Corpus, batch_at, val_batches
+from .data import Corpus, DataError, batch_at, val_batches
 from .metrics import MetricsLog, plot_losses
 from .optim import AdamWSettings, lr_at
 from .params import init_params
+from .settings import check_types, require
 
 
 @dataclass(frozen=True)
@@ -36,15 +37,45 @@ class TrainSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ValueError(f"{f.name} must be a non-negative number, got {v!r}")
+        check_types(self)
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("lr must be > 0 and min_lr_ratio in [0, 1]")
+            require(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
+        for name in ("warmup", "checkpoint_every", "seed"):
+            require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+        require(self.lr > 0, "lr", "> 0", self.lr)
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+
+
+# Settings a resumed run may change: neither alters a step, so the run stays bit for bit. Every other
+# one is refused when it contradicts the saved run (``steps`` too: the cosine schedule is a function
+# of the total, so extending a run would change the learning rates it has not taken yet).
+RESUME_MAY_CHANGE = ("eval_every", "checkpoint_every")
+
+
+def saved_settings(ckpt: Checkpoint) -> tuple[TrainSettings, AdamWSettings]:
+    """The settings a checkpoint's run trained with, checked as the command line's are."""
+    where = ckpt.path / "trainer.json"
+    if "settings" not in ckpt.trainer or "adamw" not in ckpt.trainer or not ckpt.optimizer:
+        raise CheckpointError(f"cannot resume from {ckpt.path}: it holds no trainer settings or optimizer state")
+    for key, cls in (("settings", TrainSettings), ("adamw", AdamWSettings)):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        saved = ckpt.trainer[key]
+        if not isinstance(saved, dict) or set(saved) != fields:  # complete, or the defaults would fill in
+            odd = sorted(fields ^ set(saved))[:1] if isinstance(saved, dict) else ["(not an object)"]
+            raise CheckpointError(f"{where} is damaged: {key} does not hold the run's {key} {odd}")
+    try:
+        return TrainSettings(**ckpt.trainer["settings"]), AdamWSettings(**ckpt.trainer["adamw"])
+    except (TypeError, ValueError) as e:  # a value out of type or range
+        raise CheckpointError(f"{where} is damaged: {e}") from None
+
+
+def resume_conflict(saved: object, given: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first of ``given``'s settings that a resumed run may not change from ``saved``:
+    (name, saved value, given value)."""
+    for name, value in given.items():
+        if name not in RESUME_MAY_CHANGE and getattr(saved, name) != value:
+            return name, getattr(saved, name), value
+    return None
 
 
 class Backend(Protocol):
@@ -79,29 +110,45 @@ def evaluate(backend: Backend, batches: list[tuple[np.ndarray, np.ndarray]]) -> 
     """Mean validation loss over a fixed set of batches (token-weighted)."""
     from tqdm import tqdm
 
-    total = sum(backend.loss(x, y) * x.size
-                for x, y in tqdm(batches, desc="validation", unit="batch", leave=False, disable=None))
+    with np.errstate(all="ignore"):  # non-finite losses are reported by the caller
+        total = sum(backend.loss(x, y) * x.size
+                    for x, y in tqdm(batches, desc="validation", unit="batch", leave=False, disable=None))
     return total / sum(x.size for x, _ in batches)
 
 
 def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, corpus: Corpus,
-          make_backend: BackendFactory, out_dir: Path | None, *, resume: bool = False,
-          tokenizer_file: Path | None = None, tokenizer_name: str = "byte",
+          make_backend: BackendFactory, out_dir: Path | None, *, resume: bool | Checkpoint = False,
+          tokenizer_file: Path | None = None, tokenizer_name: str = "byte", run_state: dict[str, Any] | None = None,
           log: Callable[[str], None] = print, progress: bool | None = None,
           initial: dict[str, np.ndarray] | None = None, save_dtype: str = "fp32",
           generation_config: Path | None = None) -> TrainResult:
-    """Train to ``settings.steps`` (from the latest checkpoint in ``out_dir`` when ``resume``).
+    """Train to ``settings.steps`` (from the latest checkpoint in ``out_dir``, or the one given, when
+    ``resume``; with the settings it was saved with). ``run_state`` goes into every checkpoint's
+    trainer state (what the command line needs to restore the run: precision, data).
 
     ``initial``: populated weights to start from (fresh optimizer state) instead of a random init.
     ``save_dtype``: the dtype of the checkpoints' model weights (fp32, or bf16 beside f32 masters);
     ``generation_config``: a generation_config.json copied into every checkpoint."""
     s = settings
     corpus.check_fits(s.batch_size, s.seq_len, config.vocab_size)
+    try:  # read once: the file (or the checkpoint it came from, rotated out later) may be gone by the next save
+        tokenizer_json = Path(tokenizer_file).read_bytes() if tokenizer_file is not None else None
+    except OSError as e:
+        raise DataError(f"cannot read {tokenizer_file}: {e.strerror or e}") from None
+    if out_dir is not None and Path(out_dir).is_dir():
+        remove_stale_temporaries(out_dir)  # crashed runs' left-overs
     position, start = 0, 0
     if resume:
-        ckpt = load_checkpoint(out_dir)
+        ckpt = resume if isinstance(resume, Checkpoint) else load_checkpoint(out_dir)
+        saved, saved_adamw = saved_settings(ckpt)
+        clash = resume_conflict(saved, dataclasses.asdict(s)) or resume_conflict(saved_adamw, dataclasses.asdict(adamw))
+        if clash:
+            raise CheckpointError(f"cannot resume {ckpt.path} with {clash[0]} {clash[2]!r}: the run was saved "
+                                  f"with {clash[1]!r}")
+        if ckpt.trainer["step"] >= s.steps:
+            raise CheckpointError(f"{ckpt.path} is at step {ckpt.trainer['step']}: nothing left of {s.steps} steps")
         backend = make_backend(config, ckpt.params, adamw)
-        start, position = int(ckpt.trainer["step"]), int(ckpt.trainer["data_position"])
+        start, position = ckpt.trainer["step"], ckpt.trainer["data_position"]
         backend.load_optimizer_state(ckpt.optimizer, start)
         log(f"resumed from {ckpt.path} at step {start}")
     else:
@@ -113,9 +160,13 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
         trainer: dict[str, Any] = {"step": step, "data_position": position, "backend": backend.name,
                                    "tokenizer": tokenizer_name, "settings": dataclasses.asdict(s),
                                    "adamw": dataclasses.asdict(adamw),
-                                   "val_loss": result.val_losses.get(step), "save_dtype": save_dtype}
-        result.checkpoint = save_checkpoint(out_dir, step, config, backend.params,
-                                            backend.optimizer_state(), trainer, tokenizer_file,
+                                   "val_loss": result.val_losses.get(step), "save_dtype": save_dtype,
+                                   **(run_state or {})}
+        params = backend.params
+        if not all(np.isfinite(v).all() for v in params.values()):  # never rotate good checkpoints out for it
+            raise FloatingPointError(f"the weights are not finite at step {step}")
+        result.checkpoint = save_checkpoint(out_dir, step, config, params,
+                                            backend.optimizer_state(), trainer, tokenizer_json,
                                             save_dtype=save_dtype, generation_config=generation_config)
 
     metrics = None
@@ -145,7 +196,8 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
         t0 = time.perf_counter()
         ids, targets, position = batch_at(corpus.train, position, s.batch_size, s.seq_len)
         lr = lr_at(step, s.steps, s.lr, s.warmup, s.min_lr_ratio)
-        loss, norm = backend.train_step(ids, targets, lr)
+        with np.errstate(all="ignore"):  # a diverging run is one error below, not pages of warnings
+            loss, norm = backend.train_step(ids, targets, lr)
         train_time += time.perf_counter() - t0
         result.train_losses.append(loss)
         result.step = step

@@ -76,7 +76,7 @@ def _state(path):
 
 def test_checkpoint_round_trips_with_hf_names_and_atomic_latest(tmp_path):
     params = init_params(MICRO, seed=3)
-    opt = {f"exp_avg.{k}": v + 1 for k, v in params.items()}
+    opt = {f"{m}.{k}": np.abs(v) + 1 for k, v in params.items() for m in ("exp_avg", "exp_avg_sq")}
     p1 = save_checkpoint(tmp_path, 5, MICRO, params, opt, {"step": 5, "data_position": 7})
     p2 = save_checkpoint(tmp_path, 6, MICRO, params, opt, {"step": 6, "data_position": 9})
     p3 = save_checkpoint(tmp_path, 7, MICRO, params, opt, {"step": 7, "data_position": 11})
@@ -103,6 +103,9 @@ def test_a_bias_free_model_is_saved_as_llama_without_biases_and_loads_back(tmp_p
 def test_mismatched_damaged_and_missing_checkpoints_are_refused(tmp_path):
     path = save_checkpoint(tmp_path, 1, MICRO, init_params(MICRO), {}, {})
     MICRO.replace(intermediate_size=32).save(path / "config.json")
+    with pytest.raises(CheckpointError, match="config.json is damaged: its sha256 differs"):
+        load_checkpoint(path)
+    (path / "manifest.json").unlink()  # as a checkpoint another tool wrote: the config is still checked
     with pytest.raises(CheckpointError, match="config/weights mismatch"):
         load_checkpoint(path)
     MICRO.save(path / "config.json")
@@ -126,11 +129,14 @@ def micro_run_args(tmp_path) -> list[str]:
 
 def test_cli_trains_resumes_and_generates(tmp_path, capsys):
     common = micro_run_args(tmp_path)
-    assert main(["train", *common, "--steps", "4"]) == 0
+    assert main(["train", *common, "--steps", "6", "--checkpoint-every", "2"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("device: numpy") and "val_loss" in out and "step-0000004" in out
-    assert main(["train", *common, "--steps", "6", "--resume"]) == 0
-    assert "resumed from" in capsys.readouterr().out and (tmp_path / "run" / "step-0000006").exists()
+    assert out.startswith("device: numpy") and "val_loss" in out and "step-0000006" in out
+    final = (tmp_path / "run" / "step-0000006" / "model.safetensors").read_bytes()
+    (tmp_path / "run" / "latest").write_text("step-0000004\n")  # as if stopped after step 4
+    assert main(["train", *common, "--resume"]) == 0  # steps and the rest from the saved run
+    assert "resumed from" in capsys.readouterr().out
+    assert (tmp_path / "run" / "step-0000006" / "model.safetensors").read_bytes() == final
     assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def", "--max-new-tokens", "5",
                  "--device", "numpy"]) == 0
     text = capsys.readouterr().out

@@ -56,3 +56,40 @@ def test_loss_png_is_drawn_when_matplotlib_is_installed(corpus, tmp_path):
     pytest.importorskip("matplotlib")
     run(corpus, tmp_path)
     assert (tmp_path / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def cli_train(tmp_path, *extra):
+    from model.cli import main
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    (data / "a.py").write_text("def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n" * 100)
+    return main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--device", "numpy",
+                 "--steps", "30", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "1", "--lr", "1e-2",
+                 *extra])
+
+
+def test_a_bare_train_says_its_plan_and_ends_with_a_sample_it_saves(tmp_path, capsys):
+    assert cli_train(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "plan: the default run here, --preset tiny --precision fp32 --steps 30 --batch-size 4" in out
+    assert "about 2 minutes on 2 CPU cores" in out
+    sample = (tmp_path / "run" / "sample.txt").read_text()
+    assert sample.startswith("def ") and len(sample) > 100 and f"sample ({tmp_path / 'run' / 'sample.txt'}):\n{sample}" in out
+    gen = json.loads((tmp_path / "run" / "step-0000030" / "generation_config.json").read_text())
+    assert gen == {"do_sample": True, "temperature": 0.8, "top_k": 40}
+    assert (tmp_path / "run" / METRICS).is_file()
+
+
+def test_generate_samples_by_the_checkpoints_generation_config_and_does_not_repeat_one_token(tmp_path, capsys):
+    from model.cli import main
+    assert cli_train(tmp_path) == 0
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def ", "--max-new-tokens", "60",
+                 "--device", "numpy"]) == 0
+    captured = capsys.readouterr()
+    assert "sampling at temperature 0.8, top-k 40" in captured.err
+    new = captured.out[len("def "):].rstrip("\n")
+    assert len(set(new)) > 5  # not one token (or two) over and over
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def ", "--max-new-tokens", "8",
+                 "--device", "numpy", "--temperature", "0"]) == 0
+    assert "greedy" in capsys.readouterr().err  # a flag given wins over the file

@@ -1,0 +1,462 @@
+"""Bad input to `ptxgen train | generate` is one line on stderr and exit 2, before any work, and never
+changes a file of an existing run; and the ways a run used to lose work stay fixed.
+
+The CLI runs in-process (``model.cli.main``) against one tiny trained run shared by the module; each
+case that damages a file does it in a fresh copy of that run.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from safetensors.numpy import load_file, save_file
+
+from model import rundir
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.cli import main
+from model.config import ModelConfig
+from model.params import init_params
+
+MICRO = ModelConfig(vocab_size=256, hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2,
+                    intermediate_size=24, rope_theta=1e4, rms_norm_eps=1e-6, qkv_bias=True,
+                    tie_word_embeddings=False, max_position_embeddings=64)
+FEW = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FILES = ["config.json", "model.safetensors", "optimizer.safetensors", "trainer.json", "tokenizer.json",
+         "manifest.json"]
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def refused(result: tuple[int, str, str], *words: str) -> str:
+    """Exit 2 with exactly one line on stderr, no traceback; the line names ``words``."""
+    code, _, err = result
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.endswith("\n") and "Traceback" not in err, err
+    assert all(w in err for w in words), err
+    return err
+
+
+def tree(path: Path) -> dict[str, str]:
+    """Every file under ``path`` by relative name -> sha256 (and every directory)."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(Path(path).rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> dict:
+    """A run of 4 steps (checkpoints at 2 and 4) with an HF tokenizer; ``latest`` names step 2, as if
+    the run had stopped there, so ``--resume`` has work left."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("robust")
+    words = ["def", "add", "return", "(", ")", ":", "a", "b", "+", ","]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(root / "tokenizer.json"))
+    (root / "data").mkdir()
+    (root / "data" / "a.py").write_text("def add ( a , b ) : return a + b\n" * 200)
+    MICRO.save(root / "config.json")
+    common = ["--data", root / "data", "--device", "numpy", "--batch-size", "2", "--seq-len", "16",
+              "--eval-batches", "1", "--lr", "0.01"]
+    code, out, err = cli("train", "--config", root / "config.json", "--tokenizer", root / "tokenizer.json",
+                         "--out", root / "run", *common, "--steps", "4", "--checkpoint-every", "2")
+    assert code == 0, err
+    final = hashlib.sha256((root / "run" / "step-0000004" / "model.safetensors").read_bytes()).hexdigest()
+    (root / "run" / "latest").write_text("step-0000002\n")
+    return {"root": root, "run": root / "run", "common": common, "final": final}
+
+
+@pytest.fixture
+def run_copy(base, tmp_path) -> Path:
+    shutil.copytree(base["run"], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def generate_on(run: Path, *more: str):
+    return cli("generate", "--checkpoint", run, "--prompt", "def add", "--max-new-tokens", "2", "--device",
+               "numpy", *more)
+
+
+def resume_on(run: Path, *more: str):
+    return cli("train", "--resume", "--out", run, "--device", "numpy", *more)
+
+
+# -- argument values ----------------------------------------------------------------------------
+def _bad_float(flag: str, v: float) -> bool:
+    """The documented range of each float flag (independent of the code under test)."""
+    finite = np.isfinite(v)
+    with np.errstate(over="ignore"):
+        ok = {"--lr": finite and v > 0, "--beta1": finite and 0 <= v < 1, "--beta2": finite and 0 <= v < 1,
+              "--eps": finite and 0 < np.float32(v) < np.inf, "--weight-decay": finite and v >= 0,
+              "--max-grad-norm": finite and v >= 0, "--min-lr-ratio": finite and 0 <= v <= 1}[flag]
+    return not ok
+
+
+FLOAT_FLAGS = ["--lr", "--beta1", "--beta2", "--eps", "--weight-decay", "--max-grad-norm", "--min-lr-ratio"]
+INT_FLAGS = {"--steps": 1, "--batch-size": 1, "--seq-len": 1, "--eval-every": 1, "--eval-batches": 1,
+             "--warmup": 0, "--checkpoint-every": 0, "--seed": 0}
+
+
+@FEW
+@given(flag=st.sampled_from(FLOAT_FLAGS), value=st.floats(allow_nan=True, allow_infinity=True, width=64))
+def test_every_out_of_range_float_flag_is_refused_before_any_work(base, tmp_path, flag, value):
+    assume(_bad_float(flag, value))
+    refused(cli("train", "--out", tmp_path / "new", *base["common"], flag, repr(value)), flag)
+    assert not (tmp_path / "new").exists()
+
+
+@FEW
+@given(flag=st.sampled_from(sorted(INT_FLAGS)), value=st.integers(-10**20, 10**20) | st.text(max_size=6))
+def test_every_bad_int_flag_is_refused_before_any_work(base, tmp_path, flag, value):
+    text = str(value)
+    try:
+        number = int(text)  # what argparse will read ("1_0" and " 7" are integers to it too)
+    except ValueError:
+        number = None
+    assume(number is None or number < INT_FLAGS[flag])
+    refused(cli("train", "--out", tmp_path / "new", *base["common"], flag, text), flag)
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--temperature", "nan"], ["--temperature"]), (["--temperature", "inf"], ["--temperature"]),
+    (["--temperature", "-0.5"], ["--temperature"]), (["--top-k", "-1"], ["--top-k"]),
+    (["--max-new-tokens", "-3"], ["--max-new-tokens"]), (["--seed", "-1"], ["--seed"]),
+    (["--top-k", "2.5"], ["--top-k"]),
+])
+def test_bad_generate_settings_are_refused(base, argv, words):
+    before = tree(base["run"])
+    refused(generate_on(base["run"], *argv), *words)
+    assert tree(base["run"]) == before
+
+
+def test_a_prompt_that_is_not_utf8_or_that_the_tokenizer_drops_is_said_so(base):
+    bad = os.fsdecode(b"def \xff\xfe")  # as argv delivers bytes that are not UTF-8
+    refused(cli("generate", "--checkpoint", base["run"], "--prompt", bad, "--device", "numpy"), "not valid UTF-8")
+    refused(cli("generate", "--checkpoint", base["run"], "--prompt", "   ", "--device", "numpy"),
+            "drops every character of --prompt")
+
+
+def test_seq_len_above_the_models_positions_and_a_model_too_large_are_refused_with_figures(base, tmp_path):
+    refused(cli("train", "--config", base["root"] / "config.json", "--out", tmp_path / "r", *base["common"],
+                "--seq-len", "65"), "--seq-len 65", "max_position_embeddings 64")
+    huge = tmp_path / "huge.json"
+    MICRO.replace(vocab_size=2**22, hidden_size=2**14, max_position_embeddings=4096).save(huge)
+    err = refused(cli("train", "--config", huge, "--out", tmp_path / "r", *base["common"]), "needs about",
+                  "GiB", "available memory")
+    assert not (tmp_path / "r").exists(), err
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "unwritable"])
+def test_a_bad_out_is_found_before_the_first_step(base, tmp_path, monkeypatch, where):
+    (tmp_path / "file").write_text("mine\n")
+    out = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "run",
+           "unwritable": tmp_path / "ro"}[where]
+    if where == "unwritable":  # root ignores permissions: fail the probe write as a read-only folder does
+        def deny(fd, data):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(rundir.os, "write", deny)
+    code, out_text, err = cli("train", "--config", base["root"] / "config.json", "--out", out, *base["common"],
+                              "--steps", "2")
+    refused((code, out_text, err), "--out")
+    assert "step 0" not in out_text and (tmp_path / "file").read_text() == "mine\n"
+
+
+# -- damaged files: every kind the project reads -------------------------------------------------
+def _flip(path: Path, index: int, bit: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[index % len(data)] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+@FEW
+@given(name=st.sampled_from(FILES), index=st.integers(0, 10**9), bit=st.integers(0, 7),
+       verb=st.sampled_from(["generate", "resume"]))
+def test_any_flipped_bit_in_any_checkpoint_file_is_refused_and_changes_nothing(base, name, index, bit, verb):
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        shutil.copytree(base["run"], run)
+        _flip(run / "step-0000002" / name, index, bit)
+        before = tree(run)
+        refused(generate_on(run) if verb == "generate" else resume_on(run))
+        assert tree(run) == before
+
+
+@FEW
+@given(name=st.sampled_from(FILES), cut=st.floats(0, 1), verb=st.sampled_from(["generate", "resume"]),
+       manifest=st.booleans())
+def test_a_truncated_checkpoint_file_is_refused_with_or_without_the_manifest(base, name, cut, verb, manifest):
+    assume(not (name == "manifest.json" and not manifest))
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        shutil.copytree(base["run"], run)
+        ckpt = run / "step-0000002"
+        if not manifest:
+            (ckpt / "manifest.json").unlink()
+        data = (ckpt / name).read_bytes()
+        (ckpt / name).write_bytes(data[:int(cut * (len(data) - 2))])  # at least the closing brace / last byte
+        before = tree(run)
+        refused(generate_on(run) if verb == "generate" else resume_on(run))
+        assert tree(run) == before
+
+
+@FEW
+@given(content=st.binary(max_size=24))
+def test_a_damaged_latest_is_refused(base, content):
+    assume(content.rstrip(b"\n") not in (b"step-0000002", b"step-0000004"))
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        shutil.copytree(base["run"], run)
+        (run / "latest").write_bytes(content)
+        before = tree(run)
+        refused(generate_on(run))
+        refused(resume_on(run))
+        assert tree(run) == before
+
+
+def _wrong_type(key: str, value) -> bool:
+    """Values of a type the key cannot hold (a value of the right type is a legitimate edit)."""
+    if key in ("step", "data_position", "settings.steps", "settings.batch_size"):
+        return type(value) is not int
+    if key in ("settings.lr", "adamw.eps"):
+        return type(value) not in (int, float) or not np.isfinite(value)
+    if key == "precision":
+        return value is not None  # null: as a checkpoint from before precision was saved (fp32)
+    return True  # settings, adamw, data, the whole file: any other value is refused
+
+
+JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(), st.text(max_size=3),
+                        st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(),
+                                                                              max_size=2))
+
+
+@FEW
+@given(key=st.sampled_from(["step", "data_position", "settings", "adamw", "settings.steps", "settings.lr",
+                            "adamw.eps", "settings.batch_size", "data", "precision", "<root>"]),
+       value=JSON_VALUES)
+def test_trainer_json_with_wrong_types_is_refused_on_resume(base, key, value):
+    """Without the manifest (as if rewritten by hand): the types themselves are checked."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        shutil.copytree(base["run"], run)
+        ckpt = run / "step-0000002"
+        (ckpt / "manifest.json").unlink()
+        state = json.loads((ckpt / "trainer.json").read_text())
+        if key == "<root>":
+            state = value
+        elif "." in key:
+            outer, inner = key.split(".")
+            state[outer][inner] = value
+        else:
+            state[key] = value
+        original = json.loads((base["run"] / "step-0000002" / "trainer.json").read_text())
+        assume(state != original and json.dumps(state) != json.dumps(original))
+        assume(_wrong_type(key, value))
+        (ckpt / "trainer.json").write_text(json.dumps(state))
+        before = tree(run)
+        refused(resume_on(run))
+        assert tree(run) == before
+
+
+@pytest.mark.parametrize("damage", ["missing", "wrong shape", "f16", "nan", "negative second moment", "extra"])
+def test_an_optimizer_state_that_does_not_fit_the_model_is_refused(run_copy, base, damage):
+    ckpt = run_copy / "step-0000002"
+    (ckpt / "manifest.json").unlink()
+    state = load_file(str(ckpt / "optimizer.safetensors"))
+    name = "exp_avg_sq.model.norm.weight"
+    if damage == "missing":
+        del state[name]
+    elif damage == "wrong shape":
+        state[name] = np.ones(3, np.float32)
+    elif damage == "f16":
+        state[name] = state[name].astype(np.float16)
+    elif damage == "nan":
+        state[name][0] = np.nan
+    elif damage == "negative second moment":
+        state[name][0] = -1.0
+    else:
+        state["exp_avg.bogus"] = np.zeros(2, np.float32)
+    save_file(state, str(ckpt / "optimizer.safetensors"))
+    before = tree(run_copy)
+    refused(resume_on(run_copy), "optimizer.safetensors")
+    refused(generate_on(run_copy), "optimizer.safetensors")
+    assert tree(run_copy) == before
+
+
+@pytest.mark.parametrize("text", [b"null", b"[]", b"42", b'"x"', b"{", b"\xff\xfe", b"[" * 100000],
+                         ids=["null", "list", "number", "string", "truncated", "not-utf8", "nested-too-deep"])
+def test_a_config_json_that_is_not_an_object_is_refused(run_copy, base, tmp_path, text):
+    (run_copy / "step-0000002" / "manifest.json").unlink()
+    (run_copy / "step-0000002" / "config.json").write_bytes(text)
+    before = tree(run_copy)
+    refused(generate_on(run_copy), "config.json")
+    refused(resume_on(run_copy))
+    (tmp_path / "c.json").write_bytes(text)
+    refused(cli("train", "--config", tmp_path / "c.json", "--out", tmp_path / "new", *base["common"]))
+    assert tree(run_copy) == before and not (tmp_path / "new").exists()
+
+
+@FEW
+@given(index=st.integers(0, 10**9), bit=st.integers(0, 7))
+def test_a_damaged_tokenizer_or_data_path_given_to_train_is_one_line(base, index, bit):
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = Path(tmp) / "tokenizer.json"
+        shutil.copyfile(base["root"] / "tokenizer.json", tok)
+        _flip(tok, index, bit)
+        code, _, err = cli("train", "--tokenizer", tok, "--out", Path(tmp) / "new", *base["common"], "--steps", "1")
+        if code != 0:  # a flip the library still reads (a changed word) trains; any other is one line
+            refused((code, "", err), "tokenizer")
+    refused(cli("train", "--data", "/nonexistent", "--out", "/tmp/never", "--device", "numpy"), "/nonexistent")
+
+
+def test_nan_and_flipped_bits_in_the_weights_are_detected(run_copy, base):
+    weights = run_copy / "step-0000002" / "model.safetensors"
+    _flip(weights, len(weights.read_bytes()) - 3, 6)  # inside the last tensor's data
+    refused(generate_on(run_copy), "model.safetensors", "sha256")
+    (run_copy / "step-0000002" / "manifest.json").unlink()  # as transformers writes: no manifest
+    state = load_file(str(weights))
+    state["model.norm.weight"][1] = np.nan
+    save_file(state, str(weights), metadata={"format": "pt"})
+    refused(generate_on(run_copy), "model.norm.weight", "non-finite")
+
+
+# -- work that used to be lost -------------------------------------------------------------------
+def test_rotation_keeps_the_checkpoint_just_written_and_newer_ones(tmp_path, base):
+    params = init_params(MICRO)
+    for step in (10, 20, 30, 40):
+        save_checkpoint(tmp_path, step, MICRO, params, {}, {"step": step, "data_position": 0})
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-0000030", "step-0000040"]
+    written = save_checkpoint(tmp_path, 10, MICRO, params, {}, {"step": 10, "data_position": 0})
+    assert written.is_dir() and (tmp_path / "latest").read_text() == "step-0000010\n"
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-0000010", "step-0000030", "step-0000040"]
+    assert load_checkpoint(tmp_path).path == written
+    # through the command line: a shorter run into the directory of a longer one
+    code, out, err = cli("train", "--config", base["root"] / "config.json", "--out", tmp_path / "r",
+                         *base["common"], "--steps", "4", "--checkpoint-every", "2")
+    code, out, err = cli("train", "--config", base["root"] / "config.json", "--out", tmp_path / "r",
+                         *base["common"], "--steps", "2")
+    assert code == 0, err
+    named = next(line for line in out.splitlines() if line.startswith("done:")).rsplit("checkpoint ", 1)[1]
+    assert Path(named).is_dir() and Path(named).name == "step-0000002"
+    assert (tmp_path / "r" / "step-0000004").is_dir()
+    assert generate_on(tmp_path / "r")[0] == 0
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path, base):
+    run = tmp_path / "r"
+    run.mkdir()
+    host = socket.gethostname().replace(".", "_")
+    dead = run / f".step-0000002.{host}.{_dead_pid()}.abc123"
+    live = run / f".step-0000002.{host}.1.abc123"          # pid 1 is alive
+    foreign = run / f".step-0000002.otherhost.{_dead_pid()}.abc123"
+    old_style = run / ".step-0000002.x7k2m9q_"               # from an older version, an hour old
+    for d in (dead, live, foreign, old_style):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    os.utime(old_style, (time.time() - 7200,) * 2)
+    (run / f".latest.{host}.{_dead_pid()}.zz").write_text("step-0000001\n")
+    code, _, err = cli("train", "--config", base["root"] / "config.json", "--out", run, *base["common"],
+                       "--steps", "2")
+    assert code == 0, err
+    hidden = sorted(p.name for p in run.iterdir() if p.name.startswith(".") and p.name != ".lock")
+    assert hidden == sorted([live.name, foreign.name])
+
+
+def test_a_resumed_run_restores_its_saved_settings_and_matches_the_uninterrupted_run(run_copy, base):
+    code, out, err = resume_on(run_copy)  # no --steps, --lr, --data, --tokenizer: all from the run
+    assert code == 0, err
+    assert "resumed from" in out and "step 4" in out
+    assert tree(run_copy)["step-0000004/model.safetensors"] == base["final"]
+
+
+def test_a_resumed_run_keeps_its_tokenizer_after_the_checkpoint_it_came_from_is_rotated_out(base, tmp_path,
+                                                                                           monkeypatch):
+    import model.train
+
+    def save_then_stop(*args, **kw):  # the run is interrupted right after its step-2 checkpoint
+        save_checkpoint(*args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model.train, "save_checkpoint", save_then_stop)
+    args = ["--config", base["root"] / "config.json", "--tokenizer", base["root"] / "tokenizer.json",
+            "--out", tmp_path / "r", *base["common"]]
+    assert cli("train", *args, "--steps", "6", "--checkpoint-every", "2")[0] == 130
+    monkeypatch.undo()
+    code, _, err = resume_on(tmp_path / "r", "--checkpoint-every", "1")  # step 2 is rotated out at step 4
+    assert code == 0, err
+    assert not (tmp_path / "r" / "step-0000002").exists()
+    assert (tmp_path / "r" / "step-0000006" / "tokenizer.json").read_bytes() == \
+        (base["root"] / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--lr", "0.02"], ["--lr 0.02", "saved 0.01"]),
+    (["--batch-size", "4"], ["--batch-size 4", "saved 2"]),
+    (["--seq-len", "8"], ["--seq-len 8", "saved 16"]),
+    (["--steps", "8"], ["--steps 8", "saved 4"]),
+    (["--beta2", "0.9"], ["--beta2 0.9", "saved 0.95"]),
+    (["--steps", "2"], ["--steps 2 is at or below the checkpoint's step 2"]),
+    (["--steps", "1"], ["at or below"]),
+    (["--precision", "bf16"], ["--precision bf16", "saved fp32"]),
+    (["--data", "/etc/hostname"], ["--data /etc/hostname", "contradicts"]),
+    (["--tokenizer", "/etc/hostname"], ["--tokenizer"]),
+])
+def test_resume_refuses_flags_that_contradict_the_saved_run(run_copy, base, argv, words):
+    before = tree(run_copy)
+    refused(resume_on(run_copy, *argv), *words)
+    assert tree(run_copy) == before
+
+
+def test_resume_without_a_checkpoint_or_after_the_end_is_one_line(tmp_path, run_copy, base):
+    refused(cli("train", "--resume", "--out", tmp_path / "none", "--device", "numpy"), "no checkpoint")
+    (run_copy / "latest").write_text("step-0000004\n")
+    refused(resume_on(run_copy), "already finished")
+
+
+def test_a_second_run_into_a_held_directory_is_refused(run_copy, base):
+    before = tree(run_copy)
+    with rundir.hold(run_copy):
+        refused(resume_on(run_copy), "another run", str(os.getpid()))
+    assert {k: v for k, v in tree(run_copy).items() if k != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"}
+
+
+def test_the_device_line_says_plainly_why_there_is_no_gpu():
+    from model.cli import _no_gpu
+
+    assert _no_gpu('cuInit failed: CUDA_ERROR_NO_DRIVER: no CUDA driver found: "cuda" is ...') == \
+        "no CUDA GPU found (driver not installed)"
+    assert "--device cuda" in _no_gpu("cuInit failed: CUDA_ERROR_UNKNOWN: ...")
+
+
+def test_a_diverging_run_is_one_line_and_keeps_only_finite_checkpoints(base, tmp_path):
+    code, out, err = cli("train", "--config", base["root"] / "config.json", "--out", tmp_path / "r",
+                         *base["common"], "--lr", "1e30", "--warmup", "0", "--max-grad-norm", "0", "--steps", "30",
+                         "--checkpoint-every", "1")
+    refused((code, out, err), "not finite", "diverged")
+    for ckpt in (tmp_path / "r").glob("step-*"):
+        load_checkpoint(ckpt)  # every checkpoint left loads: finite weights and moments
