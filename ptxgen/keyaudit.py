@@ -192,12 +192,49 @@ def _names(target: ast.AST) -> Iterable[str]:
             yield from _names(t)
 
 
+# Library functions whose last bit depends on the CPU, its vector extensions, the libm or numpy's
+# build: an emitter that bakes one of their results into PTX emits other text on another host.
+HOST_DEPENDENT = {"exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "pow", "power", "float_power",
+                  "sqrt", "rsqrt", "cbrt", "sin", "cos", "tan", "arcsin", "arccos", "arctan", "asin", "acos",
+                  "atan", "atan2", "arctan2", "sinh", "cosh", "tanh", "erf", "erfc", "gamma", "lgamma", "hypot",
+                  "logaddexp", "logaddexp2", "reciprocal"}
+LIBRARIES = {"math", "np", "numpy", "cmath"}
+
+
+def _host_dependent_math(tree: ast.AST, rel: Path) -> list[Finding]:
+    """Transcendental library calls and non-integer powers in the generator, outside the numpy
+    references (functions named ``*reference*``, which never reach PTX): baked constants come
+    from ptxgen.exact."""
+    findings = []
+
+    def visit(node: ast.AST, in_reference: bool) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            in_reference = in_reference or "reference" in node.name
+        if not in_reference:
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id in LIBRARIES
+                    and node.func.attr in HOST_DEPENDENT):
+                findings.append(Finding("source", f"{rel}:{node.lineno}",
+                                        f"{node.func.value.id}.{node.func.attr}() in the generator: its last bit "
+                                        f"depends on the host; compute baked values with ptxgen.exact"))
+            if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow)
+                    and not (isinstance(node.left, ast.Constant) and type(node.left.value) is int)):
+                findings.append(Finding("source", f"{rel}:{node.lineno}",
+                                        "a power of a non-integer-constant base in the generator: numpy's and "
+                                        "libm's pow are host-dependent; use ptxgen.exact"))
+        for child in ast.iter_child_nodes(node):
+            visit(child, in_reference)
+
+    visit(tree, False)
+    return findings
+
+
 def scan_source(path: Path, rel: Path) -> list[Finding]:
     try:
         tree = ast.parse(path.read_text(), filename=str(path))
     except (SyntaxError, UnicodeDecodeError) as e:
         return [Finding("source", str(rel), f"cannot parse: {e}")]
-    findings = []
+    findings = _host_dependent_math(tree, rel) if rel.parts[0] == "ptxgen" else []
     allowed_hashing = rel == KEY_MODULE
     for node in ast.walk(tree):
         line = f"{rel}:{getattr(node, 'lineno', 0)}"

@@ -1,0 +1,209 @@
+"""A spec's identity is its bits, everywhere: ==, sets, dedup, the memoized key, pickling, copying,
+spec classes defined outside the generator, and what validation lets through."""
+import copy
+import dataclasses
+import pickle
+import runpy
+import signal
+import textwrap
+
+import pytest
+
+from model.config import preset
+from model.kernels import ModelKernels
+from model.optim import AdamWSettings
+from model.reference import IGNORE_INDEX
+from ptxgen.builder import PtxBuildError
+from ptxgen.kernels.adamw import AdamWSpec, GradNormFinalSpec
+from ptxgen.kernels.attention import AttentionSpec
+from ptxgen.kernels.cross_entropy import CrossEntropySpec
+from ptxgen.kernels.rmsnorm import RMSNormSpec
+from ptxgen.kernels.rope import RopeSpec
+from ptxgen.registry import kinds
+from ptxgen.spec import SpecError, Target
+from ptxgen.specdiff import explain_miss, field_differences
+from runtime.cache import KeyCollisionError, record_text
+
+TARGET = Target()
+ADAMW = dict(beta1=0.9, beta2=0.95, eps=1e-8)
+
+
+# -- 2. compare and deduplicate by bits ----------------------------------------------------------
+def test_specs_python_calls_equal_but_whose_bits_differ_are_different_specs():
+    decay, no_decay = AdamWSpec(**ADAMW, weight_decay=-0.0), AdamWSpec(**ADAMW, weight_decay=0.0)
+    assert decay.key(TARGET) != no_decay.key(TARGET)
+    assert decay != no_decay and no_decay not in [decay] and len({decay, no_decay}) == 2
+    assert AdamWSpec(**ADAMW, weight_decay=0.0) == no_decay and hash(AdamWSpec(**ADAMW, weight_decay=0.0)) == hash(no_decay)
+
+
+def test_weight_decay_minus_zero_keeps_both_adamw_specs_in_the_prewarm_set():
+    """`ptxgen train --weight-decay -0.0`: every spec the model runs is in what it pre-warms."""
+    kernels = ModelKernels.of(preset("tiny"), AdamWSettings(weight_decay=-0.0), IGNORE_INDEX)
+    prewarmed = {s.key(TARGET) for s in kernels.specs()}
+    assert kernels.adamw_decay.key(TARGET) in prewarmed and kernels.adamw_no_decay.key(TARGET) in prewarmed
+    assert len(prewarmed) == len(kernels.specs())
+
+
+# -- 3. the memoized key never disagrees with the fields -----------------------------------------
+def test_a_field_changed_behind_the_frozen_dataclass_changes_the_key():
+    spec = RMSNormSpec(hidden=896, eps=1e-6)
+    old = spec.key(TARGET)
+    object.__setattr__(spec, "eps", 1e-5)
+    fresh = RMSNormSpec(hidden=896, eps=1e-5)
+    assert spec.key(TARGET) == fresh.key(TARGET) != old
+    assert spec.emit(TARGET) == fresh.emit(TARGET)
+    object.__setattr__(spec, "eps", -0.0)  # equal to 0.0 in Python, still a different value
+    with pytest.raises(SpecError, match="eps must be > 0"):
+        spec.key(TARGET)
+
+
+def test_a_pickled_or_copied_spec_carries_no_key():
+    spec = RopeSpec(heads=2, head_dim=64, theta=1e6)
+    key = spec.key(TARGET)
+    blob = pickle.dumps(spec)
+    assert key.encode() not in blob and key[:16].encode() not in blob
+    for other in (pickle.loads(blob), copy.copy(spec), copy.deepcopy(spec)):
+        assert other == spec and other._keys == {} and other._keys is not spec._keys
+        assert other.key(TARGET) == key
+    shallow = copy.copy(spec)
+    object.__setattr__(shallow, "theta", 1e4)
+    assert shallow.key(TARGET) != key == spec.key(TARGET)
+
+
+# -- 4. spec classes outside the generator have their source in the key --------------------------
+SCRIPT = '''
+from dataclasses import dataclass
+from typing import ClassVar
+from ptxgen.builder import T
+from ptxgen.spec import KernelSpec
+
+@dataclass(frozen=True)
+class Peak(KernelSpec):
+    kind: ClassVar[str] = "peak"
+    n: int = 1
+
+    def params(self):
+        return (("out", T.U64),)
+
+    def build(self, b):
+        b.mov({value}, T.U32)
+
+SPEC = Peak()
+'''
+
+
+def test_two_scripts_defining_main_peak_get_different_keys(tmp_path):
+    specs = []
+    for value in (1, 2):
+        path = tmp_path / f"script{value}.py"
+        path.write_text(SCRIPT.format(value=value))
+        specs.append(runpy.run_path(str(path), run_name="__main__")["SPEC"])
+    a, b = specs
+    assert type(a).__qualname__ == type(b).__qualname__ == "Peak" and type(a).__module__ == "__main__"
+    assert a.emit(TARGET) != b.emit(TARGET)
+    assert a.key(TARGET) != b.key(TARGET)
+
+
+def test_a_spec_class_made_by_a_factory_is_refused_at_key_time():
+    from ptxgen.builder import T
+    from ptxgen.spec import KernelSpec
+
+    def make(value):
+        @dataclasses.dataclass(frozen=True)
+        class Made(KernelSpec):
+            kind = "made"
+
+            def params(self):
+                return (("out", T.U64),)
+
+            def build(self, b):
+                b.mov(value, T.U32)
+
+        return Made()
+
+    one, two = make(1), make(2)
+    assert one.emit(TARGET) != two.emit(TARGET)
+    with pytest.raises(SpecError, match="inside a function"):
+        one.key(TARGET)
+
+
+# -- 5. validation lets through only values whose PTX means the field ---------------------------
+@pytest.mark.parametrize("make, message", [
+    (lambda: RMSNormSpec(hidden=896, eps=1e-50), "smallest normal f32"),      # f32 zero
+    (lambda: RMSNormSpec(hidden=896, eps=1e-40), "smallest normal f32"),      # f32 subnormal
+    (lambda: RMSNormSpec(hidden=896, eps=1e39), "overflows f32"),
+    (lambda: AdamWSpec(beta1=0.9, beta2=0.95, eps=1e-50, weight_decay=0.1), "smallest normal f32"),
+    (lambda: AdamWSpec(beta1=0.9, beta2=1 - 1e-10, eps=1e-8, weight_decay=0.1), "rounds to 1 in f32"),
+    (lambda: AdamWSpec(beta1=1e-45, beta2=0.95, eps=1e-8, weight_decay=0.1), "smallest normal f32"),
+    (lambda: AdamWSpec(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=1e-45), "smallest normal f32"),
+    (lambda: RopeSpec(heads=2, head_dim=2**20, theta=1e6), "head_dim must be <="),
+    (lambda: RopeSpec(heads=2, head_dim=64, theta=0.5), "theta must be in"),
+    (lambda: RopeSpec(heads=2, head_dim=64, theta=1e308), "theta must be in"),
+    (lambda: GradNormFinalSpec(partials=2**20), "partials must be <="),
+    (lambda: AttentionSpec(heads=2**17, kv_heads=1, head_dim=64), "heads must be <="),
+    (lambda: CrossEntropySpec(vocab=2**31), "vocab must be <="),
+    (lambda: CrossEntropySpec(vocab=256, ignore_index=2**31), "ignore_index"),
+])
+def test_values_whose_ptx_would_not_mean_the_field_are_refused(make, message):
+    with pytest.raises(SpecError, match=message):
+        make()
+
+
+class _Slow(Exception):
+    pass
+
+
+def test_every_size_field_of_every_kind_is_bounded():
+    """Huge values of every int field of every kind: refused by validation, or emitted quickly and
+    without the builder finding an immediate out of range (the validation's job)."""
+
+    def alarm(*_):
+        raise _Slow
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    slow = []
+    try:
+        for kind, cls in kinds().items():
+            base = cls.examples()[0]
+            for f in dataclasses.fields(base):
+                value = getattr(base, f.name)
+                if type(value) is not int:
+                    continue
+                for huge in sorted({value * 4096, 2**31, 2**40}):
+                    try:
+                        spec = dataclasses.replace(base, **{f.name: huge})
+                    except SpecError:
+                        continue
+                    signal.setitimer(signal.ITIMER_REAL, 2.0)
+                    try:
+                        spec.emit(TARGET)
+                    except _Slow:
+                        slow.append(f"{kind}.{f.name}={huge}: emit takes over 2 s")
+                    except PtxBuildError as e:
+                        slow.append(f"{kind}.{f.name}={huge}: accepted, then {e}")
+                    finally:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert not slow, "\n".join(slow)
+
+
+# -- 6 and the miss explainer ---------------------------------------------------------------------
+def test_two_texts_under_one_key_in_one_process_are_a_collision():
+    spec = RMSNormSpec(hidden=896, eps=1e-6)
+    key = "f" * 63 + "0"
+    record_text(key, "a" * 64, spec)
+    record_text(key, "a" * 64, spec)  # the same text again: fine
+    with pytest.raises(KeyCollisionError, match="impure or the key misses a parameter"):
+        record_text(key, "b" * 64, spec)
+
+
+def test_a_strict_miss_names_the_nearest_prewarmed_spec_and_the_fields_that_differ():
+    prewarmed = [RMSNormSpec(hidden=896, eps=1e-6), RMSNormSpec(hidden=64, eps=1e-5, block_size=32),
+                 AdamWSpec(**ADAMW, weight_decay=0.0), RopeSpec(heads=2, head_dim=64, theta=1e6)]
+    message = explain_miss(AdamWSpec(**ADAMW, weight_decay=-0.0), prewarmed)
+    assert "nearest pre-warmed adamw" in message and "weight_decay 0.0 -> -0.0" in message
+    message = explain_miss(RMSNormSpec(hidden=896, eps=1e-5), prewarmed)
+    assert "hidden=896, eps=1e-06" in message and "differs in eps 1e-06 -> 1e-05" in message
+    assert explain_miss(CrossEntropySpec(vocab=256), prewarmed) == "no cross_entropy spec was pre-warmed"
+    assert field_differences(prewarmed[0], prewarmed[0]) == []
