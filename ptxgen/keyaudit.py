@@ -126,11 +126,22 @@ def emit_digests(target: Target) -> dict[str, str]:
     return {s.key(target): sha256_hex(s.emit(target)) for s in _example_specs()}
 
 
+def numpy_dispatched_features() -> list[str]:
+    """numpy's runtime-dispatched SIMD targets this CPU has (AVX2 or AVX-512 on x86, SVE on Arm):
+    disabling them in a child makes it compute as a smaller host would."""
+    try:
+        from numpy._core import _multiarray_umath as umath  # type: ignore[attr-defined]
+    except ImportError:  # numpy 1.x
+        from numpy.core import _multiarray_umath as umath  # type: ignore[no-redef]
+    return [f for f in getattr(umath, "__cpu_dispatch__", []) if getattr(umath, "__cpu_features__", {}).get(f)]
+
+
 def check_purity(target: Target = Target()) -> list[Finding]:
     """The same spec emitted twice, with the environment changed between, gives the same text.
 
     In process: environment variables, working directory and random seeds are changed. Then a
-    child process with another hash seed and a polluted environment must emit the same digests.
+    child process with another hash seed, a polluted environment and numpy's SIMD dispatch turned
+    off must emit the same digests.
     """
     specs = _example_specs()
     before = [s.emit(target) for s in specs]
@@ -149,7 +160,8 @@ def check_purity(target: Target = Target()) -> list[Finding]:
     findings = [Finding("purity", repr(s), "text changed when the environment changed")
                 for s, a, b in zip(specs, before, after) if a != b]
 
-    env = dict(os.environ, PYTHONHASHSEED="4242", PTXGEN_EPS="1e-5", ROPE_THETA="10000")
+    env = dict(os.environ, PYTHONHASHSEED="4242", PTXGEN_EPS="1e-5", ROPE_THETA="10000",
+               NPY_DISABLE_CPU_FEATURES=" ".join(numpy_dispatched_features()))
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                          env.get("PYTHONPATH", "")])
     code = ("import json,sys; from ptxgen.keyaudit import emit_digests; from ptxgen.spec import Target; "

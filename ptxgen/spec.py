@@ -15,6 +15,8 @@ import math
 import operator
 import re
 import sys
+import sysconfig
+import types
 import typing
 import weakref
 from dataclasses import dataclass
@@ -133,8 +135,26 @@ def generator_fingerprint() -> str:
 _CLASS_SOURCES: "weakref.WeakKeyDictionary[type, str | SpecError]" = weakref.WeakKeyDictionary()
 
 
+_LIBRARY_ROOTS = tuple(Path(p).resolve() for p in {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib",
+                                                                                      "purelib", "platlib")})
+
+
+def _user_file(module: types.ModuleType | None) -> Path | None:
+    """The source file of a module outside the generator, the standard library and installed
+    packages (whose versions are not the spec's to fingerprint), else None."""
+    file = getattr(module, "__file__", None)
+    if not file:
+        return None
+    path = Path(file).resolve()
+    if PACKAGE_ROOT in path.parents or any(root in path.parents for root in _LIBRARY_ROOTS):
+        return None
+    return path
+
+
 def _source_fingerprint(cls: type) -> str | SpecError:
-    h = hashlib.sha256()
+    """Digest of the defining modules of ``cls`` and its bases outside the generator, and of every
+    user module they reach through their globals (helpers a build() calls), transitively."""
+    modules: list[types.ModuleType] = []
     for k in cls.__mro__:
         if k.__module__ == "builtins":
             continue
@@ -142,18 +162,29 @@ def _source_fingerprint(cls: type) -> str | SpecError:
             return SpecError(f"spec class {qualified_name(cls)} is made inside a function ({k.__qualname__}): what "
                              f"it emits can depend on the enclosing call, which no key can cover; define it at "
                              f"module level")
-        file = getattr(sys.modules.get(k.__module__), "__file__", None)
-        if not file:
+        module = sys.modules.get(k.__module__)
+        if module is None or not getattr(module, "__file__", None):
             return SpecError(f"spec class {qualified_name(cls)}: module {k.__module__} has no source file, so its "
                              f"emitting code cannot be part of its key")
-        path = Path(file).resolve()
-        if PACKAGE_ROOT in path.parents:
+        modules.append(module)
+    files: dict[Path, str] = {}
+    while modules:
+        module = modules.pop()
+        path = _user_file(module)
+        if path is None or path in files:
             continue
+        files[path] = module.__name__
+        for value in list(vars(module).values()):
+            reached = value if isinstance(value, types.ModuleType) else sys.modules.get(getattr(value, "__module__", None) or "")
+            if isinstance(reached, types.ModuleType) and _user_file(reached) not in files:
+                modules.append(reached)
+    h = hashlib.sha256()
+    for path, name in sorted(files.items()):
         try:
-            h.update(k.__module__.encode() + b"\0" + path.read_bytes() + b"\0")
+            h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
         except OSError as e:
             return SpecError(f"spec class {qualified_name(cls)}: cannot read its source {path}: {e.strerror}")
-    return "" if h.digest() == hashlib.sha256().digest() else h.hexdigest()
+    return h.hexdigest() if files else ""
 
 
 def class_fingerprint(cls: type) -> str:
@@ -161,8 +192,9 @@ def class_fingerprint(cls: type) -> str:
     classes: ``generator_fingerprint`` covers them).
 
     A spec class in a script, a test or a plugin has its emitting code in that file: the defining
-    module of every class in its MRO is hashed (as it was when the class was made), so two scripts
-    that each define ``__main__.Peak``, or one script edited, get other keys. A class made inside a
+    module of every class in its MRO, and every user module those reach through their globals, is
+    hashed (as it was when the class was made), so two scripts that each define ``__main__.Peak``,
+    one script edited, or a helper module it imports edited, get other keys. A class made inside a
     function (a factory, a closure) cannot be fingerprinted, since what it emits can depend on the
     enclosing call: keying it raises SpecError.
     """

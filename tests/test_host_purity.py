@@ -17,7 +17,7 @@ from ptxgen import exact, golden
 from ptxgen.kernels import rope
 from ptxgen.kernels.attention import AttentionSpec
 from ptxgen.kernels.rope import RopeSpec, frequency_table
-from ptxgen.keyaudit import check_source, scan_source
+from ptxgen.keyaudit import check_source, numpy_dispatched_features, scan_source
 from ptxgen.spec import Target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,21 +92,12 @@ def test_the_callers_decimal_context_cannot_reach_the_ptx():
         assert spec.emit(Target()) == before
 
 
-def dispatched_features() -> list[str]:
-    """numpy's runtime-dispatched SIMD targets this CPU has (AVX2, AVX-512 on x86; SVE on Arm)."""
-    try:
-        from numpy._core import _multiarray_umath as umath
-    except ImportError:  # numpy 1.x
-        from numpy.core import _multiarray_umath as umath
-    return [f for f in umath.__cpu_dispatch__ if umath.__cpu_features__.get(f)]
-
-
 @pytest.mark.parametrize("disable", ["none", "all dispatched", "the widest"])
 def test_numpy_cpu_dispatch_cannot_change_the_text(disable):
     """A child process with numpy's SIMD dispatch cut down (as a 2-core CI host differs from an
     AVX-512 GPU host, where numpy's power goes through SVML) emits the golden digests for every
     RoPE, attention and RMSNorm spec."""
-    features = dispatched_features()
+    features = numpy_dispatched_features()
     disabled = {"none": "", "all dispatched": " ".join(features), "the widest": " ".join(features[-1:])}[disable]
     code = ("import json; from ptxgen import golden; "
             "es=[e for e in golden.read() if e['kind'].rsplit('.',1)[1].startswith(('Rope','Attention','RMSNorm'))]; "

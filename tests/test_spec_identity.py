@@ -104,6 +104,21 @@ def test_two_scripts_defining_main_peak_get_different_keys(tmp_path):
     assert a.key(TARGET) != b.key(TARGET)
 
 
+def test_a_helper_module_the_build_calls_is_in_the_key(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    script = tmp_path / "peak_script.py"
+    script.write_text(SCRIPT.replace("b.mov({value}, T.U32)", "b.mov(peak_helper_mod.VALUE, T.U32)")
+                      .replace("from ptxgen.spec import KernelSpec", "from ptxgen.spec import KernelSpec\nimport peak_helper_mod"))
+    keys = []
+    for value in (1, 2):
+        (tmp_path / "peak_helper_mod.py").write_text(f"VALUE = {value}\n")
+        monkeypatch.delitem(__import__("sys").modules, "peak_helper_mod", raising=False)
+        spec = runpy.run_path(str(script), run_name="__main__")["SPEC"]
+        keys.append((spec.key(TARGET), spec.emit(TARGET)))
+    (k1, text1), (k2, text2) = keys
+    assert text1 != text2 and k1 != k2
+
+
 def test_a_spec_class_made_by_a_factory_is_refused_at_key_time():
     from ptxgen.builder import T
     from ptxgen.spec import KernelSpec
