@@ -49,7 +49,7 @@ def _entry_problem(path: Path, layout_dir: Path) -> str | None:
         cls = by_qualified_name(meta["kind"])
         spec = cls(**decode_fields(cls, meta["fields"]))
         target = Target(meta["target"]["arch"], tuple(meta["target"]["ptx_version"]))
-    except (TypeError, ValueError, IndexError, KeyError, OverflowError) as e:  # SpecError is a ValueError
+    except (TypeError, ValueError, IndexError, KeyError, OverflowError, RecursionError) as e:  # SpecError: a ValueError
         return f"stored spec cannot be rebuilt: {e}"
     if meta["generator"] != generator_fingerprint():
         return f"stale: built by generator {meta['generator']}, current is {generator_fingerprint()}"

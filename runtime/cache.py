@@ -178,7 +178,7 @@ class ModuleCache:
         if compile_ms is not None and self.use_disk:  # written once it has loaded, with what ls shows
             local = call("cuFuncGetAttribute", cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, function)
             self._write_disk(spec, key, ptx, cubin, created=round(time.time(), 3), compile_ms=round(compile_ms, 3),
-                             registers=kernel.registers, local_bytes=local)
+                             registers=int(kernel.registers), local_bytes=int(local))
         return kernel
 
     def _compile(self, spec: KernelSpec, ptx: str) -> bytes:

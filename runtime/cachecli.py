@@ -58,7 +58,7 @@ def fields(meta: dict[str, Any]) -> dict[str, Any]:
     for name, value in meta["fields"]:
         try:
             out[name] = decode_value(value)
-        except (SpecError, ValueError, OverflowError):  # shown as stored
+        except (SpecError, ValueError, OverflowError, RecursionError):  # shown as stored
             out[name] = value
     return out
 
