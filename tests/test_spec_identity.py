@@ -222,3 +222,35 @@ def test_a_strict_miss_names_the_nearest_prewarmed_spec_and_the_fields_that_diff
     assert "hidden=896, eps=1e-06" in message and "differs in eps 1e-06 -> 1e-05" in message
     assert explain_miss(CrossEntropySpec(vocab=256), prewarmed) == "no cross_entropy spec was pre-warmed"
     assert field_differences(prewarmed[0], prewarmed[0]) == []
+
+
+def memory_only_cache(strict=True):
+    """A ModuleCache's in-memory half without a device: what get() does before any driver call."""
+    from runtime.cache import CacheStats, ModuleCache
+
+    cache = ModuleCache.__new__(ModuleCache)
+    cache.target, cache.strict, cache.stats, cache._kernels = TARGET, strict, CacheStats(), {}
+    return cache
+
+
+def test_the_cache_serves_no_kernel_of_another_class_under_one_key():
+    from types import SimpleNamespace
+
+    cache = memory_only_cache()
+    spec = RMSNormSpec(hidden=896, eps=1e-6)
+    cache._kernels[spec.key(TARGET)] = SimpleNamespace(spec=RopeSpec(heads=2, head_dim=64, theta=1e6))
+    with pytest.raises(KeyCollisionError, match="holds a RopeSpec kernel"):
+        cache.get(spec)
+
+
+def test_a_strict_miss_in_the_cache_explains_itself_and_prewarm_goes_by_key():
+    from types import SimpleNamespace
+
+    from runtime.cache import StrictMissError
+
+    cache = memory_only_cache()
+    no_decay = AdamWSpec(**ADAMW, weight_decay=0.0)
+    cache._kernels[no_decay.key(TARGET)] = SimpleNamespace(spec=no_decay)
+    assert cache.get(AdamWSpec(**ADAMW, weight_decay=0.0)).spec is no_decay and cache.stats.memory_hits == 1
+    with pytest.raises(StrictMissError, match=r"not pre-warmed; nearest pre-warmed adamw: .*weight_decay 0.0 -> -0.0"):
+        cache.get(AdamWSpec(**ADAMW, weight_decay=-0.0))
