@@ -86,11 +86,3 @@ F32_MIN_NORMAL = math.ldexp(1.0, -126)
 LN2_F32 = f32(LN2)
 LOG2E_F32 = f32(LOG2E)
 
-
-def is_f32_normal_or_zero(x: float) -> bool:
-    """True where x, rounded to f32, is finite and either zero or normal (not flushed, not lost)."""
-    try:
-        y = f32(Fraction(x))
-    except OverflowError:
-        return False
-    return y == 0.0 and x == 0.0 or abs(y) >= F32_MIN_NORMAL
