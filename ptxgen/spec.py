@@ -175,9 +175,15 @@ def _source_fingerprint(cls: type) -> str | SpecError:
             continue
         files[path] = module.__name__
         for value in list(vars(module).values()):
-            reached = value if isinstance(value, types.ModuleType) else sys.modules.get(getattr(value, "__module__", None) or "")
-            if isinstance(reached, types.ModuleType) and _user_file(reached) not in files:
-                modules.append(reached)
+            if isinstance(value, types.ModuleType):
+                modules.append(value)
+                continue
+            try:  # a global's __module__ names where a function or class it holds was written
+                name = getattr(value, "__module__", None)
+            except Exception:  # a proxy object whose attributes raise: not code the build calls
+                continue
+            if isinstance(name, str) and name in sys.modules:
+                modules.append(sys.modules[name])
     h = hashlib.sha256()
     for path, name in sorted(files.items()):
         try:
