@@ -36,16 +36,49 @@ def test_specs_python_calls_equal_but_whose_bits_differ_are_different_specs():
     assert AdamWSpec(**ADAMW, weight_decay=0.0) == no_decay and hash(AdamWSpec(**ADAMW, weight_decay=0.0)) == hash(no_decay)
 
 
+def unprewarmed(kernels: ModelKernels, prewarm_list) -> list:
+    """The specs the model runs (every field of its kernel set) whose key is not pre-warmed."""
+    prewarmed = {s.key(TARGET) for s in prewarm_list}
+    runs = [s for f in dataclasses.fields(kernels) for v in [getattr(kernels, f.name)]
+            for s in (v.specs() if hasattr(v, "specs") else [v] if v is not None else [])]
+    return [s for s in runs if s.key(TARGET) not in prewarmed]
+
+
 def test_weight_decay_minus_zero_keeps_both_adamw_specs_in_the_prewarm_set():
     """`ptxgen train --weight-decay -0.0`: every spec the model runs is in what it pre-warms."""
     kernels = ModelKernels.of(preset("tiny"), AdamWSettings(weight_decay=-0.0), IGNORE_INDEX)
-    prewarmed = {s.key(TARGET) for s in kernels.specs()}
-    assert kernels.adamw_decay.key(TARGET) in prewarmed and kernels.adamw_no_decay.key(TARGET) in prewarmed
-    assert len(prewarmed) == len(kernels.specs())
+    assert unprewarmed(kernels, kernels.specs()) == []
+    assert len({s.key(TARGET) for s in kernels.specs()}) == len(kernels.specs())
+
+
+def test_a_prewarm_set_deduplicated_by_python_equality_is_caught():
+    """Planted: the old dedup (Python == on the field values: -0.0 == 0.0) drops a spec the model runs."""
+    kernels = ModelKernels.of(preset("tiny"), AdamWSettings(weight_decay=-0.0), IGNORE_INDEX)
+    by_equality = []
+    for s in kernels.specs():
+        if not any(type(s) is type(t) and tuple(s.fields().values()) == tuple(t.fields().values()) for t in by_equality):
+            by_equality.append(s)
+    assert unprewarmed(kernels, by_equality) == [kernels.adamw_no_decay]
 
 
 # -- 3. the memoized key never disagrees with the fields -----------------------------------------
+def rekeyed_after_mutation(key_of) -> bool:
+    """Whether ``key_of`` gives a spec whose eps was changed behind the frozen dataclass the key of
+    a spec built with that eps."""
+    spec = RMSNormSpec(hidden=896, eps=1e-6)
+    key_of(spec)
+    object.__setattr__(spec, "eps", 1e-5)
+    return key_of(spec) == RMSNormSpec(hidden=896, eps=1e-5).key(TARGET)
+
+
+def test_a_key_memo_that_ignores_the_fields_is_caught():
+    """Planted: the old memo, once per (instance, target) whatever the fields."""
+    memo = {}
+    assert not rekeyed_after_mutation(lambda s: memo.setdefault(id(s), s.key(TARGET)))
+
+
 def test_a_field_changed_behind_the_frozen_dataclass_changes_the_key():
+    assert rekeyed_after_mutation(lambda s: s.key(TARGET))
     spec = RMSNormSpec(hidden=896, eps=1e-6)
     old = spec.key(TARGET)
     object.__setattr__(spec, "eps", 1e-5)
