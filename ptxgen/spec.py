@@ -12,7 +12,6 @@ import functools
 import hashlib
 import json
 import math
-import operator
 import re
 import sys
 import sysconfig
@@ -21,7 +20,7 @@ import typing
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 from . import __version__
 from .builder import KernelBuilder, T
@@ -212,19 +211,42 @@ def class_fingerprint(cls: type) -> str:
     return fingerprint
 
 
-_GETTERS: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
+class _Field:
+    """A spec field's attribute: written while the spec is built, read-only once it is sealed,
+    ``object.__setattr__`` included (a data descriptor sees that call too). The key memoized on
+    the instance can then never describe other field values than the ones it holds."""
+
+    __slots__ = ("name", "default")
+
+    def __init__(self, name: str, default: Any):
+        self.name, self.default = name, default
+
+    def __get__(self, obj: Any, cls: Any = None) -> Any:
+        if obj is None:  # the class's attribute: the dataclass default, as before
+            if self.default is dataclasses.MISSING:
+                raise AttributeError(self.name)
+            return self.default
+        try:
+            return obj.__dict__[self.name]
+        except KeyError:
+            raise AttributeError(self.name) from None
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        if obj.__dict__.get("_sealed"):
+            raise AttributeError(f"{type(obj).__name__}.{self.name} cannot change: a spec is immutable once "
+                                 f"built (its key is memoized); make another with dataclasses.replace")
+        obj.__dict__[self.name] = value
+
+    def __delete__(self, obj: Any) -> None:
+        raise AttributeError(f"{type(obj).__name__}.{self.name} cannot be deleted")
 
 
-def _field_values(spec: "KernelSpec") -> tuple[Any, ...]:
-    """The spec's field values, in order (one C-level attrgetter per class)."""
-    cls = type(spec)
-    getter = _GETTERS.get(cls)
-    if getter is None:
-        names = [f.name for f in dataclasses.fields(cls)]
-        one = operator.attrgetter(*names) if names else None
-        getter = (one if len(names) > 1 else (lambda s: (one(s),)) if names else (lambda s: ()))
-        getter = _GETTERS[cls] = getter  # type: ignore[assignment]
-    return getter(spec)
+def _seal_fields(cls: type) -> None:
+    """Once per class, after @dataclass has read its defaults: every field becomes a _Field."""
+    if "_fields_sealed" not in cls.__dict__:
+        for f in dataclasses.fields(cls):
+            setattr(cls, f.name, _Field(f.name, f.default))
+        cls._fields_sealed = True  # type: ignore[attr-defined]
 
 
 def _rebuild(cls: type["KernelSpec"], fields: dict[str, Any]) -> "KernelSpec":
@@ -235,11 +257,10 @@ class KernelSpec:
     """Base of every kernel spec. Subclasses are ``@dataclass(frozen=True)`` and registered.
 
     Equality and hashing go by the canonical encoding (floats by their bits), so ``==``, ``in`` and
-    sets agree with the key: 0.0 and -0.0 are different specs. The key is memoized on the
-    instance together with the field values it was computed from (compared by identity on every
-    call), so a field changed behind the frozen dataclass's back (``object.__setattr__``) is
-    re-validated and re-keyed, never served under the old key. Pickling and copying rebuild the
-    spec through its constructor, so no memo travels to another object or process.
+    sets agree with the key: 0.0 and -0.0 are different specs. Fields are sealed once the spec is
+    built, against ``object.__setattr__`` too, so the key memoized on the instance always describes
+    its fields. Pickling and copying rebuild the spec through its constructor, so no memo travels
+    to another object or process.
     """
 
     kind: ClassVar[str]  # the short name used by the CLI and the registry
@@ -252,22 +273,16 @@ class KernelSpec:
         cls.__hash__ = KernelSpec.__hash__  # type: ignore[method-assign]
 
     def __post_init__(self) -> None:
-        self._settle()
-
-    def _settle(self) -> None:
-        """Coerce and validate the fields as they are now; forget every key computed before."""
-        hints = typing.get_type_hints(type(self))
+        cls = type(self)
+        _seal_fields(cls)
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(self):
-            value = _coerce(type(self).__name__, f.name, hints[f.name], getattr(self, f.name))
+            value = _coerce(cls.__name__, f.name, hints[f.name], getattr(self, f.name))
             object.__setattr__(self, f.name, value)
         self.validate()
-        object.__setattr__(self, "_fields_seen", _field_values(self))
+        object.__setattr__(self, "_sealed", True)
         object.__setattr__(self, "_keys", {})
         object.__setattr__(self, "_last_key", (None, None, None, ""))
-
-    def _check_unchanged(self) -> None:
-        if not all(map(operator.is_, _field_values(self), self._fields_seen)):  # type: ignore[attr-defined]
-            self._settle()
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -317,7 +332,6 @@ class KernelSpec:
 
     def emit(self, target: Target) -> str:
         """The PTX module text: a pure function of (spec, target)."""
-        self._check_unchanged()
         b = KernelBuilder(self.entry, self.arch(target), target.ptx_version, self.params())
         self.build(b)
         b.ret()
@@ -331,16 +345,14 @@ class KernelSpec:
                 "fields": [[name, encode_value(v)] for name, v in self.fields().items()]}
 
     def key(self, target: Target) -> str:
-        """The cache key; computed once per (spec instance, target, field values).
+        """The cache key; computed once per (spec instance, target).
 
-        The last target is remembered by identity (its fields too), so a cache asking with its own
-        Target object pays neither the hashing of the spec nor of the target on a hit: the cost of
-        a hit is one identity comparison per field.
+        The last target is remembered by identity (its fields too, which a frozen Target could have
+        changed behind its back), so a cache asking with its own Target object pays neither the
+        hashing of the spec nor of the target on a hit.
         """
         last_target, arch, version, last_key = self._last_key  # type: ignore[attr-defined]
-        if not all(map(operator.is_, _field_values(self), self._fields_seen)):  # type: ignore[attr-defined]
-            self._settle()
-        elif last_target is target and target.arch is arch and target.ptx_version is version:
+        if last_target is target and target.arch is arch and target.ptx_version is version:
             return last_key
         keys: dict[tuple[str, tuple[int, int]], str] = self._keys  # type: ignore[attr-defined]
         k = keys.get((target.arch, target.ptx_version))
