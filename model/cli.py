@@ -388,12 +388,14 @@ def _guarded(name: str, command: Callable[[Sequence[str]], int]) -> Callable[[Se
 
 COMMANDS = {name: _guarded(name, cmd) for name, cmd in
             (("train", cmd_train), ("generate", cmd_generate), ("contracts", cmd_contracts))}
+COMMANDS["cache"] = lambda argv: __import__("runtime.cachecli").cachecli.main(argv)  # ls | show | diff
 USAGE = """
   train [--preset P | --config config.json | --init CHECKPOINT] [--data PATH ...] [--device auto|cuda|numpy]
         [--precision fp32|bf16] [--out DIR] [--resume] [--save-dtype fp32|bf16] ...
   generate --checkpoint DIR --prompt TEXT [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R]
            [--max-new-tokens N] [--precision P]
-  contracts validate|check [--root REPO]"""
+  contracts validate|check [--root REPO]
+  cache [--cache-dir DIR] ls | show KEY | diff KEY KEY"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -183,11 +183,11 @@ class ModelKernels:
             to_bf16=CastSpec() if precision is Precision.BF16 else None)
 
     def specs(self) -> list[KernelSpec]:
-        """Every spec, once: what the CUDA model pre-warms and then runs in strict mode."""
-        out: list[KernelSpec] = []
+        """Every spec, once: what the CUDA model pre-warms and then runs in strict mode. Deduplicated
+        by the specs' canonical encoding, which is what their keys hash (specs compare and hash by
+        it), so AdamW's decay and no-decay specs stay two when the decay is -0.0."""
+        out: dict[KernelSpec, None] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            for spec in (v.specs() if isinstance(v, LinearKernels) else [v] if v is not None else []):
-                if spec not in out:
-                    out.append(spec)
-        return out
+            out.update(dict.fromkeys(v.specs() if isinstance(v, LinearKernels) else [v] if v is not None else []))
+        return list(out)

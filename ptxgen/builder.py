@@ -8,9 +8,13 @@ so the value in the text is exactly the value used.
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Iterable, Sequence, Union
+
+from . import exact
 
 
 class PtxBuildError(TypeError):
@@ -138,9 +142,11 @@ GuardLike = Union[Reg, Guard, None]
 
 
 def f32_hex(value: float) -> str:
-    """Exact f32 immediate: the value rounded to the nearest f32, written by its bits."""
+    """Exact f32 immediate: the value rounded to the nearest f32 (by integer arithmetic, so no FPU
+    rounding mode can reach it), written by its bits."""
     try:
-        bits = struct.unpack(">I", struct.pack(">f", value))[0]
+        rounded = exact.f32(Fraction(value)) if math.isfinite(value) and value != 0 else value  # keeps -0.0
+        bits = struct.unpack(">I", struct.pack(">f", rounded))[0]  # exact: rounded is an f32 value
     except OverflowError:
         raise PtxBuildError(f"{value!r} overflows f32") from None
     return f"0f{bits:08X}"

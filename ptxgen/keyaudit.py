@@ -126,11 +126,22 @@ def emit_digests(target: Target) -> dict[str, str]:
     return {s.key(target): sha256_hex(s.emit(target)) for s in _example_specs()}
 
 
+def numpy_dispatched_features() -> list[str]:
+    """numpy's runtime-dispatched SIMD targets this CPU has (AVX2 or AVX-512 on x86, SVE on Arm):
+    disabling them in a child makes it compute as a smaller host would."""
+    try:
+        from numpy._core import _multiarray_umath as umath  # type: ignore[attr-defined]
+    except ImportError:  # numpy 1.x
+        from numpy.core import _multiarray_umath as umath  # type: ignore[no-redef]
+    return [f for f in getattr(umath, "__cpu_dispatch__", []) if getattr(umath, "__cpu_features__", {}).get(f)]
+
+
 def check_purity(target: Target = Target()) -> list[Finding]:
     """The same spec emitted twice, with the environment changed between, gives the same text.
 
     In process: environment variables, working directory and random seeds are changed. Then a
-    child process with another hash seed and a polluted environment must emit the same digests.
+    child process with another hash seed, a polluted environment and numpy's SIMD dispatch turned
+    off must emit the same digests.
     """
     specs = _example_specs()
     before = [s.emit(target) for s in specs]
@@ -149,7 +160,8 @@ def check_purity(target: Target = Target()) -> list[Finding]:
     findings = [Finding("purity", repr(s), "text changed when the environment changed")
                 for s, a, b in zip(specs, before, after) if a != b]
 
-    env = dict(os.environ, PYTHONHASHSEED="4242", PTXGEN_EPS="1e-5", ROPE_THETA="10000")
+    env = dict(os.environ, PYTHONHASHSEED="4242", PTXGEN_EPS="1e-5", ROPE_THETA="10000",
+               NPY_DISABLE_CPU_FEATURES=" ".join(numpy_dispatched_features()))
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                          env.get("PYTHONPATH", "")])
     code = ("import json,sys; from ptxgen.keyaudit import emit_digests; from ptxgen.spec import Target; "
@@ -192,12 +204,49 @@ def _names(target: ast.AST) -> Iterable[str]:
             yield from _names(t)
 
 
+# Library functions whose last bit depends on the CPU, its vector extensions, the libm or numpy's
+# build: an emitter that bakes one of their results into PTX emits other text on another host.
+HOST_DEPENDENT = {"exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "pow", "power", "float_power",
+                  "sqrt", "rsqrt", "cbrt", "sin", "cos", "tan", "arcsin", "arccos", "arctan", "asin", "acos",
+                  "atan", "atan2", "arctan2", "sinh", "cosh", "tanh", "erf", "erfc", "gamma", "lgamma", "hypot",
+                  "logaddexp", "logaddexp2", "reciprocal"}
+LIBRARIES = {"math", "np", "numpy", "cmath"}
+
+
+def _host_dependent_math(tree: ast.AST, rel: Path) -> list[Finding]:
+    """Transcendental library calls and non-integer powers in the generator, outside the numpy
+    references (functions named ``*reference*``, which never reach PTX): baked constants come
+    from ptxgen.exact."""
+    findings = []
+
+    def visit(node: ast.AST, in_reference: bool) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            in_reference = in_reference or "reference" in node.name
+        if not in_reference:
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id in LIBRARIES
+                    and node.func.attr in HOST_DEPENDENT):
+                findings.append(Finding("source", f"{rel}:{node.lineno}",
+                                        f"{node.func.value.id}.{node.func.attr}() in the generator: its last bit "
+                                        f"depends on the host; compute baked values with ptxgen.exact"))
+            if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow)
+                    and not (isinstance(node.left, ast.Constant) and type(node.left.value) is int)):
+                findings.append(Finding("source", f"{rel}:{node.lineno}",
+                                        "a power of a non-integer-constant base in the generator: numpy's and "
+                                        "libm's pow are host-dependent; use ptxgen.exact"))
+        for child in ast.iter_child_nodes(node):
+            visit(child, in_reference)
+
+    visit(tree, False)
+    return findings
+
+
 def scan_source(path: Path, rel: Path) -> list[Finding]:
     try:
         tree = ast.parse(path.read_text(), filename=str(path))
     except (SyntaxError, UnicodeDecodeError) as e:
         return [Finding("source", str(rel), f"cannot parse: {e}")]
-    findings = []
+    findings = _host_dependent_math(tree, rel) if rel.parts[0] == "ptxgen" else []
     allowed_hashing = rel == KEY_MODULE
     for node in ast.walk(tree):
         line = f"{rel}:{getattr(node, 'lineno', 0)}"

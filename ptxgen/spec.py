@@ -13,7 +13,11 @@ import hashlib
 import json
 import math
 import re
+import sys
+import sysconfig
+import types
 import typing
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -113,29 +117,183 @@ def _coerce(cls_name: str, name: str, hint: Any, value: Any) -> Any:
     raise TypeError(f"{cls_name}.{name}: unsupported field annotation {hint!r}")
 
 
+PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
 @functools.cache
 def generator_fingerprint() -> str:
     """Package version plus a digest of every source file of the generator."""
-    root = Path(__file__).resolve().parent
     h = hashlib.sha256(__version__.encode())
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted(PACKAGE_ROOT.rglob("*.py")):
+        h.update(str(path.relative_to(PACKAGE_ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
     return f"{__version__}+{h.hexdigest()[:16]}"
 
 
+# class -> digest of the source that defines it (or why it has none), taken when the class is made,
+# while its module (a script's __main__ too) is the one in sys.modules
+_CLASS_SOURCES: "weakref.WeakKeyDictionary[type, str | SpecError]" = weakref.WeakKeyDictionary()
+
+
+_LIBRARY_ROOTS = tuple(Path(p).resolve() for p in {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib",
+                                                                                      "purelib", "platlib")})
+
+
+def _user_file(module: types.ModuleType | None) -> Path | None:
+    """The source file of a module outside the generator, the standard library and installed
+    packages (whose versions are not the spec's to fingerprint), else None."""
+    file = getattr(module, "__file__", None)
+    if not file:
+        return None
+    path = Path(file).resolve()
+    if PACKAGE_ROOT in path.parents or any(root in path.parents for root in _LIBRARY_ROOTS):
+        return None
+    return path
+
+
+def _source_fingerprint(cls: type) -> str | SpecError:
+    """Digest of the defining modules of ``cls`` and its bases outside the generator, and of every
+    user module they reach through their globals (helpers a build() calls), transitively."""
+    modules: list[types.ModuleType] = []
+    for k in cls.__mro__:
+        if k.__module__ == "builtins":
+            continue
+        if "<locals>" in k.__qualname__:
+            return SpecError(f"spec class {qualified_name(cls)} is made inside a function ({k.__qualname__}): what "
+                             f"it emits can depend on the enclosing call, which no key can cover; define it at "
+                             f"module level")
+        module = sys.modules.get(k.__module__)
+        if module is None or not getattr(module, "__file__", None):
+            return SpecError(f"spec class {qualified_name(cls)}: module {k.__module__} has no source file, so its "
+                             f"emitting code cannot be part of its key")
+        modules.append(module)
+    files: dict[Path, str] = {}
+    while modules:
+        module = modules.pop()
+        path = _user_file(module)
+        if path is None or path in files:
+            continue
+        files[path] = module.__name__
+        for value in list(vars(module).values()):
+            if isinstance(value, types.ModuleType):
+                modules.append(value)
+                continue
+            try:  # a global's __module__ names where a function or class it holds was written
+                name = getattr(value, "__module__", None)
+            except Exception:  # a proxy object whose attributes raise: not code the build calls
+                continue
+            if isinstance(name, str) and name in sys.modules:
+                modules.append(sys.modules[name])
+    h = hashlib.sha256()
+    for path, name in sorted(files.items()):
+        try:
+            h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+        except OSError as e:
+            return SpecError(f"spec class {qualified_name(cls)}: cannot read its source {path}: {e.strerror}")
+    return h.hexdigest() if files else ""
+
+
+def class_fingerprint(cls: type) -> str:
+    """A digest of the source that defines ``cls`` outside the generator ("" for the generator's own
+    classes: ``generator_fingerprint`` covers them).
+
+    A spec class in a script, a test or a plugin has its emitting code in that file: the defining
+    module of every class in its MRO, and every user module those reach through their globals, is
+    hashed (as it was when the class was made), so two scripts that each define ``__main__.Peak``,
+    one script edited, or a helper module it imports edited, get other keys. A class made inside a
+    function (a factory, a closure) cannot be fingerprinted, since what it emits can depend on the
+    enclosing call: keying it raises SpecError.
+    """
+    fingerprint = _CLASS_SOURCES.get(cls)
+    if fingerprint is None:
+        fingerprint = _CLASS_SOURCES[cls] = _source_fingerprint(cls)
+    if isinstance(fingerprint, SpecError):
+        raise fingerprint
+    return fingerprint
+
+
+class _Field:
+    """A spec field's attribute: written while the spec is built, read-only once it is sealed,
+    ``object.__setattr__`` included (a data descriptor sees that call too). The key memoized on
+    the instance can then never describe other field values than the ones it holds."""
+
+    __slots__ = ("name", "default")
+
+    def __init__(self, name: str, default: Any):
+        self.name, self.default = name, default
+
+    def __get__(self, obj: Any, cls: Any = None) -> Any:
+        if obj is None:  # the class's attribute: the dataclass default, as before
+            if self.default is dataclasses.MISSING:
+                raise AttributeError(self.name)
+            return self.default
+        try:
+            return obj.__dict__[self.name]
+        except KeyError:
+            raise AttributeError(self.name) from None
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        if obj.__dict__.get("_sealed"):
+            raise AttributeError(f"{type(obj).__name__}.{self.name} cannot change: a spec is immutable once "
+                                 f"built (its key is memoized); make another with dataclasses.replace")
+        obj.__dict__[self.name] = value
+
+    def __delete__(self, obj: Any) -> None:
+        raise AttributeError(f"{type(obj).__name__}.{self.name} cannot be deleted")
+
+
+def _seal_fields(cls: type) -> None:
+    """Once per class, after @dataclass has read its defaults: every field becomes a _Field."""
+    if "_fields_sealed" not in cls.__dict__:
+        for f in dataclasses.fields(cls):
+            setattr(cls, f.name, _Field(f.name, f.default))
+        cls._fields_sealed = True  # type: ignore[attr-defined]
+
+
+def _rebuild(cls: type["KernelSpec"], fields: dict[str, Any]) -> "KernelSpec":
+    return cls(**fields)
+
+
 class KernelSpec:
-    """Base of every kernel spec. Subclasses are ``@dataclass(frozen=True)`` and registered."""
+    """Base of every kernel spec. Subclasses are ``@dataclass(frozen=True)`` and registered.
+
+    Equality and hashing go by the canonical encoding (floats by their bits), so ``==``, ``in`` and
+    sets agree with the key: 0.0 and -0.0 are different specs. Fields are sealed once the spec is
+    built, against ``object.__setattr__`` too, so the key memoized on the instance always describes
+    its fields. Pickling and copying rebuild the spec through its constructor, so no memo travels
+    to another object or process.
+    """
 
     kind: ClassVar[str]  # the short name used by the CLI and the registry
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _CLASS_SOURCES[cls] = _source_fingerprint(cls)
+        # set before @dataclass runs, which then keeps them instead of writing field-tuple ones
+        cls.__eq__ = KernelSpec.__eq__  # type: ignore[method-assign]
+        cls.__hash__ = KernelSpec.__hash__  # type: ignore[method-assign]
+
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        cls = type(self)
+        _seal_fields(cls)
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(self):
-            value = _coerce(type(self).__name__, f.name, hints[f.name], getattr(self, f.name))
+            value = _coerce(cls.__name__, f.name, hints[f.name], getattr(self, f.name))
             object.__setattr__(self, f.name, value)
         self.validate()
+        object.__setattr__(self, "_sealed", True)
         object.__setattr__(self, "_keys", {})
-        object.__setattr__(self, "_last_key", (None, ""))
+        object.__setattr__(self, "_last_key", (None, None, None, ""))
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.canonical() == other.canonical()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.canonical(), separators=(",", ":")))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild, (type(self), self.fields())
 
     # -- what subclasses provide -------------------------------------------------------------
     def validate(self) -> None:
@@ -189,44 +347,50 @@ class KernelSpec:
     def key(self, target: Target) -> str:
         """The cache key; computed once per (spec instance, target).
 
-        The last target is remembered by identity, so a cache asking with its own Target object
-        pays neither the hashing of the spec nor of the target on a hit.
+        The last target is remembered by identity (its fields too, which a frozen Target could have
+        changed behind its back), so a cache asking with its own Target object pays neither the
+        hashing of the spec nor of the target on a hit.
         """
-        last_target, last_key = self._last_key  # type: ignore[attr-defined]
-        if last_target is target:
+        last_target, arch, version, last_key = self._last_key  # type: ignore[attr-defined]
+        if last_target is target and target.arch is arch and target.ptx_version is version:
             return last_key
-        keys: dict[Target, str] = self._keys  # type: ignore[attr-defined]
-        k = keys.get(target)
+        keys: dict[tuple[str, tuple[int, int]], str] = self._keys  # type: ignore[attr-defined]
+        k = keys.get((target.arch, target.ptx_version))
         if k is None:
-            k = keys[target] = spec_key(self, target)
-        object.__setattr__(self, "_last_key", (target, k))
+            k = keys[(target.arch, target.ptx_version)] = spec_key(self, target)
+        object.__setattr__(self, "_last_key", (target, target.arch, target.ptx_version, k))
         return k
 
 
 def spec_key(spec: KernelSpec, target: Target) -> str:
     """THE key function: nothing else may build a module cache key."""
-    payload = {"spec": spec.canonical(), "arch": target.arch,
+    payload = {"spec": spec.canonical(), "class_source": class_fingerprint(type(spec)), "arch": target.arch,
                "ptx_version": list(target.ptx_version), "generator": generator_fingerprint()}
     return sha256_hex(json.dumps(payload, separators=(",", ":"), ensure_ascii=True))
 
 
+def decode_value(tagged: list[Any]) -> Any:
+    """Inverse of ``encode_value`` (enums come back as their value; the field's annotation turns
+    them back into the enum); SpecError on anything that is not an encoding."""
+    if not isinstance(tagged, list) or not tagged:
+        raise SpecError(f"{tagged!r} is not an encoded value")
+    tag = tagged[0]
+    if tag == "none":
+        return None
+    if tag in ("bool", "str") and len(tagged) == 2:
+        return tagged[1]
+    if tag == "int" and len(tagged) == 2 and isinstance(tagged[1], str):
+        return int(tagged[1])
+    if tag == "float" and len(tagged) == 2 and isinstance(tagged[1], str):
+        return float.fromhex(tagged[1])
+    if tag == "enum" and len(tagged) == 3:
+        return decode_value(tagged[2])
+    if tag == "tuple" and len(tagged) == 2 and isinstance(tagged[1], list):
+        return tuple(decode_value(v) for v in tagged[1])
+    raise SpecError(f"unknown encoding {str(tagged)[:60]} in a stored spec")
+
+
 def decode_fields(cls: type[KernelSpec], encoded: list[list[Any]]) -> dict[str, Any]:
-    """Inverse of ``canonical()['fields']`` for class ``cls``, for entries read back from disk."""
-
-    def decode(tagged: list[Any]) -> Any:
-        tag = tagged[0]
-        if tag == "none":
-            return None
-        if tag in ("bool", "str"):
-            return tagged[1]
-        if tag == "int":
-            return int(tagged[1])
-        if tag == "float":
-            return float.fromhex(tagged[1])
-        if tag == "enum":
-            return decode(tagged[2])  # the field's annotation turns the value back into its enum
-        if tag == "tuple":
-            return tuple(decode(v) for v in tagged[1])
-        raise SpecError(f"unknown tag {tag!r} in a stored spec")
-
-    return {name: decode(value) for name, value in encoded}
+    """Inverse of ``canonical()['fields']`` for class ``cls``, for entries read back from disk; the
+    constructor then checks the values against ``cls``'s annotations and validation."""
+    return {name: decode_value(value) for name, value in encoded}

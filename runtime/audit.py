@@ -2,18 +2,26 @@
 
 1. completeness  every field that changes the PTX changes the key (plus random specs)
 2. purity        emission does not depend on the environment or the process
-3. disk          every entry's checksum, metadata and key recomputed from its stored spec;
-                 stale, corrupt, truncated, misplaced and orphaned files reported; --prune removes them
-4. source        no cache key built by hand anywhere in ptxgen/, runtime/, model/
-The disk check reads files only: it needs no GPU.
+3. disk          every entry's checksum, metadata shape and key recomputed from its stored spec;
+                 stale, corrupt, truncated, malformed, misplaced (toolchain or key-prefix folder) and
+                 orphaned files reported; --prune removes them and reports any it cannot remove
+4. source        no cache key built by hand anywhere in ptxgen/, runtime/, model/; no
+                 host-dependent math (libm, numpy transcendentals) in the generator
+5. golden        host purity: every golden PTX digest (tests/golden/ptx_digests.json) is what this
+                 host emits (run by default where the file is there, i.e. in a source tree)
+The disk check reads files only: it needs no GPU. A cache path that is missing or not a directory
+is bad input (one line, exit 2), not a clean cache.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
+from ptxgen import golden
+from ptxgen.builder import PtxBuildError
 from ptxgen.keyaudit import Finding, check_completeness, check_purity, check_source
 from ptxgen.registry import by_qualified_name
 from ptxgen.spec import SpecError, Target, decode_fields, generator_fingerprint, sha256_hex
@@ -21,52 +29,91 @@ from ptxgen.spec import SpecError, Target, decode_fields, generator_fingerprint,
 from . import entry
 from .cache import default_cache_dir, toolchain_dir
 
-CHECKS = ("completeness", "purity", "disk", "source")
+CHECKS = ("completeness", "purity", "disk", "source", "golden")
 
 
-def _entry_problem(path: Path) -> str | None:
-    """Why the entry at ``path`` is bad, or None if it is valid under this generator."""
+class CacheDirError(ValueError):
+    """The cache path is missing or not a directory: bad input (one line, exit 2), not "clean"."""
+
+
+def _entry_problem(path: Path, layout_dir: Path) -> str | None:
+    """Why the entry at ``path`` is bad, or None if it is valid under this generator. Never raises
+    on anything a file can hold: the audit must get through a damaged cache."""
     try:
         meta, _cubin = entry.decode(path.read_bytes())
-    except (OSError, entry.EntryError) as e:
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    except entry.EntryError as e:
         return str(e)
     try:
         cls = by_qualified_name(meta["kind"])
         spec = cls(**decode_fields(cls, meta["fields"]))
         target = Target(meta["target"]["arch"], tuple(meta["target"]["ptx_version"]))
-    except (KeyError, TypeError, SpecError) as e:
+    except (TypeError, ValueError, IndexError, KeyError, OverflowError, RecursionError) as e:  # SpecError: a ValueError
         return f"stored spec cannot be rebuilt: {e}"
-    if meta.get("generator") != generator_fingerprint():
-        return f"stale: built by generator {meta.get('generator')}, current is {generator_fingerprint()}"
-    key = spec.key(target)
-    if meta.get("key") != key or path.name != key + entry.SUFFIX:
-        return f"key mismatch: file {path.name}, stored {str(meta.get('key'))[:16]}, recomputed {key[:16]}"
-    if path.parents[1] != toolchain_dir(path.parents[3], meta["toolchain"]):
-        return f"misplaced: recorded toolchain {meta['toolchain']} does not match its directory"
-    if meta.get("ptx_sha256") != sha256_hex(spec.emit(target)):
+    if meta["generator"] != generator_fingerprint():
+        return f"stale: built by generator {meta['generator']}, current is {generator_fingerprint()}"
+    try:
+        key = spec.key(target)
+        ptx = spec.emit(target)
+    except (SpecError, PtxBuildError) as e:
+        return f"stored spec cannot be emitted: {e}"
+    if meta["key"] != key or path.name != key + entry.SUFFIX:
+        return f"key mismatch: file {path.name}, stored {meta['key'][:16]}, recomputed {key[:16]}"
+    placed = path.relative_to(layout_dir).parts
+    expected = toolchain_dir(layout_dir.parent, meta["toolchain"]).name, key[:2], path.name
+    if placed != expected:
+        return f"misplaced: at {'/'.join(placed)}, belongs at {'/'.join(expected)}"
+    if meta["ptx_sha256"] != sha256_hex(ptx):
         return "the stored spec now emits different PTX under the same key"
     return None
 
 
+def _files(layout_dir: Path) -> tuple[list[Path], list[Finding]]:
+    """Every file under the layout directory; unreadable directories as findings."""
+    files, findings = [], []
+
+    def unreadable(e: OSError) -> None:
+        findings.append(Finding("disk", str(e.filename), f"unreadable directory: {e.strerror}"))
+
+    for folder, _dirs, names in os.walk(layout_dir, onerror=unreadable):
+        files += [Path(folder) / n for n in names]
+    return sorted(files), findings
+
+
 def check_disk(root: Path, prune: bool = False) -> list[Finding]:
+    """Findings for every bad file of the cache at ``root``; with ``prune`` each is deleted, and one
+    that cannot be is a finding of its own. CacheDirError if ``root`` is not a directory."""
+    if not root.exists():
+        raise CacheDirError(f"cache directory {root} does not exist")
+    if not root.is_dir():
+        raise CacheDirError(f"cache directory {root} is not a directory")
     layout_dir = root / entry.LAYOUT
     if not layout_dir.is_dir():
-        return []
-    findings = []
-    for path in sorted(p for p in layout_dir.rglob("*") if p.is_file()):
+        return [Finding("disk", entry.LAYOUT, "not a directory")] if layout_dir.exists() else []
+    files, findings = _files(layout_dir)
+    for path in files:
         rel = path.relative_to(root)
-        if path.suffix != entry.SUFFIX or path.name.startswith("."):
+        if path.suffix != entry.SUFFIX or path.name.startswith(".") or path.is_symlink() or not path.is_file():
             problem = "orphaned file (not a cache entry)"
         else:
-            problem = _entry_problem(path)
-        if problem is not None:
-            findings.append(Finding("disk", str(rel), problem + (" (pruned)" if prune else "")))
-            if prune:
-                path.unlink(missing_ok=True)
+            problem = _entry_problem(path, layout_dir)
+        if problem is None:
+            continue
+        if not prune:
+            findings.append(Finding("disk", str(rel), problem))
+            continue
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            findings.append(Finding("disk", str(rel), f"{problem}; could not prune: {e.strerror or e}"))
+        else:
+            findings.append(Finding("disk", str(rel), f"{problem} (pruned)"))
     return findings
 
 
-def run(checks: Sequence[str], cache_dir: Path, prune: bool, repo_root: Path) -> list[Finding]:
+def run(checks: Sequence[str], cache_dir: Path, prune: bool, repo_root: Path,
+        golden_file: Path = golden.DEFAULT_PATH) -> list[Finding]:
     findings: list[Finding] = []
     for check in checks:
         if check == "completeness":
@@ -77,6 +124,8 @@ def run(checks: Sequence[str], cache_dir: Path, prune: bool, repo_root: Path) ->
             findings += check_disk(cache_dir, prune)
         elif check == "source":
             findings += check_source(repo_root)
+        elif check == "golden":
+            findings += golden.check(golden_file)
     return findings
 
 
@@ -91,19 +140,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="cache directory (default $PTXGEN_CACHE_DIR or the XDG cache dir)")
     p.add_argument("--check", action="append", choices=CHECKS,
-                   help="run only this check (repeatable; default all four)")
+                   help="run only this check (repeatable; default all, golden where its file is there)")
     p.add_argument("--prune", action="store_true", help="delete bad disk entries")
+    p.add_argument("--golden", type=Path, default=golden.DEFAULT_PATH, help="golden PTX digest file")
     ns = p.parse_args(argv)
-    checks = ns.check or list(CHECKS)
+    checks = ns.check or [c for c in CHECKS if c != "golden" or ns.golden.exists()]
     cache_dir = ns.cache_dir or default_cache_dir()
-    if ns.cache_dir is not None and not ns.cache_dir.is_dir():
-        p.error(f"cache directory {ns.cache_dir} does not exist")
-    findings = run(checks, cache_dir, ns.prune, Path(__file__).resolve().parents[1])
+    if "disk" in checks and not cache_dir.is_dir():
+        p.error(f"cache directory {cache_dir} " + ("is not a directory" if cache_dir.exists() else "does not exist"))
+    try:
+        findings = run(checks, cache_dir, ns.prune, Path(__file__).resolve().parents[1], ns.golden)
+    except CacheDirError as e:  # removed between the check above and the walk
+        p.error(str(e))
     for f in findings:
         print(f)
     summary = ", ".join(checks)
     print(f"audit ({summary}) of {cache_dir}: " + (f"{len(findings)} finding(s)" if findings else "clean"))
-    return 1 if findings and not (ns.prune and all(f.check == "disk" for f in findings)) else 0
+    pruned = ns.prune and all(f.check == "disk" and f.message.endswith("(pruned)") for f in findings)
+    return 1 if findings and not pruned else 0
 
 
 if __name__ == "__main__":

@@ -1,10 +1,21 @@
-"""ModuleCache: the only way to obtain a kernel. Memory map + on-disk cubins, keyed by spec digest."""
+"""ModuleCache: the only way to obtain a kernel. Memory map + on-disk cubins, keyed by spec digest.
+
+What guards the in-memory map, whose hit is one dict lookup with no PTX hashing:
+- the key cannot disagree with the spec's fields (``KernelSpec.key`` re-keys a spec whose fields
+  changed, and classes outside the generator have their source in the key);
+- a hit checks that the loaded kernel's spec is of the asking spec's class (one identity test), so
+  two classes under one key are a loud ``KeyCollisionError``, never the other class's kernel;
+- every first load of a key in this process emits the PTX, and its text digest is recorded per
+  process (across every cache): another text under a key seen before, in memory or on disk, is a
+  ``KeyCollisionError``. The golden PTX digests (``tests/golden``) pin the text across hosts.
+"""
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -13,6 +24,7 @@ from cuda.bindings import driver as cu
 
 from ptxgen.assemble import AssemblerUnavailable, AssemblyError, assemble
 from ptxgen.spec import KernelSpec, Target, sha256_hex
+from ptxgen.specdiff import explain_miss
 
 from . import entry
 from .driver import CudaError, Device, call, device
@@ -39,6 +51,18 @@ class CacheStats:
     disk_hits: int = 0
     jit_compiles: int = 0
     rejected: int = 0
+
+
+# key -> sha256 of the PTX text first loaded under it in this process, by any ModuleCache
+_TEXTS: dict[str, str] = {}
+
+
+def record_text(key: str, ptx_sha256: str, spec: KernelSpec) -> None:
+    """Remember the text digest of a key's first load; another text under the key is a collision."""
+    seen = _TEXTS.setdefault(key, ptx_sha256)
+    if seen != ptx_sha256:
+        raise KeyCollisionError(f"key {key} was loaded with PTX {seen[:16]} in this process, and {spec!r} "
+                                f"now emits {ptx_sha256[:16]}: an emitter is impure or the key misses a parameter")
 
 
 def default_cache_dir() -> Path:
@@ -108,15 +132,20 @@ class ModuleCache:
         key = spec.key(self.target)
         kernel = self._kernels.get(key)
         if kernel is not None:
+            if type(kernel.spec) is not type(spec):
+                raise KeyCollisionError(f"key {key} holds a {type(kernel.spec).__qualname__} kernel; "
+                                        f"{spec!r} is a {type(spec).__qualname__}")
             self.stats.memory_hits += 1
             return kernel
         if self.strict:
-            raise StrictMissError(f"strict mode: {spec!r} was not pre-warmed")
+            raise StrictMissError(f"strict mode: {spec!r} was not pre-warmed; "
+                                  f"{explain_miss(spec, (k.spec for k in self._kernels.values()))}")
         kernel = self._kernels[key] = self._load(spec, key)
         return kernel
 
     def prewarm(self, specs: Iterable[KernelSpec]) -> list[Kernel]:
-        """Load every spec through ``get``; follow with ``strict_mode()`` to prove nothing else runs."""
+        """Load every spec through ``get`` (so by key: specs Python calls equal but whose bits differ,
+        0.0 and -0.0, are both loaded); follow with ``strict_mode()`` to prove nothing else runs."""
         return [self.get(s) for s in specs]
 
     @contextlib.contextmanager
@@ -133,17 +162,24 @@ class ModuleCache:
     # -- miss path ---------------------------------------------------------------------------
     def _load(self, spec: KernelSpec, key: str) -> Kernel:
         ptx = spec.emit(self.target)
+        record_text(key, sha256_hex(ptx), spec)
         cubin = self._read_disk(spec, key, ptx) if self.use_disk else None
+        compile_ms = None
         if cubin is None:
+            start = time.perf_counter()
             cubin = self._compile(spec, ptx)
+            compile_ms = (time.perf_counter() - start) * 1e3
             self.stats.jit_compiles += 1
-            if self.use_disk:
-                self._write_disk(spec, key, ptx, cubin)
         else:
             self.stats.disk_hits += 1
         module = call("cuModuleLoadData", cubin)
         function = call("cuModuleGetFunction", module, spec.entry.encode())
-        return Kernel(spec, module, function)
+        kernel = Kernel(spec, module, function)
+        if compile_ms is not None and self.use_disk:  # written once it has loaded, with what ls shows
+            local = call("cuFuncGetAttribute", cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, function)
+            self._write_disk(spec, key, ptx, cubin, created=round(time.time(), 3), compile_ms=round(compile_ms, 3),
+                             registers=int(kernel.registers), local_bytes=int(local))
+        return kernel
 
     def _compile(self, spec: KernelSpec, ptx: str) -> bytes:
         try:
@@ -187,8 +223,8 @@ class ModuleCache:
                                     f"the key misses a parameter")
         return cubin
 
-    def _write_disk(self, spec: KernelSpec, key: str, ptx: str, cubin: bytes) -> None:
-        meta = entry.metadata(spec, self.target, key, ptx, cubin, self.toolchain)
+    def _write_disk(self, spec: KernelSpec, key: str, ptx: str, cubin: bytes, **info: Any) -> None:
+        meta = entry.metadata(spec, self.target, key, ptx, cubin, self.toolchain, **info)
         try:
             entry.write_atomic(self.entry_path(key), entry.encode(meta, cubin))
         except OSError as e:  # a read-only or full cache directory must not stop the program

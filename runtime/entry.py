@@ -7,16 +7,23 @@ Layout (``v1``)::
     <metadata JSON, one line>\\n
     <cubin bytes>
 
+The metadata's shape is checked on every decode (``shape_problem``), so a well-formed entry whose
+metadata has the wrong shape (a list, bad hex, a missing toolchain, wrong types) is refused like a
+corrupt one, never half-read. ``created``, ``compile_ms``, ``ptx_bytes``, ``registers`` and
+``local_bytes`` (spills) are informational (``ptxgen cache ls``); entries without them stay valid.
+
 The checksum line tells corruption (truncation, flipped bits) apart from a well-formed entry whose
 contents disagree with what was asked for (stale generator, another driver, another text).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ptxgen.spec import KernelSpec, Target, generator_fingerprint, qualified_name, sha256_hex
 
@@ -30,12 +37,65 @@ class EntryError(ValueError):
 
 
 def metadata(spec: KernelSpec, target: Target, key: str, ptx: str, cubin: bytes,
-             toolchain: dict[str, Any]) -> dict[str, Any]:
+             toolchain: dict[str, Any], **info: Any) -> dict[str, Any]:
+    """The entry's metadata; ``info``: any of the informational INFO fields."""
     canonical = spec.canonical()
     return {"layout": LAYOUT, "key": key, "kind": canonical["kind"], "fields": canonical["fields"],
             "target": {"arch": target.arch, "ptx_version": list(target.ptx_version)},
             "generator": generator_fingerprint(), "toolchain": toolchain,
-            "ptx_sha256": sha256_hex(ptx), "cubin_sha256": sha256_hex(cubin), "cubin_bytes": len(cubin)}
+            "ptx_sha256": sha256_hex(ptx), "cubin_sha256": sha256_hex(cubin), "cubin_bytes": len(cubin),
+            "ptx_bytes": len(ptx.encode()), **info}
+
+
+def _hex64(v: Any) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None
+
+
+def _int(v: Any) -> bool:
+    return type(v) is int and v >= 0
+
+
+def _number(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v) and v >= 0
+
+
+def _int_pair(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(_int(x) for x in v)
+
+
+def _fields(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(f, list) and len(f) == 2 and isinstance(f[0], str)
+                                       and isinstance(f[1], list) and f[1] and isinstance(f[1][0], str) for f in v)
+
+
+REQUIRED: dict[str, Callable[[Any], bool]] = {
+    "layout": lambda v: isinstance(v, str), "key": _hex64, "kind": lambda v: isinstance(v, str),
+    "fields": _fields, "generator": lambda v: isinstance(v, str),
+    "target": lambda v: isinstance(v, dict) and set(v) == {"arch", "ptx_version"}
+    and isinstance(v["arch"], str) and _int_pair(v["ptx_version"]),
+    "toolchain": lambda v: isinstance(v, dict) and set(v) == {"compute_capability", "driver_version"}
+    and _int_pair(v["compute_capability"]) and _int(v["driver_version"]),
+    "ptx_sha256": _hex64, "cubin_sha256": _hex64, "cubin_bytes": _int,
+}
+INFO: dict[str, Callable[[Any], bool]] = {
+    "ptx_bytes": _int, "registers": _int, "local_bytes": _int, "compile_ms": _number, "created": _number,
+}
+
+
+def shape_problem(meta: Any) -> str | None:
+    """What is wrong with the metadata's shape (missing or ill-typed fields), or None."""
+    if not isinstance(meta, dict):
+        return f"metadata is a {type(meta).__name__}, not an object"
+    for name, ok in REQUIRED.items():
+        if name not in meta:
+            return f"metadata has no {name!r}"
+        if not ok(meta[name]):
+            return f"metadata field {name!r} is malformed: {str(meta[name])[:80]}"
+    for name, ok in INFO.items():
+        if name in meta and not ok(meta[name]):
+            return f"metadata field {name!r} is malformed: {str(meta[name])[:80]}"
+    unknown = set(meta) - set(REQUIRED) - set(INFO)
+    return f"metadata has unknown fields {sorted(unknown)}" if unknown else None
 
 
 def encode(meta: dict[str, Any], cubin: bytes) -> bytes:
@@ -44,7 +104,8 @@ def encode(meta: dict[str, Any], cubin: bytes) -> bytes:
 
 
 def decode(blob: bytes) -> tuple[dict[str, Any], bytes]:
-    """Parse and checksum an entry; EntryError if it is truncated, corrupt or not an entry."""
+    """Parse and checksum an entry; EntryError if it is truncated, corrupt, not an entry, or its
+    metadata is not of the entry's shape."""
     if not blob.startswith(MAGIC):
         raise EntryError("not a v1 cache entry (bad magic)")
     rest = blob[len(MAGIC):]
@@ -56,8 +117,11 @@ def decode(blob: bytes) -> tuple[dict[str, Any], bytes]:
     header, sep, cubin = body.partition(b"\n")
     try:
         meta = json.loads(header)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise EntryError("unreadable metadata") from None
+    problem = shape_problem(meta)
+    if problem is not None:
+        raise EntryError(problem)
     if meta.get("cubin_bytes") != len(cubin) or meta.get("cubin_sha256") != sha256_hex(cubin):
         raise EntryError("cubin does not match its recorded size and digest")
     return meta, cubin

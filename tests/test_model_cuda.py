@@ -220,3 +220,18 @@ def test_cli_generates_on_the_gpu(cache, tmp_path, capsys):
                  "--device", "cuda"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("def f(") and "device: cuda" in captured.err
+
+
+def test_weight_decay_minus_zero_trains_in_strict_mode_on_a_fresh_cache():
+    """`ptxgen train --weight-decay -0.0`: AdamW's decay (-0.0) and no-decay (0.0) specs are equal to
+    Python but not to the key; both must be pre-warmed, so a strict step finds both."""
+    config = preset("tiny")
+    fresh = ModuleCache(use_disk=False)
+    model = backend(fresh, config, live_params(config), weight_decay=-0.0)
+    try:
+        ids, targets = batch(config)
+        with fresh.strict_mode():
+            model.train_step(ids, targets, 1e-3)
+        assert model.kernels.adamw_decay in fresh and model.kernels.adamw_no_decay in fresh
+    finally:
+        model.close()

@@ -251,3 +251,35 @@ def test_misaligned_pointers_are_refused_at_bind(cache):
     with DeviceArray(256) as d:
         with pytest.raises(ValueError, match="not 16-byte aligned"):
             kernel.bind(1, 32, d.ptr + 4, d, d, 1)
+
+
+def test_a_strict_miss_names_the_nearest_prewarmed_spec(cache):
+    cache.prewarm([RMSNormSpec(hidden=896, eps=1e-6), RopeSpec(heads=2, head_dim=64, theta=1e6)])
+    with cache.strict_mode(), pytest.raises(StrictMissError) as e:
+        cache.get(RMSNormSpec(hidden=896, eps=1e-5))
+    assert "nearest pre-warmed rmsnorm: RMSNormSpec(hidden=896, eps=1e-06" in str(e.value)
+    assert "differs in eps 1e-06 -> 1e-05" in str(e.value)
+
+
+def test_a_compiled_entry_records_what_cache_ls_shows(cache, capsys):
+    from model.cli import main as cli_main
+
+    spec = RMSNormSpec(hidden=896, eps=1e-6)
+    cache.get(spec)
+    meta, _ = entry.decode(cache.entry_path(spec.key(cache.target)).read_bytes())
+    assert meta["registers"] > 0 and meta["local_bytes"] >= 0 and meta["compile_ms"] > 0 and meta["created"] > 0
+    assert meta["ptx_bytes"] == len(spec.emit(cache.target))
+    assert cli_main(["cache", "--cache-dir", str(cache.root), "show", spec.key(cache.target)[:12]]) == 0
+    assert f"registers   {meta['registers']}" in capsys.readouterr().out
+    assert check_disk(cache.root) == []
+
+
+def test_a_second_text_under_a_loaded_key_is_a_collision_even_in_memory(cache, monkeypatch):
+    """The in-memory guard: the first load of a key records its text digest for the process; a
+    later load of that key (another cache) emitting other text is refused, not served."""
+    spec = RopeSpec(heads=2, head_dim=64, theta=1e6)
+    cache.get(spec)
+    other = ModuleCache(use_disk=False)
+    monkeypatch.setattr(RopeSpec, "emit", lambda self, target: "// another text under the same key\n")
+    with pytest.raises(KeyCollisionError, match="impure or the key misses a parameter"):
+        other.get(RopeSpec(heads=2, head_dim=64, theta=1e6))

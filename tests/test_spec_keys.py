@@ -53,7 +53,7 @@ def test_nan_and_infinities_are_rejected():
     (lambda: RMSNormSpec(hidden=896, eps=1e-6, block_size=100), "block_size must be a multiple of 32"),
     (lambda: RMSNormSpec(hidden=1 << 20, eps=1e-6), "values per thread"),
     (lambda: RopeSpec(heads=2, head_dim=63, theta=1e4), "head_dim must be even"),
-    (lambda: RopeSpec(heads=2, head_dim=64, theta=-1.0), "theta must be > 0"),
+    (lambda: RopeSpec(heads=2, head_dim=64, theta=-1.0), "theta must be in"),
     (lambda: RMSNormSpec(hidden=896.0, eps=1e-6), "hidden must be int"),
     (lambda: RMSNormSpec(hidden=True, eps=1e-6), "hidden must be int"),
     (lambda: RMSNormSpec(hidden=896, eps=1e-6, save_rstd=1), "save_rstd must be bool"),

@@ -8,19 +8,22 @@ order stages (per-block partial sums of squares, then one block), hence determin
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import ClassVar
 
 import numpy as np
 
+from .. import exact
 from ..builder import Addr, KernelBuilder, T
 from ..reductions import block_allreduce, tree_sum
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from ..vecio import DType, flat_elementwise, flat_grid, load_f32, offset, store_f32
-from .common import check_block_size, check_positive
+from .common import MAX_LOOP_BOUND, check_at_most, check_block_size, check_f32, check_positive
 
 VEC = 4
 UNROLL = 4  # independent accumulators (and loads in flight) per thread; fixed, so the sum is too
+MAX_UNROLLED_LOADS = 64  # grad_norm_final: partials per thread
 NORM_EPS = 1e-6  # clip scale = min(1, max_norm / (norm + NORM_EPS)), as torch's clip_grad_norm_
 
 
@@ -36,11 +39,16 @@ class AdamWSpec(KernelSpec):
 
     def validate(self) -> None:
         for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise SpecError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        check_positive("eps", self.eps)
+            beta = getattr(self, name)
+            if not 0.0 <= beta < 1.0:
+                raise SpecError(f"{name} must be in [0, 1), got {beta!r}")
+            if check_f32(name, beta) == 1.0:  # the kernel bakes beta and 1 - beta as f32
+                raise SpecError(f"{name} {beta!r} rounds to 1 in f32: the moment would never decay")
+            check_f32(f"1 - {name}", float(exact.f32(1 - Fraction(beta))))
+        check_f32("eps", self.eps, positive=True)
         if self.weight_decay < 0:
             raise SpecError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        check_f32("weight_decay", self.weight_decay)
         check_block_size(self.block_size)
 
     def launch_dims(self, n: int) -> tuple[int, int]:
@@ -69,8 +77,8 @@ class AdamWSpec(KernelSpec):
             outs = {"param": [], "exp_avg": [], "exp_avg_sq": []}
             for pk, gk, mk, vk in zip(p, g, m, v):
                 gk = b.mul(gk, clip)
-                mk = b.fma(mk, self.beta1, b.mul(gk, 1.0 - self.beta1))
-                vk = b.fma(vk, self.beta2, b.mul(b.mul(gk, gk), 1.0 - self.beta2))
+                mk = b.fma(mk, self.beta1, b.mul(gk, exact.f32(1 - Fraction(self.beta1))))
+                vk = b.fma(vk, self.beta2, b.mul(b.mul(gk, gk), exact.f32(1 - Fraction(self.beta2))))
                 denom = b.add(b.div(b.fn("sqrt", vk, "rn"), bc2_sqrt), self.eps)
                 pk = b.fma(b.neg(step_size), b.div(mk, denom), b.mul(pk, decay))
                 outs["param"].append(pk)
@@ -102,6 +110,7 @@ class GradNormPartialSpec(KernelSpec):
 
     def validate(self) -> None:
         check_positive("blocks", self.blocks)
+        check_at_most("blocks", self.blocks, MAX_LOOP_BOUND, "the grid stride stays in 32-bit math")
         check_block_size(self.block_size)
 
     def launch_dims(self) -> tuple[int, int]:
@@ -151,6 +160,8 @@ class GradNormFinalSpec(KernelSpec):
     def validate(self) -> None:
         check_positive("partials", self.partials)
         check_block_size(self.block_size)
+        check_at_most("partials", self.partials, MAX_UNROLLED_LOADS * self.block_size,
+                      f"each thread's loads are unrolled, at most {MAX_UNROLLED_LOADS}")
 
     def launch_dims(self) -> tuple[int, int]:
         return 1, self.block_size

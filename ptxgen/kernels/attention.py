@@ -23,15 +23,15 @@ from typing import ClassVar
 
 import numpy as np
 
+from .. import exact
 from ..builder import Addr, KernelBuilder, Reg, T
+from ..exact import LN2_F32, LOG2E_F32
 from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from ..vecio import DType, load_f32, store_f32
-from .common import check_block_size, check_positive
+from .common import MAX_GRID_YZ, check_at_most, check_block_size, check_positive
 
-LOG2E = 1.0 / math.log(2.0)
-LN2 = math.log(2.0)
 MAX_REGS_PER_THREAD = 128  # row values held per thread (the dK/dV kernel holds four rows' shares)
 PARTIALS = 4               # independent accumulators per dot product (shorter dependency chains)
 CHUNK = 4                  # floats per 16-byte access
@@ -135,6 +135,7 @@ class AttentionGrid:
             check_positive(name, getattr(self, name))
         if self.heads % self.kv_heads:
             raise SpecError(f"heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
+        check_at_most("heads", self.heads, MAX_GRID_YZ, "heads are a grid dimension")
 
     @property
     def group(self) -> int:
@@ -142,7 +143,13 @@ class AttentionGrid:
 
     @property
     def scale(self) -> float:
-        return 1.0 / math.sqrt(self.head_dim)
+        """1/sqrt(head_dim) as f32, rounded once from the exact value."""
+        return exact.f32(exact.rsqrt(self.head_dim))
+
+    @property
+    def scale_log2e(self) -> float:
+        """log2(e)/sqrt(head_dim) as f32, rounded once: the base-2 score scale."""
+        return exact.f32(exact.product(exact.rsqrt(self.head_dim), exact.LOG2E_F32))
 
     @property
     def grid_heads(self) -> int:
@@ -219,7 +226,7 @@ class AttentionSpec(_AttentionBase):
         r = _Rows(b, self)
         head = b.special("%ctaid.y")
         kv_head = b.div(head, self.group)
-        qs = r.load(r.row_ptr(q, self.heads, head, r.row), r.valid, scale=self.scale * LOG2E)  # base-2 scores
+        qs = r.load(r.row_ptr(q, self.heads, head, r.row), r.valid, scale=self.scale_log2e)  # base-2 scores
         acc = [b.mov(0.0, T.F32) for _ in qs]
         m, l = b.mov(float("-inf"), T.F32), b.mov(0.0, T.F32)
         ks, vs = r.shared_rows("k_tile", self.tile), r.shared_rows("v_tile", self.tile)
@@ -247,7 +254,7 @@ class AttentionSpec(_AttentionBase):
             b.bar_sync()
         inv = b.fn("rcp", l, "rn")
         r.store(r.row_ptr(o, self.heads, head, r.row), [b.mul(a, inv) for a in acc], r.valid)
-        log_l = b.mul(b.add(m, b.fn("lg2", l)), LN2)
+        log_l = b.mul(b.add(m, b.fn("lg2", l)), LN2_F32)
         b.st("global", Addr(r.stat(lse, self.heads, head, r.row)), log_l, guard=b.and_(r.valid, r.is_lead))
 
     @classmethod
@@ -271,13 +278,13 @@ class AttentionBackwardQSpec(_AttentionBase):
         r = _Rows(b, self)
         head = b.special("%ctaid.y")
         kv_head = b.div(head, self.group)
-        qs = r.load(r.row_ptr(q, self.heads, head, r.row), r.valid, scale=self.scale * LOG2E)
+        qs = r.load(r.row_ptr(q, self.heads, head, r.row), r.valid, scale=self.scale_log2e)
         dos = r.load(r.row_ptr(do, self.heads, head, r.row), r.valid)
         os_ = r.load(r.row_ptr(o, self.heads, head, r.row), r.valid)
         d_i = warp_allreduce(b, tree_sum(b, [b.mul(x, y) for x, y in zip(dos, os_)]), "add", self.lanes)
         b.st("global", Addr(r.stat(delta, self.heads, head, r.row)), d_i, guard=b.and_(r.valid, r.is_lead))
         lse2 = b.mul(b.ld("global", T.F32, Addr(r.stat(lse, self.heads, head, r.row)), guard=r.valid,
-                          out=[b.mov(0.0, T.F32)]), LOG2E)
+                          out=[b.mov(0.0, T.F32)]), LOG2E_F32)
         acc = [b.mov(0.0, T.F32) for _ in qs]
         ks, vs = r.shared_rows("k_tile", self.tile), r.shared_rows("v_tile", self.tile)
         end = b.min(r.seq, b.add(r.first, self.rows_per_block)) if self.causal else r.seq
@@ -317,7 +324,7 @@ class AttentionBackwardKVSpec(_AttentionBase):
         q, k, v, do, lse, delta, dk, dv = self._global_pointers(b)
         r = _Rows(b, self)
         key, kv_head = r.row, b.special("%ctaid.y")
-        c = self.scale * LOG2E
+        c = self.scale_log2e
         k_row = r.load(r.row_ptr(k, self.kv_heads, kv_head, key), r.valid, scale=c)
         v_row = r.load(r.row_ptr(v, self.kv_heads, kv_head, key), r.valid)
         dks, dvs = [b.mov(0.0, T.F32) for _ in k_row], [b.mov(0.0, T.F32) for _ in v_row]
@@ -339,7 +346,7 @@ class AttentionBackwardKVSpec(_AttentionBase):
                 delta_i = b.ld("global", T.F32, Addr(r.stat(delta, self.heads, head, i)), guard=in_tile,
                                out=[b.mov(0.0, T.F32)])
                 st = b.add(stats, b.mul(r.tid, 4))
-                b.st("shared", Addr(st), b.mul(lse_i, LOG2E), guard=is_stat_thread)
+                b.st("shared", Addr(st), b.mul(lse_i, LOG2E_F32), guard=is_stat_thread)
                 b.st("shared", Addr(st, 4 * self.tile), delta_i, guard=is_stat_thread)
                 b.bar_sync()
                 for j in range(self.tile):

@@ -25,11 +25,11 @@ Blocks with the most causal work start first.
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 from ..builder import Addr, Guard, KernelBuilder, Reg, T
+from ..exact import LN2_F32, LOG2E_F32
 from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError
@@ -37,8 +37,6 @@ from .attention import AttentionGrid
 from .gemm_tc import SHARED_LIMIT
 from .mma_tile import CHUNK, ELEMS, MmaType, SharedTile
 
-LOG2E = 1.0 / math.log(2.0)
-LN2 = math.log(2.0)
 
 Tiles = list[list[Reg]]  # accumulator tiles: [n8 tile][4 f32]
 
@@ -226,7 +224,7 @@ class _Flash:
                 b.st("global", Addr(out, 16 * j), b.cvt_x2(self.to, b.mul(acc[2 * h + 1], inv), b.mul(acc[2 * h], inv)),
                      t=T.B32, guard=valid)
             b.st("global", Addr(self.stat_ptr("lse", spec.heads, head, seq, rows[h])),
-                 b.mul(b.add(m[h], b.fn("lg2", l_row)), LN2), guard=b.and_(valid, b.setp("eq", self.quad, 0)))
+                 b.mul(b.add(m[h], b.fn("lg2", l_row)), LN2_F32), guard=b.and_(valid, b.setp("eq", self.quad, 0)))
 
     def swap(self, x: Reg, y: Reg) -> None:
         t = self.b.mov(x)
@@ -329,7 +327,7 @@ class _ForwardBase(_FlashBase):
         landed()
         queries = self._start(f)
 
-        c = self.scale * LOG2E  # scores in base 2
+        c = self.scale_log2e  # scores in base 2
         m, l_part = f.softmax_state()
         o = self._output(f)
         rows, last_free, off = f.forward_masking(first, q_start, kv_len)
@@ -415,9 +413,9 @@ class AttentionTCBackwardQSpec(_FlashBase):
         rows = f.rows_of_warp(first)
         delta = self._delta(b, f, first, seq, head, q_bytes)
         lse2 = [b.mul(b.ld("global", T.F32, Addr(f.stat_ptr("lse", self.heads, head, seq, r)),
-                           guard=b.setp("lt", r, seq), out=[b.mov(0.0, T.F32)]), LOG2E) for r in rows]
+                           guard=b.setp("lt", r, seq), out=[b.mov(0.0, T.F32)]), LOG2E_F32) for r in rows]
         neg_lse2 = [b.neg(x) for x in lse2]
-        c = self.scale * LOG2E
+        c = self.scale_log2e
         dq = f.zeros(d // 8)
         last_free = b.min(seq, b.add(first, 1)) if self.causal else seq
 
@@ -513,7 +511,7 @@ class AttentionTCBackwardKVSpec(_FlashBase):
         b.bar_sync()
         keys = f.rows_of_warp(first)
         dk, dv = f.zeros(d // 8), f.zeros(d // 8)
-        c = self.scale * LOG2E
+        c = self.scale_log2e
         q_begin = b.mul(b.div(first, bq), bq) if self.causal else b.mov(0, T.U32)  # queries that see these keys
         stage_bytes = 2 * q_bytes + 2 * bq * 4
         stage = b.add(f.smem, 2 * kv_bytes)
@@ -534,7 +532,7 @@ class AttentionTCBackwardKVSpec(_FlashBase):
                 f.copy_rows(b.add(do_at, b.mul_wide(row0, q_row)), self.heads, b.add(dst, q_bytes), row0, seq, bq)
                 row = b.add(row0, f.tid)
                 ok = b.and_(tid_ok, b.setp("lt", row, seq))
-                for i, (at, scale) in enumerate(((lse_at, LOG2E), (delta_at, 1.0))):
+                for i, (at, scale) in enumerate(((lse_at, LOG2E_F32), (delta_at, 1.0))):
                     x = b.ld("global", T.F32, Addr(b.add(at, b.mul_wide(row, 4))), guard=ok, out=[b.mov(0.0, T.F32)])
                     b.st("shared", Addr(b.add(dst, b.shl(f.tid, 2)), 2 * q_bytes + i * bq * 4),
                          b.mul(x, scale) if scale != 1.0 else x, guard=tid_ok)

@@ -11,7 +11,7 @@ from ..builder import Addr, KernelBuilder, T
 from ..registry import register
 from ..spec import KernelSpec
 from ..vecio import DType, flat_elementwise, flat_grid, load_f32, offset, store_f32, vector_width
-from .common import check_block_size, check_positive
+from .common import MAX_ROW_ELEMENTS, check_at_most, check_block_size, check_positive
 
 
 @register
@@ -24,6 +24,7 @@ class BiasAddSpec(KernelSpec):
 
     def validate(self) -> None:
         check_positive("cols", self.cols)
+        check_at_most("cols", self.cols, MAX_ROW_ELEMENTS, "32-bit index math")
         check_block_size(self.block_size)
 
     @property

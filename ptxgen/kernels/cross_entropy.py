@@ -7,21 +7,19 @@ an argument; vocab and ignore_index are baked in. Targets are checked on the hos
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from ..builder import Addr, KernelBuilder, T
+from ..exact import LN2_F32, LOG2E_F32
 from ..reductions import block_allreduce
 from ..registry import register
-from ..spec import KernelSpec
+from ..spec import KernelSpec, SpecError
 from ..vecio import DType, load_f32, offset, row_sweep, store_f32, vector_width
-from .common import check_block_size, check_positive
+from .common import MAX_ROW_ELEMENTS, check_at_most, check_block_size, check_positive
 
-LOG2E = 1.0 / math.log(2.0)
-LN2 = math.log(2.0)
 UNROLL = 4
 
 
@@ -37,6 +35,9 @@ class CrossEntropySpec(KernelSpec):
 
     def validate(self) -> None:
         check_positive("vocab", self.vocab)
+        check_at_most("vocab", self.vocab, MAX_ROW_ELEMENTS, "32-bit index math")
+        if not -2**31 <= self.ignore_index < 2**31:
+            raise SpecError(f"ignore_index must fit the int32 targets, got {self.ignore_index}")
         check_block_size(self.block_size)
 
     def launch_dims(self, rows: int) -> tuple[int, int]:
@@ -56,7 +57,7 @@ class CrossEntropySpec(KernelSpec):
         row_out = offset(b, dlogits, row, self.vocab * self.grad_dtype.size)
 
         def exp(v):  # e^v as 2^(v log2 e)
-            return b.fn("ex2", b.mul(v, LOG2E))
+            return b.fn("ex2", b.mul(v, LOG2E_F32))
 
         m, s = b.mov(float("-inf"), T.F32), b.mov(0.0, T.F32)
 
@@ -83,7 +84,7 @@ class CrossEntropySpec(KernelSpec):
         target = b.ld("global", T.S32, Addr(offset(b, targets, row, 4)), nc=True)
         ignored = b.setp("eq", target, self.ignore_index)
         target_logit = load_f32(b, dt, Addr(offset(b, row_in, target, size)), 1, guard=~ignored)[0]
-        row_loss = b.sub(b.fma(b.fn("lg2", row_sum), LN2, row_max), target_logit)
+        row_loss = b.sub(b.fma(b.fn("lg2", row_sum), LN2_F32, row_max), target_logit)
         b.st("global", Addr(offset(b, loss, row, 4)), b.selp(0.0, row_loss, ignored, T.F32),
              guard=b.setp("eq", tid, 0))
 

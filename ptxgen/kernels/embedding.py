@@ -16,7 +16,7 @@ from ..builder import Addr, KernelBuilder, T
 from ..registry import register
 from ..spec import KernelSpec
 from ..vecio import DType, RowSlices, flat_elementwise, flat_grid, load_f32, offset, store_f32, vector_width
-from .common import check_block_size, check_positive
+from .common import MAX_ROW_ELEMENTS, check_at_most, check_block_size, check_positive
 from .rmsnorm import _check_row_fit
 
 
@@ -30,6 +30,7 @@ class EmbeddingSpec(KernelSpec):
 
     def validate(self) -> None:
         check_positive("dim", self.dim)
+        check_at_most("dim", self.dim, MAX_ROW_ELEMENTS, "32-bit index math")
         check_block_size(self.block_size)
 
     @property
@@ -71,6 +72,7 @@ class EmbeddingBackwardSpec(KernelSpec):
 
     def validate(self) -> None:
         check_positive("dim", self.dim)
+        check_at_most("dim", self.dim, MAX_ROW_ELEMENTS, "32-bit index math")
         check_block_size(self.block_size)
         _check_row_fit(self.dim, DType.F32, self.block_size)
 

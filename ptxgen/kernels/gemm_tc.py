@@ -20,7 +20,7 @@ from typing import ClassVar
 from ..builder import KernelBuilder, Reg, T
 from ..registry import register
 from ..spec import KernelSpec, SpecError
-from .common import check_positive
+from .common import MAX_LOOP_BOUND, check_at_most, check_positive
 from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices, leading_dims, split_batch, tile_origin
 from .mma_tile import CHUNK, ELEMS, MmaType, SharedTile
 
@@ -265,6 +265,7 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
     def validate(self) -> None:
         for name in ("block_m", "block_n", "block_k", "warps_m", "warps_n", "stages", "group_m", "min_blocks"):
             check_positive(name, getattr(self, name))
+        check_at_most("group_m", self.group_m, MAX_LOOP_BOUND, "a tile-order group size")
         if self.dtype is MmaType.TF32:
             raise SpecError("gemm_tc (mma.sync m16n8k16) takes bf16 or f16; tf32 is gemm_wgmma's")
         if self.block_k not in (16, 32, 64):  # a power-of-two count of 16-byte chunks per row

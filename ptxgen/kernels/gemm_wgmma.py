@@ -38,7 +38,7 @@ from typing import ClassVar
 from ..builder import KernelBuilder, Reg, T
 from ..registry import register
 from ..spec import KernelSpec, SpecError, Target
-from .common import check_positive
+from .common import MAX_LOOP_BOUND, check_at_most, check_positive
 from .gemm import batch_matrices, tile_origin
 from .gemm_tc import SHARED_LIMIT, TensorCoreGemm, _Operand, store_accumulators
 from .mma_tile import MmaType
@@ -103,6 +103,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
     def validate(self) -> None:
         for name in ("warpgroups", "block_n", "stages", "group_m"):
             check_positive(name, getattr(self, name))
+        check_at_most("group_m", self.group_m, MAX_LOOP_BOUND, "a tile-order group size")
         if self.warpgroups not in (1, 2):
             raise SpecError(f"warpgroups must be 1 or 2, got {self.warpgroups}")
         if self.block_n not in (64, 128, 256):

@@ -7,16 +7,18 @@ Storage f32 or bf16, arithmetic f32; gamma is f32 (master weights).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import ClassVar
 
 import numpy as np
 
+from .. import exact
 from ..builder import Addr, KernelBuilder, T
 from ..reductions import block_allreduce, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from ..vecio import DType, RowSlices, offset, vector_width
-from .common import check_block_size, check_positive
+from .common import MAX_LOOP_BOUND, check_at_most, check_block_size, check_f32, check_positive
 
 MAX_VALUES_PER_THREAD = 64  # beyond this the row slice no longer fits in registers
 
@@ -46,7 +48,7 @@ class RMSNormSpec(KernelSpec):
 
     def validate(self) -> None:
         check_positive("hidden", self.hidden)
-        check_positive("eps", self.eps)
+        check_f32("eps", self.eps, positive=True)
         check_block_size(self.block_size)
         _check_row_fit(self.hidden, self.dtype, self.row_threads)
 
@@ -83,7 +85,7 @@ class RMSNormSpec(KernelSpec):
             b.fma(h, h, sumsq, out=sumsq)
         total = (warp_allreduce(b, sumsq, "add") if self.warp_per_row
                  else block_allreduce(b, sumsq, "add", self.block_size, tid))
-        rstd = b.fn("rsqrt", b.fma(total, 1.0 / self.hidden, self.eps))
+        rstd = b.fn("rsqrt", b.fma(total, exact.f32(Fraction(1, self.hidden)), self.eps))
         if self.save_rstd:
             b.st("global", Addr(offset(b, ptr["rstd"], row, 4)), rstd, guard=b.setp("eq", tid, 0))
 
@@ -120,6 +122,7 @@ class RMSNormBackwardSpec(KernelSpec):
     def validate(self) -> None:
         check_positive("hidden", self.hidden)
         check_positive("rows_per_block", self.rows_per_block)
+        check_at_most("rows_per_block", self.rows_per_block, MAX_LOOP_BOUND, "a baked row count")
         check_block_size(self.block_size)
         _check_row_fit(self.hidden, DType.F32, self.block_size)
 
@@ -154,7 +157,7 @@ class RMSNormBackwardSpec(KernelSpec):
                 b.fma(gd, x, dot, out=dot)
             dot = block_allreduce(b, dot, "add", self.block_size, tid, in_loop=True)
             # dx = r*g*dy - x * r^3 * dot / hidden
-            c = b.mul(b.mul(b.mul(r, r), r), b.mul(dot, 1.0 / self.hidden))
+            c = b.mul(b.mul(b.mul(r, r), r), b.mul(dot, exact.f32(Fraction(1, self.hidden))))
             dxs = [[b.fma(b.neg(x), c, b.mul(r, gd)) for x, gd in zip(xv, gv)] for xv, gv in zip(xs, gdy)]
             if self.residual:
                 dres = rows.load(b, DType.F32, rows.base(b, ptr["dres"], row, 4))

@@ -6,27 +6,38 @@ is formed and reduced modulo 2*pi in f64, so the f32 sin/cos see |angle| <= pi w
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import ClassVar
 
 import numpy as np
 
+from .. import exact
 from ..builder import Addr, KernelBuilder, T
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from ..vecio import DType, load_f32, offset, store_f32, vector_width
-from .common import check_block_size, check_positive
+from .common import check_at_most, check_block_size, check_positive
 
-TWO_PI = 2.0 * math.pi
 MAX_HEADS = 128
+MAX_HEAD_DIM = 1024  # the frequency table and the per-thread pairs stay small
+MAX_THETA = float(2**1000)
 MAX_VALUES_IN_FLIGHT = 64  # loaded values per thread before the first store
-TWO_PI_LO = 2.4492935982947064e-16  # 2*pi - fl(2*pi): the second term of the Cody-Waite reduction
+TWO_PI_EXACT = 2 * Fraction(exact.PI)
+TWO_PI = exact.f64(TWO_PI_EXACT)
+TWO_PI_LO = exact.f64(TWO_PI_EXACT - Fraction(TWO_PI))  # the second term of the Cody-Waite reduction
+INV_TWO_PI = exact.f64(1 / TWO_PI_EXACT)
+
+
+def frequency_table(head_dim: int, theta: float) -> tuple[float, ...]:
+    """theta^(-2i/head_dim) for i < head_dim/2, each the f64 nearest the exact value: the kernel's
+    table and the reference's, the same bits on every host (no numpy or libm power)."""
+    return tuple(exact.f64(exact.power(theta, Fraction(-2 * i, head_dim))) for i in range(head_dim // 2))
 
 
 def inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
-    """theta^(-2i/head_dim) for i < head_dim/2, float64: the kernel's table and the reference's."""
-    return theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    """``frequency_table`` as a float64 array."""
+    return np.array(frequency_table(head_dim, theta), dtype=np.float64)
 
 
 @register
@@ -47,7 +58,11 @@ class RopeSpec(KernelSpec):
         check_positive("head_dim", self.head_dim)
         if self.head_dim % 2:
             raise SpecError(f"head_dim must be even, got {self.head_dim}")
-        check_positive("theta", self.theta)
+        check_at_most("head_dim", self.head_dim, MAX_HEAD_DIM, "the frequency table is baked into the module")
+        if not 1.0 <= self.theta <= MAX_THETA:
+            # frequencies in (2**-1000, 1]: normal f64, and an angle below 2**31 radians, which the
+            # kernel's f64 reduction modulo 2 pi covers for every int32 position
+            raise SpecError(f"theta must be in [1, 2**1000], got {self.theta!r}")
         check_block_size(self.block_size)
 
     @property
@@ -68,7 +83,7 @@ class RopeSpec(KernelSpec):
     def build(self, b: KernelBuilder) -> None:
         half, vec, size = self.head_dim // 2, self.vec, self.dtype.size
         groups = half // vec
-        table = b.global_table("inv_freq", T.F64, inverse_frequencies(self.head_dim, self.theta).tolist())
+        table = b.global_table("inv_freq", T.F64, frequency_table(self.head_dim, self.theta))
         x, y, positions = (b.cvta_global(b.ld_param(n)) for n in ("x", "y", "positions"))
         n_tokens = b.ld_param("n_tokens")
         idx = b.mad(b.special("%ctaid.x"), self.block_size, b.special("%tid.x"))
@@ -82,7 +97,7 @@ class RopeSpec(KernelSpec):
         cos, sin = [], []
         for k in range(vec):
             angle = b.mul(pos, b.ld("global", T.F64, Addr(freqs, 8 * k), nc=True))
-            turns = b.neg(b.cvt(T.F64, b.mul(angle, 1.0 / TWO_PI), rnd="rni"))
+            turns = b.neg(b.cvt(T.F64, b.mul(angle, INV_TWO_PI), rnd="rni"))
             r32 = b.cvt(T.F32, b.fma(turns, TWO_PI_LO, b.fma(turns, TWO_PI, angle)))
             cos.append(b.fn("cos", r32))
             sin.append(b.neg(b.fn("sin", r32)) if self.inverse else b.fn("sin", r32))

@@ -4,23 +4,22 @@ sigmoid(g) = 1 / (1 + 2^(-g * log2 e)) with ex2.approx and a correctly rounded r
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
 from ..builder import KernelBuilder, Reg, T
+from ..exact import LOG2E_F32
 from ..registry import register
 from ..spec import KernelSpec
 from ..vecio import DType, elementwise, elementwise_vec, flat_grid
 from .common import check_block_size
 
-LOG2E = 1.0 / math.log(2.0)
 
 
 def sigmoid(b: KernelBuilder, g: Reg) -> Reg:
-    return b.fn("rcp", b.add(b.fn("ex2", b.mul(g, -LOG2E)), 1.0), "rn")
+    return b.fn("rcp", b.add(b.fn("ex2", b.mul(g, -LOG2E_F32)), 1.0), "rn")
 
 
 @register

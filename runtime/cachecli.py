@@ -1,0 +1,149 @@
+"""`ptxgen cache ls | show KEY | diff KEY KEY`: what the on-disk module cache holds, read from files only.
+
+A KEY may be any unique prefix of a key (at least 4 hex digits). Bad input (a missing cache
+directory, an unknown or ambiguous key) prints one line and exits 2. Needs no GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from ptxgen.cli import UsageError
+from ptxgen.spec import SpecError, decode_value
+
+from . import entry
+from .cache import default_cache_dir
+
+Entry = tuple[Path, "dict[str, Any] | str"]  # the file and its metadata, or why it cannot be read
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def entries(root: Path) -> list[Entry]:
+    """Every ``*.entry`` file under the cache, with its metadata or the reason it is unreadable."""
+    if not root.is_dir():
+        raise UsageError(f"cache directory {root} " + ("is not a directory" if root.exists() else "does not exist"))
+    out: list[Entry] = []
+    for path in sorted((root / entry.LAYOUT).glob(f"*/*/*{entry.SUFFIX}")):
+        try:
+            out.append((path, entry.decode(path.read_bytes())[0]))
+        except (OSError, entry.EntryError) as e:
+            out.append((path, f"damaged: {getattr(e, 'strerror', None) or e}"))
+    return out
+
+
+def find(root: Path, key: str) -> tuple[Path, dict[str, Any]]:
+    if not re.fullmatch(r"[0-9a-f]{4,64}", key):
+        raise UsageError(f"{key!r} is not a cache key (4 to 64 lower-case hex digits)")
+    matches = [(p, m) for p, m in entries(root) if p.name.startswith(key)]
+    if not matches:
+        raise UsageError(f"no entry with key {key} in {root}")
+    if len(matches) > 1:
+        raise UsageError(f"key {key} is ambiguous: {len(matches)} entries start with it")
+    path, meta = matches[0]
+    if isinstance(meta, str):
+        raise UsageError(f"{path}: {meta}")
+    return path, meta
+
+
+def fields(meta: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for name, value in meta["fields"]:
+        try:
+            out[name] = decode_value(value)
+        except (SpecError, ValueError, OverflowError, RecursionError):  # shown as stored
+            out[name] = value
+    return out
+
+
+def describe(meta: dict[str, Any]) -> dict[str, str]:
+    """The entry as ordered (label, text) rows."""
+    created = meta.get("created")
+    spills = meta.get("local_bytes")
+    return {
+        "key": meta["key"],
+        "kind": meta["kind"],
+        "fields": ", ".join(f"{k}={v!r}" for k, v in fields(meta).items()),
+        "target": f"{meta['target']['arch']}, PTX ISA {'.'.join(map(str, meta['target']['ptx_version']))}",
+        "toolchain": "cc {}.{}, driver {}".format(*meta["toolchain"]["compute_capability"],
+                                                 meta["toolchain"]["driver_version"]),
+        "generator": meta["generator"],
+        "ptx": f"{meta.get('ptx_bytes', '?')} bytes, sha256 {meta['ptx_sha256']}",
+        "cubin": f"{meta['cubin_bytes']} bytes, sha256 {meta['cubin_sha256']}",
+        "registers": str(meta.get("registers", "?")),
+        "spills": "?" if spills is None else f"{spills} bytes local memory",
+        "compile ms": str(meta.get("compile_ms", "?")),
+        "created": "?" if created is None else
+        datetime.datetime.fromtimestamp(created, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+    }
+
+
+def cmd_ls(root: Path) -> int:
+    rows = entries(root)
+    print(f"{'key':16}  {'kind':22} {'target':8} {'toolchain':20} {'cubin':>8} {'regs':>4} {'spill':>5} "
+          f"{'ms':>7}  created              fields")
+    for path, meta in rows:
+        if isinstance(meta, str):
+            print(f"{path.name[:16]:16}  {meta}")
+            continue
+        d = describe(meta)
+        kind = meta["kind"].rsplit(".", 1)[-1]
+        print(f"{meta['key'][:16]:16}  {kind:22} {meta['target']['arch']:8} {d['toolchain']:20} "
+              f"{meta['cubin_bytes']:>8} {d['registers']:>4} {str(meta.get('local_bytes', '?')):>5} "
+              f"{str(meta.get('compile_ms', '?')):>7}  {d['created'][:19]:20} {d['fields']}")
+    print(f"{len(rows)} entries in {root}")
+    return 0
+
+
+def cmd_show(root: Path, key: str) -> int:
+    path, meta = find(root, key)
+    for label, text in describe(meta).items():
+        print(f"{label:11} {text}")
+    print(f"{'file':11} {path}")
+    return 0
+
+
+def cmd_diff(root: Path, a: str, b: str) -> int:
+    (_, ma), (_, mb) = find(root, a), find(root, b)
+    da, db = describe(ma), describe(mb)
+    fa, fb = fields(ma), fields(mb)
+    lines = []
+    if ma["kind"] != mb["kind"]:
+        lines.append(f"kind        {ma['kind']} -> {mb['kind']}")
+    else:
+        encoded_a, encoded_b = dict(map(tuple, ma["fields"])), dict(map(tuple, mb["fields"]))
+        for name in dict.fromkeys([*encoded_a, *encoded_b]):
+            if encoded_a.get(name) != encoded_b.get(name):
+                lines.append(f"field       {name}: {fa.get(name, '(absent)')!r} -> {fb.get(name, '(absent)')!r}")
+    for label in ("target", "toolchain", "generator", "ptx", "cubin", "registers", "spills", "compile ms", "created"):
+        if da[label] != db[label]:
+            lines.append(f"{label:11} {da[label]} -> {db[label]}")
+    print(f"{ma['key'][:16]} -> {mb['key'][:16]}")
+    print("\n".join(lines) if lines else "no difference")
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    p = _Parser(prog="ptxgen cache", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="cache directory (default $PTXGEN_CACHE_DIR or the XDG cache dir)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("ls", help="every entry, one line each")
+    sub.add_parser("show", help="one entry in full").add_argument("key")
+    diff = sub.add_parser("diff", help="what differs between two entries")
+    diff.add_argument("a")
+    diff.add_argument("b")
+    ns = p.parse_args(argv)
+    root = ns.cache_dir or default_cache_dir()
+    if ns.command == "ls":
+        return cmd_ls(root)
+    if ns.command == "show":
+        return cmd_show(root, ns.key)
+    return cmd_diff(root, ns.a, ns.b)

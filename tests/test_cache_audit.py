@@ -1,0 +1,183 @@
+"""The disk audit and `ptxgen cache` on damaged, malformed and misplaced entries: every problem
+reported, never a traceback; bad cache paths are bad input (one line, exit 2). No GPU needed."""
+import json
+import os
+import shutil
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from model.cli import main as cli_main
+from ptxgen.kernels.adamw import AdamWSpec
+from ptxgen.kernels.rmsnorm import RMSNormSpec
+from ptxgen.spec import Target
+from runtime import entry
+from runtime.audit import _entry_problem, check_disk, main as audit_main
+from test_runtime_cpu import CUBIN, TARGET, TOOLCHAIN, write_entry
+
+SPEC = RMSNormSpec(hidden=896, eps=1e-6)
+
+
+def rewrite(path, meta, cubin=CUBIN):
+    """Write ``meta`` with a valid checksum: the entry is well-formed, its contents are wrong."""
+    body = json.dumps(meta, separators=(",", ":")).encode() + b"\n" + cubin
+    path.write_bytes(entry.MAGIC + entry.sha256_hex(body).encode() + b"\n" + body)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: [m], "metadata is a list"),
+    (lambda m: None, "metadata is a NoneType"),
+    (lambda m: dict(m, key="not-hex"), "'key' is malformed"),
+    (lambda m: dict(m, ptx_sha256="zz" * 32), "'ptx_sha256' is malformed"),
+    (lambda m: {k: v for k, v in m.items() if k != "toolchain"}, "no 'toolchain'"),
+    (lambda m: dict(m, toolchain={"compute_capability": "90"}), "'toolchain' is malformed"),
+    (lambda m: dict(m, target={"arch": "sm_90", "ptx_version": ["8", 5]}), "'target' is malformed"),
+    (lambda m: dict(m, fields=[["eps", ["float", "zz"]]] + m["fields"][1:]), "cannot be rebuilt"),
+    (lambda m: dict(m, fields=[["eps", ["martian", 1]]] + m["fields"][1:]), "cannot be rebuilt"),
+    (lambda m: dict(m, fields=[["hidden", ["int", "-5"]]] + m["fields"][1:]), "cannot be rebuilt"),
+    (lambda m: dict(m, kind="nowhere.Spec"), "cannot be rebuilt"),
+    (lambda m: dict(m, cubin_bytes="1028"), "'cubin_bytes' is malformed"),
+    (lambda m: dict(m, registers=-1), "'registers' is malformed"),
+])
+def test_well_formed_entries_with_malformed_metadata_are_findings_not_crashes(tmp_path, damage, message):
+    path, meta = write_entry(tmp_path, SPEC)
+    rewrite(path, damage(meta))
+    [finding] = check_disk(tmp_path)
+    assert message in finding.message
+    [pruned] = check_disk(tmp_path, prune=True)
+    assert pruned.message.endswith("(pruned)") and not path.exists()
+
+
+def test_an_entry_in_the_wrong_key_prefix_folder_is_reported_and_pruned(tmp_path):
+    path, _ = write_entry(tmp_path, SPEC)
+    wrong = path.parent.parent / ("00" if path.parent.name != "00" else "11") / path.name
+    wrong.parent.mkdir()
+    path.rename(wrong)
+    [finding] = check_disk(tmp_path)
+    assert finding.message.startswith("misplaced") and f"/{path.parent.name}/" in finding.message
+    check_disk(tmp_path, prune=True)
+    assert not wrong.exists() and check_disk(tmp_path) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root deletes read-only files")
+def test_prune_reports_entries_it_cannot_delete(tmp_path, capsys):
+    path, _ = write_entry(tmp_path, SPEC)
+    path.write_bytes(b"junk")
+    path.parent.chmod(0o500)
+    try:
+        assert audit_main(["--cache-dir", str(tmp_path), "--check", "disk", "--prune"]) == 1
+        out = capsys.readouterr().out
+        assert "could not prune" in out and "Traceback" not in out
+    finally:
+        path.parent.chmod(0o700)
+
+
+def test_prune_failure_is_a_finding_not_a_traceback(tmp_path, monkeypatch):
+    """The same as root can see it: unlink refused."""
+    path, _ = write_entry(tmp_path, SPEC)
+    path.write_bytes(b"junk")
+
+    def refuse(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(path), "unlink", refuse)
+    [finding] = check_disk(tmp_path, prune=True)
+    assert "could not prune: Permission denied" in finding.message and path.exists()
+    assert audit_main(["--cache-dir", str(tmp_path), "--check", "disk", "--prune"]) == 1
+
+
+@pytest.mark.parametrize("make", [lambda p: p / "missing", lambda p: (p / "file").write_text("x") and p / "file"])
+def test_a_cache_path_that_is_missing_or_a_file_is_bad_input(tmp_path, monkeypatch, capsys, make):
+    bad = make(tmp_path)
+    monkeypatch.setenv("PTXGEN_CACHE_DIR", str(bad))
+    for argv in (["--check", "disk"], ["--cache-dir", str(bad), "--check", "disk"]):
+        with pytest.raises(SystemExit) as e:
+            audit_main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and str(bad) in err
+    assert cli_main(["cache", "ls"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+# -- hypothesis: no byte or metadata damage makes the audit raise ---------------------------------
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                           max_leaves=6)
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pristine")
+    path, meta = write_entry(root, SPEC)
+    return root, path, meta
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4),
+       truncate=st.none() | st.integers(0, 10**6))
+def test_corrupted_entry_bytes_never_crash_the_audit(pristine, cuts, truncate):
+    _root, path, _meta = pristine
+    blob = bytearray(path.read_bytes())
+    for at, byte in cuts:
+        blob[at % len(blob)] = byte
+    damaged = path.with_name("d" + path.name)
+    damaged.write_bytes(bytes(blob[:truncate] if truncate is not None else blob))
+    try:
+        assert _entry_problem(damaged, path.parents[2]) is not None
+    finally:
+        damaged.unlink()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(["layout", "key", "kind", "fields", "target", "toolchain", "generator", "ptx_sha256",
+                              "cubin_sha256", "cubin_bytes", "created", "registers", "extra"]),
+       value=json_values, drop=st.booleans())
+def test_malformed_metadata_with_a_valid_checksum_never_crashes_the_audit(pristine, field, value, drop):
+    root, path, meta = pristine
+    damaged_meta = {k: v for k, v in meta.items() if k != field} if drop else dict(meta, **{field: value})
+    copy = path.with_name(path.name)  # same name: key and folder checks run too
+    saved = path.read_bytes()
+    try:
+        rewrite(copy, damaged_meta)
+        problem = _entry_problem(copy, path.parents[2])
+        assert problem is None or isinstance(problem, str)
+        findings = check_disk(root)
+        assert all(isinstance(f.message, str) for f in findings)
+        if field in ("created", "registers") and drop:
+            assert problem is None  # informational fields may be absent
+    finally:
+        path.write_bytes(saved)
+
+
+# -- ptxgen cache ls | show | diff --------------------------------------------------------------------
+def test_cache_ls_show_and_diff(tmp_path, capsys):
+    a, _ = write_entry(tmp_path, AdamWSpec(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0))
+    b, meta = write_entry(tmp_path, AdamWSpec(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=-0.0))
+    rewrite(b, dict(meta, created=1764500000.0, compile_ms=12.5, registers=40, local_bytes=0))
+    damaged = tmp_path / "v1" / a.parent.parent.name / "ee" / ("e" * 64 + entry.SUFFIX)
+    damaged.parent.mkdir()
+    damaged.write_bytes(b"junk")
+    root = ["cache", "--cache-dir", str(tmp_path)]
+    assert cli_main(root + ["ls"]) == 0
+    out = capsys.readouterr().out
+    assert "3 entries" in out and "weight_decay=-0.0" in out and "damaged: not a v1 cache entry" in out
+    assert cli_main(root + ["show", b.name[:12]]) == 0
+    out = capsys.readouterr().out
+    assert "registers   40" in out and "compile ms  12.5" in out and "2025-11-30" in out
+    assert cli_main(root + ["diff", a.name[:12], b.name[:12]]) == 0
+    out = capsys.readouterr().out
+    assert "field       weight_decay: 0.0 -> -0.0" in out and "registers   ? -> 40" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["show", "abcd"], "no entry with key abcd"),
+    (["show", "XYZ!"], "is not a cache key"),
+    (["diff", "abcd"], "required"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_cache_command_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    write_entry(tmp_path, SPEC)
+    assert cli_main(["cache", "--cache-dir", str(tmp_path)] + argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
