@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import sys
 import typing
 from pathlib import Path
@@ -85,6 +86,19 @@ def checkpoint_tokenizer(ckpt: Checkpoint) -> Path | None:
     if ckpt.trainer.get("tokenizer", "byte") == "byte" and (ckpt.trainer or ckpt.config.vocab_size == 256):
         return None
     raise UsageError(f"{ckpt.path} has no tokenizer.json; copy the model's tokenizer.json into it")
+
+
+def _check_fresh_out(out: Path, config: ModelConfig) -> None:
+    """A new run writes into a run directory of its own model: never into a checkpoint (a model
+    folder transformers wrote, or one of ours), nor beside another model's checkpoints."""
+    if (out / "config.json").exists():
+        raise UsageError(f"--out {out} is a checkpoint (it holds config.json); a run writes into a run "
+                         "directory of its own")
+    if (out / LATEST).exists():
+        theirs = ModelConfig.load(resolve(out) / "config.json")
+        if theirs != config:
+            raise UsageError(f"--out {out} holds a run of another model; --resume continues it, or choose "
+                             "another --out")
 
 
 def _on_gpu(device: str) -> bool:
@@ -200,9 +214,13 @@ def cmd_train(argv: Sequence[str]) -> int:
             raise UsageError(f"--init: {init.path} brings its own tokenizer.json; drop --tokenizer")
         config, tokenizer_file = init.config, tokenizer_file or checkpoint_tokenizer(init)
         generation_config = _read_bytes(init.generation_config_path)
+        if generation_config is None and init.eos_token_ids:  # config.json's stop tokens, kept (greedy as before)
+            generation_config = json.dumps({"eos_token_id": list(init.eos_token_ids)}).encode()
     name = ns.preset or (plan.preset if plan else None) or (ns.config.parent.name if ns.config else None)
     out = ns.out or Path("runs") / (name or (init.path.parent.name if init and (init.path.parent / LATEST).exists()
                                              else init.path.name if init else "tiny"))
+    if not ns.resume:
+        _check_fresh_out(out, config)
     if ns.resume:
         if not (out / LATEST).exists():
             raise UsageError(f"--resume: no checkpoint in {out} (no {LATEST} file)")

@@ -19,6 +19,13 @@ class ConfigError(ValueError):
     """A config that cannot describe a model; one line for the user."""
 
 
+def f32_normal(x: float) -> bool:
+    """Whether ``x`` rounds to a finite, normal (not flushed, not zero) float32."""
+    with np.errstate(over="ignore"):
+        f = abs(float(np.float32(x)))
+    return math.isfinite(f) and f >= float(np.finfo(np.float32).tiny)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
@@ -43,8 +50,9 @@ class ModelConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
                 raise ConfigError(f"{name} must be a finite positive number, got {v!r}")
             object.__setattr__(self, name, float(v))
-        if not np.float32(self.rms_norm_eps) >= np.finfo(np.float32).tiny:
-            raise ConfigError(f"rms_norm_eps {self.rms_norm_eps!r} underflows in float32 (the norm kernels add it in f32)")
+        if not f32_normal(self.rms_norm_eps):
+            raise ConfigError(f"rms_norm_eps {self.rms_norm_eps!r} is not a normal float32 number (the norm "
+                              "kernels add it in f32)")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:

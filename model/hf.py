@@ -41,8 +41,6 @@ def read_config(path: Path) -> HFConfig:
 
 def weight_files(path: Path) -> dict[Path, set[str] | None]:
     """Each weight file of a checkpoint with the tensor names its index assigns it (None: unsharded)."""
-    if (path / MASTER).is_file():
-        return {path / MASTER: None}
     if (path / SINGLE).is_file():
         return {path / SINGLE: None}
     if not (path / INDEX).is_file():
@@ -81,17 +79,31 @@ def read_tensors(file: Path) -> dict[str, np.ndarray]:
 
 
 def read_weights(path: Path) -> dict[str, np.ndarray]:
-    """All weight tensors of a checkpoint directory, widened exactly to float32."""
-    weights: dict[str, np.ndarray] = {}
+    """All weight tensors of a checkpoint directory, widened exactly to float32.
+
+    Beside a narrower model.safetensors, this project keeps the f32 masters (``MASTER``): they are
+    the weights, and they must round to exactly what model.safetensors holds (else one of the two
+    was replaced or damaged since, and which one is right cannot be told)."""
+    stored: dict[str, np.ndarray] = {}
     for file, expected in weight_files(path).items():
         tensors = read_tensors(file)
         if expected is not None and set(tensors) != expected:
             odd = sorted(set(tensors) ^ expected)[0]
             raise CheckpointError(f"{file} does not hold what {INDEX} says (first difference: {odd})")
         for name, t in tensors.items():
-            if name in weights:
+            if name in stored:
                 raise CheckpointError(f"{name} is stored twice ({file.name} and another shard)")
-            weights[name] = t.astype(np.float32)
+            stored[name] = t
+    if (path / MASTER).is_file():
+        masters = read_tensors(path / MASTER)
+        for name in sorted(set(masters) | set(stored)):
+            m, t = masters.get(name), stored.get(name)
+            if m is None or t is None or m.shape != t.shape or not np.array_equal(
+                    m.astype(t.dtype).astype(np.float32), t.astype(np.float32), equal_nan=True):
+                raise CheckpointError(f"{path}: {MASTER} and the model weights disagree at {name} "
+                                      "(one of them was replaced or damaged)")
+        stored = masters
+    weights = {name: t.astype(np.float32) for name, t in stored.items()}
     for name, w in weights.items():
         if not np.isfinite(w).all():
             raise CheckpointError(f"{path}: {name} holds non-finite values (NaN or infinity)")
@@ -142,7 +154,20 @@ def check_rotary_buffer(config: ModelConfig, name: str, stored: np.ndarray, path
     from ptxgen.kernels.rope import inverse_frequencies
 
     expected = inverse_frequencies(config.head_dim, config.rope_theta)
-    if stored.shape != expected.shape or not np.allclose(stored, expected, rtol=1e-5, atol=0):
+    layer = name.split(".")[2]
+    if not layer.isdigit() or int(layer) >= config.num_layers:
+        raise CheckpointError(f"{path}: {name} belongs to no layer of a {config.num_layers}-layer model")
+    # saved in f32 as torch computed it, or in the model's f16 / bf16 after a cast: within 2 units
+    # in the last place of the narrowest dtype whose values it holds
+    narrow = next((dt for dt in (np.float16, ml_dtypes.bfloat16) if stored.shape == expected.shape
+                   and np.array_equal(stored.astype(dt).astype(np.float32), stored)), None)
+    if narrow is not None:
+        info = np.finfo(narrow)
+        rtol, atol = 2 * float(info.eps), 2 * float(info.smallest_subnormal)
+        expected = expected.astype(narrow).astype(np.float64)
+    else:
+        rtol, atol = 1e-5, 0.0
+    if stored.shape != expected.shape or not np.allclose(stored, expected, rtol=rtol, atol=atol):
         raise CheckpointError(f"{path}: {name} is not the RoPE frequencies of rope_theta "
                               f"{config.rope_theta:g} and head_dim {config.head_dim}")
 
@@ -150,9 +175,13 @@ def check_rotary_buffer(config: ModelConfig, name: str, stored: np.ndarray, path
 def generation_defaults(path: Path, hf: HFConfig) -> Sampling:
     """generation_config.json's decoding defaults (its eos ids, else config.json's)."""
     try:
-        return read_generation_config(path / "generation_config.json", hf.eos_token_ids)
+        sampling = read_generation_config(path / "generation_config.json", hf.eos_token_ids)
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    odd = [i for i in sampling.eos_token_ids if i >= hf.config.vocab_size]
+    if odd:  # a stop token the model can never produce: generation would never stop
+        raise CheckpointError(f"{path}: eos token id {odd[0]} is outside the vocabulary of {hf.config.vocab_size}")
+    return sampling
 
 
 def write_weights(file: Path, tensors: dict[str, np.ndarray], save_dtype: str) -> None:

@@ -13,9 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, f32_normal
 
 MODEL_TYPES = ("qwen2", "llama")
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
@@ -57,8 +56,8 @@ def _positive_float(key: str, v: Any) -> float:
 
 def _eps(key: str, v: Any) -> float:
     eps = _positive_float(key, v)
-    if not np.float32(eps) >= np.finfo(np.float32).tiny:  # the kernels add eps in f32
-        raise _fail(key, v, "underflows in float32 (the norm kernels add it in f32)")
+    if not f32_normal(eps):  # the kernels add eps in f32
+        raise _fail(key, v, "is not a normal float32 number (the norm kernels add it in f32)")
     return eps
 
 
@@ -177,6 +176,8 @@ KEYS: dict[str, Key] = {
     "id2label": Key(_any, NO_EFFECT, "classification heads only"),
     "label2id": Key(_any, NO_EFFECT, "classification heads only"),
     "problem_type": Key(_any, NO_EFFECT, "classification heads only"),
+    "_attn_implementation_autoset": Key(_any, NO_EFFECT, "which attention code transformers picked"),
+    "attn_implementation": Key(_any, NO_EFFECT, "which attention code transformers runs: the same math"),
 }
 DEFAULTS = {  # transformers' own defaults where a config leaves a key out
     "tie_word_embeddings": False,
@@ -235,8 +236,9 @@ def _theta(v: dict[str, Any]) -> float:
     if top is not None and nested is not None and top != nested:
         raise _fail("rope_theta", top, f"disagrees with rope_parameters.rope_theta = {nested!r}")
     theta = nested if nested is not None else top
-    if theta is None:
-        raise ConfigError("config.json lacks 'rope_theta' (or 'rope_parameters.rope_theta')")
+    if theta is None:  # transformers would assume 10000: that is the very default this project refuses to guess
+        raise ConfigError("config.json lacks 'rope_theta' (or 'rope_parameters.rope_theta'); transformers would "
+                          "assume 10000: add \"rope_theta\": 10000.0 if that is the model's")
     return theta
 
 

@@ -141,7 +141,7 @@ def test_a_bf16_save_loads_in_bf16_and_keeps_f32_masters_for_an_exact_resume(tmp
 KEY_CASES = {
     "vocab_size": (320, 0), "hidden_size": (64, 64.0), "intermediate_size": (96, -1),
     "num_hidden_layers": (2, True), "num_attention_heads": (4, "4"), "num_key_value_heads": (2, 0),
-    "head_dim": (16, 32), "rms_norm_eps": (1e-6, 1e-50), "rope_theta": (1e6, float("inf")),
+    "head_dim": (16, 32), "rms_norm_eps": (1e-6, 1e39), "rope_theta": (1e6, float("inf")),
     "rope_parameters": ({"rope_type": "default", "rope_theta": 1e6}, {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}),
     "rope_scaling": (None, {"type": "linear", "factor": 2.0}), "tie_word_embeddings": (True, "false"),
     "max_position_embeddings": (128, 0), "attention_bias": (True, False), "ptxgen_qkv_bias": (True, "true"),
@@ -154,7 +154,8 @@ KEY_CASES = {
     "initializer_range": (0.02, None), "transformers_version": ("4.43.1", None), "_name_or_path": ("x", None),
     "pretraining_tp": (1, 0), "output_attentions": (False, None), "output_hidden_states": (False, None),
     "return_dict": (True, None), "chunk_size_feed_forward": (0, None), "id2label": ({}, None),
-    "label2id": ({}, None), "problem_type": (None, None),
+    "label2id": ({}, None), "problem_type": (None, None), "_attn_implementation_autoset": (True, None),
+    "attn_implementation": ("sdpa", None),
 }
 
 
@@ -290,23 +291,26 @@ def test_generation_stops_at_the_checkpoints_eos_tokens(tmp_path, capsys):
 
 
 # -- populated weights (FALSIFY-INIT-001) ---------------------------------------------------------
+def trained_then_initialised(tmp_path, capsys) -> tuple[float, float]:
+    """Train a small model 60 steps, then start a new run from it with `train --init`: the first
+    run's last val_loss and the second run's step-0 val_loss (both from their metrics.jsonl)."""
+    from model.metrics import METRICS, read_metrics
+    config = tmp_path / "config.json"
+    ModelConfig(vocab_size=256, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=48,
+                rope_theta=1e4, rms_norm_eps=1e-6, qkv_bias=True, tie_word_embeddings=False,
+                max_position_embeddings=64).save(config)
+    common = ["--data", str(data_dir(tmp_path)), "--device", "numpy", "--batch-size", "4", "--seq-len", "32",
+              "--eval-batches", "1", "--lr", "1e-2", "--warmup", "5"]
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "a"), "--steps", "60", *common]) == 0
+    assert main(["train", "--init", str(tmp_path / "a"), "--out", str(tmp_path / "b"), "--steps", "1", *common]) == 0
+    capsys.readouterr()
+    return read_metrics(tmp_path / "a" / METRICS)[-1]["val_loss"], read_metrics(tmp_path / "b" / METRICS)[0]["val_loss"]
+
+
 def test_training_from_populated_weights_starts_well_below_ln_vocab(tmp_path, capsys):
-    from model.data import ByteTokenizer, Corpus
-    from model.numpy_backend import NumpyBackend
-    from model.optim import AdamWSettings
-    from model.train import TrainSettings, train
-    config = ModelConfig(vocab_size=256, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                         intermediate_size=48, rope_theta=1e4, rms_norm_eps=1e-6, qkv_bias=True,
-                         tie_word_embeddings=False, max_position_embeddings=64)
-    corpus = Corpus.from_files(sorted(data_dir(tmp_path).iterdir()) * 2, ByteTokenizer())
-    settings = TrainSettings(steps=60, batch_size=4, seq_len=32, lr=1e-2, warmup=5, eval_every=60, eval_batches=1)
-    trained = train(config, settings, AdamWSettings(), corpus, NumpyBackend, tmp_path / "trained",
-                    log=lambda m: None, progress=False)
-    ckpt = load_checkpoint(tmp_path / "trained")
-    again = train(config, dataclasses.replace(settings, steps=1), AdamWSettings(), corpus, NumpyBackend,
-                  None, log=lambda m: None, progress=False, initial=ckpt.params)
-    assert again.val_losses[0] == trained.val_losses[60]          # the same weights, the same loss
-    assert again.val_losses[0] < math.log(config.vocab_size) - 2  # far from an untrained model's ln(vocab)
+    trained, start = trained_then_initialised(tmp_path, capsys)
+    assert start == trained                 # the same weights, the same loss
+    assert start < math.log(256) - 2        # far from an untrained model's ln(vocab)
 
 
 def test_the_config_qwen2_5_0_5b_instruct_ships_is_our_qwen2_0_5b_preset():
@@ -321,3 +325,61 @@ def test_the_config_qwen2_5_0_5b_instruct_ships_is_our_qwen2_0_5b_preset():
         "use_sliding_window": False, "vocab_size": 151936}
     parsed = parse_hf_config(released)
     assert parsed.config == preset("qwen2-0.5b") and parsed.eos_token_ids == (151645,)
+
+
+def test_f32_masters_must_round_to_the_model_weights_beside_them(tmp_path):
+    config = ModelConfig.from_hf(hf_config())
+    path = save_checkpoint(tmp_path, 1, config, init_params(config, seed=3), {}, {}, save_dtype="bf16")
+    (path / "manifest.json").unlink()  # as if edited by hand: the weights themselves are compared
+    rewrite(path / "model.safetensors", lambda t: t.__setitem__(
+        "model.norm.weight", (t["model.norm.weight"].astype(np.float32) * 2).astype(ml_dtypes.bfloat16)))
+    with pytest.raises(CheckpointError, match="master.safetensors and the model weights disagree at model.norm"):
+        load_checkpoint(path)
+
+
+def test_an_eos_id_outside_the_vocabulary_is_refused(tmp_path):
+    path = fixture_copy("qwen2-v5-f32-tied", tmp_path)
+    (path / "generation_config.json").write_text('{"eos_token_id": [2, 320]}')
+    with pytest.raises(CheckpointError, match="eos token id 320 is outside the vocabulary of 320"):
+        load_checkpoint(path)
+
+
+def test_a_rope_buffer_saved_in_f16_is_read_at_f16_precision(tmp_path):
+    from ptxgen.kernels.rope import inverse_frequencies
+    path = fixture_copy("qwen2-v4-f16-tied", tmp_path)
+    name = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    rewrite(path / "model.safetensors", lambda t: t.__setitem__(name, inverse_frequencies(16, 1e6).astype(np.float16)))
+    assert name not in load_checkpoint(path).params
+    rewrite(path / "model.safetensors", lambda t: t.__setitem__(name, inverse_frequencies(16, 1e4).astype(np.float16)))
+    with pytest.raises(CheckpointError, match="rope_theta 1e\\+06"):
+        load_checkpoint(path)
+    rewrite(path / "model.safetensors", lambda t: (t.pop(name), t.__setitem__(
+        "model.layers.7.self_attn.rotary_emb.inv_freq", inverse_frequencies(16, 1e6).astype(np.float16))))
+    with pytest.raises(CheckpointError, match="belongs to no layer of a 2-layer model"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("out", ["checkpoint", "other model's run"])
+def test_a_new_run_never_writes_into_a_checkpoint_or_beside_another_models_run(tmp_path, capsys, out):
+    fixture = fixture_copy("qwen2-v5-f32-tied", tmp_path)
+    target = fixture
+    if out == "other model's run":
+        target = tmp_path / "run"
+        assert main(["train", "--init", str(fixture), "--out", str(target), "--device", "numpy", "--steps", "1",
+                     "--data", str(data_dir(tmp_path)), "--batch-size", "2", "--seq-len", "16",
+                     "--eval-batches", "1"]) == 0
+    before = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", "--preset", "tiny", "--out", str(target), "--device", "numpy", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert ("is a checkpoint" if out == "checkpoint" else "holds a run of another model") in err
+    assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+
+
+def test_a_fine_tune_keeps_the_stop_tokens_its_config_json_named(tmp_path, capsys):
+    path = fixture_copy("llama-v5-f32", tmp_path)
+    (path / "generation_config.json").unlink()  # its eos (2) now lives only in config.json
+    assert main(["train", "--init", str(path), "--out", str(tmp_path / "run"), "--device", "numpy", "--steps", "1",
+                 "--data", str(data_dir(tmp_path)), "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1"]) == 0
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.eos_token_ids == (2,) and not ckpt.sampling.do_sample

@@ -131,13 +131,29 @@ def test_a_loader_defect_fails_the_transformers_logits_check(defect):
     assert np.abs(ReferenceModel(config, params).forward(ids) - theirs).max() > LOGITS_TOL
 
 
-def test_training_from_random_weights_fails_the_populated_weights_check():
+def test_a_train_init_that_drops_the_weights_fails_the_populated_weights_check(tmp_path, capsys, monkeypatch):
+    """The planted defect: the CLI passes --init's config and tokenizer on but starts from a fresh init."""
     import math
-    # What --init must not do: start from a fresh init. Its step-0 loss is about ln(vocab).
-    config = QWEN_LIKE.replace(hidden_size=32, intermediate_size=48, num_layers=1)
-    ids = np.random.default_rng(0).integers(0, 256, (4, 32))
-    loss = NumpyBackend(config, init_params(config, seed=0), AdamWSettings()).loss(ids[:, :-1], ids[:, 1:])
-    assert not loss < math.log(config.vocab_size) - 2
+    from model import cli
+    from test_hf_checkpoints import trained_then_initialised
+    real_train = cli.train
+    monkeypatch.setattr(cli, "train", lambda *a, **kw: real_train(*a, **{**kw, "initial": None}))
+    trained, start = trained_then_initialised(tmp_path, capsys)
+    assert not (start == trained and start < math.log(256) - 2)
+
+
+def test_a_config_key_let_through_reaches_the_kernels_and_exits_0(tmp_path, capsys, monkeypatch):
+    """FALSIFY-CONFIG-002's planted defect, through the command line: a table that lets yarn through."""
+    import json
+    import shutil
+    from model import hf_config
+    from model.cli import main
+    path = shutil.copytree(HF_FIXTURES / "qwen2-v5-f32-tied", tmp_path / "ckpt")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    monkeypatch.setitem(hf_config.KEYS, "rope_scaling", hf_config.Key(lambda k, v: v, "none", "planted"))
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "def", "--max-new-tokens", "2",
+                 "--device", "numpy"]) == 0  # the falsifier's "exit 2" would fail
 
 
 def test_a_decoder_that_loses_its_kv_cache_fails_the_greedy_token_equality_check():
