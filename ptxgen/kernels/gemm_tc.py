@@ -23,6 +23,7 @@ from ..spec import KernelSpec, SpecError
 from .common import check_positive
 from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices, leading_dims, split_batch, tile_origin
 from .mma_tile import CHUNK, ELEMS, MmaType, SharedTile
+from .ring import Ring
 
 SHARED_LIMIT = 227 * 1024  # dynamic shared memory one block may have on sm_90
 
@@ -308,19 +309,15 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
 
         acc = [[[b.mov(0.0, T.F32) for _ in range(4)] for _ in range(self.n_tiles)] for _ in range(self.m_tiles)]
         k_issue = b.mov(0, T.U32)
-        end = b.add(smem, self.stages * stage)
-        write, read = b.mov(smem), b.mov(smem)
-
-        def advance(at: Reg) -> None:  # to the next stage, wrapping around
-            b.add(at, stage, out=at)
-            b.mov(b.selp(smem, at, b.setp("eq", at, end), T.U32), out=at)
+        ring = Ring(b, self.stages, stage, smem)
+        write, read = ring.pointer(), ring.pointer()
 
         def issue() -> None:  # the next slice into the next stage
-            op_a.issue(k_issue, write)
-            op_b.issue(k_issue, write)
+            op_a.issue(k_issue, write.at)
+            op_b.issue(k_issue, write.at)
             b.cp_async_commit()
             b.add(k_issue, self.block_k, out=k_issue)
-            advance(write)
+            write.advance()
 
         def landed() -> None:  # the slice at ``read`` is in shared memory, for every thread
             b.cp_async_wait(self.stages - 2)
@@ -329,7 +326,7 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
         for _ in range(self.stages - 1):
             issue()
         landed()
-        frags.load(read, 0, 0)
+        frags.load(read.at, 0, 0)
         last = frags.steps - 1
         with b.loop(b.div(b.add(k, self.block_k - 1), self.block_k), "ktile"):
             for kk in range(frags.steps):
@@ -337,8 +334,8 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
                     issue()
                 if kk == last:  # the next slice: its first fragments load under this step's mmas
                     landed()
-                    advance(read)
-                frags.load(read, (kk + 1) % frags.steps, (kk + 1) % 2)
+                    read.advance()
+                frags.load(read.at, (kk + 1) % frags.steps, (kk + 1) % 2)
                 frags.multiply(acc, kk)
             if frags.steps % 2:  # an odd step count leaves the next slice's first fragments in set 1
                 frags.carry()

@@ -42,7 +42,8 @@ from .common import check_positive
 from .gemm import batch_matrices, tile_origin
 from .gemm_tc import SHARED_LIMIT, TensorCoreGemm, _Operand, store_accumulators
 from .mma_tile import MmaType
-from .tma_pipeline import ATOM_BYTES, MN_CHUNK, ROW, Ring, TmaPipeline
+from .ring import Ring
+from .tma_pipeline import ATOM_BYTES, MN_CHUNK, ROW, TmaPipeline
 
 BLOCK_K = 64        # a slice's K in 16-bit units: 128 bytes, one swizzle atom's row
 
@@ -155,7 +156,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         with b.loop(turns, "turn") as t:
             j = b.mad(t, 2, group)
             split, row0, col0 = p.item(j)
-            mainloop.ring.seek(b.mul(j, p.slices))
+            mainloop.slot.seek(b.mul(j, p.slices))
             go = b.new_label("go")
             b.bra(go, guard=b.setp("eq", j, 0))  # the very first tile waits for no one
             b.bar_sync(mine_wait, 256)
@@ -212,7 +213,7 @@ class _Mainloop:
         b = p.b
         self.spec, self.p, self.b = spec, p, b
         self.scale_d = b.setp("ne", b.mov(1, T.U32), 0)
-        self.ring = Ring(b, spec.stages)
+        self.slot = p.ring.slot()
         self.freed = b.reg(T.U32)  # the empty barrier of the slice before
 
     def run(self, accs: list[tuple[list[Reg], Reg | int]]) -> None:
@@ -221,14 +222,14 @@ class _Mainloop:
             for r in acc:
                 b.mov(0.0, out=r)
         with b.loop(p.slices, "slice") as i:
-            at, full, empty = p.stage(self.ring)
-            b.mbarrier_wait(full, self.ring.phase)
+            at, full, empty = p.stage(self.slot)
+            b.mbarrier_wait(full, self.slot.phase)
             multiply(spec, b, [(acc, b.add(at, rows)) for acc, rows in accs], b.add(at, spec.block_m * ROW),
                      self.scale_d)
             b.wgmma_wait(1)  # the slice before's wgmmas are done: its stage is free
             b.mbarrier_arrive(self.freed, guard=b.setp("ne", i, 0))
             b.mov(empty, out=self.freed)
-            self.ring.advance()
+            self.slot.advance()
         b.wgmma_wait(0)
         b.mbarrier_arrive(self.freed, guard=b.setp("ne", p.slices, 0))
 
@@ -259,20 +260,16 @@ class _CopyFed:
 
         acc = [b.mov(0.0, T.F32) for _ in range(spec.block_n // 2)]
         scale_d = b.setp("ne", b.mov(1, T.U32), 0)  # accumulate into acc
-        end = b.add(smem, spec.stages * stage)
-        write, read = b.mov(smem), b.mov(smem)
+        ring = Ring(b, spec.stages, stage, smem)
+        write, read = ring.pointer(), ring.pointer()
         a_rows = b.mul(b.shr(tid, 7), 64 * ROW)  # this warpgroup's 64 rows of the A tile
-
-        def advance(at: Reg) -> None:
-            b.add(at, stage, out=at)
-            b.mov(b.selp(smem, at, b.setp("eq", at, end), T.U32), out=at)
 
         def issue() -> None:  # past K: zero-size copies
             for op in ops:
-                op.issue(k_issue, write)
+                op.issue(k_issue, write.at)
             b.cp_async_commit()
             b.add(k_issue, BLOCK_K, out=k_issue)
-            advance(write)
+            write.advance()
 
         for _ in range(spec.stages - 1):
             issue()
@@ -281,8 +278,8 @@ class _CopyFed:
             b.fence_proxy_async()             # ... visible to the async proxy wgmma reads through ...
             b.bar_sync()                      # ... for every thread, who are all done with the oldest stage
             issue()
-            multiply(spec, b, [(acc, b.add(read, a_rows))], b.add(read, a_stage), scale_d)
+            multiply(spec, b, [(acc, b.add(read.at, a_rows))], b.add(read.at, a_stage), scale_d)
             b.wgmma_wait(0)
-            advance(read)
+            read.advance()
         b.cp_async_wait(0)
         store(spec, b, acc, ptr["c"], m, n, row0, col0, warp, lane)
