@@ -5,4 +5,13 @@ descriptor) must agree on these numbers; a second spelling of one could drift fr
 """
 from __future__ import annotations
 
+CHUNK = 16           # bytes: one cp.async copy, one ldmatrix row, the widest vector access
 MBARRIER_BYTES = 8   # one mbarrier object in shared memory
+
+# The 128-byte swizzle of TMA-fed and wgmma-read tiles: 16-byte chunk c of row r at c ^ (r % 8).
+SWIZZLE_ROW = 128                # bytes of a swizzled row (the tensor map's CU_TENSOR_MAP_SWIZZLE_128B)
+SWIZZLE_ATOM = 8 * SWIZZLE_ROW   # its period: 8 rows, and the alignment a swizzled tile needs
+DESCRIPTOR_SWIZZLE = 1 << 62     # a wgmma matrix descriptor's bits 62-63 for it (1 = 128-byte)
+
+SHARED_LIMIT = 227 * 1024        # dynamic shared memory one block may have
+STATIC_SHARED_LIMIT = 48 * 1024  # static shared memory one block may have (more must be dynamic)

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..builder import KernelBuilder, Reg, T
+from ..hw import CHUNK, MBARRIER_BYTES, SHARED_LIMIT
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from .common import check_positive
 from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices, leading_dims, split_batch, tile_origin
-from .mma_tile import CHUNK, ELEMS, MmaType, SharedTile
+from .mma_tile import ELEMS, MmaType, SharedTile
 from .ring import Ring
 
-SHARED_LIMIT = 227 * 1024  # dynamic shared memory one block may have on sm_90
 
 
 class _Operand:
@@ -136,9 +136,9 @@ class TensorCoreGemm:
         return (self.block_m + self.block_n) * self.k_elems * self.dtype.bytes
 
     def dynamic_shared_bytes(self) -> int:
-        # with tma, a stage's two mbarriers (8 bytes each) after the stages: static shared memory
-        # would move the dynamic base off the 1024-byte alignment the swizzled tiles need
-        return self.stages * (self.stage_bytes + (16 if self.tma else 0))
+        # with tma, a stage's two mbarriers after the stages: static shared memory would move the
+        # dynamic base off the alignment the swizzled tiles need (SWIZZLE_ATOM)
+        return self.stages * (self.stage_bytes + (2 * MBARRIER_BYTES if self.tma else 0))
 
     def params(self) -> tuple[tuple[str, T], ...]:
         if self.tma:

@@ -36,16 +36,17 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..builder import KernelBuilder, Reg, T
+from ..hw import DESCRIPTOR_SWIZZLE, SHARED_LIMIT, SWIZZLE_ATOM, SWIZZLE_ROW
 from ..registry import register
 from ..spec import KernelSpec, SpecError, Target
 from .common import check_positive
 from .gemm import batch_matrices, tile_origin
-from .gemm_tc import SHARED_LIMIT, TensorCoreGemm, _Operand, store_accumulators
+from .gemm_tc import TensorCoreGemm, _Operand, store_accumulators
 from .mma_tile import MmaType
 from .ring import Ring
-from .tma_pipeline import ATOM_BYTES, MN_CHUNK, ROW, TmaPipeline
+from .tma_pipeline import MN_CHUNK, TmaPipeline
 
-BLOCK_K = 64        # a slice's K in 16-bit units: 128 bytes, one swizzle atom's row
+BLOCK_K = SWIZZLE_ROW // 2  # a slice's K in 16-bit units: one swizzled row
 
 
 def descriptor_bits(mn_major: bool, chunk_bytes: int = MN_CHUNK) -> int:
@@ -53,7 +54,7 @@ def descriptor_bits(mn_major: bool, chunk_bytes: int = MN_CHUNK) -> int:
     between 8-row groups (16-byte units): of M/N rows (K-major) or of k rows (MN-major); 16-29:
     the stride between 64-element chunks of M/N, ``chunk_bytes`` (MN-major; unused by K-major, 1
     by convention)."""
-    return (1 << 62) | ((ATOM_BYTES >> 4) << 32) | ((chunk_bytes >> 4 if mn_major else 1) << 16)
+    return DESCRIPTOR_SWIZZLE | ((SWIZZLE_ATOM >> 4) << 32) | ((chunk_bytes >> 4 if mn_major else 1) << 16)
 
 
 def descriptor(b: KernelBuilder, addr: Reg, bits: int) -> Reg:
@@ -135,7 +136,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         warp, lane = b.shr(tid, 5), b.and_(tid, 31)
         acc = [b.reg(T.F32) for _ in range(self.block_n // 2)]
         # this warpgroup's 64 rows of A: 64 K-major rows, or the MN-major chunk of them
-        rows = [(acc, b.mul(b.shr(tid, 7), 64 * ROW))]
+        rows = [(acc, b.mul(b.shr(tid, 7), 64 * SWIZZLE_ROW))]
         mainloop = _Mainloop(self, p)
         for split, row0, col0 in p.work():
             mainloop.run(rows)
@@ -149,7 +150,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         b = p.b
         group, lane = b.shr(tid, 7), b.and_(tid, 31)
         warp = b.and_(b.shr(tid, 5), 3)  # within the warpgroup
-        halves = [([b.reg(T.F32) for _ in range(self.block_n // 2)], h * 64 * ROW) for h in range(2)]
+        halves = [([b.reg(T.F32) for _ in range(self.block_n // 2)], h * 64 * SWIZZLE_ROW) for h in range(2)]
         mainloop = _Mainloop(self, p)
         turns = b.div(b.add(b.sub(p.mine, group), 1), 2)  # tiles group, group + 2, ... below mine
         mine_wait, other_go = b.sub(2, group), b.add(group, 1)  # barrier ids: 2 or 1, 1 or 2
@@ -186,7 +187,7 @@ def multiply(spec: GemmWgmmaSpec, b: KernelBuilder, accs: list[tuple[list[Reg], 
     K-major rows, 16 rows of 128 bytes down MN-major ones)."""
     b.wgmma_fence()
     a_mn, b_mn = spec.mn_major
-    step = lambda mn, kk: (16 * ROW if mn else 32) * kk >> 4  # noqa: E731
+    step = lambda mn, kk: (16 * SWIZZLE_ROW if mn else 32) * kk >> 4  # noqa: E731
     descs_a = [descriptor(b, a_tile, descriptor_bits(a_mn)) for _, a_tile in accs]
     desc_b = descriptor(b, b_tile, descriptor_bits(b_mn))
     for kk in range(BLOCK_K // 16):
@@ -224,7 +225,7 @@ class _Mainloop:
         with b.loop(p.slices, "slice") as i:
             at, full, empty = p.stage(self.slot)
             b.mbarrier_wait(full, self.slot.phase)
-            multiply(spec, b, [(acc, b.add(at, rows)) for acc, rows in accs], b.add(at, spec.block_m * ROW),
+            multiply(spec, b, [(acc, b.add(at, rows)) for acc, rows in accs], b.add(at, spec.block_m * SWIZZLE_ROW),
                      self.scale_d)
             b.wgmma_wait(1)  # the slice before's wgmmas are done: its stage is free
             b.mbarrier_arrive(self.freed, guard=b.setp("ne", i, 0))
@@ -249,7 +250,7 @@ class _CopyFed:
         lane, warp = b.and_(tid, 31), b.shr(tid, 5)
         row0, col0 = tile_origin(b, spec, m, n)
         a_stage, stage = spec.block_m * BLOCK_K * 2, spec.stage_bytes
-        smem = b.addr_of(b.dynamic_shared("tiles", align=ATOM_BYTES))
+        smem = b.addr_of(b.dynamic_shared("tiles", align=SWIZZLE_ATOM))
         size = spec.dtype.bytes
         ptr = dict(zip("abc", batch_matrices(b, b.special("%ctaid.y"), {"a": size, "b": size, "c": 4})))
         units = size // 2  # a tf32 row is copied as if of 16-bit units
@@ -262,7 +263,7 @@ class _CopyFed:
         scale_d = b.setp("ne", b.mov(1, T.U32), 0)  # accumulate into acc
         ring = Ring(b, spec.stages, stage, smem)
         write, read = ring.pointer(), ring.pointer()
-        a_rows = b.mul(b.shr(tid, 7), 64 * ROW)  # this warpgroup's 64 rows of the A tile
+        a_rows = b.mul(b.shr(tid, 7), 64 * SWIZZLE_ROW)  # this warpgroup's 64 rows of the A tile
 
         def issue() -> None:  # past K: zero-size copies
             for op in ops:

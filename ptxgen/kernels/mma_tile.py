@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import enum
 
-from ..builder import KernelBuilder, Reg
+from ..builder import KernelBuilder, Reg, T
+from ..hw import CHUNK
 
-CHUNK = 16          # bytes per cp.async / per ldmatrix row
 ELEMS = CHUNK // 2  # 16-bit elements per chunk
 
 
@@ -19,9 +19,9 @@ class MmaType(enum.Enum):
     """A tensor-core operand type. TF32 (fp32 in memory, read with a 10-bit mantissa) is wgmma's only:
     mma.sync m16n8k16 takes the two 16-bit types."""
 
-    BF16 = "bf16"
-    F16 = "f16"
-    TF32 = "tf32"
+    BF16 = T.BF16.value
+    F16 = T.F16.value
+    TF32 = "tf32"  # not a register type
 
     @property
     def bytes(self) -> int:

@@ -21,13 +21,11 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 from ..builder import KernelBuilder, Reg, T
-from ..hw import MBARRIER_BYTES
+from ..hw import MBARRIER_BYTES, SWIZZLE_ATOM, SWIZZLE_ROW
 from .gemm import tile_origin
 from .ring import Ring, Slot
 
-ROW = 128           # bytes of a swizzled row: a K-major operand's slice row, an MN-major one's 64 elements
-ATOM_BYTES = 1024   # 8 rows of 128 bytes: the swizzle period
-MN_CHUNK = 64 * ROW  # an MN-major operand's [64 K][64 M or N] box: the stride between its 64-wide chunks
+MN_CHUNK = 64 * SWIZZLE_ROW  # an MN-major operand's [64 K][64 M or N] box: the stride between its 64-wide chunks
 
 
 class TmaPipeline:
@@ -46,7 +44,7 @@ class TmaPipeline:
         b.launch_bounds(spec.threads, 1)  # one block an SM: every register is the consumers'
         self.m, self.n, self.k = (b.ld_param(x) for x in "mnk")
         tid = b.special("%tid.x")
-        self.smem = b.addr_of(b.dynamic_shared("tiles", align=ATOM_BYTES))
+        self.smem = b.addr_of(b.dynamic_shared("tiles", align=SWIZZLE_ATOM))
         # the stages, then each stage's full mbarrier, then its empty one
         self.ring = Ring(b, spec.stages, spec.stage_bytes, self.smem)
         self.full = Ring(b, spec.stages, MBARRIER_BYTES, self.ring.end())
@@ -102,7 +100,7 @@ class TmaPipeline:
                 b.mbarrier_wait(empty, b.xor(slot.phase, 1))  # the first trip finds every stage free
                 b.mbarrier_expect_tx(full, spec.stage_bytes)
                 for tensor_map, outer0, rows, offset, mn in zip(maps, (row0, col0), (spec.block_m, spec.block_n),
-                                                                (0, spec.block_m * ROW), spec.mn_major):
+                                                                (0, spec.block_m * SWIZZLE_ROW), spec.mn_major):
                     if not mn:
                         b.tma_load_2d(b.add(at, offset), tensor_map, k_at, outer0, full)
                     for j in range(rows // 64 if mn else 0):
