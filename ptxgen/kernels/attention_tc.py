@@ -36,7 +36,7 @@ from ..registry import register
 from ..spec import KernelSpec, SpecError
 from .attention import AttentionGrid
 from .mma_tile import ELEMS, MmaType, SharedTile
-from .ring import Ring
+from .ring import Pair, Ring
 
 LOG2E = 1.0 / math.log(2.0)
 LN2 = math.log(2.0)
@@ -229,6 +229,15 @@ class _Flash:
             b.st("global", Addr(self.stat_ptr("lse", spec.heads, head, seq, rows[h])),
                  b.mul(b.add(m[h], b.fn("lg2", l_row)), LN2), guard=b.and_(valid, b.setp("eq", self.quad, 0)))
 
+    def landed(self, fenced: bool = False) -> None:
+        """Every thread's copies have landed (and, ``fenced``, are visible to the async proxy wgmma
+        reads through), for every thread: the stage they filled may be read, the one read refilled."""
+        b = self.b
+        b.cp_async_wait(0)
+        if fenced:
+            b.fence_proxy_async()
+        b.bar_sync()
+
     def store_f32(self, acc: Tiles, h: int, row_at: Reg, valid: Reg, scale: float = 1.0) -> None:
         """Row group + 8h of a [16 x d] accumulator into the f32 row at ``row_at`` (d floats)."""
         b = self.b
@@ -309,19 +318,13 @@ class _ForwardBase(_FlashBase):
         copy_kv = f.kv_copier(kv_head, kv_stride, bkv, copy_rows)
         kv_bytes = bkv * d * 2
 
-        def landed() -> None:  # every thread's copies (visible to the async proxy), for every thread
-            b.cp_async_wait(0)
-            if self._fenced:
-                b.fence_proxy_async()
-            b.bar_sync()
-
         end = f.key_end(first, q_start, kv_len)
         key0 = b.mov(0, T.U32)
-        kv = Ring(b, 2, 2 * kv_bytes, b.add(f.smem, bq * d * 2)).pair()  # K then V, after Q
+        kv = Pair(Ring(b, 2, 2 * kv_bytes, b.add(f.smem, bq * d * 2)))  # K then V, after Q
         copy_rows(f.row_ptr("q", seq, first, self.heads, head), self.heads, f.smem, first, seq, bq)
         copy_kv(kv.at, key0, end)
         b.cp_async_commit()
-        landed()
+        f.landed(self._fenced)
         queries = self._start(f)
 
         c = self.scale * LOG2E  # scores in base 2
@@ -335,7 +338,7 @@ class _ForwardBase(_FlashBase):
             f.mask(s, key0, b.setp("gt", b.add(key0, bkv), last_free), off)
             p = f.online_softmax(s, m, l_part, o, c)
             self._accumulate(f, queries, o, p, b.add(kv.at, kv_bytes))
-            landed()  # the next tile has landed, and every warp is done with this one
+            f.landed(self._fenced)  # the next tile has landed, and every warp is done with this one
             kv.advance()
             b.add(key0, bkv, out=key0)
         f.store_output(o, m, l_part, rows, seq, head)
@@ -396,15 +399,14 @@ class AttentionTCBackwardQSpec(_FlashBase):
         kv_bytes, q_bytes = bkv * d * 2, bq * d * 2
         end = b.min(seq, b.add(first, bq)) if self.causal else seq
         key0 = b.mov(0, T.U32)
-        kv = Ring(b, 2, 2 * kv_bytes, b.add(f.smem, 3 * q_bytes)).pair()  # K then V, after Q, dO, O
+        kv = Pair(Ring(b, 2, 2 * kv_bytes, b.add(f.smem, 3 * q_bytes)))  # K then V, after Q, dO, O
 
         for i, name in enumerate(("q", "do", "o")):
             f.copy_rows(f.row_ptr(name, seq, first, self.heads, head), self.heads, b.add(f.smem, i * q_bytes),
                         first, seq, bq)
         copy_kv(kv.at, key0, end)
         b.cp_async_commit()
-        b.cp_async_wait(0)
-        b.bar_sync()
+        f.landed()
         q, do = f.a_fragments(f.smem), f.a_fragments(b.add(f.smem, q_bytes))
         rows = f.rows_of_warp(first)
         delta = self._delta(b, f, first, seq, head, q_bytes)
@@ -430,8 +432,7 @@ class AttentionTCBackwardQSpec(_FlashBase):
             ds = [[b.mul(b.fn("ex2", b.fma(s[j][e], c, neg_lse2[e >> 1])), b.sub(dp[j][e], delta[e >> 1]))
                    for e in range(4)] for j in range(len(s))]
             f.accumulate(dq, ds, kv.at, bkv)
-            b.cp_async_wait(0)
-            b.bar_sync()
+            f.landed()
             kv.advance()
             b.add(key0, bkv, out=key0)
 
@@ -503,14 +504,13 @@ class AttentionTCBackwardKVSpec(_FlashBase):
             f.copy_rows(f.row_ptr(name, seq, first, self.kv_heads, kv_head), self.kv_heads,
                         b.add(f.smem, i * kv_bytes), first, seq, bk)
         b.cp_async_commit()
-        b.cp_async_wait(0)
-        b.bar_sync()
+        f.landed()
         keys = f.rows_of_warp(first)
         dk, dv = f.zeros(d // 8), f.zeros(d // 8)
         c = self.scale * LOG2E
         q_begin = b.mul(b.div(first, bq), bq) if self.causal else b.mov(0, T.U32)  # queries that see these keys
         stage_bytes = 2 * q_bytes + 2 * bq * 4
-        qs = Ring(b, 2, stage_bytes, b.add(f.smem, 2 * kv_bytes)).pair()  # after K and V
+        qs = Pair(Ring(b, 2, stage_bytes, b.add(f.smem, 2 * kv_bytes)))  # after K and V
         tid_ok = b.setp("lt", f.tid, bq)
 
         with b.loop(b.mov(self.group, T.U32), "head") as hq:
@@ -534,8 +534,7 @@ class AttentionTCBackwardKVSpec(_FlashBase):
 
             copy_q(qs.at, q0)
             b.cp_async_commit()
-            b.cp_async_wait(0)
-            b.bar_sync()
+            f.landed()
 
             def off(query: Reg, h: int) -> Reg:  # past the sequence, or (causal) before the key
                 out = b.setp("ge", query, seq)
@@ -560,8 +559,7 @@ class AttentionTCBackwardKVSpec(_FlashBase):
                 f.products(dpt, f.a_fragments(b.add(f.smem, kv_bytes)), b.add(qs.at, q_bytes), bq)
                 ds = [[b.mul(p[j][e], b.sub(dpt[j][e], dlt[j][e & 1])) for e in range(4)] for j in range(bq // 8)]
                 f.accumulate(dk, ds, qs.at, bq)
-                b.cp_async_wait(0)
-                b.bar_sync()
+                f.landed()
                 qs.advance()
                 b.add(q0, bq, out=q0)
 

@@ -28,7 +28,7 @@ from ..registry import register
 from ..spec import KernelSpec, SpecError
 from ..vecio import DType, load_f32, store_f32
 from .common import check_positive
-from .ring import Ring
+from .ring import Offset, Ring
 
 PAD = 4  # floats of padding per shared row: the transposing stores then hit distinct banks
 
@@ -314,7 +314,7 @@ class GemmSpec(KernelSpec):
         load_b = _TileLoader(self, b, op_b, b_ptr, b.ld_param("ldb"), n, k, col0, tid, smem_b)
 
         acc = [[b.mov(0.0, T.F32) for _ in range(tn)] for _ in range(tm)]
-        buf_a, buf_b = Ring(b, 2, a_rows, smem_a).offset(), Ring(b, 2, b_rows, smem_b).offset()
+        buf_a, buf_b = Offset(Ring(b, 2, a_rows, smem_a)), Offset(Ring(b, 2, b_rows, smem_b))
         k0 = b.mov(0, T.U32)
         load_a.stash(load_a.fetch(k0), buf_a.at)
         load_b.stash(load_b.fetch(k0), buf_b.at)

@@ -24,7 +24,7 @@ from ..spec import KernelSpec, SpecError
 from .common import check_positive
 from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices, leading_dims, split_batch, tile_origin
 from .mma_tile import ELEMS, MmaType, SharedTile
-from .ring import Ring
+from .ring import Pointer, Ring
 
 
 
@@ -310,7 +310,7 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
         acc = [[[b.mov(0.0, T.F32) for _ in range(4)] for _ in range(self.n_tiles)] for _ in range(self.m_tiles)]
         k_issue = b.mov(0, T.U32)
         ring = Ring(b, self.stages, stage, smem)
-        write, read = ring.pointer(), ring.pointer()
+        write, read = Pointer(ring), Pointer(ring)
 
         def issue() -> None:  # the next slice into the next stage
             op_a.issue(k_issue, write.at)

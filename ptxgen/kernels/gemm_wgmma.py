@@ -43,7 +43,7 @@ from .common import check_positive
 from .gemm import batch_matrices, tile_origin
 from .gemm_tc import TensorCoreGemm, _Operand, store_accumulators
 from .mma_tile import MmaType
-from .ring import Ring
+from .ring import Pointer, Ring, Slot
 from .tma_pipeline import MN_CHUNK, TmaPipeline
 
 BLOCK_K = SWIZZLE_ROW // 2  # a slice's K in 16-bit units: one swizzled row
@@ -214,7 +214,7 @@ class _Mainloop:
         b = p.b
         self.spec, self.p, self.b = spec, p, b
         self.scale_d = b.setp("ne", b.mov(1, T.U32), 0)
-        self.slot = p.ring.slot()
+        self.slot = Slot(p.ring)
         self.freed = b.reg(T.U32)  # the empty barrier of the slice before
 
     def run(self, accs: list[tuple[list[Reg], Reg | int]]) -> None:
@@ -262,7 +262,7 @@ class _CopyFed:
         acc = [b.mov(0.0, T.F32) for _ in range(spec.block_n // 2)]
         scale_d = b.setp("ne", b.mov(1, T.U32), 0)  # accumulate into acc
         ring = Ring(b, spec.stages, stage, smem)
-        write, read = ring.pointer(), ring.pointer()
+        write, read = Pointer(ring), Pointer(ring)
         a_rows = b.mul(b.shr(tid, 7), 64 * SWIZZLE_ROW)  # this warpgroup's 64 rows of the A tile
 
         def issue() -> None:  # past K: zero-size copies

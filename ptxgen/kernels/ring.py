@@ -1,17 +1,17 @@
 """Copy rings: a pipeline's ``stages`` equal buffers in shared memory, filled and read in turn.
 
-``Ring`` is the geometry (stage 0's shared address, how many stages, how many bytes each). Its
-cursors walk it, each holding only the state its kernel's synchronization needs; every cursor has
-``at`` (where it is) and ``advance()`` (to the next stage, wrapping):
+``Ring`` is the geometry (stage 0's shared address, how many stages, how many bytes each). The
+cursors made from a ring walk it, each holding only the state its kernel's synchronization needs;
+every cursor has ``at`` (where it is) and ``advance()`` (to the next stage, wrapping):
 
-- ``slot()``: the stage index and the parity of the stage's mbarrier phase, for producers and
+- ``Slot``: the stage index and the parity of the stage's mbarrier phase, for producers and
   consumers that meet at mbarriers (a wait names the phase; each stage completes once a trip);
-  ``address(slot)`` is its stage's buffer.
-- ``pointer()``: the stage's shared address itself, for cp.async groups (a wait counts groups,
+  ``ring.address(slot)`` is its stage's buffer.
+- ``Pointer``: the stage's shared address itself, for cp.async groups (a wait counts groups,
   so there is no phase to keep).
-- ``pair()``: a two-stage ring as (``at``, ``other``), exchanged each round: double buffering
+- ``Pair``: a two-stage ring as (``at``, ``other``), exchanged each round: double buffering
   where each round reads one stage and fills the other.
-- ``offset()``: a two-stage ring's byte offset from stage 0, toggled by xor: double buffering
+- ``Offset``: a two-stage ring's byte offset from stage 0, toggled by xor: double buffering
   where the offset is added to several per-thread addresses inside the stages.
 """
 from __future__ import annotations
@@ -33,18 +33,6 @@ class Ring:
     def address(self, slot: "Slot") -> Reg:
         """The buffer of ``slot``'s stage."""
         return self.b.mad(slot.at, self.stage_bytes, self.base)
-
-    def slot(self) -> "Slot":
-        return Slot(self)
-
-    def pointer(self) -> "Pointer":
-        return Pointer(self)
-
-    def pair(self) -> "Pair":
-        return Pair(self)
-
-    def offset(self) -> "Offset":
-        return Offset(self)
 
 
 class Slot:

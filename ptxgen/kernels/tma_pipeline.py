@@ -92,7 +92,7 @@ class TmaPipeline:
         K-major operand's at (k, row0), an MN-major one's at (row0 + 64 j, k))."""
         spec, b = self.spec, self.b
         maps = [b.cvta_global(b.ld_param(x)) for x in ("tmap_a", "tmap_b")]
-        slot = self.ring.slot()
+        slot = Slot(self.ring)
         for split, row0, col0 in self.work():
             k_at = b.mul(split, self.k)
             with b.loop(self.slices, "slice"):
