@@ -75,6 +75,27 @@ class _Operand:
         b.add(self.src, self.slice_step, out=self.src)
 
 
+class _Feed:
+    """The cp.async side of a copy ring: ``issue()`` copies every operand's slice at ``k`` (a
+    register, advanced ``step`` a slice) into the stage at ``write``, commits them as one group and
+    moves on; ``read`` follows behind. ``prime()`` fills all stages but one."""
+
+    def __init__(self, b: KernelBuilder, ring: Ring, ops: list[_Operand], k: Reg, step: int):
+        self.b, self.ring, self.ops, self.k, self.step = b, ring, ops, k, step
+        self.write, self.read = Pointer(ring), Pointer(ring)
+
+    def issue(self) -> None:  # past K: zero-size copies
+        for op in self.ops:
+            op.issue(self.k, self.write.at)
+        self.b.cp_async_commit()
+        self.b.add(self.k, self.step, out=self.k)
+        self.write.advance()
+
+    def prime(self) -> None:
+        for _ in range(self.ring.stages - 1):
+            self.issue()
+
+
 class _Fragments:
     """A warp's ldmatrix fragments of A and B for each k16 step of a slice, in two register sets
     (step kk + 1's loads run under step kk's mmas), and the mmas of a step. Which ldmatrix.x4
@@ -309,29 +330,21 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
 
         acc = [[[b.mov(0.0, T.F32) for _ in range(4)] for _ in range(self.n_tiles)] for _ in range(self.m_tiles)]
         k_issue = b.mov(0, T.U32)
-        ring = Ring(b, self.stages, stage, smem)
-        write, read = Pointer(ring), Pointer(ring)
-
-        def issue() -> None:  # the next slice into the next stage
-            op_a.issue(k_issue, write.at)
-            op_b.issue(k_issue, write.at)
-            b.cp_async_commit()
-            b.add(k_issue, self.block_k, out=k_issue)
-            write.advance()
+        feed = _Feed(b, Ring(b, self.stages, stage, smem), [op_a, op_b], k_issue, self.block_k)
+        read = feed.read
 
         def landed() -> None:  # the slice at ``read`` is in shared memory, for every thread
             b.cp_async_wait(self.stages - 2)
             b.bar_sync()
 
-        for _ in range(self.stages - 1):
-            issue()
+        feed.prime()
         landed()
         frags.load(read.at, 0, 0)
         last = frags.steps - 1
         with b.loop(b.div(b.add(k, self.block_k - 1), self.block_k), "ktile"):
             for kk in range(frags.steps):
                 if kk == 0:     # into the stage every warp finished reading before the last barrier
-                    issue()
+                    feed.issue()
                 if kk == last:  # the next slice: its first fragments load under this step's mmas
                     landed()
                     read.advance()

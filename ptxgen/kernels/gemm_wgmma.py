@@ -41,9 +41,9 @@ from ..registry import register
 from ..spec import KernelSpec, SpecError, Target
 from .common import check_positive
 from .gemm import batch_matrices, tile_origin
-from .gemm_tc import TensorCoreGemm, _Operand, store_accumulators
+from .gemm_tc import TensorCoreGemm, _Feed, _Operand, store_accumulators
 from .mma_tile import MmaType
-from .ring import Pointer, Ring, Slot
+from .ring import Ring, Slot
 from .tma_pipeline import MN_CHUNK, TmaPipeline
 
 BLOCK_K = SWIZZLE_ROW // 2  # a slice's K in 16-bit units: one swizzled row
@@ -261,24 +261,16 @@ class _CopyFed:
 
         acc = [b.mov(0.0, T.F32) for _ in range(spec.block_n // 2)]
         scale_d = b.setp("ne", b.mov(1, T.U32), 0)  # accumulate into acc
-        ring = Ring(b, spec.stages, stage, smem)
-        write, read = Pointer(ring), Pointer(ring)
+        feed = _Feed(b, Ring(b, spec.stages, stage, smem), ops, k_issue, BLOCK_K)
+        read = feed.read
         a_rows = b.mul(b.shr(tid, 7), 64 * SWIZZLE_ROW)  # this warpgroup's 64 rows of the A tile
 
-        def issue() -> None:  # past K: zero-size copies
-            for op in ops:
-                op.issue(k_issue, write.at)
-            b.cp_async_commit()
-            b.add(k_issue, BLOCK_K, out=k_issue)
-            write.advance()
-
-        for _ in range(spec.stages - 1):
-            issue()
+        feed.prime()
         with b.loop(b.div(b.add(k, spec.k_elems - 1), spec.k_elems), "ktile"):
             b.cp_async_wait(spec.stages - 2)  # the slice to read has landed (for this thread) ...
             b.fence_proxy_async()             # ... visible to the async proxy wgmma reads through ...
             b.bar_sync()                      # ... for every thread, who are all done with the oldest stage
-            issue()
+            feed.issue()
             multiply(spec, b, [(acc, b.add(read.at, a_rows))], b.add(read.at, a_stage), scale_d)
             b.wgmma_wait(0)
             read.advance()
