@@ -71,13 +71,17 @@ class Pointer:
         b.mov(b.selp(ring.base, self.at, b.setp("eq", self.at, self.end), T.U32), out=self.at)
 
 
+def _two_stages(ring: Ring, cursor: str) -> None:
+    if ring.stages != 2:
+        raise ValueError(f"{cursor} walks a two-stage ring, not one of {ring.stages}")
+
+
 class Pair:
     """Two stages: ``at`` and ``other``, stage 0 first. ``at`` is the ring's base register itself
     (no copy), so after the first exchange the base holds whichever stage is current."""
 
     def __init__(self, ring: Ring):
-        if ring.stages != 2:
-            raise ValueError(f"a pair is a two-stage ring, not {ring.stages}")
+        _two_stages(ring, "Pair")
         self.b, self.at = ring.b, ring.base
         self.other = ring.b.add(ring.base, ring.stage_bytes)
 
@@ -92,8 +96,7 @@ class Offset:
     """A two-stage ring's byte offset from stage 0 (``at``: 0 or ``stage_bytes``)."""
 
     def __init__(self, ring: Ring):
-        if ring.stages != 2:
-            raise ValueError(f"an offset toggles between two stages, not {ring.stages}")
+        _two_stages(ring, "Offset")
         self.b, self.stage_bytes = ring.b, ring.stage_bytes
         self.at = ring.b.mov(0, T.U32)
 
