@@ -1,9 +1,14 @@
-"""Hardware facts (sm_90) that kernels and the runtime both rely on, written once.
+"""Hardware facts (sm_90) that kernels and the runtime both rely on, written once: sizes, the
+swizzle, shared-memory limits and the tensor cores' operand types.
 
 A kernel's shared-memory layout and the host's description of it (a tensor map, a matrix
 descriptor) must agree on these numbers; a second spelling of one could drift from the first.
 """
 from __future__ import annotations
+
+import enum
+
+from .builder import T
 
 CHUNK = 16           # bytes: one cp.async copy, one ldmatrix row, the widest vector access
 MBARRIER_BYTES = 8   # one mbarrier object in shared memory
@@ -15,3 +20,16 @@ DESCRIPTOR_SWIZZLE = 1 << 62     # a wgmma matrix descriptor's bits 62-63 for it
 
 SHARED_LIMIT = 227 * 1024        # dynamic shared memory one block may have
 STATIC_SHARED_LIMIT = 48 * 1024  # static shared memory one block may have (more must be dynamic)
+
+
+class MmaType(enum.Enum):
+    """A tensor-core operand type. TF32 (fp32 in memory, read with a 10-bit mantissa) is wgmma's only:
+    mma.sync m16n8k16 takes the two 16-bit types."""
+
+    BF16 = T.BF16.value
+    F16 = T.F16.value
+    TF32 = "tf32"  # not a register type
+
+    @property
+    def bytes(self) -> int:
+        return 4 if self is MmaType.TF32 else 2

@@ -8,31 +8,30 @@ from __future__ import annotations
 import numpy as np
 from cuda.bindings import driver as cu
 
-from ptxgen.hw import SWIZZLE_ROW
+from ptxgen.hw import SWIZZLE_ROW, MmaType
 
 from .driver import call
 from .memory import DeviceArray
 
-# by the operand type's PTX name: a spec's ``dtype.value``
-_TYPES = {"bf16": cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-          "f16": cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+_TYPES = {MmaType.BF16: cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+          MmaType.F16: cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
           # raw fp32 bits, as the cp.async feed copies them: the tensor cores read a truncated mantissa
           # (the TFLOAT32 type would round on the way instead)
-          "tf32": cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT32}
+          MmaType.TF32: cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT32}
 _SWIZZLES = {128: cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B}  # by swizzled row bytes
 
 
-def tiled_tensor_map(ptr: int, rows: int, cols: int, row_stride: int, element: str, element_bytes: int,
+def tiled_tensor_map(ptr: int, rows: int, cols: int, row_stride: int, dtype: MmaType,
                      box: tuple[int, int]) -> DeviceArray:
-    """A row-major [rows, cols] matrix of ``element`` (a tensor-core operand type's PTX name, of
-    ``element_bytes``) at ``ptr`` (``row_stride`` elements apart), read in boxes of ``box`` = (rows,
-    cols) into the kernels' swizzled shared tiles (``ptxgen.hw.SWIZZLE_ROW``), zeros past the edges.
+    """A row-major [rows, cols] matrix of ``dtype`` at ``ptr`` (``row_stride`` elements apart), read
+    in boxes of ``box`` = (rows, cols) into the kernels' swizzled shared tiles (``SWIZZLE_ROW``),
+    zeros past the edges.
     The returned device array holds the map; free it after the launches that use it."""
-    if (row_stride * element_bytes) % 16 or ptr % 16:
-        raise ValueError(f"a tensor map needs 16-byte aligned rows: stride {row_stride} x {element_bytes} bytes")
+    if (row_stride * dtype.bytes) % 16 or ptr % 16:
+        raise ValueError(f"a tensor map needs 16-byte aligned rows: stride {row_stride} x {dtype.bytes} bytes")
     u64, u32 = cu.cuuint64_t, cu.cuuint32_t
-    tensor_map = call("cuTensorMapEncodeTiled", _TYPES[element], u32(2), ptr, [u64(cols), u64(rows)],
-                      [u64(row_stride * element_bytes)], [u32(box[1]), u32(box[0])], [u32(1), u32(1)],
+    tensor_map = call("cuTensorMapEncodeTiled", _TYPES[dtype], u32(2), ptr, [u64(cols), u64(rows)],
+                      [u64(row_stride * dtype.bytes)], [u32(box[1]), u32(box[0])], [u32(1), u32(1)],
                       cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
                       _SWIZZLES[SWIZZLE_ROW],
                       cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
@@ -45,6 +44,5 @@ def gemm_tensor_maps(spec, a: int, b: int, m: int, n: int, k: int, lda: int | No
     """The tensor maps a TMA-fed GEMM spec (``gemm_wgmma`` with ``tma``) reads A at ``a`` and B at
     ``b`` through, for C[m, n] over a contraction of ``k`` (every split part's together)."""
     (rows_a, cols_a, ld_a, box_a), (rows_b, cols_b, ld_b, box_b) = spec.tma_operands(m, n, k, lda, ldb)
-    element = (spec.dtype.value, spec.dtype.bytes)
-    first = tiled_tensor_map(a, rows_a, cols_a, ld_a, *element, box_a)
-    return first, tiled_tensor_map(b, rows_b, cols_b, ld_b, *element, box_b)
+    first = tiled_tensor_map(a, rows_a, cols_a, ld_a, spec.dtype, box_a)
+    return first, tiled_tensor_map(b, rows_b, cols_b, ld_b, spec.dtype, box_b)

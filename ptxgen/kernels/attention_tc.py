@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 from ..builder import Addr, Guard, KernelBuilder, Reg, T
-from ..hw import CHUNK, SHARED_LIMIT
+from ..hw import CHUNK, SHARED_LIMIT, MmaType
 from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from .attention import AttentionGrid
-from .mma_tile import ELEMS, MmaType, SharedTile
+from .mma_tile import ELEMS, SharedTile
 from .ring import Pair, Ring
 
 LOG2E = 1.0 / math.log(2.0)

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, NamedTuple
 
 from ..builder import Reg, T
-from ..hw import CHUNK, SWIZZLE_ATOM, SWIZZLE_ROW
+from ..hw import CHUNK, SWIZZLE_ATOM, SWIZZLE_ROW, MmaType
 from ..registry import register
 from ..spec import SpecError, Target
 from .attention_tc import Tiles, _Flash, _ForwardBase
 from .gemm_wgmma import descriptor, descriptor_bits
-from .mma_tile import MmaType
 
 
 class _ChunkedRows:

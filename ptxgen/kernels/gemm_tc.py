@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..builder import KernelBuilder, Reg, T
-from ..hw import CHUNK, MBARRIER_BYTES, SHARED_LIMIT
+from ..hw import CHUNK, MBARRIER_BYTES, SHARED_LIMIT, MmaType
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from .common import check_positive
 from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices, leading_dims, split_batch, tile_origin
-from .mma_tile import ELEMS, MmaType, SharedTile
+from .mma_tile import ELEMS, SharedTile
 from .ring import Pointer, Ring
 
 

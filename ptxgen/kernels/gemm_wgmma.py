@@ -36,13 +36,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..builder import KernelBuilder, Reg, T
-from ..hw import DESCRIPTOR_SWIZZLE, SHARED_LIMIT, SWIZZLE_ATOM, SWIZZLE_ROW
+from ..hw import DESCRIPTOR_SWIZZLE, SHARED_LIMIT, SWIZZLE_ATOM, SWIZZLE_ROW, MmaType
 from ..registry import register
 from ..spec import KernelSpec, SpecError, Target
 from .common import check_positive
 from .gemm import batch_matrices, tile_origin
 from .gemm_tc import TensorCoreGemm, _Feed, _Operand, store_accumulators
-from .mma_tile import MmaType
 from .ring import Ring, Slot
 from .tma_pipeline import MN_CHUNK, TmaPipeline
 
