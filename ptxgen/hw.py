@@ -11,6 +11,7 @@ import enum
 from .builder import T
 
 CHUNK = 16           # bytes: one cp.async copy, one ldmatrix row, the widest vector access
+SHARED_LINE = 128    # bytes: shared memory's 32 four-byte banks, 8 chunks (mma.sync tiles' swizzle span)
 MBARRIER_BYTES = 8   # one mbarrier object in shared memory
 
 # The 128-byte swizzle of TMA-fed and wgmma-read tiles: 16-byte chunk c of row r at c ^ (r % 8).

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 from ..builder import Addr, Guard, KernelBuilder, Reg, T
-from ..hw import CHUNK, SHARED_LIMIT, MmaType
+from ..hw import CHUNK, SHARED_LIMIT, SHARED_LINE, MmaType
 from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError
@@ -48,7 +48,7 @@ class _Flash:
     """What the three kernels share: indices, cp.async row copies into swizzled tiles, and the two
     mma products (rows x tile^T, and accumulators x tile) over a head_dim-wide tile."""
 
-    def __init__(self, spec: "_FlashBase", b: KernelBuilder, align: int = 128):
+    def __init__(self, spec: "_FlashBase", b: KernelBuilder, align: int = SHARED_LINE):
         self.b, self.spec, self.d = b, spec, spec.head_dim
         self.tid = b.special("%tid.x")
         self.lane, self.warp = b.and_(self.tid, 31), b.shr(self.tid, 5)
@@ -300,7 +300,7 @@ class _ForwardBase(_FlashBase):
 
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "lse")
     scalars: ClassVar[tuple[str, ...]] = ("seq", "kv_len", "kv_stride", "q_start")
-    _align: ClassVar[int] = 128
+    _align: ClassVar[int] = SHARED_LINE
     _fenced: ClassVar[bool] = False
 
     def dynamic_shared_bytes(self) -> int:

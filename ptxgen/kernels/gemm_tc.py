@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..builder import KernelBuilder, Reg, T
-from ..hw import CHUNK, MBARRIER_BYTES, SHARED_LIMIT, MmaType
+from ..hw import CHUNK, MBARRIER_BYTES, SHARED_LIMIT, SHARED_LINE, MmaType
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from .common import check_positive
@@ -320,7 +320,7 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
         row0, col0 = tile_origin(b, self, m, n)
         a_stage = self.block_m * self.block_k * 2
         stage = a_stage + self.block_n * self.block_k * 2
-        smem = b.addr_of(b.dynamic_shared("tiles", align=128))
+        smem = b.addr_of(b.dynamic_shared("tiles", align=SHARED_LINE))
         ptr = dict(zip("abc", batch_matrices(b, b.special("%ctaid.y"), {"a": 2, "b": 2, "c": 4})))
         op_a = _Operand(self, b, ptr["a"], b.ld_param("lda"), m, k, row0, self.block_m,
                         not self.trans_a, tid, 0)
