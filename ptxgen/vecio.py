@@ -21,12 +21,12 @@ from .builder import Addr, GuardLike, KernelBuilder, Reg, T
 class DType(enum.Enum):
     """Storage type of a tensor in device memory; arithmetic is always f32."""
 
-    F32 = "f32"
-    BF16 = "bf16"
+    F32 = T.F32.value
+    BF16 = T.BF16.value
 
     @property
     def size(self) -> int:
-        return 4 if self is DType.F32 else 2
+        return T(self.value).bits // 8
 
 
 def to_bf16(x: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 from cuda.bindings import driver as cu
 
 from ptxgen.builder import T
+from ptxgen.hw import STATIC_SHARED_LIMIT
 from ptxgen.spec import KernelSpec
 
 from .driver import CudaError, call, device
@@ -14,7 +15,6 @@ from .memory import DeviceArray, Stream
 
 _CTYPES = {T.U64: ctypes.c_uint64, T.S64: ctypes.c_int64, T.U32: ctypes.c_uint32,
            T.S32: ctypes.c_int32, T.F32: ctypes.c_float, T.F64: ctypes.c_double}
-_STATIC_SHARED_LIMIT = 48 * 1024
 _cuLaunchKernel = cu.cuLaunchKernel  # bound once: the launch hot path does no attribute lookups
 
 
@@ -54,7 +54,7 @@ class Kernel:
     def __init__(self, spec: KernelSpec, module: Any, function: Any):
         self.spec, self.module, self.function = spec, module, function
         self.params = spec.params()
-        self._shared_limit = _STATIC_SHARED_LIMIT
+        self._shared_limit = STATIC_SHARED_LIMIT
 
     def pack(self, args: Sequence[Any]) -> list[Any]:
         if len(args) != len(self.params):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from cuda.bindings import driver as cu
 
-from ptxgen.kernels.mma_tile import MmaType
+from ptxgen.hw import SWIZZLE_ROW, MmaType
 
 from .driver import call
 from .memory import DeviceArray
@@ -18,12 +18,14 @@ _TYPES = {MmaType.BF16: cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
           # raw fp32 bits, as the cp.async feed copies them: the tensor cores read a truncated mantissa
           # (the TFLOAT32 type would round on the way instead)
           MmaType.TF32: cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT32}
+_SWIZZLES = {128: cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B}  # by swizzled row bytes
 
 
 def tiled_tensor_map(ptr: int, rows: int, cols: int, row_stride: int, dtype: MmaType,
                      box: tuple[int, int]) -> DeviceArray:
     """A row-major [rows, cols] matrix of ``dtype`` at ``ptr`` (``row_stride`` elements apart), read
-    in boxes of ``box`` = (rows, cols) into 128-byte-swizzled shared tiles, zeros past the edges.
+    in boxes of ``box`` = (rows, cols) into the kernels' swizzled shared tiles (``SWIZZLE_ROW``),
+    zeros past the edges.
     The returned device array holds the map; free it after the launches that use it."""
     if (row_stride * dtype.bytes) % 16 or ptr % 16:
         raise ValueError(f"a tensor map needs 16-byte aligned rows: stride {row_stride} x {dtype.bytes} bytes")
@@ -31,7 +33,7 @@ def tiled_tensor_map(ptr: int, rows: int, cols: int, row_stride: int, dtype: Mma
     tensor_map = call("cuTensorMapEncodeTiled", _TYPES[dtype], u32(2), ptr, [u64(cols), u64(rows)],
                       [u64(row_stride * dtype.bytes)], [u32(box[1]), u32(box[0])], [u32(1), u32(1)],
                       cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
-                      cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+                      _SWIZZLES[SWIZZLE_ROW],
                       cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                       cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
     return DeviceArray.from_numpy(np.array(tensor_map.opaque, dtype=np.uint64).view(np.uint8))

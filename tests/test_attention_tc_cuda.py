@@ -14,7 +14,7 @@ from cudacall import call, poison
 from ptxgen.kernels.attention import attention_backward_reference, attention_reference
 from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
 from ptxgen.kernels.attention_wgmma import AttentionWgmmaSpec
-from ptxgen.kernels.mma_tile import MmaType
+from ptxgen.hw import MmaType
 from ptxgen.vecio import from_bf16, to_bf16
 from runtime import ModuleCache
 

@@ -107,7 +107,7 @@ def test_split_k_is_batches_that_step_along_k():
 
 def test_tma_wgmma_gemm_describes_its_tensor_maps_and_refuses_what_they_cannot_serve():
     from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
-    from ptxgen.kernels.mma_tile import MmaType
+    from ptxgen.hw import MmaType
     nt, dw = GemmWgmmaSpec(tma=True), GemmWgmmaSpec(tma=True, trans_a=True, trans_b=False, block_n=128)
     # K-major: the stored [rows, K] matrix in [block rows, 64 K] boxes; MN-major: [K, cols] in [64 K, 64] boxes
     assert nt.tma_operands(300, 520, 1000) == ((300, 1000, 1000, (128, 64)), (520, 1000, 1000, (256, 64)))

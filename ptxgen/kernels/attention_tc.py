@@ -30,12 +30,13 @@ from typing import Callable, ClassVar
 
 from ..builder import Addr, Guard, KernelBuilder, Reg, T
 from ..exact import LN2_F32, LOG2E_F32
+from ..hw import CHUNK, SHARED_LIMIT, SHARED_LINE, MmaType
 from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from .attention import AttentionGrid
-from .gemm_tc import SHARED_LIMIT
-from .mma_tile import CHUNK, ELEMS, MmaType, SharedTile
+from .mma_tile import ELEMS, SharedTile
+from .ring import Pair, Ring
 
 
 Tiles = list[list[Reg]]  # accumulator tiles: [n8 tile][4 f32]
@@ -45,7 +46,7 @@ class _Flash:
     """What the three kernels share: indices, cp.async row copies into swizzled tiles, and the two
     mma products (rows x tile^T, and accumulators x tile) over a head_dim-wide tile."""
 
-    def __init__(self, spec: "_FlashBase", b: KernelBuilder, align: int = 128):
+    def __init__(self, spec: "_FlashBase", b: KernelBuilder, align: int = SHARED_LINE):
         self.b, self.spec, self.d = b, spec, spec.head_dim
         self.tid = b.special("%tid.x")
         self.lane, self.warp = b.and_(self.tid, 31), b.shr(self.tid, 5)
@@ -226,10 +227,14 @@ class _Flash:
             b.st("global", Addr(self.stat_ptr("lse", spec.heads, head, seq, rows[h])),
                  b.mul(b.add(m[h], b.fn("lg2", l_row)), LN2_F32), guard=b.and_(valid, b.setp("eq", self.quad, 0)))
 
-    def swap(self, x: Reg, y: Reg) -> None:
-        t = self.b.mov(x)
-        self.b.mov(y, out=x)
-        self.b.mov(t, out=y)
+    def landed(self, fenced: bool = False) -> None:
+        """Every thread's copies have landed (and, ``fenced``, are visible to the async proxy wgmma
+        reads through), for every thread: the stage they filled may be read, the one read refilled."""
+        b = self.b
+        b.cp_async_wait(0)
+        if fenced:
+            b.fence_proxy_async()
+        b.bar_sync()
 
     def store_f32(self, acc: Tiles, h: int, row_at: Reg, valid: Reg, scale: float = 1.0) -> None:
         """Row group + 8h of a [16 x d] accumulator into the f32 row at ``row_at`` (d floats)."""
@@ -293,7 +298,7 @@ class _ForwardBase(_FlashBase):
 
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "lse")
     scalars: ClassVar[tuple[str, ...]] = ("seq", "kv_len", "kv_stride", "q_start")
-    _align: ClassVar[int] = 128
+    _align: ClassVar[int] = SHARED_LINE
     _fenced: ClassVar[bool] = False
 
     def dynamic_shared_bytes(self) -> int:
@@ -311,20 +316,13 @@ class _ForwardBase(_FlashBase):
         copy_kv = f.kv_copier(kv_head, kv_stride, bkv, copy_rows)
         kv_bytes = bkv * d * 2
 
-        def landed() -> None:  # every thread's copies (visible to the async proxy), for every thread
-            b.cp_async_wait(0)
-            if self._fenced:
-                b.fence_proxy_async()
-            b.bar_sync()
-
         end = f.key_end(first, q_start, kv_len)
         key0 = b.mov(0, T.U32)
-        stage = b.add(f.smem, bq * d * 2)
-        other = b.add(stage, 2 * kv_bytes)
+        kv = Pair(Ring(b, 2, 2 * kv_bytes, b.add(f.smem, bq * d * 2)))  # K then V, after Q
         copy_rows(f.row_ptr("q", seq, first, self.heads, head), self.heads, f.smem, first, seq, bq)
-        copy_kv(stage, key0, end)
+        copy_kv(kv.at, key0, end)
         b.cp_async_commit()
-        landed()
+        f.landed(self._fenced)
         queries = self._start(f)
 
         c = self.scale_log2e  # scores in base 2
@@ -332,14 +330,14 @@ class _ForwardBase(_FlashBase):
         o = self._output(f)
         rows, last_free, off = f.forward_masking(first, q_start, kv_len)
         with b.loop(b.div(b.add(end, bkv - 1), bkv), "kv_tile"):
-            copy_kv(other, b.add(key0, bkv), end)  # the next tile (past ``end``: zero-size copies)
+            copy_kv(kv.other, b.add(key0, bkv), end)  # the next tile (past ``end``: zero-size copies)
             b.cp_async_commit()
-            s = self._scores(f, queries, stage)
+            s = self._scores(f, queries, kv.at)
             f.mask(s, key0, b.setp("gt", b.add(key0, bkv), last_free), off)
             p = f.online_softmax(s, m, l_part, o, c)
-            self._accumulate(f, queries, o, p, b.add(stage, kv_bytes))
-            landed()  # the next tile has landed, and every warp is done with this one
-            f.swap(stage, other)
+            self._accumulate(f, queries, o, p, b.add(kv.at, kv_bytes))
+            f.landed(self._fenced)  # the next tile has landed, and every warp is done with this one
+            kv.advance()
             b.add(key0, bkv, out=key0)
         f.store_output(o, m, l_part, rows, seq, head)
 
@@ -399,16 +397,14 @@ class AttentionTCBackwardQSpec(_FlashBase):
         kv_bytes, q_bytes = bkv * d * 2, bq * d * 2
         end = b.min(seq, b.add(first, bq)) if self.causal else seq
         key0 = b.mov(0, T.U32)
-        stage = b.add(f.smem, 3 * q_bytes)
-        other = b.add(stage, 2 * kv_bytes)
+        kv = Pair(Ring(b, 2, 2 * kv_bytes, b.add(f.smem, 3 * q_bytes)))  # K then V, after Q, dO, O
 
         for i, name in enumerate(("q", "do", "o")):
             f.copy_rows(f.row_ptr(name, seq, first, self.heads, head), self.heads, b.add(f.smem, i * q_bytes),
                         first, seq, bq)
-        copy_kv(stage, key0, end)
+        copy_kv(kv.at, key0, end)
         b.cp_async_commit()
-        b.cp_async_wait(0)
-        b.bar_sync()
+        f.landed()
         q, do = f.a_fragments(f.smem), f.a_fragments(b.add(f.smem, q_bytes))
         rows = f.rows_of_warp(first)
         delta = self._delta(b, f, first, seq, head, q_bytes)
@@ -424,19 +420,18 @@ class AttentionTCBackwardQSpec(_FlashBase):
             return b.or_(out, b.setp("gt", key, rows[h])) if self.causal else out
 
         with b.loop(b.div(b.add(end, bkv - 1), bkv), "kv_tile"):
-            copy_kv(other, b.add(key0, bkv), end)
+            copy_kv(kv.other, b.add(key0, bkv), end)
             b.cp_async_commit()
             s = f.zeros(bkv // 8)
-            f.products(s, q, stage, bkv)
+            f.products(s, q, kv.at, bkv)
             f.mask(s, key0, b.setp("gt", b.add(key0, bkv), last_free), off)
             dp = f.zeros(bkv // 8)
-            f.products(dp, do, b.add(stage, kv_bytes), bkv)
+            f.products(dp, do, b.add(kv.at, kv_bytes), bkv)
             ds = [[b.mul(b.fn("ex2", b.fma(s[j][e], c, neg_lse2[e >> 1])), b.sub(dp[j][e], delta[e >> 1]))
                    for e in range(4)] for j in range(len(s))]
-            f.accumulate(dq, ds, stage, bkv)
-            b.cp_async_wait(0)
-            b.bar_sync()
-            f.swap(stage, other)
+            f.accumulate(dq, ds, kv.at, bkv)
+            f.landed()
+            kv.advance()
             b.add(key0, bkv, out=key0)
 
         dq_ptr = b.cvta_global(b.ld_param("dq"))
@@ -507,15 +502,13 @@ class AttentionTCBackwardKVSpec(_FlashBase):
             f.copy_rows(f.row_ptr(name, seq, first, self.kv_heads, kv_head), self.kv_heads,
                         b.add(f.smem, i * kv_bytes), first, seq, bk)
         b.cp_async_commit()
-        b.cp_async_wait(0)
-        b.bar_sync()
+        f.landed()
         keys = f.rows_of_warp(first)
         dk, dv = f.zeros(d // 8), f.zeros(d // 8)
         c = self.scale_log2e
         q_begin = b.mul(b.div(first, bq), bq) if self.causal else b.mov(0, T.U32)  # queries that see these keys
         stage_bytes = 2 * q_bytes + 2 * bq * 4
-        stage = b.add(f.smem, 2 * kv_bytes)
-        other = b.add(stage, stage_bytes)
+        qs = Pair(Ring(b, 2, stage_bytes, b.add(f.smem, 2 * kv_bytes)))  # after K and V
         tid_ok = b.setp("lt", f.tid, bq)
 
         with b.loop(b.mov(self.group, T.U32), "head") as hq:
@@ -537,37 +530,35 @@ class AttentionTCBackwardKVSpec(_FlashBase):
                     b.st("shared", Addr(b.add(dst, b.shl(f.tid, 2)), 2 * q_bytes + i * bq * 4),
                          b.mul(x, scale) if scale != 1.0 else x, guard=tid_ok)
 
-            copy_q(stage, q0)
+            copy_q(qs.at, q0)
             b.cp_async_commit()
-            b.cp_async_wait(0)
-            b.bar_sync()
+            f.landed()
 
             def off(query: Reg, h: int) -> Reg:  # past the sequence, or (causal) before the key
                 out = b.setp("ge", query, seq)
                 return b.or_(out, b.setp("gt", keys[h], query)) if self.causal else out
 
             with b.loop(b.div(b.add(b.sub(seq, q_begin), bq - 1), bq), "q_tile"):
-                copy_q(other, b.add(q0, bq))
+                copy_q(qs.other, b.add(q0, bq))
                 b.cp_async_commit()
                 st = f.zeros(bq // 8)
-                f.products(st, f.a_fragments(f.smem), stage, bq)  # K's fragments: re-read, not held
+                f.products(st, f.a_fragments(f.smem), qs.at, bq)  # K's fragments: re-read, not held
                 needed = b.setp("gt", b.add(q0, bq), seq)  # the tile passes the sequence's end ...
                 if self.causal:  # ... or some query comes before some key
                     needed = b.or_(needed, b.setp("lt", q0, b.add(first, bk)))
                 f.mask(st, q0, needed, off)
-                stats = b.add(stage, b.add(b.shl(f.quad, 3), 2 * q_bytes))  # this lane's column pair's lse
+                stats = b.add(qs.at, b.add(b.shl(f.quad, 3), 2 * q_bytes))  # this lane's column pair's lse
                 lse2 = [b.ld("shared", T.F32, Addr(stats, 32 * j), 2) for j in range(bq // 8)]
                 dlt = [b.ld("shared", T.F32, Addr(stats, 32 * j + bq * 4), 2) for j in range(bq // 8)]
                 p = [[b.fn("ex2", b.fma(st[j][e], c, b.neg(lse2[j][e & 1]))) for e in range(4)]
                      for j in range(bq // 8)]
-                f.accumulate(dv, p, b.add(stage, q_bytes), bq)
+                f.accumulate(dv, p, b.add(qs.at, q_bytes), bq)
                 dpt = f.zeros(bq // 8)
-                f.products(dpt, f.a_fragments(b.add(f.smem, kv_bytes)), b.add(stage, q_bytes), bq)
+                f.products(dpt, f.a_fragments(b.add(f.smem, kv_bytes)), b.add(qs.at, q_bytes), bq)
                 ds = [[b.mul(p[j][e], b.sub(dpt[j][e], dlt[j][e & 1])) for e in range(4)] for j in range(bq // 8)]
-                f.accumulate(dk, ds, stage, bq)
-                b.cp_async_wait(0)
-                b.bar_sync()
-                f.swap(stage, other)
+                f.accumulate(dk, ds, qs.at, bq)
+                f.landed()
+                qs.advance()
                 b.add(q0, bq, out=q0)
 
         for name, acc, scale in (("dk", dk, self.scale), ("dv", dv, 1.0)):

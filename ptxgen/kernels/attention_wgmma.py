@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, NamedTuple
 
 from ..builder import Reg, T
+from ..hw import CHUNK, SWIZZLE_ATOM, SWIZZLE_ROW, MmaType
 from ..registry import register
 from ..spec import SpecError, Target
 from .attention_tc import Tiles, _Flash, _ForwardBase
 from .gemm_wgmma import descriptor, descriptor_bits
-from .mma_tile import CHUNK, MmaType
-from .tma_pipeline import ATOM_BYTES, ROW
 
 
 class _ChunkedRows:
@@ -32,20 +31,20 @@ class _ChunkedRows:
         b = f.b
         self.f, self.b = f, b
         my_chunk = b.rem(f.tid, f.d // (CHUNK // 2))  # _Flash's: a thread copies one 16-byte chunk of a row
-        # (its pass rows are a multiple of 8: the same swizzle every pass); column chunks rows * ROW apart
+        # (its pass rows are a multiple of 8: the same swizzle every pass); column chunks rows * SWIZZLE_ROW apart
         self.column = b.shr(my_chunk, 3)
-        self.in_row = b.add(b.mul(f.my_row, ROW), b.shl(b.xor(b.and_(my_chunk, 7), b.and_(f.my_row, 7)), 4))
+        self.in_row = b.add(b.mul(f.my_row, SWIZZLE_ROW), b.shl(b.xor(b.and_(my_chunk, 7), b.and_(f.my_row, 7)), 4))
 
     def copy(self, at: Reg, heads: int, dst: Reg, row0: Reg, limit: Reg, rows: int) -> None:
         """``_Flash.copy_rows`` into the chunked tile of ``rows`` rows at shared ``dst``."""
-        mine = self.b.add(dst, self.b.mad(self.column, rows * ROW, self.in_row))
-        self.f.copy_rows(at, heads, dst, row0, limit, rows, mine=mine, row_bytes=ROW)
+        mine = self.b.add(dst, self.b.mad(self.column, rows * SWIZZLE_ROW, self.in_row))
+        self.f.copy_rows(at, heads, dst, row0, limit, rows, mine=mine, row_bytes=SWIZZLE_ROW)
 
 
 def _k_major(kk: int, rows: int) -> int:
     """Byte offset of k16 step ``kk`` of a K-major chunked tile of ``rows`` rows: 32 bytes along a
     row, the next column chunk every 4 steps."""
-    return (kk // 4) * rows * ROW + (kk % 4) * 32
+    return (kk // 4) * rows * SWIZZLE_ROW + (kk % 4) * 32
 
 
 class _Queries(NamedTuple):
@@ -61,7 +60,7 @@ class AttentionWgmmaSpec(_ForwardBase):
     a step."""
 
     kind: ClassVar[str] = "attention_wgmma_fwd"
-    _align: ClassVar[int] = ATOM_BYTES
+    _align: ClassVar[int] = SWIZZLE_ATOM
     _fenced: ClassVar[bool] = True  # cp.async writes, wgmma reads through the async proxy
 
     def arch(self, target: Target) -> str:
@@ -79,7 +78,7 @@ class AttentionWgmmaSpec(_ForwardBase):
 
     def _start(self, f: _Flash) -> _Queries:
         b = f.b
-        rows = b.add(f.smem, b.mul(b.shr(f.tid, 7), 64 * ROW))
+        rows = b.add(f.smem, b.mul(b.shr(f.tid, 7), 64 * SWIZZLE_ROW))
         overwrite, accumulate = (b.setp("ne", b.mov(x, T.U32), 0) for x in (0, 1))
         return _Queries(rows, overwrite, accumulate)
 
@@ -102,13 +101,13 @@ class AttentionWgmmaSpec(_ForwardBase):
 
     def _accumulate(self, f: _Flash, q: _Queries, o: Tiles, p: Tiles, values: Reg) -> None:
         """O += P V: P from registers, V MN-major (its 16 keys of step kk are 16 rows of 128 bytes further)."""
-        b, bits = f.b, descriptor_bits(True, self.tile * ROW)
+        b, bits = f.b, descriptor_bits(True, self.tile * SWIZZLE_ROW)
         frags = [f.p_fragment(p, kk) for kk in range(self.tile // 16)]
         acc = [r for tile in o for r in tile]
         b.wgmma_fence()
         for kk, frag in enumerate(frags):
-            b.wgmma(acc, frag, descriptor(b, b.add(values, kk * 16 * ROW), bits), self.dtype.value, self.head_dim,
-                    q.accumulate, (False, True))
+            b.wgmma(acc, frag, descriptor(b, b.add(values, kk * 16 * SWIZZLE_ROW), bits), self.dtype.value,
+                    self.head_dim, q.accumulate, (False, True))
         b.wgmma_commit()
         b.wgmma_wait(0)
 

@@ -28,6 +28,7 @@ from ..registry import register
 from ..spec import KernelSpec, SpecError
 from ..vecio import DType, load_f32, store_f32
 from .common import check_positive
+from .ring import Offset, Ring
 
 PAD = 4  # floats of padding per shared row: the transposing stores then hit distinct banks
 
@@ -313,10 +314,10 @@ class GemmSpec(KernelSpec):
         load_b = _TileLoader(self, b, op_b, b_ptr, b.ld_param("ldb"), n, k, col0, tid, smem_b)
 
         acc = [[b.mov(0.0, T.F32) for _ in range(tn)] for _ in range(tm)]
-        buf_a, buf_b = b.mov(0, T.U32), b.mov(0, T.U32)
+        buf_a, buf_b = Offset(Ring(b, 2, a_rows, smem_a)), Offset(Ring(b, 2, b_rows, smem_b))
         k0 = b.mov(0, T.U32)
-        load_a.stash(load_a.fetch(k0), buf_a)
-        load_b.stash(load_b.fetch(k0), buf_b)
+        load_a.stash(load_a.fetch(k0), buf_a.at)
+        load_b.stash(load_b.fetch(k0), buf_b.at)
         b.bar_sync()
         frag_a = b.add(smem_a, b.mul(ty, 16))
         frag_b = b.add(smem_b, b.mul(tx, 16))
@@ -327,7 +328,7 @@ class GemmSpec(KernelSpec):
             load_a.advance()
             load_b.advance()
             next_a, next_b = load_a.fetch(k0), load_b.fetch(k0)
-            pa, pb = b.add(frag_a, buf_a), b.add(frag_b, buf_b)
+            pa, pb = b.add(frag_a, buf_a.at), b.add(frag_b, buf_b.at)
             for kk in range(bk):
                 av = [v for g in range(tm // 4) for v in
                       b.ld("shared", T.F32, Addr(pa, kk * (bm + PAD) * 4 + g * self.threads_m * 16), 4)]
@@ -336,10 +337,10 @@ class GemmSpec(KernelSpec):
                 for i in range(tm):
                     for j in range(tn):
                         b.fma(av[i], bv[j], acc[i][j], out=acc[i][j])
-            b.xor(buf_a, a_rows, out=buf_a)
-            b.xor(buf_b, b_rows, out=buf_b)
-            load_a.stash(next_a, buf_a)
-            load_b.stash(next_b, buf_b)
+            buf_a.advance()
+            buf_b.advance()
+            load_a.stash(next_a, buf_a.at)
+            load_b.stash(next_b, buf_b.at)
             b.bar_sync()
         self._epilogue(b, acc, c_ptr, m, n, row0, col0, tx, ty)
 

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..builder import KernelBuilder, Reg, T
+from ..hw import CHUNK, MBARRIER_BYTES, SHARED_LIMIT, SHARED_LINE, MmaType
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from .common import MAX_LOOP_BOUND, check_at_most, check_positive
 from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices, leading_dims, split_batch, tile_origin
-from .mma_tile import CHUNK, ELEMS, MmaType, SharedTile
+from .mma_tile import ELEMS, SharedTile
+from .ring import Pointer, Ring
 
-SHARED_LIMIT = 227 * 1024  # dynamic shared memory one block may have on sm_90
 
 
 class _Operand:
@@ -72,6 +73,27 @@ class _Operand:
             b.cp_async(at, b.selp(src, self.ptr, ok, T.U64), b.selp(CHUNK, 0, ok, T.U32),
                        dst_offset=self.base + step * self.row_bytes)
         b.add(self.src, self.slice_step, out=self.src)
+
+
+class _Feed:
+    """The cp.async side of a copy ring: ``issue()`` copies every operand's slice at ``k`` (a
+    register, advanced ``step`` a slice) into the stage at ``write``, commits them as one group and
+    moves on; ``read`` follows behind. ``prime()`` fills all stages but one."""
+
+    def __init__(self, b: KernelBuilder, ring: Ring, ops: list[_Operand], k: Reg, step: int):
+        self.b, self.ring, self.ops, self.k, self.step = b, ring, ops, k, step
+        self.write, self.read = Pointer(ring), Pointer(ring)
+
+    def issue(self) -> None:  # past K: zero-size copies
+        for op in self.ops:
+            op.issue(self.k, self.write.at)
+        self.b.cp_async_commit()
+        self.b.add(self.k, self.step, out=self.k)
+        self.write.advance()
+
+    def prime(self) -> None:
+        for _ in range(self.ring.stages - 1):
+            self.issue()
 
 
 class _Fragments:
@@ -135,9 +157,9 @@ class TensorCoreGemm:
         return (self.block_m + self.block_n) * self.k_elems * self.dtype.bytes
 
     def dynamic_shared_bytes(self) -> int:
-        # with tma, a stage's two mbarriers (8 bytes each) after the stages: static shared memory
-        # would move the dynamic base off the 1024-byte alignment the swizzled tiles need
-        return self.stages * (self.stage_bytes + (16 if self.tma else 0))
+        # with tma, a stage's two mbarriers after the stages: static shared memory would move the
+        # dynamic base off the alignment the swizzled tiles need (SWIZZLE_ATOM)
+        return self.stages * (self.stage_bytes + (2 * MBARRIER_BYTES if self.tma else 0))
 
     def params(self) -> tuple[tuple[str, T], ...]:
         if self.tma:
@@ -299,7 +321,7 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
         row0, col0 = tile_origin(b, self, m, n)
         a_stage = self.block_m * self.block_k * 2
         stage = a_stage + self.block_n * self.block_k * 2
-        smem = b.addr_of(b.dynamic_shared("tiles", align=128))
+        smem = b.addr_of(b.dynamic_shared("tiles", align=SHARED_LINE))
         ptr = dict(zip("abc", batch_matrices(b, b.special("%ctaid.y"), {"a": 2, "b": 2, "c": 4})))
         op_a = _Operand(self, b, ptr["a"], b.ld_param("lda"), m, k, row0, self.block_m,
                         not self.trans_a, tid, 0)
@@ -309,37 +331,25 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
 
         acc = [[[b.mov(0.0, T.F32) for _ in range(4)] for _ in range(self.n_tiles)] for _ in range(self.m_tiles)]
         k_issue = b.mov(0, T.U32)
-        end = b.add(smem, self.stages * stage)
-        write, read = b.mov(smem), b.mov(smem)
-
-        def advance(at: Reg) -> None:  # to the next stage, wrapping around
-            b.add(at, stage, out=at)
-            b.mov(b.selp(smem, at, b.setp("eq", at, end), T.U32), out=at)
-
-        def issue() -> None:  # the next slice into the next stage
-            op_a.issue(k_issue, write)
-            op_b.issue(k_issue, write)
-            b.cp_async_commit()
-            b.add(k_issue, self.block_k, out=k_issue)
-            advance(write)
+        feed = _Feed(b, Ring(b, self.stages, stage, smem), [op_a, op_b], k_issue, self.block_k)
+        read = feed.read
 
         def landed() -> None:  # the slice at ``read`` is in shared memory, for every thread
             b.cp_async_wait(self.stages - 2)
             b.bar_sync()
 
-        for _ in range(self.stages - 1):
-            issue()
+        feed.prime()
         landed()
-        frags.load(read, 0, 0)
+        frags.load(read.at, 0, 0)
         last = frags.steps - 1
         with b.loop(b.div(b.add(k, self.block_k - 1), self.block_k), "ktile"):
             for kk in range(frags.steps):
                 if kk == 0:     # into the stage every warp finished reading before the last barrier
-                    issue()
+                    feed.issue()
                 if kk == last:  # the next slice: its first fragments load under this step's mmas
                     landed()
-                    advance(read)
-                frags.load(read, (kk + 1) % frags.steps, (kk + 1) % 2)
+                    read.advance()
+                frags.load(read.at, (kk + 1) % frags.steps, (kk + 1) % 2)
                 frags.multiply(acc, kk)
             if frags.steps % 2:  # an odd step count leaves the next slice's first fragments in set 1
                 frags.carry()

@@ -36,15 +36,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..builder import KernelBuilder, Reg, T
+from ..hw import DESCRIPTOR_SWIZZLE, SHARED_LIMIT, SWIZZLE_ATOM, SWIZZLE_ROW, MmaType
 from ..registry import register
 from ..spec import KernelSpec, SpecError, Target
 from .common import MAX_LOOP_BOUND, check_at_most, check_positive
 from .gemm import batch_matrices, tile_origin
-from .gemm_tc import SHARED_LIMIT, TensorCoreGemm, _Operand, store_accumulators
-from .mma_tile import MmaType
-from .tma_pipeline import ATOM_BYTES, MN_CHUNK, ROW, Ring, TmaPipeline
+from .gemm_tc import TensorCoreGemm, _Feed, _Operand, store_accumulators
+from .ring import Ring, Slot
+from .tma_pipeline import MN_CHUNK, TmaPipeline
 
-BLOCK_K = 64        # a slice's K in 16-bit units: 128 bytes, one swizzle atom's row
+BLOCK_K = SWIZZLE_ROW // 2  # a slice's K in 16-bit units: one swizzled row
 
 
 def descriptor_bits(mn_major: bool, chunk_bytes: int = MN_CHUNK) -> int:
@@ -52,7 +53,7 @@ def descriptor_bits(mn_major: bool, chunk_bytes: int = MN_CHUNK) -> int:
     between 8-row groups (16-byte units): of M/N rows (K-major) or of k rows (MN-major); 16-29:
     the stride between 64-element chunks of M/N, ``chunk_bytes`` (MN-major; unused by K-major, 1
     by convention)."""
-    return (1 << 62) | ((ATOM_BYTES >> 4) << 32) | ((chunk_bytes >> 4 if mn_major else 1) << 16)
+    return DESCRIPTOR_SWIZZLE | ((SWIZZLE_ATOM >> 4) << 32) | ((chunk_bytes >> 4 if mn_major else 1) << 16)
 
 
 def descriptor(b: KernelBuilder, addr: Reg, bits: int) -> Reg:
@@ -135,7 +136,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         warp, lane = b.shr(tid, 5), b.and_(tid, 31)
         acc = [b.reg(T.F32) for _ in range(self.block_n // 2)]
         # this warpgroup's 64 rows of A: 64 K-major rows, or the MN-major chunk of them
-        rows = [(acc, b.mul(b.shr(tid, 7), 64 * ROW))]
+        rows = [(acc, b.mul(b.shr(tid, 7), 64 * SWIZZLE_ROW))]
         mainloop = _Mainloop(self, p)
         for split, row0, col0 in p.work():
             mainloop.run(rows)
@@ -149,14 +150,14 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         b = p.b
         group, lane = b.shr(tid, 7), b.and_(tid, 31)
         warp = b.and_(b.shr(tid, 5), 3)  # within the warpgroup
-        halves = [([b.reg(T.F32) for _ in range(self.block_n // 2)], h * 64 * ROW) for h in range(2)]
+        halves = [([b.reg(T.F32) for _ in range(self.block_n // 2)], h * 64 * SWIZZLE_ROW) for h in range(2)]
         mainloop = _Mainloop(self, p)
         turns = b.div(b.add(b.sub(p.mine, group), 1), 2)  # tiles group, group + 2, ... below mine
         mine_wait, other_go = b.sub(2, group), b.add(group, 1)  # barrier ids: 2 or 1, 1 or 2
         with b.loop(turns, "turn") as t:
             j = b.mad(t, 2, group)
             split, row0, col0 = p.item(j)
-            mainloop.ring.seek(b.mul(j, p.slices))
+            mainloop.slot.seek(b.mul(j, p.slices))
             go = b.new_label("go")
             b.bra(go, guard=b.setp("eq", j, 0))  # the very first tile waits for no one
             b.bar_sync(mine_wait, 256)
@@ -186,7 +187,7 @@ def multiply(spec: GemmWgmmaSpec, b: KernelBuilder, accs: list[tuple[list[Reg], 
     K-major rows, 16 rows of 128 bytes down MN-major ones)."""
     b.wgmma_fence()
     a_mn, b_mn = spec.mn_major
-    step = lambda mn, kk: (16 * ROW if mn else 32) * kk >> 4  # noqa: E731
+    step = lambda mn, kk: (16 * SWIZZLE_ROW if mn else 32) * kk >> 4  # noqa: E731
     descs_a = [descriptor(b, a_tile, descriptor_bits(a_mn)) for _, a_tile in accs]
     desc_b = descriptor(b, b_tile, descriptor_bits(b_mn))
     for kk in range(BLOCK_K // 16):
@@ -213,7 +214,7 @@ class _Mainloop:
         b = p.b
         self.spec, self.p, self.b = spec, p, b
         self.scale_d = b.setp("ne", b.mov(1, T.U32), 0)
-        self.ring = Ring(b, spec.stages)
+        self.slot = Slot(p.ring)
         self.freed = b.reg(T.U32)  # the empty barrier of the slice before
 
     def run(self, accs: list[tuple[list[Reg], Reg | int]]) -> None:
@@ -222,14 +223,14 @@ class _Mainloop:
             for r in acc:
                 b.mov(0.0, out=r)
         with b.loop(p.slices, "slice") as i:
-            at, full, empty = p.stage(self.ring)
-            b.mbarrier_wait(full, self.ring.phase)
-            multiply(spec, b, [(acc, b.add(at, rows)) for acc, rows in accs], b.add(at, spec.block_m * ROW),
+            at, full, empty = p.stage(self.slot)
+            b.mbarrier_wait(full, self.slot.phase)
+            multiply(spec, b, [(acc, b.add(at, rows)) for acc, rows in accs], b.add(at, spec.block_m * SWIZZLE_ROW),
                      self.scale_d)
             b.wgmma_wait(1)  # the slice before's wgmmas are done: its stage is free
             b.mbarrier_arrive(self.freed, guard=b.setp("ne", i, 0))
             b.mov(empty, out=self.freed)
-            self.ring.advance()
+            self.slot.advance()
         b.wgmma_wait(0)
         b.mbarrier_arrive(self.freed, guard=b.setp("ne", p.slices, 0))
 
@@ -249,7 +250,7 @@ class _CopyFed:
         lane, warp = b.and_(tid, 31), b.shr(tid, 5)
         row0, col0 = tile_origin(b, spec, m, n)
         a_stage, stage = spec.block_m * BLOCK_K * 2, spec.stage_bytes
-        smem = b.addr_of(b.dynamic_shared("tiles", align=ATOM_BYTES))
+        smem = b.addr_of(b.dynamic_shared("tiles", align=SWIZZLE_ATOM))
         size = spec.dtype.bytes
         ptr = dict(zip("abc", batch_matrices(b, b.special("%ctaid.y"), {"a": size, "b": size, "c": 4})))
         units = size // 2  # a tf32 row is copied as if of 16-bit units
@@ -260,30 +261,18 @@ class _CopyFed:
 
         acc = [b.mov(0.0, T.F32) for _ in range(spec.block_n // 2)]
         scale_d = b.setp("ne", b.mov(1, T.U32), 0)  # accumulate into acc
-        end = b.add(smem, spec.stages * stage)
-        write, read = b.mov(smem), b.mov(smem)
-        a_rows = b.mul(b.shr(tid, 7), 64 * ROW)  # this warpgroup's 64 rows of the A tile
+        feed = _Feed(b, Ring(b, spec.stages, stage, smem), ops, k_issue, BLOCK_K)
+        read = feed.read
+        a_rows = b.mul(b.shr(tid, 7), 64 * SWIZZLE_ROW)  # this warpgroup's 64 rows of the A tile
 
-        def advance(at: Reg) -> None:
-            b.add(at, stage, out=at)
-            b.mov(b.selp(smem, at, b.setp("eq", at, end), T.U32), out=at)
-
-        def issue() -> None:  # past K: zero-size copies
-            for op in ops:
-                op.issue(k_issue, write)
-            b.cp_async_commit()
-            b.add(k_issue, BLOCK_K, out=k_issue)
-            advance(write)
-
-        for _ in range(spec.stages - 1):
-            issue()
+        feed.prime()
         with b.loop(b.div(b.add(k, spec.k_elems - 1), spec.k_elems), "ktile"):
             b.cp_async_wait(spec.stages - 2)  # the slice to read has landed (for this thread) ...
             b.fence_proxy_async()             # ... visible to the async proxy wgmma reads through ...
             b.bar_sync()                      # ... for every thread, who are all done with the oldest stage
-            issue()
-            multiply(spec, b, [(acc, b.add(read, a_rows))], b.add(read, a_stage), scale_d)
+            feed.issue()
+            multiply(spec, b, [(acc, b.add(read.at, a_rows))], b.add(read.at, a_stage), scale_d)
             b.wgmma_wait(0)
-            advance(read)
+            read.advance()
         b.cp_async_wait(0)
         store(spec, b, acc, ptr["c"], m, n, row0, col0, warp, lane)

@@ -7,25 +7,10 @@ c ^ ((r >> shift) & mask) (``swizzle``), so the eight rows one ldmatrix reads hi
 """
 from __future__ import annotations
 
-import enum
-
 from ..builder import KernelBuilder, Reg
+from ..hw import CHUNK
 
-CHUNK = 16          # bytes per cp.async / per ldmatrix row
 ELEMS = CHUNK // 2  # 16-bit elements per chunk
-
-
-class MmaType(enum.Enum):
-    """A tensor-core operand type. TF32 (fp32 in memory, read with a 10-bit mantissa) is wgmma's only:
-    mma.sync m16n8k16 takes the two 16-bit types."""
-
-    BF16 = "bf16"
-    F16 = "f16"
-    TF32 = "tf32"
-
-    @property
-    def bytes(self) -> int:
-        return 4 if self is MmaType.TF32 else 2
 
 
 def swizzle(chunks_per_row: int) -> tuple[int, int]:

@@ -21,33 +21,11 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 from ..builder import KernelBuilder, Reg, T
+from ..hw import MBARRIER_BYTES, SWIZZLE_ATOM, SWIZZLE_ROW
 from .gemm import tile_origin
+from .ring import Ring, Slot
 
-ROW = 128           # bytes of a swizzled row: a K-major operand's slice row, an MN-major one's 64 elements
-ATOM_BYTES = 1024   # 8 rows of 128 bytes: the swizzle period
-MN_CHUNK = 64 * ROW  # an MN-major operand's [64 K][64 M or N] box: the stride between its 64-wide chunks
-
-
-class Ring:
-    """Which stage a slice counter is at and the parity of its mbarriers' current phase, advanced
-    slice by slice (each stage's barriers complete once per trip around the ring)."""
-
-    def __init__(self, b: KernelBuilder, stages: int):
-        self.b, self.stages = b, stages
-        self.at, self.phase = b.mov(0, T.U32), b.mov(0, T.U32)
-
-    def seek(self, count: Reg) -> None:
-        """To the ``count``-th slice since the start."""
-        b = self.b
-        b.rem(count, self.stages, out=self.at)
-        b.and_(b.div(count, self.stages), 1, out=self.phase)
-
-    def advance(self) -> None:
-        b = self.b
-        b.add(self.at, 1, out=self.at)
-        wrapped = b.setp("eq", self.at, self.stages)
-        b.mov(b.selp(0, self.at, wrapped, T.U32), out=self.at)
-        b.mov(b.selp(b.xor(self.phase, 1), self.phase, wrapped, T.U32), out=self.phase)
+MN_CHUNK = 64 * SWIZZLE_ROW  # an MN-major operand's [64 K][64 M or N] box: the stride between its 64-wide chunks
 
 
 class TmaPipeline:
@@ -66,13 +44,15 @@ class TmaPipeline:
         b.launch_bounds(spec.threads, 1)  # one block an SM: every register is the consumers'
         self.m, self.n, self.k = (b.ld_param(x) for x in "mnk")
         tid = b.special("%tid.x")
-        self.smem = b.addr_of(b.dynamic_shared("tiles", align=ATOM_BYTES))
-        self.full = b.add(self.smem, spec.stages * spec.stage_bytes)
-        self.empty = b.add(self.full, 8 * spec.stages)
+        self.smem = b.addr_of(b.dynamic_shared("tiles", align=SWIZZLE_ATOM))
+        # the stages, then each stage's full mbarrier, then its empty one
+        self.ring = Ring(b, spec.stages, spec.stage_bytes, self.smem)
+        self.full = Ring(b, spec.stages, MBARRIER_BYTES, self.ring.end())
+        self.empty = Ring(b, spec.stages, MBARRIER_BYTES, self.full.end())
         leader = b.setp("eq", tid, 0)
         for s in range(spec.stages):
-            b.mbarrier_init(b.add(self.full, 8 * s), 1, guard=leader)
-            b.mbarrier_init(b.add(self.empty, 8 * s), self.readers, guard=leader)
+            b.mbarrier_init(b.add(self.full.base, MBARRIER_BYTES * s), 1, guard=leader)
+            b.mbarrier_init(b.add(self.empty.base, MBARRIER_BYTES * s), self.readers, guard=leader)
         b.fence_mbarrier_init(guard=leader)
         b.bar_sync()
         self.slices = b.div(b.add(self.k, spec.k_elems - 1), spec.k_elems)
@@ -103,33 +83,31 @@ class TmaPipeline:
         split = b.div(index, self.tiles)
         return (split, *tile_origin(b, self.spec, self.m, self.n, b.sub(index, b.mul(split, self.tiles))))
 
-    def stage(self, ring: Ring) -> tuple[Reg, Reg, Reg]:
-        """(shared address, full barrier, empty barrier) of the ring's stage."""
-        b = self.b
-        return (b.mad(ring.at, self.spec.stage_bytes, self.smem), b.mad(ring.at, 8, self.full),
-                b.mad(ring.at, 8, self.empty))
+    def stage(self, slot: Slot) -> tuple[Reg, Reg, Reg]:
+        """(shared address, full barrier, empty barrier) of ``slot``'s stage."""
+        return self.ring.address(slot), self.full.address(slot), self.empty.address(slot)
 
     def produce(self) -> None:
         """For each slice: wait for its stage to be free, then copy A's and B's boxes into it (a
         K-major operand's at (k, row0), an MN-major one's at (row0 + 64 j, k))."""
         spec, b = self.spec, self.b
         maps = [b.cvta_global(b.ld_param(x)) for x in ("tmap_a", "tmap_b")]
-        ring = Ring(b, spec.stages)
+        slot = Slot(self.ring)
         for split, row0, col0 in self.work():
             k_at = b.mul(split, self.k)
             with b.loop(self.slices, "slice"):
-                at, full, empty = self.stage(ring)
-                b.mbarrier_wait(empty, b.xor(ring.phase, 1))  # the first trip finds every stage free
+                at, full, empty = self.stage(slot)
+                b.mbarrier_wait(empty, b.xor(slot.phase, 1))  # the first trip finds every stage free
                 b.mbarrier_expect_tx(full, spec.stage_bytes)
                 for tensor_map, outer0, rows, offset, mn in zip(maps, (row0, col0), (spec.block_m, spec.block_n),
-                                                                (0, spec.block_m * ROW), spec.mn_major):
+                                                                (0, spec.block_m * SWIZZLE_ROW), spec.mn_major):
                     if not mn:
                         b.tma_load_2d(b.add(at, offset), tensor_map, k_at, outer0, full)
                     for j in range(rows // 64 if mn else 0):
                         b.tma_load_2d(b.add(at, offset + j * MN_CHUNK), tensor_map, b.add(outer0, 64 * j), k_at,
                                       full)
                 b.add(k_at, spec.k_elems, out=k_at)
-                ring.advance()
+                slot.advance()
 
     def split_c(self, split: Reg) -> Reg:
         """C's address for ``split``'s partial product (consecutive m x ldc matrices)."""
