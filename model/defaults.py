@@ -25,7 +25,7 @@ GPU = DefaultRun(
 CPU = DefaultRun(
     preset="tiny", precision="fp32",
     settings=dict(steps=400, batch_size=8, seq_len=128, lr=3e-3, warmup=50, eval_every=100, eval_batches=4),
-    expect="about 2 minutes on 2 CPU cores (val_loss about 2.5 nats per byte there)")
+    expect="about 1.5 minutes on 2 CPU cores (val_loss about 2.5 nats per byte there)")
 
 
 def default_run(gpu: bool) -> DefaultRun:

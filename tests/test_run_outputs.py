@@ -72,7 +72,7 @@ def test_a_bare_train_says_its_plan_and_ends_with_a_sample_it_saves(tmp_path, ca
     assert cli_train(tmp_path) == 0
     out = capsys.readouterr().out
     assert "plan: the default run here, --preset tiny --precision fp32 --steps 30 --batch-size 4" in out
-    assert "about 2 minutes on 2 CPU cores" in out
+    assert "about 1.5 minutes on 2 CPU cores" in out
     sample = (tmp_path / "run" / "sample.txt").read_text()
     assert sample.startswith("def ") and len(sample) > 100 and f"sample ({tmp_path / 'run' / 'sample.txt'}):\n{sample}" in out
     gen = json.loads((tmp_path / "run" / "step-0000030" / "generation_config.json").read_text())
