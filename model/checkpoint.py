@@ -214,7 +214,10 @@ def resolve(path: Path) -> Path:
 
 # -- integrity: each check a small function the load path calls -----------------------------------
 def _sha256(path: Path) -> str:
-    return sha256_hex(Path(path).read_bytes())  # released before the tensors are read
+    try:
+        return sha256_hex(Path(path).read_bytes())  # released before the tensors are read
+    except OSError as e:  # e.g. removed by a run's rotation while being read
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def write_manifest(path: Path) -> None:
