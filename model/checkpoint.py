@@ -98,10 +98,14 @@ def save_checkpoint(run_dir: Path, step: int, config: ModelConfig, params: dict[
         elif tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         write_manifest(tmp)
-        if final.exists():  # a re-run of the same step replaces it; moved aside first, restored if we die here
+        if final.exists():  # a re-run of the same step replaces it; moved aside first, put back on failure
             old = Path(tempfile.mkdtemp(prefix=f"{_ASIDE}{final.name}.{_owner()}.", dir=run_dir))
             os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
@@ -111,6 +115,7 @@ def save_checkpoint(run_dir: Path, step: int, config: ModelConfig, params: dict[
     fd, pointer = tempfile.mkstemp(prefix=f".{LATEST}.{_owner()}.", dir=run_dir)
     with os.fdopen(fd, "w") as f:
         f.write(final.name + "\n")
+        os.fchmod(fd, 0o644)  # readable as the file it replaces (mkstemp makes it private)
     os.replace(pointer, run_dir / LATEST)
     _rotate(run_dir, final, keep)
     remove_stale_temporaries(run_dir)
@@ -141,6 +146,7 @@ def _rotate(run_dir: Path, final: Path, keep: int) -> None:
 
 
 def _alive(host: str, pid: int) -> bool:
+    """Whether a temporary's writer may still be running (this process counts as running)."""
     if host != _HOST:
         return True  # another machine's process: we cannot tell, so it is left alone
     try:
@@ -165,7 +171,7 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
         if m is None:
             continue
         if m.group("host") is not None:
-            if _alive(m.group("host"), int(m.group("pid"))) or int(m.group("pid")) == os.getpid():
+            if _alive(m.group("host"), int(m.group("pid"))):
                 continue
         else:
             try:

@@ -386,6 +386,17 @@ def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path, ba
     assert hidden == sorted([live.name, foreign.name])
 
 
+def test_a_checkpoint_moved_aside_by_a_writer_that_died_is_put_back(tmp_path):
+    from model.checkpoint import remove_stale_temporaries
+
+    host = socket.gethostname().replace(".", "_")
+    aside = tmp_path / f".aside.step-0000002.{host}.{_dead_pid()}.q1w2e3"
+    save_checkpoint(tmp_path, 2, MICRO, init_params(MICRO), {}, {"step": 2, "data_position": 0})
+    os.replace(tmp_path / "step-0000002", aside)  # killed between moving it aside and renaming its successor
+    assert remove_stale_temporaries(tmp_path) == []
+    assert load_checkpoint(tmp_path).path == tmp_path / "step-0000002"
+
+
 def test_a_resumed_run_restores_its_saved_settings_and_matches_the_uninterrupted_run(run_copy, base):
     code, out, err = resume_on(run_copy)  # no --steps, --lr, --data, --tokenizer: all from the run
     assert code == 0, err
