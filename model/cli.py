@@ -186,7 +186,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     print(line, flush=True)
     corpus = Corpus.from_files(files, tokenizer)
     if ckpt is not None and ckpt.trainer.get("data_sha256", corpus.sha256) != corpus.sha256:
-        raise UsageError(f"--resume: the data the run was saved with has changed since (its tokens' sha256 differs)")
+        raise UsageError("--resume: the data the run was saved with has changed since (its tokens' sha256 differs)")
     print(f"data: {corpus.n_files} files, {len(corpus.train)} train / {len(corpus.val)} validation tokens "
           f"({tokenizer.name}); model: {n_params(config) / 1e6:.2f}M parameters, hidden {config.hidden_size}, "
           f"{config.num_layers} layers; run: {out}", flush=True)

@@ -471,3 +471,16 @@ def test_a_diverging_run_is_one_line_and_keeps_only_finite_checkpoints(base, tmp
     refused((code, out, err), "not finite", "diverged")
     for ckpt in (tmp_path / "r").glob("step-*"):
         load_checkpoint(ckpt)  # every checkpoint left loads: finite weights and moments
+
+
+def test_resume_refuses_data_that_changed_since_the_checkpoint(base, tmp_path):
+    shutil.copytree(base["root"] / "data", tmp_path / "data")
+    args = ["--config", base["root"] / "config.json", "--out", tmp_path / "r", "--data", tmp_path / "data",
+            "--device", "numpy", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1"]
+    assert cli("train", *args, "--steps", "4", "--checkpoint-every", "2")[0] == 0
+    (tmp_path / "r" / "latest").write_text("step-0000002\n")
+    with open(tmp_path / "data" / "a.py", "a") as f:
+        f.write("x = 1\n")
+    before = tree(tmp_path / "r")
+    refused(resume_on(tmp_path / "r"), "data", "changed")
+    assert tree(tmp_path / "r") == before
