@@ -56,6 +56,10 @@ def saved_settings(ckpt: Checkpoint) -> tuple[TrainSettings, AdamWSettings]:
     where = ckpt.path / "trainer.json"
     if "settings" not in ckpt.trainer or "adamw" not in ckpt.trainer or not ckpt.optimizer:
         raise CheckpointError(f"cannot resume from {ckpt.path}: it holds no trainer settings or optimizer state")
+    for key, cls in (("settings", TrainSettings), ("adamw", AdamWSettings)):
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in ckpt.trainer[key]]
+        if missing:  # never filled in from today's defaults: the run did not necessarily use them
+            raise CheckpointError(f"{where} is damaged: {key} lacks {missing[0]}")
     try:
         return TrainSettings(**ckpt.trainer["settings"]), AdamWSettings(**ckpt.trainer["adamw"])
     except (TypeError, ValueError) as e:  # a key missing or unknown, a value out of type or range

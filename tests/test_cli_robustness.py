@@ -484,3 +484,16 @@ def test_resume_refuses_data_that_changed_since_the_checkpoint(base, tmp_path):
     before = tree(tmp_path / "r")
     refused(resume_on(tmp_path / "r"), "data", "changed")
     assert tree(tmp_path / "r") == before
+
+
+@pytest.mark.cuda
+def test_free_device_memory_is_read_and_a_model_too_large_for_it_is_refused():
+    from model.footprint import MemoryTooSmall, check_fits, free_bytes
+    from runtime.driver import call
+
+    free = free_bytes(on_gpu=True)
+    _, total = call("cuMemGetInfo")
+    assert 0 < free <= total
+    check_fits(1 << 20, on_gpu=True, what="a small run")
+    with pytest.raises(MemoryTooSmall, match="free GPU memory"):
+        check_fits(2 * total, on_gpu=True, what="a run twice the GPU")
