@@ -109,10 +109,14 @@ def save_checkpoint(run_dir: Path, step: int, config: ModelConfig, params: dict[
             elif source is not None:
                 shutil.copyfile(source, tmp / name)
         write_manifest(tmp)
-        if final.exists():  # a re-run of the same step replaces it; moved aside first, restored if we die here
+        if final.exists():  # a re-run of the same step replaces it; moved aside first, put back on failure
             old = Path(tempfile.mkdtemp(prefix=f"{_ASIDE}{final.name}.{_owner()}.", dir=run_dir))
             os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
@@ -122,6 +126,7 @@ def save_checkpoint(run_dir: Path, step: int, config: ModelConfig, params: dict[
     fd, pointer = tempfile.mkstemp(prefix=f".{LATEST}.{_owner()}.", dir=run_dir)
     with os.fdopen(fd, "w") as f:
         f.write(final.name + "\n")
+        os.fchmod(fd, 0o644)  # readable as the file it replaces (mkstemp makes it private)
     os.replace(pointer, run_dir / LATEST)
     _rotate(run_dir, final, keep)
     remove_stale_temporaries(run_dir)
@@ -152,6 +157,7 @@ def _rotate(run_dir: Path, final: Path, keep: int) -> None:
 
 
 def _alive(host: str, pid: int) -> bool:
+    """Whether a temporary's writer may still be running (this process counts as running)."""
     if host != _HOST:
         return True  # another machine's process: we cannot tell, so it is left alone
     try:
@@ -176,7 +182,7 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
         if m is None:
             continue
         if m.group("host") is not None:
-            if _alive(m.group("host"), int(m.group("pid"))) or int(m.group("pid")) == os.getpid():
+            if _alive(m.group("host"), int(m.group("pid"))):
                 continue
         else:
             try:
@@ -225,7 +231,10 @@ def resolve(path: Path) -> Path:
 
 # -- integrity: each check a small function the load path calls -----------------------------------
 def _sha256(path: Path) -> str:
-    return sha256_hex(Path(path).read_bytes())  # released before the tensors are read
+    try:
+        return sha256_hex(Path(path).read_bytes())  # released before the tensors are read
+    except OSError as e:  # e.g. removed by a run's rotation while being read
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def write_manifest(path: Path) -> None:

@@ -43,7 +43,7 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(message)  # printed after "ptxgen COMMAND: error: "
 
 
 def _no_gpu(why: str) -> str:

@@ -386,6 +386,17 @@ def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path, ba
     assert hidden == sorted([live.name, foreign.name])
 
 
+def test_a_checkpoint_moved_aside_by_a_writer_that_died_is_put_back(tmp_path):
+    from model.checkpoint import remove_stale_temporaries
+
+    host = socket.gethostname().replace(".", "_")
+    aside = tmp_path / f".aside.step-0000002.{host}.{_dead_pid()}.q1w2e3"
+    save_checkpoint(tmp_path, 2, MICRO, init_params(MICRO), {}, {"step": 2, "data_position": 0})
+    os.replace(tmp_path / "step-0000002", aside)  # killed between moving it aside and renaming its successor
+    assert remove_stale_temporaries(tmp_path) == []
+    assert load_checkpoint(tmp_path).path == tmp_path / "step-0000002"
+
+
 def test_a_resumed_run_restores_its_saved_settings_and_matches_the_uninterrupted_run(run_copy, base):
     code, out, err = resume_on(run_copy)  # no --steps, --lr, --data, --tokenizer: all from the run
     assert code == 0, err
@@ -460,3 +471,29 @@ def test_a_diverging_run_is_one_line_and_keeps_only_finite_checkpoints(base, tmp
     refused((code, out, err), "not finite", "diverged")
     for ckpt in (tmp_path / "r").glob("step-*"):
         load_checkpoint(ckpt)  # every checkpoint left loads: finite weights and moments
+
+
+def test_resume_refuses_data_that_changed_since_the_checkpoint(base, tmp_path):
+    shutil.copytree(base["root"] / "data", tmp_path / "data")
+    args = ["--config", base["root"] / "config.json", "--out", tmp_path / "r", "--data", tmp_path / "data",
+            "--device", "numpy", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1"]
+    assert cli("train", *args, "--steps", "4", "--checkpoint-every", "2")[0] == 0
+    (tmp_path / "r" / "latest").write_text("step-0000002\n")
+    with open(tmp_path / "data" / "a.py", "a") as f:
+        f.write("x = 1\n")
+    before = tree(tmp_path / "r")
+    refused(resume_on(tmp_path / "r"), "data", "changed")
+    assert tree(tmp_path / "r") == before
+
+
+@pytest.mark.cuda
+def test_free_device_memory_is_read_and_a_model_too_large_for_it_is_refused():
+    from model.footprint import MemoryTooSmall, check_fits, free_bytes
+    from runtime.driver import call
+
+    free = free_bytes(on_gpu=True)
+    _, total = call("cuMemGetInfo")
+    assert 0 < free <= total
+    check_fits(1 << 20, on_gpu=True, what="a small run")
+    with pytest.raises(MemoryTooSmall, match="free GPU memory"):
+        check_fits(2 * total, on_gpu=True, what="a run twice the GPU")
