@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import ConfigError, read_json
+from .hf_config import token_ids
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,10 @@ def _count(key: str, v: Any) -> int | None:
 
 
 def _token_ids(key: str, v: Any) -> tuple[int, ...]:
-    ids = v if isinstance(v, list) else [] if v is None else [v]
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+    ids = token_ids(v)
+    if ids is None:
         raise _fail(key, v, "must be a token id, a list of them, or null")
-    return tuple(ids)
+    return ids
 
 
 def _only(*defaults: Any) -> Callable[[str, Any], None]:

@@ -61,11 +61,18 @@ def _eps(key: str, v: Any) -> float:
     return eps
 
 
-def _token_ids(key: str, v: Any) -> tuple[int, ...]:
+def token_ids(v: Any) -> tuple[int, ...] | None:
+    """A token id, a list of them or null (as HF configs write stop tokens); None if ``v`` is none of those."""
     ids = v if isinstance(v, list) else [] if v is None else [v]
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+    ok = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+    return tuple(ids) if ok else None
+
+
+def _token_ids(key: str, v: Any) -> tuple[int, ...]:
+    ids = token_ids(v)
+    if ids is None:
         raise _fail(key, v, "must be a token id, a list of them, or null")
-    return tuple(ids)
+    return ids
 
 
 def _equals(*allowed: Any) -> Callable[[str, Any], Any]:

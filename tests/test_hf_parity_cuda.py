@@ -38,15 +38,9 @@ def hf_dir(tmp_path_factory, torch, transformers) -> Path:
                                       num_hidden_layers=4, num_attention_heads=14, num_key_value_heads=2,
                                       rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True,
                                       max_position_embeddings=32768)
+    from fixtures.hf.make_fixtures import live
     torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(config)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith("norm.weight"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+    model = live(transformers.Qwen2ForCausalLM(config), seed=1, matrix_std=None)  # matrices: transformers' init
     path = tmp_path_factory.mktemp("qwen2-4layer")
     model.generation_config = transformers.GenerationConfig(eos_token_id=None, pad_token_id=0)
     model.save_pretrained(path)
