@@ -19,7 +19,7 @@ from ptxgen.spec import sha256_hex
 
 from . import rundir
 from .checkpoint import LATEST, Checkpoint, CheckpointError, load_checkpoint, resolve
-from .config import ConfigError, ModelConfig, preset
+from .config import PRESETS, ConfigError, ModelConfig, preset
 from .data import ByteTokenizer, Corpus, DataError, HFTokenizer, Tokenizer, expand_paths, stdlib_files
 from .defaults import default_run
 from .footprint import MemoryTooSmall, check_fits, generate_bytes, n_params, train_bytes
@@ -179,9 +179,11 @@ def _resume_inputs(ns: argparse.Namespace, ckpt: Checkpoint) -> None:
 
 
 def cmd_train(argv: Sequence[str]) -> int:
-    p = _Parser(prog="ptxgen train", description="Train the model (default: tiny, on the stdlib's source).")
+    p = _Parser(prog="ptxgen train", description="Train the model (default: the run planned for this machine, on "
+                                                 "the stdlib's source; it says what it will do before it starts).")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", default=None, help="tiny (default), qwen2-0.5b, llama-style")
+    src.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: small in bf16 with a GPU, "
+                                                    "tiny without)")
     src.add_argument("--config", type=Path, help="an HF config.json instead of a preset")
     p.add_argument("--data", nargs="+", metavar="PATH", help="files or directories (default: the stdlib's .py files)")
     p.add_argument("--tokenizer", help="an HF tokenizer.json (default: bytes, vocab 256)")
@@ -201,8 +203,9 @@ def cmd_train(argv: Sequence[str]) -> int:
     _add_settings(p, AdamWSettings)
     ns = p.parse_args(argv)
     # a bare `ptxgen train`: the run this machine finishes in about two minutes (model/defaults.py)
-    plan = None if (ns.preset or ns.config or ns.init or ns.resume) else default_run(_on_gpu(ns.device))
-    config = ModelConfig.load(ns.config) if ns.config else preset(ns.preset or (plan.preset if plan else "tiny"))
+    here = default_run(_on_gpu(ns.device))
+    plan = None if (ns.preset or ns.config or ns.init or ns.resume) else here
+    config = ModelConfig.load(ns.config) if ns.config else preset(ns.preset or here.preset)
     init = load_checkpoint(ns.init) if ns.init else None
     tokenizer_file = Path(ns.tokenizer) if ns.tokenizer else None
     generation_config = None  # what our checkpoints say generate should do (transformers' format)
@@ -216,9 +219,11 @@ def cmd_train(argv: Sequence[str]) -> int:
         generation_config = _read_bytes(init.generation_config_path)
         if generation_config is None and init.eos_token_ids:  # config.json's stop tokens, kept (greedy as before)
             generation_config = json.dumps({"eos_token_id": list(init.eos_token_ids)}).encode()
-    name = ns.preset or (plan.preset if plan else None) or (ns.config.parent.name if ns.config else None)
-    out = ns.out or Path("runs") / (name or (init.path.parent.name if init and (init.path.parent / LATEST).exists()
-                                             else init.path.name if init else "tiny"))
+    if init is not None:  # named after the run (or model folder) it starts from
+        name = init.path.parent.name if (init.path.parent / LATEST).exists() else init.path.name
+    else:
+        name = ns.preset or (ns.config.resolve().parent.name if ns.config else None) or here.preset
+    out = ns.out or Path("runs") / name
     if not ns.resume:
         _check_fresh_out(out, config)
     if ns.resume:
