@@ -63,6 +63,8 @@ def read(path: Path = DEFAULT_PATH) -> list[dict[str, Any]]:
 
 def rebuild(entry: dict[str, Any]) -> tuple[KernelSpec, Target]:
     """The (spec, target) an entry describes; SpecError if it no longer describes one."""
+    if not isinstance(entry, dict):
+        raise SpecError(f"golden entry {str(entry)[:60]!r} is not an object")
     try:
         cls = by_qualified_name(entry["kind"])
         spec = cls(**decode_fields(cls, entry["fields"]))
@@ -84,7 +86,7 @@ def check(path: Path = DEFAULT_PATH) -> list[Finding]:
             spec, target = rebuild(entry)
             digest = sha256_hex(spec.emit(target))
         except SpecError as e:
-            findings.append(Finding("golden", str(entry.get("spec", "?")), str(e)))
+            findings.append(Finding("golden", str(entry.get("spec", "?")) if isinstance(entry, dict) else "?", str(e)))
             continue
         if digest != entry.get("ptx_sha256"):
             findings.append(Finding("golden", f"{spec!r} @ {target.arch}",

@@ -229,6 +229,16 @@ def _host_dependent_math(tree: ast.AST, rel: Path) -> list[Finding]:
                 findings.append(Finding("source", f"{rel}:{node.lineno}",
                                         f"{node.func.value.id}.{node.func.attr}() in the generator: its last bit "
                                         f"depends on the host; compute baked values with ptxgen.exact"))
+            if isinstance(node, ast.ImportFrom) and node.module in LIBRARIES | {"numpy"} and any(
+                    a.name in HOST_DEPENDENT or a.name == "*" for a in node.names):
+                findings.append(Finding("source", f"{rel}:{node.lineno}",
+                                        f"from {node.module} import of a host-dependent function in the generator; "
+                                        f"compute baked values with ptxgen.exact"))
+            if isinstance(node, ast.Call) and (
+                    (isinstance(node.func, ast.Name) and node.func.id == "pow" and len(node.args) == 2)
+                    or (isinstance(node.func, ast.Attribute) and node.func.attr in ("__pow__", "__rpow__"))):
+                findings.append(Finding("source", f"{rel}:{node.lineno}",
+                                        "pow() in the generator: a float power is host-dependent; use ptxgen.exact"))
             if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow)
                     and not (isinstance(node.left, ast.Constant) and type(node.left.value) is int)):
                 findings.append(Finding("source", f"{rel}:{node.lineno}",

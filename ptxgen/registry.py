@@ -39,6 +39,12 @@ def get_kind(name: str) -> type[KernelSpec]:
         raise SpecError(f"unknown kernel kind {name!r}; known: {', '.join(sorted(_BY_KIND))}") from None
 
 
+def is_registered(name: str) -> bool:
+    """Whether ``name`` (module-qualified) is one of the registered spec classes."""
+    _load()
+    return name in _BY_QUALNAME
+
+
 def by_qualified_name(name: str) -> type[KernelSpec]:
     _load()
     try:

@@ -46,8 +46,8 @@ class Target:
         if not isinstance(self.arch, str) or not re.fullmatch(r"sm_\d{2,3}a?", self.arch):
             raise SpecError(f"arch must look like sm_90 or sm_90a, got {self.arch!r}")
         v = tuple(self.ptx_version)
-        if len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
-            raise SpecError(f"ptx_version must be (major, minor), got {self.ptx_version!r}")
+        if len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 99 for x in v):
+            raise SpecError(f"ptx_version must be (major, minor), each 0..99, got {self.ptx_version!r}")
         object.__setattr__(self, "ptx_version", v)
 
     @classmethod
@@ -96,6 +96,7 @@ def _coerce(cls_name: str, name: str, hint: Any, value: Any) -> Any:
             value = float(value)
         if not isinstance(value, float):
             raise SpecError(f"{name} must be a float, got {value!r}")
+        value = float(value)  # a float subclass could encode (hex()) other bits than it emits
         if not math.isfinite(value):
             raise SpecError(f"{name} must be finite, got {value!r}")
         return value
@@ -362,10 +363,22 @@ class KernelSpec:
         return k
 
 
+def _outside_generator(cls: type) -> bool:
+    return any(k.__module__ != "builtins" and not (k.__module__ == "ptxgen" or k.__module__.startswith("ptxgen."))
+               for k in cls.__mro__)
+
+
 def spec_key(spec: KernelSpec, target: Target) -> str:
-    """THE key function: nothing else may build a module cache key."""
+    """THE key function: nothing else may build a module cache key.
+
+    A spec class written outside the generator (a script, a test, an installed plugin) can reach code
+    and data no fingerprint of its source sees (a constant imported from elsewhere, an import inside
+    build(), a class made by ``type()``), so its key also carries the digest of the text it emits:
+    for such a class, one key is one text by construction. Computed once per instance and target."""
     payload = {"spec": spec.canonical(), "class_source": class_fingerprint(type(spec)), "arch": target.arch,
                "ptx_version": list(target.ptx_version), "generator": generator_fingerprint()}
+    if _outside_generator(type(spec)):
+        payload["text"] = sha256_hex(spec.emit(target))
     return sha256_hex(json.dumps(payload, separators=(",", ":"), ensure_ascii=True))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +24,7 @@ from typing import Sequence
 from ptxgen import golden
 from ptxgen.builder import PtxBuildError
 from ptxgen.keyaudit import Finding, check_completeness, check_purity, check_source
-from ptxgen.registry import by_qualified_name
+from ptxgen.registry import by_qualified_name, is_registered
 from ptxgen.spec import SpecError, Target, decode_fields, generator_fingerprint, sha256_hex
 
 from . import entry
@@ -45,6 +46,14 @@ def _entry_problem(path: Path, layout_dir: Path) -> str | None:
         return f"unreadable: {e.strerror or e}"
     except entry.EntryError as e:
         return str(e)
+    if not is_registered(meta["kind"]):
+        # a script's or plugin's class: its key cannot be recomputed here (the class is not loaded),
+        # but its checksums held and the cache re-checks the text on load; only its place is checked
+        placed = path.relative_to(layout_dir).parts
+        expected = toolchain_dir(layout_dir.parent, meta["toolchain"]).name, meta["key"][:2], meta["key"] + entry.SUFFIX
+        if meta["generator"] != generator_fingerprint():
+            return f"stale: built by generator {meta['generator']}, current is {generator_fingerprint()}"
+        return None if placed == expected else f"misplaced: at {'/'.join(placed)}, belongs at {'/'.join(expected)}"
     try:
         cls = by_qualified_name(meta["kind"])
         spec = cls(**decode_fields(cls, meta["fields"]))
@@ -76,8 +85,10 @@ def _files(layout_dir: Path) -> tuple[list[Path], list[Finding]]:
     def unreadable(e: OSError) -> None:
         findings.append(Finding("disk", str(e.filename), f"unreadable directory: {e.strerror}"))
 
-    for folder, _dirs, names in os.walk(layout_dir, onerror=unreadable):
+    for folder, dirs, names in os.walk(layout_dir, onerror=unreadable):
         files += [Path(folder) / n for n in names]
+        # a directory where an entry belongs, or a link to one (not followed): neither is an entry
+        files += [Path(folder) / d for d in dirs if d.endswith(entry.SUFFIX) or (Path(folder) / d).is_symlink()]
     return sorted(files), findings
 
 
@@ -104,7 +115,10 @@ def check_disk(root: Path, prune: bool = False) -> list[Finding]:
             findings.append(Finding("disk", str(rel), problem))
             continue
         try:
-            path.unlink(missing_ok=True)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
         except OSError as e:
             findings.append(Finding("disk", str(rel), f"{problem}; could not prune: {e.strerror or e}"))
         else:

@@ -80,9 +80,15 @@ def describe(meta: dict[str, Any]) -> dict[str, str]:
         "registers": str(meta.get("registers", "?")),
         "spills": "?" if spills is None else f"{spills} bytes local memory",
         "compile ms": str(meta.get("compile_ms", "?")),
-        "created": "?" if created is None else
-        datetime.datetime.fromtimestamp(created, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "created": _when(created),
     }
+
+
+def _when(created: Any) -> str:
+    try:
+        return datetime.datetime.fromtimestamp(created, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (TypeError, ValueError, OverflowError, OSError):  # none, or no date a clock shows
+        return "?"
 
 
 def cmd_ls(root: Path) -> int:

@@ -56,7 +56,10 @@ def _int(v: Any) -> bool:
 
 
 def _number(v: Any) -> bool:
-    return type(v) in (int, float) and math.isfinite(v) and v >= 0
+    try:
+        return type(v) in (int, float) and math.isfinite(v) and 0 <= v < 2**53
+    except OverflowError:  # an int past float's range
+        return False
 
 
 def _int_pair(v: Any) -> bool:

@@ -36,7 +36,6 @@ def rewrite(path, meta, cubin=CUBIN):
     (lambda m: dict(m, fields=[["eps", ["float", "zz"]]] + m["fields"][1:]), "cannot be rebuilt"),
     (lambda m: dict(m, fields=[["eps", ["martian", 1]]] + m["fields"][1:]), "cannot be rebuilt"),
     (lambda m: dict(m, fields=[["hidden", ["int", "-5"]]] + m["fields"][1:]), "cannot be rebuilt"),
-    (lambda m: dict(m, kind="nowhere.Spec"), "cannot be rebuilt"),
     (lambda m: dict(m, cubin_bytes="1028"), "'cubin_bytes' is malformed"),
     (lambda m: dict(m, registers=-1), "'registers' is malformed"),
 ])
@@ -47,6 +46,30 @@ def test_well_formed_entries_with_malformed_metadata_are_findings_not_crashes(tm
     assert message in finding.message
     [pruned] = check_disk(tmp_path, prune=True)
     assert pruned.message.endswith("(pruned)") and not path.exists()
+
+
+def test_an_entry_of_a_class_the_audit_cannot_load_is_kept_where_it_belongs(tmp_path):
+    """A script's or plugin's spec class: its key cannot be recomputed without the class, but its
+    checksums hold and its place is checked; a valid entry is neither a finding nor pruned."""
+    path, meta = write_entry(tmp_path, SPEC)
+    rewrite(path, dict(meta, kind="__main__.Peak"))
+    assert check_disk(tmp_path, prune=True) == [] and path.exists()
+    wrong = path.parent.parent / ("00" if path.parent.name != "00" else "11") / path.name
+    wrong.parent.mkdir()
+    path.rename(wrong)
+    [finding] = check_disk(tmp_path)
+    assert finding.message.startswith("misplaced")
+
+
+def test_a_directory_where_an_entry_belongs_is_reported_and_pruned(tmp_path):
+    path, _ = write_entry(tmp_path, SPEC)
+    path.unlink()
+    path.mkdir()
+    (path / "x").write_text("x")
+    findings = check_disk(tmp_path)
+    assert any(f.message.startswith("orphaned") and f.subject.endswith(path.name) for f in findings)
+    check_disk(tmp_path, prune=True)
+    assert not path.exists() and check_disk(tmp_path) == []
 
 
 def test_an_entry_in_the_wrong_key_prefix_folder_is_reported_and_pruned(tmp_path):
@@ -181,3 +204,19 @@ def test_cache_command_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, 
     assert cli_main(["cache", "--cache-dir", str(tmp_path)] + argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("created", [10**400, 1e300])
+def test_an_entry_with_a_date_past_any_clock_is_one_finding_or_a_question_mark(tmp_path, capsys, created):
+    path, meta = write_entry(tmp_path, SPEC)
+    rewrite(path, dict(meta, created=created))
+    assert all("Traceback" not in f.message for f in check_disk(tmp_path))
+    assert cli_main(["cache", "--cache-dir", str(tmp_path), "ls"]) in (0, 1)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_golden_file_whose_entries_are_not_objects_is_a_finding(tmp_path):
+    from ptxgen import golden
+    (tmp_path / "g.json").write_text(json.dumps({"format": golden.FORMAT, "entries": ["x", [1, 2]]}))
+    findings = golden.check(tmp_path / "g.json")
+    assert len(findings) == 2 and all("not an object" in f.message for f in findings)

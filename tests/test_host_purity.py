@@ -127,6 +127,16 @@ def test_a_library_power_in_an_emitter_is_reported(tmp_path):
     assert sorted(f.subject for f in findings) == ["ptxgen/kernels/bad.py:4", "ptxgen/kernels/bad.py:5"]
 
 
+def test_the_other_spellings_of_a_library_power_are_reported_too(tmp_path):
+    source = tmp_path / "ptxgen" / "kernels" / "evade.py"
+    source.parent.mkdir(parents=True)
+    source.write_text("from math import exp\nfrom numpy import power as pw\n"
+                      "def a(theta, d):\n    return pow(theta, -2.0 / d)\n"
+                      "def b(x):\n    return x.__pow__(0.5)\n")
+    findings = scan_source(source, source.relative_to(tmp_path))
+    assert sorted(int(f.subject.rsplit(":", 1)[1]) for f in findings) == [1, 2, 4, 6]
+
+
 @pytest.mark.cuda
 def test_golden_digests_hold_on_the_gpu_host():
     """The same check on the GPU machine (`pytest -m cuda` selects it): two hosts, one text."""

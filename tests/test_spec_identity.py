@@ -155,6 +155,36 @@ def test_a_helper_module_the_build_calls_is_in_the_key(tmp_path, monkeypatch):
     assert text1 != text2 and k1 != k2
 
 
+def test_what_a_class_outside_the_generator_reads_at_build_time_is_in_its_key(tmp_path, monkeypatch):
+    """A constant of another module, an import inside build(), a class made by type(): nothing a
+    source fingerprint sees. Such a class's key carries the digest of its text, so one key is one text."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    script = tmp_path / "late_reader.py"
+    script.write_text(SCRIPT.replace("b.mov({value}, T.U32)", "from late_table import VALUE\n        b.mov(VALUE, T.U32)"))
+    seen = []
+    for value in (1, 2):
+        (tmp_path / "late_table.py").write_text(f"VALUE = {value}\n")
+        monkeypatch.delitem(__import__("sys").modules, "late_table", raising=False)
+        spec = runpy.run_path(str(script), run_name="__main__")["SPEC"]
+        seen.append((spec.key(TARGET), spec.emit(TARGET)))
+    (k1, text1), (k2, text2) = seen
+    assert text1 != text2 and k1 != k2
+    from ptxgen.builder import T
+    from ptxgen.spec import KernelSpec
+    made = [dataclasses.dataclass(frozen=True)(type("Peak", (KernelSpec,), {
+        "__module__": __name__, "kind": "peak", "params": lambda self: (("out", T.U64),),
+        "build": lambda self, b, v=v: b.mov(v, T.U32)}))() for v in (1, 2)]
+    assert made[0].emit(TARGET) != made[1].emit(TARGET) and made[0].key(TARGET) != made[1].key(TARGET)
+
+
+def test_a_float_subclass_in_a_field_is_stored_as_the_float_it_is():
+    class Liar(float):
+        def hex(self):
+            return (1e-5).hex()
+    spec = RMSNormSpec(hidden=64, eps=Liar(1e-3))
+    assert type(spec.eps) is float and spec.key(TARGET) != RMSNormSpec(hidden=64, eps=1e-5).key(TARGET)
+
+
 def test_a_spec_class_made_by_a_factory_is_refused_at_key_time():
     from ptxgen.builder import T
     from ptxgen.spec import KernelSpec

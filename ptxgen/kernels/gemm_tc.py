@@ -288,6 +288,9 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
         for name in ("block_m", "block_n", "block_k", "warps_m", "warps_n", "stages", "group_m", "min_blocks"):
             check_positive(name, getattr(self, name))
         check_at_most("group_m", self.group_m, MAX_LOOP_BOUND, "a tile-order group size")
+        if self.min_blocks * 32 * self.warps_m * self.warps_n > 2048:  # past an SM's threads ptxas ignores it
+            raise SpecError(f"min_blocks {self.min_blocks} of {32 * self.warps_m * self.warps_n} threads exceeds "
+                            "an SM's 2048 threads")
         if self.dtype is MmaType.TF32:
             raise SpecError("gemm_tc (mma.sync m16n8k16) takes bf16 or f16; tf32 is gemm_wgmma's")
         if self.block_k not in (16, 32, 64):  # a power-of-two count of 16-byte chunks per row
