@@ -251,6 +251,9 @@ def verify_manifest(path: Path) -> bool:
     (a checkpoint another tool wrote). A file missing, changed or not listed is refused."""
     manifest = Path(path) / MANIFEST
     if not manifest.exists():
+        if (Path(path) / "trainer.json").exists():  # ours: written with one, so one removed is damage
+            raise CheckpointError(f"{manifest} is missing: a checkpoint of a run of ours without its manifest "
+                                  "cannot be verified")
         return False
     data = _read_json(manifest)
     if not isinstance(data, dict) or data.get("format") != 1:

@@ -88,17 +88,18 @@ def checkpoint_tokenizer(ckpt: Checkpoint) -> Path | None:
     raise UsageError(f"{ckpt.path} has no tokenizer.json; copy the model's tokenizer.json into it")
 
 
-def _check_fresh_out(out: Path, config: ModelConfig) -> None:
-    """A new run writes into a run directory of its own model: never into a checkpoint (a model
-    folder transformers wrote, or one of ours), nor beside another model's checkpoints."""
-    if (out / "config.json").exists():
-        raise UsageError(f"--out {out} is a checkpoint (it holds config.json); a run writes into a run "
-                         "directory of its own")
+CHECKPOINT_FILES = ("model.safetensors", "model.safetensors.index.json", "manifest.json")  # beside config.json
+
+
+def _check_fresh_out(out: Path) -> None:
+    """A new run writes into a run directory of its own: never into or below a checkpoint (a model
+    folder transformers wrote, or one of ours, which rotation may delete), nor over another run."""
+    for folder in (out, *out.resolve().parents):
+        if (folder / "config.json").exists() and any((folder / f).exists() for f in CHECKPOINT_FILES):
+            raise UsageError(f"--out {out} is {'in ' if folder != out else ''}a checkpoint ({folder}); a run "
+                             "writes into a run directory of its own")
     if (out / LATEST).exists():
-        theirs = ModelConfig.load(resolve(out) / "config.json")
-        if theirs != config:
-            raise UsageError(f"--out {out} holds a run of another model; --resume continues it, or choose "
-                             "another --out")
+        raise UsageError(f"--out {out} already holds a run; --resume continues it, or choose another --out")
 
 
 def _on_gpu(device: str) -> bool:
@@ -197,8 +198,9 @@ def cmd_train(argv: Sequence[str]) -> int:
                             "tokenizer and precision (flags that contradict them are refused)")
     start.add_argument("--init", type=Path, metavar="CHECKPOINT",
                        help="start from these weights (ours or a transformers directory), fresh optimizer")
-    p.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), default="fp32",
-                   help="the checkpoints' model weights (bf16: as Qwen releases ship; f32 masters kept)")
+    p.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), default=argparse.SUPPRESS,
+                   help="the checkpoints' model weights (bf16: as Qwen releases ship; f32 masters kept); "
+                        "default fp32")
     _add_settings(p, TrainSettings)
     _add_settings(p, AdamWSettings)
     ns = p.parse_args(argv)
@@ -225,7 +227,7 @@ def cmd_train(argv: Sequence[str]) -> int:
         name = ns.preset or (ns.config.resolve().parent.name if ns.config else None) or here.preset
     out = ns.out or Path("runs") / name
     if not ns.resume:
-        _check_fresh_out(out, config)
+        _check_fresh_out(out)
     if ns.resume:
         if not (out / LATEST).exists():
             raise UsageError(f"--resume: no checkpoint in {out} (no {LATEST} file)")
@@ -237,11 +239,18 @@ def cmd_train(argv: Sequence[str]) -> int:
         _resume_inputs(ns, ckpt)
         tokenizer_file = Path(ns.tokenizer) if ns.tokenizer else None
         generation_config = _read_bytes(ckpt.generation_config_path)
+        saved_dtype = ckpt.trainer.get("save_dtype", "fp32")
+        if saved_dtype not in SAVE_DTYPES:
+            raise CheckpointError(f"{ckpt.path / 'trainer.json'} is damaged: unknown save_dtype {saved_dtype!r}")
+        if getattr(ns, "save_dtype", saved_dtype) != saved_dtype:
+            raise UsageError(f"--resume: --save-dtype {ns.save_dtype} contradicts the run's saved {saved_dtype}")
+        ns.save_dtype = saved_dtype
     else:
         ckpt = None
         settings = TrainSettings(**{**(plan.settings if plan else {}), **_given(ns, TrainSettings)})
         adamw = AdamWSettings(**_given(ns, AdamWSettings))
         ns.precision = getattr(ns, "precision", plan.precision if plan else "fp32")
+        ns.save_dtype = getattr(ns, "save_dtype", "fp32")
     if generation_config is None:
         generation_config = OUR_DEFAULTS
     if settings.seq_len > config.max_position_embeddings:
@@ -264,7 +273,9 @@ def cmd_train(argv: Sequence[str]) -> int:
     if plan is not None:
         print(f"plan: the default run here, --preset {plan.preset} --precision {ns.precision} "
               + " ".join(f"{flag(k)} {getattr(settings, k)}" for k in plan.settings)
-              + f": {plan.expect}", flush=True)
+              + (f": {plan.expect}" if not (ns.data or _given(ns, TrainSettings) or ns.tokenizer) else
+                 " (with the flags given; the time measured for the plan as it stands no longer applies)"),
+              flush=True)
     corpus = Corpus.from_files(files, tokenizer)
     if ckpt is not None and ckpt.trainer.get("data_sha256", corpus.sha256) != corpus.sha256:
         raise UsageError("--resume: the data the run was saved with has changed since (its tokens' sha256 differs)")
@@ -337,11 +348,16 @@ def cmd_generate(argv: Sequence[str]) -> int:
     path = resolve(ns.checkpoint)
     config = ModelConfig.load(path / "config.json")
     max_len = config.max_position_embeddings
-    bound = min(max_len, len(text) + given.get("max_new_tokens", GenerateSettings.max_new_tokens))  # tokenizers give at most about a token per byte
+    # tokenizers give at most about a token per byte
+    bound = min(max_len, len(text) + given.get("max_new_tokens", GenerateSettings.max_new_tokens))
     check_fits(generate_bytes(config, bound, on_gpu), on_gpu,
                f"generating {bound} tokens with {n_params(config) / 1e6:.1f}M parameters")
     ckpt = load_checkpoint(path)
     gs = GenerateSettings.of(ckpt.sampling, given)
+    unused = [name for name in ("top_k", "top_p", "seed") if name in given] if gs.temperature == 0 else []
+    if unused:  # a flag that would silently do nothing
+        raise UsageError(f"{flag(unused[0])} has no effect with greedy decoding (the checkpoint's "
+                         "generation_config.json does not sample); add --temperature T to sample")
     tokenizer = _tokenizer(checkpoint_tokenizer(ckpt))
     if tokenizer.vocab_size > ckpt.config.vocab_size:
         raise CheckpointError(f"{ckpt.tokenizer_path} has {tokenizer.vocab_size} tokens; the model's vocab_size "
@@ -357,6 +373,9 @@ def cmd_generate(argv: Sequence[str]) -> int:
     if gs.repetition_penalty != 1:
         how += f", repetition penalty {gs.repetition_penalty:g}"
     print(f"{line}, with a KV cache; {how}", file=sys.stderr, flush=True)
+    if "max_new_tokens" not in given and ckpt.sampling.max_new_tokens is None and ckpt.sampling.max_length:
+        # transformers' max_length: prompt and continuation together
+        gs = dataclasses.replace(gs, max_new_tokens=max(0, ckpt.sampling.max_length - len(prompt)))
     max_len = min(max_len, len(prompt) + gs.max_new_tokens)
     if backend is NumpyBackend:
         decoder = NumpyDecoder(ckpt.config, ckpt.params, precision)
@@ -403,7 +422,8 @@ def _guarded(name: str, command: Callable[[Sequence[str]], int]) -> Callable[[Se
             print(f"ptxgen {name}: error: out of memory", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print(f"ptxgen {name}: interrupted", file=sys.stderr)
+            print(f"ptxgen {name}: interrupted (the last checkpoint stays; train --resume continues from it)",
+                  file=sys.stderr)
             return 130
 
     return run

@@ -31,8 +31,7 @@ class GenerateSettings:
         """A checkpoint's generation defaults (transformers' meaning), with the flags given on top."""
         from_file = {"max_new_tokens": sampling.max_new_tokens or cls.max_new_tokens,
                      "temperature": sampling.temperature if sampling.do_sample else 0.0,
-                     "top_k": sampling.top_k if sampling.do_sample else 0,
-                     "top_p": sampling.top_p if sampling.do_sample else 1.0,
+                     "top_k": sampling.top_k, "top_p": sampling.top_p,  # used once sampling, as transformers does
                      "repetition_penalty": sampling.repetition_penalty}
         return cls(**{**from_file, **given})
 

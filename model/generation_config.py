@@ -26,6 +26,7 @@ class Sampling:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     max_new_tokens: int | None = None
+    max_length: int | None = None    # prompt + new tokens, when max_new_tokens is not given
     eos_token_ids: tuple[int, ...] = ()
 
     @property
@@ -97,7 +98,7 @@ KEYS: dict[str, Callable[[str, Any], Any]] = {
     "sequence_bias": _only(None), "exponential_decay_length_penalty": _only(None),
     # no effect here
     "bos_token_id": _token_ids, "pad_token_id": _token_ids, "decoder_start_token_id": _any,
-    "max_length": _any,          # transformers' total-length cap; --max-new-tokens and the model's limit rule here
+    "max_length": _count,
     "length_penalty": _any,      # beam search only
     "early_stopping": _any,      # beam search only
     "num_return_sequences": _only(1),
@@ -124,7 +125,7 @@ def read_generation_config(path: Path, fallback_eos: tuple[int, ...] = ()) -> Sa
                     top_k=defaults.top_k if v.get("top_k") is None else v["top_k"],
                     top_p=v.get("top_p", defaults.top_p),
                     repetition_penalty=v.get("repetition_penalty", defaults.repetition_penalty),
-                    max_new_tokens=v.get("max_new_tokens"),
+                    max_new_tokens=v.get("max_new_tokens"), max_length=v.get("max_length"),
                     eos_token_ids=v["eos_token_id"] if "eos_token_id" in v else fallback_eos)
 
 

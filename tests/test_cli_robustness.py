@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from safetensors.numpy import load_file, save_file
 
 from model import rundir
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint, write_manifest
 from model.cli import main
 from model.config import ModelConfig
 from model.params import init_params
@@ -253,12 +253,12 @@ JSON_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(
                             "adamw.eps", "settings.batch_size", "data", "precision", "<root>"]),
        value=JSON_VALUES)
 def test_trainer_json_with_wrong_types_is_refused_on_resume(base, key, value):
-    """Without the manifest (as if rewritten by hand): the types themselves are checked."""
+    """With the manifest rewritten to match (as if edited by hand, consistently): the types
+    themselves are checked."""
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         shutil.copytree(base["run"], run)
         ckpt = run / "step-0000002"
-        (ckpt / "manifest.json").unlink()
         state = json.loads((ckpt / "trainer.json").read_text())
         if key == "<root>":
             state = value
@@ -271,6 +271,7 @@ def test_trainer_json_with_wrong_types_is_refused_on_resume(base, key, value):
         assume(state != original and json.dumps(state) != json.dumps(original))
         assume(_wrong_type(key, value))
         (ckpt / "trainer.json").write_text(json.dumps(state))
+        write_manifest(ckpt)
         before = tree(run)
         refused(resume_on(run))
         assert tree(run) == before
@@ -279,7 +280,6 @@ def test_trainer_json_with_wrong_types_is_refused_on_resume(base, key, value):
 @pytest.mark.parametrize("damage", ["missing", "wrong shape", "f16", "nan", "negative second moment", "extra"])
 def test_an_optimizer_state_that_does_not_fit_the_model_is_refused(run_copy, base, damage):
     ckpt = run_copy / "step-0000002"
-    (ckpt / "manifest.json").unlink()
     state = load_file(str(ckpt / "optimizer.safetensors"))
     name = "exp_avg_sq.model.norm.weight"
     if damage == "missing":
@@ -295,6 +295,7 @@ def test_an_optimizer_state_that_does_not_fit_the_model_is_refused(run_copy, bas
     else:
         state["exp_avg.bogus"] = np.zeros(2, np.float32)
     save_file(state, str(ckpt / "optimizer.safetensors"))
+    write_manifest(ckpt)  # rewritten to match: the tensors themselves are checked
     before = tree(run_copy)
     refused(resume_on(run_copy), "optimizer.safetensors")
     refused(generate_on(run_copy), "optimizer.safetensors")
@@ -304,8 +305,8 @@ def test_an_optimizer_state_that_does_not_fit_the_model_is_refused(run_copy, bas
 @pytest.mark.parametrize("text", [b"null", b"[]", b"42", b'"x"', b"{", b"\xff\xfe", b"[" * 100000],
                          ids=["null", "list", "number", "string", "truncated", "not-utf8", "nested-too-deep"])
 def test_a_config_json_that_is_not_an_object_is_refused(run_copy, base, tmp_path, text):
-    (run_copy / "step-0000002" / "manifest.json").unlink()
     (run_copy / "step-0000002" / "config.json").write_bytes(text)
+    write_manifest(run_copy / "step-0000002")  # rewritten to match: the config itself is checked
     before = tree(run_copy)
     refused(generate_on(run_copy), "config.json")
     refused(resume_on(run_copy))
@@ -331,10 +332,10 @@ def test_nan_and_flipped_bits_in_the_weights_are_detected(run_copy, base):
     weights = run_copy / "step-0000002" / "model.safetensors"
     _flip(weights, len(weights.read_bytes()) - 3, 6)  # inside the last tensor's data
     refused(generate_on(run_copy), "model.safetensors", "sha256")
-    (run_copy / "step-0000002" / "manifest.json").unlink()  # as transformers writes: no manifest
     state = load_file(str(weights))
     state["model.norm.weight"][1] = np.nan
     save_file(state, str(weights), metadata={"format": "pt"})
+    write_manifest(run_copy / "step-0000002")  # rewritten to match: the values themselves are checked
     refused(generate_on(run_copy), "model.norm.weight", "non-finite")
 
 
@@ -348,15 +349,14 @@ def test_rotation_keeps_the_checkpoint_just_written_and_newer_ones(tmp_path, bas
     assert written.is_dir() and (tmp_path / "latest").read_text() == "step-0000010\n"
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-0000010", "step-0000030", "step-0000040"]
     assert load_checkpoint(tmp_path).path == written
-    # through the command line: a shorter run into the directory of a longer one
+    # through the command line: a second run into the directory of another is refused, nothing changed
     code, out, err = cli("train", "--config", base["root"] / "config.json", "--out", tmp_path / "r",
                          *base["common"], "--steps", "4", "--checkpoint-every", "2")
-    code, out, err = cli("train", "--config", base["root"] / "config.json", "--out", tmp_path / "r",
-                         *base["common"], "--steps", "2")
     assert code == 0, err
-    named = next(line for line in out.splitlines() if line.startswith("done:")).rsplit("checkpoint ", 1)[1]
-    assert Path(named).is_dir() and Path(named).name == "step-0000002"
-    assert (tmp_path / "r" / "step-0000004").is_dir()
+    before = tree(tmp_path / "r")
+    refused(cli("train", "--config", base["root"] / "config.json", "--out", tmp_path / "r",
+                *base["common"], "--steps", "2"), "already holds a run")
+    assert tree(tmp_path / "r") == before
     assert generate_on(tmp_path / "r")[0] == 0
 
 

@@ -42,7 +42,7 @@ def test_qwen2_5_instruct_generation_config_is_read_with_transformers_meaning(tm
                 "repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
                 "transformers_version": "4.37.0"}  # Qwen/Qwen2.5-0.5B-Instruct, as published
     s = read_generation_config(write(tmp_path, released))
-    assert s == Sampling(True, 0.7, 20, 0.8, 1.05, None, (151645, 151643))
+    assert s == Sampling(True, 0.7, 20, 0.8, 1.05, None, None, (151645, 151643))
 
 
 def test_without_the_file_generation_is_greedy_with_the_configs_eos(tmp_path):
@@ -77,3 +77,24 @@ def test_every_key_of_the_table_reads_at_its_off_value(tmp_path):
            "return_dict_in_generate": False}
     assert set(off) == set(KEYS)
     assert read_generation_config(write(tmp_path, off)).greedy
+
+
+def test_max_length_caps_prompt_and_continuation_together_as_in_transformers(tmp_path, capsys):
+    import shutil
+    from model.cli import main
+    path = shutil.copytree(__import__("pathlib").Path(__file__).parent / "fixtures" / "hf" / "qwen2-v5-f32-tied",
+                           tmp_path / "ckpt")
+    (path / "generation_config.json").write_text('{"max_length": 6}')
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "def add", "--device", "numpy"]) == 0
+    from model.data import HFTokenizer
+    tok = HFTokenizer(path / "tokenizer.json")
+    assert len(tok.encode(capsys.readouterr().out.rstrip("\n").encode())) <= 6
+
+
+def test_a_sampling_flag_under_greedy_decoding_is_refused_not_ignored(capsys):
+    from pathlib import Path
+    from model.cli import main
+    fixture = Path(__file__).parent / "fixtures" / "hf" / "qwen2-v5-f32-tied"  # greedy: no do_sample
+    assert main(["generate", "--checkpoint", str(fixture), "--prompt", "def", "--top-k", "5",
+                 "--device", "numpy"]) == 2
+    assert "--top-k has no effect with greedy decoding" in capsys.readouterr().err

@@ -360,7 +360,7 @@ def test_a_rope_buffer_saved_in_f16_is_read_at_f16_precision(tmp_path):
 
 
 @pytest.mark.parametrize("out", ["checkpoint", "other model's run"])
-def test_a_new_run_never_writes_into_a_checkpoint_or_beside_another_models_run(tmp_path, capsys, out):
+def test_a_new_run_never_writes_into_a_checkpoint_or_over_another_run(tmp_path, capsys, out):
     fixture = fixture_copy("qwen2-v5-f32-tied", tmp_path)
     target = fixture
     if out == "other model's run":
@@ -372,7 +372,7 @@ def test_a_new_run_never_writes_into_a_checkpoint_or_beside_another_models_run(t
     capsys.readouterr()
     assert main(["train", "--preset", "tiny", "--out", str(target), "--device", "numpy", "--steps", "1"]) == 2
     err = capsys.readouterr().err
-    assert ("is a checkpoint" if out == "checkpoint" else "holds a run of another model") in err
+    assert ("is a checkpoint" if out == "checkpoint" else "already holds a run") in err
     assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
 
 

@@ -1,5 +1,6 @@
 """What a run leaves for its user: metrics.jsonl (every field, every step) and loss.png."""
 import json
+import shutil
 
 import pytest
 
@@ -72,7 +73,7 @@ def test_a_bare_train_says_its_plan_and_ends_with_a_sample_it_saves(tmp_path, ca
     assert cli_train(tmp_path) == 0
     out = capsys.readouterr().out
     assert "plan: the default run here, --preset tiny --precision fp32 --steps 30 --batch-size 4" in out
-    assert "about 1.5 minutes on 2 CPU cores" in out
+    assert "the time measured for the plan as it stands no longer applies" in out  # --steps etc. given
     sample = (tmp_path / "run" / "sample.txt").read_text()
     assert sample.startswith("def ") and len(sample) > 100 and f"sample ({tmp_path / 'run' / 'sample.txt'}):\n{sample}" in out
     gen = json.loads((tmp_path / "run" / "step-0000030" / "generation_config.json").read_text())
@@ -93,3 +94,36 @@ def test_generate_samples_by_the_checkpoints_generation_config_and_does_not_repe
     assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def ", "--max-new-tokens", "8",
                  "--device", "numpy", "--temperature", "0"]) == 0
     assert "greedy" in capsys.readouterr().err  # a flag given wins over the file
+
+
+def test_resume_keeps_the_runs_save_dtype_and_refuses_another(tmp_path, capsys):
+    from model.cli import main
+    assert cli_train(tmp_path, "--save-dtype", "bf16", "--checkpoint-every", "10") == 0
+    run = tmp_path / "run"
+    shutil.rmtree(run / "step-0000030")
+    (run / "latest").write_text("step-0000020\n")  # as if stopped after step 20
+    capsys.readouterr()
+    common = ["train", "--resume", "--out", str(run), "--device", "numpy"]
+    assert main([*common, "--save-dtype", "fp32"]) == 2
+    assert "--save-dtype fp32 contradicts the run's saved bf16" in capsys.readouterr().err
+    assert main(common) == 0
+    assert json.loads((run / "step-0000030" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_run_never_lands_inside_a_checkpoint(tmp_path, capsys):
+    from model.cli import main
+    assert cli_train(tmp_path) == 0
+    capsys.readouterr()
+    nested = tmp_path / "run" / "step-0000030" / "nested"
+    assert main(["train", "--data", str(tmp_path / "data"), "--out", str(nested), "--device", "numpy",
+                 "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1"]) == 2
+    assert "is in a checkpoint" in capsys.readouterr().err and not nested.exists()
+
+
+def test_a_checkpoint_of_ours_whose_manifest_was_removed_is_refused(tmp_path, capsys):
+    from model.cli import main
+    assert cli_train(tmp_path) == 0
+    (tmp_path / "run" / "step-0000030" / "manifest.json").unlink()
+    capsys.readouterr()
+    assert main(["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "x", "--device", "numpy"]) == 2
+    assert "manifest.json is missing" in capsys.readouterr().err
