@@ -23,7 +23,7 @@ from .config import PRESETS, ConfigError, ModelConfig, preset
 from .data import ByteTokenizer, Corpus, DataError, HFTokenizer, Tokenizer, expand_paths, stdlib_files
 from .defaults import default_run
 from .footprint import MemoryTooSmall, check_fits, generate_bytes, n_params, train_bytes
-from .generate import GenerateSettings, generate
+from .generate import GenerateSettings, generate_as
 from .generation_config import OUR_DEFAULTS, read_generation_config
 from .hf import SAVE_DTYPES
 from .metrics import SAMPLE
@@ -308,14 +308,12 @@ SAMPLE_PROMPT, SAMPLE_TOKENS = "def ", 200
 
 def sample_text(backend, tokenizer: Tokenizer, sampling) -> str:
     """A continuation of a fixed prompt from the trained model, decoded as its checkpoint says."""
-    gs = GenerateSettings.of(sampling, {"max_new_tokens": SAMPLE_TOKENS})
     prompt = tokenizer.encode(SAMPLE_PROMPT.encode())
+    gs = GenerateSettings.of(sampling, {"max_new_tokens": SAMPLE_TOKENS}, len(prompt))
     decoder = backend.decoder(min(backend.config.max_position_embeddings, len(prompt) + SAMPLE_TOKENS))
     try:
-        tokens = list(generate(decoder, prompt, gs.max_new_tokens, gs.temperature, gs.top_k, gs.seed,
-                               max_length=backend.config.max_position_embeddings,
-                               stop=frozenset(sampling.eos_token_ids).__contains__, top_p=gs.top_p,
-                               repetition_penalty=gs.repetition_penalty))
+        tokens = list(generate_as(decoder, prompt, gs, backend.config.max_position_embeddings,
+                                  sampling.eos_token_ids))
     finally:
         getattr(decoder, "close", lambda: None)()
     return tokenizer.decode(list(prompt) + tokens)
@@ -353,11 +351,6 @@ def cmd_generate(argv: Sequence[str]) -> int:
     check_fits(generate_bytes(config, bound, on_gpu), on_gpu,
                f"generating {bound} tokens with {n_params(config) / 1e6:.1f}M parameters")
     ckpt = load_checkpoint(path)
-    gs = GenerateSettings.of(ckpt.sampling, given)
-    unused = [name for name in ("top_k", "top_p", "seed") if name in given] if gs.temperature == 0 else []
-    if unused:  # a flag that would silently do nothing
-        raise UsageError(f"{flag(unused[0])} has no effect with greedy decoding (the checkpoint's "
-                         "generation_config.json does not sample); add --temperature T to sample")
     tokenizer = _tokenizer(checkpoint_tokenizer(ckpt))
     if tokenizer.vocab_size > ckpt.config.vocab_size:
         raise CheckpointError(f"{ckpt.tokenizer_path} has {tokenizer.vocab_size} tokens; the model's vocab_size "
@@ -368,14 +361,16 @@ def cmd_generate(argv: Sequence[str]) -> int:
                          f"the tokenizer drops every character of --prompt {ns.prompt!r} (no tokens)")
     if len(prompt) > max_len:
         raise UsageError(f"--prompt has {len(prompt)} tokens; the model takes at most {max_len}")
+    gs = GenerateSettings.of(ckpt.sampling, given, len(prompt))
+    unused = [name for name in ("top_k", "top_p", "seed") if name in given] if gs.temperature == 0 else []
+    if unused:  # a flag that would silently do nothing
+        raise UsageError(f"{flag(unused[0])} has no effect with greedy decoding (the checkpoint's "
+                         "generation_config.json does not sample); add --temperature T to sample")
     how = "greedy" if gs.temperature == 0 else (f"sampling at temperature {gs.temperature:g}, top-k {gs.top_k}"
                                                 + (f", top-p {gs.top_p:g}" if gs.top_p < 1 else ""))
     if gs.repetition_penalty != 1:
         how += f", repetition penalty {gs.repetition_penalty:g}"
     print(f"{line}, with a KV cache; {how}", file=sys.stderr, flush=True)
-    if "max_new_tokens" not in given and ckpt.sampling.max_new_tokens is None and ckpt.sampling.max_length:
-        # transformers' max_length: prompt and continuation together
-        gs = dataclasses.replace(gs, max_new_tokens=max(0, ckpt.sampling.max_length - len(prompt)))
     max_len = min(max_len, len(prompt) + gs.max_new_tokens)
     if backend is NumpyBackend:
         decoder = NumpyDecoder(ckpt.config, ckpt.params, precision)
@@ -386,10 +381,7 @@ def cmd_generate(argv: Sequence[str]) -> int:
     out = list(prompt)
     sys.stdout.write(ns.prompt)
     shown = len(tokenizer.decode(out))
-    for token in generate(decoder, prompt, gs.max_new_tokens, gs.temperature, gs.top_k, gs.seed,
-                          max_length=ckpt.config.max_position_embeddings,
-                          stop=frozenset(ckpt.eos_token_ids).__contains__,  # as transformers stops
-                          top_p=gs.top_p, repetition_penalty=gs.repetition_penalty):
+    for token in generate_as(decoder, prompt, gs, ckpt.config.max_position_embeddings, ckpt.eos_token_ids):
         out.append(token)
         decoded = tokenizer.decode(out)
         sys.stdout.write(decoded[shown:])  # decode the whole so multi-byte characters come out whole

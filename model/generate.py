@@ -27,9 +27,12 @@ class GenerateSettings:
         require(0 < self.repetition_penalty <= 100, "repetition_penalty", "in (0, 100]", self.repetition_penalty)
 
     @classmethod
-    def of(cls, sampling: "Sampling", given: dict) -> "GenerateSettings":
-        """A checkpoint's generation defaults (transformers' meaning), with the flags given on top."""
-        from_file = {"max_new_tokens": sampling.max_new_tokens or cls.max_new_tokens,
+    def of(cls, sampling: "Sampling", given: dict, prompt_len: int) -> "GenerateSettings":
+        """A checkpoint's generation defaults (transformers' meaning), with the flags given on top.
+        Without max_new_tokens, the file's max_length caps prompt and continuation together."""
+        new = sampling.max_new_tokens or (max(0, sampling.max_length - prompt_len) if sampling.max_length
+                                          else cls.max_new_tokens)
+        from_file = {"max_new_tokens": new,
                      "temperature": sampling.temperature if sampling.do_sample else 0.0,
                      "top_k": sampling.top_k, "top_p": sampling.top_p,  # used once sampling, as transformers does
                      "repetition_penalty": sampling.repetition_penalty}
@@ -66,6 +69,14 @@ def choose(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Ge
         p[order[above >= top_p]] = 0.0
         p /= p.sum()
     return int(rng.choice(len(p), p=p))
+
+
+def generate_as(decoder: Decoder, prompt: np.ndarray, gs: GenerateSettings, max_length: int,
+                eos_token_ids: tuple[int, ...]) -> Iterator[int]:
+    """``generate`` with a command's settings, stopping at the checkpoint's eos ids as transformers does."""
+    return generate(decoder, prompt, gs.max_new_tokens, gs.temperature, gs.top_k, gs.seed, max_length=max_length,
+                    stop=frozenset(eos_token_ids).__contains__, top_p=gs.top_p,
+                    repetition_penalty=gs.repetition_penalty)
 
 
 def generate(decoder: Decoder, prompt: np.ndarray, max_new_tokens: int, temperature: float = 0.0,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import ConfigError, read_json
-from .hf_config import token_ids
+from .hf_config import only_check, token_ids_check
 
 
 @dataclass(frozen=True)
@@ -59,19 +59,12 @@ def _count(key: str, v: Any) -> int | None:
     return v
 
 
-def _token_ids(key: str, v: Any) -> tuple[int, ...]:
-    ids = token_ids(v)
-    if ids is None:
-        raise _fail(key, v, "must be a token id, a list of them, or null")
-    return ids
+_token_ids = token_ids_check(_fail)
 
 
-def _only(*defaults: Any) -> Callable[[str, Any], None]:
+def _only(*defaults: Any) -> Callable[[str, Any], Any]:
     """A decoding feature not implemented here: allowed only at the value that turns it off."""
-    def check(key: str, v: Any) -> None:
-        if not any(v == d and type(v) is type(d) for d in defaults):
-            raise _fail(key, v, "not implemented here (allowed: " + ", ".join(map(repr, defaults)) + ")")
-    return check
+    return only_check(_fail, *defaults)
 
 
 def _any(key: str, v: Any) -> None:

@@ -61,27 +61,34 @@ def _eps(key: str, v: Any) -> float:
     return eps
 
 
-def token_ids(v: Any) -> tuple[int, ...] | None:
-    """A token id, a list of them or null (as HF configs write stop tokens); None if ``v`` is none of those."""
-    ids = v if isinstance(v, list) else [] if v is None else [v]
-    ok = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
-    return tuple(ids) if ok else None
+# Checks shared with generation_config.json's table: ``fail`` says which file the line names.
+Fail = Callable[[str, Any, str], ConfigError]
 
 
-def _token_ids(key: str, v: Any) -> tuple[int, ...]:
-    ids = token_ids(v)
-    if ids is None:
-        raise _fail(key, v, "must be a token id, a list of them, or null")
-    return ids
+def token_ids_check(fail: Fail) -> Callable[[str, Any], tuple[int, ...]]:
+    """A token id, a list of them or null, as HF configs write stop tokens."""
+    def check(key: str, v: Any) -> tuple[int, ...]:
+        ids = v if isinstance(v, list) else [] if v is None else [v]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise fail(key, v, "must be a token id, a list of them, or null")
+        return tuple(ids)
+    return check
+
+
+def only_check(fail: Fail, *allowed: Any) -> Callable[[str, Any], Any]:
+    """A feature this project lacks: allowed only at the values it implements (1 is not True here)."""
+    def check(key: str, v: Any) -> Any:
+        if not any(type(v) is type(a) and v == a for a in allowed):
+            raise fail(key, v, "not implemented here (supported: " + ", ".join(map(repr, allowed)) + ")")
+        return v
+    return check
+
+
+_token_ids = token_ids_check(_fail)
 
 
 def _equals(*allowed: Any) -> Callable[[str, Any], Any]:
-    def check(key: str, v: Any) -> Any:
-        if not any(type(v) is type(a) and v == a for a in allowed):
-            raise _fail(key, v, "not implemented here (supported: "
-                        + ", ".join(repr(a) for a in allowed) + ")")
-        return v
-    return check
+    return only_check(_fail, *allowed)
 
 
 def _any(key: str, v: Any) -> Any:
@@ -163,7 +170,7 @@ KEYS: dict[str, Key] = {
     "use_mrope": Key(_equals(False), "model", "no multimodal RoPE here"),
     "is_encoder_decoder": Key(_equals(False), "model", "a decoder only"),
     # read for generation (stop tokens) and saving (dtype)
-    "eos_token_id": Key(lambda k, v: _token_ids(k, v), "generation", "stop tokens (generation_config.json first)"),
+    "eos_token_id": Key(_token_ids, "generation", "stop tokens (generation_config.json first)"),
     "dtype": Key(_dtype, NO_EFFECT, "the stored weights' dtype (5.x); read per tensor, computed in f32"),
     "torch_dtype": Key(_dtype, NO_EFFECT, "the stored weights' dtype (4.x); read per tensor, computed in f32"),
     # no effect on the math

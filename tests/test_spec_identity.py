@@ -5,7 +5,6 @@ import dataclasses
 import pickle
 import runpy
 import signal
-import textwrap
 
 import pytest
 
@@ -140,34 +139,35 @@ def test_two_scripts_defining_main_peak_get_different_keys(tmp_path):
     assert a.key(TARGET) != b.key(TARGET)
 
 
-def test_a_helper_module_the_build_calls_is_in_the_key(tmp_path, monkeypatch):
+def keys_and_texts(tmp_path, monkeypatch, script_text: str, module: str) -> list[tuple[str, str]]:
+    """(key, PTX) of the script's SPEC with ``module``.VALUE set to 1, then to 2 (the module re-imported)."""
     monkeypatch.syspath_prepend(str(tmp_path))
-    script = tmp_path / "peak_script.py"
-    script.write_text(SCRIPT.replace("b.mov({value}, T.U32)", "b.mov(peak_helper_mod.VALUE, T.U32)")
-                      .replace("from ptxgen.spec import KernelSpec", "from ptxgen.spec import KernelSpec\nimport peak_helper_mod"))
-    keys = []
+    script = tmp_path / f"{module}_script.py"
+    script.write_text(script_text)
+    seen = []
     for value in (1, 2):
-        (tmp_path / "peak_helper_mod.py").write_text(f"VALUE = {value}\n")
-        monkeypatch.delitem(__import__("sys").modules, "peak_helper_mod", raising=False)
+        (tmp_path / f"{module}.py").write_text(f"VALUE = {value}\n")
+        monkeypatch.delitem(__import__("sys").modules, module, raising=False)
         spec = runpy.run_path(str(script), run_name="__main__")["SPEC"]
-        keys.append((spec.key(TARGET), spec.emit(TARGET)))
-    (k1, text1), (k2, text2) = keys
+        seen.append((spec.key(TARGET), spec.emit(TARGET)))
+    return seen
+
+
+def test_a_helper_module_the_build_calls_is_in_the_key(tmp_path, monkeypatch):
+    (k1, text1), (k2, text2) = keys_and_texts(
+        tmp_path, monkeypatch, SCRIPT.replace("b.mov({value}, T.U32)", "b.mov(peak_helper_mod.VALUE, T.U32)")
+        .replace("from ptxgen.spec import KernelSpec", "from ptxgen.spec import KernelSpec\nimport peak_helper_mod"),
+        "peak_helper_mod")
     assert text1 != text2 and k1 != k2
 
 
 def test_what_a_class_outside_the_generator_reads_at_build_time_is_in_its_key(tmp_path, monkeypatch):
     """A constant of another module, an import inside build(), a class made by type(): nothing a
     source fingerprint sees. Such a class's key carries the digest of its text, so one key is one text."""
-    monkeypatch.syspath_prepend(str(tmp_path))
-    script = tmp_path / "late_reader.py"
-    script.write_text(SCRIPT.replace("b.mov({value}, T.U32)", "from late_table import VALUE\n        b.mov(VALUE, T.U32)"))
-    seen = []
-    for value in (1, 2):
-        (tmp_path / "late_table.py").write_text(f"VALUE = {value}\n")
-        monkeypatch.delitem(__import__("sys").modules, "late_table", raising=False)
-        spec = runpy.run_path(str(script), run_name="__main__")["SPEC"]
-        seen.append((spec.key(TARGET), spec.emit(TARGET)))
-    (k1, text1), (k2, text2) = seen
+    (k1, text1), (k2, text2) = keys_and_texts(
+        tmp_path, monkeypatch,
+        SCRIPT.replace("b.mov({value}, T.U32)", "from late_table import VALUE\n        b.mov(VALUE, T.U32)"),
+        "late_table")
     assert text1 != text2 and k1 != k2
     from ptxgen.builder import T
     from ptxgen.spec import KernelSpec
