@@ -297,6 +297,7 @@ class _ForwardBase(_FlashBase):
     ``_scores``, ``_accumulate``)."""
 
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "lse")
+    written: ClassVar[tuple[str, ...]] = ("o", "lse")
     scalars: ClassVar[tuple[str, ...]] = ("seq", "kv_len", "kv_stride", "q_start")
     _align: ClassVar[int] = SHARED_LINE
     _fenced: ClassVar[bool] = False
@@ -381,6 +382,7 @@ class AttentionTCBackwardQSpec(_FlashBase):
 
     kind: ClassVar[str] = "attention_tc_bwd_q"
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "do", "lse", "dq", "delta")
+    written: ClassVar[tuple[str, ...]] = ("dq", "delta")
 
     def dynamic_shared_bytes(self) -> int:
         return (3 * self.rows_per_block + 4 * self.tile) * self.head_dim * 2  # Q, dO, O, then K and V twice
@@ -477,6 +479,7 @@ class AttentionTCBackwardKVSpec(_FlashBase):
 
     kind: ClassVar[str] = "attention_tc_bwd_kv"
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "do", "lse", "delta", "dk", "dv")
+    written: ClassVar[tuple[str, ...]] = ("dk", "dv")
 
     @property
     def grid_heads(self) -> int:
