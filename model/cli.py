@@ -375,7 +375,7 @@ def cmd_generate(argv: Sequence[str]) -> int:
     if backend is NumpyBackend:
         decoder = NumpyDecoder(ckpt.config, ckpt.params, precision)
     else:
-        from .cuda_model import CudaDecoder
+        from .cuda_decoder import CudaDecoder
 
         decoder = CudaDecoder(backend(ckpt.config, ckpt.params, AdamWSettings(), precision=precision), max_len)
     out = list(prompt)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -81,6 +82,47 @@ def fill_u32(ptr: int, bits: int, count: int, stream: Stream | None = None) -> N
     call("cuMemsetD32Async", ptr, bits, count, _stream_handle(stream))
 
 
+@dataclass(frozen=True)
+class View:
+    """A named region of device memory: a parameter inside a flat buffer, an activation, some rows."""
+
+    name: str
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * DTYPES[self.dtype].itemsize
+
+    def shifted(self, byte_offset: int) -> "View":
+        """The same name and shape ``byte_offset`` bytes on (say, the rows a decoding step writes)."""
+        return self if not byte_offset else View(f"{self.name}+{byte_offset}", self.ptr + byte_offset,
+                                                 self.shape, self.dtype)
+
+    def upload(self, host: np.ndarray) -> None:
+        """Host -> device, synchronously; ``host`` must fill the view exactly."""
+        host = np.ascontiguousarray(host, dtype=DTYPES[self.dtype])
+        if host.nbytes != self.nbytes:
+            raise ValueError(f"host array of {host.nbytes} bytes for {self.name} of {self.nbytes}")
+        call("cuMemcpyHtoD", self.ptr, host.ctypes.data, self.nbytes)
+
+    def to_numpy(self) -> np.ndarray:
+        out = np.empty(self.shape, DTYPES[self.dtype])
+        call("cuMemcpyDtoH", out.ctypes.data, self.ptr, self.nbytes)
+        return out
+
+    def rows(self, start: int, count: int) -> "View":
+        """Rows [start, start + count) of a view of rows."""
+        row = math.prod(self.shape[1:]) * DTYPES[self.dtype].itemsize
+        return View(f"{self.name}[{start}:{start + count}]", self.ptr + start * row, (count, *self.shape[1:]),
+                    self.dtype)
+
+
 class DeviceArray:
     """A device allocation with a shape and dtype. Free it with ``free()`` or a ``with`` block."""
 
@@ -145,6 +187,13 @@ class DeviceArray:
         if self.nbytes % 4:
             raise ValueError("fill_u32 needs a size that is a multiple of 4 bytes")
         fill_u32(self.ptr, bits, self.nbytes // 4, stream)
+
+    def view(self, name: str, element_offset: int = 0, shape: tuple[int, ...] | None = None) -> View:
+        """A named view of this array: all of it, or ``shape`` elements from ``element_offset``."""
+        shape = self.shape if shape is None else shape
+        if element_offset < 0 or element_offset + math.prod(shape) > self.size:
+            raise ValueError(f"view {name} of {shape} at {element_offset} is outside an array of {self.size}")
+        return View(name, self.ptr + element_offset * DTYPES[self.dtype].itemsize, tuple(shape), self.dtype)
 
     def free(self) -> None:
         if self.ptr:

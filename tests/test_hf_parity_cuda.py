@@ -76,7 +76,8 @@ def hf_greedy(model, torch, prompt: np.ndarray) -> list[int]:
 
 def our_greedy(cache, ckpt, precision) -> tuple[list[int], list[np.ndarray]]:
     """Greedy tokens and the logits each was chosen from, on our CUDA decoder."""
-    from model.cuda_model import CudaBackend, CudaDecoder
+    from model.cuda_model import CudaBackend
+    from model.cuda_decoder import CudaDecoder
     from model.optim import AdamWSettings
     backend = CudaBackend(ckpt.config, ckpt.params, AdamWSettings(), cache=cache, precision=precision)
     decoder = CudaDecoder(backend, max_len=len(PROMPT) + NEW_TOKENS)

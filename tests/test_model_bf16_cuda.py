@@ -85,7 +85,7 @@ def test_a_step_refreshes_the_bf16_weights_and_repeats_bit_for_bit(cache):
 
 
 def test_gpu_decoding_in_bf16_matches_the_bf16_reference(cache):
-    from model.cuda_model import CudaDecoder
+    from model.cuda_decoder import CudaDecoder
     config = preset("tiny")
     params = live_params(config)
     ids = np.random.default_rng(5).integers(0, 256, 23)

@@ -189,7 +189,7 @@ def test_hf_transformers_gives_the_same_logits_from_our_checkpoint(cache, tmp_pa
 
 
 def test_gpu_decoding_with_a_kv_cache_matches_the_full_numpy_forward(cache):
-    from model.cuda_model import CudaDecoder
+    from model.cuda_decoder import CudaDecoder
     from model.generate import generate
     from model.numpy_backend import NumpyDecoder
     config = preset("tiny")

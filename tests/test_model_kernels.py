@@ -3,7 +3,7 @@
 import pytest
 
 from model.config import PRESETS, preset
-from model.cuda_model import ParamLayout
+from model.cuda_buffers import ParamLayout
 from model.kernels import ModelKernels
 from model.optim import AdamWSettings, decays
 from model.precision import Precision

@@ -1,0 +1,194 @@
+"""Every device buffer of the CUDA model, allocated in one place and known by name.
+
+The parameters live in four flat f32 buffers with one layout (``ParamLayout``): values, gradients
+and the two AdamW moments; in bf16 precision the matrices also have a bf16 copy. ``Params`` gives
+each tensor (HF name) as a ``Param``: value, gradient and the operand its GEMMs read. The
+activations of one batch shape are ``Activations``: per layer a ``LayerActs`` with the names of
+``reference.py``'s forward (x, h, q, k, v, o, x_mid, h2, gate, up, act), and their bf16 copies
+where the GEMMs or the attention read bf16. The backward's activation gradients are ``Grads``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime import DeviceArray, View
+
+from .config import ModelConfig
+from .optim import decays
+from .params import layer_prefix, param_shapes
+
+
+class ParamLayout:
+    """Offsets (in f32 elements) of every parameter in the flat buffers; decayed tensors first."""
+
+    def __init__(self, config: ModelConfig):
+        self.shapes = param_shapes(config)
+        self.offsets: dict[str, int] = {}
+        self.total = 0
+        for decayed in (True, False):
+            if not decayed:
+                self.decay_end = self.total
+            for name in (n for n in self.shapes if decays(n) == decayed):
+                self.offsets[name] = self.total
+                self.total += -(-math.prod(self.shapes[name]) // 8) * 8  # 16-byte aligned starts in bf16 too
+
+    def flatten(self, tensors: dict[str, np.ndarray]) -> np.ndarray:
+        flat = np.zeros(self.total, np.float32)
+        for name, off in self.offsets.items():
+            flat[off:off + math.prod(self.shapes[name])] = np.asarray(tensors[name], np.float32).reshape(-1)
+        return flat
+
+    def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: flat[off:off + math.prod(self.shapes[name])].reshape(self.shapes[name]).copy()
+                for name, off in self.offsets.items()}
+
+
+class Arena:
+    """Named device arrays allocated together and freed together."""
+
+    def __init__(self) -> None:
+        self._arrays: list[DeviceArray] = []
+
+    def new(self, name: str, shape: tuple[int, ...], dtype: str = "f32") -> View:
+        self._arrays.append(DeviceArray(shape, dtype))
+        return self._arrays[-1].view(name)
+
+    def free(self) -> None:
+        for a in self._arrays:
+            a.free()
+        self._arrays.clear()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter tensor: its value, its gradient, and what its GEMMs read (bf16: the copy)."""
+
+    name: str
+    value: View
+    grad: View
+    operand: View
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.value.shape
+
+
+class Params:
+    """The parameters by HF name, as views into the flat buffers."""
+
+    def __init__(self, layout: ParamLayout, weights: DeviceArray, grads: DeviceArray,
+                 weights16: DeviceArray | None):
+        self._params = {}
+        for name, shape in layout.shapes.items():
+            at = layout.offsets[name]
+            value = weights.view(name, at, shape)
+            operand = weights16.view(name + "[bf16]", at, shape) if weights16 is not None and decays(name) \
+                else value
+            self._params[name] = Param(name, value, grads.view("grad " + name, at, shape), operand)
+
+    def __getitem__(self, name: str) -> Param:
+        return self._params[name]
+
+    def get(self, name: str) -> Param | None:
+        return self._params.get(name)
+
+    def linear_modules(self) -> list[str]:
+        """The linear layers' module names (a matrix's name without ``.weight``; the tied LM head's
+        is the embedding's)."""
+        return [n[:-len(".weight")] for n in self._params if n.endswith("proj.weight") or n.endswith("lm_head.weight")
+                ] + (["model.embed_tokens"] if "lm_head.weight" not in self._params else [])
+
+
+@dataclass(frozen=True)
+class KV:
+    """Where a layer's keys and values go (after RoPE, f32) and, in bf16 precision, the bf16 copies
+    its attention reads: this batch's own rows when training, a KV cache when decoding."""
+
+    k: View
+    v: View
+    k16: View | None
+    v16: View | None
+
+    @classmethod
+    def allocate(cls, arena: Arena, layer: int, rows: int, width: int, bf16: bool) -> "KV":
+        new = lambda n, dtype="f32": arena.new(f"{layer_prefix(layer)}{n}", (rows, width), dtype)  # noqa: E731
+        return cls(new("k"), new("v"), new("k[bf16]", "bf16") if bf16 else None,
+                   new("v[bf16]", "bf16") if bf16 else None)
+
+
+@dataclass(frozen=True)
+class LayerActs:
+    """One layer's forward activations (reference.py's names); ``*16``: the bf16 operand copies."""
+
+    x: View       # the residual stream into the layer
+    rstd1: View   # input_layernorm's 1 / rms per row (for its backward)
+    h: View       # input_layernorm(x)
+    q: View       # q_proj(h), after RoPE
+    o: View       # attention output (bf16 precision: bf16, the o projection's operand as it is)
+    lse: View     # attention's log-sum-exp per query row (for its backward)
+    x_mid: View   # x + o_proj(o)
+    rstd2: View
+    h2: View      # post_attention_layernorm(x_mid)
+    gate: View
+    up: View
+    act: View     # silu(gate) * up (bf16 precision: bf16, the down projection's operand as it is)
+    h16: View | None
+    q16: View | None
+    h2_16: View | None
+
+
+class Activations:
+    """The activations of ``batch x seq`` new tokens; logits for every row, or the last only."""
+
+    def __init__(self, arena: Arena, c: ModelConfig, batch: int, seq: int, bf16: bool, logit_rows: int):
+        T, H, I = batch * seq, c.hidden_size, c.intermediate_size
+        Q = c.num_heads * c.head_dim
+        new = arena.new
+        copy = (lambda name, shape: new(name + "[bf16]", shape, "bf16")) if bf16 else (lambda name, shape: None)
+        self.batch, self.seq, self.tokens, self.logit_rows = batch, seq, T, logit_rows
+        self.ids, self.pos = new("ids", (T,), "i32"), new("positions", (T,), "i32")
+
+        def layer(i: int) -> LayerActs:
+            p = layer_prefix(i)
+            return LayerActs(
+                x=new(p + "x", (T, H)), rstd1=new(p + "rstd1", (T,)), h=new(p + "h", (T, H)),
+                q=new(p + "q", (T, Q)),
+                o=new(p + "o[bf16]", (T, Q), "bf16") if bf16 else new(p + "o", (T, Q)),
+                lse=new(p + "lse", (batch, c.num_heads, seq)),
+                x_mid=new(p + "x_mid", (T, H)), rstd2=new(p + "rstd2", (T,)), h2=new(p + "h2", (T, H)),
+                gate=new(p + "gate", (T, I)), up=new(p + "up", (T, I)),
+                act=new(p + "act[bf16]", (T, I), "bf16") if bf16 else new(p + "act", (T, I)),
+                h16=copy(p + "h", (T, H)), q16=copy(p + "q", (T, Q)), h2_16=copy(p + "h2", (T, H)))
+
+        self.layers = [layer(i) for i in range(c.num_layers)]
+        # a sublayer's output before the residual add (attention's, then the MLP's), added by the next norm
+        self.delta = new("sublayer_out", (T, H))
+        self.x = new("x", (T, H))  # the residual stream after the last layer
+        self.rstd_f, self.hf, self.hf16 = new("rstd_f", (T,)), new("hf", (T, H)), copy("hf", (T, H))
+        self.logits = new("logits", (logit_rows, c.vocab_size))
+
+
+class TrainingBuffers:
+    """What a training step adds to the activations: targets, losses, the logits' gradient and the
+    backward's activation gradients (reused layer by layer), and the embedding backward's plan."""
+
+    def __init__(self, arena: Arena, c: ModelConfig, batch: int, seq: int, bf16: bool):
+        T, H, I, V = batch * seq, c.hidden_size, c.intermediate_size, c.vocab_size
+        Q, KV_ = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        new, operand = arena.new, "bf16" if bf16 else "f32"
+        self.targets, self.losses = new("targets", (T,), "i32"), new("losses", (T,))
+        self.dlogits = new("dlogits", (T, V), operand)  # the LM head's GEMM operand as it is
+        self.g = new("d x", (T, H))     # gradient of the residual stream, updated in place
+        self.dh = new("d h", (T, H))
+        self.d_act = new("d act", (T, I))
+        self.d_gate, self.d_up = new("d gate", (T, I), operand), new("d up", (T, I), operand)  # GEMM operands
+        self.d_o, self.dq = new("d o", (T, Q)), new("d q", (T, Q))
+        self.dk, self.dv = new("d k", (T, KV_)), new("d v", (T, KV_))
+        self.delta = new("attention delta", (batch, c.num_heads, seq))
+        self.dy16 = new("d y[bf16]", (T * max(H, Q),), "bf16") if bf16 else None  # output gradients cast
+        self.order, self.seg_start, self.seg_id = (new(n, (size,), "i32") for n, size in
+                                                   (("embedding order", T), ("embedding seg_start", T + 1),
+                                                    ("embedding seg_id", T)))

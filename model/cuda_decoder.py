@@ -1,0 +1,67 @@
+"""Incremental decoding on the GPU: the training forward's plan over per-layer KV caches."""
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.plan import Plan
+
+from .cuda_buffers import KV, Activations, Arena
+from .cuda_model import CudaBackend, forward
+
+
+class CudaDecoder:
+    """Incremental decoding of one sequence on the GPU, with per-layer K/V caches on the device.
+
+    Uses the backend's weights and its pre-warmed kernels (strict mode): the same ``forward`` as
+    training, planned once per count of new tokens, with keys and values written into the caches
+    from the plan's value ``cached`` (the cache's length) on and attention over the cached rows.
+    ``prefill`` resets the cache; each call returns the last position's logits.
+    """
+
+    def __init__(self, backend: CudaBackend, max_len: int):
+        c = backend.config
+        if not 1 <= max_len <= c.max_position_embeddings:
+            raise ValueError(f"max_len must be in [1, {c.max_position_embeddings}], got {max_len}")
+        self.backend, self.max_len, self.length = backend, max_len, 0
+        self._cache = Arena()
+        self._kv = [KV.allocate(self._cache, i, max_len, c.num_kv_heads * c.head_dim, backend.bf16)
+                    for i in range(c.num_layers)]
+        self._plans: dict[int, tuple[Plan, Arena, Activations]] = {}
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        self.length = 0
+        return self._run(np.asarray(ids).reshape(-1))
+
+    def decode(self, token: int) -> np.ndarray:
+        return self._run(np.array([token]))
+
+    def close(self) -> None:
+        for plan, arena, _ in self._plans.values():
+            plan.free()
+            arena.free()
+        self._cache.free()
+
+    def _plan(self, new: int) -> tuple[Plan, Arena, Activations]:
+        be = self.backend
+        plan, arena = Plan(be.cache), Arena()
+        acts = Activations(arena, be.config, 1, new, be.bf16, logit_rows=1)
+        forward(be.ops(plan, arena, new), acts, self._kv, kv_stride=self.max_len, cached=plan.value("cached", 0))
+        return plan, arena, acts
+
+    def _run(self, ids: np.ndarray) -> np.ndarray:
+        new = len(ids)
+        if self.length + new > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions; {self.length + new} needed")
+        be = self.backend
+        if ids.min() < 0 or ids.max() >= be.config.vocab_size:
+            raise ValueError(f"a token id is outside [0, {be.config.vocab_size})")
+        with be.cache.strict_mode():
+            if new not in self._plans:
+                self._plans[new] = self._plan(new)
+            plan, _, acts = self._plans[new]
+            acts.ids.upload(ids.astype(np.int32))
+            acts.pos.upload(np.arange(self.length, self.length + new, dtype=np.int32))
+            plan.set(cached=self.length)
+            plan.run()
+        self.length += new
+        return acts.logits.to_numpy()[0]

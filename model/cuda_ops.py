@@ -1,0 +1,259 @@
+"""The CUDA model's operations, each appending its launches to a launch plan.
+
+One method per operation of ``reference.py`` (``linear``, ``rmsnorm``, ``rope``, ``attention``,
+``swiglu``, ``cross_entropy`` and their backwards), each owning its kernels' launch dimensions,
+the bf16 operand casts it needs and the split-K of a weight gradient; ``cuda_model.forward`` and
+``backward`` call them line for line as the reference computes. Every spec comes from
+``ModelKernels``; every argument is passed by the kernel's own parameter name (``Plan.add``).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+from runtime import View
+from runtime.memory import DTYPES
+from runtime.plan import Arg, Expr, Plan, Step
+from runtime.tensormap import gemm_tensor_maps
+
+from .config import ModelConfig
+from .cuda_buffers import Arena, Params
+from .kernels import Gemm, LinearKernels, ModelKernels, split_k
+
+COLSUM_CHUNK = 256  # rows per first-stage chunk of a two-stage column sum
+# a linear layer's kernels by its module's name (the tied LM head is the embedding's matrix)
+_LINEAR = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "o_proj": "o", "gate_proj": "gate_up",
+           "up_proj": "gate_up", "down_proj": "down", "lm_head": "head", "embed_tokens": "head"}
+
+
+class Ops:
+    """Operations on ``tokens`` rows at a time into ``plan``; scratch comes from ``arena``."""
+
+    def __init__(self, plan: Plan, kernels: ModelKernels, params: Params, config: ModelConfig, arena: Arena,
+                 tokens: int, bf16: bool):
+        self.plan, self.k, self.W, self.config, self.arena = plan, kernels, params, config, arena
+        self.T, self.bf16 = tokens, bf16
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _add(self, spec, dims, result: Arg, /, **args: Arg) -> Step:
+        """Launch ``spec`` with ``args``; labelled by what it makes, ``result``."""
+        return self.plan.add(spec, dims, label=f"{spec.kind} -> {_name(result)}", **args)
+
+    def cast(self, src: Arg, dst: Arg, count: int) -> None:
+        """dst = bf16(src), ``count`` elements."""
+        spec = self.k.to_bf16
+        self._add(spec, spec.launch_dims(count), dst, src=src, dst=dst, n=count)
+
+    def operand(self, x: View, copy: View | None) -> View:
+        """``x`` as the GEMMs read it: itself (fp32), or cast into its bf16 ``copy``."""
+        if copy is None:
+            return x
+        self.cast(x, copy, x.size)
+        return copy
+
+    def grad_operand(self, dy: View) -> View:
+        """An output gradient as the GEMMs (and the attention) read it: itself (fp32), or cast into
+        the one bf16 scratch the backward's output gradients share."""
+        if not self.bf16:
+            return dy
+        scratch = self._dy16
+        self.cast(dy, scratch, dy.size)
+        return View(dy.name + "[bf16]", scratch.ptr, dy.shape, "bf16")
+
+    def _linear(self, module: str) -> LinearKernels:
+        return getattr(self.k, _LINEAR[module.rsplit(".", 1)[-1]])
+
+    def _gemm(self, spec: Gemm, a: View, b: View, c: Arg, m: int, n: int, k: int, bias: View | None = None,
+              splits: int = 1) -> None:
+        """C = op(A) op(B) (+ bias) over ``splits`` parts of a ``k``-long contraction each. A
+        TMA-fed kernel reads A and B through tensor maps (freed with the plan) and its persistent
+        blocks fill the GPU once."""
+        kernel = self.plan.cache.get(spec)
+        operands = {}
+        if isinstance(spec, GemmWgmmaSpec) and spec.tma:
+            operands = {"tmap_a": a, "tmap_b": b}
+            a, b = (self.plan.keep(x) for x in gemm_tensor_maps(spec, a.ptr, b.ptr, m, n, k * splits))
+            dims = spec.launch_dims(m, n, splits, resident=kernel.resident_blocks(spec.threads))
+        else:
+            dims = spec.launch_dims(m, n, splits)
+        args = spec.arguments(a, b, c, m, n, k, bias=bias, splits=splits)
+        self.plan.add(spec, dims, label=f"{spec.kind} -> {_name(c)}", operands=operands,
+                      **dict(zip((name for name, _ in spec.params()), args)))
+
+    def _split_k(self, spec: Gemm, m: int, n: int) -> int:
+        """``split_k`` for this GPU's wave of ``spec``'s blocks."""
+        return split_k(spec, m, n, self.T, self.plan.cache.get(spec).resident_blocks(spec.threads))
+
+    # -- forward ------------------------------------------------------------------------------
+    def embed(self, ids: View, table: str, out: View) -> None:
+        spec = self.k.embed
+        self._add(spec, spec.launch_dims(self.T), out, table=self.W[table].value, ids=ids, out=out,
+                  n_tokens=self.T)
+
+    def rmsnorm(self, x: View, gamma: str, out: View, rstd: View) -> None:
+        spec = self.k.norm
+        self._add(spec, spec.launch_dims(self.T), out, x=x, gamma=self.W[gamma].value, y=out, rstd=rstd,
+                  n_rows=self.T)
+
+    def residual_rmsnorm(self, x: View, delta: View, gamma: str, out: View, rstd: View, x_out: View) -> None:
+        """x_out = x + delta; out = rmsnorm(x_out): a residual add and the next norm, in one kernel."""
+        spec = self.k.norm_residual
+        self._add(spec, spec.launch_dims(self.T), out, x=delta, residual=x, gamma=self.W[gamma].value, y=out,
+                  h_out=x_out, rstd=rstd, n_rows=self.T)
+
+    def linear(self, x: View, module: str, out: Arg, rows: int | None = None) -> None:
+        """out = x W^T (+ b) for the linear layer ``module`` (its HF name without ``.weight``)."""
+        w, bias = self.W[module + ".weight"], self.W.get(module + ".bias")
+        d_out, d_in = w.shape
+        self._gemm(self._linear(module).forward, x, w.operand, out, self.T if rows is None else rows, d_out, d_in,
+                   bias=bias.value if bias is not None else None)
+
+    def rope(self, x: Arg, positions: View, heads: int, inverse: bool = False) -> None:
+        """RoPE in place on ``tokens`` rows of ``heads`` heads (``inverse``: its backward)."""
+        k = self.k
+        if heads == k.rope_q.heads:
+            spec = k.rope_q_bwd if inverse else k.rope_q
+        else:
+            spec = k.rope_k_bwd if inverse else k.rope_k
+        self._add(spec, spec.launch_dims(self.T), x, x=x, y=x, positions=positions, n_tokens=self.T)
+
+    def attention(self, q: View, k: Arg, v: Arg, out: View, lse: View, batch: int, seq: int,
+                  kv_len: int | Expr, kv_stride: int, q_start: int | Expr) -> None:
+        """Causal GQA attention of ``seq`` new queries per sequence over ``kv_len`` cached keys."""
+        spec = self.k.attention
+        self._add(spec, spec.launch_dims(batch, seq), out, q=q, k=k, v=v, o=out, lse=lse, seq=seq, kv_len=kv_len,
+                  kv_stride=kv_stride, q_start=q_start)
+
+    def swiglu(self, gate: View, up: View, out: View) -> None:
+        spec = self.k.swiglu
+        self._add(spec, spec.launch_dims(gate.size), out, gate=gate, up=up, out=out, n=gate.size)
+
+    def cross_entropy(self, logits: View, targets: View, losses: View, dlogits: View, grad_scale: Expr) -> None:
+        """Per-row losses and, scaled by ``grad_scale``, their gradient with respect to the logits."""
+        spec = self.k.cross_entropy
+        self._add(spec, spec.launch_dims(self.T), losses, logits=logits, targets=targets, loss=losses,
+                  dlogits=dlogits, grad_scale=grad_scale)
+
+    # -- backward ------------------------------------------------------------------------------
+    @functools.cached_property
+    def _dy16(self) -> View:
+        c = self.config
+        return self.arena.new("d y[bf16]", (self.T * max(c.hidden_size, c.num_heads * c.head_dim),), "bf16")
+
+    @functools.cached_property
+    def _gamma_partial(self) -> View:
+        spec = self.k.norm_bwd_residual
+        return self.arena.new("rmsnorm dgamma partial", (spec.partial_rows(self.T), self.config.hidden_size))
+
+    @functools.cached_property
+    def _column_scratch(self) -> View:
+        c = self.config
+        return self.arena.new("column sum chunks", (-(-self.T // COLSUM_CHUNK),
+                                                    max(c.num_heads, c.num_kv_heads) * c.head_dim))
+
+    @functools.cached_property
+    def _split_scratch(self) -> View:
+        """Room for the largest split weight gradient's partial sums."""
+        shapes = [self.W[m + ".weight"].shape for m in self.W.linear_modules()]
+        parts = [(self._split_k(self._linear(m).grad_weight, *shape), shape)
+                 for m, shape in zip(self.W.linear_modules(), shapes)]
+        return self.arena.new("split-K partial sums",
+                              (max((n * math.prod(shape) for n, shape in parts if n > 1), default=1),))
+
+    def grad_weight(self, dy: View, x: View, module: str) -> None:
+        """dW = dy^T x. A dW whose tiles fill the GPU's waves badly splits the token dimension into
+        parts whose partial dWs a fixed-order sum adds (deterministic)."""
+        w = self.W[module + ".weight"]
+        spec, (d_out, d_in) = self._linear(module).grad_weight, w.shape
+        splits = self._split_k(spec, d_out, d_in)
+        if splits == 1:
+            self._gemm(spec, dy, x, w.grad, d_out, d_in, self.T)
+            return
+        scratch = self._split_scratch
+        self._gemm(spec, dy, x, scratch, d_out, d_in, self.T // splits, splits=splits)
+        ps = self.k.parts_sum
+        args = ps.arguments(scratch, w.grad, splits, d_out * d_in)
+        self._add(ps, ps.launch_dims(d_out * d_in), w.grad, **dict(zip((n for n, _ in ps.params()), args)))
+
+    def grad_input(self, dy: View, module: str, dx: View, accumulate: bool = False) -> None:
+        """dx = dy W (``accumulate``: dx += dy W, the next of several projections of one input)."""
+        w, lk = self.W[module + ".weight"], self._linear(module)
+        d_out, d_in = w.shape
+        self._gemm(lk.grad_input_acc if accumulate else lk.grad_input, dy, w.operand, dx, self.T, d_in, d_out)
+
+    def column_sum(self, src: View, bias: str) -> None:
+        """A bias's gradient: the sum over the rows of ``src``, in one or two fixed-order stages."""
+        spec, dst, T = self.k.colsum, self.W[bias].grad, self.T
+        cols = dst.size
+        if T <= COLSUM_CHUNK:
+            self._add(spec, spec.launch_dims(T, cols, T), dst, src=src, dst=dst, n_rows=T, n_cols=cols,
+                      rows_per_chunk=T)
+            return
+        chunks, scratch = -(-T // COLSUM_CHUNK), self._column_scratch
+        self._add(spec, spec.launch_dims(T, cols, COLSUM_CHUNK), scratch, src=src, dst=scratch, n_rows=T,
+                  n_cols=cols, rows_per_chunk=COLSUM_CHUNK)
+        self._add(spec, spec.launch_dims(chunks, cols, chunks), dst, src=scratch, dst=dst, n_rows=chunks,
+                  n_cols=cols, rows_per_chunk=chunks)
+
+    def rmsnorm_backward(self, x: View, gamma: str, dy: View, rstd: View, dx: View, residual: bool = False) -> None:
+        """dx = the norm's input gradient (``residual``: added to dx, the residual stream's
+        gradient, in place); gamma's gradient as per-chunk partial sums and their column sum."""
+        spec, g, T = self.k.norm_bwd_residual if residual else self.k.norm_bwd, self.W[gamma], self.T
+        partial, H = self._gamma_partial, self.config.hidden_size
+        self._add(spec, spec.launch_dims(T), dx, x=x, gamma=g.value, dy=dy, rstd=rstd, dx=dx,
+                  dgamma_partial=partial, n_rows=T, **({"dres": dx} if residual else {}))
+        rows, colsum = spec.partial_rows(T), self.k.colsum
+        self._add(colsum, colsum.launch_dims(rows, H, rows), g.grad, src=partial, dst=g.grad, n_rows=rows,
+                  n_cols=H, rows_per_chunk=rows)
+
+    def swiglu_backward(self, gate: View, up: View, dout: View, dgate: View, dup: View) -> None:
+        spec = self.k.swiglu_bwd
+        self._add(spec, spec.launch_dims(gate.size), dgate, gate=gate, up=up, dout=dout, dgate=dgate, dup=dup,
+                  n=gate.size)
+
+    def attention_backward(self, q: View, k: View, v: View, o: View, do: View, lse: View, dq: View,
+                           delta: View, dk: View, dv: View, batch: int, seq: int) -> None:
+        """dq (and delta, the rows' dO . O) in one kernel, dk and dv in another."""
+        bq, bkv = self.k.attention_bwd_q, self.k.attention_bwd_kv
+        self._add(bq, bq.launch_dims(batch, seq), dq, q=q, k=k, v=v, o=o, do=do, lse=lse, dq=dq, delta=delta,
+                  seq=seq)
+        self._add(bkv, bkv.launch_dims(batch, seq), dk, q=q, k=k, v=v, do=do, lse=lse, delta=delta, dk=dk, dv=dv,
+                  seq=seq)
+
+    def embedding_backward(self, dout: View, order: View, seg_start: View, seg_id: View, table: str,
+                           segments: Expr) -> None:
+        """The table's gradient: each of ``segments`` distinct tokens sums its rows of ``dout`` in
+        a fixed order (``order`` groups the rows by token). An untied table is zeroed first; a tied
+        one already holds the LM head's gradient, which this adds to."""
+        spec, dtable = self.k.embed_bwd, self.W[table].grad
+        if not spec.accumulate:
+            self.plan.fill(dtable, dtable.size, label=f"zero {dtable.name}")
+        self._add(spec, ((segments,), spec.launch_dims(1)[1]), dtable, dout=dout, order=order,
+                  seg_start=seg_start, seg_id=seg_id, dtable=dtable)
+
+    # -- optimizer -------------------------------------------------------------------------------
+    def clip_grad_norm(self, grads: View, partial: View, out: View, max_norm: float) -> None:
+        """out = [the gradients' global norm, the clip scale AdamW reads]."""
+        k = self.k
+        self._add(k.grad_norm_partial, k.grad_norm_partial.launch_dims(), partial, grad=grads, partial=partial,
+                  n=grads.size)
+        self._add(k.grad_norm_final, k.grad_norm_final.launch_dims(), out, partial=partial, out=out,
+                  max_norm=max_norm)
+
+    def adamw(self, decay: bool, param: View, grad: View, exp_avg: View, exp_avg_sq: View, clip: View,
+              lr: Expr, bias_correction1: Expr, bias_correction2: Expr) -> None:
+        spec = self.k.adamw_decay if decay else self.k.adamw_no_decay
+        self._add(spec, spec.launch_dims(param.size), param, param=param, grad=grad, exp_avg=exp_avg,
+                  exp_avg_sq=exp_avg_sq, clip=clip, n=param.size, lr=lr, bias_correction1=bias_correction1,
+                  bias_correction2=bias_correction2)
+
+
+def _name(arg: Arg) -> str:
+    return getattr(arg, "name", None) or str(arg)
+
+
+def kv_rows(view: View, first_row: int | Expr) -> Arg:
+    """Where rows from ``first_row`` of a [rows, width] K or V buffer start."""
+    return view if isinstance(first_row, int) and first_row == 0 else \
+        Expr(base=view) + first_row * (view.shape[1] * DTYPES[view.dtype].itemsize)

@@ -1,0 +1,262 @@
+"""A launch plan: an ordered, inspectable list of prepared launches with named arguments.
+
+``plan.add(spec, dims, label=..., **args)`` binds a kernel by its spec's own parameter names (a
+missing, unknown or mistyped argument is an error when the plan is built, not a wrong launch). An
+argument or grid dimension that changes between runs (a learning rate, a KV cache's length, the
+address its new rows go to) is an expression over the plan's named values, declared once with
+``plan.value(name, initial)`` and set together with ``plan.set(name=...)`` before a run: every
+launch that reads one follows it. Each step records which buffers it reads and writes (the
+kernels name their outputs, ``KernelSpec.outputs``), so a profile, a graph capture (``graph()``)
+or a communication hook can walk the plan. Steps are grouped into named sections (say forward,
+backward, optimizer) that run, or are captured, alone or together.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from ptxgen.builder import T
+from ptxgen.spec import KernelSpec
+
+from .cache import ModuleCache
+from .graph import Graph
+from .launch import Launch
+from .memory import DeviceArray, View, fill_u32
+
+Number = int | float
+
+
+@dataclass(frozen=True)
+class Expr:
+    """``base``'s address (if any) + ``const`` + the sum of ``coefficient * value`` over named values."""
+
+    const: Number = 0
+    terms: tuple[tuple[str, Number], ...] = ()
+    base: View | None = None
+
+    def names(self) -> set[str]:
+        return {name for name, _ in self.terms}
+
+    def evaluate(self, values: dict[str, Number]) -> Number:
+        total = self.const + sum(k * values[name] for name, k in self.terms)
+        return total + self.base.ptr if self.base is not None else total
+
+    def __add__(self, other: "Expr | Number") -> "Expr":
+        if isinstance(other, Expr):
+            if self.base is not None and other.base is not None:
+                raise TypeError("cannot add two addresses")
+            terms: dict[str, Number] = dict(self.terms)
+            for name, k in other.terms:
+                terms[name] = terms.get(name, 0) + k
+            return Expr(self.const + other.const, tuple(terms.items()), self.base or other.base)
+        if isinstance(other, numbers.Real) and not isinstance(other, bool):
+            return Expr(self.const + other, self.terms, self.base)
+        return NotImplemented
+
+    __radd__ = __add__
+
+    def __mul__(self, k: Number) -> "Expr":
+        if not isinstance(k, numbers.Real) or isinstance(k, bool):
+            return NotImplemented
+        if self.base is not None:
+            raise TypeError("cannot scale an address")
+        return Expr(self.const * k, tuple((name, c * k) for name, c in self.terms))
+
+    __rmul__ = __mul__
+
+    def __str__(self) -> str:
+        parts = ([self.base.name] if self.base is not None else []) + \
+                [f"{k}*{name}" if k != 1 else name for name, k in self.terms]
+        return " + ".join(parts + ([str(self.const)] if self.const or not parts else []))
+
+
+Arg = View | DeviceArray | Expr | Number
+
+
+def offset(view: View, byte_offset: Expr | int) -> View | Expr:
+    """The address ``byte_offset`` bytes into ``view``: a plain view when the offset is fixed."""
+    if isinstance(byte_offset, Expr):
+        return Expr(base=view) + byte_offset
+    return view.shifted(byte_offset)
+
+
+def _resolve(arg: Arg, values: dict[str, Number]) -> Any:
+    if isinstance(arg, Expr):
+        return arg.evaluate(values)
+    return arg.ptr if isinstance(arg, (View, DeviceArray)) else arg
+
+
+def _label(arg: Arg) -> str:
+    if isinstance(arg, (View, DeviceArray)):
+        return getattr(arg, "name", "") or repr(arg)
+    return str(arg)
+
+
+def _names(args: Sequence[Arg]) -> set[str]:
+    return set().union(*(a.names() for a in args if isinstance(a, Expr)))
+
+
+class Step:
+    """One kernel launch of a plan: the spec, the grid, the arguments by name, what it reads and writes."""
+
+    def __init__(self, label: str, section: str, spec: KernelSpec, launch: Launch, grid: tuple[Arg, ...],
+                 args: dict[str, Arg], operands: dict[str, Arg]):
+        self.label, self.section, self.spec, self.launch = label, section, spec, launch
+        self.grid_args, self.args = grid, args
+        self.operands = operands  # what pointer arguments stand for, e.g. a tensor map's matrix
+        self.values = _names([*grid, *args.values()])
+
+    kind = property(lambda self: self.spec.kind)
+    kernel = property(lambda self: self.launch.kernel)
+    grid = property(lambda self: self.launch.grid)
+
+    def pointers(self) -> dict[str, str]:
+        types = dict(self.spec.params())
+        return {name: _label(self.operands.get(name, arg)) for name, arg in self.args.items()
+                if types[name] is T.U64}
+
+    def writes(self) -> dict[str, str]:
+        """Parameter -> the buffer it names, for every pointer the kernel writes through."""
+        return {n: b for n, b in self.pointers().items() if n in self.spec.outputs()}
+
+    def reads(self) -> dict[str, str]:
+        return {n: b for n, b in self.pointers().items() if n not in self.spec.outputs()}
+
+    def resolve(self, values: dict[str, Number]) -> None:
+        for name, arg in self.args.items():
+            if isinstance(arg, Expr) and arg.names() & self.values:
+                self.launch.set(name, arg.evaluate(values))
+        if _names(self.grid_args):
+            self.launch.set_grid(tuple(int(_resolve(g, values)) for g in self.grid_args))
+
+    def __call__(self) -> None:
+        self.launch()
+
+    def describe(self) -> str:
+        scalars = {n: str(a) for n, a in self.args.items() if n not in self.pointers()}
+        return (f"{self.section:>9} {self.label:<44} {self.kind:<20} grid {self.launch.grid} "
+                f"reads {self.reads()} writes {self.writes()} {scalars}")
+
+
+class Fill:
+    """Set ``words`` 32-bit words of ``target`` to ``bits`` (a memset: zeroing a gradient)."""
+
+    kind = "fill"
+
+    def __init__(self, label: str, section: str, target: View, words: int, bits: int):
+        self.label, self.section, self.target, self.words, self.bits = label, section, target, words, bits
+        self.values: set[str] = set()
+        self.grid = (1, 1, 1)
+
+    def writes(self) -> dict[str, str]:
+        return {"dst": self.target.name}
+
+    def reads(self) -> dict[str, str]:
+        return {}
+
+    def resolve(self, values: dict[str, Number]) -> None:
+        pass
+
+    def __call__(self) -> None:
+        fill_u32(self.target.ptr, self.bits, self.words)
+
+    def describe(self) -> str:
+        return f"{self.section:>9} {self.label:<44} fill {self.words} words of {self.target.name} with 0x{self.bits:x}"
+
+
+class Plan:
+    """An ordered list of steps over named values; see the module docstring."""
+
+    def __init__(self, cache: ModuleCache):
+        self.cache = cache
+        self.steps: list[Step | Fill] = []
+        self.section = "main"  # the section the next steps join
+        self._values: dict[str, Number] = {}
+        self._unset: set[str] = set()
+        self._kept: list[DeviceArray] = []
+        self._graphs: dict[tuple[str, ...], Graph] = {}
+
+    def value(self, name: str, initial: Number) -> Expr:
+        """A named per-run value; ``initial`` only shapes the launches until the first ``set``."""
+        if name in self._values:
+            raise ValueError(f"plan value {name!r} is declared twice")
+        self._values[name] = initial
+        self._unset.add(name)
+        return Expr(terms=((name, 1),))
+
+    def keep(self, array: DeviceArray) -> DeviceArray:
+        """An array the plan's launches use (a tensor map), freed with the plan."""
+        self._kept.append(array)
+        return array
+
+    def add(self, spec: KernelSpec, dims: tuple[Any, Any], *, label: str,
+            operands: dict[str, Arg] | None = None, **args: Arg) -> Step:
+        grid, block = dims
+        grid = (grid,) if not isinstance(grid, tuple) else grid
+        unknown = _names([*grid, *args.values()]) - set(self._values)
+        if unknown:
+            raise ValueError(f"{label}: plan values {', '.join(sorted(unknown))} were never declared")
+        kernel = self.cache.get(spec)
+        launch = kernel.bind_named(tuple(int(_resolve(g, self._values)) for g in grid), block,
+                                   {n: _resolve(a, self._values) for n, a in args.items()})
+        step = Step(label, self.section, spec, launch, grid, args, operands or {})
+        self.steps.append(step)
+        return step
+
+    def fill(self, target: View, words: int, bits: int = 0, *, label: str) -> Fill:
+        step = Fill(label, self.section, target, words, bits)
+        self.steps.append(step)
+        return step
+
+    def set(self, **values: Number) -> None:
+        """Set named values; every step that reads one is updated (and so is every graph of it)."""
+        unknown = set(values) - set(self._values)
+        if unknown:
+            raise ValueError(f"no plan value {', '.join(sorted(unknown))}")
+        self._values.update(values)
+        self._unset -= set(values)
+        for step in self.steps:
+            if step.values & set(values):
+                step.resolve(self._values)
+                for graph in self._graphs.values():
+                    graph.touch(step)
+
+    def of(self, *sections: str) -> list[Step | Fill]:
+        """The steps of ``sections`` (all when none is named), in plan order."""
+        return [s for s in self.steps if not sections or s.section in sections]
+
+    def __iter__(self) -> Iterator[Step | Fill]:
+        return iter(self.steps)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def run(self, *sections: str, graph: bool = False) -> None:
+        """Launch the steps of ``sections`` one by one, or as their CUDA graph (built once)."""
+        steps = self.of(*sections)
+        needed = set().union(*(s.values for s in steps)) & self._unset
+        if needed:
+            raise RuntimeError(f"plan values {', '.join(sorted(needed))} must be set before a run")
+        if graph:
+            self.graph(*sections).launch()
+            return
+        for step in steps:
+            step()
+
+    def graph(self, *sections: str) -> Graph:
+        """The steps of ``sections`` as one CUDA graph, kept up to date by ``set``."""
+        if sections not in self._graphs:
+            self._graphs[sections] = Graph(self.of(*sections))
+        return self._graphs[sections]
+
+    def describe(self) -> list[str]:
+        return [step.describe() for step in self.steps]
+
+    def free(self) -> None:
+        for graph in self._graphs.values():
+            graph.destroy()
+        self._graphs.clear()
+        for array in self._kept:
+            array.free()
+        self._kept.clear()

@@ -1,0 +1,74 @@
+"""Plans built on a machine without a GPU: device memory as made-up addresses, kernels unloaded.
+
+Building a plan checks every argument by name against its kernel's parameters, so the whole
+model's plan can be built, and read, in CI. Nothing is launched: ``allocations`` records what was
+allocated; a launch does nothing and a download is an error. Pass a ``DryCache()`` where a ModuleCache goes.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import pytest
+
+from runtime import launch, memory
+from runtime.launch import Kernel
+
+WAVE = 264  # resident blocks of any kernel on the made-up GPU (two per SM on 132 SMs)
+
+
+class DryCache:
+    """ModuleCache's interface without a device: kernels by spec, unloaded, strict mode enforced."""
+
+    def __init__(self) -> None:
+        self.strict = False
+        self._kernels: dict[object, DryKernel] = {}
+
+    def get(self, spec):
+        if spec not in self._kernels:
+            if self.strict:
+                raise AssertionError(f"strict mode: {spec!r} was not pre-warmed")
+            self._kernels[spec] = DryKernel(spec, None, None)
+        return self._kernels[spec]
+
+    def prewarm(self, specs) -> list:
+        return [self.get(s) for s in specs]
+
+    @contextlib.contextmanager
+    def strict_mode(self):
+        saved, self.strict = self.strict, True
+        try:
+            yield self
+        finally:
+            self.strict = saved
+
+
+class DryKernel(Kernel):
+    def resident_blocks(self, threads: int) -> int:
+        return WAVE
+
+    def _allow_shared(self, shared: int) -> int:
+        return shared
+
+
+@contextlib.contextmanager
+def dry_device(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int]]]:
+    allocations: list[tuple[int, int]] = []  # (address, bytes)
+    next_free = [1 << 32]
+
+    def call(name: str, *args):
+        if name == "cuMemAlloc":
+            ptr = next_free[0]
+            next_free[0] += -(-args[0] // 256) * 256
+            allocations.append((ptr, args[0]))
+            return ptr
+        if name in ("cuMemFree", "cuMemcpyHtoD", "cuMemsetD32Async"):
+            return None
+        raise AssertionError(f"{name} on a machine without a GPU")
+
+    monkeypatch.setattr(memory, "device", lambda *a: None)
+    monkeypatch.setattr(memory, "call", call)
+    monkeypatch.setattr(launch, "_cuLaunchKernel", lambda *args: (0,))  # launched: nothing runs
+    monkeypatch.setattr("model.cuda_ops.gemm_tensor_maps",
+                        lambda spec, a, b, *rest: (memory.DeviceArray(128, "u8"), memory.DeviceArray(128, "u8")))
+    yield allocations
