@@ -1,0 +1,146 @@
+"""Launch plans, built without a GPU (``dry_device``): arguments are checked by name when the plan
+is built, per-run values reach every launch that reads them, each step says what it reads and
+writes, and the CUDA model's whole plan is built, named and complete for every preset shape."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from dry_device import DryCache, dry_device
+from model.config import preset
+from model.optim import AdamWSettings
+from model.params import param_shapes
+from model.precision import Precision
+from ptxgen.builder import T
+from ptxgen.kernels.adamw import AdamWSpec
+from ptxgen.kernels.cast import CastSpec
+from ptxgen.registry import get_kind, kinds
+from runtime.memory import View
+from runtime.plan import Expr, Plan
+
+QWEN_SHAPED = dataclasses.replace(preset("qwen2-0.5b"), num_layers=2)
+
+
+def view(name: str, ptr: int = 1 << 20, size: int = 1024, dtype: str = "f32") -> View:
+    return View(name, ptr, (size,), dtype)
+
+
+@pytest.fixture
+def plan(monkeypatch):
+    with dry_device(monkeypatch):
+        yield Plan(DryCache())
+
+
+def test_every_kernel_names_its_outputs_among_its_pointers():
+    for kind in kinds():
+        for spec in get_kind(kind).examples():
+            pointers = {name for name, t in spec.params() if t is T.U64}
+            assert spec.outputs() and set(spec.outputs()) <= pointers, (kind, spec.outputs())
+
+
+def test_expressions_add_and_scale_named_values():
+    rows = Expr(terms=(("cached", 1),))
+    at = Expr(base=view("k", ptr=4096)) + rows * 256
+    assert at.evaluate({"cached": 3}) == 4096 + 768
+    assert (rows + 5).evaluate({"cached": 2}) == 7
+    assert str(at) == "k + 256*cached"
+    with pytest.raises(TypeError):
+        at * 2  # an address cannot be scaled
+    with pytest.raises(TypeError):
+        at + Expr(base=view("v"))
+
+
+def test_arguments_are_checked_by_name_when_the_plan_is_built(plan):
+    src, dst = view("src"), view("dst", ptr=1 << 21, dtype="bf16")
+    spec = CastSpec()
+    with pytest.raises(TypeError, match="missing argument n"):
+        plan.add(spec, spec.launch_dims(16), label="cast", src=src, dst=dst)
+    with pytest.raises(TypeError, match="unknown argument count"):
+        plan.add(spec, spec.launch_dims(16), label="cast", src=src, dst=dst, n=16, count=16)
+    with pytest.raises(TypeError, match="n is .u32, got float"):
+        plan.add(spec, spec.launch_dims(16), label="cast", src=src, dst=dst, n=16.0)
+    with pytest.raises(ValueError, match="not 16-byte aligned"):
+        plan.add(spec, spec.launch_dims(16), label="cast", src=view("odd", ptr=(1 << 20) + 4), dst=dst, n=16)
+    with pytest.raises(ValueError, match="never declared"):
+        plan.add(spec, spec.launch_dims(16), label="cast", src=src, dst=dst, n=Expr(terms=(("count", 1),)))
+    assert len(plan) == 0
+
+
+def test_a_value_reaches_every_launch_that_reads_it_and_must_be_set_before_a_run(plan):
+    spec = AdamWSpec(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    lr = plan.value("lr", 0.0)
+    bufs = {n: view(n, ptr=(i + 1) << 20) for i, n in enumerate(("param", "grad", "exp_avg", "exp_avg_sq"))}
+    steps = [plan.add(spec, spec.launch_dims(1024), label=f"adamw {i}", **bufs, clip=view("clip", ptr=1 << 24),
+                      n=1024, lr=lr * (i + 1), bias_correction1=1.0, bias_correction2=1.0) for i in range(2)]
+    with pytest.raises(RuntimeError, match="lr must be set"):
+        plan.run()
+    plan.set(lr=0.5)
+    assert [s.launch._values[6].value for s in steps] == [0.5, 1.0]
+    with pytest.raises(ValueError, match="no plan value lr2"):
+        plan.set(lr2=1.0)
+    with pytest.raises(ValueError, match="declared twice"):
+        plan.value("lr", 1.0)
+    assert steps[0].writes() == {"param": "param", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+    assert steps[0].reads() == {"grad": "grad", "clip": "clip"}
+
+
+def test_a_grid_can_follow_a_value(plan):
+    spec = CastSpec()
+    blocks = plan.value("blocks", 1)
+    step = plan.add(spec, ((blocks,), 256), label="cast", src=view("src"), dst=view("dst", 1 << 21, dtype="bf16"),
+                    n=16)
+    plan.set(blocks=7)
+    assert step.grid == (7, 1, 1)
+
+
+def _backend(config, precision):
+    from model.cuda_model import CudaBackend
+    params = {n: np.zeros(s, np.float32) for n, s in param_shapes(config).items()}
+    return CudaBackend(config, params, AdamWSettings(), cache=DryCache(), precision=precision)
+
+
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16])
+@pytest.mark.parametrize("config", [preset("tiny"), QWEN_SHAPED], ids=["tiny", "qwen2-shaped-2-layer"])
+def test_the_models_plan_writes_every_gradient_in_its_backward(monkeypatch, config, precision):
+    """Built by name without a GPU: every kernel pre-warmed (strict mode), every parameter's
+    gradient written by a step of the backward (what a gradient-communication hook waits for),
+    every AdamW step after the last of them, per-step values named."""
+    with dry_device(monkeypatch):
+        model = _backend(config, precision)
+        plan = model.plan(2, 64)
+        sections = [s.section for s in plan]
+        assert sections == sorted(sections, key=["forward", "backward", "optimizer"].index)
+        written = {buf for s in plan.of("backward") for buf in s.writes().values()}
+        assert {f"grad {n}" for n in param_shapes(config)} <= written
+        assert set(plan._values) == {"loss_scale", "segments", "lr", "bias_correction1", "bias_correction2"}
+        assert all(line for line in plan.describe())
+        model.close()
+
+
+def test_the_decoders_plan_writes_new_keys_where_the_cache_ends(monkeypatch):
+    with dry_device(monkeypatch):
+        model = _backend(preset("tiny"), Precision.BF16)
+        decoder = model.decoder(32)
+        plan, _, _ = decoder._plan(3)
+        plan.set(cached=5)
+        k_proj = next(s for s in plan if s.label.startswith("gemm_wgmma -> model.layers.0.k "))
+        row_bytes = 4 * preset("tiny").num_kv_heads * preset("tiny").head_dim
+        assert k_proj.launch._values[2].value == decoder._kv[0].k.ptr + 5 * row_bytes
+        attention = next(s for s in plan if s.kind.startswith("attention"))
+        assert (attention.args["k"], attention.args["kv_len"].evaluate(plan._values)) == (decoder._kv[0].k16, 8)
+        decoder.close()
+        model.close()
+
+
+def test_a_tied_and_an_untied_head_plan_their_embedding_gradient(monkeypatch):
+    """Untied: the table's gradient is zeroed, then the embedding backward writes it; tied: the
+    LM head's gradient is there first and the embedding backward adds to it (no fill)."""
+    with dry_device(monkeypatch):
+        for tied in (True, False):
+            config = dataclasses.replace(preset("tiny"), tie_word_embeddings=tied)
+            model = _backend(config, Precision.FP32)
+            kinds_ = [s.kind for s in model.plan(1, 8).of("backward")]
+            assert ("fill" in kinds_) is not tied
+            assert kinds_[-1] == "embedding_bwd"
+            model.close()
+
