@@ -141,14 +141,14 @@ class LayerActs:
 
 
 class Activations:
-    """The activations of ``batch x seq`` new tokens; logits for every row, or the last only."""
+    """The activations of ``batch x seq`` new tokens, up to the LM head's input."""
 
-    def __init__(self, arena: Arena, c: ModelConfig, batch: int, seq: int, bf16: bool, logit_rows: int):
+    def __init__(self, arena: Arena, c: ModelConfig, batch: int, seq: int, bf16: bool):
         T, H, I = batch * seq, c.hidden_size, c.intermediate_size
         Q = c.num_heads * c.head_dim
         new = arena.new
         copy = (lambda name, shape: new(name + "[bf16]", shape, "bf16")) if bf16 else (lambda name, shape: None)
-        self.batch, self.seq, self.tokens, self.logit_rows = batch, seq, T, logit_rows
+        self.batch, self.seq, self.tokens = batch, seq, T
         self.ids, self.pos = new("ids", (T,), "i32"), new("positions", (T,), "i32")
 
         def layer(i: int) -> LayerActs:
@@ -168,18 +168,19 @@ class Activations:
         self.delta = new("sublayer_out", (T, H))
         self.x = new("x", (T, H))  # the residual stream after the last layer
         self.rstd_f, self.hf, self.hf16 = new("rstd_f", (T,)), new("hf", (T, H)), copy("hf", (T, H))
-        self.logits = new("logits", (logit_rows, c.vocab_size))
 
 
 class TrainingBuffers:
-    """What a training step adds to the activations: targets, losses, the logits' gradient and the
-    backward's activation gradients (reused layer by layer), and the embedding backward's plan."""
+    """What a training step adds to the activations: targets, losses, ``logit_rows`` rows of logits
+    (the loss takes them a chunk at a time), the logits' gradient and the backward's activation
+    gradients (reused layer by layer), and the embedding backward's plan."""
 
-    def __init__(self, arena: Arena, c: ModelConfig, batch: int, seq: int, bf16: bool):
+    def __init__(self, arena: Arena, c: ModelConfig, batch: int, seq: int, bf16: bool, logit_rows: int):
         T, H, I, V = batch * seq, c.hidden_size, c.intermediate_size, c.vocab_size
         Q, KV_ = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         new, operand = arena.new, "bf16" if bf16 else "f32"
         self.targets, self.losses = new("targets", (T,), "i32"), new("losses", (T,))
+        self.logits = new("logits", (logit_rows, V))
         self.dlogits = new("dlogits", (T, V), operand)  # the LM head's GEMM operand as it is
         self.g = new("d x", (T, H))     # gradient of the residual stream, updated in place
         self.dh = new("d h", (T, H))

@@ -1,12 +1,26 @@
 """Incremental decoding on the GPU: the training forward's plan over per-layer KV caches."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from runtime.plan import Plan
 
+from runtime import View
+
 from .cuda_buffers import KV, Activations, Arena
-from .cuda_model import CudaBackend, forward
+from .cuda_model import CudaBackend, forward, lm_head
+
+
+@dataclass
+class _Call:
+    """The plan of a call with some count of new tokens, and its buffers."""
+
+    plan: Plan
+    arena: Arena
+    acts: Activations
+    logits: View
 
 
 class CudaDecoder:
@@ -26,7 +40,7 @@ class CudaDecoder:
         self._cache = Arena()
         self._kv = [KV.allocate(self._cache, i, max_len, c.num_kv_heads * c.head_dim, backend.bf16)
                     for i in range(c.num_layers)]
-        self._plans: dict[int, tuple[Plan, Arena, Activations]] = {}
+        self._plans: dict[int, _Call] = {}  # by the count of new tokens
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         self.length = 0
@@ -36,17 +50,18 @@ class CudaDecoder:
         return self._run(np.array([token]))
 
     def close(self) -> None:
-        for plan, arena, _ in self._plans.values():
-            plan.free()
-            arena.free()
+        for call in self._plans.values():
+            call.plan.free()
+            call.arena.free()
         self._cache.free()
 
-    def _plan(self, new: int) -> tuple[Plan, Arena, Activations]:
+    def _plan(self, new: int) -> _Call:
         be = self.backend
         plan, arena = Plan(be.cache), Arena()
-        acts = Activations(arena, be.config, 1, new, be.bf16, logit_rows=1)
-        forward(be.ops(plan, arena, new), acts, self._kv, kv_stride=self.max_len, cached=plan.value("cached", 0))
-        return plan, arena, acts
+        acts, logits = Activations(arena, be.config, 1, new, be.bf16), arena.new("logits", (1, be.config.vocab_size))
+        ops = be.ops(plan, arena, new)
+        lm_head(ops, forward(ops, acts, self._kv, kv_stride=self.max_len, cached=plan.value("cached", 0)), logits)
+        return _Call(plan, arena, acts, logits)
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
         new = len(ids)
@@ -58,10 +73,10 @@ class CudaDecoder:
         with be.cache.strict_mode():
             if new not in self._plans:
                 self._plans[new] = self._plan(new)
-            plan, _, acts = self._plans[new]
-            acts.ids.upload(ids.astype(np.int32))
-            acts.pos.upload(np.arange(self.length, self.length + new, dtype=np.int32))
-            plan.set(cached=self.length)
-            plan.run()
+            call = self._plans[new]
+            call.acts.ids.upload(ids.astype(np.int32))
+            call.acts.pos.upload(np.arange(self.length, self.length + new, dtype=np.int32))
+            call.plan.set(cached=self.length)
+            call.plan.run()
         self.length += new
-        return acts.logits.to_numpy()[0]
+        return call.logits.to_numpy()[0]

@@ -21,27 +21,27 @@ from dataclasses import dataclass
 import numpy as np
 
 from ptxgen.kernels.embedding import embedding_backward_plan
-from runtime import DeviceArray, ModuleCache
+from runtime import DeviceArray, ModuleCache, View
 from runtime.plan import Expr, Plan, Step
 
 from .config import ModelConfig
 from .cuda_buffers import KV, Activations, Arena, ParamLayout, Params, TrainingBuffers
 from .cuda_ops import Ops, kv_rows
-from .kernels import ModelKernels
+from .kernels import LOSS_CHUNK_ROWS, ModelKernels
 from .optim import AdamWSettings
 from .params import layer_prefix, lm_head_name
 from .precision import Precision
 from .reference import IGNORE_INDEX
 
-__all__ = ["CudaBackend", "ParamLayout", "backward", "forward"]
+__all__ = ["CudaBackend", "ParamLayout", "backward", "forward", "lm_head", "loss"]
 
 
-def forward(ops: Ops, acts: Activations, kv: list[KV], kv_stride: int, cached: int | Expr = 0) -> None:
-    """reference.py's forward for ``acts``' new tokens. Layer i writes its keys and values (after
+def forward(ops: Ops, acts: Activations, kv: list[KV], kv_stride: int, cached: int | Expr = 0) -> View:
+    """reference.py's forward for ``acts``' new tokens, up to the LM head's input (returned: the
+    final norm's output as the head's GEMM reads it). Layer i writes its keys and values (after
     RoPE) into ``kv[i]`` from row ``cached`` on (rows of ``kv_stride`` per sequence) and attends over
     the ``cached`` rows before them and its own: the training batch's own buffers, or a KV cache."""
     c, T = ops.config, acts.tokens
-    head = lm_head_name(c)[:-len(".weight")]
     ops.embed(acts.ids, "model.embed_tokens.weight", out=acts.layers[0].x)
     for i, a in enumerate(acts.layers):
         p = layer_prefix(i)
@@ -74,16 +74,33 @@ def forward(ops: Ops, acts: Activations, kv: list[KV], kv_stride: int, cached: i
         ops.linear(a.act, p + "mlp.down_proj", out=acts.delta)
     ops.residual_rmsnorm(acts.layers[-1].x_mid, acts.delta, "model.norm.weight", out=acts.hf, rstd=acts.rstd_f,
                          x_out=acts.x)
-    hf = ops.operand(acts.hf, acts.hf16)
-    ops.linear(hf.rows(T - acts.logit_rows, acts.logit_rows), head, out=acts.logits, rows=acts.logit_rows)
+    return ops.operand(acts.hf, acts.hf16)
 
 
-def backward(ops: Ops, acts: Activations, kv: list[KV], d: TrainingBuffers, segments: Expr) -> None:
+def lm_head(ops: Ops, hf: View, logits: View) -> None:
+    """The logits of the last ``len(logits)`` rows of ``hf``."""
+    rows = logits.shape[0]
+    ops.linear(hf.rows(hf.shape[0] - rows, rows), lm_head_name(ops.config)[:-len(".weight")], out=logits)
+
+
+def loss(ops: Ops, hf: View, d: TrainingBuffers, grad_scale: Expr) -> None:
+    """reference.py's cross-entropy of the logits, and its gradient (scaled by ``grad_scale``):
+    ``d.logits`` rows of logits at a time, so the [tokens, vocab] f32 logits are never all in
+    memory; the gradient is kept for every row (the LM head's backward reads it)."""
+    chunk = d.logits.shape[0]
+    for start in range(0, hf.shape[0], chunk):
+        rows = min(chunk, hf.shape[0] - start)
+        logits = d.logits.rows(0, rows)
+        lm_head(ops, hf.rows(start, rows), logits)
+        ops.cross_entropy(logits, d.targets.rows(start, rows), d.losses.rows(start, rows),
+                          d.dlogits.rows(start, rows), grad_scale)
+
+
+def backward(ops: Ops, acts: Activations, kv: list[KV], hf: View, d: TrainingBuffers, segments: Expr) -> None:
     """reference.py's loss_and_grads after the loss: every parameter's gradient from ``d.dlogits``
     (the cross-entropy's), the activation gradients in ``d`` reused layer by layer."""
     c = ops.config
     head = lm_head_name(c)[:-len(".weight")]
-    hf = acts.hf16 or acts.hf
     ops.grad_weight(d.dlogits, hf, head)
     ops.grad_input(d.dlogits, head, d.dh)
     ops.rmsnorm_backward(acts.x, "model.norm.weight", d.dh, acts.rstd_f, dx=d.g)
@@ -122,12 +139,15 @@ def backward(ops: Ops, acts: Activations, kv: list[KV], d: TrainingBuffers, segm
 
 @dataclass
 class _Shape:
-    """One batch shape's plan and the buffers it runs on."""
+    """One batch shape's plan and the buffers it runs on; the plan of its every row's logits is
+    made when asked for (``CudaBackend.logits``)."""
 
     plan: Plan
     arena: Arena
     acts: Activations
+    kv: list[KV]
     bufs: TrainingBuffers
+    logits: tuple[Plan, View] | None = None
 
 
 class CudaBackend:
@@ -135,9 +155,13 @@ class CudaBackend:
     description = "cuda (raw PTX kernels through the CUDA driver API)"
 
     def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], adamw: AdamWSettings,
-                 cache: ModuleCache | None = None, precision: Precision = Precision.FP32, graph: bool = True):
-        """``graph``: run each training step as one CUDA graph (else launch by launch; same results)."""
-        self.config, self.adamw, self.graph = config, adamw, graph
+                 cache: ModuleCache | None = None, precision: Precision = Precision.FP32, graph: bool = True,
+                 loss_chunk_rows: int = LOSS_CHUNK_ROWS):
+        """``graph``: run each training step as one CUDA graph (else launch by launch; same results).
+        ``loss_chunk_rows``: rows of logits made at a time by the loss (the results do not depend on it)."""
+        if loss_chunk_rows < 1:
+            raise ValueError(f"loss_chunk_rows must be >= 1, got {loss_chunk_rows}")
+        self.config, self.adamw, self.graph, self.loss_chunk_rows = config, adamw, graph, loss_chunk_rows
         self.kernels = ModelKernels.of(config, adamw, IGNORE_INDEX, precision)
         self.cache = cache if cache is not None else ModuleCache()
         self.cache.prewarm(self.kernels.specs())
@@ -181,7 +205,9 @@ class CudaBackend:
 
     def close(self) -> None:
         for s in self._shapes.values():
-            s.plan.free()
+            for plan in (s.plan, s.logits[0] if s.logits else None):
+                if plan is not None:
+                    plan.free()
             s.arena.free()
         self._shapes.clear()
         for buf in (self.weights, self.grads, self.exp_avg, self.exp_avg_sq, self.norm_partial, self.norm_out,
@@ -196,10 +222,21 @@ class CudaBackend:
         return CudaDecoder(self, max_len)
 
     def logits(self, ids: np.ndarray) -> np.ndarray:
+        """Every position's logits (a forward over the training plan's buffers, with room for all
+        of them)."""
         shape = self._prepare(ids, None)
-        self._run(shape, "forward")
+        if shape.logits is None:
+            with self.cache.strict_mode():
+                plan = Plan(self.cache)
+                ops = self.ops(plan, shape.arena, shape.acts.tokens)
+                logits = shape.arena.new("every row's logits", (shape.acts.tokens, self.config.vocab_size))
+                lm_head(ops, forward(ops, shape.acts, shape.kv, kv_stride=shape.acts.seq), logits)
+                shape.logits = plan, logits
+        plan, logits = shape.logits
+        with self.cache.strict_mode():
+            plan.run()
         b, s = np.asarray(ids).shape
-        return shape.acts.logits.to_numpy().reshape(b, s, -1)
+        return logits.to_numpy().reshape(b, s, -1)
 
     def loss(self, ids: np.ndarray, targets: np.ndarray) -> float:
         shape = self._prepare(ids, targets)
@@ -281,18 +318,18 @@ class CudaBackend:
         c, T = self.config, batch * seq
         plan, arena = Plan(self.cache), Arena()
         ops = self.ops(plan, arena, T)
-        acts = Activations(arena, c, batch, seq, self.bf16, logit_rows=T)
+        acts = Activations(arena, c, batch, seq, self.bf16)
         kv = [KV.allocate(arena, i, T, c.num_kv_heads * c.head_dim, self.bf16) for i in range(c.num_layers)]
-        bufs = TrainingBuffers(arena, c, batch, seq, self.bf16)
+        bufs = TrainingBuffers(arena, c, batch, seq, self.bf16, min(T, self.loss_chunk_rows))
         acts.pos.upload(np.tile(np.arange(seq, dtype=np.int32), batch))
         plan.section = "forward"
-        forward(ops, acts, kv, kv_stride=seq)
-        ops.cross_entropy(acts.logits, bufs.targets, bufs.losses, bufs.dlogits, plan.value("loss_scale", 1.0))
+        hf = forward(ops, acts, kv, kv_stride=seq)
+        loss(ops, hf, bufs, plan.value("loss_scale", 1.0))
         plan.section = "backward"
-        backward(ops, acts, kv, bufs, plan.value("segments", 1))
+        backward(ops, acts, kv, hf, bufs, plan.value("segments", 1))
         plan.section = "optimizer"
         self._optimizer(ops, plan)
-        return _Shape(plan, arena, acts, bufs)
+        return _Shape(plan, arena, acts, kv, bufs)
 
     def _optimizer(self, ops: Ops, plan: Plan) -> None:
         """Clip by the global norm, AdamW on the decayed matrices and the rest, then the bf16 copy."""

@@ -102,11 +102,12 @@ class Ops:
         self._add(spec, spec.launch_dims(self.T), out, x=delta, residual=x, gamma=self.W[gamma].value, y=out,
                   h_out=x_out, rstd=rstd, n_rows=self.T)
 
-    def linear(self, x: View, module: str, out: Arg, rows: int | None = None) -> None:
-        """out = x W^T (+ b) for the linear layer ``module`` (its HF name without ``.weight``)."""
+    def linear(self, x: View, module: str, out: Arg) -> None:
+        """out = x W^T (+ b) for the linear layer ``module`` (its HF name without ``.weight``), on
+        the rows of ``x``."""
         w, bias = self.W[module + ".weight"], self.W.get(module + ".bias")
         d_out, d_in = w.shape
-        self._gemm(self._linear(module).forward, x, w.operand, out, self.T if rows is None else rows, d_out, d_in,
+        self._gemm(self._linear(module).forward, x, w.operand, out, x.shape[0], d_out, d_in,
                    bias=bias.value if bias is not None else None)
 
     def rope(self, x: Arg, positions: View, heads: int, inverse: bool = False) -> None:
@@ -130,9 +131,10 @@ class Ops:
         self._add(spec, spec.launch_dims(gate.size), out, gate=gate, up=up, out=out, n=gate.size)
 
     def cross_entropy(self, logits: View, targets: View, losses: View, dlogits: View, grad_scale: Expr) -> None:
-        """Per-row losses and, scaled by ``grad_scale``, their gradient with respect to the logits."""
+        """Per-row losses and, scaled by ``grad_scale``, their gradient with respect to the logits,
+        for the rows of ``logits``."""
         spec = self.k.cross_entropy
-        self._add(spec, spec.launch_dims(self.T), losses, logits=logits, targets=targets, loss=losses,
+        self._add(spec, spec.launch_dims(logits.shape[0]), losses, logits=logits, targets=targets, loss=losses,
                   dlogits=dlogits, grad_scale=grad_scale)
 
     # -- backward ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from .config import ModelConfig
+from .kernels import LOSS_CHUNK_ROWS
 from .params import param_shapes
 
 
@@ -35,8 +36,12 @@ def _activations(c: ModelConfig, batch: int, seq: int) -> int:
 
 def train_bytes(config: ModelConfig, batch: int, seq: int, on_gpu: bool, bf16: bool = False) -> int:
     p = n_params(config)
-    if on_gpu:  # f32 weights, gradients and two moments (+ bf16 operand copies); f32 activations
-        return p * (16 + (2 if bf16 else 0)) + 4 * _activations(config, batch, seq)
+    if on_gpu:  # f32 weights, gradients and two moments (+ bf16 operand copies); f32 activations;
+        # the logits LOSS_CHUNK_ROWS rows at a time, their gradient (the LM head's operand) for every row
+        tokens = batch * seq
+        layers = _activations(config, batch, seq) - 3 * tokens * config.vocab_size
+        logits = config.vocab_size * (4 * min(tokens, LOSS_CHUNK_ROWS) + (2 if bf16 else 4) * tokens)
+        return p * (16 + (2 if bf16 else 0)) + 4 * layers + logits
     # f32 weights and moments, their f64 copy and f64 gradients each step, the initial weights;
     # f64 activations, about twice over while the backward runs
     return p * 36 + 8 * 2 * _activations(config, batch, seq)

@@ -40,6 +40,7 @@ WIDE_WGMMA_TILE = dict(block_n=256, stages=4)
 NARROW_WGMMA_TILE = dict(block_n=128, stages=6, pingpong=True)
 VOCAB_WGMMA_TILE = dict(block_n=256, stages=3)
 VOCAB = 32768  # an output at least this wide is a vocabulary
+LOSS_CHUNK_ROWS = 1024  # the training step's logits are made, and their loss taken, this many rows at a time
 SPLIT_K_MIN_ROWS = 256  # a dW GEMM splits its token contraction into parts of at least this many tokens
 SPLIT_K_MAX = 16
 # FLOPs a GEMM does in the time one byte moves through memory, as measured on the H100 by

@@ -121,7 +121,7 @@ def test_the_decoders_plan_writes_new_keys_where_the_cache_ends(monkeypatch):
     with dry_device(monkeypatch):
         model = _backend(preset("tiny"), Precision.BF16)
         decoder = model.decoder(32)
-        plan, _, _ = decoder._plan(3)
+        plan = decoder._plan(3).plan
         plan.set(cached=5)
         k_proj = next(s for s in plan if s.label.startswith("gemm_wgmma -> model.layers.0.k "))
         row_bytes = 4 * preset("tiny").num_kv_heads * preset("tiny").head_dim
@@ -144,3 +144,21 @@ def test_a_tied_and_an_untied_head_plan_their_embedding_gradient(monkeypatch):
             assert kinds_[-1] == "embedding_bwd"
             model.close()
 
+
+
+def test_the_loss_takes_the_logits_a_chunk_of_rows_at_a_time(monkeypatch):
+    """At 2 x 64 tokens and 24-row chunks: six LM head GEMMs and cross-entropies (24, 24, 24, 24,
+    24, 8 rows) through one 24-row logits buffer, each writing its own rows of the gradient."""
+    from model.cuda_model import CudaBackend
+    config = preset("tiny")
+    with dry_device(monkeypatch):
+        params = {n: np.zeros(s, np.float32) for n, s in param_shapes(config).items()}
+        model = CudaBackend(config, params, AdamWSettings(), cache=DryCache(), loss_chunk_rows=24)
+        plan = model.plan(2, 64)
+        ce = [s for s in plan if s.kind == "cross_entropy"]
+        assert [s.grid[0] for s in ce] == [24] * 5 + [8]
+        dlogits = model._shapes[(2, 64)].bufs.dlogits
+        row = config.vocab_size * 4
+        assert [s.launch._values[3].value for s in ce] == [dlogits.ptr + 24 * i * row for i in range(6)]
+        assert model._shapes[(2, 64)].bufs.logits.shape == (24, config.vocab_size)
+        model.close()

@@ -21,14 +21,15 @@ def cache():
     return ModuleCache(use_disk=False)
 
 
-def twenty_steps(cache, name: str, precision: Precision, graph: bool) -> tuple[list, dict[str, np.ndarray]]:
+def twenty_steps(cache, name: str, precision: Precision, graph: bool = True,
+                 loss_chunk_rows: int = 1 << 20) -> tuple[list, dict[str, np.ndarray]]:
     """Losses, norms and the final weights and moments of 20 steps on batches of two shapes in
     turn (two plans, two graphs), each batch with other tokens (the embedding backward's grid
     changes) and each step with another learning rate."""
     from model.cuda_model import CudaBackend
     config = CONFIGS[name]
     model = CudaBackend(config, init_params(config, seed=0), AdamWSettings(), cache=cache, precision=precision,
-                        graph=graph)
+                        graph=graph, loss_chunk_rows=loss_chunk_rows)
     rng = np.random.default_rng(1)
     try:
         out = []
@@ -50,11 +51,37 @@ def twenty_steps(cache, name: str, precision: Precision, graph: bool) -> tuple[l
 @pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16])
 @pytest.mark.parametrize("name", CONFIGS)
 def test_graph_replayed_steps_equal_launched_steps_bit_for_bit(cache, name, precision):
-    launched, graphed = (twenty_steps(cache, name, precision, graph) for graph in (False, True))
-    assert np.array_equal(np.array(launched[0]), np.array(graphed[0]))  # losses and grad norms, all 20
-    assert launched[1].keys() == graphed[1].keys()
-    for key in launched[1]:
-        assert launched[1][key].tobytes() == graphed[1][key].tobytes(), key
+    assert_same_bits(*(twenty_steps(cache, name, precision, graph) for graph in (False, True)))
+
+
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_loss_in_chunks_of_logits_equals_the_loss_at_once_bit_for_bit(cache, name, precision):
+    """The logits made 7 rows at a time (chunks that do not divide the batch) give every loss,
+    norm, weight and moment of the logits made all at once."""
+    assert_same_bits(twenty_steps(cache, name, precision), twenty_steps(cache, name, precision, loss_chunk_rows=7))
+
+
+def test_every_rows_logits_come_back_when_the_loss_takes_them_in_chunks(cache):
+    from model.cuda_model import CudaBackend
+    config = CONFIGS["tiny"]
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (3, 20))
+    logits = []
+    for chunk in (1 << 20, 7):
+        model = CudaBackend(config, init_params(config, seed=0), AdamWSettings(), cache=cache, loss_chunk_rows=chunk)
+        try:
+            logits.append(model.logits(ids))
+        finally:
+            model.close()
+    assert logits[0].shape == (3, 20, config.vocab_size)
+    assert logits[0].tobytes() == logits[1].tobytes()
+
+
+def assert_same_bits(a, b) -> None:
+    assert np.array_equal(np.array(a[0]), np.array(b[0]))  # losses and grad norms, all 20
+    assert a[1].keys() == b[1].keys()
+    for key in a[1]:
+        assert a[1][key].tobytes() == b[1][key].tobytes(), key
 
 
 def _extent(arg, values) -> tuple[int, int]:
