@@ -4,8 +4,8 @@ The parameters live in four flat f32 buffers with one layout (``ParamLayout``): 
 and the two AdamW moments; in bf16 precision the matrices also have a bf16 copy. ``Params`` gives
 each tensor (HF name) as a ``Param``: value, gradient and the operand its GEMMs read. The
 activations of one batch shape are ``Activations``: per layer a ``LayerActs`` with the names of
-``reference.py``'s forward (x, h, q, k, v, o, x_mid, h2, gate, up, act), and their bf16 copies
-where the GEMMs or the attention read bf16. The backward's activation gradients are ``Grads``.
+``reference.py``'s forward (x, h, q, k, v, o, x_mid, h2, gate, up, act); in bf16 precision what
+the GEMMs read is stored in bf16 by the kernel that makes it, and q, k and v have bf16 copies. The backward's activation gradients are ``Grads``.
 """
 from __future__ import annotations
 
@@ -125,19 +125,17 @@ class LayerActs:
 
     x: View       # the residual stream into the layer
     rstd1: View   # input_layernorm's 1 / rms per row (for its backward)
-    h: View       # input_layernorm(x)
+    h: View       # input_layernorm(x) (bf16 precision: bf16, the q/k/v projections' operand as it is)
     q: View       # q_proj(h), after RoPE
     o: View       # attention output (bf16 precision: bf16, the o projection's operand as it is)
     lse: View     # attention's log-sum-exp per query row (for its backward)
     x_mid: View   # x + o_proj(o)
     rstd2: View
-    h2: View      # post_attention_layernorm(x_mid)
+    h2: View      # post_attention_layernorm(x_mid) (bf16 precision: bf16, as h)
     gate: View
     up: View
     act: View     # silu(gate) * up (bf16 precision: bf16, the down projection's operand as it is)
-    h16: View | None
-    q16: View | None
-    h2_16: View | None
+    q16: View | None  # bf16 precision: q as the attention reads it
 
 
 class Activations:
@@ -147,27 +145,24 @@ class Activations:
         T, H, I = batch * seq, c.hidden_size, c.intermediate_size
         Q = c.num_heads * c.head_dim
         new = arena.new
-        copy = (lambda name, shape: new(name + "[bf16]", shape, "bf16")) if bf16 else (lambda name, shape: None)
+        operand = (lambda name, shape: new(name + "[bf16]", shape, "bf16")) if bf16 else new  # what GEMMs read
         self.batch, self.seq, self.tokens = batch, seq, T
         self.ids, self.pos = new("ids", (T,), "i32"), new("positions", (T,), "i32")
 
         def layer(i: int) -> LayerActs:
             p = layer_prefix(i)
             return LayerActs(
-                x=new(p + "x", (T, H)), rstd1=new(p + "rstd1", (T,)), h=new(p + "h", (T, H)),
-                q=new(p + "q", (T, Q)),
-                o=new(p + "o[bf16]", (T, Q), "bf16") if bf16 else new(p + "o", (T, Q)),
-                lse=new(p + "lse", (batch, c.num_heads, seq)),
-                x_mid=new(p + "x_mid", (T, H)), rstd2=new(p + "rstd2", (T,)), h2=new(p + "h2", (T, H)),
-                gate=new(p + "gate", (T, I)), up=new(p + "up", (T, I)),
-                act=new(p + "act[bf16]", (T, I), "bf16") if bf16 else new(p + "act", (T, I)),
-                h16=copy(p + "h", (T, H)), q16=copy(p + "q", (T, Q)), h2_16=copy(p + "h2", (T, H)))
+                x=new(p + "x", (T, H)), rstd1=new(p + "rstd1", (T,)), h=operand(p + "h", (T, H)),
+                q=new(p + "q", (T, Q)), o=operand(p + "o", (T, Q)), lse=new(p + "lse", (batch, c.num_heads, seq)),
+                x_mid=new(p + "x_mid", (T, H)), rstd2=new(p + "rstd2", (T,)), h2=operand(p + "h2", (T, H)),
+                gate=new(p + "gate", (T, I)), up=new(p + "up", (T, I)), act=operand(p + "act", (T, I)),
+                q16=new(p + "q[bf16]", (T, Q), "bf16") if bf16 else None)
 
         self.layers = [layer(i) for i in range(c.num_layers)]
         # a sublayer's output before the residual add (attention's, then the MLP's), added by the next norm
         self.delta = new("sublayer_out", (T, H))
         self.x = new("x", (T, H))  # the residual stream after the last layer
-        self.rstd_f, self.hf, self.hf16 = new("rstd_f", (T,)), new("hf", (T, H)), copy("hf", (T, H))
+        self.rstd_f, self.hf = new("rstd_f", (T,)), operand("hf", (T, H))  # hf: the LM head's input
 
 
 class TrainingBuffers:

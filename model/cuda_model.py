@@ -5,8 +5,9 @@ backward: each line is an operation of ``Ops`` that appends its launches (every 
 kernel's parameter name) to a ``Plan``. Every spec comes from ``ModelKernels`` (config + optimizer
 settings + precision), is pre-warmed when the backend is built, and plans are built and run in
 strict mode: a kernel that was not pre-warmed is an error. Buffers: ``cuda_buffers``. In bf16
-precision the GEMMs and the attention read bf16 operands: cast once right after they are computed,
-or written in bf16 by the kernel that makes them (the attention's output, the SwiGLU's both ways).
+precision the GEMMs and the attention read bf16 operands: written in bf16 by the kernel that makes
+them (the norms, the attention's output, the SwiGLU's both ways), or cast once right after they are
+computed (q, k, v after RoPE; the backward's output gradients).
 
 For each batch shape the backend builds one plan (sections forward, backward, optimizer) once; a
 step uploads the token ids, targets and the embedding backward's grouping, sets the plan's
@@ -37,8 +38,7 @@ __all__ = ["CudaBackend", "ParamLayout", "backward", "forward", "lm_head", "loss
 
 
 def forward(ops: Ops, acts: Activations, kv: list[KV], kv_stride: int, cached: int | Expr = 0) -> View:
-    """reference.py's forward for ``acts``' new tokens, up to the LM head's input (returned: the
-    final norm's output as the head's GEMM reads it). Layer i writes its keys and values (after
+    """reference.py's forward for ``acts``' new tokens, up to the LM head's input (returned). Layer i writes its keys and values (after
     RoPE) into ``kv[i]`` from row ``cached`` on (rows of ``kv_stride`` per sequence) and attends over
     the ``cached`` rows before them and its own: the training batch's own buffers, or a KV cache."""
     c, T = ops.config, acts.tokens
@@ -50,7 +50,7 @@ def forward(ops: Ops, acts: Activations, kv: list[KV], kv_stride: int, cached: i
         else:  # the layer before's x_out = x_mid + mlp(...), added here
             ops.residual_rmsnorm(acts.layers[i - 1].x_mid, acts.delta, p + "input_layernorm.weight", out=a.h,
                                  rstd=a.rstd1, x_out=a.x)
-        h = ops.operand(a.h, a.h16)
+        h = a.h
         k_new, v_new = kv_rows(kv[i].k, cached), kv_rows(kv[i].v, cached)  # this call's keys and values
         ops.linear(h, p + "self_attn.q_proj", out=a.q)
         ops.linear(h, p + "self_attn.k_proj", out=k_new)
@@ -67,14 +67,13 @@ def forward(ops: Ops, acts: Activations, kv: list[KV], kv_stride: int, cached: i
         ops.linear(a.o, p + "self_attn.o_proj", out=acts.delta)
         ops.residual_rmsnorm(a.x, acts.delta, p + "post_attention_layernorm.weight", out=a.h2, rstd=a.rstd2,
                              x_out=a.x_mid)
-        h2 = ops.operand(a.h2, a.h2_16)
-        ops.linear(h2, p + "mlp.gate_proj", out=a.gate)
-        ops.linear(h2, p + "mlp.up_proj", out=a.up)
+        ops.linear(a.h2, p + "mlp.gate_proj", out=a.gate)
+        ops.linear(a.h2, p + "mlp.up_proj", out=a.up)
         ops.swiglu(a.gate, a.up, out=a.act)
         ops.linear(a.act, p + "mlp.down_proj", out=acts.delta)
     ops.residual_rmsnorm(acts.layers[-1].x_mid, acts.delta, "model.norm.weight", out=acts.hf, rstd=acts.rstd_f,
                          x_out=acts.x)
-    return ops.operand(acts.hf, acts.hf16)
+    return acts.hf
 
 
 def lm_head(ops: Ops, hf: View, logits: View) -> None:
@@ -106,15 +105,14 @@ def backward(ops: Ops, acts: Activations, kv: list[KV], hf: View, d: TrainingBuf
     ops.rmsnorm_backward(acts.x, "model.norm.weight", d.dh, acts.rstd_f, dx=d.g)
     for i in reversed(range(c.num_layers)):
         p, a = layer_prefix(i), acts.layers[i]
-        h, h2 = a.h16 or a.h, a.h2_16 or a.h2  # what the forward's GEMMs read
         # MLP: x_out = x_mid + down(silu(gate) * up); g is the gradient of x_out
         dy = ops.grad_operand(d.g)
         ops.grad_weight(dy, a.act, p + "mlp.down_proj")
         ops.grad_input(dy, p + "mlp.down_proj", d.d_act)
         ops.swiglu_backward(a.gate, a.up, d.d_act, dgate=d.d_gate, dup=d.d_up)
-        ops.grad_weight(d.d_gate, h2, p + "mlp.gate_proj")
+        ops.grad_weight(d.d_gate, a.h2, p + "mlp.gate_proj")
         ops.grad_input(d.d_gate, p + "mlp.gate_proj", d.dh)
-        ops.grad_weight(d.d_up, h2, p + "mlp.up_proj")
+        ops.grad_weight(d.d_up, a.h2, p + "mlp.up_proj")
         ops.grad_input(d.d_up, p + "mlp.up_proj", d.dh, accumulate=True)
         ops.rmsnorm_backward(a.x_mid, p + "post_attention_layernorm.weight", d.dh, a.rstd2, dx=d.g, residual=True)
         # attention: x_mid = x + o_proj(attn(rope(q), rope(k), v)); g is now the gradient of x_mid
@@ -131,7 +129,7 @@ def backward(ops: Ops, acts: Activations, kv: list[KV], hf: View, d: TrainingBuf
             if c.qkv_bias:
                 ops.column_sum(dproj, p + f"self_attn.{name}.bias")
             dy = ops.grad_operand(dproj)
-            ops.grad_weight(dy, h, p + f"self_attn.{name}")
+            ops.grad_weight(dy, a.h, p + f"self_attn.{name}")
             ops.grad_input(dy, p + f"self_attn.{name}", d.dh, accumulate=name != "q_proj")
         ops.rmsnorm_backward(a.x, p + "input_layernorm.weight", d.dh, a.rstd1, dx=d.g, residual=True)
     ops.embedding_backward(d.g, d.order, d.seg_start, d.seg_id, "model.embed_tokens.weight", segments)

@@ -159,7 +159,8 @@ class ModelKernels:
         else:  # a row over lanes threads: about 32 of its values per thread (64 -> 2 lanes, 128 -> 4)
             attention = tuple(cls(**attn, lanes=_lanes(d))
                               for cls in (AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec))
-        norm = RMSNormSpec(hidden=h, eps=c.rms_norm_eps, save_rstd=True)
+        # bf16: the norms write the GEMMs' bf16 operand themselves (their f32 output is read by nothing else)
+        norm = RMSNormSpec(hidden=h, eps=c.rms_norm_eps, save_rstd=True, bf16_out=precision is Precision.BF16)
         partial = GradNormPartialSpec()
         linear = functools.partial(LinearKernels.of, precision=precision)
         gemm_operand = DType.BF16 if precision is Precision.BF16 else DType.F32

@@ -63,6 +63,23 @@ def test_rmsnorm_bf16_with_fused_residual(cache, rows, hidden):
     np.testing.assert_allclose(rstd, rstd_ref, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows, hidden", [(1, 896), (5, 897), (16, 64)])
+def test_rmsnorm_writes_its_bf16_output_as_a_cast_of_its_f32_output_would(cache, rows, hidden):
+    """bf16_out: the GEMM operand written by the norm itself, bit for bit the f32 output rounded
+    to nearest even (what the cast kernel it replaces wrote)."""
+    x, res, gamma = f32(rows, hidden, scale=0.5), f32(rows, hidden, scale=0.5), 1 + f32(hidden, scale=0.1)
+    outs = []
+    for bf16_out, dtype in ((False, np.float32), (True, np.uint16)):
+        spec = RMSNormSpec(hidden=hidden, eps=1e-6, residual=True, save_rstd=True, bf16_out=bf16_out)
+        _, _, _, y, h, rstd = call(cache, spec, spec.launch_dims(rows), x, res, gamma, poison((rows, hidden), dtype),
+                                   poison((rows, hidden)), poison(rows), rows)
+        outs.append((y, h, rstd))
+    (y32, h32, rstd32), (y16, h16, rstd16) = outs
+    np.testing.assert_array_equal(y16, to_bf16(y32))
+    np.testing.assert_array_equal(h16, h32)
+    np.testing.assert_array_equal(rstd16, rstd32)
+
+
 @pytest.mark.parametrize("rows, hidden, per_block", [(1, 896, 16), (37, 897, 5), (64, 896, 16), (9, 4864, 4)])
 def test_rmsnorm_backward_dx_and_deterministic_dgamma(cache, rows, hidden, per_block):
     x, dy, gamma = f32(rows, hidden, scale=0.02), f32(rows, hidden), 1 + f32(hidden, scale=0.1)

@@ -41,6 +41,7 @@ class RMSNormSpec(KernelSpec):
     save_rstd: bool = False  # also write rsqrt(mean(h^2) + eps) per row, for the backward
     warp_per_row: bool = False  # a warp per row (shuffles only, block_size/32 rows a block), else a block
     block_size: int = 256
+    bf16_out: bool = False  # y in bf16 whatever the storage of x: a GEMM's operand, written as it reads it
 
     @property
     def row_threads(self) -> int:
@@ -94,7 +95,8 @@ class RMSNormSpec(KernelSpec):
 
         gs = rows.load(b, DType.F32, rows.base(b, ptr["gamma"], None, 4), nc=True)
         ys = [[b.mul(b.mul(h, rstd), g) for h, g in zip(hv, gv)] for hv, gv in zip(hs, gs)]
-        rows.store(b, dt, rows.base(b, ptr["y"], row, size), ys)
+        out = DType.BF16 if self.bf16_out else dt
+        rows.store(b, out, rows.base(b, ptr["y"], row, out.size), ys)
         b.place(done)
 
     @classmethod
@@ -103,7 +105,8 @@ class RMSNormSpec(KernelSpec):
                 cls(hidden=4096, eps=1e-6, block_size=512, save_rstd=True),
                 cls(hidden=64, eps=1e-6, block_size=32),
                 cls(hidden=896, eps=1e-6, dtype=DType.BF16, residual=True, save_rstd=True),
-                cls(hidden=896, eps=1e-6, warp_per_row=True, save_rstd=True)]
+                cls(hidden=896, eps=1e-6, warp_per_row=True, save_rstd=True),
+                cls(hidden=896, eps=1e-6, residual=True, save_rstd=True, bf16_out=True)]
 
 
 @register
