@@ -104,8 +104,9 @@ class Params:
 
 @dataclass(frozen=True)
 class KV:
-    """Where a layer's keys and values go (after RoPE, f32) and, in bf16 precision, the bf16 copies
-    its attention reads: this batch's own rows when training, a KV cache when decoding."""
+    """Where a layer's keys and values go (f32, keys after RoPE) and, in bf16 precision, the bf16
+    copies its attention reads (keys after RoPE; the f32 keys are then before it): this batch's own
+    rows when training, a KV cache when decoding."""
 
     k: View
     v: View
@@ -126,7 +127,7 @@ class LayerActs:
     x: View       # the residual stream into the layer
     rstd1: View   # input_layernorm's 1 / rms per row (for its backward)
     h: View       # input_layernorm(x) (bf16 precision: bf16, the q/k/v projections' operand as it is)
-    q: View       # q_proj(h), after RoPE
+    q: View       # q_proj(h), after RoPE (bf16 precision: before; q16 is after)
     o: View       # attention output (bf16 precision: bf16, the o projection's operand as it is)
     lse: View     # attention's log-sum-exp per query row (for its backward)
     x_mid: View   # x + o_proj(o)
@@ -135,7 +136,7 @@ class LayerActs:
     gate: View
     up: View
     act: View     # silu(gate) * up (bf16 precision: bf16, the down projection's operand as it is)
-    q16: View | None  # bf16 precision: q as the attention reads it
+    q16: View | None  # bf16 precision: q after RoPE as the attention reads it (q is then before RoPE)
 
 
 class Activations:

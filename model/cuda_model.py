@@ -6,8 +6,8 @@ kernel's parameter name) to a ``Plan``. Every spec comes from ``ModelKernels`` (
 settings + precision), is pre-warmed when the backend is built, and plans are built and run in
 strict mode: a kernel that was not pre-warmed is an error. Buffers: ``cuda_buffers``. In bf16
 precision the GEMMs and the attention read bf16 operands: written in bf16 by the kernel that makes
-them (the norms, the attention's output, the SwiGLU's both ways), or cast once right after they are
-computed (q, k, v after RoPE; the backward's output gradients).
+them (the norms, RoPE, the attention's output, the SwiGLU's both ways), or cast once right after
+they are computed (v; the backward's output gradients).
 
 For each batch shape the backend builds one plan (sections forward, backward, optimizer) once; a
 step uploads the token ids, targets and the embedding backward's grouping, sets the plan's
@@ -55,13 +55,11 @@ def forward(ops: Ops, acts: Activations, kv: list[KV], kv_stride: int, cached: i
         ops.linear(h, p + "self_attn.q_proj", out=a.q)
         ops.linear(h, p + "self_attn.k_proj", out=k_new)
         ops.linear(h, p + "self_attn.v_proj", out=v_new)
-        ops.rope(a.q, acts.pos, c.num_heads)
-        ops.rope(k_new, acts.pos, c.num_kv_heads)
-        q, k, v = ops.operand(a.q, a.q16), kv[i].k, kv[i].v
-        if kv[i].k16 is not None:  # the attention reads bf16 keys and values
-            ops.cast(k_new, kv_rows(kv[i].k16, cached), T * k.shape[1])
-            ops.cast(v_new, kv_rows(kv[i].v16, cached), T * v.shape[1])
-            k, v = kv[i].k16, kv[i].v16
+        q, k, v = a.q16 or a.q, kv[i].k16 or kv[i].k, kv[i].v16 or kv[i].v  # what the attention reads
+        ops.rope(a.q, acts.pos, c.num_heads, out=q)
+        ops.rope(k_new, acts.pos, c.num_kv_heads, out=kv_rows(k, cached))
+        if v is not kv[i].v:  # bf16 precision: the values' bf16 copy
+            ops.cast(v_new, kv_rows(v, cached), T * v.shape[1])
         ops.attention(q, k, v, out=a.o, lse=a.lse, batch=acts.batch, seq=acts.seq, kv_len=cached + acts.seq,
                       kv_stride=kv_stride, q_start=cached)
         ops.linear(a.o, p + "self_attn.o_proj", out=acts.delta)

@@ -110,14 +110,16 @@ class Ops:
         self._gemm(self._linear(module).forward, x, w.operand, out, x.shape[0], d_out, d_in,
                    bias=bias.value if bias is not None else None)
 
-    def rope(self, x: Arg, positions: View, heads: int, inverse: bool = False) -> None:
-        """RoPE in place on ``tokens`` rows of ``heads`` heads (``inverse``: its backward)."""
+    def rope(self, x: Arg, positions: View, heads: int, inverse: bool = False, out: Arg | None = None) -> None:
+        """RoPE on ``tokens`` rows of ``heads`` heads, into ``out`` (default: in place; bf16
+        precision's forward: the attention's bf16 operand). ``inverse``: its backward."""
         k = self.k
         if heads == k.rope_q.heads:
             spec = k.rope_q_bwd if inverse else k.rope_q
         else:
             spec = k.rope_k_bwd if inverse else k.rope_k
-        self._add(spec, spec.launch_dims(self.T), x, x=x, y=x, positions=positions, n_tokens=self.T)
+        out = x if out is None else out
+        self._add(spec, spec.launch_dims(self.T), out, x=x, y=out, positions=positions, n_tokens=self.T)
 
     def attention(self, q: View, k: Arg, v: Arg, out: View, lse: View, batch: int, seq: int,
                   kv_len: int | Expr, kv_stride: int, q_start: int | Expr) -> None:

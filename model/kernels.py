@@ -171,7 +171,9 @@ class ModelKernels:
             q=linear(h, q_dim, bias=c.qkv_bias), kv=linear(h, kv_dim, bias=c.qkv_bias),
             o=linear(q_dim, h), gate_up=linear(h, c.intermediate_size),
             down=linear(c.intermediate_size, h), head=linear(h, c.vocab_size),
-            rope_q=RopeSpec(heads=c.num_heads, **rope), rope_k=RopeSpec(heads=c.num_kv_heads, **rope),
+            # bf16: RoPE writes the attention's bf16 q and k itself (its f32 output is read by nothing else)
+            rope_q=RopeSpec(heads=c.num_heads, bf16_out=precision is Precision.BF16, **rope),
+            rope_k=RopeSpec(heads=c.num_kv_heads, bf16_out=precision is Precision.BF16, **rope),
             rope_q_bwd=RopeSpec(heads=c.num_heads, inverse=True, **rope),
             rope_k_bwd=RopeSpec(heads=c.num_kv_heads, inverse=True, **rope),
             attention=attention[0], attention_bwd_q=attention[1], attention_bwd_kv=attention[2],

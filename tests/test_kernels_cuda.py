@@ -80,6 +80,19 @@ def test_rmsnorm_writes_its_bf16_output_as_a_cast_of_its_f32_output_would(cache,
     np.testing.assert_array_equal(rstd16, rstd32)
 
 
+@pytest.mark.parametrize("heads, head_dim", [(14, 64), (2, 64), (4, 32), (2, 128)])
+def test_rope_writes_its_bf16_output_as_a_cast_of_its_f32_output_would(cache, heads, head_dim):
+    tokens = 37
+    x, pos = f32(tokens, heads, head_dim), np.arange(5, 5 + tokens, dtype=np.int32)
+    outs = []
+    for bf16_out, dtype in ((False, np.float32), (True, np.uint16)):
+        spec = RopeSpec(heads=heads, head_dim=head_dim, theta=1e6, bf16_out=bf16_out)
+        _, y, _, _ = call(cache, spec, spec.launch_dims(tokens), x, poison((tokens, heads, head_dim), dtype), pos,
+                          tokens)
+        outs.append(y)
+    np.testing.assert_array_equal(outs[1], to_bf16(outs[0]))
+
+
 @pytest.mark.parametrize("rows, hidden, per_block", [(1, 896, 16), (37, 897, 5), (64, 896, 16), (9, 4864, 4)])
 def test_rmsnorm_backward_dx_and_deterministic_dgamma(cache, rows, hidden, per_block):
     x, dy, gamma = f32(rows, hidden, scale=0.02), f32(rows, hidden), 1 + f32(hidden, scale=0.1)

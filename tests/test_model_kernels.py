@@ -109,7 +109,8 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert fp32.swiglu.out_dtype is DType.F32
     assert bf16.cross_entropy.grad_dtype is DType.BF16 and fp32.cross_entropy.grad_dtype is DType.F32
     assert bf16.norm.bf16_out and bf16.norm_residual.bf16_out and not fp32.norm.bf16_out  # q/k/v, MLP, head inputs
-    differ = (RMSNormSpec, GemmSpec, GemmWgmmaSpec, CastSpec, AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec,
+    assert bf16.rope_q.bf16_out and bf16.rope_k.bf16_out and not bf16.rope_q_bwd.bf16_out  # the attention's q, k
+    differ = (RMSNormSpec, RopeSpec, GemmSpec, GemmWgmmaSpec, CastSpec, AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec,
               AttentionTCSpec, AttentionWgmmaSpec, AttentionTCBackwardQSpec, AttentionTCBackwardKVSpec, SwiGLUSpec,
               SwiGLUBackwardSpec, CrossEntropySpec)
     same = lambda kernels: {s for s in kernels.specs() if not isinstance(s, differ)}  # noqa: E731

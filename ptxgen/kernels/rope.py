@@ -50,6 +50,7 @@ class RopeSpec(KernelSpec):
     dtype: DType = DType.F32
     inverse: bool = False  # rotate by -angle: the backward (the transpose of a rotation)
     block_size: int = 256
+    bf16_out: bool = False  # y in bf16 whatever the storage of x: the attention's operand, written as it reads it
 
     def validate(self) -> None:
         check_positive("heads", self.heads)
@@ -105,7 +106,8 @@ class RopeSpec(KernelSpec):
             cos.append(b.fn("cos", r32))
             sin.append(b.neg(b.fn("sin", r32)) if self.inverse else b.fn("sin", r32))
         elem = b.mad(token, self.heads * self.head_dim, i0)
-        src, dst = offset(b, x, elem, size), offset(b, y, elem, size)
+        out = DType.BF16 if self.bf16_out else self.dtype
+        src, dst = offset(b, x, elem, size), offset(b, y, elem, out.size)
         # Loads of a batch of heads go first: y may alias x (in-place), so ptxas cannot hoist
         # a head's loads above the previous head's stores by itself.
         batch = max(1, MAX_VALUES_IN_FLIGHT // (2 * vec))
@@ -117,8 +119,8 @@ class RopeSpec(KernelSpec):
             for h, (x1, x2) in xs.items():
                 y1 = [b.fma(a, c, b.neg(b.mul(z, s_))) for a, z, c, s_ in zip(x1, x2, cos, sin)]
                 y2 = [b.fma(a, s_, b.mul(z, c)) for a, z, c, s_ in zip(x1, x2, cos, sin)]
-                store_f32(b, self.dtype, Addr(dst, at[h]), y1)
-                store_f32(b, self.dtype, Addr(dst, at[h] + size * half), y2)
+                store_f32(b, out, Addr(dst, h * self.head_dim * out.size), y1)
+                store_f32(b, out, Addr(dst, (h * self.head_dim + half) * out.size), y2)
         b.place(done)
 
     @classmethod
@@ -126,7 +128,8 @@ class RopeSpec(KernelSpec):
         return [cls(heads=14, head_dim=64, theta=1e6), cls(heads=2, head_dim=64, theta=1e4),
                 cls(heads=3, head_dim=6, theta=1e4, block_size=32),
                 cls(heads=16, head_dim=128, theta=5e5, block_size=128),
-                cls(heads=2, head_dim=64, theta=1e6, dtype=DType.BF16, inverse=True)]
+                cls(heads=2, head_dim=64, theta=1e6, dtype=DType.BF16, inverse=True),
+                cls(heads=14, head_dim=64, theta=1e6, bf16_out=True)]
 
 
 def rope_reference(x: np.ndarray, positions: np.ndarray, theta: float, inverse: bool = False) -> np.ndarray:
