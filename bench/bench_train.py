@@ -4,8 +4,7 @@ torch.compile, in one process.
     PYTHONPATH=$PWD python3 bench/bench_train.py [--shapes PRESET[:BATCHxSEQ] ...] [--precisions fp32 bf16]
         [--peers eager compile] [--reps N] [--breakdown] [--json FILE]
 
-By default: tiny at 16 x 256 and qwen2-0.5b at 8 x 1024 in fp32 and bf16, qwen2-0.5b at 4 x 2048 in
-bf16. The torch side is transformers' Qwen2ForCausalLM built from our config (no download), SDPA
+By default: tiny at 16 x 256, qwen2-0.5b at 8 x 1024 and at 4 x 2048, each in fp32 and bf16. The torch side is transformers' Qwen2ForCausalLM built from our config (no download), SDPA
 attention, fused AdamW with our optimizer's betas, eps and weight decay, gradient clipping at 1.0; in
 fp32 with TF32 off, and in bf16 autocast with fp32 master weights. Ours is the CUDA backend in fp32
 and with bf16 GEMM operands (fp32 master weights). torch.compile is the default mode with
@@ -81,14 +80,14 @@ def ours(run: Run, ids: np.ndarray, targets: np.ndarray, reps: int, profile: boo
 
 
 def launch_times(launches: list) -> dict:
-    """One step's launches, each between two events, summed by kernel kind."""
+    """One step's launches (the plan's steps: kernels and fills), each between two events, summed by kind."""
     events = [Event() for _ in range(len(launches) + 1)]
     try:
         events[0].record()
         for launch, end in zip(launches, events[1:]):
             launch()
             end.record()
-        return breakdown([(launch.kernel.spec.kind, launch.grid, start.elapsed_ms(end))
+        return breakdown([(launch.kind, launch.grid, start.elapsed_ms(end))
                           for launch, start, end in zip(launches, events, events[1:])])
     finally:
         for e in events:

@@ -39,12 +39,9 @@ class Run:
         return PRESETS[self.preset]
 
 
-# A bare preset in --shapes runs these (those of --precisions). fp32 at 4 x 2048 is left out: the
-# same tokens as 8 x 1024 in the same memory, and the fp32 rows are not the bar; its torch.compile
-# warm-up would push the default run towards the GPU machine's ten minutes a command.
-DEFAULT_RUNS = (Run("tiny", 16, 256, "fp32"), Run("tiny", 16, 256, "bf16"),
-                Run("qwen2-0.5b", 8, 1024, "fp32"), Run("qwen2-0.5b", 8, 1024, "bf16"),
-                Run("qwen2-0.5b", 4, 2048, "bf16"))
+# (batch, seq) of each preset's default runs; qwen2-0.5b's two hold the same 8192 tokens, the second
+# with twice the attention work
+SHAPES = {"tiny": ((16, 256),), "qwen2-0.5b": ((8, 1024), (4, 2048))}
 
 # Rated dense (no sparsity) TFLOP/s by the name the driver gives: (bf16 tensor cores, fp32 without
 # tensor cores, which is what both sides' fp32 rows run: TF32 is off). H100 SXM and H200 SXM share them.
@@ -228,8 +225,8 @@ SHAPE = re.compile(r"(?P<preset>[^:]+)(?::(?P<batch>[0-9]+)x(?P<seq>[0-9]+))?")
 
 
 def runs_of(shapes: list[str], precisions: list[str]) -> tuple[Run, ...]:
-    """``PRESET`` runs that preset's default runs (in ``precisions``); ``PRESET:BATCHxSEQ`` that shape
-    in every one of ``precisions``. Repeats are run once."""
+    """Each of ``shapes`` (``PRESET``: its SHAPES; ``PRESET:BATCHxSEQ``: that one) in each of
+    ``precisions``; repeats run once."""
     runs: list[Run] = []
     for text in shapes:
         m = SHAPE.fullmatch(text)
@@ -238,30 +235,25 @@ def runs_of(shapes: list[str], precisions: list[str]) -> tuple[Run, ...]:
         name = m["preset"]
         if name not in PRESETS:
             raise UsageError(f"--shapes {text!r}: unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-        if m["batch"] is None:
-            found = [r for r in DEFAULT_RUNS if r.preset == name and r.precision in precisions]
-            if not found:
-                raise UsageError(f"--shapes {text!r}: {name} has no default run in {' '.join(precisions)}; "
-                                 f"name a shape, e.g. {name}:8x256")
-        else:
-            batch, seq = int(m["batch"]), int(m["seq"])
+        if m["batch"] is None and name not in SHAPES:
+            raise UsageError(f"--shapes {text!r}: {name} has no default shape; name one, e.g. {name}:8x256")
+        for batch, seq in SHAPES[name] if m["batch"] is None else [(int(m["batch"]), int(m["seq"]))]:
             if batch < 1 or seq < 1:
                 raise UsageError(f"--shapes {text!r}: batch and seq must be positive")
             if seq > PRESETS[name].max_position_embeddings:
                 raise UsageError(f"--shapes {text!r}: seq {seq} is past {name}'s max_position_embeddings "
                                  f"{PRESETS[name].max_position_embeddings}")
-            found = [Run(name, batch, seq, p) for p in PRECISIONS if p in precisions]
-        runs += [r for r in found if r not in runs]
+            runs += [r for r in (Run(name, batch, seq, p) for p in PRECISIONS if p in precisions) if r not in runs]
     return tuple(runs)
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
     ap = _Parser(prog="bench_train.py", description="Training steps per second: ours beside transformers' "
                  "Qwen2 in torch eager and under torch.compile, in one process.")
-    ap.add_argument("--shapes", "--presets", nargs="+", default=list(dict.fromkeys(r.preset for r in DEFAULT_RUNS)),
+    ap.add_argument("--shapes", "--presets", nargs="+", default=list(SHAPES),
                     metavar="PRESET[:BATCHxSEQ]",
-                    help="a preset alone runs its default shapes (tiny 16x256; qwen2-0.5b 8x1024 and, in bf16, "
-                         "4x2048); PRESET:BATCHxSEQ runs that shape in every --precisions")
+                    help="a preset alone runs its default shapes (tiny 16x256; qwen2-0.5b 8x1024 and 4x2048), "
+                         "PRESET:BATCHxSEQ that shape; each in every --precisions")
     ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     ap.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS),
                     help="the torch runs beside ours (default: both)")
