@@ -4,12 +4,15 @@ torch.compile, in one process.
     PYTHONPATH=$PWD python3 bench/bench_train.py [--shapes PRESET[:BATCHxSEQ] ...] [--precisions fp32 bf16]
         [--peers eager compile] [--reps N] [--breakdown] [--json FILE]
 
-By default: tiny at 16 x 256, qwen2-0.5b at 8 x 1024 and at 4 x 2048, each in fp32 and bf16. The torch side is transformers' Qwen2ForCausalLM built from our config (no download), SDPA
-attention, fused AdamW with our optimizer's betas, eps and weight decay, gradient clipping at 1.0; in
-fp32 with TF32 off, and in bf16 autocast with fp32 master weights. Ours is the CUDA backend in fp32
-and with bf16 GEMM operands (fp32 master weights). torch.compile is the default mode with
-dynamic=False (the shape is fixed), wrapping the model (forward and backward; the fused optimizer
-runs as it is).
+By default: tiny at 16 x 256, qwen2-0.5b at 8 x 1024 and at 4 x 2048, each in fp32 and bf16
+(about five minutes on an H200 by its parts' measured times, most of it torch.compile compiling:
+40-52 s for each qwen2-0.5b run). The torch side is
+transformers' Qwen2ForCausalLM built from our config (no download), SDPA attention, fused AdamW with
+our optimizer's betas, eps and weight decay, gradient clipping at 1.0; in fp32 with TF32 off, and in
+bf16 autocast with fp32 master weights. torch.compile is its default mode with dynamic=False (the
+shape is fixed), wrapping the model (forward and backward; the fused optimizer runs as it is). Ours
+is the CUDA backend as training runs it (each step one CUDA graph), in fp32 and with bf16 GEMM
+operands (fp32 master weights).
 
 Figures, per system: the median wall time of ``--reps`` steps after a warm-up (each step ends
 synchronized), tokens/s = batch * seq / that time, MFU = PaLM's model FLOPs per step (6 N + 12 L H Q T
@@ -23,6 +26,7 @@ memory the backend holds (free memory before construction minus free memory afte
 """
 from __future__ import annotations
 
+import functools
 import gc
 import statistics
 import sys
@@ -35,6 +39,7 @@ import torch
 import transformers
 
 from harness import write_json
+from model.config import preset
 from model.cuda_model import CudaBackend
 from model.optim import AdamWSettings
 from model.params import init_params
@@ -42,7 +47,7 @@ from model.precision import Precision
 from runtime import Event, ModuleCache
 from runtime.driver import call, synchronize
 from train_report import (RATED_TFLOPS, SYSTEMS, TORCH_PRECISION, Measured, Options, Row, Run, UsageError,
-                          breakdown, format_breakdown, parse_args, table)
+                          breakdown, format_breakdown, parse_args, report, table)
 
 WARMUP = {"ours": 2, "eager": 2, "compile": 3}  # steps before timing; compile: the first compiles
 LR = 1e-4
@@ -65,9 +70,15 @@ def free_bytes() -> int:
     return int(free)
 
 
+@functools.lru_cache(maxsize=1)
+def initial_params(name: str) -> dict[str, np.ndarray]:
+    """Our initial weights for a preset, drawn once for its runs (qwen2-0.5b's take about 9 s)."""
+    return init_params(preset(name), seed=0)
+
+
 def ours(run: Run, ids: np.ndarray, targets: np.ndarray, reps: int, profile: bool) -> Measured:
     free0 = free_bytes()
-    model = CudaBackend(run.config, init_params(run.config, seed=0), AdamWSettings(), cache=ModuleCache(),
+    model = CudaBackend(run.config, initial_params(run.preset), AdamWSettings(), cache=ModuleCache(),
                         precision=Precision(run.precision))
     try:
         m = timed(lambda: model.train_step(ids, targets, LR), WARMUP["ours"], reps)  # each step ends in a download
@@ -154,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_float32_matmul_precision("highest")  # fp32 rows: no TF32 on the torch side either
     device = torch.cuda.get_device_name(0)
     peaks = RATED_TFLOPS.get(device)
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     rows: list[Row] = []
     for run in opts.runs:
         print(f"\n{run.preset} {run.batch} x {run.seq}: ours {run.precision}, torch "
@@ -168,9 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         for peer in opts.peers:
             row.results[peer] = measure(peer, run, lambda: theirs(run, ids, opts.reps, peer == "compile"))
         rows.append(row)
-        write_json(opts.json, {"device": device, "rated_peak_TFLOPs": peaks, "torch": torch.__version__,
-                               "transformers": transformers.__version__, "reps": opts.reps, "warmup_steps": WARMUP,
-                               "rows": [r.as_dict(peaks) for r in rows]})
+        write_json(opts.json, report(rows, peaks, device, opts.reps, WARMUP, versions))
     print(table(rows, peaks, device, opts.reps))
     failed = [f"{r.run.preset} {r.run.batch}x{r.run.seq} {r.run.precision} {SYSTEMS[s]}"
               for r in rows for s, m in r.results.items() if m.error]

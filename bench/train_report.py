@@ -48,6 +48,11 @@ SHAPES = {"tiny": ((16, 256),), "qwen2-0.5b": ((8, 1024), (4, 2048))}
 RATED_TFLOPS = {"NVIDIA H100 80GB HBM3": {"bf16": 989.0, "fp32": 67.0},
                 "NVIDIA H200": {"bf16": 989.0, "fp32": 67.0}}
 
+FLOPS = ("PaLM's model FLOPs (appendix B): tokens * (6 N + 12 L H Q T), N the matmul parameters (the input "
+         "embedding table left out, a tied one counted once), attention over the full T x T scores")
+COMPILE_TIME = ("torch.compile's warm-up wall time minus as many steady steps (its first compile of forward and "
+                "backward; inductor's on-disk cache shortens it on a second run)")
+
 SYSTEMS = {"ours": "ours", "eager": "torch eager", "compile": "torch.compile"}  # key -> label, in table order
 PEERS = ("eager", "compile")
 
@@ -161,12 +166,20 @@ def table(rows: list[Row], peaks: dict[str, float] | None, device: str, reps: in
             if ratio is not None:
                 lines.append(f"{under}ours / {SYSTEMS[peer]:<14} {ratio['tokens_per_s']:5.2f}x tokens/s, "
                              f"{ratio['peak_memory']:5.2f}x peak memory")
-    lines.append("  model FLOPs per step (PaLM: 6 N + 12 L H Q T per token, full attention scores):")
+    lines.append(f"  model FLOPs per step, {FLOPS}:")
     lines += [f"    {r.run.preset} {r.run.batch} x {r.run.seq}: {r.flops / 1e12:.4g} TFLOP "
               f"(N = {matmul_params(r.run.config):,})" for r in unique_shapes(rows)]
-    lines.append("  compile s: torch.compile's warm-up wall time minus as many steady steps (first compile "
-                 "of forward and backward; inductor's on-disk cache shortens it on a second run)")
+    lines.append(f"  compile s: {COMPILE_TIME}")
     return "\n".join(lines)
+
+
+def report(rows: list[Row], peaks: dict[str, float] | None, device: str, reps: int, warmup: dict[str, int],
+           versions: dict[str, str]) -> dict:
+    """The JSON: every figure of every row, and what they mean."""
+    return {"device": device, "rated_peak_TFLOPs": peaks, "model_flops": FLOPS, "mfu": "model FLOPs per step / "
+            "step time / rated_peak_TFLOPs of the row's precision", "compile_s": COMPILE_TIME,
+            "step_time": f"median wall time of {reps} steps after warm-up, each ending synchronized",
+            "warmup_steps": warmup, "versions": versions, "rows": [r.as_dict(peaks) for r in rows]}
 
 
 def unique_shapes(rows: list[Row]) -> list[Row]:

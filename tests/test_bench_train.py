@@ -149,6 +149,14 @@ def test_json_holds_every_figure():
     assert failed["ours_vs_compile"] is None and failed["ours_vs_eager"] is not None
 
 
+def test_json_report_says_what_the_figures_mean():
+    rows = measured_rows()
+    doc = tr.report(rows, H200, "NVIDIA H200", 5, {"ours": 2, "eager": 2, "compile": 3}, {"torch": "2.11"})
+    assert json.loads(json.dumps(doc))["rows"] == [r.as_dict(H200) for r in rows]
+    assert "6 N + 12 L H Q T" in doc["model_flops"] and "warm-up wall time" in doc["compile_s"]
+    assert doc["rated_peak_TFLOPs"] == {"bf16": 989.0, "fp32": 67.0} and "median" in doc["step_time"]
+
+
 def test_breakdown_sums_by_kind_and_by_kind_and_grid():
     b = tr.breakdown([("gemm", (4, 2, 1), 2.0), ("cast", (8,), 0.5), ("gemm", (4, 2, 1), 1.0),
                       ("gemm", (1, 1, 1), 0.25)])
