@@ -1,24 +1,42 @@
-"""Training throughput (GPU machine): our CUDA model beside the same model in PyTorch eager.
+"""Training throughput (GPU machine): our CUDA model beside the same model in torch eager and under
+torch.compile, in one process.
 
-    PYTHONPATH=$PWD python3 bench/bench_train.py [--json FILE] [--presets tiny qwen2-0.5b]
+    PYTHONPATH=$PWD python3 bench/bench_train.py [--shapes PRESET[:BATCHxSEQ] ...] [--precisions fp32 bf16]
+        [--peers eager compile] [--reps N] [--breakdown] [--json FILE]
 
-The PyTorch side is transformers' Qwen2ForCausalLM built from our config (SDPA attention, fused
-AdamW), fp32 and bf16 autocast with fp32 master weights; ours is the CUDA backend in fp32 and with
-bf16 GEMM operands (fp32 master weights), each beside torch in the same precision. Each figure is
-the median step time over timed steps after warm-up; tokens/s = batch * seq / step time.
+By default: tiny at 16 x 256, qwen2-0.5b at 8 x 1024 and at 4 x 2048, each in fp32 and bf16
+(about five minutes on an H200 by its parts' measured times, most of it torch.compile compiling:
+40-52 s for each qwen2-0.5b run). The torch side is
+transformers' Qwen2ForCausalLM built from our config (no download), SDPA attention, fused AdamW with
+our optimizer's betas, eps and weight decay, gradient clipping at 1.0; in fp32 with TF32 off, and in
+bf16 autocast with fp32 master weights. torch.compile is its default mode with dynamic=False (the
+shape is fixed), wrapping the model (forward and backward; the fused optimizer runs as it is). Ours
+is the CUDA backend as training runs it (each step one CUDA graph), in fp32 and with bf16 GEMM
+operands (fp32 master weights).
+
+Figures, per system: the median wall time of ``--reps`` steps after a warm-up (each step ends
+synchronized), tokens/s = batch * seq / that time, MFU = PaLM's model FLOPs per step (6 N + 12 L H Q T
+per token; train_report.py says exactly) / step time / the GPU's rated dense peak: 989 TFLOP/s bf16
+and 67 TFLOP/s fp32 (no tensor cores; TF32 is off on both sides) for H100 / H200 SXM, no MFU on
+another GPU. torch.compile's compile time is stated apart: the wall time of its warm-up steps minus
+as many steady steps. Peak memory: torch.cuda.max_memory_allocated after reset_peak_memory_stats,
+per system and run (model, optimizer and compiled code freed between runs); for ours, the device
+memory the backend holds (free memory before construction minus free memory after the steps).
 ``--breakdown`` adds where our step's time goes, by kernel kind (each launch timed by events).
-Peak memory: torch.cuda.max_memory_allocated for torch; for ours, the device memory the backend
-holds (free memory before construction minus free memory after the steps).
 """
 from __future__ import annotations
 
-import argparse
+import functools
+import gc
 import statistics
+import sys
 import time
-from pathlib import Path
+import traceback
+from typing import Callable
 
 import numpy as np
 import torch
+import transformers
 
 from harness import write_json
 from model.config import preset
@@ -28,19 +46,22 @@ from model.params import init_params
 from model.precision import Precision
 from runtime import Event, ModuleCache
 from runtime.driver import call, synchronize
+from train_report import (RATED_TFLOPS, SYSTEMS, TORCH_PRECISION, Measured, Options, Row, Run, UsageError,
+                          breakdown, format_breakdown, parse_args, report, table)
 
-SHAPES = {"tiny": (16, 256), "qwen2-0.5b": (8, 1024)}  # (batch, seq)
+WARMUP = {"ours": 2, "eager": 2, "compile": 3}  # steps before timing; compile: the first compiles
+LR = 1e-4
 
 
-def timed(step, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
+def timed(step: Callable[[], object], warmup: int, reps: int) -> Measured:
+    """Wall seconds of each warm-up step and the median of ``reps`` steps after them; ``step`` ends
+    synchronized."""
+    def wall() -> float:
         t0 = time.perf_counter()
         step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        return time.perf_counter() - t0
+    warm = [wall() for _ in range(warmup)]
+    return Measured(step_s=statistics.median([wall() for _ in range(reps)]), warmup_s=warm)
 
 
 def free_bytes() -> int:
@@ -49,103 +70,124 @@ def free_bytes() -> int:
     return int(free)
 
 
-def ours(name, config, batch, seq, ids, targets, reps, precision, breakdown):
+@functools.lru_cache(maxsize=1)
+def initial_params(name: str) -> dict[str, np.ndarray]:
+    """Our initial weights for a preset, drawn once for its runs (qwen2-0.5b's take about 9 s)."""
+    return init_params(preset(name), seed=0)
+
+
+def ours(run: Run, ids: np.ndarray, targets: np.ndarray, reps: int, profile: bool) -> Measured:
     free0 = free_bytes()
-    model = CudaBackend(config, init_params(config, seed=0), AdamWSettings(), cache=ModuleCache(),
-                        precision=precision)
+    model = CudaBackend(run.config, initial_params(run.preset), AdamWSettings(), cache=ModuleCache(),
+                        precision=Precision(run.precision))
     try:
-        dt = timed(lambda: model.train_step(ids, targets, 1e-4), 2, reps)  # each step ends in a download: synced
-        used = free0 - free_bytes()
-        if breakdown:
-            print_breakdown(f"{name} {batch}x{seq} {precision.value}", model.step_launches(batch, seq))
-        return dt, used
+        m = timed(lambda: model.train_step(ids, targets, LR), WARMUP["ours"], reps)  # each step ends in a download
+        m.peak_bytes = free0 - free_bytes()
+        if profile:
+            m.breakdown = launch_times(model.step_launches(run.batch, run.seq))
+        return m
     finally:
         model.close()
 
 
-def print_breakdown(title: str, launches: list) -> None:
-    """Milliseconds per kernel kind over one step's launches, each between two events."""
+def launch_times(launches: list) -> dict:
+    """One step's launches (the plan's steps: kernels and fills), each between two events, summed by kind."""
     events = [Event() for _ in range(len(launches) + 1)]
-    events[0].record()
-    for launch, end in zip(launches, events[1:]):
-        launch()
-        end.record()
-    totals: dict[str, float] = {}
-    shapes: dict[tuple, list[float]] = {}  # (kind, grid) -> [ms, launches]
-    for launch, start, end in zip(launches, events, events[1:]):
-        kind, ms = launch.kernel.spec.kind, start.elapsed_ms(end)
-        totals[kind] = totals.get(kind, 0.0) + ms
-        entry = shapes.setdefault((kind, launch.grid), [0.0, 0])
-        entry[0] += ms
-        entry[1] += 1
-    for e in events:
-        e.destroy()
-    whole = sum(totals.values())
-    print(f"\n== where the step goes: {title}, {len(launches)} launches, {whole:.2f} ms")
-    for kind, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
-        print(f"  {kind:<24} {ms:9.3f} ms {100 * ms / whole:6.1f}%")
-    print("  the ten costliest (kind, grid) groups:")
-    for (kind, grid), (ms, count) in sorted(shapes.items(), key=lambda kv: -kv[1][0])[:10]:
-        print(f"    {kind:<22} grid {str(grid):<16} x{count:<4} {ms:9.3f} ms {100 * ms / whole:6.1f}%")
+    try:
+        events[0].record()
+        for launch, end in zip(launches, events[1:]):
+            launch()
+            end.record()
+        return breakdown([(launch.kind, launch.grid, start.elapsed_ms(end))
+                          for launch, start, end in zip(launches, events, events[1:])])
+    finally:
+        for e in events:
+            e.destroy()
 
 
-def theirs(config, batch, seq, ids, reps, bf16: bool):
-    import transformers
-    hf = transformers.Qwen2Config(**{k: v for k, v in config.to_hf().items() if not k.startswith("ptxgen")})
-    model = transformers.Qwen2ForCausalLM(hf).cuda().float().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+def torch_model(run: Run) -> torch.nn.Module:
+    """transformers' model for our config, built on the GPU from the config alone, with SDPA attention."""
+    hf = run.config.to_hf()
+    config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    if model.config._attn_implementation != "sdpa":  # a silent fallback would time other attention
+        raise RuntimeError(f"transformers chose {model.config._attn_implementation!r} attention, not sdpa")
+    return model.to("cuda", torch.float32).train()
+
+
+def theirs(run: Run, ids: np.ndarray, reps: int, compiled: bool) -> Measured:
+    model = torch_model(run)
+    a = AdamWSettings()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(a.beta1, a.beta2), eps=a.eps,
+                            weight_decay=a.weight_decay, fused=True)
+    forward = torch.compile(model, dynamic=False) if compiled else model
     x = torch.tensor(ids, device="cuda")
-    torch.cuda.reset_peak_memory_stats()
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=x, labels=x).loss
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.precision == "bf16"):
+            loss = forward(input_ids=x, labels=x, use_cache=False).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
 
-    return timed(step, 2, reps), torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    m = timed(step, WARMUP["compile" if compiled else "eager"], reps)
+    m.peak_bytes = torch.cuda.max_memory_allocated()
+    return m
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--presets", nargs="+", default=list(SHAPES))
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--breakdown", action="store_true", help="time our step's launches by kernel kind")
-    names = [p.value for p in Precision]
-    ap.add_argument("--precisions", nargs="+", choices=names, default=names)
-    ns = ap.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    rows = []
-    for name in ns.presets:
-        config = preset(name)
-        batch, seq = SHAPES[name]
+def measure(what: str, run: Run, fn: Callable[[], Measured]) -> Measured:
+    """``fn``'s figures, or the failure (traceback on stderr, one line in the table) so that the other
+    runs still go ahead; the memory of what it built is handed back either way."""
+    try:
+        m = fn()
+        print(f"  {SYSTEMS[what]:<14} {run.tokens / m.step_s:12,.0f} tokens/s  {1e3 * m.step_s:9.2f} ms  "
+              f"warm-up {', '.join(f'{s:.2f}' for s in m.warmup_s)} s", flush=True)
+    except Exception as e:  # noqa: BLE001 -- one failed system must not lose the run's other figures
+        traceback.print_exc()
+        m = Measured(error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:120])
+    gc.collect()
+    torch._dynamo.reset()  # drops compiled graphs (and what they hold) before the next run
+    torch.cuda.empty_cache()
+    return m
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        opts: Options = parse_args(argv)
+    except UsageError as e:
+        print(f"bench_train.py: error: {e}", file=sys.stderr)
+        return 2
+    torch.set_float32_matmul_precision("highest")  # fp32 rows: no TF32 on the torch side either
+    device = torch.cuda.get_device_name(0)
+    peaks = RATED_TFLOPS.get(device)
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    rows: list[Row] = []
+    for run in opts.runs:
+        print(f"\n{run.preset} {run.batch} x {run.seq}: ours {run.precision}, torch "
+              f"{TORCH_PRECISION[run.precision]}", flush=True)
         rng = np.random.default_rng(0)
-        ids = rng.integers(0, config.vocab_size, (batch, seq))
+        ids = rng.integers(0, run.config.vocab_size, (run.batch, run.seq))
         targets = np.roll(ids, -1, axis=1)
-        tokens = batch * seq
-        for precision, label in ((Precision.FP32, "fp32"), (Precision.BF16, "bf16 autocast")):
-            if precision.value not in ns.precisions:
-                continue
-            o_dt, o_mem = ours(name, config, batch, seq, ids, targets, ns.reps, precision, ns.breakdown)
-            t_dt, t_mem = theirs(config, batch, seq, ids, ns.reps, precision is Precision.BF16)
-            torch.cuda.empty_cache()  # the model and optimizer died with theirs()
-            rows.append(dict(preset=name, batch=batch, seq=seq, ours=precision.value, torch=label,
-                             ours_tokens_s=tokens / o_dt,
-                             torch_tokens_s=tokens / t_dt, ratio=t_dt / o_dt, ours_peak_GiB=o_mem / 2**30,
-                             torch_peak_GiB=t_mem / 2**30))
-    print("\n== training step throughput: ours (CUDA) vs PyTorch eager (transformers Qwen2)")
-    print(f"  {'preset':<12} {'batch x seq':>11} {'ours':>5} {'torch':>14} {'ours tok/s':>11} {'torch tok/s':>12} "
-          f"{'ours/torch':>10} {'ours GiB':>9} {'torch GiB':>10}")
-    for r in rows:
-        print(f"  {r['preset']:<12} {r['batch']:>4} x {r['seq']:<4} {r['ours']:>5} {r['torch']:>14} "
-              f"{r['ours_tokens_s']:11.0f} "
-              f"{r['torch_tokens_s']:12.0f} {r['ratio']:9.2f}x {r['ours_peak_GiB']:9.2f} {r['torch_peak_GiB']:10.2f}")
-    write_json(ns.json, {"rows": rows})
+        row = Row(run, {"ours": measure("ours", run, lambda: ours(run, ids, targets, opts.reps, opts.breakdown))})
+        if row.results["ours"].breakdown:
+            print(format_breakdown(f"{run.preset} {run.batch}x{run.seq} {run.precision}",
+                                   row.results["ours"].breakdown))
+        for peer in opts.peers:
+            row.results[peer] = measure(peer, run, lambda: theirs(run, ids, opts.reps, peer == "compile"))
+        rows.append(row)
+        write_json(opts.json, report(rows, peaks, device, opts.reps, WARMUP, versions))
+    print(table(rows, peaks, device, opts.reps))
+    failed = [f"{r.run.preset} {r.run.batch}x{r.run.seq} {r.run.precision} {SYSTEMS[s]}"
+              for r in rows for s, m in r.results.items() if m.error]
+    if failed:
+        print(f"bench_train.py: {len(failed)} failed: {'; '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

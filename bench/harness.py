@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from runtime import Event
+from runtime.entry import write_atomic
 
 
 def time_ms(fn: Callable[[], object], reps: int = 30, warmup: int = 5) -> float:
@@ -69,5 +70,7 @@ def print_table(rows: list[Row], copy_gbs: float) -> None:
 
 
 def write_json(path: Path | None, payload: dict) -> None:
+    """``payload`` as JSON at ``path`` (none: nothing), replaced whole: a run stopped while writing
+    leaves the previous file."""
     if path is not None:
-        path.write_text(json.dumps(payload, indent=2))
+        write_atomic(path, json.dumps(payload, indent=2).encode())
