@@ -22,7 +22,8 @@ another GPU. torch.compile's compile time is stated apart: the wall time of its 
 as many steady steps. Peak memory: torch.cuda.max_memory_allocated after reset_peak_memory_stats,
 per system and run (model, optimizer and compiled code freed between runs); for ours, the device
 memory the backend holds (free memory before construction minus free memory after the steps).
-``--breakdown`` adds where our step's time goes, by kernel kind (each launch timed by events).
+``--breakdown`` adds where our step's time goes, by kernel kind (each launch timed by events), and the
+host's time to issue the step: every launch one by one, or one replay of the step's CUDA graph.
 """
 from __future__ import annotations
 
@@ -85,9 +86,28 @@ def ours(run: Run, ids: np.ndarray, targets: np.ndarray, reps: int, profile: boo
         m.peak_bytes = free0 - free_bytes()
         if profile:
             m.breakdown = launch_times(model.step_launches(run.batch, run.seq))
+            m.breakdown["host_ms"] = host_times(model.plan(run.batch, run.seq), model.step + 1)
         return m
     finally:
         model.close()
+
+
+def host_times(plan, step: int, reps: int = 10) -> dict[str, float]:
+    """The host's milliseconds to issue one training step from its plan (the per-step values set,
+    then every launch, or one graph replay), the GPU idle before each: median of ``reps``."""
+    a = AdamWSettings()
+    out = {}
+    for how, graph in (("launched", False), ("graph", True)):
+        times = []
+        for _ in range(reps):
+            synchronize()
+            t0 = time.perf_counter()
+            plan.set(lr=LR, bias_correction1=1.0 - a.beta1 ** step, bias_correction2=1.0 - a.beta2 ** step)
+            plan.run(graph=graph)
+            times.append(1e3 * (time.perf_counter() - t0))
+        synchronize()
+        out[how] = statistics.median(times)
+    return out
 
 
 def launch_times(launches: list) -> dict:

@@ -212,6 +212,9 @@ def format_breakdown(title: str, b: dict) -> str:
     lines.append(f"  the {len(b['costliest_groups'])} costliest (kind, grid) groups:")
     lines += [f"    {g['kind']:<22} grid {str(tuple(g['grid'])):<16} x{g['launches']:<4} {g['ms']:9.3f} ms "
               f"{100 * g['ms'] / whole:6.1f}%" for g in b["costliest_groups"]]
+    if "host_ms" in b:
+        lines.append(f"  host time to issue the step: {b['host_ms']['launched']:.2f} ms launch by launch, "
+                     f"{b['host_ms']['graph']:.2f} ms as one CUDA graph (values set, one replay)")
     return "\n".join(lines)
 
 

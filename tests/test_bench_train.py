@@ -166,6 +166,8 @@ def test_breakdown_sums_by_kind_and_by_kind_and_grid():
     text = tr.format_breakdown("qwen2-0.5b 8x1024 bf16", b)
     assert "4 launches, 3.75 ms" in text and "86.7%" in text
     assert tr.format_breakdown("empty", tr.breakdown([]))  # no division by zero
+    b["host_ms"] = {"launched": 9.5, "graph": 0.25}
+    assert "9.50 ms launch by launch, 0.25 ms as one CUDA graph" in tr.format_breakdown("with host", b)
 
 
 def test_bench_train_refuses_bad_input_in_one_line():
