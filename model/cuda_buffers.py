@@ -114,10 +114,13 @@ class KV:
     v16: View | None
 
     @classmethod
-    def allocate(cls, arena: Arena, layer: int, rows: int, width: int, bf16: bool) -> "KV":
+    def allocate(cls, arena: Arena, layer: int, rows: int, width: int, bf16: bool,
+                 f32: tuple[View, View] | None = None) -> "KV":
+        """``f32``: the f32 keys and values of every layer, in bf16 precision's training (read by
+        nothing but the layer's own RoPE and cast, so the layers share them)."""
         new = lambda n, dtype="f32": arena.new(f"{layer_prefix(layer)}{n}", (rows, width), dtype)  # noqa: E731
-        return cls(new("k"), new("v"), new("k[bf16]", "bf16") if bf16 else None,
-                   new("v[bf16]", "bf16") if bf16 else None)
+        k, v = f32 or (new("k"), new("v"))
+        return cls(k, v, new("k[bf16]", "bf16") if bf16 else None, new("v[bf16]", "bf16") if bf16 else None)
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ class LayerActs:
     x: View       # the residual stream into the layer
     rstd1: View   # input_layernorm's 1 / rms per row (for its backward)
     h: View       # input_layernorm(x) (bf16 precision: bf16, the q/k/v projections' operand as it is)
-    q: View       # q_proj(h), after RoPE (bf16 precision: before; q16 is after)
+    q: View       # q_proj(h), after RoPE (bf16 precision: before, shared by the layers; q16 is after)
     o: View       # attention output (bf16 precision: bf16, the o projection's operand as it is)
     lse: View     # attention's log-sum-exp per query row (for its backward)
     x_mid: View   # x + o_proj(o)
@@ -150,11 +153,14 @@ class Activations:
         self.batch, self.seq, self.tokens = batch, seq, T
         self.ids, self.pos = new("ids", (T,), "i32"), new("positions", (T,), "i32")
 
+        # bf16: q before RoPE is read by nothing but the layer's RoPE, so the layers share it
+        shared_q = new("q before RoPE (every layer's)", (T, Q)) if bf16 else None
+
         def layer(i: int) -> LayerActs:
             p = layer_prefix(i)
             return LayerActs(
                 x=new(p + "x", (T, H)), rstd1=new(p + "rstd1", (T,)), h=operand(p + "h", (T, H)),
-                q=new(p + "q", (T, Q)), o=operand(p + "o", (T, Q)), lse=new(p + "lse", (batch, c.num_heads, seq)),
+                q=shared_q or new(p + "q", (T, Q)), o=operand(p + "o", (T, Q)), lse=new(p + "lse", (batch, c.num_heads, seq)),
                 x_mid=new(p + "x_mid", (T, H)), rstd2=new(p + "rstd2", (T,)), h2=operand(p + "h2", (T, H)),
                 gate=new(p + "gate", (T, I)), up=new(p + "up", (T, I)), act=operand(p + "act", (T, I)),
                 q16=new(p + "q[bf16]", (T, Q), "bf16") if bf16 else None)

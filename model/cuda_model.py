@@ -315,7 +315,10 @@ class CudaBackend:
         plan, arena = Plan(self.cache), Arena()
         ops = self.ops(plan, arena, T)
         acts = Activations(arena, c, batch, seq, self.bf16)
-        kv = [KV.allocate(arena, i, T, c.num_kv_heads * c.head_dim, self.bf16) for i in range(c.num_layers)]
+        width = c.num_kv_heads * c.head_dim
+        f32 = (arena.new("k before RoPE (every layer's)", (T, width)), arena.new("v (every layer's)", (T, width))) \
+            if self.bf16 else None
+        kv = [KV.allocate(arena, i, T, width, self.bf16, f32) for i in range(c.num_layers)]
         bufs = TrainingBuffers(arena, c, batch, seq, self.bf16, min(T, self.loss_chunk_rows))
         acts.pos.upload(np.tile(np.arange(seq, dtype=np.int32), batch))
         plan.section = "forward"
