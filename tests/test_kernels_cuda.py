@@ -87,8 +87,8 @@ def test_rope_writes_its_bf16_output_as_a_cast_of_its_f32_output_would(cache, he
     outs = []
     for bf16_out, dtype in ((False, np.float32), (True, np.uint16)):
         spec = RopeSpec(heads=heads, head_dim=head_dim, theta=1e6, bf16_out=bf16_out)
-        _, y, _, _ = call(cache, spec, spec.launch_dims(tokens), x, poison((tokens, heads, head_dim), dtype), pos,
-                          tokens)
+        _, y, _ = call(cache, spec, spec.launch_dims(tokens), x, poison((tokens, heads, head_dim), dtype), pos,
+                       tokens)
         outs.append(y)
     np.testing.assert_array_equal(outs[1], to_bf16(outs[0]))
 
