@@ -7,7 +7,8 @@ settings + precision), is pre-warmed when the backend is built, and plans are bu
 strict mode: a kernel that was not pre-warmed is an error. Buffers: ``cuda_buffers``. In bf16
 precision the GEMMs and the attention read bf16 operands: written in bf16 by the kernel that makes
 them (the norms, RoPE, the attention's output, the SwiGLU's both ways), or cast once right after
-they are computed (v; the backward's output gradients).
+they are computed (v; the attention's and the q/k/v projections' output gradients; the residual
+stream's gradient is written in bf16 too by the norms' backward).
 
 For each batch shape the backend builds one plan (sections forward, backward, optimizer) once; a
 step uploads the token ids, targets and the embedding backward's grouping, sets the plan's
@@ -100,23 +101,22 @@ def backward(ops: Ops, acts: Activations, kv: list[KV], hf: View, d: TrainingBuf
     head = lm_head_name(c)[:-len(".weight")]
     ops.grad_weight(d.dlogits, hf, head)
     ops.grad_input(d.dlogits, head, d.dh)
-    ops.rmsnorm_backward(acts.x, "model.norm.weight", d.dh, acts.rstd_f, dx=d.g)
+    g = ops.rmsnorm_backward(acts.x, "model.norm.weight", d.dh, acts.rstd_f, dx=d.g)  # d.g as the GEMMs read it
     for i in reversed(range(c.num_layers)):
         p, a = layer_prefix(i), acts.layers[i]
         # MLP: x_out = x_mid + down(silu(gate) * up); g is the gradient of x_out
-        dy = ops.grad_operand(d.g)
-        ops.grad_weight(dy, a.act, p + "mlp.down_proj")
-        ops.grad_input(dy, p + "mlp.down_proj", d.d_act)
+        ops.grad_weight(g, a.act, p + "mlp.down_proj")
+        ops.grad_input(g, p + "mlp.down_proj", d.d_act)
         ops.swiglu_backward(a.gate, a.up, d.d_act, dgate=d.d_gate, dup=d.d_up)
         ops.grad_weight(d.d_gate, a.h2, p + "mlp.gate_proj")
         ops.grad_input(d.d_gate, p + "mlp.gate_proj", d.dh)
         ops.grad_weight(d.d_up, a.h2, p + "mlp.up_proj")
         ops.grad_input(d.d_up, p + "mlp.up_proj", d.dh, accumulate=True)
-        ops.rmsnorm_backward(a.x_mid, p + "post_attention_layernorm.weight", d.dh, a.rstd2, dx=d.g, residual=True)
+        g = ops.rmsnorm_backward(a.x_mid, p + "post_attention_layernorm.weight", d.dh, a.rstd2, dx=d.g,
+                                 residual=True)
         # attention: x_mid = x + o_proj(attn(rope(q), rope(k), v)); g is now the gradient of x_mid
-        dy = ops.grad_operand(d.g)
-        ops.grad_weight(dy, a.o, p + "self_attn.o_proj")
-        ops.grad_input(dy, p + "self_attn.o_proj", d.d_o)
+        ops.grad_weight(g, a.o, p + "self_attn.o_proj")
+        ops.grad_input(g, p + "self_attn.o_proj", d.d_o)
         q, k, v = a.q16 or a.q, kv[i].k16 or kv[i].k, kv[i].v16 or kv[i].v  # what the attention read
         do = ops.grad_operand(d.d_o)  # read as q, k and v are
         ops.attention_backward(q, k, v, a.o, do, a.lse, dq=d.dq, delta=d.delta, dk=d.dk, dv=d.dv,
@@ -129,7 +129,7 @@ def backward(ops: Ops, acts: Activations, kv: list[KV], hf: View, d: TrainingBuf
             dy = ops.grad_operand(dproj)
             ops.grad_weight(dy, a.h, p + f"self_attn.{name}")
             ops.grad_input(dy, p + f"self_attn.{name}", d.dh, accumulate=name != "q_proj")
-        ops.rmsnorm_backward(a.x, p + "input_layernorm.weight", d.dh, a.rstd1, dx=d.g, residual=True)
+        g = ops.rmsnorm_backward(a.x, p + "input_layernorm.weight", d.dh, a.rstd1, dx=d.g, residual=True)
     ops.embedding_backward(d.g, d.order, d.seg_start, d.seg_id, "model.embed_tokens.weight", segments)
 
 

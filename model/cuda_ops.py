@@ -200,16 +200,21 @@ class Ops:
         self._add(spec, spec.launch_dims(chunks, cols, chunks), dst, src=scratch, dst=dst, n_rows=chunks,
                   n_cols=cols, rows_per_chunk=chunks)
 
-    def rmsnorm_backward(self, x: View, gamma: str, dy: View, rstd: View, dx: View, residual: bool = False) -> None:
+    def rmsnorm_backward(self, x: View, gamma: str, dy: View, rstd: View, dx: View, residual: bool = False) -> View:
         """dx = the norm's input gradient (``residual``: added to dx, the residual stream's
-        gradient, in place); gamma's gradient as per-chunk partial sums and their column sum."""
+        gradient, in place); gamma's gradient as per-chunk partial sums and their column sum.
+        Returns dx as the GEMMs read it: itself, or (bf16 precision) the bf16 copy the kernel
+        writes into the output gradients' shared scratch."""
         spec, g, T = self.k.norm_bwd_residual if residual else self.k.norm_bwd, self.W[gamma], self.T
         partial, H = self._gamma_partial, self.config.hidden_size
+        operand = View(dx.name + "[bf16]", self._dy16.ptr, dx.shape, "bf16") if spec.bf16_copy else dx
         self._add(spec, spec.launch_dims(T), dx, x=x, gamma=g.value, dy=dy, rstd=rstd, dx=dx,
-                  dgamma_partial=partial, n_rows=T, **({"dres": dx} if residual else {}))
+                  dgamma_partial=partial, n_rows=T, **({"dres": dx} if residual else {}),
+                  **({"dx16": operand} if spec.bf16_copy else {}))
         rows, colsum = spec.partial_rows(T), self.k.colsum
         self._add(colsum, colsum.launch_dims(rows, H, rows), g.grad, src=partial, dst=g.grad, n_rows=rows,
                   n_cols=H, rows_per_chunk=rows)
+        return operand
 
     def swiglu_backward(self, gate: View, up: View, dout: View, dgate: View, dup: View) -> None:
         spec = self.k.swiglu_bwd

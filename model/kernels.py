@@ -167,7 +167,9 @@ class ModelKernels:
         return cls(
             embed=EmbeddingSpec(dim=h), embed_bwd=EmbeddingBackwardSpec(dim=h, accumulate=c.tie_word_embeddings),
             norm=norm, norm_residual=dataclasses.replace(norm, residual=True),
-            norm_bwd=RMSNormBackwardSpec(hidden=h), norm_bwd_residual=RMSNormBackwardSpec(hidden=h, residual=True),
+            # bf16: the norms' backward also writes dx in bf16, the next GEMMs' operand
+            norm_bwd=RMSNormBackwardSpec(hidden=h, bf16_copy=precision is Precision.BF16),
+            norm_bwd_residual=RMSNormBackwardSpec(hidden=h, residual=True, bf16_copy=precision is Precision.BF16),
             q=linear(h, q_dim, bias=c.qkv_bias), kv=linear(h, kv_dim, bias=c.qkv_bias),
             o=linear(q_dim, h), gate_up=linear(h, c.intermediate_size),
             down=linear(c.intermediate_size, h), head=linear(h, c.vocab_size),

@@ -93,6 +93,19 @@ def test_rope_writes_its_bf16_output_as_a_cast_of_its_f32_output_would(cache, he
     np.testing.assert_array_equal(outs[1], to_bf16(outs[0]))
 
 
+@pytest.mark.parametrize("rows, hidden", [(1, 896), (37, 897), (64, 896)])
+def test_rmsnorm_backward_writes_its_bf16_copy_as_a_cast_of_its_dx_would(cache, rows, hidden):
+    x, dy, dres, gamma = f32(rows, hidden, scale=0.5), f32(rows, hidden), f32(rows, hidden), 1 + f32(hidden, scale=0.1)
+    _, rstd = rmsnorm_reference(x, gamma, 1e-6)
+    spec = RMSNormBackwardSpec(hidden=hidden, residual=True, bf16_copy=True)
+    *_, dx, dx16, _ = call(cache, spec, spec.launch_dims(rows), x, gamma, dy, rstd.astype(np.float32), dres,
+                           poison((rows, hidden)), poison((rows, hidden), np.uint16),
+                           poison((spec.partial_rows(rows), hidden)), rows)
+    np.testing.assert_array_equal(dx16, to_bf16(dx))
+    ref, _ = rmsnorm_backward_reference(x, gamma, dy, 1e-6)
+    assert_rel(dx, ref + dres, rel=1e-4)
+
+
 @pytest.mark.parametrize("rows, hidden, per_block", [(1, 896, 16), (37, 897, 5), (64, 896, 16), (9, 4864, 4)])
 def test_rmsnorm_backward_dx_and_deterministic_dgamma(cache, rows, hidden, per_block):
     x, dy, gamma = f32(rows, hidden, scale=0.02), f32(rows, hidden), 1 + f32(hidden, scale=0.1)

@@ -124,6 +124,7 @@ class RMSNormBackwardSpec(KernelSpec):
     residual: bool = False
     rows_per_block: int = 16
     block_size: int = 256
+    bf16_copy: bool = False  # also write dx in bf16 (dx16): the next GEMMs' operand, as a cast would
 
     def validate(self) -> None:
         check_positive("hidden", self.hidden)
@@ -140,11 +141,12 @@ class RMSNormBackwardSpec(KernelSpec):
         return max(1, -(-rows // self.rows_per_block))
 
     def params(self) -> tuple[tuple[str, T], ...]:
-        names = ("x", "gamma", "dy", "rstd") + (("dres",) if self.residual else ()) + ("dx", "dgamma_partial")
+        names = (("x", "gamma", "dy", "rstd") + (("dres",) if self.residual else ()) + ("dx",) +
+                 (("dx16",) if self.bf16_copy else ()) + ("dgamma_partial",))
         return tuple((n, T.U64) for n in names) + (("n_rows", T.U32),)
 
     def outputs(self) -> tuple[str, ...]:
-        return ('dx', 'dgamma_partial')
+        return ("dx",) + (("dx16",) if self.bf16_copy else ()) + ("dgamma_partial",)
 
     def build(self, b: KernelBuilder) -> None:
         ptr = {n: b.cvta_global(b.ld_param(n)) for n, t in self.params() if t is T.U64}
@@ -172,6 +174,8 @@ class RMSNormBackwardSpec(KernelSpec):
                 dres = rows.load(b, DType.F32, rows.base(b, ptr["dres"], row, 4))
                 dxs = [[b.add(g, d) for g, d in zip(gv, dv)] for gv, dv in zip(dxs, dres)]
             rows.store(b, DType.F32, rows.base(b, ptr["dx"], row, 4), dxs)
+            if self.bf16_copy:
+                rows.store(b, DType.BF16, rows.base(b, ptr["dx16"], row, 2), dxs)
             for av, dv, xv in zip(acc, dys, xs):
                 for a, d, x in zip(av, dv, xv):
                     b.fma(b.mul(d, x), r, a, out=a)
@@ -180,7 +184,8 @@ class RMSNormBackwardSpec(KernelSpec):
     @classmethod
     def examples(cls) -> list["RMSNormBackwardSpec"]:
         return [cls(hidden=896), cls(hidden=897, rows_per_block=3, block_size=128, residual=True),
-                cls(hidden=4864, rows_per_block=8, block_size=512)]
+                cls(hidden=4864, rows_per_block=8, block_size=512),
+                cls(hidden=896, residual=True, bf16_copy=True)]
 
 
 def rmsnorm_reference(x: np.ndarray, gamma: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
