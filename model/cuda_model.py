@@ -331,7 +331,7 @@ class CudaBackend:
         return _Shape(plan, arena, acts, kv, bufs)
 
     def _optimizer(self, ops: Ops, plan: Plan) -> None:
-        """Clip by the global norm, AdamW on the decayed matrices and the rest, then the bf16 copy."""
+        """Clip by the global norm, AdamW on the decayed matrices (and their bf16 copy) and the rest."""
         lay, max_norm = self.layout, self.adamw.max_grad_norm if self.adamw.max_grad_norm > 0 else math.inf
         ops.clip_grad_norm(self.grads.view("gradients"), self.norm_partial.view("grad norm partial sums"),
                            self.norm_out.view("grad norm, clip scale"), max_norm)
@@ -343,11 +343,12 @@ class CudaBackend:
                 param, grad, m, v = (buf.view(f"{what} of the {part}", start, (end - start,)) for what, buf in
                                      (("weights", self.weights), ("gradients", self.grads),
                                       ("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)))
-                ops.adamw(decay, param, grad, m, v, clip, lr, bc1, bc2)
-        self._refresh(ops)
+                ops.adamw(decay, param, grad, m, v, clip, lr, bc1, bc2,
+                          param16=self.weights16.view("matrices[bf16]") if self.bf16 and decay else None)
 
     def _refresh(self, ops: Ops) -> None:
-        """The matrices' bf16 copy, after each optimizer step (bf16 precision)."""
+        """The matrices' bf16 copy of the initial weights (bf16 precision; each AdamW step then
+        writes it with the weights)."""
         if self.bf16:
             end = self.layout.decay_end
             ops.cast(self.weights.view("matrices", 0, (end,)), self.weights16.view("matrices[bf16]"), end)

@@ -251,11 +251,14 @@ class Ops:
                   max_norm=max_norm)
 
     def adamw(self, decay: bool, param: View, grad: View, exp_avg: View, exp_avg_sq: View, clip: View,
-              lr: Expr, bias_correction1: Expr, bias_correction2: Expr) -> None:
+              lr: Expr, bias_correction1: Expr, bias_correction2: Expr, param16: View | None = None) -> None:
+        """One AdamW step on ``param`` (clipped by ``clip``); the decayed matrices' step also
+        writes their bf16 copy ``param16`` in bf16 precision."""
         spec = self.k.adamw_decay if decay else self.k.adamw_no_decay
+        copy = {"param16": param16} if spec.bf16_copy else {}
         self._add(spec, spec.launch_dims(param.size), param, param=param, grad=grad, exp_avg=exp_avg,
                   exp_avg_sq=exp_avg_sq, clip=clip, n=param.size, lr=lr, bias_correction1=bias_correction1,
-                  bias_correction2=bias_correction2)
+                  bias_correction2=bias_correction2, **copy)
 
 
 def _name(arg: Arg) -> str:

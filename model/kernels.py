@@ -183,8 +183,9 @@ class ModelKernels:
             cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index, grad_dtype=gemm_operand),
             colsum=ColumnSumSpec(), parts_sum=PartsSumSpec(), grad_norm_partial=partial,
             grad_norm_final=GradNormFinalSpec(partials=partial.blocks),
+            # bf16: the step on the matrices writes their bf16 copy too (no separate refresh pass)
             adamw_decay=AdamWSpec(beta1=adamw.beta1, beta2=adamw.beta2, eps=adamw.eps,
-                                  weight_decay=adamw.weight_decay),
+                                  weight_decay=adamw.weight_decay, bf16_copy=precision is Precision.BF16),
             adamw_no_decay=AdamWSpec(beta1=adamw.beta1, beta2=adamw.beta2, eps=adamw.eps, weight_decay=0.0),
             to_bf16=CastSpec() if precision is Precision.BF16 else None)
 

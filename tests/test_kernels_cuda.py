@@ -318,3 +318,18 @@ def test_grad_norm_clip_and_adamw_steps(cache, n):
     np.testing.assert_allclose(p, ref[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(m, ref[1], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(v, ref[2], rtol=1e-5, atol=1e-9)
+
+
+def test_adamw_writes_the_bf16_copy_a_cast_of_its_parameters_would(cache):
+    """bf16_copy: the GEMMs' bf16 weights written by the optimizer step itself, bit for bit the
+    updated f32 parameters rounded to nearest even; the f32 results are those without the copy."""
+    n = 4099
+    p, g, m, v = f32(n), f32(n), f32(n, scale=0.1), np.abs(f32(n, scale=0.01))
+    clip, scalars = np.ones(1, np.float32), (n, np.float32(1e-3), np.float32(0.1), np.float32(0.05))
+    plain = AdamWSpec(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
+    copy = AdamWSpec(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, bf16_copy=True)
+    p1, _, m1, v1, _ = call(cache, plain, plain.launch_dims(n), p, g, m, v, clip, *scalars)
+    p2, p16, _, m2, v2, _ = call(cache, copy, copy.launch_dims(n), p, poison(n, np.uint16), g, m, v, clip, *scalars)
+    for a, b in ((p1, p2), (m1, m2), (v1, v2)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(p16, to_bf16(p1))

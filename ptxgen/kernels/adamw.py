@@ -36,6 +36,7 @@ class AdamWSpec(KernelSpec):
     eps: float
     weight_decay: float
     block_size: int = 256
+    bf16_copy: bool = False  # also write the updated parameters in bf16 (param16): the GEMMs' copy
 
     def validate(self) -> None:
         for name in ("beta1", "beta2"):
@@ -58,15 +59,15 @@ class AdamWSpec(KernelSpec):
         return 4 if param == "clip" else 16  # clip is one f32 (e.g. element 1 of the norm's output)
 
     def params(self) -> tuple[tuple[str, T], ...]:
-        return (("param", T.U64), ("grad", T.U64), ("exp_avg", T.U64), ("exp_avg_sq", T.U64),
-                ("clip", T.U64), ("n", T.U32), ("lr", T.F32), ("bias_correction1", T.F32),
-                ("bias_correction2", T.F32))
+        return (("param", T.U64),) + ((("param16", T.U64),) if self.bf16_copy else ()) + (
+            ("grad", T.U64), ("exp_avg", T.U64), ("exp_avg_sq", T.U64), ("clip", T.U64), ("n", T.U32),
+            ("lr", T.F32), ("bias_correction1", T.F32), ("bias_correction2", T.F32))
 
     def outputs(self) -> tuple[str, ...]:
-        return ('param', 'exp_avg', 'exp_avg_sq')
+        return ("param",) + (("param16",) if self.bf16_copy else ()) + ("exp_avg", "exp_avg_sq")
 
     def build(self, b: KernelBuilder) -> None:
-        ptr = {n: b.cvta_global(b.ld_param(n)) for n in ("param", "grad", "exp_avg", "exp_avg_sq", "clip")}
+        ptr = {n: b.cvta_global(b.ld_param(n)) for n, t in self.params() if t is T.U64}
         lr = b.ld_param("lr")
         step_size = b.div(lr, b.ld_param("bias_correction1"))
         bc2_sqrt = b.fn("sqrt", b.ld_param("bias_correction2"), "rn")
@@ -89,13 +90,16 @@ class AdamWSpec(KernelSpec):
                 outs["exp_avg_sq"].append(vk)
             for n, vals in outs.items():
                 store_f32(b, DType.F32, at[n], vals, guard=guard)
+            if self.bf16_copy:
+                store_f32(b, DType.BF16, Addr(offset(b, ptr["param16"], e, 2)), outs["param"], guard=guard)
 
         flat_elementwise(b, b.ld_param("n"), VEC, self.block_size, body)
 
     @classmethod
     def examples(cls) -> list["AdamWSpec"]:
         return [cls(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1),
-                cls(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, block_size=512)]
+                cls(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, block_size=512),
+                cls(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, bf16_copy=True)]
 
 
 @register
