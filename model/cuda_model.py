@@ -39,9 +39,10 @@ __all__ = ["CudaBackend", "ParamLayout", "backward", "forward", "lm_head", "loss
 
 
 def forward(ops: Ops, acts: Activations, kv: list[KV], kv_stride: int, cached: int | Expr = 0) -> View:
-    """reference.py's forward for ``acts``' new tokens, up to the LM head's input (returned). Layer i writes its keys and values (after
-    RoPE) into ``kv[i]`` from row ``cached`` on (rows of ``kv_stride`` per sequence) and attends over
-    the ``cached`` rows before them and its own: the training batch's own buffers, or a KV cache."""
+    """reference.py's forward for ``acts``' new tokens, up to the LM head's input (returned).
+    Layer i writes its keys and values into ``kv[i]`` from row ``cached`` on (rows of ``kv_stride``
+    per sequence) and attends over the ``cached`` rows before them and its own: the training
+    batch's own buffers, or a KV cache."""
     c, T = ops.config, acts.tokens
     ops.embed(acts.ids, "model.embed_tokens.weight", out=acts.layers[0].x)
     for i, a in enumerate(acts.layers):
@@ -51,11 +52,10 @@ def forward(ops: Ops, acts: Activations, kv: list[KV], kv_stride: int, cached: i
         else:  # the layer before's x_out = x_mid + mlp(...), added here
             ops.residual_rmsnorm(acts.layers[i - 1].x_mid, acts.delta, p + "input_layernorm.weight", out=a.h,
                                  rstd=a.rstd1, x_out=a.x)
-        h = a.h
         k_new, v_new = kv_rows(kv[i].k, cached), kv_rows(kv[i].v, cached)  # this call's keys and values
-        ops.linear(h, p + "self_attn.q_proj", out=a.q)
-        ops.linear(h, p + "self_attn.k_proj", out=k_new)
-        ops.linear(h, p + "self_attn.v_proj", out=v_new)
+        ops.linear(a.h, p + "self_attn.q_proj", out=a.q)
+        ops.linear(a.h, p + "self_attn.k_proj", out=k_new)
+        ops.linear(a.h, p + "self_attn.v_proj", out=v_new)
         q, k, v = a.q16 or a.q, kv[i].k16 or kv[i].k, kv[i].v16 or kv[i].v  # what the attention reads
         ops.rope(a.q, acts.pos, c.num_heads, out=q)
         ops.rope(k_new, acts.pos, c.num_kv_heads, out=kv_rows(k, cached))
