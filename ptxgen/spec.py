@@ -326,6 +326,11 @@ class KernelSpec:
         """Bytes of dynamic shared memory every launch of this kernel needs (0: static only)."""
         return 0
 
+    def outputs(self) -> tuple[str, ...]:
+        """The pointer parameters the kernel writes through (what a launch plan says it writes).
+        The default, every pointer, is the safe over-estimate; kernels name exactly theirs."""
+        return tuple(name for name, t in self.params() if t is T.U64)
+
     def arch(self, target: Target) -> str:
         """The architecture the module is written and assembled for: the target's, or (a kernel
         using sm_90a-only instructions such as wgmma) its architecture-specific variant."""

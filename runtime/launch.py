@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Sequence
+import numbers
+from typing import Any, Mapping, Sequence
 
 from cuda.bindings import driver as cu
 
@@ -15,6 +16,8 @@ from .memory import DeviceArray, Stream
 
 _CTYPES = {T.U64: ctypes.c_uint64, T.S64: ctypes.c_int64, T.U32: ctypes.c_uint32,
            T.S32: ctypes.c_int32, T.F32: ctypes.c_float, T.F64: ctypes.c_double}
+_FLOATS = (T.F32, T.F64)
+_RANGES = {T.U64: (0, 2**64 - 1), T.S64: (-2**63, 2**63 - 1), T.U32: (0, 2**32 - 1), T.S32: (-2**31, 2**31 - 1)}
 _cuLaunchKernel = cu.cuLaunchKernel  # bound once: the launch hot path does no attribute lookups
 
 
@@ -26,21 +29,34 @@ def _dims(d: int | Sequence[int]) -> tuple[int, int, int]:
 
 
 class Launch:
-    """One prepared launch: calling it issues cuLaunchKernel with prepacked arguments."""
+    """One prepared launch: calling it issues cuLaunchKernel with prepacked arguments, which stay at
+    fixed addresses (``params_address``), so a CUDA graph node can read them too."""
 
-    __slots__ = ("_args", "_values", "_array", "kernel", "grid")
+    __slots__ = ("_args", "_values", "_array", "_positions", "kernel", "grid", "block", "shared", "stream")
 
     def __init__(self, kernel: "Kernel", grid: tuple[int, int, int], block: tuple[int, int, int],
                  shared: int, stream: Any, values: list[Any]):
-        self.kernel, self.grid = kernel, grid  # what it launches, on how many blocks (for a profile)
-        fn = kernel.function
+        self.kernel, self.block, self.shared, self.stream = kernel, block, shared, stream
+        self._positions = {name: i for i, (name, _) in enumerate(kernel.params)}
         self._values = values  # keeps the ctypes values alive while the pointer array points at them
         self._array = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
-        self._args = (fn, *grid, *block, shared, stream, ctypes.addressof(self._array), 0)
+        self.set_grid(grid)
 
-    def set_arg(self, position: int, value: float | int) -> None:
-        """Change one scalar argument (say a learning rate) of this prepared launch in place."""
-        self._values[position].value = value
+    @property
+    def params_address(self) -> int:
+        """The address of the kernel's argument pointer array (cuLaunchKernel's kernelParams)."""
+        return ctypes.addressof(self._array)
+
+    def set(self, name: str, value: float | int) -> None:
+        """Change the argument called ``name`` (say a learning rate) of this prepared launch in place."""
+        if name not in self._positions:
+            raise TypeError(f"{self.kernel.spec.entry} has no argument {name!r}")
+        self._values[self._positions[name]].value = self.kernel.value(name, value).value
+
+    def set_grid(self, grid: int | Sequence[int]) -> None:
+        self.grid = _dims(grid)
+        self._args = (self.kernel.function, *self.grid, *self.block, self.shared, self.stream,
+                      ctypes.addressof(self._array), 0)
 
     def __call__(self) -> None:
         err, = _cuLaunchKernel(*self._args)
@@ -54,23 +70,42 @@ class Kernel:
     def __init__(self, spec: KernelSpec, module: Any, function: Any):
         self.spec, self.module, self.function = spec, module, function
         self.params = spec.params()
+        self._types = dict(self.params)
         self._shared_limit = STATIC_SHARED_LIMIT
+
+    def value(self, name: str, a: Any) -> Any:
+        """Argument ``name`` as the ctypes value the launch passes, after refusing a value its
+        parameter cannot hold (a float for an integer, an int out of range, a misaligned pointer)."""
+        t = self._types[name]
+        if isinstance(a, DeviceArray):
+            if t is not T.U64:
+                raise TypeError(f"{self.spec.entry}: {name} is .{t.value}, got a device array")
+            a = a.ptr
+        if isinstance(a, bool) or not isinstance(a, numbers.Real if t in _FLOATS else numbers.Integral):
+            raise TypeError(f"{self.spec.entry}: {name} is .{t.value}, got {type(a).__name__} {a!r}")
+        a = float(a) if t in _FLOATS else int(a)  # numpy scalars too
+        if t not in _FLOATS and not _RANGES[t][0] <= a <= _RANGES[t][1]:
+            raise ValueError(f"{self.spec.entry}: {name}={a} does not fit .{t.value}")
+        if t is T.U64 and a % self.spec.pointer_alignment(name):
+            raise ValueError(f"{self.spec.entry}: pointer {name}=0x{a:x} is not "
+                             f"{self.spec.pointer_alignment(name)}-byte aligned")
+        return _CTYPES[t](a)
 
     def pack(self, args: Sequence[Any]) -> list[Any]:
         if len(args) != len(self.params):
             names = ", ".join(n for n, _ in self.params)
             raise TypeError(f"{self.spec.entry} takes {len(self.params)} arguments ({names}), got {len(args)}")
-        values = []
-        for (name, t), a in zip(self.params, args):
-            if isinstance(a, DeviceArray):
-                if t is not T.U64:
-                    raise TypeError(f"{self.spec.entry}: {name} is .{t.value}, got a device array")
-                a = a.ptr
-            if t is T.U64 and int(a) % self.spec.pointer_alignment(name):
-                raise ValueError(f"{self.spec.entry}: pointer {name}=0x{int(a):x} is not "
-                                 f"{self.spec.pointer_alignment(name)}-byte aligned")
-            values.append(_CTYPES[t](a))
-        return values
+        return [self.value(name, a) for (name, _), a in zip(self.params, args)]
+
+    def pack_named(self, args: Mapping[str, Any]) -> list[Any]:
+        """``args`` by parameter name: every one of the spec's parameters, nothing else."""
+        missing = [n for n, _ in self.params if n not in args]
+        extra = [n for n in args if n not in self._types]
+        if missing or extra:
+            raise TypeError(f"{self.spec.entry}: " + "; ".join(
+                f"{what} argument{'s' if len(names) > 1 else ''} {', '.join(names)}"
+                for what, names in (("missing", missing), ("unknown", extra)) if names))
+        return [self.value(name, args[name]) for name, _ in self.params]
 
     def bind(self, grid: int | Sequence[int], block: int | Sequence[int], *args: Any,
              shared: int | None = None, stream: Stream | None = None) -> Launch:
@@ -78,6 +113,13 @@ class Kernel:
         shared = self._allow_shared(self.spec.dynamic_shared_bytes() if shared is None else shared)
         handle = cu.CUstream(0) if stream is None else stream.handle
         return Launch(self, _dims(grid), _dims(block), shared, handle, self.pack(args))
+
+    def bind_named(self, grid: int | Sequence[int], block: int | Sequence[int], args: Mapping[str, Any], *,
+                   shared: int | None = None, stream: Stream | None = None) -> Launch:
+        """``bind`` with the arguments by the spec's parameter names (checked: none missing, none extra)."""
+        shared = self._allow_shared(self.spec.dynamic_shared_bytes() if shared is None else shared)
+        handle = cu.CUstream(0) if stream is None else stream.handle
+        return Launch(self, _dims(grid), _dims(block), shared, handle, self.pack_named(args))
 
     def __call__(self, grid: int | Sequence[int], block: int | Sequence[int], *args: Any,
                  shared: int | None = None, stream: Stream | None = None) -> None:

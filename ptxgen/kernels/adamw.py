@@ -62,6 +62,9 @@ class AdamWSpec(KernelSpec):
                 ("clip", T.U64), ("n", T.U32), ("lr", T.F32), ("bias_correction1", T.F32),
                 ("bias_correction2", T.F32))
 
+    def outputs(self) -> tuple[str, ...]:
+        return ('param', 'exp_avg', 'exp_avg_sq')
+
     def build(self, b: KernelBuilder) -> None:
         ptr = {n: b.cvta_global(b.ld_param(n)) for n in ("param", "grad", "exp_avg", "exp_avg_sq", "clip")}
         lr = b.ld_param("lr")
@@ -119,6 +122,9 @@ class GradNormPartialSpec(KernelSpec):
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("grad", T.U64), ("partial", T.U64), ("n", T.U32))
 
+    def outputs(self) -> tuple[str, ...]:
+        return ('partial',)
+
     def build(self, b: KernelBuilder) -> None:
         grad, partial = (b.cvta_global(b.ld_param(n)) for n in ("grad", "partial"))
         n = b.ld_param("n")
@@ -168,6 +174,9 @@ class GradNormFinalSpec(KernelSpec):
 
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("partial", T.U64), ("out", T.U64), ("max_norm", T.F32))
+
+    def outputs(self) -> tuple[str, ...]:
+        return ('out',)
 
     def build(self, b: KernelBuilder) -> None:
         partial, out = (b.cvta_global(b.ld_param(n)) for n in ("partial", "out"))

@@ -124,10 +124,14 @@ class AttentionGrid:
     ``rows_per_block``, ``grid_heads``, batch) blocks of ``threads``."""
 
     pointers: ClassVar[tuple[str, ...]]
+    written: ClassVar[tuple[str, ...]]  # the pointers it writes through
     scalars: ClassVar[tuple[str, ...]] = ("seq",)
 
     def params(self) -> tuple[tuple[str, T], ...]:
         return tuple((n, T.U64) for n in self.pointers) + tuple((n, T.U32) for n in self.scalars)
+
+    def outputs(self) -> tuple[str, ...]:
+        return self.written
 
     def check_heads(self, *fields: str) -> None:
         """heads, kv_heads, head_dim and ``fields`` positive; heads a multiple of kv_heads (GQA)."""
@@ -219,6 +223,7 @@ class AttentionSpec(_AttentionBase):
 
     kind: ClassVar[str] = "attention_fwd"
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "lse")
+    written: ClassVar[tuple[str, ...]] = ("o", "lse")
     scalars: ClassVar[tuple[str, ...]] = ("seq", "kv_len", "kv_stride", "q_start")
 
     def build(self, b: KernelBuilder) -> None:
@@ -272,6 +277,7 @@ class AttentionBackwardQSpec(_AttentionBase):
     kind: ClassVar[str] = "attention_bwd_q"
     rows_held: ClassVar[int] = 3  # q, dO, dQ
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "do", "lse", "dq", "delta")
+    written: ClassVar[tuple[str, ...]] = ("dq", "delta")
 
     def build(self, b: KernelBuilder) -> None:
         q, k, v, o, do, lse, dq, delta = self._global_pointers(b)
@@ -315,6 +321,7 @@ class AttentionBackwardKVSpec(_AttentionBase):
     kind: ClassVar[str] = "attention_bwd_kv"
     rows_held: ClassVar[int] = 4  # k, v, dK, dV
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "do", "lse", "delta", "dk", "dv")
+    written: ClassVar[tuple[str, ...]] = ("dk", "dv")
 
     @property
     def grid_heads(self) -> int:

@@ -305,6 +305,7 @@ class _ForwardBase(_FlashBase):
     ``_scores``, ``_accumulate``)."""
 
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "lse")
+    written: ClassVar[tuple[str, ...]] = ("o", "lse")
     scalars: ClassVar[tuple[str, ...]] = ("seq", "kv_len", "kv_stride", "q_start")
 
     def dynamic_shared_bytes(self) -> int:
@@ -387,6 +388,7 @@ class _BackwardQBase(_FlashBase):
 
     kind: ClassVar[str]
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "do", "lse", "dq", "delta")
+    written: ClassVar[tuple[str, ...]] = ("dq", "delta")
 
     def dynamic_shared_bytes(self) -> int:
         return (3 * self.rows_per_block + 4 * self.tile) * self.head_dim * 2  # Q, dO, O, then K and V twice
@@ -520,6 +522,7 @@ class _BackwardKVBase(_FlashBase):
 
     kind: ClassVar[str]
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "do", "lse", "delta", "dk", "dv")
+    written: ClassVar[tuple[str, ...]] = ("dk", "dv")
 
     @property
     def grid_heads(self) -> int:

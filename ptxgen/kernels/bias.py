@@ -37,6 +37,9 @@ class BiasAddSpec(KernelSpec):
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("x", T.U64), ("bias", T.U64), ("y", T.U64), ("n_rows", T.U32))
 
+    def outputs(self) -> tuple[str, ...]:
+        return ('y',)
+
     def build(self, b: KernelBuilder) -> None:
         x, bias, y = (b.cvta_global(b.ld_param(n)) for n in ("x", "bias", "y"))
         n = b.mul(b.ld_param("n_rows"), self.cols)

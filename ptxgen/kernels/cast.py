@@ -34,6 +34,9 @@ class CastSpec(KernelSpec):
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("src", T.U64), ("dst", T.U64), ("n", T.U32))
 
+    def outputs(self) -> tuple[str, ...]:
+        return ('dst',)
+
     def build(self, b: KernelBuilder) -> None:
         elementwise(b, self.block_size, {"src": self.src}, {"dst": self.dst}, lambda x: (x,))
 

@@ -44,6 +44,9 @@ class ColumnSumSpec(KernelSpec):
         return (("src", T.U64), ("dst", T.U64), ("n_rows", T.U32), ("n_cols", T.U32),
                 ("rows_per_chunk", T.U32))
 
+    def outputs(self) -> tuple[str, ...]:
+        return ('dst',)
+
     def build(self, b: KernelBuilder) -> None:
         src, dst = (b.cvta_global(b.ld_param(n)) for n in ("src", "dst"))
         n_rows, n_cols, per_chunk = (b.ld_param(n) for n in ("n_rows", "n_cols", "rows_per_chunk"))
@@ -109,6 +112,9 @@ class PartsSumSpec(KernelSpec):
 
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("src", T.U64), ("dst", T.U64), ("parts", T.U32), ("n", T.U32))
+
+    def outputs(self) -> tuple[str, ...]:
+        return ('dst',)
 
     def arguments(self, src: int, dst: int, parts: int, n: int) -> tuple[int, ...]:
         if parts < 1 or n % VEC:

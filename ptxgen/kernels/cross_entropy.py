@@ -47,6 +47,9 @@ class CrossEntropySpec(KernelSpec):
         return (("logits", T.U64), ("targets", T.U64), ("loss", T.U64), ("dlogits", T.U64),
                 ("grad_scale", T.F32))
 
+    def outputs(self) -> tuple[str, ...]:
+        return ('loss', 'dlogits')
+
     def build(self, b: KernelBuilder) -> None:
         dt, size, vec = self.dtype, self.dtype.size, vector_width(self.vocab, self.dtype)
         logits, targets, loss, dlogits = (b.cvta_global(b.ld_param(n))

@@ -43,6 +43,9 @@ class EmbeddingSpec(KernelSpec):
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("table", T.U64), ("ids", T.U64), ("out", T.U64), ("n_tokens", T.U32))
 
+    def outputs(self) -> tuple[str, ...]:
+        return ('out',)
+
     def build(self, b: KernelBuilder) -> None:
         table, ids, out = (b.cvta_global(b.ld_param(n)) for n in ("table", "ids", "out"))
         size = self.dtype.size
@@ -82,6 +85,9 @@ class EmbeddingBackwardSpec(KernelSpec):
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("dout", T.U64), ("order", T.U64), ("seg_start", T.U64), ("seg_id", T.U64),
                 ("dtable", T.U64))
+
+    def outputs(self) -> tuple[str, ...]:
+        return ('dtable',)
 
     def build(self, b: KernelBuilder) -> None:
         ptr = {n: b.cvta_global(b.ld_param(n)) for n, _ in self.params()}

@@ -266,6 +266,9 @@ class GemmSpec(KernelSpec):
         dims = ("m", "n", "k", "lda", "ldb", "ldc") + BATCH_PARAMS
         return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
 
+    def outputs(self) -> tuple[str, ...]:
+        return ('c',)
+
     def launch_dims(self, m: int, n: int, batches: int = 1) -> tuple[tuple[int, int, int], int]:
         return (-(-n // self.block_n), -(-m // self.block_m), batches), self.threads
 

@@ -169,6 +169,9 @@ class TensorCoreGemm:
         dims = ("m", "n", "k", "lda", "ldb", "ldc") + BATCH_PARAMS
         return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
 
+    def outputs(self) -> tuple[str, ...]:
+        return ('c',)
+
     def split_k_multiple(self) -> int:
         """What a split-K part's contraction length must be a multiple of: with tma, whole slices
         (a part's last one would read the next part's K: TMA zero-fills only past the matrix)."""

@@ -61,6 +61,9 @@ class RMSNormSpec(KernelSpec):
                  (("h_out",) if self.residual else ()) + (("rstd",) if self.save_rstd else ()))
         return tuple((n, T.U64) for n in names) + (("n_rows", T.U32),)
 
+    def outputs(self) -> tuple[str, ...]:
+        return ("y",) + (("h_out",) if self.residual else ()) + (("rstd",) if self.save_rstd else ())
+
     def build(self, b: KernelBuilder) -> None:
         dt, size = self.dtype, self.dtype.size
         ptr = {n: b.cvta_global(b.ld_param(n)) for n, t in self.params() if t is T.U64}
@@ -136,6 +139,9 @@ class RMSNormBackwardSpec(KernelSpec):
     def params(self) -> tuple[tuple[str, T], ...]:
         names = ("x", "gamma", "dy", "rstd") + (("dres",) if self.residual else ()) + ("dx", "dgamma_partial")
         return tuple((n, T.U64) for n in names) + (("n_rows", T.U32),)
+
+    def outputs(self) -> tuple[str, ...]:
+        return ('dx', 'dgamma_partial')
 
     def build(self, b: KernelBuilder) -> None:
         ptr = {n: b.cvta_global(b.ld_param(n)) for n, t in self.params() if t is T.U64}

@@ -80,6 +80,9 @@ class RopeSpec(KernelSpec):
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("x", T.U64), ("y", T.U64), ("positions", T.U64), ("n_tokens", T.U32))
 
+    def outputs(self) -> tuple[str, ...]:
+        return ('y',)
+
     def build(self, b: KernelBuilder) -> None:
         half, vec, size = self.head_dim // 2, self.vec, self.dtype.size
         groups = half // vec

@@ -39,6 +39,9 @@ class SwiGLUSpec(KernelSpec):
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("gate", T.U64), ("up", T.U64), ("out", T.U64), ("n", T.U32))
 
+    def outputs(self) -> tuple[str, ...]:
+        return ('out',)
+
     def build(self, b: KernelBuilder) -> None:
         elementwise(b, self.block_size, {"gate": self.dtype, "up": self.dtype}, {"out": self.out_dtype},
                     lambda g, u: (b.mul(b.mul(g, sigmoid(b, g)), u),))
@@ -65,6 +68,9 @@ class SwiGLUBackwardSpec(KernelSpec):
 
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("gate", T.U64), ("up", T.U64), ("dout", T.U64), ("dgate", T.U64), ("dup", T.U64), ("n", T.U32))
+
+    def outputs(self) -> tuple[str, ...]:
+        return ('dgate', 'dup')
 
     def build(self, b: KernelBuilder) -> None:
         def grads(g, u, d):
