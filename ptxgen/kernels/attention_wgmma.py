@@ -93,8 +93,9 @@ class _Wgmma:
     def validate(self) -> None:
         super().validate()
         if self.warps not in (4, 8) or self.tile not in self._tiles or self.head_dim not in (64, 128):
-            raise SpecError(f"{self.kind}: warps 4 or 8 (whole warpgroups), tile "
-                            f"{' or '.join(map(str, self._tiles))}, head_dim 64 or 128")
+            *others, last = self._tiles
+            raise SpecError(f"{self.kind}: warps 4 or 8 (whole warpgroups), tile {', '.join(map(str, others))} "
+                            f"or {last}, head_dim 64 or 128")
 
     def _copy_rows(self, f: _Flash) -> Callable:
         return _ChunkedRows(f).copy
