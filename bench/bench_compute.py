@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from harness import time_ms, write_json
 from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
 from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
-from ptxgen.kernels.attention_wgmma import AttentionWgmmaSpec
+from ptxgen.kernels.attention_wgmma import AttentionWgmmaBackwardKVSpec, AttentionWgmmaBackwardQSpec, AttentionWgmmaSpec
 from ptxgen.kernels.gemm import GemmSpec
 from ptxgen.kernels.gemm_tc import GemmTCSpec, MmaType
 from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
@@ -139,6 +139,8 @@ def attention(cache: ModuleCache, rows: list, bsz: int, s: int, h: int, hkv: int
 TC_ATTN_LAYOUTS = [dict(), dict(warps=8), dict(tile=128), dict(warps=8, tile=128), dict(tile=32)]
 WGMMA_ATTN_LAYOUTS = [dict(), dict(tile=128), dict(warps=8), dict(warps=8, tile=128)]
 TC_ATTN_BWD_LAYOUTS = [dict(), dict(tile=32), dict(warps=8, tile=32), dict(warps=2, tile=32)]
+WGMMA_ATTN_BWD_LAYOUTS = [dict(), dict(tile=32), dict(tile=128), dict(warps=8), dict(warps=8, tile=32),
+                          dict(warps=8, tile=128)]
 
 
 def attention_tc(cache: ModuleCache, rows: list, bsz: int, s: int, h: int, hkv: int, d: int) -> None:
@@ -190,9 +192,32 @@ def attention_tc(cache: ModuleCache, rows: list, bsz: int, s: int, h: int, hkv: 
     qg, kg, vg = (x.detach().requires_grad_() for x in (qt, kt, vt))
     out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
     gt = torch.randn_like(out)
+    bwd_flops = 2.5 * 4.0 * bsz * h * s * s * d / 2
+    theirs_bwd = time_ms(lambda: torch.autograd.grad(out, (qg, kg, vg), gt, retain_graph=True), reps=5, warmup=1)
     rows.append(Row(f"attention_tc bwd bf16 b{bsz} h{h}/{hkv} s{s} d{d} {bwd_best[1] or 'default'}",
-                    2.5 * 4.0 * bsz * h * s * s * d / 2, bwd_best[0],
-                    time_ms(lambda: torch.autograd.grad(out, (qg, kg, vg), gt, retain_graph=True), reps=5, warmup=1)))
+                    bwd_flops, bwd_best[0], theirs_bwd))
+
+    # the wgmma backward: the dQ and the dK/dV kernel each at its fastest layout (delta, which the
+    # dK/dV kernel reads, is the same bits from every dQ layout), then the two timed together
+    tensors = dict(q=q, k=k, v=v, o=o, do=do, lse=lse, dq=dq, delta=delta, dk=dk, dv=dv)
+
+    def bind(spec: AttentionWgmmaBackwardQSpec | AttentionWgmmaBackwardKVSpec):
+        return cache.get(spec).bind_named(*spec.launch_dims(bsz, s),
+                                          {**{n: p(tensors[n]) for n in spec.pointers}, "seq": s})
+
+    chosen = []
+    for cls in (AttentionWgmmaBackwardQSpec, AttentionWgmmaBackwardKVSpec):  # dQ first: it writes delta
+        best = None
+        for layout in WGMMA_ATTN_BWD_LAYOUTS:
+            spec = cls(heads=h, kv_heads=hkv, head_dim=d, **layout)
+            ms = time_ms(bind(spec), reps=5, warmup=1)
+            print(f"  {spec.kind} bf16 b{bsz} h{h}/{hkv} s{s} d{d} {layout or 'default'}: {ms:.3f} ms")
+            best = min(best or (ms, spec), (ms, spec), key=lambda t: t[0])
+        chosen.append(best[1])
+    run_q, run_kv = (bind(spec) for spec in chosen)
+    rows.append(Row(f"attention_wgmma bwd bf16 b{bsz} h{h}/{hkv} s{s} d{d} "
+                    + ", ".join(f"[{what} {spec.warps}w t{spec.tile}]" for what, spec in zip(("dq", "dkv"), chosen)),
+                    bwd_flops, time_ms(lambda: (run_q(), run_kv()), reps=5, warmup=1), theirs_bwd))
 
 
 SECTIONS = ["fp32", "mma", "wgmma", "layers", "bf16-layers", "attention"]

@@ -10,12 +10,11 @@ rowsum(dO * O).
 import numpy as np
 import pytest
 
-from cudacall import call, poison
+from cudacall import call, poison, sixteen, values
 from ptxgen.kernels.attention import attention_backward_reference, attention_reference
 from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
 from ptxgen.kernels.attention_wgmma import AttentionWgmmaSpec
 from ptxgen.hw import MmaType
-from ptxgen.vecio import from_bf16, to_bf16
 from runtime import ModuleCache
 
 pytestmark = pytest.mark.cuda
@@ -25,19 +24,6 @@ rng = np.random.default_rng(11)
 @pytest.fixture(scope="module")
 def cache():
     return ModuleCache(use_disk=False)
-
-
-def sixteen(x: np.ndarray, dtype: MmaType) -> tuple[np.ndarray, np.ndarray]:
-    """(device bits, the float64 values they hold)."""
-    if dtype is MmaType.F16:
-        h = x.astype(np.float16)
-        return h.view(np.uint16), h.astype(np.float64)
-    bits = to_bf16(x.astype(np.float32))
-    return bits, from_bf16(bits).astype(np.float64)
-
-
-def values(bits: np.ndarray, dtype: MmaType) -> np.ndarray:
-    return bits.view(np.float16).astype(np.float64) if dtype is MmaType.F16 else from_bf16(bits).astype(np.float64)
 
 
 def run(cache, spec: AttentionTCSpec | AttentionWgmmaSpec, bsz: int, s: int, kv_len: int | None = None,

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 from ptxgen.kernels.attention import AttentionSpec, attention_backward_reference, attention_reference
+from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec
+from ptxgen.kernels.attention_wgmma import AttentionWgmmaBackwardKVSpec, AttentionWgmmaBackwardQSpec
 from ptxgen.kernels.gemm import Batch, GemmSpec, Strides, widest_vec
-from ptxgen.spec import SpecError
+from ptxgen.spec import SpecError, Target
 
 
 def test_gemm_refuses_shapes_its_vectors_cannot_serve():
@@ -125,3 +127,31 @@ def test_tma_wgmma_gemm_describes_its_tensor_maps_and_refuses_what_they_cannot_s
     with pytest.raises(SpecError, match="tf32 operands must be stored with K contiguous"):
         GemmWgmmaSpec(tma=True, trans_a=True, dtype=MmaType.TF32)
 
+
+
+@pytest.mark.parametrize("tc, wgmma, layout", [
+    (AttentionTCBackwardQSpec, AttentionWgmmaBackwardQSpec, dict(warps=8, tile=32)),
+    (AttentionTCBackwardKVSpec, AttentionWgmmaBackwardKVSpec, dict(warps=8, tile=32)),
+    (AttentionTCBackwardQSpec, AttentionWgmmaBackwardQSpec, dict()),
+    (AttentionTCBackwardKVSpec, AttentionWgmmaBackwardKVSpec, dict())])
+def test_the_wgmma_backward_takes_the_tensor_core_backwards_arguments(tc, wgmma, layout):
+    """So a model switches between them by its choice of spec alone: the same parameters in the same
+    order, the same outputs and the same launch grid for the same rows a block."""
+    fields = dict(heads=14, kv_heads=2, head_dim=128, **layout)
+    ours, theirs = wgmma(**fields), tc(**fields)
+    assert ours.params() == theirs.params() and ours.outputs() == theirs.outputs()
+    assert ours.launch_dims(3, 1000) == theirs.launch_dims(3, 1000)
+    assert ours.arch(Target("sm_90")) == "sm_90a"
+
+
+@pytest.mark.parametrize("cls", [AttentionWgmmaBackwardQSpec, AttentionWgmmaBackwardKVSpec])
+@pytest.mark.parametrize("layout", [dict(warps=2), dict(head_dim=32), dict(tile=16)])
+def test_the_wgmma_backward_takes_whole_warpgroups_and_64_wide_column_chunks(cls, layout):
+    with pytest.raises(SpecError, match="warps 4 or 8 \\(whole warpgroups\\), tile 32, 64 or 128, head_dim 64 or 128"):
+        cls(**{**dict(heads=4, kv_heads=2, head_dim=64), **layout})
+
+
+def test_the_wgmma_dk_dv_stages_keep_the_swizzle_alignment():
+    """Each query stage (Q, dO, then 2 x tile floats of lse and delta) starts on a 1024-byte boundary."""
+    spec = AttentionWgmmaBackwardKVSpec(heads=4, kv_heads=2, head_dim=64)  # 64 x 64 K and V, 64-query stages
+    assert spec.dynamic_shared_bytes() == 2 * 8192 + 2 * 17408  # 2 * 8192 + 512 rounded up to 17 * 1024

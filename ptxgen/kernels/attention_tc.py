@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, NamedTuple
 
 from ..builder import Addr, Guard, KernelBuilder, Reg, T
 from ..exact import LN2_F32, LOG2E_F32
@@ -256,6 +256,14 @@ class _FlashBase(AttentionGrid, KernelSpec):
     warps: int = 4  # 16 rows each
     tile: int = 64  # rows of the other side per step
 
+    # a kernel's tile layout (shared alignment, the row copier) and whether its copies are read
+    # through the async proxy (wgmma) and so fenced into it
+    _align: ClassVar[int] = SHARED_LINE
+    _fenced: ClassVar[bool] = False
+
+    def _copy_rows(self, f: _Flash) -> Callable:
+        return f.copy_rows
+
     @property
     def threads(self) -> int:
         return 32 * self.warps
@@ -299,8 +307,6 @@ class _ForwardBase(_FlashBase):
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "lse")
     written: ClassVar[tuple[str, ...]] = ("o", "lse")
     scalars: ClassVar[tuple[str, ...]] = ("seq", "kv_len", "kv_stride", "q_start")
-    _align: ClassVar[int] = SHARED_LINE
-    _fenced: ClassVar[bool] = False
 
     def dynamic_shared_bytes(self) -> int:
         return (self.rows_per_block + 4 * self.tile) * self.head_dim * 2  # Q, then K and V twice
@@ -342,9 +348,6 @@ class _ForwardBase(_FlashBase):
             b.add(key0, bkv, out=key0)
         f.store_output(o, m, l_part, rows, seq, head)
 
-    def _copy_rows(self, f: _Flash) -> Callable:
-        return f.copy_rows
-
 
 @register
 @dataclass(frozen=True)
@@ -375,12 +378,15 @@ class AttentionTCSpec(_ForwardBase):
                 cls(heads=8, kv_heads=2, head_dim=64, warps=8, tile=128)]
 
 
-@register
-@dataclass(frozen=True)
-class AttentionTCBackwardQSpec(_FlashBase):
-    """dq = scale * sum_j ds_ij k_j with ds = p * (dp - delta), dp = do v^T; writes delta = rowsum(do * o)."""
+class _BackwardQBase(_FlashBase):
+    """What the dQ kernels share: dq = scale * sum_j ds_ij k_j with ds = p * (dp - delta), dp = do v^T;
+    writes delta = rowsum(do * o). The block stages its Q, dO and O rows and the first key/value
+    tile, computes delta from the staged dO and O, then per key tile: the next tile's copies, the
+    tile's products (``_gradient``: S = Q K^T, its mask, dP = dO V^T, dS, dQ += dS K), and a barrier
+    once the next tile has landed. A kernel provides its operands (``_start``), where a staged row
+    tile keeps a chunk (``_tile_offset``) and the products."""
 
-    kind: ClassVar[str] = "attention_tc_bwd_q"
+    kind: ClassVar[str]
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "do", "lse", "dq", "delta")
     written: ClassVar[tuple[str, ...]] = ("dq", "delta")
 
@@ -389,25 +395,26 @@ class AttentionTCBackwardQSpec(_FlashBase):
 
     def build(self, b: KernelBuilder) -> None:
         b.launch_bounds(self.threads)
-        f = _Flash(self, b)
+        f = _Flash(self, b, align=self._align)
+        copy_rows = self._copy_rows(f)
         d, bq, bkv = self.head_dim, self.rows_per_block, self.tile
         seq = b.ld_param("seq")
         first = self._reversed_first(b)
         head = b.special("%ctaid.y")
         kv_head = b.div(head, self.group)
-        copy_kv = f.kv_copier(kv_head, seq, bkv)
+        copy_kv = f.kv_copier(kv_head, seq, bkv, copy_rows)
         kv_bytes, q_bytes = bkv * d * 2, bq * d * 2
         end = b.min(seq, b.add(first, bq)) if self.causal else seq
         key0 = b.mov(0, T.U32)
         kv = Pair(Ring(b, 2, 2 * kv_bytes, b.add(f.smem, 3 * q_bytes)))  # K then V, after Q, dO, O
 
         for i, name in enumerate(("q", "do", "o")):
-            f.copy_rows(f.row_ptr(name, seq, first, self.heads, head), self.heads, b.add(f.smem, i * q_bytes),
-                        first, seq, bq)
+            copy_rows(f.row_ptr(name, seq, first, self.heads, head), self.heads, b.add(f.smem, i * q_bytes),
+                      first, seq, bq)
         copy_kv(kv.at, key0, end)
         b.cp_async_commit()
-        f.landed()
-        q, do = f.a_fragments(f.smem), f.a_fragments(b.add(f.smem, q_bytes))
+        f.landed(self._fenced)
+        operands = self._start(f, q_bytes)
         rows = f.rows_of_warp(first)
         delta = self._delta(b, f, first, seq, head, q_bytes)
         lse2 = [b.mul(b.ld("global", T.F32, Addr(f.stat_ptr("lse", self.heads, head, seq, r)),
@@ -421,18 +428,18 @@ class AttentionTCBackwardQSpec(_FlashBase):
             out = b.setp("ge", key, seq)
             return b.or_(out, b.setp("gt", key, rows[h])) if self.causal else out
 
+        def mask(s: Tiles) -> None:
+            f.mask(s, key0, b.setp("gt", b.add(key0, bkv), last_free), off)
+
+        def dscores(s: Tiles, dp: Tiles) -> Tiles:
+            return [[b.mul(b.fn("ex2", b.fma(s[j][e], c, neg_lse2[e >> 1])), b.sub(dp[j][e], delta[e >> 1]))
+                     for e in range(4)] for j in range(len(s))]
+
         with b.loop(b.div(b.add(end, bkv - 1), bkv), "kv_tile"):
             copy_kv(kv.other, b.add(key0, bkv), end)
             b.cp_async_commit()
-            s = f.zeros(bkv // 8)
-            f.products(s, q, kv.at, bkv)
-            f.mask(s, key0, b.setp("gt", b.add(key0, bkv), last_free), off)
-            dp = f.zeros(bkv // 8)
-            f.products(dp, do, b.add(kv.at, kv_bytes), bkv)
-            ds = [[b.mul(b.fn("ex2", b.fma(s[j][e], c, neg_lse2[e >> 1])), b.sub(dp[j][e], delta[e >> 1]))
-                   for e in range(4)] for j in range(len(s))]
-            f.accumulate(dq, ds, kv.at, bkv)
-            f.landed()
+            self._gradient(f, operands, dq, kv.at, mask, dscores)
+            f.landed(self._fenced)
             kv.advance()
             b.add(key0, bkv, out=key0)
 
@@ -447,10 +454,11 @@ class AttentionTCBackwardQSpec(_FlashBase):
         row = b.add(b.mul(f.warp, 16), b.shr(f.lane, 1))
         half = b.and_(f.lane, 1)
         chunks = self.head_dim // ELEMS
+        offset = self._tile_offset(f)
         parts = []
         for i in range(chunks // 2):
             chunk = b.add(b.mul(half, chunks // 2), i)
-            at = b.add(f.smem, f.rows.offset(row, chunk))
+            at = b.add(f.smem, offset(row, chunk))
             dos = b.ld("shared", T.B32, Addr(at, q_bytes), 4)
             os_ = b.ld("shared", T.B32, Addr(at, 2 * q_bytes), 4)
             for x, y in zip(dos, os_):
@@ -466,18 +474,53 @@ class AttentionTCBackwardQSpec(_FlashBase):
     def dtype_t(self) -> T:
         return T(self.dtype.value)
 
+
+@register
+@dataclass(frozen=True)
+class AttentionTCBackwardQSpec(_BackwardQBase):
+    """The dQ kernel on mma.sync: the block's Q and dO rows read into A fragments once."""
+
+    kind: ClassVar[str] = "attention_tc_bwd_q"
+
+    def _start(self, f: _Flash, q_bytes: int) -> tuple[Tiles, Tiles]:
+        return f.a_fragments(f.smem), f.a_fragments(f.b.add(f.smem, q_bytes))
+
+    def _tile_offset(self, f: _Flash) -> Callable[[Reg, Reg], Reg]:
+        return f.rows.offset
+
+    def _gradient(self, f: _Flash, operands: tuple[Tiles, Tiles], dq: Tiles, stage: Reg,
+                  mask: Callable[[Tiles], None], dscores: Callable[[Tiles, Tiles], Tiles]) -> None:
+        b, bkv, (q, do) = f.b, self.tile, operands
+        s = f.zeros(bkv // 8)
+        f.products(s, q, stage, bkv)
+        mask(s)
+        dp = f.zeros(bkv // 8)
+        f.products(dp, do, b.add(stage, bkv * self.head_dim * 2), bkv)
+        f.accumulate(dq, dscores(s, dp), stage, bkv)
+
     @classmethod
     def examples(cls) -> list["AttentionTCBackwardQSpec"]:
         return [cls(heads=14, kv_heads=2, head_dim=64), cls(heads=14, kv_heads=2, head_dim=128, tile=32),
                 cls(heads=4, kv_heads=4, head_dim=32, causal=False, dtype=MmaType.F16, warps=2, tile=32)]
 
 
-@register
-@dataclass(frozen=True)
-class AttentionTCBackwardKVSpec(_FlashBase):
-    """dk = scale * sum ds^T q, dv = sum p^T do over the query heads of each K/V head's group."""
+class _KVStep(NamedTuple):
+    """A query tile's elementwise steps, for the dK/dV products between them."""
 
-    kind: ClassVar[str] = "attention_tc_bwd_kv"
+    mask: Callable[[Tiles], None]  # S^T: -inf where a query does not see a key
+    probabilities: Callable[[Tiles], Tiles]  # P^T from the masked S^T (reads the tile's lse and delta)
+    dscores: Callable[[Tiles, Tiles], Tiles]  # dS^T from P^T and dP^T
+
+
+class _BackwardKVBase(_FlashBase):
+    """What the dK/dV kernels share: dk = scale * sum ds^T q, dv = sum p^T do over the query heads
+    of each K/V head's group. The block stages its K and V rows, then per query head of the group
+    and per query tile at or after its keys (Q, dO and their lse and delta rows, double-buffered):
+    the next tile's copies, the tile's products (``_gradient``: S^T = K Q^T, P^T, dV += P^T dO,
+    dP^T = V dO^T, dK += dS^T Q), and a barrier once the next tile has landed. A kernel provides its
+    operands (``_start``), its stage size (``_stage_bytes``) and the products."""
+
+    kind: ClassVar[str]
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "do", "lse", "delta", "dk", "dv")
     written: ClassVar[tuple[str, ...]] = ("dk", "dv")
 
@@ -490,28 +533,33 @@ class AttentionTCBackwardKVSpec(_FlashBase):
         if self.tile > self.threads:
             raise SpecError(f"tile {self.tile} exceeds the {self.threads} threads that load its lse and delta")
 
-    def dynamic_shared_bytes(self) -> int:  # K, V, then twice: Q, dO and the lse and delta rows
-        return 2 * self.rows_per_block * self.head_dim * 2 + 2 * (2 * self.tile * self.head_dim * 2 + 2 * self.tile * 4)
+    def _stage_bytes(self) -> int:
+        """One query tile's stage: Q, dO, then the lse and delta rows."""
+        return 2 * (self.tile * self.head_dim * 2 + self.tile * 4)
+
+    def dynamic_shared_bytes(self) -> int:  # K, V, then two stages
+        return 2 * self.rows_per_block * self.head_dim * 2 + 2 * self._stage_bytes()
 
     def build(self, b: KernelBuilder) -> None:
         b.launch_bounds(self.threads)
-        f = _Flash(self, b)
+        f = _Flash(self, b, align=self._align)
+        copy_rows = self._copy_rows(f)
         d, bk, bq = self.head_dim, self.rows_per_block, self.tile
         seq = b.ld_param("seq")
         first = b.mul(b.special("%ctaid.x"), bk)  # key tiles from the first: the most causal work
         kv_head = b.special("%ctaid.y")
         kv_bytes, q_bytes = bk * d * 2, bq * d * 2
         for i, name in enumerate(("k", "v")):
-            f.copy_rows(f.row_ptr(name, seq, first, self.kv_heads, kv_head), self.kv_heads,
-                        b.add(f.smem, i * kv_bytes), first, seq, bk)
+            copy_rows(f.row_ptr(name, seq, first, self.kv_heads, kv_head), self.kv_heads,
+                      b.add(f.smem, i * kv_bytes), first, seq, bk)
         b.cp_async_commit()
-        f.landed()
+        f.landed(self._fenced)
+        operands = self._start(f, kv_bytes)
         keys = f.rows_of_warp(first)
         dk, dv = f.zeros(d // 8), f.zeros(d // 8)
         c = self.scale_log2e
         q_begin = b.mul(b.div(first, bq), bq) if self.causal else b.mov(0, T.U32)  # queries that see these keys
-        stage_bytes = 2 * q_bytes + 2 * bq * 4
-        qs = Pair(Ring(b, 2, stage_bytes, b.add(f.smem, 2 * kv_bytes)))  # after K and V
+        qs = Pair(Ring(b, 2, self._stage_bytes(), b.add(f.smem, 2 * kv_bytes)))  # after K and V
         tid_ok = b.setp("lt", f.tid, bq)
 
         with b.loop(b.mov(self.group, T.U32), "head") as hq:
@@ -524,8 +572,8 @@ class AttentionTCBackwardKVSpec(_FlashBase):
 
             def copy_q(dst: Reg, row0: Reg) -> None:
                 """Q and dO rows row0.. (cp.async), and their lse (in base 2) and delta (plain loads)."""
-                f.copy_rows(b.add(q_at, b.mul_wide(row0, q_row)), self.heads, dst, row0, seq, bq)
-                f.copy_rows(b.add(do_at, b.mul_wide(row0, q_row)), self.heads, b.add(dst, q_bytes), row0, seq, bq)
+                copy_rows(b.add(q_at, b.mul_wide(row0, q_row)), self.heads, dst, row0, seq, bq)
+                copy_rows(b.add(do_at, b.mul_wide(row0, q_row)), self.heads, b.add(dst, q_bytes), row0, seq, bq)
                 row = b.add(row0, f.tid)
                 ok = b.and_(tid_ok, b.setp("lt", row, seq))
                 for i, (at, scale) in enumerate(((lse_at, LOG2E_F32), (delta_at, 1.0))):
@@ -535,32 +583,35 @@ class AttentionTCBackwardKVSpec(_FlashBase):
 
             copy_q(qs.at, q0)
             b.cp_async_commit()
-            f.landed()
+            f.landed(self._fenced)
 
             def off(query: Reg, h: int) -> Reg:  # past the sequence, or (causal) before the key
                 out = b.setp("ge", query, seq)
                 return b.or_(out, b.setp("gt", keys[h], query)) if self.causal else out
 
-            with b.loop(b.div(b.add(b.sub(seq, q_begin), bq - 1), bq), "q_tile"):
-                copy_q(qs.other, b.add(q0, bq))
-                b.cp_async_commit()
-                st = f.zeros(bq // 8)
-                f.products(st, f.a_fragments(f.smem), qs.at, bq)  # K's fragments: re-read, not held
+            def mask(st: Tiles) -> None:
                 needed = b.setp("gt", b.add(q0, bq), seq)  # the tile passes the sequence's end ...
                 if self.causal:  # ... or some query comes before some key
                     needed = b.or_(needed, b.setp("lt", q0, b.add(first, bk)))
                 f.mask(st, q0, needed, off)
+
+            dlt: list[list[Reg]] = []
+
+            def probabilities(st: Tiles) -> Tiles:
                 stats = b.add(qs.at, b.add(b.shl(f.quad, 3), 2 * q_bytes))  # this lane's column pair's lse
                 lse2 = [b.ld("shared", T.F32, Addr(stats, 32 * j), 2) for j in range(bq // 8)]
-                dlt = [b.ld("shared", T.F32, Addr(stats, 32 * j + bq * 4), 2) for j in range(bq // 8)]
-                p = [[b.fn("ex2", b.fma(st[j][e], c, b.neg(lse2[j][e & 1]))) for e in range(4)]
-                     for j in range(bq // 8)]
-                f.accumulate(dv, p, b.add(qs.at, q_bytes), bq)
-                dpt = f.zeros(bq // 8)
-                f.products(dpt, f.a_fragments(b.add(f.smem, kv_bytes)), b.add(qs.at, q_bytes), bq)
-                ds = [[b.mul(p[j][e], b.sub(dpt[j][e], dlt[j][e & 1])) for e in range(4)] for j in range(bq // 8)]
-                f.accumulate(dk, ds, qs.at, bq)
-                f.landed()
+                dlt[:] = [b.ld("shared", T.F32, Addr(stats, 32 * j + bq * 4), 2) for j in range(bq // 8)]
+                return [[b.fn("ex2", b.fma(st[j][e], c, b.neg(lse2[j][e & 1]))) for e in range(4)]
+                        for j in range(bq // 8)]
+
+            def dscores(p: Tiles, dpt: Tiles) -> Tiles:
+                return [[b.mul(p[j][e], b.sub(dpt[j][e], dlt[j][e & 1])) for e in range(4)] for j in range(bq // 8)]
+
+            with b.loop(b.div(b.add(b.sub(seq, q_begin), bq - 1), bq), "q_tile"):
+                copy_q(qs.other, b.add(q0, bq))
+                b.cp_async_commit()
+                self._gradient(f, operands, dk, dv, qs.at, _KVStep(mask, probabilities, dscores))
+                f.landed(self._fenced)
                 qs.advance()
                 b.add(q0, bq, out=q0)
 
@@ -569,6 +620,30 @@ class AttentionTCBackwardKVSpec(_FlashBase):
             for h in range(2):
                 index = b.mad(b.mad(f.batch, seq, keys[h]), self.kv_heads, kv_head)
                 f.store_f32(acc, h, b.add(ptr, b.mul_wide(index, d * 4)), b.setp("lt", keys[h], seq), scale)
+
+
+@register
+@dataclass(frozen=True)
+class AttentionTCBackwardKVSpec(_BackwardKVBase):
+    """The dK/dV kernel on mma.sync: K's and V's A fragments re-read from shared memory per tile
+    (not held: registers), dV accumulated before dP^T is made."""
+
+    kind: ClassVar[str] = "attention_tc_bwd_kv"
+
+    def _start(self, f: _Flash, kv_bytes: int) -> None:
+        return None
+
+    def _gradient(self, f: _Flash, operands: None, dk: Tiles, dv: Tiles, stage: Reg, step: _KVStep) -> None:
+        b, bq, q_bytes = f.b, self.tile, self.tile * self.head_dim * 2
+        st = f.zeros(bq // 8)
+        f.products(st, f.a_fragments(f.smem), stage, bq)
+        step.mask(st)
+        p = step.probabilities(st)
+        f.accumulate(dv, p, b.add(stage, q_bytes), bq)
+        dpt = f.zeros(bq // 8)
+        f.products(dpt, f.a_fragments(b.add(f.smem, self.rows_per_block * self.head_dim * 2)),
+                   b.add(stage, q_bytes), bq)
+        f.accumulate(dk, step.dscores(p, dpt), stage, bq)
 
     @classmethod
     def examples(cls) -> list["AttentionTCBackwardKVSpec"]:

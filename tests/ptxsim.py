@@ -1,0 +1,397 @@
+"""A block-level PTX interpreter, so CPU tests can run the wgmma attention kernels' math.
+
+It interprets the instructions those kernels emit, nothing more (anything else raises
+NotImplementedError). A block's threads run in lockstep, one numpy lane each, so every branch must
+be block-uniform (asserted: the kernels branch only on block-wide values). cp.async copies land at
+their group's cp.async.wait_group, not before: a read of a stage before its wait sees stale bytes.
+Shared memory starts as garbage, global memory outside the outputs is read-only (asserted).
+
+wgmma runs at issue, per warpgroup: accumulators and A-from-registers in the mma m16n8k16 fragment
+layouts, shared operands through their matrix descriptors in the 128-byte swizzle (16-byte chunk
+bits 4-6 of an absolute shared address XORed with bits 7-9): K-major element (row, k) at start +
+(row / 8) * SBO + (row % 8) * 128 + 2k; MN-major (k, col) at start + (col / 64) * LBO + (k / 8) *
+SBO + (k % 8) * 128 + 2 (col % 64). That reading of the hardware is checked by running the
+forward, which passes its tests on an H200, through this interpreter (test_attention_wgmma_sim).
+"""
+from __future__ import annotations
+
+import re
+import struct
+from typing import Sequence
+
+import numpy as np
+
+from ptxgen.spec import KernelSpec, Target
+
+SMEM_BASE = 0x400  # the dynamic shared array's address: 1024-byte aligned, as its .align asks
+WORD = np.arange(4)
+
+
+def _f32(token: str) -> np.float32:
+    return np.frombuffer(struct.pack("<I", int(token[2:], 16)), np.float32)[0]
+
+
+def _to_16(x: np.ndarray, dtype: str) -> np.ndarray:
+    """f32 -> bf16 / f16 bits, rounded to nearest even."""
+    x = np.asarray(x, np.float32)
+    if dtype.startswith("f16"):
+        return x.astype(np.float16).view(np.uint16)
+    bits = x.view(np.uint32).astype(np.uint64)
+    return np.where(np.isnan(x), 0x7FC0, (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _from_16(bits: np.ndarray, dtype: str) -> np.ndarray:
+    bits = np.asarray(bits, np.uint16)
+    return (bits.astype(np.uint32) << 16).view(np.float32) if dtype == "bf16" else bits.view(np.float16).astype(np.float32)
+
+
+def _operands(text: str) -> list[str]:
+    """Comma-separated operands, a {vector} being one."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return out + [cur.strip()] if cur.strip() else out
+
+
+def _vector(token: str) -> list[str]:
+    return [x.strip() for x in token[1:-1].split(",")] if token.startswith("{") else [token]
+
+
+class Program:
+    """A kernel's parameter names and instructions: (guard (register, negated) or None, opcode, operands)."""
+
+    def __init__(self, ptx: str):
+        self.params = re.findall(r"\.param \.\w+ (\w+)", ptx)
+        self.instrs: list[tuple[tuple[str, bool] | None, list[str], list[str]]] = []
+        self.labels: dict[str, int] = {}
+        for line in ptx[ptx.index("{", ptx.index(".entry")) + 1:].splitlines():
+            line = line.strip().rstrip(";")
+            if not line or line.startswith((".reg", "}", "//")):
+                continue
+            if line.endswith(":"):
+                self.labels[line[:-1]] = len(self.instrs)
+                continue
+            guard = None
+            if line.startswith("@"):
+                g, line = line.split(None, 1)
+                guard = (g.lstrip("@!"), g[1] == "!")
+            op, _, rest = line.partition(" ")
+            self.instrs.append((guard, op.split("."), _operands(rest)))
+
+
+class Memory:
+    """Global memory: the arguments side by side; only the spec's outputs may be written."""
+
+    def __init__(self):
+        self.bytes = np.zeros(256, np.uint8)
+        self.writable: list[tuple[int, int]] = []
+
+    def put(self, array: np.ndarray, writable: bool) -> int:
+        raw = np.ascontiguousarray(array).view(np.uint8).ravel()
+        at = -(-len(self.bytes) // 256) * 256
+        self.bytes = np.concatenate([self.bytes, np.zeros(at - len(self.bytes), np.uint8), raw, np.zeros(256, np.uint8)])
+        if writable:
+            self.writable.append((at, at + raw.size))
+        return at
+
+    def get(self, at: int, like: np.ndarray) -> np.ndarray:
+        return self.bytes[at:at + like.nbytes].copy().view(like.dtype).reshape(like.shape)
+
+
+class Block:
+    def __init__(self, program: Program, threads: int, ctaid: tuple[int, int, int], nctaid: tuple[int, int, int],
+                 params: dict[str, int], memory: Memory, shared_bytes: int):
+        self.program, self.threads, self.memory, self.params = program, threads, memory, params
+        self.special = {"%tid.x": np.arange(threads, dtype=np.uint32)}
+        for i, axis in enumerate("xyz"):
+            self.special[f"%ctaid.{axis}"] = np.full(threads, ctaid[i], np.uint32)
+            self.special[f"%nctaid.{axis}"] = np.full(threads, nctaid[i], np.uint32)
+        self.shared = np.full(SMEM_BASE + shared_bytes, 0xAB, np.uint8)  # garbage until written
+        self.regs: dict[str, np.ndarray] = {}
+        self.pending: list = []  # cp.async copies not yet committed
+        self.groups: list[list] = []  # committed groups, oldest first
+
+    def run(self) -> None:
+        pc, instrs = 0, self.program.instrs
+        while pc < len(instrs):
+            guard, op, ops = instrs[pc]
+            mask = None
+            if guard is not None:
+                mask = self.regs[guard[0]] != guard[1]
+            if op[0] == "bra":
+                taken = np.ones(self.threads, bool) if mask is None else mask
+                assert taken.all() or not taken.any(), f"a divergent branch: {op} {ops}"
+                pc = self.program.labels[ops[0]] if taken.all() else pc + 1
+                continue
+            if op[0] == "ret":
+                return
+            handler = getattr(self, "_" + op[0], None)
+            if handler is None:
+                raise NotImplementedError(".".join(op))
+            handler(op, ops, mask)
+            pc += 1
+
+    # -- registers ------------------------------------------------------------------------------
+    def value(self, token: str, t: str) -> np.ndarray:
+        if token in self.special:
+            return self.special[token]
+        if token.startswith("%"):
+            return self.regs[token]
+        if token == "tiles":
+            return np.full(self.threads, SMEM_BASE, np.uint32)
+        if t == "f32":
+            return np.full(self.threads, _f32(token), np.float32)
+        return np.full(self.threads, int(token, 0), np.uint64 if t in ("u64", "b64") else np.uint32)
+
+    def write(self, name: str, value: np.ndarray, mask: np.ndarray | None) -> None:
+        if mask is None:
+            self.regs[name] = np.array(value, copy=True)
+        else:
+            self.regs[name] = np.where(mask, value, self.regs.get(name, np.zeros_like(value))).astype(value.dtype)
+
+    @staticmethod
+    def _type(op: list[str]) -> str:
+        return next(p for p in reversed(op) if p in ("u32", "b32", "u64", "b64", "f32", "pred"))
+
+    def _binary(self, op, ops, mask, f) -> None:
+        t = self._type(op)
+        a, b = self.value(ops[1], t), self.value(ops[2], t)
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            self.write(ops[0], np.asarray(f(a, b)).astype(a.dtype), mask)
+
+    def _add(self, op, ops, mask):
+        self._binary(op, ops, mask, np.add)
+
+    def _sub(self, op, ops, mask):
+        self._binary(op, ops, mask, np.subtract)
+
+    def _mul(self, op, ops, mask):
+        if op[1] == "wide":
+            self.write(ops[0], self.value(ops[1], "u32").astype(np.uint64) * self.value(ops[2], "u32"), mask)
+        else:
+            self._binary(op, ops, mask, np.multiply)
+
+    def _div(self, op, ops, mask):
+        self._binary(op, ops, mask, np.floor_divide)
+
+    def _rem(self, op, ops, mask):
+        self._binary(op, ops, mask, np.remainder)
+
+    def _min(self, op, ops, mask):
+        self._binary(op, ops, mask, np.minimum)
+
+    def _max(self, op, ops, mask):
+        self._binary(op, ops, mask, np.maximum)
+
+    def _and(self, op, ops, mask):
+        self._binary(op, ops, mask, np.bitwise_and)
+
+    def _or(self, op, ops, mask):
+        self._binary(op, ops, mask, np.bitwise_or)
+
+    def _xor(self, op, ops, mask):
+        self._binary(op, ops, mask, np.bitwise_xor)
+
+    def _shl(self, op, ops, mask):
+        self._binary(op, ops, mask, lambda a, b: (a.astype(np.uint64) << b.astype(np.uint64)) & 0xFFFFFFFF)
+
+    def _shr(self, op, ops, mask):
+        self._binary(op, ops, mask, np.right_shift)
+
+    def _mad(self, op, ops, mask):
+        a, b, c = (self.value(x, "u32") for x in ops[1:4])
+        with np.errstate(over="ignore"):
+            self.write(ops[0], a * b + c, mask)
+
+    def _fma(self, op, ops, mask):  # the f64 product of two f32 is exact: one rounding of the sum, then to f32
+        a, b, c = (self.value(x, "f32").astype(np.float64) for x in ops[1:4])
+        self.write(ops[0], (a * b + c).astype(np.float32), mask)
+
+    def _unary(self, ops, mask, f) -> None:
+        with np.errstate(over="ignore", divide="ignore"):
+            self.write(ops[0], f(self.value(ops[1], "f32")).astype(np.float32), mask)
+
+    def _neg(self, op, ops, mask):
+        self._unary(ops, mask, np.negative)
+
+    def _ex2(self, op, ops, mask):
+        self._unary(ops, mask, np.exp2)
+
+    def _lg2(self, op, ops, mask):
+        self._unary(ops, mask, np.log2)
+
+    def _rcp(self, op, ops, mask):
+        self._unary(ops, mask, lambda x: np.float32(1) / x)
+
+    def _setp(self, op, ops, mask):
+        compare = {"eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal, "gt": np.greater,
+                   "ge": np.greater_equal}[op[1]]
+        self.write(ops[0], compare(self.value(ops[1], op[2]), self.value(ops[2], op[2])), mask)
+
+    def _selp(self, op, ops, mask):
+        a, b = self.value(ops[1], op[1]), self.value(ops[2], op[1])
+        self.write(ops[0], np.where(self.regs[ops[3]], a, b).astype(a.dtype), mask)
+
+    def _mov(self, op, ops, mask):
+        if ops[0].startswith("{"):  # a 32-bit register's two 16-bit halves, low first
+            low, high = _vector(ops[0])
+            v = self.value(ops[1], "b32")
+            self.write(low, (v & 0xFFFF).astype(np.uint16), mask)
+            self.write(high, (v >> 16).astype(np.uint16), mask)
+        else:
+            self.write(ops[0], self.value(ops[1], op[1]), mask)
+
+    def _cvt(self, op, ops, mask):
+        kind = ".".join(op[1:])
+        if kind in ("rn.bf16x2.f32", "rn.f16x2.f32"):  # the first source to the upper half
+            high, low = (_to_16(self.value(x, "f32"), op[2]).astype(np.uint32) for x in ops[1:3])
+            self.write(ops[0], (high << 16) | low, mask)
+        elif kind in ("f32.bf16", "f32.f16"):
+            self.write(ops[0], _from_16(self.regs[ops[1]], op[2]), mask)
+        elif kind == "u64.u32":
+            self.write(ops[0], self.value(ops[1], "u32").astype(np.uint64), mask)
+        else:
+            raise NotImplementedError("cvt." + kind)
+
+    def _cvta(self, op, ops, mask):
+        self.write(ops[0], self.value(ops[1], "u64"), mask)
+
+    def _shfl(self, op, ops, mask):
+        lane = self.special["%tid.x"] & 31
+        other = self.value(ops[2], "u32")
+        source = (lane ^ other) if op[2] == "bfly" else (other & 31)
+        self.write(ops[0], self.value(ops[1], "b32")[self.special["%tid.x"] - lane + source], mask)
+
+    # -- memory -----------------------------------------------------------------------------------
+    def _address(self, token: str, space: str) -> np.ndarray:
+        m = re.fullmatch(r"\[([%\w.]+)(?:\+(\d+))?\]", token)
+        return self.value(m[1], "u64" if space == "global" else "u32").astype(np.int64) + int(m[2] or 0)
+
+    def _space(self, space: str) -> np.ndarray:
+        return self.shared if space == "shared" else self.memory.bytes
+
+    def _ld(self, op, ops, mask):
+        space = op[1]
+        if space == "param":
+            self.write(ops[0], np.full(self.threads, self.params[ops[1][1:-1]], np.uint64 if op[2] == "u64" else np.uint32),
+                       mask)
+            return
+        at, on = self._address(ops[1], space), np.ones(self.threads, bool) if mask is None else mask
+        for i, name in enumerate(_vector(ops[0])):
+            words = np.zeros(self.threads, np.uint32)
+            where = at[on, None] + 4 * i + WORD
+            words[on] = np.ascontiguousarray(self._space(space)[where]).view(np.uint32)[:, 0]
+            self.write(name, words.view(np.float32) if op[-1] == "f32" else words, mask)
+
+    def _st(self, op, ops, mask):
+        space = op[1]
+        at, on = self._address(ops[0], space), np.ones(self.threads, bool) if mask is None else mask
+        for i, name in enumerate(_vector(ops[1])):
+            v = self.value(name, op[-1])
+            words = v.astype(np.float32).view(np.uint32) if op[-1] == "f32" else v.astype(np.uint32)
+            where = at[on] + 4 * i
+            if space == "global":
+                assert all(any(lo <= w < hi for lo, hi in self.memory.writable) for w in where), "a write outside the outputs"
+            self._space(space)[where[:, None] + WORD] = np.ascontiguousarray(words[on]).view(np.uint8).reshape(-1, 4)
+
+    def _cp(self, op, ops, mask):
+        kind = op[2]
+        if kind == "cg":  # cp.async.cg.shared.global [dst], [src], 16, src_size: zeros past src_size
+            on = np.ones(self.threads, bool) if mask is None else mask
+            dst, src = self._address(ops[0], "shared")[on], self._address(ops[1], "global")[on]
+            size = self.value(ops[3], "u32")[on].astype(np.int64)
+            valid = np.arange(16) < size[:, None]
+            data = np.where(valid, self.memory.bytes[np.where(valid, src[:, None] + np.arange(16), 0)], 0).astype(np.uint8)
+            assert (dst % 16 == 0).all() and (dst >= SMEM_BASE).all() and (dst + 16 <= len(self.shared)).all()
+            self.pending.append((dst, data))
+        elif kind == "commit_group":
+            self.groups.append(self.pending)
+            self.pending = []
+        elif kind == "wait_group":
+            while len(self.groups) > int(ops[0]):
+                for dst, data in self.groups.pop(0):
+                    self.shared[dst[:, None] + np.arange(16)] = data
+        else:
+            raise NotImplementedError(".".join(op))
+
+    def _bar(self, op, ops, mask):  # lockstep: every thread is already here
+        pass
+
+    def _fence(self, op, ops, mask):
+        pass
+
+    # -- wgmma ------------------------------------------------------------------------------------
+    def _wgmma(self, op, ops, mask):
+        if op[1] != "mma_async":  # fence, commit_group, wait_group: the product ran at issue
+            return
+        n = int(re.fullmatch(r"m64n(\d+)k16", op[4])[1])
+        dtype = op[6]
+        accs = _vector(ops[0])
+        in_regs = ops[1].startswith("{")
+        flags = [int(x) for x in ops[4:]]
+        for group in range(self.threads // 128):
+            lanes = slice(128 * group, 128 * group + 128)
+            scale_d = self.regs[ops[3]][lanes]
+            assert scale_d.all() or not scale_d.any()
+            a = (self._a_registers(_vector(ops[1]), lanes, dtype) if in_regs
+                 else self._shared_operand(self._descriptor(ops[1], lanes), 64, bool(flags[2]), dtype))
+            b = self._shared_operand(self._descriptor(ops[2], lanes), n, bool(flags[-1]), dtype)
+            d = (a.astype(np.float64) @ b.astype(np.float64).T).astype(np.float32)
+            for i, name in enumerate(accs):
+                rows, cols = _accumulator(i)
+                old = self.regs.setdefault(name, np.zeros(self.threads, np.float32))
+                old[lanes] = d[rows, cols] + (old[lanes] if scale_d[0] else 0)
+
+    def _descriptor(self, token: str, lanes: slice) -> int:
+        values = self.regs[token][lanes]
+        assert (values == values[0]).all(), "a descriptor that differs across the warpgroup"
+        return int(values[0])
+
+    def _a_registers(self, names: Sequence[str], lanes: slice, dtype: str) -> np.ndarray:
+        """A (64 x 16) from each warp's m16k16 fragments: register r holds rows group + 8 (r % 2),
+        columns 2 quad + 8 (r // 2) and the next, the lower column in the lower half."""
+        a = np.zeros((64, 16), np.float32)
+        t = np.arange(128)
+        row0, col0 = 16 * (t // 32) + (t % 32) // 4, 2 * (t % 4)
+        for r, name in enumerate(names):
+            v = self.regs[name][lanes].astype(np.uint32)
+            row, col = row0 + 8 * (r % 2), col0 + 8 * (r // 2)
+            a[row, col], a[row, col + 1] = _from_16(v & 0xFFFF, dtype), _from_16(v >> 16, dtype)
+        return a
+
+    def _shared_operand(self, desc: int, outer: int, mn_major: bool, dtype: str) -> np.ndarray:
+        """[outer][16 k] of the operand ``desc`` describes (the layouts in the module's docstring)."""
+        start, lbo, sbo = ((desc >> shift & 0x3FFF) << 4 for shift in (0, 16, 32))
+        assert desc >> 62 == 1 and (desc >> 49) & 7 == 0, "not a 128-byte swizzled operand at a 1024-byte phase"
+        o, k = np.arange(outer)[:, None], np.arange(16)[None, :]
+        at = (start + (o // 64) * lbo + (k // 8) * sbo + (k % 8) * 128 + (o % 64) * 2 if mn_major
+              else start + (o // 8) * sbo + (o % 8) * 128 + k * 2)
+        at = at ^ (((at >> 7) & 7) << 4)
+        return _from_16(self.shared[at].astype(np.uint16) | (self.shared[at + 1].astype(np.uint16) << 8), dtype)
+
+
+def _accumulator(i: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of accumulator register i of each of a warpgroup's 128 threads."""
+    t = np.arange(128)
+    return 16 * (t // 32) + (t % 32) // 4 + 8 * ((i % 4) // 2), 8 * (i // 4) + 2 * (t % 4) + i % 2
+
+
+def launch(spec: KernelSpec, dims: tuple[tuple[int, int, int], int], *args: np.ndarray | int) -> list[np.ndarray]:
+    """Run ``spec`` (sm_90) over its grid on ``args`` (arrays or ints, in parameter order); returns
+    every array argument after the run, as ``cudacall.call`` does on a GPU."""
+    program = Program(spec.emit(Target("sm_90")))
+    (gx, gy, gz), threads = dims
+    memory, outputs = Memory(), set(spec.outputs())
+    at = [memory.put(a, name in outputs) if isinstance(a, np.ndarray) else a
+          for (name, _), a in zip(spec.params(), args)]
+    params = dict(zip(program.params, at))
+    for z in range(gz):
+        for y in range(gy):
+            for x in range(gx):
+                Block(program, threads, (x, y, z), (gx, gy, gz), params, memory, spec.dynamic_shared_bytes()).run()
+    return [memory.get(p, a) for p, a in zip(at, args) if isinstance(a, np.ndarray)]

@@ -1,0 +1,69 @@
+"""The wgmma attention kernels' math on the CPU, through the PTX interpreter (ptxsim), against the
+float64 references with the GPU tests' tolerances (test_attention_tc_cuda, test_attention_wgmma_bwd_cuda).
+
+The forward passes its GPU tests on an H200: running it here checks the interpreter's reading of
+wgmma (fragment layouts, descriptors, the swizzle) against the hardware. The backward's GPU tests
+are the word on the backward; these catch a wrong index, stage or mask without a GPU. Small shapes
+(a Python interpreter): every tile size, both head_dims, one and two warpgroups, a ragged last tile.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ptxgen.hw import MmaType
+from ptxgen.kernels.attention import attention_backward_reference, attention_reference
+from ptxgen.kernels.attention_wgmma import AttentionWgmmaBackwardKVSpec, AttentionWgmmaBackwardQSpec, AttentionWgmmaSpec
+from ptxgen.vecio import from_bf16, to_bf16
+from ptxsim import launch
+
+rng = np.random.default_rng(3)
+
+
+def sixteen(shape: tuple[int, ...], dtype: MmaType) -> tuple[np.ndarray, np.ndarray]:
+    """Random 16-bit values: (their bits, their float64 values)."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    if dtype is MmaType.F16:
+        return x.astype(np.float16).view(np.uint16), x.astype(np.float16).astype(np.float64)
+    bits = to_bf16(x)
+    return bits, from_bf16(bits).astype(np.float64)
+
+
+def values(bits: np.ndarray, dtype: MmaType) -> np.ndarray:
+    return bits.view(np.float16).astype(np.float64) if dtype is MmaType.F16 else from_bf16(bits).astype(np.float64)
+
+
+def nan(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    return np.full(shape, 0x7FC0 if dtype == np.uint16 else np.nan, dtype)
+
+
+@pytest.mark.parametrize("s, d, layout", [(37, 64, dict()), (77, 128, dict(warps=8, tile=128)),
+                                          (70, 64, dict(dtype=MmaType.F16, tile=128))])
+def test_the_forward_runs_in_the_interpreter_as_on_the_gpu(s, d, layout):
+    spec = AttentionWgmmaSpec(heads=2, kv_heads=1, head_dim=d, **layout)
+    (q, q64), (k, k64), (v, v64) = (sixteen(shape, spec.dtype) for shape in ((1, s, 2, d), (1, s, 1, d), (1, s, 1, d)))
+    o, lse = launch(spec, spec.launch_dims(1, s), q, k, v, nan(q.shape, np.uint16), nan((1, 2, s)), s, s, s, 0)[3:]
+    o_ref, _, lse_ref = attention_reference(q64, k64, v64)
+    assert np.abs(values(o, spec.dtype) - o_ref).max() <= 1e-2
+    np.testing.assert_allclose(lse, lse_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bsz, s, h, hkv, d, layout", [
+    (2, 37, 4, 2, 64, dict()), (1, 77, 2, 1, 128, dict(tile=32)), (1, 70, 3, 3, 64, dict(warps=8, tile=128)),
+    (1, 40, 2, 1, 128, dict(causal=False, dtype=MmaType.F16, warps=8, tile=32))])
+def test_the_backward_matches_the_reference_gradients(bsz, s, h, hkv, d, layout):
+    fields = dict(heads=h, kv_heads=hkv, head_dim=d, **layout)
+    bq, bkv = AttentionWgmmaBackwardQSpec(**fields), AttentionWgmmaBackwardKVSpec(**fields)
+    dtype = bq.dtype
+    (q, q64), (k, k64), (v, v64), (do, do64) = (sixteen(shape, dtype) for shape in
+                                                ((bsz, s, h, d), (bsz, s, hkv, d), (bsz, s, hkv, d), (bsz, s, h, d)))
+    o_ref, p, lse = attention_reference(q64, k64, v64, 0, bq.causal)
+    o = to_bf16(o_ref.astype(np.float32)) if dtype is MmaType.BF16 else o_ref.astype(np.float16).view(np.uint16)
+    lse = lse.astype(np.float32)
+    dq, delta = launch(bq, bq.launch_dims(bsz, s), q, k, v, o, do, lse, nan(q.shape), nan(lse.shape), s)[6:]
+    dk, dv = launch(bkv, bkv.launch_dims(bsz, s), q, k, v, do, lse, delta, nan(k.shape), nan(v.shape), s)[6:]
+    np.testing.assert_allclose(delta, np.einsum("bshd,bshd->bhs", do64, values(o, dtype)), rtol=1e-4, atol=1e-4)
+    for name, ours, ref in zip(("dq", "dk", "dv"), (dq, dk, dv), attention_backward_reference(q64, k64, v64, p, do64)):
+        assert np.isfinite(ours).all(), f"{name}: an element was never written"
+        err = np.abs(ours - ref).max() / max(np.abs(ref).max(), 0.1)
+        assert err <= 2e-2, f"{name}: {err:.3g} of the largest |{name}|"
