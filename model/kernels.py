@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ptxgen.kernels.adamw import AdamWSpec, GradNormFinalSpec, GradNormPartialSpec
 from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
 from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
-from ptxgen.kernels.attention_wgmma import AttentionWgmmaSpec
+from ptxgen.kernels.attention_wgmma import AttentionWgmmaBackwardKVSpec, AttentionWgmmaBackwardQSpec, AttentionWgmmaSpec
 from ptxgen.kernels.cast import CastSpec
 from ptxgen.kernels.colsum import ColumnSumSpec, PartsSumSpec
 from ptxgen.kernels.cross_entropy import CrossEntropySpec
@@ -131,8 +131,8 @@ class ModelKernels:
     rope_q_bwd: RopeSpec
     rope_k_bwd: RopeSpec
     attention: AttentionSpec | AttentionTCSpec | AttentionWgmmaSpec  # bf16: tensor cores, on bf16 q, k, v
-    attention_bwd_q: AttentionBackwardQSpec | AttentionTCBackwardQSpec
-    attention_bwd_kv: AttentionBackwardKVSpec | AttentionTCBackwardKVSpec
+    attention_bwd_q: AttentionBackwardQSpec | AttentionTCBackwardQSpec | AttentionWgmmaBackwardQSpec
+    attention_bwd_kv: AttentionBackwardKVSpec | AttentionTCBackwardKVSpec | AttentionWgmmaBackwardKVSpec
     swiglu: SwiGLUSpec               # bf16: writes the down projection's bf16 operand itself
     swiglu_bwd: SwiGLUBackwardSpec   # bf16: writes dgate and dup, the GEMMs' bf16 operands
     cross_entropy: CrossEntropySpec
@@ -151,11 +151,15 @@ class ModelKernels:
         rope = dict(head_dim=d, theta=c.rope_theta)
         attn = dict(heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=d)
         if precision is Precision.BF16:
-            # the forward on wgmma where its 64-wide column chunks fit (head_dim 64, 128), at its
-            # fastest layout in bench_compute, else on mma.sync; the backward on mma.sync
-            forward = (AttentionWgmmaSpec(**attn, tile=128, warps=8 if d == 128 else 4) if d in (64, 128)
-                       else AttentionTCSpec(**attn))
-            attention = (forward, AttentionTCBackwardQSpec(**attn), AttentionTCBackwardKVSpec(**attn))
+            # on wgmma where its 64-wide column chunks fit (head_dim 64, 128), else on mma.sync; each
+            # kernel at its fastest layout in bench_compute on the H200 (b8 h14/2 s2048): dK/dV with
+            # 128-query tiles at d64 (0.395 ms against 0.428), 64 at d128; dQ with 64-key tiles
+            if d in (64, 128):
+                attention = (AttentionWgmmaSpec(**attn, tile=128, warps=8 if d == 128 else 4),
+                             AttentionWgmmaBackwardQSpec(**attn),
+                             AttentionWgmmaBackwardKVSpec(**attn, tile=128 if d == 64 else 64))
+            else:
+                attention = (AttentionTCSpec(**attn), AttentionTCBackwardQSpec(**attn), AttentionTCBackwardKVSpec(**attn))
         else:  # a row over lanes threads: about 32 of its values per thread (64 -> 2 lanes, 128 -> 4)
             attention = tuple(cls(**attn, lanes=_lanes(d))
                               for cls in (AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec))

@@ -10,7 +10,7 @@ from model.precision import Precision
 from ptxgen.kernels.adamw import AdamWSpec
 from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
 from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
-from ptxgen.kernels.attention_wgmma import AttentionWgmmaSpec
+from ptxgen.kernels.attention_wgmma import AttentionWgmmaBackwardKVSpec, AttentionWgmmaBackwardQSpec, AttentionWgmmaSpec
 from ptxgen.kernels.cast import CastSpec
 from ptxgen.kernels.cross_entropy import CrossEntropySpec
 from ptxgen.kernels.gemm import GemmSpec
@@ -99,10 +99,12 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     # the LM head's backward contracts over (dX) or runs down (dW) the vocabulary: 128x256, 3 stages
     assert {(s.block_n, s.stages) for s in (bf16.head.grad_input, bf16.head.grad_weight)} == {(256, 3)}
     assert (bf16.q.grad_weight.block_n, bf16.q.grad_weight.stages, bf16.q.grad_weight.pingpong) == (128, 6, True)
-    assert isinstance(bf16.attention, AttentionWgmmaSpec)  # the forward on wgmma, the backward on mma.sync
-    assert isinstance(bf16.attention_bwd_kv, AttentionTCBackwardKVSpec)
+    assert isinstance(bf16.attention, AttentionWgmmaSpec)  # forward and backward on wgmma
+    assert isinstance(bf16.attention_bwd_q, AttentionWgmmaBackwardQSpec)
+    assert isinstance(bf16.attention_bwd_kv, AttentionWgmmaBackwardKVSpec) and bf16.attention_bwd_kv.tile == 128
     tiny = ModelKernels.of(preset("tiny"), AdamWSettings(), -100, Precision.BF16)  # head_dim 32: mma.sync
     assert isinstance(tiny.attention, AttentionTCSpec) and tiny.attention.head_dim == 32
+    assert isinstance(tiny.attention_bwd_kv, AttentionTCBackwardKVSpec)
     assert (bf16.attention.heads, bf16.attention.kv_heads, bf16.attention.head_dim) == (14, 2, 64)
     # everything else is the same kernel in both precisions
     assert bf16.swiglu.out_dtype is DType.BF16 and bf16.swiglu_bwd.out_dtype is DType.BF16  # GEMM operands
@@ -114,7 +116,8 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert bf16.adamw_decay.bf16_copy and not fp32.adamw_decay.bf16_copy  # the matrices' bf16 copy
     assert bf16.adamw_no_decay == fp32.adamw_no_decay
     differ = (AdamWSpec, RMSNormSpec, RMSNormBackwardSpec, RopeSpec, GemmSpec, GemmWgmmaSpec, CastSpec, AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec,
-              AttentionTCSpec, AttentionWgmmaSpec, AttentionTCBackwardQSpec, AttentionTCBackwardKVSpec, SwiGLUSpec,
+              AttentionTCSpec, AttentionWgmmaSpec, AttentionTCBackwardQSpec, AttentionTCBackwardKVSpec,
+              AttentionWgmmaBackwardQSpec, AttentionWgmmaBackwardKVSpec, SwiGLUSpec,
               SwiGLUBackwardSpec, CrossEntropySpec)
     same = lambda kernels: {s for s in kernels.specs() if not isinstance(s, differ)}  # noqa: E731
     assert same(fp32) == same(bf16) and len(same(fp32)) >= 6  # embeddings, column sums, grad norm
