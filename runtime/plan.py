@@ -123,6 +123,21 @@ class Step:
     def reads(self) -> dict[str, str]:
         return {n: b for n, b in self.pointers().items() if n not in self.spec.outputs()}
 
+    def extents(self, values: dict[str, Number]) -> list[tuple[int, int]]:
+        """(address, bytes) of every region the step writes, at ``values``: each output's buffer
+        (from its address to the end of the buffer the expression is based on)."""
+        out = []
+        for name in self.spec.outputs():
+            arg = self.args[name]
+            if isinstance(arg, Expr):
+                at = int(arg.evaluate(values))
+                out.append((at, arg.base.ptr + arg.base.nbytes - at) if arg.base is not None else (at, 0))
+            elif isinstance(arg, (View, DeviceArray)):
+                out.append((arg.ptr, arg.nbytes))
+            else:  # a bare address: its extent is unknown, so the whole address space
+                out.append((0, 1 << 64))
+        return out
+
     def resolve(self, values: dict[str, Number]) -> None:
         for name, arg in self.args.items():
             if isinstance(arg, Expr) and arg.names() & self.values:
@@ -154,6 +169,9 @@ class Fill:
 
     def reads(self) -> dict[str, str]:
         return {}
+
+    def extents(self, values: dict[str, Number]) -> list[tuple[int, int]]:
+        return [(self.target.ptr, 4 * self.words)]
 
     def resolve(self, values: dict[str, Number]) -> None:
         pass
@@ -249,6 +267,16 @@ class Plan:
         if sections not in self._graphs:
             self._graphs[sections] = Graph(self.of(*sections))
         return self._graphs[sections]
+
+    def last_writer(self, start: int, size: int, *sections: str) -> int | None:
+        """The index in ``of(*sections)`` of the last step that writes into [start, start + size)
+        (None: no step does): after it, the region is final (say, a bucket of gradients that a
+        communication hook may send)."""
+        last = None
+        for i, step in enumerate(self.of(*sections)):
+            if any(at < start + size and start < at + n for at, n in step.extents(self._values)):
+                last = i
+        return last
 
     def describe(self) -> list[str]:
         return [step.describe() for step in self.steps]

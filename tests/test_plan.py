@@ -162,3 +162,23 @@ def test_the_loss_takes_the_logits_a_chunk_of_rows_at_a_time(monkeypatch):
         assert [s.launch._values[3].value for s in ce] == [dlogits.ptr + 24 * i * row for i in range(6)]
         assert model._shapes[(2, 64)].bufs.logits.shape == (24, config.vocab_size)
         model.close()
+
+
+def test_the_last_writer_of_each_gradient_is_where_a_communication_hook_may_send_it(monkeypatch):
+    """The final norm's gradient is final early in the backward, layer 0's input norm late, the
+    tied embedding's at the very end (the embedding backward adds to the LM head's part)."""
+    with dry_device(monkeypatch):
+        model = _backend(preset("tiny"), Precision.BF16)
+        plan = model.plan(2, 16)
+        backward = plan.of("backward")
+        W = model.params_view
+
+        def last(name: str) -> int:
+            grad = W[name].grad
+            return plan.last_writer(grad.ptr, grad.nbytes, "backward")
+
+        assert last("model.norm.weight") < last("model.layers.1.input_layernorm.weight") < \
+            last("model.layers.0.input_layernorm.weight") < last("model.embed_tokens.weight") == len(backward) - 1
+        assert backward[last("model.norm.weight")].kind == "colsum"
+        assert plan.last_writer(model.exp_avg.ptr, model.exp_avg.nbytes, "backward") is None
+        model.close()

@@ -9,7 +9,6 @@ from model.params import init_params
 from model.precision import Precision
 from runtime import DeviceArray, ModuleCache
 from runtime.driver import synchronize
-from runtime.plan import Expr, Fill
 
 pytestmark = pytest.mark.cuda
 CONFIGS = {"tiny": preset("tiny"), "qwen2-shaped-2-layer": preset("qwen2-0.5b").replace(num_layers=2)}
@@ -84,12 +83,6 @@ def assert_same_bits(a, b) -> None:
         assert a[1][key].tobytes() == b[1][key].tobytes(), key
 
 
-def _extent(arg, values) -> tuple[int, int]:
-    if isinstance(arg, Expr):
-        return arg.evaluate(values), arg.base.nbytes
-    return arg.ptr, arg.nbytes
-
-
 @pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16])
 def test_every_step_writes_only_its_declared_outputs(cache, precision):
     """Run a tiny training step's plan step by step; after each, every byte of every buffer the
@@ -110,10 +103,7 @@ def test_every_step_writes_only_its_declared_outputs(cache, precision):
             before = [a.to_numpy().view(np.uint8).copy() for a in arrays]
             step()
             synchronize()
-            if isinstance(step, Fill):
-                written = [(step.target.ptr, step.target.nbytes)]
-            else:
-                written = [_extent(step.args[name], values) for name in step.spec.outputs()]
+            written = step.extents(values)
             for array, old in zip(arrays, before):
                 changed = np.flatnonzero(array.to_numpy().view(np.uint8).reshape(-1) != old.reshape(-1))
                 addresses = array.ptr + changed
