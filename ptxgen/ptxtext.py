@@ -78,3 +78,58 @@ def parse(text: str) -> PtxFacts:
              for h, c in Counter(m.upper() for m in _F64.findall(text)).items()]
     return PtxFacts(version[1] if version else None, target[1].strip() if target else None,
                     entries, dict(sorted(registers.items())), variables, imms)
+
+
+_COMMENT = re.compile(r"//[^\n]*")
+_INSTR = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.:]*)\s+([^;]*);", re.M)
+_PARAM_POINTER = re.compile(r"ld\.param\.u64\s+(%\w+),\s*\[[\w$]+?_param_(\w+)\]")
+_REGISTER = re.compile(r"%\w+")
+_GLOBAL_ACCESS = re.compile(r"(?:ld|st|red|atom)\.global\.|cp\.async\.c[ag]\.shared\.global$|cp\.async\.bulk\.tensor\.")
+_TENSOR_MAP_ALIGNMENT = 64  # a CUtensorMap that TMA reads from global memory (PTX ISA: 64-byte aligned)
+_NO_DESTINATION = ("st.", "red.", "cp.", "bar.", "wgmma.", "mbarrier.", "fence.", "bra")
+_ELEMENT_BYTES = {**_BYTES, "bf16x2": 4, "f16x2": 4, "b128": 16}
+
+
+def _access_bytes(op: str, args: str) -> int:
+    if op.startswith("cp.async.bulk.tensor"):  # [dst], [tensor map, {coordinates}], [barrier]
+        return _TENSOR_MAP_ALIGNMENT
+    if op.startswith("cp.async"):  # cp.async.cg.shared.global [dst], [src], cp-size{, src-size}
+        return int(args.split(",")[2])
+    parts = op.split(".")
+    types = [p for p in parts if p in _ELEMENT_BYTES]
+    if not types:
+        raise ValueError(f"global access {op!r}: no element type to size it by")
+    vector = next((int(p[1:]) for p in parts if re.fullmatch(r"v[248]", p)), 1)
+    return vector * _ELEMENT_BYTES[types[-1]]
+
+
+def pointer_alignments(text: str) -> dict[str, int]:
+    """{pointer parameter: the widest global access the kernel makes through it, in bytes}.
+
+    A register derives from a parameter when an instruction that writes it reads the parameter
+    or a register derived from it (flow-insensitive, so a register that may hold either of two
+    pointers needs both aligned: safe). A global access needs its address aligned to its width;
+    the kernels' offsets are multiples of that width, so the parameter needs it. A pointer the
+    kernel never dereferences is absent."""
+    text = _COMMENT.sub("", text)
+    derived: dict[str, set[str]] = {reg: {name} for reg, name in _PARAM_POINTER.findall(text)}
+    instructions = _INSTR.findall(text)
+    writes = [(args.split(",")[0].strip(" {}"), set(_REGISTER.findall(args.split(",", 1)[-1])))
+              for op, args in instructions if "," in args and not op.startswith(_NO_DESTINATION)
+              and not op.startswith("ld.param")]
+    changed = True
+    while changed:  # to a fixed point: loops carry pointers through movs
+        changed = False
+        for dst, sources in writes:
+            new = set().union(*(derived.get(r, ()) for r in sources)) - derived.get(dst, set())
+            if new:
+                derived.setdefault(dst, set()).update(new)
+                changed = True
+    widths: dict[str, int] = {}
+    for op, args in instructions:
+        if not _GLOBAL_ACCESS.match(op):
+            continue
+        address = re.findall(r"\[\s*(%\w+)", args)[1 if op.startswith("cp.async") else 0]
+        for name in derived.get(address, ()):
+            widths[name] = max(widths.get(name, 1), _access_bytes(op, args))
+    return widths

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 from . import __version__
 from .builder import KernelBuilder, T
+from .ptxtext import pointer_alignments
 
 
 class SpecError(ValueError):
@@ -319,8 +320,9 @@ class KernelSpec:
         return self.kind
 
     def pointer_alignment(self, param: str) -> int:
-        """Bytes the pointer argument ``param`` must be aligned to (16: kernels use 16-byte accesses)."""
-        return 16
+        """Bytes the pointer argument ``param`` must be aligned to: the widest global access the
+        kernel's own PTX makes through it (read from the text, so no declaration can drift from it)."""
+        return _pointer_alignments(self).get(param, 1)
 
     def dynamic_shared_bytes(self) -> int:
         """Bytes of dynamic shared memory every launch of this kernel needs (0: static only)."""
@@ -412,3 +414,8 @@ def decode_fields(cls: type[KernelSpec], encoded: list[list[Any]]) -> dict[str, 
     """Inverse of ``canonical()['fields']`` for class ``cls``, for entries read back from disk; the
     constructor then checks the values against ``cls``'s annotations and validation."""
     return {name: decode_value(value) for name, value in encoded}
+
+
+@functools.lru_cache(maxsize=None)
+def _pointer_alignments(spec: KernelSpec) -> dict[str, int]:
+    return pointer_alignments(spec.emit(Target()))  # access widths do not depend on the target

@@ -146,21 +146,26 @@ def test_a_tied_and_an_untied_head_plan_their_embedding_gradient(monkeypatch):
 
 
 
-def test_the_loss_takes_the_logits_a_chunk_of_rows_at_a_time(monkeypatch):
+@pytest.mark.parametrize("chunk", [24, 7])
+def test_the_loss_takes_the_logits_a_chunk_of_rows_at_a_time(monkeypatch, chunk):
     """At 2 x 64 tokens and 24-row chunks: six LM head GEMMs and cross-entropies (24, 24, 24, 24,
-    24, 8 rows) through one 24-row logits buffer, each writing its own rows of the gradient."""
+    24, 8 rows) through one 24-row logits buffer, each writing its own rows of the gradient. At
+    7-row chunks the targets and losses of a chunk start 28 bytes apart: the cross-entropy reads
+    them one int32 / f32 at a time, so they need (and are checked for) 4-byte alignment only."""
     from model.cuda_model import CudaBackend
     config = preset("tiny")
     with dry_device(monkeypatch):
         params = {n: np.zeros(s, np.float32) for n, s in param_shapes(config).items()}
-        model = CudaBackend(config, params, AdamWSettings(), cache=DryCache(), loss_chunk_rows=24)
+        model = CudaBackend(config, params, AdamWSettings(), cache=DryCache(), loss_chunk_rows=chunk)
         plan = model.plan(2, 64)
         ce = [s for s in plan if s.kind == "cross_entropy"]
-        assert [s.grid[0] for s in ce] == [24] * 5 + [8]
-        dlogits = model._shapes[(2, 64)].bufs.dlogits
+        starts = range(0, 128, chunk)
+        assert [s.grid[0] for s in ce] == [min(chunk, 128 - start) for start in starts]
+        bufs = model._shapes[(2, 64)].bufs
         row = config.vocab_size * 4
-        assert [s.launch._values[3].value for s in ce] == [dlogits.ptr + 24 * i * row for i in range(6)]
-        assert model._shapes[(2, 64)].bufs.logits.shape == (24, config.vocab_size)
+        assert [s.launch._values[3].value for s in ce] == [bufs.dlogits.ptr + start * row for start in starts]
+        assert [s.launch._values[1].value for s in ce] == [bufs.targets.ptr + 4 * start for start in starts]
+        assert bufs.logits.shape == (chunk, config.vocab_size)
         model.close()
 
 

@@ -55,9 +55,6 @@ class AdamWSpec(KernelSpec):
     def launch_dims(self, n: int) -> tuple[int, int]:
         return flat_grid(n, VEC, self.block_size), self.block_size
 
-    def pointer_alignment(self, param: str) -> int:
-        return 4 if param == "clip" else 16  # clip is one f32 (e.g. element 1 of the norm's output)
-
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("param", T.U64),) + ((("param16", T.U64),) if self.bf16_copy else ()) + (
             ("grad", T.U64), ("exp_avg", T.U64), ("exp_avg_sq", T.U64), ("clip", T.U64), ("n", T.U32),
