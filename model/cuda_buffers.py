@@ -136,8 +136,8 @@ class LayerActs:
     x_mid: View   # x + o_proj(o)
     rstd2: View
     h2: View      # post_attention_layernorm(x_mid) (bf16 precision: bf16, as h)
-    gate: View
-    up: View
+    gate: View    # gate_proj(h2) (bf16 precision: stored in bf16, as SwiGLU reads it)
+    up: View      # up_proj(h2) (bf16 precision: bf16, as gate)
     act: View     # silu(gate) * up (bf16 precision: bf16, the down projection's operand as it is)
     q16: View | None  # bf16 precision: q after RoPE as the attention reads it (q is then before RoPE)
 
@@ -162,7 +162,7 @@ class Activations:
                 x=new(p + "x", (T, H)), rstd1=new(p + "rstd1", (T,)), h=operand(p + "h", (T, H)),
                 q=shared_q or new(p + "q", (T, Q)), o=operand(p + "o", (T, Q)), lse=new(p + "lse", (batch, c.num_heads, seq)),
                 x_mid=new(p + "x_mid", (T, H)), rstd2=new(p + "rstd2", (T,)), h2=operand(p + "h2", (T, H)),
-                gate=new(p + "gate", (T, I)), up=new(p + "up", (T, I)), act=operand(p + "act", (T, I)),
+                gate=operand(p + "gate", (T, I)), up=operand(p + "up", (T, I)), act=operand(p + "act", (T, I)),
                 q16=new(p + "q[bf16]", (T, Q), "bf16") if bf16 else None)
 
         self.layers = [layer(i) for i in range(c.num_layers)]

@@ -93,7 +93,9 @@ class LinearKernels:
     grad_weight: Gemm      # dW = dy^T x
 
     @classmethod
-    def of(cls, d_in: int, d_out: int, bias: bool = False, precision: Precision = Precision.FP32) -> "LinearKernels":
+    def of(cls, d_in: int, d_out: int, bias: bool = False, precision: Precision = Precision.FP32,
+           bf16_out: bool = False) -> "LinearKernels":
+        """``bf16_out``: in bf16 precision, y is stored in bf16 (what the next kernel reads)."""
         if precision is Precision.BF16:
             make = functools.partial(GemmWgmmaSpec, tma=True)
             tile = lambda width: WIDE_WGMMA_TILE if width >= 2048 else NARROW_WGMMA_TILE  # noqa: E731
@@ -106,6 +108,8 @@ class LinearKernels:
             dx = make(trans_a=False, trans_b=False, **tile(d_in))
             dw = make(trans_a=True, trans_b=False, **tile(min(d_in, d_out)))
         fwd = make(trans_a=False, trans_b=True, bias=bias, **tile(d_out))
+        if precision is Precision.BF16 and bf16_out:
+            fwd = dataclasses.replace(fwd, bf16_out=True)
         return cls(fwd, dx, dataclasses.replace(dx, accumulate=True), dw)
 
     def specs(self) -> list[KernelSpec]:
@@ -133,8 +137,8 @@ class ModelKernels:
     attention: AttentionSpec | AttentionTCSpec | AttentionWgmmaSpec  # bf16: tensor cores, on bf16 q, k, v
     attention_bwd_q: AttentionBackwardQSpec | AttentionTCBackwardQSpec | AttentionWgmmaBackwardQSpec
     attention_bwd_kv: AttentionBackwardKVSpec | AttentionTCBackwardKVSpec | AttentionWgmmaBackwardKVSpec
-    swiglu: SwiGLUSpec               # bf16: writes the down projection's bf16 operand itself
-    swiglu_bwd: SwiGLUBackwardSpec   # bf16: writes dgate and dup, the GEMMs' bf16 operands
+    swiglu: SwiGLUSpec               # bf16: reads bf16 gate, up; writes the down projection's bf16 operand
+    swiglu_bwd: SwiGLUBackwardSpec   # bf16: reads bf16 gate, up; writes dgate and dup, the GEMMs' bf16 operands
     cross_entropy: CrossEntropySpec
     colsum: ColumnSumSpec
     parts_sum: PartsSumSpec  # split-K partial weight gradients
@@ -175,7 +179,8 @@ class ModelKernels:
             norm_bwd=RMSNormBackwardSpec(hidden=h, bf16_copy=precision is Precision.BF16),
             norm_bwd_residual=RMSNormBackwardSpec(hidden=h, residual=True, bf16_copy=precision is Precision.BF16),
             q=linear(h, q_dim, bias=c.qkv_bias), kv=linear(h, kv_dim, bias=c.qkv_bias),
-            o=linear(q_dim, h), gate_up=linear(h, c.intermediate_size),
+            # bf16: gate and up are stored in bf16, as SwiGLU and its backward read them
+            o=linear(q_dim, h), gate_up=linear(h, c.intermediate_size, bf16_out=True),
             down=linear(c.intermediate_size, h), head=linear(h, c.vocab_size),
             # bf16: RoPE writes the attention's bf16 q and k itself (its f32 output is read by nothing else)
             rope_q=RopeSpec(heads=c.num_heads, bf16_out=precision is Precision.BF16, **rope),
@@ -183,7 +188,8 @@ class ModelKernels:
             rope_q_bwd=RopeSpec(heads=c.num_heads, inverse=True, **rope),
             rope_k_bwd=RopeSpec(heads=c.num_kv_heads, inverse=True, **rope),
             attention=attention[0], attention_bwd_q=attention[1], attention_bwd_kv=attention[2],
-            swiglu=SwiGLUSpec(out_dtype=gemm_operand), swiglu_bwd=SwiGLUBackwardSpec(out_dtype=gemm_operand),
+            swiglu=SwiGLUSpec(dtype=gemm_operand, out_dtype=gemm_operand),
+            swiglu_bwd=SwiGLUBackwardSpec(dtype=gemm_operand, out_dtype=gemm_operand),
             cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index, grad_dtype=gemm_operand),
             colsum=ColumnSumSpec(), parts_sum=PartsSumSpec(), grad_norm_partial=partial,
             grad_norm_final=GradNormFinalSpec(partials=partial.blocks),

@@ -40,12 +40,13 @@ class KVCache:
 class ReferenceModel:
     """float64 forward/backward over a parameter dict with HF names. With ``Precision.BF16`` every
     linear layer's GEMM (forward, input and weight gradients) reads bf16-rounded operands, and the
-    attention bf16-rounded q, k, v (and dO); its output is rounded as the o projection's operand."""
+    attention bf16-rounded q, k, v (and dO); its output is rounded as the o projection's operand;
+    gate and up are stored rounded (``Precision.store``)."""
 
     def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], precision: Precision = Precision.FP32):
         self.c = config
         self.p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
-        self.mm, self.round = precision.matmul, precision.round
+        self.mm, self.round, self.store = precision.matmul, precision.round, precision.store
 
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
         y = self.mm(x, self.p[name + ".weight"].T)
@@ -77,8 +78,8 @@ class ReferenceModel:
             attn = self.mm(o.reshape(b * s, -1), self.p[p + "self_attn.o_proj.weight"].T)
             x_mid = x + attn
             h2, rstd2 = rmsnorm_reference(x_mid, self.p[p + "post_attention_layernorm.weight"], c.rms_norm_eps)
-            gate = self.mm(h2, self.p[p + "mlp.gate_proj.weight"].T)
-            up = self.mm(h2, self.p[p + "mlp.up_proj.weight"].T)
+            gate = self.store(self.mm(h2, self.p[p + "mlp.gate_proj.weight"].T))
+            up = self.store(self.mm(h2, self.p[p + "mlp.up_proj.weight"].T))
             act = swiglu_reference(gate, up)
             x_out = x_mid + self.mm(act, self.p[p + "mlp.down_proj.weight"].T)
             if tape is not None:

@@ -169,22 +169,29 @@ def test_wgmma_tf32_gemm_reads_fp32_with_a_tf32_mantissa(cache, m, n, k):
     assert_close(out, gemm_reference(a.astype(np.float64), b.astype(np.float64), False, True), rel=2e-3)
 
 
-def run_tma(cache, spec, m, n, k, splits=1, resident=None):
-    """A tma-fed wgmma GEMM (``spec``'s layout, bias and accumulate) on random operands through the
-    tensor maps of ``gemm_tensor_maps``, beside its float64 reference; ``splits`` parts of ``k``
-    each give consecutive partial C matrices; ``resident`` caps the persistent blocks."""
-    from runtime.tensormap import gemm_tensor_maps
-    dtype = spec.dtype
+def tma_operands(spec, m, n, k, splits=1):
+    """Random A, B (and bias) of ``spec``'s layout for ``splits`` parts of ``k``."""
     a = rng.standard_normal((k * splits, m) if spec.trans_a else (m, k * splits)).astype(np.float32)
     b = rng.standard_normal((n, k * splits) if spec.trans_b else (k * splits, n)).astype(np.float32)
+    return a, b, rng.standard_normal(n).astype(np.float32) if spec.bias else None
+
+
+def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None):
+    """A tma-fed wgmma GEMM (``spec``'s layout, bias, accumulate and C type) on random operands
+    (or ``operands``) through the tensor maps of ``gemm_tensor_maps``, beside its float64
+    reference; ``splits`` parts of ``k`` each give consecutive partial C matrices; ``resident``
+    caps the persistent blocks. A bf16 C comes back as its bits."""
+    from runtime.tensormap import gemm_tensor_maps
+    dtype = spec.dtype
+    a, b, bias = operands or tma_operands(spec, m, n, k, splits)
     if dtype is MmaType.TF32:
         (a_dev, a64), (b_dev, b64) = ((x, tf32_truncated(x).astype(np.float64)) for x in (a, b))
     else:
         (a_dev, a64), (b_dev, b64) = sixteen(a, dtype), sixteen(b, dtype)
-    bias = rng.standard_normal(n).astype(np.float32) if spec.bias else None
     old = rng.standard_normal((splits, m, n)) if spec.accumulate else np.full((splits, m, n), np.nan)
-    old = old.astype(np.float32)
-    arrays = [DeviceArray.from_numpy(x) for x in (a_dev, b_dev, old)]
+    old = np.full((splits, m, n), 0xFFFF, np.uint16) if spec.bf16_out else old.astype(np.float32)
+    arrays = [DeviceArray.from_numpy(x) for x in (a_dev, b_dev)] + \
+        [DeviceArray.from_numpy(old, "bf16" if spec.bf16_out else "f32")]
     extra = [DeviceArray.from_numpy(bias)] if spec.bias else []
     maps = gemm_tensor_maps(spec, arrays[0].ptr, arrays[1].ptr, m, n, k * splits)
     try:
@@ -249,4 +256,20 @@ def test_tma_wgmma_split_k_writes_each_parts_product(cache, fields):
     """A dW-shaped GEMM with its 4 x 192-long contraction split in four: four partial matrices."""
     from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
     assert_close(*run_tma(cache, GemmWgmmaSpec(tma=True, **fields), 200, 136, 192, splits=4, resident=5))
+
+
+@pytest.mark.parametrize("fields, shape, resident", [
+    (dict(pingpong=True, block_n=128, stages=6), (300, 520, 1000), 5),  # the model's gate/up projections
+    (dict(block_n=128, bias=True), (77, 136, 40), None)])
+def test_wgmma_gemm_stores_bf16_as_its_f32_result_rounded(cache, fields, shape, resident):
+    """``bf16_out``: the same accumulators, rounded to nearest even as they are stored, bit for bit
+    what a cast of the f32 C gives (what the bf16 model's gate and up were before)."""
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    spec = GemmWgmmaSpec(tma=True, **fields)
+    operands = tma_operands(spec, *shape)
+    c32, ref = run_tma(cache, spec, *shape, resident=resident, operands=operands)
+    c16, _ = run_tma(cache, GemmWgmmaSpec(tma=True, bf16_out=True, **fields), *shape, resident=resident,
+                     operands=operands)
+    assert_close(c32, ref)
+    np.testing.assert_array_equal(c16, to_bf16(c32))
 

@@ -235,6 +235,14 @@ def test_swiglu_forward_f32_and_bf16_and_backward(cache, n):
     np.testing.assert_allclose(from_bf16(dgate16), dgate_ref, rtol=BF16_RTOL, atol=1e-6)
     np.testing.assert_allclose(from_bf16(dup16), dup_ref, rtol=BF16_RTOL, atol=1e-6)
 
+    # bf16 gate and up in (the bf16 model stores them so), f32 dout, bf16 gradients out
+    both16 = SwiGLUBackwardSpec(dtype=DType.BF16, out_dtype=DType.BF16)
+    *_, dgate16, dup16 = call(cache, both16, both16.launch_dims(n), to_bf16(g16), to_bf16(u16), dout,
+                              poison(n, np.uint16), poison(n, np.uint16), n)
+    dgate_ref16, dup_ref16 = swiglu_backward_reference(g16, u16, dout)
+    np.testing.assert_allclose(from_bf16(dgate16), dgate_ref16, rtol=BF16_RTOL, atol=1e-6)
+    np.testing.assert_allclose(from_bf16(dup16), dup_ref16, rtol=BF16_RTOL, atol=1e-6)
+
 
 # -- embedding -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("vocab, dim, tokens, dtype", [(151936, 896, 37, DType.F32), (256, 5, 3, DType.F32),

@@ -100,12 +100,15 @@ class _TileLoader:
 
 
 class Epilogue:
-    """Writes accumulators into an f32 C with ``ldc`` columns per row: + bias[col] when the spec
-    has one (loaded once per column chunk), + the old C when it accumulates; rows >= m and columns
-    >= n are not written. Shared by the SIMT and the tensor-core GEMMs."""
+    """Writes accumulators into C (f32, or ``out`` bf16: rounded to nearest even as stored) with
+    ``ldc`` columns per row: + bias[col] when the spec has one (loaded once per column chunk), + the
+    old C when it accumulates; rows >= m and columns >= n are not written. Shared by the SIMT and
+    the tensor-core GEMMs."""
 
-    def __init__(self, b: KernelBuilder, c_ptr: Reg, m: Reg, n: Reg, bias: bool, accumulate: bool):
-        self.b, self.c_ptr, self.m, self.n, self.accumulate = b, c_ptr, m, n, accumulate
+    def __init__(self, b: KernelBuilder, c_ptr: Reg, m: Reg, n: Reg, bias: bool, accumulate: bool,
+                 out: DType = DType.F32):
+        self.b, self.c_ptr, self.m, self.n, self.accumulate, self.out = b, c_ptr, m, n, accumulate, out
+        self.shift = out.size.bit_length() - 1  # log2 of C's element bytes
         self.ldc = b.ld_param("ldc")
         self.bias_ptr = b.cvta_global(b.ld_param("bias")) if bias else None
 
@@ -119,7 +122,7 @@ class Epilogue:
 
     def row(self, row: Reg) -> tuple[Reg, Reg]:
         b = self.b
-        return b.setp("lt", row, self.m), b.add(self.c_ptr, b.shl(b.mul_wide(row, self.ldc), 2))
+        return b.setp("lt", row, self.m), b.add(self.c_ptr, b.shl(b.mul_wide(row, self.ldc), self.shift))
 
     def store(self, row: tuple[Reg, Reg], column: tuple[Reg, Reg, list[Reg] | None, int], vals: list[Reg]) -> None:
         b = self.b
@@ -127,10 +130,10 @@ class Epilogue:
         if bias is not None:
             vals = [b.add(v, x) for v, x in zip(vals, bias)]
         guard = b.and_(row_ok, ok)
-        addr = Addr(b.add(row_ptr, b.shl(b.cvt(T.U64, col), 2)))
+        addr = Addr(b.add(row_ptr, b.shl(b.cvt(T.U64, col), self.shift)))
         if self.accumulate:
-            vals = [b.add(v, o) for v, o in zip(vals, load_f32(b, DType.F32, addr, width, guard=guard))]
-        store_f32(b, DType.F32, addr, vals, guard=guard)
+            vals = [b.add(v, o) for v, o in zip(vals, load_f32(b, self.out, addr, width, guard=guard))]
+        store_f32(b, self.out, addr, vals, guard=guard)
 
 
 @dataclass(frozen=True)

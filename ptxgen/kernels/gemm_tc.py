@@ -21,6 +21,7 @@ from ..builder import KernelBuilder, Reg, T
 from ..hw import CHUNK, MBARRIER_BYTES, SHARED_LIMIT, SHARED_LINE, MmaType
 from ..registry import register
 from ..spec import KernelSpec, SpecError
+from ..vecio import DType
 from .common import MAX_LOOP_BOUND, check_at_most, check_positive
 from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices, leading_dims, split_batch, tile_origin
 from .mma_tile import ELEMS, SharedTile
@@ -172,6 +173,11 @@ class TensorCoreGemm:
     def outputs(self) -> tuple[str, ...]:
         return ('c',)
 
+    @property
+    def c_dtype(self) -> DType:
+        """C's element type: f32, or bf16 where the spec stores it so (``bf16_out``)."""
+        return DType.BF16 if getattr(self, "bf16_out", False) else DType.F32
+
     def split_k_multiple(self) -> int:
         """What a split-K part's contraction length must be a multiple of: with tma, whole slices
         (a part's last one would read the next part's K: TMA zero-fills only past the matrix)."""
@@ -199,6 +205,8 @@ class TensorCoreGemm:
         if self.tma and (batch is not None or lda is not None or ldb is not None):
             raise ValueError(f"{name} with tma: the tensor maps carry the operands' layout; no batch, lda, ldb")
         lda, ldb, ldc = leading_dims(self, m, n, k, lda, ldb, ldc, bias)
+        if splits > 1 and self.c_dtype is not DType.F32:
+            raise ValueError(f"{name}: split-K partial sums are f32; this spec stores C in {self.c_dtype.value}")
         if splits > 1 and k % self.split_k_multiple():
             raise ValueError(f"{name}: a split part's K={k} is not a multiple of {self.split_k_multiple()}")
         batch = split_batch(self, m, k, lda, ldb, ldc, splits, batch)
@@ -236,7 +244,7 @@ def store_accumulators(b: KernelBuilder, spec: "GemmTCSpec", acc, c_ptr: Reg, m:
     accumulator q of tile (mt, nt) is C[row + 8 * (q >> 1), col + (q & 1)] with row = group,
     col = 2 * (lane % 4), stored in pairs. Column by column, so that only one column's bias is
     live at a time (a wgmma warp's 32 columns of bias would crowd out its accumulators)."""
-    out = Epilogue(b, c_ptr, m, n, spec.bias, spec.accumulate)
+    out = Epilogue(b, c_ptr, m, n, spec.bias, spec.accumulate, spec.c_dtype)
     group, pair = b.shr(lane, 2), b.shl(b.and_(lane, 3), 1)
     first = b.add(row0, b.add(b.mul(warp_m, spec.m_tiles * 16), group))
     cols = b.add(col0, b.add(b.mul(warp_n, spec.n_tiles * 8), pair))

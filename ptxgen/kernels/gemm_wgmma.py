@@ -1,5 +1,5 @@
-"""GEMM on Hopper's warpgroup MMA (``wgmma``, sm_90a): C[M, N] (+)= op(A) @ op(B) (+ bias), f32 C,
-with bf16 / fp16 operands, or fp32 operands multiplied as TF32 (10-bit mantissa, fp32 accumulate).
+"""GEMM on Hopper's warpgroup MMA (``wgmma``, sm_90a): C[M, N] (+)= op(A) @ op(B) (+ bias), f32 C
+(or, ``bf16_out``, C rounded to bf16 as it is stored), with bf16 / fp16 operands, or fp32 operands multiplied as TF32 (10-bit mantissa, fp32 accumulate).
 
 A block's consumer warpgroups compute a (64 * ``warpgroups``) x ``block_n`` tile, each warpgroup 64
 rows of it with ``wgmma.mma_async m64n{block_n}k16`` reading both operands straight from shared
@@ -76,6 +76,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
     group_m: int = 8
     tma: bool = False  # the warp-specialized persistent kernel fed by TMA (tensor maps as arguments)
     pingpong: bool = False  # tma, 2 warpgroups: each takes whole tiles in turn (else both share each tile)
+    bf16_out: bool = False  # C stored in bf16, rounded to nearest even: a next kernel's bf16 operand
 
     block_k: ClassVar[int] = BLOCK_K
     m_tiles: ClassVar[int] = 1  # per warp: 16 rows of the m64 tile ...
@@ -116,6 +117,8 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         if self.pingpong and not (self.tma and self.warpgroups == 2 and self.block_n <= 128):
             raise SpecError("gemm_wgmma pingpong: tma, 2 warpgroups, block_n <= 128 (a warpgroup holds a whole "
                             "128-row tile: block_n accumulators a thread)")
+        if self.bf16_out and self.accumulate:
+            raise SpecError("gemm_wgmma: bf16_out cannot accumulate (C += would round the old C twice)")
         if any(self.mn_major) and self.dtype is MmaType.TF32:
             raise SpecError("gemm_wgmma: tf32 operands must be stored with K contiguous (A [M, K], B [N, K])")
         if self.dynamic_shared_bytes() > SHARED_LIMIT:
@@ -177,7 +180,9 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                 cls(tma=True, trans_b=False, accumulate=True), cls(tma=True, trans_a=True, trans_b=False, block_n=128),
                 cls(tma=True, trans_a=True, warpgroups=1, block_n=64, stages=6),
                 cls(tma=True, pingpong=True, block_n=128, stages=6, bias=True),
-                cls(tma=True, pingpong=True, block_n=128, stages=6, trans_a=True, trans_b=False)]
+                cls(tma=True, pingpong=True, block_n=128, stages=6, trans_a=True, trans_b=False),
+                cls(tma=True, pingpong=True, block_n=128, stages=6, bf16_out=True),
+                cls(tma=True, block_n=128, bias=True, bf16_out=True)]
 
 
 def multiply(spec: GemmWgmmaSpec, b: KernelBuilder, accs: list[tuple[list[Reg], Reg]], b_tile: Reg,

@@ -1,4 +1,5 @@
-"""SwiGLU: out = silu(gate) * up, silu(g) = g * sigmoid(g), and its backward (f32).
+"""SwiGLU: out = silu(gate) * up, silu(g) = g * sigmoid(g), and its backward (f32 arithmetic; gate
+and up read, and the outputs written, in f32 or bf16).
 
 sigmoid(g) = 1 / (1 + 2^(-g * log2 e)) with ex2.approx and a correctly rounded reciprocal.
 """
@@ -57,14 +58,15 @@ class SwiGLUBackwardSpec(KernelSpec):
     """dgate = dout * up * s * (1 + g * (1 - s)), dup = dout * g * s, with s = sigmoid(g)."""
 
     kind: ClassVar[str] = "swiglu_bwd"
-    out_dtype: DType = DType.F32  # dgate and dup (bf16: the GEMMs' operands, no cast); inputs are f32
+    dtype: DType = DType.F32      # gate and up, as the forward read them (dout is f32)
+    out_dtype: DType = DType.F32  # dgate and dup (bf16: the GEMMs' operands, no cast)
     block_size: int = 256
 
     def validate(self) -> None:
         check_block_size(self.block_size)
 
     def launch_dims(self, n: int) -> tuple[int, int]:
-        return flat_grid(n, elementwise_vec(DType.F32, self.out_dtype), self.block_size), self.block_size
+        return flat_grid(n, elementwise_vec(self.dtype, DType.F32, self.out_dtype), self.block_size), self.block_size
 
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("gate", T.U64), ("up", T.U64), ("dout", T.U64), ("dgate", T.U64), ("dup", T.U64), ("n", T.U32))
@@ -79,12 +81,13 @@ class SwiGLUBackwardSpec(KernelSpec):
             dsilu = b.mul(s, b.fma(g, b.sub(1.0, s, T.F32), 1.0))
             return b.mul(b.mul(d, u), dsilu), b.mul(d, silu)
 
-        f32, out = DType.F32, self.out_dtype
-        elementwise(b, self.block_size, {"gate": f32, "up": f32, "dout": f32}, {"dgate": out, "dup": out}, grads)
+        out = self.out_dtype
+        elementwise(b, self.block_size, {"gate": self.dtype, "up": self.dtype, "dout": DType.F32},
+                    {"dgate": out, "dup": out}, grads)
 
     @classmethod
     def examples(cls) -> list["SwiGLUBackwardSpec"]:
-        return [cls(), cls(out_dtype=DType.BF16), cls(block_size=512)]
+        return [cls(), cls(out_dtype=DType.BF16), cls(dtype=DType.BF16, out_dtype=DType.BF16), cls(block_size=512)]
 
 
 def swiglu_reference(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
