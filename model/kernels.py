@@ -31,15 +31,12 @@ from .optim import AdamWSettings
 from .precision import Precision
 
 SMALL_TILE = dict(block_m=64, block_n=64, thread_m=4, thread_n=8)
-# the fastest wgmma tiles at the Qwen2-0.5B layer shapes (bench_compute bf16-layers): 128 x 256 tiles
-# for outputs at least 2048 wide, else 128 x 128 with 6 stages, the two warpgroups taking tiles in
-# turn (6-9% over sharing each tile where K is 896 or 4864, no worse on the dW GEMMs), except where the
-# LM head's vocabulary is the contraction (dX) or the rows (dW): there 128 x 256 with 3 stages ran
-# 1.5x faster (604 and 550 against 375 and 367 TFLOP/s)
-WIDE_WGMMA_TILE = dict(block_n=256, stages=4)
-NARROW_WGMMA_TILE = dict(block_n=128, stages=6, pingpong=True)
-VOCAB_WGMMA_TILE = dict(block_n=256, stages=3)
-VOCAB = 32768  # an output at least this wide is a vocabulary
+# the fastest wgmma tile at every Qwen2-0.5B layer shape (bench_compute bf16-layers, H200, 16384
+# tokens): 128 x 128 with 6 stages, the two warpgroups taking tiles in turn. Against 128 x 256 tiles
+# shared by both warpgroups (4 stages; 3 for the LM head's dX and dW) it ran the gate/up forward at
+# 630 against 570 TFLOP/s, down's dX 622 / 568, the LM head's forward 531 / 469, dX 651 / 588 and
+# dW 615 / 582
+WGMMA_TILE = dict(block_n=128, stages=6, pingpong=True)
 LOSS_CHUNK_ROWS = 1024  # the training step's logits are made, and their loss taken, this many rows at a time
 SPLIT_K_MIN_ROWS = 256  # a dW GEMM splits its token contraction into parts of at least this many tokens
 SPLIT_K_MAX = 16
@@ -97,19 +94,15 @@ class LinearKernels:
            bf16_out: bool = False) -> "LinearKernels":
         """``bf16_out``: in bf16 precision, y is stored in bf16 (what the next kernel reads)."""
         if precision is Precision.BF16:
-            make = functools.partial(GemmWgmmaSpec, tma=True)
-            tile = lambda width: WIDE_WGMMA_TILE if width >= 2048 else NARROW_WGMMA_TILE  # noqa: E731
-            vocab = d_out >= VOCAB
-            dx = make(trans_a=False, trans_b=False, **(VOCAB_WGMMA_TILE if vocab else tile(d_in)))
-            dw = make(trans_a=True, trans_b=False, **(VOCAB_WGMMA_TILE if vocab else NARROW_WGMMA_TILE))
+            make = functools.partial(GemmWgmmaSpec, tma=True, **WGMMA_TILE)
+            fwd = make(trans_a=False, trans_b=True, bias=bias, bf16_out=bf16_out)
+            dx, dw = make(trans_a=False, trans_b=False), make(trans_a=True, trans_b=False)
         else:
             make = functools.partial(GemmSpec, vec=widest_vec(d_in, d_out))
             tile = lambda width: {} if width >= WIDE_OUTPUT else SMALL_TILE  # noqa: E731
+            fwd = make(trans_a=False, trans_b=True, bias=bias, **tile(d_out))
             dx = make(trans_a=False, trans_b=False, **tile(d_in))
             dw = make(trans_a=True, trans_b=False, **tile(min(d_in, d_out)))
-        fwd = make(trans_a=False, trans_b=True, bias=bias, **tile(d_out))
-        if precision is Precision.BF16 and bf16_out:
-            fwd = dataclasses.replace(fwd, bf16_out=True)
         return cls(fwd, dx, dataclasses.replace(dx, accumulate=True), dw)
 
     def specs(self) -> list[KernelSpec]:
