@@ -191,7 +191,6 @@ class TrainingBuffers:
         self.d_o, self.dq = new("d o", (T, Q)), new("d q", (T, Q))
         self.dk, self.dv = new("d k", (T, KV_)), new("d v", (T, KV_))
         self.delta = new("attention delta", (batch, c.num_heads, seq))
-        self.dy16 = new("d y[bf16]", (T * max(H, Q),), "bf16") if bf16 else None  # output gradients cast
         self.order, self.seg_start, self.seg_id = (new(n, (size,), "i32") for n, size in
                                                    (("embedding order", T), ("embedding seg_start", T + 1),
                                                     ("embedding seg_id", T)))

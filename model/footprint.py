@@ -3,7 +3,9 @@ both figures before anything is allocated (not a MemoryError halfway through).
 
 The estimates count what the backends hold: parameters, AdamW moments, gradients, the float64
 copies the numpy reference computes in, the activations it keeps for the backward and the logits.
-They are meant to be about right (within a small factor), never a precise bound.
+The CUDA training step's buffers are counted from the buffer classes it allocates (cuda_buffers),
+so they follow the model's layout; the rest are meant to be about right (within a small factor),
+never a precise bound.
 """
 from __future__ import annotations
 
@@ -11,8 +13,12 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
+
+from runtime.memory import DTYPES, View
+
 from .config import ModelConfig
-from .kernels import LOSS_CHUNK_ROWS
+from .kernels import LOSS_CHUNK_ROWS, SPLIT_K_MAX
 from .params import param_shapes
 
 
@@ -34,14 +40,40 @@ def _activations(c: ModelConfig, batch: int, seq: int) -> int:
     return c.num_layers * per_layer + 3 * tokens * c.vocab_size
 
 
+class _Counter:
+    """An arena that allocates nothing: the bytes of every buffer asked of it."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def new(self, name: str, shape: tuple[int, ...], dtype: str = "f32") -> View:
+        self.bytes += math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+        return View(name, 0, shape, dtype)
+
+
+def cuda_step_buffer_bytes(config: ModelConfig, batch: int, seq: int, bf16: bool) -> int:
+    """The bytes of the activations, keys/values and training buffers a CUDA training step of
+    ``batch`` x ``seq`` allocates (CudaBackend._build's buffers), without a device."""
+    from .cuda_buffers import KV, Activations, TrainingBuffers
+
+    counter, T, width = _Counter(), batch * seq, config.num_kv_heads * config.head_dim
+    Activations(counter, config, batch, seq, bf16)  # type: ignore[arg-type]
+    shared = (counter.new("k", (T, width)), counter.new("v", (T, width))) if bf16 else None
+    for i in range(config.num_layers):
+        KV.allocate(counter, i, T, width, bf16, shared)  # type: ignore[arg-type]
+    TrainingBuffers(counter, config, batch, seq, bf16, min(T, LOSS_CHUNK_ROWS))  # type: ignore[arg-type]
+    return counter.bytes
+
+
 def train_bytes(config: ModelConfig, batch: int, seq: int, on_gpu: bool, bf16: bool = False) -> int:
     p = n_params(config)
-    if on_gpu:  # f32 weights, gradients and two moments (+ bf16 operand copies); f32 activations;
-        # the logits LOSS_CHUNK_ROWS rows at a time, their gradient (the LM head's operand) for every row
-        tokens = batch * seq
-        layers = _activations(config, batch, seq) - 3 * tokens * config.vocab_size
-        logits = config.vocab_size * (4 * min(tokens, LOSS_CHUNK_ROWS) + (2 if bf16 else 4) * tokens)
-        return p * (16 + (2 if bf16 else 0)) + 4 * layers + logits
+    if on_gpu:  # f32 weights, gradients and two moments (+ the matrices' bf16 copies); the step's
+        # buffers; the backward's scratch: bf16 output gradients and at most SPLIT_K_MAX partial
+        # sums of a layer's largest matrix (the vocabulary's GEMMs are never split)
+        widest = max(math.prod(s) for name, s in param_shapes(config).items() if ".layers." in name)
+        scratch = 2 * batch * seq * max(config.hidden_size, config.num_heads * config.head_dim) \
+            + 4 * SPLIT_K_MAX * widest
+        return p * (16 + (2 if bf16 else 0)) + cuda_step_buffer_bytes(config, batch, seq, bf16) + scratch
     # f32 weights and moments, their f64 copy and f64 gradients each step, the initial weights;
     # f64 activations, about twice over while the backward runs
     return p * 36 + 8 * 2 * _activations(config, batch, seq)

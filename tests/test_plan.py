@@ -117,6 +117,26 @@ def test_the_models_plan_writes_every_gradient_in_its_backward(monkeypatch, conf
         model.close()
 
 
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16])
+@pytest.mark.parametrize("config", [preset("tiny"), QWEN_SHAPED], ids=["tiny", "qwen2-shaped-2-layer"])
+def test_the_memory_estimate_counts_what_the_training_step_allocates(monkeypatch, config, precision):
+    """footprint.train_bytes, asked before any allocation, counts the step's buffers from the same
+    classes the backend allocates them with: the step's allocations are those buffers plus a
+    little scratch (bf16 output gradients, partial sums, tensor maps), and the whole estimate
+    covers everything the backend and the step allocate."""
+    from model.footprint import cuda_step_buffer_bytes, train_bytes
+    bf16 = precision is Precision.BF16
+    with dry_device(monkeypatch) as allocations:
+        model = _backend(config, precision)
+        held = sum(n for _, n in allocations)
+        model.plan(2, 64)
+        step = sum(n for _, n in allocations) - held
+        model.close()
+    buffers = cuda_step_buffer_bytes(config, 2, 64, bf16)
+    assert buffers <= step <= 1.1 * buffers
+    assert held + step <= train_bytes(config, 2, 64, on_gpu=True, bf16=bf16) <= 1.35 * (held + step)
+
+
 def test_the_decoders_plan_writes_new_keys_where_the_cache_ends(monkeypatch):
     with dry_device(monkeypatch):
         model = _backend(preset("tiny"), Precision.BF16)
