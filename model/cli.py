@@ -267,6 +267,11 @@ def cmd_train(argv: Sequence[str]) -> int:
                on_gpu, f"training {n_params(config) / 1e6:.1f}M parameters at batch {settings.batch_size}x"
                        f"{settings.seq_len}")
     files = expand_paths(ns.data) if ns.data else stdlib_files()
+    # the data is read and checked before the run directory is made: a refused run leaves nothing
+    corpus = Corpus.from_files(files, tokenizer)
+    corpus.check_fits(settings.batch_size, settings.seq_len, config.vocab_size)
+    if ckpt is not None and ckpt.trainer.get("data_sha256", corpus.sha256) != corpus.sha256:
+        raise UsageError("--resume: the data the run was saved with has changed since (its tokens' sha256 differs)")
     rundir.prepare(out)
     factory: BackendFactory = functools.partial(backend, precision=precision)
     print(line, flush=True)
@@ -276,9 +281,6 @@ def cmd_train(argv: Sequence[str]) -> int:
               + (f": {plan.expect}" if not (ns.data or _given(ns, TrainSettings) or ns.tokenizer) else
                  " (with the flags given; the time measured for the plan as it stands no longer applies)"),
               flush=True)
-    corpus = Corpus.from_files(files, tokenizer)
-    if ckpt is not None and ckpt.trainer.get("data_sha256", corpus.sha256) != corpus.sha256:
-        raise UsageError("--resume: the data the run was saved with has changed since (its tokens' sha256 differs)")
     print(f"data: {corpus.n_files} files, {len(corpus.train)} train / {len(corpus.val)} validation tokens "
           f"({tokenizer.name}); model: {n_params(config) / 1e6:.2f}M parameters, hidden {config.hidden_size}, "
           f"{config.num_layers} layers; run: {out}", flush=True)

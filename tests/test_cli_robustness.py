@@ -155,6 +155,16 @@ def test_a_prompt_that_is_not_utf8_or_that_the_tokenizer_drops_is_said_so(base):
             "drops every character of --prompt")
 
 
+@pytest.mark.parametrize("batch, words", [("64", "training tokens"), ("2", "validation tokens")])
+def test_data_too_small_for_a_batch_is_refused_before_the_run_directory_is_made(base, tmp_path, batch, words):
+    """400 bytes: 380 to train on, 20 held out; a batch of 2 x 32 fits the first, not the second."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.py").write_bytes(b"x = 1\n" * 66 + b"y\n" * 2)
+    refused(cli("train", "--config", base["root"] / "config.json", "--out", tmp_path / "new", "--data",
+                tmp_path / "data", "--device", "numpy", "--batch-size", batch, "--seq-len", "32"), words)
+    assert not (tmp_path / "new").exists()
+
+
 def test_seq_len_above_the_models_positions_and_a_model_too_large_are_refused_with_figures(base, tmp_path):
     refused(cli("train", "--config", base["root"] / "config.json", "--out", tmp_path / "r", *base["common"],
                 "--seq-len", "65"), "--seq-len 65", "max_position_embeddings 64")
