@@ -18,7 +18,7 @@ from model.config import preset
 from model.precision import Precision
 from model.reference import ReferenceModel
 from runtime import ModuleCache
-from test_model_cuda import CONFIGS, backend, batch, gpu_logits, live_params
+from test_model_cuda import CONFIGS, SMALL_SHAPED, backend, batch, gpu_logits, live_params
 
 pytestmark = pytest.mark.cuda
 BF16 = Precision.BF16
@@ -50,7 +50,9 @@ def test_logits_match_the_reference_that_rounds_the_same_operands(cache, name):
 
 
 @pytest.mark.parametrize("config, shape", [(preset("tiny"), (3, 29)), (preset("tiny"), (4, 128)),
-                                           (CONFIGS["qwen2-shaped-2-layer"], (2, 24))])  # head_dim 64: wgmma forward
+                                           (CONFIGS["qwen2-shaped-2-layer"], (2, 24)),  # head_dim 64: wgmma
+                                           # the default run's attention over several tiles, a ragged last one
+                                           (SMALL_SHAPED, (2, 200))])
 def test_loss_and_every_gradient_match_the_bf16_reference(cache, config, shape):
     params = live_params(config)
     ids, targets = batch(config, *shape)

@@ -3,6 +3,7 @@
 Tolerances: logits within 1e-4 absolute with the same argmax at every position; the loss within
 1e-5 relative; gradients within 1e-4 of each tensor's largest reference magnitude.
 """
+import functools
 import math
 
 import numpy as np
@@ -19,6 +20,8 @@ from runtime import ModuleCache
 
 pytestmark = pytest.mark.cuda
 QWEN_SHAPED = preset("qwen2-0.5b").replace(num_layers=2)
+# the default GPU run's attention (small: 8 query heads on 4 KV heads, head_dim 64: wgmma), 2 layers
+SMALL_SHAPED = preset("small").replace(num_layers=2)
 CONFIGS = {"tiny": preset("tiny"), "qwen2-shaped-2-layer": QWEN_SHAPED}
 
 
@@ -127,17 +130,22 @@ def corpus():
     return Corpus.from_files(stdlib_files()[:80], ByteTokenizer())
 
 
-def run(cache, corpus, out, resume=False):
+def train_run(cache, corpus, out, resume=False, config=preset("tiny"), precision=Precision.FP32, seq_len=64):
     from model.cuda_model import CudaBackend
-    settings = TrainSettings(steps=20, batch_size=4, seq_len=64, lr=3e-3, warmup=5, eval_every=10,
+    settings = TrainSettings(steps=20, batch_size=4, seq_len=seq_len, lr=3e-3, warmup=5, eval_every=10,
                              eval_batches=2, checkpoint_every=10)
-    return train(preset("tiny"), settings, AdamWSettings(), corpus,
-                 lambda c, p, a: CudaBackend(c, p, a, cache=cache), out, log=lambda m: None, progress=False,
-                 resume=resume)
+    return train(config, settings, AdamWSettings(), corpus,
+                 lambda c, p, a: CudaBackend(c, p, a, cache=cache, precision=precision), out, log=lambda m: None,
+                 progress=False, resume=resume)
 
 
-def test_two_runs_are_bit_identical_and_a_resumed_run_matches(cache, corpus, tmp_path):
+@pytest.mark.parametrize("shape", [dict(), dict(config=SMALL_SHAPED, precision=Precision.BF16, seq_len=200)],
+                         ids=["tiny-fp32", "small-shaped-bf16-wgmma-attention"])
+def test_two_runs_are_bit_identical_and_a_resumed_run_matches(cache, corpus, tmp_path, shape):
+    """Also in the default GPU run's precision and attention kernels (bf16; wgmma at head_dim 64,
+    several 64- and 128-row tiles a sequence)."""
     from model.checkpoint import load_checkpoint, save_checkpoint
+    run = functools.partial(train_run, **shape)
     a = run(cache, corpus, tmp_path / "a")
     b = run(cache, corpus, tmp_path / "b")
     assert a.train_losses == b.train_losses and len(a.train_losses) == 20
