@@ -8,9 +8,9 @@ and all-gathers the digests; any difference stops every rank with one line namin
 """
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
+
+from ptxgen.spec import sha256_hex
 
 from .comm import Communicator
 
@@ -22,7 +22,7 @@ class ReplicaMismatch(RuntimeError):
 
 
 def weights_digest(weights: np.ndarray) -> bytes:
-    return hashlib.sha256(np.ascontiguousarray(weights).tobytes()).digest()
+    return bytes.fromhex(sha256_hex(np.ascontiguousarray(weights).tobytes()))
 
 
 def check_replicas(comm: Communicator, weights: np.ndarray, step: int) -> None:
