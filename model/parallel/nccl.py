@@ -29,7 +29,8 @@ def nccl_missing() -> str | None:
     try:
         importlib.import_module("nccl.core")
     except Exception as e:  # ImportError, or the library's own failure to load libnccl
-        return f"multi-GPU training needs NCCL ({type(e).__name__}: {e}); install it with {INSTALL}"
+        why = (str(e).splitlines() or [""])[0]
+        return f"multi-GPU training needs NCCL ({type(e).__name__}: {why}); install it with {INSTALL}"
     return None
 
 
@@ -44,7 +45,8 @@ class _Cai:
 
 
 class NcclCommunicator:
-    """One rank's NCCL communicator (untested on a GPU: see the module docstring)."""
+    """One rank's NCCL communicator (untested on a GPU: see the module docstring). The caller has
+    made its GPU current first (``runtime.driver.device(env.local_rank)``): NCCL binds to it."""
 
     def __init__(self, env: LaunchEnv, stream: Stream, timeout: float = 120.0):
         nccl = importlib.import_module("nccl.core")
@@ -61,7 +63,7 @@ class NcclCommunicator:
         try:
             fn(*args, stream=self._stream, **kwargs)
         except Exception as e:  # nccl4py's NCCLError / NcclInvalid: one line naming the collective
-            raise CommError(f"rank {self.rank}: NCCL {what} failed: {e}") from None
+            raise CommError(f"rank {self.rank}: NCCL {what} failed: {(str(e).splitlines() or [''])[0]}") from None
 
     def all_reduce(self, buf: View | DeviceArray) -> None:
         self._call("all_reduce", self._comm.allreduce, _Cai(buf), _Cai(buf), self._nccl.SUM)
