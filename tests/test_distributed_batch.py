@@ -38,3 +38,12 @@ def test_a_batch_that_does_not_split_evenly_is_one_line():
         rank_rows(6, 0, 4)
     with pytest.raises(ValueError, match="rank 4 is outside 0..3"):
         rank_rows(8, 4, 4)
+
+
+def test_planted_a_strided_split_is_disjoint_and_covering_but_caught_by_the_order_check():
+    """Rows r, r + N, r + 2N, ... per rank: every row once, yet end to end not the batch one
+    process sees (the per-position order the GPU plan's rows follow would differ)."""
+    ids = np.arange(8)[:, None] * np.ones((1, 4), int)
+    strided = [ids[r::4] for r in range(4)]
+    assert sorted(np.concatenate(strided)[:, 0].tolist()) == list(range(8))  # disjoint and covering
+    assert not np.array_equal(np.concatenate(strided), ids)  # what the order check compares

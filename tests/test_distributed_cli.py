@@ -85,3 +85,10 @@ def test_bad_data_parallel_input_is_one_line_and_exit_2(capsys, monkeypatch, wor
 def test_one_gpu_or_no_launcher_passes_the_check():
     for gpus, environ in ((None, {}), (1, {}), (None, {**TORCHRUN_2, "WORLD_SIZE": "1"})):
         check_data_parallel(gpus, "auto", environ)  # no error: the one-device run goes on as before
+
+
+def test_planted_a_cli_that_checks_gpus_late_is_caught_by_the_before_any_work_fixture(capsys, monkeypatch,
+                                                                                       work_started):
+    monkeypatch.setattr("model.cli.check_data_parallel", lambda *a: None)  # the check skipped
+    with pytest.raises(AssertionError, match="work started before --gpus was checked"):
+        train(capsys, monkeypatch, "--gpus", "2")

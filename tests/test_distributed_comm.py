@@ -106,3 +106,18 @@ def test_ranks_calling_different_collectives_are_told_so():
 
     with pytest.raises(CommError, match="rank 0 all_reduce, rank 1 barrier"):
         LocalGroup(2).run(run)
+
+
+def test_planted_without_a_timeout_a_hung_rank_holds_the_others_past_the_bound():
+    """The bound the hung-rank check asserts is what a timeout buys: with one that is in effect
+    absent, the other ranks are still waiting well after it."""
+    import threading
+
+    group = LocalGroup(2, timeout=3600.0)
+    waiting = threading.Thread(target=lambda: pytest.raises(CommError, group.communicator(0).barrier))
+    waiting.start()
+    waiting.join(1.0)
+    still_waiting = waiting.is_alive()
+    group.communicator(1).abort("test over")  # release it
+    waiting.join(5.0)
+    assert still_waiting

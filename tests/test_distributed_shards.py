@@ -115,3 +115,24 @@ def test_each_bucket_is_ready_after_the_last_backward_step_writing_any_of_its_gr
         assert ready[embed.index] == len(plan.of("backward")) - 1 == max(ready)
         assert order == sorted(range(len(ready)), key=lambda i: (ready[i], i))
         model.close()
+
+
+def test_planted_a_bucket_sent_after_its_first_writer_is_caught_by_the_readiness_check(monkeypatch):
+    """Sending a bucket once any step has written into it (the first writer, not the last) would
+    send gradients still being summed; the check's expected steps tell the two apart."""
+    from model.cuda_model import CudaBackend
+
+    with dry_device(monkeypatch):
+        params = {n: np.zeros(s, np.float32) for n, s in param_shapes(TINY).items()}
+        model = CudaBackend(TINY, params, AdamWSettings(), cache=DryCache())
+        plan = model.plan(2, 16)
+        shards = ShardPlan.of(model.layout, 2, 40_000)
+        backward = plan.of("backward")
+
+        def first_writer(start: int, size: int) -> int:
+            return next(i for i, s in enumerate(backward)
+                        if any(at < start + size and start < at + n for at, n in s.extents(plan._values)))
+
+        early = [first_writer(model.grads.ptr + 4 * b.start, 4 * b.size) for b in shards.buckets]
+        assert early != bucket_ready_steps(plan, model.grads.ptr, shards)
+        model.close()

@@ -145,3 +145,20 @@ def test_a_rank_that_dies_mid_step_stops_the_others_with_one_line():
     assert group._aborted == "rank 1 aborted (MemoryError: out of memory)"
     with pytest.raises(CommError, match="rank 0: barrier stopped: rank 1 aborted"):
         group.communicator(0).barrier()
+
+
+def test_planted_a_loss_averaged_per_rank_is_caught_by_the_one_process_check(single, monkeypatch):
+    """The classic data-parallel bug: each rank averages over its own targets and the ranks'
+    means are averaged, which weighs a rank with fewer targets (row 0 has 5 ignored) too much.
+    The weights then differ from one process's far beyond the tolerance."""
+    from model.reference import ReferenceModel
+
+    world, honest = 2, ReferenceModel.loss_and_grads
+
+    def per_rank_mean(self, ids, targets, normalizer=None):
+        return honest(self, ids, targets, normalizer=world * int((targets != IGNORE_INDEX).sum()))
+
+    monkeypatch.setattr(ReferenceModel, "loss_and_grads", per_rank_mean)
+    params = data_parallel(world, global_batches())[0][1]
+    worst = max(float(np.max(np.abs(params[n] - v) / (ATOL + RTOL * np.abs(v)))) for n, v in single[1].params.items())
+    assert worst > 10  # at least ten times outside the tolerance
