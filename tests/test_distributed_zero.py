@@ -162,3 +162,45 @@ def test_planted_a_loss_averaged_per_rank_is_caught_by_the_one_process_check(sin
     params = data_parallel(world, global_batches())[0][1]
     worst = max(float(np.max(np.abs(params[n] - v) / (ATOL + RTOL * np.abs(v)))) for n, v in single[1].params.items())
     assert worst > 10  # at least ten times outside the tolerance
+
+
+def test_rank_0_alone_writes_the_checkpoint_one_process_would_write(tmp_path):
+    """Same files (config, weights, both moments, trainer state) as one process's checkpoint after
+    the same steps, written once (by rank 0) and loadable as any other."""
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.parallel.checkpoints import save_consolidated
+
+    batches, trainer = global_batches(steps=2), {"step": 2, "data_position": 0}
+    _, backend = one_process(batches)
+    save_checkpoint(tmp_path / "one", 2, TINY, backend.params, backend.optimizer_state(), trainer)
+
+    def run(comm):
+        rank = ZeroNumpyRank(comm, TINY, init_params(TINY, seed=0), ADAMW, bucket_elems=40_000)
+        for x, y in batches:
+            rank.train_step(x, y, 1e-2)
+        return save_consolidated(comm, rank, tmp_path / "dp", 2, TINY, trainer)
+
+    paths = LocalGroup(2).run(run)
+    assert paths == [tmp_path / "dp" / "step-0000002", None]
+    assert sorted(p.name for p in (tmp_path / "dp").iterdir()) == ["latest", "step-0000002"]  # one write, no temporaries
+    one, dp = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "dp")
+    assert dp.trainer == one.trainer and dp.config == one.config
+    for ours, theirs in ((dp.params, one.params), (dp.optimizer, one.optimizer)):
+        assert ours.keys() == theirs.keys()
+        for name in ours:
+            np.testing.assert_allclose(ours[name], theirs[name], rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def test_when_rank_0_cannot_write_the_checkpoint_every_rank_stops(tmp_path):
+    from model.parallel.checkpoints import save_consolidated
+
+    (tmp_path / "run").write_text("a file where the run directory should be")
+
+    def run(comm):
+        rank = ZeroNumpyRank(comm, TINY, init_params(TINY, seed=0), ADAMW, bucket_elems=40_000)
+        return save_consolidated(comm, rank, tmp_path / "run", 1, TINY, {"step": 1, "data_position": 0})
+
+    group = LocalGroup(2, timeout=30.0)
+    with pytest.raises(OSError):
+        group.run(run)
+    assert group._aborted.startswith("rank 0 aborted (writing the step 1 checkpoint failed: ")
