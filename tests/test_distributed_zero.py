@@ -57,9 +57,15 @@ def single():
     return one_process(global_batches())
 
 
+@pytest.fixture(scope="module")
+def parallel():
+    """world -> every rank's (steps, params, optimizer state, weights) after the 3 global batches."""
+    return {world: data_parallel(world, global_batches(), digest_every=1) for world in (2, 4)}
+
+
 @pytest.mark.parametrize("world", [2, 4])
-def test_n_ranks_train_the_weights_one_process_trains_on_the_same_global_batches(single, world):
-    (losses, backend), ranks = single, data_parallel(world, global_batches(), digest_every=1)
+def test_n_ranks_train_the_weights_one_process_trains_on_the_same_global_batches(single, parallel, world):
+    (losses, backend), ranks = single, parallel[world]
     steps, params, state, _ = ranks[0]
     for (loss, norm), (loss1, norm1) in zip(steps, losses):
         assert loss == pytest.approx(loss1, rel=RTOL) and norm == pytest.approx(norm1, rel=RTOL)
@@ -70,8 +76,9 @@ def test_n_ranks_train_the_weights_one_process_trains_on_the_same_global_batches
         np.testing.assert_allclose(state[name], value, rtol=RTOL, atol=ATOL, err_msg=name)
 
 
-def test_every_rank_holds_bit_identical_weights_and_reports_the_same_loss():
-    ranks = data_parallel(3, global_batches(steps=2, batch=6))
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_rank_holds_bit_identical_weights_and_reports_the_same_loss(parallel, world):
+    ranks = parallel[world]
     for steps, _, _, weights in ranks[1:]:
         assert weights.tobytes() == ranks[0][3].tobytes()
         assert steps == ranks[0][0]
