@@ -55,6 +55,9 @@ def test_more_gpus_than_visible_is_one_line(capsys, monkeypatch, work_started):
     monkeypatch.setattr(runtime.driver, "device_count", lambda: 2)
     code, _, err = train(capsys, monkeypatch, "--gpus", "4")
     assert code == 2 and err == "ptxgen train: error: --gpus 4: needs 4 GPUs on this host, 2 visible\n"
+    monkeypatch.setattr(runtime.driver, "device_count", lambda: 1)  # torchrun's rank 1 on GPU 1 of a 1-GPU host
+    code, _, err = train(capsys, monkeypatch, environ={**TORCHRUN_2, "RANK": "1", "LOCAL_RANK": "1"})
+    assert code == 2 and err == "ptxgen train: error: torchrun with 2 ranks: needs 2 GPUs on this host, 1 visible\n"
 
 
 def test_with_nccl_and_the_gpus_present_multi_gpu_training_is_refused_plainly(capsys, monkeypatch, work_started):

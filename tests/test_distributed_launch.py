@@ -117,3 +117,21 @@ def test_a_rank_with_another_world_size_is_refused_on_both_sides():
     got = meet(2, free_port(), worlds={1: 3})
     assert "rank 1 has world size 3, rank 0 has 2" in str(got[0])
     assert "refused by rank 0" in str(got[1]) and "rank 1 has world size 3" in str(got[1])
+
+
+def test_a_connection_that_is_not_a_rank_is_ignored():
+    port = free_port()
+    result = {}
+    server = threading.Thread(target=lambda: result.update(meet(2, port, ranks=[0])))
+    server.start()
+    for junk in (b"GET / HTTP/1.0\r\n\r\n", b""):  # another program, then a bare connect-and-close
+        for _ in range(100):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.sendall(junk)
+                break
+            except OSError:
+                time.sleep(0.02)
+    got = meet(2, port, ranks=[1])
+    server.join()
+    assert result[0] == got[1] == b"id-" + bytes(range(125))

@@ -3,7 +3,8 @@
 Rank 0 listens on MASTER_ADDR:MASTER_PORT; every other rank connects (retrying while rank 0 is
 not up yet) and says who it is (magic, world size, rank). Once all ``world - 1`` have arrived,
 each gets the id; a rank with another world size, a rank out of range or a rank twice gets an
-error line instead, and so does rank 0. Nothing waits for ever: past ``timeout`` seconds rank 0
+error line instead, and so does rank 0. A connection that does not introduce itself as a rank
+(a port scan, another program) is closed and ignored. Nothing waits for ever: past ``timeout`` seconds rank 0
 says which ranks never came, and the others that rank 0 never answered.
 """
 from __future__ import annotations
@@ -71,6 +72,9 @@ def _gather(server: socket.socket, env: LaunchEnv, peers: dict[int, socket.socke
             raise RendezvousError(f"rendezvous on {_where(env)}: rank(s) {', '.join(map(str, missing))} did "
                                   f"not arrive within {timeout:g} s") from None
         problem, rank = _hello(conn, env, set(peers), deadline)
+        if rank is None:  # not one of ours (a port scan, a stale client): it cannot stop the run
+            conn.close()
+            continue
         if problem:
             _send(conn, _REFUSED, problem.encode())
             conn.close()
@@ -78,15 +82,15 @@ def _gather(server: socket.socket, env: LaunchEnv, peers: dict[int, socket.socke
         peers[rank] = conn
 
 
-def _hello(conn: socket.socket, env: LaunchEnv, seen: set[int], deadline: float) -> tuple[str | None, int]:
-    """(what is wrong with this peer, or None; its rank)."""
-    conn.settimeout(max(0.1, deadline - time.monotonic()))
+def _hello(conn: socket.socket, env: LaunchEnv, seen: set[int], deadline: float) -> tuple[str | None, int | None]:
+    """(what is wrong with this rank, or None; its rank, or None for a peer that is not a rank)."""
+    conn.settimeout(max(0.1, min(5.0, deadline - time.monotonic())))  # a silent peer holds the door 5 s at most
     try:
         magic, world, rank = _HELLO.unpack(_recv(conn, _HELLO.size))
     except (OSError, ConnectionError, struct.error):
-        return "a peer connected but did not introduce itself (another program on the port?)", -1
+        return None, None
     if magic != MAGIC:
-        return "a peer that is not a ptxgen rank (or another version) connected", -1
+        return None, None
     if world != env.world:
         return f"rank {rank} has world size {world}, rank 0 has {env.world}", rank
     if not 1 <= rank < env.world or rank in seen:
