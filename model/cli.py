@@ -9,10 +9,11 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import sys
 import typing
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from ptxgen import cli as ptxgen_cli
 from ptxgen.spec import sha256_hex
@@ -29,6 +30,7 @@ from .hf import SAVE_DTYPES
 from .metrics import SAMPLE
 from .numpy_backend import NumpyBackend, NumpyDecoder
 from .optim import AdamWSettings
+from .parallel.launch import LaunchError, from_environ
 from .precision import Precision
 from .settings import SettingsError, flag
 from .train import RESUME_MAY_CHANGE, BackendFactory, TrainSettings, resume_conflict, saved_settings, train
@@ -179,6 +181,37 @@ def _resume_inputs(ns: argparse.Namespace, ckpt: Checkpoint) -> None:
     ns.precision = getattr(ns, "precision", None) or saved_precision or "fp32"
 
 
+def check_data_parallel(gpus: int | None, device: str, environ: Mapping[str, str]) -> None:
+    """``--gpus N``, or a torchrun / srun launch, checked before any work: one process on one
+    device passes; more is refused with one line (what to install, how many GPUs there are, or
+    that the multi-GPU step is not built yet)."""
+    from .parallel.nccl import nccl_missing  # imports the runtime: only when a run asks
+
+    launch = from_environ(environ)
+    if gpus is not None and gpus < 1:
+        raise UsageError(f"--gpus must be at least 1, got {gpus}")
+    if gpus is not None and launch is not None and launch.world > 1:
+        raise UsageError(f"--gpus starts its own processes; under {launch.source} leave it out (the launcher "
+                         f"started {launch.world})")
+    world = gpus or (launch.world if launch is not None else 1)
+    if world == 1:
+        return
+    how = f"--gpus {gpus}" if gpus else f"{launch.source} with {world} ranks"
+    if device == "numpy":
+        raise UsageError(f"{how} trains on GPUs; --device numpy trains on the CPU")
+    missing = nccl_missing()
+    if missing:
+        raise UsageError(f"{how}: {missing}")
+    from runtime.driver import device_count
+
+    visible = device_count()
+    needed = gpus if gpus else launch.local_rank + 1
+    if needed > visible:
+        raise UsageError(f"{how}: needs {needed} GPU{'s' if needed > 1 else ''} on this host, {visible} visible")
+    raise UsageError(f"{how}: multi-GPU training needs the CUDA data-parallel step, which is not built yet "
+                     "(model/parallel holds its CPU groundwork); train on one GPU without --gpus")
+
+
 def cmd_train(argv: Sequence[str]) -> int:
     p = _Parser(prog="ptxgen train", description="Train the model (default: the run planned for this machine, on "
                                                  "the stdlib's source; it says what it will do before it starts).")
@@ -201,9 +234,12 @@ def cmd_train(argv: Sequence[str]) -> int:
     p.add_argument("--save-dtype", choices=tuple(SAVE_DTYPES), default=argparse.SUPPRESS,
                    help="the checkpoints' model weights (bf16: as Qwen releases ship; f32 masters kept); "
                         "default fp32")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="data-parallel training on N GPUs of this host (needs the distributed extra)")
     _add_settings(p, TrainSettings)
     _add_settings(p, AdamWSettings)
     ns = p.parse_args(argv)
+    check_data_parallel(ns.gpus, ns.device, os.environ)
     # a bare `ptxgen train`: the run this machine finishes in about two minutes (model/defaults.py)
     here = default_run(_on_gpu(ns.device))
     plan = None if (ns.preset or ns.config or ns.init or ns.resume) else here
@@ -406,7 +442,7 @@ def _guarded(name: str, command: Callable[[Sequence[str]], int]) -> Callable[[Se
         try:
             return command(argv)
         except (UsageError, ConfigError, CheckpointError, DataError, SettingsError, rundir.RunDirError,
-                MemoryTooSmall) as e:
+                MemoryTooSmall, LaunchError) as e:
             print(f"ptxgen {name}: error: {e}", file=sys.stderr)
             return 2
         except FloatingPointError as e:  # the loss diverged: the checkpoints written so far stay
@@ -428,7 +464,7 @@ COMMANDS = {name: _guarded(name, cmd) for name, cmd in
 COMMANDS["cache"] = lambda argv: __import__("runtime.cachecli").cachecli.main(argv)  # ls | show | diff
 USAGE = """
   train [--preset P | --config config.json | --init CHECKPOINT] [--data PATH ...] [--device auto|cuda|numpy]
-        [--precision fp32|bf16] [--out DIR] [--resume] [--save-dtype fp32|bf16] ...
+        [--precision fp32|bf16] [--out DIR] [--resume] [--save-dtype fp32|bf16] [--gpus N] ...
   generate --checkpoint DIR --prompt TEXT [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R]
            [--max-new-tokens N] [--precision P]
   contracts validate|check [--root REPO]

@@ -35,10 +35,11 @@ class ParamLayout:
                 self.offsets[name] = self.total
                 self.total += -(-math.prod(self.shapes[name]) // 8) * 8  # 16-byte aligned starts in bf16 too
 
-    def flatten(self, tensors: dict[str, np.ndarray]) -> np.ndarray:
-        flat = np.zeros(self.total, np.float32)
+    def flatten(self, tensors: dict[str, np.ndarray], dtype: type = np.float32) -> np.ndarray:
+        """``dtype``: float64 for the numpy backend's gradients (data parallelism sums them so)."""
+        flat = np.zeros(self.total, dtype)
         for name, off in self.offsets.items():
-            flat[off:off + math.prod(self.shapes[name])] = np.asarray(tensors[name], np.float32).reshape(-1)
+            flat[off:off + math.prod(self.shapes[name])] = np.asarray(tensors[name], dtype).reshape(-1)
         return flat
 
     def unflatten(self, flat: np.ndarray) -> dict[str, np.ndarray]:

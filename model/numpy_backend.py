@@ -9,10 +9,10 @@ import math
 
 import numpy as np
 
-from ptxgen.kernels.adamw import NORM_EPS, adamw_reference
+from ptxgen.kernels.adamw import adamw_reference
 
 from .config import ModelConfig
-from .optim import AdamWSettings, decays
+from .optim import AdamWSettings, clip_scale, decays
 from .precision import Precision
 from .reference import KVCache, ReferenceModel
 
@@ -47,7 +47,7 @@ class NumpyBackend:
         a = self.adamw
         loss, grads = self._model().loss_and_grads(ids, targets)
         norm = math.sqrt(sum(float(np.sum(g * g)) for g in grads.values()))
-        clip = min(1.0, a.max_grad_norm / (norm + NORM_EPS)) if a.max_grad_norm > 0 else 1.0
+        clip = clip_scale(norm, a.max_grad_norm)
         self.step += 1
         for name, g in grads.items():
             p, m, v = adamw_reference(self.params[name], g, self.exp_avg[name], self.exp_avg_sq[name],

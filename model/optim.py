@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ptxgen.kernels.adamw import NORM_EPS
+
 from .settings import check_types, require
 
 
@@ -27,6 +29,12 @@ class AdamWSettings:
         require(0 < eps32 < np.inf, "eps", "> 0 and representable in f32", self.eps)
         require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
         require(self.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 turns clipping off)", self.max_grad_norm)
+
+
+def clip_scale(norm: float, max_norm: float) -> float:
+    """What global-norm clipping multiplies the gradients by (``max_norm`` 0: no clipping), as
+    torch's clip_grad_norm_ and the GPU's norm kernel."""
+    return min(1.0, max_norm / (norm + NORM_EPS)) if max_norm > 0 else 1.0
 
 
 def decays(name: str) -> bool:

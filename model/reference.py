@@ -97,13 +97,17 @@ class ReferenceModel:
         losses, _ = cross_entropy_reference(logits.reshape(len(t), -1), t, IGNORE_INDEX, 1.0)
         return float(losses.sum() / max(1, int((t != IGNORE_INDEX).sum())))
 
-    def loss_and_grads(self, ids: np.ndarray, targets: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-        """Mean cross-entropy over non-ignored targets and its gradient for every parameter."""
+    def loss_and_grads(self, ids: np.ndarray, targets: np.ndarray,
+                       normalizer: int | None = None) -> tuple[float, dict[str, np.ndarray]]:
+        """Mean cross-entropy over non-ignored targets and its gradient for every parameter.
+
+        ``normalizer``: the count the sum of losses is divided by (default: these targets' own);
+        a data-parallel rank passes the global batch's, so the ranks' results add up to its mean."""
         c = self.c
         tape: list[dict[str, Any]] = []
         logits = self.forward(ids, tape=tape)
         t = np.asarray(targets).reshape(-1)
-        n_valid = max(1, int((t != IGNORE_INDEX).sum()))
+        n_valid = normalizer if normalizer is not None else max(1, int((t != IGNORE_INDEX).sum()))
         losses, dlogits = cross_entropy_reference(logits.reshape(len(t), -1), t, IGNORE_INDEX, 1.0 / n_valid)
         top = tape.pop()
         b, s = top["shape"]

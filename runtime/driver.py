@@ -87,6 +87,16 @@ def device(ordinal: int = 0) -> Device:
     return Device(ordinal, handle, ctx, name, cc, call("cuDriverGetVersion"))
 
 
+def device_count() -> int:
+    """How many CUDA devices this process sees (CUDA_VISIBLE_DEVICES applied); 0 without a
+    driver or a device."""
+    try:
+        device()
+    except CudaError:
+        return 0
+    return call("cuDeviceGetCount")
+
+
 def available() -> tuple[bool, str]:
     """(True, device description) or (False, why not): for skipping GPU tests with a reason."""
     try:

@@ -1,0 +1,90 @@
+"""Who this process is in a data-parallel run: one dataclass from whichever launcher started it.
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; srun sets SLURM_PROCID,
+SLURM_NTASKS and SLURM_LOCALID (the master's address and port come from MASTER_ADDR and
+MASTER_PORT, which the batch script sets); ``ptxgen train --gpus N`` starts its children with
+torchrun's variables (``LaunchEnv.environ``), so every process reads them the same way. A value
+that is missing, not an integer, out of range or inconsistent is one line (``LaunchError``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+SLURM = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+LOCALHOST = "127.0.0.1"
+
+
+class LaunchError(ValueError):
+    """A launch environment that cannot start a run; one line (the CLI exits 2)."""
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world: int
+    local_rank: int  # the GPU this process uses on its host
+    master_addr: str  # where rank 0 listens for the rendezvous
+    master_port: int
+    source: str  # "torchrun", "slurm" or "--gpus": named in errors
+
+    def __post_init__(self) -> None:
+        if self.world < 1:
+            raise LaunchError(f"{self.source}: the world size must be at least 1, got {self.world}")
+        if not 0 <= self.rank < self.world:
+            raise LaunchError(f"{self.source}: rank {self.rank} is outside 0..{self.world - 1} (world size {self.world})")
+        if not 0 <= self.local_rank < self.world:
+            raise LaunchError(f"{self.source}: local rank {self.local_rank} is outside 0..{self.world - 1}")
+        if self.local_rank > self.rank:  # a local rank counts the same host's lower ranks: never more than the rank
+            raise LaunchError(f"{self.source}: local rank {self.local_rank} is above rank {self.rank}")
+        if not self.master_addr or any(c.isspace() for c in self.master_addr):
+            raise LaunchError(f"{self.source}: the master address {self.master_addr!r} is not a host name or address")
+        if not 1 <= self.master_port <= 65535:
+            raise LaunchError(f"{self.source}: the master port {self.master_port} is outside 1..65535")
+
+    @classmethod
+    def local(cls, rank: int, world: int, port: int) -> "LaunchEnv":
+        """Rank ``rank`` of ``ptxgen train --gpus world`` on this host."""
+        return cls(rank, world, rank, LOCALHOST, port, "--gpus")
+
+    def environ(self) -> dict[str, str]:
+        """torchrun's variables for this rank: what ``--gpus N`` hands each child it starts."""
+        return dict(zip(TORCHRUN, (str(self.rank), str(self.world), str(self.local_rank), self.master_addr,
+                                   str(self.master_port))))
+
+
+def _integer(env: Mapping[str, str], name: str, source: str) -> int:
+    value = env[name].strip()
+    if not value.isdigit() or not value.isascii():  # no sign, no spaces inside, no '1e3'
+        raise LaunchError(f"{source}: {name}={env[name]!r} is not a non-negative integer")
+    return int(value)
+
+
+def _require(env: Mapping[str, str], names: tuple[str, ...], source: str) -> None:
+    missing = [n for n in names if n not in env]
+    if missing:
+        raise LaunchError(f"{source}: {', '.join(missing)} not set (a {source} launch sets {', '.join(names)})")
+
+
+def from_environ(env: Mapping[str, str]) -> LaunchEnv | None:
+    """The launch this environment describes, or None for a plain single process.
+
+    torchrun's variables win when both are present (srun starting torchrun sets both, and then
+    SLURM's describe the launcher, not the trainer)."""
+    if any(n in env for n in TORCHRUN[:3]):
+        source = "torchrun"
+        _require(env, TORCHRUN, source)
+        rank, world, local = (_integer(env, n, source) for n in TORCHRUN[:3])
+    elif any(n in env for n in SLURM):
+        source = "slurm"
+        _require(env, SLURM, source)
+        rank, world, local = (_integer(env, n, source) for n in SLURM)
+        if world == 1 and rank == 0 and "MASTER_ADDR" not in env:
+            return None  # a one-task job: nobody to meet
+        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+            raise LaunchError("slurm: MASTER_ADDR and MASTER_PORT must be set (say, the first host of "
+                              "$SLURM_JOB_NODELIST and a free port) for the ranks to meet")
+    else:
+        return None
+    return LaunchEnv(rank, world, local, env["MASTER_ADDR"].strip(), _integer(env, "MASTER_PORT", source), source)

@@ -1,0 +1,97 @@
+"""``ptxgen train --gpus N`` (and a torchrun / srun launch) checked before any work: one line and
+exit 2 for a missing NCCL (naming the extra to install), too few GPUs, a numpy device, a bad
+launch environment; and, with all of that in order, a plain refusal, since the CUDA
+data-parallel step is not built yet. One GPU, or no launcher, trains as before."""
+import sys
+
+import pytest
+
+import model.parallel.nccl as nccl_module
+import runtime.driver
+from model.cli import check_data_parallel, main
+
+TORCHRUN_2 = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+def train(capsys, monkeypatch, *argv, environ=None):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+                 "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (environ or {}).items():
+        monkeypatch.setenv(name, value)
+    code = main(["train", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def work_started(monkeypatch):
+    """Fails the test if the run gets as far as reading its model config."""
+    def refuse(*a, **k):
+        raise AssertionError("work started before --gpus was checked")
+    monkeypatch.setattr("model.cli.preset", refuse)
+    monkeypatch.setattr("model.cli.default_run", refuse)
+
+
+def test_without_nccl4py_gpus_2_names_the_extra_to_install(capsys, monkeypatch, work_started):
+    monkeypatch.setattr(nccl_module, "nccl_missing", lambda: "multi-GPU training needs NCCL (ModuleNotFoundError: "
+                        "No module named 'nccl'); install it with pip install -e '.[distributed]'")
+    code, out, err = train(capsys, monkeypatch, "--gpus", "2")
+    assert code == 2 and out == ""
+    assert err == ("ptxgen train: error: --gpus 2: multi-GPU training needs NCCL (ModuleNotFoundError: No module "
+                   "named 'nccl'); install it with pip install -e '.[distributed]'\n")
+
+
+def test_nccl_missing_says_what_to_install_when_nccl4py_cannot_be_imported(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nccl", None)  # as if not installed, whether it is or not
+    monkeypatch.setitem(sys.modules, "nccl.core", None)
+    line = nccl_module.nccl_missing()
+    assert line.startswith("multi-GPU training needs NCCL (ModuleNotFoundError")
+    assert line.endswith("install it with pip install -e '.[distributed]'") and "\n" not in line
+
+
+def test_more_gpus_than_visible_is_one_line(capsys, monkeypatch, work_started):
+    monkeypatch.setattr(nccl_module, "nccl_missing", lambda: None)
+    monkeypatch.setattr(runtime.driver, "device_count", lambda: 2)
+    code, _, err = train(capsys, monkeypatch, "--gpus", "4")
+    assert code == 2 and err == "ptxgen train: error: --gpus 4: needs 4 GPUs on this host, 2 visible\n"
+    monkeypatch.setattr(runtime.driver, "device_count", lambda: 1)  # torchrun's rank 1 on GPU 1 of a 1-GPU host
+    code, _, err = train(capsys, monkeypatch, environ={**TORCHRUN_2, "RANK": "1", "LOCAL_RANK": "1"})
+    assert code == 2 and err == "ptxgen train: error: torchrun with 2 ranks: needs 2 GPUs on this host, 1 visible\n"
+
+
+def test_with_nccl_and_the_gpus_present_multi_gpu_training_is_refused_plainly(capsys, monkeypatch, work_started):
+    monkeypatch.setattr(nccl_module, "nccl_missing", lambda: None)
+    monkeypatch.setattr(runtime.driver, "device_count", lambda: 8)
+    code, _, err = train(capsys, monkeypatch, "--gpus", "8")
+    assert code == 2 and err.count("\n") == 1
+    assert "--gpus 8: multi-GPU training needs the CUDA data-parallel step, which is not built yet" in err
+    code, _, err = train(capsys, monkeypatch, environ=TORCHRUN_2)
+    assert code == 2 and "torchrun with 2 ranks: multi-GPU training needs the CUDA data-parallel step" in err
+
+
+@pytest.mark.parametrize("argv, environ, line", [
+    (["--gpus", "0"], {}, "--gpus must be at least 1, got 0"),
+    (["--gpus", "-3"], {}, "--gpus must be at least 1, got -3"),
+    (["--gpus", "2", "--device", "numpy"], {}, "--gpus 2 trains on GPUs; --device numpy trains on the CPU"),
+    (["--gpus", "2"], TORCHRUN_2, "--gpus starts its own processes; under torchrun leave it out (the launcher "
+                                  "started 2)"),
+    ([], {**TORCHRUN_2, "MASTER_PORT": "http"}, "torchrun: MASTER_PORT='http' is not a non-negative integer"),
+    ([], {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1"},
+     "slurm: MASTER_ADDR and MASTER_PORT must be set"),
+])
+def test_bad_data_parallel_input_is_one_line_and_exit_2(capsys, monkeypatch, work_started, argv, environ, line):
+    code, out, err = train(capsys, monkeypatch, *argv, environ=environ)
+    assert code == 2 and out == "" and err.startswith(f"ptxgen train: error: {line}") and err.count("\n") == 1
+
+
+def test_one_gpu_or_no_launcher_passes_the_check():
+    for gpus, environ in ((None, {}), (1, {}), (None, {**TORCHRUN_2, "WORLD_SIZE": "1"})):
+        check_data_parallel(gpus, "auto", environ)  # no error: the one-device run goes on as before
+
+
+def test_planted_a_cli_that_checks_gpus_late_is_caught_by_the_before_any_work_fixture(capsys, monkeypatch,
+                                                                                       work_started):
+    monkeypatch.setattr("model.cli.check_data_parallel", lambda *a: None)  # the check skipped
+    with pytest.raises(AssertionError, match="work started before --gpus was checked"):
+        train(capsys, monkeypatch, "--gpus", "2")

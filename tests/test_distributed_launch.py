@@ -1,0 +1,137 @@
+"""Who a process is (torchrun, SLURM, ``--gpus N``), checked into one dataclass with one-line
+errors; and the TCP rendezvous that hands every rank rank 0's id bytes, with timeouts that name
+who is missing."""
+import multiprocessing
+import socket
+import threading
+import time
+
+import pytest
+
+from model.parallel.launch import LaunchEnv, LaunchError, from_environ
+from model.parallel.rendezvous import RendezvousError, share_id
+
+TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "29500"}
+SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "MASTER_ADDR": "node2",
+         "MASTER_PORT": "12345"}
+
+
+def test_torchrun_variables_and_slurm_variables_give_one_dataclass():
+    assert from_environ(TORCHRUN) == LaunchEnv(3, 4, 1, "node7", 29500, "torchrun")
+    assert from_environ(SLURM) == LaunchEnv(5, 8, 1, "node2", 12345, "slurm")
+    assert from_environ({**SLURM, **TORCHRUN}).source == "torchrun"  # srun starting torchrun: the trainer's view
+    assert from_environ({"HOME": "/root"}) is None
+    assert from_environ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"}) is None  # a one-task job
+
+
+def test_gpus_n_hands_its_children_torchrun_variables_that_parse_back():
+    for rank in range(4):
+        env = LaunchEnv.local(rank, 4, 40000)
+        assert from_environ(env.environ()) == LaunchEnv(rank, 4, rank, "127.0.0.1", 40000, "torchrun")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "torchrun: LOCAL_RANK, MASTER_ADDR, MASTER_PORT not set"),
+    ({**TORCHRUN, "RANK": "4"}, "torchrun: rank 4 is outside 0..3 (world size 4)"),
+    ({**TORCHRUN, "RANK": "-1"}, "torchrun: RANK='-1' is not a non-negative integer"),
+    ({**TORCHRUN, "WORLD_SIZE": "four"}, "torchrun: WORLD_SIZE='four' is not a non-negative integer"),
+    ({**TORCHRUN, "WORLD_SIZE": "0", "RANK": "0", "LOCAL_RANK": "0"}, "torchrun: the world size must be at least 1"),
+    ({**TORCHRUN, "LOCAL_RANK": "4"}, "torchrun: local rank 4 is outside 0..3"),
+    ({**TORCHRUN, "RANK": "0"}, "torchrun: local rank 1 is above rank 0"),
+    ({**TORCHRUN, "MASTER_PORT": "70000"}, "torchrun: the master port 70000 is outside 1..65535"),
+    ({**TORCHRUN, "MASTER_ADDR": ""}, "torchrun: the master address '' is not a host name or address"),
+    ({k: v for k, v in SLURM.items() if k != "MASTER_ADDR"}, "slurm: MASTER_ADDR and MASTER_PORT must be set"),
+    ({"SLURM_PROCID": "1"}, "slurm: SLURM_NTASKS, SLURM_LOCALID not set"),
+])
+def test_a_bad_or_inconsistent_launch_is_one_line(env, message):
+    with pytest.raises(LaunchError) as e:
+        from_environ(env)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def meet(world: int, port: int, timeout: float = 10.0, ranks=None, worlds=None) -> dict[int, object]:
+    """share_id on ``ranks`` (default all) as threads; rank -> the bytes, or the error raised."""
+    out: dict[int, object] = {}
+
+    def one(rank: int) -> None:
+        env = LaunchEnv(rank, (worlds or {}).get(rank, world), 0, "127.0.0.1", port, "torchrun")
+        try:
+            out[rank] = share_id(env, lambda: b"id-" + bytes(range(125)), timeout)
+        except RendezvousError as e:
+            out[rank] = e
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in (ranks if ranks is not None else range(world))]
+    for t in reversed(threads):  # the others first: they wait for rank 0 to listen
+        t.start()
+        time.sleep(0.01)
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_every_rank_receives_rank_0s_id_bytes():
+    got = meet(4, free_port())
+    assert set(got) == {0, 1, 2, 3}
+    assert all(v == b"id-" + bytes(range(125)) for v in got.values())
+
+
+def _process_rank(rank: int, port: int, queue) -> None:
+    queue.put((rank, share_id(LaunchEnv(rank, 3, 0, "127.0.0.1", port, "torchrun"), lambda: b"\x00\xffid", 10.0)))
+
+
+def test_ranks_in_separate_processes_meet_too():
+    ctx = multiprocessing.get_context("fork")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_process_rank, args=(r, port, queue)) for r in range(3)]
+    for p in procs:
+        p.start()
+    got = dict(queue.get(timeout=20) for _ in procs)
+    for p in procs:
+        p.join(10)
+    assert got == {0: b"\x00\xffid", 1: b"\x00\xffid", 2: b"\x00\xffid"}
+
+
+def test_a_rank_that_never_comes_is_named_by_rank_0_and_the_others_hear_it():
+    started = time.monotonic()
+    port = free_port()
+    got = meet(3, port, timeout=0.5, ranks=[0, 1])
+    assert time.monotonic() - started < 3.0
+    assert str(got[0]) == f"rendezvous on 127.0.0.1:{port}: rank(s) 2 did not arrive within 0.5 s"
+    assert isinstance(got[1], RendezvousError) and "rank(s) 2 did not arrive" in str(got[1])
+
+
+def test_without_rank_0_the_others_give_up_with_one_line():
+    port = free_port()
+    got = meet(2, port, timeout=0.4, ranks=[1])
+    assert str(got[1]) == f"rank 1: rank 0 did not answer on 127.0.0.1:{port} within 0.4 s"
+
+
+def test_a_rank_with_another_world_size_is_refused_on_both_sides():
+    got = meet(2, free_port(), worlds={1: 3})
+    assert "rank 1 has world size 3, rank 0 has 2" in str(got[0])
+    assert "refused by rank 0" in str(got[1]) and "rank 1 has world size 3" in str(got[1])
+
+
+def test_a_connection_that_is_not_a_rank_is_ignored():
+    port = free_port()
+    result = {}
+    server = threading.Thread(target=lambda: result.update(meet(2, port, ranks=[0])))
+    server.start()
+    for junk in (b"GET / HTTP/1.0\r\n\r\n", b""):  # another program, then a bare connect-and-close
+        for _ in range(100):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.sendall(junk)
+                break
+            except OSError:
+                time.sleep(0.02)
+    got = meet(2, port, ranks=[1])
+    server.join()
+    assert result[0] == got[1] == b"id-" + bytes(range(125))

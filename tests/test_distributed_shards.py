@@ -1,0 +1,138 @@
+"""ZeRO-1's shard plan over the flat parameter layout: buckets that cover it, one equal aligned
+piece per rank in each, shards that round-trip to the one-GPU layout, weight decay by segment;
+and, on the CUDA model's launch plan built without a GPU, the step after which each bucket's
+gradients are final (where its reduce-scatter may start)."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from dry_device import DryCache, dry_device
+from model.config import preset
+from model.cuda_buffers import ParamLayout
+from model.optim import AdamWSettings
+from model.params import param_shapes
+from model.parallel.comm import LocalGroup
+from model.parallel.shards import ALIGN, ShardPlan, bucket_ready_steps, send_order
+
+TINY = preset("tiny")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+@pytest.mark.parametrize("bucket_elems", [100, 50_000, 10 ** 9])
+def test_buckets_cover_the_padded_layout_and_split_into_equal_aligned_pieces(world, bucket_elems):
+    layout = ParamLayout(TINY)
+    plan = ShardPlan.of(layout, world, bucket_elems)
+    assert plan.padded_total >= layout.total and plan.padded_total % (world * ALIGN) == 0
+    assert plan.padded_total - layout.total < world * ALIGN  # padding: less than one piece row
+    assert [b.start for b in plan.buckets] == [0] + [b.end for b in plan.buckets[:-1]]
+    assert plan.buckets[-1].end == plan.padded_total
+    assert all(b.size % (world * ALIGN) == 0 for b in plan.buckets)
+    owner = np.full(plan.padded_total, -1)
+    for rank in range(world):
+        pieces = plan.pieces(rank)
+        assert sum(p.size for p in pieces) == plan.shard_size  # balanced: every shard the same size
+        assert [p.shard for p in pieces] == np.cumsum([0] + [p.size for p in pieces[:-1]]).tolist()
+        for p in pieces:
+            assert p.flat % ALIGN == 0 and p.shard % ALIGN == 0
+            assert (owner[p.flat:p.flat + p.size] == -1).all()
+            owner[p.flat:p.flat + p.size] = rank
+    assert (owner >= 0).all()  # every element belongs to exactly one rank
+
+
+def test_segments_split_pieces_where_the_decayed_tensors_end():
+    layout = ParamLayout(TINY)
+    plan = ShardPlan(layout.total, 3, layout.decay_end, bucket_elems=layout.decay_end // 2 + 5)
+    assert any(p.flat < layout.decay_end < p.flat + p.size for r in range(3) for p in plan.pieces(r))  # a straddler
+    for rank in range(3):
+        covered = np.zeros(plan.shard_size, int)
+        for s in plan.segments(rank):
+            covered[s.shard:s.shard + s.size] += 1
+            assert s.decays == (s.flat < layout.decay_end) and (s.flat + s.size <= layout.decay_end or not s.decays)
+        assert (covered == 1).all()
+
+
+def test_the_shards_consolidate_to_the_one_gpu_layout_and_back():
+    layout = ParamLayout(TINY)
+    plan = ShardPlan.of(layout, 4, 30_000)
+    flat = np.random.default_rng(0).standard_normal(layout.total).astype(np.float32)
+    shards = [plan.shard_of(plan.pad(flat), r) for r in range(4)]
+    np.testing.assert_array_equal(plan.consolidate(shards), flat)
+    with pytest.raises(ValueError, match="4 shards of"):
+        plan.consolidate(shards[:3])
+
+
+def test_bucketed_reduce_scatter_then_all_gather_is_an_all_reduce():
+    plan = ShardPlan(1000, 4, 600, bucket_elems=96)
+
+    def run(comm):
+        grads = plan.pad(np.arange(1000, dtype=np.float64) * (comm.rank + 1))
+        shard = np.zeros(plan.shard_size)
+        plan.reduce_scatter(comm, grads, shard, order=list(reversed(range(len(plan.buckets)))))
+        out = np.zeros(plan.padded_total)
+        plan.all_gather(comm, shard, out)
+        return shard, out
+
+    results = LocalGroup(4).run(run)
+    total = plan.pad(np.arange(1000, dtype=np.float64) * 10)
+    for rank, (shard, out) in enumerate(results):
+        np.testing.assert_array_equal(shard, plan.shard_of(total, rank))
+        np.testing.assert_array_equal(out, total)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_each_bucket_is_ready_after_the_last_backward_step_writing_any_of_its_gradients(monkeypatch, tied):
+    """On the tiny model's plan (built without a GPU): a bucket's step is the latest of its
+    tensors' last writers; buckets of the last layer are ready before the first layer's, the
+    embedding's (its backward is the plan's last step) last of all."""
+    from model.cuda_model import CudaBackend
+
+    config = dataclasses.replace(TINY, tie_word_embeddings=tied)
+    with dry_device(monkeypatch):
+        params = {n: np.zeros(s, np.float32) for n, s in param_shapes(config).items()}
+        model = CudaBackend(config, params, AdamWSettings(), cache=DryCache())
+        plan = model.plan(2, 16)
+        shards = ShardPlan.of(model.layout, 2, 40_000)
+        ready = bucket_ready_steps(plan, model.grads.ptr, shards)
+
+        def last(name: str) -> int:
+            g = model.params_view[name].grad
+            return plan.last_writer(g.ptr, g.nbytes, "backward")
+
+        lay = model.layout
+        for b, step in zip(shards.buckets, ready):
+            inside = [n for n, at in lay.offsets.items()
+                      if at < b.end and b.start < at + int(np.prod(lay.shapes[n]))]
+            assert step == max(last(n) for n in inside)
+        order = send_order(ready)
+        layer_of = {b.index: {n.split(".")[2] for n in lay.offsets
+                              if n.startswith("model.layers.") and lay.offsets[n] < b.end
+                              and b.start < lay.offsets[n] + int(np.prod(lay.shapes[n]))} for b in shards.buckets}
+        only = {layer: [i for i, ls in layer_of.items() if ls == {layer}] for layer in ("0", "1")}
+        assert only["0"] and only["1"]
+        assert max(ready[i] for i in only["1"]) < min(ready[i] for i in only["0"])  # the backward runs the last layer first
+        embed = next(b for b in shards.buckets if b.start <= lay.offsets["model.embed_tokens.weight"] < b.end)
+        assert ready[embed.index] == len(plan.of("backward")) - 1 == max(ready)
+        assert order == sorted(range(len(ready)), key=lambda i: (ready[i], i))
+        model.close()
+
+
+def test_planted_a_bucket_sent_after_its_first_writer_is_caught_by_the_readiness_check(monkeypatch):
+    """Sending a bucket once any step has written into it (the first writer, not the last) would
+    send gradients still being summed; the check's expected steps tell the two apart."""
+    from model.cuda_model import CudaBackend
+
+    with dry_device(monkeypatch):
+        params = {n: np.zeros(s, np.float32) for n, s in param_shapes(TINY).items()}
+        model = CudaBackend(TINY, params, AdamWSettings(), cache=DryCache())
+        plan = model.plan(2, 16)
+        shards = ShardPlan.of(model.layout, 2, 40_000)
+        backward = plan.of("backward")
+
+        def first_writer(start: int, size: int) -> int:
+            return next(i for i, s in enumerate(backward)
+                        if any(at < start + size and start < at + n for at, n in s.extents(plan._values)))
+
+        early = [first_writer(model.grads.ptr + 4 * b.start, 4 * b.size) for b in shards.buckets]
+        assert early != bucket_ready_steps(plan, model.grads.ptr, shards)
+        model.close()
