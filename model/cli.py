@@ -16,22 +16,24 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from ptxgen import cli as ptxgen_cli
-from ptxgen.spec import sha256_hex
+from ptxgen.spec import SpecError, sha256_hex
 
 from . import rundir
 from .checkpoint import LATEST, Checkpoint, CheckpointError, load_checkpoint, resolve
 from .config import PRESETS, ConfigError, ModelConfig, preset
-from .data import ByteTokenizer, Corpus, DataError, HFTokenizer, Tokenizer, expand_paths, stdlib_files
+from .data import ByteTokenizer, Corpus, DataError, HFTokenizer, Tokenizer, expand_paths, stdlib_files, val_batches
 from .defaults import default_run
 from .footprint import MemoryTooSmall, check_fits, generate_bytes, n_params, train_bytes
 from .generate import GenerateSettings, generate_as
 from .generation_config import OUR_DEFAULTS, read_generation_config
 from .hf import SAVE_DTYPES
+from .kernels import ModelKernels
 from .metrics import SAMPLE
 from .numpy_backend import NumpyBackend, NumpyDecoder
 from .optim import AdamWSettings
 from .parallel.launch import LaunchError, from_environ
 from .precision import Precision
+from .reference import IGNORE_INDEX
 from .settings import SettingsError, flag
 from .train import RESUME_MAY_CHANGE, BackendFactory, TrainSettings, resume_conflict, saved_settings, train
 
@@ -299,15 +301,20 @@ def cmd_train(argv: Sequence[str]) -> int:
     precision = Precision(ns.precision)
     line, backend = select_backend(ns.device, precision)
     on_gpu = backend is not NumpyBackend
-    check_fits(train_bytes(config, settings.batch_size, settings.seq_len, on_gpu, precision is Precision.BF16),
-               on_gpu, f"training {n_params(config) / 1e6:.1f}M parameters at batch {settings.batch_size}x"
-                       f"{settings.seq_len}")
+    if on_gpu:
+        check_gpu_kernels(config, precision, settings.batch_size * settings.seq_len)
     files = expand_paths(ns.data) if ns.data else stdlib_files()
     # the data is read and checked before the run directory is made: a refused run leaves nothing
     corpus = Corpus.from_files(files, tokenizer)
     corpus.check_fits(settings.batch_size, settings.seq_len, config.vocab_size)
     if ckpt is not None and ckpt.trainer.get("data_sha256", corpus.sha256) != corpus.sha256:
         raise UsageError("--resume: the data the run was saved with has changed since (its tokens' sha256 differs)")
+    # the training batch's shape and the validation batches' (a short validation set gives one partial)
+    shapes = {(settings.batch_size, settings.seq_len)} | {
+        x.shape for x, _ in val_batches(corpus.val, settings.batch_size, settings.seq_len, settings.eval_batches)}
+    check_fits(train_bytes(config, shapes, on_gpu, precision is Precision.BF16),
+               on_gpu, f"training {n_params(config) / 1e6:.1f}M parameters at batch {settings.batch_size}x"
+                       f"{settings.seq_len}")
     rundir.prepare(out)
     factory: BackendFactory = functools.partial(backend, precision=precision)
     print(line, flush=True)
@@ -383,10 +390,12 @@ def cmd_generate(argv: Sequence[str]) -> int:
     on_gpu = backend is not NumpyBackend
     path = resolve(ns.checkpoint)
     config = ModelConfig.load(path / "config.json")
+    if on_gpu:
+        check_gpu_kernels(config, precision, 1)
     max_len = config.max_position_embeddings
     # tokenizers give at most about a token per byte
     bound = min(max_len, len(text) + given.get("max_new_tokens", GenerateSettings.max_new_tokens))
-    check_fits(generate_bytes(config, bound, on_gpu), on_gpu,
+    check_fits(generate_bytes(config, bound, on_gpu, precision is Precision.BF16), on_gpu,
                f"generating {bound} tokens with {n_params(config) / 1e6:.1f}M parameters")
     ckpt = load_checkpoint(path)
     tokenizer = _tokenizer(checkpoint_tokenizer(ckpt))
@@ -433,6 +442,15 @@ def cmd_contracts(argv: Sequence[str]) -> int:
     from contracts.runner import main as contracts_main
 
     return contracts_main(argv)
+
+
+def check_gpu_kernels(config: ModelConfig, precision: Precision, tokens: int) -> None:
+    """A model the CUDA kernels cannot run (a head_dim, a width they do not serve) as one line,
+    before any file is written or kernel built."""
+    try:
+        ModelKernels.of(config, AdamWSettings(), IGNORE_INDEX, precision).check_shapes(config, tokens)
+    except (SpecError, ValueError) as e:
+        raise UsageError(f"the CUDA kernels cannot run this model: {e}") from None
 
 
 def _guarded(name: str, command: Callable[[Sequence[str]], int]) -> Callable[[Sequence[str]], int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 
@@ -97,10 +98,15 @@ class Params:
         return self._params.get(name)
 
     def linear_modules(self) -> list[str]:
-        """The linear layers' module names (a matrix's name without ``.weight``; the tied LM head's
-        is the embedding's)."""
-        return [n[:-len(".weight")] for n in self._params if n.endswith("proj.weight") or n.endswith("lm_head.weight")
-                ] + (["model.embed_tokens"] if "lm_head.weight" not in self._params else [])
+        return linear_modules(self._params)
+
+
+def linear_modules(names: Iterable[str]) -> list[str]:
+    """The linear layers' module names among parameter ``names`` (a matrix's name without
+    ``.weight``; the tied LM head's is the embedding's)."""
+    names = list(names)
+    return [n[:-len(".weight")] for n in names if n.endswith("proj.weight") or n.endswith("lm_head.weight")
+            ] + (["model.embed_tokens"] if "lm_head.weight" not in names else [])
 
 
 @dataclass(frozen=True)
@@ -195,3 +201,16 @@ class TrainingBuffers:
         self.order, self.seg_start, self.seg_id = (new(n, (size,), "i32") for n, size in
                                                    (("embedding order", T), ("embedding seg_start", T + 1),
                                                     ("embedding seg_id", T)))
+
+
+def step_buffers(arena: Arena, c: ModelConfig, batch: int, seq: int, bf16: bool, logit_rows: int
+                 ) -> tuple[Activations, list[KV], TrainingBuffers]:
+    """A training step's buffers for ``batch`` x ``seq`` tokens: the activations, each layer's keys
+    and values (bf16 precision: the f32 ones before RoPE shared by the layers, as q is) and the
+    training buffers with ``logit_rows`` rows of logits."""
+    T, width = batch * seq, c.num_kv_heads * c.head_dim
+    acts = Activations(arena, c, batch, seq, bf16)
+    f32 = (arena.new("k before RoPE (every layer's)", (T, width)), arena.new("v (every layer's)", (T, width))) \
+        if bf16 else None
+    kv = [KV.allocate(arena, i, T, width, bf16, f32) for i in range(c.num_layers)]
+    return acts, kv, TrainingBuffers(arena, c, batch, seq, bf16, logit_rows)

@@ -27,7 +27,7 @@ from runtime import DeviceArray, ModuleCache, View
 from runtime.plan import Expr, Plan, Step
 
 from .config import ModelConfig
-from .cuda_buffers import KV, Activations, Arena, ParamLayout, Params, TrainingBuffers
+from .cuda_buffers import KV, Activations, Arena, ParamLayout, Params, TrainingBuffers, step_buffers
 from .cuda_ops import Ops, kv_rows
 from .kernels import LOSS_CHUNK_ROWS, ModelKernels
 from .optim import AdamWSettings
@@ -314,12 +314,7 @@ class CudaBackend:
         c, T = self.config, batch * seq
         plan, arena = Plan(self.cache), Arena()
         ops = self.ops(plan, arena, T)
-        acts = Activations(arena, c, batch, seq, self.bf16)
-        width = c.num_kv_heads * c.head_dim
-        f32 = (arena.new("k before RoPE (every layer's)", (T, width)), arena.new("v (every layer's)", (T, width))) \
-            if self.bf16 else None
-        kv = [KV.allocate(arena, i, T, width, self.bf16, f32) for i in range(c.num_layers)]
-        bufs = TrainingBuffers(arena, c, batch, seq, self.bf16, min(T, self.loss_chunk_rows))
+        acts, kv, bufs = step_buffers(arena, c, batch, seq, self.bf16, min(T, self.loss_chunk_rows))
         acts.pos.upload(np.tile(np.arange(seq, dtype=np.int32), batch))
         plan.section = "forward"
         hf = forward(ops, acts, kv, kv_stride=seq)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
 from runtime import View
@@ -22,9 +23,21 @@ from .cuda_buffers import Arena, Params
 from .kernels import Gemm, LinearKernels, ModelKernels, split_k
 
 COLSUM_CHUNK = 256  # rows per first-stage chunk of a two-stage column sum
-# a linear layer's kernels by its module's name (the tied LM head is the embedding's matrix)
-_LINEAR = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "o_proj": "o", "gate_proj": "gate_up",
-           "up_proj": "gate_up", "down_proj": "down", "lm_head": "head", "embed_tokens": "head"}
+
+
+def scratch_shapes(k: ModelKernels, c: ModelConfig, tokens: int, matrices: dict[str, tuple[int, int]],
+                   wave: Callable[[Gemm], int]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """(shape, dtype) of each scratch buffer the backward of ``tokens`` rows takes: the bf16 output
+    gradients (bf16 precision), the RMSNorm's dgamma partial sums, the column sums' chunks and the
+    largest split weight gradient's partial sums (each linear module's dW, ``matrices`` by module
+    name, split as ``split_k`` splits it for a wave of ``wave(spec)`` blocks)."""
+    H, Q = c.hidden_size, c.num_heads * c.head_dim
+    parts = [(split_k(k.linear(m).grad_weight, *shape, tokens, wave(k.linear(m).grad_weight)), shape)
+             for m, shape in matrices.items()]
+    shapes = {"rmsnorm dgamma partial": ((k.norm_bwd_residual.partial_rows(tokens), H), "f32"),
+              "column sum chunks": ((-(-tokens // COLSUM_CHUNK), max(c.num_heads, c.num_kv_heads) * c.head_dim), "f32"),
+              "split-K partial sums": ((max((n * math.prod(s) for n, s in parts if n > 1), default=1),), "f32")}
+    return {"d y[bf16]": ((tokens * max(H, Q),), "bf16"), **shapes} if k.to_bf16 is not None else shapes
 
 
 class Ops:
@@ -62,7 +75,7 @@ class Ops:
         return View(dy.name + "[bf16]", scratch.ptr, dy.shape, "bf16")
 
     def _linear(self, module: str) -> LinearKernels:
-        return getattr(self.k, _LINEAR[module.rsplit(".", 1)[-1]])
+        return self.k.linear(module)
 
     def _gemm(self, spec: Gemm, a: View, b: View, c: Arg, m: int, n: int, k: int, bias: View | None = None,
               splits: int = 1) -> None:
@@ -141,29 +154,29 @@ class Ops:
 
     # -- backward ------------------------------------------------------------------------------
     @functools.cached_property
+    def _scratch(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        matrices = {m: self.W[m + ".weight"].shape for m in self.W.linear_modules()}
+        return scratch_shapes(self.k, self.config, self.T, matrices,
+                              lambda spec: self.plan.cache.get(spec).resident_blocks(spec.threads))
+
+    def _scratch_buffer(self, name: str) -> View:
+        return self.arena.new(name, *self._scratch[name])
+
+    @functools.cached_property
     def _dy16(self) -> View:
-        c = self.config
-        return self.arena.new("d y[bf16]", (self.T * max(c.hidden_size, c.num_heads * c.head_dim),), "bf16")
+        return self._scratch_buffer("d y[bf16]")
 
     @functools.cached_property
     def _gamma_partial(self) -> View:
-        spec = self.k.norm_bwd_residual
-        return self.arena.new("rmsnorm dgamma partial", (spec.partial_rows(self.T), self.config.hidden_size))
+        return self._scratch_buffer("rmsnorm dgamma partial")
 
     @functools.cached_property
     def _column_scratch(self) -> View:
-        c = self.config
-        return self.arena.new("column sum chunks", (-(-self.T // COLSUM_CHUNK),
-                                                    max(c.num_heads, c.num_kv_heads) * c.head_dim))
+        return self._scratch_buffer("column sum chunks")
 
     @functools.cached_property
     def _split_scratch(self) -> View:
-        """Room for the largest split weight gradient's partial sums."""
-        shapes = [self.W[m + ".weight"].shape for m in self.W.linear_modules()]
-        parts = [(self._split_k(self._linear(m).grad_weight, *shape), shape)
-                 for m, shape in zip(self.W.linear_modules(), shapes)]
-        return self.arena.new("split-K partial sums",
-                              (max((n * math.prod(shape) for n, shape in parts if n > 1), default=1),))
+        return self._scratch_buffer("split-K partial sums")
 
     def grad_weight(self, dy: View, x: View, module: str) -> None:
         """dW = dy^T x. A dW whose tiles fill the GPU's waves badly splits the token dimension into

@@ -13,12 +13,12 @@ import math
 import os
 from pathlib import Path
 
+from typing import Iterable
+
 import numpy as np
 
-from runtime.memory import DTYPES, View
-
 from .config import ModelConfig
-from .kernels import LOSS_CHUNK_ROWS, SPLIT_K_MAX
+from .kernels import LOSS_CHUNK_ROWS
 from .params import param_shapes
 
 
@@ -46,44 +46,85 @@ class _Counter:
     def __init__(self) -> None:
         self.bytes = 0
 
-    def new(self, name: str, shape: tuple[int, ...], dtype: str = "f32") -> View:
+    def new(self, name: str, shape: tuple[int, ...], dtype: str = "f32"):
+        from runtime.memory import DTYPES, View  # (imported here: the CPU-only commands never need it)
+
         self.bytes += math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
         return View(name, 0, shape, dtype)
 
 
+# the GPU waves (resident blocks of one GEMM) a split-K decision is bounded over: 132- and
+# 148-SM parts, one to eight blocks an SM
+WAVES = tuple(sms * blocks for sms in (132, 148) for blocks in (1, 2, 4, 8))
+SMALL_BUFFERS = 1 << 20  # the GEMMs' tensor maps (256 bytes each), the gradient norm's partial sums
+
+
+def _precision(bf16: bool):
+    from .precision import Precision
+
+    return Precision.BF16 if bf16 else Precision.FP32
+
+
 def cuda_step_buffer_bytes(config: ModelConfig, batch: int, seq: int, bf16: bool) -> int:
     """The bytes of the activations, keys/values and training buffers a CUDA training step of
-    ``batch`` x ``seq`` allocates (CudaBackend._build's buffers), without a device."""
-    from .cuda_buffers import KV, Activations, TrainingBuffers
+    ``batch`` x ``seq`` allocates (cuda_buffers.step_buffers, as CudaBackend allocates them)."""
+    from .cuda_buffers import step_buffers
 
-    counter, T, width = _Counter(), batch * seq, config.num_kv_heads * config.head_dim
-    Activations(counter, config, batch, seq, bf16)  # type: ignore[arg-type]
-    shared = (counter.new("k", (T, width)), counter.new("v", (T, width))) if bf16 else None
-    for i in range(config.num_layers):
-        KV.allocate(counter, i, T, width, bf16, shared)  # type: ignore[arg-type]
-    TrainingBuffers(counter, config, batch, seq, bf16, min(T, LOSS_CHUNK_ROWS))  # type: ignore[arg-type]
+    counter = _Counter()
+    step_buffers(counter, config, batch, seq, bf16, min(batch * seq, LOSS_CHUNK_ROWS))  # type: ignore[arg-type]
     return counter.bytes
 
 
-def train_bytes(config: ModelConfig, batch: int, seq: int, on_gpu: bool, bf16: bool = False) -> int:
-    p = n_params(config)
-    if on_gpu:  # f32 weights, gradients and two moments (+ the matrices' bf16 copies); the step's
-        # buffers; the backward's scratch: bf16 output gradients and at most SPLIT_K_MAX partial
-        # sums of a layer's largest matrix (the vocabulary's GEMMs are never split)
-        widest = max(math.prod(s) for name, s in param_shapes(config).items() if ".layers." in name)
-        scratch = 2 * batch * seq * max(config.hidden_size, config.num_heads * config.head_dim) \
-            + 4 * SPLIT_K_MAX * widest
-        return p * (16 + (2 if bf16 else 0)) + cuda_step_buffer_bytes(config, batch, seq, bf16) + scratch
+def cuda_scratch_bytes(config: ModelConfig, tokens: int, bf16: bool) -> int:
+    """The backward's scratch for ``tokens`` rows (cuda_ops.scratch_shapes), its split-K partial
+    sums at the largest of the splits any of WAVES would choose."""
+    from .cuda_buffers import linear_modules
+    from .cuda_ops import scratch_shapes
+    from .kernels import ModelKernels
+    from .optim import AdamWSettings
+    from .reference import IGNORE_INDEX
+
+    kernels = ModelKernels.of(config, AdamWSettings(), IGNORE_INDEX, _precision(bf16))
+    shapes = param_shapes(config)
+    matrices = {m: shapes[m + ".weight"] for m in linear_modules(shapes)}
+    counter = _Counter()
+    for name, (shape, dtype) in scratch_shapes(kernels, config, tokens, matrices, lambda spec: WAVES[0]).items():
+        if name == "split-K partial sums":
+            shape = max((scratch_shapes(kernels, config, tokens, matrices, lambda spec, w=w: w)[name][0]
+                         for w in WAVES), key=math.prod)
+        counter.new(name, shape, dtype)
+    return counter.bytes
+
+
+def train_bytes(config: ModelConfig, shapes: Iterable[tuple[int, int]], on_gpu: bool, bf16: bool = False) -> int:
+    """Bytes a run training on ``shapes`` (batch, seq) holds: a GPU backend builds each shape's step
+    (the training batch, and a partial validation batch when the validation data is short)."""
+    p, shapes = n_params(config), set(shapes)
+    if on_gpu:  # f32 weights, gradients and two moments (+ the matrices' bf16 copies) in the padded
+        # layout; each shape's step buffers and the backward's scratch; SMALL_BUFFERS
+        from .cuda_buffers import ParamLayout
+
+        return ParamLayout(config).total * (16 + (2 if bf16 else 0)) + SMALL_BUFFERS + sum(
+            cuda_step_buffer_bytes(config, b, s, bf16) + cuda_scratch_bytes(config, b * s, bf16) for b, s in shapes)
     # f32 weights and moments, their f64 copy and f64 gradients each step, the initial weights;
     # f64 activations, about twice over while the backward runs
-    return p * 36 + 8 * 2 * _activations(config, batch, seq)
+    return p * 36 + 8 * 2 * max(_activations(config, b, s) for b, s in shapes)
 
 
-def generate_bytes(config: ModelConfig, max_len: int, on_gpu: bool) -> int:
+def generate_bytes(config: ModelConfig, max_len: int, on_gpu: bool, bf16: bool = False) -> int:
     p = n_params(config)
+    if on_gpu:  # the backend's weights, gradients and moments (+ bf16 copies); the KV caches; a
+        # prompt's and one token's activations and logits (CudaDecoder's buffers)
+        from .cuda_buffers import KV, Activations
+
+        counter, width = _Counter(), config.num_kv_heads * config.head_dim
+        for i in range(config.num_layers):
+            KV.allocate(counter, i, max_len, width, bf16)  # type: ignore[arg-type]
+        for new in {max_len, 1}:
+            Activations(counter, config, 1, new, bf16)  # type: ignore[arg-type]
+            counter.new("logits", (1, config.vocab_size))
+        return p * (16 + (2 if bf16 else 0)) + SMALL_BUFFERS + counter.bytes
     kv = 2 * config.num_layers * max_len * config.num_kv_heads * config.head_dim
-    if on_gpu:  # the backend's weights, gradients and moments; the KV cache and logits in f32
-        return p * 16 + 4 * (kv + max_len * config.vocab_size)
     # the weights read (f32) and the reference's f64 copy; prefill activations and the KV cache in f64
     return p * 16 + 8 * (kv + _activations(config, 1, max_len))
 

@@ -23,7 +23,7 @@ from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
 from ptxgen.kernels.rmsnorm import RMSNormBackwardSpec, RMSNormSpec
 from ptxgen.kernels.rope import RopeSpec
 from ptxgen.kernels.swiglu import SwiGLUBackwardSpec, SwiGLUSpec
-from ptxgen.spec import KernelSpec
+from ptxgen.spec import KernelSpec, SpecError
 from ptxgen.vecio import DType
 
 from .config import ModelConfig
@@ -72,6 +72,8 @@ def split_k(spec: Gemm, m: int, n: int, tokens: int, wave: int) -> int:
 
 
 def _lanes(head_dim: int) -> int:
+    if head_dim % 4:
+        raise SpecError(f"the fp32 attention needs head_dim a multiple of 4, got {head_dim}")
     lanes = max(1, min(8, head_dim // 32))
     while head_dim % (4 * lanes):
         lanes //= 2
@@ -107,6 +109,11 @@ class LinearKernels:
 
     def specs(self) -> list[KernelSpec]:
         return [self.forward, self.grad_input, self.grad_input_acc, self.grad_weight]
+
+
+# a linear layer's kernels by its module's name (the tied LM head is the embedding's matrix)
+LINEAR_KINDS = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "o_proj": "o", "gate_proj": "gate_up",
+                "up_proj": "gate_up", "down_proj": "down", "lm_head": "head", "embed_tokens": "head"}
 
 
 @dataclass(frozen=True)
@@ -191,6 +198,22 @@ class ModelKernels:
                                   weight_decay=adamw.weight_decay, bf16_copy=precision is Precision.BF16),
             adamw_no_decay=AdamWSpec(beta1=adamw.beta1, beta2=adamw.beta2, eps=adamw.eps, weight_decay=0.0),
             to_bf16=CastSpec() if precision is Precision.BF16 else None)
+
+    def linear(self, module: str) -> LinearKernels:
+        """The kernels of the linear layer ``module`` (its HF name without ``.weight``)."""
+        return getattr(self, LINEAR_KINDS[module.rsplit(".", 1)[-1]])
+
+    def check_shapes(self, c: ModelConfig, tokens: int) -> None:
+        """Refuse (ValueError, the GEMM's own message) a model whose linear layers the GEMM kernels
+        cannot serve at ``tokens`` rows (their 16-byte copies need widths a multiple of 8 bf16 or
+        ``vec`` f32 elements): what the plan would refuse at its first launch, said before any work."""
+        h, q_dim, kv_dim = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        for lk, d_in, d_out in ((self.q, h, q_dim), (self.kv, h, kv_dim), (self.o, q_dim, h),
+                                (self.gate_up, h, c.intermediate_size), (self.down, c.intermediate_size, h),
+                                (self.head, h, c.vocab_size)):
+            lk.forward.arguments(0, 0, 0, tokens, d_out, d_in, bias=0 if lk.forward.bias else None)
+            lk.grad_input.arguments(0, 0, 0, tokens, d_in, d_out)
+            lk.grad_weight.arguments(0, 0, 0, d_out, d_in, tokens)
 
     def specs(self) -> list[KernelSpec]:
         """Every spec, once: what the CUDA model pre-warms and then runs in strict mode. Deduplicated

@@ -84,17 +84,31 @@ _COMMENT = re.compile(r"//[^\n]*")
 _INSTR = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.:]*)\s+([^;]*);", re.M)
 _PARAM_POINTER = re.compile(r"ld\.param\.u64\s+(%\w+),\s*\[[\w$]+?_param_(\w+)\]")
 _REGISTER = re.compile(r"%\w+")
-_GLOBAL_ACCESS = re.compile(r"(?:ld|st|red|atom)\.global\.|cp\.async\.c[ag]\.shared\.global$|cp\.async\.bulk\.tensor\.")
+_ADDRESS = re.compile(r"\[\s*(%\w+)")
+_TENSOR_MAP = re.compile(r"\[\s*(%\w+)\s*,\s*\{")  # [tensor map, {coordinates}]
 _TENSOR_MAP_ALIGNMENT = 64  # a CUtensorMap that TMA reads from global memory (PTX ISA: 64-byte aligned)
-_NO_DESTINATION = ("st.", "red.", "cp.", "bar.", "wgmma.", "mbarrier.", "fence.", "bra")
+_BULK_ALIGNMENT = 16        # cp.async.bulk's global operand (PTX ISA: 16-byte aligned)
+_SPACES = {"global", "shared", "local", "param", "const"}
+# what these write is data, or nothing: no address derives from it
+_NOT_AN_ADDRESS = ("ld", "atom", "st", "red", "cp", "bar", "wgmma", "mbarrier", "fence", "bra", "setp",
+                   "prefetch", "ret", "exit")
+_HINTS = ("prefetch", "prefetchu", "applypriority", "discard")  # no access a misaligned address faults
 _ELEMENT_BYTES = {**_BYTES, "bf16x2": 4, "f16x2": 4, "b128": 16}
 
 
-def _access_bytes(op: str, args: str) -> int:
-    if op.startswith("cp.async.bulk.tensor"):  # [dst], [tensor map, {coordinates}], [barrier]
-        return _TENSOR_MAP_ALIGNMENT
-    if op.startswith("cp.async"):  # cp.async.cg.shared.global [dst], [src], cp-size{, src-size}
-        return int(args.split(",")[2])
+def _operands(args: str) -> list[str]:
+    """The comma-separated operands, a {vector} or [address, {coordinates}] kept whole."""
+    out, depth, start = [], 0, 0
+    for i, ch in enumerate(args):
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            out.append(args[start:i].strip())
+            start = i + 1
+    return out + [args[start:].strip()]
+
+
+def _element_access(op: str) -> int:
     parts = op.split(".")
     types = [p for p in parts if p in _ELEMENT_BYTES]
     if not types:
@@ -103,33 +117,58 @@ def _access_bytes(op: str, args: str) -> int:
     return vector * _ELEMENT_BYTES[types[-1]]
 
 
+def _global_accesses(op: str, args: str) -> list[tuple[str, int]]:
+    """(address register, bytes it must be aligned to) of each global operand of one instruction;
+    an instruction that takes an address and is none of these forms is an error, not a guess."""
+    parts, addresses = op.split("."), _ADDRESS.findall(args)
+    spaces = [p.split("::")[0] for p in parts[1:] if p.split("::")[0] in _SPACES]
+    if op.startswith("cp.async.bulk.tensor"):  # the tensor map; the tile itself is the unit's
+        return [(m, _TENSOR_MAP_ALIGNMENT) for m in _TENSOR_MAP.findall(args)]
+    if op.startswith("cp.async.bulk"):  # [dst], [src], ...: spaces named in that order
+        return [(a, _BULK_ALIGNMENT) for a, space in zip(addresses, spaces) if space == "global"]
+    if op.startswith("cp.async"):  # cp.async.ca|cg.shared.global [dst], [src], cp-size{, src-size}
+        return [(addresses[1], int(_operands(args)[2]))]
+    if parts[0] in ("ld", "st", "red", "atom"):  # with .global, or generic (no space: may be global)
+        return [(addresses[0], _element_access(op))] if not spaces or "global" in spaces else []
+    if op.startswith("prefetch.tensormap"):
+        return [(addresses[0], _TENSOR_MAP_ALIGNMENT)]
+    if parts[0] in _HINTS:
+        return []
+    raise ValueError(f"{op!r}: an address operand in an instruction the alignment reader does not know")
+
+
 def pointer_alignments(text: str) -> dict[str, int]:
     """{pointer parameter: the widest global access the kernel makes through it, in bytes}.
 
     A register derives from a parameter when an instruction that writes it reads the parameter
     or a register derived from it (flow-insensitive, so a register that may hold either of two
-    pointers needs both aligned: safe). A global access needs its address aligned to its width;
-    the kernels' offsets are multiples of that width, so the parameter needs it. A pointer the
-    kernel never dereferences is absent."""
+    pointers needs both aligned: safe); a loaded value is data, not derived from the address it
+    was loaded from. A global access needs its address aligned to its width; the kernels' offsets
+    are multiples of that width, so the parameter needs it. An instruction that takes an address
+    derived from a parameter in a form not known here is an error. A pointer the kernel never
+    dereferences is absent."""
     text = _COMMENT.sub("", text)
     derived: dict[str, set[str]] = {reg: {name} for reg, name in _PARAM_POINTER.findall(text)}
     instructions = _INSTR.findall(text)
-    writes = [(args.split(",")[0].strip(" {}"), set(_REGISTER.findall(args.split(",", 1)[-1])))
-              for op, args in instructions if "," in args and not op.startswith(_NO_DESTINATION)
-              and not op.startswith("ld.param")]
+    writes = []
+    for op, args in instructions:
+        operands = _operands(args)
+        if len(operands) > 1 and op.split(".")[0] not in _NOT_AN_ADDRESS:
+            writes.append((_REGISTER.findall(operands[0]), set(_REGISTER.findall(",".join(operands[1:])))))
     changed = True
     while changed:  # to a fixed point: loops carry pointers through movs
         changed = False
-        for dst, sources in writes:
-            new = set().union(*(derived.get(r, ()) for r in sources)) - derived.get(dst, set())
-            if new:
-                derived.setdefault(dst, set()).update(new)
-                changed = True
+        for destinations, sources in writes:
+            new = set().union(*(derived.get(r, ()) for r in sources))
+            for dst in destinations:
+                if new - derived.get(dst, set()):
+                    derived.setdefault(dst, set()).update(new)
+                    changed = True
     widths: dict[str, int] = {}
     for op, args in instructions:
-        if not _GLOBAL_ACCESS.match(op):
+        if op.startswith("ld.param") or not any(derived.get(a) for a in _ADDRESS.findall(args)):
             continue
-        address = re.findall(r"\[\s*(%\w+)", args)[1 if op.startswith("cp.async") else 0]
-        for name in derived.get(address, ()):
-            widths[name] = max(widths.get(name, 1), _access_bytes(op, args))
+        for address, width in _global_accesses(op, args):
+            for name in derived.get(address, ()):
+                widths[name] = max(widths.get(name, 1), width)
     return widths

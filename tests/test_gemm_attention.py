@@ -126,6 +126,12 @@ def test_tma_wgmma_gemm_describes_its_tensor_maps_and_refuses_what_they_cannot_s
         GemmWgmmaSpec(trans_b=False)
     with pytest.raises(SpecError, match="tf32 operands must be stored with K contiguous"):
         GemmWgmmaSpec(tma=True, trans_a=True, dtype=MmaType.TF32)
+    # a bf16 C: only the tma kernel (whose C is addressed by row alone), never accumulated, never split
+    for refused in (dict(), dict(tma=True, accumulate=True)):
+        with pytest.raises(SpecError, match="bf16_out needs tma and cannot accumulate"):
+            GemmWgmmaSpec(bf16_out=True, **refused)
+    with pytest.raises(ValueError, match="split-K partial sums are f32"):
+        GemmWgmmaSpec(tma=True, trans_a=True, trans_b=False, bf16_out=True).arguments(1, 2, 3, 136, 200, 192, splits=4)
 
 
 

@@ -133,3 +133,23 @@ def test_every_kernel_a_preset_runs_assembles_without_spilling():
     for spec in specs:
         result = assemble(spec.emit(Target()), spec.arch(Target()))
         assert result.spill_stores == 0 and result.spill_loads == 0, (spec, result.log)
+
+
+@pytest.mark.parametrize("changes, precision, words", [
+    (dict(hidden_size=120, num_heads=4, num_kv_heads=2), Precision.FP32, "head_dim a multiple of 4, got 30"),
+    (dict(hidden_size=120, num_heads=4, num_kv_heads=2), Precision.BF16, "head_dim must be 32, 64 or 128"),
+    (dict(intermediate_size=350), Precision.BF16, "K=350 is not a multiple of 8"),
+    (dict(vocab_size=250), Precision.BF16, "K=250 is not a multiple of 8")])
+def test_a_model_the_cuda_kernels_cannot_run_is_one_line_before_any_work(changes, precision, words):
+    """What the plan would refuse at its first launch (or crash on: the fp32 attention's lanes at
+    head_dim 30), said by train and generate before a file is written or a kernel built."""
+    from model.cli import UsageError, check_gpu_kernels
+    with pytest.raises(UsageError, match=f"the CUDA kernels cannot run this model: .*{words}"):
+        check_gpu_kernels(preset("tiny").replace(**changes), precision, 8 * 128)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_runs_on_the_cuda_kernels_in_both_precisions(name):
+    from model.cli import check_gpu_kernels
+    for precision in Precision:
+        check_gpu_kernels(preset(name), precision, 8 * 1024)

@@ -118,23 +118,43 @@ def test_the_models_plan_writes_every_gradient_in_its_backward(monkeypatch, conf
 
 
 @pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16])
-@pytest.mark.parametrize("config", [preset("tiny"), QWEN_SHAPED], ids=["tiny", "qwen2-shaped-2-layer"])
-def test_the_memory_estimate_counts_what_the_training_step_allocates(monkeypatch, config, precision):
-    """footprint.train_bytes, asked before any allocation, counts the step's buffers from the same
-    classes the backend allocates them with: the step's allocations are those buffers plus a
-    little scratch (bf16 output gradients, partial sums, tensor maps), and the whole estimate
-    covers everything the backend and the step allocate."""
+@pytest.mark.parametrize("config, shapes", [
+    (preset("tiny"), [(2, 64)]), (QWEN_SHAPED, [(2, 64)]),
+    (preset("tiny"), [(8, 1024), (3, 1024)]),  # the LM head's dW split; a partial validation batch
+    (preset("tiny").replace(qkv_bias=False, tie_word_embeddings=True), [(16, 512)])],
+    ids=["tiny", "qwen2-shaped-2-layer", "tiny-split-head-two-shapes", "llama-style-tied"])
+def test_the_memory_estimate_counts_what_the_training_step_allocates(monkeypatch, config, shapes, precision):
+    """footprint.train_bytes, asked before any allocation, counts each shape's step buffers from
+    the same function the backend allocates them with (step_buffers) and the backward's scratch
+    from the same shapes (scratch_shapes, split-K at the largest split of any GPU wave): the step
+    allocates those buffers and a little more, and the estimate covers everything allocated."""
     from model.footprint import cuda_step_buffer_bytes, train_bytes
     bf16 = precision is Precision.BF16
     with dry_device(monkeypatch) as allocations:
         model = _backend(config, precision)
         held = sum(n for _, n in allocations)
-        model.plan(2, 64)
+        for batch, seq in shapes:
+            model.plan(batch, seq)
         step = sum(n for _, n in allocations) - held
         model.close()
-    buffers = cuda_step_buffer_bytes(config, 2, 64, bf16)
-    assert buffers <= step <= 1.1 * buffers
-    assert held + step <= train_bytes(config, 2, 64, on_gpu=True, bf16=bf16) <= 1.35 * (held + step)
+    buffers = sum(cuda_step_buffer_bytes(config, b, s, bf16) for b, s in shapes)
+    assert buffers <= step <= 1.15 * buffers
+    assert held + step <= train_bytes(config, shapes, on_gpu=True, bf16=bf16) <= 1.35 * (held + step)
+
+
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16])
+def test_the_memory_estimate_counts_what_decoding_allocates(monkeypatch, precision):
+    """A prompt's plan and one token's, KV caches of max_len, the backend: all within the estimate."""
+    from model.footprint import generate_bytes
+    config = QWEN_SHAPED
+    with dry_device(monkeypatch) as allocations:
+        model = _backend(config, precision)
+        decoder = model.decoder(300)
+        decoder._plan(300), decoder._plan(1)
+        used = sum(n for _, n in allocations)
+        decoder.close()
+        model.close()
+    assert used <= generate_bytes(config, 300, on_gpu=True, bf16=precision is Precision.BF16) <= 1.35 * used
 
 
 def test_the_decoders_plan_writes_new_keys_where_the_cache_ends(monkeypatch):

@@ -117,8 +117,9 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         if self.pingpong and not (self.tma and self.warpgroups == 2 and self.block_n <= 128):
             raise SpecError("gemm_wgmma pingpong: tma, 2 warpgroups, block_n <= 128 (a warpgroup holds a whole "
                             "128-row tile: block_n accumulators a thread)")
-        if self.bf16_out and self.accumulate:
-            raise SpecError("gemm_wgmma: bf16_out cannot accumulate (C += would round the old C twice)")
+        if self.bf16_out and (self.accumulate or not self.tma):
+            raise SpecError("gemm_wgmma: bf16_out needs tma and cannot accumulate (C += would round the old C "
+                            "twice; the cp.async feed's batches address an f32 C)")
         if any(self.mn_major) and self.dtype is MmaType.TF32:
             raise SpecError("gemm_wgmma: tf32 operands must be stored with K contiguous (A [M, K], B [N, K])")
         if self.dynamic_shared_bytes() > SHARED_LIMIT:
