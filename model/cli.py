@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 
 from ptxgen import cli as ptxgen_cli
 from ptxgen.spec import SpecError, sha256_hex
+from runtime.driver import CudaError
 
 from . import rundir
 from .checkpoint import LATEST, Checkpoint, CheckpointError, load_checkpoint, resolve
@@ -468,6 +469,11 @@ def _guarded(name: str, command: Callable[[Sequence[str]], int]) -> Callable[[Se
             return 2
         except MemoryError:  # an estimate that was too low: still one line
             print(f"ptxgen {name}: error: out of memory", file=sys.stderr)
+            return 2
+        except CudaError as e:
+            if "OUT_OF_MEMORY" not in str(e):
+                raise  # a driver failure: its traceback is the report
+            print(f"ptxgen {name}: error: out of GPU memory ({e}); try a smaller --batch-size", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(f"ptxgen {name}: interrupted (the last checkpoint stays; train --resume continues from it)",

@@ -507,3 +507,20 @@ def test_free_device_memory_is_read_and_a_model_too_large_for_it_is_refused():
     check_fits(1 << 20, on_gpu=True, what="a small run")
     with pytest.raises(MemoryTooSmall, match="free GPU memory"):
         check_fits(2 * total, on_gpu=True, what="a run twice the GPU")
+
+
+def test_running_out_of_gpu_memory_is_one_line_and_another_driver_failure_is_not_hidden():
+    from model import cli as model_cli
+    from runtime.driver import CudaError
+
+    def fails(result):
+        def command(argv):
+            raise CudaError("cuMemAlloc", type("R", (), {"name": result})(), "driver message")
+        return model_cli._guarded("train", command)
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = fails("CUDA_ERROR_OUT_OF_MEMORY")([])
+    refused((code, out.getvalue(), err.getvalue()), "out of GPU memory", "CUDA_ERROR_OUT_OF_MEMORY", "--batch-size")
+    with pytest.raises(CudaError, match="CUDA_ERROR_ILLEGAL_ADDRESS"):
+        fails("CUDA_ERROR_ILLEGAL_ADDRESS")([])
