@@ -32,8 +32,8 @@ def scratch_shapes(k: ModelKernels, c: ModelConfig, tokens: int, matrices: dict[
     largest split weight gradient's partial sums (each linear module's dW, ``matrices`` by module
     name, split as ``split_k`` splits it for a wave of ``wave(spec)`` blocks)."""
     H, Q = c.hidden_size, c.num_heads * c.head_dim
-    parts = [(split_k(k.linear(m).grad_weight, *shape, tokens, wave(k.linear(m).grad_weight)), shape)
-             for m, shape in matrices.items()]
+    dws = {m: k.linear(m).grad_weight for m in matrices}
+    parts = [(split_k(dws[m], *shape, tokens, wave(dws[m])), shape) for m, shape in matrices.items()]
     shapes = {"rmsnorm dgamma partial": ((k.norm_bwd_residual.partial_rows(tokens), H), "f32"),
               "column sum chunks": ((-(-tokens // COLSUM_CHUNK), max(c.num_heads, c.num_kv_heads) * c.head_dim), "f32"),
               "split-K partial sums": ((max((n * math.prod(s) for n, s in parts if n > 1), default=1),), "f32")}
@@ -94,9 +94,12 @@ class Ops:
         self.plan.add(spec, dims, label=f"{spec.kind} -> {_name(c)}", operands=operands,
                       **dict(zip((name for name, _ in spec.params()), args)))
 
+    def _wave(self, spec: Gemm) -> int:
+        """How many of ``spec``'s blocks this GPU runs at once."""
+        return self.plan.cache.get(spec).resident_blocks(spec.threads)
+
     def _split_k(self, spec: Gemm, m: int, n: int) -> int:
-        """``split_k`` for this GPU's wave of ``spec``'s blocks."""
-        return split_k(spec, m, n, self.T, self.plan.cache.get(spec).resident_blocks(spec.threads))
+        return split_k(spec, m, n, self.T, self._wave(spec))
 
     # -- forward ------------------------------------------------------------------------------
     def embed(self, ids: View, table: str, out: View) -> None:
@@ -156,8 +159,7 @@ class Ops:
     @functools.cached_property
     def _scratch(self) -> dict[str, tuple[tuple[int, ...], str]]:
         matrices = {m: self.W[m + ".weight"].shape for m in self.W.linear_modules()}
-        return scratch_shapes(self.k, self.config, self.T, matrices,
-                              lambda spec: self.plan.cache.get(spec).resident_blocks(spec.threads))
+        return scratch_shapes(self.k, self.config, self.T, matrices, self._wave)
 
     def _scratch_buffer(self, name: str) -> View:
         return self.arena.new(name, *self._scratch[name])

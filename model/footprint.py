@@ -12,14 +12,16 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-
 from typing import Iterable
 
 import numpy as np
 
 from .config import ModelConfig
-from .kernels import LOSS_CHUNK_ROWS
+from .kernels import LOSS_CHUNK_ROWS, ModelKernels
+from .optim import AdamWSettings
 from .params import param_shapes
+from .precision import Precision
+from .reference import IGNORE_INDEX
 
 
 class MemoryTooSmall(ValueError):
@@ -59,10 +61,12 @@ WAVES = tuple(sms * blocks for sms in (132, 148) for blocks in (1, 2, 4, 8))
 SMALL_BUFFERS = 1 << 20  # the GEMMs' tensor maps (256 bytes each), the gradient norm's partial sums
 
 
-def _precision(bf16: bool):
-    from .precision import Precision
+def _cuda_backend_bytes(config: ModelConfig, bf16: bool) -> int:
+    """What a CudaBackend holds whatever it runs: f32 weights, gradients and two moments in the
+    padded layout (+ the bf16 copies), and SMALL_BUFFERS."""
+    from .cuda_buffers import ParamLayout
 
-    return Precision.BF16 if bf16 else Precision.FP32
+    return ParamLayout(config).total * (16 + (2 if bf16 else 0)) + SMALL_BUFFERS
 
 
 def cuda_step_buffer_bytes(config: ModelConfig, batch: int, seq: int, bf16: bool) -> int:
@@ -80,41 +84,32 @@ def cuda_scratch_bytes(config: ModelConfig, tokens: int, bf16: bool) -> int:
     sums at the largest of the splits any of WAVES would choose."""
     from .cuda_buffers import linear_modules
     from .cuda_ops import scratch_shapes
-    from .kernels import ModelKernels
-    from .optim import AdamWSettings
-    from .reference import IGNORE_INDEX
 
-    kernels = ModelKernels.of(config, AdamWSettings(), IGNORE_INDEX, _precision(bf16))
+    kernels = ModelKernels.of(config, AdamWSettings(), IGNORE_INDEX, Precision.BF16 if bf16 else Precision.FP32)
     shapes = param_shapes(config)
     matrices = {m: shapes[m + ".weight"] for m in linear_modules(shapes)}
+    per_wave = [scratch_shapes(kernels, config, tokens, matrices, lambda spec, w=w: w) for w in WAVES]
     counter = _Counter()
-    for name, (shape, dtype) in scratch_shapes(kernels, config, tokens, matrices, lambda spec: WAVES[0]).items():
-        if name == "split-K partial sums":
-            shape = max((scratch_shapes(kernels, config, tokens, matrices, lambda spec, w=w: w)[name][0]
-                         for w in WAVES), key=math.prod)
-        counter.new(name, shape, dtype)
+    for name, (_, dtype) in per_wave[0].items():
+        counter.new(name, max((s[name][0] for s in per_wave), key=math.prod), dtype)
     return counter.bytes
 
 
 def train_bytes(config: ModelConfig, shapes: Iterable[tuple[int, int]], on_gpu: bool, bf16: bool = False) -> int:
     """Bytes a run training on ``shapes`` (batch, seq) holds: a GPU backend builds each shape's step
     (the training batch, and a partial validation batch when the validation data is short)."""
-    p, shapes = n_params(config), set(shapes)
-    if on_gpu:  # f32 weights, gradients and two moments (+ the matrices' bf16 copies) in the padded
-        # layout; each shape's step buffers and the backward's scratch; SMALL_BUFFERS
-        from .cuda_buffers import ParamLayout
-
-        return ParamLayout(config).total * (16 + (2 if bf16 else 0)) + SMALL_BUFFERS + sum(
+    shapes = set(shapes)
+    if on_gpu:  # the backend; each shape's step buffers and the backward's scratch
+        return _cuda_backend_bytes(config, bf16) + sum(
             cuda_step_buffer_bytes(config, b, s, bf16) + cuda_scratch_bytes(config, b * s, bf16) for b, s in shapes)
     # f32 weights and moments, their f64 copy and f64 gradients each step, the initial weights;
     # f64 activations, about twice over while the backward runs
-    return p * 36 + 8 * 2 * max(_activations(config, b, s) for b, s in shapes)
+    return n_params(config) * 36 + 8 * 2 * max(_activations(config, b, s) for b, s in shapes)
 
 
 def generate_bytes(config: ModelConfig, max_len: int, on_gpu: bool, bf16: bool = False) -> int:
-    p = n_params(config)
-    if on_gpu:  # the backend's weights, gradients and moments (+ bf16 copies); the KV caches; a
-        # prompt's and one token's activations and logits (CudaDecoder's buffers)
+    if on_gpu:  # the backend; the KV caches; a prompt's and one token's activations and logits
+        # (CudaDecoder's buffers)
         from .cuda_buffers import KV, Activations
 
         counter, width = _Counter(), config.num_kv_heads * config.head_dim
@@ -123,10 +118,10 @@ def generate_bytes(config: ModelConfig, max_len: int, on_gpu: bool, bf16: bool =
         for new in {max_len, 1}:
             Activations(counter, config, 1, new, bf16)  # type: ignore[arg-type]
             counter.new("logits", (1, config.vocab_size))
-        return p * (16 + (2 if bf16 else 0)) + SMALL_BUFFERS + counter.bytes
+        return _cuda_backend_bytes(config, bf16) + counter.bytes
     kv = 2 * config.num_layers * max_len * config.num_kv_heads * config.head_dim
     # the weights read (f32) and the reference's f64 copy; prefill activations and the KV cache in f64
-    return p * 16 + 8 * (kv + _activations(config, 1, max_len))
+    return n_params(config) * 16 + 8 * (kv + _activations(config, 1, max_len))
 
 
 def free_bytes(on_gpu: bool) -> int:

@@ -146,7 +146,7 @@ class TensorCoreGemm:
     """What the 16-bit tensor-core GEMM specs (mma.sync and wgmma) share: parameters, launch
     shape, argument checks, and the TMA-fed persistent form (``tma``: ``tma_pipeline``), whose
     operands are tensor maps (``tma_operands``). Their blocks walk C in ``tile_origin``'s order.
-    A spec provides tma, block_m, block_n, k_elems (K elements a slice), stages, threads."""
+    A spec provides tma, bf16_out, block_m, block_n, k_elems (K elements a slice), stages, threads."""
 
     @property
     def mn_major(self) -> tuple[bool, bool]:
@@ -176,7 +176,7 @@ class TensorCoreGemm:
     @property
     def c_dtype(self) -> DType:
         """C's element type: f32, or bf16 where the spec stores it so (``bf16_out``)."""
-        return DType.BF16 if getattr(self, "bf16_out", False) else DType.F32
+        return DType.BF16 if self.bf16_out else DType.F32
 
     def split_k_multiple(self) -> int:
         """What a split-K part's contraction length must be a multiple of: with tma, whole slices
@@ -278,6 +278,7 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
     # fence its ldmatrix reads need before each stage is refilled: 390-430 TFLOP/s against this
     # kernel's 450-460 at 4096^3 and 8192^3.
     tma: ClassVar[bool] = False
+    bf16_out: ClassVar[bool] = False  # C is f32 (a bf16 C is the wgmma kernel's)
 
     @property
     def threads(self) -> int:
