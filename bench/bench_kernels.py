@@ -105,11 +105,13 @@ def main() -> None:
                  lambda s: launch(s, s.launch_dims(T), p(q), p(qo), p(pos), T),
                  lambda: q * cos + torch.cat([-q[..., D // 2:], q[..., :D // 2]], -1) * sin)
         # SwiGLU
-        gate, up = torch.randn(T, I, device="cuda").to(tdt), torch.randn(T, I, device="cuda").to(tdt)
-        act = torch.empty_like(gate)
+        gate_up = torch.randn(T, 2 * I, device="cuda").to(tdt)  # [gate | up] per row, as the model makes it
+        gate, up = gate_up[:, :I], gate_up[:, I:]
+        act = torch.empty(T, I, device="cuda").to(tdt)
         spec = SwiGLUSpec(dtype=dt, out_dtype=dt)
         add(f"swiglu fwd {dt.value} {T}x{I}", 3 * T * I * sz,
-            launch(spec, spec.launch_dims(T * I), p(gate), p(up), p(act), T * I), lambda: F.silu(gate) * up)
+            launch(spec, spec.launch_dims(T, I), *spec.arguments(p(gate_up), p(act), T, I)),
+            lambda: F.silu(gate) * up)
         # cross-entropy, loss + dlogits in one pass
         logits = (torch.randn(CE_ROWS, V, device="cuda") * 2).to(tdt)
         targets = torch.randint(0, V, (CE_ROWS,), device="cuda", dtype=torch.int32)
@@ -168,13 +170,13 @@ def main() -> None:
              lambda s: launch(s, s.launch_dims(T), p(q), p(dq), p(pos), T),
              lambda: q * cos - torch.cat([-q[..., D // 2:], q[..., :D // 2]], -1) * sin)
 
-    gate, up, dout = (torch.randn(T, I, device="cuda") for _ in range(3))
-    dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+    gate_up, dout = torch.randn(T, 2 * I, device="cuda"), torch.randn(T, I, device="cuda")
+    dgate_up = torch.empty_like(gate_up)
     spec = SwiGLUBackwardSpec()
-    gr, ur = gate.detach().requires_grad_(), up.detach().requires_grad_()
+    gr, ur = gate_up[:, :I].detach().requires_grad_(), gate_up[:, I:].detach().requires_grad_()
     act = F.silu(gr) * ur
     add(f"swiglu bwd f32 {T}x{I}", 5 * T * I * 4,
-        launch(spec, spec.launch_dims(T * I), p(gate), p(up), p(dout), p(dgate), p(dup), T * I),
+        launch(spec, spec.launch_dims(T, I), *spec.arguments(p(gate_up), p(dout), p(dgate_up), T, I)),
         lambda: torch.autograd.grad(act, (gr, ur), dout, retain_graph=True))
 
     ids = torch.randint(0, V, (T,), device="cuda", dtype=torch.int32)

@@ -4,7 +4,7 @@ The parameters live in four flat f32 buffers with one layout (``ParamLayout``): 
 and the two AdamW moments; in bf16 precision the matrices also have a bf16 copy. ``Params`` gives
 each tensor (HF name) as a ``Param``: value, gradient and the operand its GEMMs read. The
 activations of one batch shape are ``Activations``: per layer a ``LayerActs`` with the names of
-``reference.py``'s forward (x, h, q, k, v, o, x_mid, h2, gate, up, act); in bf16 precision what
+``reference.py``'s forward (x, h, q, k, v, o, x_mid, h2, gate and up side by side, act); in bf16 precision what
 the GEMMs read is stored in bf16 by the kernel that makes it, and q, k and v have bf16 copies. The backward's activation gradients are ``Grads``.
 """
 from __future__ import annotations
@@ -22,8 +22,20 @@ from .optim import decays
 from .params import layer_prefix, param_shapes
 
 
+# Linear layers run as one GEMM over adjacent weights: gate and up ([gate; up], what Phi-3 names
+# gate_up_proj) make one [tokens, 2 x intermediate] output, one launch each way instead of two and
+# twice the tiles to fill the GPU's waves with.
+FUSED = {"mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def _fused_continues(name: str) -> bool:
+    """Whether the next parameter is the rest of ``name``'s fused module (no padding between)."""
+    return any(name.endswith("." + part + ".weight") for parts in FUSED.values() for part in parts[:-1])
+
+
 class ParamLayout:
-    """Offsets (in f32 elements) of every parameter in the flat buffers; decayed tensors first."""
+    """Offsets (in f32 elements) of every parameter in the flat buffers; decayed tensors first, the
+    parts of a ``FUSED`` module one after another."""
 
     def __init__(self, config: ModelConfig):
         self.shapes = param_shapes(config)
@@ -34,7 +46,20 @@ class ParamLayout:
                 self.decay_end = self.total
             for name in (n for n in self.shapes if decays(n) == decayed):
                 self.offsets[name] = self.total
-                self.total += -(-math.prod(self.shapes[name]) // 8) * 8  # 16-byte aligned starts in bf16 too
+                self.total += math.prod(self.shapes[name])
+                if not _fused_continues(name):
+                    self.total = -(-self.total // 8) * 8  # 16-byte aligned starts in bf16 too
+
+    def fused(self, module: str) -> tuple[int, tuple[int, int]]:
+        """Offset and shape of a ``FUSED`` module's weight ("model.layers.0.mlp.gate_up_proj"): its
+        parts' rows stacked."""
+        (local, parts), = ((f, ps) for f, ps in FUSED.items() if module.endswith("." + f))
+        names = [module[:-len(local)] + part + ".weight" for part in parts]
+        shapes = [self.shapes[n] for n in names]
+        for before, after, shape in zip(names, names[1:], shapes):
+            if self.offsets[after] != self.offsets[before] + math.prod(shape):
+                raise AssertionError(f"{module}: {before} and {after} are not adjacent in the layout")
+        return self.offsets[names[0]], (sum(s[0] for s in shapes), shapes[0][1])
 
     def flatten(self, tensors: dict[str, np.ndarray], dtype: type = np.float32) -> np.ndarray:
         """``dtype``: float64 for the numpy backend's gradients (data parallelism sums them so)."""
@@ -79,17 +104,20 @@ class Param:
 
 
 class Params:
-    """The parameters by HF name, as views into the flat buffers."""
+    """The parameters by HF name, as views into the flat buffers; a ``FUSED`` module's weight too
+    ("model.layers.0.mlp.gate_up_proj.weight": its parts' rows, one view)."""
 
     def __init__(self, layout: ParamLayout, weights: DeviceArray, grads: DeviceArray,
                  weights16: DeviceArray | None):
-        self._params = {}
-        for name, shape in layout.shapes.items():
-            at = layout.offsets[name]
+        def param(name: str, at: int, shape: tuple[int, ...], decayed: bool) -> Param:
             value = weights.view(name, at, shape)
-            operand = weights16.view(name + "[bf16]", at, shape) if weights16 is not None and decays(name) \
-                else value
-            self._params[name] = Param(name, value, grads.view("grad " + name, at, shape), operand)
+            operand = weights16.view(name + "[bf16]", at, shape) if weights16 is not None and decayed else value
+            return Param(name, value, grads.view("grad " + name, at, shape), operand)
+
+        self._params = {name: param(name, layout.offsets[name], shape, decays(name))
+                        for name, shape in layout.shapes.items()}
+        for module in fused_modules(layout.shapes):
+            self._params[module + ".weight"] = param(module + ".weight", *layout.fused(module), True)
 
     def __getitem__(self, name: str) -> Param:
         return self._params[name]
@@ -101,12 +129,36 @@ class Params:
         return linear_modules(self._params)
 
 
+def fused_modules(names: Iterable[str]) -> list[str]:
+    """The ``FUSED`` modules whose parts are all among parameter ``names``."""
+    names = set(names)
+    return [prefix + fused for name in sorted(names) for fused, parts in FUSED.items()
+            for prefix in [name[:-len(parts[0] + ".weight")]] if name.endswith("." + parts[0] + ".weight")
+            and all(prefix + part + ".weight" in names for part in parts)]
+
+
 def linear_modules(names: Iterable[str]) -> list[str]:
-    """The linear layers' module names among parameter ``names`` (a matrix's name without
-    ``.weight``; the tied LM head's is the embedding's)."""
+    """The GEMMs' module names among parameter ``names``: each linear layer's (a matrix's name
+    without ``.weight``; the tied LM head's is the embedding's), a ``FUSED`` module in place of
+    its parts."""
     names = list(names)
-    return [n[:-len(".weight")] for n in names if n.endswith("proj.weight") or n.endswith("lm_head.weight")
-            ] + (["model.embed_tokens"] if "lm_head.weight" not in names else [])
+    modules = [n[:-len(".weight")] for n in names if n.endswith("proj.weight") or n.endswith("lm_head.weight")
+               ] + (["model.embed_tokens"] if "lm_head.weight" not in names else [])
+    fused = fused_modules(names)
+    parts = {f[:-len(local)] + part for f in fused for local, ps in FUSED.items() if f.endswith(local) for part in ps}
+    return [m for m in modules if m not in parts and m not in fused] + fused
+
+
+def linear_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, int]]:
+    """Each GEMM's weight shape by module (``linear_modules`` of ``shapes``' names), a ``FUSED``
+    module's parts' rows stacked."""
+    def shape(module: str) -> tuple[int, int]:
+        if module + ".weight" in shapes:
+            return shapes[module + ".weight"]  # type: ignore[return-value]
+        (local, parts), = ((f, ps) for f, ps in FUSED.items() if module.endswith("." + f))
+        rows = [shapes[module[:-len(local)] + part + ".weight"] for part in parts]
+        return sum(r[0] for r in rows), rows[0][1]
+    return {m: shape(m) for m in linear_modules(shapes)}
 
 
 @dataclass(frozen=True)
@@ -143,8 +195,7 @@ class LayerActs:
     x_mid: View   # x + o_proj(o)
     rstd2: View
     h2: View      # post_attention_layernorm(x_mid) (bf16 precision: bf16, as h)
-    gate: View    # gate_proj(h2) (bf16 precision: stored in bf16, as SwiGLU reads it)
-    up: View      # up_proj(h2) (bf16 precision: bf16, as gate)
+    gate_up: View  # [gate_proj(h2) | up_proj(h2)] per row, one GEMM (bf16 precision: stored in bf16, as SwiGLU reads it)
     act: View     # silu(gate) * up (bf16 precision: bf16, the down projection's operand as it is)
     q16: View | None  # bf16 precision: q after RoPE as the attention reads it (q is then before RoPE)
 
@@ -169,7 +220,7 @@ class Activations:
                 x=new(p + "x", (T, H)), rstd1=new(p + "rstd1", (T,)), h=operand(p + "h", (T, H)),
                 q=shared_q or new(p + "q", (T, Q)), o=operand(p + "o", (T, Q)), lse=new(p + "lse", (batch, c.num_heads, seq)),
                 x_mid=new(p + "x_mid", (T, H)), rstd2=new(p + "rstd2", (T,)), h2=operand(p + "h2", (T, H)),
-                gate=operand(p + "gate", (T, I)), up=operand(p + "up", (T, I)), act=operand(p + "act", (T, I)),
+                gate_up=operand(p + "gate_up", (T, 2 * I)), act=operand(p + "act", (T, I)),
                 q16=new(p + "q[bf16]", (T, Q), "bf16") if bf16 else None)
 
         self.layers = [layer(i) for i in range(c.num_layers)]
@@ -194,7 +245,7 @@ class TrainingBuffers:
         self.g = new("d x", (T, H))     # gradient of the residual stream, updated in place
         self.dh = new("d h", (T, H))
         self.d_act = new("d act", (T, I))
-        self.d_gate, self.d_up = new("d gate", (T, I), operand), new("d up", (T, I), operand)  # GEMM operands
+        self.d_gate_up = new("d gate_up", (T, 2 * I), operand)  # [d gate | d up]: the fused GEMM's operand
         self.d_o, self.dq = new("d o", (T, Q)), new("d q", (T, Q))
         self.dk, self.dv = new("d k", (T, KV_)), new("d v", (T, KV_))
         self.delta = new("attention delta", (batch, c.num_heads, seq))

@@ -66,9 +66,8 @@ def forward(ops: Ops, acts: Activations, kv: list[KV], kv_stride: int, cached: i
         ops.linear(a.o, p + "self_attn.o_proj", out=acts.delta)
         ops.residual_rmsnorm(a.x, acts.delta, p + "post_attention_layernorm.weight", out=a.h2, rstd=a.rstd2,
                              x_out=a.x_mid)
-        ops.linear(a.h2, p + "mlp.gate_proj", out=a.gate)
-        ops.linear(a.h2, p + "mlp.up_proj", out=a.up)
-        ops.swiglu(a.gate, a.up, out=a.act)
+        ops.linear(a.h2, p + "mlp.gate_up_proj", out=a.gate_up)  # gate and up: one GEMM, [gate | up] per row
+        ops.swiglu(a.gate_up, out=a.act)
         ops.linear(a.act, p + "mlp.down_proj", out=acts.delta)
     ops.residual_rmsnorm(acts.layers[-1].x_mid, acts.delta, "model.norm.weight", out=acts.hf, rstd=acts.rstd_f,
                          x_out=acts.x)
@@ -107,11 +106,9 @@ def backward(ops: Ops, acts: Activations, kv: list[KV], hf: View, d: TrainingBuf
         # MLP: x_out = x_mid + down(silu(gate) * up); g is the gradient of x_out
         ops.grad_weight(g, a.act, p + "mlp.down_proj")
         ops.grad_input(g, p + "mlp.down_proj", d.d_act)
-        ops.swiglu_backward(a.gate, a.up, d.d_act, dgate=d.d_gate, dup=d.d_up)
-        ops.grad_weight(d.d_gate, a.h2, p + "mlp.gate_proj")
-        ops.grad_input(d.d_gate, p + "mlp.gate_proj", d.dh)
-        ops.grad_weight(d.d_up, a.h2, p + "mlp.up_proj")
-        ops.grad_input(d.d_up, p + "mlp.up_proj", d.dh, accumulate=True)
+        ops.swiglu_backward(a.gate_up, d.d_act, dgate_up=d.d_gate_up)
+        ops.grad_weight(d.d_gate_up, a.h2, p + "mlp.gate_up_proj")  # both weights' gradients, one GEMM
+        ops.grad_input(d.d_gate_up, p + "mlp.gate_up_proj", d.dh)
         g = ops.rmsnorm_backward(a.x_mid, p + "post_attention_layernorm.weight", d.dh, a.rstd2, dx=d.g,
                                  residual=True)
         # attention: x_mid = x + o_proj(attn(rope(q), rope(k), v)); g is now the gradient of x_mid

@@ -13,6 +13,7 @@ import math
 from typing import Callable
 
 from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+from ptxgen.spec import KernelSpec
 from runtime import View
 from runtime.memory import DTYPES
 from runtime.plan import Arg, Expr, Plan, Step
@@ -144,9 +145,10 @@ class Ops:
         self._add(spec, spec.launch_dims(batch, seq), out, q=q, k=k, v=v, o=out, lse=lse, seq=seq, kv_len=kv_len,
                   kv_stride=kv_stride, q_start=q_start)
 
-    def swiglu(self, gate: View, up: View, out: View) -> None:
-        spec = self.k.swiglu
-        self._add(spec, spec.launch_dims(gate.size), out, gate=gate, up=up, out=out, n=gate.size)
+    def swiglu(self, gate_up: View, out: View) -> None:
+        """out = silu(gate) * up, gate and up the halves of each row of ``gate_up``."""
+        spec, (rows, width) = self.k.swiglu, out.shape
+        self._add(spec, spec.launch_dims(rows, width), out, **_named(spec, spec.arguments(gate_up, out, rows, width)))
 
     def cross_entropy(self, logits: View, targets: View, losses: View, dlogits: View, grad_scale: Expr) -> None:
         """Per-row losses and, scaled by ``grad_scale``, their gradient with respect to the logits,
@@ -192,8 +194,8 @@ class Ops:
         scratch = self._split_scratch
         self._gemm(spec, dy, x, scratch, d_out, d_in, self.T // splits, splits=splits)
         ps = self.k.parts_sum
-        args = ps.arguments(scratch, w.grad, splits, d_out * d_in)
-        self._add(ps, ps.launch_dims(d_out * d_in), w.grad, **dict(zip((n for n, _ in ps.params()), args)))
+        self._add(ps, ps.launch_dims(d_out * d_in), w.grad, **_named(ps, ps.arguments(scratch, w.grad, splits,
+                                                                                        d_out * d_in)))
 
     def grad_input(self, dy: View, module: str, dx: View, accumulate: bool = False) -> None:
         """dx = dy W (``accumulate``: dx += dy W, the next of several projections of one input)."""
@@ -231,10 +233,11 @@ class Ops:
                   n_cols=H, rows_per_chunk=rows)
         return operand
 
-    def swiglu_backward(self, gate: View, up: View, dout: View, dgate: View, dup: View) -> None:
-        spec = self.k.swiglu_bwd
-        self._add(spec, spec.launch_dims(gate.size), dgate, gate=gate, up=up, dout=dout, dgate=dgate, dup=dup,
-                  n=gate.size)
+    def swiglu_backward(self, gate_up: View, dout: View, dgate_up: View) -> None:
+        """[dgate | dup] per row of ``dgate_up`` from the forward's ``gate_up`` and dout."""
+        spec, (rows, width) = self.k.swiglu_bwd, dout.shape
+        self._add(spec, spec.launch_dims(rows, width), dgate_up,
+                  **_named(spec, spec.arguments(gate_up, dout, dgate_up, rows, width)))
 
     def attention_backward(self, q: View, k: View, v: View, o: View, do: View, lse: View, dq: View,
                            delta: View, dk: View, dv: View, batch: int, seq: int) -> None:
@@ -274,6 +277,11 @@ class Ops:
         self._add(spec, spec.launch_dims(param.size), param, param=param, grad=grad, exp_avg=exp_avg,
                   exp_avg_sq=exp_avg_sq, clip=clip, n=param.size, lr=lr, bias_correction1=bias_correction1,
                   bias_correction2=bias_correction2, **copy)
+
+
+def _named(spec: KernelSpec, args: tuple[Arg, ...]) -> dict[str, Arg]:
+    """A spec's ``arguments(...)`` by its parameters' names."""
+    return dict(zip((n for n, _ in spec.params()), args))
 
 
 def _name(arg: Arg) -> str:

@@ -82,12 +82,11 @@ def cuda_step_buffer_bytes(config: ModelConfig, batch: int, seq: int, bf16: bool
 def cuda_scratch_bytes(config: ModelConfig, tokens: int, bf16: bool) -> int:
     """The backward's scratch for ``tokens`` rows (cuda_ops.scratch_shapes), its split-K partial
     sums at the largest of the splits any of WAVES would choose."""
-    from .cuda_buffers import linear_modules
+    from .cuda_buffers import linear_shapes
     from .cuda_ops import scratch_shapes
 
     kernels = ModelKernels.of(config, AdamWSettings(), IGNORE_INDEX, Precision.BF16 if bf16 else Precision.FP32)
-    shapes = param_shapes(config)
-    matrices = {m: shapes[m + ".weight"] for m in linear_modules(shapes)}
+    matrices = linear_shapes(param_shapes(config))
     per_wave = [scratch_shapes(kernels, config, tokens, matrices, lambda spec, w=w: w) for w in WAVES]
     counter = _Counter()
     for name, (_, dtype) in per_wave[0].items():

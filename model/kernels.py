@@ -112,8 +112,8 @@ class LinearKernels:
 
 
 # a linear layer's kernels by its module's name (the tied LM head is the embedding's matrix)
-LINEAR_KINDS = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "o_proj": "o", "gate_proj": "gate_up",
-                "up_proj": "gate_up", "down_proj": "down", "lm_head": "head", "embed_tokens": "head"}
+LINEAR_KINDS = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "o_proj": "o", "gate_up_proj": "gate_up",
+                "down_proj": "down", "lm_head": "head", "embed_tokens": "head"}
 
 
 @dataclass(frozen=True)
@@ -179,8 +179,8 @@ class ModelKernels:
             norm_bwd=RMSNormBackwardSpec(hidden=h, bf16_copy=precision is Precision.BF16),
             norm_bwd_residual=RMSNormBackwardSpec(hidden=h, residual=True, bf16_copy=precision is Precision.BF16),
             q=linear(h, q_dim, bias=c.qkv_bias), kv=linear(h, kv_dim, bias=c.qkv_bias),
-            # bf16: gate and up are stored in bf16, as SwiGLU and its backward read them
-            o=linear(q_dim, h), gate_up=linear(h, c.intermediate_size, bf16_out=True),
+            # gate and up as one GEMM ([gate; up] weights); bf16: stored in bf16, as SwiGLU and its backward read them
+            o=linear(q_dim, h), gate_up=linear(h, 2 * c.intermediate_size, bf16_out=True),
             down=linear(c.intermediate_size, h), head=linear(h, c.vocab_size),
             # bf16: RoPE writes the attention's bf16 q and k itself (its f32 output is read by nothing else)
             rope_q=RopeSpec(heads=c.num_heads, bf16_out=precision is Precision.BF16, **rope),
@@ -207,13 +207,20 @@ class ModelKernels:
         """Refuse (ValueError, the GEMM's own message) a model whose linear layers the GEMM kernels
         cannot serve at ``tokens`` rows (their 16-byte copies need widths a multiple of 8 bf16 or
         ``vec`` f32 elements): what the plan would refuse at its first launch, said before any work."""
-        h, q_dim, kv_dim = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        for lk, d_in, d_out in ((self.q, h, q_dim), (self.kv, h, kv_dim), (self.o, q_dim, h),
-                                (self.gate_up, h, c.intermediate_size), (self.down, c.intermediate_size, h),
-                                (self.head, h, c.vocab_size)):
-            lk.forward.arguments(0, 0, 0, tokens, d_out, d_in, bias=0 if lk.forward.bias else None)
-            lk.grad_input.arguments(0, 0, 0, tokens, d_in, d_out)
-            lk.grad_weight.arguments(0, 0, 0, d_out, d_in, tokens)
+        h, q_dim, kv_dim, i = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+        for name, lk, d_in, d_out in (("q_proj", self.q, h, q_dim), ("k_proj and v_proj", self.kv, h, kv_dim),
+                                      ("o_proj", self.o, q_dim, h),
+                                      (f"gate_up_proj (gate and up as one GEMM: 2 x intermediate_size {i})",
+                                       self.gate_up, h, 2 * i),
+                                      ("down_proj", self.down, i, h), ("lm_head", self.head, h, c.vocab_size)):
+            try:
+                lk.forward.arguments(0, 0, 0, tokens, d_out, d_in, bias=0 if lk.forward.bias else None)
+                lk.grad_input.arguments(0, 0, 0, tokens, d_in, d_out)
+                lk.grad_weight.arguments(0, 0, 0, d_out, d_in, tokens)
+            except ValueError as e:
+                raise ValueError(f"{name}, {d_in} -> {d_out}: {e}") from None
+        for spec in (self.swiglu, self.swiglu_bwd):
+            spec.check(i)
 
     def specs(self) -> list[KernelSpec]:
         """Every spec, once: what the CUDA model pre-warms and then runs in strict mode. Deduplicated

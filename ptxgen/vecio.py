@@ -191,17 +191,23 @@ def elementwise_vec(*dtypes: DType) -> int:
 
 
 def elementwise(b: KernelBuilder, block: int, inputs: dict[str, DType], outputs: dict[str, DType],
-                fn: Callable[..., Sequence[Reg]]) -> None:
+                fn: Callable[..., Sequence[Reg]], *, pointers: dict[str, Reg] | None = None,
+                index: Callable[[str, Reg], Reg] | None = None) -> None:
     """The flat elementwise kernel over params ``inputs``, ``outputs`` (pointers) and ``n``: load
-    every input, ``fn(*values) -> outputs`` per element (f32 registers), store, vector by vector."""
-    ptr = {name: b.cvta_global(b.ld_param(name)) for name in (*inputs, *outputs)}
+    every input, ``fn(*values) -> outputs`` per element (f32 registers), store, vector by vector.
+    ``pointers``: the tensors' base addresses by name where they are not their own pointer params;
+    ``index(name, e)``: where flat element ``e`` sits in that tensor (default ``e``; a vector of
+    elements must stay contiguous there)."""
+    ptr = {name: b.cvta_global(b.ld_param(name)) for name in (*inputs, *outputs) if name not in (pointers or {})}
+    ptr.update(pointers or {})
+    at = index or (lambda name, e: e)
 
     def body(e: Reg, width: int, guard: "Reg | None") -> None:
-        vals = [load_f32(b, dt, Addr(offset(b, ptr[name], e, dt.size)), width, guard=guard)
+        vals = [load_f32(b, dt, Addr(offset(b, ptr[name], at(name, e), dt.size)), width, guard=guard)
                 for name, dt in inputs.items()]
         results = [fn(*column) for column in zip(*vals)]  # one tuple of outputs per element
         for k, (name, dt) in enumerate(outputs.items()):
-            store_f32(b, dt, Addr(offset(b, ptr[name], e, dt.size)), [r[k] for r in results], guard=guard)
+            store_f32(b, dt, Addr(offset(b, ptr[name], at(name, e), dt.size)), [r[k] for r in results], guard=guard)
 
     flat_elementwise(b, b.ld_param("n"), elementwise_vec(*inputs.values(), *outputs.values()), block, body)
 

@@ -207,41 +207,41 @@ def test_rope_bf16(cache, tokens, heads, dim):
 
 
 # -- SwiGLU ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("n", [1, 7, 4864 * 3, 1001])
-def test_swiglu_forward_f32_and_bf16_and_backward(cache, n):
-    gate, up, dout = f32(n, scale=3), f32(n), f32(n)
-    spec = SwiGLUSpec()
-    *_, out = call(cache, spec, spec.launch_dims(n), gate, up, poison(n), n)
-    np.testing.assert_allclose(out, swiglu_reference(gate, up), rtol=1e-5, atol=1e-7)
-
-    spec16 = SwiGLUSpec(dtype=DType.BF16, out_dtype=DType.BF16)
+@pytest.mark.parametrize("rows, width", [(1, 8), (3, 16), (7, 4864), (5, 1408)])
+def test_swiglu_forward_f32_and_bf16_and_backward(cache, rows, width):
+    """Gate and up are the halves of each row of one tensor (the fused projection's output); the
+    backward writes dgate and dup so too."""
+    gate, up, dout = f32(rows, width, scale=3), f32(rows, width), f32(rows, width)
     g16, u16 = bf16_round(gate), bf16_round(up)
-    *_, out16 = call(cache, spec16, spec16.launch_dims(n), to_bf16(g16), to_bf16(u16), poison(n, np.uint16), n)
+    pair = lambda a, b: np.concatenate([a, b], axis=1)  # noqa: E731
+    halves = lambda x: (x[:, :width], x[:, width:])  # noqa: E731
+
+    def run(spec, *arrays):
+        return call(cache, spec, spec.launch_dims(rows, width), *spec.arguments(*arrays, rows, width))
+
+    *_, out = run(SwiGLUSpec(), pair(gate, up), poison((rows, width)))
+    np.testing.assert_allclose(out, swiglu_reference(gate, up), rtol=1e-5, atol=1e-7)
+    *_, out16 = run(SwiGLUSpec(dtype=DType.BF16, out_dtype=DType.BF16), to_bf16(pair(g16, u16)),
+                    poison((rows, width), np.uint16))
     np.testing.assert_allclose(from_bf16(out16), swiglu_reference(g16, u16), rtol=BF16_RTOL, atol=1e-6)
 
-    bwd = SwiGLUBackwardSpec()
-    *_, dgate, dup = call(cache, bwd, bwd.launch_dims(n), gate, up, dout, poison(n), poison(n), n)
+    *_, dgate_up = run(SwiGLUBackwardSpec(), pair(gate, up), dout, poison((rows, 2 * width)))
     dgate_ref, dup_ref = swiglu_backward_reference(gate, up, dout)
-    np.testing.assert_allclose(dgate, dgate_ref, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(dup, dup_ref, rtol=1e-5, atol=1e-6)
+    for ours, ref in zip(halves(dgate_up), (dgate_ref, dup_ref)):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
 
     # f32 in, bf16 out: the bf16 model's GEMM operands straight from the SwiGLU (no cast)
-    mixed = SwiGLUSpec(out_dtype=DType.BF16)
-    *_, act16 = call(cache, mixed, mixed.launch_dims(n), gate, up, poison(n, np.uint16), n)
+    *_, act16 = run(SwiGLUSpec(out_dtype=DType.BF16), pair(gate, up), poison((rows, width), np.uint16))
     np.testing.assert_allclose(from_bf16(act16), swiglu_reference(gate, up), rtol=BF16_RTOL, atol=1e-6)
-    bwd16 = SwiGLUBackwardSpec(out_dtype=DType.BF16)
-    *_, dgate16, dup16 = call(cache, bwd16, bwd16.launch_dims(n), gate, up, dout, poison(n, np.uint16),
-                              poison(n, np.uint16), n)
-    np.testing.assert_allclose(from_bf16(dgate16), dgate_ref, rtol=BF16_RTOL, atol=1e-6)
-    np.testing.assert_allclose(from_bf16(dup16), dup_ref, rtol=BF16_RTOL, atol=1e-6)
+    *_, d16 = run(SwiGLUBackwardSpec(out_dtype=DType.BF16), pair(gate, up), dout, poison((rows, 2 * width), np.uint16))
+    for ours, ref in zip(halves(from_bf16(d16)), (dgate_ref, dup_ref)):
+        np.testing.assert_allclose(ours, ref, rtol=BF16_RTOL, atol=1e-6)
 
     # bf16 gate and up in (the bf16 model stores them so), f32 dout, bf16 gradients out
-    both16 = SwiGLUBackwardSpec(dtype=DType.BF16, out_dtype=DType.BF16)
-    *_, dgate16, dup16 = call(cache, both16, both16.launch_dims(n), to_bf16(g16), to_bf16(u16), dout,
-                              poison(n, np.uint16), poison(n, np.uint16), n)
-    dgate_ref16, dup_ref16 = swiglu_backward_reference(g16, u16, dout)
-    np.testing.assert_allclose(from_bf16(dgate16), dgate_ref16, rtol=BF16_RTOL, atol=1e-6)
-    np.testing.assert_allclose(from_bf16(dup16), dup_ref16, rtol=BF16_RTOL, atol=1e-6)
+    *_, d16 = run(SwiGLUBackwardSpec(dtype=DType.BF16, out_dtype=DType.BF16), to_bf16(pair(g16, u16)), dout,
+                  poison((rows, 2 * width), np.uint16))
+    for ours, ref in zip(halves(from_bf16(d16)), swiglu_backward_reference(g16, u16, dout)):
+        np.testing.assert_allclose(ours, ref, rtol=BF16_RTOL, atol=1e-6)
 
 
 # -- embedding -------------------------------------------------------------------------------------

@@ -1,12 +1,17 @@
 """SwiGLU: out = silu(gate) * up, silu(g) = g * sigmoid(g), and its backward (f32 arithmetic; gate
 and up read, and the outputs written, in f32 or bf16).
 
+Gate and up are the two halves of each row of one [rows, 2 * width] tensor: the output of the gate
+and up projections as one GEMM (their weights are adjacent, [gate; up]); the backward writes dgate
+and dup so too, the operand of that GEMM's backward. ``width`` is a runtime argument, a multiple of
+the vector so that a thread's elements stay in one row.
+
 sigmoid(g) = 1 / (1 + 2^(-g * log2 e)) with ex2.approx and a correctly rounded reciprocal.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 
@@ -18,34 +23,69 @@ from ..vecio import DType, elementwise, elementwise_vec, flat_grid
 from .common import check_block_size
 
 
-
 def sigmoid(b: KernelBuilder, g: Reg) -> Reg:
     return b.fn("rcp", b.add(b.fn("ex2", b.mul(g, -LOG2E_F32)), 1.0), "rn")
 
 
-@register
-@dataclass(frozen=True)
-class SwiGLUSpec(KernelSpec):
-    kind: ClassVar[str] = "swiglu"
-    dtype: DType = DType.F32      # gate and up
-    out_dtype: DType = DType.F32  # out (bf16 from f32: the down projection's bf16 operand, no cast)
-    block_size: int = 256
+def _halves(b: KernelBuilder, pairs: dict[str, tuple[DType, tuple[str, str]]]
+            ) -> tuple[dict[str, Reg], Callable[[str, Reg], Reg]]:
+    """Base pointers of each paired tensor's halves (``pairs``: pointer param -> (dtype, the two
+    halves' names)) and the index of flat element e of a [rows, width] half: e + (e / width) * width."""
+    width = b.ld_param("width")
+    pointers = {}
+    for param, (dtype, (first, second)) in pairs.items():
+        base = b.cvta_global(b.ld_param(param))
+        pointers[first], pointers[second] = base, b.add(base, b.mul_wide(width, dtype.size))
+    halves = set(pointers)
+    return pointers, lambda name, e: b.mad(b.div(e, width), width, e) if name in halves else e
+
+
+class _PairedSpec(KernelSpec):
+    """Launch and argument checks shared by the forward and the backward."""
+
+    dtype: DType
+    out_dtype: DType
+    block_size: int
 
     def validate(self) -> None:
         check_block_size(self.block_size)
 
-    def launch_dims(self, n: int) -> tuple[int, int]:
-        return flat_grid(n, elementwise_vec(self.dtype, self.out_dtype), self.block_size), self.block_size
+    def vec(self) -> int:
+        return elementwise_vec(self.dtype, DType.F32, self.out_dtype)
+
+    def launch_dims(self, rows: int, width: int) -> tuple[int, int]:
+        return flat_grid(rows * width, self.vec(), self.block_size), self.block_size
+
+    def check(self, width: int) -> None:
+        if width < 1 or width % self.vec():
+            raise ValueError(f"{self.kind}: width must be a positive multiple of {self.vec()} (a thread's "
+                             f"vector stays in one row), got {width}")
+
+
+@register
+@dataclass(frozen=True)
+class SwiGLUSpec(_PairedSpec):
+    """out[r, j] = silu(gate_up[r, j]) * gate_up[r, width + j]."""
+
+    kind: ClassVar[str] = "swiglu"
+    dtype: DType = DType.F32      # gate_up
+    out_dtype: DType = DType.F32  # out (bf16 from f32: the down projection's bf16 operand, no cast)
+    block_size: int = 256
 
     def params(self) -> tuple[tuple[str, T], ...]:
-        return (("gate", T.U64), ("up", T.U64), ("out", T.U64), ("n", T.U32))
+        return (("gate_up", T.U64), ("out", T.U64), ("n", T.U32), ("width", T.U32))
 
     def outputs(self) -> tuple[str, ...]:
         return ('out',)
 
+    def arguments(self, gate_up: int, out: int, rows: int, width: int) -> tuple[int, ...]:
+        self.check(width)
+        return gate_up, out, rows * width, width
+
     def build(self, b: KernelBuilder) -> None:
+        pointers, index = _halves(b, {"gate_up": (self.dtype, ("gate", "up"))})
         elementwise(b, self.block_size, {"gate": self.dtype, "up": self.dtype}, {"out": self.out_dtype},
-                    lambda g, u: (b.mul(b.mul(g, sigmoid(b, g)), u),))
+                    lambda g, u: (b.mul(b.mul(g, sigmoid(b, g)), u),), pointers=pointers, index=index)
 
     @classmethod
     def examples(cls) -> list["SwiGLUSpec"]:
@@ -54,25 +94,24 @@ class SwiGLUSpec(KernelSpec):
 
 @register
 @dataclass(frozen=True)
-class SwiGLUBackwardSpec(KernelSpec):
-    """dgate = dout * up * s * (1 + g * (1 - s)), dup = dout * g * s, with s = sigmoid(g)."""
+class SwiGLUBackwardSpec(_PairedSpec):
+    """dgate = dout * up * s * (1 + g * (1 - s)), dup = dout * g * s, with s = sigmoid(g); gate and
+    up read from gate_up's halves, dgate and dup written into dgate_up's."""
 
     kind: ClassVar[str] = "swiglu_bwd"
-    dtype: DType = DType.F32      # gate and up, as the forward read them (dout is f32)
-    out_dtype: DType = DType.F32  # dgate and dup (bf16: the GEMMs' operands, no cast)
+    dtype: DType = DType.F32      # gate_up, as the forward read it (dout is f32)
+    out_dtype: DType = DType.F32  # dgate_up (bf16: the GEMMs' operand, no cast)
     block_size: int = 256
 
-    def validate(self) -> None:
-        check_block_size(self.block_size)
-
-    def launch_dims(self, n: int) -> tuple[int, int]:
-        return flat_grid(n, elementwise_vec(self.dtype, DType.F32, self.out_dtype), self.block_size), self.block_size
-
     def params(self) -> tuple[tuple[str, T], ...]:
-        return (("gate", T.U64), ("up", T.U64), ("dout", T.U64), ("dgate", T.U64), ("dup", T.U64), ("n", T.U32))
+        return (("gate_up", T.U64), ("dout", T.U64), ("dgate_up", T.U64), ("n", T.U32), ("width", T.U32))
 
     def outputs(self) -> tuple[str, ...]:
-        return ('dgate', 'dup')
+        return ('dgate_up',)
+
+    def arguments(self, gate_up: int, dout: int, dgate_up: int, rows: int, width: int) -> tuple[int, ...]:
+        self.check(width)
+        return gate_up, dout, dgate_up, rows * width, width
 
     def build(self, b: KernelBuilder) -> None:
         def grads(g, u, d):
@@ -82,8 +121,10 @@ class SwiGLUBackwardSpec(KernelSpec):
             return b.mul(b.mul(d, u), dsilu), b.mul(d, silu)
 
         out = self.out_dtype
+        pointers, index = _halves(b, {"gate_up": (self.dtype, ("gate", "up")),
+                                      "dgate_up": (out, ("dgate", "dup"))})
         elementwise(b, self.block_size, {"gate": self.dtype, "up": self.dtype, "dout": DType.F32},
-                    {"dgate": out, "dup": out}, grads)
+                    {"dgate": out, "dup": out}, grads, pointers=pointers, index=index)
 
     @classmethod
     def examples(cls) -> list["SwiGLUBackwardSpec"]:
