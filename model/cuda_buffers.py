@@ -2,10 +2,12 @@
 
 The parameters live in four flat f32 buffers with one layout (``ParamLayout``): values, gradients
 and the two AdamW moments; in bf16 precision the matrices also have a bf16 copy. ``Params`` gives
-each tensor (HF name) as a ``Param``: value, gradient and the operand its GEMMs read. The
-activations of one batch shape are ``Activations``: per layer a ``LayerActs`` with the names of
-``reference.py``'s forward (x, h, q, k, v, o, x_mid, h2, gate and up side by side, act); in bf16 precision what
-the GEMMs read is stored in bf16 by the kernel that makes it, and q, k and v have bf16 copies. The backward's activation gradients are ``Grads``.
+each tensor (HF name) as a ``Param``: value, gradient and the operand its GEMMs read, and each
+``FUSED`` module (q/k/v, gate/up) as one. The activations of one batch shape are ``Activations``:
+per layer a ``LayerActs`` with the names of ``reference.py``'s forward (x, h, q, o, x_mid, h2, gate
+and up side by side, act; keys and values in ``KV``); in bf16 precision what the GEMMs and the
+attention read is stored in bf16 by the kernel that makes it. The backward's activation gradients
+are ``TrainingBuffers``.
 """
 from __future__ import annotations
 
@@ -22,15 +24,18 @@ from .optim import decays
 from .params import layer_prefix, param_shapes
 
 
-# Linear layers run as one GEMM over adjacent weights: gate and up ([gate; up], what Phi-3 names
-# gate_up_proj) make one [tokens, 2 x intermediate] output, one launch each way instead of two and
-# twice the tiles to fill the GPU's waves with.
-FUSED = {"mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+# Linear layers run as one GEMM over adjacent weights (and biases): q, k and v ([q; k; v], what
+# Phi-3 names qkv_proj) make one [tokens, q + 2 kv] output, gate and up ([gate; up], gate_up_proj)
+# one [tokens, 2 x intermediate]: one launch each way instead of two or three, and more tiles to
+# fill the GPU's waves with.
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 
 def _fused_continues(name: str) -> bool:
     """Whether the next parameter is the rest of ``name``'s fused module (no padding between)."""
-    return any(name.endswith("." + part + ".weight") for parts in FUSED.values() for part in parts[:-1])
+    return any(name.endswith(f".{part}.{what}") for parts in FUSED.values() for part in parts[:-1]
+               for what in ("weight", "bias"))
 
 
 class ParamLayout:
@@ -50,16 +55,16 @@ class ParamLayout:
                 if not _fused_continues(name):
                     self.total = -(-self.total // 8) * 8  # 16-byte aligned starts in bf16 too
 
-    def fused(self, module: str) -> tuple[int, tuple[int, int]]:
-        """Offset and shape of a ``FUSED`` module's weight ("model.layers.0.mlp.gate_up_proj"): its
-        parts' rows stacked."""
+    def fused(self, module: str, what: str = "weight") -> tuple[int, tuple[int, ...]]:
+        """Offset and shape of a ``FUSED`` module's weight or bias ("model.layers.0.mlp.gate_up_proj"):
+        its parts' rows stacked."""
         (local, parts), = ((f, ps) for f, ps in FUSED.items() if module.endswith("." + f))
-        names = [module[:-len(local)] + part + ".weight" for part in parts]
+        names = [f"{module[:-len(local)]}{part}.{what}" for part in parts]
         shapes = [self.shapes[n] for n in names]
         for before, after, shape in zip(names, names[1:], shapes):
             if self.offsets[after] != self.offsets[before] + math.prod(shape):
                 raise AssertionError(f"{module}: {before} and {after} are not adjacent in the layout")
-        return self.offsets[names[0]], (sum(s[0] for s in shapes), shapes[0][1])
+        return self.offsets[names[0]], (sum(s[0] for s in shapes), *shapes[0][1:])
 
     def flatten(self, tensors: dict[str, np.ndarray], dtype: type = np.float32) -> np.ndarray:
         """``dtype``: float64 for the numpy backend's gradients (data parallelism sums them so)."""
@@ -118,6 +123,8 @@ class Params:
                         for name, shape in layout.shapes.items()}
         for module in fused_modules(layout.shapes):
             self._params[module + ".weight"] = param(module + ".weight", *layout.fused(module), True)
+            if module.replace(".qkv_proj", ".q_proj") + ".bias" in layout.shapes:
+                self._params[module + ".bias"] = param(module + ".bias", *layout.fused(module, "bias"), False)
 
     def __getitem__(self, name: str) -> Param:
         return self._params[name]
@@ -163,33 +170,26 @@ def linear_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, in
 
 @dataclass(frozen=True)
 class KV:
-    """Where a layer's keys and values go (f32, keys after RoPE) and, in bf16 precision, the bf16
-    copies its attention reads (keys after RoPE; the f32 keys are then before it): this batch's own
-    rows when training, a KV cache when decoding."""
+    """A layer's keys (after RoPE) and values as its attention reads them (bf16 precision: bf16):
+    this batch's own rows when training, a KV cache when decoding."""
 
     k: View
     v: View
-    k16: View | None
-    v16: View | None
 
     @classmethod
-    def allocate(cls, arena: Arena, layer: int, rows: int, width: int, bf16: bool,
-                 f32: tuple[View, View] | None = None) -> "KV":
-        """``f32``: the f32 keys and values of every layer, in bf16 precision's training (read by
-        nothing but the layer's own RoPE and cast, so the layers share them)."""
-        new = lambda n, dtype="f32": arena.new(f"{layer_prefix(layer)}{n}", (rows, width), dtype)  # noqa: E731
-        k, v = f32 or (new("k"), new("v"))
-        return cls(k, v, new("k[bf16]", "bf16") if bf16 else None, new("v[bf16]", "bf16") if bf16 else None)
+    def allocate(cls, arena: Arena, layer: int, rows: int, width: int, bf16: bool) -> "KV":
+        dtype = "bf16" if bf16 else "f32"
+        return cls(*(arena.new(f"{layer_prefix(layer)}{n}[{dtype}]", (rows, width), dtype) for n in ("k", "v")))
 
 
 @dataclass(frozen=True)
 class LayerActs:
-    """One layer's forward activations (reference.py's names); ``*16``: the bf16 operand copies."""
+    """One layer's forward activations (reference.py's names)."""
 
     x: View       # the residual stream into the layer
     rstd1: View   # input_layernorm's 1 / rms per row (for its backward)
-    h: View       # input_layernorm(x) (bf16 precision: bf16, the q/k/v projections' operand as it is)
-    q: View       # q_proj(h), after RoPE (bf16 precision: before, shared by the layers; q16 is after)
+    h: View       # input_layernorm(x) (bf16 precision: bf16, the q/k/v projection's operand as it is)
+    q: View       # q_proj(h) after RoPE, as the attention reads it (bf16 precision: bf16)
     o: View       # attention output (bf16 precision: bf16, the o projection's operand as it is)
     lse: View     # attention's log-sum-exp per query row (for its backward)
     x_mid: View   # x + o_proj(o)
@@ -197,7 +197,6 @@ class LayerActs:
     h2: View      # post_attention_layernorm(x_mid) (bf16 precision: bf16, as h)
     gate_up: View  # [gate_proj(h2) | up_proj(h2)] per row, one GEMM (bf16 precision: stored in bf16, as SwiGLU reads it)
     act: View     # silu(gate) * up (bf16 precision: bf16, the down projection's operand as it is)
-    q16: View | None  # bf16 precision: q after RoPE as the attention reads it (q is then before RoPE)
 
 
 class Activations:
@@ -205,23 +204,22 @@ class Activations:
 
     def __init__(self, arena: Arena, c: ModelConfig, batch: int, seq: int, bf16: bool):
         T, H, I = batch * seq, c.hidden_size, c.intermediate_size
-        Q = c.num_heads * c.head_dim
+        Q, KV_ = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         new = arena.new
         operand = (lambda name, shape: new(name + "[bf16]", shape, "bf16")) if bf16 else new  # what GEMMs read
         self.batch, self.seq, self.tokens = batch, seq, T
         self.ids, self.pos = new("ids", (T,), "i32"), new("positions", (T,), "i32")
-
-        # bf16: q before RoPE is read by nothing but the layer's RoPE, so the layers share it
-        shared_q = new("q before RoPE (every layer's)", (T, Q)) if bf16 else None
+        # [q | k | v] per row before RoPE, the fused projection's output: read by nothing but the
+        # layer's own RoPE and v copy, so the layers share it
+        self.qkv = new("qkv before RoPE (every layer's)", (T, Q + 2 * KV_))
 
         def layer(i: int) -> LayerActs:
             p = layer_prefix(i)
             return LayerActs(
                 x=new(p + "x", (T, H)), rstd1=new(p + "rstd1", (T,)), h=operand(p + "h", (T, H)),
-                q=shared_q or new(p + "q", (T, Q)), o=operand(p + "o", (T, Q)), lse=new(p + "lse", (batch, c.num_heads, seq)),
+                q=operand(p + "q", (T, Q)), o=operand(p + "o", (T, Q)), lse=new(p + "lse", (batch, c.num_heads, seq)),
                 x_mid=new(p + "x_mid", (T, H)), rstd2=new(p + "rstd2", (T,)), h2=operand(p + "h2", (T, H)),
-                gate_up=operand(p + "gate_up", (T, 2 * I)), act=operand(p + "act", (T, I)),
-                q16=new(p + "q[bf16]", (T, Q), "bf16") if bf16 else None)
+                gate_up=operand(p + "gate_up", (T, 2 * I)), act=operand(p + "act", (T, I)))
 
         self.layers = [layer(i) for i in range(c.num_layers)]
         # a sublayer's output before the residual add (attention's, then the MLP's), added by the next norm
@@ -248,6 +246,7 @@ class TrainingBuffers:
         self.d_gate_up = new("d gate_up", (T, 2 * I), operand)  # [d gate | d up]: the fused GEMM's operand
         self.d_o, self.dq = new("d o", (T, Q)), new("d q", (T, Q))
         self.dk, self.dv = new("d k", (T, KV_)), new("d v", (T, KV_))
+        self.d_qkv = new("d qkv", (T, Q + 2 * KV_))  # [dq | dk | dv] per row (before RoPE): the fused projection's
         self.delta = new("attention delta", (batch, c.num_heads, seq))
         self.order, self.seg_start, self.seg_id = (new(n, (size,), "i32") for n, size in
                                                    (("embedding order", T), ("embedding seg_start", T + 1),
@@ -257,11 +256,8 @@ class TrainingBuffers:
 def step_buffers(arena: Arena, c: ModelConfig, batch: int, seq: int, bf16: bool, logit_rows: int
                  ) -> tuple[Activations, list[KV], TrainingBuffers]:
     """A training step's buffers for ``batch`` x ``seq`` tokens: the activations, each layer's keys
-    and values (bf16 precision: the f32 ones before RoPE shared by the layers, as q is) and the
-    training buffers with ``logit_rows`` rows of logits."""
+    and values and the training buffers with ``logit_rows`` rows of logits."""
     T, width = batch * seq, c.num_kv_heads * c.head_dim
     acts = Activations(arena, c, batch, seq, bf16)
-    f32 = (arena.new("k before RoPE (every layer's)", (T, width)), arena.new("v (every layer's)", (T, width))) \
-        if bf16 else None
-    kv = [KV.allocate(arena, i, T, width, bf16, f32) for i in range(c.num_layers)]
+    kv = [KV.allocate(arena, i, T, width, bf16) for i in range(c.num_layers)]
     return acts, kv, TrainingBuffers(arena, c, batch, seq, bf16, logit_rows)

@@ -6,9 +6,11 @@ kernel's parameter name) to a ``Plan``. Every spec comes from ``ModelKernels`` (
 settings + precision), is pre-warmed when the backend is built, and plans are built and run in
 strict mode: a kernel that was not pre-warmed is an error. Buffers: ``cuda_buffers``. In bf16
 precision the GEMMs and the attention read bf16 operands: written in bf16 by the kernel that makes
-them (the norms, RoPE, the attention's output, the SwiGLU's both ways), or cast once right after
-they are computed (v; the attention's and the q/k/v projections' output gradients; the residual
-stream's gradient is written in bf16 too by the norms' backward).
+them (the norms, RoPE, v's copy out of the fused q/k/v projection's rows, the attention's output,
+the SwiGLU's both ways), or cast once right after they are computed (the attention's and the q/k/v
+projection's output gradients; the residual stream's gradient is written in bf16 too by the norms'
+backward). Linear layers that read one input run as one GEMM (``cuda_buffers.FUSED``: q/k/v,
+gate/up), each later kernel reading its part of the fused output's rows.
 
 For each batch shape the backend builds one plan (sections forward, backward, optimizer) once; a
 step uploads the token ids, targets and the embedding backward's grouping, sets the plan's
@@ -28,7 +30,7 @@ from runtime.plan import Expr, Plan, Step
 
 from .config import ModelConfig
 from .cuda_buffers import KV, Activations, Arena, ParamLayout, Params, TrainingBuffers, step_buffers
-from .cuda_ops import Ops, kv_rows
+from .cuda_ops import Columns, Ops, kv_rows
 from .kernels import LOSS_CHUNK_ROWS, ModelKernels
 from .optim import AdamWSettings
 from .params import layer_prefix, lm_head_name
@@ -43,7 +45,8 @@ def forward(ops: Ops, acts: Activations, kv: list[KV], kv_stride: int, cached: i
     Layer i writes its keys and values into ``kv[i]`` from row ``cached`` on (rows of ``kv_stride``
     per sequence) and attends over the ``cached`` rows before them and its own: the training
     batch's own buffers, or a KV cache."""
-    c, T = ops.config, acts.tokens
+    c = ops.config
+    Q, KV_ = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     ops.embed(acts.ids, "model.embed_tokens.weight", out=acts.layers[0].x)
     for i, a in enumerate(acts.layers):
         p = layer_prefix(i)
@@ -52,17 +55,13 @@ def forward(ops: Ops, acts: Activations, kv: list[KV], kv_stride: int, cached: i
         else:  # the layer before's x_out = x_mid + mlp(...), added here
             ops.residual_rmsnorm(acts.layers[i - 1].x_mid, acts.delta, p + "input_layernorm.weight", out=a.h,
                                  rstd=a.rstd1, x_out=a.x)
-        k_new, v_new = kv_rows(kv[i].k, cached), kv_rows(kv[i].v, cached)  # this call's keys and values
-        ops.linear(a.h, p + "self_attn.q_proj", out=a.q)
-        ops.linear(a.h, p + "self_attn.k_proj", out=k_new)
-        ops.linear(a.h, p + "self_attn.v_proj", out=v_new)
-        q, k, v = a.q16 or a.q, kv[i].k16 or kv[i].k, kv[i].v16 or kv[i].v  # what the attention reads
-        ops.rope(a.q, acts.pos, c.num_heads, out=q)
-        ops.rope(k_new, acts.pos, c.num_kv_heads, out=kv_rows(k, cached))
-        if v is not kv[i].v:  # bf16 precision: the values' bf16 copy
-            ops.cast(v_new, kv_rows(v, cached), T * v.shape[1])
-        ops.attention(q, k, v, out=a.o, lse=a.lse, batch=acts.batch, seq=acts.seq, kv_len=cached + acts.seq,
-                      kv_stride=kv_stride, q_start=cached)
+        ops.linear(a.h, p + "self_attn.qkv_proj", out=acts.qkv)  # q, k and v: one GEMM, [q | k | v] per row
+        ops.rope(Columns(acts.qkv, 0, Q), acts.pos, c.num_heads, out=a.q)
+        # this call's keys and values, into kv[i] (as the attention reads them) from row ``cached`` on
+        ops.rope(Columns(acts.qkv, Q, KV_), acts.pos, c.num_kv_heads, out=kv_rows(kv[i].k, cached))
+        ops.copy_columns(Columns(acts.qkv, Q + KV_, KV_), kv_rows(kv[i].v, cached), KV_)
+        ops.attention(a.q, kv[i].k, kv[i].v, out=a.o, lse=a.lse, batch=acts.batch, seq=acts.seq,
+                      kv_len=cached + acts.seq, kv_stride=kv_stride, q_start=cached)
         ops.linear(a.o, p + "self_attn.o_proj", out=acts.delta)
         ops.residual_rmsnorm(a.x, acts.delta, p + "post_attention_layernorm.weight", out=a.h2, rstd=a.rstd2,
                              x_out=a.x_mid)
@@ -97,6 +96,7 @@ def backward(ops: Ops, acts: Activations, kv: list[KV], hf: View, d: TrainingBuf
     """reference.py's loss_and_grads after the loss: every parameter's gradient from ``d.dlogits``
     (the cross-entropy's), the activation gradients in ``d`` reused layer by layer."""
     c = ops.config
+    Q, KV_ = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     head = lm_head_name(c)[:-len(".weight")]
     ops.grad_weight(d.dlogits, hf, head)
     ops.grad_input(d.dlogits, head, d.dh)
@@ -114,18 +114,18 @@ def backward(ops: Ops, acts: Activations, kv: list[KV], hf: View, d: TrainingBuf
         # attention: x_mid = x + o_proj(attn(rope(q), rope(k), v)); g is now the gradient of x_mid
         ops.grad_weight(g, a.o, p + "self_attn.o_proj")
         ops.grad_input(g, p + "self_attn.o_proj", d.d_o)
-        q, k, v = a.q16 or a.q, kv[i].k16 or kv[i].k, kv[i].v16 or kv[i].v  # what the attention read
         do = ops.grad_operand(d.d_o)  # read as q, k and v are
-        ops.attention_backward(q, k, v, a.o, do, a.lse, dq=d.dq, delta=d.delta, dk=d.dk, dv=d.dv,
+        ops.attention_backward(a.q, kv[i].k, kv[i].v, a.o, do, a.lse, dq=d.dq, delta=d.delta, dk=d.dk, dv=d.dv,
                                batch=acts.batch, seq=acts.seq)
-        ops.rope(d.dq, acts.pos, c.num_heads, inverse=True)
-        ops.rope(d.dk, acts.pos, c.num_kv_heads, inverse=True)
-        for name, dproj in (("q_proj", d.dq), ("k_proj", d.dk), ("v_proj", d.dv)):
-            if c.qkv_bias:
-                ops.column_sum(dproj, p + f"self_attn.{name}.bias")
-            dy = ops.grad_operand(dproj)
-            ops.grad_weight(dy, a.h, p + f"self_attn.{name}")
-            ops.grad_input(dy, p + f"self_attn.{name}", d.dh, accumulate=name != "q_proj")
+        # the fused projection's output gradient, [dq | dk | dv] per row: RoPE's backward on dq and dk
+        ops.rope(d.dq, acts.pos, c.num_heads, out=Columns(d.d_qkv, 0, Q), inverse=True)
+        ops.rope(d.dk, acts.pos, c.num_kv_heads, out=Columns(d.d_qkv, Q, KV_), inverse=True)
+        ops.copy_columns(d.dv, Columns(d.d_qkv, Q + KV_, KV_), KV_, backward=True)
+        if c.qkv_bias:
+            ops.column_sum(d.d_qkv, p + "self_attn.qkv_proj.bias")
+        dy = ops.grad_operand(d.d_qkv)
+        ops.grad_weight(dy, a.h, p + "self_attn.qkv_proj")  # the three weights' gradients, one GEMM
+        ops.grad_input(dy, p + "self_attn.qkv_proj", d.dh)
         g = ops.rmsnorm_backward(a.x, p + "input_layernorm.weight", d.dh, a.rstd1, dx=d.g, residual=True)
     ops.embedding_backward(d.g, d.order, d.seg_start, d.seg_id, "model.embed_tokens.weight", segments)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
@@ -32,13 +33,14 @@ def scratch_shapes(k: ModelKernels, c: ModelConfig, tokens: int, matrices: dict[
     gradients (bf16 precision), the RMSNorm's dgamma partial sums, the column sums' chunks and the
     largest split weight gradient's partial sums (each linear module's dW, ``matrices`` by module
     name, split as ``split_k`` splits it for a wave of ``wave(spec)`` blocks)."""
-    H, Q = c.hidden_size, c.num_heads * c.head_dim
+    H = c.hidden_size
     dws = {m: k.linear(m).grad_weight for m in matrices}
     parts = [(split_k(dws[m], *shape, tokens, wave(dws[m])), shape) for m, shape in matrices.items()]
+    QKV = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim  # the fused q/k/v projection's output width
     shapes = {"rmsnorm dgamma partial": ((k.norm_bwd_residual.partial_rows(tokens), H), "f32"),
-              "column sum chunks": ((-(-tokens // COLSUM_CHUNK), max(c.num_heads, c.num_kv_heads) * c.head_dim), "f32"),
+              "column sum chunks": ((-(-tokens // COLSUM_CHUNK), QKV), "f32"),
               "split-K partial sums": ((max((n * math.prod(s) for n, s in parts if n > 1), default=1),), "f32")}
-    return {"d y[bf16]": ((tokens * max(H, Q),), "bf16"), **shapes} if k.to_bf16 is not None else shapes
+    return {"d y[bf16]": ((tokens * max(H, QKV),), "bf16"), **shapes} if k.to_bf16 is not None else shapes
 
 
 class Ops:
@@ -127,16 +129,27 @@ class Ops:
         self._gemm(self._linear(module).forward, x, w.operand, out, x.shape[0], d_out, d_in,
                    bias=bias.value if bias is not None else None)
 
-    def rope(self, x: Arg, positions: View, heads: int, inverse: bool = False, out: Arg | None = None) -> None:
-        """RoPE on ``tokens`` rows of ``heads`` heads, into ``out`` (default: in place; bf16
-        precision's forward: the attention's bf16 operand). ``inverse``: its backward."""
+    def rope(self, x: Arg | Columns, positions: View, heads: int, out: Arg | Columns, inverse: bool = False) -> None:
+        """RoPE on ``tokens`` rows of ``heads`` heads, from ``x`` into ``out`` (either may be
+        columns of a wider buffer; bf16 precision's forward: the attention's bf16 operand).
+        ``inverse``: its backward."""
         k = self.k
         if heads == k.rope_q.heads:
             spec = k.rope_q_bwd if inverse else k.rope_q
         else:
             spec = k.rope_k_bwd if inverse else k.rope_k
-        out = x if out is None else out
-        self._add(spec, spec.launch_dims(self.T), out, x=x, y=out, positions=positions, n_tokens=self.T)
+        (x, x_stride), (y, y_stride) = (Columns.of(a, heads * spec.head_dim) for a in (x, out))
+        args = spec.arguments(x, y, positions, self.T, x_stride, y_stride)
+        self._add(spec, spec.launch_dims(self.T), y, **_named(spec, args))
+
+    def copy_columns(self, src: Arg | Columns, out: Arg | Columns, width: int, backward: bool = False) -> None:
+        """``tokens`` rows of ``width`` elements from ``src`` to ``out`` (either may be columns of a
+        wider buffer): v out of the fused projection's rows, as the attention reads it (bf16
+        precision: the cast), or (``backward``) dv into its gradient's."""
+        spec = self.k.dv_copy if backward else self.k.v_copy
+        (src, src_stride), (dst, dst_stride) = (Columns.of(a, width) for a in (src, out))
+        args = spec.arguments(src, dst, self.T, width, src_stride, dst_stride)
+        self._add(spec, spec.launch_dims(self.T * width), dst, **_named(spec, args))
 
     def attention(self, q: View, k: Arg, v: Arg, out: View, lse: View, batch: int, seq: int,
                   kv_len: int | Expr, kv_stride: int, q_start: int | Expr) -> None:
@@ -197,11 +210,11 @@ class Ops:
         self._add(ps, ps.launch_dims(d_out * d_in), w.grad, **_named(ps, ps.arguments(scratch, w.grad, splits,
                                                                                         d_out * d_in)))
 
-    def grad_input(self, dy: View, module: str, dx: View, accumulate: bool = False) -> None:
-        """dx = dy W (``accumulate``: dx += dy W, the next of several projections of one input)."""
-        w, lk = self.W[module + ".weight"], self._linear(module)
+    def grad_input(self, dy: View, module: str, dx: View) -> None:
+        """dx = dy W."""
+        w = self.W[module + ".weight"]
         d_out, d_in = w.shape
-        self._gemm(lk.grad_input_acc if accumulate else lk.grad_input, dy, w.operand, dx, self.T, d_in, d_out)
+        self._gemm(self._linear(module).grad_input, dy, w.operand, dx, self.T, d_in, d_out)
 
     def column_sum(self, src: View, bias: str) -> None:
         """A bias's gradient: the sum over the rows of ``src``, in one or two fixed-order stages."""
@@ -277,6 +290,27 @@ class Ops:
         self._add(spec, spec.launch_dims(param.size), param, param=param, grad=grad, exp_avg=exp_avg,
                   exp_avg_sq=exp_avg_sq, clip=clip, n=param.size, lr=lr, bias_correction1=bias_correction1,
                   bias_correction2=bias_correction2, **copy)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Columns [start, start + width) of a [rows, stride] view: q, k or v in the fused projection's
+    rows, which a strided kernel reads (or writes) row by row."""
+
+    view: View
+    start: int
+    width: int
+
+    @staticmethod
+    def of(arg: "Arg | Columns", row: int) -> tuple[Arg, int]:
+        """(the argument a kernel gets, its row stride): columns as the view from their first
+        element to the end of the buffer (the extent the plan records), anything else as rows of ``row``."""
+        if not isinstance(arg, Columns):
+            return arg, row
+        view, size = arg.view, DTYPES[arg.view.dtype].itemsize
+        rows, stride = view.shape
+        name = f"{view.name}[:, {arg.start}:{arg.start + arg.width}]"
+        return View(name, view.ptr + arg.start * size, (rows * stride - arg.start,), view.dtype), stride
 
 
 def _named(spec: KernelSpec, args: tuple[Arg, ...]) -> dict[str, Arg]:

@@ -88,7 +88,6 @@ class LinearKernels:
 
     forward: Gemm          # y = x W^T (+ b)
     grad_input: Gemm       # dx = dy W
-    grad_input_acc: Gemm   # dx += dy W (the next of several projections of one input)
     grad_weight: Gemm      # dW = dy^T x
 
     @classmethod
@@ -105,15 +104,15 @@ class LinearKernels:
             fwd = make(trans_a=False, trans_b=True, bias=bias, **tile(d_out))
             dx = make(trans_a=False, trans_b=False, **tile(d_in))
             dw = make(trans_a=True, trans_b=False, **tile(min(d_in, d_out)))
-        return cls(fwd, dx, dataclasses.replace(dx, accumulate=True), dw)
+        return cls(fwd, dx, dw)
 
     def specs(self) -> list[KernelSpec]:
-        return [self.forward, self.grad_input, self.grad_input_acc, self.grad_weight]
+        return [self.forward, self.grad_input, self.grad_weight]
 
 
 # a linear layer's kernels by its module's name (the tied LM head is the embedding's matrix)
-LINEAR_KINDS = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "o_proj": "o", "gate_up_proj": "gate_up",
-                "down_proj": "down", "lm_head": "head", "embed_tokens": "head"}
+LINEAR_KINDS = {"qkv_proj": "qkv", "o_proj": "o", "gate_up_proj": "gate_up", "down_proj": "down", "lm_head": "head",
+                "embed_tokens": "head"}
 
 
 @dataclass(frozen=True)
@@ -124,16 +123,17 @@ class ModelKernels:
     norm_residual: RMSNormSpec   # h = x + residual, normalized: every later norm
     norm_bwd: RMSNormBackwardSpec           # the final norm's backward
     norm_bwd_residual: RMSNormBackwardSpec  # the layers' norms: dx adds the residual stream's gradient
-    q: LinearKernels
-    kv: LinearKernels
+    qkv: LinearKernels  # q, k and v as one GEMM ([q; k; v] weights and biases)
     o: LinearKernels
     gate_up: LinearKernels
     down: LinearKernels
     head: LinearKernels
-    rope_q: RopeSpec
-    rope_k: RopeSpec
+    rope_q: RopeSpec      # all four strided: q and k read from the fused projection's rows,
+    rope_k: RopeSpec      # their gradients written into its gradient's
     rope_q_bwd: RopeSpec
     rope_k_bwd: RopeSpec
+    v_copy: CastSpec      # v out of the fused projection's rows, as the attention reads it (bf16: the cast)
+    dv_copy: CastSpec     # dv into the fused projection's gradient rows
     attention: AttentionSpec | AttentionTCSpec | AttentionWgmmaSpec  # bf16: tensor cores, on bf16 q, k, v
     attention_bwd_q: AttentionBackwardQSpec | AttentionTCBackwardQSpec | AttentionWgmmaBackwardQSpec
     attention_bwd_kv: AttentionBackwardKVSpec | AttentionTCBackwardKVSpec | AttentionWgmmaBackwardKVSpec
@@ -178,15 +178,16 @@ class ModelKernels:
             # bf16: the norms' backward also writes dx in bf16, the next GEMMs' operand
             norm_bwd=RMSNormBackwardSpec(hidden=h, bf16_copy=precision is Precision.BF16),
             norm_bwd_residual=RMSNormBackwardSpec(hidden=h, residual=True, bf16_copy=precision is Precision.BF16),
-            q=linear(h, q_dim, bias=c.qkv_bias), kv=linear(h, kv_dim, bias=c.qkv_bias),
+            qkv=linear(h, q_dim + 2 * kv_dim, bias=c.qkv_bias),
             # gate and up as one GEMM ([gate; up] weights); bf16: stored in bf16, as SwiGLU and its backward read them
             o=linear(q_dim, h), gate_up=linear(h, 2 * c.intermediate_size, bf16_out=True),
             down=linear(c.intermediate_size, h), head=linear(h, c.vocab_size),
             # bf16: RoPE writes the attention's bf16 q and k itself (its f32 output is read by nothing else)
-            rope_q=RopeSpec(heads=c.num_heads, bf16_out=precision is Precision.BF16, **rope),
-            rope_k=RopeSpec(heads=c.num_kv_heads, bf16_out=precision is Precision.BF16, **rope),
-            rope_q_bwd=RopeSpec(heads=c.num_heads, inverse=True, **rope),
-            rope_k_bwd=RopeSpec(heads=c.num_kv_heads, inverse=True, **rope),
+            rope_q=RopeSpec(heads=c.num_heads, bf16_out=precision is Precision.BF16, strided=True, **rope),
+            rope_k=RopeSpec(heads=c.num_kv_heads, bf16_out=precision is Precision.BF16, strided=True, **rope),
+            rope_q_bwd=RopeSpec(heads=c.num_heads, inverse=True, strided=True, **rope),
+            rope_k_bwd=RopeSpec(heads=c.num_kv_heads, inverse=True, strided=True, **rope),
+            v_copy=CastSpec(dst=gemm_operand, strided=True), dv_copy=CastSpec(dst=DType.F32, strided=True),
             attention=attention[0], attention_bwd_q=attention[1], attention_bwd_kv=attention[2],
             swiglu=SwiGLUSpec(dtype=gemm_operand, out_dtype=gemm_operand),
             swiglu_bwd=SwiGLUBackwardSpec(dtype=gemm_operand, out_dtype=gemm_operand),
@@ -208,8 +209,8 @@ class ModelKernels:
         cannot serve at ``tokens`` rows (their 16-byte copies need widths a multiple of 8 bf16 or
         ``vec`` f32 elements): what the plan would refuse at its first launch, said before any work."""
         h, q_dim, kv_dim, i = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
-        for name, lk, d_in, d_out in (("q_proj", self.q, h, q_dim), ("k_proj and v_proj", self.kv, h, kv_dim),
-                                      ("o_proj", self.o, q_dim, h),
+        for name, lk, d_in, d_out in ((f"qkv_proj (q, k and v as one GEMM: {q_dim} + 2 x {kv_dim})", self.qkv, h,
+                                       q_dim + 2 * kv_dim), ("o_proj", self.o, q_dim, h),
                                       (f"gate_up_proj (gate and up as one GEMM: 2 x intermediate_size {i})",
                                        self.gate_up, h, 2 * i),
                                       ("down_proj", self.down, i, h), ("lm_head", self.head, h, c.vocab_size)):

@@ -4,7 +4,7 @@ import pytest
 
 from model.config import PRESETS, preset
 from model.cuda_buffers import ParamLayout
-from model.kernels import ModelKernels
+from model.kernels import LinearKernels, ModelKernels
 from model.optim import AdamWSettings, decays
 from model.precision import Precision
 from ptxgen.kernels.adamw import AdamWSpec
@@ -43,8 +43,8 @@ def test_a_config_change_changes_the_spec_set_and_every_affected_key():
 
 def test_biases_gqa_and_optimizer_settings_are_carried():
     qwen = ModelKernels.of(preset("qwen2-0.5b"), AdamWSettings(weight_decay=0.05), -100)
-    assert qwen.q.forward.bias and qwen.kv.forward.bias and not qwen.o.forward.bias
-    assert not ModelKernels.of(preset("llama-style"), AdamWSettings(), -100).q.forward.bias
+    assert qwen.qkv.forward.bias and not qwen.o.forward.bias
+    assert not ModelKernels.of(preset("llama-style"), AdamWSettings(), -100).qkv.forward.bias
     attn = next(s for s in qwen.specs() if isinstance(s, AttentionSpec))
     assert (attn.heads, attn.kv_heads, attn.head_dim) == (14, 2, 64)
     adamw = [s for s in qwen.specs() if isinstance(s, AdamWSpec)]
@@ -75,13 +75,15 @@ def test_weight_gradients_split_their_token_contraction_when_it_pays():
     assert split_k(fp32.gate_up.grad_weight, 4864, 896, 8192, wave=266) == 1   # one full wave: leave it
     # tensor cores are 10x faster for the same partial-sum traffic: fewer parts pay
     assert split_k(bf16.gate_up.grad_weight, 4864, 896, 8192, wave=132) == 2
-    assert split_k(bf16.kv.grad_weight, 128, 896, 8192, wave=132) == 16       # 7 tiles on 132 blocks
+    # a narrow weight, [128, 896] (qwen2-0.5b's k or v alone)
+    kv16, kv32 = (LinearKernels.of(896, 128, precision=p) for p in (Precision.BF16, Precision.FP32))
+    assert split_k(kv16.grad_weight, 128, 896, 8192, wave=132) == 16      # 7 tiles on 132 blocks
     # a TMA-fed part must be a whole number of 64-long slices: 8320 tokens = 2 x 4160 = 65 x 64 x 2
-    assert split_k(bf16.kv.grad_weight, 128, 896, 8320, wave=132) == 2
-    assert split_k(fp32.kv.grad_weight, 128, 896, 8320, wave=792) == 16
-    assert split_k(fp32.kv.grad_weight, 128, 896, 8192, wave=792) == 16        # 28 tiles of 64
-    assert split_k(fp32.kv.grad_weight, 128, 896, 87, wave=792) == 1           # odd token count: no split
-    assert split_k(fp32.kv.grad_weight, 128, 896, 512, wave=792) == 2          # parts stay >= 256 tokens
+    assert split_k(kv16.grad_weight, 128, 896, 8320, wave=132) == 2
+    assert split_k(kv32.grad_weight, 128, 896, 8320, wave=792) == 16
+    assert split_k(kv32.grad_weight, 128, 896, 8192, wave=792) == 16        # 28 tiles of 64
+    assert split_k(kv32.grad_weight, 128, 896, 87, wave=792) == 1           # odd token count: no split
+    assert split_k(kv32.grad_weight, 128, 896, 512, wave=792) == 2          # parts stay >= 256 tokens
 
 
 def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_cast():
@@ -91,10 +93,10 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert all(isinstance(s, GemmSpec) for s in gemms(fp32)) and fp32.to_bf16 is None
     # every bf16 GEMM, all three layouts, on the TMA-fed warpgroup MMA kernel
     assert all(isinstance(s, GemmWgmmaSpec) and s.tma for s in gemms(bf16))
-    assert len(gemms(bf16)) == 6  # forward (with bias, without, bf16 out), dX, dX accumulating, dW
+    assert len(gemms(bf16)) == 5  # forward (with bias, without, bf16 out), dX, dW
     assert {(s.trans_a, s.trans_b) for s in gemms(bf16)} == {(False, True), (False, False), (True, False)}
     assert bf16.to_bf16 == CastSpec() and CastSpec() in bf16.specs() and CastSpec() not in fp32.specs()
-    assert bf16.q.forward.bias and not bf16.o.forward.bias
+    assert bf16.qkv.forward.bias and not bf16.o.forward.bias
     # one tile everywhere, the fastest at every layer shape on the H200: 128 x 128, 6 stages, pingpong
     assert {(s.block_n, s.stages, s.pingpong) for s in gemms(bf16)} == {(128, 6, True)}
     assert isinstance(bf16.attention, AttentionWgmmaSpec)  # forward and backward on wgmma

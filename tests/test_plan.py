@@ -164,11 +164,15 @@ def test_the_decoders_plan_writes_new_keys_where_the_cache_ends(monkeypatch):
         decoder = model.decoder(32)
         plan = decoder._plan(3).plan
         plan.set(cached=5)
-        k_proj = next(s for s in plan if s.label.startswith("gemm_wgmma -> model.layers.0.k "))
-        row_bytes = 4 * preset("tiny").num_kv_heads * preset("tiny").head_dim
-        assert k_proj.launch._values[2].value == decoder._kv[0].k.ptr + 5 * row_bytes
+        row_bytes = 2 * preset("tiny").num_kv_heads * preset("tiny").head_dim  # bf16 keys and values
+        kv = decoder._kv[0]
+        # layer 0's new keys (RoPE's output) and values (copied out of the fused projection's rows)
+        rope_k = [s for s in plan if s.kind == "rope"][1]
+        v_copy = next(s for s in plan if s.kind == "cast")
+        assert rope_k.launch._values[1].value == kv.k.ptr + 5 * row_bytes
+        assert v_copy.launch._values[1].value == kv.v.ptr + 5 * row_bytes
         attention = next(s for s in plan if s.kind.startswith("attention"))
-        assert (attention.args["k"], attention.args["kv_len"].evaluate(plan._values)) == (decoder._kv[0].k16, 8)
+        assert (attention.args["k"], attention.args["kv_len"].evaluate(plan._values)) == (kv.k, 8)
         decoder.close()
         model.close()
 

@@ -51,6 +51,8 @@ class RopeSpec(KernelSpec):
     inverse: bool = False  # rotate by -angle: the backward (the transpose of a rotation)
     block_size: int = 256
     bf16_out: bool = False  # y in bf16 whatever the storage of x: the attention's operand, written as it reads it
+    strided: bool = False   # rows of x and y are x_stride / y_stride elements apart (runtime), not heads x head_dim:
+    #                         q or k read from (or the backward's written into) the fused q/k/v projection's rows
 
     def validate(self) -> None:
         check_positive("heads", self.heads)
@@ -78,8 +80,20 @@ class RopeSpec(KernelSpec):
             raise ValueError(f"{n_tokens} tokens x {self.heads} heads overflow the kernel's 32-bit index")
         return max(1, -(-threads // self.block_size)), self.block_size
 
+    def arguments(self, x: int, y: int, positions: int, n_tokens: int, x_stride: int, y_stride: int
+                  ) -> tuple[int, ...]:
+        """A strided RoPE's arguments: each stride a multiple of the vector (aligned accesses) and
+        at least a row of heads x head_dim."""
+        if not self.strided:
+            raise ValueError("rope: strides are a strided RoPE's arguments")
+        if any(s % self.vec or s < self.heads * self.head_dim for s in (x_stride, y_stride)):
+            raise ValueError(f"rope: strides must be multiples of {self.vec} of at least heads x head_dim = "
+                             f"{self.heads * self.head_dim}, got {x_stride}, {y_stride}")
+        return x, y, positions, n_tokens, x_stride, y_stride
+
     def params(self) -> tuple[tuple[str, T], ...]:
-        return (("x", T.U64), ("y", T.U64), ("positions", T.U64), ("n_tokens", T.U32))
+        strides = (("x_stride", T.U32), ("y_stride", T.U32)) if self.strided else ()
+        return (("x", T.U64), ("y", T.U64), ("positions", T.U64), ("n_tokens", T.U32)) + strides
 
     def outputs(self) -> tuple[str, ...]:
         return ('y',)
@@ -105,9 +119,12 @@ class RopeSpec(KernelSpec):
             r32 = b.cvt(T.F32, b.fma(turns, TWO_PI_LO, b.fma(turns, TWO_PI, angle)))
             cos.append(b.fn("cos", r32))
             sin.append(b.neg(b.fn("sin", r32)) if self.inverse else b.fn("sin", r32))
-        elem = b.mad(token, self.heads * self.head_dim, i0)
+        if self.strided:
+            x_elem, y_elem = (b.mad(token, b.ld_param(n), i0) for n in ("x_stride", "y_stride"))
+        else:
+            x_elem = y_elem = b.mad(token, self.heads * self.head_dim, i0)
         out = DType.BF16 if self.bf16_out else self.dtype
-        src, dst = offset(b, x, elem, size), offset(b, y, elem, out.size)
+        src, dst = offset(b, x, x_elem, size), offset(b, y, y_elem, out.size)
         # Loads of a batch of heads go first: y may alias x (in-place), so ptxas cannot hoist
         # a head's loads above the previous head's stores by itself.
         batch = max(1, MAX_VALUES_IN_FLIGHT // (2 * vec))
@@ -129,7 +146,9 @@ class RopeSpec(KernelSpec):
                 cls(heads=3, head_dim=6, theta=1e4, block_size=32),
                 cls(heads=16, head_dim=128, theta=5e5, block_size=128),
                 cls(heads=2, head_dim=64, theta=1e6, dtype=DType.BF16, inverse=True),
-                cls(heads=14, head_dim=64, theta=1e6, bf16_out=True)]
+                cls(heads=14, head_dim=64, theta=1e6, bf16_out=True),
+                cls(heads=2, head_dim=64, theta=1e6, bf16_out=True, strided=True),
+                cls(heads=14, head_dim=64, theta=1e6, inverse=True, strided=True)]
 
 
 def rope_reference(x: np.ndarray, positions: np.ndarray, theta: float, inverse: bool = False) -> np.ndarray:
