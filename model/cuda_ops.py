@@ -161,6 +161,7 @@ class Ops:
     def swiglu(self, gate_up: View, out: View) -> None:
         """out = silu(gate) * up, gate and up the halves of each row of ``gate_up``."""
         spec, (rows, width) = self.k.swiglu, out.shape
+        assert gate_up.shape == (rows, 2 * width), (gate_up.name, gate_up.shape, out.shape)
         self._add(spec, spec.launch_dims(rows, width), out, **_named(spec, spec.arguments(gate_up, out, rows, width)))
 
     def cross_entropy(self, logits: View, targets: View, losses: View, dlogits: View, grad_scale: Expr) -> None:
@@ -249,6 +250,7 @@ class Ops:
     def swiglu_backward(self, gate_up: View, dout: View, dgate_up: View) -> None:
         """[dgate | dup] per row of ``dgate_up`` from the forward's ``gate_up`` and dout."""
         spec, (rows, width) = self.k.swiglu_bwd, dout.shape
+        assert gate_up.shape == dgate_up.shape == (rows, 2 * width), (gate_up.shape, dgate_up.shape, dout.shape)
         self._add(spec, spec.launch_dims(rows, width), dgate_up,
                   **_named(spec, spec.arguments(gate_up, dout, dgate_up, rows, width)))
 

@@ -24,7 +24,7 @@ from ptxgen.kernels.rmsnorm import RMSNormBackwardSpec, RMSNormSpec
 from ptxgen.kernels.rope import RopeSpec
 from ptxgen.kernels.swiglu import SwiGLUBackwardSpec, SwiGLUSpec
 from ptxgen.spec import KernelSpec, SpecError
-from ptxgen.vecio import DType
+from ptxgen.vecio import DType, vector_width
 
 from .config import ModelConfig
 from .optim import AdamWSettings
@@ -172,6 +172,9 @@ class ModelKernels:
         partial = GradNormPartialSpec()
         linear = functools.partial(LinearKernels.of, precision=precision)
         gemm_operand = DType.BF16 if precision is Precision.BF16 else DType.F32
+        # a SwiGLU thread's elements stay in one row of intermediate_size: 16 bytes where it divides
+        swiglu_vec = vector_width(c.intermediate_size, gemm_operand)
+        swiglu_vec = 0 if swiglu_vec == 16 // gemm_operand.size else swiglu_vec
         return cls(
             embed=EmbeddingSpec(dim=h), embed_bwd=EmbeddingBackwardSpec(dim=h, accumulate=c.tie_word_embeddings),
             norm=norm, norm_residual=dataclasses.replace(norm, residual=True),
@@ -189,8 +192,8 @@ class ModelKernels:
             rope_k_bwd=RopeSpec(heads=c.num_kv_heads, inverse=True, strided=True, **rope),
             v_copy=CastSpec(dst=gemm_operand, strided=True), dv_copy=CastSpec(dst=DType.F32, strided=True),
             attention=attention[0], attention_bwd_q=attention[1], attention_bwd_kv=attention[2],
-            swiglu=SwiGLUSpec(dtype=gemm_operand, out_dtype=gemm_operand),
-            swiglu_bwd=SwiGLUBackwardSpec(dtype=gemm_operand, out_dtype=gemm_operand),
+            swiglu=SwiGLUSpec(dtype=gemm_operand, out_dtype=gemm_operand, vec=swiglu_vec),
+            swiglu_bwd=SwiGLUBackwardSpec(dtype=gemm_operand, out_dtype=gemm_operand, vec=swiglu_vec),
             cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index, grad_dtype=gemm_operand),
             colsum=ColumnSumSpec(), parts_sum=PartsSumSpec(), grad_norm_partial=partial,
             grad_norm_final=GradNormFinalSpec(partials=partial.blocks),
@@ -221,7 +224,7 @@ class ModelKernels:
             except ValueError as e:
                 raise ValueError(f"{name}, {d_in} -> {d_out}: {e}") from None
         for spec in (self.swiglu, self.swiglu_bwd):
-            spec.check(i)
+            spec.check(tokens, i)
 
     def specs(self) -> list[KernelSpec]:
         """Every spec, once: what the CUDA model pre-warms and then runs in strict mode. Deduplicated

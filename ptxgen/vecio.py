@@ -192,12 +192,12 @@ def elementwise_vec(*dtypes: DType) -> int:
 
 def elementwise(b: KernelBuilder, block: int, inputs: dict[str, DType], outputs: dict[str, DType],
                 fn: Callable[..., Sequence[Reg]], *, pointers: dict[str, Reg] | None = None,
-                index: Callable[[str, Reg], Reg] | None = None) -> None:
+                index: Callable[[str, Reg], Reg] | None = None, vec: int | None = None) -> None:
     """The flat elementwise kernel over params ``inputs``, ``outputs`` (pointers) and ``n``: load
     every input, ``fn(*values) -> outputs`` per element (f32 registers), store, vector by vector.
     ``pointers``: the tensors' base addresses by name where they are not their own pointer params;
     ``index(name, e)``: where flat element ``e`` sits in that tensor (default ``e``; a vector of
-    elements must stay contiguous there)."""
+    elements must stay contiguous there); ``vec``: elements per thread (default ``elementwise_vec``)."""
     ptr = {name: b.cvta_global(b.ld_param(name)) for name in (*inputs, *outputs) if name not in (pointers or {})}
     ptr.update(pointers or {})
     at = index or (lambda name, e: e)
@@ -209,7 +209,7 @@ def elementwise(b: KernelBuilder, block: int, inputs: dict[str, DType], outputs:
         for k, (name, dt) in enumerate(outputs.items()):
             store_f32(b, dt, Addr(offset(b, ptr[name], at(name, e), dt.size)), [r[k] for r in results], guard=guard)
 
-    flat_elementwise(b, b.ld_param("n"), elementwise_vec(*inputs.values(), *outputs.values()), block, body)
+    flat_elementwise(b, b.ld_param("n"), vec or elementwise_vec(*inputs.values(), *outputs.values()), block, body)
 
 
 def flat_grid(n: int, vec: int, block: int) -> int:

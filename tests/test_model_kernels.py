@@ -1,5 +1,6 @@
 """The model's kernel set comes from its config alone: eps and theta reach every spec that uses them."""
 
+import numpy as np
 import pytest
 
 from model.config import PRESETS, preset
@@ -155,3 +156,36 @@ def test_every_preset_runs_on_the_cuda_kernels_in_both_precisions(name):
     from model.cli import check_gpu_kernels
     for precision in Precision:
         check_gpu_kernels(preset(name), precision, 8 * 1024)
+
+
+@pytest.mark.parametrize("changes", [{}, dict(hidden_size=12, num_heads=2, num_kv_heads=1, intermediate_size=7)],
+                         ids=["tiny", "odd sizes"])
+def test_a_fused_modules_parts_are_adjacent_and_every_module_starts_aligned(changes):
+    """Gate and up follow each other unpadded (one GEMM reads both) even where intermediate x hidden
+    is not a multiple of 8; the module after them starts 8-element aligned again; flatten and
+    unflatten round-trip; the GEMMs' shapes are the fused ones."""
+    from model.cuda_buffers import linear_shapes
+    from model.params import init_params
+    config = preset("tiny").replace(**changes)
+    layout = ParamLayout(config)
+    p = "model.layers.0.mlp."
+    gate, up = (layout.offsets[p + n] for n in ("gate_proj.weight", "up_proj.weight"))
+    I, H = config.intermediate_size, config.hidden_size
+    assert up == gate + I * H and layout.offsets[p + "down_proj.weight"] % 8 == 0 and gate % 8 == 0
+    assert layout.fused(p + "gate_up_proj") == (gate, (2 * I, H))
+    shapes = linear_shapes(layout.shapes)
+    assert shapes[p + "gate_up_proj"] == (2 * I, H) and p + "gate_proj" not in shapes and p + "up_proj" not in shapes
+    params = init_params(config, seed=3)
+    back = layout.unflatten(layout.flatten(params))
+    assert all(np.array_equal(back[n], params[n]) for n in params)
+
+
+def test_an_fp32_model_whose_intermediate_size_is_not_a_multiple_of_4_runs():
+    """Its SwiGLU takes fewer elements a thread (the fp32 GEMMs do so too); bf16 refuses it (8 needed)."""
+    from model.cli import UsageError, check_gpu_kernels
+    config = preset("tiny").replace(intermediate_size=350)
+    check_gpu_kernels(config, Precision.FP32, 8 * 128)
+    assert ModelKernels.of(config, AdamWSettings(), -100).swiglu.vec == 2
+    assert ModelKernels.of(preset("tiny"), AdamWSettings(), -100).swiglu.vec == 0  # 16 bytes: the default
+    with pytest.raises(UsageError, match="intermediate_size 350"):
+        check_gpu_kernels(config, Precision.BF16, 8 * 128)

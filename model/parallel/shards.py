@@ -6,7 +6,8 @@ last one shorter), each a multiple of ``world * ALIGN`` elements: a bucket is re
 soon as the backward's last write into it is done, rank r receiving the r-th of its ``world``
 equal pieces. A rank's shard is its pieces laid end to end, one contiguous buffer per rank
 (fp32 master weights' part, gradient sums, both moments); every shard has the same size, and
-every piece starts 16-byte aligned in bf16 (ALIGN elements), as the layout's tensors do.
+every piece starts 16-byte aligned in bf16 (ALIGN elements), as the layout's tensors do (a fused
+module's, the first of its parts: the others follow it unpadded).
 
 Buckets are fixed-size ranges of the flat buffer, not whole tensors, so that every piece splits
 evenly (NCCL's reduce-scatter gives each rank the same count) without moving a tensor; a bucket
@@ -26,7 +27,7 @@ from .comm import Communicator
 if TYPE_CHECKING:
     from runtime.plan import Plan
 
-ALIGN = 8  # elements: a piece starts 16 bytes aligned in bf16 (32 in f32), as ParamLayout's tensors
+ALIGN = 8  # elements: a piece starts 16 bytes aligned in bf16 (32 in f32), as ParamLayout's modules
 DEFAULT_BUCKET_ELEMS = 1 << 23  # 32 MiB of f32 gradients per reduce-scatter
 
 

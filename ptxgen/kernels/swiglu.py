@@ -4,7 +4,8 @@ and up read, and the outputs written, in f32 or bf16).
 Gate and up are the two halves of each row of one [rows, 2 * width] tensor: the output of the gate
 and up projections as one GEMM (their weights are adjacent, [gate; up]); the backward writes dgate
 and dup so too, the operand of that GEMM's backward. ``width`` is a runtime argument, a multiple of
-the vector so that a thread's elements stay in one row.
+the vector (16 bytes, or ``vec`` elements where the width asks for fewer) so that a thread's
+elements stay in one row.
 
 sigmoid(g) = 1 / (1 + 2^(-g * log2 e)) with ex2.approx and a correctly rounded reciprocal.
 """
@@ -18,7 +19,7 @@ import numpy as np
 from ..builder import KernelBuilder, Reg, T
 from ..exact import LOG2E_F32
 from ..registry import register
-from ..spec import KernelSpec
+from ..spec import KernelSpec, SpecError
 from ..vecio import DType, elementwise, elementwise_vec, flat_grid
 from .common import check_block_size
 
@@ -46,20 +47,28 @@ class _PairedSpec(KernelSpec):
     dtype: DType
     out_dtype: DType
     block_size: int
+    vec: int  # elements per thread; 0: 16 bytes of the narrowest type
 
     def validate(self) -> None:
         check_block_size(self.block_size)
+        widest = elementwise_vec(self.dtype, DType.F32, self.out_dtype)
+        if self.vec < 0 or self.vec and widest % self.vec:
+            raise SpecError(f"{self.kind}: vec must be 0 (16 bytes) or divide {widest}, got {self.vec}")
 
-    def vec(self) -> int:
-        return elementwise_vec(self.dtype, DType.F32, self.out_dtype)
+    def elements(self) -> int:
+        """Elements per thread."""
+        return self.vec or elementwise_vec(self.dtype, DType.F32, self.out_dtype)
 
     def launch_dims(self, rows: int, width: int) -> tuple[int, int]:
-        return flat_grid(rows * width, self.vec(), self.block_size), self.block_size
+        return flat_grid(rows * width, self.elements(), self.block_size), self.block_size
 
-    def check(self, width: int) -> None:
-        if width < 1 or width % self.vec():
-            raise ValueError(f"{self.kind}: width must be a positive multiple of {self.vec()} (a thread's "
-                             f"vector stays in one row), got {width}")
+    def check(self, rows: int, width: int) -> None:
+        """A thread's vector stays in one row; the paired tensor's index (up to 2 x rows x width) fits u32."""
+        if width < 1 or width % self.elements():
+            raise ValueError(f"{self.kind}: the row width (intermediate_size) must be a positive multiple of "
+                             f"{self.elements()} (a thread's vector stays in one row), got {width}")
+        if 2 * rows * width >= 2**32:
+            raise ValueError(f"{self.kind}: {rows} rows of 2 x {width} overflow the kernel's 32-bit index")
 
 
 @register
@@ -71,6 +80,7 @@ class SwiGLUSpec(_PairedSpec):
     dtype: DType = DType.F32      # gate_up
     out_dtype: DType = DType.F32  # out (bf16 from f32: the down projection's bf16 operand, no cast)
     block_size: int = 256
+    vec: int = 0
 
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("gate_up", T.U64), ("out", T.U64), ("n", T.U32), ("width", T.U32))
@@ -79,17 +89,19 @@ class SwiGLUSpec(_PairedSpec):
         return ('out',)
 
     def arguments(self, gate_up: int, out: int, rows: int, width: int) -> tuple[int, ...]:
-        self.check(width)
+        self.check(rows, width)
         return gate_up, out, rows * width, width
 
     def build(self, b: KernelBuilder) -> None:
         pointers, index = _halves(b, {"gate_up": (self.dtype, ("gate", "up"))})
         elementwise(b, self.block_size, {"gate": self.dtype, "up": self.dtype}, {"out": self.out_dtype},
-                    lambda g, u: (b.mul(b.mul(g, sigmoid(b, g)), u),), pointers=pointers, index=index)
+                    lambda g, u: (b.mul(b.mul(g, sigmoid(b, g)), u),), pointers=pointers, index=index,
+                    vec=self.elements())
 
     @classmethod
     def examples(cls) -> list["SwiGLUSpec"]:
-        return [cls(), cls(dtype=DType.BF16, out_dtype=DType.BF16), cls(out_dtype=DType.BF16), cls(block_size=128)]
+        return [cls(), cls(dtype=DType.BF16, out_dtype=DType.BF16), cls(out_dtype=DType.BF16), cls(block_size=128),
+                cls(vec=1)]
 
 
 @register
@@ -102,6 +114,7 @@ class SwiGLUBackwardSpec(_PairedSpec):
     dtype: DType = DType.F32      # gate_up, as the forward read it (dout is f32)
     out_dtype: DType = DType.F32  # dgate_up (bf16: the GEMMs' operand, no cast)
     block_size: int = 256
+    vec: int = 0
 
     def params(self) -> tuple[tuple[str, T], ...]:
         return (("gate_up", T.U64), ("dout", T.U64), ("dgate_up", T.U64), ("n", T.U32), ("width", T.U32))
@@ -110,7 +123,7 @@ class SwiGLUBackwardSpec(_PairedSpec):
         return ('dgate_up',)
 
     def arguments(self, gate_up: int, dout: int, dgate_up: int, rows: int, width: int) -> tuple[int, ...]:
-        self.check(width)
+        self.check(rows, width)
         return gate_up, dout, dgate_up, rows * width, width
 
     def build(self, b: KernelBuilder) -> None:
@@ -124,11 +137,12 @@ class SwiGLUBackwardSpec(_PairedSpec):
         pointers, index = _halves(b, {"gate_up": (self.dtype, ("gate", "up")),
                                       "dgate_up": (out, ("dgate", "dup"))})
         elementwise(b, self.block_size, {"gate": self.dtype, "up": self.dtype, "dout": DType.F32},
-                    {"dgate": out, "dup": out}, grads, pointers=pointers, index=index)
+                    {"dgate": out, "dup": out}, grads, pointers=pointers, index=index, vec=self.elements())
 
     @classmethod
     def examples(cls) -> list["SwiGLUBackwardSpec"]:
-        return [cls(), cls(out_dtype=DType.BF16), cls(dtype=DType.BF16, out_dtype=DType.BF16), cls(block_size=512)]
+        return [cls(), cls(out_dtype=DType.BF16), cls(dtype=DType.BF16, out_dtype=DType.BF16), cls(block_size=512),
+                cls(vec=2)]
 
 
 def swiglu_reference(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
