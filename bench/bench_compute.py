@@ -29,7 +29,7 @@ from runtime import ModuleCache
 from runtime.tensormap import gemm_tensor_maps
 
 TOKENS = 16384  # Qwen2-0.5B layer shapes: M = batch * seq tokens
-LAYERS = [("q_proj", 896, 896), ("k/v_proj", 896, 128), ("o_proj", 896, 896),
+LAYERS = [("qkv (q, k and v as one)", 896, 1152), ("o_proj", 896, 896),
           ("gate_up (gate and up as one)", 896, 9728), ("down", 4864, 896), ("lm_head", 896, 151936)]
 TILES = [dict(), dict(block_m=128, block_n=64), dict(block_m=64, block_n=128),
          dict(block_m=64, block_n=64, thread_m=4, thread_n=8)]

@@ -13,6 +13,7 @@ from cudacall import call, poison
 from ptxgen.kernels.adamw import (AdamWSpec, GradNormFinalSpec, GradNormPartialSpec, adamw_reference,
                                   grad_norm_reference)
 from ptxgen.kernels.bias import BiasAddSpec
+from ptxgen.kernels.cast import CastSpec
 from ptxgen.kernels.colsum import ColumnSumSpec, PartsSumSpec
 from ptxgen.kernels.cross_entropy import CrossEntropySpec, cross_entropy_reference
 from ptxgen.kernels.embedding import (EmbeddingBackwardSpec, EmbeddingSpec, embedding_backward_plan,
@@ -195,6 +196,58 @@ def test_rope_for_q_and_k_with_gqa_head_counts_forward_and_backward(cache):
         np.testing.assert_allclose(y, rope_reference(x, positions, 1e6), atol=1e-5, rtol=1e-5)
         _, dx, _ = call(cache, bwd, bwd.launch_dims(tokens), y, poison(x.shape), positions.astype(np.int32), tokens)
         np.testing.assert_allclose(dx, rope_reference(y, positions, 1e6, inverse=True), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bf16_out", [False, True])
+def test_strided_rope_reads_q_and_k_from_the_fused_rows_and_writes_their_gradients_back(cache, bf16_out):
+    """The fused q/k/v projection's [tokens, (14 + 2 + 2) x 64] rows: RoPE on q (columns 0..895) and
+    k (896..1023) into dense outputs; the inverse from dense gradients into those columns, the
+    other columns untouched."""
+    tokens, d, heads, kv_heads = 300, 64, 14, 2
+    width = (heads + 2 * kv_heads) * d
+    qkv = f32(tokens, width)
+    positions = rng.integers(0, 32768, tokens).astype(np.int32)
+    for start, n in ((0, heads), (heads * d, kv_heads)):
+        part = qkv[:, start:start + n * d].reshape(tokens, n, d)
+        fwd = RopeSpec(heads=n, head_dim=d, theta=1e6, bf16_out=bf16_out, strided=True)
+        # the pointer to the columns' first element: the buffer from there on
+        args = fwd.arguments(np.ascontiguousarray(qkv.reshape(-1)[start:]), poison((tokens, n * d), np.uint16
+                             if bf16_out else np.float32), positions, tokens, width, n * d)
+        y = call(cache, fwd, fwd.launch_dims(tokens), *args)[1]
+        ref = rope_reference(part, positions, 1e6).reshape(tokens, n * d)
+        np.testing.assert_allclose(from_bf16(y) if bf16_out else y, ref, atol=1e-5, rtol=BF16_RTOL if bf16_out else 1e-5)
+
+        bwd = RopeSpec(heads=n, head_dim=d, theta=1e6, inverse=True, strided=True)
+        grad = f32(tokens, n * d)
+        into = np.zeros(tokens * width - start, np.float32)  # d qkv from column ``start`` on
+        args = bwd.arguments(grad, into, positions, tokens, n * d, width)
+        out = call(cache, bwd, bwd.launch_dims(tokens), *args)[1]
+        written = np.concatenate([out, np.zeros(start, np.float32)]).reshape(tokens, width)
+        np.testing.assert_allclose(written[:, :n * d], rope_reference(grad.reshape(tokens, n, d), positions, 1e6,
+                                                                      inverse=True).reshape(tokens, n * d),
+                                   atol=1e-5, rtol=1e-5)
+        assert not written[:, n * d:].any()  # the other columns of each row untouched
+
+
+@pytest.mark.parametrize("dst", [DType.BF16, DType.F32])
+def test_strided_cast_copies_v_out_of_the_fused_rows_and_dv_back(cache, dst):
+    spec = CastSpec(dst=dst, strided=True)
+    tokens, width, start, kv = 300, 1152, 1024, 128
+    qkv = f32(tokens, width)
+    out = call(cache, spec, spec.launch_dims(tokens * kv),
+               *spec.arguments(np.ascontiguousarray(qkv.reshape(-1)[start:]),
+                               poison((tokens, kv), np.uint16 if dst is DType.BF16 else np.float32),
+                               tokens, kv, width, kv))[1]
+    v = qkv[:, start:]
+    np.testing.assert_array_equal(from_bf16(out) if dst is DType.BF16 else out,
+                                  from_bf16(to_bf16(v)) if dst is DType.BF16 else v)
+    if dst is DType.F32:  # dv into the gradient's columns, the rest untouched
+        dv = f32(tokens, kv)
+        into = call(cache, spec, spec.launch_dims(tokens * kv),
+                    *spec.arguments(dv, np.zeros(tokens * width - start, np.float32), tokens, kv, kv, width))[1]
+        written = np.concatenate([into, np.zeros(start, np.float32)]).reshape(tokens, width)
+        np.testing.assert_array_equal(written[:, :kv], dv)
+        assert not written[:, kv:].any()
 
 
 @pytest.mark.parametrize("tokens, heads, dim", [(3, 3, 6), (257, 14, 64), (5, 2, 128)])

@@ -100,6 +100,24 @@ def _backend(config, precision):
 
 
 @pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16])
+def test_q_k_v_and_gate_up_run_as_one_gemm_each_way(monkeypatch, precision):
+    """Per layer four GEMMs forward (q/k/v, o, gate/up, down) and eight backward (dW and dX of each),
+    plus the LM head's: the fused modules' parts never get a GEMM of their own."""
+    config = preset("tiny")
+    with dry_device(monkeypatch):
+        model = _backend(config, precision)
+        plan = model.plan(2, 64)
+        gemms = {section: [s for s in plan.of(section) if s.kind.startswith("gemm")]
+                 for section in ("forward", "backward")}
+        assert len(gemms["forward"]) == 4 * config.num_layers + 1  # 128 rows: one loss chunk
+        assert len(gemms["backward"]) == 8 * config.num_layers + 2
+        labels = " ".join(s.label for s in plan)
+        assert "qkv_proj" in labels and not any(f".{n}.weight" in labels for n in ("q_proj", "k_proj", "v_proj",
+                                                                                  "gate_proj", "up_proj"))
+        model.close()
+
+
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16])
 @pytest.mark.parametrize("config", [preset("tiny"), QWEN_SHAPED], ids=["tiny", "qwen2-shaped-2-layer"])
 def test_the_models_plan_writes_every_gradient_in_its_backward(monkeypatch, config, precision):
     """Built by name without a GPU: every kernel pre-warmed (strict mode), every parameter's
