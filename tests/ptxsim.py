@@ -1,7 +1,9 @@
-"""A block-level PTX interpreter, so CPU tests can run the wgmma attention kernels' math.
+"""A block-level PTX interpreter, so CPU tests can run the wgmma attention kernels' math, RoPE's
+and the elementwise kernels' (SwiGLU, casts).
 
 It interprets the instructions those kernels emit, nothing more (anything else raises
-NotImplementedError). A block's threads run in lockstep, one numpy lane each, so every branch must
+NotImplementedError; f64 arithmetic and module-level f64 tables for RoPE, whose sin and cos are
+numpy's, not sin.approx's). A block's threads run in lockstep, one numpy lane each, so every branch must
 be block-uniform (asserted: the kernels branch only on block-wide values). cp.async copies land at
 their group's cp.async.wait_group, not before: a read of a stage before its wait sees stale bytes.
 Shared memory starts as garbage, global memory outside the outputs is read-only (asserted).
@@ -67,6 +69,10 @@ class Program:
 
     def __init__(self, ptx: str):
         self.params = re.findall(r"\.param \.\w+ (\w+)", ptx)
+        # module-level constant tables: .global .align A .f64 name[N] = {0d..., ...}
+        self.tables = {name: np.array([struct.unpack("<d", bytes.fromhex(v.strip()[2:])[::-1])[0]
+                                       for v in values.split(",")], np.float64)
+                       for name, values in re.findall(r"\.global \.align \d+ \.f64 (\w+)\[\d+\] = \{([^}]*)\}", ptx)}
         self.instrs: list[tuple[tuple[str, bool] | None, list[str], list[str]]] = []
         self.labels: dict[str, int] = {}
         for line in ptx[ptx.index("{", ptx.index(".entry")) + 1:].splitlines():
@@ -146,6 +152,10 @@ class Block:
             return np.full(self.threads, SMEM_BASE, np.uint32)
         if t == "f32":
             return np.full(self.threads, _f32(token), np.float32)
+        if t == "f64":
+            return np.full(self.threads, struct.unpack("<d", bytes.fromhex(token[2:])[::-1])[0], np.float64)
+        if token in self.program.tables:  # a table's address (mov.u64 %rd, name)
+            return np.full(self.threads, self.params[token], np.uint64)
         return np.full(self.threads, int(token, 0), np.uint64 if t in ("u64", "b64") else np.uint32)
 
     def write(self, name: str, value: np.ndarray, mask: np.ndarray | None) -> None:
@@ -156,7 +166,7 @@ class Block:
 
     @staticmethod
     def _type(op: list[str]) -> str:
-        return next(p for p in reversed(op) if p in ("u32", "b32", "u64", "b64", "f32", "pred"))
+        return next(p for p in reversed(op) if p in ("u32", "b32", "u64", "b64", "f32", "f64", "s32", "pred"))
 
     def _binary(self, op, ops, mask, f) -> None:
         t = self._type(op)
@@ -208,16 +218,28 @@ class Block:
         with np.errstate(over="ignore"):
             self.write(ops[0], a * b + c, mask)
 
-    def _fma(self, op, ops, mask):  # the f64 product of two f32 is exact: one rounding of the sum, then to f32
+    def _fma(self, op, ops, mask):
+        if op[-1] == "f64":  # not fused: the product rounds once more (an ulp of f64, for tests with tolerances)
+            a, b, c = (self.value(x, "f64") for x in ops[1:4])
+            self.write(ops[0], a * b + c, mask)
+            return
+        # the f64 product of two f32 is exact: one rounding of the sum, then to f32
         a, b, c = (self.value(x, "f32").astype(np.float64) for x in ops[1:4])
         self.write(ops[0], (a * b + c).astype(np.float32), mask)
 
-    def _unary(self, ops, mask, f) -> None:
+    def _unary(self, ops, mask, f, t: str = "f32") -> None:
         with np.errstate(over="ignore", divide="ignore"):
-            self.write(ops[0], f(self.value(ops[1], "f32")).astype(np.float32), mask)
+            v = self.value(ops[1], t)
+            self.write(ops[0], f(v).astype(v.dtype), mask)
 
     def _neg(self, op, ops, mask):
-        self._unary(ops, mask, np.negative)
+        self._unary(ops, mask, np.negative, op[-1])
+
+    def _sin(self, op, ops, mask):
+        self._unary(ops, mask, np.sin)
+
+    def _cos(self, op, ops, mask):
+        self._unary(ops, mask, np.cos)
 
     def _ex2(self, op, ops, mask):
         self._unary(ops, mask, np.exp2)
@@ -255,6 +277,12 @@ class Block:
             self.write(ops[0], _from_16(self.regs[ops[1]], op[2]), mask)
         elif kind == "u64.u32":
             self.write(ops[0], self.value(ops[1], "u32").astype(np.uint64), mask)
+        elif kind == "rn.f64.s32":
+            self.write(ops[0], self.regs[ops[1]].view(np.int32).astype(np.float64), mask)
+        elif kind == "rni.f64.f64":
+            self.write(ops[0], np.rint(self.value(ops[1], "f64")), mask)  # to nearest, ties to even
+        elif kind == "rn.f32.f64":
+            self.write(ops[0], self.value(ops[1], "f64").astype(np.float32), mask)
         else:
             raise NotImplementedError("cvt." + kind)
 
@@ -282,11 +310,14 @@ class Block:
                        mask)
             return
         at, on = self._address(ops[1], space), np.ones(self.threads, bool) if mask is None else mask
+        wide = op[-1] in ("f64", "u64", "b64")
         for i, name in enumerate(_vector(ops[0])):
-            words = np.zeros(self.threads, np.uint32)
-            where = at[on, None] + 4 * i + WORD
-            words[on] = np.ascontiguousarray(self._space(space)[where]).view(np.uint32)[:, 0]
-            self.write(name, words.view(np.float32) if op[-1] == "f32" else words, mask)
+            size = 8 if wide else 4
+            words = np.zeros(self.threads, np.uint64 if wide else np.uint32)
+            where = at[on, None] + size * i + np.arange(size)
+            words[on] = np.ascontiguousarray(self._space(space)[where]).view(words.dtype)[:, 0]
+            self.write(name, words.view({"f32": np.float32, "f64": np.float64, "s32": np.int32}.get(op[-1], words.dtype)),
+                       mask)
 
     def _st(self, op, ops, mask):
         space = op[1]
@@ -390,6 +421,7 @@ def launch(spec: KernelSpec, dims: tuple[tuple[int, int, int], int], *args: np.n
     at = [memory.put(a, name in outputs) if isinstance(a, np.ndarray) else a
           for (name, _), a in zip(spec.params(), args)]
     params = dict(zip(program.params, at))
+    params.update({name: memory.put(table, False) for name, table in program.tables.items()})
     for z in range(gz):
         for y in range(gy):
             for x in range(gx):
