@@ -123,7 +123,8 @@ class Params:
                         for name, shape in layout.shapes.items()}
         for module in fused_modules(layout.shapes):
             self._params[module + ".weight"] = param(module + ".weight", *layout.fused(module), True)
-            if module.replace(".qkv_proj", ".q_proj") + ".bias" in layout.shapes:
+            (local, parts), = ((f, ps) for f, ps in FUSED.items() if module.endswith("." + f))
+            if f"{module[:-len(local)]}{parts[0]}.bias" in layout.shapes:  # the parts have biases
                 self._params[module + ".bias"] = param(module + ".bias", *layout.fused(module, "bias"), False)
 
     def __getitem__(self, name: str) -> Param:

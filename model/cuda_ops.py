@@ -311,6 +311,7 @@ class Columns:
             return arg, row
         view, size = arg.view, DTYPES[arg.view.dtype].itemsize
         rows, stride = view.shape
+        assert arg.width == row and arg.start + arg.width <= stride, (view.name, arg.start, arg.width, row, stride)
         name = f"{view.name}[:, {arg.start}:{arg.start + arg.width}]"
         return View(name, view.ptr + arg.start * size, (rows * stride - arg.start,), view.dtype), stride
 

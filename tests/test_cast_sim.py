@@ -41,3 +41,10 @@ def test_strides_and_widths_that_would_misalign_a_vector_or_overlap_rows_are_ref
         CastSpec().arguments(0, 0, 4, 128, 128, 128)
     with pytest.raises(SpecError, match="only a strided cast"):
         CastSpec(dst=DType.F32)
+
+
+def test_rows_whose_strided_index_would_overflow_32_bits_are_refused():
+    spec = CastSpec(strided=True)
+    spec.arguments(0, 0, 2**32 // 1152 - 1, 128, 1152, 128)
+    with pytest.raises(ValueError, match="overflow the kernel's 32-bit index"):
+        spec.arguments(0, 0, 2**32 // 1152 + 1, 128, 1152, 128)

@@ -52,3 +52,10 @@ def test_strides_that_misalign_a_vector_or_overlap_rows_are_refused():
             spec.arguments(0, 0, 0, 8, *strides)
     with pytest.raises(ValueError, match="strided RoPE's arguments"):
         RopeSpec(heads=2, head_dim=64, theta=1e6).arguments(0, 0, 0, 8, 128, 128)
+
+
+def test_rows_whose_strided_index_would_overflow_32_bits_are_refused():
+    spec = RopeSpec(heads=2, head_dim=64, theta=1e6, strided=True)
+    spec.arguments(0, 0, 0, 2**32 // 1152 - 1, 1152, 128)
+    with pytest.raises(ValueError, match="overflow the kernel's 32-bit index"):
+        spec.arguments(0, 0, 0, 2**32 // 1152 + 1, 1152, 128)  # 128 x tokens fits, 1152 x tokens does not

@@ -53,6 +53,8 @@ class CastSpec(KernelSpec):
             raise ValueError(f"cast: width and strides must be positive multiples of {self.vec} (a thread's vector "
                              f"stays in one row, aligned), strides >= width; got width {width}, strides "
                              f"{src_stride}, {dst_stride}")
+        if rows * max(src_stride, dst_stride) >= 2**32:
+            raise ValueError(f"cast: {rows} rows of {max(src_stride, dst_stride)} overflow the kernel's 32-bit index")
         return src, dst, rows * width, width, src_stride, dst_stride
 
     def build(self, b: KernelBuilder) -> None:

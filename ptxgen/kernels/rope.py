@@ -89,6 +89,8 @@ class RopeSpec(KernelSpec):
         if any(s % self.vec or s < self.heads * self.head_dim for s in (x_stride, y_stride)):
             raise ValueError(f"rope: strides must be multiples of {self.vec} of at least heads x head_dim = "
                              f"{self.heads * self.head_dim}, got {x_stride}, {y_stride}")
+        if n_tokens * max(x_stride, y_stride) >= 2**32:
+            raise ValueError(f"rope: {n_tokens} rows of {max(x_stride, y_stride)} overflow the kernel's 32-bit index")
         return x, y, positions, n_tokens, x_stride, y_stride
 
     def params(self) -> tuple[tuple[str, T], ...]:

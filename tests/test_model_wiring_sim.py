@@ -1,0 +1,118 @@
+"""The model's own planned RoPE and strided-cast launches, run through the PTX interpreter
+(tests/ptxsim.py) on the CPU over a made-up device memory: q, k and v read out of the fused q/k/v
+projection's rows land where the attention reads them (training: layer 0's q and K/V; decoding: the
+cache rows after ``cached``), and the backward's dq, dk, dv land in every column of the fused
+gradient's rows. The plan is the one the GPU runs (built on the dry device); only its arithmetic
+kernels' inputs are made up here."""
+import numpy as np
+import pytest
+
+from dry_device import DryCache, dry_device
+from model.config import preset
+from model.cuda_model import CudaBackend
+from model.optim import AdamWSettings
+from model.params import param_shapes
+from model.precision import Precision
+from ptxgen.builder import T
+from ptxgen.kernels.rope import rope_reference
+from ptxgen.vecio import from_bf16, to_bf16
+from ptxsim import launch
+from runtime.plan import _resolve
+
+CONFIG = preset("tiny")
+
+
+class FakeMemory:
+    """Every allocation of the dry device as bytes (0xFF: NaN until written)."""
+
+    def __init__(self, allocations):
+        self.blocks = {ptr: np.full(n, 0xFF, np.uint8) for ptr, n in allocations}
+
+    def at(self, ptr: int) -> tuple[np.ndarray, int]:
+        base = max(b for b in self.blocks if b <= ptr)
+        assert ptr - base < self.blocks[base].size
+        return self.blocks[base], ptr - base
+
+    def view(self, v) -> np.ndarray:
+        block, off = self.at(v.ptr)
+        return block[off:off + v.nbytes]
+
+    def put(self, v, array: np.ndarray) -> None:
+        self.view(v)[:] = np.ascontiguousarray(array).view(np.uint8).ravel()
+
+    def get(self, v, bf16: bool) -> np.ndarray:
+        raw = self.view(v)
+        return (from_bf16(raw.view(np.uint16)) if bf16 else raw.view(np.float32)).reshape(v.shape)
+
+    def run(self, step, values) -> None:
+        """One planned launch through the interpreter: each pointer's bytes from it to its allocation's end."""
+        args = []
+        for name, t in step.spec.params():
+            value = _resolve(step.args[name], values)
+            args.append((name, *self.at(int(value))) if t is T.U64 else (name, None, value))
+        arrays = [block[off:].copy() if block is not None else off for _, block, off in args]
+        outs = iter(launch(step.spec, (step.launch.grid, step.launch.block[0]), *arrays))
+        for (name, block, off), _ in zip(args, arrays):
+            if block is not None:
+                out = next(outs)
+                if name in step.spec.outputs():
+                    block[off:] = out
+
+
+def _strided(steps) -> list:
+    return [s for s in steps if s.kind in ("rope", "cast") and getattr(s.spec, "strided", False)][:3]  # layer 0's
+
+
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16], ids=["fp32", "bf16"])
+def test_q_k_v_and_their_gradients_move_between_the_fused_rows_and_the_attentions_buffers(monkeypatch, precision):
+    rng = np.random.default_rng(0)
+    c, bf16 = CONFIG, precision is Precision.BF16
+    Q, KV = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    tokens = 64
+    tolerance = 2.0 ** -8 if bf16 else 1e-5
+    with dry_device(monkeypatch) as allocations:
+        model = CudaBackend(c, {n: np.zeros(s, np.float32) for n, s in param_shapes(c).items()}, AdamWSettings(),
+                            cache=DryCache(), precision=precision)
+        plan = model.plan(1, tokens)
+        shape = model._shapes[(1, tokens)]
+        memory = FakeMemory(allocations)
+        positions = rng.integers(0, 500, tokens).astype(np.int32)
+        qkv = rng.standard_normal((tokens, Q + 2 * KV)).astype(np.float32)
+        memory.put(shape.acts.pos, positions)
+        memory.put(shape.acts.qkv, qkv)
+        for step in _strided(plan.of("forward")):
+            memory.run(step, plan._values)
+        rope = lambda x, heads, inverse=False: rope_reference(  # noqa: E731
+            x.reshape(tokens, heads, c.head_dim), positions, c.rope_theta, inverse=inverse).reshape(tokens, -1)
+        q_ref, k_ref = rope(qkv[:, :Q], c.num_heads), rope(qkv[:, Q:Q + KV], c.num_kv_heads)
+        v_ref = from_bf16(to_bf16(qkv[:, Q + KV:])) if bf16 else qkv[:, Q + KV:]
+        np.testing.assert_allclose(memory.get(shape.acts.layers[0].q, bf16), q_ref, rtol=tolerance, atol=1e-5)
+        np.testing.assert_allclose(memory.get(shape.kv[0].k, bf16), k_ref, rtol=tolerance, atol=1e-5)
+        np.testing.assert_array_equal(memory.get(shape.kv[0].v, bf16), v_ref)
+
+        d = shape.bufs
+        grads = [rng.standard_normal((tokens, w)).astype(np.float32) for w in (Q, KV, KV)]
+        for view, g in zip((d.dq, d.dk, d.dv), grads):
+            memory.put(view, g)
+        for step in _strided(plan.of("backward")):
+            memory.run(step, plan._values)
+        d_qkv = np.concatenate([rope(grads[0], c.num_heads, True), rope(grads[1], c.num_kv_heads, True), grads[2]], 1)
+        np.testing.assert_allclose(memory.get(d.d_qkv, False), d_qkv, rtol=1e-5, atol=1e-5)  # every column
+
+        decoder = model.decoder(80)  # new keys and values go after the cache's ``cached`` rows
+        call = decoder._plan(tokens)
+        call.plan.set(cached=7)
+        memory = FakeMemory(allocations)
+        kv = decoder._kv[0]
+        for view in (kv.k, kv.v):
+            memory.view(view)[:] = 0
+        memory.put(call.acts.pos, positions)
+        memory.put(call.acts.qkv, qkv)
+        for step in _strided(call.plan.of()):
+            memory.run(step, call.plan._values)
+        keys, values = memory.get(kv.k, bf16), memory.get(kv.v, bf16)
+        assert not keys[:7].any() and not keys[7 + tokens:].any() and not values[:7].any() and not values[7 + tokens:].any()
+        np.testing.assert_allclose(keys[7:7 + tokens], k_ref, rtol=tolerance, atol=1e-5)
+        np.testing.assert_array_equal(values[7:7 + tokens], v_ref)
+        decoder.close()
+        model.close()
