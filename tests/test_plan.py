@@ -170,7 +170,7 @@ def test_the_decoders_plan_writes_new_keys_where_the_cache_ends(monkeypatch):
         decoder = model.decoder(32)
         plan = decoder._plan(3).plan
         plan.set(cached=5)
-        k_proj = next(s for s in plan if s.label.startswith("gemm_wgmma -> model.layers.0.k "))
+        k_proj = next(s for s in plan if s.label.startswith("gemm_wgmma model.layers.0.self_attn.k_proj forward -> "))
         row_bytes = 4 * preset("tiny").num_kv_heads * preset("tiny").head_dim
         assert k_proj.launch._values[2].value == decoder._kv[0].k.ptr + 5 * row_bytes
         attention = next(s for s in plan if s.kind.startswith("attention"))
