@@ -111,14 +111,15 @@ def host_times(plan, step: int, reps: int = 10) -> dict[str, float]:
 
 
 def launch_times(launches: list) -> dict:
-    """One step's launches (the plan's steps: kernels and fills), each between two events, summed by kind."""
+    """One step's launches (the plan's steps: kernels and fills), each between two events, summed by
+    kind (and the GEMMs by module and pass)."""
     events = [Event() for _ in range(len(launches) + 1)]
     try:
         events[0].record()
         for launch, end in zip(launches, events[1:]):
             launch()
             end.record()
-        return breakdown([(launch.kind, launch.grid, start.elapsed_ms(end))
+        return breakdown([(launch.kind, launch.grid, start.elapsed_ms(end), launch.label)
                           for launch, start, end in zip(launches, events, events[1:])])
     finally:
         for e in events:

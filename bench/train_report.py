@@ -189,20 +189,38 @@ def unique_shapes(rows: list[Row]) -> list[Row]:
     return list(seen.values())
 
 
-def breakdown(launches: list[tuple[str, tuple, float]], top: int = 10) -> dict:
-    """Our step's launches, (kernel kind, grid, ms) each, summed by kind and by (kind, grid)."""
+_GEMM_WHAT = re.compile(r"^gemm\S* (\S+ (?:forward|dX|dW)) -> ")  # Ops' GEMM labels: module and pass
+_LAYER = re.compile(r"^model\.layers\.\d+\.")
+
+
+def gemm_role(label: str) -> str | None:
+    """A GEMM launch's module and pass with the layer left out ("mlp.down_proj dW"), or None."""
+    m = _GEMM_WHAT.match(label)
+    return _LAYER.sub("", m[1]) if m else None
+
+
+def breakdown(launches: list[tuple[str, tuple, float, str]], top: int = 10) -> dict:
+    """Our step's launches, (kernel kind, grid, ms, label) each, summed by kind, by (kind, grid) and,
+    for the GEMMs, by module and pass over the layers."""
     kinds: dict[str, float] = {}
     groups: dict[tuple[str, tuple], list] = {}
-    for kind, grid, ms in launches:
+    roles: dict[str, list] = {}
+    for kind, grid, ms, label in launches:
         kinds[kind] = kinds.get(kind, 0.0) + ms
         group = groups.setdefault((kind, tuple(grid)), [0.0, 0])
         group[0] += ms
         group[1] += 1
+        if (role := gemm_role(label)) is not None:
+            r = roles.setdefault(role, [0.0, 0])
+            r[0] += ms
+            r[1] += 1
     costliest = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
     return {"launches": len(launches), "ms": sum(kinds.values()),
             "by_kind_ms": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
             "costliest_groups": [{"kind": kind, "grid": list(grid), "launches": n, "ms": ms}
-                                 for (kind, grid), (ms, n) in costliest]}
+                                 for (kind, grid), (ms, n) in costliest],
+            "gemms": [{"what": role, "launches": n, "ms": ms}
+                      for role, (ms, n) in sorted(roles.items(), key=lambda kv: -kv[1][0])]}
 
 
 def format_breakdown(title: str, b: dict) -> str:
@@ -212,6 +230,10 @@ def format_breakdown(title: str, b: dict) -> str:
     lines.append(f"  the {len(b['costliest_groups'])} costliest (kind, grid) groups:")
     lines += [f"    {g['kind']:<22} grid {str(tuple(g['grid'])):<16} x{g['launches']:<4} {g['ms']:9.3f} ms "
               f"{100 * g['ms'] / whole:6.1f}%" for g in b["costliest_groups"]]
+    if b.get("gemms"):
+        lines.append("  the GEMMs by module and pass, over the layers:")
+        lines += [f"    {g['what']:<32} x{g['launches']:<4} {g['ms']:9.3f} ms {100 * g['ms'] / whole:6.1f}%"
+                  for g in b["gemms"]]
     if "host_ms" in b:
         lines.append(f"  host time to issue the step: {b['host_ms']['launched']:.2f} ms launch by launch, "
                      f"{b['host_ms']['graph']:.2f} ms as one CUDA graph (values set, one replay)")

@@ -80,10 +80,11 @@ class Ops:
     def _linear(self, module: str) -> LinearKernels:
         return self.k.linear(module)
 
-    def _gemm(self, spec: Gemm, a: View, b: View, c: Arg, m: int, n: int, k: int, bias: View | None = None,
-              splits: int = 1) -> None:
-        """C = op(A) op(B) (+ bias) over ``splits`` parts of a ``k``-long contraction each. A
-        TMA-fed kernel reads A and B through tensor maps (freed with the plan) and its persistent
+    def _gemm(self, spec: Gemm, what: str, a: View, b: View, c: Arg, m: int, n: int, k: int,
+              bias: View | None = None, splits: int = 1) -> None:
+        """C = op(A) op(B) (+ bias) over ``splits`` parts of a ``k``-long contraction each; ``what``:
+        the module and pass ("model.layers.0.mlp.down_proj dW"), in the launch's label for a profile.
+        A TMA-fed kernel reads A and B through tensor maps (freed with the plan) and its persistent
         blocks fill the GPU once."""
         kernel = self.plan.cache.get(spec)
         operands = {}
@@ -94,7 +95,7 @@ class Ops:
         else:
             dims = spec.launch_dims(m, n, splits)
         args = spec.arguments(a, b, c, m, n, k, bias=bias, splits=splits)
-        self.plan.add(spec, dims, label=f"{spec.kind} -> {_name(c)}", operands=operands,
+        self.plan.add(spec, dims, label=f"{spec.kind} {what} -> {_name(c)}", operands=operands,
                       **dict(zip((name for name, _ in spec.params()), args)))
 
     def _wave(self, spec: Gemm) -> int:
@@ -126,7 +127,7 @@ class Ops:
         the rows of ``x``."""
         w, bias = self.W[module + ".weight"], self.W.get(module + ".bias")
         d_out, d_in = w.shape
-        self._gemm(self._linear(module).forward, x, w.operand, out, x.shape[0], d_out, d_in,
+        self._gemm(self._linear(module).forward, f"{module} forward", x, w.operand, out, x.shape[0], d_out, d_in,
                    bias=bias.value if bias is not None else None)
 
     def rope(self, x: Arg | Columns, positions: View, heads: int, out: Arg | Columns, inverse: bool = False) -> None:
@@ -203,10 +204,10 @@ class Ops:
         spec, (d_out, d_in) = self._linear(module).grad_weight, w.shape
         splits = self._split_k(spec, d_out, d_in)
         if splits == 1:
-            self._gemm(spec, dy, x, w.grad, d_out, d_in, self.T)
+            self._gemm(spec, f"{module} dW", dy, x, w.grad, d_out, d_in, self.T)
             return
         scratch = self._split_scratch
-        self._gemm(spec, dy, x, scratch, d_out, d_in, self.T // splits, splits=splits)
+        self._gemm(spec, f"{module} dW", dy, x, scratch, d_out, d_in, self.T // splits, splits=splits)
         ps = self.k.parts_sum
         self._add(ps, ps.launch_dims(d_out * d_in), w.grad, **_named(ps, ps.arguments(scratch, w.grad, splits,
                                                                                         d_out * d_in)))
@@ -215,7 +216,7 @@ class Ops:
         """dx = dy W."""
         w = self.W[module + ".weight"]
         d_out, d_in = w.shape
-        self._gemm(self._linear(module).grad_input, dy, w.operand, dx, self.T, d_in, d_out)
+        self._gemm(self._linear(module).grad_input, f"{module} dX", dy, w.operand, dx, self.T, d_in, d_out)
 
     def column_sum(self, src: View, bias: str) -> None:
         """A bias's gradient: the sum over the rows of ``src``, in one or two fixed-order stages."""

@@ -157,14 +157,18 @@ def test_json_report_says_what_the_figures_mean():
     assert doc["rated_peak_TFLOPs"] == {"bf16": 989.0, "fp32": 67.0} and "median" in doc["step_time"]
 
 
-def test_breakdown_sums_by_kind_and_by_kind_and_grid():
-    b = tr.breakdown([("gemm", (4, 2, 1), 2.0), ("cast", (8,), 0.5), ("gemm", (4, 2, 1), 1.0),
-                      ("gemm", (1, 1, 1), 0.25)])
+def test_breakdown_sums_by_kind_and_by_kind_and_grid_and_the_gemms_by_module_and_pass():
+    b = tr.breakdown([("gemm", (4, 2, 1), 2.0, "gemm_wgmma model.layers.0.mlp.down_proj dW -> grad w0"),
+                      ("cast", (8,), 0.5, "cast -> d o[bf16]"),
+                      ("gemm", (4, 2, 1), 1.0, "gemm_wgmma model.layers.1.mlp.down_proj dW -> split-K partial sums"),
+                      ("gemm", (1, 1, 1), 0.25, "gemm_wgmma lm_head forward -> logits")])
     assert b["launches"] == 4 and b["ms"] == pytest.approx(3.75)
     assert b["by_kind_ms"] == {"gemm": 3.25, "cast": 0.5}
     assert b["costliest_groups"][0] == {"kind": "gemm", "grid": [4, 2, 1], "launches": 2, "ms": 3.0}
+    assert b["gemms"] == [{"what": "mlp.down_proj dW", "launches": 2, "ms": 3.0},
+                          {"what": "lm_head forward", "launches": 1, "ms": 0.25}]
     text = tr.format_breakdown("qwen2-0.5b 8x1024 bf16", b)
-    assert "4 launches, 3.75 ms" in text and "86.7%" in text
+    assert "4 launches, 3.75 ms" in text and "86.7%" in text and "mlp.down_proj dW" in text
     assert tr.format_breakdown("empty", tr.breakdown([]))  # no division by zero
     b["host_ms"] = {"launched": 9.5, "graph": 0.25}
     assert "9.50 ms launch by launch, 0.25 ms as one CUDA graph" in tr.format_breakdown("with host", b)
@@ -179,3 +183,27 @@ def test_bench_train_refuses_bad_input_in_one_line():
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["bench_train.py: error: --shapes 'gpt9': unknown preset 'gpt9'; "
                                                 f"presets: {', '.join(PRESETS)}"]
+
+
+def test_every_gemm_of_the_models_plan_is_attributed_to_its_module_and_pass(monkeypatch):
+    """The breakdown reads the plan's labels: each GEMM launch of a bf16 step (built on the dry
+    device) names one module and pass, every linear module has its forward, dX and dW."""
+    import numpy as np
+
+    from dry_device import DryCache, dry_device
+    from model.config import preset
+    from model.cuda_model import CudaBackend
+    from model.optim import AdamWSettings
+    from model.params import param_shapes
+    from model.precision import Precision
+    config = preset("tiny")
+    with dry_device(monkeypatch):
+        model = CudaBackend(config, {n: np.zeros(s, np.float32) for n, s in param_shapes(config).items()},
+                            AdamWSettings(), cache=DryCache(), precision=Precision.BF16)
+        gemms = [s for s in model.plan(2, 64) if s.kind.startswith("gemm")]
+        roles = {tr.gemm_role(s.label) for s in gemms}
+        model.close()
+    assert None not in roles
+    modules = {role.rsplit(" ", 1)[0] for role in roles}
+    assert roles == {f"{m} {p}" for m in modules for p in ("forward", "dX", "dW")}
+    assert "lm_head" in modules and "mlp.down_proj" in modules
