@@ -159,9 +159,11 @@ class CudaBackend:
         self.cache = cache if cache is not None else ModuleCache()
         self.cache.prewarm(self.kernels.specs())
         self.layout = ParamLayout(config)
-        n = self.layout.total
-        self.weights = DeviceArray.from_numpy(self.layout.flatten(params))
-        self.grads, self.exp_avg, self.exp_avg_sq = (DeviceArray(n) for _ in range(3))
+        n, moments = self._flat_sizes()
+        flat = self.layout.flatten(params)
+        self.weights = DeviceArray.from_numpy(np.pad(flat, (0, n - flat.size)))
+        self.grads = DeviceArray(n)
+        self.exp_avg, self.exp_avg_sq = DeviceArray(moments), DeviceArray(moments)
         for buf in (self.grads, self.exp_avg, self.exp_avg_sq):
             buf.fill_u32(0)
         self.norm_partial = DeviceArray(self.kernels.grad_norm_partial.blocks)
@@ -177,6 +179,11 @@ class CudaBackend:
             self._refresh(self.ops(start, Arena(), tokens=0))
             start.run()
             start.free()
+
+    def _flat_sizes(self) -> tuple[int, int]:
+        """Elements of the flat weights and gradients, and of each AdamW moment (a data-parallel
+        rank pads the first and keeps a shard of the second)."""
+        return self.layout.total, self.layout.total
 
     def ops(self, plan: Plan, arena: Arena, tokens: int) -> Ops:
         """The operations on this backend's weights and kernels, appending to ``plan``."""

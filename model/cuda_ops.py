@@ -276,11 +276,15 @@ class Ops:
                   seg_start=seg_start, seg_id=seg_id, dtable=dtable)
 
     # -- optimizer -------------------------------------------------------------------------------
-    def clip_grad_norm(self, grads: View, partial: View, out: View, max_norm: float) -> None:
-        """out = [the gradients' global norm, the clip scale AdamW reads]."""
+    def clip_grad_norm(self, grads: View, partial: View, out: View, max_norm: float,
+                       across: Callable[[View], None] | None = None) -> None:
+        """out = [the gradients' global norm, the clip scale AdamW reads]. ``across``: sums the
+        per-block partial sums over the ranks of a data-parallel run (each rank holding a shard)."""
         k = self.k
         self._add(k.grad_norm_partial, k.grad_norm_partial.launch_dims(), partial, grad=grads, partial=partial,
                   n=grads.size)
+        if across is not None:
+            across(partial)
         self._add(k.grad_norm_final, k.grad_norm_final.launch_dims(), out, partial=partial, out=out,
                   max_norm=max_norm)
 

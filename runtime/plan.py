@@ -7,8 +7,10 @@ address its new rows go to) is an expression over the plan's named values, decla
 ``plan.value(name, initial)`` and set together with ``plan.set(name=...)`` before a run: every
 launch that reads one follows it. Each step records which buffers it reads and writes (the
 kernels name their outputs, ``KernelSpec.outputs``), so a profile, a graph capture (``graph()``)
-or a communication hook can walk the plan. Steps are grouped into named sections (say forward,
-backward, optimizer) that run, or are captured, alone or together.
+or a communication hook can walk the plan. A step may also be a call on the host (``host``: a
+collective between launches); a graph run launches the launches between host steps as graphs of
+their own. Steps are grouped into named sections (say forward, backward, optimizer) that run, or
+are captured, alone or together.
 """
 from __future__ import annotations
 
@@ -183,17 +185,48 @@ class Fill:
         return f"{self.section:>9} {self.label:<44} fill {self.words} words of {self.target.name} with 0x{self.bits:x}"
 
 
+class Host:
+    """A call on the host between launches (a collective over the GPUs: it enqueues its work on the
+    stream the plan runs on, or stages through the host), with the buffers it reads and writes."""
+
+    kind = "host"
+
+    def __init__(self, label: str, section: str, fn: Any, reads: Sequence[View], writes: Sequence[View]):
+        self.label, self.section, self.fn = label, section, fn
+        self._reads, self._writes = tuple(reads), tuple(writes)
+        self.values: set[str] = set()
+        self.grid = (1, 1, 1)
+
+    def writes(self) -> dict[str, str]:
+        return {f"out{i}": v.name for i, v in enumerate(self._writes)}
+
+    def reads(self) -> dict[str, str]:
+        return {f"in{i}": v.name for i, v in enumerate(self._reads)}
+
+    def extents(self, values: dict[str, Number]) -> list[tuple[int, int]]:
+        return [(v.ptr, v.nbytes) for v in self._writes]
+
+    def resolve(self, values: dict[str, Number]) -> None:
+        pass
+
+    def __call__(self) -> None:
+        self.fn()
+
+    def describe(self) -> str:
+        return f"{self.section:>9} {self.label:<44} host: writes {', '.join(v.name for v in self._writes)}"
+
+
 class Plan:
     """An ordered list of steps over named values; see the module docstring."""
 
     def __init__(self, cache: ModuleCache):
         self.cache = cache
-        self.steps: list[Step | Fill] = []
+        self.steps: list[Step | Fill | Host] = []
         self.section = "main"  # the section the next steps join
         self._values: dict[str, Number] = {}
         self._unset: set[str] = set()
         self._kept: list[DeviceArray] = []
-        self._graphs: dict[tuple[str, ...], Graph] = {}
+        self._graphs: dict[tuple[tuple[str, ...], int], Graph] = {}  # (sections, segment)
 
     def value(self, name: str, initial: Number) -> Expr:
         """A named per-run value; ``initial`` only shapes the launches until the first ``set``."""
@@ -227,6 +260,13 @@ class Plan:
         self.steps.append(step)
         return step
 
+    def host(self, fn: Any, *, label: str, reads: Sequence[View] = (), writes: Sequence[View] = ()) -> Host:
+        """``fn()`` on the host at this point of every run (a graph run launches the launches
+        between host steps as graphs of their own)."""
+        step = Host(label, self.section, fn, reads, writes)
+        self.steps.append(step)
+        return step
+
     def set(self, **values: Number) -> None:
         """Set named values; every step that reads one is updated (and so is every graph of it)."""
         unknown = set(values) - set(self._values)
@@ -240,11 +280,11 @@ class Plan:
                 for graph in self._graphs.values():
                     graph.touch(step)
 
-    def of(self, *sections: str) -> list[Step | Fill]:
+    def of(self, *sections: str) -> list[Step | Fill | Host]:
         """The steps of ``sections`` (all when none is named), in plan order."""
         return [s for s in self.steps if not sections or s.section in sections]
 
-    def __iter__(self) -> Iterator[Step | Fill]:
+    def __iter__(self) -> Iterator[Step | Fill | Host]:
         return iter(self.steps)
 
     def __len__(self) -> int:
@@ -256,17 +296,25 @@ class Plan:
         needed = set().union(*(s.values for s in steps)) & self._unset
         if needed:
             raise RuntimeError(f"plan values {', '.join(sorted(needed))} must be set before a run")
-        if graph:
-            self.graph(*sections).launch()
+        if not graph:
+            for step in steps:
+                step()
             return
-        for step in steps:
-            step()
+        for i, segment in enumerate(_segments(steps)):
+            if isinstance(segment, Host):
+                segment()
+            else:
+                self.graph(*sections, segment=i).launch()
 
-    def graph(self, *sections: str) -> Graph:
-        """The steps of ``sections`` as one CUDA graph, kept up to date by ``set``."""
-        if sections not in self._graphs:
-            self._graphs[sections] = Graph(self.of(*sections))
-        return self._graphs[sections]
+    def graph(self, *sections: str, segment: int = 0) -> Graph:
+        """The launches of ``sections`` as one CUDA graph (the ``segment``-th run of them between
+        host steps, when there are any), kept up to date by ``set``."""
+        if (sections, segment) not in self._graphs:
+            part = _segments(self.of(*sections))[segment]
+            if isinstance(part, Host):
+                raise ValueError(f"segment {segment} of {sections or 'the plan'} is a host step")
+            self._graphs[(sections, segment)] = Graph(part)
+        return self._graphs[(sections, segment)]
 
     def last_writer(self, start: int, size: int, *sections: str) -> int | None:
         """The index in ``of(*sections)`` of the last step that writes into [start, start + size)
@@ -288,3 +336,16 @@ class Plan:
         for array in self._kept:
             array.free()
         self._kept.clear()
+
+
+def _segments(steps: list[Step | Fill | Host]) -> list[list[Step | Fill] | Host]:
+    """The runs of launches between host steps, and the host steps, in order."""
+    out: list[list[Step | Fill] | Host] = []
+    for step in steps:
+        if isinstance(step, Host):
+            out.append(step)
+        elif out and isinstance(out[-1], list):
+            out[-1].append(step)
+        else:
+            out.append([step])
+    return out

@@ -1,10 +1,11 @@
-"""A block-level PTX interpreter, so CPU tests can run the wgmma attention kernels' math, RoPE's
-and the elementwise kernels' (SwiGLU, casts).
+"""A block-level PTX interpreter, so CPU tests can run the wgmma attention kernels' math, RoPE's,
+the elementwise kernels' (SwiGLU, casts) and the optimizer's.
 
-It interprets the instructions those kernels emit, nothing more (anything else raises
-NotImplementedError; f64 arithmetic and module-level f64 tables for RoPE, whose sin and cos are
-numpy's, not sin.approx's). A block's threads run in lockstep, one numpy lane each, so every branch must
-be block-uniform (asserted: the kernels branch only on block-wide values). cp.async copies land at
+It interprets the instructions those kernels emit (and the elementwise and optimizer kernels'),
+nothing more (anything else raises NotImplementedError; f64 arithmetic and module-level f64 tables
+for RoPE, whose sin and cos are numpy's, not sin.approx's). A block's threads run in lockstep, one
+numpy lane each; a branch that splits them runs one side to the end, then the other, so a block
+barrier may not follow one (asserted). cp.async copies land at
 their group's cp.async.wait_group, not before: a read of a stage before its wait sees stale bytes.
 Shared memory starts as garbage, global memory outside the outputs is read-only (asserted).
 
@@ -75,9 +76,13 @@ class Program:
                        for name, values in re.findall(r"\.global \.align \d+ \.f64 (\w+)\[\d+\] = \{([^}]*)\}", ptx)}
         self.instrs: list[tuple[tuple[str, bool] | None, list[str], list[str]]] = []
         self.labels: dict[str, int] = {}
+        # static shared arrays: .shared .align A .TYPE name[N] (bytes each)
+        self.shared = {name: size for name, size in
+                       ((n, int(c) * int(re.sub(r"\D", "", t)) // 8)
+                        for t, n, c in re.findall(r"\.shared \.align \d+ \.(\w+) (\w+)\[(\d+)\]", ptx))}
         for line in ptx[ptx.index("{", ptx.index(".entry")) + 1:].splitlines():
             line = line.strip().rstrip(";")
-            if not line or line.startswith((".reg", "}", "//")):
+            if not line or line.startswith((".reg", ".shared", "}", "//")):
                 continue
             if line.endswith(":"):
                 self.labels[line[:-1]] = len(self.instrs)
@@ -117,25 +122,42 @@ class Block:
         for i, axis in enumerate("xyz"):
             self.special[f"%ctaid.{axis}"] = np.full(threads, ctaid[i], np.uint32)
             self.special[f"%nctaid.{axis}"] = np.full(threads, nctaid[i], np.uint32)
-        self.shared = np.full(SMEM_BASE + shared_bytes, 0xAB, np.uint8)  # garbage until written
+        # the dynamic array at SMEM_BASE, then the static ones, 16-byte aligned
+        self.static, at = {}, SMEM_BASE + -(-shared_bytes // 16) * 16
+        for name, size in program.shared.items():
+            self.static[name], at = at, at + -(-size // 16) * 16
+        self.shared = np.full(at, 0xAB, np.uint8)  # garbage until written
         self.regs: dict[str, np.ndarray] = {}
         self.pending: list = []  # cp.async copies not yet committed
         self.groups: list[list] = []  # committed groups, oldest first
 
-    def run(self) -> None:
-        pc, instrs = 0, self.program.instrs
+    def run(self, pc: int = 0, active: np.ndarray | None = None) -> None:
+        """From instruction ``pc`` to ``ret`` for the ``active`` threads (None: all). A branch that
+        splits them runs the taken ones to the end first, then the others (a block barrier
+        between is an error: the threads would not meet there in lockstep)."""
+        instrs = self.program.instrs
         while pc < len(instrs):
             guard, op, ops = instrs[pc]
-            mask = None
+            mask = active
             if guard is not None:
-                mask = self.regs[guard[0]] != guard[1]
+                taken = self.regs[guard[0]] != guard[1]
+                mask = taken if active is None else taken & active
             if op[0] == "bra":
-                taken = np.ones(self.threads, bool) if mask is None else mask
-                assert taken.all() or not taken.any(), f"a divergent branch: {op} {ops}"
-                pc = self.program.labels[ops[0]] if taken.all() else pc + 1
+                here = np.ones(self.threads, bool) if active is None else active
+                taken = here if mask is None else mask
+                target = self.program.labels[ops[0]]
+                if taken[here].all():
+                    pc = target
+                elif not taken[here].any():
+                    pc += 1
+                else:
+                    self.run(target, taken)
+                    active, pc = here & ~taken, pc + 1
                 continue
             if op[0] == "ret":
                 return
+            if op[0] == "bar":
+                assert active is None or active.all(), "a block barrier after a divergent branch"
             handler = getattr(self, "_" + op[0], None)
             if handler is None:
                 raise NotImplementedError(".".join(op))
@@ -150,6 +172,8 @@ class Block:
             return self.regs[token]
         if token == "tiles":
             return np.full(self.threads, SMEM_BASE, np.uint32)
+        if token in self.static:  # a static shared array's address
+            return np.full(self.threads, self.static[token], np.uint32)
         if t == "f32":
             return np.full(self.threads, _f32(token), np.float32)
         if t == "f64":
@@ -187,7 +211,10 @@ class Block:
             self._binary(op, ops, mask, np.multiply)
 
     def _div(self, op, ops, mask):
-        self._binary(op, ops, mask, np.floor_divide)
+        self._binary(op, ops, mask, np.divide if op[-1] == "f32" else np.floor_divide)  # div.rn.f32: IEEE
+
+    def _sqrt(self, op, ops, mask):
+        self._unary(ops, mask, np.sqrt)
 
     def _rem(self, op, ops, mask):
         self._binary(op, ops, mask, np.remainder)
@@ -273,6 +300,8 @@ class Block:
         if kind in ("rn.bf16x2.f32", "rn.f16x2.f32"):  # the first source to the upper half
             high, low = (_to_16(self.value(x, "f32"), op[2]).astype(np.uint32) for x in ops[1:3])
             self.write(ops[0], (high << 16) | low, mask)
+        elif kind in ("rn.bf16.f32", "rn.f16.f32"):
+            self.write(ops[0], _to_16(self.value(ops[1], "f32"), op[2]), mask)
         elif kind in ("f32.bf16", "f32.f16"):
             self.write(ops[0], _from_16(self.regs[ops[1]], op[2]), mask)
         elif kind == "u64.u32":
@@ -306,8 +335,11 @@ class Block:
     def _ld(self, op, ops, mask):
         space = op[1]
         if space == "param":
-            self.write(ops[0], np.full(self.threads, self.params[ops[1][1:-1]], np.uint64 if op[2] == "u64" else np.uint32),
-                       mask)
+            value = self.params[ops[1][1:-1]]
+            if op[2] == "f32":  # a float argument
+                self.write(ops[0], np.full(self.threads, value, np.float32), mask)
+            else:
+                self.write(ops[0], np.full(self.threads, value, np.uint64 if op[2] == "u64" else np.uint32), mask)
             return
         at, on = self._address(ops[1], space), np.ones(self.threads, bool) if mask is None else mask
         wide = op[-1] in ("f64", "u64", "b64")
@@ -322,13 +354,15 @@ class Block:
     def _st(self, op, ops, mask):
         space = op[1]
         at, on = self._address(ops[0], space), np.ones(self.threads, bool) if mask is None else mask
+        size = 2 if op[-1] in ("b16", "u16") else 4
         for i, name in enumerate(_vector(ops[1])):
             v = self.value(name, op[-1])
             words = v.astype(np.float32).view(np.uint32) if op[-1] == "f32" else v.astype(np.uint32)
-            where = at[on] + 4 * i
+            where = at[on] + size * i
             if space == "global":
                 assert all(any(lo <= w < hi for lo, hi in self.memory.writable) for w in where), "a write outside the outputs"
-            self._space(space)[where[:, None] + WORD] = np.ascontiguousarray(words[on]).view(np.uint8).reshape(-1, 4)
+            data = np.ascontiguousarray(words[on]).view(np.uint8).reshape(-1, 4)[:, :size]
+            self._space(space)[where[:, None] + np.arange(size)] = data
 
     def _cp(self, op, ops, mask):
         kind = op[2]

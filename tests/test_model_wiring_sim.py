@@ -8,55 +8,21 @@ import numpy as np
 import pytest
 
 from dry_device import DryCache, dry_device
+from fake_memory import FakeMemory
 from model.config import preset
 from model.cuda_model import CudaBackend
 from model.optim import AdamWSettings
 from model.params import param_shapes
 from model.precision import Precision
-from ptxgen.builder import T
 from ptxgen.kernels.rope import rope_reference
 from ptxgen.vecio import from_bf16, to_bf16
-from ptxsim import launch
-from runtime.plan import _resolve
 
 CONFIG = preset("tiny")
 
 
-class FakeMemory:
-    """Every allocation of the dry device as bytes (0xFF: NaN until written)."""
-
-    def __init__(self, allocations):
-        self.blocks = {ptr: np.full(n, 0xFF, np.uint8) for ptr, n in allocations}
-
-    def at(self, ptr: int) -> tuple[np.ndarray, int]:
-        base = max(b for b in self.blocks if b <= ptr)
-        assert ptr - base < self.blocks[base].size
-        return self.blocks[base], ptr - base
-
-    def view(self, v) -> np.ndarray:
-        block, off = self.at(v.ptr)
-        return block[off:off + v.nbytes]
-
-    def put(self, v, array: np.ndarray) -> None:
-        self.view(v)[:] = np.ascontiguousarray(array).view(np.uint8).ravel()
-
-    def get(self, v, bf16: bool) -> np.ndarray:
-        raw = self.view(v)
-        return (from_bf16(raw.view(np.uint16)) if bf16 else raw.view(np.float32)).reshape(v.shape)
-
-    def run(self, step, values) -> None:
-        """One planned launch through the interpreter: each pointer's bytes from it to its allocation's end."""
-        args = []
-        for name, t in step.spec.params():
-            value = _resolve(step.args[name], values)
-            args.append((name, *self.at(int(value))) if t is T.U64 else (name, None, value))
-        arrays = [block[off:].copy() if block is not None else off for _, block, off in args]
-        outs = iter(launch(step.spec, (step.launch.grid, step.launch.block[0]), *arrays))
-        for (name, block, off), _ in zip(args, arrays):
-            if block is not None:
-                out = next(outs)
-                if name in step.spec.outputs():
-                    block[off:] = out
+def _values(memory: FakeMemory, view, bf16: bool) -> np.ndarray:
+    x = memory.get(view)
+    return from_bf16(x) if bf16 else x
 
 
 def _strided(steps) -> list:
@@ -86,9 +52,9 @@ def test_q_k_v_and_their_gradients_move_between_the_fused_rows_and_the_attention
             x.reshape(tokens, heads, c.head_dim), positions, c.rope_theta, inverse=inverse).reshape(tokens, -1)
         q_ref, k_ref = rope(qkv[:, :Q], c.num_heads), rope(qkv[:, Q:Q + KV], c.num_kv_heads)
         v_ref = from_bf16(to_bf16(qkv[:, Q + KV:])) if bf16 else qkv[:, Q + KV:]
-        np.testing.assert_allclose(memory.get(shape.acts.layers[0].q, bf16), q_ref, rtol=tolerance, atol=1e-5)
-        np.testing.assert_allclose(memory.get(shape.kv[0].k, bf16), k_ref, rtol=tolerance, atol=1e-5)
-        np.testing.assert_array_equal(memory.get(shape.kv[0].v, bf16), v_ref)
+        np.testing.assert_allclose(_values(memory, shape.acts.layers[0].q, bf16), q_ref, rtol=tolerance, atol=1e-5)
+        np.testing.assert_allclose(_values(memory, shape.kv[0].k, bf16), k_ref, rtol=tolerance, atol=1e-5)
+        np.testing.assert_array_equal(_values(memory, shape.kv[0].v, bf16), v_ref)
 
         d = shape.bufs
         grads = [rng.standard_normal((tokens, w)).astype(np.float32) for w in (Q, KV, KV)]
@@ -97,7 +63,7 @@ def test_q_k_v_and_their_gradients_move_between_the_fused_rows_and_the_attention
         for step in _strided(plan.of("backward")):
             memory.run(step, plan._values)
         d_qkv = np.concatenate([rope(grads[0], c.num_heads, True), rope(grads[1], c.num_kv_heads, True), grads[2]], 1)
-        np.testing.assert_allclose(memory.get(d.d_qkv, False), d_qkv, rtol=1e-5, atol=1e-5)  # every column
+        np.testing.assert_allclose(_values(memory, d.d_qkv, False), d_qkv, rtol=1e-5, atol=1e-5)  # every column
 
         decoder = model.decoder(80)  # new keys and values go after the cache's ``cached`` rows
         call = decoder._plan(tokens)
@@ -105,12 +71,12 @@ def test_q_k_v_and_their_gradients_move_between_the_fused_rows_and_the_attention
         memory = FakeMemory(allocations)
         kv = decoder._kv[0]
         for view in (kv.k, kv.v):
-            memory.view(view)[:] = 0
+            memory.raw(view)[:] = 0
         memory.put(call.acts.pos, positions)
         memory.put(call.acts.qkv, qkv)
         for step in _strided(call.plan.of()):
             memory.run(step, call.plan._values)
-        keys, values = memory.get(kv.k, bf16), memory.get(kv.v, bf16)
+        keys, values = _values(memory, kv.k, bf16), _values(memory, kv.v, bf16)
         assert not keys[:7].any() and not keys[7 + tokens:].any() and not values[:7].any() and not values[7 + tokens:].any()
         np.testing.assert_allclose(keys[7:7 + tokens], k_ref, rtol=tolerance, atol=1e-5)
         np.testing.assert_array_equal(values[7:7 + tokens], v_ref)

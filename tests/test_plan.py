@@ -256,3 +256,22 @@ def test_the_last_writer_of_each_gradient_is_where_a_communication_hook_may_send
         assert backward[last("model.norm.weight")].kind == "colsum"
         assert plan.last_writer(model.exp_avg.ptr, model.exp_avg.nbytes, "backward") is None
         model.close()
+
+
+def test_host_steps_run_in_plan_order_and_split_a_graph_run_into_segments(plan):
+    """A collective between launches: the launches before it, it, the launches after, in order;
+    its writes are seen by last_writer (a later bucket's hook waits for it) and by a reader."""
+    from runtime.plan import Host, _segments
+    spec, calls = CastSpec(), []
+    src, dst = view("src"), view("dst", 1 << 21, dtype="bf16")
+    first = plan.add(spec, spec.launch_dims(16), label="cast 1", src=src, dst=dst, n=16)
+    hook = plan.host(lambda: calls.append("host"), label="all-reduce src", reads=[src], writes=[src])
+    last = plan.add(spec, spec.launch_dims(16), label="cast 2", src=src, dst=dst, n=16)
+    assert isinstance(hook, Host) and hook.writes() == {"out0": "src"} and hook.reads() == {"in0": "src"}
+    assert plan.last_writer(src.ptr, src.nbytes) == 1 and "host: writes src" in hook.describe()
+    assert _segments(plan.of()) == [[first], hook, [last]]
+    assert _segments([hook, hook]) == [hook, hook] and _segments([]) == []
+    plan.run()  # launch by launch (the dry device's launches do nothing)
+    assert calls == ["host"]
+    with pytest.raises(ValueError, match="segment 1 of the plan is a host step"):
+        plan.graph(segment=1)

@@ -8,5 +8,6 @@
 ``shards``       ZeRO-1 over the flat parameter layout: padded buckets, each rank's piece of each
 ``replicas``     the weights' digest, exchanged to prove the ranks hold the same bits
 ``zero_numpy``   a ZeRO-1 step on the numpy backend: the protocol, checked against one process
+``zero_cuda``    the same step on the GPU, its collectives host steps of the training plan
 ``checkpoints``  the moments gathered from the shards, one process's checkpoint written by rank 0
 """

@@ -1,7 +1,8 @@
 """The collective operations data parallelism needs, and an in-process implementation of them.
 
 ``Communicator`` is the interface: this rank, the world, and sum-reductions and copies over
-buffers of the same shape on every rank. ``LocalGroup`` runs ``world`` ranks as threads of one
+buffers of the same shape on every rank. ``StagedCommunicator`` runs it over device buffers through
+the host (several ranks on one GPU, or the CPU tests' made-up device memory). ``LocalGroup`` runs ``world`` ranks as threads of one
 process over numpy arrays: every rank deposits its contribution, waits for the others, and
 computes the result itself from the contributions in rank order 0..N-1, so every rank gets the
 same bits and a rerun gets them again. A rank that stops calling (dead or hung) makes the others
@@ -153,3 +154,42 @@ def _sum_in_rank_order(parts: Sequence[np.ndarray]) -> np.ndarray:
     for p in parts[1:]:
         total += p
     return total
+
+
+class StagedCommunicator:
+    """The ``Communicator`` interface over device buffers, staged through the host: each buffer
+    copied out (``get``), a ``LocalGroup`` rank's collective on the copies, the result copied back
+    (``put``). Several ranks on one GPU (tests of the GPU step without NCCL), or a made-up device
+    memory (the CPU tests run the step's kernels in the PTX interpreter)."""
+
+    def __init__(self, local: LocalCommunicator, get: Callable[[Any], np.ndarray] | None = None,
+                 put: Callable[[Any, np.ndarray], None] | None = None):
+        self.local, self.rank, self.world = local, local.rank, local.world
+        self._get = get or (lambda buf: buf.to_numpy())
+        self._put = put or (lambda buf, host: buf.upload(host))
+
+    def all_reduce(self, buf: Any) -> None:
+        host = self._get(buf)
+        self.local.all_reduce(host)
+        self._put(buf, host)
+
+    def reduce_scatter(self, send: Any, recv: Any) -> None:
+        host = self._get(recv)
+        self.local.reduce_scatter(self._get(send), host)
+        self._put(recv, host)
+
+    def all_gather(self, send: Any, recv: Any) -> None:
+        sent, host = self._get(send), self._get(recv)
+        self.local.all_gather(sent, host)
+        self._put(recv, host)
+
+    def broadcast(self, buf: Any, root: int = 0) -> None:
+        host = self._get(buf)
+        self.local.broadcast(host, root)
+        self._put(buf, host)
+
+    def barrier(self) -> None:
+        self.local.barrier()
+
+    def abort(self, reason: str) -> None:
+        self.local.abort(reason)

@@ -1,0 +1,144 @@
+"""ZeRO-1 data parallelism on the CUDA backend: ``ZeroNumpyRank``'s protocol, as a launch plan.
+
+A rank is a ``CudaBackend`` whose flat weights and gradients are padded to the shard plan's size
+and whose AdamW moments are its shard only. Its training step's plan is the one-GPU forward and
+backward on the rank's rows of the global batch (the loss scaled by the GLOBAL count of targets),
+then an optimizer section of its own:
+
+1. each bucket of gradients reduce-scattered into the rank's gradient shard, in the order the
+   backward finishes them (``send_order``; a host step, the collective on the plan's stream);
+2. the global norm: the grad-norm kernel's per-block partial sums over the shard, summed over the
+   ranks (one all-reduce), then the one-GPU kernel that takes the norm and the clip scale;
+3. AdamW on each segment of the shard (one weight-decay setting each), reading the rank's piece of
+   the full weights, writing it and the moments' shard;
+4. every bucket of weights all-gathered from the ranks' pieces; in bf16 precision the matrices'
+   bf16 copy is then cast from them.
+
+Collectives are host steps (``Plan.host``): a graph run launches the kernels between them as
+graphs. Nothing overlaps the backward yet: the reduce-scatters wait for its end.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from runtime import DeviceArray, View
+from runtime.plan import Plan
+
+from ..config import ModelConfig
+from ..cuda_model import CudaBackend
+from ..cuda_ops import Ops
+from ..optim import AdamWSettings
+from ..precision import Precision
+from .batch import global_targets, local_batch
+from .comm import Communicator
+from .shards import DEFAULT_BUCKET_ELEMS, ShardPlan, bucket_ready_steps, send_order
+
+
+class ZeroCudaRank(CudaBackend):
+    """One rank of a ZeRO-1 run on the GPU (the training backend's interface; the collectives mean
+    every rank calls ``train_step``, ``optimizer_state`` and ``close`` together). ``comm`` takes
+    device views."""
+
+    name = "cuda-zero1"
+    description = "cuda (raw PTX kernels through the CUDA driver API), ZeRO-1 data parallel"
+
+    def __init__(self, comm: Communicator, config: ModelConfig, params: dict[str, np.ndarray], adamw: AdamWSettings,
+                 precision: Precision = Precision.FP32, bucket_elems: int = DEFAULT_BUCKET_ELEMS, **backend):
+        from ..cuda_buffers import ParamLayout
+        self.comm = comm
+        self.shards = ShardPlan.of(ParamLayout(config), comm.world, bucket_elems)
+        super().__init__(config, params, adamw, precision=precision, **backend)
+        self.grad_shard = DeviceArray(self.shards.shard_size)
+        self.grad_shard.fill_u32(0)
+        self._loss_sum = DeviceArray(1)
+
+    def _flat_sizes(self) -> tuple[int, int]:
+        return self.shards.padded_total, self.shards.shard_size
+
+    # -- the step ---------------------------------------------------------------------------
+    def train_step(self, ids: np.ndarray, targets: np.ndarray, lr: float) -> tuple[float, float]:
+        """One AdamW step on the GLOBAL batch ``ids``/``targets`` (every rank passes the same one);
+        returns (the global batch's mean loss, the global gradient norm), the same on every rank."""
+        x, y = local_batch(np.asarray(ids), np.asarray(targets), self.comm.rank, self.comm.world)
+        shape = self._prepare(x, y)
+        shape.plan.set(loss_scale=1.0 / global_targets(targets))
+        self.step += 1
+        a = self.adamw
+        shape.plan.set(lr=lr, bias_correction1=1.0 - a.beta1 ** self.step, bias_correction2=1.0 - a.beta2 ** self.step)
+        self._run(shape, graph=self.graph)
+        local = shape.bufs.losses.to_numpy().astype(np.float64).sum()
+        self._loss_sum.upload(np.array([local], np.float32))
+        self.comm.all_reduce(self._loss_sum.view("loss sum"))
+        loss = float(self._loss_sum.to_numpy()[0]) / global_targets(targets)
+        return loss, float(self.norm_out.to_numpy()[0])
+
+    def _optimizer(self, ops: Ops, plan: Plan) -> None:
+        comm, shards, lay = self.comm, self.shards, self.layout
+        pieces = shards.pieces(comm.rank)
+        grads, gshard = self.grads, self.grad_shard
+        bucket = lambda buf, b, what: buf.view(f"{what} bucket {b.index}", b.start, (b.size,))  # noqa: E731
+        piece = lambda buf, p, what, at: buf.view(f"{what} piece {p.bucket}", at, (p.size,))  # noqa: E731
+        ready = bucket_ready_steps(plan, grads.ptr, shards)
+        for i in send_order(ready):
+            b, p = shards.buckets[i], pieces[i]
+            send, recv = bucket(grads, b, "gradients"), piece(gshard, p, "gradient shard", p.shard)
+            plan.host(lambda send=send, recv=recv: comm.reduce_scatter(send, recv),
+                      label=f"reduce-scatter gradient bucket {i}", reads=[send], writes=[recv])
+
+        def across(partial: View) -> None:
+            plan.host(lambda: comm.all_reduce(partial), label="all-reduce grad norm partial sums",
+                      reads=[partial], writes=[partial])
+
+        max_norm = self.adamw.max_grad_norm if self.adamw.max_grad_norm > 0 else math.inf
+        ops.clip_grad_norm(gshard.view("gradient shard"), self.norm_partial.view("grad norm partial sums"),
+                           self.norm_out.view("grad norm, clip scale"), max_norm, across=across)
+        clip = self.norm_out.view("clip scale", 1, (1,))
+        lr, bc1, bc2 = (plan.value(n, 1.0) for n in ("lr", "bias_correction1", "bias_correction2"))
+        for seg in shards.segments(comm.rank):
+            part = f"shard {seg.shard}..{seg.shard + seg.size}"
+            param = self.weights.view(f"weights of {part}", seg.flat, (seg.size,))
+            grad, m, v = (buf.view(f"{what} of {part}", seg.shard, (seg.size,)) for what, buf in
+                          (("gradients", gshard), ("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)))
+            param16 = self.weights16.view(f"weights of {part}[bf16]", seg.flat, (seg.size,)) \
+                if self.bf16 and seg.decays else None
+            ops.adamw(seg.decays, param, grad, m, v, clip, lr, bc1, bc2, param16=param16)
+        for b, p in zip(shards.buckets, pieces):
+            send, recv = piece(self.weights, p, "weights", p.flat), bucket(self.weights, b, "weights")
+            plan.host(lambda send=send, recv=recv: comm.all_gather(send, recv),
+                      label=f"all-gather weight bucket {b.index}", reads=[send], writes=[recv])
+        if self.bf16:  # the other ranks' pieces of the matrices, as the GEMMs read them
+            ops.cast(self.weights.view("matrices", 0, (lay.decay_end,)), self.weights16.view("matrices[bf16]"),
+                     lay.decay_end)
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        return self.layout.unflatten(self.weights.to_numpy()[:self.layout.total])
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """Collective: both moments of every parameter, gathered from the shards (one process's format)."""
+        out = {}
+        full = DeviceArray(self.shards.padded_total)
+        try:
+            for prefix, shard in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+                for b, p in zip(self.shards.buckets, self.shards.pieces(self.comm.rank)):
+                    self.comm.all_gather(shard.view(prefix, p.shard, (p.size,)), full.view(prefix, b.start, (b.size,)))
+                flat = full.to_numpy()[:self.layout.total]
+                out.update({f"{prefix}.{k}": v for k, v in self.layout.unflatten(flat).items()})
+        finally:
+            full.free()
+        return out
+
+    def load_optimizer_state(self, state: dict[str, np.ndarray], step: int) -> None:
+        """This rank's shard of a checkpoint's moments (no communication: each rank reads its part)."""
+        for prefix, shard in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+            flat = self.layout.flatten({k: state[f"{prefix}.{k}"] for k in self.layout.shapes})
+            shard.upload(self.shards.shard_of(self.shards.pad(flat), self.comm.rank))
+        self.step = step
+
+    def close(self) -> None:
+        super().close()
+        for buf in (self.grad_shard, self._loss_sum):
+            buf.free()

@@ -1,0 +1,55 @@
+"""A made-up device memory for dry-device plans (tests/dry_device.py), whose kernel steps run in the
+PTX interpreter (tests/ptxsim.py) on the CPU: a plan built exactly as the GPU runs it, with the
+arithmetic of its kernels checked without a GPU."""
+from __future__ import annotations
+
+import numpy as np
+
+from ptxgen.builder import T
+from ptxsim import launch
+from runtime.plan import Host, _resolve
+from runtime.memory import DTYPES
+
+
+class FakeMemory:
+    """Every allocation of the dry device as bytes (0xFF, a NaN, until written)."""
+
+    def __init__(self, allocations: list[tuple[int, int]]):
+        self.allocations = allocations  # the dry device's list, read as it grows
+        self.blocks: dict[int, np.ndarray] = {}
+
+    def at(self, ptr: int) -> tuple[np.ndarray, int]:
+        for base, n in self.allocations[len(self.blocks):]:
+            self.blocks[base] = np.full(n, 0xFF, np.uint8)
+        base = max(b for b in self.blocks if b <= ptr)
+        assert ptr - base < self.blocks[base].size, f"address {ptr:#x} outside every allocation"
+        return self.blocks[base], ptr - base
+
+    def raw(self, view) -> np.ndarray:
+        block, off = self.at(view.ptr)
+        return block[off:off + view.nbytes]
+
+    def get(self, view) -> np.ndarray:
+        """A copy of ``view``'s elements (bf16 as its bits, uint16)."""
+        return self.raw(view).copy().view(DTYPES[view.dtype]).reshape(view.shape)
+
+    def put(self, view, array: np.ndarray) -> None:
+        self.raw(view)[:] = np.ascontiguousarray(array, DTYPES[view.dtype]).view(np.uint8).ravel()
+
+    def run(self, step, values: dict) -> None:
+        """One plan step: a host step called, a kernel through the interpreter (each pointer
+        argument as the bytes from it to its allocation's end)."""
+        if isinstance(step, Host):
+            step()
+            return
+        args = []
+        for name, t in step.spec.params():
+            value = _resolve(step.args[name], values)
+            args.append((name, *self.at(int(value))) if t is T.U64 else (name, None, value))
+        arrays = [block[off:].copy() if block is not None else off for _, block, off in args]
+        outs = iter(launch(step.spec, (step.launch.grid, step.launch.block[0]), *arrays))
+        for name, block, off in args:
+            if block is not None:
+                out = next(outs)
+                if name in step.spec.outputs():
+                    block[off:] = out
