@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +138,7 @@ class ModuleCache:
                                         f"{spec!r} is a {type(spec).__qualname__}")
             self.stats.memory_hits += 1
             return kernel
-        if self.strict:
+        if self.strict or _strict_depth().get(id(self), 0):
             raise StrictMissError(f"strict mode: {spec!r} was not pre-warmed; "
                                   f"{explain_miss(spec, (k.spec for k in self._kernels.values()))}")
         kernel = self._kernels[key] = self._load(spec, key)
@@ -150,11 +151,13 @@ class ModuleCache:
 
     @contextlib.contextmanager
     def strict_mode(self) -> Iterator["ModuleCache"]:
-        saved, self.strict = self.strict, True
+        """Misses are errors inside this block, on this thread (ranks as threads share a cache)."""
+        depth = _strict_depth()
+        depth[id(self)] = depth.get(id(self), 0) + 1
         try:
             yield self
         finally:
-            self.strict = saved
+            depth[id(self)] -= 1
 
     def __contains__(self, spec: KernelSpec) -> bool:
         return spec.key(self.target) in self._kernels
@@ -229,3 +232,13 @@ class ModuleCache:
             entry.write_atomic(self.entry_path(key), entry.encode(meta, cubin))
         except OSError as e:  # a read-only or full cache directory must not stop the program
             log.warning("ptxgen cache: could not write %s: %s", self.entry_path(key), e)
+
+
+_THREAD = threading.local()
+
+
+def _strict_depth() -> dict[int, int]:
+    """This thread's open ``strict_mode`` blocks, by cache."""
+    if not hasattr(_THREAD, "strict"):
+        _THREAD.strict = {}
+    return _THREAD.strict

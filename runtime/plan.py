@@ -306,13 +306,19 @@ class Plan:
             else:
                 self.graph(*sections, segment=i).launch()
 
-    def graph(self, *sections: str, segment: int = 0) -> Graph:
-        """The launches of ``sections`` as one CUDA graph (the ``segment``-th run of them between
-        host steps, when there are any), kept up to date by ``set``."""
-        if (sections, segment) not in self._graphs:
-            part = _segments(self.of(*sections))[segment]
+    def graph(self, *sections: str, segment: int | None = None) -> Graph:
+        """The launches of ``sections`` as one CUDA graph, kept up to date by ``set``; where host
+        steps split them, the ``segment``-th part of ``_segments`` (which must be named)."""
+        steps = self.of(*sections)
+        if segment is None:
+            if any(isinstance(s, Host) for s in steps):
+                raise ValueError(f"{sections or 'the plan'} has host steps: name the segment to capture")
+            part, segment = steps, 0
+        else:
+            part = _segments(steps)[segment]
             if isinstance(part, Host):
                 raise ValueError(f"segment {segment} of {sections or 'the plan'} is a host step")
+        if (sections, segment) not in self._graphs:
             self._graphs[(sections, segment)] = Graph(part)
         return self._graphs[(sections, segment)]
 

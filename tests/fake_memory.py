@@ -48,8 +48,17 @@ class FakeMemory:
             args.append((name, *self.at(int(value))) if t is T.U64 else (name, None, value))
         arrays = [block[off:].copy() if block is not None else off for _, block, off in args]
         outs = iter(launch(step.spec, (step.launch.grid, step.launch.block[0]), *arrays))
+        extents = step.extents(values)
         for name, block, off in args:
             if block is not None:
                 out = next(outs)
                 if name in step.spec.outputs():
+                    changed = np.nonzero(out != block[off:])[0] + off + self._base(block)
+                    inside = np.zeros(changed.size, bool)
+                    for at, n in extents:
+                        inside |= (changed >= at) & (changed < at + n)
+                    assert inside.all(), f"{step.label}: {name} wrote outside the step's declared extents"
                     block[off:] = out
+
+    def _base(self, block: np.ndarray) -> int:
+        return next(base for base, b in self.blocks.items() if b is block)

@@ -1,11 +1,11 @@
 """A block-level PTX interpreter, so CPU tests can run the wgmma attention kernels' math, RoPE's,
 the elementwise kernels' (SwiGLU, casts) and the optimizer's.
 
-It interprets the instructions those kernels emit (and the elementwise and optimizer kernels'),
-nothing more (anything else raises NotImplementedError; f64 arithmetic and module-level f64 tables
-for RoPE, whose sin and cos are numpy's, not sin.approx's). A block's threads run in lockstep, one
-numpy lane each; a branch that splits them runs one side to the end, then the other, so a block
-barrier may not follow one (asserted). cp.async copies land at
+It interprets the instructions those kernels emit, nothing more (anything else raises
+NotImplementedError; f64 arithmetic and module-level f64 tables for RoPE, whose sin and cos are
+numpy's, not sin.approx's). A block's threads run in lockstep, one
+numpy lane each; a branch that splits them runs one side to the end, then the other, so no
+barrier, shuffle, cp.async or wgmma may follow one (asserted). cp.async copies land at
 their group's cp.async.wait_group, not before: a read of a stage before its wait sees stale bytes.
 Shared memory starts as garbage, global memory outside the outputs is read-only (asserted).
 
@@ -155,9 +155,12 @@ class Block:
                     active, pc = here & ~taken, pc + 1
                 continue
             if op[0] == "ret":
-                return
-            if op[0] == "bar":
-                assert active is None or active.all(), "a block barrier after a divergent branch"
+                if mask is None or (mask if active is None else mask[active]).all():
+                    return
+                active, pc = (np.ones(self.threads, bool) if active is None else active) & ~mask, pc + 1
+                continue  # the threads whose guard held are done; the others go on
+            if op[0] in ("bar", "shfl", "wgmma", "cp"):  # block- or warp-collective: every thread present
+                assert active is None or active.all(), f"{'.'.join(op)} after a divergent branch"
             handler = getattr(self, "_" + op[0], None)
             if handler is None:
                 raise NotImplementedError(".".join(op))

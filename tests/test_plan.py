@@ -275,3 +275,5 @@ def test_host_steps_run_in_plan_order_and_split_a_graph_run_into_segments(plan):
     assert calls == ["host"]
     with pytest.raises(ValueError, match="segment 1 of the plan is a host step"):
         plan.graph(segment=1)
+    with pytest.raises(ValueError, match="has host steps: name the segment"):
+        plan.graph()

@@ -320,3 +320,24 @@ def test_a_strict_miss_in_the_cache_explains_itself_and_prewarm_goes_by_key():
     assert cache.get(AdamWSpec(**ADAMW, weight_decay=0.0)).spec is no_decay and cache.stats.memory_hits == 1
     with pytest.raises(StrictMissError, match=r"not pre-warmed; nearest pre-warmed adamw: .*weight_decay 0.0 -> -0.0"):
         cache.get(AdamWSpec(**ADAMW, weight_decay=-0.0))
+
+
+def test_strict_mode_holds_on_the_thread_that_opened_it_only():
+    """Ranks as threads share one cache: one rank's strict block neither makes another's lookups
+    strict nor, on leaving, turns strictness off (or on) for the other."""
+    import threading
+
+    from runtime.cache import StrictMissError
+
+    cache = memory_only_cache(strict=False)
+    cache._load = lambda spec, key: f"loaded {key[:8]}"  # a miss outside strict mode loads
+    spec = RopeSpec(heads=2, head_dim=64, theta=1e6)
+    seen = []
+    with cache.strict_mode():
+        with pytest.raises(StrictMissError):
+            cache.get(spec)
+        other = threading.Thread(target=lambda: seen.append(cache.get(spec)))
+        other.start()
+        other.join()
+    assert seen and seen[0].startswith("loaded")  # the other thread was not in strict mode
+    assert cache.get(RopeSpec(heads=4, head_dim=64, theta=1e6)).startswith("loaded")  # and strictness ended here

@@ -48,7 +48,11 @@ class NcclCommunicator:
     """One rank's NCCL communicator (untested on a GPU: see the module docstring). The caller has
     made its GPU current first (``runtime.driver.device(env.local_rank)``): NCCL binds to it."""
 
-    def __init__(self, env: LaunchEnv, stream: Stream, timeout: float = 120.0):
+    def __init__(self, env: LaunchEnv, stream: Stream | None = None, timeout: float = 120.0):
+        """``stream``: where the collectives are enqueued; by default the legacy default stream,
+        where a training plan's launches and graphs run (so a collective follows the kernels
+        before it and precedes those after: ZeroCudaRank's host steps rely on that)."""
+        stream = stream if stream is not None else Stream.null()
         nccl = importlib.import_module("nccl.core")
         # NVLink SHARP (NVLS) reduces in switch hardware in an order that is not fixed, and is
         # unsafe on shared hosts (DESIGN, several GPUs): off unless the user set it explicitly.

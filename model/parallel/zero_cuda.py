@@ -15,7 +15,9 @@ then an optimizer section of its own:
    bf16 copy is then cast from them.
 
 Collectives are host steps (``Plan.host``): a graph run launches the kernels between them as
-graphs. Nothing overlaps the backward yet: the reduce-scatters wait for its end.
+graphs. They must be ordered on the legacy default stream, where the plan's launches and graphs run
+(``NcclCommunicator``'s default stream; ``StagedCommunicator``'s blocking copies wait for it).
+Nothing overlaps the backward yet: the reduce-scatters wait for its end.
 """
 from __future__ import annotations
 
