@@ -24,57 +24,83 @@ from ptxgen.vecio import from_bf16
 CONFIG = preset("tiny")
 BUCKET = 1 << 15  # elements: a dozen buckets, one straddling the end of the decayed matrices
 LR, STEP = 3e-3, 1
+PARAMS = init_params(CONFIG, seed=1)
+ADAMW = AdamWSettings(max_grad_norm=0.5)  # the summed gradients' norm is larger: clipped
 
 
-@pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16], ids=["fp32", "bf16"])
-def test_two_ranks_end_a_step_with_one_processs_adamw_of_the_summed_gradients(monkeypatch, precision):
+def zero_step(monkeypatch, precision):
+    """Two ranks' optimizer sections in the interpreter on made-up gradients: (the gradients, every
+    rank's weights, norm-and-clip, moments and bf16 copies after the step)."""
     layout = ParamLayout(CONFIG)
     shards = ShardPlan.of(layout, 2, BUCKET)
     assert len(shards.buckets) > 3 and any(b.start < layout.decay_end < b.end for b in shards.buckets)
-    params = init_params(CONFIG, seed=1)
     rng = np.random.default_rng(0)
     grads = [rng.standard_normal(layout.total).astype(np.float32) * 1e-2 for _ in range(2)]
-    adamw = AdamWSettings(max_grad_norm=0.5)  # the summed gradients' norm is larger: clipped
     with dry_device(monkeypatch) as allocations:
         memory, group = FakeMemory(allocations), LocalGroup(2)
-        ranks = [ZeroCudaRank(StagedCommunicator(group.communicator(r), memory.get, memory.put), CONFIG, params,
-                              adamw, precision=precision, bucket_elems=BUCKET, cache=DryCache()) for r in range(2)]
+        ranks = [ZeroCudaRank(StagedCommunicator(group.communicator(r), memory.get, memory.put), CONFIG, PARAMS,
+                              ADAMW, precision=precision, bucket_elems=BUCKET, cache=DryCache()) for r in range(2)]
         plans = [rank.plan(1, 32) for rank in ranks]
         for rank, plan, grad in zip(ranks, plans, grads):
-            memory.put(rank.weights.view("w"), shards.pad(layout.flatten(params)))
+            memory.put(rank.weights.view("w"), shards.pad(layout.flatten(PARAMS)))
             memory.put(rank.grads.view("g"), shards.pad(grad))
             for buf in (rank.exp_avg, rank.exp_avg_sq):
                 memory.put(buf.view("m"), np.zeros(shards.shard_size, np.float32))
-            plan.set(lr=LR, bias_correction1=1 - adamw.beta1 ** STEP, bias_correction2=1 - adamw.beta2 ** STEP)
+            plan.set(lr=LR, bias_correction1=1 - ADAMW.beta1 ** STEP, bias_correction2=1 - ADAMW.beta2 ** STEP)
 
         def optimizer(comm) -> None:  # each rank's thread; its host steps meet the other's in the group
             for step in plans[comm.rank].of("optimizer"):
                 memory.run(step, plans[comm.rank]._values)
 
         group.run(optimizer)  # a rank's error is raised here
-        after = [memory.get(rank.weights.view("w"))[:layout.total] for rank in ranks]
-        norms = [memory.get(rank.norm_out.view("n")) for rank in ranks]
-        moments = [(memory.get(r.exp_avg.view("m")), memory.get(r.exp_avg_sq.view("v"))) for r in ranks]
-        copies = [memory.get(r.weights16.view("w16")) for r in ranks] if precision is Precision.BF16 else None
+        out = {"weights": [memory.get(r.weights.view("w"))[:layout.total] for r in ranks],
+               "norms": [memory.get(r.norm_out.view("n")) for r in ranks],
+               "moments": [(memory.get(r.exp_avg.view("m")), memory.get(r.exp_avg_sq.view("v"))) for r in ranks],
+               "copies": [memory.get(r.weights16.view("w16")) for r in ranks] if precision is Precision.BF16 else []}
         for rank in ranks:
             rank.close()
+    return grads, out
 
+
+def check_against_one_process(grads, out) -> None:
+    """What one process's AdamW makes of the summed gradients, clipped by their global norm."""
+    layout = ParamLayout(CONFIG)
+    shards = ShardPlan.of(layout, 2, BUCKET)
     total = grads[0] + grads[1]  # in f32, rank 0's first: the order the collectives sum in
     norm = math.sqrt(float(np.dot(total.astype(np.float64), total)))
-    clip = clip_scale(norm, adamw.max_grad_norm)
-    assert norms[0][0] == pytest.approx(norm, rel=1e-5) and norms[0][1] == pytest.approx(clip, rel=1e-5)
-    flat = layout.flatten(params)
+    norms, after = out["norms"], out["weights"]
+    assert norms[0][0] == pytest.approx(norm, rel=1e-5)
+    assert norms[0][1] == pytest.approx(clip_scale(norm, ADAMW.max_grad_norm), rel=1e-5)
+    flat = layout.flatten(PARAMS)
     expected, m_exp, v_exp = (np.zeros(layout.total, np.float32) for _ in range(3))
     for decays, part in ((True, slice(0, layout.decay_end)), (False, slice(layout.decay_end, layout.total))):
         expected[part], m_exp[part], v_exp[part] = adamw_reference(
-            flat[part], total[part], m_exp[part], v_exp[part], lr=LR, beta1=adamw.beta1, beta2=adamw.beta2,
-            eps=adamw.eps, weight_decay=adamw.weight_decay if decays else 0.0, step=STEP, clip=norms[0][1])
+            flat[part], total[part], m_exp[part], v_exp[part], lr=LR, beta1=ADAMW.beta1, beta2=ADAMW.beta2,
+            eps=ADAMW.eps, weight_decay=ADAMW.weight_decay if decays else 0.0, step=STEP, clip=norms[0][1])
     assert np.array_equal(after[0], after[1]) and np.array_equal(norms[0], norms[1])  # every replica the same bits
     np.testing.assert_allclose(after[0], expected, rtol=1e-6, atol=1e-7)
-    for r in range(2):
-        full_m, full_v = (shards.pad(x) for x in (m_exp, v_exp))
-        np.testing.assert_allclose(moments[r][0], shards.shard_of(full_m, r), rtol=1e-6, atol=1e-9)
-        np.testing.assert_allclose(moments[r][1], shards.shard_of(full_v, r), rtol=1e-6, atol=1e-12)
-    if copies is not None:  # the GEMMs' bf16 copy of every matrix, the other rank's pieces too
-        for copy in copies:
-            np.testing.assert_allclose(from_bf16(copy), after[0][:layout.decay_end], rtol=2.0 ** -8, atol=0)
+    for r, (m, v) in enumerate(out["moments"]):
+        np.testing.assert_allclose(m, shards.shard_of(shards.pad(m_exp), r), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(v, shards.shard_of(shards.pad(v_exp), r), rtol=1e-6, atol=1e-12)
+    for copy in out["copies"]:  # the GEMMs' bf16 copy of every matrix, the other rank's pieces too
+        np.testing.assert_allclose(from_bf16(copy), after[0][:layout.decay_end], rtol=2.0 ** -8, atol=0)
+
+
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16], ids=["fp32", "bf16"])
+def test_two_ranks_end_a_step_with_one_processs_adamw_of_the_summed_gradients(monkeypatch, precision):
+    check_against_one_process(*zero_step(monkeypatch, precision))
+
+
+def test_planted_a_rank_that_skips_the_weights_all_gather_is_caught(monkeypatch):
+    """Each rank then updates only its own shard of the weights: the replicas differ, and each is
+    stale where the other rank's shard lies."""
+    monkeypatch.setattr(StagedCommunicator, "all_gather", lambda self, send, recv: None)
+    with pytest.raises(AssertionError):
+        check_against_one_process(*zero_step(monkeypatch, Precision.FP32))
+
+
+def test_planted_a_norm_of_the_local_shard_alone_is_caught(monkeypatch):
+    """The grad-norm partial sums left un-reduced: each rank clips by its shard's norm."""
+    monkeypatch.setattr(StagedCommunicator, "all_reduce", lambda self, buf: None)
+    with pytest.raises(AssertionError):
+        check_against_one_process(*zero_step(monkeypatch, Precision.FP32))
