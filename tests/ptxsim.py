@@ -1,11 +1,11 @@
-"""A block-level PTX interpreter, so CPU tests can run the wgmma attention kernels' math, RoPE's,
-the elementwise kernels' (SwiGLU, casts) and the optimizer's.
+"""A block-level PTX interpreter, so CPU tests can run the model's kernels' math: the fp32 training
+step's (GEMMs, attention, norms, RoPE, SwiGLU, cross-entropy, optimizer), the wgmma attention's.
 
 It interprets the instructions those kernels emit, nothing more (anything else raises
-NotImplementedError; f64 arithmetic and module-level f64 tables for RoPE, whose sin and cos are
-numpy's, not sin.approx's). A block's threads run in lockstep, one
-numpy lane each; a branch that splits them runs one side to the end, then the other, so no
-barrier, shuffle, cp.async or wgmma may follow one (asserted). cp.async copies land at
+NotImplementedError; RoPE's sin and cos are numpy's, not sin.approx's). A block's threads run in
+lockstep, one numpy lane each; threads that branch apart keep their own pc and the group at the
+smallest runs next, so structured paths rejoin (a barrier, shuffle, cp.async or wgmma reached by
+only some live threads is an error). cp.async copies land at
 their group's cp.async.wait_group, not before: a read of a stage before its wait sees stale bytes.
 Shared memory starts as garbage, global memory outside the outputs is read-only (asserted).
 
@@ -115,10 +115,16 @@ class Memory:
 
 
 class Block:
-    def __init__(self, program: Program, threads: int, ctaid: tuple[int, int, int], nctaid: tuple[int, int, int],
+    def __init__(self, program: Program, threads: int | tuple[int, ...], ctaid: tuple[int, int, int],
+                 nctaid: tuple[int, int, int],
                  params: dict[str, int], memory: Memory, shared_bytes: int):
+        shape = (threads,) if isinstance(threads, int) else tuple(threads)
+        threads = int(np.prod(shape))  # a 2-D block's threads, x fastest (warps take consecutive linear ids)
         self.program, self.threads, self.memory, self.params = program, threads, memory, params
-        self.special = {"%tid.x": np.arange(threads, dtype=np.uint32)}
+        linear = np.arange(threads, dtype=np.uint32)
+        self.special = {"%tid.x": linear % shape[0], "%tid.y": linear // shape[0] % (shape[1] if len(shape) > 1 else 1),
+                        "%ntid.x": np.full(threads, shape[0], np.uint32)}
+        self.lane_id = linear
         for i, axis in enumerate("xyz"):
             self.special[f"%ctaid.{axis}"] = np.full(threads, ctaid[i], np.uint32)
             self.special[f"%nctaid.{axis}"] = np.full(threads, nctaid[i], np.uint32)
@@ -131,41 +137,42 @@ class Block:
         self.pending: list = []  # cp.async copies not yet committed
         self.groups: list[list] = []  # committed groups, oldest first
 
-    def run(self, pc: int = 0, active: np.ndarray | None = None) -> None:
-        """From instruction ``pc`` to ``ret`` for the ``active`` threads (None: all). A branch that
-        splits them runs the taken ones to the end first, then the others (a block barrier
-        between is an error: the threads would not meet there in lockstep)."""
+    def run(self) -> None:
+        """Every thread from the first instruction to ``ret``. Threads that branch apart each keep
+        their own pc; the group at the smallest pc runs next (threads ahead wait), so paths rejoin
+        where structured code rejoins: after an if, after a loop's last trip. A barrier, shuffle,
+        cp.async or wgmma must find every live thread of the block there."""
         instrs = self.program.instrs
-        while pc < len(instrs):
+        pcs = np.zeros(self.threads, np.int64)
+        done = np.zeros(self.threads, bool)
+        while not done.all():
+            pc = int(pcs[~done].min())
+            group = ~done & (pcs == pc)
+            active = None if group.all() else group  # None: every thread, the fast path
+            if pc >= len(instrs):
+                done |= group
+                continue
             guard, op, ops = instrs[pc]
             mask = active
             if guard is not None:
                 taken = self.regs[guard[0]] != guard[1]
                 mask = taken if active is None else taken & active
             if op[0] == "bra":
-                here = np.ones(self.threads, bool) if active is None else active
-                taken = here if mask is None else mask
-                target = self.program.labels[ops[0]]
-                if taken[here].all():
-                    pc = target
-                elif not taken[here].any():
-                    pc += 1
-                else:
-                    self.run(target, taken)
-                    active, pc = here & ~taken, pc + 1
+                taken = group if mask is None else mask & group
+                pcs[taken] = self.program.labels[ops[0]]
+                pcs[group & ~taken] = pc + 1
                 continue
             if op[0] == "ret":
-                if mask is None or (mask if active is None else mask[active]).all():
-                    return
-                active, pc = (np.ones(self.threads, bool) if active is None else active) & ~mask, pc + 1
-                continue  # the threads whose guard held are done; the others go on
-            if op[0] in ("bar", "shfl", "wgmma", "cp"):  # block- or warp-collective: every thread present
-                assert active is None or active.all(), f"{'.'.join(op)} after a divergent branch"
+                done |= group if mask is None else mask & group
+                pcs[group] = pc + 1
+                continue
+            if op[0] in ("bar", "shfl", "wgmma", "cp"):  # block- or warp-collective: every live thread here
+                assert (group == ~done).all(), f"{'.'.join(op)} reached by some of the block's threads only"
             handler = getattr(self, "_" + op[0], None)
             if handler is None:
                 raise NotImplementedError(".".join(op))
             handler(op, ops, mask)
-            pc += 1
+            pcs[group] = pc + 1
 
     # -- registers ------------------------------------------------------------------------------
     def value(self, token: str, t: str) -> np.ndarray:
@@ -183,7 +190,10 @@ class Block:
             return np.full(self.threads, struct.unpack("<d", bytes.fromhex(token[2:])[::-1])[0], np.float64)
         if token in self.program.tables:  # a table's address (mov.u64 %rd, name)
             return np.full(self.threads, self.params[token], np.uint64)
-        return np.full(self.threads, int(token, 0), np.uint64 if t in ("u64", "b64") else np.uint32)
+        if t == "s32":
+            return np.full(self.threads, int(token, 0), np.int32)
+        wide = t in ("u64", "b64")
+        return np.full(self.threads, int(token, 0) & (2**64 - 1 if wide else 2**32 - 1), np.uint64 if wide else np.uint32)
 
     def write(self, name: str, value: np.ndarray, mask: np.ndarray | None) -> None:
         if mask is None:
@@ -218,6 +228,9 @@ class Block:
 
     def _sqrt(self, op, ops, mask):
         self._unary(ops, mask, np.sqrt)
+
+    def _rsqrt(self, op, ops, mask):
+        self._unary(ops, mask, lambda x: np.float32(1) / np.sqrt(x))
 
     def _rem(self, op, ops, mask):
         self._binary(op, ops, mask, np.remainder)
@@ -322,10 +335,10 @@ class Block:
         self.write(ops[0], self.value(ops[1], "u64"), mask)
 
     def _shfl(self, op, ops, mask):
-        lane = self.special["%tid.x"] & 31
+        lane = self.lane_id & 31
         other = self.value(ops[2], "u32")
         source = (lane ^ other) if op[2] == "bfly" else (other & 31)
-        self.write(ops[0], self.value(ops[1], "b32")[self.special["%tid.x"] - lane + source], mask)
+        self.write(ops[0], self.value(ops[1], "b32")[self.lane_id - lane + source], mask)
 
     # -- memory -----------------------------------------------------------------------------------
     def _address(self, token: str, space: str) -> np.ndarray:
@@ -336,7 +349,7 @@ class Block:
         return self.shared if space == "shared" else self.memory.bytes
 
     def _ld(self, op, ops, mask):
-        space = op[1]
+        space = next(p for p in op[1:] if p in ("param", "global", "shared"))  # past .volatile, .relaxed
         if space == "param":
             value = self.params[ops[1][1:-1]]
             if op[2] == "f32":  # a float argument
@@ -355,7 +368,7 @@ class Block:
                        mask)
 
     def _st(self, op, ops, mask):
-        space = op[1]
+        space = next(p for p in op[1:] if p in ("param", "global", "shared"))  # past .volatile, .relaxed
         at, on = self._address(ops[0], space), np.ones(self.threads, bool) if mask is None else mask
         size = 2 if op[-1] in ("b16", "u16") else 4
         for i, name in enumerate(_vector(ops[1])):
@@ -449,7 +462,8 @@ def _accumulator(i: int) -> tuple[np.ndarray, np.ndarray]:
     return 16 * (t // 32) + (t % 32) // 4 + 8 * ((i % 4) // 2), 8 * (i // 4) + 2 * (t % 4) + i % 2
 
 
-def launch(spec: KernelSpec, dims: tuple[tuple[int, int, int], int], *args: np.ndarray | int) -> list[np.ndarray]:
+def launch(spec: KernelSpec, dims: tuple[tuple[int, int, int], int | tuple[int, ...]], *args: np.ndarray | int
+           ) -> list[np.ndarray]:
     """Run ``spec`` (sm_90) over its grid on ``args`` (arrays or ints, in parameter order); returns
     every array argument after the run, as ``cudacall.call`` does on a GPU."""
     program = Program(spec.emit(Target("sm_90")))
