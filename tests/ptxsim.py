@@ -1,8 +1,11 @@
-"""A block-level PTX interpreter, so CPU tests can run the wgmma attention kernels' math.
+"""A block-level PTX interpreter, so CPU tests can run the model's kernels' math: the fp32 training
+step's (GEMMs, attention, norms, RoPE, SwiGLU, cross-entropy, optimizer), the wgmma attention's.
 
 It interprets the instructions those kernels emit, nothing more (anything else raises
-NotImplementedError). A block's threads run in lockstep, one numpy lane each, so every branch must
-be block-uniform (asserted: the kernels branch only on block-wide values). cp.async copies land at
+NotImplementedError; RoPE's sin and cos are numpy's, not sin.approx's). A block's threads run in
+lockstep, one numpy lane each; threads that branch apart keep their own pc and the group at the
+smallest runs next, so structured paths rejoin (a barrier, shuffle, cp.async or wgmma reached by
+only some live threads is an error). cp.async copies land at
 their group's cp.async.wait_group, not before: a read of a stage before its wait sees stale bytes.
 Shared memory starts as garbage, global memory outside the outputs is read-only (asserted).
 
@@ -67,11 +70,19 @@ class Program:
 
     def __init__(self, ptx: str):
         self.params = re.findall(r"\.param \.\w+ (\w+)", ptx)
+        # module-level constant tables: .global .align A .f64 name[N] = {0d..., ...}
+        self.tables = {name: np.array([struct.unpack("<d", bytes.fromhex(v.strip()[2:])[::-1])[0]
+                                       for v in values.split(",")], np.float64)
+                       for name, values in re.findall(r"\.global \.align \d+ \.f64 (\w+)\[\d+\] = \{([^}]*)\}", ptx)}
         self.instrs: list[tuple[tuple[str, bool] | None, list[str], list[str]]] = []
         self.labels: dict[str, int] = {}
+        # static shared arrays: .shared .align A .TYPE name[N] (bytes each)
+        self.shared = {name: size for name, size in
+                       ((n, int(c) * int(re.sub(r"\D", "", t)) // 8)
+                        for t, n, c in re.findall(r"\.shared \.align \d+ \.(\w+) (\w+)\[(\d+)\]", ptx))}
         for line in ptx[ptx.index("{", ptx.index(".entry")) + 1:].splitlines():
             line = line.strip().rstrip(";")
-            if not line or line.startswith((".reg", "}", "//")):
+            if not line or line.startswith((".reg", ".shared", "}", "//")):
                 continue
             if line.endswith(":"):
                 self.labels[line[:-1]] = len(self.instrs)
@@ -104,37 +115,64 @@ class Memory:
 
 
 class Block:
-    def __init__(self, program: Program, threads: int, ctaid: tuple[int, int, int], nctaid: tuple[int, int, int],
+    def __init__(self, program: Program, threads: int | tuple[int, ...], ctaid: tuple[int, int, int],
+                 nctaid: tuple[int, int, int],
                  params: dict[str, int], memory: Memory, shared_bytes: int):
+        shape = (threads,) if isinstance(threads, int) else tuple(threads)
+        threads = int(np.prod(shape))  # a 2-D block's threads, x fastest (warps take consecutive linear ids)
         self.program, self.threads, self.memory, self.params = program, threads, memory, params
-        self.special = {"%tid.x": np.arange(threads, dtype=np.uint32)}
+        linear = np.arange(threads, dtype=np.uint32)
+        self.special = {"%tid.x": linear % shape[0], "%tid.y": linear // shape[0] % (shape[1] if len(shape) > 1 else 1),
+                        "%ntid.x": np.full(threads, shape[0], np.uint32)}
+        self.lane_id = linear
         for i, axis in enumerate("xyz"):
             self.special[f"%ctaid.{axis}"] = np.full(threads, ctaid[i], np.uint32)
             self.special[f"%nctaid.{axis}"] = np.full(threads, nctaid[i], np.uint32)
-        self.shared = np.full(SMEM_BASE + shared_bytes, 0xAB, np.uint8)  # garbage until written
+        # the dynamic array at SMEM_BASE, then the static ones, 16-byte aligned
+        self.static, at = {}, SMEM_BASE + -(-shared_bytes // 16) * 16
+        for name, size in program.shared.items():
+            self.static[name], at = at, at + -(-size // 16) * 16
+        self.shared = np.full(at, 0xAB, np.uint8)  # garbage until written
         self.regs: dict[str, np.ndarray] = {}
         self.pending: list = []  # cp.async copies not yet committed
         self.groups: list[list] = []  # committed groups, oldest first
 
     def run(self) -> None:
-        pc, instrs = 0, self.program.instrs
-        while pc < len(instrs):
+        """Every thread from the first instruction to ``ret``. Threads that branch apart each keep
+        their own pc; the group at the smallest pc runs next (threads ahead wait), so paths rejoin
+        where structured code rejoins: after an if, after a loop's last trip. A barrier, shuffle,
+        cp.async or wgmma must find every live thread of the block there."""
+        instrs = self.program.instrs
+        pcs = np.zeros(self.threads, np.int64)
+        done = np.zeros(self.threads, bool)
+        while not done.all():
+            pc = int(pcs[~done].min())
+            group = ~done & (pcs == pc)
+            active = None if group.all() else group  # None: every thread, the fast path
+            if pc >= len(instrs):
+                done |= group
+                continue
             guard, op, ops = instrs[pc]
-            mask = None
+            mask = active
             if guard is not None:
-                mask = self.regs[guard[0]] != guard[1]
+                taken = self.regs[guard[0]] != guard[1]
+                mask = taken if active is None else taken & active
             if op[0] == "bra":
-                taken = np.ones(self.threads, bool) if mask is None else mask
-                assert taken.all() or not taken.any(), f"a divergent branch: {op} {ops}"
-                pc = self.program.labels[ops[0]] if taken.all() else pc + 1
+                taken = group if mask is None else mask & group
+                pcs[taken] = self.program.labels[ops[0]]
+                pcs[group & ~taken] = pc + 1
                 continue
             if op[0] == "ret":
-                return
+                done |= group if mask is None else mask & group
+                pcs[group] = pc + 1
+                continue
+            if op[0] in ("bar", "shfl", "wgmma", "cp"):  # block- or warp-collective: every live thread here
+                assert (group == ~done).all(), f"{'.'.join(op)} reached by some of the block's threads only"
             handler = getattr(self, "_" + op[0], None)
             if handler is None:
                 raise NotImplementedError(".".join(op))
             handler(op, ops, mask)
-            pc += 1
+            pcs[group] = pc + 1
 
     # -- registers ------------------------------------------------------------------------------
     def value(self, token: str, t: str) -> np.ndarray:
@@ -144,9 +182,18 @@ class Block:
             return self.regs[token]
         if token == "tiles":
             return np.full(self.threads, SMEM_BASE, np.uint32)
+        if token in self.static:  # a static shared array's address
+            return np.full(self.threads, self.static[token], np.uint32)
         if t == "f32":
             return np.full(self.threads, _f32(token), np.float32)
-        return np.full(self.threads, int(token, 0), np.uint64 if t in ("u64", "b64") else np.uint32)
+        if t == "f64":
+            return np.full(self.threads, struct.unpack("<d", bytes.fromhex(token[2:])[::-1])[0], np.float64)
+        if token in self.program.tables:  # a table's address (mov.u64 %rd, name)
+            return np.full(self.threads, self.params[token], np.uint64)
+        if t == "s32":
+            return np.full(self.threads, int(token, 0), np.int32)
+        wide = t in ("u64", "b64")
+        return np.full(self.threads, int(token, 0) & (2**64 - 1 if wide else 2**32 - 1), np.uint64 if wide else np.uint32)
 
     def write(self, name: str, value: np.ndarray, mask: np.ndarray | None) -> None:
         if mask is None:
@@ -156,7 +203,7 @@ class Block:
 
     @staticmethod
     def _type(op: list[str]) -> str:
-        return next(p for p in reversed(op) if p in ("u32", "b32", "u64", "b64", "f32", "pred"))
+        return next(p for p in reversed(op) if p in ("u32", "b32", "u64", "b64", "f32", "f64", "s32", "pred"))
 
     def _binary(self, op, ops, mask, f) -> None:
         t = self._type(op)
@@ -177,7 +224,13 @@ class Block:
             self._binary(op, ops, mask, np.multiply)
 
     def _div(self, op, ops, mask):
-        self._binary(op, ops, mask, np.floor_divide)
+        self._binary(op, ops, mask, np.divide if op[-1] == "f32" else np.floor_divide)  # div.rn.f32: IEEE
+
+    def _sqrt(self, op, ops, mask):
+        self._unary(ops, mask, np.sqrt)
+
+    def _rsqrt(self, op, ops, mask):
+        self._unary(ops, mask, lambda x: np.float32(1) / np.sqrt(x))
 
     def _rem(self, op, ops, mask):
         self._binary(op, ops, mask, np.remainder)
@@ -208,16 +261,28 @@ class Block:
         with np.errstate(over="ignore"):
             self.write(ops[0], a * b + c, mask)
 
-    def _fma(self, op, ops, mask):  # the f64 product of two f32 is exact: one rounding of the sum, then to f32
+    def _fma(self, op, ops, mask):
+        if op[-1] == "f64":  # not fused: the product rounds once more (an ulp of f64, for tests with tolerances)
+            a, b, c = (self.value(x, "f64") for x in ops[1:4])
+            self.write(ops[0], a * b + c, mask)
+            return
+        # the f64 product of two f32 is exact: one rounding of the sum, then to f32
         a, b, c = (self.value(x, "f32").astype(np.float64) for x in ops[1:4])
         self.write(ops[0], (a * b + c).astype(np.float32), mask)
 
-    def _unary(self, ops, mask, f) -> None:
+    def _unary(self, ops, mask, f, t: str = "f32") -> None:
         with np.errstate(over="ignore", divide="ignore"):
-            self.write(ops[0], f(self.value(ops[1], "f32")).astype(np.float32), mask)
+            v = self.value(ops[1], t)
+            self.write(ops[0], f(v).astype(v.dtype), mask)
 
     def _neg(self, op, ops, mask):
-        self._unary(ops, mask, np.negative)
+        self._unary(ops, mask, np.negative, op[-1])
+
+    def _sin(self, op, ops, mask):
+        self._unary(ops, mask, np.sin)
+
+    def _cos(self, op, ops, mask):
+        self._unary(ops, mask, np.cos)
 
     def _ex2(self, op, ops, mask):
         self._unary(ops, mask, np.exp2)
@@ -251,10 +316,18 @@ class Block:
         if kind in ("rn.bf16x2.f32", "rn.f16x2.f32"):  # the first source to the upper half
             high, low = (_to_16(self.value(x, "f32"), op[2]).astype(np.uint32) for x in ops[1:3])
             self.write(ops[0], (high << 16) | low, mask)
+        elif kind in ("rn.bf16.f32", "rn.f16.f32"):
+            self.write(ops[0], _to_16(self.value(ops[1], "f32"), op[2]), mask)
         elif kind in ("f32.bf16", "f32.f16"):
             self.write(ops[0], _from_16(self.regs[ops[1]], op[2]), mask)
         elif kind == "u64.u32":
             self.write(ops[0], self.value(ops[1], "u32").astype(np.uint64), mask)
+        elif kind == "rn.f64.s32":
+            self.write(ops[0], self.regs[ops[1]].view(np.int32).astype(np.float64), mask)
+        elif kind == "rni.f64.f64":
+            self.write(ops[0], np.rint(self.value(ops[1], "f64")), mask)  # to nearest, ties to even
+        elif kind == "rn.f32.f64":
+            self.write(ops[0], self.value(ops[1], "f64").astype(np.float32), mask)
         else:
             raise NotImplementedError("cvt." + kind)
 
@@ -262,10 +335,10 @@ class Block:
         self.write(ops[0], self.value(ops[1], "u64"), mask)
 
     def _shfl(self, op, ops, mask):
-        lane = self.special["%tid.x"] & 31
+        lane = self.lane_id & 31
         other = self.value(ops[2], "u32")
         source = (lane ^ other) if op[2] == "bfly" else (other & 31)
-        self.write(ops[0], self.value(ops[1], "b32")[self.special["%tid.x"] - lane + source], mask)
+        self.write(ops[0], self.value(ops[1], "b32")[self.lane_id - lane + source], mask)
 
     # -- memory -----------------------------------------------------------------------------------
     def _address(self, token: str, space: str) -> np.ndarray:
@@ -276,28 +349,36 @@ class Block:
         return self.shared if space == "shared" else self.memory.bytes
 
     def _ld(self, op, ops, mask):
-        space = op[1]
+        space = next(p for p in op[1:] if p in ("param", "global", "shared"))  # past .volatile, .relaxed
         if space == "param":
-            self.write(ops[0], np.full(self.threads, self.params[ops[1][1:-1]], np.uint64 if op[2] == "u64" else np.uint32),
-                       mask)
+            value = self.params[ops[1][1:-1]]
+            if op[2] == "f32":  # a float argument
+                self.write(ops[0], np.full(self.threads, value, np.float32), mask)
+            else:
+                self.write(ops[0], np.full(self.threads, value, np.uint64 if op[2] == "u64" else np.uint32), mask)
             return
         at, on = self._address(ops[1], space), np.ones(self.threads, bool) if mask is None else mask
+        wide = op[-1] in ("f64", "u64", "b64")
         for i, name in enumerate(_vector(ops[0])):
-            words = np.zeros(self.threads, np.uint32)
-            where = at[on, None] + 4 * i + WORD
-            words[on] = np.ascontiguousarray(self._space(space)[where]).view(np.uint32)[:, 0]
-            self.write(name, words.view(np.float32) if op[-1] == "f32" else words, mask)
+            size = 8 if wide else 4
+            words = np.zeros(self.threads, np.uint64 if wide else np.uint32)
+            where = at[on, None] + size * i + np.arange(size)
+            words[on] = np.ascontiguousarray(self._space(space)[where]).view(words.dtype)[:, 0]
+            self.write(name, words.view({"f32": np.float32, "f64": np.float64, "s32": np.int32}.get(op[-1], words.dtype)),
+                       mask)
 
     def _st(self, op, ops, mask):
-        space = op[1]
+        space = next(p for p in op[1:] if p in ("param", "global", "shared"))  # past .volatile, .relaxed
         at, on = self._address(ops[0], space), np.ones(self.threads, bool) if mask is None else mask
+        size = 2 if op[-1] in ("b16", "u16") else 4
         for i, name in enumerate(_vector(ops[1])):
             v = self.value(name, op[-1])
             words = v.astype(np.float32).view(np.uint32) if op[-1] == "f32" else v.astype(np.uint32)
-            where = at[on] + 4 * i
+            where = at[on] + size * i
             if space == "global":
                 assert all(any(lo <= w < hi for lo, hi in self.memory.writable) for w in where), "a write outside the outputs"
-            self._space(space)[where[:, None] + WORD] = np.ascontiguousarray(words[on]).view(np.uint8).reshape(-1, 4)
+            data = np.ascontiguousarray(words[on]).view(np.uint8).reshape(-1, 4)[:, :size]
+            self._space(space)[where[:, None] + np.arange(size)] = data
 
     def _cp(self, op, ops, mask):
         kind = op[2]
@@ -381,7 +462,8 @@ def _accumulator(i: int) -> tuple[np.ndarray, np.ndarray]:
     return 16 * (t // 32) + (t % 32) // 4 + 8 * ((i % 4) // 2), 8 * (i // 4) + 2 * (t % 4) + i % 2
 
 
-def launch(spec: KernelSpec, dims: tuple[tuple[int, int, int], int], *args: np.ndarray | int) -> list[np.ndarray]:
+def launch(spec: KernelSpec, dims: tuple[tuple[int, int, int], int | tuple[int, ...]], *args: np.ndarray | int
+           ) -> list[np.ndarray]:
     """Run ``spec`` (sm_90) over its grid on ``args`` (arrays or ints, in parameter order); returns
     every array argument after the run, as ``cudacall.call`` does on a GPU."""
     program = Program(spec.emit(Target("sm_90")))
@@ -390,6 +472,7 @@ def launch(spec: KernelSpec, dims: tuple[tuple[int, int, int], int], *args: np.n
     at = [memory.put(a, name in outputs) if isinstance(a, np.ndarray) else a
           for (name, _), a in zip(spec.params(), args)]
     params = dict(zip(program.params, at))
+    params.update({name: memory.put(table, False) for name, table in program.tables.items()})
     for z in range(gz):
         for y in range(gy):
             for x in range(gx):
