@@ -7,6 +7,7 @@ allocated; a launch does nothing and a download is an error. Pass a ``DryCache()
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator
 
 import pytest
@@ -55,12 +56,14 @@ class DryKernel(Kernel):
 def dry_device(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int]]]:
     allocations: list[tuple[int, int]] = []  # (address, bytes)
     next_free = [1 << 32]
+    lock = threading.Lock()  # ranks as threads allocate at once
 
     def call(name: str, *args):
         if name == "cuMemAlloc":
-            ptr = next_free[0]
-            next_free[0] += -(-args[0] // 256) * 256
-            allocations.append((ptr, args[0]))
+            with lock:
+                ptr = next_free[0]
+                next_free[0] += -(-args[0] // 256) * 256
+                allocations.append((ptr, args[0]))
             return ptr
         if name in ("cuMemFree", "cuMemcpyHtoD", "cuMemsetD32Async"):
             return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -24,11 +25,13 @@ class FakeMemory:
     def __init__(self, allocations: list[tuple[int, int]]):
         self.allocations = allocations  # the dry device's list, read as it grows
         self.blocks: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
 
     def at(self, ptr: int) -> tuple[np.ndarray, int]:
-        for base, n in self.allocations[len(self.blocks):]:
-            self.blocks[base] = np.full(n, 0xFF, np.uint8)
-        base = max(b for b in self.blocks if b <= ptr)
+        with self._lock:  # ranks as threads
+            for base, n in self.allocations[len(self.blocks):]:
+                self.blocks[base] = np.full(n, 0xFF, np.uint8)
+            base = max(b for b in self.blocks if b <= ptr)
         assert ptr - base < self.blocks[base].size, f"address {ptr:#x} outside every allocation"
         return self.blocks[base], ptr - base
 

@@ -104,3 +104,40 @@ def test_planted_a_norm_of_the_local_shard_alone_is_caught(monkeypatch):
     monkeypatch.setattr(StagedCommunicator, "all_reduce", lambda self, buf: None)
     with pytest.raises(AssertionError):
         check_against_one_process(*zero_step(monkeypatch, Precision.FP32))
+
+
+def test_two_ranks_train_steps_end_to_end_match_one_process(monkeypatch):
+    """ZeroCudaRank.train_step itself on the interpreted device (tests/fake_memory.py): each rank's
+    forward and backward on its half of the global batch, the collectives through the host, two
+    steps; against the numpy backend on the whole batches. Tolerance as tests/test_model_sim.py's."""
+    from fake_memory import interpreted_device
+    from model.numpy_backend import NumpyBackend
+    from model.reference import IGNORE_INDEX
+
+    rng = np.random.default_rng(3)
+    batches = []
+    for _ in range(2):
+        ids, targets = (rng.integers(0, CONFIG.vocab_size, (2, 8)) for _ in range(2))
+        targets[0, :3] = IGNORE_INDEX  # rank 0's half has fewer targets: the mean must be the global batch's
+        batches.append((ids, targets))
+    numpy = NumpyBackend(CONFIG, PARAMS, ADAMW)
+    expected = [numpy.train_step(ids, targets, LR) for ids, targets in batches]
+    with interpreted_device(monkeypatch):
+        group = LocalGroup(2)
+
+        def rank(comm):
+            r = ZeroCudaRank(StagedCommunicator(comm), CONFIG, PARAMS, ADAMW, bucket_elems=BUCKET, cache=DryCache())
+            try:
+                return [r.train_step(ids, targets, LR) for ids, targets in batches], r.params
+            finally:
+                r.close()
+
+        results = group.run(rank)
+    theirs = np.concatenate([numpy.params[n].reshape(-1) for n in sorted(numpy.params)])
+    for steps, weights in results:
+        for (loss, norm), (loss1, norm1) in zip(steps, expected):
+            assert loss == pytest.approx(loss1, rel=1e-6) and norm == pytest.approx(norm1, rel=1e-5)
+        ours = np.concatenate([weights[n].reshape(-1) for n in sorted(weights)])
+        assert (~np.isclose(ours, theirs, rtol=1e-5, atol=1e-6)).mean() <= 1e-3
+        assert np.abs(ours - theirs).max() <= 2 * LR
+    assert all(np.array_equal(results[0][1][n], results[1][1][n]) for n in results[0][1])  # the same bits
