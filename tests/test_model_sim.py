@@ -86,3 +86,21 @@ def test_planted_a_kernel_built_with_a_default_instead_of_the_configs_value_is_c
     monkeypatch.setattr(kernels.ModelKernels, "of", staticmethod(planted))
     with pytest.raises(AssertionError):
         test_the_fp32_loss_and_every_gradient_match_the_reference(monkeypatch)
+
+
+def test_fp32_decoding_with_a_kv_cache_matches_the_full_reference_forward(monkeypatch):
+    """CudaDecoder on the interpreted device: a prefill of 9 tokens, then 3 single-token steps that
+    write their keys and values where the cache ends; each step's logits are the full forward's at
+    that position (1e-4, as the GPU test)."""
+    from model.cuda_decoder import CudaDecoder
+    params = init_params(CONFIG, seed=2)
+    ids = np.random.default_rng(5).integers(0, CONFIG.vocab_size, 12)
+    with interpreted_device(monkeypatch):
+        model = interpreted_backend(params)
+        decoder = CudaDecoder(model, max_len=16)
+        steps = [decoder.prefill(ids[:9])] + [decoder.decode(int(t)) for t in ids[9:]]
+        decoder.close()
+        model.close()
+    full = ReferenceModel(CONFIG, params).forward(ids[None, :])[0]
+    for n, logits in zip(range(9, 13), steps):
+        assert np.abs(logits - full[n - 1]).max() <= 1e-4
