@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from .metrics import MetricsLog, plot_losses
 from .optim import AdamWSettings, lr_at
 from .params import init_params
 from .settings import check_types, require
+
+if TYPE_CHECKING:
+    from .parallel.comm import Communicator
 
 
 @dataclass(frozen=True)
@@ -121,21 +124,27 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
           tokenizer_file: Path | None = None, tokenizer_name: str = "byte", run_state: dict[str, Any] | None = None,
           log: Callable[[str], None] = print, progress: bool | None = None,
           initial: dict[str, np.ndarray] | None = None, save_dtype: str = "fp32",
-          generation_config: Path | None = None) -> TrainResult:
+          generation_config: Path | None = None, comm: Communicator | None = None) -> TrainResult:
     """Train to ``settings.steps`` (from the latest checkpoint in ``out_dir``, or the one given, when
     ``resume``; with the settings it was saved with). ``run_state`` goes into every checkpoint's
     trainer state (what the command line needs to restore the run: precision, data).
 
     ``initial``: populated weights to start from (fresh optimizer state) instead of a random init.
     ``save_dtype``: the dtype of the checkpoints' model weights (fp32, or bf16 beside f32 masters);
-    ``generation_config``: a generation_config.json copied into every checkpoint."""
+    ``generation_config``: a generation_config.json copied into every checkpoint.
+    ``comm``: a data-parallel run's communicator, the backend being its rank: every rank runs this
+    loop on the same global batches (each backend takes its rows); rank 0 alone logs and writes the
+    run's files, each checkpoint gathered from every rank's shard (``save_consolidated``)."""
     s = settings
+    primary = comm is None or comm.rank == 0
+    if not primary:
+        log, progress = (lambda message: None), False
     corpus.check_fits(s.batch_size, s.seq_len, config.vocab_size)
     try:  # read once: the file (or the checkpoint it came from, rotated out later) may be gone by the next save
         tokenizer_json = Path(tokenizer_file).read_bytes() if tokenizer_file is not None else None
     except OSError as e:
         raise DataError(f"cannot read {tokenizer_file}: {e.strerror or e}") from None
-    if out_dir is not None and Path(out_dir).is_dir():
+    if primary and out_dir is not None and Path(out_dir).is_dir():
         remove_stale_temporaries(out_dir)  # crashed runs' left-overs
     position, start = 0, 0
     if resume:
@@ -165,12 +174,16 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
         params = backend.params
         if not all(np.isfinite(v).all() for v in params.values()):  # never rotate good checkpoints out for it
             raise FloatingPointError(f"the weights are not finite at step {step}")
-        result.checkpoint = save_checkpoint(out_dir, step, config, params,
-                                            backend.optimizer_state(), trainer, tokenizer_json,
-                                            save_dtype=save_dtype, generation_config=generation_config)
+        save = dict(tokenizer_file=tokenizer_json, save_dtype=save_dtype, generation_config=generation_config)
+        if comm is None:
+            result.checkpoint = save_checkpoint(out_dir, step, config, params, backend.optimizer_state(), trainer,
+                                                **save)
+        else:
+            from .parallel.checkpoints import save_consolidated
+            result.checkpoint = save_consolidated(comm, backend, out_dir, step, config, trainer, **save)
 
     metrics = None
-    if out_dir is not None:
+    if primary and out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(out_dir, start)
     started = time.perf_counter()

@@ -211,3 +211,35 @@ def test_when_rank_0_cannot_write_the_checkpoint_every_rank_stops(tmp_path):
     with pytest.raises(OSError):
         group.run(run)
     assert group._aborted.startswith("rank 0 aborted (writing the step 1 checkpoint failed: ")
+
+
+def test_the_training_loop_on_two_ranks_writes_one_processs_run(tmp_path):
+    """train() with a communicator: both ranks run the loop on the same global batches, rank 0 alone
+    logs and writes (checkpoints gathered from the shards, metrics), rank 1 writes nothing; the
+    final checkpoint is the one-process run's (weights and moments within the tolerance above)."""
+    from model.checkpoint import load_checkpoint
+    from model.data import ByteTokenizer, Corpus, stdlib_files
+    from model.train import TrainSettings, train
+
+    corpus = Corpus.from_files(stdlib_files()[:40], ByteTokenizer())
+    settings = TrainSettings(steps=6, batch_size=4, seq_len=16, lr=1e-2, warmup=2, eval_every=3, eval_batches=2,
+                             checkpoint_every=3)
+    one = train(TINY, settings, ADAMW, corpus, NumpyBackend, tmp_path / "one", log=lambda m: None, progress=False)
+    logs: list[list[str]] = [[], []]
+
+    def rank(comm):
+        out = tmp_path / ("dp" if comm.rank == 0 else "rank1")
+        return train(TINY, settings, ADAMW, corpus,
+                     lambda c, p, a: ZeroNumpyRank(comm, c, p, a, bucket_elems=40_000), out,
+                     log=logs[comm.rank].append, progress=False, comm=comm)
+
+    results = LocalGroup(2).run(rank)
+    assert not (tmp_path / "rank1").exists() and logs[1] == [] and logs[0]
+    assert results[0].val_losses == pytest.approx(one.val_losses, rel=RTOL)
+    ours, theirs = load_checkpoint(tmp_path / "dp"), load_checkpoint(tmp_path / "one")
+    assert ours.trainer["step"] == theirs.trainer["step"] == 6
+    for name, w in theirs.params.items():
+        np.testing.assert_allclose(ours.params[name], w, rtol=RTOL, atol=ATOL, err_msg=name)
+    for name, m in theirs.optimizer.items():
+        np.testing.assert_allclose(ours.optimizer[name], m, rtol=RTOL, atol=ATOL, err_msg=name)
+    assert (tmp_path / "dp" / "metrics.jsonl").exists()
