@@ -4,8 +4,9 @@ The parameters live in four flat f32 buffers with one layout (``ParamLayout``): 
 and the two AdamW moments; in bf16 precision the matrices also have a bf16 copy. ``Params`` gives
 each tensor (HF name) as a ``Param``: value, gradient and the operand its GEMMs read. The
 activations of one batch shape are ``Activations``: per layer a ``LayerActs`` with the names of
-``reference.py``'s forward (x, h, q, k, v, o, x_mid, h2, gate and up side by side, act); in bf16 precision what
-the GEMMs read is stored in bf16 by the kernel that makes it, and q, k and v have bf16 copies. The backward's activation gradients are ``Grads``.
+``reference.py``'s forward (x, h, q, k, v, o, x_mid, h2, gate and up side by side, act); in bf16
+precision what the GEMMs read is stored in bf16 by the kernel that makes it, and q, k and v have
+bf16 copies. The backward's activation gradients are ``TrainingBuffers``.
 """
 from __future__ import annotations
 
@@ -26,6 +27,13 @@ from .params import layer_prefix, param_shapes
 # gate_up_proj) make one [tokens, 2 x intermediate] output, one launch each way instead of two and
 # twice the tiles to fill the GPU's waves with.
 FUSED = {"mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+def fused_parts(module: str) -> list[str]:
+    """The part modules of ``FUSED`` module ``module`` ("model.layers.0.mlp.gate_up_proj" ->
+    [...mlp.gate_proj, ...mlp.up_proj]), in layout order."""
+    (local, parts), = ((f, ps) for f, ps in FUSED.items() if module.endswith("." + f))
+    return [module[:-len(local)] + part for part in parts]
 
 
 def _fused_continues(name: str) -> bool:
@@ -53,8 +61,7 @@ class ParamLayout:
     def fused(self, module: str) -> tuple[int, tuple[int, int]]:
         """Offset and shape of a ``FUSED`` module's weight ("model.layers.0.mlp.gate_up_proj"): its
         parts' rows stacked."""
-        (local, parts), = ((f, ps) for f, ps in FUSED.items() if module.endswith("." + f))
-        names = [module[:-len(local)] + part + ".weight" for part in parts]
+        names = [part + ".weight" for part in fused_parts(module)]
         shapes = [self.shapes[n] for n in names]
         for before, after, shape in zip(names, names[1:], shapes):
             if self.offsets[after] != self.offsets[before] + math.prod(shape):
@@ -145,7 +152,7 @@ def linear_modules(names: Iterable[str]) -> list[str]:
     modules = [n[:-len(".weight")] for n in names if n.endswith("proj.weight") or n.endswith("lm_head.weight")
                ] + (["model.embed_tokens"] if "lm_head.weight" not in names else [])
     fused = fused_modules(names)
-    parts = {f[:-len(local)] + part for f in fused for local, ps in FUSED.items() if f.endswith(local) for part in ps}
+    parts = {part for f in fused for part in fused_parts(f)}
     return [m for m in modules if m not in parts and m not in fused] + fused
 
 
@@ -155,8 +162,7 @@ def linear_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, in
     def shape(module: str) -> tuple[int, int]:
         if module + ".weight" in shapes:
             return shapes[module + ".weight"]  # type: ignore[return-value]
-        (local, parts), = ((f, ps) for f, ps in FUSED.items() if module.endswith("." + f))
-        rows = [shapes[module[:-len(local)] + part + ".weight"] for part in parts]
+        rows = [shapes[part + ".weight"] for part in fused_parts(module)]
         return sum(r[0] for r in rows), rows[0][1]
     return {m: shape(m) for m in linear_modules(shapes)}
 
