@@ -32,6 +32,13 @@ FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_at
          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 
+def fused_parts(module: str) -> list[str]:
+    """The part modules of ``FUSED`` module ``module`` ("model.layers.0.mlp.gate_up_proj" ->
+    [...mlp.gate_proj, ...mlp.up_proj]), in layout order."""
+    (local, parts), = ((f, ps) for f, ps in FUSED.items() if module.endswith("." + f))
+    return [module[:-len(local)] + part for part in parts]
+
+
 def _fused_continues(name: str) -> bool:
     """Whether the next parameter is the rest of ``name``'s fused module (no padding between)."""
     return any(name.endswith(f".{part}.{what}") for parts in FUSED.values() for part in parts[:-1]
@@ -58,8 +65,7 @@ class ParamLayout:
     def fused(self, module: str, what: str = "weight") -> tuple[int, tuple[int, ...]]:
         """Offset and shape of a ``FUSED`` module's weight or bias ("model.layers.0.mlp.gate_up_proj"):
         its parts' rows stacked."""
-        (local, parts), = ((f, ps) for f, ps in FUSED.items() if module.endswith("." + f))
-        names = [f"{module[:-len(local)]}{part}.{what}" for part in parts]
+        names = [f"{part}.{what}" for part in fused_parts(module)]
         shapes = [self.shapes[n] for n in names]
         for before, after, shape in zip(names, names[1:], shapes):
             if self.offsets[after] != self.offsets[before] + math.prod(shape):
@@ -123,8 +129,7 @@ class Params:
                         for name, shape in layout.shapes.items()}
         for module in fused_modules(layout.shapes):
             self._params[module + ".weight"] = param(module + ".weight", *layout.fused(module), True)
-            (local, parts), = ((f, ps) for f, ps in FUSED.items() if module.endswith("." + f))
-            if f"{module[:-len(local)]}{parts[0]}.bias" in layout.shapes:  # the parts have biases
+            if fused_parts(module)[0] + ".bias" in layout.shapes:  # the parts have biases
                 self._params[module + ".bias"] = param(module + ".bias", *layout.fused(module, "bias"), False)
 
     def __getitem__(self, name: str) -> Param:
@@ -153,7 +158,7 @@ def linear_modules(names: Iterable[str]) -> list[str]:
     modules = [n[:-len(".weight")] for n in names if n.endswith("proj.weight") or n.endswith("lm_head.weight")
                ] + (["model.embed_tokens"] if "lm_head.weight" not in names else [])
     fused = fused_modules(names)
-    parts = {f[:-len(local)] + part for f in fused for local, ps in FUSED.items() if f.endswith(local) for part in ps}
+    parts = {part for f in fused for part in fused_parts(f)}
     return [m for m in modules if m not in parts and m not in fused] + fused
 
 
@@ -163,8 +168,7 @@ def linear_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, in
     def shape(module: str) -> tuple[int, int]:
         if module + ".weight" in shapes:
             return shapes[module + ".weight"]  # type: ignore[return-value]
-        (local, parts), = ((f, ps) for f, ps in FUSED.items() if module.endswith("." + f))
-        rows = [shapes[module[:-len(local)] + part + ".weight"] for part in parts]
+        rows = [shapes[part + ".weight"] for part in fused_parts(module)]
         return sum(r[0] for r in rows), rows[0][1]
     return {m: shape(m) for m in linear_modules(shapes)}
 

@@ -95,8 +95,7 @@ class Ops:
         else:
             dims = spec.launch_dims(m, n, splits)
         args = spec.arguments(a, b, c, m, n, k, bias=bias, splits=splits)
-        self.plan.add(spec, dims, label=f"{spec.kind} {what} -> {_name(c)}", operands=operands,
-                      **dict(zip((name for name, _ in spec.params()), args)))
+        self.plan.add(spec, dims, label=f"{spec.kind} {what} -> {_name(c)}", operands=operands, **_named(spec, args))
 
     def _wave(self, spec: Gemm) -> int:
         """How many of ``spec``'s blocks this GPU runs at once."""

@@ -53,29 +53,30 @@ class FakeMemory:
             step()
             return
         if isinstance(step, Fill):
-            block, off = self.at(step.target.ptr)
-            block[off:off + 4 * step.words] = np.full(step.words, step.bits, np.uint32).view(np.uint8)
+            self.fill(step.target.ptr, step.bits, step.words)
             return
-        args = []
+        args = []  # (name, its allocation's bytes or None, offset in them or the scalar, address)
         for name, t in step.spec.params():
             value = _resolve(step.args[name], values)
-            args.append((name, *self.at(int(value))) if t is T.U64 else (name, None, value))
-        arrays = [block[off:].copy() if block is not None else off for _, block, off in args]
+            args.append((name, *self.at(int(value)), int(value)) if t is T.U64 else (name, None, value, None))
+        arrays = [block[off:].copy() if block is not None else off for _, block, off, _ in args]
         outs = iter(launch(step.spec, (step.launch.grid, step.launch.block), *arrays))
         extents = step.extents(values)
-        for name, block, off in args:
+        for name, block, off, ptr in args:
             if block is not None:
                 out = next(outs)
                 if name in step.spec.outputs():
-                    changed = np.nonzero(out != block[off:])[0] + off + self._base(block)
+                    changed = np.nonzero(out != block[off:])[0] + ptr
                     inside = np.zeros(changed.size, bool)
                     for at, n in extents:
                         inside |= (changed >= at) & (changed < at + n)
                     assert inside.all(), f"{step.label}: {name} wrote outside the step's declared extents"
                     block[off:] = out
 
-    def _base(self, block: np.ndarray) -> int:
-        return next(base for base, b in self.blocks.items() if b is block)
+    def fill(self, ptr: int, bits: int, words: int) -> None:
+        """A memset: ``words`` 32-bit words from ``ptr`` set to ``bits``."""
+        block, off = self.at(ptr)
+        block[off:off + 4 * words] = np.full(words, bits, np.uint32).view(np.uint8)
 
 
 @contextlib.contextmanager
@@ -99,9 +100,7 @@ def interpreted_device(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeMemory]:
                 ctypes.memmove(dst, block[off:off + n].ctypes.data, n)
                 return None
             if name == "cuMemsetD32Async":
-                ptr, bits, count = args[:3]
-                block, off = memory.at(ptr)
-                block[off:off + 4 * count] = np.full(count, bits, np.uint32).view(np.uint8)
+                memory.fill(*args[:3])
                 return None
             return dry_call(name, *args)
 
