@@ -6,6 +6,7 @@ generator's own commands are passed through unchanged. Bad input prints one line
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -13,7 +14,7 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, MutableMapping, Sequence
 
 from ptxgen import cli as ptxgen_cli
 from ptxgen.spec import SpecError, sha256_hex
@@ -32,7 +33,7 @@ from .kernels import ModelKernels
 from .metrics import SAMPLE
 from .numpy_backend import NumpyBackend, NumpyDecoder
 from .optim import AdamWSettings
-from .parallel.launch import LaunchError, from_environ
+from .parallel.launch import LaunchEnv, LaunchError, from_environ
 from .precision import Precision
 from .reference import IGNORE_INDEX
 from .settings import SettingsError, flag
@@ -184,35 +185,43 @@ def _resume_inputs(ns: argparse.Namespace, ckpt: Checkpoint) -> None:
     ns.precision = getattr(ns, "precision", None) or saved_precision or "fp32"
 
 
-def check_data_parallel(gpus: int | None, device: str, environ: Mapping[str, str]) -> None:
-    """``--gpus N``, or a torchrun / srun launch, checked before any work: one process on one
-    device passes; more is refused with one line (what to install, how many GPUs there are, or
-    that the multi-GPU step is not built yet)."""
+def check_data_parallel(gpus: int | None, device: str, environ: MutableMapping[str, str]) -> LaunchEnv | int | None:
+    """``--gpus N``, or a torchrun / srun launch, checked before any work. None: one process on
+    one device, as before. An int N: this process is ``--gpus N``'s parent, which starts the N
+    ranks (``parallel.spawn``) once the run's input is checked. A LaunchEnv: this process is one
+    rank, its GPU pinned (CUDA_VISIBLE_DEVICES in ``environ``). Anything else is one line: what to
+    install, how many GPUs there are, a launch that contradicts itself."""
     from .parallel.nccl import nccl_missing  # imports the runtime: only when a run asks
 
     launch = from_environ(environ)
     if gpus is not None and gpus < 1:
         raise UsageError(f"--gpus must be at least 1, got {gpus}")
-    if gpus is not None and launch is not None and launch.world > 1:
+    spawned = launch is not None and launch.source == "--gpus"
+    if spawned and gpus != launch.world:
+        raise UsageError(f"--gpus {gpus} in a rank that ptxgen train --gpus {launch.world} started")
+    if gpus is not None and launch is not None and launch.world > 1 and not spawned:
         raise UsageError(f"--gpus starts its own processes; under {launch.source} leave it out (the launcher "
                          f"started {launch.world})")
     world = gpus or (launch.world if launch is not None else 1)
     if world == 1:
-        return
-    how = f"--gpus {gpus}" if gpus else f"{launch.source} with {world} ranks"
+        return None
+    how = f"--gpus {gpus}" if gpus and not spawned else f"{launch.source} with {world} ranks"
     if device == "numpy":
         raise UsageError(f"{how} trains on GPUs; --device numpy trains on the CPU")
+    if launch is not None:
+        gpu = launch.pin_gpu(environ)  # before CUDA starts: this rank's GPU is the runtime's device 0
     missing = nccl_missing()
     if missing:
         raise UsageError(f"{how}: {missing}")
     from runtime.driver import device_count
 
     visible = device_count()
-    needed = gpus if gpus else launch.local_rank + 1
-    if needed > visible:
-        raise UsageError(f"{how}: needs {needed} GPU{'s' if needed > 1 else ''} on this host, {visible} visible")
-    raise UsageError(f"{how}: multi-GPU training needs the CUDA data-parallel step, which is not built yet "
-                     "(model/parallel holds its CPU groundwork); train on one GPU without --gpus")
+    if launch is None and gpus > visible:
+        raise UsageError(f"{how}: needs {gpus} GPUs on this host, {visible} visible")
+    if launch is not None and not visible:
+        raise UsageError(f"{how}: rank {launch.rank} (local rank {launch.local_rank}) has no GPU "
+                         f"(CUDA_VISIBLE_DEVICES={gpu}: none visible)")
+    return launch if launch is not None else gpus
 
 
 def cmd_train(argv: Sequence[str]) -> int:
@@ -242,7 +251,10 @@ def cmd_train(argv: Sequence[str]) -> int:
     _add_settings(p, TrainSettings)
     _add_settings(p, AdamWSettings)
     ns = p.parse_args(argv)
-    check_data_parallel(ns.gpus, ns.device, os.environ)
+    dp = check_data_parallel(ns.gpus, ns.device, os.environ)
+    rank = dp if isinstance(dp, LaunchEnv) else None  # this process is one rank of a data-parallel run
+    primary = rank is None or rank.rank == 0  # the process that writes the run directory and prints
+    say = (lambda line: print(line, flush=True)) if primary else (lambda line: None)
     # a bare `ptxgen train`: the run this machine finishes in about two minutes (model/defaults.py)
     here = default_run(_on_gpu(ns.device))
     plan = None if (ns.preset or ns.config or ns.init or ns.resume) else here
@@ -265,7 +277,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     else:
         name = ns.preset or (ns.config.resolve().parent.name if ns.config else None) or here.preset
     out = ns.out or Path("runs") / name
-    if not ns.resume:
+    if not ns.resume and primary:  # (the other ranks would find rank 0's files there)
         _check_fresh_out(out)
     if ns.resume:
         if not (out / LATEST).exists():
@@ -292,6 +304,11 @@ def cmd_train(argv: Sequence[str]) -> int:
         ns.save_dtype = getattr(ns, "save_dtype", "fp32")
     if generation_config is None:
         generation_config = OUR_DEFAULTS
+    if dp is not None:
+        world = dp if isinstance(dp, int) else dp.world
+        if settings.batch_size % world:
+            raise UsageError(f"--batch-size {settings.batch_size} does not split evenly among {world} GPUs "
+                             f"(use a multiple of {world})")
     if settings.seq_len > config.max_position_embeddings:
         raise UsageError(f"--seq-len {settings.seq_len} is above the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")
@@ -316,38 +333,55 @@ def cmd_train(argv: Sequence[str]) -> int:
     check_fits(train_bytes(config, shapes, on_gpu, precision is Precision.BF16),
                on_gpu, f"training {n_params(config) / 1e6:.1f}M parameters at batch {settings.batch_size}x"
                        f"{settings.seq_len}")
-    rundir.prepare(out)
-    factory: BackendFactory = functools.partial(backend, precision=precision)
-    print(line, flush=True)
-    if plan is not None:
-        print(f"plan: the default run here, --preset {plan.preset} --precision {ns.precision} "
-              + " ".join(f"{flag(k)} {getattr(settings, k)}" for k in plan.settings)
-              + (f": {plan.expect}" if not (ns.data or _given(ns, TrainSettings) or ns.tokenizer) else
-                 " (with the flags given; the time measured for the plan as it stands no longer applies)"),
-              flush=True)
-    print(f"data: {corpus.n_files} files, {len(corpus.train)} train / {len(corpus.val)} validation tokens "
-          f"({tokenizer.name}); model: {n_params(config) / 1e6:.2f}M parameters, hidden {config.hidden_size}, "
-          f"{config.num_layers} layers; run: {out}", flush=True)
-    run_state = {"precision": precision.value, "data_sha256": corpus.sha256,
-                 "data": [str(Path(d).resolve()) for d in ns.data] if ns.data else None}
-    if init is not None:
-        print(f"init: weights from {init.path}, fresh optimizer state", flush=True)
-    with rundir.hold(out):
-        result = train(config, settings, adamw, corpus, factory, out, resume=ckpt or False,
-                       tokenizer_file=tokenizer_file, tokenizer_name=tokenizer.name,
-                       run_state=run_state, log=lambda m: print(m, flush=True),
-                       initial=init.params if init else None, save_dtype=ns.save_dtype,
-                       generation_config=generation_config)
-    if result.checkpoint is None or not result.checkpoint.is_dir():
-        raise CheckpointError(f"the run ended at step {result.step} but its checkpoint {result.checkpoint} is missing")
-    last_val = result.val_losses[max(result.val_losses)] if result.val_losses else float("nan")
-    print(f"done: step {result.step}, val_loss {last_val:.4f}, {result.tokens_per_s:.0f} tokens/s, "
-          f"checkpoint {result.checkpoint}")
-    sample = sample_text(result.backend, tokenizer, read_generation_config(result.checkpoint / "generation_config.json"))
-    (out / SAMPLE).write_text(sample)
-    print(f"sample ({out / SAMPLE}):\n{sample}")
-    return 0
+    if isinstance(dp, int):  # the input is good: start the ranks, each of which runs the checks above again
+        from .parallel.spawn import rank_command, spawn_ranks
 
+        return spawn_ranks(dp, rank_command(argv), os.environ)
+    # the communicator and the run directory's lock, released however the run ends
+    with contextlib.ExitStack() as stack:
+        comm = None
+        if rank is not None:
+            from .parallel.nccl import NcclCommunicator
+            from .parallel.zero_cuda import ZeroCudaRank
+
+            comm = stack.enter_context(contextlib.closing(NcclCommunicator(rank)))
+            factory: BackendFactory = functools.partial(ZeroCudaRank, comm, precision=precision,
+                                                        digest_every=settings.eval_every)
+            line += f"; data-parallel: {rank.world} GPUs (ZeRO-1 over NCCL, {rank.source})"
+        else:
+            factory = functools.partial(backend, precision=precision)
+        if primary:  # rank 0 alone writes the run directory
+            rundir.prepare(out)
+            stack.enter_context(rundir.hold(out))
+        say(line)
+        if plan is not None:
+            say(f"plan: the default run here, --preset {plan.preset} --precision {ns.precision} "
+                + " ".join(f"{flag(k)} {getattr(settings, k)}" for k in plan.settings)
+                + (f": {plan.expect}" if not (ns.data or _given(ns, TrainSettings) or ns.tokenizer) else
+                   " (with the flags given; the time measured for the plan as it stands no longer applies)"))
+        say(f"data: {corpus.n_files} files, {len(corpus.train)} train / {len(corpus.val)} validation tokens "
+            f"({tokenizer.name}); model: {n_params(config) / 1e6:.2f}M parameters, hidden {config.hidden_size}, "
+            f"{config.num_layers} layers; run: {out}")
+        run_state = {"precision": precision.value, "data_sha256": corpus.sha256,
+                     "data": [str(Path(d).resolve()) for d in ns.data] if ns.data else None}
+        if init is not None:
+            say(f"init: weights from {init.path}, fresh optimizer state")
+        result = train(config, settings, adamw, corpus, factory, out, resume=ckpt or False,
+                       tokenizer_file=tokenizer_file, tokenizer_name=tokenizer.name, run_state=run_state, log=say,
+                       initial=init.params if init else None, save_dtype=ns.save_dtype,
+                       generation_config=generation_config, comm=comm)
+        if not primary:
+            result.backend.close()
+            return 0
+        if result.checkpoint is None or not result.checkpoint.is_dir():
+            raise CheckpointError(f"the run ended at step {result.step} but its checkpoint {result.checkpoint} is missing")
+        last_val = result.val_losses[max(result.val_losses)] if result.val_losses else float("nan")
+        print(f"done: step {result.step}, val_loss {last_val:.4f}, {result.tokens_per_s:.0f} tokens/s, "
+              f"checkpoint {result.checkpoint}")
+        sample = sample_text(result.backend, tokenizer, read_generation_config(result.checkpoint / "generation_config.json"))
+        (out / SAMPLE).write_text(sample)
+        print(f"sample ({out / SAMPLE}):\n{sample}")
+        return 0
 
 SAMPLE_PROMPT, SAMPLE_TOKENS = "def ", 200
 

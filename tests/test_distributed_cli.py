@@ -1,7 +1,8 @@
 """``ptxgen train --gpus N`` (and a torchrun / srun launch) checked before any work: one line and
 exit 2 for a missing NCCL (naming the extra to install), too few GPUs, a numpy device, a bad
-launch environment; and, with all of that in order, a plain refusal, since the CUDA
-data-parallel step is not built yet. One GPU, or no launcher, trains as before."""
+launch environment, a batch that does not split among the GPUs. With all of that in order,
+``--gpus N`` starts N ranks of the same command (tests/test_distributed_spawn.py: how they are
+watched), and a rank pins its GPU. One GPU, or no launcher, trains as before."""
 import sys
 
 import pytest
@@ -15,7 +16,7 @@ TORCHRUN_2 = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": 
 
 def train(capsys, monkeypatch, *argv, environ=None):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
-                 "SLURM_LOCALID"):
+                 "SLURM_LOCALID", "PTXGEN_LAUNCHER", "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(name, raising=False)
     for name, value in (environ or {}).items():
         monkeypatch.setenv(name, value)
@@ -55,19 +56,58 @@ def test_more_gpus_than_visible_is_one_line(capsys, monkeypatch, work_started):
     monkeypatch.setattr(runtime.driver, "device_count", lambda: 2)
     code, _, err = train(capsys, monkeypatch, "--gpus", "4")
     assert code == 2 and err == "ptxgen train: error: --gpus 4: needs 4 GPUs on this host, 2 visible\n"
-    monkeypatch.setattr(runtime.driver, "device_count", lambda: 1)  # torchrun's rank 1 on GPU 1 of a 1-GPU host
+    monkeypatch.setattr(runtime.driver, "device_count", lambda: 0)  # torchrun's rank 1 on a 1-GPU host
     code, _, err = train(capsys, monkeypatch, environ={**TORCHRUN_2, "RANK": "1", "LOCAL_RANK": "1"})
-    assert code == 2 and err == "ptxgen train: error: torchrun with 2 ranks: needs 2 GPUs on this host, 1 visible\n"
+    assert code == 2 and err == ("ptxgen train: error: torchrun with 2 ranks: rank 1 (local rank 1) has no GPU "
+                                 "(CUDA_VISIBLE_DEVICES=1: none visible)\n")
 
 
-def test_with_nccl_and_the_gpus_present_multi_gpu_training_is_refused_plainly(capsys, monkeypatch, work_started):
+def test_a_rank_sees_only_its_own_gpu(monkeypatch):
+    monkeypatch.setattr(nccl_module, "nccl_missing", lambda: None)
+    monkeypatch.setattr(runtime.driver, "device_count", lambda: 1)
+    environ = {**TORCHRUN_2, "RANK": "1", "LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "2,3"}
+    env = check_data_parallel(None, "auto", environ)
+    assert (env.rank, env.world, env.local_rank) == (1, 2, 1) and environ["CUDA_VISIBLE_DEVICES"] == "3"
+
+
+@pytest.fixture
+def gpu_host(monkeypatch):
+    """NCCL installed and 8 GPUs, as far as the checks ask; the run's own checks of the GPU pass."""
     monkeypatch.setattr(nccl_module, "nccl_missing", lambda: None)
     monkeypatch.setattr(runtime.driver, "device_count", lambda: 8)
-    code, _, err = train(capsys, monkeypatch, "--gpus", "8")
-    assert code == 2 and err.count("\n") == 1
-    assert "--gpus 8: multi-GPU training needs the CUDA data-parallel step, which is not built yet" in err
-    code, _, err = train(capsys, monkeypatch, environ=TORCHRUN_2)
-    assert code == 2 and "torchrun with 2 ranks: multi-GPU training needs the CUDA data-parallel step" in err
+    monkeypatch.setattr("model.cli.select_backend", lambda device, precision: ("device: cuda (stand-in)", object))
+    monkeypatch.setattr("model.cli.check_gpu_kernels", lambda *a: None)
+    monkeypatch.setattr("model.cli.check_fits", lambda *a: None)
+    started = []
+    monkeypatch.setattr("model.parallel.spawn.spawn_ranks", lambda world, command, environ: started.append(
+        (world, command)) or 0)
+    return started
+
+
+def test_gpus_n_checks_the_run_then_starts_n_ranks_of_the_same_command(capsys, monkeypatch, tmp_path, gpu_host):
+    (tmp_path / "data.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+    argv = ["--gpus", "2", "--preset", "tiny", "--data", str(tmp_path / "data.txt"), "--steps", "2",
+            "--batch-size", "4", "--seq-len", "16", "--out", str(tmp_path / "run")]
+    code, out, err = train(capsys, monkeypatch, *argv)
+    assert (code, out, err) == (0, "", "")
+    assert gpu_host == [(2, [sys.executable, "-m", "model.cli", "train", *argv])]
+    assert not (tmp_path / "run").exists()  # rank 0 makes the run directory, not the parent
+
+
+def test_a_batch_that_does_not_split_among_the_gpus_is_one_line_before_any_rank_starts(capsys, monkeypatch, tmp_path,
+                                                                                       gpu_host):
+    (tmp_path / "data.txt").write_text("x = 1\n" * 500)
+    code, out, err = train(capsys, monkeypatch, "--gpus", "3", "--preset", "tiny", "--data", str(tmp_path / "data.txt"),
+                           "--batch-size", "4", "--seq-len", "16", "--out", str(tmp_path / "run"))
+    assert code == 2 and out == "" and gpu_host == []
+    assert err == "ptxgen train: error: --batch-size 4 does not split evenly among 3 GPUs (use a multiple of 3)\n"
+
+
+def test_a_rank_of_gpus_n_takes_its_parents_flag_and_refuses_another(capsys, monkeypatch, work_started):
+    monkeypatch.setattr(nccl_module, "nccl_missing", lambda: None)
+    spawned = {**TORCHRUN_2, "PTXGEN_LAUNCHER": "--gpus"}
+    code, _, err = train(capsys, monkeypatch, "--gpus", "4", environ=spawned)
+    assert code == 2 and err == "ptxgen train: error: --gpus 4 in a rank that ptxgen train --gpus 2 started\n"
 
 
 @pytest.mark.parametrize("argv, environ, line", [
@@ -87,7 +127,7 @@ def test_bad_data_parallel_input_is_one_line_and_exit_2(capsys, monkeypatch, wor
 
 def test_one_gpu_or_no_launcher_passes_the_check():
     for gpus, environ in ((None, {}), (1, {}), (None, {**TORCHRUN_2, "WORLD_SIZE": "1"})):
-        check_data_parallel(gpus, "auto", environ)  # no error: the one-device run goes on as before
+        assert check_data_parallel(gpus, "auto", environ) is None  # the one-device run goes on as before
 
 
 def test_planted_a_cli_that_checks_gpus_late_is_caught_by_the_before_any_work_fixture(capsys, monkeypatch,

@@ -27,7 +27,22 @@ def test_torchrun_variables_and_slurm_variables_give_one_dataclass():
 def test_gpus_n_hands_its_children_torchrun_variables_that_parse_back():
     for rank in range(4):
         env = LaunchEnv.local(rank, 4, 40000)
-        assert from_environ(env.environ()) == LaunchEnv(rank, 4, rank, "127.0.0.1", 40000, "torchrun")
+        assert from_environ(env.environ()) == env  # source "--gpus": the child knows its --gpus is its parent's
+        plain = {k: v for k, v in env.environ().items() if k != "PTXGEN_LAUNCHER"}
+        assert from_environ(plain) == LaunchEnv(rank, 4, rank, "127.0.0.1", 40000, "torchrun")
+
+
+@pytest.mark.parametrize("visible, local_rank, gpu", [(None, 0, "0"), (None, 3, "3"), ("4,5,6", 1, "5"),
+                                                       ("GPU-a1b2, GPU-c3d4", 1, "GPU-c3d4")])
+def test_each_rank_sees_only_its_local_rank_gpu(visible, local_rank, gpu):
+    environ = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    assert LaunchEnv(local_rank, 4, local_rank, "h", 1, "torchrun").pin_gpu(environ) == gpu
+    assert environ["CUDA_VISIBLE_DEVICES"] == gpu
+
+
+def test_a_local_rank_past_the_visible_gpus_is_one_line():
+    with pytest.raises(LaunchError, match=r"^torchrun: local rank 2 has no GPU: CUDA_VISIBLE_DEVICES='0,1' lists 2$"):
+        LaunchEnv(2, 4, 2, "h", 1, "torchrun").pin_gpu({"CUDA_VISIBLE_DEVICES": "0,1"})
 
 
 @pytest.mark.parametrize("env, message", [

@@ -126,7 +126,8 @@ def test_two_ranks_train_steps_end_to_end_match_one_process(monkeypatch):
         group = LocalGroup(2)
 
         def rank(comm):
-            r = ZeroCudaRank(StagedCommunicator(comm), CONFIG, PARAMS, ADAMW, bucket_elems=BUCKET, cache=DryCache())
+            r = ZeroCudaRank(StagedCommunicator(comm), CONFIG, PARAMS, ADAMW, bucket_elems=BUCKET, cache=DryCache(),
+                             digest_every=1)  # the replicas' digests compared after every step
             try:
                 return [r.train_step(ids, targets, LR) for ids, targets in batches], r.params
             finally:
@@ -141,3 +142,35 @@ def test_two_ranks_train_steps_end_to_end_match_one_process(monkeypatch):
         assert (~np.isclose(ours, theirs, rtol=1e-5, atol=1e-6)).mean() <= 1e-3
         assert np.abs(ours - theirs).max() <= 2 * LR
     assert all(np.array_equal(results[0][1][n], results[1][1][n]) for n in results[0][1])  # the same bits
+
+
+def test_planted_a_weight_bucket_that_arrives_changed_on_one_rank_stops_both_at_the_digest(monkeypatch):
+    """A transport fault: rank 1's copy of one gathered weight bucket is off by one unit in the last
+    place. Nothing in the step notices (the weights are finite, the loss plausible); the digest
+    exchanged after the step stops both ranks with one line naming rank 1."""
+    from fake_memory import interpreted_device
+    from model.parallel.replicas import ReplicaMismatch
+
+    rng = np.random.default_rng(4)
+    ids, targets = (rng.integers(0, CONFIG.vocab_size, (2, 8)) for _ in range(2))
+    with interpreted_device(monkeypatch):
+        def rank(comm):
+            staged = StagedCommunicator(comm)
+            if comm.rank == 1:
+                gather = staged.all_gather
+
+                def faulty(send, recv):
+                    gather(send, recv)
+                    if recv.dtype == "f32" and recv.size > 1:
+                        host = recv.to_numpy()
+                        host[0] = np.nextafter(host[0], np.float32(np.inf))
+                        recv.upload(host)
+                staged.all_gather = faulty
+            r = ZeroCudaRank(staged, CONFIG, PARAMS, ADAMW, bucket_elems=BUCKET, cache=DryCache(), digest_every=1)
+            try:
+                return r.train_step(ids, targets, LR)
+            finally:
+                r.close()
+
+        with pytest.raises(ReplicaMismatch, match=r"^step 1: the weights of rank 1 differ from rank 0's"):
+            LocalGroup(2).run(rank)

@@ -3,7 +3,8 @@
 ``launch``       who this process is (torchrun, SLURM or ``ptxgen train --gpus N``), checked once
 ``rendezvous``   rank 0 hands every rank the same opaque id bytes (NCCL's unique id) over TCP
 ``comm``         the ``Communicator`` interface and ``LocalGroup``, in-process ranks on threads
-``nccl``         the same interface over nccl4py (optional extra ``distributed``; untested here)
+``nccl``         the same interface over nccl4py (optional extra ``distributed``)
+``spawn``        ``ptxgen train --gpus N``: the N rank processes, watched as one run
 ``batch``        each rank's rows of the global batch
 ``shards``       ZeRO-1 over the flat parameter layout: padded buckets, each rank's piece of each
 ``replicas``     the weights' digest, exchanged to prove the ranks hold the same bits

@@ -3,8 +3,13 @@
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; srun sets SLURM_PROCID,
 SLURM_NTASKS and SLURM_LOCALID (the master's address and port come from MASTER_ADDR and
 MASTER_PORT, which the batch script sets); ``ptxgen train --gpus N`` starts its children with
-torchrun's variables (``LaunchEnv.environ``), so every process reads them the same way. A value
-that is missing, not an integer, out of range or inconsistent is one line (``LaunchError``).
+torchrun's variables (``LaunchEnv.environ``), so every process reads them the same way, and with
+``PTXGEN_LAUNCHER=--gpus`` so that a child knows its ``--gpus N`` is its parent's, not a clash
+with a launcher. A value that is missing, not an integer, out of range or inconsistent is one
+line (``LaunchError``).
+
+Every rank uses one GPU, its local rank's: ``pin_gpu`` narrows CUDA_VISIBLE_DEVICES to it before
+CUDA starts, so the runtime's device 0 is that GPU (NCCL finds the peers by their bus ids).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from typing import Mapping
 TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SLURM = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
 LOCALHOST = "127.0.0.1"
+LAUNCHER = "PTXGEN_LAUNCHER"  # set to "--gpus" in the children of ``ptxgen train --gpus N``
 
 
 class LaunchError(ValueError):
@@ -50,8 +56,23 @@ class LaunchEnv:
 
     def environ(self) -> dict[str, str]:
         """torchrun's variables for this rank: what ``--gpus N`` hands each child it starts."""
-        return dict(zip(TORCHRUN, (str(self.rank), str(self.world), str(self.local_rank), self.master_addr,
-                                   str(self.master_port))))
+        env = dict(zip(TORCHRUN, (str(self.rank), str(self.world), str(self.local_rank), self.master_addr,
+                                  str(self.master_port))))
+        if self.source == "--gpus":
+            env[LAUNCHER] = "--gpus"
+        return env
+
+    def pin_gpu(self, environ: dict[str, str]) -> str:
+        """Narrow ``environ``'s CUDA_VISIBLE_DEVICES to this rank's GPU (the local rank's entry of
+        the list it had, or the local rank's ordinal) and return it; call before CUDA starts."""
+        listed = environ.get("CUDA_VISIBLE_DEVICES")
+        choices = [d.strip() for d in listed.split(",") if d.strip()] if listed is not None else None
+        if choices is not None and self.local_rank >= len(choices):
+            raise LaunchError(f"{self.source}: local rank {self.local_rank} has no GPU: CUDA_VISIBLE_DEVICES="
+                              f"{listed!r} lists {len(choices)}")
+        gpu = choices[self.local_rank] if choices is not None else str(self.local_rank)
+        environ["CUDA_VISIBLE_DEVICES"] = gpu
+        return gpu
 
 
 def _integer(env: Mapping[str, str], name: str, source: str) -> int:
@@ -87,4 +108,6 @@ def from_environ(env: Mapping[str, str]) -> LaunchEnv | None:
                               "$SLURM_JOB_NODELIST and a free port) for the ranks to meet")
     else:
         return None
+    if source == "torchrun" and env.get(LAUNCHER) == "--gpus":
+        source = "--gpus"
     return LaunchEnv(rank, world, local, env["MASTER_ADDR"].strip(), _integer(env, "MASTER_PORT", source), source)

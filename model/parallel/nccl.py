@@ -1,10 +1,9 @@
 """The ``Communicator`` interface over NCCL, through nccl4py (the optional extra ``distributed``).
 
-UNTESTED ON A GPU: written against nccl4py 0.6's ``nccl.core`` API (``get_unique_id``,
-``UniqueId.from_bytes``, ``Communicator.init``, ``allreduce`` / ``reduce_scatter`` /
-``allgather`` / ``broadcast`` with ``stream=``, ``abort``, ``destroy``) and never run: this
-machine has neither a GPU nor nccl4py. It is kept thin so the GPU run that first uses it has
-little to check. The buffers are the runtime's device views (``View`` / ``DeviceArray``), handed
+nccl4py 0.6's ``nccl.core`` API (``get_unique_id``, ``UniqueId.from_bytes``, ``Communicator.init``,
+``allreduce`` / ``reduce_scatter`` / ``allgather`` / ``broadcast`` with ``stream=``, ``abort``,
+``destroy``). Run on an H200 as one rank (tests/test_distributed_nccl.py: the collectives, and a
+training run through it); two ranks need two GPUs and have not run yet. The buffers are the runtime's device views (``View`` / ``DeviceArray``), handed
 to nccl4py through the CUDA array interface (pointer, shape, dtype: no copy); the stream is the
 caller's, as an integer handle. Nothing here is imported until a multi-GPU run asks for it.
 """
@@ -45,8 +44,8 @@ class _Cai:
 
 
 class NcclCommunicator:
-    """One rank's NCCL communicator (untested on a GPU: see the module docstring). The caller has
-    made its GPU current first (``runtime.driver.device(env.local_rank)``): NCCL binds to it."""
+    """One rank's NCCL communicator, on the runtime's device 0: ``LaunchEnv.pin_gpu`` made that the
+    rank's own GPU before CUDA started."""
 
     def __init__(self, env: LaunchEnv, stream: Stream | None = None, timeout: float = 120.0):
         """``stream``: where the collectives are enqueued; by default the legacy default stream,

@@ -8,6 +8,8 @@ and all-gathers the digests; any difference stops every rank with one line namin
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from ptxgen.spec import sha256_hex
@@ -25,11 +27,13 @@ def weights_digest(weights: np.ndarray) -> bytes:
     return bytes.fromhex(sha256_hex(np.ascontiguousarray(weights).tobytes()))
 
 
-def check_replicas(comm: Communicator, weights: np.ndarray, step: int) -> None:
-    """Collective: every rank's digest of ``weights``, compared with rank 0's on every rank."""
+def check_replicas(comm: Communicator, weights: np.ndarray, step: int,
+                   all_gather: Callable[[np.ndarray, np.ndarray], None] | None = None) -> None:
+    """Collective: every rank's digest of ``weights``, compared with rank 0's on every rank.
+    ``all_gather``: how host bytes travel where the communicator takes device buffers."""
     mine = np.frombuffer(weights_digest(weights), np.uint8).copy()
     every = np.zeros(DIGEST_BYTES * comm.world, np.uint8)
-    comm.all_gather(mine, every)
+    (all_gather or comm.all_gather)(mine, every)
     rows = every.reshape(comm.world, DIGEST_BYTES)
     differ = [r for r in range(1, comm.world) if not np.array_equal(rows[r], rows[0])]
     if differ:

@@ -35,6 +35,7 @@ from ..optim import AdamWSettings
 from ..precision import Precision
 from .batch import global_targets, local_batch
 from .comm import Communicator
+from .replicas import check_replicas
 from .shards import DEFAULT_BUCKET_ELEMS, ShardPlan, bucket_ready_steps, send_order
 
 
@@ -47,9 +48,12 @@ class ZeroCudaRank(CudaBackend):
     description = "cuda (raw PTX kernels through the CUDA driver API), ZeRO-1 data parallel"
 
     def __init__(self, comm: Communicator, config: ModelConfig, params: dict[str, np.ndarray], adamw: AdamWSettings,
-                 precision: Precision = Precision.FP32, bucket_elems: int = DEFAULT_BUCKET_ELEMS, **backend):
+                 precision: Precision = Precision.FP32, bucket_elems: int = DEFAULT_BUCKET_ELEMS,
+                 digest_every: int = 0, **backend):
+        """``digest_every``: compare the ranks' weights (the f32 masters and the bf16 copies each
+        rank casts for itself) every that many steps (0: never); see ``replicas``."""
         from ..cuda_buffers import ParamLayout
-        self.comm = comm
+        self.comm, self.digest_every = comm, digest_every
         self.shards = ShardPlan.of(ParamLayout(config), comm.world, bucket_elems)
         super().__init__(config, params, adamw, precision=precision, **backend)
         self.grad_shard = DeviceArray(self.shards.shard_size)
@@ -74,7 +78,25 @@ class ZeroCudaRank(CudaBackend):
         self._loss_sum.upload(np.array([local], np.float32))
         self.comm.all_reduce(self._loss_sum.view("loss sum"))
         loss = float(self._loss_sum.to_numpy()[0]) / global_targets(targets)
+        if self.digest_every and self.step % self.digest_every == 0:
+            self.check_replicas()
         return loss, float(self.norm_out.to_numpy()[0])
+
+    def check_replicas(self) -> None:
+        """Collective: stop with one line (``ReplicaMismatch``) unless every rank holds the same bits."""
+        held = [self.weights.to_numpy().view(np.uint8)]
+        if self.weights16 is not None:
+            held.append(self.weights16.to_numpy().view(np.uint8))
+        check_replicas(self.comm, np.concatenate(held), self.step, self._all_gather_host)
+
+    def _all_gather_host(self, mine: np.ndarray, every: np.ndarray) -> None:
+        send, recv = DeviceArray.from_numpy(mine), DeviceArray(every.size, "u8")
+        try:
+            self.comm.all_gather(send, recv)
+            every[:] = recv.to_numpy()
+        finally:
+            send.free()
+            recv.free()
 
     def _optimizer(self, ops: Ops, plan: Plan) -> None:
         comm, shards, lay = self.comm, self.shards, self.layout

@@ -1,0 +1,66 @@
+"""``ptxgen train --gpus N``'s parent (model/parallel/spawn.py): N children of one command, each with
+its rank's torchrun variables, watched as one run. A rank that fails stops the others at once (a
+peer blocked in a collective would wait for ever) and the parent says which, in one line, with
+that rank's exit code. Stand-in children (small Python scripts) play the ranks."""
+import json
+import sys
+import time
+
+import pytest
+
+from model.parallel.launch import from_environ
+from model.parallel.spawn import spawn_ranks
+
+
+def ranks(script: str) -> list[str]:
+    return [sys.executable, "-c", script]
+
+
+def run(world, script, environ=None, grace=5.0):
+    said = []
+    started = time.monotonic()
+    code = spawn_ranks(world, ranks(script), environ if environ is not None else {"PATH": "/usr/bin:/bin"},
+                       say=said.append, grace=grace)
+    return code, said, time.monotonic() - started
+
+
+def test_every_rank_gets_its_torchrun_variables_and_nvls_off(tmp_path):
+    script = f"import json, os; json.dump(dict(os.environ), open(r'{tmp_path}/' + os.environ['RANK'], 'w'))"
+    code, said, _ = run(3, script)
+    assert (code, said) == (0, [])
+    envs = [json.loads((tmp_path / str(r)).read_text()) for r in range(3)]
+    launches = [from_environ(env) for env in envs]
+    assert [(e.rank, e.world, e.local_rank, e.source) for e in launches] == [(r, 3, r, "--gpus") for r in range(3)]
+    assert len({e.master_port for e in launches}) == 1 and all(env["NCCL_NVLS_ENABLE"] == "0" for env in envs)
+
+
+def test_a_users_nccl_setting_is_kept(tmp_path):
+    script = f"import os; open(r'{tmp_path}/nvls', 'w').write(os.environ['NCCL_NVLS_ENABLE'])"
+    assert run(1, script, {"NCCL_NVLS_ENABLE": "1"})[0] == 0 and (tmp_path / "nvls").read_text() == "1"
+
+
+def test_a_failing_rank_stops_the_others_and_is_named_in_one_line():
+    script = "import os, sys, time; sys.exit(3) if os.environ['RANK'] == '1' else time.sleep(60)"
+    code, said, took = run(3, script)
+    assert code == 3 and said == ["ptxgen train: rank 1 of 3 exited with code 3; stopped ranks 0, 2"]
+    assert took < 30  # not the sleepers' 60 s
+
+
+def test_a_rank_that_ignores_the_stop_is_killed_after_the_grace():
+    script = ("import os, signal, sys, time\n"
+              "if os.environ['RANK'] == '0': sys.exit(1)\n"
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+              "time.sleep(60)")
+    code, said, took = run(2, script, grace=1.0)
+    assert code == 1 and said == ["ptxgen train: rank 0 of 2 exited with code 1; stopped rank 1"] and took < 30
+
+
+def test_a_rank_killed_by_a_signal_reports_128_plus_the_signal():
+    script = "import os, signal, time; os.kill(os.getpid(), signal.SIGKILL) if os.environ['RANK'] == '0' else None"
+    code, said, _ = run(2, script)
+    assert code == 128 + 9 and said[0].startswith("ptxgen train: rank 0 of 2 exited with code 137")
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_ranks_that_all_finish_are_a_finished_run(world):
+    assert run(world, "pass")[:2] == (0, [])
