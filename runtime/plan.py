@@ -267,6 +267,20 @@ class Plan:
         self.steps.append(step)
         return step
 
+    def insert_host(self, after: Step | Fill | Host, fn: Any, *, label: str, reads: Sequence[View] = (),
+                    writes: Sequence[View] = ()) -> Host:
+        """A host step in ``after``'s section, run just after it (and after host steps already
+        placed there: several placed after one step run in the order placed). Before any run:
+        graphs already built would not know of it."""
+        if self._graphs:
+            raise RuntimeError(f"{label}: a host step inserted after the plan's graphs were built")
+        at = next(i for i, s in enumerate(self.steps) if s is after) + 1
+        while at < len(self.steps) and isinstance(self.steps[at], Host):
+            at += 1
+        step = Host(label, after.section, fn, reads, writes)
+        self.steps.insert(at, step)
+        return step
+
     def set(self, **values: Number) -> None:
         """Set named values; every step that reads one is updated (and so is every graph of it)."""
         unknown = set(values) - set(self._values)

@@ -24,6 +24,11 @@ def test_torchrun_variables_and_slurm_variables_give_one_dataclass():
     assert from_environ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"}) is None  # a one-task job
 
 
+def test_under_torchruns_agent_the_ranks_meet_on_the_port_after_its_store():
+    agent = {**TORCHRUN, "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert from_environ(agent).master_port == 29501 and from_environ(TORCHRUN).master_port == 29500
+
+
 def test_gpus_n_hands_its_children_torchrun_variables_that_parse_back():
     for rank in range(4):
         env = LaunchEnv.local(rank, 4, 40000)

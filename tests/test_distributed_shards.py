@@ -136,3 +136,42 @@ def test_planted_a_bucket_sent_after_its_first_writer_is_caught_by_the_readiness
         early = [first_writer(model.grads.ptr + 4 * b.start, 4 * b.size) for b in shards.buckets]
         assert early != bucket_ready_steps(plan, model.grads.ptr, shards)
         model.close()
+
+
+def test_a_ranks_plan_sends_each_bucket_inside_the_backward_right_after_its_last_writer(monkeypatch):
+    """ZeroCudaRank's plan (tiny model, built without a GPU): every bucket's reduce-scatter is a host
+    step in the backward, after the last step that writes into the bucket and before any step that
+    comes later; with a communicator that overlaps them (a side stream), the optimizer waits for
+    them first, before anything reads the gradient shard."""
+    from model.parallel.comm import LocalGroup
+    from model.parallel.zero_cuda import ZeroCudaRank
+    from runtime.plan import Host
+
+    class Overlapping:  # the NCCL communicator's shape, as far as the plan sees it
+        rank, world = 0, 2
+
+        def reduce_scatter_overlapped(self, send, recv): ...
+
+        def join_overlapped(self): ...
+
+    for comm in (LocalGroup(2).communicator(0), Overlapping()):
+        with dry_device(monkeypatch):
+            params = {n: np.zeros(s, np.float32) for n, s in param_shapes(TINY).items()}
+            rank = ZeroCudaRank(comm, TINY, params, AdamWSettings(), bucket_elems=40_000, cache=DryCache())
+            plan = rank.plan(2, 16)
+            backward = plan.of("backward")
+            sends = [i for i, s in enumerate(backward) if isinstance(s, Host)]
+            assert len(sends) == len(rank.shards.buckets)
+            for i in sends:
+                bucket = int(backward[i].label.rsplit(" ", 1)[1])
+                b = rank.shards.buckets[bucket]
+                start, size = rank.grads.ptr + 4 * b.start, 4 * b.size
+                writers = [j for j, s in enumerate(backward) if not isinstance(s, Host)
+                           and any(at < start + size and start < at + n for at, n in s.extents(plan._values))]
+                assert max(writers) < i and all(isinstance(s, Host) for s in backward[max(writers) + 1:i + 1])
+            optimizer = plan.of("optimizer")
+            if isinstance(comm, Overlapping):
+                assert optimizer[0].label == "wait for the gradients' reduce-scatters"
+            else:
+                assert not any(s.label.startswith("wait") for s in optimizer if isinstance(s, Host))
+            rank.close()

@@ -20,6 +20,7 @@ from model.parallel.zero_cuda import ZeroCudaRank
 from model.precision import Precision
 from ptxgen.kernels.adamw import adamw_reference
 from ptxgen.vecio import from_bf16
+from runtime.plan import Host
 
 CONFIG = preset("tiny")
 BUCKET = 1 << 15  # elements: a dozen buckets, one straddling the end of the decayed matrices
@@ -49,8 +50,9 @@ def zero_step(monkeypatch, precision):
             plan.set(lr=LR, bias_correction1=1 - ADAMW.beta1 ** STEP, bias_correction2=1 - ADAMW.beta2 ** STEP)
 
         def optimizer(comm) -> None:  # each rank's thread; its host steps meet the other's in the group
-            for step in plans[comm.rank].of("optimizer"):
-                memory.run(step, plans[comm.rank]._values)
+            plan = plans[comm.rank]  # the reduce-scatters (in the backward, where each bucket is final), the rest
+            for step in [s for s in plan.of("backward") if isinstance(s, Host)] + plan.of("optimizer"):
+                memory.run(step, plan._values)
 
         group.run(optimizer)  # a rank's error is raised here
         out = {"weights": [memory.get(r.weights.view("w"))[:layout.total] for r in ranks],

@@ -277,3 +277,25 @@ def test_host_steps_run_in_plan_order_and_split_a_graph_run_into_segments(plan):
         plan.graph(segment=1)
     with pytest.raises(ValueError, match="has host steps: name the segment"):
         plan.graph()
+
+
+def test_a_host_step_inserted_after_a_launch_runs_right_after_it_in_its_section(plan, monkeypatch):
+    """insert_host: after the named step and after host steps already placed there (several
+    placed after one step keep the order placed); refused once graphs are built."""
+    from runtime.plan import Host
+    spec, calls = CastSpec(), []
+    src, dst = view("src"), view("dst", 1 << 21, dtype="bf16")
+    plan.section = "backward"
+    first = plan.add(spec, spec.launch_dims(16), label="cast 1", src=src, dst=dst, n=16)
+    last = plan.add(spec, spec.launch_dims(16), label="cast 2", src=src, dst=dst, n=16)
+    plan.section = "optimizer"
+    a = plan.insert_host(first, lambda: calls.append("a"), label="send a", reads=[src])
+    b = plan.insert_host(first, lambda: calls.append("b"), label="send b", reads=[src])
+    assert plan.of() == [first, a, b, last] and a.section == b.section == "backward"
+    plan.run()
+    assert calls == ["a", "b"]
+    monkeypatch.setattr("runtime.plan.Graph", lambda steps: object())  # (capturing one needs a GPU)
+    plan.graph("backward", segment=0)
+    with pytest.raises(RuntimeError, match="inserted after the plan's graphs were built"):
+        plan.insert_host(last, lambda: None, label="late")
+    assert all(isinstance(s, Host) for s in (a, b))

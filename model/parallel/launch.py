@@ -5,7 +5,8 @@ SLURM_NTASKS and SLURM_LOCALID (the master's address and port come from MASTER_A
 MASTER_PORT, which the batch script sets); ``ptxgen train --gpus N`` starts its children with
 torchrun's variables (``LaunchEnv.environ``), so every process reads them the same way, and with
 ``PTXGEN_LAUNCHER=--gpus`` so that a child knows its ``--gpus N`` is its parent's, not a clash
-with a launcher. A value that is missing, not an integer, out of range or inconsistent is one
+with a launcher. Under torchrun, whose agent already listens on MASTER_PORT (its own store), rank 0
+listens on MASTER_PORT + 1. A value that is missing, not an integer, out of range or inconsistent is one
 line (``LaunchError``).
 
 Every rank uses one GPU, its local rank's: ``pin_gpu`` narrows CUDA_VISIBLE_DEVICES to it before
@@ -110,4 +111,7 @@ def from_environ(env: Mapping[str, str]) -> LaunchEnv | None:
         return None
     if source == "torchrun" and env.get(LAUNCHER) == "--gpus":
         source = "--gpus"
-    return LaunchEnv(rank, world, local, env["MASTER_ADDR"].strip(), _integer(env, "MASTER_PORT", source), source)
+    port = _integer(env, "MASTER_PORT", source)
+    if source == "torchrun" and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        port += 1  # torchrun's agent serves its own store on MASTER_PORT: the ranks meet on the next port
+    return LaunchEnv(rank, world, local, env["MASTER_ADDR"].strip(), port, source)

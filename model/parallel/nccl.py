@@ -13,7 +13,8 @@ import importlib
 import os
 from typing import Any
 
-from runtime.memory import DeviceArray, Stream, View
+from runtime.driver import call
+from runtime.memory import DeviceArray, Event, Stream, View
 
 from .comm import CommError
 from .launch import LaunchEnv
@@ -61,10 +62,14 @@ class NcclCommunicator:
         uid = share_id(env, lambda: bytes(nccl.get_unique_id()), timeout)
         self._comm = nccl.Communicator.init(nranks=env.world, rank=env.rank,
                                             unique_id=nccl.UniqueId.from_bytes(uid))
+        # the side stream: reduce-scatters that overlap the backward (non-blocking: the legacy
+        # stream does not wait for it implicitly, only at join_overlapped)
+        self._side = Stream()
+        self._forked, self._joined, self._at_join = Event(), Event(), Event()
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+    def _call(self, what: str, fn: Any, *args: Any, stream: int | None = None, **kwargs: Any) -> None:
         try:
-            fn(*args, stream=self._stream, **kwargs)
+            fn(*args, stream=self._stream if stream is None else stream, **kwargs)
         except Exception as e:  # nccl4py's NCCLError / NcclInvalid: one line naming the collective
             raise CommError(f"rank {self.rank}: NCCL {what} failed: {(str(e).splitlines() or [''])[0]}") from None
 
@@ -73,6 +78,25 @@ class NcclCommunicator:
 
     def reduce_scatter(self, send: View | DeviceArray, recv: View | DeviceArray) -> None:
         self._call("reduce_scatter", self._comm.reduce_scatter, _Cai(send), _Cai(recv), self._nccl.SUM)
+
+    def reduce_scatter_overlapped(self, send: View | DeviceArray, recv: View | DeviceArray) -> None:
+        """``reduce_scatter`` on the side stream, after everything enqueued so far on the main one,
+        which goes on meanwhile (the rest of the backward) until ``join_overlapped``."""
+        self._forked.record(self._stream_obj)
+        call("cuStreamWaitEvent", self._side.handle, self._forked.handle, 0)
+        self._call("reduce_scatter", self._comm.reduce_scatter, _Cai(send), _Cai(recv), self._nccl.SUM,
+                   stream=int(self._side.handle))
+
+    def join_overlapped(self) -> None:
+        """The main stream waits here for the side stream's collectives so far."""
+        self._at_join.record(self._stream_obj)
+        self._joined.record(self._side)
+        call("cuStreamWaitEvent", self._stream_obj.handle, self._joined.handle, 0)
+
+    def overlap_wait_ms(self) -> float:
+        """How long the main stream waited at the last ``join_overlapped`` (0 if the side stream was
+        done first); waits for that point."""
+        return max(0.0, self._at_join.elapsed_ms(self._joined))
 
     def all_gather(self, send: View | DeviceArray, recv: View | DeviceArray) -> None:
         self._call("all_gather", self._comm.allgather, _Cai(send), _Cai(recv))
@@ -97,3 +121,6 @@ class NcclCommunicator:
 
     def close(self) -> None:
         self._comm.destroy()
+        self._side.destroy()
+        for event in (self._forked, self._joined, self._at_join):
+            event.destroy()

@@ -5,8 +5,10 @@ and whose AdamW moments are its shard only. Its training step's plan is the one-
 backward on the rank's rows of the global batch (the loss scaled by the GLOBAL count of targets),
 then an optimizer section of its own:
 
-1. each bucket of gradients reduce-scattered into the rank's gradient shard, in the order the
-   backward finishes them (``send_order``; a host step, the collective on the plan's stream);
+1. each bucket of gradients reduce-scattered into the rank's gradient shard as soon as the
+   backward has finished it (a host step in the backward after the bucket's last writer, in
+   ``send_order``); NCCL runs them on a side stream, so the rest of the backward overlaps them,
+   and the optimizer's first kernel waits for them (an event, no host sync);
 2. the global norm: the grad-norm kernel's per-block partial sums over the shard, summed over the
    ranks (one all-reduce), then the one-GPU kernel that takes the norm and the clip scale;
 3. AdamW on each segment of the shard (one weight-decay setting each), reading the rank's piece of
@@ -15,12 +17,13 @@ then an optimizer section of its own:
    bf16 copy is then cast from them.
 
 Collectives are host steps (``Plan.host``): a graph run launches the kernels between them as
-graphs. They must be ordered on the legacy default stream, where the plan's launches and graphs run
-(``NcclCommunicator``'s default stream; ``StagedCommunicator``'s blocking copies wait for it).
-Nothing overlaps the backward yet: the reduce-scatters wait for its end.
+graphs. They are ordered on the legacy default stream, where the plan's launches and graphs run
+(``NcclCommunicator``'s default stream, the side stream forked from it and joined back;
+``StagedCommunicator``'s blocking copies wait for it).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -82,6 +85,12 @@ class ZeroCudaRank(CudaBackend):
             self.check_replicas()
         return loss, float(self.norm_out.to_numpy()[0])
 
+    def comm_wait_ms(self) -> float | None:
+        """How long the last step's optimizer waited for the gradients' reduce-scatters after the
+        backward ended (None: this communicator does not overlap them with the backward)."""
+        wait = getattr(self.comm, "overlap_wait_ms", None)
+        return wait() if wait else None
+
     def check_replicas(self) -> None:
         """Collective: stop with one line (``ReplicaMismatch``) unless every rank holds the same bits."""
         held = [self.weights.to_numpy().view(np.uint8)]
@@ -104,12 +113,18 @@ class ZeroCudaRank(CudaBackend):
         grads, gshard = self.grads, self.grad_shard
         bucket = lambda buf, b, what: buf.view(f"{what} bucket {b.index}", b.start, (b.size,))  # noqa: E731
         piece = lambda buf, p, what, at: buf.view(f"{what} piece {p.bucket}", at, (p.size,))  # noqa: E731
-        ready = bucket_ready_steps(plan, grads.ptr, shards)
+        # each bucket's reduce-scatter placed in the backward right after its last writer; a
+        # communicator with a side stream (NCCL) runs them there while the backward goes on
+        overlapped = getattr(comm, "reduce_scatter_overlapped", None)
+        ready, backward = bucket_ready_steps(plan, grads.ptr, shards), plan.of("backward")
         for i in send_order(ready):
             b, p = shards.buckets[i], pieces[i]
             send, recv = bucket(grads, b, "gradients"), piece(gshard, p, "gradient shard", p.shard)
-            plan.host(lambda send=send, recv=recv: comm.reduce_scatter(send, recv),
-                      label=f"reduce-scatter gradient bucket {i}", reads=[send], writes=[recv])
+            plan.insert_host(backward[ready[i]], functools.partial(overlapped or comm.reduce_scatter, send, recv),
+                             label=f"reduce-scatter gradient bucket {i}", reads=[send], writes=[recv])
+        if overlapped:
+            plan.host(comm.join_overlapped, label="wait for the gradients' reduce-scatters",
+                      reads=[gshard.view("gradient shard")])
 
         def across(partial: View) -> None:
             plan.host(lambda: comm.all_reduce(partial), label="all-reduce grad norm partial sums",
