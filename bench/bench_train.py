@@ -2,7 +2,7 @@
 torch.compile, in one process.
 
     PYTHONPATH=$PWD python3 bench/bench_train.py [--shapes PRESET[:BATCHxSEQ] ...] [--precisions fp32 bf16]
-        [--peers eager compile] [--reps N] [--breakdown] [--json FILE]
+        [--peers eager compile] [--reps N] [--breakdown] [--gpus N ...] [--json FILE]
 
 By default: tiny at 16 x 256, qwen2-0.5b at 8 x 1024 and at 4 x 2048, each in fp32 and bf16
 (about five minutes on an H200 by its parts' measured times, most of it torch.compile compiling:
@@ -22,6 +22,8 @@ another GPU. torch.compile's compile time is stated apart: the wall time of its 
 as many steady steps. Peak memory: torch.cuda.max_memory_allocated after reset_peak_memory_stats,
 per system and run (model, optimizer and compiled code freed between runs); for ours, the device
 memory the backend holds (free memory before construction minus free memory after the steps).
+``--gpus 2`` (or ``1 2 4 8``) adds our step data-parallel on that many GPUs of this host, the batch
+given per GPU, with the speed-up over one GPU measured alike (bench/data_parallel.py says how).
 ``--breakdown`` adds where our step's time goes, by kernel kind (each launch timed by events), and the
 host's time to issue the step: every launch one by one, or one replay of the step's CUDA graph.
 """
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 import transformers
 
+from data_parallel import format_scaling, scaling
 from harness import write_json
 from model.config import preset
 from model.cuda_model import CudaBackend
@@ -183,11 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"bench_train.py: error: {e}", file=sys.stderr)
         return 2
+    if opts.gpus and max(opts.gpus) > torch.cuda.device_count():
+        print(f"bench_train.py: error: --gpus {max(opts.gpus)}: {torch.cuda.device_count()} GPUs visible",
+              file=sys.stderr)
+        return 2
     torch.set_float32_matmul_precision("highest")  # fp32 rows: no TF32 on the torch side either
     device = torch.cuda.get_device_name(0)
     peaks = RATED_TFLOPS.get(device)
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
     rows: list[Row] = []
+    scaled: dict[str, list[dict]] = {}
     for run in opts.runs:
         print(f"\n{run.preset} {run.batch} x {run.seq}: ours {run.precision}, torch "
               f"{TORCH_PRECISION[run.precision]}", flush=True)
@@ -201,10 +209,16 @@ def main(argv: list[str] | None = None) -> int:
         for peer in opts.peers:
             row.results[peer] = measure(peer, run, lambda: theirs(run, ids, opts.reps, peer == "compile"))
         rows.append(row)
-        write_json(opts.json, report(rows, peaks, device, opts.reps, WARMUP, versions))
+        if opts.gpus:  # (each GPU count in processes of its own; this one holds nothing of ours by now)
+            scaled[f"{run.preset} {run.batch}x{run.seq} {run.precision}"] = rows_of = scaling(
+                run.preset, run.batch, run.seq, run.precision, opts.gpus, opts.reps)
+            print(format_scaling(f"{run.preset} {run.precision}, {run.batch} x {run.seq} per GPU", rows_of),
+                  flush=True)
+        write_json(opts.json, {**report(rows, peaks, device, opts.reps, WARMUP, versions), "scaling": scaled})
     print(table(rows, peaks, device, opts.reps))
     failed = [f"{r.run.preset} {r.run.batch}x{r.run.seq} {r.run.precision} {SYSTEMS[s]}"
               for r in rows for s, m in r.results.items() if m.error]
+    failed += [f"{what} on {r['gpus']} GPUs" for what, rs in scaled.items() for r in rs if "error" in r]
     if failed:
         print(f"bench_train.py: {len(failed)} failed: {'; '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0

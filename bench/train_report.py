@@ -257,6 +257,7 @@ class Options:
     reps: int
     breakdown: bool
     json: Path | None
+    gpus: list[int] = field(default_factory=list)  # data-parallel GPU counts (empty: none)
 
 
 SHAPE = re.compile(r"(?P<preset>[^:]+)(?::(?P<batch>[0-9]+)x(?P<seq>[0-9]+))?")
@@ -298,10 +299,16 @@ def parse_args(argv: list[str] | None = None) -> Options:
     ap.add_argument("--reps", type=int, default=5, help="timed steps per system (the median is reported)")
     ap.add_argument("--breakdown", action="store_true", help="time our step's launches by kernel kind")
     ap.add_argument("--json", type=Path, help="every figure, rewritten after each run")
+    ap.add_argument("--gpus", type=int, nargs="+", default=None, metavar="N",
+                    help="also our step data-parallel on each N GPUs of this host (batch per GPU), with the "
+                         "speed-up over one GPU (bench/data_parallel.py)")
     ns = ap.parse_args(argv)
     if ns.reps < 1:
         raise UsageError(f"--reps must be at least 1, got {ns.reps}")
+    if ns.gpus is not None and any(n < 1 for n in ns.gpus):
+        raise UsageError(f"--gpus counts must be at least 1, got {' '.join(map(str, ns.gpus))}")
     if ns.json is not None and (ns.json.is_dir() or not ns.json.absolute().parent.is_dir()):
         raise UsageError(f"--json {ns.json}: not a file in an existing directory")
     peers = tuple(p for p in PEERS if p in ns.peers)
-    return Options(runs_of(ns.shapes, ns.precisions), peers, ns.reps, ns.breakdown, ns.json)
+    gpus = sorted(set(ns.gpus) | {1}) if ns.gpus else []  # the speed-up is over one GPU measured alike
+    return Options(runs_of(ns.shapes, ns.precisions), peers, ns.reps, ns.breakdown, ns.json, gpus)

@@ -84,6 +84,7 @@ def test_subsets_of_shapes_precisions_and_peers():
     (["--precisions", "fp16"], "invalid choice: 'fp16'"),
     (["--peers", "jax"], "invalid choice: 'jax'"),
     (["--reps", "0"], "--reps must be at least 1"),
+    (["--gpus", "2", "0"], "--gpus counts must be at least 1, got 2 0"),
     (["--json", "/nonexistent-dir/out.json"], "not a file in an existing directory"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
@@ -91,6 +92,26 @@ def test_bad_input_is_a_usage_error_before_any_work(argv, says):
     with pytest.raises(tr.UsageError) as e:
         tr.parse_args(argv)
     assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_gpus_measures_one_gpu_too_for_the_speed_up():
+    assert tr.parse_args(["--gpus", "8", "2", "2"]).gpus == [1, 2, 8] and tr.parse_args([]).gpus == []
+
+
+def test_the_scaling_table_states_speed_up_and_efficiency_against_one_gpu():
+    dp = _load("data_parallel")
+    rows = [{"gpus": 1, "global_batch": 8, "step_s": 0.070, "tokens_per_s": 8 * 1024 / 0.070, "peak_bytes": 20 * 2**30,
+             "wait_ms": None},
+            {"gpus": 2, "global_batch": 16, "step_s": 0.074, "tokens_per_s": 16 * 1024 / 0.074,
+             "peak_bytes": 15 * 2**30, "wait_ms": 1.25},
+            {"gpus": 4, "error": "the ranks exited with code 1"}]
+    base = rows[0]["tokens_per_s"]
+    for r in rows[:2]:
+        r["speedup"] = r["tokens_per_s"] / base
+        r["efficiency"] = r["speedup"] / r["gpus"]
+    text = dp.format_scaling("qwen2-0.5b bf16, 8 x 1024 per GPU", rows)
+    assert "1.89x" in text and "94.6%" in text and "1.25" in text and "15.00" in text
+    assert "4  failed: the ranks exited with code 1" in text
 
 
 def test_json_path_in_an_existing_directory_is_accepted(tmp_path):
