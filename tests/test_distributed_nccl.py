@@ -25,7 +25,7 @@ def nccl():
 
 def test_one_ranks_collectives_on_device_buffers(nccl):
     data = np.arange(1000, dtype=np.float32) * 0.5
-    buf, out = DeviceArray.from_numpy(data), DeviceArray(1000)
+    buf, out, half = DeviceArray.from_numpy(data), DeviceArray(1000), DeviceArray(64, "bf16")
     try:
         nccl.all_reduce(buf)
         nccl.reduce_scatter(buf, out)
@@ -35,9 +35,22 @@ def test_one_ranks_collectives_on_device_buffers(nccl):
         nccl.broadcast(buf, root=0)
         assert np.array_equal(out.to_numpy()[:500], data[:500]) and np.array_equal(buf.to_numpy(), data)
         nccl.barrier()
+        with nccl.grouped():  # several collectives, one launch
+            for i in range(4):
+                nccl.all_gather(buf.view("quarter", 250 * i, (250,)), out.view("quarter", 250 * i, (250,)))
+        assert np.array_equal(out.to_numpy(), data)
+        with pytest.raises(ValueError, match="all_gather: 1000 elements against 1 x 500"):
+            nccl.all_gather(buf.view("half", 0, (500,)), out)
+        with pytest.raises(TypeError, match="one of f32, f16, bf16"):
+            nccl.all_gather(buf.view("as many", 0, (64,)), half)
+        bits = np.arange(64, dtype=np.uint16)  # bf16 travels as its bits
+        half.upload(bits)
+        nccl.broadcast(half, root=0)
+        assert np.array_equal(half.to_numpy(), bits)
     finally:
         buf.free()
         out.free()
+        half.free()
 
 
 def test_train_as_one_rank_of_a_data_parallel_run_writes_the_one_process_checkpoint(tmp_path, monkeypatch):

@@ -1,17 +1,20 @@
 """The ``Communicator`` interface over NCCL, through nccl4py (the optional extra ``distributed``).
 
-nccl4py 0.6's ``nccl.core`` API (``get_unique_id``, ``UniqueId.from_bytes``, ``Communicator.init``,
-``allreduce`` / ``reduce_scatter`` / ``allgather`` / ``broadcast`` with ``stream=``, ``abort``,
-``destroy``). Run on an H200 as one rank (tests/test_distributed_nccl.py: the collectives, and a
-training run through it); two ranks need two GPUs and have not run yet. The buffers are the runtime's device views (``View`` / ``DeviceArray``), handed
-to nccl4py through the CUDA array interface (pointer, shape, dtype: no copy); the stream is the
-caller's, as an integer handle. Nothing here is imported until a multi-GPU run asks for it.
+The ranks meet through nccl4py 0.6's ``nccl.core`` (``get_unique_id``, ``UniqueId.from_bytes``,
+``Communicator.init``, ``abort``, ``destroy``); the collectives go through its bindings
+(``nccl.bindings.nccl``: ``all_reduce``, ``reduce_scatter``, ``all_gather``, ``broadcast``,
+``group_start`` / ``group_end``) on the runtime's device views (``View`` / ``DeviceArray``) as
+pointer, count and NCCL type, on the caller's stream as an integer handle. Run on an H200 as one
+rank (tests/test_distributed_nccl.py: the collectives, and a training run through them); two ranks
+need two GPUs (tests/test_distributed_multi_gpu.py). Nothing here is imported until a multi-GPU
+run asks for it.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from runtime.driver import call
 from runtime.memory import DeviceArray, Event, Stream, View
@@ -21,7 +24,7 @@ from .launch import LaunchEnv
 from .rendezvous import share_id
 
 INSTALL = "pip install -e '.[distributed]'"  # nccl4py and the NCCL runtime wheel (pyproject.toml)
-_TYPESTR = {"f32": "<f4", "f16": "<f2", "i32": "<i4", "i64": "<i8", "u8": "|u1"}  # bf16 has no CAI type string
+_DTYPES = ("f32", "f16", "bf16", "i32", "i64", "u8")  # the runtime's names; NCCL's by the same names below
 
 
 def nccl_missing() -> str | None:
@@ -32,16 +35,6 @@ def nccl_missing() -> str | None:
         why = (str(e).splitlines() or [""])[0]
         return f"multi-GPU training needs NCCL ({type(e).__name__}: {why}); install it with {INSTALL}"
     return None
-
-
-class _Cai:
-    """A device view as the CUDA array interface describes it (what nccl4py's buffers accept)."""
-
-    def __init__(self, buf: View | DeviceArray):
-        if buf.dtype not in _TYPESTR:
-            raise TypeError(f"NCCL collectives here take {', '.join(_TYPESTR)} buffers, got {buf.dtype}")
-        self.__cuda_array_interface__ = {"shape": (buf.size,), "typestr": _TYPESTR[buf.dtype],
-                                         "data": (buf.ptr, False), "version": 3, "strides": None}
 
 
 class NcclCommunicator:
@@ -62,30 +55,50 @@ class NcclCommunicator:
         uid = share_id(env, lambda: bytes(nccl.get_unique_id()), timeout)
         self._comm = nccl.Communicator.init(nranks=env.world, rank=env.rank,
                                             unique_id=nccl.UniqueId.from_bytes(uid))
+        # the collectives go through nccl4py's bindings on raw device pointers: its Communicator
+        # methods resolve each buffer anew (about 20 us a call on the H200's host, measured), and a
+        # step makes over a hundred of them
+        self._b = importlib.import_module("nccl.bindings.nccl")
+        self._raw = self._b.Comm(self._comm.ptr)
+        self._types = {name: int(getattr(nccl.NcclDataType, t)) for name, t in zip(
+            _DTYPES, ("FLOAT32", "FLOAT16", "BFLOAT16", "INT32", "INT64", "UINT8"))}
+        self._sum = int(nccl.SUM)
         # the side stream: reduce-scatters that overlap the backward (non-blocking: the legacy
         # stream does not wait for it implicitly, only at join_overlapped)
         self._side = Stream()
         self._forked, self._joined, self._at_join = Event(), Event(), Event()
 
-    def _call(self, what: str, fn: Any, *args: Any, stream: int | None = None, **kwargs: Any) -> None:
+    def _call(self, what: str, fn: Any, *args: Any) -> None:
         try:
-            fn(*args, stream=self._stream if stream is None else stream, **kwargs)
-        except Exception as e:  # nccl4py's NCCLError / NcclInvalid: one line naming the collective
+            fn(*args)
+        except Exception as e:  # nccl4py's NCCLError: one line naming the collective
             raise CommError(f"rank {self.rank}: NCCL {what} failed: {(str(e).splitlines() or [''])[0]}") from None
 
-    def all_reduce(self, buf: View | DeviceArray) -> None:
-        self._call("all_reduce", self._comm.allreduce, _Cai(buf), _Cai(buf), self._nccl.SUM)
+    def _type(self, *bufs: View | DeviceArray) -> int:
+        if len({b.dtype for b in bufs}) != 1 or bufs[0].dtype not in self._types:
+            raise TypeError(f"NCCL collectives here take one of {', '.join(_DTYPES)} on both sides, got "
+                            f"{', '.join(b.dtype for b in bufs)}")
+        return self._types[bufs[0].dtype]
 
-    def reduce_scatter(self, send: View | DeviceArray, recv: View | DeviceArray) -> None:
-        self._call("reduce_scatter", self._comm.reduce_scatter, _Cai(send), _Cai(recv), self._nccl.SUM)
+    def _sizes(self, what: str, small: View | DeviceArray, large: View | DeviceArray) -> None:
+        if large.size != small.size * self.world:
+            raise ValueError(f"{what}: {large.size} elements against {self.world} x {small.size}")
+
+    def all_reduce(self, buf: View | DeviceArray) -> None:
+        self._call("all_reduce", self._b.all_reduce, buf.ptr, buf.ptr, buf.size, self._type(buf), self._sum,
+                   self._raw, self._stream)
+
+    def reduce_scatter(self, send: View | DeviceArray, recv: View | DeviceArray, stream: int | None = None) -> None:
+        self._sizes("reduce_scatter", recv, send)
+        self._call("reduce_scatter", self._b.reduce_scatter, send.ptr, recv.ptr, recv.size, self._type(send, recv),
+                   self._sum, self._raw, self._stream if stream is None else stream)
 
     def reduce_scatter_overlapped(self, send: View | DeviceArray, recv: View | DeviceArray) -> None:
         """``reduce_scatter`` on the side stream, after everything enqueued so far on the main one,
         which goes on meanwhile (the rest of the backward) until ``join_overlapped``."""
         self._forked.record(self._stream_obj)
         call("cuStreamWaitEvent", self._side.handle, self._forked.handle, 0)
-        self._call("reduce_scatter", self._comm.reduce_scatter, _Cai(send), _Cai(recv), self._nccl.SUM,
-                   stream=int(self._side.handle))
+        self.reduce_scatter(send, recv, int(self._side.handle))
 
     def join_overlapped(self) -> None:
         """The main stream waits here for the side stream's collectives so far."""
@@ -99,10 +112,22 @@ class NcclCommunicator:
         return max(0.0, self._at_join.elapsed_ms(self._joined))
 
     def all_gather(self, send: View | DeviceArray, recv: View | DeviceArray) -> None:
-        self._call("all_gather", self._comm.allgather, _Cai(send), _Cai(recv))
+        self._sizes("all_gather", send, recv)
+        self._call("all_gather", self._b.all_gather, send.ptr, recv.ptr, send.size, self._type(send, recv),
+                   self._raw, self._stream)
+
+    @contextlib.contextmanager
+    def grouped(self) -> Iterator[None]:
+        """The collectives called inside as one NCCL group: one launch, whatever their number."""
+        self._b.group_start()
+        try:
+            yield
+        finally:
+            self._call("group", self._b.group_end)
 
     def broadcast(self, buf: View | DeviceArray, root: int = 0) -> None:
-        self._call("broadcast", self._comm.broadcast, _Cai(buf), _Cai(buf), root)
+        self._call("broadcast", self._b.broadcast, buf.ptr, buf.ptr, buf.size, self._type(buf), root, self._raw,
+                   self._stream)
 
     def barrier(self) -> None:
         """An all-reduce of one word, then the stream drained: every rank has reached this point."""

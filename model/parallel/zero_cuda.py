@@ -13,8 +13,8 @@ then an optimizer section of its own:
    ranks (one all-reduce), then the one-GPU kernel that takes the norm and the clip scale;
 3. AdamW on each segment of the shard (one weight-decay setting each), reading the rank's piece of
    the full weights, writing it and the moments' shard;
-4. every bucket of weights all-gathered from the ranks' pieces; in bf16 precision the matrices'
-   bf16 copy is then cast from them.
+4. every bucket of weights all-gathered from the ranks' pieces (one host step; NCCL groups them
+   into one launch); in bf16 precision the matrices' bf16 copy is then cast from them.
 
 Collectives are host steps (``Plan.host``): a graph run launches the kernels between them as
 graphs. They are ordered on the legacy default stream, where the plan's launches and graphs run
@@ -23,6 +23,7 @@ graphs. They are ordered on the legacy default stream, where the plan's launches
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -143,10 +144,16 @@ class ZeroCudaRank(CudaBackend):
             param16 = self.weights16.view(f"weights of {part}[bf16]", seg.flat, (seg.size,)) \
                 if self.bf16 and seg.decays else None
             ops.adamw(seg.decays, param, grad, m, v, clip, lr, bc1, bc2, param16=param16)
-        for b, p in zip(shards.buckets, pieces):
-            send, recv = piece(self.weights, p, "weights", p.flat), bucket(self.weights, b, "weights")
-            plan.host(lambda send=send, recv=recv: comm.all_gather(send, recv),
-                      label=f"all-gather weight bucket {b.index}", reads=[send], writes=[recv])
+        gathers = [(piece(self.weights, p, "weights", p.flat), bucket(self.weights, b, "weights"))
+                   for b, p in zip(shards.buckets, pieces)]
+        grouped = getattr(comm, "grouped", contextlib.nullcontext)  # NCCL: one launch for them all
+
+        def all_gather_weights() -> None:
+            with grouped():
+                for send, recv in gathers:
+                    comm.all_gather(send, recv)
+        plan.host(all_gather_weights, label=f"all-gather the weights ({len(gathers)} buckets)",
+                  reads=[send for send, _ in gathers], writes=[recv for _, recv in gathers])
         if self.bf16:  # the other ranks' pieces of the matrices, as the GEMMs read them
             ops.cast(self.weights.view("matrices", 0, (lay.decay_end,)), self.weights16.view("matrices[bf16]"),
                      lay.decay_end)
