@@ -154,6 +154,10 @@ def test_a_ranks_plan_sends_each_bucket_inside_the_backward_right_after_its_last
 
         def join_overlapped(self): ...
 
+        def all_gather_overlapped(self, send, recv, done): ...
+
+        def wait_for(self, done): ...
+
     for comm in (LocalGroup(2).communicator(0), Overlapping()):
         with dry_device(monkeypatch):
             params = {n: np.zeros(s, np.float32) for n, s in param_shapes(TINY).items()}
@@ -170,8 +174,33 @@ def test_a_ranks_plan_sends_each_bucket_inside_the_backward_right_after_its_last
                            and any(at < start + size and start < at + n for at, n in s.extents(plan._values))]
                 assert max(writers) < i and all(isinstance(s, Host) for s in backward[max(writers) + 1:i + 1])
             optimizer = plan.of("optimizer")
+            gathers = [i for i, s in enumerate(optimizer) if s.label.startswith("all-gather weight bucket")]
+            assert len(gathers) == len(rank.shards.buckets)
+            for i in gathers:  # each bucket sent right after the AdamW of this rank's piece of it
+                b = rank.shards.buckets[int(optimizer[i].label.rsplit(" ", 1)[1])]
+                at = optimizer[i - 1].args["param"].ptr - rank.weights.ptr
+                assert optimizer[i - 1].kind == "adamw" and 4 * b.start <= at < 4 * b.end
             if isinstance(comm, Overlapping):
                 assert optimizer[0].label == "wait for the gradients' reduce-scatters"
+                assert optimizer[-1].label == "wait for the weights' all-gathers"
             else:
                 assert not any(s.label.startswith("wait") for s in optimizer if isinstance(s, Host))
             rank.close()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_the_runs_other_ranks_own_below_an_end_are_the_complement_of_a_ranks_pieces(world):
+    plan = ShardPlan(10_000, world, 7_001, bucket_elems=1_000)
+    for rank in range(world):
+        owned = np.zeros(plan.padded_total, bool)
+        for p in plan.pieces(rank):
+            owned[p.flat:p.flat + p.size] = True
+        theirs = np.zeros(plan.padded_total, bool)
+        runs = plan.others(rank, 7_001)
+        for start, size in runs:
+            assert size > 0 and not theirs[start:start + size].any()
+            theirs[start:start + size] = True
+        assert np.array_equal(theirs[:7_001], ~owned[:7_001]) and not theirs[7_001:].any()
+        assert all(a + n < b for (a, n), (b, _) in zip(runs, runs[1:]))  # adjacent runs merged
+    if world == 1:
+        assert plan.others(0, 7_001) == []  # one rank owns everything: nothing to take

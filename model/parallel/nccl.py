@@ -100,6 +100,20 @@ class NcclCommunicator:
         call("cuStreamWaitEvent", self._side.handle, self._forked.handle, 0)
         self.reduce_scatter(send, recv, int(self._side.handle))
 
+    def all_gather_overlapped(self, send: View | DeviceArray, recv: View | DeviceArray, done: Event) -> None:
+        """``all_gather`` on the side stream, after everything enqueued so far on the main one;
+        ``done`` is recorded after it there (``wait_for`` makes the main stream wait for it)."""
+        self._forked.record(self._stream_obj)
+        call("cuStreamWaitEvent", self._side.handle, self._forked.handle, 0)
+        self._sizes("all_gather", send, recv)
+        self._call("all_gather", self._b.all_gather, send.ptr, recv.ptr, send.size, self._type(send, recv),
+                   self._raw, int(self._side.handle))
+        done.record(self._side)
+
+    def wait_for(self, done: Event) -> None:
+        """The main stream waits here for the side stream's work up to ``done``."""
+        call("cuStreamWaitEvent", self._stream_obj.handle, done.handle, 0)
+
     def join_overlapped(self) -> None:
         """The main stream waits here for the side stream's collectives so far."""
         self._at_join.record(self._stream_obj)

@@ -12,9 +12,12 @@ then an optimizer section of its own:
 2. the global norm: the grad-norm kernel's per-block partial sums over the shard, summed over the
    ranks (one all-reduce), then the one-GPU kernel that takes the norm and the clip scale;
 3. AdamW on each segment of the shard (one weight-decay setting each), reading the rank's piece of
-   the full weights, writing it and the moments' shard;
-4. every bucket of weights all-gathered from the ranks' pieces (one host step; NCCL groups them
-   into one launch); in bf16 precision the matrices' bf16 copy is then cast from them.
+   the full weights, writing it (and its bf16 copy) and the moments' shard;
+4. every bucket of weights all-gathered from the ranks' pieces, each as soon as AdamW has written
+   this rank's piece of it (NCCL: on the side stream, overlapping the AdamW of the next pieces);
+   in bf16 precision the bf16 copies of the other ranks' pieces of the matrices are then cast from
+   them, each once its bucket has arrived (AdamW wrote this rank's own), and the step ends with
+   the main stream joined to the side stream.
 
 Collectives are host steps (``Plan.host``): a graph run launches the kernels between them as
 graphs. They are ordered on the legacy default stream, where the plan's launches and graphs run
@@ -23,13 +26,12 @@ graphs. They are ordered on the legacy default stream, where the plan's launches
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 
 import numpy as np
 
-from runtime import DeviceArray, View
+from runtime import DeviceArray, Event, View
 from runtime.plan import Plan
 
 from ..config import ModelConfig
@@ -61,6 +63,8 @@ class ZeroCudaRank(CudaBackend):
         self.shards = ShardPlan.of(ParamLayout(config), comm.world, bucket_elems)
         super().__init__(config, params, adamw, precision=precision, **backend)
         self.grad_shard = DeviceArray(self.shards.shard_size)
+        # one event a bucket, recorded on the communicator's side stream after its all-gather
+        self._gathered = [Event() for _ in self.shards.buckets] if hasattr(comm, "all_gather_overlapped") else []
         self.grad_shard.fill_u32(0)
         self._loss_sum = DeviceArray(1)
 
@@ -136,27 +140,34 @@ class ZeroCudaRank(CudaBackend):
                            self.norm_out.view("grad norm, clip scale"), max_norm, across=across)
         clip = self.norm_out.view("clip scale", 1, (1,))
         lr, bc1, bc2 = (plan.value(n, 1.0) for n in ("lr", "bias_correction1", "bias_correction2"))
-        for seg in shards.segments(comm.rank):
-            part = f"shard {seg.shard}..{seg.shard + seg.size}"
-            param = self.weights.view(f"weights of {part}", seg.flat, (seg.size,))
-            grad, m, v = (buf.view(f"{what} of {part}", seg.shard, (seg.size,)) for what, buf in
-                          (("gradients", gshard), ("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)))
-            param16 = self.weights16.view(f"weights of {part}[bf16]", seg.flat, (seg.size,)) \
-                if self.bf16 and seg.decays else None
-            ops.adamw(seg.decays, param, grad, m, v, clip, lr, bc1, bc2, param16=param16)
-        gathers = [(piece(self.weights, p, "weights", p.flat), bucket(self.weights, b, "weights"))
-                   for b, p in zip(shards.buckets, pieces)]
-        grouped = getattr(comm, "grouped", contextlib.nullcontext)  # NCCL: one launch for them all
-
-        def all_gather_weights() -> None:
-            with grouped():
-                for send, recv in gathers:
-                    comm.all_gather(send, recv)
-        plan.host(all_gather_weights, label=f"all-gather the weights ({len(gathers)} buckets)",
-                  reads=[send for send, _ in gathers], writes=[recv for _, recv in gathers])
-        if self.bf16:  # the other ranks' pieces of the matrices, as the GEMMs read them
-            ops.cast(self.weights.view("matrices", 0, (lay.decay_end,)), self.weights16.view("matrices[bf16]"),
-                     lay.decay_end)
+        # bucket by bucket: AdamW on this rank's piece, then the piece sent to the others (NCCL: on
+        # the side stream, while AdamW goes on with the next piece and the casts below proceed)
+        gather = getattr(comm, "all_gather_overlapped", None)
+        segments = shards.segments(comm.rank)
+        for b, p in zip(shards.buckets, pieces):
+            for seg in (s for s in segments if p.flat <= s.flat < p.flat + p.size):
+                part = f"shard {seg.shard}..{seg.shard + seg.size}"
+                param = self.weights.view(f"weights of {part}", seg.flat, (seg.size,))
+                grad, m, v = (buf.view(f"{what} of {part}", seg.shard, (seg.size,)) for what, buf in
+                              (("gradients", gshard), ("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)))
+                param16 = self.weights16.view(f"weights of {part}[bf16]", seg.flat, (seg.size,)) \
+                    if self.bf16 and seg.decays else None
+                ops.adamw(seg.decays, param, grad, m, v, clip, lr, bc1, bc2, param16=param16)
+            send, recv = piece(self.weights, p, "weights", p.flat), bucket(self.weights, b, "weights")
+            sent = functools.partial(gather, send, recv, self._gathered[b.index]) if gather else \
+                functools.partial(comm.all_gather, send, recv)
+            plan.host(sent, label=f"all-gather weight bucket {b.index}", reads=[send], writes=[recv])
+        if self.bf16:  # the other ranks' pieces of the matrices, as the GEMMs read them (AdamW wrote ours)
+            for start, size in shards.others(comm.rank, lay.decay_end):
+                if gather:  # once the run's last bucket has arrived (the side stream keeps their order)
+                    last = max(i for i, b in enumerate(shards.buckets) if b.start < start + size)
+                    plan.host(functools.partial(comm.wait_for, self._gathered[last]),
+                              label=f"wait for weight bucket {last}")
+                ops.cast(self.weights.view(f"matrices {start}+{size}", start, (size,)),
+                         self.weights16.view(f"matrices {start}+{size}[bf16]", start, (size,)), size)
+        if gather:  # the last bucket's arrival: every all-gather's (one stream)
+            plan.host(functools.partial(comm.wait_for, self._gathered[-1]), label="wait for the weights' all-gathers",
+                      reads=[self.weights.view("weights")])
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -188,3 +199,5 @@ class ZeroCudaRank(CudaBackend):
         super().close()
         for buf in (self.grad_shard, self._loss_sum):
             buf.free()
+        for event in self._gathered:
+            event.destroy()
