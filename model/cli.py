@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 import typing
@@ -248,9 +249,14 @@ def cmd_train(argv: Sequence[str]) -> int:
                         "default fp32")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="data-parallel training on N GPUs of this host (needs the distributed extra)")
+    p.add_argument("--comm-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="data-parallel runs: how long a rank waits for the others (to meet, then between "
+                        "collectives) before it stops with one line; default 600")
     _add_settings(p, TrainSettings)
     _add_settings(p, AdamWSettings)
     ns = p.parse_args(argv)
+    if not (math.isfinite(ns.comm_timeout) and ns.comm_timeout > 0):
+        raise UsageError(f"--comm-timeout must be a positive number of seconds, got {ns.comm_timeout:g}")
     dp = check_data_parallel(ns.gpus, ns.device, os.environ)
     rank = dp if isinstance(dp, LaunchEnv) else None  # this process is one rank of a data-parallel run
     primary = rank is None or rank.rank == 0  # the process that writes the run directory and prints
@@ -344,7 +350,7 @@ def cmd_train(argv: Sequence[str]) -> int:
             from .parallel.nccl import NcclCommunicator
             from .parallel.zero_cuda import ZeroCudaRank
 
-            comm = stack.enter_context(contextlib.closing(NcclCommunicator(rank)))
+            comm = stack.enter_context(contextlib.closing(NcclCommunicator(rank, timeout=ns.comm_timeout)))
             factory: BackendFactory = functools.partial(ZeroCudaRank, comm, precision=precision,
                                                         digest_every=settings.eval_every)
             line += f"; data-parallel: {rank.world} GPUs (ZeRO-1 over NCCL, {rank.source})"

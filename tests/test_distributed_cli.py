@@ -112,6 +112,8 @@ def test_a_rank_of_gpus_n_takes_its_parents_flag_and_refuses_another(capsys, mon
 
 @pytest.mark.parametrize("argv, environ, line", [
     (["--gpus", "0"], {}, "--gpus must be at least 1, got 0"),
+    (["--gpus", "2", "--comm-timeout", "0"], {}, "--comm-timeout must be a positive number of seconds, got 0"),
+    (["--comm-timeout", "nan"], {}, "--comm-timeout must be a positive number of seconds, got nan"),
     (["--gpus", "-3"], {}, "--gpus must be at least 1, got -3"),
     (["--gpus", "2", "--device", "numpy"], {}, "--gpus 2 trains on GPUs; --device numpy trains on the CPU"),
     (["--gpus", "2"], TORCHRUN_2, "--gpus starts its own processes; under torchrun leave it out (the launcher "

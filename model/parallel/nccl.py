@@ -22,7 +22,9 @@ from runtime.memory import DeviceArray, Event, Stream, View
 from .comm import CommError
 from .launch import LaunchEnv
 from .rendezvous import share_id
+from .watchdog import Watchdog
 
+DEFAULT_TIMEOUT_S = 600.0  # ptxgen train --comm-timeout: a checkpoint write by rank 0 must fit in it
 INSTALL = "pip install -e '.[distributed]'"  # nccl4py and the NCCL runtime wheel (pyproject.toml)
 _DTYPES = ("f32", "f16", "bf16", "i32", "i64", "u8")  # the runtime's names; NCCL's by the same names below
 
@@ -41,10 +43,12 @@ class NcclCommunicator:
     """One rank's NCCL communicator, on the runtime's device 0: ``LaunchEnv.pin_gpu`` made that the
     rank's own GPU before CUDA started."""
 
-    def __init__(self, env: LaunchEnv, stream: Stream | None = None, timeout: float = 120.0):
+    def __init__(self, env: LaunchEnv, stream: Stream | None = None, timeout: float = DEFAULT_TIMEOUT_S):
         """``stream``: where the collectives are enqueued; by default the legacy default stream,
         where a training plan's launches and graphs run (so a collective follows the kernels
-        before it and precedes those after: ZeroCudaRank's host steps rely on that)."""
+        before it and precedes those after: ZeroCudaRank's host steps rely on that).
+        ``timeout``: seconds to wait for the other ranks, at the rendezvous and then between
+        collectives (``watchdog``)."""
         stream = stream if stream is not None else Stream.null()
         nccl = importlib.import_module("nccl.core")
         # NVLink SHARP (NVLS) reduces in switch hardware in an order that is not fixed, and is
@@ -63,12 +67,15 @@ class NcclCommunicator:
         self._types = {name: int(getattr(nccl.NcclDataType, t)) for name, t in zip(
             _DTYPES, ("FLOAT32", "FLOAT16", "BFLOAT16", "INT32", "INT64", "UINT8"))}
         self._sum = int(nccl.SUM)
+        self._watchdog = Watchdog(timeout, f"rank {env.rank}") if env.world > 1 else None
         # the side stream: reduce-scatters that overlap the backward (non-blocking: the legacy
         # stream does not wait for it implicitly, only at join_overlapped)
         self._side = Stream()
         self._forked, self._joined, self._at_join = Event(), Event(), Event()
 
     def _call(self, what: str, fn: Any, *args: Any) -> None:
+        if self._watchdog is not None:
+            self._watchdog.beat()
         try:
             fn(*args)
         except Exception as e:  # nccl4py's NCCLError: one line naming the collective
@@ -159,6 +166,8 @@ class NcclCommunicator:
         self._comm.abort()
 
     def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.stop()
         self._comm.destroy()
         self._side.destroy()
         for event in (self._forked, self._joined, self._at_join):

@@ -1,0 +1,51 @@
+"""A rank that hears nothing from the others for --comm-timeout seconds ends itself with one line
+(model/parallel/watchdog.py), on a made-up clock: beats postpone it, a stopped watchdog never fires."""
+import threading
+
+import pytest
+
+from model.parallel.watchdog import EXIT_HUNG, Watchdog
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def watch(clock, timeout=60.0):
+    said, exits, fired = [], [], threading.Event()
+
+    def exit(code):
+        exits.append(code)
+        fired.set()
+    return Watchdog(timeout, "rank 1", say=said.append, exit=exit, clock=clock, poll=0.01), said, exits, fired
+
+
+def test_silence_past_the_timeout_ends_the_rank_with_one_line():
+    clock = Clock()
+    dog, said, exits, fired = watch(clock)
+    clock.now = 61.0
+    assert fired.wait(5)
+    assert exits == [EXIT_HUNG] and said == ["ptxgen train: rank 1: no collective in 61 s (another rank died or "
+                                             "hung, or --comm-timeout 60 is too short); stopping"]
+    dog.stop()
+
+
+def test_beats_keep_a_rank_alive_and_a_stopped_watchdog_never_fires():
+    clock = Clock()
+    dog, said, exits, fired = watch(clock)
+    for t in range(0, 600, 30):
+        clock.now = float(t)
+        dog.beat()
+        assert not fired.wait(0.05)
+    dog.stop()
+    clock.now = 10_000.0
+    assert not fired.wait(0.1) and said == [] and exits == []
+
+
+def test_a_timeout_must_be_positive():
+    with pytest.raises(ValueError, match="positive timeout"):
+        Watchdog(0, "rank 0")
