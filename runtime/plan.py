@@ -227,6 +227,7 @@ class Plan:
         self._unset: set[str] = set()
         self._kept: list[DeviceArray] = []
         self._graphs: dict[tuple[tuple[str, ...], int], Graph] = {}  # (sections, segment)
+        self._split: dict[tuple[str, ...], list] = {}  # sections -> their segments, for graph runs
 
     def value(self, name: str, initial: Number) -> Expr:
         """A named per-run value; ``initial`` only shapes the launches until the first ``set``."""
@@ -279,6 +280,7 @@ class Plan:
             at += 1
         step = Host(label, after.section, fn, reads, writes)
         self.steps.insert(at, step)
+        self._split.clear()
         return step
 
     def set(self, **values: Number) -> None:
@@ -314,15 +316,23 @@ class Plan:
             for step in steps:
                 step()
             return
-        for i, segment in enumerate(_segments(steps)):
+        for i, segment in enumerate(self._segments_of(sections, steps)):
             if isinstance(segment, Host):
                 segment()
             else:
                 self.graph(*sections, segment=i).launch()
 
+    def _segments_of(self, sections: tuple[str, ...], steps: list[Step | Fill | Host]) -> list:
+        """``_segments(steps)``, kept per ``sections`` (the plan's steps are fixed once it runs)."""
+        if sections not in self._split:
+            self._split[sections] = _segments(steps)
+        return self._split[sections]
+
     def graph(self, *sections: str, segment: int | None = None) -> Graph:
         """The launches of ``sections`` as one CUDA graph, kept up to date by ``set``; where host
         steps split them, the ``segment``-th part of ``_segments`` (which must be named)."""
+        if (sections, segment) in self._graphs:  # (a graph run asks for every segment, every step)
+            return self._graphs[(sections, segment)]
         steps = self.of(*sections)
         if segment is None:
             if any(isinstance(s, Host) for s in steps):
@@ -332,9 +342,8 @@ class Plan:
             part = _segments(steps)[segment]
             if isinstance(part, Host):
                 raise ValueError(f"segment {segment} of {sections or 'the plan'} is a host step")
-        if (sections, segment) not in self._graphs:
-            self._graphs[(sections, segment)] = Graph(part)
-        return self._graphs[(sections, segment)]
+        self._graphs[(sections, segment)] = graph = Graph(part)
+        return graph
 
     def last_writer(self, start: int, size: int, *sections: str) -> int | None:
         """The index in ``of(*sections)`` of the last step that writes into [start, start + size)
