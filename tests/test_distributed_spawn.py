@@ -3,6 +3,7 @@ its rank's torchrun variables, watched as one run. A rank that fails stops the o
 peer blocked in a collective would wait for ever) and the parent says which, in one line, with
 that rank's exit code. Stand-in children (small Python scripts) play the ranks."""
 import json
+import os
 import sys
 import time
 
@@ -39,11 +40,45 @@ def test_a_users_nccl_setting_is_kept(tmp_path):
     assert run(1, script, {"NCCL_NVLS_ENABLE": "1"})[0] == 0 and (tmp_path / "nvls").read_text() == "1"
 
 
-def test_a_failing_rank_stops_the_others_and_is_named_in_one_line():
-    script = "import os, sys, time; sys.exit(3) if os.environ['RANK'] == '1' else time.sleep(60)"
+def failing_rank_run(tmp_path):
+    """Rank 1 exits 3 at once; ranks 0 and 2 (their pids written down) would sleep a minute."""
+    script = (f"import os, sys, time\n"
+              f"open(r'{tmp_path}/' + os.environ['RANK'], 'w').write(str(os.getpid()))\n"
+              f"sys.exit(3) if os.environ['RANK'] == '1' else time.sleep(60)")
     code, said, took = run(3, script)
+    alive = [r for r in (0, 2) if (tmp_path / str(r)).exists() and running(int((tmp_path / str(r)).read_text()))]
+    return code, said, took, alive
+
+
+def running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def check_failing_rank_run(code, said, took, alive) -> None:
     assert code == 3 and said == ["ptxgen train: rank 1 of 3 exited with code 3; stopped ranks 0, 2"]
-    assert took < 30  # not the sleepers' 60 s
+    assert took < 30 and alive == []  # not the sleepers' 60 s, and no sleeper left behind
+
+
+def test_a_failing_rank_stops_the_others_and_is_named_in_one_line(tmp_path):
+    check_failing_rank_run(*failing_rank_run(tmp_path))
+
+
+def test_planted_a_parent_that_leaves_the_others_running_is_caught(tmp_path, monkeypatch):
+    """A parent that names the failed rank but does not stop the others returns as fast, with the
+    same line; the check still catches it: the sleepers are alive."""
+    import model.parallel.spawn as spawn
+    monkeypatch.setattr(spawn, "_stop", lambda ranks, grace, sig=None: None)
+    outcome = failing_rank_run(tmp_path)
+    try:
+        with pytest.raises(AssertionError):
+            check_failing_rank_run(*outcome)
+    finally:
+        for r in outcome[3]:
+            os.kill(int((tmp_path / str(r)).read_text()), 9)
 
 
 def test_a_rank_that_ignores_the_stop_is_killed_after_the_grace():

@@ -34,16 +34,33 @@ def test_silence_past_the_timeout_ends_the_rank_with_one_line():
     dog.stop()
 
 
-def test_beats_keep_a_rank_alive_and_a_stopped_watchdog_never_fires():
-    clock = Clock()
-    dog, said, exits, fired = watch(clock)
+def beaten_every_30_s_for_10_minutes(clock, dog, fired) -> bool:
+    """Whether the watchdog fired although beaten every 30 s (its timeout is 60)."""
     for t in range(0, 600, 30):
         clock.now = float(t)
         dog.beat()
-        assert not fired.wait(0.05)
+        if fired.wait(0.05):
+            return True
+    return False
+
+
+def test_beats_keep_a_rank_alive_and_a_stopped_watchdog_never_fires():
+    clock = Clock()
+    dog, said, exits, fired = watch(clock)
+    assert not beaten_every_30_s_for_10_minutes(clock, dog, fired)
     dog.stop()
     clock.now = 10_000.0
     assert not fired.wait(0.1) and said == [] and exits == []
+
+
+def test_planted_beats_that_do_not_count_are_caught(monkeypatch):
+    """A watchdog that measures silence from its start, not from the last beat, would stop a
+    healthy rank after the timeout: the keep-alive check sees it fire."""
+    monkeypatch.setattr(Watchdog, "beat", lambda self: None)
+    clock = Clock()
+    dog, _, exits, fired = watch(clock)
+    assert beaten_every_30_s_for_10_minutes(clock, dog, fired) and exits == [EXIT_HUNG]
+    dog.stop()
 
 
 def test_a_timeout_must_be_positive():
