@@ -41,6 +41,12 @@ def scaling(preset_name: str, batch: int, seq: int, precision: str, gpus: list[i
         rows.append({"gpus": world, "global_batch": batch * world, "step_s": step_s,
                      "tokens_per_s": batch * world * seq / step_s, "peak_bytes": max(r["peak_bytes"] for r in ranks),
                      "wait_ms": max(waits) if waits else None})
+    return with_speedups(rows)
+
+
+def with_speedups(rows: list[dict]) -> list[dict]:
+    """Each measured row's speed-up over the one-GPU row (tokens/s) and its efficiency (speed-up
+    / GPUs); none where one GPU was not measured."""
     base = next((r for r in rows if r["gpus"] == 1 and "error" not in r), None)
     for r in rows:
         if base is not None and "error" not in r:

@@ -34,7 +34,10 @@ from .kernels import ModelKernels
 from .metrics import SAMPLE
 from .numpy_backend import NumpyBackend, NumpyDecoder
 from .optim import AdamWSettings
+from .parallel.comm import CommError
 from .parallel.launch import LaunchEnv, LaunchError, from_environ
+from .parallel.rendezvous import RendezvousError
+from .parallel.replicas import ReplicaMismatch
 from .precision import Precision
 from .reference import IGNORE_INDEX
 from .settings import SettingsError, flag
@@ -198,6 +201,8 @@ def check_data_parallel(gpus: int | None, device: str, environ: MutableMapping[s
     if gpus is not None and gpus < 1:
         raise UsageError(f"--gpus must be at least 1, got {gpus}")
     spawned = launch is not None and launch.source == "--gpus"
+    if launch is not None and launch.world == 1 and not spawned and gpus:
+        launch = None  # a one-task launch (an sbatch script's MASTER_ADDR, torchrun of 1): --gpus starts the ranks
     if spawned and gpus != launch.world:
         raise UsageError(f"--gpus {gpus} in a rank that ptxgen train --gpus {launch.world} started")
     if gpus is not None and launch is not None and launch.world > 1 and not spawned:
@@ -342,23 +347,25 @@ def cmd_train(argv: Sequence[str]) -> int:
     if isinstance(dp, int):  # the input is good: start the ranks, each of which runs the checks above again
         from .parallel.spawn import rank_command, spawn_ranks
 
+        del ckpt, init, corpus  # the parent only waits: what it read for the checks is the ranks' to hold
         return spawn_ranks(dp, rank_command(argv), os.environ)
     # the communicator and the run directory's lock, released however the run ends
     with contextlib.ExitStack() as stack:
+        if primary:  # rank 0 alone writes the run directory (held before the ranks meet: a refusal is exit 2)
+            rundir.prepare(out)
+            stack.enter_context(rundir.hold(out))
         comm = None
         if rank is not None:
             from .parallel.nccl import NcclCommunicator
             from .parallel.zero_cuda import ZeroCudaRank
 
-            comm = stack.enter_context(contextlib.closing(NcclCommunicator(rank, timeout=ns.comm_timeout)))
+            # closed when the run ends; aborted when this rank fails (closing would wait for the others)
+            comm = stack.enter_context(NcclCommunicator(rank, timeout=ns.comm_timeout))
             factory: BackendFactory = functools.partial(ZeroCudaRank, comm, precision=precision,
                                                         digest_every=settings.eval_every)
             line += f"; data-parallel: {rank.world} GPUs (ZeRO-1 over NCCL, {rank.source})"
         else:
             factory = functools.partial(backend, precision=precision)
-        if primary:  # rank 0 alone writes the run directory
-            rundir.prepare(out)
-            stack.enter_context(rundir.hold(out))
         say(line)
         if plan is not None:
             say(f"plan: the default run here, --preset {plan.preset} --precision {ns.precision} "
@@ -376,6 +383,8 @@ def cmd_train(argv: Sequence[str]) -> int:
                        tokenizer_file=tokenizer_file, tokenizer_name=tokenizer.name, run_state=run_state, log=say,
                        initial=init.params if init else None, save_dtype=ns.save_dtype,
                        generation_config=generation_config, comm=comm)
+        if comm is not None:  # the ranks are done together: part before rank 0's sample
+            stack.close()
         if not primary:
             result.backend.close()
             return 0
@@ -504,6 +513,9 @@ def _guarded(name: str, command: Callable[[Sequence[str]], int]) -> Callable[[Se
                 MemoryTooSmall, LaunchError) as e:
             print(f"ptxgen {name}: error: {e}", file=sys.stderr)
             return 2
+        except (CommError, RendezvousError, ReplicaMismatch) as e:  # a data-parallel run that broke off
+            print(f"ptxgen {name}: error: {e}", file=sys.stderr)
+            return 1
         except FloatingPointError as e:  # the loss diverged: the checkpoints written so far stay
             print(f"ptxgen {name}: error: {e} (training diverged; try a lower --lr)", file=sys.stderr)
             return 2

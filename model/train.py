@@ -109,13 +109,15 @@ class TrainResult:
     backend: Backend | None = field(default=None, repr=False)  # the trained model, for a sample
 
 
-def evaluate(backend: Backend, batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
-    """Mean validation loss over a fixed set of batches (token-weighted)."""
+def evaluate(backend: Backend, batches: list[tuple[np.ndarray, np.ndarray]], progress: bool | None = None) -> float:
+    """Mean validation loss over a fixed set of batches (token-weighted). ``progress``: the bar
+    (None: when stderr is a terminal)."""
     from tqdm import tqdm
 
+    bar = None if progress is None else not progress
     with np.errstate(all="ignore"):  # non-finite losses are reported by the caller
         total = sum(backend.loss(x, y) * x.size
-                    for x, y in tqdm(batches, desc="validation", unit="batch", leave=False, disable=None))
+                    for x, y in tqdm(batches, desc="validation", unit="batch", leave=False, disable=bar))
     return total / sum(x.size for x, _ in batches)
 
 
@@ -195,7 +197,7 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
                            elapsed_s=round(time.perf_counter() - started, 3))
 
     if start == 0:
-        result.val_losses[0] = evaluate(backend, val)
+        result.val_losses[0] = evaluate(backend, val, progress)
         log(f"step 0: val_loss {result.val_losses[0]:.4f} (ln vocab = {math.log(config.vocab_size):.4f})")
         record(0)
 
@@ -221,7 +223,7 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
             bar.close()
             raise FloatingPointError(f"the loss is {loss} at step {step}")
         if step % s.eval_every == 0 or step == s.steps:
-            result.val_losses[step] = evaluate(backend, val)
+            result.val_losses[step] = evaluate(backend, val, progress)
             say(f"step {step}: train_loss {loss:.4f} val_loss {result.val_losses[step]:.4f} "
                       f"grad_norm {norm:.3f} lr {lr:.2e} tokens/s {result.tokens_per_s:.0f}")
         record(step, loss, lr, norm)

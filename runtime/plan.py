@@ -331,7 +331,7 @@ class Plan:
     def graph(self, *sections: str, segment: int | None = None) -> Graph:
         """The launches of ``sections`` as one CUDA graph, kept up to date by ``set``; where host
         steps split them, the ``segment``-th part of ``_segments`` (which must be named)."""
-        if (sections, segment) in self._graphs:  # (a graph run asks for every segment, every step)
+        if segment is not None and (sections, segment) in self._graphs:  # a graph run's every segment, every step
             return self._graphs[(sections, segment)]
         steps = self.of(*sections)
         if segment is None:
@@ -342,8 +342,9 @@ class Plan:
             part = _segments(steps)[segment]
             if isinstance(part, Host):
                 raise ValueError(f"segment {segment} of {sections or 'the plan'} is a host step")
-        self._graphs[(sections, segment)] = graph = Graph(part)
-        return graph
+        if (sections, segment) not in self._graphs:
+            self._graphs[(sections, segment)] = Graph(part)
+        return self._graphs[(sections, segment)]
 
     def last_writer(self, start: int, size: int, *sections: str) -> int | None:
         """The index in ``of(*sections)`` of the last step that writes into [start, start + size)

@@ -105,11 +105,9 @@ def test_the_scaling_table_states_speed_up_and_efficiency_against_one_gpu():
             {"gpus": 2, "global_batch": 16, "step_s": 0.074, "tokens_per_s": 16 * 1024 / 0.074,
              "peak_bytes": 15 * 2**30, "wait_ms": 1.25},
             {"gpus": 4, "error": "the ranks exited with code 1"}]
-    base = rows[0]["tokens_per_s"]
-    for r in rows[:2]:
-        r["speedup"] = r["tokens_per_s"] / base
-        r["efficiency"] = r["speedup"] / r["gpus"]
-    text = dp.format_scaling("qwen2-0.5b bf16, 8 x 1024 per GPU", rows)
+    text = dp.format_scaling("qwen2-0.5b bf16, 8 x 1024 per GPU", dp.with_speedups(rows))
+    assert rows[1]["speedup"] == pytest.approx(2 * 0.070 / 0.074) and "speedup" not in rows[2]
+    assert "speedup" not in dp.with_speedups([{"gpus": 2, "tokens_per_s": 1.0}])[0]  # no one-GPU row
     assert "1.89x" in text and "94.6%" in text and "1.25" in text and "15.00" in text
     assert "4  failed: the ranks exited with code 1" in text
 

@@ -103,6 +103,17 @@ def test_a_batch_that_does_not_split_among_the_gpus_is_one_line_before_any_rank_
     assert err == "ptxgen train: error: --batch-size 4 does not split evenly among 3 GPUs (use a multiple of 3)\n"
 
 
+def test_gpus_n_under_a_one_task_launch_starts_its_own_ranks(capsys, monkeypatch):
+    """An sbatch script that exports MASTER_ADDR/MASTER_PORT, or torchrun of one process, around
+    ptxgen train --gpus 4: the one-task launch does not make it one rank; --gpus starts the four."""
+    monkeypatch.setattr(nccl_module, "nccl_missing", lambda: None)
+    monkeypatch.setattr(runtime.driver, "device_count", lambda: 4)
+    one_task = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "MASTER_ADDR": "node1",
+                "MASTER_PORT": "29500"}
+    for environ in (one_task, {**TORCHRUN_2, "WORLD_SIZE": "1"}):
+        assert check_data_parallel(4, "auto", dict(environ)) == 4
+
+
 def test_a_rank_of_gpus_n_takes_its_parents_flag_and_refuses_another(capsys, monkeypatch, work_started):
     monkeypatch.setattr(nccl_module, "nccl_missing", lambda: None)
     spawned = {**TORCHRUN_2, "PTXGEN_LAUNCHER": "--gpus"}
@@ -137,3 +148,24 @@ def test_planted_a_cli_that_checks_gpus_late_is_caught_by_the_before_any_work_fi
     monkeypatch.setattr("model.cli.check_data_parallel", lambda *a: None)  # the check skipped
     with pytest.raises(AssertionError, match="work started before --gpus was checked"):
         train(capsys, monkeypatch, "--gpus", "2")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_whose_peers_never_come_says_so_in_one_line_and_rank_0_alone_made_the_run_directory(
+        capsys, monkeypatch, tmp_path, gpu_host, rank):
+    from model.parallel.launch import LaunchEnv
+    from model.parallel.rendezvous import RendezvousError
+
+    env = LaunchEnv(rank, 2, rank, "127.0.0.1", 29500, "torchrun")
+    monkeypatch.setattr("model.cli.check_data_parallel", lambda *a: env)
+
+    def never_met(launch, timeout):
+        raise RendezvousError(f"rank {launch.rank}: rank 0 did not answer on 127.0.0.1:29500 within {timeout:g} s")
+    monkeypatch.setattr(nccl_module, "NcclCommunicator", never_met)
+    (tmp_path / "data.txt").write_text("x = 1\n" * 500)
+    code, out, err = train(capsys, monkeypatch, "--preset", "tiny", "--data", str(tmp_path / "data.txt"),
+                           "--batch-size", "4", "--seq-len", "16", "--out", str(tmp_path / "run"),
+                           "--comm-timeout", "5")
+    assert code == 1 and out == ""
+    assert err == f"ptxgen train: error: rank {rank}: rank 0 did not answer on 127.0.0.1:29500 within 5 s\n"
+    assert (tmp_path / "run").exists() == (rank == 0)

@@ -38,7 +38,8 @@ def test_gpus_n_hands_its_children_torchrun_variables_that_parse_back():
 
 
 @pytest.mark.parametrize("visible, local_rank, gpu", [(None, 0, "0"), (None, 3, "3"), ("4,5,6", 1, "5"),
-                                                       ("GPU-a1b2, GPU-c3d4", 1, "GPU-c3d4")])
+                                                       ("GPU-a1b2, GPU-c3d4", 1, "GPU-c3d4"),
+                                                       ("5", 3, "5")])  # srun --gpus-per-task=1: bound already
 def test_each_rank_sees_only_its_local_rank_gpu(visible, local_rank, gpu):
     environ = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
     assert LaunchEnv(local_rank, 4, local_rank, "h", 1, "torchrun").pin_gpu(environ) == gpu

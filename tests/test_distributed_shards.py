@@ -204,3 +204,39 @@ def test_the_runs_other_ranks_own_below_an_end_are_the_complement_of_a_ranks_pie
         assert all(a + n < b for (a, n), (b, _) in zip(runs, runs[1:]))  # adjacent runs merged
     if world == 1:
         assert plan.others(0, 7_001) == []  # one rank owns everything: nothing to take
+
+
+def test_a_bf16_ranks_casts_of_the_others_pieces_each_wait_for_their_last_bucket(monkeypatch):
+    """ZeroCudaRank's bf16 optimizer with a communicator that overlaps the all-gathers: every
+    other rank's run of the matrices is cast once, right after the wait for the last bucket it
+    covers (a cast before its wait would read weights still arriving), and the casts cover exactly
+    the other ranks' pieces below the matrices' end."""
+    from model.parallel.zero_cuda import ZeroCudaRank
+    from model.precision import Precision
+
+    class Overlapping:
+        rank, world = 1, 3
+
+        def reduce_scatter_overlapped(self, send, recv): ...
+
+        def join_overlapped(self): ...
+
+        def all_gather_overlapped(self, send, recv, done): ...
+
+        def wait_for(self, done): ...
+
+    with dry_device(monkeypatch):
+        params = {n: np.zeros(s, np.float32) for n, s in param_shapes(TINY).items()}
+        rank = ZeroCudaRank(Overlapping(), TINY, params, AdamWSettings(), precision=Precision.BF16,
+                            bucket_elems=40_000, cache=DryCache())
+        optimizer = rank.plan(2, 16).of("optimizer")
+        casts = [i for i, s in enumerate(optimizer) if s.kind == "cast"]
+        covered = []
+        for i in casts:
+            start = (optimizer[i].args["src"].ptr - rank.weights.ptr) // 4
+            size = optimizer[i].args["n"]
+            last = max(b.index for b in rank.shards.buckets if b.start < start + size)
+            assert optimizer[i - 1].label == f"wait for weight bucket {last}"
+            covered.append((start, size))
+        assert covered == rank.shards.others(1, rank.layout.decay_end) and len(covered) > 1
+        rank.close()

@@ -99,3 +99,56 @@ def test_a_rank_killed_by_a_signal_reports_128_plus_the_signal():
 @pytest.mark.parametrize("world", [1, 4])
 def test_ranks_that_all_finish_are_a_finished_run(world):
     assert run(world, "pass")[:2] == (0, [])
+
+
+PARENT = """
+import sys
+from model.parallel.spawn import spawn_ranks
+script = ("import os, time\\n"
+          "open(os.path.join({tmp!r}, os.environ['RANK']), 'w').write(str(os.getpid()))\\n"
+          "time.sleep(60)")
+sys.exit(spawn_ranks(2, [sys.executable, "-c", script], {{"PATH": "/usr/bin:/bin"}}, grace=2.0))
+"""
+
+
+def parent_of_sleepers(tmp_path):
+    import subprocess
+    parent = subprocess.Popen([sys.executable, "-c", PARENT.format(tmp=str(tmp_path))], stderr=subprocess.PIPE,
+                              text=True)
+    deadline = time.monotonic() + 30
+    while not all((tmp_path / r).exists() and (tmp_path / r).read_text() for r in "01"):
+        assert time.monotonic() < deadline and parent.poll() is None
+        time.sleep(0.05)
+    return parent, [int((tmp_path / r).read_text()) for r in "01"]
+
+
+def gone_within(pids, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not any(running(pid) for pid in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGHUP"])
+def test_a_parent_told_to_stop_stops_its_ranks(tmp_path, how):
+    import signal
+    parent, pids = parent_of_sleepers(tmp_path)
+    parent.send_signal(getattr(signal, how))
+    _, err = parent.communicate(timeout=30)
+    assert parent.returncode == 128 + getattr(signal, how)
+    assert err.strip().splitlines()[-1] == f"ptxgen train: {how} received; stopped 2 ranks"
+    assert gone_within(pids, 10)
+
+
+def test_a_parent_killed_outright_takes_its_ranks_with_it(tmp_path):
+    parent, pids = parent_of_sleepers(tmp_path)
+    parent.kill()
+    parent.wait()
+    try:
+        assert gone_within(pids, 10)
+    finally:
+        for pid in pids:
+            if running(pid):
+                os.kill(pid, 9)

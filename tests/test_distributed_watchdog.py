@@ -27,6 +27,10 @@ def watch(clock, timeout=60.0):
 def test_silence_past_the_timeout_ends_the_rank_with_one_line():
     clock = Clock()
     dog, said, exits, fired = watch(clock)
+    clock.now = 1000.0  # before the first collective: not armed
+    assert not fired.wait(0.1)
+    clock.now = 0.0
+    dog.beat()
     clock.now = 61.0
     assert fired.wait(5)
     assert exits == [EXIT_HUNG] and said == ["ptxgen train: rank 1: no collective in 61 s (another rank died or "
@@ -54,9 +58,12 @@ def test_beats_keep_a_rank_alive_and_a_stopped_watchdog_never_fires():
 
 
 def test_planted_beats_that_do_not_count_are_caught(monkeypatch):
-    """A watchdog that measures silence from its start, not from the last beat, would stop a
+    """A watchdog that measures silence from its first beat, not from the last, would stop a
     healthy rank after the timeout: the keep-alive check sees it fire."""
-    monkeypatch.setattr(Watchdog, "beat", lambda self: None)
+    def first_beat_only(self):
+        if self._last is None:
+            self._last = self._clock()
+    monkeypatch.setattr(Watchdog, "beat", first_beat_only)
     clock = Clock()
     dog, _, exits, fired = watch(clock)
     assert beaten_every_30_s_for_10_minutes(clock, dog, fired) and exits == [EXIT_HUNG]

@@ -295,7 +295,17 @@ def test_a_host_step_inserted_after_a_launch_runs_right_after_it_in_its_section(
     plan.run()
     assert calls == ["a", "b"]
     monkeypatch.setattr("runtime.plan.Graph", lambda steps: object())  # (capturing one needs a GPU)
-    plan.graph("backward", segment=0)
+    captured = plan.graph("backward", segment=0)
+    assert plan.graph("backward", segment=0) is captured  # captured once
     with pytest.raises(RuntimeError, match="inserted after the plan's graphs were built"):
         plan.insert_host(last, lambda: None, label="late")
     assert all(isinstance(s, Host) for s in (a, b))
+
+
+def test_a_plans_graph_is_captured_once_whether_or_not_its_segment_is_named(plan, monkeypatch):
+    spec = CastSpec()
+    src, dst = view("src"), view("dst", 1 << 21, dtype="bf16")
+    plan.add(spec, spec.launch_dims(16), label="cast", src=src, dst=dst, n=16)
+    monkeypatch.setattr("runtime.plan.Graph", lambda steps: object())  # (capturing one needs a GPU)
+    whole = plan.graph()
+    assert plan.graph() is whole is plan.graph(segment=0)

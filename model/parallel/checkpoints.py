@@ -4,7 +4,9 @@ The moments live in shards, so every rank takes part in gathering them (``optimi
 collective); rank 0 then writes the checkpoint as one process would (``save_checkpoint``: a
 temporary directory renamed into place, then ``latest``), and the others wait at a barrier, so no
 rank runs ahead (to rotate, exit, or a next checkpoint) before the write is done. Should rank 0
-fail to write, its error aborts the group and the others stop with one line naming it.
+fail to write, it aborts its communicator and exits with its error line; the others, at the
+barrier, are stopped by the launcher (``--gpus N``'s parent, torchrun) or by their watchdogs
+(``--comm-timeout``). In-process ranks (``LocalGroup``) fail at once with one line naming it.
 """
 from __future__ import annotations
 

@@ -65,9 +65,13 @@ class LaunchEnv:
 
     def pin_gpu(self, environ: dict[str, str]) -> str:
         """Narrow ``environ``'s CUDA_VISIBLE_DEVICES to this rank's GPU (the local rank's entry of
-        the list it had, or the local rank's ordinal) and return it; call before CUDA starts."""
+        the list it had, or the local rank's ordinal) and return it; call before CUDA starts. A
+        list of one is the rank's own already (srun --gpus-per-task=1 binds one GPU per task)."""
         listed = environ.get("CUDA_VISIBLE_DEVICES")
         choices = [d.strip() for d in listed.split(",") if d.strip()] if listed is not None else None
+        if choices is not None and len(choices) == 1:
+            environ["CUDA_VISIBLE_DEVICES"] = choices[0]
+            return choices[0]
         if choices is not None and self.local_rank >= len(choices):
             raise LaunchError(f"{self.source}: local rank {self.local_rank} has no GPU: CUDA_VISIBLE_DEVICES="
                               f"{listed!r} lists {len(choices)}")

@@ -68,6 +68,7 @@ class NcclCommunicator:
             _DTYPES, ("FLOAT32", "FLOAT16", "BFLOAT16", "INT32", "INT64", "UINT8"))}
         self._sum = int(nccl.SUM)
         self._watchdog = Watchdog(timeout, f"rank {env.rank}") if env.world > 1 else None
+        self._aborted = False
         # the side stream: reduce-scatters that overlap the backward (non-blocking: the legacy
         # stream does not wait for it implicitly, only at join_overlapped)
         self._side = Stream()
@@ -161,14 +162,31 @@ class NcclCommunicator:
             word.free()
 
     def abort(self, reason: str) -> None:
-        """Tear the communicator down without waiting: the other ranks' collectives then fail
-        (NCCL reports the lost peer; a watchdog that turns that into one line is still to come)."""
-        self._comm.abort()
+        """Tear the communicator down without waiting for the others (ncclCommAbort): this rank's
+        way out when it fails on its own. The others' next collectives never complete: the
+        parent of ``--gpus N`` (or torchrun) stops them when this rank exits, else their watchdogs."""
+        if not self._aborted:
+            self._aborted = True
+            self._comm.abort()
+
+    def __enter__(self) -> "NcclCommunicator":
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, trace: Any) -> None:
+        """A rank that fails aborts (destroying would wait for the others); one that ends, closes."""
+        if error is not None:
+            self.abort(f"{kind.__name__}: {error}")
+        self.close()
 
     def close(self) -> None:
+        """Destroy the communicator (a collective over this node's ranks: the watchdog stays armed
+        through it), unless aborted; then the side stream and events."""
+        if not self._aborted:
+            if self._watchdog is not None:
+                self._watchdog.beat()
+            self._comm.destroy()
         if self._watchdog is not None:
             self._watchdog.stop()
-        self._comm.destroy()
         self._side.destroy()
         for event in (self._forked, self._joined, self._at_join):
             event.destroy()

@@ -2,8 +2,9 @@
 
 NCCL's collectives are queued on the GPU; the host goes on until it next waits for the GPU (the
 loss, a checkpoint). Should a peer die or hang, that wait never ends. The rank's communicator
-``beat``s at every collective it issues; a thread checks, and past ``timeout`` seconds without a
-beat it prints one line and exits the process (os._exit: the main thread is stuck inside the
+``beat``s at every collective it issues (the first one arms the watchdog: building kernels before
+it is not a silence); a thread checks, and past ``timeout`` seconds without a beat it prints one
+line and exits the process (os._exit: the main thread is stuck inside the
 driver and cannot be interrupted). Under ``ptxgen train --gpus N`` the parent stops the other ranks
 as soon as one exits; torchrun and srun do the same with their own workers.
 """
@@ -30,7 +31,7 @@ class Watchdog:
             raise ValueError(f"a watchdog needs a positive timeout, got {timeout}")
         self.timeout, self.who = timeout, who
         self._say, self._exit, self._clock = say, exit, clock
-        self._last = clock()
+        self._last: float | None = None  # armed by the first beat (a rank's first collective)
         self._stopped = threading.Event()
         self._poll = poll if poll is not None else min(1.0, timeout / 10)
         self._thread = threading.Thread(target=self._watch, name=f"watchdog {who}", daemon=True)
@@ -45,6 +46,8 @@ class Watchdog:
 
     def _watch(self) -> None:
         while not self._stopped.wait(self._poll):
+            if self._last is None:
+                continue
             quiet = self._clock() - self._last
             if quiet > self.timeout:
                 self._say(f"ptxgen train: {self.who}: no collective in {quiet:.0f} s (another rank died or hung, "

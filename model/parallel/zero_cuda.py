@@ -47,8 +47,8 @@ from .shards import DEFAULT_BUCKET_ELEMS, ShardPlan, bucket_ready_steps, send_or
 
 class ZeroCudaRank(CudaBackend):
     """One rank of a ZeRO-1 run on the GPU (the training backend's interface; the collectives mean
-    every rank calls ``train_step``, ``optimizer_state`` and ``close`` together). ``comm`` takes
-    device views."""
+    every rank calls ``train_step``, ``optimizer_state`` and ``check_replicas`` together;
+    ``params``, ``loss`` and ``close`` are the rank's own). ``comm`` takes device views."""
 
     name = "cuda-zero1"
     description = "cuda (raw PTX kernels through the CUDA driver API), ZeRO-1 data parallel"
