@@ -179,14 +179,15 @@ class NcclCommunicator:
         self.close()
 
     def close(self) -> None:
-        """Destroy the communicator (a collective over this node's ranks: the watchdog stays armed
-        through it), unless aborted; then the side stream and events."""
+        """Destroy the communicator (a collective over this node's ranks), then the side stream
+        (which waits for it) and events, the watchdog armed throughout. An aborted rank is on its
+        way out: it waits for nothing more."""
         if not self._aborted:
             if self._watchdog is not None:
                 self._watchdog.beat()
             self._comm.destroy()
+            self._side.destroy()
+            for event in (self._forked, self._joined, self._at_join):
+                event.destroy()
         if self._watchdog is not None:
             self._watchdog.stop()
-        self._side.destroy()
-        for event in (self._forked, self._joined, self._at_join):
-            event.destroy()
