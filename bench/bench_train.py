@@ -42,14 +42,14 @@ import torch
 import transformers
 
 from data_parallel import format_scaling, scaling
-from harness import write_json
+from harness import free_bytes, write_json
 from model.config import preset
 from model.cuda_model import CudaBackend
 from model.optim import AdamWSettings
 from model.params import init_params
 from model.precision import Precision
 from runtime import Event, ModuleCache
-from runtime.driver import call, synchronize
+from runtime.driver import synchronize
 from train_report import (RATED_TFLOPS, SYSTEMS, TORCH_PRECISION, Measured, Options, Row, Run, UsageError,
                           breakdown, format_breakdown, parse_args, report, table)
 
@@ -66,12 +66,6 @@ def timed(step: Callable[[], object], warmup: int, reps: int) -> Measured:
         return time.perf_counter() - t0
     warm = [wall() for _ in range(warmup)]
     return Measured(step_s=statistics.median([wall() for _ in range(reps)]), warmup_s=warm)
-
-
-def free_bytes() -> int:
-    synchronize()
-    free, _total = call("cuMemGetInfo")
-    return int(free)
 
 
 @functools.lru_cache(maxsize=1)

@@ -85,11 +85,7 @@ def rank_main(preset_name: str, batch: int, seq: int, precision: str, reps: int,
     from model.optim import AdamWSettings
     from model.params import init_params
     from model.precision import Precision
-    from runtime.driver import call, synchronize
-
-    def free_bytes() -> int:
-        synchronize()
-        return int(call("cuMemGetInfo")[0])
+    from harness import free_bytes  # (after the pin: it imports the runtime)
 
     config = preset(preset_name)
     rng = np.random.default_rng(0)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from runtime import Event
+from runtime.driver import call, synchronize
 from runtime.entry import write_atomic
 
 
@@ -74,3 +75,10 @@ def write_json(path: Path | None, payload: dict) -> None:
     leaves the previous file."""
     if path is not None:
         write_atomic(path, json.dumps(payload, indent=2).encode())
+
+
+def free_bytes() -> int:
+    """The device's free memory once its work is done (a backend's footprint: before minus after)."""
+    synchronize()
+    free, _total = call("cuMemGetInfo")
+    return int(free)

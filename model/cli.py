@@ -38,6 +38,7 @@ from .parallel.comm import CommError
 from .parallel.launch import LaunchEnv, LaunchError, from_environ
 from .parallel.rendezvous import RendezvousError
 from .parallel.replicas import ReplicaMismatch
+from .parallel.watchdog import DEFAULT_TIMEOUT_S
 from .precision import Precision
 from .reference import IGNORE_INDEX
 from .settings import SettingsError, flag
@@ -254,9 +255,9 @@ def cmd_train(argv: Sequence[str]) -> int:
                         "default fp32")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="data-parallel training on N GPUs of this host (needs the distributed extra)")
-    p.add_argument("--comm-timeout", type=float, default=600.0, metavar="SECONDS",
+    p.add_argument("--comm-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                    help="data-parallel runs: how long a rank waits for the others (to meet, then between "
-                        "collectives) before it stops with one line; default 600")
+                        f"collectives) before it stops with one line; default {DEFAULT_TIMEOUT_S:g}")
     _add_settings(p, TrainSettings)
     _add_settings(p, AdamWSettings)
     ns = p.parse_args(argv)
@@ -389,14 +390,17 @@ def cmd_train(argv: Sequence[str]) -> int:
             result.backend.close()
             return 0
         if result.checkpoint is None or not result.checkpoint.is_dir():
-            raise CheckpointError(f"the run ended at step {result.step} but its checkpoint {result.checkpoint} is missing")
+            raise CheckpointError(f"the run ended at step {result.step} but its checkpoint {result.checkpoint} "
+                                  "is missing")
         last_val = result.val_losses[max(result.val_losses)] if result.val_losses else float("nan")
         print(f"done: step {result.step}, val_loss {last_val:.4f}, {result.tokens_per_s:.0f} tokens/s, "
               f"checkpoint {result.checkpoint}")
-        sample = sample_text(result.backend, tokenizer, read_generation_config(result.checkpoint / "generation_config.json"))
+        sample = sample_text(result.backend, tokenizer,
+                             read_generation_config(result.checkpoint / "generation_config.json"))
         (out / SAMPLE).write_text(sample)
         print(f"sample ({out / SAMPLE}):\n{sample}")
         return 0
+
 
 SAMPLE_PROMPT, SAMPLE_TOKENS = "def ", 200
 

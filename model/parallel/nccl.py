@@ -2,8 +2,7 @@
 
 The ranks meet through nccl4py 0.6's ``nccl.core`` (``get_unique_id``, ``UniqueId.from_bytes``,
 ``Communicator.init``, ``abort``, ``destroy``); the collectives go through its bindings
-(``nccl.bindings.nccl``: ``all_reduce``, ``reduce_scatter``, ``all_gather``, ``broadcast``,
-``group_start`` / ``group_end``) on the runtime's device views (``View`` / ``DeviceArray``) as
+(``nccl.bindings.nccl``: ``all_reduce``, ``reduce_scatter``, ``all_gather``, ``broadcast``) on the runtime's device views (``View`` / ``DeviceArray``) as
 pointer, count and NCCL type, on the caller's stream as an integer handle. Run on an H200 as one
 rank (tests/test_distributed_nccl.py: the collectives, and a training run through them); two ranks
 need two GPUs (tests/test_distributed_multi_gpu.py). Nothing here is imported until a multi-GPU
@@ -11,10 +10,9 @@ run asks for it.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
-from typing import Any, Iterator
+from typing import Any
 
 from runtime.driver import call
 from runtime.memory import DeviceArray, Event, Stream, View
@@ -22,9 +20,8 @@ from runtime.memory import DeviceArray, Event, Stream, View
 from .comm import CommError
 from .launch import LaunchEnv
 from .rendezvous import share_id
-from .watchdog import Watchdog
+from .watchdog import DEFAULT_TIMEOUT_S, Watchdog
 
-DEFAULT_TIMEOUT_S = 600.0  # ptxgen train --comm-timeout: a checkpoint write by rank 0 must fit in it
 INSTALL = "pip install -e '.[distributed]'"  # nccl4py and the NCCL runtime wheel (pyproject.toml)
 _DTYPES = ("f32", "f16", "bf16", "i32", "i64", "u8")  # the runtime's names; NCCL's by the same names below
 
@@ -101,21 +98,21 @@ class NcclCommunicator:
         self._call("reduce_scatter", self._b.reduce_scatter, send.ptr, recv.ptr, recv.size, self._type(send, recv),
                    self._sum, self._raw, self._stream if stream is None else stream)
 
+    def _fork(self) -> int:
+        """The side stream, made to wait for everything enqueued so far on the main one (its handle)."""
+        self._forked.record(self._stream_obj)
+        call("cuStreamWaitEvent", self._side.handle, self._forked.handle, 0)
+        return int(self._side.handle)
+
     def reduce_scatter_overlapped(self, send: View | DeviceArray, recv: View | DeviceArray) -> None:
         """``reduce_scatter`` on the side stream, after everything enqueued so far on the main one,
         which goes on meanwhile (the rest of the backward) until ``join_overlapped``."""
-        self._forked.record(self._stream_obj)
-        call("cuStreamWaitEvent", self._side.handle, self._forked.handle, 0)
-        self.reduce_scatter(send, recv, int(self._side.handle))
+        self.reduce_scatter(send, recv, self._fork())
 
     def all_gather_overlapped(self, send: View | DeviceArray, recv: View | DeviceArray, done: Event) -> None:
         """``all_gather`` on the side stream, after everything enqueued so far on the main one;
         ``done`` is recorded after it there (``wait_for`` makes the main stream wait for it)."""
-        self._forked.record(self._stream_obj)
-        call("cuStreamWaitEvent", self._side.handle, self._forked.handle, 0)
-        self._sizes("all_gather", send, recv)
-        self._call("all_gather", self._b.all_gather, send.ptr, recv.ptr, send.size, self._type(send, recv),
-                   self._raw, int(self._side.handle))
+        self.all_gather(send, recv, self._fork())
         done.record(self._side)
 
     def wait_for(self, done: Event) -> None:
@@ -125,27 +122,17 @@ class NcclCommunicator:
     def join_overlapped(self) -> None:
         """The main stream waits here for the side stream's collectives so far."""
         self._at_join.record(self._stream_obj)
-        self._joined.record(self._side)
-        call("cuStreamWaitEvent", self._stream_obj.handle, self._joined.handle, 0)
+        self.wait_for(self._joined.record(self._side))
 
     def overlap_wait_ms(self) -> float:
         """How long the main stream waited at the last ``join_overlapped`` (0 if the side stream was
         done first); waits for that point."""
         return max(0.0, self._at_join.elapsed_ms(self._joined))
 
-    def all_gather(self, send: View | DeviceArray, recv: View | DeviceArray) -> None:
+    def all_gather(self, send: View | DeviceArray, recv: View | DeviceArray, stream: int | None = None) -> None:
         self._sizes("all_gather", send, recv)
         self._call("all_gather", self._b.all_gather, send.ptr, recv.ptr, send.size, self._type(send, recv),
-                   self._raw, self._stream)
-
-    @contextlib.contextmanager
-    def grouped(self) -> Iterator[None]:
-        """The collectives called inside as one NCCL group: one launch, whatever their number."""
-        self._b.group_start()
-        try:
-            yield
-        finally:
-            self._call("group", self._b.group_end)
+                   self._raw, self._stream if stream is None else stream)
 
     def broadcast(self, buf: View | DeviceArray, root: int = 0) -> None:
         self._call("broadcast", self._b.broadcast, buf.ptr, buf.ptr, buf.size, self._type(buf), root, self._raw,

@@ -17,6 +17,7 @@ import time
 from typing import Callable
 
 EXIT_HUNG = 3  # the exit code of a rank that stopped waiting
+DEFAULT_TIMEOUT_S = 600.0  # ptxgen train --comm-timeout: a checkpoint write by rank 0 must fit in it
 
 
 def _stderr(line: str) -> None:
