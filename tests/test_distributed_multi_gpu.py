@@ -88,11 +88,15 @@ def test_two_gpus_train_as_one_gpu_does_at_the_same_global_batch(tmp_path, one_g
     assert_same_run(tmp_path / "run", one_gpu_run / "run")
 
 
-def test_two_gpus_in_bf16_train_as_one_gpu_does_within_bf16_rounding(tmp_path):
+def test_two_gpus_in_bf16_train_as_one_gpu_does_within_bf16_rounding(tmp_path, one_gpu_run):
     """bf16: the gradients summed in another order round some bf16 weight copies the other way, so
-    the runs drift apart by bf16 rounding (measured on two ranks sharing one GPU: losses 2.6e-7,
-    norms 3e-5 relative after 3 steps); every bf16 copy must still be its own master's rounding,
-    which the digest exchange at every evaluation checks across the ranks."""
+    the runs drift apart by bf16 rounding. The yardstick is bf16 rounding itself: every weight of the
+    2-GPU bf16 run is within twice the distance between the 1-GPU bf16 and fp32 runs of the 1-GPU bf16
+    run's (a tensor whose gradient is mostly rounding noise, such as k_proj's bias, drifts by ~10% of
+    its largest value under AdamW in either comparison: measured on two H200s). A bf16 copy that is
+    stale or cast from the wrong piece moves the signal-carrying tensors by a whole step, far outside.
+    Every bf16 copy is also checked to be its own master's rounding across the ranks (the digest
+    exchange at every evaluation)."""
     runs = {}
     for n in (1, 2):
         argv = args(tmp_path, "--out", str(tmp_path / f"run{n}"), *(["--gpus", "2"] if n == 2 else []))
@@ -100,7 +104,15 @@ def test_two_gpus_in_bf16_train_as_one_gpu_does_within_bf16_rounding(tmp_path):
         done = ptxgen(*argv)
         assert done.returncode == 0, done.stderr
         runs[n] = tmp_path / f"run{n}"
-    assert_same_run(runs[2], runs[1], rtol=2e-3, weights_rtol=5e-2)
+    a, b, fp32 = losses(runs[2]), losses(runs[1]), losses(one_gpu_run / "run")
+    assert a.keys() == b.keys() == fp32.keys()
+    for step in a:
+        for x, y, z in zip(a[step], b[step], fp32[step]):
+            assert (x is None) == (y is None) and (x is None or abs(x - y) <= 2 * abs(y - z) + 1e-4 * abs(y)), step
+    two, one, exact = (load_checkpoint(r).params for r in (runs[2], runs[1], one_gpu_run / "run"))
+    for name, w in one.items():
+        noise = float(np.abs(w - exact[name]).max())
+        assert float(np.abs(two[name] - w).max()) <= 2 * noise + 1e-6 * float(np.abs(w).max()), name
 
 
 def test_torchrun_starts_the_same_run(tmp_path, one_gpu_run):
