@@ -173,7 +173,7 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
                                    "adamw": dataclasses.asdict(adamw),
                                    "val_loss": result.val_losses.get(step), "save_dtype": save_dtype,
                                    **(run_state or {})}
-        params = backend.params
+        params = backend.params  # every rank: a data-parallel rank's may be a collective
         if not all(np.isfinite(v).all() for v in params.values()):  # never rotate good checkpoints out for it
             raise FloatingPointError(f"the weights are not finite at step {step}")
         save = dict(tokenizer_file=tokenizer_json, save_dtype=save_dtype, generation_config=generation_config)
@@ -182,7 +182,7 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
                                                 **save)
         else:
             from .parallel.checkpoints import save_consolidated
-            result.checkpoint = save_consolidated(comm, backend, out_dir, step, config, trainer, **save)
+            result.checkpoint = save_consolidated(comm, backend, params, out_dir, step, config, trainer, **save)
 
     metrics = None
     if primary and out_dir is not None:

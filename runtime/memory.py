@@ -25,10 +25,18 @@ _FROM_NUMPY = {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtyp
 class Stream:
     """A CUDA stream. ``Stream.null()`` is the legacy default stream."""
 
-    def __init__(self, handle: Any = None):
+    def __init__(self, handle: Any = None, urgent: bool = False):
+        """A new non-blocking stream (or a wrapper of ``handle``). ``urgent``: the device's greatest
+        priority, whose blocks the scheduler starts before any waiting block of a normal stream
+        (communication that must keep pace with a compute stream)."""
         if handle is None:
             device()
-            handle = call("cuStreamCreate", cu.CUstream_flags.CU_STREAM_NON_BLOCKING)
+            flags = cu.CUstream_flags.CU_STREAM_NON_BLOCKING
+            if urgent:
+                _, greatest = call("cuCtxGetStreamPriorityRange")
+                handle = call("cuStreamCreateWithPriority", flags, greatest)
+            else:
+                handle = call("cuStreamCreate", flags)
             self._owned = True
         else:
             self._owned = False

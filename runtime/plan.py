@@ -89,6 +89,17 @@ def _resolve(arg: Arg, values: dict[str, Number]) -> Any:
     return arg.ptr if isinstance(arg, (View, DeviceArray)) else arg
 
 
+def _extent(arg: Arg, values: dict[str, Number]) -> tuple[int, int]:
+    """(address, bytes) a pointer argument reaches: a view's bytes; an expression's, up to the end
+    of the buffer it is based on; a bare address, unknown, so the whole address space."""
+    if isinstance(arg, Expr):
+        at = int(arg.evaluate(values))
+        return (at, arg.base.ptr + arg.base.nbytes - at) if arg.base is not None else (at, 0)
+    if isinstance(arg, (View, DeviceArray)):
+        return arg.ptr, arg.nbytes
+    return 0, 1 << 64
+
+
 def _label(arg: Arg) -> str:
     if isinstance(arg, (View, DeviceArray)):
         return getattr(arg, "name", "") or repr(arg)
@@ -125,20 +136,13 @@ class Step:
     def reads(self) -> dict[str, str]:
         return {n: b for n, b in self.pointers().items() if n not in self.spec.outputs()}
 
-    def extents(self, values: dict[str, Number]) -> list[tuple[int, int]]:
-        """(address, bytes) of every region the step writes, at ``values``: each output's buffer
-        (from its address to the end of the buffer the expression is based on)."""
-        out = []
-        for name in self.spec.outputs():
-            arg = self.args[name]
-            if isinstance(arg, Expr):
-                at = int(arg.evaluate(values))
-                out.append((at, arg.base.ptr + arg.base.nbytes - at) if arg.base is not None else (at, 0))
-            elif isinstance(arg, (View, DeviceArray)):
-                out.append((arg.ptr, arg.nbytes))
-            else:  # a bare address: its extent is unknown, so the whole address space
-                out.append((0, 1 << 64))
-        return out
+    def extents(self, values: dict[str, Number], reads: bool = False) -> list[tuple[int, int]]:
+        """(address, bytes) of every region the step writes (``reads``: reads through a pointer), at
+        ``values``: each such buffer (a tensor map: its matrix), from its address to the end of the
+        buffer the expression is based on."""
+        outputs, types = self.spec.outputs(), dict(self.spec.params())
+        names = [n for n in self.args if types[n] is T.U64 and n not in outputs] if reads else outputs
+        return [_extent(self.operands.get(name, self.args[name]), values) for name in names]
 
     def resolve(self, values: dict[str, Number]) -> None:
         for name, arg in self.args.items():
@@ -172,8 +176,8 @@ class Fill:
     def reads(self) -> dict[str, str]:
         return {}
 
-    def extents(self, values: dict[str, Number]) -> list[tuple[int, int]]:
-        return [(self.target.ptr, 4 * self.words)]
+    def extents(self, values: dict[str, Number], reads: bool = False) -> list[tuple[int, int]]:
+        return [] if reads else [(self.target.ptr, 4 * self.words)]
 
     def resolve(self, values: dict[str, Number]) -> None:
         pass
@@ -203,8 +207,8 @@ class Host:
     def reads(self) -> dict[str, str]:
         return {f"in{i}": v.name for i, v in enumerate(self._reads)}
 
-    def extents(self, values: dict[str, Number]) -> list[tuple[int, int]]:
-        return [(v.ptr, v.nbytes) for v in self._writes]
+    def extents(self, values: dict[str, Number], reads: bool = False) -> list[tuple[int, int]]:
+        return [(v.ptr, v.nbytes) for v in (self._reads if reads else self._writes)]
 
     def resolve(self, values: dict[str, Number]) -> None:
         pass
@@ -355,6 +359,12 @@ class Plan:
             if any(at < start + size and start < at + n for at, n in step.extents(self._values)):
                 last = i
         return last
+
+    def readers(self, start: int, size: int, *sections: str) -> list[Step | Fill | Host]:
+        """The steps of ``of(*sections)`` that read from [start, start + size) (say, to prove that
+        none reads a buffer left stale there)."""
+        return [step for step in self.of(*sections)
+                if any(at < start + size and start < at + n for at, n in step.extents(self._values, reads=True))]
 
     def describe(self) -> list[str]:
         return [step.describe() for step in self.steps]

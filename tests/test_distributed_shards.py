@@ -174,7 +174,7 @@ def test_a_ranks_plan_sends_each_bucket_inside_the_backward_right_after_its_last
                            and any(at < start + size and start < at + n for at, n in s.extents(plan._values))]
                 assert max(writers) < i and all(isinstance(s, Host) for s in backward[max(writers) + 1:i + 1])
             optimizer = plan.of("optimizer")
-            gathers = [i for i, s in enumerate(optimizer) if s.label.startswith("all-gather weight bucket")]
+            gathers = [i for i, s in enumerate(optimizer) if s.label.startswith("all-gather weights bucket")]
             assert len(gathers) == len(rank.shards.buckets)
             for i in gathers:  # each bucket sent right after the AdamW of this rank's piece of it
                 b = rank.shards.buckets[int(optimizer[i].label.rsplit(" ", 1)[1])]
@@ -206,37 +206,86 @@ def test_the_runs_other_ranks_own_below_an_end_are_the_complement_of_a_ranks_pie
         assert plan.others(0, 7_001) == []  # one rank owns everything: nothing to take
 
 
-def test_a_bf16_ranks_casts_of_the_others_pieces_each_wait_for_their_last_bucket(monkeypatch):
-    """ZeroCudaRank's bf16 optimizer with a communicator that overlaps the all-gathers: every
-    other rank's run of the matrices is cast once, right after the wait for the last bucket it
-    covers (a cast before its wait would read weights still arriving), and the casts cover exactly
-    the other ranks' pieces below the matrices' end."""
+class Overlapping:
+    """The NCCL communicator's shape, as far as a plan sees it: rank 1 of 3."""
+    rank, world = 1, 3
+
+    def reduce_scatter_overlapped(self, send, recv): ...
+
+    def join_overlapped(self): ...
+
+    def all_gather_overlapped(self, send, recv, done): ...
+
+    def wait_for(self, done): ...
+
+
+def bf16_rank(monkeypatch):
     from model.parallel.zero_cuda import ZeroCudaRank
     from model.precision import Precision
+    params = {n: np.zeros(s, np.float32) for n, s in param_shapes(TINY).items()}
+    return ZeroCudaRank(Overlapping(), TINY, params, AdamWSettings(), precision=Precision.BF16,
+                        bucket_elems=40_000, cache=DryCache())
 
-    class Overlapping:
-        rank, world = 1, 3
 
-        def reduce_scatter_overlapped(self, send, recv): ...
-
-        def join_overlapped(self): ...
-
-        def all_gather_overlapped(self, send, recv, done): ...
-
-        def wait_for(self, done): ...
+def test_a_bf16_rank_gathers_the_matrices_read_only_as_bf16_copies_in_bf16(monkeypatch):
+    """bf16: a bucket of matrices that the GEMMs alone read (as bf16 copies) travels as those
+    copies, half the bytes; the embedding table (the lookup reads it in f32) and the norms and
+    biases travel in f32, their buckets cut where they begin and end."""
+    from model.parallel.zero_cuda import f32_read
 
     with dry_device(monkeypatch):
-        params = {n: np.zeros(s, np.float32) for n, s in param_shapes(TINY).items()}
-        rank = ZeroCudaRank(Overlapping(), TINY, params, AdamWSettings(), precision=Precision.BF16,
-                            bucket_elems=40_000, cache=DryCache())
+        rank = bf16_rank(monkeypatch)
+        f32 = f32_read(rank.layout)
+        table = rank.layout.offsets["model.embed_tokens.weight"]
+        assert f32 == [(table, table + TINY.vocab_size * TINY.hidden_size), (rank.layout.decay_end, rank.layout.total)]
+        optimizer = rank.plan(2, 16).of("optimizer")
+        for b, bf16 in zip(rank.shards.buckets, rank.gathered_bf16):
+            in_f32 = any(b.start < hi and lo < b.end for lo, hi in f32)
+            assert bf16 is not in_f32
+            gather = next(s for s in optimizer if s.label.endswith(f"bucket {b.index}") and "all-gather" in s.label)
+            assert gather.reads()["in0"].startswith("bf16 weights" if bf16 else "weights"), gather.label
+        assert sum(rank.gathered_bf16) >= 2
+        # the buckets crossing a cut are one unit long: nothing else is sent in both types
+        unit = rank.shards.world * 8
+        for lo, hi in f32:
+            for edge in (lo, hi):
+                across = [b for b in rank.shards.buckets if b.start < edge < b.end]
+                assert all(b.size == unit for b in across)
+        rank.close()
+
+
+def test_planted_a_forward_that_reads_f32_weights_gathered_as_bf16_is_refused(monkeypatch):
+    """Were the embedding table left out of f32_read, its buckets would travel as bf16 copies and
+    the other ranks' pieces of its f32 rows, which the lookup reads, would be stale: the plan is
+    refused when built, naming the step."""
+    import model.parallel.zero_cuda as zero_cuda
+
+    monkeypatch.setattr(zero_cuda, "f32_read", lambda layout: [(layout.decay_end, layout.total)])
+    with dry_device(monkeypatch):
+        rank = bf16_rank(monkeypatch)
+        with pytest.raises(AssertionError, match="embed.*reads the f32 weights"):
+            rank.plan(2, 16)
+        rank.close()
+
+
+def test_a_bf16_ranks_casts_of_the_others_pieces_each_wait_for_their_bucket(monkeypatch):
+    """ZeroCudaRank's bf16 optimizer with a communicator that overlaps the all-gathers: the other
+    ranks' pieces of the f32-gathered matrices are cast once each, right after the wait for their
+    bucket (a cast before its wait would read weights still arriving), and the casts cover exactly
+    those pieces below the matrices' end."""
+    with dry_device(monkeypatch):
+        rank = bf16_rank(monkeypatch)
         optimizer = rank.plan(2, 16).of("optimizer")
         casts = [i for i, s in enumerate(optimizer) if s.kind == "cast"]
         covered = []
         for i in casts:
             start = (optimizer[i].args["src"].ptr - rank.weights.ptr) // 4
             size = optimizer[i].args["n"]
-            last = max(b.index for b in rank.shards.buckets if b.start < start + size)
-            assert optimizer[i - 1].label == f"wait for weight bucket {last}"
-            covered.append((start, size))
-        assert covered == rank.shards.others(1, rank.layout.decay_end) and len(covered) > 1
+            bucket = next(b for b in rank.shards.buckets if b.start <= start < b.end)
+            assert start + size <= bucket.end and not rank.gathered_bf16[bucket.index]
+            assert optimizer[i - 1].label == f"wait for weight bucket {bucket.index}"
+            covered.extend(range(start, start + size))
+        expected = [e for start, size in rank.shards.others(1, rank.layout.decay_end) for e in range(start, start + size)
+                    if not rank.gathered_bf16[next(b.index for b in rank.shards.buckets if b.start <= e < b.end)]]
+        assert covered == expected and len(casts) > 1
         rank.close()

@@ -185,7 +185,7 @@ def test_rank_0_alone_writes_the_checkpoint_one_process_would_write(tmp_path):
         rank = ZeroNumpyRank(comm, TINY, init_params(TINY, seed=0), ADAMW, bucket_elems=40_000)
         for x, y in batches:
             rank.train_step(x, y, 1e-2)
-        return save_consolidated(comm, rank, tmp_path / "dp", 2, TINY, trainer)
+        return save_consolidated(comm, rank, rank.params, tmp_path / "dp", 2, TINY, trainer)
 
     paths = LocalGroup(2).run(run)
     assert paths == [tmp_path / "dp" / "step-0000002", None]
@@ -205,7 +205,7 @@ def test_when_rank_0_cannot_write_the_checkpoint_every_rank_stops(tmp_path):
 
     def run(comm):
         rank = ZeroNumpyRank(comm, TINY, init_params(TINY, seed=0), ADAMW, bucket_elems=40_000)
-        return save_consolidated(comm, rank, tmp_path / "run", 1, TINY, {"step": 1, "data_position": 0})
+        return save_consolidated(comm, rank, rank.params, tmp_path / "run", 1, TINY, {"step": 1, "data_position": 0})
 
     group = LocalGroup(2, timeout=30.0)
     with pytest.raises(OSError):

@@ -21,20 +21,20 @@ from .comm import Communicator
 
 
 class ShardedBackend(Protocol):
-    params: dict[str, np.ndarray]
-
     def optimizer_state(self) -> dict[str, np.ndarray]: ...
 
 
-def save_consolidated(comm: Communicator, backend: ShardedBackend, run_dir: Path, step: int, config: ModelConfig,
-                      trainer: dict[str, Any], **save: Any) -> Path | None:
+def save_consolidated(comm: Communicator, backend: ShardedBackend, params: dict[str, np.ndarray], run_dir: Path,
+                      step: int, config: ModelConfig, trainer: dict[str, Any], **save: Any) -> Path | None:
     """Collective: the run's checkpoint at ``step`` (rank 0 writes it; its path there, None elsewhere).
-    ``save``: ``save_checkpoint``'s keyword arguments (tokenizer, keep, save_dtype, generation config)."""
+    ``params``: the backend's, which every rank reads together (a bf16 ZeRO rank gathers the f32
+    masters to make them). ``save``: ``save_checkpoint``'s keyword arguments (tokenizer, keep,
+    save_dtype, generation config)."""
     optimizer = backend.optimizer_state()  # every rank: the moments are gathered from all shards
     path = None
     if comm.rank == 0:
         try:
-            path = save_checkpoint(run_dir, step, config, backend.params, optimizer, trainer, **save)
+            path = save_checkpoint(run_dir, step, config, params, optimizer, trainer, **save)
         except BaseException as e:
             comm.abort(f"writing the step {step} checkpoint failed: {type(e).__name__}: {e}")
             raise

@@ -67,8 +67,10 @@ class NcclCommunicator:
         self._watchdog = Watchdog(timeout, f"rank {env.rank}") if env.world > 1 else None
         self._aborted = False
         # the side stream: reduce-scatters that overlap the backward (non-blocking: the legacy
-        # stream does not wait for it implicitly, only at join_overlapped)
-        self._side = Stream()
+        # stream does not wait for it implicitly, only at join_overlapped). Urgent: a collective's
+        # blocks start as soon as an SM frees up rather than behind every queued block of the
+        # backward's kernels (which would hold a bucket back, and the peer waiting on it)
+        self._side = Stream(urgent=True)
         self._forked, self._joined, self._at_join = Event(), Event(), Event()
 
     def _call(self, what: str, fn: Any, *args: Any) -> None:

@@ -1,7 +1,8 @@
 """Proof that the ranks hold the same weights: each one's digest, exchanged every K steps.
 
-Data-parallel ranks must stay bit-identical. Under ZeRO-1 every weight is all-gathered every
-step, so a rank's own arithmetic cannot make them differ; a faulty transport or memory can, and
+Data-parallel ranks must stay bit-identical in what the step reads. Under ZeRO-1 every weight is
+all-gathered every step (on the GPU in bf16, the matrices the GEMMs alone read as their bf16
+copies), so a rank's own arithmetic cannot make them differ; a faulty transport or memory can, and
 so can state a rank derives for itself (on the GPU, the bf16 copies each rank casts). Such a rank
 would train a different model without a word, so every ``K`` steps each rank hashes its weights
 and all-gathers the digests; any difference stops every rank with one line naming those that differ.

@@ -12,7 +12,10 @@ module's, the first of its parts: the others follow it unpadded).
 Buckets are fixed-size ranges of the flat buffer, not whole tensors, so that every piece splits
 evenly (NCCL's reduce-scatter gives each rank the same count) without moving a tensor; a bucket
 that straddles two tensors is ready when both are (``bucket_ready_steps``). A piece may straddle
-the end of the decayed tensors: ``segments`` splits it there for AdamW's weight decay.
+the end of the decayed tensors: ``segments`` splits it there for AdamW's weight decay. ``cuts``
+are offsets where a bucket must end (rounded to the bucket unit both ways, so a cut that is not on
+a unit leaves one bucket of a single unit across it): ZeroCudaRank cuts where the weights it
+gathers in bf16 begin and end.
 """
 from __future__ import annotations
 
@@ -69,7 +72,8 @@ class Segment:
 class ShardPlan:
     """Buckets and shards of ``total`` flat elements among ``world`` ranks."""
 
-    def __init__(self, total: int, world: int, decay_end: int, bucket_elems: int = DEFAULT_BUCKET_ELEMS):
+    def __init__(self, total: int, world: int, decay_end: int, bucket_elems: int = DEFAULT_BUCKET_ELEMS,
+                 cuts: Sequence[int] = ()):
         if world < 1 or total < 1 or bucket_elems < 1:
             raise ValueError(f"a shard plan needs world, total and bucket size >= 1, got {world}, {total}, {bucket_elems}")
         if not 0 <= decay_end <= total:
@@ -77,14 +81,18 @@ class ShardPlan:
         self.total, self.world, self.decay_end = total, world, decay_end
         unit = world * ALIGN
         self.padded_total = -(-total // unit) * unit
-        size = min(-(-bucket_elems // unit) * unit, self.padded_total)
-        self.buckets = [Bucket(i, start, min(size, self.padded_total - start))
-                        for i, start in enumerate(range(0, self.padded_total, size))]
+        if any(not 0 <= c <= total for c in cuts):
+            raise ValueError(f"cuts {list(cuts)} must lie within 0..{total}")
+        size = -(-bucket_elems // unit) * unit
+        bounds = sorted({0, self.padded_total, *(c // unit * unit for c in cuts), *(-(-c // unit) * unit for c in cuts)})
+        starts = [at for lo, hi in zip(bounds, bounds[1:]) for at in range(lo, hi, size)]
+        self.buckets = [Bucket(i, at, end - at) for i, (at, end) in enumerate(zip(starts, starts[1:] + [self.padded_total]))]
         self.shard_size = self.padded_total // world
 
     @classmethod
-    def of(cls, layout: ParamLayout, world: int, bucket_elems: int = DEFAULT_BUCKET_ELEMS) -> "ShardPlan":
-        return cls(layout.total, world, layout.decay_end, bucket_elems)
+    def of(cls, layout: ParamLayout, world: int, bucket_elems: int = DEFAULT_BUCKET_ELEMS,
+           cuts: Sequence[int] = ()) -> "ShardPlan":
+        return cls(layout.total, world, layout.decay_end, bucket_elems, cuts)
 
     def pieces(self, rank: int) -> list[Piece]:
         if not 0 <= rank < self.world:

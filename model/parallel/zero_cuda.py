@@ -14,10 +14,15 @@ then an optimizer section of its own:
 3. AdamW on each segment of the shard (one weight-decay setting each), reading the rank's piece of
    the full weights, writing it (and its bf16 copy) and the moments' shard;
 4. every bucket of weights all-gathered from the ranks' pieces, each as soon as AdamW has written
-   this rank's piece of it (NCCL: on the side stream, overlapping the AdamW of the next pieces);
-   in bf16 precision the bf16 copies of the other ranks' pieces of the matrices are then cast from
-   them, each once its bucket has arrived (AdamW wrote this rank's own), and the step ends with
-   the main stream joined to the side stream.
+   this rank's piece of it (NCCL: on the side stream, overlapping the AdamW of the next pieces),
+   and the step ends with the main stream joined to the side stream. In bf16 precision a bucket
+   of matrices that the step reads only through their bf16 copies (the GEMMs' operands) is
+   gathered as those copies, half the bytes, which AdamW wrote with this rank's piece; the f32
+   weights that the step reads (the embedding table, by the lookup, and the norms and biases:
+   ``f32_read``) are gathered in f32, and the other ranks' pieces of their bf16 copies cast here
+   once their bucket has arrived. The other ranks' f32 masters of the bf16-gathered matrices are
+   then not on this rank (ZeRO-1's shard of them is), until ``params`` gathers them; the plan is
+   checked, when built, to read none of them before the optimizer.
 
 Collectives are host steps (``Plan.host``): a graph run launches the kernels between them as
 graphs. They are ordered on the legacy default stream, where the plan's launches and graphs run
@@ -35,6 +40,7 @@ from runtime import DeviceArray, Event, View
 from runtime.plan import Plan
 
 from ..config import ModelConfig
+from ..cuda_buffers import ParamLayout
 from ..cuda_model import CudaBackend
 from ..cuda_ops import Ops
 from ..optim import AdamWSettings
@@ -43,6 +49,14 @@ from .batch import global_targets, local_batch
 from .comm import Communicator
 from .replicas import check_replicas
 from .shards import DEFAULT_BUCKET_ELEMS, ShardPlan, bucket_ready_steps, send_order
+
+
+def f32_read(layout: "ParamLayout") -> list[tuple[int, int]]:
+    """The flat ranges of weights the bf16 step reads in f32 (besides the GEMMs' bf16 copies): the
+    embedding table, which the lookup reads, and the undecayed norms and biases."""
+    table = layout.offsets["model.embed_tokens.weight"]
+    ranges = [(table, table + math.prod(layout.shapes["model.embed_tokens.weight"])), (layout.decay_end, layout.total)]
+    return [r for r in ranges if r[1] > r[0]]
 
 
 class ZeroCudaRank(CudaBackend):
@@ -58,9 +72,13 @@ class ZeroCudaRank(CudaBackend):
                  digest_every: int = 0, **backend):
         """``digest_every``: compare the ranks' weights (the f32 masters and the bf16 copies each
         rank casts for itself) every that many steps (0: never); see ``replicas``."""
-        from ..cuda_buffers import ParamLayout
         self.comm, self.digest_every = comm, digest_every
-        self.shards = ShardPlan.of(ParamLayout(config), comm.world, bucket_elems)
+        layout = ParamLayout(config)
+        f32 = f32_read(layout) if precision is Precision.BF16 else [(0, layout.total)]
+        self.shards = ShardPlan.of(layout, comm.world, bucket_elems, cuts=[e for r in f32 for e in r])
+        # per bucket: gathered as the bf16 copies (none of it read in f32), else in f32
+        self.gathered_bf16 = [not any(b.start < hi and lo < b.end for lo, hi in f32) for b in self.shards.buckets]
+        self._masters_stale = False  # bf16-gathered buckets' f32 masters hold only this rank's pieces
         super().__init__(config, params, adamw, precision=precision, **backend)
         self.grad_shard = DeviceArray(self.shards.shard_size)
         # one event a bucket, recorded on the communicator's side stream after its all-gather
@@ -82,6 +100,7 @@ class ZeroCudaRank(CudaBackend):
         a = self.adamw
         shape.plan.set(lr=lr, bias_correction1=1.0 - a.beta1 ** self.step, bias_correction2=1.0 - a.beta2 ** self.step)
         self._run(shape, graph=self.graph)
+        self._masters_stale = any(self.gathered_bf16)
         local = shape.bufs.losses.to_numpy().astype(np.float64).sum()
         self._loss_sum.upload(np.array([local], np.float32))
         self.comm.all_reduce(self._loss_sum.view("loss sum"))
@@ -97,8 +116,10 @@ class ZeroCudaRank(CudaBackend):
         return wait() if wait else None
 
     def check_replicas(self) -> None:
-        """Collective: stop with one line (``ReplicaMismatch``) unless every rank holds the same bits."""
-        held = [self.weights.to_numpy().view(np.uint8)]
+        """Collective: stop with one line (``ReplicaMismatch``) unless every rank holds the same bits
+        (the f32 weights gathered in f32 and every bf16 copy: what the step reads)."""
+        weights = self.weights.to_numpy()
+        held = [weights[b.start:b.end].view(np.uint8) for b in self.shards.buckets if not self.gathered_bf16[b.index]]
         if self.weights16 is not None:
             held.append(self.weights16.to_numpy().view(np.uint8))
         check_replicas(self.comm, np.concatenate(held), self.step, self._all_gather_host)
@@ -153,25 +174,42 @@ class ZeroCudaRank(CudaBackend):
                 param16 = self.weights16.view(f"weights of {part}[bf16]", seg.flat, (seg.size,)) \
                     if self.bf16 and seg.decays else None
                 ops.adamw(seg.decays, param, grad, m, v, clip, lr, bc1, bc2, param16=param16)
-            send, recv = piece(self.weights, p, "weights", p.flat), bucket(self.weights, b, "weights")
+            held, what = (self.weights16, "bf16 weights") if self.gathered_bf16[b.index] else (self.weights, "weights")
+            send, recv = piece(held, p, what, p.flat), bucket(held, b, what)
             sent = functools.partial(gather, send, recv, self._gathered[b.index]) if gather else \
                 functools.partial(comm.all_gather, send, recv)
-            plan.host(sent, label=f"all-gather weight bucket {b.index}", reads=[send], writes=[recv])
-        if self.bf16:  # the other ranks' pieces of the matrices, as the GEMMs read them (AdamW wrote ours)
+            plan.host(sent, label=f"all-gather {what} bucket {b.index}", reads=[send], writes=[recv])
+        if self.bf16:  # the other ranks' pieces of the f32-gathered matrices' copies (AdamW wrote ours)
             for start, size in shards.others(comm.rank, lay.decay_end):
-                if gather:  # once the run's last bucket has arrived (the side stream keeps their order)
-                    last = max(i for i, b in enumerate(shards.buckets) if b.start < start + size)
-                    plan.host(functools.partial(comm.wait_for, self._gathered[last]),
-                              label=f"wait for weight bucket {last}")
-                ops.cast(self.weights.view(f"matrices {start}+{size}", start, (size,)),
-                         self.weights16.view(f"matrices {start}+{size}[bf16]", start, (size,)), size)
+                for b in (b for b in shards.buckets if not self.gathered_bf16[b.index]):
+                    lo, hi = max(start, b.start), min(start + size, b.end)
+                    if lo >= hi:
+                        continue
+                    if gather:
+                        plan.host(functools.partial(comm.wait_for, self._gathered[b.index]),
+                                  label=f"wait for weight bucket {b.index}")
+                    ops.cast(self.weights.view(f"matrices {lo}+{hi - lo}", lo, (hi - lo,)),
+                             self.weights16.view(f"matrices {lo}+{hi - lo}[bf16]", lo, (hi - lo,)), hi - lo)
         if gather:  # the last bucket's arrival: every all-gather's (one stream)
             plan.host(functools.partial(comm.wait_for, self._gathered[-1]), label="wait for the weights' all-gathers",
                       reads=[self.weights.view("weights")])
+        for b in (b for b in shards.buckets if self.gathered_bf16[b.index]):
+            stale = plan.readers(self.weights.ptr + 4 * b.start, 4 * b.size, "forward", "backward")
+            if stale:
+                raise AssertionError(f"{stale[0].label} reads the f32 weights {b.start}..{b.end}, which a rank "
+                                     "gathers only as bf16 copies: add them to f32_read")
 
     # -- state ------------------------------------------------------------------------------
     @property
     def params(self) -> dict[str, np.ndarray]:
+        """Every weight in f32. Collective after a bf16 step (the other ranks' master pieces of the
+        bf16-gathered matrices are fetched): every rank reads it together, as train's checkpoints do."""
+        if self._masters_stale:
+            for b, p in zip(self.shards.buckets, self.shards.pieces(self.comm.rank)):
+                if self.gathered_bf16[b.index]:
+                    self.comm.all_gather(self.weights.view(f"weights piece {b.index}", p.flat, (p.size,)),
+                                         self.weights.view(f"weights bucket {b.index}", b.start, (b.size,)))
+            self._masters_stale = False
         return self.layout.unflatten(self.weights.to_numpy()[:self.layout.total])
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
