@@ -34,6 +34,7 @@ from .kernels import ModelKernels
 from .metrics import SAMPLE
 from .numpy_backend import NumpyBackend, NumpyDecoder
 from .optim import AdamWSettings
+from .parallel.batch import eval_rows
 from .parallel.comm import CommError
 from .parallel.launch import LaunchEnv, LaunchError, from_environ
 from .parallel.rendezvous import RendezvousError
@@ -316,11 +317,10 @@ def cmd_train(argv: Sequence[str]) -> int:
         ns.save_dtype = getattr(ns, "save_dtype", "fp32")
     if generation_config is None:
         generation_config = OUR_DEFAULTS
-    if dp is not None:
-        world = dp if isinstance(dp, int) else dp.world
-        if settings.batch_size % world:
-            raise UsageError(f"--batch-size {settings.batch_size} does not split evenly among {world} GPUs "
-                             f"(use a multiple of {world})")
+    world = 1 if dp is None else dp if isinstance(dp, int) else dp.world  # GPUs of a data-parallel run
+    if settings.batch_size % world:
+        raise UsageError(f"--batch-size {settings.batch_size} does not split evenly among {world} GPUs "
+                         f"(use a multiple of {world})")
     if settings.seq_len > config.max_position_embeddings:
         raise UsageError(f"--seq-len {settings.seq_len} is above the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")
@@ -339,9 +339,11 @@ def cmd_train(argv: Sequence[str]) -> int:
     corpus.check_fits(settings.batch_size, settings.seq_len, config.vocab_size)
     if ckpt is not None and ckpt.trainer.get("data_sha256", corpus.sha256) != corpus.sha256:
         raise UsageError("--resume: the data the run was saved with has changed since (its tokens' sha256 differs)")
-    # the training batch's shape and the validation batches' (a short validation set gives one partial)
-    shapes = {(settings.batch_size, settings.seq_len)} | {
-        x.shape for x, _ in val_batches(corpus.val, settings.batch_size, settings.seq_len, settings.eval_batches)}
+    # the training batch's shape and the validation batches' (a short validation set gives one
+    # partial), on one GPU of a data-parallel run its rows of them (rank 0's, the most)
+    shapes = {(settings.batch_size // world, settings.seq_len)} | {
+        (eval_rows(len(x), 0, world).stop, x.shape[1])
+        for x, _ in val_batches(corpus.val, settings.batch_size, settings.seq_len, settings.eval_batches)}
     check_fits(train_bytes(config, shapes, on_gpu, precision is Precision.BF16),
                on_gpu, f"training {n_params(config) / 1e6:.1f}M parameters at batch {settings.batch_size}x"
                        f"{settings.seq_len}")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from model.data import batch_at
-from model.parallel.batch import BatchSplitError, global_targets, local_batch, rank_rows
+from model.parallel.batch import BatchSplitError, eval_rows, global_targets, local_batch, rank_rows
 from model.reference import IGNORE_INDEX
 
 
@@ -47,3 +47,13 @@ def test_planted_a_strided_split_is_disjoint_and_covering_but_caught_by_the_orde
     strided = [ids[r::4] for r in range(4)]
     assert sorted(np.concatenate(strided)[:, 0].tolist()) == list(range(8))  # disjoint and covering
     assert not np.array_equal(np.concatenate(strided), ids)  # what the order check compares
+
+
+@pytest.mark.parametrize("batch, world", [(8, 2), (5, 2), (3, 4), (1, 2), (7, 3)])
+def test_validation_rows_split_as_evenly_as_can_be_and_cover_the_batch_in_rank_order(batch, world):
+    """A short validation set's partial batch need not split evenly: the first ``batch % world``
+    ranks take one row more, a rank may take none; end to end in rank order, the batch."""
+    rows = [eval_rows(batch, r, world) for r in range(world)]
+    assert [r.start for r in rows] == [0] + [r.stop for r in rows[:-1]] and rows[-1].stop == batch
+    sizes = [r.stop - r.start for r in rows]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)

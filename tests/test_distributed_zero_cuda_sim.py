@@ -137,8 +137,10 @@ def test_two_ranks_train_steps_end_to_end_match_one_process(monkeypatch):
         ids, targets = (rng.integers(0, CONFIG.vocab_size, (2, 8)) for _ in range(2))
         targets[0, :3] = IGNORE_INDEX  # rank 0's half has fewer targets: the mean must be the global batch's
         batches.append((ids, targets))
+    odd = batches[1][0][:1], batches[1][1][:1]  # validation's partial batch: one row, rank 1 has none
     numpy = NumpyBackend(CONFIG, PARAMS, ADAMW)
     expected = [numpy.train_step(ids, targets, LR) for ids, targets in batches]
+    expected_val = [numpy.loss(*batches[0]), numpy.loss(*odd)]
     with interpreted_device(monkeypatch):
         group = LocalGroup(2)
 
@@ -146,13 +148,15 @@ def test_two_ranks_train_steps_end_to_end_match_one_process(monkeypatch):
             r = ZeroCudaRank(StagedCommunicator(comm), CONFIG, PARAMS, ADAMW, bucket_elems=BUCKET, cache=DryCache(),
                              digest_every=1)  # the replicas' digests compared after every step
             try:
-                return [r.train_step(ids, targets, LR) for ids, targets in batches], r.params
+                steps = [r.train_step(ids, targets, LR) for ids, targets in batches]
+                return steps, r.params, [r.loss(*batches[0]), r.loss(*odd)]  # validation: each rank its rows
             finally:
                 r.close()
 
         results = group.run(rank)
     theirs = np.concatenate([numpy.params[n].reshape(-1) for n in sorted(numpy.params)])
-    for steps, weights in results:
+    for steps, weights, val in results:
+        assert val == pytest.approx(expected_val, rel=1e-5)  # after two steps: the weights' tolerance below
         for (loss, norm), (loss1, norm1) in zip(steps, expected):
             assert loss == pytest.approx(loss1, rel=1e-6) and norm == pytest.approx(norm1, rel=1e-5)
         ours = np.concatenate([weights[n].reshape(-1) for n in sorted(weights)])

@@ -29,6 +29,17 @@ def rank_rows(batch: int, rank: int, world: int) -> slice:
     return slice(rank * per, (rank + 1) * per)
 
 
+def eval_rows(batch: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s rows of a validation batch: as even as can be (a short validation set's
+    partial batch need not split evenly; the first ``batch % world`` ranks take one row more, a
+    rank may take none), in rank order."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside 0..{world - 1}")
+    per, extra = divmod(batch, world)
+    start = rank * per + min(rank, extra)
+    return slice(start, start + per + (rank < extra))
+
+
 def local_batch(ids: np.ndarray, targets: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
     """Rank ``rank``'s rows of a global batch's ids and targets."""
     rows = rank_rows(len(ids), rank, world)

@@ -45,7 +45,7 @@ from ..cuda_model import CudaBackend
 from ..cuda_ops import Ops
 from ..optim import AdamWSettings
 from ..precision import Precision
-from .batch import global_targets, local_batch
+from .batch import eval_rows, global_targets, local_batch
 from .comm import Communicator
 from .replicas import check_replicas
 from .shards import DEFAULT_BUCKET_ELEMS, ShardPlan, bucket_ready_steps, send_order
@@ -101,13 +101,28 @@ class ZeroCudaRank(CudaBackend):
         shape.plan.set(lr=lr, bias_correction1=1.0 - a.beta1 ** self.step, bias_correction2=1.0 - a.beta2 ** self.step)
         self._run(shape, graph=self.graph)
         self._masters_stale = any(self.gathered_bf16)
-        local = shape.bufs.losses.to_numpy().astype(np.float64).sum()
-        self._loss_sum.upload(np.array([local], np.float32))
-        self.comm.all_reduce(self._loss_sum.view("loss sum"))
-        loss = float(self._loss_sum.to_numpy()[0]) / global_targets(targets)
+        loss = self._global_mean(shape.bufs.losses.to_numpy(), targets)
         if self.digest_every and self.step % self.digest_every == 0:
             self.check_replicas()
         return loss, float(self.norm_out.to_numpy()[0])
+
+    def loss(self, ids: np.ndarray, targets: np.ndarray) -> float:
+        """Collective: the GLOBAL batch's mean loss (every rank passes the same one), each rank's
+        forward on its rows alone (``eval_rows``), so validation takes 1/N of one GPU's time and
+        no batch shape of its own."""
+        rows = eval_rows(len(ids), self.comm.rank, self.comm.world)
+        losses = np.zeros(0, np.float32)
+        if rows.stop > rows.start:
+            shape = self._prepare(ids[rows], targets[rows])
+            self._run(shape, "forward")
+            losses = shape.bufs.losses.to_numpy()
+        return self._global_mean(losses, targets)
+
+    def _global_mean(self, losses: np.ndarray, targets: np.ndarray) -> float:
+        """This rank's per-token losses summed, then over the ranks, over the global count of targets."""
+        self._loss_sum.upload(np.array([losses.astype(np.float64).sum()], np.float32))
+        self.comm.all_reduce(self._loss_sum.view("loss sum"))
+        return float(self._loss_sum.to_numpy()[0]) / global_targets(targets)
 
     def comm_wait_ms(self) -> float | None:
         """How long the last step's optimizer waited for the gradients' reduce-scatters after the
