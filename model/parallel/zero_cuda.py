@@ -51,7 +51,7 @@ from .replicas import check_replicas
 from .shards import DEFAULT_BUCKET_ELEMS, ShardPlan, bucket_ready_steps, send_order
 
 
-def f32_read(layout: "ParamLayout") -> list[tuple[int, int]]:
+def f32_read(layout: ParamLayout) -> list[tuple[int, int]]:
     """The flat ranges of weights the bf16 step reads in f32 (besides the GEMMs' bf16 copies): the
     embedding table, which the lookup reads, and the undecayed norms and biases."""
     table = layout.offsets["model.embed_tokens.weight"]
