@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -92,9 +93,12 @@ def loss(ops: Ops, hf: View, d: TrainingBuffers, grad_scale: Expr) -> None:
                           d.dlogits.rows(start, rows), grad_scale)
 
 
-def backward(ops: Ops, acts: Activations, kv: list[KV], hf: View, d: TrainingBuffers, segments: Expr) -> None:
+def backward(ops: Ops, acts: Activations, kv: list[KV], hf: View, d: TrainingBuffers, segments: Expr,
+             table_grad: Callable[[View], None] | None = None) -> None:
     """reference.py's loss_and_grads after the loss: every parameter's gradient from ``d.dlogits``
-    (the cross-entropy's), the activation gradients in ``d`` reused layer by layer."""
+    (the cross-entropy's), the activation gradients in ``d`` reused layer by layer. ``table_grad``:
+    how the embedding table's gradient is made from its lookup's output gradient instead (a
+    data-parallel rank: from every rank's rows, into its shard)."""
     c = ops.config
     Q, KV_ = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     head = lm_head_name(c)[:-len(".weight")]
@@ -127,7 +131,10 @@ def backward(ops: Ops, acts: Activations, kv: list[KV], hf: View, d: TrainingBuf
         ops.grad_weight(dy, a.h, p + "self_attn.qkv_proj")  # the three weights' gradients, one GEMM
         ops.grad_input(dy, p + "self_attn.qkv_proj", d.dh)
         g = ops.rmsnorm_backward(a.x, p + "input_layernorm.weight", d.dh, a.rstd1, dx=d.g, residual=True)
-    ops.embedding_backward(d.g, d.order, d.seg_start, d.seg_id, "model.embed_tokens.weight", segments)
+    if table_grad is not None:
+        table_grad(d.g)
+    else:
+        ops.embedding_backward(d.g, d.order, d.seg_start, d.seg_id, "model.embed_tokens.weight", segments)
 
 
 @dataclass
@@ -324,10 +331,14 @@ class CudaBackend:
         hf = forward(ops, acts, kv, kv_stride=seq)
         loss(ops, hf, bufs, plan.value("loss_scale", 1.0))
         plan.section = "backward"
-        backward(ops, acts, kv, hf, bufs, plan.value("segments", 1))
+        backward(ops, acts, kv, hf, bufs, plan.value("segments", 1), self._table_grad(ops, arena, batch, seq))
         plan.section = "optimizer"
         self._optimizer(ops, plan)
         return _Shape(plan, arena, acts, kv, bufs)
+
+    def _table_grad(self, ops: Ops, arena: Arena, batch: int, seq: int) -> Callable[[View], None] | None:
+        """How the embedding table's gradient is made (None: backward's own lookup backward)."""
+        return None
 
     def _optimizer(self, ops: Ops, plan: Plan) -> None:
         """Clip by the global norm, AdamW on the decayed matrices (and their bf16 copy) and the rest."""

@@ -264,11 +264,12 @@ class Ops:
                   seq=seq)
 
     def embedding_backward(self, dout: View, order: View, seg_start: View, seg_id: View, table: str,
-                           segments: Expr) -> None:
+                           segments: Expr, into: View | None = None) -> None:
         """The table's gradient: each of ``segments`` distinct tokens sums its rows of ``dout`` in
         a fixed order (``order`` groups the rows by token). An untied table is zeroed first; a tied
-        one already holds the LM head's gradient, which this adds to."""
-        spec, dtable = self.k.embed_bwd, self.W[table].grad
+        one already holds the LM head's gradient, which this adds to. ``into``: rows of the table's
+        gradient elsewhere (a data-parallel rank's slab of it, ``seg_id`` counted from its first row)."""
+        spec, dtable = self.k.embed_bwd, self.W[table].grad if into is None else into
         if not spec.accumulate:
             self.plan.fill(dtable, dtable.size, label=f"zero {dtable.name}")
         self._add(spec, ((segments,), spec.launch_dims(1)[1]), dtable, dout=dout, order=order,

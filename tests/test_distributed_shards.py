@@ -138,11 +138,15 @@ def test_planted_a_bucket_sent_after_its_first_writer_is_caught_by_the_readiness
         model.close()
 
 
-def test_a_ranks_plan_sends_each_bucket_inside_the_backward_right_after_its_last_writer(monkeypatch):
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_a_ranks_plan_sends_each_bucket_inside_the_backward_right_after_its_last_writer(monkeypatch, tied):
     """ZeroCudaRank's plan (tiny model, built without a GPU): every bucket's reduce-scatter is a host
     step in the backward, after the last step that writes into the bucket and before any step that
     comes later; with a communicator that overlaps them (a side stream), the optimizer waits for
-    them first, before anything reads the gradient shard."""
+    them first, before anything reads the gradient shard. The embedding table is one bucket of row
+    slabs: tied, sent right after the LM head's weight gradient (nothing else writes it); untied,
+    not sent at all. Its lookup's gradient is the backward's end: every rank's rows all-gathered,
+    then the lookup backward into this rank's slab of the gradient shard."""
     from model.parallel.comm import LocalGroup
     from model.parallel.zero_cuda import ZeroCudaRank
     from runtime.plan import Host
@@ -158,14 +162,24 @@ def test_a_ranks_plan_sends_each_bucket_inside_the_backward_right_after_its_last
 
         def wait_for(self, done): ...
 
+    config = dataclasses.replace(TINY, tie_word_embeddings=tied)
     for comm in (LocalGroup(2).communicator(0), Overlapping()):
         with dry_device(monkeypatch):
-            params = {n: np.zeros(s, np.float32) for n, s in param_shapes(TINY).items()}
-            rank = ZeroCudaRank(comm, TINY, params, AdamWSettings(), bucket_elems=40_000, cache=DryCache())
+            params = {n: np.zeros(s, np.float32) for n, s in param_shapes(config).items()}
+            rank = ZeroCudaRank(comm, config, params, AdamWSettings(), bucket_elems=40_000, cache=DryCache())
             plan = rank.plan(2, 16)
             backward = plan.of("backward")
-            sends = [i for i, s in enumerate(backward) if isinstance(s, Host)]
-            assert len(sends) == len(rank.shards.buckets)
+            sends = [i for i, s in enumerate(backward) if s.label.startswith("reduce-scatter")]
+            table = next(b for b in rank.shards.buckets if b.start == rank.layout.offsets["model.embed_tokens.weight"])
+            assert table.size == config.vocab_size * config.hidden_size and rank.slab_rows == config.vocab_size // 2
+            sent = [int(backward[i].label.rsplit(" ", 1)[1]) for i in sends]
+            assert sorted(sent) == [b.index for b in rank.shards.buckets if tied or b is not table]
+            if tied:  # right after the LM head's weight gradient, the backward's first GEMM
+                assert backward[sends[0] - 1].label.startswith("gemm") and sent[0] == table.index
+            at = [s.label for s in backward].index("all-gather the lookup-gradient rows")
+            assert all(s.kind in ("host", "fill") for s in backward[at:-1]) and backward[-1].kind == "embedding_bwd"
+            slab = rank.shards.pieces(0)[table.index]
+            assert backward[-1].args["dtable"].ptr == rank.grad_shard.ptr + 4 * slab.shard
             for i in sends:
                 bucket = int(backward[i].label.rsplit(" ", 1)[1])
                 b = rank.shards.buckets[bucket]

@@ -3,6 +3,7 @@ device as the GPU runs it, its optimizer section run in the PTX interpreter over
 memory, the collectives staged through a LocalGroup. Two ranks holding different gradients end the
 step with the same weights, which are what one process's AdamW makes of the summed gradients; each
 keeps its shard of the moments."""
+import dataclasses
 import math
 
 import numpy as np
@@ -25,25 +26,29 @@ CONFIG = preset("tiny")
 BUCKET = 1 << 15  # elements: a dozen buckets, one straddling the end of the decayed matrices
 LR, STEP = 3e-3, 1
 PARAMS = init_params(CONFIG, seed=1)
+# the optimizer sections' model: a tied table, whose slab of every rank's piece carries the LM
+# head's (here made-up) gradient through its reduce-scatter, as every other bucket does
+TIED = dataclasses.replace(CONFIG, tie_word_embeddings=True)
+TIED_PARAMS = init_params(TIED, seed=1)
 ADAMW = AdamWSettings(max_grad_norm=0.5)  # the summed gradients' norm is larger: clipped
 
 
 def zero_step(monkeypatch, precision):
     """Two ranks' optimizer sections in the interpreter on made-up gradients: (the gradients, every
     rank's weights, norm-and-clip, moments and bf16 copies after the step)."""
-    layout = ParamLayout(CONFIG)
+    layout = ParamLayout(TIED)
     rng = np.random.default_rng(0)
     grads = [rng.standard_normal(layout.total).astype(np.float32) * 1e-2 for _ in range(2)]
     with dry_device(monkeypatch) as allocations:
         memory, group = FakeMemory(allocations), LocalGroup(2)
-        ranks = [ZeroCudaRank(StagedCommunicator(group.communicator(r), memory.get, memory.put), CONFIG, PARAMS,
+        ranks = [ZeroCudaRank(StagedCommunicator(group.communicator(r), memory.get, memory.put), TIED, TIED_PARAMS,
                               ADAMW, precision=precision, bucket_elems=BUCKET, cache=DryCache()) for r in range(2)]
         plans = [rank.plan(1, 32) for rank in ranks]
         shards = ranks[0].shards
         assert len(shards.buckets) > 3  # in fp32, one straddles the end of the decayed matrices (bf16 cuts there)
         assert precision is Precision.BF16 or any(b.start < layout.decay_end < b.end for b in shards.buckets)
         for rank, plan, grad in zip(ranks, plans, grads):
-            memory.put(rank.weights.view("w"), shards.pad(layout.flatten(PARAMS)))
+            memory.put(rank.weights.view("w"), shards.pad(layout.flatten(TIED_PARAMS)))
             memory.put(rank.grads.view("g"), shards.pad(grad))
             for buf in (rank.exp_avg, rank.exp_avg_sq):
                 memory.put(buf.view("m"), np.zeros(shards.shard_size, np.float32))
@@ -78,13 +83,13 @@ def held_in_f32(rank) -> np.ndarray:
 def check_against_one_process(grads, out) -> None:
     """What one process's AdamW makes of the summed gradients, clipped by their global norm: the
     f32 weights where each rank holds them, every bf16 copy on every rank."""
-    layout = ParamLayout(CONFIG)
+    layout = ParamLayout(TIED)
     total = grads[0] + grads[1]  # in f32, rank 0's first: the order the collectives sum in
     norm = math.sqrt(float(np.dot(total.astype(np.float64), total)))
     norms, after = out["norms"], out["weights"]
     assert norms[0][0] == pytest.approx(norm, rel=1e-5)
     assert norms[0][1] == pytest.approx(clip_scale(norm, ADAMW.max_grad_norm), rel=1e-5)
-    flat = layout.flatten(PARAMS)
+    flat = layout.flatten(TIED_PARAMS)
     expected, m_exp, v_exp = (np.zeros(layout.total, np.float32) for _ in range(3))
     for decays, part in ((True, slice(0, layout.decay_end)), (False, slice(layout.decay_end, layout.total))):
         expected[part], m_exp[part], v_exp[part] = adamw_reference(
@@ -123,7 +128,7 @@ def test_planted_a_norm_of_the_local_shard_alone_is_caught(monkeypatch):
         check_against_one_process(*zero_step(monkeypatch, Precision.FP32))
 
 
-def test_two_ranks_train_steps_end_to_end_match_one_process(monkeypatch):
+def train_two_ranks_against_numpy(monkeypatch, config, params) -> None:
     """ZeroCudaRank.train_step itself on the interpreted device (tests/fake_memory.py): each rank's
     forward and backward on its half of the global batch, the collectives through the host, two
     steps; against the numpy backend on the whole batches. Tolerance as tests/test_model_sim.py's."""
@@ -134,19 +139,20 @@ def test_two_ranks_train_steps_end_to_end_match_one_process(monkeypatch):
     rng = np.random.default_rng(3)
     batches = []
     for _ in range(2):
-        ids, targets = (rng.integers(0, CONFIG.vocab_size, (2, 8)) for _ in range(2))
+        ids, targets = (rng.integers(0, config.vocab_size, (2, 8)) for _ in range(2))
         targets[0, :3] = IGNORE_INDEX  # rank 0's half has fewer targets: the mean must be the global batch's
         batches.append((ids, targets))
     odd = batches[1][0][:1], batches[1][1][:1]  # validation's partial batch: one row, rank 1 has none
-    numpy = NumpyBackend(CONFIG, PARAMS, ADAMW)
+    numpy = NumpyBackend(config, params, ADAMW)
     expected = [numpy.train_step(ids, targets, LR) for ids, targets in batches]
     expected_val = [numpy.loss(*batches[0]), numpy.loss(*odd)]
     with interpreted_device(monkeypatch):
         group = LocalGroup(2)
 
         def rank(comm):
-            r = ZeroCudaRank(StagedCommunicator(comm), CONFIG, PARAMS, ADAMW, bucket_elems=BUCKET, cache=DryCache(),
+            r = ZeroCudaRank(StagedCommunicator(comm), config, params, ADAMW, bucket_elems=BUCKET, cache=DryCache(),
                              digest_every=1)  # the replicas' digests compared after every step
+            assert r.slab_rows == config.vocab_size // 2
             try:
                 steps = [r.train_step(ids, targets, LR) for ids, targets in batches]
                 return steps, r.params, [r.loss(*batches[0]), r.loss(*odd)]  # validation: each rank its rows
@@ -163,6 +169,31 @@ def test_two_ranks_train_steps_end_to_end_match_one_process(monkeypatch):
         assert (~np.isclose(ours, theirs, rtol=1e-5, atol=1e-6)).mean() <= 1e-3
         assert np.abs(ours - theirs).max() <= 2 * LR
     assert all(np.array_equal(results[0][1][n], results[1][1][n]) for n in results[0][1])  # the same bits
+
+
+@pytest.mark.parametrize("config, params", [(CONFIG, PARAMS), (TIED, TIED_PARAMS)], ids=["untied", "tied"])
+def test_two_ranks_train_steps_end_to_end_match_one_process(monkeypatch, config, params):
+    """Two interpreted ranks' steps as one process's. The table's gradient comes from both ranks'
+    lookup rows into each rank's slab of it (after the LM head's part arrived there through the
+    slab's reduce-scatter, tied; alone, untied)."""
+    train_two_ranks_against_numpy(monkeypatch, config, params)
+
+
+def test_planted_a_rank_that_adds_only_its_own_lookup_rows_is_caught(monkeypatch):
+    """The data-parallel embedding bug: each rank's slab summing only the rows of its own tokens
+    (the others' positions left out of the grouping), so a token another rank saw loses that
+    gradient. The weights then differ from one process's."""
+    group = ZeroCudaRank._group_slab_tokens
+
+    def own_rows_only(self, plan, ids, local):
+        mine = np.full_like(ids, -1)  # -1 sorts before every slab: those positions are left out
+        rows = slice(self.comm.rank * local[0], (self.comm.rank + 1) * local[0])
+        mine[rows] = ids[rows]
+        group(self, plan, mine, local)
+
+    monkeypatch.setattr(ZeroCudaRank, "_group_slab_tokens", own_rows_only)
+    with pytest.raises(AssertionError):
+        train_two_ranks_against_numpy(monkeypatch, CONFIG, PARAMS)
 
 
 def test_planted_a_weight_bucket_that_arrives_changed_on_one_rank_stops_both_at_the_digest(monkeypatch):

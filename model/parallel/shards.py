@@ -15,7 +15,8 @@ that straddles two tensors is ready when both are (``bucket_ready_steps``). A pi
 the end of the decayed tensors: ``segments`` splits it there for AdamW's weight decay. ``cuts``
 are offsets where a bucket must end (rounded to the bucket unit both ways, so a cut that is not on
 a unit leaves one bucket of a single unit across it): ZeroCudaRank cuts where the weights it
-gathers in bf16 begin and end.
+gathers in bf16 begin and end. A ``whole`` range, from one cut to another, is one bucket however
+large (ZeroCudaRank's embedding table: each rank's piece of it a slab of whole rows).
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ class ShardPlan:
     """Buckets and shards of ``total`` flat elements among ``world`` ranks."""
 
     def __init__(self, total: int, world: int, decay_end: int, bucket_elems: int = DEFAULT_BUCKET_ELEMS,
-                 cuts: Sequence[int] = ()):
+                 cuts: Sequence[int] = (), whole: tuple[int, int] | None = None):
         if world < 1 or total < 1 or bucket_elems < 1:
             raise ValueError(f"a shard plan needs world, total and bucket size >= 1, got {world}, {total}, {bucket_elems}")
         if not 0 <= decay_end <= total:
@@ -85,14 +86,16 @@ class ShardPlan:
             raise ValueError(f"cuts {list(cuts)} must lie within 0..{total}")
         size = -(-bucket_elems // unit) * unit
         bounds = sorted({0, self.padded_total, *(c // unit * unit for c in cuts), *(-(-c // unit) * unit for c in cuts)})
-        starts = [at for lo, hi in zip(bounds, bounds[1:]) for at in range(lo, hi, size)]
+        if whole is not None and not (whole[0] in bounds and whole[1] in bounds and whole[1] > whole[0]):
+            raise ValueError(f"a whole bucket {whole} must run from one cut on the unit {unit} to another")
+        starts = [at for lo, hi in zip(bounds, bounds[1:]) for at in ([lo] if (lo, hi) == whole else range(lo, hi, size))]
         self.buckets = [Bucket(i, at, end - at) for i, (at, end) in enumerate(zip(starts, starts[1:] + [self.padded_total]))]
         self.shard_size = self.padded_total // world
 
     @classmethod
     def of(cls, layout: ParamLayout, world: int, bucket_elems: int = DEFAULT_BUCKET_ELEMS,
-           cuts: Sequence[int] = ()) -> "ShardPlan":
-        return cls(layout.total, world, layout.decay_end, bucket_elems, cuts)
+           cuts: Sequence[int] = (), whole: tuple[int, int] | None = None) -> "ShardPlan":
+        return cls(layout.total, world, layout.decay_end, bucket_elems, cuts, whole)
 
     def pieces(self, rank: int) -> list[Piece]:
         if not 0 <= rank < self.world:
@@ -168,12 +171,16 @@ class ShardPlan:
             comm.all_gather(shard[p.shard:p.shard + p.size], padded[b.start:b.end])
 
 
-def bucket_ready_steps(plan: "Plan", grads_ptr: int, shards: ShardPlan, section: str = "backward") -> list[int]:
+def bucket_ready_steps(plan: "Plan", grads_ptr: int, shards: ShardPlan, section: str = "backward",
+                       skip: Sequence[int] = ()) -> list[int | None]:
     """For each bucket, the index in ``plan.of(section)`` of the step after which its gradients are
     final (the last step writing into it): where its reduce-scatter may be launched. ``grads_ptr``:
-    the address of the (padded) f32 gradient buffer."""
-    ready = []
+    the address of the (padded) f32 gradient buffer. ``skip``: buckets not sent (None)."""
+    ready: list[int | None] = []
     for b in shards.buckets:
+        if b.index in skip:
+            ready.append(None)
+            continue
         step = plan.last_writer(grads_ptr + 4 * b.start, 4 * b.size, section)
         if step is None:
             raise ValueError(f"no {section} step writes bucket {b.index} (elements {b.start}..{b.end})")
@@ -181,7 +188,7 @@ def bucket_ready_steps(plan: "Plan", grads_ptr: int, shards: ShardPlan, section:
     return ready
 
 
-def send_order(ready: Sequence[int]) -> list[int]:
-    """Bucket indexes in the order their gradients become final (ties by index): the same on every
-    rank, as collectives must be."""
-    return sorted(range(len(ready)), key=lambda i: (ready[i], i))
+def send_order(ready: Sequence[int | None]) -> list[int]:
+    """Bucket indexes in the order their gradients become final (ties by index; None: not sent):
+    the same on every rank, as collectives must be."""
+    return sorted((i for i, step in enumerate(ready) if step is not None), key=lambda i: (ready[i], i))

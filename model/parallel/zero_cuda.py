@@ -24,6 +24,15 @@ then an optimizer section of its own:
    then not on this rank (ZeRO-1's shard of them is), until ``params`` gathers them; the plan is
    checked, when built, to read none of them before the optimizer.
 
+The embedding table's gradient is two parts: the LM head's dense one (a tied table) and the
+lookup's, which only the batch's token rows receive, and only at the very end of the backward. So
+that the table's hundreds of MB are not reduce-scattered after the backward ends, each rank's piece
+of the table is a slab of whole rows (one bucket, when the vocabulary splits evenly among the
+ranks): its reduce-scatter carries the LM head's part as soon as that GEMM is done (untied: none
+is sent), and at the backward's end every rank's lookup-gradient rows are all-gathered (tokens x
+hidden, a few MB) and each rank adds those of its slab's tokens, in the order one process sums them
+(``_table_grad``).
+
 Collectives are host steps (``Plan.host``): a graph run launches the kernels between them as
 graphs. They are ordered on the legacy default stream, where the plan's launches and graphs run
 (``NcclCommunicator``'s default stream, the side stream forked from it and joined back;
@@ -33,14 +42,16 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import numpy as np
 
+from ptxgen.kernels.embedding import embedding_backward_plan
 from runtime import DeviceArray, Event, View
 from runtime.plan import Plan
 
 from ..config import ModelConfig
-from ..cuda_buffers import ParamLayout
+from ..cuda_buffers import Arena, ParamLayout
 from ..cuda_model import CudaBackend
 from ..cuda_ops import Ops
 from ..optim import AdamWSettings
@@ -48,14 +59,17 @@ from ..precision import Precision
 from .batch import eval_rows, global_targets, local_batch
 from .comm import Communicator
 from .replicas import check_replicas
-from .shards import DEFAULT_BUCKET_ELEMS, ShardPlan, bucket_ready_steps, send_order
+from .shards import ALIGN, DEFAULT_BUCKET_ELEMS, ShardPlan, bucket_ready_steps, send_order
+
+
+TABLE = "model.embed_tokens.weight"
 
 
 def f32_read(layout: ParamLayout) -> list[tuple[int, int]]:
     """The flat ranges of weights the bf16 step reads in f32 (besides the GEMMs' bf16 copies): the
     embedding table, which the lookup reads, and the undecayed norms and biases."""
-    table = layout.offsets["model.embed_tokens.weight"]
-    ranges = [(table, table + math.prod(layout.shapes["model.embed_tokens.weight"])), (layout.decay_end, layout.total)]
+    table = layout.offsets[TABLE]
+    ranges = [(table, table + math.prod(layout.shapes[TABLE])), (layout.decay_end, layout.total)]
     return [r for r in ranges if r[1] > r[0]]
 
 
@@ -75,14 +89,24 @@ class ZeroCudaRank(CudaBackend):
         self.comm, self.digest_every = comm, digest_every
         layout = ParamLayout(config)
         f32 = f32_read(layout) if precision is Precision.BF16 else [(0, layout.total)]
-        self.shards = ShardPlan.of(layout, comm.world, bucket_elems, cuts=[e for r in f32 for e in r])
+        table, unit = layout.offsets[TABLE], comm.world * ALIGN
+        end = table + config.vocab_size * config.hidden_size
+        # the table as one bucket of row slabs (see the module docstring), where its rows split evenly
+        slabs = table % unit == 0 and end % unit == 0 and config.vocab_size % comm.world == 0
+        self.slab_rows = config.vocab_size // comm.world if slabs else None
+        self.shards = ShardPlan.of(layout, comm.world, bucket_elems, cuts=[e for r in f32 for e in r] + [table, end],
+                                   whole=(table, end) if slabs else None)
+        self._table_bucket = next(b.index for b in self.shards.buckets if b.start == table) if slabs else None
+        self._table_rows: dict[tuple[int, int], tuple[View, View, View]] = {}  # batch shape -> grouping buffers
         # per bucket: gathered as the bf16 copies (none of it read in f32), else in f32
         self.gathered_bf16 = [not any(b.start < hi and lo < b.end for lo, hi in f32) for b in self.shards.buckets]
         self._masters_stale = False  # bf16-gathered buckets' f32 masters hold only this rank's pieces
         super().__init__(config, params, adamw, precision=precision, **backend)
         self.grad_shard = DeviceArray(self.shards.shard_size)
         # one event a bucket, recorded on the communicator's side stream after its all-gather
-        self._gathered = [Event() for _ in self.shards.buckets] if hasattr(comm, "all_gather_overlapped") else []
+        overlapped = hasattr(comm, "all_gather_overlapped")
+        self._gathered = [Event() for _ in self.shards.buckets] if overlapped else []
+        self._rows_gathered = Event() if overlapped and slabs else None  # the lookup-gradient rows' all-gather
         self.grad_shard.fill_u32(0)
         self._loss_sum = DeviceArray(1)
 
@@ -96,6 +120,8 @@ class ZeroCudaRank(CudaBackend):
         x, y = local_batch(np.asarray(ids), np.asarray(targets), self.comm.rank, self.comm.world)
         shape = self._prepare(x, y)
         shape.plan.set(loss_scale=1.0 / global_targets(targets))
+        if self.slab_rows is not None:
+            self._group_slab_tokens(shape.plan, np.asarray(ids), x.shape)
         self.step += 1
         a = self.adamw
         shape.plan.set(lr=lr, bias_correction1=1.0 - a.beta1 ** self.step, bias_correction2=1.0 - a.beta2 ** self.step)
@@ -123,6 +149,49 @@ class ZeroCudaRank(CudaBackend):
         self._loss_sum.upload(np.array([losses.astype(np.float64).sum()], np.float32))
         self.comm.all_reduce(self._loss_sum.view("loss sum"))
         return float(self._loss_sum.to_numpy()[0]) / global_targets(targets)
+
+    def _group_slab_tokens(self, plan: Plan, ids: np.ndarray, local: tuple[int, int]) -> None:
+        """The lookup backward's grouping of the GLOBAL batch's positions (every rank's rows, in
+        rank order: as the all-gather lays them out and one process sorts them), cut to the tokens
+        of this rank's slab, counted from its first row."""
+        order, starts, tokens = embedding_backward_plan(ids.reshape(-1))
+        lo = self.comm.rank * self.slab_rows
+        first, last = np.searchsorted(tokens, [lo, lo + self.slab_rows])
+        if last == first:  # no token of the slab in this batch: one empty segment, which adds nothing
+            starts, tokens, first, last = np.zeros(2, np.int32), np.full(1, lo, np.int32), 0, 1
+        bufs = self._table_rows[local]
+        for buf, host in zip(bufs, (order, starts[first:last + 1], tokens[first:last] - lo)):
+            buf.upload(np.pad(host.astype(np.int32), (0, buf.size - len(host))))
+        plan.set(slab_segments=int(last - first))
+
+    def _table_grad(self, ops: Ops, arena: Arena, batch: int, seq: int) -> Callable[[View], None] | None:
+        """The table's gradient into this rank's slab of the gradient shard: every rank's lookup
+        gradient rows all-gathered (NCCL: on the side stream, after the LM head's part of the slab
+        has arrived there), then the lookup backward over the slab's tokens. None: the table is
+        not in slabs, so backward's own (its bucket then reduce-scattered when final)."""
+        if self.slab_rows is None:
+            return None
+        comm, plan, tokens = self.comm, ops.plan, batch * seq
+        every = comm.world * tokens
+        rows = arena.new("every rank's lookup-gradient rows", (every, self.config.hidden_size))
+        self._table_rows[(batch, seq)] = (arena.new("their order by token", (every,), "i32"),
+                                          arena.new("the slab's segment starts", (every + 1,), "i32"),
+                                          arena.new("the slab's tokens", (every,), "i32"))
+        b = self.shards.buckets[self._table_bucket]
+        p = self.shards.pieces(comm.rank)[b.index]
+        slab = self.grad_shard.view("the table gradient's slab", p.shard, (p.size,))
+
+        def made(g: View) -> None:
+            if self._rows_gathered is not None:
+                plan.host(functools.partial(comm.all_gather_overlapped, g, rows, self._rows_gathered),
+                          label="all-gather the lookup-gradient rows", reads=[g], writes=[rows])
+                plan.host(functools.partial(comm.wait_for, self._rows_gathered), label="wait for them", reads=[rows])
+            else:
+                plan.host(functools.partial(comm.all_gather, g, rows), label="all-gather the lookup-gradient rows",
+                          reads=[g], writes=[rows])
+            ops.embedding_backward(rows, *self._table_rows[(batch, seq)], TABLE, plan.value("slab_segments", 1),
+                                   into=slab)
+        return made
 
     def comm_wait_ms(self) -> float | None:
         """How long the last step's optimizer waited for the gradients' reduce-scatters after the
@@ -157,7 +226,9 @@ class ZeroCudaRank(CudaBackend):
         # each bucket's reduce-scatter placed in the backward right after its last writer; a
         # communicator with a side stream (NCCL) runs them there while the backward goes on
         overlapped = getattr(comm, "reduce_scatter_overlapped", None)
-        ready, backward = bucket_ready_steps(plan, grads.ptr, shards), plan.of("backward")
+        # an untied table's slab has nothing to send: only its lookup's gradient, made in the shard
+        unsent = [self._table_bucket] if self._table_bucket is not None and not self.config.tie_word_embeddings else []
+        ready, backward = bucket_ready_steps(plan, grads.ptr, shards, skip=unsent), plan.of("backward")
         for i in send_order(ready):
             b, p = shards.buckets[i], pieces[i]
             send, recv = bucket(grads, b, "gradients"), piece(gshard, p, "gradient shard", p.shard)
@@ -252,5 +323,5 @@ class ZeroCudaRank(CudaBackend):
         super().close()
         for buf in (self.grad_shard, self._loss_sum):
             buf.free()
-        for event in self._gathered:
+        for event in self._gathered + ([self._rows_gathered] if self._rows_gathered else []):
             event.destroy()
