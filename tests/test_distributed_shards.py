@@ -156,11 +156,11 @@ def test_a_ranks_plan_sends_each_bucket_inside_the_backward_right_after_its_last
 
         def reduce_scatter_overlapped(self, send, recv): ...
 
-        def join_overlapped(self): ...
+        def join_overlapped(self, at=None, joined=None): ...
 
         def all_gather_overlapped(self, send, recv, done): ...
 
-        def wait_for(self, done): ...
+        def wait_for(self, done, at=None): ...
 
     config = dataclasses.replace(TINY, tie_word_embeddings=tied)
     for comm in (LocalGroup(2).communicator(0), Overlapping()):
@@ -226,11 +226,11 @@ class Overlapping:
 
     def reduce_scatter_overlapped(self, send, recv): ...
 
-    def join_overlapped(self): ...
+    def join_overlapped(self, at=None, joined=None): ...
 
     def all_gather_overlapped(self, send, recv, done): ...
 
-    def wait_for(self, done): ...
+    def wait_for(self, done, at=None): ...
 
 
 def bf16_rank(monkeypatch):
@@ -303,3 +303,16 @@ def test_a_bf16_ranks_casts_of_the_others_pieces_each_wait_for_their_bucket(monk
                     if not rank.gathered_bf16[next(b.index for b in rank.shards.buckets if b.start <= e < b.end)]]
         assert covered == expected and len(casts) > 1
         rank.close()
+
+
+def test_a_whole_range_is_one_bucket_and_every_other_cut_ends_one():
+    """Cuts end buckets (a cut off the unit leaves one unit across it); a whole range from one cut
+    to the next is one bucket however large; any other whole range is refused."""
+    plan = ShardPlan(10_000, 2, 9_000, bucket_elems=1_000, cuts=[0, 4_000, 9_003], whole=(0, 4_000))
+    assert plan.buckets[0].start == 0 and plan.buckets[0].size == 4_000
+    assert all(b.size <= 1_008 for b in plan.buckets[1:])  # bucket_elems rounded up to the unit
+    starts = [b.start for b in plan.buckets]
+    assert 4_000 in starts and 8_992 in starts and 9_008 in starts  # 9_003 off the unit of 16: 8_992..9_008
+    assert sum(b.size for b in plan.buckets) == plan.padded_total
+    with pytest.raises(ValueError, match="whole bucket"):
+        ShardPlan(10_000, 2, 9_000, bucket_elems=1_000, cuts=[0, 2_000, 4_000], whole=(0, 4_000))

@@ -71,7 +71,7 @@ class NcclCommunicator:
         # blocks start as soon as an SM frees up rather than behind every queued block of the
         # backward's kernels (which would hold a bucket back, and the peer waiting on it)
         self._side = Stream(urgent=True)
-        self._forked, self._joined, self._at_join = Event(), Event(), Event()
+        self._forked, self._joined = Event(), Event()
 
     def _call(self, what: str, fn: Any, *args: Any) -> None:
         if self._watchdog is not None:
@@ -117,19 +117,17 @@ class NcclCommunicator:
         self.all_gather(send, recv, self._fork())
         done.record(self._side)
 
-    def wait_for(self, done: Event) -> None:
-        """The main stream waits here for the side stream's work up to ``done``."""
+    def wait_for(self, done: Event, at: Event | None = None) -> None:
+        """The main stream waits here for the side stream's work up to ``done``. ``at``: recorded on
+        the main stream first (``at.elapsed_ms(done)``: how long it waited, when positive)."""
+        if at is not None:
+            at.record(self._stream_obj)
         call("cuStreamWaitEvent", self._stream_obj.handle, done.handle, 0)
 
-    def join_overlapped(self) -> None:
-        """The main stream waits here for the side stream's collectives so far."""
-        self._at_join.record(self._stream_obj)
-        self.wait_for(self._joined.record(self._side))
-
-    def overlap_wait_ms(self) -> float:
-        """How long the main stream waited at the last ``join_overlapped`` (0 if the side stream was
-        done first); waits for that point."""
-        return max(0.0, self._at_join.elapsed_ms(self._joined))
+    def join_overlapped(self, at: Event | None = None, joined: Event | None = None) -> None:
+        """The main stream waits here for the side stream's collectives so far (``joined``, when
+        given, recorded there; ``at`` as in ``wait_for``)."""
+        self.wait_for((joined or self._joined).record(self._side), at)
 
     def all_gather(self, send: View | DeviceArray, recv: View | DeviceArray, stream: int | None = None) -> None:
         self._sizes("all_gather", send, recv)
@@ -176,7 +174,7 @@ class NcclCommunicator:
                 self._watchdog.beat()
             self._comm.destroy()
             self._side.destroy()
-            for event in (self._forked, self._joined, self._at_join):
+            for event in (self._forked, self._joined):
                 event.destroy()
         if self._watchdog is not None:
             self._watchdog.stop()

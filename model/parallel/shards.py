@@ -86,10 +86,12 @@ class ShardPlan:
             raise ValueError(f"cuts {list(cuts)} must lie within 0..{total}")
         size = -(-bucket_elems // unit) * unit
         bounds = sorted({0, self.padded_total, *(c // unit * unit for c in cuts), *(-(-c // unit) * unit for c in cuts)})
-        if whole is not None and not (whole[0] in bounds and whole[1] in bounds and whole[1] > whole[0]):
-            raise ValueError(f"a whole bucket {whole} must run from one cut on the unit {unit} to another")
-        starts = [at for lo, hi in zip(bounds, bounds[1:]) for at in ([lo] if (lo, hi) == whole else range(lo, hi, size))]
-        self.buckets = [Bucket(i, at, end - at) for i, (at, end) in enumerate(zip(starts, starts[1:] + [self.padded_total]))]
+        spans = list(zip(bounds, bounds[1:]))
+        if whole is not None and tuple(whole) not in spans:
+            raise ValueError(f"a whole bucket {whole} must run from one cut on the unit {unit} to the next")
+        starts = [at for lo, hi in spans for at in ([lo] if (lo, hi) == whole else range(lo, hi, size))]
+        ends = starts[1:] + [self.padded_total]
+        self.buckets = [Bucket(i, at, end - at) for i, (at, end) in enumerate(zip(starts, ends))]
         self.shard_size = self.padded_total // world
 
     @classmethod

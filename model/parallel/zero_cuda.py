@@ -107,6 +107,10 @@ class ZeroCudaRank(CudaBackend):
         overlapped = hasattr(comm, "all_gather_overlapped")
         self._gathered = [Event() for _ in self.shards.buckets] if overlapped else []
         self._rows_gathered = Event() if overlapped and slabs else None  # the lookup-gradient rows' all-gather
+        # where the main stream waits for the side stream in the backward and before the
+        # optimizer: (main's mark, the side's), their gaps the step's wait on communication
+        self._waits = [(Event(), self._rows_gathered)] if self._rows_gathered else []
+        self._waits += [(Event(), Event())] if overlapped else []
         self.grad_shard.fill_u32(0)
         self._loss_sum = DeviceArray(1)
 
@@ -185,7 +189,8 @@ class ZeroCudaRank(CudaBackend):
             if self._rows_gathered is not None:
                 plan.host(functools.partial(comm.all_gather_overlapped, g, rows, self._rows_gathered),
                           label="all-gather the lookup-gradient rows", reads=[g], writes=[rows])
-                plan.host(functools.partial(comm.wait_for, self._rows_gathered), label="wait for them", reads=[rows])
+                plan.host(functools.partial(comm.wait_for, self._rows_gathered, self._waits[0][0]),
+                          label="wait for them", reads=[rows])
             else:
                 plan.host(functools.partial(comm.all_gather, g, rows), label="all-gather the lookup-gradient rows",
                           reads=[g], writes=[rows])
@@ -194,10 +199,10 @@ class ZeroCudaRank(CudaBackend):
         return made
 
     def comm_wait_ms(self) -> float | None:
-        """How long the last step's optimizer waited for the gradients' reduce-scatters after the
-        backward ended (None: this communicator does not overlap them with the backward)."""
-        wait = getattr(self.comm, "overlap_wait_ms", None)
-        return wait() if wait else None
+        """How long the last step's main stream waited for the side stream's collectives: for the
+        lookup-gradient rows at the backward's end, and for the gradients' reduce-scatters before
+        the optimizer (None: this communicator does not overlap them)."""
+        return sum(max(0.0, at.elapsed_ms(done)) for at, done in self._waits) if self._waits else None
 
     def check_replicas(self) -> None:
         """Collective: stop with one line (``ReplicaMismatch``) unless every rank holds the same bits
@@ -235,7 +240,8 @@ class ZeroCudaRank(CudaBackend):
             plan.insert_host(backward[ready[i]], functools.partial(overlapped or comm.reduce_scatter, send, recv),
                              label=f"reduce-scatter gradient bucket {i}", reads=[send], writes=[recv])
         if overlapped:
-            plan.host(comm.join_overlapped, label="wait for the gradients' reduce-scatters",
+            plan.host(functools.partial(comm.join_overlapped, *self._waits[-1]),
+                      label="wait for the gradients' reduce-scatters",
                       reads=[gshard.view("gradient shard")])
 
         def across(partial: View) -> None:
@@ -323,5 +329,5 @@ class ZeroCudaRank(CudaBackend):
         super().close()
         for buf in (self.grad_shard, self._loss_sum):
             buf.free()
-        for event in self._gathered + ([self._rows_gathered] if self._rows_gathered else []):
+        for event in self._gathered + [event for pair in self._waits for event in pair]:
             event.destroy()
