@@ -6,8 +6,9 @@ ZeRO-1 over NCCL (``ZeroCudaRank``), on a global batch of N x the per-GPU batch;
 ``reps`` timed steps (each ends with the loss downloaded, so synchronized). Each rank writes its
 figures to a JSON file; the parent reads them: the step time (the slowest rank's median), tokens/s
 on the global batch, the speed-up over one GPU measured in the same sitting and its efficiency
-(speed-up / N), the time the optimizer waited for the overlapped gradient reduce-scatters after the
-backward ended (median; 0 when they finished first), and the peak device memory per GPU (free
+(speed-up / N), the time the step waited for its overlapped collectives (``comm_wait_ms``: the
+lookup-gradient rows at the backward's end, the gradient reduce-scatters before the optimizer;
+median; 0 when they finished first), and the peak device memory per GPU (free
 memory before the rank's backend minus after the steps; the largest rank's).
 """
 from __future__ import annotations
