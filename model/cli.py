@@ -350,7 +350,10 @@ def cmd_train(argv: Sequence[str]) -> int:
     if isinstance(dp, int):  # the input is good: start the ranks, each of which runs the checks above again
         from .parallel.spawn import rank_command, spawn_ranks
 
+        from runtime.driver import release
+
         del ckpt, init, corpus  # the parent only waits: what it read for the checks is the ranks' to hold
+        release()  # and its context on the first GPU (the GPU count, the memory check) is rank 0's memory
         return spawn_ranks(dp, rank_command(argv), os.environ)
     # the communicator and the run directory's lock, released however the run ends
     with contextlib.ExitStack() as stack:

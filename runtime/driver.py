@@ -87,6 +87,15 @@ def device(ordinal: int = 0) -> Device:
     return Device(ordinal, handle, ctx, name, cc, call("cuDriverGetVersion"))
 
 
+def release() -> None:
+    """Give back the primary context ``device`` retained (its memory on the GPU goes with it once
+    nothing else holds it): for a process done with the GPU, such as the parent of ``--gpus N``,
+    whose ranks need the memory. A later ``device()`` retains it anew."""
+    if device.cache_info().currsize:
+        call("cuDevicePrimaryCtxRelease", device().handle)
+        device.cache_clear()
+
+
 def device_count() -> int:
     """How many CUDA devices this process sees (CUDA_VISIBLE_DEVICES applied); 0 without a
     driver or a device."""

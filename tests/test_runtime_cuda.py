@@ -283,3 +283,18 @@ def test_a_second_text_under_a_loaded_key_is_a_collision_even_in_memory(cache, m
     monkeypatch.setattr(RopeSpec, "emit", lambda self, target: "// another text under the same key\n")
     with pytest.raises(KeyCollisionError, match="impure or the key misses a parameter"):
         other.get(RopeSpec(heads=2, head_dim=64, theta=1e6))
+
+
+def test_release_gives_the_primary_context_back_and_device_retains_it_anew():
+    """A process done with the GPU (the parent of --gpus N, after its checks) holds no context
+    there: its memory is the ranks'. In a child process, as releasing this one's would end it."""
+    script = ("from runtime.driver import call, device, release\n"
+              "d = device(); free0, _ = call('cuMemGetInfo')\n"
+              "release()\n"
+              "_, active = call('cuDevicePrimaryCtxGetState', d.handle)\n"
+              "assert not active, 'the primary context is still active'\n"
+              "d2 = device(); free1, _ = call('cuMemGetInfo')\n"
+              "print('ok', bool(call('cuDevicePrimaryCtxGetState', d2.handle)[1]))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.split() == ["ok", "True"], done.stderr[-2000:]
