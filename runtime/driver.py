@@ -63,6 +63,9 @@ class Device:
         return call("cuDeviceGetAttribute", attr, self.handle)
 
 
+_retained: list[Any] = []  # every primary-context retain of device(), for release()
+
+
 @functools.cache
 def device(ordinal: int = 0) -> Device:
     """Initialise the driver, retain device ``ordinal``'s primary context and make it current."""
@@ -78,6 +81,7 @@ def device(ordinal: int = 0) -> Device:
                               f"device {ordinal} requested, {count} present")
     handle = call("cuDeviceGet", ordinal)
     ctx = call("cuDevicePrimaryCtxRetain", handle)
+    _retained.append(handle)
     call("cuCtxSetCurrent", ctx)
     raw = call("cuDeviceGetName", 256, handle)
     name = raw.split(b"\0", 1)[0].decode()
@@ -91,9 +95,9 @@ def release() -> None:
     """Give back the primary context ``device`` retained (its memory on the GPU goes with it once
     nothing else holds it): for a process done with the GPU, such as the parent of ``--gpus N``,
     whose ranks need the memory. A later ``device()`` retains it anew."""
-    if device.cache_info().currsize:
-        call("cuDevicePrimaryCtxRelease", device().handle)
-        device.cache_clear()
+    while _retained:  # device() and device(0) are two cache entries, each a retain
+        call("cuDevicePrimaryCtxRelease", _retained.pop())
+    device.cache_clear()
 
 
 def device_count() -> int:

@@ -176,8 +176,11 @@ def test_a_ranks_plan_sends_each_bucket_inside_the_backward_right_after_its_last
             assert sorted(sent) == [b.index for b in rank.shards.buckets if tied or b is not table]
             if tied:  # right after the LM head's weight gradient, the backward's first GEMM
                 assert backward[sends[0] - 1].label.startswith("gemm") and sent[0] == table.index
-            at = [s.label for s in backward].index("all-gather the lookup-gradient rows")
+            labels = [s.label for s in backward]
+            at = labels.index("all-gather the lookup-gradient rows")
             assert all(s.kind in ("host", "fill") for s in backward[at:-1]) and backward[-1].kind == "embedding_bwd"
+            if isinstance(comm, Overlapping):  # the rows arrive on the side stream: waited for before the kernel
+                assert at < labels.index("wait for them") < len(backward) - 1
             slab = rank.shards.pieces(0)[table.index]
             assert backward[-1].args["dtable"].ptr == rank.grad_shard.ptr + 4 * slab.shard
             for i in sends:

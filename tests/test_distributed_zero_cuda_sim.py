@@ -65,6 +65,11 @@ def zero_step(monkeypatch, precision):
                "moments": [(memory.get(r.exp_avg.view("m")), memory.get(r.exp_avg_sq.view("v"))) for r in ranks],
                "copies": [memory.get(r.weights16.view("w16")) for r in ranks] if precision is Precision.BF16 else [],
                "held": [held_in_f32(r) for r in ranks], "shards": shards}
+        if precision is Precision.BF16:  # params' collective: every f32 master on every rank again
+            for rank in ranks:
+                rank._masters_stale = True  # as train_step marks it (its sections run here directly)
+            group.run(lambda comm: ranks[comm.rank].gather_masters())
+        out["masters"] = [memory.get(r.weights.view("w"))[:layout.total] for r in ranks]
         for rank in ranks:
             rank.close()
     return grads, out
@@ -99,6 +104,9 @@ def check_against_one_process(grads, out) -> None:
     assert np.array_equal(after[0][both], after[1][both]) and np.array_equal(norms[0], norms[1])  # the same bits
     for weights, held in zip(after, out["held"]):
         np.testing.assert_allclose(weights[held], expected[held], rtol=1e-6, atol=1e-7)
+    for masters in out["masters"]:  # bf16: after gather_masters; fp32: as the step left them
+        np.testing.assert_allclose(masters, expected, rtol=1e-6, atol=1e-7)
+        assert np.array_equal(masters, out["masters"][0])
     shards = out["shards"]
     for r, (m, v) in enumerate(out["moments"]):
         np.testing.assert_allclose(m, shards.shard_of(shards.pad(m_exp), r), rtol=1e-6, atol=1e-9)

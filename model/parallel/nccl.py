@@ -66,6 +66,7 @@ class NcclCommunicator:
         self._sum = int(nccl.SUM)
         self._watchdog = Watchdog(timeout, f"rank {env.rank}") if env.world > 1 else None
         self._aborted = False
+        self.closed = False  # after close(): no collective may be issued
         # the side stream: reduce-scatters that overlap the backward (non-blocking: the legacy
         # stream does not wait for it implicitly, only at join_overlapped). Urgent: a collective's
         # blocks start as soon as an SM frees up rather than behind every queued block of the
@@ -169,6 +170,7 @@ class NcclCommunicator:
         """Destroy the communicator (a collective over this node's ranks), then the side stream
         (which waits for it) and events, the watchdog armed throughout. An aborted rank is on its
         way out: it waits for nothing more."""
+        self.closed = True
         if not self._aborted:
             if self._watchdog is not None:
                 self._watchdog.beat()

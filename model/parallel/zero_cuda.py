@@ -75,8 +75,9 @@ def f32_read(layout: ParamLayout) -> list[tuple[int, int]]:
 
 class ZeroCudaRank(CudaBackend):
     """One rank of a ZeRO-1 run on the GPU (the training backend's interface; the collectives mean
-    every rank calls ``train_step``, ``optimizer_state`` and ``check_replicas`` together;
-    ``params``, ``loss`` and ``close`` are the rank's own). ``comm`` takes device views."""
+    every rank calls ``train_step``, ``loss``, ``params`` (after a bf16 step), ``optimizer_state``
+    and ``check_replicas`` together, while the communicator is open; ``close`` is the rank's own).
+    ``comm`` takes device views."""
 
     name = "cuda-zero1"
     description = "cuda (raw PTX kernels through the CUDA driver API), ZeRO-1 data parallel"
@@ -129,8 +130,8 @@ class ZeroCudaRank(CudaBackend):
         self.step += 1
         a = self.adamw
         shape.plan.set(lr=lr, bias_correction1=1.0 - a.beta1 ** self.step, bias_correction2=1.0 - a.beta2 ** self.step)
+        self._masters_stale = any(self.gathered_bf16)  # from AdamW on (a failed run leaves them so too)
         self._run(shape, graph=self.graph)
-        self._masters_stale = any(self.gathered_bf16)
         loss = self._global_mean(shape.bufs.losses.to_numpy(), targets)
         if self.digest_every and self.step % self.digest_every == 0:
             self.check_replicas()
@@ -178,9 +179,12 @@ class ZeroCudaRank(CudaBackend):
         comm, plan, tokens = self.comm, ops.plan, batch * seq
         every = comm.world * tokens
         rows = arena.new("every rank's lookup-gradient rows", (every, self.config.hidden_size))
-        self._table_rows[(batch, seq)] = (arena.new("their order by token", (every,), "i32"),
-                                          arena.new("the slab's segment starts", (every + 1,), "i32"),
-                                          arena.new("the slab's tokens", (every,), "i32"))
+        grouping = (arena.new("their order by token", (every,), "i32"),
+                    arena.new("the slab's segment starts", (every + 1,), "i32"),
+                    arena.new("the slab's tokens", (every,), "i32"))
+        for buf in grouping:  # until a step groups a batch: empty segments, which add nothing
+            buf.upload(np.zeros(buf.size, np.int32))
+        self._table_rows[(batch, seq)] = grouping
         b = self.shards.buckets[self._table_bucket]
         p = self.shards.pieces(comm.rank)[b.index]
         slab = self.grad_shard.view("the table gradient's slab", p.shard, (p.size,))
@@ -296,13 +300,26 @@ class ZeroCudaRank(CudaBackend):
     def params(self) -> dict[str, np.ndarray]:
         """Every weight in f32. Collective after a bf16 step (the other ranks' master pieces of the
         bf16-gathered matrices are fetched): every rank reads it together, as train's checkpoints do."""
-        if self._masters_stale:
-            for b, p in zip(self.shards.buckets, self.shards.pieces(self.comm.rank)):
-                if self.gathered_bf16[b.index]:
-                    self.comm.all_gather(self.weights.view(f"weights piece {b.index}", p.flat, (p.size,)),
-                                         self.weights.view(f"weights bucket {b.index}", b.start, (b.size,)))
-            self._masters_stale = False
+        self.gather_masters()
         return self.layout.unflatten(self.weights.to_numpy()[:self.layout.total])
+
+    def gather_masters(self) -> None:
+        """Collective after a bf16 step: the other ranks' f32 master pieces of the bf16-gathered
+        matrices fetched into this rank's full weights (nothing to do otherwise)."""
+        if not self._masters_stale:
+            return
+        if getattr(self.comm, "closed", False):
+            raise RuntimeError("the other ranks' master weights went with the closed communicator: read params "
+                               "(every rank together) before closing it")
+        for b, p in zip(self.shards.buckets, self.shards.pieces(self.comm.rank)):
+            if self.gathered_bf16[b.index]:
+                self.comm.all_gather(self.weights.view(f"weights piece {b.index}", p.flat, (p.size,)),
+                                     self.weights.view(f"weights bucket {b.index}", b.start, (b.size,)))
+        self._masters_stale = False
+
+    def loss_and_grads(self, ids: np.ndarray, targets: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
+        raise TypeError("a data-parallel rank holds only its shard of the summed gradients (train_step uses it); "
+                        "use CudaBackend for every parameter's gradient")
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """Collective: both moments of every parameter, gathered from the shards (one process's format)."""
