@@ -354,17 +354,17 @@ class Plan:
         """The index in ``of(*sections)`` of the last step that writes into [start, start + size)
         (None: no step does): after it, the region is final (say, a bucket of gradients that a
         communication hook may send)."""
-        last = None
-        for i, step in enumerate(self.of(*sections)):
-            if any(at < start + size and start < at + n for at, n in step.extents(self._values)):
-                last = i
-        return last
+        writers = [i for i, step in enumerate(self.of(*sections)) if self._touches(step, start, size)]
+        return writers[-1] if writers else None
 
     def readers(self, start: int, size: int, *sections: str) -> list[Step | Fill | Host]:
         """The steps of ``of(*sections)`` that read from [start, start + size) (say, to prove that
         none reads a buffer left stale there)."""
-        return [step for step in self.of(*sections)
-                if any(at < start + size and start < at + n for at, n in step.extents(self._values, reads=True))]
+        return [step for step in self.of(*sections) if self._touches(step, start, size, reads=True)]
+
+    def _touches(self, step: Step | Fill | Host, start: int, size: int, reads: bool = False) -> bool:
+        """Whether ``step`` writes (``reads``: reads) any of [start, start + size)."""
+        return any(at < start + size and start < at + n for at, n in step.extents(self._values, reads))
 
     def describe(self) -> list[str]:
         return [step.describe() for step in self.steps]

@@ -205,24 +205,6 @@ def test_a_ranks_plan_sends_each_bucket_inside_the_backward_right_after_its_last
             rank.close()
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_the_runs_other_ranks_own_below_an_end_are_the_complement_of_a_ranks_pieces(world):
-    plan = ShardPlan(10_000, world, 7_001, bucket_elems=1_000)
-    for rank in range(world):
-        owned = np.zeros(plan.padded_total, bool)
-        for p in plan.pieces(rank):
-            owned[p.flat:p.flat + p.size] = True
-        theirs = np.zeros(plan.padded_total, bool)
-        runs = plan.others(rank, 7_001)
-        for start, size in runs:
-            assert size > 0 and not theirs[start:start + size].any()
-            theirs[start:start + size] = True
-        assert np.array_equal(theirs[:7_001], ~owned[:7_001]) and not theirs[7_001:].any()
-        assert all(a + n < b for (a, n), (b, _) in zip(runs, runs[1:]))  # adjacent runs merged
-    if world == 1:
-        assert plan.others(0, 7_001) == []  # one rank owns everything: nothing to take
-
-
 class Overlapping:
     """The NCCL communicator's shape, as far as a plan sees it: rank 1 of 3."""
     rank, world = 1, 3
@@ -302,9 +284,13 @@ def test_a_bf16_ranks_casts_of_the_others_pieces_each_wait_for_their_bucket(monk
             assert start + size <= bucket.end and not rank.gathered_bf16[bucket.index]
             assert optimizer[i - 1].label == f"wait for weight bucket {bucket.index}"
             covered.extend(range(start, start + size))
-        expected = [e for start, size in rank.shards.others(1, rank.layout.decay_end) for e in range(start, start + size)
-                    if not rank.gathered_bf16[next(b.index for b in rank.shards.buckets if b.start <= e < b.end)]]
-        assert covered == expected and len(casts) > 1
+        theirs = np.zeros(rank.shards.padded_total, bool)  # f32-gathered, not rank 1's, below the matrices' end
+        for b in rank.shards.buckets:
+            theirs[b.start:b.end] = not rank.gathered_bf16[b.index]
+        for p in rank.shards.pieces(1):
+            theirs[p.flat:p.flat + p.size] = False
+        theirs[rank.layout.decay_end:] = False
+        assert covered == np.flatnonzero(theirs).tolist() and len(casts) > 1
         rank.close()
 
 

@@ -119,22 +119,6 @@ class ShardPlan:
                     out.append(Segment(p.shard + flat - p.flat, flat, end - flat, decays))
         return out
 
-    def others(self, rank: int, end: int) -> list[tuple[int, int]]:
-        """(start, size) of the flat runs below ``end`` that other ranks own (adjacent pieces
-        merged): what this rank must take from them, having written its own pieces itself."""
-        mine = self.pieces(rank)
-        out: list[tuple[int, int]] = []
-        at = 0
-        for p in mine + [Piece(-1, self.padded_total, 0, 0)]:
-            lo, hi = at, min(p.flat, end)
-            if hi > lo:
-                if out and out[-1][0] + out[-1][1] == lo:
-                    out[-1] = (out[-1][0], out[-1][1] + hi - lo)
-                else:
-                    out.append((lo, hi - lo))
-            at = p.flat + p.size
-        return out
-
     def pad(self, flat: np.ndarray) -> np.ndarray:
         """A layout-sized flat buffer, padded with zeros to ``padded_total`` (same dtype)."""
         if flat.shape != (self.total,):

@@ -276,10 +276,10 @@ class ZeroCudaRank(CudaBackend):
                 functools.partial(comm.all_gather, send, recv)
             plan.host(sent, label=f"all-gather {what} bucket {b.index}", reads=[send], writes=[recv])
         if self.bf16:  # the other ranks' pieces of the f32-gathered matrices' copies (AdamW wrote ours)
-            for start, size in shards.others(comm.rank, lay.decay_end):
-                for b in (b for b in shards.buckets if not self.gathered_bf16[b.index]):
-                    lo, hi = max(start, b.start), min(start + size, b.end)
-                    if lo >= hi:
+            for b, p in zip(shards.buckets, pieces):
+                for lo, hi in ((b.start, p.flat), (p.flat + p.size, b.end)):  # the bucket but this rank's piece
+                    hi = min(hi, lay.decay_end)
+                    if self.gathered_bf16[b.index] or lo >= hi:
                         continue
                     if gather:
                         plan.host(functools.partial(comm.wait_for, self._gathered[b.index]),
