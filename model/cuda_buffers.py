@@ -238,18 +238,23 @@ class TrainingBuffers:
     (the loss takes them a chunk at a time), the logits' gradient and the backward's activation
     gradients (reused layer by layer), and the embedding backward's plan."""
 
-    def __init__(self, arena: Arena, c: ModelConfig, batch: int, seq: int, bf16: bool, logit_rows: int):
+    def __init__(self, arena: Arena, c: ModelConfig, batch: int, seq: int, bf16: bool, logit_rows: int,
+                 stats_tiles: int = 0):
         T, H, I, V = batch * seq, c.hidden_size, c.intermediate_size, c.vocab_size
         Q, KV_ = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         new, operand = arena.new, "bf16" if bf16 else "f32"
         self.targets, self.losses = new("targets", (T,), "i32"), new("losses", (T,))
         self.logits = new("logits", (logit_rows, V))
+        # the LM head's (max, sum of exp) of each of ``stats_tiles`` column tiles of each logit row:
+        # a chunk of r rows uses r of these rows' floats, as [tiles][r] pairs (None: the
+        # cross-entropy makes them itself)
+        self.logit_stats = new("logit row statistics", (logit_rows, 2 * stats_tiles)) if stats_tiles else None
         self.dlogits = new("dlogits", (T, V), operand)  # the LM head's GEMM operand as it is
         self.g = new("d x", (T, H))     # gradient of the residual stream, updated in place
         self.dh = new("d h", (T, H))
         self.d_act = new("d act", (T, I))
         self.d_gate_up = new("d gate_up", (T, 2 * I), operand)  # [d gate | d up]: the fused GEMM's operand
-        self.d_o, self.dq = new("d o", (T, Q)), new("d q", (T, Q))
+        self.d_o, self.dq = new("d o", (T, Q), operand), new("d q", (T, Q))  # d o: as the attention reads it
         self.dk, self.dv = new("d k", (T, KV_)), new("d v", (T, KV_))
         self.d_qkv = new("d qkv", (T, Q + 2 * KV_))  # [dq | dk | dv] per row (before RoPE): the fused projection's
         self.delta = new("attention delta", (batch, c.num_heads, seq))
@@ -258,11 +263,11 @@ class TrainingBuffers:
                                                     ("embedding seg_id", T)))
 
 
-def step_buffers(arena: Arena, c: ModelConfig, batch: int, seq: int, bf16: bool, logit_rows: int
-                 ) -> tuple[Activations, list[KV], TrainingBuffers]:
+def step_buffers(arena: Arena, c: ModelConfig, batch: int, seq: int, bf16: bool, logit_rows: int,
+                 stats_tiles: int = 0) -> tuple[Activations, list[KV], TrainingBuffers]:
     """A training step's buffers for ``batch`` x ``seq`` tokens: the activations, each layer's keys
     and values and the training buffers with ``logit_rows`` rows of logits."""
     T, width = batch * seq, c.num_kv_heads * c.head_dim
     acts = Activations(arena, c, batch, seq, bf16)
     kv = [KV.allocate(arena, i, T, width, bf16) for i in range(c.num_layers)]
-    return acts, kv, TrainingBuffers(arena, c, batch, seq, bf16, logit_rows)
+    return acts, kv, TrainingBuffers(arena, c, batch, seq, bf16, logit_rows, stats_tiles)

@@ -74,23 +74,28 @@ def forward(ops: Ops, acts: Activations, kv: list[KV], kv_stride: int, cached: i
     return acts.hf
 
 
-def lm_head(ops: Ops, hf: View, logits: View) -> None:
-    """The logits of the last ``len(logits)`` rows of ``hf``."""
+def lm_head(ops: Ops, hf: View, logits: View, stats: View | None = None) -> None:
+    """The logits of the last ``len(logits)`` rows of ``hf`` (and, ``stats``, their row statistics
+    for the cross-entropy)."""
     rows = logits.shape[0]
-    ops.linear(hf.rows(hf.shape[0] - rows, rows), lm_head_name(ops.config)[:-len(".weight")], out=logits)
+    ops.linear(hf.rows(hf.shape[0] - rows, rows), lm_head_name(ops.config)[:-len(".weight")], out=logits,
+               stats=stats)
 
 
 def loss(ops: Ops, hf: View, d: TrainingBuffers, grad_scale: Expr) -> None:
     """reference.py's cross-entropy of the logits, and its gradient (scaled by ``grad_scale``):
     ``d.logits`` rows of logits at a time, so the [tokens, vocab] f32 logits are never all in
-    memory; the gradient is kept for every row (the LM head's backward reads it)."""
+    memory; the gradient is kept for every row (the LM head's backward reads it). bf16: the LM
+    head's GEMM also reduces each column tile of a row (``d.logit_stats``), so the cross-entropy
+    reads the logits once."""
     chunk = d.logits.shape[0]
     for start in range(0, hf.shape[0], chunk):
         rows = min(chunk, hf.shape[0] - start)
         logits = d.logits.rows(0, rows)
-        lm_head(ops, hf.rows(start, rows), logits)
+        stats = d.logit_stats.rows(0, rows) if d.logit_stats else None
+        lm_head(ops, hf.rows(start, rows), logits, stats)
         ops.cross_entropy(logits, d.targets.rows(start, rows), d.losses.rows(start, rows),
-                          d.dlogits.rows(start, rows), grad_scale)
+                          d.dlogits.rows(start, rows), grad_scale, stats)
 
 
 def backward(ops: Ops, acts: Activations, kv: list[KV], hf: View, d: TrainingBuffers, segments: Expr,
@@ -117,9 +122,8 @@ def backward(ops: Ops, acts: Activations, kv: list[KV], hf: View, d: TrainingBuf
                                  residual=True)
         # attention: x_mid = x + o_proj(attn(rope(q), rope(k), v)); g is now the gradient of x_mid
         ops.grad_weight(g, a.o, p + "self_attn.o_proj")
-        ops.grad_input(g, p + "self_attn.o_proj", d.d_o)
-        do = ops.grad_operand(d.d_o)  # read as q, k and v are
-        ops.attention_backward(a.q, kv[i].k, kv[i].v, a.o, do, a.lse, dq=d.dq, delta=d.delta, dk=d.dk, dv=d.dv,
+        ops.grad_input(g, p + "self_attn.o_proj", d.d_o)  # bf16: stored as q, k and v are
+        ops.attention_backward(a.q, kv[i].k, kv[i].v, a.o, d.d_o, a.lse, dq=d.dq, delta=d.delta, dk=d.dk, dv=d.dv,
                                batch=acts.batch, seq=acts.seq)
         # the fused projection's output gradient, [dq | dk | dv] per row: RoPE's backward on dq and dk
         ops.rope(d.dq, acts.pos, c.num_heads, out=Columns(d.d_qkv, 0, Q), inverse=True)
@@ -325,7 +329,8 @@ class CudaBackend:
         c, T = self.config, batch * seq
         plan, arena = Plan(self.cache), Arena()
         ops = self.ops(plan, arena, T)
-        acts, kv, bufs = step_buffers(arena, c, batch, seq, self.bf16, min(T, self.loss_chunk_rows))
+        acts, kv, bufs = step_buffers(arena, c, batch, seq, self.bf16, min(T, self.loss_chunk_rows),
+                                      self.kernels.cross_entropy.stats_tiles)
         acts.pos.upload(np.tile(np.arange(seq, dtype=np.int32), batch))
         plan.section = "forward"
         hf = forward(ops, acts, kv, kv_stride=seq)

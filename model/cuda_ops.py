@@ -81,7 +81,7 @@ class Ops:
         return self.k.linear(module)
 
     def _gemm(self, spec: Gemm, what: str, a: View, b: View, c: Arg, m: int, n: int, k: int,
-              bias: View | None = None, splits: int = 1) -> None:
+              bias: View | None = None, splits: int = 1, stats: View | None = None) -> None:
         """C = op(A) op(B) (+ bias) over ``splits`` parts of a ``k``-long contraction each; ``what``:
         the module and pass ("model.layers.0.mlp.down_proj dW"), in the launch's label for a profile.
         A TMA-fed kernel reads A and B through tensor maps (freed with the plan) and its persistent
@@ -94,7 +94,7 @@ class Ops:
             dims = spec.launch_dims(m, n, splits, resident=kernel.resident_blocks(spec.threads))
         else:
             dims = spec.launch_dims(m, n, splits)
-        args = spec.arguments(a, b, c, m, n, k, bias=bias, splits=splits)
+        args = spec.arguments(a, b, c, m, n, k, bias=bias, splits=splits, **({"stats": stats} if stats else {}))
         self.plan.add(spec, dims, label=f"{spec.kind} {what} -> {_name(c)}", operands=operands, **_named(spec, args))
 
     def _wave(self, spec: Gemm) -> int:
@@ -121,13 +121,15 @@ class Ops:
         self._add(spec, spec.launch_dims(self.T), out, x=delta, residual=x, gamma=self.W[gamma].value, y=out,
                   h_out=x_out, rstd=rstd, n_rows=self.T)
 
-    def linear(self, x: View, module: str, out: Arg) -> None:
+    def linear(self, x: View, module: str, out: Arg, stats: View | None = None) -> None:
         """out = x W^T (+ b) for the linear layer ``module`` (its HF name without ``.weight``), on
-        the rows of ``x``."""
+        the rows of ``x``; ``stats``: the LM head's in the loss (bf16), also each column tile's row
+        statistics, the cross-entropy's first pass."""
         w, bias = self.W[module + ".weight"], self.W.get(module + ".bias")
         d_out, d_in = w.shape
-        self._gemm(self._linear(module).forward, f"{module} forward", x, w.operand, out, x.shape[0], d_out, d_in,
-                   bias=bias.value if bias is not None else None)
+        spec = self._linear(module).forward if stats is None else self.k.head_logits
+        self._gemm(spec, f"{module} forward", x, w.operand, out, x.shape[0], d_out, d_in,
+                   bias=bias.value if bias is not None else None, stats=stats)
 
     def rope(self, x: Arg | Columns, positions: View, heads: int, out: Arg | Columns, inverse: bool = False) -> None:
         """RoPE on ``tokens`` rows of ``heads`` heads, from ``x`` into ``out`` (either may be
@@ -164,12 +166,13 @@ class Ops:
         assert gate_up.shape == (rows, 2 * width), (gate_up.name, gate_up.shape, out.shape)
         self._add(spec, spec.launch_dims(rows, width), out, **_named(spec, spec.arguments(gate_up, out, rows, width)))
 
-    def cross_entropy(self, logits: View, targets: View, losses: View, dlogits: View, grad_scale: Expr) -> None:
+    def cross_entropy(self, logits: View, targets: View, losses: View, dlogits: View, grad_scale: Expr,
+                      stats: View | None = None) -> None:
         """Per-row losses and, scaled by ``grad_scale``, their gradient with respect to the logits,
-        for the rows of ``logits``."""
+        for the rows of ``logits``; ``stats``: their row statistics, made by the LM head (bf16)."""
         spec = self.k.cross_entropy
         self._add(spec, spec.launch_dims(logits.shape[0]), losses, logits=logits, targets=targets, loss=losses,
-                  dlogits=dlogits, grad_scale=grad_scale)
+                  dlogits=dlogits, grad_scale=grad_scale, **({"stats": stats} if stats else {}))
 
     # -- backward ------------------------------------------------------------------------------
     @functools.cached_property

@@ -75,7 +75,10 @@ def cuda_step_buffer_bytes(config: ModelConfig, batch: int, seq: int, bf16: bool
     from .cuda_buffers import step_buffers
 
     counter = _Counter()
-    step_buffers(counter, config, batch, seq, bf16, min(batch * seq, LOSS_CHUNK_ROWS))  # type: ignore[arg-type]
+    stats_tiles = ModelKernels.of(config, AdamWSettings(), IGNORE_INDEX,
+                                  Precision.BF16 if bf16 else Precision.FP32).cross_entropy.stats_tiles
+    step_buffers(counter, config, batch, seq, bf16, min(batch * seq, LOSS_CHUNK_ROWS),  # type: ignore[arg-type]
+                 stats_tiles)
     return counter.bytes
 
 

@@ -92,12 +92,13 @@ class LinearKernels:
 
     @classmethod
     def of(cls, d_in: int, d_out: int, bias: bool = False, precision: Precision = Precision.FP32,
-           bf16_out: bool = False) -> "LinearKernels":
-        """``bf16_out``: in bf16 precision, y is stored in bf16 (what the next kernel reads)."""
+           bf16_out: bool = False, bf16_dx: bool = False) -> "LinearKernels":
+        """``bf16_out`` (``bf16_dx``): in bf16 precision, y (dx) is stored in bf16, rounded as a cast
+        of the f32 result would (what the next kernel reads)."""
         if precision is Precision.BF16:
             make = functools.partial(GemmWgmmaSpec, tma=True, **WGMMA_TILE)
             fwd = make(trans_a=False, trans_b=True, bias=bias, bf16_out=bf16_out)
-            dx, dw = make(trans_a=False, trans_b=False), make(trans_a=True, trans_b=False)
+            dx, dw = make(trans_a=False, trans_b=False, bf16_out=bf16_dx), make(trans_a=True, trans_b=False)
         else:
             make = functools.partial(GemmSpec, vec=widest_vec(d_in, d_out))
             tile = lambda width: {} if width >= WIDE_OUTPUT else SMALL_TILE  # noqa: E731
@@ -128,6 +129,9 @@ class ModelKernels:
     gate_up: LinearKernels
     down: LinearKernels
     head: LinearKernels
+    # bf16: the loss's LM head forward, also writing each 128-column tile's row (max, sum of exp): the
+    # cross-entropy's first pass made while the logits are in registers, not read back from memory
+    head_logits: GemmWgmmaSpec | None
     rope_q: RopeSpec      # all four strided: q and k read from the fused projection's rows,
     rope_k: RopeSpec      # their gradients written into its gradient's
     rope_q_bwd: RopeSpec
@@ -156,12 +160,14 @@ class ModelKernels:
         attn = dict(heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=d)
         if precision is Precision.BF16:
             # on wgmma where its 64-wide column chunks fit (head_dim 64, 128), else on mma.sync; each
-            # kernel at its fastest layout in bench_compute on the H200 (b8 h14/2 s2048): dK/dV with
-            # 128-query tiles at d64 (0.395 ms against 0.428), 64 at d128; dQ with 64-key tiles
+            # kernel at its fastest layout on the H200: dQ with 64-key tiles; dK/dV at d64 in two
+            # teams of a warpgroup over 64-query tiles (qwen2-0.5b 8 x 1024: 2.86 ms a step against
+            # 3.89 for one warpgroup a block, whose 256 blocks of 16 causal lengths leave SMs idle),
+            # at d128 one warpgroup over 64-query tiles (b8 h14/2 s2048: 0.486 ms, two teams 0.494)
             if d in (64, 128):
+                kv = dict(warps=8, teams=2, tile=64) if d == 64 else dict(tile=64)
                 attention = (AttentionWgmmaSpec(**attn, tile=128, warps=8 if d == 128 else 4),
-                             AttentionWgmmaBackwardQSpec(**attn),
-                             AttentionWgmmaBackwardKVSpec(**attn, tile=128 if d == 64 else 64))
+                             AttentionWgmmaBackwardQSpec(**attn), AttentionWgmmaBackwardKVSpec(**attn, **kv))
             else:
                 attention = (AttentionTCSpec(**attn), AttentionTCBackwardQSpec(**attn), AttentionTCBackwardKVSpec(**attn))
         else:  # a row over lanes threads: about 32 of its values per thread (64 -> 2 lanes, 128 -> 4)
@@ -175,6 +181,8 @@ class ModelKernels:
         # a SwiGLU thread's elements stay in one row of intermediate_size: 16 bytes where it divides
         swiglu_vec = vector_width(c.intermediate_size, gemm_operand)
         swiglu_vec = 0 if swiglu_vec == 16 // gemm_operand.size else swiglu_vec
+        head = linear(h, c.vocab_size)
+        stats_block = WGMMA_TILE["block_n"] if precision is Precision.BF16 else 0
         return cls(
             embed=EmbeddingSpec(dim=h), embed_bwd=EmbeddingBackwardSpec(dim=h, accumulate=c.tie_word_embeddings),
             norm=norm, norm_residual=dataclasses.replace(norm, residual=True),
@@ -183,8 +191,10 @@ class ModelKernels:
             norm_bwd_residual=RMSNormBackwardSpec(hidden=h, residual=True, bf16_copy=precision is Precision.BF16),
             qkv=linear(h, q_dim + 2 * kv_dim, bias=c.qkv_bias),
             # gate and up as one GEMM ([gate; up] weights); bf16: stored in bf16, as SwiGLU and its backward read them
-            o=linear(q_dim, h), gate_up=linear(h, 2 * c.intermediate_size, bf16_out=True),
-            down=linear(c.intermediate_size, h), head=linear(h, c.vocab_size),
+            # bf16: the attention output's gradient stored in bf16, as the attention backward reads it
+            o=linear(q_dim, h, bf16_dx=True), gate_up=linear(h, 2 * c.intermediate_size, bf16_out=True),
+            down=linear(c.intermediate_size, h), head=head,
+            head_logits=dataclasses.replace(head.forward, row_stats=True) if stats_block else None,
             # bf16: RoPE writes the attention's bf16 q and k itself (its f32 output is read by nothing else)
             rope_q=RopeSpec(heads=c.num_heads, bf16_out=precision is Precision.BF16, strided=True, **rope),
             rope_k=RopeSpec(heads=c.num_kv_heads, bf16_out=precision is Precision.BF16, strided=True, **rope),
@@ -194,7 +204,8 @@ class ModelKernels:
             attention=attention[0], attention_bwd_q=attention[1], attention_bwd_kv=attention[2],
             swiglu=SwiGLUSpec(dtype=gemm_operand, out_dtype=gemm_operand, vec=swiglu_vec),
             swiglu_bwd=SwiGLUBackwardSpec(dtype=gemm_operand, out_dtype=gemm_operand, vec=swiglu_vec),
-            cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index, grad_dtype=gemm_operand),
+            cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index, grad_dtype=gemm_operand,
+                                           stats_block=stats_block),
             colsum=ColumnSumSpec(), parts_sum=PartsSumSpec(), grad_norm_partial=partial,
             grad_norm_final=GradNormFinalSpec(partials=partial.blocks),
             # bf16: the step on the matrices writes their bf16 copy too (no separate refresh pass)

@@ -4,8 +4,8 @@ step's (GEMMs, attention, norms, RoPE, SwiGLU, cross-entropy, optimizer), the wg
 It interprets the instructions those kernels emit, nothing more (anything else raises
 NotImplementedError; RoPE's sin and cos are numpy's, not sin.approx's). A block's threads run in
 lockstep, one numpy lane each; threads that branch apart keep their own pc and the group at the
-smallest runs next, so structured paths rejoin (a barrier, shuffle, cp.async or wgmma reached by
-only some live threads is an error). cp.async copies land at
+smallest runs next, so structured paths rejoin (a shuffle or wgmma reached by part of a warp or
+warpgroup is an error, and so is a barrier that finds fewer threads than it counts). cp.async copies land at
 their group's cp.async.wait_group, not before: a read of a stage before its wait sees stale bytes.
 Shared memory starts as garbage, global memory outside the outputs is read-only (asserted).
 
@@ -166,8 +166,12 @@ class Block:
                 done |= group if mask is None else mask & group
                 pcs[group] = pc + 1
                 continue
-            if op[0] in ("bar", "shfl", "wgmma", "cp"):  # block- or warp-collective: every live thread here
-                assert (group == ~done).all(), f"{'.'.join(op)} reached by some of the block's threads only"
+            if op[0] in ("shfl", "wgmma"):  # warp- or warpgroup-collective: whole ones here
+                unit = 32 if op[0] == "shfl" else 128
+                whole = group.reshape(-1, unit)
+                assert (whole.all(axis=1) | ~whole.any(axis=1)).all(), f"{'.'.join(op)} reached by part of a {unit}"
+            elif op[:2] == ["bar", "sync"]:
+                self._barrier_met(ops, group, done)
             handler = getattr(self, "_" + op[0], None)
             if handler is None:
                 raise NotImplementedError(".".join(op))
@@ -381,26 +385,43 @@ class Block:
             self._space(space)[where[:, None] + np.arange(size)] = data
 
     def _cp(self, op, ops, mask):
+        """cp.async per thread: a thread's copies join its next commit's group, and its wait_group N
+        lands all but its N newest groups (threads that commit and wait apart, a block's teams,
+        keep apart groups)."""
         kind = op[2]
+        on = np.ones(self.threads, bool) if mask is None else mask
         if kind == "cg":  # cp.async.cg.shared.global [dst], [src], 16, src_size: zeros past src_size
-            on = np.ones(self.threads, bool) if mask is None else mask
             dst, src = self._address(ops[0], "shared")[on], self._address(ops[1], "global")[on]
             size = self.value(ops[3], "u32")[on].astype(np.int64)
             valid = np.arange(16) < size[:, None]
             data = np.where(valid, self.memory.bytes[np.where(valid, src[:, None] + np.arange(16), 0)], 0).astype(np.uint8)
             assert (dst % 16 == 0).all() and (dst >= SMEM_BASE).all() and (dst + 16 <= len(self.shared)).all()
-            self.pending.append((dst, data))
+            self.pending.append((on, dst, data))
         elif kind == "commit_group":
-            self.groups.append(self.pending)
-            self.pending = []
+            mine = [c for c in self.pending if not (c[0] & ~on).any()]
+            self.pending = [c for c in self.pending if (c[0] & ~on).any()]
+            self.groups.append((on, mine))
         elif kind == "wait_group":
-            while len(self.groups) > int(ops[0]):
-                for dst, data in self.groups.pop(0):
+            mine = [g for g in self.groups if (g[0] & on).any()]
+            assert all(not (g[0] & ~on).any() for g in mine), "a wait by part of the threads that committed a group"
+            for g in mine[:max(len(mine) - int(ops[0]), 0)]:
+                self.groups.remove(g)
+                for _, dst, data in g[1]:
                     self.shared[dst[:, None] + np.arange(16)] = data
         else:
             raise NotImplementedError(".".join(op))
 
-    def _bar(self, op, ops, mask):  # lockstep: every thread is already here
+    def _barrier_met(self, ops, group: np.ndarray, done: np.ndarray) -> None:
+        """bar.sync id[, count]: lockstep brings every thread that reaches the barrier here
+        together, so each id must find its whole count (no count: every live thread)."""
+        if len(ops) < 2:
+            assert (group == ~done).all(), "bar.sync reached by some of the block's threads only"
+            return
+        ids, count = self.value(ops[0], "u32")[group], int(ops[1], 0)
+        for i in np.unique(ids):
+            assert (ids == i).sum() == count, f"barrier {i}: {(ids == i).sum()} threads here, {count} expected"
+
+    def _bar(self, op, ops, mask):  # lockstep: the threads that meet are already here
         pass
 
     def _fence(self, op, ops, mask):
@@ -417,6 +438,8 @@ class Block:
         flags = [int(x) for x in ops[4:]]
         for group in range(self.threads // 128):
             lanes = slice(128 * group, 128 * group + 128)
+            if mask is not None and not mask[lanes].any():  # a warpgroup elsewhere
+                continue
             scale_d = self.regs[ops[3]][lanes]
             assert scale_d.all() or not scale_d.any()
             a = (self._a_registers(_vector(ops[1]), lanes, dtype) if in_regs

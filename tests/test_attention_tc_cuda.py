@@ -80,10 +80,12 @@ def test_non_causal_and_over_a_kv_cache(cache):
     check(*run(cache, AttentionTCSpec(heads=4, kv_heads=2, head_dim=128), 1, 1, kv_len=300, q_start=299))
 
 
-@pytest.mark.parametrize("bsz, s, h, hkv, d, tile", [(1, 1, 2, 1, 64, 64), (2, 37, 4, 2, 64, 64),
-                                                     (2, 1000, 14, 2, 64, 64), (1, 77, 14, 2, 128, 32),
-                                                     (2, 100, 4, 4, 32, 32)])
-def test_backward_matches_the_reference_gradients(cache, bsz, s, h, hkv, d, tile):
+@pytest.mark.parametrize("bsz, s, h, hkv, d, tile, kv_layout", [
+    (1, 1, 2, 1, 64, 64, dict()), (2, 37, 4, 2, 64, 64, dict()), (2, 1000, 14, 2, 64, 64, dict()),
+    (1, 77, 14, 2, 128, 32, dict()), (2, 100, 4, 4, 32, 32, dict()),
+    # the dK/dV block's warps in two teams taking the query tiles in turn
+    (2, 1000, 14, 2, 64, 64, dict(warps=8, teams=2)), (1, 77, 14, 2, 128, 32, dict(warps=8, teams=2))])
+def test_backward_matches_the_reference_gradients(cache, bsz, s, h, hkv, d, tile, kv_layout):
     layout = dict(heads=h, kv_heads=hkv, head_dim=d, tile=tile)
     fwd = AttentionTCSpec(**layout)
     dtype = fwd.dtype
@@ -98,7 +100,7 @@ def test_backward_matches_the_reference_gradients(cache, bsz, s, h, hkv, d, tile
     dq, delta = call(cache, bq, bq.launch_dims(bsz, s), q, k, v, o, do, lse, poison(q.shape),
                      poison((bsz, h, s)), s)[6:]
     np.testing.assert_allclose(delta, np.einsum("bshd,bshd->bhs", do64, values(o, dtype)), rtol=1e-4, atol=1e-4)
-    bkv = AttentionTCBackwardKVSpec(**layout)
+    bkv = AttentionTCBackwardKVSpec(**layout, **kv_layout)
     dk, dv = call(cache, bkv, bkv.launch_dims(bsz, s), q, k, v, do, lse, delta, poison(k.shape), poison(v.shape),
                   s)[6:]
     for name, ours, ref in (("dq", dq, dq_ref), ("dk", dk, dk_ref), ("dv", dv, dv_ref)):

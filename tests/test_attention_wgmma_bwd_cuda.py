@@ -59,11 +59,12 @@ class Problem:
 
 
 def wgmma_backward(cache, bsz: int, s: int, h: int, hkv: int, d: int, causal: bool = True,
-                   dtype: MmaType = MmaType.BF16, **layout) -> tuple[Problem, dict[str, np.ndarray]]:
+                   dtype: MmaType = MmaType.BF16, teams: int = 1, **layout) -> tuple[Problem, dict[str, np.ndarray]]:
+    """``teams``: the dK/dV kernel's alone."""
     problem = Problem(cache, bsz, s, h, hkv, d, causal, dtype)
     fields = dict(heads=h, kv_heads=hkv, head_dim=d, causal=causal, dtype=dtype, **layout)
     dq, delta = problem.backward_q(cache, AttentionWgmmaBackwardQSpec(**fields))
-    dk, dv = problem.backward_kv(cache, AttentionWgmmaBackwardKVSpec(**fields), delta)
+    dk, dv = problem.backward_kv(cache, AttentionWgmmaBackwardKVSpec(**fields, teams=teams), delta)
     return problem, dict(dq=dq, delta=delta, dk=dk, dv=dv)
 
 
@@ -87,14 +88,20 @@ def check(problem: Problem, ours: dict[str, np.ndarray]) -> None:
     (1, 300, 4, 2, 128, dict(warps=8)),
     (1, 150, 8, 1, 64, dict(warps=8, tile=32)),   # GQA 8
     (2, 130, 6, 6, 64, dict(dtype=MmaType.F16, tile=32)),  # no grouping, fp16
+    # two warpgroups sharing 64 keys, alternate query tiles, their sums added in shared memory
+    (2, 1000, 14, 2, 64, dict(warps=8, teams=2, tile=64)),
+    (2, 1000, 14, 2, 64, dict(warps=8, teams=2, tile=128)),
+    (1, 150, 8, 1, 64, dict(warps=8, teams=2, tile=32)),   # the last keys' one query tile: team 1 has none
+    (1, 300, 4, 2, 128, dict(warps=8, teams=2, tile=64)),
 ])
 def test_backward_matches_the_reference_gradients(cache, bsz, s, h, hkv, d, layout):
     check(*wgmma_backward(cache, bsz, s, h, hkv, d, **layout))
 
 
 @pytest.mark.parametrize("d", [64, 128])
-def test_non_causal_backward(cache, d):
-    check(*wgmma_backward(cache, 1, 91, 4, 2, d, causal=False))
+@pytest.mark.parametrize("teams", [1, 2])
+def test_non_causal_backward(cache, d, teams):
+    check(*wgmma_backward(cache, 1, 91, 4, 2, d, causal=False, teams=teams, warps=4 * teams))
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -106,11 +113,12 @@ def test_delta_is_the_tensor_core_kernels_bit_for_bit(cache, d):
     assert np.array_equal(ours.view(np.uint32), theirs.view(np.uint32))
 
 
-@pytest.mark.parametrize("d, layout", [(64, dict()), (128, dict(warps=8, tile=32))])
-def test_two_runs_give_the_same_bits(cache, d, layout):
-    problem, first = wgmma_backward(cache, 2, 333, 14, 2, d, **layout)
+@pytest.mark.parametrize("d, layout, teams", [(64, dict(), 1), (128, dict(warps=8, tile=32), 1),
+                                              (64, dict(warps=8, tile=64), 2)])
+def test_two_runs_give_the_same_bits(cache, d, layout, teams):
+    problem, first = wgmma_backward(cache, 2, 333, 14, 2, d, teams=teams, **layout)
     fields = dict(heads=14, kv_heads=2, head_dim=d, **layout)
     dq, delta = problem.backward_q(cache, AttentionWgmmaBackwardQSpec(**fields))
-    dk, dv = problem.backward_kv(cache, AttentionWgmmaBackwardKVSpec(**fields), delta)
+    dk, dv = problem.backward_kv(cache, AttentionWgmmaBackwardKVSpec(**fields, teams=teams), delta)
     for name, again in (("dq", dq), ("delta", delta), ("dk", dk), ("dv", dv)):
         assert np.array_equal(first[name].view(np.uint32), again.view(np.uint32)), f"{name} differs between runs"

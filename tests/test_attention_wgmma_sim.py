@@ -50,10 +50,14 @@ def test_the_forward_runs_in_the_interpreter_as_on_the_gpu(s, d, layout):
 
 @pytest.mark.parametrize("bsz, s, h, hkv, d, layout", [
     (2, 37, 4, 2, 64, dict()), (1, 77, 2, 1, 128, dict(tile=32)), (1, 70, 3, 3, 64, dict(warps=8, tile=128)),
-    (1, 40, 2, 1, 128, dict(causal=False, dtype=MmaType.F16, warps=8, tile=32))])
+    (1, 40, 2, 1, 128, dict(causal=False, dtype=MmaType.F16, warps=8, tile=32)),
+    # two teams: 3 key tiles, 5 query tiles taken in turn, the last keys' single tile team 0's alone
+    (1, 150, 2, 1, 64, dict(warps=8, tile=32, teams=2)),
+    (1, 77, 2, 1, 128, dict(causal=False, warps=8, tile=64, teams=2))])
 def test_the_backward_matches_the_reference_gradients(bsz, s, h, hkv, d, layout):
     fields = dict(heads=h, kv_heads=hkv, head_dim=d, **layout)
-    bq, bkv = AttentionWgmmaBackwardQSpec(**fields), AttentionWgmmaBackwardKVSpec(**fields)
+    teams = fields.pop("teams", 1)
+    bq, bkv = AttentionWgmmaBackwardQSpec(**fields), AttentionWgmmaBackwardKVSpec(**fields, teams=teams)
     dtype = bq.dtype
     (q, q64), (k, k64), (v, v64), (do, do64) = (sixteen(shape, dtype) for shape in
                                                 ((bsz, s, h, d), (bsz, s, hkv, d), (bsz, s, hkv, d), (bsz, s, h, d)))

@@ -193,13 +193,19 @@ def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None):
     arrays = [DeviceArray.from_numpy(x) for x in (a_dev, b_dev)] + \
         [DeviceArray.from_numpy(old, "bf16" if spec.bf16_out else "f32")]
     extra = [DeviceArray.from_numpy(bias)] if spec.bias else []
+    stats = DeviceArray.from_numpy(np.full((-(-n // spec.block_n), m, 2), np.nan, np.float32)) \
+        if spec.row_stats else None
+    extra += [stats] if stats else []
     maps = gemm_tensor_maps(spec, arrays[0].ptr, arrays[1].ptr, m, n, k * splits)
     try:
         cache.get(spec)(*spec.launch_dims(m, n, splits, resident=resident),
                         *spec.arguments(maps[0].ptr, maps[1].ptr, arrays[2].ptr, m, n, k,
-                                        bias=extra[0].ptr if spec.bias else None, splits=splits))
+                                        bias=extra[0].ptr if spec.bias else None, splits=splits,
+                                        **({"stats": stats.ptr} if stats else {})))
         synchronize()
         out = arrays[2].to_numpy()
+        if stats:  # a row_stats spec's statistics come back beside C
+            out = (out, stats.to_numpy())
     finally:
         for x in arrays + extra + list(maps):
             x.free()
@@ -260,6 +266,7 @@ def test_tma_wgmma_split_k_writes_each_parts_product(cache, fields):
 
 @pytest.mark.parametrize("fields, shape, resident", [
     (dict(pingpong=True, block_n=128, stages=6), (300, 520, 1000), 5),  # the model's gate/up projections
+    (dict(pingpong=True, block_n=128, stages=6, trans_b=False), (300, 520, 1000), 5),  # o_proj's dX
     (dict(block_n=128, bias=True), (77, 136, 40), None)])
 def test_wgmma_gemm_stores_bf16_as_its_f32_result_rounded(cache, fields, shape, resident):
     """``bf16_out``: the same accumulators, rounded to nearest even as they are stored, bit for bit
@@ -272,4 +279,27 @@ def test_wgmma_gemm_stores_bf16_as_its_f32_result_rounded(cache, fields, shape, 
                      operands=operands)
     assert_close(c32, ref)
     np.testing.assert_array_equal(c16, to_bf16(c32))
+
+
+@pytest.mark.parametrize("fields, shape, resident", [
+    (dict(pingpong=True, block_n=128, stages=6), (300, 1000, 896), 5),  # the LM head's; 1000: a last tile of 104
+    (dict(block_n=128), (77, 136, 40), None),                         # both warpgroups on each tile
+    (dict(pingpong=True, block_n=64, stages=6), (130, 264, 72), 2)])
+def test_wgmma_gemm_row_stats_are_each_tiles_max_and_sum_of_exp(cache, fields, shape, resident):
+    """``row_stats``: C bit for bit as the plain kernel stores it, and per block_n columns of each
+    row (the last tile's below n only) the max of the stored C and the sum of exp(c - max): the
+    cross-entropy's first pass. The max is exact; the sum within ex2.approx's 2 ulp a term."""
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    spec = GemmWgmmaSpec(tma=True, row_stats=True, **fields)
+    operands = tma_operands(spec, *shape)
+    (c, stats), ref = run_tma(cache, spec, *shape, resident=resident, operands=operands)
+    plain, _ = run_tma(cache, GemmWgmmaSpec(tma=True, **fields), *shape, resident=resident, operands=operands)
+    assert_close(c, ref)
+    np.testing.assert_array_equal(c, plain)
+    m, n, _ = shape
+    tiles = [c[0][:, t:t + spec.block_n].astype(np.float64) for t in range(0, n, spec.block_n)]
+    assert stats.shape == (len(tiles), m, 2)
+    np.testing.assert_array_equal(stats[..., 0], np.stack([x.max(1) for x in tiles]))
+    sums = np.stack([np.exp(x - x.max(1, keepdims=True)).sum(1) for x in tiles])
+    np.testing.assert_allclose(stats[..., 1], sums, rtol=1e-5)
 

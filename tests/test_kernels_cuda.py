@@ -355,6 +355,25 @@ def test_cross_entropy_loss_and_dlogits_with_ignore_index(cache, rows, vocab, dt
         np.testing.assert_allclose(from_bf16(grad16), grad_ref, rtol=BF16_RTOL, atol=1e-5 * scale)
 
 
+def test_cross_entropy_from_the_gemms_row_statistics(cache):
+    """``stats_block``: pass 1 from each 128-column tile's (max, sum of exp) pair, as the LM head's
+    GEMM writes them ([tiles][rows]): the loss and the bf16 dlogits of the reference."""
+    rows, vocab = 6, 151936
+    logits = f32(rows, vocab, scale=4)
+    targets = rng.integers(0, vocab, rows).astype(np.int32)
+    targets[2] = -100
+    x = logits.astype(np.float64)
+    tiles = [x[:, t:t + 128] for t in range(0, vocab, 128)]
+    stats = np.stack([np.stack([c.max(1), np.exp(c - c.max(1, keepdims=True)).sum(1)], -1) for c in tiles]
+                     ).astype(np.float32)
+    spec = CrossEntropySpec(vocab=vocab, grad_dtype=DType.BF16, stats_block=128)
+    _, _, loss, grad, _ = call(cache, spec, spec.launch_dims(rows), logits, targets, poison(rows),
+                               poison((rows, vocab), np.uint16), stats, np.float32(0.2))
+    loss_ref, grad_ref = cross_entropy_reference(logits, targets, -100, 0.2)
+    np.testing.assert_allclose(loss, loss_ref, atol=1e-4)
+    np.testing.assert_allclose(from_bf16(grad), grad_ref, rtol=BF16_RTOL, atol=1e-5 * 0.2)
+
+
 # -- AdamW and the gradient norm -------------------------------------------------------------------
 @pytest.mark.parametrize("n", [1, 5, 1 << 20])
 def test_grad_norm_clip_and_adamw_steps(cache, n):

@@ -157,6 +157,31 @@ def test_two_runs_are_bit_identical_and_a_resumed_run_matches(cache, corpus, tmp
     assert resumed.train_losses == a.train_losses[10:]
 
 
+def test_the_fused_loss_and_the_dk_dv_teams_train_as_the_kernels_they_replace(cache, corpus, tmp_path, monkeypatch):
+    """bf16, 20 steps: the LM head's row statistics feeding the cross-entropy, and the dK/dV kernel's
+    two teams of a warpgroup, against the kernels before them (the cross-entropy's own two passes
+    over the logits; one warpgroup a block over 128-query tiles). The same products, summed in
+    another f32 order: the losses agree to 1e-3 of their size."""
+    import dataclasses
+    from model.kernels import ModelKernels
+    shape = dict(config=SMALL_SHAPED, precision=Precision.BF16, seq_len=200)
+    fused = train_run(cache, corpus, tmp_path / "fused", **shape)
+    made = ModelKernels.of.__func__
+
+    def unfused(cls, *args, **kwargs):
+        k = made(cls, *args, **kwargs)
+        assert k.head_logits is not None and k.attention_bwd_kv.teams == 2  # what this test replaces
+        return dataclasses.replace(
+            k, head_logits=None, cross_entropy=dataclasses.replace(k.cross_entropy, stats_block=0),
+            attention_bwd_kv=dataclasses.replace(k.attention_bwd_kv, warps=4, teams=1, tile=128))
+
+    monkeypatch.setattr(ModelKernels, "of", classmethod(unfused))
+    before = train_run(cache, corpus, tmp_path / "unfused", **shape)
+    ours, theirs = np.array(fused.train_losses), np.array(before.train_losses)
+    assert len(ours) == 20
+    np.testing.assert_allclose(ours, theirs, rtol=1e-3)
+
+
 def test_training_from_populated_weights_starts_well_below_ln_vocab_on_the_gpu(cache, corpus, tmp_path):
     """FALSIFY-INIT-002: the GPU backend takes populated weights (train --init), not a fresh init."""
     from model.checkpoint import load_checkpoint

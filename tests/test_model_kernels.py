@@ -1,5 +1,7 @@
 """The model's kernel set comes from its config alone: eps and theta reach every spec that uses them."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -94,7 +96,12 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert all(isinstance(s, GemmSpec) for s in gemms(fp32)) and fp32.to_bf16 is None
     # every bf16 GEMM, all three layouts, on the TMA-fed warpgroup MMA kernel
     assert all(isinstance(s, GemmWgmmaSpec) and s.tma for s in gemms(bf16))
-    assert len(gemms(bf16)) == 5  # forward (with bias, without, bf16 out), dX, dW
+    # forward (with bias, without, bf16 out, the loss's LM head), dX (f32, and bf16: o_proj's, the
+    # attention backward's operand), dW
+    assert len(gemms(bf16)) == 7 and bf16.o.grad_input.bf16_out and not bf16.down.grad_input.bf16_out
+    # the loss's LM head makes the cross-entropy's row statistics per column tile of its own
+    assert bf16.head_logits == dataclasses.replace(bf16.head.forward, row_stats=True) and fp32.head_logits is None
+    assert bf16.cross_entropy.stats_block == bf16.head_logits.block_n and fp32.cross_entropy.stats_block == 0
     assert {(s.trans_a, s.trans_b) for s in gemms(bf16)} == {(False, True), (False, False), (True, False)}
     assert bf16.to_bf16 == CastSpec() and CastSpec() in bf16.specs() and CastSpec() not in fp32.specs()
     assert bf16.qkv.forward.bias and not bf16.o.forward.bias
@@ -102,7 +109,7 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert {(s.block_n, s.stages, s.pingpong) for s in gemms(bf16)} == {(128, 6, True)}
     assert isinstance(bf16.attention, AttentionWgmmaSpec)  # forward and backward on wgmma
     assert isinstance(bf16.attention_bwd_q, AttentionWgmmaBackwardQSpec)
-    assert isinstance(bf16.attention_bwd_kv, AttentionWgmmaBackwardKVSpec) and bf16.attention_bwd_kv.tile == 128
+    assert isinstance(bf16.attention_bwd_kv, AttentionWgmmaBackwardKVSpec) and bf16.attention_bwd_kv.teams == 2
     tiny = ModelKernels.of(preset("tiny"), AdamWSettings(), -100, Precision.BF16)  # head_dim 32: mma.sync
     assert isinstance(tiny.attention, AttentionTCSpec) and tiny.attention.head_dim == 32
     assert isinstance(tiny.attention_bwd_kv, AttentionTCBackwardKVSpec)

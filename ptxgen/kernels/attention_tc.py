@@ -24,6 +24,7 @@ Blocks with the most causal work start first.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Callable, ClassVar, NamedTuple
@@ -35,6 +36,7 @@ from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from .attention import AttentionGrid
+from .common import check_positive
 from .mma_tile import ELEMS, SharedTile
 from .ring import Pair, Ring
 
@@ -46,16 +48,20 @@ class _Flash:
     """What the three kernels share: indices, cp.async row copies into swizzled tiles, and the two
     mma products (rows x tile^T, and accumulators x tile) over a head_dim-wide tile."""
 
-    def __init__(self, spec: "_FlashBase", b: KernelBuilder, align: int = SHARED_LINE):
+    def __init__(self, spec: "_FlashBase", b: KernelBuilder, batch: Reg, align: int = SHARED_LINE):
         self.b, self.spec, self.d = b, spec, spec.head_dim
-        self.tid = b.special("%tid.x")
+        self.block_tid = b.special("%tid.x")
+        # a team's threads copy, multiply and meet at barriers on their own (team t at barrier t + 1)
+        teams = spec.threads // spec.team_threads
+        self.tid = b.rem(self.block_tid, spec.team_threads) if teams > 1 else self.block_tid
+        self.barrier = (b.add(self.team, 1), spec.team_threads) if teams > 1 else (0, None)
         self.lane, self.warp = b.and_(self.tid, 31), b.shr(self.tid, 5)
         self.group, self.quad = b.shr(self.lane, 2), b.and_(self.lane, 3)  # accumulator row, column pair
-        self.batch = b.special("%ctaid.z")
+        self.batch = batch
         self.smem = b.addr_of(b.dynamic_shared("tiles", align=align))
         self.rows, self.cols = SharedTile(b, self.d, k_contig=True), SharedTile(b, self.d, k_contig=False)
         chunks = self.d // ELEMS
-        self.pass_rows = spec.threads // chunks  # rows one pass of the block's 16-byte copies covers
+        self.pass_rows = spec.team_threads // chunks  # rows one pass of the team's 16-byte copies covers
         self.my_row, my_chunk = b.div(self.tid, chunks), b.rem(self.tid, chunks)
         self.my_dst = b.add(self.smem, self.rows.offset(self.my_row, my_chunk))  # one swizzle for every pass
         self.my_col = b.mul_wide(my_chunk, CHUNK)
@@ -66,6 +72,11 @@ class _Flash:
         self.t_lane = self.cols.lane_offsets(self.lane, b.mov(0, T.U32), 1, 0, chunks_d)
         self.mma = functools.partial(b.mma_m16n8k16, dtype=spec.dtype.value)
         self.to = T(spec.dtype.value)
+
+    @functools.cached_property
+    def team(self) -> Reg:
+        """This thread's team (0 when the block is one)."""
+        return self.b.div(self.block_tid, self.spec.team_threads)
 
     def row_ptr(self, name: str, per_batch: Reg, row0: Reg, heads: int, head: Reg) -> Reg:
         """Address of row ``row0`` of ``head`` in this block's batch of a [batch, rows, heads, d] tensor."""
@@ -227,14 +238,15 @@ class _Flash:
             b.st("global", Addr(self.stat_ptr("lse", spec.heads, head, seq, rows[h])),
                  b.mul(b.add(m[h], b.fn("lg2", l_row)), LN2_F32), guard=b.and_(valid, b.setp("eq", self.quad, 0)))
 
-    def landed(self, fenced: bool = False) -> None:
+    def landed(self, fenced: bool = False, block: bool = False) -> None:
         """Every thread's copies have landed (and, ``fenced``, are visible to the async proxy wgmma
-        reads through), for every thread: the stage they filled may be read, the one read refilled."""
+        reads through), for every thread of the team (``block``: of the block): the stage they
+        filled may be read, the one read refilled."""
         b = self.b
         b.cp_async_wait(0)
         if fenced:
             b.fence_proxy_async()
-        b.bar_sync()
+        b.bar_sync(*((0, None) if block else self.barrier))
 
     def store_f32(self, acc: Tiles, h: int, row_at: Reg, valid: Reg, scale: float = 1.0) -> None:
         """Row group + 8h of a [16 x d] accumulator into the f32 row at ``row_at`` (d floats)."""
@@ -269,6 +281,11 @@ class _FlashBase(AttentionGrid, KernelSpec):
         return 32 * self.warps
 
     @property
+    def team_threads(self) -> int:
+        """The threads that copy and multiply together (the dK/dV kernel's ``teams`` split the block)."""
+        return self.threads
+
+    @property
     def rows_per_block(self) -> int:
         return 16 * self.warps
 
@@ -283,16 +300,26 @@ class _FlashBase(AttentionGrid, KernelSpec):
         if self.warps > 8:
             raise SpecError(f"1 to 8 warps, got {self.warps}")
         chunks = self.head_dim // ELEMS
-        rows = self.threads // chunks
-        if self.threads % chunks or rows % 8 or self.rows_per_block % rows or self.tile % rows:
-            raise SpecError(f"{self.threads} threads do not copy {self.head_dim}-wide rows in passes of whole rows, "
-                            f"a multiple of 8 that divides {self.rows_per_block} and {self.tile}")
+        rows = self.team_threads // chunks
+        if self.team_threads % chunks or rows % 8 or self.rows_per_block % rows or self.tile % rows:
+            raise SpecError(f"{self.team_threads} threads do not copy {self.head_dim}-wide rows in passes of whole "
+                            f"rows, a multiple of 8 that divides {self.rows_per_block} and {self.tile}")
         if self.dynamic_shared_bytes() > SHARED_LIMIT:
             raise SpecError(f"{self.dynamic_shared_bytes()} bytes of shared memory (max {SHARED_LIMIT})")
 
-    def _reversed_first(self, b: KernelBuilder) -> Reg:
-        """This block's first row, blocks taken from the last row tile down (the most causal work first)."""
-        return b.mul(b.sub(b.sub(b.special("%nctaid.x"), 1), b.special("%ctaid.x")), self.rows_per_block)
+    def _work(self, b: KernelBuilder, reversed_rows: bool) -> tuple[Reg, Reg, Reg]:
+        """(first row, head, batch) of this block. The launch starts blocks in the order of their
+        index (x fastest), so the grid is renumbered with the row tile slowest: every (head, batch)
+        block of the row tile with the most causal work (the last (``reversed_rows``: queries) or
+        the first (keys)) starts before any of the next tile, across the whole grid, and the blocks
+        with the least work fill in at the end."""
+        tiles, heads = b.special("%nctaid.x"), b.special("%nctaid.y")
+        index = b.mad(b.mad(b.special("%ctaid.z"), heads, b.special("%ctaid.y")), tiles, b.special("%ctaid.x"))
+        per_tile = b.mul(heads, b.special("%nctaid.z"))
+        tile, rest = b.div(index, per_tile), b.rem(index, per_tile)
+        if reversed_rows:
+            tile = b.sub(b.sub(tiles, 1), tile)
+        return b.mul(tile, self.rows_per_block), b.rem(rest, heads), b.div(rest, heads)
 
 
 class _ForwardBase(_FlashBase):
@@ -313,12 +340,11 @@ class _ForwardBase(_FlashBase):
 
     def build(self, b: KernelBuilder) -> None:
         b.launch_bounds(self.threads)
-        f = _Flash(self, b, align=self._align)
+        first, head, batch = self._work(b, reversed_rows=True)
+        f = _Flash(self, b, batch, align=self._align)
         copy_rows = self._copy_rows(f)
         d, bq, bkv = self.head_dim, self.rows_per_block, self.tile
         seq, kv_len, kv_stride, q_start = (b.ld_param(n) for n in ("seq", "kv_len", "kv_stride", "q_start"))
-        first = self._reversed_first(b)
-        head = b.special("%ctaid.y")
         kv_head = b.div(head, self.group)
         copy_kv = f.kv_copier(kv_head, kv_stride, bkv, copy_rows)
         kv_bytes = bkv * d * 2
@@ -395,12 +421,11 @@ class _BackwardQBase(_FlashBase):
 
     def build(self, b: KernelBuilder) -> None:
         b.launch_bounds(self.threads)
-        f = _Flash(self, b, align=self._align)
+        first, head, batch = self._work(b, reversed_rows=True)
+        f = _Flash(self, b, batch, align=self._align)
         copy_rows = self._copy_rows(f)
         d, bq, bkv = self.head_dim, self.rows_per_block, self.tile
         seq = b.ld_param("seq")
-        first = self._reversed_first(b)
-        head = b.special("%ctaid.y")
         kv_head = b.div(head, self.group)
         copy_kv = f.kv_copier(kv_head, seq, bkv, copy_rows)
         kv_bytes, q_bytes = bkv * d * 2, bq * d * 2
@@ -512,13 +537,22 @@ class _KVStep(NamedTuple):
     dscores: Callable[[Tiles, Tiles], Tiles]  # dS^T from P^T and dP^T
 
 
+@dataclass(frozen=True)
 class _BackwardKVBase(_FlashBase):
     """What the dK/dV kernels share: dk = scale * sum ds^T q, dv = sum p^T do over the query heads
     of each K/V head's group. The block stages its K and V rows, then per query head of the group
     and per query tile at or after its keys (Q, dO and their lse and delta rows, double-buffered):
     the next tile's copies, the tile's products (``_gradient``: S^T = K Q^T, P^T, dV += P^T dO,
     dP^T = V dO^T, dK += dS^T Q), and a barrier once the next tile has landed. A kernel provides its
-    operands (``_start``), its stage size (``_stage_bytes``) and the products."""
+    operands (``_start``), its stage size (``_stage_bytes``) and the products.
+
+    ``teams``: the block's warps split into that many teams that share its keys and take the query
+    tiles in turn (team t the tiles t, t + teams, ...), each with its own stages and barrier; at the
+    end the teams' dK and dV are summed in team order through shared memory (no atomics: still
+    deterministic). A key tile's causal work is then spread over more warps, where a block per key
+    tile alone leaves the first tiles' blocks running long after the last ones are done."""
+
+    teams: int = 1
 
     kind: ClassVar[str]
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "do", "lse", "delta", "dk", "dv")
@@ -528,38 +562,58 @@ class _BackwardKVBase(_FlashBase):
     def grid_heads(self) -> int:
         return self.kv_heads
 
+    @property
+    def team_threads(self) -> int:
+        return self.threads // self.teams
+
+    @property
+    def rows_per_block(self) -> int:
+        return 16 * self.warps // self.teams
+
     def validate(self) -> None:
+        check_positive("teams", self.teams)
+        if self.warps % self.teams:
+            raise SpecError(f"{self.warps} warps do not split into {self.teams} teams")
         super().validate()
-        if self.tile > self.threads:
-            raise SpecError(f"tile {self.tile} exceeds the {self.threads} threads that load its lse and delta")
+        if self.tile > self.team_threads:
+            raise SpecError(f"tile {self.tile} exceeds the {self.team_threads} threads that load its lse and delta")
 
     def _stage_bytes(self) -> int:
         """One query tile's stage: Q, dO, then the lse and delta rows."""
         return 2 * (self.tile * self.head_dim * 2 + self.tile * 4)
 
-    def dynamic_shared_bytes(self) -> int:  # K, V, then two stages
-        return 2 * self.rows_per_block * self.head_dim * 2 + 2 * self._stage_bytes()
+    def _sums_bytes(self) -> int:
+        """The other teams' dK and dV (f32), where their stages were."""
+        return (self.teams - 1) * 2 * self.rows_per_block * self.head_dim * 4
+
+    def dynamic_shared_bytes(self) -> int:  # K, V, then two stages a team
+        return 2 * self.rows_per_block * self.head_dim * 2 + max(2 * self.teams * self._stage_bytes(),
+                                                                 self._sums_bytes())
 
     def build(self, b: KernelBuilder) -> None:
         b.launch_bounds(self.threads)
-        f = _Flash(self, b, align=self._align)
+        first, kv_head, batch = self._work(b, reversed_rows=False)
+        f = _Flash(self, b, batch, align=self._align)
         copy_rows = self._copy_rows(f)
         d, bk, bq = self.head_dim, self.rows_per_block, self.tile
         seq = b.ld_param("seq")
-        first = b.mul(b.special("%ctaid.x"), bk)  # key tiles from the first: the most causal work
-        kv_head = b.special("%ctaid.y")
         kv_bytes, q_bytes = bk * d * 2, bq * d * 2
         for i, name in enumerate(("k", "v")):
-            copy_rows(f.row_ptr(name, seq, first, self.kv_heads, kv_head), self.kv_heads,
-                      b.add(f.smem, i * kv_bytes), first, seq, bk)
+            with _team_only(f, i % self.teams):
+                copy_rows(f.row_ptr(name, seq, first, self.kv_heads, kv_head), self.kv_heads,
+                          b.add(f.smem, i * kv_bytes), first, seq, bk)
         b.cp_async_commit()
-        f.landed(self._fenced)
+        f.landed(self._fenced, block=True)
         operands = self._start(f, kv_bytes)
         keys = f.rows_of_warp(first)
         dk, dv = f.zeros(d // 8), f.zeros(d // 8)
         c = self.scale_log2e
         q_begin = b.mul(b.div(first, bq), bq) if self.causal else b.mov(0, T.U32)  # queries that see these keys
-        qs = Pair(Ring(b, 2, self._stage_bytes(), b.add(f.smem, 2 * kv_bytes)))  # after K and V
+        # this team's stages after K and V; its query tiles of those from q_begin on
+        qs = Pair(Ring(b, 2, self._stage_bytes(), b.add(f.smem, b.mad(f.team, 2 * self._stage_bytes(), 2 * kv_bytes))))
+        q_tiles = b.div(b.add(b.sub(seq, q_begin), bq - 1), bq)
+        my_tiles = b.div(b.sub(b.add(q_tiles, self.teams - 1), f.team), self.teams)
+        my_begin = b.mad(f.team, bq, q_begin)
         tid_ok = b.setp("lt", f.tid, bq)
 
         with b.loop(b.mov(self.group, T.U32), "head") as hq:
@@ -568,7 +622,7 @@ class _BackwardKVBase(_FlashBase):
             do_at = f.row_ptr("do", seq, b.mov(0, T.U32), self.heads, head)
             lse_at, delta_at = (f.stat_ptr(n, self.heads, head, seq, b.mov(0, T.U32)) for n in ("lse", "delta"))
             q_row = self.heads * d * 2
-            q0 = b.mov(q_begin)
+            q0 = b.mov(my_begin)
 
             def copy_q(dst: Reg, row0: Reg) -> None:
                 """Q and dO rows row0.. (cp.async), and their lse (in base 2) and delta (plain loads)."""
@@ -607,19 +661,56 @@ class _BackwardKVBase(_FlashBase):
             def dscores(p: Tiles, dpt: Tiles) -> Tiles:
                 return [[b.mul(p[j][e], b.sub(dpt[j][e], dlt[j][e & 1])) for e in range(4)] for j in range(bq // 8)]
 
-            with b.loop(b.div(b.add(b.sub(seq, q_begin), bq - 1), bq), "q_tile"):
-                copy_q(qs.other, b.add(q0, bq))
+            with b.loop(my_tiles, "q_tile"):
+                copy_q(qs.other, b.add(q0, self.teams * bq))
                 b.cp_async_commit()
                 self._gradient(f, operands, dk, dv, qs.at, _KVStep(mask, probabilities, dscores))
                 f.landed(self._fenced)
                 qs.advance()
-                b.add(q0, bq, out=q0)
+                b.add(q0, self.teams * bq, out=q0)
 
-        for name, acc, scale in (("dk", dk, self.scale), ("dv", dv, 1.0)):
-            ptr = b.cvta_global(b.ld_param(name))
-            for h in range(2):
-                index = b.mad(b.mad(f.batch, seq, keys[h]), self.kv_heads, kv_head)
-                f.store_f32(acc, h, b.add(ptr, b.mul_wide(index, d * 4)), b.setp("lt", keys[h], seq), scale)
+        if self.teams > 1:
+            self._sum_teams(f, [dk, dv], b.add(f.smem, 2 * kv_bytes))
+        with _team_only(f, 0):
+            for name, acc, scale in (("dk", dk, self.scale), ("dv", dv, 1.0)):
+                ptr = b.cvta_global(b.ld_param(name))
+                for h in range(2):
+                    index = b.mad(b.mad(f.batch, seq, keys[h]), self.kv_heads, kv_head)
+                    f.store_f32(acc, h, b.add(ptr, b.mul_wide(index, d * 4)), b.setp("lt", keys[h], seq), scale)
+
+    def _sum_teams(self, f: _Flash, accs: list[Tiles], sums: Reg) -> None:
+        """Team 0's accumulators += every other team's, in team order: each of teams 1.. writes its
+        registers to shared memory (register i of thread t at word i * team_threads + t: the same
+        thread of every team holds the same elements), once every team is done with its stages."""
+        b = f.b
+        regs = [r for acc in accs for tile in acc for r in tile]
+        per_team = len(regs) * self.team_threads * 4
+        mine = b.add(sums, b.shl(f.tid, 2))
+        b.bar_sync()  # every team is done reading its stages, which the sums overwrite
+        for team in range(1, self.teams):
+            with _team_only(f, team):
+                for i, r in enumerate(regs):
+                    b.st("shared", Addr(mine, (team - 1) * per_team + i * self.team_threads * 4), r)
+        b.bar_sync()
+        with _team_only(f, 0):
+            for team in range(1, self.teams):
+                for i, r in enumerate(regs):
+                    x = b.ld("shared", T.F32, Addr(mine, (team - 1) * per_team + i * self.team_threads * 4))
+                    b.add(r, x, out=r)
+
+
+@contextlib.contextmanager
+def _team_only(f: _Flash, team: int):
+    """Emits its body for the threads of one team only (the others branch past it); with one team,
+    for every thread."""
+    b = f.b
+    if f.spec.teams == 1:
+        yield
+        return
+    skip = b.new_label("other_team")
+    b.bra(skip, guard=b.setp("ne", f.team, team))
+    yield
+    b.place(skip)
 
 
 @register
@@ -648,4 +739,5 @@ class AttentionTCBackwardKVSpec(_BackwardKVBase):
     @classmethod
     def examples(cls) -> list["AttentionTCBackwardKVSpec"]:
         return [cls(heads=14, kv_heads=2, head_dim=64), cls(heads=14, kv_heads=2, head_dim=128, tile=32),
-                cls(heads=4, kv_heads=4, head_dim=32, causal=False, dtype=MmaType.F16, warps=2, tile=32)]
+                cls(heads=4, kv_heads=4, head_dim=32, causal=False, dtype=MmaType.F16, warps=2, tile=32),
+                cls(heads=14, kv_heads=2, head_dim=64, warps=8, teams=2)]

@@ -96,6 +96,8 @@ class _Wgmma:
             *others, last = self._tiles
             raise SpecError(f"{self.kind}: warps 4 or 8 (whole warpgroups), tile {', '.join(map(str, others))} "
                             f"or {last}, head_dim 64 or 128")
+        if self.team_threads % 128:
+            raise SpecError(f"{self.kind}: a team is whole warpgroups, got {self.team_threads // 32} warps")
 
     def _copy_rows(self, f: _Flash) -> Callable:
         return _ChunkedRows(f).copy
@@ -230,4 +232,6 @@ class AttentionWgmmaBackwardKVSpec(_Wgmma, _BackwardKVBase):
     @classmethod
     def examples(cls) -> list["AttentionWgmmaBackwardKVSpec"]:
         return [cls(heads=14, kv_heads=2, head_dim=64), cls(heads=14, kv_heads=2, head_dim=128, tile=32),
-                cls(heads=4, kv_heads=4, head_dim=64, causal=False, dtype=MmaType.F16, warps=8, tile=32)]
+                cls(heads=4, kv_heads=4, head_dim=64, causal=False, dtype=MmaType.F16, warps=8, tile=32),
+                cls(heads=14, kv_heads=2, head_dim=64, warps=8, teams=2, tile=64),
+                cls(heads=14, kv_heads=2, head_dim=128, warps=8, teams=2, tile=64)]

@@ -4,6 +4,10 @@ One block per row. Pass 1 keeps a running (max, sum of exp) per thread (online s
 block-reduces them; pass 2 writes dlogits = (softmax - onehot(target)) * grad_scale. Rows whose
 target is ``ignore_index`` get loss 0 and zero gradient. ``grad_scale`` (e.g. 1 / valid rows) is
 an argument; vocab and ignore_index are baked in. Targets are checked on the host.
+
+With ``stats_block`` the logits' GEMM has made pass 1's partial results already (gemm_wgmma's
+``row_stats``: per ``stats_block`` columns of each row, their (max, sum of exp(x - max)) as
+[column tiles][rows] f32 pairs); the block combines those instead of reading the logits twice.
 """
 from __future__ import annotations
 
@@ -32,9 +36,12 @@ class CrossEntropySpec(KernelSpec):
     dtype: DType = DType.F32       # storage of logits
     grad_dtype: DType = DType.F32  # storage of dlogits (bf16: the LM head's GEMM operand, no cast)
     block_size: int = 1024
+    stats_block: int = 0  # > 0: pass 1's (max, sum of exp) per this many columns come made (``stats``)
 
     def validate(self) -> None:
         check_positive("vocab", self.vocab)
+        if self.stats_block < 0 or self.stats_block & (self.stats_block - 1):
+            raise SpecError(f"stats_block must be 0 or a power of two, got {self.stats_block}")
         check_at_most("vocab", self.vocab, MAX_ROW_ELEMENTS, "32-bit index math")
         if not -2**31 <= self.ignore_index < 2**31:
             raise SpecError(f"ignore_index must fit the int32 targets, got {self.ignore_index}")
@@ -43,9 +50,14 @@ class CrossEntropySpec(KernelSpec):
     def launch_dims(self, rows: int) -> tuple[int, int]:
         return rows, self.block_size
 
+    @property
+    def stats_tiles(self) -> int:
+        """The column tiles whose statistics a row has (``stats_block``)."""
+        return -(-self.vocab // self.stats_block) if self.stats_block else 0
+
     def params(self) -> tuple[tuple[str, T], ...]:
-        return (("logits", T.U64), ("targets", T.U64), ("loss", T.U64), ("dlogits", T.U64),
-                ("grad_scale", T.F32))
+        return (("logits", T.U64), ("targets", T.U64), ("loss", T.U64), ("dlogits", T.U64)) + (
+            (("stats", T.U64),) if self.stats_block else ()) + (("grad_scale", T.F32),)
 
     def outputs(self) -> tuple[str, ...]:
         return ('loss', 'dlogits')
@@ -79,7 +91,20 @@ class CrossEntropySpec(KernelSpec):
             b.mov(total, out=s)
             b.mov(new_m, out=m)
 
-        row_sweep(b, self.vocab, vec, self.block_size, tid, UNROLL, accumulate)
+        if self.stats_block:  # the GEMM's pairs of this row: tile t at stats[t][row], rows = the grid
+            stats, rows = b.cvta_global(b.ld_param("stats")), b.special("%nctaid.x")
+            for i in range(-(-self.stats_tiles // self.block_size)):
+                t = b.add(tid, i * self.block_size)
+                ok = b.setp("lt", t, self.stats_tiles)
+                pair = b.ld("global", T.F32, Addr(b.add(stats, b.mul_wide(b.mad(t, rows, row), 8))), 2, guard=ok,
+                            out=[b.mov(float("-inf"), T.F32), b.mov(0.0, T.F32)])
+                new_m = b.max(m, pair[0])
+                empty = b.setp("eq", new_m, float("-inf"))  # as above: no NaN from -inf - -inf
+                total = b.add(b.mul(s, exp(b.sub(m, new_m))), b.mul(pair[1], exp(b.sub(pair[0], new_m))))
+                b.mov(b.selp(0.0, total, empty, T.F32), out=s)
+                b.mov(new_m, out=m)
+        else:
+            row_sweep(b, self.vocab, vec, self.block_size, tid, UNROLL, accumulate)
         row_max = block_allreduce(b, m, "max", self.block_size, tid)
         scaled = b.selp(0.0, b.mul(s, exp(b.sub(m, row_max))), b.setp("eq", m, float("-inf")), T.F32)
         row_sum = block_allreduce(b, scaled, "add", self.block_size, tid)
@@ -108,7 +133,8 @@ class CrossEntropySpec(KernelSpec):
     @classmethod
     def examples(cls) -> list["CrossEntropySpec"]:
         return [cls(vocab=151936), cls(vocab=256, block_size=128), cls(vocab=1001, ignore_index=0),
-                cls(vocab=151936, dtype=DType.BF16, grad_dtype=DType.BF16), cls(vocab=151936, grad_dtype=DType.BF16)]
+                cls(vocab=151936, dtype=DType.BF16, grad_dtype=DType.BF16), cls(vocab=151936, grad_dtype=DType.BF16),
+                cls(vocab=151936, grad_dtype=DType.BF16, stats_block=128)]
 
 
 def cross_entropy_reference(logits: np.ndarray, targets: np.ndarray, ignore_index: int,

@@ -164,14 +164,14 @@ class TensorCoreGemm:
 
     def params(self) -> tuple[tuple[str, T], ...]:
         if self.tma:
-            ptrs = ("tmap_a", "tmap_b", "c") + (("bias",) if self.bias else ())
+            ptrs = ("tmap_a", "tmap_b", "c") + (("bias",) if self.bias else ()) + (("stats",) if self.row_stats else ())
             return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in ("m", "n", "k", "ldc", "splits"))
         ptrs = ("a", "b", "c") + (("bias",) if self.bias else ())
         dims = ("m", "n", "k", "lda", "ldb", "ldc") + BATCH_PARAMS
         return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
 
     def outputs(self) -> tuple[str, ...]:
-        return ('c',)
+        return ('c', 'stats') if self.row_stats else ('c',)
 
     @property
     def c_dtype(self) -> DType:
@@ -194,14 +194,19 @@ class TensorCoreGemm:
 
     def arguments(self, a: int, b: int, c: int, m: int, n: int, k: int, *, bias: int | None = None,
                   lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
-                  batch: Batch | None = None, splits: int = 1) -> tuple[int, ...]:
+                  batch: Batch | None = None, splits: int = 1, stats: int | None = None) -> tuple[int, ...]:
         """The kernel's arguments in order, after refusing shapes its 16-byte copies cannot serve:
         each operand's contiguous extent, leading dimension and batch strides a multiple of 16
         bytes (8 16-bit or 4 tf32 elements); N, ldc and C's batch strides even. Batches are the
         fp32 GEMM's (``Batch``), ``splits`` its split-K (``split_batch``); a part's K must be a
         multiple of ``split_k_multiple()``. With ``tma``, ``a`` and ``b`` are the device addresses
-        of the operands' tensor maps, which carry their layout: no lda, ldb or batches."""
+        of the operands' tensor maps, which carry their layout: no lda, ldb or batches. ``stats``:
+        where a ``row_stats`` spec writes its per-tile row statistics (and only such a spec)."""
         name = self.kind
+        if (stats is not None) != self.row_stats:
+            raise ValueError(f"{name}: stats {'needs' if stats is not None else 'is required by'} row_stats")
+        if stats is not None and splits > 1:
+            raise ValueError(f"{name}: row statistics are of whole products; no split-K")
         if self.tma and (batch is not None or lda is not None or ldb is not None):
             raise ValueError(f"{name} with tma: the tensor maps carry the operands' layout; no batch, lda, ldb")
         lda, ldb, ldc = leading_dims(self, m, n, k, lda, ldb, ldc, bias)
@@ -221,7 +226,7 @@ class TensorCoreGemm:
                 raise ValueError(f"{name}: {what}={value} is not a multiple of {chunk}")
         if n % 2 or ldc % 2 or strides[6] % 2 or strides[7] % 2:
             raise ValueError(f"{name}: N={n}, ldc={ldc} and C's batch strides must be even (C is stored in pairs)")
-        ptrs = (a, b, c) + ((bias,) if self.bias else ())
+        ptrs = (a, b, c) + ((bias,) if self.bias else ()) + ((stats,) if stats is not None else ())
         if self.tma:
             return (*ptrs, m, n, k, ldc, splits)
         return (*ptrs, m, n, k, lda, ldb, ldc, batch.inner, *strides)
@@ -279,6 +284,7 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
     # kernel's 450-460 at 4096^3 and 8192^3.
     tma: ClassVar[bool] = False
     bf16_out: ClassVar[bool] = False  # C is f32 (a bf16 C is the wgmma kernel's)
+    row_stats: ClassVar[bool] = False  # the wgmma kernel's
 
     @property
     def threads(self) -> int:

@@ -28,15 +28,20 @@ is exactly the 128-byte swizzle, given 1024-byte aligned tiles; a tf32 row is co
 16-bit units), and a fence makes them visible to the async proxy wgmma reads through.
 
 The accumulators come out in the mma.sync m16n8 layout, so the store, bias and accumulate are the
-tensor-core GEMM's.
+tensor-core GEMM's. ``row_stats`` (the LM head's logits) also reduces each stored tile's rows to
+(max, sum of exp) while they are in registers: the cross-entropy's first pass without reading
+the logits back (``cross_entropy``'s ``stats_block``).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..builder import KernelBuilder, Reg, T
+from ..builder import Addr, KernelBuilder, Reg, T
+from ..exact import LOG2E_F32
 from ..hw import DESCRIPTOR_SWIZZLE, SHARED_LIMIT, SWIZZLE_ATOM, SWIZZLE_ROW, MmaType
+from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError, Target
 from .common import MAX_LOOP_BOUND, check_at_most, check_positive
@@ -77,6 +82,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
     tma: bool = False  # the warp-specialized persistent kernel fed by TMA (tensor maps as arguments)
     pingpong: bool = False  # tma, 2 warpgroups: each takes whole tiles in turn (else both share each tile)
     bf16_out: bool = False  # C stored in bf16, rounded to nearest even: a next kernel's bf16 operand
+    row_stats: bool = False  # also each tile's (max, sum of exp(c - max)) per row: a softmax's first pass
 
     block_k: ClassVar[int] = BLOCK_K
     m_tiles: ClassVar[int] = 1  # per warp: 16 rows of the m64 tile ...
@@ -120,6 +126,9 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         if self.bf16_out and (self.accumulate or not self.tma):
             raise SpecError("gemm_wgmma: bf16_out needs tma and cannot accumulate (C += would round the old C "
                             "twice; the cp.async feed's batches address an f32 C)")
+        if self.row_stats and (self.accumulate or self.bias or self.bf16_out or not self.tma):
+            raise SpecError("gemm_wgmma: row_stats needs tma and the plain f32 product (no accumulate, bias or "
+                            "bf16_out: the statistics are of the C stored)")
         if any(self.mn_major) and self.dtype is MmaType.TF32:
             raise SpecError("gemm_wgmma: tf32 operands must be stored with K contiguous (A [M, K], B [N, K])")
         if self.dynamic_shared_bytes() > SHARED_LIMIT:
@@ -142,9 +151,10 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         # this warpgroup's 64 rows of A: 64 K-major rows, or the MN-major chunk of them
         rows = [(acc, b.mul(b.shr(tid, 7), 64 * SWIZZLE_ROW))]
         mainloop = _Mainloop(self, p)
+        stats = b.cvta_global(b.ld_param("stats")) if self.row_stats else None
         for split, row0, col0 in p.work():
             mainloop.run(rows)
-            store(self, b, acc, p.split_c(split), p.m, p.n, row0, col0, warp, lane)
+            store(self, b, acc, p.split_c(split), p.m, p.n, row0, col0, warp, lane, stats)
 
     def _consume_pingpong(self, p: TmaPipeline, tid: Reg) -> None:
         """The TMA-fed consumer warpgroups taking turns: warpgroup w multiplies the block's
@@ -156,6 +166,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         warp = b.and_(b.shr(tid, 5), 3)  # within the warpgroup
         halves = [([b.reg(T.F32) for _ in range(self.block_n // 2)], h * 64 * SWIZZLE_ROW) for h in range(2)]
         mainloop = _Mainloop(self, p)
+        stats = b.cvta_global(b.ld_param("stats")) if self.row_stats else None
         turns = b.div(b.add(b.sub(p.mine, group), 1), 2)  # tiles group, group + 2, ... below mine
         mine_wait, other_go = b.sub(2, group), b.add(group, 1)  # barrier ids: 2 or 1, 1 or 2
         with b.loop(turns, "turn") as t:
@@ -172,7 +183,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
             b.bar_arrive(other_go, 256)
             b.place(done)
             for h, (acc, _) in enumerate(halves):
-                store(self, b, acc, p.split_c(split), p.m, p.n, b.add(row0, 64 * h), col0, warp, lane)
+                store(self, b, acc, p.split_c(split), p.m, p.n, b.add(row0, 64 * h), col0, warp, lane, stats)
 
     @classmethod
     def examples(cls) -> list["GemmWgmmaSpec"]:
@@ -183,7 +194,8 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                 cls(tma=True, pingpong=True, block_n=128, stages=6, bias=True),
                 cls(tma=True, pingpong=True, block_n=128, stages=6, trans_a=True, trans_b=False),
                 cls(tma=True, pingpong=True, block_n=128, stages=6, bf16_out=True),
-                cls(tma=True, block_n=128, bias=True, bf16_out=True)]
+                cls(tma=True, block_n=128, bias=True, bf16_out=True),
+                cls(tma=True, pingpong=True, block_n=128, stages=6, row_stats=True)]
 
 
 def multiply(spec: GemmWgmmaSpec, b: KernelBuilder, accs: list[tuple[list[Reg], Reg]], b_tile: Reg,
@@ -205,10 +217,41 @@ def multiply(spec: GemmWgmmaSpec, b: KernelBuilder, accs: list[tuple[list[Reg], 
 
 
 def store(spec: GemmWgmmaSpec, b: KernelBuilder, acc: list[Reg], c_ptr: Reg, m: Reg, n: Reg, row0: Reg, col0: Reg,
-          warp: Reg, lane: Reg) -> None:
-    """The accumulators of consumer warp ``warp`` (16 rows of the block tile each) into C."""
+          warp: Reg, lane: Reg, stats: Reg | None = None) -> None:
+    """The accumulators of consumer warp ``warp`` (16 rows of the block tile each) into C, and
+    (``stats``) their rows' statistics."""
     tiles = [[acc[4 * j:4 * j + 4] for j in range(spec.n_tiles)]]  # m16n8 tiles of this warp's 16 rows
     store_accumulators(b, spec, tiles, c_ptr, m, n, row0, col0, warp, b.mov(0, T.U32), lane)
+    if stats is not None:
+        store_row_stats(spec, b, tiles[0], stats, m, n, row0, col0, warp, lane)
+
+
+def store_row_stats(spec: GemmWgmmaSpec, b: KernelBuilder, tiles: list[list[Reg]], stats: Reg, m: Reg, n: Reg,
+                    row0: Reg, col0: Reg, warp: Reg, lane: Reg) -> None:
+    """For each of the warp's 16 rows of the tile: (max, sum of e^(c - max)) over its columns below
+    n, as an f32 pair at stats[col0 / block_n][row] ([column tiles][m] pairs), from the values just
+    stored (the accumulators, which the next tile overwrites: masked in place). A row's block_n
+    columns sit in the 4 lanes of a quad, 2 of each n8 tile a lane; 2^x with x scaled by log2 e,
+    as the cross-entropy's own pass."""
+    group, quad = b.shr(lane, 2), b.and_(lane, 3)
+    cols = b.add(col0, b.shl(quad, 1))
+    ragged = b.new_label("whole_tile")
+    b.bra(ragged, guard=b.setp("le", b.add(col0, spec.block_n), n))  # only the last column tile is cut by n
+    for j, tile in enumerate(tiles):
+        for e in range(2):
+            out = b.setp("ge", b.add(cols, 8 * j + e), n)
+            for h in range(2):
+                b.mov(b.selp(float("-inf"), tile[2 * h + e], out, T.F32), out=tile[2 * h + e])
+    b.place(ragged)
+    column_tile = b.shr(col0, spec.block_n.bit_length() - 1)
+    for h in range(2):
+        mine = [tile[2 * h + e] for tile in tiles for e in range(2)]
+        row_max = warp_allreduce(b, functools.reduce(b.max, mine), "max", 4)
+        neg = b.neg(b.mul(row_max, LOG2E_F32))
+        total = warp_allreduce(b, tree_sum(b, [b.fn("ex2", b.fma(x, LOG2E_F32, neg)) for x in mine]), "add", 4)
+        row = b.add(b.add(row0, b.mad(warp, 16, group)), 8 * h)
+        at = b.add(stats, b.mul_wide(b.mad(column_tile, m, row), 8))
+        b.st("global", Addr(at), [row_max, total], guard=b.and_(b.setp("lt", row, m), b.setp("eq", quad, 0)))
 
 
 class _Mainloop:
