@@ -160,8 +160,12 @@ def test_two_runs_are_bit_identical_and_a_resumed_run_matches(cache, corpus, tmp
 def test_the_fused_loss_and_the_dk_dv_teams_train_as_the_kernels_they_replace(cache, corpus, tmp_path, monkeypatch):
     """bf16, 20 steps: the LM head's row statistics feeding the cross-entropy, and the dK/dV kernel's
     two teams of a warpgroup, against the kernels before them (the cross-entropy's own two passes
-    over the logits; one warpgroup a block over 128-query tiles). The same products, summed in
-    another f32 order: the losses agree to 1e-3 of their size."""
+    over the logits; one warpgroup a block over 128-query tiles). The same function summed in another
+    f32 order: the first steps' losses agree to ~1e-6 of their size (measured on an H200: at most
+    1.1e-6 over steps 0-3, 6.5e-6 by step 6), after which bf16 rounding of slightly different values
+    moves the runs apart as any other summation order would (4.7% at step 16 there); the last 10
+    steps' mean loss agrees to 2% (0.3% there). A wrong statistic or a lost team's sum is off from
+    step 0 or 1."""
     import dataclasses
     from model.kernels import ModelKernels
     shape = dict(config=SMALL_SHAPED, precision=Precision.BF16, seq_len=200)
@@ -178,8 +182,9 @@ def test_the_fused_loss_and_the_dk_dv_teams_train_as_the_kernels_they_replace(ca
     monkeypatch.setattr(ModelKernels, "of", classmethod(unfused))
     before = train_run(cache, corpus, tmp_path / "unfused", **shape)
     ours, theirs = np.array(fused.train_losses), np.array(before.train_losses)
-    assert len(ours) == 20
-    np.testing.assert_allclose(ours, theirs, rtol=1e-3)
+    assert len(ours) == 20 and np.isfinite(ours).all()
+    np.testing.assert_allclose(ours[:4], theirs[:4], rtol=2e-5)
+    assert abs(ours[10:].mean() - theirs[10:].mean()) <= 0.02 * theirs[10:].mean()
 
 
 def test_training_from_populated_weights_starts_well_below_ln_vocab_on_the_gpu(cache, corpus, tmp_path):
