@@ -93,6 +93,30 @@ def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: i
                     f"[{s.block_m}x{s.block_n}x{s.k_elems}, {s.stages} st{feed}]", 2.0 * m * n * k, best[0], theirs))
 
 
+def lm_head_row_stats(cache: ModuleCache, rows: list) -> None:
+    """The bf16 model's LM head forward in the loss (logits f32, and each 128-column tile's row
+    (max, sum of exp) for the cross-entropy: ``row_stats``) beside the same GEMM without them and
+    cuBLAS, at the model's tile. cuBLAS is torch.matmul in bf16: its C is bf16, half the bytes."""
+    m, n, k = TOKENS, 151936, 896
+    a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    c = torch.empty(m, n, device="cuda")
+    stats = torch.empty(-(-n // 128), m, 2, device="cuda")
+    theirs = time_ms(lambda: torch.matmul(a, b.t()), reps=10, warmup=2)
+    for row_stats in (False, True):
+        spec = GemmWgmmaSpec(tma=True, pingpong=True, block_n=128, stages=6, row_stats=row_stats)
+        maps = gemm_tensor_maps(spec, a.data_ptr(), b.data_ptr(), m, n, k)
+        kernel = cache.get(spec)
+        launch = kernel.bind(*spec.launch_dims(m, n, resident=kernel.resident_blocks(spec.threads)),
+                             *spec.arguments(maps[0].ptr, maps[1].ptr, c.data_ptr(), m, n, k,
+                                             **({"stats": stats.data_ptr()} if row_stats else {})))
+        ms = time_ms(launch, reps=10, warmup=2)
+        for x in maps:
+            x.free()
+        rows.append(Row(f"lm_head fwd: gemm_wgmma bf16 NT {m}x{n}x{k} f32 C{' + row stats' if row_stats else ''}",
+                        2.0 * m * n * k, ms, theirs))
+
+
 ATTN_LAYOUTS = [dict(lanes=1, block=64), dict(lanes=2, block=128), dict(lanes=2, block=256),
                 dict(lanes=4, block=128), dict(lanes=4, block=256)]
 
@@ -288,6 +312,7 @@ def main() -> None:
                                             ("dW", (n_out, k_in, TOKENS), (True, False))):
                 for wgmma in (False, True):
                     gemm_tc(cache, rows, MmaType.BF16, m, n, k, wgmma, *layout, label=f"{lname} {what}: ")
+        lm_head_row_stats(cache, rows)
     if "attention" in ns.only:
         for d in (64, 128):
             attention(cache, rows, 8, 2048, 14, 2, d)

@@ -126,6 +126,16 @@ def main() -> None:
                  blocks(lambda bs: CrossEntropySpec(vocab=V, dtype=dt, grad_dtype=dt, block_size=bs), (256, 512, 1024)),
                  lambda s: launch(s, s.launch_dims(CE_ROWS), p(logits), p(targets), p(loss), p(dlogits),
                                   1.0 / CE_ROWS), torch_ce)
+        if dt is DType.F32:  # the bf16 model's: f32 logits, pass 1 made by the LM head's GEMM, bf16 dlogits
+            tiles = logits.unflatten(1, (-1, 128))  # V = 1187 x 128
+            row_max = tiles.amax(-1)
+            stats = torch.stack([row_max, (tiles - row_max[..., None]).exp().sum(-1)], -1).transpose(0, 1).contiguous()
+            grad16 = torch.empty(CE_ROWS, V, device="cuda", dtype=torch.bfloat16)
+            spec = CrossEntropySpec(vocab=V, grad_dtype=DType.BF16, stats_block=128)
+            add(f"cross-entropy fwd+bwd f32 -> bf16 {CE_ROWS}x{V}, row stats from the GEMM",
+                CE_ROWS * V * (4 + 2) + stats.numel() * 4 + 8 * CE_ROWS,
+                launch(spec, spec.launch_dims(CE_ROWS), p(logits), p(targets), p(loss), p(grad16), p(stats),
+                       1.0 / CE_ROWS), torch_ce)
 
     # f32 backward kernels
     x, dy, g = torch.randn(T, H, device="cuda") * 0.02, torch.randn(T, H, device="cuda"), torch.randn(H, device="cuda")
