@@ -239,16 +239,16 @@ class TrainingBuffers:
     gradients (reused layer by layer), and the embedding backward's plan."""
 
     def __init__(self, arena: Arena, c: ModelConfig, batch: int, seq: int, bf16: bool, logit_rows: int,
-                 stats_tiles: int = 0):
+                 stats_tiles: int):
         T, H, I, V = batch * seq, c.hidden_size, c.intermediate_size, c.vocab_size
         Q, KV_ = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         new, operand = arena.new, "bf16" if bf16 else "f32"
         self.targets, self.losses = new("targets", (T,), "i32"), new("losses", (T,))
         self.logits = new("logits", (logit_rows, V))
-        # the LM head's (max, sum of exp) of each of ``stats_tiles`` column tiles of each logit row:
-        # a chunk of r rows uses r of these rows' floats, as [tiles][r] pairs (None: the
+        # the LM head's (max, sum of exp) of each of ``stats_tiles`` column tiles of each logit row,
+        # flat: a chunk of r rows uses the first stats_tiles x r pairs, [tile][row] (None: the
         # cross-entropy makes them itself)
-        self.logit_stats = new("logit row statistics", (logit_rows, 2 * stats_tiles)) if stats_tiles else None
+        self.logit_stats = new("logit row statistics", (logit_rows * stats_tiles * 2,)) if stats_tiles else None
         self.dlogits = new("dlogits", (T, V), operand)  # the LM head's GEMM operand as it is
         self.g = new("d x", (T, H))     # gradient of the residual stream, updated in place
         self.dh = new("d h", (T, H))
@@ -264,9 +264,10 @@ class TrainingBuffers:
 
 
 def step_buffers(arena: Arena, c: ModelConfig, batch: int, seq: int, bf16: bool, logit_rows: int,
-                 stats_tiles: int = 0) -> tuple[Activations, list[KV], TrainingBuffers]:
+                 stats_tiles: int) -> tuple[Activations, list[KV], TrainingBuffers]:
     """A training step's buffers for ``batch`` x ``seq`` tokens: the activations, each layer's keys
-    and values and the training buffers with ``logit_rows`` rows of logits."""
+    and values and the training buffers with ``logit_rows`` rows of logits (and, ``stats_tiles``
+    > 0, their column tiles' statistics: the cross-entropy's ``stats_tiles``)."""
     T, width = batch * seq, c.num_kv_heads * c.head_dim
     acts = Activations(arena, c, batch, seq, bf16)
     kv = [KV.allocate(arena, i, T, width, bf16) for i in range(c.num_layers)]

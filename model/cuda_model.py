@@ -88,11 +88,11 @@ def loss(ops: Ops, hf: View, d: TrainingBuffers, grad_scale: Expr) -> None:
     memory; the gradient is kept for every row (the LM head's backward reads it). bf16: the LM
     head's GEMM also reduces each column tile of a row (``d.logit_stats``), so the cross-entropy
     reads the logits once."""
-    chunk = d.logits.shape[0]
+    chunk, tiles = d.logits.shape[0], ops.k.cross_entropy.stats_tiles
     for start in range(0, hf.shape[0], chunk):
         rows = min(chunk, hf.shape[0] - start)
         logits = d.logits.rows(0, rows)
-        stats = d.logit_stats.rows(0, rows) if d.logit_stats else None
+        stats = d.logit_stats.rows(0, 2 * tiles * rows) if d.logit_stats is not None else None
         lm_head(ops, hf.rows(start, rows), logits, stats)
         ops.cross_entropy(logits, d.targets.rows(start, rows), d.losses.rows(start, rows),
                           d.dlogits.rows(start, rows), grad_scale, stats)

@@ -69,7 +69,7 @@ class Ops:
         return copy
 
     def grad_operand(self, dy: View) -> View:
-        """An output gradient as the GEMMs (and the attention) read it: itself (fp32), or cast into
+        """An output gradient as the GEMMs read it: itself (fp32), or cast into
         the one bf16 scratch the backward's output gradients share."""
         if not self.bf16:
             return dy
@@ -94,7 +94,8 @@ class Ops:
             dims = spec.launch_dims(m, n, splits, resident=kernel.resident_blocks(spec.threads))
         else:
             dims = spec.launch_dims(m, n, splits)
-        args = spec.arguments(a, b, c, m, n, k, bias=bias, splits=splits, **({"stats": stats} if stats else {}))
+        args = spec.arguments(a, b, c, m, n, k, bias=bias, splits=splits,
+                              **({"stats": stats} if stats is not None else {}))
         self.plan.add(spec, dims, label=f"{spec.kind} {what} -> {_name(c)}", operands=operands, **_named(spec, args))
 
     def _wave(self, spec: Gemm) -> int:
@@ -128,6 +129,7 @@ class Ops:
         w, bias = self.W[module + ".weight"], self.W.get(module + ".bias")
         d_out, d_in = w.shape
         spec = self._linear(module).forward if stats is None else self.k.head_logits
+        assert stats is None or stats.size == 2 * -(-d_out // spec.block_n) * x.shape[0], (stats.name, stats.shape)
         self._gemm(spec, f"{module} forward", x, w.operand, out, x.shape[0], d_out, d_in,
                    bias=bias.value if bias is not None else None, stats=stats)
 
@@ -171,8 +173,11 @@ class Ops:
         """Per-row losses and, scaled by ``grad_scale``, their gradient with respect to the logits,
         for the rows of ``logits``; ``stats``: their row statistics, made by the LM head (bf16)."""
         spec = self.k.cross_entropy
+        # the statistics of exactly these rows: the kernel takes their row stride from its grid
+        assert (stats is None) == (spec.stats_block == 0), "the cross-entropy's statistics come with stats_block"
+        assert stats is None or stats.size == 2 * spec.stats_tiles * logits.shape[0], (stats.name, stats.shape)
         self._add(spec, spec.launch_dims(logits.shape[0]), losses, logits=logits, targets=targets, loss=losses,
-                  dlogits=dlogits, grad_scale=grad_scale, **({"stats": stats} if stats else {}))
+                  dlogits=dlogits, grad_scale=grad_scale, **({"stats": stats} if stats is not None else {}))
 
     # -- backward ------------------------------------------------------------------------------
     @functools.cached_property

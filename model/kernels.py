@@ -214,6 +214,13 @@ class ModelKernels:
             adamw_no_decay=AdamWSpec(beta1=adamw.beta1, beta2=adamw.beta2, eps=adamw.eps, weight_decay=0.0),
             to_bf16=CastSpec() if precision is Precision.BF16 else None)
 
+    def __post_init__(self) -> None:
+        # the cross-entropy reads, tile for tile, the statistics the loss's LM head writes
+        stats, head = self.cross_entropy.stats_block, self.head_logits
+        if (head is None) != (stats == 0) or (head is not None and head.block_n != stats):
+            raise ValueError(f"the loss's LM head ({self.head_logits}) and the cross-entropy's stats_block {stats} "
+                             "disagree")
+
     def linear(self, module: str) -> LinearKernels:
         """The kernels of the linear layer ``module`` (its HF name without ``.weight``)."""
         return getattr(self, LINEAR_KINDS[module.rsplit(".", 1)[-1]])

@@ -134,14 +134,17 @@ class Block:
             self.static[name], at = at, at + -(-size // 16) * 16
         self.shared = np.full(at, 0xAB, np.uint8)  # garbage until written
         self.regs: dict[str, np.ndarray] = {}
-        self.pending: list = []  # cp.async copies not yet committed
-        self.groups: list[list] = []  # committed groups, oldest first
+        # cp.async, per thread: copies not yet committed (threads, dst, data), committed ones with
+        # each row's group number (threads, dst, data, group), and each thread's commits so far
+        self.pending: list = []
+        self.committed: list = []
+        self.commits = np.zeros(threads, np.int64)
 
     def run(self) -> None:
         """Every thread from the first instruction to ``ret``. Threads that branch apart each keep
         their own pc; the group at the smallest pc runs next (threads ahead wait), so paths rejoin
-        where structured code rejoins: after an if, after a loop's last trip. A barrier, shuffle,
-        cp.async or wgmma must find every live thread of the block there."""
+        where structured code rejoins: after an if, after a loop's last trip. A shuffle must find
+        whole warps there, a wgmma whole warpgroups, a bar.sync every thread it counts."""
         instrs = self.program.instrs
         pcs = np.zeros(self.threads, np.int64)
         done = np.zeros(self.threads, bool)
@@ -385,9 +388,9 @@ class Block:
             self._space(space)[where[:, None] + np.arange(size)] = data
 
     def _cp(self, op, ops, mask):
-        """cp.async per thread: a thread's copies join its next commit's group, and its wait_group N
-        lands all but its N newest groups (threads that commit and wait apart, a block's teams,
-        keep apart groups)."""
+        """cp.async per thread, as the hardware keeps it: a thread's copies join its next commit's
+        group, and its wait_group N lands its copies of all but its N newest groups (so threads
+        that commit and wait apart, a block's teams, keep apart groups)."""
         kind = op[2]
         on = np.ones(self.threads, bool) if mask is None else mask
         if kind == "cg":  # cp.async.cg.shared.global [dst], [src], 16, src_size: zeros past src_size
@@ -396,18 +399,25 @@ class Block:
             valid = np.arange(16) < size[:, None]
             data = np.where(valid, self.memory.bytes[np.where(valid, src[:, None] + np.arange(16), 0)], 0).astype(np.uint8)
             assert (dst % 16 == 0).all() and (dst >= SMEM_BASE).all() and (dst + 16 <= len(self.shared)).all()
-            self.pending.append((on, dst, data))
+            self.pending.append((np.nonzero(on)[0], dst, data))
         elif kind == "commit_group":
-            mine = [c for c in self.pending if not (c[0] & ~on).any()]
-            self.pending = [c for c in self.pending if (c[0] & ~on).any()]
-            self.groups.append((on, mine))
+            kept = []
+            for threads, dst, data in self.pending:
+                mine = on[threads]
+                if mine.any():
+                    self.committed.append((threads[mine], dst[mine], data[mine], self.commits[threads[mine]]))
+                if not mine.all():
+                    kept.append((threads[~mine], dst[~mine], data[~mine]))
+            self.pending = kept
+            self.commits[on] += 1
         elif kind == "wait_group":
-            mine = [g for g in self.groups if (g[0] & on).any()]
-            assert all(not (g[0] & ~on).any() for g in mine), "a wait by part of the threads that committed a group"
-            for g in mine[:max(len(mine) - int(ops[0]), 0)]:
-                self.groups.remove(g)
-                for _, dst, data in g[1]:
-                    self.shared[dst[:, None] + np.arange(16)] = data
+            rest = []
+            for threads, dst, data, group in self.committed:  # oldest first: a later copy lands over it
+                due = on[threads] & (group < self.commits[threads] - int(ops[0]))
+                self.shared[dst[due][:, None] + np.arange(16)] = data[due]
+                if not due.all():
+                    rest.append((threads[~due], dst[~due], data[~due], group[~due]))
+            self.committed = rest
         else:
             raise NotImplementedError(".".join(op))
 

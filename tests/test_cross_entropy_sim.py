@@ -5,17 +5,9 @@ GEMM's statistics and the whole loss on an H200."""
 import numpy as np
 import pytest
 
-from ptxgen.kernels.cross_entropy import CrossEntropySpec, cross_entropy_reference
+from ptxgen.kernels.cross_entropy import CrossEntropySpec, cross_entropy_reference, row_stats_reference
 from ptxgen.vecio import DType, from_bf16
 from ptxsim import launch
-
-
-def tile_stats(logits: np.ndarray, block: int) -> np.ndarray:
-    """[column tiles][rows] (max, sum of exp(x - max)) f32 pairs of f32 logits, as the GEMM writes them."""
-    x = logits.astype(np.float64)
-    tiles = [x[:, t:t + block] for t in range(0, x.shape[1], block)]
-    return np.stack([np.stack([c.max(1), np.exp(c - c.max(1, keepdims=True)).sum(1)], -1) for c in tiles]
-                    ).astype(np.float32)
 
 
 @pytest.mark.parametrize("rows, vocab, stats_block, block_size", [
@@ -30,7 +22,7 @@ def test_the_loss_from_the_gemms_statistics_is_the_reference_loss(rows, vocab, s
     scale = np.float32(1 / max(1, int((targets != -100).sum())))
     spec = CrossEntropySpec(vocab=vocab, grad_dtype=DType.BF16, block_size=block_size, stats_block=stats_block)
     assert spec.stats_tiles == -(-vocab // stats_block)
-    stats = tile_stats(logits, stats_block)
+    stats = row_stats_reference(logits, stats_block).astype(np.float32)
     _, _, loss, grad, _ = launch(spec, ((rows, 1, 1), block_size), logits, targets, np.full(rows, np.nan, np.float32),
                                np.full((rows, vocab), 0x7FC0, np.uint16), stats, scale)
     loss_ref, grad_ref = cross_entropy_reference(logits, targets, -100, float(scale))

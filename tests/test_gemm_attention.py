@@ -161,3 +161,45 @@ def test_the_wgmma_dk_dv_stages_keep_the_swizzle_alignment():
     """Each query stage (Q, dO, then 2 x tile floats of lse and delta) starts on a 1024-byte boundary."""
     spec = AttentionWgmmaBackwardKVSpec(heads=4, kv_heads=2, head_dim=64)  # 64 x 64 K and V, 64-query stages
     assert spec.dynamic_shared_bytes() == 2 * 8192 + 2 * 17408  # 2 * 8192 + 512 rounded up to 17 * 1024
+
+
+def test_row_stats_are_of_the_plain_whole_product_and_come_with_their_buffer():
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    for refused in (dict(bias=True), dict(accumulate=True), dict(bf16_out=True), dict(tma=False)):
+        with pytest.raises(SpecError, match="row_stats needs tma and the plain f32 product"):
+            GemmWgmmaSpec(**{"tma": True, "row_stats": True, **refused})
+    spec = GemmWgmmaSpec(tma=True, row_stats=True)
+    assert spec.params()[3][0] == "stats" and spec.outputs() == ("c", "stats")
+    with pytest.raises(ValueError, match="stats is required by row_stats"):
+        spec.arguments(1, 2, 3, 128, 256, 128)
+    with pytest.raises(ValueError, match="stats needs row_stats"):
+        GemmWgmmaSpec(tma=True).arguments(1, 2, 3, 128, 256, 128, stats=4)
+    with pytest.raises(ValueError, match="row statistics are of whole products"):
+        spec.arguments(1, 2, 3, 128, 256, 128, stats=4, splits=2)
+
+
+def test_the_cross_entropy_reads_statistics_of_power_of_two_tiles():
+    from ptxgen.kernels.cross_entropy import CrossEntropySpec
+    spec = CrossEntropySpec(vocab=151936, stats_block=128)
+    assert spec.stats_tiles == 1187 and [n for n, _ in spec.params()][-2:] == ["stats", "grad_scale"]
+    assert CrossEntropySpec(vocab=151936).stats_tiles == 0
+    for bad in (100, -128):
+        with pytest.raises(SpecError, match="stats_block must be 0 or a power of two"):
+            CrossEntropySpec(vocab=1000, stats_block=bad)
+
+
+@pytest.mark.parametrize("cls", [AttentionTCBackwardKVSpec, AttentionWgmmaBackwardKVSpec])
+def test_dk_dv_teams_split_the_warps_evenly(cls):
+    fields = dict(heads=4, kv_heads=2, head_dim=64)
+    spec = cls(**fields, warps=8, teams=2)
+    assert (spec.rows_per_block, spec.team_threads) == (64, 128)
+    assert spec.launch_dims(2, 1000) == ((16, 2, 2), 256)  # 64 keys a block, as one warpgroup alone
+    with pytest.raises(SpecError, match="teams must be > 0"):
+        cls(**fields, teams=0)
+    with pytest.raises(SpecError, match="8 warps do not split into 3 teams"):
+        cls(**fields, warps=8, teams=3)
+
+
+def test_a_wgmma_dk_dv_team_is_whole_warpgroups():
+    with pytest.raises(SpecError, match="a team is whole warpgroups, got 2 warps"):
+        AttentionWgmmaBackwardKVSpec(heads=4, kv_heads=2, head_dim=64, warps=4, teams=2)

@@ -6,6 +6,8 @@ within 1e-4 of the largest reference magnitude (at least 1e-4 absolute).
 import numpy as np
 import pytest
 
+from cudacall import call
+from ptxgen.kernels.cross_entropy import row_stats_reference
 from ptxgen.kernels.gemm import gemm_reference
 from ptxgen.kernels.gemm_tc import GemmTCSpec, MmaType
 from runtime import DeviceArray, ModuleCache, from_bf16, to_bf16
@@ -296,10 +298,28 @@ def test_wgmma_gemm_row_stats_are_each_tiles_max_and_sum_of_exp(cache, fields, s
     plain, _ = run_tma(cache, GemmWgmmaSpec(tma=True, **fields), *shape, resident=resident, operands=operands)
     assert_close(c, ref)
     np.testing.assert_array_equal(c, plain)
-    m, n, _ = shape
-    tiles = [c[0][:, t:t + spec.block_n].astype(np.float64) for t in range(0, n, spec.block_n)]
-    assert stats.shape == (len(tiles), m, 2)
-    np.testing.assert_array_equal(stats[..., 0], np.stack([x.max(1) for x in tiles]))
-    sums = np.stack([np.exp(x - x.max(1, keepdims=True)).sum(1) for x in tiles])
-    np.testing.assert_allclose(stats[..., 1], sums, rtol=1e-5)
+    ref_stats = row_stats_reference(c[0], spec.block_n)
+    assert stats.shape == ref_stats.shape
+    np.testing.assert_array_equal(stats[..., 0], ref_stats[..., 0])
+    np.testing.assert_allclose(stats[..., 1], ref_stats[..., 1], rtol=1e-5)
+
+
+def test_the_lm_heads_row_stats_feed_the_cross_entropy(cache):
+    """The loss's chain at a ragged vocabulary (1000 = 7 tiles + 104 columns): the GEMM's logits
+    and statistics, then the cross-entropy from them, against the float64 loss and gradient of the
+    GEMM's own logits."""
+    from ptxgen.kernels.cross_entropy import CrossEntropySpec, cross_entropy_reference
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    from ptxgen.vecio import DType
+    spec = GemmWgmmaSpec(tma=True, pingpong=True, block_n=128, stages=6, row_stats=True)
+    rows, vocab = 300, 1000
+    (logits, stats), _ = run_tma(cache, spec, rows, vocab, 896, resident=5)
+    targets = rng.integers(0, vocab, rows).astype(np.int32)
+    targets[7] = -100
+    ce = CrossEntropySpec(vocab=vocab, grad_dtype=DType.BF16, stats_block=128)
+    _, _, loss, grad, _ = call(cache, ce, ce.launch_dims(rows), logits[0], targets, np.full(rows, np.nan, np.float32),
+                               np.full((rows, vocab), 0x7FC0, np.uint16), stats, np.float32(1 / 299))
+    loss_ref, grad_ref = cross_entropy_reference(logits[0], targets, -100, 1 / 299)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(from_bf16(grad), grad_ref, rtol=1e-2, atol=1e-7)
 

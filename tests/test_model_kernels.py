@@ -110,6 +110,10 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert isinstance(bf16.attention, AttentionWgmmaSpec)  # forward and backward on wgmma
     assert isinstance(bf16.attention_bwd_q, AttentionWgmmaBackwardQSpec)
     assert isinstance(bf16.attention_bwd_kv, AttentionWgmmaBackwardKVSpec) and bf16.attention_bwd_kv.teams == 2
+    # dK/dV in two teams at head_dim 64; at 128 (896 / 7 heads) one warpgroup a block, 64-query tiles
+    d128 = ModelKernels.of(preset("qwen2-0.5b").replace(num_heads=7, num_kv_heads=1), AdamWSettings(), -100,
+                           Precision.BF16).attention_bwd_kv
+    assert (d128.head_dim, d128.teams, d128.warps, d128.tile) == (128, 1, 4, 64)
     tiny = ModelKernels.of(preset("tiny"), AdamWSettings(), -100, Precision.BF16)  # head_dim 32: mma.sync
     assert isinstance(tiny.attention, AttentionTCSpec) and tiny.attention.head_dim == 32
     assert isinstance(tiny.attention_bwd_kv, AttentionTCBackwardKVSpec)

@@ -4,8 +4,8 @@ The tensors are the fp32 attention's (``attention.py``): q, k, v, o, do [batch, 
 head_dim] in ``dtype``; lse and delta [batch, heads, seq] f32 (lse in natural log); the gradients
 dq, dk, dv are written in f32. The scale 1/sqrt(head_dim) is baked in.
 
-A block takes ``16 * warps`` rows (queries, or for dK/dV keys), a warp 16 of them, and walks the
-other side in tiles of ``tile`` rows, which travel global -> shared by cp.async, double-buffered
+A block takes ``16 * warps`` rows (queries, or for dK/dV keys: ``16 * warps / teams``), a warp 16
+of them, and walks the other side in tiles of ``tile`` rows, which travel global -> shared by cp.async, double-buffered
 (the next tile is in flight under this one's math). The block's own rows are read into mma
 fragments once. Every product runs on ``mma.sync.m16n8k16`` with fp32 accumulators, and a product
 by P (or dS) takes it straight from the accumulators of the product that made it: an m16n8
@@ -18,9 +18,10 @@ Masking (causal, past the sequence) is applied only on the tiles that need it.
 * Backward dQ (run first): delta = rowsum(dO * O) (written for dK/dV), then per key tile S and P
   again, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
 * Backward dK/dV: a block owns keys and loops over the query heads of its group and every query
-  tile at or after its keys: S^T = K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q; the
-  group's sum needs no atomics, so the result is deterministic.
-Blocks with the most causal work start first.
+  tile at or after its keys (with ``teams``, each team of its warps every teams-th tile): S^T =
+  K Q^T, P^T, dV += P^T dO, dP^T = V dO^T, dK += dS^T Q; the group's sum (and the teams', in team
+  order) needs no atomics, so the result is deterministic.
+Blocks with the most causal work start first, across the whole grid.
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ an argument; vocab and ignore_index are baked in. Targets are checked on the hos
 
 With ``stats_block`` the logits' GEMM has made pass 1's partial results already (gemm_wgmma's
 ``row_stats``: per ``stats_block`` columns of each row, their (max, sum of exp(x - max)) as
-[column tiles][rows] f32 pairs); the block combines those instead of reading the logits twice.
+[column tiles][rows] f32 pairs, rows = the launch's grid, one block a row: the GEMM's m); the block
+combines those instead of reading the logits twice.
 """
 from __future__ import annotations
 
@@ -135,6 +136,15 @@ class CrossEntropySpec(KernelSpec):
         return [cls(vocab=151936), cls(vocab=256, block_size=128), cls(vocab=1001, ignore_index=0),
                 cls(vocab=151936, dtype=DType.BF16, grad_dtype=DType.BF16), cls(vocab=151936, grad_dtype=DType.BF16),
                 cls(vocab=151936, grad_dtype=DType.BF16, stats_block=128)]
+
+
+def row_stats_reference(logits: np.ndarray, block: int) -> np.ndarray:
+    """float64 [column tiles][rows][2]: each ``block`` columns' (max, sum of exp(x - max)) of every
+    row (the last tile's columns only up to the row's end): what gemm_wgmma's ``row_stats`` writes
+    and ``stats_block`` reads."""
+    x = np.asarray(logits, dtype=np.float64)
+    tiles = [x[:, t:t + block] for t in range(0, x.shape[1], block)]
+    return np.stack([np.stack([c.max(1), np.exp(c - c.max(1, keepdims=True)).sum(1)], -1) for c in tiles])
 
 
 def cross_entropy_reference(logits: np.ndarray, targets: np.ndarray, ignore_index: int,

@@ -231,8 +231,9 @@ def store_row_stats(spec: GemmWgmmaSpec, b: KernelBuilder, tiles: list[list[Reg]
     """For each of the warp's 16 rows of the tile: (max, sum of e^(c - max)) over its columns below
     n, as an f32 pair at stats[col0 / block_n][row] ([column tiles][m] pairs), from the values just
     stored (the accumulators, which the next tile overwrites: masked in place). A row's block_n
-    columns sit in the 4 lanes of a quad, 2 of each n8 tile a lane; 2^x with x scaled by log2 e,
-    as the cross-entropy's own pass."""
+    columns sit in the 4 lanes of a quad, 2 of each n8 tile a lane; e^(c - max) as 2^(c log2 e -
+    max log2 e), one fma (the cross-entropy's own pass rounds (c - max) first: the sums agree
+    within f32 rounding, not bit for bit)."""
     group, quad = b.shr(lane, 2), b.and_(lane, 3)
     cols = b.add(col0, b.shl(quad, 1))
     ragged = b.new_label("whole_tile")
