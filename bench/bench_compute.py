@@ -14,6 +14,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -256,7 +257,44 @@ def attention_tc(cache: ModuleCache, rows: list, bsz: int, s: int, h: int, hkv: 
                     bwd_flops, time_ms(lambda: (run_q(), run_kv()), reps=5, warmup=1), theirs_bwd))
 
 
-SECTIONS = ["fp32", "mma", "wgmma", "layers", "bf16-layers", "attention"]
+def k_sweep(cache: ModuleCache, m: int = 8192, n: int = 9728) -> None:
+    """Where the model's GEMM loses to cuBLAS on short contractions: the gate/up forward's M and N
+    (its K is 896) over K from 128 to 8192, ours (the model's tile, f32 and bf16 C) beside cuBLAS;
+    then a least-squares line through our time per tile on one SM against the tile's K slices:
+    its intercept is what every tile costs whatever its K (epilogue, hand-over, pipeline start),
+    its slope the time a slice takes against the tensor cores' own (2 * 128 * 128 * 64 FLOP at the
+    rated 989 TFLOP/s over 132 SMs)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tiles = -(-m // 128) * -(-n // 128)
+    print(f"\n== K sweep, bf16 {m}x{n}xK, 128 x 128 tiles ({tiles} of them, {tiles / sms:.1f} a SM)")
+    print(f"  {'K':>6} {'C':>5} {'ours ms':>9} {'ours TFLOP/s':>13} {'cuBLAS TFLOP/s':>15} {'us a tile a SM':>15}")
+    for bf16_out in (False, True):
+        points = []
+        for k in (128, 256, 512, 896, 1792, 3584, 8192):
+            a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            c = torch.empty(m, n, device="cuda", dtype=torch.bfloat16 if bf16_out else torch.float32)
+            spec = GemmWgmmaSpec(tma=True, pingpong=True, block_n=128, stages=6, bf16_out=bf16_out)
+            maps = gemm_tensor_maps(spec, a.data_ptr(), b.data_ptr(), m, n, k)
+            kernel = cache.get(spec)
+            launch = kernel.bind(*spec.launch_dims(m, n, resident=kernel.resident_blocks(spec.threads)),
+                                 *spec.arguments(maps[0].ptr, maps[1].ptr, c.data_ptr(), m, n, k))
+            ms = time_ms(launch, reps=10, warmup=2)
+            theirs = time_ms(lambda: torch.matmul(a, b.t()), reps=10, warmup=2)
+            for x in maps:
+                x.free()
+            per_tile = ms * 1e3 / (tiles / sms)
+            points.append((k // spec.k_elems, per_tile))
+            flops = 2.0 * m * n * k
+            print(f"  {k:>6} {'bf16' if bf16_out else 'f32':>5} {ms:9.3f} {flops / ms / 1e9:13.1f} "
+                  f"{flops / theirs / 1e9:15.1f} {per_tile:15.2f}")
+        slope, intercept = np.polyfit(*zip(*points), 1)
+        bound = 2.0 * 128 * 128 * 64 / (989e12 / sms) * 1e6
+        print(f"  {'bf16' if bf16_out else 'f32'} C: {intercept:.2f} us a tile whatever its K, {slope:.3f} us a "
+              f"slice (the tensor cores' own: {bound:.3f})")
+
+
+SECTIONS = ["fp32", "mma", "wgmma", "layers", "bf16-layers", "attention", "k-sweep"]
 
 
 def main() -> None:
@@ -313,6 +351,8 @@ def main() -> None:
                 for wgmma in (False, True):
                     gemm_tc(cache, rows, MmaType.BF16, m, n, k, wgmma, *layout, label=f"{lname} {what}: ")
         lm_head_row_stats(cache, rows)
+    if "k-sweep" in ns.only:
+        k_sweep(cache)
     if "attention" in ns.only:
         for d in (64, 128):
             attention(cache, rows, 8, 2048, 14, 2, d)
