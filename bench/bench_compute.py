@@ -11,6 +11,7 @@ backward 2.5x that (the convention FlashAttention's benchmarks use).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from harness import time_ms, write_json
+from model.kernels import WGMMA_TILE
 from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
 from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
 from ptxgen.kernels.attention_wgmma import AttentionWgmmaBackwardKVSpec, AttentionWgmmaBackwardQSpec, AttentionWgmmaSpec
@@ -60,6 +62,22 @@ WGMMA_TILES = [dict(), dict(block_n=128), dict(tma=True), dict(tma=True, stages=
 LAYOUT_NAMES = {(False, True): "NT", (False, False): "NN", (True, False): "TN", (True, True): "TT"}
 
 
+def time_gemm(cache: ModuleCache, spec: GemmTCSpec | GemmWgmmaSpec, a: torch.Tensor, b: torch.Tensor,
+              c: torch.Tensor, m: int, n: int, k: int, **arguments: int) -> float:
+    """Milliseconds of one launch of ``spec`` on A, B into C (``arguments``: its other pointers, say
+    ``stats``). A tma kernel reads the operands through tensor maps, and its blocks persist."""
+    maps = gemm_tensor_maps(spec, a.data_ptr(), b.data_ptr(), m, n, k) if spec.tma else ()
+    try:
+        operands = tuple(x.ptr for x in maps) or (a.data_ptr(), b.data_ptr())
+        kernel = cache.get(spec)
+        dims = spec.launch_dims(m, n, resident=kernel.resident_blocks(spec.threads))
+        return time_ms(kernel.bind(*dims, *spec.arguments(*operands, c.data_ptr(), m, n, k, **arguments)),
+                       reps=10, warmup=2)
+    finally:
+        for x in maps:
+            x.free()
+
+
 def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: int, wgmma: bool = False,
             trans_a: bool = False, trans_b: bool = True, label: str = "") -> None:
     """C = op(A) op(B) on tensor cores (mma.sync, or ``wgmma``) at its fastest tile, beside
@@ -73,15 +91,7 @@ def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: i
             spec = (GemmWgmmaSpec if wgmma else GemmTCSpec)(dtype=dtype, trans_a=trans_a, trans_b=trans_b, **tile)
         except SpecError:
             continue
-        # a tma kernel reads the operands through tensor maps, and its blocks persist
-        maps = gemm_tensor_maps(spec, a.data_ptr(), b.data_ptr(), m, n, k) if tile.get("tma") else ()
-        operands = tuple(x.ptr for x in maps) or (a.data_ptr(), b.data_ptr())
-        kernel = cache.get(spec)
-        dims = spec.launch_dims(m, n, resident=kernel.resident_blocks(spec.threads))
-        launch = kernel.bind(*dims, *spec.arguments(*operands, c.data_ptr(), m, n, k))
-        ms = time_ms(launch, reps=10, warmup=2)
-        for x in maps:
-            x.free()
+        ms = time_gemm(cache, spec, a, b, c, m, n, k)
         print(f"  {spec.kind} {dtype.value} {m}x{n}x{k} {tile or 'default'}: {2e-9 * m * n * k / ms:.1f} TFLOP/s")
         best = min(best or (ms, spec), (ms, spec), key=lambda t: t[0])
     at, bt = (a.t() if trans_a else a), (b.t() if trans_b else b)
@@ -102,18 +112,11 @@ def lm_head_row_stats(cache: ModuleCache, rows: list) -> None:
     a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     c = torch.empty(m, n, device="cuda")
-    stats = torch.empty(-(-n // 128), m, 2, device="cuda")
+    stats = torch.empty(-(-n // WGMMA_TILE["block_n"]), m, 2, device="cuda")
     theirs = time_ms(lambda: torch.matmul(a, b.t()), reps=10, warmup=2)
     for row_stats in (False, True):
-        spec = GemmWgmmaSpec(tma=True, pingpong=True, block_n=128, stages=6, row_stats=row_stats)
-        maps = gemm_tensor_maps(spec, a.data_ptr(), b.data_ptr(), m, n, k)
-        kernel = cache.get(spec)
-        launch = kernel.bind(*spec.launch_dims(m, n, resident=kernel.resident_blocks(spec.threads)),
-                             *spec.arguments(maps[0].ptr, maps[1].ptr, c.data_ptr(), m, n, k,
-                                             **({"stats": stats.data_ptr()} if row_stats else {})))
-        ms = time_ms(launch, reps=10, warmup=2)
-        for x in maps:
-            x.free()
+        spec = GemmWgmmaSpec(tma=True, **WGMMA_TILE, row_stats=row_stats)
+        ms = time_gemm(cache, spec, a, b, c, m, n, k, **({"stats": stats.data_ptr()} if row_stats else {}))
         rows.append(Row(f"lm_head fwd: gemm_wgmma bf16 NT {m}x{n}x{k} f32 C{' + row stats' if row_stats else ''}",
                         2.0 * m * n * k, ms, theirs))
 
@@ -262,11 +265,13 @@ def k_sweep(cache: ModuleCache, m: int = 8192, n: int = 9728) -> None:
     (its K is 896) over K from 128 to 8192, ours (the model's tile, f32 and bf16 C) beside cuBLAS;
     then a least-squares line through our time per tile on one SM against the tile's K slices:
     its intercept is what every tile costs whatever its K (epilogue, hand-over, pipeline start),
-    its slope the time a slice takes against the tensor cores' own (2 * 128 * 128 * 64 FLOP at the
-    rated 989 TFLOP/s over 132 SMs)."""
+    its slope the time a slice takes against the tensor cores' own (a tile's FLOP of one slice at
+    the rated 989 TFLOP/s shared by the SMs)."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tiles = -(-m // 128) * -(-n // 128)
-    print(f"\n== K sweep, bf16 {m}x{n}xK, 128 x 128 tiles ({tiles} of them, {tiles / sms:.1f} a SM)")
+    tile = GemmWgmmaSpec(tma=True, **WGMMA_TILE)
+    tiles = -(-m // tile.block_m) * -(-n // tile.block_n)
+    print(f"\n== K sweep, bf16 {m}x{n}xK, {tile.block_m} x {tile.block_n} tiles ({tiles} of them, "
+          f"{tiles / sms:.1f} a SM)")
     print(f"  {'K':>6} {'C':>5} {'ours ms':>9} {'ours TFLOP/s':>13} {'cuBLAS TFLOP/s':>15} {'us a tile a SM':>15}")
     for bf16_out in (False, True):
         points = []
@@ -274,22 +279,16 @@ def k_sweep(cache: ModuleCache, m: int = 8192, n: int = 9728) -> None:
             a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
             c = torch.empty(m, n, device="cuda", dtype=torch.bfloat16 if bf16_out else torch.float32)
-            spec = GemmWgmmaSpec(tma=True, pingpong=True, block_n=128, stages=6, bf16_out=bf16_out)
-            maps = gemm_tensor_maps(spec, a.data_ptr(), b.data_ptr(), m, n, k)
-            kernel = cache.get(spec)
-            launch = kernel.bind(*spec.launch_dims(m, n, resident=kernel.resident_blocks(spec.threads)),
-                                 *spec.arguments(maps[0].ptr, maps[1].ptr, c.data_ptr(), m, n, k))
-            ms = time_ms(launch, reps=10, warmup=2)
+            spec = dataclasses.replace(tile, bf16_out=bf16_out)
+            ms = time_gemm(cache, spec, a, b, c, m, n, k)
             theirs = time_ms(lambda: torch.matmul(a, b.t()), reps=10, warmup=2)
-            for x in maps:
-                x.free()
             per_tile = ms * 1e3 / (tiles / sms)
-            points.append((k // spec.k_elems, per_tile))
+            points.append((k // tile.k_elems, per_tile))
             flops = 2.0 * m * n * k
             print(f"  {k:>6} {'bf16' if bf16_out else 'f32':>5} {ms:9.3f} {flops / ms / 1e9:13.1f} "
                   f"{flops / theirs / 1e9:15.1f} {per_tile:15.2f}")
         slope, intercept = np.polyfit(*zip(*points), 1)
-        bound = 2.0 * 128 * 128 * 64 / (989e12 / sms) * 1e6
+        bound = 2.0 * tile.block_m * tile.block_n * tile.k_elems / (989e12 / sms) * 1e6
         print(f"  {'bf16' if bf16_out else 'f32'} C: {intercept:.2f} us a tile whatever its K, {slope:.3f} us a "
               f"slice (the tensor cores' own: {bound:.3f})")
 
