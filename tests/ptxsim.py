@@ -5,8 +5,9 @@ It interprets the instructions those kernels emit, nothing more (anything else r
 NotImplementedError; RoPE's sin and cos are numpy's, not sin.approx's). A block's threads run in
 lockstep, one numpy lane each; threads that branch apart keep their own pc and the group at the
 smallest runs next, so structured paths rejoin (a shuffle or wgmma reached by part of a warp or
-warpgroup is an error, and so is a barrier that finds fewer threads than it counts). cp.async copies land at
-their group's cp.async.wait_group, not before: a read of a stage before its wait sees stale bytes.
+warpgroup is an error, and so is a barrier that finds fewer threads than it counts). cp.async copies
+land at their group's cp.async.wait_group (per thread), not before: a read of a stage before its
+wait sees stale bytes.
 Shared memory starts as garbage, global memory outside the outputs is read-only (asserted).
 
 wgmma runs at issue, per warpgroup: accumulators and A-from-registers in the mma m16n8k16 fragment

@@ -197,16 +197,16 @@ def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None):
     extra = [DeviceArray.from_numpy(bias)] if spec.bias else []
     stats = DeviceArray.from_numpy(np.full((-(-n // spec.block_n), m, 2), np.nan, np.float32)) \
         if spec.row_stats else None
-    extra += [stats] if stats else []
+    extra += [stats] if stats is not None else []
     maps = gemm_tensor_maps(spec, arrays[0].ptr, arrays[1].ptr, m, n, k * splits)
     try:
         cache.get(spec)(*spec.launch_dims(m, n, splits, resident=resident),
                         *spec.arguments(maps[0].ptr, maps[1].ptr, arrays[2].ptr, m, n, k,
                                         bias=extra[0].ptr if spec.bias else None, splits=splits,
-                                        **({"stats": stats.ptr} if stats else {})))
+                                        **({"stats": stats.ptr} if stats is not None else {})))
         synchronize()
         out = arrays[2].to_numpy()
-        if stats:  # a row_stats spec's statistics come back beside C
+        if stats is not None:  # a row_stats spec's statistics come back beside C
             out = (out, stats.to_numpy())
     finally:
         for x in arrays + extra + list(maps):

@@ -5,8 +5,8 @@ head_dim] in ``dtype``; lse and delta [batch, heads, seq] f32 (lse in natural lo
 dq, dk, dv are written in f32. The scale 1/sqrt(head_dim) is baked in.
 
 A block takes ``16 * warps`` rows (queries, or for dK/dV keys: ``16 * warps / teams``), a warp 16
-of them, and walks the other side in tiles of ``tile`` rows, which travel global -> shared by cp.async, double-buffered
-(the next tile is in flight under this one's math). The block's own rows are read into mma
+of them, and walks the other side in tiles of ``tile`` rows, which travel global -> shared by
+cp.async, double-buffered (the next tile is in flight under this one's math). The block's own rows are read into mma
 fragments once. Every product runs on ``mma.sync.m16n8k16`` with fp32 accumulators, and a product
 by P (or dS) takes it straight from the accumulators of the product that made it: an m16n8
 accumulator tile holds half an m16k16 A fragment, so two of them repacked to 16-bit pairs are one.
@@ -685,19 +685,21 @@ class _BackwardKVBase(_FlashBase):
         thread of every team holds the same elements), once every team is done with its stages."""
         b = f.b
         regs = [r for acc in accs for tile in acc for r in tile]
-        per_team = len(regs) * self.team_threads * 4
         mine = b.add(sums, b.shl(f.tid, 2))
+
+        def slot(team: int, i: int) -> Addr:  # register i of this thread in team ``team``'s sums
+            return Addr(mine, ((team - 1) * len(regs) + i) * self.team_threads * 4)
+
         b.bar_sync()  # every team is done reading its stages, which the sums overwrite
         for team in range(1, self.teams):
             with _team_only(f, team):
                 for i, r in enumerate(regs):
-                    b.st("shared", Addr(mine, (team - 1) * per_team + i * self.team_threads * 4), r)
+                    b.st("shared", slot(team, i), r)
         b.bar_sync()
         with _team_only(f, 0):
             for team in range(1, self.teams):
                 for i, r in enumerate(regs):
-                    x = b.ld("shared", T.F32, Addr(mine, (team - 1) * per_team + i * self.team_threads * 4))
-                    b.add(r, x, out=r)
+                    b.add(r, b.ld("shared", T.F32, slot(team, i)), out=r)
 
 
 @contextlib.contextmanager
