@@ -126,12 +126,14 @@ def backward(ops: Ops, acts: Activations, kv: list[KV], hf: View, d: TrainingBuf
         ops.attention_backward(a.q, kv[i].k, kv[i].v, a.o, d.d_o, a.lse, dq=d.dq, delta=d.delta, dk=d.dk, dv=d.dv,
                                batch=acts.batch, seq=acts.seq)
         # the fused projection's output gradient, [dq | dk | dv] per row: RoPE's backward on dq and dk
-        ops.rope(d.dq, acts.pos, c.num_heads, out=Columns(d.d_qkv, 0, Q), inverse=True)
-        ops.rope(d.dk, acts.pos, c.num_kv_heads, out=Columns(d.d_qkv, Q, KV_), inverse=True)
-        ops.copy_columns(d.dv, Columns(d.d_qkv, Q + KV_, KV_), KV_, backward=True)
+        # (bf16: each kernel also writes its columns of the GEMMs' bf16 copy, dy16)
+        dy16 = ops.grad_copy(d.d_qkv)
+        ops.rope(d.dq, acts.pos, c.num_heads, out=Columns(d.d_qkv, 0, Q), inverse=True, copy=dy16)
+        ops.rope(d.dk, acts.pos, c.num_kv_heads, out=Columns(d.d_qkv, Q, KV_), inverse=True, copy=dy16)
+        ops.copy_columns(d.dv, Columns(d.d_qkv, Q + KV_, KV_), KV_, backward=True, copy=dy16)
         if c.qkv_bias:
             ops.column_sum(d.d_qkv, p + "self_attn.qkv_proj.bias")
-        dy = ops.grad_operand(d.d_qkv)
+        dy = dy16 if dy16 is not None else d.d_qkv
         ops.grad_weight(dy, a.h, p + "self_attn.qkv_proj")  # the three weights' gradients, one GEMM
         ops.grad_input(dy, p + "self_attn.qkv_proj", d.dh)
         g = ops.rmsnorm_backward(a.x, p + "input_layernorm.weight", d.dh, a.rstd1, dx=d.g, residual=True)

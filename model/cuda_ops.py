@@ -61,21 +61,11 @@ class Ops:
         spec = self.k.to_bf16
         self._add(spec, spec.launch_dims(count), dst, src=src, dst=dst, n=count)
 
-    def operand(self, x: View, copy: View | None) -> View:
-        """``x`` as the GEMMs read it: itself (fp32), or cast into its bf16 ``copy``."""
-        if copy is None:
-            return x
-        self.cast(x, copy, x.size)
-        return copy
-
-    def grad_operand(self, dy: View) -> View:
-        """An output gradient as the GEMMs read it: itself (fp32), or cast into
-        the one bf16 scratch the backward's output gradients share."""
-        if not self.bf16:
-            return dy
-        scratch = self._dy16
-        self.cast(dy, scratch, dy.size)
-        return View(dy.name + "[bf16]", scratch.ptr, dy.shape, "bf16")
+    def grad_copy(self, dy: View) -> View | None:
+        """Where output gradient ``dy`` is, as the GEMMs read it, written beside it by the kernels
+        that make it: the one bf16 scratch the backward's output gradients share, in dy's shape
+        (bf16); None where the GEMMs read dy itself (fp32)."""
+        return View(dy.name + "[bf16]", self._dy16.ptr, dy.shape, "bf16") if self.bf16 else None
 
     def _linear(self, module: str) -> LinearKernels:
         return self.k.linear(module)
@@ -133,26 +123,29 @@ class Ops:
         self._gemm(spec, f"{module} forward", x, w.operand, out, x.shape[0], d_out, d_in,
                    bias=bias.value if bias is not None else None, stats=stats)
 
-    def rope(self, x: Arg | Columns, positions: View, heads: int, out: Arg | Columns, inverse: bool = False) -> None:
+    def rope(self, x: Arg | Columns, positions: View, heads: int, out: Arg | Columns, inverse: bool = False,
+             copy: View | None = None) -> None:
         """RoPE on ``tokens`` rows of ``heads`` heads, from ``x`` into ``out`` (either may be
         columns of a wider buffer; bf16 precision's forward: the attention's bf16 operand).
-        ``inverse``: its backward."""
+        ``inverse``: its backward; ``copy``: the bf16 copy of out's whole view (``grad_copy``), whose
+        same columns it also writes."""
         k = self.k
         if heads == k.rope_q.heads:
             spec = k.rope_q_bwd if inverse else k.rope_q
         else:
             spec = k.rope_k_bwd if inverse else k.rope_k
         (x, x_stride), (y, y_stride) = (Columns.of(a, heads * spec.head_dim) for a in (x, out))
-        args = spec.arguments(x, y, positions, self.T, x_stride, y_stride)
+        args = spec.arguments(x, y, positions, self.T, x_stride, y_stride, y16=_copy_of(out, copy, heads * spec.head_dim))
         self._add(spec, spec.launch_dims(self.T), y, **_named(spec, args))
 
-    def copy_columns(self, src: Arg | Columns, out: Arg | Columns, width: int, backward: bool = False) -> None:
+    def copy_columns(self, src: Arg | Columns, out: Arg | Columns, width: int, backward: bool = False,
+                     copy: View | None = None) -> None:
         """``tokens`` rows of ``width`` elements from ``src`` to ``out`` (either may be columns of a
         wider buffer): v out of the fused projection's rows, as the attention reads it (bf16
-        precision: the cast), or (``backward``) dv into its gradient's."""
+        precision: the cast), or (``backward``) dv into its gradient's (``copy``: as ``rope``'s)."""
         spec = self.k.dv_copy if backward else self.k.v_copy
         (src, src_stride), (dst, dst_stride) = (Columns.of(a, width) for a in (src, out))
-        args = spec.arguments(src, dst, self.T, width, src_stride, dst_stride)
+        args = spec.arguments(src, dst, self.T, width, src_stride, dst_stride, dst16=_copy_of(out, copy, width))
         self._add(spec, spec.launch_dims(self.T * width), dst, **_named(spec, args))
 
     def attention(self, q: View, k: Arg, v: Arg, out: View, lse: View, batch: int, seq: int,
@@ -327,6 +320,14 @@ class Columns:
         assert arg.width == row and arg.start + arg.width <= stride, (view.name, arg.start, arg.width, row, stride)
         name = f"{view.name}[:, {arg.start}:{arg.start + arg.width}]"
         return View(name, view.ptr + arg.start * size, (rows * stride - arg.start,), view.dtype), stride
+
+
+def _copy_of(out: Arg | Columns, copy: View | None, width: int) -> Arg | None:
+    """The columns of bf16 ``copy`` that ``out`` is of its own view (None: no copy)."""
+    if copy is None:
+        return None
+    assert isinstance(out, Columns) and copy.shape == out.view.shape, (copy.name, copy.shape)
+    return Columns.of(Columns(copy, out.start, out.width), width)[0]
 
 
 def _named(spec: KernelSpec, args: tuple[Arg, ...]) -> dict[str, Arg]:

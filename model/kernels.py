@@ -173,22 +173,23 @@ class ModelKernels:
         else:  # a row over lanes threads: about 32 of its values per thread (64 -> 2 lanes, 128 -> 4)
             attention = tuple(cls(**attn, lanes=_lanes(d))
                               for cls in (AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec))
+        bf16 = precision is Precision.BF16
         # bf16: the norms write the GEMMs' bf16 operand themselves (their f32 output is read by nothing else)
-        norm = RMSNormSpec(hidden=h, eps=c.rms_norm_eps, save_rstd=True, bf16_out=precision is Precision.BF16)
+        norm = RMSNormSpec(hidden=h, eps=c.rms_norm_eps, save_rstd=True, bf16_out=bf16)
         partial = GradNormPartialSpec()
         linear = functools.partial(LinearKernels.of, precision=precision)
-        gemm_operand = DType.BF16 if precision is Precision.BF16 else DType.F32
+        gemm_operand = DType.BF16 if bf16 else DType.F32
         # a SwiGLU thread's elements stay in one row of intermediate_size: 16 bytes where it divides
         swiglu_vec = vector_width(c.intermediate_size, gemm_operand)
         swiglu_vec = 0 if swiglu_vec == 16 // gemm_operand.size else swiglu_vec
         head = linear(h, c.vocab_size)
-        stats_block = WGMMA_TILE["block_n"] if precision is Precision.BF16 else 0
+        stats_block = WGMMA_TILE["block_n"] if bf16 else 0
         return cls(
             embed=EmbeddingSpec(dim=h), embed_bwd=EmbeddingBackwardSpec(dim=h, accumulate=c.tie_word_embeddings),
             norm=norm, norm_residual=dataclasses.replace(norm, residual=True),
             # bf16: the norms' backward also writes dx in bf16, the next GEMMs' operand
-            norm_bwd=RMSNormBackwardSpec(hidden=h, bf16_copy=precision is Precision.BF16),
-            norm_bwd_residual=RMSNormBackwardSpec(hidden=h, residual=True, bf16_copy=precision is Precision.BF16),
+            norm_bwd=RMSNormBackwardSpec(hidden=h, bf16_copy=bf16),
+            norm_bwd_residual=RMSNormBackwardSpec(hidden=h, residual=True, bf16_copy=bf16),
             qkv=linear(h, q_dim + 2 * kv_dim, bias=c.qkv_bias),
             # gate and up as one GEMM ([gate; up] weights); bf16: stored in bf16, as SwiGLU and its backward read them
             # bf16: the attention output's gradient stored in bf16, as the attention backward reads it
@@ -196,11 +197,14 @@ class ModelKernels:
             down=linear(c.intermediate_size, h), head=head,
             head_logits=dataclasses.replace(head.forward, row_stats=True) if stats_block else None,
             # bf16: RoPE writes the attention's bf16 q and k itself (its f32 output is read by nothing else)
-            rope_q=RopeSpec(heads=c.num_heads, bf16_out=precision is Precision.BF16, strided=True, **rope),
-            rope_k=RopeSpec(heads=c.num_kv_heads, bf16_out=precision is Precision.BF16, strided=True, **rope),
-            rope_q_bwd=RopeSpec(heads=c.num_heads, inverse=True, strided=True, **rope),
-            rope_k_bwd=RopeSpec(heads=c.num_kv_heads, inverse=True, strided=True, **rope),
-            v_copy=CastSpec(dst=gemm_operand, strided=True), dv_copy=CastSpec(dst=DType.F32, strided=True),
+            rope_q=RopeSpec(heads=c.num_heads, bf16_out=bf16, strided=True, **rope),
+            rope_k=RopeSpec(heads=c.num_kv_heads, bf16_out=bf16, strided=True, **rope),
+            # bf16: the backward's dq, dk and dv also land in the GEMMs' bf16 copy of their gradient
+            # (the f32 one is the bias's column sum's): no cast of the whole of it
+            rope_q_bwd=RopeSpec(heads=c.num_heads, inverse=True, strided=True, bf16_copy=bf16, **rope),
+            rope_k_bwd=RopeSpec(heads=c.num_kv_heads, inverse=True, strided=True, bf16_copy=bf16, **rope),
+            v_copy=CastSpec(dst=gemm_operand, strided=True),
+            dv_copy=CastSpec(dst=DType.F32, strided=True, bf16_copy=bf16),
             attention=attention[0], attention_bwd_q=attention[1], attention_bwd_kv=attention[2],
             swiglu=SwiGLUSpec(dtype=gemm_operand, out_dtype=gemm_operand, vec=swiglu_vec),
             swiglu_bwd=SwiGLUBackwardSpec(dtype=gemm_operand, out_dtype=gemm_operand, vec=swiglu_vec),
@@ -210,9 +214,9 @@ class ModelKernels:
             grad_norm_final=GradNormFinalSpec(partials=partial.blocks),
             # bf16: the step on the matrices writes their bf16 copy too (no separate refresh pass)
             adamw_decay=AdamWSpec(beta1=adamw.beta1, beta2=adamw.beta2, eps=adamw.eps,
-                                  weight_decay=adamw.weight_decay, bf16_copy=precision is Precision.BF16),
+                                  weight_decay=adamw.weight_decay, bf16_copy=bf16),
             adamw_no_decay=AdamWSpec(beta1=adamw.beta1, beta2=adamw.beta2, eps=adamw.eps, weight_decay=0.0),
-            to_bf16=CastSpec() if precision is Precision.BF16 else None)
+            to_bf16=CastSpec() if bf16 else None)
 
     def __post_init__(self) -> None:
         # the cross-entropy reads, tile for tile, the statistics the loss's LM head writes

@@ -230,7 +230,7 @@ class _Flash:
         b, spec = self.b, self.spec
         for h in range(2):
             l_row = warp_allreduce(b, l_part[h], "add", 4)
-            inv = b.fn("rcp", l_row, "rn")
+            inv = b.fn("rcp", l_row)  # approx: rcp.rn's slow path is a call, and a call serializes wgmma
             valid = b.setp("lt", rows[h], seq)
             out = b.add(self.row_ptr("o", seq, rows[h], spec.heads, head), b.mul_wide(self.quad, 4))
             for j, acc in enumerate(o):

@@ -53,6 +53,7 @@ class RopeSpec(KernelSpec):
     bf16_out: bool = False  # y in bf16 whatever the storage of x: the attention's operand, written as it reads it
     strided: bool = False   # rows of x and y are x_stride / y_stride elements apart (runtime), not heads x head_dim:
     #                         q or k read from (or the backward's written into) the fused q/k/v projection's rows
+    bf16_copy: bool = False  # y also in bf16, into y16 at y's indices: the backward's gradient as the GEMMs read it
 
     def validate(self) -> None:
         check_positive("heads", self.heads)
@@ -67,6 +68,8 @@ class RopeSpec(KernelSpec):
             # kernel's f64 reduction modulo 2 pi covers for every int32 position
             raise SpecError(f"theta must be in [1, 2**1000], got {self.theta!r}")
         check_block_size(self.block_size)
+        if self.bf16_copy and (self.bf16_out or self.dtype is DType.BF16):
+            raise SpecError("rope: bf16_copy is a bf16 copy of an f32 y (here y is already bf16)")
 
     @property
     def vec(self) -> int:
@@ -80,25 +83,28 @@ class RopeSpec(KernelSpec):
             raise ValueError(f"{n_tokens} tokens x {self.heads} heads overflow the kernel's 32-bit index")
         return max(1, -(-threads // self.block_size)), self.block_size
 
-    def arguments(self, x: int, y: int, positions: int, n_tokens: int, x_stride: int, y_stride: int
-                  ) -> tuple[int, ...]:
+    def arguments(self, x: int, y: int, positions: int, n_tokens: int, x_stride: int, y_stride: int,
+                  y16: int | None = None) -> tuple[int, ...]:
         """A strided RoPE's arguments: each stride a multiple of the vector (aligned accesses) and
-        at least a row of heads x head_dim."""
+        at least a row of heads x head_dim; ``y16``: a bf16_copy's (rows y_stride elements apart)."""
         if not self.strided:
             raise ValueError("rope: strides are a strided RoPE's arguments")
+        if (y16 is not None) != self.bf16_copy:
+            raise ValueError(f"rope: y16 {'needs' if y16 is not None else 'is required by'} bf16_copy")
         if any(s % self.vec or s < self.heads * self.head_dim for s in (x_stride, y_stride)):
             raise ValueError(f"rope: strides must be multiples of {self.vec} of at least heads x head_dim = "
                              f"{self.heads * self.head_dim}, got {x_stride}, {y_stride}")
         if n_tokens * max(x_stride, y_stride) >= 2**32:
             raise ValueError(f"rope: {n_tokens} rows of {max(x_stride, y_stride)} overflow the kernel's 32-bit index")
-        return x, y, positions, n_tokens, x_stride, y_stride
+        return (x, y) + ((y16,) if y16 is not None else ()) + (positions, n_tokens, x_stride, y_stride)
 
     def params(self) -> tuple[tuple[str, T], ...]:
         strides = (("x_stride", T.U32), ("y_stride", T.U32)) if self.strided else ()
-        return (("x", T.U64), ("y", T.U64), ("positions", T.U64), ("n_tokens", T.U32)) + strides
+        copy = (("y16", T.U64),) if self.bf16_copy else ()
+        return (("x", T.U64), ("y", T.U64)) + copy + (("positions", T.U64), ("n_tokens", T.U32)) + strides
 
     def outputs(self) -> tuple[str, ...]:
-        return ('y',)
+        return ('y', 'y16') if self.bf16_copy else ('y',)
 
     def build(self, b: KernelBuilder) -> None:
         half, vec, size = self.head_dim // 2, self.vec, self.dtype.size
@@ -127,6 +133,9 @@ class RopeSpec(KernelSpec):
             x_elem = y_elem = b.mad(token, self.heads * self.head_dim, i0)
         out = DType.BF16 if self.bf16_out else self.dtype
         src, dst = offset(b, x, x_elem, size), offset(b, y, y_elem, out.size)
+        targets = [(dst, out)]
+        if self.bf16_copy:
+            targets.append((offset(b, b.cvta_global(b.ld_param("y16")), y_elem, 2), DType.BF16))
         # Loads of a batch of heads go first: y may alias x (in-place), so ptxas cannot hoist
         # a head's loads above the previous head's stores by itself.
         batch = max(1, MAX_VALUES_IN_FLIGHT // (2 * vec))
@@ -138,8 +147,9 @@ class RopeSpec(KernelSpec):
             for h, (x1, x2) in xs.items():
                 y1 = [b.fma(a, c, b.neg(b.mul(z, s_))) for a, z, c, s_ in zip(x1, x2, cos, sin)]
                 y2 = [b.fma(a, s_, b.mul(z, c)) for a, z, c, s_ in zip(x1, x2, cos, sin)]
-                store_f32(b, out, Addr(dst, h * self.head_dim * out.size), y1)
-                store_f32(b, out, Addr(dst, (h * self.head_dim + half) * out.size), y2)
+                for at_y, dt in targets:
+                    store_f32(b, dt, Addr(at_y, h * self.head_dim * dt.size), y1)
+                    store_f32(b, dt, Addr(at_y, (h * self.head_dim + half) * dt.size), y2)
         b.place(done)
 
     @classmethod
@@ -150,7 +160,8 @@ class RopeSpec(KernelSpec):
                 cls(heads=2, head_dim=64, theta=1e6, dtype=DType.BF16, inverse=True),
                 cls(heads=14, head_dim=64, theta=1e6, bf16_out=True),
                 cls(heads=2, head_dim=64, theta=1e6, bf16_out=True, strided=True),
-                cls(heads=14, head_dim=64, theta=1e6, inverse=True, strided=True)]
+                cls(heads=14, head_dim=64, theta=1e6, inverse=True, strided=True),
+                cls(heads=2, head_dim=64, theta=1e6, inverse=True, strided=True, bf16_copy=True)]
 
 
 def rope_reference(x: np.ndarray, positions: np.ndarray, theta: float, inverse: bool = False) -> np.ndarray:
