@@ -4,6 +4,8 @@
 pytest); errors print one per line and exit 2. ``check`` runs the bound tests and the
 planted-defect tests and prints one row per falsifier: discharged, falsified, or not run (needs a
 GPU); it exits 1 when any falsifier that could run was falsified (or its planted defect went unseen).
+``check --gpu-only`` runs only the falsifiers that need a GPU: the GPU machine's share, where the
+CPU ones (CI's, minutes of interpreted kernels) would not fit a timed call.
 """
 from __future__ import annotations
 
@@ -70,12 +72,18 @@ def cmd_validate(root: Path, directory: Path) -> int:
     return 0 if _validated(root, directory) is not None else 2
 
 
-def cmd_check(root: Path, directory: Path) -> int:
+def to_run(falsifiers: Sequence[Falsifier], gpu_only: bool) -> list[Falsifier]:
+    """The falsifiers a check runs: every one, or (``gpu_only``) those that need a GPU."""
+    return [f for f in falsifiers if f.gpu or not gpu_only]
+
+
+def cmd_check(root: Path, directory: Path, gpu_only: bool = False) -> int:
     c = _validated(root, directory)
     if c is None:
         return 2
-    results = outcomes(root, [n for f in c.falsifiers for n in (f.test, *f.planted)])
-    rows = [(f, verdict(f, results)) for f in c.falsifiers]
+    run = {f.id for f in to_run(c.falsifiers, gpu_only)}
+    results = outcomes(root, [n for f in c.falsifiers if f.id in run for n in (f.test, *f.planted)])
+    rows = [(f, verdict(f, results) if f.id in run else "not run (--gpu-only: CI's)") for f in c.falsifiers]
     print(f"\n  {'falsifier':<18} {'contract':<26} {'gpu':<4} {'release':<8} verdict")
     for f, v in rows:
         print(f"  {f.id:<18} {f.contract:<26} {'yes' if f.gpu else 'no':<4} {'blocks' if f.blocks_release else '-':<8} {v}")
@@ -89,8 +97,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("command", choices=("validate", "check"))
     p.add_argument("--root", type=Path, default=HERE.parent, help="the repository (holds tests/)")
     p.add_argument("--dir", type=Path, default=HERE, help="the contract files (default: this package)")
+    p.add_argument("--gpu-only", action="store_true",
+                   help="check: run only the falsifiers that need a GPU (CI discharges the others)")
     ns = p.parse_args(argv)
     if not (ns.root / "tests").is_dir():
         print(f"contracts: error: {ns.root} has no tests/ directory; pass --root", file=sys.stderr)
         return 2
-    return (cmd_validate if ns.command == "validate" else cmd_check)(ns.root, ns.dir)
+    if ns.command == "validate":
+        return cmd_validate(ns.root, ns.dir)
+    return cmd_check(ns.root, ns.dir, ns.gpu_only)

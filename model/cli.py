@@ -552,7 +552,7 @@ USAGE = """
         [--precision fp32|bf16] [--out DIR] [--resume] [--save-dtype fp32|bf16] [--gpus N] ...
   generate --checkpoint DIR --prompt TEXT [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R]
            [--max-new-tokens N] [--precision P]
-  contracts validate|check [--root REPO]
+  contracts validate|check [--root REPO] [--gpu-only]
   cache [--cache-dir DIR] ls | show KEY | diff KEY KEY"""
 
 

@@ -6,7 +6,7 @@ import yaml
 
 from contracts.runner import main
 from contracts.schema import Falsifier, load, missing_tests
-from contracts.runner import verdict
+from contracts.runner import to_run, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {
@@ -58,6 +58,13 @@ def test_duplicate_contract_ids_across_files_are_rejected(tmp_path):
 def test_parametrized_tests_count_by_name():
     f = Falsifier("FALSIFY-X-001", "c", "r", "p", "tests/t.py::test_a", ("tests/t.py::test_b",), "exact", False, True)
     assert missing_tests([f], {"tests/t.py::test_a[1-2]", "tests/t.py::test_b"}) == []
+
+
+def test_gpu_only_runs_just_the_falsifiers_that_need_a_gpu():
+    cpu, gpu = (Falsifier(f"FALSIFY-X-00{i}", "c", "r", "p", "tests/t.py::a", (), "exact", g, True)
+                for i, g in ((1, False), (2, True)))
+    assert to_run([cpu, gpu], gpu_only=True) == [gpu]
+    assert to_run([cpu, gpu], gpu_only=False) == [cpu, gpu]
 
 
 @pytest.mark.parametrize("test, planted, gpu, expected", [
