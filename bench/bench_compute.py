@@ -29,7 +29,7 @@ from ptxgen.kernels.gemm_tc import GemmTCSpec, MmaType
 from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
 from ptxgen.spec import SpecError
 from runtime import ModuleCache
-from runtime.tensormap import gemm_tensor_maps
+from runtime.tensormap import gemm_c_tensor_map, gemm_tensor_maps
 
 TOKENS = 16384  # Qwen2-0.5B layer shapes: M = batch * seq tokens
 LAYERS = [("qkv (q, k and v as one)", 896, 1152), ("o_proj", 896, 896),
@@ -65,13 +65,17 @@ LAYOUT_NAMES = {(False, True): "NT", (False, False): "NN", (True, False): "TN", 
 def time_gemm(cache: ModuleCache, spec: GemmTCSpec | GemmWgmmaSpec, a: torch.Tensor, b: torch.Tensor,
               c: torch.Tensor, m: int, n: int, k: int, **arguments: int) -> float:
     """Milliseconds of one launch of ``spec`` on A, B into C (``arguments``: its other pointers, say
-    ``stats``). A tma kernel reads the operands through tensor maps, and its blocks persist."""
+    ``stats``). A tma kernel reads the operands through tensor maps (and, ``tma_store``, writes C
+    through one), and its blocks persist."""
     maps = gemm_tensor_maps(spec, a.data_ptr(), b.data_ptr(), m, n, k) if spec.tma else ()
+    if spec.tma_store:
+        maps = (*maps, gemm_c_tensor_map(spec, c.data_ptr(), m, n))
     try:
-        operands = tuple(x.ptr for x in maps) or (a.data_ptr(), b.data_ptr())
+        operands = tuple(x.ptr for x in maps[:2]) or (a.data_ptr(), b.data_ptr())
+        c_arg = maps[2].ptr if spec.tma_store else c.data_ptr()
         kernel = cache.get(spec)
         dims = spec.launch_dims(m, n, resident=kernel.resident_blocks(spec.threads))
-        return time_ms(kernel.bind(*dims, *spec.arguments(*operands, c.data_ptr(), m, n, k, **arguments)),
+        return time_ms(kernel.bind(*dims, *spec.arguments(*operands, c_arg, m, n, k, **arguments)),
                        reps=10, warmup=2)
     finally:
         for x in maps:
@@ -262,7 +266,8 @@ def attention_tc(cache: ModuleCache, rows: list, bsz: int, s: int, h: int, hkv: 
 
 def k_sweep(cache: ModuleCache, m: int = 8192, n: int = 9728) -> None:
     """Where the model's GEMM loses to cuBLAS on short contractions: the gate/up forward's M and N
-    (its K is 896) over K from 128 to 8192, ours (the model's tile, f32 and bf16 C) beside cuBLAS;
+    (its K is 896) over K from 128 to 8192, ours (the model's tile, f32 C, and bf16 C through TMA
+    stores, each as the model stores it) beside cuBLAS;
     then a least-squares line through our time per tile on one SM against the tile's K slices:
     its intercept is what every tile costs whatever its K (epilogue, hand-over, pipeline start),
     its slope the time a slice takes against the tensor cores' own (a tile's FLOP of one slice at
@@ -279,7 +284,7 @@ def k_sweep(cache: ModuleCache, m: int = 8192, n: int = 9728) -> None:
             a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
             c = torch.empty(m, n, device="cuda", dtype=torch.bfloat16 if bf16_out else torch.float32)
-            spec = dataclasses.replace(tile, bf16_out=bf16_out)
+            spec = dataclasses.replace(tile, bf16_out=bf16_out, tma_store=bf16_out)  # as the model stores each
             ms = time_gemm(cache, spec, a, b, c, m, n, k)
             theirs = time_ms(lambda: torch.matmul(a, b.t()), reps=10, warmup=2)
             per_tile = ms * 1e3 / (tiles / sms)

@@ -18,7 +18,7 @@ from ptxgen.spec import KernelSpec
 from runtime import View
 from runtime.memory import DTYPES
 from runtime.plan import Arg, Expr, Plan, Step
-from runtime.tensormap import gemm_tensor_maps
+from runtime.tensormap import gemm_c_tensor_map, gemm_tensor_maps
 
 from .config import ModelConfig
 from .cuda_buffers import Arena, Params
@@ -81,6 +81,9 @@ class Ops:
         if isinstance(spec, GemmWgmmaSpec) and spec.tma:
             operands = {"tmap_a": a, "tmap_b": b}
             a, b = (self.plan.keep(x) for x in gemm_tensor_maps(spec, a.ptr, b.ptr, m, n, k * splits))
+            if spec.tma_store:  # C too is written through a tensor map, which stands for the C view
+                assert isinstance(c, View), c
+                operands["c"], c = c, self.plan.keep(gemm_c_tensor_map(spec, c.ptr, m, n, splits=splits))
             dims = spec.launch_dims(m, n, splits, resident=kernel.resident_blocks(spec.threads))
         else:
             dims = spec.launch_dims(m, n, splits)

@@ -723,6 +723,23 @@ class KernelBuilder:
                self._op(ins, x, T.S32, "x"), self._op(ins, y, T.S32, "y"), self._op(ins, bar, T.U32, "barrier")]
         self._emit(f"{ins} [{ops[0]}], [{ops[1]}, {{{ops[2]}, {ops[3]}}}], [{ops[4]}]", guard)
 
+    def tma_store_3d(self, tensor_map: Reg, x: Reg, y: Reg, z: Reg, src: Reg, guard: GuardLike = None) -> None:
+        """The box of ``tensor_map`` at element coordinates (x innermost, y, z) from shared ``src``
+        to global memory, in this thread's bulk group; elements past the tensor's edges are not written."""
+        ins = "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group"
+        ops = [self._op(ins, tensor_map, T.U64, "tensor map"), self._op(ins, x, T.S32, "x"),
+               self._op(ins, y, T.S32, "y"), self._op(ins, z, T.S32, "z"), self._op(ins, src, T.U32, "shared address")]
+        self._emit(f"{ins} [{ops[0]}, {{{ops[1]}, {ops[2]}, {ops[3]}}}], [{ops[4]}]", guard)
+
+    def bulk_commit(self, guard: GuardLike = None) -> None:
+        """Close this thread's bulk group of the bulk copies issued since the last."""
+        self._emit("cp.async.bulk.commit_group", guard)
+
+    def bulk_wait(self, pending: int = 0, read: bool = False, guard: GuardLike = None) -> None:
+        """Wait until at most ``pending`` of this thread's bulk groups are outstanding (``read``: have
+        not yet read their shared memory source, so it may be overwritten)."""
+        self._emit(f"cp.async.bulk.wait_group{'.read' if read else ''} {pending}", guard)
+
     def shfl(self, mode: str, value: Reg, b: Operand, c: int = 0x1F,
              membermask: int = 0xFFFFFFFF) -> Reg:
         if mode not in ("up", "down", "bfly", "idx"):

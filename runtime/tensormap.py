@@ -39,6 +39,25 @@ def tiled_tensor_map(ptr: int, rows: int, cols: int, row_stride: int, dtype: Mma
     return DeviceArray.from_numpy(np.array(tensor_map.opaque, dtype=np.uint64).view(np.uint8))
 
 
+def gemm_c_tensor_map(spec, c: int, m: int, n: int, ldc: int | None = None, splits: int = 1) -> DeviceArray:
+    """The tensor map a ``tma_store`` GEMM spec stores C at ``c`` through: ``splits`` consecutive
+    [m, ldc] matrices of its C type (f32 or bf16), written in boxes of [64 rows][128 bytes] from its
+    128-byte swizzled staging; the copy unit leaves everything past n and m alone."""
+    size = spec.c_dtype.size
+    ldc = n if ldc is None else ldc
+    if (ldc * size) % 16 or c % 16:
+        raise ValueError(f"C's tensor map needs 16-byte aligned rows: ldc {ldc} x {size} bytes")
+    u64, u32 = cu.cuuint64_t, cu.cuuint32_t
+    dtype = (cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT32 if size == 4
+             else cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16)
+    tensor_map = call("cuTensorMapEncodeTiled", dtype, u32(3), c, [u64(n), u64(m), u64(splits)],
+                      [u64(ldc * size), u64(m * ldc * size)], [u32(SWIZZLE_ROW // size), u32(64), u32(1)],
+                      [u32(1), u32(1), u32(1)], cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+                      _SWIZZLES[SWIZZLE_ROW], cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                      cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+    return DeviceArray.from_numpy(np.array(tensor_map.opaque, dtype=np.uint64).view(np.uint8))
+
+
 def gemm_tensor_maps(spec, a: int, b: int, m: int, n: int, k: int, lda: int | None = None,
                      ldb: int | None = None) -> tuple[DeviceArray, DeviceArray]:
     """The tensor maps a TMA-fed GEMM spec (``gemm_wgmma`` with ``tma``) reads A at ``a`` and B at

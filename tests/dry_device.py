@@ -76,4 +76,5 @@ def dry_device(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int]
     monkeypatch.setattr(launch, "_cuLaunchKernel", lambda *args: (0,))  # launched: nothing runs
     monkeypatch.setattr("model.cuda_ops.gemm_tensor_maps",
                         lambda spec, a, b, *rest: (memory.DeviceArray(128, "u8"), memory.DeviceArray(128, "u8")))
+    monkeypatch.setattr("model.cuda_ops.gemm_c_tensor_map", lambda spec, c, *rest, **kw: memory.DeviceArray(128, "u8"))
     yield allocations

@@ -199,9 +199,13 @@ def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None):
         if spec.row_stats else None
     extra += [stats] if stats is not None else []
     maps = gemm_tensor_maps(spec, arrays[0].ptr, arrays[1].ptr, m, n, k * splits)
+    if spec.tma_store:  # C is stored through its own tensor map
+        from runtime.tensormap import gemm_c_tensor_map
+        maps = (*maps, gemm_c_tensor_map(spec, arrays[2].ptr, m, n, splits=splits))
     try:
         cache.get(spec)(*spec.launch_dims(m, n, splits, resident=resident),
-                        *spec.arguments(maps[0].ptr, maps[1].ptr, arrays[2].ptr, m, n, k,
+                        *spec.arguments(maps[0].ptr, maps[1].ptr, maps[2].ptr if spec.tma_store else arrays[2].ptr,
+                                        m, n, k,
                                         bias=extra[0].ptr if spec.bias else None, splits=splits,
                                         **({"stats": stats.ptr} if stats is not None else {})))
         synchronize()
@@ -302,6 +306,27 @@ def test_wgmma_gemm_row_stats_are_each_tiles_max_and_sum_of_exp(cache, fields, s
     assert stats.shape == ref_stats.shape
     np.testing.assert_array_equal(stats[..., 0], ref_stats[..., 0])
     np.testing.assert_allclose(stats[..., 1], ref_stats[..., 1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("fields, shape, splits, resident", [
+    (dict(bf16_out=True), (300, 520, 1000), 1, 5),           # the gate/up forward's: ragged rows and columns
+    (dict(bias=True, stages=5), (77, 136, 40), 1, None),     # f32 with bias, one tile
+    (dict(stages=5), (1000, 4864, 896), 1, 7),               # the LM head's / down's shape, many tiles a block
+    (dict(trans_a=True, trans_b=False, stages=5), (200, 136, 192), 4, 5)])  # a split dW: [splits][m][n]
+def test_tma_store_writes_c_bit_for_bit_as_the_threads_do(cache, fields, shape, splits, resident):
+    """``tma_store``: C staged in shared memory (128-byte swizzle) and written by TMA bulk tensor
+    stores, bit for bit what the pingpong kernel's threads store, nothing past m or n written."""
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    base = dict(tma=True, pingpong=True, block_n=128, stages=6)
+    plain_spec = GemmWgmmaSpec(**{**base, **fields})
+    m, n, k = shape
+    operands = tma_operands(plain_spec, m, n, k, splits)
+    plain, ref = run_tma(cache, plain_spec, m, n, k, splits=splits, resident=resident, operands=operands)
+    staged, _ = run_tma(cache, GemmWgmmaSpec(**{**base, **fields, "tma_store": True}), m, n, k, splits=splits,
+                        resident=resident, operands=operands)
+    if not plain_spec.bf16_out:
+        assert_close(plain, ref)
+    np.testing.assert_array_equal(staged, plain)
 
 
 def test_the_lm_heads_row_stats_feed_the_cross_entropy(cache):

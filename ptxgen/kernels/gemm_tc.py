@@ -157,10 +157,15 @@ class TensorCoreGemm:
     def stage_bytes(self) -> int:  # a slice of A then one of B
         return (self.block_m + self.block_n) * self.k_elems * self.dtype.bytes
 
+    def staging_bytes(self) -> int:
+        """Shared memory the consumers stage C in before a TMA store (``tma_store``): a 64-row
+        half tile each of the two warpgroups."""
+        return 2 * 64 * self.block_n * self.c_dtype.size if self.tma_store else 0
+
     def dynamic_shared_bytes(self) -> int:
-        # with tma, a stage's two mbarriers after the stages: static shared memory would move the
-        # dynamic base off the alignment the swizzled tiles need (SWIZZLE_ATOM)
-        return self.stages * (self.stage_bytes + (2 * MBARRIER_BYTES if self.tma else 0))
+        # with tma, a stage's two mbarriers after the stages (and C's staging): static shared memory
+        # would move the dynamic base off the alignment the swizzled tiles need (SWIZZLE_ATOM)
+        return self.stages * (self.stage_bytes + (2 * MBARRIER_BYTES if self.tma else 0)) + self.staging_bytes()
 
     def params(self) -> tuple[tuple[str, T], ...]:
         if self.tma:
@@ -226,6 +231,9 @@ class TensorCoreGemm:
                 raise ValueError(f"{name}: {what}={value} is not a multiple of {chunk}")
         if n % 2 or ldc % 2 or strides[6] % 2 or strides[7] % 2:
             raise ValueError(f"{name}: N={n}, ldc={ldc} and C's batch strides must be even (C is stored in pairs)")
+        if self.tma_store and (ldc * self.c_dtype.size) % 16:
+            raise ValueError(f"{name}: a TMA store's C rows must be 16-byte aligned: ldc={ldc} x {self.c_dtype.size} "
+                             "bytes")
         ptrs = (a, b, c) + ((bias,) if self.bias else ()) + ((stats,) if stats is not None else ())
         if self.tma:
             return (*ptrs, m, n, k, ldc, splits)
@@ -285,6 +293,7 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
     tma: ClassVar[bool] = False
     bf16_out: ClassVar[bool] = False  # C is f32 (a bf16 C is the wgmma kernel's)
     row_stats: ClassVar[bool] = False  # the wgmma kernel's
+    tma_store: ClassVar[bool] = False  # the wgmma kernel's
 
     @property
     def threads(self) -> int:

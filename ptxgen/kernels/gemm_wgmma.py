@@ -42,6 +42,7 @@ from ..builder import Addr, KernelBuilder, Reg, T
 from ..exact import LOG2E_F32
 from ..hw import DESCRIPTOR_SWIZZLE, SHARED_LIMIT, SWIZZLE_ATOM, SWIZZLE_ROW, MmaType
 from ..reductions import tree_sum, warp_allreduce
+from ..vecio import DType, load_f32
 from ..registry import register
 from ..spec import KernelSpec, SpecError, Target
 from .common import MAX_LOOP_BOUND, check_at_most, check_positive
@@ -83,6 +84,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
     pingpong: bool = False  # tma, 2 warpgroups: each takes whole tiles in turn (else both share each tile)
     bf16_out: bool = False  # C stored in bf16, rounded to nearest even: a next kernel's bf16 operand
     row_stats: bool = False  # also each tile's (max, sum of exp(c - max)) per row: a softmax's first pass
+    tma_store: bool = False  # pingpong: C leaves through shared memory by TMA stores (``c`` is its tensor map)
 
     block_k: ClassVar[int] = BLOCK_K
     m_tiles: ClassVar[int] = 1  # per warp: 16 rows of the m64 tile ...
@@ -129,6 +131,8 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         if self.row_stats and (self.accumulate or self.bias or self.bf16_out or not self.tma):
             raise SpecError("gemm_wgmma: row_stats needs tma and the plain f32 product (no accumulate, bias or "
                             "bf16_out: the statistics are of the C stored)")
+        if self.tma_store and (not self.pingpong or self.accumulate or self.row_stats):
+            raise SpecError("gemm_wgmma: tma_store is the pingpong kernel's, storing C (no accumulate, no row_stats)")
         if any(self.mn_major) and self.dtype is MmaType.TF32:
             raise SpecError("gemm_wgmma: tf32 operands must be stored with K contiguous (A [M, K], B [N, K])")
         if self.dynamic_shared_bytes() > SHARED_LIMIT:
@@ -167,6 +171,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         halves = [([b.reg(T.F32) for _ in range(self.block_n // 2)], h * 64 * SWIZZLE_ROW) for h in range(2)]
         mainloop = _Mainloop(self, p)
         stats = b.cvta_global(b.ld_param("stats")) if self.row_stats else None
+        staged = StagedStore(self, b, p, group, b.and_(tid, 127)) if self.tma_store else None
         turns = b.div(b.add(b.sub(p.mine, group), 1), 2)  # tiles group, group + 2, ... below mine
         mine_wait, other_go = b.sub(2, group), b.add(group, 1)  # barrier ids: 2 or 1, 1 or 2
         with b.loop(turns, "turn") as t:
@@ -183,7 +188,12 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
             b.bar_arrive(other_go, 256)
             b.place(done)
             for h, (acc, _) in enumerate(halves):
-                store(self, b, acc, p.split_c(split), p.m, p.n, b.add(row0, 64 * h), col0, warp, lane, stats)
+                if staged is not None:
+                    staged.store(acc, b.add(row0, 64 * h), col0, split, warp, lane)
+                else:
+                    store(self, b, acc, p.split_c(split), p.m, p.n, b.add(row0, 64 * h), col0, warp, lane, stats)
+        if staged is not None:
+            staged.finish()
 
     @classmethod
     def examples(cls) -> list["GemmWgmmaSpec"]:
@@ -195,7 +205,10 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                 cls(tma=True, pingpong=True, block_n=128, stages=6, trans_a=True, trans_b=False),
                 cls(tma=True, pingpong=True, block_n=128, stages=6, bf16_out=True),
                 cls(tma=True, block_n=128, bias=True, bf16_out=True),
-                cls(tma=True, pingpong=True, block_n=128, stages=6, row_stats=True)]
+                cls(tma=True, pingpong=True, block_n=128, stages=6, row_stats=True),
+                cls(tma=True, pingpong=True, block_n=128, stages=6, bf16_out=True, tma_store=True),
+                cls(tma=True, pingpong=True, block_n=128, stages=5, bias=True, tma_store=True),
+                cls(tma=True, pingpong=True, block_n=128, stages=5, trans_a=True, trans_b=False, tma_store=True)]
 
 
 def multiply(spec: GemmWgmmaSpec, b: KernelBuilder, accs: list[tuple[list[Reg], Reg]], b_tile: Reg,
@@ -253,6 +266,67 @@ def store_row_stats(spec: GemmWgmmaSpec, b: KernelBuilder, tiles: list[list[Reg]
         row = b.add(b.add(row0, b.mad(warp, 16, group)), 8 * h)
         at = b.add(stats, b.mul_wide(b.mad(column_tile, m, row), 8))
         b.st("global", Addr(at), [row_max, total], guard=b.and_(b.setp("lt", row, m), b.setp("eq", quad, 0)))
+
+
+class StagedStore:
+    """C out of a pingpong warpgroup's accumulators by TMA (``tma_store``): each 64-row half of its
+    tile is written into the warpgroup's shared staging buffer, in boxes of [64 rows][128 bytes]
+    laid out in the 128-byte swizzle (so a warp's 8 rows land in 8 different bank groups), and one
+    thread stores the boxes with bulk tensor copies through C's tensor map ([splits][m][ldc]: the
+    copy unit clips rows >= m and columns >= n). The warpgroup's threads write the next half only
+    after the copies have read the last (``bulk_wait(read=True)``, then the warpgroup's own named
+    barrier, 3 + its index)."""
+
+    BOX_BYTES = 64 * SWIZZLE_ROW
+
+    def __init__(self, spec: GemmWgmmaSpec, b: KernelBuilder, p: TmaPipeline, group: Reg, thread: Reg):
+        self.spec, self.b = spec, b
+        self.size = spec.c_dtype.size
+        self.buffer = b.add(p.staging, b.mul(group, 64 * spec.block_n * self.size))
+        self.leader, self.barrier = b.setp("eq", thread, 0), b.add(group, 3)
+        self.tensor_map = b.cvta_global(b.ld_param("c"))
+        self.bias = b.cvta_global(b.ld_param("bias")) if spec.bias else None
+        self.n = p.n
+
+    def store(self, acc: list[Reg], row0: Reg, col0: Reg, split: Reg, warp: Reg, lane: Reg) -> None:
+        """This warpgroup's 64 rows from ``row0`` (its warp ``warp`` holding 16 of them) of the
+        tile at ``col0`` in split ``split``'s C."""
+        spec, b, size = self.spec, self.b, self.size
+        b.bulk_wait(0, read=True, guard=self.leader)  # the copies of the last half have read the buffer
+        b.bar_sync(self.barrier, 128)
+        group, quad = b.shr(lane, 2), b.and_(lane, 3)
+        # a lane's pair of tile j sits at byte (8 j + 2 quad) * size of its row: 16-byte chunk
+        # ((8 j + 2 quad) * size % 128) / 16, swizzled by the row's index mod 8 (its group)
+        pair_bytes = b.mul(quad, 2 * size)
+        rows = [b.add(self.buffer, b.mul(b.add(b.mad(warp, 16, group), 8 * h), SWIZZLE_ROW)) for h in range(2)]
+        cols = b.add(col0, b.shl(quad, 1))
+        for j in range(spec.n_tiles):
+            box, in_box = divmod(8 * j * size, SWIZZLE_ROW)  # the tile's first byte in the row
+            chunk = b.xor(b.shr(b.add(pair_bytes, in_box), 4), group)
+            at = b.add(b.shl(chunk, 4), b.add(b.and_(pair_bytes, 15), box * self.BOX_BYTES))
+            values = acc[4 * j:4 * j + 4]
+            if self.bias is not None:
+                col = b.add(cols, 8 * j)
+                bias = load_f32(b, DType.F32, Addr(b.add(self.bias, b.mul_wide(col, 4))), 2,
+                                guard=b.setp("lt", col, self.n))
+                values = [b.add(v, bias[e % 2]) for e, v in enumerate(values)]
+            for h in range(2):
+                pair = values[2 * h:2 * h + 2]
+                if size == 4:
+                    b.st("shared", Addr(b.add(rows[h], at)), pair)
+                else:
+                    b.st("shared", Addr(b.add(rows[h], at)), b.cvt_bf16x2(pair[1], pair[0]), t=T.B32)
+        b.fence_proxy_async()  # the writes, visible to the copy unit's reads ...
+        b.bar_sync(self.barrier, 128)  # ... of every thread of the warpgroup
+        box_cols = SWIZZLE_ROW // size
+        for box in range(spec.block_n // box_cols):
+            b.tma_store_3d(self.tensor_map, b.add(col0, box * box_cols), row0, split,
+                           b.add(self.buffer, box * self.BOX_BYTES), guard=self.leader)
+        b.bulk_commit(guard=self.leader)
+
+    def finish(self) -> None:
+        """The last copies complete before the block (and its shared memory) goes."""
+        self.b.bulk_wait(0, guard=self.leader)
 
 
 class _Mainloop:

@@ -47,7 +47,10 @@ class TmaPipeline:
         self.smem = b.addr_of(b.dynamic_shared("tiles", align=SWIZZLE_ATOM))
         # the stages, then each stage's full mbarrier, then its empty one
         self.ring = Ring(b, spec.stages, spec.stage_bytes, self.smem)
-        self.full = Ring(b, spec.stages, MBARRIER_BYTES, self.ring.end())
+        staging = spec.staging_bytes()
+        # the consumers' C staging (tma_store): whole stages keep it 1024-byte aligned, as its swizzle needs
+        self.staging = self.ring.end() if staging else None
+        self.full = Ring(b, spec.stages, MBARRIER_BYTES, b.add(self.ring.end(), staging) if staging else self.ring.end())
         self.empty = Ring(b, spec.stages, MBARRIER_BYTES, self.full.end())
         leader = b.setp("eq", tid, 0)
         for s in range(spec.stages):
