@@ -67,10 +67,12 @@ def time_gemm(cache: ModuleCache, spec: GemmTCSpec | GemmWgmmaSpec, a: torch.Ten
     """Milliseconds of one launch of ``spec`` on A, B into C (``arguments``: its other pointers, say
     ``stats``). A tma kernel reads the operands through tensor maps (and, ``tma_store``, writes C
     through one), and its blocks persist."""
-    maps = gemm_tensor_maps(spec, a.data_ptr(), b.data_ptr(), m, n, k) if spec.tma else ()
-    if spec.tma_store:
-        maps = (*maps, gemm_c_tensor_map(spec, c.data_ptr(), m, n))
+    maps: list = []
     try:
+        if spec.tma:
+            maps += gemm_tensor_maps(spec, a.data_ptr(), b.data_ptr(), m, n, k)
+        if spec.tma_store:
+            maps.append(gemm_c_tensor_map(spec, c.data_ptr(), m, n))
         operands = tuple(x.ptr for x in maps[:2]) or (a.data_ptr(), b.data_ptr())
         c_arg = maps[2].ptr if spec.tma_store else c.data_ptr()
         kernel = cache.get(spec)

@@ -5,7 +5,8 @@ pytest); errors print one per line and exit 2. ``check`` runs the bound tests an
 planted-defect tests and prints one row per falsifier: discharged, falsified, or not run (needs a
 GPU); it exits 1 when any falsifier that could run was falsified (or its planted defect went unseen).
 ``check --gpu-only`` runs only the falsifiers that need a GPU: the GPU machine's share, where the
-CPU ones (CI's, minutes of interpreted kernels) would not fit a timed call.
+CPU ones (CI's, minutes of interpreted kernels) would not fit a timed call; there, none of them
+run (no GPU visible after all) fails the check too, since running them is all it is for.
 """
 from __future__ import annotations
 
@@ -82,14 +83,23 @@ def cmd_check(root: Path, directory: Path, gpu_only: bool = False) -> int:
     if c is None:
         return 2
     run = {f.id for f in to_run(c.falsifiers, gpu_only)}
-    results = outcomes(root, [n for f in c.falsifiers if f.id in run for n in (f.test, *f.planted)])
+    nodes = [n for f in c.falsifiers if f.id in run for n in (f.test, *f.planted)]
+    results = outcomes(root, nodes) if nodes else {}  # no node ids would make pytest run every test
     rows = [(f, verdict(f, results) if f.id in run else "not run (--gpu-only: CI's)") for f in c.falsifiers]
     print(f"\n  {'falsifier':<18} {'contract':<26} {'gpu':<4} {'release':<8} verdict")
     for f, v in rows:
         print(f"  {f.id:<18} {f.contract:<26} {'yes' if f.gpu else 'no':<4} {'blocks' if f.blocks_release else '-':<8} {v}")
     counts = {v: sum(1 for _, x in rows if x == v) for v in sorted({x for _, x in rows})}
     print("\n  " + ", ".join(f"{n} {v}" for v, n in counts.items()))
-    return 1 if any(v.startswith("falsified") for _, v in rows) else 0
+    return check_status([v for f, v in rows if f.id in run], gpu_only)
+
+
+def check_status(verdicts: Sequence[str], gpu_only: bool) -> int:
+    """1 when a falsifier that ran was falsified, or (``gpu_only``) when none of them ran at all."""
+    if gpu_only and verdicts and all(v.startswith("not run") for v in verdicts):
+        print("contracts: --gpu-only ran none of the GPU falsifiers (is a GPU visible?)", file=sys.stderr)
+        return 1
+    return 1 if any(v.startswith("falsified") for v in verdicts) else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

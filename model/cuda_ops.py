@@ -74,10 +74,10 @@ class Ops:
               bias: View | None = None, splits: int = 1, stats: View | None = None) -> None:
         """C = op(A) op(B) (+ bias) over ``splits`` parts of a ``k``-long contraction each; ``what``:
         the module and pass ("model.layers.0.mlp.down_proj dW"), in the launch's label for a profile.
-        A TMA-fed kernel reads A and B through tensor maps (freed with the plan) and its persistent
-        blocks fill the GPU once."""
+        A TMA-fed kernel reads A and B through tensor maps (freed with the plan; with ``tma_store`` it
+        writes C through one too) and its persistent blocks fill the GPU once."""
         kernel = self.plan.cache.get(spec)
-        operands = {}
+        operands, result = {}, c
         if isinstance(spec, GemmWgmmaSpec) and spec.tma:
             operands = {"tmap_a": a, "tmap_b": b}
             a, b = (self.plan.keep(x) for x in gemm_tensor_maps(spec, a.ptr, b.ptr, m, n, k * splits))
@@ -89,7 +89,8 @@ class Ops:
             dims = spec.launch_dims(m, n, splits)
         args = spec.arguments(a, b, c, m, n, k, bias=bias, splits=splits,
                               **({"stats": stats} if stats is not None else {}))
-        self.plan.add(spec, dims, label=f"{spec.kind} {what} -> {_name(c)}", operands=operands, **_named(spec, args))
+        self.plan.add(spec, dims, label=f"{spec.kind} {what} -> {_name(result)}", operands=operands,
+                      **_named(spec, args))
 
     def _wave(self, spec: Gemm) -> int:
         """How many of ``spec``'s blocks this GPU runs at once."""
@@ -138,7 +139,8 @@ class Ops:
         else:
             spec = k.rope_k_bwd if inverse else k.rope_k
         (x, x_stride), (y, y_stride) = (Columns.of(a, heads * spec.head_dim) for a in (x, out))
-        args = spec.arguments(x, y, positions, self.T, x_stride, y_stride, y16=_copy_of(out, copy, heads * spec.head_dim))
+        args = spec.arguments(x, y, positions, self.T, x_stride, y_stride,
+                              y16=_copy_of(out, copy, heads * spec.head_dim))
         self._add(spec, spec.launch_dims(self.T), y, **_named(spec, args))
 
     def copy_columns(self, src: Arg | Columns, out: Arg | Columns, width: int, backward: bool = False,

@@ -155,7 +155,7 @@ class ModelKernels:
     grad_norm_final: GradNormFinalSpec
     adamw_decay: AdamWSpec
     adamw_no_decay: AdamWSpec
-    to_bf16: CastSpec | None  # bf16 precision: GEMM operands' bf16 copies
+    to_bf16: CastSpec | None  # bf16 precision: the weights' bf16 copies (the GEMMs' operands)
 
     @classmethod
     def of(cls, c: ModelConfig, adamw: AdamWSettings, ignore_index: int,

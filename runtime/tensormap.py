@@ -43,8 +43,12 @@ def gemm_c_tensor_map(spec, c: int, m: int, n: int, ldc: int | None = None, spli
     """The tensor map a ``tma_store`` GEMM spec stores C at ``c`` through: ``splits`` consecutive
     [m, ldc] matrices of its C type (f32 or bf16), written in boxes of [64 rows][128 bytes] from its
     128-byte swizzled staging; the copy unit leaves everything past n and m alone."""
+    if not spec.tma_store:
+        raise ValueError(f"{spec.kind}: C's tensor map is a tma_store spec's")
     size = spec.c_dtype.size
     ldc = n if ldc is None else ldc
+    if ldc < n:
+        raise ValueError(f"C's rows overlap: ldc {ldc} < n {n}")
     if (ldc * size) % 16 or c % 16:
         raise ValueError(f"C's tensor map needs 16-byte aligned rows: ldc {ldc} x {size} bytes")
     u64, u32 = cu.cuuint64_t, cu.cuuint32_t

@@ -6,7 +6,7 @@ import yaml
 
 from contracts.runner import main
 from contracts.schema import Falsifier, load, missing_tests
-from contracts.runner import to_run, verdict
+from contracts.runner import check_status, to_run, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = {
@@ -58,6 +58,13 @@ def test_duplicate_contract_ids_across_files_are_rejected(tmp_path):
 def test_parametrized_tests_count_by_name():
     f = Falsifier("FALSIFY-X-001", "c", "r", "p", "tests/t.py::test_a", ("tests/t.py::test_b",), "exact", False, True)
     assert missing_tests([f], {"tests/t.py::test_a[1-2]", "tests/t.py::test_b"}) == []
+
+
+def test_a_gpu_only_check_that_ran_none_of_them_fails_and_one_that_ran_some_passes():
+    assert check_status(["not run (needs GPU)", "not run (needs GPU)"], gpu_only=True) == 1  # no GPU after all
+    assert check_status(["discharged", "not run (needs GPU)"], gpu_only=True) == 0  # e.g. a 2-GPU one on 1 GPU
+    assert check_status(["not run (needs GPU)"], gpu_only=False) == 0  # CI: the GPU ones are not its to run
+    assert check_status(["discharged", "falsified"], gpu_only=False) == 1
 
 
 def test_gpu_only_runs_just_the_falsifiers_that_need_a_gpu():

@@ -203,3 +203,28 @@ def test_dk_dv_teams_split_the_warps_evenly(cls):
 def test_a_wgmma_dk_dv_team_is_whole_warpgroups():
     with pytest.raises(SpecError, match="a team is whole warpgroups, got 2 warps"):
         AttentionWgmmaBackwardKVSpec(heads=4, kv_heads=2, head_dim=64, warps=4, teams=2)
+
+
+def test_a_tma_store_is_the_pingpong_kernels_and_its_c_map_refuses_what_it_cannot_describe():
+    """``tma_store``: pingpong only, storing C (no accumulate, no row_stats); the staging fits
+    beside the stages (f32 C: 5 stages, not 6); C's rows 16-byte aligned; the C tensor map only
+    for such a spec, rows not overlapping."""
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    from runtime.tensormap import gemm_c_tensor_map
+    tile = dict(tma=True, pingpong=True, block_n=128, stages=6)
+    for refused in (dict(pingpong=False), dict(accumulate=True), dict(row_stats=True)):
+        with pytest.raises(SpecError, match="tma_store is the pingpong kernel's"):
+            GemmWgmmaSpec(**{**tile, "tma_store": True, **refused})
+    with pytest.raises(SpecError, match="6 stages need .* bytes of shared memory"):
+        GemmWgmmaSpec(**tile, tma_store=True)  # f32 C: 64 KB of staging beside 192 KB of stages
+    spec = GemmWgmmaSpec(**tile, bf16_out=True, tma_store=True)
+    assert spec.dynamic_shared_bytes() == 6 * (32768 + 16) + 2 * 64 * 128 * 2
+    assert GemmWgmmaSpec(**{**tile, "stages": 5}, tma_store=True).staging_bytes() == 2 * 64 * 128 * 4
+    with pytest.raises(ValueError, match="TMA store's C rows must be 16-byte aligned: ldc=12"):
+        spec.arguments(1, 2, 3, 128, 12, 128)
+    with pytest.raises(ValueError, match="tma_store spec's"):
+        gemm_c_tensor_map(GemmWgmmaSpec(**tile, bf16_out=True), 0, 8, 8)
+    with pytest.raises(ValueError, match="rows overlap"):
+        gemm_c_tensor_map(spec, 0, 8, 16, ldc=8)
+    with pytest.raises(ValueError, match="16-byte aligned rows"):
+        gemm_c_tensor_map(spec, 0, 8, 12)

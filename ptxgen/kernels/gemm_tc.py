@@ -146,7 +146,8 @@ class TensorCoreGemm:
     """What the 16-bit tensor-core GEMM specs (mma.sync and wgmma) share: parameters, launch
     shape, argument checks, and the TMA-fed persistent form (``tma``: ``tma_pipeline``), whose
     operands are tensor maps (``tma_operands``). Their blocks walk C in ``tile_origin``'s order.
-    A spec provides tma, bf16_out, block_m, block_n, k_elems (K elements a slice), stages, threads."""
+    A spec provides tma, bf16_out, row_stats, tma_store, block_m, block_n, k_elems (K elements a
+    slice), stages, threads."""
 
     @property
     def mn_major(self) -> tuple[bool, bool]:
@@ -205,7 +206,8 @@ class TensorCoreGemm:
         bytes (8 16-bit or 4 tf32 elements); N, ldc and C's batch strides even. Batches are the
         fp32 GEMM's (``Batch``), ``splits`` its split-K (``split_batch``); a part's K must be a
         multiple of ``split_k_multiple()``. With ``tma``, ``a`` and ``b`` are the device addresses
-        of the operands' tensor maps, which carry their layout: no lda, ldb or batches. ``stats``:
+        of the operands' tensor maps, which carry their layout: no lda, ldb or batches; with
+        ``tma_store``, ``c`` is C's (``runtime.tensormap.gemm_c_tensor_map``). ``stats``:
         where a ``row_stats`` spec writes its per-tile row statistics (and only such a spec)."""
         name = self.kind
         if (stats is not None) != self.row_stats:

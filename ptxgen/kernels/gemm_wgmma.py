@@ -28,7 +28,8 @@ is exactly the 128-byte swizzle, given 1024-byte aligned tiles; a tf32 row is co
 16-bit units), and a fence makes them visible to the async proxy wgmma reads through.
 
 The accumulators come out in the mma.sync m16n8 layout, so the store, bias and accumulate are the
-tensor-core GEMM's. ``row_stats`` (the LM head's logits) also reduces each stored tile's rows to
+tensor-core GEMM's; or (``tma_store``, pingpong) each warpgroup stages its tile in shared memory and
+one thread writes it with TMA bulk tensor stores through C's tensor map (``StagedStore``). ``row_stats`` (the LM head's logits) also reduces each stored tile's rows to
 (max, sum of exp) while they are in registers: the cross-entropy's first pass without reading
 the logits back (``cross_entropy``'s ``stats_block``).
 """
