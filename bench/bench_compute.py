@@ -269,8 +269,8 @@ def attention_tc(cache: ModuleCache, rows: list, bsz: int, s: int, h: int, hkv: 
 def k_sweep(cache: ModuleCache, m: int = 8192, n: int = 9728) -> None:
     """Where the model's GEMM loses to cuBLAS on short contractions: the gate/up forward's M and N
     (its K is 896) over K from 128 to 8192, ours (the model's tile, f32 C, and bf16 C through TMA
-    stores, each as the model stores it) beside cuBLAS;
-    then a least-squares line through our time per tile on one SM against the tile's K slices:
+    stores, each as the model stores it) beside cuBLAS; then a least-squares line through our time
+    per tile on one SM against the tile's K slices:
     its intercept is what every tile costs whatever its K (epilogue, hand-over, pipeline start),
     its slope the time a slice takes against the tensor cores' own (a tile's FLOP of one slice at
     the rated 989 TFLOP/s shared by the SMs)."""

@@ -28,10 +28,11 @@ is exactly the 128-byte swizzle, given 1024-byte aligned tiles; a tf32 row is co
 16-bit units), and a fence makes them visible to the async proxy wgmma reads through.
 
 The accumulators come out in the mma.sync m16n8 layout, so the store, bias and accumulate are the
-tensor-core GEMM's; or (``tma_store``, pingpong) each warpgroup stages its tile in shared memory and
-one thread writes it with TMA bulk tensor stores through C's tensor map (``StagedStore``). ``row_stats`` (the LM head's logits) also reduces each stored tile's rows to
-(max, sum of exp) while they are in registers: the cross-entropy's first pass without reading
-the logits back (``cross_entropy``'s ``stats_block``).
+tensor-core GEMM's; or (``tma_store``, pingpong) each warpgroup stages its tile in shared memory
+and one thread writes it with TMA bulk tensor stores through C's tensor map (``StagedStore``).
+``row_stats`` (the LM head's logits) also reduces each stored tile's rows to (max, sum of exp)
+while they are in registers: the cross-entropy's first pass without reading the logits back
+(``cross_entropy``'s ``stats_block``).
 """
 from __future__ import annotations
 
@@ -43,9 +44,9 @@ from ..builder import Addr, KernelBuilder, Reg, T
 from ..exact import LOG2E_F32
 from ..hw import DESCRIPTOR_SWIZZLE, SHARED_LIMIT, SWIZZLE_ATOM, SWIZZLE_ROW, MmaType
 from ..reductions import tree_sum, warp_allreduce
-from ..vecio import DType, load_f32
 from ..registry import register
 from ..spec import KernelSpec, SpecError, Target
+from ..vecio import DType, load_f32
 from .common import MAX_LOOP_BOUND, check_at_most, check_positive
 from .gemm import batch_matrices, tile_origin
 from .gemm_tc import TensorCoreGemm, _Feed, _Operand, store_accumulators

@@ -30,9 +30,9 @@ MN_CHUNK = 64 * SWIZZLE_ROW  # an MN-major operand's [64 K][64 M or N] box: the 
 
 class TmaPipeline:
     """The skeleton for ``spec`` (a TensorCoreGemm with ``tma``: block_m, block_n, k_elems,
-    stage_bytes, stages, mn_major, threads, staging_bytes). ``build(consume)`` emits the setup and the producer,
-    and calls ``consume(pipeline, tid)`` for the consumer warps' code; ``readers`` consumer threads
-    (default all) release each stage."""
+    stage_bytes, stages, mn_major, threads, staging_bytes). ``build(consume)`` emits the setup and
+    the producer, and calls ``consume(pipeline, tid)`` for the consumer warps' code; ``readers``
+    consumer threads (default all) release each stage."""
 
     def __init__(self, spec: Any, b: KernelBuilder, readers: int | None = None):
         self.spec, self.b = spec, b
@@ -45,10 +45,10 @@ class TmaPipeline:
         self.m, self.n, self.k = (b.ld_param(x) for x in "mnk")
         tid = b.special("%tid.x")
         self.smem = b.addr_of(b.dynamic_shared("tiles", align=SWIZZLE_ATOM))
-        # the stages, then the consumers' C staging (if any), then each stage's full mbarrier, then its empty one
+        # the stages, then the consumers' C staging (tma_store: whole stages keep it 1024-byte aligned,
+        # as its swizzle needs), then each stage's full mbarrier, then its empty one
         self.ring = Ring(b, spec.stages, spec.stage_bytes, self.smem)
         staging = spec.staging_bytes()
-        # the consumers' C staging (tma_store): whole stages keep it 1024-byte aligned, as its swizzle needs
         self.staging = self.ring.end() if staging else None
         barriers = b.add(self.ring.end(), staging) if staging else self.ring.end()
         self.full = Ring(b, spec.stages, MBARRIER_BYTES, barriers)
