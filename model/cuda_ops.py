@@ -16,13 +16,13 @@ from typing import Callable
 from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
 from ptxgen.spec import KernelSpec
 from runtime import View
-from runtime.memory import DTYPES
+from runtime.memory import DTYPES, Stream, fill_u32
 from runtime.plan import Arg, Expr, Plan, Step
 from runtime.tensormap import gemm_c_tensor_map, gemm_tensor_maps
 
 from .config import ModelConfig
 from .cuda_buffers import Arena, Params
-from .kernels import Gemm, LinearKernels, ModelKernels, split_k
+from .kernels import LOSS_CHUNK_ROWS, Gemm, LinearKernels, ModelKernels, split_k
 
 COLSUM_CHUNK = 256  # rows per first-stage chunk of a two-stage column sum
 
@@ -37,10 +37,27 @@ def scratch_shapes(k: ModelKernels, c: ModelConfig, tokens: int, matrices: dict[
     dws = {m: k.linear(m).grad_weight for m in matrices}
     parts = [(split_k(dws[m], *shape, tokens, wave(dws[m])), shape) for m, shape in matrices.items()]
     QKV = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim  # the fused q/k/v projection's output width
+    # the stream-K workspace, where a GEMM of the step shares tiles out (the LM head in the loss
+    # runs on chunks of rows, its dX and dW on all)
+    gemms = [(g, *dims) for m, (d_out, d_in) in matrices.items() for g, dims in
+             zip(k.linear(m).specs(), ((tokens, d_out, d_in), (tokens, d_in, d_out), (d_out, d_in, tokens)))]
+    if k.head_logits is not None:
+        gemms += [(k.head_logits, rows, c.vocab_size, H) for rows in {tokens, min(tokens, LOSS_CHUNK_ROWS)}]
+    shared = any(g.stream_k_tiles(*dims, wave(g)) for g, *dims in gemms if getattr(g, "stream_k", False))
     shapes = {"rmsnorm dgamma partial": ((k.norm_bwd_residual.partial_rows(tokens), H), "f32"),
               "column sum chunks": ((-(-tokens // COLSUM_CHUNK), QKV), "f32"),
-              "split-K partial sums": ((max((n * math.prod(s) for n, s in parts if n > 1), default=1),), "f32")}
+              "split-K partial sums": ((max((n * math.prod(s) for n, s in parts if n > 1), default=1),), "f32"),
+              **{name: ((size if shared else 0,), dtype) for name, ((size,), dtype) in stream_k_shapes(k, wave).items()}}
     return {"d y[bf16]": ((tokens * max(H, QKV),), "bf16"), **shapes} if k.to_bf16 is not None else shapes
+
+
+def stream_k_shapes(k: ModelKernels, wave: Callable[[Gemm], int]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """(shape, dtype) of the workspace the model's ``stream_k`` GEMMs share, allocated at the first
+    that shares tiles out: a tile of partial sums and a flag for each of the most blocks any of
+    them runs (none without such GEMMs)."""
+    sizes = [spec.stream_k_workspace(wave(spec)) for spec in k.specs() if getattr(spec, "stream_k", False)]
+    return {"stream-K partial sums": ((max((p for p, _ in sizes), default=0) // 4,), "f32"),
+            "stream-K flags": ((max((f for _, f in sizes), default=0) // 4,), "i32")}
 
 
 class Ops:
@@ -77,7 +94,7 @@ class Ops:
         A TMA-fed kernel reads A and B through tensor maps (freed with the plan; with ``tma_store`` it
         writes C through one too) and its persistent blocks fill the GPU once."""
         kernel = self.plan.cache.get(spec)
-        operands, result = {}, c
+        operands, result, extra = {}, c, {}
         if isinstance(spec, GemmWgmmaSpec) and spec.tma:
             operands = {"tmap_a": a, "tmap_b": b}
             a, b = (self.plan.keep(x) for x in gemm_tensor_maps(spec, a.ptr, b.ptr, m, n, k * splits))
@@ -85,10 +102,19 @@ class Ops:
                 assert isinstance(c, View), c
                 operands["c"], c = c, self.plan.keep(gemm_c_tensor_map(spec, c.ptr, m, n, splits=splits))
             dims = spec.launch_dims(m, n, splits, resident=kernel.resident_blocks(spec.threads))
+            if spec.stream_k:  # the tiles its full waves leave over, shared out through the workspace
+                blocks = dims[0][0]
+                sk = spec.stream_k_tiles(m, n, k, blocks) if splits == 1 else 0
+                if sk:
+                    partials, flags = self._stream_k_partials, self._stream_k_flags
+                    assert (partials.nbytes, flags.nbytes) >= spec.stream_k_workspace(blocks), (blocks, partials)
+                else:  # every tile whole: the kernel touches no workspace (allocated only if some GEMM needs it)
+                    partials, flags = (View(f"no stream-K {x}", c.ptr, (0,), "u8") for x in ("partial sums", "flags"))
+                extra = dict(partials=partials, flags=flags, sk_tiles=sk)
         else:
             dims = spec.launch_dims(m, n, splits)
         args = spec.arguments(a, b, c, m, n, k, bias=bias, splits=splits,
-                              **({"stats": stats} if stats is not None else {}))
+                              **({"stats": stats} if stats is not None else {}), **extra)
         self.plan.add(spec, dims, label=f"{spec.kind} {what} -> {_name(result)}", operands=operands,
                       **_named(spec, args))
 
@@ -197,6 +223,22 @@ class Ops:
     @functools.cached_property
     def _column_scratch(self) -> View:
         return self._scratch_buffer("column sum chunks")
+
+    @functools.cached_property
+    def _stream_k_workspace(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        return stream_k_shapes(self.k, self._wave)
+
+    @functools.cached_property
+    def _stream_k_partials(self) -> View:
+        return self.arena.new("stream-K partial sums", *self._stream_k_workspace["stream-K partial sums"])
+
+    @functools.cached_property
+    def _stream_k_flags(self) -> View:
+        """The stream-K flags, zeroed once: every launch leaves them down."""
+        flags = self.arena.new("stream-K flags", *self._stream_k_workspace["stream-K flags"])
+        fill_u32(flags.ptr, 0, flags.size)
+        Stream.null().synchronize()  # before any launch on the plan's own stream reads them
+        return flags
 
     @functools.cached_property
     def _split_scratch(self) -> View:

@@ -9,12 +9,16 @@ never a precise bound.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+
+from ptxgen.hw import SHARED_LIMIT
+from ptxgen.spec import KernelSpec
 
 from .config import ModelConfig
 from .kernels import LOSS_CHUNK_ROWS, ModelKernels
@@ -57,7 +61,14 @@ class _Counter:
 
 # the GPU waves (resident blocks of one GEMM) a split-K decision is bounded over: 132- and
 # 148-SM parts, one to eight blocks an SM
-WAVES = tuple(sms * blocks for sms in (132, 148) for blocks in (1, 2, 4, 8))
+WAVES = tuple((sms, blocks) for sms in (132, 148) for blocks in (1, 2, 4, 8))
+
+
+def _wave(spec: KernelSpec, sms: int, blocks: int) -> int:
+    """The blocks of ``spec`` a GPU of ``sms`` SMs runs at once, ``blocks`` an SM but where the
+    spec's shared memory allows only one (a TMA-fed GEMM's stages: more than half an SM's)."""
+    shared = spec.dynamic_shared_bytes() if hasattr(spec, "dynamic_shared_bytes") else 0
+    return sms * (1 if 2 * shared > SHARED_LIMIT else blocks)
 SMALL_BUFFERS = 1 << 20  # the GEMMs' tensor maps (256 bytes each), the gradient norm's partial sums
 
 
@@ -90,7 +101,8 @@ def cuda_scratch_bytes(config: ModelConfig, tokens: int, bf16: bool) -> int:
 
     kernels = ModelKernels.of(config, AdamWSettings(), IGNORE_INDEX, Precision.BF16 if bf16 else Precision.FP32)
     matrices = linear_shapes(param_shapes(config))
-    per_wave = [scratch_shapes(kernels, config, tokens, matrices, lambda spec, w=w: w) for w in WAVES]
+    per_wave = [scratch_shapes(kernels, config, tokens, matrices, functools.partial(_wave, sms=sms, blocks=blocks))
+                for sms, blocks in WAVES]
     counter = _Counter()
     for name, (_, dtype) in per_wave[0].items():
         counter.new(name, max((s[name][0] for s in per_wave), key=math.prod), dtype)
@@ -113,13 +125,19 @@ def generate_bytes(config: ModelConfig, max_len: int, on_gpu: bool, bf16: bool =
     if on_gpu:  # the backend; the KV caches; a prompt's and one token's activations and logits
         # (CudaDecoder's buffers)
         from .cuda_buffers import KV, Activations
+        from .cuda_ops import stream_k_shapes
 
         counter, width = _Counter(), config.num_kv_heads * config.head_dim
+        kernels = ModelKernels.of(config, AdamWSettings(), IGNORE_INDEX, Precision.BF16 if bf16 else Precision.FP32)
         for i in range(config.num_layers):
             KV.allocate(counter, i, max_len, width, bf16)  # type: ignore[arg-type]
         for new in {max_len, 1}:
             Activations(counter, config, 1, new, bf16)  # type: ignore[arg-type]
             counter.new("logits", (1, config.vocab_size))
+            # a prompt's GEMMs may share tiles out (stream-K): the workspace, on the widest GPU
+            for name, shape in stream_k_shapes(kernels, functools.partial(_wave, sms=WAVES[-1][0],
+                                                                          blocks=WAVES[-1][1])).items():
+                counter.new(name, *shape)
         return _cuda_backend_bytes(config, bf16) + counter.bytes
     kv = 2 * config.num_layers * max_len * config.num_kv_heads * config.head_dim
     # the weights read (f32) and the reference's f64 copy; prefill activations and the KV cache in f64

@@ -535,15 +535,16 @@ class KernelBuilder:
             raise PtxBuildError(f"{ins}: address register {base.name} is .{base.type.value}")
 
     def ld(self, space: str, t: T, addr: Addr, vec: int = 1, *, nc: bool = False, volatile: bool = False,
-           out: Sequence[Reg] | None = None, guard: GuardLike = None) -> Reg | tuple[Reg, ...]:
+           cg: bool = False, out: Sequence[Reg] | None = None, guard: GuardLike = None) -> Reg | tuple[Reg, ...]:
         """``volatile``: the load is issued where it stands (ptxas may not merge or hoist it), which
-        keeps a value that is cheap to re-read from being held in a register across a long loop."""
+        keeps a value that is cheap to re-read from being held in a register across a long loop.
+        ``cg``: cached in L2 only, not in the SM's L1 (which is not coherent with other SMs' writes)."""
         if vec not in (1, 2, 4):
             raise PtxBuildError(f"ld: vector width {vec} is not 1, 2 or 4")
-        if nc and volatile:
-            raise PtxBuildError("ld: .nc and .volatile exclude each other")
-        ins = f"ld{'.volatile' if volatile else ''}.{space}{'.nc' if nc else ''}{f'.v{vec}' if vec > 1 else ''}" \
-              f".{t.value}"
+        if nc + volatile + cg > 1:
+            raise PtxBuildError("ld: .nc, .volatile and .cg exclude each other")
+        ins = f"ld{'.volatile' if volatile else ''}.{space}{'.nc' if nc else ''}{'.cg' if cg else ''}" \
+              f"{f'.v{vec}' if vec > 1 else ''}.{t.value}"
         self._check_addr(ins, addr, space)
         regs = tuple(out) if out is not None else tuple(self.reg(t) for _ in range(vec))
         if len(regs) != vec:
@@ -581,6 +582,25 @@ class KernelBuilder:
         ins = f"red.{space}.{op}.{t.value}"
         self._check_addr(ins, addr, space)
         self._emit(f"{ins} {addr}, {self._op(ins, value, t, 'value')}", guard)
+
+    def ld_acquire(self, addr: Addr, guard: GuardLike = None) -> Reg:
+        """A u32 load with acquire semantics at GPU scope: what the writer did before its release of
+        this word (``st_release``) is visible to this thread after it."""
+        ins = "ld.acquire.gpu.global.u32"
+        self._check_addr(ins, addr, "global")
+        d = self.reg(T.U32)
+        self._emit(f"{ins} {d}, {addr}", guard)
+        return d
+
+    def st_release(self, addr: Addr, value: Operand, guard: GuardLike = None) -> None:
+        """A u32 store with release semantics at GPU scope (the other side of ``ld_acquire``)."""
+        ins = "st.release.gpu.global.u32"
+        self._check_addr(ins, addr, "global")
+        self._emit(f"{ins} {addr}, {self._op(ins, value, T.U32, 'value')}", guard)
+
+    def fence_gpu(self) -> None:
+        """Order this thread's memory operations before and after at GPU scope (fence.acq_rel.gpu)."""
+        self._emit("fence.acq_rel.gpu")
 
     # -- asynchronous copies and tensor cores (sm_80+) ------------------------------------------
     def cp_async(self, dst: Reg, src: Reg, src_bytes: Operand, dst_offset: int = 0) -> None:

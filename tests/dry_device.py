@@ -12,6 +12,7 @@ from typing import Iterator
 
 import pytest
 
+from ptxgen.hw import SHARED_LIMIT
 from runtime import launch, memory
 from runtime.launch import Kernel
 
@@ -46,7 +47,9 @@ class DryCache:
 
 class DryKernel(Kernel):
     def resident_blocks(self, threads: int) -> int:
-        return WAVE
+        """Two blocks an SM, but one where the spec's shared memory is more than half an SM's."""
+        shared = getattr(self.spec, "dynamic_shared_bytes", lambda: 0)()
+        return WAVE // 2 if 2 * shared > SHARED_LIMIT else WAVE
 
     def _allow_shared(self, shared: int) -> int:
         return shared
@@ -65,7 +68,7 @@ def dry_device(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int]
                 next_free[0] += -(-args[0] // 256) * 256
                 allocations.append((ptr, args[0]))
             return ptr
-        if name in ("cuMemFree", "cuMemcpyHtoD", "cuMemsetD32Async", "cuEventDestroy"):
+        if name in ("cuMemFree", "cuMemcpyHtoD", "cuMemsetD32Async", "cuStreamSynchronize", "cuEventDestroy"):
             return None
         if name == "cuEventCreate":  # a plan's events (a data-parallel rank's): never recorded here
             return object()

@@ -40,7 +40,7 @@ import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..builder import Addr, KernelBuilder, Reg, T
+from ..builder import Addr, KernelBuilder, Label, Reg, T
 from ..exact import LOG2E_F32
 from ..hw import DESCRIPTOR_SWIZZLE, SHARED_LIMIT, SWIZZLE_ATOM, SWIZZLE_ROW, MmaType
 from ..reductions import tree_sum, warp_allreduce
@@ -51,7 +51,7 @@ from .common import MAX_LOOP_BOUND, check_at_most, check_positive
 from .gemm import batch_matrices, tile_origin
 from .gemm_tc import TensorCoreGemm, _Feed, _Operand, store_accumulators
 from .ring import Ring, Slot
-from .tma_pipeline import MN_CHUNK, TmaPipeline
+from .tma_pipeline import MN_CHUNK, TmaPipeline, Unit
 
 BLOCK_K = SWIZZLE_ROW // 2  # a slice's K in 16-bit units: one swizzled row
 
@@ -87,6 +87,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
     bf16_out: bool = False  # C stored in bf16, rounded to nearest even: a next kernel's bf16 operand
     row_stats: bool = False  # also each tile's (max, sum of exp(c - max)) per row: a softmax's first pass
     tma_store: bool = False  # pingpong: C leaves through shared memory by TMA stores (``c`` is its tensor map)
+    stream_k: bool = False  # pingpong: the tiles a last wave would leave SMs idle on are shared out by slices
 
     block_k: ClassVar[int] = BLOCK_K
     m_tiles: ClassVar[int] = 1  # per warp: 16 rows of the m64 tile ...
@@ -135,6 +136,8 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                             "bf16_out: the statistics are of the C stored)")
         if self.tma_store and (not self.pingpong or self.accumulate or self.row_stats):
             raise SpecError("gemm_wgmma: tma_store is the pingpong kernel's, storing C (no accumulate, no row_stats)")
+        if self.stream_k and not self.pingpong:
+            raise SpecError("gemm_wgmma: stream_k is the pingpong kernel's (a warpgroup holds a whole tile)")
         if any(self.mn_major) and self.dtype is MmaType.TF32:
             raise SpecError("gemm_wgmma: tf32 operands must be stored with K contiguous (A [M, K], B [N, K])")
         if self.dynamic_shared_bytes() > SHARED_LIMIT:
@@ -159,7 +162,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         mainloop = _Mainloop(self, p)
         stats = b.cvta_global(b.ld_param("stats")) if self.row_stats else None
         for split, row0, col0 in p.work():
-            mainloop.run(rows)
+            mainloop.run(rows, p.slices)
             store(self, b, acc, p.split_c(split), p.m, p.n, row0, col0, warp, lane, stats)
 
     def _consume_pingpong(self, p: TmaPipeline, tid: Reg) -> None:
@@ -174,26 +177,33 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         mainloop = _Mainloop(self, p)
         stats = b.cvta_global(b.ld_param("stats")) if self.row_stats else None
         staged = StagedStore(self, b, p, group, b.and_(tid, 127)) if self.tma_store else None
+        partials = PartialSums(self, p, group, b.and_(tid, 127)) if self.stream_k else None
         turns = b.div(b.add(b.sub(p.mine, group), 1), 2)  # tiles group, group + 2, ... below mine
         mine_wait, other_go = b.sub(2, group), b.add(group, 1)  # barrier ids: 2 or 1, 1 or 2
         with b.loop(turns, "turn") as t:
             j = b.mad(t, 2, group)
-            split, row0, col0 = p.item(j)
-            mainloop.slot.seek(b.mul(j, p.slices))
+            unit = p.unit(j)
+            split, row0, col0 = unit.split, unit.row0, unit.col0
+            mainloop.slot.seek(b.mul(j, p.slices) if unit.pos is None else unit.pos)
             go = b.new_label("go")
             b.bra(go, guard=b.setp("eq", j, 0))  # the very first tile waits for no one
             b.bar_sync(mine_wait, 256)
             b.place(go)
-            mainloop.run(halves)
+            mainloop.run(halves, unit.count)
             done = b.new_label("handed")
             b.bra(done, guard=b.setp("ge", b.add(j, 1), p.mine))  # no next tile: no one to hand to
             b.bar_arrive(other_go, 256)
             b.place(done)
+            if partials is not None:
+                stored = b.new_label("stored")
+                partials.settle([r for acc, _ in halves for r in acc], unit, stored)
             for h, (acc, _) in enumerate(halves):
                 if staged is not None:
                     staged.store(acc, b.add(row0, 64 * h), col0, split, warp, lane)
                 else:
                     store(self, b, acc, p.split_c(split), p.m, p.n, b.add(row0, 64 * h), col0, warp, lane, stats)
+            if partials is not None:
+                b.place(stored)
         if staged is not None:
             staged.finish()
 
@@ -210,7 +220,9 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                 cls(tma=True, pingpong=True, block_n=128, stages=6, row_stats=True),
                 cls(tma=True, pingpong=True, block_n=128, stages=6, bf16_out=True, tma_store=True),
                 cls(tma=True, pingpong=True, block_n=128, stages=5, bias=True, tma_store=True),
-                cls(tma=True, pingpong=True, block_n=128, stages=5, trans_a=True, trans_b=False, tma_store=True)]
+                cls(tma=True, pingpong=True, block_n=128, stages=5, trans_a=True, trans_b=False, tma_store=True),
+                cls(tma=True, pingpong=True, block_n=128, stages=6, trans_a=True, trans_b=False, stream_k=True),
+                cls(tma=True, pingpong=True, block_n=128, stages=6, bf16_out=True, tma_store=True, stream_k=True)]
 
 
 def multiply(spec: GemmWgmmaSpec, b: KernelBuilder, accs: list[tuple[list[Reg], Reg]], b_tile: Reg,
@@ -331,6 +343,65 @@ class StagedStore:
         self.b.bulk_wait(0, guard=self.leader)
 
 
+class PartialSums:
+    """Stream-K's hand-over of cut tiles between blocks (``tma_pipeline``). A run that ends a
+    tile's contraction leaves the warpgroup's accumulators in its block's workspace slot, each
+    thread its own 16-byte vectors (a warp's stores and its reader's loads are 512 contiguous
+    bytes), then raises the block's flag (release); the tile's first run, once the flag is up
+    (acquire), adds each later run's partial sum in block order, so the sum is the same every
+    launch, and lowers the flag for the next launch."""
+
+    def __init__(self, spec: GemmWgmmaSpec, p: TmaPipeline, group: Reg, thread: Reg):
+        b = p.b
+        self.spec, self.p, self.b = spec, p, b
+        self.slot_bytes = spec.block_m * spec.block_n * 4
+        self.mine = b.add(b.cvta_global(b.ld_param("partials")), b.mul_wide(thread, 16))
+        self.flags = b.cvta_global(b.ld_param("flags"))
+        self.leader, self.barrier = b.setp("eq", thread, 0), b.add(group, 3)
+
+    def _slot(self, block: Reg) -> Reg:
+        return self.b.add(self.mine, self.b.mul_wide(block, self.slot_bytes))
+
+    def _flag(self, block: Reg) -> Addr:
+        return Addr(self.b.add(self.flags, self.b.mul_wide(block, 4)))
+
+    def settle(self, acc: list[Reg], unit: Unit, stored: Label) -> None:
+        """Before ``unit``'s store: a whole tile goes on to it; a run after a tile's first leaves its
+        partial sum and jumps to ``stored``; a tile's first run adds the others' first."""
+        b, sk = self.b, self.p.stream_k
+        store, first = b.new_label("store"), b.new_label("first_run")
+        starts = b.setp("eq", unit.k0, 0)
+        b.bra(store, guard=b.and_(starts, b.setp("eq", unit.count, self.p.slices), T.PRED))
+        b.bra(first, guard=starts)
+        at = self._slot(sk.block)
+        for q in range(len(acc) // 4):
+            b.st("global", Addr(at, q * 128 * 16), acc[4 * q:4 * q + 4])
+        b.fence_gpu()
+        b.bar_sync(self.barrier, 128)  # every thread's partial sum written (and fenced) ...
+        b.st_release(self._flag(sk.block), 1, guard=self.leader)  # ... before the flag goes up
+        b.bra(stored)
+        b.place(first)
+        with b.loop(b.sub(sk.last_block(unit.tile), sk.block), "later_run") as i:
+            block = b.add(sk.block, b.add(i, 1))
+            lo, hi = sk.bounds(block)
+            empty = b.new_label("empty_block")
+            b.bra(empty, guard=b.setp("eq", lo, hi))  # a block with no stream-K slices raises no flag
+            flag, skip, spin = self._flag(block), b.new_label("follower"), b.new_label("spin")
+            b.bra(skip, guard=~self.leader)
+            b.place(spin)
+            b.bra(spin, guard=b.setp("eq", b.ld_acquire(flag), 0))
+            b.place(skip)
+            b.bar_sync(self.barrier, 128)  # the leader saw the flag: the partial sum is there for all
+            at = self._slot(block)
+            for q in range(len(acc) // 4):
+                values = b.ld("global", T.F32, Addr(at, q * 128 * 16), 4, cg=True)
+                for r, v in zip(acc[4 * q:4 * q + 4], values):
+                    b.add(r, v, out=r)
+            b.st("global", flag, 0, t=T.U32, guard=self.leader)  # lowered for the next launch
+            b.place(empty)
+        b.place(store)
+
+
 class _Mainloop:
     """One tile's slices through the ring: wait for each slice, multiply it into every (acc, A
     rows' offset in the stage), keep that group in flight while the one before completes
@@ -343,12 +414,12 @@ class _Mainloop:
         self.slot = Slot(p.ring)
         self.freed = b.reg(T.U32)  # the empty barrier of the slice before
 
-    def run(self, accs: list[tuple[list[Reg], Reg | int]]) -> None:
+    def run(self, accs: list[tuple[list[Reg], Reg | int]], slices: Reg) -> None:
         spec, p, b = self.spec, self.p, self.b
         for acc, _ in accs:
             for r in acc:
                 b.mov(0.0, out=r)
-        with b.loop(p.slices, "slice") as i:
+        with b.loop(slices, "slice") as i:
             at, full, empty = p.stage(self.slot)
             b.mbarrier_wait(full, self.slot.phase)
             multiply(spec, b, [(acc, b.add(at, rows)) for acc, rows in accs], b.add(at, spec.block_m * SWIZZLE_ROW),
@@ -358,7 +429,7 @@ class _Mainloop:
             b.mov(empty, out=self.freed)
             self.slot.advance()
         b.wgmma_wait(0)
-        b.mbarrier_arrive(self.freed, guard=b.setp("ne", p.slices, 0))
+        b.mbarrier_arrive(self.freed, guard=b.setp("ne", slices, 0))
 
 
 class _CopyFed:
