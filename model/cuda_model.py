@@ -31,7 +31,7 @@ from runtime.plan import Expr, Plan, Step
 
 from .config import ModelConfig
 from .cuda_buffers import KV, Activations, Arena, ParamLayout, Params, TrainingBuffers, step_buffers
-from .cuda_ops import Columns, Ops, kv_rows
+from .cuda_ops import Columns, Ops, TailWorkspace, kv_rows
 from .kernels import LOSS_CHUNK_ROWS, ModelKernels
 from .optim import AdamWSettings
 from .params import layer_prefix, lm_head_name
@@ -187,6 +187,7 @@ class CudaBackend:
         self.bf16 = precision is Precision.BF16
         self.weights16 = DeviceArray(self.layout.decay_end, "bf16") if self.bf16 else None
         self.params_view = Params(self.layout, self.weights, self.grads, self.weights16)
+        self.tail = TailWorkspace(self.kernels, lambda spec: self.cache.get(spec).resident_blocks(spec.threads))
         with self.cache.strict_mode():
             start = Plan(self.cache)
             self._refresh(self.ops(start, Arena(), tokens=0))
@@ -200,7 +201,7 @@ class CudaBackend:
 
     def ops(self, plan: Plan, arena: Arena, tokens: int) -> Ops:
         """The operations on this backend's weights and kernels, appending to ``plan``."""
-        return Ops(plan, self.kernels, self.params_view, self.config, arena, tokens, self.bf16)
+        return Ops(plan, self.kernels, self.params_view, self.config, arena, tokens, self.bf16, self.tail)
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -223,6 +224,7 @@ class CudaBackend:
                     plan.free()
             s.arena.free()
         self._shapes.clear()
+        self.tail.free()
         for buf in (self.weights, self.grads, self.exp_avg, self.exp_avg_sq, self.norm_partial, self.norm_out,
                     self.weights16):
             if buf is not None:

@@ -37,36 +37,63 @@ def scratch_shapes(k: ModelKernels, c: ModelConfig, tokens: int, matrices: dict[
     dws = {m: k.linear(m).grad_weight for m in matrices}
     parts = [(split_k(dws[m], *shape, tokens, wave(dws[m])), shape) for m, shape in matrices.items()]
     QKV = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim  # the fused q/k/v projection's output width
-    # the stream-K workspace, where a GEMM of the step shares tiles out (the LM head in the loss
-    # runs on chunks of rows, its dX and dW on all)
-    gemms = [(g, *dims) for m, (d_out, d_in) in matrices.items() for g, dims in
-             zip(k.linear(m).specs(), ((tokens, d_out, d_in), (tokens, d_in, d_out), (d_out, d_in, tokens)))]
-    if k.head_logits is not None:
-        gemms += [(k.head_logits, rows, c.vocab_size, H) for rows in {tokens, min(tokens, LOSS_CHUNK_ROWS)}]
-    shared = any(g.stream_k_tiles(*dims, wave(g)) for g, *dims in gemms if getattr(g, "stream_k", False))
     shapes = {"rmsnorm dgamma partial": ((k.norm_bwd_residual.partial_rows(tokens), H), "f32"),
               "column sum chunks": ((-(-tokens // COLSUM_CHUNK), QKV), "f32"),
-              "split-K partial sums": ((max((n * math.prod(s) for n, s in parts if n > 1), default=1),), "f32"),
-              **{name: ((size if shared else 0,), dtype) for name, ((size,), dtype) in stream_k_shapes(k, wave).items()}}
+              "split-K partial sums": ((max((n * math.prod(s) for n, s in parts if n > 1), default=1),), "f32")}
     return {"d y[bf16]": ((tokens * max(H, QKV),), "bf16"), **shapes} if k.to_bf16 is not None else shapes
 
 
-def stream_k_shapes(k: ModelKernels, wave: Callable[[Gemm], int]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """(shape, dtype) of the workspace the model's ``stream_k`` GEMMs share, allocated at the first
-    that shares tiles out: a tile of partial sums and a flag for each of the most blocks any of
-    them runs (none without such GEMMs)."""
-    sizes = [spec.stream_k_workspace(wave(spec)) for spec in k.specs() if getattr(spec, "stream_k", False)]
-    return {"stream-K partial sums": ((max((p for p, _ in sizes), default=0) // 4,), "f32"),
-            "stream-K flags": ((max((f for _, f in sizes), default=0) // 4,), "i32")}
+def tail_shapes(k: ModelKernels, wave: Callable[[Gemm], int]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """(shape, dtype) of the workspace the model's ``split_tail`` GEMMs share (``TailWorkspace``):
+    the slots of partial sums and their flags for the most blocks any of them runs (none without
+    such GEMMs)."""
+    sizes = [spec.tail_workspace(wave(spec)) for spec in k.specs() if getattr(spec, "split_tail", False)]
+    return {"tail partial sums": ((max((p for p, _ in sizes), default=0) // 4,), "f32"),
+            "tail flags": ((max((f for _, f in sizes), default=0) // 4,), "i32")}
+
+
+def splits_a_tail(k: ModelKernels, c: ModelConfig, tokens: int, matrices: dict[str, tuple[int, int]],
+                  wave: Callable[[Gemm], int]) -> bool:
+    """Whether a training step of ``tokens`` rows has a GEMM that splits its tail (so needs the
+    workspace): each linear module's forward, dX and dW, the loss's LM head on its chunks of rows."""
+    gemms = [(g, *dims) for m, (d_out, d_in) in matrices.items() for g, dims in
+             zip(k.linear(m).specs(), ((tokens, d_out, d_in), (tokens, d_in, d_out), (d_out, d_in, tokens)))]
+    if k.head_logits is not None:
+        gemms += [(k.head_logits, rows, c.vocab_size, c.hidden_size) for rows in {tokens, min(tokens, LOSS_CHUNK_ROWS)}]
+    return any(g.tail_parts(*dims, wave(g)) > 1 for g, *dims in gemms if getattr(g, "split_tail", False))
+
+
+class TailWorkspace:
+    """The split tails' partial sums and flags (``tail_shapes``), one for all of a backend's plans
+    (they run one after another on one stream), allocated when a GEMM first splits its tail, the
+    flags zeroed then: every launch leaves them down."""
+
+    def __init__(self, kernels: ModelKernels, wave: Callable[[Gemm], int]):
+        self.kernels, self.wave, self.arena = kernels, wave, Arena()
+        self._views: tuple[View, View] | None = None
+
+    def views(self) -> tuple[View, View]:
+        """(partial sums, flags)."""
+        if self._views is None:
+            shapes = tail_shapes(self.kernels, self.wave)
+            partials, flags = (self.arena.new(name, *shape) for name, shape in shapes.items())
+            fill_u32(flags.ptr, 0, flags.size)
+            Stream.null().synchronize()  # before any launch on a plan's own stream reads them
+            self._views = partials, flags
+        return self._views
+
+    def free(self) -> None:
+        self.arena.free()
+        self._views = None
 
 
 class Ops:
     """Operations on ``tokens`` rows at a time into ``plan``; scratch comes from ``arena``."""
 
     def __init__(self, plan: Plan, kernels: ModelKernels, params: Params, config: ModelConfig, arena: Arena,
-                 tokens: int, bf16: bool):
+                 tokens: int, bf16: bool, tail: TailWorkspace):
         self.plan, self.k, self.W, self.config, self.arena = plan, kernels, params, config, arena
-        self.T, self.bf16 = tokens, bf16
+        self.T, self.bf16, self.tail = tokens, bf16, tail
 
     # -- helpers ----------------------------------------------------------------------------
     def _add(self, spec, dims, result: Arg, /, **args: Arg) -> Step:
@@ -102,15 +129,15 @@ class Ops:
                 assert isinstance(c, View), c
                 operands["c"], c = c, self.plan.keep(gemm_c_tensor_map(spec, c.ptr, m, n, splits=splits))
             dims = spec.launch_dims(m, n, splits, resident=kernel.resident_blocks(spec.threads))
-            if spec.stream_k:  # the tiles its full waves leave over, shared out through the workspace
+            if spec.split_tail:  # the tiles past its last full wave cut along K: the workspace
                 blocks = dims[0][0]
-                sk = spec.stream_k_tiles(m, n, k, blocks) if splits == 1 else 0
-                if sk:
-                    partials, flags = self._stream_k_partials, self._stream_k_flags
-                    assert (partials.nbytes, flags.nbytes) >= spec.stream_k_workspace(blocks), (blocks, partials)
+                parts = spec.tail_parts(m, n, k, blocks) if splits == 1 else 1
+                if parts > 1:
+                    partials, flags = self.tail.views()
+                    assert (partials.nbytes, flags.nbytes) >= spec.tail_workspace(blocks), (blocks, partials)
                 else:  # every tile whole: the kernel touches no workspace (allocated only if some GEMM needs it)
-                    partials, flags = (View(f"no stream-K {x}", c.ptr, (0,), "u8") for x in ("partial sums", "flags"))
-                extra = dict(partials=partials, flags=flags, sk_tiles=sk)
+                    partials, flags = (View(f"no tail {x}", c.ptr, (0,), "u8") for x in ("partial sums", "flags"))
+                extra = dict(partials=partials, flags=flags, tail_parts=parts, blocks=blocks)
         else:
             dims = spec.launch_dims(m, n, splits)
         args = spec.arguments(a, b, c, m, n, k, bias=bias, splits=splits,
@@ -223,22 +250,6 @@ class Ops:
     @functools.cached_property
     def _column_scratch(self) -> View:
         return self._scratch_buffer("column sum chunks")
-
-    @functools.cached_property
-    def _stream_k_workspace(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        return stream_k_shapes(self.k, self._wave)
-
-    @functools.cached_property
-    def _stream_k_partials(self) -> View:
-        return self.arena.new("stream-K partial sums", *self._stream_k_workspace["stream-K partial sums"])
-
-    @functools.cached_property
-    def _stream_k_flags(self) -> View:
-        """The stream-K flags, zeroed once: every launch leaves them down."""
-        flags = self.arena.new("stream-K flags", *self._stream_k_workspace["stream-K flags"])
-        fill_u32(flags.ptr, 0, flags.size)
-        Stream.null().synchronize()  # before any launch on the plan's own stream reads them
-        return flags
 
     @functools.cached_property
     def _split_scratch(self) -> View:

@@ -109,13 +109,32 @@ def cuda_scratch_bytes(config: ModelConfig, tokens: int, bf16: bool) -> int:
     return counter.bytes
 
 
+def tail_workspace_bytes(config: ModelConfig, bf16: bool, tokens: Iterable[int] | None = None) -> int:
+    """The split tails' workspace a backend allocates once (cuda_ops.TailWorkspace) on the widest
+    of WAVES: if a training step of some ``tokens`` rows splits a GEMM's tail, or (None: decoding,
+    whose prompts may be any length) if any GEMM can."""
+    from .cuda_buffers import linear_shapes
+    from .cuda_ops import splits_a_tail, tail_shapes
+
+    kernels = ModelKernels.of(config, AdamWSettings(), IGNORE_INDEX, Precision.BF16 if bf16 else Precision.FP32)
+    matrices = linear_shapes(param_shapes(config))
+    waves = [functools.partial(_wave, sms=sms, blocks=blocks) for sms, blocks in WAVES]
+    if tokens is not None and not any(splits_a_tail(kernels, config, t, matrices, w) for t in tokens for w in waves):
+        return 0
+    counter = _Counter()
+    for name, shape in tail_shapes(kernels, waves[-1]).items():
+        counter.new(name, *shape)
+    return counter.bytes
+
+
 def train_bytes(config: ModelConfig, shapes: Iterable[tuple[int, int]], on_gpu: bool, bf16: bool = False) -> int:
     """Bytes a run training on ``shapes`` (batch, seq) holds: a GPU backend builds each shape's step
     (the training batch, and a partial validation batch when the validation data is short)."""
     shapes = set(shapes)
-    if on_gpu:  # the backend; each shape's step buffers and the backward's scratch
+    if on_gpu:  # the backend; each shape's step buffers and the backward's scratch; the split tails' workspace
         return _cuda_backend_bytes(config, bf16) + sum(
-            cuda_step_buffer_bytes(config, b, s, bf16) + cuda_scratch_bytes(config, b * s, bf16) for b, s in shapes)
+            cuda_step_buffer_bytes(config, b, s, bf16) + cuda_scratch_bytes(config, b * s, bf16) for b, s in shapes) + \
+            tail_workspace_bytes(config, bf16, {b * s for b, s in shapes})
     # f32 weights and moments, their f64 copy and f64 gradients each step, the initial weights;
     # f64 activations, about twice over while the backward runs
     return n_params(config) * 36 + 8 * 2 * max(_activations(config, b, s) for b, s in shapes)
@@ -125,20 +144,14 @@ def generate_bytes(config: ModelConfig, max_len: int, on_gpu: bool, bf16: bool =
     if on_gpu:  # the backend; the KV caches; a prompt's and one token's activations and logits
         # (CudaDecoder's buffers)
         from .cuda_buffers import KV, Activations
-        from .cuda_ops import stream_k_shapes
 
         counter, width = _Counter(), config.num_kv_heads * config.head_dim
-        kernels = ModelKernels.of(config, AdamWSettings(), IGNORE_INDEX, Precision.BF16 if bf16 else Precision.FP32)
         for i in range(config.num_layers):
             KV.allocate(counter, i, max_len, width, bf16)  # type: ignore[arg-type]
         for new in {max_len, 1}:
             Activations(counter, config, 1, new, bf16)  # type: ignore[arg-type]
             counter.new("logits", (1, config.vocab_size))
-            # a prompt's GEMMs may share tiles out (stream-K): the workspace, on the widest GPU
-            for name, shape in stream_k_shapes(kernels, functools.partial(_wave, sms=WAVES[-1][0],
-                                                                          blocks=WAVES[-1][1])).items():
-                counter.new(name, *shape)
-        return _cuda_backend_bytes(config, bf16) + counter.bytes
+        return _cuda_backend_bytes(config, bf16) + counter.bytes + tail_workspace_bytes(config, bf16)
     kv = 2 * config.num_layers * max_len * config.num_kv_heads * config.head_dim
     # the weights read (f32) and the reference's f64 copy; prefill activations and the KV cache in f64
     return n_params(config) * 16 + 8 * (kv + _activations(config, 1, max_len))

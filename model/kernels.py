@@ -56,8 +56,8 @@ def split_k(spec: Gemm, m: int, n: int, tokens: int, wave: int) -> int:
     The count (a power of two dividing ``tokens``, parts of at least SPLIT_K_MIN_ROWS tokens and a
     multiple of the spec's ``split_k_multiple``) is the one with the least estimated time: the
     waves' FLOPs, idle slots included, plus the partial sums' bytes at FLOPS_PER_BYTE. A
-    ``stream_k`` kernel fills its last wave itself (1)."""
-    if getattr(spec, "stream_k", False):
+    ``split_tail`` kernel fills its last wave itself (1)."""
+    if getattr(spec, "split_tail", False):
         return 1
     tiles = -(-m // spec.block_m) * -(-n // spec.block_n)
 
@@ -103,9 +103,9 @@ class LinearKernels:
             # forward's 8192 x 9728 x 896 took 0.196 ms against 0.234 stored by the threads (a tile
             # 5.32 us against 6.34; 5.03 with no store at all); an f32 C gained nothing (6.12 against
             # 6.21 us a tile, and its staging costs a stage), so the threads store it
-            # stream_k: the tiles past its full waves shared by every SM (dX and dW at the model's
+            # split_tail: the tiles past the last full wave cut along K (dX and dW at the model's
             # shapes leave 52 or 4 tiles for a fourth or fifth wave of 132 SMs)
-            make = functools.partial(GemmWgmmaSpec, tma=True, stream_k=True, **WGMMA_TILE)
+            make = functools.partial(GemmWgmmaSpec, tma=True, split_tail=True, **WGMMA_TILE)
             fwd = make(trans_a=False, trans_b=True, bias=bias, bf16_out=bf16_out, tma_store=bf16_out)
             dx = make(trans_a=False, trans_b=False, bf16_out=bf16_dx, tma_store=bf16_dx)
             dw = make(trans_a=True, trans_b=False)

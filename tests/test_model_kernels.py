@@ -77,14 +77,14 @@ def test_weight_gradients_split_their_token_contraction_when_it_pays():
     assert split_k(fp32.gate_up.grad_weight, 4864, 896, 8192, wave=264) == 8
     assert split_k(fp32.gate_up.grad_weight, 4864, 896, 8192, wave=266) == 1   # one full wave: leave it
     # tensor cores are 10x faster for the same partial-sum traffic: fewer parts pay
-    unshared = dataclasses.replace(bf16.gate_up.grad_weight, stream_k=False)
-    assert split_k(unshared, 4864, 896, 8192, wave=132) == 2
-    # the model's bf16 GEMMs share their last wave's tiles out themselves (stream-K): no split
+    unsplit_tail = dataclasses.replace(bf16.gate_up.grad_weight, split_tail=False)
+    assert split_k(unsplit_tail, 4864, 896, 8192, wave=132) == 2
+    # the model's bf16 GEMMs cut the tiles past their last full wave themselves: no split-K
     assert split_k(bf16.gate_up.grad_weight, 4864, 896, 8192, wave=132) == 1
-    assert bf16.gate_up.grad_weight.stream_k_tiles(4864, 896, 8192, 132) > 0
+    assert bf16.gate_up.grad_weight.tail_parts(4864, 896, 8192, 132) > 1
     # a narrow weight, [128, 896] (qwen2-0.5b's k or v alone)
     kv16, kv32 = (LinearKernels.of(896, 128, precision=p) for p in (Precision.BF16, Precision.FP32))
-    kv16 = dataclasses.replace(kv16.grad_weight, stream_k=False)
+    kv16 = dataclasses.replace(kv16.grad_weight, split_tail=False)
     assert split_k(kv16, 128, 896, 8192, wave=132) == 16      # 7 tiles on 132 blocks
     # a TMA-fed part must be a whole number of 64-long slices: 8320 tokens = 2 x 4160 = 65 x 64 x 2
     assert split_k(kv16, 128, 896, 8320, wave=132) == 2

@@ -27,12 +27,14 @@ from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices, leading_dims, s
 from .mma_tile import ELEMS, SharedTile
 from .ring import Pointer, Ring
 
-# stream-K's prices in slices of a block's time (on the H200 a 128 x 128 x 64 slice took 0.34 us,
-# a tile's epilogue ~1-2 us, handing 64 KB of partial sums over ~1 us); and the most blocks its
-# u32 slice arithmetic is kept safe for
-STREAM_K_TILE_COST = 4
-STREAM_K_HANDOVER_COST = 4
-MAX_BLOCKS = 1024
+# a split tail's prices in slices of a block's time (on the H200 a 128 x 128 x 64 slice took
+# 0.34 us, a tile's epilogue ~1-2 us, handing 64 KB of partial sums over ~1 us); at most this
+# many parts a tail tile, and its (part, tile) pairs at most TAIL_ROUNDS per block (the
+# workspace's slots: TAIL_ROUNDS a block)
+TAIL_TILE_COST = 4
+TAIL_HANDOVER_COST = 4
+TAIL_PARTS_MAX = 16
+TAIL_ROUNDS = 2
 
 
 
@@ -178,48 +180,46 @@ class TensorCoreGemm:
     def params(self) -> tuple[tuple[str, T], ...]:
         if self.tma:
             ptrs = ("tmap_a", "tmap_b", "c") + (("bias",) if self.bias else ()) + (("stats",) if self.row_stats else ())
-            ptrs += ("partials", "flags") if self.stream_k else ()
-            dims = ("m", "n", "k", "ldc", "splits") + (("sk_tiles",) if self.stream_k else ())
+            ptrs += ("partials", "flags") if self.split_tail else ()
+            dims = ("m", "n", "k", "ldc", "splits") + (("tail_parts",) if self.split_tail else ())
             return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
         ptrs = ("a", "b", "c") + (("bias",) if self.bias else ())
         dims = ("m", "n", "k", "lda", "ldb", "ldc") + BATCH_PARAMS
         return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
 
     def outputs(self) -> tuple[str, ...]:
-        return ("c",) + (("stats",) if self.row_stats else ()) + (("partials", "flags") if self.stream_k else ())
+        return ("c",) + (("stats",) if self.row_stats else ()) + (("partials", "flags") if self.split_tail else ())
 
     def slices(self, k: int) -> int:
         """The K slices of a ``k``-long contraction."""
         return -(-k // self.k_elems)
 
-    def stream_k_tiles(self, m: int, n: int, k: int, blocks: int) -> int:
-        """How many tiles (the first in tile order) a ``stream_k`` kernel of ``blocks`` blocks
-        shares out slice by slice (0: none, every tile whole). Priced in slices of a block's time:
-        whole tiles take ceil(tiles / blocks) of them each; sharing the remainder past full waves
-        (or it and one wave more, whose runs are longer) spreads their slices evenly, at the cost of
-        an epilogue for each tile a block's run touches and, for a tile's first run, a hand-over of
-        each later run's partial sums (STREAM_K_TILE_COST, STREAM_K_HANDOVER_COST, in slices). The
-        kernel's u32 slice arithmetic bounds the shared slices times the blocks."""
+    def tail_parts(self, m: int, n: int, k: int, blocks: int) -> int:
+        """The parts a ``split_tail`` kernel of ``blocks`` blocks cuts each tile past its last full
+        wave into (1: none), priced in slices of a block's time: the tail, whole, takes a tile's
+        slices and an epilogue (TAIL_TILE_COST); in P parts, its (part, tile) pairs' rounds of
+        slices / P and an epilogue each, and P - 1 hand-overs of partial sums (TAIL_HANDOVER_COST).
+        P divides the slices (equal parts), at most TAIL_PARTS_MAX, the pairs at most TAIL_ROUNDS
+        a block (the workspace's slots)."""
         tiles, slices = -(-m // self.block_m) * -(-n // self.block_n), self.slices(k)
-        if not self.stream_k or not slices or blocks < 2:
-            return 0
-        per_tile = slices + STREAM_K_TILE_COST
-        best, choice = -(-tiles // blocks) * per_tile, 0
-        for shared in (tiles % blocks, tiles % blocks + blocks):
-            if not 0 < shared <= tiles or shared * slices * blocks >= 2**32:
-                continue
-            run = -(-shared * slices // blocks)
-            cost = ((tiles - shared) // blocks * per_tile + run + (-(-run // slices) + 1) * STREAM_K_TILE_COST
-                    + -(-slices // run) * STREAM_K_HANDOVER_COST)
-            if cost < best:
-                best, choice = cost, shared
-        return choice
+        tail = tiles % blocks
+        if not self.split_tail or not tail:
+            return 1
 
-    def stream_k_workspace(self, blocks: int) -> tuple[int, int]:
-        """Bytes of (partial sums, flags) a ``stream_k`` kernel of ``blocks`` blocks needs: a tile
-        of f32 and a u32 flag a block; the flags zero before the first launch (each launch leaves
-        them so)."""
-        return blocks * self.block_m * self.block_n * 4, blocks * 4
+        def cost(parts: int) -> int:
+            rounds = -(-tail * parts // blocks)
+            return rounds * (slices // parts + TAIL_TILE_COST) + (parts - 1) * TAIL_HANDOVER_COST
+
+        options = [p for p in range(1, min(TAIL_PARTS_MAX, slices) + 1)
+                   if slices % p == 0 and tail * p <= TAIL_ROUNDS * blocks]
+        return min(options, key=lambda p: (cost(p), p))
+
+    def tail_workspace(self, blocks: int) -> tuple[int, int]:
+        """Bytes of (partial sums, flags) a ``split_tail`` kernel of ``blocks`` blocks needs: a
+        tile of f32 and a u32 flag for each of TAIL_ROUNDS slots a block; the flags zero before
+        the first launch (each launch leaves them so)."""
+        slots = TAIL_ROUNDS * blocks
+        return slots * self.block_m * self.block_n * 4, slots * 4
 
     @property
     def c_dtype(self) -> DType:
@@ -236,15 +236,16 @@ class TensorCoreGemm:
         """(grid, block). A tma kernel's blocks persist, each walking (split, tile) pairs
         ``%nctaid.x`` apart: at most ``resident`` of them (``Kernel.resident_blocks``)."""
         tiles = -(-n // self.block_n) * -(-m // self.block_m)
-        if self.tma:  # with stream_k every block resident: the shared tiles' slices go to all
-            return (resident if self.stream_k and resident else min(tiles * batches, resident or tiles * batches),
+        if self.tma:  # with split_tail every block resident: the tail's parts go to all
+            return (resident if self.split_tail and resident else min(tiles * batches, resident or tiles * batches),
                     1), self.threads
         return (tiles, batches), self.threads
 
     def arguments(self, a: int, b: int, c: int, m: int, n: int, k: int, *, bias: int | None = None,
                   lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
                   batch: Batch | None = None, splits: int = 1, stats: int | None = None,
-                  partials: int | None = None, flags: int | None = None, sk_tiles: int = 0) -> tuple[int, ...]:
+                  partials: int | None = None, flags: int | None = None, tail_parts: int = 1,
+                  blocks: int | None = None) -> tuple[int, ...]:
         """The kernel's arguments in order, after refusing shapes its 16-byte copies cannot serve:
         each operand's contiguous extent, leading dimension and batch strides a multiple of 16
         bytes (8 16-bit or 4 tf32 elements); N, ldc and C's batch strides even. Batches are the
@@ -253,18 +254,23 @@ class TensorCoreGemm:
         of the operands' tensor maps, which carry their layout: no lda, ldb or batches; with
         ``tma_store``, ``c`` is C's (``runtime.tensormap.gemm_c_tensor_map``). ``stats``:
         where a ``row_stats`` spec writes its per-tile row statistics (and only such a spec).
-        ``sk_tiles``: the tiles a ``stream_k`` spec shares out (``stream_k_tiles``), through the
-        workspace ``partials``, ``flags`` (``stream_k_workspace``), which it touches only then."""
+        ``tail_parts``: the parts a ``split_tail`` spec launched as ``blocks`` blocks cuts its tail
+        tiles into (``tail_parts``), through the workspace ``partials``, ``flags``
+        (``tail_workspace``), which it touches only then."""
         name = self.kind
-        if (partials is not None or flags is not None) and not self.stream_k:
-            raise ValueError(f"{name}: partials and flags are a stream_k spec's")
-        tiles = -(-m // self.block_m) * -(-n // self.block_n)
-        if sk_tiles and (not self.stream_k or splits > 1 or not 0 < sk_tiles <= tiles
-                         or sk_tiles * self.slices(k) >= 2**32 // MAX_BLOCKS):
-            raise ValueError(f"{name}: sk_tiles={sk_tiles} needs stream_k, no split-K, and at most the {tiles} "
-                             f"tiles (their slices times {MAX_BLOCKS} blocks within u32)")
-        if sk_tiles and (partials is None or flags is None):
-            raise ValueError(f"{name}: sk_tiles={sk_tiles} needs the workspace (partials and flags)")
+        if (partials is not None or flags is not None) and not self.split_tail:
+            raise ValueError(f"{name}: partials and flags are a split_tail spec's")
+        if tail_parts != 1:
+            slices = self.slices(k)
+            tiles = -(-m // self.block_m) * -(-n // self.block_n)
+            if not self.split_tail or splits > 1 or blocks is None or partials is None or flags is None:
+                raise ValueError(f"{name}: tail_parts={tail_parts} needs split_tail, no split-K, the blocks "
+                                 "launched and the workspace (partials and flags)")
+            if not 1 < tail_parts <= TAIL_PARTS_MAX or slices % tail_parts or \
+                    tiles % blocks * tail_parts > TAIL_ROUNDS * blocks:
+                raise ValueError(f"{name}: tail_parts={tail_parts} must divide the {slices} slices, be at most "
+                                 f"{TAIL_PARTS_MAX}, and deal the {tiles % blocks} tail tiles' parts at most "
+                                 f"{TAIL_ROUNDS} to each of {blocks} blocks")
         if (stats is not None) != self.row_stats:
             raise ValueError(f"{name}: stats {'needs' if stats is not None else 'is required by'} row_stats")
         if stats is not None and splits > 1:
@@ -293,8 +299,8 @@ class TensorCoreGemm:
                              "bytes")
         ptrs = (a, b, c) + ((bias,) if self.bias else ()) + ((stats,) if stats is not None else ())
         if self.tma:
-            if self.stream_k:
-                return (*ptrs, partials or 0, flags or 0, m, n, k, ldc, splits, sk_tiles)
+            if self.split_tail:
+                return (*ptrs, partials or 0, flags or 0, m, n, k, ldc, splits, tail_parts)
             return (*ptrs, m, n, k, ldc, splits)
         return (*ptrs, m, n, k, lda, ldb, ldc, batch.inner, *strides)
 
@@ -353,7 +359,7 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
     bf16_out: ClassVar[bool] = False  # C is f32 (a bf16 C is the wgmma kernel's)
     row_stats: ClassVar[bool] = False  # the wgmma kernel's
     tma_store: ClassVar[bool] = False  # the wgmma kernel's
-    stream_k: ClassVar[bool] = False  # the wgmma kernel's
+    split_tail: ClassVar[bool] = False  # the wgmma kernel's
 
     @property
     def threads(self) -> int:

@@ -87,7 +87,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
     bf16_out: bool = False  # C stored in bf16, rounded to nearest even: a next kernel's bf16 operand
     row_stats: bool = False  # also each tile's (max, sum of exp(c - max)) per row: a softmax's first pass
     tma_store: bool = False  # pingpong: C leaves through shared memory by TMA stores (``c`` is its tensor map)
-    stream_k: bool = False  # pingpong: the tiles a last wave would leave SMs idle on are shared out by slices
+    split_tail: bool = False  # pingpong: the tiles past the last full wave cut along K (``tma_pipeline``)
 
     block_k: ClassVar[int] = BLOCK_K
     m_tiles: ClassVar[int] = 1  # per warp: 16 rows of the m64 tile ...
@@ -136,8 +136,8 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                             "bf16_out: the statistics are of the C stored)")
         if self.tma_store and (not self.pingpong or self.accumulate or self.row_stats):
             raise SpecError("gemm_wgmma: tma_store is the pingpong kernel's, storing C (no accumulate, no row_stats)")
-        if self.stream_k and not self.pingpong:
-            raise SpecError("gemm_wgmma: stream_k is the pingpong kernel's (a warpgroup holds a whole tile)")
+        if self.split_tail and not self.pingpong:
+            raise SpecError("gemm_wgmma: split_tail is the pingpong kernel's (a warpgroup holds a whole tile)")
         if any(self.mn_major) and self.dtype is MmaType.TF32:
             raise SpecError("gemm_wgmma: tf32 operands must be stored with K contiguous (A [M, K], B [N, K])")
         if self.dynamic_shared_bytes() > SHARED_LIMIT:
@@ -177,7 +177,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         mainloop = _Mainloop(self, p)
         stats = b.cvta_global(b.ld_param("stats")) if self.row_stats else None
         staged = StagedStore(self, b, p, group, b.and_(tid, 127)) if self.tma_store else None
-        partials = PartialSums(self, p, group, b.and_(tid, 127)) if self.stream_k else None
+        partials = PartialSums(self, p, group, b.and_(tid, 127)) if self.split_tail else None
         turns = b.div(b.add(b.sub(p.mine, group), 1), 2)  # tiles group, group + 2, ... below mine
         mine_wait, other_go = b.sub(2, group), b.add(group, 1)  # barrier ids: 2 or 1, 1 or 2
         with b.loop(turns, "turn") as t:
@@ -221,8 +221,8 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                 cls(tma=True, pingpong=True, block_n=128, stages=6, bf16_out=True, tma_store=True),
                 cls(tma=True, pingpong=True, block_n=128, stages=5, bias=True, tma_store=True),
                 cls(tma=True, pingpong=True, block_n=128, stages=5, trans_a=True, trans_b=False, tma_store=True),
-                cls(tma=True, pingpong=True, block_n=128, stages=6, trans_a=True, trans_b=False, stream_k=True),
-                cls(tma=True, pingpong=True, block_n=128, stages=6, bf16_out=True, tma_store=True, stream_k=True)]
+                cls(tma=True, pingpong=True, block_n=128, stages=6, trans_a=True, trans_b=False, split_tail=True),
+                cls(tma=True, pingpong=True, block_n=128, stages=6, bf16_out=True, tma_store=True, split_tail=True)]
 
 
 def multiply(spec: GemmWgmmaSpec, b: KernelBuilder, accs: list[tuple[list[Reg], Reg]], b_tile: Reg,
@@ -344,61 +344,59 @@ class StagedStore:
 
 
 class PartialSums:
-    """Stream-K's hand-over of cut tiles between blocks (``tma_pipeline``). A run that ends a
-    tile's contraction leaves the warpgroup's accumulators in its block's workspace slot, each
-    thread its own 16-byte vectors (a warp's stores and its reader's loads are 512 contiguous
-    bytes), then raises the block's flag (release); the tile's first run, once the flag is up
-    (acquire), adds each later run's partial sum in block order, so the sum is the same every
-    launch, and lowers the flag for the next launch."""
+    """A split tail's hand-over of partial sums between blocks (``tma_pipeline``). A tail tile's
+    part past 0 leaves the warpgroup's accumulators in its workspace slot, each thread its own
+    16-byte vectors (a warp's stores and its reader's loads are 512 contiguous bytes), then raises
+    the slot's flag (release); part 0, once each flag is up (acquire), adds parts 1, 2, ... in
+    that order, so the sum is the same every launch, and lowers the flags for the next launch."""
 
     def __init__(self, spec: GemmWgmmaSpec, p: TmaPipeline, group: Reg, thread: Reg):
-        b = p.b
-        self.spec, self.p, self.b = spec, p, b
+        self.spec, self.p, self.b, self.group, self.thread = spec, p, p.b, group, thread
         self.slot_bytes = spec.block_m * spec.block_n * 4
-        self.mine = b.add(b.cvta_global(b.ld_param("partials")), b.mul_wide(thread, 16))
-        self.flags = b.cvta_global(b.ld_param("flags"))
-        self.leader, self.barrier = b.setp("eq", thread, 0), b.add(group, 3)
 
-    def _slot(self, block: Reg) -> Reg:
-        return self.b.add(self.mine, self.b.mul_wide(block, self.slot_bytes))
+    # (the addresses are made where they are used, from the parameters: nothing held across the
+    # tiles in the consumers' registers, which the accumulators all but fill)
+    def _vectors(self, slot: Reg) -> Reg:
+        b = self.b
+        return b.add(b.add(b.cvta_global(b.ld_param("partials")), b.mul_wide(self.thread, 16)),
+                     b.mul_wide(slot, self.slot_bytes))
 
-    def _flag(self, block: Reg) -> Addr:
-        return Addr(self.b.add(self.flags, self.b.mul_wide(block, 4)))
+    def _flag(self, slot: Reg) -> Addr:
+        b = self.b
+        return Addr(b.add(b.cvta_global(b.ld_param("flags")), b.mul_wide(slot, 4)))
 
     def settle(self, acc: list[Reg], unit: Unit, stored: Label) -> None:
-        """Before ``unit``'s store: a whole tile goes on to it; a run after a tile's first leaves its
-        partial sum and jumps to ``stored``; a tile's first run adds the others' first."""
-        b, sk = self.b, self.p.stream_k
-        store, first = b.new_label("store"), b.new_label("first_run")
+        """Before ``unit``'s store: a whole tile goes on to it; a tail tile's part past 0 leaves its
+        partial sum and jumps to ``stored``; its part 0 adds the others' first."""
+        b, tail = self.b, self.p.split_tail
+        leader, barrier = b.setp("eq", self.thread, 0), b.add(self.group, 3)
+        store, first = b.new_label("store"), b.new_label("part_0")
         starts = b.setp("eq", unit.k0, 0)
         b.bra(store, guard=b.and_(starts, b.setp("eq", unit.count, self.p.slices), T.PRED))
         b.bra(first, guard=starts)
-        at = self._slot(sk.block)
+        slot = tail.slot(unit.tile, b.div(unit.k0, unit.count))
+        at = self._vectors(slot)
         for q in range(len(acc) // 4):
             b.st("global", Addr(at, q * 128 * 16), acc[4 * q:4 * q + 4])
         b.fence_gpu()
-        b.bar_sync(self.barrier, 128)  # every thread's partial sum written (and fenced) ...
-        b.st_release(self._flag(sk.block), 1, guard=self.leader)  # ... before the flag goes up
+        b.bar_sync(barrier, 128)  # every thread's partial sum written (and fenced) ...
+        b.st_release(self._flag(slot), 1, guard=leader)  # ... before the flag goes up
         b.bra(stored)
         b.place(first)
-        with b.loop(b.sub(sk.last_block(unit.tile), sk.block), "later_run") as i:
-            block = b.add(sk.block, b.add(i, 1))
-            lo, hi = sk.bounds(block)
-            empty = b.new_label("empty_block")
-            b.bra(empty, guard=b.setp("eq", lo, hi))  # a block with no stream-K slices raises no flag
-            flag, skip, spin = self._flag(block), b.new_label("follower"), b.new_label("spin")
-            b.bra(skip, guard=~self.leader)
+        with b.loop(b.sub(tail.parts, 1), "part") as i:
+            slot = tail.slot(unit.tile, b.add(i, 1))
+            flag, follower, spin = self._flag(slot), b.new_label("follower"), b.new_label("spin")
+            b.bra(follower, guard=~leader)
             b.place(spin)
             b.bra(spin, guard=b.setp("eq", b.ld_acquire(flag), 0))
-            b.place(skip)
-            b.bar_sync(self.barrier, 128)  # the leader saw the flag: the partial sum is there for all
-            at = self._slot(block)
+            b.place(follower)
+            b.bar_sync(barrier, 128)  # the leader saw the flag: the partial sum is there for all
+            at = self._vectors(slot)
             for q in range(len(acc) // 4):
                 values = b.ld("global", T.F32, Addr(at, q * 128 * 16), 4, cg=True)
                 for r, v in zip(acc[4 * q:4 * q + 4], values):
                     b.add(r, v, out=r)
-            b.st("global", flag, 0, t=T.U32, guard=self.leader)  # lowered for the next launch
-            b.place(empty)
+            b.st("global", flag, 0, t=T.U32, guard=leader)  # lowered for the next launch
         b.place(store)
 
 

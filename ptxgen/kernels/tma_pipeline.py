@@ -12,14 +12,15 @@ Consumers that read a stage through the generic proxy (ld, ldmatrix) must fence 
 proxy before releasing it (``fence_proxy_async``): the copies that refill it are async-proxy
 writes, which the mbarrier's release and acquire do not order after generic reads.
 
-With ``stream_k`` the first ``sk_tiles`` tiles (a runtime argument, ``stream_k_tiles`` picks it)
-are not dealt out whole: their slices, tile after tile, are cut into ``%nctaid.x`` equal runs, one
-a block, which each block multiplies first (then its share of the other tiles, whole). A run that
-starts inside a tile ends that tile's contraction: it leaves its partial sum in the block's slot
-of a workspace and raises the block's flag; the run holding the tile's first slice adds the
-partial sums of the runs after it, in block order (deterministic), then stores the tile. So the
-tiles that would fill a last wave badly are shared by every SM (``stream_k_units`` is the host's
-reference of the schedule the kernel computes).
+With ``split_tail`` the tiles past the last full wave (tiles mod ``%nctaid.x``: the tail, which
+would leave the other SMs idle for a whole tile's time) are cut along K into ``tail_parts`` equal
+parts (a runtime argument; 1: none, ``tail_parts`` picks it), dealt out after the full waves like
+tiles. Part 0 of a tail tile stores it: it adds the partial sums parts 1, 2, ... left in the
+workspace, in that order (the same bits every launch). Parts 1 and up come first in the deal, so a
+part 0 waits only for parts that wait for nothing (``split_tail_units`` is the host's reference
+of the schedule the kernel computes). Parts of one index run at once over the tail's tiles, at the
+same K, as the full waves' tiles do: they share the operands in L2 (cutting tiles along K at
+staggered offsets, as stream-K does, lost that: 1.5x slower at K = 151936).
 
 A slice is 128 bytes of K. A K-major operand (K contiguous) lands as one [rows][128 bytes] box; an
 MN-major one as [64 K rows][64 elements] boxes side by side, MN_CHUNK apart; both in the 128-byte
@@ -41,9 +42,9 @@ MN_CHUNK = 64 * SWIZZLE_ROW  # an MN-major operand's [64 K][64 M or N] box: the 
 @dataclass(frozen=True)
 class Unit:
     """One run of a block's work: the tile at (row0, col0) of split ``split``, its slices k0 to
-    k0 + count - 1 (the whole contraction but where stream-K cuts a tile), which the block reaches
+    k0 + count - 1 (the whole contraction but for a tail tile's part), which the block reaches
     after ``pos`` slices of its earlier runs (where its ring stands; None: the run's index times
-    the slices, every run being whole); ``tile``: the stream-K tile index."""
+    the slices, every run being whole); ``tile``: the tile's index (``split_tail``)."""
 
     split: Reg | int
     row0: Reg
@@ -54,71 +55,58 @@ class Unit:
     tile: Reg | None = None
 
 
-def stream_k_bounds(block: int, blocks: int, total: int) -> tuple[int, int]:
-    """The slices [lo, hi) of the stream-K tiles' ``total`` that ``block`` of ``blocks`` multiplies."""
-    return block * total // blocks, (block + 1) * total // blocks
-
-
-def stream_k_units(block: int, blocks: int, tiles: int, slices: int, sk_tiles: int) -> list[tuple[int, int, int, int]]:
-    """The (tile, k0, count, pos) runs ``block`` works through, in order: the reference of the
-    schedule ``StreamK`` emits. Its stream-K runs first (tiles below ``sk_tiles``, cut at its slice
-    bounds), then the other tiles ``blocks`` apart, whole."""
-    lo, hi = stream_k_bounds(block, blocks, sk_tiles * slices)
-    units = []
-    for tile in range(lo // slices, -(-hi // slices)) if hi > lo else ():
-        start, end = max(lo, tile * slices), min(hi, (tile + 1) * slices)
-        units.append((tile, start - tile * slices, end - start, start - lo))
-    for i, tile in enumerate(range(sk_tiles + block, tiles, blocks)):
-        units.append((tile, 0, slices, hi - lo + i * slices))
+def split_tail_units(block: int, blocks: int, tiles: int, slices: int, parts: int
+                     ) -> list[tuple[int, int, int, int]]:
+    """The (tile, k0, count, pos) runs ``block`` of ``blocks`` works through, in order: the
+    reference of the schedule ``SplitTail`` emits. Whole tiles ``blocks`` apart below the tail;
+    then the tail's (part, tile) pairs ``blocks`` apart, parts 1 and up before part 0."""
+    tail, waves, length = tiles % blocks, tiles // blocks, slices // parts
+    units = [(j * blocks + block, 0, slices, j * slices) for j in range(waves)]
+    for i, u in enumerate(range(block, tail * parts, blocks)):
+        part, t = (1 + u // tail, u % tail) if u < tail * (parts - 1) else (0, u - tail * (parts - 1))
+        units.append((tiles - tail + t, part * length, length, waves * slices + i * length))
     return units
 
 
-def stream_k_finisher(tile: int, blocks: int, slices: int, sk_tiles: int) -> tuple[int, list[int]]:
-    """(the block that stores stream-K tile ``tile``, the blocks whose partial sums it adds, in order)."""
-    owners = [g for g in range(blocks) if any(u[0] == tile for u in stream_k_units(g, blocks, sk_tiles, slices,
-                                                                                  sk_tiles))]
-    return owners[0], owners[1:]
+def split_tail_slots(tile: int, blocks: int, tiles: int, parts: int) -> list[int]:
+    """The workspace slots (one a part past 0) of tail ``tile``'s parts 1, 2, ..., in order."""
+    tail = tiles % blocks
+    return [(part - 1) * tail + tile - (tiles - tail) for part in range(1, parts)]
 
 
-class StreamK:
-    """The stream-K schedule in the kernel: this block's runs of the first ``shared`` tiles' slices
-    (``stream_k_units``), then its whole tiles; and, for a tile's first run, the blocks whose
-    partial sums complete it."""
+class SplitTail:
+    """The split-tail schedule in the kernel (``split_tail_units``) for this ``block`` of
+    ``blocks``, and where each part's partial sum goes (``slot``)."""
 
-    def __init__(self, b: KernelBuilder, tiles: Reg, slices: Reg, block: Reg, blocks: Reg, shared: Reg):
-        self.b, self.slices, self.block, self.blocks, self.shared = b, slices, block, blocks, shared
-        self.total = b.mul(shared, slices)
-        self.lo, self.hi = self.bounds(block)
-        first, last = b.div(self.lo, slices), b.div(b.sub(self.hi, 1), slices)
-        self.first_tile = first
-        self.runs = b.selp(b.add(b.sub(last, first), 1), 0, b.setp("gt", self.hi, self.lo), T.U32)
-        whole = b.sub(tiles, shared)
-        self.count = b.add(self.runs, b.div(b.add(b.sub(b.max(whole, block), block), b.sub(blocks, 1)), blocks))
-
-    def bounds(self, block: Reg) -> tuple[Reg, Reg]:
-        """The slices [lo, hi) ``block`` multiplies of the shared tiles' (u32: the host keeps
-        shared * slices * blocks below 2^32)."""
-        b = self.b
-        return b.div(b.mul(block, self.total), self.blocks), b.div(b.mul(b.add(block, 1), self.total), self.blocks)
+    def __init__(self, b: KernelBuilder, tiles: Reg, slices: Reg, block: Reg, blocks: Reg, parts: Reg):
+        self.b, self.tiles, self.slices, self.block, self.blocks, self.parts = b, tiles, slices, block, blocks, parts
+        self.tail = b.rem(tiles, blocks)
+        self.waves = b.div(tiles, blocks)
+        self.length = b.div(slices, parts)
+        self.before = b.mul(self.tail, b.sub(parts, 1))  # the (part >= 1, tile) pairs, dealt first
+        self.first_tail = b.sub(tiles, self.tail)
+        pairs = b.mul(self.tail, parts)
+        self.count = b.add(self.waves, b.div(b.add(b.sub(b.max(pairs, block), block), b.sub(blocks, 1)), blocks))
 
     def unit(self, j: Reg) -> tuple[Reg, Reg, Reg, Reg]:
         """(tile, k0, count, pos) of this block's ``j``-th run."""
         b, S = self.b, self.slices
-        shared_run = b.setp("lt", j, self.runs)
-        tile = b.add(self.first_tile, j)
-        tile_k = b.mul(tile, S)
-        start = b.max(self.lo, tile_k)
-        end = b.min(self.hi, b.add(tile_k, S))
-        later = b.sub(j, self.runs)  # the whole tiles' index (wraps for a shared run: not selected)
-        return (b.selp(tile, b.mad(later, self.blocks, b.add(self.shared, self.block)), shared_run, T.U32),
-                b.selp(b.sub(start, tile_k), 0, shared_run, T.U32),
-                b.selp(b.sub(end, start), S, shared_run, T.U32),
-                b.selp(b.sub(start, self.lo), b.mad(later, S, b.sub(self.hi, self.lo)), shared_run, T.U32))
+        in_tail = b.setp("ge", j, self.waves)
+        i = b.sub(j, self.waves)  # the tail pair's index (wraps below the tail: not selected)
+        u = b.mad(i, self.blocks, self.block)
+        early = b.setp("lt", u, self.before)
+        tail = b.max(self.tail, 1)  # (no tail: the quotients are not selected)
+        part = b.selp(b.add(b.div(u, tail), 1), 0, early, T.U32)
+        t = b.selp(b.rem(u, tail), b.sub(u, self.before), early, T.U32)
+        return (b.selp(b.add(self.first_tail, t), b.mad(j, self.blocks, self.block), in_tail, T.U32),
+                b.selp(b.mul(part, self.length), 0, in_tail, T.U32),
+                b.selp(self.length, S, in_tail, T.U32),
+                b.selp(b.mad(i, self.length, b.mul(self.waves, S)), b.mul(j, S), in_tail, T.U32))
 
-    def last_block(self, tile: Reg) -> Reg:
-        """The block holding stream-K ``tile``'s last slice: the greatest g with lo(g) <= it."""
+    def slot(self, tile: Reg, part: Reg) -> Reg:
+        """The workspace slot of tail ``tile``'s ``part`` (>= 1)."""
         b = self.b
-        return b.div(b.sub(b.mul(b.mad(tile, self.slices, self.slices), self.blocks), 1), self.total)
+        return b.mad(b.sub(part, 1), self.tail, b.sub(tile, self.first_tail))
 
 
 class TmaPipeline:
@@ -157,10 +145,10 @@ class TmaPipeline:
                            b.div(b.add(self.n, spec.block_n - 1), spec.block_n))
         work = b.mul(self.tiles, b.ld_param("splits"))
         self.first, self.stride = b.special("%ctaid.x"), b.special("%nctaid.x")
-        self.stream_k = None
-        if getattr(spec, "stream_k", False):
-            self.stream_k = StreamK(b, self.tiles, self.slices, self.first, self.stride, b.ld_param("sk_tiles"))
-            self.mine = self.stream_k.count
+        self.split_tail = None
+        if getattr(spec, "split_tail", False):
+            self.split_tail = SplitTail(b, self.tiles, self.slices, self.first, self.stride, b.ld_param("tail_parts"))
+            self.mine = self.split_tail.count
         else:  # (split, tile) pairs first, first + stride, ... below work
             self.mine = b.div(b.add(b.sub(b.max(work, self.first), self.first), b.sub(self.stride, 1)), self.stride)
         end, consumer = b.new_label("end"), b.new_label("consumer")
@@ -185,12 +173,12 @@ class TmaPipeline:
         return (split, *tile_origin(b, self.spec, self.m, self.n, b.sub(index, b.mul(split, self.tiles))))
 
     def unit(self, i: Reg) -> Unit:
-        """This block's ``i``-th run (``Unit``): a whole (split, tile) pair, or with stream-K a
-        run of its schedule."""
+        """This block's ``i``-th run (``Unit``): a whole (split, tile) pair, or with a split tail
+        a run of its schedule."""
         b = self.b
-        if self.stream_k is None:
+        if self.split_tail is None:
             return Unit(*self.item(i), 0, self.slices, None)
-        tile, k0, count, pos = self.stream_k.unit(i)
+        tile, k0, count, pos = self.split_tail.unit(i)
         return Unit(b.mov(0, T.U32), *tile_origin(b, self.spec, self.m, self.n, tile), k0, count, pos, tile)
 
     def stage(self, slot: Slot) -> tuple[Reg, Reg, Reg]:
@@ -206,7 +194,7 @@ class TmaPipeline:
         with b.loop(self.mine, "tile") as i:
             unit = self.unit(i)
             split, row0, col0 = unit.split, unit.row0, unit.col0
-            k_at = b.mul(split, self.k) if self.stream_k is None else b.mul(unit.k0, spec.k_elems)
+            k_at = b.mul(split, self.k) if self.split_tail is None else b.mul(unit.k0, spec.k_elems)
             with b.loop(unit.count, "slice"):
                 at, full, empty = self.stage(slot)
                 b.mbarrier_wait(empty, b.xor(slot.phase, 1))  # the first trip finds every stage free
