@@ -97,10 +97,9 @@ def test_the_kernels_schedule_arithmetic_is_the_reference(tiles, slices, blocks,
 @pytest.mark.parametrize("m, n, k, blocks, parts", [
     (8192, 896, 9728, 132, 2),     # gate/up's dX: 448 tiles, 52 past three waves
     (8192, 896, 151936, 132, 2),   # the LM head's dX
-    (4864, 896, 8192, 132, 4),     # down's dW: 266 tiles, 2 past two waves
-    (128, 896, 8192, 132, 4),      # a narrow dW: 7 tiles on 132 SMs (8 parts: as many slices saved as
-                                   # hand-overs cost)
-    (8192, 896, 896, 132, 2),      # o_proj's forward: 52 tail tiles of 14 slices, halved
+    (4864, 896, 8192, 132, 2),     # down's dW: 266 tiles, 2 past two waves (more parts: more hand-overs)
+    (128, 896, 8192, 132, 2),      # a narrow dW: 7 tiles on 132 SMs
+    (8192, 896, 896, 132, 1),      # o_proj's forward: 52 tail tiles of 14 slices; a hand-over costs more
     (8192, 9728, 896, 132, 1),     # gate/up's forward: 112 tail tiles, halves would take two rounds
     (128, 128, 704, 264, 1)])      # one tile of 11 slices: 11 is prime, no equal parts
 def test_the_tail_is_cut_where_the_last_wave_is_thin(m, n, k, blocks, parts):

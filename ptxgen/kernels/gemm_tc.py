@@ -27,12 +27,14 @@ from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices, leading_dims, s
 from .mma_tile import ELEMS, SharedTile
 from .ring import Pointer, Ring
 
-# a split tail's prices in slices of a block's time (on the H200 a 128 x 128 x 64 slice took
-# 0.34 us, a tile's epilogue ~1-2 us, handing 64 KB of partial sums over ~1 us); at most this
-# many parts a tail tile, and its (part, tile) pairs at most TAIL_ROUNDS per block (the
-# workspace's slots: TAIL_ROUNDS a block)
+# a split tail's prices in slices of a block's time, as measured in the model's step on the H200
+# (a 128 x 128 x 64 slice 0.34 us, a tile's epilogue ~1-2 us): halving the 52-tile tails of the
+# K = 896 GEMMs (14 slices a tile) cost 4-7 us a launch more than it saved, so a hand-over (the
+# partial sums written, fenced, flagged, waited for and read) costs ~8 us; halving those of K =
+# 9728 and 151936 saved 29 us and 0.4 ms a launch. At most this many parts a tail tile, and its
+# (part, tile) pairs at most TAIL_ROUNDS per block (the workspace's slots: TAIL_ROUNDS a block)
 TAIL_TILE_COST = 4
-TAIL_HANDOVER_COST = 4
+TAIL_HANDOVER_COST = 24
 TAIL_PARTS_MAX = 16
 TAIL_ROUNDS = 2
 
