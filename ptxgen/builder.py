@@ -598,13 +598,6 @@ class KernelBuilder:
         self._check_addr(ins, addr, "global")
         self._emit(f"{ins} {addr}, {self._op(ins, value, T.U32, 'value')}", guard)
 
-    def grid_dependency(self) -> None:
-        """Programmatic dependent launch (``runtime.graph``): wait until the grids this one depends
-        on have completed and their writes are visible, then let the grids that depend on this one
-        start launching their blocks (up to their own wait). Without such a dependency, no-ops."""
-        self._emit("griddepcontrol.wait")
-        self._emit("griddepcontrol.launch_dependents")
-
     def fence_gpu(self) -> None:
         """Order this thread's memory operations before and after at GPU scope (fence.acq_rel.gpu)."""
         self._emit("fence.acq_rel.gpu")

@@ -341,8 +341,6 @@ class KernelSpec:
     def emit(self, target: Target) -> str:
         """The PTX module text: a pure function of (spec, target)."""
         b = KernelBuilder(self.entry, self.arch(target), target.ptx_version, self.params())
-        if target.compute_capability >= (9, 0):  # every kernel may follow another by programmatic launch
-            b.grid_dependency()
         self.build(b)
         b.ret()
         return b.text()

@@ -1,10 +1,7 @@
 """A launch plan's steps as one CUDA graph, built explicitly node by node through the driver API.
 
 Each step becomes a kernel node (or a memset node) that depends on the one before, so the graph
-runs the steps in plan order, as the stream did. A kernel after a kernel depends on it
-programmatically: its blocks may launch while the one before finishes its last blocks, and wait
-at their start (``griddepcontrol.wait``, which every kernel emits first) until it has completed and
-its writes are visible; so a launch's start overlaps the previous kernel's tail. A node copies its launch's arguments when it is
+runs the steps in plan order, as the stream did. A node copies its launch's arguments when it is
 made; a step whose named values change is ``touch``ed and its node updated in the instantiated
 graph (``cuGraphExecKernelNodeSetParams``: arguments and grid) before the next launch.
 """
@@ -46,18 +43,6 @@ def _memset_params(step: _Memset) -> Any:
     return p
 
 
-def _programmatic_edge() -> Any:
-    """An edge its kernel's blocks may cross once every block of the kernel before has passed its
-    own wait (``griddepcontrol.launch_dependents``), before that kernel completes."""
-    edge = cu.CUgraphEdgeData()
-    edge.type = cu.CUgraphDependencyType.CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC
-    edge.from_port = cu.CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC
-    return edge
-
-
-_PROGRAMMATIC = _programmatic_edge()
-
-
 class Graph:
     """The instantiated graph of ``steps`` (each a plan step with a ``launch``, or a fill)."""
 
@@ -66,18 +51,13 @@ class Graph:
         self._graph = call("cuGraphCreate", 0)
         self._nodes: dict[int, tuple[Any, Any]] = {}
         before: list[Any] = []
-        after_kernel = False
         for step in steps:
-            kernel = hasattr(step, "launch")
-            if kernel and after_kernel:
-                node = call("cuGraphAddKernelNode", self._graph, [], 0, _kernel_params(step.launch))
-                call("cuGraphAddDependencies", self._graph, before, [node], [_PROGRAMMATIC], 1)
-            elif kernel:
+            if hasattr(step, "launch"):
                 node = call("cuGraphAddKernelNode", self._graph, before, len(before), _kernel_params(step.launch))
             else:
                 node = call("cuGraphAddMemsetNode", self._graph, before, len(before), _memset_params(step), context)
             self._nodes[id(step)] = step, node
-            before, after_kernel = [node], kernel
+            before = [node]
         self._exec = call("cuGraphInstantiate", self._graph, 0)
         self._stale: set[int] = set()
 

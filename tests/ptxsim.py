@@ -438,9 +438,6 @@ class Block:
     def _fence(self, op, ops, mask):
         pass
 
-    def _griddepcontrol(self, op, ops, mask):  # one grid at a time here: nothing to wait for or start
-        pass
-
     # -- wgmma ------------------------------------------------------------------------------------
     def _wgmma(self, op, ops, mask):
         if op[1] != "mma_async":  # fence, commit_group, wait_group: the product ran at issue

@@ -50,8 +50,6 @@ def twenty_steps(cache, name: str, precision: Precision, graph: bool = True,
 @pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16])
 @pytest.mark.parametrize("name", CONFIGS)
 def test_graph_replayed_steps_equal_launched_steps_bit_for_bit(cache, name, precision):
-    """The graph's kernels launch programmatically (each waits in its first instruction for the
-    one before to complete, runtime.graph); the stream's one after another: the same bits."""
     assert_same_bits(*(twenty_steps(cache, name, precision, graph) for graph in (False, True)))
 
 
