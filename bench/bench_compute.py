@@ -63,10 +63,11 @@ LAYOUT_NAMES = {(False, True): "NT", (False, False): "NN", (True, False): "TN", 
 
 
 def time_gemm(cache: ModuleCache, spec: GemmTCSpec | GemmWgmmaSpec, a: torch.Tensor, b: torch.Tensor,
-              c: torch.Tensor, m: int, n: int, k: int, **arguments: int) -> float:
+              c: torch.Tensor, m: int, n: int, k: int, tail_parts: int | None = None, **arguments: int) -> float:
     """Milliseconds of one launch of ``spec`` on A, B into C (``arguments``: its other pointers, say
     ``stats``). A tma kernel reads the operands through tensor maps (and, ``tma_store``, writes C
-    through one), and its blocks persist."""
+    through one), and its blocks persist; a ``split_tail`` one cuts its tail into ``tail_parts``
+    (default: as the spec picks) through a workspace of its own."""
     maps: list = []
     try:
         if spec.tma:
@@ -77,6 +78,14 @@ def time_gemm(cache: ModuleCache, spec: GemmTCSpec | GemmWgmmaSpec, a: torch.Ten
         c_arg = maps[2].ptr if spec.tma_store else c.data_ptr()
         kernel = cache.get(spec)
         dims = spec.launch_dims(m, n, resident=kernel.resident_blocks(spec.threads))
+        if getattr(spec, "split_tail", False):
+            blocks = dims[0][0]
+            partial_bytes, flag_bytes = spec.tail_workspace(blocks)
+            partials = torch.empty(partial_bytes // 4, device="cuda")
+            flags = torch.zeros(flag_bytes // 4, device="cuda", dtype=torch.int32)
+            parts = spec.tail_parts(m, n, k, blocks) if tail_parts is None else tail_parts
+            arguments = dict(arguments, partials=partials.data_ptr(), flags=flags.data_ptr(), tail_parts=parts,
+                             blocks=blocks)
         return time_ms(kernel.bind(*dims, *spec.arguments(*operands, c_arg, m, n, k, **arguments)),
                        reps=10, warmup=2)
     finally:
@@ -300,7 +309,39 @@ def k_sweep(cache: ModuleCache, m: int = 8192, n: int = 9728) -> None:
               f"slice (the tensor cores' own: {bound:.3f})")
 
 
-SECTIONS = ["fp32", "mma", "wgmma", "layers", "bf16-layers", "attention", "k-sweep"]
+def model_gemms(cache: ModuleCache, rows: list) -> None:
+    """The bf16 model's own GEMM specs (qwen2-0.5b, 8192 tokens: the 8 x 1024 step's) as it launches
+    them, beside cuBLAS in bf16 (its C in bf16 where ours is); where the spec cuts its tail along
+    K (``split_tail``), also the same launch with the tail whole."""
+    from model.config import preset
+    from model.kernels import ModelKernels
+    from model.optim import AdamWSettings
+    from model.precision import Precision
+    kernels = ModelKernels.of(preset("qwen2-0.5b"), AdamWSettings(), -100, Precision.BF16)
+    tokens, sms = 8192, torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"\n== the model's bf16 GEMMs at {tokens} tokens: tail cut along K (parts) against whole")
+    for lname, k_in, n_out in LAYERS:
+        short = lname.split()[0]
+        linear = kernels.linear({"qkv": "qkv_proj", "gate_up": "gate_up_proj", "down": "down_proj"}.get(short, short))
+        for what, spec, (m, n, k) in (("fwd", linear.forward, (tokens, n_out, k_in)),
+                                      ("dX", linear.grad_input, (tokens, k_in, n_out)),
+                                      ("dW", linear.grad_weight, (n_out, k_in, tokens))):
+            a = torch.randn(*((k, m) if spec.trans_a else (m, k)), device="cuda", dtype=torch.bfloat16)
+            b = torch.randn(*((n, k) if spec.trans_b else (k, n)), device="cuda", dtype=torch.bfloat16)
+            c = torch.empty(m, n, device="cuda", dtype=torch.bfloat16 if spec.bf16_out else torch.float32)
+            bias = torch.randn(n, device="cuda") if spec.bias else None
+            extra = {"bias": bias.data_ptr()} if bias is not None else {}
+            ms = time_gemm(cache, spec, a, b, c, m, n, k, **extra)
+            parts = spec.tail_parts(m, n, k, sms)
+            whole = time_gemm(cache, spec, a, b, c, m, n, k, tail_parts=1, **extra) if parts > 1 else ms
+            at, bt = (a.t() if spec.trans_a else a), (b.t() if spec.trans_b else b)
+            theirs = time_ms(lambda: torch.matmul(at, bt), reps=10, warmup=2)
+            print(f"  {short} {what} {m}x{n}x{k}: tail in {parts}: {ms:.3f} ms, whole: {whole:.3f} ms")
+            rows.append(Row(f"model {short} {what} {m}x{n}x{k} [tail in {parts}"
+                            f"{', bf16 C' if spec.bf16_out else ''}]", 2.0 * m * n * k, ms, theirs))
+
+
+SECTIONS = ["fp32", "mma", "wgmma", "layers", "bf16-layers", "attention", "k-sweep", "model-gemms"]
 
 
 def main() -> None:
@@ -359,6 +400,8 @@ def main() -> None:
         lm_head_row_stats(cache, rows)
     if "k-sweep" in ns.only:
         k_sweep(cache)
+    if "model-gemms" in ns.only:
+        model_gemms(cache, rows)
     if "attention" in ns.only:
         for d in (64, 128):
             attention(cache, rows, 8, 2048, 14, 2, d)

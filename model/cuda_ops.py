@@ -131,7 +131,7 @@ class Ops:
             dims = spec.launch_dims(m, n, splits, resident=kernel.resident_blocks(spec.threads))
             if spec.split_tail:  # the tiles past its last full wave cut along K: the workspace
                 blocks = dims[0][0]
-                parts = spec.tail_parts(m, n, k, blocks) if splits == 1 else 1
+                parts = spec.tail_parts(m, n, k, blocks)
                 if parts > 1:
                     partials, flags = self.tail.views()
                     assert (partials.nbytes, flags.nbytes) >= spec.tail_workspace(blocks), (blocks, partials)

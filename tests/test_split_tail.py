@@ -111,8 +111,10 @@ def test_the_tail_is_cut_where_the_last_wave_is_thin(m, n, k, blocks, parts):
 def test_a_split_tail_needs_the_workspace_equal_parts_and_a_split_tail_spec():
     spec = GemmWgmmaSpec(tma=True, pingpong=True, block_n=128, stages=6, split_tail=True)
     spec.arguments(1, 2, 3, 1000, 520, 1000)  # no cut: no workspace needed
-    with pytest.raises(ValueError, match="needs split_tail, no split-K, the blocks launched and the workspace"):
+    with pytest.raises(ValueError, match="needs split_tail, the blocks launched and the workspace"):
         spec.arguments(1, 2, 3, 1000, 520, 1000, tail_parts=2, blocks=7)
+    with pytest.raises(ValueError, match="no split-K"):  # its schedule covers one product's tiles, not splits'
+        spec.arguments(1, 2, 3, 1000, 520, 1000, splits=2)
     for parts in (3, 32, 0):  # 16 slices: 3 does not divide them; at most 16 parts
         with pytest.raises(ValueError, match="must divide the 16 slices"):
             spec.arguments(1, 2, 3, 1000, 520, 1000, partials=4, flags=5, tail_parts=parts, blocks=7)

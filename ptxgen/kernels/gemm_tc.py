@@ -262,12 +262,14 @@ class TensorCoreGemm:
         name = self.kind
         if (partials is not None or flags is not None) and not self.split_tail:
             raise ValueError(f"{name}: partials and flags are a split_tail spec's")
+        if self.split_tail and splits > 1:  # its schedule deals out the tiles of one product
+            raise ValueError(f"{name}: a split_tail spec cuts its own tail along K; no split-K (splits={splits})")
         if tail_parts != 1:
             slices = self.slices(k)
             tiles = -(-m // self.block_m) * -(-n // self.block_n)
-            if not self.split_tail or splits > 1 or blocks is None or partials is None or flags is None:
-                raise ValueError(f"{name}: tail_parts={tail_parts} needs split_tail, no split-K, the blocks "
-                                 "launched and the workspace (partials and flags)")
+            if not self.split_tail or blocks is None or partials is None or flags is None:
+                raise ValueError(f"{name}: tail_parts={tail_parts} needs split_tail, the blocks launched and the "
+                                 "workspace (partials and flags)")
             if not 1 < tail_parts <= TAIL_PARTS_MAX or slices % tail_parts or \
                     tiles % blocks * tail_parts > TAIL_ROUNDS * blocks:
                 raise ValueError(f"{name}: tail_parts={tail_parts} must divide the {slices} slices, be at most "
