@@ -127,7 +127,7 @@ class Ops:
             a, b = (self.plan.keep(x) for x in gemm_tensor_maps(spec, a.ptr, b.ptr, m, n, k * splits))
             if spec.tma_store:  # C too is written through a tensor map, which stands for the C view
                 assert isinstance(c, View), c
-                operands["c"], c = c, self.plan.keep(gemm_c_tensor_map(spec, c.ptr, m, n, splits=splits))
+                operands["tmap_c"], c = c, self.plan.keep(gemm_c_tensor_map(spec, c.ptr, m, n, splits=splits))
             dims = spec.launch_dims(m, n, splits, resident=kernel.resident_blocks(spec.threads))
             if spec.split_tail:  # the tiles past its last full wave cut along K: the workspace
                 blocks = dims[0][0]

@@ -373,6 +373,37 @@ def test_a_split_tail_sums_its_parts_in_a_fixed_order(cache, fields, shape, resi
     assert_close(from_bf16(first) if spec.bf16_out else first, ref, rel=1e-2 if spec.bf16_out else 1e-4)
 
 
+@pytest.mark.parametrize("bf16_out", [False, True])
+def test_tma_store_writes_only_the_m_by_n_corner_of_a_wider_c(cache, bf16_out):
+    """C's rows ldc > n apart inside a taller buffer, every element poisoned: after the launch the
+    [m, n] corner holds the product (as the threads' store gives it) and every other element (past
+    n in each row, and the rows past m) still holds the poison."""
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    from runtime.tensormap import gemm_c_tensor_map, gemm_tensor_maps
+    spec = GemmWgmmaSpec(tma=True, pingpong=True, block_n=128, stages=5, bf16_out=bf16_out, tma_store=True)
+    m, n, k, ldc, extra_rows = 300, 200, 136, 264, 3
+    operands = tma_operands(spec, m, n, k)
+    plain, _ = run_tma(cache, GemmWgmmaSpec(tma=True, pingpong=True, block_n=128, stages=6, bf16_out=bf16_out),
+                       m, n, k, resident=5, operands=operands)
+    a_bits, b_bits = (sixteen(x, spec.dtype)[0] for x in operands[:2])
+    poison = np.full((m + extra_rows, ldc), 0x7FC1 if bf16_out else 0x7FC00001, np.uint16 if bf16_out else np.uint32)
+    arrays = [DeviceArray.from_numpy(a_bits, "bf16"), DeviceArray.from_numpy(b_bits, "bf16"),
+              DeviceArray.from_numpy(poison if bf16_out else poison.view(np.float32), "bf16" if bf16_out else "f32")]
+    maps = [*gemm_tensor_maps(spec, arrays[0].ptr, arrays[1].ptr, m, n, k),
+            gemm_c_tensor_map(spec, arrays[2].ptr, m, n, ldc=ldc)]
+    try:
+        cache.get(spec)(*spec.launch_dims(m, n, resident=5), *spec.arguments(*(x.ptr for x in maps), m, n, k, ldc=ldc))
+        synchronize()
+        out = arrays[2].to_numpy().view(poison.dtype)
+    finally:
+        for x in arrays + maps:
+            x.free()
+    np.testing.assert_array_equal(out[:m, :n].view(plain.dtype), plain[0])
+    untouched = np.ones(out.shape, bool)
+    untouched[:m, :n] = False
+    assert (out[untouched] == poison[untouched]).all(), "a store reached past n or past m"
+
+
 def test_the_lm_heads_row_stats_feed_the_cross_entropy(cache):
     """The loss's chain at a ragged vocabulary (1000 = 7 tiles + 104 columns): the GEMM's logits
     and statistics, then the cross-entropy from them, against the float64 loss and gradient of the

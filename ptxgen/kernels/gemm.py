@@ -99,6 +99,11 @@ class _TileLoader:
                 b.st("shared", Addr(base), vals if len(vals) > 1 else vals[0])
 
 
+def bias_at(b: KernelBuilder, bias_ptr: Reg, col: Reg, ok: Reg, width: int) -> list[Reg]:
+    """bias[col : col + width] (f32), loaded where ``ok`` (the chunk lies below n)."""
+    return load_f32(b, DType.F32, Addr(b.add(bias_ptr, b.shl(b.cvt(T.U64, col), 2))), width, guard=ok)
+
+
 class Epilogue:
     """Writes accumulators into C (f32, or ``out`` bf16: rounded to nearest even as stored) with
     ``ldc`` columns per row: + bias[col] when the spec has one (loaded once per column chunk), + the
@@ -114,11 +119,8 @@ class Epilogue:
 
     def column(self, col: Reg, width: int) -> tuple[Reg, Reg, list[Reg] | None, int]:
         """A chunk of ``width`` columns from ``col`` (never straddling n): (col, in range, bias, width)."""
-        b = self.b
-        ok = b.setp("lt", col, self.n)
-        bias = (load_f32(b, DType.F32, Addr(b.add(self.bias_ptr, b.shl(b.cvt(T.U64, col), 2))), width, guard=ok)
-                if self.bias_ptr is not None else None)
-        return col, ok, bias, width
+        ok = self.b.setp("lt", col, self.n)
+        return col, ok, bias_at(self.b, self.bias_ptr, col, ok, width) if self.bias_ptr is not None else None, width
 
     def row(self, row: Reg) -> tuple[Reg, Reg]:
         b = self.b

@@ -181,7 +181,8 @@ class TensorCoreGemm:
 
     def params(self) -> tuple[tuple[str, T], ...]:
         if self.tma:
-            ptrs = ("tmap_a", "tmap_b", "c") + (("bias",) if self.bias else ()) + (("stats",) if self.row_stats else ())
+            ptrs = ("tmap_a", "tmap_b", self.c_param) + (("bias",) if self.bias else ()) + \
+                (("stats",) if self.row_stats else ())
             ptrs += ("partials", "flags") if self.split_tail else ()
             dims = ("m", "n", "k", "ldc", "splits") + (("tail_parts",) if self.split_tail else ())
             return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
@@ -190,7 +191,14 @@ class TensorCoreGemm:
         return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
 
     def outputs(self) -> tuple[str, ...]:
-        return ("c",) + (("stats",) if self.row_stats else ()) + (("partials", "flags") if self.split_tail else ())
+        return (self.c_param,) + (("stats",) if self.row_stats else ()) + \
+            (("partials", "flags") if self.split_tail else ())
+
+    @property
+    def c_param(self) -> str:
+        """C's parameter: ``tmap_c``, its tensor map, where the kernel stores C by TMA (``tma_store``;
+        named apart, so a raw C pointer bound by name is refused when the plan is built), else ``c``."""
+        return "tmap_c" if self.tma_store else "c"
 
     def slices(self, k: int) -> int:
         """The K slices of a ``k``-long contraction."""

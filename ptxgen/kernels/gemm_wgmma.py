@@ -46,9 +46,8 @@ from ..hw import DESCRIPTOR_SWIZZLE, SHARED_LIMIT, SWIZZLE_ATOM, SWIZZLE_ROW, Mm
 from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError, Target
-from ..vecio import DType, load_f32
 from .common import MAX_LOOP_BOUND, check_at_most, check_positive
-from .gemm import batch_matrices, tile_origin
+from .gemm import batch_matrices, bias_at, tile_origin
 from .gemm_tc import TensorCoreGemm, _Feed, _Operand, store_accumulators
 from .ring import Ring, Slot
 from .tma_pipeline import MN_CHUNK, TmaPipeline, Unit
@@ -298,7 +297,7 @@ class StagedStore:
         self.size = spec.c_dtype.size
         self.buffer = b.add(p.staging, b.mul(group, 64 * spec.block_n * self.size))
         self.leader, self.barrier = b.setp("eq", thread, 0), b.add(group, 3)
-        self.tensor_map = b.cvta_global(b.ld_param("c"))
+        self.tensor_map = b.cvta_global(b.ld_param("tmap_c"))
         self.bias = b.cvta_global(b.ld_param("bias")) if spec.bias else None
         self.n = p.n
 
@@ -321,8 +320,7 @@ class StagedStore:
             values = acc[4 * j:4 * j + 4]
             if self.bias is not None:
                 col = b.add(cols, 8 * j)
-                bias = load_f32(b, DType.F32, Addr(b.add(self.bias, b.mul_wide(col, 4))), 2,
-                                guard=b.setp("lt", col, self.n))
+                bias = bias_at(b, self.bias, col, b.setp("lt", col, self.n), 2)
                 values = [b.add(v, bias[e % 2]) for e, v in enumerate(values)]
             for h in range(2):
                 pair = values[2 * h:2 * h + 2]
