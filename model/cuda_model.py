@@ -159,6 +159,9 @@ class _Shape:
 class CudaBackend:
     name = "cuda"
     description = "cuda (raw PTX kernels through the CUDA driver API)"
+    # the step's GEMMs have the GPU to themselves (no other stream's kernels), so they may cut
+    # their tails along K, whose parts wait on the GEMM's other blocks (ModelKernels' cut_tails)
+    gemms_alone = True
 
     def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], adamw: AdamWSettings,
                  cache: ModuleCache | None = None, precision: Precision = Precision.FP32, graph: bool = True,
@@ -168,7 +171,7 @@ class CudaBackend:
         if loss_chunk_rows < 1:
             raise ValueError(f"loss_chunk_rows must be >= 1, got {loss_chunk_rows}")
         self.config, self.adamw, self.graph, self.loss_chunk_rows = config, adamw, graph, loss_chunk_rows
-        self.kernels = ModelKernels.of(config, adamw, IGNORE_INDEX, precision)
+        self.kernels = ModelKernels.of(config, adamw, IGNORE_INDEX, precision, cut_tails=self.gemms_alone)
         self.cache = cache if cache is not None else ModuleCache()
         self.cache.prewarm(self.kernels.specs())
         self.layout = ParamLayout(config)

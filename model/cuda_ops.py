@@ -27,6 +27,12 @@ from .kernels import LOSS_CHUNK_ROWS, Gemm, LinearKernels, ModelKernels, split_k
 COLSUM_CHUNK = 256  # rows per first-stage chunk of a two-stage column sum
 
 
+def weight_splits(spec: Gemm, m: int, n: int, tokens: int, wave: int) -> int:
+    """The parts a weight gradient's token contraction is split into (``split_k``): none where the
+    GEMM cuts its own tail along K (``split_tail``), which fills its last wave itself."""
+    return 1 if getattr(spec, "split_tail", False) else split_k(spec, m, n, tokens, wave)
+
+
 def scratch_shapes(k: ModelKernels, c: ModelConfig, tokens: int, matrices: dict[str, tuple[int, int]],
                    wave: Callable[[Gemm], int]) -> dict[str, tuple[tuple[int, ...], str]]:
     """(shape, dtype) of each scratch buffer the backward of ``tokens`` rows takes: the bf16 output
@@ -35,7 +41,7 @@ def scratch_shapes(k: ModelKernels, c: ModelConfig, tokens: int, matrices: dict[
     name, split as ``split_k`` splits it for a wave of ``wave(spec)`` blocks)."""
     H = c.hidden_size
     dws = {m: k.linear(m).grad_weight for m in matrices}
-    parts = [(split_k(dws[m], *shape, tokens, wave(dws[m])), shape) for m, shape in matrices.items()]
+    parts = [(weight_splits(dws[m], *shape, tokens, wave(dws[m])), shape) for m, shape in matrices.items()]
     QKV = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim  # the fused q/k/v projection's output width
     shapes = {"rmsnorm dgamma partial": ((k.norm_bwd_residual.partial_rows(tokens), H), "f32"),
               "column sum chunks": ((-(-tokens // COLSUM_CHUNK), QKV), "f32"),
@@ -58,8 +64,9 @@ def splits_a_tail(k: ModelKernels, c: ModelConfig, tokens: int, matrices: dict[s
     workspace): each linear module's forward, dX and dW, the loss's LM head on its chunks of rows."""
     gemms = [(g, *dims) for m, (d_out, d_in) in matrices.items() for g, dims in
              zip(k.linear(m).specs(), ((tokens, d_out, d_in), (tokens, d_in, d_out), (d_out, d_in, tokens)))]
-    if k.head_logits is not None:
-        gemms += [(k.head_logits, rows, c.vocab_size, c.hidden_size) for rows in {tokens, min(tokens, LOSS_CHUNK_ROWS)}]
+    if k.head_logits is not None:  # its chunks: whole ones and the last
+        rows = {tokens, min(tokens, LOSS_CHUNK_ROWS), tokens % LOSS_CHUNK_ROWS} - {0}
+        gemms += [(k.head_logits, r, c.vocab_size, c.hidden_size) for r in rows]
     return any(g.tail_parts(*dims, wave(g)) > 1 for g, *dims in gemms if getattr(g, "split_tail", False))
 
 
@@ -92,6 +99,7 @@ class Ops:
 
     def __init__(self, plan: Plan, kernels: ModelKernels, params: Params, config: ModelConfig, arena: Arena,
                  tokens: int, bf16: bool, tail: TailWorkspace):
+        """``tail``: the workspace of the GEMMs that cut their tails along K (``split_tail``)."""
         self.plan, self.k, self.W, self.config, self.arena = plan, kernels, params, config, arena
         self.T, self.bf16, self.tail = tokens, bf16, tail
 
@@ -130,11 +138,12 @@ class Ops:
                 operands["tmap_c"], c = c, self.plan.keep(gemm_c_tensor_map(spec, c.ptr, m, n, splits=splits))
             dims = spec.launch_dims(m, n, splits, resident=kernel.resident_blocks(spec.threads))
             if spec.split_tail:  # the tiles past its last full wave cut along K: the workspace
-                blocks = dims[0][0]
+                blocks = dims[0][0]  # the grid: its x is the kernel's %nctaid.x
                 parts = spec.tail_parts(m, n, k, blocks)
                 if parts > 1:
                     partials, flags = self.tail.views()
-                    assert (partials.nbytes, flags.nbytes) >= spec.tail_workspace(blocks), (blocks, partials)
+                    need = spec.tail_workspace(blocks)
+                    assert partials.nbytes >= need[0] and flags.nbytes >= need[1], (blocks, partials, flags)
                 else:  # every tile whole: the kernel touches no workspace (allocated only if some GEMM needs it)
                     partials, flags = (View(f"no tail {x}", c.ptr, (0,), "u8") for x in ("partial sums", "flags"))
                 extra = dict(partials=partials, flags=flags, tail_parts=parts, blocks=blocks)
@@ -150,7 +159,7 @@ class Ops:
         return self.plan.cache.get(spec).resident_blocks(spec.threads)
 
     def _split_k(self, spec: Gemm, m: int, n: int) -> int:
-        return split_k(spec, m, n, self.T, self._wave(spec))
+        return weight_splits(spec, m, n, self.T, self._wave(spec))
 
     # -- forward ------------------------------------------------------------------------------
     def embed(self, ids: View, table: str, out: View) -> None:

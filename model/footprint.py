@@ -59,9 +59,9 @@ class _Counter:
         return View(name, 0, shape, dtype)
 
 
-# the GPU waves (resident blocks of one GEMM) a split-K decision is bounded over: 132- and
-# 148-SM parts, one to eight blocks an SM
-WAVES = tuple((sms, blocks) for sms in (132, 148) for blocks in (1, 2, 4, 8))
+# the GPU waves (resident blocks of one GEMM) a split-K decision is bounded over: 114-, 132- and
+# 148-SM parts (H100 PCIe, H100/H200 SXM, B200), one to eight blocks an SM
+WAVES = tuple((sms, blocks) for sms in (114, 132, 148) for blocks in (1, 2, 4, 8))
 
 
 def _wave(spec: KernelSpec, sms: int, blocks: int) -> int:
@@ -99,7 +99,9 @@ def cuda_scratch_bytes(config: ModelConfig, tokens: int, bf16: bool) -> int:
     from .cuda_buffers import linear_shapes
     from .cuda_ops import scratch_shapes
 
-    kernels = ModelKernels.of(config, AdamWSettings(), IGNORE_INDEX, Precision.BF16 if bf16 else Precision.FP32)
+    # (the GEMMs of a data-parallel rank do not cut their tails: they split dW, whose partial sums count)
+    kernels = ModelKernels.of(config, AdamWSettings(), IGNORE_INDEX, Precision.BF16 if bf16 else Precision.FP32,
+                              cut_tails=False)
     matrices = linear_shapes(param_shapes(config))
     per_wave = [scratch_shapes(kernels, config, tokens, matrices, functools.partial(_wave, sms=sms, blocks=blocks))
                 for sms, blocks in WAVES]

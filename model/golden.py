@@ -28,13 +28,16 @@ TARGET = Target()
 
 
 def golden_specs() -> list[tuple[KernelSpec, Target]]:
-    """Every registered kind's examples, then every preset's model kernels in each precision, once."""
+    """Every registered kind's examples, then every preset's model kernels in each precision, once
+    (alone on a GPU, and as a data-parallel rank's: GEMMs that do not cut their tails)."""
     specs: dict[KernelSpec, None] = {}
     for cls in kinds().values():
         specs.update(dict.fromkeys(cls.examples()))
     for config in PRESETS.values():
         for precision in Precision:
-            specs.update(dict.fromkeys(ModelKernels.of(config, AdamWSettings(), IGNORE_INDEX, precision).specs()))
+            for cut_tails in (True, False):
+                specs.update(dict.fromkeys(ModelKernels.of(config, AdamWSettings(), IGNORE_INDEX, precision,
+                                                           cut_tails=cut_tails).specs()))
     return [(s, TARGET) for s in specs]
 
 

@@ -56,10 +56,8 @@ def split_k(spec: Gemm, m: int, n: int, tokens: int, wave: int) -> int:
     more parts fill the waves, but each writes an m x n partial sum that a column sum reads back.
     The count (a power of two dividing ``tokens``, parts of at least SPLIT_K_MIN_ROWS tokens and a
     multiple of the spec's ``split_k_multiple``) is the one with the least estimated time: the
-    waves' FLOPs, idle slots included, plus the partial sums' bytes at FLOPS_PER_BYTE. A
-    ``split_tail`` kernel fills its last wave itself (1)."""
-    if getattr(spec, "split_tail", False):
-        return 1
+    waves' FLOPs, idle slots included, plus the partial sums' bytes at FLOPS_PER_BYTE. (Where a
+    ``split_tail`` kernel cuts its own tail, it is not split: ``Ops``.)"""
     tiles = -(-m // spec.block_m) * -(-n // spec.block_n)
 
     def cost(parts: int) -> float:
@@ -96,9 +94,11 @@ class LinearKernels:
 
     @classmethod
     def of(cls, d_in: int, d_out: int, bias: bool = False, precision: Precision = Precision.FP32,
-           bf16_out: bool = False, bf16_dx: bool = False) -> "LinearKernels":
+           bf16_out: bool = False, bf16_dx: bool = False, cut_tails: bool = True) -> "LinearKernels":
         """``bf16_out`` (``bf16_dx``): in bf16 precision, y (dx) is stored in bf16, rounded as a cast
-        of the f32 result would (what the next kernel reads)."""
+        of the f32 result would (what the next kernel reads). ``cut_tails``: the bf16 GEMMs cut the
+        tiles past their last full wave along K (``split_tail``), which needs them alone on the GPU;
+        else a weight gradient's wave is filled by split-K."""
         if precision is Precision.BF16:
             # a bf16 C leaves through shared memory by TMA (tma_store): on the H200 the gate/up
             # forward's 8192 x 9728 x 896 took 0.196 ms against 0.234 stored by the threads (a tile
@@ -106,7 +106,7 @@ class LinearKernels:
             # 6.21 us a tile, and its staging costs a stage), so the threads store it
             # split_tail: the tiles past the last full wave cut along K (dX and dW at the model's
             # shapes leave 52 or 4 tiles for a fourth or fifth wave of 132 SMs)
-            make = functools.partial(GemmWgmmaSpec, tma=True, split_tail=True, **WGMMA_TILE)
+            make = functools.partial(GemmWgmmaSpec, tma=True, split_tail=cut_tails, **WGMMA_TILE)
             fwd = make(trans_a=False, trans_b=True, bias=bias, bf16_out=bf16_out, tma_store=bf16_out)
             dx = make(trans_a=False, trans_b=False, bf16_out=bf16_dx, tma_store=bf16_dx)
             dw = make(trans_a=True, trans_b=False)
@@ -165,7 +165,8 @@ class ModelKernels:
 
     @classmethod
     def of(cls, c: ModelConfig, adamw: AdamWSettings, ignore_index: int,
-           precision: Precision = Precision.FP32) -> "ModelKernels":
+           precision: Precision = Precision.FP32, cut_tails: bool = True) -> "ModelKernels":
+        """``cut_tails``: the GEMMs have the GPU to themselves and cut their tails (``LinearKernels.of``)."""
         h, d, q_dim, kv_dim = c.hidden_size, c.head_dim, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         rope = dict(head_dim=d, theta=c.rope_theta)
         attn = dict(heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=d)
@@ -188,7 +189,7 @@ class ModelKernels:
         # bf16: the norms write the GEMMs' bf16 operand themselves (their f32 output is read by nothing else)
         norm = RMSNormSpec(hidden=h, eps=c.rms_norm_eps, save_rstd=True, bf16_out=bf16)
         partial = GradNormPartialSpec()
-        linear = functools.partial(LinearKernels.of, precision=precision)
+        linear = functools.partial(LinearKernels.of, precision=precision, cut_tails=cut_tails)
         gemm_operand = DType.BF16 if bf16 else DType.F32
         # a SwiGLU thread's elements stay in one row of intermediate_size: 16 bytes where it divides
         swiglu_vec = vector_width(c.intermediate_size, gemm_operand)

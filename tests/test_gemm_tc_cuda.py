@@ -354,7 +354,7 @@ def test_tma_store_writes_c_bit_for_bit_as_the_threads_do(cache, fields, shape, 
     ((1000, 520, 1000), 12, 4),   # 4 past three waves, quartered: 16 pairs, parts 1-3 first
     ((304, 520, 1000), 6, 4),     # ragged rows and columns: 3 tail tiles in quarters
     ((136, 128, 200), 8, 4),      # 2 tiles (4 of 64 columns) on 8 blocks, all tail: a slice a part
-    ((1000, 520, 1000), 7, None)])  # as tail_parts picks
+    ((1000, 520, 4096), 12, None)])  # as tail_parts picks: 4 tail tiles of 64 slices on 12 blocks, halved
 def test_a_split_tail_sums_its_parts_in_a_fixed_order(cache, fields, shape, resident, tail_parts):
     """``split_tail``: the tiles past the last full wave cut along K, parts past 0 handed to part 0
     through the workspace (flags down again after), C within the float64 tolerance and the same

@@ -77,17 +77,14 @@ def test_weight_gradients_split_their_token_contraction_when_it_pays():
     assert split_k(fp32.gate_up.grad_weight, 4864, 896, 8192, wave=264) == 8
     assert split_k(fp32.gate_up.grad_weight, 4864, 896, 8192, wave=266) == 1   # one full wave: leave it
     # tensor cores are 10x faster for the same partial-sum traffic: fewer parts pay
-    unsplit_tail = dataclasses.replace(bf16.gate_up.grad_weight, split_tail=False)
-    assert split_k(unsplit_tail, 4864, 896, 8192, wave=132) == 2
-    # the model's bf16 GEMMs cut the tiles past their last full wave themselves: no split-K
-    assert split_k(bf16.gate_up.grad_weight, 4864, 896, 8192, wave=132) == 1
+    assert split_k(bf16.gate_up.grad_weight, 4864, 896, 8192, wave=132) == 2
+    # (which the model's bf16 GEMM, running alone on the GPU, does not need: it cuts its tail)
     assert bf16.gate_up.grad_weight.tail_parts(4864, 896, 8192, 132) > 1
     # a narrow weight, [128, 896] (qwen2-0.5b's k or v alone)
     kv16, kv32 = (LinearKernels.of(896, 128, precision=p) for p in (Precision.BF16, Precision.FP32))
-    kv16 = dataclasses.replace(kv16.grad_weight, split_tail=False)
-    assert split_k(kv16, 128, 896, 8192, wave=132) == 16      # 7 tiles on 132 blocks
+    assert split_k(kv16.grad_weight, 128, 896, 8192, wave=132) == 16      # 7 tiles on 132 blocks
     # a TMA-fed part must be a whole number of 64-long slices: 8320 tokens = 2 x 4160 = 65 x 64 x 2
-    assert split_k(kv16, 128, 896, 8320, wave=132) == 2
+    assert split_k(kv16.grad_weight, 128, 896, 8320, wave=132) == 2
     assert split_k(kv32.grad_weight, 128, 896, 8320, wave=792) == 16
     assert split_k(kv32.grad_weight, 128, 896, 8192, wave=792) == 16        # 28 tiles of 64
     assert split_k(kv32.grad_weight, 128, 896, 87, wave=792) == 1           # odd token count: no split
@@ -143,14 +140,14 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
 
 
 def test_every_kernel_a_preset_runs_assembles_without_spilling():
-    """The exact specs the model launches (not only the registry's examples): each assembles for
-    sm_90 with nvJitLink, its registers within budget (a spill would be slow, not wrong), with no
-    performance note from ptxas."""
+    """The exact specs the model launches (not only the registry's examples; alone on a GPU and as
+    a data-parallel rank): each assembles for sm_90 with nvJitLink, its registers within budget (a
+    spill would be slow, not wrong), with no performance note from ptxas."""
     from model.config import PRESETS
     from ptxgen.assemble import assemble
     from ptxgen.spec import Target
-    specs = {s for config in PRESETS.values() for precision in Precision
-             for s in ModelKernels.of(config, AdamWSettings(), -100, precision).specs()}
+    specs = {s for config in PRESETS.values() for precision in Precision for cut in (True, False)
+             for s in ModelKernels.of(config, AdamWSettings(), -100, precision, cut_tails=cut).specs()}
     assert len(specs) >= 40
     for spec in specs:
         result = assemble(spec.emit(Target()), spec.arch(Target()))

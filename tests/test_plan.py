@@ -99,6 +99,29 @@ def _backend(config, precision):
     return CudaBackend(config, params, AdamWSettings(), cache=DryCache(), precision=precision)
 
 
+@pytest.mark.parametrize("alone", [True, False])
+def test_gemms_cut_their_tails_only_with_the_gpu_to_themselves(monkeypatch, alone):
+    """bf16 at 8 x 1024 (QWEN_SHAPED, 132 SMs of one block each): alone on the GPU (a backend's
+    own step) the GEMMs whose last wave is thin cut their tails along K through the backend's one
+    workspace, and no weight gradient is split (no parts sum); beside another stream's kernels
+    (a data-parallel rank: ``gemms_alone`` False) none cuts its tail, the dW GEMMs split as before."""
+    from model.cuda_model import CudaBackend
+    monkeypatch.setattr(CudaBackend, "gemms_alone", alone)
+    with dry_device(monkeypatch):
+        model = _backend(QWEN_SHAPED, Precision.BF16)
+        plan = model.plan(8, 1024)
+        gemms = [s for s in plan if s.kind == "gemm_wgmma"]
+        cut = [s for s in gemms if s.args.get("tail_parts", 1) > 1]
+        parts_sums = [s for s in plan if s.kind == "parts_sum"]
+        if alone:
+            assert {s.label.split()[1].split(".")[-1] + " " + s.label.split()[2] for s in cut} >= {
+                "gate_up_proj dX", "gate_up_proj dW", "down_proj forward", "down_proj dW", "embed_tokens dX"}
+            assert {s.args["partials"].name for s in cut} == {"tail partial sums"} and not parts_sums
+        else:
+            assert not any(s.spec.split_tail for s in gemms) and parts_sums
+        model.close()
+
+
 @pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16])
 def test_q_k_v_and_gate_up_run_as_one_gemm_each_way(monkeypatch, precision):
     """Per layer four GEMMs forward (q/k/v, o, gate/up, down) and eight backward (dW and dX of each),

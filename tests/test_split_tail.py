@@ -79,7 +79,7 @@ class _Schedule(KernelSpec):
         return [cls()]
 
 
-@pytest.mark.parametrize("tiles, slices, blocks, parts", [s for s in SCHEDULES if s[2] <= 8])
+@pytest.mark.parametrize("tiles, slices, blocks, parts", SCHEDULES)
 def test_the_kernels_schedule_arithmetic_is_the_reference(tiles, slices, blocks, parts):
     spec = _Schedule()
     out = np.zeros((blocks, 1 + 5 * spec.most), np.uint32)
@@ -101,7 +101,7 @@ def test_the_kernels_schedule_arithmetic_is_the_reference(tiles, slices, blocks,
     (128, 896, 8192, 132, 2),      # a narrow dW: 7 tiles on 132 SMs
     (8192, 896, 896, 132, 1),      # o_proj's forward: 52 tail tiles of 14 slices; a hand-over costs more
     (8192, 9728, 896, 132, 1),     # gate/up's forward: 112 tail tiles, halves would take two rounds
-    (128, 128, 704, 264, 1)])      # one tile of 11 slices: 11 is prime, no equal parts
+    (128, 128, 704, 264, 1)])      # one tile of 11 slices: 11 parts of one would cost 10 hand-overs
 def test_the_tail_is_cut_where_the_last_wave_is_thin(m, n, k, blocks, parts):
     spec = GemmWgmmaSpec(tma=True, pingpong=True, block_n=128, stages=6, split_tail=True)
     assert spec.tail_parts(m, n, k, blocks) == parts

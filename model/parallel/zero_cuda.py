@@ -81,6 +81,9 @@ class ZeroCudaRank(CudaBackend):
 
     name = "cuda-zero1"
     description = "cuda (raw PTX kernels through the CUDA driver API), ZeRO-1 data parallel"
+    # the reduce-scatters' kernels run on a second stream beside the backward's GEMMs: a GEMM
+    # whose tail parts waited on blocks kept off the SMs by them could wait on the other ranks
+    gemms_alone = False
 
     def __init__(self, comm: Communicator, config: ModelConfig, params: dict[str, np.ndarray], adamw: AdamWSettings,
                  precision: Precision = Precision.FP32, bucket_elems: int = DEFAULT_BUCKET_ELEMS,

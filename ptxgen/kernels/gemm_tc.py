@@ -213,7 +213,7 @@ class TensorCoreGemm:
         a block (the workspace's slots)."""
         tiles, slices = -(-m // self.block_m) * -(-n // self.block_n), self.slices(k)
         tail = tiles % blocks
-        if not self.split_tail or not tail:
+        if not self.split_tail or not tail or not slices:
             return 1
 
         def cost(parts: int) -> int:
@@ -264,9 +264,11 @@ class TensorCoreGemm:
         of the operands' tensor maps, which carry their layout: no lda, ldb or batches; with
         ``tma_store``, ``c`` is C's (``runtime.tensormap.gemm_c_tensor_map``). ``stats``:
         where a ``row_stats`` spec writes its per-tile row statistics (and only such a spec).
-        ``tail_parts``: the parts a ``split_tail`` spec launched as ``blocks`` blocks cuts its tail
-        tiles into (``tail_parts``), through the workspace ``partials``, ``flags``
-        (``tail_workspace``), which it touches only then."""
+        ``tail_parts``: the parts a ``split_tail`` spec launched as ``blocks`` blocks (the grid's
+        x: the kernel takes its tail from %nctaid.x) cuts its tail tiles into (``tail_parts``),
+        through the workspace ``partials``, ``flags`` (``tail_workspace``), which it touches only
+        then. Its blocks wait on each other then: all must be resident at once (``launch_dims``
+        with the GPU's resident blocks, nothing else running)."""
         name = self.kind
         if (partials is not None or flags is not None) and not self.split_tail:
             raise ValueError(f"{name}: partials and flags are a split_tail spec's")
