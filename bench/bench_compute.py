@@ -323,9 +323,7 @@ def model_gemms(cache: ModuleCache, rows: list) -> None:
     for lname, k_in, n_out in LAYERS:
         short = lname.split()[0]
         linear = kernels.linear({"qkv": "qkv_proj", "gate_up": "gate_up_proj", "down": "down_proj"}.get(short, short))
-        for what, spec, (m, n, k) in (("fwd", linear.forward, (tokens, n_out, k_in)),
-                                      ("dX", linear.grad_input, (tokens, k_in, n_out)),
-                                      ("dW", linear.grad_weight, (n_out, k_in, tokens))):
+        for what, (spec, m, n, k) in zip(("fwd", "dX", "dW"), linear.gemms(tokens, k_in, n_out)):
             a = torch.randn(*((k, m) if spec.trans_a else (m, k)), device="cuda", dtype=torch.bfloat16)
             b = torch.randn(*((n, k) if spec.trans_b else (k, n)), device="cuda", dtype=torch.bfloat16)
             c = torch.empty(m, n, device="cuda", dtype=torch.bfloat16 if spec.bf16_out else torch.float32)

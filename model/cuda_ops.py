@@ -25,6 +25,8 @@ from .cuda_buffers import Arena, Params
 from .kernels import LOSS_CHUNK_ROWS, Gemm, LinearKernels, ModelKernels, split_k
 
 COLSUM_CHUNK = 256  # rows per first-stage chunk of a two-stage column sum
+# what a GEMM whose tiles are all whole gets for the tail workspace, which it never touches: no bytes
+NO_TAIL = tuple(View(f"no tail {x}", 0, (0,), "u8") for x in ("partial sums", "flags"))
 
 
 def weight_splits(spec: Gemm, m: int, n: int, tokens: int, wave: int) -> int:
@@ -62,8 +64,7 @@ def splits_a_tail(k: ModelKernels, c: ModelConfig, tokens: int, matrices: dict[s
                   wave: Callable[[Gemm], int]) -> bool:
     """Whether a training step of ``tokens`` rows has a GEMM that splits its tail (so needs the
     workspace): each linear module's forward, dX and dW, the loss's LM head on its chunks of rows."""
-    gemms = [(g, *dims) for m, (d_out, d_in) in matrices.items() for g, dims in
-             zip(k.linear(m).specs(), ((tokens, d_out, d_in), (tokens, d_in, d_out), (d_out, d_in, tokens)))]
+    gemms = [g for m, (d_out, d_in) in matrices.items() for g in k.linear(m).gemms(tokens, d_in, d_out)]
     if k.head_logits is not None:  # its chunks: whole ones and the last
         rows = {tokens, min(tokens, LOSS_CHUNK_ROWS), tokens % LOSS_CHUNK_ROWS} - {0}
         gemms += [(k.head_logits, r, c.vocab_size, c.hidden_size) for r in rows]
@@ -145,7 +146,7 @@ class Ops:
                     need = spec.tail_workspace(blocks)
                     assert partials.nbytes >= need[0] and flags.nbytes >= need[1], (blocks, partials, flags)
                 else:  # every tile whole: the kernel touches no workspace (allocated only if some GEMM needs it)
-                    partials, flags = (View(f"no tail {x}", c.ptr, (0,), "u8") for x in ("partial sums", "flags"))
+                    partials, flags = NO_TAIL
                 extra = dict(partials=partials, flags=flags, tail_parts=parts, blocks=blocks)
         else:
             dims = spec.launch_dims(m, n, splits)

@@ -67,8 +67,7 @@ WAVES = tuple((sms, blocks) for sms in (114, 132, 148) for blocks in (1, 2, 4, 8
 def _wave(spec: KernelSpec, sms: int, blocks: int) -> int:
     """The blocks of ``spec`` a GPU of ``sms`` SMs runs at once, ``blocks`` an SM but where the
     spec's shared memory allows only one (a TMA-fed GEMM's stages: more than half an SM's)."""
-    shared = spec.dynamic_shared_bytes() if hasattr(spec, "dynamic_shared_bytes") else 0
-    return sms * (1 if 2 * shared > SHARED_LIMIT else blocks)
+    return sms * (1 if 2 * spec.dynamic_shared_bytes() > SHARED_LIMIT else blocks)
 SMALL_BUFFERS = 1 << 20  # the GEMMs' tensor maps (256 bytes each), the gradient norm's partial sums
 
 

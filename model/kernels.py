@@ -57,7 +57,7 @@ def split_k(spec: Gemm, m: int, n: int, tokens: int, wave: int) -> int:
     The count (a power of two dividing ``tokens``, parts of at least SPLIT_K_MIN_ROWS tokens and a
     multiple of the spec's ``split_k_multiple``) is the one with the least estimated time: the
     waves' FLOPs, idle slots included, plus the partial sums' bytes at FLOPS_PER_BYTE. (Where a
-    ``split_tail`` kernel cuts its own tail, it is not split: ``Ops``.)"""
+    ``split_tail`` kernel cuts its own tail, it is not split: ``cuda_ops.weight_splits``.)"""
     tiles = -(-m // spec.block_m) * -(-n // spec.block_n)
 
     def cost(parts: int) -> float:
@@ -120,6 +120,11 @@ class LinearKernels:
 
     def specs(self) -> list[KernelSpec]:
         return [self.forward, self.grad_input, self.grad_weight]
+
+    def gemms(self, tokens: int, d_in: int, d_out: int) -> list[tuple[Gemm, int, int, int]]:
+        """(spec, m, n, k) of each of the three GEMMs on ``tokens`` rows of a [d_out, d_in] weight."""
+        return [(self.forward, tokens, d_out, d_in), (self.grad_input, tokens, d_in, d_out),
+                (self.grad_weight, d_out, d_in, tokens)]
 
 
 # a linear layer's kernels by its module's name (the tied LM head is the embedding's matrix)
@@ -255,9 +260,8 @@ class ModelKernels:
                                        self.gate_up, h, 2 * i),
                                       ("down_proj", self.down, i, h), ("lm_head", self.head, h, c.vocab_size)):
             try:
-                lk.forward.arguments(0, 0, 0, tokens, d_out, d_in, bias=0 if lk.forward.bias else None)
-                lk.grad_input.arguments(0, 0, 0, tokens, d_in, d_out)
-                lk.grad_weight.arguments(0, 0, 0, d_out, d_in, tokens)
+                for spec, m, n, k in lk.gemms(tokens, d_in, d_out):
+                    spec.arguments(0, 0, 0, m, n, k, bias=0 if spec.bias else None)
             except ValueError as e:
                 raise ValueError(f"{name}, {d_in} -> {d_out}: {e}") from None
         for spec in (self.swiglu, self.swiglu_bwd):

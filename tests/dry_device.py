@@ -48,8 +48,7 @@ class DryCache:
 class DryKernel(Kernel):
     def resident_blocks(self, threads: int) -> int:
         """Two blocks an SM, but one where the spec's shared memory is more than half an SM's."""
-        shared = getattr(self.spec, "dynamic_shared_bytes", lambda: 0)()
-        return WAVE // 2 if 2 * shared > SHARED_LIMIT else WAVE
+        return WAVE // 2 if 2 * self.spec.dynamic_shared_bytes() > SHARED_LIMIT else WAVE
 
     def _allow_shared(self, shared: int) -> int:
         return shared

@@ -200,6 +200,10 @@ class TensorCoreGemm:
         named apart, so a raw C pointer bound by name is refused when the plan is built), else ``c``."""
         return "tmap_c" if self.tma_store else "c"
 
+    def tiles(self, m: int, n: int) -> int:
+        """C's block_m x block_n tiles."""
+        return -(-m // self.block_m) * -(-n // self.block_n)
+
     def slices(self, k: int) -> int:
         """The K slices of a ``k``-long contraction."""
         return -(-k // self.k_elems)
@@ -211,7 +215,7 @@ class TensorCoreGemm:
         slices / P and an epilogue each, and P - 1 hand-overs of partial sums (TAIL_HANDOVER_COST).
         P divides the slices (equal parts), at most TAIL_PARTS_MAX, the pairs at most TAIL_ROUNDS
         a block (the workspace's slots)."""
-        tiles, slices = -(-m // self.block_m) * -(-n // self.block_n), self.slices(k)
+        tiles, slices = self.tiles(m, n), self.slices(k)
         tail = tiles % blocks
         if not self.split_tail or not tail or not slices:
             return 1
@@ -245,7 +249,7 @@ class TensorCoreGemm:
                     ) -> tuple[tuple[int, int], int]:
         """(grid, block). A tma kernel's blocks persist, each walking (split, tile) pairs
         ``%nctaid.x`` apart: at most ``resident`` of them (``Kernel.resident_blocks``)."""
-        tiles = -(-n // self.block_n) * -(-m // self.block_m)
+        tiles = self.tiles(m, n)
         if self.tma:  # with split_tail every block resident: the tail's parts go to all
             return (resident if self.split_tail and resident else min(tiles * batches, resident or tiles * batches),
                     1), self.threads
@@ -276,7 +280,7 @@ class TensorCoreGemm:
             raise ValueError(f"{name}: a split_tail spec cuts its own tail along K; no split-K (splits={splits})")
         if tail_parts != 1:
             slices = self.slices(k)
-            tiles = -(-m // self.block_m) * -(-n // self.block_n)
+            tiles = self.tiles(m, n)
             if not self.split_tail or blocks is None or partials is None or flags is None:
                 raise ValueError(f"{name}: tail_parts={tail_parts} needs split_tail, the blocks launched and the "
                                  "workspace (partials and flags)")
