@@ -326,17 +326,31 @@ def model_gemms(cache: ModuleCache, rows: list) -> None:
         for what, (spec, m, n, k) in zip(("fwd", "dX", "dW"), linear.gemms(tokens, k_in, n_out)):
             a = torch.randn(*((k, m) if spec.trans_a else (m, k)), device="cuda", dtype=torch.bfloat16)
             b = torch.randn(*((n, k) if spec.trans_b else (k, n)), device="cuda", dtype=torch.bfloat16)
-            c = torch.empty(m, n, device="cuda", dtype=torch.bfloat16 if spec.bf16_out else torch.float32)
+            bf16_c = spec.c_dtype.value == "bf16"
+            c = torch.empty(m, 2 * n if spec.swiglu_grad else n, device="cuda",
+                            dtype=torch.bfloat16 if bf16_c else torch.float32)
             bias = torch.randn(n, device="cuda") if spec.bias else None
             extra = {"bias": bias.data_ptr()} if bias is not None else {}
+            maps = []
+            if spec.swiglu_grad:  # its gate and up, read through a tensor map of C's geometry
+                gate_up = torch.randn(m, 2 * n, device="cuda", dtype=torch.bfloat16)
+                maps.append(gemm_c_tensor_map(spec, gate_up.data_ptr(), m, n))
+                extra["gate_up"] = maps[-1].ptr
             ms = time_gemm(cache, spec, a, b, c, m, n, k, **extra)
             parts = spec.tail_parts(m, n, k, sms)
             whole = time_gemm(cache, spec, a, b, c, m, n, k, tail_parts=1, **extra) if parts > 1 else ms
+            for x in maps:
+                x.free()
             at, bt = (a.t() if spec.trans_a else a), (b.t() if spec.trans_b else b)
             theirs = time_ms(lambda: torch.matmul(at, bt), reps=10, warmup=2)
             print(f"  {short} {what} {m}x{n}x{k}: tail in {parts}: {ms:.3f} ms, whole: {whole:.3f} ms")
+            if spec.swiglu_grad:  # against the product alone, as it was stored before (f32 C)
+                plain = dataclasses.replace(spec, swiglu_grad=False, tma_store=False)
+                alone = time_gemm(cache, plain, a, b, torch.empty(m, n, device="cuda"), m, n, k)
+                print(f"    with the SwiGLU backward in its epilogue; the product alone (f32 C): {alone:.3f} ms")
             rows.append(Row(f"model {short} {what} {m}x{n}x{k} [tail in {parts}"
-                            f"{', bf16 C' if spec.bf16_out else ''}]", 2.0 * m * n * k, ms, theirs))
+                            f"{', bf16 C' if spec.bf16_out else ''}{' + SwiGLU bwd' if spec.swiglu_grad else ''}]",
+                            2.0 * m * n * k, ms, theirs))
 
 
 SECTIONS = ["fp32", "mma", "wgmma", "layers", "bf16-layers", "attention", "k-sweep", "model-gemms"]

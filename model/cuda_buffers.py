@@ -252,7 +252,6 @@ class TrainingBuffers:
         self.dlogits = new("dlogits", (T, V), operand)  # the LM head's GEMM operand as it is
         self.g = new("d x", (T, H))     # gradient of the residual stream, updated in place
         self.dh = new("d h", (T, H))
-        self.d_act = new("d act", (T, I))
         self.d_gate_up = new("d gate_up", (T, 2 * I), operand)  # [d gate | d up]: the fused GEMM's operand
         self.d_o, self.dq = new("d o", (T, Q), operand), new("d q", (T, Q))  # d o: as the attention reads it
         self.dk, self.dv = new("d k", (T, KV_)), new("d v", (T, KV_))

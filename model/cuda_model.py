@@ -7,7 +7,7 @@ settings + precision), is pre-warmed when the backend is built, and plans are bu
 strict mode: a kernel that was not pre-warmed is an error. Buffers: ``cuda_buffers``. In bf16
 precision the GEMMs and the attention read bf16 operands: written in bf16 by the kernel that makes
 them (the norms, RoPE, v's copy out of the fused q/k/v projection's rows, the attention's output,
-the SwiGLU's both ways), or cast once right after they are computed (the attention's and the q/k/v
+the SwiGLU, and its backward in the down projection's dX GEMM), or cast once right after they are
 projection's output gradients; the residual stream's gradient is written in bf16 too by the norms'
 backward). Linear layers that read one input run as one GEMM (``cuda_buffers.FUSED``: q/k/v,
 gate/up), each later kernel reading its part of the fused output's rows.
@@ -114,8 +114,7 @@ def backward(ops: Ops, acts: Activations, kv: list[KV], hf: View, d: TrainingBuf
         p, a = layer_prefix(i), acts.layers[i]
         # MLP: x_out = x_mid + down(silu(gate) * up); g is the gradient of x_out
         ops.grad_weight(g, a.act, p + "mlp.down_proj")
-        ops.grad_input(g, p + "mlp.down_proj", d.d_act)
-        ops.swiglu_backward(a.gate_up, d.d_act, dgate_up=d.d_gate_up)
+        ops.swiglu_backward(a.gate_up, g, p + "mlp.down_proj", dgate_up=d.d_gate_up)  # of g W_down
         ops.grad_weight(d.d_gate_up, a.h2, p + "mlp.gate_up_proj")  # both weights' gradients, one GEMM
         ops.grad_input(d.d_gate_up, p + "mlp.gate_up_proj", d.dh)
         g = ops.rmsnorm_backward(a.x_mid, p + "post_attention_layernorm.weight", d.dh, a.rstd2, dx=d.g,

@@ -48,6 +48,8 @@ def scratch_shapes(k: ModelKernels, c: ModelConfig, tokens: int, matrices: dict[
     shapes = {"rmsnorm dgamma partial": ((k.norm_bwd_residual.partial_rows(tokens), H), "f32"),
               "column sum chunks": ((-(-tokens // COLSUM_CHUNK), QKV), "f32"),
               "split-K partial sums": ((max((n * math.prod(s) for n, s in parts if n > 1), default=1),), "f32")}
+    if k.swiglu_bwd is not None:  # the down projection's dx, read by the SwiGLU backward's own kernel
+        shapes["d act"] = ((tokens, c.intermediate_size), "f32")
     return {"d y[bf16]": ((tokens * max(H, QKV),), "bf16"), **shapes} if k.to_bf16 is not None else shapes
 
 
@@ -124,8 +126,10 @@ class Ops:
         return self.k.linear(module)
 
     def _gemm(self, spec: Gemm, what: str, a: View, b: View, c: Arg, m: int, n: int, k: int,
-              bias: View | None = None, splits: int = 1, stats: View | None = None) -> None:
-        """C = op(A) op(B) (+ bias) over ``splits`` parts of a ``k``-long contraction each; ``what``:
+              bias: View | None = None, splits: int = 1, stats: View | None = None,
+              gate_up: View | None = None) -> None:
+        """C = op(A) op(B) (+ bias) over ``splits`` parts of a ``k``-long contraction each (``gate_up``:
+        a ``swiglu_grad`` spec's, C SwiGLU's backward of the product); ``what``:
         the module and pass ("model.layers.0.mlp.down_proj dW"), in the launch's label for a profile.
         A TMA-fed kernel reads A and B through tensor maps (freed with the plan; with ``tma_store`` it
         writes C through one too) and its persistent blocks fill the GPU once."""
@@ -137,6 +141,9 @@ class Ops:
             if spec.tma_store:  # C too is written through a tensor map, which stands for the C view
                 assert isinstance(c, View), c
                 operands["tmap_c"], c = c, self.plan.keep(gemm_c_tensor_map(spec, c.ptr, m, n, splits=splits))
+            if gate_up is not None:  # read through a map of C's geometry
+                operands["tmap_gate_up"] = gate_up
+                gate_up = self.plan.keep(gemm_c_tensor_map(spec, gate_up.ptr, m, n))
             dims = spec.launch_dims(m, n, splits, resident=kernel.resident_blocks(spec.threads))
             if spec.split_tail:  # the tiles past its last full wave cut along K: the workspace
                 blocks = dims[0][0]  # the grid: its x is the kernel's %nctaid.x
@@ -150,8 +157,11 @@ class Ops:
                 extra = dict(partials=partials, flags=flags, tail_parts=parts, blocks=blocks)
         else:
             dims = spec.launch_dims(m, n, splits)
-        args = spec.arguments(a, b, c, m, n, k, bias=bias, splits=splits,
-                              **({"stats": stats} if stats is not None else {}), **extra)
+        if stats is not None:
+            extra["stats"] = stats
+        if gate_up is not None:
+            extra["gate_up"] = gate_up
+        args = spec.arguments(a, b, c, m, n, k, bias=bias, splits=splits, **extra)
         self.plan.add(spec, dims, label=f"{spec.kind} {what} -> {_name(result)}", operands=operands,
                       **_named(spec, args))
 
@@ -262,6 +272,10 @@ class Ops:
         return self._scratch_buffer("column sum chunks")
 
     @functools.cached_property
+    def _d_act(self) -> View:
+        return self._scratch_buffer("d act")
+
+    @functools.cached_property
     def _split_scratch(self) -> View:
         return self._scratch_buffer("split-K partial sums")
 
@@ -316,12 +330,21 @@ class Ops:
                   n_cols=H, rows_per_chunk=rows)
         return operand
 
-    def swiglu_backward(self, gate_up: View, dout: View, dgate_up: View) -> None:
-        """[dgate | dup] per row of ``dgate_up`` from the forward's ``gate_up`` and dout."""
-        spec, (rows, width) = self.k.swiglu_bwd, dout.shape
-        assert gate_up.shape == dgate_up.shape == (rows, 2 * width), (gate_up.shape, dgate_up.shape, dout.shape)
-        self._add(spec, spec.launch_dims(rows, width), dgate_up,
-                  **_named(spec, spec.arguments(gate_up, dout, dgate_up, rows, width)))
+    def swiglu_backward(self, gate_up: View, dy: View, module: str, dgate_up: View) -> None:
+        """[dgate | dup] per row of ``dgate_up``: SwiGLU's backward (gate and up from the forward's
+        ``gate_up``) of its output's gradient dy W, W the weight of ``module``, the down projection
+        SwiGLU feeds. bf16: one GEMM, whose epilogue takes the backward (``swiglu_grad``: dy W is
+        never stored); fp32: dy W into scratch, then the SwiGLU backward's kernel."""
+        w = self.W[module + ".weight"]
+        (d_out, d_in), dx = w.shape, self._linear(module).grad_input
+        assert gate_up.shape == dgate_up.shape == (self.T, 2 * d_in), (gate_up.shape, dgate_up.shape, w.shape)
+        fused = getattr(dx, "swiglu_grad", False)
+        self._gemm(dx, f"{module} dX", dy, w.operand, dgate_up if fused else self._d_act, self.T, d_in, d_out,
+                   gate_up=gate_up if fused else None)
+        if not fused:
+            spec = self.k.swiglu_bwd
+            self._add(spec, spec.launch_dims(self.T, d_in), dgate_up,
+                      **_named(spec, spec.arguments(gate_up, self._d_act, dgate_up, self.T, d_in)))
 
     def attention_backward(self, q: View, k: View, v: View, o: View, do: View, lse: View, dq: View,
                            delta: View, dk: View, dv: View, batch: int, seq: int) -> None:

@@ -94,9 +94,12 @@ class LinearKernels:
 
     @classmethod
     def of(cls, d_in: int, d_out: int, bias: bool = False, precision: Precision = Precision.FP32,
-           bf16_out: bool = False, bf16_dx: bool = False, cut_tails: bool = True) -> "LinearKernels":
+           bf16_out: bool = False, bf16_dx: bool = False, swiglu_dx: bool = False, cut_tails: bool = True
+           ) -> "LinearKernels":
         """``bf16_out`` (``bf16_dx``): in bf16 precision, y (dx) is stored in bf16, rounded as a cast
-        of the f32 result would (what the next kernel reads). ``cut_tails``: the bf16 GEMMs cut the
+        of the f32 result would (what the next kernel reads). ``swiglu_dx``: x is a SwiGLU's output
+        (the down projection's), and in bf16 precision the dX GEMM's epilogue takes SwiGLU's
+        backward, storing [dgate | dup] (``swiglu_grad``; dx itself is never stored). ``cut_tails``: the bf16 GEMMs cut the
         tiles past their last full wave along K (``split_tail``), which needs them alone on the GPU;
         else a weight gradient's wave is filled by split-K."""
         if precision is Precision.BF16:
@@ -108,7 +111,13 @@ class LinearKernels:
             # shapes leave 52 or 4 tiles for a fourth or fifth wave of 132 SMs)
             make = functools.partial(GemmWgmmaSpec, tma=True, split_tail=cut_tails, **WGMMA_TILE)
             fwd = make(trans_a=False, trans_b=True, bias=bias, bf16_out=bf16_out, tma_store=bf16_out)
-            dx = make(trans_a=False, trans_b=False, bf16_out=bf16_dx, tma_store=bf16_dx)
+            # swiglu_dx: on the H200 the 8192-token step's SwiGLU backward took 2.81 ms reading the
+            # f32 dx the down projection's dX had written (3.19 ms). Its gate and up staged beside
+            # the stages (64 KB) leave room for 5 of them. Its tail is not cut (at K = hidden, a few
+            # dozen slices a tile, a cut would not pay: tail_parts), and the uncut kernel ran 0.172
+            # ms against 0.184 on the H200 at 8192 x 4864 x 896 (the GEMM + swiglu_bwd: 0.248)
+            swiglu = dict(swiglu_grad=True, stages=5, split_tail=False) if swiglu_dx else {}
+            dx = make(trans_a=False, trans_b=False, bf16_out=bf16_dx, tma_store=bf16_dx or swiglu_dx, **swiglu)
             dw = make(trans_a=True, trans_b=False)
         else:
             make = functools.partial(GemmSpec, vec=widest_vec(d_in, d_out))
@@ -158,7 +167,7 @@ class ModelKernels:
     attention_bwd_q: AttentionBackwardQSpec | AttentionTCBackwardQSpec | AttentionWgmmaBackwardQSpec
     attention_bwd_kv: AttentionBackwardKVSpec | AttentionTCBackwardKVSpec | AttentionWgmmaBackwardKVSpec
     swiglu: SwiGLUSpec               # bf16: reads bf16 gate, up; writes the down projection's bf16 operand
-    swiglu_bwd: SwiGLUBackwardSpec   # bf16: reads bf16 gate, up; writes dgate and dup, the GEMMs' bf16 operands
+    swiglu_bwd: SwiGLUBackwardSpec | None  # fp32 (None in bf16: the down projection's dX GEMM takes it)
     cross_entropy: CrossEntropySpec
     colsum: ColumnSumSpec
     parts_sum: PartsSumSpec  # split-K partial weight gradients
@@ -214,7 +223,7 @@ class ModelKernels:
             # gate and up as one GEMM ([gate; up] weights); bf16: stored in bf16, as SwiGLU and its backward read them
             # bf16: the attention output's gradient stored in bf16, as the attention backward reads it
             o=linear(q_dim, h, bf16_dx=True), gate_up=linear(h, 2 * c.intermediate_size, bf16_out=True),
-            down=linear(c.intermediate_size, h), head=head,
+            down=linear(c.intermediate_size, h, swiglu_dx=True), head=head,
             head_logits=dataclasses.replace(head.forward, row_stats=True) if stats_block else None,
             # bf16: RoPE writes the attention's bf16 q and k itself (its f32 output is read by nothing else)
             rope_q=RopeSpec(heads=c.num_heads, bf16_out=bf16, strided=True, **rope),
@@ -227,7 +236,7 @@ class ModelKernels:
             dv_copy=CastSpec(dst=DType.F32, strided=True, bf16_copy=bf16),
             attention=attention[0], attention_bwd_q=attention[1], attention_bwd_kv=attention[2],
             swiglu=SwiGLUSpec(dtype=gemm_operand, out_dtype=gemm_operand, vec=swiglu_vec),
-            swiglu_bwd=SwiGLUBackwardSpec(dtype=gemm_operand, out_dtype=gemm_operand, vec=swiglu_vec),
+            swiglu_bwd=None if bf16 else SwiGLUBackwardSpec(vec=swiglu_vec),
             cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index, grad_dtype=gemm_operand,
                                            stats_block=stats_block),
             colsum=ColumnSumSpec(), parts_sum=PartsSumSpec(), grad_norm_partial=partial,
@@ -261,11 +270,13 @@ class ModelKernels:
                                       ("down_proj", self.down, i, h), ("lm_head", self.head, h, c.vocab_size)):
             try:
                 for spec, m, n, k in lk.gemms(tokens, d_in, d_out):
-                    spec.arguments(0, 0, 0, m, n, k, bias=0 if spec.bias else None)
+                    spec.arguments(0, 0, 0, m, n, k, bias=0 if spec.bias else None,
+                                   **({"gate_up": 0} if getattr(spec, "swiglu_grad", False) else {}))
             except ValueError as e:
                 raise ValueError(f"{name}, {d_in} -> {d_out}: {e}") from None
         for spec in (self.swiglu, self.swiglu_bwd):
-            spec.check(tokens, i)
+            if spec is not None:
+                spec.check(tokens, i)
 
     def specs(self) -> list[KernelSpec]:
         """Every spec, once: what the CUDA model pre-warms and then runs in strict mode. Deduplicated

@@ -42,20 +42,25 @@ def tiled_tensor_map(ptr: int, rows: int, cols: int, row_stride: int, dtype: Mma
 def gemm_c_tensor_map(spec, c: int, m: int, n: int, ldc: int | None = None, splits: int = 1) -> DeviceArray:
     """The tensor map a ``tma_store`` GEMM spec stores C at ``c`` through: ``splits`` consecutive
     [m, ldc] matrices of its C type (f32 or bf16), written in boxes of [64 rows][128 bytes] from its
-    128-byte swizzled staging; the copy unit leaves everything past n and m alone."""
+    128-byte swizzled staging; the copy unit leaves everything past n and m alone. A
+    ``swiglu_grad`` spec's C (and its gate_up, read through a map of the same geometry) is two
+    [m, n] halves side by side in rows of ldc (default 2 n): [dgate | dup] ([gate | up])."""
     if not spec.tma_store:
         raise ValueError(f"{spec.kind}: C's tensor map is a tma_store spec's")
     size = spec.c_dtype.size
-    ldc = n if ldc is None else ldc
-    if ldc < n:
-        raise ValueError(f"C's rows overlap: ldc {ldc} < n {n}")
+    ldc = (2 * n if spec.swiglu_grad else n) if ldc is None else ldc
+    if ldc < n * (2 if spec.swiglu_grad else 1):
+        raise ValueError(f"C's rows overlap: ldc {ldc} < n {n}{' x 2 (dgate | dup)' if spec.swiglu_grad else ''}")
+    if spec.swiglu_grad and (splits != 1 or (n * size) % 16):
+        raise ValueError(f"a swiglu_grad C is one product whose halves start 16-byte aligned: splits {splits}, n {n}")
     if (ldc * size) % 16 or c % 16:
         raise ValueError(f"C's tensor map needs 16-byte aligned rows: ldc {ldc} x {size} bytes")
     u64, u32 = cu.cuuint64_t, cu.cuuint32_t
     dtype = (cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT32 if size == 4
              else cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16)
-    tensor_map = call("cuTensorMapEncodeTiled", dtype, u32(3), c, [u64(n), u64(m), u64(splits)],
-                      [u64(ldc * size), u64(m * ldc * size)], [u32(SWIZZLE_ROW // size), u32(64), u32(1)],
+    third, stride = (2, n * size) if spec.swiglu_grad else (splits, m * ldc * size)  # the halves, or the splits
+    tensor_map = call("cuTensorMapEncodeTiled", dtype, u32(3), c, [u64(n), u64(m), u64(third)],
+                      [u64(ldc * size), u64(stride)], [u32(SWIZZLE_ROW // size), u32(64), u32(1)],
                       [u32(1), u32(1), u32(1)], cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
                       _SWIZZLES[SWIZZLE_ROW], cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_NONE,
                       cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)

@@ -178,7 +178,7 @@ def tma_operands(spec, m, n, k, splits=1):
     return a, b, rng.standard_normal(n).astype(np.float32) if spec.bias else None
 
 
-def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None, tail_parts=None):
+def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None, tail_parts=None, gate_up=None):
     """A tma-fed wgmma GEMM (``spec``'s layout, bias, accumulate and C type) on random operands
     (or ``operands``) through the tensor maps of ``gemm_tensor_maps``, beside its float64
     reference; ``splits`` parts of ``k`` each give consecutive partial C matrices; ``resident``
@@ -193,17 +193,22 @@ def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None, tail_p
     else:
         (a_dev, a64), (b_dev, b64) = sixteen(a, dtype), sixteen(b, dtype)
     old = rng.standard_normal((splits, m, n)) if spec.accumulate else np.full((splits, m, n), np.nan)
-    old = np.full((splits, m, n), 0xFFFF, np.uint16) if spec.bf16_out else old.astype(np.float32)
+    bf16_c = spec.c_dtype.value == "bf16"
+    old = np.full((splits, m, 2 * n if spec.swiglu_grad else n), 0xFFFF, np.uint16) if bf16_c else \
+        old.astype(np.float32)
     arrays = [DeviceArray.from_numpy(x) for x in (a_dev, b_dev)] + \
-        [DeviceArray.from_numpy(old, "bf16" if spec.bf16_out else "f32")]
+        [DeviceArray.from_numpy(old, "bf16" if bf16_c else "f32")]
     extra = [DeviceArray.from_numpy(bias)] if spec.bias else []
+    gate_up_dev = DeviceArray.from_numpy(gate_up, "bf16") if spec.swiglu_grad else None
+    extra += [gate_up_dev] if gate_up_dev is not None else []
     stats = DeviceArray.from_numpy(np.full((-(-n // spec.block_n), m, 2), np.nan, np.float32)) \
         if spec.row_stats else None
     extra += [stats] if stats is not None else []
     maps = gemm_tensor_maps(spec, arrays[0].ptr, arrays[1].ptr, m, n, k * splits)
-    if spec.tma_store:  # C is stored through its own tensor map
+    if spec.tma_store:  # C is stored through its own tensor map (and gate_up read through one like it)
         from runtime.tensormap import gemm_c_tensor_map
         maps = (*maps, gemm_c_tensor_map(spec, arrays[2].ptr, m, n, splits=splits))
+        maps += (gemm_c_tensor_map(spec, gate_up_dev.ptr, m, n),) if gate_up_dev is not None else ()
     if spec.split_tail and resident is None:  # every block resident, as the model launches it
         resident = cache.get(spec).resident_blocks(spec.threads)
     dims = spec.launch_dims(m, n, splits, resident=resident)
@@ -221,7 +226,8 @@ def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None, tail_p
                         *spec.arguments(maps[0].ptr, maps[1].ptr, maps[2].ptr if spec.tma_store else arrays[2].ptr,
                                         m, n, k,
                                         bias=extra[0].ptr if spec.bias else None, splits=splits,
-                                        **({"stats": stats.ptr} if stats is not None else {}), **cut))
+                                        **({"stats": stats.ptr} if stats is not None else {}),
+                                        **({"gate_up": maps[3].ptr} if gate_up_dev is not None else {}), **cut))
         synchronize()
         out = arrays[2].to_numpy()
         if spec.split_tail:
@@ -402,6 +408,35 @@ def test_tma_store_writes_only_the_m_by_n_corner_of_a_wider_c(cache, bf16_out):
     untouched = np.ones(out.shape, bool)
     untouched[:m, :n] = False
     assert (out[untouched] == poison[untouched]).all(), "a store reached past n or past m"
+
+
+@pytest.mark.parametrize("fields, shape, resident", [
+    (dict(), (300, 520, 1000), 5),                     # ragged rows and columns, 3 x 5 tiles over 5 blocks
+    (dict(block_n=64), (130, 200, 72), 1),             # one block: both warpgroups' buffers in turn, n % 64 != 0
+    (dict(split_tail=True), (1000, 520, 1000), 7),     # 5 tail tiles cut along K, summed before the epilogue
+    (dict(split_tail=True), (1000, 4864, 896), None)])  # the down projection's dX shape, every block resident
+def test_swiglu_grad_stores_what_the_swiglu_backward_makes_of_the_f32_product(cache, fields, shape, resident):
+    """``swiglu_grad`` (the down projection's dX): C = [dgate | dup] in bf16, bit for bit what the
+    swiglu_bwd kernel (bf16 gate and up, f32 dout, bf16 out) makes of the plain kernel's f32 C,
+    itself within the float64 tolerance; every element of the [m][2n] C written (dgate's last
+    column tile clipped at n, not spilling into dup's columns)."""
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    from ptxgen.kernels.swiglu import SwiGLUBackwardSpec
+    from ptxgen.vecio import DType
+    m, n, k = shape
+    base = {"tma": True, "pingpong": True, "block_n": 128, "trans_b": False, **fields}
+    plain_spec = GemmWgmmaSpec(**base, stages=6)
+    operands = tma_operands(plain_spec, m, n, k)
+    gate_up = to_bf16(rng.standard_normal((m, 2 * n)).astype(np.float32) * 3)
+    dout, ref = run_tma(cache, plain_spec, m, n, k, resident=resident, operands=operands)
+    assert_close(dout, ref)
+    fused, _ = run_tma(cache, GemmWgmmaSpec(**base, stages=5, tma_store=True, swiglu_grad=True), m, n, k,
+                       resident=resident, operands=operands, gate_up=gate_up)
+    bwd = SwiGLUBackwardSpec(dtype=DType.BF16, out_dtype=DType.BF16)
+    *_, expected = call(cache, bwd, bwd.launch_dims(m, n), gate_up, dout[0],
+                        np.full((m, 2 * n), 0xFFFF, np.uint16), *bwd.arguments(0, 0, 0, m, n)[3:])
+    assert np.isfinite(from_bf16(fused)).all(), "an element of [dgate | dup] was never written"
+    np.testing.assert_array_equal(fused[0], expected)
 
 
 def test_the_lm_heads_row_stats_feed_the_cross_entropy(cache):

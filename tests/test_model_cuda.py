@@ -187,6 +187,33 @@ def test_the_fused_loss_and_the_dk_dv_teams_train_as_the_kernels_they_replace(ca
     assert abs(ours[10:].mean() - theirs[10:].mean()) <= 0.02 * theirs[10:].mean()
 
 
+def test_the_swiglu_backward_in_the_down_projections_dx_trains_bit_for_bit_as_its_own_kernel(cache, corpus, tmp_path,
+                                                                                           monkeypatch):
+    """bf16, 20 steps: the down projection's dX GEMM storing SwiGLU's backward of its product
+    (``swiglu_grad``) against the GEMM storing the f32 product and the swiglu_bwd kernel reading it:
+    the same arithmetic on the same f32 values, so every loss is the same, bit for bit."""
+    import dataclasses
+    from model.kernels import ModelKernels
+    from ptxgen.kernels.swiglu import SwiGLUBackwardSpec
+    from ptxgen.vecio import DType
+    shape = dict(config=SMALL_SHAPED, precision=Precision.BF16, seq_len=200)
+    fused = train_run(cache, corpus, tmp_path / "fused", **shape)
+    made = ModelKernels.of.__func__
+
+    def unfused(cls, *args, **kwargs):
+        k = made(cls, *args, **kwargs)
+        assert k.down.grad_input.swiglu_grad and k.swiglu_bwd is None  # what this test replaces
+        dx = dataclasses.replace(k.down.grad_input, swiglu_grad=False)
+        return dataclasses.replace(k, down=dataclasses.replace(k.down, grad_input=dx),
+                                   swiglu_bwd=SwiGLUBackwardSpec(dtype=DType.BF16, out_dtype=DType.BF16,
+                                                                 vec=k.swiglu.vec))
+
+    monkeypatch.setattr(ModelKernels, "of", classmethod(unfused))
+    before = train_run(cache, corpus, tmp_path / "unfused", **shape)
+    assert len(fused.train_losses) == 20 and np.isfinite(fused.train_losses).all()
+    assert fused.train_losses == before.train_losses
+
+
 def test_training_from_populated_weights_starts_well_below_ln_vocab_on_the_gpu(cache, corpus, tmp_path):
     """FALSIFY-INIT-002: the GPU backend takes populated weights (train --init), not a fresh init."""
     from model.checkpoint import load_checkpoint

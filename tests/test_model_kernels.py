@@ -98,11 +98,13 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert all(isinstance(s, GemmSpec) for s in gemms(fp32)) and fp32.to_bf16 is None
     # every bf16 GEMM, all three layouts, on the TMA-fed warpgroup MMA kernel
     assert all(isinstance(s, GemmWgmmaSpec) and s.tma for s in gemms(bf16))
-    # forward (with bias, without, bf16 out, the loss's LM head), dX (f32, and bf16: o_proj's, the
-    # attention backward's operand), dW
-    assert len(gemms(bf16)) == 7 and bf16.o.grad_input.bf16_out and not bf16.down.grad_input.bf16_out
+    # forward (with bias, without, bf16 out, the loss's LM head), dX (f32, bf16: o_proj's, the
+    # attention backward's operand, and down's, which stores SwiGLU's backward of it), dW
+    assert len(gemms(bf16)) == 8 and bf16.o.grad_input.bf16_out and not bf16.gate_up.grad_input.bf16_out
+    assert bf16.down.grad_input.swiglu_grad and bf16.swiglu_bwd is None and fp32.swiglu_bwd is not None
+    assert [s for s in gemms(bf16) if s.swiglu_grad] == [bf16.down.grad_input]
     # a bf16 C (gate/up's forward, o_proj's dX) leaves through shared memory by TMA; an f32 C by the threads
-    assert all(s.tma_store == s.bf16_out for s in gemms(bf16)) and bf16.gate_up.forward.tma_store
+    assert all(s.tma_store == (s.bf16_out or s.swiglu_grad) for s in gemms(bf16)) and bf16.gate_up.forward.tma_store
     # the loss's LM head makes the cross-entropy's row statistics per column tile of its own
     assert bf16.head_logits == dataclasses.replace(bf16.head.forward, row_stats=True) and fp32.head_logits is None
     assert bf16.cross_entropy.stats_block == bf16.head_logits.block_n and fp32.cross_entropy.stats_block == 0
@@ -110,7 +112,9 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert bf16.to_bf16 == CastSpec() and CastSpec() in bf16.specs() and CastSpec() not in fp32.specs()
     assert bf16.qkv.forward.bias and not bf16.o.forward.bias
     # one tile everywhere, the fastest at every layer shape on the H200: 128 x 128, 6 stages, pingpong
-    assert {(s.block_n, s.stages, s.pingpong) for s in gemms(bf16)} == {(128, 6, True)}
+    # (5 where the SwiGLU backward's gate and up take the shared memory of one)
+    assert {(s.block_n, s.stages, s.pingpong) for s in gemms(bf16) if not s.swiglu_grad} == {(128, 6, True)}
+    assert (bf16.down.grad_input.block_n, bf16.down.grad_input.stages) == (128, 5)
     assert isinstance(bf16.attention, AttentionWgmmaSpec)  # forward and backward on wgmma
     assert isinstance(bf16.attention_bwd_q, AttentionWgmmaBackwardQSpec)
     assert isinstance(bf16.attention_bwd_kv, AttentionWgmmaBackwardKVSpec) and bf16.attention_bwd_kv.teams == 2
@@ -123,7 +127,7 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert isinstance(tiny.attention_bwd_kv, AttentionTCBackwardKVSpec)
     assert (bf16.attention.heads, bf16.attention.kv_heads, bf16.attention.head_dim) == (14, 2, 64)
     # everything else is the same kernel in both precisions
-    assert bf16.swiglu.out_dtype is DType.BF16 and bf16.swiglu_bwd.out_dtype is DType.BF16  # GEMM operands
+    assert bf16.swiglu.out_dtype is DType.BF16  # the down projection's operand
     assert fp32.swiglu.out_dtype is DType.F32
     assert bf16.cross_entropy.grad_dtype is DType.BF16 and fp32.cross_entropy.grad_dtype is DType.F32
     assert bf16.norm.bf16_out and bf16.norm_residual.bf16_out and not fp32.norm.bf16_out  # q/k/v, MLP, head inputs

@@ -186,7 +186,7 @@ def test_the_memory_estimate_counts_what_the_training_step_allocates(monkeypatch
         step = sum(n for _, n in allocations) - held
         model.close()
     buffers = sum(cuda_step_buffer_bytes(config, b, s, bf16) for b, s in shapes)
-    assert buffers <= step <= 1.15 * buffers
+    assert buffers <= step <= 1.2 * buffers  # (the rest: the backward's scratch, counted below)
     assert held + step <= train_bytes(config, shapes, on_gpu=True, bf16=bf16) <= 1.35 * (held + step)
 
 

@@ -157,8 +157,8 @@ class TensorCoreGemm:
     """What the 16-bit tensor-core GEMM specs (mma.sync and wgmma) share: parameters, launch
     shape, argument checks, and the TMA-fed persistent form (``tma``: ``tma_pipeline``), whose
     operands are tensor maps (``tma_operands``). Their blocks walk C in ``tile_origin``'s order.
-    A spec provides tma, bf16_out, row_stats, tma_store, block_m, block_n, k_elems (K elements a
-    slice), stages, threads."""
+    A spec provides tma, bf16_out, row_stats, tma_store, split_tail, swiglu_grad, block_m,
+    block_n, k_elems (K elements a slice), stages, threads."""
 
     @property
     def mn_major(self) -> tuple[bool, bool]:
@@ -171,7 +171,10 @@ class TensorCoreGemm:
 
     def staging_bytes(self) -> int:
         """Shared memory the consumers stage C in before a TMA store (``tma_store``): a 64-row
-        half tile each of the two warpgroups."""
+        half tile each of the two warpgroups; with ``swiglu_grad`` its gate and up (then dgate and
+        dup) side by side, and each buffer's mbarrier after both."""
+        if self.swiglu_grad:
+            return 2 * (2 * 64 * self.block_n * self.c_dtype.size + MBARRIER_BYTES)
         return 2 * 64 * self.block_n * self.c_dtype.size if self.tma_store else 0
 
     def dynamic_shared_bytes(self) -> int:
@@ -182,7 +185,7 @@ class TensorCoreGemm:
     def params(self) -> tuple[tuple[str, T], ...]:
         if self.tma:
             ptrs = ("tmap_a", "tmap_b", self.c_param) + (("bias",) if self.bias else ()) + \
-                (("stats",) if self.row_stats else ())
+                (("stats",) if self.row_stats else ()) + (("tmap_gate_up",) if self.swiglu_grad else ())
             ptrs += ("partials", "flags") if self.split_tail else ()
             dims = ("m", "n", "k", "ldc", "splits") + (("tail_parts",) if self.split_tail else ())
             return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
@@ -237,8 +240,8 @@ class TensorCoreGemm:
 
     @property
     def c_dtype(self) -> DType:
-        """C's element type: f32, or bf16 where the spec stores it so (``bf16_out``)."""
-        return DType.BF16 if self.bf16_out else DType.F32
+        """C's element type: f32, or bf16 where the spec stores it so (``bf16_out``, ``swiglu_grad``)."""
+        return DType.BF16 if self.bf16_out or self.swiglu_grad else DType.F32
 
     def split_k_multiple(self) -> int:
         """What a split-K part's contraction length must be a multiple of: with tma, whole slices
@@ -259,7 +262,7 @@ class TensorCoreGemm:
                   lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
                   batch: Batch | None = None, splits: int = 1, stats: int | None = None,
                   partials: int | None = None, flags: int | None = None, tail_parts: int = 1,
-                  blocks: int | None = None) -> tuple[int, ...]:
+                  blocks: int | None = None, gate_up: int | None = None) -> tuple[int, ...]:
         """The kernel's arguments in order, after refusing shapes its 16-byte copies cannot serve:
         each operand's contiguous extent, leading dimension and batch strides a multiple of 16
         bytes (8 16-bit or 4 tf32 elements); N, ldc and C's batch strides even. Batches are the
@@ -272,8 +275,19 @@ class TensorCoreGemm:
         x: the kernel takes its tail from %nctaid.x) cuts its tail tiles into (``tail_parts``),
         through the workspace ``partials``, ``flags`` (``tail_workspace``), which it touches only
         then. Its blocks wait on each other then: all must be resident at once (``launch_dims``
-        with the GPU's resident blocks, nothing else running)."""
+        with the GPU's resident blocks, nothing else running). ``gate_up``: a ``swiglu_grad``
+        spec's (and only such a spec's) bf16 [m][ldc] gate and up (up n columns after gate), by
+        its tensor map of C's geometry (``runtime.tensormap.gemm_c_tensor_map``): C ([m][ldc],
+        ldc 2 n by default) takes dgate's and dup's places."""
         name = self.kind
+        if (gate_up is not None) != self.swiglu_grad:
+            raise ValueError(f"{name}: gate_up {'needs' if gate_up is not None else 'is required by'} swiglu_grad")
+        if self.swiglu_grad and ldc is None:
+            ldc = 2 * n
+        if self.swiglu_grad and (ldc < 2 * n or n % 8 or ldc % 8):
+            raise ValueError(f"{name}: a swiglu_grad C holds dgate and dup side by side, n apart, each half's rows "
+                             f"16-byte aligned for its tensor maps: N={n} and ldc={ldc} must be multiples of 8, "
+                             "ldc >= 2 N")
         if (partials is not None or flags is not None) and not self.split_tail:
             raise ValueError(f"{name}: partials and flags are a split_tail spec's")
         if self.split_tail and splits > 1:  # its schedule deals out the tiles of one product
@@ -315,7 +329,8 @@ class TensorCoreGemm:
         if self.tma_store and (ldc * self.c_dtype.size) % 16:
             raise ValueError(f"{name}: a TMA store's C rows must be 16-byte aligned: ldc={ldc} x {self.c_dtype.size} "
                              "bytes")
-        ptrs = (a, b, c) + ((bias,) if self.bias else ()) + ((stats,) if stats is not None else ())
+        ptrs = (a, b, c) + ((bias,) if self.bias else ()) + ((stats,) if stats is not None else ()) + \
+            ((gate_up,) if gate_up is not None else ())
         if self.tma:
             if self.split_tail:
                 return (*ptrs, partials or 0, flags or 0, m, n, k, ldc, splits, tail_parts)
@@ -378,6 +393,7 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
     row_stats: ClassVar[bool] = False  # the wgmma kernel's
     tma_store: ClassVar[bool] = False  # the wgmma kernel's
     split_tail: ClassVar[bool] = False  # the wgmma kernel's
+    swiglu_grad: ClassVar[bool] = False  # the wgmma kernel's
 
     @property
     def threads(self) -> int:

@@ -32,13 +32,16 @@ tensor-core GEMM's; or (``tma_store``, pingpong) each warpgroup stages its tile 
 and one thread writes it with TMA bulk tensor stores through C's tensor map (``StagedStore``).
 ``row_stats`` (the LM head's logits) also reduces each stored tile's rows to (max, sum of exp)
 while they are in registers: the cross-entropy's first pass without reading the logits back
-(``cross_entropy``'s ``stats_block``).
+(``cross_entropy``'s ``stats_block``). ``swiglu_grad`` (the down projection's dX) stores not the
+product but SwiGLU's backward of it, [dgate | dup] in bf16 (``StagedSwiGLU``: gate and up come
+into the staging buffer by TMA, dgate and dup leave it so): the f32 gradient of SwiGLU's output is
+never written nor read back.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 from ..builder import Addr, KernelBuilder, Label, Reg, T
 from ..exact import LOG2E_F32
@@ -46,10 +49,12 @@ from ..hw import DESCRIPTOR_SWIZZLE, SHARED_LIMIT, SWIZZLE_ATOM, SWIZZLE_ROW, Mm
 from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError, Target
+from ..vecio import DType
 from .common import MAX_LOOP_BOUND, check_at_most, check_positive
 from .gemm import batch_matrices, bias_at, tile_origin
 from .gemm_tc import TensorCoreGemm, _Feed, _Operand, store_accumulators
 from .ring import Ring, Slot
+from .swiglu import swiglu_grads
 from .tma_pipeline import MN_CHUNK, TmaPipeline, Unit
 
 BLOCK_K = SWIZZLE_ROW // 2  # a slice's K in 16-bit units: one swizzled row
@@ -87,6 +92,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
     row_stats: bool = False  # also each tile's (max, sum of exp(c - max)) per row: a softmax's first pass
     tma_store: bool = False  # pingpong: C leaves through shared memory by TMA stores (``c`` is its tensor map)
     split_tail: bool = False  # pingpong: the tiles past the last full wave cut along K (``tma_pipeline``)
+    swiglu_grad: bool = False  # tma_store: the product is SwiGLU's output gradient; C = [dgate | dup] (bf16)
 
     block_k: ClassVar[int] = BLOCK_K
     m_tiles: ClassVar[int] = 1  # per warp: 16 rows of the m64 tile ...
@@ -135,6 +141,10 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                             "bf16_out: the statistics are of the C stored)")
         if self.tma_store and (not self.pingpong or self.accumulate or self.row_stats):
             raise SpecError("gemm_wgmma: tma_store is the pingpong kernel's, storing C (no accumulate, no row_stats)")
+        if self.swiglu_grad and (self.accumulate or self.bias or self.bf16_out or self.row_stats
+                                 or not self.tma_store or self.dtype is not MmaType.BF16):
+            raise SpecError("gemm_wgmma: swiglu_grad is the tma_store kernel's, on bf16 operands (gate_up is read in "
+                            "bf16), storing its own bf16 C (no accumulate, bias, bf16_out or row_stats)")
         if self.split_tail and not self.pingpong:
             raise SpecError("gemm_wgmma: split_tail is the pingpong kernel's (a warpgroup holds a whole tile)")
         if any(self.mn_major) and self.dtype is MmaType.TF32:
@@ -175,7 +185,8 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         halves = [([b.reg(T.F32) for _ in range(self.block_n // 2)], h * 64 * SWIZZLE_ROW) for h in range(2)]
         mainloop = _Mainloop(self, p)
         stats = b.cvta_global(b.ld_param("stats")) if self.row_stats else None
-        staged = StagedStore(self, b, p, group, b.and_(tid, 127)) if self.tma_store else None
+        staged = StagedStore(self, b, p, group, b.and_(tid, 127)) if self.tma_store and not self.swiglu_grad else None
+        swiglu = StagedSwiGLU(self, b, p, group, b.and_(tid, 127)) if self.swiglu_grad else None
         partials = PartialSums(self, p, group, b.and_(tid, 127)) if self.split_tail else None
         turns = b.div(b.add(b.sub(p.mine, group), 1), 2)  # tiles group, group + 2, ... below mine
         mine_wait, other_go = b.sub(2, group), b.add(group, 1)  # barrier ids: 2 or 1, 1 or 2
@@ -184,6 +195,8 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
             unit = p.unit(j)
             split, row0, col0 = unit.split, unit.row0, unit.col0
             mainloop.slot.seek(b.mul(j, p.slices) if unit.pos is None else unit.pos)
+            if swiglu is not None:  # this tile's first 64 rows of gate and up, while it is multiplied
+                swiglu.load(row0, col0, stores=None if isinstance(unit.k0, int) else b.setp("eq", unit.k0, 0))
             go = b.new_label("go")
             b.bra(go, guard=b.setp("eq", j, 0))  # the very first tile waits for no one
             b.bar_sync(mine_wait, 256)
@@ -197,14 +210,19 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                 stored = b.new_label("stored")
                 partials.settle([r for acc, _ in halves for r in acc], unit, stored)
             for h, (acc, _) in enumerate(halves):
-                if staged is not None:
+                if swiglu is not None:
+                    swiglu.store(acc, b.add(row0, 64 * h), col0, warp, lane)
+                    if h == 0:  # the next 64 rows' gate and up, once this store has read the buffer
+                        swiglu.load(b.add(row0, 64), col0)
+                elif staged is not None:
                     staged.store(acc, b.add(row0, 64 * h), col0, split, warp, lane)
                 else:
                     store(self, b, acc, p.split_c(split), p.m, p.n, b.add(row0, 64 * h), col0, warp, lane, stats)
             if partials is not None:
                 b.place(stored)
-        if staged is not None:
-            staged.finish()
+        for epilogue in (staged, swiglu):
+            if epilogue is not None:
+                epilogue.finish()
 
     @classmethod
     def examples(cls) -> list["GemmWgmmaSpec"]:
@@ -221,7 +239,10 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                 cls(tma=True, pingpong=True, block_n=128, stages=5, bias=True, tma_store=True),
                 cls(tma=True, pingpong=True, block_n=128, stages=5, trans_a=True, trans_b=False, tma_store=True),
                 cls(tma=True, pingpong=True, block_n=128, stages=6, trans_a=True, trans_b=False, split_tail=True),
-                cls(tma=True, pingpong=True, block_n=128, stages=6, bf16_out=True, tma_store=True, split_tail=True)]
+                cls(tma=True, pingpong=True, block_n=128, stages=6, bf16_out=True, tma_store=True, split_tail=True),
+                cls(tma=True, pingpong=True, block_n=128, stages=5, trans_b=False, tma_store=True, split_tail=True,
+                    swiglu_grad=True),
+                cls(tma=True, pingpong=True, block_n=64, stages=6, trans_b=False, tma_store=True, swiglu_grad=True)]
 
 
 def multiply(spec: GemmWgmmaSpec, b: KernelBuilder, accs: list[tuple[list[Reg], Reg]], b_tile: Reg,
@@ -281,6 +302,19 @@ def store_row_stats(spec: GemmWgmmaSpec, b: KernelBuilder, tiles: list[list[Reg]
         b.st("global", Addr(at), [row_max, total], guard=b.and_(b.setp("lt", row, m), b.setp("eq", quad, 0)))
 
 
+BOX_BYTES = 64 * SWIZZLE_ROW  # a staged box: [64 rows][128 bytes]
+
+
+def staged_pair(b: KernelBuilder, j: int, size: int, pair_bytes: Reg, group: Reg) -> Reg:
+    """Where a lane's pair of n8 tile ``j`` sits in its row of a staging buffer of [64 rows][128
+    bytes] boxes side by side, in the 128-byte swizzle: at byte (8 j + 2 quad) * ``size`` of the
+    row (``pair_bytes`` = 2 quad * size), so in box (8 j * size) / 128, 16-byte chunk ((8 j + 2
+    quad) * size % 128) / 16 swizzled by the row's index mod 8 (the lane's ``group``)."""
+    box, in_box = divmod(8 * j * size, SWIZZLE_ROW)  # the tile's first byte in the row
+    chunk = b.xor(b.shr(b.add(pair_bytes, in_box), 4), group)
+    return b.add(b.shl(chunk, 4), b.add(b.and_(pair_bytes, 15), box * BOX_BYTES))
+
+
 class StagedStore:
     """C out of a pingpong warpgroup's accumulators by TMA (``tma_store``): each 64-row half of its
     tile is written into the warpgroup's shared staging buffer, in boxes of [64 rows][128 bytes]
@@ -289,8 +323,6 @@ class StagedStore:
     copy unit clips rows >= m and columns >= n). The warpgroup's threads write the next half only
     after the copies have read the last (``bulk_wait(read=True)``, then the warpgroup's own named
     barrier, 3 + its index)."""
-
-    BOX_BYTES = 64 * SWIZZLE_ROW
 
     def __init__(self, spec: GemmWgmmaSpec, b: KernelBuilder, p: TmaPipeline, group: Reg, thread: Reg):
         self.spec, self.b = spec, b
@@ -308,15 +340,11 @@ class StagedStore:
         b.bulk_wait(0, read=True, guard=self.leader)  # the copies of the last half have read the buffer
         b.bar_sync(self.barrier, 128)
         group, quad = b.shr(lane, 2), b.and_(lane, 3)
-        # a lane's pair of tile j sits at byte (8 j + 2 quad) * size of its row: 16-byte chunk
-        # ((8 j + 2 quad) * size % 128) / 16, swizzled by the row's index mod 8 (its group)
         pair_bytes = b.mul(quad, 2 * size)
         rows = [b.add(self.buffer, b.mul(b.add(b.mad(warp, 16, group), 8 * h), SWIZZLE_ROW)) for h in range(2)]
         cols = b.add(col0, b.shl(quad, 1))
         for j in range(spec.n_tiles):
-            box, in_box = divmod(8 * j * size, SWIZZLE_ROW)  # the tile's first byte in the row
-            chunk = b.xor(b.shr(b.add(pair_bytes, in_box), 4), group)
-            at = b.add(b.shl(chunk, 4), b.add(b.and_(pair_bytes, 15), box * self.BOX_BYTES))
+            at = staged_pair(b, j, size, pair_bytes, group)
             values = acc[4 * j:4 * j + 4]
             if self.bias is not None:
                 col = b.add(cols, 8 * j)
@@ -333,7 +361,85 @@ class StagedStore:
         box_cols = SWIZZLE_ROW // size
         for box in range(spec.block_n // box_cols):
             b.tma_store_3d(self.tensor_map, b.add(col0, box * box_cols), row0, split,
-                           b.add(self.buffer, box * self.BOX_BYTES), guard=self.leader)
+                           b.add(self.buffer, box * BOX_BYTES), guard=self.leader)
+        b.bulk_commit(guard=self.leader)
+
+    def finish(self) -> None:
+        """The last copies complete before the block (and its shared memory) goes."""
+        self.b.bulk_wait(0, guard=self.leader)
+
+
+class StagedSwiGLU:
+    """The ``swiglu_grad`` epilogue, through shared memory: SwiGLU's backward of the product.
+    Each warpgroup's buffer holds 64 rows of its tile's gate and up ([gate, up][block_n / 64
+    boxes][64 rows][128 bytes], 128-byte swizzle), brought by TMA through ``tmap_gate_up`` (C's
+    geometry, [2][m][n]: zeros past m and n) and counted on the buffer's mbarrier: the first 64
+    rows' while the tile is multiplied, the next 64's once the first's store has read the buffer.
+    Each thread replaces its pairs' gate and up with dgate and dup, ``swiglu_grads`` of them and
+    its accumulators (the swiglu_bwd kernel's arithmetic on the f32 C the plain kernel would
+    store, so bit for bit what it makes of that), and one thread stores the buffer through C's
+    tensor map (the copy unit clips rows >= m and columns >= n in each half)."""
+
+    def __init__(self, spec: GemmWgmmaSpec, b: KernelBuilder, p: TmaPipeline, group: Reg, thread: Reg):
+        self.spec, self.b, self.p, self.group, self.boxes = spec, b, p, group, spec.block_n // 64
+        self.half_bytes = self.boxes * BOX_BYTES  # 64 rows of gate (or up) under the tile
+        self.leader = b.setp("eq", thread, 0)
+        self.phase = b.mov(0, T.U32)
+        b.mbarrier_init(self._loaded(), 1, guard=self.leader)
+        b.fence_mbarrier_init(guard=self.leader)
+        b.bar_sync(b.add(group, 3), 128)
+
+    # (addresses made where they are used, as PartialSums': the accumulators all but fill the registers)
+    def _buffer(self) -> Reg:
+        return self.b.add(self.p.staging, self.b.mul(self.group, 2 * self.half_bytes))
+
+    def _loaded(self) -> Reg:  # the mbarriers after both buffers
+        return self.b.add(self.p.staging, self.b.add(4 * self.half_bytes, self.b.shl(self.group, 3)))
+
+    def _map(self, name: str) -> Reg:
+        return self.b.cvta_global(self.b.ld_param(name))
+
+    def _boxes(self) -> Iterator[tuple[int, int, int]]:
+        """(half: 0 gate, 1 up; box; its byte offset in the buffer)."""
+        for half in range(2):
+            for box in range(self.boxes):
+                yield half, box, (half * self.boxes + box) * BOX_BYTES
+
+    def load(self, row0: Reg, col0: Reg, stores: Reg | None = None) -> None:
+        """Gate and up of the 64 rows from ``row0`` under the tile at ``col0`` into the buffer, once
+        the copies of its last store have read it (``stores``: only if the tile's unit stores)."""
+        b = self.b
+        leader = self.leader if stores is None else b.and_(self.leader, stores)
+        buffer, loaded, gate_up = self._buffer(), self._loaded(), self._map("tmap_gate_up")
+        b.bulk_wait(0, read=True, guard=leader)
+        b.mbarrier_expect_tx(loaded, 2 * self.half_bytes, guard=leader)
+        for half, box, at in self._boxes():
+            b.tma_load_3d(b.add(buffer, at), gate_up, b.add(col0, 64 * box), row0, half, loaded, guard=leader)
+
+    def store(self, acc: list[Reg], row0: Reg, col0: Reg, warp: Reg, lane: Reg) -> None:
+        """[dgate | dup] of the 64 rows from ``row0`` (warp ``warp`` holding 16 of them) of the tile
+        at ``col0``, its accumulators ``acc`` their output gradient."""
+        b, spec, buffer = self.b, self.spec, self._buffer()
+        b.mbarrier_wait(self._loaded(), self.phase)
+        b.xor(self.phase, 1, out=self.phase)
+        group, quad = b.shr(lane, 2), b.and_(lane, 3)
+        pair_bytes = b.mul(quad, 2 * DType.BF16.size)
+        rows = [b.add(buffer, b.mul(b.add(b.mad(warp, 16, group), 8 * h), SWIZZLE_ROW)) for h in range(2)]
+        for j in range(spec.n_tiles):
+            at = staged_pair(b, j, DType.BF16.size, pair_bytes, group)
+            for h in range(2):
+                gate = b.add(rows[h], at)
+                up = b.add(gate, self.half_bytes)
+                g, u = ([b.cvt(T.F32, x, src=T.BF16) for x in b.unpack(b.ld("shared", T.B32, Addr(y)))]
+                        for y in (gate, up))
+                grads = [swiglu_grads(b, *args) for args in zip(g, u, acc[4 * j + 2 * h:4 * j + 2 * h + 2])]
+                for where, (first, second) in ((gate, [dg for dg, _ in grads]), (up, [du for _, du in grads])):
+                    b.st("shared", Addr(where), b.cvt_bf16x2(second, first), t=T.B32)
+        b.fence_proxy_async()  # the writes, visible to the copy unit's reads ...
+        b.bar_sync(b.add(self.group, 3), 128)  # ... of every thread of the warpgroup
+        c = self._map("tmap_c")
+        for half, box, at in self._boxes():
+            b.tma_store_3d(c, b.add(col0, 64 * box), row0, half, b.add(buffer, at), guard=self.leader)
         b.bulk_commit(guard=self.leader)
 
     def finish(self) -> None:

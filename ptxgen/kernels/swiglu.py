@@ -29,6 +29,15 @@ def sigmoid(b: KernelBuilder, g: Reg) -> Reg:
     return b.fn("rcp", b.add(b.fn("ex2", b.mul(g, -LOG2E_F32)), 1.0))
 
 
+def swiglu_grads(b: KernelBuilder, g: Reg, u: Reg, d: Reg) -> tuple[Reg, Reg]:
+    """(dgate, dup) of one element from its gate, up and output gradient (f32): the backward's
+    arithmetic, wherever it runs (this kernel, or a GEMM's epilogue that makes dout)."""
+    s = sigmoid(b, g)
+    silu = b.mul(g, s)
+    dsilu = b.mul(s, b.fma(g, b.sub(1.0, s, T.F32), 1.0))
+    return b.mul(b.mul(d, u), dsilu), b.mul(d, silu)
+
+
 def _halves(b: KernelBuilder, pairs: dict[str, tuple[DType, tuple[str, str]]]
             ) -> tuple[dict[str, Reg], Callable[[str, Reg], Reg]]:
     """Base pointers of each paired tensor's halves (``pairs``: pointer param -> (dtype, the two
@@ -128,17 +137,11 @@ class SwiGLUBackwardSpec(_PairedSpec):
         return gate_up, dout, dgate_up, rows * width, width
 
     def build(self, b: KernelBuilder) -> None:
-        def grads(g, u, d):
-            s = sigmoid(b, g)
-            silu = b.mul(g, s)
-            dsilu = b.mul(s, b.fma(g, b.sub(1.0, s, T.F32), 1.0))
-            return b.mul(b.mul(d, u), dsilu), b.mul(d, silu)
-
         out = self.out_dtype
         pointers, index = _halves(b, {"gate_up": (self.dtype, ("gate", "up")),
                                       "dgate_up": (out, ("dgate", "dup"))})
         elementwise(b, self.block_size, {"gate": self.dtype, "up": self.dtype, "dout": DType.F32},
-                    {"dgate": out, "dup": out}, grads, pointers=pointers, index=index, vec=self.elements())
+                    {"dgate": out, "dup": out}, lambda g, u, d: swiglu_grads(b, g, u, d), pointers=pointers, index=index, vec=self.elements())
 
     @classmethod
     def examples(cls) -> list["SwiGLUBackwardSpec"]:
