@@ -336,6 +336,10 @@ def model_gemms(cache: ModuleCache, rows: list) -> None:
                 gate_up = torch.randn(m, 2 * n, device="cuda", dtype=torch.bfloat16)
                 maps.append(gemm_c_tensor_map(spec, gate_up.data_ptr(), m, n))
                 extra["gate_up"] = maps[-1].ptr
+            if spec.swiglu_act:  # its act, stored through a tensor map of its own
+                act = torch.empty(m, n // 2, device="cuda", dtype=torch.bfloat16)
+                maps.append(gemm_c_tensor_map(spec, act.data_ptr(), m, n, act=True))
+                extra["act"] = maps[-1].ptr
             ms = time_gemm(cache, spec, a, b, c, m, n, k, **extra)
             parts = spec.tail_parts(m, n, k, sms)
             whole = time_gemm(cache, spec, a, b, c, m, n, k, tail_parts=1, **extra) if parts > 1 else ms
@@ -344,12 +348,16 @@ def model_gemms(cache: ModuleCache, rows: list) -> None:
             at, bt = (a.t() if spec.trans_a else a), (b.t() if spec.trans_b else b)
             theirs = time_ms(lambda: torch.matmul(at, bt), reps=10, warmup=2)
             print(f"  {short} {what} {m}x{n}x{k}: tail in {parts}: {ms:.3f} ms, whole: {whole:.3f} ms")
-            if spec.swiglu_grad:  # against the product alone, as it was stored before (f32 C)
-                plain = dataclasses.replace(spec, swiglu_grad=False, tma_store=False)
-                alone = time_gemm(cache, plain, a, b, torch.empty(m, n, device="cuda"), m, n, k)
-                print(f"    with the SwiGLU backward in its epilogue; the product alone (f32 C): {alone:.3f} ms")
+            if spec.swiglu_grad or spec.swiglu_act:  # against the product alone, stored as it was before
+                plain = dataclasses.replace(spec, swiglu_grad=False, swiglu_act=False, tma_store=spec.bf16_out,
+                                            stages=WGMMA_TILE["stages"])
+                product = torch.empty(m, n, device="cuda", dtype=torch.bfloat16 if plain.bf16_out else torch.float32)
+                alone = time_gemm(cache, plain, a, b, product, m, n, k)
+                print(f"    with the SwiGLU{' backward' if spec.swiglu_grad else ''} in its epilogue; the product "
+                      f"alone ({'bf16' if plain.bf16_out else 'f32'} C): {alone:.3f} ms")
             rows.append(Row(f"model {short} {what} {m}x{n}x{k} [tail in {parts}"
-                            f"{', bf16 C' if spec.bf16_out else ''}{' + SwiGLU bwd' if spec.swiglu_grad else ''}]",
+                            f"{', bf16 C' if spec.bf16_out else ''}{' + SwiGLU bwd' if spec.swiglu_grad else ''}"
+                            f"{' + SwiGLU' if spec.swiglu_act else ''}]",
                             2.0 * m * n * k, ms, theirs))
 
 

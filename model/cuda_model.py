@@ -7,7 +7,7 @@ settings + precision), is pre-warmed when the backend is built, and plans are bu
 strict mode: a kernel that was not pre-warmed is an error. Buffers: ``cuda_buffers``. In bf16
 precision the GEMMs and the attention read bf16 operands: written in bf16 by the kernel that makes
 them (the norms, RoPE, v's copy out of the fused q/k/v projection's rows, the attention's output,
-the SwiGLU, and its backward in the down projection's dX GEMM), or cast once right after they are
+the SwiGLU in the gate/up GEMM, its backward in the down projection's dX GEMM), or cast once after they are
 projection's output gradients; the residual stream's gradient is written in bf16 too by the norms'
 backward). Linear layers that read one input run as one GEMM (``cuda_buffers.FUSED``: q/k/v,
 gate/up), each later kernel reading its part of the fused output's rows.
@@ -66,8 +66,8 @@ def forward(ops: Ops, acts: Activations, kv: list[KV], kv_stride: int, cached: i
         ops.linear(a.o, p + "self_attn.o_proj", out=acts.delta)
         ops.residual_rmsnorm(a.x, acts.delta, p + "post_attention_layernorm.weight", out=a.h2, rstd=a.rstd2,
                              x_out=a.x_mid)
-        ops.linear(a.h2, p + "mlp.gate_up_proj", out=a.gate_up)  # gate and up: one GEMM, [gate | up] per row
-        ops.swiglu(a.gate_up, out=a.act)
+        # gate and up: one GEMM, [gate | up] per row; act = silu(gate) * up
+        ops.swiglu(a.h2, p + "mlp.gate_up_proj", gate_up=a.gate_up, out=a.act)
         ops.linear(a.act, p + "mlp.down_proj", out=acts.delta)
     ops.residual_rmsnorm(acts.layers[-1].x_mid, acts.delta, "model.norm.weight", out=acts.hf, rstd=acts.rstd_f,
                          x_out=acts.x)

@@ -127,9 +127,10 @@ class Ops:
 
     def _gemm(self, spec: Gemm, what: str, a: View, b: View, c: Arg, m: int, n: int, k: int,
               bias: View | None = None, splits: int = 1, stats: View | None = None,
-              gate_up: View | None = None) -> None:
+              gate_up: View | None = None, act: View | None = None) -> None:
         """C = op(A) op(B) (+ bias) over ``splits`` parts of a ``k``-long contraction each (``gate_up``:
-        a ``swiglu_grad`` spec's, C SwiGLU's backward of the product); ``what``:
+        a ``swiglu_grad`` spec's, C SwiGLU's backward of the product; ``act``: a ``swiglu_act``
+        spec's, SwiGLU of C's halves); ``what``:
         the module and pass ("model.layers.0.mlp.down_proj dW"), in the launch's label for a profile.
         A TMA-fed kernel reads A and B through tensor maps (freed with the plan; with ``tma_store`` it
         writes C through one too) and its persistent blocks fill the GPU once."""
@@ -144,6 +145,9 @@ class Ops:
             if gate_up is not None:  # read through a map of C's geometry
                 operands["tmap_gate_up"] = gate_up
                 gate_up = self.plan.keep(gemm_c_tensor_map(spec, gate_up.ptr, m, n))
+            if act is not None:  # written through a map of its own
+                operands["tmap_act"] = act
+                act = self.plan.keep(gemm_c_tensor_map(spec, act.ptr, m, n, act=True))
             dims = spec.launch_dims(m, n, splits, resident=kernel.resident_blocks(spec.threads))
             if spec.split_tail:  # the tiles past its last full wave cut along K: the workspace
                 blocks = dims[0][0]  # the grid: its x is the kernel's %nctaid.x
@@ -161,6 +165,8 @@ class Ops:
             extra["stats"] = stats
         if gate_up is not None:
             extra["gate_up"] = gate_up
+        if act is not None:
+            extra["act"] = act
         args = spec.arguments(a, b, c, m, n, k, bias=bias, splits=splits, **extra)
         self.plan.add(spec, dims, label=f"{spec.kind} {what} -> {_name(result)}", operands=operands,
                       **_named(spec, args))
@@ -233,11 +239,20 @@ class Ops:
         self._add(spec, spec.launch_dims(batch, seq), out, q=q, k=k, v=v, o=out, lse=lse, seq=seq, kv_len=kv_len,
                   kv_stride=kv_stride, q_start=q_start)
 
-    def swiglu(self, gate_up: View, out: View) -> None:
-        """out = silu(gate) * up, gate and up the halves of each row of ``gate_up``."""
-        spec, (rows, width) = self.k.swiglu, out.shape
-        assert gate_up.shape == (rows, 2 * width), (gate_up.name, gate_up.shape, out.shape)
-        self._add(spec, spec.launch_dims(rows, width), out, **_named(spec, spec.arguments(gate_up, out, rows, width)))
+    def swiglu(self, x: View, module: str, gate_up: View, out: View) -> None:
+        """[gate | up] per row of ``gate_up`` = x W^T, W the weight of ``module`` ([gate; up], the
+        gate and up projections as one), and out = silu(gate) * up. bf16: one GEMM, whose epilogue
+        also makes out (``swiglu_act``, from gate and up as stored); fp32: the GEMM, then the
+        SwiGLU's kernel."""
+        w = self.W[module + ".weight"]
+        (d_out, d_in), spec = w.shape, self._linear(module).forward
+        assert gate_up.shape == (self.T, d_out) == (out.shape[0], 2 * out.shape[1]), (gate_up.shape, out.shape)
+        fused = getattr(spec, "swiglu_act", False)
+        self._gemm(spec, f"{module} forward", x, w.operand, gate_up, self.T, d_out, d_in, act=out if fused else None)
+        if not fused:
+            act, (rows, width) = self.k.swiglu, out.shape
+            self._add(act, act.launch_dims(rows, width), out,
+                      **_named(act, act.arguments(gate_up, out, rows, width)))
 
     def cross_entropy(self, logits: View, targets: View, losses: View, dlogits: View, grad_scale: Expr,
                       stats: View | None = None) -> None:

@@ -94,12 +94,14 @@ class LinearKernels:
 
     @classmethod
     def of(cls, d_in: int, d_out: int, bias: bool = False, precision: Precision = Precision.FP32,
-           bf16_out: bool = False, bf16_dx: bool = False, swiglu_dx: bool = False, cut_tails: bool = True
-           ) -> "LinearKernels":
+           bf16_out: bool = False, bf16_dx: bool = False, swiglu_dx: bool = False, swiglu_y: bool = False,
+           cut_tails: bool = True) -> "LinearKernels":
         """``bf16_out`` (``bf16_dx``): in bf16 precision, y (dx) is stored in bf16, rounded as a cast
         of the f32 result would (what the next kernel reads). ``swiglu_dx``: x is a SwiGLU's output
         (the down projection's), and in bf16 precision the dX GEMM's epilogue takes SwiGLU's
-        backward, storing [dgate | dup] (``swiglu_grad``; dx itself is never stored). ``cut_tails``: the bf16 GEMMs cut the
+        backward, storing [dgate | dup] (``swiglu_grad``; dx itself is never stored). ``swiglu_y``:
+        y is [gate | up] (the gate/up projection's), and in bf16 precision the forward GEMM's
+        epilogue also stores silu(gate) * up (``swiglu_act``). ``cut_tails``: the bf16 GEMMs cut the
         tiles past their last full wave along K (``split_tail``), which needs them alone on the GPU;
         else a weight gradient's wave is filled by split-K."""
         if precision is Precision.BF16:
@@ -110,7 +112,10 @@ class LinearKernels:
             # split_tail: the tiles past the last full wave cut along K (dX and dW at the model's
             # shapes leave 52 or 4 tiles for a fourth or fifth wave of 132 SMs)
             make = functools.partial(GemmWgmmaSpec, tma=True, split_tail=cut_tails, **WGMMA_TILE)
-            fwd = make(trans_a=False, trans_b=True, bias=bias, bf16_out=bf16_out, tma_store=bf16_out)
+            # swiglu_y: the SwiGLU took 1.45 ms of the 8192-token step on the H200, reading the
+            # gate and up the GEMM had just written; its act staged too leaves room for 5 stages
+            fwd = make(trans_a=False, trans_b=True, bias=bias, bf16_out=bf16_out, tma_store=bf16_out,
+                       **(dict(swiglu_act=True, stages=5) if swiglu_y else {}))
             # swiglu_dx: on the H200 the 8192-token step's SwiGLU backward took 2.81 ms reading the
             # f32 dx the down projection's dX had written (3.19 ms). Its gate and up staged beside
             # the stages (64 KB) leave room for 5 of them. Its tail is not cut (at K = hidden, a few
@@ -166,7 +171,7 @@ class ModelKernels:
     attention: AttentionSpec | AttentionTCSpec | AttentionWgmmaSpec  # bf16: tensor cores, on bf16 q, k, v
     attention_bwd_q: AttentionBackwardQSpec | AttentionTCBackwardQSpec | AttentionWgmmaBackwardQSpec
     attention_bwd_kv: AttentionBackwardKVSpec | AttentionTCBackwardKVSpec | AttentionWgmmaBackwardKVSpec
-    swiglu: SwiGLUSpec               # bf16: reads bf16 gate, up; writes the down projection's bf16 operand
+    swiglu: SwiGLUSpec | None        # fp32 (None in bf16: the gate/up projection's forward GEMM makes it)
     swiglu_bwd: SwiGLUBackwardSpec | None  # fp32 (None in bf16: the down projection's dX GEMM takes it)
     cross_entropy: CrossEntropySpec
     colsum: ColumnSumSpec
@@ -222,7 +227,7 @@ class ModelKernels:
             qkv=linear(h, q_dim + 2 * kv_dim, bias=c.qkv_bias),
             # gate and up as one GEMM ([gate; up] weights); bf16: stored in bf16, as SwiGLU and its backward read them
             # bf16: the attention output's gradient stored in bf16, as the attention backward reads it
-            o=linear(q_dim, h, bf16_dx=True), gate_up=linear(h, 2 * c.intermediate_size, bf16_out=True),
+            o=linear(q_dim, h, bf16_dx=True), gate_up=linear(h, 2 * c.intermediate_size, bf16_out=True, swiglu_y=True),
             down=linear(c.intermediate_size, h, swiglu_dx=True), head=head,
             head_logits=dataclasses.replace(head.forward, row_stats=True) if stats_block else None,
             # bf16: RoPE writes the attention's bf16 q and k itself (its f32 output is read by nothing else)
@@ -235,7 +240,7 @@ class ModelKernels:
             v_copy=CastSpec(dst=gemm_operand, strided=True),
             dv_copy=CastSpec(dst=DType.F32, strided=True, bf16_copy=bf16),
             attention=attention[0], attention_bwd_q=attention[1], attention_bwd_kv=attention[2],
-            swiglu=SwiGLUSpec(dtype=gemm_operand, out_dtype=gemm_operand, vec=swiglu_vec),
+            swiglu=None if bf16 else SwiGLUSpec(vec=swiglu_vec),
             swiglu_bwd=None if bf16 else SwiGLUBackwardSpec(vec=swiglu_vec),
             cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index, grad_dtype=gemm_operand,
                                            stats_block=stats_block),
@@ -271,7 +276,8 @@ class ModelKernels:
             try:
                 for spec, m, n, k in lk.gemms(tokens, d_in, d_out):
                     spec.arguments(0, 0, 0, m, n, k, bias=0 if spec.bias else None,
-                                   **({"gate_up": 0} if getattr(spec, "swiglu_grad", False) else {}))
+                                   **({"gate_up": 0} if getattr(spec, "swiglu_grad", False) else {}),
+                                   **({"act": 0} if getattr(spec, "swiglu_act", False) else {}))
             except ValueError as e:
                 raise ValueError(f"{name}, {d_in} -> {d_out}: {e}") from None
         for spec in (self.swiglu, self.swiglu_bwd):

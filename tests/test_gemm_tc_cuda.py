@@ -204,11 +204,14 @@ def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None, tail_p
     stats = DeviceArray.from_numpy(np.full((-(-n // spec.block_n), m, 2), np.nan, np.float32)) \
         if spec.row_stats else None
     extra += [stats] if stats is not None else []
+    act = DeviceArray.from_numpy(np.full((m, n // 2), 0xFFFF, np.uint16), "bf16") if spec.swiglu_act else None
+    extra += [act] if act is not None else []
     maps = gemm_tensor_maps(spec, arrays[0].ptr, arrays[1].ptr, m, n, k * splits)
-    if spec.tma_store:  # C is stored through its own tensor map (and gate_up read through one like it)
+    if spec.tma_store:  # C is stored through its own tensor map (gate_up read, act stored through ones like it)
         from runtime.tensormap import gemm_c_tensor_map
         maps = (*maps, gemm_c_tensor_map(spec, arrays[2].ptr, m, n, splits=splits))
         maps += (gemm_c_tensor_map(spec, gate_up_dev.ptr, m, n),) if gate_up_dev is not None else ()
+        maps += (gemm_c_tensor_map(spec, act.ptr, m, n, act=True),) if act is not None else ()
     if spec.split_tail and resident is None:  # every block resident, as the model launches it
         resident = cache.get(spec).resident_blocks(spec.threads)
     dims = spec.launch_dims(m, n, splits, resident=resident)
@@ -227,13 +230,16 @@ def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None, tail_p
                                         m, n, k,
                                         bias=extra[0].ptr if spec.bias else None, splits=splits,
                                         **({"stats": stats.ptr} if stats is not None else {}),
-                                        **({"gate_up": maps[3].ptr} if gate_up_dev is not None else {}), **cut))
+                                        **({"gate_up": maps[3].ptr} if gate_up_dev is not None else {}),
+                                        **({"act": maps[3].ptr} if act is not None else {}), **cut))
         synchronize()
         out = arrays[2].to_numpy()
         if spec.split_tail:
             assert not workspace[1].to_numpy().any(), "a tail part's flag was left up"
         if stats is not None:  # a row_stats spec's statistics come back beside C
             out = (out, stats.to_numpy())
+        if act is not None:  # a swiglu_act spec's act too
+            out = (out, act.to_numpy())
     finally:
         for x in arrays + extra + list(maps):
             x.free()
@@ -437,6 +443,34 @@ def test_swiglu_grad_stores_what_the_swiglu_backward_makes_of_the_f32_product(ca
                         np.full((m, 2 * n), 0xFFFF, np.uint16), *bwd.arguments(0, 0, 0, m, n)[3:])
     assert np.isfinite(from_bf16(fused)).all(), "an element of [dgate | dup] was never written"
     np.testing.assert_array_equal(fused[0], expected)
+
+
+@pytest.mark.parametrize("fields, shape, resident", [
+    (dict(), (300, 528, 1000), 5),                     # ragged rows, a half (264 columns) not a tile multiple
+    (dict(), (1000, 9728, 896), None),                 # the gate/up forward's shape (4864 of each)
+    (dict(split_tail=True), (1000, 1040, 1000), 7)])   # 5 tail tiles cut along K, summed before the epilogue
+def test_swiglu_act_stores_gate_and_up_and_what_the_swiglu_makes_of_them(cache, fields, shape, resident):
+    """``swiglu_act`` (the gate/up forward, B = [W_gate; W_up]): each tile's columns are 64 of gate
+    and the same 64 of up, so C = [gate | up] is bit for bit the plain bf16 kernel's product of
+    the same B, and act bit for bit the SwiGLU kernel's (bf16 in and out) of that C; every element
+    of both written."""
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    from ptxgen.kernels.swiglu import SwiGLUSpec
+    from ptxgen.vecio import DType
+    m, n, k = shape
+    base = dict(tma=True, pingpong=True, block_n=128, bf16_out=True, tma_store=True, **fields)
+    plain_spec = GemmWgmmaSpec(**base, stages=6)
+    operands = tma_operands(plain_spec, m, n, k)
+    plain, ref = run_tma(cache, plain_spec, m, n, k, resident=resident, operands=operands)
+    assert_close(from_bf16(plain), ref, rel=1e-2)
+    (fused, act), _ = run_tma(cache, GemmWgmmaSpec(**base, stages=5, swiglu_act=True), m, n, k, resident=resident,
+                              operands=operands)
+    np.testing.assert_array_equal(fused, plain)
+    swiglu = SwiGLUSpec(dtype=DType.BF16, out_dtype=DType.BF16)
+    *_, expected = call(cache, swiglu, swiglu.launch_dims(m, n // 2), plain[0], np.full((m, n // 2), 0xFFFF, np.uint16),
+                        *swiglu.arguments(0, 0, m, n // 2)[2:])
+    assert np.isfinite(from_bf16(act)).all(), "an element of act was never written"
+    np.testing.assert_array_equal(act, expected)
 
 
 def test_the_lm_heads_row_stats_feed_the_cross_entropy(cache):

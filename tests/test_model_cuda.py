@@ -187,14 +187,15 @@ def test_the_fused_loss_and_the_dk_dv_teams_train_as_the_kernels_they_replace(ca
     assert abs(ours[10:].mean() - theirs[10:].mean()) <= 0.02 * theirs[10:].mean()
 
 
-def test_the_swiglu_backward_in_the_down_projections_dx_trains_bit_for_bit_as_its_own_kernel(cache, corpus, tmp_path,
-                                                                                           monkeypatch):
-    """bf16, 20 steps: the down projection's dX GEMM storing SwiGLU's backward of its product
-    (``swiglu_grad``) against the GEMM storing the f32 product and the swiglu_bwd kernel reading it:
-    the same arithmetic on the same f32 values, so every loss is the same, bit for bit."""
+def test_the_swiglu_in_the_gate_up_and_down_gemms_trains_bit_for_bit_as_its_own_kernels(cache, corpus, tmp_path,
+                                                                                      monkeypatch):
+    """bf16, 20 steps: the gate/up projection's GEMM also storing silu(gate) * up (``swiglu_act``)
+    and the down projection's dX GEMM storing SwiGLU's backward of its product (``swiglu_grad``),
+    against the GEMMs storing their products and the swiglu and swiglu_bwd kernels reading them:
+    the same arithmetic on the same values, so every loss is the same, bit for bit."""
     import dataclasses
     from model.kernels import ModelKernels
-    from ptxgen.kernels.swiglu import SwiGLUBackwardSpec
+    from ptxgen.kernels.swiglu import SwiGLUBackwardSpec, SwiGLUSpec
     from ptxgen.vecio import DType
     shape = dict(config=SMALL_SHAPED, precision=Precision.BF16, seq_len=200)
     fused = train_run(cache, corpus, tmp_path / "fused", **shape)
@@ -202,11 +203,14 @@ def test_the_swiglu_backward_in_the_down_projections_dx_trains_bit_for_bit_as_it
 
     def unfused(cls, *args, **kwargs):
         k = made(cls, *args, **kwargs)
-        assert k.down.grad_input.swiglu_grad and k.swiglu_bwd is None  # what this test replaces
-        dx = dataclasses.replace(k.down.grad_input, swiglu_grad=False)
-        return dataclasses.replace(k, down=dataclasses.replace(k.down, grad_input=dx),
-                                   swiglu_bwd=SwiGLUBackwardSpec(dtype=DType.BF16, out_dtype=DType.BF16,
-                                                                 vec=k.swiglu.vec))
+        fwd, dx = k.gate_up.forward, k.down.grad_input
+        assert fwd.swiglu_act and dx.swiglu_grad and k.swiglu is None and k.swiglu_bwd is None  # what this replaces
+        fwd = dataclasses.replace(fwd, swiglu_act=False, stages=6)
+        dx = dataclasses.replace(dx, swiglu_grad=False, tma_store=False, stages=6)
+        bf16 = dict(dtype=DType.BF16, out_dtype=DType.BF16)
+        return dataclasses.replace(k, gate_up=dataclasses.replace(k.gate_up, forward=fwd),
+                                   down=dataclasses.replace(k.down, grad_input=dx), swiglu=SwiGLUSpec(**bf16),
+                                   swiglu_bwd=SwiGLUBackwardSpec(**bf16))
 
     monkeypatch.setattr(ModelKernels, "of", classmethod(unfused))
     before = train_run(cache, corpus, tmp_path / "unfused", **shape)

@@ -157,8 +157,8 @@ class TensorCoreGemm:
     """What the 16-bit tensor-core GEMM specs (mma.sync and wgmma) share: parameters, launch
     shape, argument checks, and the TMA-fed persistent form (``tma``: ``tma_pipeline``), whose
     operands are tensor maps (``tma_operands``). Their blocks walk C in ``tile_origin``'s order.
-    A spec provides tma, bf16_out, row_stats, tma_store, split_tail, swiglu_grad, block_m,
-    block_n, k_elems (K elements a slice), stages, threads."""
+    A spec provides tma, bf16_out, row_stats, tma_store, split_tail, swiglu_grad, swiglu_act,
+    block_m, block_n, k_elems (K elements a slice), stages, threads."""
 
     @property
     def mn_major(self) -> tuple[bool, bool]:
@@ -172,9 +172,11 @@ class TensorCoreGemm:
     def staging_bytes(self) -> int:
         """Shared memory the consumers stage C in before a TMA store (``tma_store``): a 64-row
         half tile each of the two warpgroups; with ``swiglu_grad`` its gate and up (then dgate and
-        dup) side by side, and each buffer's mbarrier after both."""
+        dup) side by side, and each buffer's mbarrier after both; with ``swiglu_act`` also act."""
         if self.swiglu_grad:
             return 2 * (2 * 64 * self.block_n * self.c_dtype.size + MBARRIER_BYTES)
+        if self.swiglu_act:  # and each warpgroup's act, [64 rows][block_n / 2] bf16
+            return 2 * 64 * self.block_n * (self.c_dtype.size + DType.BF16.size // 2)
         return 2 * 64 * self.block_n * self.c_dtype.size if self.tma_store else 0
 
     def dynamic_shared_bytes(self) -> int:
@@ -185,7 +187,8 @@ class TensorCoreGemm:
     def params(self) -> tuple[tuple[str, T], ...]:
         if self.tma:
             ptrs = ("tmap_a", "tmap_b", self.c_param) + (("bias",) if self.bias else ()) + \
-                (("stats",) if self.row_stats else ()) + (("tmap_gate_up",) if self.swiglu_grad else ())
+                (("stats",) if self.row_stats else ()) + (("tmap_gate_up",) if self.swiglu_grad else ()) + \
+                (("tmap_act",) if self.swiglu_act else ())
             ptrs += ("partials", "flags") if self.split_tail else ()
             dims = ("m", "n", "k", "ldc", "splits") + (("tail_parts",) if self.split_tail else ())
             return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
@@ -195,7 +198,7 @@ class TensorCoreGemm:
 
     def outputs(self) -> tuple[str, ...]:
         return (self.c_param,) + (("stats",) if self.row_stats else ()) + \
-            (("partials", "flags") if self.split_tail else ())
+            (("tmap_act",) if self.swiglu_act else ()) + (("partials", "flags") if self.split_tail else ())
 
     @property
     def c_param(self) -> str:
@@ -262,7 +265,8 @@ class TensorCoreGemm:
                   lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
                   batch: Batch | None = None, splits: int = 1, stats: int | None = None,
                   partials: int | None = None, flags: int | None = None, tail_parts: int = 1,
-                  blocks: int | None = None, gate_up: int | None = None) -> tuple[int, ...]:
+                  blocks: int | None = None, gate_up: int | None = None, act: int | None = None
+                  ) -> tuple[int, ...]:
         """The kernel's arguments in order, after refusing shapes its 16-byte copies cannot serve:
         each operand's contiguous extent, leading dimension and batch strides a multiple of 16
         bytes (8 16-bit or 4 tf32 elements); N, ldc and C's batch strides even. Batches are the
@@ -278,10 +282,18 @@ class TensorCoreGemm:
         with the GPU's resident blocks, nothing else running). ``gate_up``: a ``swiglu_grad``
         spec's (and only such a spec's) bf16 [m][ldc] gate and up (up n columns after gate), by
         its tensor map of C's geometry (``runtime.tensormap.gemm_c_tensor_map``): C ([m][ldc],
-        ldc 2 n by default) takes dgate's and dup's places."""
+        ldc 2 n by default) takes dgate's and dup's places. ``act``: a ``swiglu_act`` spec's (and
+        only such a spec's) act = silu(gate) * up, [m][n / 2] bf16, by its tensor map (the same
+        function's, ``act=True``); its B is [gate; up], [2][n / 2][k], read through a 3-D map
+        (``gemm_tensor_maps``), and C [m][ldc] takes gate and up side by side, n / 2 apart."""
         name = self.kind
         if (gate_up is not None) != self.swiglu_grad:
             raise ValueError(f"{name}: gate_up {'needs' if gate_up is not None else 'is required by'} swiglu_grad")
+        if (act is not None) != self.swiglu_act:
+            raise ValueError(f"{name}: act {'needs' if act is not None else 'is required by'} swiglu_act")
+        if self.swiglu_act and (n % 16 or splits != 1):
+            raise ValueError(f"{name}: swiglu_act's C is [gate | up] of one product, n / 2 columns each, 16-byte "
+                             f"aligned: N={n} must be a multiple of 16 and splits={splits} 1")
         if self.swiglu_grad and ldc is None:
             ldc = 2 * n
         if self.swiglu_grad and (ldc < 2 * n or n % 8 or ldc % 8):
@@ -330,7 +342,7 @@ class TensorCoreGemm:
             raise ValueError(f"{name}: a TMA store's C rows must be 16-byte aligned: ldc={ldc} x {self.c_dtype.size} "
                              "bytes")
         ptrs = (a, b, c) + ((bias,) if self.bias else ()) + ((stats,) if stats is not None else ()) + \
-            ((gate_up,) if gate_up is not None else ())
+            ((gate_up,) if gate_up is not None else ()) + ((act,) if act is not None else ())
         if self.tma:
             if self.split_tail:
                 return (*ptrs, partials or 0, flags or 0, m, n, k, ldc, splits, tail_parts)
@@ -394,6 +406,7 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
     tma_store: ClassVar[bool] = False  # the wgmma kernel's
     split_tail: ClassVar[bool] = False  # the wgmma kernel's
     swiglu_grad: ClassVar[bool] = False  # the wgmma kernel's
+    swiglu_act: ClassVar[bool] = False  # the wgmma kernel's
 
     @property
     def threads(self) -> int:

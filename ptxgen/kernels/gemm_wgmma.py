@@ -54,7 +54,7 @@ from .common import MAX_LOOP_BOUND, check_at_most, check_positive
 from .gemm import batch_matrices, bias_at, tile_origin
 from .gemm_tc import TensorCoreGemm, _Feed, _Operand, store_accumulators
 from .ring import Ring, Slot
-from .swiglu import swiglu_grads
+from .swiglu import swiglu_act, swiglu_grads
 from .tma_pipeline import MN_CHUNK, TmaPipeline, Unit
 
 BLOCK_K = SWIZZLE_ROW // 2  # a slice's K in 16-bit units: one swizzled row
@@ -93,6 +93,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
     tma_store: bool = False  # pingpong: C leaves through shared memory by TMA stores (``c`` is its tensor map)
     split_tail: bool = False  # pingpong: the tiles past the last full wave cut along K (``tma_pipeline``)
     swiglu_grad: bool = False  # tma_store: the product is SwiGLU's output gradient; C = [dgate | dup] (bf16)
+    swiglu_act: bool = False  # tma_store, bf16_out: C = [gate | up] (B = [W_gate; W_up]), and act = silu(gate) * up
 
     block_k: ClassVar[int] = BLOCK_K
     m_tiles: ClassVar[int] = 1  # per warp: 16 rows of the m64 tile ...
@@ -145,6 +146,10 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                                  or not self.tma_store or self.dtype is not MmaType.BF16):
             raise SpecError("gemm_wgmma: swiglu_grad is the tma_store kernel's, on bf16 operands (gate_up is read in "
                             "bf16), storing its own bf16 C (no accumulate, bias, bf16_out or row_stats)")
+        if self.swiglu_act and (not (self.tma_store and self.bf16_out) or self.bias or self.block_n != 128
+                                or self.mn_major[1]):
+            raise SpecError("gemm_wgmma: swiglu_act is the tma_store, bf16_out kernel's with 128-column tiles (64 of "
+                            "gate, 64 of up) and B stored [N, K] (its halves' rows copied apart), no bias")
         if self.split_tail and not self.pingpong:
             raise SpecError("gemm_wgmma: split_tail is the pingpong kernel's (a warpgroup holds a whole tile)")
         if any(self.mn_major) and self.dtype is MmaType.TF32:
@@ -242,7 +247,10 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                 cls(tma=True, pingpong=True, block_n=128, stages=6, bf16_out=True, tma_store=True, split_tail=True),
                 cls(tma=True, pingpong=True, block_n=128, stages=5, trans_b=False, tma_store=True, split_tail=True,
                     swiglu_grad=True),
-                cls(tma=True, pingpong=True, block_n=64, stages=6, trans_b=False, tma_store=True, swiglu_grad=True)]
+                cls(tma=True, pingpong=True, block_n=64, stages=6, trans_b=False, tma_store=True, swiglu_grad=True),
+                cls(tma=True, pingpong=True, block_n=128, stages=5, bf16_out=True, tma_store=True, swiglu_act=True),
+                cls(tma=True, pingpong=True, block_n=128, stages=5, bf16_out=True, tma_store=True, swiglu_act=True,
+                    split_tail=True)]
 
 
 def multiply(spec: GemmWgmmaSpec, b: KernelBuilder, accs: list[tuple[list[Reg], Reg]], b_tile: Reg,
@@ -327,7 +335,10 @@ class StagedStore:
     def __init__(self, spec: GemmWgmmaSpec, b: KernelBuilder, p: TmaPipeline, group: Reg, thread: Reg):
         self.spec, self.b = spec, b
         self.size = spec.c_dtype.size
-        self.buffer = b.add(p.staging, b.mul(group, 64 * spec.block_n * self.size))
+        c_bytes = 64 * spec.block_n * self.size
+        self.buffer = b.add(p.staging, b.mul(group, c_bytes))
+        # swiglu_act: each warpgroup's act box after both C buffers
+        self.act = b.add(p.staging, b.mad(group, BOX_BYTES, 2 * c_bytes)) if spec.swiglu_act else None
         self.leader, self.barrier = b.setp("eq", thread, 0), b.add(group, 3)
         self.tensor_map = b.cvta_global(b.ld_param("tmap_c"))
         self.bias = b.cvta_global(b.ld_param("bias")) if spec.bias else None
@@ -356,13 +367,38 @@ class StagedStore:
                     b.st("shared", Addr(b.add(rows[h], at)), pair)
                 else:
                     b.st("shared", Addr(b.add(rows[h], at)), b.cvt_bf16x2(pair[1], pair[0]), t=T.B32)
+        if self.act is not None:
+            self._act(acc, rows, pair_bytes, group)
         b.fence_proxy_async()  # the writes, visible to the copy unit's reads ...
         b.bar_sync(self.barrier, 128)  # ... of every thread of the warpgroup
         box_cols = SWIZZLE_ROW // size
-        for box in range(spec.block_n // box_cols):
-            b.tma_store_3d(self.tensor_map, b.add(col0, box * box_cols), row0, split,
-                           b.add(self.buffer, box * BOX_BYTES), guard=self.leader)
+        if self.act is None:
+            for box in range(spec.block_n // box_cols):
+                b.tma_store_3d(self.tensor_map, b.add(col0, box * box_cols), row0, split,
+                               b.add(self.buffer, box * BOX_BYTES), guard=self.leader)
+        else:  # box 0 is gate's, box 1 up's, of the columns col0 / 2..; act's of the same
+            col = b.shr(col0, 1)
+            for half in range(2):
+                b.tma_store_3d(self.tensor_map, col, row0, half, b.add(self.buffer, half * BOX_BYTES),
+                               guard=self.leader)
+            b.tma_store_3d(b.cvta_global(b.ld_param("tmap_act")), col, row0, 0, self.act, guard=self.leader)
         b.bulk_commit(guard=self.leader)
+
+    def _act(self, acc: list[Reg], rows: list[Reg], pair_bytes: Reg, group: Reg) -> None:
+        """``swiglu_act``: act = silu(gate) * up of each pair, gate in n8 tile j and up in tile j +
+        n_tiles / 2 of the same lane, each rounded to bf16 first as C stores it (what the SwiGLU
+        kernel reads), into the warpgroup's act box: bit for bit that kernel's output."""
+        b, half = self.b, self.spec.n_tiles // 2
+        act = [b.add(self.act, b.sub(r, self.buffer)) for r in rows]  # the same row of the act box
+        def stored(t: int, h: int) -> list[Reg]:  # the pair of tile t, row half h, as C holds it
+            lo, hi = acc[4 * t + 2 * h:4 * t + 2 * h + 2]
+            return [b.cvt(T.F32, x, src=T.BF16) for x in b.unpack(b.cvt_bf16x2(hi, lo))]
+
+        for j in range(half):
+            at = staged_pair(b, j, DType.BF16.size, pair_bytes, group)
+            for h in range(2):
+                out = [swiglu_act(b, g, u) for g, u in zip(stored(j, h), stored(j + half, h))]
+                b.st("shared", Addr(b.add(act[h], at)), b.cvt_bf16x2(out[1], out[0]), t=T.B32)
 
     def finish(self) -> None:
         """The last copies complete before the block (and its shared memory) goes."""

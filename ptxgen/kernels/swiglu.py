@@ -29,6 +29,12 @@ def sigmoid(b: KernelBuilder, g: Reg) -> Reg:
     return b.fn("rcp", b.add(b.fn("ex2", b.mul(g, -LOG2E_F32)), 1.0))
 
 
+def swiglu_act(b: KernelBuilder, g: Reg, u: Reg) -> Reg:
+    """silu(g) * u of one element (f32): the forward's arithmetic, wherever it runs (this kernel,
+    or the epilogue of the GEMM that makes gate and up)."""
+    return b.mul(b.mul(g, sigmoid(b, g)), u)
+
+
 def swiglu_grads(b: KernelBuilder, g: Reg, u: Reg, d: Reg) -> tuple[Reg, Reg]:
     """(dgate, dup) of one element from its gate, up and output gradient (f32): the backward's
     arithmetic, wherever it runs (this kernel, or a GEMM's epilogue that makes dout)."""
@@ -105,7 +111,7 @@ class SwiGLUSpec(_PairedSpec):
     def build(self, b: KernelBuilder) -> None:
         pointers, index = _halves(b, {"gate_up": (self.dtype, ("gate", "up"))})
         elementwise(b, self.block_size, {"gate": self.dtype, "up": self.dtype}, {"out": self.out_dtype},
-                    lambda g, u: (b.mul(b.mul(g, sigmoid(b, g)), u),), pointers=pointers, index=index,
+                    lambda g, u: (swiglu_act(b, g, u),), pointers=pointers, index=index,
                     vec=self.elements())
 
     @classmethod
