@@ -7,9 +7,9 @@ settings + precision), is pre-warmed when the backend is built, and plans are bu
 strict mode: a kernel that was not pre-warmed is an error. Buffers: ``cuda_buffers``. In bf16
 precision the GEMMs and the attention read bf16 operands: written in bf16 by the kernel that makes
 them (the norms, RoPE, v's copy out of the fused q/k/v projection's rows, the attention's output,
-the SwiGLU in the gate/up GEMM, its backward in the down projection's dX GEMM), or cast once after they are
-projection's output gradients; the residual stream's gradient is written in bf16 too by the norms'
-backward). Linear layers that read one input run as one GEMM (``cuda_buffers.FUSED``: q/k/v,
+the SwiGLU in the gate/up GEMM's epilogue, its backward in the down projection's dX GEMM's), or
+cast once right after they are computed (the attention's and the q/k/v projection's output
+gradients; the residual stream's gradient is written in bf16 too by the norms' backward). Linear layers that read one input run as one GEMM (``cuda_buffers.FUSED``: q/k/v,
 gate/up), each later kernel reading its part of the fused output's rows.
 
 For each batch shape the backend builds one plan (sections forward, backward, optimizer) once; a

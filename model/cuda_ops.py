@@ -38,7 +38,8 @@ def weight_splits(spec: Gemm, m: int, n: int, tokens: int, wave: int) -> int:
 def scratch_shapes(k: ModelKernels, c: ModelConfig, tokens: int, matrices: dict[str, tuple[int, int]],
                    wave: Callable[[Gemm], int]) -> dict[str, tuple[tuple[int, ...], str]]:
     """(shape, dtype) of each scratch buffer the backward of ``tokens`` rows takes: the bf16 output
-    gradients (bf16 precision), the RMSNorm's dgamma partial sums, the column sums' chunks and the
+    gradients (bf16 precision), the down projection's dx where the SwiGLU backward's own kernel
+    reads it (fp32), the RMSNorm's dgamma partial sums, the column sums' chunks and the
     largest split weight gradient's partial sums (each linear module's dW, ``matrices`` by module
     name, split as ``split_k`` splits it for a wave of ``wave(spec)`` blocks)."""
     H = c.hidden_size
@@ -247,6 +248,7 @@ class Ops:
         w = self.W[module + ".weight"]
         (d_out, d_in), spec = w.shape, self._linear(module).forward
         assert gate_up.shape == (self.T, d_out) == (out.shape[0], 2 * out.shape[1]), (gate_up.shape, out.shape)
+        assert self.W.get(module + ".bias") is None, f"{module}: a gate/up bias is not modelled"
         fused = getattr(spec, "swiglu_act", False)
         self._gemm(spec, f"{module} forward", x, w.operand, gate_up, self.T, d_out, d_in, act=out if fused else None)
         if not fused:

@@ -225,7 +225,7 @@ class ModelKernels:
             norm_bwd_residual=RMSNormBackwardSpec(hidden=h, residual=True, bf16_copy=bf16,
                                                   rows_per_block=NORM_BWD_ROWS),
             qkv=linear(h, q_dim + 2 * kv_dim, bias=c.qkv_bias),
-            # gate and up as one GEMM ([gate; up] weights); bf16: stored in bf16, as SwiGLU and its backward read them
+            # gate and up as one GEMM ([gate; up] weights); bf16: stored in bf16, as SwiGLU's backward reads them
             # bf16: the attention output's gradient stored in bf16, as the attention backward reads it
             o=linear(q_dim, h, bf16_dx=True), gate_up=linear(h, 2 * c.intermediate_size, bf16_out=True, swiglu_y=True),
             down=linear(c.intermediate_size, h, swiglu_dx=True), head=head,
@@ -258,6 +258,11 @@ class ModelKernels:
         if (head is None) != (stats == 0) or (head is not None and head.block_n != stats):
             raise ValueError(f"the loss's LM head ({self.head_logits}) and the cross-entropy's stats_block {stats} "
                              "disagree")
+        # the SwiGLU and its backward run as their own kernels exactly where no GEMM makes them
+        for kernel, gemm, flag in ((self.swiglu, self.gate_up.forward, "swiglu_act"),
+                                   (self.swiglu_bwd, self.down.grad_input, "swiglu_grad")):
+            if (kernel is None) != getattr(gemm, flag, False):
+                raise ValueError(f"{kernel} and the GEMM {gemm} disagree on who makes it ({flag})")
 
     def linear(self, module: str) -> LinearKernels:
         """The kernels of the linear layer ``module`` (its HF name without ``.weight``)."""

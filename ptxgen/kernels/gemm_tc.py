@@ -172,9 +172,9 @@ class TensorCoreGemm:
     def staging_bytes(self) -> int:
         """Shared memory the consumers stage C in before a TMA store (``tma_store``): a 64-row
         half tile each of the two warpgroups; with ``swiglu_grad`` its gate and up (then dgate and
-        dup) side by side, and each buffer's mbarrier after both; with ``swiglu_act`` also act."""
-        if self.swiglu_grad:
-            return 2 * (2 * 64 * self.block_n * self.c_dtype.size + MBARRIER_BYTES)
+        dup), and the mbarriers of its slots after both; with ``swiglu_act`` also act."""
+        if self.swiglu_grad:  # an mbarrier each 64-column slot
+            return 2 * (2 * 64 * self.block_n * self.c_dtype.size + self.block_n // 64 * MBARRIER_BYTES)
         if self.swiglu_act:  # and each warpgroup's act, [64 rows][block_n / 2] bf16
             return 2 * 64 * self.block_n * (self.c_dtype.size + DType.BF16.size // 2)
         return 2 * 64 * self.block_n * self.c_dtype.size if self.tma_store else 0

@@ -32,7 +32,9 @@ tensor-core GEMM's; or (``tma_store``, pingpong) each warpgroup stages its tile 
 and one thread writes it with TMA bulk tensor stores through C's tensor map (``StagedStore``).
 ``row_stats`` (the LM head's logits) also reduces each stored tile's rows to (max, sum of exp)
 while they are in registers: the cross-entropy's first pass without reading the logits back
-(``cross_entropy``'s ``stats_block``). ``swiglu_grad`` (the down projection's dX) stores not the
+(``cross_entropy``'s ``stats_block``). ``swiglu_act`` (the gate/up forward) reads B as [W_gate;
+W_up], 64 rows of each a tile, so that a lane holds gate and up of the same columns, and also
+stores act = silu(gate) * up. ``swiglu_grad`` (the down projection's dX) stores not the
 product but SwiGLU's backward of it, [dgate | dup] in bf16 (``StagedSwiGLU``: gate and up come
 into the staging buffer by TMA, dgate and dup leave it so): the f32 gradient of SwiGLU's output is
 never written nor read back.
@@ -41,11 +43,11 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 from ..builder import Addr, KernelBuilder, Label, Reg, T
 from ..exact import LOG2E_F32
-from ..hw import DESCRIPTOR_SWIZZLE, SHARED_LIMIT, SWIZZLE_ATOM, SWIZZLE_ROW, MmaType
+from ..hw import DESCRIPTOR_SWIZZLE, MBARRIER_BYTES, SHARED_LIMIT, SWIZZLE_ATOM, SWIZZLE_ROW, MmaType
 from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError, Target
@@ -215,10 +217,8 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                 stored = b.new_label("stored")
                 partials.settle([r for acc, _ in halves for r in acc], unit, stored)
             for h, (acc, _) in enumerate(halves):
-                if swiglu is not None:
-                    swiglu.store(acc, b.add(row0, 64 * h), col0, warp, lane)
-                    if h == 0:  # the next 64 rows' gate and up, once this store has read the buffer
-                        swiglu.load(b.add(row0, 64), col0)
+                if swiglu is not None:  # (and after the first 64 rows, the next 64 rows' gate and up)
+                    swiglu.store(acc, b.add(row0, 64 * h), col0, warp, lane, b.add(row0, 64) if h == 0 else None)
                 elif staged is not None:
                     staged.store(acc, b.add(row0, 64 * h), col0, split, warp, lane)
                 else:
@@ -327,8 +327,9 @@ class StagedStore:
     """C out of a pingpong warpgroup's accumulators by TMA (``tma_store``): each 64-row half of its
     tile is written into the warpgroup's shared staging buffer, in boxes of [64 rows][128 bytes]
     laid out in the 128-byte swizzle (so a warp's 8 rows land in 8 different bank groups), and one
-    thread stores the boxes with bulk tensor copies through C's tensor map ([splits][m][ldc]: the
-    copy unit clips rows >= m and columns >= n). The warpgroup's threads write the next half only
+    thread stores the boxes with bulk tensor copies through C's tensor map ([splits][m][ldc], or
+    a ``swiglu_act`` C's [gate, up][m][n / 2] with act's too: the copy unit clips rows >= m and
+    columns past the edge). The warpgroup's threads write the next half only
     after the copies have read the last (``bulk_wait(read=True)``, then the warpgroup's own named
     barrier, 3 + its index)."""
 
@@ -407,76 +408,86 @@ class StagedStore:
 
 class StagedSwiGLU:
     """The ``swiglu_grad`` epilogue, through shared memory: SwiGLU's backward of the product.
-    Each warpgroup's buffer holds 64 rows of its tile's gate and up ([gate, up][block_n / 64
-    boxes][64 rows][128 bytes], 128-byte swizzle), brought by TMA through ``tmap_gate_up`` (C's
-    geometry, [2][m][n]: zeros past m and n) and counted on the buffer's mbarrier: the first 64
-    rows' while the tile is multiplied, the next 64's once the first's store has read the buffer.
-    Each thread replaces its pairs' gate and up with dgate and dup, ``swiglu_grads`` of them and
-    its accumulators (the swiglu_bwd kernel's arithmetic on the f32 C the plain kernel would
-    store, so bit for bit what it makes of that), and one thread stores the buffer through C's
+    Each warpgroup's buffer holds 64 rows of its tile's gate and up, a slot a 64-column box of the
+    tile ([slot][gate, up][64 rows][128 bytes], 128-byte swizzle), brought by TMA through
+    ``tmap_gate_up`` (C's geometry, [2][m][n]: zeros past m and n) and counted on the slot's
+    mbarrier: the tile's first 64 rows while it is multiplied, the next 64 rows' of a slot as soon
+    as the store of the slot's first has read it, so that each slot's load runs under the others'
+    work. Each thread replaces its pairs' gate and up with dgate and dup, ``swiglu_grads`` of them
+    and its accumulators (the swiglu_bwd kernel's arithmetic on the f32 C the plain kernel would
+    store, so bit for bit what it makes of that), and one thread stores the slot through C's
     tensor map (the copy unit clips rows >= m and columns >= n in each half)."""
 
+    SLOT_BYTES = 2 * BOX_BYTES  # a 64-column box of gate, then the same of up
+
     def __init__(self, spec: GemmWgmmaSpec, b: KernelBuilder, p: TmaPipeline, group: Reg, thread: Reg):
-        self.spec, self.b, self.p, self.group, self.boxes = spec, b, p, group, spec.block_n // 64
-        self.half_bytes = self.boxes * BOX_BYTES  # 64 rows of gate (or up) under the tile
+        self.spec, self.b, self.p, self.group, self.slots = spec, b, p, group, spec.block_n // 64
         self.leader = b.setp("eq", thread, 0)
-        self.phase = b.mov(0, T.U32)
-        b.mbarrier_init(self._loaded(), 1, guard=self.leader)
+        self.phase = b.mov(0, T.U32)  # every slot is loaded, and waited for, once each 64 rows
+        for slot in range(self.slots):
+            b.mbarrier_init(self._loaded(slot), 1, guard=self.leader)
         b.fence_mbarrier_init(guard=self.leader)
         b.bar_sync(b.add(group, 3), 128)
 
     # (addresses made where they are used, as PartialSums': the accumulators all but fill the registers)
     def _buffer(self) -> Reg:
-        return self.b.add(self.p.staging, self.b.mul(self.group, 2 * self.half_bytes))
+        return self.b.add(self.p.staging, self.b.mul(self.group, self.slots * self.SLOT_BYTES))
 
-    def _loaded(self) -> Reg:  # the mbarriers after both buffers
-        return self.b.add(self.p.staging, self.b.add(4 * self.half_bytes, self.b.shl(self.group, 3)))
+    def _loaded(self, slot: int) -> Reg:  # the mbarriers after both warpgroups' buffers
+        b = self.b
+        return b.add(self.p.staging, b.mad(self.group, MBARRIER_BYTES * self.slots,
+                                           2 * self.slots * self.SLOT_BYTES + MBARRIER_BYTES * slot))
 
     def _map(self, name: str) -> Reg:
         return self.b.cvta_global(self.b.ld_param(name))
 
-    def _boxes(self) -> Iterator[tuple[int, int, int]]:
-        """(half: 0 gate, 1 up; box; its byte offset in the buffer)."""
-        for half in range(2):
-            for box in range(self.boxes):
-                yield half, box, (half * self.boxes + box) * BOX_BYTES
-
-    def load(self, row0: Reg, col0: Reg, stores: Reg | None = None) -> None:
-        """Gate and up of the 64 rows from ``row0`` under the tile at ``col0`` into the buffer, once
-        the copies of its last store have read it (``stores``: only if the tile's unit stores)."""
+    def load(self, row0: Reg, col0: Reg, stores: Reg | None = None, slots: range | None = None) -> None:
+        """Gate and up of the 64 rows from ``row0`` under the tile at ``col0`` into the buffer's
+        ``slots`` (all), once the copies of the last store have read it (``stores``: only if the
+        tile's unit stores)."""
         b = self.b
         leader = self.leader if stores is None else b.and_(self.leader, stores)
-        buffer, loaded, gate_up = self._buffer(), self._loaded(), self._map("tmap_gate_up")
+        buffer, gate_up = self._buffer(), self._map("tmap_gate_up")
         b.bulk_wait(0, read=True, guard=leader)
-        b.mbarrier_expect_tx(loaded, 2 * self.half_bytes, guard=leader)
-        for half, box, at in self._boxes():
-            b.tma_load_3d(b.add(buffer, at), gate_up, b.add(col0, 64 * box), row0, half, loaded, guard=leader)
+        for slot in range(self.slots) if slots is None else slots:
+            loaded = self._loaded(slot)
+            b.mbarrier_expect_tx(loaded, self.SLOT_BYTES, guard=leader)
+            for half in range(2):
+                b.tma_load_3d(b.add(buffer, slot * self.SLOT_BYTES + half * BOX_BYTES), gate_up,
+                              b.add(col0, 64 * slot), row0, half, loaded, guard=leader)
 
-    def store(self, acc: list[Reg], row0: Reg, col0: Reg, warp: Reg, lane: Reg) -> None:
+    def store(self, acc: list[Reg], row0: Reg, col0: Reg, warp: Reg, lane: Reg, next_row0: Reg | None = None
+              ) -> None:
         """[dgate | dup] of the 64 rows from ``row0`` (warp ``warp`` holding 16 of them) of the tile
-        at ``col0``, its accumulators ``acc`` their output gradient."""
+        at ``col0``, its accumulators ``acc`` their output gradient, slot by slot; ``next_row0``:
+        each slot then loads those rows' gate and up (the tile's next 64)."""
         b, spec, buffer = self.b, self.spec, self._buffer()
-        b.mbarrier_wait(self._loaded(), self.phase)
-        b.xor(self.phase, 1, out=self.phase)
         group, quad = b.shr(lane, 2), b.and_(lane, 3)
         pair_bytes = b.mul(quad, 2 * DType.BF16.size)
         rows = [b.add(buffer, b.mul(b.add(b.mad(warp, 16, group), 8 * h), SWIZZLE_ROW)) for h in range(2)]
-        for j in range(spec.n_tiles):
-            at = staged_pair(b, j, DType.BF16.size, pair_bytes, group)
-            for h in range(2):
-                gate = b.add(rows[h], at)
-                up = b.add(gate, self.half_bytes)
-                g, u = ([b.cvt(T.F32, x, src=T.BF16) for x in b.unpack(b.ld("shared", T.B32, Addr(y)))]
-                        for y in (gate, up))
-                grads = [swiglu_grads(b, *args) for args in zip(g, u, acc[4 * j + 2 * h:4 * j + 2 * h + 2])]
-                for where, (first, second) in ((gate, [dg for dg, _ in grads]), (up, [du for _, du in grads])):
-                    b.st("shared", Addr(where), b.cvt_bf16x2(second, first), t=T.B32)
-        b.fence_proxy_async()  # the writes, visible to the copy unit's reads ...
-        b.bar_sync(b.add(self.group, 3), 128)  # ... of every thread of the warpgroup
-        c = self._map("tmap_c")
-        for half, box, at in self._boxes():
-            b.tma_store_3d(c, b.add(col0, 64 * box), row0, half, b.add(buffer, at), guard=self.leader)
-        b.bulk_commit(guard=self.leader)
+        tiles = spec.n_tiles // self.slots  # n8 tiles a slot
+        for slot in range(self.slots):
+            b.mbarrier_wait(self._loaded(slot), self.phase)
+            for j in range(slot * tiles, (slot + 1) * tiles):
+                at = b.add(staged_pair(b, j - slot * tiles, DType.BF16.size, pair_bytes, group), slot * self.SLOT_BYTES)
+                for h in range(2):
+                    gate = b.add(rows[h], at)
+                    up = b.add(gate, BOX_BYTES)
+                    g, u = ([b.cvt(T.F32, x, src=T.BF16) for x in b.unpack(b.ld("shared", T.B32, Addr(y)))]
+                            for y in (gate, up))
+                    grads = [swiglu_grads(b, *args) for args in zip(g, u, acc[4 * j + 2 * h:4 * j + 2 * h + 2])]
+                    for where, (first, second) in ((gate, [dg for dg, _ in grads]), (up, [du for _, du in grads])):
+                        b.st("shared", Addr(where), b.cvt_bf16x2(second, first), t=T.B32)
+            b.fence_proxy_async()  # the writes, visible to the copy unit's reads ...
+            b.bar_sync(b.add(self.group, 3), 128)  # ... of every thread of the warpgroup
+            c = self._map("tmap_c")
+            for half in range(2):
+                b.tma_store_3d(c, b.add(col0, 64 * slot), row0, half,
+                               b.add(buffer, slot * self.SLOT_BYTES + half * BOX_BYTES), guard=self.leader)
+            b.bulk_commit(guard=self.leader)
+            if next_row0 is not None:
+                self.load(next_row0, col0, slots=range(slot, slot + 1))
+        b.xor(self.phase, 1, out=self.phase)
 
     def finish(self) -> None:
         """The last copies complete before the block (and its shared memory) goes."""

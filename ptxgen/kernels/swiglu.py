@@ -94,7 +94,7 @@ class SwiGLUSpec(_PairedSpec):
 
     kind: ClassVar[str] = "swiglu"
     dtype: DType = DType.F32      # gate_up
-    out_dtype: DType = DType.F32  # out (bf16 from f32: the down projection's bf16 operand, no cast)
+    out_dtype: DType = DType.F32  # out (or bf16: the down projection's bf16 operand, no cast)
     block_size: int = 256
     vec: int = 0
 

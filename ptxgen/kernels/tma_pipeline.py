@@ -22,8 +22,9 @@ of the schedule the kernel computes). Parts of one index run at once over the ta
 same K, as the full waves' tiles do: they share the operands in L2 (cutting tiles along K at
 staggered offsets, as stream-K does, lost that: 1.5x slower at K = 151936).
 
-A slice is 128 bytes of K. A K-major operand (K contiguous) lands as one [rows][128 bytes] box; an
-MN-major one as [64 K rows][64 elements] boxes side by side, MN_CHUNK apart; both in the 128-byte
+A slice is 128 bytes of K. A K-major operand (K contiguous) lands as one [rows][128 bytes] box (a
+``swiglu_act`` B as two of 64 rows, gate's then up's, through a 3-D map of the two halves); an
+MN-major one as [64 K rows][64 elements] boxes side by side, MN_CHUNK apart; all in the 128-byte
 swizzle (16-byte chunk c of row r at c ^ (r % 8) within 1024-byte aligned atoms).
 """
 from __future__ import annotations
@@ -187,7 +188,8 @@ class TmaPipeline:
 
     def produce(self) -> None:
         """For each slice: wait for its stage to be free, then copy A's and B's boxes into it (a
-        K-major operand's at (k, row0), an MN-major one's at (row0 + 64 j, k))."""
+        K-major operand's at (k, row0), an MN-major one's at (row0 + 64 j, k), a paired B's at (k,
+        col0 / 2, half))."""
         spec, b = self.spec, self.b
         maps = [b.cvta_global(b.ld_param(x)) for x in ("tmap_a", "tmap_b")]
         slot = Slot(self.ring)
