@@ -163,7 +163,9 @@ def measure(what: str, run: Run, fn: Callable[[], Measured]) -> Measured:
     runs still go ahead; the memory of what it built is handed back either way."""
     try:
         m = fn()
-        print(f"  {SYSTEMS[what]:<14} {run.tokens / m.step_s:12,.0f} tokens/s  {1e3 * m.step_s:9.2f} ms  "
+        # (peak memory here too: a run cut short before the table still has it)
+        peak = f"peak {m.peak_bytes / 2**30:.2f} GiB  " if m.peak_bytes is not None else ""
+        print(f"  {SYSTEMS[what]:<14} {run.tokens / m.step_s:12,.0f} tokens/s  {1e3 * m.step_s:9.2f} ms  {peak}"
               f"warm-up {', '.join(f'{s:.2f}' for s in m.warmup_s)} s", flush=True)
     except Exception as e:  # noqa: BLE001 -- one failed system must not lose the run's other figures
         traceback.print_exc()
