@@ -78,7 +78,7 @@ def time_gemm(cache: ModuleCache, spec: GemmTCSpec | GemmWgmmaSpec, a: torch.Ten
         c_arg = maps[2].ptr if spec.tma_store else c.data_ptr()
         kernel = cache.get(spec)
         dims = spec.launch_dims(m, n, resident=kernel.resident_blocks(spec.threads))
-        if getattr(spec, "split_tail", False):
+        if spec.split_tail:
             blocks = dims[0][0]
             partial_bytes, flag_bytes = spec.tail_workspace(blocks)
             partials = torch.empty(partial_bytes // 4, device="cuda")

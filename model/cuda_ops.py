@@ -32,7 +32,7 @@ NO_TAIL = tuple(View(f"no tail {x}", 0, (0,), "u8") for x in ("partial sums", "f
 def weight_splits(spec: Gemm, m: int, n: int, tokens: int, wave: int) -> int:
     """The parts a weight gradient's token contraction is split into (``split_k``): none where the
     GEMM cuts its own tail along K (``split_tail``), which fills its last wave itself."""
-    return 1 if getattr(spec, "split_tail", False) else split_k(spec, m, n, tokens, wave)
+    return 1 if spec.split_tail else split_k(spec, m, n, tokens, wave)
 
 
 def scratch_shapes(k: ModelKernels, c: ModelConfig, tokens: int, matrices: dict[str, tuple[int, int]],
@@ -71,7 +71,7 @@ def splits_a_tail(k: ModelKernels, c: ModelConfig, tokens: int, matrices: dict[s
     if k.head_logits is not None:  # its chunks: whole ones and the last
         rows = {tokens, min(tokens, LOSS_CHUNK_ROWS), tokens % LOSS_CHUNK_ROWS} - {0}
         gemms += [(k.head_logits, r, c.vocab_size, c.hidden_size) for r in rows]
-    return any(g.tail_parts(*dims, wave(g)) > 1 for g, *dims in gemms if getattr(g, "split_tail", False))
+    return any(g.tail_parts(*dims, wave(g)) > 1 for g, *dims in gemms if g.split_tail)
 
 
 class TailWorkspace:
@@ -249,7 +249,7 @@ class Ops:
         (d_out, d_in), spec = w.shape, self._linear(module).forward
         assert gate_up.shape == (self.T, d_out) == (out.shape[0], 2 * out.shape[1]), (gate_up.shape, out.shape)
         assert self.W.get(module + ".bias") is None, f"{module}: a gate/up bias is not modelled"
-        fused = getattr(spec, "swiglu_act", False)
+        fused = spec.swiglu_act
         self._gemm(spec, f"{module} forward", x, w.operand, gate_up, self.T, d_out, d_in, act=out if fused else None)
         if not fused:
             act, (rows, width) = self.k.swiglu, out.shape
@@ -355,7 +355,7 @@ class Ops:
         w = self.W[module + ".weight"]
         (d_out, d_in), dx = w.shape, self._linear(module).grad_input
         assert gate_up.shape == dgate_up.shape == (self.T, 2 * d_in), (gate_up.shape, dgate_up.shape, w.shape)
-        fused = getattr(dx, "swiglu_grad", False)
+        fused = dx.swiglu_grad
         self._gemm(dx, f"{module} dX", dy, w.operand, dgate_up if fused else self._d_act, self.T, d_in, d_out,
                    gate_up=gate_up if fused else None)
         if not fused:

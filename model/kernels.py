@@ -210,9 +210,9 @@ class ModelKernels:
         partial = GradNormPartialSpec()
         linear = functools.partial(LinearKernels.of, precision=precision, cut_tails=cut_tails)
         gemm_operand = DType.BF16 if bf16 else DType.F32
-        # a SwiGLU thread's elements stay in one row of intermediate_size: 16 bytes where it divides
-        swiglu_vec = vector_width(c.intermediate_size, gemm_operand)
-        swiglu_vec = 0 if swiglu_vec == 16 // gemm_operand.size else swiglu_vec
+        # fp32's SwiGLU kernels: a thread's elements stay in one row of intermediate_size, 16 bytes where it divides
+        swiglu_vec = vector_width(c.intermediate_size, DType.F32)
+        swiglu_vec = 0 if swiglu_vec == 16 // DType.F32.size else swiglu_vec
         head = linear(h, c.vocab_size)
         stats_block = WGMMA_TILE["block_n"] if bf16 else 0
         return cls(
@@ -261,7 +261,7 @@ class ModelKernels:
         # the SwiGLU and its backward run as their own kernels exactly where no GEMM makes them
         for kernel, gemm, flag in ((self.swiglu, self.gate_up.forward, "swiglu_act"),
                                    (self.swiglu_bwd, self.down.grad_input, "swiglu_grad")):
-            if (kernel is None) != getattr(gemm, flag, False):
+            if (kernel is None) != getattr(gemm, flag):
                 raise ValueError(f"{kernel} and the GEMM {gemm} disagree on who makes it ({flag})")
 
     def linear(self, module: str) -> LinearKernels:
@@ -281,8 +281,8 @@ class ModelKernels:
             try:
                 for spec, m, n, k in lk.gemms(tokens, d_in, d_out):
                     spec.arguments(0, 0, 0, m, n, k, bias=0 if spec.bias else None,
-                                   **({"gate_up": 0} if getattr(spec, "swiglu_grad", False) else {}),
-                                   **({"act": 0} if getattr(spec, "swiglu_act", False) else {}))
+                                   **({"gate_up": 0} if spec.swiglu_grad else {}),
+                                   **({"act": 0} if spec.swiglu_act else {}))
             except ValueError as e:
                 raise ValueError(f"{name}, {d_in} -> {d_out}: {e}") from None
         for spec in (self.swiglu, self.swiglu_bwd):

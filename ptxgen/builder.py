@@ -735,22 +735,18 @@ class KernelBuilder:
                    f"{self._op(ins, parity, T.U32, 'parity')}")
         self.bra(again, guard=Guard(done, negated=True))
 
-    def tma_load_2d(self, dst: Reg, tensor_map: Reg, x: Reg, y: Reg, bar: Reg, guard: GuardLike = None) -> None:
-        """The box of ``tensor_map`` at element coordinates (x innermost, y) into shared ``dst``;
-        completes its bytes on the mbarrier at ``bar``. Out-of-bounds elements arrive as zeros."""
-        ins = "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-        ops = [self._op(ins, dst, T.U32, "shared address"), self._op(ins, tensor_map, T.U64, "tensor map"),
-               self._op(ins, x, T.S32, "x"), self._op(ins, y, T.S32, "y"), self._op(ins, bar, T.U32, "barrier")]
-        self._emit(f"{ins} [{ops[0]}], [{ops[1]}, {{{ops[2]}, {ops[3]}}}], [{ops[4]}]", guard)
-
-    def tma_load_3d(self, dst: Reg, tensor_map: Reg, x: Operand, y: Operand, z: Operand, bar: Reg,
-                    guard: GuardLike = None) -> None:
-        """``tma_load_2d`` of a 3-D tensor map's box at (x innermost, y, z)."""
-        ins = "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-        ops = [self._op(ins, dst, T.U32, "shared address"), self._op(ins, tensor_map, T.U64, "tensor map"),
-               self._op(ins, x, T.S32, "x"), self._op(ins, y, T.S32, "y"), self._op(ins, z, T.S32, "z"),
-               self._op(ins, bar, T.U32, "barrier")]
-        self._emit(f"{ins} [{ops[0]}], [{ops[1]}, {{{ops[2]}, {ops[3]}, {ops[4]}}}], [{ops[5]}]", guard)
+    def tma_load(self, dst: Reg, tensor_map: Reg, coords: tuple[Operand, ...], bar: Reg,
+                 guard: GuardLike = None) -> None:
+        """The box of ``tensor_map`` (2- or 3-D) at element coordinates ``coords`` (x innermost)
+        into shared ``dst``; completes its bytes on the mbarrier at ``bar``. Out-of-bounds elements
+        arrive as zeros."""
+        if len(coords) not in (2, 3):
+            raise PtxBuildError(f"tma_load: 2 or 3 coordinates, got {len(coords)}")
+        ins = f"cp.async.bulk.tensor.{len(coords)}d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+        at = ", ".join(self._op(ins, x, T.S32, name) for x, name in zip(coords, "xyz"))
+        self._emit(f"{ins} [{self._op(ins, dst, T.U32, 'shared address')}], "
+                   f"[{self._op(ins, tensor_map, T.U64, 'tensor map')}, {{{at}}}], "
+                   f"[{self._op(ins, bar, T.U32, 'barrier')}]", guard)
 
     def tma_store_3d(self, tensor_map: Reg, x: Reg, y: Reg, z: Reg, src: Reg, guard: GuardLike = None) -> None:
         """The box of ``tensor_map`` at element coordinates (x innermost, y, z) from shared ``src``

@@ -75,11 +75,12 @@ def load_f32(b: KernelBuilder, dtype: DType, addr: Addr, n: int, *, guard: Guard
     words = n // 2
     out = [b.mov(0, T.B32) for _ in range(words)] if guard is not None else None
     w = b.ld("global", T.B32, addr, words, nc=nc, out=out, guard=guard)
-    vals = []
-    for word in ([w] if words == 1 else w):
-        lo, hi = b.unpack(word)
-        vals += [b.cvt(T.F32, lo, src=T.BF16), b.cvt(T.F32, hi, src=T.BF16)]
-    return vals
+    return [v for word in ([w] if words == 1 else w) for v in bf16x2_f32(b, word)]
+
+
+def bf16x2_f32(b: KernelBuilder, word: Reg) -> list[Reg]:
+    """The two bf16 of a 32-bit ``word`` as f32: [low half, high half] (exact)."""
+    return [b.cvt(T.F32, half, src=T.BF16) for half in b.unpack(word)]
 
 
 def store_f32(b: KernelBuilder, dtype: DType, addr: Addr, vals: Sequence[Reg], *,

@@ -234,6 +234,10 @@ class GemmSpec(KernelSpec):
     thread_m: int = 8
     thread_n: int = 8
     vec: int = 4              # elements per global access; contiguous dimensions must divide by it
+    # the tensor-core GEMMs' epilogue options, none of them this kernel's (so every GEMM spec has them)
+    split_tail: ClassVar[bool] = False
+    swiglu_grad: ClassVar[bool] = False
+    swiglu_act: ClassVar[bool] = False
 
     @property
     def threads_m(self) -> int:

@@ -51,7 +51,7 @@ from ..hw import DESCRIPTOR_SWIZZLE, MBARRIER_BYTES, SHARED_LIMIT, SWIZZLE_ATOM,
 from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError, Target
-from ..vecio import DType
+from ..vecio import DType, bf16x2_f32
 from .common import MAX_LOOP_BOUND, check_at_most, check_positive
 from .gemm import batch_matrices, bias_at, tile_origin
 from .gemm_tc import TensorCoreGemm, _Feed, _Operand, store_accumulators
@@ -393,7 +393,7 @@ class StagedStore:
         act = [b.add(self.act, b.sub(r, self.buffer)) for r in rows]  # the same row of the act box
         def stored(t: int, h: int) -> list[Reg]:  # the pair of tile t, row half h, as C holds it
             lo, hi = acc[4 * t + 2 * h:4 * t + 2 * h + 2]
-            return [b.cvt(T.F32, x, src=T.BF16) for x in b.unpack(b.cvt_bf16x2(hi, lo))]
+            return bf16x2_f32(b, b.cvt_bf16x2(hi, lo))
 
         for j in range(half):
             at = staged_pair(b, j, DType.BF16.size, pair_bytes, group)
@@ -453,8 +453,8 @@ class StagedSwiGLU:
             loaded = self._loaded(slot)
             b.mbarrier_expect_tx(loaded, self.SLOT_BYTES, guard=leader)
             for half in range(2):
-                b.tma_load_3d(b.add(buffer, slot * self.SLOT_BYTES + half * BOX_BYTES), gate_up,
-                              b.add(col0, 64 * slot), row0, half, loaded, guard=leader)
+                b.tma_load(b.add(buffer, slot * self.SLOT_BYTES + half * BOX_BYTES), gate_up,
+                           (b.add(col0, 64 * slot), row0, half), loaded, guard=leader)
 
     def store(self, acc: list[Reg], row0: Reg, col0: Reg, warp: Reg, lane: Reg, next_row0: Reg | None = None
               ) -> None:
@@ -473,8 +473,7 @@ class StagedSwiGLU:
                 for h in range(2):
                     gate = b.add(rows[h], at)
                     up = b.add(gate, BOX_BYTES)
-                    g, u = ([b.cvt(T.F32, x, src=T.BF16) for x in b.unpack(b.ld("shared", T.B32, Addr(y)))]
-                            for y in (gate, up))
+                    g, u = (bf16x2_f32(b, b.ld("shared", T.B32, Addr(y))) for y in (gate, up))
                     grads = [swiglu_grads(b, *args) for args in zip(g, u, acc[4 * j + 2 * h:4 * j + 2 * h + 2])]
                     for where, (first, second) in ((gate, [dg for dg, _ in grads]), (up, [du for _, du in grads])):
                         b.st("shared", Addr(where), b.cvt_bf16x2(second, first), t=T.B32)

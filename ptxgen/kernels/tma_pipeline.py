@@ -147,7 +147,7 @@ class TmaPipeline:
         work = b.mul(self.tiles, b.ld_param("splits"))
         self.first, self.stride = b.special("%ctaid.x"), b.special("%nctaid.x")
         self.split_tail = None
-        if getattr(spec, "split_tail", False):
+        if spec.split_tail:
             self.split_tail = SplitTail(b, self.tiles, self.slices, self.first, self.stride, b.ld_param("tail_parts"))
             self.mine = self.split_tail.count
         else:  # (split, tile) pairs first, first + stride, ... below work
@@ -201,19 +201,19 @@ class TmaPipeline:
                 at, full, empty = self.stage(slot)
                 b.mbarrier_wait(empty, b.xor(slot.phase, 1))  # the first trip finds every stage free
                 b.mbarrier_expect_tx(full, spec.stage_bytes)
-                paired = (False, getattr(spec, "swiglu_act", False))  # B as [gate; up]: 64 rows of each
+                paired = (False, spec.swiglu_act)  # B as [gate; up]: 64 rows of each
                 for tensor_map, outer0, rows, offset, mn, pair in zip(maps, (row0, col0), (spec.block_m, spec.block_n),
                                                                       (0, spec.block_m * SWIZZLE_ROW), spec.mn_major,
                                                                       paired):
                     if pair:  # tile columns col0.. are gate's and up's col0 / 2..: a 3-D map, [2][n / 2][k]
                         for half in range(2):
-                            b.tma_load_3d(b.add(at, offset + half * 64 * SWIZZLE_ROW), tensor_map, k_at,
-                                          b.shr(outer0, 1), half, full)
+                            b.tma_load(b.add(at, offset + half * 64 * SWIZZLE_ROW), tensor_map,
+                                       (k_at, b.shr(outer0, 1), half), full)
                     elif not mn:
-                        b.tma_load_2d(b.add(at, offset), tensor_map, k_at, outer0, full)
+                        b.tma_load(b.add(at, offset), tensor_map, (k_at, outer0), full)
                     for j in range(rows // 64 if mn else 0):
-                        b.tma_load_2d(b.add(at, offset + j * MN_CHUNK), tensor_map, b.add(outer0, 64 * j), k_at,
-                                      full)
+                        b.tma_load(b.add(at, offset + j * MN_CHUNK), tensor_map, (b.add(outer0, 64 * j), k_at),
+                                   full)
                 b.add(k_at, spec.k_elems, out=k_at)
                 slot.advance()
 
