@@ -22,12 +22,15 @@ import torch.nn.functional as F
 from harness import time_ms, write_json
 from model.kernels import WGMMA_TILE
 from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQSpec, AttentionSpec
+from ptxgen.kernels.cast import CastSpec
 from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
 from ptxgen.kernels.attention_wgmma import AttentionWgmmaBackwardKVSpec, AttentionWgmmaBackwardQSpec, AttentionWgmmaSpec
 from ptxgen.kernels.gemm import GemmSpec
 from ptxgen.kernels.gemm_tc import GemmTCSpec, MmaType
 from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+from ptxgen.kernels.rope import RopeSpec
 from ptxgen.spec import SpecError
+from ptxgen.vecio import DType
 from runtime import ModuleCache
 from runtime.tensormap import gemm_c_tensor_map, gemm_tensor_maps
 
@@ -340,6 +343,16 @@ def model_gemms(cache: ModuleCache, rows: list) -> None:
                 act = torch.empty(m, n // 2, device="cuda", dtype=torch.bfloat16)
                 maps.append(gemm_c_tensor_map(spec, act.data_ptr(), m, n, act=True))
                 extra["act"] = maps[-1].ptr
+            if spec.rope_heads:  # q (C), k and v, each a matrix of its own, at the 1024-token rows' positions
+                widths = [w * spec.rope_head_dim for w in (spec.rope_heads, spec.rope_kv_heads)]
+                c = torch.empty(m, widths[0], device="cuda", dtype=torch.bfloat16)
+                kv = [torch.empty(m, widths[1], device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+                positions = torch.arange(m, device="cuda", dtype=torch.int32) % 1024
+                table_spec = kernels.rope_table
+                table = torch.empty(m, spec.rope_head_dim // 2, 2, device="cuda")
+                table_ms = time_ms(cache.get(table_spec).bind(*table_spec.launch_dims(m), positions.data_ptr(),
+                                                              table.data_ptr(), m), reps=10, warmup=2)
+                extra["rope"] = (kv[0].data_ptr(), kv[1].data_ptr(), table.data_ptr())
             ms = time_gemm(cache, spec, a, b, c, m, n, k, **extra)
             parts = spec.tail_parts(m, n, k, sms)
             whole = time_gemm(cache, spec, a, b, c, m, n, k, tail_parts=1, **extra) if parts > 1 else ms
@@ -355,9 +368,29 @@ def model_gemms(cache: ModuleCache, rows: list) -> None:
                 alone = time_gemm(cache, plain, a, b, product, m, n, k)
                 print(f"    with the SwiGLU{' backward' if spec.swiglu_grad else ''} in its epilogue; the product "
                       f"alone ({'bf16' if plain.bf16_out else 'f32'} C): {alone:.3f} ms")
+            if spec.rope_heads:  # against the f32 product, RoPE's kernels on q and k and v's cast, as before
+                plain = dataclasses.replace(spec, rope_heads=0, rope_kv_heads=0, rope_head_dim=0, **WGMMA_TILE)
+                product = torch.empty(m, n, device="cuda")
+                alone = time_gemm(cache, plain, a, b, product, m, n, k, bias=extra["bias"]) if spec.bias else \
+                    time_gemm(cache, plain, a, b, product, m, n, k)
+                after = 0.0
+                for start, heads in ((0, spec.rope_heads), (widths[0], spec.rope_kv_heads)):
+                    rope = RopeSpec(heads=heads, head_dim=spec.rope_head_dim, theta=table_spec.theta, bf16_out=True,
+                                    strided=True)
+                    out = c if start == 0 else kv[0]
+                    after += time_ms(cache.get(rope).bind(*rope.launch_dims(m), *rope.arguments(
+                        product.data_ptr() + 4 * start, out.data_ptr(), positions.data_ptr(), m, n, out.shape[1])),
+                        reps=10, warmup=2)
+                cast = CastSpec(dst=DType.BF16, strided=True)
+                after += time_ms(cache.get(cast).bind(*cast.launch_dims(m * widths[1]), *cast.arguments(
+                    product.data_ptr() + 4 * (widths[0] + widths[1]), kv[1].data_ptr(), m, widths[1], n, widths[1])),
+                    reps=10, warmup=2)
+                print(f"    with RoPE in its epilogue (its angles' table, made once for every layer: {table_ms:.3f} "
+                      f"ms); the f32 product alone: {alone:.3f} ms, + RoPE's kernels and v's cast: "
+                      f"{alone + after:.3f} ms")
             rows.append(Row(f"model {short} {what} {m}x{n}x{k} [tail in {parts}"
                             f"{', bf16 C' if spec.bf16_out else ''}{' + SwiGLU bwd' if spec.swiglu_grad else ''}"
-                            f"{' + SwiGLU' if spec.swiglu_act else ''}]",
+                            f"{' + SwiGLU' if spec.swiglu_act else ''}{' + RoPE' if spec.rope_heads else ''}]",
                             2.0 * m * n * k, ms, theirs))
 
 

@@ -20,8 +20,10 @@ import numpy as np
 from runtime import DeviceArray, View
 
 from .config import ModelConfig
+from .kernels import rope_in_gemm
 from .optim import decays
 from .params import layer_prefix, param_shapes
+from .precision import Precision
 
 
 # Linear layers run as one GEMM over adjacent weights (and biases): q, k and v ([q; k; v], what
@@ -215,8 +217,11 @@ class Activations:
         self.batch, self.seq, self.tokens = batch, seq, T
         self.ids, self.pos = new("ids", (T,), "i32"), new("positions", (T,), "i32")
         # [q | k | v] per row before RoPE, the fused projection's output: read by nothing but the
-        # layer's own RoPE and v copy, so the layers share it
-        self.qkv = new("qkv before RoPE (every layer's)", (T, Q + 2 * KV_))
+        # layer's own RoPE and v copy, so the layers share it (none where the GEMM applies RoPE)
+        fused = rope_in_gemm(c, Precision.BF16 if bf16 else Precision.FP32)
+        self.qkv = None if fused else new("qkv before RoPE (every layer's)", (T, Q + 2 * KV_))
+        # where the q/k/v GEMM applies RoPE: each row's (cos, sin) of every frequency, made once for every layer
+        self.angles = new("RoPE angles (cos, sin)", (T, c.head_dim // 2, 2)) if fused else None
 
         def layer(i: int) -> LayerActs:
             p = layer_prefix(i)
@@ -244,7 +249,7 @@ class TrainingBuffers:
         Q, KV_ = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         new, operand = arena.new, "bf16" if bf16 else "f32"
         self.targets, self.losses = new("targets", (T,), "i32"), new("losses", (T,))
-        self.logits = new("logits", (logit_rows, V))
+        self.logits = new("logits", (logit_rows, V), operand)  # bf16: stored so by the loss's LM head
         # the LM head's (max, sum of exp) of each of ``stats_tiles`` column tiles of each logit row,
         # flat: a chunk of r rows uses the first stats_tiles x r pairs, [tile][row] (None: the
         # cross-entropy makes them itself)

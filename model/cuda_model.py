@@ -46,9 +46,9 @@ def forward(ops: Ops, acts: Activations, kv: list[KV], kv_stride: int, cached: i
     Layer i writes its keys and values into ``kv[i]`` from row ``cached`` on (rows of ``kv_stride``
     per sequence) and attends over the ``cached`` rows before them and its own: the training
     batch's own buffers, or a KV cache."""
-    c = ops.config
-    Q, KV_ = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     ops.embed(acts.ids, "model.embed_tokens.weight", out=acts.layers[0].x)
+    if acts.angles is not None:  # RoPE's (cos, sin) at every row's position, for every layer's q/k/v GEMM
+        ops.rope_angles(acts.pos, out=acts.angles)
     for i, a in enumerate(acts.layers):
         p = layer_prefix(i)
         if i == 0:
@@ -56,11 +56,10 @@ def forward(ops: Ops, acts: Activations, kv: list[KV], kv_stride: int, cached: i
         else:  # the layer before's x_out = x_mid + mlp(...), added here
             ops.residual_rmsnorm(acts.layers[i - 1].x_mid, acts.delta, p + "input_layernorm.weight", out=a.h,
                                  rstd=a.rstd1, x_out=a.x)
-        ops.linear(a.h, p + "self_attn.qkv_proj", out=acts.qkv)  # q, k and v: one GEMM, [q | k | v] per row
-        ops.rope(Columns(acts.qkv, 0, Q), acts.pos, c.num_heads, out=a.q)
-        # this call's keys and values, into kv[i] (as the attention reads them) from row ``cached`` on
-        ops.rope(Columns(acts.qkv, Q, KV_), acts.pos, c.num_kv_heads, out=kv_rows(kv[i].k, cached))
-        ops.copy_columns(Columns(acts.qkv, Q + KV_, KV_), kv_rows(kv[i].v, cached), KV_)
+        # q, k and v: one GEMM, [q | k | v] per row, then RoPE on q and k; this call's keys and
+        # values into kv[i] (as the attention reads them) from row ``cached`` on
+        ops.attention_inputs(a.h, p + "self_attn.qkv_proj", acts.pos, q=a.q, k=kv_rows(kv[i].k, cached),
+                             v=kv_rows(kv[i].v, cached), qkv=acts.qkv, angles=acts.angles)
         ops.attention(a.q, kv[i].k, kv[i].v, out=a.o, lse=a.lse, batch=acts.batch, seq=acts.seq,
                       kv_len=cached + acts.seq, kv_stride=kv_stride, q_start=cached)
         ops.linear(a.o, p + "self_attn.o_proj", out=acts.delta)

@@ -128,10 +128,12 @@ class Ops:
 
     def _gemm(self, spec: Gemm, what: str, a: View, b: View, c: Arg, m: int, n: int, k: int,
               bias: View | None = None, splits: int = 1, stats: View | None = None,
-              gate_up: View | None = None, act: View | None = None) -> None:
+              gate_up: View | None = None, act: View | None = None, rope: tuple[Arg, Arg, View] | None = None
+              ) -> None:
         """C = op(A) op(B) (+ bias) over ``splits`` parts of a ``k``-long contraction each (``gate_up``:
         a ``swiglu_grad`` spec's, C SwiGLU's backward of the product; ``act``: a ``swiglu_act``
-        spec's, SwiGLU of C's halves); ``what``:
+        spec's, SwiGLU of C's halves; ``rope``: a ``rope_heads`` spec's keys, values and angles'
+        table, C its q); ``what``:
         the module and pass ("model.layers.0.mlp.down_proj dW"), in the launch's label for a profile.
         A TMA-fed kernel reads A and B through tensor maps (freed with the plan; with ``tma_store`` it
         writes C through one too) and its persistent blocks fill the GPU once."""
@@ -168,6 +170,8 @@ class Ops:
             extra["gate_up"] = gate_up
         if act is not None:
             extra["act"] = act
+        if rope is not None:
+            extra["rope"] = rope
         args = spec.arguments(a, b, c, m, n, k, bias=bias, splits=splits, **extra)
         self.plan.add(spec, dims, label=f"{spec.kind} {what} -> {_name(result)}", operands=operands,
                       **_named(spec, args))
@@ -207,6 +211,35 @@ class Ops:
         self._gemm(spec, f"{module} forward", x, w.operand, out, x.shape[0], d_out, d_in,
                    bias=bias.value if bias is not None else None, stats=stats)
 
+    def rope_angles(self, positions: View, out: View) -> None:
+        """(cos, sin) of every angle RoPE rotates the rows at ``positions`` by, for the q/k/v GEMM's
+        epilogue (``rope_in_gemm``): once a forward, every layer's."""
+        spec = self.k.rope_table
+        assert spec is not None and out.shape == (self.T, spec.head_dim // 2, 2), (out.name, out.shape)
+        self._add(spec, spec.launch_dims(self.T), out, positions=positions, table=out, n_tokens=self.T)
+
+    def attention_inputs(self, x: View, module: str, positions: View, q: View, k: Arg, v: Arg,
+                         qkv: View | None, angles: View | None) -> None:
+        """q, k and v of the rows of ``x`` as the attention reads them: [q | k | v] = x W^T (+ b), W
+        the weight of ``module`` (the q, k and v projections as one), q and k rotated by RoPE at
+        ``positions``; k and v into ``k`` and ``v`` (a KV cache's rows from its cached length on).
+        Where ``rope_in_gemm``, the GEMM's epilogue makes all three, rotating by ``angles``
+        (``rope_angles``'); else the GEMM writes [q | k | v] into ``qkv``, then RoPE's kernels
+        rotate q and k out of it and v is copied."""
+        c, spec = self.config, self._linear(module).forward
+        Q, KV_ = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        if not spec.rope_heads:
+            assert qkv is not None, "the q/k/v projection's output needs its buffer"
+            self.linear(x, module, out=qkv)
+            self.rope(Columns(qkv, 0, Q), positions, c.num_heads, out=q)
+            self.rope(Columns(qkv, Q, KV_), positions, c.num_kv_heads, out=k)
+            self.copy_columns(Columns(qkv, Q + KV_, KV_), v, KV_)
+            return
+        w, bias = self.W[module + ".weight"], self.W.get(module + ".bias")
+        assert angles is not None, "the q/k/v GEMM's RoPE needs the angles' table"
+        self._gemm(spec, f"{module} forward + RoPE", x, w.operand, q, x.shape[0], Q + 2 * KV_, w.shape[1],
+                   bias=bias.value if bias is not None else None, rope=(k, v, angles))
+
     def rope(self, x: Arg | Columns, positions: View, heads: int, out: Arg | Columns, inverse: bool = False,
              copy: View | None = None) -> None:
         """RoPE on ``tokens`` rows of ``heads`` heads, from ``x`` into ``out`` (either may be
@@ -214,10 +247,9 @@ class Ops:
         ``inverse``: its backward; ``copy``: the bf16 copy of out's whole view (``grad_copy``), whose
         same columns it also writes."""
         k = self.k
-        if heads == k.rope_q.heads:
-            spec = k.rope_q_bwd if inverse else k.rope_q
-        else:
-            spec = k.rope_k_bwd if inverse else k.rope_k
+        q_spec, k_spec = (k.rope_q_bwd, k.rope_k_bwd) if inverse else (k.rope_q, k.rope_k)
+        spec = q_spec if heads == k.rope_q_bwd.heads else k_spec
+        assert spec is not None, "RoPE's forward kernels are not made where the q/k/v GEMM applies it"
         (x, x_stride), (y, y_stride) = (Columns.of(a, heads * spec.head_dim) for a in (x, out))
         args = spec.arguments(x, y, positions, self.T, x_stride, y_stride,
                               y16=_copy_of(out, copy, heads * spec.head_dim))

@@ -21,7 +21,7 @@ from ptxgen.kernels.embedding import EmbeddingBackwardSpec, EmbeddingSpec
 from ptxgen.kernels.gemm import GemmSpec, widest_vec
 from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
 from ptxgen.kernels.rmsnorm import RMSNormBackwardSpec, RMSNormSpec
-from ptxgen.kernels.rope import RopeSpec
+from ptxgen.kernels.rope import RopeSpec, RopeTableSpec
 from ptxgen.kernels.swiglu import SwiGLUBackwardSpec, SwiGLUSpec
 from ptxgen.spec import KernelSpec, SpecError
 from ptxgen.vecio import DType, vector_width
@@ -73,6 +73,15 @@ def split_k(spec: Gemm, m: int, n: int, tokens: int, wave: int) -> int:
     return min(options, key=cost)
 
 
+def rope_in_gemm(c: ModelConfig, precision: Precision) -> bool:
+    """Whether the q/k/v projection's forward GEMM applies RoPE in its epilogue (``LinearKernels.of``'s
+    ``rope``): bf16 precision, and heads that its tiles' columns hold whole, q's and k's widths in
+    whole tiles."""
+    widths, tile = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim), WGMMA_TILE["block_n"]
+    return precision is Precision.BF16 and c.head_dim % 16 == 0 and tile % c.head_dim == 0 and \
+        all(w % tile == 0 for w in widths)
+
+
 def _lanes(head_dim: int) -> int:
     if head_dim % 4:
         raise SpecError(f"the fp32 attention needs head_dim a multiple of 4, got {head_dim}")
@@ -95,13 +104,16 @@ class LinearKernels:
     @classmethod
     def of(cls, d_in: int, d_out: int, bias: bool = False, precision: Precision = Precision.FP32,
            bf16_out: bool = False, bf16_dx: bool = False, swiglu_dx: bool = False, swiglu_y: bool = False,
-           cut_tails: bool = True) -> "LinearKernels":
+           rope: dict[str, int | float] | None = None, cut_tails: bool = True) -> "LinearKernels":
         """``bf16_out`` (``bf16_dx``): in bf16 precision, y (dx) is stored in bf16, rounded as a cast
         of the f32 result would (what the next kernel reads). ``swiglu_dx``: x is a SwiGLU's output
         (the down projection's), and in bf16 precision the dX GEMM's epilogue takes SwiGLU's
         backward, storing [dgate | dup] (``swiglu_grad``; dx itself is never stored). ``swiglu_y``:
         y is [gate | up] (the gate/up projection's), and in bf16 precision the forward GEMM's
-        epilogue also stores silu(gate) * up (``swiglu_act``). ``cut_tails``: the bf16 GEMMs cut the
+        epilogue also stores silu(gate) * up (``swiglu_act``). ``rope``: y is a fused q/k/v
+        projection's, and in bf16 precision the forward GEMM's epilogue stores q, k and v as the
+        attention reads them, q and k rotated (gemm_wgmma's ``rope_*`` fields, given here, where
+        ``rope_in_gemm`` says so). ``cut_tails``: the bf16 GEMMs cut the
         tiles past their last full wave along K (``split_tail``), which needs them alone on the GPU;
         else a weight gradient's wave is filled by split-K."""
         if precision is Precision.BF16:
@@ -114,8 +126,14 @@ class LinearKernels:
             make = functools.partial(GemmWgmmaSpec, tma=True, split_tail=cut_tails, **WGMMA_TILE)
             # swiglu_y: the SwiGLU took 1.45 ms of the 8192-token step on the H200, reading the
             # gate and up the GEMM had just written; its act staged too leaves room for 5 stages
+            # rope: the tail not cut (ptxas spilled the epilogue's registers beside the partial sums'
+            # code; at the model's K = hidden it would not pay: tail_parts). On the H200 at 8192 x
+            # 1152 x 896 the GEMM with RoPE in its epilogue took 55.9 us with spills, against 48.2
+            # for the f32 product + 34 for the RoPE kernels and v's cast reading it back; with
+            # 64-column tiles (no spills with the tail cut) 68.5
             fwd = make(trans_a=False, trans_b=True, bias=bias, bf16_out=bf16_out, tma_store=bf16_out,
-                       **(dict(swiglu_act=True, stages=5) if swiglu_y else {}))
+                       **(dict(swiglu_act=True, stages=5) if swiglu_y else {}),
+                       **(dict(split_tail=False, **rope) if rope else {}))
             # swiglu_dx: on the H200 the 8192-token step's SwiGLU backward took 2.81 ms reading the
             # f32 dx the down projection's dX had written (3.19 ms). Its gate and up staged beside
             # the stages (64 KB) leave room for 5 of them. Its tail is not cut (at K = hidden, a few
@@ -159,14 +177,20 @@ class ModelKernels:
     gate_up: LinearKernels
     down: LinearKernels
     head: LinearKernels
-    # bf16: the loss's LM head forward, also writing each 128-column tile's row (max, sum of exp): the
-    # cross-entropy's first pass made while the logits are in registers, not read back from memory
+    # bf16: the loss's LM head forward, storing the logits in bf16 (as transformers' bf16 model does;
+    # half the bytes written and read back by the cross-entropy) and also each 128-column tile's row
+    # (max, sum of exp) of them: the cross-entropy's first pass made while the logits are in
+    # registers, not read back from memory
     head_logits: GemmWgmmaSpec | None
-    rope_q: RopeSpec      # all four strided: q and k read from the fused projection's rows,
-    rope_k: RopeSpec      # their gradients written into its gradient's
+    # all four strided: q and k read from the fused projection's rows, their gradients written into
+    # its gradient's. The forward's (and v's copy) are None where the projection's GEMM makes q, k
+    # and v itself (``rope_in_gemm``), rotating by the angles' table of rope_table (else None)
+    rope_table: RopeTableSpec | None
+    rope_q: RopeSpec | None
+    rope_k: RopeSpec | None
     rope_q_bwd: RopeSpec
     rope_k_bwd: RopeSpec
-    v_copy: CastSpec      # v out of the fused projection's rows, as the attention reads it (bf16: the cast)
+    v_copy: CastSpec | None  # v out of the fused projection's rows, as the attention reads it (bf16: the cast)
     dv_copy: CastSpec     # dv into the fused projection's gradient rows
     attention: AttentionSpec | AttentionTCSpec | AttentionWgmmaSpec  # bf16: tensor cores, on bf16 q, k, v
     attention_bwd_q: AttentionBackwardQSpec | AttentionTCBackwardQSpec | AttentionWgmmaBackwardQSpec
@@ -214,6 +238,8 @@ class ModelKernels:
         swiglu_vec = vector_width(c.intermediate_size, DType.F32)
         swiglu_vec = 0 if swiglu_vec == 16 // DType.F32.size else swiglu_vec
         head = linear(h, c.vocab_size)
+        fused_rope = rope_in_gemm(c, precision)
+        qkv_rope = dict(rope_heads=c.num_heads, rope_kv_heads=c.num_kv_heads, rope_head_dim=d) if fused_rope else None
         stats_block = WGMMA_TILE["block_n"] if bf16 else 0
         return cls(
             embed=EmbeddingSpec(dim=h), embed_bwd=EmbeddingBackwardSpec(dim=h, accumulate=c.tie_word_embeddings),
@@ -224,26 +250,28 @@ class ModelKernels:
             norm_bwd=RMSNormBackwardSpec(hidden=h, bf16_copy=bf16, rows_per_block=NORM_BWD_ROWS),
             norm_bwd_residual=RMSNormBackwardSpec(hidden=h, residual=True, bf16_copy=bf16,
                                                   rows_per_block=NORM_BWD_ROWS),
-            qkv=linear(h, q_dim + 2 * kv_dim, bias=c.qkv_bias),
+            qkv=linear(h, q_dim + 2 * kv_dim, bias=c.qkv_bias, rope=qkv_rope),
             # gate and up as one GEMM ([gate; up] weights); bf16: stored in bf16, as SwiGLU's backward reads them
             # bf16: the attention output's gradient stored in bf16, as the attention backward reads it
             o=linear(q_dim, h, bf16_dx=True), gate_up=linear(h, 2 * c.intermediate_size, bf16_out=True, swiglu_y=True),
             down=linear(c.intermediate_size, h, swiglu_dx=True), head=head,
-            head_logits=dataclasses.replace(head.forward, row_stats=True) if stats_block else None,
+            head_logits=dataclasses.replace(head.forward, row_stats=True, bf16_out=True, tma_store=True)
+            if stats_block else None,
             # bf16: RoPE writes the attention's bf16 q and k itself (its f32 output is read by nothing else)
-            rope_q=RopeSpec(heads=c.num_heads, bf16_out=bf16, strided=True, **rope),
-            rope_k=RopeSpec(heads=c.num_kv_heads, bf16_out=bf16, strided=True, **rope),
+            rope_table=RopeTableSpec(**rope) if fused_rope else None,
+            rope_q=None if fused_rope else RopeSpec(heads=c.num_heads, bf16_out=bf16, strided=True, **rope),
+            rope_k=None if fused_rope else RopeSpec(heads=c.num_kv_heads, bf16_out=bf16, strided=True, **rope),
             # bf16: the backward's dq, dk and dv also land in the GEMMs' bf16 copy of their gradient
             # (the f32 one is the bias's column sum's): no cast of the whole of it
             rope_q_bwd=RopeSpec(heads=c.num_heads, inverse=True, strided=True, bf16_copy=bf16, **rope),
             rope_k_bwd=RopeSpec(heads=c.num_kv_heads, inverse=True, strided=True, bf16_copy=bf16, **rope),
-            v_copy=CastSpec(dst=gemm_operand, strided=True),
+            v_copy=None if fused_rope else CastSpec(dst=gemm_operand, strided=True),
             dv_copy=CastSpec(dst=DType.F32, strided=True, bf16_copy=bf16),
             attention=attention[0], attention_bwd_q=attention[1], attention_bwd_kv=attention[2],
             swiglu=None if bf16 else SwiGLUSpec(vec=swiglu_vec),
             swiglu_bwd=None if bf16 else SwiGLUBackwardSpec(vec=swiglu_vec),
-            cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index, grad_dtype=gemm_operand,
-                                           stats_block=stats_block),
+            cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index, dtype=gemm_operand,
+                                           grad_dtype=gemm_operand, stats_block=stats_block),
             colsum=ColumnSumSpec(), parts_sum=PartsSumSpec(), grad_norm_partial=partial,
             grad_norm_final=GradNormFinalSpec(partials=partial.blocks),
             # bf16: the step on the matrices writes their bf16 copy too (no separate refresh pass)
@@ -260,9 +288,14 @@ class ModelKernels:
                              "disagree")
         # the SwiGLU and its backward run as their own kernels exactly where no GEMM makes them
         for kernel, gemm, flag in ((self.swiglu, self.gate_up.forward, "swiglu_act"),
-                                   (self.swiglu_bwd, self.down.grad_input, "swiglu_grad")):
-            if (kernel is None) != getattr(gemm, flag):
+                                   (self.swiglu_bwd, self.down.grad_input, "swiglu_grad"),
+                                   (self.rope_q, self.qkv.forward, "rope_heads"),
+                                   (self.rope_k, self.qkv.forward, "rope_heads"),
+                                   (self.v_copy, self.qkv.forward, "rope_heads")):
+            if (kernel is None) != bool(getattr(gemm, flag)):
                 raise ValueError(f"{kernel} and the GEMM {gemm} disagree on who makes it ({flag})")
+        if (self.rope_table is None) == bool(self.qkv.forward.rope_heads):  # the angles' table: the GEMM's RoPE's
+            raise ValueError(f"{self.rope_table} and the GEMM {self.qkv.forward} disagree on the angles' table")
 
     def linear(self, module: str) -> LinearKernels:
         """The kernels of the linear layer ``module`` (its HF name without ``.weight``)."""
@@ -282,7 +315,8 @@ class ModelKernels:
                 for spec, m, n, k in lk.gemms(tokens, d_in, d_out):
                     spec.arguments(0, 0, 0, m, n, k, bias=0 if spec.bias else None,
                                    **({"gate_up": 0} if spec.swiglu_grad else {}),
-                                   **({"act": 0} if spec.swiglu_act else {}))
+                                   **({"act": 0} if spec.swiglu_act else {}),
+                                   **({"rope": (0, 0, 0)} if spec.rope_heads else {}))
             except ValueError as e:
                 raise ValueError(f"{name}, {d_in} -> {d_out}: {e}") from None
         for spec in (self.swiglu, self.swiglu_bwd):

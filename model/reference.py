@@ -41,7 +41,7 @@ class ReferenceModel:
     """float64 forward/backward over a parameter dict with HF names. With ``Precision.BF16`` every
     linear layer's GEMM (forward, input and weight gradients) reads bf16-rounded operands, and the
     attention bf16-rounded q, k, v (and dO); its output is rounded as the o projection's operand;
-    gate and up are stored rounded (``Precision.store``)."""
+    gate and up, and the logits the loss reads, are stored rounded (``Precision.store``)."""
 
     def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], precision: Precision = Precision.FP32):
         self.c = config
@@ -92,7 +92,7 @@ class ReferenceModel:
         return self.mm(hf, self.p[lm_head_name(c)].T).reshape(b, s, -1)
 
     def loss(self, ids: np.ndarray, targets: np.ndarray) -> float:
-        logits = self.forward(ids)
+        logits = self.store(self.forward(ids))
         t = np.asarray(targets).reshape(-1)
         losses, _ = cross_entropy_reference(logits.reshape(len(t), -1), t, IGNORE_INDEX, 1.0)
         return float(losses.sum() / max(1, int((t != IGNORE_INDEX).sum())))
@@ -105,7 +105,7 @@ class ReferenceModel:
         a data-parallel rank passes the global batch's, so the ranks' results add up to its mean."""
         c = self.c
         tape: list[dict[str, Any]] = []
-        logits = self.forward(ids, tape=tape)
+        logits = self.store(self.forward(ids, tape=tape))
         t = np.asarray(targets).reshape(-1)
         n_valid = normalizer if normalizer is not None else max(1, int((t != IGNORE_INDEX).sum()))
         losses, dlogits = cross_entropy_reference(logits.reshape(len(t), -1), t, IGNORE_INDEX, 1.0 / n_valid)

@@ -165,9 +165,12 @@ def test_the_wgmma_dk_dv_stages_keep_the_swizzle_alignment():
 
 def test_row_stats_are_of_the_plain_whole_product_and_come_with_their_buffer():
     from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
-    for refused in (dict(bias=True), dict(accumulate=True), dict(bf16_out=True), dict(tma=False)):
-        with pytest.raises(SpecError, match="row_stats needs tma and the plain f32 product"):
+    for refused in (dict(bias=True), dict(accumulate=True), dict(tma=False),
+                    dict(pingpong=True, block_n=128, bf16_out=True, tma_store=True, swiglu_act=True)):
+        with pytest.raises(SpecError, match="row_stats needs tma and the plain product"):
             GemmWgmmaSpec(**{"tma": True, "row_stats": True, **refused})
+    # the bf16 model's loss: its logits in bf16, staged and stored by TMA, their statistics beside
+    GemmWgmmaSpec(tma=True, row_stats=True, pingpong=True, block_n=128, bf16_out=True, tma_store=True)
     spec = GemmWgmmaSpec(tma=True, row_stats=True)
     assert spec.params()[3][0] == "stats" and spec.outputs() == ("c", "stats")
     with pytest.raises(ValueError, match="stats is required by row_stats"):
@@ -206,13 +209,13 @@ def test_a_wgmma_dk_dv_team_is_whole_warpgroups():
 
 
 def test_a_tma_store_is_the_pingpong_kernels_and_its_c_map_refuses_what_it_cannot_describe():
-    """``tma_store``: pingpong only, storing C (no accumulate, no row_stats); the staging fits
+    """``tma_store``: pingpong only, storing C (no accumulate); the staging fits
     beside the stages (f32 C: 5 stages, not 6); C's rows 16-byte aligned; the C tensor map only
     for such a spec, rows not overlapping."""
     from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
     from runtime.tensormap import gemm_c_tensor_map
     tile = dict(tma=True, pingpong=True, block_n=128, stages=6)
-    for refused in (dict(pingpong=False), dict(accumulate=True), dict(row_stats=True)):
+    for refused in (dict(pingpong=False), dict(accumulate=True)):
         with pytest.raises(SpecError, match="tma_store is the pingpong kernel's"):
             GemmWgmmaSpec(**{**tile, "tma_store": True, **refused})
     with pytest.raises(SpecError, match="6 stages need .* bytes of shared memory"):

@@ -6,10 +6,11 @@ within 1e-4 of the largest reference magnitude (at least 1e-4 absolute).
 import numpy as np
 import pytest
 
-from cudacall import call
+from cudacall import call, poison
 from ptxgen.kernels.cross_entropy import row_stats_reference
 from ptxgen.kernels.gemm import gemm_reference
 from ptxgen.kernels.gemm_tc import GemmTCSpec, MmaType
+from ptxgen.vecio import DType
 from runtime import DeviceArray, ModuleCache, from_bf16, to_bf16
 from runtime.driver import synchronize
 
@@ -178,13 +179,15 @@ def tma_operands(spec, m, n, k, splits=1):
     return a, b, rng.standard_normal(n).astype(np.float32) if spec.bias else None
 
 
-def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None, tail_parts=None, gate_up=None):
+def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None, tail_parts=None, gate_up=None,
+            angles=None):
     """A tma-fed wgmma GEMM (``spec``'s layout, bias, accumulate and C type) on random operands
     (or ``operands``) through the tensor maps of ``gemm_tensor_maps``, beside its float64
     reference; ``splits`` parts of ``k`` each give consecutive partial C matrices; ``resident``
     caps the persistent blocks. A bf16 C comes back as its bits. A ``split_tail`` spec cuts its
     tail tiles into ``tail_parts`` (default: as ``tail_parts`` picks) through a fresh workspace,
-    whose flags must all be down again after the launch."""
+    whose flags must all be down again after the launch. A RoPE epilogue's (``rope_heads``, by
+    the table ``angles``) C comes back as (q, k, v), each's bits."""
     from runtime.tensormap import gemm_tensor_maps
     dtype = spec.dtype
     a, b, bias = operands or tma_operands(spec, m, n, k, splits)
@@ -194,8 +197,9 @@ def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None, tail_p
         (a_dev, a64), (b_dev, b64) = sixteen(a, dtype), sixteen(b, dtype)
     old = rng.standard_normal((splits, m, n)) if spec.accumulate else np.full((splits, m, n), np.nan)
     bf16_c = spec.c_dtype.value == "bf16"
-    old = np.full((splits, m, 2 * n if spec.swiglu_grad else n), 0xFFFF, np.uint16) if bf16_c else \
-        old.astype(np.float32)
+    widths = [w * spec.rope_head_dim for w in (spec.rope_heads, spec.rope_kv_heads, spec.rope_kv_heads)]
+    c_width = widths[0] if spec.rope_heads else 2 * n if spec.swiglu_grad else n
+    old = np.full((splits, m, c_width), 0xFFFF, np.uint16) if bf16_c else old.astype(np.float32)
     arrays = [DeviceArray.from_numpy(x) for x in (a_dev, b_dev)] + \
         [DeviceArray.from_numpy(old, "bf16" if bf16_c else "f32")]
     extra = [DeviceArray.from_numpy(bias)] if spec.bias else []
@@ -206,6 +210,9 @@ def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None, tail_p
     extra += [stats] if stats is not None else []
     act = DeviceArray.from_numpy(np.full((m, n // 2), 0xFFFF, np.uint16), "bf16") if spec.swiglu_act else None
     extra += [act] if act is not None else []
+    rope = [DeviceArray.from_numpy(np.full((m, w), 0xFFFF, np.uint16), "bf16") for w in widths[1:]] + \
+        [DeviceArray.from_numpy(angles)] if spec.rope_heads else []
+    extra += rope
     maps = gemm_tensor_maps(spec, arrays[0].ptr, arrays[1].ptr, m, n, k * splits)
     if spec.tma_store:  # C is stored through its own tensor map (gate_up read, act stored through ones like it)
         from runtime.tensormap import gemm_c_tensor_map
@@ -231,7 +238,8 @@ def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None, tail_p
                                         bias=extra[0].ptr if spec.bias else None, splits=splits,
                                         **({"stats": stats.ptr} if stats is not None else {}),
                                         **({"gate_up": maps[3].ptr} if gate_up_dev is not None else {}),
-                                        **({"act": maps[3].ptr} if act is not None else {}), **cut))
+                                        **({"act": maps[3].ptr} if act is not None else {}),
+                                        **({"rope": tuple(x.ptr for x in rope)} if rope else {}), **cut))
         synchronize()
         out = arrays[2].to_numpy()
         if spec.split_tail:
@@ -240,6 +248,8 @@ def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None, tail_p
             out = (out, stats.to_numpy())
         if act is not None:  # a swiglu_act spec's act too
             out = (out, act.to_numpy())
+        if rope:  # a RoPE epilogue's q, k and v
+            out = (out[0], *(x.to_numpy() for x in rope[:2]))
     finally:
         for x in arrays + extra + list(maps):
             x.free()
@@ -315,25 +325,76 @@ def test_wgmma_gemm_stores_bf16_as_its_f32_result_rounded(cache, fields, shape, 
     np.testing.assert_array_equal(c16, to_bf16(c32))
 
 
+LOSS_HEAD = dict(pingpong=True, block_n=128, stages=6, bf16_out=True, tma_store=True)  # the bf16 model's
+
+
 @pytest.mark.parametrize("fields, shape, resident", [
-    (dict(pingpong=True, block_n=128, stages=6), (300, 1000, 896), 5),  # the LM head's; 1000: a last tile of 104
+    (dict(pingpong=True, block_n=128, stages=6), (300, 1000, 896), 5),  # 1000: a last tile of 104
     (dict(block_n=128), (77, 136, 40), None),                         # both warpgroups on each tile
-    (dict(pingpong=True, block_n=64, stages=6), (130, 264, 72), 2)])
+    (dict(pingpong=True, block_n=64, stages=6), (130, 264, 72), 2),
+    (LOSS_HEAD, (300, 1000, 896), 5),                                  # the LM head's in the loss: bf16 C
+    (dict(LOSS_HEAD, split_tail=True), (1000, 1000, 896), 5),          # its tail tiles cut along K
+    (dict(block_n=128, bf16_out=True), (77, 136, 40), None)])          # bf16 C stored by the threads
 def test_wgmma_gemm_row_stats_are_each_tiles_max_and_sum_of_exp(cache, fields, shape, resident):
     """``row_stats``: C bit for bit as the plain kernel stores it, and per block_n columns of each
-    row (the last tile's below n only) the max of the stored C and the sum of exp(c - max): the
-    cross-entropy's first pass. The max is exact; the sum within ex2.approx's 2 ulp a term."""
+    row (the last tile's below n only) the max of the stored C (a bf16 C: of its rounded values)
+    and the sum of exp(c - max): the cross-entropy's first pass. The max is exact; the sum within
+    ex2.approx's 2 ulp a term."""
     from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
     spec = GemmWgmmaSpec(tma=True, row_stats=True, **fields)
     operands = tma_operands(spec, *shape)
     (c, stats), ref = run_tma(cache, spec, *shape, resident=resident, operands=operands)
     plain, _ = run_tma(cache, GemmWgmmaSpec(tma=True, **fields), *shape, resident=resident, operands=operands)
-    assert_close(c, ref)
     np.testing.assert_array_equal(c, plain)
+    if spec.bf16_out:
+        c = from_bf16(c)
+        assert_close(c, ref, rel=2 ** -8)  # within bf16's rounding of the f32 product
+    else:
+        assert_close(c, ref)
     ref_stats = row_stats_reference(c[0], spec.block_n)
     assert stats.shape == ref_stats.shape
     np.testing.assert_array_equal(stats[..., 0], ref_stats[..., 0])
     np.testing.assert_allclose(stats[..., 1], ref_stats[..., 1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads, kv_heads, head_dim, bias, m, resident", [
+    (14, 2, 64, True, 300, 5),     # Qwen2-0.5B's heads; ragged last rows; blocks walk many tiles
+    (14, 2, 64, True, 1000, None),  # every block resident
+    (8, 4, 32, False, 77, None),   # four heads a tile, no bias
+    (4, 1, 128, True, 130, 3)])    # one head a tile
+def test_wgmma_rope_epilogue_stores_q_k_v_as_the_rope_kernels_and_the_cast_make_them(
+        cache, heads, kv_heads, head_dim, bias, m, resident):
+    """``rope_heads``: the q/k/v projection's [q | k | v] leaves the epilogue as bf16 q, k and v,
+    q and k rotated by the angles' table (``RopeTableSpec``, against float64): bit for bit what
+    the RoPE kernels (bf16_out) make of the plain GEMM's f32 C, and v that C's cast, at positions
+    up to Qwen2's 32768; nothing written past m."""
+    from ptxgen.kernels.cast import CastSpec
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    from ptxgen.kernels.rope import RopeSpec, RopeTableSpec, rope_table_reference
+    tile = dict(tma=True, pingpong=True, block_n=128, stages=6, bias=bias)
+    spec = GemmWgmmaSpec(**tile, rope_heads=heads, rope_kv_heads=kv_heads, rope_head_dim=head_dim)
+    q_width, kv_width = heads * head_dim, kv_heads * head_dim
+    n, k = q_width + 2 * kv_width, 896
+    positions = rng.integers(0, 32768, m).astype(np.int32)
+    table = RopeTableSpec(head_dim=head_dim, theta=1e6)
+    _, angles = call(cache, table, table.launch_dims(m), positions, poison((m, head_dim // 2, 2)), m)
+    np.testing.assert_allclose(angles, rope_table_reference(positions, head_dim, 1e6), atol=2e-6, rtol=0)
+    operands = tma_operands(spec, m, n, k)
+    (q, keys, values), ref = run_tma(cache, spec, m, n, k, resident=resident, operands=operands, angles=angles)
+    c, _ = run_tma(cache, GemmWgmmaSpec(**tile), m, n, k, resident=resident, operands=operands)
+    assert_close(c, ref)
+    c = c[0]
+    for out, start, count in ((q, 0, heads), (keys, q_width, kv_heads)):
+        rope = RopeSpec(heads=count, head_dim=head_dim, theta=1e6, bf16_out=True, strided=True)
+        args = rope.arguments(np.ascontiguousarray(c.reshape(-1)[start:]), poison((m, count * head_dim), np.uint16),
+                              positions, m, n, count * head_dim)
+        _, expected, *_ = call(cache, rope, rope.launch_dims(m), *args)
+        np.testing.assert_array_equal(out, expected)
+    cast = CastSpec(dst=DType.BF16, strided=True)
+    _, expected, *_ = call(cache, cast, cast.launch_dims(m * kv_width),
+                           *cast.arguments(np.ascontiguousarray(c[:, q_width + kv_width:]),
+                                           poison((m, kv_width), np.uint16), m, kv_width, kv_width, kv_width))
+    np.testing.assert_array_equal(values, expected)
 
 
 @pytest.mark.parametrize("fields, shape, splits, resident", [
@@ -428,7 +489,6 @@ def test_swiglu_grad_stores_what_the_swiglu_backward_makes_of_the_f32_product(ca
     column tile clipped at n, not spilling into dup's columns)."""
     from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
     from ptxgen.kernels.swiglu import SwiGLUBackwardSpec
-    from ptxgen.vecio import DType
     m, n, k = shape
     base = {"tma": True, "pingpong": True, "block_n": 128, "trans_b": False, **fields}
     plain_spec = GemmWgmmaSpec(**base, stages=6)
@@ -456,7 +516,6 @@ def test_swiglu_act_stores_gate_and_up_and_what_the_swiglu_makes_of_them(cache, 
     of both written."""
     from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
     from ptxgen.kernels.swiglu import SwiGLUSpec
-    from ptxgen.vecio import DType
     m, n, k = shape
     base = dict(tma=True, pingpong=True, block_n=128, bf16_out=True, tma_store=True, **fields)
     plain_spec = GemmWgmmaSpec(**base, stages=6)
@@ -479,7 +538,6 @@ def test_the_lm_heads_row_stats_feed_the_cross_entropy(cache):
     GEMM's own logits."""
     from ptxgen.kernels.cross_entropy import CrossEntropySpec, cross_entropy_reference
     from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
-    from ptxgen.vecio import DType
     spec = GemmWgmmaSpec(tma=True, pingpong=True, block_n=128, stages=6, row_stats=True)
     rows, vocab = 300, 1000
     (logits, stats), _ = run_tma(cache, spec, rows, vocab, 896, resident=5)

@@ -218,6 +218,22 @@ def test_the_swiglu_in_the_gate_up_and_down_gemms_trains_bit_for_bit_as_its_own_
     assert fused.train_losses == before.train_losses
 
 
+def test_rope_in_the_qkv_gemm_trains_bit_for_bit_as_the_rope_kernels(cache, corpus, tmp_path, monkeypatch):
+    """bf16, 20 steps: the q/k/v projection's GEMM storing q, k (rotated) and v in bf16 itself
+    (``rope_in_gemm``) against the path it replaces, the GEMM's f32 [q | k | v], the RoPE kernels
+    and v's cast reading it: the same arithmetic on the same values, every loss bit for bit."""
+    import model.cuda_buffers
+    import model.kernels
+    shape = dict(config=SMALL_SHAPED, precision=Precision.BF16, seq_len=200)
+    assert model.kernels.rope_in_gemm(SMALL_SHAPED, Precision.BF16)  # what this test replaces
+    fused = train_run(cache, corpus, tmp_path / "fused", **shape)
+    for where in (model.kernels, model.cuda_buffers):
+        monkeypatch.setattr(where, "rope_in_gemm", lambda config, precision: False)
+    before = train_run(cache, corpus, tmp_path / "unfused", **shape)
+    assert len(fused.train_losses) == 20 and np.isfinite(fused.train_losses).all()
+    assert fused.train_losses == before.train_losses and fused.val_losses == before.val_losses
+
+
 def test_training_from_populated_weights_starts_well_below_ln_vocab_on_the_gpu(cache, corpus, tmp_path):
     """FALSIFY-INIT-002: the GPU backend takes populated weights (train --init), not a fresh init."""
     from model.checkpoint import load_checkpoint

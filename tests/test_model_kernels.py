@@ -7,7 +7,7 @@ import pytest
 
 from model.config import PRESETS, preset
 from model.cuda_buffers import ParamLayout
-from model.kernels import LinearKernels, ModelKernels
+from model.kernels import LinearKernels, ModelKernels, rope_in_gemm
 from model.optim import AdamWSettings, decays
 from model.precision import Precision
 from ptxgen.kernels.adamw import AdamWSpec
@@ -19,7 +19,7 @@ from ptxgen.kernels.cross_entropy import CrossEntropySpec
 from ptxgen.kernels.gemm import GemmSpec
 from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
 from ptxgen.kernels.rmsnorm import RMSNormBackwardSpec, RMSNormSpec
-from ptxgen.kernels.rope import RopeSpec
+from ptxgen.kernels.rope import RopeSpec, RopeTableSpec
 from ptxgen.kernels.swiglu import SwiGLUBackwardSpec, SwiGLUSpec
 from ptxgen.vecio import DType
 
@@ -33,8 +33,12 @@ def test_eps_and_theta_from_the_config_reach_every_spec(name, precision):
                                 precision).specs()
         norms = [s for s in specs if isinstance(s, RMSNormSpec)]
         ropes = [s for s in specs if isinstance(s, RopeSpec)]
+        tables = [s for s in specs if isinstance(s, RopeTableSpec)]  # the q/k/v GEMM's RoPE's angles
         assert norms and all(s.eps == eps for s in norms)
-        assert {s.inverse for s in ropes} == {False, True} and all(s.theta == theta for s in ropes)
+        assert all(s.theta == theta for s in ropes + tables)
+        # RoPE forward (its kernel, or the q/k/v GEMM's epilogue by the table's angles) and backward
+        assert {s.inverse for s in ropes} | ({False} if tables else set()) == {False, True}
+        assert len(tables) == rope_in_gemm(config, precision)
 
 
 def test_a_config_change_changes_the_spec_set_and_every_affected_key():
@@ -103,10 +107,15 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert len(gemms(bf16)) == 8 and bf16.o.grad_input.bf16_out and not bf16.gate_up.grad_input.bf16_out
     assert bf16.down.grad_input.swiglu_grad and bf16.swiglu_bwd is None and fp32.swiglu_bwd is not None
     assert [s for s in gemms(bf16) if s.swiglu_grad] == [bf16.down.grad_input]
-    # a bf16 C (gate/up's forward, o_proj's dX) leaves through shared memory by TMA; an f32 C by the threads
+    # a bf16 C (gate/up's forward, o_proj's dX, the loss's logits) leaves through shared memory by
+    # TMA; an f32 C by the threads (and q, k, v by the RoPE epilogue's)
     assert all(s.tma_store == (s.bf16_out or s.swiglu_grad) for s in gemms(bf16)) and bf16.gate_up.forward.tma_store
-    # the loss's LM head makes the cross-entropy's row statistics per column tile of its own
-    assert bf16.head_logits == dataclasses.replace(bf16.head.forward, row_stats=True) and fp32.head_logits is None
+    # the loss's LM head stores its logits in bf16 and makes the cross-entropy's row statistics of them
+    assert bf16.head_logits == dataclasses.replace(bf16.head.forward, row_stats=True, bf16_out=True, tma_store=True)
+    assert fp32.head_logits is None and bf16.cross_entropy.dtype is DType.BF16 and fp32.cross_entropy.dtype is DType.F32
+    # the q/k/v projection's forward applies RoPE and stores q, k and v (no RoPE kernel, no v copy)
+    assert (bf16.qkv.forward.rope_heads, bf16.qkv.forward.rope_kv_heads, bf16.qkv.forward.rope_head_dim) == (14, 2, 64)
+    assert bf16.rope_q is bf16.rope_k is bf16.v_copy is None and fp32.rope_q is not None
     assert bf16.cross_entropy.stats_block == bf16.head_logits.block_n and fp32.cross_entropy.stats_block == 0
     assert {(s.trans_a, s.trans_b) for s in gemms(bf16)} == {(False, True), (False, False), (True, False)}
     assert bf16.to_bf16 == CastSpec() and CastSpec() in bf16.specs() and CastSpec() not in fp32.specs()
@@ -132,11 +141,11 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert fp32.swiglu.out_dtype is DType.F32
     assert bf16.cross_entropy.grad_dtype is DType.BF16 and fp32.cross_entropy.grad_dtype is DType.F32
     assert bf16.norm.bf16_out and bf16.norm_residual.bf16_out and not fp32.norm.bf16_out  # q/k/v, MLP, head inputs
-    assert bf16.rope_q.bf16_out and bf16.rope_k.bf16_out and not bf16.rope_q_bwd.bf16_out  # the attention's q, k
+    assert fp32.rope_q is not None and not fp32.rope_q.bf16_out and not bf16.rope_q_bwd.bf16_out
     assert bf16.norm_bwd.bf16_copy and bf16.norm_bwd_residual.bf16_copy and not fp32.norm_bwd.bf16_copy
     assert bf16.adamw_decay.bf16_copy and not fp32.adamw_decay.bf16_copy  # the matrices' bf16 copy
     assert bf16.adamw_no_decay == fp32.adamw_no_decay
-    differ = (AdamWSpec, RMSNormSpec, RMSNormBackwardSpec, RopeSpec, GemmSpec, GemmWgmmaSpec, CastSpec, AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec,
+    differ = (AdamWSpec, RMSNormSpec, RMSNormBackwardSpec, RopeSpec, RopeTableSpec, GemmSpec, GemmWgmmaSpec, CastSpec, AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec,
               AttentionTCSpec, AttentionWgmmaSpec, AttentionTCBackwardQSpec, AttentionTCBackwardKVSpec,
               AttentionWgmmaBackwardQSpec, AttentionWgmmaBackwardKVSpec, SwiGLUSpec,
               SwiGLUBackwardSpec, CrossEntropySpec)

@@ -158,7 +158,7 @@ class TensorCoreGemm:
     shape, argument checks, and the TMA-fed persistent form (``tma``: ``tma_pipeline``), whose
     operands are tensor maps (``tma_operands``). Their blocks walk C in ``tile_origin``'s order.
     A spec provides tma, bf16_out, row_stats, tma_store, split_tail, swiglu_grad, swiglu_act,
-    block_m, block_n, k_elems (K elements a slice), stages, threads."""
+    rope_heads, block_m, block_n, k_elems (K elements a slice), stages, threads."""
 
     @property
     def mn_major(self) -> tuple[bool, bool]:
@@ -188,7 +188,7 @@ class TensorCoreGemm:
         if self.tma:
             ptrs = ("tmap_a", "tmap_b", self.c_param) + (("bias",) if self.bias else ()) + \
                 (("stats",) if self.row_stats else ()) + (("tmap_gate_up",) if self.swiglu_grad else ()) + \
-                (("tmap_act",) if self.swiglu_act else ())
+                (("tmap_act",) if self.swiglu_act else ()) + (("keys", "values", "rope_table") if self.rope_heads else ())
             ptrs += ("partials", "flags") if self.split_tail else ()
             dims = ("m", "n", "k", "ldc", "splits") + (("tail_parts",) if self.split_tail else ())
             return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
@@ -197,14 +197,15 @@ class TensorCoreGemm:
         return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
 
     def outputs(self) -> tuple[str, ...]:
-        return (self.c_param,) + (("stats",) if self.row_stats else ()) + \
+        return (self.c_param,) + (("stats",) if self.row_stats else ()) + (("keys", "values") if self.rope_heads else ()) + \
             (("tmap_act",) if self.swiglu_act else ()) + (("partials", "flags") if self.split_tail else ())
 
     @property
     def c_param(self) -> str:
         """C's parameter: ``tmap_c``, its tensor map, where the kernel stores C by TMA (``tma_store``;
-        named apart, so a raw C pointer bound by name is refused when the plan is built), else ``c``."""
-        return "tmap_c" if self.tma_store else "c"
+        named apart, so a raw C pointer bound by name is refused when the plan is built); ``q``
+        where a RoPE epilogue stores q, k and v (``rope_heads``); else ``c``."""
+        return "tmap_c" if self.tma_store else "q" if self.rope_heads else "c"
 
     def tiles(self, m: int, n: int) -> int:
         """C's block_m x block_n tiles."""
@@ -244,7 +245,7 @@ class TensorCoreGemm:
     @property
     def c_dtype(self) -> DType:
         """C's element type: f32, or bf16 where the spec stores it so (``bf16_out``, ``swiglu_grad``)."""
-        return DType.BF16 if self.bf16_out or self.swiglu_grad else DType.F32
+        return DType.BF16 if self.bf16_out or self.swiglu_grad or self.rope_heads else DType.F32
 
     def split_k_multiple(self) -> int:
         """What a split-K part's contraction length must be a multiple of: with tma, whole slices
@@ -265,8 +266,8 @@ class TensorCoreGemm:
                   lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
                   batch: Batch | None = None, splits: int = 1, stats: int | None = None,
                   partials: int | None = None, flags: int | None = None, tail_parts: int = 1,
-                  blocks: int | None = None, gate_up: int | None = None, act: int | None = None
-                  ) -> tuple[int, ...]:
+                  blocks: int | None = None, gate_up: int | None = None, act: int | None = None,
+                  rope: tuple[int, int, int] | None = None) -> tuple[int, ...]:
         """The kernel's arguments in order, after refusing shapes its 16-byte copies cannot serve:
         each operand's contiguous extent, leading dimension and batch strides a multiple of 16
         bytes (8 16-bit or 4 tf32 elements); N, ldc and C's batch strides even. Batches are the
@@ -285,8 +286,18 @@ class TensorCoreGemm:
         ldc 2 n by default) takes dgate's and dup's places. ``act``: a ``swiglu_act`` spec's (and
         only such a spec's) act = silu(gate) * up, [m][n / 2] bf16, by its tensor map (the same
         function's, ``act=True``); its B is [gate; up], [2][n / 2][k], read through a 3-D map
-        (``gemm_tensor_maps``), and C [m][ldc] takes gate and up side by side, n / 2 apart."""
+        (``gemm_tensor_maps``), and C [m][ldc] takes gate and up side by side, n / 2 apart.
+        ``rope``: a ``rope_heads`` spec's (and only such a spec's) (keys, values, rope_table): ``c``
+        is q, [m][rope_heads x rope_head_dim] bf16, k and v [m][rope_kv_heads x rope_head_dim]
+        bf16, rope_table [m][rope_head_dim / 2] (cos, sin) f32 pairs (``rope.RopeTableSpec``'s);
+        n is the three widths' sum."""
         name = self.kind
+        if (rope is not None) != bool(self.rope_heads):
+            raise ValueError(f"{name}: rope {'needs' if rope is not None else 'is required by'} rope_heads")
+        if rope is not None and (n != (self.rope_heads + 2 * self.rope_kv_heads) * self.rope_head_dim or splits != 1):
+            raise ValueError(f"{name}: a RoPE epilogue's N is q's, k's and v's widths, "
+                             f"{(self.rope_heads + 2 * self.rope_kv_heads) * self.rope_head_dim}, of one product: "
+                             f"got N={n}, splits={splits}")
         if (gate_up is not None) != self.swiglu_grad:
             raise ValueError(f"{name}: gate_up {'needs' if gate_up is not None else 'is required by'} swiglu_grad")
         if (act is not None) != self.swiglu_act:
@@ -342,7 +353,8 @@ class TensorCoreGemm:
             raise ValueError(f"{name}: a TMA store's C rows must be 16-byte aligned: ldc={ldc} x {self.c_dtype.size} "
                              "bytes")
         ptrs = (a, b, c) + ((bias,) if self.bias else ()) + ((stats,) if stats is not None else ()) + \
-            ((gate_up,) if gate_up is not None else ()) + ((act,) if act is not None else ())
+            ((gate_up,) if gate_up is not None else ()) + ((act,) if act is not None else ()) + \
+            (tuple(rope) if rope is not None else ())
         if self.tma:
             if self.split_tail:
                 return (*ptrs, partials or 0, flags or 0, m, n, k, ldc, splits, tail_parts)
@@ -407,6 +419,7 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
     split_tail: ClassVar[bool] = False  # the wgmma kernel's
     swiglu_grad: ClassVar[bool] = False  # the wgmma kernel's
     swiglu_act: ClassVar[bool] = False  # the wgmma kernel's
+    rope_heads: ClassVar[int] = 0  # the wgmma kernel's
 
     @property
     def threads(self) -> int:

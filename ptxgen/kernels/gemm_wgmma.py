@@ -55,6 +55,7 @@ from ..vecio import DType, bf16x2_f32
 from .common import MAX_LOOP_BOUND, check_at_most, check_positive
 from .gemm import batch_matrices, bias_at, tile_origin
 from .gemm_tc import TensorCoreGemm, _Feed, _Operand, store_accumulators
+from .qkv_rope import RopeStore
 from .ring import Ring, Slot
 from .swiglu import swiglu_act, swiglu_grads
 from .tma_pipeline import MN_CHUNK, TmaPipeline, Unit
@@ -96,6 +97,12 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
     split_tail: bool = False  # pingpong: the tiles past the last full wave cut along K (``tma_pipeline``)
     swiglu_grad: bool = False  # tma_store: the product is SwiGLU's output gradient; C = [dgate | dup] (bf16)
     swiglu_act: bool = False  # tma_store, bf16_out: C = [gate | up] (B = [W_gate; W_up]), and act = silu(gate) * up
+    # rope_heads > 0 (pingpong, bf16): C is a fused q/k/v projection's [q | k | v] (rope_heads, rope_kv_heads
+    # heads of rope_head_dim), stored as q, k and v in bf16, q and k rotated by RoPE, each row by the angles
+    # of its position (rope.RopeTableSpec's table): qkv_rope
+    rope_heads: int = 0
+    rope_kv_heads: int = 0
+    rope_head_dim: int = 0
 
     block_k: ClassVar[int] = BLOCK_K
     m_tiles: ClassVar[int] = 1  # per warp: 16 rows of the m64 tile ...
@@ -139,11 +146,11 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         if self.bf16_out and (self.accumulate or not self.tma):
             raise SpecError("gemm_wgmma: bf16_out needs tma and cannot accumulate (C += would round the old C "
                             "twice; the cp.async feed's batches address an f32 C)")
-        if self.row_stats and (self.accumulate or self.bias or self.bf16_out or not self.tma):
-            raise SpecError("gemm_wgmma: row_stats needs tma and the plain f32 product (no accumulate, bias or "
-                            "bf16_out: the statistics are of the C stored)")
-        if self.tma_store and (not self.pingpong or self.accumulate or self.row_stats):
-            raise SpecError("gemm_wgmma: tma_store is the pingpong kernel's, storing C (no accumulate, no row_stats)")
+        if self.row_stats and (self.accumulate or self.bias or self.swiglu_act or not self.tma):
+            raise SpecError("gemm_wgmma: row_stats needs tma and the plain product (no accumulate, bias or swiglu_act: "
+                            "the statistics are of the C stored)")
+        if self.tma_store and (not self.pingpong or self.accumulate):
+            raise SpecError("gemm_wgmma: tma_store is the pingpong kernel's, storing C (no accumulate)")
         if self.swiglu_grad and (self.accumulate or self.bias or self.bf16_out or self.row_stats
                                  or not self.tma_store or self.dtype is not MmaType.BF16):
             raise SpecError("gemm_wgmma: swiglu_grad is the tma_store kernel's, on bf16 operands (gate_up is read in "
@@ -152,6 +159,8 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                                 or self.mn_major[1]):
             raise SpecError("gemm_wgmma: swiglu_act is the tma_store, bf16_out kernel's with 128-column tiles (64 of "
                             "gate, 64 of up) and B stored [N, K] (its halves' rows copied apart), no bias")
+        if self.rope_heads or self.rope_kv_heads or self.rope_head_dim:
+            self._validate_rope()
         if self.split_tail and not self.pingpong:
             raise SpecError("gemm_wgmma: split_tail is the pingpong kernel's (a warpgroup holds a whole tile)")
         if any(self.mn_major) and self.dtype is MmaType.TF32:
@@ -159,6 +168,23 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         if self.dynamic_shared_bytes() > SHARED_LIMIT:
             raise SpecError(f"{self.stages} stages need {self.dynamic_shared_bytes()} bytes of shared memory "
                             f"(max {SHARED_LIMIT})")
+
+    def _validate_rope(self) -> None:
+        for name in ("rope_heads", "rope_kv_heads", "rope_head_dim"):
+            check_positive(name, getattr(self, name))
+        if not (self.pingpong and self.dtype is MmaType.BF16) or self.accumulate or self.bf16_out or \
+                self.tma_store or self.row_stats or self.swiglu_grad or self.swiglu_act or self.mn_major[1]:
+            raise SpecError("gemm_wgmma: a RoPE epilogue (rope_heads) is the pingpong kernel's on bf16 operands, B "
+                            "stored [N, K], storing its own bf16 q, k and v (no accumulate, bf16_out, tma_store, "
+                            "row_stats or SwiGLU)")
+        head_dim, block = self.rope_head_dim, self.block_n
+        if head_dim % 16 or block % head_dim:
+            raise SpecError(f"gemm_wgmma: rope_head_dim must be a multiple of 16 dividing block_n {block} (a head "
+                            f"within a tile, its rotated pairs n8 tiles apart), got {head_dim}")
+        for name in ("rope_heads", "rope_kv_heads"):
+            if getattr(self, name) * head_dim % block:
+                raise SpecError(f"gemm_wgmma: {name} x rope_head_dim must be a multiple of block_n {block} (a tile "
+                                f"is all q, k or v), got {getattr(self, name)} x {head_dim}")
 
     def build(self, b: KernelBuilder) -> None:
         if self.pingpong:  # one warpgroup reads each stage
@@ -194,6 +220,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         stats = b.cvta_global(b.ld_param("stats")) if self.row_stats else None
         staged = StagedStore(self, b, p, group, b.and_(tid, 127)) if self.tma_store and not self.swiglu_grad else None
         swiglu = StagedSwiGLU(self, b, p, group, b.and_(tid, 127)) if self.swiglu_grad else None
+        rope = RopeStore(self, b, p) if self.rope_heads else None
         partials = PartialSums(self, p, group, b.and_(tid, 127)) if self.split_tail else None
         turns = b.div(b.add(b.sub(p.mine, group), 1), 2)  # tiles group, group + 2, ... below mine
         mine_wait, other_go = b.sub(2, group), b.add(group, 1)  # barrier ids: 2 or 1, 1 or 2
@@ -219,8 +246,12 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
             for h, (acc, _) in enumerate(halves):
                 if swiglu is not None:  # (and after the first 64 rows, the next 64 rows' gate and up)
                     swiglu.store(acc, b.add(row0, 64 * h), col0, warp, lane, b.add(row0, 64) if h == 0 else None)
+                elif rope is not None:
+                    rope.store(acc, b.add(row0, 64 * h), col0, warp, lane)
                 elif staged is not None:
                     staged.store(acc, b.add(row0, 64 * h), col0, split, warp, lane)
+                    if stats is not None:
+                        store_row_stats(self, b, acc, stats, p.m, p.n, b.add(row0, 64 * h), col0, warp, lane)
                 else:
                     store(self, b, acc, p.split_c(split), p.m, p.n, b.add(row0, 64 * h), col0, warp, lane, stats)
             if partials is not None:
@@ -240,6 +271,8 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                 cls(tma=True, pingpong=True, block_n=128, stages=6, bf16_out=True),
                 cls(tma=True, block_n=128, bias=True, bf16_out=True),
                 cls(tma=True, pingpong=True, block_n=128, stages=6, row_stats=True),
+                cls(tma=True, pingpong=True, block_n=128, stages=6, bf16_out=True, tma_store=True, row_stats=True,
+                    split_tail=True),
                 cls(tma=True, pingpong=True, block_n=128, stages=6, bf16_out=True, tma_store=True),
                 cls(tma=True, pingpong=True, block_n=128, stages=5, bias=True, tma_store=True),
                 cls(tma=True, pingpong=True, block_n=128, stages=5, trans_a=True, trans_b=False, tma_store=True),
@@ -250,7 +283,10 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                 cls(tma=True, pingpong=True, block_n=64, stages=6, trans_b=False, tma_store=True, swiglu_grad=True),
                 cls(tma=True, pingpong=True, block_n=128, stages=5, bf16_out=True, tma_store=True, swiglu_act=True),
                 cls(tma=True, pingpong=True, block_n=128, stages=5, bf16_out=True, tma_store=True, swiglu_act=True,
-                    split_tail=True)]
+                    split_tail=True),
+                cls(tma=True, pingpong=True, block_n=128, stages=6, bias=True, rope_heads=14, rope_kv_heads=2,
+                    rope_head_dim=64),
+                cls(tma=True, pingpong=True, block_n=128, stages=6, rope_heads=4, rope_kv_heads=1, rope_head_dim=128)]
 
 
 def multiply(spec: GemmWgmmaSpec, b: KernelBuilder, accs: list[tuple[list[Reg], Reg]], b_tile: Reg,
@@ -278,17 +314,23 @@ def store(spec: GemmWgmmaSpec, b: KernelBuilder, acc: list[Reg], c_ptr: Reg, m: 
     tiles = [[acc[4 * j:4 * j + 4] for j in range(spec.n_tiles)]]  # m16n8 tiles of this warp's 16 rows
     store_accumulators(b, spec, tiles, c_ptr, m, n, row0, col0, warp, b.mov(0, T.U32), lane)
     if stats is not None:
-        store_row_stats(spec, b, tiles[0], stats, m, n, row0, col0, warp, lane)
+        store_row_stats(spec, b, acc, stats, m, n, row0, col0, warp, lane)
 
 
-def store_row_stats(spec: GemmWgmmaSpec, b: KernelBuilder, tiles: list[list[Reg]], stats: Reg, m: Reg, n: Reg,
+def store_row_stats(spec: GemmWgmmaSpec, b: KernelBuilder, acc: list[Reg], stats: Reg, m: Reg, n: Reg,
                     row0: Reg, col0: Reg, warp: Reg, lane: Reg) -> None:
     """For each of the warp's 16 rows of the tile: (max, sum of e^(c - max)) over its columns below
-    n, as an f32 pair at stats[col0 / block_n][row] ([column tiles][m] pairs), from the values just
-    stored (the accumulators, which the next tile overwrites: masked in place). A row's block_n
-    columns sit in the 4 lanes of a quad, 2 of each n8 tile a lane; e^(c - max) as 2^(c log2 e -
-    max log2 e), one fma (the cross-entropy's own pass rounds (c - max) first: the sums agree
-    within f32 rounding, not bit for bit)."""
+    n, as an f32 pair at stats[col0 / block_n][row] ([column tiles][m] pairs), of the values just
+    stored (the accumulators, which the next tile overwrites: rounded to bf16 as a ``bf16_out`` C
+    holds them and masked, in place). A row's block_n columns sit in the 4 lanes of a quad, 2 of
+    each n8 tile a lane; e^(c - max) as 2^(c log2 e - max log2 e), one fma (the cross-entropy's own
+    pass rounds (c - max) first: the sums agree within f32 rounding, not bit for bit)."""
+    tiles = [acc[4 * j:4 * j + 4] for j in range(spec.n_tiles)]
+    if spec.bf16_out:  # a lane's pairs are adjacent columns of a row, as stored
+        for tile in tiles:
+            for h in range(2):
+                for r, v in zip(tile[2 * h:2 * h + 2], bf16x2_f32(b, b.cvt_bf16x2(tile[2 * h + 1], tile[2 * h]))):
+                    b.mov(v, out=r)
     group, quad = b.shr(lane, 2), b.and_(lane, 3)
     cols = b.add(col0, b.shl(quad, 1))
     ragged = b.new_label("whole_tile")

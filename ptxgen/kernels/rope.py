@@ -13,7 +13,7 @@ from typing import ClassVar
 import numpy as np
 
 from .. import exact
-from ..builder import Addr, KernelBuilder, T
+from ..builder import Addr, KernelBuilder, Reg, T
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from ..vecio import DType, load_f32, offset, store_f32, vector_width
@@ -40,6 +40,29 @@ def inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
     return np.array(frequency_table(head_dim, theta), dtype=np.float64)
 
 
+def check_theta(theta: float) -> None:
+    """Frequencies in (2**-1000, 1]: normal f64, and an angle below 2**31 radians, which the f64
+    reduction modulo 2 pi (``rotation``) covers for every int32 position."""
+    if not 1.0 <= theta <= MAX_THETA:
+        raise SpecError(f"theta must be in [1, 2**1000], got {theta!r}")
+
+
+def rotation(b: KernelBuilder, pos: Reg, freq: Reg, inverse: bool = False) -> tuple[Reg, Reg]:
+    """(cos, sin) in f32 of the angle ``pos`` x ``freq`` (both f64; ``inverse``: its negative),
+    the angle reduced modulo 2 pi in f64 (Cody-Waite, two terms) so the f32 sin and cos see
+    |angle| <= pi: the RoPE kernel's and the q/k/v GEMM's epilogue's, the same bits."""
+    angle = b.mul(pos, freq)
+    turns = b.neg(b.cvt(T.F64, b.mul(angle, INV_TWO_PI), rnd="rni"))
+    r32 = b.cvt(T.F32, b.fma(turns, TWO_PI_LO, b.fma(turns, TWO_PI, angle)))
+    cos = b.fn("cos", r32)
+    return cos, b.neg(b.fn("sin", r32)) if inverse else b.fn("sin", r32)
+
+
+def rotate(b: KernelBuilder, x1: Reg, x2: Reg, cos: Reg, sin: Reg) -> tuple[Reg, Reg]:
+    """The pair (x1, x2) rotated: (x1 cos - x2 sin, x1 sin + x2 cos), each one fma."""
+    return b.fma(x1, cos, b.neg(b.mul(x2, sin))), b.fma(x1, sin, b.mul(x2, cos))
+
+
 @register
 @dataclass(frozen=True)
 class RopeSpec(KernelSpec):
@@ -63,10 +86,7 @@ class RopeSpec(KernelSpec):
         if self.head_dim % 2:
             raise SpecError(f"head_dim must be even, got {self.head_dim}")
         check_at_most("head_dim", self.head_dim, MAX_HEAD_DIM, "the frequency table is baked into the module")
-        if not 1.0 <= self.theta <= MAX_THETA:
-            # frequencies in (2**-1000, 1]: normal f64, and an angle below 2**31 radians, which the
-            # kernel's f64 reduction modulo 2 pi covers for every int32 position
-            raise SpecError(f"theta must be in [1, 2**1000], got {self.theta!r}")
+        check_theta(self.theta)
         check_block_size(self.block_size)
         if self.bf16_copy and (self.bf16_out or self.dtype is DType.BF16):
             raise SpecError("rope: bf16_copy is a bf16 copy of an f32 y (here y is already bf16)")
@@ -120,13 +140,8 @@ class RopeSpec(KernelSpec):
         token, i0 = b.div(idx, groups), b.mul(b.rem(idx, groups), vec)
         pos = b.cvt(T.F64, b.ld("global", T.S32, Addr(offset(b, positions, token, 4)), nc=True))
         freqs = offset(b, b.addr_of(table), i0, 8)
-        cos, sin = [], []
-        for k in range(vec):
-            angle = b.mul(pos, b.ld("global", T.F64, Addr(freqs, 8 * k), nc=True))
-            turns = b.neg(b.cvt(T.F64, b.mul(angle, INV_TWO_PI), rnd="rni"))
-            r32 = b.cvt(T.F32, b.fma(turns, TWO_PI_LO, b.fma(turns, TWO_PI, angle)))
-            cos.append(b.fn("cos", r32))
-            sin.append(b.neg(b.fn("sin", r32)) if self.inverse else b.fn("sin", r32))
+        angles = [rotation(b, pos, b.ld("global", T.F64, Addr(freqs, 8 * k), nc=True), self.inverse)
+                  for k in range(vec)]
         if self.strided:
             x_elem, y_elem = (b.mad(token, b.ld_param(n), i0) for n in ("x_stride", "y_stride"))
         else:
@@ -145,8 +160,7 @@ class RopeSpec(KernelSpec):
             xs = {h: (load_f32(b, self.dtype, Addr(src, at[h]), vec),
                       load_f32(b, self.dtype, Addr(src, at[h] + size * half), vec)) for h in heads}
             for h, (x1, x2) in xs.items():
-                y1 = [b.fma(a, c, b.neg(b.mul(z, s_))) for a, z, c, s_ in zip(x1, x2, cos, sin)]
-                y2 = [b.fma(a, s_, b.mul(z, c)) for a, z, c, s_ in zip(x1, x2, cos, sin)]
+                y1, y2 = zip(*(rotate(b, a, z, *cs) for a, z, cs in zip(x1, x2, angles)))
                 for at_y, dt in targets:
                     store_f32(b, dt, Addr(at_y, h * self.head_dim * dt.size), y1)
                     store_f32(b, dt, Addr(at_y, (h * self.head_dim + half) * dt.size), y2)
@@ -162,6 +176,64 @@ class RopeSpec(KernelSpec):
                 cls(heads=2, head_dim=64, theta=1e6, bf16_out=True, strided=True),
                 cls(heads=14, head_dim=64, theta=1e6, inverse=True, strided=True),
                 cls(heads=2, head_dim=64, theta=1e6, inverse=True, strided=True, bf16_copy=True)]
+
+
+@register
+@dataclass(frozen=True)
+class RopeTableSpec(KernelSpec):
+    """(cos, sin) of every angle RoPE rotates ``n_tokens`` rows by: table[token][i] = the f32 pair
+    of positions[token] x theta^(-2i/head_dim), i < head_dim / 2 (``rotation``: the RoPE kernel's
+    arithmetic, the same bits), for the q/k/v GEMM's epilogue (gemm_wgmma's ``rope_heads``), which
+    every layer's rotates by: formed once a forward, not once a head and layer."""
+
+    kind: ClassVar[str] = "rope_table"
+    head_dim: int
+    theta: float
+    block_size: int = 256
+
+    def validate(self) -> None:
+        check_positive("head_dim", self.head_dim)
+        if self.head_dim % 2:
+            raise SpecError(f"head_dim must be even, got {self.head_dim}")
+        check_at_most("head_dim", self.head_dim, MAX_HEAD_DIM, "the frequency table is baked into the module")
+        check_theta(self.theta)
+        check_block_size(self.block_size)
+
+    def launch_dims(self, n_tokens: int) -> tuple[int, int]:
+        """(grid, block): a thread a (token, i)."""
+        pairs = n_tokens * (self.head_dim // 2)
+        if pairs >= 2**31:
+            raise ValueError(f"rope_table: {n_tokens} tokens overflow the kernel's 32-bit index")
+        return max(1, -(-pairs // self.block_size)), self.block_size
+
+    def params(self) -> tuple[tuple[str, T], ...]:
+        return ("positions", T.U64), ("table", T.U64), ("n_tokens", T.U32)
+
+    def outputs(self) -> tuple[str, ...]:
+        return ("table",)
+
+    def build(self, b: KernelBuilder) -> None:
+        half = self.head_dim // 2
+        freqs = b.global_table("inv_freq", T.F64, frequency_table(self.head_dim, self.theta))
+        positions, table = (b.cvta_global(b.ld_param(n)) for n in ("positions", "table"))
+        idx = b.mad(b.special("%ctaid.x"), self.block_size, b.special("%tid.x"))
+        done = b.new_label("done")
+        b.bra(done, guard=b.setp("ge", idx, b.mul(b.ld_param("n_tokens"), half)))
+        token, i = b.div(idx, half), b.rem(idx, half)
+        pos = b.cvt(T.F64, b.ld("global", T.S32, Addr(offset(b, positions, token, 4)), nc=True))
+        freq = b.ld("global", T.F64, Addr(offset(b, b.addr_of(freqs), i, 8)), nc=True)
+        b.st("global", Addr(offset(b, table, idx, 8)), list(rotation(b, pos, freq)))
+        b.place(done)
+
+    @classmethod
+    def examples(cls) -> list["RopeTableSpec"]:
+        return [cls(head_dim=64, theta=1e6), cls(head_dim=6, theta=1e4, block_size=32)]
+
+
+def rope_table_reference(positions: np.ndarray, head_dim: int, theta: float) -> np.ndarray:
+    """float64 [tokens][head_dim / 2][cos, sin]: what ``RopeTableSpec`` writes (in f32)."""
+    angle = np.asarray(positions, dtype=np.float64)[:, None] * inverse_frequencies(head_dim, theta)
+    return np.stack([np.cos(angle), np.sin(angle)], axis=-1)
 
 
 def rope_reference(x: np.ndarray, positions: np.ndarray, theta: float, inverse: bool = False) -> np.ndarray:
