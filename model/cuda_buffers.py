@@ -258,8 +258,11 @@ class TrainingBuffers:
         self.g = new("d x", (T, H))     # gradient of the residual stream, updated in place
         self.dh = new("d h", (T, H))
         self.d_gate_up = new("d gate_up", (T, 2 * I), operand)  # [d gate | d up]: the fused GEMM's operand
-        self.d_o, self.dq = new("d o", (T, Q), operand), new("d q", (T, Q))  # d o: as the attention reads it
-        self.dk, self.dv = new("d k", (T, KV_)), new("d v", (T, KV_))
+        self.d_o = new("d o", (T, Q), operand)  # as the attention reads it
+        # the attention's dq, dk, dv (none where it writes d qkv's rows itself, rotated back: rope_in_gemm)
+        unfused = not rope_in_gemm(c, Precision.BF16 if bf16 else Precision.FP32)
+        self.dq, self.dk, self.dv = (new(name, (T, width)) if unfused else None
+                                     for name, width in (("d q", Q), ("d k", KV_), ("d v", KV_)))
         self.d_qkv = new("d qkv", (T, Q + 2 * KV_))  # [dq | dk | dv] per row (before RoPE): the fused projection's
         self.delta = new("attention delta", (batch, c.num_heads, seq))
         self.order, self.seg_start, self.seg_id = (new(n, (size,), "i32") for n, size in

@@ -31,7 +31,7 @@ from runtime.plan import Expr, Plan, Step
 
 from .config import ModelConfig
 from .cuda_buffers import KV, Activations, Arena, ParamLayout, Params, TrainingBuffers, step_buffers
-from .cuda_ops import Columns, Ops, TailWorkspace, kv_rows
+from .cuda_ops import Ops, TailWorkspace, kv_rows
 from .kernels import LOSS_CHUNK_ROWS, ModelKernels
 from .optim import AdamWSettings
 from .params import layer_prefix, lm_head_name
@@ -104,7 +104,6 @@ def backward(ops: Ops, acts: Activations, kv: list[KV], hf: View, d: TrainingBuf
     how the embedding table's gradient is made from its lookup's output gradient instead (a
     data-parallel rank: from every rank's rows, into its shard)."""
     c = ops.config
-    Q, KV_ = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
     head = lm_head_name(c)[:-len(".weight")]
     ops.grad_weight(d.dlogits, hf, head)
     ops.grad_input(d.dlogits, head, d.dh)
@@ -121,14 +120,12 @@ def backward(ops: Ops, acts: Activations, kv: list[KV], hf: View, d: TrainingBuf
         # attention: x_mid = x + o_proj(attn(rope(q), rope(k), v)); g is now the gradient of x_mid
         ops.grad_weight(g, a.o, p + "self_attn.o_proj")
         ops.grad_input(g, p + "self_attn.o_proj", d.d_o)  # bf16: stored as q, k and v are
-        ops.attention_backward(a.q, kv[i].k, kv[i].v, a.o, d.d_o, a.lse, dq=d.dq, delta=d.delta, dk=d.dk, dv=d.dv,
-                               batch=acts.batch, seq=acts.seq)
-        # the fused projection's output gradient, [dq | dk | dv] per row: RoPE's backward on dq and dk
-        # (bf16: each kernel also writes its columns of the GEMMs' bf16 copy, dy16)
+        # the fused projection's output gradient, [dq | dk | dv] per row, RoPE's backward on dq and dk
+        # (bf16: also the GEMMs' bf16 copy, dy16)
         dy16 = ops.grad_copy(d.d_qkv)
-        ops.rope(d.dq, acts.pos, c.num_heads, out=Columns(d.d_qkv, 0, Q), inverse=True, copy=dy16)
-        ops.rope(d.dk, acts.pos, c.num_kv_heads, out=Columns(d.d_qkv, Q, KV_), inverse=True, copy=dy16)
-        ops.copy_columns(d.dv, Columns(d.d_qkv, Q + KV_, KV_), KV_, backward=True, copy=dy16)
+        ops.attention_backward(a.q, kv[i].k, kv[i].v, a.o, d.d_o, a.lse, delta=d.delta, batch=acts.batch,
+                               seq=acts.seq, positions=acts.pos, into=d.d_qkv, copy=dy16, angles=acts.angles,
+                               scratch=(d.dq, d.dk, d.dv))
         if c.qkv_bias:
             ops.column_sum(d.d_qkv, p + "self_attn.qkv_proj.bias")
         dy = dy16 if dy16 is not None else d.d_qkv

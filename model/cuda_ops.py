@@ -248,8 +248,8 @@ class Ops:
         same columns it also writes."""
         k = self.k
         q_spec, k_spec = (k.rope_q_bwd, k.rope_k_bwd) if inverse else (k.rope_q, k.rope_k)
-        spec = q_spec if heads == k.rope_q_bwd.heads else k_spec
-        assert spec is not None, "RoPE's forward kernels are not made where the q/k/v GEMM applies it"
+        spec = q_spec if heads == self.config.num_heads else k_spec
+        assert spec is not None, "RoPE's kernels are not made where the q/k/v GEMM and the attention backward apply it"
         (x, x_stride), (y, y_stride) = (Columns.of(a, heads * spec.head_dim) for a in (x, out))
         args = spec.arguments(x, y, positions, self.T, x_stride, y_stride,
                               y16=_copy_of(out, copy, heads * spec.head_dim))
@@ -395,14 +395,30 @@ class Ops:
             self._add(spec, spec.launch_dims(self.T, d_in), dgate_up,
                       **_named(spec, spec.arguments(gate_up, self._d_act, dgate_up, self.T, d_in)))
 
-    def attention_backward(self, q: View, k: View, v: View, o: View, do: View, lse: View, dq: View,
-                           delta: View, dk: View, dv: View, batch: int, seq: int) -> None:
-        """dq (and delta, the rows' dO . O) in one kernel, dk and dv in another."""
+    def attention_backward(self, q: View, k: View, v: View, o: View, do: View, lse: View, delta: View, batch: int,
+                           seq: int, positions: View, into: View, copy: View | None, angles: View | None,
+                           scratch: tuple[View | None, View | None, View | None]) -> None:
+        """[dq | dk | dv] per row into ``into`` (and its bf16 copy ``copy``): the gradient of the
+        fused q/k/v projection's output, dq and dk through RoPE's backward. dq (and delta, the
+        rows' dO . O) in one kernel, dk and dv in another; where they write the rows themselves
+        (their ``qkv_rows``, rotating back by the forward's ``angles``), that is all; else into
+        ``scratch`` (dq, dk, dv), then the RoPE backward kernels and dv's copy."""
         bq, bkv = self.k.attention_bwd_q, self.k.attention_bwd_kv
+        rows = getattr(bq, "qkv_rows", False)
+        c = self.config
+        Q, KV_ = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        dq, dk, dv = (into,) * 3 if rows else scratch
+        assert dq is not None and dk is not None and dv is not None, "the attention backward needs dq, dk and dv"
+        extra = dict(d16=copy, angles=angles) if rows else {}
+        assert not rows or (copy is not None and angles is not None), "qkv_rows: the bf16 copy and the angles"
         self._add(bq, bq.launch_dims(batch, seq), dq, q=q, k=k, v=v, o=o, do=do, lse=lse, dq=dq, delta=delta,
-                  seq=seq)
+                  seq=seq, **extra)
         self._add(bkv, bkv.launch_dims(batch, seq), dk, q=q, k=k, v=v, do=do, lse=lse, delta=delta, dk=dk, dv=dv,
-                  seq=seq)
+                  seq=seq, **extra)
+        if not rows:
+            self.rope(dq, positions, c.num_heads, out=Columns(into, 0, Q), inverse=True, copy=copy)
+            self.rope(dk, positions, c.num_kv_heads, out=Columns(into, Q, KV_), inverse=True, copy=copy)
+            self.copy_columns(dv, Columns(into, Q + KV_, KV_), KV_, backward=True, copy=copy)
 
     def embedding_backward(self, dout: View, order: View, seg_start: View, seg_id: View, table: str,
                            segments: Expr, into: View | None = None) -> None:

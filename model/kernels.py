@@ -188,10 +188,10 @@ class ModelKernels:
     rope_table: RopeTableSpec | None
     rope_q: RopeSpec | None
     rope_k: RopeSpec | None
-    rope_q_bwd: RopeSpec
-    rope_k_bwd: RopeSpec
+    rope_q_bwd: RopeSpec | None  # (None, and dv_copy: where the attention backward writes the
+    rope_k_bwd: RopeSpec | None  # projection's gradient rows itself, rotated back: its qkv_rows)
     v_copy: CastSpec | None  # v out of the fused projection's rows, as the attention reads it (bf16: the cast)
-    dv_copy: CastSpec     # dv into the fused projection's gradient rows
+    dv_copy: CastSpec | None  # dv into the fused projection's gradient rows
     attention: AttentionSpec | AttentionTCSpec | AttentionWgmmaSpec  # bf16: tensor cores, on bf16 q, k, v
     attention_bwd_q: AttentionBackwardQSpec | AttentionTCBackwardQSpec | AttentionWgmmaBackwardQSpec
     attention_bwd_kv: AttentionBackwardKVSpec | AttentionTCBackwardKVSpec | AttentionWgmmaBackwardKVSpec
@@ -219,12 +219,17 @@ class ModelKernels:
             # teams of a warpgroup over 64-query tiles (qwen2-0.5b 8 x 1024: 2.86 ms a step against
             # 3.89 for one warpgroup a block, whose 256 blocks of 16 causal lengths leave SMs idle),
             # at d128 one warpgroup over 64-query tiles (b8 h14/2 s2048: 0.486 ms, two teams 0.494)
+            # (where the q/k/v GEMM applies RoPE, the backward writes the projection's gradient
+            # rows rotated back itself: qkv_rows, by the forward's angles)
+            rows = dict(qkv_rows=rope_in_gemm(c, precision))
             if d in (64, 128):
                 kv = dict(warps=8, teams=2, tile=64) if d == 64 else dict(tile=64)
                 attention = (AttentionWgmmaSpec(**attn, tile=128, warps=8 if d == 128 else 4),
-                             AttentionWgmmaBackwardQSpec(**attn), AttentionWgmmaBackwardKVSpec(**attn, **kv))
+                             AttentionWgmmaBackwardQSpec(**attn, **rows),
+                             AttentionWgmmaBackwardKVSpec(**attn, **kv, **rows))
             else:
-                attention = (AttentionTCSpec(**attn), AttentionTCBackwardQSpec(**attn), AttentionTCBackwardKVSpec(**attn))
+                attention = (AttentionTCSpec(**attn), AttentionTCBackwardQSpec(**attn, **rows),
+                             AttentionTCBackwardKVSpec(**attn, **rows))
         else:  # a row over lanes threads: about 32 of its values per thread (64 -> 2 lanes, 128 -> 4)
             attention = tuple(cls(**attn, lanes=_lanes(d))
                               for cls in (AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec))
@@ -263,10 +268,12 @@ class ModelKernels:
             rope_k=None if fused_rope else RopeSpec(heads=c.num_kv_heads, bf16_out=bf16, strided=True, **rope),
             # bf16: the backward's dq, dk and dv also land in the GEMMs' bf16 copy of their gradient
             # (the f32 one is the bias's column sum's): no cast of the whole of it
-            rope_q_bwd=RopeSpec(heads=c.num_heads, inverse=True, strided=True, bf16_copy=bf16, **rope),
-            rope_k_bwd=RopeSpec(heads=c.num_kv_heads, inverse=True, strided=True, bf16_copy=bf16, **rope),
+            rope_q_bwd=None if fused_rope else RopeSpec(heads=c.num_heads, inverse=True, strided=True,
+                                                        bf16_copy=bf16, **rope),
+            rope_k_bwd=None if fused_rope else RopeSpec(heads=c.num_kv_heads, inverse=True, strided=True,
+                                                        bf16_copy=bf16, **rope),
             v_copy=None if fused_rope else CastSpec(dst=gemm_operand, strided=True),
-            dv_copy=CastSpec(dst=DType.F32, strided=True, bf16_copy=bf16),
+            dv_copy=None if fused_rope else CastSpec(dst=DType.F32, strided=True, bf16_copy=bf16),
             attention=attention[0], attention_bwd_q=attention[1], attention_bwd_kv=attention[2],
             swiglu=None if bf16 else SwiGLUSpec(vec=swiglu_vec),
             swiglu_bwd=None if bf16 else SwiGLUBackwardSpec(vec=swiglu_vec),
@@ -294,6 +301,10 @@ class ModelKernels:
                                    (self.v_copy, self.qkv.forward, "rope_heads")):
             if (kernel is None) != bool(getattr(gemm, flag)):
                 raise ValueError(f"{kernel} and the GEMM {gemm} disagree on who makes it ({flag})")
+        for kernel in (self.rope_q_bwd, self.rope_k_bwd, self.dv_copy):  # their work, or the attention backward's
+            for attention in (self.attention_bwd_q, self.attention_bwd_kv):
+                if (kernel is None) != getattr(attention, "qkv_rows", False):
+                    raise ValueError(f"{kernel} and {attention} disagree on who writes the q/k/v gradient rows")
         if (self.rope_table is None) == bool(self.qkv.forward.rope_heads):  # the angles' table: the GEMM's RoPE's
             raise ValueError(f"{self.rope_table} and the GEMM {self.qkv.forward} disagree on the angles' table")
 

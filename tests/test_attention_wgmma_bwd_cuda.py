@@ -16,7 +16,7 @@ import pytest
 from cudacall import call, poison, sixteen, values
 from ptxgen.hw import MmaType
 from ptxgen.kernels.attention import attention_backward_reference, attention_reference
-from ptxgen.kernels.attention_tc import AttentionTCBackwardQSpec, AttentionTCSpec
+from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
 from ptxgen.kernels.attention_wgmma import AttentionWgmmaBackwardKVSpec, AttentionWgmmaBackwardQSpec
 from runtime import ModuleCache
 
@@ -122,3 +122,65 @@ def test_two_runs_give_the_same_bits(cache, d, layout, teams):
     dk, dv = problem.backward_kv(cache, AttentionWgmmaBackwardKVSpec(**fields, teams=teams), delta)
     for name, again in (("dq", dq), ("delta", delta), ("dk", dk), ("dv", dv)):
         assert np.array_equal(first[name].view(np.uint32), again.view(np.uint32)), f"{name} differs between runs"
+
+
+def _projection_rows(cache, grads: dict[str, np.ndarray], positions: np.ndarray, h: int, hkv: int, d: int,
+                     theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """The fused q/k/v projection's gradient rows (f32, bf16 bits) as the RoPE backward kernels and
+    dv's strided copy make them from the attention's own dq, dk, dv: the unfused path."""
+    from ptxgen.kernels.cast import CastSpec
+    from ptxgen.kernels.rope import RopeSpec
+    from ptxgen.vecio import DType
+    tokens, width = positions.size, (h + 2 * hkv) * d
+    rows, rows16 = np.zeros((tokens, width), np.float32), np.zeros((tokens, width), np.uint16)
+    for name, start, heads in (("dq", 0, h), ("dk", h * d, hkv), ("dv", (h + hkv) * d, hkv)):
+        x, n = grads[name].reshape(tokens, heads * d), heads * d
+        y, y16 = poison(tokens * width - start), poison(tokens * width - start, np.uint16)  # from its first column
+        if name == "dv":
+            spec = CastSpec(dst=DType.F32, strided=True, bf16_copy=True)
+            _, y, y16 = call(cache, spec, spec.launch_dims(tokens * n),
+                             *spec.arguments(x, y, tokens, n, n, width, dst16=y16))
+        else:
+            spec = RopeSpec(heads=heads, head_dim=d, theta=theta, inverse=True, strided=True, bf16_copy=True)
+            _, y, y16, _ = call(cache, spec, spec.launch_dims(tokens),
+                                *spec.arguments(x, y, positions, tokens, n, width, y16=y16))
+        for out, got in ((rows, y), (rows16, y16)):
+            out[:, start:start + n] = np.concatenate([np.zeros(start, got.dtype), got]).reshape(tokens, width)[
+                :, start:start + n]
+    return rows, rows16
+
+
+@pytest.mark.parametrize("kind, layout", [("wgmma", dict(warps=8, teams=2, tile=64)), ("wgmma", dict(tile=64)),
+                                          ("tc", dict())])
+def test_qkv_rows_write_the_projections_gradient_as_the_rope_backward_and_the_copy_do(cache, kind, layout):
+    """``qkv_rows``: dq, dk and dv land in the fused q/k/v projection's gradient rows ([q | k | v]
+    heads a token, f32 and its bf16 copy), dq and dk rotated back by RoPE by the forward's angles'
+    table: bit for bit what the RoPE backward kernels and dv's strided copy make of the plain
+    kernels' dq, dk, dv (positions up to Qwen2's 32768, ragged last query tile)."""
+    from ptxgen.kernels.rope import RopeTableSpec
+    bsz, s, h, hkv, d, theta = 2, 200, 4, 2, 64, 1e6
+    problem = Problem(cache, bsz, s, h, hkv, d, True, MmaType.BF16)
+    q_cls, kv_cls = ((AttentionWgmmaBackwardQSpec, AttentionWgmmaBackwardKVSpec) if kind == "wgmma" else
+                     (AttentionTCBackwardQSpec, AttentionTCBackwardKVSpec))
+    fields = dict(heads=h, kv_heads=hkv, head_dim=d)
+    dq, delta = problem.backward_q(cache, q_cls(**fields))
+    dk, dv = problem.backward_kv(cache, kv_cls(**fields, **layout), delta)
+    tokens, width = bsz * s, (h + 2 * hkv) * d
+    positions = rng.integers(0, 32768, tokens).astype(np.int32)
+    table = RopeTableSpec(head_dim=d, theta=theta)
+    _, angles = call(cache, table, table.launch_dims(tokens), positions, poison((tokens, d // 2, 2)), tokens)
+    rows, rows16 = _projection_rows(cache, dict(dq=dq, dk=dk, dv=dv), positions, h, hkv, d, theta)
+
+    spec_q, spec_kv = q_cls(**fields, qkv_rows=True), kv_cls(**fields, **layout, qkv_rows=True)
+    p = problem
+    out_q = call(cache, spec_q, spec_q.launch_dims(bsz, s), p.q, p.k, p.v, p.o, p.do, p.lse,
+                 poison((tokens, width)), poison(p.lse.shape), s, poison((tokens, width), np.uint16), angles)
+    np.testing.assert_array_equal(out_q[7], delta)
+    out_kv = call(cache, spec_kv, spec_kv.launch_dims(bsz, s), p.q, p.k, p.v, p.do, p.lse, delta,
+                  poison((tokens, width)), poison((tokens, width)), s, poison((tokens, width), np.uint16), angles)
+    q_cols, k_cols, v_cols = slice(0, h * d), slice(h * d, (h + hkv) * d), slice((h + hkv) * d, width)
+    # (dk and dv come back as two uploads of the one row buffer: each holds its own columns)
+    for got, got16, cols in ((out_q[6], out_q[8], q_cols), (out_kv[6], out_kv[8], k_cols),
+                             (out_kv[7], out_kv[8], v_cols)):
+        np.testing.assert_array_equal(got[:, cols], rows[:, cols])
+        np.testing.assert_array_equal(got16[:, cols], rows16[:, cols])

@@ -219,9 +219,11 @@ def test_the_swiglu_in_the_gate_up_and_down_gemms_trains_bit_for_bit_as_its_own_
 
 
 def test_rope_in_the_qkv_gemm_trains_bit_for_bit_as_the_rope_kernels(cache, corpus, tmp_path, monkeypatch):
-    """bf16, 20 steps: the q/k/v projection's GEMM storing q, k (rotated) and v in bf16 itself
-    (``rope_in_gemm``) against the path it replaces, the GEMM's f32 [q | k | v], the RoPE kernels
-    and v's cast reading it: the same arithmetic on the same values, every loss bit for bit."""
+    """bf16, 20 steps: the q/k/v projection's GEMM storing q, k (rotated) and v in bf16 itself and
+    the attention backward writing the projection's gradient rows rotated back (``rope_in_gemm``,
+    ``qkv_rows``), against the path they replace: the GEMM's f32 [q | k | v], the RoPE kernels and
+    v's cast reading it; dq, dk, dv, the RoPE backward kernels and dv's copy. The same arithmetic
+    on the same values: every loss bit for bit."""
     import model.cuda_buffers
     import model.kernels
     shape = dict(config=SMALL_SHAPED, precision=Precision.BF16, seq_len=200)

@@ -36,9 +36,11 @@ def test_eps_and_theta_from_the_config_reach_every_spec(name, precision):
         tables = [s for s in specs if isinstance(s, RopeTableSpec)]  # the q/k/v GEMM's RoPE's angles
         assert norms and all(s.eps == eps for s in norms)
         assert all(s.theta == theta for s in ropes + tables)
-        # RoPE forward (its kernel, or the q/k/v GEMM's epilogue by the table's angles) and backward
-        assert {s.inverse for s in ropes} | ({False} if tables else set()) == {False, True}
+        # RoPE forward and backward by its kernels, or by the table's angles in the q/k/v GEMM's
+        # epilogue and the attention backward's (qkv_rows)
+        assert {s.inverse for s in ropes} == (set() if tables else {False, True})
         assert len(tables) == rope_in_gemm(config, precision)
+        assert all(s.qkv_rows == bool(tables) for s in specs if hasattr(s, "qkv_rows"))
 
 
 def test_a_config_change_changes_the_spec_set_and_every_affected_key():
@@ -141,7 +143,10 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert fp32.swiglu.out_dtype is DType.F32
     assert bf16.cross_entropy.grad_dtype is DType.BF16 and fp32.cross_entropy.grad_dtype is DType.F32
     assert bf16.norm.bf16_out and bf16.norm_residual.bf16_out and not fp32.norm.bf16_out  # q/k/v, MLP, head inputs
-    assert fp32.rope_q is not None and not fp32.rope_q.bf16_out and not bf16.rope_q_bwd.bf16_out
+    assert fp32.rope_q is not None and not fp32.rope_q.bf16_out and not fp32.rope_q_bwd.bf16_out
+    # ... and the attention backward writes the projection's gradient rows, rotated back (qkv_rows)
+    assert bf16.rope_q_bwd is bf16.rope_k_bwd is bf16.dv_copy is None
+    assert bf16.attention_bwd_q.qkv_rows and bf16.attention_bwd_kv.qkv_rows
     assert bf16.norm_bwd.bf16_copy and bf16.norm_bwd_residual.bf16_copy and not fp32.norm_bwd.bf16_copy
     assert bf16.adamw_decay.bf16_copy and not fp32.adamw_decay.bf16_copy  # the matrices' bf16 copy
     assert bf16.adamw_no_decay == fp32.adamw_no_decay

@@ -40,6 +40,7 @@ from .attention import AttentionGrid
 from .common import check_positive
 from .mma_tile import ELEMS, SharedTile
 from .ring import Pair, Ring
+from .rope import rotate as rotate_pair
 
 
 Tiles = list[list[Reg]]  # accumulator tiles: [n8 tile][4 f32]
@@ -258,6 +259,32 @@ class _Flash:
             b.st("global", Addr(at, 32 * j), [b.mul(v, scale) for v in vals] if scale != 1.0 else vals,
                  guard=valid)
 
+    def store_qkv_row(self, name: str, acc: Tiles, h: int, token: Reg, column_head: int | Reg, valid: Reg,
+                      scale: float = 1.0, rotate: bool = False) -> None:
+        """The spec's ``qkv_rows``: row group + 8h of the gradient ``name`` ([16 x d] accumulators x
+        ``scale``) of token ``token`` into head ``column_head`` of the fused projection's [q | k |
+        v] gradient row, f32 and its bf16 copy ``d16``; ``rotate``: rotated back by RoPE (the
+        angles' table's (cos, -sin) of the token, ``rope.rotate``): bit for bit the RoPE backward
+        kernel's on the f32 gradient, and the strided cast's of it."""
+        b, spec, d = self.b, self.spec, self.d
+        ptr = b.cvta_global(b.ld_param(name))
+        index = b.mad(token, spec.heads + 2 * spec.kv_heads, column_head)  # in head_dim units of d_qkv
+        at = b.add(b.add(ptr, b.mul_wide(index, d * 4)), b.mul_wide(self.quad, 8))
+        at16 = b.add(b.add(b.cvta_global(b.ld_param("d16")), b.mul_wide(index, d * 2)), b.mul_wide(self.quad, 4))
+        pairs = [[b.mul(v, scale) if scale != 1.0 else v for v in (tile[2 * h], tile[2 * h + 1])] for tile in acc]
+        if rotate:  # the pair (i, i + d / 2) in n8 tiles j and j + d / 16 of the lane; i = 8 j + 2 quad (+ 1)
+            half = d // 2
+            angles = b.add(b.cvta_global(b.ld_param("angles")), b.mul_wide(b.mad(token, half, b.shl(self.quad, 1)), 8))
+            for j in range(half // 8):
+                cs = b.ld("global", T.F32, Addr(angles, 64 * j), 4, guard=valid,
+                          out=[b.mov(0.0, T.F32) for _ in range(4)])
+                turned = [rotate_pair(b, x1, x2, cs[2 * e], b.neg(cs[2 * e + 1]))
+                          for e, (x1, x2) in enumerate(zip(pairs[j], pairs[j + half // 8]))]
+                pairs[j], pairs[j + half // 8] = [y1 for y1, _ in turned], [y2 for _, y2 in turned]
+        for j, pair in enumerate(pairs):
+            b.st("global", Addr(at, 32 * j), pair, guard=valid)
+            b.st("global", Addr(at16, 16 * j), b.cvt_bf16x2(pair[1], pair[0]), t=T.B32, guard=valid)
+
 
 @dataclass(frozen=True)
 class _FlashBase(AttentionGrid, KernelSpec):
@@ -405,13 +432,32 @@ class AttentionTCSpec(_ForwardBase):
                 cls(heads=8, kv_heads=2, head_dim=64, warps=8, tile=128)]
 
 
-class _BackwardQBase(_FlashBase):
+class _QkvRows:
+    """The backward kernels' ``qkv_rows``: dq, dk and dv land in the fused q/k/v projection's
+    gradient rows, [q | k | v] heads a token (dq, dk and dv all point at its first), in f32 and in
+    its bf16 copy ``d16``, dq and dk rotated back by RoPE by the forward's angles' table
+    ``angles`` (``rope.RopeTableSpec``'s): the RoPE backward kernels and dv's copy, done as they are
+    stored (``_Flash.store_qkv_row``)."""
+
+    qkv_rows: bool
+
+    def params(self) -> tuple[tuple[str, T], ...]:
+        return super().params() + ((("d16", T.U64), ("angles", T.U64)) if self.qkv_rows else ())  # type: ignore[misc]
+
+    def outputs(self) -> tuple[str, ...]:
+        return super().outputs() + (("d16",) if self.qkv_rows else ())  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class _BackwardQBase(_QkvRows, _FlashBase):
     """What the dQ kernels share: dq = scale * sum_j ds_ij k_j with ds = p * (dp - delta), dp = do v^T;
     writes delta = rowsum(do * o). The block stages its Q, dO and O rows and the first key/value
     tile, computes delta from the staged dO and O, then per key tile: the next tile's copies, the
     tile's products (``_gradient``: S = Q K^T, its mask, dP = dO V^T, dS, dQ += dS K), and a barrier
     once the next tile has landed. A kernel provides its operands (``_start``), where a staged row
     tile keeps a chunk (``_tile_offset``) and the products."""
+
+    qkv_rows: bool = False
 
     kind: ClassVar[str]
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "do", "lse", "dq", "delta")
@@ -469,6 +515,11 @@ class _BackwardQBase(_FlashBase):
             kv.advance()
             b.add(key0, bkv, out=key0)
 
+        if self.qkv_rows:
+            for h in range(2):
+                f.store_qkv_row("dq", dq, h, b.mad(f.batch, seq, rows[h]), head, b.setp("lt", rows[h], seq),
+                                self.scale, rotate=True)
+            return
         dq_ptr = b.cvta_global(b.ld_param("dq"))
         for h in range(2):
             index = b.mad(b.mad(f.batch, seq, rows[h]), self.heads, head)
@@ -539,7 +590,7 @@ class _KVStep(NamedTuple):
 
 
 @dataclass(frozen=True)
-class _BackwardKVBase(_FlashBase):
+class _BackwardKVBase(_QkvRows, _FlashBase):
     """What the dK/dV kernels share: dk = scale * sum ds^T q, dv = sum p^T do over the query heads
     of each K/V head's group. The block stages its K and V rows, then per query head of the group
     and per query tile at or after its keys (Q, dO and their lse and delta rows, double-buffered):
@@ -554,6 +605,7 @@ class _BackwardKVBase(_FlashBase):
     tile alone leaves the first tiles' blocks running long after the last ones are done."""
 
     teams: int = 1
+    qkv_rows: bool = False
 
     kind: ClassVar[str]
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "do", "lse", "delta", "dk", "dv")
@@ -673,6 +725,13 @@ class _BackwardKVBase(_FlashBase):
         if self.teams > 1:
             self._sum_teams(f, [dk, dv], b.add(f.smem, 2 * kv_bytes))
         with _team_only(f, 0):
+            if self.qkv_rows:  # k's heads after q's in the row, v's after k's
+                for name, acc, scale, first in (("dk", dk, self.scale, self.heads),
+                                                ("dv", dv, 1.0, self.heads + self.kv_heads)):
+                    for h in range(2):
+                        f.store_qkv_row(name, acc, h, b.mad(f.batch, seq, keys[h]), b.add(kv_head, first),
+                                        b.setp("lt", keys[h], seq), scale, rotate=name == "dk")
+                return
             for name, acc, scale in (("dk", dk, self.scale), ("dv", dv, 1.0)):
                 ptr = b.cvta_global(b.ld_param(name))
                 for h in range(2):
