@@ -40,9 +40,14 @@ def inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
     return np.array(frequency_table(head_dim, theta), dtype=np.float64)
 
 
-def check_theta(theta: float) -> None:
-    """Frequencies in (2**-1000, 1]: normal f64, and an angle below 2**31 radians, which the f64
-    reduction modulo 2 pi (``rotation``) covers for every int32 position."""
+def check_frequencies(head_dim: int, theta: float) -> None:
+    """A frequency table the module can bake: head_dim even and at most MAX_HEAD_DIM; theta in [1,
+    2**1000], so frequencies in (2**-1000, 1]: normal f64, and an angle below 2**31 radians, which
+    the f64 reduction modulo 2 pi (``rotation``) covers for every int32 position."""
+    check_positive("head_dim", head_dim)
+    if head_dim % 2:
+        raise SpecError(f"head_dim must be even, got {head_dim}")
+    check_at_most("head_dim", head_dim, MAX_HEAD_DIM, "the frequency table is baked into the module")
     if not 1.0 <= theta <= MAX_THETA:
         raise SpecError(f"theta must be in [1, 2**1000], got {theta!r}")
 
@@ -82,11 +87,7 @@ class RopeSpec(KernelSpec):
         check_positive("heads", self.heads)
         if self.heads > MAX_HEADS:
             raise SpecError(f"heads must be <= {MAX_HEADS} (the head loop is unrolled), got {self.heads}")
-        check_positive("head_dim", self.head_dim)
-        if self.head_dim % 2:
-            raise SpecError(f"head_dim must be even, got {self.head_dim}")
-        check_at_most("head_dim", self.head_dim, MAX_HEAD_DIM, "the frequency table is baked into the module")
-        check_theta(self.theta)
+        check_frequencies(self.head_dim, self.theta)
         check_block_size(self.block_size)
         if self.bf16_copy and (self.bf16_out or self.dtype is DType.BF16):
             raise SpecError("rope: bf16_copy is a bf16 copy of an f32 y (here y is already bf16)")
@@ -192,11 +193,7 @@ class RopeTableSpec(KernelSpec):
     block_size: int = 256
 
     def validate(self) -> None:
-        check_positive("head_dim", self.head_dim)
-        if self.head_dim % 2:
-            raise SpecError(f"head_dim must be even, got {self.head_dim}")
-        check_at_most("head_dim", self.head_dim, MAX_HEAD_DIM, "the frequency table is baked into the module")
-        check_theta(self.theta)
+        check_frequencies(self.head_dim, self.theta)
         check_block_size(self.block_size)
 
     def launch_dims(self, n_tokens: int) -> tuple[int, int]:
