@@ -47,7 +47,7 @@ def scratch_shapes(k: ModelKernels, c: ModelConfig, tokens: int, matrices: dict[
     parts = [(weight_splits(dws[m], *shape, tokens, wave(dws[m])), shape) for m, shape in matrices.items()]
     QKV = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim  # the fused q/k/v projection's output width
     shapes = {"rmsnorm dgamma partial": ((k.norm_bwd_residual.partial_rows(tokens), H), "f32"),
-              "column sum chunks": ((-(-tokens // COLSUM_CHUNK), max(QKV, H)), "f32"),  # biases' and dgamma's
+              "column sum chunks": ((-(-tokens // COLSUM_CHUNK), QKV), "f32"),
               "split-K partial sums": ((max((n * math.prod(s) for n, s in parts if n > 1), default=1),), "f32")}
     if k.swiglu_bwd is not None:  # the down projection's dx, read by the SwiGLU backward's own kernel
         shapes["d act"] = ((tokens, c.intermediate_size), "f32")
@@ -296,6 +296,7 @@ class Ops:
         # the statistics of exactly these rows: the kernel takes their row stride from its grid
         assert (stats is None) == (spec.stats_block == 0), "the cross-entropy's statistics come with stats_block"
         assert stats is None or stats.size == 2 * spec.stats_tiles * logits.shape[0], (stats.name, stats.shape)
+        assert logits.dtype == spec.dtype.value, (logits.name, logits.dtype, spec.dtype)
         self._add(spec, spec.launch_dims(logits.shape[0]), losses, logits=logits, targets=targets, loss=losses,
                   dlogits=dlogits, grad_scale=grad_scale, **({"stats": stats} if stats is not None else {}))
 
@@ -350,22 +351,15 @@ class Ops:
         self._gemm(self._linear(module).grad_input, f"{module} dX", dy, w.operand, dx, self.T, d_in, d_out)
 
     def column_sum(self, src: View, bias: str) -> None:
-        """A bias's gradient: the sum over the rows of ``src``."""
-        self._column_sum(src, self.W[bias].grad, self.T)
-
-    def _column_sum(self, src: View, dst: View, rows: int) -> None:
-        """dst = the sum over ``rows`` rows of ``src`` ([rows, dst.size]), in one or two fixed-order
-        stages: up to COLSUM_CHUNK rows at once, more in chunks of them (a block per 32 columns
-        and chunk: one chunk of 1024 rows of 896 columns is 28 blocks, which left the H200 all but
-        idle for 10 us) and then the chunks' sums."""
-        spec, cols = self.k.colsum, dst.size
-        if rows <= COLSUM_CHUNK:
-            self._add(spec, spec.launch_dims(rows, cols, rows), dst, src=src, dst=dst, n_rows=rows, n_cols=cols,
-                      rows_per_chunk=rows)
+        """A bias's gradient: the sum over the rows of ``src``, in one or two fixed-order stages."""
+        spec, dst, T = self.k.colsum, self.W[bias].grad, self.T
+        cols = dst.size
+        if T <= COLSUM_CHUNK:
+            self._add(spec, spec.launch_dims(T, cols, T), dst, src=src, dst=dst, n_rows=T, n_cols=cols,
+                      rows_per_chunk=T)
             return
-        chunks, scratch = -(-rows // COLSUM_CHUNK), self._column_scratch
-        assert scratch.size >= chunks * cols, (scratch.shape, chunks, cols)
-        self._add(spec, spec.launch_dims(rows, cols, COLSUM_CHUNK), scratch, src=src, dst=scratch, n_rows=rows,
+        chunks, scratch = -(-T // COLSUM_CHUNK), self._column_scratch
+        self._add(spec, spec.launch_dims(T, cols, COLSUM_CHUNK), scratch, src=src, dst=scratch, n_rows=T,
                   n_cols=cols, rows_per_chunk=COLSUM_CHUNK)
         self._add(spec, spec.launch_dims(chunks, cols, chunks), dst, src=scratch, dst=dst, n_rows=chunks,
                   n_cols=cols, rows_per_chunk=chunks)
@@ -376,12 +370,14 @@ class Ops:
         Returns dx as the GEMMs read it: itself, or (bf16 precision) the bf16 copy the kernel
         writes into the output gradients' shared scratch."""
         spec, g, T = self.k.norm_bwd_residual if residual else self.k.norm_bwd, self.W[gamma], self.T
-        partial = self._gamma_partial
+        partial, H = self._gamma_partial, self.config.hidden_size
         operand = View(dx.name + "[bf16]", self._dy16.ptr, dx.shape, "bf16") if spec.bf16_copy else dx
         self._add(spec, spec.launch_dims(T), dx, x=x, gamma=g.value, dy=dy, rstd=rstd, dx=dx,
                   dgamma_partial=partial, n_rows=T, **({"dres": dx} if residual else {}),
                   **({"dx16": operand} if spec.bf16_copy else {}))
-        self._column_sum(partial, g.grad, spec.partial_rows(T))
+        rows, colsum = spec.partial_rows(T), self.k.colsum
+        self._add(colsum, colsum.launch_dims(rows, H, rows), g.grad, src=partial, dst=g.grad, n_rows=rows,
+                  n_cols=H, rows_per_chunk=rows)
         return operand
 
     def swiglu_backward(self, gate_up: View, dy: View, module: str, dgate_up: View) -> None:

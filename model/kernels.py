@@ -293,6 +293,10 @@ class ModelKernels:
         if (head is None) != (stats == 0) or (head is not None and head.block_n != stats):
             raise ValueError(f"the loss's LM head ({self.head_logits}) and the cross-entropy's stats_block {stats} "
                              "disagree")
+        loss_head = head if head is not None else self.head.forward  # ... and on how the logits are stored
+        if loss_head.c_dtype is not self.cross_entropy.dtype:
+            raise ValueError(f"the loss's LM head stores its logits in {loss_head.c_dtype.value}, the cross-entropy "
+                             f"reads {self.cross_entropy.dtype.value}")
         # the SwiGLU and its backward run as their own kernels exactly where no GEMM makes them
         for kernel, gemm, flag in ((self.swiglu, self.gate_up.forward, "swiglu_act"),
                                    (self.swiglu_bwd, self.down.grad_input, "swiglu_grad"),

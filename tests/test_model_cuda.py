@@ -160,7 +160,8 @@ def test_two_runs_are_bit_identical_and_a_resumed_run_matches(cache, corpus, tmp
 def test_the_fused_loss_and_the_dk_dv_teams_train_as_the_kernels_they_replace(cache, corpus, tmp_path, monkeypatch):
     """bf16, 20 steps: the LM head's row statistics feeding the cross-entropy, and the dK/dV kernel's
     two teams of a warpgroup, against the kernels before them (the cross-entropy's own two passes
-    over the logits; one warpgroup a block over 128-query tiles). The same function summed in another
+    over the logits, stored in bf16 as the LM head stores them; one warpgroup a block over
+    128-query tiles). The same function summed in another
     f32 order: the first steps' losses agree to ~1e-6 of their size (measured on an H200: at most
     1.1e-6 over steps 0-3, 6.5e-6 by step 6), after which bf16 rounding of slightly different values
     moves the runs apart as any other summation order would (4.7% at step 16 there); the last 10
@@ -175,8 +176,9 @@ def test_the_fused_loss_and_the_dk_dv_teams_train_as_the_kernels_they_replace(ca
     def unfused(cls, *args, **kwargs):
         k = made(cls, *args, **kwargs)
         assert k.head_logits is not None and k.attention_bwd_kv.teams == 2  # what this test replaces
+        head = dataclasses.replace(k.head, forward=dataclasses.replace(k.head.forward, bf16_out=True, tma_store=True))
         return dataclasses.replace(
-            k, head_logits=None, cross_entropy=dataclasses.replace(k.cross_entropy, stats_block=0),
+            k, head_logits=None, head=head, cross_entropy=dataclasses.replace(k.cross_entropy, stats_block=0),
             attention_bwd_kv=dataclasses.replace(k.attention_bwd_kv, warps=4, teams=1, tile=128))
 
     monkeypatch.setattr(ModelKernels, "of", classmethod(unfused))

@@ -227,3 +227,21 @@ def test_an_fp32_model_whose_intermediate_size_is_not_a_multiple_of_4_runs():
     assert ModelKernels.of(preset("tiny"), AdamWSettings(), -100).swiglu.vec == 0  # 16 bytes: the default
     with pytest.raises(UsageError, match="intermediate_size 350"):
         check_gpu_kernels(config, Precision.BF16, 8 * 128)
+
+
+def test_kernels_that_disagree_on_who_makes_what_are_refused():
+    """A kernel set whose parts disagree (a fused epilogue and the kernel it replaces both there, or
+    neither; logits stored in one dtype and read in another) is refused when it is made, before
+    a plan runs it: each would be a silent wrong answer (the NaN loss of f32 logits read as bf16)."""
+    k = ModelKernels.of(preset("qwen2-0.5b"), AdamWSettings(), -100, Precision.BF16)
+    rope = RopeSpec(heads=14, head_dim=64, theta=1e6, bf16_out=True, strided=True)
+    for changes, words in (
+            (dict(head_logits=None, cross_entropy=dataclasses.replace(k.cross_entropy, stats_block=0)),
+             "stores its logits in f32, the cross-entropy reads bf16"),
+            (dict(cross_entropy=dataclasses.replace(k.cross_entropy, dtype=DType.F32)), "reads f32"),
+            (dict(rope_q=rope), "disagree on who makes it"),
+            (dict(rope_table=None), "disagree on the angles' table"),
+            (dict(dv_copy=CastSpec(dst=DType.F32, strided=True, bf16_copy=True)), "q/k/v gradient rows"),
+            (dict(attention_bwd_q=dataclasses.replace(k.attention_bwd_q, qkv_rows=False)), "q/k/v gradient rows")):
+        with pytest.raises(ValueError, match=words):
+            dataclasses.replace(k, **changes)

@@ -239,6 +239,7 @@ class GemmSpec(KernelSpec):
     swiglu_grad: ClassVar[bool] = False
     swiglu_act: ClassVar[bool] = False
     rope_heads: ClassVar[int] = 0
+    c_dtype: ClassVar[DType] = DType.F32
 
     @property
     def threads_m(self) -> int:
