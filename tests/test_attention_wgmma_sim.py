@@ -71,3 +71,57 @@ def test_the_backward_matches_the_reference_gradients(bsz, s, h, hkv, d, layout)
         assert np.isfinite(ours).all(), f"{name}: an element was never written"
         err = np.abs(ours - ref).max() / max(np.abs(ref).max(), 0.1)
         assert err <= 2e-2, f"{name}: {err:.3g} of the largest |{name}|"
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(warps=8, tile=32, teams=2)])
+def test_qkv_rows_write_the_projections_gradient_as_the_rope_backward_and_the_copy_do(layout):
+    """``qkv_rows`` in the interpreter (the GPU test's check, test_attention_wgmma_bwd_cuda): dq, dk
+    and dv into the fused projection's [q | k | v] gradient rows (f32 and bf16), dq and dk rotated
+    back by the angles' table, bit for bit the RoPE backward kernels and dv's strided copy on the
+    plain kernels' outputs (the interpreter's sin and cos are numpy's, the same in both paths)."""
+    from ptxgen.kernels.cast import CastSpec
+    from ptxgen.kernels.rope import RopeSpec, RopeTableSpec
+    from ptxgen.vecio import DType
+    bsz, s, h, hkv, d, theta = 1, 70, 2, 1, 64, 1e6
+    fields = dict(heads=h, kv_heads=hkv, head_dim=d)
+    kv_fields = {**fields, **layout}
+    (q, q64), (k, k64), (v, v64), (do, do64) = (sixteen(shape, MmaType.BF16) for shape in
+                                                ((bsz, s, h, d), (bsz, s, hkv, d), (bsz, s, hkv, d), (bsz, s, h, d)))
+    o_ref, _, lse = attention_reference(q64, k64, v64)
+    o, lse = to_bf16(o_ref.astype(np.float32)), lse.astype(np.float32)
+    tokens, width = bsz * s, (h + 2 * hkv) * d
+    positions = rng.integers(0, 32768, tokens).astype(np.int32)
+    table = RopeTableSpec(head_dim=d, theta=theta)
+    flat = lambda dims: ((dims[0], 1, 1), dims[1])  # noqa: E731  (a 1-D grid, as the interpreter takes it)
+    angles = launch(table, flat(table.launch_dims(tokens)), positions, nan((tokens, d // 2, 2)), tokens)[1]
+
+    bq, bkv = AttentionWgmmaBackwardQSpec(**fields), AttentionWgmmaBackwardKVSpec(**kv_fields)
+    dq, delta = launch(bq, bq.launch_dims(bsz, s), q, k, v, o, do, lse, nan(q.shape), nan(lse.shape), s)[6:]
+    dk, dv = launch(bkv, bkv.launch_dims(bsz, s), q, k, v, do, lse, delta, nan(k.shape), nan(v.shape), s)[6:]
+    rows, rows16 = np.zeros((tokens, width), np.float32), np.zeros((tokens, width), np.uint16)
+    for grad, start, heads in ((dq, 0, h), (dk, h * d, hkv), (dv, (h + hkv) * d, hkv)):
+        n = heads * d
+        y, y16 = nan(tokens * width - start), nan(tokens * width - start, np.uint16)  # from its first column
+        if start == (h + hkv) * d:
+            spec = CastSpec(dst=DType.F32, strided=True, bf16_copy=True)
+            _, y, y16 = launch(spec, flat(spec.launch_dims(tokens * n)),
+                               *spec.arguments(grad.reshape(tokens, n), y, tokens, n, n, width, dst16=y16))
+        else:
+            spec = RopeSpec(heads=heads, head_dim=d, theta=theta, inverse=True, strided=True, bf16_copy=True)
+            _, y, y16, _ = launch(spec, flat(spec.launch_dims(tokens)),
+                                  *spec.arguments(grad.reshape(tokens, n), y, positions, tokens, n, width, y16=y16))
+        for out, got in ((rows, y), (rows16, y16)):
+            full = np.concatenate([np.zeros(start, got.dtype), got]).reshape(tokens, width)
+            out[:, start:start + n] = full[:, start:start + n]
+
+    fq, fkv = AttentionWgmmaBackwardQSpec(**fields, qkv_rows=True), AttentionWgmmaBackwardKVSpec(**kv_fields,
+                                                                                                 qkv_rows=True)
+    out_q = launch(fq, fq.launch_dims(bsz, s), q, k, v, o, do, lse, nan((tokens, width)), nan(lse.shape), s,
+                   nan((tokens, width), np.uint16), angles)
+    np.testing.assert_array_equal(out_q[7], delta)
+    out_kv = launch(fkv, fkv.launch_dims(bsz, s), q, k, v, do, lse, delta, nan((tokens, width)), nan((tokens, width)),
+                    s, nan((tokens, width), np.uint16), angles)
+    columns = (slice(0, h * d), slice(h * d, (h + hkv) * d), slice((h + hkv) * d, width))
+    for got, got16, cols in zip((out_q[6], out_kv[6], out_kv[7]), (out_q[8], out_kv[8], out_kv[8]), columns):
+        np.testing.assert_array_equal(got[:, cols], rows[:, cols])
+        np.testing.assert_array_equal(got16[:, cols], rows16[:, cols])
