@@ -123,9 +123,10 @@ def gemm_tc(cache: ModuleCache, rows: list, dtype: MmaType, m: int, n: int, k: i
 
 
 def lm_head_row_stats(cache: ModuleCache, rows: list) -> None:
-    """The bf16 model's LM head forward in the loss (logits f32, and each 128-column tile's row
-    (max, sum of exp) for the cross-entropy: ``row_stats``) beside the same GEMM without them and
-    cuBLAS, at the model's tile. cuBLAS is torch.matmul in bf16: its C is bf16, half the bytes."""
+    """An LM head forward with each 128-column tile's row (max, sum of exp) for the cross-entropy
+    (``row_stats``), its logits in f32 (the bf16 model's own stores them in bf16 through shared
+    memory: ``model-gemms`` times that one), beside the same GEMM without them and cuBLAS, at the
+    model's tile. cuBLAS is torch.matmul in bf16: its C is bf16, half the bytes."""
     m, n, k = TOKENS, 151936, 896
     a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)

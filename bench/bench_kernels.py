@@ -126,7 +126,7 @@ def main() -> None:
                  blocks(lambda bs: CrossEntropySpec(vocab=V, dtype=dt, grad_dtype=dt, block_size=bs), (256, 512, 1024)),
                  lambda s: launch(s, s.launch_dims(CE_ROWS), p(logits), p(targets), p(loss), p(dlogits),
                                   1.0 / CE_ROWS), torch_ce)
-        if dt is DType.F32:  # the bf16 model's: f32 logits, pass 1 made by the LM head's GEMM, bf16 dlogits
+        if dt is DType.F32:  # f32 logits, pass 1 made by the LM head's GEMM, bf16 dlogits (the bf16 model's logits are bf16)
             tiles = logits.unflatten(1, (-1, 128))  # V = 1187 x 128
             row_max = tiles.amax(-1)
             stats = torch.stack([row_max, (tiles - row_max[..., None]).exp().sum(-1)], -1).transpose(0, 1).contiguous()

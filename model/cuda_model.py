@@ -83,10 +83,10 @@ def lm_head(ops: Ops, hf: View, logits: View, stats: View | None = None) -> None
 
 def loss(ops: Ops, hf: View, d: TrainingBuffers, grad_scale: Expr) -> None:
     """reference.py's cross-entropy of the logits, and its gradient (scaled by ``grad_scale``):
-    ``d.logits`` rows of logits at a time, so the [tokens, vocab] f32 logits are never all in
-    memory; the gradient is kept for every row (the LM head's backward reads it). bf16: the LM
-    head's GEMM also reduces each column tile of a row (``d.logit_stats``), so the cross-entropy
-    reads the logits once."""
+    ``d.logits`` rows of logits at a time, so the [tokens, vocab] logits are never all in memory;
+    the gradient is kept for every row (the LM head's backward reads it). bf16: the LM head's GEMM
+    stores the logits in bf16 and also reduces each column tile of a row (``d.logit_stats``), so
+    the cross-entropy reads them once."""
     chunk, tiles = d.logits.shape[0], ops.k.cross_entropy.stats_tiles
     for start in range(0, hf.shape[0], chunk):
         rows = min(chunk, hf.shape[0] - start)

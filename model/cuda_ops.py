@@ -47,7 +47,7 @@ def scratch_shapes(k: ModelKernels, c: ModelConfig, tokens: int, matrices: dict[
     parts = [(weight_splits(dws[m], *shape, tokens, wave(dws[m])), shape) for m, shape in matrices.items()]
     QKV = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim  # the fused q/k/v projection's output width
     shapes = {"rmsnorm dgamma partial": ((k.norm_bwd_residual.partial_rows(tokens), H), "f32"),
-              "column sum chunks": ((-(-tokens // COLSUM_CHUNK), QKV), "f32"),
+              "column sum chunks": ((-(-tokens // COLSUM_CHUNK), max(QKV, H)), "f32"),  # biases' and dgamma's
               "split-K partial sums": ((max((n * math.prod(s) for n, s in parts if n > 1), default=1),), "f32")}
     if k.swiglu_bwd is not None:  # the down projection's dx, read by the SwiGLU backward's own kernel
         shapes["d act"] = ((tokens, c.intermediate_size), "f32")
@@ -139,6 +139,10 @@ class Ops:
         writes C through one too) and its persistent blocks fill the GPU once."""
         kernel = self.plan.cache.get(spec)
         operands, result, extra = {}, c, {}
+        # C (and a RoPE epilogue's k and v) in the dtype the spec stores: a bf16 C in f32 rows, or the
+        # other way round, reads back as garbage with no error
+        for out in (c, *(rope[:2] if rope is not None else ())):
+            assert not isinstance(out, View) or out.dtype == spec.c_dtype.value, (out.name, out.dtype, spec)
         if isinstance(spec, GemmWgmmaSpec) and spec.tma:
             operands = {"tmap_a": a, "tmap_b": b}
             a, b = (self.plan.keep(x) for x in gemm_tensor_maps(spec, a.ptr, b.ptr, m, n, k * splits))
@@ -261,6 +265,7 @@ class Ops:
         wider buffer): v out of the fused projection's rows, as the attention reads it (bf16
         precision: the cast), or (``backward``) dv into its gradient's (``copy``: as ``rope``'s)."""
         spec = self.k.dv_copy if backward else self.k.v_copy
+        assert spec is not None, "v's copies are not made where the q/k/v GEMM and the attention backward do them"
         (src, src_stride), (dst, dst_stride) = (Columns.of(a, width) for a in (src, out))
         args = spec.arguments(src, dst, self.T, width, src_stride, dst_stride, dst16=_copy_of(out, copy, width))
         self._add(spec, spec.launch_dims(self.T * width), dst, **_named(spec, args))
@@ -351,15 +356,22 @@ class Ops:
         self._gemm(self._linear(module).grad_input, f"{module} dX", dy, w.operand, dx, self.T, d_in, d_out)
 
     def column_sum(self, src: View, bias: str) -> None:
-        """A bias's gradient: the sum over the rows of ``src``, in one or two fixed-order stages."""
-        spec, dst, T = self.k.colsum, self.W[bias].grad, self.T
-        cols = dst.size
-        if T <= COLSUM_CHUNK:
-            self._add(spec, spec.launch_dims(T, cols, T), dst, src=src, dst=dst, n_rows=T, n_cols=cols,
-                      rows_per_chunk=T)
+        """A bias's gradient: the sum over the rows of ``src``."""
+        self._column_sum(src, self.W[bias].grad, self.T)
+
+    def _column_sum(self, src: View, dst: View, rows: int) -> None:
+        """dst = the sum over ``rows`` rows of ``src`` ([rows, dst.size]), in one or two fixed-order
+        stages: up to COLSUM_CHUNK rows at once, more in chunks of them (a block per 32 columns
+        and chunk: one chunk of 1024 rows of 896 columns is 28 blocks, which left the H200 all but
+        idle for 10 us) and then the chunks' sums."""
+        spec, cols = self.k.colsum, dst.size
+        if rows <= COLSUM_CHUNK:
+            self._add(spec, spec.launch_dims(rows, cols, rows), dst, src=src, dst=dst, n_rows=rows, n_cols=cols,
+                      rows_per_chunk=rows)
             return
-        chunks, scratch = -(-T // COLSUM_CHUNK), self._column_scratch
-        self._add(spec, spec.launch_dims(T, cols, COLSUM_CHUNK), scratch, src=src, dst=scratch, n_rows=T,
+        chunks, scratch = -(-rows // COLSUM_CHUNK), self._column_scratch
+        assert scratch.size >= chunks * cols, (scratch.shape, chunks, cols)
+        self._add(spec, spec.launch_dims(rows, cols, COLSUM_CHUNK), scratch, src=src, dst=scratch, n_rows=rows,
                   n_cols=cols, rows_per_chunk=COLSUM_CHUNK)
         self._add(spec, spec.launch_dims(chunks, cols, chunks), dst, src=scratch, dst=dst, n_rows=chunks,
                   n_cols=cols, rows_per_chunk=chunks)
@@ -370,14 +382,12 @@ class Ops:
         Returns dx as the GEMMs read it: itself, or (bf16 precision) the bf16 copy the kernel
         writes into the output gradients' shared scratch."""
         spec, g, T = self.k.norm_bwd_residual if residual else self.k.norm_bwd, self.W[gamma], self.T
-        partial, H = self._gamma_partial, self.config.hidden_size
+        partial = self._gamma_partial
         operand = View(dx.name + "[bf16]", self._dy16.ptr, dx.shape, "bf16") if spec.bf16_copy else dx
         self._add(spec, spec.launch_dims(T), dx, x=x, gamma=g.value, dy=dy, rstd=rstd, dx=dx,
                   dgamma_partial=partial, n_rows=T, **({"dres": dx} if residual else {}),
                   **({"dx16": operand} if spec.bf16_copy else {}))
-        rows, colsum = spec.partial_rows(T), self.k.colsum
-        self._add(colsum, colsum.launch_dims(rows, H, rows), g.grad, src=partial, dst=g.grad, n_rows=rows,
-                  n_cols=H, rows_per_chunk=rows)
+        self._column_sum(partial, g.grad, spec.partial_rows(T))
         return operand
 
     def swiglu_backward(self, gate_up: View, dy: View, module: str, dgate_up: View) -> None:

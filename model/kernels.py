@@ -126,11 +126,11 @@ class LinearKernels:
             make = functools.partial(GemmWgmmaSpec, tma=True, split_tail=cut_tails, **WGMMA_TILE)
             # swiglu_y: the SwiGLU took 1.45 ms of the 8192-token step on the H200, reading the
             # gate and up the GEMM had just written; its act staged too leaves room for 5 stages
-            # rope: the tail not cut (ptxas spilled the epilogue's registers beside the partial sums'
-            # code; at the model's K = hidden it would not pay: tail_parts). On the H200 at 8192 x
-            # 1152 x 896 the GEMM with RoPE in its epilogue took 55.9 us with spills, against 48.2
-            # for the f32 product + 34 for the RoPE kernels and v's cast reading it back; with
-            # 64-column tiles (no spills with the tail cut) 68.5
+            # rope: the tail not cut (with it ptxas spilled the epilogue's registers beside the
+            # partial sums' code; at the model's K = hidden it would not pay: tail_parts). On the
+            # H200 at 8192 x 1152 x 896 the GEMM with RoPE in its epilogue as it is took 0.050 ms,
+            # against 0.050 for the f32 product + 0.035 for the RoPE kernels and v's cast reading
+            # it back; with 64-column tiles (no spills with the tail cut) 0.068
             fwd = make(trans_a=False, trans_b=True, bias=bias, bf16_out=bf16_out, tma_store=bf16_out,
                        **(dict(swiglu_act=True, stages=5) if swiglu_y else {}),
                        **(dict(split_tail=False, **rope) if rope else {}))
@@ -262,7 +262,8 @@ class ModelKernels:
             down=linear(c.intermediate_size, h, swiglu_dx=True), head=head,
             head_logits=dataclasses.replace(head.forward, row_stats=True, bf16_out=True, tma_store=True)
             if stats_block else None,
-            # bf16: RoPE writes the attention's bf16 q and k itself (its f32 output is read by nothing else)
+            # bf16 where the q/k/v GEMM does not apply RoPE (``rope_in_gemm``): RoPE writes the
+            # attention's bf16 q and k itself (its f32 output is read by nothing else)
             rope_table=RopeTableSpec(**rope) if fused_rope else None,
             rope_q=None if fused_rope else RopeSpec(heads=c.num_heads, bf16_out=bf16, strided=True, **rope),
             rope_k=None if fused_rope else RopeSpec(heads=c.num_kv_heads, bf16_out=bf16, strided=True, **rope),

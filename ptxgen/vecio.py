@@ -83,6 +83,11 @@ def bf16x2_f32(b: KernelBuilder, word: Reg) -> list[Reg]:
     return [b.cvt(T.F32, half, src=T.BF16) for half in b.unpack(word)]
 
 
+def as_bf16_pair(b: KernelBuilder, lo: Reg, hi: Reg) -> list[Reg]:
+    """f32 ``lo`` and ``hi`` as a bf16 pair store holds them: each rounded to nearest even, as f32."""
+    return bf16x2_f32(b, b.cvt_bf16x2(hi, lo))
+
+
 def store_f32(b: KernelBuilder, dtype: DType, addr: Addr, vals: Sequence[Reg], *,
               guard: GuardLike = None) -> None:
     """Store f32 registers as ``dtype`` (bf16: round to nearest even)."""

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cudacall import call, poison, sixteen, values
+from qkv_rows import projection_rows
 from ptxgen.hw import MmaType
 from ptxgen.kernels.attention import attention_backward_reference, attention_reference
 from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
@@ -124,32 +125,6 @@ def test_two_runs_give_the_same_bits(cache, d, layout, teams):
         assert np.array_equal(first[name].view(np.uint32), again.view(np.uint32)), f"{name} differs between runs"
 
 
-def _projection_rows(cache, grads: dict[str, np.ndarray], positions: np.ndarray, h: int, hkv: int, d: int,
-                     theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """The fused q/k/v projection's gradient rows (f32, bf16 bits) as the RoPE backward kernels and
-    dv's strided copy make them from the attention's own dq, dk, dv: the unfused path."""
-    from ptxgen.kernels.cast import CastSpec
-    from ptxgen.kernels.rope import RopeSpec
-    from ptxgen.vecio import DType
-    tokens, width = positions.size, (h + 2 * hkv) * d
-    rows, rows16 = np.zeros((tokens, width), np.float32), np.zeros((tokens, width), np.uint16)
-    for name, start, heads in (("dq", 0, h), ("dk", h * d, hkv), ("dv", (h + hkv) * d, hkv)):
-        x, n = grads[name].reshape(tokens, heads * d), heads * d
-        y, y16 = poison(tokens * width - start), poison(tokens * width - start, np.uint16)  # from its first column
-        if name == "dv":
-            spec = CastSpec(dst=DType.F32, strided=True, bf16_copy=True)
-            _, y, y16 = call(cache, spec, spec.launch_dims(tokens * n),
-                             *spec.arguments(x, y, tokens, n, n, width, dst16=y16))
-        else:
-            spec = RopeSpec(heads=heads, head_dim=d, theta=theta, inverse=True, strided=True, bf16_copy=True)
-            _, y, y16, _ = call(cache, spec, spec.launch_dims(tokens),
-                                *spec.arguments(x, y, positions, tokens, n, width, y16=y16))
-        for out, got in ((rows, y), (rows16, y16)):
-            out[:, start:start + n] = np.concatenate([np.zeros(start, got.dtype), got]).reshape(tokens, width)[
-                :, start:start + n]
-    return rows, rows16
-
-
 @pytest.mark.parametrize("kind, layout", [("wgmma", dict(warps=8, teams=2, tile=64)), ("wgmma", dict(tile=64)),
                                           ("tc", dict())])
 def test_qkv_rows_write_the_projections_gradient_as_the_rope_backward_and_the_copy_do(cache, kind, layout):
@@ -169,7 +144,7 @@ def test_qkv_rows_write_the_projections_gradient_as_the_rope_backward_and_the_co
     positions = rng.integers(0, 32768, tokens).astype(np.int32)
     table = RopeTableSpec(head_dim=d, theta=theta)
     _, angles = call(cache, table, table.launch_dims(tokens), positions, poison((tokens, d // 2, 2)), tokens)
-    rows, rows16 = _projection_rows(cache, dict(dq=dq, dk=dk, dv=dv), positions, h, hkv, d, theta)
+    rows, rows16 = projection_rows(lambda *a: call(cache, *a), dict(dq=dq, dk=dk, dv=dv), positions, h, hkv, d, theta)
 
     spec_q, spec_kv = q_cls(**fields, qkv_rows=True), kv_cls(**fields, **layout, qkv_rows=True)
     p = problem

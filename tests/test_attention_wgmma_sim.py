@@ -79,9 +79,8 @@ def test_qkv_rows_write_the_projections_gradient_as_the_rope_backward_and_the_co
     and dv into the fused projection's [q | k | v] gradient rows (f32 and bf16), dq and dk rotated
     back by the angles' table, bit for bit the RoPE backward kernels and dv's strided copy on the
     plain kernels' outputs (the interpreter's sin and cos are numpy's, the same in both paths)."""
-    from ptxgen.kernels.cast import CastSpec
-    from ptxgen.kernels.rope import RopeSpec, RopeTableSpec
-    from ptxgen.vecio import DType
+    from ptxgen.kernels.rope import RopeTableSpec
+    from qkv_rows import projection_rows
     bsz, s, h, hkv, d, theta = 1, 70, 2, 1, 64, 1e6
     fields = dict(heads=h, kv_heads=hkv, head_dim=d)
     kv_fields = {**fields, **layout}
@@ -98,21 +97,8 @@ def test_qkv_rows_write_the_projections_gradient_as_the_rope_backward_and_the_co
     bq, bkv = AttentionWgmmaBackwardQSpec(**fields), AttentionWgmmaBackwardKVSpec(**kv_fields)
     dq, delta = launch(bq, bq.launch_dims(bsz, s), q, k, v, o, do, lse, nan(q.shape), nan(lse.shape), s)[6:]
     dk, dv = launch(bkv, bkv.launch_dims(bsz, s), q, k, v, do, lse, delta, nan(k.shape), nan(v.shape), s)[6:]
-    rows, rows16 = np.zeros((tokens, width), np.float32), np.zeros((tokens, width), np.uint16)
-    for grad, start, heads in ((dq, 0, h), (dk, h * d, hkv), (dv, (h + hkv) * d, hkv)):
-        n = heads * d
-        y, y16 = nan(tokens * width - start), nan(tokens * width - start, np.uint16)  # from its first column
-        if start == (h + hkv) * d:
-            spec = CastSpec(dst=DType.F32, strided=True, bf16_copy=True)
-            _, y, y16 = launch(spec, flat(spec.launch_dims(tokens * n)),
-                               *spec.arguments(grad.reshape(tokens, n), y, tokens, n, n, width, dst16=y16))
-        else:
-            spec = RopeSpec(heads=heads, head_dim=d, theta=theta, inverse=True, strided=True, bf16_copy=True)
-            _, y, y16, _ = launch(spec, flat(spec.launch_dims(tokens)),
-                                  *spec.arguments(grad.reshape(tokens, n), y, positions, tokens, n, width, y16=y16))
-        for out, got in ((rows, y), (rows16, y16)):
-            full = np.concatenate([np.zeros(start, got.dtype), got]).reshape(tokens, width)
-            out[:, start:start + n] = full[:, start:start + n]
+    rows, rows16 = projection_rows(lambda spec, dims, *a: launch(spec, flat(dims), *a), dict(dq=dq, dk=dk, dv=dv),
+                                   positions, h, hkv, d, theta)
 
     fq, fkv = AttentionWgmmaBackwardQSpec(**fields, qkv_rows=True), AttentionWgmmaBackwardKVSpec(**kv_fields,
                                                                                                  qkv_rows=True)

@@ -348,7 +348,7 @@ def test_cross_entropy_loss_and_dlogits_with_ignore_index(cache, rows, vocab, dt
     np.testing.assert_allclose(loss, loss_ref, atol=1e-4)
     tol = BF16_RTOL if dtype is DType.BF16 else 1e-5
     np.testing.assert_allclose(grad, grad_ref, rtol=tol, atol=1e-5 * scale)
-    if dtype is DType.F32:  # f32 logits, bf16 dlogits: the bf16 model's LM-head operand
+    if dtype is DType.F32:  # f32 logits, bf16 dlogits (the LM head's operand)
         mixed = CrossEntropySpec(vocab=vocab, grad_dtype=DType.BF16)
         *_, grad16 = call(cache, mixed, mixed.launch_dims(rows), logits, targets, poison(rows),
                           poison((rows, vocab), np.uint16), np.float32(scale))

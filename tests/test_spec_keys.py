@@ -4,7 +4,7 @@ import os
 import pytest
 
 from ptxgen.kernels.rmsnorm import RMSNormSpec
-from ptxgen.kernels.rope import RopeSpec
+from ptxgen.kernels.rope import RopeSpec, RopeTableSpec
 from ptxgen.registry import get_kind, kinds
 from ptxgen.spec import SpecError, Target, decode_fields, encode_value, generator_fingerprint, spec_key
 
@@ -19,9 +19,11 @@ def test_eps_1e5_and_1e6_give_different_text_and_keys():
 
 
 def test_theta_10000_and_1000000_give_different_text_and_keys():
-    llama, qwen = (RopeSpec(heads=14, head_dim=64, theta=t) for t in (1e4, 1e6))
-    assert llama.emit(TARGET) != qwen.emit(TARGET)
-    assert llama.key(TARGET) != qwen.key(TARGET)
+    """The RoPE kernel, and the angles' table the q/k/v GEMM and the attention backward rotate by."""
+    for make in (lambda t: RopeSpec(heads=14, head_dim=64, theta=t), lambda t: RopeTableSpec(head_dim=64, theta=t)):
+        llama, qwen = make(1e4), make(1e6)
+        assert llama.emit(TARGET) != qwen.emit(TARGET)
+        assert llama.key(TARGET) != qwen.key(TARGET)
 
 
 def test_encoding_tells_apart_values_python_calls_equal():

@@ -41,6 +41,7 @@ from .common import check_positive
 from .mma_tile import ELEMS, SharedTile
 from .ring import Pair, Ring
 from .rope import rotate as rotate_pair
+from .rope import table_angles
 
 
 Tiles = list[list[Reg]]  # accumulator tiles: [n8 tile][4 f32]
@@ -259,7 +260,7 @@ class _Flash:
             b.st("global", Addr(at, 32 * j), [b.mul(v, scale) for v in vals] if scale != 1.0 else vals,
                  guard=valid)
 
-    def store_qkv_row(self, name: str, acc: Tiles, h: int, token: Reg, column_head: int | Reg, valid: Reg,
+    def store_qkv_row(self, name: str, acc: Tiles, h: int, token: Reg, column_head: Reg, valid: Reg,
                       scale: float = 1.0, rotate: bool = False) -> None:
         """The spec's ``qkv_rows``: row group + 8h of the gradient ``name`` ([16 x d] accumulators x
         ``scale``) of token ``token`` into head ``column_head`` of the fused projection's [q | k |
@@ -274,10 +275,7 @@ class _Flash:
         pairs = [[b.mul(v, scale) if scale != 1.0 else v for v in (tile[2 * h], tile[2 * h + 1])] for tile in acc]
         if rotate:  # the pair (i, i + d / 2) in n8 tiles j and j + d / 16 of the lane; i = 8 j + 2 quad (+ 1)
             half = d // 2
-            angles = b.add(b.cvta_global(b.ld_param("angles")), b.mul_wide(b.mad(token, half, b.shl(self.quad, 1)), 8))
-            for j in range(half // 8):
-                cs = b.ld("global", T.F32, Addr(angles, 64 * j), 4, guard=valid,
-                          out=[b.mov(0.0, T.F32) for _ in range(4)])
+            for j, cs in enumerate(table_angles(b, b.cvta_global(b.ld_param("angles")), token, self.quad, half, valid)):
                 turned = [rotate_pair(b, x1, x2, cs[2 * e], b.neg(cs[2 * e + 1]))
                           for e, (x1, x2) in enumerate(zip(pairs[j], pairs[j + half // 8]))]
                 pairs[j], pairs[j + half // 8] = [y1 for y1, _ in turned], [y2 for _, y2 in turned]
@@ -726,10 +724,10 @@ class _BackwardKVBase(_QkvRows, _FlashBase):
             self._sum_teams(f, [dk, dv], b.add(f.smem, 2 * kv_bytes))
         with _team_only(f, 0):
             if self.qkv_rows:  # k's heads after q's in the row, v's after k's
-                for name, acc, scale, first in (("dk", dk, self.scale, self.heads),
-                                                ("dv", dv, 1.0, self.heads + self.kv_heads)):
+                for name, acc, scale, first_head in (("dk", dk, self.scale, self.heads),
+                                                     ("dv", dv, 1.0, self.heads + self.kv_heads)):
                     for h in range(2):
-                        f.store_qkv_row(name, acc, h, b.mad(f.batch, seq, keys[h]), b.add(kv_head, first),
+                        f.store_qkv_row(name, acc, h, b.mad(f.batch, seq, keys[h]), b.add(kv_head, first_head),
                                         b.setp("lt", keys[h], seq), scale, rotate=name == "dk")
                 return
             for name, acc, scale in (("dk", dk, self.scale), ("dv", dv, 1.0)):

@@ -99,7 +99,7 @@ class _TileLoader:
                 b.st("shared", Addr(base), vals if len(vals) > 1 else vals[0])
 
 
-def bias_at(b: KernelBuilder, bias_ptr: Reg, col: Reg, ok: Reg | None, width: int) -> list[Reg]:
+def bias_at(b: KernelBuilder, bias_ptr: Reg, col: Reg, ok: Reg, width: int) -> list[Reg]:
     """bias[col : col + width] (f32), loaded where ``ok`` (the chunk lies below n)."""
     return load_f32(b, DType.F32, Addr(b.add(bias_ptr, b.shl(b.cvt(T.U64, col), 2))), width, guard=ok)
 

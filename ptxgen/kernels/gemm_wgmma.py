@@ -51,7 +51,7 @@ from ..hw import DESCRIPTOR_SWIZZLE, MBARRIER_BYTES, SHARED_LIMIT, SWIZZLE_ATOM,
 from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError, Target
-from ..vecio import DType, bf16x2_f32
+from ..vecio import DType, as_bf16_pair, bf16x2_f32
 from .common import MAX_LOOP_BOUND, check_at_most, check_positive
 from .gemm import batch_matrices, bias_at, tile_origin
 from .gemm_tc import TensorCoreGemm, _Feed, _Operand, store_accumulators
@@ -173,10 +173,11 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         for name in ("rope_heads", "rope_kv_heads", "rope_head_dim"):
             check_positive(name, getattr(self, name))
         if not (self.pingpong and self.dtype is MmaType.BF16) or self.accumulate or self.bf16_out or \
-                self.tma_store or self.row_stats or self.swiglu_grad or self.swiglu_act or self.mn_major[1]:
+                self.tma_store or self.row_stats or self.swiglu_grad or self.swiglu_act or self.mn_major[1] or \
+                self.split_tail:
             raise SpecError("gemm_wgmma: a RoPE epilogue (rope_heads) is the pingpong kernel's on bf16 operands, B "
                             "stored [N, K], storing its own bf16 q, k and v (no accumulate, bf16_out, tma_store, "
-                            "row_stats or SwiGLU)")
+                            "row_stats or SwiGLU), its tail uncut (beside the partial sums' code ptxas spilled)")
         head_dim, block = self.rope_head_dim, self.block_n
         if head_dim % 16 or block % head_dim:
             raise SpecError(f"gemm_wgmma: rope_head_dim must be a multiple of 16 dividing block_n {block} (a head "
@@ -329,7 +330,7 @@ def store_row_stats(spec: GemmWgmmaSpec, b: KernelBuilder, acc: list[Reg], stats
     if spec.bf16_out:  # a lane's pairs are adjacent columns of a row, as stored
         for tile in tiles:
             for h in range(2):
-                for r, v in zip(tile[2 * h:2 * h + 2], bf16x2_f32(b, b.cvt_bf16x2(tile[2 * h + 1], tile[2 * h]))):
+                for r, v in zip(tile[2 * h:2 * h + 2], as_bf16_pair(b, tile[2 * h], tile[2 * h + 1])):
                     b.mov(v, out=r)
     group, quad = b.shr(lane, 2), b.and_(lane, 3)
     cols = b.add(col0, b.shl(quad, 1))
@@ -434,8 +435,7 @@ class StagedStore:
         b, half = self.b, self.spec.n_tiles // 2
         act = [b.add(self.act, b.sub(r, self.buffer)) for r in rows]  # the same row of the act box
         def stored(t: int, h: int) -> list[Reg]:  # the pair of tile t, row half h, as C holds it
-            lo, hi = acc[4 * t + 2 * h:4 * t + 2 * h + 2]
-            return bf16x2_f32(b, b.cvt_bf16x2(hi, lo))
+            return as_bf16_pair(b, *acc[4 * t + 2 * h:4 * t + 2 * h + 2])
 
         for j in range(half):
             at = staged_pair(b, j, DType.BF16.size, pair_bytes, group)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..builder import Addr, KernelBuilder, Reg, T
-from .rope import rotate
+from .rope import rotate, table_angles
 
 if TYPE_CHECKING:
     from .gemm_wgmma import GemmWgmmaSpec
@@ -66,12 +66,10 @@ class RopeStore:
             row = b.add(row0, b.add(b.mad(warp, 16, group), 8 * h))
             ok = b.setp("lt", row, self.m)
             at = b.add(matrix, b.mul_wide(b.mad(row, width, col), 2))
-            # the row's (cos, sin) of i = 8 jj + 2 quad and of the next i: 16 bytes of the table
-            angles = b.add(b.cvta_global(b.ld_param("rope_table")), b.mul_wide(b.mad(row, half, b.shl(quad, 1)), 8))
-            for jj in range(second):  # the n8 tiles of a head's first half
-                # (volatile: issued here, not hoisted by ptxas into registers the accumulators need)
-                cs = b.ld("global", T.F32, Addr(angles, 64 * jj), 4, volatile=True, guard=ok,
-                          out=[b.mov(0.0, T.F32) for _ in range(4)])
+            # the row's (cos, sin) of the lane's i in each n8 tile jj of a head's first half (volatile:
+            # issued here, not hoisted by ptxas into registers the accumulators need)
+            angles = table_angles(b, b.cvta_global(b.ld_param("rope_table")), row, quad, half, ok, volatile=True)
+            for jj, cs in enumerate(angles):
                 for head in range(spec.block_n // head_dim):
                     j = head * 2 * second + jj
                     x1s, x2s = values(j, h), values(j + second, h)

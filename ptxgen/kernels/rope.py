@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import ClassVar
+from typing import ClassVar, Iterator
 
 import numpy as np
 
@@ -61,6 +61,17 @@ def rotation(b: KernelBuilder, pos: Reg, freq: Reg, inverse: bool = False) -> tu
     r32 = b.cvt(T.F32, b.fma(turns, TWO_PI_LO, b.fma(turns, TWO_PI, angle)))
     cos = b.fn("cos", r32)
     return cos, b.neg(b.fn("sin", r32)) if inverse else b.fn("sin", r32)
+
+
+def table_angles(b: KernelBuilder, table: Reg, row: Reg, quad: Reg, half: int, ok: Reg,
+                 volatile: bool = False) -> Iterator[list[Reg]]:
+    """From ``RopeTableSpec``'s table at ``table``: for each n8 tile j of a head's first half, a
+    lane's (cos, sin) of i = 8 j + 2 ``quad`` and of i + 1 in row ``row``, 16 bytes (0 where not
+    ``ok``), loaded as the caller takes them (``volatile``: issued right there, not hoisted)."""
+    at = b.add(table, b.mul_wide(b.mad(row, half, b.shl(quad, 1)), 8))
+    for j in range(half // 8):
+        yield b.ld("global", T.F32, Addr(at, 64 * j), 4, volatile=volatile, guard=ok,
+                   out=[b.mov(0.0, T.F32) for _ in range(4)])
 
 
 def rotate(b: KernelBuilder, x1: Reg, x2: Reg, cos: Reg, sin: Reg) -> tuple[Reg, Reg]:

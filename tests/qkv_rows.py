@@ -1,0 +1,37 @@
+"""Test helper: the fused q/k/v projection's gradient rows as the unfused path makes them (the RoPE
+backward kernels on dq and dk, dv's strided copy), what the attention backward's ``qkv_rows``
+must write bit for bit; on a GPU (``cudacall.call``) or in the interpreter (``ptxsim.launch``)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from ptxgen.kernels.cast import CastSpec
+from ptxgen.kernels.rope import RopeSpec
+from ptxgen.vecio import DType
+
+
+def projection_rows(run: Callable[..., list[np.ndarray]], grads: dict[str, np.ndarray], positions: np.ndarray,
+                    heads: int, kv_heads: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """(f32 rows, their bf16 bits) [tokens, (heads + 2 kv_heads) x head_dim] from the attention's
+    own ``grads`` dq, dk, dv; ``run(spec, (grid, block), *args)`` launches a kernel on arrays."""
+    tokens, d = positions.size, head_dim
+    width = (heads + 2 * kv_heads) * d
+    rows, rows16 = np.zeros((tokens, width), np.float32), np.zeros((tokens, width), np.uint16)
+    for name, start, count in (("dq", 0, heads), ("dk", heads * d, kv_heads), ("dv", (heads + kv_heads) * d, kv_heads)):
+        x, n = grads[name].reshape(tokens, count * d), count * d
+        # the kernel's y from its first column on: the rows' other columns stay NaN
+        y, y16 = np.full(tokens * width - start, np.nan, np.float32), np.full(tokens * width - start, 0x7FC0, np.uint16)
+        spec: Any
+        if name == "dv":
+            spec = CastSpec(dst=DType.F32, strided=True, bf16_copy=True)
+            _, y, y16 = run(spec, spec.launch_dims(tokens * n), *spec.arguments(x, y, tokens, n, n, width, dst16=y16))
+        else:
+            spec = RopeSpec(heads=count, head_dim=d, theta=theta, inverse=True, strided=True, bf16_copy=True)
+            _, y, y16, _ = run(spec, spec.launch_dims(tokens),
+                               *spec.arguments(x, y, positions, tokens, n, width, y16=y16))
+        for out, got in ((rows, y), (rows16, y16)):
+            out[:, start:start + n] = np.concatenate([np.zeros(start, got.dtype), got]).reshape(tokens, width)[
+                :, start:start + n]
+    return rows, rows16
