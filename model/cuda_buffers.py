@@ -20,10 +20,9 @@ import numpy as np
 from runtime import DeviceArray, View
 
 from .config import ModelConfig
-from .kernels import rope_in_gemm
+from .kernels import ModelKernels
 from .optim import decays
 from .params import layer_prefix, param_shapes
-from .precision import Precision
 
 
 # Linear layers run as one GEMM over adjacent weights (and biases): q, k and v ([q; k; v], what
@@ -207,10 +206,11 @@ class LayerActs:
 
 
 class Activations:
-    """The activations of ``batch x seq`` new tokens, up to the LM head's input."""
+    """The activations of ``batch x seq`` new tokens, up to the LM head's input, as the kernels ``k``
+    read and write them."""
 
-    def __init__(self, arena: Arena, c: ModelConfig, batch: int, seq: int, bf16: bool):
-        T, H, I = batch * seq, c.hidden_size, c.intermediate_size
+    def __init__(self, arena: Arena, c: ModelConfig, batch: int, seq: int, k: ModelKernels):
+        T, H, I, bf16 = batch * seq, c.hidden_size, c.intermediate_size, k.bf16
         Q, KV_ = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         new = arena.new
         operand = (lambda name, shape: new(name + "[bf16]", shape, "bf16")) if bf16 else new  # what GEMMs read
@@ -218,7 +218,7 @@ class Activations:
         self.ids, self.pos = new("ids", (T,), "i32"), new("positions", (T,), "i32")
         # [q | k | v] per row before RoPE, the fused projection's output: read by nothing but the
         # layer's own RoPE and v copy, so the layers share it (none where the GEMM applies RoPE)
-        fused = rope_in_gemm(c, Precision.BF16 if bf16 else Precision.FP32)
+        fused = k.rope_table is not None
         self.qkv = None if fused else new("qkv before RoPE (every layer's)", (T, Q + 2 * KV_))
         # where the q/k/v GEMM applies RoPE: each row's (cos, sin) of every frequency, made once for every layer
         self.angles = new("RoPE angles (cos, sin)", (T, c.head_dim // 2, 2)) if fused else None
@@ -243,9 +243,9 @@ class TrainingBuffers:
     (the loss takes them a chunk at a time), the logits' gradient and the backward's activation
     gradients (reused layer by layer), and the embedding backward's plan."""
 
-    def __init__(self, arena: Arena, c: ModelConfig, batch: int, seq: int, bf16: bool, logit_rows: int,
-                 stats_tiles: int):
+    def __init__(self, arena: Arena, c: ModelConfig, batch: int, seq: int, k: ModelKernels, logit_rows: int):
         T, H, I, V = batch * seq, c.hidden_size, c.intermediate_size, c.vocab_size
+        bf16, stats_tiles = k.bf16, k.cross_entropy.stats_tiles
         Q, KV_ = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         new, operand = arena.new, "bf16" if bf16 else "f32"
         self.targets, self.losses = new("targets", (T,), "i32"), new("losses", (T,))
@@ -259,8 +259,9 @@ class TrainingBuffers:
         self.dh = new("d h", (T, H))
         self.d_gate_up = new("d gate_up", (T, 2 * I), operand)  # [d gate | d up]: the fused GEMM's operand
         self.d_o = new("d o", (T, Q), operand)  # as the attention reads it
-        # the attention's dq, dk, dv (none where it writes d qkv's rows itself, rotated back: rope_in_gemm)
-        unfused = not rope_in_gemm(c, Precision.BF16 if bf16 else Precision.FP32)
+        # the attention's dq, dk, dv, read by RoPE's backward and dv's copy (none where the attention
+        # backward writes d qkv's rows itself, rotated back: its qkv_rows)
+        unfused = k.dv_copy is not None
         self.dq, self.dk, self.dv = (new(name, (T, width)) if unfused else None
                                      for name, width in (("d q", Q), ("d k", KV_), ("d v", KV_)))
         self.d_qkv = new("d qkv", (T, Q + 2 * KV_))  # [dq | dk | dv] per row (before RoPE): the fused projection's
@@ -270,12 +271,13 @@ class TrainingBuffers:
                                                     ("embedding seg_id", T)))
 
 
-def step_buffers(arena: Arena, c: ModelConfig, batch: int, seq: int, bf16: bool, logit_rows: int,
-                 stats_tiles: int) -> tuple[Activations, list[KV], TrainingBuffers]:
-    """A training step's buffers for ``batch`` x ``seq`` tokens: the activations, each layer's keys
-    and values and the training buffers with ``logit_rows`` rows of logits (and, ``stats_tiles``
-    > 0, their column tiles' statistics: the cross-entropy's ``stats_tiles``)."""
+def step_buffers(arena: Arena, c: ModelConfig, batch: int, seq: int, k: ModelKernels, logit_rows: int
+                 ) -> tuple[Activations, list[KV], TrainingBuffers]:
+    """A training step's buffers for ``batch`` x ``seq`` tokens, as the kernels ``k`` use them: the
+    activations, each layer's keys and values and the training buffers with ``logit_rows`` rows of
+    logits (and their column tiles' statistics where the cross-entropy reads them made:
+    ``stats_tiles``)."""
     T, width = batch * seq, c.num_kv_heads * c.head_dim
-    acts = Activations(arena, c, batch, seq, bf16)
-    kv = [KV.allocate(arena, i, T, width, bf16) for i in range(c.num_layers)]
-    return acts, kv, TrainingBuffers(arena, c, batch, seq, bf16, logit_rows, stats_tiles)
+    acts = Activations(arena, c, batch, seq, k)
+    kv = [KV.allocate(arena, i, T, width, k.bf16) for i in range(c.num_layers)]
+    return acts, kv, TrainingBuffers(arena, c, batch, seq, k, logit_rows)

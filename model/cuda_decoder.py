@@ -58,7 +58,7 @@ class CudaDecoder:
     def _plan(self, new: int) -> _Call:
         be = self.backend
         plan, arena = Plan(be.cache), Arena()
-        acts, logits = Activations(arena, be.config, 1, new, be.bf16), arena.new("logits", (1, be.config.vocab_size))
+        acts, logits = Activations(arena, be.config, 1, new, be.kernels), arena.new("logits", (1, be.config.vocab_size))
         ops = be.ops(plan, arena, new)
         lm_head(ops, forward(ops, acts, self._kv, kv_stride=self.max_len, cached=plan.value("cached", 0)), logits)
         return _Call(plan, arena, acts, logits)

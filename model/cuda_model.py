@@ -331,8 +331,7 @@ class CudaBackend:
         c, T = self.config, batch * seq
         plan, arena = Plan(self.cache), Arena()
         ops = self.ops(plan, arena, T)
-        acts, kv, bufs = step_buffers(arena, c, batch, seq, self.bf16, min(T, self.loss_chunk_rows),
-                                      self.kernels.cross_entropy.stats_tiles)
+        acts, kv, bufs = step_buffers(arena, c, batch, seq, self.kernels, min(T, self.loss_chunk_rows))
         acts.pos.upload(np.tile(np.arange(seq, dtype=np.int32), batch))
         plan.section = "forward"
         hf = forward(ops, acts, kv, kv_stride=seq)

@@ -85,10 +85,8 @@ def cuda_step_buffer_bytes(config: ModelConfig, batch: int, seq: int, bf16: bool
     from .cuda_buffers import step_buffers
 
     counter = _Counter()
-    stats_tiles = ModelKernels.of(config, AdamWSettings(), IGNORE_INDEX,
-                                  Precision.BF16 if bf16 else Precision.FP32).cross_entropy.stats_tiles
-    step_buffers(counter, config, batch, seq, bf16, min(batch * seq, LOSS_CHUNK_ROWS),  # type: ignore[arg-type]
-                 stats_tiles)
+    kernels = ModelKernels.of(config, AdamWSettings(), IGNORE_INDEX, Precision.BF16 if bf16 else Precision.FP32)
+    step_buffers(counter, config, batch, seq, kernels, min(batch * seq, LOSS_CHUNK_ROWS))  # type: ignore[arg-type]
     return counter.bytes
 
 
@@ -147,10 +145,11 @@ def generate_bytes(config: ModelConfig, max_len: int, on_gpu: bool, bf16: bool =
         from .cuda_buffers import KV, Activations
 
         counter, width = _Counter(), config.num_kv_heads * config.head_dim
+        kernels = ModelKernels.of(config, AdamWSettings(), IGNORE_INDEX, Precision.BF16 if bf16 else Precision.FP32)
         for i in range(config.num_layers):
             KV.allocate(counter, i, max_len, width, bf16)  # type: ignore[arg-type]
         for new in {max_len, 1}:
-            Activations(counter, config, 1, new, bf16)  # type: ignore[arg-type]
+            Activations(counter, config, 1, new, kernels)  # type: ignore[arg-type]
             counter.new("logits", (1, config.vocab_size))
         return _cuda_backend_bytes(config, bf16) + counter.bytes + tail_workspace_bytes(config, bf16)
     kv = 2 * config.num_layers * max_len * config.num_kv_heads * config.head_dim

@@ -313,6 +313,11 @@ class ModelKernels:
         if (self.rope_table is None) == bool(self.qkv.forward.rope_heads):  # the angles' table: the GEMM's RoPE's
             raise ValueError(f"{self.rope_table} and the GEMM {self.qkv.forward} disagree on the angles' table")
 
+    @property
+    def bf16(self) -> bool:
+        """Whether these are bf16 precision's kernels (the GEMMs read bf16 copies of the weights)."""
+        return self.to_bf16 is not None
+
     def linear(self, module: str) -> LinearKernels:
         """The kernels of the linear layer ``module`` (its HF name without ``.weight``)."""
         return getattr(self, LINEAR_KINDS[module.rsplit(".", 1)[-1]])
