@@ -46,6 +46,9 @@ def forward(ops: Ops, acts: Activations, kv: list[KV], kv_stride: int, cached: i
     Layer i writes its keys and values into ``kv[i]`` from row ``cached`` on (rows of ``kv_stride``
     per sequence) and attends over the ``cached`` rows before them and its own: the training
     batch's own buffers, or a KV cache."""
+    # the new keys and values go in as contiguous rows from ``cached`` on: one sequence's, or the
+    # whole batch's where each sequence's rows are its seq new ones
+    assert acts.batch == 1 or kv_stride == acts.seq, (acts.batch, acts.seq, kv_stride)
     ops.embed(acts.ids, "model.embed_tokens.weight", out=acts.layers[0].x)
     if acts.angles is not None:  # RoPE's (cos, sin) at every row's position, for every layer's q/k/v GEMM
         ops.rope_angles(acts.pos, out=acts.angles)
