@@ -415,7 +415,7 @@ class Ops:
         (their ``qkv_rows``, rotating back by the forward's ``angles``), that is all; else into
         ``scratch`` (dq, dk, dv), then the RoPE backward kernels and dv's copy."""
         bq, bkv = self.k.attention_bwd_q, self.k.attention_bwd_kv
-        rows = getattr(bq, "qkv_rows", False)
+        rows = bq.qkv_rows
         c = self.config
         Q, KV_ = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         dq, dk, dv = (into,) * 3 if rows else scratch

@@ -308,7 +308,7 @@ class ModelKernels:
                 raise ValueError(f"{kernel} and the GEMM {gemm} disagree on who makes it ({flag})")
         for kernel in (self.rope_q_bwd, self.rope_k_bwd, self.dv_copy):  # their work, or the attention backward's
             for attention in (self.attention_bwd_q, self.attention_bwd_kv):
-                if (kernel is None) != getattr(attention, "qkv_rows", False):
+                if (kernel is None) != attention.qkv_rows:
                     raise ValueError(f"{kernel} and {attention} disagree on who writes the q/k/v gradient rows")
         if (self.rope_table is None) == bool(self.qkv.forward.rope_heads):  # the angles' table: the GEMM's RoPE's
             raise ValueError(f"{self.rope_table} and the GEMM {self.qkv.forward} disagree on the angles' table")

@@ -276,6 +276,7 @@ class AttentionBackwardQSpec(_AttentionBase):
 
     kind: ClassVar[str] = "attention_bwd_q"
     rows_held: ClassVar[int] = 3  # q, dO, dQ
+    qkv_rows: ClassVar[bool] = False  # the tensor-core kernels' (dq into the fused projection's gradient rows)
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "o", "do", "lse", "dq", "delta")
     written: ClassVar[tuple[str, ...]] = ("dq", "delta")
 
@@ -320,6 +321,7 @@ class AttentionBackwardKVSpec(_AttentionBase):
 
     kind: ClassVar[str] = "attention_bwd_kv"
     rows_held: ClassVar[int] = 4  # k, v, dK, dV
+    qkv_rows: ClassVar[bool] = False  # the tensor-core kernels' (dk, dv into the fused projection's gradient rows)
     pointers: ClassVar[tuple[str, ...]] = ("q", "k", "v", "do", "lse", "delta", "dk", "dv")
     written: ClassVar[tuple[str, ...]] = ("dk", "dv")
 
