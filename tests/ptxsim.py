@@ -235,10 +235,10 @@ class Block:
         self._binary(op, ops, mask, np.divide if op[-1] == "f32" else np.floor_divide)  # div.rn.f32: IEEE
 
     def _sqrt(self, op, ops, mask):
-        self._unary(ops, mask, np.sqrt)
+        self._unary(ops, mask, np.sqrt, ftz="ftz" in op)
 
     def _rsqrt(self, op, ops, mask):
-        self._unary(ops, mask, lambda x: np.float32(1) / np.sqrt(x))
+        self._unary(ops, mask, lambda x: np.float32(1) / np.sqrt(x), ftz="ftz" in op)
 
     def _rem(self, op, ops, mask):
         self._binary(op, ops, mask, np.remainder)
@@ -278,28 +278,30 @@ class Block:
         a, b, c = (self.value(x, "f32").astype(np.float64) for x in ops[1:4])
         self.write(ops[0], (a * b + c).astype(np.float32), mask)
 
-    def _unary(self, ops, mask, f, t: str = "f32") -> None:
+    def _unary(self, ops, mask, f, t: str = "f32", ftz: bool = False) -> None:
         with np.errstate(over="ignore", divide="ignore"):
             v = self.value(ops[1], t)
-            self.write(ops[0], f(v).astype(v.dtype), mask)
+            flush = (lambda x: np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(0) * x, x)) if ftz \
+                else (lambda x: x)  # .ftz: subnormal inputs and results as zeros of their sign
+            self.write(ops[0], flush(f(flush(v))).astype(v.dtype), mask)
 
     def _neg(self, op, ops, mask):
         self._unary(ops, mask, np.negative, op[-1])
 
     def _sin(self, op, ops, mask):
-        self._unary(ops, mask, np.sin)
+        self._unary(ops, mask, np.sin, ftz="ftz" in op)
 
     def _cos(self, op, ops, mask):
-        self._unary(ops, mask, np.cos)
+        self._unary(ops, mask, np.cos, ftz="ftz" in op)
 
     def _ex2(self, op, ops, mask):
-        self._unary(ops, mask, np.exp2)
+        self._unary(ops, mask, np.exp2, ftz="ftz" in op)
 
     def _lg2(self, op, ops, mask):
-        self._unary(ops, mask, np.log2)
+        self._unary(ops, mask, np.log2, ftz="ftz" in op)
 
     def _rcp(self, op, ops, mask):
-        self._unary(ops, mask, lambda x: np.float32(1) / x)
+        self._unary(ops, mask, lambda x: np.float32(1) / x, ftz="ftz" in op)
 
     def _setp(self, op, ops, mask):
         compare = {"eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal, "gt": np.greater,

@@ -109,6 +109,17 @@ def test_atomics_conversions_and_float_functions_render_as_ptx():
         assert line in text
 
 
+def test_the_special_functions_have_their_flush_to_zero_forms_where_ptx_does():
+    b = builder()
+    x = b.mov(2.0, T.F32)
+    for name in ("ex2", "rcp", "rsqrt", "sqrt", "lg2", "sin", "cos"):
+        b.fn(name, x, "approx.ftz")
+    assert [line.split()[0] for line in b.text().splitlines() if "approx.ftz" in line] == [
+        f"{name}.approx.ftz.f32" for name in ("ex2", "rcp", "rsqrt", "sqrt", "lg2", "sin", "cos")]
+    with pytest.raises(PtxBuildError, match="rcp.approx.ftz.f64 does not exist"):
+        b.fn("rcp", b.cvt(T.F64, x), "approx.ftz")
+
+
 def test_dynamic_shared_memory_is_a_module_scope_extern_and_launch_bounds_precede_the_body():
     b = builder()
     tiles = b.dynamic_shared("tiles", align=1024)

@@ -54,6 +54,21 @@ def test_swiglu_backward_writes_dgate_and_dup_into_the_halves_of_each_row(spec, 
         np.testing.assert_allclose(ours, ref, rtol=_tolerance(spec), atol=1e-5)
 
 
+@pytest.mark.parametrize("spec", [SwiGLUSpec(), SwiGLUBackwardSpec()], ids=str)
+def test_the_sigmoid_of_a_gate_below_minus_87_is_zero_not_subnormal(spec):
+    """fastmath's rcp.approx.ftz: 1 / (1 + 2^126.96) (g = -88) flushes to 0 (float64: 6e-39), so
+    silu(g) * up (float64: -1.1e-36) and its gradients are exactly zero there."""
+    rows, width = 4, 512
+    gate_up = np.concatenate([np.full((rows, width), -88.0), np.full((rows, width), 2.0)], axis=1).astype(np.float32)
+    if isinstance(spec, SwiGLUSpec):
+        *_, out = _run(spec, rows, width, gate_up, np.full((rows, width), np.nan, np.float32))
+        assert not np.any(out) and 0 < -swiglu_reference(gate_up[:, :width], gate_up[:, width:]).max() < 1e-35
+    else:
+        *_, grads = _run(spec, rows, width, gate_up, np.ones((rows, width), np.float32),
+                         np.full((rows, 2 * width), np.nan, np.float32))
+        assert not np.any(grads)
+
+
 def test_a_width_of_fewer_elements_than_the_vector_runs_with_a_narrower_one():
     """fp32 intermediate_size 350: two elements a thread, the model's choice for that width."""
     spec = SwiGLUSpec(vec=2)

@@ -31,6 +31,7 @@ from ..registry import register
 from ..spec import KernelSpec, SpecError
 from ..vecio import DType, load_f32, store_f32
 from .common import MAX_GRID_YZ, check_at_most, check_block_size, check_positive
+from .fastmath import exp2
 
 MAX_REGS_PER_THREAD = 128  # row values held per thread (the dK/dV kernel holds four rows' shares)
 PARTIALS = 4               # independent accumulators per dot product (shorter dependency chains)
@@ -247,8 +248,8 @@ class AttentionSpec(_AttentionBase):
             m_new = m
             for x in s:
                 m_new = b.max(m_new, x)
-            alpha = b.fn("ex2", b.sub(m, m_new))
-            p = [b.fn("ex2", b.sub(x, m_new)) for x in s]
+            alpha = exp2(b, b.sub(m, m_new))
+            p = [exp2(b, b.sub(x, m_new)) for x in s]
             b.fma(l, alpha, tree_sum(b, p), out=l)
             for a in acc:
                 b.mul(a, alpha, out=a)
@@ -301,7 +302,7 @@ class AttentionBackwardQSpec(_AttentionBase):
             r.stage(vs, v, self.kv_heads, kv_head, key0, self.tile)
             b.bar_sync()
             for j in range(self.tile):
-                p = b.fn("ex2", b.sub(self._masked(b, r.dot(qs, ks, j), r.row, b.add(key0, j), r.seq), lse2))
+                p = exp2(b, b.sub(self._masked(b, r.dot(qs, ks, j), r.row, b.add(key0, j), r.seq), lse2))
                 dp = r.dot(dos, vs, j)
                 r.axpy(acc, b.mul(p, b.sub(dp, d_i)), ks, j)
             b.add(key0, self.tile, out=key0)
@@ -360,7 +361,7 @@ class AttentionBackwardKVSpec(_AttentionBase):
                 b.bar_sync()
                 for j in range(self.tile):
                     s = self._masked(b, r.dot(k_row, qt, j), b.add(query0, j), key, r.seq, r.seq)
-                    p = b.fn("ex2", b.sub(s, b.ld("shared", T.F32, Addr(stats, 4 * j))))
+                    p = exp2(b, b.sub(s, b.ld("shared", T.F32, Addr(stats, 4 * j))))
                     r.axpy(dvs, p, dot_, j)
                     dp = r.dot(v_row, dot_, j)
                     ds = b.mul(p, b.sub(dp, b.ld("shared", T.F32, Addr(stats, 4 * (self.tile + j)))))

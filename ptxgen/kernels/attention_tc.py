@@ -38,6 +38,7 @@ from ..registry import register
 from ..spec import KernelSpec, SpecError
 from .attention import AttentionGrid
 from .common import check_positive
+from .fastmath import exp2, reciprocal
 from .mma_tile import ELEMS, SharedTile
 from .ring import Pair, Ring
 from .rope import rotate as rotate_pair
@@ -216,10 +217,10 @@ class _Flash:
             mine = [(j, e) for j in range(len(s)) for e in (2 * h, 2 * h + 1)]
             row_max = functools.reduce(b.max, [s[j][e] for j, e in mine])
             m_new = b.max(m[h], b.mul(warp_allreduce(b, row_max, "max", 4), c))
-            alpha = b.fn("ex2", b.sub(m[h], m_new))
+            alpha = exp2(b, b.sub(m[h], m_new))
             neg = b.neg(m_new)
             for j, e in mine:
-                p[j][e] = b.fn("ex2", b.fma(s[j][e], c, neg))
+                p[j][e] = exp2(b, b.fma(s[j][e], c, neg))
             b.fma(l_part[h], alpha, tree_sum(b, [p[j][e] for j, e in mine]), out=l_part[h])
             for acc in o:
                 for e in (2 * h, 2 * h + 1):
@@ -232,7 +233,7 @@ class _Flash:
         b, spec = self.b, self.spec
         for h in range(2):
             l_row = warp_allreduce(b, l_part[h], "add", 4)
-            inv = b.fn("rcp", l_row)  # approx: rcp.rn's slow path is a call, and a call serializes wgmma
+            inv = reciprocal(b, l_row)  # approx: rcp.rn's slow path is a call, and a call serializes wgmma
             valid = b.setp("lt", rows[h], seq)
             out = b.add(self.row_ptr("o", seq, rows[h], spec.heads, head), b.mul_wide(self.quad, 4))
             for j, acc in enumerate(o):
@@ -502,7 +503,7 @@ class _BackwardQBase(_QkvRows, _FlashBase):
             f.mask(s, key0, b.setp("gt", b.add(key0, bkv), last_free), off)
 
         def dscores(s: Tiles, dp: Tiles) -> Tiles:
-            return [[b.mul(b.fn("ex2", b.fma(s[j][e], c, neg_lse2[e >> 1])), b.sub(dp[j][e], delta[e >> 1]))
+            return [[b.mul(exp2(b, b.fma(s[j][e], c, neg_lse2[e >> 1])), b.sub(dp[j][e], delta[e >> 1]))
                      for e in range(4)] for j in range(len(s))]
 
         with b.loop(b.div(b.add(end, bkv - 1), bkv), "kv_tile"):
@@ -706,7 +707,7 @@ class _BackwardKVBase(_QkvRows, _FlashBase):
                 stats = b.add(qs.at, b.add(b.shl(f.quad, 3), 2 * q_bytes))  # this lane's column pair's lse
                 lse2 = [b.ld("shared", T.F32, Addr(stats, 32 * j), 2) for j in range(bq // 8)]
                 dlt[:] = [b.ld("shared", T.F32, Addr(stats, 32 * j + bq * 4), 2) for j in range(bq // 8)]
-                return [[b.fn("ex2", b.fma(st[j][e], c, b.neg(lse2[j][e & 1]))) for e in range(4)]
+                return [[exp2(b, b.fma(st[j][e], c, b.neg(lse2[j][e & 1]))) for e in range(4)]
                         for j in range(bq // 8)]
 
             def dscores(p: Tiles, dpt: Tiles) -> Tiles:

@@ -24,6 +24,7 @@ from ..registry import register
 from ..spec import KernelSpec, SpecError
 from ..vecio import DType, load_f32, offset, row_sweep, store_f32, vector_width
 from .common import MAX_ROW_ELEMENTS, check_at_most, check_block_size, check_positive
+from .fastmath import exp2
 
 UNROLL = 4
 
@@ -73,7 +74,7 @@ class CrossEntropySpec(KernelSpec):
         row_out = offset(b, dlogits, row, self.vocab * self.grad_dtype.size)
 
         def exp(v):  # e^v as 2^(v log2 e)
-            return b.fn("ex2", b.mul(v, LOG2E_F32))
+            return exp2(b, b.mul(v, LOG2E_F32))
 
         m, s = b.mov(float("-inf"), T.F32), b.mov(0.0, T.F32)
 

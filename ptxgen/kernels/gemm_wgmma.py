@@ -53,6 +53,7 @@ from ..registry import register
 from ..spec import KernelSpec, SpecError, Target
 from ..vecio import DType, as_bf16_pair, bf16x2_f32
 from .common import MAX_LOOP_BOUND, check_at_most, check_positive
+from .fastmath import exp2
 from .gemm import batch_matrices, bias_at, tile_origin
 from .gemm_tc import TensorCoreGemm, _Feed, _Operand, store_accumulators
 from .qkv_rope import RopeStore
@@ -347,7 +348,7 @@ def store_row_stats(spec: GemmWgmmaSpec, b: KernelBuilder, acc: list[Reg], stats
         mine = [tile[2 * h + e] for tile in tiles for e in range(2)]
         row_max = warp_allreduce(b, functools.reduce(b.max, mine), "max", 4)
         neg = b.neg(b.mul(row_max, LOG2E_F32))
-        total = warp_allreduce(b, tree_sum(b, [b.fn("ex2", b.fma(x, LOG2E_F32, neg)) for x in mine]), "add", 4)
+        total = warp_allreduce(b, tree_sum(b, [exp2(b, b.fma(x, LOG2E_F32, neg)) for x in mine]), "add", 4)
         row = b.add(b.add(row0, b.mad(warp, 16, group)), 8 * h)
         at = b.add(stats, b.mul_wide(b.mad(column_tile, m, row), 8))
         b.st("global", Addr(at), [row_max, total], guard=b.and_(b.setp("lt", row, m), b.setp("eq", quad, 0)))

@@ -7,8 +7,9 @@ and dup so too, the operand of that GEMM's backward. ``width`` is a runtime argu
 the vector (16 bytes, or ``vec`` elements where the width asks for fewer) so that a thread's
 elements stay in one row.
 
-sigmoid(g) = 1 / (1 + 2^(-g * log2 e)) with ex2.approx and rcp.approx (within 1 ulp): rcp.rn's
-rarely taken slow path is a subroutine call, which made both kernels ~12% slower on the H200.
+sigmoid(g) = 1 / (1 + 2^(-g * log2 e)) with fastmath's ex2.approx.ftz and rcp.approx.ftz (within 2
+and 1 ulp; sigmoid 0 at g < -87): rcp.rn's rarely taken slow path is a subroutine call, which made
+both kernels ~12% slower on the H200.
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ from ..registry import register
 from ..spec import KernelSpec, SpecError
 from ..vecio import DType, elementwise, elementwise_vec, flat_grid
 from .common import check_block_size
+from .fastmath import exp2, reciprocal
 
 
 def sigmoid(b: KernelBuilder, g: Reg) -> Reg:
-    return b.fn("rcp", b.add(b.fn("ex2", b.mul(g, -LOG2E_F32)), 1.0))
+    return reciprocal(b, b.add(exp2(b, b.mul(g, -LOG2E_F32)), 1.0))
 
 
 def swiglu_act(b: KernelBuilder, g: Reg, u: Reg) -> Reg:
