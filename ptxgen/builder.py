@@ -194,12 +194,12 @@ _SPECIAL = {"%tid.x", "%tid.y", "%tid.z", "%ntid.x", "%ntid.y", "%ntid.z", "%cta
             "%ctaid.z", "%nctaid.x", "%nctaid.y", "%nctaid.z", "%laneid", "%warpid"}
 _CMP = {"eq", "ne", "lt", "le", "gt", "ge"}
 # The float functions PTX has, per type, with the rounding modes each exists in.
-# approx.ftz: the one-instruction form (MUFU), subnormal inputs and results flushed to zero; plain
-# approx handles subnormals with extra instructions around it
+# approx.ftz: an f32 function's one-instruction form (MUFU), subnormal inputs and results flushed to
+# zero; plain approx handles subnormals with extra instructions around it (fastmath)
 _FN_MODES = {
-    ("rsqrt", T.F32): ("approx", "approx.ftz"), ("rsqrt", T.F64): ("approx",),
+    ("rsqrt", T.F32): ("approx", "approx.ftz"), ("rsqrt", T.F64): ("approx", "approx.ftz"),
     ("sqrt", T.F32): ("approx", "approx.ftz", "rn"), ("sqrt", T.F64): ("rn",),
-    ("rcp", T.F32): ("approx", "approx.ftz", "rn"), ("rcp", T.F64): ("rn",),
+    ("rcp", T.F32): ("approx", "approx.ftz", "rn"), ("rcp", T.F64): ("approx.ftz", "rn"),
     ("ex2", T.F32): ("approx", "approx.ftz"), ("lg2", T.F32): ("approx", "approx.ftz"),
     ("sin", T.F32): ("approx", "approx.ftz"), ("cos", T.F32): ("approx", "approx.ftz"),
 }

@@ -49,6 +49,11 @@ def _from_16(bits: np.ndarray, dtype: str) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32) if dtype == "bf16" else bits.view(np.float16).astype(np.float32)
 
 
+def _flush_subnormals(x: np.ndarray) -> np.ndarray:
+    """An ``.ftz`` instruction's view of its f32 inputs and results: subnormals are zeros of their sign."""
+    return np.where(np.abs(x) < np.finfo(np.float32).tiny, np.copysign(np.float32(0), x), x)
+
+
 def _operands(text: str) -> list[str]:
     """Comma-separated operands, a {vector} being one."""
     out, depth, cur = [], 0, ""
@@ -279,11 +284,10 @@ class Block:
         self.write(ops[0], (a * b + c).astype(np.float32), mask)
 
     def _unary(self, ops, mask, f, t: str = "f32", ftz: bool = False) -> None:
-        with np.errstate(over="ignore", divide="ignore"):
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
             v = self.value(ops[1], t)
-            flush = (lambda x: np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(0) * x, x)) if ftz \
-                else (lambda x: x)  # .ftz: subnormal inputs and results as zeros of their sign
-            self.write(ops[0], flush(f(flush(v))).astype(v.dtype), mask)
+            out = _flush_subnormals(f(_flush_subnormals(v))) if ftz else f(v)
+            self.write(ops[0], out.astype(v.dtype), mask)
 
     def _neg(self, op, ops, mask):
         self._unary(ops, mask, np.negative, op[-1])

@@ -26,12 +26,12 @@ import numpy as np
 from .. import exact
 from ..builder import Addr, KernelBuilder, Reg, T
 from ..exact import LN2_F32, LOG2E_F32
+from ..fastmath import exp2
 from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from ..vecio import DType, load_f32, store_f32
 from .common import MAX_GRID_YZ, check_at_most, check_block_size, check_positive
-from .fastmath import exp2
 
 MAX_REGS_PER_THREAD = 128  # row values held per thread (the dK/dV kernel holds four rows' shares)
 PARTIALS = 4               # independent accumulators per dot product (shorter dependency chains)

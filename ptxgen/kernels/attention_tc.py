@@ -32,13 +32,13 @@ from typing import Callable, ClassVar, NamedTuple
 
 from ..builder import Addr, Guard, KernelBuilder, Reg, T
 from ..exact import LN2_F32, LOG2E_F32
+from ..fastmath import exp2, reciprocal
 from ..hw import CHUNK, SHARED_LIMIT, SHARED_LINE, MmaType
 from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from .attention import AttentionGrid
 from .common import check_positive
-from .fastmath import exp2, reciprocal
 from .mma_tile import ELEMS, SharedTile
 from .ring import Pair, Ring
 from .rope import rotate as rotate_pair
@@ -233,7 +233,8 @@ class _Flash:
         b, spec = self.b, self.spec
         for h in range(2):
             l_row = warp_allreduce(b, l_part[h], "add", 4)
-            inv = reciprocal(b, l_row)  # approx: rcp.rn's slow path is a call, and a call serializes wgmma
+            # approx: rcp.rn's slow path is a call, and a call serializes wgmma; l_row >= 1 (its maximum's 2^0)
+            inv = reciprocal(b, l_row)
             valid = b.setp("lt", rows[h], seq)
             out = b.add(self.row_ptr("o", seq, rows[h], spec.heads, head), b.mul_wide(self.quad, 4))
             for j, acc in enumerate(o):

@@ -19,12 +19,12 @@ import numpy as np
 
 from ..builder import Addr, KernelBuilder, T
 from ..exact import LN2_F32, LOG2E_F32
+from ..fastmath import exp2
 from ..reductions import block_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from ..vecio import DType, load_f32, offset, row_sweep, store_f32, vector_width
 from .common import MAX_ROW_ELEMENTS, check_at_most, check_block_size, check_positive
-from .fastmath import exp2
 
 UNROLL = 4
 

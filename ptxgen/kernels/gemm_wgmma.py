@@ -47,13 +47,13 @@ from typing import ClassVar
 
 from ..builder import Addr, KernelBuilder, Label, Reg, T
 from ..exact import LOG2E_F32
+from ..fastmath import exp2
 from ..hw import DESCRIPTOR_SWIZZLE, MBARRIER_BYTES, SHARED_LIMIT, SWIZZLE_ATOM, SWIZZLE_ROW, MmaType
 from ..reductions import tree_sum, warp_allreduce
 from ..registry import register
 from ..spec import KernelSpec, SpecError, Target
 from ..vecio import DType, as_bf16_pair, bf16x2_f32
 from .common import MAX_LOOP_BOUND, check_at_most, check_positive
-from .fastmath import exp2
 from .gemm import batch_matrices, bias_at, tile_origin
 from .gemm_tc import TensorCoreGemm, _Feed, _Operand, store_accumulators
 from .qkv_rope import RopeStore

@@ -8,7 +8,7 @@ the vector (16 bytes, or ``vec`` elements where the width asks for fewer) so tha
 elements stay in one row.
 
 sigmoid(g) = 1 / (1 + 2^(-g * log2 e)) with fastmath's ex2.approx.ftz and rcp.approx.ftz (within 2
-and 1 ulp; sigmoid 0 at g < -87): rcp.rn's rarely taken slow path is a subroutine call, which made
+and 1 ulp; 0 at g < -87): rcp.rn's rarely taken slow path is a subroutine call, which made
 both kernels ~12% slower on the H200.
 """
 from __future__ import annotations
@@ -20,11 +20,11 @@ import numpy as np
 
 from ..builder import KernelBuilder, Reg, T
 from ..exact import LOG2E_F32
+from ..fastmath import exp2, reciprocal
 from ..registry import register
 from ..spec import KernelSpec, SpecError
 from ..vecio import DType, elementwise, elementwise_vec, flat_grid
 from .common import check_block_size
-from .fastmath import exp2, reciprocal
 
 
 def sigmoid(b: KernelBuilder, g: Reg) -> Reg:
