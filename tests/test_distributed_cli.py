@@ -15,8 +15,8 @@ TORCHRUN_2 = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": 
 
 
 def train(capsys, monkeypatch, *argv, environ=None):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
-                 "SLURM_LOCALID", "PTXGEN_LAUNCHER", "CUDA_VISIBLE_DEVICES"):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+                 "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "PTXGEN_LAUNCHER", "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(name, raising=False)
     for name, value in (environ or {}).items():
         monkeypatch.setenv(name, value)
@@ -108,7 +108,7 @@ def test_gpus_n_under_a_one_task_launch_starts_its_own_ranks(capsys, monkeypatch
     ptxgen train --gpus 4: the one-task launch does not make it one rank; --gpus starts the four."""
     monkeypatch.setattr(nccl_module, "nccl_missing", lambda: None)
     monkeypatch.setattr(runtime.driver, "device_count", lambda: 4)
-    one_task = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "MASTER_ADDR": "node1",
+    one_task = {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_LOCALID": "0", "MASTER_ADDR": "node1",
                 "MASTER_PORT": "29500"}
     for environ in (one_task, {**TORCHRUN_2, "WORLD_SIZE": "1"}):
         assert check_data_parallel(4, "auto", dict(environ)) == 4
@@ -130,7 +130,7 @@ def test_a_rank_of_gpus_n_takes_its_parents_flag_and_refuses_another(capsys, mon
     (["--gpus", "2"], TORCHRUN_2, "--gpus starts its own processes; under torchrun leave it out (the launcher "
                                   "started 2)"),
     ([], {**TORCHRUN_2, "MASTER_PORT": "http"}, "torchrun: MASTER_PORT='http' is not a non-negative integer"),
-    ([], {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1"},
+    ([], {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1"},
      "slurm: MASTER_ADDR and MASTER_PORT must be set"),
 ])
 def test_bad_data_parallel_input_is_one_line_and_exit_2(capsys, monkeypatch, work_started, argv, environ, line):

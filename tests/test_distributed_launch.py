@@ -12,8 +12,8 @@ from model.parallel.launch import LaunchEnv, LaunchError, from_environ
 from model.parallel.rendezvous import RendezvousError, share_id
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "29500"}
-SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "MASTER_ADDR": "node2",
-         "MASTER_PORT": "12345"}
+SLURM = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+         "MASTER_ADDR": "node2", "MASTER_PORT": "12345"}
 
 
 def test_torchrun_variables_and_slurm_variables_give_one_dataclass():
@@ -21,7 +21,17 @@ def test_torchrun_variables_and_slurm_variables_give_one_dataclass():
     assert from_environ(SLURM) == LaunchEnv(5, 8, 1, "node2", 12345, "slurm")
     assert from_environ({**SLURM, **TORCHRUN}).source == "torchrun"  # srun starting torchrun: the trainer's view
     assert from_environ({"HOME": "/root"}) is None
-    assert from_environ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"}) is None  # a one-task job
+    assert from_environ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_LOCALID": "0"}) is None  # one task
+
+
+def test_a_batch_scripts_own_shell_is_not_a_launch_only_an_srun_step_is():
+    """sbatch --ntasks-per-node=8 sets SLURM_PROCID=0, SLURM_LOCALID=0 and SLURM_NTASKS=8 in the
+    script itself: a ptxgen train there (or its --gpus 8) is one process, not rank 0 of 8 waiting
+    for ranks nobody starts; srun's tasks carry the step's SLURM_STEP_NUM_TASKS."""
+    batch_shell = {"SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0",
+                   "MASTER_ADDR": "node2", "MASTER_PORT": "12345"}
+    assert from_environ(batch_shell) is None
+    assert from_environ({**batch_shell, "SLURM_STEP_NUM_TASKS": "8"}) == LaunchEnv(0, 8, 0, "node2", 12345, "slurm")
 
 
 def test_under_torchruns_agent_the_ranks_meet_on_the_port_after_its_store():
@@ -39,11 +49,18 @@ def test_gpus_n_hands_its_children_torchrun_variables_that_parse_back():
 
 @pytest.mark.parametrize("visible, local_rank, gpu", [(None, 0, "0"), (None, 3, "3"), ("4,5,6", 1, "5"),
                                                        ("GPU-a1b2, GPU-c3d4", 1, "GPU-c3d4"),
-                                                       ("5", 3, "5")])  # srun --gpus-per-task=1: bound already
+                                                       ("5", 0, "5")])
 def test_each_rank_sees_only_its_local_rank_gpu(visible, local_rank, gpu):
     environ = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
     assert LaunchEnv(local_rank, 4, local_rank, "h", 1, "torchrun").pin_gpu(environ) == gpu
     assert environ["CUDA_VISIBLE_DEVICES"] == gpu
+
+
+def test_one_visible_gpu_is_each_srun_tasks_own_but_under_torchrun_local_rank_0s_alone():
+    environ = {"CUDA_VISIBLE_DEVICES": "5"}  # srun --gpus-per-task=1: bound already, whatever the local rank
+    assert LaunchEnv(3, 4, 3, "h", 1, "slurm").pin_gpu(environ) == "5" and environ["CUDA_VISIBLE_DEVICES"] == "5"
+    with pytest.raises(LaunchError, match=r"^torchrun: local rank 3 has no GPU: CUDA_VISIBLE_DEVICES='5' lists 1$"):
+        LaunchEnv(3, 4, 3, "h", 1, "torchrun").pin_gpu({"CUDA_VISIBLE_DEVICES": "5"})  # not 4 ranks on one GPU
 
 
 def test_a_local_rank_past_the_visible_gpus_is_one_line():
@@ -62,7 +79,7 @@ def test_a_local_rank_past_the_visible_gpus_is_one_line():
     ({**TORCHRUN, "MASTER_PORT": "70000"}, "torchrun: the master port 70000 is outside 1..65535"),
     ({**TORCHRUN, "MASTER_ADDR": ""}, "torchrun: the master address '' is not a host name or address"),
     ({k: v for k, v in SLURM.items() if k != "MASTER_ADDR"}, "slurm: MASTER_ADDR and MASTER_PORT must be set"),
-    ({"SLURM_PROCID": "1"}, "slurm: SLURM_NTASKS, SLURM_LOCALID not set"),
+    ({"SLURM_STEP_NUM_TASKS": "2"}, "slurm: SLURM_PROCID, SLURM_LOCALID not set"),
 ])
 def test_a_bad_or_inconsistent_launch_is_one_line(env, message):
     with pytest.raises(LaunchError) as e:
@@ -156,3 +173,20 @@ def test_a_connection_that_is_not_a_rank_is_ignored():
     got = meet(2, port, ranks=[1])
     server.join()
     assert result[0] == got[1] == b"id-" + bytes(range(125))
+
+
+def test_rank_0_of_a_launcher_listens_on_every_interface_and_of_gpus_n_on_this_host_alone(monkeypatch):
+    """A launcher's MASTER_ADDR may resolve to a loopback address on rank 0's own host (Debian's
+    /etc/hosts: 127.0.1.1): listening there would leave the other hosts' ranks knocking until
+    their timeout."""
+    asked = []
+
+    def refuse(address, **_):
+        asked.append(address)
+        raise OSError("not for this test")
+
+    monkeypatch.setattr(socket, "create_server", refuse)
+    for source, addr in (("torchrun", "node2"), ("slurm", "node2"), ("--gpus", "127.0.0.1")):
+        with pytest.raises(RendezvousError, match=f"^rank 0 cannot listen on {addr}:29500"):
+            share_id(LaunchEnv(0, 8, 0, addr, 29500, source), lambda: b"id", 1.0)
+    assert asked == [("", 29500), ("", 29500), ("127.0.0.1", 29500)]

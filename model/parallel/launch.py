@@ -1,9 +1,11 @@
 """Who this process is in a data-parallel run: one dataclass from whichever launcher started it.
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; srun sets SLURM_PROCID,
-SLURM_NTASKS and SLURM_LOCALID (the master's address and port come from MASTER_ADDR and
-MASTER_PORT, which the batch script sets); ``ptxgen train --gpus N`` starts its children with
-torchrun's variables (``LaunchEnv.environ``), so every process reads them the same way, and with
+SLURM_STEP_NUM_TASKS and SLURM_LOCALID (the master's address and port come from MASTER_ADDR and
+MASTER_PORT, which the batch script sets). A batch script's own shell is not a launch: sbatch sets
+SLURM_PROCID and SLURM_LOCALID (0) and the allocation's SLURM_NTASKS there too, but only srun
+starts a step (SLURM_STEP_NUM_TASKS, per Slurm's sbatch(1) and srun(1)). ``ptxgen train --gpus N``
+starts its children with torchrun's variables (``LaunchEnv.environ``), so every process reads them the same way, and with
 ``PTXGEN_LAUNCHER=--gpus`` so that a child knows its ``--gpus N`` is its parent's, not a clash
 with a launcher. Under torchrun, whose agent already listens on MASTER_PORT (its own store), rank 0
 listens on MASTER_PORT + 1. A value that is missing, not an integer, out of range or inconsistent is one
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-SLURM = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+SLURM = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")  # an srun step's
 LOCALHOST = "127.0.0.1"
 LAUNCHER = "PTXGEN_LAUNCHER"  # set to "--gpus" in the children of ``ptxgen train --gpus N``
 
@@ -65,11 +67,12 @@ class LaunchEnv:
 
     def pin_gpu(self, environ: dict[str, str]) -> str:
         """Narrow ``environ``'s CUDA_VISIBLE_DEVICES to this rank's GPU (the local rank's entry of
-        the list it had, or the local rank's ordinal) and return it; call before CUDA starts. A
-        list of one is the rank's own already (srun --gpus-per-task=1 binds one GPU per task)."""
+        the list it had, or the local rank's ordinal) and return it; call before CUDA starts. Under
+        srun a list of one is the rank's own already (--gpus-per-task=1 binds one GPU per task);
+        under torchrun it is the host's one GPU, local rank 0's alone."""
         listed = environ.get("CUDA_VISIBLE_DEVICES")
         choices = [d.strip() for d in listed.split(",") if d.strip()] if listed is not None else None
-        if choices is not None and len(choices) == 1:
+        if choices is not None and len(choices) == 1 and self.source == "slurm":
             environ["CUDA_VISIBLE_DEVICES"] = choices[0]
             return choices[0]
         if choices is not None and self.local_rank >= len(choices):
@@ -102,7 +105,7 @@ def from_environ(env: Mapping[str, str]) -> LaunchEnv | None:
         source = "torchrun"
         _require(env, TORCHRUN, source)
         rank, world, local = (_integer(env, n, source) for n in TORCHRUN[:3])
-    elif any(n in env for n in SLURM):
+    elif "SLURM_STEP_NUM_TASKS" in env:  # a step srun started (not a batch script's own shell)
         source = "slurm"
         _require(env, SLURM, source)
         rank, world, local = (_integer(env, n, source) for n in SLURM)

@@ -39,8 +39,12 @@ def _where(env: LaunchEnv) -> str:
 
 
 def _serve(env: LaunchEnv, make_id: Callable[[], bytes], deadline: float, timeout: float) -> bytes:
+    # a launcher's MASTER_ADDR names rank 0's host as the other hosts reach it; on that host the
+    # name may resolve to a loopback address (Debian's /etc/hosts: 127.0.1.1), so rank 0 listens on
+    # every interface; --gpus's ranks are all on this host
+    host = env.master_addr if env.source == "--gpus" else ""
     try:
-        server = socket.create_server((env.master_addr, env.master_port), reuse_port=False)
+        server = socket.create_server((host, env.master_port), reuse_port=False)
     except OSError as e:
         raise RendezvousError(f"rank 0 cannot listen on {_where(env)}: {e.strerror or e}") from None
     peers: dict[int, socket.socket] = {}

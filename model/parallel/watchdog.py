@@ -6,7 +6,7 @@ loss, a checkpoint). Should a peer die or hang, that wait never ends. The rank's
 it is not a silence); a thread checks, and past ``timeout`` seconds without a beat it prints one
 line and exits the process (os._exit: the main thread is stuck inside the
 driver and cannot be interrupted). Under ``ptxgen train --gpus N`` the parent stops the other ranks
-as soon as one exits; torchrun and srun do the same with their own workers.
+as soon as one exits; torchrun does the same with its workers, and srun with --kill-on-bad-exit=1.
 """
 from __future__ import annotations
 
