@@ -166,6 +166,20 @@ def _resume_settings(ns: argparse.Namespace, ckpt: Checkpoint) -> tuple[TrainSet
     return dataclasses.replace(saved, **safe), saved_adamw
 
 
+def run_inputs(corpus: Corpus, config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings,
+               ns: argparse.Namespace, ckpt: Checkpoint | None) -> dict[str, str]:
+    """What a rank was given to run, by digest: the tokens it read, the model and its training
+    settings, the checkpoint it resumes. Every rank reads its own (ranks on two hosts could read
+    other files under one path), so the rendezvous holds each rank's against rank 0's."""
+    def digest(value: object) -> str:
+        return sha256_hex(json.dumps(value, sort_keys=True, default=str))[:16]
+
+    return {"data": corpus.sha256[:16],
+            "settings": digest([dataclasses.asdict(x) for x in (config, settings, adamw)]
+                               + [ns.precision, ns.save_dtype]),
+            "checkpoint": digest(ckpt.trainer if ckpt is not None else None)}
+
+
 def _resume_inputs(ns: argparse.Namespace, ckpt: Checkpoint) -> None:
     """Fill ``--data``, ``--tokenizer`` and ``--precision`` from the saved run, refusing ones given
     that differ from it."""
@@ -366,7 +380,8 @@ def cmd_train(argv: Sequence[str]) -> int:
             from .parallel.zero_cuda import ZeroCudaRank
 
             # closed when the run ends; aborted when this rank fails (closing would wait for the others)
-            comm = stack.enter_context(NcclCommunicator(rank, timeout=ns.comm_timeout))
+            given = run_inputs(corpus, config, settings, adamw, ns, ckpt)
+            comm = stack.enter_context(NcclCommunicator(rank, timeout=ns.comm_timeout, inputs=given))
             factory: BackendFactory = functools.partial(ZeroCudaRank, comm, precision=precision,
                                                         digest_every=settings.eval_every)
             line += f"; data-parallel: {rank.world} GPUs (ZeRO-1 over NCCL, {rank.source})"

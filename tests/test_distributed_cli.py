@@ -2,14 +2,21 @@
 exit 2 for a missing NCCL (naming the extra to install), too few GPUs, a numpy device, a bad
 launch environment, a batch that does not split among the GPUs. With all of that in order,
 ``--gpus N`` starts N ranks of the same command (tests/test_distributed_spawn.py: how they are
-watched), and a rank pins its GPU. One GPU, or no launcher, trains as before."""
+watched), and a rank pins its GPU. One GPU, or no launcher, trains as before. What each rank was
+given is digested for the rendezvous to compare."""
+import argparse
+import dataclasses
 import sys
 
 import pytest
 
 import model.parallel.nccl as nccl_module
 import runtime.driver
-from model.cli import check_data_parallel, main
+from model.cli import check_data_parallel, main, run_inputs
+from model.config import preset
+from model.data import ByteTokenizer, Corpus
+from model.optim import AdamWSettings
+from model.train import TrainSettings
 
 TORCHRUN_2 = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 
@@ -159,7 +166,8 @@ def test_a_rank_whose_peers_never_come_says_so_in_one_line_and_rank_0_alone_made
     env = LaunchEnv(rank, 2, rank, "127.0.0.1", 29500, "torchrun")
     monkeypatch.setattr("model.cli.check_data_parallel", lambda *a: env)
 
-    def never_met(launch, timeout):
+    def never_met(launch, timeout, inputs):
+        assert set(inputs) == {"data", "settings", "checkpoint"}  # what the rendezvous holds against rank 0's
         raise RendezvousError(f"rank {launch.rank}: rank 0 did not answer on 127.0.0.1:29500 within {timeout:g} s")
     monkeypatch.setattr(nccl_module, "NcclCommunicator", never_met)
     (tmp_path / "data.txt").write_text("x = 1\n" * 500)
@@ -169,3 +177,23 @@ def test_a_rank_whose_peers_never_come_says_so_in_one_line_and_rank_0_alone_made
     assert code == 1 and out == ""
     assert err == f"ptxgen train: error: rank {rank}: rank 0 did not answer on 127.0.0.1:29500 within 5 s\n"
     assert (tmp_path / "run").exists() == (rank == 0)
+
+
+def test_what_a_rank_was_given_is_digested_by_name_and_follows_each_input(tmp_path):
+    """The rendezvous holds every rank's run_inputs against rank 0's (tests/test_distributed_launch.py)."""
+    files = []
+    for name, text in (("a.py", "def f():\n    return 1\n" * 50), ("b.py", "x = [i for i in range(9)]\n" * 50)):
+        files.append(tmp_path / name)
+        files[-1].write_text(text)
+    corpus, other = (Corpus.from_files(f, ByteTokenizer()) for f in (files, files[:1]))
+    config, settings, adamw = preset("tiny"), TrainSettings(), AdamWSettings()
+    ns = argparse.Namespace(precision="bf16", save_dtype="fp32")
+    given = run_inputs(corpus, config, settings, adamw, ns, None)
+    assert set(given) == {"data", "settings", "checkpoint"} and given == run_inputs(corpus, config, settings, adamw,
+                                                                                    ns, None)
+    differ = lambda got: {k for k in given if got[k] != given[k]}  # noqa: E731
+    assert differ(run_inputs(other, config, settings, adamw, ns, None)) == {"data"}
+    assert differ(run_inputs(corpus, config, dataclasses.replace(settings, lr=settings.lr / 2), adamw, ns,
+                             None)) == {"settings"}
+    assert differ(run_inputs(corpus, config, settings, adamw, argparse.Namespace(precision="fp32", save_dtype="fp32"),
+                             None)) == {"settings"}

@@ -94,14 +94,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def meet(world: int, port: int, timeout: float = 10.0, ranks=None, worlds=None) -> dict[int, object]:
-    """share_id on ``ranks`` (default all) as threads; rank -> the bytes, or the error raised."""
+RUN = {"data": "9f2c", "settings": "41aa", "checkpoint": "none"}  # what each rank was given, by digest
+
+
+def meet(world: int, port: int, timeout: float = 10.0, ranks=None, worlds=None, inputs=None) -> dict[int, object]:
+    """share_id on ``ranks`` (default all) as threads, each given ``inputs.get(rank, RUN)``; rank ->
+    the bytes, or the error raised."""
     out: dict[int, object] = {}
 
     def one(rank: int) -> None:
         env = LaunchEnv(rank, (worlds or {}).get(rank, world), 0, "127.0.0.1", port, "torchrun")
         try:
-            out[rank] = share_id(env, lambda: b"id-" + bytes(range(125)), timeout)
+            out[rank] = share_id(env, lambda: b"id-" + bytes(range(125)), timeout, (inputs or {}).get(rank, RUN))
         except RendezvousError as e:
             out[rank] = e
 
@@ -155,6 +159,16 @@ def test_a_rank_with_another_world_size_is_refused_on_both_sides():
     got = meet(2, free_port(), worlds={1: 3})
     assert "rank 1 has world size 3, rank 0 has 2" in str(got[0])
     assert "refused by rank 0" in str(got[1]) and "rank 1 has world size 3" in str(got[1])
+
+
+def test_a_rank_given_other_data_or_settings_is_refused_on_both_sides_naming_what_differs():
+    """Each rank reads its own --data and settings: ranks on two hosts could read other files under
+    one path, and the all-gathered weights would hide it (the replicas' digests agree)."""
+    got = meet(3, free_port(), inputs={2: {**RUN, "data": "0bad", "settings": "7e57"}})
+    line = "rank 2 was given another data and settings than rank 0 (each rank reads its own: give every rank the same)"
+    assert line in str(got[0]) and "refused by rank 0" in str(got[2]) and line in str(got[2])
+    assert isinstance(got[1], RendezvousError)  # the rank already there hears it at once
+    assert "was given another checkpoint" in str(meet(2, free_port(), inputs={1: {"data": "9f2c"}})[0])
 
 
 def test_a_connection_that_is_not_a_rank_is_ignored():

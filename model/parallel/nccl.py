@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any
+from typing import Any, Mapping
 
 from runtime.driver import call
 from runtime.memory import DeviceArray, Event, Stream, View
@@ -40,12 +40,14 @@ class NcclCommunicator:
     """One rank's NCCL communicator, on the runtime's device 0: ``LaunchEnv.pin_gpu`` made that the
     rank's own GPU before CUDA started."""
 
-    def __init__(self, env: LaunchEnv, stream: Stream | None = None, timeout: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, env: LaunchEnv, stream: Stream | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                 inputs: Mapping[str, str] | None = None):
         """``stream``: where the collectives are enqueued; by default the legacy default stream,
         where a training plan's launches and graphs run (so a collective follows the kernels
         before it and precedes those after: ZeroCudaRank's host steps rely on that).
         ``timeout``: seconds to wait for the other ranks, at the rendezvous and then between
-        collectives (``watchdog``)."""
+        collectives (``watchdog``). ``inputs``: what this rank was given to run, by digest, which
+        the rendezvous holds against rank 0's."""
         stream = stream if stream is not None else Stream.null()
         nccl = importlib.import_module("nccl.core")
         # NVLink SHARP (NVLS) reduces in switch hardware in an order that is not fixed, and is
@@ -53,7 +55,7 @@ class NcclCommunicator:
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         self._nccl, self.rank, self.world = nccl, env.rank, env.world
         self._stream_obj, self._stream = stream, int(stream.handle)
-        uid = share_id(env, lambda: bytes(nccl.get_unique_id()), timeout)
+        uid = share_id(env, lambda: bytes(nccl.get_unique_id()), timeout, inputs)
         self._comm = nccl.Communicator.init(nranks=env.world, rank=env.rank,
                                             unique_id=nccl.UniqueId.from_bytes(uid))
         # the collectives go through nccl4py's bindings on raw device pointers: its Communicator

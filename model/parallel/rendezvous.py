@@ -1,23 +1,27 @@
 """Rank 0 hands every rank the same opaque bytes (NCCL's unique id) over one TCP port.
 
 Rank 0 listens on MASTER_ADDR:MASTER_PORT; every other rank connects (retrying while rank 0 is
-not up yet) and says who it is (magic, world size, rank). Once all ``world - 1`` have arrived,
-each gets the id; a rank with another world size, a rank out of range or a rank twice gets an
-error line instead, and so does rank 0. A connection that does not introduce itself as a rank
+not up yet) and says who it is (magic, world size, rank) and what it was given to run (``inputs``:
+a digest by name, say of its data and settings: each rank reads its own, and ranks on other hosts
+could read other files under one path). Once all ``world - 1`` have arrived, each gets the id; a
+rank with another world size or other inputs, a rank out of range or a rank twice gets an error
+line instead, and so does rank 0. A connection that does not introduce itself as a rank
 (a port scan, another program) is closed and ignored. Nothing waits for ever: past ``timeout`` seconds rank 0
 says which ranks never came, and the others that rank 0 never answered.
 """
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import time
-from typing import Callable
+from typing import Callable, Mapping
 
 from .launch import LaunchEnv
 
-MAGIC = b"PTXR1"  # protocol and version: a stray client (or another program on the port) is refused
-_HELLO = struct.Struct("!5sII")  # magic, world, rank
+MAGIC = b"PTXR2"  # protocol and version: a stray client (or another program on the port) is refused
+_HELLO = struct.Struct("!5sIII")  # magic, world, rank, the inputs' size (JSON after it)
+MAX_INPUTS = 1 << 12
 _OK, _REFUSED = 0, 1
 ANSWER_GRACE = 1.0  # seconds a rank waits for rank 0's answer past its own deadline
 
@@ -26,19 +30,27 @@ class RendezvousError(RuntimeError):
     """The ranks could not meet; one line."""
 
 
-def share_id(env: LaunchEnv, make_id: Callable[[], bytes], timeout: float = 120.0) -> bytes:
-    """The same bytes on every rank: ``make_id()`` on rank 0, received by the others."""
+def share_id(env: LaunchEnv, make_id: Callable[[], bytes], timeout: float = 120.0,
+             inputs: Mapping[str, str] | None = None) -> bytes:
+    """The same bytes on every rank: ``make_id()`` on rank 0, received by the others, once every
+    rank's ``inputs`` (name -> digest) are rank 0's."""
     if env.world == 1:
         return make_id()
     deadline = time.monotonic() + timeout
-    return _serve(env, make_id, deadline, timeout) if env.rank == 0 else _join(env, deadline, timeout)
+    given = json.dumps(dict(inputs or {}), sort_keys=True).encode()
+    if len(given) > MAX_INPUTS:
+        raise ValueError(f"share_id: {len(given)} bytes of inputs, at most {MAX_INPUTS}")
+    if env.rank == 0:
+        return _serve(env, make_id, deadline, timeout, dict(inputs or {}))
+    return _join(env, deadline, timeout, given)
 
 
 def _where(env: LaunchEnv) -> str:
     return f"{env.master_addr}:{env.master_port}"
 
 
-def _serve(env: LaunchEnv, make_id: Callable[[], bytes], deadline: float, timeout: float) -> bytes:
+def _serve(env: LaunchEnv, make_id: Callable[[], bytes], deadline: float, timeout: float,
+           inputs: dict[str, str]) -> bytes:
     # a launcher's MASTER_ADDR names rank 0's host as the other hosts reach it; on that host the
     # name may resolve to a loopback address (Debian's /etc/hosts: 127.0.1.1), so rank 0 listens on
     # every interface; --gpus's ranks are all on this host
@@ -49,7 +61,7 @@ def _serve(env: LaunchEnv, make_id: Callable[[], bytes], deadline: float, timeou
         raise RendezvousError(f"rank 0 cannot listen on {_where(env)}: {e.strerror or e}") from None
     peers: dict[int, socket.socket] = {}
     try:
-        _gather(server, env, peers, deadline, timeout)
+        _gather(server, env, peers, deadline, timeout, inputs)
         uid = make_id()
         for conn in peers.values():
             _send(conn, _OK, uid)
@@ -65,7 +77,7 @@ def _serve(env: LaunchEnv, make_id: Callable[[], bytes], deadline: float, timeou
 
 
 def _gather(server: socket.socket, env: LaunchEnv, peers: dict[int, socket.socket], deadline: float,
-            timeout: float) -> None:
+            timeout: float, inputs: dict[str, str]) -> None:
     """Accept ranks 1..world-1 into ``peers``."""
     while len(peers) < env.world - 1:
         server.settimeout(max(0.001, deadline - time.monotonic()))
@@ -75,7 +87,7 @@ def _gather(server: socket.socket, env: LaunchEnv, peers: dict[int, socket.socke
             missing = sorted(set(range(1, env.world)) - set(peers))
             raise RendezvousError(f"rendezvous on {_where(env)}: rank(s) {', '.join(map(str, missing))} did "
                                   f"not arrive within {timeout:g} s") from None
-        problem, rank = _hello(conn, env, set(peers), deadline)
+        problem, rank = _hello(conn, env, set(peers), deadline, inputs)
         if rank is None:  # not one of ours (a port scan, a stale client): it cannot stop the run
             conn.close()
             continue
@@ -86,23 +98,31 @@ def _gather(server: socket.socket, env: LaunchEnv, peers: dict[int, socket.socke
         peers[rank] = conn
 
 
-def _hello(conn: socket.socket, env: LaunchEnv, seen: set[int], deadline: float) -> tuple[str | None, int | None]:
+def _hello(conn: socket.socket, env: LaunchEnv, seen: set[int], deadline: float, inputs: dict[str, str]
+           ) -> tuple[str | None, int | None]:
     """(what is wrong with this rank, or None; its rank, or None for a peer that is not a rank)."""
     conn.settimeout(max(0.1, min(5.0, deadline - time.monotonic())))  # a silent peer holds the door 5 s at most
     try:
-        magic, world, rank = _HELLO.unpack(_recv(conn, _HELLO.size))
-    except (OSError, ConnectionError, struct.error):
+        magic, world, rank, size = _HELLO.unpack(_recv(conn, _HELLO.size))
+        if magic != MAGIC or size > MAX_INPUTS:
+            return None, None
+        theirs = json.loads(_recv(conn, size))
+    except (OSError, ConnectionError, struct.error, ValueError):
         return None, None
-    if magic != MAGIC:
+    if not isinstance(theirs, dict):
         return None, None
     if world != env.world:
         return f"rank {rank} has world size {world}, rank 0 has {env.world}", rank
     if not 1 <= rank < env.world or rank in seen:
         return f"rank {rank} arrived {'twice' if rank in seen else 'outside 1..' + str(env.world - 1)}", rank
+    differ = sorted(name for name in set(inputs) | set(theirs) if inputs.get(name) != theirs.get(name))
+    if differ:
+        return (f"rank {rank} was given another {' and '.join(differ)} than rank 0 (each rank reads its own: give "
+                f"every rank the same)"), rank
     return None, rank
 
 
-def _join(env: LaunchEnv, deadline: float, timeout: float) -> bytes:
+def _join(env: LaunchEnv, deadline: float, timeout: float, given: bytes) -> bytes:
     while True:  # rank 0 may not be listening yet
         try:
             conn = socket.create_connection((env.master_addr, env.master_port),
@@ -115,7 +135,7 @@ def _join(env: LaunchEnv, deadline: float, timeout: float) -> bytes:
             time.sleep(0.05)
     with conn:
         try:
-            conn.sendall(_HELLO.pack(MAGIC, env.world, env.rank))
+            conn.sendall(_HELLO.pack(MAGIC, env.world, env.rank, len(given)) + given)
             # rank 0 answers by its own deadline: a little longer here, to hear its verdict rather than our own
             conn.settimeout(max(0.1, deadline + ANSWER_GRACE - time.monotonic()))
             status, payload = _receive(conn)
