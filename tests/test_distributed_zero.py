@@ -99,6 +99,32 @@ def test_a_rank_resumes_from_its_shard_of_a_consolidated_checkpoint(single):
         np.testing.assert_allclose(params[name], value, rtol=RTOL, atol=ATOL, err_msg=name)
 
 
+def test_a_run_saved_on_four_ranks_resumes_on_three_as_one_process_would_go_on():
+    """The consolidated state knows nothing of the ranks that wrote it: 4 ranks' two steps, then
+    the third on 3 ranks (their own shards of it), against one process's three steps."""
+    batches = global_batches(batch=12)
+
+    def first_two(comm):
+        rank = ZeroNumpyRank(comm, TINY, init_params(TINY, seed=0), ADAMW, bucket_elems=40_000)
+        for x, y in batches[:2]:
+            rank.train_step(x, y, 1e-2)
+        return rank.params, rank.optimizer_state()
+
+    params, state = LocalGroup(4).run(first_two)[0]
+
+    def the_third(comm):
+        rank = ZeroNumpyRank(comm, TINY, params, ADAMW, bucket_elems=40_000)
+        rank.load_optimizer_state(state, 2)
+        rank.train_step(*batches[2], 1e-2)
+        return rank.params
+
+    resumed = LocalGroup(3).run(the_third)
+    _, backend = one_process(batches)
+    for name, value in backend.params.items():
+        for ours in resumed:
+            np.testing.assert_allclose(ours[name], value, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
 def test_ranks_whose_weights_differ_are_stopped_with_one_line():
     def run(comm):
         weights = np.ones(100, np.float32)

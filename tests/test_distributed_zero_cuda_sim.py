@@ -2,7 +2,8 @@
 device as the GPU runs it, its optimizer section run in the PTX interpreter over a made-up device
 memory, the collectives staged through a LocalGroup. Two ranks holding different gradients end the
 step with the same weights, which are what one process's AdamW makes of the summed gradients; each
-keeps its shard of the moments."""
+keeps its shard of the moments. Three ranks train the tiny model too, whose 256-row table does not
+split among them: its gradient then goes as every other bucket does.
 import dataclasses
 import math
 
@@ -136,10 +137,11 @@ def test_planted_a_norm_of_the_local_shard_alone_is_caught(monkeypatch):
         check_against_one_process(*zero_step(monkeypatch, Precision.FP32))
 
 
-def train_two_ranks_against_numpy(monkeypatch, config, params) -> None:
-    """ZeroCudaRank.train_step itself on the interpreted device (tests/fake_memory.py): each rank's
-    forward and backward on its half of the global batch, the collectives through the host, two
-    steps; against the numpy backend on the whole batches. Tolerance as tests/test_model_sim.py's."""
+def train_ranks_against_numpy(monkeypatch, config, params, world: int = 2) -> None:
+    """ZeroCudaRank.train_step itself on the interpreted device (tests/fake_memory.py): each of
+    ``world`` ranks' forward and backward on its row of the global batch, the collectives through
+    the host, two steps; against the numpy backend on the whole batches. Tolerance as
+    tests/test_model_sim.py's."""
     from fake_memory import interpreted_device
     from model.numpy_backend import NumpyBackend
     from model.reference import IGNORE_INDEX
@@ -147,20 +149,21 @@ def train_two_ranks_against_numpy(monkeypatch, config, params) -> None:
     rng = np.random.default_rng(3)
     batches = []
     for _ in range(2):
-        ids, targets = (rng.integers(0, config.vocab_size, (2, 8)) for _ in range(2))
+        ids, targets = (rng.integers(0, config.vocab_size, (world, 8)) for _ in range(2))
         targets[0, :3] = IGNORE_INDEX  # rank 0's half has fewer targets: the mean must be the global batch's
         batches.append((ids, targets))
-    odd = batches[1][0][:1], batches[1][1][:1]  # validation's partial batch: one row, rank 1 has none
+    odd = batches[1][0][:1], batches[1][1][:1]  # validation's partial batch: one row, ranks past 0 have none
     numpy = NumpyBackend(config, params, ADAMW)
     expected = [numpy.train_step(ids, targets, LR) for ids, targets in batches]
     expected_val = [numpy.loss(*batches[0]), numpy.loss(*odd)]
     with interpreted_device(monkeypatch):
-        group = LocalGroup(2)
+        group = LocalGroup(world)
 
         def rank(comm):
             r = ZeroCudaRank(StagedCommunicator(comm), config, params, ADAMW, bucket_elems=BUCKET, cache=DryCache(),
                              digest_every=1)  # the replicas' digests compared after every step
-            assert r.slab_rows == config.vocab_size // 2
+            # the table in row slabs where its rows split evenly (256 among 2), else reduce-scattered whole
+            assert r.slab_rows == (config.vocab_size // world if config.vocab_size % world == 0 else None)
             try:
                 steps = [r.train_step(ids, targets, LR) for ids, targets in batches]
                 return steps, r.params, [r.loss(*batches[0]), r.loss(*odd)]  # validation: each rank its rows
@@ -176,7 +179,7 @@ def train_two_ranks_against_numpy(monkeypatch, config, params) -> None:
         ours = np.concatenate([weights[n].reshape(-1) for n in sorted(weights)])
         assert (~np.isclose(ours, theirs, rtol=1e-5, atol=1e-6)).mean() <= 1e-3
         assert np.abs(ours - theirs).max() <= 2 * LR
-    assert all(np.array_equal(results[0][1][n], results[1][1][n]) for n in results[0][1])  # the same bits
+    assert all(np.array_equal(results[0][1][n], other[1][n]) for other in results[1:] for n in results[0][1])
 
 
 @pytest.mark.parametrize("config, params", [(CONFIG, PARAMS), (TIED, TIED_PARAMS)], ids=["untied", "tied"])
@@ -184,7 +187,12 @@ def test_two_ranks_train_steps_end_to_end_match_one_process(monkeypatch, config,
     """Two interpreted ranks' steps as one process's. The table's gradient comes from both ranks'
     lookup rows into each rank's slab of it (after the LM head's part arrived there through the
     slab's reduce-scatter, tied; alone, untied)."""
-    train_two_ranks_against_numpy(monkeypatch, config, params)
+    train_ranks_against_numpy(monkeypatch, config, params)
+
+
+def test_three_ranks_whose_vocabulary_does_not_split_train_the_table_reduce_scattered_whole(monkeypatch):
+    """256 rows among 3 ranks: no row slabs; the tied table's gradient goes as the other buckets do."""
+    train_ranks_against_numpy(monkeypatch, TIED, TIED_PARAMS, world=3)
 
 
 def test_planted_a_rank_that_adds_only_its_own_lookup_rows_is_caught(monkeypatch):
@@ -201,7 +209,7 @@ def test_planted_a_rank_that_adds_only_its_own_lookup_rows_is_caught(monkeypatch
 
     monkeypatch.setattr(ZeroCudaRank, "_group_slab_tokens", own_rows_only)
     with pytest.raises(AssertionError):
-        train_two_ranks_against_numpy(monkeypatch, CONFIG, PARAMS)
+        train_ranks_against_numpy(monkeypatch, CONFIG, PARAMS)
 
 
 def test_planted_a_weight_bucket_that_arrives_changed_on_one_rank_stops_both_at_the_digest(monkeypatch):
