@@ -3,7 +3,7 @@ device as the GPU runs it, its optimizer section run in the PTX interpreter over
 memory, the collectives staged through a LocalGroup. Two ranks holding different gradients end the
 step with the same weights, which are what one process's AdamW makes of the summed gradients; each
 keeps its shard of the moments. Three ranks train the tiny model too, whose 256-row table does not
-split among them: its gradient then goes as every other bucket does.
+split among them: its gradient then goes as every other bucket does."""
 import dataclasses
 import math
 
