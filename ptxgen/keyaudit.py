@@ -166,7 +166,8 @@ def check_purity(target: Target = Target()) -> list[Finding]:
                                          env.get("PYTHONPATH", "")])
     code = ("import json,sys; from ptxgen.keyaudit import emit_digests; from ptxgen.spec import Target; "
             f"print(json.dumps(emit_digests(Target({target.arch!r}, {tuple(target.ptx_version)!r}))))")
-    child = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+    # -P: the temp dir it runs in is not on its path (a stray ptxgen/ there would be imported instead)
+    child = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True,
                            cwd=tempfile.gettempdir())
     if child.returncode != 0:
         return findings + [Finding("purity", "child process", child.stderr.strip().splitlines()[-1])]

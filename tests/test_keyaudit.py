@@ -1,4 +1,5 @@
 import dataclasses
+import tempfile
 from pathlib import Path
 
 from ptxgen.keyaudit import check_completeness, check_purity, check_source, scan_source
@@ -31,7 +32,11 @@ def test_a_key_function_that_drops_eps_is_caught():
     assert any(f.subject == "rmsnorm.eps" for f in check_completeness(key_fn=key_without_eps, only=["rmsnorm", "rope"]))
 
 
-def test_emission_is_pure_across_environment_and_processes():
+def test_emission_is_pure_across_environment_and_processes(tmp_path, monkeypatch):
+    """The child process runs in the temp dir: it imports the tree's ptxgen, not a stray one there."""
+    (tmp_path / "ptxgen").mkdir()
+    (tmp_path / "ptxgen" / "__init__.py").write_text("raise ImportError('a stray ptxgen in the temp dir')\n")
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
     assert check_purity() == []
 
 
