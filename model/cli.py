@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -16,6 +17,8 @@ import sys
 import typing
 from pathlib import Path
 from typing import Callable, Mapping, MutableMapping, Sequence
+
+import numpy as np
 
 from ptxgen import cli as ptxgen_cli
 from ptxgen.spec import SpecError, sha256_hex
@@ -167,17 +170,23 @@ def _resume_settings(ns: argparse.Namespace, ckpt: Checkpoint) -> tuple[TrainSet
 
 
 def run_inputs(corpus: Corpus, config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings,
-               ns: argparse.Namespace, ckpt: Checkpoint | None) -> dict[str, str]:
+               ns: argparse.Namespace, ckpt: Checkpoint | None, init: Checkpoint | None) -> dict[str, str]:
     """What a rank was given to run, by digest: the tokens it read, the model and its training
-    settings, the checkpoint it resumes. Every rank reads its own (ranks on two hosts could read
-    other files under one path), so the rendezvous holds each rank's against rank 0's."""
-    def digest(value: object) -> str:
-        return sha256_hex(json.dumps(value, sort_keys=True, default=str))[:16]
+    settings, the checkpoint it resumes, the weights it starts from (--init). Every rank reads its
+    own (ranks on two hosts could read other files under one path, and the all-gathered weights
+    would hide it), so the rendezvous holds each rank's against rank 0's."""
+    def digest(value: object) -> str:  # JSON of plain values only: a str() of an object could differ by process
+        return sha256_hex(json.dumps(value, sort_keys=True))[:16]
 
+    weights = hashlib.sha256()
+    for name in sorted(init.params if init is not None else {}):
+        weights.update(name.encode() + b"\0")
+        weights.update(np.ascontiguousarray(init.params[name]))
     return {"data": corpus.sha256[:16],
             "settings": digest([dataclasses.asdict(x) for x in (config, settings, adamw)]
                                + [ns.precision, ns.save_dtype]),
-            "checkpoint": digest(ckpt.trainer if ckpt is not None else None)}
+            "checkpoint": digest(ckpt.trainer if ckpt is not None else None),
+            "init": weights.hexdigest()[:16] if init is not None else "none"}
 
 
 def _resume_inputs(ns: argparse.Namespace, ckpt: Checkpoint) -> None:
@@ -380,7 +389,7 @@ def cmd_train(argv: Sequence[str]) -> int:
             from .parallel.zero_cuda import ZeroCudaRank
 
             # closed when the run ends; aborted when this rank fails (closing would wait for the others)
-            given = run_inputs(corpus, config, settings, adamw, ns, ckpt)
+            given = run_inputs(corpus, config, settings, adamw, ns, ckpt, init)
             comm = stack.enter_context(NcclCommunicator(rank, timeout=ns.comm_timeout, inputs=given))
             factory: BackendFactory = functools.partial(ZeroCudaRank, comm, precision=precision,
                                                         digest_every=settings.eval_every)

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import sys
 
+import numpy as np
 import pytest
 
 import model.parallel.nccl as nccl_module
@@ -16,6 +17,7 @@ from model.cli import check_data_parallel, main, run_inputs
 from model.config import preset
 from model.data import ByteTokenizer, Corpus
 from model.optim import AdamWSettings
+from model.params import init_params
 from model.train import TrainSettings
 
 TORCHRUN_2 = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
@@ -167,7 +169,7 @@ def test_a_rank_whose_peers_never_come_says_so_in_one_line_and_rank_0_alone_made
     monkeypatch.setattr("model.cli.check_data_parallel", lambda *a: env)
 
     def never_met(launch, timeout, inputs):
-        assert set(inputs) == {"data", "settings", "checkpoint"}  # what the rendezvous holds against rank 0's
+        assert set(inputs) == {"data", "settings", "checkpoint", "init"}  # held against rank 0's at the rendezvous
         raise RendezvousError(f"rank {launch.rank}: rank 0 did not answer on 127.0.0.1:29500 within {timeout:g} s")
     monkeypatch.setattr(nccl_module, "NcclCommunicator", never_met)
     (tmp_path / "data.txt").write_text("x = 1\n" * 500)
@@ -188,12 +190,19 @@ def test_what_a_rank_was_given_is_digested_by_name_and_follows_each_input(tmp_pa
     corpus, other = (Corpus.from_files(f, ByteTokenizer()) for f in (files, files[:1]))
     config, settings, adamw = preset("tiny"), TrainSettings(), AdamWSettings()
     ns = argparse.Namespace(precision="bf16", save_dtype="fp32")
-    given = run_inputs(corpus, config, settings, adamw, ns, None)
-    assert set(given) == {"data", "settings", "checkpoint"} and given == run_inputs(corpus, config, settings, adamw,
-                                                                                    ns, None)
-    differ = lambda got: {k for k in given if got[k] != given[k]}  # noqa: E731
-    assert differ(run_inputs(other, config, settings, adamw, ns, None)) == {"data"}
-    assert differ(run_inputs(corpus, config, dataclasses.replace(settings, lr=settings.lr / 2), adamw, ns,
-                             None)) == {"settings"}
-    assert differ(run_inputs(corpus, config, settings, adamw, argparse.Namespace(precision="fp32", save_dtype="fp32"),
-                             None)) == {"settings"}
+    init = argparse.Namespace(params=init_params(config, seed=0))  # the part of a Checkpoint digested
+
+    def given(**change):
+        args = dict(corpus=corpus, config=config, settings=settings, adamw=adamw, ns=ns, ckpt=None, init=None)
+        return run_inputs(**{**args, **change})
+
+    base = given()
+    assert set(base) == {"data", "settings", "checkpoint", "init"} and base == given()
+    differ = lambda got: {k for k in base if got[k] != base[k]}  # noqa: E731
+    assert differ(given(corpus=other)) == {"data"}
+    assert differ(given(settings=dataclasses.replace(settings, lr=settings.lr / 2))) == {"settings"}
+    assert differ(given(ns=argparse.Namespace(precision="fp32", save_dtype="fp32"))) == {"settings"}
+    assert differ(given(ckpt=argparse.Namespace(trainer={"step": 40}))) == {"checkpoint"}
+    assert differ(given(init=init)) == {"init"}
+    nudged = {**init.params, "model.norm.weight": init.params["model.norm.weight"] + np.float32(1e-3)}
+    assert given(init=argparse.Namespace(params=nudged))["init"] != given(init=init)["init"]

@@ -3,13 +3,14 @@ errors; and the TCP rendezvous that hands every rank rank 0's id bytes, with tim
 who is missing."""
 import multiprocessing
 import socket
+import struct
 import threading
 import time
 
 import pytest
 
 from model.parallel.launch import LaunchEnv, LaunchError, from_environ
-from model.parallel.rendezvous import RendezvousError, share_id
+from model.parallel.rendezvous import MAGIC, RendezvousError, share_id
 
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "29500"}
 SLURM = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
@@ -200,7 +201,38 @@ def test_rank_0_of_a_launcher_listens_on_every_interface_and_of_gpus_n_on_this_h
         raise OSError("not for this test")
 
     monkeypatch.setattr(socket, "create_server", refuse)
-    for source, addr in (("torchrun", "node2"), ("slurm", "node2"), ("--gpus", "127.0.0.1")):
-        with pytest.raises(RendezvousError, match=f"^rank 0 cannot listen on {addr}:29500"):
-            share_id(LaunchEnv(0, 8, 0, addr, 29500, source), lambda: b"id", 1.0)
+    for source in ("torchrun", "slurm", "--gpus"):
+        with pytest.raises(RendezvousError, match="^rank 0 cannot listen on 127.0.0.1:29500"):
+            share_id(LaunchEnv(0, 8, 0, "127.0.0.1", 29500, source), lambda: b"id", 1.0)
     assert asked == [("", 29500), ("", 29500), ("127.0.0.1", 29500)]
+
+
+def test_a_master_address_that_is_not_rank_0s_host_is_one_line_at_once():
+    started = time.monotonic()
+    with pytest.raises(RendezvousError, match=r"^rank 0 cannot listen on 192\.0\.2\.1:29500: 192\.0\.2\.1 is not an "
+                                              r"address of this host"):
+        share_id(LaunchEnv(0, 2, 0, "192.0.2.1", 29500, "torchrun"), lambda: b"id", 30.0)  # TEST-NET-1
+    assert time.monotonic() - started < 5
+
+
+def test_a_rank_of_another_protocol_version_is_refused_on_both_sides_and_a_stranger_cannot_stop_the_run():
+    port = free_port()
+    result = {}
+    server = threading.Thread(target=lambda: result.update(meet(2, port, ranks=[0])))
+    server.start()
+    deep = b"[" * 2000 + b"]" * 2000  # valid magic, JSON nested past the parser's recursion limit
+    for junk in (MAGIC + struct.pack("!III", 2, 1, len(deep)) + deep, MAGIC + struct.pack("!III", 2, 1, 2) + b"[]"):
+        for _ in range(100):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.sendall(junk)
+                break
+            except OSError:
+                time.sleep(0.02)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as old:  # a rank of the first protocol
+        old.sendall(b"PTXR1" + struct.pack("!II", 2, 1))
+        status, size = struct.unpack("!BI", old.recv(5))
+        answer = old.recv(size).decode()
+    server.join()
+    line = "a rank speaks rendezvous PTXR1, rank 0 PTXR2 (another version of ptxgen on its host)"
+    assert status == 1 and answer.endswith(line) and str(result[0]).endswith(line)

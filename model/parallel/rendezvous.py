@@ -51,12 +51,8 @@ def _where(env: LaunchEnv) -> str:
 
 def _serve(env: LaunchEnv, make_id: Callable[[], bytes], deadline: float, timeout: float,
            inputs: dict[str, str]) -> bytes:
-    # a launcher's MASTER_ADDR names rank 0's host as the other hosts reach it; on that host the
-    # name may resolve to a loopback address (Debian's /etc/hosts: 127.0.1.1), so rank 0 listens on
-    # every interface; --gpus's ranks are all on this host
-    host = env.master_addr if env.source == "--gpus" else ""
     try:
-        server = socket.create_server((host, env.master_port), reuse_port=False)
+        server = _listen(env)
     except OSError as e:
         raise RendezvousError(f"rank 0 cannot listen on {_where(env)}: {e.strerror or e}") from None
     peers: dict[int, socket.socket] = {}
@@ -74,6 +70,29 @@ def _serve(env: LaunchEnv, make_id: Callable[[], bytes], deadline: float, timeou
         for conn in peers.values():
             conn.close()
         server.close()
+
+
+def _listen(env: LaunchEnv) -> socket.socket:
+    """Rank 0's server socket. --gpus's ranks are all on this host: 127.0.0.1. A launcher's
+    MASTER_ADDR names rank 0's host as the other hosts reach it, and on that host the name may
+    resolve to a loopback address (Debian's /etc/hosts: 127.0.1.1): so rank 0 first checks that the
+    address is this host's (binding it, any port: a MASTER_ADDR of another host fails here at once
+    instead of at the others' timeout), then listens on every interface, IPv6 too where it can."""
+    if env.source == "--gpus":
+        return socket.create_server((env.master_addr, env.master_port), reuse_port=False)
+    error = OSError(f"{env.master_addr} is not an address of this host")
+    for family, kind, proto, _, address in socket.getaddrinfo(env.master_addr, 0, type=socket.SOCK_STREAM):
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind(address)
+                break
+            except OSError as e:
+                error = OSError(f"{env.master_addr} is not an address of this host ({e.strerror or e})")
+    else:
+        raise error
+    if socket.has_dualstack_ipv6():
+        return socket.create_server(("", env.master_port), family=socket.AF_INET6, dualstack_ipv6=True)
+    return socket.create_server(("", env.master_port), reuse_port=False)
 
 
 def _gather(server: socket.socket, env: LaunchEnv, peers: dict[int, socket.socket], deadline: float,
@@ -103,13 +122,15 @@ def _hello(conn: socket.socket, env: LaunchEnv, seen: set[int], deadline: float,
     """(what is wrong with this rank, or None; its rank, or None for a peer that is not a rank)."""
     conn.settimeout(max(0.1, min(5.0, deadline - time.monotonic())))  # a silent peer holds the door 5 s at most
     try:
-        magic, world, rank, size = _HELLO.unpack(_recv(conn, _HELLO.size))
-        if magic != MAGIC or size > MAX_INPUTS:
-            return None, None
-        theirs = json.loads(_recv(conn, size))
-    except (OSError, ConnectionError, struct.error, ValueError):
+        magic = _recv(conn, len(MAGIC))
+        if magic != MAGIC:  # another version of ours (a stale install on one host) is an error; a stranger is not
+            return (f"a rank speaks rendezvous {magic.decode(errors='replace')}, rank 0 {MAGIC.decode()} (another "
+                    f"version of ptxgen on its host)", -1) if magic.startswith(MAGIC[:4]) else (None, None)
+        world, rank, size = _HELLO.unpack(magic + _recv(conn, _HELLO.size - len(MAGIC)))[1:]
+        theirs = json.loads(_recv(conn, size)) if size <= MAX_INPUTS else None
+    except (OSError, ConnectionError, struct.error, ValueError, RecursionError):
         return None, None
-    if not isinstance(theirs, dict):
+    if not (isinstance(theirs, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in theirs.items())):
         return None, None
     if world != env.world:
         return f"rank {rank} has world size {world}, rank 0 has {env.world}", rank
