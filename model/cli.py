@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -178,15 +177,13 @@ def run_inputs(corpus: Corpus, config: ModelConfig, settings: TrainSettings, ada
     def digest(value: object) -> str:  # JSON of plain values only: a str() of an object could differ by process
         return sha256_hex(json.dumps(value, sort_keys=True))[:16]
 
-    weights = hashlib.sha256()
-    for name in sorted(init.params if init is not None else {}):
-        weights.update(name.encode() + b"\0")
-        weights.update(np.ascontiguousarray(init.params[name]))
+    weights = None if init is None else {name: sha256_hex(np.ascontiguousarray(w).data)
+                                         for name, w in init.params.items()}
     return {"data": corpus.sha256[:16],
             "settings": digest([dataclasses.asdict(x) for x in (config, settings, adamw)]
                                + [ns.precision, ns.save_dtype]),
             "checkpoint": digest(ckpt.trainer if ckpt is not None else None),
-            "init": weights.hexdigest()[:16] if init is not None else "none"}
+            "init": digest(weights)}
 
 
 def _resume_inputs(ns: argparse.Namespace, ckpt: Checkpoint) -> None:
