@@ -172,19 +172,24 @@ def test_a_rank_given_other_data_or_settings_is_refused_on_both_sides_naming_wha
     assert "was given another checkpoint" in str(meet(2, free_port(), inputs={1: {"data": "9f2c"}})[0])
 
 
+def knock(port: int, junk: bytes) -> None:
+    """Connect to rank 0's port (once it listens), send ``junk`` and hang up: a stranger."""
+    for _ in range(100):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(junk)
+            return
+        except OSError:
+            time.sleep(0.02)
+
+
 def test_a_connection_that_is_not_a_rank_is_ignored():
     port = free_port()
     result = {}
     server = threading.Thread(target=lambda: result.update(meet(2, port, ranks=[0])))
     server.start()
     for junk in (b"GET / HTTP/1.0\r\n\r\n", b""):  # another program, then a bare connect-and-close
-        for _ in range(100):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                    s.sendall(junk)
-                break
-            except OSError:
-                time.sleep(0.02)
+        knock(port, junk)
     got = meet(2, port, ranks=[1])
     server.join()
     assert result[0] == got[1] == b"id-" + bytes(range(125))
@@ -222,13 +227,7 @@ def test_a_rank_of_another_protocol_version_is_refused_on_both_sides_and_a_stran
     server.start()
     deep = b"[" * 2000 + b"]" * 2000  # valid magic, JSON nested past the parser's recursion limit
     for junk in (MAGIC + struct.pack("!III", 2, 1, len(deep)) + deep, MAGIC + struct.pack("!III", 2, 1, 2) + b"[]"):
-        for _ in range(100):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                    s.sendall(junk)
-                break
-            except OSError:
-                time.sleep(0.02)
+        knock(port, junk)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as old:  # a rank of the first protocol
         old.sendall(b"PTXR1" + struct.pack("!II", 2, 1))
         status, size = struct.unpack("!BI", old.recv(5))

@@ -5,11 +5,11 @@ SLURM_STEP_NUM_TASKS and SLURM_LOCALID (the master's address and port come from 
 MASTER_PORT, which the batch script sets). A batch script's own shell is not a launch: sbatch sets
 SLURM_PROCID and SLURM_LOCALID (0) and the allocation's SLURM_NTASKS there too, but only srun
 starts a step (SLURM_STEP_NUM_TASKS, per Slurm's sbatch(1) and srun(1)). ``ptxgen train --gpus N``
-starts its children with torchrun's variables (``LaunchEnv.environ``), so every process reads them the same way, and with
-``PTXGEN_LAUNCHER=--gpus`` so that a child knows its ``--gpus N`` is its parent's, not a clash
-with a launcher. Under torchrun, whose agent already listens on MASTER_PORT (its own store), rank 0
-listens on MASTER_PORT + 1. A value that is missing, not an integer, out of range or inconsistent is one
-line (``LaunchError``).
+starts its children with torchrun's variables (``LaunchEnv.environ``), so every process reads them
+the same way, and with ``PTXGEN_LAUNCHER=--gpus`` so that a child knows its ``--gpus N`` is its
+parent's, not a clash with a launcher. Under torchrun, whose agent already listens on MASTER_PORT
+(its own store), rank 0 listens on MASTER_PORT + 1. A value that is missing, not an integer, out of
+range or inconsistent is one line (``LaunchError``).
 
 Every rank uses one GPU, its local rank's: ``pin_gpu`` narrows CUDA_VISIBLE_DEVICES to it before
 CUDA starts, so the runtime's device 0 is that GPU (NCCL finds the peers by their bus ids).

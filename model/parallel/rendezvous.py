@@ -37,11 +37,12 @@ def share_id(env: LaunchEnv, make_id: Callable[[], bytes], timeout: float = 120.
     if env.world == 1:
         return make_id()
     deadline = time.monotonic() + timeout
-    given = json.dumps(dict(inputs or {}), sort_keys=True).encode()
+    inputs = dict(inputs or {})
+    given = json.dumps(inputs, sort_keys=True).encode()
     if len(given) > MAX_INPUTS:
         raise ValueError(f"share_id: {len(given)} bytes of inputs, at most {MAX_INPUTS}")
     if env.rank == 0:
-        return _serve(env, make_id, deadline, timeout, dict(inputs or {}))
+        return _serve(env, make_id, deadline, timeout, inputs)
     return _join(env, deadline, timeout, given)
 
 
@@ -119,7 +120,8 @@ def _gather(server: socket.socket, env: LaunchEnv, peers: dict[int, socket.socke
 
 def _hello(conn: socket.socket, env: LaunchEnv, seen: set[int], deadline: float, inputs: dict[str, str]
            ) -> tuple[str | None, int | None]:
-    """(what is wrong with this rank, or None; its rank, or None for a peer that is not a rank)."""
+    """(what is wrong with this rank, or None; its rank, or None for a peer that is not a rank, or
+    -1 for a rank of another protocol version, whose index it does not say in a form we read)."""
     conn.settimeout(max(0.1, min(5.0, deadline - time.monotonic())))  # a silent peer holds the door 5 s at most
     try:
         magic = _recv(conn, len(MAGIC))
