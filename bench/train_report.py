@@ -189,7 +189,8 @@ def unique_shapes(rows: list[Row]) -> list[Row]:
     return list(seen.values())
 
 
-_GEMM_WHAT = re.compile(r"^gemm\S* (\S+ (?:forward|dX|dW)) -> ")  # Ops' GEMM labels: module and pass
+# Ops' GEMM labels: module and pass, then what an epilogue adds ("forward + RoPE"): the pass's
+_GEMM_WHAT = re.compile(r"^gemm\S* (\S+ (?:forward|dX|dW))(?: \+ [^>]*)? -> ")
 _LAYER = re.compile(r"^model\.layers\.\d+\.")
 
 

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from ptxgen.kernels.colsum import COLS_PER_BLOCK
 from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
 from ptxgen.spec import KernelSpec
 from runtime import View
@@ -48,6 +49,7 @@ def scratch_shapes(k: ModelKernels, c: ModelConfig, tokens: int, matrices: dict[
     QKV = (c.num_heads + 2 * c.num_kv_heads) * c.head_dim  # the fused q/k/v projection's output width
     shapes = {"rmsnorm dgamma partial": ((k.norm_bwd_residual.partial_rows(tokens), H), "f32"),
               "column sum chunks": ((-(-tokens // COLSUM_CHUNK), max(QKV, H)), "f32"),  # biases' and dgamma's
+              "column sum counts": ((-(-max(QKV, H) // COLS_PER_BLOCK),), "i32"),  # ... and their blocks' counts
               "split-K partial sums": ((max((n * math.prod(s) for n, s in parts if n > 1), default=1),), "f32")}
     if k.swiglu_bwd is not None:  # the down projection's dx, read by the SwiGLU backward's own kernel
         shapes["d act"] = ((tokens, c.intermediate_size), "f32")
@@ -327,6 +329,15 @@ class Ops:
         return self._scratch_buffer("column sum chunks")
 
     @functools.cached_property
+    def _column_counts(self) -> View:
+        """The one-launch column sums' count per column block (``ColumnSumSpec.finish``): zeroed
+        here, and every launch leaves them so."""
+        counts = self._scratch_buffer("column sum counts")
+        fill_u32(counts.ptr, 0, counts.size)
+        Stream.null().synchronize()  # before any launch on a plan's own stream reads them
+        return counts
+
+    @functools.cached_property
     def _d_act(self) -> View:
         return self._scratch_buffer("d act")
 
@@ -363,18 +374,20 @@ class Ops:
         """dst = the sum over ``rows`` rows of ``src`` ([rows, dst.size]), in one or two fixed-order
         stages: up to COLSUM_CHUNK rows at once, more in chunks of them (a block per 32 columns
         and chunk: one chunk of 1024 rows of 896 columns is 28 blocks, which left the H200 all but
-        idle for 10 us) and then the chunks' sums."""
-        spec, cols = self.k.colsum, dst.size
+        idle for 10 us) and then the chunks' sums, by the last block of each column block to be
+        done (``colsum_chunks``: one launch, not a second one)."""
+        cols = dst.size
         if rows <= COLSUM_CHUNK:
+            spec = self.k.colsum
             self._add(spec, spec.launch_dims(rows, cols, rows), dst, src=src, dst=dst, n_rows=rows, n_cols=cols,
                       rows_per_chunk=rows)
             return
-        chunks, scratch = -(-rows // COLSUM_CHUNK), self._column_scratch
-        assert scratch.size >= chunks * cols, (scratch.shape, chunks, cols)
-        self._add(spec, spec.launch_dims(rows, cols, COLSUM_CHUNK), scratch, src=src, dst=scratch, n_rows=rows,
-                  n_cols=cols, rows_per_chunk=COLSUM_CHUNK)
-        self._add(spec, spec.launch_dims(chunks, cols, chunks), dst, src=scratch, dst=dst, n_rows=chunks,
-                  n_cols=cols, rows_per_chunk=chunks)
+        spec, chunks, scratch, counts = self.k.colsum_chunks, -(-rows // COLSUM_CHUNK), self._column_scratch, \
+            self._column_counts
+        assert scratch.size >= chunks * cols and counts.size >= spec.launch_dims(rows, cols, COLSUM_CHUNK)[0][0], \
+            (scratch.shape, counts.shape, chunks, cols)
+        self._add(spec, spec.launch_dims(rows, cols, COLSUM_CHUNK), dst, src=src, partials=scratch, dst=dst,
+                  counters=counts, n_rows=rows, n_cols=cols, rows_per_chunk=COLSUM_CHUNK)
 
     def rmsnorm_backward(self, x: View, gamma: str, dy: View, rstd: View, dx: View, residual: bool = False) -> View:
         """dx = the norm's input gradient (``residual``: added to dx, the residual stream's

@@ -199,6 +199,7 @@ class ModelKernels:
     swiglu_bwd: SwiGLUBackwardSpec | None  # fp32 (None in bf16: the down projection's dX GEMM takes it)
     cross_entropy: CrossEntropySpec
     colsum: ColumnSumSpec
+    colsum_chunks: ColumnSumSpec  # more rows than a chunk: the chunks' sums finished in the same launch
     parts_sum: PartsSumSpec  # split-K partial weight gradients
     grad_norm_partial: GradNormPartialSpec
     grad_norm_final: GradNormFinalSpec
@@ -280,7 +281,7 @@ class ModelKernels:
             swiglu_bwd=None if bf16 else SwiGLUBackwardSpec(vec=swiglu_vec),
             cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index, dtype=gemm_operand,
                                            grad_dtype=gemm_operand, stats_block=stats_block),
-            colsum=ColumnSumSpec(), parts_sum=PartsSumSpec(), grad_norm_partial=partial,
+            colsum=ColumnSumSpec(), colsum_chunks=ColumnSumSpec(finish=True), parts_sum=PartsSumSpec(), grad_norm_partial=partial,
             grad_norm_final=GradNormFinalSpec(partials=partial.blocks),
             # bf16: the step on the matrices writes their bf16 copy too (no separate refresh pass)
             adamw_decay=AdamWSpec(beta1=adamw.beta1, beta2=adamw.beta2, eps=adamw.eps,

@@ -394,6 +394,18 @@ class Block:
             data = np.ascontiguousarray(words[on]).view(np.uint8).reshape(-1, 4)[:, :size]
             self._space(space)[where[:, None] + np.arange(size)] = data
 
+    def _atom(self, op, ops, mask):
+        """atom.global.add.u32 d, [a], v: the block's threads one after another (lockstep)."""
+        assert op[1:] == ["global", "add", "u32"], ".".join(op)
+        at, on = self._address(ops[1], "global"), np.ones(self.threads, bool) if mask is None else mask
+        value, old = self.value(ops[2], "u32"), np.zeros(self.threads, np.uint32)
+        for t in np.nonzero(on)[0]:
+            assert any(lo <= at[t] < hi for lo, hi in self.memory.writable), "an atomic outside the outputs"
+            word = self.memory.bytes[at[t]:at[t] + 4].view(np.uint32)
+            old[t] = word[0]
+            word[0] = old[t] + value[t]
+        self.write(ops[0], old, mask)
+
     def _cp(self, op, ops, mask):
         """cp.async per thread, as the hardware keeps it: a thread's copies join its next commit's
         group, and its wait_group N lands its copies of all but its N newest groups (so threads

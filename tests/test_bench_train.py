@@ -204,9 +204,11 @@ def test_bench_train_refuses_bad_input_in_one_line():
                                                 f"presets: {', '.join(PRESETS)}"]
 
 
-def test_every_gemm_of_the_models_plan_is_attributed_to_its_module_and_pass(monkeypatch):
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_every_gemm_of_the_models_plan_is_attributed_to_its_module_and_pass(monkeypatch, name):
     """The breakdown reads the plan's labels: each GEMM launch of a bf16 step (built on the dry
-    device) names one module and pass, every linear module has its forward, dX and dW."""
+    device) names one module and pass, every linear module has its forward, dX and dW (small: the
+    q/k/v forward with RoPE in its epilogue, "forward + RoPE", counts as the forward)."""
     import numpy as np
 
     from dry_device import DryCache, dry_device
@@ -214,8 +216,10 @@ def test_every_gemm_of_the_models_plan_is_attributed_to_its_module_and_pass(monk
     from model.cuda_model import CudaBackend
     from model.optim import AdamWSettings
     from model.params import param_shapes
+    from model.kernels import rope_in_gemm
     from model.precision import Precision
-    config = preset("tiny")
+    config = preset(name).replace(num_layers=1)
+    assert rope_in_gemm(config, Precision.BF16) == (name == "small")
     with dry_device(monkeypatch):
         model = CudaBackend(config, {n: np.zeros(s, np.float32) for n, s in param_shapes(config).items()},
                             AdamWSettings(), cache=DryCache(), precision=Precision.BF16)

@@ -4,7 +4,9 @@
 Block (x: 32 columns, y: a chunk of rows) has 32 x ``row_groups`` threads; group g sums rows
 g, g + row_groups, ... of the chunk in order, then group 0 adds the groups' sums in order and
 writes out[chunk, col]. One launch with one chunk finishes a sum; with many chunks it makes
-partials for a second launch. Serves dgamma (over RMSNorm backward partials) and bias gradients.
+partials for a second launch, or (``finish``) the last block of each column block to be done
+adds the chunks' partials, in chunk order whichever block that is, itself: one launch. Serves
+dgamma (over RMSNorm backward partials) and bias gradients.
 """
 from __future__ import annotations
 
@@ -30,6 +32,10 @@ VEC = 4     # floats per thread of the parts sum
 class ColumnSumSpec(KernelSpec):
     kind: ClassVar[str] = "colsum"
     row_groups: int = 8
+    # the chunks' sums into ``partials`` ([chunks][n_cols]), then the last block of a column block
+    # to be done (a count per column block in ``counters``: zero before, left zero) adds them into
+    # ``dst`` in chunk order: the second launch's sums, bit for bit, without the launch
+    finish: bool = False
 
     def validate(self) -> None:
         if self.row_groups not in (1, 2, 4, 8, 16, 32):
@@ -41,22 +47,35 @@ class ColumnSumSpec(KernelSpec):
         return (-(-cols // COLS_PER_BLOCK), chunks), (COLS_PER_BLOCK, self.row_groups)
 
     def params(self) -> tuple[tuple[str, T], ...]:
-        return (("src", T.U64), ("dst", T.U64), ("n_rows", T.U32), ("n_cols", T.U32),
+        finish = (("partials", T.U64),) if self.finish else ()
+        counters = (("counters", T.U64),) if self.finish else ()
+        return (("src", T.U64), *finish, ("dst", T.U64), *counters, ("n_rows", T.U32), ("n_cols", T.U32),
                 ("rows_per_chunk", T.U32))
 
     def outputs(self) -> tuple[str, ...]:
-        return ('dst',)
+        return ("partials", "dst", "counters") if self.finish else ("dst",)
 
     def build(self, b: KernelBuilder) -> None:
         src, dst = (b.cvta_global(b.ld_param(n)) for n in ("src", "dst"))
         n_rows, n_cols, per_chunk = (b.ld_param(n) for n in ("n_rows", "n_cols", "rows_per_chunk"))
-        tx, ty = b.special("%tid.x"), b.special("%tid.y")
         chunk = b.special("%ctaid.y")
-        col = b.mad(b.special("%ctaid.x"), COLS_PER_BLOCK, tx)
+        col = b.mad(b.special("%ctaid.x"), COLS_PER_BLOCK, b.special("%tid.x"))
         in_cols = b.setp("lt", col, n_cols)
         start = b.mul(chunk, per_chunk)
-        end = b.min(b.add(start, per_chunk), n_rows)
-        # rows start+ty, start+ty+G, ... < end, UNROLL per trip into independent accumulators
+        total = self._sum_rows(b, src, start, b.min(b.add(start, per_chunk), n_rows), n_cols, col, in_cols)
+        store = b.and_(in_cols, b.setp("eq", b.special("%tid.y"), 0))
+        out = b.cvta_global(b.ld_param("partials")) if self.finish else dst
+        b.st("global", Addr(offset(b, out, b.mad(chunk, n_cols, col), 4)), total, guard=store)
+        if self.finish:
+            self._finish(b, out, dst, n_cols, col, in_cols, store)
+
+    def _sum_rows(self, b: KernelBuilder, src: Reg, start: Reg, end: Reg, n_cols: Reg, col: Reg, in_cols: Reg,
+                  cg: bool = False) -> Reg:
+        """The sum of rows [start, end) of column ``col`` of ``src``, in the fixed order: group g
+        of the block's threads sums rows start + g, start + g + row_groups, ..., UNROLL a trip into
+        independent accumulators, then group 0's threads (where the result is) add the groups'.
+        ``cg``: read through L2 only (other blocks' writes)."""
+        ty = b.special("%tid.y")
         span = b.sub(end, b.add(start, ty), T.S32)
         per_trip = self.row_groups * UNROLL
         trips = b.selp(b.div(b.add(span, per_trip - 1, T.S32), per_trip, T.S32), 0,
@@ -67,28 +86,51 @@ class ColumnSumSpec(KernelSpec):
         with b.loop(trips, "rows"):
             for u, acc in enumerate(accs):
                 r = b.add(row, u * self.row_groups)
-                v = load_f32(b, DType.F32, Addr(offset(b, src, b.mad(r, n_cols, col), 4)), 1,
-                             guard=b.setp("lt", r, end))[0]
+                v = b.ld("global", T.F32, Addr(offset(b, src, b.mad(r, n_cols, col), 4)), cg=cg,
+                         out=[b.mov(0.0, T.F32)], guard=b.setp("lt", r, end))  # rows past end: 0
                 b.add(acc, v, out=acc)
             b.add(row, per_trip, out=row)
         acc = tree_sum(b, accs)
         if self.row_groups == 1:
-            total = acc
-        else:
-            partial = b.shared_array("group_sums", T.F32, self.row_groups * COLS_PER_BLOCK)
-            base = b.addr_of(partial)
-            b.st("shared", Addr(b.add(base, b.shl(b.mad(ty, COLS_PER_BLOCK, tx), 2))), acc)
-            b.bar_sync()
-            column = b.add(base, b.shl(tx, 2))
-            total = b.ld("shared", T.F32, Addr(column))
-            for g in range(1, self.row_groups):
-                b.add(total, b.ld("shared", T.F32, Addr(column, 4 * g * COLS_PER_BLOCK)), out=total)
-        store = b.and_(in_cols, b.setp("eq", ty, 0))
-        b.st("global", Addr(offset(b, dst, b.mad(chunk, n_cols, col), 4)), total, guard=store)
+            return acc
+        base = b.addr_of(b.shared_array("group_sums", T.F32, self.row_groups * COLS_PER_BLOCK))
+        b.st("shared", Addr(b.add(base, b.shl(b.mad(ty, COLS_PER_BLOCK, b.special("%tid.x")), 2))), acc)
+        b.bar_sync()
+        column = b.add(base, b.shl(b.special("%tid.x"), 2))
+        total = b.ld("shared", T.F32, Addr(column))
+        for g in range(1, self.row_groups):
+            b.add(total, b.ld("shared", T.F32, Addr(column, 4 * g * COLS_PER_BLOCK)), out=total)
+        return total
+
+    def _finish(self, b: KernelBuilder, partials: Reg, dst: Reg, n_cols: Reg, col: Reg, in_cols: Reg,
+                store: Reg) -> None:
+        """The last block of the column block to be done sums the chunks' partials into dst, as a
+        second launch over them would (one chunk of them all). Each writer's fence, then the
+        block's count (one thread's atomic), order every partial before the count that makes a
+        block the last; that block fences and reads them from L2."""
+        chunks = b.special("%nctaid.y")
+        counter = Addr(offset(b, b.cvta_global(b.ld_param("counters")), b.special("%ctaid.x"), 4))
+        first = b.and_(b.setp("eq", b.special("%tid.x"), 0), b.setp("eq", b.special("%tid.y"), 0))
+        b.fence_gpu()
+        b.bar_sync()
+        last_flag = b.addr_of(b.shared_array("last", T.U32, 1))
+        counted = b.new_label("counted")
+        b.bra(counted, guard=~first)
+        before = b.atom("global", "add", counter, 1, T.U32)
+        b.st("shared", Addr(last_flag), b.selp(1, 0, b.setp("eq", before, b.sub(chunks, 1)), T.U32), t=T.U32)
+        b.place(counted)
+        b.bar_sync()
+        not_last = b.new_label("not_last")
+        b.bra(not_last, guard=b.setp("eq", b.ld("shared", T.U32, Addr(last_flag)), 0))
+        b.fence_gpu()
+        total = self._sum_rows(b, partials, b.mov(0, T.U32), chunks, n_cols, col, in_cols, cg=True)
+        b.st("global", Addr(offset(b, dst, col, 4)), total, guard=store)
+        b.st("global", counter, 0, t=T.U32, guard=first)  # down for the next launch
+        b.place(not_last)
 
     @classmethod
     def examples(cls) -> list["ColumnSumSpec"]:
-        return [cls(), cls(row_groups=1), cls(row_groups=32)]
+        return [cls(), cls(row_groups=1), cls(row_groups=32), cls(finish=True), cls(row_groups=1, finish=True)]
 
 
 def column_sum_reference(x: np.ndarray) -> np.ndarray:
