@@ -44,6 +44,9 @@ SPLIT_K_MAX = 16
 # bench_compute / bench_kernels (fp32 SIMT ~47 TFLOP/s, wgmma ~600, copy ~3 TB/s):
 # what a split's partial sums cost, in the GEMM's own currency.
 FLOPS_PER_BYTE = {GemmSpec: 16, GemmWgmmaSpec: 200}
+# the one-launch column sums' thread groups: on the H200, 4 took dgamma's 1024 x 896 partial rows
+# in 10.5 us and the q/k/v bias's 8192 x 1152 in 15.8, against 11.5 and 17.7 with 8 (256-row chunks)
+COLSUM_CHUNKS_GROUPS = 4
 NORM_BWD_ROWS = 8  # rows a block of the RMSNorm backward (each block writes a row of dgamma partial sums)
 WIDE_OUTPUT = 512  # outputs at least this wide fill the GPU with 128x128 tiles at training batch sizes
 
@@ -281,7 +284,7 @@ class ModelKernels:
             swiglu_bwd=None if bf16 else SwiGLUBackwardSpec(vec=swiglu_vec),
             cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index, dtype=gemm_operand,
                                            grad_dtype=gemm_operand, stats_block=stats_block),
-            colsum=ColumnSumSpec(), colsum_chunks=ColumnSumSpec(finish=True), parts_sum=PartsSumSpec(), grad_norm_partial=partial,
+            colsum=ColumnSumSpec(), colsum_chunks=ColumnSumSpec(row_groups=COLSUM_CHUNKS_GROUPS, finish=True), parts_sum=PartsSumSpec(), grad_norm_partial=partial,
             grad_norm_final=GradNormFinalSpec(partials=partial.blocks),
             # bf16: the step on the matrices writes their bf16 copy too (no separate refresh pass)
             adamw_decay=AdamWSpec(beta1=adamw.beta1, beta2=adamw.beta2, eps=adamw.eps,
