@@ -364,7 +364,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     shapes = {(settings.batch_size // world, settings.seq_len)} | {
         (eval_rows(len(x), 0, world).stop, x.shape[1])
         for x, _ in val_batches(corpus.val, settings.batch_size, settings.seq_len, settings.eval_batches)}
-    check_fits(train_bytes(config, shapes, on_gpu, precision is Precision.BF16),
+    check_fits(train_bytes(config, shapes, on_gpu, precision is Precision.BF16, world),
                on_gpu, f"training {n_params(config) / 1e6:.1f}M parameters at batch {settings.batch_size}x"
                        f"{settings.seq_len}")
     if isinstance(dp, int):  # the input is good: start the ranks, each of which runs the checks above again

@@ -79,6 +79,20 @@ def _cuda_backend_bytes(config: ModelConfig, bf16: bool) -> int:
     return ParamLayout(config).total * (16 + (2 if bf16 else 0)) + SMALL_BUFFERS
 
 
+def _zero_rank_bytes(config: ModelConfig, world: int, shapes: Iterable[tuple[int, int]], bf16: bool) -> int:
+    """What a ZeRO-1 rank of ``world`` (parallel.zero_cuda) holds besides its steps' buffers: the
+    padded flat weights and gradients in f32, its shard of the two moments and of the reduced
+    gradients, the bf16 copies, SMALL_BUFFERS, and for each shape (where the table's gradient
+    is in row slabs) every rank's lookup-gradient rows in f32 and three int32 groupings of them."""
+    from .cuda_buffers import ParamLayout
+    from .parallel.zero_cuda import shard_plan
+
+    shards, slab_rows = shard_plan(config, world, Precision.BF16 if bf16 else Precision.FP32)
+    held = 8 * shards.padded_total + 12 * shards.shard_size + (2 * ParamLayout(config).decay_end if bf16 else 0)
+    rows = 0 if slab_rows is None else sum(world * b * s * (4 * config.hidden_size + 12) + 4 for b, s in shapes)
+    return held + rows + SMALL_BUFFERS
+
+
 def cuda_step_buffer_bytes(config: ModelConfig, batch: int, seq: int, bf16: bool) -> int:
     """The bytes of the activations, keys/values and training buffers a CUDA training step of
     ``batch`` x ``seq`` allocates (cuda_buffers.step_buffers, as CudaBackend allocates them)."""
@@ -126,14 +140,18 @@ def tail_workspace_bytes(config: ModelConfig, bf16: bool, tokens: Iterable[int] 
     return counter.bytes
 
 
-def train_bytes(config: ModelConfig, shapes: Iterable[tuple[int, int]], on_gpu: bool, bf16: bool = False) -> int:
+def train_bytes(config: ModelConfig, shapes: Iterable[tuple[int, int]], on_gpu: bool, bf16: bool = False,
+                world: int = 1) -> int:
     """Bytes a run training on ``shapes`` (batch, seq) holds: a GPU backend builds each shape's step
-    (the training batch, and a partial validation batch when the validation data is short)."""
+    (the training batch, and a partial validation batch when the validation data is short). On the
+    GPU of a data-parallel run of ``world`` ranks: one rank's (its shapes, its rows of the batches)."""
     shapes = set(shapes)
     if on_gpu:  # the backend; each shape's step buffers and the backward's scratch; the split tails' workspace
-        return _cuda_backend_bytes(config, bf16) + sum(
-            cuda_step_buffer_bytes(config, b, s, bf16) + cuda_scratch_bytes(config, b * s, bf16) for b, s in shapes) + \
-            tail_workspace_bytes(config, bf16, {b * s for b, s in shapes})
+        # (a data-parallel rank's GEMMs do not cut their tails: CudaBackend.gemms_alone)
+        backend = _cuda_backend_bytes(config, bf16) if world == 1 else _zero_rank_bytes(config, world, shapes, bf16)
+        tail = tail_workspace_bytes(config, bf16, {b * s for b, s in shapes}) if world == 1 else 0
+        return backend + tail + sum(
+            cuda_step_buffer_bytes(config, b, s, bf16) + cuda_scratch_bytes(config, b * s, bf16) for b, s in shapes)
     # f32 weights and moments, their f64 copy and f64 gradients each step, the initial weights;
     # f64 activations, about twice over while the backward runs
     return n_params(config) * 36 + 8 * 2 * max(_activations(config, b, s) for b, s in shapes)

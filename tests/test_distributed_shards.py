@@ -305,3 +305,31 @@ def test_a_whole_range_is_one_bucket_and_every_other_cut_ends_one():
     assert sum(b.size for b in plan.buckets) == plan.padded_total
     with pytest.raises(ValueError, match="whole bucket"):
         ShardPlan(10_000, 2, 9_000, bucket_elems=1_000, cuts=[0, 2_000, 4_000], whole=(0, 4_000))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("world, tied", [(2, True), (3, True), (8, False)])
+def test_the_memory_estimate_counts_what_a_zero_rank_allocates(monkeypatch, world, tied, bf16):
+    """footprint.train_bytes of a run on ``world`` GPUs, asked before any allocation, counts one
+    rank: its shard of the moments and reduced gradients (not the whole optimizer state) and, where
+    the table's gradient is in row slabs (vocab 256 splits 2 and 8 ways, not 3), every rank's
+    lookup-gradient rows; the rank's backend and steps allocate within it (its two shapes: a
+    training batch and a partial validation batch)."""
+    from model.footprint import train_bytes
+    from model.parallel.zero_cuda import ZeroCudaRank
+    from model.precision import Precision
+    config = dataclasses.replace(TINY, tie_word_embeddings=tied)
+    shapes = [(2, 64), (1, 64)]
+    precision = Precision.BF16 if bf16 else Precision.FP32
+    with dry_device(monkeypatch) as allocations:
+        params = {n: np.zeros(s, np.float32) for n, s in param_shapes(config).items()}
+        rank = ZeroCudaRank(LocalGroup(world).communicator(0), config, params, AdamWSettings(), precision=precision,
+                            cache=DryCache())
+        for batch, seq in shapes:
+            rank.plan(batch, seq)
+        used = sum(n for _, n in allocations)
+        assert (rank.slab_rows is not None) == (world != 3)
+        rank.close()
+    estimate = train_bytes(config, shapes, on_gpu=True, bf16=bf16, world=world)
+    assert used <= estimate <= 1.35 * used
+    assert estimate < train_bytes(config, shapes, on_gpu=True, bf16=bf16)  # less than one GPU's whole state

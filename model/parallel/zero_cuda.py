@@ -73,6 +73,22 @@ def f32_read(layout: ParamLayout) -> list[tuple[int, int]]:
     return [r for r in ranges if r[1] > r[0]]
 
 
+def shard_plan(config: ModelConfig, world: int, precision: Precision, bucket_elems: int = DEFAULT_BUCKET_ELEMS
+               ) -> tuple[ShardPlan, int | None]:
+    """The buckets and shards of a ZeRO-1 run on ``world`` ranks, and the table's rows a rank's
+    slab (None: they do not split evenly, and the table is bucketed like the rest): buckets cut
+    where the f32-read ranges start and end, the table as one bucket of row slabs where its rows
+    split (see the module docstring)."""
+    layout = ParamLayout(config)
+    f32 = f32_read(layout) if precision is Precision.BF16 else [(0, layout.total)]
+    table, unit = layout.offsets[TABLE], world * ALIGN
+    end = table + config.vocab_size * config.hidden_size
+    slabs = table % unit == 0 and end % unit == 0 and config.vocab_size % world == 0
+    shards = ShardPlan.of(layout, world, bucket_elems, cuts=[e for r in f32 for e in r] + [table, end],
+                          whole=(table, end) if slabs else None)
+    return shards, config.vocab_size // world if slabs else None
+
+
 class ZeroCudaRank(CudaBackend):
     """One rank of a ZeRO-1 run on the GPU (the training backend's interface; the collectives mean
     every rank calls ``train_step``, ``loss``, ``params`` (after a bf16 step), ``optimizer_state``
@@ -93,14 +109,10 @@ class ZeroCudaRank(CudaBackend):
         self.comm, self.digest_every = comm, digest_every
         layout = ParamLayout(config)
         f32 = f32_read(layout) if precision is Precision.BF16 else [(0, layout.total)]
-        table, unit = layout.offsets[TABLE], comm.world * ALIGN
-        end = table + config.vocab_size * config.hidden_size
-        # the table as one bucket of row slabs (see the module docstring), where its rows split evenly
-        slabs = table % unit == 0 and end % unit == 0 and config.vocab_size % comm.world == 0
-        self.slab_rows = config.vocab_size // comm.world if slabs else None
-        self.shards = ShardPlan.of(layout, comm.world, bucket_elems, cuts=[e for r in f32 for e in r] + [table, end],
-                                   whole=(table, end) if slabs else None)
-        self._table_bucket = next(b.index for b in self.shards.buckets if b.start == table) if slabs else None
+        self.shards, self.slab_rows = shard_plan(config, comm.world, precision, bucket_elems)
+        table = layout.offsets[TABLE]
+        self._table_bucket = next(b.index for b in self.shards.buckets if b.start == table) \
+            if self.slab_rows is not None else None
         self._table_rows: dict[tuple[int, int], tuple[View, View, View]] = {}  # batch shape -> grouping buffers
         # per bucket: gathered as the bf16 copies (none of it read in f32), else in f32
         self.gathered_bf16 = [not any(b.start < hi and lo < b.end for lo, hi in f32) for b in self.shards.buckets]
@@ -110,7 +122,8 @@ class ZeroCudaRank(CudaBackend):
         # one event a bucket, recorded on the communicator's side stream after its all-gather
         overlapped = hasattr(comm, "all_gather_overlapped")
         self._gathered = [Event() for _ in self.shards.buckets] if overlapped else []
-        self._rows_gathered = Event() if overlapped and slabs else None  # the lookup-gradient rows' all-gather
+        # the lookup-gradient rows' all-gather
+        self._rows_gathered = Event() if overlapped and self.slab_rows is not None else None
         # where the main stream waits for the side stream in the backward and before the
         # optimizer: (main's mark, the side's), their gaps the step's wait on communication
         self._waits = [(Event(), self._rows_gathered)] if self._rows_gathered else []
