@@ -32,7 +32,8 @@ def test_a_batch_scripts_own_shell_is_not_a_launch_only_an_srun_step_is():
     batch_shell = {"SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0",
                    "MASTER_ADDR": "node2", "MASTER_PORT": "12345"}
     assert from_environ(batch_shell) is None
-    assert from_environ({**batch_shell, "SLURM_STEP_NUM_TASKS": "8"}) == LaunchEnv(0, 8, 0, "node2", 12345, "slurm")
+    assert from_environ({**batch_shell, "SLURM_STEP_NUM_TASKS": "8"}) == LaunchEnv(0, 8, 0, "node2", 12345, "slurm",
+                                                                                   batch_shell["SLURM_JOB_ID"])
 
 
 def test_under_torchruns_agent_the_ranks_meet_on_the_port_after_its_store():
@@ -98,13 +99,14 @@ def free_port() -> int:
 RUN = {"data": "9f2c", "settings": "41aa", "checkpoint": "none"}  # what each rank was given, by digest
 
 
-def meet(world: int, port: int, timeout: float = 10.0, ranks=None, worlds=None, inputs=None) -> dict[int, object]:
-    """share_id on ``ranks`` (default all) as threads, each given ``inputs.get(rank, RUN)``; rank ->
-    the bytes, or the error raised."""
+def meet(world: int, port: int, timeout: float = 10.0, ranks=None, worlds=None, inputs=None, run_id: str = "job-1"
+         ) -> dict[int, object]:
+    """share_id on ``ranks`` (default all) of run ``run_id`` as threads, each given ``inputs.get(rank,
+    RUN)``; rank -> the bytes, or the error raised."""
     out: dict[int, object] = {}
 
     def one(rank: int) -> None:
-        env = LaunchEnv(rank, (worlds or {}).get(rank, world), 0, "127.0.0.1", port, "torchrun")
+        env = LaunchEnv(rank, (worlds or {}).get(rank, world), 0, "127.0.0.1", port, "torchrun", run_id)
         try:
             out[rank] = share_id(env, lambda: b"id-" + bytes(range(125)), timeout, (inputs or {}).get(rank, RUN))
         except RendezvousError as e:
@@ -172,6 +174,34 @@ def test_a_rank_given_other_data_or_settings_is_refused_on_both_sides_naming_wha
     assert "was given another checkpoint" in str(meet(2, free_port(), inputs={1: {"data": "9f2c"}})[0])
 
 
+def test_a_rank_of_another_run_on_the_port_is_ignored_and_named_if_its_own_never_come():
+    """Two jobs on one port: a rank of the other (its hello valid in every other way) neither
+    aborts this run nor takes the place of its rank 1; rank 0 names it if its own rank 1 never comes."""
+    port = free_port()
+    result = {}
+    server = threading.Thread(target=lambda: result.update(meet(2, port, ranks=[0])))
+    server.start()
+    stranger = meet(2, port, timeout=2.0, ranks=[1], run_id="job-2")
+    got = meet(2, port, ranks=[1])
+    server.join()
+    assert result[0] == got[1] == b"id-" + bytes(range(125))
+    assert isinstance(stranger[1], RendezvousError)  # it hears nothing: its own rank 0 is not here
+    port = free_port()
+    server = threading.Thread(target=lambda: result.update(meet(2, port, timeout=1.5, ranks=[0])))
+    server.start()
+    meet(2, port, timeout=0.5, ranks=[1], run_id="job-2")
+    server.join()
+    assert str(result[0]) == (f"rendezvous on 127.0.0.1:{port}: rank(s) 1 did not arrive within 1.5 s (ranks of "
+                              "another run came: 'job-2')")
+
+
+def test_each_launcher_names_its_run():
+    assert from_environ({**TORCHRUN, "TORCHELASTIC_RUN_ID": "abc"}).run_id == "abc"
+    assert from_environ({**SLURM, "SLURM_JOB_ID": "77", "SLURM_STEP_ID": "3"}).run_id == "77.3"
+    env = LaunchEnv.local(1, 2, 40000, "123-beef")
+    assert from_environ(env.environ()).run_id == "123-beef"
+
+
 def knock(port: int, junk: bytes) -> None:
     """Connect to rank 0's port (once it listens), send ``junk`` and hang up: a stranger."""
     for _ in range(100):
@@ -233,5 +263,5 @@ def test_a_rank_of_another_protocol_version_is_refused_on_both_sides_and_a_stran
         status, size = struct.unpack("!BI", old.recv(5))
         answer = old.recv(size).decode()
     server.join()
-    line = "a rank speaks rendezvous PTXR1, rank 0 PTXR2 (another version of ptxgen on its host)"
+    line = f"a rank speaks rendezvous PTXR1, rank 0 {MAGIC.decode()} (another version of ptxgen on its host)"
     assert status == 1 and answer.endswith(line) and str(result[0]).endswith(line)

@@ -11,6 +11,10 @@ parent's, not a clash with a launcher. Under torchrun, whose agent already liste
 (its own store), rank 0 listens on MASTER_PORT + 1. A value that is missing, not an integer, out of
 range or inconsistent is one line (``LaunchError``).
 
+Each launch names its run (``run_id``: torchrun's TORCHELASTIC_RUN_ID, Slurm's job and step,
+``--gpus N``'s PTXGEN_RUN_ID, which the parent draws): the rendezvous ignores a rank of another
+run (another job on the same port) instead of letting it abort this one.
+
 Every rank uses one GPU, its local rank's: ``pin_gpu`` narrows CUDA_VISIBLE_DEVICES to it before
 CUDA starts, so the runtime's device 0 is that GPU (NCCL finds the peers by their bus ids).
 """
@@ -23,6 +27,7 @@ TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SLURM = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")  # an srun step's
 LOCALHOST = "127.0.0.1"
 LAUNCHER = "PTXGEN_LAUNCHER"  # set to "--gpus" in the children of ``ptxgen train --gpus N``
+RUN_ID = "PTXGEN_RUN_ID"  # the run ``ptxgen train --gpus N`` started, in its children
 
 
 class LaunchError(ValueError):
@@ -37,6 +42,7 @@ class LaunchEnv:
     master_addr: str  # where rank 0 listens for the rendezvous
     master_port: int
     source: str  # "torchrun", "slurm" or "--gpus": named in errors
+    run_id: str = ""  # which run: the launcher's name for it (the same on every rank of it)
 
     def __post_init__(self) -> None:
         if self.world < 1:
@@ -53,16 +59,16 @@ class LaunchEnv:
             raise LaunchError(f"{self.source}: the master port {self.master_port} is outside 1..65535")
 
     @classmethod
-    def local(cls, rank: int, world: int, port: int) -> "LaunchEnv":
+    def local(cls, rank: int, world: int, port: int, run_id: str = "") -> "LaunchEnv":
         """Rank ``rank`` of ``ptxgen train --gpus world`` on this host."""
-        return cls(rank, world, rank, LOCALHOST, port, "--gpus")
+        return cls(rank, world, rank, LOCALHOST, port, "--gpus", run_id)
 
     def environ(self) -> dict[str, str]:
         """torchrun's variables for this rank: what ``--gpus N`` hands each child it starts."""
         env = dict(zip(TORCHRUN, (str(self.rank), str(self.world), str(self.local_rank), self.master_addr,
                                   str(self.master_port))))
         if self.source == "--gpus":
-            env[LAUNCHER] = "--gpus"
+            env[LAUNCHER], env[RUN_ID] = "--gpus", self.run_id
         return env
 
     def pin_gpu(self, environ: dict[str, str]) -> str:
@@ -121,4 +127,6 @@ def from_environ(env: Mapping[str, str]) -> LaunchEnv | None:
     port = _integer(env, "MASTER_PORT", source)
     if source == "torchrun" and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         port += 1  # torchrun's agent serves its own store on MASTER_PORT: the ranks meet on the next port
-    return LaunchEnv(rank, world, local, env["MASTER_ADDR"].strip(), port, source)
+    run_id = {"torchrun": env.get("TORCHELASTIC_RUN_ID", ""), "--gpus": env.get(RUN_ID, ""),
+              "slurm": ".".join(env[n] for n in ("SLURM_JOB_ID", "SLURM_STEP_ID") if n in env)}[source]
+    return LaunchEnv(rank, world, local, env["MASTER_ADDR"].strip(), port, source, run_id)

@@ -5,9 +5,10 @@ not up yet) and says who it is (magic, world size, rank) and what it was given t
 a digest by name, say of its data and settings: each rank reads its own, and ranks on other hosts
 could read other files under one path). Once all ``world - 1`` have arrived, each gets the id; a
 rank with another world size or other inputs, a rank out of range or a rank twice gets an error
-line instead, and so does rank 0. A connection that does not introduce itself as a rank
-(a port scan, another program) is closed and ignored. Nothing waits for ever: past ``timeout`` seconds rank 0
-says which ranks never came, and the others that rank 0 never answered.
+line instead, and so does rank 0. A connection that does not introduce itself as a rank of this
+run (a port scan, another program, a rank of another job on the same port: another ``run_id``) is
+closed and ignored. Nothing waits for ever: past ``timeout`` seconds rank 0 says which ranks never
+came (and which other runs' ranks knocked), and the others that rank 0 never answered.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from typing import Callable, Mapping
 
 from .launch import LaunchEnv
 
-MAGIC = b"PTXR2"  # protocol and version: a stray client (or another program on the port) is refused
+MAGIC = b"PTXR3"  # protocol and version: a stray client (or another program on the port) is refused
+RUN = "run id"  # the hello's map: the inputs, and under this name the run's id (LaunchEnv.run_id)
 _HELLO = struct.Struct("!5sIII")  # magic, world, rank, the inputs' size (JSON after it)
 MAX_INPUTS = 1 << 12
 _OK, _REFUSED = 0, 1
@@ -38,7 +40,9 @@ def share_id(env: LaunchEnv, make_id: Callable[[], bytes], timeout: float = 120.
         return make_id()
     deadline = time.monotonic() + timeout
     inputs = dict(inputs or {})
-    given = json.dumps(inputs, sort_keys=True).encode()
+    if RUN in inputs:
+        raise ValueError(f"share_id: {RUN!r} names the run, not an input")
+    given = json.dumps({**inputs, RUN: env.run_id}, sort_keys=True).encode()
     if len(given) > MAX_INPUTS:
         raise ValueError(f"share_id: {len(given)} bytes of inputs, at most {MAX_INPUTS}")
     if env.rank == 0:
@@ -99,16 +103,20 @@ def _listen(env: LaunchEnv) -> socket.socket:
 def _gather(server: socket.socket, env: LaunchEnv, peers: dict[int, socket.socket], deadline: float,
             timeout: float, inputs: dict[str, str]) -> None:
     """Accept ranks 1..world-1 into ``peers``."""
+    others: set[str] = set()  # the runs whose ranks knocked here instead
     while len(peers) < env.world - 1:
         server.settimeout(max(0.001, deadline - time.monotonic()))
         try:
             conn, _ = server.accept()
         except (socket.timeout, TimeoutError):
             missing = sorted(set(range(1, env.world)) - set(peers))
+            came = f" (ranks of another run came: {', '.join(sorted(others))[:200]})" if others else ""
             raise RendezvousError(f"rendezvous on {_where(env)}: rank(s) {', '.join(map(str, missing))} did "
-                                  f"not arrive within {timeout:g} s") from None
+                                  f"not arrive within {timeout:g} s{came}") from None
         problem, rank = _hello(conn, env, set(peers), deadline, inputs)
-        if rank is None:  # not one of ours (a port scan, a stale client): it cannot stop the run
+        if rank is None:  # not one of ours (a port scan, another run's rank): it cannot stop the run
+            if problem:
+                others.add(repr(problem))
             conn.close()
             continue
         if problem:
@@ -120,8 +128,9 @@ def _gather(server: socket.socket, env: LaunchEnv, peers: dict[int, socket.socke
 
 def _hello(conn: socket.socket, env: LaunchEnv, seen: set[int], deadline: float, inputs: dict[str, str]
            ) -> tuple[str | None, int | None]:
-    """(what is wrong with this rank, or None; its rank, or None for a peer that is not a rank, or
-    -1 for a rank of another protocol version, whose index it does not say in a form we read)."""
+    """(what is wrong with this rank, or None; its rank, or None for a peer that is not a rank of
+    this run (then the other run's id where it is one's), or -1 for a rank of another protocol
+    version, whose index it does not say in a form we read)."""
     conn.settimeout(max(0.1, min(5.0, deadline - time.monotonic())))  # a silent peer holds the door 5 s at most
     try:
         magic = _recv(conn, len(MAGIC))
@@ -134,6 +143,9 @@ def _hello(conn: socket.socket, env: LaunchEnv, seen: set[int], deadline: float,
         return None, None
     if not (isinstance(theirs, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in theirs.items())):
         return None, None
+    run = theirs.pop(RUN, None)
+    if run != env.run_id:  # a rank, but of another job on this port: not ours to refuse
+        return run, None
     if world != env.world:
         return f"rank {rank} has world size {world}, rank 0 has {env.world}", rank
     if not 1 <= rank < env.world or rank in seen:

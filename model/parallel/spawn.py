@@ -12,6 +12,8 @@ takes them with it (each child asks the kernel for SIGTERM on its parent's death
 from __future__ import annotations
 
 import ctypes
+import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -33,8 +35,8 @@ def free_port(host: str = LOCALHOST) -> int:
         return s.getsockname()[1]
 
 
-def child_environ(environ: Mapping[str, str], rank: int, world: int, port: int) -> dict[str, str]:
-    env = {**environ, **LaunchEnv.local(rank, world, port).environ()}
+def child_environ(environ: Mapping[str, str], rank: int, world: int, port: int, run_id: str) -> dict[str, str]:
+    env = {**environ, **LaunchEnv.local(rank, world, port, run_id).environ()}
     env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink SHARP: order not fixed, unsafe on shared hosts
     return env
 
@@ -44,9 +46,9 @@ def spawn_ranks(world: int, command: Sequence[str], environ: Mapping[str, str], 
                 grace: float = GRACE_S, poll: float = 0.1) -> int:
     """Run ``command`` as ranks 0..world-1 and wait for them; 0 when every rank exits 0, else the
     first failing rank's exit code (128 + the signal for a rank killed by one)."""
-    port = free_port()
-    ranks = [subprocess.Popen(list(command), env=child_environ(environ, r, world, port), preexec_fn=_die_with_parent)
-             for r in range(world)]
+    port, run_id = free_port(), f"{os.getpid()}-{secrets.token_hex(8)}"  # this run's, unlike any other's
+    ranks = [subprocess.Popen(list(command), env=child_environ(environ, r, world, port, run_id),
+                              preexec_fn=_die_with_parent) for r in range(world)]
     caught = _stop_on_signals()
     try:
         while True:
