@@ -189,7 +189,7 @@ def unique_shapes(rows: list[Row]) -> list[Row]:
     return list(seen.values())
 
 
-# Ops' GEMM labels: module and pass, then what an epilogue adds ("forward + RoPE"): the pass's
+# Ops' GEMM labels: module and pass, then what its epilogue also does ("forward + RoPE"), counted as the pass
 _GEMM_WHAT = re.compile(r"^gemm\S* (\S+ (?:forward|dX|dW))(?: \+ [^>]*)? -> ")
 _LAYER = re.compile(r"^model\.layers\.\d+\.")
 

@@ -25,7 +25,7 @@ from .config import ModelConfig
 from .cuda_buffers import Arena, Params
 from .kernels import LOSS_CHUNK_ROWS, Gemm, LinearKernels, ModelKernels, split_k
 
-COLSUM_CHUNK = 256  # rows per first-stage chunk of a two-stage column sum
+COLSUM_CHUNK = 256  # rows a block of a column sum adds up (more: chunks, finished in the same launch)
 # what a GEMM whose tiles are all whole gets for the tail workspace, which it never touches: no bytes
 NO_TAIL = tuple(View(f"no tail {x}", 0, (0,), "u8") for x in ("partial sums", "flags"))
 

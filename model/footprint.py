@@ -82,13 +82,15 @@ def _cuda_backend_bytes(config: ModelConfig, bf16: bool) -> int:
 def _zero_rank_bytes(config: ModelConfig, world: int, shapes: Iterable[tuple[int, int]], bf16: bool) -> int:
     """What a ZeRO-1 rank of ``world`` (parallel.zero_cuda) holds besides its steps' buffers: the
     padded flat weights and gradients in f32, its shard of the two moments and of the reduced
-    gradients, the bf16 copies, SMALL_BUFFERS, and for each shape (where the table's gradient
-    is in row slabs) every rank's lookup-gradient rows in f32 and three int32 groupings of them."""
+    gradients, the bf16 copies, SMALL_BUFFERS, a checkpoint's moment gathered whole in f32
+    (``optimizer_state``), and for each shape (where the table's gradient is in row slabs) every
+    rank's lookup-gradient rows in f32 and three int32 groupings of them. NCCL's own buffers are
+    not counted."""
     from .cuda_buffers import ParamLayout
     from .parallel.zero_cuda import shard_plan
 
     shards, slab_rows = shard_plan(config, world, Precision.BF16 if bf16 else Precision.FP32)
-    held = 8 * shards.padded_total + 12 * shards.shard_size + (2 * ParamLayout(config).decay_end if bf16 else 0)
+    held = 12 * shards.padded_total + 12 * shards.shard_size + (2 * ParamLayout(config).decay_end if bf16 else 0)
     rows = 0 if slab_rows is None else sum(world * b * s * (4 * config.hidden_size + 12) + 4 for b, s in shapes)
     return held + rows + SMALL_BUFFERS
 

@@ -284,7 +284,8 @@ class ModelKernels:
             swiglu_bwd=None if bf16 else SwiGLUBackwardSpec(vec=swiglu_vec),
             cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index, dtype=gemm_operand,
                                            grad_dtype=gemm_operand, stats_block=stats_block),
-            colsum=ColumnSumSpec(), colsum_chunks=ColumnSumSpec(row_groups=COLSUM_CHUNKS_GROUPS, finish=True), parts_sum=PartsSumSpec(), grad_norm_partial=partial,
+            colsum=ColumnSumSpec(), colsum_chunks=ColumnSumSpec(row_groups=COLSUM_CHUNKS_GROUPS, finish=True),
+            parts_sum=PartsSumSpec(), grad_norm_partial=partial,
             grad_norm_final=GradNormFinalSpec(partials=partial.blocks),
             # bf16: the step on the matrices writes their bf16 copy too (no separate refresh pass)
             adamw_decay=AdamWSpec(beta1=adamw.beta1, beta2=adamw.beta2, eps=adamw.eps,

@@ -514,10 +514,11 @@ def _accumulator(i: int) -> tuple[np.ndarray, np.ndarray]:
     return 16 * (t // 32) + (t % 32) // 4 + 8 * ((i % 4) // 2), 8 * (i // 4) + 2 * (t % 4) + i % 2
 
 
-def launch(spec: KernelSpec, dims: tuple[tuple[int, int, int], int | tuple[int, ...]], *args: np.ndarray | int
-           ) -> list[np.ndarray]:
+def launch(spec: KernelSpec, dims: tuple[tuple[int, int, int], int | tuple[int, ...]], *args: np.ndarray | int,
+           reverse: bool = False) -> list[np.ndarray]:
     """Run ``spec`` (sm_90) over its grid on ``args`` (arrays or ints, in parameter order); returns
-    every array argument after the run, as ``cudacall.call`` does on a GPU."""
+    every array argument after the run, as ``cudacall.call`` does on a GPU. The blocks run one after
+    another in grid order (``reverse``: the other way round, so the last block is the first)."""
     program = Program(spec.emit(Target("sm_90")))
     (gx, gy, gz), threads = dims
     memory, outputs = Memory(), set(spec.outputs())
@@ -525,8 +526,7 @@ def launch(spec: KernelSpec, dims: tuple[tuple[int, int, int], int | tuple[int, 
           for (name, _), a in zip(spec.params(), args)]
     params = dict(zip(program.params, at))
     params.update({name: memory.put(table, False) for name, table in program.tables.items()})
-    for z in range(gz):
-        for y in range(gy):
-            for x in range(gx):
-                Block(program, threads, (x, y, z), (gx, gy, gz), params, memory, spec.dynamic_shared_bytes()).run()
+    blocks = [(x, y, z) for z in range(gz) for y in range(gy) for x in range(gx)]
+    for ctaid in reversed(blocks) if reverse else blocks:
+        Block(program, threads, ctaid, (gx, gy, gz), params, memory, spec.dynamic_shared_bytes()).run()
     return [memory.get(p, a) for p, a in zip(at, args) if isinstance(a, np.ndarray)]

@@ -13,8 +13,12 @@ def _grid(spec, rows, cols, per_chunk):
     return (gx, gy, 1), block
 
 
-@pytest.mark.parametrize("rows, cols, per_chunk, groups", [(77, 33, 10, 8), (64, 40, 16, 1), (9, 32, 4, 32)])
-def test_one_launch_finishes_the_chunks_sums_as_a_second_launch_would(rows, cols, per_chunk, groups):
+@pytest.mark.parametrize("reverse", [False, True], ids=["last-chunk-last", "first-chunk-last"])
+@pytest.mark.parametrize("rows, cols, per_chunk, groups", [(77, 33, 10, 8), (64, 40, 16, 1), (9, 32, 4, 32),
+                                                           (300, 64, 64, 4)])
+def test_one_launch_finishes_the_chunks_sums_as_a_second_launch_would(rows, cols, per_chunk, groups, reverse):
+    """Whichever block of a column block is done last (the interpreter runs them in grid order or
+    the other way round) adds the chunks' sums in chunk order."""
     x = np.random.default_rng(rows).standard_normal((rows, cols)).astype(np.float32)
     chunks = -(-rows // per_chunk)
     two = ColumnSumSpec(row_groups=groups)
@@ -26,7 +30,7 @@ def test_one_launch_finishes_the_chunks_sums_as_a_second_launch_would(rows, cols
     counts = np.zeros(-(-cols // 32), np.int32)
     _, partials, total, counts = launch(one, _grid(one, rows, cols, per_chunk), x,
                                         np.zeros((chunks, cols), np.float32), np.full(cols, np.nan, np.float32),
-                                        counts, rows, cols, per_chunk)
+                                        counts, rows, cols, per_chunk, reverse=reverse)
     np.testing.assert_array_equal(partials, partial)
     np.testing.assert_array_equal(total.view(np.uint32), expected.view(np.uint32))
     assert not counts.any()  # left down for the next launch

@@ -185,7 +185,9 @@ def test_a_rank_of_another_run_on_the_port_is_ignored_and_named_if_its_own_never
     got = meet(2, port, ranks=[1])
     server.join()
     assert result[0] == got[1] == b"id-" + bytes(range(125))
-    assert isinstance(stranger[1], RendezvousError)  # it hears nothing: its own rank 0 is not here
+    assert str(stranger[1]) == (f"rank 1: refused by rank 0 on 127.0.0.1:{port}: rank 0 on 127.0.0.1:{port} is run "
+                                "'job-1''s, this rank is run 'job-2''s (another job on this port: give each its "
+                                "own MASTER_PORT)")
     port = free_port()
     server = threading.Thread(target=lambda: result.update(meet(2, port, timeout=1.5, ranks=[0])))
     server.start()

@@ -7,8 +7,11 @@ could read other files under one path). Once all ``world - 1`` have arrived, eac
 rank with another world size or other inputs, a rank out of range or a rank twice gets an error
 line instead, and so does rank 0. A connection that does not introduce itself as a rank of this
 run (a port scan, another program, a rank of another job on the same port: another ``run_id``) is
-closed and ignored. Nothing waits for ever: past ``timeout`` seconds rank 0 says which ranks never
-came (and which other runs' ranks knocked), and the others that rank 0 never answered.
+closed and ignored (another run's rank is told why). Nothing waits for ever: past ``timeout``
+seconds rank 0 says which ranks never came (and which other runs' ranks knocked), and the others
+that rank 0 never answered. Jobs tell apart only by their launchers' run ids: two plain torchrun
+jobs (TORCHELASTIC_RUN_ID "none" unless --rdzv-id or --standalone) or a rank of an older ptxgen
+(which sends none) still meet as one run and are refused as such.
 """
 from __future__ import annotations
 
@@ -115,8 +118,11 @@ def _gather(server: socket.socket, env: LaunchEnv, peers: dict[int, socket.socke
                                   f"not arrive within {timeout:g} s{came}") from None
         problem, rank = _hello(conn, env, set(peers), deadline, inputs)
         if rank is None:  # not one of ours (a port scan, another run's rank): it cannot stop the run
-            if problem:
+            if problem is not None:  # another run's rank: told so, and named if ours never come
                 others.add(repr(problem))
+                _send(conn, _REFUSED, (f"rank 0 on {_where(env)} is run {env.run_id!r}'s, this rank is run "
+                                       f"{problem!r}'s (another job on this port: give each its own "
+                                       f"MASTER_PORT)").encode())
             conn.close()
             continue
         if problem:

@@ -1,4 +1,5 @@
-"""Column sums of a [rows, cols] f32 matrix, deterministic: fixed partition, fixed order, no atomics.
+"""Column sums of a [rows, cols] f32 matrix, deterministic: fixed partition, fixed order, no
+floating-point atomics.
 (And the parts sum: the same for a few very long rows.)
 
 Block (x: 32 columns, y: a chunk of rows) has 32 x ``row_groups`` threads; group g sums rows
@@ -62,19 +63,21 @@ class ColumnSumSpec(KernelSpec):
         col = b.mad(b.special("%ctaid.x"), COLS_PER_BLOCK, b.special("%tid.x"))
         in_cols = b.setp("lt", col, n_cols)
         start = b.mul(chunk, per_chunk)
-        total = self._sum_rows(b, src, start, b.min(b.add(start, per_chunk), n_rows), n_cols, col, in_cols)
+        sums = b.addr_of(b.shared_array("group_sums", T.F32, self.row_groups * COLS_PER_BLOCK)) \
+            if self.row_groups > 1 else None
+        total = self._sum_rows(b, src, start, b.min(b.add(start, per_chunk), n_rows), n_cols, col, in_cols, sums)
         store = b.and_(in_cols, b.setp("eq", b.special("%tid.y"), 0))
         out = b.cvta_global(b.ld_param("partials")) if self.finish else dst
         b.st("global", Addr(offset(b, out, b.mad(chunk, n_cols, col), 4)), total, guard=store)
         if self.finish:
-            self._finish(b, out, dst, n_cols, col, in_cols, store)
+            self._finish(b, out, dst, n_cols, col, in_cols, store, sums)
 
     def _sum_rows(self, b: KernelBuilder, src: Reg, start: Reg, end: Reg, n_cols: Reg, col: Reg, in_cols: Reg,
-                  cg: bool = False) -> Reg:
+                  sums: Reg | None, cg: bool = False) -> Reg:
         """The sum of rows [start, end) of column ``col`` of ``src``, in the fixed order: group g
         of the block's threads sums rows start + g, start + g + row_groups, ..., UNROLL a trip into
-        independent accumulators, then group 0's threads (where the result is) add the groups'.
-        ``cg``: read through L2 only (other blocks' writes)."""
+        independent accumulators, then group 0's threads (where the result is) add the groups'
+        (met at ``sums`` in shared memory). ``cg``: read through L2 only (other blocks' writes)."""
         ty = b.special("%tid.y")
         span = b.sub(end, b.add(start, ty), T.S32)
         per_trip = self.row_groups * UNROLL
@@ -91,39 +94,39 @@ class ColumnSumSpec(KernelSpec):
                 b.add(acc, v, out=acc)
             b.add(row, per_trip, out=row)
         acc = tree_sum(b, accs)
-        if self.row_groups == 1:
+        if sums is None:
             return acc
-        base = b.addr_of(b.shared_array("group_sums", T.F32, self.row_groups * COLS_PER_BLOCK))
-        b.st("shared", Addr(b.add(base, b.shl(b.mad(ty, COLS_PER_BLOCK, b.special("%tid.x")), 2))), acc)
+        b.st("shared", Addr(b.add(sums, b.shl(b.mad(ty, COLS_PER_BLOCK, b.special("%tid.x")), 2))), acc)
         b.bar_sync()
-        column = b.add(base, b.shl(b.special("%tid.x"), 2))
+        column = b.add(sums, b.shl(b.special("%tid.x"), 2))
         total = b.ld("shared", T.F32, Addr(column))
         for g in range(1, self.row_groups):
             b.add(total, b.ld("shared", T.F32, Addr(column, 4 * g * COLS_PER_BLOCK)), out=total)
         return total
 
     def _finish(self, b: KernelBuilder, partials: Reg, dst: Reg, n_cols: Reg, col: Reg, in_cols: Reg,
-                store: Reg) -> None:
+                store: Reg, sums: Reg | None) -> None:
         """The last block of the column block to be done sums the chunks' partials into dst, as a
-        second launch over them would (one chunk of them all). Each writer's fence, then the
-        block's count (one thread's atomic), order every partial before the count that makes a
-        block the last; that block fences and reads them from L2."""
+        second launch over them would (one chunk of them all). Thread 0 counts the block between
+        two fences: the barrier before orders the block's partials before its release (fence,
+        then the count), its acquire (the count, then a fence) orders every block's partials counted
+        before the barrier after, and so before the last block's reads (from L2)."""
         chunks = b.special("%nctaid.y")
         counter = Addr(offset(b, b.cvta_global(b.ld_param("counters")), b.special("%ctaid.x"), 4))
         first = b.and_(b.setp("eq", b.special("%tid.x"), 0), b.setp("eq", b.special("%tid.y"), 0))
-        b.fence_gpu()
-        b.bar_sync()
         last_flag = b.addr_of(b.shared_array("last", T.U32, 1))
+        b.bar_sync()  # every thread's partial written
         counted = b.new_label("counted")
         b.bra(counted, guard=~first)
+        b.fence_gpu()
         before = b.atom("global", "add", counter, 1, T.U32)
+        b.fence_gpu()
         b.st("shared", Addr(last_flag), b.selp(1, 0, b.setp("eq", before, b.sub(chunks, 1)), T.U32), t=T.U32)
         b.place(counted)
         b.bar_sync()
         not_last = b.new_label("not_last")
         b.bra(not_last, guard=b.setp("eq", b.ld("shared", T.U32, Addr(last_flag)), 0))
-        b.fence_gpu()
-        total = self._sum_rows(b, partials, b.mov(0, T.U32), chunks, n_cols, col, in_cols, cg=True)
+        total = self._sum_rows(b, partials, b.mov(0, T.U32), chunks, n_cols, col, in_cols, sums, cg=True)
         b.st("global", Addr(offset(b, dst, col, 4)), total, guard=store)
         b.st("global", counter, 0, t=T.U32, guard=first)  # down for the next launch
         b.place(not_last)
