@@ -45,7 +45,8 @@ SPLIT_K_MAX = 16
 # what a split's partial sums cost, in the GEMM's own currency.
 FLOPS_PER_BYTE = {GemmSpec: 16, GemmWgmmaSpec: 200}
 # the one-launch column sums' thread groups: on the H200, 4 took dgamma's 1024 x 896 partial rows
-# in 10.5 us and the q/k/v bias's 8192 x 1152 in 15.8, against 11.5 and 17.7 with 8 (256-row chunks)
+# in 10.5 us and the q/k/v bias's 8192 x 1152 in 15.8, against 11.5 and 17.7 with 8 (256-row chunks,
+# each launch alone); in the step (two other H200s) all of them took 0.801 ms with 4 and 0.795 with 8
 COLSUM_CHUNKS_GROUPS = 4
 NORM_BWD_ROWS = 8  # rows a block of the RMSNorm backward (each block writes a row of dgamma partial sums)
 WIDE_OUTPUT = 512  # outputs at least this wide fill the GPU with 128x128 tiles at training batch sizes
