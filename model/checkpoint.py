@@ -246,6 +246,15 @@ def write_manifest(path: Path) -> None:
     os.replace(tmp, Path(path) / MANIFEST)
 
 
+def manifest_digests(path: Path) -> dict[str, str] | None:
+    """{file name: sha256} of every file of checkpoint ``path`` as its manifest lists them (what
+    ``load_checkpoint`` verified the files against), or None where it has no manifest."""
+    manifest = Path(path) / MANIFEST
+    if not manifest.exists():
+        return None
+    return {name: entry["sha256"] for name, entry in sorted(_read_json(manifest)["files"].items())}
+
+
 def verify_manifest(path: Path) -> bool:
     """Check every file of checkpoint ``path`` against its manifest; False when there is none
     (a checkpoint another tool wrote). A file missing, changed or not listed is refused."""

@@ -24,7 +24,7 @@ from ptxgen.spec import SpecError, sha256_hex
 from runtime.driver import CudaError
 
 from . import rundir
-from .checkpoint import LATEST, Checkpoint, CheckpointError, load_checkpoint, resolve
+from .checkpoint import LATEST, Checkpoint, CheckpointError, load_checkpoint, manifest_digests, resolve
 from .config import PRESETS, ConfigError, ModelConfig, preset
 from .data import ByteTokenizer, Corpus, DataError, HFTokenizer, Tokenizer, expand_paths, stdlib_files, val_batches
 from .defaults import default_run
@@ -171,9 +171,10 @@ def _resume_settings(ns: argparse.Namespace, ckpt: Checkpoint) -> tuple[TrainSet
 def run_inputs(corpus: Corpus, config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings,
                ns: argparse.Namespace, ckpt: Checkpoint | None, init: Checkpoint | None) -> dict[str, str]:
     """What a rank was given to run, by digest: the tokens it read, the model and its training
-    settings, the checkpoint it resumes, the weights it starts from (--init). Every rank reads its
-    own (ranks on two hosts could read other files under one path, and the all-gathered weights
-    would hide it), so the rendezvous holds each rank's against rank 0's."""
+    settings, the checkpoint it resumes (every file of it, by its manifest's digests), the weights
+    it starts from (--init). Every rank reads its own (ranks on two hosts could read other files
+    under one path, and the all-gathered weights would hide it), so the rendezvous holds each
+    rank's against rank 0's."""
     def digest(value: object) -> str:  # JSON of plain values only: a str() of an object could differ by process
         return sha256_hex(json.dumps(value, sort_keys=True))[:16]
 
@@ -182,7 +183,7 @@ def run_inputs(corpus: Corpus, config: ModelConfig, settings: TrainSettings, ada
     return {"data": corpus.sha256[:16],
             "settings": digest([dataclasses.asdict(x) for x in (config, settings, adamw)]
                                + [ns.precision, ns.save_dtype]),
-            "checkpoint": digest(ckpt.trainer if ckpt is not None else None),
+            "checkpoint": digest(None if ckpt is None else manifest_digests(ckpt.path) or ckpt.trainer),
             "init": digest(weights)}
 
 

@@ -13,6 +13,7 @@ import pytest
 
 import model.parallel.nccl as nccl_module
 import runtime.driver
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.cli import check_data_parallel, main, run_inputs
 from model.config import preset
 from model.data import ByteTokenizer, Corpus
@@ -202,7 +203,14 @@ def test_what_a_rank_was_given_is_digested_by_name_and_follows_each_input(tmp_pa
     assert differ(given(corpus=other)) == {"data"}
     assert differ(given(settings=dataclasses.replace(settings, lr=settings.lr / 2))) == {"settings"}
     assert differ(given(ns=argparse.Namespace(precision="fp32", save_dtype="fp32"))) == {"settings"}
-    assert differ(given(ckpt=argparse.Namespace(trainer={"step": 40}))) == {"checkpoint"}
+    # a checkpoint by every file its manifest lists: the same step and trainer state with other
+    # weights (another host's copy of the run directory) is another checkpoint
+    saved = [load_checkpoint(save_checkpoint(tmp_path / f"run{i}", 40, config, params, {},
+                                             {"step": 40, "data_position": 0}))
+             for i, params in enumerate((init.params, {**init.params, "lm_head.weight": -init.params["lm_head.weight"]}))]
+    assert saved[0].trainer == saved[1].trainer
+    assert differ(given(ckpt=saved[0])) == differ(given(ckpt=saved[1])) == {"checkpoint"}
+    assert given(ckpt=saved[0])["checkpoint"] != given(ckpt=saved[1])["checkpoint"]
     assert differ(given(init=init)) == {"init"}
     nudged = {**init.params, "model.norm.weight": init.params["model.norm.weight"] + np.float32(1e-3)}
     assert given(init=argparse.Namespace(params=nudged))["init"] != given(init=init)["init"]
