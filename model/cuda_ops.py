@@ -76,6 +76,14 @@ def splits_a_tail(k: ModelKernels, c: ModelConfig, tokens: int, matrices: dict[s
     return any(g.tail_parts(*dims, wave(g)) > 1 for g, *dims in gemms if g.split_tail)
 
 
+def zeroed(view: View) -> View:
+    """``view`` with every 32-bit word zero, before any launch on a plan's own stream reads it
+    (counts and flags that every launch leaves zero after)."""
+    fill_u32(view.ptr, 0, view.size)
+    Stream.null().synchronize()
+    return view
+
+
 class TailWorkspace:
     """The split tails' partial sums and flags (``tail_shapes``), one for all of a backend's plans
     (they run one after another on one stream), allocated when a GEMM first splits its tail, the
@@ -90,9 +98,7 @@ class TailWorkspace:
         if self._views is None:
             shapes = tail_shapes(self.kernels, self.wave)
             partials, flags = (self.arena.new(name, *shape) for name, shape in shapes.items())
-            fill_u32(flags.ptr, 0, flags.size)
-            Stream.null().synchronize()  # before any launch on a plan's own stream reads them
-            self._views = partials, flags
+            self._views = partials, zeroed(flags)
         return self._views
 
     def free(self) -> None:
@@ -332,10 +338,7 @@ class Ops:
     def _column_counts(self) -> View:
         """The one-launch column sums' count per column block (``ColumnSumSpec.finish``): zeroed
         here, and every launch leaves them so."""
-        counts = self._scratch_buffer("column sum counts")
-        fill_u32(counts.ptr, 0, counts.size)
-        Stream.null().synchronize()  # before any launch on a plan's own stream reads them
-        return counts
+        return zeroed(self._scratch_buffer("column sum counts"))
 
     @functools.cached_property
     def _d_act(self) -> View:
@@ -382,12 +385,12 @@ class Ops:
             self._add(spec, spec.launch_dims(rows, cols, rows), dst, src=src, dst=dst, n_rows=rows, n_cols=cols,
                       rows_per_chunk=rows)
             return
-        spec, chunks, scratch, counts = self.k.colsum_chunks, -(-rows // COLSUM_CHUNK), self._column_scratch, \
-            self._column_counts
-        assert scratch.size >= chunks * cols and counts.size >= spec.launch_dims(rows, cols, COLSUM_CHUNK)[0][0], \
-            (scratch.shape, counts.shape, chunks, cols)
-        self._add(spec, spec.launch_dims(rows, cols, COLSUM_CHUNK), dst, src=src, partials=scratch, dst=dst,
-                  counters=counts, n_rows=rows, n_cols=cols, rows_per_chunk=COLSUM_CHUNK)
+        spec, scratch, counts = self.k.colsum_chunks, self._column_scratch, self._column_counts
+        dims = spec.launch_dims(rows, cols, COLSUM_CHUNK)
+        (blocks, chunks), _ = dims
+        assert scratch.size >= chunks * cols and counts.size >= blocks, (scratch.shape, counts.shape, dims)
+        self._add(spec, dims, dst, src=src, partials=scratch, dst=dst, counters=counts, n_rows=rows, n_cols=cols,
+                  rows_per_chunk=COLSUM_CHUNK)
 
     def rmsnorm_backward(self, x: View, gamma: str, dy: View, rstd: View, dx: View, residual: bool = False) -> View:
         """dx = the norm's input gradient (``residual``: added to dx, the residual stream's

@@ -73,6 +73,11 @@ def f32_read(layout: ParamLayout) -> list[tuple[int, int]]:
     return [r for r in ranges if r[1] > r[0]]
 
 
+def f32_ranges(layout: ParamLayout, precision: Precision) -> list[tuple[int, int]]:
+    """The flat ranges a rank's step reads in f32: in bf16 ``f32_read``'s, in fp32 all of them."""
+    return f32_read(layout) if precision is Precision.BF16 else [(0, layout.total)]
+
+
 def shard_plan(config: ModelConfig, world: int, precision: Precision, bucket_elems: int = DEFAULT_BUCKET_ELEMS
                ) -> tuple[ShardPlan, int | None]:
     """The buckets and shards of a ZeRO-1 run on ``world`` ranks, and the table's rows a rank's
@@ -80,7 +85,7 @@ def shard_plan(config: ModelConfig, world: int, precision: Precision, bucket_ele
     where the f32-read ranges start and end, the table as one bucket of row slabs where its rows
     split (see the module docstring)."""
     layout = ParamLayout(config)
-    f32 = f32_read(layout) if precision is Precision.BF16 else [(0, layout.total)]
+    f32 = f32_ranges(layout, precision)
     table, unit = layout.offsets[TABLE], world * ALIGN
     end = table + config.vocab_size * config.hidden_size
     slabs = table % unit == 0 and end % unit == 0 and config.vocab_size % world == 0
@@ -108,14 +113,14 @@ class ZeroCudaRank(CudaBackend):
         rank casts for itself) every that many steps (0: never); see ``replicas``."""
         self.comm, self.digest_every = comm, digest_every
         layout = ParamLayout(config)
-        f32 = f32_read(layout) if precision is Precision.BF16 else [(0, layout.total)]
         self.shards, self.slab_rows = shard_plan(config, comm.world, precision, bucket_elems)
         table = layout.offsets[TABLE]
         self._table_bucket = next(b.index for b in self.shards.buckets if b.start == table) \
             if self.slab_rows is not None else None
         self._table_rows: dict[tuple[int, int], tuple[View, View, View]] = {}  # batch shape -> grouping buffers
         # per bucket: gathered as the bf16 copies (none of it read in f32), else in f32
-        self.gathered_bf16 = [not any(b.start < hi and lo < b.end for lo, hi in f32) for b in self.shards.buckets]
+        self.gathered_bf16 = [not any(b.start < hi and lo < b.end for lo, hi in f32_ranges(layout, precision))
+                              for b in self.shards.buckets]
         self._masters_stale = False  # bf16-gathered buckets' f32 masters hold only this rank's pieces
         super().__init__(config, params, adamw, precision=precision, **backend)
         self.grad_shard = DeviceArray(self.shards.shard_size)
