@@ -10,7 +10,10 @@ land at their group's cp.async.wait_group (per thread), not before: a read of a 
 wait sees stale bytes.
 Shared memory starts as garbage, global memory outside the outputs is read-only (asserted).
 
-wgmma runs at issue, per warpgroup: accumulators and A-from-registers in the mma m16n8k16 fragment
+wgmma runs, per warpgroup, where wgmma.wait_group lets its committed group finish (as late as
+the hardware may run it: shared operands are read then); until then any other instruction of that
+warpgroup naming one of its accumulator or A registers is an error, as it is undefined on the
+hardware. Accumulators and A-from-registers are in the mma m16n8k16 fragment
 layouts, shared operands through their matrix descriptors in the 128-byte swizzle (16-byte chunk
 bits 4-6 of an absolute shared address XORed with bits 7-9): K-major element (row, k) at start +
 (row / 8) * SBO + (row % 8) * 128 + 2k; MN-major (k, col) at start + (col / 64) * LBO + (k / 8) *
@@ -82,6 +85,7 @@ class Program:
                        for name, values in re.findall(r"\.global \.align \d+ \.f64 (\w+)\[\d+\] = \{([^}]*)\}", ptx)}
         self.instrs: list[tuple[tuple[str, bool] | None, list[str], list[str]]] = []
         self.labels: dict[str, int] = {}
+        self.names: list[frozenset[str]] = []  # the registers each instruction names
         # static shared arrays: .shared .align A .TYPE name[N] (bytes each)
         self.shared = {name: size for name, size in
                        ((n, int(c) * int(re.sub(r"\D", "", t)) // 8)
@@ -99,6 +103,7 @@ class Program:
                 guard = (g.lstrip("@!"), g[1] == "!")
             op, _, rest = line.partition(" ")
             self.instrs.append((guard, op.split("."), _operands(rest)))
+            self.names.append(frozenset(re.findall(r"%\w+", rest)) | ({guard[0]} if guard else set()))
 
 
 class Memory:
@@ -145,6 +150,11 @@ class Block:
         self.pending: list = []
         self.committed: list = []
         self.commits = np.zeros(threads, np.int64)
+        # wgmma, per warpgroup: products issued but not committed, committed groups not yet run,
+        # and the registers they write or read (no other instruction of the warpgroup may name them)
+        self.issued: list[list] = [[] for _ in range(-(-threads // 128))]
+        self.groups: list[list[list]] = [[] for _ in range(-(-threads // 128))]
+        self.in_flight: list[set[str]] = [set() for _ in range(-(-threads // 128))]
 
     def run(self) -> None:
         """Every thread from the first instruction to ``ret``. Threads that branch apart each keep
@@ -175,6 +185,8 @@ class Block:
                 done |= group if mask is None else mask & group
                 pcs[group] = pc + 1
                 continue
+            if op[0] != "wgmma":
+                self._check_in_flight(pc, group if mask is None else mask & group)
             if op[0] in ("shfl", "wgmma"):  # warp- or warpgroup-collective: whole ones here
                 unit = 32 if op[0] == "shfl" else 128
                 whole = group.reshape(-1, unit)
@@ -457,28 +469,48 @@ class Block:
         pass
 
     # -- wgmma ------------------------------------------------------------------------------------
+    def _check_in_flight(self, pc: int, threads: np.ndarray) -> None:
+        names = self.program.names[pc]
+        for g, flying in enumerate(self.in_flight):
+            if flying and names & flying and threads[128 * g:128 * g + 128].any():
+                raise AssertionError(f"instruction {pc} ({'.'.join(self.program.instrs[pc][1])}) names "
+                                     f"{sorted(names & flying)} while a wgmma of warpgroup {g} is in flight")
+
     def _wgmma(self, op, ops, mask):
-        if op[1] != "mma_async":  # fence, commit_group, wait_group: the product ran at issue
-            return
-        n = int(re.fullmatch(r"m64n(\d+)k16", op[4])[1])
-        dtype = op[6]
-        accs = _vector(ops[0])
-        in_regs = ops[1].startswith("{")
-        flags = [int(x) for x in ops[4:]]
-        for group in range(self.threads // 128):
-            lanes = slice(128 * group, 128 * group + 128)
+        for g in range(len(self.issued)):
+            lanes = slice(128 * g, 128 * g + 128)
             if mask is not None and not mask[lanes].any():  # a warpgroup elsewhere
                 continue
-            scale_d = self.regs[ops[3]][lanes]
-            assert scale_d.all() or not scale_d.any()
-            a = (self._a_registers(_vector(ops[1]), lanes, dtype) if in_regs
-                 else self._shared_operand(self._descriptor(ops[1], lanes), 64, bool(flags[2]), dtype))
-            b = self._shared_operand(self._descriptor(ops[2], lanes), n, bool(flags[-1]), dtype)
-            d = (a.astype(np.float64) @ b.astype(np.float64).T).astype(np.float32)
-            for i, name in enumerate(accs):
-                rows, cols = _accumulator(i)
-                old = self.regs.setdefault(name, np.zeros(self.threads, np.float32))
-                old[lanes] = d[rows, cols] + (old[lanes] if scale_d[0] else 0)
+            if op[1] == "mma_async":  # descriptors and scale-d are read at issue, the rest when it runs
+                in_regs = ops[1].startswith("{")
+                a = _vector(ops[1]) if in_regs else self._descriptor(ops[1], lanes)
+                scale_d = self.regs[ops[3]][lanes]
+                assert scale_d.all() or not scale_d.any()
+                self.issued[g].append((op, ops, a, self._descriptor(ops[2], lanes), bool(scale_d[0])))
+                self.in_flight[g].update(_product_registers(ops))
+            elif op[1] == "commit_group":
+                self.groups[g].append(self.issued[g])
+                self.issued[g] = []
+            elif op[1] == "wait_group":
+                while len(self.groups[g]) > int(ops[0]):
+                    for product in self.groups[g].pop(0):
+                        self._product(lanes, *product)
+                self.in_flight[g] = {name for group in self.groups[g] + [self.issued[g]]
+                                     for _, ops_, *_ in group for name in _product_registers(ops_)}
+
+    def _product(self, lanes: slice, op: list[str], ops: list[str], a_operand: list[str] | int, b_desc: int,
+                 accumulate: bool) -> None:
+        """One wgmma.mma_async of the warpgroup at ``lanes``, run now."""
+        n, dtype = int(re.fullmatch(r"m64n(\d+)k16", op[4])[1]), op[6]
+        flags = [int(x) for x in ops[4:]]
+        a = (self._a_registers(a_operand, lanes, dtype) if isinstance(a_operand, list)
+             else self._shared_operand(a_operand, 64, bool(flags[2]), dtype))
+        b = self._shared_operand(b_desc, n, bool(flags[-1]), dtype)
+        d = (a.astype(np.float64) @ b.astype(np.float64).T).astype(np.float32)
+        for i, name in enumerate(_vector(ops[0])):
+            rows, cols = _accumulator(i)
+            old = self.regs.setdefault(name, np.zeros(self.threads, np.float32))
+            old[lanes] = d[rows, cols] + (old[lanes] if accumulate else 0)
 
     def _descriptor(self, token: str, lanes: slice) -> int:
         values = self.regs[token][lanes]
@@ -506,6 +538,11 @@ class Block:
               else start + (o // 8) * sbo + (o % 8) * 128 + k * 2)
         at = at ^ (((at >> 7) & 7) << 4)
         return _from_16(self.shared[at].astype(np.uint16) | (self.shared[at + 1].astype(np.uint16) << 8), dtype)
+
+
+def _product_registers(ops: list[str]) -> list[str]:
+    """The registers a wgmma.mma_async writes (accumulators) or reads asynchronously (A)."""
+    return _vector(ops[0]) + (_vector(ops[1]) if ops[1].startswith("{") else [])
 
 
 def _accumulator(i: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,8 @@ statistics, outputs and numpy reference) with every product on wgmma instead of 
 is one or two warpgroups of 64 rows each (``warps`` 4 or 8). Tiles are stored as head_dim / 64
 column chunks of [rows][128 bytes] in the 128-byte swizzle (16-byte chunk c of row r at c ^ (r %
 8)), copied by cp.async, double-buffered, and fenced into the async proxy wgmma reads through.
-Two kinds of product, each a committed group of wgmmas waited for at once:
+Two kinds of product, each a committed group of wgmmas, waited for (``_wait``) as soon as the
+forward and dQ kernels need it, and by the dK/dV kernel at the top of its next tile's step:
 
 * rows x tile^T (``_products``): a warpgroup's 64 rows of the block's row tile times a tile of the
   other side, transposed, both K-major (their rows run along head_dim, the contraction) and read
@@ -102,11 +103,19 @@ class _Wgmma:
     def _copy_rows(self, f: _Flash) -> Callable:
         return _ChunkedRows(f).copy
 
-    def _products(self, f: _Flash, pairs: list[tuple[Reg, Reg]], flags: _Flags) -> list[Tiles]:
+    def _wait(self, f: _Flash, team: bool = False) -> None:
+        f.b.wgmma_wait(0)
+        if team and self.team_threads > 128:
+            f.b.bar_sync(*f.barrier)
+
+    def _products(self, f: _Flash, pairs: list[tuple[Reg, Reg]], flags: _Flags,
+                  out: list[Tiles] | None = None) -> list[Tiles]:
         """For each (rows, stage): this warpgroup's 64 rows (at ``rows`` in the block's row tile)
-        times the tile at ``stage``, transposed; one group, waited for."""
+        times the tile at ``stage``, transposed, into new accumulators (or ``out``'s); one group,
+        issued, not waited for."""
         b, bits = f.b, descriptor_bits(False)
-        accs = [[b.reg(T.F32) for _ in range(self.tile // 2)] for _ in pairs]
+        accs = ([[b.reg(T.F32) for _ in range(self.tile // 2)] for _ in pairs] if out is None
+                else [[r for tile in acc for r in tile] for acc in out])
         b.wgmma_fence()
         for acc, (rows, stage) in zip(accs, pairs):
             for kk in range(self.head_dim // 16):
@@ -114,13 +123,12 @@ class _Wgmma:
                         descriptor(b, b.add(stage, _k_major(kk, self.tile)), bits), self.dtype.value, self.tile,
                         flags.accumulate if kk else flags.overwrite)
         b.wgmma_commit()
-        b.wgmma_wait(0)
         return [[acc[4 * j:4 * j + 4] for j in range(self.tile // 8)] for acc in accs]
 
     def _accumulations(self, f: _Flash, terms: list[tuple[Tiles, Tiles, Reg]], flags: _Flags) -> None:
         """For each (out, p, values): out (64 x head_dim) += P (64 x tile accumulators, rounded to 16
         bits) times the tile at ``values``, read MN-major (its 16 rows of step kk are 16 rows of 128
-        bytes further); one group, waited for."""
+        bytes further); one group, issued, not waited for."""
         b, bits = f.b, descriptor_bits(True, self.tile * SWIZZLE_ROW)
         frags = [[f.p_fragment(p, kk) for kk in range(self.tile // 16)] for _, p, _ in terms]
         b.wgmma_fence()
@@ -130,7 +138,6 @@ class _Wgmma:
                 b.wgmma(acc, frag, descriptor(b, b.add(values, kk * 16 * SWIZZLE_ROW), bits), self.dtype.value,
                         self.head_dim, flags.accumulate, (False, True))
         b.wgmma_commit()
-        b.wgmma_wait(0)
 
 
 class _Queries(NamedTuple):
@@ -154,10 +161,13 @@ class AttentionWgmmaSpec(_Wgmma, _ForwardBase):
         return [acc[4 * j:4 * j + 4] for j in range(self.head_dim // 8)]
 
     def _scores(self, f: _Flash, q: _Queries, stage: Reg) -> Tiles:
-        return self._products(f, [(q.rows, stage)], q.flags)[0]
+        s = self._products(f, [(q.rows, stage)], q.flags)[0]
+        self._wait(f)
+        return s
 
     def _accumulate(self, f: _Flash, q: _Queries, o: Tiles, p: Tiles, values: Reg) -> None:
         self._accumulations(f, [(o, p, values)], q.flags)
+        self._wait(f)
 
     @classmethod
     def examples(cls) -> list["AttentionWgmmaSpec"]:
@@ -197,8 +207,10 @@ class AttentionWgmmaBackwardQSpec(_Wgmma, _BackwardQBase):
                   mask: Callable[[Tiles], None], dscores: Callable[[Tiles, Tiles], Tiles]) -> None:
         values = f.b.add(stage, self.tile * self.head_dim * 2)
         s, dp = self._products(f, [(rows.first, stage), (rows.second, values)], rows.flags)
+        self._wait(f)
         mask(s)
         self._accumulations(f, [(dq, dscores(s, dp), stage)], rows.flags)
+        self._wait(f)
 
     @classmethod
     def examples(cls) -> list["AttentionWgmmaBackwardQSpec"]:
@@ -222,11 +234,16 @@ class AttentionWgmmaBackwardKVSpec(_Wgmma, _BackwardKVBase):
     def _start(self, f: _Flash, kv_bytes: int) -> _RowPair:
         return _row_pair(f, kv_bytes)
 
-    def _gradient(self, f: _Flash, rows: _RowPair, dk: Tiles, dv: Tiles, stage: Reg, step: _KVStep) -> None:
+    def _scores(self, f: _Flash, rows: _RowPair, stage: Reg, out: list[Tiles] | None = None) -> list[Tiles]:
         grads = f.b.add(stage, self.tile * self.head_dim * 2)  # dO, after Q
-        st, dpt = self._products(f, [(rows.first, stage), (rows.second, grads)], rows.flags)
+        return self._products(f, [(rows.first, stage), (rows.second, grads)], rows.flags, out)
+
+    def _gradient(self, f: _Flash, rows: _RowPair, dk: Tiles, dv: Tiles, scores: list[Tiles], stage: Reg,
+                  step: _KVStep) -> None:
+        st, dpt = scores
         step.mask(st)
         p = step.probabilities(st)
+        grads = f.b.add(stage, self.tile * self.head_dim * 2)
         self._accumulations(f, [(dv, p, grads), (dk, step.dscores(p, dpt), stage)], rows.flags)
 
     @classmethod
@@ -234,4 +251,4 @@ class AttentionWgmmaBackwardKVSpec(_Wgmma, _BackwardKVBase):
         return [cls(heads=14, kv_heads=2, head_dim=64), cls(heads=14, kv_heads=2, head_dim=128, tile=32),
                 cls(heads=4, kv_heads=4, head_dim=64, causal=False, dtype=MmaType.F16, warps=8, tile=32),
                 cls(heads=14, kv_heads=2, head_dim=64, warps=8, teams=2, tile=64),
-                cls(heads=14, kv_heads=2, head_dim=128, warps=8, teams=2, tile=64)]
+                cls(heads=14, kv_heads=2, head_dim=128, warps=8, teams=2, tile=32)]
