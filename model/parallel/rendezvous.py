@@ -19,7 +19,7 @@ import json
 import socket
 import struct
 import time
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 from .launch import LaunchEnv
 
@@ -116,51 +116,57 @@ def _gather(server: socket.socket, env: LaunchEnv, peers: dict[int, socket.socke
             came = f" (ranks of another run came: {', '.join(sorted(others))[:200]})" if others else ""
             raise RendezvousError(f"rendezvous on {_where(env)}: rank(s) {', '.join(map(str, missing))} did "
                                   f"not arrive within {timeout:g} s{came}") from None
-        problem, rank = _hello(conn, env, set(peers), deadline, inputs)
-        if rank is None:  # not one of ours (a port scan, another run's rank): it cannot stop the run
-            if problem is not None:  # another run's rank: told so, and named if ours never come
-                others.add(repr(problem))
+        hello = _hello(conn, env, set(peers), deadline, inputs)
+        if hello.rank is None:  # not one of ours (a port scan, another run's rank): it cannot stop the run
+            if hello.other_run is not None:  # another run's rank: told so, and named if ours never come
+                others.add(repr(hello.other_run))
                 _send(conn, _REFUSED, (f"rank 0 on {_where(env)} is run {env.run_id!r}'s, this rank is run "
-                                       f"{problem!r}'s (another job on this port: give each its own "
+                                       f"{hello.other_run!r}'s (another job on this port: give each its own "
                                        f"MASTER_PORT)").encode())
             conn.close()
             continue
-        if problem:
-            _send(conn, _REFUSED, problem.encode())
+        if hello.problem:
+            _send(conn, _REFUSED, hello.problem.encode())
             conn.close()
-            raise RendezvousError(f"rendezvous on {_where(env)}: {problem}")
-        peers[rank] = conn
+            raise RendezvousError(f"rendezvous on {_where(env)}: {hello.problem}")
+        peers[hello.rank] = conn
 
 
-def _hello(conn: socket.socket, env: LaunchEnv, seen: set[int], deadline: float, inputs: dict[str, str]
-           ) -> tuple[str | None, int | None]:
-    """(what is wrong with this rank, or None; its rank, or None for a peer that is not a rank of
-    this run (then the other run's id where it is one's), or -1 for a rank of another protocol
-    version, whose index it does not say in a form we read)."""
+class _Hello(NamedTuple):
+    """What a peer said: its rank (None: not a rank of this run; -1: a rank of another protocol
+    version, whose index it does not say in a form we read), what is wrong with it (None: nothing),
+    and the run it is a rank of where that is another run."""
+
+    rank: int | None
+    problem: str | None = None
+    other_run: str | None = None
+
+
+def _hello(conn: socket.socket, env: LaunchEnv, seen: set[int], deadline: float, inputs: dict[str, str]) -> _Hello:
     conn.settimeout(max(0.1, min(5.0, deadline - time.monotonic())))  # a silent peer holds the door 5 s at most
     try:
         magic = _recv(conn, len(MAGIC))
         if magic != MAGIC:  # another version of ours (a stale install on one host) is an error; a stranger is not
-            return (f"a rank speaks rendezvous {magic.decode(errors='replace')}, rank 0 {MAGIC.decode()} (another "
-                    f"version of ptxgen on its host)", -1) if magic.startswith(MAGIC[:4]) else (None, None)
+            return _Hello(-1, f"a rank speaks rendezvous {magic.decode(errors='replace')}, rank 0 {MAGIC.decode()} "
+                              f"(another version of ptxgen on its host)") if magic.startswith(MAGIC[:4]) else _Hello(None)
         world, rank, size = _HELLO.unpack(magic + _recv(conn, _HELLO.size - len(MAGIC)))[1:]
         theirs = json.loads(_recv(conn, size)) if size <= MAX_INPUTS else None
     except (OSError, ConnectionError, struct.error, ValueError, RecursionError):
-        return None, None
+        return _Hello(None)
     if not (isinstance(theirs, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in theirs.items())):
-        return None, None
+        return _Hello(None)
     run = theirs.pop(RUN, None)
     if run != env.run_id:  # a rank, but of another job on this port: not ours to refuse
-        return run, None
+        return _Hello(None, other_run=run)
     if world != env.world:
-        return f"rank {rank} has world size {world}, rank 0 has {env.world}", rank
+        return _Hello(rank, f"rank {rank} has world size {world}, rank 0 has {env.world}")
     if not 1 <= rank < env.world or rank in seen:
-        return f"rank {rank} arrived {'twice' if rank in seen else 'outside 1..' + str(env.world - 1)}", rank
+        return _Hello(rank, f"rank {rank} arrived {'twice' if rank in seen else 'outside 1..' + str(env.world - 1)}")
     differ = sorted(name for name in set(inputs) | set(theirs) if inputs.get(name) != theirs.get(name))
     if differ:
-        return (f"rank {rank} was given another {' and '.join(differ)} than rank 0 (each rank reads its own: give "
-                f"every rank the same)"), rank
-    return None, rank
+        return _Hello(rank, f"rank {rank} was given another {' and '.join(differ)} than rank 0 (each rank reads its "
+                            f"own: give every rank the same)")
+    return _Hello(rank)
 
 
 def _join(env: LaunchEnv, deadline: float, timeout: float, given: bytes) -> bytes:
