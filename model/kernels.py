@@ -220,7 +220,9 @@ class ModelKernels:
         attn = dict(heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=d)
         if precision is Precision.BF16:
             # on wgmma where its 64-wide column chunks fit (head_dim 64, 128), else on mma.sync; each
-            # kernel at its fastest layout on the H200: dQ with 64-key tiles; dK/dV at d64 in two
+            # kernel at its fastest layout on the H200: the forward at d64 with 64-key tiles (qwen2-0.5b
+            # 8 x 1024: 55.2-56.7 us a layer against 59.3-59.6 with 128; 110 registers, 4 blocks a
+            # multiprocessor against 158 and 3); dQ with 64-key tiles; dK/dV at d64 in two
             # teams of a warpgroup over 64-query tiles (qwen2-0.5b 8 x 1024: 2.86 ms a step against
             # 3.89 for one warpgroup a block, whose 256 blocks of 16 causal lengths leave SMs idle),
             # at d128 one warpgroup over 64-query tiles (b8 h14/2 s2048: 0.486 ms, two teams 0.494)
@@ -229,7 +231,7 @@ class ModelKernels:
             rows = dict(qkv_rows=rope_in_gemm(c, precision))
             if d in (64, 128):
                 kv = dict(warps=8, teams=2, tile=64) if d == 64 else dict(tile=64)
-                attention = (AttentionWgmmaSpec(**attn, tile=128, warps=8 if d == 128 else 4),
+                attention = (AttentionWgmmaSpec(**attn, tile=64 if d == 64 else 128, warps=8 if d == 128 else 4),
                              AttentionWgmmaBackwardQSpec(**attn, **rows),
                              AttentionWgmmaBackwardKVSpec(**attn, **kv, **rows))
             else:
