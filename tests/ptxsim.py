@@ -10,10 +10,14 @@ land at their group's cp.async.wait_group (per thread), not before: a read of a 
 wait sees stale bytes.
 Shared memory starts as garbage, global memory outside the outputs is read-only (asserted).
 
-wgmma runs, per warpgroup, where wgmma.wait_group lets its committed group finish (as late as
-the hardware may run it: shared operands are read then); until then any other instruction of that
-warpgroup naming one of its accumulator or A registers is an error, as it is undefined on the
-hardware. Accumulators and A-from-registers are in the mma m16n8k16 fragment
+wgmma, per warpgroup, runs where wgmma.wait_group lets its committed group finish, and the
+interpreter refuses what the hardware leaves undefined in between, since it may run any time from
+issue to wait: another instruction of the warpgroup naming one of its accumulator or A registers;
+its shared operands not yet landed (a cp.async not waited for) or written before its wait
+(st.shared, cp.async), or, once it ran, written by another warpgroup before a barrier covers both;
+a later wgmma reading its accumulators; an accumulator or A register touched by another
+instruction since the warpgroup's last wgmma.fence; a warpgroup ending with one in flight.
+Accumulators and A-from-registers are in the mma m16n8k16 fragment
 layouts, shared operands through their matrix descriptors in the 128-byte swizzle (16-byte chunk
 bits 4-6 of an absolute shared address XORed with bits 7-9): K-major element (row, k) at start +
 (row / 8) * SBO + (row % 8) * 128 + 2k; MN-major (k, col) at start + (col / 64) * LBO + (k / 8) *
@@ -24,7 +28,7 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -104,6 +108,7 @@ class Program:
             op, _, rest = line.partition(" ")
             self.instrs.append((guard, op.split("."), _operands(rest)))
             self.names.append(frozenset(re.findall(r"%\w+", rest)) | ({guard[0]} if guard else set()))
+        self.wgmma = any(op[0] == "wgmma" for _, op, _ in self.instrs)
 
 
 class Memory:
@@ -150,11 +155,7 @@ class Block:
         self.pending: list = []
         self.committed: list = []
         self.commits = np.zeros(threads, np.int64)
-        # wgmma, per warpgroup: products issued but not committed, committed groups not yet run,
-        # and the registers they write or read (no other instruction of the warpgroup may name them)
-        self.issued: list[list] = [[] for _ in range(-(-threads // 128))]
-        self.groups: list[list[list]] = [[] for _ in range(-(-threads // 128))]
-        self.in_flight: list[set[str]] = [set() for _ in range(-(-threads // 128))]
+        self.warpgroups = [_Warpgroup(len(self.shared)) for _ in range(-(-threads // 128))]
 
     def run(self) -> None:
         """Every thread from the first instruction to ``ret``. Threads that branch apart each keep
@@ -184,15 +185,21 @@ class Block:
             if op[0] == "ret":
                 done |= group if mask is None else mask & group
                 pcs[group] = pc + 1
+                for g, wg in enumerate(self.warpgroups):
+                    assert not (done[128 * g:128 * g + 128].all() and wg.flying()), \
+                        f"warpgroup {g} ends with a wgmma in flight"
                 continue
-            if op[0] != "wgmma":
-                self._check_in_flight(pc, group if mask is None else mask & group)
+            if op[0] != "wgmma" and self.program.wgmma:
+                self._other_instruction(pc, group if mask is None else mask & group)
             if op[0] in ("shfl", "wgmma"):  # warp- or warpgroup-collective: whole ones here
                 unit = 32 if op[0] == "shfl" else 128
                 whole = group.reshape(-1, unit)
                 assert (whole.all(axis=1) | ~whole.any(axis=1)).all(), f"{'.'.join(op)} reached by part of a {unit}"
             elif op[:2] == ["bar", "sync"]:
-                self._barrier_met(ops, group, done)
+                for met in self._barrier_met(ops, group, done):  # what a wgmma read is the others' again
+                    for g, wg in enumerate(self.warpgroups):
+                        if met[128 * g:128 * g + 128].all():
+                            wg.retired[:] = False
             handler = getattr(self, "_" + op[0], None)
             if handler is None:
                 raise NotImplementedError(".".join(op))
@@ -404,6 +411,8 @@ class Block:
             if space == "global":
                 assert all(any(lo <= w < hi for lo, hi in self.memory.writable) for w in where), "a write outside the outputs"
             data = np.ascontiguousarray(words[on]).view(np.uint8).reshape(-1, 4)[:, :size]
+            if space == "shared":
+                self._shared_written(np.nonzero(on)[0], where[:, None] + np.arange(size))
             self._space(space)[where[:, None] + np.arange(size)] = data
 
     def _atom(self, op, ops, mask):
@@ -430,6 +439,7 @@ class Block:
             valid = np.arange(16) < size[:, None]
             data = np.where(valid, self.memory.bytes[np.where(valid, src[:, None] + np.arange(16), 0)], 0).astype(np.uint8)
             assert (dst % 16 == 0).all() and (dst >= SMEM_BASE).all() and (dst + 16 <= len(self.shared)).all()
+            self._shared_written(np.nonzero(on)[0], dst[:, None] + np.arange(16))  # it may land any time from now
             self.pending.append((np.nonzero(on)[0], dst, data))
         elif kind == "commit_group":
             kept = []
@@ -452,15 +462,19 @@ class Block:
         else:
             raise NotImplementedError(".".join(op))
 
-    def _barrier_met(self, ops, group: np.ndarray, done: np.ndarray) -> None:
+    def _barrier_met(self, ops, group: np.ndarray, done: np.ndarray) -> list[np.ndarray]:
         """bar.sync id[, count]: lockstep brings every thread that reaches the barrier here
-        together, so each id must find its whole count (no count: every live thread)."""
+        together, so each id must find its whole count (no count: every live thread). Returns the
+        threads that met, by barrier."""
         if len(ops) < 2:
             assert (group == ~done).all(), "bar.sync reached by some of the block's threads only"
-            return
-        ids, count = self.value(ops[0], "u32")[group], int(ops[1], 0)
-        for i in np.unique(ids):
-            assert (ids == i).sum() == count, f"barrier {i}: {(ids == i).sum()} threads here, {count} expected"
+            return [group]
+        ids, count = self.value(ops[0], "u32"), int(ops[1], 0)
+        met = []
+        for i in np.unique(ids[group]):
+            met.append(group & (ids == i))
+            assert met[-1].sum() == count, f"barrier {i}: {met[-1].sum()} threads here, {count} expected"
+        return met
 
     def _bar(self, op, ops, mask):  # lockstep: the threads that meet are already here
         pass
@@ -469,48 +483,85 @@ class Block:
         pass
 
     # -- wgmma ------------------------------------------------------------------------------------
-    def _check_in_flight(self, pc: int, threads: np.ndarray) -> None:
+    def _other_instruction(self, pc: int, threads: np.ndarray) -> None:
+        """An instruction other than wgmma's, by ``threads``: none may name a register of its
+        warpgroup's wgmmas in flight; what it names is touched until the warpgroup's next wgmma.fence."""
         names = self.program.names[pc]
-        for g, flying in enumerate(self.in_flight):
-            if flying and names & flying and threads[128 * g:128 * g + 128].any():
-                raise AssertionError(f"instruction {pc} ({'.'.join(self.program.instrs[pc][1])}) names "
-                                     f"{sorted(names & flying)} while a wgmma of warpgroup {g} is in flight")
+        for g, wg in enumerate(self.warpgroups):
+            if not threads[128 * g:128 * g + 128].any():
+                continue
+            flying = names & wg.in_flight
+            assert not flying, (f"instruction {pc} ({'.'.join(self.program.instrs[pc][1])}) names {sorted(flying)} "
+                                f"while a wgmma of warpgroup {g} is in flight")
+            wg.touched |= names
+
+    def _shared_written(self, threads: np.ndarray, at: np.ndarray) -> None:
+        """Threads ``threads`` write shared bytes ``at`` (a row of byte addresses each): none a
+        wgmma in flight reads, none another warpgroup's wgmma read since a barrier covered both."""
+        for g, wg in enumerate(self.warpgroups):
+            mine = (threads // 128) == g
+            if wg.flying():
+                assert not wg.reading()[at].any(), f"a shared write onto bytes a wgmma of warpgroup {g} in flight reads"
+            assert not wg.retired[at[~mine]].any(), \
+                f"a shared write onto bytes a wgmma of warpgroup {g} read, with no barrier between them"
 
     def _wgmma(self, op, ops, mask):
-        for g in range(len(self.issued)):
+        for g, wg in enumerate(self.warpgroups):
             lanes = slice(128 * g, 128 * g + 128)
             if mask is not None and not mask[lanes].any():  # a warpgroup elsewhere
                 continue
-            if op[1] == "mma_async":  # descriptors and scale-d are read at issue, the rest when it runs
-                in_regs = ops[1].startswith("{")
-                a = _vector(ops[1]) if in_regs else self._descriptor(ops[1], lanes)
-                scale_d = self.regs[ops[3]][lanes]
-                assert scale_d.all() or not scale_d.any()
-                self.issued[g].append((op, ops, a, self._descriptor(ops[2], lanes), bool(scale_d[0])))
-                self.in_flight[g].update(_product_registers(ops))
+            assert mask is None or mask[lanes].all(), f"{'.'.join(op)} guarded off for part of warpgroup {g}"
+            if op[1] == "fence":
+                wg.touched.clear()
+            elif op[1] == "mma_async":
+                wg.issued.append(self._issue(op, ops, lanes, wg))
+                wg.in_flight.update(wg.issued[-1].accs + wg.issued[-1].a_regs)
             elif op[1] == "commit_group":
-                self.groups[g].append(self.issued[g])
-                self.issued[g] = []
+                wg.groups.append(wg.issued)
+                wg.issued = []
             elif op[1] == "wait_group":
-                while len(self.groups[g]) > int(ops[0]):
-                    for product in self.groups[g].pop(0):
-                        self._product(lanes, *product)
-                self.in_flight[g] = {name for group in self.groups[g] + [self.issued[g]]
-                                     for _, ops_, *_ in group for name in _product_registers(ops_)}
+                while len(wg.groups) > int(ops[0]):
+                    for product in wg.groups.pop(0):
+                        self._product(lanes, product)
+                        wg.retired[product.at] = True
+                wg.in_flight = {r for p in wg.flying() for r in p.accs + p.a_regs}
 
-    def _product(self, lanes: slice, op: list[str], ops: list[str], a_operand: list[str] | int, b_desc: int,
-                 accumulate: bool) -> None:
+    def _issue(self, op: list[str], ops: list[str], lanes: slice, wg: "_Warpgroup") -> "_Product":
+        """A wgmma.mma_async, checked and recorded: its descriptors and scale-d are read now, its
+        registers and shared bytes when it runs."""
+        accs = _vector(ops[0])
+        a = _vector(ops[1]) if ops[1].startswith("{") else self._descriptor(ops[1], lanes)
+        scale_d = self.regs[ops[3]][lanes]
+        assert scale_d.all() or not scale_d.any()
+        n, flags = int(re.fullmatch(r"m64n(\d+)k16", op[4])[1]), [int(x) for x in ops[4:]]
+        b_at = _operand_at(self._descriptor(ops[2], lanes), n, bool(flags[-1]))
+        a_at = None if isinstance(a, list) else _operand_at(a, 64, bool(flags[2]))
+        a_regs = a if isinstance(a, list) else []
+        at = np.concatenate([x.ravel() for x in (a_at, b_at) if x is not None])
+        at = np.concatenate([at, at + 1])  # each element's two bytes
+        touched = (set(accs) | set(a_regs)) & wg.touched
+        assert not touched, f"wgmma registers {sorted(touched)} touched since the warpgroup's last wgmma.fence"
+        for other in wg.flying():
+            assert not set(a_regs) & set(other.accs), "a wgmma reads the accumulators of one in flight"
+            assert accs == other.accs or not set(accs) & (set(other.accs) | set(other.a_regs)), \
+                "a wgmma writes registers of one in flight (other than the same accumulators)"
+        landing = [dst for _, dst, *_ in self.pending + self.committed]
+        if landing:
+            copied = np.zeros(len(self.shared), bool)
+            copied[np.concatenate(landing)[:, None] + np.arange(16)] = True
+            assert not copied[at].any(), "a wgmma reads shared bytes a cp.async has not landed"
+        return _Product(accs, a_regs, a_at, b_at, at, self.shared[at].copy(), bool(scale_d[0]), op[6])
+
+    def _product(self, lanes: slice, p: "_Product") -> None:
         """One wgmma.mma_async of the warpgroup at ``lanes``, run now."""
-        n, dtype = int(re.fullmatch(r"m64n(\d+)k16", op[4])[1]), op[6]
-        flags = [int(x) for x in ops[4:]]
-        a = (self._a_registers(a_operand, lanes, dtype) if isinstance(a_operand, list)
-             else self._shared_operand(a_operand, 64, bool(flags[2]), dtype))
-        b = self._shared_operand(b_desc, n, bool(flags[-1]), dtype)
+        assert (self.shared[p.at] == p.bytes).all(), "a wgmma's shared operand changed between its issue and wait"
+        a = self._a_registers(p.a_regs, lanes, p.dtype) if p.a_at is None else self._shared_operand(p.a_at, p.dtype)
+        b = self._shared_operand(p.b_at, p.dtype)
         d = (a.astype(np.float64) @ b.astype(np.float64).T).astype(np.float32)
-        for i, name in enumerate(_vector(ops[0])):
+        for i, name in enumerate(p.accs):
             rows, cols = _accumulator(i)
             old = self.regs.setdefault(name, np.zeros(self.threads, np.float32))
-            old[lanes] = d[rows, cols] + (old[lanes] if accumulate else 0)
+            old[lanes] = d[rows, cols] + (old[lanes] if p.accumulate else 0)
 
     def _descriptor(self, token: str, lanes: slice) -> int:
         values = self.regs[token][lanes]
@@ -529,20 +580,56 @@ class Block:
             a[row, col], a[row, col + 1] = _from_16(v & 0xFFFF, dtype), _from_16(v >> 16, dtype)
         return a
 
-    def _shared_operand(self, desc: int, outer: int, mn_major: bool, dtype: str) -> np.ndarray:
-        """[outer][16 k] of the operand ``desc`` describes (the layouts in the module's docstring)."""
-        start, lbo, sbo = ((desc >> shift & 0x3FFF) << 4 for shift in (0, 16, 32))
-        assert desc >> 62 == 1 and (desc >> 49) & 7 == 0, "not a 128-byte swizzled operand at a 1024-byte phase"
-        o, k = np.arange(outer)[:, None], np.arange(16)[None, :]
-        at = (start + (o // 64) * lbo + (k // 8) * sbo + (k % 8) * 128 + (o % 64) * 2 if mn_major
-              else start + (o // 8) * sbo + (o % 8) * 128 + k * 2)
-        at = at ^ (((at >> 7) & 7) << 4)
+    def _shared_operand(self, at: np.ndarray, dtype: str) -> np.ndarray:
+        """The 16-bit values at byte addresses ``at`` (``_operand_at``'s)."""
         return _from_16(self.shared[at].astype(np.uint16) | (self.shared[at + 1].astype(np.uint16) << 8), dtype)
 
 
-def _product_registers(ops: list[str]) -> list[str]:
-    """The registers a wgmma.mma_async writes (accumulators) or reads asynchronously (A)."""
-    return _vector(ops[0]) + (_vector(ops[1]) if ops[1].startswith("{") else [])
+def _operand_at(desc: int, outer: int, mn_major: bool) -> np.ndarray:
+    """The shared address of each element [outer][16 k] of the operand ``desc`` describes (the
+    layouts in the module's docstring)."""
+    start, lbo, sbo = ((desc >> shift & 0x3FFF) << 4 for shift in (0, 16, 32))
+    assert desc >> 62 == 1 and (desc >> 49) & 7 == 0, "not a 128-byte swizzled operand at a 1024-byte phase"
+    o, k = np.arange(outer)[:, None], np.arange(16)[None, :]
+    at = (start + (o // 64) * lbo + (k // 8) * sbo + (k % 8) * 128 + (o % 64) * 2 if mn_major
+          else start + (o // 8) * sbo + (o % 8) * 128 + k * 2)
+    return at ^ (((at >> 7) & 7) << 4)
+
+
+class _Product(NamedTuple):
+    """A wgmma.mma_async issued: its registers, the shared addresses of its operands (A's: None
+    where A is in registers) and the bytes there at issue."""
+
+    accs: list[str]
+    a_regs: list[str]
+    a_at: np.ndarray | None
+    b_at: np.ndarray
+    at: np.ndarray  # every shared byte it reads
+    bytes: np.ndarray
+    accumulate: bool
+    dtype: str
+
+
+class _Warpgroup:
+    """One warpgroup's wgmmas: issued but not committed, committed groups not yet run, and their
+    registers; the registers its other instructions touched since its last wgmma.fence; the shared bytes its
+    finished wgmmas read, which other warpgroups may not write until a barrier covers it."""
+
+    def __init__(self, shared_bytes: int):
+        self.issued: list[_Product] = []
+        self.groups: list[list[_Product]] = []
+        self.in_flight: set[str] = set()  # their registers
+        self.touched: set[str] = set()
+        self.retired = np.zeros(shared_bytes, bool)
+
+    def flying(self) -> list[_Product]:
+        return [p for group in self.groups for p in group] + self.issued
+
+    def reading(self) -> np.ndarray:
+        out = np.zeros(len(self.retired), bool)
+        for p in self.flying():
+            out[p.at] = True
+        return out
 
 
 def _accumulator(i: int) -> tuple[np.ndarray, np.ndarray]:

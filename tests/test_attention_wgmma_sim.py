@@ -3,8 +3,10 @@ float64 references with the GPU tests' tolerances (test_attention_tc_cuda, test_
 
 The forward passes its GPU tests on an H200: running it here checks the interpreter's reading of
 wgmma (fragment layouts, descriptors, the swizzle) against the hardware. The backward's GPU tests
-are the word on the backward; these catch a wrong index, stage or mask without a GPU. Small shapes
-(a Python interpreter): every tile size, both head_dims, one and two warpgroups, a ragged last tile.
+are the word on the backward; these catch a wrong index, stage or mask without a GPU, and (the
+interpreter refusing what the hardware leaves undefined) a stage read before it landed, refilled
+while a wgmma may still read it, or a wgmma's registers touched before its wait. Small shapes (a
+Python interpreter): every tile size, both head_dims, one and two warpgroups, a ragged last tile.
 """
 from __future__ import annotations
 

@@ -349,8 +349,9 @@ class _FlashBase(AttentionGrid, KernelSpec):
             raise SpecError(f"{self.dynamic_shared_bytes()} bytes of shared memory (max {SHARED_LIMIT})")
 
     def _wait(self, f: _Flash, team: bool = False) -> None:
-        """Every product this thread's warps issued is done (``team``: every warp's of its team,
-        whose stages may then be refilled); mma.sync's are done at once: nothing."""
+        """Every product this thread's warps issued is done (``team``: every warp's of its team);
+        mma.sync's are done at once: nothing (the barrier after a stage's last reads orders its
+        refill)."""
 
     def _work(self, b: KernelBuilder, reversed_rows: bool) -> tuple[Reg, Reg, Reg]:
         """(first row, head, batch) of this block. The launch starts blocks in the order of their

@@ -222,7 +222,8 @@ class AttentionWgmmaBackwardQSpec(_Wgmma, _BackwardQBase):
 @dataclass(frozen=True)
 class AttentionWgmmaBackwardKVSpec(_Wgmma, _BackwardKVBase):
     """attention_tc_bwd_kv on wgmma: per query tile, S^T = K Q^T and dP^T = V dO^T in one group, then
-    dV += P^T dO and dK += dS^T Q in another (P^T, dS^T from registers; dO, Q MN-major). ``tile``
+    dV += P^T dO and dK += dS^T Q in another (P^T, dS^T from registers; dO, Q MN-major), the next
+    tile's first group issued right behind it, both waited for at the next tile's top. ``tile``
     32, 64 or 128 queries a step; each stage rounded up to the swizzle's 1024-byte alignment."""
 
     kind: ClassVar[str] = "attention_wgmma_bwd_kv"
