@@ -41,9 +41,13 @@ def test_a_users_nccl_setting_is_kept(tmp_path):
 
 
 def failing_rank_run(tmp_path):
-    """Rank 1 exits 3 at once; ranks 0 and 2 (their pids written down) would sleep a minute."""
+    """Rank 1 exits 3 once ranks 0 and 2 are up (their pids written down: on a loaded host a rank
+    can start after another has failed); they would sleep a minute."""
     script = (f"import os, sys, time\n"
-              f"open(r'{tmp_path}/' + os.environ['RANK'], 'w').write(str(os.getpid()))\n"
+              f"open(r'{tmp_path}/' + os.environ['RANK'] + '.tmp', 'w').write(str(os.getpid()))\n"
+              f"os.replace(r'{tmp_path}/' + os.environ['RANK'] + '.tmp', r'{tmp_path}/' + os.environ['RANK'])\n"
+              f"while os.environ['RANK'] == '1' and not all(os.path.exists(r'{tmp_path}/' + r) for r in '02'):\n"
+              f"    time.sleep(0.01)\n"
               f"sys.exit(3) if os.environ['RANK'] == '1' else time.sleep(60)")
     code, said, took = run(3, script)
     alive = [r for r in (0, 2) if (tmp_path / str(r)).exists() and running(int((tmp_path / str(r)).read_text()))]
