@@ -1,5 +1,7 @@
 """A block-level PTX interpreter, so CPU tests can run the model's kernels' math: the fp32 training
-step's (GEMMs, attention, norms, RoPE, SwiGLU, cross-entropy, optimizer), the wgmma attention's.
+step's (GEMMs, attention, norms, RoPE, SwiGLU, cross-entropy, optimizer), the tensor-core
+attention's (wgmma, and mma.sync.m16n8k16 with ldmatrix: their fragment layouts as the PTX ISA
+gives them, checked by the forwards, which pass their GPU tests, passing here too).
 
 It interprets the instructions those kernels emit, nothing more (anything else raises
 NotImplementedError; RoPE's sin and cos are numpy's, not sin.approx's). A block's threads run in
@@ -22,7 +24,7 @@ layouts, shared operands through their matrix descriptors in the 128-byte swizzl
 bits 4-6 of an absolute shared address XORed with bits 7-9): K-major element (row, k) at start +
 (row / 8) * SBO + (row % 8) * 128 + 2k; MN-major (k, col) at start + (col / 64) * LBO + (k / 8) *
 SBO + (k % 8) * 128 + 2 (col % 64). That reading of the hardware is checked by running the
-forward, which passes its tests on an H200, through this interpreter (test_attention_wgmma_sim).
+forward, which passes its tests on an H200, through this interpreter (test_attention_sim).
 """
 from __future__ import annotations
 
@@ -191,8 +193,8 @@ class Block:
                 continue
             if op[0] != "wgmma" and self.program.wgmma:
                 self._other_instruction(pc, group if mask is None else mask & group)
-            if op[0] in ("shfl", "wgmma"):  # warp- or warpgroup-collective: whole ones here
-                unit = 32 if op[0] == "shfl" else 128
+            if op[0] in ("shfl", "ldmatrix", "mma", "wgmma"):  # warp- or warpgroup-collective: whole ones here
+                unit = 128 if op[0] == "wgmma" else 32
                 whole = group.reshape(-1, unit)
                 assert (whole.all(axis=1) | ~whole.any(axis=1)).all(), f"{'.'.join(op)} reached by part of a {unit}"
             elif op[:2] == ["bar", "sync"]:
@@ -373,6 +375,52 @@ class Block:
         source = (lane ^ other) if op[2] == "bfly" else (other & 31)
         self.write(ops[0], self.value(ops[1], "b32")[self.lane_id - lane + source], mask)
 
+    def _ldmatrix(self, op, ops, mask):
+        """ldmatrix.sync.aligned.m8n8.xN{.trans}.shared.b16: lane 8i + r of a warp gives the address
+        of row r of matrix i; lane t gets matrix i's row t / 4, columns 2 (t % 4) and the next (the
+        lower in the lower half) into register i, or with .trans its column t / 4, rows 2 (t % 4) and
+        the next."""
+        _whole(op, mask, 32)
+        at, lane = self._address(ops[1], "shared"), self.lane_id & 31
+        base = self.lane_id - lane  # each thread's warp's lane 0
+        trans = "trans" in op
+        for i, name in enumerate(_vector(ops[0])):
+            pair = []
+            for e in range(2):
+                row, col = (2 * (lane % 4) + e, lane // 4) if trans else (lane // 4, 2 * (lane % 4) + e)
+                where = at[base + 8 * i + row] + 2 * col
+                pair.append(self.shared[where].astype(np.uint32) | (self.shared[where + 1].astype(np.uint32) << 8))
+            self.write(name, pair[0] | (pair[1] << 16), mask)
+
+    def _mma(self, op, ops, mask):
+        """mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32 d, a, b, c per warp: A in the m16k16
+        fragment layout (``_a_registers``' per warp), B's register r: rows 2 (t % 4) + 8 r and the
+        next of column t / 4, D and C: ``_accumulator``'s first four."""
+        assert op[3:7] == ["m16n8k16", "row", "col", "f32"] and op[-1] == "f32", ".".join(op)
+        _whole(op, mask, 32)
+        dtype = op[7]
+        for w in range(self.threads // 32):
+            lanes = slice(32 * w, 32 * w + 32)
+            if mask is not None and not mask[lanes].any():
+                continue
+            t = np.arange(32)
+            a = np.zeros((16, 16), np.float32)
+            for r, name in enumerate(_vector(ops[1])):
+                v = self.regs[name][lanes].astype(np.uint32)
+                row, col = t // 4 + 8 * (r % 2), 2 * (t % 4) + 8 * (r // 2)
+                a[row, col], a[row, col + 1] = _from_16(v & 0xFFFF, dtype), _from_16(v >> 16, dtype)
+            b = np.zeros((16, 8), np.float32)
+            for r, name in enumerate(_vector(ops[2])):
+                v = self.regs[name][lanes].astype(np.uint32)
+                row, col = 2 * (t % 4) + 8 * r, t // 4
+                b[row, col], b[row + 1, col] = _from_16(v & 0xFFFF, dtype), _from_16(v >> 16, dtype)
+            d = (a.astype(np.float64) @ b.astype(np.float64)).astype(np.float32)
+            c = [self.regs[name][lanes].astype(np.float32) for name in _vector(ops[3])]
+            for i, name in enumerate(_vector(ops[0])):
+                row, col = t // 4 + 8 * (i // 2), 2 * (t % 4) + i % 2
+                out = self.regs.setdefault(name, np.zeros(self.threads, np.float32))
+                out[lanes] = d[row, col] + c[i]
+
     # -- memory -----------------------------------------------------------------------------------
     def _address(self, token: str, space: str) -> np.ndarray:
         m = re.fullmatch(r"\[([%\w.]+)(?:\+(\d+))?\]", token)
@@ -506,11 +554,11 @@ class Block:
                 f"a shared write onto bytes a wgmma of warpgroup {g} read, with no barrier between them"
 
     def _wgmma(self, op, ops, mask):
+        _whole(op, mask, 128)
         for g, wg in enumerate(self.warpgroups):
             lanes = slice(128 * g, 128 * g + 128)
             if mask is not None and not mask[lanes].any():  # a warpgroup elsewhere
                 continue
-            assert mask is None or mask[lanes].all(), f"{'.'.join(op)} guarded off for part of warpgroup {g}"
             if op[1] == "fence":
                 wg.touched.clear()
             elif op[1] == "mma_async":
@@ -583,6 +631,12 @@ class Block:
     def _shared_operand(self, at: np.ndarray, dtype: str) -> np.ndarray:
         """The 16-bit values at byte addresses ``at`` (``_operand_at``'s)."""
         return _from_16(self.shared[at].astype(np.uint16) | (self.shared[at + 1].astype(np.uint16) << 8), dtype)
+
+
+def _whole(op: list[str], mask: np.ndarray | None, unit: int) -> None:
+    """A warp- (warpgroup-) collective's guard is the same for every thread of each unit."""
+    assert mask is None or (mask.reshape(-1, unit).all(axis=1) | ~mask.reshape(-1, unit).any(axis=1)).all(), \
+        f"{'.'.join(op)} guarded off for part of a {unit}-thread unit"
 
 
 def _operand_at(desc: int, outer: int, mn_major: bool) -> np.ndarray:

@@ -1,8 +1,9 @@
-"""The wgmma attention kernels' math on the CPU, through the PTX interpreter (ptxsim), against the
-float64 references with the GPU tests' tolerances (test_attention_tc_cuda, test_attention_wgmma_bwd_cuda).
+"""The tensor-core attention kernels' math on the CPU (wgmma's, and mma.sync's where wgmma's 64-wide
+chunks do not fit a head), through the PTX interpreter (ptxsim), against the float64 references
+with the GPU tests' tolerances (test_attention_tc_cuda, test_attention_wgmma_bwd_cuda).
 
-The forward passes its GPU tests on an H200: running it here checks the interpreter's reading of
-wgmma (fragment layouts, descriptors, the swizzle) against the hardware. The backward's GPU tests
+The forwards pass their GPU tests on an H200: running them here checks the interpreter's reading of
+wgmma and mma.sync (fragment layouts, descriptors, ldmatrix, the swizzles) against the hardware. The backward's GPU tests
 are the word on the backward; these catch a wrong index, stage or mask without a GPU, and (the
 interpreter refusing what the hardware leaves undefined) a stage read before it landed, refilled
 while a wgmma may still read it, or a wgmma's registers touched before its wait. Small shapes (a
@@ -15,6 +16,7 @@ import pytest
 
 from ptxgen.hw import MmaType
 from ptxgen.kernels.attention import attention_backward_reference, attention_reference
+from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
 from ptxgen.kernels.attention_wgmma import AttentionWgmmaBackwardKVSpec, AttentionWgmmaBackwardQSpec, AttentionWgmmaSpec
 from ptxgen.vecio import from_bf16, to_bf16
 from ptxsim import launch
@@ -39,10 +41,15 @@ def nan(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
     return np.full(shape, 0x7FC0 if dtype == np.uint16 else np.nan, dtype)
 
 
-@pytest.mark.parametrize("s, d, layout", [(37, 64, dict()), (77, 128, dict(warps=8, tile=128)),
-                                          (70, 64, dict(dtype=MmaType.F16, tile=128))])
-def test_the_forward_runs_in_the_interpreter_as_on_the_gpu(s, d, layout):
-    spec = AttentionWgmmaSpec(heads=2, kv_heads=1, head_dim=d, **layout)
+WGMMA = (AttentionWgmmaSpec, AttentionWgmmaBackwardQSpec, AttentionWgmmaBackwardKVSpec)
+MMA_SYNC = (AttentionTCSpec, AttentionTCBackwardQSpec, AttentionTCBackwardKVSpec)
+
+
+@pytest.mark.parametrize("kernels, s, d, layout", [
+    (WGMMA, 37, 64, dict()), (WGMMA, 77, 128, dict(warps=8, tile=128)), (WGMMA, 70, 64, dict(dtype=MmaType.F16, tile=128)),
+    (MMA_SYNC, 37, 32, dict(warps=2, tile=32)), (MMA_SYNC, 70, 64, dict(dtype=MmaType.F16, tile=16))])
+def test_the_forward_runs_in_the_interpreter_as_on_the_gpu(kernels, s, d, layout):
+    spec = kernels[0](heads=2, kv_heads=1, head_dim=d, **layout)
     (q, q64), (k, k64), (v, v64) = (sixteen(shape, spec.dtype) for shape in ((1, s, 2, d), (1, s, 1, d), (1, s, 1, d)))
     o, lse = launch(spec, spec.launch_dims(1, s), q, k, v, nan(q.shape, np.uint16), nan((1, 2, s)), s, s, s, 0)[3:]
     o_ref, _, lse_ref = attention_reference(q64, k64, v64)
@@ -50,16 +57,20 @@ def test_the_forward_runs_in_the_interpreter_as_on_the_gpu(s, d, layout):
     np.testing.assert_allclose(lse, lse_ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("bsz, s, h, hkv, d, layout", [
-    (2, 37, 4, 2, 64, dict()), (1, 77, 2, 1, 128, dict(tile=32)), (1, 70, 3, 3, 64, dict(warps=8, tile=128)),
-    (1, 40, 2, 1, 128, dict(causal=False, dtype=MmaType.F16, warps=8, tile=32)),
+@pytest.mark.parametrize("kernels, bsz, s, h, hkv, d, layout", [
+    (WGMMA, 2, 37, 4, 2, 64, dict()), (WGMMA, 1, 77, 2, 1, 128, dict(tile=32)),
+    (WGMMA, 1, 70, 3, 3, 64, dict(warps=8, tile=128)),
+    (WGMMA, 1, 40, 2, 1, 128, dict(causal=False, dtype=MmaType.F16, warps=8, tile=32)),
     # two teams: 3 key tiles, 5 query tiles taken in turn, the last keys' single tile team 0's alone
-    (1, 150, 2, 1, 64, dict(warps=8, tile=32, teams=2)),
-    (1, 77, 2, 1, 128, dict(causal=False, warps=8, tile=64, teams=2))])
-def test_the_backward_matches_the_reference_gradients(bsz, s, h, hkv, d, layout):
+    (WGMMA, 1, 150, 2, 1, 64, dict(warps=8, tile=32, teams=2)),
+    (WGMMA, 1, 77, 2, 1, 128, dict(causal=False, warps=8, tile=64, teams=2)),
+    (MMA_SYNC, 2, 37, 4, 2, 32, dict(warps=2, tile=32)),
+    (MMA_SYNC, 1, 40, 2, 1, 32, dict(causal=False, dtype=MmaType.F16, warps=2, tile=16)),
+    (MMA_SYNC, 1, 150, 2, 1, 32, dict(warps=4, tile=32, teams=2))])
+def test_the_backward_matches_the_reference_gradients(kernels, bsz, s, h, hkv, d, layout):
     fields = dict(heads=h, kv_heads=hkv, head_dim=d, **layout)
     teams = fields.pop("teams", 1)
-    bq, bkv = AttentionWgmmaBackwardQSpec(**fields), AttentionWgmmaBackwardKVSpec(**fields, teams=teams)
+    bq, bkv = kernels[1](**fields), kernels[2](**fields, teams=teams)
     dtype = bq.dtype
     (q, q64), (k, k64), (v, v64), (do, do64) = (sixteen(shape, dtype) for shape in
                                                 ((bsz, s, h, d), (bsz, s, hkv, d), (bsz, s, hkv, d), (bsz, s, h, d)))
