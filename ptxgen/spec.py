@@ -333,6 +333,13 @@ class KernelSpec:
         The default, every pointer, is the safe over-estimate; kernels name exactly theirs."""
         return tuple(name for name, t in self.params() if t is T.U64)
 
+    def read_outputs(self) -> tuple[str, ...]:
+        """The outputs whose contents from before the launch it reads (an accumulating GEMM's C,
+        AdamW's weights and moments, a count its blocks hand on): a launch plan counts the step
+        among their readers. None by default; tests/test_read_outputs.py holds every registered
+        kernel's to the loads in its PTX."""
+        return ()
+
     def arch(self, target: Target) -> str:
         """The architecture the module is written and assembled for: the target's, or (a kernel
         using sm_90a-only instructions such as wgmma) its architecture-specific variant."""

@@ -134,14 +134,16 @@ class Step:
         return {n: b for n, b in self.pointers().items() if n in self.spec.outputs()}
 
     def reads(self) -> dict[str, str]:
-        return {n: b for n, b in self.pointers().items() if n not in self.spec.outputs()}
+        """Parameter -> the buffer it names, for every pointer the kernel reads what was there
+        before it through: its inputs, and the outputs it also reads (``read_outputs``)."""
+        outputs, updated = self.spec.outputs(), self.spec.read_outputs()
+        return {n: b for n, b in self.pointers().items() if n not in outputs or n in updated}
 
     def extents(self, values: dict[str, Number], reads: bool = False) -> list[tuple[int, int]]:
-        """(address, bytes) of every region the step writes (``reads``: reads through a pointer), at
+        """(address, bytes) of every region the step writes (``reads``: reads, ``reads()``'s), at
         ``values``: each such buffer (a tensor map: its matrix), from its address to the end of the
         buffer the expression is based on."""
-        outputs, types = self.spec.outputs(), dict(self.spec.params())
-        names = [n for n in self.args if types[n] is T.U64 and n not in outputs] if reads else outputs
+        names = list(self.reads()) if reads else self.spec.outputs()
         return [_extent(self.operands.get(name, self.args[name]), values) for name in names]
 
     def resolve(self, values: dict[str, Number]) -> None:

@@ -81,7 +81,9 @@ def test_a_value_reaches_every_launch_that_reads_it_and_must_be_set_before_a_run
     with pytest.raises(ValueError, match="declared twice"):
         plan.value("lr", 1.0)
     assert steps[0].writes() == {"param": "param", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
-    assert steps[0].reads() == {"grad": "grad", "clip": "clip"}
+    # AdamW updates its weights and moments in place: it reads them too
+    assert steps[0].reads() == {"param": "param", "grad": "grad", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq",
+                                "clip": "clip"}
 
 
 def test_a_grid_can_follow_a_value(plan):
@@ -283,6 +285,21 @@ def test_the_last_writer_of_each_gradient_is_where_a_communication_hook_may_send
             last("model.layers.0.input_layernorm.weight") < last("model.embed_tokens.weight") == len(backward) - 1
         assert backward[last("model.norm.weight")].kind == "colsum"
         assert plan.last_writer(model.exp_avg.ptr, model.exp_avg.nbytes, "backward") is None
+        model.close()
+
+
+def test_the_readers_of_a_buffer_include_the_steps_that_update_it_in_place(monkeypatch):
+    """The tied embedding table's gradient: the LM head's dW writes it, the embedding backward adds
+    to it (reads it, ``read_outputs``) and the optimizer's AdamW reads it (an input); the moments
+    only AdamW reads, and updates in place."""
+    with dry_device(monkeypatch):
+        model = _backend(dataclasses.replace(preset("tiny"), tie_word_embeddings=True), Precision.FP32)
+        plan = model.plan(2, 16)
+        grad = model.params_view["model.embed_tokens.weight"].grad
+        assert [s.kind for s in plan.readers(grad.ptr, grad.nbytes, "backward")] == ["embedding_bwd"]
+        assert {s.kind for s in plan.readers(grad.ptr, grad.nbytes, "optimizer")} >= {"adamw"}
+        moments = plan.readers(model.exp_avg.ptr, model.exp_avg.nbytes, "forward", "backward", "optimizer")
+        assert moments and {s.kind for s in moments} == {"adamw"}
         model.close()
 
 

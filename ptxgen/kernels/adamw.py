@@ -63,6 +63,9 @@ class AdamWSpec(KernelSpec):
     def outputs(self) -> tuple[str, ...]:
         return ("param",) + (("param16",) if self.bf16_copy else ()) + ("exp_avg", "exp_avg_sq")
 
+    def read_outputs(self) -> tuple[str, ...]:
+        return ("param", "exp_avg", "exp_avg_sq")
+
     def build(self, b: KernelBuilder) -> None:
         ptr = {n: b.cvta_global(b.ld_param(n)) for n, t in self.params() if t is T.U64}
         lr = b.ld_param("lr")

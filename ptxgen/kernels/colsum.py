@@ -56,6 +56,9 @@ class ColumnSumSpec(KernelSpec):
     def outputs(self) -> tuple[str, ...]:
         return ("partials", "dst", "counters") if self.finish else ("dst",)
 
+    def read_outputs(self) -> tuple[str, ...]:  # (the partials are written by the same launch first)
+        return ("counters",) if self.finish else ()
+
     def build(self, b: KernelBuilder) -> None:
         src, dst = (b.cvta_global(b.ld_param(n)) for n in ("src", "dst"))
         n_rows, n_cols, per_chunk = (b.ld_param(n) for n in ("n_rows", "n_cols", "rows_per_chunk"))

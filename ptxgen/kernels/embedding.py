@@ -89,6 +89,9 @@ class EmbeddingBackwardSpec(KernelSpec):
     def outputs(self) -> tuple[str, ...]:
         return ('dtable',)
 
+    def read_outputs(self) -> tuple[str, ...]:
+        return ('dtable',) if self.accumulate else ()
+
     def build(self, b: KernelBuilder) -> None:
         ptr = {n: b.cvta_global(b.ld_param(n)) for n, _ in self.params()}
         seg, tid = b.special("%ctaid.x"), b.special("%tid.x")

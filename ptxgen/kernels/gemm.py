@@ -280,6 +280,9 @@ class GemmSpec(KernelSpec):
     def outputs(self) -> tuple[str, ...]:
         return ('c',)
 
+    def read_outputs(self) -> tuple[str, ...]:
+        return ('c',) if self.accumulate else ()
+
     def launch_dims(self, m: int, n: int, batches: int = 1) -> tuple[tuple[int, int, int], int]:
         return (-(-n // self.block_n), -(-m // self.block_m), batches), self.threads
 

@@ -200,6 +200,9 @@ class TensorCoreGemm:
         return (self.c_param,) + (("stats",) if self.row_stats else ()) + (("keys", "values") if self.rope_heads else ()) + \
             (("tmap_act",) if self.swiglu_act else ()) + (("partials", "flags") if self.split_tail else ())
 
+    def read_outputs(self) -> tuple[str, ...]:  # a cut tail's flags count its parts (reset by the last)
+        return ((self.c_param,) if self.accumulate else ()) + (("flags",) if self.split_tail else ())
+
     @property
     def c_param(self) -> str:
         """C's parameter: ``tmap_c``, its tensor map, where the kernel stores C by TMA (``tma_store``;
