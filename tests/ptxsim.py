@@ -383,8 +383,11 @@ class Block:
         _whole(op, mask, 32)
         at, lane = self._address(ops[1], "shared"), self.lane_id & 31
         base = self.lane_id - lane  # each thread's warp's lane 0
-        trans = "trans" in op
-        for i, name in enumerate(_vector(ops[0])):
+        trans, names = "trans" in op, _vector(ops[0])
+        assert op[4] == f"x{len(names)}" and (at % 16 == 0).all(), ".".join(op)  # 16-byte rows
+        rows = at[base[:, None] + np.arange(8 * len(names))]  # every address a lane's warp gives
+        self._landed(np.unique(rows)[:, None] + np.arange(16), "ldmatrix")
+        for i, name in enumerate(names):
             pair = []
             for e in range(2):
                 row, col = (2 * (lane % 4) + e, lane // 4) if trans else (lane // 4, 2 * (lane % 4) + e)
@@ -397,6 +400,8 @@ class Block:
         fragment layout (``_a_registers``' per warp), B's register r: rows 2 (t % 4) + 8 r and the
         next of column t / 4, D and C: ``_accumulator``'s first four."""
         assert op[3:7] == ["m16n8k16", "row", "col", "f32"] and op[-1] == "f32", ".".join(op)
+        assert op[7] == op[8] and op[7] in ("bf16", "f16"), ".".join(op)
+        assert [len(_vector(x)) for x in ops] == [4, 4, 2, 4], ".".join(op)
         _whole(op, mask, 32)
         dtype = op[7]
         for w in range(self.threads // 32):
@@ -419,6 +424,7 @@ class Block:
             for i, name in enumerate(_vector(ops[0])):
                 row, col = t // 4 + 8 * (i // 2), 2 * (t % 4) + i % 2
                 out = self.regs.setdefault(name, np.zeros(self.threads, np.float32))
+                assert out.dtype == np.float32, f"{name}: an mma accumulator holding {out.dtype}"
                 out[lanes] = d[row, col] + c[i]
 
     # -- memory -----------------------------------------------------------------------------------
@@ -440,6 +446,9 @@ class Block:
             return
         at, on = self._address(ops[1], space), np.ones(self.threads, bool) if mask is None else mask
         wide = op[-1] in ("f64", "u64", "b64")
+        if space == "shared":
+            words = len(_vector(ops[0])) * (8 if wide else 4)
+            self._landed(at[on][:, None] + np.arange(words), "ld.shared")
         for i, name in enumerate(_vector(ops[0])):
             size = 8 if wide else 4
             words = np.zeros(self.threads, np.uint64 if wide else np.uint32)
@@ -543,6 +552,14 @@ class Block:
                                 f"while a wgmma of warpgroup {g} is in flight")
             wg.touched |= names
 
+    def _landed(self, at: np.ndarray, reader: str) -> None:
+        """No cp.async still to land (this thread's or another's) writes shared bytes ``at``."""
+        landing = [dst for _, dst, *_ in self.pending + self.committed]
+        if landing:
+            copied = np.zeros(len(self.shared), bool)
+            copied[np.concatenate(landing)[:, None] + np.arange(16)] = True
+            assert not copied[at].any(), f"{reader} reads shared bytes a cp.async has not landed"
+
     def _shared_written(self, threads: np.ndarray, at: np.ndarray) -> None:
         """Threads ``threads`` write shared bytes ``at`` (a row of byte addresses each): none a
         wgmma in flight reads, none another warpgroup's wgmma read since a barrier covered both."""
@@ -593,11 +610,7 @@ class Block:
             assert not set(a_regs) & set(other.accs), "a wgmma reads the accumulators of one in flight"
             assert accs == other.accs or not set(accs) & (set(other.accs) | set(other.a_regs)), \
                 "a wgmma writes registers of one in flight (other than the same accumulators)"
-        landing = [dst for _, dst, *_ in self.pending + self.committed]
-        if landing:
-            copied = np.zeros(len(self.shared), bool)
-            copied[np.concatenate(landing)[:, None] + np.arange(16)] = True
-            assert not copied[at].any(), "a wgmma reads shared bytes a cp.async has not landed"
+        self._landed(at, "a wgmma")
         return _Product(accs, a_regs, a_at, b_at, at, self.shared[at].copy(), bool(scale_d[0]), op[6])
 
     def _product(self, lanes: slice, p: "_Product") -> None:

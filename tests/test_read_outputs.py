@@ -19,6 +19,9 @@ CASES = [(kind, spec) for kind, cls in sorted(kinds().items()) for spec in cls.e
 # partials): what was there before it is never read
 WORKSPACES = {("gemm_wgmma", "partials"), ("colsum", "partials")}
 NO_DESTINATION = ("st", "red", "bar", "bra", "fence", "ret", "cp", "mbarrier", "wgmma", "prefetch")
+# the copies the kernels emit (a new form fails the test until it is read here)
+COPIES = ("cp.async.cg.shared.global", "cp.async.commit_group", "cp.async.wait_group", "cp.async.bulk.tensor",
+          "cp.async.bulk.commit_group", "cp.async.bulk.wait_group")
 
 
 def loaded_parameters(ptx: str) -> set[str]:
@@ -43,17 +46,30 @@ def loaded_parameters(ptx: str) -> set[str]:
     loaded: set[str] = set()
     for _, op, ops in program.instrs:
         name = ".".join(op)
-        if op[0] in ("ld", "atom") and "global" in op or (op[0] == "cp" and "global" in name and "bulk" not in name):
+        if op[0] in ("ld", "atom", "red"):  # a state space this test reads (not a generic address)
+            assert {"global", "shared", "param"} & set(op), f"a memory access this test does not read: {name}"
+        elif op[0] in ("cp", "prefetch"):
+            assert name.startswith(COPIES), f"a memory access this test does not read: {name}"
+        if op[0] in ("ld", "atom") and "global" in op or name.startswith("cp.async.cg.shared.global"):
             address = ops[1]
         elif op[0] == "red":
             address = ops[0]
-        elif name.startswith("cp.async.bulk.tensor") and ".global.mbarrier" in name:
-            address = ops[1]  # a TMA load (shared <- global): [tensor map, {coordinates}]
+        elif name.startswith("cp.async.bulk") and "shared::cluster.global" in name:
+            address = ops[1]  # a bulk / TMA load (shared <- global): [tensor map, {coordinates}]
         else:
             continue
         for r in re.findall(r"%\w+", address):
             loaded |= taint.get(r, set())
     return loaded
+
+
+def test_the_walk_finds_a_tma_kernels_operand_maps_and_a_plain_kernels_pointers():
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    from ptxgen.kernels.rmsnorm import RMSNormSpec
+    tma = GemmWgmmaSpec(tma=True, block_n=128, pingpong=True, tma_store=True, bf16_out=True)
+    assert {"tmap_a", "tmap_b"} <= loaded_parameters(tma.emit(Target("sm_90"))) and tma.c_param not in \
+        loaded_parameters(tma.emit(Target("sm_90")))  # stored by TMA, never loaded
+    assert "x" in loaded_parameters(RMSNormSpec(hidden=64, eps=1e-6).emit(Target("sm_90")))
 
 
 @pytest.mark.parametrize("kind, spec", CASES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(CASES)])
