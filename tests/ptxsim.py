@@ -391,14 +391,13 @@ class Block:
             pair = []
             for e in range(2):
                 row, col = (2 * (lane % 4) + e, lane // 4) if trans else (lane // 4, 2 * (lane % 4) + e)
-                where = at[base + 8 * i + row] + 2 * col
-                pair.append(self.shared[where].astype(np.uint32) | (self.shared[where + 1].astype(np.uint32) << 8))
+                pair.append(self._halves(at[base + 8 * i + row] + 2 * col).astype(np.uint32))
             self.write(name, pair[0] | (pair[1] << 16), mask)
 
     def _mma(self, op, ops, mask):
         """mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32 d, a, b, c per warp: A in the m16k16
-        fragment layout (``_a_registers``' per warp), B's register r: rows 2 (t % 4) + 8 r and the
-        next of column t / 4, D and C: ``_accumulator``'s first four."""
+        fragment layout (``_a_registers``), B's register r: rows 2 (t % 4) + 8 r and the next of
+        column t / 4, D and C: ``_accumulator``'s first four."""
         assert op[3:7] == ["m16n8k16", "row", "col", "f32"] and op[-1] == "f32", ".".join(op)
         assert op[7] == op[8] and op[7] in ("bf16", "f16"), ".".join(op)
         assert [len(_vector(x)) for x in ops] == [4, 4, 2, 4], ".".join(op)
@@ -409,11 +408,7 @@ class Block:
             if mask is not None and not mask[lanes].any():
                 continue
             t = np.arange(32)
-            a = np.zeros((16, 16), np.float32)
-            for r, name in enumerate(_vector(ops[1])):
-                v = self.regs[name][lanes].astype(np.uint32)
-                row, col = t // 4 + 8 * (r % 2), 2 * (t % 4) + 8 * (r // 2)
-                a[row, col], a[row, col + 1] = _from_16(v & 0xFFFF, dtype), _from_16(v >> 16, dtype)
+            a = self._a_registers(_vector(ops[1]), lanes, dtype)
             b = np.zeros((16, 8), np.float32)
             for r, name in enumerate(_vector(ops[2])):
                 v = self.regs[name][lanes].astype(np.uint32)
@@ -422,7 +417,7 @@ class Block:
             d = (a.astype(np.float64) @ b.astype(np.float64)).astype(np.float32)
             c = [self.regs[name][lanes].astype(np.float32) for name in _vector(ops[3])]
             for i, name in enumerate(_vector(ops[0])):
-                row, col = t // 4 + 8 * (i // 2), 2 * (t % 4) + i % 2
+                row, col = _accumulator(i, 32)
                 out = self.regs.setdefault(name, np.zeros(self.threads, np.float32))
                 assert out.dtype == np.float32, f"{name}: an mma accumulator holding {out.dtype}"
                 out[lanes] = d[row, col] + c[i]
@@ -447,8 +442,8 @@ class Block:
         at, on = self._address(ops[1], space), np.ones(self.threads, bool) if mask is None else mask
         wide = op[-1] in ("f64", "u64", "b64")
         if space == "shared":
-            words = len(_vector(ops[0])) * (8 if wide else 4)
-            self._landed(at[on][:, None] + np.arange(words), "ld.shared")
+            width = len(_vector(ops[0])) * (8 if wide else 4)
+            self._landed(at[on][:, None] + np.arange(width), "ld.shared")
         for i, name in enumerate(_vector(ops[0])):
             size = 8 if wide else 4
             words = np.zeros(self.threads, np.uint64 if wide else np.uint32)
@@ -630,10 +625,11 @@ class Block:
         return int(values[0])
 
     def _a_registers(self, names: Sequence[str], lanes: slice, dtype: str) -> np.ndarray:
-        """A (64 x 16) from each warp's m16k16 fragments: register r holds rows group + 8 (r % 2),
-        columns 2 quad + 8 (r // 2) and the next, the lower column in the lower half."""
-        a = np.zeros((64, 16), np.float32)
-        t = np.arange(128)
+        """A (16 rows a warp of ``lanes`` x 16) from each warp's m16k16 fragments: register r holds
+        rows group + 8 (r % 2), columns 2 quad + 8 (r // 2) and the next, the lower column in the
+        lower half."""
+        t = np.arange(lanes.stop - lanes.start)
+        a = np.zeros((len(t) // 2, 16), np.float32)
         row0, col0 = 16 * (t // 32) + (t % 32) // 4, 2 * (t % 4)
         for r, name in enumerate(names):
             v = self.regs[name][lanes].astype(np.uint32)
@@ -641,9 +637,13 @@ class Block:
             a[row, col], a[row, col + 1] = _from_16(v & 0xFFFF, dtype), _from_16(v >> 16, dtype)
         return a
 
+    def _halves(self, at: np.ndarray) -> np.ndarray:
+        """The 16-bit words (little-endian) at shared byte addresses ``at``."""
+        return self.shared[at].astype(np.uint16) | (self.shared[at + 1].astype(np.uint16) << 8)
+
     def _shared_operand(self, at: np.ndarray, dtype: str) -> np.ndarray:
         """The 16-bit values at byte addresses ``at`` (``_operand_at``'s)."""
-        return _from_16(self.shared[at].astype(np.uint16) | (self.shared[at + 1].astype(np.uint16) << 8), dtype)
+        return _from_16(self._halves(at), dtype)
 
 
 def _whole(op: list[str], mask: np.ndarray | None, unit: int) -> None:
@@ -685,7 +685,7 @@ class _Warpgroup:
     def __init__(self, shared_bytes: int):
         self.issued: list[_Product] = []
         self.groups: list[list[_Product]] = []
-        self.in_flight: set[str] = set()  # their registers
+        self.in_flight: set[str] = set()  # their registers (kept: every other instruction is checked against them)
         self.touched: set[str] = set()
         self.retired = np.zeros(shared_bytes, bool)
 
@@ -699,9 +699,10 @@ class _Warpgroup:
         return out
 
 
-def _accumulator(i: int) -> tuple[np.ndarray, np.ndarray]:
-    """(row, column) of accumulator register i of each of a warpgroup's 128 threads."""
-    t = np.arange(128)
+def _accumulator(i: int, threads: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of accumulator register i of each of a warpgroup's 128 threads (or a warp's:
+    mma.sync's m16n8, registers 0-3)."""
+    t = np.arange(threads)
     return 16 * (t // 32) + (t % 32) // 4 + 8 * ((i % 4) // 2), 8 * (i // 4) + 2 * (t % 4) + i % 2
 
 

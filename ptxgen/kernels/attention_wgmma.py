@@ -235,16 +235,18 @@ class AttentionWgmmaBackwardKVSpec(_Wgmma, _BackwardKVBase):
     def _start(self, f: _Flash, kv_bytes: int) -> _RowPair:
         return _row_pair(f, kv_bytes)
 
+    def _grads(self, f: _Flash, stage: Reg) -> Reg:
+        return f.b.add(stage, self.tile * self.head_dim * 2)  # dO, after Q
+
     def _scores(self, f: _Flash, rows: _RowPair, stage: Reg, out: list[Tiles] | None = None) -> list[Tiles]:
-        grads = f.b.add(stage, self.tile * self.head_dim * 2)  # dO, after Q
-        return self._products(f, [(rows.first, stage), (rows.second, grads)], rows.flags, out)
+        return self._products(f, [(rows.first, stage), (rows.second, self._grads(f, stage))], rows.flags, out)
 
     def _gradient(self, f: _Flash, rows: _RowPair, dk: Tiles, dv: Tiles, scores: list[Tiles], stage: Reg,
                   step: _KVStep) -> None:
         st, dpt = scores
         step.mask(st)
         p = step.probabilities(st)
-        grads = f.b.add(stage, self.tile * self.head_dim * 2)
+        grads = self._grads(f, stage)
         self._accumulations(f, [(dv, p, grads), (dk, step.dscores(p, dpt), stage)], rows.flags)
 
     @classmethod
