@@ -198,7 +198,7 @@ class LayerActs:
     q: View       # q_proj(h) after RoPE, as the attention reads it (bf16 precision: bf16)
     o: View       # attention output (bf16 precision: bf16, the o projection's operand as it is)
     lse: View     # attention's log-sum-exp per query row (for its backward)
-    x_mid: View   # x + o_proj(o)
+    x_mid: View   # x + o_proj(o), added by the o projection's GEMM
     rstd2: View
     h2: View      # post_attention_layernorm(x_mid) (bf16 precision: bf16, as h)
     gate_up: View  # [gate_proj(h2) | up_proj(h2)] per row, one GEMM (bf16 precision: stored in bf16, as SwiGLU reads it)
@@ -232,8 +232,6 @@ class Activations:
                 gate_up=operand(p + "gate_up", (T, 2 * I)), act=operand(p + "act", (T, I)))
 
         self.layers = [layer(i) for i in range(c.num_layers)]
-        # a sublayer's output before the residual add (attention's, then the MLP's), added by the next norm
-        self.delta = new("sublayer_out", (T, H))
         self.x = new("x", (T, H))  # the residual stream after the last layer
         self.rstd_f, self.hf = new("rstd_f", (T,)), operand("hf", (T, H))  # hf: the LM head's input
 

@@ -54,25 +54,21 @@ def forward(ops: Ops, acts: Activations, kv: list[KV], kv_stride: int, cached: i
         ops.rope_angles(acts.pos, out=acts.angles)
     for i, a in enumerate(acts.layers):
         p = layer_prefix(i)
-        if i == 0:
-            ops.rmsnorm(a.x, p + "input_layernorm.weight", out=a.h, rstd=a.rstd1)
-        else:  # the layer before's x_out = x_mid + mlp(...), added here
-            ops.residual_rmsnorm(acts.layers[i - 1].x_mid, acts.delta, p + "input_layernorm.weight", out=a.h,
-                                 rstd=a.rstd1, x_out=a.x)
+        ops.rmsnorm(a.x, p + "input_layernorm.weight", out=a.h, rstd=a.rstd1)
         # q, k and v: one GEMM, [q | k | v] per row, then RoPE on q and k; this call's keys and
         # values into kv[i] (as the attention reads them) from row ``cached`` on
         ops.attention_inputs(a.h, p + "self_attn.qkv_proj", acts.pos, q=a.q, k=kv_rows(kv[i].k, cached),
                              v=kv_rows(kv[i].v, cached), qkv=acts.qkv, angles=acts.angles)
         ops.attention(a.q, kv[i].k, kv[i].v, out=a.o, lse=a.lse, batch=acts.batch, seq=acts.seq,
                       kv_len=cached + acts.seq, kv_stride=kv_stride, q_start=cached)
-        ops.linear(a.o, p + "self_attn.o_proj", out=acts.delta)
-        ops.residual_rmsnorm(a.x, acts.delta, p + "post_attention_layernorm.weight", out=a.h2, rstd=a.rstd2,
-                             x_out=a.x_mid)
+        # the residual adds are the GEMMs': x_mid = x + o_proj(o), the next layer's x = x_mid + down(act)
+        ops.linear(a.o, p + "self_attn.o_proj", out=a.x_mid, residual=a.x)
+        ops.rmsnorm(a.x_mid, p + "post_attention_layernorm.weight", out=a.h2, rstd=a.rstd2)
         # gate and up: one GEMM, [gate | up] per row; act = silu(gate) * up
         ops.swiglu(a.h2, p + "mlp.gate_up_proj", gate_up=a.gate_up, out=a.act)
-        ops.linear(a.act, p + "mlp.down_proj", out=acts.delta)
-    ops.residual_rmsnorm(acts.layers[-1].x_mid, acts.delta, "model.norm.weight", out=acts.hf, rstd=acts.rstd_f,
-                         x_out=acts.x)
+        x_out = acts.layers[i + 1].x if i + 1 < len(acts.layers) else acts.x
+        ops.linear(a.act, p + "mlp.down_proj", out=x_out, residual=a.x_mid)
+    ops.rmsnorm(acts.x, "model.norm.weight", out=acts.hf, rstd=acts.rstd_f)
     return acts.hf
 
 

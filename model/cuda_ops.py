@@ -136,12 +136,12 @@ class Ops:
 
     def _gemm(self, spec: Gemm, what: str, a: View, b: View, c: Arg, m: int, n: int, k: int,
               bias: View | None = None, splits: int = 1, stats: View | None = None,
-              gate_up: View | None = None, act: View | None = None, rope: tuple[Arg, Arg, View] | None = None
-              ) -> None:
+              gate_up: View | None = None, act: View | None = None, rope: tuple[Arg, Arg, View] | None = None,
+              residual: View | None = None) -> None:
         """C = op(A) op(B) (+ bias) over ``splits`` parts of a ``k``-long contraction each (``gate_up``:
         a ``swiglu_grad`` spec's, C SwiGLU's backward of the product; ``act``: a ``swiglu_act``
         spec's, SwiGLU of C's halves; ``rope``: a ``rope_heads`` spec's keys, values and angles'
-        table, C its q); ``what``:
+        table, C its q; ``residual``: a ``residual`` spec's R, C = R + the product); ``what``:
         the module and pass ("model.layers.0.mlp.down_proj dW"), in the launch's label for a profile.
         A TMA-fed kernel reads A and B through tensor maps (freed with the plan; with ``tma_store`` it
         writes C through one too) and its persistent blocks fill the GPU once."""
@@ -151,6 +151,10 @@ class Ops:
         # other way round, reads back as garbage with no error
         for out in (c, *(rope[:2] if rope is not None else ())):
             assert not isinstance(out, View) or out.dtype == spec.c_dtype.value, (out.name, out.dtype, spec)
+        # R as C is laid out (f32, dense rows), and apart from it: the kernel reads R while it writes C
+        assert residual is None or (isinstance(c, View) and residual.dtype == "f32" and residual.shape == c.shape
+                                    and (residual.ptr + residual.nbytes <= c.ptr or c.ptr + c.nbytes <= residual.ptr)
+                                    ), (residual, c)
         if isinstance(spec, GemmWgmmaSpec) and spec.tma:
             operands = {"tmap_a": a, "tmap_b": b}
             a, b = (self.plan.keep(x) for x in gemm_tensor_maps(spec, a.ptr, b.ptr, m, n, k * splits))
@@ -160,6 +164,9 @@ class Ops:
             if gate_up is not None:  # read through a map of C's geometry
                 operands["tmap_gate_up"] = gate_up
                 gate_up = self.plan.keep(gemm_c_tensor_map(spec, gate_up.ptr, m, n))
+            if residual is not None and spec.tma_store:  # R too: into C's staging, through a map like C's
+                operands["tmap_residual"] = residual
+                residual = self.plan.keep(gemm_c_tensor_map(spec, residual.ptr, m, n))
             if act is not None:  # written through a map of its own
                 operands["tmap_act"] = act
                 act = self.plan.keep(gemm_c_tensor_map(spec, act.ptr, m, n, act=True))
@@ -184,6 +191,8 @@ class Ops:
             extra["act"] = act
         if rope is not None:
             extra["rope"] = rope
+        if residual is not None:
+            extra["residual"] = residual
         args = spec.arguments(a, b, c, m, n, k, bias=bias, splits=splits, **extra)
         self.plan.add(spec, dims, label=f"{spec.kind} {what} -> {_name(result)}", operands=operands,
                       **_named(spec, args))
@@ -206,22 +215,18 @@ class Ops:
         self._add(spec, spec.launch_dims(self.T), out, x=x, gamma=self.W[gamma].value, y=out, rstd=rstd,
                   n_rows=self.T)
 
-    def residual_rmsnorm(self, x: View, delta: View, gamma: str, out: View, rstd: View, x_out: View) -> None:
-        """x_out = x + delta; out = rmsnorm(x_out): a residual add and the next norm, in one kernel."""
-        spec = self.k.norm_residual
-        self._add(spec, spec.launch_dims(self.T), out, x=delta, residual=x, gamma=self.W[gamma].value, y=out,
-                  h_out=x_out, rstd=rstd, n_rows=self.T)
-
-    def linear(self, x: View, module: str, out: Arg, stats: View | None = None) -> None:
+    def linear(self, x: View, module: str, out: Arg, stats: View | None = None, residual: View | None = None
+               ) -> None:
         """out = x W^T (+ b) for the linear layer ``module`` (its HF name without ``.weight``), on
         the rows of ``x``; ``stats``: the LM head's in the loss (bf16), also each column tile's row
-        statistics, the cross-entropy's first pass."""
+        statistics, the cross-entropy's first pass; ``residual``: out = residual + x W^T, the
+        residual stream's add (the o and down projections', whose GEMMs add it: ``residual_y``)."""
         w, bias = self.W[module + ".weight"], self.W.get(module + ".bias")
         d_out, d_in = w.shape
         spec = self._linear(module).forward if stats is None else self.k.head_logits
         assert stats is None or stats.size == 2 * -(-d_out // spec.block_n) * x.shape[0], (stats.name, stats.shape)
         self._gemm(spec, f"{module} forward", x, w.operand, out, x.shape[0], d_out, d_in,
-                   bias=bias.value if bias is not None else None, stats=stats)
+                   bias=bias.value if bias is not None else None, stats=stats, residual=residual)
 
     def rope_angles(self, positions: View, out: View) -> None:
         """(cos, sin) of every angle RoPE rotates the rows at ``positions`` by, for the q/k/v GEMM's

@@ -108,7 +108,8 @@ class LinearKernels:
     @classmethod
     def of(cls, d_in: int, d_out: int, bias: bool = False, precision: Precision = Precision.FP32,
            bf16_out: bool = False, bf16_dx: bool = False, swiglu_dx: bool = False, swiglu_y: bool = False,
-           rope: dict[str, int | float] | None = None, cut_tails: bool = True) -> "LinearKernels":
+           rope: dict[str, int | float] | None = None, residual_y: bool = False, cut_tails: bool = True
+           ) -> "LinearKernels":
         """``bf16_out`` (``bf16_dx``): in bf16 precision, y (dx) is stored in bf16, rounded as a cast
         of the f32 result would (what the next kernel reads). ``swiglu_dx``: x is a SwiGLU's output
         (the down projection's), and in bf16 precision the dX GEMM's epilogue takes SwiGLU's
@@ -117,7 +118,9 @@ class LinearKernels:
         epilogue also stores silu(gate) * up (``swiglu_act``). ``rope``: y is a fused q/k/v
         projection's, and in bf16 precision the forward GEMM's epilogue stores q, k and v as the
         attention reads them, q and k rotated (gemm_wgmma's ``rope_*`` fields, given here, where
-        ``rope_in_gemm`` says so). ``cut_tails``: the bf16 GEMMs cut the
+        ``rope_in_gemm`` says so). ``residual_y``: y is added to the residual stream, and the forward
+        GEMM adds it (y = r + x W^T: ``residual``; in bf16 precision R comes into C's staging by TMA
+        and C leaves by TMA). ``cut_tails``: the bf16 GEMMs cut the
         tiles past their last full wave along K (``split_tail``), which needs them alone on the GPU;
         else a weight gradient's wave is filled by split-K."""
         if precision is Precision.BF16:
@@ -135,8 +138,10 @@ class LinearKernels:
             # H200 at 8192 x 1152 x 896 the GEMM with RoPE in its epilogue as it is took 0.050 ms,
             # against 0.050 for the f32 product + 0.035 for the RoPE kernels and v's cast reading
             # it back; with 64-column tiles (no spills with the tail cut) 0.068
-            fwd = make(trans_a=False, trans_b=True, bias=bias, bf16_out=bf16_out, tma_store=bf16_out,
+            # residual_y: R and C staged (64 KB) leave room for 5 stages
+            fwd = make(trans_a=False, trans_b=True, bias=bias, bf16_out=bf16_out, tma_store=bf16_out or residual_y,
                        **(dict(swiglu_act=True, stages=5) if swiglu_y else {}),
+                       **(dict(residual=True, stages=5) if residual_y else {}),
                        **(dict(split_tail=False, **rope) if rope else {}))
             # swiglu_dx: on the H200 the 8192-token step's SwiGLU backward took 2.81 ms reading the
             # f32 dx the down projection's dX had written (3.19 ms). Its gate and up staged beside
@@ -149,7 +154,7 @@ class LinearKernels:
         else:
             make = functools.partial(GemmSpec, vec=widest_vec(d_in, d_out))
             tile = lambda width: {} if width >= WIDE_OUTPUT else SMALL_TILE  # noqa: E731
-            fwd = make(trans_a=False, trans_b=True, bias=bias, **tile(d_out))
+            fwd = make(trans_a=False, trans_b=True, bias=bias, residual=residual_y, **tile(d_out))
             dx = make(trans_a=False, trans_b=False, **tile(d_in))
             dw = make(trans_a=True, trans_b=False, **tile(min(d_in, d_out)))
         return cls(fwd, dx, dw)
@@ -172,8 +177,7 @@ LINEAR_KINDS = {"qkv_proj": "qkv", "o_proj": "o", "gate_up_proj": "gate_up", "do
 class ModelKernels:
     embed: EmbeddingSpec
     embed_bwd: EmbeddingBackwardSpec
-    norm: RMSNormSpec            # the first layer's input norm
-    norm_residual: RMSNormSpec   # h = x + residual, normalized: every later norm
+    norm: RMSNormSpec            # every norm (the residual adds are the o and down projections' GEMMs')
     norm_bwd: RMSNormBackwardSpec           # the final norm's backward
     norm_bwd_residual: RMSNormBackwardSpec  # the layers' norms: dx adds the residual stream's gradient
     qkv: LinearKernels  # q, k and v as one GEMM ([q; k; v] weights and biases)
@@ -255,7 +259,7 @@ class ModelKernels:
         stats_block = WGMMA_TILE["block_n"] if bf16 else 0
         return cls(
             embed=EmbeddingSpec(dim=h), embed_bwd=EmbeddingBackwardSpec(dim=h, accumulate=c.tie_word_embeddings),
-            norm=norm, norm_residual=dataclasses.replace(norm, residual=True),
+            norm=norm,
             # bf16: the norms' backward also writes dx in bf16, the next GEMMs' operand. 8 rows a
             # block: on the H200 at 8192 x 896 (bf16 copy) 40.5 us with the residual, 34.7 without,
             # against 47.7 and 37.9 with 16 (fewer rows a block hide less latency, more add partials)
@@ -265,8 +269,11 @@ class ModelKernels:
             qkv=linear(h, q_dim + 2 * kv_dim, bias=c.qkv_bias, rope=qkv_rope),
             # gate and up as one GEMM ([gate; up] weights); bf16: stored in bf16, as SwiGLU's backward reads them
             # bf16: the attention output's gradient stored in bf16, as the attention backward reads it
-            o=linear(q_dim, h, bf16_dx=True), gate_up=linear(h, 2 * c.intermediate_size, bf16_out=True, swiglu_y=True),
-            down=linear(c.intermediate_size, h, swiglu_dx=True), head=head,
+            # the o and down projections add the residual stream to their output themselves (the
+            # norm after each reads the sum only)
+            o=linear(q_dim, h, bf16_dx=True, residual_y=True),
+            gate_up=linear(h, 2 * c.intermediate_size, bf16_out=True, swiglu_y=True),
+            down=linear(c.intermediate_size, h, swiglu_dx=True, residual_y=True), head=head,
             head_logits=dataclasses.replace(head.forward, row_stats=True, bf16_out=True, tma_store=True)
             if stats_block else None,
             # bf16 where the q/k/v GEMM does not apply RoPE (``rope_in_gemm``): RoPE writes the
@@ -345,7 +352,8 @@ class ModelKernels:
                     spec.arguments(0, 0, 0, m, n, k, bias=0 if spec.bias else None,
                                    **({"gate_up": 0} if spec.swiglu_grad else {}),
                                    **({"act": 0} if spec.swiglu_act else {}),
-                                   **({"rope": (0, 0, 0)} if spec.rope_heads else {}))
+                                   **({"rope": (0, 0, 0)} if spec.rope_heads else {}),
+                                   **({"residual": 1 << 40} if spec.residual else {}))  # (apart from c = 0)
             except ValueError as e:
                 raise ValueError(f"{name}, {d_in} -> {d_out}: {e}") from None
         for spec in (self.swiglu, self.swiglu_bwd):

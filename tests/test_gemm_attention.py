@@ -23,6 +23,30 @@ def test_gemm_refuses_shapes_its_vectors_cannot_serve():
     assert GemmSpec(vec=1).arguments(1, 2, 3, 1, 5, 7)[:9] == (1, 2, 3, 1, 5, 7, 7, 7, 5)
 
 
+def test_a_residual_is_added_to_one_f32_product_apart_from_c():
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    pingpong = dict(tma=True, pingpong=True, block_n=128, stages=5)
+    for bad in (lambda: GemmSpec(residual=True, accumulate=True),
+                lambda: GemmWgmmaSpec(**pingpong, residual=True, accumulate=True),
+                lambda: GemmWgmmaSpec(**pingpong, residual=True, tma_store=True, bf16_out=True),
+                lambda: GemmWgmmaSpec(**pingpong, residual=True, row_stats=True)):
+        with pytest.raises(SpecError):
+            bad()
+    spec = GemmSpec(residual=True)
+    with pytest.raises(ValueError, match="needs a residual"):
+        spec.arguments(0, 0, 1 << 20, 8, 8, 8)
+    with pytest.raises(ValueError, match="takes no residual"):
+        GemmSpec().arguments(0, 0, 1 << 20, 8, 8, 8, residual=1 << 30)
+    with pytest.raises(ValueError, match="one product"):
+        spec.arguments(0, 0, 1 << 20, 8, 8, 8, residual=1 << 30, splits=2)
+    with pytest.raises(ValueError, match="overlaps C"):
+        spec.arguments(0, 0, 1 << 20, 8, 8, 8, residual=(1 << 20) + 128)
+    assert spec.arguments(0, 0, 1 << 20, 8, 8, 8, residual=1 << 30)[3] == 1 << 30  # after a, b, c
+    staged = GemmWgmmaSpec(**pingpong, residual=True, tma_store=True)
+    assert [p for p, _ in staged.params()][:4] == ["tmap_a", "tmap_b", "tmap_c", "tmap_residual"]
+    assert "residual" in [p for p, _ in GemmWgmmaSpec(**pingpong, residual=True).params()]
+
+
 def test_gemm_tiles_must_split_into_thread_vectors():
     with pytest.raises(SpecError, match="does not split"):
         GemmSpec(block_m=64, block_n=64, thread_m=4, thread_n=4)

@@ -36,20 +36,20 @@ def assert_close(actual, ref, rel=1e-4):
     assert err <= rel * max(1.0, np.abs(ref).max()), f"max error {err:.3g} vs max |ref| {np.abs(ref).max():.3g}"
 
 
-def run_gemm(cache, spec, a, b, m, n, k, bias=None, c=None, batch=None, c_shape=None):
+def run_gemm(cache, spec, a, b, m, n, k, bias=None, c=None, batch=None, c_shape=None, residual=None):
     """Upload, launch with spec.arguments, download C."""
     arrays = [DeviceArray.from_numpy(np.ascontiguousarray(x)) for x in
               (a, b, c if c is not None else poison(c_shape or (m, n)))]
-    bias_dev = DeviceArray.from_numpy(bias) if bias is not None else None
+    bias_dev, r_dev = (DeviceArray.from_numpy(x) if x is not None else None for x in (bias, residual))
     try:
         args = spec.arguments(*(x.ptr for x in arrays), m, n, k, bias=bias_dev.ptr if bias_dev else None,
-                              batch=batch)
+                              batch=batch, residual=r_dev.ptr if r_dev else None)
         grid, block = spec.launch_dims(m, n, batch.count if batch else 1)
         cache.get(spec)(grid, block, *args)
         synchronize()
         return arrays[2].to_numpy()
     finally:
-        for x in arrays + ([bias_dev] if bias_dev else []):
+        for x in arrays + [x for x in (bias_dev, r_dev) if x is not None]:
             x.free()
 
 
@@ -78,6 +78,17 @@ def test_gemm_fused_bias(cache):
     x, w, bias = f32(m, k), f32(n, k), f32(n)
     out = run_gemm(cache, GemmSpec(bias=True), x, w, m, n, k, bias=bias)
     assert_close(out, gemm_reference(x, w, False, True, bias=bias))
+
+
+def test_gemm_adds_a_residual_to_its_product(cache):
+    """C = R + x W^T (+ bias): bit for bit R plus what the plain GEMM stores (the model's residual
+    stream add, made by the o and down projections)."""
+    m, n, k = 77, 132, 40
+    x, w, bias, r = f32(m, k), f32(n, k), f32(n), f32(m, n)
+    plain = run_gemm(cache, GemmSpec(bias=True), x, w, m, n, k, bias=bias)
+    out = run_gemm(cache, GemmSpec(bias=True, residual=True), x, w, m, n, k, bias=bias, residual=r)
+    np.testing.assert_array_equal(out, plain + r)
+    assert_close(out, gemm_reference(x, w, False, True, bias=bias, c=r))
 
 
 def test_gemm_accumulates_into_the_output(cache):

@@ -3,6 +3,8 @@
 Tolerance: products of 16-bit inputs are exact in fp32, the sums are fp32 (mma accumulates in f32):
 within 1e-4 of the largest reference magnitude (at least 1e-4 absolute).
 """
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -180,14 +182,15 @@ def tma_operands(spec, m, n, k, splits=1):
 
 
 def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None, tail_parts=None, gate_up=None,
-            angles=None):
+            angles=None, residual=None):
     """A tma-fed wgmma GEMM (``spec``'s layout, bias, accumulate and C type) on random operands
     (or ``operands``) through the tensor maps of ``gemm_tensor_maps``, beside its float64
     reference; ``splits`` parts of ``k`` each give consecutive partial C matrices; ``resident``
     caps the persistent blocks. A bf16 C comes back as its bits. A ``split_tail`` spec cuts its
     tail tiles into ``tail_parts`` (default: as ``tail_parts`` picks) through a fresh workspace,
     whose flags must all be down again after the launch. A RoPE epilogue's (``rope_heads``, by
-    the table ``angles``) C comes back as (q, k, v), each's bits."""
+    the table ``angles``) C comes back as (q, k, v), each's bits. A ``residual`` spec adds
+    ``residual`` (f32 [m, n]) to its product."""
     from runtime.tensormap import gemm_tensor_maps
     dtype = spec.dtype
     a, b, bias = operands or tma_operands(spec, m, n, k, splits)
@@ -213,12 +216,15 @@ def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None, tail_p
     rope = [DeviceArray.from_numpy(np.full((m, w), 0xFFFF, np.uint16), "bf16") for w in widths[1:]] + \
         [DeviceArray.from_numpy(angles)] if spec.rope_heads else []
     extra += rope
+    r_dev = DeviceArray.from_numpy(np.asarray(residual, np.float32)) if spec.residual else None
+    extra += [r_dev] if r_dev is not None else []
     maps = gemm_tensor_maps(spec, arrays[0].ptr, arrays[1].ptr, m, n, k * splits)
     if spec.tma_store:  # C is stored through its own tensor map (gate_up read, act stored through ones like it)
         from runtime.tensormap import gemm_c_tensor_map
         maps = (*maps, gemm_c_tensor_map(spec, arrays[2].ptr, m, n, splits=splits))
         maps += (gemm_c_tensor_map(spec, gate_up_dev.ptr, m, n),) if gate_up_dev is not None else ()
         maps += (gemm_c_tensor_map(spec, act.ptr, m, n, act=True),) if act is not None else ()
+        maps += (gemm_c_tensor_map(spec, r_dev.ptr, m, n),) if r_dev is not None else ()
     if spec.split_tail and resident is None:  # every block resident, as the model launches it
         resident = cache.get(spec).resident_blocks(spec.threads)
     dims = spec.launch_dims(m, n, splits, resident=resident)
@@ -239,7 +245,9 @@ def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None, tail_p
                                         **({"stats": stats.ptr} if stats is not None else {}),
                                         **({"gate_up": maps[3].ptr} if gate_up_dev is not None else {}),
                                         **({"act": maps[3].ptr} if act is not None else {}),
-                                        **({"rope": tuple(x.ptr for x in rope)} if rope else {}), **cut))
+                                        **({"rope": tuple(x.ptr for x in rope)} if rope else {}),
+                                        **({"residual": (maps[3] if spec.tma_store else r_dev).ptr}
+                                           if r_dev is not None else {}), **cut))
         synchronize()
         out = arrays[2].to_numpy()
         if spec.split_tail:
@@ -255,7 +263,8 @@ def run_tma(cache, spec, m, n, k, splits=1, resident=None, operands=None, tail_p
             x.free()
     part = lambda x, z, k_axis: np.take(x, range(z * k, (z + 1) * k), axis=k_axis)  # noqa: E731
     ref = np.stack([gemm_reference(part(a64, z, 0 if spec.trans_a else 1), part(b64, z, 1 if spec.trans_b else 0),
-                                   spec.trans_a, spec.trans_b, bias=bias, c=old[z] if spec.accumulate else None)
+                                   spec.trans_a, spec.trans_b, bias=bias,
+                                   c=old[z] if spec.accumulate else residual if spec.residual else None)
                     for z in range(splits)])
     return out, ref
 
@@ -416,6 +425,30 @@ def test_tma_store_writes_c_bit_for_bit_as_the_threads_do(cache, fields, shape, 
     if not plain_spec.bf16_out:
         assert_close(plain, ref)
     np.testing.assert_array_equal(staged, plain)
+
+
+@pytest.mark.parametrize("fields, shape, resident, tail_parts", [
+    (dict(tma_store=True, stages=5), (1000, 896, 896), 7, None),  # the o projection's: R staged, many tiles a block
+    (dict(tma_store=True, stages=5, split_tail=True), (1000, 520, 1000), 7, 2),  # a cut tail: parts summed, then R
+    (dict(tma_store=True, stages=5, split_tail=True), (1000, 520, 1000), 12, 4),
+    (dict(tma_store=True, block_n=64, bias=True), (300, 200, 136), 5, None),  # ragged, one slot a tile, bias then R
+    (dict(bias=True), (300, 200, 136), 5, None)])  # R read by the threads that store C
+def test_residual_adds_r_to_what_the_plain_gemm_stores(cache, fields, shape, resident, tail_parts):
+    """``residual`` (the o and down projections' forward: the residual stream's add): C = R + the
+    product, bit for bit R plus the f32 C the plain kernel stores (the f32 add the separate norm
+    kernel made), every element written."""
+    from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
+    base = dict(tma=True, pingpong=True, block_n=128, stages=6)
+    spec = GemmWgmmaSpec(**{**base, **fields, "residual": True})
+    plain_spec = dataclasses.replace(spec, residual=False, tma_store=False)
+    m, n, k = shape
+    operands = tma_operands(spec, m, n, k)
+    r = rng.standard_normal((m, n)).astype(np.float32)
+    plain, _ = run_tma(cache, plain_spec, m, n, k, resident=resident, operands=operands, tail_parts=tail_parts)
+    fused, ref = run_tma(cache, spec, m, n, k, resident=resident, operands=operands, tail_parts=tail_parts,
+                         residual=r)
+    assert_close(fused, ref)
+    np.testing.assert_array_equal(fused, plain + r)
 
 
 @pytest.mark.parametrize("fields", [

@@ -104,14 +104,21 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert all(isinstance(s, GemmSpec) for s in gemms(fp32)) and fp32.to_bf16 is None
     # every bf16 GEMM, all three layouts, on the TMA-fed warpgroup MMA kernel
     assert all(isinstance(s, GemmWgmmaSpec) and s.tma for s in gemms(bf16))
-    # forward (with bias, without, bf16 out, the loss's LM head), dX (f32, bf16: o_proj's, the
-    # attention backward's operand, and down's, which stores SwiGLU's backward of it), dW
-    assert len(gemms(bf16)) == 8 and bf16.o.grad_input.bf16_out and not bf16.gate_up.grad_input.bf16_out
+    # forward (with bias, without, adding the residual stream, bf16 out, the loss's LM head), dX
+    # (f32, bf16: o_proj's, the attention backward's operand, and down's, which stores SwiGLU's
+    # backward of it), dW
+    assert len(gemms(bf16)) == 9 and bf16.o.grad_input.bf16_out and not bf16.gate_up.grad_input.bf16_out
     assert bf16.down.grad_input.swiglu_grad and bf16.swiglu_bwd is None and fp32.swiglu_bwd is not None
     assert [s for s in gemms(bf16) if s.swiglu_grad] == [bf16.down.grad_input]
     # a bf16 C (gate/up's forward, o_proj's dX, the loss's logits) leaves through shared memory by
-    # TMA; an f32 C by the threads (and q, k, v by the RoPE epilogue's)
-    assert all(s.tma_store == (s.bf16_out or s.swiglu_grad) for s in gemms(bf16)) and bf16.gate_up.forward.tma_store
+    # TMA, and so does the residual stream's sum, R brought into the staging by TMA first; another
+    # f32 C by the threads (and q, k, v by the RoPE epilogue's)
+    assert all(s.tma_store == (s.bf16_out or s.swiglu_grad or s.residual) for s in gemms(bf16))
+    assert bf16.gate_up.forward.tma_store
+    # the o and down projections add the residual stream in their forward GEMM, in both precisions
+    for kernels in (fp32, bf16):
+        assert kernels.o.forward.residual and kernels.down.forward.residual
+        assert not (kernels.qkv.forward.residual or kernels.gate_up.forward.residual or kernels.head.forward.residual)
     # the loss's LM head stores its logits in bf16 and makes the cross-entropy's row statistics of them
     assert bf16.head_logits == dataclasses.replace(bf16.head.forward, row_stats=True, bf16_out=True, tma_store=True)
     assert fp32.head_logits is None and bf16.cross_entropy.dtype is DType.BF16 and fp32.cross_entropy.dtype is DType.F32
@@ -123,10 +130,10 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert bf16.to_bf16 == CastSpec() and CastSpec() in bf16.specs() and CastSpec() not in fp32.specs()
     assert bf16.qkv.forward.bias and not bf16.o.forward.bias
     # one tile everywhere, the fastest at every layer shape on the H200: 128 x 128, 6 stages, pingpong
-    # (5 where the SwiGLU's staged operands take the shared memory of one)
-    swiglu = {bf16.down.grad_input, bf16.gate_up.forward}
-    assert {(s.block_n, s.stages, s.pingpong) for s in gemms(bf16) if s not in swiglu} == {(128, 6, True)}
-    assert {(s.block_n, s.stages, s.pingpong) for s in swiglu} == {(128, 5, True)}
+    # (5 where the SwiGLU's or the residual's staged operands take the shared memory of one)
+    staged = {bf16.down.grad_input, bf16.gate_up.forward, bf16.o.forward}
+    assert {(s.block_n, s.stages, s.pingpong) for s in gemms(bf16) if s not in staged} == {(128, 6, True)}
+    assert {(s.block_n, s.stages, s.pingpong) for s in staged} == {(128, 5, True)}
     assert bf16.gate_up.forward.swiglu_act and bf16.swiglu is None and fp32.swiglu is not None
     assert isinstance(bf16.attention, AttentionWgmmaSpec)  # forward and backward on wgmma
     assert isinstance(bf16.attention_bwd_q, AttentionWgmmaBackwardQSpec)
@@ -142,7 +149,7 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     # everything else is the same kernel in both precisions
     assert fp32.swiglu.out_dtype is DType.F32
     assert bf16.cross_entropy.grad_dtype is DType.BF16 and fp32.cross_entropy.grad_dtype is DType.F32
-    assert bf16.norm.bf16_out and bf16.norm_residual.bf16_out and not fp32.norm.bf16_out  # q/k/v, MLP, head inputs
+    assert bf16.norm.bf16_out and not fp32.norm.bf16_out  # q/k/v, MLP, head inputs
     assert fp32.rope_q is not None and not fp32.rope_q.bf16_out and not fp32.rope_q_bwd.bf16_out
     # ... and the attention backward writes the projection's gradient rows, rotated back (qkv_rows)
     assert bf16.rope_q_bwd is bf16.rope_k_bwd is bf16.dv_copy is None

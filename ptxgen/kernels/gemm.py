@@ -107,34 +107,44 @@ def bias_at(b: KernelBuilder, bias_ptr: Reg, col: Reg, ok: Reg, width: int) -> l
 class Epilogue:
     """Writes accumulators into C (f32, or ``out`` bf16: rounded to nearest even as stored) with
     ``ldc`` columns per row: + bias[col] when the spec has one (loaded once per column chunk), + the
-    old C when it accumulates; rows >= m and columns >= n are not written. Shared by the SIMT and
-    the tensor-core GEMMs."""
+    old C when it accumulates, + R[row, col] when it adds a ``residual`` (an f32 matrix of C's
+    geometry); rows >= m and columns >= n are not written. Shared by the SIMT and the tensor-core
+    GEMMs."""
 
     def __init__(self, b: KernelBuilder, c_ptr: Reg, m: Reg, n: Reg, bias: bool, accumulate: bool,
-                 out: DType = DType.F32):
+                 out: DType = DType.F32, residual: bool = False):
         self.b, self.c_ptr, self.m, self.n, self.accumulate, self.out = b, c_ptr, m, n, accumulate, out
         self.shift = out.size.bit_length() - 1  # log2 of C's element bytes
         self.ldc = b.ld_param("ldc")
         self.bias_ptr = b.cvta_global(b.ld_param("bias")) if bias else None
+        self.residual_ptr = b.cvta_global(b.ld_param("residual")) if residual else None
 
     def column(self, col: Reg, width: int) -> tuple[Reg, Reg, list[Reg] | None, int]:
         """A chunk of ``width`` columns from ``col`` (never straddling n): (col, in range, bias, width)."""
         ok = self.b.setp("lt", col, self.n)
         return col, ok, bias_at(self.b, self.bias_ptr, col, ok, width) if self.bias_ptr is not None else None, width
 
-    def row(self, row: Reg) -> tuple[Reg, Reg]:
+    def row(self, row: Reg) -> tuple[Reg, Reg, Reg | None]:
+        """(in range, C's row, R's row or None)."""
         b = self.b
-        return b.setp("lt", row, self.m), b.add(self.c_ptr, b.shl(b.mul_wide(row, self.ldc), self.shift))
+        ok, elems = b.setp("lt", row, self.m), b.mul_wide(row, self.ldc)
+        c_row = b.add(self.c_ptr, b.shl(elems, self.shift))
+        return ok, c_row, b.add(self.residual_ptr, b.shl(elems, 2)) if self.residual_ptr is not None else None
 
-    def store(self, row: tuple[Reg, Reg], column: tuple[Reg, Reg, list[Reg] | None, int], vals: list[Reg]) -> None:
+    def store(self, row: tuple[Reg, Reg, Reg | None], column: tuple[Reg, Reg, list[Reg] | None, int],
+              vals: list[Reg]) -> None:
         b = self.b
-        (row_ok, row_ptr), (col, ok, bias, width) = row, column
+        (row_ok, row_ptr, r_row), (col, ok, bias, width) = row, column
         if bias is not None:
             vals = [b.add(v, x) for v, x in zip(vals, bias)]
         guard = b.and_(row_ok, ok)
-        addr = Addr(b.add(row_ptr, b.shl(b.cvt(T.U64, col), self.shift)))
+        col64 = b.cvt(T.U64, col)
+        addr = Addr(b.add(row_ptr, b.shl(col64, self.shift)))
         if self.accumulate:
             vals = [b.add(v, o) for v, o in zip(vals, load_f32(b, self.out, addr, width, guard=guard))]
+        if r_row is not None:  # (.nc: R is apart from C, so its loads need not wait behind the stores before)
+            at = Addr(b.add(r_row, b.shl(col64, 2)))
+            vals = [b.add(v, r) for v, r in zip(vals, load_f32(b, DType.F32, at, width, guard=guard, nc=True))]
         store_f32(b, self.out, addr, vals, guard=guard)
 
 
@@ -162,16 +172,40 @@ class Batch:
 
 
 def leading_dims(spec: Any, m: int, n: int, k: int, lda: int | None, ldb: int | None, ldc: int | None,
-                 bias: int | None) -> tuple[int, int, int]:
+                 bias: int | None, residual: int | None = None) -> tuple[int, int, int]:
     """(lda, ldb, ldc), dense by default, after the checks every GEMM's arguments share: M, N, K
-    positive, and a bias pointer exactly when the spec adds a bias."""
+    positive, a bias pointer exactly when the spec adds a bias, a residual exactly when it adds one."""
     if min(m, n, k) < 1:
         raise ValueError(f"{spec.kind}: M, N, K must be >= 1, got {m}, {n}, {k}")
     if (bias is not None) != spec.bias:
-        raise ValueError(f"{spec.kind}: this spec {'needs' if spec.bias else 'has no'} a bias")
+        raise ValueError(f"{spec.kind}: this spec {'needs a' if spec.bias else 'takes no'} bias")
+    if (residual is not None) != spec.residual:
+        raise ValueError(f"{spec.kind}: this spec {'needs a' if spec.residual else 'takes no'} residual")
     return (lda if lda is not None else (m if spec.trans_a else k),
             ldb if ldb is not None else (k if spec.trans_b else n),
             ldc if ldc is not None else n)
+
+
+def check_residual(spec: Any) -> None:
+    """A GEMM adds a residual to its own product: not to an accumulated C (whose old value is
+    already its addend)."""
+    if spec.residual and spec.accumulate:
+        raise SpecError(f"{spec.kind}: residual and accumulate exclude each other (C = R + A@B, or C += A@B)")
+
+
+def residual_arguments(spec: Any, c: int, residual: int | None, m: int, ldc: int, splits: int,
+                       batch: "Batch | None") -> None:
+    """A ``residual`` spec's R: one [m, ldc] f32 matrix beside one product (no split-K parts or
+    batches), apart from C (a C that is R is ``accumulate``'s). Checked here where both are
+    addresses; with ``tma_store`` they are tensor maps, and a plan's are views bound at launch:
+    their caller keeps them apart."""
+    if residual is None:
+        return
+    if splits != 1 or batch is not None:
+        raise ValueError(f"{spec.kind}: a residual is added to one product: no split-K parts or batches")
+    addresses = isinstance(residual, int) and isinstance(c, int) and not getattr(spec, "tma_store", False)
+    if addresses and abs(residual - c) < m * ldc * spec.c_dtype.size:
+        raise ValueError(f"{spec.kind}: the residual overlaps C (C = R + A@B in place is accumulate's)")
 
 
 def split_batch(spec: Any, m: int, k: int, lda: int, ldb: int, ldc: int, splits: int, batch: Batch | None) -> Batch:
@@ -228,6 +262,7 @@ class GemmSpec(KernelSpec):
     trans_b: bool = True
     bias: bool = False        # C += bias[n] (broadcast over rows)
     accumulate: bool = False  # C = C_old + A@B: gradient accumulation
+    residual: bool = False    # C = R + A@B, R an f32 matrix of C's geometry apart from C: a residual stream's add
     block_m: int = 128
     block_n: int = 128
     block_k: int = 8
@@ -268,12 +303,13 @@ class GemmSpec(KernelSpec):
             if (outer * self.block_k) % (self.vec * self.threads) or self.block_k % self.vec or outer % self.vec:
                 raise SpecError(f"a {outer}x{self.block_k} slice does not split into {self.threads} "
                                 f"threads' vectors of {self.vec}")
+        check_residual(self)
         smem = 2 * self.block_k * (self.block_m + self.block_n + 2 * PAD) * 4
         if smem > 48 * 1024:
             raise SpecError(f"tiles need {smem} bytes of shared memory (max 49152)")
 
     def params(self) -> tuple[tuple[str, T], ...]:
-        ptrs = ("a", "b", "c") + (("bias",) if self.bias else ())
+        ptrs = ("a", "b", "c") + (("bias",) if self.bias else ()) + (("residual",) if self.residual else ())
         dims = ("m", "n", "k", "lda", "ldb", "ldc") + BATCH_PARAMS
         return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
 
@@ -292,15 +328,17 @@ class GemmSpec(KernelSpec):
 
     def arguments(self, a: int, b: int, c: int, m: int, n: int, k: int, *, bias: int | None = None,
                   lda: int | None = None, ldb: int | None = None, ldc: int | None = None,
-                  batch: "Batch | None" = None, splits: int = 1) -> tuple[int, ...]:
+                  batch: "Batch | None" = None, splits: int = 1, residual: int | None = None) -> tuple[int, ...]:
         """The kernel's arguments in order (pointers as ints), after refusing what it cannot serve.
 
         Leading dimensions default to the dense ones. Every contiguous extent, leading dimension
         and batch stride must be a multiple of ``vec`` (else a vector access would straddle rows
         or be misaligned): a ValueError before the launch, never a wrong answer. ``splits``:
-        split-K (``split_batch``), launched as that many batches.
+        split-K (``split_batch``), launched as that many batches. ``residual``: a ``residual``
+        spec's R (``residual_arguments``).
         """
-        lda, ldb, ldc = leading_dims(self, m, n, k, lda, ldb, ldc, bias)
+        lda, ldb, ldc = leading_dims(self, m, n, k, lda, ldb, ldc, bias, residual)
+        residual_arguments(self, c, residual, m, ldc, splits, batch)
         batch = split_batch(self, m, k, lda, ldb, ldc, splits, batch)
         contiguous = {"M (A transposed)": m if self.trans_a else None,
                       "K": k if not self.trans_a or self.trans_b else None,
@@ -309,7 +347,7 @@ class GemmSpec(KernelSpec):
         for name, value in contiguous.items():
             if value is not None and value % self.vec:
                 raise ValueError(f"gemm_f32 with vec={self.vec}: {name}={value} is not a multiple of {self.vec}")
-        ptrs = (a, b, c) + ((bias,) if self.bias else ())
+        ptrs = (a, b, c) + ((bias,) if self.bias else ()) + ((residual,) if residual is not None else ())
         return (*ptrs, m, n, k, lda, ldb, ldc, batch.inner, *batch.strides())
 
     def build(self, b: KernelBuilder) -> None:
@@ -363,7 +401,7 @@ class GemmSpec(KernelSpec):
 
     def _epilogue(self, b: KernelBuilder, acc: list[list[Reg]], c_ptr: Reg, m: Reg, n: Reg,
                   row0: Reg, col0: Reg, tx: Reg, ty: Reg) -> None:
-        out = Epilogue(b, c_ptr, m, n, self.bias, self.accumulate)
+        out = Epilogue(b, c_ptr, m, n, self.bias, self.accumulate, residual=self.residual)
         chunks = []  # (first accumulator column, column) per vec-wide chunk of this thread's columns
         for g in range(self.thread_n // 4):
             for c in range(0, 4, self.vec):
@@ -378,7 +416,7 @@ class GemmSpec(KernelSpec):
     @classmethod
     def examples(cls) -> list["GemmSpec"]:
         return [cls(), cls(trans_a=False, trans_b=False), cls(trans_a=True, trans_b=False, accumulate=True),
-                cls(bias=True), cls(block_m=64, block_n=64, thread_m=4, thread_n=4, vec=1),
+                cls(bias=True), cls(block_m=64, block_n=64, thread_m=4, thread_n=4, vec=1), cls(residual=True),
                 cls(trans_a=True, trans_b=True, block_m=32, block_n=64, thread_m=4, thread_n=4, vec=2)]
 
 

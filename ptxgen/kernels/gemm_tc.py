@@ -23,7 +23,8 @@ from ..registry import register
 from ..spec import KernelSpec, SpecError
 from ..vecio import DType
 from .common import MAX_LOOP_BOUND, check_at_most, check_positive
-from .gemm import BATCH_PARAMS, Batch, Epilogue, batch_matrices, leading_dims, split_batch, tile_origin
+from .gemm import (BATCH_PARAMS, Batch, Epilogue, batch_matrices, leading_dims, residual_arguments, split_batch,
+                   tile_origin)
 from .mma_tile import ELEMS, SharedTile
 from .ring import Pointer, Ring
 
@@ -172,9 +173,11 @@ class TensorCoreGemm:
     def staging_bytes(self) -> int:
         """Shared memory the consumers stage C in before a TMA store (``tma_store``): a 64-row
         half tile each of the two warpgroups; with ``swiglu_grad`` its gate and up (then dgate and
-        dup), and the mbarriers of its slots after both; with ``swiglu_act`` also act."""
-        if self.swiglu_grad:  # an mbarrier each 64-column slot
-            return 2 * (2 * 64 * self.block_n * self.c_dtype.size + self.block_n // 64 * MBARRIER_BYTES)
+        dup), with ``residual`` its R (then C), and the mbarriers of its slots after both; with
+        ``swiglu_act`` also act."""
+        if self.swiglu_grad or (self.residual and self.tma_store):  # an mbarrier each 64-column slot
+            loaded = 2 if self.swiglu_grad else 1  # C's values a column: gate and up, or R
+            return 2 * (loaded * 64 * self.block_n * self.c_dtype.size + self.block_n // 64 * MBARRIER_BYTES)
         if self.swiglu_act:  # and each warpgroup's act, [64 rows][block_n / 2] bf16
             return 2 * 64 * self.block_n * (self.c_dtype.size + DType.BF16.size // 2)
         return 2 * 64 * self.block_n * self.c_dtype.size if self.tma_store else 0
@@ -187,12 +190,13 @@ class TensorCoreGemm:
     def params(self) -> tuple[tuple[str, T], ...]:
         if self.tma:
             ptrs = ("tmap_a", "tmap_b", self.c_param) + (("bias",) if self.bias else ()) + \
+                ((self.residual_param,) if self.residual else ()) + \
                 (("stats",) if self.row_stats else ()) + (("tmap_gate_up",) if self.swiglu_grad else ()) + \
                 (("tmap_act",) if self.swiglu_act else ()) + (("keys", "values", "rope_table") if self.rope_heads else ())
             ptrs += ("partials", "flags") if self.split_tail else ()
             dims = ("m", "n", "k", "ldc", "splits") + (("tail_parts",) if self.split_tail else ())
             return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
-        ptrs = ("a", "b", "c") + (("bias",) if self.bias else ())
+        ptrs = ("a", "b", "c") + (("bias",) if self.bias else ()) + (("residual",) if self.residual else ())
         dims = ("m", "n", "k", "lda", "ldb", "ldc") + BATCH_PARAMS
         return tuple((p, T.U64) for p in ptrs) + tuple((d, T.U32) for d in dims)
 
@@ -209,6 +213,12 @@ class TensorCoreGemm:
         named apart, so a raw C pointer bound by name is refused when the plan is built); ``q``
         where a RoPE epilogue stores q, k and v (``rope_heads``); else ``c``."""
         return "tmap_c" if self.tma_store else "q" if self.rope_heads else "c"
+
+    @property
+    def residual_param(self) -> str:
+        """A ``residual`` spec's R: ``tmap_residual``, its tensor map (of C's geometry), where C leaves
+        by TMA (R comes into C's staging the same way); else ``residual``."""
+        return "tmap_residual" if self.tma_store else "residual"
 
     def tiles(self, m: int, n: int) -> int:
         """C's block_m x block_n tiles."""
@@ -270,7 +280,7 @@ class TensorCoreGemm:
                   batch: Batch | None = None, splits: int = 1, stats: int | None = None,
                   partials: int | None = None, flags: int | None = None, tail_parts: int = 1,
                   blocks: int | None = None, gate_up: int | None = None, act: int | None = None,
-                  rope: tuple[int, int, int] | None = None) -> tuple[int, ...]:
+                  rope: tuple[int, int, int] | None = None, residual: int | None = None) -> tuple[int, ...]:
         """The kernel's arguments in order, after refusing shapes its 16-byte copies cannot serve:
         each operand's contiguous extent, leading dimension and batch strides a multiple of 16
         bytes (8 16-bit or 4 tf32 elements); N, ldc and C's batch strides even. Batches are the
@@ -293,7 +303,8 @@ class TensorCoreGemm:
         ``rope``: a ``rope_heads`` spec's (and only such a spec's) (keys, values, rope_table): ``c``
         is q, [m][rope_heads x rope_head_dim] bf16, k and v [m][rope_kv_heads x rope_head_dim]
         bf16, rope_table [m][rope_head_dim / 2] (cos, sin) f32 pairs (``rope.RopeTableSpec``'s);
-        n is the three widths' sum."""
+        n is the three widths' sum. ``residual``: a ``residual`` spec's R (``residual_arguments``;
+        with ``tma_store`` its tensor map, ``gemm_c_tensor_map``'s)."""
         name = self.kind
         if (rope is not None) != bool(self.rope_heads):
             raise ValueError(f"{name}: rope {'needs' if rope is not None else 'is required by'} rope_heads")
@@ -335,7 +346,8 @@ class TensorCoreGemm:
             raise ValueError(f"{name}: row statistics are of whole products; no split-K")
         if self.tma and (batch is not None or lda is not None or ldb is not None):
             raise ValueError(f"{name} with tma: the tensor maps carry the operands' layout; no batch, lda, ldb")
-        lda, ldb, ldc = leading_dims(self, m, n, k, lda, ldb, ldc, bias)
+        lda, ldb, ldc = leading_dims(self, m, n, k, lda, ldb, ldc, bias, residual)
+        residual_arguments(self, c, residual, m, ldc, splits, batch)
         if splits > 1 and self.c_dtype is not DType.F32:
             raise ValueError(f"{name}: split-K partial sums are f32; this spec stores C in {self.c_dtype.value}")
         if splits > 1 and k % self.split_k_multiple():
@@ -355,7 +367,8 @@ class TensorCoreGemm:
         if self.tma_store and (ldc * self.c_dtype.size) % 16:
             raise ValueError(f"{name}: a TMA store's C rows must be 16-byte aligned: ldc={ldc} x {self.c_dtype.size} "
                              "bytes")
-        ptrs = (a, b, c) + ((bias,) if self.bias else ()) + ((stats,) if stats is not None else ()) + \
+        ptrs = (a, b, c) + ((bias,) if self.bias else ()) + ((residual,) if residual is not None else ()) + \
+            ((stats,) if stats is not None else ()) + \
             ((gate_up,) if gate_up is not None else ()) + ((act,) if act is not None else ()) + \
             (tuple(rope) if rope is not None else ())
         if self.tma:
@@ -382,7 +395,7 @@ def store_accumulators(b: KernelBuilder, spec: "GemmTCSpec", acc, c_ptr: Reg, m:
     accumulator q of tile (mt, nt) is C[row + 8 * (q >> 1), col + (q & 1)] with row = group,
     col = 2 * (lane % 4), stored in pairs. Column by column, so that only one column's bias is
     live at a time (a wgmma warp's 32 columns of bias would crowd out its accumulators)."""
-    out = Epilogue(b, c_ptr, m, n, spec.bias, spec.accumulate, spec.c_dtype)
+    out = Epilogue(b, c_ptr, m, n, spec.bias, spec.accumulate, spec.c_dtype, spec.residual)
     group, pair = b.shr(lane, 2), b.shl(b.and_(lane, 3), 1)
     first = b.add(row0, b.add(b.mul(warp_m, spec.m_tiles * 16), group))
     cols = b.add(col0, b.add(b.mul(warp_n, spec.n_tiles * 8), pair))
@@ -423,6 +436,7 @@ class GemmTCSpec(TensorCoreGemm, KernelSpec):
     swiglu_grad: ClassVar[bool] = False  # the wgmma kernel's
     swiglu_act: ClassVar[bool] = False  # the wgmma kernel's
     rope_heads: ClassVar[int] = 0  # the wgmma kernel's
+    residual: ClassVar[bool] = False  # the wgmma kernel's (and the fp32 one's)
 
     @property
     def threads(self) -> int:

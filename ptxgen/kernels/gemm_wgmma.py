@@ -54,7 +54,7 @@ from ..registry import register
 from ..spec import KernelSpec, SpecError, Target
 from ..vecio import DType, as_bf16_pair, bf16x2_f32
 from .common import MAX_LOOP_BOUND, check_at_most, check_positive
-from .gemm import batch_matrices, bias_at, tile_origin
+from .gemm import batch_matrices, bias_at, check_residual, tile_origin
 from .gemm_tc import TensorCoreGemm, _Feed, _Operand, store_accumulators
 from .qkv_rope import RopeStore
 from .ring import Ring, Slot
@@ -86,6 +86,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
     trans_b: bool = True   # B stored [N, K]; False: [K, N] (tma only)
     bias: bool = False
     accumulate: bool = False
+    residual: bool = False  # C = R + A@B (+ bias), R f32 of C's geometry apart from C: a residual stream's add
     warpgroups: int = 2   # consumers, 64 rows each
     block_n: int = 256
     stages: int = 4
@@ -162,6 +163,9 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                             "gate, 64 of up) and B stored [N, K] (its halves' rows copied apart), no bias")
         if self.rope_heads or self.rope_kv_heads or self.rope_head_dim:
             self._validate_rope()
+        check_residual(self)
+        if self.residual and (self.c_dtype is not DType.F32 or self.row_stats or self.swiglu_act):
+            raise SpecError("gemm_wgmma: residual adds an f32 R to an f32 C (no bf16_out, swiglu, rope or row_stats)")
         if self.split_tail and not self.pingpong:
             raise SpecError("gemm_wgmma: split_tail is the pingpong kernel's (a warpgroup holds a whole tile)")
         if any(self.mn_major) and self.dtype is MmaType.TF32:
@@ -220,8 +224,11 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
         halves = [([b.reg(T.F32) for _ in range(self.block_n // 2)], h * 64 * SWIZZLE_ROW) for h in range(2)]
         mainloop = _Mainloop(self, p)
         stats = b.cvta_global(b.ld_param("stats")) if self.row_stats else None
-        staged = StagedStore(self, b, p, group, b.and_(tid, 127)) if self.tma_store and not self.swiglu_grad else None
-        swiglu = StagedSwiGLU(self, b, p, group, b.and_(tid, 127)) if self.swiglu_grad else None
+        in_place = self.swiglu_grad or self.residual  # C made in its staging from what TMA brings there first
+        staged = StagedStore(self, b, p, group, b.and_(tid, 127)) if self.tma_store and not in_place else None
+        loaded = None
+        if self.tma_store and in_place:
+            loaded = (StagedSwiGLU if self.swiglu_grad else StagedResidual)(self, b, p, group, b.and_(tid, 127))
         rope = RopeStore(self, b, p) if self.rope_heads else None
         partials = PartialSums(self, p, group, b.and_(tid, 127)) if self.split_tail else None
         turns = b.div(b.add(b.sub(p.mine, group), 1), 2)  # tiles group, group + 2, ... below mine
@@ -231,8 +238,8 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
             unit = p.unit(j)
             split, row0, col0 = unit.split, unit.row0, unit.col0
             mainloop.slot.seek(b.mul(j, p.slices) if unit.pos is None else unit.pos)
-            if swiglu is not None:  # this tile's first 64 rows of gate and up, while it is multiplied
-                swiglu.load(row0, col0, stores=None if isinstance(unit.k0, int) else b.setp("eq", unit.k0, 0))
+            if loaded is not None:  # this tile's first 64 rows of what C is made from, while it is multiplied
+                loaded.load(row0, col0, stores=None if isinstance(unit.k0, int) else b.setp("eq", unit.k0, 0))
             go = b.new_label("go")
             b.bra(go, guard=b.setp("eq", j, 0))  # the very first tile waits for no one
             b.bar_sync(mine_wait, 256)
@@ -246,8 +253,8 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                 stored = b.new_label("stored")
                 partials.settle([r for acc, _ in halves for r in acc], unit, stored)
             for h, (acc, _) in enumerate(halves):
-                if swiglu is not None:  # (and after the first 64 rows, the next 64 rows' gate and up)
-                    swiglu.store(acc, b.add(row0, 64 * h), col0, warp, lane, b.add(row0, 64) if h == 0 else None)
+                if loaded is not None:  # (and after the first 64 rows, the next 64 rows')
+                    loaded.store(acc, b.add(row0, 64 * h), col0, warp, lane, b.add(row0, 64) if h == 0 else None)
                 elif rope is not None:
                     rope.store(acc, b.add(row0, 64 * h), col0, warp, lane)
                 elif staged is not None:
@@ -258,7 +265,7 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                     store(self, b, acc, p.split_c(split), p.m, p.n, b.add(row0, 64 * h), col0, warp, lane, stats)
             if partials is not None:
                 b.place(stored)
-        for epilogue in (staged, swiglu):
+        for epilogue in (staged, loaded):
             if epilogue is not None:
                 epilogue.finish()
 
@@ -286,6 +293,9 @@ class GemmWgmmaSpec(TensorCoreGemm, KernelSpec):
                 cls(tma=True, pingpong=True, block_n=128, stages=5, bf16_out=True, tma_store=True, swiglu_act=True),
                 cls(tma=True, pingpong=True, block_n=128, stages=5, bf16_out=True, tma_store=True, swiglu_act=True,
                     split_tail=True),
+                cls(tma=True, pingpong=True, block_n=128, stages=5, tma_store=True, residual=True, split_tail=True),
+                cls(tma=True, pingpong=True, block_n=64, stages=6, tma_store=True, residual=True, bias=True),
+                cls(tma=True, pingpong=True, block_n=128, stages=6, residual=True, bias=True),
                 cls(tma=True, pingpong=True, block_n=128, stages=6, bias=True, rope_heads=14, rope_kv_heads=2,
                     rope_head_dim=64),
                 cls(tma=True, pingpong=True, block_n=128, stages=6, rope_heads=4, rope_kv_heads=1, rope_head_dim=128)]
@@ -449,19 +459,20 @@ class StagedStore:
         self.b.bulk_wait(0, guard=self.leader)
 
 
-class StagedSwiGLU:
-    """The ``swiglu_grad`` epilogue, through shared memory: SwiGLU's backward of the product.
-    Each warpgroup's buffer holds 64 rows of its tile's gate and up, a slot a 64-column box of the
-    tile ([slot][gate, up][64 rows][128 bytes], 128-byte swizzle), brought by TMA through
-    ``tmap_gate_up`` (C's geometry, [2][m][n]: zeros past m and n) and counted on the slot's
-    mbarrier: the tile's first 64 rows while it is multiplied, the next 64 rows' of a slot as soon
-    as the store of the slot's first has read it, so that each slot's load runs under the others'
-    work. Each thread replaces its pairs' gate and up with dgate and dup, ``swiglu_grads`` of them
-    and its accumulators (the swiglu_bwd kernel's arithmetic on the f32 C the plain kernel would
-    store, so bit for bit what it makes of that), and one thread stores the slot through C's
-    tensor map (the copy unit clips rows >= m and columns >= n in each half)."""
+class StagedInPlace:
+    """An epilogue through shared memory that makes C out of the accumulators and a matrix of C's
+    geometry brought in first (``tmap_<source>``). Each warpgroup's buffer holds 64 rows of its
+    tile's source, a slot a 64-column box pair of the tile ([slot][2 boxes][64 rows][128 bytes],
+    128-byte swizzle), brought by TMA and counted on the slot's mbarrier: the tile's first 64 rows
+    while it is multiplied, the next 64 rows' of a slot as soon as the store of the slot's first
+    has read it, so that each slot's load runs under the others' work. Each thread replaces its
+    pairs' source values with C's (``_make``), and one thread stores the slot through C's tensor
+    map (the copy unit clips rows >= m and columns >= n). A subclass names the source, where a
+    slot's boxes sit in it (``_box``) and what C is made of (``_make``)."""
 
-    SLOT_BYTES = 2 * BOX_BYTES  # a 64-column box of gate, then the same of up
+    SLOT_BYTES = 2 * BOX_BYTES
+    source: ClassVar[str]
+    size: ClassVar[int]  # bytes of a staged element
 
     def __init__(self, spec: GemmWgmmaSpec, b: KernelBuilder, p: TmaPipeline, group: Reg, thread: Reg):
         self.spec, self.b, self.p, self.group, self.slots = spec, b, p, group, spec.block_n // 64
@@ -484,48 +495,52 @@ class StagedSwiGLU:
     def _map(self, name: str) -> Reg:
         return self.b.cvta_global(self.b.ld_param(name))
 
+    def _box(self, col0: Reg, row0: Reg, slot: int, box: int) -> tuple[Reg, Reg, Reg | int]:
+        """Box ``box`` of ``slot``'s coordinates in the source's (and C's) tensor map."""
+        raise NotImplementedError
+
+    def _make(self, acc: list[Reg], at: Reg, j: int) -> None:
+        """C's pair in n8 tile ``j``, from the accumulators ``acc`` of it and the source's values at
+        shared ``at`` (the pair's place in the slot's first box), written over them."""
+        raise NotImplementedError
+
     def load(self, row0: Reg, col0: Reg, stores: Reg | None = None, slots: range | None = None) -> None:
-        """Gate and up of the 64 rows from ``row0`` under the tile at ``col0`` into the buffer's
-        ``slots`` (all), once the copies of the last store have read it (``stores``: only if the
-        tile's unit stores)."""
+        """The source's 64 rows from ``row0`` under the tile at ``col0`` into the buffer's ``slots``
+        (all), once the copies of the last store have read it (``stores``: only if the tile's unit
+        stores)."""
         b = self.b
         leader = self.leader if stores is None else b.and_(self.leader, stores)
-        buffer, gate_up = self._buffer(), self._map("tmap_gate_up")
+        buffer, source = self._buffer(), self._map(f"tmap_{self.source}")
         b.bulk_wait(0, read=True, guard=leader)
         for slot in range(self.slots) if slots is None else slots:
             loaded = self._loaded(slot)
             b.mbarrier_expect_tx(loaded, self.SLOT_BYTES, guard=leader)
-            for half in range(2):
-                b.tma_load(b.add(buffer, slot * self.SLOT_BYTES + half * BOX_BYTES), gate_up,
-                           (b.add(col0, 64 * slot), row0, half), loaded, guard=leader)
+            for box in range(2):
+                b.tma_load(b.add(buffer, slot * self.SLOT_BYTES + box * BOX_BYTES), source,
+                           self._box(col0, row0, slot, box), loaded, guard=leader)
 
     def store(self, acc: list[Reg], row0: Reg, col0: Reg, warp: Reg, lane: Reg, next_row0: Reg | None = None
               ) -> None:
-        """[dgate | dup] of the 64 rows from ``row0`` (warp ``warp`` holding 16 of them) of the tile
-        at ``col0``, its accumulators ``acc`` their output gradient, slot by slot; ``next_row0``:
-        each slot then loads those rows' gate and up (the tile's next 64)."""
+        """C's 64 rows from ``row0`` (warp ``warp`` holding 16 of them) of the tile at ``col0``, its
+        accumulators ``acc``, slot by slot; ``next_row0``: each slot then loads those rows' source
+        (the tile's next 64)."""
         b, spec, buffer = self.b, self.spec, self._buffer()
         group, quad = b.shr(lane, 2), b.and_(lane, 3)
-        pair_bytes = b.mul(quad, 2 * DType.BF16.size)
+        pair_bytes = b.mul(quad, 2 * self.size)
         rows = [b.add(buffer, b.mul(b.add(b.mad(warp, 16, group), 8 * h), SWIZZLE_ROW)) for h in range(2)]
         tiles = spec.n_tiles // self.slots  # n8 tiles a slot
         for slot in range(self.slots):
             b.mbarrier_wait(self._loaded(slot), self.phase)
             for j in range(slot * tiles, (slot + 1) * tiles):
-                at = b.add(staged_pair(b, j - slot * tiles, DType.BF16.size, pair_bytes, group), slot * self.SLOT_BYTES)
+                at = b.add(staged_pair(b, j - slot * tiles, self.size, pair_bytes, group), slot * self.SLOT_BYTES)
                 for h in range(2):
-                    gate = b.add(rows[h], at)
-                    up = b.add(gate, BOX_BYTES)
-                    g, u = (bf16x2_f32(b, b.ld("shared", T.B32, Addr(y))) for y in (gate, up))
-                    grads = [swiglu_grads(b, *args) for args in zip(g, u, acc[4 * j + 2 * h:4 * j + 2 * h + 2])]
-                    for where, (first, second) in ((gate, [dg for dg, _ in grads]), (up, [du for _, du in grads])):
-                        b.st("shared", Addr(where), b.cvt_bf16x2(second, first), t=T.B32)
+                    self._make(acc[4 * j + 2 * h:4 * j + 2 * h + 2], b.add(rows[h], at), j)
             b.fence_proxy_async()  # the writes, visible to the copy unit's reads ...
             b.bar_sync(b.add(self.group, 3), 128)  # ... of every thread of the warpgroup
             c = self._map("tmap_c")
-            for half in range(2):
-                b.tma_store_3d(c, b.add(col0, 64 * slot), row0, half,
-                               b.add(buffer, slot * self.SLOT_BYTES + half * BOX_BYTES), guard=self.leader)
+            for box in range(2):
+                b.tma_store_3d(c, *self._box(col0, row0, slot, box),
+                               b.add(buffer, slot * self.SLOT_BYTES + box * BOX_BYTES), guard=self.leader)
             b.bulk_commit(guard=self.leader)
             if next_row0 is not None:
                 self.load(next_row0, col0, slots=range(slot, slot + 1))
@@ -534,6 +549,57 @@ class StagedSwiGLU:
     def finish(self) -> None:
         """The last copies complete before the block (and its shared memory) goes."""
         self.b.bulk_wait(0, guard=self.leader)
+
+
+class StagedSwiGLU(StagedInPlace):
+    """The ``swiglu_grad`` epilogue: SwiGLU's backward of the product. A slot's boxes are 64
+    columns of gate and the same of up, brought through ``tmap_gate_up`` (C's geometry, [2][m][n]:
+    zeros past m and n); each thread replaces its pairs' gate and up with dgate and dup,
+    ``swiglu_grads`` of them and its accumulators (the swiglu_bwd kernel's arithmetic on the f32 C
+    the plain kernel would store, so bit for bit what it makes of that)."""
+
+    source, size = "gate_up", DType.BF16.size
+
+    def _box(self, col0: Reg, row0: Reg, slot: int, box: int) -> tuple[Reg, Reg, Reg | int]:
+        return self.b.add(col0, 64 * slot), row0, box  # gate, then up
+
+    def _make(self, acc: list[Reg], at: Reg, j: int) -> None:
+        b = self.b
+        gate, up = at, b.add(at, BOX_BYTES)
+        g, u = (bf16x2_f32(b, b.ld("shared", T.B32, Addr(y))) for y in (gate, up))
+        grads = [swiglu_grads(b, *args) for args in zip(g, u, acc)]
+        for where, (first, second) in ((gate, [dg for dg, _ in grads]), (up, [du for _, du in grads])):
+            b.st("shared", Addr(where), b.cvt_bf16x2(second, first), t=T.B32)
+
+
+class StagedResidual(StagedInPlace):
+    """The ``residual`` epilogue with ``tma_store``: C = R + the product (+ bias). A slot's boxes
+    are its 64 f32 columns of R, 32 a box, brought through ``tmap_residual`` (C's geometry: zeros
+    past m and n); each thread adds its accumulators (and the bias, first, as the threads' store
+    does) to its pairs of R in place."""
+
+    source, size = "residual", DType.F32.size
+
+    def __init__(self, spec: GemmWgmmaSpec, b: KernelBuilder, p: TmaPipeline, group: Reg, thread: Reg):
+        super().__init__(spec, b, p, group, thread)
+        self.bias, self.n = (b.cvta_global(b.ld_param("bias")) if spec.bias else None), p.n
+
+    def _box(self, col0: Reg, row0: Reg, slot: int, box: int) -> tuple[Reg, Reg, Reg | int]:
+        return self.b.add(col0, 64 * slot + 32 * box), row0, 0
+
+    def store(self, acc: list[Reg], row0: Reg, col0: Reg, warp: Reg, lane: Reg, next_row0: Reg | None = None
+              ) -> None:
+        if self.bias is not None:  # the lane's first column (its pairs' in tile j are 8 j on)
+            self.cols = self.b.add(col0, self.b.shl(self.b.and_(lane, 3), 1))
+        super().store(acc, row0, col0, warp, lane, next_row0)
+
+    def _make(self, acc: list[Reg], at: Reg, j: int) -> None:
+        b = self.b
+        if self.bias is not None:
+            col = b.add(self.cols, 8 * j)
+            acc = [b.add(v, x) for v, x in zip(acc, bias_at(b, self.bias, col, b.setp("lt", col, self.n), 2))]
+        r = b.ld("shared", T.F32, Addr(at), 2)
+        b.st("shared", Addr(at), [b.add(v, x) for v, x in zip(acc, r)])
 
 
 class PartialSums:
