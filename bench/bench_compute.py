@@ -344,6 +344,11 @@ def model_gemms(cache: ModuleCache, rows: list) -> None:
                 act = torch.empty(m, n // 2, device="cuda", dtype=torch.bfloat16)
                 maps.append(gemm_c_tensor_map(spec, act.data_ptr(), m, n, act=True))
                 extra["act"] = maps[-1].ptr
+            if spec.residual:  # the residual stream it adds, brought in as C leaves (a map of C's geometry)
+                residual = torch.randn(m, n, device="cuda")
+                if spec.tma_store:
+                    maps.append(gemm_c_tensor_map(spec, residual.data_ptr(), m, n))
+                extra["residual"] = maps[-1].ptr if spec.tma_store else residual.data_ptr()
             if spec.rope_heads:  # q (C), k and v, each a matrix of its own, at the 1024-token rows' positions
                 widths = [w * spec.rope_head_dim for w in (spec.rope_heads, spec.rope_kv_heads)]
                 c = torch.empty(m, widths[0], device="cuda", dtype=torch.bfloat16)
@@ -362,13 +367,15 @@ def model_gemms(cache: ModuleCache, rows: list) -> None:
             at, bt = (a.t() if spec.trans_a else a), (b.t() if spec.trans_b else b)
             theirs = time_ms(lambda: torch.matmul(at, bt), reps=10, warmup=2)
             print(f"  {short} {what} {m}x{n}x{k}: tail in {parts}: {ms:.3f} ms, whole: {whole:.3f} ms")
-            if spec.swiglu_grad or spec.swiglu_act:  # against the product alone, stored as it was before
-                plain = dataclasses.replace(spec, swiglu_grad=False, swiglu_act=False, tma_store=spec.bf16_out,
-                                            stages=WGMMA_TILE["stages"])
+            if spec.swiglu_grad or spec.swiglu_act or spec.residual:  # against the product alone, stored as before
+                plain = dataclasses.replace(spec, swiglu_grad=False, swiglu_act=False, residual=False,
+                                            tma_store=spec.bf16_out, stages=WGMMA_TILE["stages"])
                 product = torch.empty(m, n, device="cuda", dtype=torch.bfloat16 if plain.bf16_out else torch.float32)
                 alone = time_gemm(cache, plain, a, b, product, m, n, k)
-                print(f"    with the SwiGLU{' backward' if spec.swiglu_grad else ''} in its epilogue; the product "
-                      f"alone ({'bf16' if plain.bf16_out else 'f32'} C): {alone:.3f} ms")
+                what_else = "the residual's add" if spec.residual else \
+                    f"the SwiGLU{' backward' if spec.swiglu_grad else ''}"
+                print(f"    with {what_else} in its epilogue; the product alone "
+                      f"({'bf16' if plain.bf16_out else 'f32'} C): {alone:.3f} ms")
             if spec.rope_heads:  # against the f32 product, RoPE's kernels on q and k and v's cast, as before
                 plain = dataclasses.replace(spec, rope_heads=0, rope_kv_heads=0, rope_head_dim=0, **WGMMA_TILE)
                 product = torch.empty(m, n, device="cuda")
@@ -391,7 +398,8 @@ def model_gemms(cache: ModuleCache, rows: list) -> None:
                       f"{alone + after:.3f} ms")
             rows.append(Row(f"model {short} {what} {m}x{n}x{k} [tail in {parts}"
                             f"{', bf16 C' if spec.bf16_out else ''}{' + SwiGLU bwd' if spec.swiglu_grad else ''}"
-                            f"{' + SwiGLU' if spec.swiglu_act else ''}{' + RoPE' if spec.rope_heads else ''}]",
+                            f"{' + SwiGLU' if spec.swiglu_act else ''}{' + RoPE' if spec.rope_heads else ''}"
+                            f"{' + residual' if spec.residual else ''}]",
                             2.0 * m * n * k, ms, theirs))
 
 

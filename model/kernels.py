@@ -24,7 +24,7 @@ from ptxgen.kernels.rmsnorm import RMSNormBackwardSpec, RMSNormSpec
 from ptxgen.kernels.rope import RopeSpec, RopeTableSpec
 from ptxgen.kernels.swiglu import SwiGLUBackwardSpec, SwiGLUSpec
 from ptxgen.spec import KernelSpec, SpecError
-from ptxgen.vecio import DType, vector_width
+from ptxgen.vecio import DType, RowSlices, vector_width
 
 from .config import ModelConfig
 from .optim import AdamWSettings
@@ -48,6 +48,7 @@ FLOPS_PER_BYTE = {GemmSpec: 16, GemmWgmmaSpec: 200}
 # in 10.5 us and the q/k/v bias's 8192 x 1152 in 15.8, against 11.5 and 17.7 with 8 (256-row chunks,
 # each launch alone); in the step (two other H200s) all of them took 0.801 ms with 4 and 0.795 with 8
 COLSUM_CHUNKS_GROUPS = 4
+NORM_WARP_VALUES = 32  # a norm's row takes one warp if that is at most this many values a lane
 NORM_BWD_ROWS = 8  # rows a block of the RMSNorm backward (each block writes a row of dgamma partial sums)
 WIDE_OUTPUT = 512  # outputs at least this wide fill the GPU with 128x128 tiles at training batch sizes
 
@@ -245,8 +246,12 @@ class ModelKernels:
             attention = tuple(cls(**attn, lanes=_lanes(d))
                               for cls in (AttentionSpec, AttentionBackwardQSpec, AttentionBackwardKVSpec))
         bf16 = precision is Precision.BF16
-        # bf16: the norms write the GEMMs' bf16 operand themselves (their f32 output is read by nothing else)
-        norm = RMSNormSpec(hidden=h, eps=c.rms_norm_eps, save_rstd=True, bf16_out=bf16)
+        # bf16: the norms write the GEMMs' bf16 operand themselves (their f32 output is read by nothing else).
+        # A warp a row where the row fits a warp's registers: on the H200 at 8192 x 896 (bf16 out) 15.4-16.3
+        # us against 19.1-19.2 with a block a row (its block-wide sum waits at barriers)
+        per_lane = RowSlices.values_per_thread(h, vector_width(h, DType.F32), 32)
+        norm = RMSNormSpec(hidden=h, eps=c.rms_norm_eps, save_rstd=True, bf16_out=bf16,
+                           warp_per_row=per_lane <= NORM_WARP_VALUES)
         partial = GradNormPartialSpec()
         linear = functools.partial(LinearKernels.of, precision=precision, cut_tails=cut_tails)
         gemm_operand = DType.BF16 if bf16 else DType.F32

@@ -150,6 +150,11 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     assert fp32.swiglu.out_dtype is DType.F32
     assert bf16.cross_entropy.grad_dtype is DType.BF16 and fp32.cross_entropy.grad_dtype is DType.F32
     assert bf16.norm.bf16_out and not fp32.norm.bf16_out  # q/k/v, MLP, head inputs
+    # a warp a norm's row where it fits (896: 28 values a lane), a block where it does not (3584: 112)
+    assert bf16.norm.warp_per_row and fp32.norm.warp_per_row
+    wide = ModelKernels.of(preset("qwen2-0.5b").replace(hidden_size=3584, num_heads=28, num_kv_heads=4),
+                           AdamWSettings(), -100, Precision.BF16)
+    assert not wide.norm.warp_per_row
     assert fp32.rope_q is not None and not fp32.rope_q.bf16_out and not fp32.rope_q_bwd.bf16_out
     # ... and the attention backward writes the projection's gradient rows, rotated back (qkv_rows)
     assert bf16.rope_q_bwd is bf16.rope_k_bwd is bf16.dv_copy is None

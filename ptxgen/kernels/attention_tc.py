@@ -736,8 +736,10 @@ class _BackwardKVBase(_QkvRows, _FlashBase):
             def dscores(p: Tiles, dpt: Tiles) -> Tiles:
                 return [[b.mul(p[j][e], b.sub(dpt[j][e], dlt[j][e & 1])) for e in range(4)] for j in range(bq // 8)]
 
-            # (a team with no tile here multiplies stale bytes once, never read)
-            scores = self._scores(f, operands, qs.at)
+            # the first tile's first products, by a team that has one (a team with none would multiply
+            # stale bytes: wasted, and on mma.sync its warps' reads would race the others' copies)
+            scores: list = []  # (S^T, dP^T) on wgmma, S^T's tiles on mma.sync
+            f.unless(b.setp("ge", q0, seq), lambda: scores.extend(self._scores(f, operands, qs.at)))
             with b.loop(my_tiles, "q_tile"):
                 self._wait(f, team=True)  # this tile's first products, the tile before's dK and dV ones
                 copy_q(qs.other, b.add(q0, self.teams * bq))
