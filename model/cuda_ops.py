@@ -151,10 +151,13 @@ class Ops:
         # other way round, reads back as garbage with no error
         for out in (c, *(rope[:2] if rope is not None else ())):
             assert not isinstance(out, View) or out.dtype == spec.c_dtype.value, (out.name, out.dtype, spec)
-        # R as C is laid out (f32, dense rows), and apart from it: the kernel reads R while it writes C
-        assert residual is None or (isinstance(c, View) and residual.dtype == "f32" and residual.shape == c.shape
-                                    and (residual.ptr + residual.nbytes <= c.ptr or c.ptr + c.nbytes <= residual.ptr)
-                                    ), (residual, c)
+        # R as C is laid out (f32, dense rows: its tensor map is C's geometry), and apart from it: the
+        # kernel reads R's tiles while other blocks store C's (an overlap would read stored sums)
+        if residual is not None and not (
+                isinstance(c, View) and residual.dtype == "f32" and residual.shape == c.shape
+                and (residual.ptr + residual.nbytes <= c.ptr or c.ptr + c.nbytes <= residual.ptr)):
+            raise ValueError(f"{what}: the residual {residual.name} {residual.shape} {residual.dtype} must be an f32 "
+                             f"matrix shaped as C ({_name(c)}) and apart from it")
         if isinstance(spec, GemmWgmmaSpec) and spec.tma:
             operands = {"tmap_a": a, "tmap_b": b}
             a, b = (self.plan.keep(x) for x in gemm_tensor_maps(spec, a.ptr, b.ptr, m, n, k * splits))

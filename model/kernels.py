@@ -127,8 +127,10 @@ class LinearKernels:
         if precision is Precision.BF16:
             # a bf16 C leaves through shared memory by TMA (tma_store): on the H200 the gate/up
             # forward's 8192 x 9728 x 896 took 0.196 ms against 0.234 stored by the threads (a tile
-            # 5.32 us against 6.34; 5.03 with no store at all); an f32 C gained nothing (6.12 against
-            # 6.21 us a tile, and its staging costs a stage), so the threads store it
+            # 5.32 us against 6.34; 5.03 with no store at all); a plain f32 C gained nothing (6.12
+            # against 6.21 us a tile, and its staging costs a stage), so the threads store it, but
+            # where R is added (residual_y) R and C go through the staging: R by the threads cost the
+            # o projection's forward 49.5 us against 39.6 (8192 x 896 x 896, H200)
             # split_tail: the tiles past the last full wave cut along K (dX and dW at the model's
             # shapes leave 52 or 4 tiles for a fourth or fifth wave of 132 SMs)
             make = functools.partial(GemmWgmmaSpec, tma=True, split_tail=cut_tails, **WGMMA_TILE)

@@ -64,7 +64,7 @@ def gemm_c_tensor_map(spec, c: int, m: int, n: int, ldc: int | None = None, spli
     ``swiglu_grad`` spec's C (and its gate_up, read through a map of the same geometry) is two
     [m, n] halves side by side in rows of ldc (default 2 n): [dgate | dup] ([gate | up]); a
     ``swiglu_act`` spec's is two [m, n / 2] halves, [gate | up] (ldc default n), and ``act`` its
-    act ([m, n / 2], rows of n / 2)."""
+    act ([m, n / 2], rows of n / 2). A ``residual`` spec's R is read through a map of C's geometry too."""
     if not spec.tma_store:
         raise ValueError(f"{spec.kind}: C's tensor map is a tma_store spec's")
     size = spec.c_dtype.size

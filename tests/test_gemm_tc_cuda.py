@@ -432,7 +432,8 @@ def test_tma_store_writes_c_bit_for_bit_as_the_threads_do(cache, fields, shape, 
     (dict(tma_store=True, stages=5, split_tail=True), (1000, 520, 1000), 7, 2),  # a cut tail: parts summed, then R
     (dict(tma_store=True, stages=5, split_tail=True), (1000, 520, 1000), 12, 4),
     (dict(tma_store=True, block_n=64, bias=True), (300, 200, 136), 5, None),  # ragged, one slot a tile, bias then R
-    (dict(bias=True), (300, 200, 136), 5, None)])  # R read by the threads that store C
+    (dict(bias=True), (300, 200, 136), 5, None),  # R read by the threads that store C
+    (dict(pingpong=False, block_n=256, stages=4), (300, 520, 200), 3, None)])  # both warpgroups on a tile
 def test_residual_adds_r_to_what_the_plain_gemm_stores(cache, fields, shape, resident, tail_parts):
     """``residual`` (the o and down projections' forward: the residual stream's add): C = R + the
     product, bit for bit R plus the f32 C the plain kernel stores (the f32 add the separate norm

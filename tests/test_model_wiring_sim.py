@@ -82,3 +82,33 @@ def test_q_k_v_and_their_gradients_move_between_the_fused_rows_and_the_attention
         np.testing.assert_array_equal(values[7:7 + tokens], v_ref)
         decoder.close()
         model.close()
+
+
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16], ids=["fp32", "bf16"])
+def test_the_o_and_down_projections_add_the_residual_stream_and_refuse_one_that_is_not_apart(monkeypatch, precision):
+    """reference.py's x_mid = x + o_proj(o) and x_out = x_mid + down(act) are the GEMMs' own adds:
+    in the planned forward each reads its layer's residual stream (R) and writes the next one, and
+    the norm after it reads the sum alone; a residual that overlaps C, or is not C's f32 shape, is
+    refused before any launch."""
+    from model.cuda_buffers import Arena
+    from runtime.plan import Plan
+    c, tokens = CONFIG, 64
+    with dry_device(monkeypatch):
+        model = CudaBackend(c, {n: np.zeros(s, np.float32) for n, s in param_shapes(c).items()}, AdamWSettings(),
+                            cache=DryCache(), precision=precision)
+        plan = model.plan(1, tokens)
+        acts = model._shapes[(1, tokens)].acts
+        steps = plan.of("forward")
+        for i, a in enumerate(acts.layers):
+            x_out = acts.layers[i + 1].x if i + 1 < len(acts.layers) else acts.x
+            for module, r, out in (("self_attn.o_proj", a.x, a.x_mid),
+                                   ("mlp.down_proj", a.x_mid, x_out)):
+                step, = [s for s in steps if f"layers.{i}.{module} forward" in s.label]
+                assert r.name in step.reads().values() and out.name in step.writes().values()
+        norms = [s for s in steps if s.kind == "rmsnorm"]
+        assert len(norms) == c.num_layers * 2 + 1 and not any(s.spec.residual for s in norms)
+        ops = model.ops(Plan(model.cache), Arena(), tokens)
+        a = acts.layers[0]
+        for bad in (a.x_mid, a.x_mid.rows(1, tokens - 1), a.rstd1):  # C itself, overlapping C, not C's shape
+            with pytest.raises(ValueError, match="residual"):
+                ops.linear(a.o, "model.layers.0.self_attn.o_proj", out=a.x_mid, residual=bad)

@@ -159,7 +159,7 @@ class TensorCoreGemm:
     shape, argument checks, and the TMA-fed persistent form (``tma``: ``tma_pipeline``), whose
     operands are tensor maps (``tma_operands``). Their blocks walk C in ``tile_origin``'s order.
     A spec provides tma, bf16_out, row_stats, tma_store, split_tail, swiglu_grad, swiglu_act,
-    rope_heads, block_m, block_n, k_elems (K elements a slice), stages, threads."""
+    rope_heads, residual, block_m, block_n, k_elems (K elements a slice), stages, threads."""
 
     @property
     def mn_major(self) -> tuple[bool, bool]:

@@ -37,7 +37,10 @@ W_up], 64 rows of each a tile, so that a lane holds gate and up of the same colu
 stores act = silu(gate) * up. ``swiglu_grad`` (the down projection's dX) stores not the
 product but SwiGLU's backward of it, [dgate | dup] in bf16 (``StagedSwiGLU``: gate and up come
 into the staging buffer by TMA, dgate and dup leave it so): the f32 gradient of SwiGLU's output is
-never written nor read back.
+never written nor read back. ``residual`` adds an f32 R of C's geometry (a residual stream) to the
+product: with ``tma_store`` R comes into the staging buffer by TMA through its own map of C's
+geometry (``StagedResidual``, the same in-place scheme as ``StagedSwiGLU``), else the threads that
+store C read it.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """RMSNorm over rows: y = h * rsqrt(mean(h^2) + eps) * gamma, h = x (+ residual), and its backward.
 
-One block per row; hidden size and eps are baked in. Each thread keeps its slice of the row in
-registers (16-byte accesses where the row allows), so each input is read from memory once.
+A block per row, or a warp (``warp_per_row``); hidden size and eps are baked in. Each thread keeps
+its slice of the row in registers (16-byte accesses where the row allows), so each input is read
+from memory once.
 Storage f32 or bf16, arithmetic f32; gamma is f32 (master weights).
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ class RMSNormSpec(KernelSpec):
     hidden: int
     eps: float
     dtype: DType = DType.F32
-    residual: bool = False   # h = x + residual, written to h_out, normalized: the per-layer pattern
+    residual: bool = False   # h = x + residual, written to h_out, normalized (the model adds in its GEMMs)
     save_rstd: bool = False  # also write rsqrt(mean(h^2) + eps) per row, for the backward
     warp_per_row: bool = False  # a warp per row (shuffles only, block_size/32 rows a block), else a block
     block_size: int = 256
