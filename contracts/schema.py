@@ -82,6 +82,9 @@ def load(directory: Path) -> Contracts:
         except yaml.YAMLError as e:
             out.errors.append(f"{path.name}: not valid YAML: {str(e).splitlines()[0]}")
             continue
+        except (OSError, UnicodeDecodeError) as e:  # unreadable, or bytes that are not UTF-8 text
+            out.errors.append(f"{path.name}: cannot be read as text: {getattr(e, 'strerror', None) or e}")
+            continue
         errors = _check_fields(path.name, data, "contract")
         if errors:
             out.errors += errors

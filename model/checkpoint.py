@@ -41,7 +41,7 @@ from .params import param_shapes
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
-_STEP_DIR = re.compile(r"step-(\d{7,})")
+STEP_DIR = re.compile(r"step-(\d{7,})")
 _LATEST_TEXT = re.compile(rb"(step-\d{7,})\n?")  # exactly as written: any other byte is damage
 _HOST = socket.gethostname().replace(".", "_")
 _ASIDE = ".aside."
@@ -50,7 +50,7 @@ _ASIDE = ".aside."
 _TEMP = re.compile(r"(?:(?P<aside>\.aside\.)|\.)(?P<name>step-\d{7,}|latest)\."
                    r"(?:(?P<host>[^.]+)\.(?P<pid>\d+)\.)?[A-Za-z0-9_]+")
 _UNOWNED_GRACE_S = 3600
-__all__ = ["Checkpoint", "CheckpointError", "LATEST", "load_checkpoint", "resolve", "save_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "LATEST", "STEP_DIR", "load_checkpoint", "resolve", "save_checkpoint"]
 
 
 @dataclass
@@ -139,7 +139,7 @@ def _owner() -> str:
 
 
 def _step_of(name: str) -> int | None:
-    m = _STEP_DIR.fullmatch(name)
+    m = STEP_DIR.fullmatch(name)
     return int(m.group(1)) if m else None
 
 

@@ -24,7 +24,8 @@ from ptxgen.spec import SpecError, sha256_hex
 from runtime.driver import CudaError
 
 from . import rundir
-from .checkpoint import LATEST, Checkpoint, CheckpointError, load_checkpoint, manifest_digests, resolve
+from .checkpoint import (LATEST, STEP_DIR, Checkpoint, CheckpointError, load_checkpoint, manifest_digests,
+                         read_latest, resolve)
 from .config import PRESETS, ConfigError, ModelConfig, preset
 from .data import ByteTokenizer, Corpus, DataError, HFTokenizer, Tokenizer, expand_paths, stdlib_files, val_batches
 from .defaults import default_run
@@ -114,6 +115,33 @@ def _check_fresh_out(out: Path) -> None:
                              "writes into a run directory of its own")
     if (out / LATEST).exists():
         raise UsageError(f"--out {out} already holds a run; --resume continues it, or choose another --out")
+    steps = sorted(p.name for p in out.iterdir() if STEP_DIR.fullmatch(p.name)) if out.is_dir() else []
+    if steps:  # a run whose ``latest`` is gone: damaged, not free to write over
+        raise UsageError(f"--out {out} holds checkpoints ({steps[-1]}, ...) but no {LATEST} file: a damaged run; "
+                         f"write {LATEST} (one line, the checkpoint's name) to --resume it, or choose another --out")
+
+
+class Interrupted(KeyboardInterrupt):
+    """An interrupted run, with what it leaves to resume from."""
+
+
+def _left_behind(out: Path) -> str:
+    """What an interrupted run in ``out`` can be resumed from."""
+    try:
+        name = read_latest(out)
+    except CheckpointError as e:
+        return str(e)
+    return (f"{out / name} stays; train --resume --out {out} continues from it" if name is not None else
+            "before its first checkpoint: nothing to resume, a new run starts over")
+
+
+def _say(line: str) -> None:
+    """A progress line on stdout. If its reader has gone (a closed pipe), the rest go nowhere and the
+    run goes on: its checkpoints, metrics and sample are in --out."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        ptxgen_cli.silence_stdout()
 
 
 def _on_gpu(device: str) -> bool:
@@ -288,7 +316,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     dp = check_data_parallel(ns.gpus, ns.device, os.environ)
     rank = dp if isinstance(dp, LaunchEnv) else None  # this process is one rank of a data-parallel run
     primary = rank is None or rank.rank == 0  # the process that writes the run directory and prints
-    say = (lambda line: print(line, flush=True)) if primary else (lambda line: None)
+    say = _say if primary else (lambda line: None)
     # a bare `ptxgen train`: the run this machine finishes in about two minutes (model/defaults.py)
     here = default_run(_on_gpu(ns.device))
     plan = None if (ns.preset or ns.config or ns.init or ns.resume) else here
@@ -407,10 +435,13 @@ def cmd_train(argv: Sequence[str]) -> int:
                      "data": [str(Path(d).resolve()) for d in ns.data] if ns.data else None}
         if init is not None:
             say(f"init: weights from {init.path}, fresh optimizer state")
-        result = train(config, settings, adamw, corpus, factory, out, resume=ckpt or False,
-                       tokenizer_file=tokenizer_file, tokenizer_name=tokenizer.name, run_state=run_state, log=say,
-                       initial=init.params if init else None, save_dtype=ns.save_dtype,
-                       generation_config=generation_config, comm=comm)
+        try:
+            result = train(config, settings, adamw, corpus, factory, out, resume=ckpt or False,
+                           tokenizer_file=tokenizer_file, tokenizer_name=tokenizer.name, run_state=run_state,
+                           log=say, initial=init.params if init else None, save_dtype=ns.save_dtype,
+                           generation_config=generation_config, comm=comm)
+        except KeyboardInterrupt:
+            raise Interrupted(_left_behind(out) if primary else "") from None
         if comm is not None:  # the ranks are done together: part before rank 0's sample
             stack.close()
         if not primary:
@@ -420,12 +451,12 @@ def cmd_train(argv: Sequence[str]) -> int:
             raise CheckpointError(f"the run ended at step {result.step} but its checkpoint {result.checkpoint} "
                                   "is missing")
         last_val = result.val_losses[max(result.val_losses)] if result.val_losses else float("nan")
-        print(f"done: step {result.step}, val_loss {last_val:.4f}, {result.tokens_per_s:.0f} tokens/s, "
-              f"checkpoint {result.checkpoint}")
+        say(f"done: step {result.step}, val_loss {last_val:.4f}, {result.tokens_per_s:.0f} tokens/s, "
+            f"checkpoint {result.checkpoint}")
         sample = sample_text(result.backend, tokenizer,
                              read_generation_config(result.checkpoint / "generation_config.json"))
         (out / SAMPLE).write_text(sample)
-        print(f"sample ({out / SAMPLE}):\n{sample}")
+        say(f"sample ({out / SAMPLE}):\n{sample}")
         return 0
 
 
@@ -490,14 +521,21 @@ def cmd_generate(argv: Sequence[str]) -> int:
     if len(prompt) > max_len:
         raise UsageError(f"--prompt has {len(prompt)} tokens; the model takes at most {max_len}")
     gs = GenerateSettings.of(ckpt.sampling, given, len(prompt))
+    room = max_len - len(prompt)  # positions left after the prompt
+    if "max_new_tokens" in given and gs.max_new_tokens > room:
+        raise UsageError(f"--max-new-tokens {gs.max_new_tokens}: the prompt's {len(prompt)} tokens leave "
+                         f"{room} of the model's {max_len} positions (max_position_embeddings)")
     unused = [name for name in ("top_k", "top_p", "seed") if name in given] if gs.temperature == 0 else []
     if unused:  # a flag that would silently do nothing
-        raise UsageError(f"{flag(unused[0])} has no effect with greedy decoding (the checkpoint's "
-                         "generation_config.json does not sample); add --temperature T to sample")
+        why = "--temperature 0" if "temperature" in given else \
+            "the checkpoint's generation_config.json does not sample; add --temperature T to sample"
+        raise UsageError(f"{flag(unused[0])} has no effect with greedy decoding ({why})")
     how = "greedy" if gs.temperature == 0 else (f"sampling at temperature {gs.temperature:g}, top-k {gs.top_k}"
                                                 + (f", top-p {gs.top_p:g}" if gs.top_p < 1 else ""))
     if gs.repetition_penalty != 1:
         how += f", repetition penalty {gs.repetition_penalty:g}"
+    if gs.max_new_tokens > room:  # the default (the checkpoint's) asks for more than there is room for
+        how += f"; at most {room} new tokens (the model's {max_len} positions)"
     print(f"{line}, with a KV cache; {how}", file=sys.stderr, flush=True)
     max_len = min(max_len, len(prompt) + gs.max_new_tokens)
     if backend is NumpyBackend:
@@ -558,9 +596,8 @@ def _guarded(name: str, command: Callable[[Sequence[str]], int]) -> Callable[[Se
                 raise  # a driver failure: its traceback is the report
             print(f"ptxgen {name}: error: out of GPU memory ({e}); try a smaller --batch-size", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:
-            print(f"ptxgen {name}: interrupted (the last checkpoint stays; train --resume continues from it)",
-                  file=sys.stderr)
+        except KeyboardInterrupt as e:
+            print(f"ptxgen {name}: interrupted" + (f" ({e})" if str(e) else ""), file=sys.stderr)
             return 130
 
     return run
@@ -573,7 +610,7 @@ USAGE = """
   train [--preset P | --config config.json | --init CHECKPOINT] [--data PATH ...] [--device auto|cuda|numpy]
         [--precision fp32|bf16] [--out DIR] [--resume] [--save-dtype fp32|bf16] [--gpus N] ...
   generate --checkpoint DIR --prompt TEXT [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R]
-           [--max-new-tokens N] [--precision P]
+           [--max-new-tokens N] [--seed S] [--device auto|cuda|numpy] [--precision P]
   contracts validate|check [--root REPO] [--gpu-only]
   cache [--cache-dir DIR] ls | show KEY | diff KEY KEY"""
 

@@ -40,7 +40,16 @@ class ByteTokenizer:
         return np.frombuffer(text, dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        """The bytes as UTF-8 (malformed sequences, and ids past the 256 bytes that a model with a
+        larger vocabulary may still produce, as U+FFFD)."""
+        pieces, run = [], bytearray()
+        for i in map(int, ids):
+            if 0 <= i < self.vocab_size:
+                run.append(i)
+                continue
+            pieces += [run.decode("utf-8", errors="replace"), "\ufffd"]
+            run = bytearray()
+        return "".join(pieces) + run.decode("utf-8", errors="replace")
 
 
 class HFTokenizer:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,13 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, start_step: int = 0):
         self.path = Path(run_dir) / METRICS
-        kept = [row for row in read_metrics(self.path) if row["step"] <= start_step] if start_step else []
+        kept = []
+        if start_step:  # a resumed run keeps the rows up to its checkpoint; damage is said, not hidden
+            rows, damage = _read(self.path)
+            if damage:
+                print(f"ptxgen train: warning: {damage}; the rows before it are kept, the rest dropped "
+                      "(the checkpoints are not affected)", file=sys.stderr, flush=True)
+            kept = [row for row in rows if row["step"] <= start_step]
         tmp = self.path.with_name(f".{METRICS}.{os.getpid()}")
         tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
         os.replace(tmp, self.path)
@@ -41,20 +48,25 @@ def _finite_or_none(v: Any) -> Any:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The rows of a metrics.jsonl (none if it does not exist); a damaged line ends the read."""
-    rows = []
+    return _read(path)[0]
+
+
+def _read(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """(the rows before the first damaged line, what the damage is, or None)."""
+    rows: list[dict[str, Any]] = []
     try:
-        lines = Path(path).read_text().splitlines()
+        data = Path(path).read_bytes()
     except FileNotFoundError:
-        return rows
-    for line in lines:
+        return rows, None
+    for number, line in enumerate(data.splitlines(), 1):
         try:
-            row = json.loads(line)
+            row = json.loads(line.decode("utf-8"))  # (UnicodeDecodeError is a ValueError too)
         except ValueError:
-            break
+            row = None
         if not isinstance(row, dict) or set(row) != set(FIELDS) or not isinstance(row["step"], int):
-            break
+            return rows, f"{path} is damaged at line {number}"
         rows.append(row)
-    return rows
+    return rows, None
 
 
 def plot_losses(run_dir: Path) -> Path | None:

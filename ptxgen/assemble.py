@@ -49,7 +49,10 @@ def _figure(pattern: str, log: str) -> int | None:
 def assemble(ptx: str, arch: str) -> Assembly:
     """Assemble one PTX module for ``arch`` (e.g. ``sm_90``) and return the cubin and ptxas figures."""
     nvjitlink = _nvjitlink()
-    handle = nvjitlink.create(2, [f"-arch={arch}", "-verbose"])
+    try:
+        handle = nvjitlink.create(2, [f"-arch={arch}", "-verbose"])
+    except nvjitlink.nvJitLinkError as e:  # an architecture this nvJitLink does not know or serve
+        raise AssemblyError(f"nvJitLink cannot assemble for {arch}: {e}") from None
     try:
         data = ptx.encode()
         try:

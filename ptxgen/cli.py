@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import enum
 import json
+import os
 import sys
 import typing
 from pathlib import Path
@@ -78,7 +79,9 @@ def spec_from_args(kind: str, argv: Sequence[str]) -> tuple[KernelSpec, argparse
     return cls(**values), ns
 
 
-def cmd_list(_argv: Sequence[str]) -> int:
+def cmd_list(argv: Sequence[str]) -> int:
+    if argv:
+        raise UsageError(f"list takes no arguments, got {' '.join(argv)}")
     for kind, cls in kinds().items():
         hints = typing.get_type_hints(cls)
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
@@ -183,6 +186,14 @@ USAGE = f"""usage: ptxgen COMMAND ...   (ptxgen {__version__})
   inspect (KIND --FIELD VALUE ... | FILE.ptx) [--json]"""
 
 
+def silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader has gone, so that nothing written later (nor what
+    is still buffered, flushed at exit) fails again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None, *, more: dict[str, Callable[[Sequence[str]], int]] | None = None,
          more_usage: str = "") -> int:
     """Run one command; ``more`` adds commands of packages built on this one (train, generate, ...)."""
@@ -196,6 +207,9 @@ def main(argv: Sequence[str] | None = None, *, more: dict[str, Callable[[Sequenc
         if command is None:
             raise UsageError(f"unknown command {argv[0]!r}; commands: {', '.join(commands)}")
         return command(argv[1:])
+    except BrokenPipeError:  # stdout's reader went away (`ptxgen list | head -1`): no one to tell
+        silence_stdout()
+        return 128 + 13  # as a process SIGPIPE ended
     except (UsageError, SpecError, PtxBuildError, OSError) as e:
         print(f"ptxgen: error: {e}", file=sys.stderr)
         return 2

@@ -36,9 +36,20 @@ def sha256_hex(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
+# the PTX ISA version that introduced each architecture (PTX ISA manual, "PTX ISA version" and
+# "target" tables); the generator's kernels need sm_80's instructions, so none before it
+FIRST_ISA: dict[str, tuple[int, int]] = {
+    "sm_80": (7, 0), "sm_86": (7, 1), "sm_87": (7, 4), "sm_89": (7, 8), "sm_90": (7, 8), "sm_90a": (8, 0),
+    "sm_100": (8, 6), "sm_100a": (8, 6), "sm_101": (8, 6), "sm_101a": (8, 6), "sm_120": (8, 7), "sm_120a": (8, 7)}
+NEWEST_ISA = (9, 0)  # CUDA 13.0's
+
+
 @dataclass(frozen=True)
 class Target:
-    """What the PTX is written for: the SM architecture and the PTX ISA version."""
+    """What the PTX is written for: the SM architecture and the PTX ISA version. Only targets the
+    generator writes valid PTX for: an architecture from sm_80 on (its kernels use cp.async and bf16
+    mma.sync, sm_80's), and an ISA version from the first that knows the architecture
+    (``FIRST_ISA``) to the newest the generator knows (``NEWEST_ISA``)."""
 
     arch: str = "sm_90"
     ptx_version: tuple[int, int] = (8, 5)
@@ -50,6 +61,13 @@ class Target:
         if len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 99 for x in v):
             raise SpecError(f"ptx_version must be (major, minor), each 0..99, got {self.ptx_version!r}")
         object.__setattr__(self, "ptx_version", v)
+        first = FIRST_ISA.get(self.arch)
+        if first is None:
+            raise SpecError(f"arch {self.arch} is not one the generator writes for: "
+                            f"{', '.join(FIRST_ISA)}")
+        if not first <= v <= NEWEST_ISA:
+            raise SpecError(f"PTX ISA {v[0]}.{v[1]} for {self.arch}: the generator writes {first[0]}.{first[1]} "
+                            f"(the first that knows {self.arch}) to {NEWEST_ISA[0]}.{NEWEST_ISA[1]}")
 
     @classmethod
     def parse(cls, arch: str, ptx_version: str) -> "Target":

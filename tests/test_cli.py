@@ -67,6 +67,11 @@ def test_inspect_ptx_file_as_json(capsys, tmp_path):
     (["dump", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "--arch", "sm90"], "arch must look like"),
     (["inspect", "/no/such/file.ptx"], "cannot read /no/such/file.ptx"),
     (["frob"], "unknown command 'frob'"),
+    # targets the generator does not write valid PTX for: refused, not emitted or fed to nvJitLink
+    (["inspect", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "--arch", "sm_20"], "arch sm_20 is not one"),
+    (["dump", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "--ptx-version", "99.9"], "PTX ISA 99.9"),
+    (["dump", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "--ptx-version", "1.0"], "PTX ISA 1.0"),
+    (["list", "--bogus"], "list takes no arguments"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     code, out, err = run(capsys, *argv)
@@ -79,6 +84,23 @@ def test_a_file_that_is_not_ptx_is_refused(capsys, tmp_path):
     path.write_text("hello")
     code, _, err = run(capsys, "inspect", str(path))
     assert code == 2 and "no .entry found" in err
+
+
+def test_an_architecture_nvjitlink_cannot_assemble_for_is_an_assembly_error_not_a_traceback():
+    from ptxgen.assemble import AssemblerUnavailable, AssemblyError, assemble
+    try:
+        with pytest.raises(AssemblyError, match="sm_20"):
+            assemble(".version 8.5\n.target sm_90\n.address_size 64\n", "sm_20")
+    except AssemblerUnavailable:
+        pytest.skip("nvJitLink is not installed")
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly():
+    """`ptxgen list | head -1`: the rest of the output has no reader; no error line, the status of a
+    process SIGPIPE ended."""
+    proc = subprocess.run(f"{sys.executable} -m ptxgen.cli list | head -c 10 > /dev/null; "
+                          "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash", capture_output=True, text=True)
+    assert proc.returncode == 141 and proc.stderr == ""
 
 
 def test_console_entry_point_exits_2_without_traceback():

@@ -524,3 +524,84 @@ def test_running_out_of_gpu_memory_is_one_line_and_another_driver_failure_is_not
     refused((code, out.getvalue(), err.getvalue()), "out of GPU memory", "CUDA_ERROR_OUT_OF_MEMORY", "--batch-size")
     with pytest.raises(CudaError, match="CUDA_ERROR_ILLEGAL_ADDRESS"):
         fails("CUDA_ERROR_ILLEGAL_ADDRESS")([])
+
+
+# -- what a run leaves, however it ends -----------------------------------------------------------
+def _new_run(base, out: Path, *more: str):
+    root = base["root"]
+    return cli("train", "--config", root / "config.json", "--tokenizer", root / "tokenizer.json", "--out", out,
+               *base["common"], "--steps", "2", *more)
+
+
+def test_a_run_directory_whose_latest_is_gone_is_not_written_over(run_copy, base):
+    (run_copy / "latest").unlink()
+    before = tree(run_copy)
+    refused(_new_run(base, run_copy), "step-0000004", "no latest file", "damaged run")
+    assert tree(run_copy) == before
+
+
+def test_a_damaged_metrics_log_is_said_on_resume_and_the_run_goes_on(run_copy, base):
+    (run_copy / "metrics.jsonl").write_bytes(bytes(range(256)) * 4)  # not even UTF-8
+    code, _, err = resume_on(run_copy)
+    assert code == 0 and "Traceback" not in err, err
+    assert "metrics.jsonl is damaged at line 1; the rows before it are kept" in err
+    assert [json.loads(line)["step"] for line in (run_copy / "metrics.jsonl").read_text().splitlines()] == [3, 4]
+
+
+def test_a_metrics_log_cut_off_mid_row_keeps_the_rows_before_it(tmp_path):
+    from model.metrics import FIELDS, _read, read_metrics
+    rows = [json.dumps(dict.fromkeys(FIELDS, 0.5) | {"step": s}) for s in (1, 2, 3)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(rows[0] + "\n" + rows[1] + "\n" + rows[2][:9])
+    kept, damage = _read(path)
+    assert [r["step"] for r in kept] == [1, 2] and damage == f"{path} is damaged at line 3"
+    assert read_metrics(path) == kept and _read(tmp_path / "none.jsonl") == ([], None)
+
+
+def test_an_interrupted_run_says_what_it_leaves_to_resume_from(run_copy, base, tmp_path, monkeypatch):
+    import model.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model.cli, "train", interrupted)
+    code, _, err = resume_on(run_copy)
+    assert code == 130 and err.count("\n") == 1, err
+    assert f"{run_copy / 'step-0000002'} stays; train --resume --out {run_copy} continues from it" in err
+    code, _, err = _new_run(base, tmp_path / "new")
+    assert code == 130 and "before its first checkpoint: nothing to resume" in err and "--resume" not in err
+
+
+def test_progress_lines_whose_reader_has_gone_do_not_stop_the_run(monkeypatch):
+    """`ptxgen train ... | head`: once the pipe's reader is gone, the lines go nowhere and the run
+    goes on (its checkpoints, metrics and sample are in --out)."""
+    from model.cli import _say
+    read, write = os.pipe()
+    os.close(read)
+    stream = os.fdopen(write, "w")
+    monkeypatch.setattr(sys, "stdout", stream)
+    try:
+        _say("step 1")  # EPIPE: no one reads; no exception
+        _say("step 2")
+    finally:
+        stream.close()
+
+
+def test_generate_refuses_more_new_tokens_than_the_models_positions_leave(base):
+    refused(cli("generate", "--checkpoint", base["run"], "--prompt", "def add", "--max-new-tokens", "100",
+                "--device", "numpy"), "--max-new-tokens 100", "leave 62 of the model's 64 positions")
+
+
+def test_greedy_decoding_that_a_flag_asked_for_says_so(base):
+    refused(generate_on(base["run"], "--temperature", "0", "--top-p", "0.5"), "--top-p", "(--temperature 0)")
+
+
+def test_a_model_vocabulary_past_the_byte_tokenizer_trains_and_writes_its_sample(base, tmp_path):
+    """A model may have more ids than its tokenizer (Qwen2's vocabulary is padded past its
+    tokenizer's); what it samples there decodes as U+FFFD, never a failure after training."""
+    from model.data import ByteTokenizer
+    assert ByteTokenizer().decode([104, 105, 300, 0xE2, 0x82, 0xAC, 256]) == "hi\ufffd\u20ac\ufffd"
+    config = tmp_path / "config.json"
+    ModelConfig(**{**MICRO.__dict__, "vocab_size": 1000}).save(config)
+    code, _, err = cli("train", "--config", config, "--out", tmp_path / "run", *base["common"], "--steps", "1")
+    assert code == 0 and (tmp_path / "run" / "sample.txt").is_file(), err

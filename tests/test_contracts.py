@@ -48,6 +48,17 @@ def test_a_planted_broken_contract_is_rejected(tmp_path, capsys, break_it, messa
     assert message in err and "Traceback" not in err
 
 
+def test_a_contract_file_that_is_not_text_and_bad_arguments_are_one_line(tmp_path, capsys):
+    (tmp_path / "x.yaml").write_bytes(bytes(range(128, 256)))
+    assert main(["validate", "--root", str(ROOT), "--dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "x.yaml: cannot be read as text" in err and "Traceback" not in err
+    for argv in ([], ["frob"], ["validate", "--bogus"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("contracts: error: ") and "usage:" not in err
+
+
 def test_duplicate_contract_ids_across_files_are_rejected(tmp_path):
     write(tmp_path, "a.yaml", GOOD)
     other = dict(GOOD, falsifiers=[dict(GOOD["falsifiers"][0], id="FALSIFY-DEMO-002")])
