@@ -288,7 +288,9 @@ def cmd_train(argv: Sequence[str]) -> int:
     src.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: small in bf16 with a GPU, "
                                                     "tiny without)")
     src.add_argument("--config", type=Path, help="an HF config.json instead of a preset")
-    p.add_argument("--data", nargs="+", metavar="PATH", help="files or directories (default: the stdlib's .py files)")
+    # (given twice, both lists count: a later --data adds paths, it does not drop the earlier ones)
+    p.add_argument("--data", nargs="+", action="extend", metavar="PATH",
+                   help="files or directories (default: the stdlib's .py files)")
     p.add_argument("--tokenizer", help="an HF tokenizer.json (default: bytes, vocab 256)")
     p.add_argument("--device", choices=DEVICES, default="auto")
     p.add_argument("--precision", choices=PRECISIONS, default=argparse.SUPPRESS,

@@ -592,6 +592,17 @@ def test_generate_refuses_more_new_tokens_than_the_models_positions_leave(base):
                 "--device", "numpy"), "--max-new-tokens 100", "leave 62 of the model's 64 positions")
 
 
+def test_data_given_twice_reads_both_lists(base, tmp_path):
+    """A later flag overrides an earlier one (`ptxgen train $COMMON --steps 9`), but a second --data
+    adds to the first rather than dropping its paths."""
+    more = tmp_path / "more"
+    more.mkdir()
+    (more / "b.py").write_text("def add ( b , a ) : return b + a\n" * 200)
+    code, out, err = _new_run(base, tmp_path / "new", "--data", more)
+    assert code == 0, err
+    assert "data: 2 files" in out
+
+
 def test_greedy_decoding_that_a_flag_asked_for_says_so(base):
     refused(generate_on(base["run"], "--temperature", "0", "--top-p", "0.5"), "--top-p", "(--temperature 0)")
 
