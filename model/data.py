@@ -41,15 +41,9 @@ class ByteTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """The bytes as UTF-8 (malformed sequences, and ids past the 256 bytes that a model with a
-        larger vocabulary may still produce, as U+FFFD)."""
-        pieces, run = [], bytearray()
-        for i in map(int, ids):
-            if 0 <= i < self.vocab_size:
-                run.append(i)
-                continue
-            pieces += [run.decode("utf-8", errors="replace"), "\ufffd"]
-            run = bytearray()
-        return "".join(pieces) + run.decode("utf-8", errors="replace")
+        larger vocabulary may still produce, as U+FFFD): such an id reads as the byte 0xFF, which
+        no UTF-8 sequence holds, so the decoder replaces it alone."""
+        return bytes(i if 0 <= i < self.vocab_size else 0xFF for i in map(int, ids)).decode("utf-8", errors="replace")
 
 
 class HFTokenizer:

@@ -203,7 +203,7 @@ def residual_arguments(spec: Any, c: int, residual: int | None, m: int, ldc: int
         return
     if splits != 1 or batch is not None:
         raise ValueError(f"{spec.kind}: a residual is added to one product: no split-K parts or batches")
-    addresses = isinstance(residual, int) and isinstance(c, int) and not getattr(spec, "tma_store", False)
+    addresses = isinstance(residual, int) and isinstance(c, int) and not spec.tma_store
     if addresses and abs(residual - c) < m * ldc * spec.c_dtype.size:
         raise ValueError(f"{spec.kind}: the residual overlaps C (C = R + A@B in place is accumulate's)")
 
@@ -271,6 +271,7 @@ class GemmSpec(KernelSpec):
     vec: int = 4              # elements per global access; contiguous dimensions must divide by it
     # the tensor-core GEMMs' epilogue options, none of them this kernel's (so every GEMM spec has them)
     split_tail: ClassVar[bool] = False
+    tma_store: ClassVar[bool] = False
     swiglu_grad: ClassVar[bool] = False
     swiglu_act: ClassVar[bool] = False
     rope_heads: ClassVar[int] = 0
