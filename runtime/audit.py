@@ -37,6 +37,16 @@ class CacheDirError(ValueError):
     """The cache path is missing or not a directory: bad input (one line, exit 2), not "clean"."""
 
 
+def placement_problem(path: Path, layout_dir: Path, meta: dict) -> str | None:
+    """Why a readable entry is never loaded, from its metadata and place alone (no PTX emitted):
+    built by another generator, or filed where neither its key nor its toolchain puts it."""
+    if meta["generator"] != generator_fingerprint():
+        return f"stale: built by generator {meta['generator']}, current is {generator_fingerprint()}"
+    placed = path.relative_to(layout_dir).parts
+    expected = toolchain_dir(layout_dir.parent, meta["toolchain"]).name, meta["key"][:2], meta["key"] + entry.SUFFIX
+    return None if placed == expected else f"misplaced: at {'/'.join(placed)}, belongs at {'/'.join(expected)}"
+
+
 def _entry_problem(path: Path, layout_dir: Path) -> str | None:
     """Why the entry at ``path`` is bad, or None if it is valid under this generator. Never raises
     on anything a file can hold: the audit must get through a damaged cache."""
@@ -49,11 +59,7 @@ def _entry_problem(path: Path, layout_dir: Path) -> str | None:
     if not is_registered(meta["kind"]):
         # a script's or plugin's class: its key cannot be recomputed here (the class is not loaded),
         # but its checksums held and the cache re-checks the text on load; only its place is checked
-        placed = path.relative_to(layout_dir).parts
-        expected = toolchain_dir(layout_dir.parent, meta["toolchain"]).name, meta["key"][:2], meta["key"] + entry.SUFFIX
-        if meta["generator"] != generator_fingerprint():
-            return f"stale: built by generator {meta['generator']}, current is {generator_fingerprint()}"
-        return None if placed == expected else f"misplaced: at {'/'.join(placed)}, belongs at {'/'.join(expected)}"
+        return placement_problem(path, layout_dir, meta)
     try:
         cls = by_qualified_name(meta["kind"])
         spec = cls(**decode_fields(cls, meta["fields"]))

@@ -16,9 +16,11 @@ from ptxgen.cli import UsageError
 from ptxgen.spec import SpecError, decode_value
 
 from . import entry
+from .audit import placement_problem
 from .cache import default_cache_dir
 
-Entry = tuple[Path, "dict[str, Any] | str"]  # the file and its metadata, or why it cannot be read
+# the file; its metadata, or why it cannot be read; why a readable one is never loaded (or None)
+Entry = tuple[Path, "dict[str, Any] | str", "str | None"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,30 +29,33 @@ class _Parser(argparse.ArgumentParser):
 
 
 def entries(root: Path) -> list[Entry]:
-    """Every ``*.entry`` file under the cache, with its metadata or the reason it is unreadable."""
+    """Every ``*.entry`` file under the cache, with its metadata or the reason it is unreadable, and
+    the reason a readable one is never loaded (stale, or misplaced: ``audit.placement_problem``)."""
     if not root.is_dir():
         raise UsageError(f"cache directory {root} " + ("is not a directory" if root.exists() else "does not exist"))
     out: list[Entry] = []
     for path in sorted((root / entry.LAYOUT).glob(f"*/*/*{entry.SUFFIX}")):
         try:
-            out.append((path, entry.decode(path.read_bytes())[0]))
+            meta = entry.decode(path.read_bytes())[0]
         except (OSError, entry.EntryError) as e:
-            out.append((path, f"damaged: {getattr(e, 'strerror', None) or e}"))
+            out.append((path, f"damaged: {getattr(e, 'strerror', None) or e}", None))
+            continue
+        out.append((path, meta, placement_problem(path, root / entry.LAYOUT, meta)))
     return out
 
 
 def find(root: Path, key: str) -> tuple[Path, dict[str, Any]]:
     if not re.fullmatch(r"[0-9a-f]{4,64}", key):
         raise UsageError(f"{key!r} is not a cache key (4 to 64 lower-case hex digits)")
-    matches = [(p, m) for p, m in entries(root) if p.name.startswith(key)]
+    matches = [e for e in entries(root) if e[0].name.startswith(key)]
     if not matches:
         raise UsageError(f"no entry with key {key} in {root}")
     if len(matches) > 1:
         raise UsageError(f"key {key} is ambiguous: {len(matches)} entries start with it")
-    path, meta = matches[0]
+    path, meta, problem = matches[0]
     if isinstance(meta, str):
         raise UsageError(f"{path}: {meta}")
-    return path, meta
+    return path, dict(meta, problem=problem) if problem else meta
 
 
 def fields(meta: dict[str, Any]) -> dict[str, Any]:
@@ -81,6 +86,7 @@ def describe(meta: dict[str, Any]) -> dict[str, str]:
         "spills": "?" if spills is None else f"{spills} bytes local memory",
         "compile ms": str(meta.get("compile_ms", "?")),
         "created": _when(created),
+        **({"problem": f"{meta['problem']} (never loaded)"} if meta.get("problem") else {}),
     }
 
 
@@ -95,16 +101,18 @@ def cmd_ls(root: Path) -> int:
     rows = entries(root)
     print(f"{'key':16}  {'kind':22} {'target':8} {'toolchain':20} {'cubin':>8} {'regs':>4} {'spill':>5} "
           f"{'ms':>7}  created              fields")
-    for path, meta in rows:
-        if isinstance(meta, str):
-            print(f"{path.name[:16]:16}  {meta}")
+    for path, meta, problem in rows:
+        if isinstance(meta, str) or problem:
+            print(f"{path.name[:16]:16}  {meta if isinstance(meta, str) else problem + ' (never loaded)'}")
             continue
         d = describe(meta)
         kind = meta["kind"].rsplit(".", 1)[-1]
         print(f"{meta['key'][:16]:16}  {kind:22} {meta['target']['arch']:8} {d['toolchain']:20} "
               f"{meta['cubin_bytes']:>8} {d['registers']:>4} {str(meta.get('local_bytes', '?')):>5} "
               f"{str(meta.get('compile_ms', '?')):>7}  {d['created'][:19]:20} {d['fields']}")
-    print(f"{len(rows)} entries in {root}")
+    bad = sum(isinstance(meta, str) or problem is not None for _, meta, problem in rows)
+    print(f"{len(rows)} entries in {root}" + (f" ({bad} unusable: ptxgen-audit --check disk --prune removes "
+                                               f"them)" if bad else ""))
     return 0
 
 

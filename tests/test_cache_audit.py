@@ -193,6 +193,24 @@ def test_cache_ls_show_and_diff(tmp_path, capsys):
     assert "field       weight_decay: 0.0 -> -0.0" in out and "registers   ? -> 40" in out
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda path, meta: path.rename(path.with_name("ab" * 32 + entry.SUFFIX)), "misplaced: at"),
+    (lambda path, meta: rewrite(path, dict(meta, generator="0" * 16)), "stale: built by generator 0000"),
+])
+def test_cache_ls_and_show_say_which_entries_are_never_loaded(tmp_path, capsys, damage, message):
+    """An entry filed under another key's name, or built by another generator: what the cache
+    would reject on load is not listed as a healthy entry."""
+    path, meta = write_entry(tmp_path, SPEC)
+    damage(path, meta)
+    root = ["cache", "--cache-dir", str(tmp_path)]
+    assert cli_main(root + ["ls"]) == 0
+    out = capsys.readouterr().out
+    assert message in out and "(never loaded)" in out and "1 unusable: ptxgen-audit --check disk --prune" in out
+    key = next((tmp_path / entry.LAYOUT).glob(f"*/*/*{entry.SUFFIX}")).name[:12]
+    assert cli_main(root + ["show", key]) == 0
+    assert f"problem     {message}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["show", "abcd"], "no entry with key abcd"),
     (["show", "XYZ!"], "is not a cache key"),
