@@ -63,9 +63,12 @@ def test_same_size_integer_and_bit_registers_are_compatible():
     b = builder()
     n = b.ld_param("n")
     s = b.mov(3, T.S32)
-    b.add(n, s)  # add.u32 with an s32 operand: PTX allows same-size integers
+    d = b.add(n, s)  # add.u32 with an s32 operand: PTX allows same-size integers
     f = b.mov(1.0, T.F32)
-    b.shfl("bfly", f, 16)  # .b32 shuffle of an f32 value
+    g = b.shfl("bfly", f, 16)  # .b32 shuffle of an f32 value
+    text = b.text()
+    assert f"\tadd.u32 {d}, {n}, {s};" in text
+    assert f"\tshfl.sync.bfly.b32 {g}, {f}, 16, 31, 4294967295;" in text
 
 
 def test_predicated_vector_loads_and_guards():
