@@ -12,7 +12,7 @@ from model.cli import main as cli_main
 from ptxgen.kernels.adamw import AdamWSpec
 from ptxgen.kernels.rmsnorm import RMSNormSpec
 from ptxgen.spec import Target
-from runtime import entry
+from runtime import cachecli, entry
 from runtime.audit import _entry_problem, check_disk, main as audit_main
 from test_runtime_cpu import CUBIN, TARGET, TOOLCHAIN, write_entry
 
@@ -193,22 +193,42 @@ def test_cache_ls_show_and_diff(tmp_path, capsys):
     assert "field       weight_decay: 0.0 -> -0.0" in out and "registers   ? -> 40" in out
 
 
-@pytest.mark.parametrize("damage, message", [
+UNLOADABLE = [
     (lambda path, meta: path.rename(path.with_name("ab" * 32 + entry.SUFFIX)), "misplaced: at"),
     (lambda path, meta: rewrite(path, dict(meta, generator="0" * 16)), "stale: built by generator 0000"),
-])
-def test_cache_ls_and_show_say_which_entries_are_never_loaded(tmp_path, capsys, damage, message):
-    """An entry filed under another key's name, or built by another generator: what the cache
-    would reject on load is not listed as a healthy entry."""
+]
+
+
+def _ls_and_show_of_an_unloadable_entry(tmp_path, capsys, damage) -> tuple[str, str]:
+    """What `cache ls` and `cache show` print of the cache's one entry, damaged by ``damage``."""
     path, meta = write_entry(tmp_path, SPEC)
     damage(path, meta)
     root = ["cache", "--cache-dir", str(tmp_path)]
     assert cli_main(root + ["ls"]) == 0
-    out = capsys.readouterr().out
-    assert message in out and "(never loaded)" in out and "1 unusable: ptxgen-audit --check disk --prune" in out
+    listed = capsys.readouterr().out
     key = next((tmp_path / entry.LAYOUT).glob(f"*/*/*{entry.SUFFIX}")).name[:12]
     assert cli_main(root + ["show", key]) == 0
-    assert f"problem     {message}" in capsys.readouterr().out
+    return listed, capsys.readouterr().out
+
+
+def _says_never_loaded(listed: str, shown: str, message: str) -> bool:
+    return message in listed and "(never loaded)" in listed and \
+        "1 unusable: ptxgen-audit --check disk --prune" in listed and f"problem     {message}" in shown
+
+
+@pytest.mark.parametrize("damage, message", UNLOADABLE)
+def test_cache_ls_and_show_say_which_entries_are_never_loaded(tmp_path, capsys, damage, message):
+    """An entry filed under another key's name, or built by another generator: what the cache
+    would reject on load is not listed as a healthy entry."""
+    assert _says_never_loaded(*_ls_and_show_of_an_unloadable_entry(tmp_path, capsys, damage), message)
+
+
+@pytest.mark.parametrize("damage, message", UNLOADABLE)
+def test_planted_a_listing_that_trusts_any_readable_entry_is_caught(tmp_path, capsys, monkeypatch, damage, message):
+    """The listing as it was before: every entry that decodes shown as healthy. The check above
+    sees it."""
+    monkeypatch.setattr(cachecli, "placement_problem", lambda *args: None)
+    assert not _says_never_loaded(*_ls_and_show_of_an_unloadable_entry(tmp_path, capsys, damage), message)
 
 
 @pytest.mark.parametrize("argv, message", [
