@@ -25,7 +25,7 @@ from ptxgen import golden
 from ptxgen.builder import PtxBuildError
 from ptxgen.keyaudit import Finding, check_completeness, check_purity, check_source
 from ptxgen.registry import by_qualified_name, is_registered
-from ptxgen.spec import SpecError, Target, decode_fields, generator_fingerprint, sha256_hex
+from ptxgen.spec import KernelSpec, SpecError, Target, decode_fields, generator_fingerprint, sha256_hex
 
 from . import entry
 from .cache import default_cache_dir, toolchain_dir
@@ -37,48 +37,60 @@ class CacheDirError(ValueError):
     """The cache path is missing or not a directory: bad input (one line, exit 2), not "clean"."""
 
 
-def placement_problem(path: Path, layout_dir: Path, meta: dict) -> str | None:
-    """Why a readable entry is never loaded, from its metadata and place alone (no PTX emitted):
-    built by another generator, or filed where neither its key nor its toolchain puts it."""
+def _stored_spec(meta: dict) -> tuple[KernelSpec, Target] | str:
+    """The spec and target an entry of a registered kind was built for, or why they cannot be."""
+    try:
+        cls = by_qualified_name(meta["kind"])
+        spec = cls(**decode_fields(cls, meta["fields"]))
+        return spec, Target(meta["target"]["arch"], tuple(meta["target"]["ptx_version"]))
+    except (TypeError, ValueError, IndexError, KeyError, OverflowError, RecursionError) as e:  # SpecError: a ValueError
+        return f"stored spec cannot be rebuilt: {e}"
+
+
+def load_problem(path: Path, layout_dir: Path, meta: dict) -> str | None:
+    """Why a readable entry is never loaded, from its metadata and its place (its key recomputed
+    from its stored spec; no PTX emitted): another layout or generator, a stored spec that cannot
+    be rebuilt or that keys to another file, or a file where its key and toolchain do not put it.
+    A script's or plugin's class (not loaded here) keeps its stored key: only its place is checked
+    (its checksums held, and the cache re-checks the text on load)."""
+    if meta.get("layout") != entry.LAYOUT:
+        return f"layout {meta.get('layout')!r}, expected {entry.LAYOUT}"
+    stored = _stored_spec(meta) if is_registered(meta["kind"]) else None
+    if isinstance(stored, str):
+        return stored
     if meta["generator"] != generator_fingerprint():
         return f"stale: built by generator {meta['generator']}, current is {generator_fingerprint()}"
+    key = meta["key"]
+    if stored is not None:
+        try:
+            key = stored[0].key(stored[1])
+        except (SpecError, PtxBuildError) as e:
+            return f"stored spec cannot be emitted: {e}"
+        if meta["key"] != key or path.name != key + entry.SUFFIX:
+            return f"key mismatch: file {path.name}, stored {meta['key'][:16]}, recomputed {key[:16]}"
     placed = path.relative_to(layout_dir).parts
-    expected = toolchain_dir(layout_dir.parent, meta["toolchain"]).name, meta["key"][:2], meta["key"] + entry.SUFFIX
+    expected = toolchain_dir(layout_dir.parent, meta["toolchain"]).name, key[:2], key + entry.SUFFIX
     return None if placed == expected else f"misplaced: at {'/'.join(placed)}, belongs at {'/'.join(expected)}"
 
 
 def _entry_problem(path: Path, layout_dir: Path) -> str | None:
-    """Why the entry at ``path`` is bad, or None if it is valid under this generator. Never raises
-    on anything a file can hold: the audit must get through a damaged cache."""
+    """Why the entry at ``path`` is bad, or None if it is valid under this generator: a load
+    problem, or (a registered kind) PTX its stored spec no longer emits. Never raises on anything
+    a file can hold: the audit must get through a damaged cache."""
     try:
         meta, _cubin = entry.decode(path.read_bytes())
     except OSError as e:
         return f"unreadable: {e.strerror or e}"
     except entry.EntryError as e:
         return str(e)
-    if not is_registered(meta["kind"]):
-        # a script's or plugin's class: its key cannot be recomputed here (the class is not loaded),
-        # but its checksums held and the cache re-checks the text on load; only its place is checked
-        return placement_problem(path, layout_dir, meta)
+    problem = load_problem(path, layout_dir, meta)
+    if problem is not None or not is_registered(meta["kind"]):
+        return problem
+    spec, target = _stored_spec(meta)
     try:
-        cls = by_qualified_name(meta["kind"])
-        spec = cls(**decode_fields(cls, meta["fields"]))
-        target = Target(meta["target"]["arch"], tuple(meta["target"]["ptx_version"]))
-    except (TypeError, ValueError, IndexError, KeyError, OverflowError, RecursionError) as e:  # SpecError: a ValueError
-        return f"stored spec cannot be rebuilt: {e}"
-    if meta["generator"] != generator_fingerprint():
-        return f"stale: built by generator {meta['generator']}, current is {generator_fingerprint()}"
-    try:
-        key = spec.key(target)
         ptx = spec.emit(target)
     except (SpecError, PtxBuildError) as e:
         return f"stored spec cannot be emitted: {e}"
-    if meta["key"] != key or path.name != key + entry.SUFFIX:
-        return f"key mismatch: file {path.name}, stored {meta['key'][:16]}, recomputed {key[:16]}"
-    placed = path.relative_to(layout_dir).parts
-    expected = toolchain_dir(layout_dir.parent, meta["toolchain"]).name, key[:2], path.name
-    if placed != expected:
-        return f"misplaced: at {'/'.join(placed)}, belongs at {'/'.join(expected)}"
     if meta["ptx_sha256"] != sha256_hex(ptx):
         return "the stored spec now emits different PTX under the same key"
     return None

@@ -16,7 +16,7 @@ from ptxgen.cli import UsageError
 from ptxgen.spec import SpecError, decode_value
 
 from . import entry
-from .audit import placement_problem
+from .audit import load_problem
 from .cache import default_cache_dir
 
 # the file; its metadata, or why it cannot be read; why a readable one is never loaded (or None)
@@ -30,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
 
 def entries(root: Path) -> list[Entry]:
     """Every ``*.entry`` file under the cache, with its metadata or the reason it is unreadable, and
-    the reason a readable one is never loaded (stale, or misplaced: ``audit.placement_problem``)."""
+    the reason a readable one is never loaded (``audit.load_problem``)."""
     if not root.is_dir():
         raise UsageError(f"cache directory {root} " + ("is not a directory" if root.exists() else "does not exist"))
     out: list[Entry] = []
@@ -40,7 +40,7 @@ def entries(root: Path) -> list[Entry]:
         except (OSError, entry.EntryError) as e:
             out.append((path, f"damaged: {getattr(e, 'strerror', None) or e}", None))
             continue
-        out.append((path, meta, placement_problem(path, root / entry.LAYOUT, meta)))
+        out.append((path, meta, load_problem(path, root / entry.LAYOUT, meta)))
     return out
 
 
@@ -51,7 +51,9 @@ def find(root: Path, key: str) -> tuple[Path, dict[str, Any]]:
     if not matches:
         raise UsageError(f"no entry with key {key} in {root}")
     if len(matches) > 1:
-        raise UsageError(f"key {key} is ambiguous: {len(matches)} entries start with it")
+        where = ", ".join(str(p.relative_to(root)) for p, *_ in matches[:3])
+        raise UsageError(f"key {key} is ambiguous: {len(matches)} entries start with it ({where}"
+                         f"{', ...' if len(matches) > 3 else ''})")
     path, meta, problem = matches[0]
     if isinstance(meta, str):
         raise UsageError(f"{path}: {meta}")
@@ -125,7 +127,7 @@ def cmd_show(root: Path, key: str) -> int:
 
 
 def cmd_diff(root: Path, a: str, b: str) -> int:
-    (_, ma), (_, mb) = find(root, a), find(root, b)
+    (pa, ma), (pb, mb) = find(root, a), find(root, b)
     da, db = describe(ma), describe(mb)
     fa, fb = fields(ma), fields(mb)
     lines = []
@@ -136,10 +138,11 @@ def cmd_diff(root: Path, a: str, b: str) -> int:
         for name in dict.fromkeys([*encoded_a, *encoded_b]):
             if encoded_a.get(name) != encoded_b.get(name):
                 lines.append(f"field       {name}: {fa.get(name, '(absent)')!r} -> {fb.get(name, '(absent)')!r}")
-    for label in ("target", "toolchain", "generator", "ptx", "cubin", "registers", "spills", "compile ms", "created"):
-        if da[label] != db[label]:
-            lines.append(f"{label:11} {da[label]} -> {db[label]}")
-    print(f"{ma['key'][:16]} -> {mb['key'][:16]}")
+    for label in ("target", "toolchain", "generator", "ptx", "cubin", "registers", "spills", "compile ms", "created",
+                  "problem"):
+        if da.get(label, "none") != db.get(label, "none"):
+            lines.append(f"{label:11} {da.get(label, 'none')} -> {db.get(label, 'none')}")
+    print(f"{pa.name[:16]} -> {pb.name[:16]}")  # (the files': a misplaced copy's stored key is another's)
     print("\n".join(lines) if lines else "no difference")
     return 0
 

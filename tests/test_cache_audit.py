@@ -193,9 +193,20 @@ def test_cache_ls_show_and_diff(tmp_path, capsys):
     assert "field       weight_decay: 0.0 -> -0.0" in out and "registers   ? -> 40" in out
 
 
-UNLOADABLE = [
-    (lambda path, meta: path.rename(path.with_name("ab" * 32 + entry.SUFFIX)), "misplaced: at"),
+def _into_another_prefix_folder(path, meta):
+    wrong = path.parent.parent / ("00" if path.parent.name != "00" else "11")
+    wrong.mkdir()
+    path.rename(wrong / path.name)
+
+
+UNLOADABLE = [  # (damage, what the listing says of it): each one the cache rejects on load
+    (lambda path, meta: path.rename(path.with_name("ab" * 32 + entry.SUFFIX)), "key mismatch: file abab"),
+    (lambda path, meta: rewrite(path, dict(meta, fields=[["hidden", ["int", "1"]], *meta["fields"][1:]])),
+     "key mismatch"),
+    (lambda path, meta: rewrite(path, dict(meta, target=dict(meta["target"], arch="sm_80"))), "key mismatch"),
+    (_into_another_prefix_folder, "misplaced: at"),
     (lambda path, meta: rewrite(path, dict(meta, generator="0" * 16)), "stale: built by generator 0000"),
+    (lambda path, meta: rewrite(path, dict(meta, layout="v2")), "layout 'v2', expected v1"),
 ]
 
 
@@ -223,11 +234,25 @@ def test_cache_ls_and_show_say_which_entries_are_never_loaded(tmp_path, capsys, 
     assert _says_never_loaded(*_ls_and_show_of_an_unloadable_entry(tmp_path, capsys, damage), message)
 
 
+def test_cache_diff_of_an_entry_and_its_copy_filed_elsewhere_says_which_is_never_loaded(tmp_path, capsys):
+    path, _ = write_entry(tmp_path, SPEC)
+    shutil.copyfile(path, path.with_name("ab" * 32 + entry.SUFFIX))
+    root = ["cache", "--cache-dir", str(tmp_path)]
+    assert cli_main(root + ["diff", path.name[:12], "abab"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{path.name[:16]} -> abababababababab") and "problem     none -> key mismatch" in out
+    (path.parent.parent / "00").mkdir()
+    shutil.copyfile(path, path.parent.parent / "00" / path.name)
+    assert cli_main(root + ["show", path.name[:-len(entry.SUFFIX)]]) == 2  # the same full key in two folders
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "ambiguous: 2 entries" in err and f"/00/{path.name}" in err
+
+
 @pytest.mark.parametrize("damage, message", UNLOADABLE)
 def test_planted_a_listing_that_trusts_any_readable_entry_is_caught(tmp_path, capsys, monkeypatch, damage, message):
     """The listing as it was before: every entry that decodes shown as healthy. The check above
     sees it."""
-    monkeypatch.setattr(cachecli, "placement_problem", lambda *args: None)
+    monkeypatch.setattr(cachecli, "load_problem", lambda *args: None)
     assert not _says_never_loaded(*_ls_and_show_of_an_unloadable_entry(tmp_path, capsys, damage), message)
 
 
