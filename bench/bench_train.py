@@ -2,7 +2,7 @@
 torch.compile, in one process.
 
     PYTHONPATH=$PWD python3 bench/bench_train.py [--shapes PRESET[:BATCHxSEQ] ...] [--precisions fp32 bf16]
-        [--peers eager compile] [--reps N] [--breakdown] [--gpus N ...] [--json FILE]
+        [--peers eager compile | --peers none] [--reps N] [--breakdown] [--gpus N ...] [--json FILE]
 
 By default: tiny at 16 x 256, qwen2-0.5b at 8 x 1024 and at 4 x 2048, each in fp32 and bf16
 (about five minutes on an H200 by its parts' measured times, most of it torch.compile compiling:

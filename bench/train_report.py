@@ -295,8 +295,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
                     help="a preset alone runs its default shapes (tiny 16x256; qwen2-0.5b 8x1024 and 4x2048), "
                          "PRESET:BATCHxSEQ that shape; each in every --precisions")
     ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
-    ap.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS),
-                    help="the torch runs beside ours (default: both)")
+    ap.add_argument("--peers", nargs="+", choices=(*PEERS, "none"), default=list(PEERS),
+                    help="the torch runs beside ours (default: both; none: ours alone, as for an A/B of our code)")
     ap.add_argument("--reps", type=int, default=5, help="timed steps per system (the median is reported)")
     ap.add_argument("--breakdown", action="store_true", help="time our step's launches by kernel kind")
     ap.add_argument("--json", type=Path, help="every figure, rewritten after each run")
@@ -310,6 +310,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         raise UsageError(f"--gpus counts must be at least 1, got {' '.join(map(str, ns.gpus))}")
     if ns.json is not None and (ns.json.is_dir() or not ns.json.absolute().parent.is_dir()):
         raise UsageError(f"--json {ns.json}: not a file in an existing directory")
+    if "none" in ns.peers and len(ns.peers) > 1:
+        raise UsageError(f"--peers none runs ours alone; it takes no other peer, got {' '.join(ns.peers)}")
     peers = tuple(p for p in PEERS if p in ns.peers)
     gpus = sorted(set(ns.gpus) | {1}) if ns.gpus else []  # the speed-up is over one GPU measured alike
     return Options(runs_of(ns.shapes, ns.precisions), peers, ns.reps, ns.breakdown, ns.json, gpus)

@@ -73,6 +73,7 @@ def test_subsets_of_shapes_precisions_and_peers():
     assert runs("--shapes", "qwen2-0.5b", "qwen2-0.5b:8x1024", "--precisions", "bf16") == [
         ("qwen2-0.5b", 8, 1024, "bf16"), ("qwen2-0.5b", 4, 2048, "bf16")]
     assert tr.parse_args(["--peers", "compile", "eager"]).peers == ("eager", "compile")  # table order
+    assert tr.parse_args(["--peers", "none"]).peers == ()  # ours alone
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -83,6 +84,7 @@ def test_subsets_of_shapes_precisions_and_peers():
     (["--shapes", "small"], "small has no default shape"),
     (["--precisions", "fp16"], "invalid choice: 'fp16'"),
     (["--peers", "jax"], "invalid choice: 'jax'"),
+    (["--peers", "none", "eager"], "--peers none runs ours alone"),
     (["--reps", "0"], "--reps must be at least 1"),
     (["--gpus", "2", "0"], "--gpus counts must be at least 1, got 2 0"),
     (["--json", "/nonexistent-dir/out.json"], "not a file in an existing directory"),
