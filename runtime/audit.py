@@ -53,24 +53,32 @@ def load_problem(path: Path, layout_dir: Path, meta: dict) -> str | None:
     be rebuilt or that keys to another file, or a file where its key and toolchain do not put it.
     A script's or plugin's class (not loaded here) keeps its stored key: only its place is checked
     (its checksums held, and the cache re-checks the text on load)."""
+    return _load_check(path, layout_dir, meta)[0]
+
+
+def _load_check(path: Path, layout_dir: Path, meta: dict) -> tuple[str | None, tuple[KernelSpec, Target] | None]:
+    """``load_problem``'s answer, and the stored spec and target it rebuilt (None: a kind not
+    registered here, or a problem found before)."""
     if meta.get("layout") != entry.LAYOUT:
-        return f"layout {meta.get('layout')!r}, expected {entry.LAYOUT}"
+        return f"layout {meta.get('layout')!r}, expected {entry.LAYOUT}", None
     stored = _stored_spec(meta) if is_registered(meta["kind"]) else None
     if isinstance(stored, str):
-        return stored
+        return stored, None
     if meta["generator"] != generator_fingerprint():
-        return f"stale: built by generator {meta['generator']}, current is {generator_fingerprint()}"
+        return f"stale: built by generator {meta['generator']}, current is {generator_fingerprint()}", None
     key = meta["key"]
     if stored is not None:
         try:
             key = stored[0].key(stored[1])
         except (SpecError, PtxBuildError) as e:
-            return f"stored spec cannot be emitted: {e}"
+            return f"stored spec cannot be emitted: {e}", None
         if meta["key"] != key or path.name != key + entry.SUFFIX:
-            return f"key mismatch: file {path.name}, stored {meta['key'][:16]}, recomputed {key[:16]}"
+            return f"key mismatch: file {path.name}, stored {meta['key'][:16]}, recomputed {key[:16]}", None
     placed = path.relative_to(layout_dir).parts
     expected = toolchain_dir(layout_dir.parent, meta["toolchain"]).name, key[:2], key + entry.SUFFIX
-    return None if placed == expected else f"misplaced: at {'/'.join(placed)}, belongs at {'/'.join(expected)}"
+    if placed != expected:
+        return f"misplaced: at {'/'.join(placed)}, belongs at {'/'.join(expected)}", None
+    return None, stored
 
 
 def _entry_problem(path: Path, layout_dir: Path) -> str | None:
@@ -83,10 +91,10 @@ def _entry_problem(path: Path, layout_dir: Path) -> str | None:
         return f"unreadable: {e.strerror or e}"
     except entry.EntryError as e:
         return str(e)
-    problem = load_problem(path, layout_dir, meta)
-    if problem is not None or not is_registered(meta["kind"]):
+    problem, stored = _load_check(path, layout_dir, meta)
+    if stored is None:  # a load problem, or a kind whose PTX cannot be emitted here
         return problem
-    spec, target = _stored_spec(meta)
+    spec, target = stored
     try:
         ptx = spec.emit(target)
     except (SpecError, PtxBuildError) as e:

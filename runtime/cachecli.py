@@ -44,7 +44,8 @@ def entries(root: Path) -> list[Entry]:
     return out
 
 
-def find(root: Path, key: str) -> tuple[Path, dict[str, Any]]:
+def find(root: Path, key: str) -> tuple[Path, dict[str, Any], str | None]:
+    """The one readable entry whose key starts with ``key``: file, metadata, why it is never loaded."""
     if not re.fullmatch(r"[0-9a-f]{4,64}", key):
         raise UsageError(f"{key!r} is not a cache key (4 to 64 lower-case hex digits)")
     matches = [e for e in entries(root) if e[0].name.startswith(key)]
@@ -57,7 +58,7 @@ def find(root: Path, key: str) -> tuple[Path, dict[str, Any]]:
     path, meta, problem = matches[0]
     if isinstance(meta, str):
         raise UsageError(f"{path}: {meta}")
-    return path, dict(meta, problem=problem) if problem else meta
+    return path, meta, problem
 
 
 def fields(meta: dict[str, Any]) -> dict[str, Any]:
@@ -70,8 +71,8 @@ def fields(meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def describe(meta: dict[str, Any]) -> dict[str, str]:
-    """The entry as ordered (label, text) rows."""
+def describe(meta: dict[str, Any], problem: str | None = None) -> dict[str, str]:
+    """The entry as ordered (label, text) rows (``problem``: why it is never loaded)."""
     created = meta.get("created")
     spills = meta.get("local_bytes")
     return {
@@ -88,7 +89,7 @@ def describe(meta: dict[str, Any]) -> dict[str, str]:
         "spills": "?" if spills is None else f"{spills} bytes local memory",
         "compile ms": str(meta.get("compile_ms", "?")),
         "created": _when(created),
-        **({"problem": f"{meta['problem']} (never loaded)"} if meta.get("problem") else {}),
+        **({"problem": f"{problem} (never loaded)"} if problem else {}),
     }
 
 
@@ -103,32 +104,33 @@ def cmd_ls(root: Path) -> int:
     rows = entries(root)
     print(f"{'key':16}  {'kind':22} {'target':8} {'toolchain':20} {'cubin':>8} {'regs':>4} {'spill':>5} "
           f"{'ms':>7}  created              fields")
+    bad = 0
     for path, meta, problem in rows:
         if isinstance(meta, str) or problem:
             print(f"{path.name[:16]:16}  {meta if isinstance(meta, str) else problem + ' (never loaded)'}")
+            bad += 1
             continue
         d = describe(meta)
         kind = meta["kind"].rsplit(".", 1)[-1]
         print(f"{meta['key'][:16]:16}  {kind:22} {meta['target']['arch']:8} {d['toolchain']:20} "
               f"{meta['cubin_bytes']:>8} {d['registers']:>4} {str(meta.get('local_bytes', '?')):>5} "
               f"{str(meta.get('compile_ms', '?')):>7}  {d['created'][:19]:20} {d['fields']}")
-    bad = sum(isinstance(meta, str) or problem is not None for _, meta, problem in rows)
     print(f"{len(rows)} entries in {root}" + (f" ({bad} unusable: ptxgen-audit --check disk --prune removes "
                                                f"them)" if bad else ""))
     return 0
 
 
 def cmd_show(root: Path, key: str) -> int:
-    path, meta = find(root, key)
-    for label, text in describe(meta).items():
+    path, meta, problem = find(root, key)
+    for label, text in describe(meta, problem).items():
         print(f"{label:11} {text}")
     print(f"{'file':11} {path}")
     return 0
 
 
 def cmd_diff(root: Path, a: str, b: str) -> int:
-    (pa, ma), (pb, mb) = find(root, a), find(root, b)
-    da, db = describe(ma), describe(mb)
+    (pa, ma, qa), (pb, mb, qb) = find(root, a), find(root, b)
+    da, db = describe(ma, qa), describe(mb, qb)
     fa, fb = fields(ma), fields(mb)
     lines = []
     if ma["kind"] != mb["kind"]:
