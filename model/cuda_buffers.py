@@ -254,15 +254,16 @@ class TrainingBuffers:
         self.logit_stats = new("logit row statistics", (logit_rows * stats_tiles * 2,)) if stats_tiles else None
         self.dlogits = new("dlogits", (T, V), operand)  # the LM head's GEMM operand as it is
         self.g = new("d x", (T, H))     # gradient of the residual stream, updated in place
-        self.dh = new("d h", (T, H))
+        self.dh = new("d h", (T, H), operand)  # the norms' output gradient, as the dX GEMMs store it
         self.d_gate_up = new("d gate_up", (T, 2 * I), operand)  # [d gate | d up]: the fused GEMM's operand
         self.d_o = new("d o", (T, Q), operand)  # as the attention reads it
-        # the attention's dq, dk, dv, read by RoPE's backward and dv's copy (none where the attention
-        # backward writes d qkv's rows itself, rotated back: its qkv_rows)
+        # the attention's dq, dk, dv, read by RoPE's backward and dv's copy, and the rows they write,
+        # [dq | dk | dv] (after RoPE's backward): the fused projection's output gradient (none where the
+        # attention backward writes its rows itself, rotated back, in bf16: its qkv_rows)
         unfused = k.dv_copy is not None
         self.dq, self.dk, self.dv = (new(name, (T, width)) if unfused else None
                                      for name, width in (("d q", Q), ("d k", KV_), ("d v", KV_)))
-        self.d_qkv = new("d qkv", (T, Q + 2 * KV_))  # [dq | dk | dv] per row (before RoPE): the fused projection's
+        self.d_qkv = new("d qkv", (T, Q + 2 * KV_)) if unfused else None
         self.delta = new("attention delta", (batch, c.num_heads, seq))
         self.order, self.seg_start, self.seg_id = (new(n, (size,), "i32") for n, size in
                                                    (("embedding order", T), ("embedding seg_start", T + 1),

@@ -119,15 +119,13 @@ def backward(ops: Ops, acts: Activations, kv: list[KV], hf: View, d: TrainingBuf
         # attention: x_mid = x + o_proj(attn(rope(q), rope(k), v)); g is now the gradient of x_mid
         ops.grad_weight(g, a.o, p + "self_attn.o_proj")
         ops.grad_input(g, p + "self_attn.o_proj", d.d_o)  # bf16: stored as q, k and v are
-        # the fused projection's output gradient, [dq | dk | dv] per row, RoPE's backward on dq and dk
-        # (bf16: also the GEMMs' bf16 copy, dy16)
-        dy16 = ops.grad_copy(d.d_qkv)
-        ops.attention_backward(a.q, kv[i].k, kv[i].v, a.o, d.d_o, a.lse, delta=d.delta, batch=acts.batch,
-                               seq=acts.seq, positions=acts.pos, into=d.d_qkv, copy=dy16, angles=acts.angles,
-                               scratch=(d.dq, d.dk, d.dv))
+        # the fused projection's output gradient, [dq | dk | dv] per row, RoPE's backward on dq and dk,
+        # as its GEMMs read it (bf16: rounded, as torch's autocast stores it; the bias sums it so too)
+        dy = ops.attention_backward(a.q, kv[i].k, kv[i].v, a.o, d.d_o, a.lse, delta=d.delta, batch=acts.batch,
+                                    seq=acts.seq, positions=acts.pos, into=d.d_qkv, angles=acts.angles,
+                                    scratch=(d.dq, d.dk, d.dv))
         if c.qkv_bias:
-            ops.column_sum(d.d_qkv, p + "self_attn.qkv_proj.bias")
-        dy = dy16 if dy16 is not None else d.d_qkv
+            ops.column_sum(dy, p + "self_attn.qkv_proj.bias")
         ops.grad_weight(dy, a.h, p + "self_attn.qkv_proj")  # the three weights' gradients, one GEMM
         ops.grad_input(dy, p + "self_attn.qkv_proj", d.dh)
         g = ops.rmsnorm_backward(a.x, p + "input_layernorm.weight", d.dh, a.rstd1, dx=d.g, residual=True)

@@ -378,22 +378,24 @@ class Ops:
         self._gemm(self._linear(module).grad_input, f"{module} dX", dy, w.operand, dx, self.T, d_in, d_out)
 
     def column_sum(self, src: View, bias: str) -> None:
-        """A bias's gradient: the sum over the rows of ``src``."""
-        self._column_sum(src, self.W[bias].grad, self.T)
+        """A bias's gradient: the sum over the rows of ``src``, its output gradient as the GEMMs read it."""
+        self._column_sum(src, self.W[bias].grad, self.T, bias=True)
 
-    def _column_sum(self, src: View, dst: View, rows: int) -> None:
+    def _column_sum(self, src: View, dst: View, rows: int, bias: bool = False) -> None:
         """dst = the sum over ``rows`` rows of ``src`` ([rows, dst.size]), in one or two fixed-order
         stages: up to COLSUM_CHUNK rows at once, more in chunks of them (a block per 32 columns
         and chunk: one chunk of 1024 rows of 896 columns is 28 blocks, which left the H200 all but
         idle for 10 us) and then the chunks' sums, by the last block of each column block to be
         done (``colsum_chunks``: one launch, not a second one)."""
-        cols = dst.size
+        cols, k = dst.size, self.k
+        one, chunked = (k.bias_sum, k.bias_sum_chunks) if bias else (k.colsum, k.colsum_chunks)
+        assert src.dtype == one.dtype.value, (src.name, src.dtype, one)
         if rows <= COLSUM_CHUNK:
-            spec = self.k.colsum
+            spec = one
             self._add(spec, spec.launch_dims(rows, cols, rows), dst, src=src, dst=dst, n_rows=rows, n_cols=cols,
                       rows_per_chunk=rows)
             return
-        spec, scratch, counts = self.k.colsum_chunks, self._column_scratch, self._column_counts
+        spec, scratch, counts = chunked, self._column_scratch, self._column_counts
         dims = spec.launch_dims(rows, cols, COLSUM_CHUNK)
         (blocks, chunks), _ = dims
         assert scratch.size >= chunks * cols and counts.size >= blocks, (scratch.shape, counts.shape, dims)
@@ -431,29 +433,37 @@ class Ops:
                       **_named(spec, spec.arguments(gate_up, self._d_act, dgate_up, self.T, d_in)))
 
     def attention_backward(self, q: View, k: View, v: View, o: View, do: View, lse: View, delta: View, batch: int,
-                           seq: int, positions: View, into: View, copy: View | None, angles: View | None,
-                           scratch: tuple[View | None, View | None, View | None]) -> None:
-        """[dq | dk | dv] per row into ``into`` (and its bf16 copy ``copy``): the gradient of the
-        fused q/k/v projection's output, dq and dk through RoPE's backward. dq (and delta, the
-        rows' dO . O) in one kernel, dk and dv in another; where they write the rows themselves
-        (their ``qkv_rows``, rotating back by the forward's ``angles``), that is all; else into
-        ``scratch`` (dq, dk, dv), then the RoPE backward kernels and dv's copy."""
+                           seq: int, positions: View, into: View | None, angles: View | None,
+                           scratch: tuple[View | None, View | None, View | None]) -> View:
+        """[dq | dk | dv] per row: the gradient of the fused q/k/v projection's output, dq and dk
+        through RoPE's backward, returned as its GEMMs (and its bias's column sum) read it. dq (and
+        delta, the rows' dO . O) in one kernel, dk and dv in another; where they write the rows
+        themselves (their ``qkv_rows``, rotating back by the forward's ``angles``), that is all,
+        in bf16 (``into`` unused); else into ``scratch`` (dq, dk, dv), then the RoPE backward
+        kernels and dv's copy into ``into`` (and, bf16, into its bf16 copy, which is returned)."""
         bq, bkv = self.k.attention_bwd_q, self.k.attention_bwd_kv
         rows = bq.qkv_rows
         c = self.config
         Q, KV_ = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        dq, dk, dv = (into,) * 3 if rows else scratch
-        assert dq is not None and dk is not None and dv is not None, "the attention backward needs dq, dk and dv"
-        extra = dict(d16=copy, angles=angles) if rows else {}
-        assert not rows or (copy is not None and angles is not None), "qkv_rows: the bf16 copy and the angles"
+        if rows:  # (the rows, as every other output gradient, in the bf16 scratch they share)
+            assert angles is not None, "qkv_rows: the angles' table"
+            out = View("d qkv[bf16]", self._dy16.ptr, (self.T, Q + 2 * KV_), "bf16")
+            dq, dk, dv, extra = out, out, out, dict(angles=angles)
+        else:
+            (dq, dk, dv), extra = scratch, {}
+            assert dq is not None and dk is not None and dv is not None and into is not None, \
+                "the attention backward needs dq, dk, dv and the rows they go into"
         self._add(bq, bq.launch_dims(batch, seq), dq, q=q, k=k, v=v, o=o, do=do, lse=lse, dq=dq, delta=delta,
                   seq=seq, **extra)
         self._add(bkv, bkv.launch_dims(batch, seq), dk, q=q, k=k, v=v, do=do, lse=lse, delta=delta, dk=dk, dv=dv,
                   seq=seq, **extra)
-        if not rows:
-            self.rope(dq, positions, c.num_heads, out=Columns(into, 0, Q), inverse=True, copy=copy)
-            self.rope(dk, positions, c.num_kv_heads, out=Columns(into, Q, KV_), inverse=True, copy=copy)
-            self.copy_columns(dv, Columns(into, Q + KV_, KV_), KV_, backward=True, copy=copy)
+        if rows:
+            return out
+        copy = self.grad_copy(into)
+        self.rope(dq, positions, c.num_heads, out=Columns(into, 0, Q), inverse=True, copy=copy)
+        self.rope(dk, positions, c.num_kv_heads, out=Columns(into, Q, KV_), inverse=True, copy=copy)
+        self.copy_columns(dv, Columns(into, Q + KV_, KV_), KV_, backward=True, copy=copy)
+        return copy if copy is not None else into
 
     def embedding_backward(self, dout: View, order: View, seg_start: View, seg_id: View, table: str,
                            segments: Expr, into: View | None = None) -> None:

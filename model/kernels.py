@@ -211,6 +211,8 @@ class ModelKernels:
     cross_entropy: CrossEntropySpec
     colsum: ColumnSumSpec
     colsum_chunks: ColumnSumSpec  # more rows than a chunk: the chunks' sums finished in the same launch
+    bias_sum: ColumnSumSpec  # the same for a bias's gradient, over its output gradient as the GEMMs read it
+    bias_sum_chunks: ColumnSumSpec
     parts_sum: PartsSumSpec  # split-K partial weight gradients
     grad_norm_partial: GradNormPartialSpec
     grad_norm_final: GradNormFinalSpec
@@ -260,7 +262,9 @@ class ModelKernels:
         # fp32's SwiGLU kernels: a thread's elements stay in one row of intermediate_size, 16 bytes where it divides
         swiglu_vec = vector_width(c.intermediate_size, DType.F32)
         swiglu_vec = 0 if swiglu_vec == 16 // DType.F32.size else swiglu_vec
-        head = linear(h, c.vocab_size)
+        # bf16: every dX GEMM stores its output in bf16, as torch's autocast does and as the next
+        # kernel reads it (o's: the attention backward's dO; the rest: a norm backward's dy)
+        head = linear(h, c.vocab_size, bf16_dx=True)
         fused_rope = rope_in_gemm(c, precision)
         qkv_rope = dict(rope_heads=c.num_heads, rope_kv_heads=c.num_kv_heads, rope_head_dim=d) if fused_rope else None
         stats_block = WGMMA_TILE["block_n"] if bf16 else 0
@@ -270,16 +274,17 @@ class ModelKernels:
             # bf16: the norms' backward also writes dx in bf16, the next GEMMs' operand. 8 rows a
             # block: on the H200 at 8192 x 896 (bf16 copy) 40.5 us with the residual, 34.7 without,
             # against 47.7 and 37.9 with 16 (fewer rows a block hide less latency, more add partials)
-            norm_bwd=RMSNormBackwardSpec(hidden=h, bf16_copy=bf16, rows_per_block=NORM_BWD_ROWS),
+            norm_bwd=RMSNormBackwardSpec(hidden=h, bf16_copy=bf16, rows_per_block=NORM_BWD_ROWS,
+                                         dy_dtype=gemm_operand),
             norm_bwd_residual=RMSNormBackwardSpec(hidden=h, residual=True, bf16_copy=bf16,
-                                                  rows_per_block=NORM_BWD_ROWS),
-            qkv=linear(h, q_dim + 2 * kv_dim, bias=c.qkv_bias, rope=qkv_rope),
+                                                  rows_per_block=NORM_BWD_ROWS, dy_dtype=gemm_operand),
+            qkv=linear(h, q_dim + 2 * kv_dim, bias=c.qkv_bias, rope=qkv_rope, bf16_dx=True),
             # gate and up as one GEMM ([gate; up] weights); bf16: stored in bf16, as SwiGLU's backward reads them
             # bf16: the attention output's gradient stored in bf16, as the attention backward reads it
             # the o and down projections add the residual stream to their output themselves (the
             # norm after each reads the sum only)
             o=linear(q_dim, h, bf16_dx=True, residual_y=True),
-            gate_up=linear(h, 2 * c.intermediate_size, bf16_out=True, swiglu_y=True),
+            gate_up=linear(h, 2 * c.intermediate_size, bf16_out=True, swiglu_y=True, bf16_dx=True),
             down=linear(c.intermediate_size, h, swiglu_dx=True, residual_y=True), head=head,
             head_logits=dataclasses.replace(head.forward, row_stats=True, bf16_out=True, tma_store=True)
             if stats_block else None,
@@ -302,6 +307,8 @@ class ModelKernels:
             cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index, dtype=gemm_operand,
                                            grad_dtype=gemm_operand, stats_block=stats_block),
             colsum=ColumnSumSpec(), colsum_chunks=ColumnSumSpec(row_groups=COLSUM_CHUNKS_GROUPS, finish=True),
+            bias_sum=ColumnSumSpec(dtype=gemm_operand),
+            bias_sum_chunks=ColumnSumSpec(row_groups=COLSUM_CHUNKS_GROUPS, finish=True, dtype=gemm_operand),
             parts_sum=PartsSumSpec(), grad_norm_partial=partial,
             grad_norm_final=GradNormFinalSpec(partials=partial.blocks),
             # bf16: the step on the matrices writes their bf16 copy too (no separate refresh pass)

@@ -6,7 +6,10 @@ output gradients, weights) and of the attention (q, k, v, dO; it writes o in bf1
 bf16, and every product is accumulated in fp32. ``round`` is that rounding for the references.
 The gate and up projections' outputs are stored in bf16 too (``store``: what SwiGLU and its
 backward read; torch's autocast stores every linear output so): at 8 x 1024 tokens of
-Qwen2-0.5B their f32 copies were 7.6 GB, the largest activations.
+Qwen2-0.5B their f32 copies were 7.6 GB, the largest activations. So are the backward's: the dX
+GEMMs' outputs the norms' backward reads, and the q/k/v projection's output gradient (after the
+attention's and RoPE's backward), which its bias's gradient sums (each f32 copy was written and
+read back once a layer).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ class Precision(enum.Enum):
         return round_to(x, DType.BF16) if self is Precision.BF16 else x
 
     def store(self, y: np.ndarray) -> np.ndarray:
-        """A GEMM output as stored for the next kernel where the precision narrows it (gate, up)."""
+        """A GEMM output (or gradient) as stored for the next kernel where the precision narrows it."""
         return self.round(y)
 
     def matmul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:

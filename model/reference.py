@@ -41,7 +41,9 @@ class ReferenceModel:
     """float64 forward/backward over a parameter dict with HF names. With ``Precision.BF16`` every
     linear layer's GEMM (forward, input and weight gradients) reads bf16-rounded operands, and the
     attention bf16-rounded q, k, v (and dO); its output is rounded as the o projection's operand;
-    gate and up, and the logits the loss reads, are stored rounded (``Precision.store``)."""
+    gate and up, the logits the loss reads, the input gradients the dX GEMMs store for the norms'
+    backward and the q/k/v projection's output gradient (which its bias sums) are stored rounded
+    (``Precision.store``), as torch's autocast stores them."""
 
     def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], precision: Precision = Precision.FP32):
         self.c = config
@@ -116,7 +118,7 @@ class ReferenceModel:
 
         head = lm_head_name(c)
         g[head] += self.mm(dlogits.T, top["hf"])
-        dhf = self.mm(dlogits, self.p[head])
+        dhf = self.store(self.mm(dlogits, self.p[head]))
         dx, dgamma = rmsnorm_backward_reference(top["x"], self.p["model.norm.weight"], dhf, c.rms_norm_eps)
         g["model.norm.weight"] += dgamma
         for i in reversed(range(c.num_layers)):
@@ -127,7 +129,8 @@ class ReferenceModel:
             dgate, dup = swiglu_backward_reference(a["gate"], a["up"], self.mm(dx, wd))
             g[p + "mlp.gate_proj.weight"] += self.mm(dgate.T, a["h2"])
             g[p + "mlp.up_proj.weight"] += self.mm(dup.T, a["h2"])
-            dh2 = self.mm(dgate, self.p[p + "mlp.gate_proj.weight"]) + self.mm(dup, self.p[p + "mlp.up_proj.weight"])
+            dh2 = self.store(self.mm(dgate, self.p[p + "mlp.gate_proj.weight"]) +
+                             self.mm(dup, self.p[p + "mlp.up_proj.weight"]))
             dmid, dgamma = rmsnorm_backward_reference(a["x_mid"], self.p[p + "post_attention_layernorm.weight"],
                                                       dh2, c.rms_norm_eps)
             g[p + "post_attention_layernorm.weight"] += dgamma
@@ -141,12 +144,12 @@ class ReferenceModel:
             dk = rope_reference(dk.reshape(b * s, c.num_kv_heads, -1), positions, c.rope_theta, inverse=True)
             dh = np.zeros_like(a["h"])
             for name, d in (("q_proj", dq), ("k_proj", dk), ("v_proj", dv)):
-                d = d.reshape(b * s, -1)
+                d = self.store(d.reshape(b * s, -1))  # (the bias's sum too reads it so)
                 g[p + f"self_attn.{name}.weight"] += self.mm(d.T, a["h"])
                 if c.qkv_bias:
                     g[p + f"self_attn.{name}.bias"] += d.sum(0)
                 dh += self.mm(d, self.p[p + f"self_attn.{name}.weight"])
-            dxn, dgamma = rmsnorm_backward_reference(a["x"], self.p[p + "input_layernorm.weight"], dh,
+            dxn, dgamma = rmsnorm_backward_reference(a["x"], self.p[p + "input_layernorm.weight"], self.store(dh),
                                                      c.rms_norm_eps)
             g[p + "input_layernorm.weight"] += dgamma
             dx = dx_mid + dxn

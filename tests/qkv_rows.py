@@ -1,6 +1,6 @@
 """Test helper: the fused q/k/v projection's gradient rows as the unfused path makes them (the RoPE
-backward kernels on dq and dk, dv's strided copy), what the attention backward's ``qkv_rows``
-must write bit for bit; on a GPU (``cudacall.call``) or in the interpreter (``ptxsim.launch``)."""
+backward kernels on dq and dk, dv's strided copy; their bf16 copy), what the attention backward's
+``qkv_rows`` must write bit for bit; on a GPU (``cudacall.call``) or in the interpreter (``ptxsim.launch``)."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -13,12 +13,12 @@ from ptxgen.vecio import DType
 
 
 def projection_rows(run: Callable[..., list[np.ndarray]], grads: dict[str, np.ndarray], positions: np.ndarray,
-                    heads: int, kv_heads: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """(f32 rows, their bf16 bits) [tokens, (heads + 2 kv_heads) x head_dim] from the attention's
+                    heads: int, kv_heads: int, head_dim: int, theta: float) -> np.ndarray:
+    """The rows' bf16 bits [tokens, (heads + 2 kv_heads) x head_dim] from the attention's
     own ``grads`` dq, dk, dv; ``run(spec, (grid, block), *args)`` launches a kernel on arrays."""
     tokens, d = positions.size, head_dim
     width = (heads + 2 * kv_heads) * d
-    rows, rows16 = np.zeros((tokens, width), np.float32), np.zeros((tokens, width), np.uint16)
+    rows16 = np.zeros((tokens, width), np.uint16)
     for name, start, count in (("dq", 0, heads), ("dk", heads * d, kv_heads), ("dv", (heads + kv_heads) * d, kv_heads)):
         x, n = grads[name].reshape(tokens, count * d), count * d
         # the kernel's y from its first column on: the rows' other columns stay NaN
@@ -31,7 +31,6 @@ def projection_rows(run: Callable[..., list[np.ndarray]], grads: dict[str, np.nd
             spec = RopeSpec(heads=count, head_dim=d, theta=theta, inverse=True, strided=True, bf16_copy=True)
             _, y, y16, _ = run(spec, spec.launch_dims(tokens),
                                *spec.arguments(x, y, positions, tokens, n, width, y16=y16))
-        for out, got in ((rows, y), (rows16, y16)):
-            out[:, start:start + n] = np.concatenate([np.zeros(start, got.dtype), got]).reshape(tokens, width)[
-                :, start:start + n]
-    return rows, rows16
+        rows16[:, start:start + n] = np.concatenate([np.zeros(start, y16.dtype), y16]).reshape(tokens, width)[
+            :, start:start + n]
+    return rows16

@@ -107,6 +107,23 @@ def test_rmsnorm_backward_writes_its_bf16_copy_as_a_cast_of_its_dx_would(cache, 
     assert_rel(dx, ref + dres, rel=1e-4)
 
 
+@pytest.mark.parametrize("rows, hidden", [(1, 896), (37, 897), (64, 896)])
+def test_rmsnorm_backward_reads_a_bf16_dy_as_the_f32_kernel_reads_its_values(cache, rows, hidden):
+    """A dX GEMM stores the norm's dy in bf16 (bf16 precision): the kernel reading it gives the f32
+    kernel's dx, copy and dgamma partials of the same (exactly widened) values, bit for bit."""
+    x, dres, gamma = f32(rows, hidden, scale=0.5), f32(rows, hidden), 1 + f32(hidden, scale=0.1)
+    dy16 = to_bf16(f32(rows, hidden))
+    _, rstd = rmsnorm_reference(x, gamma, 1e-6)
+    outs = []
+    for dy, dtype in ((dy16, DType.BF16), (from_bf16(dy16), DType.F32)):
+        spec = RMSNormBackwardSpec(hidden=hidden, residual=True, bf16_copy=True, rows_per_block=8, dy_dtype=dtype)
+        outs.append(call(cache, spec, spec.launch_dims(rows), x, gamma, dy, rstd.astype(np.float32), dres,
+                         poison((rows, hidden)), poison((rows, hidden), np.uint16),
+                         poison((spec.partial_rows(rows), hidden)), rows)[-3:])
+    for ours, f32s in zip(*outs):
+        np.testing.assert_array_equal(ours, f32s)
+
+
 @pytest.mark.parametrize("rows, hidden, per_block", [(1, 896, 16), (37, 897, 5), (64, 896, 16), (9, 4864, 4)])
 def test_rmsnorm_backward_dx_and_deterministic_dgamma(cache, rows, hidden, per_block):
     x, dy, gamma = f32(rows, hidden, scale=0.02), f32(rows, hidden), 1 + f32(hidden, scale=0.1)

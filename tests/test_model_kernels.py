@@ -105,9 +105,14 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     # every bf16 GEMM, all three layouts, on the TMA-fed warpgroup MMA kernel
     assert all(isinstance(s, GemmWgmmaSpec) and s.tma for s in gemms(bf16))
     # forward (with bias, without, adding the residual stream, bf16 out, the loss's LM head), dX
-    # (f32, bf16: o_proj's, the attention backward's operand, and down's, which stores SwiGLU's
-    # backward of it), dW
-    assert len(gemms(bf16)) == 9 and bf16.o.grad_input.bf16_out and not bf16.gate_up.grad_input.bf16_out
+    # (bf16: o_proj's, the attention backward's operand, the others' a norm backward's dy, and
+    # down's, which stores SwiGLU's backward of it), dW
+    assert len(gemms(bf16)) == 8 and all(bf16.linear(m).grad_input.bf16_out for m in ("o_proj", "qkv_proj",
+                                                                                      "gate_up_proj", "lm_head"))
+    assert bf16.norm_bwd.dy_dtype is bf16.norm_bwd_residual.dy_dtype is DType.BF16
+    assert fp32.norm_bwd.dy_dtype is fp32.norm_bwd_residual.dy_dtype is DType.F32
+    # the q/k/v bias's gradient sums its output gradient as the GEMMs read it
+    assert bf16.bias_sum.dtype is bf16.bias_sum_chunks.dtype is DType.BF16 and fp32.bias_sum == fp32.colsum
     assert bf16.down.grad_input.swiglu_grad and bf16.swiglu_bwd is None and fp32.swiglu_bwd is not None
     assert [s for s in gemms(bf16) if s.swiglu_grad] == [bf16.down.grad_input]
     # a bf16 C (gate/up's forward, o_proj's dX, the loss's logits) leaves through shared memory by
@@ -167,7 +172,8 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
               AttentionWgmmaBackwardQSpec, AttentionWgmmaBackwardKVSpec, SwiGLUSpec,
               SwiGLUBackwardSpec, CrossEntropySpec)
     same = lambda kernels: {s for s in kernels.specs() if not isinstance(s, differ)}  # noqa: E731
-    assert same(fp32) == same(bf16) and len(same(fp32)) >= 6  # embeddings, column sums, grad norm
+    # embeddings, column sums, grad norm (bf16 adds the bias's column sums of bf16 rows)
+    assert same(fp32) == same(bf16) - {bf16.bias_sum, bf16.bias_sum_chunks} and len(same(fp32)) >= 6
 
 
 def test_every_kernel_a_preset_runs_assembles_without_spilling():

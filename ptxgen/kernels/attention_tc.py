@@ -279,14 +279,12 @@ class _Flash:
                       scale: float = 1.0, rotate: bool = False) -> None:
         """The spec's ``qkv_rows``: row group + 8h of the gradient ``name`` ([16 x d] accumulators x
         ``scale``) of token ``token`` into head ``column_head`` of the fused projection's [q | k |
-        v] gradient row, f32 and its bf16 copy ``d16``; ``rotate``: rotated back by RoPE (the
+        v] gradient row, in bf16 (its GEMMs' operand); ``rotate``: rotated back by RoPE (the
         angles' table's (cos, -sin) of the token, ``rope.rotate``): bit for bit the RoPE backward
-        kernel's on the f32 gradient, and the strided cast's of it."""
+        kernel's bf16 copy of the f32 gradient, and the strided cast's."""
         b, spec, d = self.b, self.spec, self.d
-        ptr = b.cvta_global(b.ld_param(name))
         index = b.mad(token, spec.heads + 2 * spec.kv_heads, column_head)  # in head_dim units of d_qkv
-        at = b.add(b.add(ptr, b.mul_wide(index, d * 4)), b.mul_wide(self.quad, 8))
-        at16 = b.add(b.add(b.cvta_global(b.ld_param("d16")), b.mul_wide(index, d * 2)), b.mul_wide(self.quad, 4))
+        at16 = b.add(b.add(b.cvta_global(b.ld_param(name)), b.mul_wide(index, d * 2)), b.mul_wide(self.quad, 4))
         pairs = [[b.mul(v, scale) if scale != 1.0 else v for v in (tile[2 * h], tile[2 * h + 1])] for tile in acc]
         if rotate:  # the pair (i, i + d / 2) in n8 tiles j and j + d / 16 of the lane; i = 8 j + 2 quad (+ 1)
             half = d // 2
@@ -295,7 +293,6 @@ class _Flash:
                           for e, (x1, x2) in enumerate(zip(pairs[j], pairs[j + half // 8]))]
                 pairs[j], pairs[j + half // 8] = [y1 for y1, _ in turned], [y2 for _, y2 in turned]
         for j, pair in enumerate(pairs):
-            b.st("global", Addr(at, 32 * j), pair, guard=valid)
             b.st("global", Addr(at16, 16 * j), b.cvt_bf16x2(pair[1], pair[0]), t=T.B32, guard=valid)
 
 
@@ -452,18 +449,15 @@ class AttentionTCSpec(_ForwardBase):
 
 class _QkvRows:
     """The backward kernels' ``qkv_rows``: dq, dk and dv land in the fused q/k/v projection's
-    gradient rows, [q | k | v] heads a token (dq, dk and dv all point at its first), in f32 and in
-    its bf16 copy ``d16``, dq and dk rotated back by RoPE by the forward's angles' table
-    ``angles`` (``rope.RopeTableSpec``'s): the RoPE backward kernels and dv's copy, done as they are
-    stored (``_Flash.store_qkv_row``)."""
+    gradient rows, [q | k | v] heads a token (dq, dk and dv all point at its first), in bf16 as the
+    projection's GEMMs and its bias's column sum read them (no f32 rows), dq and dk rotated back by
+    RoPE by the forward's angles' table ``angles`` (``rope.RopeTableSpec``'s): the RoPE backward
+    kernels and dv's copy, done as they are stored (``_Flash.store_qkv_row``)."""
 
     qkv_rows: bool
 
     def params(self) -> tuple[tuple[str, T], ...]:
-        return super().params() + ((("d16", T.U64), ("angles", T.U64)) if self.qkv_rows else ())  # type: ignore[misc]
-
-    def outputs(self) -> tuple[str, ...]:
-        return super().outputs() + (("d16",) if self.qkv_rows else ())  # type: ignore[misc]
+        return super().params() + ((("angles", T.U64),) if self.qkv_rows else ())  # type: ignore[misc]
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Column sums of a [rows, cols] f32 matrix, deterministic: fixed partition, fixed order, no
-floating-point atomics.
+"""Column sums of a [rows, cols] f32 (or bf16) matrix, in f32, deterministic: fixed partition,
+fixed order, no floating-point atomics.
 (And the parts sum: the same for a few very long rows.)
 
 Block (x: 32 columns, y: a chunk of rows) has 32 x ``row_groups`` threads; group g sums rows
@@ -37,10 +37,13 @@ class ColumnSumSpec(KernelSpec):
     # to be done (a count per column block in ``counters``: zero before, left zero) adds them into
     # ``dst`` in chunk order: the second launch's sums, bit for bit, without the launch
     finish: bool = False
+    dtype: DType = DType.F32  # the matrix's (the sums and their partials are f32)
 
     def validate(self) -> None:
         if self.row_groups not in (1, 2, 4, 8, 16, 32):
             raise SpecError(f"row_groups must be a power of two in [1, 32], got {self.row_groups}")
+        if self.dtype not in (DType.F32, DType.BF16):
+            raise SpecError(f"colsum: dtype must be f32 or bf16, got {self.dtype.value}")
 
     def launch_dims(self, rows: int, cols: int, rows_per_chunk: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """(grid, block); the output has ``-(-rows // rows_per_chunk)`` rows of ``cols``."""
@@ -68,7 +71,8 @@ class ColumnSumSpec(KernelSpec):
         start = b.mul(chunk, per_chunk)
         sums = b.addr_of(b.shared_array("group_sums", T.F32, self.row_groups * COLS_PER_BLOCK)) \
             if self.row_groups > 1 else None
-        total = self._sum_rows(b, src, start, b.min(b.add(start, per_chunk), n_rows), n_cols, col, in_cols, sums)
+        total = self._sum_rows(b, src, start, b.min(b.add(start, per_chunk), n_rows), n_cols, col, in_cols, sums,
+                               self.dtype)
         store = b.and_(in_cols, b.setp("eq", b.special("%tid.y"), 0))
         out = b.cvta_global(b.ld_param("partials")) if self.finish else dst
         b.st("global", Addr(offset(b, out, b.mad(chunk, n_cols, col), 4)), total, guard=store)
@@ -76,8 +80,8 @@ class ColumnSumSpec(KernelSpec):
             self._finish(b, out, dst, n_cols, col, in_cols, store, sums)
 
     def _sum_rows(self, b: KernelBuilder, src: Reg, start: Reg, end: Reg, n_cols: Reg, col: Reg, in_cols: Reg,
-                  sums: Reg | None, cg: bool = False) -> Reg:
-        """The sum of rows [start, end) of column ``col`` of ``src``, in the fixed order: group g
+                  sums: Reg | None, dtype: DType = DType.F32, cg: bool = False) -> Reg:
+        """The sum of rows [start, end) of column ``col`` of ``src`` (``dtype``), in the fixed order: group g
         of the block's threads sums rows start + g, start + g + row_groups, ..., UNROLL a trip into
         independent accumulators, then group 0's threads (where the result is) add the groups'
         (met at ``sums`` in shared memory). ``cg``: read through L2 only (other blocks' writes)."""
@@ -92,8 +96,11 @@ class ColumnSumSpec(KernelSpec):
         with b.loop(trips, "rows"):
             for u, acc in enumerate(accs):
                 r = b.add(row, u * self.row_groups)
-                v = b.ld("global", T.F32, Addr(offset(b, src, b.mad(r, n_cols, col), 4)), cg=cg,
-                         out=[b.mov(0.0, T.F32)], guard=b.setp("lt", r, end))  # rows past end: 0
+                at, past = Addr(offset(b, src, b.mad(r, n_cols, col), dtype.size)), b.setp("lt", r, end)
+                if dtype is DType.F32:  # rows past end: 0
+                    v = b.ld("global", T.F32, at, cg=cg, out=[b.mov(0.0, T.F32)], guard=past)
+                else:
+                    v = b.cvt(T.F32, b.ld("global", T.B16, at, cg=cg, out=[b.mov(0, T.B16)], guard=past), src=T.BF16)
                 b.add(acc, v, out=acc)
             b.add(row, per_trip, out=row)
         acc = tree_sum(b, accs)
@@ -129,14 +136,15 @@ class ColumnSumSpec(KernelSpec):
         b.bar_sync()
         not_last = b.new_label("not_last")
         b.bra(not_last, guard=b.setp("eq", b.ld("shared", T.U32, Addr(last_flag)), 0))
-        total = self._sum_rows(b, partials, b.mov(0, T.U32), chunks, n_cols, col, in_cols, sums, cg=True)
+        total = self._sum_rows(b, partials, b.mov(0, T.U32), chunks, n_cols, col, in_cols, sums, cg=True)  # (f32)
         b.st("global", Addr(offset(b, dst, col, 4)), total, guard=store)
         b.st("global", counter, 0, t=T.U32, guard=first)  # down for the next launch
         b.place(not_last)
 
     @classmethod
     def examples(cls) -> list["ColumnSumSpec"]:
-        return [cls(), cls(row_groups=1), cls(row_groups=32), cls(finish=True), cls(row_groups=1, finish=True)]
+        return [cls(), cls(row_groups=1), cls(row_groups=32), cls(finish=True), cls(row_groups=1, finish=True),
+                cls(dtype=DType.BF16), cls(row_groups=4, finish=True, dtype=DType.BF16)]
 
 
 def column_sum_reference(x: np.ndarray) -> np.ndarray:

@@ -126,9 +126,12 @@ class RMSNormBackwardSpec(KernelSpec):
     rows_per_block: int = 16
     block_size: int = 256
     bf16_copy: bool = False  # also write dx in bf16 (dx16): the next GEMMs' operand, as a cast would
+    dy_dtype: DType = DType.F32  # dy as the GEMM before stores it
 
     def validate(self) -> None:
         check_positive("hidden", self.hidden)
+        if self.dy_dtype not in (DType.F32, DType.BF16):
+            raise SpecError(f"rmsnorm_bwd: dy_dtype must be f32 or bf16, got {self.dy_dtype.value}")
         check_positive("rows_per_block", self.rows_per_block)
         check_at_most("rows_per_block", self.rows_per_block, MAX_LOOP_BOUND, "a baked row count")
         check_block_size(self.block_size)
@@ -161,7 +164,7 @@ class RMSNormBackwardSpec(KernelSpec):
         with b.loop(count, "row") as i:
             row = b.add(first, i)
             xs = rows.load(b, DType.F32, rows.base(b, ptr["x"], row, 4))
-            dys = rows.load(b, DType.F32, rows.base(b, ptr["dy"], row, 4))
+            dys = rows.load(b, self.dy_dtype, rows.base(b, ptr["dy"], row, self.dy_dtype.size))
             r = b.ld("global", T.F32, Addr(offset(b, ptr["rstd"], row, 4)))
             gdy = [[b.mul(g, d) for g, d in zip(gv, dv)] for gv, dv in zip(gs, dys)]
             dot = b.mov(0.0, T.F32)
@@ -186,7 +189,8 @@ class RMSNormBackwardSpec(KernelSpec):
     def examples(cls) -> list["RMSNormBackwardSpec"]:
         return [cls(hidden=896), cls(hidden=897, rows_per_block=3, block_size=128, residual=True),
                 cls(hidden=4864, rows_per_block=8, block_size=512),
-                cls(hidden=896, residual=True, bf16_copy=True)]
+                cls(hidden=896, residual=True, bf16_copy=True),
+                cls(hidden=896, residual=True, bf16_copy=True, dy_dtype=DType.BF16)]
 
 
 def rmsnorm_reference(x: np.ndarray, gamma: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
