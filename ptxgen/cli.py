@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import io
 import json
 import os
 import sys
@@ -194,9 +195,18 @@ def silence_stdout() -> None:
     os.close(devnull)
 
 
+def paths_as_named() -> None:
+    """Let stdout print a path as the file system names it: Python reads a name that is not UTF-8
+    with its bytes as lone surrogates, which a strict UTF-8 stdout refuses (a traceback, mid-listing);
+    written back as those bytes, as ``ls`` writes them."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="surrogateescape")
+
+
 def main(argv: Sequence[str] | None = None, *, more: dict[str, Callable[[Sequence[str]], int]] | None = None,
          more_usage: str = "") -> int:
     """Run one command; ``more`` adds commands of packages built on this one (train, generate, ...)."""
+    paths_as_named()
     commands = {**COMMANDS, **(more or {})}
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):

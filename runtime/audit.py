@@ -23,6 +23,7 @@ from typing import Sequence
 
 from ptxgen import golden
 from ptxgen.builder import PtxBuildError
+from ptxgen.cli import paths_as_named
 from ptxgen.keyaudit import Finding, check_completeness, check_purity, check_source
 from ptxgen.registry import by_qualified_name, is_registered
 from ptxgen.spec import KernelSpec, SpecError, Target, decode_fields, generator_fingerprint, sha256_hex
@@ -184,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prune", action="store_true", help="delete bad disk entries")
     p.add_argument("--golden", type=Path, default=golden.DEFAULT_PATH, help="golden PTX digest file")
     ns = p.parse_args(argv)
+    paths_as_named()  # (a cache directory, or an entry's folder, named in bytes that are not UTF-8)
     checks = ns.check or [c for c in CHECKS if c != "golden" or ns.golden.exists()]
     cache_dir = ns.cache_dir or default_cache_dir()
     if "disk" in checks and not cache_dir.is_dir():

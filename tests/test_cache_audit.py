@@ -17,6 +17,7 @@ from runtime.audit import _entry_problem, check_disk, main as audit_main
 from test_runtime_cpu import CUBIN, TARGET, TOOLCHAIN, write_entry
 
 SPEC = RMSNormSpec(hidden=896, eps=1e-6)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def rewrite(path, meta, cubin=CUBIN):
@@ -283,3 +284,22 @@ def test_a_golden_file_whose_entries_are_not_objects_is_a_finding(tmp_path):
     (tmp_path / "g.json").write_text(json.dumps({"format": golden.FORMAT, "entries": ["x", [1, 2]]}))
     findings = golden.check(tmp_path / "g.json")
     assert len(findings) == 2 and all("not an object" in f.message for f in findings)
+
+
+def test_a_cache_named_in_bytes_that_are_not_utf8_is_listed_and_audited_not_a_traceback(tmp_path):
+    """A cache directory, and an entry filed in a folder, named in bytes that are not UTF-8: `cache
+    ls` and `ptxgen-audit` print them as the file system names them (their own bytes, as ``ls``
+    does), on a strict UTF-8 stdout, where they died with a UnicodeEncodeError mid-listing."""
+    import subprocess
+    import sys
+    root = tmp_path / os.fsdecode(b"cache\xff")
+    path, _ = write_entry(root, SPEC)
+    odd = path.parent.parent / os.fsdecode(b"\xfe")
+    odd.mkdir()
+    path.rename(odd / path.name)  # misplaced, under an undecodable name
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", PYTHONPATH=str(ROOT))
+    for argv, code in ((["-m", "model.cli", "cache", "--cache-dir", str(root), "ls"], 0),
+                       (["-m", "runtime.audit", "--cache-dir", str(root), "--check", "disk"], 1)):
+        proc = subprocess.run([sys.executable, *argv], capture_output=True, env=env, cwd=ROOT, timeout=120)
+        assert proc.returncode == code and b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")
+        assert b"cache\xff" in proc.stdout and b"/\xfe/" in proc.stdout  # the names' own bytes
