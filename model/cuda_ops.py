@@ -409,6 +409,7 @@ class Ops:
         writes into the output gradients' shared scratch."""
         spec, g, T = self.k.norm_bwd_residual if residual else self.k.norm_bwd, self.W[gamma], self.T
         partial = self._gamma_partial
+        assert dy.dtype == spec.dy_dtype.value, (dy.name, dy.dtype, spec)  # (bf16 bits read as f32: garbage)
         operand = View(dx.name + "[bf16]", self._dy16.ptr, dx.shape, "bf16") if spec.bf16_copy else dx
         self._add(spec, spec.launch_dims(T), dx, x=x, gamma=g.value, dy=dy, rstd=rstd, dx=dx,
                   dgamma_partial=partial, n_rows=T, **({"dres": dx} if residual else {}),

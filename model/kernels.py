@@ -293,8 +293,8 @@ class ModelKernels:
             rope_table=RopeTableSpec(**rope) if fused_rope else None,
             rope_q=None if fused_rope else RopeSpec(heads=c.num_heads, bf16_out=bf16, strided=True, **rope),
             rope_k=None if fused_rope else RopeSpec(heads=c.num_kv_heads, bf16_out=bf16, strided=True, **rope),
-            # bf16: the backward's dq, dk and dv also land in the GEMMs' bf16 copy of their gradient
-            # (the f32 one is the bias's column sum's): no cast of the whole of it
+            # bf16: the backward's dq, dk and dv also land in the GEMMs' bf16 copy of their gradient,
+            # which the GEMMs and the bias's column sum read (the f32 rows: read by nothing in bf16)
             rope_q_bwd=None if fused_rope else RopeSpec(heads=c.num_heads, inverse=True, strided=True,
                                                         bf16_copy=bf16, **rope),
             rope_k_bwd=None if fused_rope else RopeSpec(heads=c.num_kv_heads, inverse=True, strided=True,
