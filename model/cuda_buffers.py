@@ -257,13 +257,14 @@ class TrainingBuffers:
         self.dh = new("d h", (T, H), operand)  # the norms' output gradient, as the dX GEMMs store it
         self.d_gate_up = new("d gate_up", (T, 2 * I), operand)  # [d gate | d up]: the fused GEMM's operand
         self.d_o = new("d o", (T, Q), operand)  # as the attention reads it
-        # the attention's dq, dk, dv, read by RoPE's backward and dv's copy, and the rows they write,
-        # [dq | dk | dv] (after RoPE's backward): the fused projection's output gradient (none where the
-        # attention backward writes its rows itself, rotated back, in bf16: its qkv_rows)
+        # the attention's dq, dk, dv, read by RoPE's backward and dv's copy (none where the attention
+        # backward writes the rows itself, rotated back: its qkv_rows), and fp32's rows they write,
+        # [dq | dk | dv] (after RoPE's backward): the fused projection's output gradient (bf16's go
+        # into the scratch the backward's bf16 output gradients share: cuda_ops.scratch_shapes)
         unfused = k.dv_copy is not None
         self.dq, self.dk, self.dv = (new(name, (T, width)) if unfused else None
                                      for name, width in (("d q", Q), ("d k", KV_), ("d v", KV_)))
-        self.d_qkv = new("d qkv", (T, Q + 2 * KV_)) if unfused else None
+        self.d_qkv = new("d qkv", (T, Q + 2 * KV_)) if unfused and not bf16 else None
         self.delta = new("attention delta", (batch, c.num_heads, seq))
         self.order, self.seg_start, self.seg_id = (new(n, (size,), "i32") for n, size in
                                                    (("embedding order", T), ("embedding seg_start", T + 1),

@@ -125,12 +125,6 @@ class Ops:
         spec = self.k.to_bf16
         self._add(spec, spec.launch_dims(count), dst, src=src, dst=dst, n=count)
 
-    def grad_copy(self, dy: View) -> View | None:
-        """Where output gradient ``dy`` is, as the GEMMs read it, written beside it by the kernels
-        that make it: the one bf16 scratch the backward's output gradients share, in dy's shape
-        (bf16); None where the GEMMs read dy itself (fp32)."""
-        return View(dy.name + "[bf16]", self._dy16.ptr, dy.shape, "bf16") if self.bf16 else None
-
     def _linear(self, module: str) -> LinearKernels:
         return self.k.linear(module)
 
@@ -260,30 +254,26 @@ class Ops:
         self._gemm(spec, f"{module} forward + RoPE", x, w.operand, q, x.shape[0], Q + 2 * KV_, w.shape[1],
                    bias=bias.value if bias is not None else None, rope=(k, v, angles))
 
-    def rope(self, x: Arg | Columns, positions: View, heads: int, out: Arg | Columns, inverse: bool = False,
-             copy: View | None = None) -> None:
+    def rope(self, x: Arg | Columns, positions: View, heads: int, out: Arg | Columns, inverse: bool = False) -> None:
         """RoPE on ``tokens`` rows of ``heads`` heads, from ``x`` into ``out`` (either may be
-        columns of a wider buffer; bf16 precision's forward: the attention's bf16 operand).
-        ``inverse``: its backward; ``copy``: the bf16 copy of out's whole view (``grad_copy``), whose
-        same columns it also writes."""
+        columns of a wider buffer; bf16 precision: in bf16, the attention's operand or, ``inverse``
+        (its backward), the q/k/v projection's output gradient as its GEMMs read it)."""
         k = self.k
         q_spec, k_spec = (k.rope_q_bwd, k.rope_k_bwd) if inverse else (k.rope_q, k.rope_k)
         spec = q_spec if heads == self.config.num_heads else k_spec
         assert spec is not None, "RoPE's kernels are not made where the q/k/v GEMM and the attention backward apply it"
         (x, x_stride), (y, y_stride) = (Columns.of(a, heads * spec.head_dim) for a in (x, out))
-        args = spec.arguments(x, y, positions, self.T, x_stride, y_stride,
-                              y16=_copy_of(out, copy, heads * spec.head_dim))
+        args = spec.arguments(x, y, positions, self.T, x_stride, y_stride)
         self._add(spec, spec.launch_dims(self.T), y, **_named(spec, args))
 
-    def copy_columns(self, src: Arg | Columns, out: Arg | Columns, width: int, backward: bool = False,
-                     copy: View | None = None) -> None:
+    def copy_columns(self, src: Arg | Columns, out: Arg | Columns, width: int, backward: bool = False) -> None:
         """``tokens`` rows of ``width`` elements from ``src`` to ``out`` (either may be columns of a
-        wider buffer): v out of the fused projection's rows, as the attention reads it (bf16
-        precision: the cast), or (``backward``) dv into its gradient's (``copy``: as ``rope``'s)."""
+        wider buffer): v out of the fused projection's rows, as the attention reads it, or
+        (``backward``) dv into its gradient's, as its GEMMs read them (bf16 precision: the cast)."""
         spec = self.k.dv_copy if backward else self.k.v_copy
         assert spec is not None, "v's copies are not made where the q/k/v GEMM and the attention backward do them"
         (src, src_stride), (dst, dst_stride) = (Columns.of(a, width) for a in (src, out))
-        args = spec.arguments(src, dst, self.T, width, src_stride, dst_stride, dst16=_copy_of(out, copy, width))
+        args = spec.arguments(src, dst, self.T, width, src_stride, dst_stride)
         self._add(spec, spec.launch_dims(self.T * width), dst, **_named(spec, args))
 
     def attention(self, q: View, k: Arg, v: Arg, out: View, lse: View, batch: int, seq: int,
@@ -389,6 +379,7 @@ class Ops:
         done (``colsum_chunks``: one launch, not a second one)."""
         cols, k = dst.size, self.k
         one, chunked = (k.bias_sum, k.bias_sum_chunks) if bias else (k.colsum, k.colsum_chunks)
+        assert one is not None and chunked is not None, "no bias sums: the kernels are of a model without q/k/v biases"
         assert src.dtype == one.dtype.value, (src.name, src.dtype, one)
         if rows <= COLSUM_CHUNK:
             spec = one
@@ -437,34 +428,37 @@ class Ops:
                            seq: int, positions: View, into: View | None, angles: View | None,
                            scratch: tuple[View | None, View | None, View | None]) -> View:
         """[dq | dk | dv] per row: the gradient of the fused q/k/v projection's output, dq and dk
-        through RoPE's backward, returned as its GEMMs (and its bias's column sum) read it. dq (and
-        delta, the rows' dO . O) in one kernel, dk and dv in another; where they write the rows
-        themselves (their ``qkv_rows``, rotating back by the forward's ``angles``), that is all,
-        in bf16 (``into`` unused); else into ``scratch`` (dq, dk, dv), then the RoPE backward
-        kernels and dv's copy into ``into`` (and, bf16, into its bf16 copy, which is returned)."""
+        through RoPE's backward, as its GEMMs (and its bias's column sum) read it: into ``into``
+        (fp32; None in bf16, where the rows go, in bf16, into the scratch the backward's output
+        gradients share); returned. dq (and delta, the rows' dO . O) in one kernel, dk and dv in
+        another; where they write the rows themselves (their ``qkv_rows``, rotating back by the
+        forward's ``angles``), that is all; else into ``scratch`` (dq, dk, dv), then the RoPE
+        backward kernels and dv's copy write the rows."""
         bq, bkv = self.k.attention_bwd_q, self.k.attention_bwd_kv
         rows = bq.qkv_rows
         c = self.config
         Q, KV_ = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        if rows:  # (the rows, as every other output gradient, in the bf16 scratch they share)
-            assert angles is not None, "qkv_rows: the angles' table"
+        if self.bf16:  # (the rows, as every other output gradient, in the bf16 scratch they share)
+            assert into is None, f"bf16: the rows go into the shared scratch, not {into.name}"
             out = View("d qkv[bf16]", self._dy16.ptr, (self.T, Q + 2 * KV_), "bf16")
+        else:
+            assert into is not None, "fp32: the attention backward needs the rows' buffer"
+            out = into
+        if rows:
+            assert angles is not None, "qkv_rows: the angles' table"
             dq, dk, dv, extra = out, out, out, dict(angles=angles)
         else:
             (dq, dk, dv), extra = scratch, {}
-            assert dq is not None and dk is not None and dv is not None and into is not None, \
-                "the attention backward needs dq, dk, dv and the rows they go into"
+            assert dq is not None and dk is not None and dv is not None, "the attention backward needs dq, dk and dv"
         self._add(bq, bq.launch_dims(batch, seq), dq, q=q, k=k, v=v, o=o, do=do, lse=lse, dq=dq, delta=delta,
                   seq=seq, **extra)
         self._add(bkv, bkv.launch_dims(batch, seq), dk, q=q, k=k, v=v, do=do, lse=lse, delta=delta, dk=dk, dv=dv,
                   seq=seq, **extra)
-        if rows:
-            return out
-        copy = self.grad_copy(into)
-        self.rope(dq, positions, c.num_heads, out=Columns(into, 0, Q), inverse=True, copy=copy)
-        self.rope(dk, positions, c.num_kv_heads, out=Columns(into, Q, KV_), inverse=True, copy=copy)
-        self.copy_columns(dv, Columns(into, Q + KV_, KV_), KV_, backward=True, copy=copy)
-        return copy if copy is not None else into
+        if not rows:
+            self.rope(dq, positions, c.num_heads, out=Columns(out, 0, Q), inverse=True)
+            self.rope(dk, positions, c.num_kv_heads, out=Columns(out, Q, KV_), inverse=True)
+            self.copy_columns(dv, Columns(out, Q + KV_, KV_), KV_, backward=True)
+        return out
 
     def embedding_backward(self, dout: View, order: View, seg_start: View, seg_id: View, table: str,
                            segments: Expr, into: View | None = None) -> None:
@@ -522,14 +516,6 @@ class Columns:
         assert arg.width == row and arg.start + arg.width <= stride, (view.name, arg.start, arg.width, row, stride)
         name = f"{view.name}[:, {arg.start}:{arg.start + arg.width}]"
         return View(name, view.ptr + arg.start * size, (rows * stride - arg.start,), view.dtype), stride
-
-
-def _copy_of(out: Arg | Columns, copy: View | None, width: int) -> Arg | None:
-    """The columns of bf16 ``copy`` that ``out`` is of its own view (None: no copy)."""
-    if copy is None:
-        return None
-    assert isinstance(out, Columns) and copy.shape == out.view.shape, (copy.name, copy.shape)
-    return Columns.of(Columns(copy, out.start, out.width), width)[0]
 
 
 def _named(spec: KernelSpec, args: tuple[Arg, ...]) -> dict[str, Arg]:

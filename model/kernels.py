@@ -202,7 +202,7 @@ class ModelKernels:
     rope_q_bwd: RopeSpec | None  # (None, and dv_copy: where the attention backward writes the
     rope_k_bwd: RopeSpec | None  # projection's gradient rows itself, rotated back: its qkv_rows)
     v_copy: CastSpec | None  # v out of the fused projection's rows, as the attention reads it (bf16: the cast)
-    dv_copy: CastSpec | None  # dv into the fused projection's gradient rows
+    dv_copy: CastSpec | None  # dv into the fused projection's gradient rows, as its GEMMs read them
     attention: AttentionSpec | AttentionTCSpec | AttentionWgmmaSpec  # bf16: tensor cores, on bf16 q, k, v
     attention_bwd_q: AttentionBackwardQSpec | AttentionTCBackwardQSpec | AttentionWgmmaBackwardQSpec
     attention_bwd_kv: AttentionBackwardKVSpec | AttentionTCBackwardKVSpec | AttentionWgmmaBackwardKVSpec
@@ -211,8 +211,9 @@ class ModelKernels:
     cross_entropy: CrossEntropySpec
     colsum: ColumnSumSpec
     colsum_chunks: ColumnSumSpec  # more rows than a chunk: the chunks' sums finished in the same launch
-    bias_sum: ColumnSumSpec  # the same for a bias's gradient, over its output gradient as the GEMMs read it
-    bias_sum_chunks: ColumnSumSpec
+    # the same for the q/k/v bias's gradient, over its output gradient as the GEMMs read it (None: no bias)
+    bias_sum: ColumnSumSpec | None
+    bias_sum_chunks: ColumnSumSpec | None
     parts_sum: PartsSumSpec  # split-K partial weight gradients
     grad_norm_partial: GradNormPartialSpec
     grad_norm_final: GradNormFinalSpec
@@ -293,22 +294,22 @@ class ModelKernels:
             rope_table=RopeTableSpec(**rope) if fused_rope else None,
             rope_q=None if fused_rope else RopeSpec(heads=c.num_heads, bf16_out=bf16, strided=True, **rope),
             rope_k=None if fused_rope else RopeSpec(heads=c.num_kv_heads, bf16_out=bf16, strided=True, **rope),
-            # bf16: the backward's dq, dk and dv also land in the GEMMs' bf16 copy of their gradient,
-            # which the GEMMs and the bias's column sum read (the f32 rows: read by nothing in bf16)
+            # bf16: the backward's dq, dk and dv land in bf16, as the GEMMs and the bias's column sum read them
             rope_q_bwd=None if fused_rope else RopeSpec(heads=c.num_heads, inverse=True, strided=True,
-                                                        bf16_copy=bf16, **rope),
+                                                        bf16_out=bf16, **rope),
             rope_k_bwd=None if fused_rope else RopeSpec(heads=c.num_kv_heads, inverse=True, strided=True,
-                                                        bf16_copy=bf16, **rope),
+                                                        bf16_out=bf16, **rope),
             v_copy=None if fused_rope else CastSpec(dst=gemm_operand, strided=True),
-            dv_copy=None if fused_rope else CastSpec(dst=DType.F32, strided=True, bf16_copy=bf16),
+            dv_copy=None if fused_rope else CastSpec(dst=gemm_operand, strided=True),
             attention=attention[0], attention_bwd_q=attention[1], attention_bwd_kv=attention[2],
             swiglu=None if bf16 else SwiGLUSpec(vec=swiglu_vec),
             swiglu_bwd=None if bf16 else SwiGLUBackwardSpec(vec=swiglu_vec),
             cross_entropy=CrossEntropySpec(vocab=c.vocab_size, ignore_index=ignore_index, dtype=gemm_operand,
                                            grad_dtype=gemm_operand, stats_block=stats_block),
             colsum=ColumnSumSpec(), colsum_chunks=ColumnSumSpec(row_groups=COLSUM_CHUNKS_GROUPS, finish=True),
-            bias_sum=ColumnSumSpec(dtype=gemm_operand),
-            bias_sum_chunks=ColumnSumSpec(row_groups=COLSUM_CHUNKS_GROUPS, finish=True, dtype=gemm_operand),
+            bias_sum=ColumnSumSpec(dtype=gemm_operand) if c.qkv_bias else None,
+            bias_sum_chunks=ColumnSumSpec(row_groups=COLSUM_CHUNKS_GROUPS, finish=True, dtype=gemm_operand)
+            if c.qkv_bias else None,
             parts_sum=PartsSumSpec(), grad_norm_partial=partial,
             grad_norm_final=GradNormFinalSpec(partials=partial.blocks),
             # bf16: the step on the matrices writes their bf16 copy too (no separate refresh pass)

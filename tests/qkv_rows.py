@@ -1,5 +1,5 @@
 """Test helper: the fused q/k/v projection's gradient rows as the unfused path makes them (the RoPE
-backward kernels on dq and dk, dv's strided copy; their bf16 copy), what the attention backward's
+backward kernels on dq and dk, dv's strided cast, all in bf16), what the attention backward's
 ``qkv_rows`` must write bit for bit; on a GPU (``cudacall.call``) or in the interpreter (``ptxsim.launch``)."""
 from __future__ import annotations
 
@@ -22,15 +22,14 @@ def projection_rows(run: Callable[..., list[np.ndarray]], grads: dict[str, np.nd
     for name, start, count in (("dq", 0, heads), ("dk", heads * d, kv_heads), ("dv", (heads + kv_heads) * d, kv_heads)):
         x, n = grads[name].reshape(tokens, count * d), count * d
         # the kernel's y from its first column on: the rows' other columns stay NaN
-        y, y16 = np.full(tokens * width - start, np.nan, np.float32), np.full(tokens * width - start, 0x7FC0, np.uint16)
+        y = np.full(tokens * width - start, 0x7FC0, np.uint16)
         spec: Any
         if name == "dv":
-            spec = CastSpec(dst=DType.F32, strided=True, bf16_copy=True)
-            _, y, y16 = run(spec, spec.launch_dims(tokens * n), *spec.arguments(x, y, tokens, n, n, width, dst16=y16))
+            spec = CastSpec(dst=DType.BF16, strided=True)
+            y = run(spec, spec.launch_dims(tokens * n), *spec.arguments(x, y, tokens, n, n, width))[1]
         else:
-            spec = RopeSpec(heads=count, head_dim=d, theta=theta, inverse=True, strided=True, bf16_copy=True)
-            _, y, y16, _ = run(spec, spec.launch_dims(tokens),
-                               *spec.arguments(x, y, positions, tokens, n, width, y16=y16))
-        rows16[:, start:start + n] = np.concatenate([np.zeros(start, y16.dtype), y16]).reshape(tokens, width)[
+            spec = RopeSpec(heads=count, head_dim=d, theta=theta, inverse=True, strided=True, bf16_out=True)
+            y = run(spec, spec.launch_dims(tokens), *spec.arguments(x, y, positions, tokens, n, width))[1]
+        rows16[:, start:start + n] = np.concatenate([np.zeros(start, y.dtype), y]).reshape(tokens, width)[
             :, start:start + n]
     return rows16

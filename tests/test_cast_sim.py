@@ -48,25 +48,3 @@ def test_rows_whose_strided_index_would_overflow_32_bits_are_refused():
     spec.arguments(0, 0, 2**32 // 1152 - 1, 128, 1152, 128)
     with pytest.raises(ValueError, match="overflow the kernel's 32-bit index"):
         spec.arguments(0, 0, 2**32 // 1152 + 1, 128, 1152, 128)
-
-
-@pytest.mark.parametrize("width, src_stride, dst_stride", [(128, 128, 1152), (64, 96, 72)])
-def test_a_copy_with_a_bf16_copy_writes_the_rounded_values_at_the_same_places(width, src_stride, dst_stride):
-    """dv into its gradient's rows (f32, the bias's column sum reads it) and into the GEMMs' bf16
-    copy of those rows, one pass: the copy is the f32 one rounded to nearest even, nothing else."""
-    spec = CastSpec(dst=DType.F32, strided=True, bf16_copy=True)
-    if width * ROWS % (spec.block_size * spec.vec):
-        pytest.skip("the interpreter needs whole blocks")
-    src = np.random.default_rng(1).standard_normal((ROWS, src_stride)).astype(np.float32)
-    dst, dst16 = np.zeros((ROWS, dst_stride), np.float32), np.zeros((ROWS, dst_stride), np.uint16)
-    grid, block = spec.launch_dims(ROWS * width)
-    _, out, out16 = launch(spec, ((grid, 1, 1), block),
-                           *spec.arguments(src, dst, ROWS, width, src_stride, dst_stride, dst16=dst16))
-    out, out16 = out.reshape(ROWS, dst_stride), out16.reshape(ROWS, dst_stride)
-    np.testing.assert_array_equal(out[:, :width], src[:, :width])
-    np.testing.assert_array_equal(from_bf16(out16[:, :width]), round_to(src[:, :width], DType.BF16))
-    assert not out[:, width:].any() and not out16[:, width:].any()
-    with pytest.raises(ValueError, match="dst16 is required by bf16_copy"):
-        spec.arguments(src, dst, ROWS, width, src_stride, dst_stride)
-    with pytest.raises(SpecError, match="bf16 copy of an f32 dst"):
-        CastSpec(strided=True, bf16_copy=True)

@@ -15,6 +15,7 @@ from ptxgen.kernels.attention import AttentionBackwardKVSpec, AttentionBackwardQ
 from ptxgen.kernels.attention_tc import AttentionTCBackwardKVSpec, AttentionTCBackwardQSpec, AttentionTCSpec
 from ptxgen.kernels.attention_wgmma import AttentionWgmmaBackwardKVSpec, AttentionWgmmaBackwardQSpec, AttentionWgmmaSpec
 from ptxgen.kernels.cast import CastSpec
+from ptxgen.kernels.colsum import ColumnSumSpec
 from ptxgen.kernels.cross_entropy import CrossEntropySpec
 from ptxgen.kernels.gemm import GemmSpec
 from ptxgen.kernels.gemm_wgmma import GemmWgmmaSpec
@@ -150,6 +151,10 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     tiny = ModelKernels.of(preset("tiny"), AdamWSettings(), -100, Precision.BF16)  # head_dim 32: mma.sync
     assert isinstance(tiny.attention, AttentionTCSpec) and tiny.attention.head_dim == 32
     assert isinstance(tiny.attention_bwd_kv, AttentionTCBackwardKVSpec)
+    # (no qkv_rows at head_dim 32: RoPE's backward and dv's copy write the projection's gradient
+    # rows, in bf16, as its GEMMs and its bias's column sum read them)
+    assert not tiny.attention_bwd_q.qkv_rows and tiny.rope_q_bwd.bf16_out and tiny.rope_k_bwd.bf16_out
+    assert tiny.dv_copy == CastSpec(dst=DType.BF16, strided=True)
     assert (bf16.attention.heads, bf16.attention.kv_heads, bf16.attention.head_dim) == (14, 2, 64)
     # everything else is the same kernel in both precisions
     assert fp32.swiglu.out_dtype is DType.F32
@@ -174,6 +179,17 @@ def test_bf16_precision_puts_gemms_and_attention_on_tensor_cores_and_adds_the_ca
     same = lambda kernels: {s for s in kernels.specs() if not isinstance(s, differ)}  # noqa: E731
     # embeddings, column sums, grad norm (bf16 adds the bias's column sums of bf16 rows)
     assert same(fp32) == same(bf16) - {bf16.bias_sum, bf16.bias_sum_chunks} and len(same(fp32)) >= 6
+
+
+@pytest.mark.parametrize("precision", list(Precision))
+def test_the_bias_sums_are_made_only_for_a_model_with_q_k_v_biases(precision):
+    """They sum the q/k/v biases' gradients and nothing else: without biases nothing launches them,
+    so they are neither built nor pre-warmed (in bf16, the only column sums of bf16 rows)."""
+    biased, plain = (ModelKernels.of(preset(name), AdamWSettings(), -100, precision)
+                     for name in ("qwen2-0.5b", "llama-style"))
+    assert {biased.bias_sum, biased.bias_sum_chunks} <= set(biased.specs())
+    assert plain.bias_sum is None and plain.bias_sum_chunks is None
+    assert not any(isinstance(s, ColumnSumSpec) and s.dtype is DType.BF16 for s in plain.specs())
 
 
 def test_every_kernel_a_preset_runs_assembles_without_spilling():
@@ -259,7 +275,7 @@ def test_kernels_that_disagree_on_who_makes_what_are_refused():
             (dict(cross_entropy=dataclasses.replace(k.cross_entropy, dtype=DType.F32)), "reads f32"),
             (dict(rope_q=rope), "disagree on who makes it"),
             (dict(rope_table=None), "disagree on the angles' table"),
-            (dict(dv_copy=CastSpec(dst=DType.F32, strided=True, bf16_copy=True)), "q/k/v gradient rows"),
+            (dict(dv_copy=CastSpec(dst=DType.BF16, strided=True)), "q/k/v gradient rows"),
             (dict(attention_bwd_q=dataclasses.replace(k.attention_bwd_q, qkv_rows=False)), "q/k/v gradient rows")):
         with pytest.raises(ValueError, match=words):
             dataclasses.replace(k, **changes)

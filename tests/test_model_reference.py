@@ -77,7 +77,7 @@ def test_bias_theta_and_eps_each_change_the_logits():
     assert not np.allclose(ReferenceModel(MICRO.replace(rms_norm_eps=1e-2), model.p).forward(ids), base)
 
 
-def test_bf16_precision_rounds_the_linear_layers_operands_only():
+def test_bf16_precision_rounds_to_nearest_even_and_keeps_loss_and_gradients_near_fp32():
     from model.precision import Precision
     config = preset("tiny")
     params = init_params(config, seed=3)
@@ -93,3 +93,48 @@ def test_bf16_precision_rounds_the_linear_layers_operands_only():
     x = np.array([1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8, -3.1415926])  # two ties to even, then plain rounding
     assert list(Precision.BF16.round(x)) == [1.0, 1.0 + 2.0 ** -6, -3.140625]
     assert Precision.FP32.round(x) is x
+
+
+def test_bf16_precision_rounds_the_gradients_the_backward_stores_as_the_gpu_does(monkeypatch):
+    """bf16: the CUDA model stores these in bf16 (as torch's autocast does), so the reference rounds
+    them too: the dy each RMSNorm backward reads (the LM head's dX, gate/up's dX, the q/k/v dX's
+    three products summed) and the q/k/v projection's output gradient rows, whose column sums are
+    the biases' gradients."""
+    import model.reference as reference
+    from model.params import layer_prefix
+    from model.precision import Precision
+    from ptxgen.kernels.attention import attention_backward_reference
+    from ptxgen.kernels.rmsnorm import rmsnorm_backward_reference
+    from ptxgen.kernels.rope import rope_reference
+    from ptxgen.vecio import DType, round_to
+    dys, rows = [], []  # rows: each layer's (last first) dv, then dq and dk after RoPE's backward
+
+    def norm_backward(x, gamma, dy, eps):
+        dys.append(dy)
+        return rmsnorm_backward_reference(x, gamma, dy, eps)
+
+    def attention_backward(*args):
+        grads = attention_backward_reference(*args)
+        rows.append(grads[2])
+        return grads
+
+    def rope(x, positions, theta, inverse=False):
+        y = rope_reference(x, positions, theta, inverse=inverse)
+        if inverse:
+            rows.append(y)
+        return y
+
+    monkeypatch.setattr(reference, "rmsnorm_backward_reference", norm_backward)
+    monkeypatch.setattr(reference, "attention_backward_reference", attention_backward)
+    monkeypatch.setattr(reference, "rope_reference", rope)
+    fp32, ids, targets = model_and_batch()
+    _, g = ReferenceModel(MICRO, fp32.p, Precision.BF16).loss_and_grads(ids, targets)
+    assert len(dys) == 2 * MICRO.num_layers + 1
+    for dy in dys:
+        assert dy.any() and np.array_equal(round_to(dy, DType.BF16), dy)
+    assert len(rows) == 3 * MICRO.num_layers
+    for i, (dv, dq, dk) in zip(reversed(range(MICRO.num_layers)), zip(*[iter(rows)] * 3)):
+        for name, d in (("q_proj", dq), ("k_proj", dk), ("v_proj", dv)):
+            d, bias = d.reshape(ids.size, -1), g[layer_prefix(i) + f"self_attn.{name}.bias"]
+            np.testing.assert_array_equal(bias, round_to(d, DType.BF16).sum(0))
+            assert not np.array_equal(bias, d.sum(0))  # (which the rounding moves)

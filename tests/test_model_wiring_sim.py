@@ -2,8 +2,8 @@
 (tests/ptxsim.py) on the CPU over a made-up device memory: q, k and v read out of the fused q/k/v
 projection's rows land where the attention reads them (training: layer 0's q and K/V; decoding: the
 cache rows after ``cached``), and the backward's dq, dk, dv land in every column of the fused
-gradient's rows. The plan is the one the GPU runs (built on the dry device); only its arithmetic
-kernels' inputs are made up here."""
+gradient's rows as the q/k/v projection's GEMMs and bias read them. The plan is the one the GPU runs
+(built on the dry device); only its arithmetic kernels' inputs are made up here."""
 import numpy as np
 import pytest
 
@@ -26,7 +26,13 @@ def _values(memory: FakeMemory, view, bf16: bool) -> np.ndarray:
 
 
 def _strided(steps) -> list:
-    return [s for s in steps if s.kind in ("rope", "cast") and getattr(s.spec, "strided", False)][:3]  # layer 0's
+    """The first layer's RoPE on q and k and v's copy (the backward's: the last layer's)."""
+    return [s for s in steps if s.kind in ("rope", "cast") and getattr(s.spec, "strided", False)][:3]
+
+
+def _operand(step, name: str):
+    """The view ``step`` reads through its parameter ``name`` (a TMA-fed GEMM's: its tensor map's)."""
+    return step.operands.get(f"tmap_{name}", step.args.get(name))
 
 
 @pytest.mark.parametrize("precision", [Precision.FP32, Precision.BF16], ids=["fp32", "bf16"])
@@ -57,13 +63,27 @@ def test_q_k_v_and_their_gradients_move_between_the_fused_rows_and_the_attention
         np.testing.assert_array_equal(_values(memory, shape.kv[0].v, bf16), v_ref)
 
         d = shape.bufs
+        assert (d.d_qkv is None) == bf16  # bf16: the rows go into the backward's shared bf16 scratch
         grads = [rng.standard_normal((tokens, w)).astype(np.float32) for w in (Q, KV, KV)]
         for view, g in zip((d.dq, d.dk, d.dv), grads):
             memory.put(view, g)
-        for step in _strided(plan.of("backward")):
+        backward = plan.of("backward")
+        writers = _strided(backward)
+        for step in writers:
             memory.run(step, plan._values)
+        # the rows as the q/k/v projection's dX and dW GEMMs and its bias's column sum read them, one view
+        module = f"model.layers.{c.num_layers - 1}.self_attn.qkv_proj"
+        read = [_operand(s, "a") for s in backward if s.label.startswith(f"{s.kind} {module} d")]
+        read += [_operand(s, "src") for s in backward if s.kind == "colsum" and s.label.endswith(f"{module}.bias")]
+        assert len(read) == 3 and len(set(read)) == 1, read
+        rows = read[0]
+        assert rows.dtype == ("bf16" if bf16 else "f32")
+        # ... and all that RoPE's backward and dv's copy write is in them (no other rows, which nothing reads)
+        for step in writers:
+            for name in step.spec.outputs():
+                assert rows.ptr <= step.args[name].ptr < rows.ptr + rows.nbytes, (step.label, name, rows.name)
         d_qkv = np.concatenate([rope(grads[0], c.num_heads, True), rope(grads[1], c.num_kv_heads, True), grads[2]], 1)
-        np.testing.assert_allclose(_values(memory, d.d_qkv, False), d_qkv, rtol=1e-5, atol=1e-5)  # every column
+        np.testing.assert_allclose(_values(memory, rows, bf16), d_qkv, rtol=tolerance, atol=1e-5)  # every column
 
         decoder = model.decoder(80)  # new keys and values go after the cache's ``cached`` rows
         call = decoder._plan(tokens)

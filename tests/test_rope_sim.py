@@ -32,14 +32,9 @@ def test_rope_rotates_every_head_of_every_token(spec):
         x_full = np.roll(x_full.reshape(-1), -start).reshape(tokens, x_stride)
     y_start = start if spec.strided and spec.inverse else 0  # the pointer to column ``start`` of the wider rows
     y = np.zeros(tokens * y_stride - y_start, np.uint16 if out_dtype is DType.BF16 else np.float32)
-    y16 = np.zeros(y.size, np.uint16) if spec.bf16_copy else None  # y's bf16 copy, at y's indices
     grid, block = spec.launch_dims(tokens)
-    args = (spec.arguments(x, y, positions, tokens, x_stride, y_stride, y16=y16) if spec.strided
-            else (x, y, positions, tokens))
-    results = launch(spec, ((grid, 1, 1), block), *args)
-    out = results[1]
-    if y16 is not None:
-        np.testing.assert_array_equal(results[2], to_bf16(out))  # y rounded, and only where y was written
+    args = spec.arguments(x, y, positions, tokens, x_stride, y_stride) if spec.strided else (x, y, positions, tokens)
+    out = launch(spec, ((grid, 1, 1), block), *args)[1]
     out = np.concatenate([out, np.zeros(y_start, out.dtype)])  # rows from column ``start`` on, as written
     out = (from_bf16(out) if out_dtype is DType.BF16 else out).astype(np.float64).reshape(tokens, y_stride)
     ref = rope_reference(x_full[:, :row].reshape(tokens, spec.heads, spec.head_dim), positions, spec.theta,

@@ -281,7 +281,7 @@ class _Flash:
         ``scale``) of token ``token`` into head ``column_head`` of the fused projection's [q | k |
         v] gradient row, in bf16 (its GEMMs' operand); ``rotate``: rotated back by RoPE (the
         angles' table's (cos, -sin) of the token, ``rope.rotate``): bit for bit the RoPE backward
-        kernel's bf16 copy of the f32 gradient, and the strided cast's."""
+        kernel's bf16 output (``RopeSpec(bf16_out=True)``), and the strided cast's."""
         b, spec, d = self.b, self.spec, self.d
         index = b.mad(token, spec.heads + 2 * spec.kv_heads, column_head)  # in head_dim units of d_qkv
         at16 = b.add(b.add(b.cvta_global(b.ld_param(name)), b.mul_wide(index, d * 2)), b.mul_wide(self.quad, 4))

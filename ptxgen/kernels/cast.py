@@ -24,35 +24,29 @@ class CastSpec(KernelSpec):
     dst: DType = DType.BF16
     block_size: int = 256
     strided: bool = False  # [rows, width] elements, rows src_stride / dst_stride elements apart (runtime)
-    bf16_copy: bool = False  # dst (f32) also in bf16, into dst16 at dst's indices: a gradient as the GEMMs read it
 
     def validate(self) -> None:
         check_block_size(self.block_size)
         if self.src is self.dst and not self.strided:
             raise SpecError("cast: src and dst of one type is a copy, which only a strided cast makes")
-        if self.bf16_copy and self.dst is not DType.F32:
-            raise SpecError("cast: bf16_copy is a bf16 copy of an f32 dst")
 
     @property
     def vec(self) -> int:
-        return elementwise_vec(self.src, self.dst, *((DType.BF16,) if self.bf16_copy else ()))
+        return elementwise_vec(self.src, self.dst)
 
     def launch_dims(self, n: int) -> tuple[int, int]:
         return flat_grid(n, self.vec, self.block_size), self.block_size
 
     def params(self) -> tuple[tuple[str, T], ...]:
         strides = (("width", T.U32), ("src_stride", T.U32), ("dst_stride", T.U32)) if self.strided else ()
-        copy = (("dst16", T.U64),) if self.bf16_copy else ()
-        return (("src", T.U64), ("dst", T.U64)) + copy + (("n", T.U32),) + strides
+        return (("src", T.U64), ("dst", T.U64), ("n", T.U32)) + strides
 
     def outputs(self) -> tuple[str, ...]:
-        return ('dst', 'dst16') if self.bf16_copy else ('dst',)
+        return ('dst',)
 
-    def arguments(self, src: int, dst: int, rows: int, width: int, src_stride: int, dst_stride: int,
-                  dst16: int | None = None) -> tuple[int, ...]:
-        """A strided cast's arguments: ``rows`` x ``width`` elements (``dst16``: a bf16_copy's)."""
-        if (dst16 is not None) != self.bf16_copy:
-            raise ValueError(f"cast: dst16 {'needs' if dst16 is not None else 'is required by'} bf16_copy")
+    def arguments(self, src: int, dst: int, rows: int, width: int, src_stride: int, dst_stride: int
+                  ) -> tuple[int, ...]:
+        """A strided cast's arguments: ``rows`` x ``width`` elements."""
         if not self.strided:
             raise ValueError("cast: rows and strides are a strided cast's arguments")
         if width < 1 or any(x % self.vec for x in (width, src_stride, dst_stride)) or min(src_stride, dst_stride) < width:
@@ -61,7 +55,7 @@ class CastSpec(KernelSpec):
                              f"{src_stride}, {dst_stride}")
         if rows * max(src_stride, dst_stride) >= 2**32:
             raise ValueError(f"cast: {rows} rows of {max(src_stride, dst_stride)} overflow the kernel's 32-bit index")
-        return (src, dst) + ((dst16,) if dst16 is not None else ()) + (rows * width, width, src_stride, dst_stride)
+        return src, dst, rows * width, width, src_stride, dst_stride
 
     def build(self, b: KernelBuilder) -> None:
         index = None
@@ -71,12 +65,10 @@ class CastSpec(KernelSpec):
 
             def index(name: str, e: Reg) -> Reg:
                 row = b.div(e, width)
-                return b.mad(row, stride["src" if name == "src" else "dst"], b.sub(e, b.mul(row, width)))
-        outputs = {"dst": self.dst, **({"dst16": DType.BF16} if self.bf16_copy else {})}
-        elementwise(b, self.block_size, {"src": self.src}, outputs, lambda x: (x,) * len(outputs), index=index,
-                    vec=self.vec)
+                return b.mad(row, stride[name], b.sub(e, b.mul(row, width)))
+        elementwise(b, self.block_size, {"src": self.src}, {"dst": self.dst}, lambda x: (x,), index=index)
 
     @classmethod
     def examples(cls) -> list["CastSpec"]:
         return [cls(), cls(src=DType.BF16, dst=DType.F32), cls(block_size=512), cls(strided=True),
-                cls(dst=DType.F32, strided=True), cls(dst=DType.F32, strided=True, bf16_copy=True)]
+                cls(dst=DType.F32, strided=True)]

@@ -89,10 +89,10 @@ class RopeSpec(KernelSpec):
     dtype: DType = DType.F32
     inverse: bool = False  # rotate by -angle: the backward (the transpose of a rotation)
     block_size: int = 256
-    bf16_out: bool = False  # y in bf16 whatever the storage of x: the attention's operand, written as it reads it
+    # y in bf16 whatever the storage of x: the attention's operand, or the backward's gradient, as they are read
+    bf16_out: bool = False
     strided: bool = False   # rows of x and y are x_stride / y_stride elements apart (runtime), not heads x head_dim:
     #                         q or k read from (or the backward's written into) the fused q/k/v projection's rows
-    bf16_copy: bool = False  # y also in bf16, into y16 at y's indices: the backward's gradient as the GEMMs read it
 
     def validate(self) -> None:
         check_positive("heads", self.heads)
@@ -100,8 +100,6 @@ class RopeSpec(KernelSpec):
             raise SpecError(f"heads must be <= {MAX_HEADS} (the head loop is unrolled), got {self.heads}")
         check_frequencies(self.head_dim, self.theta)
         check_block_size(self.block_size)
-        if self.bf16_copy and (self.bf16_out or self.dtype is DType.BF16):
-            raise SpecError("rope: bf16_copy is a bf16 copy of an f32 y (here y is already bf16)")
 
     @property
     def vec(self) -> int:
@@ -115,28 +113,25 @@ class RopeSpec(KernelSpec):
             raise ValueError(f"{n_tokens} tokens x {self.heads} heads overflow the kernel's 32-bit index")
         return max(1, -(-threads // self.block_size)), self.block_size
 
-    def arguments(self, x: int, y: int, positions: int, n_tokens: int, x_stride: int, y_stride: int,
-                  y16: int | None = None) -> tuple[int, ...]:
+    def arguments(self, x: int, y: int, positions: int, n_tokens: int, x_stride: int, y_stride: int
+                  ) -> tuple[int, ...]:
         """A strided RoPE's arguments: each stride a multiple of the vector (aligned accesses) and
-        at least a row of heads x head_dim; ``y16``: a bf16_copy's (rows y_stride elements apart)."""
+        at least a row of heads x head_dim."""
         if not self.strided:
             raise ValueError("rope: strides are a strided RoPE's arguments")
-        if (y16 is not None) != self.bf16_copy:
-            raise ValueError(f"rope: y16 {'needs' if y16 is not None else 'is required by'} bf16_copy")
         if any(s % self.vec or s < self.heads * self.head_dim for s in (x_stride, y_stride)):
             raise ValueError(f"rope: strides must be multiples of {self.vec} of at least heads x head_dim = "
                              f"{self.heads * self.head_dim}, got {x_stride}, {y_stride}")
         if n_tokens * max(x_stride, y_stride) >= 2**32:
             raise ValueError(f"rope: {n_tokens} rows of {max(x_stride, y_stride)} overflow the kernel's 32-bit index")
-        return (x, y) + ((y16,) if y16 is not None else ()) + (positions, n_tokens, x_stride, y_stride)
+        return x, y, positions, n_tokens, x_stride, y_stride
 
     def params(self) -> tuple[tuple[str, T], ...]:
         strides = (("x_stride", T.U32), ("y_stride", T.U32)) if self.strided else ()
-        copy = (("y16", T.U64),) if self.bf16_copy else ()
-        return (("x", T.U64), ("y", T.U64)) + copy + (("positions", T.U64), ("n_tokens", T.U32)) + strides
+        return (("x", T.U64), ("y", T.U64), ("positions", T.U64), ("n_tokens", T.U32)) + strides
 
     def outputs(self) -> tuple[str, ...]:
-        return ('y', 'y16') if self.bf16_copy else ('y',)
+        return ('y',)
 
     def build(self, b: KernelBuilder) -> None:
         half, vec, size = self.head_dim // 2, self.vec, self.dtype.size
@@ -160,9 +155,6 @@ class RopeSpec(KernelSpec):
             x_elem = y_elem = b.mad(token, self.heads * self.head_dim, i0)
         out = DType.BF16 if self.bf16_out else self.dtype
         src, dst = offset(b, x, x_elem, size), offset(b, y, y_elem, out.size)
-        targets = [(dst, out)]
-        if self.bf16_copy:
-            targets.append((offset(b, b.cvta_global(b.ld_param("y16")), y_elem, 2), DType.BF16))
         # Loads of a batch of heads go first: y may alias x (in-place), so ptxas cannot hoist
         # a head's loads above the previous head's stores by itself.
         batch = max(1, MAX_VALUES_IN_FLIGHT // (2 * vec))
@@ -173,9 +165,8 @@ class RopeSpec(KernelSpec):
                       load_f32(b, self.dtype, Addr(src, at[h] + size * half), vec)) for h in heads}
             for h, (x1, x2) in xs.items():
                 y1, y2 = zip(*(rotate(b, a, z, *cs) for a, z, cs in zip(x1, x2, angles)))
-                for at_y, dt in targets:
-                    store_f32(b, dt, Addr(at_y, h * self.head_dim * dt.size), y1)
-                    store_f32(b, dt, Addr(at_y, (h * self.head_dim + half) * dt.size), y2)
+                store_f32(b, out, Addr(dst, h * self.head_dim * out.size), y1)
+                store_f32(b, out, Addr(dst, (h * self.head_dim + half) * out.size), y2)
         b.place(done)
 
     @classmethod
@@ -187,7 +178,7 @@ class RopeSpec(KernelSpec):
                 cls(heads=14, head_dim=64, theta=1e6, bf16_out=True),
                 cls(heads=2, head_dim=64, theta=1e6, bf16_out=True, strided=True),
                 cls(heads=14, head_dim=64, theta=1e6, inverse=True, strided=True),
-                cls(heads=2, head_dim=64, theta=1e6, inverse=True, strided=True, bf16_copy=True)]
+                cls(heads=2, head_dim=64, theta=1e6, inverse=True, strided=True, bf16_out=True)]
 
 
 @register
