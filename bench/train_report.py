@@ -9,15 +9,14 @@ PaLM does. MFU = model FLOPs per step / step time / the GPU's rated dense peak i
 """
 from __future__ import annotations
 
-import argparse
 import math
 import re
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from model.config import PRESETS, ModelConfig
 from model.params import param_shapes
+from ptxgen.cli import Parser, UsageError
 
 PRECISIONS = ("fp32", "bf16")
 TORCH_PRECISION = {"fp32": "fp32", "bf16": "bf16 autocast"}  # what the torch side runs for each of ours
@@ -242,15 +241,6 @@ def format_breakdown(title: str, b: dict) -> str:
 
 
 # -- the command line ---------------------------------------------------------------------------------
-class UsageError(Exception):
-    """Bad input: one line on stderr, exit 2, before any work."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        raise UsageError(message)
-
-
 @dataclass(frozen=True)
 class Options:
     runs: tuple[Run, ...]
@@ -288,8 +278,8 @@ def runs_of(shapes: list[str], precisions: list[str]) -> tuple[Run, ...]:
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
-    ap = _Parser(prog="bench_train.py", description="Training steps per second: ours beside transformers' "
-                 "Qwen2 in torch eager and under torch.compile, in one process.")
+    ap = Parser(prog="bench_train.py", description="Training steps per second: ours beside transformers' "
+                "Qwen2 in torch eager and under torch.compile, in one process.")
     ap.add_argument("--shapes", "--presets", nargs="+", default=list(SHAPES),
                     metavar="PRESET[:BATCHxSEQ]",
                     help="a preset alone runs its default shapes (tiny 16x256; qwen2-0.5b 8x1024 and 4x2048), "

@@ -10,12 +10,13 @@ run (no GPU visible after all) fails the check too, since running them is all it
 """
 from __future__ import annotations
 
-import argparse
 import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Sequence
+
+from ptxgen.cli import Parser, UsageError
 
 from .schema import Contracts, Falsifier, load, missing_tests
 
@@ -102,19 +103,8 @@ def check_status(verdicts: Sequence[str], gpu_only: bool) -> int:
     return 1 if any(v.startswith("falsified") for v in verdicts) else 0
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments as one line (main prints it), not argparse's usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(f"{message} (ptxgen contracts validate|check [--root REPO] [--dir DIR] [--gpu-only])")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    p = _Parser(prog="ptxgen contracts", description=__doc__.splitlines()[0])
+    p = Parser(prog="ptxgen contracts", description=__doc__.splitlines()[0])
     p.add_argument("command", choices=("validate", "check"))
     p.add_argument("--root", type=Path, default=HERE.parent, help="the repository (holds tests/)")
     p.add_argument("--dir", type=Path, default=HERE, help="the contract files (default: this package)")
@@ -122,8 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="check: run only the falsifiers that need a GPU (CI discharges the others)")
     try:
         ns = p.parse_args(argv)
-    except _UsageError as e:
-        print(f"contracts: error: {e}", file=sys.stderr)
+    except UsageError as e:  # one line, not argparse's usage block
+        print(f"contracts: error: {e} (ptxgen contracts validate|check [--root REPO] [--dir DIR] [--gpu-only])",
+              file=sys.stderr)
         return 2
     if not (ns.root / "tests").is_dir():
         print(f"contracts: error: {ns.root} has no tests/ directory; pass --root REPO, the repository that holds "

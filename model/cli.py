@@ -20,6 +20,7 @@ from typing import Callable, Mapping, MutableMapping, Sequence
 import numpy as np
 
 from ptxgen import cli as ptxgen_cli
+from ptxgen.cli import Parser, UsageError
 from ptxgen.spec import SpecError, sha256_hex
 from runtime.driver import CudaError
 
@@ -50,15 +51,6 @@ from .train import RESUME_MAY_CHANGE, BackendFactory, TrainSettings, resume_conf
 
 DEVICES = ("auto", "cuda", "numpy")
 PRECISIONS = tuple(p.value for p in Precision)
-
-
-class UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        raise UsageError(message)  # printed after "ptxgen COMMAND: error: "
 
 
 def _no_gpu(why: str) -> str:
@@ -282,8 +274,8 @@ def check_data_parallel(gpus: int | None, device: str, environ: MutableMapping[s
 
 
 def cmd_train(argv: Sequence[str]) -> int:
-    p = _Parser(prog="ptxgen train", description="Train the model (default: the run planned for this machine, on "
-                                                 "the stdlib's source; it says what it will do before it starts).")
+    p = Parser(prog="ptxgen train", description="Train the model (default: the run planned for this machine, on "
+                                                "the stdlib's source; it says what it will do before it starts).")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: small in bf16 with a GPU, "
                                                     "tiny without)")
@@ -343,6 +335,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     out = ns.out or Path("runs") / name
     if not ns.resume and primary:  # (the other ranks would find rank 0's files there)
         _check_fresh_out(out)
+    cut = ""  # a default warmup shortened to fit --steps, said when the run starts
     if ns.resume:
         if not (out / LATEST).exists():
             raise UsageError(f"--resume: no checkpoint in {out} (no {LATEST} file)")
@@ -363,6 +356,13 @@ def cmd_train(argv: Sequence[str]) -> int:
     else:
         ckpt = None
         settings = TrainSettings(**{**(plan.settings if plan else {}), **_given(ns, TrainSettings)})
+        if hasattr(ns, "warmup") and settings.warmup > settings.steps:  # (a resumed run keeps both as saved)
+            raise UsageError(f"--warmup {settings.warmup} is above --steps {settings.steps}: the learning rate "
+                             f"would never reach --lr {settings.lr:g}")
+        if not hasattr(ns, "warmup") and settings.warmup > settings.steps // 2:
+            # a default warmup meant for a longer run: the learning rate peaks half-way and then decays
+            cut = f"warmup {settings.steps // 2} (the default {settings.warmup} cut to half of --steps {settings.steps})"
+            settings = dataclasses.replace(settings, warmup=settings.steps // 2)
         adamw = AdamWSettings(**_given(ns, AdamWSettings))
         ns.precision = getattr(ns, "precision", plan.precision if plan else "fp32")
         ns.save_dtype = getattr(ns, "save_dtype", "fp32")
@@ -430,6 +430,8 @@ def cmd_train(argv: Sequence[str]) -> int:
                 + " ".join(f"{flag(k)} {getattr(settings, k)}" for k in plan.settings)
                 + (f": {plan.expect}" if not (ns.data or _given(ns, TrainSettings) or ns.tokenizer) else
                    " (with the flags given; the time measured for the plan as it stands no longer applies)"))
+        if cut:
+            say(cut)
         say(f"data: {corpus.n_files} files, {len(corpus.train)} train / {len(corpus.val)} validation tokens "
             f"({tokenizer.name}); model: {n_params(config) / 1e6:.2f}M parameters, hidden {config.hidden_size}, "
             f"{config.num_layers} layers; run: {out}")
@@ -486,7 +488,7 @@ def _prompt_bytes(prompt: str) -> bytes:
 
 
 def cmd_generate(argv: Sequence[str]) -> int:
-    p = _Parser(prog="ptxgen generate", description="Continue a prompt with a trained checkpoint.")
+    p = Parser(prog="ptxgen generate", description="Continue a prompt with a trained checkpoint.")
     p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint or run directory")
     p.add_argument("--prompt", required=True)
     hints = typing.get_type_hints(GenerateSettings)

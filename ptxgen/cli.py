@@ -25,10 +25,14 @@ from .spec import KernelSpec, SpecError, Target, sha256_hex
 
 
 class UsageError(Exception):
-    pass
+    """Bad command-line input: its entry point prints it as one line and exits 2."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """The argparse parser of every command line here (ptxgen's and its commands', ptxgen-audit,
+    the contracts', the benchmarks'): bad arguments raise UsageError, one line for the entry point
+    to print, not argparse's usage block and exit."""
+
     def error(self, message: str) -> typing.NoReturn:
         raise UsageError(message)
 
@@ -66,7 +70,7 @@ def spec_from_args(kind: str, argv: Sequence[str]) -> tuple[KernelSpec, argparse
     """Build a spec of ``kind`` from ``--field value`` arguments (``--block-size`` or ``--block_size``)."""
     cls = get_kind(kind)
     hints = typing.get_type_hints(cls)
-    p = _Parser(prog=f"ptxgen {kind}", add_help=False, allow_abbrev=False)
+    p = Parser(prog=f"ptxgen {kind}", add_help=False, allow_abbrev=False)
     for f in dataclasses.fields(cls):
         flags = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
         required = f.default is dataclasses.MISSING
@@ -119,7 +123,7 @@ def cmd_inspect(argv: Sequence[str]) -> int:
         raise UsageError("inspect needs a kernel kind or a .ptx file")
     first = argv[0]
     if first.endswith(".ptx") or Path(first).is_file():
-        p = _Parser(prog="ptxgen inspect", add_help=False, allow_abbrev=False)
+        p = Parser(prog="ptxgen inspect", add_help=False, allow_abbrev=False)
         p.add_argument("file")
         p.add_argument("--json", action="store_true")
         ns = p.parse_args(argv)

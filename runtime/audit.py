@@ -14,7 +14,6 @@ is bad input (one line, exit 2), not a clean cache.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -23,7 +22,7 @@ from typing import Sequence
 
 from ptxgen import golden
 from ptxgen.builder import PtxBuildError
-from ptxgen.cli import paths_as_named
+from ptxgen.cli import Parser, UsageError, paths_as_named
 from ptxgen.keyaudit import Finding, check_completeness, check_purity, check_source
 from ptxgen.registry import by_qualified_name, is_registered
 from ptxgen.spec import KernelSpec, SpecError, Target, decode_fields, generator_fingerprint, sha256_hex
@@ -170,14 +169,18 @@ def run(checks: Sequence[str], cache_dir: Path, prune: bool, repo_root: Path,
     return findings
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        print(f"ptxgen-audit: error: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    p = _Parser(prog="ptxgen-audit", description=__doc__.split("\n")[0], allow_abbrev=False)
+    """Bad input (an argument, a cache directory that is not one) is one line and exit 2 (SystemExit, as
+    argparse's own)."""
+    try:
+        return _audit(argv)
+    except UsageError as e:
+        print(f"ptxgen-audit: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _audit(argv: Sequence[str] | None) -> int:
+    p = Parser(prog="ptxgen-audit", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="cache directory (default $PTXGEN_CACHE_DIR or the XDG cache dir)")
     p.add_argument("--check", action="append", choices=CHECKS,

@@ -5,14 +5,12 @@ directory, an unknown or ambiguous key) prints one line and exits 2. Needs no GP
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import re
-import typing
 from pathlib import Path
 from typing import Any, Sequence
 
-from ptxgen.cli import UsageError
+from ptxgen.cli import Parser, UsageError
 from ptxgen.spec import SpecError, decode_value
 
 from . import entry
@@ -21,11 +19,6 @@ from .cache import default_cache_dir
 
 # the file; its metadata, or why it cannot be read; why a readable one is never loaded (or None)
 Entry = tuple[Path, "dict[str, Any] | str", "str | None"]
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:
-        raise UsageError(f"{self.prog}: {message}")
 
 
 def entries(root: Path) -> list[Entry]:
@@ -150,16 +143,19 @@ def cmd_diff(root: Path, a: str, b: str) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    p = _Parser(prog="ptxgen cache", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = Parser(prog="ptxgen cache", description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="cache directory (default $PTXGEN_CACHE_DIR or the XDG cache dir)")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     sub.add_parser("ls", help="every entry, one line each")
     sub.add_parser("show", help="one entry in full").add_argument("key")
     diff = sub.add_parser("diff", help="what differs between two entries")
     diff.add_argument("a")
     diff.add_argument("b")
-    ns = p.parse_args(argv)
+    try:
+        ns = p.parse_args(argv)
+    except UsageError as e:  # (said after "ptxgen: error: ")
+        raise UsageError(f"{p.prog}: {e}") from None
     root = ns.cache_dir or default_cache_dir()
     if ns.command == "ls":
         return cmd_ls(root)

@@ -155,6 +155,23 @@ def test_a_prompt_that_is_not_utf8_or_that_the_tokenizer_drops_is_said_so(base):
             "drops every character of --prompt")
 
 
+def test_a_warmup_longer_than_the_run_is_refused_before_any_work(base, tmp_path):
+    """Its learning rate would never reach --lr; a warmup ending on the last step does."""
+    args = ["--config", base["root"] / "config.json", "--out", tmp_path / "new", *base["common"]]
+    refused(cli("train", *args, "--steps", "3", "--warmup", "4"), "--warmup 4", "--steps 3", "--lr 0.01")
+    assert not (tmp_path / "new").exists()
+    assert cli("train", *args, "--steps", "2", "--warmup", "2")[0] == 0
+
+
+def test_a_default_warmup_longer_than_half_the_run_is_cut_to_half_and_said(base, tmp_path):
+    """The default (50 steps) is meant for a longer run: on 4 steps the rate peaks on step 2, then decays."""
+    code, out, err = cli("train", "--config", base["root"] / "config.json", "--out", tmp_path / "new",
+                         *base["common"], "--steps", "4")
+    assert code == 0, err
+    assert "warmup 2 (the default 50 cut to half of --steps 4)" in out
+    assert load_checkpoint(tmp_path / "new").trainer["settings"]["warmup"] == 2
+
+
 @pytest.mark.parametrize("batch, words", [("64", "training tokens"), ("2", "validation tokens")])
 def test_data_too_small_for_a_batch_is_refused_before_the_run_directory_is_made(base, tmp_path, batch, words):
     """400 bytes: 380 to train on, 20 held out; a batch of 2 x 32 fits the first, not the second."""

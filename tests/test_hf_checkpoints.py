@@ -300,8 +300,9 @@ def trained_then_initialised(tmp_path, capsys) -> tuple[float, float]:
                 rope_theta=1e4, rms_norm_eps=1e-6, qkv_bias=True, tie_word_embeddings=False,
                 max_position_embeddings=64).save(config)
     common = ["--data", str(data_dir(tmp_path)), "--device", "numpy", "--batch-size", "4", "--seq-len", "32",
-              "--eval-batches", "1", "--lr", "1e-2", "--warmup", "5"]
-    assert main(["train", "--config", str(config), "--out", str(tmp_path / "a"), "--steps", "60", *common]) == 0
+              "--eval-batches", "1", "--lr", "1e-2"]
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "a"), "--steps", "60", "--warmup", "5",
+                 *common]) == 0
     assert main(["train", "--init", str(tmp_path / "a"), "--out", str(tmp_path / "b"), "--steps", "1", *common]) == 0
     capsys.readouterr()
     return read_metrics(tmp_path / "a" / METRICS)[-1]["val_loss"], read_metrics(tmp_path / "b" / METRICS)[0]["val_loss"]
