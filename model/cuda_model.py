@@ -13,12 +13,15 @@ gradients; the residual stream's gradient is written in bf16 too by the norms' b
 gate/up), each later kernel reading its part of the fused output's rows.
 
 For each batch shape the backend builds one plan (sections forward, backward, optimizer) once; a
-step uploads the token ids, targets and the embedding backward's grouping, sets the plan's
-per-step values by name (loss scale, embedding segments, learning rate, bias corrections) and runs
-it, by default as one CUDA graph. All reductions are fixed-order, so runs repeat bit for bit.
+step uploads the token ids and targets, sets the plan's per-step values by name (loss scale,
+learning rate, bias corrections) and runs it, by default as CUDA graphs: the forward's, then a host
+step that groups the batch's rows by token for the embedding backward (and sets its segment count)
+while the GPU runs the forward, then the rest's. Its loss and gradient norm come back in one wait.
+All reductions are fixed-order, so runs repeat bit for bit.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -26,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from ptxgen.kernels.embedding import embedding_backward_plan
-from runtime import DeviceArray, ModuleCache, View
+from runtime import DeviceArray, ModuleCache, PinnedArray, Stream, View
 from runtime.plan import Expr, Plan, Step
 
 from .config import ModelConfig
@@ -145,7 +148,25 @@ class _Shape:
     acts: Activations
     kv: list[KV]
     bufs: TrainingBuffers
+    staged: "_Staged"
     logits: tuple[Plan, View] | None = None
+
+
+class _Staged:
+    """A batch shape's page-locked host side: the step's inputs as they are copied to the GPU (ids,
+    targets, the embedding backward's grouping), and its results as they come back (the per-token
+    losses, the gradient norm and clip scale). A step starts after the last one's results were read,
+    so one copy of each serves every step."""
+
+    def __init__(self, tokens: int):
+        self._inputs, self._results = PinnedArray(5 * tokens + 1, "i32"), PinnedArray(tokens + 2)
+        cuts = np.cumsum([tokens, tokens, tokens, tokens + 1])
+        self.ids, self.targets, self.order, self.seg_start, self.seg_id = np.split(self._inputs.array, cuts)
+        self.losses, self.norm = np.split(self._results.array, [tokens])
+
+    def free(self) -> None:
+        self._inputs.free()
+        self._results.free()
 
 
 class CudaBackend:
@@ -218,6 +239,7 @@ class CudaBackend:
                 if plan is not None:
                     plan.free()
             s.arena.free()
+            s.staged.free()
         self._shapes.clear()
         self.tail.free()
         for buf in (self.weights, self.grads, self.exp_avg, self.exp_avg_sq, self.norm_partial, self.norm_out,
@@ -251,13 +273,13 @@ class CudaBackend:
     def loss(self, ids: np.ndarray, targets: np.ndarray) -> float:
         shape = self._prepare(ids, targets)
         self._run(shape, "forward")
-        return self._mean_loss(shape, targets)
+        return self._mean_loss(shape, self._results(shape)[0])
 
     def loss_and_grads(self, ids: np.ndarray, targets: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
         """Mean loss and every parameter's gradient (the numpy reference's interface, for parity)."""
         shape = self._prepare(ids, targets)
         self._run(shape, "forward", "backward")
-        return self._mean_loss(shape, targets), self.layout.unflatten(self.grads.to_numpy())
+        return self._mean_loss(shape, self._results(shape)[0]), self.layout.unflatten(self.grads.to_numpy())
 
     def train_step(self, ids: np.ndarray, targets: np.ndarray, lr: float) -> tuple[float, float]:
         shape = self._prepare(ids, targets)
@@ -266,7 +288,8 @@ class CudaBackend:
         shape.plan.set(lr=lr, bias_correction1=1.0 - a.beta1 ** self.step,
                        bias_correction2=1.0 - a.beta2 ** self.step)
         self._run(shape, graph=self.graph)
-        return self._mean_loss(shape, targets), float(self.norm_out.to_numpy()[0])
+        losses, norm = self._results(shape, norm=True)
+        return self._mean_loss(shape, losses), norm
 
     def plan(self, batch: int, seq: int) -> Plan:
         """The training step's plan for ``batch x seq`` tokens (sections forward, backward,
@@ -283,8 +306,8 @@ class CudaBackend:
             shape.plan.run(*sections, graph=graph)
 
     def _prepare(self, ids: np.ndarray, targets: np.ndarray | None) -> _Shape:
-        """Check a batch, upload it (and the embedding backward's grouping of it) and set the
-        plan's per-batch values."""
+        """Check a batch, upload it and set the plan's loss scale (the embedding backward's grouping
+        of it is ``_group_tokens``', a host step of the plan)."""
         ids = np.asarray(ids)
         if ids.ndim != 2:
             raise ValueError(f"ids must be [batch, seq], got shape {ids.shape}")
@@ -301,16 +324,37 @@ class CudaBackend:
         if np.any((t[valid] < 0) | (t[valid] >= self.config.vocab_size)):
             raise ValueError(f"a target is outside [0, {self.config.vocab_size})")
         shape = self._shape(*ids.shape)
-        T = ids.size
-        flat = ids.astype(np.int32).reshape(-1)
-        shape.acts.ids.upload(flat)
-        shape.bufs.targets.upload(t)
-        order, starts, rows = embedding_backward_plan(flat)  # rows grouped by token id
-        shape.bufs.order.upload(order)
-        shape.bufs.seg_start.upload(np.pad(starts, (0, T + 1 - len(starts))))
-        shape.bufs.seg_id.upload(np.pad(rows, (0, T - len(rows))))
-        shape.plan.set(loss_scale=1.0 / max(1, int(valid.sum())), segments=max(1, len(rows)))
+        staged, stream = shape.staged, Stream.null()  # (the plan's launches and graphs run there)
+        staged.ids[:], staged.targets[:] = ids.reshape(-1), t
+        shape.acts.ids.upload(staged.ids, stream)
+        shape.bufs.targets.upload(staged.targets, stream)
+        shape.plan.set(loss_scale=1.0 / max(1, int(valid.sum())))
         return shape
+
+    def _group_tokens(self, key: tuple[int, int]) -> None:
+        """The plan's host step before the backward, run while the GPU runs the forward: the
+        batch's rows grouped by token id for the embedding backward, copied after the forward's
+        launches, and their count of distinct tokens set."""
+        shape = self._shapes[key]
+        staged = shape.staged
+        order, starts, rows = embedding_backward_plan(staged.ids)
+        staged.order[:] = order
+        staged.seg_start[:len(starts)], staged.seg_start[len(starts):] = starts, 0
+        staged.seg_id[:len(rows)], staged.seg_id[len(rows):] = rows, 0
+        stream = Stream.null()
+        for buf, host in ((shape.bufs.order, staged.order), (shape.bufs.seg_start, staged.seg_start),
+                          (shape.bufs.seg_id, staged.seg_id)):
+            buf.upload(host, stream)
+        shape.plan.set(segments=max(1, len(rows)))
+
+    def _results(self, shape: _Shape, norm: bool = False) -> tuple[np.ndarray, float]:
+        """The last run's per-token losses (and the gradient norm), waited for once."""
+        stream = Stream.null()
+        shape.bufs.losses.download(shape.staged.losses, stream)
+        if norm:
+            self.norm_out.view("grad norm, clip scale").download(shape.staged.norm, stream)
+        stream.synchronize()
+        return shape.staged.losses, float(shape.staged.norm[0]) if norm else math.nan
 
     def _shape(self, batch: int, seq: int) -> _Shape:
         if (batch, seq) not in self._shapes:
@@ -319,9 +363,10 @@ class CudaBackend:
         return self._shapes[(batch, seq)]
 
     @staticmethod
-    def _mean_loss(shape: _Shape, targets: np.ndarray) -> float:
-        losses = shape.bufs.losses.to_numpy().astype(np.float64)
-        return float(losses.sum() / max(1, int((np.asarray(targets) != IGNORE_INDEX).sum())))
+    def _mean_loss(shape: _Shape, losses: np.ndarray) -> float:
+        """The batch's mean loss over its targets (the ignored ones' losses are 0)."""
+        counted = int((shape.staged.targets != IGNORE_INDEX).sum())
+        return float(losses.astype(np.float64).sum() / max(1, counted))
 
     def _build(self, batch: int, seq: int) -> _Shape:
         """Allocate one batch shape's buffers and plan its training step."""
@@ -334,10 +379,13 @@ class CudaBackend:
         hf = forward(ops, acts, kv, kv_stride=seq)
         loss(ops, hf, bufs, plan.value("loss_scale", 1.0))
         plan.section = "backward"
-        backward(ops, acts, kv, hf, bufs, plan.value("segments", 1), self._table_grad(ops, arena, batch, seq))
+        segments = plan.value("segments", 1)
+        plan.host(functools.partial(self._group_tokens, (batch, seq)), label="group the batch's rows by token",
+                  writes=[bufs.order, bufs.seg_start, bufs.seg_id], sets=["segments"])
+        backward(ops, acts, kv, hf, bufs, segments, self._table_grad(ops, arena, batch, seq))
         plan.section = "optimizer"
         self._optimizer(ops, plan)
-        return _Shape(plan, arena, acts, kv, bufs)
+        return _Shape(plan, arena, acts, kv, bufs, _Staged(T))
 
     def _table_grad(self, ops: Ops, arena: Arena, batch: int, seq: int) -> Callable[[View], None] | None:
         """How the embedding table's gradient is made (None: backward's own lookup backward)."""

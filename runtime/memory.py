@@ -1,6 +1,7 @@
 """Device arrays, streams and events on the primary context."""
 from __future__ import annotations
 
+import ctypes
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -85,6 +86,28 @@ class Event:
             self.handle = None
 
 
+class PinnedArray:
+    """Page-locked host memory of a shape and dtype, as a numpy array (``array``): the device copies
+    to and from it asynchronously, where a pageable buffer's copy may wait for the stream's earlier
+    work (a step's inputs staged while the GPU still runs, its results read back in one wait)."""
+
+    def __init__(self, shape: int | Sequence[int], dtype: str = "f32"):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        shape = (shape,) if isinstance(shape, int) else tuple(int(s) for s in shape)
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        device()
+        self.ptr: int | None = int(call("cuMemHostAlloc", max(nbytes, 1), 0))
+        self.array = np.ctypeslib.as_array((ctypes.c_uint8 * max(nbytes, 1)).from_address(self.ptr))[:nbytes] \
+            .view(DTYPES[dtype]).reshape(shape)
+
+    def free(self) -> None:
+        if self.ptr is not None:
+            self.array = None  # type: ignore[assignment]  (no view outlives the memory)
+            call("cuMemFreeHost", self.ptr)
+            self.ptr = None
+
+
 def fill_u32(ptr: int, bits: int, count: int, stream: Stream | None = None) -> None:
     """Set ``count`` 32-bit words from device address ``ptr`` (a region inside a larger array)."""
     call("cuMemsetD32Async", ptr, bits, count, _stream_handle(stream))
@@ -112,12 +135,27 @@ class View:
         return self if not byte_offset else View(f"{self.name}+{byte_offset}", self.ptr + byte_offset,
                                                  self.shape, self.dtype)
 
-    def upload(self, host: np.ndarray) -> None:
-        """Host -> device, synchronously; ``host`` must fill the view exactly."""
-        host = np.ascontiguousarray(host, dtype=DTYPES[self.dtype])
+    def upload(self, host: np.ndarray, stream: Stream | None = None) -> None:
+        """Host -> device; ``host`` must fill the view exactly. Synchronous, unless a ``stream`` is
+        given: then the copy runs in the stream's order, and ``host`` (page-locked: a PinnedArray's,
+        or the copy may wait for the stream's earlier work) must stay unchanged until it has."""
+        if stream is None:
+            host = np.ascontiguousarray(host, dtype=DTYPES[self.dtype])
+        elif not (host.flags.c_contiguous and host.dtype == DTYPES[self.dtype]):
+            raise ValueError(f"an asynchronous copy to {self.name} needs a contiguous {self.dtype} array as it is")
         if host.nbytes != self.nbytes:
             raise ValueError(f"host array of {host.nbytes} bytes for {self.name} of {self.nbytes}")
-        call("cuMemcpyHtoD", self.ptr, host.ctypes.data, self.nbytes)
+        if stream is None:
+            call("cuMemcpyHtoD", self.ptr, host.ctypes.data, self.nbytes)
+        else:
+            call("cuMemcpyHtoDAsync", self.ptr, host.ctypes.data, self.nbytes, stream.handle)
+
+    def download(self, out: np.ndarray, stream: Stream) -> np.ndarray:
+        """Device -> ``out`` (page-locked) in ``stream``'s order: synchronize it before reading ``out``."""
+        if not (out.flags.c_contiguous and out.dtype == DTYPES[self.dtype] and out.nbytes == self.nbytes):
+            raise ValueError(f"{self.name} downloads into a contiguous {self.dtype} array of {self.nbytes} bytes")
+        call("cuMemcpyDtoHAsync", out.ctypes.data, self.ptr, self.nbytes, stream.handle)
+        return out
 
     def to_numpy(self) -> np.ndarray:
         out = np.empty(self.shape, DTYPES[self.dtype])

@@ -197,10 +197,12 @@ class Host:
 
     kind = "host"
 
-    def __init__(self, label: str, section: str, fn: Any, reads: Sequence[View], writes: Sequence[View]):
+    def __init__(self, label: str, section: str, fn: Any, reads: Sequence[View], writes: Sequence[View],
+                 sets: Sequence[str] = ()):
         self.label, self.section, self.fn = label, section, fn
         self._reads, self._writes = tuple(reads), tuple(writes)
         self.values: set[str] = set()
+        self.sets = frozenset(sets)  # the plan values it sets for the launches after it
         self.grid = (1, 1, 1)
 
     def writes(self) -> dict[str, str]:
@@ -234,6 +236,7 @@ class Plan:
         self._kept: list[DeviceArray] = []
         self._graphs: dict[tuple[tuple[str, ...], int], Graph] = {}  # (sections, segment)
         self._split: dict[tuple[str, ...], list] = {}  # sections -> their segments, for graph runs
+        self._readers: tuple[int, dict[str, list]] = (0, {})  # (steps indexed, value name -> steps reading it)
 
     def value(self, name: str, initial: Number) -> Expr:
         """A named per-run value; ``initial`` only shapes the launches until the first ``set``."""
@@ -267,10 +270,16 @@ class Plan:
         self.steps.append(step)
         return step
 
-    def host(self, fn: Any, *, label: str, reads: Sequence[View] = (), writes: Sequence[View] = ()) -> Host:
+    def host(self, fn: Any, *, label: str, reads: Sequence[View] = (), writes: Sequence[View] = (),
+             sets: Sequence[str] = ()) -> Host:
         """``fn()`` on the host at this point of every run (a graph run launches the launches
-        between host steps as graphs of their own)."""
-        step = Host(label, self.section, fn, reads, writes)
+        between host steps as graphs of their own, each as soon as the host reaches it: a host
+        step runs while the GPU still runs the launches before it). ``sets``: the plan values
+        ``fn`` sets (``set``) for the launches after it, which a run then need not be given."""
+        unknown = set(sets) - set(self._values)
+        if unknown:
+            raise ValueError(f"{label}: plan values {', '.join(sorted(unknown))} were never declared")
+        step = Host(label, self.section, fn, reads, writes, sets)
         self.steps.append(step)
         return step
 
@@ -296,11 +305,16 @@ class Plan:
             raise ValueError(f"no plan value {', '.join(sorted(unknown))}")
         self._values.update(values)
         self._unset -= set(values)
-        for step in self.steps:
-            if step.values & set(values):
-                step.resolve(self._values)
-                for graph in self._graphs.values():
-                    graph.touch(step)
+        if self._readers[0] != len(self.steps):  # (steps are only ever added)
+            readers: dict[str, list] = {}
+            for step in self.steps:
+                for name in step.values:
+                    readers.setdefault(name, []).append(step)
+            self._readers = (len(self.steps), readers)
+        for step in dict.fromkeys(s for name in values for s in self._readers[1].get(name, ())):
+            step.resolve(self._values)
+            for graph in self._graphs.values():
+                graph.touch(step)
 
     def of(self, *sections: str) -> list[Step | Fill | Host]:
         """The steps of ``sections`` (all when none is named), in plan order."""
@@ -315,7 +329,10 @@ class Plan:
     def run(self, *sections: str, graph: bool = False) -> None:
         """Launch the steps of ``sections`` one by one, or as their CUDA graph (built once)."""
         steps = self.of(*sections)
-        needed = set().union(*(s.values for s in steps)) & self._unset
+        needed, set_before = set(), set()  # (a host step sets its values for the launches after it)
+        for step in steps:
+            needed |= (step.values - set_before) & self._unset
+            set_before |= step.sets if isinstance(step, Host) else set()
         if needed:
             raise RuntimeError(f"plan values {', '.join(sorted(needed))} must be set before a run")
         if not graph:

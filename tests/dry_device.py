@@ -7,6 +7,7 @@ allocated; a launch does nothing and a download is an error. Pass a ``DryCache()
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import threading
 from typing import Iterator
 
@@ -59,6 +60,7 @@ def dry_device(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int]
     allocations: list[tuple[int, int]] = []  # (address, bytes)
     next_free = [1 << 32]
     lock = threading.Lock()  # ranks as threads allocate at once
+    pinned: dict[int, ctypes.Array] = {}  # address -> its buffer, alive until freed
 
     def call(name: str, *args):
         if name == "cuMemAlloc":
@@ -67,7 +69,17 @@ def dry_device(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, int]
                 next_free[0] += -(-args[0] // 256) * 256
                 allocations.append((ptr, args[0]))
             return ptr
-        if name in ("cuMemFree", "cuMemcpyHtoD", "cuMemsetD32Async", "cuStreamSynchronize", "cuEventDestroy"):
+        if name == "cuMemHostAlloc":  # page-locked host memory: plain host memory here
+            buf = ctypes.create_string_buffer(args[0])
+            with lock:
+                pinned[ctypes.addressof(buf)] = buf
+            return ctypes.addressof(buf)
+        if name == "cuMemFreeHost":
+            with lock:
+                del pinned[args[0]]
+            return None
+        if name in ("cuMemFree", "cuMemcpyHtoD", "cuMemcpyHtoDAsync", "cuMemsetD32Async", "cuStreamSynchronize",
+                    "cuEventDestroy"):
             return None
         if name == "cuEventCreate":  # a plan's events (a data-parallel rank's): never recorded here
             return object()

@@ -95,6 +95,38 @@ def test_a_grid_can_follow_a_value(plan):
     assert step.grid == (7, 1, 1)
 
 
+def test_a_value_a_host_step_sets_need_not_be_given_for_the_launches_after_it(plan):
+    """The host step runs before them (while the GPU runs the launches before it) and sets the
+    value; a launch before it still needs the value given, and a host step sets only declared ones."""
+    spec, src, dst = CastSpec(), view("src"), view("dst", 1 << 21, dtype="bf16")
+    blocks = plan.value("blocks", 1)
+    plan.add(spec, spec.launch_dims(16), label="cast 1", src=src, dst=dst, n=16)
+    plan.host(lambda: plan.set(blocks=3), label="count", writes=[src], sets=["blocks"])
+    last = plan.add(spec, ((blocks,), 256), label="cast 2", src=src, dst=dst, n=16)
+    plan.run()
+    assert last.grid == (3, 1, 1)
+    with pytest.raises(ValueError, match="plan values unknown were never declared"):
+        plan.host(lambda: None, label="bad", sets=["unknown"])
+    other = Plan(plan.cache)
+    count = other.value("count", 1)
+    other.add(spec, ((count,), 256), label="first", src=src, dst=dst, n=16)
+    other.host(lambda: other.set(count=2), label="too late", sets=["count"])
+    with pytest.raises(RuntimeError, match="count must be set"):
+        other.run()
+
+
+def test_setting_a_value_updates_only_its_readers_also_those_added_since(plan):
+    spec, src, dst = CastSpec(), view("src"), view("dst", 1 << 21, dtype="bf16")
+    a, b = plan.value("a", 1), plan.value("b", 1)
+    first = plan.add(spec, ((a,), 256), label="reads a", src=src, dst=dst, n=16)
+    plan.set(a=2)
+    second = plan.add(spec, ((a + b,), 256), label="reads a and b", src=src, dst=dst, n=16)
+    plan.set(a=4, b=5)
+    assert (first.grid, second.grid) == ((4, 1, 1), (9, 1, 1))
+    plan.set(b=1)
+    assert (first.grid, second.grid) == ((4, 1, 1), (5, 1, 1))
+
+
 def _backend(config, precision):
     from model.cuda_model import CudaBackend
     params = {n: np.zeros(s, np.float32) for n, s in param_shapes(config).items()}
@@ -242,6 +274,23 @@ def test_a_tied_and_an_untied_head_plan_their_embedding_gradient(monkeypatch):
             assert ("fill" in kinds_) is not tied
             assert kinds_[-1] == "embedding_bwd"
             model.close()
+
+
+def test_the_batch_is_grouped_by_token_on_the_host_while_the_gpu_runs_the_forward(monkeypatch):
+    """The training step's one host step opens its backward (a graph run launches the forward's
+    graph first, so the host groups the rows while the GPU runs it); it writes the embedding
+    backward's grouping and sets its segment count, which no launch before it reads."""
+    from runtime.plan import Host
+    with dry_device(monkeypatch):
+        model = _backend(preset("tiny"), Precision.BF16)
+        plan = model.plan(2, 16)
+        hosts = [s for s in plan.of() if isinstance(s, Host)]
+        assert len(hosts) == 1 and plan.of("backward")[0] is hosts[0] and hosts[0].sets == {"segments"}
+        bufs = model._shape(2, 16).bufs
+        assert set(hosts[0].writes().values()) == {bufs.order.name, bufs.seg_start.name, bufs.seg_id.name}
+        assert all("segments" not in s.values for s in plan.of("forward"))
+        assert [s.kind for s in plan.of("backward") if "segments" in s.values] == ["embedding_bwd"]
+        model.close()
 
 
 

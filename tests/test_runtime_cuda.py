@@ -10,7 +10,7 @@ import pytest
 
 from ptxgen.kernels.rmsnorm import RMSNormSpec, rmsnorm_reference
 from ptxgen.kernels.rope import RopeSpec, rope_reference
-from runtime import (CudaError, DeviceArray, Event, KeyCollisionError, ModuleCache, StrictMissError,
+from runtime import (CudaError, DeviceArray, Event, KeyCollisionError, ModuleCache, PinnedArray, StrictMissError,
                      Stream, from_bf16, to_bf16)
 from runtime import entry
 from runtime.audit import check_disk
@@ -232,6 +232,26 @@ def test_async_copies_on_a_stream_and_event_timing():
         stream.synchronize()
         assert start.elapsed_ms(end) > 0
     np.testing.assert_array_equal(out, host)
+    stream.destroy()
+
+
+def test_views_copy_to_and_from_pinned_memory_in_stream_order():
+    """A view's asynchronous upload runs after the stream's earlier work and its download after the
+    later: the kernel-free round trip fill -> upload -> download sees the upload, not the fill."""
+    stream = Stream()
+    staged, back = PinnedArray(4096, "i32"), PinnedArray((2, 2048), "i32")
+    staged.array[:] = np.arange(4096, dtype=np.int32)
+    with DeviceArray(4096, "i32") as d:
+        d.fill_u32(0xFFFFFFFF, stream)
+        d.view("all").upload(staged.array, stream)
+        d.view("rows", 0, (2, 2048)).download(back.array, stream)
+        stream.synchronize()
+        np.testing.assert_array_equal(back.array.reshape(-1), np.arange(4096))
+        with pytest.raises(ValueError, match="contiguous i32 array as it is"):
+            d.view("all").upload(np.arange(4096), stream)  # int64: a converted copy would be gone
+    for p in (staged, back):
+        p.free()
+        p.free()  # (twice is harmless)
     stream.destroy()
 
 

@@ -176,6 +176,12 @@ class ZeroCudaRank(CudaBackend):
         self.comm.all_reduce(self._loss_sum.view("loss sum"))
         return float(self._loss_sum.to_numpy()[0]) / global_targets(targets)
 
+    def _group_tokens(self, key: tuple[int, int]) -> None:
+        """The local rows' grouping, where the backward's own lookup backward reads it (with the
+        table in slabs, the slab's lookup backward reads ``_group_slab_tokens``' instead)."""
+        if self.slab_rows is None:
+            super()._group_tokens(key)
+
     def _group_slab_tokens(self, plan: Plan, ids: np.ndarray, local: tuple[int, int]) -> None:
         """The lookup backward's grouping of the GLOBAL batch's positions (every rank's rows, in
         rank order: as the all-gather lays them out and one process sorts them), cut to the tokens
