@@ -299,10 +299,12 @@ class Plan:
         return step
 
     def set(self, **values: Number) -> None:
-        """Set named values; every step that reads one is updated (and so is every graph of it)."""
+        """Set named values; every step that reads one that changes is updated (and so is every
+        graph of it: a replay's node updates are the host's work before the GPU's)."""
         unknown = set(values) - set(self._values)
         if unknown:
             raise ValueError(f"no plan value {', '.join(sorted(unknown))}")
+        values = {k: v for k, v in values.items() if k in self._unset or self._values[k] != v}
         self._values.update(values)
         self._unset -= set(values)
         if self._readers[0] != len(self.steps):  # (steps are only ever added)

@@ -115,7 +115,7 @@ def test_a_value_a_host_step_sets_need_not_be_given_for_the_launches_after_it(pl
         other.run()
 
 
-def test_setting_a_value_updates_only_its_readers_also_those_added_since(plan):
+def test_setting_a_value_updates_only_its_readers_also_those_added_since_and_only_if_it_changes(plan, monkeypatch):
     spec, src, dst = CastSpec(), view("src"), view("dst", 1 << 21, dtype="bf16")
     a, b = plan.value("a", 1), plan.value("b", 1)
     first = plan.add(spec, ((a,), 256), label="reads a", src=src, dst=dst, n=16)
@@ -125,6 +125,12 @@ def test_setting_a_value_updates_only_its_readers_also_those_added_since(plan):
     assert (first.grid, second.grid) == ((4, 1, 1), (9, 1, 1))
     plan.set(b=1)
     assert (first.grid, second.grid) == ((4, 1, 1), (5, 1, 1))
+    touched = []
+    monkeypatch.setattr("runtime.plan.Graph", lambda steps: type("G", (), {"touch": lambda _, s: touched.append(s)})())
+    plan.graph()  # (capturing one needs a GPU)
+    plan.set(a=4, b=1)  # as they are: no graph node to update
+    plan.set(a=4, b=2)
+    assert touched == [second] and second.grid == (6, 1, 1)
 
 
 def _backend(config, precision):
