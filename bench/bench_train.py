@@ -11,7 +11,7 @@ transformers' Qwen2ForCausalLM built from our config (no download), SDPA attenti
 our optimizer's betas, eps and weight decay, gradient clipping at 1.0; in fp32 with TF32 off, and in
 bf16 autocast with fp32 master weights. torch.compile is its default mode with dynamic=False (the
 shape is fixed), wrapping the model (forward and backward; the fused optimizer runs as it is). Ours
-is the CUDA backend as training runs it (each step one CUDA graph), in fp32 and with bf16 GEMM
+is the CUDA backend as training runs it (each step as CUDA graphs), in fp32 and with bf16 GEMM
 operands (fp32 master weights).
 
 Figures, per system: the median wall time of ``--reps`` steps after a warm-up (each step ends
@@ -91,15 +91,17 @@ def ours(run: Run, ids: np.ndarray, targets: np.ndarray, reps: int, profile: boo
 
 def host_times(plan, step: int, reps: int = 10) -> dict[str, float]:
     """The host's milliseconds to issue one training step from its plan (the per-step values set,
-    then every launch, or one graph replay), the GPU idle before each: median of ``reps``."""
+    as they change each step, then every launch, or the graphs' replays, and the host step between
+    them, which runs while the GPU runs the forward), the GPU idle before each: median of ``reps``."""
     a = AdamWSettings()
     out = {}
     for how, graph in (("launched", False), ("graph", True)):
         times = []
-        for _ in range(reps):
+        for rep in range(reps):
             synchronize()
             t0 = time.perf_counter()
-            plan.set(lr=LR, bias_correction1=1.0 - a.beta1 ** step, bias_correction2=1.0 - a.beta2 ** step)
+            plan.set(lr=LR * (1 + rep) / reps, bias_correction1=1.0 - a.beta1 ** (step + rep),
+                     bias_correction2=1.0 - a.beta2 ** (step + rep))
             plan.run(graph=graph)
             times.append(1e3 * (time.perf_counter() - t0))
         synchronize()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -165,8 +166,23 @@ class _Staged:
         self.losses, self.norm = np.split(self._results.array, [tokens])
 
     def free(self) -> None:
+        self.ids = self.targets = self.order = self.seg_start = self.seg_id = self.losses = self.norm = None
         self._inputs.free()
         self._results.free()
+
+
+def _group_tokens(staged: _Staged, bufs: TrainingBuffers, plan: Plan) -> None:
+    """A training plan's host step before the backward, run while the GPU runs the forward: the
+    batch's rows grouped by token id for the embedding backward, copied after the forward's
+    launches, and their count of distinct tokens set."""
+    order, starts, rows = embedding_backward_plan(staged.ids)
+    staged.order[:] = order
+    staged.seg_start[:len(starts)], staged.seg_start[len(starts):] = starts, 0
+    staged.seg_id[:len(rows)], staged.seg_id[len(rows):] = rows, 0
+    stream = Stream.null()  # (the plan's launches and graphs run there)
+    for buf, host in ((bufs.order, staged.order), (bufs.seg_start, staged.seg_start), (bufs.seg_id, staged.seg_id)):
+        buf.upload(host, stream)
+    plan.set(segments=max(1, len(rows)))
 
 
 class CudaBackend:
@@ -179,7 +195,8 @@ class CudaBackend:
     def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], adamw: AdamWSettings,
                  cache: ModuleCache | None = None, precision: Precision = Precision.FP32, graph: bool = True,
                  loss_chunk_rows: int = LOSS_CHUNK_ROWS):
-        """``graph``: run each training step as one CUDA graph (else launch by launch; same results).
+        """``graph``: run each training step as CUDA graphs (the forward's, then the rest's after
+        the host step between them; else launch by launch; same results).
         ``loss_chunk_rows``: rows of logits made at a time by the loss (the results do not depend on it)."""
         if loss_chunk_rows < 1:
             raise ValueError(f"loss_chunk_rows must be >= 1, got {loss_chunk_rows}")
@@ -305,9 +322,10 @@ class CudaBackend:
         with self.cache.strict_mode():
             shape.plan.run(*sections, graph=graph)
 
-    def _prepare(self, ids: np.ndarray, targets: np.ndarray | None) -> _Shape:
-        """Check a batch, upload it and set the plan's loss scale (the embedding backward's grouping
-        of it is ``_group_tokens``', a host step of the plan)."""
+    def _prepare(self, ids: np.ndarray, targets: np.ndarray | None, targets_counted: int | None = None) -> _Shape:
+        """Check a batch, upload it and set the plan's loss scale: one over its targets, or over
+        ``targets_counted`` (a data-parallel rank's: the global batch's). The embedding backward's
+        grouping of it is ``_group_tokens``', a host step of the plan."""
         ids = np.asarray(ids)
         if ids.ndim != 2:
             raise ValueError(f"ids must be [batch, seq], got shape {ids.shape}")
@@ -328,24 +346,9 @@ class CudaBackend:
         staged.ids[:], staged.targets[:] = ids.reshape(-1), t
         shape.acts.ids.upload(staged.ids, stream)
         shape.bufs.targets.upload(staged.targets, stream)
-        shape.plan.set(loss_scale=1.0 / max(1, int(valid.sum())))
+        counted = int(valid.sum()) if targets_counted is None else targets_counted
+        shape.plan.set(loss_scale=1.0 / max(1, counted))
         return shape
-
-    def _group_tokens(self, key: tuple[int, int]) -> None:
-        """The plan's host step before the backward, run while the GPU runs the forward: the
-        batch's rows grouped by token id for the embedding backward, copied after the forward's
-        launches, and their count of distinct tokens set."""
-        shape = self._shapes[key]
-        staged = shape.staged
-        order, starts, rows = embedding_backward_plan(staged.ids)
-        staged.order[:] = order
-        staged.seg_start[:len(starts)], staged.seg_start[len(starts):] = starts, 0
-        staged.seg_id[:len(rows)], staged.seg_id[len(rows):] = rows, 0
-        stream = Stream.null()
-        for buf, host in ((shape.bufs.order, staged.order), (shape.bufs.seg_start, staged.seg_start),
-                          (shape.bufs.seg_id, staged.seg_id)):
-            buf.upload(host, stream)
-        shape.plan.set(segments=max(1, len(rows)))
 
     def _results(self, shape: _Shape, norm: bool = False) -> tuple[np.ndarray, float]:
         """The last run's per-token losses (and the gradient norm), waited for once."""
@@ -379,13 +382,17 @@ class CudaBackend:
         hf = forward(ops, acts, kv, kv_stride=seq)
         loss(ops, hf, bufs, plan.value("loss_scale", 1.0))
         plan.section = "backward"
-        segments = plan.value("segments", 1)
-        plan.host(functools.partial(self._group_tokens, (batch, seq)), label="group the batch's rows by token",
-                  writes=[bufs.order, bufs.seg_start, bufs.seg_id], sets=["segments"])
-        backward(ops, acts, kv, hf, bufs, segments, self._table_grad(ops, arena, batch, seq))
+        segments, staged = plan.value("segments", 1), _Staged(T)
+        table_grad = self._table_grad(ops, arena, batch, seq)
+        if table_grad is None:  # the backward's own embedding backward reads the grouping
+            # (the plan by a weak reference: no cycle keeps its memory past the backend's last reference)
+            plan.host(functools.partial(_group_tokens, staged, bufs, weakref.proxy(plan)),
+                      label="group the batch's rows by token", writes=[bufs.order, bufs.seg_start, bufs.seg_id],
+                      sets=["segments"])
+        backward(ops, acts, kv, hf, bufs, segments, table_grad)
         plan.section = "optimizer"
         self._optimizer(ops, plan)
-        return _Shape(plan, arena, acts, kv, bufs, _Staged(T))
+        return _Shape(plan, arena, acts, kv, bufs, staged)
 
     def _table_grad(self, ops: Ops, arena: Arena, batch: int, seq: int) -> Callable[[View], None] | None:
         """How the embedding table's gradient is made (None: backward's own lookup backward)."""

@@ -102,10 +102,17 @@ class PinnedArray:
             .view(DTYPES[dtype]).reshape(shape)
 
     def free(self) -> None:
+        """Give the memory back; views of ``array`` taken before are the owner's to drop first."""
         if self.ptr is not None:
-            self.array = None  # type: ignore[assignment]  (no view outlives the memory)
+            self.array = None  # type: ignore[assignment]
             call("cuMemFreeHost", self.ptr)
             self.ptr = None
+
+    def __del__(self) -> None:
+        try:
+            self.free()
+        except Exception:  # interpreter shutdown: the context may already be gone
+            pass
 
 
 def fill_u32(ptr: int, bits: int, count: int, stream: Stream | None = None) -> None:

@@ -1,10 +1,10 @@
 """The RMSNorm backward's PTX run through the interpreter (tests/ptxsim.py) on the CPU: reading its
 dy in bf16 (``dy_dtype``, as bf16 precision's dX GEMMs store it), it gives the f32 kernel's outputs
-of the same values bit for bit."""
+of the same values bit for bit, and both are the float64 reference's within 1e-5."""
 import numpy as np
 import pytest
 
-from ptxgen.kernels.rmsnorm import RMSNormBackwardSpec, rmsnorm_reference
+from ptxgen.kernels.rmsnorm import RMSNormBackwardSpec, rmsnorm_backward_reference, rmsnorm_reference
 from ptxgen.vecio import DType, from_bf16, to_bf16
 from ptxsim import launch
 
@@ -29,3 +29,6 @@ def test_rmsnorm_backward_reads_a_bf16_dy_as_the_f32_kernel_reads_its_values(row
     for ours, f32s in zip(*outs):  # dx, dx16, dgamma partials
         assert not np.isnan(from_bf16(ours) if ours.dtype == np.uint16 else ours).any()  # every value written
         np.testing.assert_array_equal(ours, f32s)
+    dx, dgamma = rmsnorm_backward_reference(x, gamma, from_bf16(dy16), 1e-6)  # and both are right (float64)
+    np.testing.assert_allclose(outs[0][0], dx + (dres if residual else 0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outs[0][2].sum(axis=0), dgamma, rtol=1e-5, atol=1e-5)

@@ -144,8 +144,7 @@ class ZeroCudaRank(CudaBackend):
         """One AdamW step on the GLOBAL batch ``ids``/``targets`` (every rank passes the same one);
         returns (the global batch's mean loss, the global gradient norm), the same on every rank."""
         x, y = local_batch(np.asarray(ids), np.asarray(targets), self.comm.rank, self.comm.world)
-        shape = self._prepare(x, y)
-        shape.plan.set(loss_scale=1.0 / global_targets(targets))
+        shape = self._prepare(x, y, targets_counted=global_targets(targets))
         if self.slab_rows is not None:
             self._group_slab_tokens(shape.plan, np.asarray(ids), x.shape)
         self.step += 1
@@ -153,10 +152,11 @@ class ZeroCudaRank(CudaBackend):
         shape.plan.set(lr=lr, bias_correction1=1.0 - a.beta1 ** self.step, bias_correction2=1.0 - a.beta2 ** self.step)
         self._masters_stale = any(self.gathered_bf16)  # from AdamW on (a failed run leaves them so too)
         self._run(shape, graph=self.graph)
-        loss = self._global_mean(shape.bufs.losses.to_numpy(), targets)
+        losses, norm = self._results(shape, norm=True)
+        loss = self._global_mean(losses, targets)
         if self.digest_every and self.step % self.digest_every == 0:
             self.check_replicas()
-        return loss, float(self.norm_out.to_numpy()[0])
+        return loss, norm
 
     def loss(self, ids: np.ndarray, targets: np.ndarray) -> float:
         """Collective: the GLOBAL batch's mean loss (every rank passes the same one), each rank's
@@ -175,12 +175,6 @@ class ZeroCudaRank(CudaBackend):
         self._loss_sum.upload(np.array([losses.astype(np.float64).sum()], np.float32))
         self.comm.all_reduce(self._loss_sum.view("loss sum"))
         return float(self._loss_sum.to_numpy()[0]) / global_targets(targets)
-
-    def _group_tokens(self, key: tuple[int, int]) -> None:
-        """The local rows' grouping, where the backward's own lookup backward reads it (with the
-        table in slabs, the slab's lookup backward reads ``_group_slab_tokens``' instead)."""
-        if self.slab_rows is None:
-            super()._group_tokens(key)
 
     def _group_slab_tokens(self, plan: Plan, ids: np.ndarray, local: tuple[int, int]) -> None:
         """The lookup backward's grouping of the GLOBAL batch's positions (every rank's rows, in
