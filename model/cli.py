@@ -356,10 +356,11 @@ def cmd_train(argv: Sequence[str]) -> int:
     else:
         ckpt = None
         settings = TrainSettings(**{**(plan.settings if plan else {}), **_given(ns, TrainSettings)})
-        if hasattr(ns, "warmup") and settings.warmup > settings.steps:  # (a resumed run keeps both as saved)
-            raise UsageError(f"--warmup {settings.warmup} is above --steps {settings.steps}: the learning rate "
-                             f"would never reach --lr {settings.lr:g}")
-        if not hasattr(ns, "warmup") and settings.warmup > settings.steps // 2:
+        if hasattr(ns, "warmup"):  # given (a resumed run keeps both as saved)
+            if settings.warmup > settings.steps:
+                raise UsageError(f"--warmup {settings.warmup} is above --steps {settings.steps}: the learning rate "
+                                 f"would never reach --lr {settings.lr:g}")
+        elif settings.warmup > settings.steps // 2:
             # a default warmup meant for a longer run: the learning rate peaks half-way and then decays
             cut = f"warmup {settings.steps // 2} (the default {settings.warmup} cut to half of --steps {settings.steps})"
             settings = dataclasses.replace(settings, warmup=settings.steps // 2)
