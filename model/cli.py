@@ -599,7 +599,8 @@ def _guarded(name: str, command: Callable[[Sequence[str]], int]) -> Callable[[Se
         except CudaError as e:
             if "OUT_OF_MEMORY" not in str(e):
                 raise  # a driver failure: its traceback is the report
-            print(f"ptxgen {name}: error: out of GPU memory ({e}); try a smaller --batch-size", file=sys.stderr)
+            where = "page-locked host memory" if e.call == "cuMemHostAlloc" else "GPU memory"  # (staging buffers)
+            print(f"ptxgen {name}: error: out of {where} ({e}); try a smaller --batch-size", file=sys.stderr)
             return 2
         except KeyboardInterrupt as e:
             print(f"ptxgen {name}: interrupted" + (f" ({e})" if str(e) else ""), file=sys.stderr)

@@ -527,18 +527,21 @@ def test_free_device_memory_is_read_and_a_model_too_large_for_it_is_refused():
 
 
 def test_running_out_of_gpu_memory_is_one_line_and_another_driver_failure_is_not_hidden():
+    """Out of device memory, or of the page-locked host memory a step's inputs are staged in: one
+    line naming which; any other driver failure keeps its traceback."""
     from model import cli as model_cli
     from runtime.driver import CudaError
 
-    def fails(result):
+    def fails(result, call="cuMemAlloc"):
         def command(argv):
-            raise CudaError("cuMemAlloc", type("R", (), {"name": result})(), "driver message")
+            raise CudaError(call, type("R", (), {"name": result})(), "driver message")
         return model_cli._guarded("train", command)
 
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = fails("CUDA_ERROR_OUT_OF_MEMORY")([])
-    refused((code, out.getvalue(), err.getvalue()), "out of GPU memory", "CUDA_ERROR_OUT_OF_MEMORY", "--batch-size")
+    for call, memory in (("cuMemAlloc", "out of GPU memory"), ("cuMemHostAlloc", "out of page-locked host memory")):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = fails("CUDA_ERROR_OUT_OF_MEMORY", call)([])
+        refused((code, out.getvalue(), err.getvalue()), memory, "CUDA_ERROR_OUT_OF_MEMORY", "--batch-size")
     with pytest.raises(CudaError, match="CUDA_ERROR_ILLEGAL_ADDRESS"):
         fails("CUDA_ERROR_ILLEGAL_ADDRESS")([])
 
