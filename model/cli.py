@@ -30,7 +30,7 @@ from .checkpoint import (LATEST, STEP_DIR, Checkpoint, CheckpointError, load_che
 from .config import PRESETS, ConfigError, ModelConfig, preset
 from .data import ByteTokenizer, Corpus, DataError, HFTokenizer, Tokenizer, expand_paths, stdlib_files, val_batches
 from .defaults import default_run
-from .footprint import MemoryTooSmall, check_fits, generate_bytes, n_params, train_bytes
+from .footprint import MemoryTooSmall, check_model_fits, generate_bytes, n_params, train_bytes
 from .generate import GenerateSettings, generate_as
 from .generation_config import OUR_DEFAULTS, read_generation_config
 from .hf import SAVE_DTYPES
@@ -396,8 +396,8 @@ def cmd_train(argv: Sequence[str]) -> int:
     shapes = {(settings.batch_size // world, settings.seq_len)} | {
         (eval_rows(len(x), 0, world).stop, x.shape[1])
         for x, _ in val_batches(corpus.val, settings.batch_size, settings.seq_len, settings.eval_batches)}
-    check_fits(train_bytes(config, shapes, on_gpu, precision is Precision.BF16, world),
-               on_gpu, f"training {n_params(config) / 1e6:.1f}M parameters at batch {settings.batch_size}x"
+    check_model_fits(config, lambda: train_bytes(config, shapes, on_gpu, precision is Precision.BF16, world),
+                     on_gpu, f"training {n_params(config) / 1e6:.1f}M parameters at batch {settings.batch_size}x"
                        f"{settings.seq_len}")
     if isinstance(dp, int):  # the input is good: start the ranks, each of which runs the checks above again
         from .parallel.spawn import rank_command, spawn_ranks
@@ -512,8 +512,8 @@ def cmd_generate(argv: Sequence[str]) -> int:
     max_len = config.max_position_embeddings
     # tokenizers give at most about a token per byte
     bound = min(max_len, len(text) + given.get("max_new_tokens", GenerateSettings.max_new_tokens))
-    check_fits(generate_bytes(config, bound, on_gpu, precision is Precision.BF16), on_gpu,
-               f"generating {bound} tokens with {n_params(config) / 1e6:.1f}M parameters")
+    check_model_fits(config, lambda: generate_bytes(config, bound, on_gpu, precision is Precision.BF16), on_gpu,
+                     f"generating {bound} tokens with {n_params(config) / 1e6:.1f}M parameters")
     ckpt = load_checkpoint(path)
     tokenizer = _tokenizer(checkpoint_tokenizer(ckpt))
     if tokenizer.vocab_size > ckpt.config.vocab_size:

@@ -13,7 +13,7 @@ import functools
 import math
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -33,7 +33,10 @@ class MemoryTooSmall(ValueError):
 
 
 def n_params(config: ModelConfig) -> int:
-    return sum(math.prod(shape) for shape in param_shapes(config).values())
+    """Counted from one layer's shapes and two layers': a config file's layer count can be any
+    number, and a billion layers is to be refused at once, not after naming each layer's tensors."""
+    one, two = (sum(math.prod(shape) for shape in param_shapes(config.replace(num_layers=n)).values()) for n in (1, 2))
+    return one + (config.num_layers - 1) * (two - one)
 
 
 def _activations(c: ModelConfig, batch: int, seq: int) -> int:
@@ -213,3 +216,10 @@ def check_fits(need: int, on_gpu: bool, what: str) -> None:
     if need > free:
         where = "free GPU memory" if on_gpu else "available memory"
         raise MemoryTooSmall(f"{what} needs about {_gib(need)}; {_gib(free)} of {where}")
+
+
+def check_model_fits(config: ModelConfig, need: Callable[[], int], on_gpu: bool, what: str) -> None:
+    """``check_fits`` of ``need()``, after the model's f32 weights alone, which every backend holds and
+    which are counted at once (the detailed estimates walk the layers: a config file may say a billion)."""
+    check_fits(4 * n_params(config), on_gpu, what)
+    check_fits(need(), on_gpu, what)

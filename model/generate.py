@@ -58,10 +58,11 @@ def choose(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Ge
         z[seen] = np.where(z[seen] > 0, z[seen] / repetition_penalty, z[seen] * repetition_penalty)
     if temperature == 0:
         return int(np.argmax(z))
-    z /= temperature
+    with np.errstate(over="ignore"):  # the best score at 0 first: a tiny temperature sends the rest to -inf, never NaN
+        z = (z - z.max()) / temperature
     if 0 < top_k < len(z):
         z = np.where(z >= np.partition(z, -top_k)[-top_k], z, -np.inf)
-    p = np.exp(z - z.max())
+    p = np.exp(z)  # (the best at exp(0) = 1)
     p /= p.sum()
     if top_p < 1.0:
         order = np.argsort(-p, kind="stable")

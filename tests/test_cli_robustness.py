@@ -192,6 +192,24 @@ def test_seq_len_above_the_models_positions_and_a_model_too_large_are_refused_wi
     assert not (tmp_path / "r").exists(), err
 
 
+def test_a_billion_layers_are_refused_at_once_not_after_naming_their_tensors(base, tmp_path):
+    """(The estimates walked the layers: a config file saying 10^9 hung train and generate.)"""
+    from model.footprint import n_params
+    from model.params import param_shapes
+
+    for layers in (1, 2, 7):
+        config = MICRO.replace(num_layers=layers)
+        assert n_params(config) == sum(int(np.prod(s)) for s in param_shapes(config).values())
+    huge = tmp_path / "huge.json"
+    MICRO.replace(num_layers=10**9).save(huge)
+    refused(cli("train", "--config", huge, "--out", tmp_path / "r", *base["common"]), "needs about", "GiB")
+    assert not (tmp_path / "r").exists()
+    step = tmp_path / "step"
+    shutil.copytree(base["run"] / "step-0000004", step)
+    MICRO.replace(num_layers=10**9).save(step / "config.json")
+    refused(generate_on(step), "needs about", "GiB")
+
+
 @pytest.mark.parametrize("where", ["a file", "under a file", "unwritable"])
 def test_a_bad_out_is_found_before_the_first_step(base, tmp_path, monkeypatch, where):
     (tmp_path / "file").write_text("mine\n")

@@ -16,6 +16,17 @@ def test_temperature_zero_is_argmax_and_top_k_1_is_argmax_at_any_temperature():
     assert all(choose(logits, 2.0, 1, rng) == int(np.argmax(logits)) for _ in range(20))
 
 
+@pytest.mark.parametrize("temperature", [1e-320, 5e-324, 1e-300])
+def test_a_tiny_temperature_samples_the_best_tokens_never_nan(temperature):
+    """(Dividing the scores first sent them to +-inf, and inf - inf to NaN probabilities.)"""
+    logits = np.array([3.0, 7.5, -2.0, 7.5, 1e3 - 1e3])
+    rng = np.random.default_rng(0)
+    with np.errstate(invalid="raise"):  # (NaN made anywhere raises)
+        drawn = {choose(logits, temperature, 0, rng) for _ in range(100)}
+        assert drawn == {1, 3}  # the two best, tied
+        assert choose(logits, temperature, 2, rng, top_p=0.9) in (1, 3)
+
+
 def test_top_p_keeps_the_smallest_set_holding_p_of_the_mass():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     rng = np.random.default_rng(0)
