@@ -21,6 +21,7 @@ import numpy as np
 
 from ptxgen import cli as ptxgen_cli
 from ptxgen.cli import Parser, UsageError
+from ptxgen.files import write_atomic
 from ptxgen.spec import SpecError, sha256_hex
 from runtime.driver import CudaError
 
@@ -385,6 +386,9 @@ def cmd_train(argv: Sequence[str]) -> int:
     on_gpu = backend is not NumpyBackend
     if on_gpu:
         check_gpu_kernels(config, precision, settings.batch_size * settings.seq_len)
+    for d in map(Path, ns.data or ()):  # its checkpoints, metrics and samples would be its data (a resume: changed)
+        if d.is_dir() and (out.resolve() == d.resolve() or d.resolve() in out.resolve().parents):
+            raise UsageError(f"--out {out} is inside --data {d}: the run's own files would become its training data")
     files = expand_paths(ns.data) if ns.data else stdlib_files()
     # the data is read and checked before the run directory is made: a refused run leaves nothing
     corpus = Corpus.from_files(files, tokenizer)
@@ -460,7 +464,7 @@ def cmd_train(argv: Sequence[str]) -> int:
             f"checkpoint {result.checkpoint}")
         sample = sample_text(result.backend, tokenizer,
                              read_generation_config(result.checkpoint / "generation_config.json"))
-        (out / SAMPLE).write_text(sample)
+        write_atomic(out / SAMPLE, sample.encode())
         say(f"sample ({out / SAMPLE}):\n{sample}")
         return 0
 

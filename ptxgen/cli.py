@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 from . import __version__
 from .assemble import AssemblerUnavailable, AssemblyError, assemble
 from .builder import PtxBuildError
+from .files import write_atomic
 from .ptxtext import parse
 from .registry import get_kind, kinds
 from .spec import KernelSpec, SpecError, Target, sha256_hex
@@ -35,6 +36,13 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         raise UsageError(message)
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        """An empty value is refused, whatever the option: '' as a path is the current directory
+        (``--data ''`` trained on it, ``--out ''`` wrote a run into it), as a name it reads as not given."""
+        if "" in arg_strings:
+            self.error(f"argument {'/'.join(action.option_strings) or action.metavar or action.dest}: an empty value")
+        return super()._get_values(action, arg_strings)
 
 
 def _type_name(hint: Any) -> str:
@@ -102,8 +110,11 @@ def cmd_dump(argv: Sequence[str]) -> int:
         raise UsageError("dump needs a kernel kind (see `ptxgen list`)")
     spec, ns = spec_from_args(argv[0], argv[1:])
     text = spec.emit(Target.parse(ns.arch, ns.ptx_version))
-    if ns.output:
-        Path(ns.output).write_text(text)
+    if ns.output:  # whole or not at all: a full disk leaves the old file, not half a module
+        try:
+            write_atomic(Path(ns.output), text.encode())
+        except OSError as e:
+            raise UsageError(f"cannot write {ns.output}: {e.strerror or e}") from None
     else:
         sys.stdout.write(text)
     return 0

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from ptxgen.files import write_atomic  # noqa: F401 (the cache's entries are written so)
 from ptxgen.spec import KernelSpec, Target, generator_fingerprint, qualified_name, sha256_hex
 
 LAYOUT = "v1"
@@ -147,21 +146,3 @@ def mismatch(meta: dict[str, Any], spec: KernelSpec, target: Target, key: str,
     if meta.get("target") != {"arch": target.arch, "ptx_version": list(target.ptx_version)}:
         return "stored target differs"
     return None
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then os.replace: readers never see half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

@@ -192,6 +192,49 @@ def test_seq_len_above_the_models_positions_and_a_model_too_large_are_refused_wi
     assert not (tmp_path / "r").exists(), err
 
 
+@pytest.mark.parametrize("inside", [".", "runs/one"])
+def test_a_run_inside_its_own_data_is_refused(base, tmp_path, inside):
+    """(Its checkpoints became its data, so it could never be resumed: the data had changed.)"""
+    data = tmp_path / "data"
+    shutil.copytree(base["root"] / "data", data)
+    common = [str(a) for a in base["common"]]
+    common[common.index("--data") + 1] = str(data)
+    refused(cli("train", "--config", base["root"] / "config.json", "--out", data / inside, *common),
+            "inside --data", str(data))
+    assert sorted(p.name for p in data.iterdir()) == ["a.py"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--data", ""], ["train", "--out", "", "--device", "numpy"], ["train", "--preset", ""],
+    ["train", "--tokenizer", ""], ["generate", "--checkpoint", "", "--prompt", "def"],
+    ["generate", "--checkpoint", "x", "--prompt", ""], ["dump", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "-o", ""],
+    ["cache", "--cache-dir", "", "ls"]])
+def test_an_empty_value_is_refused_not_read_as_the_current_directory(argv, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    refused(cli(*argv), "an empty value")
+    assert not any(tmp_path.iterdir())
+
+
+def test_dump_to_a_file_writes_it_whole_or_leaves_the_old_one(tmp_path, monkeypatch):
+    import errno
+
+    import ptxgen.files
+
+    old = tmp_path / "old.ptx"
+    old.write_text("old\n")
+
+    def full_disk(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ptxgen.files.os, "fsync", full_disk)
+    refused(cli("dump", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "-o", old), f"cannot write {old}",
+            "No space left")
+    assert old.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["old.ptx"]
+    monkeypatch.undo()
+    assert cli("dump", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "-o", old)[0] == 0
+    assert ".entry rmsnorm" in old.read_text()
+
+
 def test_a_billion_layers_are_refused_at_once_not_after_naming_their_tensors(base, tmp_path):
     """(The estimates walked the layers: a config file saying 10^9 hung train and generate.)"""
     from model.footprint import n_params

@@ -87,7 +87,7 @@ def gpu_host(monkeypatch):
     monkeypatch.setattr(runtime.driver, "device_count", lambda: 8)
     monkeypatch.setattr("model.cli.select_backend", lambda device, precision: ("device: cuda (stand-in)", object))
     monkeypatch.setattr("model.cli.check_gpu_kernels", lambda *a: None)
-    monkeypatch.setattr("model.cli.check_fits", lambda *a: None)
+    monkeypatch.setattr("model.cli.check_model_fits", lambda *a: None)
     started = []
     monkeypatch.setattr("model.parallel.spawn.spawn_ranks", lambda world, command, environ: started.append(
         (world, command)) or 0)
