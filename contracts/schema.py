@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from ptxgen.files import read_regular
+
 CONTRACT_ID = re.compile(r"^[a-z][a-z0-9-]*$")
 FALSIFIER_ID = re.compile(r"^FALSIFY-[A-Z]+-\d{3}$")
 NODE_ID = re.compile(r"^tests/[\w/]+\.py::\w+$")
@@ -78,9 +80,12 @@ def load(directory: Path) -> Contracts:
     seen_falsifiers: dict[str, str] = {}
     for path in files:
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(read_regular(path).decode())
         except yaml.YAMLError as e:
             out.errors.append(f"{path.name}: not valid YAML: {str(e).splitlines()[0]}")
+            continue
+        except RecursionError:
+            out.errors.append(f"{path.name}: not valid YAML here: nested too deep")
             continue
         except (OSError, UnicodeDecodeError) as e:  # unreadable, or bytes that are not UTF-8 text
             out.errors.append(f"{path.name}: cannot be read as text: {getattr(e, 'strerror', None) or e}")

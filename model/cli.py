@@ -21,7 +21,7 @@ import numpy as np
 
 from ptxgen import cli as ptxgen_cli
 from ptxgen.cli import Parser, UsageError
-from ptxgen.files import write_atomic
+from ptxgen.files import read_regular, write_atomic
 from ptxgen.spec import SpecError, sha256_hex
 from runtime.driver import CudaError
 
@@ -145,7 +145,7 @@ def _on_gpu(device: str) -> bool:
 
 def _read_bytes(path: Path | None) -> bytes | None:
     try:
-        return Path(path).read_bytes() if path is not None else None
+        return read_regular(path) if path is not None else None
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
 
@@ -164,7 +164,7 @@ def _given(ns: argparse.Namespace, cls: type) -> dict:
 
 def _sha256_file(path: Path) -> str:
     try:
-        return sha256_hex(Path(path).read_bytes())
+        return sha256_hex(read_regular(path))
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 

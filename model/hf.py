@@ -14,6 +14,8 @@ import numpy as np
 from safetensors import SafetensorError, deserialize
 from safetensors.numpy import save_file
 
+from ptxgen.files import read_regular
+
 from .config import ConfigError, ModelConfig, read_json
 from .generation_config import Sampling, read_generation_config
 from .hf_config import HFConfig, parse_hf_config
@@ -65,7 +67,7 @@ def weight_files(path: Path) -> dict[Path, set[str] | None]:
 def read_tensors(file: Path) -> dict[str, np.ndarray]:
     """Every tensor of one safetensors file, in its stored dtype (F32, BF16 or F16)."""
     try:
-        raw = deserialize(file.read_bytes())
+        raw = deserialize(read_regular(file))
     except FileNotFoundError:
         raise CheckpointError(f"{file} is missing") from None
     except (SafetensorError, OSError, ValueError) as e:

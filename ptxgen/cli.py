@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 from . import __version__
 from .assemble import AssemblerUnavailable, AssemblyError, assemble
 from .builder import PtxBuildError
-from .files import write_atomic
+from .files import read_regular, write_atomic
 from .ptxtext import parse
 from .registry import get_kind, kinds
 from .spec import KernelSpec, SpecError, Target, sha256_hex
@@ -133,13 +133,13 @@ def cmd_inspect(argv: Sequence[str]) -> int:
     if not argv:
         raise UsageError("inspect needs a kernel kind or a .ptx file")
     first = argv[0]
-    if first.endswith(".ptx") or Path(first).is_file():
+    if first.endswith(".ptx") or (Path(first).is_file() and first not in kinds()):
         p = Parser(prog="ptxgen inspect", add_help=False, allow_abbrev=False)
         p.add_argument("file")
         p.add_argument("--json", action="store_true")
         ns = p.parse_args(argv)
         try:
-            text = Path(ns.file).read_text()
+            text = read_regular(ns.file).decode()
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read {ns.file}: {getattr(e, 'strerror', None) or e}") from None
         report: dict[str, Any] = {"source": ns.file}

@@ -1,7 +1,9 @@
-"""Writing a file whole or not at all."""
+"""Reading a file that is a file; writing one whole or not at all."""
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -22,3 +24,20 @@ def write_atomic(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def read_regular(path: str | os.PathLike) -> bytes:
+    """A regular file's bytes. A directory raises IsADirectoryError, a pipe or a device OSError, at
+    once: a user's path to a FIFO hung the command that read it (opened without waiting, then asked)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file (a pipe or a device)", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        return f.read()

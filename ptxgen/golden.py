@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+from .files import read_regular
 from .keyaudit import Finding
 from .registry import by_qualified_name
 from .spec import PACKAGE_ROOT, KernelSpec, SpecError, Target, decode_fields, sha256_hex
@@ -51,11 +52,11 @@ def write(path: Path, pairs: Iterable[tuple[KernelSpec, Target]]) -> list[dict[s
 
 def read(path: Path = DEFAULT_PATH) -> list[dict[str, Any]]:
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(read_regular(path))
     except FileNotFoundError:
         raise GoldenError(f"no golden digest file at {path} (write it with {UPDATE_COMMAND})") from None
-    except (OSError, ValueError) as e:
-        raise GoldenError(f"unreadable golden digest file {path}: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:  # (RecursionError: JSON nested too deep)
+        raise GoldenError(f"unreadable golden digest file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("entries"), list):
         raise GoldenError(f"{path} is not a format-{FORMAT} golden digest file")
     return doc["entries"]

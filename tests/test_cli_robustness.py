@@ -235,6 +235,43 @@ def test_dump_to_a_file_writes_it_whole_or_leaves_the_old_one(tmp_path, monkeypa
     assert ".entry rmsnorm" in old.read_text()
 
 
+@pytest.mark.parametrize("which", ["config", "tokenizer", "checkpoint tokenizer", "inspect", "golden", "contract"])
+def test_a_named_pipe_for_a_file_is_refused_not_waited_on(base, tmp_path, which):
+    """(Opening a FIFO to read it waits for a writer: the command hung.)"""
+    fifo = tmp_path / ("fifo.yaml" if which == "contract" else "fifo.ptx" if which == "inspect" else "fifo")
+    os.mkfifo(fifo)
+    step = tmp_path / "step"
+    if which == "checkpoint tokenizer":
+        shutil.copytree(base["run"] / "step-0000004", step)
+        for name in ("manifest.json", "trainer.json", "optimizer.safetensors", "tokenizer.json"):
+            (step / name).unlink()  # as transformers writes a directory (a manifest would say it is missing)
+        os.mkfifo(step / "tokenizer.json")
+    root, common = base["root"], [str(a) for a in base["common"]]
+    argv = {"config": ["-m", "model.cli", "train", "--config", fifo, "--out", tmp_path / "r", *common],
+            "tokenizer": ["-m", "model.cli", "train", "--config", root / "config.json", "--tokenizer", fifo,
+                          "--out", tmp_path / "r", *common],
+            "checkpoint tokenizer": ["-m", "model.cli", "generate", "--checkpoint", step, "--prompt", "def",
+                                     "--device", "numpy"],
+            "inspect": ["-m", "model.cli", "inspect", fifo],
+            "golden": ["-m", "runtime.audit", "--check", "golden", "--golden", fifo],
+            "contract": ["-m", "model.cli", "contracts", "validate", "--dir", tmp_path]}[which]
+    proc = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr, proc.stderr
+    assert "not a regular file" in proc.stdout + proc.stderr and not (tmp_path / "r").exists()
+
+
+def test_files_nested_past_the_parsers_depth_are_one_finding_not_a_traceback(tmp_path):
+    from ptxgen import golden
+
+    (tmp_path / "deep.yaml").write_text("[" * 5000 + "]" * 5000)
+    code, out, err = cli("contracts", "validate", "--dir", tmp_path)
+    assert code != 0 and "Traceback" not in out + err and "deep.yaml: not valid YAML here: nested too deep" in out + err
+    (tmp_path / "golden.json").write_text("[" * 100000)
+    with pytest.raises(golden.GoldenError, match="unreadable golden digest file"):
+        golden.read(tmp_path / "golden.json")
+
+
 def test_a_billion_layers_are_refused_at_once_not_after_naming_their_tensors(base, tmp_path):
     """(The estimates walked the layers: a config file saying 10^9 hung train and generate.)"""
     from model.footprint import n_params

@@ -75,6 +75,8 @@ def test_a_local_rank_past_the_visible_gpus_is_one_line():
     ({**TORCHRUN, "RANK": "4"}, "torchrun: rank 4 is outside 0..3 (world size 4)"),
     ({**TORCHRUN, "RANK": "-1"}, "torchrun: RANK='-1' is not a non-negative integer"),
     ({**TORCHRUN, "WORLD_SIZE": "four"}, "torchrun: WORLD_SIZE='four' is not a non-negative integer"),
+    ({**TORCHRUN, "WORLD_SIZE": "1" * 5000}, "torchrun: WORLD_SIZE='11111111111111111111... (5000 characters)' is "
+     "not a non-negative integer below 10^9"),  # (past Python's 4300 digits int() raised its own ValueError)
     ({**TORCHRUN, "WORLD_SIZE": "0", "RANK": "0", "LOCAL_RANK": "0"}, "torchrun: the world size must be at least 1"),
     ({**TORCHRUN, "LOCAL_RANK": "4"}, "torchrun: local rank 4 is outside 0..3"),
     ({**TORCHRUN, "RANK": "0"}, "torchrun: local rank 1 is above rank 0"),

@@ -170,8 +170,9 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
 
 
 def test_empty_corpus_is_refused(tmp_path, capsys):
-    (tmp_path / "empty.txt").write_text("")
-    assert main(["train", "--data", str(tmp_path), "--device", "numpy", "--out", str(tmp_path / "r")]) == 2
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "empty.txt").write_text("")
+    assert main(["train", "--data", str(tmp_path / "data"), "--device", "numpy", "--out", str(tmp_path / "r")]) == 2
     assert "corpus is empty" in capsys.readouterr().err
 
 

@@ -91,8 +91,9 @@ class LaunchEnv:
 
 def _integer(env: Mapping[str, str], name: str, source: str) -> int:
     value = env[name].strip()
-    if not value.isdigit() or not value.isascii():  # no sign, no spaces inside, no '1e3'
-        raise LaunchError(f"{source}: {name}={env[name]!r} is not a non-negative integer")
+    if not value.isdigit() or not value.isascii() or len(value) > 9:  # no sign, no spaces inside, no '1e3'
+        shown = env[name] if len(env[name]) <= 40 else env[name][:20] + f"... ({len(env[name])} characters)"
+        raise LaunchError(f"{source}: {name}={shown!r} is not a non-negative integer below 10^9")
     return int(value)
 
 
