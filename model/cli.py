@@ -36,7 +36,7 @@ from .generate import GenerateSettings, generate_as
 from .generation_config import OUR_DEFAULTS, read_generation_config
 from .hf import SAVE_DTYPES
 from .kernels import ModelKernels
-from .metrics import SAMPLE
+from .metrics import METRICS, PLOT, SAMPLE
 from .numpy_backend import NumpyBackend, NumpyDecoder
 from .optim import AdamWSettings
 from .parallel.batch import eval_rows
@@ -112,6 +112,10 @@ def _check_fresh_out(out: Path) -> None:
     if steps:  # a run whose ``latest`` is gone: damaged, not free to write over
         raise UsageError(f"--out {out} holds checkpoints ({steps[-1]}, ...) but no {LATEST} file: a damaged run; "
                          f"write {LATEST} (one line, the checkpoint's name) to --resume it, or choose another --out")
+    mine = [name for name in (METRICS, SAMPLE, PLOT) if (out / name).exists()]
+    if mine:  # a run would write over them: the user's, or what is left of a run
+        raise UsageError(f"--out {out} already holds {mine[0]}, which a run writes; choose another --out "
+                         "(or move it)")
 
 
 class Interrupted(KeyboardInterrupt):

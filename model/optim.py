@@ -23,12 +23,14 @@ class AdamWSettings:
         check_types(self)
         for name in ("beta1", "beta2"):
             require(0 <= getattr(self, name) < 1, name, "in [0, 1)", getattr(self, name))
-        # the GPU optimizer adds eps in f32: it must not round to 0 there
+        # the GPU optimizer takes them in f32 (eps must not round to 0 there), whichever backend runs now:
+        # a checkpoint's settings go on with it (the CPU took a weight decay of 1e300 and diverged)
         with np.errstate(over="ignore"):
-            eps32 = np.float32(self.eps)
+            eps32, decay32, norm32 = (np.float32(v) for v in (self.eps, self.weight_decay, self.max_grad_norm))
         require(0 < eps32 < np.inf, "eps", "> 0 and representable in f32", self.eps)
-        require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
-        require(self.max_grad_norm >= 0, "max_grad_norm", ">= 0 (0 turns clipping off)", self.max_grad_norm)
+        require(0 <= decay32 < np.inf, "weight_decay", ">= 0 and representable in f32", self.weight_decay)
+        require(0 <= norm32 < np.inf, "max_grad_norm", ">= 0 (0 turns clipping off) and representable in f32",
+                self.max_grad_norm)
 
 
 def clip_scale(norm: float, max_norm: float) -> float:

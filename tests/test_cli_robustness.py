@@ -105,9 +105,16 @@ def _bad_float(flag: str, v: float) -> bool:
     finite = np.isfinite(v)
     with np.errstate(over="ignore"):
         ok = {"--lr": finite and v > 0, "--beta1": finite and 0 <= v < 1, "--beta2": finite and 0 <= v < 1,
-              "--eps": finite and 0 < np.float32(v) < np.inf, "--weight-decay": finite and v >= 0,
-              "--max-grad-norm": finite and v >= 0, "--min-lr-ratio": finite and 0 <= v <= 1}[flag]
+              "--eps": finite and 0 < np.float32(v) < np.inf, "--weight-decay": finite and 0 <= np.float32(v) < np.inf,
+              "--max-grad-norm": finite and 0 <= np.float32(v) < np.inf, "--min-lr-ratio": finite and 0 <= v <= 1}[flag]
     return not ok
+
+
+@pytest.mark.parametrize("flag", ["--weight-decay", "--max-grad-norm"])
+def test_an_optimizer_setting_the_gpu_cannot_take_in_f32_is_refused_on_the_cpu_too(base, tmp_path, flag):
+    """(A checkpoint's settings go on with it; the CPU took a weight decay of 1e300 and diverged.)"""
+    refused(cli("train", "--out", tmp_path / "new", *base["common"], flag, "1e300"), flag, "f32")
+    assert not (tmp_path / "new").exists()
 
 
 FLOAT_FLAGS = ["--lr", "--beta1", "--beta2", "--eps", "--weight-decay", "--max-grad-norm", "--min-lr-ratio"]
@@ -270,6 +277,16 @@ def test_files_nested_past_the_parsers_depth_are_one_finding_not_a_traceback(tmp
     (tmp_path / "golden.json").write_text("[" * 100000)
     with pytest.raises(golden.GoldenError, match="unreadable golden digest file"):
         golden.read(tmp_path / "golden.json")
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "sample.txt", "loss.png"])
+def test_a_new_run_does_not_write_over_files_of_those_names_already_there(base, tmp_path, name):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / name).write_text("my notes\n")
+    refused(cli("train", "--config", base["root"] / "config.json", "--out", out, *base["common"]), "already holds",
+            name)
+    assert [p.name for p in out.iterdir()] == [name] and (out / name).read_text() == "my notes\n"
 
 
 def test_a_billion_layers_are_refused_at_once_not_after_naming_their_tensors(base, tmp_path):
