@@ -239,8 +239,9 @@ def main(argv: Sequence[str] | None = None, *, more: dict[str, Callable[[Sequenc
         print(f"ptxgen: error: {e}", file=sys.stderr)
         return 2
     except AssemblyError as e:
-        lines = [ln for ln in str(e).splitlines() if "error" in ln.lower()] or str(e).splitlines()
-        print(f"ptxgen: error: {lines[0]}", file=sys.stderr)
+        head, *log = str(e).splitlines() or [type(e).__name__]
+        reason = next((ln.strip() for ln in log if "error" in ln.lower()), None)  # ptxas's first, after the header
+        print(f"ptxgen: error: {head}" + (f": {reason}" if reason else ""), file=sys.stderr)
         return 2
 
 

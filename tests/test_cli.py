@@ -116,3 +116,15 @@ def test_console_entry_point_exits_2_without_traceback():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("body, reason", [
+    (".target sm_90, debug\n.address_size 64\n.visible .entry k() { ret; }", "Debug information not found"),
+    (".target sm_90\n.address_size 64\n.visible .entry k() { bogus.u32 %r1; ret; }", "'bogus'")])
+def test_inspect_of_ptx_ptxas_refuses_says_ptxas_reason_in_its_one_line(capsys, tmp_path, body, reason):
+    """(The header line, 'ptxas failed for sm_90: ERROR_PTX_COMPILE', was all it said.)"""
+    path = tmp_path / "bad.ptx"
+    path.write_text(".version 8.0\n" + body + "\n")
+    code, out, err = run(capsys, "inspect", str(path))
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("ptxgen: error: ptxas failed for sm_90") and reason in err
