@@ -74,8 +74,9 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
                    help="PTX ISA version (default %(default)s)")
 
 
-def spec_from_args(kind: str, argv: Sequence[str]) -> tuple[KernelSpec, argparse.Namespace]:
-    """Build a spec of ``kind`` from ``--field value`` arguments (``--block-size`` or ``--block_size``)."""
+def spec_from_args(kind: str, argv: Sequence[str], command: str) -> tuple[KernelSpec, argparse.Namespace]:
+    """Build a spec of ``kind`` from ``--field value`` arguments (``--block-size`` or ``--block_size``),
+    and ``command``'s own flag (dump: ``-o``; inspect: ``--json``; the other's is refused, not ignored)."""
     cls = get_kind(kind)
     hints = typing.get_type_hints(cls)
     p = Parser(prog=f"ptxgen {kind}", add_help=False, allow_abbrev=False)
@@ -85,8 +86,10 @@ def spec_from_args(kind: str, argv: Sequence[str]) -> tuple[KernelSpec, argparse
         p.add_argument(*flags, dest=f.name, required=required, type=_converter(hints[f.name]),
                        default=None if required else f.default)
     _add_target_args(p)
-    p.add_argument("-o", "--output")
-    p.add_argument("--json", action="store_true")
+    if command == "dump":
+        p.add_argument("-o", "--output")
+    else:
+        p.add_argument("--json", action="store_true")
     ns = p.parse_args(argv)
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)}
     return cls(**values), ns
@@ -108,7 +111,7 @@ def cmd_list(argv: Sequence[str]) -> int:
 def cmd_dump(argv: Sequence[str]) -> int:
     if not argv:
         raise UsageError("dump needs a kernel kind (see `ptxgen list`)")
-    spec, ns = spec_from_args(argv[0], argv[1:])
+    spec, ns = spec_from_args(argv[0], argv[1:], "dump")
     text = spec.emit(Target.parse(ns.arch, ns.ptx_version))
     if ns.output:  # whole or not at all: a full disk leaves the old file, not half a module
         try:
@@ -145,7 +148,7 @@ def cmd_inspect(argv: Sequence[str]) -> int:
         report: dict[str, Any] = {"source": ns.file}
         arch = None
     else:
-        spec, ns = spec_from_args(first, argv[1:])
+        spec, ns = spec_from_args(first, argv[1:], "inspect")
         target = Target.parse(ns.arch, ns.ptx_version)
         text = spec.emit(target)
         report = {"source": repr(spec), "key": spec.key(target), "dynamic_shared_bytes": spec.dynamic_shared_bytes()}

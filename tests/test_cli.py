@@ -128,3 +128,11 @@ def test_inspect_of_ptx_ptxas_refuses_says_ptxas_reason_in_its_one_line(capsys, 
     code, out, err = run(capsys, "inspect", str(path))
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith("ptxgen: error: ptxas failed for sm_90") and reason in err
+
+
+@pytest.mark.parametrize("argv, flag", [(["inspect", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "-o", "x.txt"], "-o"),
+                                        (["dump", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "--json"], "--json")])
+def test_the_other_commands_flag_is_refused_not_ignored(capsys, tmp_path, monkeypatch, argv, flag):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == "" and f"unrecognized arguments: {flag}" in err and not any(tmp_path.iterdir())
