@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from ptxgen.files import write_atomic
 from runtime import Event
 from runtime.driver import call, synchronize
-from runtime.entry import write_atomic
 
 
 def time_ms(fn: Callable[[], object], reps: int = 30, warmup: int = 5) -> float:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from ptxgen.files import read_regular
+from ptxgen.files import read_file
 from ptxgen.spec import sha256_hex
 
 from .config import ModelConfig
@@ -209,7 +209,7 @@ def read_latest(run_dir: Path) -> str | None:
     if not path.exists():
         return None
     try:
-        m = _LATEST_TEXT.fullmatch(read_regular(path))
+        m = _LATEST_TEXT.fullmatch(read_file(path))
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     if m is None:
@@ -233,7 +233,7 @@ def resolve(path: Path) -> Path:
 # -- integrity: each check a small function the load path calls -----------------------------------
 def _sha256(path: Path) -> str:
     try:
-        return sha256_hex(read_regular(path))  # released before the tensors are read
+        return sha256_hex(read_file(path))  # released before the tensors are read
     except OSError as e:  # e.g. removed by a run's rotation while being read
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
 
@@ -293,7 +293,7 @@ def check_finite(name: str, array: np.ndarray) -> None:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(read_regular(path))
+        return json.loads(read_file(path))
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
     except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deep

@@ -21,7 +21,7 @@ import numpy as np
 
 from ptxgen import cli as ptxgen_cli
 from ptxgen.cli import Parser, UsageError
-from ptxgen.files import read_regular, write_atomic
+from ptxgen.files import read_file, write_atomic
 from ptxgen.spec import SpecError, sha256_hex
 from runtime.driver import CudaError
 
@@ -36,7 +36,7 @@ from .generate import GenerateSettings, generate_as
 from .generation_config import OUR_DEFAULTS, read_generation_config
 from .hf import SAVE_DTYPES
 from .kernels import ModelKernels
-from .metrics import METRICS, PLOT, SAMPLE
+from .metrics import SAMPLE
 from .numpy_backend import NumpyBackend, NumpyDecoder
 from .optim import AdamWSettings
 from .parallel.batch import eval_rows
@@ -112,10 +112,6 @@ def _check_fresh_out(out: Path) -> None:
     if steps:  # a run whose ``latest`` is gone: damaged, not free to write over
         raise UsageError(f"--out {out} holds checkpoints ({steps[-1]}, ...) but no {LATEST} file: a damaged run; "
                          f"write {LATEST} (one line, the checkpoint's name) to --resume it, or choose another --out")
-    mine = [name for name in (METRICS, SAMPLE, PLOT) if (out / name).exists()]
-    if mine:  # a run would write over them: the user's, or what is left of a run
-        raise UsageError(f"--out {out} already holds {mine[0]}, which a run writes; choose another --out "
-                         "(or move it)")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -149,7 +145,7 @@ def _on_gpu(device: str) -> bool:
 
 def _read_bytes(path: Path | None) -> bytes | None:
     try:
-        return read_regular(path) if path is not None else None
+        return read_file(path) if path is not None else None
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
 
@@ -168,7 +164,7 @@ def _given(ns: argparse.Namespace, cls: type) -> dict:
 
 def _sha256_file(path: Path) -> str:
     try:
-        return sha256_hex(read_regular(path))
+        return sha256_hex(read_file(path))
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror or e}") from None
 
@@ -391,8 +387,10 @@ def cmd_train(argv: Sequence[str]) -> int:
     if on_gpu:
         check_gpu_kernels(config, precision, settings.batch_size * settings.seq_len)
     for d in map(Path, ns.data or ()):  # its checkpoints, metrics and samples would be its data (a resume: changed)
-        if d.is_dir() and (out.resolve() == d.resolve() or d.resolve() in out.resolve().parents):
-            raise UsageError(f"--out {out} is inside --data {d}: the run's own files would become its training data")
+        inside = d.is_dir() and (out.resolve() == d.resolve() or d.resolve() in out.resolve().parents)
+        if inside and not any(part.startswith(".") for part in out.resolve().relative_to(d.resolve()).parts):
+            raise UsageError(f"the run directory {out} is inside --data {d}: the run's own files would become its "
+                             "training data (choose another --out)")
     files = expand_paths(ns.data) if ns.data else stdlib_files()
     # the data is read and checked before the run directory is made: a refused run leaves nothing
     corpus = Corpus.from_files(files, tokenizer)
@@ -529,8 +527,7 @@ def cmd_generate(argv: Sequence[str]) -> int:
                               f"is {ckpt.config.vocab_size}")
     prompt = tokenizer.encode(text)
     if not len(prompt):
-        raise UsageError("--prompt is empty" if not text else
-                         f"the tokenizer drops every character of --prompt {ns.prompt!r} (no tokens)")
+        raise UsageError(f"the tokenizer drops every character of --prompt {ns.prompt!r} (no tokens)")
     if len(prompt) > max_len:
         raise UsageError(f"--prompt has {len(prompt)} tokens; the model takes at most {max_len}")
     gs = GenerateSettings.of(ckpt.sampling, given, len(prompt))

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ptxgen.files import read_regular
+from ptxgen.files import read_file
 
 
 class ConfigError(ValueError):
@@ -92,7 +92,7 @@ class ModelConfig:
 def read_json(path: Path) -> Any:
     """A JSON file, or one line saying why it cannot be read."""
     try:
-        return json.loads(read_regular(path).decode("utf-8"))
+        return json.loads(read_file(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
         raise ConfigError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 

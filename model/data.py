@@ -12,7 +12,7 @@ from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
-from ptxgen.files import read_regular
+from ptxgen.files import read_file
 from ptxgen.spec import sha256_hex
 
 VAL_EVERY = 20  # every 20th file (in sorted order) is validation data: about 5%
@@ -57,7 +57,7 @@ class HFTokenizer:
 
         self.path = Path(path)
         try:
-            self._tok = _Tokenizer.from_str(read_regular(self.path).decode("utf-8"))
+            self._tok = _Tokenizer.from_str(read_file(self.path).decode("utf-8"))
         except Exception as e:  # the library raises its own types for unreadable and malformed files
             raise DataError(f"cannot load tokenizer {self.path}: {str(e).splitlines()[0]}") from None
         self.vocab_size = self._tok.get_vocab_size()

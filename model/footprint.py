@@ -23,7 +23,7 @@ from ptxgen.spec import KernelSpec
 from .config import ModelConfig
 from .kernels import LOSS_CHUNK_ROWS, ModelKernels
 from .optim import AdamWSettings
-from .params import param_shapes
+from .params import over_layers, param_shapes
 from .precision import Precision
 from .reference import IGNORE_INDEX
 
@@ -33,10 +33,7 @@ class MemoryTooSmall(ValueError):
 
 
 def n_params(config: ModelConfig) -> int:
-    """Counted from one layer's shapes and two layers': a config file's layer count can be any
-    number, and a billion layers is to be refused at once, not after naming each layer's tensors."""
-    one, two = (sum(math.prod(shape) for shape in param_shapes(config.replace(num_layers=n)).values()) for n in (1, 2))
-    return one + (config.num_layers - 1) * (two - one)
+    return over_layers(config, lambda shapes: sum(math.prod(shape) for shape in shapes.values()))
 
 
 def _activations(c: ModelConfig, batch: int, seq: int) -> int:

@@ -14,12 +14,12 @@ import numpy as np
 from safetensors import SafetensorError, deserialize
 from safetensors.numpy import save_file
 
-from ptxgen.files import read_regular
+from ptxgen.files import read_file
 
 from .config import ConfigError, ModelConfig, read_json
 from .generation_config import Sampling, read_generation_config
 from .hf_config import HFConfig, parse_hf_config
-from .params import param_shapes
+from .params import over_layers, param_shapes
 
 # safetensors dtype name -> numpy dtype, for the dtypes a checkpoint's weights may be stored in
 STORED = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16)}
@@ -67,7 +67,7 @@ def weight_files(path: Path) -> dict[Path, set[str] | None]:
 def read_tensors(file: Path) -> dict[str, np.ndarray]:
     """Every tensor of one safetensors file, in its stored dtype (F32, BF16 or F16)."""
     try:
-        raw = deserialize(read_regular(file))
+        raw = deserialize(read_file(file))
     except FileNotFoundError:
         raise CheckpointError(f"{file} is missing") from None
     except (SafetensorError, OSError, ValueError) as e:
@@ -120,6 +120,10 @@ def model_params(config: ModelConfig, weights: dict[str, np.ndarray], path: Path
     embedding. ``zero_biases_exported``: this project's older bias-free checkpoints wrote zeros.
     """
     weights = dict(weights)
+    tensors = over_layers(config, len)  # counted at once: a config may say a billion layers, and the names below
+    if tensors > 2 * len(weights):      # are made only for a count the checkpoint's own bounds
+        raise CheckpointError(f"config/weights mismatch in {path}: the config names {tensors} tensors "
+                              f"({config.num_layers} layers), the checkpoint holds {len(weights)}")
     expected = param_shapes(config)
     if config.tie_word_embeddings and "lm_head.weight" in weights:
         head = weights.pop("lm_head.weight")

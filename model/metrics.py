@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ptxgen.files import read_file
+
 METRICS, PLOT, SAMPLE = "metrics.jsonl", "loss.png", "sample.txt"
 FIELDS = ("step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s")
 
@@ -55,7 +57,7 @@ def _read(path: Path) -> tuple[list[dict[str, Any]], str | None]:
     """(the rows before the first damaged line, what the damage is, or None)."""
     rows: list[dict[str, Any]] = []
     try:
-        data = Path(path).read_bytes()
+        data = read_file(path)
     except FileNotFoundError:
         return rows, None
     for number, line in enumerate(data.splitlines(), 1):

@@ -1,6 +1,8 @@
 """Parameters by their HF Qwen2 tensor names: shapes, initialisation, and the flat-buffer layout."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from .config import ModelConfig
@@ -31,6 +33,14 @@ def param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
     return shapes
+
+
+def over_layers(c: ModelConfig, measure: Callable[[dict[str, tuple[int, ...]]], int]) -> int:
+    """``measure(param_shapes(c))`` from one layer's shapes and two layers' (every layer's are the
+    same): a config file's layer count can be any number, and a billion is to be refused at once,
+    not after naming each layer's tensors."""
+    one, two = (measure(param_shapes(c.replace(num_layers=n))) for n in (1, 2))
+    return one + (c.num_layers - 1) * (two - one)
 
 
 def init_params(c: ModelConfig, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
-from ptxgen.files import read_regular
+from ptxgen.files import read_file
 
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import ModelConfig
@@ -145,7 +145,7 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
         log, progress = (lambda message: None), False
     corpus.check_fits(s.batch_size, s.seq_len, config.vocab_size)
     try:  # read once: the file (or the checkpoint it came from, rotated out later) may be gone by the next save
-        tokenizer_json = read_regular(tokenizer_file) if tokenizer_file is not None else None
+        tokenizer_json = read_file(tokenizer_file) if tokenizer_file is not None else None
     except OSError as e:
         raise DataError(f"cannot read {tokenizer_file}: {e.strerror or e}") from None
     if primary and out_dir is not None and Path(out_dir).is_dir():

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 from . import __version__
 from .assemble import AssemblerUnavailable, AssemblyError, assemble
 from .builder import PtxBuildError
-from .files import read_regular, write_atomic
+from .files import read_file, write_atomic
 from .ptxtext import parse
 from .registry import get_kind, kinds
 from .spec import KernelSpec, SpecError, Target, sha256_hex
@@ -40,7 +40,7 @@ class Parser(argparse.ArgumentParser):
     def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
         """An empty value is refused, whatever the option: '' as a path is the current directory
         (``--data ''`` trained on it, ``--out ''`` wrote a run into it), as a name it reads as not given."""
-        if "" in arg_strings:
+        if "" in arg_strings and action.nargs not in (argparse.PARSER, argparse.REMAINDER):  # (a subcommand's own)
             self.error(f"argument {'/'.join(action.option_strings) or action.metavar or action.dest}: an empty value")
         return super()._get_values(action, arg_strings)
 
@@ -113,9 +113,13 @@ def cmd_dump(argv: Sequence[str]) -> int:
         raise UsageError("dump needs a kernel kind (see `ptxgen list`)")
     spec, ns = spec_from_args(argv[0], argv[1:], "dump")
     text = spec.emit(Target.parse(ns.arch, ns.ptx_version))
-    if ns.output:  # whole or not at all: a full disk leaves the old file, not half a module
+    if ns.output:  # a file whole or not at all (a full disk leaves the old one); /dev/stdout and the like as they are
+        out = Path(ns.output)
         try:
-            write_atomic(Path(ns.output), text.encode())
+            if out.is_symlink() or (out.exists() and not out.is_file()):
+                out.write_text(text)
+            else:
+                write_atomic(out, text.encode())
         except OSError as e:
             raise UsageError(f"cannot write {ns.output}: {e.strerror or e}") from None
     else:
@@ -142,7 +146,7 @@ def cmd_inspect(argv: Sequence[str]) -> int:
         p.add_argument("--json", action="store_true")
         ns = p.parse_args(argv)
         try:
-            text = read_regular(ns.file).decode()
+            text = read_file(ns.file).decode()
         except (OSError, UnicodeDecodeError) as e:
             raise UsageError(f"cannot read {ns.file}: {getattr(e, 'strerror', None) or e}") from None
         report: dict[str, Any] = {"source": ns.file}

@@ -1,4 +1,4 @@
-"""Reading a file that is a file; writing one whole or not at all."""
+"""Reading a file without hanging on what is not one; writing one whole or not at all."""
 from __future__ import annotations
 
 import errno
@@ -14,6 +14,9 @@ def write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)  # as open() would make it (mkstemp's are private)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -26,16 +29,18 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def read_regular(path: str | os.PathLike) -> bytes:
-    """A regular file's bytes. A directory raises IsADirectoryError, a pipe or a device OSError, at
-    once: a user's path to a FIFO hung the command that read it (opened without waiting, then asked)."""
+def read_file(path: str | os.PathLike) -> bytes:
+    """A file's bytes: a regular file's, or a pipe's (``--config <(...)``), which is opened without
+    waiting for a writer (with none, it reads as empty rather than hanging the command). A directory
+    raises IsADirectoryError, a device OSError (/dev/zero never ends)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, "not a regular file (a pipe or a device)", str(path))
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+            raise OSError(errno.EINVAL, "a device, not a file", str(path))
+        os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise

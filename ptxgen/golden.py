@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from .files import read_regular
+from .files import read_file
 from .keyaudit import Finding
 from .registry import by_qualified_name
 from .spec import PACKAGE_ROOT, KernelSpec, SpecError, Target, decode_fields, sha256_hex
@@ -52,7 +52,7 @@ def write(path: Path, pairs: Iterable[tuple[KernelSpec, Target]]) -> list[dict[s
 
 def read(path: Path = DEFAULT_PATH) -> list[dict[str, Any]]:
     try:
-        doc = json.loads(read_regular(path))
+        doc = json.loads(read_file(path))
     except FileNotFoundError:
         raise GoldenError(f"no golden digest file at {path} (write it with {UPDATE_COMMAND})") from None
     except (OSError, ValueError, RecursionError) as e:  # (RecursionError: JSON nested too deep)

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator
 from cuda.bindings import driver as cu
 
 from ptxgen.assemble import AssemblerUnavailable, AssemblyError, assemble
+from ptxgen.files import read_file, write_atomic
 from ptxgen.spec import KernelSpec, Target, sha256_hex
 from ptxgen.specdiff import explain_miss
 
@@ -205,7 +206,7 @@ class ModuleCache:
     def _read_disk(self, spec: KernelSpec, key: str, ptx: str) -> bytes | None:
         path = self.entry_path(key)
         try:
-            blob = path.read_bytes()
+            blob = read_file(path)
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -229,7 +230,7 @@ class ModuleCache:
     def _write_disk(self, spec: KernelSpec, key: str, ptx: str, cubin: bytes, **info: Any) -> None:
         meta = entry.metadata(spec, self.target, key, ptx, cubin, self.toolchain, **info)
         try:
-            entry.write_atomic(self.entry_path(key), entry.encode(meta, cubin))
+            write_atomic(self.entry_path(key), entry.encode(meta, cubin))
         except OSError as e:  # a read-only or full cache directory must not stop the program
             log.warning("ptxgen cache: could not write %s: %s", self.entry_path(key), e)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ptxgen.cli import Parser, UsageError
+from ptxgen.files import read_file
 from ptxgen.spec import SpecError, decode_value
 
 from . import entry
@@ -29,7 +30,7 @@ def entries(root: Path) -> list[Entry]:
     out: list[Entry] = []
     for path in sorted((root / entry.LAYOUT).glob(f"*/*/*{entry.SUFFIX}")):
         try:
-            meta = entry.decode(path.read_bytes())[0]
+            meta = entry.decode(read_file(path))[0]
         except (OSError, entry.EntryError) as e:
             out.append((path, f"damaged: {getattr(e, 'strerror', None) or e}", None))
             continue

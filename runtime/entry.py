@@ -23,7 +23,6 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from ptxgen.files import write_atomic  # noqa: F401 (the cache's entries are written so)
 from ptxgen.spec import KernelSpec, Target, generator_fingerprint, qualified_name, sha256_hex
 
 LAYOUT = "v1"

@@ -264,8 +264,27 @@ def test_a_named_pipe_for_a_file_is_refused_not_waited_on(base, tmp_path, which)
             "contract": ["-m", "model.cli", "contracts", "validate", "--dir", tmp_path]}[which]
     proc = subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr, proc.stderr
-    assert "not a regular file" in proc.stdout + proc.stderr and not (tmp_path / "r").exists()
+    assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr, proc.stderr  # (read as empty: refused)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_pipe_with_a_writer_is_read_as_bash_passes_one_and_a_device_is_refused(tmp_path):
+    """``--config <(...)`` reads its pipe whole; /dev/zero (which never ends) is refused at once."""
+    import threading
+
+    from ptxgen.files import read_file
+
+    whole = b"{}" * 50000  # more than a pipe holds: read while it is written
+    r, w = os.pipe()  # as bash's <(...) hands it over: /dev/fd/N, a pipe with its writer
+    writer = threading.Thread(target=lambda: (os.write(w, whole) and None, os.close(w)))
+    writer.start()
+    try:
+        assert read_file(f"/dev/fd/{r}") == whole
+    finally:
+        writer.join()
+        os.close(r)
+    with pytest.raises(OSError, match="a device, not a file"):
+        read_file("/dev/zero")
 
 
 def test_files_nested_past_the_parsers_depth_are_one_finding_not_a_traceback(tmp_path):
@@ -277,16 +296,6 @@ def test_files_nested_past_the_parsers_depth_are_one_finding_not_a_traceback(tmp
     (tmp_path / "golden.json").write_text("[" * 100000)
     with pytest.raises(golden.GoldenError, match="unreadable golden digest file"):
         golden.read(tmp_path / "golden.json")
-
-
-@pytest.mark.parametrize("name", ["metrics.jsonl", "sample.txt", "loss.png"])
-def test_a_new_run_does_not_write_over_files_of_those_names_already_there(base, tmp_path, name):
-    out = tmp_path / "mine"
-    out.mkdir()
-    (out / name).write_text("my notes\n")
-    refused(cli("train", "--config", base["root"] / "config.json", "--out", out, *base["common"]), "already holds",
-            name)
-    assert [p.name for p in out.iterdir()] == [name] and (out / name).read_text() == "my notes\n"
 
 
 def test_a_billion_layers_are_refused_at_once_not_after_naming_their_tensors(base, tmp_path):
@@ -305,6 +314,10 @@ def test_a_billion_layers_are_refused_at_once_not_after_naming_their_tensors(bas
     shutil.copytree(base["run"] / "step-0000004", step)
     MICRO.replace(num_layers=10**9).save(step / "config.json")
     refused(generate_on(step), "needs about", "GiB")
+    for name in ("manifest.json", "trainer.json", "optimizer.safetensors"):
+        (step / name).unlink()  # as transformers writes a model: --init reads it before any estimate
+    refused(cli("train", "--init", step, "--out", tmp_path / "r", *base["common"]), "config/weights mismatch",
+            "1000000000 layers")
 
 
 @pytest.mark.parametrize("where", ["a file", "under a file", "unwritable"])

@@ -3,6 +3,7 @@ import dataclasses
 
 import pytest
 
+from ptxgen.files import write_atomic
 from ptxgen.kernels.rmsnorm import RMSNormSpec
 from ptxgen.kernels.rope import RopeSpec
 from ptxgen.spec import Target
@@ -19,7 +20,7 @@ def write_entry(root, spec, toolchain=TOOLCHAIN, cubin=CUBIN):
     key = spec.key(TARGET)
     meta = entry.metadata(spec, TARGET, key, spec.emit(TARGET), cubin, toolchain)
     path = toolchain_dir(root, toolchain) / key[:2] / (key + entry.SUFFIX)
-    entry.write_atomic(path, entry.encode(meta, cubin))
+    write_atomic(path, entry.encode(meta, cubin))
     return path, meta
 
 
