@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from ptxgen.files import read_regular
+from ptxgen.files import read_file
 
 CONTRACT_ID = re.compile(r"^[a-z][a-z0-9-]*$")
 FALSIFIER_ID = re.compile(r"^FALSIFY-[A-Z]+-\d{3}$")
@@ -80,7 +80,7 @@ def load(directory: Path) -> Contracts:
     seen_falsifiers: dict[str, str] = {}
     for path in files:
         try:
-            data = yaml.safe_load(read_regular(path).decode())
+            data = yaml.safe_load(read_file(path).decode())
         except yaml.YAMLError as e:
             out.errors.append(f"{path.name}: not valid YAML: {str(e).splitlines()[0]}")
             continue
