@@ -386,9 +386,10 @@ def cmd_train(argv: Sequence[str]) -> int:
     on_gpu = backend is not NumpyBackend
     if on_gpu:
         check_gpu_kernels(config, precision, settings.batch_size * settings.seq_len)
+    run = out.resolve()
     for d in map(Path, ns.data or ()):  # its checkpoints, metrics and samples would be its data (a resume: changed)
-        inside = d.is_dir() and (out.resolve() == d.resolve() or d.resolve() in out.resolve().parents)
-        if inside and not any(part.startswith(".") for part in out.resolve().relative_to(d.resolve()).parts):
+        inside = d.is_dir() and (run == d.resolve() or d.resolve() in run.parents)
+        if inside and not any(part.startswith(".") for part in run.relative_to(d.resolve()).parts):
             raise UsageError(f"the run directory {out} is inside --data {d}: the run's own files would become its "
                              "training data (choose another --out)")
     files = expand_paths(ns.data) if ns.data else stdlib_files()

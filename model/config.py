@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ptxgen.files import read_file
+from ptxgen.files import read_file, why
 
 
 class ConfigError(ValueError):
@@ -94,7 +94,7 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(read_file(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
-        raise ConfigError(f"cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ConfigError(f"cannot read {path}: {why(e)}") from None
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -14,7 +14,7 @@ import numpy as np
 from safetensors import SafetensorError, deserialize
 from safetensors.numpy import save_file
 
-from ptxgen.files import read_file
+from ptxgen.files import read_file, why
 
 from .config import ConfigError, ModelConfig, read_json
 from .generation_config import Sampling, read_generation_config
@@ -71,7 +71,7 @@ def read_tensors(file: Path) -> dict[str, np.ndarray]:
     except FileNotFoundError:
         raise CheckpointError(f"{file} is missing") from None
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise CheckpointError(f"cannot read {file}: {why(e)}") from None
     out = {}
     for name, t in raw:
         if t["dtype"] not in STORED:

@@ -46,3 +46,8 @@ def read_file(path: str | os.PathLike) -> bytes:
         raise
     with os.fdopen(fd, "rb") as f:
         return f.read()
+
+
+def why(e: BaseException) -> str:
+    """What a failed read says, in one line: its message's first, else the exception's name."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__

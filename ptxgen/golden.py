@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from .files import read_file
+from .files import read_file, why
 from .keyaudit import Finding
 from .registry import by_qualified_name
 from .spec import PACKAGE_ROOT, KernelSpec, SpecError, Target, decode_fields, sha256_hex
@@ -56,7 +56,7 @@ def read(path: Path = DEFAULT_PATH) -> list[dict[str, Any]]:
     except FileNotFoundError:
         raise GoldenError(f"no golden digest file at {path} (write it with {UPDATE_COMMAND})") from None
     except (OSError, ValueError, RecursionError) as e:  # (RecursionError: JSON nested too deep)
-        raise GoldenError(f"unreadable golden digest file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise GoldenError(f"unreadable golden digest file {path}: {why(e)}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("entries"), list):
         raise GoldenError(f"{path} is not a format-{FORMAT} golden digest file")
     return doc["entries"]
