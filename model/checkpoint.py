@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from ptxgen.files import read_file
+from ptxgen.files import fsync_dir, fsync_tree, read_file
 from ptxgen.spec import sha256_hex
 
 from .config import ModelConfig
@@ -110,6 +110,7 @@ def save_checkpoint(run_dir: Path, step: int, config: ModelConfig, params: dict[
             elif source is not None:
                 shutil.copyfile(source, tmp / name)
         write_manifest(tmp)
+        fsync_tree(tmp)  # on disk before it is named: a crash never leaves a named checkpoint half written
         if final.exists():  # a re-run of the same step replaces it; moved aside first, put back on failure
             old = Path(tempfile.mkdtemp(prefix=f"{_ASIDE}{final.name}.{_owner()}.", dir=run_dir))
             os.replace(final, old)
@@ -124,11 +125,15 @@ def save_checkpoint(run_dir: Path, step: int, config: ModelConfig, params: dict[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(run_dir)  # the step's name, before latest points at it
     fd, pointer = tempfile.mkstemp(prefix=f".{LATEST}.{_owner()}.", dir=run_dir)
     with os.fdopen(fd, "w") as f:
         f.write(final.name + "\n")
         os.fchmod(fd, 0o644)  # readable as the file it replaces (mkstemp makes it private)
+        f.flush()
+        os.fsync(fd)
     os.replace(pointer, run_dir / LATEST)
+    fsync_dir(run_dir)  # latest's new target is durable before rotation removes older checkpoints
     _rotate(run_dir, final, keep)
     remove_stale_temporaries(run_dir)
     return final

@@ -28,13 +28,14 @@ from runtime.driver import CudaError
 from . import rundir
 from .checkpoint import (LATEST, STEP_DIR, Checkpoint, CheckpointError, load_checkpoint, manifest_digests,
                          read_latest, resolve)
-from .config import PRESETS, ConfigError, ModelConfig, preset
+from .config import PRESETS, ConfigError, ModelConfig, preset, read_json
 from .data import ByteTokenizer, Corpus, DataError, HFTokenizer, Tokenizer, expand_paths, stdlib_files, val_batches
 from .defaults import default_run
 from .footprint import MemoryTooSmall, check_model_fits, generate_bytes, n_params, train_bytes
 from .generate import GenerateSettings, generate_as
 from .generation_config import OUR_DEFAULTS, read_generation_config
 from .hf import SAVE_DTYPES
+from .hf_config import parse_hf_config
 from .kernels import ModelKernels
 from .metrics import SAMPLE
 from .numpy_backend import NumpyBackend, NumpyDecoder
@@ -315,7 +316,8 @@ def cmd_train(argv: Sequence[str]) -> int:
     # a bare `ptxgen train`: the run this machine finishes in about two minutes (model/defaults.py)
     here = default_run(_on_gpu(ns.device))
     plan = None if (ns.preset or ns.config or ns.init or ns.resume) else here
-    config = ModelConfig.load(ns.config) if ns.config else preset(ns.preset or here.preset)
+    given = parse_hf_config(read_json(ns.config)) if ns.config else None
+    config = given.config if given is not None else preset(ns.preset or here.preset)
     init = load_checkpoint(ns.init) if ns.init else None
     tokenizer_file = Path(ns.tokenizer) if ns.tokenizer else None
     generation_config = None  # what our checkpoints say generate should do (transformers' format)
@@ -329,6 +331,9 @@ def cmd_train(argv: Sequence[str]) -> int:
         generation_config = _read_bytes(init.generation_config_path)
         if generation_config is None and init.eos_token_ids:  # config.json's stop tokens, kept (greedy as before)
             generation_config = json.dumps({"eos_token_id": list(init.eos_token_ids)}).encode()
+    elif given is not None and given.eos_token_ids:  # config.json's stop tokens: the run's checkpoints keep them
+        generation_config = (json.dumps({**json.loads(OUR_DEFAULTS), "eos_token_id": list(given.eos_token_ids)},
+                                        indent=2) + "\n").encode()
     if init is not None:  # named after the run (or model folder) it starts from
         name = init.path.parent.name if (init.path.parent / LATEST).exists() else init.path.name
     else:

@@ -242,7 +242,11 @@ def parse_hf_config(hf: Any) -> HFConfig:
         tie_word_embeddings=v.get("tie_word_embeddings", DEFAULTS["tie_word_embeddings"]),
         max_position_embeddings=v.get("max_position_embeddings", MAX_POSITIONS[model_type]))
     stored = v.get("dtype") or v.get("torch_dtype")
-    return HFConfig(config, model_type, stored, v.get("eos_token_id", ()))
+    eos = v.get("eos_token_id", ())
+    odd = [i for i in eos if i >= config.vocab_size]
+    if odd:  # a stop token the model can never produce: generation would never stop
+        raise _fail("eos_token_id", v["eos_token_id"], f"{odd[0]} is outside the vocabulary of {config.vocab_size}")
+    return HFConfig(config, model_type, stored, eos)
 
 
 def _theta(v: dict[str, Any]) -> float:

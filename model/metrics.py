@@ -5,14 +5,14 @@ validation pass. A resumed run keeps the rows up to the step it resumes from and
 """
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from ptxgen.files import read_file
+from ptxgen.files import read_file, write_atomic
 
 METRICS, PLOT, SAMPLE = "metrics.jsonl", "loss.png", "sample.txt"
 FIELDS = ("step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s")
@@ -30,9 +30,7 @@ class MetricsLog:
                 print(f"ptxgen train: warning: {damage}; the rows before it are kept, the rest dropped "
                       "(the checkpoints are not affected)", file=sys.stderr, flush=True)
             kept = [row for row in rows if row["step"] <= start_step]
-        tmp = self.path.with_name(f".{METRICS}.{os.getpid()}")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept).encode())
         self._file = self.path.open("a")
 
     def record(self, **row: Any) -> None:
@@ -91,8 +89,8 @@ def plot_losses(run_dir: Path) -> Path | None:
     ax.legend()
     fig.tight_layout()
     out = Path(run_dir) / PLOT
-    tmp = out.with_name(f".{PLOT}.{os.getpid()}.png")
-    fig.savefig(tmp)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
+    write_atomic(out, png.getvalue())
     return out

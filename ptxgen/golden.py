@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from .files import read_file, why
+from .files import read_file, why, write_atomic
 from .keyaudit import Finding
 from .registry import by_qualified_name
 from .spec import PACKAGE_ROOT, KernelSpec, SpecError, Target, decode_fields, sha256_hex
@@ -43,10 +43,7 @@ def _sort_key(entry: dict[str, Any]) -> str:
 def write(path: Path, pairs: Iterable[tuple[KernelSpec, Target]]) -> list[dict[str, Any]]:
     entries = sorted((record(s, t) for s, t in pairs), key=_sort_key)
     doc = {"format": FORMAT, "update": UPDATE_COMMAND, "entries": entries}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(path)
+    write_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
     return entries
 
 
@@ -70,7 +67,7 @@ def rebuild(entry: dict[str, Any]) -> tuple[KernelSpec, Target]:
         cls = by_qualified_name(entry["kind"])
         spec = cls(**decode_fields(cls, entry["fields"]))
         target = Target(entry["target"]["arch"], tuple(entry["target"]["ptx_version"]))
-    except (KeyError, TypeError, IndexError, ValueError) as e:
+    except (KeyError, TypeError, IndexError, ValueError, OverflowError, RecursionError) as e:  # (a hand-edited file)
         raise SpecError(f"golden entry {entry.get('spec', '?')} cannot be rebuilt: {e}") from None
     return spec, target
 

@@ -186,15 +186,21 @@ def _audit(argv: Sequence[str] | None) -> int:
     p.add_argument("--check", action="append", choices=CHECKS,
                    help="run only this check (repeatable; default all, golden where its file is there)")
     p.add_argument("--prune", action="store_true", help="delete bad disk entries")
-    p.add_argument("--golden", type=Path, default=golden.DEFAULT_PATH, help="golden PTX digest file")
+    p.add_argument("--golden", type=Path, default=None,
+                   help="golden PTX digest file (default: the source tree's tests/golden/ptx_digests.json)")
     ns = p.parse_args(argv)
     paths_as_named()  # (a cache directory, or an entry's folder, named in bytes that are not UTF-8)
-    checks = ns.check or [c for c in CHECKS if c != "golden" or ns.golden.exists()]
+    if ns.golden is not None and (not ns.golden.exists() or ns.golden.is_dir()):
+        p.error(f"--golden {ns.golden}: " + ("a directory, not a file" if ns.golden.exists() else "no such file"))
+    golden_file = ns.golden or golden.DEFAULT_PATH
+    checks = ns.check or [c for c in CHECKS if c != "golden" or golden_file.exists()]
+    if ns.prune and "disk" not in checks:
+        p.error("--prune deletes the bad entries the disk check finds: add --check disk")
     cache_dir = ns.cache_dir or default_cache_dir()
     if "disk" in checks and not cache_dir.is_dir():
         p.error(f"cache directory {cache_dir} " + ("is not a directory" if cache_dir.exists() else "does not exist"))
     try:
-        findings = run(checks, cache_dir, ns.prune, Path(__file__).resolve().parents[1], ns.golden)
+        findings = run(checks, cache_dir, ns.prune, Path(__file__).resolve().parents[1], golden_file)
     except CacheDirError as e:  # removed between the check above and the walk
         p.error(str(e))
     for f in findings:

@@ -124,6 +124,29 @@ def test_a_cache_path_that_is_missing_or_a_file_is_bad_input(tmp_path, monkeypat
     assert capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--check", "source", "--prune"], "--prune deletes the bad entries the disk check finds"),
+    (["--golden", "/nonexistent/ptx_digests.json"], "no such file"),
+    (["--check", "golden", "--golden", "/"], "a directory, not a file"),
+])
+def test_flags_that_would_do_nothing_or_name_no_file_are_bad_input_before_any_check(tmp_path, capsys, argv, says):
+    with pytest.raises(SystemExit) as e:
+        audit_main(["--cache-dir", str(tmp_path), *argv])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and err.count("\n") == 1 and says in err and out == ""  # (no check ran)
+
+
+def test_a_hand_edited_golden_float_too_large_for_a_float_is_a_finding(tmp_path):
+    from ptxgen import golden
+    from ptxgen.kernels.rope import RopeSpec
+    from ptxgen.spec import Target
+    path = tmp_path / "golden.json"
+    golden.write(path, [(RopeSpec(heads=2, head_dim=64, theta=1e4), Target("sm_90", (8, 0)))])
+    path.write_text(path.read_text().replace('0x1.3880000000000p+13', '0x1.0p+99999'))
+    [finding] = golden.check(path)
+    assert "cannot be rebuilt" in finding.message
+
+
 # -- hypothesis: no byte or metadata damage makes the audit raise ---------------------------------
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),

@@ -345,6 +345,29 @@ def test_an_eos_id_outside_the_vocabulary_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_config_whose_eos_id_is_outside_the_vocabulary_is_refused(tmp_path, capsys):
+    hf = {**hf_config(), "eos_token_id": [2, 10**20]}
+    with pytest.raises(ConfigError, match="eos_token_id .*100000000000000000000 is outside the vocabulary of 320"):
+        parse_hf_config(hf)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert main(["train", "--config", str(tmp_path / "config.json"), "--data", str(data_dir(tmp_path)),
+                 "--out", str(tmp_path / "run"), "--device", "numpy", "--steps", "1"]) == 2
+    assert "outside the vocabulary" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_train_from_a_config_keeps_its_eos_tokens_for_generation(tmp_path, capsys):
+    """config.json's stop tokens are the trained model's (our sampling defaults beside them)."""
+    small = ModelConfig(vocab_size=256, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                        intermediate_size=48, rope_theta=1e4, rms_norm_eps=1e-6, qkv_bias=True,
+                        tie_word_embeddings=False, max_position_embeddings=64)
+    (tmp_path / "config.json").write_text(json.dumps({**small.to_hf(), "eos_token_id": [10, 200]}))
+    assert main(["train", "--config", str(tmp_path / "config.json"), "--data", str(data_dir(tmp_path)),
+                 "--out", str(tmp_path / "run"), "--device", "numpy", "--steps", "2", "--warmup", "1",
+                 "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1"]) == 0
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.eos_token_ids == (10, 200) and ckpt.sampling.temperature == 0.8
+
+
 def test_a_rope_buffer_saved_in_f16_is_read_at_f16_precision(tmp_path):
     from ptxgen.kernels.rope import inverse_frequencies
     path = fixture_copy("qwen2-v4-f16-tied", tmp_path)

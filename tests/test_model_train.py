@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,6 +90,32 @@ def test_checkpoint_round_trips_with_hf_names_and_atomic_latest(tmp_path):
     assert all(np.array_equal(back.optimizer[k], opt[k]) for k in opt)
     assert json.loads((p3 / "config.json").read_text())["model_type"] == "qwen2"
     assert "model.layers.0.self_attn.q_proj.bias" in load_file(str(p3 / "model.safetensors"))
+
+
+def test_a_checkpoint_is_on_disk_before_latest_names_it_and_before_older_ones_go(tmp_path, monkeypatch):
+    """A power cut must never leave ``latest`` naming files the disk does not hold yet, with the
+    older checkpoints already rotated away: every file of the step is fsynced, then the run
+    directory (the step's name), then ``latest`` and the directory again, and only then rotation."""
+    import os
+
+    events = []
+    fsync, replace, rmtree = os.fsync, os.replace, __import__("shutil").rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), replace(a, b))[1])
+    monkeypatch.setattr("model.checkpoint.shutil.rmtree",
+                        lambda p, **kw: (events.append(("rmtree", str(p))), rmtree(p, **kw))[1])
+    params = init_params(MICRO, seed=3)
+    save_checkpoint(tmp_path, 1, MICRO, params, {}, {"step": 1}, keep=1)
+    events.clear()
+    final = save_checkpoint(tmp_path, 2, MICRO, params, {}, {"step": 2}, keep=1)
+    named = next(i for i, e in enumerate(events) if e == ("replace", str(final)))
+    synced = {Path(p).name for kind, p in events[:named] if kind == "fsync"}
+    assert {f.name for f in final.iterdir()} <= synced  # (the files, under the temporary's name)
+    latest = next(i for i, e in enumerate(events) if e == ("replace", str(tmp_path / "latest")))
+    assert ("fsync", str(tmp_path)) in events[named:latest] and ("fsync", str(tmp_path)) in events[latest:]
+    gone = next(i for i, e in enumerate(events) if e[0] == "rmtree" and e[1].endswith("step-0000001"))
+    assert latest < events.index(("fsync", str(tmp_path)), latest) < gone
 
 
 def test_a_bias_free_model_is_saved_as_llama_without_biases_and_loads_back(tmp_path):
