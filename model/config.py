@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from ptxgen.files import read_file, why
+from ptxgen.kernels.rope import check_frequencies
+from ptxgen.spec import SpecError
 
 
 class ConfigError(ValueError):
@@ -61,6 +63,10 @@ class ModelConfig:
             raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim {self.head_dim} must be even for RoPE")
+        try:  # what the RoPE kernels can bake, refused here so that no device trains what another cannot
+            check_frequencies(self.head_dim, self.rope_theta)
+        except SpecError as e:
+            raise ConfigError(f"rope_theta {self.rope_theta:g} / head_dim {self.head_dim}: {e}") from None
 
     @property
     def head_dim(self) -> int:

@@ -8,6 +8,7 @@ one line rather than ignored; keys that only matter to other decoders are listed
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -103,8 +104,9 @@ KEYS: dict[str, Callable[[str, Any], Any]] = {
 
 def read_generation_config(path: Path, fallback_eos: tuple[int, ...] = ()) -> Sampling:
     """A checkpoint's generation defaults; transformers' own defaults (greedy) without the file."""
-    if not Path(path).is_file():
+    if not os.path.lexists(path):
         return Sampling(eos_token_ids=fallback_eos)
+    # anything else by that name (a directory, a dangling link) is refused by the read, not skipped
     data = read_json(path)
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")

@@ -180,6 +180,9 @@ def test_each_key_is_consumed_or_refused_with_a_line_naming_key_and_value(key):
     ({"rope_theta": 1e4}, "disagrees with rope_parameters"),
     ({"rope_parameters": None}, "lacks 'rope_theta'"),
     ({"layer_types": ["full_attention"] * 3}, "names 3 layers"),
+    # what no RoPE kernel bakes is refused for every device (it trained on the CPU, then no GPU ran it)
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 0.5}}, "rope_theta 0.5 .*theta must be in"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e308}}, "theta must be in \\[1, 2\\*\\*1000\\]"),
     ({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "attention_bias": True}, "o_proj bias"),
 ])
 def test_configs_the_model_cannot_honour_are_refused(change, message):
@@ -342,6 +345,16 @@ def test_an_eos_id_outside_the_vocabulary_is_refused(tmp_path):
     path = fixture_copy("qwen2-v5-f32-tied", tmp_path)
     (path / "generation_config.json").write_text('{"eos_token_id": [2, 320]}')
     with pytest.raises(CheckpointError, match="eos token id 320 is outside the vocabulary of 320"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("make", [lambda p: p.mkdir(), lambda p: p.symlink_to(p.parent / "nowhere.json")])
+def test_a_generation_config_that_is_not_a_readable_file_is_refused_not_skipped(tmp_path, make):
+    """(Skipped, it silently turned the checkpoint's sampling and stop tokens into greedy defaults.)"""
+    path = fixture_copy("qwen2-v5-f32-tied", tmp_path)
+    (path / "generation_config.json").unlink(missing_ok=True)
+    make(path / "generation_config.json")
+    with pytest.raises(CheckpointError, match="generation_config.json"):
         load_checkpoint(path)
 
 
