@@ -23,6 +23,24 @@ class ConfigError(ValueError):
     """A config that cannot describe a model; one line for the user."""
 
 
+def finite_float(v: Any) -> float | None:
+    """A JSON number as a finite float, or None: not a number (a bool is not), infinite, NaN, or an
+    integer too large for a float (float() of it raises)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def shown(value: Any) -> str:
+    """A value as a line names it: its repr, cut short (a 400-digit number is still one line)."""
+    r = repr(value)
+    return r if len(r) <= 80 else r[:60] + f"... ({len(r)} characters)"
+
+
 def f32_normal(x: float) -> bool:
     """Whether ``x`` rounds to a finite, normal (not flushed, not zero) float32."""
     with np.errstate(over="ignore"):
@@ -51,9 +69,10 @@ class ModelConfig:
                 raise ConfigError(f"{f.name} must be a positive integer, got {v!r}")
         for name in ("rope_theta", "rms_norm_eps"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-                raise ConfigError(f"{name} must be a finite positive number, got {v!r}")
-            object.__setattr__(self, name, float(v))
+            f = finite_float(v)
+            if f is None or f <= 0:
+                raise ConfigError(f"{name} must be a finite positive number, got {shown(v)}")
+            object.__setattr__(self, name, f)
         if not f32_normal(self.rms_norm_eps):
             raise ConfigError(f"rms_norm_eps {self.rms_norm_eps!r} is not a normal float32 number (the norm "
                               "kernels add it in f32)")

@@ -7,13 +7,12 @@ one line rather than ignored; keys that only matter to other decoders are listed
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import ConfigError, read_json
+from .config import ConfigError, finite_float, read_json, shown
 from .hf_config import only_check, token_ids_check
 
 
@@ -36,7 +35,7 @@ class Sampling:
 
 
 def _fail(key: str, value: Any, why: str) -> ConfigError:
-    return ConfigError(f"generation_config.json: {key} = {value!r}: {why}")
+    return ConfigError(f"generation_config.json: {key} = {shown(value)}: {why}")
 
 
 def _bool(key: str, v: Any) -> bool:
@@ -47,10 +46,10 @@ def _bool(key: str, v: Any) -> bool:
 
 def _number(low: float, high: float, low_open: bool = False) -> Callable[[str, Any], float]:
     def check(key: str, v: Any) -> float:
-        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-        if not ok or not (low < v if low_open else low <= v) or not v <= high:
+        f = finite_float(v)
+        if f is None or not (low < f if low_open else low <= f) or not f <= high:
             raise _fail(key, v, f"must be a number in {'(' if low_open else '['}{low:g}, {high:g}]")
-        return float(v)
+        return f
     return check
 
 

@@ -9,12 +9,11 @@ the same ``ModelConfig``: 4.x (``rope_theta`` at the top level, ``torch_dtype``)
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
 
-from .config import ConfigError, ModelConfig, f32_normal
+from .config import ConfigError, ModelConfig, f32_normal, finite_float, shown
 
 MODEL_TYPES = ("qwen2", "llama")
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
@@ -32,7 +31,7 @@ class HFConfig:
 
 
 def _fail(key: str, value: Any, why: str) -> ConfigError:
-    return ConfigError(f"config.json: {key} = {value!r}: {why}")
+    return ConfigError(f"config.json: {key} = {shown(value)}: {why}")
 
 
 # -- value checks: each returns the value the model uses, or raises one line naming key and value --
@@ -49,9 +48,10 @@ def _bool(key: str, v: Any) -> bool:
 
 
 def _positive_float(key: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+    f = finite_float(v)
+    if f is None or f <= 0:
         raise _fail(key, v, "must be a finite positive number")
-    return float(v)
+    return f
 
 
 def _eps(key: str, v: Any) -> float:
@@ -95,26 +95,21 @@ def _any(key: str, v: Any) -> Any:
     return v
 
 
-def _rope_scaling(key: str, v: Any) -> None:
-    if v is None:
-        return
-    kind = v.get("rope_type", v.get("type")) if isinstance(v, dict) else v
-    if kind != "default":
-        raise _fail(key, v, "RoPE scaling is not implemented here (only plain RoPE)")
-
-
 def _rope_parameters(key: str, v: Any) -> float | None:
-    """5.x: {"rope_type": "default", "rope_theta": ...}; anything else changes the frequencies."""
+    """5.x's ``rope_parameters`` and 4.x's ``rope_scaling`` alike: null, or {"rope_type" (4.x:
+    "type"): "default", "rope_theta": ...}; anything else changes the frequencies. (transformers
+    5.x takes a ``rope_scaling`` over ``rope_parameters``, 4.x its top-level ``rope_theta``:
+    ``_theta`` makes every theta given agree.)"""
     if v is None:
         return None
     if not isinstance(v, dict):
         raise _fail(key, v, "must be an object")
     for k, x in v.items():
-        if k == "rope_type" and x != "default":
-            raise _fail(f"{key}.rope_type", x, "RoPE scaling is not implemented here (only 'default')")
+        if k in ("rope_type", "type") and x != "default":
+            raise _fail(f"{key}.{k}", x, "RoPE scaling is not implemented here (only 'default')")
         if k == "partial_rotary_factor" and x != 1.0:
             raise _fail(f"{key}.{k}", x, "partial RoPE is not implemented here")
-        if k not in ("rope_type", "rope_theta", "partial_rotary_factor"):
+        if k not in ("rope_type", "type", "rope_theta", "partial_rotary_factor"):
             raise _fail(f"{key}.{k}", x, "unknown RoPE parameter (not implemented here)")
     return _positive_float(f"{key}.rope_theta", v["rope_theta"]) if "rope_theta" in v else None
 
@@ -154,7 +149,7 @@ KEYS: dict[str, Key] = {
     "rms_norm_eps": Key(_eps, "model", "RMSNorm eps, baked into the norm kernels"),
     "rope_theta": Key(_positive_float, "model", "RoPE base (4.x layout), baked into the RoPE kernels"),
     "rope_parameters": Key(_rope_parameters, "model", "RoPE base and type (5.x layout)"),
-    "rope_scaling": Key(_rope_scaling, "model", "must be null or default"),
+    "rope_scaling": Key(_rope_parameters, "model", "null or default RoPE (4.x layout; its rope_theta must agree)"),
     "tie_word_embeddings": Key(_bool, "model", "LM head shares the embedding"),
     "max_position_embeddings": Key(_int, "model", "longest sequence (plain RoPE does not depend on it)"),
     "attention_bias": Key(_bool, "model", "Q/K/V biases (Llama); Qwen2 always has them"),
@@ -250,10 +245,12 @@ def parse_hf_config(hf: Any) -> HFConfig:
 
 
 def _theta(v: dict[str, Any]) -> float:
-    top, nested = v.get("rope_theta"), v.get("rope_parameters")
-    if top is not None and nested is not None and top != nested:
-        raise _fail("rope_theta", top, f"disagrees with rope_parameters.rope_theta = {nested!r}")
-    theta = nested if nested is not None else top
+    given = [(k, v[k]) for k in ("rope_theta", "rope_parameters", "rope_scaling") if v.get(k) is not None]
+    for (key, theta), (other, then) in zip(given, given[1:]):
+        if theta != then:  # each a version of transformers reads: one file, two models
+            raise _fail(key if key == "rope_theta" else f"{key}.rope_theta", theta,
+                        f"disagrees with {other}.rope_theta = {then!r}")
+    theta = given[0][1] if given else None
     if theta is None:  # transformers would assume 10000: that is the very default this project refuses to guess
         raise ConfigError("config.json lacks 'rope_theta' (or 'rope_parameters.rope_theta'); transformers would "
                           "assume 10000: add \"rope_theta\": 10000.0 if that is the model's")

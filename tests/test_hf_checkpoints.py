@@ -180,6 +180,12 @@ def test_each_key_is_consumed_or_refused_with_a_line_naming_key_and_value(key):
     ({"rope_theta": 1e4}, "disagrees with rope_parameters"),
     ({"rope_parameters": None}, "lacks 'rope_theta'"),
     ({"layer_types": ["full_attention"] * 3}, "names 3 layers"),
+    # transformers 5.x takes rope_scaling's theta over rope_parameters', 4.x the top-level one: all must agree
+    ({"rope_scaling": {"type": "default", "rope_theta": 1e4}}, "rope_parameters.rope_theta = 1000000.0: disagrees "
+                                                               "with rope_scaling.rope_theta = 10000.0"),
+    ({"rope_scaling": {"type": "default", "factor": 8.0}}, "rope_scaling.factor = 8.0: unknown RoPE parameter"),
+    ({"rope_scaling": "default"}, "rope_scaling = 'default': must be an object"),
+    ({"rms_norm_eps": 10**400}, "rms_norm_eps = 1000000000000.* characters\\): must be a finite positive number"),
     # what no RoPE kernel bakes is refused for every device (it trained on the CPU, then no GPU ran it)
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 0.5}}, "rope_theta 0.5 .*theta must be in"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e308}}, "theta must be in \\[1, 2\\*\\*1000\\]"),
@@ -188,6 +194,12 @@ def test_each_key_is_consumed_or_refused_with_a_line_naming_key_and_value(key):
 def test_configs_the_model_cannot_honour_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):
         parse_hf_config({**hf_config(), **change})
+
+
+def test_a_4x_rope_scaling_that_agrees_is_the_same_model():
+    theta = hf_config()["rope_parameters"]["rope_theta"]
+    assert parse_hf_config({**hf_config(), "rope_scaling": {"type": "default", "rope_theta": theta}}) == \
+        parse_hf_config(hf_config())
 
 
 @pytest.mark.parametrize("text", ["null", "[]", '"qwen2"', "{", "\xff"])
@@ -212,7 +224,8 @@ def test_our_export_reads_back_through_the_table_for_every_preset():
 
 @pytest.mark.parametrize("change", [{"hidden_act": "gelu"}, {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}},
                                     {"use_sliding_window": True}, {"head_dim": 32}, {"tie_word_embeddings": "false"},
-                                    {"rms_norm_eps": 1e-50}, {"attention_bias": False}])
+                                    {"rms_norm_eps": 1e-50}, {"attention_bias": False},
+                                    {"rope_parameters": {"rope_type": "default", "rope_theta": 10**400}}])
 def test_a_refused_config_is_one_line_exit_2_and_builds_no_kernel(tmp_path, capsys, monkeypatch, change):
     from ptxgen.spec import KernelSpec
     built = []
