@@ -390,7 +390,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     line, backend = select_backend(ns.device, precision)
     on_gpu = backend is not NumpyBackend
     if on_gpu:
-        check_gpu_kernels(config, precision, settings.batch_size * settings.seq_len)
+        check_gpu_kernels(config, precision, settings.batch_size * settings.seq_len, adamw)
     run = out.resolve()
     for d in map(Path, ns.data or ()):  # its checkpoints, metrics and samples would be its data (a resume: changed)
         inside = d.is_dir() and (run == d.resolve() or d.resolve() in run.parents)
@@ -579,11 +579,12 @@ def cmd_contracts(argv: Sequence[str]) -> int:
     return contracts_main(argv)
 
 
-def check_gpu_kernels(config: ModelConfig, precision: Precision, tokens: int) -> None:
+def check_gpu_kernels(config: ModelConfig, precision: Precision, tokens: int,
+                      adamw: AdamWSettings = AdamWSettings()) -> None:
     """A model the CUDA kernels cannot run (a head_dim, a width they do not serve) as one line,
-    before any file is written or kernel built."""
+    before any file is written or kernel built; ``adamw``: the run's optimizer (generation: none)."""
     try:
-        ModelKernels.of(config, AdamWSettings(), IGNORE_INDEX, precision).check_shapes(config, tokens)
+        ModelKernels.of(config, adamw, IGNORE_INDEX, precision).check_shapes(config, tokens)
     except (SpecError, ValueError) as e:
         raise UsageError(f"the CUDA kernels cannot run this model: {e}") from None
 

@@ -1,14 +1,18 @@
 """The optimizer settings and learning-rate schedule shared by every training backend."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from ptxgen.kernels.adamw import NORM_EPS
+from ptxgen.kernels.adamw import NORM_EPS, AdamWSpec
+from ptxgen.spec import SpecError
 
-from .settings import check_types, require
+from .settings import SettingsError, check_types, flag, require
+
+BAKED = ("beta1", "beta2", "eps", "weight_decay")  # the AdamW kernel's immediates (AdamWSpec's fields)
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,15 @@ class AdamWSettings:
         require(0 <= decay32 < np.inf, "weight_decay", ">= 0 and representable in f32", self.weight_decay)
         require(0 <= norm32 < np.inf, "max_grad_norm", ">= 0 (0 turns clipping off) and representable in f32",
                 self.max_grad_norm)
+        # and what the GPU kernel bakes is refused here by the kernel's own rules (a beta that rounds to
+        # 1 in f32, a subnormal), each setting alone (the others at their defaults) so the line names it
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in BAKED}
+        for name in BAKED:
+            try:
+                AdamWSpec(**{**defaults, name: getattr(self, name)})
+            except SpecError as e:
+                raise SettingsError(f"{flag(name)}: {e} (the GPU optimizer bakes it so, whichever device "
+                                    "trains)") from None
 
 
 def clip_scale(norm: float, max_norm: float) -> float:

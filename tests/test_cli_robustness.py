@@ -110,10 +110,13 @@ def _bad_float(flag: str, v: float) -> bool:
     return not ok
 
 
-@pytest.mark.parametrize("flag", ["--weight-decay", "--max-grad-norm"])
-def test_an_optimizer_setting_the_gpu_cannot_take_in_f32_is_refused_on_the_cpu_too(base, tmp_path, flag):
-    """(A checkpoint's settings go on with it; the CPU took a weight decay of 1e300 and diverged.)"""
-    refused(cli("train", "--out", tmp_path / "new", *base["common"], flag, "1e300"), flag, "f32")
+@pytest.mark.parametrize("flag, value", [("--weight-decay", "1e300"), ("--max-grad-norm", "1e300"),
+                                         ("--beta2", "0.99999999"), ("--beta1", "1e-40"), ("--eps", "1e-40"),
+                                         ("--weight-decay", "1e-40")])
+def test_an_optimizer_setting_the_gpu_cannot_take_in_f32_is_refused_on_the_cpu_too(base, tmp_path, flag, value):
+    """(A checkpoint's settings go on with it; the CPU took a weight decay of 1e300 and diverged, and a
+    beta2 that rounds to 1 in f32, or a subnormal, trained on the CPU and was a traceback on the GPU.)"""
+    refused(cli("train", "--out", tmp_path / "new", *base["common"], flag, value), flag, "f32")
     assert not (tmp_path / "new").exists()
 
 
