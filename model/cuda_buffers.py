@@ -22,7 +22,7 @@ from runtime import DeviceArray, View
 from .config import ModelConfig
 from .kernels import ModelKernels
 from .optim import decays
-from .params import layer_prefix, param_shapes
+from .params import check_params, layer_prefix, param_shapes
 
 
 # Linear layers run as one GEMM over adjacent weights (and biases): q, k and v ([q; k; v], what
@@ -51,7 +51,7 @@ class ParamLayout:
     parts of a ``FUSED`` module one after another."""
 
     def __init__(self, config: ModelConfig):
-        self.shapes = param_shapes(config)
+        self.config, self.shapes = config, param_shapes(config)
         self.offsets: dict[str, int] = {}
         self.total = 0
         for decayed in (True, False):
@@ -75,6 +75,7 @@ class ParamLayout:
 
     def flatten(self, tensors: dict[str, np.ndarray], dtype: type = np.float32) -> np.ndarray:
         """``dtype``: float64 for the numpy backend's gradients (data parallelism sums them so)."""
+        check_params(self.config, tensors)
         flat = np.zeros(self.total, dtype)
         for name, off in self.offsets.items():
             flat[off:off + math.prod(self.shapes[name])] = np.asarray(tensors[name], dtype).reshape(-1)

@@ -11,6 +11,7 @@ from runtime import View
 
 from .cuda_buffers import KV, Activations, Arena
 from .cuda_model import CudaBackend, forward, lm_head
+from .reference import check_tokens
 
 
 @dataclass
@@ -68,8 +69,7 @@ class CudaDecoder:
         if self.length + new > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} positions; {self.length + new} needed")
         be = self.backend
-        if ids.min() < 0 or ids.max() >= be.config.vocab_size:
-            raise ValueError(f"a token id is outside [0, {be.config.vocab_size})")
+        check_tokens(be.config, ids[None, :], self.length)
         with be.cache.strict_mode():
             if new not in self._plans:
                 self._plans[new] = self._plan(new)

@@ -40,7 +40,7 @@ from .kernels import LOSS_CHUNK_ROWS, ModelKernels
 from .optim import AdamWSettings
 from .params import layer_prefix, lm_head_name
 from .precision import Precision
-from .reference import IGNORE_INDEX
+from .reference import IGNORE_INDEX, check_targets, check_tokens
 
 __all__ = ["CudaBackend", "ParamLayout", "backward", "forward", "lm_head", "loss"]
 
@@ -326,21 +326,10 @@ class CudaBackend:
         """Check a batch, upload it and set the plan's loss scale: one over its targets, or over
         ``targets_counted`` (a data-parallel rank's: the global batch's). The embedding backward's
         grouping of it is ``_group_tokens``', a host step of the plan."""
-        ids = np.asarray(ids)
-        if ids.ndim != 2:
-            raise ValueError(f"ids must be [batch, seq], got shape {ids.shape}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-            raise ValueError(f"a token id is outside [0, {self.config.vocab_size})")
-        if ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {ids.shape[1]} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
+        ids = check_tokens(self.config, ids)
         t = np.full(ids.size, IGNORE_INDEX, np.int32) if targets is None else \
-            np.asarray(targets, np.int32).reshape(-1)
-        if t.size != ids.size:
-            raise ValueError("targets must have the shape of ids")
+            check_targets(self.config, targets, ids.size).astype(np.int32)
         valid = t != IGNORE_INDEX
-        if np.any((t[valid] < 0) | (t[valid] >= self.config.vocab_size)):
-            raise ValueError(f"a target is outside [0, {self.config.vocab_size})")
         shape = self._shape(*ids.shape)
         staged, stream = shape.staged, Stream.null()  # (the plan's launches and graphs run there)
         staged.ids[:], staged.targets[:] = ids.reshape(-1), t

@@ -1,7 +1,7 @@
 """Parameters by their HF Qwen2 tensor names: shapes, initialisation, and the flat-buffer layout."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -33,6 +33,23 @@ def param_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, c.hidden_size)
     return shapes
+
+
+def check_params(c: ModelConfig, params: Mapping[str, Any]) -> None:
+    """The tensors of a model of ``c``, exactly: each name ``param_shapes`` lists, at its shape, and no
+    other. Every backend takes its parameters through this, so none can honour a tensor another
+    drops (the reference added any q/k/v bias it was given, the GPU layout dropped one the config
+    lacks; a tied model's lm_head.weight was ignored by both)."""
+    shapes = param_shapes(c)
+    missing, extra = [n for n in shapes if n not in params], sorted(set(params) - set(shapes))
+    if missing:
+        raise ValueError(f"the parameters lack {missing[0]}" + (f" (and {len(missing) - 1} more)" if missing[1:] else ""))
+    if extra:
+        raise ValueError(f"{extra[0]} is not a parameter of this config (qkv_bias={c.qkv_bias}, "
+                         f"tie_word_embeddings={c.tie_word_embeddings}, {c.num_layers} layers)")
+    for name, shape in shapes.items():
+        if tuple(np.shape(params[name])) != shape:
+            raise ValueError(f"{name} has shape {tuple(np.shape(params[name]))}, the config's is {shape}")
 
 
 def over_layers(c: ModelConfig, measure: Callable[[dict[str, tuple[int, ...]]], int]) -> int:

@@ -19,7 +19,7 @@ from ptxgen.kernels.rope import rope_reference
 from ptxgen.kernels.swiglu import swiglu_backward_reference, swiglu_reference
 
 from .config import ModelConfig
-from .params import layer_prefix, lm_head_name
+from .params import check_params, layer_prefix, lm_head_name
 from .precision import Precision
 
 IGNORE_INDEX = -100
@@ -37,6 +37,31 @@ class KVCache:
         return self.keys[0].shape[1] if self.keys else 0
 
 
+def check_tokens(c: ModelConfig, ids: np.ndarray, start: int = 0) -> np.ndarray:
+    """Token ids [batch, seq] at positions ``start`` on, as every backend takes them (numpy
+    indexing took id -1 as the vocabulary's last token, and positions past the config's)."""
+    ids = np.asarray(ids)
+    if ids.ndim != 2:
+        raise ValueError(f"ids must be [batch, seq], got shape {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
+        raise ValueError(f"a token id is outside [0, {c.vocab_size})")
+    if start + ids.shape[1] > c.max_position_embeddings:
+        raise ValueError(f"sequence of {start + ids.shape[1]} exceeds max_position_embeddings "
+                         f"{c.max_position_embeddings}")
+    return ids
+
+
+def check_targets(c: ModelConfig, targets: np.ndarray, size: int) -> np.ndarray:
+    """Targets, flat: one per token, each a token id or IGNORE_INDEX (no other negative wraps around)."""
+    t = np.asarray(targets).reshape(-1)
+    if t.size != size:
+        raise ValueError("targets must have the shape of ids")
+    valid = t != IGNORE_INDEX
+    if np.any((t[valid] < 0) | (t[valid] >= c.vocab_size)):
+        raise ValueError(f"a target is outside [0, {c.vocab_size})")
+    return t
+
+
 class ReferenceModel:
     """float64 forward/backward over a parameter dict with HF names. With ``Precision.BF16`` every
     linear layer's GEMM (forward, input and weight gradients) reads bf16-rounded operands, and the
@@ -46,6 +71,7 @@ class ReferenceModel:
     (``Precision.store``), as torch's autocast stores them."""
 
     def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], precision: Precision = Precision.FP32):
+        check_params(config, params)
         self.c = config
         self.p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
         self.mm, self.round, self.store = precision.matmul, precision.round, precision.store
@@ -57,9 +83,9 @@ class ReferenceModel:
     def forward(self, ids: np.ndarray, cache: KVCache | None = None, tape: list | None = None) -> np.ndarray:
         """Logits [B, S, V] for token ids [B, S]; with ``cache``, continue after the cached tokens."""
         c = self.c
-        ids = np.asarray(ids)
-        b, s = ids.shape
         start = cache.length if cache is not None else 0
+        ids = check_tokens(c, ids, start)
+        b, s = ids.shape
         positions = np.tile(np.arange(start, start + s), b)
         x = self.p["model.embed_tokens.weight"][ids.reshape(-1)]
         for i in range(c.num_layers):
@@ -94,8 +120,8 @@ class ReferenceModel:
         return self.mm(hf, self.p[lm_head_name(c)].T).reshape(b, s, -1)
 
     def loss(self, ids: np.ndarray, targets: np.ndarray) -> float:
+        t = check_targets(self.c, targets, np.size(ids))
         logits = self.store(self.forward(ids))
-        t = np.asarray(targets).reshape(-1)
         losses, _ = cross_entropy_reference(logits.reshape(len(t), -1), t, IGNORE_INDEX, 1.0)
         return float(losses.sum() / max(1, int((t != IGNORE_INDEX).sum())))
 
@@ -107,8 +133,8 @@ class ReferenceModel:
         a data-parallel rank passes the global batch's, so the ranks' results add up to its mean."""
         c = self.c
         tape: list[dict[str, Any]] = []
+        t = check_targets(c, targets, np.size(ids))
         logits = self.store(self.forward(ids, tape=tape))
-        t = np.asarray(targets).reshape(-1)
         n_valid = normalizer if normalizer is not None else max(1, int((t != IGNORE_INDEX).sum()))
         losses, dlogits = cross_entropy_reference(logits.reshape(len(t), -1), t, IGNORE_INDEX, 1.0 / n_valid)
         top = tape.pop()
