@@ -117,6 +117,29 @@ def test_a_config_table_that_lets_rope_scaling_through_is_caught_by_the_refusal_
     hf_config.parse_hf_config(yarn)  # accepted: the refusal falsifier's pytest.raises would fail
 
 
+def test_a_theta_reader_that_skips_rope_scaling_serves_1e6_where_transformers_5_runs_1e4(monkeypatch):
+    """FALSIFY-CONFIG-003's defect: _theta as it was, reading rope_theta and rope_parameters only."""
+    import json
+    from model import hf_config
+    both = {**json.loads((HF_FIXTURES / "qwen2-v5-f32-tied" / "config.json").read_text()),
+            "rope_scaling": {"rope_type": "default", "rope_theta": 1e4}}
+    monkeypatch.setattr(hf_config, "_theta", lambda v: v.get("rope_parameters") or v.get("rope_theta"))
+    assert hf_config.parse_hf_config(both).config.rope_theta == 1e6  # accepted: the falsifier's raises fails
+
+
+def test_a_reference_that_takes_any_tensor_computes_another_model_than_the_gpu(monkeypatch):
+    """FALSIFY-FWD-007's defect: the reference without check_params adds a bias its config lacks,
+    which the GPU's layout (config-driven) never uploads: two models from one (config, params)."""
+    import model.reference
+    monkeypatch.setattr(model.reference, "check_params", lambda config, params: None)
+    config = QWEN_LIKE.replace(qkv_bias=False)
+    params = live_params(config)
+    with_bias = {**params, "model.layers.0.self_attn.q_proj.bias": np.full(128, 0.5, np.float32)}
+    ids = np.random.default_rng(0).integers(0, 256, (1, 9))
+    gap = ReferenceModel(config, with_bias).forward(ids) - ReferenceModel(config, params).forward(ids)
+    assert np.abs(gap).max() > LOGITS_TOL  # and the falsifier's pytest.raises would fail
+
+
 @pytest.mark.parametrize("defect", ["bf16 read as f16", "4.x rope_theta ignored (default 1e4)"])
 def test_a_loader_defect_fails_the_transformers_logits_check(defect):
     import ml_dtypes
