@@ -196,7 +196,8 @@ def test_seq_len_above_the_models_positions_and_a_model_too_large_are_refused_wi
     refused(cli("train", "--config", base["root"] / "config.json", "--out", tmp_path / "r", *base["common"],
                 "--seq-len", "65"), "--seq-len 65", "max_position_embeddings 64")
     huge = tmp_path / "huge.json"
-    MICRO.replace(vocab_size=2**22, hidden_size=2**14, max_position_embeddings=4096).save(huge)
+    MICRO.replace(vocab_size=2**22, hidden_size=2**14, num_heads=256, num_kv_heads=2,  # (head_dim 64)
+                  max_position_embeddings=4096).save(huge)
     err = refused(cli("train", "--config", huge, "--out", tmp_path / "r", *base["common"]), "needs about",
                   "GiB", "available memory")
     assert not (tmp_path / "r").exists(), err
