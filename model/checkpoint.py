@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from ptxgen.files import fsync_dir, fsync_tree, read_file
+from ptxgen.files import fsync_dir, fsync_fd, fsync_tree, read_file
 from ptxgen.spec import sha256_hex
 
 from .config import ModelConfig
@@ -131,7 +131,7 @@ def save_checkpoint(run_dir: Path, step: int, config: ModelConfig, params: dict[
         f.write(final.name + "\n")
         os.fchmod(fd, 0o644)  # readable as the file it replaces (mkstemp makes it private)
         f.flush()
-        os.fsync(fd)
+        fsync_fd(fd, pointer)
     os.replace(pointer, run_dir / LATEST)
     fsync_dir(run_dir)  # latest's new target is durable before rotation removes older checkpoints
     _rotate(run_dir, final, keep)

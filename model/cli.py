@@ -35,7 +35,7 @@ from .footprint import MemoryTooSmall, check_model_fits, generate_bytes, n_param
 from .generate import GenerateSettings, generate_as
 from .generation_config import OUR_DEFAULTS, read_generation_config
 from .hf import SAVE_DTYPES
-from .hf_config import parse_hf_config
+from .hf_config import check_stop_tokens, parse_hf_config
 from .kernels import ModelKernels
 from .metrics import SAMPLE
 from .numpy_backend import NumpyBackend, NumpyDecoder
@@ -332,6 +332,7 @@ def cmd_train(argv: Sequence[str]) -> int:
         if generation_config is None and init.eos_token_ids:  # config.json's stop tokens, kept (greedy as before)
             generation_config = json.dumps({"eos_token_id": list(init.eos_token_ids)}).encode()
     elif given is not None and given.eos_token_ids:  # config.json's stop tokens: the run's checkpoints keep them
+        check_stop_tokens(given.eos_token_ids, config.vocab_size, f"{ns.config}: eos_token_id")
         generation_config = (json.dumps({**json.loads(OUR_DEFAULTS), "eos_token_id": list(given.eos_token_ids)},
                                         indent=2) + "\n").encode()
     if init is not None:  # named after the run (or model folder) it starts from

@@ -65,8 +65,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.type in ("int", int) and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
-                raise ConfigError(f"{f.name} must be a positive integer, got {v!r}")
+            if f.type in ("int", int) and (not isinstance(v, int) or isinstance(v, bool) or not 0 < v < 2**31):
+                raise ConfigError(f"{f.name} must be a positive integer below 2**31 (the kernels' sizes are "
+                                  f"32-bit), got {shown(v)}")
         for name in ("rope_theta", "rms_norm_eps"):
             v = getattr(self, name)
             f = finite_float(v)
@@ -85,7 +86,7 @@ class ModelConfig:
         try:  # what the RoPE kernels can bake, refused here so that no device trains what another cannot
             check_frequencies(self.head_dim, self.rope_theta)
         except SpecError as e:
-            raise ConfigError(f"rope_theta {self.rope_theta:g} / head_dim {self.head_dim}: {e}") from None
+            raise ConfigError(f"rope_theta {self.rope_theta:g} with head_dim {self.head_dim}: {e}") from None
 
     @property
     def head_dim(self) -> int:

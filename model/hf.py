@@ -18,7 +18,7 @@ from ptxgen.files import read_file, why
 
 from .config import ConfigError, ModelConfig, read_json
 from .generation_config import Sampling, read_generation_config
-from .hf_config import HFConfig, parse_hf_config
+from .hf_config import HFConfig, check_stop_tokens, parse_hf_config
 from .params import over_layers, param_shapes
 
 # safetensors dtype name -> numpy dtype, for the dtypes a checkpoint's weights may be stored in
@@ -184,9 +184,10 @@ def generation_defaults(path: Path, hf: HFConfig) -> Sampling:
         sampling = read_generation_config(path / "generation_config.json", hf.eos_token_ids)
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    odd = [i for i in sampling.eos_token_ids if i >= hf.config.vocab_size]
-    if odd:  # a stop token the model can never produce: generation would never stop
-        raise CheckpointError(f"{path}: eos token id {odd[0]} is outside the vocabulary of {hf.config.vocab_size}")
+    try:
+        check_stop_tokens(sampling.eos_token_ids, hf.config.vocab_size, str(path))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
     return sampling
 
 

@@ -104,12 +104,15 @@ def _rope_parameters(key: str, v: Any) -> float | None:
         return None
     if not isinstance(v, dict):
         raise _fail(key, v, "must be an object")
+    for k in ("rope_type", "type"):  # first: a yarn or llama3 config is refused for its type, not its factor
+        if k in v and v[k] != "default":
+            raise _fail(f"{key}.{k}", v[k], "RoPE scaling is not implemented here (only 'default')")
     for k, x in v.items():
-        if k in ("rope_type", "type") and x != "default":
-            raise _fail(f"{key}.{k}", x, "RoPE scaling is not implemented here (only 'default')")
-        if k == "partial_rotary_factor" and x != 1.0:
-            raise _fail(f"{key}.{k}", x, "partial RoPE is not implemented here")
-        if k not in ("rope_type", "type", "rope_theta", "partial_rotary_factor"):
+        if k in ("partial_rotary_factor", "factor") and x != 1.0:  # (factor: transformers' default type drops it)
+            raise _fail(f"{key}.{k}", x, "partial RoPE is not implemented here" if k != "factor" else
+                        "a scaling factor other than 1 under the default type (transformers ignores it): say "
+                        "1.0 or drop it")
+        if k not in ("rope_type", "type", "rope_theta", "partial_rotary_factor", "factor"):
             raise _fail(f"{key}.{k}", x, "unknown RoPE parameter (not implemented here)")
     return _positive_float(f"{key}.rope_theta", v["rope_theta"]) if "rope_theta" in v else None
 
@@ -237,11 +240,15 @@ def parse_hf_config(hf: Any) -> HFConfig:
         tie_word_embeddings=v.get("tie_word_embeddings", DEFAULTS["tie_word_embeddings"]),
         max_position_embeddings=v.get("max_position_embeddings", MAX_POSITIONS[model_type]))
     stored = v.get("dtype") or v.get("torch_dtype")
-    eos = v.get("eos_token_id", ())
-    odd = [i for i in eos if i >= config.vocab_size]
-    if odd:  # a stop token the model can never produce: generation would never stop
-        raise _fail("eos_token_id", v["eos_token_id"], f"{odd[0]} is outside the vocabulary of {config.vocab_size}")
-    return HFConfig(config, model_type, stored, eos)
+    return HFConfig(config, model_type, stored, v.get("eos_token_id", ()))
+
+
+def check_stop_tokens(ids: tuple[int, ...], vocab_size: int, where: str) -> None:
+    """Stop tokens the model can produce (one outside the vocabulary never stops generation); checked
+    where they are used: a checkpoint's generation_config.json overrides config.json's."""
+    odd = [i for i in ids if i >= vocab_size]
+    if odd:
+        raise ConfigError(f"{where}: eos token id {odd[0]} is outside the vocabulary of {vocab_size}")
 
 
 def _theta(v: dict[str, Any]) -> float:

@@ -15,6 +15,10 @@ from .settings import SettingsError, check_types, flag, require
 BAKED = ("beta1", "beta2", "eps", "weight_decay")  # the AdamW kernel's immediates (AdamWSpec's fields)
 
 
+class UnbakeableSetting(SettingsError):
+    """A setting in its documented range that the GPU's AdamW kernel cannot bake (AdamWSpec's rules)."""
+
+
 @dataclass(frozen=True)
 class AdamWSettings:
     beta1: float = 0.9
@@ -42,8 +46,8 @@ class AdamWSettings:
             try:
                 AdamWSpec(**{**defaults, name: getattr(self, name)})
             except SpecError as e:
-                raise SettingsError(f"{flag(name)}: {e} (the GPU optimizer bakes it so, whichever device "
-                                    "trains)") from None
+                raise UnbakeableSetting(f"{flag(name)}: {e} (the GPU optimizer bakes it so, whichever device "
+                                        "trains)") from None
 
 
 def clip_scale(norm: float, max_norm: float) -> float:

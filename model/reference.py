@@ -37,13 +37,20 @@ class KVCache:
         return self.keys[0].shape[1] if self.keys else 0
 
 
+def _integers(a: np.ndarray) -> bool:
+    """An integer array, not a boolean one (numpy would index with it as a mask)."""
+    return np.issubdtype(a.dtype, np.integer)
+
+
 def check_tokens(c: ModelConfig, ids: np.ndarray, start: int = 0) -> np.ndarray:
     """Token ids [batch, seq] at positions ``start`` on, as every backend takes them (numpy
     indexing took id -1 as the vocabulary's last token, and positions past the config's)."""
     ids = np.asarray(ids)
-    if ids.ndim != 2:
-        raise ValueError(f"ids must be [batch, seq], got shape {ids.shape}")
-    if ids.size and (ids.min() < 0 or ids.max() >= c.vocab_size):
+    if ids.ndim != 2 or ids.size == 0:
+        raise ValueError(f"ids must be [batch, seq] with at least one token, got shape {ids.shape}")
+    if not _integers(ids):
+        raise ValueError(f"token ids must be integers, got {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= c.vocab_size:
         raise ValueError(f"a token id is outside [0, {c.vocab_size})")
     if start + ids.shape[1] > c.max_position_embeddings:
         raise ValueError(f"sequence of {start + ids.shape[1]} exceeds max_position_embeddings "
@@ -53,9 +60,13 @@ def check_tokens(c: ModelConfig, ids: np.ndarray, start: int = 0) -> np.ndarray:
 
 def check_targets(c: ModelConfig, targets: np.ndarray, size: int) -> np.ndarray:
     """Targets, flat: one per token, each a token id or IGNORE_INDEX (no other negative wraps around)."""
+    if targets is None:
+        raise ValueError("targets are None: a loss needs one per token (IGNORE_INDEX where none counts)")
     t = np.asarray(targets).reshape(-1)
     if t.size != size:
         raise ValueError("targets must have the shape of ids")
+    if not _integers(t):  # (a float's NaN or 2.7 would be cast to some id)
+        raise ValueError(f"targets must be integers, got {t.dtype}")
     valid = t != IGNORE_INDEX
     if np.any((t[valid] < 0) | (t[valid] >= c.vocab_size)):
         raise ValueError(f"a target is outside [0, {c.vocab_size})")

@@ -20,7 +20,7 @@ from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, remove_sta
 from .config import ModelConfig
 from .data import Corpus, DataError, batch_at, val_batches
 from .metrics import MetricsLog, plot_losses
-from .optim import AdamWSettings, lr_at
+from .optim import AdamWSettings, UnbakeableSetting, lr_at
 from .params import init_params
 from .settings import check_types, require
 
@@ -69,8 +69,15 @@ def saved_settings(ckpt: Checkpoint) -> tuple[TrainSettings, AdamWSettings]:
             odd = sorted(fields ^ set(saved))[:1] if isinstance(saved, dict) else ["(not an object)"]
             raise CheckpointError(f"{where} is damaged: {key} does not hold the run's {key} {odd}")
     try:
-        return TrainSettings(**ckpt.trainer["settings"]), AdamWSettings(**ckpt.trainer["adamw"])
+        settings = TrainSettings(**ckpt.trainer["settings"])
     except (TypeError, ValueError) as e:  # a value out of type or range
+        raise CheckpointError(f"{where} is damaged: {e}") from None
+    try:
+        return settings, AdamWSettings(**ckpt.trainer["adamw"])
+    except UnbakeableSetting as e:  # accepted once, refused now: the GPU's AdamW could never take it
+        raise CheckpointError(f"cannot resume from {ckpt.path}: its run's AdamW setting is one the GPU optimizer "
+                              f"cannot take ({e}); train --init {ckpt.path} starts a run from its weights") from None
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where} is damaged: {e}") from None
 
 

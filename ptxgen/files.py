@@ -19,7 +19,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.fchmod(f.fileno(), 0o666 & ~umask)  # as open() would make it (mkstemp's are private)
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            fsync_fd(f.fileno(), path)
         os.replace(tmp, path)
         fsync_dir(path.parent)  # the rename itself, which a crash could otherwise lose
     except BaseException:
@@ -30,17 +30,21 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a directory's entries (files created, renamed or removed in it) durable. File systems
-    that cannot sync a directory are left as they are."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
+def fsync_fd(fd: int, path: str | os.PathLike) -> None:
+    """fsync, where the file system has it: one that cannot sync (EINVAL, ENOTSUP) is left as it is;
+    a failed write-back (EIO, ENOSPC) is an error naming the path."""
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OSError(e.errno, f"cannot sync to disk: {e.strerror}", str(path)) from None
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a directory's entries (files created, renamed or removed in it) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fsync_fd(fd, path)
     finally:
         os.close(fd)
 
@@ -52,7 +56,7 @@ def fsync_tree(path: str | os.PathLike) -> None:
         if entry.is_file(follow_symlinks=False):
             fd = os.open(entry.path, os.O_RDONLY)
             try:
-                os.fsync(fd)
+                fsync_fd(fd, entry.path)
             finally:
                 os.close(fd)
     fsync_dir(path)

@@ -190,8 +190,8 @@ def _audit(argv: Sequence[str] | None) -> int:
                    help="golden PTX digest file (default: the source tree's tests/golden/ptx_digests.json)")
     ns = p.parse_args(argv)
     paths_as_named()  # (a cache directory, or an entry's folder, named in bytes that are not UTF-8)
-    if ns.golden is not None and (not ns.golden.exists() or ns.golden.is_dir()):
-        p.error(f"--golden {ns.golden}: " + ("a directory, not a file" if ns.golden.exists() else "no such file"))
+    if ns.golden is not None and not ns.golden.is_file():
+        p.error(f"--golden {ns.golden}: " + ("not a regular file" if ns.golden.exists() else "no such file"))
     golden_file = ns.golden or golden.DEFAULT_PATH
     checks = ns.check or [c for c in CHECKS if c != "golden" or golden_file.exists()]
     if ns.prune and "disk" not in checks:

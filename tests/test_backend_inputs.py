@@ -52,11 +52,16 @@ def test_a_config_with_biases_needs_them_given():
     ([[1, 2]], [[1, 64]], "target is outside"),
     ([[1] * 9], [[1] * 9], "sequence of 9 exceeds max_position_embeddings 8"),
     ([[1, 2]], [[1, 2, 3]], "targets must have the shape of ids"),
+    ([[1, 2]], [[1.0, float("nan")]], "targets must be integers, got float64"),  # (NaN cast to int32: a -2**31 target)
+    ([[1.0, 2.7]], [[1, 2]], "token ids must be integers, got float64"),
+    ([[True, False]], [[1, 2]], "token ids must be integers, got bool"),  # (numpy: a mask, not ids)
+    (np.zeros((2, 0), np.int64), np.zeros((2, 0), np.int64), "at least one token"),
+    ([[1, 2]], None, "targets are None"),
 ])
 def test_a_batch_the_gpu_refuses_is_refused_by_the_reference_too(ids, targets, says):
     model, backend = ReferenceModel(TINY, init_params(TINY)), NumpyBackend(TINY, init_params(TINY), AdamWSettings())
     for call in (lambda: model.loss(ids, targets), lambda: model.loss_and_grads(ids, targets),
-                 lambda: backend.train_step(np.array(ids), np.array(targets), 1e-3)):
+                 lambda: backend.train_step(np.array(ids), None if targets is None else np.array(targets), 1e-3)):
         with pytest.raises(ValueError, match=says):
             call()
 

@@ -127,7 +127,8 @@ def test_a_cache_path_that_is_missing_or_a_file_is_bad_input(tmp_path, monkeypat
 @pytest.mark.parametrize("argv, says", [
     (["--check", "source", "--prune"], "--prune deletes the bad entries the disk check finds"),
     (["--golden", "/nonexistent/ptx_digests.json"], "no such file"),
-    (["--check", "golden", "--golden", "/"], "a directory, not a file"),
+    (["--check", "golden", "--golden", "/"], "not a regular file"),
+    (["--check", "golden", "--golden", "/dev/null"], "not a regular file"),
 ])
 def test_flags_that_would_do_nothing_or_name_no_file_are_bad_input_before_any_check(tmp_path, capsys, argv, says):
     with pytest.raises(SystemExit) as e:

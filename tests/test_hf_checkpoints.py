@@ -183,8 +183,12 @@ def test_each_key_is_consumed_or_refused_with_a_line_naming_key_and_value(key):
     # transformers 5.x takes rope_scaling's theta over rope_parameters', 4.x the top-level one: all must agree
     ({"rope_scaling": {"type": "default", "rope_theta": 1e4}}, "rope_parameters.rope_theta = 1000000.0: disagrees "
                                                                "with rope_scaling.rope_theta = 10000.0"),
-    ({"rope_scaling": {"type": "default", "factor": 8.0}}, "rope_scaling.factor = 8.0: unknown RoPE parameter"),
+    ({"rope_scaling": {"type": "default", "factor": 8.0}}, "rope_scaling.factor = 8.0: a scaling factor other than 1"),
+    ({"rope_scaling": {"factor": 32.0, "rope_type": "llama3"}}, "rope_scaling.rope_type = 'llama3': RoPE scaling is not"),
+    ({"rope_scaling": {"factor": 1.0, "type": "default", "original_max_position_embeddings": 8192}},
+     "original_max_position_embeddings = 8192: unknown RoPE parameter"),
     ({"rope_scaling": "default"}, "rope_scaling = 'default': must be an object"),
+    ({"vocab_size": 10**400}, "vocab_size must be a positive integer below 2\\*\\*31 .*401 characters"),
     ({"rms_norm_eps": 10**400}, "rms_norm_eps = 1000000000000.* characters\\): must be a finite positive number"),
     # what no RoPE kernel bakes is refused for every device (it trained on the CPU, then no GPU ran it)
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 0.5}}, "rope_theta 0.5 .*theta must be in"),
@@ -196,10 +200,11 @@ def test_configs_the_model_cannot_honour_are_refused(change, message):
         parse_hf_config({**hf_config(), **change})
 
 
-def test_a_4x_rope_scaling_that_agrees_is_the_same_model():
+@pytest.mark.parametrize("scaling", [{"type": "default"}, {"rope_type": "default", "factor": 1.0}, "theta"])
+def test_a_4x_rope_scaling_of_the_default_type_is_the_same_model(scaling):
     theta = hf_config()["rope_parameters"]["rope_theta"]
-    assert parse_hf_config({**hf_config(), "rope_scaling": {"type": "default", "rope_theta": theta}}) == \
-        parse_hf_config(hf_config())
+    scaling = {"type": "default", "rope_theta": theta} if scaling == "theta" else scaling
+    assert parse_hf_config({**hf_config(), "rope_scaling": scaling}) == parse_hf_config(hf_config())
 
 
 @pytest.mark.parametrize("text", ["null", "[]", '"qwen2"', "{", "\xff"])
@@ -371,14 +376,22 @@ def test_a_generation_config_that_is_not_a_readable_file_is_refused_not_skipped(
         load_checkpoint(path)
 
 
-def test_a_config_whose_eos_id_is_outside_the_vocabulary_is_refused(tmp_path, capsys):
+def test_a_config_whose_eos_id_is_outside_the_vocabulary_is_refused_where_its_ids_are_used(tmp_path, capsys):
     hf = {**hf_config(), "eos_token_id": [2, 10**20]}
-    with pytest.raises(ConfigError, match="eos_token_id .*100000000000000000000 is outside the vocabulary of 320"):
-        parse_hf_config(hf)
     (tmp_path / "config.json").write_text(json.dumps(hf))
     assert main(["train", "--config", str(tmp_path / "config.json"), "--data", str(data_dir(tmp_path)),
                  "--out", str(tmp_path / "run"), "--device", "numpy", "--steps", "1"]) == 2
-    assert "outside the vocabulary" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    err = capsys.readouterr().err
+    assert "eos token id 100000000000000000000 is outside the vocabulary of 320" in err
+    assert not (tmp_path / "run").exists()
+    # a checkpoint whose generation_config.json names the stop tokens: config.json's are not used
+    path = fixture_copy("qwen2-v5-f32-tied", tmp_path / "ckpt")
+    (path / "config.json").write_text(json.dumps(hf))
+    (path / "generation_config.json").write_text('{"eos_token_id": [2]}')
+    assert load_checkpoint(path).eos_token_ids == (2,)
+    (path / "generation_config.json").unlink()  # ... and without it, they are
+    with pytest.raises(CheckpointError, match="eos token id 100000000000000000000 is outside the vocabulary"):
+        load_checkpoint(path)
 
 
 def test_train_from_a_config_keeps_its_eos_tokens_for_generation(tmp_path, capsys):

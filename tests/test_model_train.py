@@ -118,6 +118,36 @@ def test_a_checkpoint_is_on_disk_before_latest_names_it_and_before_older_ones_go
     assert latest < events.index(("fsync", str(tmp_path)), latest) < gone
 
 
+def test_a_file_system_without_fsync_still_saves_but_a_failed_write_back_is_an_error(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def refuse(code):
+        def fsync(fd):
+            raise OSError(code, os.strerror(code))
+        return fsync
+
+    monkeypatch.setattr(os, "fsync", refuse(errno.EINVAL))  # (some network and FUSE file systems)
+    path = save_checkpoint(tmp_path / "a", 1, MICRO, init_params(MICRO), {}, {"step": 1, "data_position": 0})
+    assert load_checkpoint(path).trainer["step"] == 1
+    monkeypatch.setattr(os, "fsync", refuse(errno.EIO))
+    with pytest.raises(OSError, match="cannot sync to disk"):
+        save_checkpoint(tmp_path / "b", 1, MICRO, init_params(MICRO), {}, {"step": 1, "data_position": 0})
+    assert not (tmp_path / "b" / "latest").exists()
+
+
+def test_a_run_saved_with_an_adamw_setting_the_gpu_cannot_take_is_not_called_damaged(tmp_path):
+    from model.train import saved_settings
+    trainer = {"settings": dataclasses.asdict(TrainSettings()), "step": 1, "data_position": 0,
+               "adamw": {**dataclasses.asdict(AdamWSettings()), "beta2": 0.99999999}}
+    params = init_params(MICRO)
+    opt = {f"{m}.{k}": np.zeros_like(v) for k, v in params.items() for m in ("exp_avg", "exp_avg_sq")}
+    ckpt = load_checkpoint(save_checkpoint(tmp_path, 1, MICRO, params, opt, trainer))
+    with pytest.raises(CheckpointError, match="the GPU optimizer cannot take .*--beta2.*train --init") as e:
+        saved_settings(ckpt)
+    assert "damaged" not in str(e.value)
+
+
 def test_a_bias_free_model_is_saved_as_llama_without_biases_and_loads_back(tmp_path):
     config = MICRO.replace(qkv_bias=False)
     path = save_checkpoint(tmp_path, 1, config, init_params(config), {}, {})
