@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from ptxgen.files import fsync_dir, fsync_fd, fsync_tree, read_file
+from ptxgen.files import fsync_dir, fsync_fd, fsync_tree, read_file, write_atomic
 from ptxgen.spec import sha256_hex
 
 from .config import ModelConfig
@@ -247,9 +247,7 @@ def write_manifest(path: Path) -> None:
     """Record the size and sha256 of every file in checkpoint ``path``; written last."""
     files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
              for f in sorted(Path(path).iterdir()) if f.is_file() and f.name != MANIFEST}
-    tmp = Path(path) / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"format": 1, "files": files}, indent=2) + "\n")
-    os.replace(tmp, Path(path) / MANIFEST)
+    write_atomic(Path(path) / MANIFEST, (json.dumps({"format": 1, "files": files}, indent=2) + "\n").encode())
 
 
 def manifest_digests(path: Path) -> dict[str, str] | None:

@@ -182,12 +182,9 @@ def generation_defaults(path: Path, hf: HFConfig) -> Sampling:
     """generation_config.json's decoding defaults (its eos ids, else config.json's)."""
     try:
         sampling = read_generation_config(path / "generation_config.json", hf.eos_token_ids)
+        check_stop_tokens(sampling.eos_token_ids, hf.config.vocab_size, "eos_token_id")
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    try:
-        check_stop_tokens(sampling.eos_token_ids, hf.config.vocab_size, str(path))
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
     return sampling
 
 

@@ -108,12 +108,13 @@ def _rope_parameters(key: str, v: Any) -> float | None:
         if k in v and v[k] != "default":
             raise _fail(f"{key}.{k}", v[k], "RoPE scaling is not implemented here (only 'default')")
     for k, x in v.items():
-        if k in ("partial_rotary_factor", "factor") and x != 1.0:  # (factor: transformers' default type drops it)
-            raise _fail(f"{key}.{k}", x, "partial RoPE is not implemented here" if k != "factor" else
-                        "a scaling factor other than 1 under the default type (transformers ignores it): say "
-                        "1.0 or drop it")
         if k not in ("rope_type", "type", "rope_theta", "partial_rotary_factor", "factor"):
             raise _fail(f"{key}.{k}", x, "unknown RoPE parameter (not implemented here)")
+        if k == "partial_rotary_factor" and x != 1.0:
+            raise _fail(f"{key}.{k}", x, "partial RoPE is not implemented here")
+        if k == "factor" and x != 1.0:  # (transformers' default type drops it)
+            raise _fail(f"{key}.{k}", x, "a scaling factor other than 1 under the default type (transformers "
+                        "ignores it): say 1.0 or drop it")
     return _positive_float(f"{key}.rope_theta", v["rope_theta"]) if "rope_theta" in v else None
 
 

@@ -69,15 +69,11 @@ def saved_settings(ckpt: Checkpoint) -> tuple[TrainSettings, AdamWSettings]:
             odd = sorted(fields ^ set(saved))[:1] if isinstance(saved, dict) else ["(not an object)"]
             raise CheckpointError(f"{where} is damaged: {key} does not hold the run's {key} {odd}")
     try:
-        settings = TrainSettings(**ckpt.trainer["settings"])
-    except (TypeError, ValueError) as e:  # a value out of type or range
-        raise CheckpointError(f"{where} is damaged: {e}") from None
-    try:
-        return settings, AdamWSettings(**ckpt.trainer["adamw"])
+        return TrainSettings(**ckpt.trainer["settings"]), AdamWSettings(**ckpt.trainer["adamw"])
     except UnbakeableSetting as e:  # accepted once, refused now: the GPU's AdamW could never take it
         raise CheckpointError(f"cannot resume from {ckpt.path}: its run's AdamW setting is one the GPU optimizer "
                               f"cannot take ({e}); train --init {ckpt.path} starts a run from its weights") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError) as e:  # a value out of type or range
         raise CheckpointError(f"{where} is damaged: {e}") from None
 
 
