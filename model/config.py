@@ -115,10 +115,21 @@ class ModelConfig:
         return cls.from_hf(read_json(path))
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``' object hook: a key given twice is refused. Python's json keeps the last value,
+    other readers the first or refuse the file: one file that two readers take as two models."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
 def read_json(path: Path) -> Any:
     """A JSON file, or one line saying why it cannot be read."""
     try:
-        return json.loads(read_file(path).decode("utf-8"))
+        return json.loads(read_file(path).decode("utf-8"), object_pairs_hook=unique_keys)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep
         raise ConfigError(f"cannot read {path}: {why(e)}") from None
 

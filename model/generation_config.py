@@ -59,6 +59,12 @@ def _count(key: str, v: Any) -> int | None:
     return v
 
 
+def _top_k(key: str, v: Any) -> int | None:
+    if v is None:  # 4.x keeps the null and filters nothing, 5.x fills in its default: one file, two decoders
+        raise _fail(key, v, "transformers 4.x reads null as no top-k filter, 5.x as 50: say 0 or 50")
+    return _count(key, v)
+
+
 _token_ids = token_ids_check(_fail)
 
 
@@ -75,7 +81,7 @@ KEYS: dict[str, Callable[[str, Any], Any]] = {
     # consumed
     "do_sample": _bool,
     "temperature": _number(0.0, 100.0, low_open=True),
-    "top_k": _count,
+    "top_k": _top_k,
     "top_p": _number(0.0, 1.0, low_open=True),
     "repetition_penalty": _number(0.0, 100.0, low_open=True),
     "max_new_tokens": _count,
@@ -116,7 +122,7 @@ def read_generation_config(path: Path, fallback_eos: tuple[int, ...] = ()) -> Sa
     defaults = Sampling()
     return Sampling(do_sample=v.get("do_sample", False),
                     temperature=v.get("temperature", defaults.temperature),
-                    top_k=defaults.top_k if v.get("top_k") is None else v["top_k"],
+                    top_k=v.get("top_k", defaults.top_k),
                     top_p=v.get("top_p", defaults.top_p),
                     repetition_penalty=v.get("repetition_penalty", defaults.repetition_penalty),
                     max_new_tokens=v.get("max_new_tokens"), max_length=v.get("max_length"),

@@ -7,6 +7,7 @@ and widened exactly to float32; a checkpoint whose tensors do not match its conf
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import ml_dtypes
@@ -16,7 +17,7 @@ from safetensors.numpy import save_file
 
 from ptxgen.files import read_file, why
 
-from .config import ConfigError, ModelConfig, read_json
+from .config import ConfigError, ModelConfig, read_json, unique_keys
 from .generation_config import Sampling, read_generation_config
 from .hf_config import HFConfig, check_stop_tokens, parse_hf_config
 from .params import over_layers, param_shapes
@@ -67,7 +68,11 @@ def weight_files(path: Path) -> dict[Path, set[str] | None]:
 def read_tensors(file: Path) -> dict[str, np.ndarray]:
     """Every tensor of one safetensors file, in its stored dtype (F32, BF16 or F16)."""
     try:
-        raw = deserialize(read_file(file))
+        data = read_file(file)
+        raw = deserialize(data)
+        # the library keeps the last of two header entries for one name, as Python's json does (a
+        # checked header, so its length prefix is sound): a name given twice is damage, not a choice
+        json.loads(data[8:8 + int.from_bytes(data[:8], "little")], object_pairs_hook=unique_keys)
     except FileNotFoundError:
         raise CheckpointError(f"{file} is missing") from None
     except (SafetensorError, OSError, ValueError) as e:
@@ -136,8 +141,8 @@ def model_params(config: ModelConfig, weights: dict[str, np.ndarray], path: Path
     if zero_biases_exported:
         for name in [n for n in weights if n.endswith(".bias") and n not in expected]:
             if np.any(weights.pop(name)):
-                raise CheckpointError(f"config/weights mismatch: {name} is not zero but the config has no "
-                                      "Q/K/V bias")
+                raise CheckpointError(f"config/weights mismatch in {path}: {name} is not zero but the config "
+                                      "has no Q/K/V bias")
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     if missing or extra:
@@ -147,7 +152,7 @@ def model_params(config: ModelConfig, weights: dict[str, np.ndarray], path: Path
                               f"({len(missing)} missing, {len(extra)} unexpected)")
     for name, shape in expected.items():
         if weights[name].shape != shape:
-            raise CheckpointError(f"config/weights mismatch: {name} has shape {weights[name].shape}, "
+            raise CheckpointError(f"config/weights mismatch in {path}: {name} has shape {weights[name].shape}, "
                                   f"config says {shape}")
     return {name: weights[name] for name in expected}
 

@@ -9,9 +9,9 @@ the same ``ModelConfig``: 4.x (``rope_theta`` at the top level, ``torch_dtype``)
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
-
 
 from .config import ConfigError, ModelConfig, f32_normal, finite_float, shown
 
@@ -170,8 +170,10 @@ KEYS: dict[str, Key] = {
     "is_encoder_decoder": Key(_equals(False), "model", "a decoder only"),
     # read for generation (stop tokens) and saving (dtype)
     "eos_token_id": Key(_token_ids, "generation", "stop tokens (generation_config.json first)"),
-    "dtype": Key(_dtype, NO_EFFECT, "the stored weights' dtype (5.x); read per tensor, computed in f32"),
-    "torch_dtype": Key(_dtype, NO_EFFECT, "the stored weights' dtype (4.x); read per tensor, computed in f32"),
+    "dtype": Key(_dtype, NO_EFFECT, "the stored weights' dtype (5.x; agrees with torch_dtype); read per tensor, "
+                 "computed in f32"),
+    "torch_dtype": Key(_dtype, NO_EFFECT, "the stored weights' dtype (4.x; agrees with dtype); read per tensor, "
+                       "computed in f32"),
     # no effect on the math
     "sliding_window": Key(_any, NO_EFFECT, "unused while use_sliding_window is false"),
     "max_window_layers": Key(_any, NO_EFFECT, "unused while use_sliding_window is false"),
@@ -234,14 +236,33 @@ def parse_hf_config(hf: Any) -> HFConfig:
     layers = need("num_hidden_layers")
     if v.get("layer_types") is not None and len(v["layer_types"]) != layers:
         raise _fail("layer_types", v["layer_types"], f"names {len(v['layer_types'])} layers, not {layers}")
-    config = ModelConfig(
-        vocab_size=need("vocab_size"), hidden_size=hidden, num_layers=layers, num_heads=heads,
-        num_kv_heads=kv_heads, intermediate_size=need("intermediate_size"), rope_theta=theta,
-        rms_norm_eps=need("rms_norm_eps"), qkv_bias=qkv_bias,
-        tie_word_embeddings=v.get("tie_word_embeddings", DEFAULTS["tie_word_embeddings"]),
-        max_position_embeddings=v.get("max_position_embeddings", MAX_POSITIONS[model_type]))
-    stored = v.get("dtype") or v.get("torch_dtype")
+    try:
+        config = ModelConfig(
+            vocab_size=need("vocab_size"), hidden_size=hidden, num_layers=layers, num_heads=heads,
+            num_kv_heads=kv_heads, intermediate_size=need("intermediate_size"), rope_theta=theta,
+            rms_norm_eps=need("rms_norm_eps"), qkv_bias=qkv_bias,
+            tie_word_embeddings=v.get("tie_word_embeddings", DEFAULTS["tie_word_embeddings"]),
+            max_position_embeddings=v.get("max_position_embeddings", MAX_POSITIONS[model_type]))
+    except ConfigError as e:  # its own checks (heads divide, sizes 32-bit, ...) name its fields: say the file's keys
+        raise ConfigError("config.json: " + _FIELD.sub(lambda m: HF_NAMES[m[0]], str(e))) from None
+    stored = _agreed([(k, v[k]) for k in ("dtype", "torch_dtype") if v.get(k) is not None])
     return HFConfig(config, model_type, stored, v.get("eos_token_id", ()))
+
+
+# ModelConfig's fields that config.json spells otherwise (hidden_size, vocab_size, ... are the same)
+HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+            "num_kv_heads": "num_key_value_heads"}
+_FIELD = re.compile(r"\b(?:" + "|".join(HF_NAMES) + r")\b")
+
+
+def _agreed(given: list[tuple[str, Any]]) -> Any:
+    """The one value that keys saying the same thing give (None: none is given). Each is the key some
+    reader takes (transformers 4.x ``torch_dtype`` and ``rope_theta``, 5.x ``dtype`` and ``rope_parameters``):
+    two that differ are one file that two readers load as two models, so neither is picked."""
+    for (key, value), (other, then) in zip(given, given[1:]):
+        if value != then:
+            raise _fail(key, value, f"disagrees with {other} = {then!r}")
+    return given[0][1] if given else None
 
 
 def check_stop_tokens(ids: tuple[int, ...], vocab_size: int, where: str) -> None:
@@ -253,12 +274,8 @@ def check_stop_tokens(ids: tuple[int, ...], vocab_size: int, where: str) -> None
 
 
 def _theta(v: dict[str, Any]) -> float:
-    given = [(k, v[k]) for k in ("rope_theta", "rope_parameters", "rope_scaling") if v.get(k) is not None]
-    for (key, theta), (other, then) in zip(given, given[1:]):
-        if theta != then:  # each a version of transformers reads: one file, two models
-            raise _fail(key if key == "rope_theta" else f"{key}.rope_theta", theta,
-                        f"disagrees with {other}.rope_theta = {then!r}")
-    theta = given[0][1] if given else None
+    theta = _agreed([(k if k == "rope_theta" else f"{k}.rope_theta", v[k])
+                     for k in ("rope_theta", "rope_parameters", "rope_scaling") if v.get(k) is not None])
     if theta is None:  # transformers would assume 10000: that is the very default this project refuses to guess
         raise ConfigError("config.json lacks 'rope_theta' (or 'rope_parameters.rope_theta'); transformers would "
                           "assume 10000: add \"rope_theta\": 10000.0 if that is the model's")
@@ -269,7 +286,9 @@ def _qkv_bias(model_type: str, v: dict[str, Any]) -> bool:
     if model_type == "qwen2":
         if v.get("attention_bias") is False:
             raise _fail("attention_bias", False, "transformers' Qwen2 always has Q/K/V biases")
-        return v.get("ptxgen_qkv_bias", True)
+        # ptxgen_qkv_bias false (our older bias-free exports: their zero biases dropped) beside attention_bias true
+        # is a file stating both
+        return _agreed([(k, v[k]) for k in ("ptxgen_qkv_bias", "attention_bias") if k in v]) is not False
     if "ptxgen_qkv_bias" in v:
         raise _fail("ptxgen_qkv_bias", v["ptxgen_qkv_bias"], "belongs to qwen2 configs only")
     if v.get("attention_bias"):  # Llama's attention_bias also puts a bias on o_proj, which this model lacks

@@ -66,6 +66,7 @@ def test_without_the_file_generation_is_greedy_with_the_configs_eos(tmp_path):
     ({"min_p": 0.1}, "min_p"), ({"do_sample": "true"}, "do_sample"), ({"top_p": 0}, "top_p"),
     ({"temperature": -1}, "temperature"), ({"watermarking_config": {}}, "watermarking_config"),
     ({"eos_token_id": -1}, "eos_token_id"), ({"top_k": 1.5}, "top_k"),
+    ({"top_k": None}, "top_k = None: transformers 4.x reads null as no top-k filter, 5.x as 50"),
 ])
 def test_decoding_features_not_implemented_here_are_refused_with_one_line(tmp_path, data, key):
     with pytest.raises(ConfigError) as e:

@@ -8,6 +8,7 @@ Tolerance: our float64 numpy forward within 1e-4 of transformers' float32 logits
 import dataclasses
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -87,6 +88,18 @@ def test_a_tied_checkpoint_may_store_the_head_only_if_it_equals_the_embedding(tm
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"vocab_size": 321}, "model.embed_tokens.weight has shape \\(320, 64\\), config says \\(321, 64\\)"),
+    ({"tie_word_embeddings": False}, "missing lm_head.weight"),
+    ({"num_key_value_heads": 4}, "k_proj.weight has shape \\(32, 64\\), config says \\(64, 64\\)"),
+])
+def test_weights_that_do_not_fit_the_config_are_refused_naming_the_checkpoint(tmp_path, change, message):
+    path = fixture_copy("qwen2-v5-f32-tied", tmp_path)
+    (path / "config.json").write_text(json.dumps({**hf_config(), **change}))
+    with pytest.raises(CheckpointError, match=f"config/weights mismatch in {re.escape(str(path))}: .*{message}"):
+        load_checkpoint(path)
+
+
 def test_a_stored_rope_buffer_must_say_the_configs_theta(tmp_path):
     """Llama checkpoints of older transformers carry each layer's inv_freq: a second statement of theta."""
     from ptxgen.kernels.rope import inverse_frequencies
@@ -98,6 +111,24 @@ def test_a_stored_rope_buffer_must_say_the_configs_theta(tmp_path):
     rewrite(path / "model.safetensors", lambda t: t.__setitem__(name, inverse_frequencies(16, 1e6).astype(np.float32)))
     with pytest.raises(CheckpointError, match="not the RoPE frequencies of rope_theta 10000"):
         load_checkpoint(path)
+
+
+def duplicate_key(file: Path, key: str) -> None:
+    """Write ``key`` a second time, first in the object, with another value (``{}``)."""
+    text = file.read_text()
+    file.write_text(text.replace("{", "{" + json.dumps(key) + ": {}, ", 1))
+
+
+def duplicate_tensor(file: Path) -> None:
+    """The header names its first tensor twice, the second time over the same bytes in another dtype."""
+    data = file.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = data[8:8 + n].decode()
+    name, info = next((k, v) for k, v in json.loads(header).items() if k != "__metadata__")
+    twin = dict(info, dtype="F16" if info["dtype"] == "BF16" else "BF16")
+    header = header.replace("{", "{" + json.dumps(name) + ": " + json.dumps(twin) + ", ", 1).encode()
+    header += b" " * (-len(header) % 8)
+    file.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n:])
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -112,6 +143,16 @@ def test_a_stored_rope_buffer_must_say_the_configs_theta(tmp_path):
      "stored as F64"),
     (lambda p: rewrite(p / "model-00001-of-00004.safetensors",
                        lambda t: t["model.embed_tokens.weight"].__setitem__((3, 5), np.nan)), "non-finite"),
+    (lambda p: rewrite(p / "model-00004-of-00004.safetensors", lambda t: t.popitem()), "does not hold what"),
+    (lambda p: rewrite(p / "model-00004-of-00004.safetensors", lambda t: t.__setitem__(
+        "model.embed_tokens.weight", load_file(str(p / "model-00001-of-00004.safetensors"))["model.embed_tokens.weight"])),
+     "does not hold what"),
+    # one file, two values for one name (json and safetensors keep the last, other readers the first or refuse)
+    (lambda p: duplicate_key(p / "model.safetensors.index.json", "weight_map"), "index.json: key 'weight_map' appears twice"),
+    (lambda p: duplicate_key(p / "config.json", "rope_parameters"), "config.json: key 'rope_parameters' appears twice"),
+    (lambda p: duplicate_key(p / "generation_config.json", "eos_token_id"),
+     "generation_config.json: key 'eos_token_id' appears twice"),
+    (lambda p: duplicate_tensor(p / "model-00002-of-00004.safetensors"), "00002-of-00004.safetensors: key '.*' appears twice"),
 ])
 def test_damaged_sharded_checkpoints_are_refused_with_one_line(tmp_path, damage, message):
     path = fixture_copy("qwen2-v5-bf16-sharded", tmp_path)
@@ -149,7 +190,7 @@ KEY_CASES = {
     "hidden_act": ("silu", "gelu"), "mlp_bias": (False, True), "attention_dropout": (0.0, 0.1),
     "use_sliding_window": (False, True), "layer_types": (["full_attention"] * 2, ["full_attention", "sliding_attention"]),
     "use_mrope": (False, True), "is_encoder_decoder": (False, True), "eos_token_id": ([1, 2], "eos"),
-    "dtype": ("bfloat16", "float8"), "torch_dtype": ("float16", "int8"), "sliding_window": (4096, None),
+    "dtype": ("bfloat16", "float8"), "torch_dtype": ("float32", "int8"), "sliding_window": (4096, None),
     "max_window_layers": (28, None), "bos_token_id": (1, -1), "pad_token_id": (None, 1.5), "use_cache": (True, "yes"),
     "initializer_range": (0.02, None), "transformers_version": ("4.43.1", None), "_name_or_path": ("x", None),
     "pretraining_tp": (1, 0), "output_attentions": (False, None), "output_hidden_states": (False, None),
@@ -194,10 +235,27 @@ def test_each_key_is_consumed_or_refused_with_a_line_naming_key_and_value(key):
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 0.5}}, "rope_theta 0.5 .*theta must be in"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e308}}, "theta must be in \\[1, 2\\*\\*1000\\]"),
     ({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "attention_bias": True}, "o_proj bias"),
+    # transformers 5.x reads dtype, 4.x torch_dtype: two that disagree are one file loaded two ways
+    ({"dtype": "float32", "torch_dtype": "bfloat16"}, "^config.json: dtype = 'float32': disagrees with torch_dtype = "
+                                                      "'bfloat16'"),
+    ({"ptxgen_qkv_bias": False, "attention_bias": True}, "ptxgen_qkv_bias = False: disagrees with attention_bias = True"),
+    # the model's own relations, named by the file's keys
+    ({"num_key_value_heads": 3}, "^config.json: num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    ({"num_key_value_heads": 8}, "^config.json: num_attention_heads 4 is not a multiple of num_key_value_heads 8"),
+    ({"num_attention_heads": 3}, "^config.json: hidden_size 64 is not a multiple of num_attention_heads 3"),
+    ({"hidden_size": 60}, "^config.json: head_dim 15 must be even"),
+    ({"max_position_embeddings": 2**31}, "^config.json: max_position_embeddings must be a positive integer below"),
 ])
 def test_configs_the_model_cannot_honour_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):
         parse_hf_config({**hf_config(), **change})
+
+
+@pytest.mark.parametrize("dtypes", [{"dtype": "bfloat16", "torch_dtype": "bfloat16"}, {"dtype": None, "torch_dtype": "bfloat16"},
+                                    {"dtype": "bfloat16", "torch_dtype": None}, {"torch_dtype": "bfloat16"}])
+def test_dtype_and_torch_dtype_are_one_value_where_both_are_given(dtypes):
+    hf = {k: v for k, v in hf_config().items() if k != "dtype"}
+    assert parse_hf_config({**hf, **dtypes}).dtype == "bfloat16"
 
 
 @pytest.mark.parametrize("scaling", [{"type": "default"}, {"rope_type": "default", "factor": 1.0}, "theta"])
@@ -230,7 +288,8 @@ def test_our_export_reads_back_through_the_table_for_every_preset():
 @pytest.mark.parametrize("change", [{"hidden_act": "gelu"}, {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}},
                                     {"use_sliding_window": True}, {"head_dim": 32}, {"tie_word_embeddings": "false"},
                                     {"rms_norm_eps": 1e-50}, {"attention_bias": False},
-                                    {"rope_parameters": {"rope_type": "default", "rope_theta": 10**400}}])
+                                    {"rope_parameters": {"rope_type": "default", "rope_theta": 10**400}},
+                                    {"torch_dtype": "bfloat16"}, {"num_key_value_heads": 3}])
 def test_a_refused_config_is_one_line_exit_2_and_builds_no_kernel(tmp_path, capsys, monkeypatch, change):
     from ptxgen.spec import KernelSpec
     built = []
