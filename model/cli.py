@@ -37,7 +37,7 @@ from .generation_config import OUR_DEFAULTS, read_generation_config
 from .hf import SAVE_DTYPES
 from .hf_config import check_stop_tokens, parse_hf_config
 from .kernels import ModelKernels
-from .metrics import SAMPLE
+from .metrics import METRICS, PLOT, SAMPLE
 from .numpy_backend import NumpyBackend, NumpyDecoder
 from .optim import AdamWSettings
 from .parallel.batch import eval_rows
@@ -98,6 +98,7 @@ def checkpoint_tokenizer(ckpt: Checkpoint) -> Path | None:
 
 
 CHECKPOINT_FILES = ("model.safetensors", "model.safetensors.index.json", "manifest.json")  # beside config.json
+RUN_FILES = (METRICS, SAMPLE, PLOT)  # what a run writes into --out besides its checkpoints and ``latest``
 
 
 def _check_fresh_out(out: Path) -> None:
@@ -113,6 +114,12 @@ def _check_fresh_out(out: Path) -> None:
     if steps:  # a run whose ``latest`` is gone: damaged, not free to write over
         raise UsageError(f"--out {out} holds checkpoints ({steps[-1]}, ...) but no {LATEST} file: a damaged run; "
                          f"write {LATEST} (one line, the checkpoint's name) to --resume it, or choose another --out")
+    # the files a run writes beside its checkpoints: with none, they are the record of a run stopped
+    # before its first checkpoint (nothing to resume) or a user's own; a new run would write over them
+    for name in RUN_FILES:
+        if (out / name).exists():
+            raise UsageError(f"--out {out} holds {name} but no checkpoint (a run stopped before its first one, or "
+                             "files of yours): a new run would write over it; move it away, or choose another --out")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -125,8 +132,12 @@ def _left_behind(out: Path) -> str:
         name = read_latest(out)
     except CheckpointError as e:
         return str(e)
-    return (f"{out / name} stays; train --resume --out {out} continues from it" if name is not None else
-            "before its first checkpoint: nothing to resume, a new run starts over")
+    if name is not None:
+        return f"{out / name} stays; train --resume --out {out} continues from it"
+    if (out / METRICS).exists():  # a new run into ``out`` is refused while it holds the record (_check_fresh_out)
+        return f"before its first checkpoint: nothing to resume; remove {out / METRICS} or choose another --out " \
+               "to start over"
+    return "before its first checkpoint: nothing to resume, a new run starts over"
 
 
 def _say(line: str) -> None:
@@ -245,6 +256,8 @@ def check_data_parallel(gpus: int | None, device: str, environ: MutableMapping[s
     launch = from_environ(environ)
     if gpus is not None and gpus < 1:
         raise UsageError(f"--gpus must be at least 1, got {gpus}")
+    if gpus is not None and device == "numpy":  # (--gpus 1 too: it asks for a GPU, never the CPU in its place)
+        raise UsageError(f"--gpus {gpus} trains on GPUs; --device numpy trains on the CPU")
     spawned = launch is not None and launch.source == "--gpus"
     if launch is not None and launch.world == 1 and not spawned and gpus:
         launch = None  # a one-task launch (an sbatch script's MASTER_ADDR, torchrun of 1): --gpus starts the ranks
@@ -301,15 +314,26 @@ def cmd_train(argv: Sequence[str]) -> int:
                         "default fp32")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="data-parallel training on N GPUs of this host (needs the distributed extra)")
-    p.add_argument("--comm-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+    p.add_argument("--comm-timeout", type=float, default=None, metavar="SECONDS",
                    help="data-parallel runs: how long a rank waits for the others (to meet, then between "
                         f"collectives) before it stops with one line; default {DEFAULT_TIMEOUT_S:g}")
     _add_settings(p, TrainSettings)
     _add_settings(p, AdamWSettings)
     ns = p.parse_args(argv)
-    if not (math.isfinite(ns.comm_timeout) and ns.comm_timeout > 0):
+    if ns.comm_timeout is not None and not (math.isfinite(ns.comm_timeout) and ns.comm_timeout > 0):
         raise UsageError(f"--comm-timeout must be a positive number of seconds, got {ns.comm_timeout:g}")
     dp = check_data_parallel(ns.gpus, ns.device, os.environ)
+    if ns.comm_timeout is None:
+        ns.comm_timeout = DEFAULT_TIMEOUT_S
+    elif dp is None:  # a flag that would silently do nothing
+        raise UsageError("--comm-timeout is for data-parallel runs (--gpus N, torchrun, srun); this one trains "
+                         "on one device")
+    if ns.init and hasattr(ns, "seed"):  # the seed draws a new model's weights, and nothing else
+        raise UsageError(f"--seed has no effect with --init (the weights are {ns.init}'s); drop it")
+    if ns.gpus == 1 and not _on_gpu(ns.device):  # one GPU asked for and none here: never a CPU run in its place
+        from runtime.driver import available
+
+        raise UsageError(f"--gpus {ns.gpus}: {_no_gpu(available()[1])}")
     rank = dp if isinstance(dp, LaunchEnv) else None  # this process is one rank of a data-parallel run
     primary = rank is None or rank.rank == 0  # the process that writes the run directory and prints
     say = _say if primary else (lambda line: None)
@@ -514,6 +538,8 @@ def cmd_generate(argv: Sequence[str]) -> int:
     ns = p.parse_args(argv)
     given = _given(ns, GenerateSettings)
     GenerateSettings(**given)  # the flags' own ranges, before any file is read
+    if given.get("max_new_tokens") == 0:  # (transformers refuses it too: the model loaded to print the prompt back)
+        raise UsageError("--max-new-tokens must be at least 1, got 0")
     text = _prompt_bytes(ns.prompt)
     precision = Precision(ns.precision)
     line, backend = select_backend(ns.device, precision)
@@ -556,7 +582,7 @@ def cmd_generate(argv: Sequence[str]) -> int:
     print(f"{line}, with a KV cache; {how}", file=sys.stderr, flush=True)
     max_len = min(max_len, len(prompt) + gs.max_new_tokens)
     if backend is NumpyBackend:
-        decoder = NumpyDecoder(ckpt.config, ckpt.params, precision)
+        decoder = NumpyDecoder(ckpt.config, ckpt.params, precision, max_len)
     else:
         from .cuda_decoder import CudaDecoder
 

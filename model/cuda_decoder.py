@@ -11,7 +11,7 @@ from runtime import View
 
 from .cuda_buffers import KV, Activations, Arena
 from .cuda_model import CudaBackend, forward, lm_head
-from .reference import check_tokens
+from .reference import check_cache_room, check_cache_size, check_tokens
 
 
 @dataclass
@@ -35,8 +35,7 @@ class CudaDecoder:
 
     def __init__(self, backend: CudaBackend, max_len: int):
         c = backend.config
-        if not 1 <= max_len <= c.max_position_embeddings:
-            raise ValueError(f"max_len must be in [1, {c.max_position_embeddings}], got {max_len}")
+        max_len = check_cache_size(c, max_len)
         self.backend, self.max_len, self.length = backend, max_len, 0
         self._cache = Arena()
         self._kv = [KV.allocate(self._cache, i, max_len, c.num_kv_heads * c.head_dim, backend.bf16)
@@ -66,8 +65,7 @@ class CudaDecoder:
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
         new = len(ids)
-        if self.length + new > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} positions; {self.length + new} needed")
+        check_cache_room(self.max_len, self.length, new)
         be = self.backend
         check_tokens(be.config, ids[None, :], self.length)
         with be.cache.strict_mode():

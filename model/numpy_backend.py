@@ -14,7 +14,7 @@ from ptxgen.kernels.adamw import adamw_reference
 from .config import ModelConfig
 from .optim import AdamWSettings, clip_scale, decays
 from .precision import Precision
-from .reference import KVCache, ReferenceModel
+from .reference import KVCache, ReferenceModel, check_cache_room, check_cache_size
 
 
 class NumpyBackend:
@@ -39,8 +39,8 @@ class NumpyBackend:
         return self._model().forward(ids)
 
     def decoder(self, max_len: int) -> "NumpyDecoder":
-        """Incremental decoding from the current weights (the cache grows as needed)."""
-        return NumpyDecoder(self.config, self.params, self.precision)
+        """Incremental decoding from the current weights, a KV cache of ``max_len`` (as the GPU's)."""
+        return NumpyDecoder(self.config, self.params, self.precision, max_len)
 
     def train_step(self, ids: np.ndarray, targets: np.ndarray, lr: float) -> tuple[float, float]:
         """One AdamW step on the mean cross-entropy; returns (loss, gradient global norm)."""
@@ -71,15 +71,23 @@ class NumpyBackend:
 
 
 class NumpyDecoder:
-    """Incremental decoding on the numpy reference with its KV cache."""
+    """Incremental decoding on the numpy reference with its KV cache.
 
-    def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], precision: Precision = Precision.FP32):
+    The cache holds ``max_len`` positions (default: the model's), refused past as ``CudaDecoder``
+    refuses (its buffers are that size), so that a run on either backend stops at the same call."""
+
+    def __init__(self, config: ModelConfig, params: dict[str, np.ndarray], precision: Precision = Precision.FP32,
+                 max_len: int | None = None):
         self.model = ReferenceModel(config, params, precision)
+        self.max_len = check_cache_size(config, config.max_position_embeddings if max_len is None else max_len)
         self.cache = KVCache()
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         self.cache = KVCache()
+        ids = np.asarray(ids).reshape(-1)  # (as CudaDecoder takes them)
+        check_cache_room(self.max_len, 0, len(ids))
         return self.model.forward(ids[None, :], self.cache)[0, -1]
 
     def decode(self, token: int) -> np.ndarray:
+        check_cache_room(self.max_len, self.cache.length, 1)
         return self.model.forward(np.array([[token]]), self.cache)[0, -1]

@@ -58,6 +58,20 @@ def check_tokens(c: ModelConfig, ids: np.ndarray, start: int = 0) -> np.ndarray:
     return ids
 
 
+def check_cache_size(c: ModelConfig, max_len: int) -> int:
+    """A decoder's KV cache size, as every backend takes it: between one position and the model's."""
+    if isinstance(max_len, bool) or not isinstance(max_len, (int, np.integer)) \
+            or not 1 <= max_len <= c.max_position_embeddings:
+        raise ValueError(f"max_len must be in [1, {c.max_position_embeddings}], got {max_len!r}")
+    return int(max_len)
+
+
+def check_cache_room(max_len: int, length: int, new: int) -> None:
+    """``new`` tokens after ``length`` cached ones fit a cache of ``max_len`` (before any is written)."""
+    if length + new > max_len:
+        raise ValueError(f"the KV cache holds {max_len} positions; {length + new} needed")
+
+
 def check_targets(c: ModelConfig, targets: np.ndarray, size: int) -> np.ndarray:
     """Targets, flat: one per token, each a token id or IGNORE_INDEX (no other negative wraps around)."""
     if targets is None:

@@ -47,7 +47,10 @@ class TrainSettings:
             require(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
         for name in ("warmup", "checkpoint_every", "seed"):
             require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
-        require(self.lr > 0, "lr", "> 0", self.lr)
+        # the GPU takes the learning rate in f32, whichever backend runs now (1e-320 is 0 there: no step)
+        with np.errstate(over="ignore"):
+            require(np.finfo(np.float32).tiny <= np.float32(self.lr) < np.inf, "lr",
+                    "> 0 and a normal number in f32", self.lr)
         require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
 
 

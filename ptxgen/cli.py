@@ -57,7 +57,8 @@ def _parse_bool(text: str) -> bool:
         return True
     if low in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"not a boolean: {text!r}")
+    # (argparse names a ValueError's type by its function's name: "invalid _parse_bool value")
+    raise argparse.ArgumentTypeError(f"invalid bool value: {text!r} (true/false, yes/no, on/off, 1/0)")
 
 
 def _converter(hint: Any):
@@ -115,6 +116,8 @@ def cmd_dump(argv: Sequence[str]) -> int:
     text = spec.emit(Target.parse(ns.arch, ns.ptx_version))
     if ns.output:  # a file whole or not at all (a full disk leaves the old one); /dev/stdout and the like as they are
         out = Path(ns.output)
+        if not out.parent.is_dir():  # (write_atomic would make the folders a mistyped path names)
+            raise UsageError(f"cannot write {ns.output}: no such folder {out.parent}")
         try:
             if out.is_symlink() or (out.exists() and not out.is_file()):
                 out.write_text(text)
@@ -140,7 +143,7 @@ def cmd_inspect(argv: Sequence[str]) -> int:
     if not argv:
         raise UsageError("inspect needs a kernel kind or a .ptx file")
     first = argv[0]
-    if first.endswith(".ptx") or (Path(first).is_file() and first not in kinds()):
+    if first.endswith(".ptx") or (Path(first).exists() and first not in kinds()):  # (a folder: said so on reading)
         p = Parser(prog="ptxgen inspect", add_help=False, allow_abbrev=False)
         p.add_argument("file")
         p.add_argument("--json", action="store_true")

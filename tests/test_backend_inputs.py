@@ -75,5 +75,5 @@ def test_decoding_stops_at_the_configs_last_position():
     decoder = NumpyDecoder(TINY, init_params(TINY))
     decoder.prefill(np.arange(7))
     decoder.decode(3)  # the 8th position: the last
-    with pytest.raises(ValueError, match="sequence of 9 exceeds max_position_embeddings 8"):
+    with pytest.raises(ValueError, match="the KV cache holds 8 positions; 9 needed"):  # (max_len: the model's)
         decoder.decode(3)

@@ -72,6 +72,8 @@ def test_inspect_ptx_file_as_json(capsys, tmp_path):
     (["dump", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "--ptx-version", "99.9"], "PTX ISA 99.9"),
     (["dump", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "--ptx-version", "1.0"], "PTX ISA 1.0"),
     (["list", "--bogus"], "list takes no arguments"),
+    (["dump", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "--residual", "maybe"],  # (it said "_parse_bool")
+     "argument --residual: invalid bool value: 'maybe' (true/false, yes/no, on/off, 1/0)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     code, out, err = run(capsys, *argv)
@@ -84,6 +86,20 @@ def test_a_file_that_is_not_ptx_is_refused(capsys, tmp_path):
     path.write_text("hello")
     code, _, err = run(capsys, "inspect", str(path))
     assert code == 2 and "no .entry found" in err
+
+
+def test_inspect_of_a_directory_says_so_not_that_it_is_an_unknown_kind(capsys, tmp_path):
+    """(A folder given where a .ptx file goes read as an unknown kernel kind named by its path.)"""
+    code, _, err = run(capsys, "inspect", str(tmp_path))
+    assert code == 2 and err == f"ptxgen: error: cannot read {tmp_path}: Is a directory\n"
+
+
+def test_dump_into_a_folder_that_does_not_exist_is_refused_not_made(capsys, tmp_path):
+    """(A mistyped -o made the folders it named, as no compiler's -o does.)"""
+    out = tmp_path / "typo" / "deeper" / "rmsnorm.ptx"
+    code, _, err = run(capsys, "dump", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "-o", str(out))
+    assert code == 2 and err == f"ptxgen: error: cannot write {out}: no such folder {out.parent}\n"
+    assert not (tmp_path / "typo").exists()
 
 
 def test_an_architecture_nvjitlink_cannot_assemble_for_is_an_assembly_error_not_a_traceback():

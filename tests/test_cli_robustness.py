@@ -112,10 +112,11 @@ def _bad_float(flag: str, v: float) -> bool:
 
 @pytest.mark.parametrize("flag, value", [("--weight-decay", "1e300"), ("--max-grad-norm", "1e300"),
                                          ("--beta2", "0.99999999"), ("--beta1", "1e-40"), ("--eps", "1e-40"),
-                                         ("--weight-decay", "1e-40")])
+                                         ("--weight-decay", "1e-40"), ("--lr", "1e-320"), ("--lr", "1e39")])
 def test_an_optimizer_setting_the_gpu_cannot_take_in_f32_is_refused_on_the_cpu_too(base, tmp_path, flag, value):
     """(A checkpoint's settings go on with it; the CPU took a weight decay of 1e300 and diverged, and a
-    beta2 that rounds to 1 in f32, or a subnormal, trained on the CPU and was a traceback on the GPU.)"""
+    beta2 that rounds to 1 in f32, or a subnormal, trained on the CPU and was a traceback on the GPU; an
+    --lr of 1e-320, 0 in f32, trained on the CPU and left the GPU's weights as they were.)"""
     refused(cli("train", "--out", tmp_path / "new", *base["common"], flag, value), flag, "f32")
     assert not (tmp_path / "new").exists()
 
@@ -151,6 +152,7 @@ def test_every_bad_int_flag_is_refused_before_any_work(base, tmp_path, flag, val
     (["--temperature", "-0.5"], ["--temperature"]), (["--top-k", "-1"], ["--top-k"]),
     (["--max-new-tokens", "-3"], ["--max-new-tokens"]), (["--seed", "-1"], ["--seed"]),
     (["--top-k", "2.5"], ["--top-k"]),
+    (["--max-new-tokens", "0"], ["--max-new-tokens must be at least 1, got 0"]),  # (it printed the prompt back)
 ])
 def test_bad_generate_settings_are_refused(base, argv, words):
     before = tree(base["run"])
@@ -690,6 +692,43 @@ def test_a_run_directory_whose_latest_is_gone_is_not_written_over(run_copy, base
     before = tree(run_copy)
     refused(_new_run(base, run_copy), "step-0000004", "no latest file", "damaged run")
     assert tree(run_copy) == before
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "sample.txt", "loss.png"])
+def test_a_new_run_does_not_write_over_a_runs_files_left_without_checkpoints(base, tmp_path, name):
+    """(A new run into a directory holding a metrics.jsonl, sample.txt or loss.png but no checkpoint
+    wrote over them: the record of a run stopped before its first checkpoint, or a user's files.)
+    Other files in --out are none of the run's business: a run beside them trains."""
+    out = tmp_path / "new"
+    out.mkdir()
+    (out / name).write_text("mine\n")
+    (out / "notes.txt").write_text("mine\n")
+    before = tree(out)
+    refused(_new_run(base, out), f"--out {out} holds {name}", "choose another --out")
+    assert tree(out) == before
+    (out / name).unlink()
+    assert _new_run(base, out)[0] == 0 and (out / "notes.txt").read_text() == "mine\n"
+
+
+def test_a_run_interrupted_before_its_first_checkpoint_says_how_to_start_over(base, tmp_path, monkeypatch):
+    import model.train
+
+    def interrupted(*args, **kwargs):  # after the metrics rows, before any checkpoint
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model.train, "save_checkpoint", interrupted)
+    out = tmp_path / "new"
+    code, _, err = _new_run(base, out)
+    assert code == 130 and err.count("\n") == 1, err
+    assert f"nothing to resume; remove {out / 'metrics.jsonl'} or choose another --out to start over" in err
+    refused(_new_run(base, out), "metrics.jsonl")
+
+
+def test_a_seed_with_init_is_refused_not_ignored(base, tmp_path):
+    """(The seed draws a new model's weights, and nothing else; with --init it was accepted and unused.)"""
+    refused(cli("train", "--init", base["run"], "--out", tmp_path / "new", *base["common"], "--seed", "3"),
+            "--seed has no effect with --init")
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_damaged_metrics_log_is_said_on_resume_and_the_run_goes_on(run_copy, base):

@@ -137,6 +137,8 @@ def test_a_rank_of_gpus_n_takes_its_parents_flag_and_refuses_another(capsys, mon
     (["--comm-timeout", "nan"], {}, "--comm-timeout must be a positive number of seconds, got nan"),
     (["--gpus", "-3"], {}, "--gpus must be at least 1, got -3"),
     (["--gpus", "2", "--device", "numpy"], {}, "--gpus 2 trains on GPUs; --device numpy trains on the CPU"),
+    (["--comm-timeout", "5"], {}, "--comm-timeout is for data-parallel runs (--gpus N, torchrun, srun); this "
+                                  "one trains on one device"),  # (it was accepted and unused)
     (["--gpus", "2"], TORCHRUN_2, "--gpus starts its own processes; under torchrun leave it out (the launcher "
                                   "started 2)"),
     ([], {**TORCHRUN_2, "MASTER_PORT": "http"}, "torchrun: MASTER_PORT='http' is not a non-negative integer"),
@@ -151,6 +153,19 @@ def test_bad_data_parallel_input_is_one_line_and_exit_2(capsys, monkeypatch, wor
 def test_one_gpu_or_no_launcher_passes_the_check():
     for gpus, environ in ((None, {}), (1, {}), (None, {**TORCHRUN_2, "WORLD_SIZE": "1"})):
         assert check_data_parallel(gpus, "auto", environ) is None  # the one-device run goes on as before
+
+
+@pytest.mark.parametrize("argv, available, line", [
+    (["--gpus", "1", "--device", "numpy"], (True, ""), "--gpus 1 trains on GPUs; --device numpy trains on the CPU"),
+    (["--gpus", "1"], (False, "cuInit failed: CUDA_ERROR_NO_DRIVER"), "--gpus 1: no CUDA GPU found (driver not "
+                                                                      "installed)"),
+])
+def test_one_gpu_asked_for_is_never_a_cpu_run_in_its_place(capsys, monkeypatch, work_started, argv, available, line):
+    """(``--gpus 1`` with --device numpy, or on a host without a GPU, trained on the CPU: the flag was
+    accepted and ignored, where ``--gpus 2`` was refused.)"""
+    monkeypatch.setattr(runtime.driver, "available", lambda: available)
+    code, out, err = train(capsys, monkeypatch, *argv)
+    assert (code, out, err) == (2, "", f"ptxgen train: error: {line}\n")
 
 
 def test_planted_a_cli_that_checks_gpus_late_is_caught_by_the_before_any_work_fixture(capsys, monkeypatch,

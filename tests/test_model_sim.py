@@ -104,3 +104,42 @@ def test_fp32_decoding_with_a_kv_cache_matches_the_full_reference_forward(monkey
     full = ReferenceModel(CONFIG, params).forward(ids[None, :])[0]
     for n, logits in zip(range(9, 13), steps):
         assert np.abs(logits - full[n - 1]).max() <= 1e-4
+
+
+def test_both_decoders_refuse_a_cache_past_max_len_alike(monkeypatch):
+    """The numpy decoder ignored ``max_len``: a KV cache the CUDA decoder refuses (a prompt plus a
+    continuation past it, a size outside [1, max_position_embeddings]) grew on the CPU. Both now run
+    one contract: the same ValueError at the same call, and the cache still usable after it."""
+    from model.cuda_decoder import CudaDecoder
+    from model.numpy_backend import NumpyDecoder
+    params = init_params(CONFIG, seed=2)
+    ids = np.random.default_rng(5).integers(0, CONFIG.vocab_size, 4)
+    top = CONFIG.max_position_embeddings
+
+    def contract(make):
+        for size in (0, top + 1):
+            with pytest.raises(ValueError, match=rf"max_len must be in \[1, {top}\], got {size}"):
+                make(size)
+        decoder = make(3)
+        try:
+            with pytest.raises(ValueError, match="the KV cache holds 3 positions; 4 needed"):
+                decoder.prefill(ids)
+            with pytest.raises(ValueError, match="a token id is outside"):
+                decoder.prefill(np.array([1, CONFIG.vocab_size]))
+            first = decoder.prefill(ids[:2])
+            last = decoder.decode(int(ids[2]))  # the third position: the last
+            with pytest.raises(ValueError, match="the KV cache holds 3 positions; 4 needed"):
+                decoder.decode(int(ids[3]))
+            return first, last, decoder.prefill(ids[:1])  # a refused step leaves the cache usable
+        finally:
+            getattr(decoder, "close", lambda: None)()
+
+    ours = contract(lambda n: NumpyDecoder(CONFIG, params, max_len=n))
+    with interpreted_device(monkeypatch):
+        model = interpreted_backend(params)
+        try:
+            theirs = contract(lambda n: CudaDecoder(model, max_len=n))
+        finally:
+            model.close()
+    for a, b in zip(ours, theirs):
+        assert np.abs(a - b).max() <= 1e-4
