@@ -104,6 +104,11 @@ RUN_FILES = (METRICS, SAMPLE, PLOT)  # what a run writes into --out besides its 
 def _check_fresh_out(out: Path) -> None:
     """A new run writes into a run directory of its own: never into or below a checkpoint (a model
     folder transformers wrote, or one of ours, which rotation may delete), nor over another run."""
+    # a file at --out or above it: rundir.prepare said so only after the corpus was read and tokenized
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "is" if blocker == out else f"is below {blocker}, which is"
+        raise UsageError(f"--out {out} {where} a file, not a directory")
     for folder in (out, *out.resolve().parents):
         if (folder / "config.json").exists() and any((folder / f).exists() for f in CHECKPOINT_FILES):
             raise UsageError(f"--out {out} is {'in ' if folder != out else ''}a checkpoint ({folder}); a run "
@@ -563,6 +568,11 @@ def cmd_generate(argv: Sequence[str]) -> int:
         raise UsageError(f"the tokenizer drops every character of --prompt {ns.prompt!r} (no tokens)")
     if len(prompt) > max_len:
         raise UsageError(f"--prompt has {len(prompt)} tokens; the model takes at most {max_len}")
+    limit = ckpt.sampling.max_length
+    if "max_new_tokens" not in given and ckpt.sampling.max_new_tokens is None and limit is not None \
+            and len(prompt) >= limit:  # it left room for 0 new tokens: the prompt came back as the "answer"
+        raise UsageError(f"--prompt has {len(prompt)} tokens: the max_length {limit} of {ckpt.generation_config_path} "
+                         "(prompt and new tokens together) leaves no room for new ones; give --max-new-tokens N")
     gs = GenerateSettings.of(ckpt.sampling, given, len(prompt))
     room = max_len - len(prompt)  # positions left after the prompt
     if "max_new_tokens" in given and gs.max_new_tokens > room:

@@ -63,7 +63,9 @@ class HFTokenizer:
         self.vocab_size = self._tok.get_vocab_size()
 
     def encode(self, text: bytes) -> np.ndarray:
-        ids = self._tok.encode(text.decode("utf-8", errors="replace"), add_special_tokens=False).ids
+        # strict: a file that is not UTF-8 read with U+FFFD in place of its bad bytes trained the model on
+        # text that is in no file (the UnicodeDecodeError's offset is said by the caller, with the file)
+        ids = self._tok.encode(text.decode("utf-8"), add_special_tokens=False).ids
         return np.asarray(ids, dtype=np.int32)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -108,6 +110,9 @@ class Corpus:
                 ids = tokenizer.encode(path.read_bytes())
             except OSError as e:
                 raise DataError(f"cannot read {path}: {e.strerror}") from None
+            except UnicodeDecodeError as e:  # a tokenizer.json reads text; the byte tokenizer never raises it
+                raise DataError(f"{path} is not valid UTF-8 (byte {e.start}: 0x{e.object[e.start]:02x}); "
+                                f"{tokenizer.name} reads UTF-8 text (the byte tokenizer reads any bytes)") from None
             (val if i % VAL_EVERY == VAL_EVERY - 1 else train).append(ids)
         if not files or not sum(len(t) for t in train):
             raise DataError("the corpus is empty: no tokens in the files given")

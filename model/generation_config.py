@@ -59,6 +59,14 @@ def _count(key: str, v: Any) -> int | None:
     return v
 
 
+def _positive_count(key: str, v: Any) -> int | None:
+    # transformers refuses max_new_tokens 0 (GenerationConfig.validate); here it read as "not given"
+    # and the default length ran in its place
+    if _count(key, v) == 0:
+        raise _fail(key, v, "must be a positive integer or null (transformers refuses 0 too)")
+    return v
+
+
 def _top_k(key: str, v: Any) -> int | None:
     if v is None:  # 4.x keeps the null and filters nothing, 5.x fills in its default: one file, two decoders
         raise _fail(key, v, "transformers 4.x reads null as no top-k filter, 5.x as 50: say 0 or 50")
@@ -84,7 +92,7 @@ KEYS: dict[str, Callable[[str, Any], Any]] = {
     "top_k": _top_k,
     "top_p": _number(0.0, 1.0, low_open=True),
     "repetition_penalty": _number(0.0, 100.0, low_open=True),
-    "max_new_tokens": _count,
+    "max_new_tokens": _positive_count,
     "eos_token_id": _token_ids,
     # features this decoder lacks: only their "off" value
     "num_beams": _only(1), "num_beam_groups": _only(1), "penalty_alpha": _only(None, 0, 0.0),

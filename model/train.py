@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from .parallel.comm import Communicator
 
 
+MAX_STEPS = 2 ** 53  # the largest count float64 holds exactly along with every count below it
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     steps: int = 1200
@@ -45,6 +48,10 @@ class TrainSettings:
         check_types(self)
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches"):
             require(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
+        # steps are Python ints, but lr_at turns them to float64 (``peak * step / warmup``) and every reader
+        # of metrics.jsonl (JSON numbers, loss.png's axis) does too: past 2**53 two steps are one float,
+        # and a run that long never ends (--steps 100000000000000000000000 was taken and ran at peak lr)
+        require(self.steps <= MAX_STEPS, "steps", "at most 2**53 = 9007199254740992", self.steps)
         for name in ("warmup", "checkpoint_every", "seed"):
             require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
         # the GPU takes the learning rate in f32, whichever backend runs now (1e-320 is 0 there: no step)

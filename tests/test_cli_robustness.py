@@ -167,6 +167,28 @@ def test_a_prompt_that_is_not_utf8_or_that_the_tokenizer_drops_is_said_so(base):
             "drops every character of --prompt")
 
 
+def test_a_step_count_past_what_float64_holds_exactly_is_refused_before_any_work(base, tmp_path):
+    """--steps 100000000000000000000000 was taken: a run that could never end, its learning rate never
+    leaving warmup/peak; the limit is 2**53, past which lr_at and every reader of metrics.jsonl (JSON
+    numbers, loss.png's axis) cannot tell one step from the next."""
+    args = ["--config", base["root"] / "config.json", "--out", tmp_path / "new", *base["common"]]
+    for steps in (10**23, 2**53 + 1):
+        refused(cli("train", *args, "--steps", str(steps)), "--steps", str(steps), "2**53")
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_data_is_read(base, tmp_path, monkeypatch):
+    """It was said by rundir.prepare, after the whole corpus was read and tokenized."""
+    from model import cli as model_cli
+    (tmp_path / "afile").write_text("mine\n")
+    read = []
+    monkeypatch.setattr(model_cli.Corpus, "from_files", classmethod(lambda cls, *a: read.append(a)))
+    for out in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        refused(cli("train", "--config", base["root"] / "config.json", "--out", out, *base["common"],
+                    "--steps", "2"), f"--out {out}", "not a directory")
+    assert read == [] and (tmp_path / "afile").read_text() == "mine\n"
+
+
 def test_a_warmup_longer_than_the_run_is_refused_before_any_work(base, tmp_path):
     """Its learning rate would never reach --lr; a warmup ending on the last step does."""
     args = ["--config", base["root"] / "config.json", "--out", tmp_path / "new", *base["common"]]

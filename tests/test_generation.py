@@ -96,11 +96,12 @@ def test_max_length_caps_prompt_and_continuation_together_as_in_transformers(tmp
     from model.cli import main
     path = shutil.copytree(__import__("pathlib").Path(__file__).parent / "fixtures" / "hf" / "qwen2-v5-f32-tied",
                            tmp_path / "ckpt")
-    (path / "generation_config.json").write_text('{"max_length": 6}')
+    # (the prompt is 6 tokens: a max_length of 6 passed here with 0 new tokens, now refused)
+    (path / "generation_config.json").write_text('{"max_length": 8}')
     assert main(["generate", "--checkpoint", str(path), "--prompt", "def add", "--device", "numpy"]) == 0
     from model.data import HFTokenizer
     tok = HFTokenizer(path / "tokenizer.json")
-    assert len(tok.encode(capsys.readouterr().out.rstrip("\n").encode())) <= 6
+    assert 6 < len(tok.encode(capsys.readouterr().out.rstrip("\n").encode())) <= 8
 
 
 def test_a_sampling_flag_under_greedy_decoding_is_refused_not_ignored(capsys):
@@ -110,3 +111,29 @@ def test_a_sampling_flag_under_greedy_decoding_is_refused_not_ignored(capsys):
     assert main(["generate", "--checkpoint", str(fixture), "--prompt", "def", "--top-k", "5",
                  "--device", "numpy"]) == 2
     assert "--top-k has no effect with greedy decoding" in capsys.readouterr().err
+
+
+def test_max_new_tokens_0_in_the_file_is_refused_as_transformers_does(tmp_path):
+    """It read as "not given" (the default 200 tokens, or max_length's room): a value silently replaced."""
+    with pytest.raises(ConfigError) as e:
+        read_generation_config(write(tmp_path, {"max_new_tokens": 0}))
+    assert "generation_config.json" in str(e.value) and "max_new_tokens" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert read_generation_config(write(tmp_path, {"max_new_tokens": 1})).max_new_tokens == 1
+
+
+def test_a_prompt_that_already_reaches_the_files_max_length_is_refused_not_answered_with_nothing(tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+    from model.cli import main
+    path = shutil.copytree(Path(__file__).parent / "fixtures" / "hf" / "qwen2-v5-f32-tied", tmp_path / "ckpt")
+    (path / "generation_config.json").write_text('{"max_length": 1}')
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "def add", "--device", "numpy"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # the prompt is not printed back as if it had been continued
+    err = captured.err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert "max_length 1" in err and str(path / "generation_config.json") in err and "tokens" in err, err
+    # --max-new-tokens overrides max_length (transformers' precedence): still generates
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "def add", "--device", "numpy",
+                 "--max-new-tokens", "2"]) == 0

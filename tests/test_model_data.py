@@ -85,3 +85,19 @@ def test_hf_tokenizer_json_is_used_when_given(tmp_path):
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(DataError, match="cannot load tokenizer"):
         HFTokenizer(tmp_path / "bad.json")
+
+
+def test_a_corpus_that_is_not_utf8_is_refused_for_a_tokenizer_json_naming_the_file_and_byte(tmp_path):
+    """tokenizer.json reads text: the bytes were decoded with U+FFFD in place of each bad one, and the
+    model trained on text that is in no file. The byte tokenizer reads any bytes, as before."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "def": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "latin1.py").write_bytes(b"def caf\xe9\n" * 50)
+    with pytest.raises(DataError) as e:
+        Corpus.from_files([tmp_path / "latin1.py"], HFTokenizer(tmp_path / "tokenizer.json"))
+    msg = str(e.value)
+    assert str(tmp_path / "latin1.py") in msg and "byte 7" in msg and "UTF-8" in msg and "\n" not in msg
+    assert len(Corpus.from_files([tmp_path / "latin1.py"], ByteTokenizer()).train) > 0
