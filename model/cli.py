@@ -543,8 +543,6 @@ def cmd_generate(argv: Sequence[str]) -> int:
     ns = p.parse_args(argv)
     given = _given(ns, GenerateSettings)
     GenerateSettings(**given)  # the flags' own ranges, before any file is read
-    if given.get("max_new_tokens") == 0:  # (transformers refuses it too: the model loaded to print the prompt back)
-        raise UsageError("--max-new-tokens must be at least 1, got 0")
     text = _prompt_bytes(ns.prompt)
     precision = Precision(ns.precision)
     line, backend = select_backend(ns.device, precision)

@@ -21,7 +21,10 @@ class GenerateSettings:
 
     def __post_init__(self) -> None:
         check_types(self)
-        for name in ("max_new_tokens", "temperature", "top_k", "seed"):
+        # at least one new token, wherever the count comes from (flag, file or max_length): 0 printed the
+        # prompt back as the answer, and transformers refuses it
+        require(self.max_new_tokens >= 1, "max_new_tokens", "at least 1", self.max_new_tokens)
+        for name in ("temperature", "top_k", "seed"):
             require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
         require(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
         require(0 < self.repetition_penalty <= 100, "repetition_penalty", "in (0, 100]", self.repetition_penalty)
