@@ -6,6 +6,7 @@ can plant a defective one (say, one that drops theta) and see the audit catch it
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import enum
 import json
@@ -15,9 +16,10 @@ import random
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from .registry import kinds
 from .spec import KernelSpec, SpecError, Target, sha256_hex, spec_key
@@ -136,15 +138,47 @@ def numpy_dispatched_features() -> list[str]:
     return [f for f in getattr(umath, "__cpu_dispatch__", []) if getattr(umath, "__cpu_features__", {}).get(f)]
 
 
+@contextlib.contextmanager
+def environment_reads() -> Iterator[list[str]]:
+    """The names of the environment variables this thread reads inside the block (``os.environ``
+    and ``os.getenv``; ``"*"`` for a walk over all of them). Changing a list of variables between
+    two emissions finds only the variables on the list; a read of any name is seen here."""
+    environ_class, thread, names = type(os.environ), threading.get_ident(), []
+    getitem, iterate = environ_class.__getitem__, environ_class.__iter__
+
+    def traced_getitem(self: Any, key: str) -> Any:
+        if threading.get_ident() == thread:
+            names.append(key)
+        return getitem(self, key)
+
+    def traced_iter(self: Any) -> Iterator[str]:
+        if threading.get_ident() == thread:
+            names.append("*")
+        return iterate(self)
+
+    environ_class.__getitem__, environ_class.__iter__ = traced_getitem, traced_iter  # type: ignore[method-assign]
+    try:
+        yield names
+    finally:
+        environ_class.__getitem__, environ_class.__iter__ = getitem, iterate  # type: ignore[method-assign]
+
+
 def check_purity(target: Target = Target()) -> list[Finding]:
     """The same spec emitted twice, with the environment changed between, gives the same text.
 
-    In process: environment variables, working directory and random seeds are changed. Then a
-    child process with another hash seed, a polluted environment and numpy's SIMD dispatch turned
-    off must emit the same digests.
+    In process: the first emission must read no environment variable at all (whatever its name),
+    then environment variables, working directory and random seeds are changed. Then a child
+    process with another hash seed, a polluted environment and numpy's SIMD dispatch turned off
+    must emit the same digests.
     """
     specs = _example_specs()
-    before = [s.emit(target) for s in specs]
+    before, findings = [], []
+    for s in specs:
+        with environment_reads() as names:
+            before.append(s.emit(target))
+        findings += [Finding("purity", repr(s), f"emission read the environment variable {name!r}: a kernel's "
+                                                f"text depends on its spec alone (make the value a field)")
+                     for name in dict.fromkeys(names)]
     saved_env, saved_cwd = dict(os.environ), os.getcwd()
     try:
         os.environ.update({"PTXGEN_EPS": "1e-5", "ROPE_THETA": "10000", "CUDA_VISIBLE_DEVICES": "7",
@@ -157,8 +191,8 @@ def check_purity(target: Target = Target()) -> list[Finding]:
         os.chdir(saved_cwd)
         os.environ.clear()
         os.environ.update(saved_env)
-    findings = [Finding("purity", repr(s), "text changed when the environment changed")
-                for s, a, b in zip(specs, before, after) if a != b]
+    findings += [Finding("purity", repr(s), "text changed when the environment changed")
+                 for s, a, b in zip(specs, before, after) if a != b]
 
     env = dict(os.environ, PYTHONHASHSEED="4242", PTXGEN_EPS="1e-5", ROPE_THETA="10000",
                NPY_DISABLE_CPU_FEATURES=" ".join(numpy_dispatched_features()))
@@ -252,12 +286,31 @@ def _host_dependent_math(tree: ast.AST, rel: Path) -> list[Finding]:
     return findings
 
 
+ENVIRONMENT = {"environ", "environb", "getenv", "getenvb"}
+AUDIT_MODULE = Path("ptxgen") / "keyaudit.py"  # the one generator module that sets the environment (to vary it)
+
+
+def _environment_reads(tree: ast.AST, rel: Path) -> list[Finding]:
+    """The environment read anywhere in the generator, at import time too (``check_purity`` sees
+    only what an emission reads): a value that reaches PTX from there bypasses the spec and its key."""
+    found = [node.lineno for node in ast.walk(tree)
+             if (isinstance(node, ast.Attribute) and node.attr in ENVIRONMENT
+                 and isinstance(node.value, ast.Name) and node.value.id in ("os", "posix"))
+             or (isinstance(node, ast.ImportFrom) and node.module in ("os", "posix")
+                 and any(a.name in ENVIRONMENT | {"*"} for a in node.names))]
+    return [Finding("source", f"{rel}:{line}", "the generator reads the environment: a value that reaches the "
+                                               "PTX must be a spec field, or the key cannot cover it")
+            for line in found]
+
+
 def scan_source(path: Path, rel: Path) -> list[Finding]:
     try:
         tree = ast.parse(path.read_text(), filename=str(path))
     except (SyntaxError, UnicodeDecodeError) as e:
         return [Finding("source", str(rel), f"cannot parse: {e}")]
     findings = _host_dependent_math(tree, rel) if rel.parts[0] == "ptxgen" else []
+    if rel.parts[0] == "ptxgen" and rel != AUDIT_MODULE:
+        findings += _environment_reads(tree, rel)
     allowed_hashing = rel == KEY_MODULE
     for node in ast.walk(tree):
         line = f"{rel}:{getattr(node, 'lineno', 0)}"

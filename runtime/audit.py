@@ -1,12 +1,14 @@
 """`ptxgen-audit`: the cache audit. Non-zero exit on any finding.
 
 1. completeness  every field that changes the PTX changes the key (plus random specs)
-2. purity        emission does not depend on the environment or the process
+2. purity        emission does not depend on the environment or the process, and reads no
+                 environment variable, whatever its name
 3. disk          every entry's checksum, metadata shape and key recomputed from its stored spec;
                  stale, corrupt, truncated, malformed, misplaced (toolchain or key-prefix folder) and
                  orphaned files reported; --prune removes them and reports any it cannot remove
 4. source        no cache key built by hand anywhere in ptxgen/, runtime/, model/; no
-                 host-dependent math (libm, numpy transcendentals) in the generator
+                 host-dependent math (libm, numpy transcendentals) and no read of the
+                 environment in the generator
 5. golden        host purity: every golden PTX digest (tests/golden/ptx_digests.json) is what this
                  host emits (run by default where the file is there, i.e. in a source tree)
 The disk check reads files only: it needs no GPU. A cache path that is missing or not a directory

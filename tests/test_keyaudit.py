@@ -1,4 +1,5 @@
 import dataclasses
+import os
 import tempfile
 from pathlib import Path
 
@@ -59,3 +60,38 @@ def test_a_hand_built_key_is_reported(tmp_path):
     assert "module_key() returns a hand-formatted string" in messages
     assert "'cache_key' is built by string formatting" in messages
     assert "'key' is built by string formatting" in messages
+
+
+def test_an_emitter_reading_any_environment_variable_is_caught(monkeypatch):
+    """Not only the variables the audit sets: a name it has never heard of, unset while it runs."""
+    from ptxgen.kernels.rmsnorm import RMSNormSpec
+
+    build = RMSNormSpec.build
+
+    def build_reading_the_environment(self, b):
+        if os.getenv("PTXGEN_RMS_UNROLL"):  # unset: the text is the same, only the read betrays it
+            raise AssertionError("the audit set a variable it was not asked to")
+        build(self, b)
+
+    monkeypatch.delenv("PTXGEN_RMS_UNROLL", raising=False)
+    monkeypatch.setattr(RMSNormSpec, "build", build_reading_the_environment)
+    findings = check_purity()
+    assert findings and all(f.subject.startswith("RMSNormSpec(") for f in findings)
+    assert {f.message.split(":")[0] for f in findings} == {"emission read the environment variable 'PTXGEN_RMS_UNROLL'"}
+    assert len(findings) == len(RMSNormSpec.examples())
+
+
+def test_the_generator_reading_the_environment_is_reported(tmp_path):
+    planted = tmp_path / "ptxgen" / "kernels" / "rogue.py"
+    planted.parent.mkdir(parents=True)
+    planted.write_text(
+        "import os\n"
+        "from os import getenv\n"
+        "TILE = int(os.environ.get('PTXGEN_TILE', '64'))\n"
+        "def unroll():\n"
+        "    return getenv('PTXGEN_UNROLL')\n")
+    findings = scan_source(planted, Path("ptxgen/kernels/rogue.py"))
+    assert [f.subject for f in findings if "reads the environment" in f.message] == \
+        ["ptxgen/kernels/rogue.py:2", "ptxgen/kernels/rogue.py:3"]
+    # the runtime reads PTXGEN_CACHE_DIR: where the cache lives, not what a kernel is
+    assert scan_source(planted, Path("runtime/rogue.py")) == []
