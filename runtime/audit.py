@@ -40,13 +40,26 @@ class CacheDirError(ValueError):
 
 
 def _stored_spec(meta: dict) -> tuple[KernelSpec, Target] | str:
-    """The spec and target an entry of a registered kind was built for, or why they cannot be."""
+    """The spec and target an entry of a registered kind was built for, or why they cannot be. The
+    stored fields must be that spec's own encoding: the cache compares them as stored (an int for a
+    float field, a field left out or given twice is a spec the cache never loads), not as rebuilt."""
     try:
         cls = by_qualified_name(meta["kind"])
         spec = cls(**decode_fields(cls, meta["fields"]))
-        return spec, Target(meta["target"]["arch"], tuple(meta["target"]["ptx_version"]))
+        target = Target(meta["target"]["arch"], tuple(meta["target"]["ptx_version"]))
     except (TypeError, ValueError, IndexError, KeyError, OverflowError, RecursionError) as e:  # SpecError: a ValueError
         return f"stored spec cannot be rebuilt: {e}"
+    encoded = spec.canonical()["fields"]
+    if meta["fields"] != encoded:
+        names, own = [n for n, _ in meta["fields"]], [n for n, _ in encoded]
+        if names != own:
+            missing = [n for n in own if n not in names]
+            other = list(dict.fromkeys(n for n in names if n not in own or names.count(n) > 1))
+            return (f"stored spec does not list {cls.__name__}'s fields once each, in order (missing: "
+                    f"{', '.join(missing) or 'none'}; unknown or repeated: {', '.join(other) or 'none'})")
+        name, stored, canonical = next((n, a, b) for (n, a), (_, b) in zip(meta["fields"], encoded) if a != b)
+        return f"stored spec holds {name} as {stored}, which {cls.__name__} encodes as {canonical}"
+    return spec, target
 
 
 def load_problem(path: Path, layout_dir: Path, meta: dict) -> str | None:

@@ -273,6 +273,31 @@ def test_cache_diff_of_an_entry_and_its_copy_filed_elsewhere_says_which_is_never
     assert err.count("\n") == 1 and "ambiguous: 2 entries" in err and f"/00/{path.name}" in err
 
 
+FIELD_LIST = "stored spec does not list RMSNormSpec's fields once each, in order"
+# a stored spec that rebuilds to SPEC, whose key the entry holds, but is not SPEC's own encoding
+NOT_ITS_ENCODING = [
+    (lambda fields: [[n, ["str", "f32"]] if n == "dtype" else [n, v] for n, v in fields],
+     "stored spec holds dtype as ['str', 'f32'], which RMSNormSpec encodes as ['enum', 'ptxgen.vecio.DType', ['str', 'f32']]"),
+    (lambda fields: fields + [fields[1]], f"{FIELD_LIST} (missing: none; unknown or repeated: eps)"),
+    (lambda fields: [[n, v] for n, v in fields if n != "residual"],
+     f"{FIELD_LIST} (missing: residual; unknown or repeated: none)"),
+]
+
+
+@pytest.mark.parametrize("damage, message", NOT_ITS_ENCODING)
+def test_a_stored_spec_that_is_not_its_own_encoding_is_never_listed_as_loadable(tmp_path, capsys, damage, message):
+    """The cache compares the stored fields as they are, and never loads such an entry; the audit
+    and the listing went by the spec rebuilt from them, whose key matched, and called it healthy."""
+    listed, shown = _ls_and_show_of_an_unloadable_entry(
+        tmp_path, capsys, lambda path, meta: rewrite(path, dict(meta, fields=damage(meta["fields"]))))
+    assert _says_never_loaded(listed, shown, message)
+    [path] = (tmp_path / entry.LAYOUT).glob(f"*/*/*{entry.SUFFIX}")
+    meta, _ = entry.decode(path.read_bytes())
+    assert entry.mismatch(meta, SPEC, TARGET, SPEC.key(TARGET), TOOLCHAIN) == "stored spec differs from the requested spec"
+    [finding] = check_disk(tmp_path)
+    assert finding.message == message
+
+
 @pytest.mark.parametrize("damage, message", UNLOADABLE)
 def test_planted_a_listing_that_trusts_any_readable_entry_is_caught(tmp_path, capsys, monkeypatch, damage, message):
     """The listing as it was before: every entry that decodes shown as healthy. The check above
