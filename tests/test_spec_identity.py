@@ -4,7 +4,10 @@ import copy
 import dataclasses
 import pickle
 import runpy
+import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -19,7 +22,7 @@ from ptxgen.kernels.cross_entropy import CrossEntropySpec
 from ptxgen.kernels.rmsnorm import RMSNormSpec
 from ptxgen.kernels.rope import RopeSpec
 from ptxgen.registry import kinds
-from ptxgen.spec import SpecError, Target
+from ptxgen.spec import PACKAGE_ROOT, SpecError, Target
 from ptxgen.specdiff import explain_miss, field_differences
 from runtime.cache import KeyCollisionError, record_text
 
@@ -341,3 +344,37 @@ def test_strict_mode_holds_on_the_thread_that_opened_it_only():
         other.join()
     assert seen and seen[0].startswith("loaded")  # the other thread was not in strict mode
     assert cache.get(RopeSpec(heads=4, head_dim=64, theta=1e6)).startswith("loaded")  # and strictness ended here
+
+
+# a process that imported the generator, then the tree changing before its first key (a checkout, a pull):
+# the running emitters are the old ones, and so must be the fingerprint their keys carry
+GENERATOR_EDITED_AFTER_IMPORT = """
+import pathlib, sys
+import ptxgen.kernels
+from ptxgen.kernels.rmsnorm import RMSNormSpec
+from ptxgen.spec import Target, generator_fingerprint
+if sys.argv[1] == "edit":
+    source = pathlib.Path(ptxgen.kernels.rmsnorm.__file__)
+    source.write_text(source.read_text().replace("def build(self, b: KernelBuilder) -> None:",
+                      "def build(self, b: KernelBuilder) -> None:\\n        b.special('%laneid')", 1))
+spec = RMSNormSpec(hidden=896, eps=1e-6)
+print(generator_fingerprint(), spec.key(Target()), spec.emit(Target()).count("%laneid"))
+"""
+
+
+def test_the_generator_fingerprint_is_of_the_files_the_emitters_were_loaded_from(tmp_path):
+    shutil.copytree(PACKAGE_ROOT, tmp_path / "ptxgen", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "probe.py").write_text(GENERATOR_EDITED_AFTER_IMPORT)
+
+    def probe(edit: str) -> list[str]:
+        out = subprocess.run([sys.executable, "-P", str(tmp_path / "probe.py"), edit], cwd=tmp_path, check=True,
+                             capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path)}).stdout
+        return out.split()
+
+    before = probe("no")
+    edited_under_it = probe("edit")
+    after = probe("no")
+    assert (tmp_path / "ptxgen" / "kernels" / "rmsnorm.py").read_text().count("%laneid") == 1
+    assert before[2] == edited_under_it[2] == "0" and after[2] != "0"  # the edit changes the text of new processes
+    assert edited_under_it[:2] == before[:2]  # the old emitters keep the old tree's key
+    assert after[:2] != before[:2]
