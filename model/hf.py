@@ -184,7 +184,7 @@ def check_rotary_buffer(config: ModelConfig, name: str, stored: np.ndarray, path
 
 
 def generation_defaults(path: Path, hf: HFConfig) -> Sampling:
-    """generation_config.json's decoding defaults (its eos ids, else config.json's)."""
+    """generation_config.json's decoding defaults (config.json's eos ids only without that file)."""
     try:
         sampling = read_generation_config(path / "generation_config.json", hf.eos_token_ids)
         check_stop_tokens(sampling.eos_token_ids, hf.config.vocab_size, "eos_token_id")

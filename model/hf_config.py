@@ -169,7 +169,8 @@ KEYS: dict[str, Key] = {
     "use_mrope": Key(_equals(False), "model", "no multimodal RoPE here"),
     "is_encoder_decoder": Key(_equals(False), "model", "a decoder only"),
     # read for generation (stop tokens) and saving (dtype)
-    "eos_token_id": Key(_token_ids, "generation", "stop tokens (generation_config.json first)"),
+    "eos_token_id": Key(_token_ids, "generation", "stop tokens where there is no generation_config.json (with "
+                        "one, transformers reads that file's alone)"),
     "dtype": Key(_dtype, NO_EFFECT, "the stored weights' dtype (5.x; agrees with torch_dtype); read per tensor, "
                  "computed in f32"),
     "torch_dtype": Key(_dtype, NO_EFFECT, "the stored weights' dtype (4.x; agrees with dtype); read per tensor, "
@@ -267,7 +268,7 @@ def _agreed(given: list[tuple[str, Any]]) -> Any:
 
 def check_stop_tokens(ids: tuple[int, ...], vocab_size: int, where: str) -> None:
     """Stop tokens the model can produce (one outside the vocabulary never stops generation); checked
-    where they are used: a checkpoint's generation_config.json overrides config.json's."""
+    where they are used: a checkpoint's generation_config.json replaces config.json's."""
     odd = [i for i in ids if i >= vocab_size]
     if odd:
         raise ConfigError(f"{where}: eos token id {odd[0]} is outside the vocabulary of {vocab_size}")

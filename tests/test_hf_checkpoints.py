@@ -355,19 +355,40 @@ def greedy_text(path: Path, capsys) -> str:
     return capsys.readouterr().out
 
 
+def first_greedy_token(path: Path) -> tuple[int, str]:
+    """The token greedy decoding gives first after "def" (greedy_text's prompt), and its text."""
+    from model.data import HFTokenizer
+    from model.generate import generate
+    from model.numpy_backend import NumpyDecoder
+    ckpt = load_checkpoint(path)
+    tok = HFTokenizer(ckpt.tokenizer_path)
+    first = next(generate(NumpyDecoder(ckpt.config, ckpt.params), tok.encode(b"def"), 8))
+    return first, tok.decode([first])
+
+
 def test_generation_stops_at_the_checkpoints_eos_tokens(tmp_path, capsys):
     path = fixture_copy("qwen2-v5-f32-tied", tmp_path)
     (path / "generation_config.json").write_text('{"eos_token_id": []}')
     full = greedy_text(path, capsys)
-    ckpt = load_checkpoint(path)
-    from model.data import HFTokenizer
-    from model.generate import generate
-    from model.numpy_backend import NumpyDecoder
-    tok = HFTokenizer(ckpt.tokenizer_path)
-    first = next(generate(NumpyDecoder(ckpt.config, ckpt.params), tok.encode(b"def"), 8))
+    first, text = first_greedy_token(path)
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [first]}))
     stopped = greedy_text(path, capsys).rstrip("\n")
-    assert stopped == "def" + tok.decode([first]) and full.startswith(stopped) and len(full) > len(stopped) + 1
+    assert stopped == "def" + text and full.startswith(stopped) and len(full) > len(stopped) + 1
+
+
+def test_config_json_eos_ids_stop_generation_only_where_there_is_no_generation_config_json(tmp_path, capsys):
+    """As transformers: it builds its generation config from config.json only when the file is missing
+    (5.17, measured: a file without eos_token_id beside config.json's eos id generated that id five
+    times over). Here config.json's ids were taken in the file's place: one checkpoint, two stops."""
+    path = fixture_copy("qwen2-v5-f32-tied", tmp_path)
+    first, text = first_greedy_token(path)
+    (path / "config.json").write_text(json.dumps({**hf_config(), "eos_token_id": first}))
+    (path / "generation_config.json").write_text('{"bos_token_id": 300}')
+    assert load_checkpoint(path).eos_token_ids == ()
+    assert len(greedy_text(path, capsys).rstrip("\n")) > len("def" + text)  # ran past config.json's eos id
+    (path / "generation_config.json").unlink()
+    assert load_checkpoint(path).eos_token_ids == (first,)
+    assert greedy_text(path, capsys).rstrip("\n") == "def" + text
 
 
 # -- populated weights (FALSIFY-INIT-001) ---------------------------------------------------------
