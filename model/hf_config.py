@@ -176,7 +176,8 @@ KEYS: dict[str, Key] = {
     "torch_dtype": Key(_dtype, NO_EFFECT, "the stored weights' dtype (4.x; agrees with dtype); read per tensor, "
                        "computed in f32"),
     # no effect on the math
-    "sliding_window": Key(_any, NO_EFFECT, "unused while use_sliding_window is false"),
+    "sliding_window": Key(_any, NO_EFFECT, "unused while use_sliding_window is false (transformers from 4.50 "
+                          "until transformers#38002's fix applied it anyway)"),
     "max_window_layers": Key(_any, NO_EFFECT, "unused while use_sliding_window is false"),
     "bos_token_id": Key(_token_ids, NO_EFFECT, "a tokenizer matter"),
     "pad_token_id": Key(_token_ids, NO_EFFECT, "a tokenizer matter"),
@@ -315,7 +316,10 @@ def to_hf_config(config: ModelConfig, dtype: str = "float32",
         "dtype": dtype, "torch_dtype": dtype, "initializer_range": 0.02, "use_cache": True,
     }
     if model_type == "qwen2":
-        hf["use_sliding_window"] = False
+        # a window stated as none, not left to the default: transformers from 4.50 until transformers#38002
+        # was fixed (mid-2025) applied sliding_window (Qwen2Config's default 4096) whatever use_sliding_window
+        # said, so an export without it was read there as attending to 4096 tokens only
+        hf.update(use_sliding_window=False, sliding_window=None)
         hf.pop("head_dim")  # not a Qwen2Config field in 4.x
     else:
         hf.update(attention_bias=False, mlp_bias=False)

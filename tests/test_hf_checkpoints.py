@@ -285,6 +285,15 @@ def test_our_export_reads_back_through_the_table_for_every_preset():
         assert parse_hf_config(config.to_hf()).config == config
 
 
+def test_our_qwen2_export_states_that_no_layer_has_a_sliding_window():
+    """transformers from 4.50 until transformers#38002 was fixed applied sliding_window (Qwen2Config's
+    default 4096 where a file leaves it out) whatever use_sliding_window said: an export of the qwen2-0.5b preset
+    (32768 positions) without the key was read there as attending to its last 4096 tokens only."""
+    from model.config import preset
+    hf = preset("qwen2-0.5b").to_hf()
+    assert hf["model_type"] == "qwen2" and hf["use_sliding_window"] is False and hf["sliding_window"] is None
+
+
 @pytest.mark.parametrize("change", [{"hidden_act": "gelu"}, {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6}},
                                     {"use_sliding_window": True}, {"head_dim": 32}, {"tie_word_embeddings": "false"},
                                     {"rms_norm_eps": 1e-50}, {"attention_bias": False},
