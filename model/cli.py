@@ -346,6 +346,8 @@ def cmd_train(argv: Sequence[str]) -> int:
     here = default_run(_on_gpu(ns.device))
     plan = None if (ns.preset or ns.config or ns.init or ns.resume) else here
     given = parse_hf_config(read_json(ns.config)) if ns.config else None
+    if given is not None and not (ns.init or ns.resume):  # the run draws a new model as the file says
+        given.check_new_model()
     config = given.config if given is not None else preset(ns.preset or here.preset)
     init = load_checkpoint(ns.init) if ns.init else None
     tokenizer_file = Path(ns.tokenizer) if ns.tokenizer else None

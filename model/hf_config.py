@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .config import ConfigError, ModelConfig, f32_normal, finite_float, shown
+from .params import INIT_STD
 
 MODEL_TYPES = ("qwen2", "llama")
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
@@ -22,12 +23,22 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass(frozen=True)
 class HFConfig:
-    """What a config.json says: the model, plus what only generation and saving need."""
+    """What a config.json says: the model, plus what only generation, saving and a new model's draw need."""
 
     config: ModelConfig
     model_type: str
     dtype: str | None             # the dtype the weights were saved in, as the file says
     eos_token_ids: tuple[int, ...]
+    initializer_range: Any = INIT_STD  # the std transformers draws a new model's weights at (absent: its 0.02)
+
+    def check_new_model(self) -> None:
+        """Where a new model is drawn from this file (``train --config``): the std it asks for must be the
+        one this project draws at (model/params.py), else the run starts from weights transformers would
+        not have drawn from the same file. Loaded weights never read it."""
+        v = self.initializer_range
+        if isinstance(v, bool) or v != INIT_STD:
+            raise _fail("initializer_range", v, f"a new model here is drawn at std {INIT_STD} (this project's init, "
+                        f"model/params.py): say {INIT_STD} or drop the key")
 
 
 def _fail(key: str, value: Any, why: str) -> ConfigError:
@@ -135,7 +146,7 @@ class Key:
     """One config key: ``check`` validates the value and returns what the model takes from it."""
 
     check: Callable[[str, Any], Any]
-    effect: str   # "model" (consumed), "none" (no effect on the math, said why) or "generation"
+    effect: str   # "model" (consumed), "none" (no effect on the math, said why), "generation" or "init"
     why: str
 
 
@@ -182,7 +193,8 @@ KEYS: dict[str, Key] = {
     "bos_token_id": Key(_token_ids, NO_EFFECT, "a tokenizer matter"),
     "pad_token_id": Key(_token_ids, NO_EFFECT, "a tokenizer matter"),
     "use_cache": Key(_bool, NO_EFFECT, "transformers' inference switch"),
-    "initializer_range": Key(_any, NO_EFFECT, "random init of a new model; this project's init is its own"),
+    "initializer_range": Key(_any, "init", "std of a new model's random weights: train --config refuses any but "
+                             "this project's 0.02; loaded weights never read it"),
     "transformers_version": Key(_any, NO_EFFECT, "provenance"),
     "_name_or_path": Key(_any, NO_EFFECT, "provenance"),
     "pretraining_tp": Key(_int, NO_EFFECT, "tensor-parallel slicing of the same products"),
@@ -248,7 +260,7 @@ def parse_hf_config(hf: Any) -> HFConfig:
     except ConfigError as e:  # its own checks (heads divide, sizes 32-bit, ...) name its fields: say the file's keys
         raise ConfigError("config.json: " + _FIELD.sub(lambda m: HF_NAMES[m[0]], str(e))) from None
     stored = _agreed([(k, v[k]) for k in ("dtype", "torch_dtype") if v.get(k) is not None])
-    return HFConfig(config, model_type, stored, v.get("eos_token_id", ()))
+    return HFConfig(config, model_type, stored, v.get("eos_token_id", ()), v.get("initializer_range", INIT_STD))
 
 
 # ModelConfig's fields that config.json spells otherwise (hidden_size, vocab_size, ... are the same)

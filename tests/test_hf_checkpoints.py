@@ -351,6 +351,25 @@ def test_train_init_refuses_what_contradicts_the_checkpoint(tmp_path, capsys, ex
     assert message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("std", [0.05, "0.02", True])
+def test_train_config_draws_a_new_model_only_at_the_std_its_initializer_range_names(tmp_path, capsys, std):
+    """transformers draws a new model from a config.json at its initializer_range, this project at 0.02
+    (model/params.py): another std was taken silently, the run starting from weights transformers would
+    not have drawn from the same file. Loaded weights never read it."""
+    hf = {**hf_config(), "initializer_range": std}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert main(["train", "--config", str(tmp_path / "config.json"), "--data", str(data_dir(tmp_path)),
+                 "--out", str(tmp_path / "run"), "--device", "numpy", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"config.json: initializer_range = {std!r}: a new model here" in err
+    assert not (tmp_path / "run").exists()
+    parse_hf_config({k: v for k, v in hf.items() if k != "initializer_range"}).check_new_model()  # transformers' 0.02
+    path = fixture_copy("qwen2-v5-f32-tied", tmp_path)
+    (path / "config.json").write_text(json.dumps(hf))
+    loaded, fixture = load_checkpoint(path).params, load_checkpoint(FIXTURES / "qwen2-v5-f32-tied").params
+    assert all(np.array_equal(loaded[name], fixture[name]) for name in fixture)
+
+
 def test_a_checkpoint_without_a_tokenizer_is_not_fed_bytes(tmp_path, capsys):
     path = fixture_copy("qwen2-v5-f32-tied", tmp_path)
     (path / "tokenizer.json").unlink()
