@@ -65,8 +65,10 @@ class Checkpoint:
 
     @property
     def tokenizer_path(self) -> Path | None:
+        # anything by that name, a dangling link too, is the tokenizer: read (and refused if unreadable),
+        # never skipped (a model of 256 tokens was then fed bytes)
         p = self.path / "tokenizer.json"
-        return p if p.exists() else None
+        return p if os.path.lexists(p) else None
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -75,7 +77,7 @@ class Checkpoint:
     @property
     def generation_config_path(self) -> Path | None:
         p = self.path / "generation_config.json"
-        return p if p.exists() else None
+        return p if os.path.lexists(p) else None
 
 
 def save_checkpoint(run_dir: Path, step: int, config: ModelConfig, params: dict[str, np.ndarray],

@@ -484,6 +484,20 @@ def test_a_generation_config_that_is_not_a_readable_file_is_refused_not_skipped(
         load_checkpoint(path)
 
 
+def test_a_tokenizer_json_that_is_not_a_readable_file_is_refused_not_skipped(tmp_path, capsys):
+    """(A dangling link read as no tokenizer: a model of 256 tokens was then fed bytes.)"""
+    from model.config import preset
+    ours = save_checkpoint(tmp_path / "run", 1, preset("tiny"), init_params(preset("tiny")), {}, {})
+    path = tmp_path / "downloaded"
+    path.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(ours / name, path / name)
+    (path / "tokenizer.json").symlink_to(tmp_path / "nowhere.json")  # a download that never finished
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "ab", "--device", "numpy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot load tokenizer" in err and "tokenizer.json" in err
+
+
 def test_a_config_whose_eos_id_is_outside_the_vocabulary_is_refused_where_its_ids_are_used(tmp_path, capsys):
     hf = {**hf_config(), "eos_token_id": [2, 10**20]}
     (tmp_path / "config.json").write_text(json.dumps(hf))
