@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import save_file
 
-from ptxgen.files import fsync_dir, fsync_fd, fsync_tree, read_file, write_atomic
+from ptxgen.files import default_mode, fsync_dir, fsync_fd, fsync_tree, read_file, write_atomic
 from ptxgen.spec import sha256_hex
 
 from .config import ModelConfig
@@ -112,6 +112,8 @@ def save_checkpoint(run_dir: Path, step: int, config: ModelConfig, params: dict[
             elif source is not None:
                 shutil.copyfile(source, tmp / name)
         write_manifest(tmp)
+        for entry in (*tmp.iterdir(), tmp):  # as the run's other files: mkdtemp's and safetensors' are private
+            os.chmod(entry, default_mode(entry.is_dir()))
         fsync_tree(tmp)  # on disk before it is named: a crash never leaves a named checkpoint half written
         if final.exists():  # a re-run of the same step replaces it; moved aside first, put back on failure
             old = Path(tempfile.mkdtemp(prefix=f"{_ASIDE}{final.name}.{_owner()}.", dir=run_dir))
@@ -131,7 +133,7 @@ def save_checkpoint(run_dir: Path, step: int, config: ModelConfig, params: dict[
     fd, pointer = tempfile.mkstemp(prefix=f".{LATEST}.{_owner()}.", dir=run_dir)
     with os.fdopen(fd, "w") as f:
         f.write(final.name + "\n")
-        os.fchmod(fd, 0o644)  # readable as the file it replaces (mkstemp makes it private)
+        os.fchmod(fd, default_mode())  # (mkstemp makes it private)
         f.flush()
         fsync_fd(fd, pointer)
     os.replace(pointer, run_dir / LATEST)

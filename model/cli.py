@@ -127,6 +127,16 @@ def _check_fresh_out(out: Path) -> None:
                              "files of yours): a new run would write over it; move it away, or choose another --out")
 
 
+def _check_run_files(out: Path) -> None:
+    """A resumed run rewrites metrics.jsonl as it starts, loss.png and sample.txt as it ends: one of them
+    that is not a file (a folder, a device) stopped it there, after the work (the sample, after every step)."""
+    for name in RUN_FILES:
+        path = out / name
+        if path.exists() and not path.is_file():
+            raise UsageError(f"--out {out}: {name} is {'a directory' if path.is_dir() else 'not a regular file'}, "
+                             "where the run writes a file of that name; move it away")
+
+
 class Interrupted(KeyboardInterrupt):
     """An interrupted run, with what it leaves to resume from."""
 
@@ -377,6 +387,8 @@ def cmd_train(argv: Sequence[str]) -> int:
     if ns.resume:
         if not (out / LATEST).exists():
             raise UsageError(f"--resume: no checkpoint in {out} (no {LATEST} file)")
+        if primary:
+            _check_run_files(out)
         ckpt = load_checkpoint(out)
         if ckpt.config != config and (ns.preset or ns.config):
             raise UsageError(f"--resume: the checkpoint in {out} has another config than the one given")

@@ -10,13 +10,9 @@ import numpy as np
 from ptxgen.kernels.adamw import NORM_EPS, AdamWSpec
 from ptxgen.spec import SpecError
 
-from .settings import SettingsError, check_types, flag, require
+from .settings import OutOfRange, check_types, flag, require
 
 BAKED = ("beta1", "beta2", "eps", "weight_decay")  # the AdamW kernel's immediates (AdamWSpec's fields)
-
-
-class UnbakeableSetting(SettingsError):
-    """A setting in its documented range that the GPU's AdamW kernel cannot bake (AdamWSpec's rules)."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +42,8 @@ class AdamWSettings:
             try:
                 AdamWSpec(**{**defaults, name: getattr(self, name)})
             except SpecError as e:
-                raise UnbakeableSetting(f"{flag(name)}: {e} (the GPU optimizer bakes it so, whichever device "
-                                        "trains)") from None
+                raise OutOfRange(f"{flag(name)}: {e} (the GPU optimizer bakes it so, whichever device trains)") \
+                    from None
 
 
 def clip_scale(norm: float, max_norm: float) -> float:

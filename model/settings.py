@@ -17,6 +17,11 @@ class SettingsError(ValueError):
     """A setting out of its type or range; one line naming the flag."""
 
 
+class OutOfRange(SettingsError):
+    """A value of the right type outside the range this version takes: a run an older release saved
+    may hold one, which is not damage."""
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -41,4 +46,4 @@ def check_types(obj: Any) -> None:
 
 def require(ok: bool, name: str, rule: str, value: Any) -> None:
     if not ok:
-        raise SettingsError(f"{flag(name)} must be {rule}, got {value!r}")
+        raise OutOfRange(f"{flag(name)} must be {rule}, got {value!r}")

@@ -20,9 +20,9 @@ from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, remove_sta
 from .config import ModelConfig
 from .data import Corpus, DataError, batch_at, val_batches
 from .metrics import MetricsLog, plot_losses
-from .optim import AdamWSettings, UnbakeableSetting, lr_at
+from .optim import AdamWSettings, lr_at
 from .params import init_params
-from .settings import check_types, require
+from .settings import OutOfRange, check_types, require
 
 if TYPE_CHECKING:
     from .parallel.comm import Communicator
@@ -80,9 +80,9 @@ def saved_settings(ckpt: Checkpoint) -> tuple[TrainSettings, AdamWSettings]:
             raise CheckpointError(f"{where} is damaged: {key} does not hold the run's {key} {odd}")
     try:
         return TrainSettings(**ckpt.trainer["settings"]), AdamWSettings(**ckpt.trainer["adamw"])
-    except UnbakeableSetting as e:  # accepted once, refused now: the GPU's AdamW could never take it
-        raise CheckpointError(f"cannot resume from {ckpt.path}: its run's AdamW setting is one the GPU optimizer "
-                              f"cannot take ({e}); train --init {ckpt.path} starts a run from its weights") from None
+    except OutOfRange as e:  # accepted by an older release (a tiny lr, a beta the GPU's AdamW cannot bake): not damage
+        raise CheckpointError(f"cannot resume from {ckpt.path}: its run was saved with a setting this version "
+                              f"refuses ({e}); train --init {ckpt.path} starts a run from its weights") from None
     except (TypeError, ValueError) as e:  # a value out of type or range
         raise CheckpointError(f"{where} is damaged: {e}") from None
 

@@ -14,9 +14,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            umask = os.umask(0o022)
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)  # as open() would make it (mkstemp's are private)
+            os.fchmod(f.fileno(), default_mode())  # (mkstemp's are private)
             f.write(data)
             f.flush()
             fsync_fd(f.fileno(), path)
@@ -28,6 +26,14 @@ def write_atomic(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode open() gives a new file (mkdir() a directory) under this process's umask: what a file
+    written through a temporary (mkstemp, mkdtemp and safetensors make them private) is given."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
 
 
 def fsync_fd(fd: int, path: str | os.PathLike) -> None:

@@ -761,6 +761,19 @@ def test_a_damaged_metrics_log_is_said_on_resume_and_the_run_goes_on(run_copy, b
     assert [json.loads(line)["step"] for line in (run_copy / "metrics.jsonl").read_text().splitlines()] == [3, 4]
 
 
+@pytest.mark.parametrize("name", ["metrics.jsonl", "loss.png", "sample.txt"])
+def test_a_run_file_that_is_a_folder_is_refused_on_resume_before_the_checkpoint_loads(run_copy, monkeypatch, name):
+    """(metrics.jsonl was refused once the checkpoint had loaded; loss.png and sample.txt after the last step.)"""
+    import model.cli
+
+    (run_copy / name).unlink(missing_ok=True)
+    (run_copy / name).mkdir()
+    monkeypatch.setattr(model.cli, "load_checkpoint", lambda path: pytest.fail("the checkpoint was loaded"))
+    before = tree(run_copy)
+    refused(resume_on(run_copy), f"{name} is a directory")
+    assert tree(run_copy) == before
+
+
 def test_a_metrics_log_cut_off_mid_row_keeps_the_rows_before_it(tmp_path):
     from model.metrics import FIELDS, _read, read_metrics
     rows = [json.dumps(dict.fromkeys(FIELDS, 0.5) | {"step": s}) for s in (1, 2, 3)]

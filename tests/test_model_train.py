@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -136,16 +137,35 @@ def test_a_file_system_without_fsync_still_saves_but_a_failed_write_back_is_an_e
     assert not (tmp_path / "b" / "latest").exists()
 
 
-def test_a_run_saved_with_an_adamw_setting_the_gpu_cannot_take_is_not_called_damaged(tmp_path):
+@pytest.mark.parametrize("key, name, value", [("adamw", "beta2", 0.99999999),  # the GPU's AdamW cannot bake it
+                                             ("settings", "lr", 1e-40)])  # subnormal in f32: refused since
+def test_a_run_saved_with_a_setting_refused_now_is_told_so_not_called_damaged(tmp_path, key, name, value):
     from model.train import saved_settings
     trainer = {"settings": dataclasses.asdict(TrainSettings()), "step": 1, "data_position": 0,
-               "adamw": {**dataclasses.asdict(AdamWSettings()), "beta2": 0.99999999}}
+               "adamw": dataclasses.asdict(AdamWSettings())}
+    trainer[key][name] = value  # what an older release accepted and saved
     params = init_params(MICRO)
     opt = {f"{m}.{k}": np.zeros_like(v) for k, v in params.items() for m in ("exp_avg", "exp_avg_sq")}
     ckpt = load_checkpoint(save_checkpoint(tmp_path, 1, MICRO, params, opt, trainer))
-    with pytest.raises(CheckpointError, match="the GPU optimizer cannot take .*--beta2.*train --init") as e:
+    with pytest.raises(CheckpointError, match=f"saved with a setting this version refuses .*--{name}.*train --init") \
+            as e:
         saved_settings(ckpt)
     assert "damaged" not in str(e.value)
+
+
+def test_a_checkpoint_is_made_as_the_umask_says_like_the_runs_other_files(tmp_path):
+    """(Its folder was mkdtemp's 0700, its safetensors files 0600, whatever the umask.)"""
+    old = os.umask(0o027)
+    try:
+        path = save_checkpoint(tmp_path, 1, MICRO, init_params(MICRO),
+                               {f"{m}.{k}": np.zeros(s, np.float32) for k, s in param_shapes(MICRO).items()
+                                for m in ("exp_avg", "exp_avg_sq")}, {"step": 1, "data_position": 0},
+                               save_dtype="bf16")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (path, *path.iterdir(), tmp_path / "latest")}
+    assert {"model.safetensors", "master.safetensors", "optimizer.safetensors", "trainer.json"} <= set(modes)
+    assert modes == {name: 0o750 if name == path.name else 0o640 for name in modes}
 
 
 def test_a_bias_free_model_is_saved_as_llama_without_biases_and_loads_back(tmp_path):
