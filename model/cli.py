@@ -101,15 +101,25 @@ CHECKPOINT_FILES = ("model.safetensors", "model.safetensors.index.json", "manife
 RUN_FILES = (METRICS, SAMPLE, PLOT)  # what a run writes into --out besides its checkpoints and ``latest``
 
 
-def _check_fresh_out(out: Path) -> None:
-    """A new run writes into a run directory of its own: never into or below a checkpoint (a model
-    folder transformers wrote, or one of ours, which rotation may delete), nor over another run."""
+def _real(path: Path, what: str) -> Path:
+    """``path`` resolved, or one line: a symbolic link loop on its way was a RuntimeError traceback."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:  # (RuntimeError before Python 3.13, OSError ELOOP since)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "a symbolic link loop"
+        raise UsageError(f"{what} {path} cannot be resolved: {why}") from None
+
+
+def _check_fresh_out(out: Path, run: Path) -> None:
+    """A new run writes into a run directory of its own (``out``, resolved: ``run``): never into or below
+    a checkpoint (a model folder transformers wrote, or one of ours, which rotation may delete), nor
+    over another run."""
     # a file at --out or above it: rundir.prepare said so only after the corpus was read and tokenized
     blocker = next((p for p in (out, *out.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():
         where = "is" if blocker == out else f"is below {blocker}, which is"
         raise UsageError(f"--out {out} {where} a file, not a directory")
-    for folder in (out, *out.resolve().parents):
+    for folder in (out, *run.parents):
         if (folder / "config.json").exists() and any((folder / f).exists() for f in CHECKPOINT_FILES):
             raise UsageError(f"--out {out} is {'in ' if folder != out else ''}a checkpoint ({folder}); a run "
                              "writes into a run directory of its own")
@@ -239,7 +249,7 @@ def _resume_inputs(ns: argparse.Namespace, ckpt: Checkpoint) -> None:
     """Fill ``--data``, ``--tokenizer`` and ``--precision`` from the saved run, refusing ones given
     that differ from it."""
     t = ckpt.trainer
-    data = [str(Path(d).resolve()) for d in ns.data] if ns.data else None
+    data = [str(_real(Path(d), "--data")) for d in ns.data] if ns.data else None
     if "data" in t:
         if not (t["data"] is None or (isinstance(t["data"], list) and all(isinstance(d, str) for d in t["data"]))):
             raise CheckpointError(f"{ckpt.path / 'trainer.json'} is damaged: data must be a list of paths or null")
@@ -381,8 +391,9 @@ def cmd_train(argv: Sequence[str]) -> int:
     else:
         name = ns.preset or (ns.config.resolve().parent.name if ns.config else None) or here.preset
     out = ns.out or Path("runs") / name
+    run = _real(out, "--out")
     if not ns.resume and primary:  # (the other ranks would find rank 0's files there)
-        _check_fresh_out(out)
+        _check_fresh_out(out, run)
     cut = ""  # a default warmup shortened to fit --steps, said when the run starts
     if ns.resume:
         if not (out / LATEST).exists():
@@ -435,7 +446,6 @@ def cmd_train(argv: Sequence[str]) -> int:
     on_gpu = backend is not NumpyBackend
     if on_gpu:
         check_gpu_kernels(config, precision, settings.batch_size * settings.seq_len, adamw)
-    run = out.resolve()
     for d in map(Path, ns.data or ()):  # its checkpoints, metrics and samples would be its data (a resume: changed)
         inside = d.is_dir() and (run == d.resolve() or d.resolve() in run.parents)
         if inside and not any(part.startswith(".") for part in run.relative_to(d.resolve()).parts):

@@ -5,6 +5,7 @@ batches taken in order from the token stream, so a data position (one integer) i
 """
 from __future__ import annotations
 
+import stat
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,15 +84,17 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     files: list[Path] = []
     for arg in paths:
         p = Path(arg)
-        if p.is_dir():
+        try:
+            mode = p.stat().st_mode
+        except OSError as e:  # missing, a symbolic link loop, a folder that cannot be searched
+            raise DataError(f"{(e.strerror or type(e).__name__).lower()}: {p}") from None
+        if stat.S_ISDIR(mode):
             files += sorted(f for f in p.rglob("*") if f.is_file()
                             and not any(part.startswith(".") for part in f.relative_to(p).parts))
-        elif p.is_file():
+        elif stat.S_ISREG(mode):
             files.append(p)
-        elif p.exists():  # a device or a pipe: reading it could block or never end
+        else:  # a device or a pipe: reading it could block or never end
             raise DataError(f"not a regular file or directory: {p}")
-        else:
-            raise DataError(f"no such file or directory: {p}")
     return files
 
 

@@ -29,10 +29,35 @@ class UsageError(Exception):
     """Bad command-line input: its entry point prints it as one line and exits 2."""
 
 
+class _StoreOnce(argparse._StoreAction):
+    """An option's value, given once: argparse keeps the last of two and drops the first unsaid
+    (``--lr 1e-3 ... --lr 3e-3`` trained at 3e-3). An option that collects its values (--data) is
+    another action."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if option_string is not None:
+            if self.dest in parser.given:
+                parser.error(f"argument {'/'.join(self.option_strings)}: given twice; give it once")
+            parser.given.add(self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
 class Parser(argparse.ArgumentParser):
     """The argparse parser of every command line here (ptxgen's and its commands', ptxgen-audit,
     the contracts', the benchmarks'): bad arguments raise UsageError, one line for the entry point
-    to print, not argparse's usage block and exit."""
+    to print, not argparse's usage block and exit; an option that takes a value is given once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+        self.given: set[str] = set()
+
+    def parse_known_args(self, args: Sequence[str] | None = None,
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        self.given = set()  # (a parser may parse more than once)
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> typing.NoReturn:
         raise UsageError(message)
@@ -143,7 +168,8 @@ def cmd_inspect(argv: Sequence[str]) -> int:
     if not argv:
         raise UsageError("inspect needs a kernel kind or a .ptx file")
     first = argv[0]
-    if first.endswith(".ptx") or (Path(first).exists() and first not in kinds()):  # (a folder: said so on reading)
+    # (a folder, a dangling link, a link loop: said so on reading)
+    if first.endswith(".ptx") or (os.path.lexists(first) and first not in kinds()):
         p = Parser(prog="ptxgen inspect", add_help=False, allow_abbrev=False)
         p.add_argument("file")
         p.add_argument("--json", action="store_true")

@@ -89,9 +89,15 @@ def test_a_file_that_is_not_ptx_is_refused(capsys, tmp_path):
 
 
 def test_inspect_of_a_directory_says_so_not_that_it_is_an_unknown_kind(capsys, tmp_path):
-    """(A folder given where a .ptx file goes read as an unknown kernel kind named by its path.)"""
+    """(A folder given where a .ptx file goes read as an unknown kernel kind named by its path, as did a
+    dangling link and a link loop.)"""
     code, _, err = run(capsys, "inspect", str(tmp_path))
     assert code == 2 and err == f"ptxgen: error: cannot read {tmp_path}: Is a directory\n"
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    for name, why in (("loop", "Too many levels of symbolic links"), ("dangling", "No such file or directory")):
+        code, _, err = run(capsys, "inspect", str(tmp_path / name))
+        assert code == 2 and err == f"ptxgen: error: cannot read {tmp_path / name}: {why}\n"
 
 
 def test_dump_into_a_folder_that_does_not_exist_is_refused_not_made(capsys, tmp_path):

@@ -90,9 +90,20 @@ def run_copy(base, tmp_path) -> Path:
     return tmp_path / "run"
 
 
+def given_once(defaults: list, more: tuple) -> list:
+    """Flag-value pairs: ``defaults`` with ``more``'s values in place of their own (an option is given once)."""
+    pairs = dict(zip(defaults[::2], defaults[1::2]))
+    pairs.update(zip(more[::2], more[1::2]))
+    return [x for pair in pairs.items() for x in pair]
+
+
+def common(base, *more: str) -> list:
+    return given_once(base["common"], more)
+
+
 def generate_on(run: Path, *more: str):
-    return cli("generate", "--checkpoint", run, "--prompt", "def add", "--max-new-tokens", "2", "--device",
-               "numpy", *more)
+    return cli("generate", "--checkpoint", run, "--prompt", "def add",
+               *given_once(["--max-new-tokens", "2", "--device", "numpy"], more))
 
 
 def resume_on(run: Path, *more: str):
@@ -117,7 +128,7 @@ def test_an_optimizer_setting_the_gpu_cannot_take_in_f32_is_refused_on_the_cpu_t
     """(A checkpoint's settings go on with it; the CPU took a weight decay of 1e300 and diverged, and a
     beta2 that rounds to 1 in f32, or a subnormal, trained on the CPU and was a traceback on the GPU; an
     --lr of 1e-320, 0 in f32, trained on the CPU and left the GPU's weights as they were.)"""
-    refused(cli("train", "--out", tmp_path / "new", *base["common"], flag, value), flag, "f32")
+    refused(cli("train", "--out", tmp_path / "new", *common(base, flag, value)), flag, "f32")
     assert not (tmp_path / "new").exists()
 
 
@@ -130,7 +141,7 @@ INT_FLAGS = {"--steps": 1, "--batch-size": 1, "--seq-len": 1, "--eval-every": 1,
 @given(flag=st.sampled_from(FLOAT_FLAGS), value=st.floats(allow_nan=True, allow_infinity=True, width=64))
 def test_every_out_of_range_float_flag_is_refused_before_any_work(base, tmp_path, flag, value):
     assume(_bad_float(flag, value))
-    refused(cli("train", "--out", tmp_path / "new", *base["common"], flag, repr(value)), flag)
+    refused(cli("train", "--out", tmp_path / "new", *common(base, flag, repr(value))), flag)
     assert not (tmp_path / "new").exists()
 
 
@@ -143,7 +154,7 @@ def test_every_bad_int_flag_is_refused_before_any_work(base, tmp_path, flag, val
     except ValueError:
         number = None
     assume(number is None or number < INT_FLAGS[flag])
-    refused(cli("train", "--out", tmp_path / "new", *base["common"], flag, text), flag)
+    refused(cli("train", "--out", tmp_path / "new", *common(base, flag, text)), flag)
     assert not (tmp_path / "new").exists()
 
 
@@ -217,8 +228,8 @@ def test_data_too_small_for_a_batch_is_refused_before_the_run_directory_is_made(
 
 
 def test_seq_len_above_the_models_positions_and_a_model_too_large_are_refused_with_figures(base, tmp_path):
-    refused(cli("train", "--config", base["root"] / "config.json", "--out", tmp_path / "r", *base["common"],
-                "--seq-len", "65"), "--seq-len 65", "max_position_embeddings 64")
+    refused(cli("train", "--config", base["root"] / "config.json", "--out", tmp_path / "r",
+                *common(base, "--seq-len", "65")), "--seq-len 65", "max_position_embeddings 64")
     huge = tmp_path / "huge.json"
     MICRO.replace(vocab_size=2**22, hidden_size=2**14, num_heads=256, num_kv_heads=2,  # (head_dim 64)
                   max_position_embeddings=4096).save(huge)
@@ -232,11 +243,26 @@ def test_a_run_inside_its_own_data_is_refused(base, tmp_path, inside):
     """(Its checkpoints became its data, so it could never be resumed: the data had changed.)"""
     data = tmp_path / "data"
     shutil.copytree(base["root"] / "data", data)
-    common = [str(a) for a in base["common"]]
-    common[common.index("--data") + 1] = str(data)
-    refused(cli("train", "--config", base["root"] / "config.json", "--out", data / inside, *common),
+    refused(cli("train", "--config", base["root"] / "config.json", "--out", data / inside,
+                *common(base, "--data", data)),
             "inside --data", str(data))
     assert sorted(p.name for p in data.iterdir()) == ["a.py"]
+
+
+@pytest.mark.parametrize("where", ["out", "below out", "data", "data on resume"])
+def test_a_symbolic_link_loop_for_a_path_is_one_line(base, run_copy, tmp_path, where):
+    """(An --out through a loop was a RuntimeError traceback from Path.resolve; --data said 'no such file'.)"""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    before = tree(tmp_path)
+    if where == "data on resume":
+        result = resume_on(run_copy, "--data", loop)
+    elif where == "data":
+        result = _new_run(base, tmp_path / "new", "--data", loop)
+    else:
+        result = _new_run(base, loop if where == "out" else loop / "run")
+    refused(result, str(loop), "symbolic link")
+    assert tree(tmp_path) == before
 
 
 @pytest.mark.parametrize("argv", [
@@ -649,8 +675,8 @@ def test_the_device_line_says_plainly_why_there_is_no_gpu():
 
 def test_a_diverging_run_is_one_line_and_keeps_only_finite_checkpoints(base, tmp_path):
     code, out, err = cli("train", "--config", base["root"] / "config.json", "--out", tmp_path / "r",
-                         *base["common"], "--lr", "1e30", "--warmup", "0", "--max-grad-norm", "0", "--steps", "30",
-                         "--checkpoint-every", "1")
+                         *common(base, "--lr", "1e30", "--warmup", "0", "--max-grad-norm", "0", "--steps", "30",
+                                 "--checkpoint-every", "1"))
     refused((code, out, err), "not finite", "diverged")
     for ckpt in (tmp_path / "r").glob("step-*"):
         load_checkpoint(ckpt)  # every checkpoint left loads: finite weights and moments
@@ -816,6 +842,21 @@ def test_progress_lines_whose_reader_has_gone_do_not_stop_the_run(monkeypatch):
 def test_generate_refuses_more_new_tokens_than_the_models_positions_leave(base):
     refused(cli("generate", "--checkpoint", base["run"], "--prompt", "def add", "--max-new-tokens", "100",
                 "--device", "numpy"), "--max-new-tokens 100", "leave 62 of the model's 64 positions")
+
+
+@pytest.mark.parametrize("argv", [["train", "--lr", "1e-3", "--steps", "2", "--lr", "3e-3"],
+                                  ["generate", "--checkpoint", "a", "--prompt", "x", "--checkpoint", "b"],
+                                  ["dump", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "--hidden", "512"],
+                                  ["dump", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "--block-size", "128",
+                                   "--block_size", "64"],  # (one field, both spellings)
+                                  ["inspect", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "--arch", "sm_90",
+                                   "--arch", "sm_80"],
+                                  ["cache", "--cache-dir", "a", "--cache-dir", "b", "ls"]])
+def test_an_option_given_twice_is_refused_not_taken_at_its_last_value(argv, tmp_path, monkeypatch):
+    """(argparse kept the last value and dropped the first unsaid: --lr 1e-3 ... --lr 3e-3 trained at 3e-3.)"""
+    monkeypatch.chdir(tmp_path)
+    refused(cli(*argv), "given twice")
+    assert not any(tmp_path.iterdir())
 
 
 def test_data_given_twice_reads_both_lists(base, tmp_path):
