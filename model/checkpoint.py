@@ -131,12 +131,16 @@ def save_checkpoint(run_dir: Path, step: int, config: ModelConfig, params: dict[
         raise
     fsync_dir(run_dir)  # the step's name, before latest points at it
     fd, pointer = tempfile.mkstemp(prefix=f".{LATEST}.{_owner()}.", dir=run_dir)
-    with os.fdopen(fd, "w") as f:
-        f.write(final.name + "\n")
-        os.fchmod(fd, default_mode())  # (mkstemp makes it private)
-        f.flush()
-        fsync_fd(fd, pointer)
-    os.replace(pointer, run_dir / LATEST)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(final.name + "\n")
+            os.fchmod(fd, default_mode())  # (mkstemp makes it private)
+            f.flush()
+            fsync_fd(fd, pointer)
+        os.replace(pointer, run_dir / LATEST)
+    except BaseException:  # (a failed sync, an interrupt: not left for the next run's cleanup)
+        Path(pointer).unlink(missing_ok=True)
+        raise
     fsync_dir(run_dir)  # latest's new target is durable before rotation removes older checkpoints
     _rotate(run_dir, final, keep)
     remove_stale_temporaries(run_dir)

@@ -125,16 +125,26 @@ def _check_fresh_out(out: Path, run: Path) -> None:
                              "writes into a run directory of its own")
     if (out / LATEST).exists():
         raise UsageError(f"--out {out} already holds a run; --resume continues it, or choose another --out")
-    steps = sorted(p.name for p in out.iterdir() if STEP_DIR.fullmatch(p.name)) if out.is_dir() else []
-    if steps:  # a run whose ``latest`` is gone: damaged, not free to write over
-        raise UsageError(f"--out {out} holds checkpoints ({steps[-1]}, ...) but no {LATEST} file: a damaged run; "
-                         f"write {LATEST} (one line, the checkpoint's name) to --resume it, or choose another --out")
+    unnamed = _unnamed_checkpoints(out)
+    if unnamed:  # not free to write over
+        raise UsageError(f"--out {unnamed}")
     # the files a run writes beside its checkpoints: with none, they are the record of a run stopped
     # before its first checkpoint (nothing to resume) or a user's own; a new run would write over them
     for name in RUN_FILES:
         if (out / name).exists():
             raise UsageError(f"--out {out} holds {name} but no checkpoint (a run stopped before its first one, or "
                              "files of yours): a new run would write over it; move it away, or choose another --out")
+
+
+def _unnamed_checkpoints(out: Path) -> str | None:
+    """What is wrong with ``out`` when it holds checkpoints but no ``latest`` (a run stopped after its first
+    checkpoint was renamed into place and before ``latest`` named it, or a ``latest`` removed), else None."""
+    steps = sorted(p.name for p in out.iterdir() if STEP_DIR.fullmatch(p.name)) if out.is_dir() else []
+    if not steps or (out / LATEST).exists():
+        return None
+    return (f"{out} holds checkpoints ({steps[-1]}, ...) but no {LATEST} file (a damaged run, or one stopped before "
+            f"{LATEST} named its first): write {LATEST} (one line, the checkpoint's name) to --resume it, or choose "
+            "another --out")
 
 
 def _check_run_files(out: Path) -> None:
@@ -151,14 +161,19 @@ class Interrupted(KeyboardInterrupt):
     """An interrupted run, with what it leaves to resume from."""
 
 
-def _left_behind(out: Path) -> str:
-    """What an interrupted run in ``out`` can be resumed from."""
+def _left_behind(out: Path, steps: int) -> str:
+    """What an interrupted run of ``steps`` steps in ``out`` can be resumed from."""
     try:
         name = read_latest(out)
     except CheckpointError as e:
         return str(e)
+    if name == f"step-{steps:07d}":  # stopped as it tidied up after its last checkpoint: nothing to resume
+        return f"the run is done: {out / name} is its last checkpoint"
     if name is not None:
         return f"{out / name} stays; train --resume --out {out} continues from it"
+    unnamed = _unnamed_checkpoints(out)
+    if unnamed:
+        return unnamed
     if (out / METRICS).exists():  # a new run into ``out`` is refused while it holds the record (_check_fresh_out)
         return f"before its first checkpoint: nothing to resume; remove {out / METRICS} or choose another --out " \
                "to start over"
@@ -397,7 +412,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     cut = ""  # a default warmup shortened to fit --steps, said when the run starts
     if ns.resume:
         if not (out / LATEST).exists():
-            raise UsageError(f"--resume: no checkpoint in {out} (no {LATEST} file)")
+            raise UsageError(f"--resume: {_unnamed_checkpoints(out) or f'no checkpoint in {out} (no {LATEST} file)'}")
         if primary:
             _check_run_files(out)
         ckpt = load_checkpoint(out)
@@ -512,7 +527,7 @@ def cmd_train(argv: Sequence[str]) -> int:
                            log=say, initial=init.params if init else None, save_dtype=ns.save_dtype,
                            generation_config=generation_config, comm=comm)
         except KeyboardInterrupt:
-            raise Interrupted(_left_behind(out) if primary else "") from None
+            raise Interrupted(_left_behind(out, settings.steps) if primary else "") from None
         if comm is not None:  # the ranks are done together: part before rank 0's sample
             stack.close()
         if not primary:

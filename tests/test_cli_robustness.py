@@ -824,6 +824,47 @@ def test_an_interrupted_run_says_what_it_leaves_to_resume_from(run_copy, base, t
     assert code == 130 and "before its first checkpoint: nothing to resume" in err and "--resume" not in err
 
 
+def _interrupt_on(monkeypatch, module, name: str, call: int) -> None:
+    """``module.name`` raises KeyboardInterrupt on its ``call``-th call (counting from 1)."""
+    original, calls = getattr(module, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(None)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, interrupted)
+
+
+def test_a_run_interrupted_before_latest_named_its_first_checkpoint_says_so_and_how_to_resume(base, tmp_path,
+                                                                                                monkeypatch):
+    """(Stopped after step-0000002 was renamed into place and before ``latest`` named it, the run said
+    'nothing to resume; remove metrics.jsonl to start over', which a new run then refused, and --resume
+    said 'no checkpoint'.) The pointer's temporary file is not left behind either."""
+    import model.checkpoint
+    out = tmp_path / "r"
+    _interrupt_on(monkeypatch, model.checkpoint, "fsync_fd", 1)  # syncing latest's temporary, the step in place
+    code, _, err = _new_run(base, out, "--checkpoint-every", "1")
+    assert code == 130 and err.count("\n") == 1, err
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "metrics.jsonl", "step-0000001"]
+    words = ["step-0000001", "no latest file", f"write latest (one line, the checkpoint's name) to --resume it"]
+    assert all(w in err for w in words), err
+    refused(resume_on(out), *words)
+    refused(_new_run(base, out), *words)
+    (out / "latest").write_text("step-0000001\n")
+    assert resume_on(out)[0] == 0 and (out / "latest").read_text() == "step-0000002\n"
+
+
+def test_a_run_interrupted_after_its_last_checkpoint_says_it_is_done(base, tmp_path, monkeypatch):
+    import model.checkpoint
+    _interrupt_on(monkeypatch, model.checkpoint, "_rotate", 2)  # after the last (step 2) is named
+    code, _, err = _new_run(base, tmp_path / "r", "--checkpoint-every", "1")
+    assert code == 130 and err.count("\n") == 1, err
+    assert f"the run is done: {tmp_path / 'r' / 'step-0000002'} is its last checkpoint" in err and "--resume" not in err
+
+
 def test_progress_lines_whose_reader_has_gone_do_not_stop_the_run(monkeypatch):
     """`ptxgen train ... | head`: once the pipe's reader is gone, the lines go nowhere and the run
     goes on (its checkpoints, metrics and sample are in --out)."""
