@@ -34,8 +34,8 @@ from .defaults import default_run
 from .footprint import MemoryTooSmall, check_model_fits, generate_bytes, n_params, train_bytes
 from .generate import GenerateSettings, generate_as
 from .generation_config import OUR_DEFAULTS, read_generation_config
-from .hf import SAVE_DTYPES
-from .hf_config import check_stop_tokens, parse_hf_config
+from .hf import SAVE_DTYPES, read_config
+from .hf_config import HFConfig, check_stop_tokens, parse_hf_config
 from .kernels import ModelKernels
 from .metrics import METRICS, PLOT, SAMPLE
 from .numpy_backend import NumpyBackend, NumpyDecoder
@@ -328,6 +328,15 @@ def check_data_parallel(gpus: int | None, device: str, environ: MutableMapping[s
     return launch if launch is not None else gpus
 
 
+def _config_file(path: Path) -> HFConfig:
+    """``--config``'s file, whose refusals name it (they said 'config.json', whatever its name)."""
+    data = read_json(path)
+    try:
+        return parse_hf_config(data)
+    except ConfigError as e:
+        raise ConfigError(f"--config {path}: {e}") from None
+
+
 def cmd_train(argv: Sequence[str]) -> int:
     p = Parser(prog="ptxgen train", description="Train the model (default: the run planned for this machine, on "
                                                 "the stdlib's source; it says what it will do before it starts).")
@@ -380,7 +389,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     # a bare `ptxgen train`: the run this machine finishes in about two minutes (model/defaults.py)
     here = default_run(_on_gpu(ns.device))
     plan = None if (ns.preset or ns.config or ns.init or ns.resume) else here
-    given = parse_hf_config(read_json(ns.config)) if ns.config else None
+    given = _config_file(ns.config) if ns.config else None
     if given is not None and not (ns.init or ns.resume):  # the run draws a new model as the file says
         given.check_new_model()
     config = given.config if given is not None else preset(ns.preset or here.preset)
@@ -587,7 +596,7 @@ def cmd_generate(argv: Sequence[str]) -> int:
     line, backend = select_backend(ns.device, precision)
     on_gpu = backend is not NumpyBackend
     path = resolve(ns.checkpoint)
-    config = ModelConfig.load(path / "config.json")
+    config = read_config(path).config  # (named as load_checkpoint names it: the file's refusals say which checkpoint)
     if on_gpu:
         check_gpu_kernels(config, precision, 1)
     max_len = config.max_position_embeddings

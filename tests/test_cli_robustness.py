@@ -514,13 +514,15 @@ def test_an_optimizer_state_that_does_not_fit_the_model_is_refused(run_copy, bas
 @pytest.mark.parametrize("text", [b"null", b"[]", b"42", b'"x"', b"{", b"\xff\xfe", b"[" * 100000],
                          ids=["null", "list", "number", "string", "truncated", "not-utf8", "nested-too-deep"])
 def test_a_config_json_that_is_not_an_object_is_refused(run_copy, base, tmp_path, text):
+    """Each line names the file (generate's and --config's said 'config.json', whatever file it was)."""
     (run_copy / "step-0000002" / "config.json").write_bytes(text)
     write_manifest(run_copy / "step-0000002")  # rewritten to match: the config itself is checked
     before = tree(run_copy)
-    refused(generate_on(run_copy), "config.json")
-    refused(resume_on(run_copy))
+    refused(generate_on(run_copy), str(run_copy / "step-0000002"), "config.json")
+    refused(resume_on(run_copy), str(run_copy / "step-0000002"), "config.json")
     (tmp_path / "c.json").write_bytes(text)
-    refused(cli("train", "--config", tmp_path / "c.json", "--out", tmp_path / "new", *base["common"]))
+    refused(cli("train", "--config", tmp_path / "c.json", "--out", tmp_path / "new", *base["common"]),
+            str(tmp_path / "c.json"))
     assert tree(run_copy) == before and not (tmp_path / "new").exists()
 
 
