@@ -209,8 +209,15 @@ def _audit(argv: Sequence[str] | None) -> int:
         p.error(f"--golden {ns.golden}: " + ("not a regular file" if ns.golden.exists() else "no such file"))
     golden_file = ns.golden or golden.DEFAULT_PATH
     checks = ns.check or [c for c in CHECKS if c != "golden" or golden_file.exists()]
-    if ns.prune and "disk" not in checks:
-        p.error("--prune deletes the bad entries the disk check finds: add --check disk")
+    twice = next((c for c in checks if checks.count(c) > 1), None)
+    if twice:  # (it ran twice and reported its findings twice)
+        p.error(f"argument --check: {twice} given twice; give it once")
+    # a flag for a check that does not run would do nothing
+    for flag, given, check in (("--prune", ns.prune, "disk"), ("--cache-dir", ns.cache_dir, "disk"),
+                               ("--golden", ns.golden, "golden")):
+        if given and check not in checks:
+            p.error(f"{flag} is for the {check} check, which --check {' --check '.join(checks)} leaves out: "
+                    f"add --check {check}")
     cache_dir = ns.cache_dir or default_cache_dir()
     if "disk" in checks and not cache_dir.is_dir():
         p.error(f"cache directory {cache_dir} " + ("is not a directory" if cache_dir.exists() else "does not exist"))

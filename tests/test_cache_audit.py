@@ -125,7 +125,10 @@ def test_a_cache_path_that_is_missing_or_a_file_is_bad_input(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--check", "source", "--prune"], "--prune deletes the bad entries the disk check finds"),
+    (["--check", "source", "--prune"], "--prune is for the disk check, which --check source leaves out"),
+    (["--check", "source"], "--cache-dir is for the disk check"),  # (the fixture gives --cache-dir)
+    (["--check", "disk", "--golden", __file__], "--golden is for the golden check, which --check disk leaves out"),
+    (["--check", "disk", "--check", "source", "--check", "disk"], "--check: disk given twice"),  # (ran twice)
     (["--golden", "/nonexistent/ptx_digests.json"], "no such file"),
     (["--check", "golden", "--golden", "/"], "not a regular file"),
     (["--check", "golden", "--golden", "/dev/null"], "not a regular file"),
