@@ -116,9 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"contracts: error: {e} (ptxgen contracts validate|check [--root REPO] [--dir DIR] [--gpu-only])",
               file=sys.stderr)
         return 2
-    if not (ns.root / "tests").is_dir():
-        print(f"contracts: error: {ns.root} has no tests/ directory; pass --root REPO, the repository that holds "
-              "the contracts' tests", file=sys.stderr)
+    # each said before any work: pytest collects the whole repository first (a missing --dir read as a folder
+    # without contracts after it, --gpu-only with validate did nothing)
+    why = (f"{ns.root} has no tests/ directory; pass --root REPO, the repository that holds the contracts' tests"
+           if not (ns.root / "tests").is_dir() else
+           f"--dir {ns.dir} is not a directory" if not ns.dir.is_dir() else
+           "--gpu-only is for check (validate runs no test)" if ns.gpu_only and ns.command == "validate" else None)
+    if why:
+        print(f"contracts: error: {why}", file=sys.stderr)
         return 2
     if ns.command == "validate":
         return cmd_validate(ns.root, ns.dir)

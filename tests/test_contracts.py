@@ -59,6 +59,22 @@ def test_a_contract_file_that_is_not_text_and_bad_arguments_are_one_line(tmp_pat
         assert err.count("\n") == 1 and err.startswith("contracts: error: ") and "usage:" not in err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["validate", "--dir", "missing"], "--dir {tmp}/missing is not a directory"),  # (read as 'no contract files')
+    (["check", "--dir", "x.yaml"], "--dir {tmp}/x.yaml is not a directory"),
+    (["validate", "--gpu-only"], "--gpu-only is for check"),  # (validate took it and did nothing)
+])
+def test_a_dir_that_is_not_one_and_a_flag_validate_ignores_are_refused_before_pytest_runs(tmp_path, capsys,
+                                                                                          monkeypatch, argv, says):
+    import contracts.runner
+    monkeypatch.setattr(contracts.runner, "_pytest", lambda *a: pytest.fail("pytest ran"))
+    (tmp_path / "x.yaml").write_text("")
+    argv = [str(tmp_path / a) if a in ("missing", "x.yaml") else a for a in argv]
+    assert main([*argv, "--root", str(ROOT)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"contracts: error: {says.format(tmp=tmp_path)}") and err.count("\n") == 1, err
+
+
 def test_duplicate_contract_ids_across_files_are_rejected(tmp_path):
     write(tmp_path, "a.yaml", GOOD)
     other = dict(GOOD, falsifiers=[dict(GOOD["falsifiers"][0], id="FALSIFY-DEMO-002")])
