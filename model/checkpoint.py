@@ -236,7 +236,8 @@ def resolve(path: Path) -> Path:
     if (path / LATEST).exists():
         named = path / read_latest(path)
         if not named.is_dir():
-            raise CheckpointError(f"{path / LATEST} names {named.name}, which does not exist")
+            what = "is not a checkpoint folder" if os.path.lexists(named) else "does not exist"
+            raise CheckpointError(f"{path / LATEST} names {named.name}, which {what}")
         path = named
     if not (path / "config.json").is_file():
         raise CheckpointError(f"no checkpoint at {path} (no config.json)")

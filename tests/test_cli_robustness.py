@@ -441,6 +441,23 @@ def test_a_damaged_latest_is_refused(base, content):
         assert tree(run) == before
 
 
+@pytest.mark.parametrize("what, says", [("missing", "which does not exist"),
+                                        ("a file", "which is not a checkpoint folder"),
+                                        ("a dangling link", "which is not a checkpoint folder")])
+def test_latest_naming_what_is_not_a_checkpoint_folder_says_what_it_is(run_copy, what, says):
+    """(A file of that name was said not to exist.)"""
+    named = run_copy / "step-0000002"
+    shutil.rmtree(named)
+    if what == "a file":
+        named.write_text("x")
+    elif what == "a dangling link":
+        named.symlink_to(run_copy / "gone")
+    before = tree(run_copy)
+    for result in (generate_on(run_copy), resume_on(run_copy)):
+        refused(result, f"{run_copy / 'latest'} names step-0000002, {says}")
+    assert tree(run_copy) == before
+
+
 def _wrong_type(key: str, value) -> bool:
     """Values of a type the key cannot hold (a value of the right type is a legitimate edit)."""
     if key in ("step", "data_position", "settings.steps", "settings.batch_size"):
