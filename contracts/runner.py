@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ptxgen.cli import Parser, UsageError
+from ptxgen.cli import Parser, UsageError, print_error
 
 from .schema import Contracts, Falsifier, load, missing_tests
 
@@ -63,7 +63,7 @@ def _validated(root: Path, directory: Path) -> Contracts | None:
     c = load(directory)
     errors = c.errors + missing_tests(c.falsifiers, collect(root))
     for e in errors:
-        print(f"contracts: {e}", file=sys.stderr)
+        print_error(f"contracts: {e}")
     if errors:
         return None
     print(f"contracts: {len(c.contracts)} contracts, {len(c.falsifiers)} falsifiers, all bound to existing tests")
@@ -113,8 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         ns = p.parse_args(argv)
     except UsageError as e:  # one line, not argparse's usage block
-        print(f"contracts: error: {e} (ptxgen contracts validate|check [--root REPO] [--dir DIR] [--gpu-only])",
-              file=sys.stderr)
+        print_error(f"contracts: error: {e} (ptxgen contracts validate|check [--root REPO] [--dir DIR] [--gpu-only])")
         return 2
     # each said before any work: pytest collects the whole repository first (a missing --dir read as a folder
     # without contracts after it, --gpu-only with validate did nothing)
@@ -123,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
            f"--dir {ns.dir} is not a directory" if not ns.dir.is_dir() else
            "--gpu-only is for check (validate runs no test)" if ns.gpu_only and ns.command == "validate" else None)
     if why:
-        print(f"contracts: error: {why}", file=sys.stderr)
+        print_error(f"contracts: error: {why}")
         return 2
     if ns.command == "validate":
         return cmd_validate(ns.root, ns.dir)

@@ -20,7 +20,7 @@ from typing import Callable, Mapping, MutableMapping, Sequence
 import numpy as np
 
 from ptxgen import cli as ptxgen_cli
-from ptxgen.cli import Parser, UsageError
+from ptxgen.cli import Parser, UsageError, print_error
 from ptxgen.files import read_file, write_atomic
 from ptxgen.spec import SpecError, sha256_hex
 from runtime.driver import CudaError
@@ -680,25 +680,25 @@ def _guarded(name: str, command: Callable[[Sequence[str]], int]) -> Callable[[Se
             return command(argv)
         except (UsageError, ConfigError, CheckpointError, DataError, SettingsError, rundir.RunDirError,
                 MemoryTooSmall, LaunchError) as e:
-            print(f"ptxgen {name}: error: {e}", file=sys.stderr)
+            print_error(f"ptxgen {name}: error: {e}")
             return 2
         except (CommError, RendezvousError, ReplicaMismatch) as e:  # a data-parallel run that broke off
-            print(f"ptxgen {name}: error: {e}", file=sys.stderr)
+            print_error(f"ptxgen {name}: error: {e}")
             return 1
         except FloatingPointError as e:  # the loss diverged: the checkpoints written so far stay
-            print(f"ptxgen {name}: error: {e} (training diverged; try a lower --lr)", file=sys.stderr)
+            print_error(f"ptxgen {name}: error: {e} (training diverged; try a lower --lr)")
             return 2
         except MemoryError:  # an estimate that was too low: still one line
-            print(f"ptxgen {name}: error: out of memory", file=sys.stderr)
+            print_error(f"ptxgen {name}: error: out of memory")
             return 2
         except CudaError as e:
             if "OUT_OF_MEMORY" not in str(e):
                 raise  # a driver failure: its traceback is the report
             where = "page-locked host memory" if e.call == "cuMemHostAlloc" else "GPU memory"  # (staging buffers)
-            print(f"ptxgen {name}: error: out of {where} ({e}); try a smaller --batch-size", file=sys.stderr)
+            print_error(f"ptxgen {name}: error: out of {where} ({e}); try a smaller --batch-size")
             return 2
         except KeyboardInterrupt as e:
-            print(f"ptxgen {name}: interrupted" + (f" ({e})" if str(e) else ""), file=sys.stderr)
+            print_error(f"ptxgen {name}: interrupted" + (f" ({e})" if str(e) else ""))
             return 130
 
     return run

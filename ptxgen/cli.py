@@ -238,6 +238,11 @@ USAGE = f"""usage: ptxgen COMMAND ...   (ptxgen {__version__})
   inspect (KIND --FIELD VALUE ... | FILE.ptx) [--json]"""
 
 
+def print_error(line: str) -> None:
+    """An error on stderr as the one line it is: a line break in it (a path may hold one) shown as \\n."""
+    print(line.replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
+
+
 def silence_stdout() -> None:
     """Point stdout at /dev/null once its reader has gone, so that nothing written later (nor what
     is still buffered, flushed at exit) fails again."""
@@ -272,12 +277,12 @@ def main(argv: Sequence[str] | None = None, *, more: dict[str, Callable[[Sequenc
         silence_stdout()
         return 128 + 13  # as a process SIGPIPE ended
     except (UsageError, SpecError, PtxBuildError, OSError) as e:
-        print(f"ptxgen: error: {e}", file=sys.stderr)
+        print_error(f"ptxgen: error: {e}")
         return 2
     except AssemblyError as e:
         head, *log = str(e).splitlines() or [type(e).__name__]
         reason = next((ln.strip() for ln in log if "error" in ln.lower()), None)  # ptxas's first, after the header
-        print(f"ptxgen: error: {head}" + (f": {reason}" if reason else ""), file=sys.stderr)
+        print_error(f"ptxgen: error: {head}" + (f": {reason}" if reason else ""))
         return 2
 
 

@@ -24,7 +24,7 @@ from typing import Sequence
 
 from ptxgen import golden
 from ptxgen.builder import PtxBuildError
-from ptxgen.cli import Parser, UsageError, paths_as_named
+from ptxgen.cli import Parser, UsageError, paths_as_named, print_error
 from ptxgen.keyaudit import Finding, check_completeness, check_purity, check_source
 from ptxgen.registry import by_qualified_name, is_registered
 from ptxgen.spec import KernelSpec, SpecError, Target, decode_fields, generator_fingerprint, sha256_hex
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _audit(argv)
     except UsageError as e:
-        print(f"ptxgen-audit: error: {e}", file=sys.stderr)
+        print_error(f"ptxgen-audit: error: {e}")
         raise SystemExit(2) from None
 
 

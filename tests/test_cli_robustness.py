@@ -265,6 +265,17 @@ def test_a_symbolic_link_loop_for_a_path_is_one_line(base, run_copy, tmp_path, w
     assert tree(tmp_path) == before
 
 
+@pytest.mark.parametrize("argv", [["generate", "--checkpoint", "{bad}", "--prompt", "x"],
+                                  ["train", "--data", "{bad}", "--device", "numpy"],
+                                  ["dump", "rmsnorm", "--hidden", "896", "--eps", "1e-6", "-o", "{bad}/x.ptx"],
+                                  ["contracts", "validate", "--dir", "{bad}"]])
+def test_an_error_naming_a_path_with_a_line_break_is_still_one_line(tmp_path, argv):
+    """(The path's line break split the error line in two.)"""
+    bad = tmp_path / "two\nlines"
+    refused(cli(*[a.format(bad=bad) for a in argv]), str(tmp_path / "two\\nlines"))
+    assert not (tmp_path / "two\nlines").exists()
+
+
 @pytest.mark.parametrize("argv", [
     ["train", "--data", ""], ["train", "--out", "", "--device", "numpy"], ["train", "--preset", ""],
     ["train", "--tokenizer", ""], ["generate", "--checkpoint", "", "--prompt", "def"],
