@@ -475,7 +475,14 @@ def cmd_train(argv: Sequence[str]) -> int:
         if inside and not any(part.startswith(".") for part in run.relative_to(d.resolve()).parts):
             raise UsageError(f"the run directory {out} is inside --data {d}: the run's own files would become its "
                              "training data (choose another --out)")
-    files = expand_paths(ns.data) if ns.data else stdlib_files()
+    try:
+        files = expand_paths(ns.data) if ns.data else stdlib_files()
+    except DataError as e:
+        if ckpt is None:
+            raise
+        # the paths the run was saved with, which the user may not have given (said as a bare 'no such file')
+        raise DataError(f"--resume: the run's saved --data: {e} (a resumed run reads the data it was saved with, "
+                        "at the same path)") from None
     # the data is read and checked before the run directory is made: a refused run leaves nothing
     corpus = Corpus.from_files(files, tokenizer)
     corpus.check_fits(settings.batch_size, settings.seq_len, config.vocab_size)

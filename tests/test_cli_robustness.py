@@ -712,6 +712,17 @@ def test_a_diverging_run_is_one_line_and_keeps_only_finite_checkpoints(base, tmp
         load_checkpoint(ckpt)  # every checkpoint left loads: finite weights and moments
 
 
+def test_resume_with_its_saved_data_gone_says_it_is_the_runs_saved_data(base, tmp_path):
+    """(It said 'no such file or directory: <path>', a path the user had not given on this command line.)"""
+    shutil.copytree(base["root"] / "data", tmp_path / "data")
+    assert cli("train", "--out", tmp_path / "r", *common(base, "--data", tmp_path / "data"), "--steps", "2",
+               "--checkpoint-every", "1")[0] == 0
+    (tmp_path / "r" / "latest").write_text("step-0000001\n")
+    (tmp_path / "data").rename(tmp_path / "moved")
+    refused(resume_on(tmp_path / "r"), "--resume: the run's saved --data: no such file or directory: "
+            f"{tmp_path / 'data'}")
+
+
 def test_resume_refuses_data_that_changed_since_the_checkpoint(base, tmp_path):
     shutil.copytree(base["root"] / "data", tmp_path / "data")
     args = ["--config", base["root"] / "config.json", "--out", tmp_path / "r", "--data", tmp_path / "data",
