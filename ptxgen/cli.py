@@ -129,7 +129,8 @@ def cmd_list(argv: Sequence[str]) -> int:
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         print(f"{kind}: {doc}")
         for f in dataclasses.fields(cls):
-            default = "(required)" if f.default is dataclasses.MISSING else f"= {f.default!r}"
+            shown = f.default.value if isinstance(f.default, enum.Enum) else f.default  # (as the flag takes it)
+            default = "(required)" if f.default is dataclasses.MISSING else f"= {shown!r}"
             print(f"  --{f.name.replace('_', '-'):<12} {_type_name(hints[f.name]):<6} {default}")
     return 0
 

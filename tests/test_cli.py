@@ -19,6 +19,7 @@ def test_list_shows_kinds_fields_types_and_defaults(capsys):
     assert "rmsnorm:" in out and "rope:" in out
     assert "--eps          float  (required)" in out
     assert "--block-size   int    = 256" in out
+    assert "--dtype        {f32,bf16} = 'f32'" in out  # (was the enum's repr, <DType.F32: 'f32'>, no value to give)
 
 
 def test_dump_writes_ptx_that_assembles(capsys, tmp_path):
