@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from ptxgen.files import default_mode, fsync_dir, fsync_fd, fsync_tree, read_file, write_atomic
 from ptxgen.spec import sha256_hex
@@ -37,7 +36,7 @@ from ptxgen.spec import sha256_hex
 from .config import ModelConfig
 from .generation_config import Sampling
 from .hf import (SAVE_DTYPES, MASTER, CheckpointError, generation_defaults, model_params, read_config,
-                 read_tensors, read_weights, write_weights)
+                 read_tensors, read_weights, save_tensors, write_weights)
 from .params import param_shapes
 
 LATEST = "latest"
@@ -102,8 +101,8 @@ def save_checkpoint(run_dir: Path, step: int, config: ModelConfig, params: dict[
         if save_dtype != "fp32":
             write_weights(tmp / MASTER, params, "fp32")
         if optimizer:
-            save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in optimizer.items()},
-                      str(tmp / "optimizer.safetensors"))
+            save_tensors(tmp / "optimizer.safetensors",
+                         {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in optimizer.items()})
         if trainer:
             (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
         for name, source in (("tokenizer.json", tokenizer_file), ("generation_config.json", generation_config)):

@@ -21,7 +21,7 @@ import numpy as np
 
 from ptxgen import cli as ptxgen_cli
 from ptxgen.cli import Parser, UsageError, print_error
-from ptxgen.files import read_file, write_atomic
+from ptxgen.files import read_file, why, write_atomic
 from ptxgen.spec import SpecError, sha256_hex
 from runtime.driver import CudaError
 
@@ -544,6 +544,9 @@ def cmd_train(argv: Sequence[str]) -> int:
                            generation_config=generation_config, comm=comm)
         except KeyboardInterrupt:
             raise Interrupted(_left_behind(out, settings.steps) if primary else "") from None
+        except OSError as e:  # a write that failed mid-run (a full disk): what stays, as for an interrupt
+            raise rundir.RunDirError(why(e) + (f"; {_left_behind(out, settings.steps)}" if primary else "")) \
+                from None
         if comm is not None:  # the ranks are done together: part before rank 0's sample
             stack.close()
         if not primary:

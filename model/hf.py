@@ -202,4 +202,13 @@ def write_weights(file: Path, tensors: dict[str, np.ndarray], save_dtype: str) -
         out[name] = np.ascontiguousarray(t, dtype=np.float32).astype(STORED[stored])
         if not np.isfinite(out[name].astype(np.float32)).all():
             raise CheckpointError(f"{name} does not fit in {save_dtype} (non-finite after rounding)")
-    save_file(out, str(file), metadata={"format": "pt"})  # bf16 through ml_dtypes: safetensors >= 0.8
+    save_tensors(file, out, metadata={"format": "pt"})  # bf16 through ml_dtypes: safetensors >= 0.8
+
+
+def save_tensors(file: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.numpy.save_file``, whose write failures (a full disk) are its own SafetensorError: an
+    OSError here, as every other failed write is (it was a traceback)."""
+    try:
+        save_file(tensors, str(file), metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(f"cannot write {file}: {e}") from None

@@ -865,14 +865,14 @@ def test_an_interrupted_run_says_what_it_leaves_to_resume_from(run_copy, base, t
     assert code == 130 and "before its first checkpoint: nothing to resume" in err and "--resume" not in err
 
 
-def _interrupt_on(monkeypatch, module, name: str, call: int) -> None:
-    """``module.name`` raises KeyboardInterrupt on its ``call``-th call (counting from 1)."""
+def _interrupt_on(monkeypatch, module, name: str, call: int, error: BaseException = KeyboardInterrupt()) -> None:
+    """``module.name`` raises ``error`` on its ``call``-th call (counting from 1)."""
     original, calls = getattr(module, name), []
 
     def interrupted(*args, **kwargs):
         calls.append(None)
         if len(calls) == call:
-            raise KeyboardInterrupt
+            raise error
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, name, interrupted)
@@ -896,6 +896,18 @@ def test_a_run_interrupted_before_latest_named_its_first_checkpoint_says_so_and_
     refused(_new_run(base, out), *words)
     (out / "latest").write_text("step-0000001\n")
     assert resume_on(out)[0] == 0 and (out / "latest").read_text() == "step-0000002\n"
+
+
+def test_a_full_disk_mid_run_is_one_line_saying_which_checkpoint_stays(base, tmp_path, monkeypatch):
+    """(safetensors' own SafetensorError for a full disk was a traceback; an OSError said nothing of what stays.)"""
+    import model.hf
+    from safetensors import SafetensorError
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    _interrupt_on(monkeypatch, model.hf, "save_file", 3, full)  # the second checkpoint's model.safetensors
+    out = tmp_path / "r"
+    err = refused(_new_run(base, out, "--checkpoint-every", "1"), "No space left on device",
+                  f"{out / 'step-0000001'} stays; train --resume --out {out} continues from it")
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "latest", "metrics.jsonl", "step-0000001"], err
 
 
 def test_a_run_interrupted_after_its_last_checkpoint_says_it_is_done(base, tmp_path, monkeypatch):
