@@ -15,7 +15,7 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Callable, Mapping, MutableMapping, Sequence
+from typing import Callable, Iterator, Mapping, MutableMapping, Sequence
 
 import numpy as np
 
@@ -178,6 +178,18 @@ def _left_behind(out: Path, steps: int) -> str:
         return f"before its first checkpoint: nothing to resume; remove {out / METRICS} or choose another --out " \
                "to start over"
     return "before its first checkpoint: nothing to resume, a new run starts over"
+
+
+@contextlib.contextmanager
+def _saying_what_stays(out: Path, steps: int, primary: bool) -> Iterator[None]:
+    """A run stopped by an interrupt or a failed write (a full disk) says what it leaves to resume from
+    (rank 0, which writes the run directory)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(_left_behind(out, steps) if primary else "") from None
+    except OSError as e:
+        raise rundir.RunDirError(why(e) + (f"; {_left_behind(out, steps)}" if primary else "")) from None
 
 
 def _say(line: str) -> None:
@@ -537,16 +549,12 @@ def cmd_train(argv: Sequence[str]) -> int:
                      "data": [str(Path(d).resolve()) for d in ns.data] if ns.data else None}
         if init is not None:
             say(f"init: weights from {init.path}, fresh optimizer state")
-        try:
+        stays = functools.partial(_saying_what_stays, out, settings.steps, primary)
+        with stays():
             result = train(config, settings, adamw, corpus, factory, out, resume=ckpt or False,
                            tokenizer_file=tokenizer_file, tokenizer_name=tokenizer.name, run_state=run_state,
                            log=say, initial=init.params if init else None, save_dtype=ns.save_dtype,
                            generation_config=generation_config, comm=comm)
-        except KeyboardInterrupt:
-            raise Interrupted(_left_behind(out, settings.steps) if primary else "") from None
-        except OSError as e:  # a write that failed mid-run (a full disk): what stays, as for an interrupt
-            raise rundir.RunDirError(why(e) + (f"; {_left_behind(out, settings.steps)}" if primary else "")) \
-                from None
         if comm is not None:  # the ranks are done together: part before rank 0's sample
             stack.close()
         if not primary:
@@ -560,7 +568,8 @@ def cmd_train(argv: Sequence[str]) -> int:
             f"checkpoint {result.checkpoint}")
         sample = sample_text(result.backend, tokenizer,
                              read_generation_config(result.checkpoint / "generation_config.json"))
-        write_atomic(out / SAMPLE, sample.encode())
+        with stays():
+            write_atomic(out / SAMPLE, sample.encode())
         say(f"sample ({out / SAMPLE}):\n{sample}")
         return 0
 

@@ -908,6 +908,12 @@ def test_a_full_disk_mid_run_is_one_line_saying_which_checkpoint_stays(base, tmp
     err = refused(_new_run(base, out, "--checkpoint-every", "1"), "No space left on device",
                   f"{out / 'step-0000001'} stays; train --resume --out {out} continues from it")
     assert sorted(p.name for p in out.iterdir()) == [".lock", "latest", "metrics.jsonl", "step-0000001"], err
+    monkeypatch.undo()
+    import errno
+    import model.cli
+    _interrupt_on(monkeypatch, model.cli, "write_atomic", 1, OSError(errno.ENOSPC, "No space left on device"))
+    refused(_new_run(base, tmp_path / "s"), "No space left on device",  # sample.txt, once the run is done
+            f"the run is done: {tmp_path / 's' / 'step-0000002'} is its last checkpoint")
 
 
 def test_a_run_interrupted_after_its_last_checkpoint_says_it_is_done(base, tmp_path, monkeypatch):
