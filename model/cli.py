@@ -106,8 +106,8 @@ def _real(path: Path, what: str) -> Path:
     try:
         return path.resolve()
     except (RuntimeError, OSError) as e:  # (RuntimeError before Python 3.13, OSError ELOOP since)
-        why = e.strerror if isinstance(e, OSError) and e.strerror else "a symbolic link loop"
-        raise UsageError(f"{what} {path} cannot be resolved: {why}") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "a symbolic link loop"
+        raise UsageError(f"{what} {path} cannot be resolved: {reason}") from None
 
 
 def _check_fresh_out(out: Path, run: Path) -> None:
