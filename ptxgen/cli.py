@@ -121,21 +121,44 @@ def spec_from_args(kind: str, argv: Sequence[str], command: str) -> tuple[Kernel
     return cls(**values), ns
 
 
+def _describe(kind: str) -> str:
+    """A kind's line and its fields' flags, types and defaults (``list``, and ``dump KIND --help``)."""
+    cls = get_kind(kind)
+    hints = typing.get_type_hints(cls)
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+    lines = [f"{kind}: {doc}"]
+    for f in dataclasses.fields(cls):
+        shown = f.default.value if isinstance(f.default, enum.Enum) else f.default  # (as the flag takes it)
+        default = "(required)" if f.default is dataclasses.MISSING else f"= {shown!r}"
+        lines.append(f"  --{f.name.replace('_', '-'):<12} {_type_name(hints[f.name]):<6} {default}")
+    return "\n".join(lines)
+
+
+HELP = ("-h", "--help")
+
+
+def _help(argv: Sequence[str]) -> bool:
+    """Print the usage (``dump --help``, ``inspect FILE --help``) or a kind's fields (``dump KIND --help``)
+    when asked: it read as an unknown kind '--help', or as a spec missing its required fields."""
+    if not any(a in HELP for a in argv):
+        return False
+    print(_describe(argv[0]) if argv[0] in kinds() else USAGE)
+    return True
+
+
 def cmd_list(argv: Sequence[str]) -> int:
+    if list(argv) in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
     if argv:
         raise UsageError(f"list takes no arguments, got {' '.join(argv)}")
-    for kind, cls in kinds().items():
-        hints = typing.get_type_hints(cls)
-        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{kind}: {doc}")
-        for f in dataclasses.fields(cls):
-            shown = f.default.value if isinstance(f.default, enum.Enum) else f.default  # (as the flag takes it)
-            default = "(required)" if f.default is dataclasses.MISSING else f"= {shown!r}"
-            print(f"  --{f.name.replace('_', '-'):<12} {_type_name(hints[f.name]):<6} {default}")
+    print("\n".join(_describe(kind) for kind in kinds()))
     return 0
 
 
 def cmd_dump(argv: Sequence[str]) -> int:
+    if _help(argv):
+        return 0
     if not argv:
         raise UsageError("dump needs a kernel kind (see `ptxgen list`)")
     spec, ns = spec_from_args(argv[0], argv[1:], "dump")
@@ -166,6 +189,8 @@ def _ptxas_figures(text: str, arch: str) -> dict[str, Any]:
 
 
 def cmd_inspect(argv: Sequence[str]) -> int:
+    if _help(argv):
+        return 0
     if not argv:
         raise UsageError("inspect needs a kernel kind or a .ptx file")
     first = argv[0]

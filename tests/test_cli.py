@@ -22,6 +22,17 @@ def test_list_shows_kinds_fields_types_and_defaults(capsys):
     assert "--dtype        {f32,bf16} = 'f32'" in out  # (was the enum's repr, <DType.F32: 'f32'>, no value to give)
 
 
+@pytest.mark.parametrize("argv, shows", [(["list", "--help"], "usage: ptxgen COMMAND"),
+                                         (["dump", "--help"], "usage: ptxgen COMMAND"),
+                                         (["inspect", "-h"], "usage: ptxgen COMMAND"),
+                                         (["dump", "rmsnorm", "--help"], "--eps          float  (required)"),
+                                         (["inspect", "rmsnorm", "--hidden", "8", "-h"], "--block-size   int    = 256")])
+def test_help_prints_the_usage_or_a_kinds_fields(capsys, argv, shows):
+    """(dump --help read as an unknown kind '--help'; dump KIND --help as a spec missing its fields.)"""
+    code, out, err = run(capsys, *argv)
+    assert code == 0 and shows in out and err == ""
+
+
 def test_dump_writes_ptx_that_assembles(capsys, tmp_path):
     from ptxgen.assemble import assemble
     path = tmp_path / "rms.ptx"
