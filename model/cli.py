@@ -340,11 +340,15 @@ def check_data_parallel(gpus: int | None, device: str, environ: MutableMapping[s
     return launch if launch is not None else gpus
 
 
-def _config_file(path: Path) -> HFConfig:
-    """``--config``'s file, whose refusals name it (they said 'config.json', whatever its name)."""
+def _config_file(path: Path, new_model: bool) -> HFConfig:
+    """``--config``'s file, whose refusals name it (they said 'config.json', whatever its name);
+    ``new_model``: a run draws a new model as the file says (``HFConfig.check_new_model``)."""
     data = read_json(path)
     try:
-        return parse_hf_config(data)
+        given = parse_hf_config(data)
+        if new_model:
+            given.check_new_model()
+        return given
     except ConfigError as e:
         raise ConfigError(f"--config {path}: {e}") from None
 
@@ -401,9 +405,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     # a bare `ptxgen train`: the run this machine finishes in about two minutes (model/defaults.py)
     here = default_run(_on_gpu(ns.device))
     plan = None if (ns.preset or ns.config or ns.init or ns.resume) else here
-    given = _config_file(ns.config) if ns.config else None
-    if given is not None and not (ns.init or ns.resume):  # the run draws a new model as the file says
-        given.check_new_model()
+    given = _config_file(ns.config, new_model=not (ns.init or ns.resume)) if ns.config else None
     config = given.config if given is not None else preset(ns.preset or here.preset)
     init = load_checkpoint(ns.init) if ns.init else None
     tokenizer_file = Path(ns.tokenizer) if ns.tokenizer else None
