@@ -46,10 +46,12 @@ class _StoreOnce(argparse._StoreAction):
 class Parser(argparse.ArgumentParser):
     """The argparse parser of every command line here (ptxgen's and its commands', ptxgen-audit,
     the contracts', the benchmarks'): bad arguments raise UsageError, one line for the entry point
-    to print, not argparse's usage block and exit; an option that takes a value is given once."""
+    to print, not argparse's usage block and exit; an option that takes a value is given once, by its
+    whole name (argparse's prefixes read ``--step 3`` as ``--steps 3``, and a prefix that is whole today
+    would name another option once one is added that it also begins)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
         self.register("action", None, _StoreOnce)
         self.register("action", "store", _StoreOnce)
         self.given: set[str] = set()
@@ -105,7 +107,7 @@ def spec_from_args(kind: str, argv: Sequence[str], command: str) -> tuple[Kernel
     and ``command``'s own flag (dump: ``-o``; inspect: ``--json``; the other's is refused, not ignored)."""
     cls = get_kind(kind)
     hints = typing.get_type_hints(cls)
-    p = Parser(prog=f"ptxgen {kind}", add_help=False, allow_abbrev=False)
+    p = Parser(prog=f"ptxgen {kind}", add_help=False)
     for f in dataclasses.fields(cls):
         flags = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
         required = f.default is dataclasses.MISSING
@@ -196,7 +198,7 @@ def cmd_inspect(argv: Sequence[str]) -> int:
     first = argv[0]
     # (a folder, a dangling link, a link loop: said so on reading)
     if first.endswith(".ptx") or (os.path.lexists(first) and first not in kinds()):
-        p = Parser(prog="ptxgen inspect", add_help=False, allow_abbrev=False)
+        p = Parser(prog="ptxgen inspect", add_help=False)
         p.add_argument("file")
         p.add_argument("--json", action="store_true")
         ns = p.parse_args(argv)

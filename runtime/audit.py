@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _audit(argv: Sequence[str] | None) -> int:
-    p = Parser(prog="ptxgen-audit", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = Parser(prog="ptxgen-audit", description=__doc__.split("\n")[0])
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="cache directory (default $PTXGEN_CACHE_DIR or the XDG cache dir)")
     p.add_argument("--check", action="append", choices=CHECKS,

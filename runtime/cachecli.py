@@ -144,7 +144,7 @@ def cmd_diff(root: Path, a: str, b: str) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    p = Parser(prog="ptxgen cache", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p = Parser(prog="ptxgen cache", description=__doc__.split("\n")[0])
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="cache directory (default $PTXGEN_CACHE_DIR or the XDG cache dir)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)

@@ -959,6 +959,18 @@ def test_an_option_given_twice_is_refused_not_taken_at_its_last_value(argv, tmp_
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("argv, prefix", [(["train", "--step", "3"], "--step"),
+                                          (["generate", "--checkpoint", "a", "--prompt", "x", "--max-new", "5"],
+                                           "--max-new"),
+                                          (["contracts", "check", "--gpu"], "--gpu")])
+def test_an_option_is_named_whole_not_by_a_prefix(argv, prefix, tmp_path, monkeypatch):
+    """(argparse took --step 3 as --steps 3: a prefix that is whole today names another option once one
+    is added that it also begins.)"""
+    monkeypatch.chdir(tmp_path)
+    refused(cli(*argv), prefix)
+    assert not any(tmp_path.iterdir())
+
+
 def test_data_given_twice_reads_both_lists(base, tmp_path):
     """A later flag overrides an earlier one (`ptxgen train $COMMON --steps 9`), but a second --data
     adds to the first rather than dropping its paths."""
