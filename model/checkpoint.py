@@ -50,7 +50,8 @@ _ASIDE = ".aside."
 _TEMP = re.compile(r"(?:(?P<aside>\.aside\.)|\.)(?P<name>step-\d{7,}|latest)\."
                    r"(?:(?P<host>[^.]+)\.(?P<pid>\d+)\.)?[A-Za-z0-9_]+")
 _UNOWNED_GRACE_S = 3600
-__all__ = ["Checkpoint", "CheckpointError", "LATEST", "STEP_DIR", "load_checkpoint", "resolve", "save_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointError", "LATEST", "STEP_DIR", "load_checkpoint", "resolve", "save_checkpoint",
+           "step_of"]
 
 
 @dataclass
@@ -151,7 +152,8 @@ def _owner() -> str:
     return f"{_HOST}.{os.getpid()}"
 
 
-def _step_of(name: str) -> int | None:
+def step_of(name: str) -> int | None:
+    """The step of a checkpoint folder's name (step-NNNNNNN), None for any other name."""
     m = STEP_DIR.fullmatch(name)
     return int(m.group(1)) if m else None
 
@@ -161,8 +163,8 @@ def _rotate(run_dir: Path, final: Path, keep: int) -> None:
     ``latest`` names and never one newer than ``final`` (another run's history may live there)."""
     if keep <= 0:
         return
-    current = _step_of(final.name)
-    older = sorted((s, d) for d in run_dir.iterdir() if (s := _step_of(d.name)) is not None and s < current)
+    current = step_of(final.name)
+    older = sorted((s, d) for d in run_dir.iterdir() if (s := step_of(d.name)) is not None and s < current)
     latest = read_latest(run_dir)
     for _, old in older[:max(0, len(older) - (keep - 1))]:
         if old.name != latest:
@@ -204,7 +206,7 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
             except FileNotFoundError:
                 continue
         target = Path(run_dir) / m.group("name")
-        if m.group("aside") and _step_of(target.name) is not None and not target.exists():
+        if m.group("aside") and step_of(target.name) is not None and not target.exists():
             os.replace(entry, target)
             continue
         if entry.is_dir() and not entry.is_symlink():

@@ -27,7 +27,7 @@ from runtime.driver import CudaError
 
 from . import rundir
 from .checkpoint import (LATEST, STEP_DIR, Checkpoint, CheckpointError, load_checkpoint, manifest_digests,
-                         read_latest, resolve)
+                         read_latest, resolve, step_of)
 from .config import PRESETS, ConfigError, ModelConfig, preset, read_json
 from .data import ByteTokenizer, Corpus, DataError, HFTokenizer, Tokenizer, expand_paths, stdlib_files, val_batches
 from .defaults import default_run
@@ -167,7 +167,7 @@ def _left_behind(out: Path, steps: int) -> str:
         name = read_latest(out)
     except CheckpointError as e:
         return str(e)
-    if name == f"step-{steps:07d}":  # stopped as it tidied up after its last checkpoint: nothing to resume
+    if name is not None and step_of(name) == steps:  # stopped as it tidied up after its last checkpoint: nothing to resume
         return f"the run is done: {out / name} is its last checkpoint"
     if name is not None:
         return f"{out / name} stays; train --resume --out {out} continues from it"

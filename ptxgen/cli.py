@@ -149,7 +149,7 @@ def _help(argv: Sequence[str]) -> bool:
 
 
 def cmd_list(argv: Sequence[str]) -> int:
-    if list(argv) in (["-h"], ["--help"]):
+    if len(argv) == 1 and argv[0] in HELP:
         print(USAGE)
         return 0
     if argv:
