@@ -358,6 +358,12 @@ class KernelSpec:
         kernel's to the loads in its PTX."""
         return ()
 
+    def blocks_wait(self) -> bool:
+        """Whether some of its blocks wait for others of the same launch to get an SM and finish (a
+        split tail's part 0 for the other parts): two such launches must not run at once, or each
+        could hold the SMs the other's awaited blocks need (runtime.plan orders them)."""
+        return False
+
     def arch(self, target: Target) -> str:
         """The architecture the module is written and assembled for: the target's, or (a kernel
         using sm_90a-only instructions such as wgmma) its architecture-specific variant."""

@@ -1,7 +1,9 @@
 """A launch plan's steps as one CUDA graph, built explicitly node by node through the driver API.
 
-Each step becomes a kernel node (or a memset node) that depends on the one before, so the graph
-runs the steps in plan order, as the stream did. A node copies its launch's arguments when it is
+Each step becomes a kernel node (or a memset node) that depends on the steps its plan says it
+must follow (``runtime.plan.dependencies``: what it reads or writes was last written, or read,
+there), so that steps that touch none of the same memory may run at once (say, a bias's column sum
+beside the next GEMM); without them, on the one before, in plan order, as the stream did. A node copies its launch's arguments when it is
 made; a step whose named values change is ``touch``ed and its node updated in the instantiated
 graph (``cuGraphExecKernelNodeSetParams``: arguments and grid) before the next launch.
 """
@@ -44,20 +46,22 @@ def _memset_params(step: _Memset) -> Any:
 
 
 class Graph:
-    """The instantiated graph of ``steps`` (each a plan step with a ``launch``, or a fill)."""
+    """The instantiated graph of ``steps`` (each a plan step with a ``launch``, or a fill), step j
+    after the steps ``dependencies[j]`` names (by index; default: the one before it)."""
 
-    def __init__(self, steps: Sequence[_Kernel | _Memset]):
+    def __init__(self, steps: Sequence[_Kernel | _Memset], dependencies: Sequence[Sequence[int]] | None = None):
         context = device().context
         self._graph = call("cuGraphCreate", 0)
         self._nodes: dict[int, tuple[Any, Any]] = {}
-        before: list[Any] = []
-        for step in steps:
+        nodes: list[Any] = []
+        for j, step in enumerate(steps):
+            before = [nodes[i] for i in dependencies[j]] if dependencies is not None else nodes[-1:]
             if hasattr(step, "launch"):
                 node = call("cuGraphAddKernelNode", self._graph, before, len(before), _kernel_params(step.launch))
             else:
                 node = call("cuGraphAddMemsetNode", self._graph, before, len(before), _memset_params(step), context)
             self._nodes[id(step)] = step, node
-            before = [node]
+            nodes.append(node)
         self._exec = call("cuGraphInstantiate", self._graph, 0)
         self._stale: set[int] = set()
 

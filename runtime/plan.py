@@ -100,6 +100,19 @@ def _extent(arg: Arg, values: dict[str, Number]) -> tuple[int, int]:
     return 0, 1 << 64
 
 
+_EVERYWHERE = (0, 1 << 63)
+
+
+def _span(arg: Arg) -> tuple[int, int]:
+    """(address, bytes) a pointer argument may reach at any values: a view's bytes; an
+    expression's whole base buffer; a bare address (or one computed from values alone), anywhere."""
+    if isinstance(arg, (View, DeviceArray)):
+        return arg.ptr, arg.nbytes
+    if isinstance(arg, Expr) and arg.base is not None:
+        return arg.base.ptr, arg.base.nbytes
+    return _EVERYWHERE
+
+
 def _label(arg: Arg) -> str:
     if isinstance(arg, (View, DeviceArray)):
         return getattr(arg, "name", "") or repr(arg)
@@ -146,6 +159,11 @@ class Step:
         names = list(self.reads()) if reads else self.spec.outputs()
         return [_extent(self.operands.get(name, self.args[name]), values) for name in names]
 
+    def spans(self, reads: bool = False) -> list[tuple[int, int]]:
+        """``extents`` at any values (``_span``): what a graph's dependencies are made from."""
+        names = list(self.reads()) if reads else self.spec.outputs()
+        return [_span(self.operands.get(name, self.args[name])) for name in names]
+
     def resolve(self, values: dict[str, Number]) -> None:
         for name, arg in self.args.items():
             if isinstance(arg, Expr) and arg.names() & self.values:
@@ -180,6 +198,9 @@ class Fill:
 
     def extents(self, values: dict[str, Number], reads: bool = False) -> list[tuple[int, int]]:
         return [] if reads else [(self.target.ptr, 4 * self.words)]
+
+    def spans(self, reads: bool = False) -> list[tuple[int, int]]:
+        return self.extents({}, reads)
 
     def resolve(self, values: dict[str, Number]) -> None:
         pass
@@ -368,7 +389,7 @@ class Plan:
             if isinstance(part, Host):
                 raise ValueError(f"segment {segment} of {sections or 'the plan'} is a host step")
         if (sections, segment) not in self._graphs:
-            self._graphs[(sections, segment)] = Graph(part)
+            self._graphs[(sections, segment)] = Graph(part, dependencies(part))
         return self._graphs[(sections, segment)]
 
     def last_writer(self, start: int, size: int, *sections: str) -> int | None:
@@ -397,6 +418,37 @@ class Plan:
         for array in self._kept:
             array.free()
         self._kept.clear()
+
+
+def dependencies(steps: Sequence[Step | Fill]) -> list[list[int]]:
+    """For each step, the earlier steps it must run after, so that a graph of them may run the
+    others at once: the last to write what it reads or writes, and those that read what it writes
+    since (each region as ``spans`` gives it: at any values); and, for a launch whose blocks wait
+    for one another (``KernelSpec.blocks_wait``), the last such launch. None implied by another
+    (a step that one of the others already runs after is left out)."""
+    writes, reads = [s.spans() for s in steps], [s.spans(reads=True) for s in steps]
+    ancestors: list[int] = []  # bit i: step i runs before
+    out: list[list[int]] = []
+    waiting = None
+    for j, step in enumerate(steps):
+        direct = {i for i in range(j) if _overlap(writes[i], reads[j] + writes[j]) or _overlap(reads[i], writes[j])}
+        if getattr(step, "spec", None) is not None and step.spec.blocks_wait():
+            if waiting is not None:
+                direct.add(waiting)
+            waiting = j
+        implied = 0
+        for i in direct:
+            implied |= ancestors[i]
+        kept = sorted(i for i in direct if not implied >> i & 1)
+        for i in kept:
+            implied |= 1 << i
+        ancestors.append(implied)
+        out.append(kept)
+    return out
+
+
+def _overlap(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
+    return any(x < y + m and y < x + n for x, n in a for y, m in b if n and m)
 
 
 def _segments(steps: list[Step | Fill | Host]) -> list[list[Step | Fill] | Host]:

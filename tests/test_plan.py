@@ -16,7 +16,7 @@ from ptxgen.kernels.adamw import AdamWSpec
 from ptxgen.kernels.cast import CastSpec
 from ptxgen.registry import get_kind, kinds
 from runtime.memory import View
-from runtime.plan import Expr, Plan
+from runtime.plan import Expr, Plan, dependencies, offset
 
 QWEN_SHAPED = dataclasses.replace(preset("qwen2-0.5b"), num_layers=2)
 
@@ -126,7 +126,7 @@ def test_setting_a_value_updates_only_its_readers_also_those_added_since_and_onl
     plan.set(b=1)
     assert (first.grid, second.grid) == ((4, 1, 1), (5, 1, 1))
     touched = []
-    monkeypatch.setattr("runtime.plan.Graph", lambda steps: type("G", (), {"touch": lambda _, s: touched.append(s)})())
+    monkeypatch.setattr("runtime.plan.Graph", lambda steps, dependencies: type("G", (), {"touch": lambda _, s: touched.append(s)})())
     plan.graph()  # (capturing one needs a GPU)
     plan.set(a=4, b=1)  # as they are: no graph node to update
     plan.set(a=4, b=2)
@@ -394,7 +394,7 @@ def test_a_host_step_inserted_after_a_launch_runs_right_after_it_in_its_section(
     assert plan.of() == [first, a, b, last] and a.section == b.section == "backward"
     plan.run()
     assert calls == ["a", "b"]
-    monkeypatch.setattr("runtime.plan.Graph", lambda steps: object())  # (capturing one needs a GPU)
+    monkeypatch.setattr("runtime.plan.Graph", lambda steps, dependencies: object())  # (capturing one needs a GPU)
     captured = plan.graph("backward", segment=0)
     assert plan.graph("backward", segment=0) is captured  # captured once
     with pytest.raises(RuntimeError, match="inserted after the plan's graphs were built"):
@@ -406,6 +406,69 @@ def test_a_plans_graph_is_captured_once_whether_or_not_its_segment_is_named(plan
     spec = CastSpec()
     src, dst = view("src"), view("dst", 1 << 21, dtype="bf16")
     plan.add(spec, spec.launch_dims(16), label="cast", src=src, dst=dst, n=16)
-    monkeypatch.setattr("runtime.plan.Graph", lambda steps: object())  # (capturing one needs a GPU)
+    monkeypatch.setattr("runtime.plan.Graph", lambda steps, dependencies: object())  # (capturing one needs a GPU)
     whole = plan.graph()
     assert plan.graph() is whole is plan.graph(segment=0)
+
+
+def _cast(plan: Plan, label: str, src, dst):
+    spec = CastSpec()
+    return plan.add(spec, spec.launch_dims(16), label=label, src=src, dst=dst, n=16)
+
+
+def test_a_graphs_steps_follow_only_the_steps_whose_memory_they_touch(plan):
+    """A step runs after the last to write what it reads or writes, and after those that read what
+    it writes since; steps on memory of their own depend on nothing (a graph may run them at once);
+    no dependency is listed that another already implies."""
+    a, b, c, d = (view(x, ptr=(1 + i) << 20) for i, x in enumerate("abcd"))
+    _cast(plan, "a -> b", a, b)  # 0
+    _cast(plan, "c -> d", c, d)  # 1: nothing in common with 0
+    _cast(plan, "b -> c", b, c)  # 2: reads what 0 wrote, writes what 1 read and wrote
+    _cast(plan, "a -> b again", a, b)  # 3: writes what 2 read (2 follows 0 already)
+    _cast(plan, "d -> a", d, a)  # 4: reads 1's, writes what 0 and 3 read
+    assert dependencies(plan.of()) == [[], [], [0, 1], [2], [3]]
+
+
+def test_an_address_made_from_values_counts_as_its_whole_buffer_and_a_bare_one_as_all_memory(plan):
+    """The dependencies hold at any values: an argument at an offset set per run reaches its whole
+    buffer, one that names no buffer reaches everything."""
+    a, b, c, d = (view(x, ptr=(1 + i) << 20) for i, x in enumerate("abcd"))
+    at = plan.value("row", 0)
+    _cast(plan, "a -> b[row:]", a, offset(b, at * 64))  # 0
+    _cast(plan, "b[0:] -> c", view("b's start", ptr=b.ptr, size=16), c)  # 1: b's start, whatever row is
+    _cast(plan, "d -> somewhere", d, 5 << 20)  # 2: a bare address: anywhere
+    assert dependencies(plan.of()) == [[], [0], [1]]
+
+
+def test_launches_whose_blocks_wait_for_each_other_never_run_at_once():
+    """Two split-tail GEMMs on memory of their own still run one after the other: each could hold
+    the SMs the other's awaited blocks need."""
+    class Launch:
+        def __init__(self, at: int, waits: bool):
+            self.at, self.spec = at, type("S", (), {"blocks_wait": lambda _: waits})()
+
+        def spans(self, reads: bool = False):
+            return [(self.at + reads, 1)]
+    steps = [Launch(0, True), Launch(8, False), Launch(16, True), Launch(24, True)]
+    assert dependencies(steps) == [[], [], [0], [2]]
+
+
+def test_every_pair_of_the_models_steps_on_the_same_memory_is_ordered(monkeypatch):
+    """In the whole training step's graphs, of every two steps where one writes what the other
+    reads or writes, the earlier runs before the later (directly or through others)."""
+    from runtime.plan import _overlap, _segments
+    with dry_device(monkeypatch):
+        model = _backend(QWEN_SHAPED, Precision.BF16)
+        plan = model.plan(2, 64)
+        for part in (s for s in _segments(plan.of()) if isinstance(s, list)):
+            deps, before = dependencies(part), []
+            for j, kept in enumerate(deps):
+                before.append(set(kept).union(*(before[i] for i in kept)))
+                w, r = part[j].spans(), part[j].spans(reads=True)
+                for i in range(j):
+                    if _overlap(part[i].spans(), r + w) or _overlap(part[i].spans(reads=True), w):
+                        assert i in before[j], (part[i].label, part[j].label)
+            beside_the_next = {part[j - 1].kind for j in range(1, len(part)) if j - 1 not in before[j]}
+            if part[0].section == "backward":  # e.g. the bias's column sum beside the GEMMs after it
+                assert {"colsum", "gemm_wgmma"} <= beside_the_next, beside_the_next
+        model.close()

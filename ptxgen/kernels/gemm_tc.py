@@ -204,6 +204,9 @@ class TensorCoreGemm:
         return (self.c_param,) + (("stats",) if self.row_stats else ()) + (("keys", "values") if self.rope_heads else ()) + \
             (("tmap_act",) if self.swiglu_act else ()) + (("partials", "flags") if self.split_tail else ())
 
+    def blocks_wait(self) -> bool:  # a cut tail's part 0 spins until the other parts' flags are up
+        return self.split_tail
+
     def read_outputs(self) -> tuple[str, ...]:  # a cut tail's flags count its parts (reset by the last)
         return ((self.c_param,) if self.accumulate else ()) + (("flags",) if self.split_tail else ())
 
