@@ -5,7 +5,8 @@ checkpoint directory has ``config.json`` (HF Qwen2, or Llama for a model without
 ``model.safetensors`` (HF tensor names, f32 or, with ``save_dtype="bf16"``, bf16 beside an f32
 ``master.safetensors`` so a resume stays exact), ``optimizer.safetensors`` (AdamW moments by
 parameter name), ``trainer.json`` (step, data position, training settings), when the run has them
-``tokenizer.json`` and ``generation_config.json``, and ``manifest.json`` (written last: the size and
+``tokenizer.json`` with the files transformers reads beside it (``tokenizer_config.json``, ...) and
+``generation_config.json``, and ``manifest.json`` (written last: the size and
 sha256 of every other file). A checkpoint is written into a temporary directory and renamed into
 place, then ``latest`` is replaced atomically, so a crash at any point leaves the previous checkpoint
 whole and ``latest`` naming a complete one. Rotation removes only checkpoints older than the one
@@ -26,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -34,12 +35,14 @@ from ptxgen.files import default_mode, fsync_dir, fsync_fd, fsync_tree, read_fil
 from ptxgen.spec import sha256_hex
 
 from .config import ModelConfig
+from .data import TOKENIZER_SIDECARS
 from .generation_config import Sampling
 from .hf import (SAVE_DTYPES, MASTER, CheckpointError, generation_defaults, model_params, read_config,
                  read_tensors, read_weights, save_tensors, write_weights)
 from .params import param_shapes
 
 LATEST = "latest"
+TOKENIZER_FILES = ("tokenizer.json", *TOKENIZER_SIDECARS)
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"step-(\d{7,})")
 _LATEST_TEXT = re.compile(rb"(step-\d{7,})\n?")  # exactly as written: any other byte is damage
@@ -82,14 +85,15 @@ class Checkpoint:
 
 def save_checkpoint(run_dir: Path, step: int, config: ModelConfig, params: dict[str, np.ndarray],
                     optimizer: dict[str, np.ndarray], trainer: dict[str, Any],
-                    tokenizer_file: Path | bytes | None = None, keep: int = 2, save_dtype: str = "fp32",
+                    tokenizer: Mapping[str, bytes] | None = None, keep: int = 2, save_dtype: str = "fp32",
                     generation_config: Path | bytes | None = None) -> Path:
     """Write ``run_dir/step-NNNNNNN`` atomically with its manifest, point ``latest`` at it, and keep
     it and the newest ``keep - 1`` older ones (``keep`` <= 0: keep all).
 
     ``save_dtype`` bf16 writes the model's weights in bf16 (as Qwen releases ship) and the f32
-    master weights beside them, so a resume continues bit for bit. ``tokenizer_file`` and
-    ``generation_config`` are copied in (as bytes read when the run started, or from a file)."""
+    master weights beside them, so a resume continues bit for bit. ``tokenizer``: the tokenizer's files
+    by name, as read when the run started (``Tokenizer.files``); ``generation_config`` is copied in (bytes
+    read when the run started, or a file)."""
     if save_dtype not in SAVE_DTYPES:
         raise ValueError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, got {save_dtype!r}")
     run_dir = Path(run_dir)
@@ -106,11 +110,14 @@ def save_checkpoint(run_dir: Path, step: int, config: ModelConfig, params: dict[
                          {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in optimizer.items()})
         if trainer:
             (tmp / "trainer.json").write_text(json.dumps(trainer, indent=2) + "\n")
-        for name, source in (("tokenizer.json", tokenizer_file), ("generation_config.json", generation_config)):
-            if isinstance(source, bytes):  # as read when the run started
-                (tmp / name).write_bytes(source)
-            elif source is not None:
-                shutil.copyfile(source, tmp / name)
+        for name, data in (tokenizer or {}).items():
+            if name not in TOKENIZER_FILES:  # (a name is a file of this folder, never a path)
+                raise ValueError(f"{name!r} is not a tokenizer file ({', '.join(TOKENIZER_FILES)})")
+            (tmp / name).write_bytes(data)
+        if isinstance(generation_config, bytes):  # as read when the run started
+            (tmp / "generation_config.json").write_bytes(generation_config)
+        elif generation_config is not None:
+            shutil.copyfile(generation_config, tmp / "generation_config.json")
         write_manifest(tmp)
         for entry in (*tmp.iterdir(), tmp):  # as the run's other files: mkdtemp's and safetensors' are private
             os.chmod(entry, default_mode(entry.is_dir()))
@@ -356,12 +363,12 @@ def read_optimizer_state(path: Path, expected: dict[str, tuple[int, ...]]) -> di
 
 def load_checkpoint(path: Path) -> Checkpoint:
     """A checkpoint of ours or a directory transformers wrote: config through the closed key table,
-    weights in their stored dtype (single or sharded), checked against the config."""
+    weights in their stored dtype (single or sharded), checked against the config (its dtype too)."""
     path = resolve(path)
     verify_manifest(path)
     hf = read_config(path)
     config = hf.config
-    params = model_params(config, read_weights(path), path, zero_biases_exported=not config.qkv_bias)
+    params = model_params(config, read_weights(path, hf), path, zero_biases_exported=not config.qkv_bias)
     optimizer = read_optimizer_state(path, param_shapes(config))
     trainer = read_trainer_state(path)
     return Checkpoint(path, config, params, optimizer, trainer, generation_defaults(path, hf))

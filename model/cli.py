@@ -29,7 +29,8 @@ from . import rundir
 from .checkpoint import (LATEST, STEP_DIR, Checkpoint, CheckpointError, load_checkpoint, manifest_digests,
                          read_latest, resolve, step_of)
 from .config import PRESETS, ConfigError, ModelConfig, preset, read_json
-from .data import ByteTokenizer, Corpus, DataError, HFTokenizer, Tokenizer, expand_paths, stdlib_files, val_batches
+from .data import (ByteTokenizer, Corpus, DataError, HFTokenizer, Tokenizer, expand_paths, read_tokenizer_files,
+                   stdlib_files, val_batches)
 from .defaults import default_run
 from .footprint import MemoryTooSmall, check_model_fits, generate_bytes, n_params, train_bytes
 from .generate import GenerateSettings, generate_as
@@ -226,13 +227,6 @@ def _given(ns: argparse.Namespace, cls: type) -> dict:
     return {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
 
 
-def _sha256_file(path: Path) -> str:
-    try:
-        return sha256_hex(read_file(path))
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
-
-
 def _resume_settings(ns: argparse.Namespace, ckpt: Checkpoint) -> tuple[TrainSettings, AdamWSettings]:
     """The saved run's settings, with the flags given checked against them (one line naming the
     first that contradicts)."""
@@ -286,7 +280,8 @@ def _resume_inputs(ns: argparse.Namespace, ckpt: Checkpoint) -> None:
         ns.data = t["data"]
     saved_tok = ckpt.tokenizer_path
     if ns.tokenizer:
-        if saved_tok is None or _sha256_file(Path(ns.tokenizer)) != _sha256_file(saved_tok):
+        # (its files: a tokenizer_config.json beside it that the run's lacks, or says otherwise, is another tokenizer)
+        if saved_tok is None or read_tokenizer_files(Path(ns.tokenizer)) != read_tokenizer_files(saved_tok):
             raise UsageError(f"--resume: --tokenizer {ns.tokenizer} is not the tokenizer the run was saved with")
     ns.tokenizer = saved_tok
     saved_precision = t.get("precision")
@@ -348,9 +343,18 @@ def _config_file(path: Path, new_model: bool) -> HFConfig:
         given = parse_hf_config(data)
         if new_model:
             given.check_new_model()
-        return given
     except ConfigError as e:
         raise ConfigError(f"--config {path}: {e}") from None
+    return _trainable(given, f"--config {path}")
+
+
+def _trainable(given: HFConfig, where: str) -> HFConfig:
+    """A config a run trains from: one it can honour in training too (``HFConfig.check_trainable``)."""
+    try:
+        given.check_trainable()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return given
 
 
 def cmd_train(argv: Sequence[str]) -> int:
@@ -407,6 +411,8 @@ def cmd_train(argv: Sequence[str]) -> int:
     plan = None if (ns.preset or ns.config or ns.init or ns.resume) else here
     given = _config_file(ns.config, new_model=not (ns.init or ns.resume)) if ns.config else None
     config = given.config if given is not None else preset(ns.preset or here.preset)
+    if ns.init:  # (its config alone first: a file the trainer cannot honour is refused before the weights are read)
+        _trainable(read_config(resolve(ns.init)), f"--init {ns.init}")
     init = load_checkpoint(ns.init) if ns.init else None
     tokenizer_file = Path(ns.tokenizer) if ns.tokenizer else None
     generation_config = None  # what our checkpoints say generate should do (transformers' format)
@@ -554,7 +560,7 @@ def cmd_train(argv: Sequence[str]) -> int:
         stays = functools.partial(_saying_what_stays, out, settings.steps, primary)
         with stays():
             result = train(config, settings, adamw, corpus, factory, out, resume=ckpt or False,
-                           tokenizer_file=tokenizer_file, tokenizer_name=tokenizer.name, run_state=run_state,
+                           tokenizer=tokenizer, run_state=run_state,
                            log=say, initial=init.params if init else None, save_dtype=ns.save_dtype,
                            generation_config=generation_config, comm=comm)
         if comm is not None:  # the ranks are done together: part before rank 0's sample

@@ -5,6 +5,8 @@ batches taken in order from the token stream, so a data position (one integer) i
 """
 from __future__ import annotations
 
+import json
+import os
 import stat
 import sysconfig
 from dataclasses import dataclass
@@ -13,8 +15,10 @@ from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
-from ptxgen.files import read_file
+from ptxgen.files import read_file, why
 from ptxgen.spec import sha256_hex
+
+from .config import unique_keys
 
 VAL_EVERY = 20  # every 20th file (in sorted order) is validation data: about 5%
 
@@ -26,6 +30,7 @@ class DataError(ValueError):
 class Tokenizer(Protocol):
     name: str
     vocab_size: int
+    files: dict[str, bytes]  # what a checkpoint keeps to load the same tokenizer: file name -> bytes as read
 
     def encode(self, text: bytes) -> np.ndarray: ...
 
@@ -37,6 +42,7 @@ class ByteTokenizer:
 
     name = "byte"
     vocab_size = 256
+    files: dict[str, bytes] = {}
 
     def encode(self, text: bytes) -> np.ndarray:
         return np.frombuffer(text, dtype=np.uint8).astype(np.int32)
@@ -48,8 +54,33 @@ class ByteTokenizer:
         return bytes(i if 0 <= i < self.vocab_size else 0xFF for i in map(int, ids)).decode("utf-8", errors="replace")
 
 
+# What transformers' AutoTokenizer reads beside tokenizer.json (vocab.json and merges.txt are the slow
+# tokenizer's, which tokenizer.json replaces): the special tokens, add_bos_token, the chat template
+TOKENIZER_SIDECARS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
+
+def read_tokenizer_files(path: Path) -> dict[str, bytes]:
+    """A tokenizer.json (kept under that name whatever it is called) and the sidecars beside it, as read
+    now: a run encodes with these bytes and copies the same into its checkpoints. A sidecar that is there
+    but cannot be read (a dangling link) is refused, not skipped."""
+    path = Path(path)
+    files = {"tokenizer.json": path, **{name: path.parent / name for name in TOKENIZER_SIDECARS
+                                        if os.path.lexists(path.parent / name)}}
+    out = {}
+    for name, file in files.items():
+        try:
+            out[name] = read_file(file)
+        except OSError as e:
+            raise DataError(f"cannot load tokenizer {file}: {why(e)}") from None
+    return out
+
+
 class HFTokenizer:
-    """A Hugging Face ``tokenizer.json`` (through the ``tokenizers`` library)."""
+    """A Hugging Face ``tokenizer.json`` (through the ``tokenizers`` library), encoding as transformers'
+    ``tokenizer(text)`` does: the file's post-processor adds its special tokens (a Llama tokenizer's
+    BOS), nothing is truncated or padded, and ``tokenizer_config.json`` beside it is honoured where it
+    changes the ids (``split_special_tokens``) and refused where it contradicts the file (``add_bos_token``,
+    ``add_eos_token``: transformers 5.x rebuilds the post-processor from them, 4.x kept the file's)."""
 
     name = "tokenizer.json"
 
@@ -57,16 +88,74 @@ class HFTokenizer:
         from tokenizers import Tokenizer as _Tokenizer
 
         self.path = Path(path)
+        self.files = read_tokenizer_files(self.path)
         try:
-            self._tok = _Tokenizer.from_str(read_file(self.path).decode("utf-8"))
+            self._tok = _Tokenizer.from_str(self.files["tokenizer.json"].decode("utf-8"))
         except Exception as e:  # the library raises its own types for unreadable and malformed files
             raise DataError(f"cannot load tokenizer {self.path}: {str(e).splitlines()[0]}") from None
+        # transformers' tokenizer(text) turns off a truncation or padding the file stores (truncation=False,
+        # padding=False): kept, each file of a corpus was cut to (or padded to) the stored length
+        self._tok.no_truncation()
+        self._tok.no_padding()
         self.vocab_size = self._tok.get_vocab_size()
+        config = self._json("tokenizer_config.json")
+        split = config.get("split_special_tokens", False)
+        if not isinstance(split, bool):
+            raise self._refused(f"split_special_tokens = {split!r}", "must be true or false")
+        self._tok.encode_special_tokens = split  # true: "<|endoftext|>" in a text is text, as transformers reads it
+        self._check_bos_eos(config)
+
+    def _json(self, name: str) -> dict:
+        if name not in self.files:
+            return {}
+        try:
+            data = json.loads(self.files[name].decode("utf-8"), object_pairs_hook=unique_keys)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise DataError(f"cannot read {self.path.parent / name}: {why(e)}") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{self.path.parent / name} must hold a JSON object, got {type(data).__name__}")
+        return data
+
+    def _refused(self, said: str, reason: str) -> DataError:
+        return DataError(f"{self.path.parent / 'tokenizer_config.json'}: {said}: {reason}")
+
+    def _check_bos_eos(self, config: dict) -> None:
+        """``add_bos_token`` / ``add_eos_token``, where either is given, must say what the post-processor
+        adds: transformers 5.x then rebuilds it as [bos] text [eos] from them (the other one false, a token
+        the files do not name left out), its 4.x generic tokenizer kept the file's. Two readings of one
+        folder are refused, not resolved in favour of either."""
+        given = {k: config[k] for k in ("add_bos_token", "add_eos_token") if k in config}
+        if not given:
+            return
+        for key, value in given.items():
+            if not isinstance(value, bool):
+                raise self._refused(f"{key} = {value!r}", "must be true or false")
+        special_map = self._json("special_tokens_map.json")
+        added: dict[str, list[int]] = {}
+        for key, role in (("add_bos_token", "bos_token"), ("add_eos_token", "eos_token")):
+            token = config.get(role, special_map.get(role))
+            token = token.get("content") if isinstance(token, dict) else token
+            if not given.get(key) or token is None:
+                added[key] = []
+            elif not isinstance(token, str) or self._tok.token_to_id(token) is None:
+                raise self._refused(f"{role} = {token!r}", f"is not a token of {self.path}")
+            else:
+                added[key] = [self._tok.token_to_id(token)]
+        probe = "a"
+        try:
+            text = self._tok.encode(probe, add_special_tokens=False).ids
+        except Exception:  # a vocabulary without "a" and without an unknown token: the special tokens alone
+            probe, text = "", []
+        got, want = self._tok.encode(probe).ids, added["add_bos_token"] + text + added["add_eos_token"]
+        if got != want:
+            raise self._refused(", ".join(f"{k} = {v!r}" for k, v in given.items()),
+                                f"tokenizer.json's post-processor encodes {probe!r} as {got}, this file as {want} "
+                                "(transformers 5.x follows this file, 4.x tokenizer.json): make them agree")
 
     def encode(self, text: bytes) -> np.ndarray:
         # strict: a file that is not UTF-8 read with U+FFFD in place of its bad bytes trained the model on
         # text that is in no file (the UnicodeDecodeError's offset is said by the caller, with the file)
-        ids = self._tok.encode(text.decode("utf-8"), add_special_tokens=False).ids
+        ids = self._tok.encode(text.decode("utf-8")).ids  # with the post-processor's special tokens
         return np.asarray(ids, dtype=np.int32)
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -3,7 +3,9 @@
 The safetensors library parses and checks each file's header and offsets (``deserialize``); numpy
 and ``ml_dtypes`` turn the bytes into arrays (numpy has no bfloat16, so ``safetensors.numpy``
 cannot read the files every Qwen2 release ships). Weights are read in the dtype they were saved in
-and widened exactly to float32; a checkpoint whose tensors do not match its config is refused.
+and widened exactly to float32; a checkpoint whose tensors do not match its config is refused, and so
+is one whose config.json ``dtype`` would round a stored value: transformers 5.x casts the weights to
+that dtype as it loads them (4.x read them as stored), so such a file is two models.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .params import over_layers, param_shapes
 
 # safetensors dtype name -> numpy dtype, for the dtypes a checkpoint's weights may be stored in
 STORED = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16)}
+CONFIG_DTYPES = {"float32": STORED["F32"], "bfloat16": STORED["BF16"], "float16": STORED["F16"]}  # config.json's names
 # --save-dtype -> (safetensors name, config.json name)
 SAVE_DTYPES = {"fp32": ("F32", "float32"), "bf16": ("BF16", "bfloat16")}
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -85,8 +88,9 @@ def read_tensors(file: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def read_weights(path: Path) -> dict[str, np.ndarray]:
-    """All weight tensors of a checkpoint directory, widened exactly to float32.
+def read_weights(path: Path, hf: HFConfig | None = None) -> dict[str, np.ndarray]:
+    """All weight tensors of a checkpoint directory, widened exactly to float32, each of whose values
+    ``hf``'s dtype holds exactly (``check_config_dtype``).
 
     Beside a narrower model.safetensors, this project keeps the f32 masters (``MASTER``): they are
     the weights, and they must round to exactly what model.safetensors holds (else one of the two
@@ -100,6 +104,8 @@ def read_weights(path: Path) -> dict[str, np.ndarray]:
         for name, t in tensors.items():
             if name in stored:
                 raise CheckpointError(f"{name} is stored twice ({file.name} and another shard)")
+            if hf is not None:
+                check_config_dtype(hf, name, t, file)
             stored[name] = t
     if (path / MASTER).is_file():
         masters = read_tensors(path / MASTER)
@@ -115,6 +121,24 @@ def read_weights(path: Path) -> dict[str, np.ndarray]:
         if not np.isfinite(w).all():
             raise CheckpointError(f"{path}: {name} holds non-finite values (NaN or infinity)")
     return weights
+
+
+def check_config_dtype(hf: HFConfig, name: str, stored: np.ndarray, file: Path) -> None:
+    """transformers 5.x loads a checkpoint in its config's dtype (``dtype="auto"``), casting each stored
+    tensor; this project reads the stored values exactly. The two agree when the cast is exact (a
+    widening, or values the narrower dtype holds): otherwise one line naming the key and the file."""
+    to = CONFIG_DTYPES.get(hf.dtype) if hf.dtype is not None else None
+    if to is None or to == stored.dtype or to == STORED["F32"] or name.endswith(ROTARY):  # (inv_freq: not loaded)
+        return
+    wide = stored.astype(np.float32)
+    with np.errstate(over="ignore"):  # (out of range: infinity, which then differs)
+        exact = np.array_equal(wide.astype(to).astype(np.float32), wide, equal_nan=True)
+    if not exact:
+        kind = next(k for k, dt in STORED.items() if dt == stored.dtype)
+        raise CheckpointError(f"{file.parent / 'config.json'}: {hf.dtype_key} = {hf.dtype!r}: {file.name} stores "
+                              f"{name} in {kind} with values {hf.dtype} cannot hold; transformers 5.x rounds them "
+                              f"as it loads, this project reads them as stored: say the stored dtype, or save the "
+                              f"weights in {hf.dtype}")
 
 
 def model_params(config: ModelConfig, weights: dict[str, np.ndarray], path: Path,

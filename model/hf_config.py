@@ -27,9 +27,11 @@ class HFConfig:
 
     config: ModelConfig
     model_type: str
-    dtype: str | None             # the dtype the weights were saved in, as the file says
+    dtype: str | None             # the dtype transformers 5.x casts the weights to as it loads them
     eos_token_ids: tuple[int, ...]
     initializer_range: Any = INIT_STD  # the std transformers draws a new model's weights at (absent: its 0.02)
+    attention_dropout: float = 0.0     # active only while training (transformers' eval mode drops it)
+    dtype_key: str = "dtype"           # the key that said ``dtype`` (5.x dtype, or 4.x torch_dtype)
 
     def check_new_model(self) -> None:
         """Where a new model is drawn from this file (``train --config``): the std it asks for must be the
@@ -39,6 +41,14 @@ class HFConfig:
         if isinstance(v, bool) or v != INIT_STD:
             raise _fail("initializer_range", v, f"a new model here is drawn at std {INIT_STD} (this project's init, "
                         f"model/params.py): say {INIT_STD} or drop the key")
+
+    def check_trainable(self) -> None:
+        """Where a run trains from this file (``train --config``, ``train --init``): the trainer has no
+        dropout, so a nonzero ``attention_dropout`` (which generation ignores, as transformers does
+        outside training) would be a run that silently trains another model than the file asks for."""
+        if self.attention_dropout:
+            raise _fail("attention_dropout", self.attention_dropout, "training here has no dropout (generate "
+                        "ignores it, as transformers does outside training): say 0.0 to train from this file")
 
 
 def _fail(key: str, value: Any, why: str) -> ConfigError:
@@ -106,6 +116,22 @@ def _any(key: str, v: Any) -> Any:
     return v
 
 
+def _one(key: str, v: Any) -> Any:
+    """A scaling that is the identity at 1 (1.0 or 1, never true), refused at any other value."""
+    if isinstance(v, bool) or finite_float(v) != 1.0:
+        why = "partial RoPE is not implemented here" if key.endswith("partial_rotary_factor") else \
+            "a scaling factor other than 1 under the default type (transformers ignores it): say 1.0 or drop it"
+        raise _fail(key, v, why)
+    return v
+
+
+def _dropout(key: str, v: Any) -> float:
+    p = finite_float(v)
+    if p is None or not 0 <= p <= 1:
+        raise _fail(key, v, "must be a probability in [0, 1]")
+    return p
+
+
 def _rope_parameters(key: str, v: Any) -> float | None:
     """5.x's ``rope_parameters`` and 4.x's ``rope_scaling`` alike: null, or {"rope_type" (4.x:
     "type"): "default", "rope_theta": ...}; anything else changes the frequencies. (transformers
@@ -121,11 +147,8 @@ def _rope_parameters(key: str, v: Any) -> float | None:
     for k, x in v.items():
         if k not in ("rope_type", "type", "rope_theta", "partial_rotary_factor", "factor"):
             raise _fail(f"{key}.{k}", x, "unknown RoPE parameter (not implemented here)")
-        if k == "partial_rotary_factor" and x != 1.0:
-            raise _fail(f"{key}.{k}", x, "partial RoPE is not implemented here")
-        if k == "factor" and x != 1.0:  # (transformers' default type drops it)
-            raise _fail(f"{key}.{k}", x, "a scaling factor other than 1 under the default type (transformers "
-                        "ignores it): say 1.0 or drop it")
+        if k in ("partial_rotary_factor", "factor"):  # (a factor under the default type: transformers drops it)
+            _one(f"{key}.{k}", x)
     return _positive_float(f"{key}.rope_theta", v["rope_theta"]) if "rope_theta" in v else None
 
 
@@ -146,7 +169,8 @@ class Key:
     """One config key: ``check`` validates the value and returns what the model takes from it."""
 
     check: Callable[[str, Any], Any]
-    effect: str   # "model" (consumed), "none" (no effect on the math, said why), "generation" or "init"
+    effect: str   # "model" (consumed), "none" (no effect on the math, said why), "generation", "init",
+    #               "training" (a run refuses what it cannot honour) or "load" (checked against the weights)
     why: str
 
 
@@ -160,11 +184,14 @@ KEYS: dict[str, Key] = {
     "num_attention_heads": Key(_int, "model", "query heads"),
     "num_key_value_heads": Key(lambda k, v: None if v is None else _int(k, v), "model",
                                "KV heads (null: as many as query heads)"),
-    "head_dim": Key(_int, "model", "must equal hidden_size / num_attention_heads"),
+    "head_dim": Key(lambda k, v: None if v is None else _int(k, v), "model",
+                    "must equal hidden_size / num_attention_heads (null: that, as transformers reads it)"),
     "rms_norm_eps": Key(_eps, "model", "RMSNorm eps, baked into the norm kernels"),
     "rope_theta": Key(_positive_float, "model", "RoPE base (4.x layout), baked into the RoPE kernels"),
     "rope_parameters": Key(_rope_parameters, "model", "RoPE base and type (5.x layout)"),
     "rope_scaling": Key(_rope_parameters, "model", "null or default RoPE (4.x layout; its rope_theta must agree)"),
+    "partial_rotary_factor": Key(_one, "model", "the share of each head RoPE rotates (5.x moves it into "
+                                 "rope_parameters): all of it, 1.0, here"),
     "tie_word_embeddings": Key(_bool, "model", "LM head shares the embedding"),
     "max_position_embeddings": Key(_int, "model", "longest sequence (plain RoPE does not depend on it)"),
     "attention_bias": Key(_bool, "model", "Q/K/V biases (Llama); Qwen2 always has them"),
@@ -172,9 +199,11 @@ KEYS: dict[str, Key] = {
     "model_type": Key(_equals(*MODEL_TYPES), "model", "qwen2 or llama"),
     "architectures": Key(lambda k, v: v, "model", "one causal-LM class matching model_type"),
     # allowed only at the value the model implements
-    "hidden_act": Key(_equals("silu"), "model", "the MLP's activation: SwiGLU"),
+    "hidden_act": Key(_equals("silu", "swish"), "model", "the MLP's activation: SwiGLU (swish is transformers' "
+                      "other name for silu, ACT2FN)"),
     "mlp_bias": Key(_equals(False), "model", "no MLP biases here"),
-    "attention_dropout": Key(_equals(0, 0.0), "model", "no dropout here"),
+    "attention_dropout": Key(_dropout, "training", "inactive in generation (as transformers' eval mode); "
+                             "train refuses any but 0, having no dropout"),
     "use_sliding_window": Key(lambda k, v: _equals(False)(k, _bool(k, v)), "model", "no sliding window here"),
     "layer_types": Key(_layer_types, "model", "every layer full attention"),
     "use_mrope": Key(_equals(False), "model", "no multimodal RoPE here"),
@@ -182,10 +211,9 @@ KEYS: dict[str, Key] = {
     # read for generation (stop tokens) and saving (dtype)
     "eos_token_id": Key(_token_ids, "generation", "stop tokens where there is no generation_config.json (with "
                         "one, transformers reads that file's alone)"),
-    "dtype": Key(_dtype, NO_EFFECT, "the stored weights' dtype (5.x; agrees with torch_dtype); read per tensor, "
-                 "computed in f32"),
-    "torch_dtype": Key(_dtype, NO_EFFECT, "the stored weights' dtype (4.x; agrees with dtype); read per tensor, "
-                       "computed in f32"),
+    "dtype": Key(_dtype, "load", "what transformers 5.x casts the weights to (agrees with torch_dtype): a stored "
+                 "value it would round is refused (model/hf.py); computed in f32"),
+    "torch_dtype": Key(_dtype, "load", "4.x's name of dtype (agrees with it)"),
     # no effect on the math
     "sliding_window": Key(_any, NO_EFFECT, "unused while use_sliding_window is false (transformers from 4.50 "
                           "until transformers#38002's fix applied it anyway)"),
@@ -236,7 +264,7 @@ def parse_hf_config(hf: Any) -> HFConfig:
         return v[key]
 
     heads, hidden = need("num_attention_heads"), need("hidden_size")
-    if "head_dim" in v and v["head_dim"] * heads != hidden:
+    if v.get("head_dim") is not None and v["head_dim"] * heads != hidden:
         raise _fail("head_dim", v["head_dim"], f"differs from hidden_size / num_attention_heads = "
                     f"{hidden / heads:g} (not implemented here)")
     theta = _theta(v)
@@ -259,8 +287,10 @@ def parse_hf_config(hf: Any) -> HFConfig:
             max_position_embeddings=v.get("max_position_embeddings", MAX_POSITIONS[model_type]))
     except ConfigError as e:  # its own checks (heads divide, sizes 32-bit, ...) name its fields: say the file's keys
         raise ConfigError("config.json: " + _FIELD.sub(lambda m: HF_NAMES[m[0]], str(e))) from None
-    stored = _agreed([(k, v[k]) for k in ("dtype", "torch_dtype") if v.get(k) is not None])
-    return HFConfig(config, model_type, stored, v.get("eos_token_id", ()), v.get("initializer_range", INIT_STD))
+    dtypes = [(k, v[k]) for k in ("dtype", "torch_dtype") if v.get(k) is not None]
+    return HFConfig(config, model_type, _agreed(dtypes), v.get("eos_token_id", ()),
+                    v.get("initializer_range", INIT_STD), v.get("attention_dropout", 0.0),
+                    dtypes[0][0] if dtypes else "dtype")
 
 
 # ModelConfig's fields that config.json spells otherwise (hidden_size, vocab_size, ... are the same)

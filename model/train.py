@@ -14,11 +14,9 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import numpy as np
 
-from ptxgen.files import read_file
-
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .config import ModelConfig
-from .data import Corpus, DataError, batch_at, val_batches
+from .data import ByteTokenizer, Corpus, Tokenizer, batch_at, val_batches
 from .metrics import MetricsLog, plot_losses
 from .optim import AdamWSettings, lr_at
 from .params import init_params
@@ -138,7 +136,7 @@ def evaluate(backend: Backend, batches: list[tuple[np.ndarray, np.ndarray]], pro
 
 def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, corpus: Corpus,
           make_backend: BackendFactory, out_dir: Path | None, *, resume: bool | Checkpoint = False,
-          tokenizer_file: Path | None = None, tokenizer_name: str = "byte", run_state: dict[str, Any] | None = None,
+          tokenizer: Tokenizer = ByteTokenizer(), run_state: dict[str, Any] | None = None,
           log: Callable[[str], None] = print, progress: bool | None = None,
           initial: dict[str, np.ndarray] | None = None, save_dtype: str = "fp32",
           generation_config: Path | None = None, comm: Communicator | None = None) -> TrainResult:
@@ -157,10 +155,6 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
     if not primary:
         log, progress = (lambda message: None), False
     corpus.check_fits(s.batch_size, s.seq_len, config.vocab_size)
-    try:  # read once: the file (or the checkpoint it came from, rotated out later) may be gone by the next save
-        tokenizer_json = read_file(tokenizer_file) if tokenizer_file is not None else None
-    except OSError as e:
-        raise DataError(f"cannot read {tokenizer_file}: {e.strerror or e}") from None
     if primary and out_dir is not None and Path(out_dir).is_dir():
         remove_stale_temporaries(out_dir)  # crashed runs' left-overs
     position, start = 0, 0
@@ -184,14 +178,16 @@ def train(config: ModelConfig, settings: TrainSettings, adamw: AdamWSettings, co
 
     def checkpoint(step: int) -> None:
         trainer: dict[str, Any] = {"step": step, "data_position": position, "backend": backend.name,
-                                   "tokenizer": tokenizer_name, "settings": dataclasses.asdict(s),
+                                   "tokenizer": tokenizer.name, "settings": dataclasses.asdict(s),
                                    "adamw": dataclasses.asdict(adamw),
                                    "val_loss": result.val_losses.get(step), "save_dtype": save_dtype,
                                    **(run_state or {})}
         params = backend.params  # every rank: a data-parallel rank's may be a collective
         if not all(np.isfinite(v).all() for v in params.values()):  # never rotate good checkpoints out for it
             raise FloatingPointError(f"the weights are not finite at step {step}")
-        save = dict(tokenizer_file=tokenizer_json, save_dtype=save_dtype, generation_config=generation_config)
+        # the tokenizer's files as read when it was loaded: the bytes the corpus was encoded with (the file, or
+        # the checkpoint it came from, rotated out later, may have changed or be gone by the next save)
+        save = dict(tokenizer=tokenizer.files, save_dtype=save_dtype, generation_config=generation_config)
         if comm is None:
             result.checkpoint = save_checkpoint(out_dir, step, config, params, backend.optimizer_state(), trainer,
                                                 **save)

@@ -187,7 +187,8 @@ KEY_CASES = {
     "rope_scaling": (None, {"type": "linear", "factor": 2.0}), "tie_word_embeddings": (True, "false"),
     "max_position_embeddings": (128, 0), "attention_bias": (True, False), "ptxgen_qkv_bias": (True, "true"),
     "model_type": ("qwen2", "mistral"), "architectures": (["Qwen2ForCausalLM"], ["LlamaForCausalLM"]),
-    "hidden_act": ("silu", "gelu"), "mlp_bias": (False, True), "attention_dropout": (0.0, 0.1),
+    "hidden_act": ("swish", "gelu"), "mlp_bias": (False, True), "attention_dropout": (0.1, 1.5),
+    "partial_rotary_factor": (1.0, 0.5),
     "use_sliding_window": (False, True), "layer_types": (["full_attention"] * 2, ["full_attention", "sliding_attention"]),
     "use_mrope": (False, True), "is_encoder_decoder": (False, True), "eos_token_id": ([1, 2], "eos"),
     "dtype": ("bfloat16", "float8"), "torch_dtype": ("float32", "int8"), "sliding_window": (4096, None),
@@ -568,3 +569,232 @@ def test_a_fine_tune_keeps_the_stop_tokens_its_config_json_named(tmp_path, capsy
                  "--data", str(data_dir(tmp_path)), "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1"]) == 0
     ckpt = load_checkpoint(tmp_path / "run")
     assert ckpt.eos_token_ids == (2,) and not ckpt.sampling.do_sample
+
+
+# -- tokenizers as transformers reads them -------------------------------------------------------
+def with_tokenizer(tmp_path: Path, style: str, config: dict | None = None) -> Path:
+    """The f32 fixture with its byte-level BPE made Llama- or Qwen2-like: "llama2" and "llama3" add a BOS
+    through tokenizer.json's post-processor (a template; ByteLevel then a template), "qwen2" has the
+    ByteLevel post-processor that adds nothing. ``config``: a tokenizer_config.json beside it."""
+    from tokenizers import Tokenizer, processors
+    path = fixture_copy("qwen2-v5-f32-tied", tmp_path / style)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    bos = tok.add_special_tokens(["<s>"]) and tok.token_to_id("<s>")
+    template = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tok.post_processor = {"llama2": template, "qwen2": processors.ByteLevel(trim_offsets=False),
+                          "llama3": processors.Sequence([processors.ByteLevel(trim_offsets=False), template])}[style]
+    tok.save(str(path / "tokenizer.json"))
+    if config is not None:
+        (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+BOS = 301  # "<s>", added after the fixture's 300 BPE tokens and <|endoftext|>
+TEXTS = [b"def add(a, b):\n    return a + b\n", "caf\u00e9 \u2192 \U0001f600".encode(), b"x<|endoftext|>y", b" "]
+
+
+def plain_ids(path: Path, text: bytes) -> list[int]:
+    """The text's own ids, as the tokenizers library gives them (nothing added, cut or padded)."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    return tok.encode(text.decode(), add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize("style, config", [("llama2", {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>"}),
+                                           ("llama2", {"add_bos_token": True, "bos_token": {"content": "<s>"}}),
+                                           ("llama3", None), ("llama3", {"bos_token": "<s>"})])
+def test_a_tokenizer_whose_post_processor_adds_bos_starts_every_encoded_text_with_it(tmp_path, style, config):
+    """As transformers' tokenizer(text): the BOS of a Llama 2 tokenizer.json (add_bos_token saying the same)
+    or a Llama 3 one (no add_bos_token) was dropped, prompts and training files encoded without it."""
+    from model.data import Corpus, HFTokenizer
+    path = with_tokenizer(tmp_path, style, config)
+    tok = HFTokenizer(path / "tokenizer.json")
+    for text in TEXTS:
+        assert tok.encode(text).tolist() == [BOS] + plain_ids(path, text)
+    (tmp_path / "data").mkdir()
+    for name in ("a.py", "b.py"):
+        (tmp_path / "data" / name).write_bytes(TEXTS[0])
+    stream = Corpus.from_files(sorted((tmp_path / "data").iterdir()), tok).train
+    n = 1 + len(plain_ids(path, TEXTS[0]))
+    assert stream[0] == BOS and stream[n] == BOS  # each file begins with it, as tokenizer(text) of each would
+
+
+def prompts_fed_to_the_model(monkeypatch) -> list[list[int]]:
+    import model.cli
+    fed, real = [], model.cli.generate_as
+    monkeypatch.setattr(model.cli, "generate_as", lambda decoder, prompt, *a: (fed.append(list(prompt)),
+                                                                              real(decoder, prompt, *a))[1])
+    return fed
+
+
+def test_generate_and_train_init_encode_with_the_checkpoints_bos(tmp_path, capsys, monkeypatch):
+    path = with_tokenizer(tmp_path, "llama2", {"add_bos_token": True, "bos_token": "<s>"})
+    fed = prompts_fed_to_the_model(monkeypatch)
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "def add", "--max-new-tokens", "3",
+                 "--device", "numpy"]) == 0
+    assert capsys.readouterr().out.startswith("def add")  # the BOS is not printed
+    out = tmp_path / "run"
+    assert main(["train", "--init", str(path), "--data", str(data_dir(tmp_path)), "--out", str(out), "--device", "numpy",
+                 "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1"]) == 0
+    assert fed == [[BOS] + plain_ids(path, b"def add"), [BOS] + plain_ids(path, b"def ")]  # the prompt, the sample's
+    assert "<s>" not in (out / "sample.txt").read_text()
+
+
+@pytest.mark.parametrize("style, config", [("qwen2", {"bos_token": None, "eos_token": "<|endoftext|>",
+                                                      "split_special_tokens": False, "chat_template": "{{ m }}"}),
+                                           ("qwen2", None)])
+def test_a_qwen2_tokenizer_encodes_exactly_as_before(tmp_path, style, config):
+    """Qwen2's tokenizer.json has a ByteLevel post-processor that adds no token, and its tokenizer_config.json
+    no add_bos_token: the ids are the text's own, as they were (add_special_tokens=False), for every fixture."""
+    from model.data import HFTokenizer
+    for path in [with_tokenizer(tmp_path, style, config), *(FIXTURES / name for name in NAMES)]:
+        tok = HFTokenizer(path / "tokenizer.json")
+        for text in TEXTS:
+            assert tok.encode(text).tolist() == plain_ids(path, text)
+        assert tok.encode(b"<|endoftext|>").tolist() == [300]
+
+
+@pytest.mark.parametrize("style, config, said", [
+    ("llama2", {"add_bos_token": False}, "add_bos_token = False"),          # 5.x drops the BOS, 4.x keeps it
+    ("qwen2", {"add_bos_token": True, "bos_token": "<|endoftext|>"}, "add_bos_token = True"),
+    ("llama2", {"add_bos_token": True}, "add_bos_token = True"),            # names no bos_token: 5.x adds none
+    ("llama2", {"add_bos_token": True, "add_eos_token": True, "bos_token": "<s>", "eos_token": "<|endoftext|>"},
+     "add_eos_token = True"),
+    ("llama2", {"add_bos_token": True, "bos_token": "<bos>"}, "bos_token = '<bos>': is not a token of"),
+    ("llama2", {"add_bos_token": "true"}, "add_bos_token = 'true': must be true or false"),
+    ("qwen2", {"split_special_tokens": 1}, "split_special_tokens = 1: must be true or false"),
+])
+def test_a_tokenizer_config_that_contradicts_tokenizer_json_is_refused_before_any_work(tmp_path, capsys, style,
+                                                                                      config, said):
+    path = with_tokenizer(tmp_path, style, config)
+    for argv in (["generate", "--checkpoint", str(path), "--prompt", "def"],
+                 ["train", "--init", str(path), "--steps", "1", "--out", str(tmp_path / "run")]):
+        assert main([*argv, "--device", "numpy"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and said in err and str(path / "tokenizer_config.json") in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_stored_truncation_or_padding_does_not_cut_or_pad_text(tmp_path):
+    """transformers' tokenizer(text) turns both off: kept, every training file was cut to 8 tokens."""
+    from tokenizers import Tokenizer
+    from model.data import HFTokenizer
+    path = with_tokenizer(tmp_path, "qwen2")
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.enable_truncation(8)
+    tok.enable_padding(length=64, pad_id=300, pad_token="<|endoftext|>")
+    tok.save(str(path / "tokenizer.json"))
+    for text in TEXTS:
+        assert HFTokenizer(path / "tokenizer.json").encode(text).tolist() == plain_ids(path, text)
+    assert len(plain_ids(path, TEXTS[0])) > 8
+
+
+def test_split_special_tokens_reads_special_token_text_as_text(tmp_path):
+    from model.data import HFTokenizer
+    path = with_tokenizer(tmp_path, "qwen2", {"split_special_tokens": True})
+    ids = HFTokenizer(path / "tokenizer.json").encode(b"<|endoftext|>").tolist()
+    assert 300 not in ids and len(ids) > 1
+
+
+SIDECARS = {"tokenizer_config.json": '{"add_bos_token": true, "bos_token": "<s>", "chat_template": "{{ m }}"}',
+            "special_tokens_map.json": '{"bos_token": "<s>", "eos_token": "<|endoftext|>"}',
+            "chat_template.jinja": "{% for m in messages %}{{ m.content }}{% endfor %}"}
+
+
+@pytest.mark.parametrize("how", ["--init", "--tokenizer"])
+def test_a_runs_checkpoints_carry_every_tokenizer_file_beside_its_tokenizer_json(tmp_path, capsys, how):
+    """Only tokenizer.json was copied: the run's checkpoints lost the chat template and special tokens, and
+    generate from them read the tokenizer without what tokenizer_config.json said."""
+    source = with_tokenizer(tmp_path, "llama2")
+    for name, text in SIDECARS.items():
+        (source / name).write_text(text)
+    start = ["--init", str(source)] if how == "--init" else \
+        ["--config", str(source / "config.json"), "--tokenizer", str(source / "tokenizer.json")]
+    out = tmp_path / "run"
+    assert main(["train", *start, "--data", str(data_dir(tmp_path)), "--out", str(out), "--device", "numpy",
+                 "--steps", "2", "--checkpoint-every", "1", "--batch-size", "2", "--seq-len", "16",
+                 "--eval-batches", "1"]) == 0
+    ckpt = load_checkpoint(out)  # (its manifest lists them: verified as it loads)
+    for name in ("tokenizer.json", *SIDECARS):
+        assert (ckpt.path / name).read_bytes() == (source / name).read_bytes()
+    assert set(json.loads((ckpt.path / "manifest.json").read_text())["files"]) >= set(SIDECARS)
+    shutil.rmtree(ckpt.path)  # the run as if stopped after step 1, to resume
+    (out / "latest").write_text("step-0000001\n")
+    (source / "tokenizer_config.json").write_text('{"add_bos_token": false}')  # another tokenizer now
+    assert main(["train", "--resume", "--out", str(out), "--tokenizer", str(source / "tokenizer.json"),
+                 "--device", "numpy"]) == 2
+    assert "not the tokenizer the run was saved with" in capsys.readouterr().err
+
+
+# -- configs transformers 5.x accepts for the same model --------------------------------------------
+@pytest.mark.parametrize("change", [{"hidden_act": "swish"}, {"head_dim": None}, {"partial_rotary_factor": 1.0},
+                                    {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                                                         "partial_rotary_factor": 1.0}},
+                                    {"rope_scaling": {"rope_type": "default", "partial_rotary_factor": 1}},
+                                    {"attention_dropout": 0.1}])
+def test_a_config_transformers_reads_as_the_same_model_loads_as_that_model(tmp_path, capsys, change):
+    path = fixture_copy("qwen2-v5-f32-tied", tmp_path)
+    (path / "config.json").write_text(json.dumps({**hf_config(), **change}))
+    assert load_checkpoint(path).config == load_checkpoint(FIXTURES / "qwen2-v5-f32-tied").config
+    assert greedy_text(path, capsys) == greedy_text(FIXTURES / "qwen2-v5-f32-tied", capsys)
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor = 0.5: partial RoPE is not implemented"),
+    ({"partial_rotary_factor": True}, "partial_rotary_factor = True: partial RoPE"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "factor": True}}, "rope_parameters.factor = True"),
+    ({"hidden_act": "gelu"}, "hidden_act = 'gelu': not implemented here"),
+    ({"head_dim": 0}, "head_dim = 0: must be a positive integer"),
+    ({"attention_dropout": -0.1}, "attention_dropout = -0.1: must be a probability"),
+])
+def test_what_would_change_the_math_is_still_refused(change, said):
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        parse_hf_config({**hf_config(), **change})
+
+
+def test_attention_dropout_is_generated_through_but_never_trained_through(tmp_path, capsys):
+    """Dropout is off in generation (transformers' eval mode): a config with attention_dropout 0.1 generates.
+    The trainer has none, so a run from it would train another model than the file asks for: refused."""
+    path = fixture_copy("qwen2-v5-f32-tied", tmp_path)
+    (path / "config.json").write_text(json.dumps({**hf_config(), "attention_dropout": 0.1}))
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "def", "--max-new-tokens", "2",
+                 "--device", "numpy"]) == 0
+    capsys.readouterr()
+    data = data_dir(tmp_path)
+    for argv in (["--init", str(path)], ["--config", str(path / "config.json")]):
+        assert main(["train", *argv, "--data", str(data), "--out", str(tmp_path / "run"),
+                     "--device", "numpy", "--steps", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "attention_dropout = 0.1: training here has no dropout" in err
+        assert str(path) in err
+    assert not (tmp_path / "run").exists()
+
+
+# -- the config's dtype and the stored weights ------------------------------------------------------
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_a_config_dtype_that_would_round_the_stored_weights_is_refused(tmp_path, key):
+    """transformers 5.x casts the weights to config.json's dtype as it loads them (4.x read them as stored, as
+    this project does): F32 weights under bfloat16 were read exactly here and rounded there, two models."""
+    path = fixture_copy("qwen2-v5-f32-tied", tmp_path)
+    hf = {k: v for k, v in hf_config().items() if k != "dtype"}
+    (path / "config.json").write_text(json.dumps({**hf, key: "bfloat16"}))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    assert str(e.value).startswith(f"{path / 'config.json'}: {key} = 'bfloat16': model.safetensors stores ")
+    assert "in F32 with values bfloat16 cannot hold" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_config_dtype_whose_cast_is_exact_loads_the_stored_values(tmp_path):
+    """Widening (BF16 stored, float32 said), or F32 values bf16 holds exactly: both readers see the same weights."""
+    sharded = fixture_copy("qwen2-v5-bf16-sharded", tmp_path)
+    (sharded / "config.json").write_text(json.dumps({**hf_config("qwen2-v5-bf16-sharded"), "dtype": "float32"}))
+    for name, p in load_checkpoint(FIXTURES / "qwen2-v5-bf16-sharded").params.items():
+        assert np.array_equal(load_checkpoint(sharded).params[name], p)
+    path = fixture_copy("qwen2-v5-f32-tied", tmp_path)
+    rewrite(path / "model.safetensors", lambda t: t.update(
+        {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in t.items()}))
+    (path / "config.json").write_text(json.dumps({**hf_config(), "dtype": "bfloat16"}))
+    stored = load_file(str(path / "model.safetensors"))
+    assert all(np.array_equal(p, stored[name]) for name, p in load_checkpoint(path).params.items())
