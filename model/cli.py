@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Mapping, MutableMapping, Sequence
 import numpy as np
 
 from ptxgen import cli as ptxgen_cli
-from ptxgen.cli import Parser, UsageError, print_error
+from ptxgen.cmdline import Parser, UsageError, print_error, silence_stdout
 from ptxgen.files import read_file, why, write_atomic
 from ptxgen.spec import SpecError, sha256_hex
 from runtime.driver import CudaError
@@ -198,7 +198,7 @@ def _say(line: str) -> None:
     try:
         print(line, flush=True)
     except BrokenPipeError:
-        ptxgen_cli.silence_stdout()
+        silence_stdout()
 
 
 def _on_gpu(device: str) -> bool:
