@@ -1,9 +1,17 @@
 """`ptxgen train | generate`, and every generator command of ``ptxgen.cli``.
 
-The console script lands here so that the generator (``ptxgen``) never imports the model; the
-generator's own commands are passed through unchanged. Bad input prints one line and exits 2.
+The console script lands here (through ``model.console``) so that the generator (``ptxgen``) never
+imports the model; the generator's own commands are passed through unchanged. Bad input prints one
+line and exits 2.
 """
 from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__":  # python -m model.cli (torchrun, srun, the ranks of --gpus N): as the console script,
+    from model.console import main as console_main  # whose Ctrl-C handler holds during the imports below too
+
+    sys.exit(console_main())
 
 import argparse
 import contextlib
@@ -12,7 +20,6 @@ import functools
 import json
 import math
 import os
-import sys
 import typing
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, MutableMapping, Sequence
@@ -740,6 +747,3 @@ USAGE = """
 def main(argv: Sequence[str] | None = None) -> int:
     return ptxgen_cli.main(argv, more=COMMANDS, more_usage=USAGE)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -924,6 +924,56 @@ def test_a_run_interrupted_after_its_last_checkpoint_says_it_is_done(base, tmp_p
     assert f"the run is done: {tmp_path / 'r' / 'step-0000002'} is its last checkpoint" in err and "--resume" not in err
 
 
+ROOT = Path(__file__).resolve().parent.parent
+CONSOLE_SCRIPTS = __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+INTERRUPT_ON_IMPORT = """
+import os, sys
+
+class Interrupt:  # Ctrl-C, as the module named in PTXGEN_TEST_INTERRUPT is first imported
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ["PTXGEN_TEST_INTERRUPT"]:
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, Interrupt())
+"""
+
+
+def _interrupted_at_import(tmp_path: Path, module: str, command: list[str], *argv) -> subprocess.CompletedProcess:
+    """``command`` (a console script's, or ``python -m model.cli``) with ``argv``, in a fresh interpreter whose
+    first import of ``module`` raises KeyboardInterrupt (a sitecustomize: no real signal, no race)."""
+    (tmp_path / "sitecustomize.py").write_text(INTERRUPT_ON_IMPORT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "PTXGEN_TEST_INTERRUPT": module}
+    return subprocess.run([sys.executable, *command, *map(str, argv)], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=300)
+
+
+def _as_installed(name: str) -> list[str]:
+    """What the installer writes for the console script ``name`` of pyproject.toml, as a ``python`` command."""
+    module, function = CONSOLE_SCRIPTS[name].split(":")
+    return ["-c", f"import sys\nfrom {module} import {function}\nsys.exit({function}())"]
+
+
+@pytest.mark.parametrize("name, command", [*((name, _as_installed(name)) for name in CONSOLE_SCRIPTS),
+                                           ("ptxgen", ["-m", "model.cli"])])
+def test_ctrl_c_while_a_command_imports_is_one_line_and_exit_130(tmp_path, name, command):
+    """(A traceback: the commands' own handlers are defined by the imports it stopped. `python -m model.cli`
+    is how torchrun, srun and --gpus N start each rank, which a Ctrl-C in the terminal reaches too.)"""
+    proc = _interrupted_at_import(tmp_path, "numpy", command, "--help")
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, f"{name}: interrupted\n", "")
+
+
+def test_ctrl_c_in_a_run_says_what_it_leaves_through_the_console_script_as_in_process(base, tmp_path):
+    """The train command's own message, naming the last checkpoint, is unchanged by the console script's handler:
+    interrupted as it draws loss.png, after its last checkpoint."""
+    out = tmp_path / "r"
+    proc = _interrupted_at_import(tmp_path, "matplotlib", _as_installed("ptxgen"), "train", "--config",
+                                  base["root"] / "config.json", "--tokenizer", base["root"] / "tokenizer.json",
+                                  "--out", out, *base["common"], "--steps", "2")
+    assert proc.returncode == 130
+    assert proc.stderr == f"ptxgen train: interrupted (the run is done: {out / 'step-0000002'} is its last " \
+                          "checkpoint)\n"
+
+
 def test_progress_lines_whose_reader_has_gone_do_not_stop_the_run(monkeypatch):
     """`ptxgen train ... | head`: once the pipe's reader is gone, the lines go nowhere and the run
     goes on (its checkpoints, metrics and sample are in --out)."""
