@@ -44,7 +44,7 @@ from .generation_config import OUR_DEFAULTS, read_generation_config
 from .hf import SAVE_DTYPES, read_config
 from .hf_config import HFConfig, check_stop_tokens, parse_hf_config
 from .kernels import ModelKernels
-from .metrics import METRICS, PLOT, SAMPLE
+from .metrics import METRICS, PLOT, SAMPLE, MetricsError, read_for_resume
 from .numpy_backend import NumpyBackend, NumpyDecoder
 from .optim import AdamWSettings
 from .parallel.batch import eval_rows
@@ -445,6 +445,7 @@ def cmd_train(argv: Sequence[str]) -> int:
             raise UsageError(f"--resume: {_unnamed_checkpoints(out) or f'no checkpoint in {out} (no {LATEST} file)'}")
         if primary:
             _check_run_files(out)
+            read_for_resume(out / METRICS)  # refused now, not once the checkpoint has loaded (the run says a drop)
         ckpt = load_checkpoint(out)
         if ckpt.config != config and (ns.preset or ns.config):
             raise UsageError(f"--resume: the checkpoint in {out} has another config than the one given")
@@ -707,7 +708,7 @@ def _guarded(name: str, command: Callable[[Sequence[str]], int]) -> Callable[[Se
         try:
             return command(argv)
         except (UsageError, ConfigError, CheckpointError, DataError, SettingsError, rundir.RunDirError,
-                MemoryTooSmall, LaunchError) as e:
+                MetricsError, MemoryTooSmall, LaunchError) as e:
             print_error(f"ptxgen {name}: error: {e}")
             return 2
         except (CommError, RendezvousError, ReplicaMismatch) as e:  # a data-parallel run that broke off

@@ -820,12 +820,60 @@ def test_a_seed_with_init_is_refused_not_ignored(base, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-def test_a_damaged_metrics_log_is_said_on_resume_and_the_run_goes_on(run_copy, base):
-    (run_copy / "metrics.jsonl").write_bytes(bytes(range(256)) * 4)  # not even UTF-8
-    code, _, err = resume_on(run_copy)
-    assert code == 0 and "Traceback" not in err, err
-    assert "metrics.jsonl is damaged at line 1; the rows before it are kept" in err
-    assert [json.loads(line)["step"] for line in (run_copy / "metrics.jsonl").read_text().splitlines()] == [3, 4]
+@pytest.mark.parametrize("damage, line", [
+    (lambda rows: bytes(range(256)) * 4, 1),  # not even UTF-8
+    (lambda rows: rows[0] + b'{"step": 1}\n' + b"".join(rows[2:]), 2),  # a row short of its fields
+    (lambda rows: b"".join(rows) + b"not a row\n", 6)],  # a whole last line: no crash writes its line break
+    ids=["not UTF-8", "a row short of its fields", "a whole last line"])
+def test_a_metrics_log_damaged_in_a_whole_line_is_refused_on_resume_before_the_checkpoint_loads(run_copy, monkeypatch,
+                                                                                                damage, line):
+    """(It was said once the checkpoint had loaded, and the run went on without the rows after the damage.)"""
+    import model.cli
+
+    path = run_copy / "metrics.jsonl"
+    path.write_bytes(damage(path.read_bytes().splitlines(keepends=True)))
+    monkeypatch.setattr(model.cli, "load_checkpoint", lambda path: pytest.fail("the checkpoint was loaded"))
+    before = tree(run_copy)
+    refused(resume_on(run_copy), f"{path} is damaged at line {line}", "move the file away")
+    assert tree(run_copy) == before
+
+
+def test_a_metrics_log_cut_off_mid_row_by_a_stopped_run_loses_that_line_alone_and_says_so_once(run_copy):
+    path = run_copy / "metrics.jsonl"
+    rows = path.read_text().splitlines(keepends=True)  # steps 0 to 4; latest names step 2
+    path.write_text("".join(rows[:4]) + rows[4][:20])  # stopped while writing step 4's row
+    code, out, err = resume_on(run_copy)
+    assert code == 0 and err.count("\n") == 1, err
+    assert f"warning: {path}: its last line (5) was cut off mid-row" in err and "dropped" in err
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("why", ["Too many levels of symbolic links", "Permission denied"])
+def test_a_metrics_log_that_cannot_be_read_is_refused_on_resume_before_the_checkpoint_loads(run_copy, monkeypatch,
+                                                                                             why):
+    """(It was refused once the checkpoint had loaded.) A symbolic link loop is real; no read permission is
+    the file system's answer monkeypatched: these tests run as root, whom no permission bits stop."""
+    import errno
+
+    import model.cli
+    import model.metrics
+
+    path = run_copy / "metrics.jsonl"
+    if why == "Permission denied":
+        read = model.metrics.read_file
+
+        def denied(name):
+            if Path(name) == path:
+                raise PermissionError(errno.EACCES, why, str(name))
+            return read(name)
+        monkeypatch.setattr(model.metrics, "read_file", denied)
+    else:
+        path.unlink()
+        path.symlink_to(path.name)
+    monkeypatch.setattr(model.cli, "load_checkpoint", lambda path: pytest.fail("the checkpoint was loaded"))
+    before = tree(run_copy)
+    refused(resume_on(run_copy), f"cannot read {path}: {why}")
+    assert tree(run_copy) == before
 
 
 @pytest.mark.parametrize("name", ["metrics.jsonl", "loss.png", "sample.txt"])
@@ -842,13 +890,19 @@ def test_a_run_file_that_is_a_folder_is_refused_on_resume_before_the_checkpoint_
 
 
 def test_a_metrics_log_cut_off_mid_row_keeps_the_rows_before_it(tmp_path):
-    from model.metrics import FIELDS, _read, read_metrics
+    from model.metrics import FIELDS, MetricsError, read_for_resume, read_metrics
     rows = [json.dumps(dict.fromkeys(FIELDS, 0.5) | {"step": s}) for s in (1, 2, 3)]
     path = tmp_path / "metrics.jsonl"
     path.write_text(rows[0] + "\n" + rows[1] + "\n" + rows[2][:9])
-    kept, damage = _read(path)
-    assert [r["step"] for r in kept] == [1, 2] and damage == f"{path} is damaged at line 3"
-    assert read_metrics(path) == kept and _read(tmp_path / "none.jsonl") == ([], None)
+    kept, dropped = read_for_resume(path)
+    assert [r["step"] for r in kept] == [1, 2] and dropped.startswith(f"{path}: its last line (3) was cut off")
+    assert read_metrics(path) == kept and read_for_resume(tmp_path / "none.jsonl") == ([], None)
+    path.write_text(rows[0] + "\n" + rows[1] + "\n" + rows[2])  # only the line break lost: the row is whole
+    assert read_for_resume(path) == ([json.loads(r) for r in rows], None)
+    path.write_text(rows[0] + "\n" + rows[1][:9] + "\n" + rows[2] + "\n")  # a cut before a whole line
+    with pytest.raises(MetricsError, match="damaged at line 2"):
+        read_for_resume(path)
+    assert read_metrics(path) == [json.loads(rows[0])]  # (loss.png draws what it can)
 
 
 def test_an_interrupted_run_says_what_it_leaves_to_resume_from(run_copy, base, tmp_path, monkeypatch):
