@@ -36,7 +36,8 @@ from . import rundir
 from .checkpoint import (LATEST, STEP_DIR, Checkpoint, CheckpointError, load_checkpoint, manifest_digests,
                          read_latest, resolve, step_of)
 from .config import PRESETS, ConfigError, ModelConfig, preset, read_json
-from .data import ByteTokenizer, Corpus, DataError, HFTokenizer, Tokenizer, expand_paths, stdlib_files, val_batches
+from .data import (ByteTokenizer, Corpus, DataError, HFTokenizer, Tokenizer, expand_paths, stdlib_files,
+                   val_batch_count, val_batches)
 from .defaults import default_run
 from .footprint import MemoryTooSmall, check_model_fits, generate_bytes, n_params, train_bytes
 from .generate import GenerateSettings, generate_as
@@ -439,7 +440,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     run = _real(out, "--out")
     if not ns.resume and primary:  # (the other ranks would find rank 0's files there)
         _check_fresh_out(out, run)
-    cut = ""  # a default warmup shortened to fit --steps, said when the run starts
+    cuts = []  # defaults shortened to fit (warmup to --steps, eval batches to the data), said when the run starts
     if ns.resume:
         if not (out / LATEST).exists():
             raise UsageError(f"--resume: {_unnamed_checkpoints(out) or f'no checkpoint in {out} (no {LATEST} file)'}")
@@ -469,7 +470,8 @@ def cmd_train(argv: Sequence[str]) -> int:
                                  f"would never reach --lr {settings.lr:g}")
         elif settings.warmup > settings.steps // 2:
             # a default warmup meant for a longer run: the learning rate peaks half-way and then decays
-            cut = f"warmup {settings.steps // 2} (the default {settings.warmup} cut to half of --steps {settings.steps})"
+            cuts.append(f"warmup {settings.steps // 2} (the default {settings.warmup} cut to half of --steps "
+                        f"{settings.steps})")
             settings = dataclasses.replace(settings, warmup=settings.steps // 2)
         adamw = AdamWSettings(**_given(ns, AdamWSettings))
         ns.precision = getattr(ns, "precision", plan.precision if plan else "fp32")
@@ -510,6 +512,18 @@ def cmd_train(argv: Sequence[str]) -> int:
     corpus.check_fits(settings.batch_size, settings.seq_len, config.vocab_size)
     if ckpt is not None and ckpt.trainer.get("data_sha256", corpus.sha256) != corpus.sha256:
         raise UsageError("--resume: the data the run was saved with has changed since (its tokens' sha256 differs)")
+    held = val_batch_count(corpus.val, settings.batch_size, settings.seq_len)
+    if settings.eval_batches > held:  # as --batch-size against the data: refused when given, a default cut and said
+        rows = min(settings.batch_size, (len(corpus.val) - 1) // settings.seq_len)  # (fewer: one partial batch)
+        split = f"the validation split's {len(corpus.val)} tokens hold {held} batch{'es' if held > 1 else ''} of " \
+                f"{rows}x{settings.seq_len}"
+        if ckpt is None and hasattr(ns, "eval_batches"):
+            raise UsageError(f"--eval-batches {settings.eval_batches}: {split}; give at most {held}")
+        # a resumed run keeps its saved settings (an older release cut them unsaid); a new one saves what it runs
+        cuts.append(f"eval batches {held} (the {'default' if ckpt is None else 'saved'} {settings.eval_batches} cut: "
+                    f"{split})")
+        if ckpt is None:
+            settings = dataclasses.replace(settings, eval_batches=held)
     # the training batch's shape and the validation batches' (a short validation set gives one
     # partial), on one GPU of a data-parallel run its rows of them (rank 0's, the most)
     shapes = {(settings.batch_size // world, settings.seq_len)} | {
@@ -550,7 +564,7 @@ def cmd_train(argv: Sequence[str]) -> int:
                 + " ".join(f"{flag(k)} {getattr(settings, k)}" for k in plan.settings)
                 + (f": {plan.expect}" if not (ns.data or _given(ns, TrainSettings) or ns.tokenizer) else
                    " (with the flags given; the time measured for the plan as it stands no longer applies)"))
-        if cut:
+        for cut in cuts:
             say(cut)
         say(f"data: {corpus.n_files} files, {len(corpus.train)} train / {len(corpus.val)} validation tokens "
             f"({tokenizer.name}); model: {n_params(config) / 1e6:.2f}M parameters, hidden {config.hidden_size}, "

@@ -217,6 +217,63 @@ def test_a_default_warmup_longer_than_half_the_run_is_cut_to_half_and_said(base,
     assert load_checkpoint(tmp_path / "new").trainer["settings"]["warmup"] == 2
 
 
+def _eval_batches_held(base) -> int:
+    """How many validation batches evaluation gives on the base run's data at 2 x 16, asked for any number."""
+    from model.data import Corpus, HFTokenizer, expand_paths, val_batches
+
+    corpus = Corpus.from_files(expand_paths([base["root"] / "data"]), HFTokenizer(base["root"] / "tokenizer.json"))
+    return len(val_batches(corpus.val, 2, 16, 10 ** 6))
+
+
+def _train_with_eval_batches(base, out: Path, *eval_batches: str):
+    """A new run on the base run's data, with ``--eval-batches`` as given (none: its default)."""
+    flags = dict(zip(base["common"][::2], base["common"][1::2]))
+    del flags["--eval-batches"]
+    return cli("train", "--config", base["root"] / "config.json", "--tokenizer", base["root"] / "tokenizer.json",
+               "--out", out, *[x for pair in flags.items() for x in pair], "--steps", "2", *eval_batches)
+
+
+def test_more_eval_batches_than_the_validation_split_holds_are_refused_before_any_work(base, tmp_path):
+    """(The run evaluated the batches there were, and said nothing.) Refused as a --batch-size too large for the
+    data is; as many as there are are taken, and said nowhere."""
+    held = _eval_batches_held(base)
+    refused(_train_with_eval_batches(base, tmp_path / "new", "--eval-batches", str(held + 1)),
+            f"--eval-batches {held + 1}: the validation split's", f"hold {held} batches of 2x16", f"at most {held}")
+    assert not (tmp_path / "new").exists()
+    code, out, err = _train_with_eval_batches(base, tmp_path / "new", "--eval-batches", str(held))
+    assert code == 0 and "eval batches" not in out + err, err
+
+
+def test_a_default_eval_batches_above_what_the_validation_split_holds_is_cut_and_said(base, tmp_path, monkeypatch):
+    """As a default warmup longer than half the run is: the run evaluates, and saves, what there is."""
+    import model.train
+    from model.train import TrainSettings
+
+    held, evaluated, evaluate = _eval_batches_held(base), [], model.train.evaluate
+    assert held < TrainSettings.eval_batches  # (the case under test)
+    monkeypatch.setattr(model.train, "evaluate", lambda backend, batches, progress=None:
+                        evaluated.append(len(batches)) or evaluate(backend, batches, progress))
+    code, out, err = _train_with_eval_batches(base, tmp_path / "new")
+    assert code == 0, err
+    assert out.count("eval batches") == 1, out
+    assert f"eval batches {held} (the default {TrainSettings.eval_batches} cut: the validation split's" in out
+    assert evaluated == [held, held]  # steps 0 and 2
+    assert load_checkpoint(tmp_path / "new").trainer["settings"]["eval_batches"] == held
+
+
+def test_a_resumed_run_saved_with_more_eval_batches_than_its_data_holds_says_so_and_goes_on(base, run_copy):
+    """(As an older release saved them: it cut them unsaid.) A resumed run keeps its saved settings."""
+    held = _eval_batches_held(base)
+    trainer = json.loads((run_copy / "step-0000002" / "trainer.json").read_text())
+    trainer["settings"]["eval_batches"] = held + 5
+    (run_copy / "step-0000002" / "trainer.json").write_text(json.dumps(trainer))
+    write_manifest(run_copy / "step-0000002")  # rewritten to match: the setting itself is under test
+    code, out, err = resume_on(run_copy)
+    assert code == 0, err
+    assert out.count("eval batches") == 1 and f"eval batches {held} (the saved {held + 5} cut: " in out, out
+    assert load_checkpoint(run_copy).trainer["settings"]["eval_batches"] == held + 5
+
+
 @pytest.mark.parametrize("batch, words", [("64", "training tokens"), ("2", "validation tokens")])
 def test_data_too_small_for_a_batch_is_refused_before_the_run_directory_is_made(base, tmp_path, batch, words):
     """400 bytes: 380 to train on, 20 held out; a batch of 2 x 32 fits the first, not the second."""
