@@ -16,7 +16,7 @@ from pathlib import Path
 
 from model.config import PRESETS, ModelConfig
 from model.params import param_shapes
-from ptxgen.cli import Parser, UsageError
+from ptxgen.cmdline import Parser, UsageError
 
 PRECISIONS = ("fp32", "bf16")
 TORCH_PRECISION = {"fp32": "fp32", "bf16": "bf16 autocast"}  # what the torch side runs for each of ours

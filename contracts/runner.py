@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ptxgen.cli import Parser, UsageError, print_error
+from ptxgen.cmdline import Parser, UsageError, print_error
 
 from .schema import Contracts, Falsifier, load, missing_tests
 

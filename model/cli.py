@@ -1,9 +1,17 @@
 """`ptxgen train | generate`, and every generator command of ``ptxgen.cli``.
 
-The console script lands here so that the generator (``ptxgen``) never imports the model; the
-generator's own commands are passed through unchanged. Bad input prints one line and exits 2.
+The console script lands here (through ``model.console``) so that the generator (``ptxgen``) never
+imports the model; the generator's own commands are passed through unchanged. Bad input prints one
+line and exits 2.
 """
 from __future__ import annotations
+
+import sys
+
+if __name__ == "__main__":  # python -m model.cli (torchrun, srun, the ranks of --gpus N): as the console script,
+    from model.console import main as console_main  # whose Ctrl-C handler holds during the imports below too
+
+    sys.exit(console_main())
 
 import argparse
 import contextlib
@@ -12,7 +20,6 @@ import functools
 import json
 import math
 import os
-import sys
 import typing
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, MutableMapping, Sequence
@@ -20,7 +27,7 @@ from typing import Callable, Iterator, Mapping, MutableMapping, Sequence
 import numpy as np
 
 from ptxgen import cli as ptxgen_cli
-from ptxgen.cli import Parser, UsageError, print_error
+from ptxgen.cmdline import Parser, UsageError, print_error, silence_stdout
 from ptxgen.files import read_file, why, write_atomic
 from ptxgen.spec import SpecError, sha256_hex
 from runtime.driver import CudaError
@@ -30,7 +37,7 @@ from .checkpoint import (LATEST, STEP_DIR, Checkpoint, CheckpointError, load_che
                          read_latest, resolve, step_of)
 from .config import PRESETS, ConfigError, ModelConfig, preset, read_json
 from .data import (ByteTokenizer, Corpus, DataError, HFTokenizer, Tokenizer, expand_paths, read_tokenizer_files,
-                   stdlib_files, val_batches)
+                   stdlib_files, val_batch_count, val_batches)
 from .defaults import default_run
 from .footprint import MemoryTooSmall, check_model_fits, generate_bytes, n_params, train_bytes
 from .generate import GenerateSettings, generate_as
@@ -38,7 +45,7 @@ from .generation_config import OUR_DEFAULTS, read_generation_config
 from .hf import SAVE_DTYPES, read_config
 from .hf_config import HFConfig, check_stop_tokens, parse_hf_config
 from .kernels import ModelKernels
-from .metrics import METRICS, PLOT, SAMPLE
+from .metrics import METRICS, PLOT, SAMPLE, MetricsError, read_for_resume
 from .numpy_backend import NumpyBackend, NumpyDecoder
 from .optim import AdamWSettings
 from .parallel.batch import eval_rows
@@ -199,7 +206,7 @@ def _say(line: str) -> None:
     try:
         print(line, flush=True)
     except BrokenPipeError:
-        ptxgen_cli.silence_stdout()
+        silence_stdout()
 
 
 def _on_gpu(device: str) -> bool:
@@ -438,12 +445,13 @@ def cmd_train(argv: Sequence[str]) -> int:
     run = _real(out, "--out")
     if not ns.resume and primary:  # (the other ranks would find rank 0's files there)
         _check_fresh_out(out, run)
-    cut = ""  # a default warmup shortened to fit --steps, said when the run starts
+    cuts = []  # defaults shortened to fit (warmup to --steps, eval batches to the data), said when the run starts
     if ns.resume:
         if not (out / LATEST).exists():
             raise UsageError(f"--resume: {_unnamed_checkpoints(out) or f'no checkpoint in {out} (no {LATEST} file)'}")
         if primary:
             _check_run_files(out)
+            read_for_resume(out / METRICS)  # refused now, not once the checkpoint has loaded (the run says a drop)
         ckpt = load_checkpoint(out)
         if ckpt.config != config and (ns.preset or ns.config):
             raise UsageError(f"--resume: the checkpoint in {out} has another config than the one given")
@@ -467,7 +475,8 @@ def cmd_train(argv: Sequence[str]) -> int:
                                  f"would never reach --lr {settings.lr:g}")
         elif settings.warmup > settings.steps // 2:
             # a default warmup meant for a longer run: the learning rate peaks half-way and then decays
-            cut = f"warmup {settings.steps // 2} (the default {settings.warmup} cut to half of --steps {settings.steps})"
+            cuts.append(f"warmup {settings.steps // 2} (the default {settings.warmup} cut to half of --steps "
+                        f"{settings.steps})")
             settings = dataclasses.replace(settings, warmup=settings.steps // 2)
         adamw = AdamWSettings(**_given(ns, AdamWSettings))
         ns.precision = getattr(ns, "precision", plan.precision if plan else "fp32")
@@ -508,6 +517,18 @@ def cmd_train(argv: Sequence[str]) -> int:
     corpus.check_fits(settings.batch_size, settings.seq_len, config.vocab_size)
     if ckpt is not None and ckpt.trainer.get("data_sha256", corpus.sha256) != corpus.sha256:
         raise UsageError("--resume: the data the run was saved with has changed since (its tokens' sha256 differs)")
+    held = val_batch_count(corpus.val, settings.batch_size, settings.seq_len)
+    if settings.eval_batches > held:  # as --batch-size against the data: refused when given, a default cut and said
+        rows = min(settings.batch_size, (len(corpus.val) - 1) // settings.seq_len)  # (fewer: one partial batch)
+        split = f"the validation split's {len(corpus.val)} tokens hold {held} batch{'es' if held > 1 else ''} of " \
+                f"{rows}x{settings.seq_len}"
+        if ckpt is None and hasattr(ns, "eval_batches"):
+            raise UsageError(f"--eval-batches {settings.eval_batches}: {split}; give at most {held}")
+        # a resumed run keeps its saved settings (an older release cut them unsaid); a new one saves what it runs
+        cuts.append(f"eval batches {held} (the {'default' if ckpt is None else 'saved'} {settings.eval_batches} cut: "
+                    f"{split})")
+        if ckpt is None:
+            settings = dataclasses.replace(settings, eval_batches=held)
     # the training batch's shape and the validation batches' (a short validation set gives one
     # partial), on one GPU of a data-parallel run its rows of them (rank 0's, the most)
     shapes = {(settings.batch_size // world, settings.seq_len)} | {
@@ -548,7 +569,7 @@ def cmd_train(argv: Sequence[str]) -> int:
                 + " ".join(f"{flag(k)} {getattr(settings, k)}" for k in plan.settings)
                 + (f": {plan.expect}" if not (ns.data or _given(ns, TrainSettings) or ns.tokenizer) else
                    " (with the flags given; the time measured for the plan as it stands no longer applies)"))
-        if cut:
+        for cut in cuts:
             say(cut)
         say(f"data: {corpus.n_files} files, {len(corpus.train)} train / {len(corpus.val)} validation tokens "
             f"({tokenizer.name}); model: {n_params(config) / 1e6:.2f}M parameters, hidden {config.hidden_size}, "
@@ -706,7 +727,7 @@ def _guarded(name: str, command: Callable[[Sequence[str]], int]) -> Callable[[Se
         try:
             return command(argv)
         except (UsageError, ConfigError, CheckpointError, DataError, SettingsError, rundir.RunDirError,
-                MemoryTooSmall, LaunchError) as e:
+                MetricsError, MemoryTooSmall, LaunchError) as e:
             print_error(f"ptxgen {name}: error: {e}")
             return 2
         except (CommError, RendezvousError, ReplicaMismatch) as e:  # a data-parallel run that broke off
@@ -746,6 +767,3 @@ USAGE = """
 def main(argv: Sequence[str] | None = None) -> int:
     return ptxgen_cli.main(argv, more=COMMANDS, more_usage=USAGE)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

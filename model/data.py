@@ -247,8 +247,15 @@ def batch_at(stream: np.ndarray, position: int, batch: int, seq: int) -> tuple[n
     return rows[:, :-1], rows[:, 1:], position + seq
 
 
+def val_batch_count(stream: np.ndarray, batch: int, seq: int) -> int:
+    """How many validation batches the stream holds: ``val_batches`` gives at most these, whatever
+    ``count`` it is asked for (a stream shorter than one batch: one, of the rows it holds)."""
+    return max(1, (len(stream) - 1) // seq // batch)
+
+
 def val_batches(stream: np.ndarray, batch: int, seq: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """A fixed set of validation batches spread evenly over the validation stream."""
+    """A fixed set of validation batches spread evenly over the validation stream (``count``, or as
+    many as it holds: ``val_batch_count``)."""
     windows = (len(stream) - 1) // seq
     rows = np.unique(np.linspace(0, windows - 1, min(windows, batch * count)).astype(np.int64))
     if len(rows) >= batch:  # whole batches only: a GPU backend then needs no second batch shape

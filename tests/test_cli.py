@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -170,3 +171,13 @@ def test_the_other_commands_flag_is_refused_not_ignored(capsys, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     code, out, err = run(capsys, *argv)
     assert code == 2 and out == "" and f"unrecognized arguments: {flag}" in err and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("module, not_imported", [("contracts.runner", ["ptxgen.cli", "numpy"]),
+                                                  ("bench.train_report", ["ptxgen.cli"])])
+def test_the_command_lines_that_need_only_the_parser_do_not_import_the_generator(module, not_imported):
+    """(contracts.runner imported ptxgen.cli, numpy with it, for its Parser: ptxgen.cmdline holds it.)"""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", f"import sys, {module}; print([m for m in {not_imported} "
+                                                 "if m in sys.modules])"], capture_output=True, text=True, cwd=root)
+    assert proc.stdout == "[]\n", proc.stderr

@@ -217,6 +217,63 @@ def test_a_default_warmup_longer_than_half_the_run_is_cut_to_half_and_said(base,
     assert load_checkpoint(tmp_path / "new").trainer["settings"]["warmup"] == 2
 
 
+def _eval_batches_held(base) -> int:
+    """How many validation batches evaluation gives on the base run's data at 2 x 16, asked for any number."""
+    from model.data import Corpus, HFTokenizer, expand_paths, val_batches
+
+    corpus = Corpus.from_files(expand_paths([base["root"] / "data"]), HFTokenizer(base["root"] / "tokenizer.json"))
+    return len(val_batches(corpus.val, 2, 16, 10 ** 6))
+
+
+def _train_with_eval_batches(base, out: Path, *eval_batches: str):
+    """A new run on the base run's data, with ``--eval-batches`` as given (none: its default)."""
+    flags = dict(zip(base["common"][::2], base["common"][1::2]))
+    del flags["--eval-batches"]
+    return cli("train", "--config", base["root"] / "config.json", "--tokenizer", base["root"] / "tokenizer.json",
+               "--out", out, *[x for pair in flags.items() for x in pair], "--steps", "2", *eval_batches)
+
+
+def test_more_eval_batches_than_the_validation_split_holds_are_refused_before_any_work(base, tmp_path):
+    """(The run evaluated the batches there were, and said nothing.) Refused as a --batch-size too large for the
+    data is; as many as there are are taken, and said nowhere."""
+    held = _eval_batches_held(base)
+    refused(_train_with_eval_batches(base, tmp_path / "new", "--eval-batches", str(held + 1)),
+            f"--eval-batches {held + 1}: the validation split's", f"hold {held} batches of 2x16", f"at most {held}")
+    assert not (tmp_path / "new").exists()
+    code, out, err = _train_with_eval_batches(base, tmp_path / "new", "--eval-batches", str(held))
+    assert code == 0 and "eval batches" not in out + err, err
+
+
+def test_a_default_eval_batches_above_what_the_validation_split_holds_is_cut_and_said(base, tmp_path, monkeypatch):
+    """As a default warmup longer than half the run is: the run evaluates, and saves, what there is."""
+    import model.train
+    from model.train import TrainSettings
+
+    held, evaluated, evaluate = _eval_batches_held(base), [], model.train.evaluate
+    assert held < TrainSettings.eval_batches  # (the case under test)
+    monkeypatch.setattr(model.train, "evaluate", lambda backend, batches, progress=None:
+                        evaluated.append(len(batches)) or evaluate(backend, batches, progress))
+    code, out, err = _train_with_eval_batches(base, tmp_path / "new")
+    assert code == 0, err
+    assert out.count("eval batches") == 1, out
+    assert f"eval batches {held} (the default {TrainSettings.eval_batches} cut: the validation split's" in out
+    assert evaluated == [held, held]  # steps 0 and 2
+    assert load_checkpoint(tmp_path / "new").trainer["settings"]["eval_batches"] == held
+
+
+def test_a_resumed_run_saved_with_more_eval_batches_than_its_data_holds_says_so_and_goes_on(base, run_copy):
+    """(As an older release saved them: it cut them unsaid.) A resumed run keeps its saved settings."""
+    held = _eval_batches_held(base)
+    trainer = json.loads((run_copy / "step-0000002" / "trainer.json").read_text())
+    trainer["settings"]["eval_batches"] = held + 5
+    (run_copy / "step-0000002" / "trainer.json").write_text(json.dumps(trainer))
+    write_manifest(run_copy / "step-0000002")  # rewritten to match: the setting itself is under test
+    code, out, err = resume_on(run_copy)
+    assert code == 0, err
+    assert out.count("eval batches") == 1 and f"eval batches {held} (the saved {held + 5} cut: " in out, out
+    assert load_checkpoint(run_copy).trainer["settings"]["eval_batches"] == held + 5
+
+
 @pytest.mark.parametrize("batch, words", [("64", "training tokens"), ("2", "validation tokens")])
 def test_data_too_small_for_a_batch_is_refused_before_the_run_directory_is_made(base, tmp_path, batch, words):
     """400 bytes: 380 to train on, 20 held out; a batch of 2 x 32 fits the first, not the second."""
@@ -820,12 +877,60 @@ def test_a_seed_with_init_is_refused_not_ignored(base, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-def test_a_damaged_metrics_log_is_said_on_resume_and_the_run_goes_on(run_copy, base):
-    (run_copy / "metrics.jsonl").write_bytes(bytes(range(256)) * 4)  # not even UTF-8
-    code, _, err = resume_on(run_copy)
-    assert code == 0 and "Traceback" not in err, err
-    assert "metrics.jsonl is damaged at line 1; the rows before it are kept" in err
-    assert [json.loads(line)["step"] for line in (run_copy / "metrics.jsonl").read_text().splitlines()] == [3, 4]
+@pytest.mark.parametrize("damage, line", [
+    (lambda rows: bytes(range(256)) * 4, 1),  # not even UTF-8
+    (lambda rows: rows[0] + b'{"step": 1}\n' + b"".join(rows[2:]), 2),  # a row short of its fields
+    (lambda rows: b"".join(rows) + b"not a row\n", 6)],  # a whole last line: no crash writes its line break
+    ids=["not UTF-8", "a row short of its fields", "a whole last line"])
+def test_a_metrics_log_damaged_in_a_whole_line_is_refused_on_resume_before_the_checkpoint_loads(run_copy, monkeypatch,
+                                                                                                damage, line):
+    """(It was said once the checkpoint had loaded, and the run went on without the rows after the damage.)"""
+    import model.cli
+
+    path = run_copy / "metrics.jsonl"
+    path.write_bytes(damage(path.read_bytes().splitlines(keepends=True)))
+    monkeypatch.setattr(model.cli, "load_checkpoint", lambda path: pytest.fail("the checkpoint was loaded"))
+    before = tree(run_copy)
+    refused(resume_on(run_copy), f"{path} is damaged at line {line}", "move the file away")
+    assert tree(run_copy) == before
+
+
+def test_a_metrics_log_cut_off_mid_row_by_a_stopped_run_loses_that_line_alone_and_says_so_once(run_copy):
+    path = run_copy / "metrics.jsonl"
+    rows = path.read_text().splitlines(keepends=True)  # steps 0 to 4; latest names step 2
+    path.write_text("".join(rows[:4]) + rows[4][:20])  # stopped while writing step 4's row
+    code, out, err = resume_on(run_copy)
+    assert code == 0 and err.count("\n") == 1, err
+    assert f"warning: {path}: its last line (5) was cut off mid-row" in err and "dropped" in err
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("why", ["Too many levels of symbolic links", "Permission denied"])
+def test_a_metrics_log_that_cannot_be_read_is_refused_on_resume_before_the_checkpoint_loads(run_copy, monkeypatch,
+                                                                                             why):
+    """(It was refused once the checkpoint had loaded.) A symbolic link loop is real; no read permission is
+    the file system's answer monkeypatched: these tests run as root, whom no permission bits stop."""
+    import errno
+
+    import model.cli
+    import model.metrics
+
+    path = run_copy / "metrics.jsonl"
+    if why == "Permission denied":
+        read = model.metrics.read_file
+
+        def denied(name):
+            if Path(name) == path:
+                raise PermissionError(errno.EACCES, why, str(name))
+            return read(name)
+        monkeypatch.setattr(model.metrics, "read_file", denied)
+    else:
+        path.unlink()
+        path.symlink_to(path.name)
+    monkeypatch.setattr(model.cli, "load_checkpoint", lambda path: pytest.fail("the checkpoint was loaded"))
+    before = tree(run_copy)
+    refused(resume_on(run_copy), f"cannot read {path}: {why}")
+    assert tree(run_copy) == before
 
 
 @pytest.mark.parametrize("name", ["metrics.jsonl", "loss.png", "sample.txt"])
@@ -842,13 +947,19 @@ def test_a_run_file_that_is_a_folder_is_refused_on_resume_before_the_checkpoint_
 
 
 def test_a_metrics_log_cut_off_mid_row_keeps_the_rows_before_it(tmp_path):
-    from model.metrics import FIELDS, _read, read_metrics
+    from model.metrics import FIELDS, MetricsError, read_for_resume, read_metrics
     rows = [json.dumps(dict.fromkeys(FIELDS, 0.5) | {"step": s}) for s in (1, 2, 3)]
     path = tmp_path / "metrics.jsonl"
     path.write_text(rows[0] + "\n" + rows[1] + "\n" + rows[2][:9])
-    kept, damage = _read(path)
-    assert [r["step"] for r in kept] == [1, 2] and damage == f"{path} is damaged at line 3"
-    assert read_metrics(path) == kept and _read(tmp_path / "none.jsonl") == ([], None)
+    kept, dropped = read_for_resume(path)
+    assert [r["step"] for r in kept] == [1, 2] and dropped.startswith(f"{path}: its last line (3) was cut off")
+    assert read_metrics(path) == kept and read_for_resume(tmp_path / "none.jsonl") == ([], None)
+    path.write_text(rows[0] + "\n" + rows[1] + "\n" + rows[2])  # only the line break lost: the row is whole
+    assert read_for_resume(path) == ([json.loads(r) for r in rows], None)
+    path.write_text(rows[0] + "\n" + rows[1][:9] + "\n" + rows[2] + "\n")  # a cut before a whole line
+    with pytest.raises(MetricsError, match="damaged at line 2"):
+        read_for_resume(path)
+    assert read_metrics(path) == [json.loads(rows[0])]  # (loss.png draws what it can)
 
 
 def test_an_interrupted_run_says_what_it_leaves_to_resume_from(run_copy, base, tmp_path, monkeypatch):
@@ -922,6 +1033,56 @@ def test_a_run_interrupted_after_its_last_checkpoint_says_it_is_done(base, tmp_p
     code, _, err = _new_run(base, tmp_path / "r", "--checkpoint-every", "1")
     assert code == 130 and err.count("\n") == 1, err
     assert f"the run is done: {tmp_path / 'r' / 'step-0000002'} is its last checkpoint" in err and "--resume" not in err
+
+
+ROOT = Path(__file__).resolve().parent.parent
+CONSOLE_SCRIPTS = __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+INTERRUPT_ON_IMPORT = """
+import os, sys
+
+class Interrupt:  # Ctrl-C, as the module named in PTXGEN_TEST_INTERRUPT is first imported
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ["PTXGEN_TEST_INTERRUPT"]:
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, Interrupt())
+"""
+
+
+def _interrupted_at_import(tmp_path: Path, module: str, command: list[str], *argv) -> subprocess.CompletedProcess:
+    """``command`` (a console script's, or ``python -m model.cli``) with ``argv``, in a fresh interpreter whose
+    first import of ``module`` raises KeyboardInterrupt (a sitecustomize: no real signal, no race)."""
+    (tmp_path / "sitecustomize.py").write_text(INTERRUPT_ON_IMPORT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "PTXGEN_TEST_INTERRUPT": module}
+    return subprocess.run([sys.executable, *command, *map(str, argv)], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=300)
+
+
+def _as_installed(name: str) -> list[str]:
+    """What the installer writes for the console script ``name`` of pyproject.toml, as a ``python`` command."""
+    module, function = CONSOLE_SCRIPTS[name].split(":")
+    return ["-c", f"import sys\nfrom {module} import {function}\nsys.exit({function}())"]
+
+
+@pytest.mark.parametrize("name, command", [*((name, _as_installed(name)) for name in CONSOLE_SCRIPTS),
+                                           ("ptxgen", ["-m", "model.cli"])])
+def test_ctrl_c_while_a_command_imports_is_one_line_and_exit_130(tmp_path, name, command):
+    """(A traceback: the commands' own handlers are defined by the imports it stopped. `python -m model.cli`
+    is how torchrun, srun and --gpus N start each rank, which a Ctrl-C in the terminal reaches too.)"""
+    proc = _interrupted_at_import(tmp_path, "numpy", command, "--help")
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, f"{name}: interrupted\n", "")
+
+
+def test_ctrl_c_in_a_run_says_what_it_leaves_through_the_console_script_as_in_process(base, tmp_path):
+    """The train command's own message, naming the last checkpoint, is unchanged by the console script's handler:
+    interrupted as it draws loss.png, after its last checkpoint."""
+    out = tmp_path / "r"
+    proc = _interrupted_at_import(tmp_path, "matplotlib", _as_installed("ptxgen"), "train", "--config",
+                                  base["root"] / "config.json", "--tokenizer", base["root"] / "tokenizer.json",
+                                  "--out", out, *base["common"], "--steps", "2")
+    assert proc.returncode == 130
+    assert proc.stderr == f"ptxgen train: interrupted (the run is done: {out / 'step-0000002'} is its last " \
+                          "checkpoint)\n"
 
 
 def test_progress_lines_whose_reader_has_gone_do_not_stop_the_run(monkeypatch):

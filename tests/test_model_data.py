@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from model.data import (VAL_EVERY, ByteTokenizer, Corpus, DataError, HFTokenizer, batch_at, expand_paths,
-                        stdlib_files, val_batches)
+                        stdlib_files, val_batch_count, val_batches)
 
 
 def test_byte_tokenizer_round_trips_utf8():
@@ -70,6 +70,16 @@ def test_validation_batches_are_fixed_and_cover_the_stream():
     assert batches[0][0][0, 0] == 0 and batches[-1][0][-1, -1] >= 980
     short = val_batches(np.arange(101, dtype=np.int32), batch=4, seq=10, count=3)  # 10 windows
     assert [x.shape for x, _ in short] == [(4, 10), (4, 10)]
+
+
+@pytest.mark.parametrize("tokens", [2, 17, 33, 100, 101, 160, 161, 1000])
+def test_the_validation_batches_a_stream_holds_are_the_most_val_batches_gives(tokens):
+    """(The command line refuses or cuts --eval-batches above it: any more were silently fewer.)"""
+    stream = np.arange(tokens, dtype=np.int32)
+    for batch in (1, 2, 4, 7):
+        for seq in (s for s in (1, 3, 10, 16) if s < tokens):
+            held = val_batch_count(stream, batch, seq)
+            assert [len(val_batches(stream, batch, seq, n)) for n in (held, held + 1, 10 * held)] == [held] * 3
 
 
 def test_hf_tokenizer_json_is_used_when_given(tmp_path):
