@@ -1,4 +1,4 @@
-"""`ptxgen cache ls | show KEY | diff KEY KEY`: what the on-disk module cache holds, read from files only.
+"""`ptxgen cache ls | show KEY | diff KEY KEY`: what the on-disk module cache holds, judged as the disk audit judges it.
 
 A KEY may be any unique prefix of a key (at least 4 hex digits). Bad input (a missing cache
 directory, an unknown or ambiguous key) prints one line and exits 2. Needs no GPU.
@@ -14,7 +14,7 @@ from ptxgen.cli import Parser, UsageError
 from ptxgen.spec import SpecError, decode_value
 
 from . import entry
-from .audit import load_problem, walk
+from .audit import examine, walk
 from .cache import default_cache_dir
 
 # the file; its metadata, or why it cannot be read; why a readable one is never loaded (or None)
@@ -22,22 +22,18 @@ Entry = tuple[Path, "dict[str, Any] | str", "str | None"]
 
 
 def entries(root: Path) -> list[Entry]:
-    """Every ``*.entry`` under the cache, as the disk audit walks it, with its metadata or the
-    reason it is not an entry (``entry.read``, as the cache reads it), and the reason a readable
-    one is never loaded (``audit.load_problem``)."""
+    """Every ``*.entry`` under the cache, as the disk audit walks and judges it (``audit.examine``):
+    its metadata or why it is not an entry, and why a readable one is never loaded."""
     if not root.is_dir():
         raise UsageError(f"cache directory {root} " + ("is not a directory" if root.exists() else "does not exist"))
     out: list[Entry] = []
     layout_dir = root / entry.LAYOUT
     for path in filter(entry.named, walk(layout_dir)[0] if layout_dir.is_dir() else []):
-        try:
-            meta = entry.read(path, layout_dir)[0]
-        except FileNotFoundError:  # removed since it was listed
-            continue
-        except entry.EntryError as e:
-            out.append((path, f"damaged: {e}", None))
-            continue
-        out.append((path, meta, load_problem(path, layout_dir, meta)))
+        meta, problem = examine(path, layout_dir)
+        if meta is not None:
+            out.append((path, meta, problem))
+        elif problem is not None:  # (neither: removed since it was listed)
+            out.append((path, f"damaged: {problem}", None))
     return out
 
 

@@ -13,7 +13,7 @@ from ptxgen.kernels.adamw import AdamWSpec
 from ptxgen.kernels.rmsnorm import RMSNormSpec
 from ptxgen.spec import Target
 from runtime import cachecli, entry
-from runtime.audit import _entry_problem, check_disk, main as audit_main
+from runtime.audit import check_disk, examine, main as audit_main
 from test_runtime_cpu import CUBIN, LINK, TARGET, TOOLCHAIN, write_entry
 
 SPEC = RMSNormSpec(hidden=896, eps=1e-6)
@@ -175,7 +175,7 @@ def test_corrupted_entry_bytes_never_crash_the_audit(pristine, cuts, truncate):
     damaged = path.with_name("d" + path.name)
     damaged.write_bytes(bytes(blob[:truncate] if truncate is not None else blob))
     try:
-        assert _entry_problem(damaged, path.parents[2]) is not None
+        assert examine(damaged, path.parents[2])[1] is not None
     finally:
         damaged.unlink()
 
@@ -191,7 +191,7 @@ def test_malformed_metadata_with_a_valid_checksum_never_crashes_the_audit(pristi
     saved = path.read_bytes()
     try:
         rewrite(copy, damaged_meta)
-        problem = _entry_problem(copy, path.parents[2])
+        problem = examine(copy, path.parents[2])[1]
         assert problem is None or isinstance(problem, str)
         findings = check_disk(root)
         assert all(isinstance(f.message, str) for f in findings)
@@ -312,7 +312,7 @@ def test_a_stored_spec_that_is_not_its_own_encoding_is_never_listed_as_loadable(
 def test_planted_a_listing_that_trusts_any_readable_entry_is_caught(tmp_path, capsys, monkeypatch, damage, message):
     """The listing as it was before: every entry that decodes shown as healthy. The check above
     sees it."""
-    monkeypatch.setattr(cachecli, "load_problem", lambda *args: None)
+    monkeypatch.setattr(cachecli, "examine", lambda path, layout_dir: (entry.decode(path.read_bytes())[0], None))
     assert not _says_never_loaded(*_ls_and_show_of_an_unloadable_entry(tmp_path, capsys, damage), message)
 
 

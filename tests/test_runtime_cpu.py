@@ -238,7 +238,11 @@ def test_a_damaged_entry_is_a_reported_miss_rebuilt_and_rewritten_whole(tmp_path
     assert loaded(tmp_path, spec).stats.disk_hits == 1
 
 
-def test_an_intact_entry_holding_another_text_under_its_key_is_a_collision_naming_both_digests(tmp_path, driver):
+def test_an_intact_entry_holding_another_text_under_its_key_is_a_collision_naming_both_digests(tmp_path, driver,
+                                                                                               capsys):
+    """Loud everywhere: the cache raises, `cache ls` lists it as never loaded (it read files only and
+    called it healthy), and the audit fails even once it has pruned it (the generator is at fault)."""
+    from model.cli import main as cli_main
     from runtime.cache import KeyCollisionError
     spec = RMSNormSpec(hidden=896, eps=1e-6)
     path = loaded(tmp_path, spec).entry_path(spec.key(TARGET))
@@ -250,9 +254,14 @@ def test_an_intact_entry_holding_another_text_under_its_key_is_a_collision_namin
         loaded(tmp_path, spec)
     assert f"holds PTX {other} but" in str(e.value) and f"emits {meta['ptx_sha256']}:" in str(e.value)
     assert path.read_bytes() == kept  # neither loaded nor replaced
+    said = f"key collision: the entry holds PTX {other}, its stored spec now emits {meta['ptx_sha256']}"
+    assert cli_main(["cache", "--cache-dir", str(tmp_path), "ls"]) == 0
+    listed = capsys.readouterr().out
+    assert said in listed and "(never loaded)" in listed and "1 unusable" in listed
     [finding] = check_disk(tmp_path)
-    assert finding.message.startswith(f"key collision: the entry holds PTX {other}, its stored spec now emits "
-                                      f"{meta['ptx_sha256']}")
+    assert finding.message.startswith(said)
+    assert audit_main(["--cache-dir", str(tmp_path), "--check", "disk", "--prune"]) == 1
+    assert "(pruned)" in capsys.readouterr().out and not path.exists()
 
 
 @pytest.mark.parametrize("linked, audit_says, listed", [
