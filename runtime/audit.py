@@ -237,8 +237,8 @@ def _audit(argv: Sequence[str] | None) -> int:
     summary = ", ".join(checks)
     print(f"audit ({summary}) of {cache_dir}: " + (f"{len(findings)} finding(s)" if findings else "clean"))
     # a key collision fails even when pruned: the generator emits two texts under one key, not the cache's fault
-    pruned = ns.prune and all(f.check == "disk" and f.message.endswith("(pruned)") and not f.message.startswith(COLLISION)
-                              for f in findings)
+    pruned = ns.prune and all(f.check == "disk" and f.message.endswith("(pruned)")
+                              and not f.message.startswith(COLLISION) for f in findings)
     return 1 if findings and not pruned else 0
 
 

@@ -134,8 +134,8 @@ def cmd_diff(root: Path, a: str, b: str) -> int:
         for name in dict.fromkeys([*encoded_a, *encoded_b]):
             if encoded_a.get(name) != encoded_b.get(name):
                 lines.append(f"field       {name}: {fa.get(name, '(absent)')!r} -> {fb.get(name, '(absent)')!r}")
-    for label in ("target", "toolchain", "link", "generator", "ptx", "cubin", "registers", "spills", "compile ms", "created",
-                  "problem"):
+    for label in ("target", "toolchain", "link", "generator", "ptx", "cubin", "registers", "spills", "compile ms",
+                  "created", "problem"):
         if da.get(label, "none") != db.get(label, "none"):
             lines.append(f"{label:11} {da.get(label, 'none')} -> {db.get(label, 'none')}")
     print(f"{pa.name[:16]} -> {pb.name[:16]}")  # (the files': a misplaced copy's stored key is another's)
