@@ -146,7 +146,13 @@ def train_bytes(config: ModelConfig, shapes: Iterable[tuple[int, int]], on_gpu: 
                 world: int = 1) -> int:
     """Bytes a run training on ``shapes`` (batch, seq) holds: a GPU backend builds each shape's step
     (the training batch, and a partial validation batch when the validation data is short). On the
-    GPU of a data-parallel run of ``world`` ranks: one rank's (its shapes, its rows of the batches)."""
+    GPU of a data-parallel run of ``world`` ranks: one rank's (its shapes, its rows of the batches),
+    with every buffer our code allocates for the collectives (``_zero_rank_bytes``; the loss sum,
+    barrier and weight-digest words within SMALL_BUFFERS). Not NCCL's own, which cannot be known
+    before its communicator connects: protocol buffers for each channel and peer (NCCL_BUFFSIZE, 4
+    MiB by default, and the LL and LL128 FIFOs) times the channels NCCL picks for the topology it
+    finds, tens of channels making hundreds of MiB (arithmetic, not measured here): a run near the
+    limit must leave that free (README)."""
     shapes = set(shapes)
     if on_gpu:  # the backend; each shape's step buffers and the backward's scratch; the split tails' workspace
         # (a data-parallel rank's GEMMs do not cut their tails: CudaBackend.gemms_alone)

@@ -4,8 +4,11 @@
 2. purity        emission does not depend on the environment or the process, and reads no
                  environment variable, whatever its name
 3. disk          every entry's checksum, metadata shape and key recomputed from its stored spec;
-                 stale, corrupt, truncated, malformed, misplaced (toolchain or key-prefix folder) and
-                 orphaned files reported; --prune removes them and reports any it cannot remove
+                 stale (generator or link options), corrupt, truncated, malformed, misplaced
+                 (toolchain or key-prefix folder), linked (a symbolic link) and orphaned files
+                 reported; --prune removes them and reports any it cannot remove (a key
+                 collision, an intact entry whose text is not what its spec emits now, still fails:
+                 the generator is at fault)
 4. source        no cache key built by hand anywhere in ptxgen/, runtime/, model/; no
                  host-dependent math (libm, numpy transcendentals) and no read of the
                  environment in the generator
@@ -30,7 +33,7 @@ from ptxgen.registry import by_qualified_name, is_registered
 from ptxgen.spec import KernelSpec, SpecError, Target, decode_fields, generator_fingerprint, sha256_hex
 
 from . import entry
-from .cache import default_cache_dir, toolchain_dir
+from .cache import default_cache_dir, link_options, toolchain_dir
 
 CHECKS = ("completeness", "purity", "disk", "source", "golden")
 
@@ -62,18 +65,14 @@ def _stored_spec(meta: dict) -> tuple[KernelSpec, Target] | str:
     return spec, target
 
 
-def load_problem(path: Path, layout_dir: Path, meta: dict) -> str | None:
-    """Why a readable entry is never loaded, from its metadata and its place (its key recomputed
-    from its stored spec; no PTX emitted): another layout or generator, a stored spec that cannot
-    be rebuilt or that keys to another file, or a file where its key and toolchain do not put it.
-    A script's or plugin's class (not loaded here) keeps its stored key: only its place is checked
-    (its checksums held, and the cache re-checks the text on load)."""
-    return _load_check(path, layout_dir, meta)[0]
-
-
 def _load_check(path: Path, layout_dir: Path, meta: dict) -> tuple[str | None, tuple[KernelSpec, Target] | None]:
-    """``load_problem``'s answer, and the stored spec and target it rebuilt (None: a kind not
-    registered here, or a problem found before)."""
+    """Why a readable entry is never loaded, from its metadata and its place (its key recomputed
+    from its stored spec): another layout or generator, a stored spec that cannot be rebuilt or
+    that keys to another file or was linked with other options than its cubin would be now, or a
+    file where its key and toolchain do not put it; and the stored spec and target it rebuilt
+    (None: a kind not registered here, or a problem found before). A script's or plugin's class
+    (not loaded here) keeps its stored key: only its place is checked (its checksums held, and the
+    cache re-checks the text on load)."""
     if meta.get("layout") != entry.LAYOUT:
         return f"layout {meta.get('layout')!r}, expected {entry.LAYOUT}", None
     stored = _stored_spec(meta) if is_registered(meta["kind"]) else None
@@ -89,6 +88,9 @@ def _load_check(path: Path, layout_dir: Path, meta: dict) -> tuple[str | None, t
             return f"stored spec cannot be emitted: {e}", None
         if meta["key"] != key or path.name != key + entry.SUFFIX:
             return f"key mismatch: file {path.name}, stored {meta['key'][:16]}, recomputed {key[:16]}", None
+        link = link_options(stored[0].arch(stored[1]))
+        if meta["link"] != link:
+            return entry.link_mismatch(meta, link), None
     placed = path.relative_to(layout_dir).parts
     expected = toolchain_dir(layout_dir.parent, meta["toolchain"]).name, key[:2], key + entry.SUFFIX
     if placed != expected:
@@ -96,41 +98,49 @@ def _load_check(path: Path, layout_dir: Path, meta: dict) -> tuple[str | None, t
     return None, stored
 
 
-def _entry_problem(path: Path, layout_dir: Path) -> str | None:
-    """Why the entry at ``path`` is bad, or None if it is valid under this generator: a load
-    problem, or (a registered kind) PTX its stored spec no longer emits. Never raises on anything
-    a file can hold: the audit must get through a damaged cache."""
+COLLISION = "key collision"
+
+
+def examine(path: Path, layout_dir: Path) -> tuple[dict | None, str | None]:
+    """The metadata of the entry at ``path`` (None: not an entry, unreadable, or gone) and why the
+    cache never loads it (None: valid under this generator): what the disk audit reports and
+    ``ptxgen cache ls`` lists. Read by ``entry.read`` as the cache reads it, then a load problem,
+    or (a registered kind) the PTX its stored spec emits now under its key. Never raises on
+    anything a file can hold: the audit must get through a damaged cache."""
     try:
-        meta, _cubin = entry.decode(path.read_bytes())
-    except OSError as e:
-        return f"unreadable: {e.strerror or e}"
+        meta, _cubin = entry.read(path, layout_dir)
+    except FileNotFoundError:  # removed since it was listed (another prune)
+        return None, None
     except entry.EntryError as e:
-        return str(e)
+        return None, str(e)
     problem, stored = _load_check(path, layout_dir, meta)
     if stored is None:  # a load problem, or a kind whose PTX cannot be emitted here
-        return problem
+        return meta, problem
     spec, target = stored
     try:
         ptx = spec.emit(target)
     except (SpecError, PtxBuildError) as e:
-        return f"stored spec cannot be emitted: {e}"
-    if meta["ptx_sha256"] != sha256_hex(ptx):
-        return "the stored spec now emits different PTX under the same key"
-    return None
+        return meta, f"stored spec cannot be emitted: {e}"
+    if meta["ptx_sha256"] != sha256_hex(ptx):  # intact (checksummed): not damage, a second text under the key
+        return meta, (f"{COLLISION}: the entry holds PTX {meta['ptx_sha256']}, its stored spec now emits "
+                      f"{sha256_hex(ptx)} under the same key (an emitter is impure or the key misses a parameter)")
+    return meta, None
 
 
-def _files(layout_dir: Path) -> tuple[list[Path], list[Finding]]:
-    """Every file under the layout directory; unreadable directories as findings."""
-    files, findings = [], []
+def walk(layout_dir: Path) -> tuple[list[Path], list[Finding]]:
+    """Every file under the layout directory, and every link or directory named as an entry is
+    (no link followed: ``entry.read`` refuses what is reached through one); unreadable directories
+    as findings."""
+    found, findings = [], []
 
     def unreadable(e: OSError) -> None:
         findings.append(Finding("disk", str(e.filename), f"unreadable directory: {e.strerror}"))
 
     for folder, dirs, names in os.walk(layout_dir, onerror=unreadable):
-        files += [Path(folder) / n for n in names]
+        found += [Path(folder) / n for n in names]
         # a directory where an entry belongs, or a link to one (not followed): neither is an entry
-        files += [Path(folder) / d for d in dirs if d.endswith(entry.SUFFIX) or (Path(folder) / d).is_symlink()]
-    return sorted(files), findings
+        found += [Path(folder) / d for d in dirs if d.endswith(entry.SUFFIX) or (Path(folder) / d).is_symlink()]
+    return sorted(found), findings
 
 
 def check_disk(root: Path, prune: bool = False) -> list[Finding]:
@@ -143,13 +153,10 @@ def check_disk(root: Path, prune: bool = False) -> list[Finding]:
     layout_dir = root / entry.LAYOUT
     if not layout_dir.is_dir():
         return [Finding("disk", entry.LAYOUT, "not a directory")] if layout_dir.exists() else []
-    files, findings = _files(layout_dir)
-    for path in files:
+    paths, findings = walk(layout_dir)
+    for path in paths:
         rel = path.relative_to(root)
-        if path.suffix != entry.SUFFIX or path.name.startswith(".") or path.is_symlink() or not path.is_file():
-            problem = "orphaned file (not a cache entry)"
-        else:
-            problem = _entry_problem(path, layout_dir)
+        problem = examine(path, layout_dir)[1] if entry.named(path) else "orphaned file (not a cache entry)"
         if problem is None:
             continue
         if not prune:
@@ -229,7 +236,9 @@ def _audit(argv: Sequence[str] | None) -> int:
         print(f)
     summary = ", ".join(checks)
     print(f"audit ({summary}) of {cache_dir}: " + (f"{len(findings)} finding(s)" if findings else "clean"))
-    pruned = ns.prune and all(f.check == "disk" and f.message.endswith("(pruned)") for f in findings)
+    # a key collision fails even when pruned: the generator emits two texts under one key, not the cache's fault
+    pruned = ns.prune and all(f.check == "disk" and f.message.endswith("(pruned)")
+                              and not f.message.startswith(COLLISION) for f in findings)
     return 1 if findings and not pruned else 0
 
 

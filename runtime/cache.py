@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator
 from cuda.bindings import driver as cu
 
 from ptxgen.assemble import AssemblerUnavailable, AssemblyError, assemble
-from ptxgen.files import read_file, write_atomic
+from ptxgen.files import write_atomic
 from ptxgen.spec import KernelSpec, Target, sha256_hex
 from ptxgen.specdiff import explain_miss
 
@@ -85,15 +85,24 @@ def toolchain_dir(root: Path, toolchain: dict[str, Any]) -> Path:
     return root / entry.LAYOUT / f"cc{major}{minor}-driver{toolchain['driver_version']}"
 
 
+def link_options(arch: str) -> dict[str, int | str]:
+    """What ``jit_link`` gives cuLinkCreate for PTX of ``arch``, by ``CUjit_option`` name (a value
+    named by its enum's member name): none, so the context's device is the target at the driver's
+    default optimization, except that an architecture-specific ``arch`` (sm_90a: wgmma) is asked
+    for by name. A disk entry records them and is a miss under any others: the cubin depends on
+    them, and neither the key nor the toolchain names them."""
+    return {"CU_JIT_TARGET": f"CU_TARGET_COMPUTE_{arch[3:-1]}A"} if arch.endswith("a") else {}
+
+
+_OPTION_ENUMS = {"CU_JIT_TARGET": cu.CUjit_target}  # the enum of an option whose value is named
+
+
 def jit_link(ptx: str, arch: str) -> bytes:
-    """PTX -> cubin with the driver's own JIT linker (the cubin is what goes to disk). The
-    context's device is the target, except that an architecture-specific ``arch`` (sm_90a: wgmma)
-    is asked for by name."""
-    if arch.endswith("a"):
-        target = getattr(cu.CUjit_target, f"CU_TARGET_COMPUTE_{arch[3:-1]}A")
-        state = call("cuLinkCreate", 1, [cu.CUjit_option.CU_JIT_TARGET], [target])
-    else:
-        state = call("cuLinkCreate", 0, [], [])
+    """PTX -> cubin with the driver's own JIT linker (the cubin is what goes to disk), given exactly
+    ``link_options(arch)``, which the entry records."""
+    options = link_options(arch)
+    values = [getattr(_OPTION_ENUMS[k], v) if isinstance(v, str) else v for k, v in options.items()]
+    state = call("cuLinkCreate", len(options), [getattr(cu.CUjit_option, k) for k in options], values)
     try:
         data = ptx.encode() + b"\0"
         call("cuLinkAddData", state, cu.CUjitInputType.CU_JIT_INPUT_PTX, data, len(data),
@@ -204,31 +213,30 @@ class ModuleCache:
         log.warning("ptxgen cache: rejected %s: %s; rebuilding", path, reason)
 
     def _read_disk(self, spec: KernelSpec, key: str, ptx: str) -> bytes | None:
+        """The entry's cubin; None on a miss: no entry, or (reported, then rebuilt and replaced) one
+        that is damaged (``entry.read``) or built for another spec, generator, toolchain or link
+        options. An intact entry of this spec whose PTX is not the text emitted now is a second
+        text under one key: a KeyCollisionError (its checksum rules out damage)."""
         path = self.entry_path(key)
         try:
-            blob = read_file(path)
+            meta, cubin = entry.read(path, self.root / entry.LAYOUT)
         except FileNotFoundError:
             return None
-        except OSError as e:
-            self._reject(path, f"unreadable: {e}")
-            return None
-        try:
-            meta, cubin = entry.decode(blob)
         except entry.EntryError as e:
             self._reject(path, str(e))
             return None
-        why = entry.mismatch(meta, spec, self.target, key, self.toolchain)
+        why = entry.mismatch(meta, spec, self.target, key, self.toolchain, link_options(spec.arch(self.target)))
         if why is not None:
             self._reject(path, why)
             return None
         if meta["ptx_sha256"] != sha256_hex(ptx):
-            raise KeyCollisionError(f"{path}: key {key} holds PTX {meta['ptx_sha256'][:16]} but "
-                                    f"{spec!r} emits {sha256_hex(ptx)[:16]}: an emitter is impure or "
-                                    f"the key misses a parameter")
+            raise KeyCollisionError(f"{path}: key {key} holds PTX {meta['ptx_sha256']} but {spec!r} emits "
+                                    f"{sha256_hex(ptx)}: an emitter is impure or the key misses a parameter")
         return cubin
 
     def _write_disk(self, spec: KernelSpec, key: str, ptx: str, cubin: bytes, **info: Any) -> None:
-        meta = entry.metadata(spec, self.target, key, ptx, cubin, self.toolchain, **info)
+        meta = entry.metadata(spec, self.target, key, ptx, cubin, self.toolchain, link_options(spec.arch(self.target)),
+                              **info)
         try:
             write_atomic(self.entry_path(key), entry.encode(meta, cubin))
         except OSError as e:  # a read-only or full cache directory must not stop the program

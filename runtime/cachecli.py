@@ -1,4 +1,4 @@
-"""`ptxgen cache ls | show KEY | diff KEY KEY`: what the on-disk module cache holds, read from files only.
+"""`ptxgen cache ls | show KEY | diff KEY KEY`: what the on-disk module cache holds, judged as the disk audit judges it.
 
 A KEY may be any unique prefix of a key (at least 4 hex digits). Bad input (a missing cache
 directory, an unknown or ambiguous key) prints one line and exits 2. Needs no GPU.
@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ptxgen.cli import Parser, UsageError
-from ptxgen.files import read_file
 from ptxgen.spec import SpecError, decode_value
 
 from . import entry
-from .audit import load_problem
+from .audit import examine, walk
 from .cache import default_cache_dir
 
 # the file; its metadata, or why it cannot be read; why a readable one is never loaded (or None)
@@ -23,18 +22,18 @@ Entry = tuple[Path, "dict[str, Any] | str", "str | None"]
 
 
 def entries(root: Path) -> list[Entry]:
-    """Every ``*.entry`` file under the cache, with its metadata or the reason it is unreadable, and
-    the reason a readable one is never loaded (``audit.load_problem``)."""
+    """Every ``*.entry`` under the cache, as the disk audit walks and judges it (``audit.examine``):
+    its metadata or why it is not an entry, and why a readable one is never loaded."""
     if not root.is_dir():
         raise UsageError(f"cache directory {root} " + ("is not a directory" if root.exists() else "does not exist"))
     out: list[Entry] = []
-    for path in sorted((root / entry.LAYOUT).glob(f"*/*/*{entry.SUFFIX}")):
-        try:
-            meta = entry.decode(read_file(path))[0]
-        except (OSError, entry.EntryError) as e:
-            out.append((path, f"damaged: {getattr(e, 'strerror', None) or e}", None))
-            continue
-        out.append((path, meta, load_problem(path, root / entry.LAYOUT, meta)))
+    layout_dir = root / entry.LAYOUT
+    for path in filter(entry.named, walk(layout_dir)[0] if layout_dir.is_dir() else []):
+        meta, problem = examine(path, layout_dir)
+        if meta is not None:
+            out.append((path, meta, problem))
+        elif problem is not None:  # (neither: removed since it was listed)
+            out.append((path, f"damaged: {problem}", None))
     return out
 
 
@@ -76,6 +75,7 @@ def describe(meta: dict[str, Any], problem: str | None = None) -> dict[str, str]
         "target": f"{meta['target']['arch']}, PTX ISA {'.'.join(map(str, meta['target']['ptx_version']))}",
         "toolchain": "cc {}.{}, driver {}".format(*meta["toolchain"]["compute_capability"],
                                                  meta["toolchain"]["driver_version"]),
+        "link": ", ".join(f"{k}={v}" for k, v in meta["link"].items()) or "the driver's defaults for the device",
         "generator": meta["generator"],
         "ptx": f"{meta.get('ptx_bytes', '?')} bytes, sha256 {meta['ptx_sha256']}",
         "cubin": f"{meta['cubin_bytes']} bytes, sha256 {meta['cubin_sha256']}",
@@ -134,8 +134,8 @@ def cmd_diff(root: Path, a: str, b: str) -> int:
         for name in dict.fromkeys([*encoded_a, *encoded_b]):
             if encoded_a.get(name) != encoded_b.get(name):
                 lines.append(f"field       {name}: {fa.get(name, '(absent)')!r} -> {fb.get(name, '(absent)')!r}")
-    for label in ("target", "toolchain", "generator", "ptx", "cubin", "registers", "spills", "compile ms", "created",
-                  "problem"):
+    for label in ("target", "toolchain", "link", "generator", "ptx", "cubin", "registers", "spills", "compile ms",
+                  "created", "problem"):
         if da.get(label, "none") != db.get(label, "none"):
             lines.append(f"{label:11} {da.get(label, 'none')} -> {db.get(label, 'none')}")
     print(f"{pa.name[:16]} -> {pb.name[:16]}")  # (the files': a misplaced copy's stored key is another's)

@@ -13,13 +13,18 @@ corrupt one, never half-read. ``created``, ``compile_ms``, ``ptx_bytes``, ``regi
 ``local_bytes`` (spills) are informational (``ptxgen cache ls``); entries without them stay valid.
 
 The checksum line tells corruption (truncation, flipped bits) apart from a well-formed entry whose
-contents disagree with what was asked for (stale generator, another driver, another text).
+contents disagree with what was asked for (stale generator, another driver or link options, another
+text). ``read`` is the one predicate for what an entry is, shared by the cache, ``ptxgen cache`` and
+the disk audit, so none of them calls healthy what another refuses.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,12 +40,13 @@ class EntryError(ValueError):
 
 
 def metadata(spec: KernelSpec, target: Target, key: str, ptx: str, cubin: bytes,
-             toolchain: dict[str, Any], **info: Any) -> dict[str, Any]:
-    """The entry's metadata; ``info``: any of the informational INFO fields."""
+             toolchain: dict[str, Any], link: dict[str, Any], **info: Any) -> dict[str, Any]:
+    """The entry's metadata; ``link``: the options the cubin was linked with (``cache.link_options``);
+    ``info``: any of the informational INFO fields."""
     canonical = spec.canonical()
     return {"layout": LAYOUT, "key": key, "kind": canonical["kind"], "fields": canonical["fields"],
             "target": {"arch": target.arch, "ptx_version": list(target.ptx_version)},
-            "generator": generator_fingerprint(), "toolchain": toolchain,
+            "generator": generator_fingerprint(), "toolchain": toolchain, "link": link,
             "ptx_sha256": sha256_hex(ptx), "cubin_sha256": sha256_hex(cubin), "cubin_bytes": len(cubin),
             "ptx_bytes": len(ptx.encode()), **info}
 
@@ -76,6 +82,7 @@ REQUIRED: dict[str, Callable[[Any], bool]] = {
     and isinstance(v["arch"], str) and _int_pair(v["ptx_version"]),
     "toolchain": lambda v: isinstance(v, dict) and set(v) == {"compute_capability", "driver_version"}
     and _int_pair(v["compute_capability"]) and _int(v["driver_version"]),
+    "link": lambda v: isinstance(v, dict) and all(type(x) in (int, str) for x in v.values()),
     "ptx_sha256": _hex64, "cubin_sha256": _hex64, "cubin_bytes": _int,
 }
 INFO: dict[str, Callable[[Any], bool]] = {
@@ -97,6 +104,43 @@ def shape_problem(meta: Any) -> str | None:
             return f"metadata field {name!r} is malformed: {str(meta[name])[:80]}"
     unknown = set(meta) - set(REQUIRED) - set(INFO)
     return f"metadata has unknown fields {sorted(unknown)}" if unknown else None
+
+
+def link_mismatch(meta: dict[str, Any], link: dict[str, Any]) -> str:
+    return f"linked with options {meta.get('link')}, this links with {link}"
+
+
+def named(path: Path) -> bool:
+    """Whether ``path`` is named as an entry is (a temp file of ``write_atomic`` is not)."""
+    return path.suffix == SUFFIX and not path.name.startswith(".")
+
+
+def read(path: Path, layout_dir: Path) -> tuple[dict[str, Any], bytes]:
+    """The entry at ``path`` (under ``layout_dir``), decoded and checksummed. An entry is a regular
+    file reached through no symbolic link below ``layout_dir``: ``write_atomic`` makes nothing else,
+    and a link's target is another file's to change. FileNotFoundError if nothing is there;
+    EntryError for anything else that is not an entry, or that cannot be read."""
+    parts = path.relative_to(layout_dir).parts
+    for depth in range(1, len(parts) + 1):
+        if layout_dir.joinpath(*parts[:depth]).is_symlink():
+            raise EntryError(f"not a cache entry: {'/'.join(parts[:depth])} is a symbolic link")
+    try:  # (no link followed even if one is made meanwhile; no wait on a pipe)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise EntryError("not a cache entry: a symbolic link" if e.errno == errno.ELOOP
+                         else f"unreadable: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise EntryError(f"not a cache entry: {'a directory' if stat.S_ISDIR(mode) else 'not a regular file'}")
+    try:
+        with os.fdopen(fd, "rb") as f:
+            blob = f.read()
+    except OSError as e:
+        raise EntryError(f"unreadable: {e.strerror or e}") from None
+    return decode(blob)
 
 
 def encode(meta: dict[str, Any], cubin: bytes) -> bytes:
@@ -129,14 +173,17 @@ def decode(blob: bytes) -> tuple[dict[str, Any], bytes]:
 
 
 def mismatch(meta: dict[str, Any], spec: KernelSpec, target: Target, key: str,
-             toolchain: dict[str, Any]) -> str | None:
-    """Why a well-formed entry is not the one asked for, or None if it is."""
+             toolchain: dict[str, Any], link: dict[str, Any]) -> str | None:
+    """Why a well-formed entry is not the one asked for (``link``: the options a cubin of it is
+    linked with now), or None if it is."""
     if meta.get("layout") != LAYOUT:
         return f"layout {meta.get('layout')!r}, expected {LAYOUT}"
     if meta.get("generator") != generator_fingerprint():
         return f"stale: built by generator {meta.get('generator')}, this is {generator_fingerprint()}"
     if meta.get("toolchain") != toolchain:
         return f"foreign toolchain {meta.get('toolchain')}, this is {toolchain}"
+    if meta.get("link") != link:
+        return link_mismatch(meta, link)
     if meta.get("key") != key:
         return "stored key differs from the file's key"
     canonical = spec.canonical()

@@ -13,8 +13,8 @@ from ptxgen.kernels.adamw import AdamWSpec
 from ptxgen.kernels.rmsnorm import RMSNormSpec
 from ptxgen.spec import Target
 from runtime import cachecli, entry
-from runtime.audit import _entry_problem, check_disk, main as audit_main
-from test_runtime_cpu import CUBIN, TARGET, TOOLCHAIN, write_entry
+from runtime.audit import check_disk, examine, main as audit_main
+from test_runtime_cpu import CUBIN, LINK, TARGET, TOOLCHAIN, write_entry
 
 SPEC = RMSNormSpec(hidden=896, eps=1e-6)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,7 +68,7 @@ def test_a_directory_where_an_entry_belongs_is_reported_and_pruned(tmp_path):
     path.mkdir()
     (path / "x").write_text("x")
     findings = check_disk(tmp_path)
-    assert any(f.message.startswith("orphaned") and f.subject.endswith(path.name) for f in findings)
+    assert any(f.message == "not a cache entry: a directory" and f.subject.endswith(path.name) for f in findings)
     check_disk(tmp_path, prune=True)
     assert not path.exists() and check_disk(tmp_path) == []
 
@@ -175,14 +175,14 @@ def test_corrupted_entry_bytes_never_crash_the_audit(pristine, cuts, truncate):
     damaged = path.with_name("d" + path.name)
     damaged.write_bytes(bytes(blob[:truncate] if truncate is not None else blob))
     try:
-        assert _entry_problem(damaged, path.parents[2]) is not None
+        assert examine(damaged, path.parents[2])[1] is not None
     finally:
         damaged.unlink()
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(field=st.sampled_from(["layout", "key", "kind", "fields", "target", "toolchain", "generator", "ptx_sha256",
-                              "cubin_sha256", "cubin_bytes", "created", "registers", "extra"]),
+                              "cubin_sha256", "cubin_bytes", "created", "registers", "link", "extra"]),
        value=json_values, drop=st.booleans())
 def test_malformed_metadata_with_a_valid_checksum_never_crashes_the_audit(pristine, field, value, drop):
     root, path, meta = pristine
@@ -191,7 +191,7 @@ def test_malformed_metadata_with_a_valid_checksum_never_crashes_the_audit(pristi
     saved = path.read_bytes()
     try:
         rewrite(copy, damaged_meta)
-        problem = _entry_problem(copy, path.parents[2])
+        problem = examine(copy, path.parents[2])[1]
         assert problem is None or isinstance(problem, str)
         findings = check_disk(root)
         assert all(isinstance(f.message, str) for f in findings)
@@ -206,19 +206,26 @@ def test_cache_ls_show_and_diff(tmp_path, capsys):
     a, _ = write_entry(tmp_path, AdamWSpec(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.0))
     b, meta = write_entry(tmp_path, AdamWSpec(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=-0.0))
     rewrite(b, dict(meta, created=1764500000.0, compile_ms=12.5, registers=40, local_bytes=0))
+    c, _ = write_entry(tmp_path, AdamWSpec(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1))
     damaged = tmp_path / "v1" / a.parent.parent.name / "ee" / ("e" * 64 + entry.SUFFIX)
     damaged.parent.mkdir()
     damaged.write_bytes(b"junk")
     root = ["cache", "--cache-dir", str(tmp_path)]
     assert cli_main(root + ["ls"]) == 0
     out = capsys.readouterr().out
-    assert "3 entries" in out and "weight_decay=-0.0" in out and "damaged: not a v1 cache entry" in out
+    assert "4 entries" in out and "weight_decay=-0.0" in out and "damaged: not a v1 cache entry" in out
     assert cli_main(root + ["show", b.name[:12]]) == 0
     out = capsys.readouterr().out
     assert "registers   40" in out and "compile ms  12.5" in out and "2025-11-30" in out
+    assert "link        the driver's defaults for the device" in out
     assert cli_main(root + ["diff", a.name[:12], b.name[:12]]) == 0
     out = capsys.readouterr().out
     assert "field       weight_decay: 0.0 -> -0.0" in out and "registers   ? -> 40" in out
+    meta_c, cubin = entry.decode(c.read_bytes())
+    rewrite(c, dict(meta_c, link={"CU_JIT_OPTIMIZATION_LEVEL": 3}), cubin)  # (as if linked so: the audit says why)
+    assert cli_main(root + ["diff", a.name[:12], c.name[:12]]) == 0
+    out = capsys.readouterr().out
+    assert "link        the driver's defaults for the device -> CU_JIT_OPTIMIZATION_LEVEL=3" in out
 
 
 def _into_another_prefix_folder(path, meta):
@@ -296,7 +303,7 @@ def test_a_stored_spec_that_is_not_its_own_encoding_is_never_listed_as_loadable(
     assert _says_never_loaded(listed, shown, message)
     [path] = (tmp_path / entry.LAYOUT).glob(f"*/*/*{entry.SUFFIX}")
     meta, _ = entry.decode(path.read_bytes())
-    assert entry.mismatch(meta, SPEC, TARGET, SPEC.key(TARGET), TOOLCHAIN) == "stored spec differs from the requested spec"
+    assert entry.mismatch(meta, SPEC, TARGET, SPEC.key(TARGET), TOOLCHAIN, LINK) == "stored spec differs from the requested spec"
     [finding] = check_disk(tmp_path)
     assert finding.message == message
 
@@ -305,7 +312,7 @@ def test_a_stored_spec_that_is_not_its_own_encoding_is_never_listed_as_loadable(
 def test_planted_a_listing_that_trusts_any_readable_entry_is_caught(tmp_path, capsys, monkeypatch, damage, message):
     """The listing as it was before: every entry that decodes shown as healthy. The check above
     sees it."""
-    monkeypatch.setattr(cachecli, "load_problem", lambda *args: None)
+    monkeypatch.setattr(cachecli, "examine", lambda path, layout_dir: (entry.decode(path.read_bytes())[0], None))
     assert not _says_never_loaded(*_ls_and_show_of_an_unloadable_entry(tmp_path, capsys, damage), message)
 
 
