@@ -515,6 +515,10 @@ def cmd_train(argv: Sequence[str]) -> int:
     # the data is read and checked before the run directory is made: a refused run leaves nothing
     corpus = Corpus.from_files(files, tokenizer)
     corpus.check_fits(settings.batch_size, settings.seq_len, config.vocab_size)
+    try:  # now, not once the run is done (the sample it ends with)
+        sample_prompt = tokenizer.encode(SAMPLE_PROMPT.encode())
+    except DataError as e:
+        raise DataError(f"the run's sample prompt {SAMPLE_PROMPT!r}: {e}") from None
     if ckpt is not None and ckpt.trainer.get("data_sha256", corpus.sha256) != corpus.sha256:
         raise UsageError("--resume: the data the run was saved with has changed since (its tokens' sha256 differs)")
     held = val_batch_count(corpus.val, settings.batch_size, settings.seq_len)
@@ -595,7 +599,7 @@ def cmd_train(argv: Sequence[str]) -> int:
         last_val = result.val_losses[max(result.val_losses)] if result.val_losses else float("nan")
         say(f"done: step {result.step}, val_loss {last_val:.4f}, {result.tokens_per_s:.0f} tokens/s, "
             f"checkpoint {result.checkpoint}")
-        sample = sample_text(result.backend, tokenizer,
+        sample = sample_text(result.backend, tokenizer, sample_prompt,
                              read_generation_config(result.checkpoint / "generation_config.json"))
         with stays():
             write_atomic(out / SAMPLE, sample.encode())
@@ -606,9 +610,9 @@ def cmd_train(argv: Sequence[str]) -> int:
 SAMPLE_PROMPT, SAMPLE_TOKENS = "def ", 200
 
 
-def sample_text(backend, tokenizer: Tokenizer, sampling) -> str:
-    """A continuation of a fixed prompt from the trained model, decoded as its checkpoint says."""
-    prompt = tokenizer.encode(SAMPLE_PROMPT.encode())
+def sample_text(backend, tokenizer: Tokenizer, prompt: np.ndarray, sampling) -> str:
+    """A continuation of ``prompt`` (SAMPLE_PROMPT, encoded) from the trained model, decoded as its
+    checkpoint says."""
     gs = GenerateSettings.of(sampling, {"max_new_tokens": SAMPLE_TOKENS}, len(prompt))
     decoder = backend.decoder(min(backend.config.max_position_embeddings, len(prompt) + SAMPLE_TOKENS))
     try:
@@ -657,8 +661,11 @@ def cmd_generate(argv: Sequence[str]) -> int:
     if tokenizer.vocab_size > ckpt.config.vocab_size:
         raise CheckpointError(f"{ckpt.tokenizer_path} has {tokenizer.vocab_size} tokens; the model's vocab_size "
                               f"is {ckpt.config.vocab_size}")
-    prompt = tokenizer.encode(text)
-    if not len(prompt):
+    try:
+        prompt = tokenizer.encode(text)
+    except DataError as e:
+        raise DataError(f"--prompt: {e}") from None
+    if len(prompt) <= tokenizer.added:  # (a BOS alone: generation would start from no prompt at all)
         raise UsageError(f"the tokenizer drops every character of --prompt {ns.prompt!r} (no tokens)")
     if len(prompt) > max_len:
         raise UsageError(f"--prompt has {len(prompt)} tokens; the model takes at most {max_len}")

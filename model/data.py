@@ -31,6 +31,7 @@ class Tokenizer(Protocol):
     name: str
     vocab_size: int
     files: dict[str, bytes]  # what a checkpoint keeps to load the same tokenizer: file name -> bytes as read
+    added: int  # tokens encode adds to every text (a post-processor's BOS): a text's own tokens are the rest
 
     def encode(self, text: bytes) -> np.ndarray: ...
 
@@ -43,6 +44,7 @@ class ByteTokenizer:
     name = "byte"
     vocab_size = 256
     files: dict[str, bytes] = {}
+    added = 0
 
     def encode(self, text: bytes) -> np.ndarray:
         return np.frombuffer(text, dtype=np.uint8).astype(np.int32)
@@ -98,6 +100,8 @@ class HFTokenizer:
         self._tok.no_truncation()
         self._tok.no_padding()
         self.vocab_size = self._tok.get_vocab_size()
+        post = self._tok.post_processor
+        self.added = post.num_special_tokens_to_add(False) if post is not None else 0
         config = self._json("tokenizer_config.json")
         split = config.get("split_special_tokens", False)
         if not isinstance(split, bool):
@@ -155,7 +159,11 @@ class HFTokenizer:
     def encode(self, text: bytes) -> np.ndarray:
         # strict: a file that is not UTF-8 read with U+FFFD in place of its bad bytes trained the model on
         # text that is in no file (the UnicodeDecodeError's offset is said by the caller, with the file)
-        ids = self._tok.encode(text.decode("utf-8")).ids  # with the post-processor's special tokens
+        text = text.decode("utf-8")
+        try:
+            ids = self._tok.encode(text).ids  # with the post-processor's special tokens
+        except Exception as e:  # the library's own type: a word-level vocabulary without its unknown token
+            raise DataError(f"{self.path} cannot encode it: {str(e).splitlines()[0]}") from None
         return np.asarray(ids, dtype=np.int32)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -202,11 +210,14 @@ class Corpus:
                 ids = tokenizer.encode(path.read_bytes())
             except OSError as e:
                 raise DataError(f"cannot read {path}: {e.strerror}") from None
+            except DataError as e:
+                raise DataError(f"{path}: {e}") from None
             except UnicodeDecodeError as e:  # a tokenizer.json reads text; the byte tokenizer never raises it
                 raise DataError(f"{path} is not valid UTF-8 (byte {e.start}: 0x{e.object[e.start]:02x}); "
                                 f"{tokenizer.name} reads UTF-8 text (the byte tokenizer reads any bytes)") from None
             (val if i % VAL_EVERY == VAL_EVERY - 1 else train).append(ids)
-        if not files or not sum(len(t) for t in train):
+        # (a text's own tokens: files that hold no text the tokenizer keeps, each a lone BOS, are no corpus)
+        if not files or not sum(len(t) - tokenizer.added for t in train):
             raise DataError("the corpus is empty: no tokens in the files given")
         if not val:  # too few files for a split by file: hold out the stream's tail instead
             stream = np.concatenate(train)

@@ -698,6 +698,55 @@ def test_split_special_tokens_reads_special_token_text_as_text(tmp_path):
     assert 300 not in ids and len(ids) > 1
 
 
+def with_model_tokenizer(tmp_path: Path, model) -> Path:
+    """The f32 fixture with a tokenizer.json of ``model`` over the words "a", "b" (and "ab"), which drops
+    or cannot encode any other text, and a Llama 2 BOS by its post-processor."""
+    from tokenizers import Tokenizer, pre_tokenizers, processors
+    path = fixture_copy("qwen2-v5-f32-tied", tmp_path / type(model).__name__)
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 3)])
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def test_a_text_whose_every_character_the_tokenizer_drops_is_no_text_though_a_bos_is_added(tmp_path, capsys):
+    """With the post-processor's BOS, such a prompt was [BOS]: generation ran from no prompt at all; a folder of
+    empty files was a corpus of BOS tokens, trained on (both were refused without it)."""
+    from tokenizers import models
+    path = with_model_tokenizer(tmp_path, models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "zzz", "--device", "numpy"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the tokenizer drops every character of --prompt 'zzz'" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for i in range(400):  # (enough lone BOS tokens for a batch and the validation split)
+        (empty / f"{i:03}.py").write_bytes(b"")
+    assert main(["train", "--init", str(with_tokenizer(tmp_path, "llama2")), "--data", str(empty), "--device",
+                 "numpy", "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2", "--seq-len", "16"]) == 2
+    assert capsys.readouterr().err.strip() == "ptxgen train: error: the corpus is empty: no tokens in the files given"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_text_the_tokenizer_cannot_encode_is_one_line_before_any_work(tmp_path, capsys):
+    """A word-level tokenizer.json whose unknown token is not in its vocabulary raises on any other word: a
+    traceback from generate, from train reading its data, and from train's sample once the run was done."""
+    from tokenizers import models
+    path = with_model_tokenizer(tmp_path, models.WordLevel(vocab={"a": 0, "b": 1}, unk_token="[UNK]"))
+    said = f"{path / 'tokenizer.json'} cannot encode it: WordLevel error: Missing [UNK] token from the vocabulary"
+    assert main(["generate", "--checkpoint", str(path), "--prompt", "a zz", "--device", "numpy"]) == 2
+    assert capsys.readouterr().err.strip() == f"ptxgen generate: error: --prompt: {said}"
+    data = tmp_path / "data"
+    data.mkdir()
+    for text, where in ((b"a zz b", str(data / "a.txt")), (b"a b " * 200, "the run's sample prompt 'def '")):
+        (data / "a.txt").write_bytes(text)
+        assert main(["train", "--init", str(path), "--data", str(data), "--out", str(tmp_path / "run"),
+                     "--device", "numpy", "--steps", "1", "--batch-size", "2", "--seq-len", "4"]) == 2
+        assert capsys.readouterr().err.strip() == f"ptxgen train: error: {where}: {said}"
+        assert not (tmp_path / "run").exists()
+
+
 SIDECARS = {"tokenizer_config.json": '{"add_bos_token": true, "bos_token": "<s>", "chat_template": "{{ m }}"}',
             "special_tokens_map.json": '{"bos_token": "<s>", "eos_token": "<|endoftext|>"}',
             "chat_template.jinja": "{% for m in messages %}{{ m.content }}{% endfor %}"}
