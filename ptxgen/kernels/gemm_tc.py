@@ -296,7 +296,8 @@ class TensorCoreGemm:
         x: the kernel takes its tail from %nctaid.x) cuts its tail tiles into (``tail_parts``),
         through the workspace ``partials``, ``flags`` (``tail_workspace``), which it touches only
         then. Its blocks wait on each other then: all must be resident at once (``launch_dims``
-        with the GPU's resident blocks, nothing else running). ``gate_up``: a ``swiglu_grad``
+        with the GPU's resident blocks), so no other launch whose blocks wait may run beside it
+        (``blocks_wait``; a launch that waits for nothing only delays it). ``gate_up``: a ``swiglu_grad``
         spec's (and only such a spec's) bf16 [m][ldc] gate and up (up n columns after gate), by
         its tensor map of C's geometry (``runtime.tensormap.gemm_c_tensor_map``): C ([m][ldc],
         ldc 2 n by default) takes dgate's and dup's places. ``act``: a ``swiglu_act`` spec's (and
