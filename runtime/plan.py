@@ -89,6 +89,9 @@ def _resolve(arg: Arg, values: dict[str, Number]) -> Any:
     return arg.ptr if isinstance(arg, (View, DeviceArray)) else arg
 
 
+_EVERYWHERE = (0, 1 << 64)  # a bare address: the whole address space
+
+
 def _extent(arg: Arg, values: dict[str, Number]) -> tuple[int, int]:
     """(address, bytes) a pointer argument reaches: a view's bytes; an expression's, up to the end
     of the buffer it is based on; a bare address, unknown, so the whole address space."""
@@ -97,10 +100,7 @@ def _extent(arg: Arg, values: dict[str, Number]) -> tuple[int, int]:
         return (at, arg.base.ptr + arg.base.nbytes - at) if arg.base is not None else (at, 0)
     if isinstance(arg, (View, DeviceArray)):
         return arg.ptr, arg.nbytes
-    return 0, 1 << 64
-
-
-_EVERYWHERE = (0, 1 << 63)
+    return _EVERYWHERE
 
 
 def _span(arg: Arg) -> tuple[int, int]:
@@ -156,13 +156,16 @@ class Step:
         """(address, bytes) of every region the step writes (``reads``: reads, ``reads()``'s), at
         ``values``: each such buffer (a tensor map: its matrix), from its address to the end of the
         buffer the expression is based on."""
-        names = list(self.reads()) if reads else self.spec.outputs()
-        return [_extent(self.operands.get(name, self.args[name]), values) for name in names]
+        return [_extent(arg, values) for arg in self._touched(reads)]
 
     def spans(self, reads: bool = False) -> list[tuple[int, int]]:
         """``extents`` at any values (``_span``): what a graph's dependencies are made from."""
+        return [_span(arg) for arg in self._touched(reads)]
+
+    def _touched(self, reads: bool) -> list[Arg]:
+        """The arguments the step writes through (``reads``: reads through), a tensor map's as its matrix."""
         names = list(self.reads()) if reads else self.spec.outputs()
-        return [_span(self.operands.get(name, self.args[name])) for name in names]
+        return [self.operands.get(name, self.args[name]) for name in names]
 
     def resolve(self, values: dict[str, Number]) -> None:
         for name, arg in self.args.items():
