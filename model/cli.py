@@ -36,6 +36,7 @@ from . import rundir
 from .checkpoint import (LATEST, STEP_DIR, Checkpoint, CheckpointError, load_checkpoint, manifest_digests,
                          read_latest, resolve, step_of)
 from .config import PRESETS, ConfigError, ModelConfig, preset, read_json
+from .console import INTERRUPTED
 from .data import (ByteTokenizer, Corpus, DataError, HFTokenizer, Tokenizer, expand_paths, read_tokenizer_files,
                    stdlib_files, val_batch_count, val_batches)
 from .defaults import default_run
@@ -754,7 +755,7 @@ def _guarded(name: str, command: Callable[[Sequence[str]], int]) -> Callable[[Se
             return 2
         except KeyboardInterrupt as e:
             print_error(f"ptxgen {name}: interrupted" + (f" ({e})" if str(e) else ""))
-            return 130
+            return INTERRUPTED
 
     return run
 

@@ -27,7 +27,7 @@ from typing import Sequence
 
 from ptxgen import golden
 from ptxgen.builder import PtxBuildError
-from ptxgen.cli import Parser, UsageError, paths_as_named, print_error
+from ptxgen.cmdline import Parser, UsageError, paths_as_named, print_error
 from ptxgen.keyaudit import Finding, check_completeness, check_purity, check_source
 from ptxgen.registry import by_qualified_name, is_registered
 from ptxgen.spec import KernelSpec, SpecError, Target, decode_fields, generator_fingerprint, sha256_hex

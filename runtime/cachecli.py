@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from ptxgen.cli import Parser, UsageError
+from ptxgen.cmdline import Parser, UsageError
 from ptxgen.spec import SpecError, decode_value
 
 from . import entry
